@@ -1,0 +1,89 @@
+"""The error tree. Messages never carry a secret, a client key or a token."""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base of every error token-broker raises on purpose."""
+
+
+class ConfigError(BrokerError):
+    """A configuration mistake: names the offending key and the reason."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class TokenEndpointError(BrokerError):
+    """The token endpoint did not give us a token."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        description: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.description = description
+
+
+class TransientTokenError(TokenEndpointError):
+    """Worth retrying: network errors, timeouts, 5xx, 429, a 200 whose body is not a token."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        description: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, error=error, description=description)
+        self.retry_after = retry_after
+
+
+class PermanentTokenError(TokenEndpointError):
+    """Retrying will not help until something changes: RFC 6749 §5.2 errors, Twilio 32xxxx."""
+
+    @property
+    def is_invalid_client(self) -> bool:
+        """True when the server rejected the client's credentials (a cue to try the old secret)."""
+        return self.error in {"invalid_client", "322402"} or (
+            self.error is None and self.status == 401
+        )
+
+    @property
+    def is_invalid_grant(self) -> bool:
+        """True when the grant (code or refresh token) is invalid, expired or revoked."""
+        return self.error == "invalid_grant"
+
+
+class StoreUnavailable(BrokerError):
+    """The shared store could not be reached or answered with an error."""
+
+
+class TokenUnavailable(BrokerError):
+    """No token with enough time left can be served now."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NeedsAuthorization(BrokerError):
+    """The app's grant is missing or dead: an operator must run `token-broker authorize`."""
+
+
+class RateLimited(BrokerError):
+    """Too many forced refreshes for one app."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

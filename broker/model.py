@@ -1,0 +1,144 @@
+"""Value objects shared by every part: token sets, app and client specs, the parsed config."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def fingerprint(secret: str) -> str:
+    """A short, non-reversible fingerprint of a token or key, safe for logs."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """What one successful token request gave us.
+
+    `issued_at` is the wall time the request was sent; `expires_at` is anchored to it.
+    `version` is the store's version of this token set (0: never stored).
+    """
+
+    access_token: str = field(repr=False)
+    token_type: str
+    issued_at: float
+    expires_at: float
+    scope: str | None = None
+    refresh_token: str | None = field(default=None, repr=False)
+    version: int = 0
+
+    @property
+    def lifetime(self) -> float:
+        """Seconds between issue and expiry."""
+        return self.expires_at - self.issued_at
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the access token, for audit lines."""
+        return fingerprint(self.access_token)
+
+
+class GrantType(enum.StrEnum):
+    """The grants an app can use."""
+
+    CLIENT_CREDENTIALS = "client_credentials"
+    AUTHORIZATION_CODE = "authorization_code"
+
+
+class ClientAuth(enum.StrEnum):
+    """How the broker authenticates itself at the token endpoint."""
+
+    CLIENT_SECRET_POST = "client_secret_post"
+    CLIENT_SECRET_BASIC = "client_secret_basic"
+    PRIVATE_KEY_JWT = "private_key_jwt"
+
+
+class AppState(enum.StrEnum):
+    """What the API and the metrics say about an app."""
+
+    FRESH = "fresh"
+    REFRESHING = "refreshing"
+    FAILING = "failing"
+    NEEDS_AUTHORIZATION = "needs_authorization"
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshPolicy:
+    """When to refresh and how long a token may be served (all durations in seconds)."""
+
+    at_fraction: float = 0.75
+    min_remaining: float = 300.0
+    jitter: float = 0.05
+    safety_margin: float = 30.0
+    default_lifetime: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class AppSpec:
+    """One OAuth app as configured."""
+
+    name: str
+    token_url: str
+    grant_type: GrantType = GrantType.CLIENT_CREDENTIALS
+    required: bool = True
+    client_id: str | None = None
+    client_id_file: Path | None = None
+    client_secret_file: Path | None = None
+    client_secret_previous_file: Path | None = None
+    client_auth: ClientAuth = ClientAuth.CLIENT_SECRET_POST
+    private_key_file: Path | None = None
+    private_key_id: str | None = None
+    assertion_audience: str | None = None
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    extra_params: Mapping[str, str] = field(default_factory=dict)
+    refresh: RefreshPolicy = field(default_factory=RefreshPolicy)
+    authorize_url: str | None = None
+    redirect_uri: str | None = None
+    pkce: bool = True
+    authorize_params: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSpec:
+    """A local caller allowed to ask for tokens of some apps.
+
+    `key_sha256` holds hex digests given inline; `key_files` the files holding keys (several
+    during a key rotation).
+    """
+
+    name: str
+    apps: tuple[str, ...]
+    key_files: tuple[Path, ...] = ()
+    key_sha256: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSpec:
+    """Where the API and the metrics listener bind."""
+
+    listen: str = "127.0.0.1:8411"
+    metrics_listen: str = "0.0.0.0:9411"
+    allow_non_loopback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSpec:
+    """Where tokens are shared and kept across restarts."""
+
+    url: str = "memory://"
+    key_prefix: str = "token-broker"
+    encryption_key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole, validated configuration."""
+
+    server: ServerSpec
+    store: StoreSpec
+    apps: Mapping[str, AppSpec]
+    clients: Mapping[str, ClientSpec]
