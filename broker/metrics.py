@@ -20,55 +20,82 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.refresh_total = Counter(
-            "token_broker_refresh_total", "Token refreshes by outcome.", ["app", "outcome"],
+            "token_broker_refresh_total",
+            "Token refreshes by outcome.",
+            ["app", "outcome"],
             registry=r,
         )
         self.refresh_duration = Histogram(
-            "token_broker_refresh_duration_seconds", "Time spent getting a new token.", ["app"],
-            buckets=_REFRESH_BUCKETS, registry=r,
+            "token_broker_refresh_duration_seconds",
+            "Time spent getting a new token.",
+            ["app"],
+            buckets=_REFRESH_BUCKETS,
+            registry=r,
         )
         self.token_expiry = Gauge(
             "token_broker_token_expiry_timestamp_seconds",
-            "Unix time at which the app's current token expires.", ["app"], registry=r,
+            "Unix time at which the app's current token expires.",
+            ["app"],
+            registry=r,
         )
         self.refresh_failures_consecutive = Gauge(
             "token_broker_refresh_failures_consecutive",
-            "Refresh failures since the last success.", ["app"], registry=r,
+            "Refresh failures since the last success.",
+            ["app"],
+            registry=r,
         )
         self.token_endpoint_responses = Counter(
             "token_broker_token_endpoint_responses_total",
             "Token endpoint responses by HTTP status (or 'error' when none came).",
-            ["app", "status"], registry=r,
+            ["app", "status"],
+            registry=r,
         )
         self.requests_total = Counter(
-            "token_broker_requests_total", "Local API requests.",
-            ["route", "app", "client", "status"], registry=r,
+            "token_broker_requests_total",
+            "Local API requests.",
+            ["route", "app", "client", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "token_broker_request_duration_seconds", "Local API request latency.", ["route"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "token_broker_request_duration_seconds",
+            "Local API request latency.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.store_up = Gauge(
-            "token_broker_store_up", "1 when the shared store answers, else 0.", registry=r,
+            "token_broker_store_up",
+            "1 when the shared store answers, else 0.",
+            registry=r,
         )
         self.store_errors = Counter(
-            "token_broker_store_errors_total", "Failed store operations.", ["operation"],
+            "token_broker_store_errors_total",
+            "Failed store operations.",
+            ["operation"],
             registry=r,
         )
         self.credential_reloads = Counter(
             "token_broker_credential_reloads_total",
-            "Credential file reloads and fallbacks by outcome.", ["app", "outcome"], registry=r,
+            "Credential file reloads and fallbacks by outcome.",
+            ["app", "outcome"],
+            registry=r,
         )
         self.app_state = Gauge(
-            "token_broker_app_state", "1 for the app's current state, else 0.", ["app", "state"],
+            "token_broker_app_state",
+            "1 for the app's current state, else 0.",
+            ["app", "state"],
             registry=r,
         )
         self.lease_total = Counter(
-            "token_broker_lease_total", "Refresh lease attempts by outcome.", ["app", "outcome"],
+            "token_broker_lease_total",
+            "Refresh lease attempts by outcome.",
+            ["app", "outcome"],
             registry=r,
         )
         self.build_info = Gauge(
-            "token_broker_build_info", "Always 1; the version is in the label.", ["version"],
+            "token_broker_build_info",
+            "Always 1; the version is in the label.",
+            ["version"],
             registry=r,
         )
         self.build_info.labels(version=__version__).set(1)

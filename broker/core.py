@@ -1,0 +1,112 @@
+"""The broker core: every app's refresher, the store watcher, readiness. Implements TokenService."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Mapping
+
+from broker.clock import Clock
+from broker.errors import StoreUnavailable
+from broker.logs import get_logger
+from broker.metrics import Metrics
+from broker.model import TokenSet
+from broker.refresher import AppRefresher
+from broker.service import AppStatus
+from broker.store import TokenStore
+
+log = get_logger(__name__)
+
+STORE_RETRY_MIN = 0.5
+STORE_RETRY_MAX = 30.0
+
+
+class BrokerCore:
+    """Owns the refreshers of all apps and answers the API from memory."""
+
+    def __init__(
+        self,
+        refreshers: Mapping[str, AppRefresher],
+        store: TokenStore,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> None:
+        self.refreshers: dict[str, AppRefresher] = dict(refreshers)
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.draining = False
+
+    # ---- TokenService --------------------------------------------------------------------
+
+    def app_names(self) -> Collection[str]:
+        """Every configured app."""
+        return self.refreshers.keys()
+
+    def now(self) -> float:
+        """Wall time from the injected clock."""
+        return self._clock.time()
+
+    async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
+        """A servable token for `app` (from memory unless none is servable)."""
+        return await self.refreshers[app].get(min_ttl)
+
+    async def force_refresh(self, app: str) -> TokenSet:
+        """A forced, coalesced, rate-limited refresh of `app`."""
+        return await self.refreshers[app].force()
+
+    def status(self, app: str) -> AppStatus:
+        """The state of `app` for the API."""
+        return self.refreshers[app].status()
+
+    def unready_apps(self) -> list[str]:
+        """Required apps without a servable token; every app while draining."""
+        if self.draining:
+            return sorted(self.refreshers)
+        return sorted(
+            name
+            for name, refresher in self.refreshers.items()
+            if refresher.spec.required and refresher.servable() is None
+        )
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run every refresher and the store watcher until cancelled."""
+        for name, refresher in self.refreshers.items():
+            self._tasks[name] = asyncio.create_task(refresher.run(), name=f"app-{name}")
+        watcher = asyncio.create_task(self._watch_store(), name="store-watcher")
+        try:
+            await asyncio.gather(watcher, *self._tasks.values())
+        finally:
+            watcher.cancel()
+            for task in self._tasks.values():
+                task.cancel()
+            await asyncio.gather(watcher, *self._tasks.values(), return_exceptions=True)
+
+    async def _watch_store(self) -> None:
+        """Follow the store's change notifications; on reconnect, re-read every app."""
+        delay = STORE_RETRY_MIN
+        was_down = False
+        while True:
+            try:
+                await self._store.ping()
+                self._metrics.store_up.set(1)
+                if was_down:
+                    log.info("store.reconnected")
+                    was_down = False
+                for refresher in self.refreshers.values():
+                    refresher.notify_store_changed()
+                delay = STORE_RETRY_MIN
+                async for app in self._store.updates():
+                    refresher_for_app = self.refreshers.get(app)
+                    if refresher_for_app is not None:
+                        refresher_for_app.notify_store_changed()
+                await self._clock.sleep(STORE_RETRY_MIN)  # the feed ended: re-subscribe
+            except StoreUnavailable as exc:
+                self._metrics.store_up.set(0)
+                if not was_down:
+                    log.warning("store.unavailable", error=str(exc), retry_in=delay)
+                    was_down = True
+                await self._clock.sleep(delay)
+                delay = min(STORE_RETRY_MAX, delay * 2)
