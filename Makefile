@@ -1,0 +1,10 @@
+.PHONY: check test install
+
+install:
+	python -m pip install -e '.[dev]'
+
+check:
+	scripts/check
+
+test:
+	python -m pytest -q

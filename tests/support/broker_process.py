@@ -1,0 +1,202 @@
+"""Run the real broker: as a `python -m broker serve` subprocess, or in-process for fine control."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from broker.app import Broker, serve
+from broker.clock import Clock
+from broker.config import load_config
+from broker.store import TokenStore
+from tests.support.redis_server import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CLIENT_KEY = "k" * 20 + "client-key-for-tests-0123456789"
+
+
+@dataclass
+class BrokerFiles:
+    """A config directory for one broker: config.yaml, secrets, client key, store key."""
+
+    directory: Path
+    token_url: str
+    store_url: str = "memory://"
+    client_id: str = "test-client"
+    client_secret: str = "test-secret-0123456789-abcdefghij"
+    client_key: str = CLIENT_KEY
+    apps: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    app_overrides: Mapping[str, Any] = field(default_factory=dict)
+    api_port: int = 0
+    metrics_port: int = 0
+
+    def write(self) -> Path:
+        """Write every file and return the config path."""
+        d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "client_secret").write_text(self.client_secret + "\n")
+        (d / "client.key").write_text(self.client_key + "\n")
+        (d / "store.key").write_text("k1 " + "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n")
+        self.api_port = self.api_port or free_port()
+        self.metrics_port = self.metrics_port or free_port()
+        apps = dict(self.apps) or {
+            "app1": {
+                "token_url": self.token_url,
+                "client_id": self.client_id,
+                "client_secret_file": "client_secret",
+                "refresh": {
+                    "at_fraction": 0.75,
+                    "min_remaining": 1,
+                    "jitter": 0.05,
+                    "safety_margin": 1,
+                },
+                **self.app_overrides,
+            }
+        }
+        store: dict[str, Any] = {"url": self.store_url, "key_prefix": "tb-test"}
+        if not self.store_url.startswith("memory://"):
+            store["encryption_key_file"] = "store.key"
+        config = {
+            "server": {
+                "listen": f"127.0.0.1:{self.api_port}",
+                "metrics_listen": f"127.0.0.1:{self.metrics_port}",
+            },
+            "store": store,
+            "apps": apps,
+            "clients": {"svc": {"key_file": "client.key", "apps": sorted(apps)}},
+        }
+        path = d / "config.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    @property
+    def api(self) -> str:
+        """Base URL of the local API."""
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def metrics(self) -> str:
+        """Base URL of the metrics listener."""
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The Authorization header of the configured client."""
+        return {"Authorization": f"Bearer {self.client_key}"}
+
+
+class BrokerProcess:
+    """`python -m broker serve` in a subprocess, its stdout (JSON log lines) kept in a file."""
+
+    def __init__(self, config: Path, log_path: Path, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the broker."""
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(self.env or {})}
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "broker", "serve", "--config", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                env=env,
+            )
+
+    async def wait_ready(self, metrics_url: str, timeout: float = 20.0) -> None:
+        """Wait until /readyz answers 200; fail with the broker's output if it does not."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise AssertionError(f"broker exited early:\n{self.output()[-4000:]}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{metrics_url}/readyz") as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"broker not ready within {timeout}s:\n{self.output()[-4000:]}")
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL (a crash)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def output(self) -> str:
+        """Everything the broker wrote."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The broker's JSON log lines; fails on any line that is not JSON (e.g. a bare traceback)."""
+        lines = []
+        for raw in self.output().splitlines():
+            if raw.strip():
+                try:
+                    lines.append(json.loads(raw))
+                except ValueError as exc:
+                    raise AssertionError(f"non-JSON output line: {raw!r}") from exc
+        return lines
+
+
+@contextlib.asynccontextmanager
+async def running_broker(
+    config_path: Path, *, clock: Clock | None = None, store: TokenStore | None = None
+) -> AsyncIterator[Broker]:
+    """Run a broker in this event loop; yields it once its listeners are bound."""
+    config = load_config(config_path)
+    started: asyncio.Future[Broker] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+
+    async def ready(broker: Broker) -> None:
+        started.set_result(broker)
+
+    task = asyncio.create_task(serve(config, ready=ready, stop=stop, clock=clock, store=store))
+    done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+        raise AssertionError("broker stopped before it was ready")
+    try:
+        yield started.result()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def wait_until_ready(metrics_url: str, timeout: float = 20.0) -> None:
+    """Poll /readyz until it answers 200."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{metrics_url}/readyz") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"not ready within {timeout}s")

@@ -1,0 +1,374 @@
+"""The refresher against a fake clock, a scripted token source and the in-memory store."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from broker.errors import (
+    NeedsAuthorization,
+    PermanentTokenError,
+    RateLimited,
+    TokenUnavailable,
+    TransientTokenError,
+)
+from broker.metrics import Metrics
+from broker.model import AppSpec, AppState, GrantType, RefreshPolicy, TokenSet
+from broker.refresher import AppRefresher
+from broker.store.memory import MemoryStore
+from tests.support.fake_clock import FakeClock
+from tests.support.fakes import FakeTokenSource
+
+POLICY = RefreshPolicy(at_fraction=0.75, min_remaining=5, jitter=0.05, safety_margin=3)
+
+MakeRefresher = Callable[..., AppRefresher]
+
+
+@pytest.fixture
+def store(fake_clock: FakeClock) -> MemoryStore:
+    return MemoryStore(fake_clock)
+
+
+@pytest.fixture
+def source(fake_clock: FakeClock) -> FakeTokenSource:
+    return FakeTokenSource(fake_clock, lifetime=60.0)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[list[asyncio.Task[None]]]:
+    tasks: list[asyncio.Task[None]] = []
+    yield tasks
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.fixture
+def make(
+    fake_clock: FakeClock,
+    store: MemoryStore,
+    metrics: Metrics,
+    running: list[asyncio.Task[None]],
+) -> MakeRefresher:
+    def _make(
+        src: FakeTokenSource,
+        *,
+        owner: str = "replica-1",
+        grant: GrantType = GrantType.CLIENT_CREDENTIALS,
+        start: bool = True,
+    ) -> AppRefresher:
+        spec = AppSpec(name="app1", token_url="http://127.0.0.1/token", grant_type=grant, refresh=POLICY)
+        refresher = AppRefresher(
+            spec, src, store, fake_clock, metrics, owner=owner, rng=random.Random(7), lease_ttl=5
+        )
+        if start:
+            running.append(asyncio.create_task(refresher.run()))
+        return refresher
+
+    return _make
+
+
+async def served_token(refresher: AppRefresher, clock: FakeClock) -> TokenSet:
+    token = await refresher.get()
+    assert token.expires_at - clock.time() > 0, "served an expired token"
+    return token
+
+
+class TestStartup:
+    async def test_first_token_is_fetched_at_startup(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """The loop fetches a token before any caller asks for one."""
+        refresher = make(source)
+        await fake_clock.settle()
+        assert len(source.calls) == 1
+        assert refresher.servable() is not None
+        assert refresher.state is AppState.FRESH
+
+    async def test_warm_start_uses_the_stored_token(
+        self,
+        make: MakeRefresher,
+        source: FakeTokenSource,
+        store: MemoryStore,
+        fake_clock: FakeClock,
+    ) -> None:
+        """A valid token in the store is served without calling the token endpoint."""
+        now = fake_clock.time()
+        stored = TokenSet("stored-access-token-000000000", "Bearer", now - 10, now + 50)
+        assert await store.save("app1", stored, 0) == 1
+        refresher = make(source)
+        await fake_clock.settle()
+        assert source.calls == []
+        assert (await refresher.get()).access_token == stored.access_token
+
+    async def test_concurrent_callers_share_one_refresh(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """Callers arriving before the first token trigger no second request."""
+        source.delay = 1.0
+        refresher = make(source, start=False)
+        getters = [asyncio.create_task(refresher.get()) for _ in range(10)]
+        await fake_clock.advance(1.0)
+        tokens = await asyncio.gather(*getters)
+        assert len(source.calls) == 1
+        assert len({t.access_token for t in tokens}) == 1
+
+
+class TestRefreshCycle:
+    async def test_refreshes_before_expiry_over_many_lifetimes(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """Over eight lifetimes every served token is valid and a new one arrives each cycle."""
+        refresher = make(source)
+        await fake_clock.settle()
+        seen: set[str] = set()
+        for _ in range(8 * 60):
+            token = await served_token(refresher, fake_clock)
+            assert token.expires_at - fake_clock.time() > POLICY.safety_margin
+            seen.add(token.access_token)
+            await fake_clock.advance(1.0)
+        assert len(seen) >= 8
+        # One refresh per ~0.75 lifetime: 480 s / 45 s ~ 10-11 fetches, not more.
+        assert 9 <= len(source.calls) <= 13
+
+    async def test_refresh_time_follows_policy(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """The second fetch happens at 0.75 of the lifetime, within the jitter."""
+        make(source)
+        await fake_clock.settle()
+        start = fake_clock.time()
+        while len(source.calls) < 2:
+            await fake_clock.advance(0.5)
+        elapsed = fake_clock.time() - start
+        assert 45 - 3 - 0.5 <= elapsed <= 45 + 3 + 0.5
+
+
+class TestFailures:
+    async def test_transient_errors_keep_serving_the_valid_token(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """While the server answers 500, the current token is served until its margin, never after."""
+        refresher = make(source)
+        await fake_clock.settle()
+        first = refresher.token
+        assert first is not None
+        source.failure = TransientTokenError("500", status=500)
+        served_after_expiry = 0
+        unavailable = 0
+        for _ in range(120):
+            try:
+                token = await refresher.get()
+                if token.expires_at <= fake_clock.time():
+                    served_after_expiry += 1
+            except TokenUnavailable as exc:
+                unavailable += 1
+                assert exc.retry_after >= 1
+            await fake_clock.advance(1.0)
+        assert served_after_expiry == 0
+        assert unavailable > 0  # the token did run out
+        assert refresher.state is AppState.FAILING
+        source.failure = None
+        await fake_clock.advance(61.0)
+        assert refresher.servable() is not None
+        assert refresher.state is AppState.FRESH
+
+    async def test_backoff_grows_between_attempts(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """Consecutive transient failures are retried with growing, capped gaps."""
+        source.failure = TransientTokenError("503", status=503)
+        make(source)
+        for _ in range(600):
+            await fake_clock.advance(1.0)
+        # 1, 2, 4, 8, 16, 32, then 60 s gaps (jitter halves at most): ~15 attempts in 10 min.
+        assert 8 <= len(source.calls) <= 30
+
+    async def test_retry_after_is_honoured(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """A 429 with Retry-After: 20 delays the next attempt by at least 20 s."""
+        source.script.append(TransientTokenError("429", status=429, retry_after=20))
+        make(source)
+        await fake_clock.settle()
+        assert len(source.calls) == 1
+        await fake_clock.advance(19.0)
+        assert len(source.calls) == 1
+        await fake_clock.advance(2.0)
+        assert len(source.calls) == 2
+
+    async def test_permanent_error_stops_hammering(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """invalid_client is retried every few minutes, not every second."""
+        source.failure = PermanentTokenError("invalid_client", status=401, error="invalid_client")
+        refresher = make(source)
+        for _ in range(3600):
+            await fake_clock.advance(1.0)
+        assert len(source.calls) <= 13
+        assert refresher.last_error is not None and "invalid_client" in refresher.last_error
+        with pytest.raises(TokenUnavailable):
+            await refresher.get()
+
+
+class TestCallerRequests:
+    async def test_min_ttl_longer_than_lifetime_is_rejected(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """Asking for more time than a token ever has is a caller error."""
+        refresher = make(source)
+        await fake_clock.settle()
+        with pytest.raises(ValueError, match="lifetime"):
+            await refresher.get(min_ttl=61)
+
+    async def test_min_ttl_refreshes_first(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """A token with too little left for min_ttl is replaced before answering."""
+        refresher = make(source)
+        await fake_clock.settle()
+        await fake_clock.advance(30.0)
+        token = await refresher.get(min_ttl=50)
+        assert token.expires_at - fake_clock.time() >= 50
+        assert len(source.calls) == 2
+
+    async def test_forced_refresh_of_a_young_token_returns_it(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """A forced refresh within 5 s of issue answers with the current token."""
+        refresher = make(source)
+        await fake_clock.settle()
+        before = refresher.token
+        assert (await refresher.force()) is before
+        assert len(source.calls) == 1
+
+    async def test_forced_refreshes_are_rate_limited(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """The eleventh forced refresh within a minute is refused."""
+        refresher = make(source)
+        await fake_clock.settle()
+        for _ in range(10):
+            await fake_clock.advance(5.1)
+            await refresher.force()
+        await fake_clock.advance(5.1)
+        with pytest.raises(RateLimited) as caught:
+            await refresher.force()
+        assert caught.value.retry_after > 0
+        assert len(source.calls) == 11
+
+
+class TestStore:
+    async def test_refreshed_token_is_stored_with_a_version(
+        self,
+        make: MakeRefresher,
+        source: FakeTokenSource,
+        store: MemoryStore,
+        fake_clock: FakeClock,
+    ) -> None:
+        """Every new token is written to the store (compare-and-set)."""
+        refresher = make(source)
+        await fake_clock.settle()
+        stored = await store.load("app1")
+        assert stored is not None and refresher.token is not None
+        assert stored.access_token == refresher.token.access_token
+        assert stored.version == refresher.token.version >= 1
+
+    async def test_keeps_refreshing_while_the_store_is_down_and_writes_back(
+        self,
+        make: MakeRefresher,
+        source: FakeTokenSource,
+        store: MemoryStore,
+        fake_clock: FakeClock,
+    ) -> None:
+        """With the store down the broker refreshes alone, then catches the store up."""
+        refresher = make(source)
+        await fake_clock.settle()
+        store.fail = True
+        for _ in range(130):
+            await served_token(refresher, fake_clock)
+            await fake_clock.advance(1.0)
+        assert len(source.calls) >= 3
+        store.fail = False
+        refresher.wake()
+        await fake_clock.advance(1.0)
+        stored = await store.load("app1")
+        assert stored is not None and refresher.token is not None
+        assert stored.access_token == refresher.token.access_token
+
+    async def test_two_replicas_refresh_once_per_lifetime(
+        self, make: MakeRefresher, fake_clock: FakeClock
+    ) -> None:
+        """Two replicas sharing a store make about one request per cycle between them."""
+        first = FakeTokenSource(fake_clock)
+        second = FakeTokenSource(fake_clock)
+        a = make(first, owner="a")
+        await fake_clock.settle()
+        b = make(second, owner="b")
+        await fake_clock.settle()
+        for _ in range(8 * 60):
+            await served_token(a, fake_clock)
+            await served_token(b, fake_clock)
+            await fake_clock.advance(1.0)
+        single = 11  # what one broker makes over the same time (see the cycle test)
+        assert len(first.calls) + len(second.calls) <= single * 1.25
+
+
+class TestAuthorizationCode:
+    async def test_without_a_stored_grant_the_app_needs_authorization(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """An authorization_code app with nothing stored asks for authorization, not the server."""
+        refresher = make(source, grant=GrantType.AUTHORIZATION_CODE)
+        await fake_clock.settle()
+        assert source.calls == []
+        assert refresher.state is AppState.NEEDS_AUTHORIZATION
+        with pytest.raises(NeedsAuthorization):
+            await refresher.get()
+
+    async def test_rotated_refresh_token_is_stored_before_serving(
+        self,
+        make: MakeRefresher,
+        store: MemoryStore,
+        fake_clock: FakeClock,
+    ) -> None:
+        """Each refresh spends the newest refresh token, and the store holds the rotated one."""
+        source = FakeTokenSource(fake_clock, rotate=True)
+        now = fake_clock.time()
+        seed = TokenSet("seed-access-000000000000", "Bearer", now, now + 60, None, "seed-refresh-0000000000")
+        await store.save("app1", seed, 0)
+        refresher = make(source, grant=GrantType.AUTHORIZATION_CODE)
+        await fake_clock.settle()
+        for _ in range(200):
+            await fake_clock.advance(1.0)
+        assert source.calls[0] == "seed-refresh-0000000000"
+        assert len(set(source.calls)) == len(source.calls), "a refresh token was spent twice"
+        stored = await store.load("app1")
+        assert stored is not None and refresher.token is not None
+        assert stored.refresh_token == refresher.token.refresh_token
+
+    async def test_invalid_grant_enters_needs_authorization(
+        self,
+        make: MakeRefresher,
+        store: MemoryStore,
+        fake_clock: FakeClock,
+    ) -> None:
+        """A dead grant stops calls to the token endpoint until the app is authorized again."""
+        source = FakeTokenSource(fake_clock, rotate=True)
+        now = fake_clock.time()
+        seed = TokenSet("seed-access-000000000000", "Bearer", now, now + 60, None, "seed-refresh-0000000000")
+        await store.save("app1", seed, 0)
+        source.failure = PermanentTokenError("invalid_grant", status=400, error="invalid_grant")
+        refresher = make(source, grant=GrantType.AUTHORIZATION_CODE)
+        for _ in range(600):
+            await fake_clock.advance(1.0)
+        assert refresher.state is AppState.NEEDS_AUTHORIZATION
+        assert len(source.calls) == 1
