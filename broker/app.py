@@ -106,7 +106,13 @@ async def build_broker(
     for name, spec in config.apps.items():
         source = OAuthClient(spec, Credentials(spec), session, clock, metrics)
         refreshers[name] = AppRefresher(
-            spec, source, store, clock, metrics, owner=owner, rng=random.Random()  # noqa: S311
+            spec,
+            source,
+            store,
+            clock,
+            metrics,
+            owner=owner,
+            rng=random.Random(),  # noqa: S311
         )
     core = BrokerCore(refreshers, store, clock, metrics)
     authenticator = ClientAuthenticator(config.clients)
@@ -120,14 +126,14 @@ async def start_listeners(broker: Broker) -> None:
     await broker.api_runner.setup()
     api_site = _site(broker.api_runner, broker.config.server.listen)
     await api_site.start()
-    broker.api_addresses = list(broker.api_runner.addresses_as_str())
+    broker.api_addresses = _addresses(broker.api_runner)
 
     metrics_app = build_metrics_app(broker.core, broker.metrics)
     broker.metrics_runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
     await broker.metrics_runner.setup()
     metrics_site = _site(broker.metrics_runner, broker.config.server.metrics_listen)
     await metrics_site.start()
-    broker.metrics_addresses = list(broker.metrics_runner.addresses_as_str())
+    broker.metrics_addresses = _addresses(broker.metrics_runner)
 
 
 async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
@@ -187,3 +193,16 @@ def _safe_store_name(url: str) -> str:
     scheme, _, rest = url.partition("://")
     host = rest.rpartition("@")[2].split("/")[0]
     return f"{scheme}://{host}" if host else f"{scheme}://"
+
+
+def _addresses(runner: web.AppRunner) -> list[str]:
+    """The bound addresses as `http://host:port` (or the unix socket path)."""
+    found = []
+    for address in runner.addresses:
+        if isinstance(address, tuple | list) and len(address) >= 2:
+            host = str(address[0])
+            host = f"[{host}]" if ":" in host else host
+            found.append(f"http://{host}:{address[1]}")
+        else:
+            found.append(f"unix:{address}")
+    return found

@@ -7,7 +7,15 @@ from pathlib import Path
 
 from broker.app import Broker, serve
 from broker.devserver import DevOAuthServer
-from broker.model import AppSpec, ClientAuth, ClientSpec, Config, RefreshPolicy, ServerSpec, StoreSpec
+from broker.model import (
+    AppSpec,
+    ClientAuth,
+    ClientSpec,
+    Config,
+    RefreshPolicy,
+    ServerSpec,
+    StoreSpec,
+)
 
 DEV_APP = "demo"
 DEV_CLIENT = "demo-client"
@@ -42,10 +50,8 @@ async def run_dev(workdir: Path, *, port: int, lifetime: float) -> None:
     client_id = "dev-" + secrets.token_hex(8)
     client_secret = secrets.token_urlsafe(32)
     client_key = secrets.token_urlsafe(32)
-    (workdir / "client_secret").write_text(client_secret)
-    (workdir / "client.key").write_text(client_key)
-    for path in workdir.iterdir():
-        path.chmod(0o600)
+    _write_private(workdir / "client_secret", client_secret)
+    _write_private(workdir / "client.key", client_key)
 
     oauth = DevOAuthServer(client_id=client_id, client_secret=client_secret, lifetime=lifetime)
     token_url = await oauth.start()
@@ -80,3 +86,8 @@ async def run_dev(workdir: Path, *, port: int, lifetime: float) -> None:
     finally:
         await oauth.stop()
 
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a secret file readable only by this user."""
+    path.touch(mode=0o600)
+    path.write_text(text)

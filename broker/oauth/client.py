@@ -1,0 +1,192 @@
+"""The token endpoint client for one app: grants, client authentication, bounded reads."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Mapping
+from urllib.parse import quote
+
+import aiohttp
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from broker.clock import Clock
+from broker.credentials import Credentials
+from broker.errors import PermanentTokenError, TransientTokenError
+from broker.logs import get_logger
+from broker.metrics import Metrics
+from broker.model import AppSpec, ClientAuth, TokenSet
+from broker.oauth.parse import parse_token_response
+
+log = get_logger(__name__)
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ASSERTION_LIFETIME = 60
+
+
+class OAuthClient:
+    """Implements TokenSource against one app's token endpoint."""
+
+    def __init__(
+        self,
+        spec: AppSpec,
+        credentials: Credentials,
+        session: aiohttp.ClientSession,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        timeout: float = 10.0,
+        max_body_bytes: int = 1_048_576,
+    ) -> None:
+        self.spec = spec
+        self.credentials = credentials
+        self._session = session
+        self._clock = clock
+        self._metrics = metrics
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0))
+        self._max_body = max_body_bytes
+        self.secret_in_use = "current"
+
+    async def fetch(self, refresh_token: str | None = None) -> TokenSet:
+        """A new token set: the refresh_token grant when given one, else client_credentials."""
+        if refresh_token is not None:
+            form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        else:
+            form = {"grant_type": "client_credentials"}
+            if self.spec.audience:
+                form["audience"] = self.spec.audience
+        if self.spec.scopes and refresh_token is None:
+            form["scope"] = " ".join(self.spec.scopes)
+        if refresh_token is None:
+            form.update(self.spec.extra_params)
+        return await self._request_with_fallback(form)
+
+    async def exchange_code(
+        self, code: str, redirect_uri: str, code_verifier: str | None = None
+    ) -> TokenSet:
+        """Exchange an authorization code (RFC 6749 §4.1.3), with the PKCE verifier if any."""
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}
+        if code_verifier:
+            form["code_verifier"] = code_verifier
+        return await self._request_with_fallback(form)
+
+    async def _request_with_fallback(self, form: Mapping[str, str]) -> TokenSet:
+        """Try the current secret; on invalid_client, the previous one (a rotation's other half)."""
+        try:
+            token = await self._request(form, previous=False)
+        except PermanentTokenError as exc:
+            if not (
+                exc.is_invalid_client
+                and self.spec.client_auth is not ClientAuth.PRIVATE_KEY_JWT
+                and self.credentials.previous_secret()
+            ):
+                raise
+            token = await self._request(form, previous=True)
+            self._note_secret("previous")
+            return token
+        self._note_secret("current")
+        return token
+
+    def _note_secret(self, which: str) -> None:
+        if which == "previous":
+            log.warning("app.previous_secret_used", app=self.spec.name, secret="previous")
+            self._metrics.credential_reloads.labels(
+                app=self.spec.name, outcome="previous_secret"
+            ).inc()
+        self.secret_in_use = which
+
+    async def _request(self, form: Mapping[str, str], *, previous: bool) -> TokenSet:
+        body = dict(form)
+        headers = {"Accept": "application/json"}
+        self._authenticate(body, headers, previous=previous)
+        sent_at = self._clock.time()
+        app = self.spec.name
+        try:
+            async with self._session.post(
+                self.spec.token_url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                self._metrics.token_endpoint_responses.labels(
+                    app=app, status=str(response.status)
+                ).inc()
+                payload = await self._read_bounded(response)
+                return parse_token_response(
+                    response.status,
+                    response.headers,
+                    payload,
+                    sent_at=sent_at,
+                    default_lifetime=self.spec.refresh.default_lifetime,
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._metrics.token_endpoint_responses.labels(app=app, status="error").inc()
+            raise TransientTokenError(f"token endpoint unreachable: {type(exc).__name__}") from None
+
+    async def _read_bounded(self, response: aiohttp.ClientResponse) -> bytes:
+        declared = response.content_length
+        if declared is not None and declared > self._max_body:
+            raise TransientTokenError(
+                f"http {response.status}: body of {declared} bytes exceeds the limit",
+                status=response.status,
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > self._max_body:
+                raise TransientTokenError(
+                    f"http {response.status}: body exceeds {self._max_body} bytes",
+                    status=response.status,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _authenticate(
+        self, form: dict[str, str], headers: dict[str, str], *, previous: bool
+    ) -> None:
+        client_id = self.credentials.client_id()
+        method = self.spec.client_auth
+        if method is ClientAuth.PRIVATE_KEY_JWT:
+            form["client_id"] = client_id
+            form["client_assertion_type"] = ASSERTION_TYPE
+            form["client_assertion"] = self._assertion(client_id)
+            return
+        secret = (
+            self.credentials.previous_secret() if previous else self.credentials.client_secret()
+        )
+        secret = secret or ""
+        if method is ClientAuth.CLIENT_SECRET_BASIC:
+            # RFC 6749 §2.3.1: each part is form-urlencoded before Basic encoding.
+            pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        else:
+            form["client_id"] = client_id
+            form["client_secret"] = secret
+
+    def _assertion(self, client_id: str) -> str:
+        """An RFC 7523 client assertion signed with the app's private key (RS256 or ES256)."""
+        pem = self.credentials.private_key()
+        if pem is None:
+            raise PermanentTokenError("private_key_jwt without a private key", error="config")
+        key = load_pem_private_key(pem, password=None)
+        if isinstance(key, rsa.RSAPrivateKey):
+            algorithm = "RS256"
+        elif isinstance(key, ec.EllipticCurvePrivateKey):
+            algorithm = "ES256"
+        else:
+            raise PermanentTokenError("private key is neither RSA nor EC", error="config")
+        now = int(self._clock.time())
+        claims = {
+            "iss": client_id,
+            "sub": client_id,
+            "aud": self.spec.assertion_audience or self.spec.token_url,
+            "jti": uuid.uuid4().hex,
+            "iat": now,
+            "exp": now + ASSERTION_LIFETIME,
+        }
+        headers = {"kid": self.spec.private_key_id} if self.spec.private_key_id else None
+        return jwt.encode(claims, key, algorithm=algorithm, headers=headers)

@@ -1,0 +1,170 @@
+"""Token endpoint responses: parse a token, or classify the failure (pure functions).
+
+Transient: 5xx, 429, and a 200 whose body is not a token. Permanent: RFC 6749 §5.2 errors,
+Twilio's 32xxxx codes, and any other 4xx.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import jwt
+
+from broker.errors import PermanentTokenError, TokenEndpointError, TransientTokenError
+from broker.logs import SECRETS
+from broker.model import TokenSet
+
+# expires_in beyond ten years is not a lifetime, it is a bug on the other side.
+MAX_EXPIRES_IN = 10 * 365 * 86400.0
+_DESCRIPTION_LIMIT = 200
+
+
+def parse_token_response(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    sent_at: float,
+    default_lifetime: float,
+) -> TokenSet:
+    """The token set in a 2xx response; otherwise raise the classified error."""
+    if not 200 <= status < 300:
+        raise classify_error(status, headers, body, sent_at=sent_at)
+    document = _json_object(body)
+    if document is None:
+        raise TransientTokenError(f"http {status}: body is not a JSON object", status=status)
+    if document.get("error") is not None:
+        error = _short(document.get("error"))
+        raise TransientTokenError(
+            f"http {status} with an error field: {error}", status=status, error=error
+        )
+    access_token = document.get("access_token")
+    if not isinstance(access_token, str) or not access_token.strip():
+        raise TransientTokenError(f"http {status}: no access_token in the response", status=status)
+    token_type = document.get("token_type")
+    scope = document.get("scope")
+    refresh_token = document.get("refresh_token")
+    expires_at = _expiry(document.get("expires_in"), access_token, sent_at, default_lifetime)
+    if expires_at <= sent_at:
+        raise TransientTokenError(f"http {status}: the token is already expired", status=status)
+    return TokenSet(
+        access_token=access_token,
+        token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
+        issued_at=sent_at,
+        expires_at=expires_at,
+        scope=scope if isinstance(scope, str) else None,
+        refresh_token=refresh_token if isinstance(refresh_token, str) and refresh_token else None,
+    )
+
+
+def classify_error(
+    status: int, headers: Mapping[str, str], body: bytes, *, sent_at: float
+) -> TokenEndpointError:
+    """The error for a non-2xx response (returned, not raised)."""
+    retry_after = parse_retry_after(headers.get("Retry-After"), sent_at)
+    document = _json_object(body)
+    error, description = _error_fields(document)
+    detail = f": {error}" if error else ""
+    if description:
+        detail += f" ({description})"
+    if status >= 500 or status == 429:
+        return TransientTokenError(
+            f"http {status}{detail}",
+            status=status,
+            error=error,
+            description=description,
+            retry_after=retry_after,
+        )
+    return PermanentTokenError(
+        f"http {status}{detail}", status=status, error=error, description=description
+    )
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _error_fields(document: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(error code, description) from an RFC 6749 §5.2 or a Twilio error body."""
+    if document is None:
+        return None, None
+    if isinstance(document.get("error"), str):
+        return _short(document["error"]), _short(document.get("error_description"))
+    code = document.get("code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        return str(code), _short(document.get("message"))
+    return None, None
+
+
+def _short(value: object) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    return SECRETS.scrub(value[:_DESCRIPTION_LIMIT])
+
+
+def _expiry(
+    expires_in: object, access_token: str, sent_at: float, default_lifetime: float
+) -> float:
+    """expires_at: sent_at + expires_in, or the JWT's exp if earlier, else the default lifetime."""
+    candidates = []
+    lifetime = _number(expires_in)
+    if lifetime is not None and 0 < lifetime <= MAX_EXPIRES_IN:
+        candidates.append(sent_at + lifetime)
+    exp = jwt_exp(access_token)
+    if exp is not None:
+        candidates.append(exp)
+    if not candidates:
+        return sent_at + default_lifetime
+    return min(candidates)
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def jwt_exp(token: str) -> float | None:
+    """The `exp` claim of a JWT access token (signature not checked: it is not ours), or None."""
+    if token.count(".") != 2:
+        return None
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
+    except jwt.PyJWTError:
+        return None
+    exp = _number(claims.get("exp"))
+    return exp if exp is not None and exp > 0 else None
