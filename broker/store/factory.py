@@ -1,0 +1,29 @@
+"""open_store: the TokenStore for a StoreSpec."""
+
+from __future__ import annotations
+
+from broker.clock import Clock
+from broker.errors import ConfigError
+from broker.metrics import Metrics
+from broker.model import StoreSpec
+from broker.store import TokenStore
+from broker.store.crypto import Keyring
+from broker.store.memory import MemoryStore
+from broker.store.redis_store import RedisStore, redis_client
+
+
+def open_store(spec: StoreSpec, metrics: Metrics, clock: Clock) -> TokenStore:
+    """memory:// → MemoryStore; any Redis URL → RedisStore with the keyring from the key file."""
+    if spec.url.startswith("memory://"):
+        metrics.store_up.set(1)
+        return MemoryStore(clock)
+    if spec.encryption_key_file is None:
+        raise ConfigError("store.encryption_key_file", "required for a shared store")
+    keyring = Keyring.from_file(spec.encryption_key_file)
+    try:
+        client = redis_client(spec.url)
+    except ValueError as exc:
+        raise ConfigError("store.url", str(exc)) from None
+    return RedisStore(
+        client, key_prefix=spec.key_prefix, keyring=keyring, metrics=metrics, clock=clock
+    )

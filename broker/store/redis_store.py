@@ -1,0 +1,258 @@
+"""The Redis store: encrypted, versioned token sets, a refresh lease per app, change notifications.
+
+Keys carry the app as a hash tag, so Redis Cluster keeps one app's keys on one slot:
+`{prefix}:{<app>}:token` (a hash: `version`, `blob`) and `{prefix}:{<app>}:lease`. Writes are
+compare-and-set in a Lua script that also publishes the app's name on `{prefix}:updates`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from broker.clock import Clock
+from broker.errors import StoreUnavailable
+from broker.logs import get_logger
+from broker.metrics import Metrics
+from broker.model import TokenSet
+from broker.store.crypto import Keyring, UndecryptableToken
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+# KEYS[1] token hash; ARGV: expected version, blob, channel, app
+_CAS = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if current ~= tonumber(ARGV[1]) then return -1 end
+local version = current + 1
+redis.call('HSET', KEYS[1], 'version', version, 'blob', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return version
+"""
+# KEYS[1] lease; ARGV[1] owner
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisStore:
+    """Implements TokenStore on Redis (standalone, TLS, Sentinel or Cluster clients alike)."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        key_prefix: str,
+        keyring: Keyring,
+        metrics: Metrics,
+        clock: Clock,
+        pubsub_client: Any | None = None,
+    ) -> None:
+        self._client = client
+        self._pubsub_client = pubsub_client if pubsub_client is not None else client
+        self._prefix = key_prefix
+        self._keyring = keyring
+        self._metrics = metrics
+        self._clock = clock
+        self._cas = client.register_script(_CAS)
+        self._release = client.register_script(_RELEASE)
+        self.channel = f"{key_prefix}:updates"
+
+    def token_key(self, app: str) -> str:
+        """The Redis key of an app's token set."""
+        return f"{self._prefix}:{{{app}}}:token"
+
+    def lease_key(self, app: str) -> str:
+        """The Redis key of an app's refresh lease."""
+        return f"{self._prefix}:{{{app}}}:lease"
+
+    def _aad(self, app: str) -> bytes:
+        return f"{self._prefix}:{app}".encode()
+
+    async def _call(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            result = await call()
+        except (RedisError, OSError) as exc:
+            self._metrics.store_errors.labels(operation=operation).inc()
+            self._metrics.store_up.set(0)
+            raise StoreUnavailable(f"redis {operation} failed: {type(exc).__name__}") from None
+        self._metrics.store_up.set(1)
+        return result
+
+    async def load(self, app: str) -> TokenSet | None:
+        """The stored token set, or None (nothing stored, or written under an unknown key)."""
+        fields = await self._call("load", lambda: self._client.hgetall(self.token_key(app)))
+        if not fields:
+            return None
+        try:
+            version = int(fields[b"version"])
+            plain = self._keyring.decrypt(fields[b"blob"], self._aad(app))
+            data = json.loads(plain)
+            return TokenSet(
+                access_token=data["access_token"],
+                token_type=data["token_type"],
+                issued_at=float(data["issued_at"]),
+                expires_at=float(data["expires_at"]),
+                scope=data.get("scope"),
+                refresh_token=data.get("refresh_token"),
+                version=version,
+            )
+        except UndecryptableToken as exc:
+            log.warning("store.undecryptable", app=app, reason=str(exc))
+            return None
+        except (KeyError, ValueError, TypeError):
+            log.warning("store.unreadable", app=app)
+            return None
+
+    async def save(self, app: str, token: TokenSet, expected_version: int) -> int | None:
+        """Compare-and-set on the version, then publish the app's name."""
+        plain = json.dumps(
+            {
+                "access_token": token.access_token,
+                "token_type": token.token_type,
+                "issued_at": token.issued_at,
+                "expires_at": token.expires_at,
+                "scope": token.scope,
+                "refresh_token": token.refresh_token,
+            }
+        ).encode()
+        blob = self._keyring.encrypt(plain, self._aad(app))
+        result = await self._call(
+            "save",
+            lambda: self._cas(
+                keys=[self.token_key(app)], args=[expected_version, blob, self.channel, app]
+            ),
+        )
+        version = int(result)
+        return None if version < 0 else version
+
+    async def current_version(self, app: str) -> int:
+        """The stored version (0 when nothing is stored), without decrypting."""
+        raw = await self._call("load", lambda: self._client.hget(self.token_key(app), "version"))
+        return int(raw) if raw is not None else 0
+
+    async def acquire_lease(self, app: str, owner: str, ttl: float) -> bool:
+        """SET NX PX: the lease is ours for `ttl` seconds unless another owner holds it."""
+        ms = max(1, int(ttl * 1000))
+        result = await self._call(
+            "lease", lambda: self._client.set(self.lease_key(app), owner, nx=True, px=ms)
+        )
+        return bool(result)
+
+    async def release_lease(self, app: str, owner: str) -> None:
+        """Delete the lease only if `owner` still holds it."""
+        await self._call("lease", lambda: self._release(keys=[self.lease_key(app)], args=[owner]))
+
+    async def updates(self) -> AsyncIterator[str]:
+        """App names published by any replica's save; raises StoreUnavailable on disconnect."""
+        pubsub = self._pubsub_client.pubsub()
+        try:
+            await self._call("subscribe", lambda: pubsub.subscribe(self.channel))
+            while True:
+                message = await self._call(
+                    "subscribe",
+                    lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0),
+                )
+                if message is None or message.get("type") != "message":
+                    continue
+                data = message.get("data")
+                yield data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+
+    async def ping(self) -> None:
+        """PING, or StoreUnavailable."""
+        await self._call("ping", self._client.ping)
+
+    async def close(self) -> None:
+        """Close the connection pools."""
+        for client in {
+            id(self._client): self._client,
+            id(self._pubsub_client): self._pubsub_client,
+        }.values():
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+
+
+def redis_client(url: str, *, socket_timeout: float = 1.0) -> Any:
+    """A redis-py asyncio client for redis://, rediss://, redis+sentinel:// or redis+cluster://."""
+    scheme = url.partition("://")[0]
+    common: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        "health_check_interval": 15,
+    }
+    if scheme in ("redis", "rediss"):
+        return aioredis.Redis.from_url(url, **common, retry_on_timeout=False)
+    if scheme == "redis+cluster":
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        parsed = _multi_host_url(url)
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in parsed.hosts],
+            username=parsed.username,
+            password=parsed.password,
+            ssl=parsed.tls,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+        )
+    if scheme == "redis+sentinel":
+        from redis.asyncio.sentinel import Sentinel
+
+        parsed = _multi_host_url(url)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            parsed.hosts,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            username=parsed.username,
+            password=parsed.password,
+            ssl=parsed.tls,
+            db=parsed.db,
+        )
+        if not parsed.service:
+            raise ValueError("redis+sentinel:// needs the master's service name as the path")
+        return sentinel.master_for(parsed.service)
+    raise ValueError(f"unsupported store scheme {scheme}")
+
+
+class _MultiHostURL:
+    def __init__(self) -> None:
+        self.hosts: list[tuple[str, int]] = []
+        self.username: str | None = None
+        self.password: str | None = None
+        self.service = ""
+        self.db = 0
+        self.tls = False
+
+
+def _multi_host_url(url: str) -> _MultiHostURL:
+    """Parse `scheme://[user:pass@]h1:p1,h2:p2[/service[/db]][?tls=true]`."""
+    from urllib.parse import parse_qs, unquote
+
+    parsed = _MultiHostURL()
+    rest = url.partition("://")[2]
+    rest, _, query = rest.partition("?")
+    parsed.tls = parse_qs(query).get("tls", ["false"])[0].lower() in ("1", "true", "yes")
+    netloc, _, path = rest.partition("/")
+    if "@" in netloc:
+        userinfo, _, netloc = netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        parsed.username = unquote(user) or None
+        parsed.password = unquote(password) or None
+    for hostport in netloc.split(","):
+        host, _, port = hostport.rpartition(":")
+        parsed.hosts.append((host.strip("[]") or "127.0.0.1", int(port or 6379)))
+    segments = [s for s in path.split("/") if s]
+    if segments:
+        parsed.service = segments[0]
+    if len(segments) > 1:
+        parsed.db = int(segments[1])
+    return parsed
