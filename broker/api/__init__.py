@@ -1,0 +1,339 @@
+"""The local HTTP API (tokens for callers in the pod) and the metrics listener.
+
+One middleware does the per-request work every route shares: the Host and Forwarded checks,
+JSON errors, and the request metrics. The serving path logs nothing per request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from broker.api.auth import ClientAuthenticator
+from broker.api.openapi import openapi_document
+from broker.clock import Clock
+from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
+from broker.logs import RateLimitedLog, audit, get_logger
+from broker.metrics import Metrics
+from broker.model import TokenSet
+from broker.service import TokenService
+
+log = get_logger(__name__)
+
+ROUTE_TOKEN = "/v1/token/{app}"
+ROUTE_REFRESH = "/v1/token/{app}/refresh"
+ROUTE_APPS = "/v1/apps"
+ROUTE_OPENAPI = "/openapi.json"
+MAX_MIN_TTL = 10**9
+_MIN_TTL = re.compile(r"^[0-9]{1,10}$")
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_JSON = "application/json"
+DENIED_LOG_INTERVAL = 60.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CLIENT_KEY: web.AppKey[str] = web.AppKey("client", str)
+
+
+class ApiError(Exception):
+    """An error answer of the contract: status, code, message, extra headers."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(exc: ApiError) -> web.Response:
+    """The contract's JSON error body."""
+    return web.Response(
+        body=json.dumps({"error": exc.code, "message": exc.message}).encode(),
+        status=exc.status,
+        content_type=_JSON,
+        headers=exc.headers,
+    )
+
+
+def is_loopback_host(host_header: str | None) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1, with or without a port. No Host: True."""
+    if host_header is None:
+        return True  # HTTP/1.0 without Host: no browser sends this (DNS rebinding needs one)
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Api:
+    """The handlers, with what they share: service, authenticator, metrics, clock."""
+
+    def __init__(
+        self,
+        service: TokenService,
+        authenticator: ClientAuthenticator,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> None:
+        self.service = service
+        self.auth = authenticator
+        self.metrics = metrics
+        self.clock = clock
+        self.apps = frozenset(service.app_names())
+        self._issued: dict[str, tuple[TokenSet, set[str]]] = {}
+        self._denied = RateLimitedLog(DENIED_LOG_INTERVAL)
+        self._counters: dict[tuple[str, str, str, str], Any] = {}
+        self._timers: dict[str, Any] = {}
+
+    # ---- middleware --------------------------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Host/Forwarded checks, JSON errors, request metrics."""
+        started = time.perf_counter()
+        request["app_label"] = ""
+        request["client_label"] = ""
+        try:
+            _check_origin(request)
+            response = await handler(request)
+        except ApiError as exc:
+            response = error_response(exc)
+            if exc.status in (401, 403):
+                self._log_denied(request, exc.code)
+        except web.HTTPException as exc:
+            response = error_response(_http_error(exc))
+        except Exception:
+            log.exception("api.internal_error", route=_route(request))
+            response = error_response(ApiError(500, "internal", "internal error"))
+        route = _route(request)
+        key = (route, request["app_label"], request["client_label"], str(response.status))
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self.metrics.requests_total.labels(*key)
+            self._counters[key] = counter
+        counter.inc()
+        timer = self._timers.get(route)
+        if timer is None:
+            timer = self._timers[route] = self.metrics.request_duration.labels(route)
+        timer.observe(time.perf_counter() - started)
+        return response
+
+    def _log_denied(self, request: web.Request, reason: str) -> None:
+        who = request["client_label"] or (request.remote or "unknown")
+        if self._denied.allow((who, reason), self.clock.monotonic()):
+            audit(
+                log,
+                "client.denied",
+                client=request["client_label"] or None,
+                remote=request.remote,
+                reason=reason,
+                app=request["app_label"] or None,
+            )
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _caller(self, request: web.Request) -> str:
+        client = self.auth.identify(request.headers.get("Authorization"))
+        if client is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "a valid client key is required as 'Authorization: Bearer <key>'",
+                {"WWW-Authenticate": 'Bearer realm="token-broker"'},
+            )
+        request["client_label"] = client
+        return client
+
+    def _app_for(self, request: web.Request, client: str) -> str:
+        app = request.match_info["app"]
+        if app not in self.apps:
+            raise ApiError(404, "unknown_app", "no such app is configured")
+        request["app_label"] = app
+        if not self.auth.allowed(client, app):
+            raise ApiError(403, "forbidden", f"client {client} may not use app {app}")
+        return app
+
+    def _token_response(self, app: str, client: str, token: TokenSet) -> web.Response:
+        entry = self._issued.get(app)
+        if entry is None or entry[0] is not token:
+            entry = (token, set())
+            self._issued[app] = entry
+        if client not in entry[1]:
+            entry[1].add(client)
+            audit(log, "token.issued", app=app, client=client, token_fingerprint=token.fingerprint)
+        now = self.service.now()
+        body = {
+            "access_token": token.access_token,
+            "token_type": token.token_type,
+            "expires_at": int(token.expires_at),
+            "expires_in": max(0, int(token.expires_at - now)),
+            "scope": token.scope,
+        }
+        return web.Response(body=json.dumps(body).encode(), content_type=_JSON, headers=_NO_STORE)
+
+    async def _serve(
+        self, request: web.Request, fetch: Callable[[str], Awaitable[TokenSet]]
+    ) -> web.Response:
+        client = self._caller(request)
+        app = self._app_for(request, client)
+        try:
+            token = await fetch(app)
+        except NeedsAuthorization:
+            raise ApiError(
+                409,
+                "needs_authorization",
+                f"app {app} needs authorization: run `token-broker authorize {app}`",
+            ) from None
+        except RateLimited as exc:
+            raise ApiError(
+                429,
+                "rate_limited",
+                "too many forced refreshes of this app",
+                {"Retry-After": _seconds(exc.retry_after)},
+            ) from None
+        except TokenUnavailable as exc:
+            raise ApiError(
+                503,
+                "token_unavailable",
+                f"no valid token for app {app} right now",
+                {"Retry-After": _seconds(exc.retry_after), **_NO_STORE},
+            ) from None
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        return self._token_response(app, client, token)
+
+    # ---- handlers ----------------------------------------------------------------------
+
+    async def get_token(self, request: web.Request) -> web.Response:
+        """GET /v1/token/{app}[?min_ttl=N]."""
+        min_ttl = 0.0
+        raw = request.query.get("min_ttl")
+        if raw is not None or len(request.query) > 0:
+            unknown = set(request.query) - {"min_ttl"}
+            if unknown:
+                raise ApiError(400, "bad_request", "the only query parameter is min_ttl")
+            if raw is None or not _MIN_TTL.match(raw) or int(raw) > MAX_MIN_TTL:
+                raise ApiError(400, "bad_request", "min_ttl must be a whole number of seconds")
+            min_ttl = float(raw)
+        return await self._serve(request, lambda app: self.service.get_token(app, min_ttl))
+
+    async def refresh(self, request: web.Request) -> web.Response:
+        """POST /v1/token/{app}/refresh."""
+        if request.query:
+            raise ApiError(400, "bad_request", "this route takes no query parameters")
+        return await self._serve(request, self.service.force_refresh)
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        """GET /v1/apps: the caller's apps and their state."""
+        client = self._caller(request)
+        apps = []
+        for name in sorted(self.auth.apps_of(client) & self.apps):
+            status = self.service.status(name)
+            apps.append(
+                {
+                    "name": status.name,
+                    "state": status.state.value,
+                    "expires_at": _int_or_none(status.expires_at),
+                    "last_refresh_at": _int_or_none(status.last_refresh_at),
+                    "last_error": status.last_error,
+                }
+            )
+        return web.json_response({"apps": apps}, headers=_NO_STORE)
+
+    async def openapi(self, _: web.Request) -> web.Response:
+        """GET /openapi.json (no auth)."""
+        return web.json_response(openapi_document())
+
+
+def build_api_app(
+    service: TokenService,
+    authenticator: ClientAuthenticator,
+    metrics: Metrics,
+    clock: Clock,
+) -> web.Application:
+    """The local API application."""
+    api = _Api(service, authenticator, metrics, clock)
+    app = web.Application(middlewares=[api.middleware], client_max_size=4096)
+    app.router.add_get(ROUTE_TOKEN, api.get_token, allow_head=False)
+    app.router.add_post(ROUTE_REFRESH, api.refresh)
+    app.router.add_get(ROUTE_APPS, api.list_apps, allow_head=False)
+    app.router.add_get(ROUTE_OPENAPI, api.openapi, allow_head=False)
+    return app
+
+
+def build_metrics_app(service: TokenService, metrics: Metrics) -> web.Application:
+    """The metrics listener: /metrics, /healthz, /readyz."""
+
+    async def metrics_handler(_: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(metrics.registry))
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        response.charset = "utf-8"
+        return response
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        unready = service.unready_apps()
+        if unready:
+            return web.json_response({"status": "not_ready", "apps": unready}, status=503)
+        return web.json_response({"status": "ready"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def _check_origin(request: web.Request) -> None:
+    """Refuse proxied requests (SSRF) and non-loopback Host headers (DNS rebinding)."""
+    if "Forwarded" in request.headers or "X-Forwarded-For" in request.headers:
+        raise ApiError(403, "bad_host", "requests relayed by a proxy are refused")
+    if not is_loopback_host(request.headers.get("Host")):
+        raise ApiError(403, "bad_host", "the Host header is not a loopback name")
+
+
+def _route(request: web.Request) -> str:
+    info = request.match_info
+    if info.http_exception is None:
+        canonical = info.route.resource.canonical if info.route.resource else None
+        if canonical in (ROUTE_TOKEN, ROUTE_REFRESH, ROUTE_APPS, ROUTE_OPENAPI):
+            return canonical
+    return "other"
+
+
+def _http_error(exc: web.HTTPException) -> ApiError:
+    if exc.status == 404:
+        return ApiError(404, "not_found", "no such route")
+    if exc.status == 405:
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+        return ApiError(405, "method_not_allowed", "method not allowed on this route", headers)
+    if exc.status == 413:
+        return ApiError(413, "bad_request", "request body too large")
+    return ApiError(exc.status, "bad_request", exc.reason or "bad request")
+
+
+def _seconds(value: float) -> str:
+    return str(max(1, int(value + 0.999)))
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else int(value)

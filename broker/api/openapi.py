@@ -1,0 +1,203 @@
+"""The OpenAPI 3 description of the local API, served at /openapi.json."""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any
+
+from broker import __version__
+
+_ERROR_CODES = [
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "bad_host",
+    "unknown_app",
+    "needs_authorization",
+    "rate_limited",
+    "token_unavailable",
+    "not_found",
+    "method_not_allowed",
+    "internal",
+]
+
+
+def _error(description: str, *, retry_after: bool = False, auth: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    headers: dict[str, Any] = {}
+    if retry_after:
+        headers["Retry-After"] = {
+            "description": "Seconds to wait before asking again.",
+            "schema": {"type": "integer", "minimum": 1},
+            "required": True,
+        }
+    if auth:
+        headers["WWW-Authenticate"] = {"schema": {"type": "string"}, "required": True}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+_TOKEN_OK = {
+    "description": "A token with more than the safety margin (and min_ttl) left.",
+    "headers": {"Cache-Control": {"schema": {"type": "string", "enum": ["no-store"]}}},
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Token"}}},
+}
+
+_COMMON = {
+    "400": _error("Bad request (e.g. a malformed min_ttl, or one above the token lifetime)."),
+    "401": _error("Missing or wrong client key.", auth=True),
+    "403": _error("Client not allowed this app (forbidden), or a non-loopback Host (bad_host)."),
+    "404": _error("No such app (unknown_app)."),
+    "409": _error("The app needs an operator to run `token-broker authorize`."),
+    "503": _error("No valid token right now (token_unavailable).", retry_after=True),
+}
+
+_APP_PARAM = {
+    "name": "app",
+    "in": "path",
+    "required": True,
+    "description": "A configured app name.",
+    "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
+}
+
+_DOCUMENT: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "token-broker local API",
+        "version": __version__,
+        "description": (
+            "Fresh OAuth 2.0 access tokens for the services in this pod. Callers authenticate "
+            "with `Authorization: Bearer <client key>`. Requests whose Host is not a loopback "
+            "name, or that carry Forwarded / X-Forwarded-For, get 403 bad_host."
+        ),
+    },
+    "servers": [{"url": "http://127.0.0.1:8411"}],
+    "security": [{"clientKey": []}],
+    "paths": {
+        "/v1/token/{app}": {
+            "get": {
+                "operationId": "getToken",
+                "summary": "The app's current token (refreshed first when needed).",
+                "parameters": [
+                    _APP_PARAM,
+                    {
+                        "name": "min_ttl",
+                        "in": "query",
+                        "required": False,
+                        "description": "Seconds the token must still be valid for.",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000000000},
+                    },
+                ],
+                "responses": {"200": _TOKEN_OK, **_COMMON},
+            }
+        },
+        "/v1/token/{app}/refresh": {
+            "post": {
+                "operationId": "refreshToken",
+                "summary": "Refresh now (coalesced; a token younger than 5 s is returned as is).",
+                "parameters": [_APP_PARAM],
+                "responses": {
+                    "200": _TOKEN_OK,
+                    **_COMMON,
+                    "429": _error(
+                        "More than 10 forced refreshes of this app in a minute.", retry_after=True
+                    ),
+                },
+            }
+        },
+        "/v1/apps": {
+            "get": {
+                "operationId": "listApps",
+                "summary": "The apps this caller may use, with their state.",
+                "responses": {
+                    "200": {
+                        "description": "The caller's apps.",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/AppList"}}
+                        },
+                    },
+                    "401": _COMMON["401"],
+                    "403": _COMMON["403"],
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI description.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "403": _COMMON["403"],
+                },
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {"clientKey": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Token": {
+                "type": "object",
+                "required": ["access_token", "token_type", "expires_at", "expires_in", "scope"],
+                "properties": {
+                    "access_token": {"type": "string"},
+                    "token_type": {"type": "string"},
+                    "expires_at": {"type": "integer", "description": "Unix seconds."},
+                    "expires_in": {"type": "integer", "minimum": 0},
+                    "scope": {"type": "string", "nullable": True},
+                },
+                "additionalProperties": False,
+            },
+            "App": {
+                "type": "object",
+                "required": ["name", "state", "expires_at", "last_refresh_at", "last_error"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "state": {
+                        "type": "string",
+                        "enum": ["fresh", "refreshing", "failing", "needs_authorization"],
+                    },
+                    "expires_at": {"type": "integer", "nullable": True},
+                    "last_refresh_at": {"type": "integer", "nullable": True},
+                    "last_error": {"type": "string", "nullable": True},
+                },
+                "additionalProperties": False,
+            },
+            "AppList": {
+                "type": "object",
+                "required": ["apps"],
+                "properties": {
+                    "apps": {"type": "array", "items": {"$ref": "#/components/schemas/App"}}
+                },
+                "additionalProperties": False,
+            },
+            "Error": {
+                "type": "object",
+                "required": ["error", "message"],
+                "properties": {
+                    "error": {"type": "string", "enum": _ERROR_CODES},
+                    "message": {"type": "string"},
+                },
+                "additionalProperties": False,
+            },
+        },
+    },
+}
+
+
+@cache
+def _frozen() -> dict[str, Any]:
+    return copy.deepcopy(_DOCUMENT)
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3 document (a fresh copy)."""
+    return copy.deepcopy(_frozen())
