@@ -65,7 +65,7 @@ def _site(runner: web.AppRunner, listen: str) -> web.BaseSite:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return web.UnixSite(runner, path)
     host, port = split_host_port(listen)
-    return web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_GRACE)
+    return web.TCPSite(runner, host, port)
 
 
 @dataclass
@@ -122,7 +122,9 @@ async def build_broker(
 async def start_listeners(broker: Broker) -> None:
     """Bind the local API and the metrics listener."""
     api = build_api_app(broker.core, broker.authenticator, broker.metrics, broker.clock)
-    broker.api_runner = web.AppRunner(api, access_log=None, handle_signals=False)
+    broker.api_runner = web.AppRunner(
+        api, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
+    )
     await broker.api_runner.setup()
     api_site = _site(broker.api_runner, broker.config.server.listen)
     await api_site.start()

@@ -14,7 +14,7 @@ MIN_REFRESH_FRACTION = 0.25
 # The safety margin is at most this share of the lifetime.
 MAX_MARGIN_FRACTION = 0.1
 BACKOFF_BASE = 1.0
-BACKOFF_CAP = 60.0
+BACKOFF_CAP = 30.0
 # After a permanent error (bad credentials, dead grant) retrying is slow: the fix is an operator's.
 PERMANENT_RETRY = 300.0
 # Even a capped wait leaves this long between attempts, so a flapping server is not hammered.

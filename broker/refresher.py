@@ -505,10 +505,4 @@ class _AdoptedInstead(TokenEndpointError):
 def _describe(exc: TokenEndpointError) -> str:
     """A short, secret-free description for `last_error` and logs."""
     kind = "permanent" if isinstance(exc, PermanentTokenError | _NoGrant) else "transient"
-    parts = [kind]
-    if exc.status is not None:
-        parts.append(f"http {exc.status}")
-    if exc.error:
-        parts.append(exc.error)
-    parts.append(SECRETS.scrub(str(exc))[:200])
-    return ": ".join(parts)
+    return f"{kind}: {SECRETS.scrub(str(exc))[:200]}"

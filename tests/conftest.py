@@ -10,6 +10,8 @@ import pytest
 from tests.support.fake_clock import FakeClock
 from tests.support.redis_server import RedisServer
 
+pytest_plugins = ["tests.support.oauth_server"]
+
 
 @pytest.fixture
 def fake_clock() -> FakeClock:

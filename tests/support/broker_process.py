@@ -178,7 +178,8 @@ async def running_broker(
         started.set_result(broker)
 
     task = asyncio.create_task(serve(config, ready=ready, stop=stop, clock=clock, store=store))
-    done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    waiters: set[asyncio.Future[object]] = {task, started}  # type: ignore[arg-type]
+    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()
         raise AssertionError("broker stopped before it was ready")

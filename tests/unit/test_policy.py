@@ -68,10 +68,10 @@ class TestServable:
 
 class TestBackoff:
     @pytest.mark.parametrize(
-        ("attempt", "expected"), [(1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, 60.0), (30, 60.0)]
+        ("attempt", "expected"), [(1, 1.0), (2, 2.0), (3, 4.0), (5, 16.0), (6, 30.0), (30, 30.0)]
     )
     def test_exponential_and_capped(self, attempt: int, expected: float) -> None:
-        """Backoff doubles per attempt and is capped at a minute."""
+        """Backoff doubles per attempt and is capped at half a minute."""
         assert policy.backoff(attempt, 1.0) == expected
 
     def test_jitter_halves_at_most(self) -> None:

@@ -65,7 +65,9 @@ def make(
         grant: GrantType = GrantType.CLIENT_CREDENTIALS,
         start: bool = True,
     ) -> AppRefresher:
-        spec = AppSpec(name="app1", token_url="http://127.0.0.1/token", grant_type=grant, refresh=POLICY)
+        spec = AppSpec(
+            name="app1", token_url="http://127.0.0.1/token", grant_type=grant, refresh=POLICY
+        )
         refresher = AppRefresher(
             spec, src, store, fake_clock, metrics, owner=owner, rng=random.Random(7), lease_ttl=5
         )
@@ -91,7 +93,7 @@ class TestStartup:
         await fake_clock.settle()
         assert len(source.calls) == 1
         assert refresher.servable() is not None
-        assert refresher.state is AppState.FRESH
+        assert refresher.status().state is AppState.FRESH
 
     async def test_warm_start_uses_the_stored_token(
         self,
@@ -175,11 +177,11 @@ class TestFailures:
             await fake_clock.advance(1.0)
         assert served_after_expiry == 0
         assert unavailable > 0  # the token did run out
-        assert refresher.state is AppState.FAILING
+        assert refresher.status().state is AppState.FAILING
         source.failure = None
         await fake_clock.advance(61.0)
         assert refresher.servable() is not None
-        assert refresher.state is AppState.FRESH
+        assert refresher.status().state is AppState.FRESH
 
     async def test_backoff_grows_between_attempts(
         self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
@@ -343,7 +345,9 @@ class TestAuthorizationCode:
         """Each refresh spends the newest refresh token, and the store holds the rotated one."""
         source = FakeTokenSource(fake_clock, rotate=True)
         now = fake_clock.time()
-        seed = TokenSet("seed-access-000000000000", "Bearer", now, now + 60, None, "seed-refresh-0000000000")
+        seed = TokenSet(
+            "seed-access-000000000000", "Bearer", now, now + 60, None, "seed-refresh-0000000000"
+        )
         await store.save("app1", seed, 0)
         refresher = make(source, grant=GrantType.AUTHORIZATION_CODE)
         await fake_clock.settle()
@@ -364,7 +368,9 @@ class TestAuthorizationCode:
         """A dead grant stops calls to the token endpoint until the app is authorized again."""
         source = FakeTokenSource(fake_clock, rotate=True)
         now = fake_clock.time()
-        seed = TokenSet("seed-access-000000000000", "Bearer", now, now + 60, None, "seed-refresh-0000000000")
+        seed = TokenSet(
+            "seed-access-000000000000", "Bearer", now, now + 60, None, "seed-refresh-0000000000"
+        )
         await store.save("app1", seed, 0)
         source.failure = PermanentTokenError("invalid_grant", status=400, error="invalid_grant")
         refresher = make(source, grant=GrantType.AUTHORIZATION_CODE)
