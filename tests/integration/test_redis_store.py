@@ -1,0 +1,175 @@
+"""The Redis store against a real redis-server: CAS, leases, notifications, encryption, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from broker.clock import SystemClock
+from broker.errors import StoreUnavailable
+from broker.metrics import Metrics
+from broker.model import TokenSet
+from broker.store.crypto import Keyring
+from broker.store.redis_store import RedisStore, redis_client
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+KEY_A = ("a", b"A" * 32)
+KEY_B = ("b", b"B" * 32)
+
+
+def token(n: int, refresh: str | None = None) -> TokenSet:
+    return TokenSet(
+        f"access-token-{n:04d}-secret-value", "Bearer", 1000.0 + n, 4600.0 + n, "s", refresh
+    )
+
+
+def make_store(
+    server: RedisServer, keys: list[tuple[str, bytes]], metrics: Metrics | None = None
+) -> RedisStore:
+    return RedisStore(
+        redis_client(server.url),
+        key_prefix="tb",
+        keyring=Keyring(keys),
+        metrics=metrics or Metrics(),
+        clock=SystemClock(),
+    )
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    s = make_store(redis_server, [KEY_A])
+    yield s
+    await s.close()
+
+
+class TestCompareAndSet:
+    async def test_round_trip_with_versions(self, store: RedisStore) -> None:
+        """A saved token set loads back equal, with version 1, then 2."""
+        assert await store.load("app1") is None
+        assert await store.save("app1", token(1, "refresh-1-secret"), 0) == 1
+        loaded = await store.load("app1")
+        assert loaded is not None
+        assert (loaded.access_token, loaded.refresh_token, loaded.version) == (
+            token(1).access_token,
+            "refresh-1-secret",
+            1,
+        )
+        assert await store.save("app1", token(2), 1) == 2
+
+    async def test_a_stale_writer_loses(self, store: RedisStore) -> None:
+        """A write based on an old version is refused and changes nothing."""
+        await store.save("app1", token(1), 0)
+        await store.save("app1", token(2), 1)
+        assert await store.save("app1", token(3), 1) is None
+        loaded = await store.load("app1")
+        assert loaded is not None
+        assert loaded.access_token == token(2).access_token
+
+    async def test_keys_carry_the_app_hash_tag(
+        self, store: RedisStore, redis_server: RedisServer
+    ) -> None:
+        """An app's keys share the {app} hash tag, so Redis Cluster keeps them on one slot."""
+        await store.save("app1", token(1), 0)
+        await store.acquire_lease("app1", "me", 5)
+        raw = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+        keys = sorted(k.decode() for k in await raw.keys("*"))
+        await raw.aclose()
+        assert keys == ["tb:{app1}:lease", "tb:{app1}:token"]
+
+
+class TestEncryption:
+    async def test_no_plain_token_in_redis(
+        self, store: RedisStore, redis_server: RedisServer
+    ) -> None:
+        """The access and refresh tokens are not in Redis in plain text (nor in base64)."""
+        await store.save("app1", token(1, "refresh-token-secret-value"), 0)
+        raw = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+        fields = await raw.hgetall("tb:{app1}:token")
+        await raw.aclose()
+        blob = b"".join(k + v for k, v in fields.items())
+        for secret in (token(1).access_token, "refresh-token-secret-value"):
+            assert secret.encode() not in blob
+            assert base64.b64encode(secret.encode())[:16] not in blob
+
+    async def test_rotated_key_reads_old_blobs(self, redis_server: RedisServer) -> None:
+        """After adding a new key on top, blobs written under the old key still load."""
+        old = make_store(redis_server, [KEY_A])
+        await old.save("app1", token(1), 0)
+        new = make_store(redis_server, [KEY_B, KEY_A])
+        loaded = await new.load("app1")
+        assert loaded is not None
+        assert loaded.access_token == token(1).access_token
+        await old.close()
+        await new.close()
+
+    async def test_unknown_key_loads_as_missing(self, redis_server: RedisServer) -> None:
+        """A blob under a key this replica does not have is treated as missing, not a crash."""
+        writer = make_store(redis_server, [KEY_A])
+        await writer.save("app1", token(1), 0)
+        reader = make_store(redis_server, [KEY_B])
+        assert await reader.load("app1") is None
+        await writer.close()
+        await reader.close()
+
+
+class TestLease:
+    async def test_only_one_owner_at_a_time(self, store: RedisStore) -> None:
+        """SET NX: a second owner is refused while the first holds the lease."""
+        assert await store.acquire_lease("app1", "a", 5)
+        assert not await store.acquire_lease("app1", "b", 5)
+
+    async def test_release_only_by_owner(self, store: RedisStore) -> None:
+        """Another owner cannot release the lease; the owner can."""
+        await store.acquire_lease("app1", "a", 5)
+        await store.release_lease("app1", "b")
+        assert not await store.acquire_lease("app1", "b", 5)
+        await store.release_lease("app1", "a")
+        assert await store.acquire_lease("app1", "b", 5)
+
+    async def test_lease_expires(self, store: RedisStore) -> None:
+        """A lease whose owner died expires at its deadline."""
+        await store.acquire_lease("app1", "a", 0.2)
+        await asyncio.sleep(0.3)
+        assert await store.acquire_lease("app1", "b", 5)
+
+
+class TestUpdates:
+    async def test_other_replicas_hear_of_a_save(self, redis_server: RedisServer) -> None:
+        """A save on one store is announced to another store's updates() iterator."""
+        writer = make_store(redis_server, [KEY_A])
+        listener = make_store(redis_server, [KEY_A])
+        updates = listener.updates()
+        first = asyncio.ensure_future(updates.__anext__())
+        await asyncio.sleep(0.3)  # subscribed
+        await writer.save("app1", token(1), 0)
+        assert await asyncio.wait_for(first, 5) == "app1"
+        await updates.aclose()
+        await writer.close()
+        await listener.close()
+
+
+class TestOutage:
+    async def test_stopped_redis_raises_store_unavailable_quickly(
+        self, redis_server: RedisServer
+    ) -> None:
+        """With Redis down, calls fail fast with StoreUnavailable and store_up is 0; then recover."""
+        metrics = Metrics()
+        store = make_store(redis_server, [KEY_A], metrics)
+        await store.save("app1", token(1), 0)
+        redis_server.stop()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(StoreUnavailable):
+            await store.load("app1")
+        assert loop.time() - started < 3
+        assert metrics.store_up._value.get() == 0
+        redis_server.start()
+        await store.ping()
+        assert metrics.store_up._value.get() == 1
+        await store.close()
