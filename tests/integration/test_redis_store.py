@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -78,7 +79,7 @@ class TestCompareAndSet:
         await store.save("app1", token(1), 0)
         await store.acquire_lease("app1", "me", 5)
         raw = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
-        keys = sorted(k.decode() for k in await raw.keys("*"))
+        keys = sorted(k.decode() if isinstance(k, bytes) else k for k in await raw.keys("*"))
         await raw.aclose()
         assert keys == ["tb:{app1}:lease", "tb:{app1}:token"]
 
@@ -92,7 +93,7 @@ class TestEncryption:
         raw = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
         fields = await raw.hgetall("tb:{app1}:token")
         await raw.aclose()
-        blob = b"".join(k + v for k, v in fields.items())
+        blob = b"".join(bytes(k) + bytes(v) for k, v in fields.items())  # type: ignore[arg-type]
         for secret in (token(1).access_token, "refresh-token-secret-value"):
             assert secret.encode() not in blob
             assert base64.b64encode(secret.encode())[:16] not in blob
@@ -144,7 +145,7 @@ class TestUpdates:
         """A save on one store is announced to another store's updates() iterator."""
         writer = make_store(redis_server, [KEY_A])
         listener = make_store(redis_server, [KEY_A])
-        updates = listener.updates()
+        updates = cast(AsyncGenerator[str, None], listener.updates())
         first = asyncio.ensure_future(updates.__anext__())
         await asyncio.sleep(0.3)  # subscribed
         await writer.save("app1", token(1), 0)
