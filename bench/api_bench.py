@@ -167,7 +167,8 @@ def idle_memory(workdir: Path, idle_seconds: float) -> float:
             "-c",
             textwrap.dedent(
                 f"""
-                                from broker.devserver import DevOAuthServer
+                import asyncio
+                from broker.devserver import DevOAuthServer
                 async def main():
                     s = DevOAuthServer(client_id="bench",
                                        client_secret="bench-secret-0123456789abcdef",

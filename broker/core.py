@@ -47,6 +47,10 @@ class BrokerCore:
         """Wall time from the injected clock."""
         return self._clock.time()
 
+    def cached_token(self, app: str, min_ttl: float = 0.0) -> TokenSet | None:
+        """The in-memory token of `app` if servable with `min_ttl` seconds left."""
+        return self.refreshers[app].servable(min_ttl)
+
     async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
         """A servable token for `app` (from memory unless none is servable)."""
         return await self.refreshers[app].get(min_ttl)

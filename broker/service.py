@@ -36,6 +36,10 @@ class TokenService(Protocol):
         """Wall time from the broker's clock (for `expires_in`)."""
         ...
 
+    def cached_token(self, app: str, min_ttl: float = 0.0) -> TokenSet | None:
+        """The in-memory token if it is servable with `min_ttl` seconds left, else None."""
+        ...
+
     async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
         """A token with more than the safety margin (and at least `min_ttl` seconds) left."""
         ...

@@ -1,11 +1,14 @@
 """The local HTTP API (tokens for callers in the pod) and the metrics listener.
 
-One middleware does the per-request work every route shares: the Host and Forwarded checks,
-JSON errors, and the request metrics. The serving path logs nothing per request.
+Every route is wrapped by `_Api.endpoint`, which does the per-request work they share: the Host
+and Forwarded checks, JSON errors, and the request metrics. (A wrapper rather than an aiohttp
+middleware: middlewares cost a wrapper object per request on the hot path.) A catch-all route
+answers unknown paths and wrong methods in JSON. The serving path logs nothing per request.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -34,7 +37,14 @@ ROUTE_OPENAPI = "/openapi.json"
 MAX_MIN_TTL = 10**9
 _MIN_TTL = re.compile(r"^[0-9]{1,10}$")
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_TOKEN_HEADERS = {**_NO_STORE, "Content-Type": "application/json"}
 _JSON = "application/json"
+_KNOWN_PATHS = (
+    (re.compile(r"^/v1/token/[^/]+$"), "GET"),
+    (re.compile(r"^/v1/token/[^/]+/refresh$"), "POST"),
+    (re.compile(r"^/v1/apps$"), "GET"),
+    (re.compile(r"^/openapi\.json$"), "GET"),
+)
 DENIED_LOG_INTERVAL = 60.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -65,6 +75,7 @@ def error_response(exc: ApiError) -> web.Response:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback_host(host_header: str | None) -> bool:
     """True for localhost, 127.0.0.0/8 and ::1, with or without a port. No Host: True."""
     if host_header is None:
@@ -98,42 +109,53 @@ class _Api:
         self.clock = clock
         self.apps = frozenset(service.app_names())
         self._issued: dict[str, tuple[TokenSet, set[str]]] = {}
+        # The serialized answer per app, reused while the token and its whole seconds left hold.
+        self._bodies: dict[str, tuple[TokenSet, int, bytes]] = {}
         self._denied = RateLimitedLog(DENIED_LOG_INTERVAL)
         self._counters: dict[tuple[str, str, str, str], Any] = {}
         self._timers: dict[str, Any] = {}
 
-    # ---- middleware --------------------------------------------------------------------
+    # ---- the shared per-request work ---------------------------------------------------
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Host/Forwarded checks, JSON errors, request metrics."""
-        started = time.perf_counter()
-        request["app_label"] = ""
-        request["client_label"] = ""
-        try:
-            _check_origin(request)
-            response = await handler(request)
-        except ApiError as exc:
-            response = error_response(exc)
-            if exc.status in (401, 403):
-                self._log_denied(request, exc.code)
-        except web.HTTPException as exc:
-            response = error_response(_http_error(exc))
-        except Exception:
-            log.exception("api.internal_error", route=_route(request))
-            response = error_response(ApiError(500, "internal", "internal error"))
-        route = _route(request)
-        key = (route, request["app_label"], request["client_label"], str(response.status))
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self.metrics.requests_total.labels(*key)
-            self._counters[key] = counter
-        counter.inc()
-        timer = self._timers.get(route)
-        if timer is None:
-            timer = self._timers[route] = self.metrics.request_duration.labels(route)
-        timer.observe(time.perf_counter() - started)
-        return response
+    def endpoint(self, route: str, handler: Handler) -> Handler:
+        """Wrap `handler`: origin checks, JSON errors, metrics under the route template."""
+        timer = self.metrics.request_duration.labels(route)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            started = time.perf_counter()
+            request["app_label"] = ""
+            request["client_label"] = ""
+            try:
+                _check_origin(request)
+                response = await handler(request)
+            except ApiError as exc:
+                response = error_response(exc)
+                if exc.status in (401, 403):
+                    self._log_denied(request, exc.code)
+            except Exception:
+                log.exception("api.internal_error", route=route)
+                response = error_response(ApiError(500, "internal", "internal error"))
+            key = (route, request["app_label"], request["client_label"], str(response.status))
+            counter = self._counters.get(key)
+            if counter is None:
+                counter = self._counters[key] = self.metrics.requests_total.labels(*key)
+            counter.inc()
+            timer.observe(time.perf_counter() - started)
+            return response
+
+        return handle
+
+    async def fallback(self, request: web.Request) -> web.Response:
+        """Unknown paths (404) and known paths with the wrong method (405), in JSON."""
+        for pattern, allowed in _KNOWN_PATHS:
+            if pattern.match(request.path):
+                raise ApiError(
+                    405,
+                    "method_not_allowed",
+                    "method not allowed on this route",
+                    {"Allow": allowed},
+                )
+        raise ApiError(404, "not_found", "no such route")
 
     def _log_denied(self, request: web.Request, reason: str) -> None:
         who = request["client_label"] or (request.remote or "unknown")
@@ -178,21 +200,36 @@ class _Api:
         if client not in entry[1]:
             entry[1].add(client)
             audit(log, "token.issued", app=app, client=client, token_fingerprint=token.fingerprint)
-        now = self.service.now()
-        body = {
-            "access_token": token.access_token,
-            "token_type": token.token_type,
-            "expires_at": int(token.expires_at),
-            "expires_in": max(0, int(token.expires_at - now)),
-            "scope": token.scope,
-        }
-        return web.Response(body=json.dumps(body).encode(), content_type=_JSON, headers=_NO_STORE)
+        expires_in = max(0, int(token.expires_at - self.service.now()))
+        cached = self._bodies.get(app)
+        if cached is not None and cached[0] is token and cached[1] == expires_in:
+            body = cached[2]
+        else:
+            body = json.dumps(
+                {
+                    "access_token": token.access_token,
+                    "token_type": token.token_type,
+                    "expires_at": int(token.expires_at),
+                    "expires_in": expires_in,
+                    "scope": token.scope,
+                }
+            ).encode()
+            self._bodies[app] = (token, expires_in, body)
+        return web.Response(body=body, headers=_TOKEN_HEADERS)
 
     async def _serve(
-        self, request: web.Request, fetch: Callable[[str], Awaitable[TokenSet]]
+        self,
+        request: web.Request,
+        fetch: Callable[[str], Awaitable[TokenSet]],
+        min_ttl: float | None = None,
     ) -> web.Response:
         client = self._caller(request)
         app = self._app_for(request, client)
+        if min_ttl is not None:
+            # The hot path: a servable token in memory, answered without awaiting anything.
+            cached = self.service.cached_token(app, min_ttl)
+            if cached is not None:
+                return self._token_response(app, client, cached)
         try:
             token = await fetch(app)
         except NeedsAuthorization:
@@ -224,15 +261,15 @@ class _Api:
     async def get_token(self, request: web.Request) -> web.Response:
         """GET /v1/token/{app}[?min_ttl=N]."""
         min_ttl = 0.0
-        raw = request.query.get("min_ttl")
-        if raw is not None or len(request.query) > 0:
+        if request.query_string:
+            raw = request.query.get("min_ttl")
             unknown = set(request.query) - {"min_ttl"}
             if unknown:
                 raise ApiError(400, "bad_request", "the only query parameter is min_ttl")
             if raw is None or not _MIN_TTL.match(raw) or int(raw) > MAX_MIN_TTL:
                 raise ApiError(400, "bad_request", "min_ttl must be a whole number of seconds")
             min_ttl = float(raw)
-        return await self._serve(request, lambda app: self.service.get_token(app, min_ttl))
+        return await self._serve(request, lambda app: self.service.get_token(app, min_ttl), min_ttl)
 
     async def refresh(self, request: web.Request) -> web.Response:
         """POST /v1/token/{app}/refresh."""
@@ -270,11 +307,12 @@ def build_api_app(
 ) -> web.Application:
     """The local API application."""
     api = _Api(service, authenticator, metrics, clock)
-    app = web.Application(middlewares=[api.middleware], client_max_size=4096)
-    app.router.add_get(ROUTE_TOKEN, api.get_token, allow_head=False)
-    app.router.add_post(ROUTE_REFRESH, api.refresh)
-    app.router.add_get(ROUTE_APPS, api.list_apps, allow_head=False)
-    app.router.add_get(ROUTE_OPENAPI, api.openapi, allow_head=False)
+    app = web.Application(client_max_size=4096)
+    app.router.add_get(ROUTE_TOKEN, api.endpoint(ROUTE_TOKEN, api.get_token), allow_head=False)
+    app.router.add_post(ROUTE_REFRESH, api.endpoint(ROUTE_REFRESH, api.refresh))
+    app.router.add_get(ROUTE_APPS, api.endpoint(ROUTE_APPS, api.list_apps), allow_head=False)
+    app.router.add_get(ROUTE_OPENAPI, api.endpoint(ROUTE_OPENAPI, api.openapi), allow_head=False)
+    app.router.add_route("*", "/{tail:.*}", api.endpoint("other", api.fallback))
     return app
 
 
@@ -309,26 +347,6 @@ def _check_origin(request: web.Request) -> None:
         raise ApiError(403, "bad_host", "requests relayed by a proxy are refused")
     if not is_loopback_host(request.headers.get("Host")):
         raise ApiError(403, "bad_host", "the Host header is not a loopback name")
-
-
-def _route(request: web.Request) -> str:
-    info = request.match_info
-    if info.http_exception is None:
-        canonical = info.route.resource.canonical if info.route.resource else None
-        if canonical in (ROUTE_TOKEN, ROUTE_REFRESH, ROUTE_APPS, ROUTE_OPENAPI):
-            return canonical
-    return "other"
-
-
-def _http_error(exc: web.HTTPException) -> ApiError:
-    if exc.status == 404:
-        return ApiError(404, "not_found", "no such route")
-    if exc.status == 405:
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
-        return ApiError(405, "method_not_allowed", "method not allowed on this route", headers)
-    if exc.status == 413:
-        return ApiError(413, "bad_request", "request body too large")
-    return ApiError(exc.status, "bad_request", exc.reason or "bad request")
 
 
 def _seconds(value: float) -> str:
