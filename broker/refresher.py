@@ -45,7 +45,7 @@ MAX_SLEEP = 30.0
 # How often a replica that lost the lease race looks at the store for the winner's token.
 LEASE_POLL = 0.25
 
-LeaseResult = Literal["held", "busy", "alone"]
+LeaseResult = Literal["held", "busy", "alone", "adopted"]
 
 
 class AppRefresher:
@@ -61,7 +61,7 @@ class AppRefresher:
         *,
         owner: str,
         rng: random.Random | None = None,
-        lease_ttl: float = 15.0,
+        max_lease_ttl: float = 15.0,
     ) -> None:
         self.spec = spec
         self.source = source
@@ -70,7 +70,7 @@ class AppRefresher:
         self._metrics = metrics
         self._owner = owner
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not crypto
-        self._lease_ttl = lease_ttl
+        self._max_lease_ttl = max_lease_ttl
         self.token: TokenSet | None = None
         self.state = AppState.REFRESHING
         self.last_refresh_at: float | None = None
@@ -249,13 +249,16 @@ class AppRefresher:
             return False
         lease = await self._acquire_lease()
         if lease == "busy":
-            if await self._await_other_replica():
+            lease = await self._await_other_replica()
+            if lease == "adopted":
                 return False
-            lease = await self._acquire_lease()
             if lease == "busy":
                 self._schedule_retry_soon()
                 return False
         try:
+            if lease == "held" and await self._adopt_fresher_from_store():
+                # Double-checked: another replica stored a token between our look and our lease.
+                return False
             token = await self._fetch()
             await self._persist(token)
         finally:
@@ -304,29 +307,45 @@ class AppRefresher:
             base = current.version if current is not None else 0
         raise StoreUnavailable("compare-and-set kept conflicting")
 
+    def lease_ttl(self) -> float:
+        """How long our lease lasts: half the time our token stays servable, within [1 s, max].
+
+        A replica that dies holding the lease must leave the others time to take over before
+        the current token stops being served.
+        """
+        token = self.token
+        if token is None:
+            return min(self._max_lease_ttl, 5.0)
+        left = policy.serve_deadline(token, self.spec.refresh) - self._clock.time()
+        return max(1.0, min(self._max_lease_ttl, left / 2))
+
     async def _acquire_lease(self) -> LeaseResult:
         try:
-            held = await self._store.acquire_lease(self.name, self._owner, self._lease_ttl)
+            held = await self._store.acquire_lease(self.name, self._owner, self.lease_ttl())
         except StoreUnavailable:
             return "alone"
-        outcome: LeaseResult = "held" if held else "busy"
         self._metrics.lease_total.labels(
             app=self.name, outcome="acquired" if held else "busy"
         ).inc()
-        return outcome
+        return "held" if held else "busy"
 
     async def _release_lease(self) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self._store.release_lease(self.name, self._owner)
 
-    async def _await_other_replica(self) -> bool:
-        """Another replica holds the lease: wait (up to its deadline) for its token to appear."""
-        deadline = self._clock.monotonic() + self._lease_ttl
+    async def _await_other_replica(self) -> LeaseResult:
+        """Another replica holds the lease: adopt its token, or take over when its lease lapses."""
+        deadline = self._clock.monotonic() + self._max_lease_ttl
         while self._clock.monotonic() < deadline:
             await self._clock.sleep(LEASE_POLL)
             if await self._adopt_fresher_from_store():
-                return True
-        return False
+                return "adopted"
+            lease = await self._acquire_lease()
+            if lease != "busy":
+                if lease == "held":
+                    log.info("lease.taken_over", app=self.name)
+                return lease
+        return "busy"
 
     async def _adopt_fresher_from_store(self, *, any_newer: bool = False) -> bool:
         """Adopt the stored token if it is newer than ours and (unless `any_newer`) not yet due."""

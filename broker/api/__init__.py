@@ -49,7 +49,9 @@ DENIED_LOG_INTERVAL = 60.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-CLIENT_KEY: web.AppKey[str] = web.AppKey("client", str)
+# Per-request labels for the metrics: a configured app and client name, or "".
+APP_LABEL = web.RequestKey("app_label", str)
+CLIENT_LABEL = web.RequestKey("client_label", str)
 
 
 class ApiError(Exception):
@@ -123,8 +125,8 @@ class _Api:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             started = time.perf_counter()
-            request["app_label"] = ""
-            request["client_label"] = ""
+            request[APP_LABEL] = ""
+            request[CLIENT_LABEL] = ""
             try:
                 _check_origin(request)
                 response = await handler(request)
@@ -135,7 +137,7 @@ class _Api:
             except Exception:
                 log.exception("api.internal_error", route=route)
                 response = error_response(ApiError(500, "internal", "internal error"))
-            key = (route, request["app_label"], request["client_label"], str(response.status))
+            key = (route, request[APP_LABEL], request[CLIENT_LABEL], str(response.status))
             counter = self._counters.get(key)
             if counter is None:
                 counter = self._counters[key] = self.metrics.requests_total.labels(*key)
@@ -158,15 +160,15 @@ class _Api:
         raise ApiError(404, "not_found", "no such route")
 
     def _log_denied(self, request: web.Request, reason: str) -> None:
-        who = request["client_label"] or (request.remote or "unknown")
+        who = request[CLIENT_LABEL] or (request.remote or "unknown")
         if self._denied.allow((who, reason), self.clock.monotonic()):
             audit(
                 log,
                 "client.denied",
-                client=request["client_label"] or None,
+                client=request[CLIENT_LABEL] or None,
                 remote=request.remote,
                 reason=reason,
-                app=request["app_label"] or None,
+                app=request[APP_LABEL] or None,
             )
 
     # ---- helpers -----------------------------------------------------------------------
@@ -180,14 +182,14 @@ class _Api:
                 "a valid client key is required as 'Authorization: Bearer <key>'",
                 {"WWW-Authenticate": 'Bearer realm="token-broker"'},
             )
-        request["client_label"] = client
+        request[CLIENT_LABEL] = client
         return client
 
     def _app_for(self, request: web.Request, client: str) -> str:
         app = request.match_info["app"]
         if app not in self.apps:
             raise ApiError(404, "unknown_app", "no such app is configured")
-        request["app_label"] = app
+        request[APP_LABEL] = app
         if not self.auth.allowed(client, app):
             raise ApiError(403, "forbidden", f"client {client} may not use app {app}")
         return app

@@ -50,11 +50,15 @@ class TestDev:
         try:
             curl = next(line.strip() for line in lines if line.strip().startswith("curl "))
             assert f"127.0.0.1:{port}/v1/token/demo" in curl
-            first = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout)
+            first = json.loads(
+                subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout
+            )
             assert first["token_type"] == "Bearer"
             assert first["expires_in"] > 0
             time.sleep(4)
-            second = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout)
+            second = json.loads(
+                subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout
+            )
             assert second["access_token"] != first["access_token"]
             key = re.search(r"client key:\s+(\S+)", "".join(lines))
             assert key is not None
@@ -63,6 +67,8 @@ class TestDev:
             out, _ = proc.communicate(timeout=20)
         assert proc.returncode == 0
         # The key is printed once for the operator, in the banner; never in a log line.
-        log_output = "".join(line for line in lines if "token.issued" in line or "broker." in line) + out
+        log_output = (
+            "".join(line for line in lines if "token.issued" in line or "broker." in line) + out
+        )
         assert key.group(1) not in log_output
         assert first["access_token"] not in "".join(lines) + out

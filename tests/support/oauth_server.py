@@ -79,6 +79,7 @@ class OAuthTestServer:
         self.public_key: Any = None  # for private_key_jwt: verify assertions with this key
         self.twilio_errors = False  # answer errors in Twilio's shape
         self.script: list[Scripted] = []
+        self.delays: list[float] = []  # delays before answering normally, one per request
         self.mode: Scripted | None = None  # answered to every request until cleared
         self.requests: list[RecordedRequest] = []
         self.grants: dict[str, Grant] = {}
@@ -169,6 +170,8 @@ class OAuthTestServer:
         form = {k: str(v) for k, v in (await request.post()).items()}
         record = RecordedRequest(form=form, headers=dict(request.headers), at=time.time())
         self.requests.append(record)
+        if self.delays:
+            await asyncio.sleep(self.delays.pop(0))
         canned = self.script.pop(0) if self.script else self.mode
         if canned is not None:
             if canned.delay:

@@ -69,7 +69,14 @@ def make(
             name="app1", token_url="http://127.0.0.1/token", grant_type=grant, refresh=POLICY
         )
         refresher = AppRefresher(
-            spec, src, store, fake_clock, metrics, owner=owner, rng=random.Random(7), lease_ttl=5
+            spec,
+            src,
+            store,
+            fake_clock,
+            metrics,
+            owner=owner,
+            rng=random.Random(7),
+            max_lease_ttl=5,
         )
         if start:
             running.append(asyncio.create_task(refresher.run()))

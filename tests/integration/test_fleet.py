@@ -1,0 +1,165 @@
+"""Many replicas, one Redis: one refresh per lifetime for the fleet, outages and dead lease holders."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from broker.clock import SystemClock
+from broker.metrics import Metrics
+from broker.store.crypto import Keyring
+from broker.store.redis_store import RedisStore, redis_client
+from tests.support.broker_process import BrokerFiles
+from tests.support.fleet import Fleet
+from tests.support.oauth_server import OAuthTestServer
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+LIFETIME = 3.0
+LIFETIMES = 8
+
+
+async def stored_token_expiry(files: BrokerFiles, redis_url: str) -> tuple[str, float] | None:
+    """(access token, expires_at) of what the store holds for app1, read with the fleet's key."""
+    store = RedisStore(
+        redis_client(redis_url),
+        key_prefix="tb-test",
+        keyring=Keyring.from_file(files.directory / "store.key"),
+        metrics=Metrics(),
+        clock=SystemClock(),
+    )
+    try:
+        token = await store.load("app1")
+    finally:
+        await store.close()
+    return (token.access_token, token.expires_at) if token else None
+
+
+class TestOneRefreshPerLifetime:
+    async def test_five_replicas_make_no_more_requests_than_one_broker(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """Over 8 lifetimes, 5 replicas ask the server at most 1.25x what one broker asks."""
+        oauth_server.lifetime = LIFETIME
+        seconds = LIFETIME * LIFETIMES
+
+        single = Fleet(tmp_path / "single", oauth_server.token_url, redis_server.url, 1)
+        await single.start()
+        start = oauth_server.count()
+        single_stats = await single.poll(oauth_server, seconds)
+        single_requests = oauth_server.count() - start
+        single.stop()
+
+        fleet = Fleet(tmp_path / "fleet", oauth_server.token_url, redis_server.url, 5)
+        await fleet.start()
+        try:
+            start = oauth_server.count()
+            stats = await fleet.poll(oauth_server, seconds)
+            fleet_requests = oauth_server.count() - start
+        finally:
+            fleet.stop()
+        assert single_stats.expired == 0
+        assert stats.expired == 0, "a replica served an expired token"
+        assert stats.server_errors == 0
+        assert stats.unavailable == 0
+        assert single_requests >= LIFETIMES
+        assert fleet_requests <= 1.25 * single_requests, (fleet_requests, single_requests)
+        assert oauth_server.count() == oauth_server.successes()
+
+
+class TestRedisOutage:
+    async def test_replicas_serve_through_an_outage_and_catch_the_store_up(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """Redis down for more than a lifetime: no expired token, no 5xx; the store catches up."""
+        oauth_server.lifetime = LIFETIME
+        fleet = Fleet(tmp_path, oauth_server.token_url, redis_server.url, 3)
+        await fleet.start()
+        try:
+            before = await fleet.poll(oauth_server, 2)
+            redis_server.stop()
+            during = await fleet.poll(oauth_server, LIFETIME * 2)
+            redis_server.start()  # empty: it kept nothing
+            after = await fleet.poll(oauth_server, 3)
+            stored = await stored_token_expiry(fleet.replicas[0].files, redis_server.url)
+            newest = max(oauth_server.expiry[t] for t in after.tokens)
+            logs = [line for r in fleet.replicas for line in r.process.log_lines()]
+        finally:
+            fleet.stop()
+        for stats in (before, during, after):
+            assert stats.expired == 0
+            assert stats.server_errors == 0
+            assert stats.unavailable == 0
+        assert len(during.tokens) >= 2, "the replicas did not refresh on their own"
+        assert stored is not None, "nothing was written back to the store"
+        assert stored[1] >= newest - LIFETIME * 0.5
+        events = [line["event"] for line in logs]
+        assert "store.unavailable" in events
+        assert "store.reconnected" in events
+        # Said once per outage per replica, not once per request.
+        assert events.count("store.unavailable") <= 2 * len(fleet.replicas)
+
+
+class TestLeaseHolderDies:
+    async def test_another_replica_refreshes_in_time(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """SIGKILL the replica holding the lease mid-refresh: another takes over in time."""
+        oauth_server.lifetime = 6.0
+        fleet = Fleet(
+            tmp_path,
+            oauth_server.token_url,
+            redis_server.url,
+            3,
+            app_overrides={
+                "refresh": {
+                    "at_fraction": 0.5,
+                    "min_remaining": 3,
+                    "jitter": 0.02,
+                    "safety_margin": 1,
+                }
+            },
+        )
+        await fleet.start()
+        client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+        try:
+            requests_before = oauth_server.count()
+            oauth_server.delays = [30.0]  # the next refresh hangs at the server
+            poller = asyncio.ensure_future(fleet.poll(oauth_server, 9))
+            owner = None
+            deadline = time.monotonic() + 8
+            while owner is None and time.monotonic() < deadline:
+                owner = client.get("tb-test:{app1}:lease")
+                await asyncio.sleep(0.02)
+            assert owner is not None, "no replica took the lease"
+            while oauth_server.count() == requests_before:  # its request is in flight
+                await asyncio.sleep(0.01)
+            owner_text = owner.decode() if isinstance(owner, bytes) else str(owner)
+            pid = int(owner_text.rsplit("-", 2)[1])
+            victim = next(
+                r for r in fleet.replicas if r.process.process and r.process.process.pid == pid
+            )
+            os.kill(pid, signal.SIGKILL)
+            stats = await poller
+            survivors = [r for r in fleet.replicas if r is not victim]
+            taken_over = [
+                line
+                for r in survivors
+                for line in r.process.log_lines()
+                if line["event"] == "lease.taken_over"
+            ]
+        finally:
+            client.close()
+            fleet.stop()
+        assert stats.expired == 0
+        assert stats.unavailable == 0, "the fleet went without a valid token"
+        assert stats.server_errors == 0
+        assert taken_over, "no survivor took the lease over"
+        assert oauth_server.successes() > 1
