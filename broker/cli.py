@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--min-ttl", type=int, default=None)
 
+    authorize = sub.add_parser("authorize", help="authorization-code onboarding for an app")
+    authorize.add_argument("app")
+    _add_config(authorize)
+    authorize.add_argument("--code", help="exchange this code (no prompt, no state check)")
+    authorize.add_argument("--code-verifier", help="the PKCE verifier that goes with --code")
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -84,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _dev(args)
             case "token":
                 return _token(args)
+            case "authorize":
+                return _authorize(args)
     except ConfigError as exc:
         print(f"token-broker: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -134,6 +142,32 @@ def _dev(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"token-broker dev: {exc}", file=sys.stderr)
             return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _authorize(args: argparse.Namespace) -> int:
+    from broker.authorize import AuthorizationFailed, authorize
+
+    config = load_config(_require_config(args))
+    configure_logging(json=not sys.stderr.isatty(), level="INFO", stream=sys.stderr)
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    try:
+        asyncio.run(
+            authorize(
+                config,
+                args.app,
+                code=args.code,
+                code_verifier=args.code_verifier,
+                read_line=sys.stdin.readline,
+                say=say,
+            )
+        )
+    except AuthorizationFailed as exc:
+        print(f"token-broker authorize: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     return EXIT_OK
 
 

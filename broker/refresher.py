@@ -255,6 +255,7 @@ class AppRefresher:
             if lease == "busy":
                 self._schedule_retry_soon()
                 return False
+        keeper = asyncio.create_task(self._keep_lease()) if lease == "held" else None
         try:
             if lease == "held" and await self._adopt_fresher_from_store():
                 # Double-checked: another replica stored a token between our look and our lease.
@@ -262,9 +263,28 @@ class AppRefresher:
             token = await self._fetch()
             await self._persist(token)
         finally:
+            if keeper is not None:
+                keeper.cancel()
             if lease == "held":
                 await self._release_lease()
         return True
+
+    async def _keep_lease(self) -> None:
+        """Renew our lease while our request is in flight, so a slow (but live) holder keeps it.
+
+        Only a dead holder stops renewing: then its lease lapses and another replica takes over.
+        A refresh token must never be spent by two replicas, so a live holder is never overtaken.
+        """
+        while True:
+            ttl = self.lease_ttl()
+            await self._clock.sleep(ttl / 3)
+            try:
+                if not await self._store.renew_lease(self.name, self._owner, ttl):
+                    self._metrics.lease_total.labels(app=self.name, outcome="lost").inc()
+                    log.warning("lease.lost", app=self.name)
+                    return
+            except StoreUnavailable:
+                return
 
     async def _fetch(self) -> TokenSet:
         if self.spec.grant_type is GrantType.AUTHORIZATION_CODE:
@@ -497,7 +517,7 @@ class AppRefresher:
     def _enter_needs_authorization(self, reason: str | None) -> None:
         if not self._needs_authorization:
             self._needs_authorization = True
-            log.warning("app.needs_authorization", app=self.name, reason=reason)
+            audit(log, "app.needs_authorization", app=self.name, reason=reason)
         self._set_state(AppState.NEEDS_AUTHORIZATION)
 
     def _steady_state(self) -> AppState:

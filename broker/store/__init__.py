@@ -30,6 +30,10 @@ class TokenStore(Protocol):
         """Take the app's refresh lease for `ttl` seconds; False when another owner holds it."""
         ...
 
+    async def renew_lease(self, app: str, owner: str, ttl: float) -> bool:
+        """Extend `owner`'s lease to `ttl` seconds from now; False if `owner` no longer holds it."""
+        ...
+
     async def release_lease(self, app: str, owner: str) -> None:
         """Give the lease back, only if `owner` still holds it."""
         ...

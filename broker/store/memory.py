@@ -53,6 +53,16 @@ class MemoryStore:
         self._leases[app] = (owner, now + ttl)
         return True
 
+    async def renew_lease(self, app: str, owner: str, ttl: float) -> bool:
+        """Extend the lease if `owner` still holds it."""
+        self._check()
+        now = self._clock.monotonic()
+        holder = self._leases.get(app)
+        if holder is None or holder[0] != owner or holder[1] <= now:
+            return False
+        self._leases[app] = (owner, now + ttl)
+        return True
+
     async def release_lease(self, app: str, owner: str) -> None:
         """Release the lease if `owner` holds it."""
         self._check()

@@ -35,6 +35,11 @@ redis.call('HSET', KEYS[1], 'version', version, 'blob', ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return version
 """
+# KEYS[1] lease; ARGV[1] owner, ARGV[2] ttl in ms
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 # KEYS[1] lease; ARGV[1] owner
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -63,6 +68,7 @@ class RedisStore:
         self._clock = clock
         self._cas = client.register_script(_CAS)
         self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
         self.channel = f"{key_prefix}:updates"
 
     def token_key(self, app: str) -> str:
@@ -143,6 +149,14 @@ class RedisStore:
         ms = max(1, int(ttl * 1000))
         result = await self._call(
             "lease", lambda: self._client.set(self.lease_key(app), owner, nx=True, px=ms)
+        )
+        return bool(result)
+
+    async def renew_lease(self, app: str, owner: str, ttl: float) -> bool:
+        """PEXPIRE the lease, only if `owner` still holds it."""
+        ms = max(1, int(ttl * 1000))
+        result = await self._call(
+            "lease", lambda: self._renew(keys=[self.lease_key(app)], args=[owner, ms])
         )
         return bool(result)
 

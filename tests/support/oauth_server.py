@@ -80,6 +80,7 @@ class OAuthTestServer:
         self.twilio_errors = False  # answer errors in Twilio's shape
         self.script: list[Scripted] = []
         self.delays: list[float] = []  # delays before answering normally, one per request
+        self.post_delays: list[float] = []  # delays after issuing (rotation done), one per request
         self.mode: Scripted | None = None  # answered to every request until cleared
         self.requests: list[RecordedRequest] = []
         self.grants: dict[str, Grant] = {}
@@ -185,6 +186,8 @@ class OAuthTestServer:
             )
         response = self._answer(request, form)
         record.status = response.status
+        if self.post_delays:
+            await asyncio.sleep(self.post_delays.pop(0))
         return response
 
     def _answer(self, request: web.Request, form: dict[str, str]) -> web.Response:

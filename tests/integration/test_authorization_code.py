@@ -1,0 +1,350 @@
+"""Authorization code onboarding and refresh-token rotation against a real OAuth server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+
+from tests.support.broker_process import REPO_ROOT, BrokerFiles, BrokerProcess, wait_until_ready
+from tests.support.fleet import Fleet
+from tests.support.oauth_server import OAuthTestServer
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+REDIRECT = "http://127.0.0.1:9/callback"
+
+
+def ac_app(oauth: OAuthTestServer, **refresh: Any) -> dict[str, Any]:
+    return {
+        "grant_type": "authorization_code",
+        "token_url": oauth.token_url,
+        "authorize_url": oauth.authorize_url,
+        "redirect_uri": REDIRECT,
+        "client_id": "test-client",
+        "client_secret_file": "client_secret",
+        "scopes": ["scim", "offline_access"],
+        "refresh": {"min_remaining": 1, "jitter": 0.05, "safety_margin": 1, **refresh},
+    }
+
+
+def files_for(
+    root: Path, oauth: OAuthTestServer, redis_server: RedisServer, **refresh: Any
+) -> BrokerFiles:
+    return BrokerFiles(
+        directory=root,
+        token_url=oauth.token_url,
+        store_url=redis_server.url,
+        apps={"app1": ac_app(oauth, **refresh)},
+    )
+
+
+def run_authorize(config: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "authorize", "app1", "--config", str(config), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=60,
+        check=False,
+    )
+
+
+class Onboarding:
+    """Drives `token-broker authorize` interactively: read the URL, consent, paste the redirect."""
+
+    def __init__(self, config: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "broker", "authorize", "app1", "--config", str(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
+        self.printed: list[str] = []
+
+    def authorize_url(self) -> str:
+        """Read up to the paste prompt; return the printed authorize URL."""
+        assert self.process.stdout is not None
+        url = ""
+        while True:
+            line = self.process.stdout.readline()
+            assert line, "authorize exited before prompting"
+            self.printed.append(line)
+            if line.strip().startswith("http"):
+                url = line.strip()
+            if "paste the URL" in line:
+                return url
+
+    def paste(self, text: str) -> tuple[int, str, str]:
+        out, err = self.process.communicate(text + "\n", timeout=60)
+        return self.process.returncode, "".join(self.printed) + out, err
+
+
+async def consent(url: str) -> str:
+    """The login/consent step: the local server redirects with code and state."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, allow_redirects=False) as response:
+            assert response.status == 302
+            return response.headers["Location"]
+
+
+async def get_token(files: BrokerFiles) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{files.api}/v1/token/app1", headers=files.auth) as response:
+            return response.status, await response.json()
+
+
+class TestAuthorizeCommand:
+    async def test_the_full_dance_and_a_running_broker_picks_it_up(
+        self,
+        tmp_path: Path,
+        oauth_server: OAuthTestServer,
+        redis_server: RedisServer,
+    ) -> None:
+        """URL printed, consent given, redirect pasted, state checked, stored, served at once."""
+        files = files_for(tmp_path / "b", oauth_server, redis_server)
+        config = files.write()
+        broker = BrokerProcess(config, tmp_path / "broker.log")
+        broker.start()
+        try:
+            await asyncio.sleep(1.5)
+            status, body = await get_token(files)
+            assert status == 409
+            assert body["error"] == "needs_authorization"
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{files.metrics}/readyz") as response:
+                    assert response.status == 503
+                    assert (await response.json())["apps"] == ["app1"]
+
+            onboarding = Onboarding(config)
+            url = onboarding.authorize_url()
+            assert "state=" in url
+            assert "code_challenge_method=S256" in url
+            assert "scope=scim+offline_access" in url
+            redirected = await consent(url)
+            code, out, err = await asyncio.to_thread(onboarding.paste, redirected)
+            assert code == 0, out + err
+            assert "five minutes" in out
+
+            await wait_until_ready(files.metrics, timeout=5)  # no restart
+            status, body = await get_token(files)
+            assert status == 200
+            form = oauth_server.requests[0].form
+            assert form["grant_type"] == "authorization_code"
+            assert form["code_verifier"]
+        finally:
+            broker.terminate()
+        refresh_tokens = [g.current_refresh for g in oauth_server.grants.values()]
+        assert refresh_tokens
+        assert all(rt not in body.values() for rt in refresh_tokens)
+
+    async def test_wrong_state_is_refused(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """A redirect whose state is not ours is refused and nothing is exchanged."""
+        config = files_for(tmp_path, oauth_server, redis_server).write()
+        onboarding = Onboarding(config)
+        redirected = await consent(onboarding.authorize_url())
+        tampered = redirected.replace("state=", "state=x")
+        code, _, err = await asyncio.to_thread(onboarding.paste, tampered)
+        assert code == 1
+        assert "state does not match" in err
+        assert oauth_server.count() == 0
+
+    async def test_missing_state_is_refused(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """A redirect without state is refused."""
+        config = files_for(tmp_path, oauth_server, redis_server).write()
+        onboarding = Onboarding(config)
+        onboarding.authorize_url()
+        code, _, err = await asyncio.to_thread(onboarding.paste, f"{REDIRECT}?code=abc")
+        assert code == 1
+        assert "no state" in err
+
+    async def test_reused_code_is_a_clear_error(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """A code used twice (or expired) gets an explanation, exit code 1."""
+        config = files_for(tmp_path, oauth_server, redis_server).write()
+        onboarding = Onboarding(config)
+        redirected = await consent(onboarding.authorize_url())
+        code_value = redirected.split("code=")[1].split("&")[0]
+        assert (await asyncio.to_thread(onboarding.paste, redirected))[0] == 0
+        again = await asyncio.to_thread(run_authorize, config, "--code", code_value)
+        assert again.returncode == 1
+        assert "expired" in again.stderr
+        assert "already used" in again.stderr
+
+    async def test_no_refresh_token_is_a_clear_error(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """A server that returns no refresh token is reported, and nothing is stored."""
+        oauth_server.issue_refresh_tokens = False
+        config = files_for(tmp_path, oauth_server, redis_server).write()
+        onboarding = Onboarding(config)
+        redirected = await consent(onboarding.authorize_url())
+        code, _, err = await asyncio.to_thread(onboarding.paste, redirected)
+        assert code == 1
+        assert "no refresh token" in err
+        client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+        assert client.exists("tb-test:{app1}:token") == 0
+        client.close()
+
+    async def test_wrong_redirect_uri_is_a_clear_error(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """A code issued for another redirect URI is rejected with the reason named."""
+        files = files_for(tmp_path, oauth_server, redis_server)
+        config = files.write()
+        onboarding = Onboarding(config)
+        url = onboarding.authorize_url().replace("callback", "elsewhere")
+        redirected = await consent(url)
+        code, _, err = await asyncio.to_thread(onboarding.paste, redirected)
+        assert code == 1
+        assert "redirect_uri" in err
+
+
+async def authorize_via_code(config: Path, oauth_server: OAuthTestServer) -> None:
+    """Onboard app1 non-interactively (--code, PKCE off by passing the verifier)."""
+    onboarding = Onboarding(config)
+    redirected = await consent(onboarding.authorize_url())
+    code, out, err = await asyncio.to_thread(onboarding.paste, redirected)
+    assert code == 0, out + err
+
+
+class TestRotation:
+    @pytest.mark.parametrize("refresh_jwt", [False, True], ids=["opaque", "jwt"])
+    async def test_five_replicas_rotate_without_reuse(
+        self,
+        tmp_path: Path,
+        oauth_server: OAuthTestServer,
+        redis_server: RedisServer,
+        refresh_jwt: bool,
+    ) -> None:
+        """5 replicas over 8 lifetimes: rotation on every use, reuse never detected, never expired."""
+        oauth_server.lifetime = 3.0
+        oauth_server.refresh_jwt = refresh_jwt
+        first = files_for(tmp_path / "seed", oauth_server, redis_server)
+        await authorize_via_code(first.write(), oauth_server)
+        fleet = Fleet(
+            tmp_path / "fleet",
+            oauth_server.token_url,
+            redis_server.url,
+            5,
+        )
+        for replica in fleet.replicas:
+            replica.files.apps = {"app1": ac_app(oauth_server)}
+            replica.process.config = replica.files.write()
+        await fleet.start()
+        try:
+            stats = await fleet.poll(oauth_server, 24)
+            logs = [line for r in fleet.replicas for line in r.process.log_lines()]
+        finally:
+            fleet.stop()
+        assert oauth_server.reuse_detected == 0, "a refresh token was spent twice"
+        assert not any(g.revoked for g in oauth_server.grants.values())
+        assert stats.expired == 0
+        assert stats.unavailable == 0
+        assert stats.other == [], "409 needs_authorization or another error was answered"
+        assert oauth_server.count("refresh_token") >= 8
+        assert not any(line["event"] == "app.needs_authorization" for line in logs)
+        output = "".join(r.process.output() for r in fleet.replicas)
+        for grant in oauth_server.grants.values():
+            assert grant.current_refresh not in output
+            for spent in grant.spent:
+                assert spent not in output
+
+    async def test_a_response_without_a_new_refresh_token_keeps_the_old_one(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """A server that does not rotate: the one refresh token keeps working."""
+        oauth_server.lifetime = 3.0
+        oauth_server.rotate_refresh_tokens = False
+        files = files_for(tmp_path, oauth_server, redis_server)
+        config = files.write()
+        await authorize_via_code(config, oauth_server)
+        broker = BrokerProcess(config, tmp_path / "broker.log")
+        broker.start()
+        try:
+            await broker.wait_ready(files.metrics)
+            await asyncio.sleep(7)
+            status, _ = await get_token(files)
+        finally:
+            broker.terminate()
+        assert status == 200
+        presented = {
+            r.form["refresh_token"] for r in oauth_server.requests if "refresh_token" in r.form
+        }
+        assert len(presented) == 1
+        assert oauth_server.count("refresh_token") >= 2
+
+
+class TestCrashAfterRotation:
+    async def test_lost_refresh_token_is_detected_and_needs_authorization(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """The refresher dies after the server rotated but before storing: the grant is lost.
+
+        What is lost: the rotated refresh token (it existed only in the dead process). What the
+        broker does: the survivors spend the stored (now old) token, the server answers
+        invalid_grant (and, with reuse detection, revokes the grant), they re-read the store,
+        find nothing newer, enter needs_authorization (409, /readyz names the app, the state
+        metric, an audit event) and stop calling the token endpoint.
+        """
+        oauth_server.lifetime = 4.0
+        seed = files_for(tmp_path / "seed", oauth_server, redis_server)
+        await authorize_via_code(seed.write(), oauth_server)
+        fleet = Fleet(tmp_path / "fleet", oauth_server.token_url, redis_server.url, 3)
+        for replica in fleet.replicas:
+            replica.files.apps = {"app1": ac_app(oauth_server)}
+            replica.process.config = replica.files.write()
+        await fleet.start()
+        client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+        try:
+            oauth_server.post_delays = [30.0]  # rotate, then hang before answering
+            rotations = oauth_server.count("refresh_token")
+            deadline = time.monotonic() + 10
+            while oauth_server.count("refresh_token") == rotations and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            owner = client.get("tb-test:{app1}:lease")
+            assert owner is not None
+            owner_text = owner.decode() if isinstance(owner, bytes) else str(owner)
+            os.kill(int(owner_text.rsplit("-", 2)[1]), signal.SIGKILL)
+            await asyncio.sleep(6)  # the survivors' turn, then the access token runs out
+            alive = fleet.alive()
+            statuses = [await get_token(r.files) for r in alive]
+            calls_then = oauth_server.count()
+            await asyncio.sleep(3)
+            calls_later = oauth_server.count()
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{alive[0].files.metrics}/readyz") as response:
+                    ready = (response.status, await response.json())
+                async with session.get(f"{alive[0].files.metrics}/metrics") as response:
+                    metrics_text = await response.text()
+            logs = [line for r in alive for line in r.process.log_lines()]
+        finally:
+            client.close()
+            fleet.stop()
+        assert all(s == 409 and b["error"] == "needs_authorization" for s, b in statuses)
+        assert ready == (503, {"status": "not_ready", "apps": ["app1"]})
+        assert 'token_broker_app_state{app="app1",state="needs_authorization"} 1.0' in metrics_text
+        assert calls_later == calls_then, "the broker kept calling the token endpoint"
+        assert any(
+            line["event"] == "app.needs_authorization" and line.get("audit") for line in logs
+        )
