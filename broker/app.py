@@ -19,11 +19,13 @@ from aiohttp import web
 from broker.api import build_api_app, build_metrics_app
 from broker.api.auth import ClientAuthenticator
 from broker.clock import Clock, SystemClock
+from broker.config import load_config
 from broker.core import BrokerCore
 from broker.credentials import Credentials
-from broker.logs import get_logger
+from broker.errors import ConfigError
+from broker.logs import audit, get_logger
 from broker.metrics import Metrics
-from broker.model import Config
+from broker.model import AppSpec, Config
 from broker.oauth.client import OAuthClient
 from broker.refresher import AppRefresher
 from broker.store import TokenStore
@@ -33,6 +35,8 @@ log = get_logger(__name__)
 
 # How long in-flight API requests get to finish on shutdown.
 SHUTDOWN_GRACE = 10.0
+# How often secret and client key files are checked for a change.
+FILE_CHECK_INTERVAL = 2.0
 
 
 def replica_id() -> str:
@@ -79,6 +83,8 @@ class Broker:
     session: aiohttp.ClientSession
     authenticator: ClientAuthenticator
     clock: Clock
+    owner: str
+    credentials: dict[str, Credentials] = field(default_factory=dict)
     api_runner: web.AppRunner | None = None
     metrics_runner: web.AppRunner | None = None
     api_addresses: list[str] = field(default_factory=list)
@@ -102,21 +108,98 @@ async def build_broker(
         headers={"User-Agent": "token-broker"},
         connector=aiohttp.TCPConnector(limit_per_host=8),
     )
-    refreshers = {}
-    for name, spec in config.apps.items():
-        source = OAuthClient(spec, Credentials(spec), session, clock, metrics)
-        refreshers[name] = AppRefresher(
-            spec,
-            source,
-            store,
-            clock,
-            metrics,
-            owner=owner,
-            rng=random.Random(),  # noqa: S311
-        )
-    core = BrokerCore(refreshers, store, clock, metrics)
+    core = BrokerCore({}, store, clock, metrics)
     authenticator = ClientAuthenticator(config.clients)
-    return Broker(config, core, store, metrics, session, authenticator, clock)
+    broker = Broker(config, core, store, metrics, session, authenticator, clock, owner)
+    for spec in config.apps.values():
+        core.add_app(new_refresher(broker, spec))
+    return broker
+
+
+def new_refresher(broker: Broker, spec: AppSpec) -> AppRefresher:
+    """An app's refresher, its credentials wired to the metrics and the audit trail."""
+    credentials = Credentials(
+        spec,
+        on_change=lambda app, which: _credential_changed(broker, app, which),
+        on_reload=lambda app, which, ok: broker.metrics.credential_reloads.labels(
+            app=app, outcome="reloaded" if ok else "error"
+        ).inc(),
+    )
+    broker.credentials[spec.name] = credentials
+    source = OAuthClient(spec, credentials, broker.session, broker.clock, broker.metrics)
+    return AppRefresher(
+        spec,
+        source,
+        broker.store,
+        broker.clock,
+        broker.metrics,
+        owner=broker.owner,
+        rng=random.Random(),  # noqa: S311 - jitter, not cryptography
+    )
+
+
+def _credential_changed(broker: Broker, app: str, which: str) -> None:
+    if which in ("client_secret", "client_secret_previous", "private_key"):
+        audit(log, "app.secret_rotated", app=app, file=which)
+    else:
+        log.info("credentials.changed", app=app, file=which)
+
+
+async def watch_files(broker: Broker) -> None:
+    """Re-read changed secret and client key files every few seconds (Kubernetes swaps them)."""
+    while True:
+        await broker.clock.sleep(FILE_CHECK_INTERVAL)
+        for credentials in list(broker.credentials.values()):
+            credentials.check_all()
+        for client in broker.authenticator.reload_changed():
+            audit(log, "client.key_rotated", client=client)
+
+
+# Settings whose change means a token fetched under the old ones must not be kept.
+_IDENTITY_FIELDS = (
+    "token_url",
+    "client_id",
+    "client_id_file",
+    "grant_type",
+    "scopes",
+    "audience",
+    "extra_params",
+)
+
+
+async def reload_config(broker: Broker, path: Path) -> bool:
+    """Apply a changed config file (SIGHUP): apps and clients added, changed or removed.
+
+    A config that does not validate is refused with the reason; the running one stays. Listener
+    and store settings need a restart; a change to them is logged and otherwise ignored.
+    """
+    try:
+        new = load_config(path)
+        broker.authenticator.replace(new.clients)
+    except ConfigError as exc:
+        log.error("config.reload_failed", setting=exc.key, reason=exc.reason)
+        return False
+    old = broker.config
+    if new.server != old.server or new.store != old.store:
+        log.warning("config.restart_needed", reason="server and store settings apply on restart")
+    for name in sorted(set(old.apps) - set(new.apps)):
+        await broker.core.remove_app(name)
+        broker.credentials.pop(name, None)
+        audit(log, "app.removed", app=name)
+    for name, spec in sorted(new.apps.items()):
+        before = old.apps.get(name)
+        if before == spec:
+            continue
+        fresh = before is not None and any(
+            getattr(before, f) != getattr(spec, f) for f in _IDENTITY_FIELDS
+        )
+        if before is not None:
+            await broker.core.remove_app(name)
+        broker.core.add_app(new_refresher(broker, spec), fresh=fresh)
+        audit(log, "app.updated" if before is not None else "app.added", app=name)
+    broker.config = Config(server=old.server, store=old.store, apps=new.apps, clients=new.clients)
+    log.info("config.reloaded", apps=sorted(new.apps), clients=sorted(new.clients))
+    return True
 
 
 async def start_listeners(broker: Broker) -> None:
@@ -156,6 +239,7 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
 async def serve(
     config: Config,
     *,
+    config_path: Path | None = None,
     ready: Callable[[Broker], Awaitable[None]] | None = None,
     stop: asyncio.Event | None = None,
     clock: Clock | None = None,
@@ -167,7 +251,17 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+    if config_path is not None:
+
+        def on_sighup() -> None:
+            task = asyncio.create_task(reload_config(broker, config_path))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     core_task = asyncio.create_task(broker.core.run(), name="broker-core")
+    watcher = asyncio.create_task(watch_files(broker), name="file-watcher")
     try:
         await start_listeners(broker)
         log.info(
@@ -185,8 +279,10 @@ async def serve(
         if core_task.done():
             core_task.result()  # surfaces the loop's crash as a runtime failure
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        watcher.cancel()
+        await asyncio.gather(watcher, *reloads, return_exceptions=True)
         await shutdown(broker, core_task)
 
 

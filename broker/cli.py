@@ -117,10 +117,11 @@ def _check_config(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from broker.app import serve
 
-    config = load_config(_require_config(args))
+    path = _require_config(args)
+    config = load_config(path)
     configure_logging(json=True, level=args.log_level)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, config_path=path))
     except ConfigError:
         raise
     except BrokerError as exc:

@@ -35,6 +35,7 @@ class BrokerCore:
         self._clock = clock
         self._metrics = metrics
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running = False
         self.draining = False
 
     # ---- TokenService --------------------------------------------------------------------
@@ -77,16 +78,37 @@ class BrokerCore:
 
     async def run(self) -> None:
         """Run every refresher and the store watcher until cancelled."""
-        for name, refresher in self.refreshers.items():
-            self._tasks[name] = asyncio.create_task(refresher.run(), name=f"app-{name}")
-        watcher = asyncio.create_task(self._watch_store(), name="store-watcher")
+        self._running = True
+        for refresher in self.refreshers.values():
+            self._start(refresher)
         try:
-            await asyncio.gather(watcher, *self._tasks.values())
+            await self._watch_store()
         finally:
-            watcher.cancel()
-            for task in self._tasks.values():
+            self._running = False
+            tasks = list(self._tasks.values())
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(watcher, *self._tasks.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _start(self, refresher: AppRefresher, *, fresh: bool = False) -> None:
+        self._tasks[refresher.name] = asyncio.create_task(
+            refresher.run(fresh=fresh), name=f"app-{refresher.name}"
+        )
+
+    def add_app(self, refresher: AppRefresher, *, fresh: bool = False) -> None:
+        """Serve a new app (config reload). `fresh`: fetch at once instead of a warm start."""
+        self.refreshers[refresher.name] = refresher
+        if self._running:
+            self._start(refresher, fresh=fresh)
+
+    async def remove_app(self, name: str) -> None:
+        """Stop serving an app (config reload) and drop its metric series."""
+        self.refreshers.pop(name, None)
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._metrics.forget_apps([name])
 
     async def _watch_store(self) -> None:
         """Follow the store's change notifications; on reconnect, re-read every app."""

@@ -170,9 +170,16 @@ class AppRefresher:
 
     # ---- the loop ------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Warm start from the store, then refresh whenever due until cancelled."""
+    async def run(self, *, fresh: bool = False) -> None:
+        """Warm start from the store (unless `fresh`), then refresh whenever due until cancelled.
+
+        `fresh` is for an app whose credentials or scopes just changed: a stored token was got
+        with the old settings, so a new one is fetched at once (after any stored one is known,
+        so compare-and-set has the right version).
+        """
         await self._load_from_store()
+        if fresh and self.spec.grant_type is GrantType.CLIENT_CREDENTIALS:
+            self._next_attempt_at = 0.0
         if self.token is None and self.spec.grant_type is GrantType.AUTHORIZATION_CODE:
             self._enter_needs_authorization("no token set stored; run token-broker authorize")
         try:

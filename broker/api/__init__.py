@@ -109,7 +109,6 @@ class _Api:
         self.auth = authenticator
         self.metrics = metrics
         self.clock = clock
-        self.apps = frozenset(service.app_names())
         self._issued: dict[str, tuple[TokenSet, set[str]]] = {}
         # The serialized answer per app, reused while the token and its whole seconds left hold.
         self._bodies: dict[str, tuple[TokenSet, int, bytes]] = {}
@@ -187,7 +186,7 @@ class _Api:
 
     def _app_for(self, request: web.Request, client: str) -> str:
         app = request.match_info["app"]
-        if app not in self.apps:
+        if app not in self.service.app_names():
             raise ApiError(404, "unknown_app", "no such app is configured")
         request[APP_LABEL] = app
         if not self.auth.allowed(client, app):
@@ -283,7 +282,7 @@ class _Api:
         """GET /v1/apps: the caller's apps and their state."""
         client = self._caller(request)
         apps = []
-        for name in sorted(self.auth.apps_of(client) & self.apps):
+        for name in sorted(self.auth.apps_of(client) & set(self.service.app_names())):
             status = self.service.status(name)
             apps.append(
                 {

@@ -37,17 +37,27 @@ class ClientAuthenticator:
     """
 
     def __init__(self, clients: Mapping[str, ClientSpec]) -> None:
-        self._clients = dict(clients)
-        self._files: dict[str, list[_KeyFile]] = {}
-        self._inline: dict[str, list[bytes]] = {}
-        for name, spec in self._clients.items():
-            self._inline[name] = [bytes.fromhex(d) for d in spec.key_sha256]
-            self._files[name] = [
-                _KeyFile(path, f"clients.{name}.key_file") for path in spec.key_files
-            ]
-            for key_file in self._files[name]:
+        self.replace(clients)
+
+    def replace(self, clients: Mapping[str, ClientSpec]) -> None:
+        """Take a new set of clients (config reload); raises ConfigError, keeping the old set."""
+        previous = getattr(self, "_table", None)
+        self._load(clients)
+        if previous is not None:
+            log.info("clients.reloaded", clients=sorted(clients))
+
+    def _load(self, clients: Mapping[str, ClientSpec]) -> None:
+        files: dict[str, list[_KeyFile]] = {}
+        inline: dict[str, list[bytes]] = {}
+        for name, spec in clients.items():
+            inline[name] = [bytes.fromhex(d) for d in spec.key_sha256]
+            files[name] = [_KeyFile(path, f"clients.{name}.key_file") for path in spec.key_files]
+            for key_file in files[name]:
                 if not _load(key_file):
                     raise ConfigError(key_file.key, f"cannot read the key in {key_file.path}")
+        self._clients = dict(clients)
+        self._files = files
+        self._inline = inline
         self._allowed = {name: frozenset(spec.apps) for name, spec in self._clients.items()}
         self._rebuild()
 
