@@ -100,7 +100,7 @@ def _server(data: object, key: str) -> ServerSpec:
 
 def _store(data: object, key: str, base_dir: Path) -> StoreSpec:
     m = _mapping(data, key)
-    _only(m, key, {"url", "key_prefix", "encryption_key_file"})
+    _only(m, key, {"url", "key_prefix", "encryption_key_file", "password_file"})
     url = _str(m.get("url", "memory://"), f"{key}.url")
     scheme = url.partition("://")[0]
     if "://" not in url or scheme not in STORE_SCHEMES:
@@ -116,7 +116,16 @@ def _store(data: object, key: str, base_dir: Path) -> StoreSpec:
                 "required for a shared store (tokens are encrypted at rest)",
             )
         _check_encryption_key_file(key_file, f"{key}.encryption_key_file")
-    return StoreSpec(url=url, key_prefix=prefix, encryption_key_file=key_file)
+    password_file = _optional_path(m.get("password_file"), f"{key}.password_file", base_dir)
+    if password_file is not None:
+        _read_secret_file(password_file, f"{key}.password_file")
+    if urlsplit(url.replace("redis+", "redis-", 1)).password and not url.startswith("memory"):
+        raise ConfigError(
+            f"{key}.url", "holds a password: give it as store.password_file (secrets are files)"
+        )
+    return StoreSpec(
+        url=url, key_prefix=prefix, encryption_key_file=key_file, password_file=password_file
+    )
 
 
 _APP_KEYS = {

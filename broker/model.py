@@ -132,6 +132,7 @@ class StoreSpec:
     url: str = "memory://"
     key_prefix: str = "token-broker"
     encryption_key_file: Path | None = None
+    password_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,14 @@ def open_store(spec: StoreSpec, metrics: Metrics, clock: Clock) -> TokenStore:
     if spec.encryption_key_file is None:
         raise ConfigError("store.encryption_key_file", "required for a shared store")
     keyring = Keyring.from_file(spec.encryption_key_file)
+    password = None
+    if spec.password_file is not None:
+        try:
+            password = spec.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError("store.password_file", f"cannot read: {exc.strerror}") from None
     try:
-        client = redis_client(spec.url)
+        client = redis_client(spec.url, password=password)
     except ValueError as exc:
         raise ConfigError("store.url", str(exc)) from None
     return RedisStore(

@@ -196,7 +196,7 @@ class RedisStore:
                 await client.aclose()
 
 
-def redis_client(url: str, *, socket_timeout: float = 1.0) -> Any:
+def redis_client(url: str, *, socket_timeout: float = 1.0, password: str | None = None) -> Any:
     """A redis-py asyncio client for redis://, rediss://, redis+sentinel:// or redis+cluster://."""
     scheme = url.partition("://")[0]
     common: dict[str, Any] = {
@@ -204,6 +204,8 @@ def redis_client(url: str, *, socket_timeout: float = 1.0) -> Any:
         "socket_connect_timeout": socket_timeout,
         "health_check_interval": 15,
     }
+    if password is not None:
+        common["password"] = password
     if scheme in ("redis", "rediss"):
         return aioredis.Redis.from_url(url, **common, retry_on_timeout=False)
     if scheme == "redis+cluster":
@@ -213,7 +215,7 @@ def redis_client(url: str, *, socket_timeout: float = 1.0) -> Any:
         return RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in parsed.hosts],
             username=parsed.username,
-            password=parsed.password,
+            password=password or parsed.password,
             ssl=parsed.tls,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
@@ -227,7 +229,7 @@ def redis_client(url: str, *, socket_timeout: float = 1.0) -> Any:
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             username=parsed.username,
-            password=parsed.password,
+            password=password or parsed.password,
             ssl=parsed.tls,
             db=parsed.db,
         )

@@ -1,0 +1,145 @@
+{{/* Names and labels. */}}
+{{- define "token-broker.fullname" -}}
+{{- printf "%s-token-broker" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "token-broker.labels" -}}
+app.kubernetes.io/part-of: token-broker
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "token-broker.storeUrl" -}}
+{{- if .Values.config.store.url -}}
+{{- .Values.config.store.url -}}
+{{- else -}}
+{{- printf "redis://%s-redis:6379/0" (include "token-broker.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The broker config, with secret file paths filled in. */}}
+{{- define "token-broker.config" -}}
+server:
+  {{- toYaml .Values.config.server | nindent 2 }}
+store:
+  url: {{ include "token-broker.storeUrl" . }}
+  key_prefix: {{ .Values.config.store.key_prefix }}
+  encryption_key_file: /etc/token-broker/store/store.key
+  password_file: /etc/token-broker/redis/password
+apps:
+{{- range $name, $app := .Values.config.apps }}
+  {{- $files := dict }}
+  {{- if not (hasKey $app "client_id") }}{{- $_ := set $files "client_id_file" (printf "/etc/token-broker/apps/%s/client_id" $name) }}{{- end }}
+  {{- if ne (default "client_secret_post" $app.client_auth) "private_key_jwt" }}{{- $_ := set $files "client_secret_file" (printf "/etc/token-broker/apps/%s/client_secret" $name) }}{{- else }}{{- $_ := set $files "private_key_file" (printf "/etc/token-broker/apps/%s/private_key" $name) }}{{- end }}
+  {{ $name }}:
+    {{- toYaml (merge (deepCopy $app) $files) | nindent 4 }}
+{{- end }}
+clients:
+{{- range $name, $client := .Values.config.clients }}
+  {{ $name }}:
+    key_file: {{ printf "/etc/token-broker/clients/%s.key" $name }}
+    {{- toYaml $client | nindent 4 }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The sidecar: include it under `initContainers:` of your own pod spec (a native sidecar,
+Kubernetes >= 1.29), and "token-broker.volumes" under `volumes:`.
+*/}}
+{{- define "token-broker.sidecar" -}}
+- name: token-broker
+  image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  restartPolicy: Always
+  args: ["serve", "--config", "/etc/token-broker/config/config.yaml"]
+  ports:
+    - name: metrics
+      containerPort: 9411
+      protocol: TCP
+  startupProbe:
+    httpGet:
+      path: /readyz
+      port: metrics
+    periodSeconds: 1
+    failureThreshold: 120
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: metrics
+    periodSeconds: 10
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: metrics
+    periodSeconds: 10
+  resources:
+    {{- toYaml .Values.resources | nindent 4 }}
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 65532
+    runAsGroup: 65532
+    readOnlyRootFilesystem: true
+    allowPrivilegeEscalation: false
+    capabilities:
+      drop: ["ALL"]
+    seccompProfile:
+      type: RuntimeDefault
+  volumeMounts:
+    - name: token-broker-config
+      mountPath: /etc/token-broker/config
+      readOnly: true
+    {{- range $name, $_ := .Values.config.apps }}
+    - name: token-broker-app-{{ $name }}
+      mountPath: /etc/token-broker/apps/{{ $name }}
+      readOnly: true
+    {{- end }}
+    - name: token-broker-client-keys
+      mountPath: /etc/token-broker/clients
+      readOnly: true
+    - name: token-broker-store-key
+      mountPath: /etc/token-broker/store
+      readOnly: true
+    - name: token-broker-redis-password
+      mountPath: /etc/token-broker/redis
+      readOnly: true
+    - name: token-broker-tmp
+      mountPath: /tmp
+{{- end -}}
+
+{{- define "token-broker.volumes" -}}
+{{- $full := include "token-broker.fullname" . -}}
+- name: token-broker-config
+  configMap:
+    name: {{ $full }}-config
+{{- range $name, $_ := .Values.config.apps }}
+- name: token-broker-app-{{ $name }}
+  secret:
+    secretName: {{ $full }}-app-{{ $name }}
+    defaultMode: 0440
+{{- end }}
+- name: token-broker-client-keys
+  secret:
+    secretName: {{ $full }}-client-keys
+    defaultMode: 0440
+- name: token-broker-store-key
+  secret:
+    secretName: {{ $full }}-store-key
+    defaultMode: 0440
+- name: token-broker-redis-password
+  secret:
+    secretName: {{ $full }}-redis
+    defaultMode: 0440
+- name: token-broker-tmp
+  emptyDir:
+    sizeLimit: 16Mi
+{{- end -}}
+
+{{- define "token-broker.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
