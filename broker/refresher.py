@@ -78,7 +78,10 @@ class AppRefresher:
         self.failures = 0
         self._needs_authorization = False
         self._unsynced = False  # our token is newer than what the store has (store was down)
-        self._next_attempt_at = 0.0  # wall time of the loop's next refresh attempt
+        # Monotonic times: the loop's next attempt, and when the current token stops being
+        # valid as measured on this host's monotonic clock (a wall-clock step changes neither).
+        self._next_attempt_at = 0.0
+        self._mono_expiry = 0.0
         self._in_backoff = False
         self._inflight: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -96,8 +99,15 @@ class AppRefresher:
     def servable(self, min_ttl: float = 0.0) -> TokenSet | None:
         """The current token if it may be served with `min_ttl` seconds left, else None."""
         token = self.token
-        if token is not None and policy.is_servable(
-            token, self._clock.time(), self.spec.refresh, min_ttl
+        if token is None:
+            return None
+        # The wall clock may have been stepped since the token arrived; trust the smaller
+        # of the two remaining times.
+        remaining = min(
+            token.expires_at - self._clock.time(), self._mono_expiry - self._clock.monotonic()
+        )
+        if remaining > policy.safety_margin(self.spec.refresh, token.lifetime) and (
+            remaining >= min_ttl
         ):
             return token
         return None
@@ -148,7 +158,7 @@ class AppRefresher:
         token = self.token
         if token is not None and min_ttl > token.lifetime:
             raise ValueError(
-                f"min_ttl {min_ttl:g} exceeds the token lifetime of {token.lifetime:.0f} seconds"
+                f"min_ttl {min_ttl:.0f} exceeds the token lifetime of {token.lifetime:.0f} seconds"
             )
 
     def _servable_or_raise(self, min_ttl: float) -> TokenSet:
@@ -161,7 +171,7 @@ class AppRefresher:
         raise TokenUnavailable(f"no valid token for {self.name}", retry_after=self._retry_in())
 
     def _retry_in(self) -> float:
-        return max(1.0, self._next_attempt_at - self._clock.time())
+        return max(1.0, self._next_attempt_at - self._clock.monotonic())
 
     async def _wait_for_refresh(self) -> None:
         task = self._start_refresh()
@@ -189,7 +199,7 @@ class AppRefresher:
                     await self._load_from_store()
                 if self._unsynced:
                     await self._sync_to_store()
-                delay = self._next_attempt_at - self._clock.time()
+                delay = self._next_attempt_at - self._clock.monotonic()
                 if self._needs_authorization:
                     await self._sleep_or_wake(MAX_SLEEP)
                 elif delay > 0:
@@ -442,7 +452,9 @@ class AppRefresher:
             SECRETS.discard([previous.access_token])
             if previous.refresh_token != token.refresh_token:
                 SECRETS.discard([previous.refresh_token])
-        self._next_attempt_at = self._due(token)
+        wall, mono = self._clock.time(), self._clock.monotonic()
+        self._mono_expiry = mono + (token.expires_at - wall)
+        self._next_attempt_at = mono + (self._due(token) - wall)
         self._in_backoff = False
         self._metrics.token_expiry.labels(app=self.name).set(token.expires_at)
         if self._needs_authorization and token.refresh_token:
@@ -500,7 +512,7 @@ class AppRefresher:
             policy=self.spec.refresh,
             jitter_sample=self._rng.random(),
         )
-        self._next_attempt_at = now + delay
+        self._next_attempt_at = self._clock.monotonic() + delay
         self._in_backoff = True
         if self.spec.grant_type is GrantType.AUTHORIZATION_CODE and (
             isinstance(exc, _NoGrant)
@@ -519,7 +531,7 @@ class AppRefresher:
         )
 
     def _schedule_retry_soon(self) -> None:
-        self._next_attempt_at = self._clock.time() + LEASE_POLL
+        self._next_attempt_at = self._clock.monotonic() + LEASE_POLL
 
     def _enter_needs_authorization(self, reason: str | None) -> None:
         if not self._needs_authorization:

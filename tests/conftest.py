@@ -28,3 +28,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the recovery times the fault tests measured."""
+    from tests.support.recovery import RECOVERY_SECONDS
+
+    if RECOVERY_SECONDS:
+        terminalreporter.section("fault recovery times (seconds until tokens are served again)")
+        for fault, seconds in sorted(RECOVERY_SECONDS.items()):
+            terminalreporter.write_line(f"{fault:50} {seconds:8.3f}")

@@ -13,6 +13,7 @@ import redis
 
 from tests.support.broker_process import BrokerFiles, BrokerProcess, running_broker
 from tests.support.oauth_server import OAuthTestServer, Scripted
+from tests.support.recovery import record
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -103,6 +104,7 @@ class TestRefreshCycles:
         assert ok > 100
 
 
+@pytest.mark.faults
 class TestFailingTokenEndpoint:
     @pytest.mark.parametrize(
         "failure",
@@ -117,7 +119,11 @@ class TestFailingTokenEndpoint:
         ids=["500", "429-retry-after", "truncated-json", "html-200"],
     )
     async def test_no_expired_token_while_the_server_fails(
-        self, files: BrokerFiles, oauth_server: OAuthTestServer, failure: Scripted
+        self,
+        files: BrokerFiles,
+        oauth_server: OAuthTestServer,
+        failure: Scripted,
+        request: pytest.FixtureRequest,
     ) -> None:
         """While the server fails for longer than a lifetime, callers get valid tokens or 503."""
         async with running_broker(files.write()):
@@ -127,6 +133,7 @@ class TestFailingTokenEndpoint:
             assert unavailable > 0  # the token did run out, and was not served past its margin
             oauth_server.mode = None
             recovered_in = await time_to_first_token(files, timeout=35)
+        record(f"token endpoint failing for 5 s: {request.node.callspec.id}", recovered_in)
         # Backoff is capped at 30 s, so the broker recovers on its own within that.
         assert recovered_in < 35
 
@@ -240,6 +247,7 @@ class TestSecretsNeverLeak:
                     assert part not in output
 
 
+@pytest.mark.faults
 class TestShutdown:
     async def test_sigterm_drains_and_exits_zero(
         self, files: BrokerFiles, oauth_server: OAuthTestServer, tmp_path: Path

@@ -74,6 +74,7 @@ class TestOneRefreshPerLifetime:
         assert oauth_server.count() == oauth_server.successes()
 
 
+@pytest.mark.faults
 class TestRedisOutage:
     async def test_replicas_serve_through_an_outage_and_catch_the_store_up(
         self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
@@ -107,6 +108,7 @@ class TestRedisOutage:
         assert events.count("store.unavailable") <= 2 * len(fleet.replicas)
 
 
+@pytest.mark.faults
 class TestLeaseHolderDies:
     async def test_another_replica_refreshes_in_time(
         self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -242,3 +243,109 @@ class TestFailures:
         with pytest.raises(TransientTokenError) as caught:
             await client_for(spec, session).fetch()
         assert caught.value.retry_after == 12
+
+
+def _jwt(exp: object) -> bytes:
+    token = jwt.encode({"sub": "x", "exp": 0}, "k" * 32, algorithm="HS256")
+    if exp != 0:
+        header, _, signature = token.split(".")
+        payload = (
+            base64.urlsafe_b64encode(("{" + f'"sub": "x", "exp": {exp}' + "}").encode())
+            .rstrip(b"=")
+            .decode()
+        )
+        token = f"{header}.{payload}.{signature}"
+    return b'{"access_token": "' + token.encode() + b'", "token_type": "Bearer"}'
+
+
+MALFORMED = [
+    (
+        "html-error-page",
+        Scripted(
+            status=502, body=b"<html><body>Bad Gateway</body></html>", content_type="text/html"
+        ),
+        TransientTokenError,
+    ),
+    (
+        "truncated-json",
+        Scripted(status=200, body=b'{"access_token": "abc", "expires_'),
+        TransientTokenError,
+    ),
+    (
+        "expires-in-as-text",
+        Scripted(status=200, body=b'{"access_token": "abcdefgh", "expires_in": "soon"}'),
+        None,
+    ),
+    (
+        "expires-in-negative",
+        Scripted(status=200, body=b'{"access_token": "abcdefgh", "expires_in": -5}'),
+        None,
+    ),
+    (
+        "expires-in-huge",
+        Scripted(status=200, body=b'{"access_token": "abcdefgh", "expires_in": 1e300}'),
+        None,
+    ),
+    (
+        "missing-access-token",
+        Scripted(status=200, body=b'{"token_type": "Bearer", "expires_in": 3600}'),
+        TransientTokenError,
+    ),
+    ("jwt-with-text-exp", Scripted(status=200, body=_jwt('"tomorrow"')), None),
+    ("jwt-already-expired", Scripted(status=200, body=_jwt(1000)), TransientTokenError),
+    (
+        "200-with-error-field",
+        Scripted(status=200, body=b'{"error": "server_error", "access_token": null}'),
+        TransientTokenError,
+    ),
+    (
+        "enormous-body",
+        Scripted(status=200, body=b'{"access_token": "' + b"a" * 3_000_000 + b'"}'),
+        TransientTokenError,
+    ),
+    ("json-array", Scripted(status=200, body=b"[1, 2, 3]"), TransientTokenError),
+    (
+        "unknown-4xx-html",
+        Scripted(status=403, body=b"<html>Forbidden</html>", content_type="text/html"),
+        PermanentTokenError,
+    ),
+]
+
+
+class TestMalformedResponses:
+    @pytest.mark.parametrize(("case", "answer", "error"), MALFORMED, ids=[m[0] for m in MALFORMED])
+    async def test_each_is_classified_and_counted(
+        self,
+        spec: AppSpec,
+        session: aiohttp.ClientSession,
+        oauth_server: OAuthTestServer,
+        case: str,
+        answer: Scripted,
+        error: type[Exception] | None,
+    ) -> None:
+        """A malformed answer is a classified error (or a token with a sane expiry), counted."""
+        oauth_server.script.append(answer)
+        metrics = Metrics()
+        client = client_for(spec, session, metrics)
+        if error is None:
+            token = await client.fetch()  # a token, with the default lifetime or the JWT's
+            assert token.expires_at > token.issued_at
+            assert token.lifetime <= spec.refresh.default_lifetime
+        else:
+            with pytest.raises(error):
+                await client.fetch()
+        status = str(answer.status)
+        assert metrics.token_endpoint_responses.labels(app="app1", status=status)._value.get() == 1
+
+    async def test_slow_drip_is_cut_off_by_the_timeout(
+        self, spec: AppSpec, session: aiohttp.ClientSession, oauth_server: OAuthTestServer
+    ) -> None:
+        """A body dripped a byte at a time is cut off by the total timeout: transient."""
+        oauth_server.script.append(
+            Scripted(status=200, body=b'{"access_token": "abcdefgh"}', drip=0.2)
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TransientTokenError):
+            await client_for(spec, session, timeout=1.0).fetch()
+        assert loop.time() - started < 3

@@ -35,6 +35,7 @@ class Scripted:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     content_type: str = "application/json"
+    drip: float = 0.0  # seconds between body bytes: a slow-drip answer
 
 
 @dataclass
@@ -178,6 +179,15 @@ class OAuthTestServer:
             if canned.delay:
                 await asyncio.sleep(canned.delay)
             record.status = canned.status
+            if canned.drip:
+                stream = web.StreamResponse(status=canned.status, headers=canned.headers)
+                stream.content_type = canned.content_type
+                await stream.prepare(request)
+                for byte in canned.body:
+                    await stream.write(bytes([byte]))
+                    await asyncio.sleep(canned.drip)
+                await stream.write_eof()
+                return stream
             return web.Response(
                 body=canned.body,
                 status=canned.status,

@@ -386,3 +386,36 @@ class TestAuthorizationCode:
             await fake_clock.advance(1.0)
         assert refresher.state is AppState.NEEDS_AUTHORIZATION
         assert len(source.calls) == 1
+
+
+@pytest.mark.faults
+class TestClockJumps:
+    async def test_wall_clock_jumping_forward_never_serves_an_expired_token(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """After the wall clock jumps past expiry, the old token is not served; a new one is."""
+        refresher = make(source)
+        await fake_clock.settle()
+        old = refresher.token
+        assert old is not None
+        fake_clock.jump_wall(120.0)
+        token = await refresher.get()
+        assert token is not old
+        assert token.expires_at > fake_clock.time()
+
+    async def test_wall_clock_jumping_back_does_not_stretch_a_token(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """After the wall clock steps back an hour, a token is still replaced on time."""
+        refresher = make(source)
+        await fake_clock.settle()
+        first = refresher.token
+        assert first is not None
+        fake_clock.jump_wall(-3600.0)
+        for _ in range(58):
+            await fake_clock.advance(1.0)
+            token = refresher.servable()
+            # Never served past its real (monotonic) lifetime of 60 s minus the margin.
+            assert token is not first or fake_clock.monotonic() < 1000.0 + 60 - POLICY.safety_margin
+        assert refresher.token is not first
+        assert len(source.calls) >= 2
