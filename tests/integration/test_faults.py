@@ -86,7 +86,7 @@ class TestRedisFaults:
         await fleet.start()
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
         try:
-            client.execute_command("CLIENT", "PAUSE", "4000", "ALL")
+            client.client_pause(4000, all=True)
             stats = await fleet.poll(oauth_server, 8)
         finally:
             client.close()
