@@ -1,0 +1,289 @@
+"""The local API against a fake token service: every status code of the contract."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client import generate_latest
+from structlog.testing import capture_logs
+
+from broker.api import build_api_app, build_metrics_app
+from broker.api.auth import ClientAuthenticator
+from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
+from broker.metrics import Metrics
+from broker.model import AppState, ClientSpec, TokenSet
+from broker.service import AppStatus
+from tests.support.fake_clock import FakeClock
+
+KEY_A = "a" * 20 + "-client-key-of-service-a"
+KEY_B = "b" * 20 + "-client-key-of-service-b"
+NOW = 1_700_000_000.0
+
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
+
+
+class FakeService:
+    """Implements TokenService: canned tokens, canned errors."""
+
+    def __init__(self) -> None:
+        self.tokens = {
+            "app1": TokenSet("token-one-" + "x" * 30, "Bearer", NOW - 100, NOW + 3500, "read"),
+            "app2": TokenSet("token-two-" + "y" * 30, "Bearer", NOW - 100, NOW + 3500, None),
+        }
+        self.errors: dict[str, Exception] = {}
+        self.unready: list[str] = []
+
+    def app_names(self) -> Collection[str]:
+        return self.tokens.keys()
+
+    def now(self) -> float:
+        return NOW
+
+    def cached_token(self, app: str, min_ttl: float = 0.0) -> TokenSet | None:
+        return None if app in self.errors or min_ttl else self.tokens[app]
+
+    async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
+        if app in self.errors:
+            raise self.errors[app]
+        if min_ttl > 3600:
+            raise ValueError("min_ttl 4000 exceeds the token lifetime of 3600 seconds")
+        return self.tokens[app]
+
+    async def force_refresh(self, app: str) -> TokenSet:
+        return await self.get_token(app)
+
+    def status(self, app: str) -> AppStatus:
+        return AppStatus(app, AppState.FRESH, self.tokens[app].expires_at, NOW - 100, None)
+
+    def unready_apps(self) -> list[str]:
+        return self.unready
+
+
+@pytest.fixture
+def service() -> FakeService:
+    return FakeService()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def authenticator(tmp_path: Path) -> ClientAuthenticator:
+    (tmp_path / "a.key").write_text(KEY_A + "\n")
+    return ClientAuthenticator(
+        {
+            "svc-a": ClientSpec("svc-a", ("app1",), key_files=(tmp_path / "a.key",)),
+            "svc-b": ClientSpec(
+                "svc-b", ("app1", "app2"), key_sha256=(hashlib.sha256(KEY_B.encode()).hexdigest(),)
+            ),
+        }
+    )
+
+
+@pytest.fixture
+async def api(
+    aiohttp_client: ClientFactory,
+    service: FakeService,
+    authenticator: ClientAuthenticator,
+    metrics: Metrics,
+) -> TestClient[web.Request, web.Application]:
+    return await aiohttp_client(build_api_app(service, authenticator, metrics, FakeClock()))
+
+
+def auth(key: str = KEY_A) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def call(
+    api: TestClient[web.Request, web.Application],
+    path: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, dict[str, str]]:
+    response = await api.request(method, path, headers=headers if headers is not None else auth())
+    return response.status, await response.json(), dict(response.headers)
+
+
+class TestTokenRoute:
+    async def test_returns_the_token_with_no_store(
+        self, api: TestClient[web.Request, web.Application]
+    ) -> None:
+        """200 with the contract's fields and Cache-Control: no-store."""
+        status, body, headers = await call(api, "/v1/token/app1")
+        assert status == 200
+        assert body == {
+            "access_token": "token-one-" + "x" * 30,
+            "token_type": "Bearer",
+            "expires_at": int(NOW + 3500),
+            "expires_in": 3500,
+            "scope": "read",
+        }
+        assert headers["Cache-Control"] == "no-store"
+
+    @pytest.mark.parametrize("value", ["abc", "-1", "1.5", "", "99999999999"])
+    async def test_bad_min_ttl_is_400(
+        self, api: TestClient[web.Request, web.Application], value: str
+    ) -> None:
+        """min_ttl must be a whole, non-negative number of seconds."""
+        status, body, _ = await call(api, f"/v1/token/app1?min_ttl={value}")
+        assert (status, body["error"]) == (400, "bad_request")
+
+    async def test_min_ttl_above_lifetime_is_400(
+        self, api: TestClient[web.Request, web.Application]
+    ) -> None:
+        """A min_ttl no token can satisfy is a caller error."""
+        status, body, _ = await call(api, "/v1/token/app1?min_ttl=4000")
+        assert (status, body["error"]) == (400, "bad_request")
+
+    async def test_missing_and_wrong_keys_are_401(
+        self, api: TestClient[web.Request, web.Application]
+    ) -> None:
+        """No key or a wrong key: 401 with WWW-Authenticate: Bearer."""
+        for headers in ({}, auth("w" * 40), {"Authorization": "Basic abc"}):
+            status, body, response_headers = await call(api, "/v1/token/app1", headers=headers)
+            assert (status, body["error"]) == (401, "unauthorized")
+            assert response_headers["WWW-Authenticate"].startswith("Bearer")
+
+    async def test_unknown_app_is_404_only_after_auth(
+        self, api: TestClient[web.Request, web.Application]
+    ) -> None:
+        """An unknown app is 404 for a caller, 401 for a stranger (who learns nothing)."""
+        assert (await call(api, "/v1/token/nope"))[0] == 404
+        assert (await call(api, "/v1/token/nope", headers={}))[0] == 401
+
+    async def test_app_not_allowed_is_403(
+        self, api: TestClient[web.Request, web.Application]
+    ) -> None:
+        """svc-a may not use app2."""
+        status, body, _ = await call(api, "/v1/token/app2")
+        assert (status, body["error"]) == (403, "forbidden")
+        assert (await call(api, "/v1/token/app2", headers=auth(KEY_B)))[0] == 200
+
+    @pytest.mark.parametrize(
+        ("error", "status", "code", "retry_after"),
+        [
+            (NeedsAuthorization("x"), 409, "needs_authorization", False),
+            (TokenUnavailable("x", retry_after=7.2), 503, "token_unavailable", True),
+        ],
+    )
+    async def test_service_errors_map_to_codes(
+        self,
+        api: TestClient[web.Request, web.Application],
+        service: FakeService,
+        error: Exception,
+        status: int,
+        code: str,
+        retry_after: bool,
+    ) -> None:
+        """Needs authorization is 409; no valid token is 503 with a whole-second Retry-After."""
+        service.errors["app1"] = error
+        got, body, headers = await call(api, "/v1/token/app1")
+        assert (got, body["error"]) == (status, code)
+        if retry_after:
+            assert headers["Retry-After"] == "8"
+
+    async def test_rate_limited_refresh_is_429(
+        self, api: TestClient[web.Request, web.Application], service: FakeService
+    ) -> None:
+        """Too many forced refreshes: 429 rate_limited with Retry-After."""
+        service.errors["app1"] = RateLimited("x", retry_after=30)
+        status, body, headers = await call(api, "/v1/token/app1/refresh", method="POST")
+        assert (status, body["error"], headers["Retry-After"]) == (429, "rate_limited", "30")
+
+    async def test_unknown_route_and_method_are_json(
+        self, api: TestClient[web.Request, web.Application]
+    ) -> None:
+        """404 and 405 answers are JSON errors too."""
+        assert (await call(api, "/v2/nothing"))[:2] == (
+            404,
+            {"error": "not_found", "message": "no such route"},
+        )
+        status, body, headers = await call(api, "/v1/token/app1", method="DELETE")
+        assert (status, body["error"], headers["Allow"]) == (405, "method_not_allowed", "GET")
+
+
+class TestAppsRoute:
+    async def test_lists_only_the_callers_apps(
+        self, api: TestClient[web.Request, web.Application]
+    ) -> None:
+        """svc-a sees app1 only; svc-b sees both."""
+        _, body, _ = await call(api, "/v1/apps")
+        assert [a["name"] for a in body["apps"]] == ["app1"]
+        _, body, _ = await call(api, "/v1/apps", headers=auth(KEY_B))
+        assert [a["name"] for a in body["apps"]] == ["app1", "app2"]
+
+    async def test_openapi_needs_no_key(
+        self, api: TestClient[web.Request, web.Application]
+    ) -> None:
+        """The OpenAPI document is public and lists every route."""
+        status, body, _ = await call(api, "/openapi.json", headers={})
+        assert status == 200
+        assert set(body["paths"]) == {
+            "/v1/token/{app}",
+            "/v1/token/{app}/refresh",
+            "/v1/apps",
+            "/openapi.json",
+        }
+
+
+class TestAuditAndMetrics:
+    async def test_token_issued_once_per_client_per_token(
+        self, api: TestClient[web.Request, web.Application]
+    ) -> None:
+        """token.issued is written the first time a client gets a token, not per request."""
+        with capture_logs() as logs:
+            for _ in range(5):
+                await call(api, "/v1/token/app1")
+            await call(api, "/v1/token/app1", headers=auth(KEY_B))
+        issued = [e for e in logs if e["event"] == "token.issued"]
+        assert [(e["client"], e["audit"]) for e in issued] == [("svc-a", True), ("svc-b", True)]
+        assert "token-one" not in repr(logs)
+
+    async def test_client_denied_is_rate_limited(
+        self, api: TestClient[web.Request, web.Application]
+    ) -> None:
+        """Fifty wrong keys in a row: one client.denied line, without the key."""
+        with capture_logs() as logs:
+            for i in range(50):
+                await call(api, "/v1/token/app1", headers=auth(f"wrong-{i}-" + "q" * 30))
+        denied = [e for e in logs if e["event"] == "client.denied"]
+        assert len(denied) == 1
+        assert "wrong-" not in repr(logs)
+
+    async def test_labels_carry_only_configured_names(
+        self, api: TestClient[web.Request, web.Application], metrics: Metrics
+    ) -> None:
+        """An unknown app from the URL and a wrong key never become label values."""
+        await call(api, "/v1/token/evil-app-name")
+        await call(api, "/v1/token/app1", headers=auth("k" * 40))
+        await call(api, "/v1/token/app1")
+        text = generate_latest(metrics.registry).decode()
+        assert "evil-app-name" not in text
+        assert "k" * 40 not in text
+        assert KEY_A not in text
+        assert 'app="app1",client="svc-a",route="/v1/token/{app}",status="200"' in text
+
+
+class TestMetricsListener:
+    async def test_health_readiness_and_metrics(
+        self, aiohttp_client: ClientFactory, service: FakeService, metrics: Metrics
+    ) -> None:
+        """/healthz 200; /readyz 200, then 503 naming the unready app; /metrics is text."""
+        client = await aiohttp_client(build_metrics_app(service, metrics))
+        assert (await client.get("/healthz")).status == 200
+        assert (await client.get("/readyz")).status == 200
+        service.unready = ["app2"]
+        response = await client.get("/readyz")
+        assert response.status == 503
+        assert (await response.json()) == {"status": "not_ready", "apps": ["app2"]}
+        response = await client.get("/metrics")
+        assert "token_broker_build_info" in await response.text()
