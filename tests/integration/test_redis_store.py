@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -13,8 +14,9 @@ import redis.asyncio as aioredis
 from broker.clock import SystemClock
 from broker.errors import StoreUnavailable
 from broker.metrics import Metrics
-from broker.model import TokenSet
+from broker.model import StoreSpec, TokenSet
 from broker.store.crypto import Keyring
+from broker.store.factory import open_store
 from broker.store.redis_store import RedisStore, redis_client
 from tests.support.redis_server import RedisServer
 
@@ -174,3 +176,43 @@ class TestOutage:
         await store.ping()
         assert metrics.store_up._value.get() == 1
         await store.close()
+
+
+class TestAuthentication:
+    async def test_password_and_acl_user(self, redis_server: RedisServer, tmp_path: Path) -> None:
+        """AUTH with a password file, as the default user and as an ACL user named in the URL."""
+        admin = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+        await admin.execute_command(
+            "ACL", "SETUSER", "broker", "on", ">broker-pw-0123456789", "~*", "&*", "+@all"
+        )
+        await admin.config_set("requirepass", "default-pw-0123456789")
+        await admin.aclose()
+        (tmp_path / "store.key").write_text("k1 " + base64.b64encode(b"K" * 32).decode())
+        cases = [
+            (f"redis://127.0.0.1:{redis_server.port}/0", "default-pw-0123456789", True),
+            (f"redis://broker@127.0.0.1:{redis_server.port}/0", "broker-pw-0123456789", True),
+            (f"redis://broker@127.0.0.1:{redis_server.port}/0", "wrong-password-000000", False),
+        ]
+        for url, password, works in cases:
+            (tmp_path / "password").write_text(password)
+            spec = StoreSpec(
+                url=url,
+                key_prefix="tb",
+                encryption_key_file=tmp_path / "store.key",
+                password_file=tmp_path / "password",
+            )
+            store = open_store(spec, Metrics(), SystemClock())
+            try:
+                if works:
+                    await store.ping()
+                    assert (
+                        await store.save(
+                            "app1", token(1), (await store.load("app1") or token(0)).version
+                        )
+                        is not None
+                    )
+                else:
+                    with pytest.raises(StoreUnavailable):
+                        await store.ping()
+            finally:
+                await store.close()
