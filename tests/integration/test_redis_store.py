@@ -182,8 +182,13 @@ class TestAuthentication:
     async def test_password_and_acl_user(self, redis_server: RedisServer, tmp_path: Path) -> None:
         """AUTH with a password file, as the default user and as an ACL user named in the URL."""
         admin = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
-        await admin.execute_command(
-            "ACL", "SETUSER", "broker", "on", ">broker-pw-0123456789", "~*", "&*", "+@all"
+        await admin.acl_setuser(
+            "broker",
+            enabled=True,
+            passwords=["+broker-pw-0123456789"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all"],
         )
         await admin.config_set("requirepass", "default-pw-0123456789")
         await admin.aclose()
