@@ -18,6 +18,7 @@ from tests.support.fleet import Fleet
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.recovery import record
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import RedisSentinel
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -121,3 +122,47 @@ class TestCrash:
             second.terminate()
         record("SIGKILL, restart to ready (warm Redis)", ready)
         assert oauth_server.count() == requests
+
+
+class TestSentinelFailover:
+    async def test_master_dies_and_sentinel_promotes_the_replica(
+        self, tmp_path: Path, oauth_server: OAuthTestServer
+    ) -> None:
+        """Kill the master: serving never stops, and the promoted replica gets the tokens."""
+        oauth_server.lifetime = 3.0
+        sentinel = RedisSentinel(tmp_path / "sentinel", with_replica=True)
+        sentinel.start()
+        fleet = Fleet(tmp_path / "fleet", oauth_server.token_url, sentinel.url, 2)
+        try:
+            await fleet.start()
+            await fleet.poll(oauth_server, 2)
+            sentinel.master.stop()
+            killed_at = time.monotonic()
+            assert sentinel.replica is not None
+            replica_port = sentinel.replica.port
+
+            def wait_for_promotion() -> float | None:
+                while time.monotonic() - killed_at < 20:
+                    if sentinel.current_master_port() == replica_port:
+                        return time.monotonic() - killed_at
+                    time.sleep(0.1)
+                return None
+
+            promotion = asyncio.ensure_future(asyncio.to_thread(wait_for_promotion))
+            during = await fleet.poll(oauth_server, 8)
+            failover_s = await promotion
+            promoted = failover_s is not None
+            await fleet.poll(oauth_server, 4)
+            client = redis.Redis(host="127.0.0.1", port=sentinel.replica.port)
+            stored = client.hget("tb-test:{app1}:token", "version")
+            client.close()
+        finally:
+            fleet.stop()
+            sentinel.stop()
+        assert promoted, "sentinel did not promote the replica"
+        assert failover_s is not None
+        record("sentinel failover: replica promoted after", failover_s)
+        assert during.expired == 0
+        assert during.server_errors == 0
+        assert during.unavailable == 0
+        assert stored is not None, "the promoted master holds no token set"

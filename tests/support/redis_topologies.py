@@ -82,9 +82,16 @@ class RedisCluster:
 class RedisSentinel:
     """One master and one Sentinel watching it as service `mymaster`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, with_replica: bool = False) -> None:
         self.directory = directory
         self.master = RedisServer(directory=directory / "master")
+        self.replica: RedisServer | None = None
+        if with_replica:
+            self.master.port = free_port()
+            self.replica = RedisServer(
+                directory=directory / "replica",
+                extra_args=("--replicaof", "127.0.0.1", str(self.master.port)),
+            )
         self.sentinel_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -94,8 +101,10 @@ class RedisSentinel:
         return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/mymaster"
 
     def start(self) -> None:
-        """Start the master, then the sentinel; wait until the sentinel knows the master."""
+        """Start the master (and replica), then the sentinel; wait until it knows the master."""
         self.master.start()
+        if self.replica is not None:
+            self.replica.start()
         self.directory.mkdir(parents=True, exist_ok=True)
         conf = self.directory / "sentinel.conf"
         conf.write_text(
@@ -133,9 +142,27 @@ class RedisSentinel:
             time.sleep(0.1)
         raise RuntimeError("the sentinel did not come up")
 
+    def current_master_port(self) -> int | None:
+        """The port the sentinel names as master now."""
+        try:
+            out = _cli(
+                "-p",
+                str(self.sentinel_port),
+                "sentinel",
+                "get-master-addr-by-name",
+                "mymaster",
+                timeout=5,
+            )
+        except RuntimeError:
+            return None
+        lines = out.split()
+        return int(lines[1]) if len(lines) >= 2 and lines[1].isdigit() else None
+
     def stop(self) -> None:
-        """Kill the sentinel and the master."""
+        """Kill the sentinel, the master and the replica."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
         self.master.stop()
+        if self.replica is not None:
+            self.replica.stop()
