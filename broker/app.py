@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import random
 import secrets
@@ -42,19 +41,6 @@ FILE_CHECK_INTERVAL = 2.0
 def replica_id() -> str:
     """This process's lease owner id: host, pid and a random suffix (unique across restarts)."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def is_loopback_listen(listen: str) -> bool:
-    """True for a unix socket or a loopback host (127.0.0.0/8, ::1, localhost)."""
-    if listen.startswith("unix:"):
-        return True
-    host, _ = split_host_port(listen)
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def split_host_port(listen: str) -> tuple[str, int]:

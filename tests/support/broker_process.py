@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,18 +121,14 @@ class BrokerProcess:
 
     async def wait_ready(self, metrics_url: str, timeout: float = 20.0) -> None:
         """Wait until /readyz answers 200; fail with the broker's output if it does not."""
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                assert self.process is not None
-                if self.process.poll() is not None:
-                    raise AssertionError(f"broker exited early:\n{self.output()[-4000:]}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{metrics_url}/readyz") as response:
-                        if response.status == 200:
-                            return
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"broker not ready within {timeout}s:\n{self.output()[-4000:]}")
+
+        def exited() -> bool:
+            return self.process is not None and self.process.poll() is not None
+
+        try:
+            await wait_until_ready(metrics_url, timeout, give_up=exited)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.output()[-4000:]}") from None
 
     def terminate(self, timeout: float = 20.0) -> int:
         """SIGTERM and wait; returns the exit code."""
@@ -190,11 +186,15 @@ async def running_broker(
         await asyncio.wait_for(task, timeout=30)
 
 
-async def wait_until_ready(metrics_url: str, timeout: float = 20.0) -> None:
-    """Poll /readyz until it answers 200."""
+async def wait_until_ready(
+    metrics_url: str, timeout: float = 20.0, give_up: Callable[[], bool] | None = None
+) -> None:
+    """Poll /readyz until it answers 200 (or `give_up()` says the broker is gone)."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
+            if give_up is not None and give_up():
+                raise AssertionError("the broker exited before it was ready")
             with contextlib.suppress(aiohttp.ClientError):
                 async with session.get(f"{metrics_url}/readyz") as response:
                     if response.status == 200:
