@@ -34,6 +34,8 @@ log = get_logger(__name__)
 
 # How long in-flight API requests get to finish on shutdown.
 SHUTDOWN_GRACE = 10.0
+# How long closing the store and HTTP connections may take on shutdown.
+CLOSE_TIMEOUT = 3.0
 # How often secret and client key files are checked for a change.
 FILE_CHECK_INTERVAL = 2.0
 
@@ -200,7 +202,9 @@ async def start_listeners(broker: Broker) -> None:
     broker.api_addresses = _addresses(broker.api_runner)
 
     metrics_app = build_metrics_app(broker.core, broker.metrics)
-    broker.metrics_runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
+    broker.metrics_runner = web.AppRunner(
+        metrics_app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+    )
     await broker.metrics_runner.setup()
     metrics_site = _site(broker.metrics_runner, broker.config.server.metrics_listen)
     await metrics_site.start()
@@ -217,8 +221,12 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
     await asyncio.gather(core_task, return_exceptions=True)
     if broker.metrics_runner is not None:
         await broker.metrics_runner.cleanup()
-    await broker.store.close()
-    await broker.session.close()
+    # Closing connections must not hold the exit back (a Redis that stopped answering).
+    for closing in (broker.store.close(), broker.session.close()):
+        try:
+            await asyncio.wait_for(closing, CLOSE_TIMEOUT)
+        except TimeoutError:
+            log.warning("broker.close_timed_out")
     log.info("broker.stopped")
 
 
