@@ -175,8 +175,12 @@ class AppRefresher:
 
     async def _wait_for_refresh(self) -> None:
         task = self._start_refresh()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), timeout=CALLER_WAIT)
+        timer = asyncio.ensure_future(self._clock.sleep(CALLER_WAIT))
+        try:
+            # Waits for the refresh (never cancels it) or the injected clock, whichever first.
+            await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
 
     # ---- the loop ------------------------------------------------------------------------
 
