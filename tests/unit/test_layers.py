@@ -1,0 +1,48 @@
+"""The layering rule: the core depends on protocols, never on aiohttp or redis."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+BROKER = Path(__file__).resolve().parents[2] / "broker"
+CORE = ["policy.py", "refresher.py", "core.py", "model.py", "service.py", "clock.py", "errors.py"]
+EDGES = (
+    "aiohttp",
+    "redis",
+    "broker.app",
+    "broker.api",
+    "broker.store.redis_store",
+    "broker.oauth.client",
+)
+
+
+def imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+class TestLayers:
+    @pytest.mark.parametrize("module", CORE)
+    def test_core_modules_import_no_edge(self, module: str) -> None:
+        """Core modules import neither aiohttp, redis, nor the concrete edges of the broker."""
+        found = {n for n in imports(BROKER / module) if n.startswith(EDGES)}
+        assert found == set()
+
+    def test_only_the_clock_reads_time_for_scheduling(self) -> None:
+        """Outside clock.py, no broker module calls asyncio.sleep or time.time for scheduling."""
+        offenders = []
+        for path in BROKER.rglob("*.py"):
+            if path.name in ("clock.py", "devserver.py"):
+                continue
+            text = path.read_text()
+            if "asyncio.sleep(" in text or "time.time()" in text:
+                offenders.append(path.name)
+        assert offenders == []
