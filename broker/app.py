@@ -218,7 +218,9 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
     if broker.api_runner is not None:
         await broker.api_runner.cleanup()
     core_task.cancel()
-    await asyncio.gather(core_task, return_exceptions=True)
+    done, _ = await asyncio.wait({core_task}, timeout=CLOSE_TIMEOUT)
+    if not done:
+        log.warning("broker.loops_did_not_stop")
     if broker.metrics_runner is not None:
         await broker.metrics_runner.cleanup()
     # Closing connections must not hold the exit back (a Redis that stopped answering).

@@ -130,6 +130,9 @@ class BrokerCore:
                         refresher_for_app.notify_store_changed()
                 await self._clock.sleep(STORE_RETRY_MIN)  # the feed ended: re-subscribe
             except StoreUnavailable as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc
                 self._metrics.store_up.set(0)
                 if not was_down:
                     log.warning("store.unavailable", error=str(exc), retry_in=delay)

@@ -7,6 +7,7 @@ compare-and-set in a Lua script that also publishes the app's name on `{prefix}:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -86,6 +87,11 @@ class RedisStore:
         try:
             result = await call()
         except (RedisError, OSError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancellation into a timeout error; the cancellation wins,
+                # or a cancelled loop would carry on as if the store were merely down.
+                raise asyncio.CancelledError from exc
             self._metrics.store_errors.labels(operation=operation).inc()
             self._metrics.store_up.set(0)
             raise StoreUnavailable(f"redis {operation} failed: {type(exc).__name__}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import random
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import cast
@@ -12,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.clock import SystemClock
+from broker.core import BrokerCore
 from broker.errors import StoreUnavailable
 from broker.metrics import Metrics
 from broker.model import StoreSpec, TokenSet
@@ -221,3 +223,17 @@ class TestAuthentication:
                         await store.ping()
             finally:
                 await store.close()
+
+
+class TestCancellation:
+    async def test_a_cancelled_watcher_stops(self, redis_server: RedisServer) -> None:
+        """Cancelling the core while it waits for pub/sub stops it (redis-py must not swallow it)."""
+        store = make_store(redis_server, [KEY_A])
+        core = BrokerCore({}, store, SystemClock(), Metrics())
+        for _ in range(20):
+            task = asyncio.ensure_future(core.run())
+            await asyncio.sleep(0.05 + random.random() * 0.3)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=3)
+            assert done, "the store watcher ignored its cancellation"
+        await store.close()
