@@ -83,6 +83,7 @@ class TestFuzzing:
             "positive_data_acceptance",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            cwd=tmp_path,  # schemathesis keeps a cache in its working directory
         )
         out, _ = await asyncio.wait_for(process.communicate(), 300)
         text = out.decode(errors="replace")
