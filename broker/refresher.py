@@ -120,7 +120,8 @@ class AppRefresher:
         self._check_min_ttl(min_ttl)
         if self._needs_authorization:
             raise NeedsAuthorization(f"app {self.name} needs authorization")
-        if self._inflight is None and self._in_backoff and self.servable() is None:
+        if self._inflight is None and self._in_backoff:
+            # During a backoff callers do not trigger extra requests (min_ttl included).
             raise TokenUnavailable(f"no valid token for {self.name}", retry_after=self._retry_in())
         await self._wait_for_refresh()
         return self._servable_or_raise(min_ttl)

@@ -419,3 +419,20 @@ class TestClockJumps:
             assert token is not first or fake_clock.monotonic() < 1000.0 + 60 - POLICY.safety_margin
         assert refresher.token is not first
         assert len(source.calls) >= 2
+
+
+class TestBackoffIsRespected:
+    async def test_min_ttl_callers_do_not_bypass_the_backoff(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """While failing, a caller asking min_ttl gets 'unavailable', not a new token request."""
+        refresher = make(source)
+        await fake_clock.settle()
+        source.failure = TransientTokenError("503", status=503)
+        await fake_clock.advance(49.0)  # due at ~45 s: the refresh fails, a backoff starts
+        assert refresher.failures >= 1
+        calls = len(source.calls)
+        for _ in range(20):
+            with pytest.raises(TokenUnavailable):
+                await refresher.get(min_ttl=30)
+        assert len(source.calls) == calls
