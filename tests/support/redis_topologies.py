@@ -7,7 +7,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.redis_server import RedisServer, free_port, redis_server_binary
+from tests.support.redis_server import (
+    RedisServer,
+    free_cluster_port,
+    free_port,
+    redis_server_binary,
+)
 
 
 def redis_cli_binary() -> str:
@@ -37,7 +42,7 @@ class RedisCluster:
     def __init__(self, directory: Path) -> None:
         self.nodes: list[RedisServer] = []
         for i in range(3):
-            port = free_port()
+            port = free_cluster_port()
             node_dir = directory / f"node-{i}"
             self.nodes.append(
                 RedisServer(
