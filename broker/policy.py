@@ -26,10 +26,11 @@ def safety_margin(policy: RefreshPolicy, lifetime: float) -> float:
     return max(0.0, min(policy.safety_margin, lifetime * MAX_MARGIN_FRACTION))
 
 
-def is_servable(token: TokenSet, now: float, policy: RefreshPolicy, min_ttl: float = 0.0) -> bool:
-    """True when `token` has more than the safety margin and at least `min_ttl` seconds left."""
-    remaining = token.expires_at - now
-    return remaining > safety_margin(policy, token.lifetime) and remaining >= min_ttl
+def is_servable(
+    remaining: float, lifetime: float, policy: RefreshPolicy, min_ttl: float = 0.0
+) -> bool:
+    """True when `remaining` seconds are more than the safety margin and at least `min_ttl`."""
+    return remaining > safety_margin(policy, lifetime) and remaining >= min_ttl
 
 
 def serve_deadline(token: TokenSet, policy: RefreshPolicy) -> float:

@@ -106,9 +106,7 @@ class AppRefresher:
         remaining = min(
             token.expires_at - self._clock.time(), self._mono_expiry - self._clock.monotonic()
         )
-        if remaining > policy.safety_margin(self.spec.refresh, token.lifetime) and (
-            remaining >= min_ttl
-        ):
+        if policy.is_servable(remaining, token.lifetime, self.spec.refresh, min_ttl):
             return token
         return None
 

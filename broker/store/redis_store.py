@@ -145,11 +145,6 @@ class RedisStore:
         version = int(result)
         return None if version < 0 else version
 
-    async def current_version(self, app: str) -> int:
-        """The stored version (0 when nothing is stored), without decrypting."""
-        raw = await self._call("load", lambda: self._client.hget(self.token_key(app), "version"))
-        return int(raw) if raw is not None else 0
-
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> bool:
         """SET NX PX: the lease is ours for `ttl` seconds unless another owner holds it."""
         ms = max(1, int(ttl * 1000))

@@ -63,7 +63,7 @@ class TestServable:
         self, lifetime: float, age: float, min_ttl: float, servable: bool
     ) -> None:
         """A token is served only with more than the (capped) margin and at least min_ttl left."""
-        assert policy.is_servable(token(0.0, lifetime), age, DEFAULT, min_ttl) is servable
+        assert policy.is_servable(lifetime - age, lifetime, DEFAULT, min_ttl) is servable
 
 
 class TestBackoff:
