@@ -131,18 +131,7 @@ class RedisSentinel:
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            try:
-                out = _cli(
-                    "-p",
-                    str(self.sentinel_port),
-                    "sentinel",
-                    "get-master-addr-by-name",
-                    "mymaster",
-                    timeout=5,
-                )
-            except RuntimeError:
-                out = ""
-            if str(self.master.port) in out:
+            if self.current_master_port() == self.master.port:
                 return
             time.sleep(0.1)
         raise RuntimeError("the sentinel did not come up")
