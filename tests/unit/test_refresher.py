@@ -332,6 +332,15 @@ class TestStore:
         assert len(first.calls) + len(second.calls) <= single * 1.25
 
 
+async def seed_grant(store: MemoryStore, clock: FakeClock) -> None:
+    """Store an authorized token set, as `token-broker authorize` would."""
+    now = clock.time()
+    seed = TokenSet(
+        "seed-access-000000000000", "Bearer", now, now + 60, None, "seed-refresh-0000000000"
+    )
+    await store.save("app1", seed, 0)
+
+
 class TestAuthorizationCode:
     async def test_without_a_stored_grant_the_app_needs_authorization(
         self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
@@ -352,11 +361,7 @@ class TestAuthorizationCode:
     ) -> None:
         """Each refresh spends the newest refresh token, and the store holds the rotated one."""
         source = FakeTokenSource(fake_clock, rotate=True)
-        now = fake_clock.time()
-        seed = TokenSet(
-            "seed-access-000000000000", "Bearer", now, now + 60, None, "seed-refresh-0000000000"
-        )
-        await store.save("app1", seed, 0)
+        await seed_grant(store, fake_clock)
         refresher = make(source, grant=GrantType.AUTHORIZATION_CODE)
         await fake_clock.settle()
         for _ in range(200):
@@ -375,11 +380,7 @@ class TestAuthorizationCode:
     ) -> None:
         """A dead grant stops calls to the token endpoint until the app is authorized again."""
         source = FakeTokenSource(fake_clock, rotate=True)
-        now = fake_clock.time()
-        seed = TokenSet(
-            "seed-access-000000000000", "Bearer", now, now + 60, None, "seed-refresh-0000000000"
-        )
-        await store.save("app1", seed, 0)
+        await seed_grant(store, fake_clock)
         source.failure = PermanentTokenError("invalid_grant", status=400, error="invalid_grant")
         refresher = make(source, grant=GrantType.AUTHORIZATION_CODE)
         for _ in range(600):
