@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from broker.api.auth import ClientAuthenticator
 from broker.api.errors import NO_STORE, ApiError, error_response, token_error
 from broker.api.openapi import openapi_document
+from broker.api.proxy import Proxy, Upstreams
 from broker.clock import Clock
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.logs import RateLimitedLog, audit, get_logger
@@ -35,6 +36,7 @@ ROUTE_TOKEN = "/v1/token/{app}"
 ROUTE_REFRESH = "/v1/token/{app}/refresh"
 ROUTE_APPS = "/v1/apps"
 ROUTE_OPENAPI = "/openapi.json"
+ROUTE_PROXY = "/v1/proxy/{app}/{path}"
 MAX_MIN_TTL = 10**9
 _MIN_TTL = re.compile(r"^[0-9]{1,10}$")
 _TOKEN_HEADERS = {**NO_STORE, "Content-Type": "application/json"}
@@ -80,11 +82,13 @@ class _Api:
         authenticator: ClientAuthenticator,
         metrics: Metrics,
         clock: Clock,
+        upstreams: Upstreams,
     ) -> None:
         self.service = service
         self.auth = authenticator
         self.metrics = metrics
         self.clock = clock
+        self.proxy = Proxy(service, upstreams, metrics)
         self._issued: dict[str, tuple[TokenSet, set[str]]] = {}
         # The serialized answer per app, reused while the token and its whole seconds left hold.
         self._bodies: dict[str, tuple[TokenSet, int, bytes]] = {}
@@ -251,6 +255,12 @@ class _Api:
             )
         return web.json_response({"apps": apps}, headers=NO_STORE)
 
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        """Any method on /v1/proxy/{app}/{path}: sent upstream with the app's token."""
+        client = self._caller(request)
+        app = self._app_for(request, client)
+        return await self.proxy.forward(request, app)
+
     async def openapi(self, _: web.Request) -> web.Response:
         """GET /openapi.json (no auth)."""
         return web.json_response(openapi_document())
@@ -261,14 +271,16 @@ def build_api_app(
     authenticator: ClientAuthenticator,
     metrics: Metrics,
     clock: Clock,
+    upstreams: Upstreams | None = None,
 ) -> web.Application:
-    """The local API application."""
-    api = _Api(service, authenticator, metrics, clock)
+    """The local API application; `upstreams` holds the proxies' pools (none: no proxy)."""
+    api = _Api(service, authenticator, metrics, clock, upstreams or Upstreams())
     app = web.Application(client_max_size=4096)
     app.router.add_get(ROUTE_TOKEN, api.endpoint(ROUTE_TOKEN, api.get_token), allow_head=False)
     app.router.add_post(ROUTE_REFRESH, api.endpoint(ROUTE_REFRESH, api.refresh))
     app.router.add_get(ROUTE_APPS, api.endpoint(ROUTE_APPS, api.list_apps), allow_head=False)
     app.router.add_get(ROUTE_OPENAPI, api.endpoint(ROUTE_OPENAPI, api.openapi), allow_head=False)
+    app.router.add_route("*", "/v1/proxy/{app}/{path:.*}", api.endpoint(ROUTE_PROXY, api.forward))
     app.router.add_route("*", "/{tail:.*}", api.endpoint("other", api.fallback))
     return app
 
