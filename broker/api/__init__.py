@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from broker.api.auth import ClientAuthenticator
 from broker.api.errors import NO_STORE, ApiError, error_response, token_error
 from broker.api.openapi import openapi_document
-from broker.api.proxy import Proxy, Upstreams
+from broker.api.proxy import Proxy, Upstreams, check_method
 from broker.clock import Clock
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.logs import RateLimitedLog, audit, get_logger
@@ -257,6 +257,7 @@ class _Api:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Any method on /v1/proxy/{app}/{path}: sent upstream with the app's token."""
+        check_method(request.method)
         client = self._caller(request)
         app = self._app_for(request, client)
         return await self.proxy.forward(request, app)
@@ -280,7 +281,9 @@ def build_api_app(
     app.router.add_post(ROUTE_REFRESH, api.endpoint(ROUTE_REFRESH, api.refresh))
     app.router.add_get(ROUTE_APPS, api.endpoint(ROUTE_APPS, api.list_apps), allow_head=False)
     app.router.add_get(ROUTE_OPENAPI, api.endpoint(ROUTE_OPENAPI, api.openapi), allow_head=False)
-    app.router.add_route("*", "/v1/proxy/{app}/{path:.*}", api.endpoint(ROUTE_PROXY, api.forward))
+    # [\s\S]: a decoded path may hold a newline (%0A); the proxy refuses it in JSON.
+    proxy_route = r"/v1/proxy/{app}/{path:[\s\S]*}"
+    app.router.add_route("*", proxy_route, api.endpoint(ROUTE_PROXY, api.forward))
     app.router.add_route("*", "/{tail:.*}", api.endpoint("other", api.fallback))
     return app
 

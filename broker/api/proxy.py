@@ -77,6 +77,14 @@ _QUERY = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*$")
 _ENCODED_SEPARATOR = re.compile(r"%(?:2[fF]|5[cC]|00)")
 
 
+def check_method(method: str) -> None:
+    """Refuse the methods that are never forwarded (405 with Allow)."""
+    if method in REFUSED_METHODS:
+        raise ApiError(
+            405, "method_not_allowed", f"{method} is not forwarded", {"Allow": ALLOWED_METHODS}
+        )
+
+
 # ---- the path a caller may reach -------------------------------------------------------------
 
 
@@ -298,13 +306,6 @@ class Proxy:
         self, request: web.Request, app: str, upstream: Upstream
     ) -> web.StreamResponse:
         spec = upstream.spec
-        if request.method in REFUSED_METHODS:
-            raise ApiError(
-                405,
-                "method_not_allowed",
-                f"{request.method} is not forwarded",
-                {"Allow": ALLOWED_METHODS},
-            )
         path, query = upstream_target(request.raw_path, app, spec.path_prefixes)
         # The origin is the configured one; the caller's part is only the checked path.
         url = URL.build(
