@@ -273,6 +273,7 @@ class Proxy:
         self.upstreams = upstreams
         self.metrics = metrics
         self._counters: dict[tuple[str, str], Any] = {}
+        self._timers: dict[str, Any] = {}
 
     async def forward(self, request: web.Request, app: str) -> web.StreamResponse:
         """Answer `request` (already authenticated and allowed `app`) through the upstream."""
@@ -293,7 +294,10 @@ class Proxy:
         finally:
             upstream.leave()
             self._count(app, status)
-            self.metrics.proxy_duration.labels(app).observe(time.perf_counter() - started)
+            timer = self._timers.get(app)
+            if timer is None:
+                timer = self._timers[app] = self.metrics.proxy_duration.labels(app)
+            timer.observe(time.perf_counter() - started)
 
     def _count(self, app: str, status: int) -> None:
         key = (app, str(status))
@@ -319,7 +323,10 @@ class Proxy:
         token = await self._token(app)
         body = await _read_body(request, spec)
         try:
-            async with asyncio.timeout(spec.connect_timeout):
+            if upstream.slots.locked():  # only a full upstream pays for a timer
+                async with asyncio.timeout(spec.connect_timeout):
+                    await upstream.slots.acquire()
+            else:
                 await upstream.slots.acquire()
         except TimeoutError:
             raise ApiError(
