@@ -22,7 +22,7 @@ import pytest
 import requests
 import yaml
 
-from broker.app import Broker
+from broker.app import Broker, reload_config
 from broker.refresher import FORCE_MIN_AGE
 from tests.support.broker_process import BrokerFiles, BrokerProcess, running_broker
 from tests.support.oauth_server import OAuthTestServer
@@ -436,6 +436,30 @@ class TestCallersAndPaths:
         [hit] = upstream.hits
         assert hit.headers["Host"] == f"127.0.0.1:{upstream.port}"
         assert "X-Forwarded-Host" not in hit.headers
+
+
+class TestReload:
+    async def test_a_changed_proxy_block_applies_without_a_new_token(
+        self,
+        broker: Broker,
+        files: BrokerFiles,
+        upstream: UpstreamServer,
+        oauth_server: OAuthTestServer,
+    ) -> None:
+        """SIGHUP with new path prefixes: they apply at once, and the app keeps its token."""
+        assert (await call(files, "GET", "/v1/items/1"))[0] == 200
+        path = files.directory / "config.yaml"
+        config = yaml.safe_load(path.read_text())
+        config["apps"]["app1"]["proxy"]["path_prefixes"] = ["/v2/"]
+        path.write_text(yaml.safe_dump(config))
+        token = broker.core.cached_token("app1")
+        requests_before = oauth_server.count()
+        assert await reload_config(broker, path)
+        status, _, body = await call(files, "GET", "/v1/items/1")
+        assert status == 403
+        assert json.loads(body)["error"] == "path_not_allowed"
+        assert broker.core.cached_token("app1") is token
+        assert oauth_server.count() == requests_before
 
 
 # ---- real client libraries, as a service would use them ---------------------------------------
