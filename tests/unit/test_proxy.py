@@ -409,6 +409,28 @@ class TestFailClosedAndLimits:
         response = await api.post("/v1/proxy/app1/x", headers=AUTH, data=chunks())
         assert response.status == 413
 
+    async def test_a_large_body_with_content_length_streams_through(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
+    ) -> None:
+        """A body over max_buffered_body but within max_request_body arrives whole."""
+        upstream_server[0].accept_any = True
+        api = await make_api(max_buffered_body=1000)
+        body = bytes(range(256)) * 1200
+        response = await api.put("/v1/proxy/app1/x", headers=AUTH, data=body)
+        assert response.status == 200
+        assert (await response.json())["sha256"] == hashlib.sha256(body).hexdigest()
+
+    async def test_head_is_answered_without_a_body(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
+    ) -> None:
+        """HEAD goes upstream and its status and Content-Length come back, with no body."""
+        upstream_server[0].accept_any = True
+        api = await make_api()
+        response = await api.head("/v1/proxy/app1/x", headers=AUTH)
+        assert response.status == 200
+        assert int(response.headers["Content-Length"]) > 0
+        assert await response.read() == b""
+
     async def test_a_full_upstream_answers_503_proxy_busy(
         self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
     ) -> None:
