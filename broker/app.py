@@ -9,7 +9,7 @@ import secrets
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -17,6 +17,7 @@ from aiohttp import web
 
 from broker.api import build_api_app, build_metrics_app
 from broker.api.auth import ClientAuthenticator
+from broker.api.proxy import Upstreams
 from broker.clock import Clock, SystemClock
 from broker.config import load_config
 from broker.core import BrokerCore
@@ -72,6 +73,7 @@ class Broker:
     authenticator: ClientAuthenticator
     clock: Clock
     owner: str
+    upstreams: Upstreams = field(default_factory=Upstreams)
     credentials: dict[str, Credentials] = field(default_factory=dict)
     api_runner: web.AppRunner | None = None
     metrics_runner: web.AppRunner | None = None
@@ -101,6 +103,7 @@ async def build_broker(
     broker = Broker(config, core, store, metrics, session, authenticator, clock, owner)
     for spec in config.apps.values():
         core.add_app(new_refresher(broker, spec))
+    broker.upstreams.update(config.apps)
     return broker
 
 
@@ -174,10 +177,13 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         await broker.core.remove_app(name)
         broker.credentials.pop(name, None)
         audit(log, "app.removed", app=name)
+    retired = broker.upstreams.update(new.apps)
     for name, spec in sorted(new.apps.items()):
         before = old.apps.get(name)
-        if before == spec:
-            continue
+        if before is not None and replace(before, proxy=None) == replace(spec, proxy=None):
+            if before != spec:
+                audit(log, "app.updated", app=name)
+            continue  # only the proxy changed (or nothing): the token and its refresher stay
         fresh = before is not None and any(
             getattr(before, f) != getattr(spec, f) for f in _IDENTITY_FIELDS
         )
@@ -187,12 +193,16 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         audit(log, "app.updated" if before is not None else "app.added", app=name)
     broker.config = Config(server=old.server, store=old.store, apps=new.apps, clients=new.clients)
     log.info("config.reloaded", apps=sorted(new.apps), clients=sorted(new.clients))
+    # Requests in flight through a changed or removed proxy finish on its old pool.
+    await asyncio.gather(*(upstream.close(SHUTDOWN_GRACE) for upstream in retired))
     return True
 
 
 async def start_listeners(broker: Broker) -> None:
     """Bind the local API and the metrics listener."""
-    api = build_api_app(broker.core, broker.authenticator, broker.metrics, broker.clock)
+    api = build_api_app(
+        broker.core, broker.authenticator, broker.metrics, broker.clock, broker.upstreams
+    )
     broker.api_runner = web.AppRunner(
         api, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
     )
@@ -223,6 +233,7 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
         log.warning("broker.loops_did_not_stop")
     if broker.metrics_runner is not None:
         await broker.metrics_runner.cleanup()
+    await broker.upstreams.close(grace=0.0)
     # Closing connections must not hold the exit back (a Redis that stopped answering).
     for closing in (broker.store.close(), broker.session.close()):
         try:

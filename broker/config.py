@@ -10,6 +10,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from broker.model import (
     ClientSpec,
     Config,
     GrantType,
+    ProxySpec,
     RefreshPolicy,
     ServerSpec,
     StoreSpec,
@@ -148,6 +150,7 @@ _APP_KEYS = {
     "redirect_uri",
     "pkce",
     "authorize_params",
+    "proxy",
 }
 
 
@@ -230,6 +233,7 @@ def _app(name: object, data: object, key: str, base_dir: Path) -> AppSpec:
         redirect_uri=redirect_uri,
         pkce=_bool(m.get("pkce", True), f"{key}.pkce"),
         authorize_params=_params(m.get("authorize_params"), f"{key}.authorize_params"),
+        proxy=_proxy(m["proxy"], f"{key}.proxy", base_dir) if "proxy" in m else None,
     )
 
 
@@ -295,6 +299,145 @@ def _client(
     return ClientSpec(
         name=name, apps=tuple(allowed), key_files=tuple(key_files), key_sha256=tuple(digests)
     )
+
+
+# ---- apps.<name>.proxy -----------------------------------------------------------------------
+
+_PROXY_KEYS = {
+    "upstream",
+    "path_prefixes",
+    "connect_timeout",
+    "read_timeout",
+    "max_buffered_body",
+    "max_request_body",
+    "ca_file",
+    "retry_on_401",
+    "max_concurrent",
+}
+# Each request in flight may hold its buffered body in memory: bounded per request.
+MAX_BUFFERED_BODY = 16 * 1024 * 1024
+MAX_CONCURRENT = 10_000
+_SIZE = re.compile(r"^([0-9]+)\s*(B|KiB|MiB|GiB)?$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
+
+
+def _proxy(data: object, key: str, base_dir: Path) -> ProxySpec:
+    """The injecting proxy of one app: a fixed upstream origin and its limits."""
+    m = _mapping(data, key)
+    _only(m, key, _PROXY_KEYS)
+    if "upstream" not in m:
+        raise ConfigError(f"{key}.upstream", "required (the scheme and host of the real API)")
+    d = ProxySpec(upstream="")
+    prefixes = _str_list(m.get("path_prefixes", list(d.path_prefixes)), f"{key}.path_prefixes")
+    if not prefixes:
+        raise ConfigError(f"{key}.path_prefixes", "lists no prefix (leave it out to allow all)")
+    max_request_body = _size(
+        m.get("max_request_body", d.max_request_body), f"{key}.max_request_body"
+    )
+    if max_request_body == 0:
+        raise ConfigError(f"{key}.max_request_body", "must be positive")
+    max_buffered_body = _size(
+        m.get("max_buffered_body", d.max_buffered_body), f"{key}.max_buffered_body"
+    )
+    if max_buffered_body > MAX_BUFFERED_BODY:
+        raise ConfigError(
+            f"{key}.max_buffered_body",
+            "at most 16MiB (every request in flight may hold this much in memory)",
+        )
+    if max_buffered_body > max_request_body:
+        raise ConfigError(f"{key}.max_buffered_body", "must not exceed max_request_body")
+    max_concurrent = m.get("max_concurrent", d.max_concurrent)
+    if (
+        isinstance(max_concurrent, bool)
+        or not isinstance(max_concurrent, int)
+        or not 1 <= max_concurrent <= MAX_CONCURRENT
+    ):
+        raise ConfigError(
+            f"{key}.max_concurrent", f"must be a whole number from 1 to {MAX_CONCURRENT}"
+        )
+    ca_file = _optional_path(m.get("ca_file"), f"{key}.ca_file", base_dir)
+    if ca_file is not None:
+        _check_ca_file(ca_file, f"{key}.ca_file")
+    return ProxySpec(
+        upstream=_upstream(m["upstream"], f"{key}.upstream"),
+        path_prefixes=tuple(
+            _path_prefix(prefix, f"{key}.path_prefixes[{i}]") for i, prefix in enumerate(prefixes)
+        ),
+        connect_timeout=parse_duration(
+            m.get("connect_timeout", d.connect_timeout), f"{key}.connect_timeout"
+        ),
+        read_timeout=parse_duration(m.get("read_timeout", d.read_timeout), f"{key}.read_timeout"),
+        max_buffered_body=max_buffered_body,
+        max_request_body=max_request_body,
+        ca_file=ca_file,
+        retry_on_401=_bool(m.get("retry_on_401", d.retry_on_401), f"{key}.retry_on_401"),
+        max_concurrent=max_concurrent,
+    )
+
+
+def _upstream(value: object, key: str) -> str:
+    """`scheme://host[:port]`, normalized; anything that could steer requests elsewhere is refused."""
+    text = _str(value, key)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"{text!r} is not an http(s) URL with a host")
+    if "@" in parts.netloc:
+        raise ConfigError(key, "must not hold a user name or password")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ConfigError(
+            key,
+            "scheme and host only, like https://api.example.com (limit paths with path_prefixes)",
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(key, "has an invalid port") from None
+    host = parts.hostname
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            raise ConfigError(key, f"{host!r} is not a host name") from None
+        netloc = host
+    else:
+        netloc = f"[{address}]" if address.version == 6 else str(address)
+    if parts.scheme == "http" and not _is_loopback_host(host):
+        raise ConfigError(
+            key, "must use https (plain http only for loopback hosts: the token travels in it)"
+        )
+    return f"{parts.scheme}://{netloc}" + (f":{port}" if port is not None else "")
+
+
+def _path_prefix(value: str, key: str) -> str:
+    if not value.startswith("/"):
+        raise ConfigError(key, "must start with /")
+    if any(c in value for c in "?#%\\") or any(ord(c) <= 32 or ord(c) == 127 for c in value):
+        raise ConfigError(
+            key, "a plain path: no query, fragment, percent-encoding, backslash or space"
+        )
+    segments = value.split("/")
+    if "//" in value or "." in segments or ".." in segments:
+        raise ConfigError(key, "must not hold empty (//), . or .. segments")
+    return value
+
+
+def _size(value: object, key: str) -> int:
+    """Bytes from a whole number or a string like `512KiB`, `1MiB`, `1GiB`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.match(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(key, f"{value!r} is not a size (bytes, or like 512KiB, 1MiB, 1GiB)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def _check_ca_file(path: Path, key: str) -> None:
+    _read_secret_file(path, key)
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, ValueError):
+        raise ConfigError(key, f"{path} holds no PEM CA certificate") from None
 
 
 # ---- scalars -------------------------------------------------------------------------------
@@ -509,11 +652,24 @@ def summarize(config: Config) -> str:
             f"expiry, jitter {r.jitter:g}, safety margin {r.safety_margin:g}s"
             + (", previous secret configured" if app.client_secret_previous_file else "")
         )
+        if app.proxy is not None:
+            lines.append(_proxy_summary(app.proxy))
     lines.append(f"clients ({len(config.clients)}):")
     for client in config.clients.values():
         keys = len(client.key_files) + len(client.key_sha256)
         lines.append(f"  {client.name}: apps {', '.join(client.apps)} ({keys} key(s))")
     return "\n".join(lines)
+
+
+def _proxy_summary(proxy: ProxySpec) -> str:
+    return (
+        f"    proxy to {proxy.upstream}, paths {', '.join(proxy.path_prefixes)}, "
+        f"timeouts {proxy.connect_timeout:g}s connect / {proxy.read_timeout:g}s read, "
+        f"bodies up to {proxy.max_request_body} bytes (replayable up to "
+        f"{proxy.max_buffered_body}), at most {proxy.max_concurrent} at once"
+        + (", retry on 401" if proxy.retry_on_401 else ", no retry on 401")
+        + (f", CA {proxy.ca_file}" if proxy.ca_file else "")
+    )
 
 
 def redact_url(url: str) -> str:

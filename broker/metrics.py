@@ -11,6 +11,7 @@ from broker import __version__
 from broker.model import AppState
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_PROXY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _REFRESH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -91,6 +92,25 @@ class Metrics:
             "token_broker_lease_total",
             "Refresh lease attempts by outcome.",
             ["app", "outcome"],
+            registry=r,
+        )
+        self.proxy_requests_total = Counter(
+            "token_broker_proxy_requests_total",
+            "Requests through the injecting proxy by the status answered to the caller.",
+            ["app", "status"],
+            registry=r,
+        )
+        self.proxy_duration = Histogram(
+            "token_broker_proxy_duration_seconds",
+            "Time from a proxied request's arrival to the end of its answer.",
+            ["app"],
+            buckets=_PROXY_BUCKETS,
+            registry=r,
+        )
+        self.proxy_retries_total = Counter(
+            "token_broker_proxy_retries_total",
+            "Upstream 401s: retried after a refresh (unauthorized) or passed back, and why.",
+            ["app", "reason"],
             registry=r,
         )
         self.build_info = Gauge(

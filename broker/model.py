@@ -77,6 +77,24 @@ class RefreshPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxySpec:
+    """An app's injecting proxy: the fixed upstream origin and the limits of forwarding.
+
+    `upstream` is `scheme://host[:port]` only. Durations are seconds, sizes bytes.
+    """
+
+    upstream: str
+    path_prefixes: tuple[str, ...] = ("/",)
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_buffered_body: int = 1024 * 1024
+    max_request_body: int = 64 * 1024 * 1024
+    ca_file: Path | None = None
+    retry_on_401: bool = True
+    max_concurrent: int = 64
+
+
+@dataclass(frozen=True, slots=True)
 class AppSpec:
     """One OAuth app as configured."""
 
@@ -100,6 +118,7 @@ class AppSpec:
     redirect_uri: str | None = None
     pkce: bool = True
     authorize_params: Mapping[str, str] = field(default_factory=dict)
+    proxy: ProxySpec | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import pytest
 from tests.support.fake_clock import FakeClock
 from tests.support.redis_server import RedisServer
 
-pytest_plugins = ["tests.support.oauth_server"]
+pytest_plugins = ["tests.support.oauth_server", "tests.support.upstream"]
 
 
 @pytest.fixture

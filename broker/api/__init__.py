@@ -20,7 +20,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.api.auth import ClientAuthenticator
+from broker.api.errors import NO_STORE, ApiError, error_response, token_error
 from broker.api.openapi import openapi_document
+from broker.api.proxy import Proxy, Upstreams, check_method
 from broker.clock import Clock
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.logs import RateLimitedLog, audit, get_logger
@@ -34,11 +36,10 @@ ROUTE_TOKEN = "/v1/token/{app}"
 ROUTE_REFRESH = "/v1/token/{app}/refresh"
 ROUTE_APPS = "/v1/apps"
 ROUTE_OPENAPI = "/openapi.json"
+ROUTE_PROXY = "/v1/proxy/{app}/{path}"
 MAX_MIN_TTL = 10**9
 _MIN_TTL = re.compile(r"^[0-9]{1,10}$")
-_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-_TOKEN_HEADERS = {**_NO_STORE, "Content-Type": "application/json"}
-_JSON = "application/json"
+_TOKEN_HEADERS = {**NO_STORE, "Content-Type": "application/json"}
 _KNOWN_PATHS = (
     (re.compile(r"^/v1/token/[^/]+$"), "GET"),
     (re.compile(r"^/v1/token/[^/]+/refresh$"), "POST"),
@@ -52,29 +53,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Per-request labels for the metrics: a configured app and client name, or "".
 APP_LABEL = web.RequestKey("app_label", str)
 CLIENT_LABEL = web.RequestKey("client_label", str)
-
-
-class ApiError(Exception):
-    """An error answer of the contract: status, code, message, extra headers."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-
-def error_response(exc: ApiError) -> web.Response:
-    """The contract's JSON error body."""
-    return web.Response(
-        body=json.dumps({"error": exc.code, "message": exc.message}).encode(),
-        status=exc.status,
-        content_type=_JSON,
-        headers=exc.headers,
-    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -104,11 +82,13 @@ class _Api:
         authenticator: ClientAuthenticator,
         metrics: Metrics,
         clock: Clock,
+        upstreams: Upstreams,
     ) -> None:
         self.service = service
         self.auth = authenticator
         self.metrics = metrics
         self.clock = clock
+        self.proxy = Proxy(service, upstreams, metrics)
         self._issued: dict[str, tuple[TokenSet, set[str]]] = {}
         # The serialized answer per app, reused while the token and its whole seconds left hold.
         self._bodies: dict[str, tuple[TokenSet, int, bytes]] = {}
@@ -233,28 +213,8 @@ class _Api:
                 return self._token_response(app, client, cached)
         try:
             token = await fetch(app)
-        except NeedsAuthorization:
-            raise ApiError(
-                409,
-                "needs_authorization",
-                f"app {app} needs authorization: run `token-broker authorize {app}`",
-            ) from None
-        except RateLimited as exc:
-            raise ApiError(
-                429,
-                "rate_limited",
-                "too many forced refreshes of this app",
-                {"Retry-After": _seconds(exc.retry_after)},
-            ) from None
-        except TokenUnavailable as exc:
-            raise ApiError(
-                503,
-                "token_unavailable",
-                f"no valid token for app {app} right now",
-                {"Retry-After": _seconds(exc.retry_after), **_NO_STORE},
-            ) from None
-        except ValueError as exc:
-            raise ApiError(400, "bad_request", str(exc)) from None
+        except (NeedsAuthorization, RateLimited, TokenUnavailable, ValueError) as exc:
+            raise token_error(exc, app) from None
         return self._token_response(app, client, token)
 
     # ---- handlers ----------------------------------------------------------------------
@@ -293,7 +253,14 @@ class _Api:
                     "last_error": status.last_error,
                 }
             )
-        return web.json_response({"apps": apps}, headers=_NO_STORE)
+        return web.json_response({"apps": apps}, headers=NO_STORE)
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        """Any method on /v1/proxy/{app}/{path}: sent upstream with the app's token."""
+        check_method(request.method)
+        client = self._caller(request)
+        app = self._app_for(request, client)
+        return await self.proxy.forward(request, app)
 
     async def openapi(self, _: web.Request) -> web.Response:
         """GET /openapi.json (no auth)."""
@@ -305,14 +272,18 @@ def build_api_app(
     authenticator: ClientAuthenticator,
     metrics: Metrics,
     clock: Clock,
+    upstreams: Upstreams | None = None,
 ) -> web.Application:
-    """The local API application."""
-    api = _Api(service, authenticator, metrics, clock)
+    """The local API application; `upstreams` holds the proxies' pools (none: no proxy)."""
+    api = _Api(service, authenticator, metrics, clock, upstreams or Upstreams())
     app = web.Application(client_max_size=4096)
     app.router.add_get(ROUTE_TOKEN, api.endpoint(ROUTE_TOKEN, api.get_token), allow_head=False)
     app.router.add_post(ROUTE_REFRESH, api.endpoint(ROUTE_REFRESH, api.refresh))
     app.router.add_get(ROUTE_APPS, api.endpoint(ROUTE_APPS, api.list_apps), allow_head=False)
     app.router.add_get(ROUTE_OPENAPI, api.endpoint(ROUTE_OPENAPI, api.openapi), allow_head=False)
+    # [\s\S]: a decoded path may hold a newline (%0A); the proxy refuses it in JSON.
+    proxy_route = r"/v1/proxy/{app}/{path:[\s\S]*}"
+    app.router.add_route("*", proxy_route, api.endpoint(ROUTE_PROXY, api.forward))
     app.router.add_route("*", "/{tail:.*}", api.endpoint("other", api.fallback))
     return app
 
@@ -348,10 +319,6 @@ def _check_origin(request: web.Request) -> None:
         raise ApiError(403, "bad_host", "requests relayed by a proxy are refused")
     if not is_loopback_host(request.headers.get("Host")):
         raise ApiError(403, "bad_host", "the Host header is not a loopback name")
-
-
-def _seconds(value: float) -> str:
-    return str(max(1, int(value + 0.999)))
 
 
 def _int_or_none(value: float | None) -> int | None:

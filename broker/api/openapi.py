@@ -20,6 +20,12 @@ _ERROR_CODES = [
     "not_found",
     "method_not_allowed",
     "internal",
+    "proxy_not_configured",
+    "path_not_allowed",
+    "payload_too_large",
+    "proxy_busy",
+    "upstream_error",
+    "upstream_timeout",
 ]
 
 
@@ -64,6 +70,61 @@ _APP_PARAM = {
     "description": "A configured app name.",
     "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
 }
+
+_PROXY_METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
+
+_PROXY_RESPONSES = {
+    "default": {
+        "description": (
+            "The upstream's answer, passed through with its status, headers and body (an "
+            "upstream 401 only after one refresh and one retry). Redirects are not followed."
+        )
+    },
+    "400": _error("A path with dot segments, encoded slashes, backslashes or an absolute URL."),
+    "401": _error("Missing or wrong client key.", auth=True),
+    "403": _error(
+        "Client not allowed this app (forbidden), a path outside the app's prefixes "
+        "(path_not_allowed), or a non-loopback Host (bad_host)."
+    ),
+    "404": _error("No such app (unknown_app), or the app has no proxy (proxy_not_configured)."),
+    "409": _error("The app needs an operator to run `token-broker authorize`."),
+    "413": _error("The request body is over the app's max_request_body (payload_too_large)."),
+    "502": _error("The upstream could not be reached, or its TLS failed (upstream_error)."),
+    "503": _error(
+        "No valid token right now (token_unavailable: nothing was forwarded), or the app's "
+        "concurrency limit is reached (proxy_busy).",
+        retry_after=True,
+    ),
+    "504": _error("The upstream did not answer within read_timeout (upstream_timeout)."),
+}
+
+_PROXY_OPERATION_BASE = {
+    "summary": "Forward to the app's upstream with its access token (no token code needed).",
+    "description": (
+        "The broker removes the caller's Authorization and hop-by-hop headers, sets Host to the "
+        "upstream, adds `Authorization: Bearer <access token>`, and streams both bodies. "
+        "`path` is the upstream path; it must lie under the app's `path_prefixes`."
+    ),
+    "parameters": [
+        _APP_PARAM,
+        {
+            "name": "path",
+            "in": "path",
+            "required": True,
+            "description": "The upstream path (may contain slashes) and its query string.",
+            "schema": {"type": "string"},
+        },
+    ],
+    "responses": _PROXY_RESPONSES,
+}
+
+
+def _proxy_operations() -> dict[str, Any]:
+    return {
+        method: {**_PROXY_OPERATION_BASE, "operationId": f"proxy{method.capitalize()}"}
+        for method in _PROXY_METHODS
+    }
+
 
 _DOCUMENT: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -126,6 +187,7 @@ _DOCUMENT: dict[str, Any] = {
                 },
             }
         },
+        "/v1/proxy/{app}/{path}": _proxy_operations(),
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",

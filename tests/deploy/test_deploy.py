@@ -217,6 +217,15 @@ class TestChart:
         with pytest.raises(helm.HelmError):
             render_chart({"nonsense": True})
 
+    def test_schema_rejects_a_proxy_upstream_with_a_path(self) -> None:
+        """values.schema.json refuses a proxy upstream that is more than scheme and host."""
+        import helm_python as helm
+
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        values["config"]["apps"]["twilio"]["proxy"]["upstream"] = "https://api.twilio.com/v1"
+        with pytest.raises(helm.HelmError):
+            render_chart(values)
+
     def test_chart_rules_copy_equals_the_plain_rules_file(self) -> None:
         """The chart's copy of the rules is the same file."""
         assert (CHART / "files" / "token-broker-rules.yaml").read_text() == RULES.read_text()
@@ -266,7 +275,7 @@ class TestDashboard:
             for m in re.findall(r"token_broker_[a-z_]+", e)
         }
         known = contract_metrics()
-        assert len(known) == 13
+        assert len(known) == 16
         assert used <= known, used - known
         assert {
             "token_broker_token_expiry_timestamp_seconds",

@@ -4,7 +4,9 @@ Grants: client_credentials, authorization_code (with an /authorize endpoint, PKC
 codes) and refresh_token (rotated on every use; reusing a spent refresh token revokes the whole
 grant, as RFC 9700 recommends). Client authentication: client_secret_post, client_secret_basic
 (against a set of accepted secrets, for rotation tests) and private_key_jwt (verified with pyjwt).
-Access tokens are RS256 JWTs. Failures: a queue of scripted responses, or a persistent mode.
+Access tokens are RS256 JWTs whose keys are published at /jwks; a token can be revoked (as by an
+RFC 7009 revocation), so an API checking tokens sees it rejected before it expires. Failures: a
+queue of scripted responses, or a persistent mode.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class OAuthTestServer:
         self.reuse_detected = 0
         self.issued_tokens: list[str] = []
         self.expiry: dict[str, float] = {}  # access token -> when this server considers it expired
+        self.revoked: set[str] = set()  # jti of revoked access tokens
+        self.key_id = uuid.uuid4().hex[:16]
         self._refresh_index: dict[str, str] = {}
         self._codes: dict[str, dict[str, Any]] = {}
         self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -102,6 +106,7 @@ class OAuthTestServer:
         app = web.Application()
         app.router.add_post("/token", self._token)
         app.router.add_get("/authorize", self._authorize)
+        app.router.add_get("/jwks", self._jwks)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -119,6 +124,11 @@ class OAuthTestServer:
     def token_url(self) -> str:
         """The token endpoint."""
         return f"{self.base_url}/token"
+
+    @property
+    def jwks_url(self) -> str:
+        """The JSON Web Key Set of the access tokens' signing key."""
+        return f"{self.base_url}/jwks"
 
     @property
     def authorize_url(self) -> str:
@@ -148,7 +158,19 @@ class OAuthTestServer:
         )
         return claims
 
+    def revoke(self, access_token: str) -> None:
+        """Revoke an access token: APIs that check with this server reject it from now on."""
+        self.revoked.add(jwt.decode(access_token, options={"verify_signature": False})["jti"])
+
+    def is_revoked(self, claims: dict[str, Any]) -> bool:
+        """True when the token with these (verified) claims was revoked."""
+        return claims.get("jti") in self.revoked
+
     # ---- endpoints ---------------------------------------------------------------------
+
+    async def _jwks(self, _: web.Request) -> web.Response:
+        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self._signing_key.public_key(), as_dict=True)
+        return web.json_response({"keys": [{**jwk, "kid": self.key_id, "alg": "RS256"}]})
 
     async def _authorize(self, request: web.Request) -> web.Response:
         """Consent is automatic: redirect to redirect_uri with a single-use code and the state."""
@@ -294,7 +316,9 @@ class OAuthTestServer:
             "jti": uuid.uuid4().hex,
             "scope": scope,
         }
-        access = jwt.encode(claims, self._signing_key, algorithm="RS256")
+        access = jwt.encode(
+            claims, self._signing_key, algorithm="RS256", headers={"kid": self.key_id}
+        )
         self.issued_tokens.append(access)
         self.expiry[access] = now + self.lifetime
         body: dict[str, Any] = {

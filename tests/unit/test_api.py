@@ -231,6 +231,7 @@ class TestAppsRoute:
             "/v1/token/{app}",
             "/v1/token/{app}/refresh",
             "/v1/apps",
+            "/v1/proxy/{app}/{path}",
             "/openapi.json",
         }
 

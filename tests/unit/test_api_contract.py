@@ -438,6 +438,7 @@ class TestAppsAndOpenapi:
             "/v1/token/{app}",
             "/v1/token/{app}/refresh",
             "/v1/apps",
+            "/v1/proxy/{app}/{path}",
             "/openapi.json",
         }
 

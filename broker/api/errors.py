@@ -1,0 +1,67 @@
+"""The local API's error answers: the contract's JSON body, and the token errors mapped to it."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+class ApiError(Exception):
+    """An error answer of the contract: status, code, message, extra headers."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(exc: ApiError) -> web.Response:
+    """The contract's JSON error body."""
+    return web.Response(
+        body=json.dumps({"error": exc.code, "message": exc.message}).encode(),
+        status=exc.status,
+        content_type="application/json",
+        headers=exc.headers,
+    )
+
+
+TokenServiceError = NeedsAuthorization | RateLimited | TokenUnavailable | ValueError
+
+
+def token_error(exc: TokenServiceError, app: str) -> ApiError:
+    """The answer for an error the token service raises."""
+    if isinstance(exc, NeedsAuthorization):
+        return ApiError(
+            409,
+            "needs_authorization",
+            f"app {app} needs authorization: run `token-broker authorize {app}`",
+        )
+    if isinstance(exc, RateLimited):
+        return ApiError(
+            429,
+            "rate_limited",
+            "too many forced refreshes of this app",
+            {"Retry-After": retry_after(exc.retry_after)},
+        )
+    if isinstance(exc, TokenUnavailable):
+        return ApiError(
+            503,
+            "token_unavailable",
+            f"no valid token for app {app} right now",
+            {"Retry-After": retry_after(exc.retry_after), **NO_STORE},
+        )
+    return ApiError(400, "bad_request", str(exc))
+
+
+def retry_after(seconds: float) -> str:
+    """A Retry-After value: whole seconds, rounded up, at least 1."""
+    return str(max(1, int(seconds + 0.999)))

@@ -1,0 +1,498 @@
+"""The injecting proxy: `/v1/proxy/{app}/{path}` forwarded to the app's fixed upstream.
+
+The caller writes no token code. The broker checks the path against the app's allowed prefixes,
+takes a servable token (or fails closed: 503 / 409, nothing forwarded), removes the caller's
+credentials and hop-by-hop headers, adds `Authorization: Bearer <access token>` and streams the
+request and the answer. On an upstream 401 for a body it can replay it forces one refresh
+(coalesced and rate-limited by the token service) and retries once; any other answer, a second
+401 included, goes back unchanged. Redirects are passed back, never followed.
+
+The upstream origin comes only from the config: the caller supplies a path, which is validated
+on its raw form, so no `..`, encoded slash, backslash, absolute URL or `@` can change the host or
+leave the allowed prefixes. Nothing is logged per request; the token is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from broker.api.errors import ApiError, token_error
+from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
+from broker.metrics import Metrics
+from broker.model import AppSpec, ProxySpec, TokenSet
+from broker.service import TokenService
+
+PROXY_PREFIX = "/v1/proxy/"
+# Bytes read from one side and written to the other at a time.
+CHUNK = 64 * 1024
+# Longest header line accepted from the upstream (aiohttp's default, also the API's own limit).
+MAX_HEADER_LINE = 8190
+MAX_HEADERS = 128
+# Methods never forwarded: TRACE would echo the injected token; CONNECT opens a tunnel.
+REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+# RFC 9110 §7.6.1 hop-by-hop headers; also every header the Connection header names.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request headers never forwarded: the caller's broker key, what the broker sets itself (Host,
+# the body's framing), and anything that would tell the upstream of another origin or client.
+_DROP_REQUEST = _HOP_BY_HOP | {
+    "authorization",
+    "host",
+    "content-length",
+    "expect",
+    "forwarded",
+    "x-real-ip",
+}
+_DROP_RESPONSE = _HOP_BY_HOP
+# A path as RFC 3986 allows it (pchar and "/"); percent-escapes must be complete.
+_PATH = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*$")
+_QUERY = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*$")
+# Escapes that would smuggle a separator or a NUL past the checks: %2F, %5C, %00.
+_ENCODED_SEPARATOR = re.compile(r"%(?:2[fF]|5[cC]|00)")
+
+
+def check_method(method: str) -> None:
+    """Refuse the methods that are never forwarded (405 with Allow)."""
+    if method in REFUSED_METHODS:
+        raise ApiError(
+            405, "method_not_allowed", f"{method} is not forwarded", {"Allow": ALLOWED_METHODS}
+        )
+
+
+# ---- the path a caller may reach -------------------------------------------------------------
+
+
+def upstream_target(raw_path: str, app: str, prefixes: tuple[str, ...]) -> tuple[str, str]:
+    """The (still percent-encoded) path and query to request upstream, from the raw target.
+
+    Raises ApiError 400 for a target that is not a plain origin-form path under
+    `/v1/proxy/{app}/`, and 403 `path_not_allowed` for a path outside `prefixes`.
+    """
+    path, _, query = raw_path.partition("?")
+    base = f"{PROXY_PREFIX}{app}/"
+    if not path.startswith(base):
+        raise ApiError(400, "bad_request", f"the request target must be {base}<path>")
+    tail = "/" + path[len(base) :]
+    if not _PATH.match(tail) or not _QUERY.match(query):
+        raise ApiError(400, "bad_request", "the path or query holds characters a URL may not")
+    if _ENCODED_SEPARATOR.search(tail):
+        raise ApiError(400, "bad_request", "encoded slashes, backslashes and NUL are refused")
+    segments = [unquote(segment) for segment in tail.split("/")]
+    if any(segment in (".", "..") for segment in segments):
+        raise ApiError(400, "bad_request", "dot segments (. and ..) are refused in the path")
+    if "" in segments[1:-1]:
+        raise ApiError(400, "bad_request", "empty segments (//) are refused in the path")
+    decoded = "/".join(segments)
+    if any(ord(c) < 32 or ord(c) == 127 for c in decoded):
+        raise ApiError(400, "bad_request", "control characters are refused in the path")
+    if not any(path_allowed(decoded, prefix) for prefix in prefixes):
+        raise ApiError(403, "path_not_allowed", f"this path is not open through app {app}")
+    return tail, query
+
+
+def path_allowed(path: str, prefix: str) -> bool:
+    """True when the decoded `path` is `prefix` or below it (a prefix ends at a segment)."""
+    if prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path == prefix or path.startswith(prefix + "/")
+
+
+# ---- headers ---------------------------------------------------------------------------------
+
+
+def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
+    """Headers the Connection header names: hop-by-hop too (RFC 9110 §7.6.1)."""
+    listed: set[str] = set()
+    for value in headers.getall("Connection", []):
+        listed.update(token.strip().lower() for token in value.split(","))
+    return listed
+
+
+def request_headers(incoming: CIMultiDictProxy[str], token: TokenSet) -> CIMultiDict[str]:
+    """The headers to send upstream: the caller's, cleaned, plus the access token."""
+    listed = _connection_listed(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if (
+            lower in _DROP_REQUEST
+            or lower in listed
+            or lower.startswith(("x-forwarded-", "proxy-"))
+        ):
+            continue
+        out.add(name, value)
+    out["Authorization"] = f"Bearer {token.access_token}"
+    return out
+
+
+def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's answer headers without the hop-by-hop ones (multi-valued kept)."""
+    listed = _connection_listed(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower not in _DROP_RESPONSE and lower not in listed:
+            out.add(name, value)
+    return out
+
+
+# ---- upstream connection pools ---------------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    """One app's upstream: its config, its own connection pool and its concurrency limit."""
+
+    spec: ProxySpec
+    session: aiohttp.ClientSession
+    origin: URL
+    slots: asyncio.Semaphore
+    in_flight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    def enter(self) -> None:
+        """A request starts using this upstream."""
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        """A request is done with this upstream."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def close(self, grace: float) -> None:
+        """Close the pool once no request uses it (or after `grace` seconds)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        await self.session.close()
+
+
+def open_upstream(spec: ProxySpec) -> Upstream:
+    """A connection pool to `spec.upstream`: TLS verified (with `ca_file` if given)."""
+    context = ssl.create_default_context(cafile=str(spec.ca_file) if spec.ca_file else None)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=spec.max_concurrent, ssl=context),
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=spec.connect_timeout, sock_read=spec.read_timeout
+        ),
+        # The body passes through as the upstream encoded it.
+        auto_decompress=False,
+        # Only the caller's headers go upstream, not aiohttp's defaults.
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        # One pool serves every caller of the app: it must never keep and replay cookies.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        max_line_size=MAX_HEADER_LINE,
+        max_field_size=MAX_HEADER_LINE,
+        max_headers=MAX_HEADERS,
+    )
+    return Upstream(
+        spec=spec,
+        session=session,
+        origin=URL(spec.upstream),
+        slots=asyncio.Semaphore(spec.max_concurrent),
+    )
+
+
+class Upstreams:
+    """Every app's upstream pool. The composition root owns it and closes it."""
+
+    def __init__(self) -> None:
+        self._by_app: dict[str, Upstream] = {}
+
+    def get(self, app: str) -> Upstream | None:
+        """The app's upstream, or None when the app has no proxy."""
+        return self._by_app.get(app)
+
+    def update(self, apps: Mapping[str, AppSpec]) -> list[Upstream]:
+        """Open pools for new or changed proxies; returns the retired ones (to close)."""
+        retired = []
+        for name, upstream in list(self._by_app.items()):
+            spec = apps[name].proxy if name in apps else None
+            if spec != upstream.spec:
+                retired.append(self._by_app.pop(name))
+        for name, app in apps.items():
+            if app.proxy is not None and name not in self._by_app:
+                self._by_app[name] = open_upstream(app.proxy)
+        return retired
+
+    async def close(self, grace: float) -> None:
+        """Close every pool (shutdown)."""
+        upstreams, self._by_app = list(self._by_app.values()), {}
+        await asyncio.gather(*(u.close(grace) for u in upstreams))
+
+
+# ---- forwarding ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Body:
+    """The request body as it will be sent: bytes (replayable) or a one-shot stream."""
+
+    data: bytes | AsyncIterator[bytes] | None
+    length: int | None
+    replayable: bool
+    too_large: bool = False
+
+
+class Proxy:
+    """Forwards a caller's request to its app's upstream with the app's access token."""
+
+    def __init__(self, service: TokenService, upstreams: Upstreams, metrics: Metrics) -> None:
+        self.service = service
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._timers: dict[str, Any] = {}
+
+    async def forward(self, request: web.Request, app: str) -> web.StreamResponse:
+        """Answer `request` (already authenticated and allowed `app`) through the upstream."""
+        upstream = self.upstreams.get(app)
+        if upstream is None:
+            raise ApiError(404, "proxy_not_configured", f"app {app} has no proxy configured")
+        started = time.perf_counter()
+        status = 500
+        upstream.enter()
+        try:
+            response = await self._forward(request, app, upstream)
+        except ApiError as exc:
+            status = exc.status
+            raise
+        else:
+            status = response.status
+            return response
+        finally:
+            upstream.leave()
+            self._count(app, status)
+            timer = self._timers.get(app)
+            if timer is None:
+                timer = self._timers[app] = self.metrics.proxy_duration.labels(app)
+            timer.observe(time.perf_counter() - started)
+
+    def _count(self, app: str, status: int) -> None:
+        key = (app, str(status))
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.metrics.proxy_requests_total.labels(*key)
+        counter.inc()
+
+    async def _forward(
+        self, request: web.Request, app: str, upstream: Upstream
+    ) -> web.StreamResponse:
+        spec = upstream.spec
+        path, query = upstream_target(request.raw_path, app, spec.path_prefixes)
+        # The origin is the configured one; the caller's part is only the checked path.
+        url = URL.build(
+            scheme=upstream.origin.scheme,
+            host=upstream.origin.raw_host or "",
+            port=upstream.origin.explicit_port,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
+        token = await self._token(app)
+        body = await _read_body(request, spec)
+        try:
+            if upstream.slots.locked():  # only a full upstream pays for a timer
+                async with asyncio.timeout(spec.connect_timeout):
+                    await upstream.slots.acquire()
+            else:
+                await upstream.slots.acquire()
+        except TimeoutError:
+            raise ApiError(
+                503,
+                "proxy_busy",
+                f"{spec.max_concurrent} requests to this app's upstream are in flight",
+                {"Retry-After": "1"},
+            ) from None
+        try:
+            answer = await self._send(upstream, request, url, token, body)
+            if answer.status == 401 and spec.retry_on_401:
+                answer = await self._after_401(
+                    upstream=upstream,
+                    request=request,
+                    url=url,
+                    app=app,
+                    token=token,
+                    body=body,
+                    answer=answer,
+                )
+            return await _relay(request, answer)
+        finally:
+            upstream.slots.release()
+
+    async def _token(self, app: str) -> TokenSet:
+        """A servable token, or the contract's 503 / 409: the proxy fails closed."""
+        token = self.service.cached_token(app)
+        if token is not None:
+            return token
+        try:
+            return await self.service.get_token(app)
+        except (NeedsAuthorization, TokenUnavailable) as exc:
+            raise token_error(exc, app) from None
+
+    async def _after_401(
+        self,
+        *,
+        upstream: Upstream,
+        request: web.Request,
+        url: URL,
+        app: str,
+        token: TokenSet,
+        body: _Body,
+        answer: aiohttp.ClientResponse,
+    ) -> aiohttp.ClientResponse:
+        """One forced refresh and one retry; otherwise the upstream's 401 goes back as it is."""
+        retries = self.metrics.proxy_retries_total
+        if not body.replayable:
+            retries.labels(app, "not_replayable").inc()
+            return answer
+        try:
+            fresh = await self.service.force_refresh(app)
+        except RateLimited:
+            # The refresh guard protects the authorization server; the caller sees the truth.
+            retries.labels(app, "rate_limited").inc()
+            return answer
+        except (NeedsAuthorization, TokenUnavailable) as exc:
+            answer.release()
+            retries.labels(app, "refresh_failed").inc()
+            raise token_error(exc, app) from None
+        if fresh.access_token == token.access_token:
+            # A token younger than 5 s is not replaced (the refresh guard): retrying is futile.
+            retries.labels(app, "token_unchanged").inc()
+            return answer
+        answer.release()
+        retries.labels(app, "unauthorized").inc()
+        return await self._send(upstream, request, url, fresh, body)
+
+    async def _send(
+        self,
+        upstream: Upstream,
+        request: web.Request,
+        url: URL,
+        token: TokenSet,
+        body: _Body,
+    ) -> aiohttp.ClientResponse:
+        """One request upstream; errors before an answer become 502 / 504 / 413 JSON errors."""
+        headers = request_headers(request.headers, token)
+        if body.length is not None:
+            headers["Content-Length"] = str(body.length)
+        try:
+            return await upstream.session.request(
+                request.method, url, headers=headers, data=body.data, allow_redirects=False
+            )
+        except TimeoutError:
+            raise ApiError(504, "upstream_timeout", "the upstream did not answer in time") from None
+        except (aiohttp.ClientSSLError, ssl.SSLError):
+            raise ApiError(
+                502, "upstream_error", "TLS with the upstream failed (is its certificate trusted?)"
+            ) from None
+        except (aiohttp.ClientError, OSError, ValueError):
+            if body.too_large:
+                raise _too_large(upstream.spec) from None
+            raise ApiError(502, "upstream_error", "the upstream could not be reached") from None
+
+
+async def _read_body(request: web.Request, spec: ProxySpec) -> _Body:
+    """Buffer a body up to `max_buffered_body` (replayable); stream a larger one."""
+    if not request.body_exists:
+        return _Body(None, None, replayable=True)
+    length = request.content_length
+    if length is not None and length > spec.max_request_body:
+        raise _too_large(spec)
+    try:
+        if length is not None and length <= spec.max_buffered_body:
+            return _Body(await request.content.readexactly(length), length, replayable=True)
+        head = b""
+        if length is None:
+            head = await _read_up_to(request.content, spec.max_buffered_body + 1)
+            if len(head) <= spec.max_buffered_body:
+                return _Body(head, len(head), replayable=True)
+    except (asyncio.IncompleteReadError, aiohttp.ClientError, OSError):
+        raise ApiError(400, "bad_request", "the request body ended early") from None
+    body = _Body(None, length, replayable=False)
+    body.data = _stream(head, request.content, spec.max_request_body, body)
+    return body
+
+
+async def _read_up_to(content: aiohttp.StreamReader, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await content.read(min(CHUNK, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+async def _stream(
+    head: bytes, content: aiohttp.StreamReader, limit: int, body: _Body
+) -> AsyncIterator[bytes]:
+    """The body as it arrives; stops (failing the upstream request) past `limit` bytes."""
+    size = len(head)
+    if head:
+        yield head
+    async for chunk in content.iter_chunked(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            body.too_large = True
+            raise ValueError("request body over the limit")
+        yield chunk
+
+
+def _too_large(spec: ProxySpec) -> ApiError:
+    return ApiError(
+        413, "payload_too_large", f"request bodies are limited to {spec.max_request_body} bytes"
+    )
+
+
+async def _relay(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Stream the upstream's answer back with its status and headers."""
+    response = web.StreamResponse(
+        status=answer.status, reason=answer.reason, headers=response_headers(answer.headers)
+    )
+    try:
+        await response.prepare(request)
+        async for chunk in answer.content.iter_chunked(CHUNK):
+            await response.write(chunk)
+        await response.write_eof()
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        # The answer has begun: a cut connection is the only honest signal left (the caller
+        # sees a short body), never a well-formed end of a truncated one.
+        if request.transport is not None:
+            request.transport.close()
+    finally:
+        answer.release()
+    return response

@@ -1,0 +1,477 @@
+"""The proxy's pure parts (path checks, header cleaning) and its decisions against a fake service.
+
+The decisions (fail closed, retry rules, limits) run through the real API app, with a fake
+token service at the TokenService seam and a small aiohttp upstream on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from broker.api import build_api_app
+from broker.api.auth import ClientAuthenticator
+from broker.api.errors import ApiError
+from broker.api.proxy import Upstreams, request_headers, response_headers, upstream_target
+from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
+from broker.metrics import Metrics
+from broker.model import AppSpec, AppState, ClientSpec, ProxySpec, TokenSet
+from broker.service import AppStatus
+from tests.support.fake_clock import FakeClock
+
+KEY = "p" * 20 + "-client-key-of-the-proxy-test"
+NOW = 1_700_000_000.0
+TOKEN_A = TokenSet("access-a-" + "a" * 30, "Bearer", NOW - 100, NOW + 3500)
+TOKEN_B = TokenSet("access-b-" + "b" * 30, "Bearer", NOW, NOW + 3600)
+
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
+
+
+# ---- pure parts --------------------------------------------------------------------------------
+
+ACCEPTED = [
+    ("/v1/proxy/app1/v1/items", ("/v1/", "/v2"), ("/v1/items", "")),
+    ("/v1/proxy/app1/v1/", ("/v1/",), ("/v1/", "")),
+    ("/v1/proxy/app1/v2", ("/v1/", "/v2"), ("/v2", "")),
+    ("/v1/proxy/app1/v2/x?a=1&b=%20", ("/v2",), ("/v2/x", "a=1&b=%20")),
+    ("/v1/proxy/app1/", ("/",), ("/", "")),
+    ("/v1/proxy/app1/v1/user%73", ("/v1/users",), ("/v1/user%73", "")),
+    ("/v1/proxy/app1/v1/a@b:c", ("/v1/",), ("/v1/a@b:c", "")),
+    ("/v1/proxy/app1/v1/..x/.y", ("/v1/",), ("/v1/..x/.y", "")),
+]
+
+REFUSED = [
+    ("/v1/proxy/app2/v1/items", ("/",), 400),  # another app's route
+    ("/v1/proxy/app1/v1/../admin", ("/",), 400),
+    ("/v1/proxy/app1/v1/./items", ("/",), 400),
+    ("/v1/proxy/app1/v1/%2e%2E/admin", ("/",), 400),
+    ("/v1/proxy/app1/v1%2Fadmin", ("/",), 400),
+    ("/v1/proxy/app1/v1%2fadmin", ("/",), 400),
+    ("/v1/proxy/app1/v1%5Cadmin", ("/",), 400),
+    ("/v1/proxy/app1/v1/%00", ("/",), 400),
+    ("/v1/proxy/app1/v1/%0d%0aHost:%20evil", ("/",), 400),
+    ("/v1/proxy/app1/v1\\admin", ("/",), 400),
+    ("/v1/proxy/app1//evil.example/v1", ("/",), 400),
+    ("/v1/proxy/app1/v1//x", ("/",), 400),
+    ("/v1/proxy/app1/v1/%zz", ("/",), 400),
+    ("/v1/proxy/app1/v1 x", ("/",), 400),
+    ("/v1/proxy/app1/v1/x?a=<b>", ("/",), 400),
+    ("http://evil.example/v1/proxy/app1/v1", ("/",), 400),
+    ("/v1/proxy/app%31/v1", ("/",), 400),
+    ("/v1/proxy/app1/v10/items", ("/v1",), 403),
+    ("/v1/proxy/app1/v1", ("/v1/",), 403),
+    ("/v1/proxy/app1/admin", ("/v1/", "/v2"), 403),
+    ("/v1/proxy/app1/@evil.example/v1", ("/v1/",), 403),
+]
+
+
+class TestUpstreamTarget:
+    @pytest.mark.parametrize(("raw", "prefixes", "expected"), ACCEPTED)
+    def test_accepted_paths_keep_their_encoding(
+        self, raw: str, prefixes: tuple[str, ...], expected: tuple[str, str]
+    ) -> None:
+        """A plain path under a prefix is forwarded as the caller encoded it."""
+        assert upstream_target(raw, "app1", prefixes) == expected
+
+    @pytest.mark.parametrize(("raw", "prefixes", "status"), REFUSED)
+    def test_refused_paths(self, raw: str, prefixes: tuple[str, ...], status: int) -> None:
+        """Tricks are 400 bad_request; paths outside the prefixes are 403 path_not_allowed."""
+        with pytest.raises(ApiError) as caught:
+            upstream_target(raw, "app1", prefixes)
+        assert caught.value.status == status
+        assert caught.value.code == ("path_not_allowed" if status == 403 else "bad_request")
+
+
+def headers_of(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+class TestHeaders:
+    def test_request_headers_carry_the_token_and_nothing_of_the_hop(self) -> None:
+        """The caller's key, Host, framing, hop-by-hop and forwarding headers are replaced or dropped."""
+        sent = request_headers(
+            headers_of(
+                ("Authorization", f"Bearer {KEY}"),
+                ("Host", "127.0.0.1:8411"),
+                ("Connection", "keep-alive, X-Hop"),
+                ("X-Hop", "1"),
+                ("Keep-Alive", "timeout=5"),
+                ("Transfer-Encoding", "chunked"),
+                ("Content-Length", "12"),
+                ("Expect", "100-continue"),
+                ("TE", "trailers"),
+                ("Upgrade", "websocket"),
+                ("Proxy-Authorization", "Basic eA=="),
+                ("Forwarded", "for=1.2.3.4"),
+                ("X-Forwarded-For", "1.2.3.4"),
+                ("X-Forwarded-Host", "evil.example"),
+                ("X-Real-IP", "1.2.3.4"),
+                ("Cookie", "a=1"),
+                ("Accept", "application/json"),
+                ("X-Custom", "one"),
+                ("X-Custom", "two"),
+            ),
+            TOKEN_A,
+        )
+        assert list(sent.items()) == [
+            ("Cookie", "a=1"),
+            ("Accept", "application/json"),
+            ("X-Custom", "one"),
+            ("X-Custom", "two"),
+            ("Authorization", f"Bearer {TOKEN_A.access_token}"),
+        ]
+
+    def test_response_headers_keep_every_set_cookie(self) -> None:
+        """Hop-by-hop headers go; repeated end-to-end headers stay, in order."""
+        kept = response_headers(
+            headers_of(
+                ("Connection", "close, X-Hop"),
+                ("X-Hop", "1"),
+                ("Transfer-Encoding", "chunked"),
+                ("Set-Cookie", "a=1"),
+                ("Set-Cookie", "b=2"),
+                ("Content-Type", "application/json"),
+            )
+        )
+        assert list(kept.items()) == [
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+            ("Content-Type", "application/json"),
+        ]
+
+
+# ---- decisions, through the API ----------------------------------------------------------------
+
+
+class FakeService:
+    """Implements TokenService for one app; `force_refresh` answers as scripted."""
+
+    def __init__(self) -> None:
+        self.token: TokenSet = TOKEN_A
+        self.error: Exception | None = None
+        self.force_result: TokenSet | Exception = TOKEN_B
+        self.forced = 0
+
+    def app_names(self) -> Collection[str]:
+        return ("app1",)
+
+    def now(self) -> float:
+        return NOW
+
+    def cached_token(self, app: str, min_ttl: float = 0.0) -> TokenSet | None:
+        return None if self.error else self.token
+
+    async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
+        if self.error is not None:
+            raise self.error
+        return self.token
+
+    async def force_refresh(self, app: str) -> TokenSet:
+        self.forced += 1
+        if isinstance(self.force_result, Exception):
+            raise self.force_result
+        self.token = self.force_result
+        return self.token
+
+    def status(self, app: str) -> AppStatus:
+        return AppStatus(app, AppState.FRESH, self.token.expires_at, NOW, None)
+
+    def unready_apps(self) -> list[str]:
+        return []
+
+
+class Upstream:
+    """A plain-HTTP upstream on loopback: accepts only TOKEN_B unless told to accept any."""
+
+    def __init__(self) -> None:
+        self.authorizations: list[str] = []
+        self.accept_any = False
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.authorizations.append(request.headers.get("Authorization", ""))
+        body = await request.read()
+        await self.release.wait()
+        if not self.accept_any and request.headers.get("Authorization") != (
+            f"Bearer {TOKEN_B.access_token}"
+        ):
+            return web.json_response({"error": "invalid_token"}, status=401)
+        return web.json_response({"sha256": hashlib.sha256(body).hexdigest()})
+
+
+@pytest.fixture
+def service() -> FakeService:
+    return FakeService()
+
+
+@pytest.fixture
+async def upstream_server() -> AsyncIterator[tuple[Upstream, TestServer]]:
+    upstream = Upstream()
+    app = web.Application(client_max_size=64 * 1024**2)
+    app.router.add_route("*", "/{tail:.*}", upstream.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield upstream, server
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+Make = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def make_api(
+    aiohttp_client: ClientFactory,
+    service: FakeService,
+    metrics: Metrics,
+    upstream_server: tuple[Upstream, TestServer],
+    tmp_path: Path,
+) -> AsyncIterator[Make]:
+    """Build the API with app1 proxied to the loopback upstream, with `proxy` overrides."""
+    (tmp_path / "key").write_text(KEY)
+    authenticator = ClientAuthenticator(
+        {"svc": ClientSpec("svc", ("app1",), key_files=(tmp_path / "key",))}
+    )
+    upstreams = Upstreams()
+
+    async def make(**proxy: Any) -> TestClient[web.Request, web.Application]:
+        spec = ProxySpec(upstream=f"http://127.0.0.1:{upstream_server[1].port}", **proxy)
+        upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
+        app = build_api_app(service, authenticator, metrics, FakeClock(), upstreams)
+        return await aiohttp_client(app)
+
+    yield make
+    await upstreams.close(grace=0.0)
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def retries(metrics: Metrics, reason: str) -> float:
+    labels = {"app": "app1", "reason": reason}
+    return metrics.registry.get_sample_value("token_broker_proxy_retries_total", labels) or 0.0
+
+
+class TestRetryDecisions:
+    async def test_a_401_is_retried_once_with_the_refreshed_token(
+        self,
+        make_api: Make,
+        service: FakeService,
+        upstream_server: tuple[Upstream, TestServer],
+        metrics: Metrics,
+    ) -> None:
+        """First try with the old token, one forced refresh, the retry with the new one."""
+        api = await make_api()
+        response = await api.post("/v1/proxy/app1/x", headers=AUTH, data=b"body")
+        assert response.status == 200
+        assert (await response.json())["sha256"] == hashlib.sha256(b"body").hexdigest()
+        assert upstream_server[0].authorizations == [
+            f"Bearer {TOKEN_A.access_token}",
+            f"Bearer {TOKEN_B.access_token}",
+        ]
+        assert service.forced == 1
+        assert retries(metrics, "unauthorized") == 1
+
+    async def test_a_chunked_body_within_the_buffer_is_replayed(
+        self,
+        make_api: Make,
+        service: FakeService,
+        upstream_server: tuple[Upstream, TestServer],
+    ) -> None:
+        """A body without Content-Length but under max_buffered_body can still be retried."""
+        api = await make_api()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"part one, "
+            yield b"part two"
+
+        response = await api.put("/v1/proxy/app1/x", headers=AUTH, data=chunks())
+        assert response.status == 200
+        expected = hashlib.sha256(b"part one, part two").hexdigest()
+        assert (await response.json())["sha256"] == expected
+        assert len(upstream_server[0].authorizations) == 2
+
+    @pytest.mark.parametrize(
+        ("force_result", "reason"),
+        [
+            (RateLimited("too many", retry_after=30), "rate_limited"),
+            (TOKEN_A, "token_unchanged"),
+        ],
+    )
+    async def test_a_401_goes_back_when_no_new_token_can_be_had(
+        self,
+        make_api: Make,
+        service: FakeService,
+        upstream_server: tuple[Upstream, TestServer],
+        metrics: Metrics,
+        force_result: TokenSet | Exception,
+        reason: str,
+    ) -> None:
+        """Rate-limited refresh or the same token back: the upstream's 401, not retried."""
+        service.force_result = force_result
+        api = await make_api()
+        response = await api.get("/v1/proxy/app1/x", headers=AUTH)
+        assert response.status == 401
+        assert await response.json() == {"error": "invalid_token"}
+        assert len(upstream_server[0].authorizations) == 1
+        assert retries(metrics, reason) == 1
+
+    async def test_a_failed_refresh_after_a_401_answers_503(
+        self,
+        make_api: Make,
+        service: FakeService,
+        upstream_server: tuple[Upstream, TestServer],
+        metrics: Metrics,
+    ) -> None:
+        """The token was rejected and no new one exists: 503 token_unavailable, fail closed."""
+        service.force_result = TokenUnavailable("down", retry_after=7)
+        api = await make_api()
+        response = await api.get("/v1/proxy/app1/x", headers=AUTH)
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "7"
+        assert (await response.json())["error"] == "token_unavailable"
+        assert retries(metrics, "refresh_failed") == 1
+
+    async def test_retry_on_401_false_passes_the_401_back(
+        self,
+        make_api: Make,
+        service: FakeService,
+        upstream_server: tuple[Upstream, TestServer],
+    ) -> None:
+        """With retry_on_401 off, no refresh is forced."""
+        api = await make_api(retry_on_401=False)
+        response = await api.get("/v1/proxy/app1/x", headers=AUTH)
+        assert response.status == 401
+        assert service.forced == 0
+
+
+class TestFailClosedAndLimits:
+    @pytest.mark.parametrize(
+        ("error", "status", "code"),
+        [
+            (TokenUnavailable("none", retry_after=3), 503, "token_unavailable"),
+            (NeedsAuthorization("grant"), 409, "needs_authorization"),
+        ],
+    )
+    async def test_no_servable_token_forwards_nothing(
+        self,
+        make_api: Make,
+        service: FakeService,
+        upstream_server: tuple[Upstream, TestServer],
+        error: Exception,
+        status: int,
+        code: str,
+    ) -> None:
+        """Without a servable token the contract's error comes back and the upstream sees nothing."""
+        service.error = error
+        api = await make_api()
+        response = await api.get("/v1/proxy/app1/x", headers=AUTH)
+        assert response.status == status
+        assert (await response.json())["error"] == code
+        assert upstream_server[0].authorizations == []
+
+    async def test_a_body_over_max_request_body_is_refused_with_413(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
+    ) -> None:
+        """A declared Content-Length over the limit is refused before anything is sent."""
+        api = await make_api(max_request_body=1000, max_buffered_body=100)
+        response = await api.post("/v1/proxy/app1/x", headers=AUTH, data=b"x" * 1001)
+        assert response.status == 413
+        assert (await response.json())["error"] == "payload_too_large"
+        assert upstream_server[0].authorizations == []
+
+    async def test_a_chunked_body_growing_over_the_limit_is_cut_with_413(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
+    ) -> None:
+        """A streamed body without Content-Length stops at max_request_body."""
+        upstream_server[0].accept_any = True
+        api = await make_api(max_request_body=200_000, max_buffered_body=1000)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(50):
+                yield b"y" * 10_000
+
+        response = await api.post("/v1/proxy/app1/x", headers=AUTH, data=chunks())
+        assert response.status == 413
+
+    async def test_a_large_body_with_content_length_streams_through(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
+    ) -> None:
+        """A body over max_buffered_body but within max_request_body arrives whole."""
+        upstream_server[0].accept_any = True
+        api = await make_api(max_buffered_body=1000)
+        body = bytes(range(256)) * 1200
+        response = await api.put("/v1/proxy/app1/x", headers=AUTH, data=body)
+        assert response.status == 200
+        assert (await response.json())["sha256"] == hashlib.sha256(body).hexdigest()
+
+    async def test_head_is_answered_without_a_body(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
+    ) -> None:
+        """HEAD goes upstream and its status and Content-Length come back, with no body."""
+        upstream_server[0].accept_any = True
+        api = await make_api()
+        response = await api.head("/v1/proxy/app1/x", headers=AUTH)
+        assert response.status == 200
+        assert int(response.headers["Content-Length"]) > 0
+        assert await response.read() == b""
+
+    async def test_a_full_upstream_answers_503_proxy_busy(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
+    ) -> None:
+        """Past max_concurrent requests in flight, a caller waits connect_timeout, then 503."""
+        upstream, _ = upstream_server
+        upstream.accept_any = True
+        upstream.release.clear()
+        api = await make_api(max_concurrent=1, connect_timeout=0.2)
+        first = asyncio.ensure_future(api.get("/v1/proxy/app1/a", headers=AUTH))
+        while not upstream.authorizations:
+            await asyncio.sleep(0.01)
+        second = await api.get("/v1/proxy/app1/b", headers=AUTH)
+        assert second.status == 503
+        assert (await second.json())["error"] == "proxy_busy"
+        assert second.headers["Retry-After"] == "1"
+        upstream.release.set()
+        assert (await first).status == 200
+
+    async def test_trace_is_not_forwarded(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
+    ) -> None:
+        """TRACE would echo the injected token: 405 with Allow."""
+        api = await make_api()
+        response = await api.request("TRACE", "/v1/proxy/app1/x", headers=AUTH)
+        assert response.status == 405
+        assert "GET" in response.headers["Allow"]
+        assert upstream_server[0].authorizations == []
+
+    async def test_an_app_without_a_proxy_answers_404(
+        self,
+        aiohttp_client: ClientFactory,
+        service: FakeService,
+        metrics: Metrics,
+        tmp_path: Path,
+    ) -> None:
+        """No proxy block: 404 proxy_not_configured."""
+        (tmp_path / "key").write_text(KEY)
+        authenticator = ClientAuthenticator(
+            {"svc": ClientSpec("svc", ("app1",), key_files=(tmp_path / "key",))}
+        )
+        api = await aiohttp_client(build_api_app(service, authenticator, metrics, FakeClock()))
+        response = await api.get("/v1/proxy/app1/x", headers=AUTH)
+        assert response.status == 404
+        assert (await response.json())["error"] == "proxy_not_configured"
