@@ -17,6 +17,7 @@ from aiohttp import web
 
 from broker.api import build_api_app, build_metrics_app
 from broker.api.auth import ClientAuthenticator
+from broker.api.unix_socket import UnixListener, bind_unix_socket
 from broker.clock import Clock, SystemClock
 from broker.config import load_config
 from broker.core import BrokerCore
@@ -27,6 +28,7 @@ from broker.metrics import Metrics
 from broker.model import AppSpec, Config
 from broker.oauth.client import OAuthClient
 from broker.refresher import AppRefresher
+from broker.sinks import SinkSet
 from broker.store import TokenStore
 from broker.store.factory import open_store
 
@@ -51,11 +53,7 @@ def split_host_port(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _site(runner: web.AppRunner, listen: str) -> web.BaseSite:
-    if listen.startswith("unix:"):
-        path = listen.removeprefix("unix:")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return web.UnixSite(runner, path)
+def _tcp_site(runner: web.AppRunner, listen: str) -> web.BaseSite:
     host, port = split_host_port(listen)
     return web.TCPSite(runner, host, port)
 
@@ -72,8 +70,10 @@ class Broker:
     authenticator: ClientAuthenticator
     clock: Clock
     owner: str
+    sinks: SinkSet
     credentials: dict[str, Credentials] = field(default_factory=dict)
     api_runner: web.AppRunner | None = None
+    api_socket: UnixListener | None = None
     metrics_runner: web.AppRunner | None = None
     api_addresses: list[str] = field(default_factory=list)
     metrics_addresses: list[str] = field(default_factory=list)
@@ -98,9 +98,12 @@ async def build_broker(
     )
     core = BrokerCore({}, store, clock, metrics)
     authenticator = ClientAuthenticator(config.clients)
-    broker = Broker(config, core, store, metrics, session, authenticator, clock, owner)
+    sinks = SinkSet(clock, metrics)
+    broker = Broker(config, core, store, metrics, session, authenticator, clock, owner, sinks)
     for spec in config.apps.values():
-        core.add_app(new_refresher(broker, spec))
+        refresher = new_refresher(broker, spec)
+        core.add_app(refresher)
+        await sinks.attach(refresher)
     return broker
 
 
@@ -172,6 +175,7 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         log.warning("config.restart_needed", reason="server and store settings apply on restart")
     for name in sorted(set(old.apps) - set(new.apps)):
         await broker.core.remove_app(name)
+        await broker.sinks.detach(name)
         broker.credentials.pop(name, None)
         audit(log, "app.removed", app=name)
     for name, spec in sorted(new.apps.items()):
@@ -183,7 +187,9 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         )
         if before is not None:
             await broker.core.remove_app(name)
-        broker.core.add_app(new_refresher(broker, spec), fresh=fresh)
+        refresher = new_refresher(broker, spec)
+        broker.core.add_app(refresher, fresh=fresh)
+        await broker.sinks.attach(refresher)
         audit(log, "app.updated" if before is not None else "app.added", app=name)
     broker.config = Config(server=old.server, store=old.store, apps=new.apps, clients=new.clients)
     log.info("config.reloaded", apps=sorted(new.apps), clients=sorted(new.clients))
@@ -191,13 +197,25 @@ async def reload_config(broker: Broker, path: Path) -> bool:
 
 
 async def start_listeners(broker: Broker) -> None:
-    """Bind the local API and the metrics listener."""
-    api = build_api_app(broker.core, broker.authenticator, broker.metrics, broker.clock)
+    """Bind the local API (TCP, or a unix socket with peer identity) and the metrics listener."""
+    server = broker.config.server
+    api = build_api_app(
+        broker.core,
+        broker.authenticator,
+        broker.metrics,
+        broker.clock,
+        peer_identity=server.unix_path is not None,
+    )
     broker.api_runner = web.AppRunner(
         api, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
     )
     await broker.api_runner.setup()
-    api_site = _site(broker.api_runner, broker.config.server.listen)
+    api_site: web.BaseSite
+    if server.unix_path is not None:
+        broker.api_socket = bind_unix_socket(server)
+        api_site = web.SockSite(broker.api_runner, broker.api_socket.sock)
+    else:
+        api_site = _tcp_site(broker.api_runner, server.listen)
     await api_site.start()
     broker.api_addresses = _addresses(broker.api_runner)
 
@@ -206,7 +224,7 @@ async def start_listeners(broker: Broker) -> None:
         metrics_app, access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await broker.metrics_runner.setup()
-    metrics_site = _site(broker.metrics_runner, broker.config.server.metrics_listen)
+    metrics_site = _tcp_site(broker.metrics_runner, server.metrics_listen)
     await metrics_site.start()
     broker.metrics_addresses = _addresses(broker.metrics_runner)
 
@@ -217,10 +235,17 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
     log.info("broker.draining")
     if broker.api_runner is not None:
         await broker.api_runner.cleanup()
+    if broker.api_socket is not None:
+        broker.api_socket.remove()
     core_task.cancel()
     done, _ = await asyncio.wait({core_task}, timeout=CLOSE_TIMEOUT)
     if not done:
         log.warning("broker.loops_did_not_stop")
+    try:
+        # Nobody will empty the token files at their deadline once the broker is gone.
+        await asyncio.wait_for(broker.sinks.close(), CLOSE_TIMEOUT)
+    except TimeoutError:
+        log.warning("sinks.close_timed_out")
     if broker.metrics_runner is not None:
         await broker.metrics_runner.cleanup()
     # Closing connections must not hold the exit back (a Redis that stopped answering).
@@ -257,6 +282,7 @@ async def serve(
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
     core_task = asyncio.create_task(broker.core.run(), name="broker-core")
+    broker.sinks.start()
     watcher = asyncio.create_task(watch_files(broker), name="file-watcher")
     try:
         await start_listeners(broker)
