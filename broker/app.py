@@ -233,10 +233,10 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
     """Readiness goes false, in-flight requests finish, then the loops stop and connections close."""
     broker.core.draining = True
     log.info("broker.draining")
+    if broker.api_socket is not None:
+        broker.api_socket.remove()  # no new callers; in-flight requests finish below
     if broker.api_runner is not None:
         await broker.api_runner.cleanup()
-    if broker.api_socket is not None:
-        broker.api_socket.remove()
     core_task.cancel()
     done, _ = await asyncio.wait({core_task}, timeout=CLOSE_TIMEOUT)
     if not done:

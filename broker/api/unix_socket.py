@@ -35,7 +35,11 @@ class UnixListener:
     identity: tuple[int, int]
 
     def remove(self) -> None:
-        """Delete the socket file on shutdown, unless another broker has replaced it since."""
+        """Delete the socket file on shutdown, unless another broker has replaced it since.
+
+        Called while our socket is still bound: a bound socket pins its file's inode, so an
+        equal (device, inode) means the file is ours.
+        """
         with contextlib.suppress(OSError):
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == self.identity:
@@ -49,11 +53,13 @@ def bind_unix_socket(server: ServerSpec) -> UnixListener:
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     try:
         # umask is process-wide; nothing else creates files while the broker starts.
         previous = os.umask(0o177)
         try:
             sock.bind(str(path))
+            bound = True
         finally:
             os.umask(previous)
         if server.socket_group is not None:
@@ -69,6 +75,8 @@ def bind_unix_socket(server: ServerSpec) -> UnixListener:
         st = os.lstat(path)
     except BaseException:
         sock.close()
+        if bound:
+            path.unlink(missing_ok=True)
         raise
     log.info(
         "api.unix_socket",
