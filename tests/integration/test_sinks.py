@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import stat
 import threading
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from tests.support.broker_process import BrokerFiles, BrokerProcess
 from tests.support.oauth_server import OAuthTestServer
@@ -313,6 +315,44 @@ class TestFileSettings:
 
         locked.chmod(0o700)  # fixed: the next attempt (backoff, or the next token) succeeds
         await wait_for(lambda: bad.exists() and bad.read_bytes() != b"", 20, "the retry")
+
+
+class TestReload:
+    async def test_sighup_moves_a_sink_and_a_removed_app_leaves_an_empty_file(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, running: list[BrokerProcess]
+    ) -> None:
+        """After SIGHUP the token goes to the new path; dropped paths and removed apps are emptied."""
+        oauth_server.lifetime = 30.0
+        old, new, other = tmp_path / "old", tmp_path / "new", tmp_path / "other"
+        app = {"client_id": "test-client", "client_secret_file": "client_secret"}
+        files = BrokerFiles(
+            directory=tmp_path / "broker",
+            token_url=oauth_server.token_url,
+            apps={
+                "app1": {"token_url": oauth_server.token_url, **app, "sinks": [{"path": str(old)}]},
+                "app2": {
+                    "token_url": oauth_server.token_url,
+                    **app,
+                    "sinks": [{"path": str(other)}],
+                },
+            },
+        )
+        process = await start_broker(files, running)
+        await wait_for(lambda: old.exists() and old.read_bytes() != b"", 10, "app1's file")
+        await wait_for(lambda: other.exists() and other.read_bytes() != b"", 10, "app2's file")
+        token = old.read_text()
+
+        data = yaml.safe_load(files.directory.joinpath("config.yaml").read_text())
+        data["apps"]["app1"]["sinks"] = [{"path": str(new)}]
+        del data["apps"]["app2"]
+        data["clients"]["svc"]["apps"] = ["app1"]
+        files.directory.joinpath("config.yaml").write_text(yaml.safe_dump(data))
+        assert process.process is not None
+        process.process.send_signal(signal.SIGHUP)
+
+        await wait_for(lambda: new.exists() and new.read_bytes() != b"", 10, "the new file")
+        await wait_for(lambda: old.read_bytes() == b"" and other.read_bytes() == b"", 10, "emptied")
+        assert new.read_text() == token  # app1's sinks changed, not its credentials
 
 
 class TestFleet:

@@ -7,7 +7,9 @@ cases map its uid (or gid), and the negative one runs a broker whose config maps
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack
@@ -194,6 +196,21 @@ class TestPeerIdentity:
         main = await start_api("main")
         wrong = request_token(MAPPED, main.url, "app1", key="w" * 40)
         assert wrong["status"] == 401, wrong
+
+    async def test_sighup_maps_a_new_uid(self, start_api: StartApi) -> None:
+        """A uid added to a client by a config reload is that client from then on."""
+        api = await start_api("unmapped")
+        assert request_token(UNMAPPED, api.url, "app1")["status"] == 401
+        data = yaml.safe_load(api.config.read_text())
+        data["clients"]["newcomer"] = {"uids": [UNMAPPED.effective_uid], "apps": ["app1"]}
+        api.config.write_text(yaml.safe_dump(data))
+        assert api.process.process is not None
+        api.process.process.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if any(e.get("event") == "config.reloaded" for e in api.process.log_lines()):
+                break
+            await asyncio.sleep(0.1)
+        assert request_token(UNMAPPED, api.url, "app1")["status"] == 200
 
 
 class TestSocketFile:
