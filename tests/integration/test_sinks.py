@@ -67,8 +67,11 @@ class Reader:
     def _loop(self) -> None:
         while not self._stop.is_set():
             for path in self.paths:
-                content = path.read_bytes()
+                # Taken before the read: the content was in the file at this time or later, so
+                # a token whose expiry is before it was held past its expiry (no false alarm if
+                # the thread is descheduled after the read).
                 now = time.time()
+                content = path.read_bytes()
                 self.reads += 1
                 history = self.seen[path]
                 if history and history[-1].content == content:
@@ -365,6 +368,7 @@ class TestFleet:
     ) -> None:
         """Two replicas sharing Redis: both files hold the fleet's token, fetched once."""
         oauth_server.lifetime = 3.0
+        started = time.monotonic()
         replicas = []
         for name in ("a", "b"):
             sink = tmp_path / f"token-{name}"
@@ -386,5 +390,6 @@ class TestFleet:
         assert token in oauth_server.expiry
         for _, _, process in replicas:
             assert len(events(process, "sink.written")) >= 2
-        # Sharing through the store still works: about one request per 0.75 lifetime, not two.
-        assert oauth_server.count() <= 8
+        # Sharing through the store still works: one request per refresh (at 0.75 of the
+        # lifetime, minus jitter: at least 2.1 s apart) for the fleet, not one per replica.
+        assert oauth_server.count() <= (time.monotonic() - started) / 2.1 + 2
