@@ -18,6 +18,7 @@ from aiohttp import web
 from broker.api import build_api_app, build_metrics_app
 from broker.api.auth import ClientAuthenticator
 from broker.api.proxy import Upstreams
+from broker.api.unix_socket import UnixListener, bind_unix_socket
 from broker.clock import Clock, SystemClock
 from broker.config import load_config
 from broker.core import BrokerCore
@@ -28,6 +29,7 @@ from broker.metrics import Metrics
 from broker.model import AppSpec, Config
 from broker.oauth.client import OAuthClient
 from broker.refresher import AppRefresher
+from broker.sinks import SinkSet
 from broker.store import TokenStore
 from broker.store.factory import open_store
 
@@ -52,11 +54,7 @@ def split_host_port(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _site(runner: web.AppRunner, listen: str) -> web.BaseSite:
-    if listen.startswith("unix:"):
-        path = listen.removeprefix("unix:")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return web.UnixSite(runner, path)
+def _tcp_site(runner: web.AppRunner, listen: str) -> web.BaseSite:
     host, port = split_host_port(listen)
     return web.TCPSite(runner, host, port)
 
@@ -73,9 +71,11 @@ class Broker:
     authenticator: ClientAuthenticator
     clock: Clock
     owner: str
+    sinks: SinkSet
     upstreams: Upstreams = field(default_factory=Upstreams)
     credentials: dict[str, Credentials] = field(default_factory=dict)
     api_runner: web.AppRunner | None = None
+    api_socket: UnixListener | None = None
     metrics_runner: web.AppRunner | None = None
     api_addresses: list[str] = field(default_factory=list)
     metrics_addresses: list[str] = field(default_factory=list)
@@ -100,9 +100,12 @@ async def build_broker(
     )
     core = BrokerCore({}, store, clock, metrics)
     authenticator = ClientAuthenticator(config.clients)
-    broker = Broker(config, core, store, metrics, session, authenticator, clock, owner)
+    sinks = SinkSet(clock, metrics)
+    broker = Broker(config, core, store, metrics, session, authenticator, clock, owner, sinks)
     for spec in config.apps.values():
-        core.add_app(new_refresher(broker, spec))
+        refresher = new_refresher(broker, spec)
+        core.add_app(refresher)
+        await sinks.attach(refresher)
     broker.upstreams.update(config.apps)
     return broker
 
@@ -175,6 +178,7 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         log.warning("config.restart_needed", reason="server and store settings apply on restart")
     for name in sorted(set(old.apps) - set(new.apps)):
         await broker.core.remove_app(name)
+        await broker.sinks.detach(name)
         broker.credentials.pop(name, None)
         audit(log, "app.removed", app=name)
     retired = broker.upstreams.update(new.apps)
@@ -189,7 +193,9 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         )
         if before is not None:
             await broker.core.remove_app(name)
-        broker.core.add_app(new_refresher(broker, spec), fresh=fresh)
+        refresher = new_refresher(broker, spec)
+        broker.core.add_app(refresher, fresh=fresh)
+        await broker.sinks.attach(refresher)
         audit(log, "app.updated" if before is not None else "app.added", app=name)
     broker.config = Config(server=old.server, store=old.store, apps=new.apps, clients=new.clients)
     log.info("config.reloaded", apps=sorted(new.apps), clients=sorted(new.clients))
@@ -199,15 +205,26 @@ async def reload_config(broker: Broker, path: Path) -> bool:
 
 
 async def start_listeners(broker: Broker) -> None:
-    """Bind the local API and the metrics listener."""
+    """Bind the local API (TCP, or a unix socket with peer identity) and the metrics listener."""
+    server = broker.config.server
     api = build_api_app(
-        broker.core, broker.authenticator, broker.metrics, broker.clock, broker.upstreams
+        broker.core,
+        broker.authenticator,
+        broker.metrics,
+        broker.clock,
+        broker.upstreams,
+        peer_identity=server.unix_path is not None,
     )
     broker.api_runner = web.AppRunner(
         api, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
     )
     await broker.api_runner.setup()
-    api_site = _site(broker.api_runner, broker.config.server.listen)
+    api_site: web.BaseSite
+    if server.unix_path is not None:
+        broker.api_socket = bind_unix_socket(server)
+        api_site = web.SockSite(broker.api_runner, broker.api_socket.sock)
+    else:
+        api_site = _tcp_site(broker.api_runner, server.listen)
     await api_site.start()
     broker.api_addresses = _addresses(broker.api_runner)
 
@@ -216,7 +233,7 @@ async def start_listeners(broker: Broker) -> None:
         metrics_app, access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await broker.metrics_runner.setup()
-    metrics_site = _site(broker.metrics_runner, broker.config.server.metrics_listen)
+    metrics_site = _tcp_site(broker.metrics_runner, server.metrics_listen)
     await metrics_site.start()
     broker.metrics_addresses = _addresses(broker.metrics_runner)
 
@@ -225,12 +242,19 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
     """Readiness goes false, in-flight requests finish, then the loops stop and connections close."""
     broker.core.draining = True
     log.info("broker.draining")
+    if broker.api_socket is not None:
+        broker.api_socket.remove()  # no new callers; in-flight requests finish below
     if broker.api_runner is not None:
         await broker.api_runner.cleanup()
     core_task.cancel()
     done, _ = await asyncio.wait({core_task}, timeout=CLOSE_TIMEOUT)
     if not done:
         log.warning("broker.loops_did_not_stop")
+    try:
+        # Nobody will empty the token files at their deadline once the broker is gone.
+        await asyncio.wait_for(broker.sinks.close(), CLOSE_TIMEOUT)
+    except TimeoutError:
+        log.warning("sinks.close_timed_out")
     if broker.metrics_runner is not None:
         await broker.metrics_runner.cleanup()
     await broker.upstreams.close(grace=0.0)
@@ -268,6 +292,7 @@ async def serve(
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
     core_task = asyncio.create_task(broker.core.run(), name="broker-core")
+    broker.sinks.start()
     watcher = asyncio.create_task(watch_files(broker), name="file-watcher")
     try:
         await start_listeners(broker)

@@ -9,8 +9,6 @@ import os
 import secrets
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,12 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--url",
         default=os.environ.get("TOKEN_BROKER_URL", "http://127.0.0.1:8411"),
-        help="the broker's API (default http://127.0.0.1:8411, or TOKEN_BROKER_URL)",
+        help="the broker's API: http://host:port or unix:/path/to/api.sock "
+        "(default http://127.0.0.1:8411, or TOKEN_BROKER_URL)",
     )
     token.add_argument(
         "--key-file",
         default=os.environ.get("TOKEN_BROKER_KEY_FILE"),
-        help="file holding this client's key (or TOKEN_BROKER_KEY_FILE / TOKEN_BROKER_KEY)",
+        help="file holding this client's key (or TOKEN_BROKER_KEY_FILE / TOKEN_BROKER_KEY); "
+        "not needed over a unix socket when this uid or gid is mapped to a client",
     )
     token.add_argument("--min-ttl", type=int, default=None)
 
@@ -173,31 +173,39 @@ def _authorize(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
+    from broker.local_client import get_token, is_unix_url
+
     key = os.environ.get("TOKEN_BROKER_KEY")
     if args.key_file:
         try:
             key = Path(args.key_file).read_text().strip()
         except OSError as exc:
             raise ConfigError("--key-file", f"cannot read: {exc.strerror}") from None
-    if not key:
-        raise ConfigError("--key-file", "no client key (use --key-file, TOKEN_BROKER_KEY_FILE)")
-    url = f"{args.url.rstrip('/')}/v1/token/{args.app}"
-    if args.min_ttl is not None:
-        url += f"?min_ttl={args.min_ttl}"
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})  # noqa: S310
+    if not key and not is_unix_url(args.url):
+        raise ConfigError(
+            "--key-file",
+            "no client key (use --key-file, TOKEN_BROKER_KEY_FILE; or --url unix:/path "
+            "when this uid is mapped to a client)",
+        )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            body = json.load(response)
-    except urllib.error.HTTPError as exc:
-        try:
-            error = json.load(exc)
-            detail = f"{error.get('error')}: {error.get('message')}"
-            print(f"token-broker: HTTP {exc.code} {detail}", file=sys.stderr)
-        except ValueError:
-            print(f"token-broker: HTTP {exc.code}", file=sys.stderr)
-        return EXIT_RUNTIME
-    except (urllib.error.URLError, OSError) as exc:
+        status, raw = get_token(args.url, args.app, key=key, min_ttl=args.min_ttl)
+    except ValueError as exc:
+        raise ConfigError("--url", str(exc)) from None
+    except OSError as exc:
         print(f"token-broker: cannot reach the broker at {args.url}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    if status != 200:
+        detail = f" {body.get('error')}: {body.get('message')}" if body.get("error") else ""
+        print(f"token-broker: HTTP {status}{detail}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if "access_token" not in body:
+        print("token-broker: the broker's answer holds no token", file=sys.stderr)
         return EXIT_RUNTIME
     print(body["access_token"])
     return EXIT_OK

@@ -6,9 +6,11 @@ Relative `*_file` paths resolve against the config file's directory.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import math
 import os
+import pwd
 import re
 import ssl
 from collections.abc import Callable, Mapping
@@ -30,6 +32,8 @@ from broker.model import (
     ProxySpec,
     RefreshPolicy,
     ServerSpec,
+    SinkFormat,
+    SinkSpec,
     StoreSpec,
 )
 from broker.store.crypto import Keyring
@@ -41,6 +45,11 @@ MIN_RSA_BITS = 2048
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_OCTAL_MODE = re.compile(r"^(?:0o?)?([0-7]{3})$")
+# Unix ids are 32-bit; 2**32 - 1 is (uid_t) -1, "no change", never a real id.
+MAX_UNIX_ID = 2**32 - 2
+# A token file may be read by group and others, but only the broker writes it.
+MAX_SINK_MODE = 0o644
 
 T = TypeVar("T")
 
@@ -71,11 +80,13 @@ def parse_config(data: object, *, base_dir: Path) -> Config:
     if not apps_raw:
         raise ConfigError("apps", "at least one app is required")
     apps = {name: _app(name, body, f"apps.{name}", base_dir) for name, body in apps_raw.items()}
+    _check_sink_paths(apps, server)
     clients_raw = _mapping(root.get("clients") or {}, "clients")
     clients = {
         name: _client(name, body, f"clients.{name}", base_dir, apps)
         for name, body in clients_raw.items()
     }
+    _check_peer_identities(clients, server)
     return Config(server=server, store=store, apps=apps, clients=clients)
 
 
@@ -84,7 +95,7 @@ def parse_config(data: object, *, base_dir: Path) -> Config:
 
 def _server(data: object, key: str) -> ServerSpec:
     m = _mapping(data, key)
-    _only(m, key, {"listen", "metrics_listen", "allow_non_loopback"})
+    _only(m, key, {"listen", "metrics_listen", "allow_non_loopback", *_SOCKET_KEYS})
     defaults = ServerSpec()
     listen = _str(m.get("listen", defaults.listen), f"{key}.listen")
     metrics_listen = _str(m.get("metrics_listen", defaults.metrics_listen), f"{key}.metrics_listen")
@@ -97,7 +108,31 @@ def _server(data: object, key: str) -> ServerSpec:
             f"{listen} is not a loopback address; the API serves tokens and stays on localhost "
             "unless server.allow_non_loopback is true",
         )
-    return ServerSpec(listen=listen, metrics_listen=metrics_listen, allow_non_loopback=allow)
+    socket_mode, socket_group = _socket_settings(m, key, listen)
+    return ServerSpec(
+        listen=listen,
+        metrics_listen=metrics_listen,
+        allow_non_loopback=allow,
+        socket_mode=socket_mode,
+        socket_group=socket_group,
+    )
+
+
+_SOCKET_KEYS = {"socket_mode", "socket_group"}
+
+
+def _socket_settings(m: Mapping[str, Any], key: str, listen: str) -> tuple[int, int | None]:
+    """`server.socket_mode` and `server.socket_group`: who may connect to the API's unix socket."""
+    given = sorted(_SOCKET_KEYS & set(m))
+    if given and not listen.startswith("unix:"):
+        raise ConfigError(f"{key}.{given[0]}", "applies only when server.listen is unix:/path")
+    mode = _octal_mode(m.get("socket_mode", "0660"), f"{key}.socket_mode")
+    if mode & 0o200 == 0:
+        # Connecting to a unix socket needs write permission on it.
+        raise ConfigError(f"{key}.socket_mode", "the owner needs write permission (e.g. 0660)")
+    raw_group = m.get("socket_group")
+    group = None if raw_group is None else _group_id(raw_group, f"{key}.socket_group")
+    return mode, group
 
 
 def _store(data: object, key: str, base_dir: Path) -> StoreSpec:
@@ -151,6 +186,7 @@ _APP_KEYS = {
     "pkce",
     "authorize_params",
     "proxy",
+    "sinks",
 }
 
 
@@ -234,7 +270,56 @@ def _app(name: object, data: object, key: str, base_dir: Path) -> AppSpec:
         pkce=_bool(m.get("pkce", True), f"{key}.pkce"),
         authorize_params=_params(m.get("authorize_params"), f"{key}.authorize_params"),
         proxy=_proxy(m["proxy"], f"{key}.proxy", base_dir) if "proxy" in m else None,
+        sinks=_sinks(m.get("sinks"), f"{key}.sinks"),
     )
+
+
+def _sinks(data: object, key: str) -> tuple[SinkSpec, ...]:
+    """`apps.<name>.sinks`: files the app's token is written to."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError(key, f"must be a list, not {_type(data)}")
+    return tuple(_sink(item, f"{key}[{i}]") for i, item in enumerate(data))
+
+
+def _sink(data: object, key: str) -> SinkSpec:
+    m = _mapping(data, key)
+    _only(m, key, {"path", "format", "mode", "owner", "group"})
+    if "path" not in m:
+        raise ConfigError(f"{key}.path", "required")
+    text = _str(m["path"], f"{key}.path")
+    path = Path(text)
+    if not path.is_absolute() or text.endswith("/") or os.path.normpath(text) != text:
+        raise ConfigError(f"{key}.path", f"{text!r} is not a normalized absolute file path")
+    mode = _octal_mode(m.get("mode", "0600"), f"{key}.mode")
+    if mode & ~MAX_SINK_MODE:
+        raise ConfigError(
+            f"{key}.mode",
+            f"{mode:04o} grants write or execute; a token file is at most 0644 (read for others)",
+        )
+    owner = m.get("owner")
+    group = m.get("group")
+    return SinkSpec(
+        path=path,
+        format=_enum(m.get("format", "raw"), f"{key}.format", SinkFormat),
+        mode=mode,
+        owner=None if owner is None else _user_id(owner, f"{key}.owner"),
+        group=None if group is None else _group_id(group, f"{key}.group"),
+    )
+
+
+def _check_sink_paths(apps: Mapping[str, AppSpec], server: ServerSpec) -> None:
+    """Each token file belongs to one sink of one app, and is not the API's socket."""
+    seen: dict[Path, str] = {}
+    if server.unix_path is not None:
+        seen[Path(server.unix_path)] = "server.listen"
+    for name, app in apps.items():
+        for i, sink in enumerate(app.sinks):
+            where = f"apps.{name}.sinks[{i}].path"
+            if sink.path in seen:
+                raise ConfigError(where, f"{sink.path} is already used by {seen[sink.path]}")
+            seen[sink.path] = where
 
 
 def _refresh(data: object, key: str) -> RefreshPolicy:
@@ -267,7 +352,7 @@ def _client(
 ) -> ClientSpec:
     name = _name(name, key)
     m = _mapping(data, key)
-    _only(m, key, {"key_file", "key_previous_file", "key_sha256", "apps"})
+    _only(m, key, {"key_file", "key_previous_file", "key_sha256", "apps", "uids", "gids"})
     key_files = []
     for field in ("key_file", "key_previous_file"):
         path = _optional_path(m.get(field), f"{key}.{field}", base_dir)
@@ -286,8 +371,10 @@ def _client(
             if not _HEX64.match(digest):
                 raise ConfigError(f"{key}.key_sha256[{i}]", "must be 64 hex digits (a SHA-256)")
             digests.append(digest.lower())
-    if not key_files and not digests:
-        raise ConfigError(key, "needs key_file or key_sha256")
+    uids = _unix_ids(m.get("uids"), f"{key}.uids")
+    gids = _unix_ids(m.get("gids"), f"{key}.gids")
+    if not key_files and not digests and not uids and not gids:
+        raise ConfigError(key, "needs an identity: key_file, key_sha256, uids or gids")
     if "key_previous_file" in m and "key_file" not in m:
         raise ConfigError(f"{key}.key_previous_file", "goes with key_file")
     allowed = _str_list(m.get("apps", []), f"{key}.apps")
@@ -297,8 +384,50 @@ def _client(
         if app not in apps:
             raise ConfigError(f"{key}.apps[{i}]", f"unknown app {app!r}")
     return ClientSpec(
-        name=name, apps=tuple(allowed), key_files=tuple(key_files), key_sha256=tuple(digests)
+        name=name,
+        apps=tuple(allowed),
+        key_files=tuple(key_files),
+        key_sha256=tuple(digests),
+        uids=uids,
+        gids=gids,
     )
+
+
+def _unix_ids(value: object, key: str) -> tuple[int, ...]:
+    """`clients.<name>.uids` / `.gids`: numeric ids, as the kernel reports a peer's."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, "must be a non-empty list of numeric ids")
+    ids = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= MAX_UNIX_ID:
+            raise ConfigError(f"{key}[{i}]", f"{item!r} is not a numeric id")
+        ids.append(item)
+    if len(set(ids)) != len(ids):
+        raise ConfigError(key, "lists an id twice")
+    return tuple(ids)
+
+
+def _check_peer_identities(clients: Mapping[str, ClientSpec], server: ServerSpec) -> None:
+    """Peer identity needs the unix socket, and one uid (or gid) names one client."""
+    for field in ("uids", "gids"):
+        owner: dict[int, str] = {}
+        for name, client in clients.items():
+            ids: tuple[int, ...] = getattr(client, field)
+            if ids and server.unix_path is None:
+                raise ConfigError(
+                    f"clients.{name}.{field}",
+                    "peer identity works only over a unix socket: set server.listen to "
+                    "unix:/path (a TCP peer's address says nothing about who is calling)",
+                )
+            for i, unix_id in enumerate(ids):
+                if unix_id in owner:
+                    raise ConfigError(
+                        f"clients.{name}.{field}[{i}]",
+                        f"{unix_id} already identifies client {owner[unix_id]}",
+                    )
+                owner[unix_id] = name
 
 
 # ---- apps.<name>.proxy -----------------------------------------------------------------------
@@ -555,6 +684,45 @@ def _url(value: object, key: str, *, allow_http: bool = False) -> str:
     return text
 
 
+def _octal_mode(value: object, key: str) -> int:
+    """A file mode given as an octal string such as "0660"."""
+    match = _OCTAL_MODE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(
+            key,
+            f'{value!r} is not a quoted octal mode like "0660" '
+            "(unquoted, YAML reads 0660 as a number)",
+        )
+    return int(match.group(1), 8)
+
+
+def _user_id(value: object, key: str) -> int:
+    """A numeric uid, or a user name resolved on this host."""
+    if isinstance(value, str) and not value.isdigit():
+        try:
+            return pwd.getpwnam(value).pw_uid
+        except KeyError:
+            raise ConfigError(key, f"no user named {value!r} on this host") from None
+    return _numeric_id(value, key)
+
+
+def _group_id(value: object, key: str) -> int:
+    """A numeric gid, or a group name resolved on this host."""
+    if isinstance(value, str) and not value.isdigit():
+        try:
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise ConfigError(key, f"no group named {value!r} on this host") from None
+    return _numeric_id(value, key)
+
+
+def _numeric_id(value: object, key: str) -> int:
+    number = int(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number <= MAX_UNIX_ID:
+        raise ConfigError(key, f"{value!r} is not a numeric id or a name")
+    return number
+
+
 def _is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -634,7 +802,7 @@ def _check_encryption_key_file(path: Path, key: str) -> None:
 def summarize(config: Config) -> str:
     """What `check-config` prints: everything an operator checks, never a secret."""
     lines = [
-        f"API:      {config.server.listen}",
+        f"API:      {config.server.listen}" + _socket_summary(config.server),
         f"metrics:  {config.server.metrics_listen}",
         f"store:    {redact_url(config.store.url)} (key prefix {config.store.key_prefix!r}"
         + (", encrypted)" if config.store.encryption_key_file else ", in memory)"),
@@ -654,10 +822,17 @@ def summarize(config: Config) -> str:
         )
         if app.proxy is not None:
             lines.append(_proxy_summary(app.proxy))
+        lines.extend(
+            f"    sink {sink.path} ({sink.format.value}, mode {sink.mode:04o})"
+            for sink in app.sinks
+        )
     lines.append(f"clients ({len(config.clients)}):")
     for client in config.clients.values():
         keys = len(client.key_files) + len(client.key_sha256)
-        lines.append(f"  {client.name}: apps {', '.join(client.apps)} ({keys} key(s))")
+        lines.append(
+            f"  {client.name}: apps {', '.join(client.apps)} ({keys} key(s))"
+            + _peer_summary(client)
+        )
     return "\n".join(lines)
 
 
@@ -670,6 +845,19 @@ def _proxy_summary(proxy: ProxySpec) -> str:
         + (", retry on 401" if proxy.retry_on_401 else ", no retry on 401")
         + (f", CA {proxy.ca_file}" if proxy.ca_file else "")
     )
+
+
+def _socket_summary(server: ServerSpec) -> str:
+    if server.unix_path is None:
+        return ""
+    group = "" if server.socket_group is None else f", group {server.socket_group}"
+    return f" (mode {server.socket_mode:04o}{group})"
+
+
+def _peer_summary(client: ClientSpec) -> str:
+    ids = [f"uids {', '.join(map(str, client.uids))}"] if client.uids else []
+    ids += [f"gids {', '.join(map(str, client.gids))}"] if client.gids else []
+    return f", by peer {'; '.join(ids)}" if ids else ""
 
 
 def redact_url(url: str) -> str:

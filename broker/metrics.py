@@ -113,6 +113,12 @@ class Metrics:
             ["app", "reason"],
             registry=r,
         )
+        self.sink_writes = Counter(
+            "token_broker_sink_writes_total",
+            "Token file writes by outcome (written, truncated, error), one per file.",
+            ["app", "outcome"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "token_broker_build_info",
             "Always 1; the version is in the label.",

@@ -56,6 +56,29 @@ class ClientAuth(enum.StrEnum):
     PRIVATE_KEY_JWT = "private_key_jwt"
 
 
+class SinkFormat(enum.StrEnum):
+    """What a token file holds."""
+
+    RAW = "raw"  # the bare access token
+    JSON = "json"  # the API's answer body
+    HEADER = "header"  # `Authorization: Bearer <token>`
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSpec:
+    """A file an app's current token is written to, for programs that can only read files.
+
+    `owner` and `group` are numeric ids (names are resolved when the config is loaded); None
+    leaves the file owned by the broker's own uid and group.
+    """
+
+    path: Path
+    format: SinkFormat = SinkFormat.RAW
+    mode: int = 0o600
+    owner: int | None = None
+    group: int | None = None
+
+
 class AppState(enum.StrEnum):
     """What the API and the metrics say about an app."""
 
@@ -119,6 +142,7 @@ class AppSpec:
     pkce: bool = True
     authorize_params: Mapping[str, str] = field(default_factory=dict)
     proxy: ProxySpec | None = None
+    sinks: tuple[SinkSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,22 +150,36 @@ class ClientSpec:
     """A local caller allowed to ask for tokens of some apps.
 
     `key_sha256` holds hex digests given inline; `key_files` the files holding keys (several
-    during a key rotation).
+    during a key rotation). `uids` and `gids` identify the caller by the peer credentials of a
+    unix-socket connection instead of (or besides) a key.
     """
 
     name: str
     apps: tuple[str, ...]
     key_files: tuple[Path, ...] = ()
     key_sha256: tuple[str, ...] = ()
+    uids: tuple[int, ...] = ()
+    gids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ServerSpec:
-    """Where the API and the metrics listener bind."""
+    """Where the API and the metrics listener bind.
+
+    `socket_mode` and `socket_group` (a numeric gid, None: the broker's own) apply to the API's
+    unix socket, when `listen` is `unix:/path`.
+    """
 
     listen: str = "127.0.0.1:8411"
     metrics_listen: str = "0.0.0.0:9411"
     allow_non_loopback: bool = False
+    socket_mode: int = 0o660
+    socket_group: int | None = None
+
+    @property
+    def unix_path(self) -> str | None:
+        """The API's unix socket path, or None when it listens on TCP."""
+        return self.listen.removeprefix("unix:") if self.listen.startswith("unix:") else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import random
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
@@ -87,6 +88,7 @@ class AppRefresher:
         self._wake = asyncio.Event()
         self._store_changed = asyncio.Event()
         self._forced: collections.deque[float] = collections.deque()
+        self._listeners: list[Callable[[TokenSet], None]] = []
         self._set_state(AppState.REFRESHING)
 
     # ---- serving -------------------------------------------------------------------------
@@ -142,6 +144,10 @@ class AppRefresher:
             self._forced.append(mono)
         await self._wait_for_refresh()
         return self._servable_or_raise(0.0)
+
+    def add_listener(self, callback: Callable[[TokenSet], None]) -> None:
+        """Call `callback(token)` (synchronously, so it must be quick) after each token adopted."""
+        self._listeners.append(callback)
 
     def status(self) -> AppStatus:
         """The app's state as the API shows it."""
@@ -469,6 +475,8 @@ class AppRefresher:
                 token_fingerprint=token.fingerprint,
                 expires_at=round(token.expires_at, 3),
             )
+        for listener in self._listeners:
+            listener(token)
 
     # ---- outcomes ------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker.api.auth import ClientAuthenticator
+from broker.api.auth import ClientAuthenticator, PeerCredentials
 from broker.api.errors import NO_STORE, ApiError, error_response, token_error
 from broker.api.openapi import openapi_document
 from broker.api.proxy import Proxy, Upstreams, check_method
@@ -83,12 +83,16 @@ class _Api:
         metrics: Metrics,
         clock: Clock,
         upstreams: Upstreams,
+        *,
+        peer_identity: bool = False,
     ) -> None:
         self.service = service
         self.auth = authenticator
         self.metrics = metrics
         self.clock = clock
         self.proxy = Proxy(service, upstreams, metrics)
+        # Only the unix-socket API reads peer credentials; on TCP nothing is looked up.
+        self._peers = PeerCredentials() if peer_identity else None
         self._issued: dict[str, tuple[TokenSet, set[str]]] = {}
         # The serialized answer per app, reused while the token and its whole seconds left hold.
         self._bodies: dict[str, tuple[TokenSet, int, bytes]] = {}
@@ -139,7 +143,9 @@ class _Api:
         raise ApiError(404, "not_found", "no such route")
 
     def _log_denied(self, request: web.Request, reason: str) -> None:
-        who = request[CLIENT_LABEL] or (request.remote or "unknown")
+        peer = self._peers.of(request.transport) if self._peers is not None else None
+        where = f"uid:{peer[0]}" if peer is not None else request.remote
+        who = request[CLIENT_LABEL] or (where or "unknown")
         if self._denied.allow((who, reason), self.clock.monotonic()):
             audit(
                 log,
@@ -148,19 +154,27 @@ class _Api:
                 remote=request.remote,
                 reason=reason,
                 app=request[APP_LABEL] or None,
+                **({"peer_uid": peer[0], "peer_gid": peer[1]} if peer is not None else {}),
             )
 
     # ---- helpers -----------------------------------------------------------------------
 
     def _caller(self, request: web.Request) -> str:
-        client = self.auth.identify(request.headers.get("Authorization"))
+        authorization = request.headers.get("Authorization")
+        client = self.auth.identify(authorization)
         if client is None:
-            raise ApiError(
-                401,
-                "unauthorized",
-                "a valid client key is required as 'Authorization: Bearer <key>'",
-                {"WWW-Authenticate": 'Bearer realm="token-broker"'},
-            )
+            if authorization is None and self._peers is not None:
+                # No key presented, on the unix socket: the kernel says who is calling.
+                peer = self._peers.of(request.transport)
+                client = None if peer is None else self.auth.identify_peer(*peer)
+            if client is None:
+                raise ApiError(
+                    401,
+                    "unauthorized",
+                    "a valid client key is required as 'Authorization: Bearer <key>'"
+                    + (" (or a uid or gid mapped to a client)" if self._peers is not None else ""),
+                    {"WWW-Authenticate": 'Bearer realm="token-broker"'},
+                )
         request[CLIENT_LABEL] = client
         return client
 
@@ -273,9 +287,20 @@ def build_api_app(
     metrics: Metrics,
     clock: Clock,
     upstreams: Upstreams | None = None,
+    *,
+    peer_identity: bool = False,
 ) -> web.Application:
-    """The local API application; `upstreams` holds the proxies' pools (none: no proxy)."""
-    api = _Api(service, authenticator, metrics, clock, upstreams or Upstreams())
+    """The local API application. `upstreams` holds the proxies' pools (none: no proxy).
+    `peer_identity`: it serves a unix socket, where callers without a key are identified by
+    their uid and gid."""
+    api = _Api(
+        service,
+        authenticator,
+        metrics,
+        clock,
+        upstreams or Upstreams(),
+        peer_identity=peer_identity,
+    )
     app = web.Application(client_max_size=4096)
     app.router.add_get(ROUTE_TOKEN, api.endpoint(ROUTE_TOKEN, api.get_token), allow_head=False)
     app.router.add_post(ROUTE_REFRESH, api.endpoint(ROUTE_REFRESH, api.refresh))

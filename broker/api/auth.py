@@ -1,10 +1,20 @@
-"""Caller authentication: client keys compared as SHA-256 digests, in constant time."""
+"""Caller authentication: client keys compared as SHA-256 digests, in constant time, and the
+peer credentials (uid, gid) of unix-socket connections.
+
+Precedence: a request that carries `Authorization` is judged by its key alone (a wrong key is a
+401 even from a mapped uid). Only a request without `Authorization`, on the unix socket, is
+identified by its peer: a client listing the peer's uid, else one listing its gid.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
+import socket
+import struct
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +24,9 @@ from broker.logs import SECRETS, get_logger
 from broker.model import ClientSpec
 
 log = get_logger(__name__)
+
+# struct ucred: pid_t pid, uid_t uid, gid_t gid.
+_UCRED = struct.Struct("iII")
 
 
 def key_digest(key: str) -> bytes:
@@ -59,6 +72,10 @@ class ClientAuthenticator:
         self._files = files
         self._inline = inline
         self._allowed = {name: frozenset(spec.apps) for name, spec in self._clients.items()}
+        self._by_uid = {uid: name for name, spec in clients.items() for uid in spec.uids}
+        self._by_gid = {gid: name for name, spec in clients.items() for gid in spec.gids}
+        if (self._by_uid or self._by_gid) and not hasattr(socket, "SO_PEERCRED"):
+            raise ConfigError("clients", "uids and gids need SO_PEERCRED (Linux)")
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -83,6 +100,15 @@ class ClientAuthenticator:
                 found = name
         return found
 
+    @property
+    def uses_peer_identity(self) -> bool:
+        """True when some client is identified by uid or gid."""
+        return bool(self._by_uid or self._by_gid)
+
+    def identify_peer(self, uid: int, gid: int) -> str | None:
+        """The client mapped to a unix-socket peer: by its uid first, else by its (primary) gid."""
+        return self._by_uid.get(uid) or self._by_gid.get(gid)
+
     def allowed(self, client: str, app: str) -> bool:
         """True when `client` may ask for tokens of `app`."""
         return app in self._allowed.get(client, frozenset())
@@ -100,6 +126,38 @@ class ClientAuthenticator:
         if changed:
             self._rebuild()
         return changed
+
+
+class PeerCredentials:
+    """The uid and gid of the process at the other end of a unix-socket connection.
+
+    The kernel records them at connect() (SO_PEERCRED), so they are read once per connection
+    and kept while the connection lives. A TCP connection has none: an address in a pod's
+    shared network namespace says nothing about who is calling.
+    """
+
+    def __init__(self) -> None:
+        self._known: weakref.WeakKeyDictionary[asyncio.BaseTransport, tuple[int, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def of(self, transport: asyncio.BaseTransport | None) -> tuple[int, int] | None:
+        """(uid, gid) of the peer on `transport`, or None when it is not a unix socket."""
+        if transport is None:
+            return None
+        known = self._known.get(transport)
+        if known is not None:
+            return known
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        except OSError:
+            return None
+        _, uid, gid = _UCRED.unpack(raw)
+        self._known[transport] = (uid, gid)
+        return uid, gid
 
 
 def _load(key_file: _KeyFile) -> bool | None:

@@ -133,7 +133,9 @@ _DOCUMENT: dict[str, Any] = {
         "version": __version__,
         "description": (
             "Fresh OAuth 2.0 access tokens for the services in this pod. Callers authenticate "
-            "with `Authorization: Bearer <client key>`. Requests whose Host is not a loopback "
+            "with `Authorization: Bearer <client key>`; on a unix-socket API, a request "
+            "without that header is identified by the caller's uid or gid (SO_PEERCRED) when "
+            "a client maps it. Requests whose Host is not a loopback "
             "name, or that carry Forwarded / X-Forwarded-For, get 403 bad_host."
         ),
     },

@@ -131,6 +131,22 @@ class TestPlainManifests:
         deployment = documents((BASE / "deployment.yaml").read_text())[0]
         check_pod(deployment["spec"]["template"]["spec"])
 
+    @pytest.mark.parametrize("where", ["base", "overlay"])
+    def test_callers_use_the_socket_as_their_own_mapped_uid(self, where: str) -> None:
+        """The API is a unix socket in an emptyDir; each caller runs as a uid a client maps."""
+        docs = (
+            overlay_docs(ROOT / "deploy" / "overlays" / "example")
+            if where == "overlay"
+            else [
+                d
+                for f in ("configmap.yaml", "deployment.yaml")
+                for d in documents((BASE / f).read_text())
+            ]
+        )
+        configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+        pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        check_socket_mode(pod, configmap["data"]["config.yaml"])
+
     def test_prometheus_rule_equals_the_plain_rules_file(self) -> None:
         """The PrometheusRule carries exactly the groups of the plain rules file."""
         rule = documents((BASE / "prometheusrule.yaml").read_text())[0]
@@ -169,6 +185,41 @@ def overlay_docs(overlay: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(text) if d]
 
 
+def _uid(pod: dict[str, Any], container: dict[str, Any]) -> int:
+    uid: int = container.get("securityContext", {}).get(
+        "runAsUser", pod["securityContext"].get("runAsUser")
+    )
+    return uid
+
+
+def check_socket_mode(pod: dict[str, Any], config_text: str) -> None:
+    """The recommended mode: socket in an emptyDir, callers with their own uids, all mapped."""
+    config = yaml.safe_load(config_text)
+    listen = config["server"]["listen"]
+    assert listen.startswith("unix:/")
+    socket_dir = str(Path(listen.removeprefix("unix:")).parent)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    sidecar = next(c for c in pod["initContainers"] if c["name"] == "token-broker")
+
+    def socket_volume(container: dict[str, Any]) -> str | None:
+        mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == socket_dir]
+        return mounts[0]["name"] if mounts else None
+
+    volume = socket_volume(sidecar)
+    assert volume is not None and "emptyDir" in volumes[volume]
+    mapped = {uid for client in config["clients"].values() for uid in client.get("uids", [])}
+    callers = [c for c in pod["containers"] if socket_volume(c) == volume]
+    assert callers, "no container mounts the socket"
+    uids = [_uid(pod, c) for c in [sidecar, *pod["containers"]]]
+    assert len(set(uids)) == len(uids), "containers share a uid"
+    for caller in callers:
+        assert _uid(pod, caller) in mapped
+        env = {e["name"]: e.get("value") for e in caller.get("env", [])}
+        assert env["TOKEN_BROKER_URL"] == listen
+        assert "TOKEN_BROKER_KEY_FILE" not in env
+    assert _uid(pod, sidecar) not in mapped
+
+
 def check_pod(pod: dict[str, Any]) -> None:
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -195,9 +246,9 @@ class TestChart:
         assert report["errors"] == []
         assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
-    @pytest.mark.parametrize("values_file", [None, "ci/example-values.yaml"])
+    @pytest.mark.parametrize("values_file", [None, "ci/example-values.yaml", "ci/tcp-values.yaml"])
     def test_renders_and_validates(self, tmp_path: Path, values_file: str | None) -> None:
-        """Default and example values render to manifests that validate (strict)."""
+        """Default, example and TCP-mode values render to manifests that validate (strict)."""
         values = yaml.safe_load((CHART / values_file).read_text()) if values_file else None
         rendered = render_chart(values)
         docs = [
@@ -209,6 +260,26 @@ class TestChart:
         rule = next(d for d in docs if d["kind"] == "PrometheusRule")
         assert rule["spec"] == yaml.safe_load(RULES.read_text())
         assert "NOTES.txt" in " ".join(rendered)
+
+    @pytest.mark.parametrize("values_file", [None, "ci/example-values.yaml"])
+    def test_recommended_mode_is_the_socket_with_mapped_uids(self, values_file: str | None) -> None:
+        """Default and example values: the socket in an emptyDir, the workload a mapped uid."""
+        values = yaml.safe_load((CHART / values_file).read_text()) if values_file else None
+        docs = [
+            d for n, t in render_chart(values).items() if n.endswith(".yaml") for d in documents(t)
+        ]
+        configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+        pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        check_socket_mode(pod, configmap["data"]["config.yaml"])
+        assert not any(d["metadata"]["name"].endswith("-client-keys") for d in docs)
+
+    def test_a_socket_outside_the_shared_directory_is_refused(self) -> None:
+        """The chart refuses a socket path its callers could not reach."""
+        import helm_python as helm
+
+        values = {"config": {"server": {"listen": "unix:/tmp/api.sock"}}}
+        with pytest.raises(helm.HelmError, match="/run/token-broker"):
+            render_chart(values)
 
     def test_schema_rejects_bad_values(self) -> None:
         """values.schema.json refuses an unknown top-level key."""
@@ -275,7 +346,7 @@ class TestDashboard:
             for m in re.findall(r"token_broker_[a-z_]+", e)
         }
         known = contract_metrics()
-        assert len(known) == 16
+        assert len(known) == 17
         assert used <= known, used - known
         assert {
             "token_broker_token_expiry_timestamp_seconds",
@@ -283,6 +354,7 @@ class TestDashboard:
             "token_broker_requests_total",
             "token_broker_request_duration_seconds",
             "token_broker_store_up",
+            "token_broker_sink_writes_total",
         } <= used
 
 
@@ -299,6 +371,18 @@ def materialize(
     config = root / "config.yaml"
     config.write_text(config_text.replace("/etc/token-broker/", f"{root}/etc/token-broker/"))
     return config
+
+
+def with_real_proxy_cas(values: dict[str, Any]) -> None:
+    """Put a real CA certificate where the values hold a PLACEHOLDER `proxy_ca`, as an operator
+    would: check-config parses the CA file that `ca_file` points at."""
+    import trustme
+
+    pem = trustme.CA().cert_pem.bytes().decode()
+    for app in values.get("secrets", {}).get("apps", {}).values():
+        if "proxy_ca" in app:
+            assert str(app["proxy_ca"]).startswith("PLACEHOLDER")
+            app["proxy_ca"] = pem
 
 
 def check_config(config: Path) -> subprocess.CompletedProcess[str]:
@@ -336,11 +420,15 @@ class TestExampleConfigPassesCheckConfig:
             for value in secret["stringData"].values():
                 assert str(value) not in out.stdout
 
-    def test_helm_chart(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("values_file", [None, "ci/example-values.yaml", "ci/tcp-values.yaml"])
+    def test_helm_chart(self, tmp_path: Path, values_file: str | None) -> None:
         """The chart's rendered config passes check-config with its Secrets mounted."""
+        values = yaml.safe_load((CHART / values_file).read_text()) if values_file else None
+        if values is not None:
+            with_real_proxy_cas(values)
         docs = [
             d
-            for name, text in render_chart().items()
+            for name, text in render_chart(values).items()
             if name.endswith(".yaml")
             for d in documents(text)
         ]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from broker.app import Broker, reload_config
 from broker.refresher import FORCE_MIN_AGE
 from tests.support.broker_process import BrokerFiles, BrokerProcess, running_broker
 from tests.support.oauth_server import OAuthTestServer
+from tests.support.peers import shared_directory
 from tests.support.upstream import UpstreamServer, pattern_digest
 
 pytestmark = pytest.mark.integration
@@ -460,6 +462,69 @@ class TestReload:
         assert json.loads(body)["error"] == "path_not_allowed"
         assert broker.core.cached_token("app1") is token
         assert oauth_server.count() == requests_before
+
+
+# ---- over the unix socket, callers known by their uid ------------------------------------------
+
+
+@pytest.fixture
+async def socket_broker(
+    files: BrokerFiles, socket_directory: Path
+) -> AsyncIterator[tuple[Broker, Path]]:
+    """The proxy config served on a unix socket, this process's uid mapped to a client."""
+    path = files.directory / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    socket = socket_directory / "api.sock"
+    config["server"]["listen"] = f"unix:{socket}"
+    config["clients"]["svc"] = {"uids": [os.geteuid()], "apps": ["app1", "scim"]}
+    path.write_text(yaml.safe_dump(config))
+    async with running_broker(path) as running:
+        await running.core.get_token("app1")
+        yield running, socket
+
+
+@pytest.fixture
+def socket_directory() -> Iterator[Path]:
+    """A short directory for the socket (a unix socket path is limited to 107 bytes)."""
+    with shared_directory() as directory:
+        yield directory
+
+
+async def call_over_socket(
+    socket: Path, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket))) as session:
+        async with session.get(
+            f"http://localhost/v1/proxy/app1{path}", headers=headers or {}
+        ) as response:
+            return response.status, await response.read()
+
+
+class TestOverTheUnixSocket:
+    async def test_a_caller_known_by_its_uid_sends_no_key(
+        self, socket_broker: tuple[Broker, Path], upstream: UpstreamServer
+    ) -> None:
+        """On the socket, a mapped uid without a key is forwarded with the app's token."""
+        broker, socket = socket_broker
+        status, body = await call_over_socket(socket, "/v1/items/7")
+        assert status == 200, body
+        assert json.loads(body)["id"] == "7"
+        [hit] = upstream.hits
+        token = broker.core.cached_token("app1")
+        assert token is not None
+        assert hit.headers["Authorization"] == f"Bearer {token.access_token}"
+
+    async def test_a_wrong_key_from_a_mapped_uid_is_refused(
+        self, socket_broker: tuple[Broker, Path], upstream: UpstreamServer
+    ) -> None:
+        """A presented key decides even on the socket: a wrong one is 401, nothing forwarded."""
+        _, socket = socket_broker
+        status, body = await call_over_socket(
+            socket, "/v1/items/7", {"Authorization": "Bearer " + "w" * 40}
+        )
+        assert status == 401
+        assert json.loads(body)["error"] == "unauthorized"
+        assert upstream.hits == []
 
 
 # ---- real client libraries, as a service would use them ---------------------------------------

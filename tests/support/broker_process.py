@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,12 +99,22 @@ class BrokerFiles:
 
 
 class BrokerProcess:
-    """`python -m broker serve` in a subprocess, its stdout (JSON log lines) kept in a file."""
+    """`python -m broker serve` in a subprocess, its stdout (JSON log lines) kept in a file.
 
-    def __init__(self, config: Path, log_path: Path, env: Mapping[str, str] | None = None) -> None:
+    `wrapper` is a command the broker runs under (e.g. setpriv, to take a capability away).
+    """
+
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> None:
         self.config = config
         self.log_path = log_path
         self.env = env
+        self.wrapper = tuple(wrapper)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -112,7 +122,10 @@ class BrokerProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(self.env or {})}
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "broker", "serve", "--config", str(self.config)],
+                [
+                    *self.wrapper,
+                    *(sys.executable, "-m", "broker", "serve", "--config", str(self.config)),
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=REPO_ROOT,

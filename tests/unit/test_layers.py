@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 BROKER = Path(__file__).resolve().parents[2] / "broker"
-CORE = ["policy.py", "refresher.py", "core.py", "model.py", "service.py", "clock.py", "errors.py"]
+CORE = [
+    "policy.py",
+    "refresher.py",
+    "core.py",
+    "model.py",
+    "service.py",
+    "clock.py",
+    "errors.py",
+    "sinks.py",
+]
 EDGES = (
     "aiohttp",
     "redis",

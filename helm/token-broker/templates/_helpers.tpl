@@ -10,6 +10,30 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
+{{/*
+The directory shared by the sidecar and its callers (an emptyDir in memory): the API's unix
+socket and any token files (sinks) live there.
+*/}}
+{{- define "token-broker.runDir" -}}/run/token-broker{{- end -}}
+
+{{/* "true" when the API listens on a unix socket (the recommended mode). */}}
+{{- define "token-broker.socketMode" -}}
+{{- if hasPrefix "unix:" .Values.config.server.listen -}}
+{{- $path := trimPrefix "unix:" .Values.config.server.listen -}}
+{{- if ne (dir $path) (include "token-broker.runDir" .) -}}
+{{- fail (printf "config.server.listen: the socket must be in %s (the shared emptyDir), not %s" (include "token-broker.runDir" .) $path) -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when some client is identified by a key (it has neither uids nor gids). */}}
+{{- define "token-broker.usesKeys" -}}
+{{- range $name, $client := .Values.config.clients -}}
+{{- if not (or $client.uids $client.gids) -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "token-broker.storeUrl" -}}
 {{- if .Values.config.store.url -}}
 {{- .Values.config.store.url -}}
@@ -20,8 +44,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* The broker config, with secret file paths filled in. */}}
 {{- define "token-broker.config" -}}
+{{- $server := .Values.config.server }}
+{{- if not (include "token-broker.socketMode" .) }}
+{{- /* The chart's socket defaults do not apply to a TCP listen address. */}}
+{{- $server = omit $server "socket_mode" "socket_group" }}
+{{- end -}}
 server:
-  {{- toYaml .Values.config.server | nindent 2 }}
+  {{- toYaml $server | nindent 2 }}
 store:
   url: {{ include "token-broker.storeUrl" . }}
   key_prefix: {{ .Values.config.store.key_prefix }}
@@ -32,13 +61,20 @@ apps:
   {{- $files := dict }}
   {{- if not (hasKey $app "client_id") }}{{- $_ := set $files "client_id_file" (printf "/etc/token-broker/apps/%s/client_id" $name) }}{{- end }}
   {{- if ne (default "client_secret_post" $app.client_auth) "private_key_jwt" }}{{- $_ := set $files "client_secret_file" (printf "/etc/token-broker/apps/%s/client_secret" $name) }}{{- else }}{{- $_ := set $files "private_key_file" (printf "/etc/token-broker/apps/%s/private_key" $name) }}{{- end }}
+  {{- range $i, $sink := $app.sinks }}
+  {{- if ne (dir $sink.path) (include "token-broker.runDir" $) }}
+  {{- fail (printf "config.apps.%s.sinks[%d].path: token files go in %s (the shared emptyDir)" $name $i (include "token-broker.runDir" $)) }}
+  {{- end }}
+  {{- end }}
   {{ $name }}:
     {{- toYaml (merge (deepCopy $app) $files) | nindent 4 }}
 {{- end }}
 clients:
 {{- range $name, $client := .Values.config.clients }}
   {{ $name }}:
+    {{- if not (or $client.uids $client.gids) }}
     key_file: {{ printf "/etc/token-broker/clients/%s.key" $name }}
+    {{- end }}
     {{- toYaml $client | nindent 4 }}
 {{- end }}
 {{- end -}}
@@ -94,9 +130,11 @@ Kubernetes >= 1.29), and "token-broker.volumes" under `volumes:`.
       mountPath: /etc/token-broker/apps/{{ $name }}
       readOnly: true
     {{- end }}
+    {{- if include "token-broker.usesKeys" . }}
     - name: token-broker-client-keys
       mountPath: /etc/token-broker/clients
       readOnly: true
+    {{- end }}
     - name: token-broker-store-key
       mountPath: /etc/token-broker/store
       readOnly: true
@@ -105,6 +143,19 @@ Kubernetes >= 1.29), and "token-broker.volumes" under `volumes:`.
       readOnly: true
     - name: token-broker-tmp
       mountPath: /tmp
+    - name: token-broker-run
+      mountPath: {{ include "token-broker.runDir" . }}
+{{- end -}}
+
+{{/*
+For each container that calls the broker: under its `volumeMounts:`. It reaches the socket (and
+reads token files) there; read-only still lets it connect. Run that container as its own uid
+(securityContext.runAsUser) and list the uid in its client's `uids`.
+*/}}
+{{- define "token-broker.callerMount" -}}
+- name: token-broker-run
+  mountPath: {{ include "token-broker.runDir" . }}
+  readOnly: true
 {{- end -}}
 
 {{- define "token-broker.volumes" -}}
@@ -118,10 +169,12 @@ Kubernetes >= 1.29), and "token-broker.volumes" under `volumes:`.
     secretName: {{ $full }}-app-{{ $name }}
     defaultMode: 0440
 {{- end }}
+{{- if include "token-broker.usesKeys" . }}
 - name: token-broker-client-keys
   secret:
     secretName: {{ $full }}-client-keys
     defaultMode: 0440
+{{- end }}
 - name: token-broker-store-key
   secret:
     secretName: {{ $full }}-store-key
@@ -133,6 +186,10 @@ Kubernetes >= 1.29), and "token-broker.volumes" under `volumes:`.
 - name: token-broker-tmp
   emptyDir:
     sizeLimit: 16Mi
+- name: token-broker-run
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
 {{- end -}}
 
 {{- define "token-broker.podSecurityContext" -}}
