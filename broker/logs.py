@@ -11,7 +11,7 @@ import re
 import sys
 import threading
 from collections.abc import Iterable, MutableMapping
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -144,9 +144,23 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return logger
 
 
-def audit(logger: structlog.stdlib.BoundLogger, event: str, **fields: Any) -> None:
-    """Write an audit event: `audit: true` and one of the contract's event names."""
-    logger.info(event, audit=True, **fields)
+AuditLevel = Literal["info", "warning", "error"]
+_AUDIT_LEVELS: dict[str, int] = {
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def audit(
+    logger: structlog.stdlib.BoundLogger, event: str, *, level: AuditLevel = "info", **fields: Any
+) -> None:
+    """Write an audit event: `audit: true` and one of the contract's event names.
+
+    `level` says how much it needs a person: a success is `info`, a failure that heals by
+    itself `warning`, one that needs an operator (a rejected credential, a dead grant) `error`.
+    """
+    logger.log(_AUDIT_LEVELS[level], event, audit=True, **fields)
 
 
 class RateLimitedLog:
