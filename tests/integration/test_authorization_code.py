@@ -251,8 +251,8 @@ class TestRotation:
         for replica in fleet.replicas:
             replica.files.apps = {"app1": ac_app(oauth_server)}
             replica.process.config = replica.files.write()
-        await fleet.start()
         try:
+            await fleet.start()
             stats = await fleet.poll(oauth_server, 24)
             logs = [line for r in fleet.replicas for line in r.process.log_lines()]
         finally:
@@ -314,9 +314,9 @@ class TestCrashAfterRotation:
         for replica in fleet.replicas:
             replica.files.apps = {"app1": ac_app(oauth_server)}
             replica.process.config = replica.files.write()
-        await fleet.start()
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
         try:
+            await fleet.start()
             oauth_server.post_delays = [30.0]  # rotate, then hang before answering
             rotations = oauth_server.count("refresh_token")
             deadline = time.monotonic() + 10

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker_process import REPO_ROOT
-from tests.support.redis_server import free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 
