@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import secrets
@@ -21,7 +22,7 @@ from broker.clock import Clock, SystemClock
 from broker.config import load_config
 from broker.core import BrokerCore
 from broker.credentials import Credentials
-from broker.errors import ConfigError
+from broker.errors import ConfigError, ListenError
 from broker.logs import audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, Config
@@ -191,14 +192,13 @@ async def reload_config(broker: Broker, path: Path) -> bool:
 
 
 async def start_listeners(broker: Broker) -> None:
-    """Bind the local API and the metrics listener."""
+    """Bind the local API and the metrics listener; ListenError names the setting that failed."""
     api = build_api_app(broker.core, broker.authenticator, broker.metrics, broker.clock)
     broker.api_runner = web.AppRunner(
         api, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
     )
     await broker.api_runner.setup()
-    api_site = _site(broker.api_runner, broker.config.server.listen)
-    await api_site.start()
+    await _bind(broker.api_runner, "server.listen", broker.config.server.listen)
     broker.api_addresses = _addresses(broker.api_runner)
 
     metrics_app = build_metrics_app(broker.core, broker.metrics)
@@ -206,15 +206,29 @@ async def start_listeners(broker: Broker) -> None:
         metrics_app, access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await broker.metrics_runner.setup()
-    metrics_site = _site(broker.metrics_runner, broker.config.server.metrics_listen)
-    await metrics_site.start()
+    await _bind(broker.metrics_runner, "server.metrics_listen", broker.config.server.metrics_listen)
     broker.metrics_addresses = _addresses(broker.metrics_runner)
 
 
-async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
-    """Readiness goes false, in-flight requests finish, then the loops stop and connections close."""
+async def _bind(runner: web.AppRunner, setting: str, listen: str) -> None:
+    try:
+        await _site(runner, listen).start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason += " (another process listens there; stop it or change the setting)"
+        raise ListenError(setting, listen, reason) from None
+
+
+async def shutdown(broker: Broker, core_task: asyncio.Task[None], *, started: bool = True) -> None:
+    """Readiness goes false, in-flight requests finish, then the loops stop and connections close.
+
+    A broker that never `started` (a listener could not bind) cleans up without announcing a
+    drain or a stop: it never served.
+    """
     broker.core.draining = True
-    log.info("broker.draining")
+    if started:
+        log.info("broker.draining")
     if broker.api_runner is not None:
         await broker.api_runner.cleanup()
     core_task.cancel()
@@ -229,7 +243,8 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
             await asyncio.wait_for(closing, CLOSE_TIMEOUT)
         except TimeoutError:
             log.warning("broker.close_timed_out")
-    log.info("broker.stopped")
+    if started:
+        log.info("broker.stopped")
 
 
 async def serve(
@@ -258,8 +273,10 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
     core_task = asyncio.create_task(broker.core.run(), name="broker-core")
     watcher = asyncio.create_task(watch_files(broker), name="file-watcher")
+    started = False
     try:
         await start_listeners(broker)
+        started = True
         log.info(
             "broker.started",
             api=broker.api_addresses,
@@ -279,7 +296,7 @@ async def serve(
             loop.remove_signal_handler(signum)
         watcher.cancel()
         await asyncio.gather(watcher, *reloads, return_exceptions=True)
-        await shutdown(broker, core_task)
+        await shutdown(broker, core_task, started=started)
 
 
 def _safe_store_name(url: str) -> str:

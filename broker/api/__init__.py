@@ -187,11 +187,22 @@ class _Api:
     def _app_for(self, request: web.Request, client: str) -> str:
         app = request.match_info["app"]
         if app not in self.service.app_names():
-            raise ApiError(404, "unknown_app", "no such app is configured")
+            usable = sorted(self.auth.apps_of(client) & set(self.service.app_names()))
+            raise ApiError(
+                404,
+                "unknown_app",
+                f"no app named {_quoted(app)} is configured; "
+                f"this client may use: {', '.join(usable) or 'no app'}",
+            )
         request[APP_LABEL] = app
         if not self.auth.allowed(client, app):
             raise ApiError(403, "forbidden", f"client {client} may not use app {app}")
         return app
+
+    def _last_error(self, app: str) -> str:
+        """Why the app has no token, for an error answer: its classified, secret-free last error."""
+        last_error = self.service.status(app).last_error
+        return f"last error: {last_error}" if last_error else "no refresh has failed yet"
 
     def _token_response(self, app: str, client: str, token: TokenSet) -> web.Response:
         entry = self._issued.get(app)
@@ -237,7 +248,9 @@ class _Api:
             raise ApiError(
                 409,
                 "needs_authorization",
-                f"app {app} needs authorization: run `token-broker authorize {app}`",
+                f"app {app} needs authorization ({self._last_error(app)}): an operator runs "
+                f"`token-broker authorize {app} --config FILE`; the broker's log has the event "
+                "app.needs_authorization",
             ) from None
         except RateLimited as exc:
             raise ApiError(
@@ -247,11 +260,14 @@ class _Api:
                 {"Retry-After": _seconds(exc.retry_after)},
             ) from None
         except TokenUnavailable as exc:
+            retry_after = _seconds(exc.retry_after)
             raise ApiError(
                 503,
                 "token_unavailable",
-                f"no valid token for app {app} right now",
-                {"Retry-After": _seconds(exc.retry_after), **_NO_STORE},
+                f"no valid token for app {app} right now ({self._last_error(app)}); retry in "
+                f"{retry_after} s. GET /v1/apps shows the app's state; the broker's log has "
+                "the event token.refresh_failed",
+                {"Retry-After": retry_after, **_NO_STORE},
             ) from None
         except ValueError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
@@ -348,6 +364,11 @@ def _check_origin(request: web.Request) -> None:
         raise ApiError(403, "bad_host", "requests relayed by a proxy are refused")
     if not is_loopback_host(request.headers.get("Host")):
         raise ApiError(403, "bad_host", "the Host header is not a loopback name")
+
+
+def _quoted(name: str) -> str:
+    """A caller-supplied name, shortened and quoted, to repeat in an error message."""
+    return repr(name[:64] + ("..." if len(name) > 64 else ""))
 
 
 def _seconds(value: float) -> str:
