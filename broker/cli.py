@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 DEFAULT_URL = "http://127.0.0.1:8411"
 DEFAULT_DEV_PORT = 8411
+HELP_WIDTH = 92
 
 log = get_logger("broker.cli")
 
@@ -174,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--oauth-port",
         type=_port,
         default=None,
+        metavar="PORT",
         help="the OAuth server's port (default: any free port; 8412 with --oauth-only)",
     )
     dev.add_argument(
@@ -253,7 +256,8 @@ def _command(
     parser = sub.add_parser(
         name,
         help=summary,
-        description=description,
+        # The raw formatter keeps the examples' layout, so the description is wrapped here.
+        description=textwrap.fill(description, HELP_WIDTH),
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
