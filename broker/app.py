@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import secrets
@@ -23,7 +24,7 @@ from broker.clock import Clock, SystemClock
 from broker.config import load_config
 from broker.core import BrokerCore
 from broker.credentials import Credentials
-from broker.errors import ConfigError
+from broker.errors import ConfigError, ListenError
 from broker.logs import audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, Config
@@ -205,7 +206,8 @@ async def reload_config(broker: Broker, path: Path) -> bool:
 
 
 async def start_listeners(broker: Broker) -> None:
-    """Bind the local API (TCP, or a unix socket with peer identity) and the metrics listener."""
+    """Bind the local API (TCP, or a unix socket with peer identity) and the metrics listener;
+    ListenError names the setting that failed."""
     server = broker.config.server
     api = build_api_app(
         broker.core,
@@ -219,13 +221,15 @@ async def start_listeners(broker: Broker) -> None:
         api, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
     )
     await broker.api_runner.setup()
-    api_site: web.BaseSite
-    if server.unix_path is not None:
+    api_runner = broker.api_runner
+
+    def api_site() -> web.BaseSite:
+        if server.unix_path is None:
+            return _tcp_site(api_runner, server.listen)
         broker.api_socket = bind_unix_socket(server)
-        api_site = web.SockSite(broker.api_runner, broker.api_socket.sock)
-    else:
-        api_site = _tcp_site(broker.api_runner, server.listen)
-    await api_site.start()
+        return web.SockSite(api_runner, broker.api_socket.sock)
+
+    await _bind("server.listen", server.listen, api_site)
     broker.api_addresses = _addresses(broker.api_runner)
 
     metrics_app = build_metrics_app(broker.core, broker.metrics)
@@ -233,15 +237,35 @@ async def start_listeners(broker: Broker) -> None:
         metrics_app, access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await broker.metrics_runner.setup()
-    metrics_site = _tcp_site(broker.metrics_runner, server.metrics_listen)
-    await metrics_site.start()
+    metrics_runner = broker.metrics_runner
+    await _bind(
+        "server.metrics_listen",
+        server.metrics_listen,
+        lambda: _tcp_site(metrics_runner, server.metrics_listen),
+    )
     broker.metrics_addresses = _addresses(broker.metrics_runner)
 
 
-async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
-    """Readiness goes false, in-flight requests finish, then the loops stop and connections close."""
+async def _bind(setting: str, listen: str, site: Callable[[], web.BaseSite]) -> None:
+    try:
+        await site().start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE and not listen.startswith("unix:"):
+            # (A unix socket's own message already names the path another process listens on.)
+            reason += " (another process listens there; stop it or change the setting)"
+        raise ListenError(setting, listen, reason) from None
+
+
+async def shutdown(broker: Broker, core_task: asyncio.Task[None], *, started: bool = True) -> None:
+    """Readiness goes false, in-flight requests finish, then the loops stop and connections close.
+
+    A broker that never `started` (a listener could not bind) cleans up without announcing a
+    drain or a stop: it never served.
+    """
     broker.core.draining = True
-    log.info("broker.draining")
+    if started:
+        log.info("broker.draining")
     if broker.api_socket is not None:
         broker.api_socket.remove()  # no new callers; in-flight requests finish below
     if broker.api_runner is not None:
@@ -264,7 +288,8 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
             await asyncio.wait_for(closing, CLOSE_TIMEOUT)
         except TimeoutError:
             log.warning("broker.close_timed_out")
-    log.info("broker.stopped")
+    if started:
+        log.info("broker.stopped")
 
 
 async def serve(
@@ -294,8 +319,10 @@ async def serve(
     core_task = asyncio.create_task(broker.core.run(), name="broker-core")
     broker.sinks.start()
     watcher = asyncio.create_task(watch_files(broker), name="file-watcher")
+    started = False
     try:
         await start_listeners(broker)
+        started = True
         log.info(
             "broker.started",
             api=broker.api_addresses,
@@ -315,7 +342,7 @@ async def serve(
             loop.remove_signal_handler(signum)
         watcher.cancel()
         await asyncio.gather(watcher, *reloads, return_exceptions=True)
-        await shutdown(broker, core_task)
+        await shutdown(broker, core_task, started=started)
 
 
 def _safe_store_name(url: str) -> str:

@@ -107,11 +107,6 @@ async def exchange_and_store(
     config: Config, spec: AppSpec, code: str, code_verifier: str | None
 ) -> TokenSet:
     """Exchange `code` at once and write the token set to the shared store."""
-    if config.store.url.startswith("memory://"):
-        raise AuthorizationFailed(
-            "store.url is memory://: a token stored by this command would vanish with it; "
-            "authorize needs the shared (Redis) store the brokers use"
-        )
     clock = SystemClock()
     metrics = Metrics()
     store = open_store(config.store, metrics, clock)
@@ -158,9 +153,18 @@ async def authorize(
     """The whole onboarding; `read_line` and `say` are the terminal (stdin and stderr)."""
     spec = config.apps.get(app)
     if spec is None:
-        raise ConfigError("APP", f"no app named {app!r} in the config")
+        raise ConfigError(
+            "APP", f"no app named {app!r} in the config (apps: {', '.join(sorted(config.apps))})"
+        )
     if spec.grant_type is not GrantType.AUTHORIZATION_CODE:
         raise ConfigError(f"apps.{app}.grant_type", "authorize is for authorization_code apps")
+    # Checked before the URL is printed: the browser round trip spends the one-time code.
+    if config.store.url.startswith("memory://"):
+        raise ConfigError(
+            "store.url",
+            "is memory://: a token set stored by this command would vanish with it; "
+            "authorize needs the shared (Redis) store the brokers read",
+        )
     if code is None:
         request = authorization_request(spec, Credentials(spec).client_id())
         say("Open this URL in a browser, sign in and approve access:\n")

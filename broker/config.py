@@ -6,6 +6,9 @@ Relative `*_file` paths resolve against the config file's directory.
 
 from __future__ import annotations
 
+import base64
+import collections
+import difflib
 import grp
 import ipaddress
 import math
@@ -14,6 +17,7 @@ import pwd
 import re
 import ssl
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -81,6 +85,14 @@ def parse_config(data: object, *, base_dir: Path) -> Config:
         raise ConfigError("apps", "at least one app is required")
     apps = {name: _app(name, body, f"apps.{name}", base_dir) for name, body in apps_raw.items()}
     _check_sink_paths(apps, server)
+    if store.url.startswith("memory://"):
+        for name, app in apps.items():
+            if app.grant_type is GrantType.AUTHORIZATION_CODE:
+                raise ConfigError(
+                    "store.url",
+                    f"memory:// cannot hold app {name}'s token set: `token-broker authorize` "
+                    "writes it to the shared store the brokers read; use a redis:// store",
+                )
     clients_raw = _mapping(root.get("clients") or {}, "clients")
     clients = {
         name: _client(name, body, f"clients.{name}", base_dir, apps)
@@ -508,7 +520,10 @@ def _proxy(data: object, key: str, base_dir: Path) -> ProxySpec:
 def _upstream(value: object, key: str) -> str:
     """`scheme://host[:port]`, normalized; anything that could steer requests elsewhere is refused."""
     text = _str(value, key)
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        raise ConfigError(key, "is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(key, f"{text!r} is not an http(s) URL with a host")
     if "@" in parts.netloc:
@@ -609,9 +624,11 @@ def _mapping(value: object, key: str) -> dict[str, Any]:
 def _only(m: Mapping[str, Any], key: str, allowed: set[str]) -> None:
     for k in m:
         if k not in allowed:
+            close = difflib.get_close_matches(k, sorted(allowed), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(
                 f"{key}.{k}" if key != "<config>" else k,
-                f"unknown key (allowed: {', '.join(sorted(allowed))})",
+                f"unknown key; {hint}(allowed: {', '.join(sorted(allowed))})",
             )
 
 
@@ -676,7 +693,15 @@ def _params(value: object, key: str) -> dict[str, str]:
 
 def _url(value: object, key: str, *, allow_http: bool = False) -> str:
     text = _str(value, key)
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        raise ConfigError(key, "is not a valid URL") from None
+    if parts.password is not None:
+        # Refused before anything repeats the URL: the message must not carry it either.
+        raise ConfigError(
+            key, "holds a password: URLs carry no credentials (secrets are files, *_file)"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(key, f"{text!r} is not an http(s) URL with a host")
     if parts.scheme == "http" and not allow_http and not _is_loopback_host(parts.hostname):
@@ -738,8 +763,10 @@ def _listen_address(value: str, key: str, *, allow_unix: bool) -> None:
             raise ConfigError(key, "a unix socket is given as unix:/absolute/path (API only)")
         return
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(key, f"{value!r} is not host:port")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(key, f"{value!r} is not host:port (like 127.0.0.1:8411)")
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"port {port} is out of range (0 to 65535)")
 
 
 def _is_loopback_listen(value: str) -> bool:
@@ -794,6 +821,112 @@ def _check_encryption_key_file(path: Path, key: str) -> None:
     """The key file parses (sizes, ids); errors name the line, never the key material."""
     _read_secret_file(path, key)
     Keyring.from_file(path)
+
+
+# ---- warnings: valid, but not what should ship --------------------------------------------
+
+# An estimated strength below this many bits is worth a warning. A random 128-bit key written
+# as 32 hex digits scores 95 to 120 on the estimate; a repeated or word-like key far less.
+MIN_KEY_BITS = 80
+_PLACEHOLDER = re.compile(r"placeholder|change[-_ ]?me|replace[-_ ]?me", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ConfigWarning:
+    """Something `check-config` accepts but an operator should fix: the key and why."""
+
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.reason}"
+
+
+def config_warnings(config: Config) -> list[ConfigWarning]:
+    """Placeholder values and guessable keys in the secret files (the values are never shown)."""
+    found: list[ConfigWarning] = []
+
+    def check(key: str, path: Path | None, *, is_key: bool) -> None:
+        value = _quiet_read(path)
+        if value is None:
+            return
+        if _PLACEHOLDER.search(value):
+            found.append(ConfigWarning(key, f"{path} holds a placeholder; put the real value in"))
+        elif is_key and estimated_bits(value) < MIN_KEY_BITS:
+            found.append(
+                ConfigWarning(
+                    key,
+                    f"the key in {path} looks guessable (about {estimated_bits(value):.0f} bits; "
+                    "make one with `openssl rand -base64 32`)",
+                )
+            )
+
+    store_key = config.store.encryption_key_file
+    for number, material in _store_keys(store_key):
+        where = f"{store_key} line {number}"
+        if _PLACEHOLDER.search(material.decode("latin-1")):
+            found.append(
+                ConfigWarning(
+                    "store.encryption_key_file",
+                    f"{where} is a placeholder key; make one with `openssl rand -base64 32`",
+                )
+            )
+        elif estimated_bits(material) < MIN_KEY_BITS:
+            found.append(
+                ConfigWarning(
+                    "store.encryption_key_file",
+                    f"{where} looks guessable (about {estimated_bits(material):.0f} bits); "
+                    "make one with `openssl rand -base64 32`",
+                )
+            )
+    check("store.password_file", config.store.password_file, is_key=False)
+    for app in config.apps.values():
+        key = f"apps.{app.name}"
+        if app.client_id is not None and _PLACEHOLDER.search(app.client_id):
+            found.append(ConfigWarning(f"{key}.client_id", "is a placeholder"))
+        check(f"{key}.client_id_file", app.client_id_file, is_key=False)
+        check(f"{key}.client_secret_file", app.client_secret_file, is_key=False)
+        check(f"{key}.client_secret_previous_file", app.client_secret_previous_file, is_key=False)
+    for client in config.clients.values():
+        for field, path in zip(("key_file", "key_previous_file"), client.key_files, strict=False):
+            check(f"clients.{client.name}.{field}", path, is_key=True)
+    return found
+
+
+def estimated_bits(value: str | bytes) -> float:
+    """Length times the Shannon entropy of the symbol frequencies: a rough upper bound."""
+    if not value:
+        return 0.0
+    counts = collections.Counter(value)
+    total = len(value)
+    per_symbol = sum(n / total * math.log2(total / n) for n in counts.values())
+    return total * per_symbol
+
+
+def _quiet_read(path: Path | None) -> str | None:
+    """A secret file's text for the warnings (validation has already read it)."""
+    if path is None:
+        return None
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _store_keys(path: Path | None) -> list[tuple[int, bytes]]:
+    """(line number, key bytes) of a store key file that validation has accepted."""
+    if path is None:
+        return []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    keys = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if fields and not fields[0].startswith("#"):
+            keys.append((number, base64.b64decode(fields[-1])))
+    return keys
 
 
 # ---- summary -------------------------------------------------------------------------------

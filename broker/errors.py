@@ -87,3 +87,13 @@ class RateLimited(BrokerError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ListenError(BrokerError):
+    """A listener could not bind: names the setting (`server.listen`), the address and why."""
+
+    def __init__(self, setting: str, address: str, reason: str) -> None:
+        super().__init__(f"{setting}: cannot listen on {address}: {reason}")
+        self.setting = setting
+        self.address = address
+        self.reason = reason

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import http.client
 import socket
+from typing import NamedTuple
 from urllib.parse import quote, urlsplit
+
+
+class BrokerAnswer(NamedTuple):
+    """The broker's answer: status, body, and its Retry-After header if any."""
+
+    status: int
+    body: bytes
+    retry_after: str | None
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -37,10 +46,10 @@ def is_unix_url(url: str) -> bool:
 
 def get_token(
     url: str, app: str, *, key: str | None, min_ttl: int | None = None, timeout: float = 10.0
-) -> tuple[int, bytes]:
+) -> BrokerAnswer:
     """GET /v1/token/{app} from the broker at `url` (http(s)://host:port or unix:/path).
 
-    Returns the status and the body; raises OSError when the broker cannot be reached and
+    Returns the status, body and Retry-After; raises OSError when the broker cannot be reached and
     ValueError for a URL that is neither.
     """
     target = f"/v1/token/{quote(app, safe='')}"
@@ -62,7 +71,7 @@ def get_token(
     try:
         connection.request("GET", target, headers=headers)
         response = connection.getresponse()
-        return response.status, response.read()
+        return BrokerAnswer(response.status, response.read(), response.getheader("Retry-After"))
     except http.client.HTTPException as exc:
         raise OSError(f"bad answer from the broker: {type(exc).__name__}") from None
     finally:

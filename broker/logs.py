@@ -7,11 +7,12 @@ processor chain, so the redaction processor sees everything before anything is w
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
-from collections.abc import Iterable, MutableMapping
-from typing import Any, TextIO
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any, Literal, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -103,12 +104,23 @@ class _FlushingHandler(logging.StreamHandler[TextIO]):
         self.flush()
 
 
+def wants_color(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    """Colors only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    return stream.isatty() and not environ.get("NO_COLOR")
+
+
 def configure_logging(
-    *, json: bool | None = None, level: str = "INFO", stream: TextIO | None = None
+    *,
+    json: bool | None = None,
+    level: str = "INFO",
+    stream: TextIO | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> None:
     """Route structlog and stdlib logging through one redacting pipeline.
 
-    `json=None` picks JSON off a terminal and the console renderer on one.
+    `json=None` picks JSON off a terminal and the console renderer on one. The console renderer
+    is told about colors explicitly (NO_COLOR is honoured) and renders tracebacks as plain text,
+    so a terminal never pulls in a rich traceback with local variables in it.
     """
     out = stream if stream is not None else sys.stdout
     if json is None:
@@ -116,7 +128,10 @@ def configure_logging(
     renderer: Processor = (
         structlog.processors.JSONRenderer()
         if json
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        else structlog.dev.ConsoleRenderer(
+            colors=wants_color(out, os.environ if environ is None else environ),
+            exception_formatter=structlog.dev.plain_traceback,
+        )
     )
     shared = _shared_processors()
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -130,6 +145,10 @@ def configure_logging(
     root.setLevel(level.upper())
     # aiohttp's access log is per request; the serving path logs nothing per request.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    for old in [f for f in server_log.filters if isinstance(f, MalformedRequestFilter)]:
+        server_log.removeFilter(old)
+    server_log.addFilter(MalformedRequestFilter(MALFORMED_REQUEST_LOG_INTERVAL))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -138,15 +157,82 @@ def configure_logging(
     )
 
 
+# One `http.malformed_request` line per this many seconds at most.
+MALFORMED_REQUEST_LOG_INTERVAL = 60.0
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp's "Error handling request" for a request it could not parse, made harmless.
+
+    aiohttp logs such a request at `error` with a full traceback, so any local process could
+    flood the logs with garbage bytes. The client's mistake is not the broker's error: it becomes
+    one `http.malformed_request` line at `info` per interval, without a traceback and without the
+    request's bytes (they may hold a key), counting the ones left out since the last line.
+    Other aiohttp.server records pass unchanged.
+    """
+
+    def __init__(self, interval: float) -> None:
+        super().__init__()
+        self._interval = interval
+        self._last: float | None = None
+        self._left_out = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a malformed-request record (after writing the summary line, when due)."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not _is_malformed_request(exc):
+            return True
+        # The record's own timestamp paces the lines: no clock is read here.
+        if self._last is not None and record.created - self._last < self._interval:
+            self._left_out += 1
+            return False
+        self._last = record.created
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        _log.info(
+            "http.malformed_request",
+            remote=str(remote) if remote is not None else None,
+            reason=type(exc).__name__,
+            status=getattr(exc, "code", None),
+            left_out=self._left_out,
+        )
+        self._left_out = 0
+        return False
+
+
+def _is_malformed_request(exc: BaseException) -> bool:
+    # Imported here: aiohttp is loaded already whenever its server logs, and the short commands
+    # (`version`, `token`) that configure logging must not pay for importing it.
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    return isinstance(exc, HttpProcessingError)
+
+
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A logger for a module."""
     logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
     return logger
 
 
-def audit(logger: structlog.stdlib.BoundLogger, event: str, **fields: Any) -> None:
-    """Write an audit event: `audit: true` and one of the contract's event names."""
-    logger.info(event, audit=True, **fields)
+_log = get_logger("broker.http")
+
+
+AuditLevel = Literal["info", "warning", "error"]
+_AUDIT_LEVELS: dict[str, int] = {
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def audit(
+    logger: structlog.stdlib.BoundLogger, event: str, *, level: AuditLevel = "info", **fields: Any
+) -> None:
+    """Write an audit event: `audit: true` and one of the contract's event names.
+
+    `level` says how much it needs a person: a success is `info`, a failure that heals by
+    itself `warning`, one that needs an operator (a rejected credential, a dead grant) `error`.
+    """
+    logger.log(_AUDIT_LEVELS[level], event, audit=True, **fields)
 
 
 class RateLimitedLog:

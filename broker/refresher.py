@@ -443,7 +443,8 @@ class AppRefresher:
     def _is_newer(self, candidate: TokenSet) -> bool:
         current = self.token
         if current is None:
-            return candidate.expires_at > self._clock.time()
+            # An expired access token still brings its refresh token (a restart after expiry).
+            return candidate.refresh_token is not None or candidate.expires_at > self._clock.time()
         return candidate.expires_at > current.expires_at or (
             candidate.expires_at == current.expires_at
             and candidate.access_token != current.access_token
@@ -533,6 +534,7 @@ class AppRefresher:
         audit(
             log,
             "token.refresh_failed",
+            level="error" if permanent else "warning",
             app=self.name,
             error=self.last_error,
             permanent=permanent,
@@ -547,7 +549,7 @@ class AppRefresher:
     def _enter_needs_authorization(self, reason: str | None) -> None:
         if not self._needs_authorization:
             self._needs_authorization = True
-            audit(log, "app.needs_authorization", app=self.name, reason=reason)
+            audit(log, "app.needs_authorization", level="error", app=self.name, reason=reason)
         self._set_state(AppState.NEEDS_AUTHORIZATION)
 
     def _steady_state(self) -> AppState:

@@ -8,9 +8,15 @@ from pathlib import Path
 import pytest
 
 from tests.support.fake_clock import FakeClock
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, chosen_redis_server
 
-pytest_plugins = ["tests.support.oauth_server", "tests.support.upstream"]
+# leftovers: a test (or the session) that leaves a process or a listening port behind fails.
+pytest_plugins = [
+    "tests.support.oauth_server",
+    "tests.support.upstream",
+    "tests.support.leftovers",
+    "pytester",
+]
 
 
 @pytest.fixture
@@ -31,9 +37,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Print the recovery times the fault tests measured."""
+    """Say which redis-server the tests started; print the recovery times the fault tests measured."""
     from tests.support.recovery import RECOVERY_SECONDS
 
+    if chosen_redis_server.cache_info().currsize:
+        terminalreporter.write_line(f"redis-server used: {chosen_redis_server()}")
     if RECOVERY_SECONDS:
         terminalreporter.section("fault recovery times (seconds until tokens are served again)")
         for fault, seconds in sorted(RECOVERY_SECONDS.items()):

@@ -147,6 +147,10 @@ class _Api:
         where = f"uid:{peer[0]}" if peer is not None else request.remote
         who = request[CLIENT_LABEL] or (where or "unknown")
         if self._denied.allow((who, reason), self.clock.monotonic()):
+            # Typed as Any: audit's own keyword `level` must not look like it could come from here.
+            peer_fields: dict[str, Any] = (
+                {"peer_uid": peer[0], "peer_gid": peer[1]} if peer is not None else {}
+            )
             audit(
                 log,
                 "client.denied",
@@ -154,7 +158,7 @@ class _Api:
                 remote=request.remote,
                 reason=reason,
                 app=request[APP_LABEL] or None,
-                **({"peer_uid": peer[0], "peer_gid": peer[1]} if peer is not None else {}),
+                **peer_fields,
             )
 
     # ---- helpers -----------------------------------------------------------------------
@@ -181,7 +185,13 @@ class _Api:
     def _app_for(self, request: web.Request, client: str) -> str:
         app = request.match_info["app"]
         if app not in self.service.app_names():
-            raise ApiError(404, "unknown_app", "no such app is configured")
+            usable = sorted(self.auth.apps_of(client) & set(self.service.app_names()))
+            raise ApiError(
+                404,
+                "unknown_app",
+                f"no app named {_quoted(app)} is configured; "
+                f"this client may use: {', '.join(usable) or 'no app'}",
+            )
         request[APP_LABEL] = app
         if not self.auth.allowed(client, app):
             raise ApiError(403, "forbidden", f"client {client} may not use app {app}")
@@ -228,7 +238,7 @@ class _Api:
         try:
             token = await fetch(app)
         except (NeedsAuthorization, RateLimited, TokenUnavailable, ValueError) as exc:
-            raise token_error(exc, app) from None
+            raise token_error(exc, app, self.service.status(app).last_error) from None
         return self._token_response(app, client, token)
 
     # ---- handlers ----------------------------------------------------------------------
@@ -344,6 +354,11 @@ def _check_origin(request: web.Request) -> None:
         raise ApiError(403, "bad_host", "requests relayed by a proxy are refused")
     if not is_loopback_host(request.headers.get("Host")):
         raise ApiError(403, "bad_host", "the Host header is not a loopback name")
+
+
+def _quoted(name: str) -> str:
+    """A caller-supplied name, shortened and quoted, to repeat in an error message."""
+    return repr(name[:64] + ("..." if len(name) > 64 else ""))
 
 
 def _int_or_none(value: float | None) -> int | None:

@@ -37,13 +37,17 @@ def error_response(exc: ApiError) -> web.Response:
 TokenServiceError = NeedsAuthorization | RateLimited | TokenUnavailable | ValueError
 
 
-def token_error(exc: TokenServiceError, app: str) -> ApiError:
-    """The answer for an error the token service raises."""
+def token_error(exc: TokenServiceError, app: str, last_error: str | None) -> ApiError:
+    """The answer for an error the token service raises; `last_error` is the app's classified,
+    secret-free last error (`AppStatus.last_error`), repeated so the caller learns why."""
+    why = f"last error: {last_error}" if last_error else "no refresh has failed yet"
     if isinstance(exc, NeedsAuthorization):
         return ApiError(
             409,
             "needs_authorization",
-            f"app {app} needs authorization: run `token-broker authorize {app}`",
+            f"app {app} needs authorization ({why}): an operator runs "
+            f"`token-broker authorize {app} --config FILE`; the broker's log has the event "
+            "app.needs_authorization",
         )
     if isinstance(exc, RateLimited):
         return ApiError(
@@ -53,11 +57,14 @@ def token_error(exc: TokenServiceError, app: str) -> ApiError:
             {"Retry-After": retry_after(exc.retry_after)},
         )
     if isinstance(exc, TokenUnavailable):
+        seconds = retry_after(exc.retry_after)
         return ApiError(
             503,
             "token_unavailable",
-            f"no valid token for app {app} right now",
-            {"Retry-After": retry_after(exc.retry_after), **NO_STORE},
+            f"no valid token for app {app} right now ({why}); retry in {seconds} s. "
+            "GET /v1/apps shows the app's state; the broker's log has the event "
+            "token.refresh_failed",
+            {"Retry-After": seconds, **NO_STORE},
         )
     return ApiError(400, "bad_request", str(exc))
 

@@ -359,7 +359,7 @@ class Proxy:
         try:
             return await self.service.get_token(app)
         except (NeedsAuthorization, TokenUnavailable) as exc:
-            raise token_error(exc, app) from None
+            raise token_error(exc, app, self.service.status(app).last_error) from None
 
     async def _after_401(
         self,
@@ -386,7 +386,7 @@ class Proxy:
         except (NeedsAuthorization, TokenUnavailable) as exc:
             answer.release()
             retries.labels(app, "refresh_failed").inc()
-            raise token_error(exc, app) from None
+            raise token_error(exc, app, self.service.status(app).last_error) from None
         if fresh.access_token == token.access_token:
             # A token younger than 5 s is not replaced (the refresh guard): retrying is futile.
             retries.labels(app, "token_unchanged").inc()

@@ -109,4 +109,6 @@ def _remove_stale(path: Path) -> None:
         raise OSError(exc.errno, f"cannot tell whether {path} is in use: {exc.strerror}") from None
     finally:
         probe.close()
-    raise OSError(errno.EADDRINUSE, f"another process listens on {path}")
+    raise OSError(
+        errno.EADDRINUSE, f"another process listens on {path} (stop it or change server.listen)"
+    )

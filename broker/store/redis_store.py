@@ -94,7 +94,12 @@ class RedisStore:
                 raise asyncio.CancelledError from exc
             self._metrics.store_errors.labels(operation=operation).inc()
             self._metrics.store_up.set(0)
-            raise StoreUnavailable(f"redis {operation} failed: {type(exc).__name__}") from None
+            # redis-py's message names host:port and the reason; a Sentinel error appends a
+            # client repr, cut off here. redis-py never puts the password in these messages.
+            reason = str(exc).split(" : <", 1)[0][:200]
+            raise StoreUnavailable(
+                f"redis {operation} failed: {type(exc).__name__}: {reason}"
+            ) from None
         self._metrics.store_up.set(1)
         return result
 

@@ -422,19 +422,65 @@ class TestExampleConfigPassesCheckConfig:
 
     @pytest.mark.parametrize("values_file", [None, "ci/example-values.yaml", "ci/tcp-values.yaml"])
     def test_helm_chart(self, tmp_path: Path, values_file: str | None) -> None:
-        """The chart's rendered config passes check-config with its Secrets mounted."""
+        """The chart's rendered config passes check-config, which warns about its placeholders."""
         values = yaml.safe_load((CHART / values_file).read_text()) if values_file else None
         if values is not None:
             with_real_proxy_cas(values)
-        docs = [
-            d
-            for name, text in render_chart(values).items()
-            if name.endswith(".yaml")
-            for d in documents(text)
-        ]
-        configmap = next(d for d in docs if d["kind"] == "ConfigMap")
-        secrets = [d for d in docs if d["kind"] == "Secret"]
-        pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
-        config = materialize(configmap["data"]["config.yaml"], secrets, pod_mounts(pod), tmp_path)
+        config = chart_config(tmp_path, values)
         out = check_config(config)
         assert out.returncode == 0, out.stderr
+        rendered = yaml.safe_load(config.read_text())
+        # Every secret the chart's values hold is a PLACEHOLDER: each file is warned about.
+        placeholders = {
+            f"apps.{name}.{field}"
+            for name, app in rendered["apps"].items()
+            for field in ("client_id_file", "client_secret_file")
+            if field in app
+        }
+        placeholders |= {
+            f"clients.{name}.key_file"
+            for name, client in rendered["clients"].items()
+            if "key_file" in client
+        }
+        placeholders |= {
+            f"store.{field}"
+            for field in ("encryption_key_file", "password_file")
+            if field in rendered["store"]
+        }
+        warned = {line.split(":")[1].strip() for line in out.stderr.splitlines()}
+        assert "store.encryption_key_file" in placeholders
+        assert placeholders <= warned
+
+    def test_helm_chart_fills_in_the_previous_secret(self, tmp_path: Path) -> None:
+        """secrets.apps.<name>.client_secret_previous becomes client_secret_previous_file."""
+        previous = "previous-secret-" + "p" * 20
+        values = {"secrets": {"apps": {"twilio": {"client_secret_previous": previous}}}}
+        config = chart_config(tmp_path, values)
+        app = yaml.safe_load(config.read_text())["apps"]["twilio"]
+        assert app["client_secret_previous_file"].endswith(
+            "/etc/token-broker/apps/twilio/client_secret_previous"
+        )
+        assert Path(app["client_secret_previous_file"]).read_text() == previous
+        out = check_config(config)
+        assert out.returncode == 0, out.stderr
+        assert "previous secret configured" in out.stdout
+        assert previous not in out.stdout + out.stderr
+
+    def test_helm_chart_without_a_previous_secret_names_no_file(self, tmp_path: Path) -> None:
+        """Without client_secret_previous the config names no previous-secret file."""
+        app = yaml.safe_load(chart_config(tmp_path).read_text())["apps"]["twilio"]
+        assert "client_secret_previous_file" not in app
+
+
+def chart_config(root: Path, values: dict[str, Any] | None = None) -> Path:
+    """The chart's rendered config, with its Secrets' files written where the pod mounts them."""
+    docs = [
+        d
+        for name, text in render_chart(values).items()
+        if name.endswith(".yaml")
+        for d in documents(text)
+    ]
+    configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+    secrets = [d for d in docs if d["kind"] == "Secret"]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    return materialize(configmap["data"]["config.yaml"], secrets, pod_mounts(pod), root)

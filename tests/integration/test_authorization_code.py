@@ -251,8 +251,8 @@ class TestRotation:
         for replica in fleet.replicas:
             replica.files.apps = {"app1": ac_app(oauth_server)}
             replica.process.config = replica.files.write()
-        await fleet.start()
         try:
+            await fleet.start()
             stats = await fleet.poll(oauth_server, 24)
             logs = [line for r in fleet.replicas for line in r.process.log_lines()]
         finally:
@@ -269,6 +269,30 @@ class TestRotation:
             assert grant.current_refresh not in output
             for spent in grant.spent:
                 assert spent not in output
+
+    async def test_a_broker_started_after_the_access_token_expired_uses_the_grant(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """The stored access token has expired before the broker starts: it refreshes with the
+        stored refresh token instead of asking for a new authorization (the load failure of
+        test_five_replicas_rotate_without_reuse, made deterministic)."""
+        oauth_server.lifetime = 2.0
+        files = files_for(tmp_path, oauth_server, redis_server)
+        config = files.write()
+        await authorize_via_code(config, oauth_server)
+        stored_refresh = next(iter(oauth_server.grants.values())).current_refresh
+        await asyncio.sleep(3)  # the access token from the exchange is now expired
+        broker = BrokerProcess(config, tmp_path / "broker.log")
+        broker.start()
+        try:
+            await broker.wait_ready(files.metrics, timeout=60)
+            status, _ = await get_token(files)
+        finally:
+            broker.terminate()
+        assert status == 200
+        presented = [r.form.get("refresh_token") for r in oauth_server.requests[1:]]
+        assert presented[0] == stored_refresh
+        assert not any(line["event"] == "app.needs_authorization" for line in broker.log_lines())
 
     async def test_a_response_without_a_new_refresh_token_keeps_the_old_one(
         self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
@@ -314,9 +338,9 @@ class TestCrashAfterRotation:
         for replica in fleet.replicas:
             replica.files.apps = {"app1": ac_app(oauth_server)}
             replica.process.config = replica.files.write()
-        await fleet.start()
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
         try:
+            await fleet.start()
             oauth_server.post_delays = [30.0]  # rotate, then hang before answering
             rotations = oauth_server.count("refresh_token")
             deadline = time.monotonic() + 10

@@ -256,15 +256,20 @@ class TestShutdown:
         config = files.write()
         broker = BrokerProcess(config, tmp_path / "broker.log")
         broker.start()
-        await broker.wait_ready(files.metrics)
-        async with aiohttp.ClientSession() as session:
-            requests = [
-                asyncio.ensure_future(session.get(f"{files.api}/v1/token/app1", headers=files.auth))
-                for _ in range(50)
-            ]
-            await asyncio.sleep(0)
-            code = await asyncio.to_thread(broker.terminate)
-            responses = await asyncio.gather(*requests, return_exceptions=True)
+        try:
+            await broker.wait_ready(files.metrics)
+            async with aiohttp.ClientSession() as session:
+                requests = [
+                    asyncio.ensure_future(
+                        session.get(f"{files.api}/v1/token/app1", headers=files.auth)
+                    )
+                    for _ in range(50)
+                ]
+                await asyncio.sleep(0)
+                code = await asyncio.to_thread(broker.terminate)
+                responses = await asyncio.gather(*requests, return_exceptions=True)
+        finally:
+            broker.kill()  # only if the test failed before its SIGTERM ended the broker
         assert code == 0
         events = [line["event"] for line in broker.log_lines()]
         assert "broker.draining" in events and "broker.stopped" in events

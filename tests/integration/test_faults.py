@@ -44,8 +44,8 @@ class TestTokenEndpointFaults:
         """The token endpoint stops listening for two lifetimes, then returns on the same port."""
         oauth_server.lifetime = 3.0
         fleet = Fleet(tmp_path, oauth_server.token_url, redis_server.url, 1)
-        await fleet.start()
         try:
+            await fleet.start()
             port = int(oauth_server.base_url.rsplit(":", 1)[1])
             await oauth_server.stop()
             down = await fleet.poll(oauth_server, 6)
@@ -64,8 +64,8 @@ class TestTokenEndpointFaults:
         """Every other answer is a 500: tokens keep flowing, none expired."""
         oauth_server.lifetime = 3.0
         fleet = Fleet(tmp_path, oauth_server.token_url, redis_server.url, 1)
-        await fleet.start()
         try:
+            await fleet.start()
             for _ in range(20):
                 oauth_server.fail_next(1, status=500)
                 oauth_server.delays.append(0.0)
@@ -84,9 +84,9 @@ class TestRedisFaults:
         """CLIENT PAUSE for 4 s (a slow Redis): callers are served from memory, no 5xx."""
         oauth_server.lifetime = 3.0
         fleet = Fleet(tmp_path, oauth_server.token_url, redis_server.url, 2)
-        await fleet.start()
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
         try:
+            await fleet.start()
             client.client_pause(4000, all=True)
             stats = await fleet.poll(oauth_server, 8)
         finally:
@@ -109,8 +109,10 @@ class TestCrash:
         config = files.write()
         first = BrokerProcess(config, tmp_path / "first.log")
         first.start()
-        await first.wait_ready(files.metrics)
-        first.kill()
+        try:
+            await first.wait_ready(files.metrics)
+        finally:
+            first.kill()
         requests = oauth_server.count()
         second = BrokerProcess(config, tmp_path / "second.log")
         started = time.monotonic()

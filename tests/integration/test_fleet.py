@@ -51,15 +51,17 @@ class TestOneRefreshPerLifetime:
         seconds = LIFETIME * LIFETIMES
 
         single = Fleet(tmp_path / "single", oauth_server.token_url, redis_server.url, 1)
-        await single.start()
-        start = oauth_server.count()
-        single_stats = await single.poll(oauth_server, seconds)
-        single_requests = oauth_server.count() - start
-        single.stop()
+        try:
+            await single.start()
+            start = oauth_server.count()
+            single_stats = await single.poll(oauth_server, seconds)
+            single_requests = oauth_server.count() - start
+        finally:
+            single.stop()
 
         fleet = Fleet(tmp_path / "fleet", oauth_server.token_url, redis_server.url, 5)
-        await fleet.start()
         try:
+            await fleet.start()
             start = oauth_server.count()
             stats = await fleet.poll(oauth_server, seconds)
             fleet_requests = oauth_server.count() - start
@@ -82,8 +84,8 @@ class TestRedisOutage:
         """Redis down for more than a lifetime: no expired token, no 5xx; the store catches up."""
         oauth_server.lifetime = LIFETIME
         fleet = Fleet(tmp_path, oauth_server.token_url, redis_server.url, 3)
-        await fleet.start()
         try:
+            await fleet.start()
             before = await fleet.poll(oauth_server, 2)
             redis_server.stop()
             during = await fleet.poll(oauth_server, LIFETIME * 2)
@@ -129,9 +131,9 @@ class TestLeaseHolderDies:
                 }
             },
         )
-        await fleet.start()
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
         try:
+            await fleet.start()
             requests_before = oauth_server.count()
             oauth_server.delays = [30.0]  # the next refresh hangs at the server
             poller = asyncio.ensure_future(fleet.poll(oauth_server, 9))

@@ -28,6 +28,7 @@ from broker.refresher import FORCE_MIN_AGE
 from tests.support.broker_process import BrokerFiles, BrokerProcess, running_broker
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.peers import shared_directory
+from tests.support.redis_server import RedisServer
 from tests.support.upstream import UpstreamServer, pattern_digest
 
 pytestmark = pytest.mark.integration
@@ -41,10 +42,12 @@ def proxy_config(
     oauth: OAuthTestServer,
     upstream: UpstreamServer,
     ca_file: Path,
+    redis: RedisServer,
     **proxy: Any,
 ) -> BrokerFiles:
     """A broker whose app1 proxies to the upstream (paths under /v1/), and whose app `scim`
-    (never authorized) proxies there too. A second client, `other`, may use only `scim`."""
+    (never authorized) proxies there too. A second client, `other`, may use only `scim`.
+    The store is a real Redis: an authorization_code app's grant lives in a shared store."""
     refresh = {"at_fraction": 0.75, "min_remaining": 1, "jitter": 0.05, "safety_margin": 1}
     app1 = {
         "token_url": oauth.token_url,
@@ -72,7 +75,10 @@ def proxy_config(
         "proxy": {"upstream": upstream.url, "ca_file": str(ca_file)},
     }
     files = BrokerFiles(
-        directory=tmp_path / "broker", token_url=oauth.token_url, apps={"app1": app1, "scim": scim}
+        directory=tmp_path / "broker",
+        token_url=oauth.token_url,
+        store_url=redis.url,
+        apps={"app1": app1, "scim": scim},
     )
     path = files.write()
     config = yaml.safe_load(path.read_text())
@@ -84,9 +90,13 @@ def proxy_config(
 
 @pytest.fixture
 def files(
-    tmp_path: Path, oauth_server: OAuthTestServer, upstream: UpstreamServer, ca_file: Path
+    tmp_path: Path,
+    oauth_server: OAuthTestServer,
+    upstream: UpstreamServer,
+    ca_file: Path,
+    redis_server: RedisServer,
 ) -> BrokerFiles:
-    return proxy_config(tmp_path, oauth_server, upstream, ca_file)
+    return proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server)
 
 
 @pytest.fixture
@@ -288,6 +298,10 @@ class TestFailsClosed:
                 assert status == 503
                 assert json.loads(body)["error"] == "token_unavailable"
                 assert int(headers["Retry-After"]) >= 1
+            # The same message as the token route: the app's last error and when to retry.
+            message = json.loads(body)["message"]
+            assert "no valid token for app app1 right now (last error: " in message
+            assert f"retry in {headers['Retry-After']} s" in message
             assert len(upstream.hits) == forwarded
             assert all(hit.status == 200 for hit in upstream.hits)  # never an expired token
 
@@ -299,7 +313,9 @@ class TestFailsClosed:
             url = f"{files.api}/v1/proxy/scim/v1/items/1"
             async with session.get(url, headers=files.auth) as response:
                 assert response.status == 409
-                assert (await response.json())["error"] == "needs_authorization"
+                body = await response.json()
+        assert body["error"] == "needs_authorization"
+        assert "token-broker authorize scim --config FILE" in body["message"]
         assert upstream.hits == []
 
 
@@ -319,10 +335,11 @@ class TestUpstreamFailures:
         oauth_server: OAuthTestServer,
         upstream: UpstreamServer,
         ca_file: Path,
+        redis_server: RedisServer,
     ) -> None:
         """Nothing listening upstream: 502 upstream_error in the contract's JSON."""
         await upstream.stop()
-        files = proxy_config(tmp_path, oauth_server, upstream, ca_file)
+        files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server)
         async with running_broker(files.directory / "config.yaml"):
             status, _, body = await call(files, "GET", "/v1/items/1")
         assert status == 502
@@ -334,9 +351,10 @@ class TestUpstreamFailures:
         oauth_server: OAuthTestServer,
         upstream: UpstreamServer,
         ca_file: Path,
+        redis_server: RedisServer,
     ) -> None:
         """TLS is verified by default: without the test CA the upstream is refused."""
-        files = proxy_config(tmp_path, oauth_server, upstream, ca_file)
+        files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server)
         config = yaml.safe_load((files.directory / "config.yaml").read_text())
         del config["apps"]["app1"]["proxy"]["ca_file"]
         (files.directory / "config.yaml").write_text(yaml.safe_dump(config))
@@ -622,6 +640,7 @@ class TestStreaming:
         oauth_server: OAuthTestServer,
         upstream: UpstreamServer,
         ca_file: Path,
+        redis_server: RedisServer,
     ) -> None:
         """20 MiB each way arrive intact, and the broker's peak memory grows far less than that.
 
@@ -630,7 +649,9 @@ class TestStreaming:
         TLS buffers and a loaded machine add noise, hence the bound of 12 MiB: well clear of
         the noise, well below one buffered body.
         """
-        files = proxy_config(tmp_path, oauth_server, upstream, ca_file, read_timeout="20s")
+        files = proxy_config(
+            tmp_path, oauth_server, upstream, ca_file, redis_server, read_timeout="20s"
+        )
         broker = BrokerProcess(files.directory / "config.yaml", tmp_path / "broker.log")
         broker.start()
         try:

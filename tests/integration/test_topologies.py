@@ -41,8 +41,8 @@ class TestCluster:
         """Through redis+cluster://, two replicas serve valid tokens and share refreshes."""
         oauth_server.lifetime = 3.0
         fleet = Fleet(tmp_path / "fleet", oauth_server.token_url, cluster.url, 2)
-        await fleet.start()
         try:
+            await fleet.start()
             stats = await fleet.poll(oauth_server, 9)
         finally:
             fleet.stop()
@@ -62,12 +62,12 @@ class TestSentinel:
         """Through redis+sentinel://, a second replica starts warm from the master."""
         oauth_server.lifetime = 30.0
         first = Fleet(tmp_path / "first", oauth_server.token_url, sentinel.url, 1)
-        await first.start()
         try:
+            await first.start()
             stats = await first.poll(oauth_server, 1)
             second = Fleet(tmp_path / "second", oauth_server.token_url, sentinel.url, 1)
-            await second.start()
             try:
+                await second.start()
                 warm = await second.poll(oauth_server, 1)
             finally:
                 second.stop()

@@ -30,7 +30,7 @@ from tests.support.peers import (
     request_token,
     shared_directory,
 )
-from tests.support.redis_server import free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -160,6 +160,18 @@ class TestPeerIdentity:
         assert out.returncode == 0, out.stderr
         oauth_server.verify_access_token(out.stdout.strip())
 
+    async def test_the_cli_names_a_misspelled_app_and_the_callers_apps(
+        self, start_api: StartApi
+    ) -> None:
+        """Over the socket a mapped uid asking for a misspelled app learns which apps it has."""
+        api = await start_api("main")
+        out = cli_token(MAPPED, api.url, "ap1")
+        assert out.returncode == 1
+        assert (
+            "HTTP 404 unknown_app: no app named 'ap1' is configured; this client may use: app1"
+            in out.stderr
+        )
+
     async def test_an_unmapped_uid_gets_401(self, start_api: StartApi) -> None:
         """A caller whose uid and gid no client lists, without a key, gets 401."""
         api = await start_api("unmapped")
@@ -236,8 +248,11 @@ class TestSocketFile:
         api = await start_api("main")
         second = BrokerProcess(api.config, tmp_path / "second.log")
         second.start()
-        assert second.process is not None
-        assert second.process.wait(timeout=60) == 1
+        try:
+            assert second.process is not None
+            assert second.process.wait(timeout=60) == 1
+        finally:
+            second.kill()  # only if it did not exit by itself
         assert f"another process listens on {api.socket}" in second.output()
         assert request_token(MAPPED, api.url, "app1")["status"] == 200
 
@@ -262,8 +277,11 @@ class TestSocketFile:
             config.write_text(text)
             process = BrokerProcess(config, tmp_path / "broker.log", wrapper=NO_CHOWN)
             process.start()
-            assert process.process is not None
-            assert process.process.wait(timeout=60) == 2
+            try:
+                assert process.process is not None
+                assert process.process.wait(timeout=60) == 2
+            finally:
+                process.kill()  # only if it did not exit by itself
             assert (
                 f"server.socket_group: cannot give {socket} to group {foreign}" in process.output()
             )

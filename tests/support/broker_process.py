@@ -22,7 +22,7 @@ from broker.app import Broker, serve
 from broker.clock import Clock
 from broker.config import load_config
 from broker.store import TokenStore
-from tests.support.redis_server import free_port
+from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLIENT_KEY = "k" * 20 + "client-key-for-tests-0123456789"
@@ -144,13 +144,26 @@ class BrokerProcess:
             raise AssertionError(f"{exc}:\n{self.output()[-4000:]}") from None
 
     def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
+        """SIGTERM and wait; returns the exit code. One that does not stop in time is killed."""
+        self.signal_stop()
+        return self.wait_stopped(timeout)
+
+    def signal_stop(self) -> None:
+        """Send SIGTERM (a graceful stop) if the broker is running."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = 20.0) -> int:
+        """Wait for the exit after signal_stop(); kill and fail when it takes over `timeout`."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=timeout)
-        return code
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"the broker did not stop within {timeout}s of SIGTERM; killed it"
+            ) from None
 
     def kill(self) -> None:
         """SIGKILL (a crash)."""

@@ -58,16 +58,28 @@ class Fleet:
             self.replicas.append(Replica(files, BrokerProcess(config, root / f"replica-{i}.log")))
 
     async def start(self) -> None:
-        """Start every replica and wait until each is ready."""
-        for replica in self.replicas:
-            replica.process.start()
-        for replica in self.replicas:
-            await replica.process.wait_ready(replica.files.metrics)
+        """Start every replica and wait until each is ready; on any failure, stop them all."""
+        try:
+            for replica in self.replicas:
+                replica.process.start()
+            for replica in self.replicas:
+                await replica.process.wait_ready(replica.files.metrics)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        """SIGTERM every replica still running."""
+        """SIGTERM every replica still running, then wait for all (killing any that hang)."""
         for replica in self.replicas:
-            replica.process.terminate()
+            replica.process.signal_stop()
+        failures = []
+        for replica in self.replicas:
+            try:
+                replica.process.wait_stopped()
+            except AssertionError as exc:
+                failures.append(str(exc))
+        if failures:
+            raise AssertionError("; ".join(failures))
 
     def alive(self) -> list[Replica]:
         """Replicas whose process is running."""

@@ -27,6 +27,8 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.support.ports import free_port
+
 
 @dataclass
 class Scripted:
@@ -109,8 +111,11 @@ class OAuthTestServer:
         app.router.add_get("/jwks", self._jwks)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
+        try:
+            await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        except BaseException:
+            await self.stop()
+            raise
         self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
         return self.base_url
 
@@ -360,9 +365,11 @@ class OAuthTestServer:
 
 @pytest.fixture
 async def oauth_server() -> AsyncIterator[OAuthTestServer]:
-    """A running OAuthTestServer with 60 s tokens (tests set `lifetime` as they need)."""
+    """A running OAuthTestServer with 60 s tokens (tests set `lifetime` as they need), on a port
+    reserved for this run (tests/support/ports), so a test that stops it and starts it again on
+    the same port finds the port still its own."""
     server = OAuthTestServer()
-    await server.start()
+    await server.start(port=free_port())
     try:
         yield server
     finally:

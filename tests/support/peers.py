@@ -35,7 +35,7 @@ if uid >= 0:
 if command[0] == "get":
     url, app, key = command[1], command[2], command[3] or None
     try:
-        status, body = get_token(url, app, key=key)
+        status, body, _ = get_token(url, app, key=key)
     except OSError as exc:
         print(json.dumps({"connect_error": type(exc).__name__}))
     else:

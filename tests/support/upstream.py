@@ -23,6 +23,7 @@ import trustme
 from aiohttp import web
 
 from tests.support.oauth_server import OAuthTestServer
+from tests.support.ports import free_port
 
 # The bytes the download endpoint streams: a repeated pattern, so the client can check them.
 PATTERN = bytes(range(256)) * 256
@@ -66,7 +67,9 @@ class UpstreamServer:
         return f"https://127.0.0.1:{self.port}"
 
     async def start(self) -> str:
-        """Fetch the JWKS, then listen over TLS on a free loopback port; returns the origin."""
+        """Fetch the JWKS, then listen over TLS on a reserved loopback port (tests/support/ports:
+        a test that stops the upstream knows no other run will take its port); returns the
+        origin."""
         async with aiohttp.ClientSession() as session:
             async with session.get(self.oauth.jwks_url) as response:
                 jwks = await response.json()
@@ -84,9 +87,13 @@ class UpstreamServer:
         app.router.add_route("*", "/{tail:.*}", self._echo)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        port = self.port or free_port()
+        try:
+            await web.TCPSite(self._runner, "127.0.0.1", port, ssl_context=context).start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.port = port
         return self.url
 
     async def stop(self) -> None:

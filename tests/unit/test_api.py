@@ -37,6 +37,7 @@ class FakeService:
             "app2": TokenSet("token-two-" + "y" * 30, "Bearer", NOW - 100, NOW + 3500, None),
         }
         self.errors: dict[str, Exception] = {}
+        self.last_errors: dict[str, str] = {}
         self.unready: list[str] = []
 
     def app_names(self) -> Collection[str]:
@@ -59,7 +60,9 @@ class FakeService:
         return await self.get_token(app)
 
     def status(self, app: str) -> AppStatus:
-        return AppStatus(app, AppState.FRESH, self.tokens[app].expires_at, NOW - 100, None)
+        return AppStatus(
+            app, AppState.FRESH, self.tokens[app].expires_at, NOW - 100, self.last_errors.get(app)
+        )
 
     def unready_apps(self) -> list[str]:
         return self.unready
@@ -209,6 +212,55 @@ class TestTokenRoute:
         )
         status, body, headers = await call(api, "/v1/token/app1", method="DELETE")
         assert (status, body["error"], headers["Allow"]) == (405, "method_not_allowed", "GET")
+
+
+class TestErrorMessages:
+    """Error answers say what is wrong and what to do, naming the app and its last error."""
+
+    async def test_unknown_app_names_it_and_lists_the_callers_apps(
+        self, api: TestClient[web.Request, web.Application]
+    ) -> None:
+        """404 unknown_app repeats the name asked for and lists the apps this client may use."""
+        _, body, _ = await call(api, "/v1/token/twillio", headers=auth(KEY_B))
+        assert body == {
+            "error": "unknown_app",
+            "message": "no app named 'twillio' is configured; this client may use: app1, app2",
+        }
+        _, body, _ = await call(api, "/v1/token/twillio")
+        assert body["message"].endswith("this client may use: app1")
+
+    async def test_unavailable_says_why_and_where_to_look(
+        self, api: TestClient[web.Request, web.Application], service: FakeService
+    ) -> None:
+        """503 names the app's last error, when to retry, GET /v1/apps and the log event."""
+        service.errors["app1"] = TokenUnavailable("x", retry_after=4.5)
+        service.last_errors["app1"] = "transient: token endpoint answered 503"
+        _, body, _ = await call(api, "/v1/token/app1")
+        message = body["message"]
+        assert "last error: transient: token endpoint answered 503" in message
+        assert "retry in 5 s" in message
+        assert "GET /v1/apps" in message
+        assert "token.refresh_failed" in message
+
+    async def test_unavailable_before_any_failure_says_so(
+        self, api: TestClient[web.Request, web.Application], service: FakeService
+    ) -> None:
+        """A 503 while the first refresh is still running does not invent an error."""
+        service.errors["app1"] = TokenUnavailable("x", retry_after=1)
+        _, body, _ = await call(api, "/v1/token/app1")
+        assert "no refresh has failed yet" in body["message"]
+
+    async def test_needs_authorization_says_why_and_what_to_run(
+        self, api: TestClient[web.Request, web.Application], service: FakeService
+    ) -> None:
+        """409 names the dead grant's error, the authorize command and the log event."""
+        service.errors["app1"] = NeedsAuthorization("x")
+        service.last_errors["app1"] = "permanent: invalid_grant: refresh token revoked"
+        _, body, _ = await call(api, "/v1/token/app1")
+        message = body["message"]
+        assert "last error: permanent: invalid_grant: refresh token revoked" in message
+        assert "token-broker authorize app1 --config FILE" in message
+        assert "app.needs_authorization" in message
 
 
 class TestAppsRoute:

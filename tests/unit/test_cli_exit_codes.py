@@ -115,6 +115,9 @@ class TestCliExitCodes:
         assert result.returncode == 2
         assert "frobnicate" in result.stderr
 
-    def test_no_command(self) -> None:
-        """No command at all is a usage error (exit 2)."""
-        assert run_broker().returncode == 2
+    def test_no_command_prints_help(self) -> None:
+        """`token-broker` alone prints the help on stdout and exits 0."""
+        result = run_broker()
+        assert result.returncode == 0
+        assert result.stdout.startswith("usage: token-broker")
+        assert "token-broker dev" in result.stdout

@@ -36,7 +36,8 @@ class TestTokenCommand:
         (tmp_path / "key").write_text("k" * 40)
         out = token("app1", "--url", "ftp://127.0.0.1:9", "--key-file", str(tmp_path / "key"))
         assert out.returncode == 2
-        assert "configuration error: --url: 'ftp://127.0.0.1:9' is neither" in out.stderr
+        assert "argument --url: 'ftp://127.0.0.1:9' is not an http(s) URL" in out.stderr
+        assert "nor a unix socket, like unix:/" in out.stderr
         assert "k" * 40 not in out.stderr
 
     def test_a_unix_socket_needs_no_key_and_a_missing_one_is_a_runtime_failure(

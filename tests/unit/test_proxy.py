@@ -159,6 +159,7 @@ class FakeService:
         self.error: Exception | None = None
         self.force_result: TokenSet | Exception = TOKEN_B
         self.forced = 0
+        self.last_error: str | None = None
 
     def app_names(self) -> Collection[str]:
         return ("app1",)
@@ -182,7 +183,7 @@ class FakeService:
         return self.token
 
     def status(self, app: str) -> AppStatus:
-        return AppStatus(app, AppState.FRESH, self.token.expires_at, NOW, None)
+        return AppStatus(app, AppState.FRESH, self.token.expires_at, NOW, self.last_error)
 
     def unready_apps(self) -> list[str]:
         return []
@@ -384,6 +385,53 @@ class TestFailClosedAndLimits:
         assert response.status == status
         assert (await response.json())["error"] == code
         assert upstream_server[0].authorizations == []
+
+    @pytest.mark.parametrize(
+        ("error", "expected"),
+        [
+            (TokenUnavailable("none", retry_after=3), ("retry in 3 s", "GET /v1/apps")),
+            (NeedsAuthorization("grant"), ("token-broker authorize app1 --config FILE",)),
+        ],
+    )
+    async def test_no_servable_token_says_why_as_the_token_route_does(
+        self,
+        make_api: Make,
+        service: FakeService,
+        error: Exception,
+        expected: tuple[str, ...],
+    ) -> None:
+        """The proxy's 503/409 carries the app's last error, word for word the token route's."""
+        service.error = error
+        service.last_error = "transient: token endpoint answered 503"
+        api = await make_api()
+        proxied = await (await api.get("/v1/proxy/app1/x", headers=AUTH)).json()
+        direct = await (await api.get("/v1/token/app1", headers=AUTH)).json()
+        assert proxied == direct
+        assert "last error: transient: token endpoint answered 503" in proxied["message"]
+        for text in expected:
+            assert text in proxied["message"]
+
+    async def test_a_failed_refresh_after_a_401_says_why(
+        self, make_api: Make, service: FakeService
+    ) -> None:
+        """The 503 after a rejected token and a failed refresh names the app's last error."""
+        service.force_result = TokenUnavailable("down", retry_after=7)
+        service.last_error = "transient: connection refused"
+        api = await make_api()
+        body = await (await api.get("/v1/proxy/app1/x", headers=AUTH)).json()
+        assert body["error"] == "token_unavailable"
+        assert "last error: transient: connection refused" in body["message"]
+        assert "retry in 7 s" in body["message"]
+
+    async def test_an_unknown_app_is_named_with_the_callers_apps(self, make_api: Make) -> None:
+        """404 unknown_app on the proxy route repeats the name and lists the caller's apps."""
+        api = await make_api()
+        response = await api.get("/v1/proxy/twillio/x", headers=AUTH)
+        assert response.status == 404
+        assert await response.json() == {
+            "error": "unknown_app",
+            "message": "no app named 'twillio' is configured; this client may use: app1",
+        }
 
     async def test_a_body_over_max_request_body_is_refused_with_413(
         self, make_api: Make, upstream_server: tuple[Upstream, TestServer]

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -17,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from broker.api import build_api_app
 from broker.api.auth import ClientAuthenticator, PeerCredentials
 from broker.api.unix_socket import bind_unix_socket
-from broker.errors import ConfigError
+from broker.errors import ConfigError, TokenUnavailable
 from broker.metrics import Metrics
 from broker.model import ClientSpec, ServerSpec
 from tests.support.fake_clock import FakeClock
@@ -138,15 +139,14 @@ class TestPeerCredentials:
 
     def test_a_tcp_peer_has_none(self) -> None:
         """A TCP connection has no peer identity, even on loopback."""
-        listener = socket.create_server(("127.0.0.1", 0))
-        client = socket.create_connection(listener.getsockname())
-        accepted, _ = listener.accept()
-        try:
-            assert PeerCredentials().of(FakeTransport(accepted)) is None  # type: ignore[arg-type]
-            assert PeerCredentials().of(None) is None
-        finally:
-            for s in (accepted, client, listener):
-                s.close()
+        with (
+            socket.create_server(("127.0.0.1", 0)) as listener,
+            socket.create_connection(listener.getsockname()),
+        ):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert PeerCredentials().of(FakeTransport(accepted)) is None  # type: ignore[arg-type]
+                assert PeerCredentials().of(None) is None
 
 
 class TestPeerIdentityNeverOnTcp:
@@ -163,6 +163,39 @@ class TestPeerIdentityNeverOnTcp:
         response = await client.get("/v1/token/app1")
         assert response.status == 401
         assert (await response.json())["error"] == "unauthorized"
+
+
+class TestErrorMessagesOnTheSocket:
+    async def test_a_mapped_caller_gets_the_same_messages_as_over_tcp(
+        self, sock_path: Path
+    ) -> None:
+        """Over the socket, unknown_app lists the uid's client's apps and 503 names the last error."""
+        service = FakeService()
+        service.errors["app1"] = TokenUnavailable("x", retry_after=2)
+        service.last_errors["app1"] = "transient: token endpoint answered 503"
+        auth = ClientAuthenticator({"me": ClientSpec("me", ("app1",), uids=(os.geteuid(),))})
+        app = build_api_app(service, auth, Metrics(), FakeClock(), peer_identity=True)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        listener = bind_unix_socket(server(sock_path, 0o600))
+        try:
+            await web.SockSite(runner, listener.sock).start()
+            connector = aiohttp.UnixConnector(path=str(sock_path))
+            async with aiohttp.ClientSession(connector=connector) as session:
+                async with session.get("http://localhost/v1/token/twillio") as response:
+                    assert response.status == 404
+                    assert await response.json() == {
+                        "error": "unknown_app",
+                        "message": "no app named 'twillio' is configured; this client may use: app1",
+                    }
+                async with session.get("http://localhost/v1/token/app1") as response:
+                    assert response.status == 503
+                    message = (await response.json())["message"]
+        finally:
+            await runner.cleanup()
+            listener.sock.close()
+        assert "last error: transient: token endpoint answered 503" in message
+        assert "retry in 2 s" in message
 
 
 class TestIdentifyPeer:

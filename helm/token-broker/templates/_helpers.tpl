@@ -60,7 +60,10 @@ apps:
 {{- range $name, $app := .Values.config.apps }}
   {{- $files := dict }}
   {{- if not (hasKey $app "client_id") }}{{- $_ := set $files "client_id_file" (printf "/etc/token-broker/apps/%s/client_id" $name) }}{{- end }}
+  {{- $appSecret := index (default dict $.Values.secrets.apps) $name | default dict }}
   {{- if ne (default "client_secret_post" $app.client_auth) "private_key_jwt" }}{{- $_ := set $files "client_secret_file" (printf "/etc/token-broker/apps/%s/client_secret" $name) }}{{- else }}{{- $_ := set $files "private_key_file" (printf "/etc/token-broker/apps/%s/private_key" $name) }}{{- end }}
+  {{- /* The pre-rotation secret, tried after invalid_client, when the values give one. */}}
+  {{- if $appSecret.client_secret_previous }}{{- $_ := set $files "client_secret_previous_file" (printf "/etc/token-broker/apps/%s/client_secret_previous" $name) }}{{- end }}
   {{- range $i, $sink := $app.sinks }}
   {{- if ne (dir $sink.path) (include "token-broker.runDir" $) }}
   {{- fail (printf "config.apps.%s.sinks[%d].path: token files go in %s (the shared emptyDir)" $name $i (include "token-broker.runDir" $)) }}
