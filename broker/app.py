@@ -34,6 +34,9 @@ log = get_logger(__name__)
 
 # How long in-flight API requests get to finish on shutdown.
 SHUTDOWN_GRACE = 10.0
+# How long a refresh in flight gets to finish and persist on shutdown: one request (at most
+# 10 s), its commit and a margin (broker/fleet.py Timing). terminationGracePeriodSeconds fits it.
+REFRESH_DRAIN = 15.0
 # How long closing the store and HTTP connections may take on shutdown.
 CLOSE_TIMEOUT = 3.0
 # How often secret and client key files are checked for a change.
@@ -131,6 +134,9 @@ def _credential_changed(broker: Broker, app: str, which: str) -> None:
         audit(log, "app.secret_rotated", app=app, file=which)
     else:
         log.info("credentials.changed", app=app, file=which)
+    refresher = broker.core.refreshers.get(app)
+    if refresher is not None:
+        refresher.credentials_changed()
 
 
 async def watch_files(broker: Broker) -> None:
@@ -215,8 +221,12 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None]) -> None:
     """Readiness goes false, in-flight requests finish, then the loops stop and connections close."""
     broker.core.draining = True
     log.info("broker.draining")
+    # In-flight API requests and in-flight refreshes finish side by side; a refresh token that
+    # was sent is answered and stored before the loops stop.
+    cleanups = [broker.core.drain(REFRESH_DRAIN)]
     if broker.api_runner is not None:
-        await broker.api_runner.cleanup()
+        cleanups.append(broker.api_runner.cleanup())
+    await asyncio.gather(*cleanups)
     core_task.cancel()
     done, _ = await asyncio.wait({core_task}, timeout=CLOSE_TIMEOUT)
     if not done:

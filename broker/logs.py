@@ -144,9 +144,11 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return logger
 
 
-def audit(logger: structlog.stdlib.BoundLogger, event: str, **fields: Any) -> None:
+def audit(
+    logger: structlog.stdlib.BoundLogger, event: str, *, level: str = "info", **fields: Any
+) -> None:
     """Write an audit event: `audit: true` and one of the contract's event names."""
-    logger.info(event, audit=True, **fields)
+    getattr(logger, level)(event, audit=True, **fields)
 
 
 class RateLimitedLog:

@@ -93,6 +93,18 @@ class Metrics:
             ["app", "outcome"],
             registry=r,
         )
+        self.refresh_blocked = Gauge(
+            "token_broker_refresh_blocked",
+            "1 while refreshing the app is blocked because the store cannot confirm a lease.",
+            ["app"],
+            registry=r,
+        )
+        self.grant_outcome_unknown = Counter(
+            "token_broker_grant_outcome_unknown_total",
+            "Refresh-token spends whose outcome is unknown (the grant may be lost).",
+            ["app"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "token_broker_build_info",
             "Always 1; the version is in the label.",
@@ -115,6 +127,7 @@ class Metrics:
                 _remove(self.app_state, app, state.value)
             _remove(self.token_expiry, app)
             _remove(self.refresh_failures_consecutive, app)
+            _remove(self.refresh_blocked, app)
 
 
 def _remove(metric: Gauge, *labels: str) -> None:
