@@ -148,6 +148,8 @@ class FleetProtocol:
         self._retried: set[str] = set()
         # Our own spend that ended without effect but whose record we could not clear.
         self._aborted_fence = 0
+        # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
+        self._sent_at: dict[str, float] = {}
 
     # ---- what other replicas tell us -------------------------------------------------------
 
@@ -155,7 +157,7 @@ class FleetProtocol:
         """Track spends announced by other replicas (a store that forgets must not fool us)."""
         if notice.refresh_fp is None or notice.owner == self._owner:
             return
-        if notice.kind == "spend":
+        if notice.kind == "sent":
             self._foreign_spends.setdefault(notice.refresh_fp, self._clock.monotonic())
         elif notice.kind == "abort":
             self._foreign_spends.pop(notice.refresh_fp, None)
@@ -174,16 +176,21 @@ class FleetProtocol:
     # ---- budgets -----------------------------------------------------------------------------
 
     def attempt_timeout(self, servable_left: float) -> float:
-        """How long one token request may take: half the servable time left, within bounds."""
+        """How long one token request may take.
+
+        Spending a refresh token always gets the full budget: giving up on a request that was
+        sent loses its answer, and with it the grant. Otherwise half the servable time left,
+        within bounds.
+        """
         t = self.timing
-        if servable_left <= 0:
+        if servable_left <= 0 or self._spends:
             return t.max_attempt
         return max(t.min_attempt, min(t.max_attempt, servable_left / 2))
 
     def lease_ttl(self, servable_left: float) -> float:
         """A lease long enough for the objection window, one request, a commit and a margin."""
         t = self.timing
-        objection = t.objection if self._spends else 0.0
+        objection = self.objection_window(servable_left) if self._spends else 0.0
         return objection + self.attempt_timeout(servable_left) + t.persist + t.margin
 
     # ---- keeping the store in step -----------------------------------------------------------
@@ -283,14 +290,22 @@ class FleetProtocol:
             )
         return None
 
+    def _retry_window(self) -> float:
+        """How long after a spend one retry is still inside the server's grace window."""
+        return max(0.0, self._grace - self.timing.max_attempt - self.timing.margin)
+
     def _may_retry(self, refresh_fp: str) -> bool:
-        """Inside a declared reuse grace window, one retry of an unknown spend is allowed."""
-        if self._grace <= 0 or refresh_fp in self._retried:
+        """Inside a declared reuse grace window, one retry of an unknown spend is allowed.
+
+        The window is counted from when the spend was sent (our own) or announced to us
+        (another replica's), less the longest the retry itself may take.
+        """
+        if self._retry_window() <= 0 or refresh_fp in self._retried:
             return False
-        noticed = self._foreign_spends.get(refresh_fp)
-        if noticed is None:
-            return True  # our own spend: the store's record carries the retry count
-        return self._clock.monotonic() - noticed < self._grace - self.timing.margin
+        sent = self._sent_at.get(refresh_fp, self._foreign_spends.get(refresh_fp))
+        if sent is None:
+            return True  # known only from the store's record, which carries its own time
+        return self._clock.monotonic() - sent < self._retry_window()
 
     async def _under_lease(
         self,
@@ -319,9 +334,20 @@ class FleetProtocol:
         if blocked is not None:
             return blocked
         assert current is not None
-        return await self._spend(fetch, current, fence, deadline)
+        return await self._spend(fetch, current, fence, deadline, servable_left)
 
-    async def _spend(self, fetch: Fetch, current: TokenSet, fence: int, deadline: float) -> Outcome:
+    def objection_window(self, servable_left: float) -> float:
+        """The objection window, shortened for a token with little servable time left.
+
+        With nothing servable there is no hurry, and the full window applies.
+        """
+        if servable_left <= 0:
+            return self.timing.objection
+        return min(self.timing.objection, servable_left / 4)
+
+    async def _spend(
+        self, fetch: Fetch, current: TokenSet, fence: int, deadline: float, servable_left: float
+    ) -> Outcome:
         refresh_fp = current.refresh_fingerprint or ""
         foreign = refresh_fp in self._foreign_spends
         if foreign and not self._may_retry(refresh_fp):
@@ -331,14 +357,13 @@ class FleetProtocol:
             return OutcomeUnknown(
                 "another replica spent this refresh token with no known outcome", refresh_fp
             )
-        allow_retry = self._may_retry(refresh_fp) and (foreign or refresh_fp in self._unknown)
         try:
             start = await self._store.begin_spend(
                 self.app,
                 owner=self._owner,
                 fence=fence,
                 token=current,
-                allow_retry=allow_retry,
+                retry_within=self._retry_window(),
                 resolved_fence=self._aborted_fence,
             )
         except StoreUnavailable as exc:
@@ -359,8 +384,9 @@ class FleetProtocol:
             self._retried.add(refresh_fp)
             log.warning("grant.retrying_in_grace_window", app=self.app)
         # Objection window: a replica that knows a newer set writes it back now.
-        if self.timing.objection > 0:
-            await self._clock.sleep(self.timing.objection)
+        objection = self.objection_window(servable_left)
+        if objection > 0:
+            await self._clock.sleep(objection)
             try:
                 stored = await self._store.load(self.app)
             except StoreUnavailable as exc:
@@ -375,12 +401,23 @@ class FleetProtocol:
         if timeout < self.timing.min_attempt:
             await self._end_spend(fence, SpendEnd.ABORTED)
             return Busy(0.0)
+        try:
+            # The fence is checked once more, atomically, right before the token leaves.
+            sent = await self._store.mark_sent(self.app, owner=self._owner, fence=fence)
+        except StoreUnavailable as exc:
+            await self._end_spend(fence, SpendEnd.ABORTED)
+            return Blocked(f"store unavailable before sending, not spending: {exc}")
+        if not sent:
+            self._on_lease("lost")
+            log.warning("lease.lost", app=self.app, fence=fence)
+            return Busy(0.0)
         sent_mono = self._clock.monotonic()
         try:
             fresh = await self._fetch_within(fetch, current.refresh_token, timeout)
         except TransientTokenError as exc:
             if exc.outcome_unknown:
                 self._unknown.add(refresh_fp)
+                self._sent_at.setdefault(refresh_fp, sent_mono)
                 await self._end_spend(fence, SpendEnd.UNKNOWN)
                 return OutcomeUnknown(f"no answer to the refresh: {exc}", refresh_fp, exc)
             await self._end_spend(fence, SpendEnd.ABORTED)

@@ -42,7 +42,7 @@ class Commit:
 class SpendStart(enum.StrEnum):
     """The answer to `begin_spend`."""
 
-    OK = "ok"  # recorded: the holder may present the refresh token now
+    OK = "ok"  # recorded as announced: the holder marks it sent, then presents the token
     RETRY = "retry"  # recorded as the one retry a grace window allows
     LOST = "lost"  # the lease is not (or no longer) ours under this fence
     STALE = "stale"  # the stored set is not the one we meant to spend
@@ -60,8 +60,9 @@ class SpendEnd(enum.StrEnum):
 class Notice:
     """A change another replica (or `authorize`) made, as published to every replica.
 
-    `kind` is "token" (a set was committed), "spend" (a refresh token is about to be spent)
-    or "abort" (that spend did not happen). `rank` is the committed set's, or for spends the
+    `kind` is "token" (a set was committed), "spend" (a refresh token is about to be spent:
+    a replica that knows a newer set writes it back now), "sent" (it is being presented) or
+    "abort" (that spend ended without effect). `rank` is the committed set's, or for spends the
     rank of the set whose refresh token is spent; `refresh_fp` names that refresh token.
     """
 
@@ -140,15 +141,24 @@ class TokenStore(Protocol):
         owner: str,
         fence: int,
         token: TokenSet,
-        allow_retry: bool = False,
+        retry_within: float = 0.0,
         resolved_fence: int = 0,
     ) -> SpendStart:
-        """Record that `owner` is about to present `token`'s refresh token under `fence`.
+        """Announce that `owner` will present `token`'s refresh token under `fence`.
 
         Only while `owner` holds the lease under `fence` and the stored set is `token`'s rank.
-        An unresolved spend of the same refresh token by another fence answers UNKNOWN (or, once,
-        RETRY when `allow_retry`); `resolved_fence` names our own earlier spend that we know
-        ended without effect, whose record may be replaced.
+        A spend of the same refresh token by another fence that was marked sent (and not
+        resolved) answers UNKNOWN, or RETRY once if it was sent less than `retry_within`
+        seconds ago by the store's clock (a server's reuse grace window). An announced spend
+        that was never marked sent is replaced. `resolved_fence` names our own earlier spend
+        that we know ended without effect, whose record may be replaced.
+        """
+        ...
+
+    async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
+        """Mark our announced spend as sent, just before sending; False: do not send.
+
+        True only while `owner` still holds the lease under `fence` and the record is ours.
         """
         ...
 

@@ -23,8 +23,9 @@ class _Spend:
     owner: str
     refresh_fp: str
     rank: tuple[int, int]
-    state: str = "pending"
+    state: str = "announced"  # then "sent", then (no answer) "unknown"
     retries: int = 0
+    sent_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -122,10 +123,10 @@ class MemoryStore:
         owner: str,
         fence: int,
         token: TokenSet,
-        allow_retry: bool = False,
+        retry_within: float = 0.0,
         resolved_fence: int = 0,
     ) -> SpendStart:
-        """Record the spend if the lease and the stored set allow it (see TokenStore)."""
+        """Announce the spend if the lease and the stored set allow it (see TokenStore)."""
         self._check()
         if not self._holds(app, owner, fence):
             return SpendStart.LOST
@@ -135,20 +136,34 @@ class MemoryStore:
         refresh_fp = token.refresh_fingerprint or ""
         spend = self.state.spends.get(app)
         answer = SpendStart.OK
+        retries = 0
         if (
             spend is not None
             and spend.refresh_fp == refresh_fp
             and spend.fence != fence
+            and spend.state != "announced"
             and not (spend.fence == resolved_fence and spend.owner == owner)
         ):
-            if not allow_retry or spend.retries > 0:
+            age = self._clock.monotonic() - spend.sent_at
+            if spend.retries > 0 or age >= retry_within:
                 return SpendStart.UNKNOWN
-            answer = SpendStart.RETRY
-        self.state.spends[app] = _Spend(
-            fence, owner, refresh_fp, token.rank, retries=1 if answer is SpendStart.RETRY else 0
-        )
+            answer, retries = SpendStart.RETRY, 1
+        self.state.spends[app] = _Spend(fence, owner, refresh_fp, token.rank, retries=retries)
         self._publish(Notice(app, "spend", rank=token.rank, refresh_fp=refresh_fp, owner=owner))
         return answer
+
+    async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
+        """Mark our announced spend sent, if the lease and the record are still ours."""
+        self._check()
+        spend = self.state.spends.get(app)
+        if not self._holds(app, owner, fence) or spend is None or spend.fence != fence:
+            return False
+        spend.state = "sent"
+        spend.sent_at = self._clock.monotonic()
+        self._publish(
+            Notice(app, "sent", rank=spend.rank, refresh_fp=spend.refresh_fp, owner=owner)
+        )
+        return True
 
     async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
         """Remove (aborted) or mark (unknown) our spend record under `fence`."""

@@ -75,27 +75,40 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-# KEYS: lease, token, spend. ARGV: owner|fence, fence, owner, lineage, gen, rfp, allow_retry,
+# KEYS: lease, token, spend. ARGV: owner|fence, fence, owner, lineage, gen, rfp, retry_within ms,
 # resolved fence, channel, app
 _BEGIN_SPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'lost' end
 local cur = redis.call('HMGET', KEYS[2], 'lineage', 'gen')
 if not cur[1] or tonumber(cur[1]) ~= tonumber(ARGV[4]) or tonumber(cur[2]) ~= tonumber(ARGV[5])
 then return 'stale' end
-local sp = redis.call('HMGET', KEYS[3], 'fence', 'owner', 'rfp', 'retries')
-local answer = 'ok'
-if sp[1] and sp[3] == ARGV[6] and sp[1] ~= ARGV[2]
+local sp = redis.call('HMGET', KEYS[3], 'fence', 'owner', 'rfp', 'retries', 'state', 'sent_at')
+local answer, retries = 'ok', 0
+if sp[1] and sp[3] == ARGV[6] and sp[1] ~= ARGV[2] and sp[5] ~= 'announced'
    and not (sp[1] == ARGV[8] and sp[2] == ARGV[3]) then
-  if ARGV[7] ~= '1' or tonumber(sp[4] or '0') > 0 then return 'unknown' end
-  answer = 'retry'
+  local t = redis.call('TIME')
+  local age = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(sp[6] or '0')
+  if tonumber(sp[4] or '0') > 0 or age >= tonumber(ARGV[7]) then return 'unknown' end
+  answer, retries = 'retry', 1
 end
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'fence', ARGV[2], 'owner', ARGV[3], 'rfp', ARGV[6],
-  'lineage', ARGV[4], 'gen', ARGV[5], 'state', 'pending',
-  'retries', answer == 'retry' and 1 or 0)
+  'lineage', ARGV[4], 'gen', ARGV[5], 'state', 'announced', 'retries', retries)
 redis.call('PUBLISH', ARGV[9], cjson.encode({app=ARGV[10], kind='spend',
   lineage=tonumber(ARGV[4]), gen=tonumber(ARGV[5]), rfp=ARGV[6], owner=ARGV[3]}))
 return answer
+"""
+# KEYS: lease, spend. ARGV: owner|fence, fence, channel, app
+_MARK_SENT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local sp = redis.call('HMGET', KEYS[2], 'fence', 'owner', 'rfp', 'lineage', 'gen')
+if sp[1] ~= ARGV[2] then return 0 end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[2], 'state', 'sent',
+  'sent_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
+  lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2]}))
+return 1
 """
 # KEYS: spend. ARGV: fence, outcome, channel, app
 _END_SPEND = """
@@ -135,6 +148,7 @@ class RedisStore:
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._begin_spend = client.register_script(_BEGIN_SPEND)
+        self._mark_sent = client.register_script(_MARK_SENT)
         self._end_spend = client.register_script(_END_SPEND)
         self.channel = f"{key_prefix}:updates"
 
@@ -267,10 +281,10 @@ class RedisStore:
         owner: str,
         fence: int,
         token: TokenSet,
-        allow_retry: bool = False,
+        retry_within: float = 0.0,
         resolved_fence: int = 0,
     ) -> SpendStart:
-        """Record the spend (Lua) if the lease and the stored set allow it."""
+        """Announce the spend (Lua) if the lease and the stored set allow it."""
         answer = await self._call(
             "spend",
             lambda: self._begin_spend(
@@ -282,7 +296,7 @@ class RedisStore:
                     token.lineage,
                     token.generation,
                     token.refresh_fingerprint or "",
-                    1 if allow_retry else 0,
+                    int(retry_within * 1000),
                     resolved_fence,
                     self.channel,
                     app,
@@ -291,6 +305,17 @@ class RedisStore:
         )
         text = answer.decode() if isinstance(answer, bytes) else str(answer)
         return SpendStart(text)
+
+    async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
+        """Mark our announced spend sent (Lua), if the lease and the record are still ours."""
+        result = await self._call(
+            "spend",
+            lambda: self._mark_sent(
+                keys=[self.lease_key(app), self.spend_key(app)],
+                args=[f"{owner}|{fence}", fence, self.channel, app],
+            ),
+        )
+        return bool(result)
 
     async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
         """Remove (aborted) or mark (unknown) our spend record."""

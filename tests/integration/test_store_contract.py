@@ -117,11 +117,26 @@ class TestSpend:
             is SpendStart.OK
         )
 
-    async def test_an_unresolved_spend_blocks_every_other_fence(self, store: TokenStore) -> None:
-        """A pending or unknown spend of a refresh token answers UNKNOWN to the next holder."""
+    async def test_an_announced_spend_never_sent_is_replaced(self, store: TokenStore) -> None:
+        """A spend announced but never marked sent did not happen: the next holder may spend."""
         await store.commit("app", token_set(1))
         first = await store.acquire_lease("app", "a", 5)
         await store.begin_spend("app", owner="a", fence=first.fence, token=token_set(1))
+        await store.release_lease("app", "a", first.fence)
+        second = await store.acquire_lease("app", "b", 5)
+        assert (
+            await store.begin_spend("app", owner="b", fence=second.fence, token=token_set(1))
+            is SpendStart.OK
+        )
+        assert not await store.mark_sent("app", owner="a", fence=first.fence)
+        assert await store.mark_sent("app", owner="b", fence=second.fence)
+
+    async def test_an_unresolved_spend_blocks_every_other_fence(self, store: TokenStore) -> None:
+        """A spend marked sent (or unknown) answers UNKNOWN to the next holder."""
+        await store.commit("app", token_set(1))
+        first = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=first.fence, token=token_set(1))
+        assert await store.mark_sent("app", owner="a", fence=first.fence)
         await store.release_lease("app", "a", first.fence)
         second = await store.acquire_lease("app", "b", 5)
         assert (
@@ -135,22 +150,38 @@ class TestSpend:
         )
 
     async def test_a_grace_window_allows_exactly_one_retry(self, store: TokenStore) -> None:
-        """allow_retry turns the first UNKNOWN into RETRY; a second retry is refused."""
+        """Inside retry_within of the send (store clock), one RETRY; never a second."""
         await store.commit("app", token_set(1))
         a = await store.acquire_lease("app", "a", 5)
         await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
         await store.release_lease("app", "a", a.fence)
         b = await store.acquire_lease("app", "b", 5)
         retry = await store.begin_spend(
-            "app", owner="b", fence=b.fence, token=token_set(1), allow_retry=True
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
         )
         assert retry is SpendStart.RETRY
+        await store.mark_sent("app", owner="b", fence=b.fence)
         await store.release_lease("app", "b", b.fence)
         c = await store.acquire_lease("app", "c", 5)
         again = await store.begin_spend(
-            "app", owner="c", fence=c.fence, token=token_set(1), allow_retry=True
+            "app", owner="c", fence=c.fence, token=token_set(1), retry_within=30
         )
         assert again is SpendStart.UNKNOWN
+
+    async def test_no_retry_once_the_grace_window_has_passed(self, store: TokenStore) -> None:
+        """A spend sent longer ago than retry_within answers UNKNOWN even with a window."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        await asyncio.sleep(0.3)
+        b = await store.acquire_lease("app", "b", 5)
+        late = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=0.2
+        )
+        assert late is SpendStart.UNKNOWN
 
     async def test_an_aborted_spend_frees_the_token(self, store: TokenStore) -> None:
         """A spend that ended without effect (aborted) does not block the next holder."""
@@ -170,6 +201,7 @@ class TestSpend:
         await store.commit("app", token_set(1))
         a = await store.acquire_lease("app", "a", 5)
         await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
         await store.release_lease("app", "a", a.fence)
         again = await store.acquire_lease("app", "a", 5)
         answer = await store.begin_spend(
@@ -193,14 +225,14 @@ class TestSpend:
 
 class TestNotices:
     async def test_commits_spends_and_aborts_are_announced(self, store: TokenStore) -> None:
-        """Every replica hears of a commit (version, rank) and of a spend and its abort."""
+        """Every replica hears of a commit (version, rank), of a spend, its send and its abort."""
         updates = cast(AsyncGenerator[Notice, None], store.updates())
         heard: list[Notice] = []
 
         async def listen() -> None:
             async for notice in updates:
                 heard.append(notice)
-                if len(heard) == 3:
+                if len(heard) == 4:
                     return
 
         listener = asyncio.ensure_future(listen())
@@ -208,6 +240,7 @@ class TestNotices:
         await store.commit("app", token_set(1))
         lease = await store.acquire_lease("app", "a", 5)
         await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=lease.fence)
         await store.end_spend("app", fence=lease.fence, outcome=SpendEnd.ABORTED)
         await asyncio.wait_for(listener, 5)
         await updates.aclose()
@@ -215,6 +248,7 @@ class TestNotices:
         assert [(n.kind, n.rank, n.refresh_fp, n.owner) for n in heard] == [
             ("token", (1, 1), None, None),
             ("spend", (1, 1), fp, "a"),
+            ("sent", (1, 1), fp, "a"),
             ("abort", (1, 1), fp, "a"),
         ]
         assert heard[0].version == 1
