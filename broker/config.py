@@ -235,7 +235,18 @@ def _app(name: object, data: object, key: str, base_dir: Path) -> AppSpec:
 
 def _refresh(data: object, key: str) -> RefreshPolicy:
     m = _mapping(data, key)
-    _only(m, key, {"at_fraction", "min_remaining", "jitter", "safety_margin", "default_lifetime"})
+    _only(
+        m,
+        key,
+        {
+            "at_fraction",
+            "min_remaining",
+            "jitter",
+            "safety_margin",
+            "default_lifetime",
+            "reuse_grace",
+        },
+    )
     d = RefreshPolicy()
     at_fraction = _fraction(m.get("at_fraction", d.at_fraction), f"{key}.at_fraction")
     if not 0 < at_fraction < 1:
@@ -254,6 +265,9 @@ def _refresh(data: object, key: str) -> RefreshPolicy:
         ),
         default_lifetime=parse_duration(
             m.get("default_lifetime", d.default_lifetime), f"{key}.default_lifetime"
+        ),
+        reuse_grace=parse_duration(
+            m.get("reuse_grace", d.reuse_grace), f"{key}.reuse_grace", allow_zero=True
         ),
     )
 
