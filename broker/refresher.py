@@ -445,7 +445,7 @@ class AppRefresher:
         )
 
     def _due(self, token: TokenSet) -> float:
-        return policy.refresh_due(token, self.spec.refresh, self._rng.uniform(-1.0, 1.0))
+        return policy.fleet_refresh_due(token, self.spec.refresh, self._rng.random())
 
     def _adopt(self, token: TokenSet, *, source: str) -> None:
         previous = self.token

@@ -86,7 +86,8 @@ class TestLoadConfig:
         assert app.grant_type is GrantType.CLIENT_CREDENTIALS
         assert app.client_auth is ClientAuth.CLIENT_SECRET_POST
         assert (app.required, app.pkce, app.scopes) == (True, True, ())
-        assert app.refresh == RefreshPolicy(0.75, 300.0, 0.05, 30.0, 3600.0)
+        assert app.refresh == RefreshPolicy(0.75, 0.0, 0.05, 30.0, 3600.0)
+        assert app.max_token_requests_per_minute is None
         assert config.clients == {
             "billing": ClientSpec("billing", ("twilio",), key_files=(base / "billing.key",))
         }
