@@ -149,6 +149,14 @@ class TestLoadConfig:
         assert config.clients["reports"].key_sha256 == ("ab" * 32,)
         assert config.clients["billing"].apps == ("twilio", "local")
 
+    def test_request_budget(self, config_dir: Path) -> None:
+        """max_token_requests_per_minute is read as a whole number and shown by summarize."""
+        document = minimal_document()
+        document["apps"]["twilio"]["max_token_requests_per_minute"] = 12
+        config = load_config(write_config(config_dir, document))
+        assert config.apps["twilio"].max_token_requests_per_minute == 12
+        assert "at most 12 token requests per minute (the whole fleet)" in summarize(config)
+
     def test_authorization_code_app(self, config_dir: Path) -> None:
         """An authorization_code app with authorize_url and redirect_uri is accepted."""
         document = minimal_document()
@@ -315,6 +323,24 @@ BROKEN = [
         id="authorization-code-without-redirect-uri",
     ),
     pytest.param(_drop("apps"), "apps", "at least one app", id="no-apps"),
+    pytest.param(
+        _set("apps.twilio.max_token_requests_per_minute", 0),
+        "apps.twilio.max_token_requests_per_minute",
+        "at least 1",
+        id="budget-zero",
+    ),
+    pytest.param(
+        _set("apps.twilio.max_token_requests_per_minute", 2.5),
+        "apps.twilio.max_token_requests_per_minute",
+        "must be a whole number, not float",
+        id="budget-fraction",
+    ),
+    pytest.param(
+        _set("apps.twilio.max_token_requests_per_minute", "10"),
+        "apps.twilio.max_token_requests_per_minute",
+        "must be a whole number, not a string",
+        id="budget-string",
+    ),
 ]
 
 
