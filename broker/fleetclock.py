@@ -193,7 +193,7 @@ class FleetClock:
 
     async def measure_within(self, source: ServerClock, seconds: float) -> bool:
         """Measure once, waiting at most `seconds` (injected clock); True when an offset is known."""
-        measuring = asyncio.ensure_future(self.measure(source))
+        measuring = asyncio.ensure_future(self._measure_guarded(source))
         timer = asyncio.ensure_future(self._base.sleep(seconds))
         try:
             await asyncio.wait({measuring, timer}, return_when=asyncio.FIRST_COMPLETED)
@@ -201,7 +201,7 @@ class FleetClock:
             timer.cancel()
             if not measuring.done():
                 measuring.cancel()
-                await asyncio.gather(measuring, return_exceptions=True)
+            await asyncio.gather(measuring, return_exceptions=True)
         return self.measured
 
     async def run(self, source: ServerClock) -> None:
@@ -209,6 +209,13 @@ class FleetClock:
         if self.local:
             return
         while True:
-            await self.measure(source)
+            await self._measure_guarded(source)
             settled = self._estimator.settled
             await self._base.sleep(MEASURE_INTERVAL if settled else RETRY_INTERVAL)
+
+    async def _measure_guarded(self, source: ServerClock) -> None:
+        # A bug in one round must not stop the clock from being measured again (nor startup).
+        try:
+            await self.measure(source)
+        except Exception:
+            log.exception("clock.measure_failed")

@@ -204,3 +204,30 @@ class TestClockMetrics:
         offset = registry.get_sample_value("token_broker_clock_offset_seconds")
         assert offset == pytest.approx(-7.5, abs=1e-6)
         assert registry.get_sample_value("token_broker_clock_offset_age_seconds") == 42.0
+
+
+class BrokenServer:
+    """A ServerClock whose answer cannot be read: a bug, not an outage."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def server_time(self) -> float:
+        self.calls += 1
+        raise ValueError("unreadable TIME reply")
+
+
+class TestFailures:
+    async def test_a_bug_does_not_stop_the_loop(self, fake_clock: FakeClock) -> None:
+        """An unexpected error in one round is logged and the next round still runs."""
+        server = BrokenServer()
+        clock = FleetClock(fake_clock)
+        assert await clock.measure_within(server, 3.0) is False
+        run = asyncio.ensure_future(clock.run(server))
+        try:
+            await fake_clock.advance(RETRY_INTERVAL + 0.5)
+            assert server.calls == 3
+            assert not run.done()
+        finally:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
