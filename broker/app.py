@@ -22,6 +22,7 @@ from broker.config import load_config
 from broker.core import BrokerCore
 from broker.credentials import Credentials
 from broker.errors import ConfigError
+from broker.fleetclock import FleetClock
 from broker.logs import audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, Config
@@ -29,6 +30,7 @@ from broker.oauth.client import OAuthClient
 from broker.refresher import AppRefresher
 from broker.store import TokenStore
 from broker.store.factory import open_store
+from broker.store.memory import MemoryStore
 
 log = get_logger(__name__)
 
@@ -41,6 +43,9 @@ REFRESH_DRAIN = 15.0
 CLOSE_TIMEOUT = 3.0
 # How often secret and client key files are checked for a change.
 FILE_CHECK_INTERVAL = 2.0
+# How long startup waits for the first measurement of the fleet clock before the refreshers
+# start (on the local clock, if the store does not answer in time).
+CLOCK_STARTUP_WAIT = 3.0
 
 
 def replica_id() -> str:
@@ -65,7 +70,12 @@ def _site(runner: web.AppRunner, listen: str) -> web.BaseSite:
 
 @dataclass
 class Broker:
-    """Every part of a running broker, built from one Config."""
+    """Every part of a running broker, built from one Config.
+
+    `clock` is this host's clock; `fleet_clock` keeps time in the store's frame and is the one
+    the refreshers, the core and the token endpoint client use, so every `expires_at` written to
+    or read from the store is in one frame for the whole fleet.
+    """
 
     config: Config
     core: BrokerCore
@@ -75,6 +85,7 @@ class Broker:
     authenticator: ClientAuthenticator
     clock: Clock
     owner: str
+    fleet_clock: FleetClock
     credentials: dict[str, Credentials] = field(default_factory=dict)
     api_runner: web.AppRunner | None = None
     metrics_runner: web.AppRunner | None = None
@@ -99,9 +110,12 @@ async def build_broker(
         headers={"User-Agent": "token-broker"},
         connector=aiohttp.TCPConnector(limit_per_host=8),
     )
-    core = BrokerCore({}, store, clock, metrics)
+    # A store in this process's memory has no other clock to agree with.
+    fleet_clock = FleetClock(clock, local=isinstance(store, MemoryStore))
+    metrics.track_clock(fleet_clock.offset, fleet_clock.offset_age)
+    core = BrokerCore({}, store, fleet_clock, metrics)
     authenticator = ClientAuthenticator(config.clients)
-    broker = Broker(config, core, store, metrics, session, authenticator, clock, owner)
+    broker = Broker(config, core, store, metrics, session, authenticator, clock, owner, fleet_clock)
     for spec in config.apps.values():
         core.add_app(new_refresher(broker, spec))
     return broker
@@ -117,12 +131,12 @@ def new_refresher(broker: Broker, spec: AppSpec) -> AppRefresher:
         ).inc(),
     )
     broker.credentials[spec.name] = credentials
-    source = OAuthClient(spec, credentials, broker.session, broker.clock, broker.metrics)
+    source = OAuthClient(spec, credentials, broker.session, broker.fleet_clock, broker.metrics)
     return AppRefresher(
         spec,
         source,
         broker.store,
-        broker.clock,
+        broker.fleet_clock,
         broker.metrics,
         owner=broker.owner,
         rng=random.Random(),  # noqa: S311 - jitter, not cryptography
@@ -196,6 +210,17 @@ async def reload_config(broker: Broker, path: Path) -> bool:
     return True
 
 
+async def start_fleet_clock(broker: Broker) -> asyncio.Task[None]:
+    """Measure the fleet clock once (bounded wait), then keep measuring it in a task."""
+    clock = broker.fleet_clock
+    if not clock.local and not await clock.measure_within(broker.store, CLOCK_STARTUP_WAIT):
+        log.warning(
+            "clock.offset_unmeasured",
+            reason="the store did not answer; the local clock is used until it does",
+        )
+    return asyncio.create_task(clock.run(broker.store), name="fleet-clock")
+
+
 async def start_listeners(broker: Broker) -> None:
     """Bind the local API and the metrics listener."""
     api = build_api_app(broker.core, broker.authenticator, broker.metrics, broker.clock)
@@ -266,6 +291,7 @@ async def serve(
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    clock_task = await start_fleet_clock(broker)
     core_task = asyncio.create_task(broker.core.run(), name="broker-core")
     watcher = asyncio.create_task(watch_files(broker), name="file-watcher")
     try:
@@ -288,7 +314,8 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         watcher.cancel()
-        await asyncio.gather(watcher, *reloads, return_exceptions=True)
+        clock_task.cancel()
+        await asyncio.gather(watcher, clock_task, *reloads, return_exceptions=True)
         await shutdown(broker, core_task)
 
 

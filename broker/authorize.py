@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
 
-from broker.clock import SystemClock
+from broker.clock import Clock, SystemClock
 from broker.credentials import Credentials
 from broker.errors import (
     BrokerError,
@@ -26,6 +26,7 @@ from broker.errors import (
     TokenEndpointError,
     UnreadableTokenSet,
 )
+from broker.fleetclock import FleetClock
 from broker.logs import audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, Config, GrantType, TokenSet
@@ -110,7 +111,7 @@ def code_from_redirect(pasted: str, expected_state: str) -> str:
     return codes[0]
 
 
-async def new_lineage(store: TokenStore, app: str, clock: SystemClock) -> int:
+async def new_lineage(store: TokenStore, app: str, clock: Clock) -> int:
     """A lineage number above every earlier one: an authorization outranks any older set.
 
     The time in milliseconds, so even a store that forgot the old lineage (emptied) ranks the
@@ -133,11 +134,19 @@ async def exchange_and_store(
             "store.url is memory://: a token stored by this command would vanish with it; "
             "authorize needs the shared (Redis) store the brokers use"
         )
-    clock = SystemClock()
+    base = SystemClock()
     metrics = Metrics()
-    store = open_store(config.store, metrics, clock)
+    store = open_store(config.store, metrics, base)
     assert spec.redirect_uri is not None
+    # The token set's expiry is written in the fleet's frame (the store's clock), like every
+    # broker's; measuring it first also checks the store answers before the code is spent.
+    clock = FleetClock(base)
     try:
+        if await clock.measure(store) == "unavailable":
+            raise AuthorizationFailed(
+                "the store does not answer; the code was not used, run authorize again when "
+                "Redis is reachable"
+            )
         async with aiohttp.ClientSession() as session:
             client = OAuthClient(spec, Credentials(spec), session, clock, metrics)
             try:

@@ -148,6 +148,7 @@ _APP_KEYS = {
     "redirect_uri",
     "pkce",
     "authorize_params",
+    "max_token_requests_per_minute",
 }
 
 
@@ -230,7 +231,24 @@ def _app(name: object, data: object, key: str, base_dir: Path) -> AppSpec:
         redirect_uri=redirect_uri,
         pkce=_bool(m.get("pkce", True), f"{key}.pkce"),
         authorize_params=_params(m.get("authorize_params"), f"{key}.authorize_params"),
+        max_token_requests_per_minute=_request_budget(
+            m.get("max_token_requests_per_minute"), f"{key}.max_token_requests_per_minute"
+        ),
     )
+
+
+# ---- the fleet-wide request budget -----------------------------------------------------------
+
+
+def _request_budget(value: object, key: str) -> int | None:
+    """An optional whole number of token requests per minute, at least 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"must be a whole number, not {_type(value)}")
+    if value < 1:
+        raise ConfigError(key, "must be at least 1 (leave it out for no budget)")
+    return value
 
 
 def _refresh(data: object, key: str) -> RefreshPolicy:
@@ -523,6 +541,11 @@ def summarize(config: Config) -> str:
             f"expiry, jitter {r.jitter:g}, safety margin {r.safety_margin:g}s"
             + (", previous secret configured" if app.client_secret_previous_file else "")
         )
+        if app.max_token_requests_per_minute is not None:
+            lines.append(
+                f"    at most {app.max_token_requests_per_minute} token requests per minute "
+                "(the whole fleet)"
+            )
     lines.append(f"clients ({len(config.clients)}):")
     for client in config.clients.values():
         keys = len(client.key_files) + len(client.key_sha256)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -113,12 +113,30 @@ class Metrics:
         )
         self.build_info.labels(version=__version__).set(1)
 
+        # ---- the fleet's clock (broker/fleetclock.py) ----------------------------------------
+        self.clock_offset = Gauge(
+            "token_broker_clock_offset_seconds",
+            "The shared store's clock minus this host's wall clock (0 for memory:// or before "
+            "the first measurement).",
+            registry=r,
+        )
+        self.clock_offset_age = Gauge(
+            "token_broker_clock_offset_age_seconds",
+            "Seconds since the clock offset was last measured (since start while it never was).",
+            registry=r,
+        )
+
     def set_app_state(self, app: str, state: AppState) -> None:
         """Set the app's state gauge: 1 for `state`, 0 for the others."""
         for candidate in AppState:
             self.app_state.labels(app=app, state=candidate.value).set(
                 1 if candidate is state else 0
             )
+
+    def track_clock(self, offset: Callable[[], float], age: Callable[[], float]) -> None:
+        """Read the fleet clock's offset and its age at every scrape."""
+        self.clock_offset.set_function(offset)
+        self.clock_offset_age.set_function(age)
 
     def forget_apps(self, apps: Iterable[str]) -> None:
         """Drop the per-app series of removed apps."""

@@ -82,10 +82,14 @@ class AppState(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RefreshPolicy:
-    """When to refresh and how long a token may be served (all durations in seconds)."""
+    """When to refresh and how long a token may be served (all durations in seconds).
+
+    `min_remaining` is off by default: any fixed default moves short lifetimes away from
+    `at_fraction` (5 minutes put every token up to 400 s on the quarter floor).
+    """
 
     at_fraction: float = 0.75
-    min_remaining: float = 300.0
+    min_remaining: float = 0.0
     jitter: float = 0.05
     safety_margin: float = 30.0
     default_lifetime: float = 3600.0
@@ -118,6 +122,22 @@ class AppSpec:
     redirect_uri: str | None = None
     pkce: bool = True
     authorize_params: Mapping[str, str] = field(default_factory=dict)
+    # The fleet-wide budget of token requests per minute for this app (None: no budget).
+    max_token_requests_per_minute: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FailureRecord:
+    """The outcome of a failed refresh, shared through the store so the fleet backs off as one.
+
+    `not_before` is in the fleet's time frame (the store's clock): no replica attempts again
+    before it. `error` is the secret-free `last_error` text.
+    """
+
+    failures: int
+    not_before: float
+    error: str
+    permanent: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,7 @@ class AppRefresher:
         # measured on this host's monotonic clock (a wall-clock step changes neither).
         self._next_attempt_at = 0.0
         self._mono_expiry = 0.0
-        self._jitter = 0.0
+        self._stagger = 0.0
         self._in_backoff = False
         self._permanent = False
         self._stopping = False
@@ -362,8 +362,8 @@ class AppRefresher:
         return await self.source.fetch()
 
     def _is_due(self, token: TokenSet) -> bool:
-        jitter = self._jitter if self.token is token else self._rng.uniform(-1.0, 1.0)
-        return self._clock.time() >= policy.refresh_due(token, self.spec.refresh, jitter)
+        stagger = self._stagger if self.token is token else self._rng.random()
+        return self._clock.time() >= policy.fleet_refresh_due(token, self.spec.refresh, stagger)
 
     def _adopt(self, token: TokenSet, *, source: str, sent_mono: float | None = None) -> None:
         previous = self.token
@@ -378,8 +378,9 @@ class AppRefresher:
         if sent_mono is not None:
             # Our own request: its lifetime is also counted on our monotonic clock from sending.
             self._mono_expiry = min(self._mono_expiry, sent_mono + token.lifetime)
-        self._jitter = self._rng.uniform(-1.0, 1.0)
-        due = policy.refresh_due(token, self.spec.refresh, self._jitter)
+        # The due time is the fleet's (derived from the token); the stagger is this replica's.
+        self._stagger = self._rng.random()
+        due = policy.fleet_refresh_due(token, self.spec.refresh, self._stagger)
         self._next_attempt_at = mono + (due - wall)
         self._in_backoff = False
         self._permanent = False

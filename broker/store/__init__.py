@@ -14,7 +14,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from broker.model import TokenSet
+from broker.model import FailureRecord, TokenSet
+
+# How long a failure record outlives its `not_before`: the next lease holder continues the count
+# of consecutive failures (and so the backoff) instead of starting over. A success clears it.
+FAILURE_RETENTION = 3600.0
+# The sliding window of the fleet-wide token request budget, in seconds.
+BUDGET_WINDOW = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +174,38 @@ class TokenStore(Protocol):
 
     def updates(self) -> AsyncIterator[Notice]:
         """Changes from any replica as they happen; runs until closed."""
+        ...
+
+    # ---- one clock, one backoff and one budget for the fleet ------------------------------
+
+    async def server_time(self) -> float:
+        """The store server's wall time: the fleet's reference clock (broker/fleetclock.py)."""
+        ...
+
+    async def record_failure(
+        self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
+    ) -> None:
+        """Share a failed refresh: no replica attempts again before `not_before` (fleet time).
+
+        The record is kept until FAILURE_RETENTION after `not_before`, unless cleared first.
+        """
+        ...
+
+    async def load_failure(self, app: str) -> FailureRecord | None:
+        """The shared failure record, or None (none, expired, or unreadable)."""
+        ...
+
+    async def clear_failure(self, app: str) -> None:
+        """Forget the app's failure record (a refresh succeeded)."""
+        ...
+
+    async def take_budget(self, app: str, limit_per_minute: int, now: float) -> tuple[bool, float]:
+        """Count one token request against the app's fleet-wide budget: (allowed, retry_after).
+
+        At most `limit_per_minute` requests in the BUDGET_WINDOW seconds up to `now` (fleet
+        time). A refused request is not counted; `retry_after` is the seconds until the oldest
+        counted one leaves the window (0 when allowed).
+        """
         ...
 
     async def ping(self) -> None:

@@ -7,14 +7,23 @@ the simulation and the unit tests exercise the protocol the fleet really runs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 from broker.clock import Clock
 from broker.errors import StoreUnavailable
-from broker.model import TokenSet
-from broker.store import Commit, Lease, Notice, SpendEnd, SpendStart
+from broker.model import FailureRecord, TokenSet
+from broker.store import (
+    BUDGET_WINDOW,
+    FAILURE_RETENTION,
+    Commit,
+    Lease,
+    Notice,
+    SpendEnd,
+    SpendStart,
+)
 
 
 @dataclass(slots=True)
@@ -45,6 +54,8 @@ class MemoryStore:
         self._clock = clock
         self.state = MemoryState()
         self._subscribers: set[asyncio.Queue[Notice | None]] = set()
+        self._failures: dict[str, FailureRecord] = {}
+        self._budgets: dict[str, collections.deque[float]] = {}
         self.fail = False
 
     def _check(self) -> None:
@@ -195,6 +206,45 @@ class MemoryStore:
                 yield notice
         finally:
             self._subscribers.discard(queue)
+
+    # ---- one clock, one backoff and one budget for the fleet ------------------------------
+
+    async def server_time(self) -> float:
+        """This process's clock: in memory, the local clock is the reference."""
+        self._check()
+        return self._clock.time()
+
+    async def record_failure(
+        self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
+    ) -> None:
+        """Keep the failure record (it lapses FAILURE_RETENTION after `not_before`)."""
+        self._check()
+        self._failures[app] = FailureRecord(failures, not_before, error, permanent)
+
+    async def load_failure(self, app: str) -> FailureRecord | None:
+        """The failure record, or None when there is none or it has lapsed."""
+        self._check()
+        record = self._failures.get(app)
+        if record is not None and self._clock.time() >= record.not_before + FAILURE_RETENTION:
+            del self._failures[app]
+            return None
+        return record
+
+    async def clear_failure(self, app: str) -> None:
+        """Forget the failure record."""
+        self._check()
+        self._failures.pop(app, None)
+
+    async def take_budget(self, app: str, limit_per_minute: int, now: float) -> tuple[bool, float]:
+        """A sliding window of request times per app."""
+        self._check()
+        window = self._budgets.setdefault(app, collections.deque())
+        while window and window[0] <= now - BUDGET_WINDOW:
+            window.popleft()
+        if len(window) < limit_per_minute:
+            window.append(now)
+            return True, 0.0
+        return False, window[0] + BUDGET_WINDOW - now
 
     async def ping(self) -> None:
         """Raise StoreUnavailable while failing."""

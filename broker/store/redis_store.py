@@ -5,6 +5,12 @@ Keys carry the app as a hash tag, so Redis Cluster keeps one app's keys on one s
 (`<owner>|<fence>`, with a TTL), `...:fence` (a counter) and `...:spend` (a hash: `fence`,
 `owner`, `rfp`, `lineage`, `gen`, `state`, `retries`). Every write is one Lua script that also
 publishes a JSON notice on `{prefix}:updates`; the rules are those of broker/store/__init__.py.
+
+For the fleet: `{prefix}:{<app>}:failure` (the shared outcome of a failed refresh, encrypted,
+expiring on the server's clock) and `{prefix}:{<app>}:budget` (a sorted set of request times,
+the sliding window of the fleet-wide request budget). The fleet's clock is the server's `TIME`,
+read through a script routed by the key `{prefix}:{_clock}`, so on a Cluster every replica asks
+the same node (no app name starts with `_`).
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -22,8 +30,16 @@ from broker.clock import Clock
 from broker.errors import StoreUnavailable, UnreadableTokenSet
 from broker.logs import get_logger
 from broker.metrics import Metrics
-from broker.model import TokenSet
-from broker.store import Commit, Lease, Notice, SpendEnd, SpendStart
+from broker.model import FailureRecord, TokenSet
+from broker.store import (
+    BUDGET_WINDOW,
+    FAILURE_RETENTION,
+    Commit,
+    Lease,
+    Notice,
+    SpendEnd,
+    SpendStart,
+)
 from broker.store.crypto import Keyring, UndecryptableToken
 
 log = get_logger(__name__)
@@ -124,6 +140,39 @@ end
 return 1
 """
 
+# ---- the fleet's clock, backoff and budget ---------------------------------------------------
+# KEYS[1] routes the call (Cluster); the server's clock as {seconds, microseconds}
+_TIME = """
+local t = redis.call('TIME')
+return {t[1], t[2]}
+"""
+# KEYS[1] failure key; ARGV: blob, not_before in ms (fleet time = this server's clock),
+# retention in ms. The key lapses `retention` after not_before, measured on the server's clock.
+_RECORD_FAILURE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local wait = tonumber(ARGV[2]) - now
+if wait < 0 then wait = 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', math.floor(wait + tonumber(ARGV[3])))
+return 1
+"""
+# KEYS[1] budget sorted set; ARGV: now in ms, window in ms, limit, a unique member.
+# Returns {1, 0} when counted, {0, ms until the oldest counted request leaves the window}.
+_TAKE_BUDGET = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return {1, 0}
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local wait = tonumber(oldest[2]) + window - now
+if wait < 1 then wait = 1 end
+return {0, wait}
+"""
+
 
 class RedisStore:
     """Implements TokenStore on Redis (standalone, TLS, Sentinel or Cluster clients alike)."""
@@ -150,6 +199,9 @@ class RedisStore:
         self._begin_spend = client.register_script(_BEGIN_SPEND)
         self._mark_sent = client.register_script(_MARK_SENT)
         self._end_spend = client.register_script(_END_SPEND)
+        self._time = client.register_script(_TIME)
+        self._record_failure = client.register_script(_RECORD_FAILURE)
+        self._take_budget = client.register_script(_TAKE_BUDGET)
         self.channel = f"{key_prefix}:updates"
 
     def token_key(self, app: str) -> str:
@@ -167,6 +219,19 @@ class RedisStore:
     def spend_key(self, app: str) -> str:
         """The Redis key of an app's spend record."""
         return f"{self._prefix}:{{{app}}}:spend"
+
+    def failure_key(self, app: str) -> str:
+        """The Redis key of an app's shared failure record."""
+        return f"{self._prefix}:{{{app}}}:failure"
+
+    def budget_key(self, app: str) -> str:
+        """The Redis key of an app's request budget window."""
+        return f"{self._prefix}:{{{app}}}:budget"
+
+    @property
+    def clock_key(self) -> str:
+        """The key that routes the fleet's clock reading (never written)."""
+        return f"{self._prefix}:{{_clock}}"
 
     def _aad(self, app: str) -> bytes:
         return f"{self._prefix}:{app}".encode()
@@ -346,6 +411,78 @@ class RedisStore:
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
+
+    # ---- one clock, one backoff and one budget for the fleet ------------------------------
+
+    async def server_time(self) -> float:
+        """The server's `TIME`, in seconds."""
+        seconds, micros = await self._call(
+            "time", lambda: self._time(keys=[self.clock_key], args=[])
+        )
+        return int(seconds) + int(micros) / 1_000_000
+
+    async def record_failure(
+        self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
+    ) -> None:
+        """SET the encrypted record, lapsing FAILURE_RETENTION after `not_before`."""
+        if not math.isfinite(not_before):
+            raise ValueError("not_before must be a finite time")
+        plain = json.dumps(
+            {
+                "failures": failures,
+                "not_before": not_before,
+                "error": error,
+                "permanent": permanent,
+            }
+        ).encode()
+        blob = self._keyring.encrypt(plain, self._failure_aad(app))
+        args = [blob, int(not_before * 1000), int(FAILURE_RETENTION * 1000)]
+        await self._call(
+            "failure", lambda: self._record_failure(keys=[self.failure_key(app)], args=args)
+        )
+
+    async def load_failure(self, app: str) -> FailureRecord | None:
+        """The record, or None (none, lapsed, or written under an unknown key)."""
+        blob = await self._call("failure", lambda: self._client.get(self.failure_key(app)))
+        if blob is None:
+            return None
+        try:
+            data = json.loads(self._keyring.decrypt(blob, self._failure_aad(app)))
+            return FailureRecord(
+                failures=int(data["failures"]),
+                not_before=float(data["not_before"]),
+                error=str(data["error"]),
+                permanent=bool(data["permanent"]),
+            )
+        except UndecryptableToken as exc:
+            log.warning("store.undecryptable", app=app, record="failure", reason=str(exc))
+            return None
+        except (KeyError, ValueError, TypeError):
+            log.warning("store.unreadable", app=app, record="failure")
+            return None
+
+    async def clear_failure(self, app: str) -> None:
+        """DEL the record."""
+        await self._call("failure", lambda: self._client.delete(self.failure_key(app)))
+
+    async def take_budget(self, app: str, limit_per_minute: int, now: float) -> tuple[bool, float]:
+        """A sliding window in a sorted set of request times (milliseconds of fleet time)."""
+        if limit_per_minute < 1:
+            raise ValueError("limit_per_minute must be at least 1")
+        now_ms = int(now * 1000)
+        args = [
+            now_ms,
+            int(BUDGET_WINDOW * 1000),
+            limit_per_minute,
+            f"{now_ms}-{secrets.token_hex(6)}",
+        ]
+        allowed, wait_ms = await self._call(
+            "budget", lambda: self._take_budget(keys=[self.budget_key(app)], args=args)
+        )
+        return bool(int(allowed)), int(wait_ms) / 1000
+
+    def _failure_aad(self, app: str) -> bytes:
+        return f"{self._prefix}:{app}:failure".encode()
 
     async def ping(self) -> None:
         """PING, or StoreUnavailable."""

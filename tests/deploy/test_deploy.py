@@ -266,7 +266,7 @@ class TestDashboard:
             for m in re.findall(r"token_broker_[a-z_]+", e)
         }
         known = contract_metrics()
-        assert len(known) == 13
+        assert len(known) == 15
         assert used <= known, used - known
         assert {
             "token_broker_token_expiry_timestamp_seconds",

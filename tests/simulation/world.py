@@ -25,7 +25,7 @@ from broker.errors import (
 )
 from broker.fleet import Timing
 from broker.metrics import Metrics
-from broker.model import AppSpec, GrantType, RefreshPolicy, TokenSet
+from broker.model import AppSpec, FailureRecord, GrantType, RefreshPolicy, TokenSet
 from broker.refresher import AppRefresher
 from broker.store import Commit, Lease, Notice, SpendEnd, SpendStart
 from broker.store.memory import MemoryStore
@@ -422,6 +422,37 @@ class SimStoreView:
                 getter.cancel()
                 await asyncio.gather(getter, return_exceptions=True)
             await feed.aclose()
+
+    async def server_time(self) -> float:
+        """The store's clock (true time), after a hop."""
+        await self._hop()
+        return await self._shared.server_time()
+
+    async def record_failure(
+        self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
+    ) -> None:
+        """Share a failure, possibly losing the answer after applying it."""
+        await self._hop()
+        await self._shared.record_failure(
+            app, failures=failures, not_before=not_before, error=error, permanent=permanent
+        )
+        self._maybe_lose()
+
+    async def load_failure(self, app: str) -> FailureRecord | None:
+        """The shared failure record."""
+        await self._hop()
+        return await self._shared.load_failure(app)
+
+    async def clear_failure(self, app: str) -> None:
+        """Forget the failure record."""
+        await self._hop()
+        await self._shared.clear_failure(app)
+        self._maybe_lose()
+
+    async def take_budget(self, app: str, limit_per_minute: int, now: float) -> tuple[bool, float]:
+        """Count a request against the fleet budget."""
+        await self._hop()
+        return await self._shared.take_budget(app, limit_per_minute, now)
 
     async def ping(self) -> None:
         """Answer unless unreachable."""

@@ -86,7 +86,8 @@ class TestLoadConfig:
         assert app.grant_type is GrantType.CLIENT_CREDENTIALS
         assert app.client_auth is ClientAuth.CLIENT_SECRET_POST
         assert (app.required, app.pkce, app.scopes) == (True, True, ())
-        assert app.refresh == RefreshPolicy(0.75, 300.0, 0.05, 30.0, 3600.0)
+        assert app.refresh == RefreshPolicy(0.75, 0.0, 0.05, 30.0, 3600.0)
+        assert app.max_token_requests_per_minute is None
         assert config.clients == {
             "billing": ClientSpec("billing", ("twilio",), key_files=(base / "billing.key",))
         }
@@ -148,6 +149,14 @@ class TestLoadConfig:
         assert config.apps["local"].token_url == "http://127.0.0.1:9000/token"
         assert config.clients["reports"].key_sha256 == ("ab" * 32,)
         assert config.clients["billing"].apps == ("twilio", "local")
+
+    def test_request_budget(self, config_dir: Path) -> None:
+        """max_token_requests_per_minute is read as a whole number and shown by summarize."""
+        document = minimal_document()
+        document["apps"]["twilio"]["max_token_requests_per_minute"] = 12
+        config = load_config(write_config(config_dir, document))
+        assert config.apps["twilio"].max_token_requests_per_minute == 12
+        assert "at most 12 token requests per minute (the whole fleet)" in summarize(config)
 
     def test_authorization_code_app(self, config_dir: Path) -> None:
         """An authorization_code app with authorize_url and redirect_uri is accepted."""
@@ -315,6 +324,24 @@ BROKEN = [
         id="authorization-code-without-redirect-uri",
     ),
     pytest.param(_drop("apps"), "apps", "at least one app", id="no-apps"),
+    pytest.param(
+        _set("apps.twilio.max_token_requests_per_minute", 0),
+        "apps.twilio.max_token_requests_per_minute",
+        "at least 1",
+        id="budget-zero",
+    ),
+    pytest.param(
+        _set("apps.twilio.max_token_requests_per_minute", 2.5),
+        "apps.twilio.max_token_requests_per_minute",
+        "must be a whole number, not float",
+        id="budget-fraction",
+    ),
+    pytest.param(
+        _set("apps.twilio.max_token_requests_per_minute", "10"),
+        "apps.twilio.max_token_requests_per_minute",
+        "must be a whole number, not a string",
+        id="budget-string",
+    ),
 ]
 
 
