@@ -18,7 +18,8 @@ from broker.store import TokenStore
 log = get_logger(__name__)
 
 STORE_RETRY_MIN = 0.5
-STORE_RETRY_MAX = 30.0
+# Short: a replica that reconnects late hears late of other replicas' spends and commits.
+STORE_RETRY_MAX = 5.0
 
 
 class BrokerCore:

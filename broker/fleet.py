@@ -98,7 +98,24 @@ class OutcomeUnknown:
     error: TransientTokenError | None = None
 
 
-Outcome = Adopted | Fetched | Busy | Blocked | OutcomeUnknown
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """Another replica's failed attempt says: nobody tries again before `not_before` (fleet time)."""
+
+    not_before: float
+    failures: int
+    error: str
+    permanent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OverBudget:
+    """The app's fleet-wide request budget is spent: try again in `retry_after` seconds."""
+
+    retry_after: float
+
+
+Outcome = Adopted | Fetched | Busy | Blocked | OutcomeUnknown | Deferred | OverBudget
 
 
 class NoGrant(TokenEndpointError):
@@ -129,6 +146,7 @@ class FleetProtocol:
         reuse_grace: float = 0.0,
         timing: Timing | None = None,
         on_lease: Callable[[str], None] = lambda outcome: None,
+        budget_per_minute: int | None = None,
     ) -> None:
         self.app = app
         self._store = store
@@ -140,6 +158,10 @@ class FleetProtocol:
         self._grace = reuse_grace
         self.timing = timing if timing is not None else Timing()
         self._on_lease = on_lease  # "acquired", "busy", "lost": for the lease metric
+        self._budget = budget_per_minute
+        # Consecutive failures of the fleet, as the last shared failure record counted them.
+        self.shared_failures = 0
+        self._shared_failure_seen = False
         # Refresh tokens another replica announced it is spending (fingerprint → monotonic
         # time of the notice), until a newer set or an abort resolves them.
         self._foreign_spends: dict[str, float] = {}
@@ -150,11 +172,19 @@ class FleetProtocol:
         self._aborted_fence = 0
         # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
         self._sent_at: dict[str, float] = {}
+        # The highest rank this replica knows exists, read or not: an older set is never spent.
+        self._seen_rank = (0, 0)
 
     # ---- what other replicas tell us -------------------------------------------------------
 
+    def note_rank(self, rank: tuple[int, int]) -> None:
+        """A set of `rank` exists (we heard of it, or saw it without being able to read it)."""
+        self._seen_rank = max(self._seen_rank, rank)
+
     def on_notice(self, notice: Notice) -> None:
-        """Track spends announced by other replicas (a store that forgets must not fool us)."""
+        """Track newer sets and the spends of other replicas (a store that forgets must not fool us)."""
+        if notice.kind == "token":
+            self.note_rank(notice.rank)
         if notice.refresh_fp is None or notice.owner == self._owner:
             return
         if notice.kind == "sent":
@@ -204,6 +234,7 @@ class FleetProtocol:
         try:
             stored = await self._store.load(self.app)
         except UnreadableTokenSet as exc:
+            self.note_rank(exc.rank)
             if current is None or current.rank <= exc.rank:
                 return True  # the newer set is there, only not for us: nothing to repair
             stored = None
@@ -213,6 +244,7 @@ class FleetProtocol:
         if current is None or (stored is not None and stored.rank == current.rank):
             return True
         commit = await self._store.commit(self.app, current)
+        self.note_rank(commit.rank)
         if commit.stored:
             log.info(
                 "store.written_back",
@@ -225,7 +257,12 @@ class FleetProtocol:
     # ---- one refresh -------------------------------------------------------------------------
 
     async def refresh(
-        self, fetch: Fetch, *, is_due: Callable[[TokenSet], bool], servable_left: float
+        self,
+        fetch: Fetch,
+        *,
+        is_due: Callable[[TokenSet], bool],
+        servable_left: float,
+        ignore_shared_failure: bool = False,
     ) -> Outcome:
         """One refresh attempt under the protocol's rules (see the module docstring).
 
@@ -258,7 +295,12 @@ class FleetProtocol:
         self._on_lease("acquired")
         try:
             return await self._under_lease(
-                fetch, lease.fence, started + ttl, is_due=is_due, servable_left=servable_left
+                fetch,
+                lease.fence,
+                started + ttl,
+                is_due=is_due,
+                servable_left=servable_left,
+                ignore_shared_failure=ignore_shared_failure,
             )
         finally:
             with contextlib.suppress(StoreUnavailable):
@@ -268,7 +310,8 @@ class FleetProtocol:
         """Adopt a stored set that outranks ours; return it when it is not yet due."""
         try:
             stored = await self._store.load(self.app)
-        except UnreadableTokenSet:
+        except UnreadableTokenSet as exc:
+            self.note_rank(exc.rank)
             if self._spends:
                 raise
             return None
@@ -279,10 +322,45 @@ class FleetProtocol:
                 return stored
         return None
 
+    async def _held_back(self, ignore_shared_failure: bool) -> Outcome | None:
+        """The fleet's shared backoff, then its request budget: may we send a request now?"""
+        record = await self._store.load_failure(self.app)
+        self._shared_failure_seen = record is not None
+        self.shared_failures = record.failures if record is not None else 0
+        now = self._clock.time()
+        if record is not None and record.not_before > now and not ignore_shared_failure:
+            return Deferred(record.not_before, record.failures, record.error, record.permanent)
+        if self._budget is not None:
+            allowed, retry_after = await self._store.take_budget(self.app, self._budget, now)
+            if not allowed:
+                return OverBudget(retry_after)
+        return None
+
+    async def share_failure(
+        self, *, failures: int, not_before: float, error: str, permanent: bool
+    ) -> None:
+        """Tell the fleet about our failed attempt, so every replica backs off with us."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._store.record_failure(
+                self.app, failures=failures, not_before=not_before, error=error, permanent=permanent
+            )
+
+    async def _clear_shared_failure(self) -> None:
+        if self._shared_failure_seen:
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.clear_failure(self.app)
+            self._shared_failure_seen = False
+            self.shared_failures = 0
+
     def _spend_blocked(self, current: TokenSet | None) -> Outcome | None:
         """Why the current refresh token may not be presented now, if it may not."""
         if current is None or not current.refresh_token:
             raise NoGrant("no refresh token; run token-broker authorize")
+        if current.rank < self._seen_rank:
+            return Blocked(
+                f"a newer token set (generation {self._seen_rank[1]}) exists that this replica "
+                "has not been able to read; not spending an older refresh token"
+            )
         refresh_fp = current.refresh_fingerprint or ""
         if refresh_fp in self._unknown and not self._may_retry(refresh_fp):
             return OutcomeUnknown(
@@ -315,18 +393,22 @@ class FleetProtocol:
         *,
         is_due: Callable[[TokenSet], bool],
         servable_left: float,
+        ignore_shared_failure: bool,
     ) -> Outcome:
-        """Holding the lease: re-read, repair, record the spend, present, commit."""
+        """Holding the lease: re-read, repair, heed the fleet's backoff and budget, spend, commit."""
         try:
             adopted = await self._adopt_newer(is_due)
             if adopted is not None:
                 return Adopted(adopted)
             if self._spends:
                 await self.sync()  # the store must hold our set before we spend from it
+            held_back = await self._held_back(ignore_shared_failure)
         except StoreUnavailable as exc:
             if self._spends:
                 return Blocked(f"store unavailable, not spending the refresh token: {exc}")
             return await self._fetch_alone(fetch, servable_left)
+        if held_back is not None:
+            return held_back
         current = self._current()
         if not self._spends:
             return await self._fetch_and_commit(fetch, current, fence, deadline)
@@ -461,7 +543,9 @@ class FleetProtocol:
         except StoreUnavailable:
             # Maybe applied, maybe not: keep it and write it back (a repeat is recognised).
             return Fetched(token, False, sent_mono)
+        self.note_rank(commit.rank)
         if commit.stored:
+            await self._clear_shared_failure()
             return Fetched(replace(token, version=commit.version), True, sent_mono)
         # A set of equal or higher rank is stored (a new authorization, or a client-credentials
         # replica that refreshed alone): ours is valid but not the newest; take the stored one.

@@ -99,6 +99,12 @@ class Metrics:
             ["app"],
             registry=r,
         )
+        self.budget_refusals = Counter(
+            "token_broker_refresh_budget_refusals_total",
+            "Refreshes held back by the app's fleet-wide max_token_requests_per_minute.",
+            ["app"],
+            registry=r,
+        )
         self.grant_outcome_unknown = Counter(
             "token_broker_grant_outcome_unknown_total",
             "Refresh-token spends whose outcome is unknown (the grant may be lost).",

@@ -26,11 +26,13 @@ from broker.fleet import (
     Adopted,
     Blocked,
     Busy,
+    Deferred,
     Fetched,
     FleetProtocol,
     NoGrant,
     Outcome,
     OutcomeUnknown,
+    OverBudget,
     Timing,
 )
 from broker.logs import SECRETS, audit, get_logger
@@ -90,6 +92,7 @@ class AppRefresher:
             on_lease=lambda outcome: metrics.lease_total.labels(
                 app=spec.name, outcome=outcome
             ).inc(),
+            budget_per_minute=spec.max_token_requests_per_minute,
         )
         self.token: TokenSet | None = None
         self.state = AppState.REFRESHING
@@ -111,6 +114,8 @@ class AppRefresher:
         self._stopping = False
         self._announced_unknown: set[str] = set()
         self._blocked_logged: str | None = None
+        self._over_budget = False
+        self._ignore_shared_failure = False
         self._inflight: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._forced: collections.deque[float] = collections.deque()
@@ -162,6 +167,10 @@ class AppRefresher:
         if self._inflight is None and (self._in_backoff or self._blocked or self._stopping):
             # During a backoff callers do not trigger extra requests (min_ttl included).
             raise TokenUnavailable(self._unavailable_message(), retry_after=self._retry_in())
+        if self._inflight is None and min_ttl > 0 and self.servable() is not None:
+            # Only min_ttl wants a new token: limited like a forced refresh, so a caller asking
+            # for a long-lived token in a loop cannot storm the token endpoint.
+            self._take_forced_slot(on_limit=TokenUnavailable)
         await self._wait_for_refresh()
         return self._servable_or_raise(min_ttl)
 
@@ -173,15 +182,19 @@ class AppRefresher:
         if token is not None and now - token.issued_at < FORCE_MIN_AGE and self.servable():
             return token
         if self._inflight is None:
-            mono = self._clock.monotonic()
-            while self._forced and mono - self._forced[0] >= FORCE_WINDOW:
-                self._forced.popleft()
-            if len(self._forced) >= FORCE_LIMIT:
-                retry = FORCE_WINDOW - (mono - self._forced[0])
-                raise RateLimited(f"too many forced refreshes of {self.name}", retry_after=retry)
-            self._forced.append(mono)
+            self._take_forced_slot(on_limit=RateLimited)
         await self._wait_for_refresh()
         return self._servable_or_raise(0.0)
+
+    def _take_forced_slot(self, *, on_limit: type[RateLimited] | type[TokenUnavailable]) -> None:
+        """Count a caller-triggered refresh; over FORCE_LIMIT per FORCE_WINDOW, refuse it."""
+        mono = self._clock.monotonic()
+        while self._forced and mono - self._forced[0] >= FORCE_WINDOW:
+            self._forced.popleft()
+        if len(self._forced) >= FORCE_LIMIT:
+            retry = FORCE_WINDOW - (mono - self._forced[0])
+            raise on_limit(f"too many caller-triggered refreshes of {self.name}", retry_after=retry)
+        self._forced.append(mono)
 
     def status(self) -> AppStatus:
         """The app's state as the API shows it."""
@@ -287,10 +300,14 @@ class AppRefresher:
             self.notify_store_changed()
 
     def credentials_changed(self) -> None:
-        """A secret or key file changed: a permanent failure may be fixed, so try again now."""
-        if self._permanent:
+        """A secret or key file changed: a permanent failure may be fixed, so try again now.
+
+        This replica then also ignores the fleet's shared backoff once: the fix is new here.
+        """
+        if self._permanent or self.failures:
             self._next_attempt_at = 0.0
             self._in_backoff = False
+            self._ignore_shared_failure = True
             self._wake.set()
 
     def wake(self) -> None:
@@ -338,9 +355,13 @@ class AppRefresher:
         """One refresh attempt; records the outcome and schedules the next attempt."""
         self._set_state(AppState.REFRESHING)
         started = self._clock.monotonic()
+        ignore_shared_failure, self._ignore_shared_failure = self._ignore_shared_failure, False
         try:
             outcome = await self.fleet.refresh(
-                self._fetch, is_due=self._is_due, servable_left=self._servable_left()
+                self._fetch,
+                is_due=self._is_due,
+                servable_left=self._servable_left(),
+                ignore_shared_failure=ignore_shared_failure,
             )
         except TokenEndpointError as exc:
             await self._record_failure(exc, started)
@@ -414,6 +435,20 @@ class AppRefresher:
         elif isinstance(outcome, Busy):
             # Another replica is refreshing: its notice wakes us; else try when its lease ends.
             self._next_attempt_at = mono + max(LEASE_RETRY, outcome.wait)
+        elif isinstance(outcome, Deferred):
+            self._defer(outcome)
+        elif isinstance(outcome, OverBudget):
+            self._next_attempt_at = mono + max(LEASE_RETRY, outcome.retry_after)
+            self._in_backoff = True
+            self._metrics.budget_refusals.labels(app=self.name).inc()
+            if not self._over_budget:
+                self._over_budget = True
+                log.warning(
+                    "refresh.over_budget",
+                    app=self.name,
+                    limit_per_minute=self.spec.max_token_requests_per_minute,
+                    retry_in=round(outcome.retry_after, 3),
+                )
         elif isinstance(outcome, Blocked):
             self._blocked = outcome.reason
             self.last_error = f"refresh blocked: {outcome.reason}"
@@ -428,6 +463,20 @@ class AppRefresher:
         if not isinstance(outcome, Blocked):
             self._metrics.refresh_blocked.labels(app=self.name).set(0)
         self._blocked_logged = outcome.reason if isinstance(outcome, Blocked) else None
+
+    def _defer(self, outcome: Deferred) -> None:
+        """Back off with the fleet: wait for the shared `not_before`, capped like Retry-After."""
+        now = self._clock.time()
+        wait = outcome.not_before - now
+        token = self.token
+        if token is not None and token.expires_at > now:
+            # Never wait so long that the current token falls inside the safety margin.
+            wait = min(wait, policy.serve_deadline(token, self.spec.refresh) - now)
+        self._next_attempt_at = self._clock.monotonic() + max(policy.MIN_RETRY, wait)
+        self._in_backoff = True
+        self._permanent = outcome.permanent
+        self.failures = max(self.failures, outcome.failures)
+        self.last_error = outcome.error
 
     def _record_unknown(self, outcome: OutcomeUnknown, started: float) -> None:
         """The grant is at risk: say so at once, keep serving, and keep watching the store."""
@@ -459,6 +508,7 @@ class AppRefresher:
     def _record_success(self, started: float) -> None:
         token = self.token
         assert token is not None  # just adopted
+        self._over_budget = False
         self.failures = 0
         self.last_error = None
         self.last_refresh_at = self._clock.time()
@@ -485,7 +535,8 @@ class AppRefresher:
             and await self._newer_after_invalid_grant()
         ):
             return  # another replica rotated the refresh token first; its set is ours now
-        self.failures += 1
+        # Consecutive failures of the fleet: the shared record's count carries on here.
+        self.failures = max(self.failures, self.fleet.shared_failures) + 1
         self.last_error = _describe(exc)
         outcome = "permanent_error" if permanent else "transient_error"
         self._metrics.refresh_total.labels(app=self.name, outcome=outcome).inc()
@@ -507,6 +558,13 @@ class AppRefresher:
         self._next_attempt_at = self._clock.monotonic() + delay
         self._in_backoff = True
         self._permanent = permanent
+        if not isinstance(exc, NoGrant):
+            await self.fleet.share_failure(
+                failures=self.failures,
+                not_before=now + delay,
+                error=self.last_error,
+                permanent=permanent,
+            )
         if self.grant_spends and (
             isinstance(exc, NoGrant)
             or (isinstance(exc, PermanentTokenError) and exc.is_invalid_grant)

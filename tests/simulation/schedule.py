@@ -89,12 +89,17 @@ class Schedule:
         return "\n".join(lines)
 
 
-def make_schedule(seed: int, *, max_offset: float = 1.0) -> Schedule:
-    """The schedule of `seed`: fleet shape, server kind, clock offsets and faults."""
+def make_schedule(seed: int) -> Schedule:
+    """The schedule of `seed`: fleet shape, server kind, clock offsets and faults.
+
+    Half the schedules have wall clocks off by up to half a token lifetime (a broken NTP);
+    the rest by up to a second.
+    """
     rng = random.Random(seed)
     replicas = rng.randint(3, 8)
     lifetime = rng.choice([60.0, 120.0, 300.0])
     grace = rng.choice([0.0, 0.0, 0.0, 30.0])
+    max_offset = lifetime / 2 if rng.random() < 0.5 else 1.0
     offsets = [rng.uniform(-max_offset, max_offset) for _ in range(replicas)]
     faults: list[Fault] = []
     if rng.random() >= 0.15:
@@ -237,11 +242,14 @@ async def _apply(
             if on:
                 world.store.state.leases.pop(APP, None)
         case "rollback":
+            # A failover that lost writes, or a restore from a snapshot: connections drop.
             if on and snapshot is not None:
                 world.store.restore(snapshot)
+                world.restarts[0] += 1
         case "empty_restart":
             if on:
                 world.store.restore(MemoryState())
+                world.restarts[0] += 1
         case "unknown_key":
             view.faults.unreadable_after = fault.start if on else None
         case "server_down":

@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import cast
 
+from broker.clock import Clock
 from broker.core import BrokerCore
 from broker.errors import (
     PermanentTokenError,
@@ -24,6 +25,7 @@ from broker.errors import (
     UnreadableTokenSet,
 )
 from broker.fleet import Timing
+from broker.fleetclock import FleetClock
 from broker.metrics import Metrics
 from broker.model import AppSpec, FailureRecord, GrantType, RefreshPolicy, TokenSet
 from broker.refresher import AppRefresher
@@ -229,7 +231,7 @@ class SimSource:
     """One replica's token endpoint client: network latency, and the server's faults."""
 
     def __init__(
-        self, world: SimTime, server: SimAuthServer, clock: ReplicaClock, rng: random.Random
+        self, world: SimTime, server: SimAuthServer, clock: Clock, rng: random.Random
     ) -> None:
         self._world = world
         self._server = server
@@ -308,6 +310,7 @@ class SimStoreView:
         self.outage = False  # the store itself is down (every view)
         self.dead = False  # the replica was killed
         self._written_at = written_at  # app → world time of the last stored commit (any view)
+        self.restarts = [0]  # shared: the store's restarts so far (each drops every connection)
 
     def _reachable(self) -> None:
         if self.faults.partitioned or self.outage or self.dead:
@@ -403,14 +406,15 @@ class SimStoreView:
         self._reachable()
         feed = cast(AsyncGenerator[Notice, None], self._shared.updates())
         getter: asyncio.Future[Notice] | None = None
+        restarts = self.restarts[0]
         try:
             while True:
                 getter = asyncio.ensure_future(anext(feed))
                 while not getter.done():
-                    waiter = asyncio.ensure_future(self._world.sleep(5.0))
+                    waiter = asyncio.ensure_future(self._world.sleep(1.0))
                     await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
-                    if self.faults.partitioned or self.outage:
+                    if self.faults.partitioned or self.outage or self.restarts[0] != restarts:
                         raise StoreUnavailable("simulated: subscription dropped")
                 notice = getter.result()
                 await self._world.sleep(0.002)
@@ -510,6 +514,7 @@ class World:
         self.time = SimTime()
         self.store = MemoryStore(StoreClock(self.time))
         self.written_at: dict[str, float] = {}
+        self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
         self.server = SimAuthServer(self.time, rng, lifetime=config.lifetime, grace=config.grace)
         self.replicas: list[Replica] = []
         self.metrics: list[Metrics] = []  # every incarnation's, dead ones included
@@ -534,12 +539,18 @@ class World:
         await self.store.commit(APP, self.server.authorize())
 
     def start_replica(self, index: int) -> Replica:
-        """Start (or restart) replica `index` with empty memory."""
+        """Start (or restart) replica `index` with empty memory, as `token-broker serve` does.
+
+        Its wall clock is off by its offset; like the broker, it measures its offset to the
+        store's clock first (briefly) and keeps fleet time from then on.
+        """
         offset = self.config.offsets[index]
-        clock = ReplicaClock(self.time, offset, mono_base=1000.0 * (index + 1))
+        host_clock = ReplicaClock(self.time, offset, mono_base=1000.0 * (index + 1))
+        clock = FleetClock(host_clock)
         view = SimStoreView(
             self.time, self.store, random.Random(self.rng.random()), self.written_at
         )
+        view.restarts = self.restarts
         view.outage = self.store_outage
         source = SimSource(self.time, self.server, clock, random.Random(self.rng.random()))
         name = f"r{index}.{next(self._incarnations)}"
@@ -558,8 +569,17 @@ class World:
             timing=TIMING,
         )
         core.add_app(refresher)
-        task = asyncio.ensure_future(core.run())
-        replica = Replica(name, clock, view, source, core, task)
+
+        async def serve() -> None:
+            await clock.measure_within(view, 3.0)
+            measuring = asyncio.ensure_future(clock.run(view))
+            try:
+                await core.run()
+            finally:
+                measuring.cancel()
+
+        task = asyncio.ensure_future(serve())
+        replica = Replica(name, host_clock, view, source, core, task)
         if index < len(self.replicas):
             self.replicas[index] = replica
         else:
