@@ -8,7 +8,7 @@ would prove nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -40,11 +40,13 @@ def first_violation(kinds: set[str], seeds: int = 5000) -> Result | None:
 
 
 @pytest.fixture
-def mutate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[object, str, object], None]]:
+def mutate(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, str, object], None]:
+    """Replace an attribute for one test (monkeypatch undoes it)."""
+
     def apply(target: object, name: str, value: object) -> None:
         monkeypatch.setattr(target, name, value)
 
-    yield apply
+    return apply
 
 
 class TestTheSimulationFindsTheOldDoors:
