@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+from collections.abc import Callable
 
 from broker import policy
 from broker.clock import Clock
@@ -119,6 +120,7 @@ class AppRefresher:
         self._inflight: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._forced: collections.deque[float] = collections.deque()
+        self._listeners: list[Callable[[TokenSet], None]] = []
         self._set_state(AppState.REFRESHING)
 
     # ---- serving -------------------------------------------------------------------------
@@ -195,6 +197,10 @@ class AppRefresher:
             retry = FORCE_WINDOW - (mono - self._forced[0])
             raise on_limit(f"too many caller-triggered refreshes of {self.name}", retry_after=retry)
         self._forced.append(mono)
+
+    def add_listener(self, callback: Callable[[TokenSet], None]) -> None:
+        """Call `callback(token)` (synchronously, so it must be quick) after each token adopted."""
+        self._listeners.append(callback)
 
     def status(self) -> AppStatus:
         """The app's state as the API shows it."""
@@ -421,6 +427,8 @@ class AppRefresher:
                 generation=token.generation,
                 expires_at=round(token.expires_at, 3),
             )
+        for listener in self._listeners:
+            listener(token)
 
     # ---- outcomes ------------------------------------------------------------------------
 
