@@ -96,6 +96,7 @@ class BrokerCore:
     async def run(self) -> None:
         """Run every refresher and the store watcher until cancelled."""
         self._running = True
+        await self._warm_start()
         for refresher in self.refreshers.values():
             self._start(refresher)
         try:
@@ -106,6 +107,15 @@ class BrokerCore:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _warm_start(self) -> None:
+        """Load every app's stored set in one round trip, before the refreshers start."""
+        try:
+            stored = await self._store.load_many(list(self.refreshers))
+        except StoreUnavailable:
+            return  # each refresher tries on its own, and serves once the store answers
+        for name, token in stored.items():
+            self.refreshers[name].prime(token)
 
     def _start(self, refresher: AppRefresher, *, fresh: bool = False) -> None:
         self._tasks[refresher.name] = asyncio.create_task(

@@ -264,7 +264,8 @@ class AppRefresher:
         `fresh` is for an app whose credentials or scopes just changed: a stored token was got
         with the old settings, so a client-credentials app fetches a new one at once.
         """
-        await self._sync()
+        if self._dirty:
+            await self._sync()
         if fresh and not self.grant_spends:
             self._next_attempt_at = 0.0
         if self.token is None and self.grant_spends:
@@ -288,6 +289,14 @@ class AppRefresher:
         inflight = self._inflight
         if inflight is not None:
             await asyncio.wait({inflight})
+
+    def prime(self, stored: TokenSet) -> None:
+        """Start from `stored`, read for many apps at once: the loop's first look is done."""
+        self.fleet.note_rank(stored.rank)
+        if self.token is None or stored.rank > self.token.rank:
+            self._adopt(stored, source="store")
+        self._dirty = False
+        self._last_sync = self._clock.monotonic()
 
     def notify_store_changed(self) -> None:
         """The store may hold something new (a reconnect): look on the next turn."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -121,6 +121,14 @@ class TokenStore(Protocol):
         """The stored set (with version, lineage, generation), or None when there is none.
 
         Raises `UnreadableTokenSet` when a set is stored but cannot be decrypted here.
+        """
+        ...
+
+    async def load_many(self, apps: Sequence[str]) -> dict[str, TokenSet]:
+        """The readable stored sets of `apps`, in one round trip (a warm start of many apps).
+
+        Apps with nothing stored, or a set this replica cannot decrypt, are left out: their
+        refreshers look again with `load`.
         """
         ...
 

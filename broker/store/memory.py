@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from broker.clock import Clock
@@ -82,6 +82,11 @@ class MemoryStore:
         """The stored token set, or None."""
         self._check()
         return self.state.tokens.get(app)
+
+    async def load_many(self, apps: Sequence[str]) -> dict[str, TokenSet]:
+        """The stored sets of `apps` that exist."""
+        self._check()
+        return {app: self.state.tokens[app] for app in apps if app in self.state.tokens}
 
     async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:
         """Store `token` if it outranks the stored set; resolve older spend records."""

@@ -20,7 +20,7 @@ import contextlib
 import json
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -254,6 +254,30 @@ class RedisStore:
     async def load(self, app: str) -> TokenSet | None:
         """The stored token set, or None; UnreadableTokenSet when no configured key opens it."""
         fields = await self._call("load", lambda: self._client.hgetall(self.token_key(app)))
+        return self._decode(app, fields)
+
+    async def load_many(self, apps: Sequence[str]) -> dict[str, TokenSet]:
+        """HGETALL of every app in one pipeline (redis-py splits it per node on a Cluster)."""
+
+        async def fetch_all() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for app in apps:
+                pipe.hgetall(self.token_key(app))
+            return list(await pipe.execute())
+
+        replies = await self._call("load", fetch_all) if apps else []
+        found: dict[str, TokenSet] = {}
+        for app, fields in zip(apps, replies, strict=True):
+            try:
+                token = self._decode(app, fields)
+            except UnreadableTokenSet:
+                continue
+            if token is not None:
+                found[app] = token
+        return found
+
+    def _decode(self, app: str, fields: dict[bytes, bytes]) -> TokenSet | None:
+        """A token set from its hash, or None for an empty one; UnreadableTokenSet otherwise."""
         if not fields:
             return None
         try:

@@ -86,6 +86,16 @@ class TestCommit:
         assert not (await store.commit("app", other)).stored
 
 
+class TestLoadMany:
+    async def test_loads_every_stored_app_at_once(self, store: TokenStore) -> None:
+        """One call returns the stored sets of the apps asked for, leaving out the others."""
+        await store.commit("a", token_set(1))
+        await store.commit("b", token_set(2))
+        found = await store.load_many(["a", "b", "c"])
+        assert {app: token.rank for app, token in found.items()} == {"a": (1, 1), "b": (1, 2)}
+        assert await store.load_many([]) == {}
+
+
 class TestLease:
     async def test_one_holder_and_a_growing_fence(self, store: TokenStore) -> None:
         """One owner at a time; each grant gets a larger fence; busy answers say for how long."""

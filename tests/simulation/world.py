@@ -12,7 +12,7 @@ import asyncio
 import heapq
 import itertools
 import random
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -337,6 +337,16 @@ class SimStoreView:
                 "simulated: unknown key", rank=token.rank, version=token.version
             )
         return token
+
+    async def load_many(self, apps: Sequence[str]) -> dict[str, TokenSet]:
+        """Load several apps in one round trip."""
+        await self._hop()
+        found = await self._shared.load_many(apps)
+        await self._hop()
+        after = self.faults.unreadable_after
+        if after is None:
+            return found
+        return {a: t for a, t in found.items() if self._written_at.get(a, -1.0) < after}
 
     async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:
         """Commit, possibly losing the answer after applying it."""
