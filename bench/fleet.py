@@ -1,9 +1,17 @@
-"""Fleet benchmark: token-endpoint requests per app per lifetime, one broker vs N replicas.
+"""Fleet benchmark: token-endpoint requests per lifetime for 1, 8 and 20 replicas.
 
-Run: `python bench/fleet.py [--replicas 20] [--lifetime 4] [--lifetimes 6]`. Starts a real
-redis-server and a local OAuth server, runs one broker, then N broker processes sharing the
-Redis, and counts token requests per token lifetime in each phase (same lifetime, same length,
-same run). Last, it starts one more replica against the warm Redis and times it to /readyz.
+Run: `python bench/fleet.py [--sizes 8,20] [--lifetime 6] [--lifetimes 8] [--skew 5] [--down 3]`.
+
+Three scenarios, each with one broker (the baseline) and fleets of each size running at the
+same time, every fleet with its own OAuth server and Redis, so all of them see the same
+schedule and the same machine load:
+
+- fair weather: requests per lifetime in steady state;
+- skewed clocks: a third of each fleet's replicas 5 s ahead, a third 5 s behind (libfaketime);
+- endpoint down: the token endpoint answers 503 for `--down` lifetimes (past the tokens'
+  expiry), then recovers; requests per lifetime over the whole schedule.
+
+Last, one more replica starts against a warm Redis and is timed to /readyz.
 """
 
 from __future__ import annotations
@@ -14,96 +22,154 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.fleet import Fleet
-from tests.support.oauth_server import OAuthTestServer
+from tests.support.fleet import (
+    Fleet,
+    FleetRun,
+    RunSpec,
+    requests_per_lifetime,
+    requests_since,
+    side_by_side,
+)
+from tests.support.oauth_server import OAuthTestServer, Scripted
 from tests.support.redis_server import RedisServer
+from tests.support.skew import skewed_env
 
 
-async def phase(
-    root: Path, oauth: OAuthTestServer, redis_url: str, replicas: int, seconds: float
-) -> tuple[int, int, int]:
-    """Run `replicas` brokers for `seconds` under polling: (token requests, expired, 503s)."""
-    fleet = Fleet(root, oauth.token_url, redis_url, replicas)
-    await fleet.start()
+def specs(sizes: list[int], skew: float = 0.0) -> list[RunSpec]:
+    """The baseline broker and one fleet per size; with `skew`, thirds of each fleet skewed."""
+    runs = [RunSpec("1", 1)]
+    for size in sizes:
+        envs: list[Mapping[str, str] | None] = []
+        for i in range(size):
+            shift = (0.0, skew, -skew)[i % 3]
+            envs.append(skewed_env(shift) if shift else None)
+        runs.append(RunSpec(str(size), size, envs))
+    return runs
+
+
+async def poll_all(runs: Mapping[str, FleetRun], seconds: float) -> dict[str, tuple[int, int]]:
+    """Poll every fleet at once for `seconds`: (expired tokens served, 503s) per fleet."""
+    stats = await asyncio.gather(*(run.poll(seconds, 0.25) for run in runs.values()))
+    return {name: (s.expired, s.unavailable) for name, s in zip(runs, stats, strict=True)}
+
+
+async def steady(root: Path, args: argparse.Namespace, skew: float) -> dict[str, Any]:
+    """Fair weather (or skewed clocks): steady-state requests per lifetime of each fleet."""
+    async with side_by_side(root, args.lifetime, specs(args.sizes, skew)) as runs:
+        since = time.time()
+        served = await poll_all(runs, args.lifetime * args.lifetimes)
+        times = {name: requests_since(run.oauth, since) for name, run in runs.items()}
+    rates = {name: requests_per_lifetime(t, args.lifetime) for name, t in times.items()}
+    return {
+        name: {
+            "requests": len(times[name]),
+            "per_lifetime": round(rates[name], 3),
+            "over_one_broker": round(rates[name] / rates["1"], 3),
+            "expired_served": served[name][0],
+            "503s": served[name][1],
+        }
+        for name in runs
+    }
+
+
+async def outage(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Endpoint down past expiry, then back: requests per lifetime over the whole schedule."""
+    recover = args.lifetime * 4
+    async with side_by_side(root, args.lifetime, specs(args.sizes)) as runs:
+        await poll_all(runs, args.lifetime)
+        since = time.time()
+        for run in runs.values():
+            run.oauth.mode = Scripted(status=503)
+        during = await poll_all(runs, args.lifetime * args.down)
+        for run in runs.values():
+            run.oauth.mode = None
+        after = await poll_all(runs, recover)
+        counts = {name: len(requests_since(run.oauth, since)) for name, run in runs.items()}
+    lifetimes = (args.lifetime * args.down + recover) / args.lifetime
+    return {
+        name: {
+            "requests": counts[name],
+            "per_lifetime": round(counts[name] / lifetimes, 3),
+            "over_one_broker": round(counts[name] / counts["1"], 3),
+            "expired_served": during[name][0] + after[name][0],
+        }
+        for name in runs
+    }
+
+
+async def time_to_ready(root: Path) -> tuple[float, int]:
+    """Seconds from starting one more replica (warm Redis) to /readyz 200, and its requests."""
+    redis = RedisServer(directory=root / "redis")
+    oauth = OAuthTestServer(lifetime=3600)
+    await oauth.start()
+    redis.start()
     try:
+        warm = Fleet(root / "warm", oauth.token_url, redis.url, 1)
+        await warm.start()
+        warm.stop()
         before = oauth.count()
-        stats = await fleet.poll(oauth, seconds, interval=0.25)
-        return oauth.count() - before, stats.expired, stats.unavailable
+        fleet = Fleet(root / "new", oauth.token_url, redis.url, 1)
+        replica = fleet.replicas[0]
+        started = time.monotonic()
+        replica.process.start()
+        try:
+            await replica.process.wait_ready(replica.files.metrics)
+            return time.monotonic() - started, oauth.count() - before
+        finally:
+            fleet.stop()
     finally:
-        fleet.stop()
+        await oauth.stop()
+        redis.stop()
 
 
-async def time_to_ready(root: Path, oauth: OAuthTestServer, redis_url: str) -> float:
-    """Seconds from starting one more replica (warm Redis) to its /readyz answering 200."""
-    fleet = Fleet(root, oauth.token_url, redis_url, 1)
-    replica = fleet.replicas[0]
-    started = time.monotonic()
-    replica.process.start()
-    try:
-        await replica.process.wait_ready(replica.files.metrics)
-        return time.monotonic() - started
-    finally:
-        fleet.stop()
-
-
-async def run(args: argparse.Namespace) -> dict[str, float]:
-    """All phases; returns the figures."""
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every scenario; returns the figures."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        redis = RedisServer(directory=root / "redis")
-        redis.start()
-        oauth = OAuthTestServer()
-        oauth.lifetime = args.lifetime
-        await oauth.start()
-        try:
-            seconds = args.lifetime * args.lifetimes
-            single, single_expired, _ = await phase(root / "single", oauth, redis.url, 1, seconds)
-            fleet, fleet_expired, fleet_503 = await phase(
-                root / "fleet", oauth, redis.url, args.replicas, seconds
-            )
-            # Keep the store warm with a long-lived token, then time a new replica.
-            oauth.lifetime = 3600
-            warm = Fleet(root / "warm", oauth.token_url, redis.url, 1)
-            await warm.start()
-            warm.stop()
-            requests_before = oauth.count()
-            ready = await time_to_ready(root / "new", oauth, redis.url)
-            warm_requests = oauth.count() - requests_before
-        finally:
-            await oauth.stop()
-            redis.stop()
-    return {
-        "replicas": args.replicas,
-        "lifetime_s": args.lifetime,
-        "lifetimes": args.lifetimes,
-        "single_requests_per_lifetime": round(single / args.lifetimes, 2),
-        "fleet_requests_per_lifetime": round(fleet / args.lifetimes, 2),
-        "fleet_over_single": round(fleet / single, 3) if single else float("nan"),
-        "expired_served": single_expired + fleet_expired,
-        "fleet_503s": fleet_503,
-        "new_replica_ready_s": round(ready, 3),
-        "new_replica_token_requests": warm_requests,
-    }
+        figures: dict[str, Any] = {
+            "lifetime_s": args.lifetime,
+            "lifetimes": args.lifetimes,
+            "skew_s": args.skew,
+            "down_lifetimes": args.down,
+        }
+        figures["fair_weather"] = await steady(root / "fair", args, 0.0)
+        figures["skewed_clocks"] = await steady(root / "skew", args, args.skew)
+        figures["endpoint_down"] = await outage(root / "down", args)
+        ready, requests = await time_to_ready(root / "ready")
+        figures["new_replica_ready_s"] = round(ready, 3)
+        figures["new_replica_token_requests"] = requests
+    return figures
 
 
 def main() -> int:
     """Parse arguments, run, print."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--replicas", type=int, default=20)
-    parser.add_argument("--lifetime", type=float, default=4.0)
-    parser.add_argument("--lifetimes", type=int, default=6)
+    parser.add_argument("--sizes", default="8,20", help="fleet sizes beside the one broker")
+    parser.add_argument("--lifetime", type=float, default=6.0, help="token lifetime, seconds")
+    parser.add_argument("--lifetimes", type=int, default=8, help="lifetimes per steady phase")
+    parser.add_argument("--skew", type=float, default=5.0, help="clock skew, seconds")
+    parser.add_argument("--down", type=float, default=3.0, help="outage, in lifetimes")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",") if s]
     figures = asyncio.run(run(args))
     if args.json:
         print(json.dumps(figures))
-    else:
-        for key, value in figures.items():
-            print(f"{key:32} {value}")
+        return 0
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for name, row in value.items():
+                cells = "  ".join(f"{k} {v}" for k, v in row.items())
+                print(f"  {name:>3} replicas  {cells}")
+        else:
+            print(f"{key:28} {value}")
     return 0
 
 

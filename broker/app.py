@@ -25,6 +25,7 @@ from broker.config import load_config
 from broker.core import BrokerCore
 from broker.credentials import Credentials
 from broker.errors import ConfigError, ListenError
+from broker.fleetclock import FleetClock
 from broker.logs import audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, Config
@@ -33,15 +34,22 @@ from broker.refresher import AppRefresher
 from broker.sinks import SinkSet
 from broker.store import TokenStore
 from broker.store.factory import open_store
+from broker.store.memory import MemoryStore
 
 log = get_logger(__name__)
 
 # How long in-flight API requests get to finish on shutdown.
 SHUTDOWN_GRACE = 10.0
+# How long a refresh in flight gets to finish and persist on shutdown: one request (at most
+# 10 s), its commit and a margin (broker/fleet.py Timing). terminationGracePeriodSeconds fits it.
+REFRESH_DRAIN = 15.0
 # How long closing the store and HTTP connections may take on shutdown.
 CLOSE_TIMEOUT = 3.0
 # How often secret and client key files are checked for a change.
 FILE_CHECK_INTERVAL = 2.0
+# How long startup waits for the first measurement of the fleet clock before the refreshers
+# start (on the local clock, if the store does not answer in time).
+CLOCK_STARTUP_WAIT = 3.0
 
 
 def replica_id() -> str:
@@ -62,7 +70,12 @@ def _tcp_site(runner: web.AppRunner, listen: str) -> web.BaseSite:
 
 @dataclass
 class Broker:
-    """Every part of a running broker, built from one Config."""
+    """Every part of a running broker, built from one Config.
+
+    `clock` is this host's clock; `fleet_clock` keeps time in the store's frame and is the one
+    the refreshers, the core and the token endpoint client use, so every `expires_at` written to
+    or read from the store is in one frame for the whole fleet.
+    """
 
     config: Config
     core: BrokerCore
@@ -73,6 +86,7 @@ class Broker:
     clock: Clock
     owner: str
     sinks: SinkSet
+    fleet_clock: FleetClock
     upstreams: Upstreams = field(default_factory=Upstreams)
     credentials: dict[str, Credentials] = field(default_factory=dict)
     api_runner: web.AppRunner | None = None
@@ -99,10 +113,15 @@ async def build_broker(
         headers={"User-Agent": "token-broker"},
         connector=aiohttp.TCPConnector(limit_per_host=8),
     )
-    core = BrokerCore({}, store, clock, metrics)
+    # A store in this process's memory has no other clock to agree with.
+    fleet_clock = FleetClock(clock, local=isinstance(store, MemoryStore))
+    metrics.track_clock(fleet_clock.offset, fleet_clock.offset_age)
+    core = BrokerCore({}, store, fleet_clock, metrics)
     authenticator = ClientAuthenticator(config.clients)
     sinks = SinkSet(clock, metrics)
-    broker = Broker(config, core, store, metrics, session, authenticator, clock, owner, sinks)
+    broker = Broker(
+        config, core, store, metrics, session, authenticator, clock, owner, sinks, fleet_clock
+    )
     for spec in config.apps.values():
         refresher = new_refresher(broker, spec)
         core.add_app(refresher)
@@ -121,12 +140,12 @@ def new_refresher(broker: Broker, spec: AppSpec) -> AppRefresher:
         ).inc(),
     )
     broker.credentials[spec.name] = credentials
-    source = OAuthClient(spec, credentials, broker.session, broker.clock, broker.metrics)
+    source = OAuthClient(spec, credentials, broker.session, broker.fleet_clock, broker.metrics)
     return AppRefresher(
         spec,
         source,
         broker.store,
-        broker.clock,
+        broker.fleet_clock,
         broker.metrics,
         owner=broker.owner,
         rng=random.Random(),  # noqa: S311 - jitter, not cryptography
@@ -138,6 +157,9 @@ def _credential_changed(broker: Broker, app: str, which: str) -> None:
         audit(log, "app.secret_rotated", app=app, file=which)
     else:
         log.info("credentials.changed", app=app, file=which)
+    refresher = broker.core.refreshers.get(app)
+    if refresher is not None:
+        refresher.credentials_changed()
 
 
 async def watch_files(broker: Broker) -> None:
@@ -205,6 +227,17 @@ async def reload_config(broker: Broker, path: Path) -> bool:
     return True
 
 
+async def start_fleet_clock(broker: Broker) -> asyncio.Task[None]:
+    """Measure the fleet clock once (bounded wait), then keep measuring it in a task."""
+    clock = broker.fleet_clock
+    if not clock.local and not await clock.measure_within(broker.store, CLOCK_STARTUP_WAIT):
+        log.warning(
+            "clock.offset_unmeasured",
+            reason="the store did not answer; the local clock is used until it does",
+        )
+    return asyncio.create_task(clock.run(broker.store), name="fleet-clock")
+
+
 async def start_listeners(broker: Broker) -> None:
     """Bind the local API (TCP, or a unix socket with peer identity) and the metrics listener;
     ListenError names the setting that failed."""
@@ -268,8 +301,12 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None], *, started: bo
         log.info("broker.draining")
     if broker.api_socket is not None:
         broker.api_socket.remove()  # no new callers; in-flight requests finish below
+    # In-flight API requests and in-flight refreshes finish side by side; a refresh token that
+    # was sent is answered and stored before the loops stop.
+    cleanups = [broker.core.drain(REFRESH_DRAIN)]
     if broker.api_runner is not None:
-        await broker.api_runner.cleanup()
+        cleanups.append(broker.api_runner.cleanup())
+    await asyncio.gather(*cleanups)
     core_task.cancel()
     done, _ = await asyncio.wait({core_task}, timeout=CLOSE_TIMEOUT)
     if not done:
@@ -316,6 +353,7 @@ async def serve(
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    clock_task = await start_fleet_clock(broker)
     core_task = asyncio.create_task(broker.core.run(), name="broker-core")
     broker.sinks.start()
     watcher = asyncio.create_task(watch_files(broker), name="file-watcher")
@@ -341,7 +379,8 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         watcher.cancel()
-        await asyncio.gather(watcher, *reloads, return_exceptions=True)
+        clock_task.cancel()
+        await asyncio.gather(watcher, clock_task, *reloads, return_exceptions=True)
         await shutdown(broker, core_task, started=started)
 
 

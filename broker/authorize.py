@@ -12,18 +12,26 @@ import base64
 import hashlib
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
 
-from broker.clock import SystemClock
+from broker.clock import Clock, SystemClock
 from broker.credentials import Credentials
-from broker.errors import BrokerError, ConfigError, PermanentTokenError, TokenEndpointError
+from broker.errors import (
+    BrokerError,
+    ConfigError,
+    PermanentTokenError,
+    TokenEndpointError,
+    UnreadableTokenSet,
+)
+from broker.fleetclock import FleetClock
 from broker.logs import audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, Config, GrantType, TokenSet
 from broker.oauth.client import OAuthClient
+from broker.store import TokenStore
 from broker.store.factory import open_store
 
 log = get_logger(__name__)
@@ -103,15 +111,37 @@ def code_from_redirect(pasted: str, expected_state: str) -> str:
     return codes[0]
 
 
+async def new_lineage(store: TokenStore, app: str, clock: Clock) -> int:
+    """A lineage number above every earlier one: an authorization outranks any older set.
+
+    The time in milliseconds, so even a store that forgot the old lineage (emptied) ranks the
+    new grant above the sets replicas still hold in memory.
+    """
+    try:
+        current = await store.load(app)
+        before = current.lineage if current is not None else 0
+    except UnreadableTokenSet as exc:
+        before = exc.rank[0]
+    return max(before + 1, int(clock.time() * 1000))
+
+
 async def exchange_and_store(
     config: Config, spec: AppSpec, code: str, code_verifier: str | None
 ) -> TokenSet:
     """Exchange `code` at once and write the token set to the shared store."""
-    clock = SystemClock()
+    base = SystemClock()
     metrics = Metrics()
-    store = open_store(config.store, metrics, clock)
+    store = open_store(config.store, metrics, base)
     assert spec.redirect_uri is not None
+    # The token set's expiry is written in the fleet's frame (the store's clock), like every
+    # broker's; measuring it first also checks the store answers before the code is spent.
+    clock = FleetClock(base)
     try:
+        if await clock.measure(store) == "unavailable":
+            raise AuthorizationFailed(
+                "the store does not answer; the code was not used, run authorize again when "
+                "Redis is reachable"
+            )
         async with aiohttp.ClientSession() as session:
             client = OAuthClient(spec, Credentials(spec), session, clock, metrics)
             try:
@@ -131,9 +161,9 @@ async def exchange_and_store(
                 "the server returned no refresh token, so the broker could not renew the access "
                 "token; ask for offline access (e.g. the offline_access scope) and run again"
             )
-        current = await store.load(spec.name)
-        version = await store.save(spec.name, token, current.version if current else 0)
-        if version is None:
+        token = replace(token, lineage=await new_lineage(store, spec.name, clock), generation=1)
+        commit = await store.commit(spec.name, token)
+        if not commit.stored:
             raise AuthorizationFailed("another writer changed the stored token set; run again")
     finally:
         await store.close()

@@ -199,6 +199,7 @@ _APP_KEYS = {
     "authorize_params",
     "proxy",
     "sinks",
+    "max_token_requests_per_minute",
 }
 
 
@@ -283,6 +284,9 @@ def _app(name: object, data: object, key: str, base_dir: Path) -> AppSpec:
         authorize_params=_params(m.get("authorize_params"), f"{key}.authorize_params"),
         proxy=_proxy(m["proxy"], f"{key}.proxy", base_dir) if "proxy" in m else None,
         sinks=_sinks(m.get("sinks"), f"{key}.sinks"),
+        max_token_requests_per_minute=_request_budget(
+            m.get("max_token_requests_per_minute"), f"{key}.max_token_requests_per_minute"
+        ),
     )
 
 
@@ -334,9 +338,34 @@ def _check_sink_paths(apps: Mapping[str, AppSpec], server: ServerSpec) -> None:
             seen[sink.path] = where
 
 
+# ---- the fleet-wide request budget -----------------------------------------------------------
+
+
+def _request_budget(value: object, key: str) -> int | None:
+    """An optional whole number of token requests per minute, at least 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"must be a whole number, not {_type(value)}")
+    if value < 1:
+        raise ConfigError(key, "must be at least 1 (leave it out for no budget)")
+    return value
+
+
 def _refresh(data: object, key: str) -> RefreshPolicy:
     m = _mapping(data, key)
-    _only(m, key, {"at_fraction", "min_remaining", "jitter", "safety_margin", "default_lifetime"})
+    _only(
+        m,
+        key,
+        {
+            "at_fraction",
+            "min_remaining",
+            "jitter",
+            "safety_margin",
+            "default_lifetime",
+            "reuse_grace",
+        },
+    )
     d = RefreshPolicy()
     at_fraction = _fraction(m.get("at_fraction", d.at_fraction), f"{key}.at_fraction")
     if not 0 < at_fraction < 1:
@@ -355,6 +384,9 @@ def _refresh(data: object, key: str) -> RefreshPolicy:
         ),
         default_lifetime=parse_duration(
             m.get("default_lifetime", d.default_lifetime), f"{key}.default_lifetime"
+        ),
+        reuse_grace=parse_duration(
+            m.get("reuse_grace", d.reuse_grace), f"{key}.reuse_grace", allow_zero=True
         ),
     )
 
@@ -959,6 +991,11 @@ def summarize(config: Config) -> str:
             f"    sink {sink.path} ({sink.format.value}, mode {sink.mode:04o})"
             for sink in app.sinks
         )
+        if app.max_token_requests_per_minute is not None:
+            lines.append(
+                f"    at most {app.max_token_requests_per_minute} token requests per minute "
+                "(the whole fleet)"
+            )
     lines.append(f"clients ({len(config.clients)}):")
     for client in config.clients.values():
         keys = len(client.key_files) + len(client.key_sha256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Collection, Mapping
 
 from broker.clock import Clock
@@ -17,7 +18,8 @@ from broker.store import TokenStore
 log = get_logger(__name__)
 
 STORE_RETRY_MIN = 0.5
-STORE_RETRY_MAX = 30.0
+# Short: a replica that reconnects late hears late of other replicas' spends and commits.
+STORE_RETRY_MAX = 5.0
 
 
 class BrokerCore:
@@ -76,9 +78,25 @@ class BrokerCore:
 
     # ---- lifecycle -----------------------------------------------------------------------
 
+    async def drain(self, grace: float) -> None:
+        """Stop scheduling refreshes; let spends in flight finish and persist (up to `grace` s).
+
+        A refresh token sent to the server must not be dropped by a rolling deploy: its answer
+        carries the rotated token, which is stored before the process exits.
+        """
+        stops = [asyncio.ensure_future(r.stop()) for r in self.refreshers.values()]
+        if not stops:
+            return
+        _, pending = await asyncio.wait(stops, timeout=grace)
+        if pending:
+            log.warning("broker.refresh_still_in_flight", apps=len(pending))
+        for task in pending:
+            task.cancel()
+
     async def run(self) -> None:
         """Run every refresher and the store watcher until cancelled."""
         self._running = True
+        await self._warm_start()
         for refresher in self.refreshers.values():
             self._start(refresher)
         try:
@@ -89,6 +107,15 @@ class BrokerCore:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _warm_start(self) -> None:
+        """Load every app's stored set in one round trip, before the refreshers start."""
+        try:
+            stored = await self._store.load_many(list(self.refreshers))
+        except StoreUnavailable:
+            return  # each refresher tries on its own, and serves once the store answers
+        for name, token in stored.items():
+            self.refreshers[name].prime(token)
 
     def _start(self, refresher: AppRefresher, *, fresh: bool = False) -> None:
         self._tasks[refresher.name] = asyncio.create_task(
@@ -101,9 +128,12 @@ class BrokerCore:
         if self._running:
             self._start(refresher, fresh=fresh)
 
-    async def remove_app(self, name: str) -> None:
-        """Stop serving an app (config reload) and drop its metric series."""
-        self.refreshers.pop(name, None)
+    async def remove_app(self, name: str, *, grace: float = 15.0) -> None:
+        """Stop serving an app (config reload), after its refresh in flight, and drop its series."""
+        refresher = self.refreshers.pop(name, None)
+        if refresher is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(refresher.stop()), grace)
         task = self._tasks.pop(name, None)
         if task is not None:
             task.cancel()
@@ -124,10 +154,10 @@ class BrokerCore:
                 for refresher in self.refreshers.values():
                     refresher.notify_store_changed()
                 delay = STORE_RETRY_MIN
-                async for app in self._store.updates():
-                    refresher_for_app = self.refreshers.get(app)
+                async for notice in self._store.updates():
+                    refresher_for_app = self.refreshers.get(notice.app)
                     if refresher_for_app is not None:
-                        refresher_for_app.notify_store_changed()
+                        refresher_for_app.on_notice(notice)
                 await self._clock.sleep(STORE_RETRY_MIN)  # the feed ended: re-subscribe
             except StoreUnavailable as exc:
                 task = asyncio.current_task()

@@ -34,7 +34,12 @@ class TokenEndpointError(BrokerError):
 
 
 class TransientTokenError(TokenEndpointError):
-    """Worth retrying: network errors, timeouts, 5xx, 429, a 200 whose body is not a token."""
+    """Worth retrying: network errors, timeouts, 5xx, 429, a 200 whose body is not a token.
+
+    `outcome_unknown` is True when the request may have reached the server and been acted on
+    without an answer reaching us (a timeout or reset after sending, a gateway's 502/504, a
+    200 with a broken body): a refresh token sent that way may have been rotated already.
+    """
 
     def __init__(
         self,
@@ -44,9 +49,11 @@ class TransientTokenError(TokenEndpointError):
         error: str | None = None,
         description: str | None = None,
         retry_after: float | None = None,
+        outcome_unknown: bool = False,
     ) -> None:
         super().__init__(message, status=status, error=error, description=description)
         self.retry_after = retry_after
+        self.outcome_unknown = outcome_unknown
 
 
 class PermanentTokenError(TokenEndpointError):
@@ -67,6 +74,19 @@ class PermanentTokenError(TokenEndpointError):
 
 class StoreUnavailable(BrokerError):
     """The shared store could not be reached or answered with an error."""
+
+
+class UnreadableTokenSet(StoreUnavailable):
+    """The stored set exists but this replica cannot decrypt it (a key it lacks, or damage).
+
+    Unreadable is not missing: for a grant with a refresh token it means "do not spend".
+    `rank` is the stored (lineage, generation), readable beside the blob.
+    """
+
+    def __init__(self, message: str, *, rank: tuple[int, int], version: int) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.version = version
 
 
 class TokenUnavailable(BrokerError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -119,6 +119,24 @@ class Metrics:
             ["app", "outcome"],
             registry=r,
         )
+        self.refresh_blocked = Gauge(
+            "token_broker_refresh_blocked",
+            "1 while refreshing the app is blocked because the store cannot confirm a lease.",
+            ["app"],
+            registry=r,
+        )
+        self.budget_refusals = Counter(
+            "token_broker_refresh_budget_refusals_total",
+            "Refreshes held back by the app's fleet-wide max_token_requests_per_minute.",
+            ["app"],
+            registry=r,
+        )
+        self.grant_outcome_unknown = Counter(
+            "token_broker_grant_outcome_unknown_total",
+            "Refresh-token spends whose outcome is unknown (the grant may be lost).",
+            ["app"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "token_broker_build_info",
             "Always 1; the version is in the label.",
@@ -127,12 +145,30 @@ class Metrics:
         )
         self.build_info.labels(version=__version__).set(1)
 
+        # ---- the fleet's clock (broker/fleetclock.py) ----------------------------------------
+        self.clock_offset = Gauge(
+            "token_broker_clock_offset_seconds",
+            "The shared store's clock minus this host's wall clock (0 for memory:// or before "
+            "the first measurement).",
+            registry=r,
+        )
+        self.clock_offset_age = Gauge(
+            "token_broker_clock_offset_age_seconds",
+            "Seconds since the clock offset was last measured (since start while it never was).",
+            registry=r,
+        )
+
     def set_app_state(self, app: str, state: AppState) -> None:
         """Set the app's state gauge: 1 for `state`, 0 for the others."""
         for candidate in AppState:
             self.app_state.labels(app=app, state=candidate.value).set(
                 1 if candidate is state else 0
             )
+
+    def track_clock(self, offset: Callable[[], float], age: Callable[[], float]) -> None:
+        """Read the fleet clock's offset and its age at every scrape."""
+        self.clock_offset.set_function(offset)
+        self.clock_offset_age.set_function(age)
 
     def forget_apps(self, apps: Iterable[str]) -> None:
         """Drop the per-app series of removed apps."""
@@ -141,6 +177,7 @@ class Metrics:
                 _remove(self.app_state, app, state.value)
             _remove(self.token_expiry, app)
             _remove(self.refresh_failures_consecutive, app)
+            _remove(self.refresh_blocked, app)
 
 
 def _remove(metric: Gauge, *labels: str) -> None:

@@ -19,7 +19,10 @@ class TokenSet:
     """What one successful token request gave us.
 
     `issued_at` is the wall time the request was sent; `expires_at` is anchored to it.
-    `version` is the store's version of this token set (0: never stored).
+    `version` is the store's write counter for this set (0: never stored). `lineage` and
+    `generation` say which set is newer: an authorization starts a lineage (a larger number
+    than any before it) at generation 1, and every refresh adds one to the generation. They
+    are kept inside the encrypted blob and, as plain numbers, beside it.
     """
 
     access_token: str = field(repr=False)
@@ -29,6 +32,8 @@ class TokenSet:
     scope: str | None = None
     refresh_token: str | None = field(default=None, repr=False)
     version: int = 0
+    lineage: int = 0
+    generation: int = 0
 
     @property
     def lifetime(self) -> float:
@@ -39,6 +44,16 @@ class TokenSet:
     def fingerprint(self) -> str:
         """Fingerprint of the access token, for audit lines."""
         return fingerprint(self.access_token)
+
+    @property
+    def refresh_fingerprint(self) -> str | None:
+        """Fingerprint of the refresh token (what a spend record names), or None."""
+        return fingerprint(self.refresh_token) if self.refresh_token else None
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """(lineage, generation): the larger rank is the newer set, whatever the expiry."""
+        return (self.lineage, self.generation)
 
 
 class GrantType(enum.StrEnum):
@@ -90,13 +105,20 @@ class AppState(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RefreshPolicy:
-    """When to refresh and how long a token may be served (all durations in seconds)."""
+    """When to refresh and how long a token may be served (all durations in seconds).
+
+    `min_remaining` is off by default: any fixed default moves short lifetimes away from
+    `at_fraction` (5 minutes put every token up to 400 s on the quarter floor).
+    """
 
     at_fraction: float = 0.75
-    min_remaining: float = 300.0
+    min_remaining: float = 0.0
     jitter: float = 0.05
     safety_margin: float = 30.0
     default_lifetime: float = 3600.0
+    # Seconds for which the server accepts a refresh token again after rotating it (Okta,
+    # Auth0 have such a grace period); 0 for a strict server. Allows one careful retry.
+    reuse_grace: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +165,22 @@ class AppSpec:
     authorize_params: Mapping[str, str] = field(default_factory=dict)
     proxy: ProxySpec | None = None
     sinks: tuple[SinkSpec, ...] = ()
+    # The fleet-wide budget of token requests per minute for this app (None: no budget).
+    max_token_requests_per_minute: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FailureRecord:
+    """The outcome of a failed refresh, shared through the store so the fleet backs off as one.
+
+    `not_before` is in the fleet's time frame (the store's clock): no replica attempts again
+    before it. `error` is the secret-free `last_error` text.
+    """
+
+    failures: int
+    not_before: float
+    error: str
+    permanent: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,13 @@ BACKOFF_CAP = 30.0
 PERMANENT_RETRY = 300.0
 # Even a capped wait leaves this long between attempts, so a flapping server is not hammered.
 MIN_RETRY = 0.5
+# Each replica adds a stagger of its own (at most this share of the lifetime, and at most
+# STAGGER_MAX seconds) after the fleet's shared due time, so the replicas do not all reach for
+# the lease in the same millisecond. It is small because the earliest replica sets the pace.
+STAGGER_FRACTION = 0.01
+STAGGER_MAX = 2.0
+# A fingerprint is 12 hex digits: 48 bits, mapped onto [-1, 1] for the fleet's jitter sample.
+_FINGERPRINT_SPAN = float(16**12 - 1)
 
 
 def safety_margin(policy: RefreshPolicy, lifetime: float) -> float:
@@ -38,21 +45,60 @@ def serve_deadline(token: TokenSet, policy: RefreshPolicy) -> float:
     return token.expires_at - safety_margin(policy, token.lifetime)
 
 
-def refresh_due(token: TokenSet, policy: RefreshPolicy, jitter_sample: float = 0.0) -> float:
-    """Wall time at which `token` should be refreshed.
+def refresh_window(token: TokenSet, policy: RefreshPolicy) -> tuple[float, float]:
+    """(earliest, latest): the wall times between which a refresh of `token` may be due.
 
-    The earlier of `issued_at + at_fraction * lifetime` and `expires_at - min_remaining`, never
-    before a quarter of the lifetime has passed, moved by `jitter_sample` (in [-1, 1]) * jitter *
-    lifetime, and never after the token stops being servable.
+    Never before a quarter of the lifetime has passed (no storm for short tokens), never after
+    the token stops being served.
+    """
+    earliest = token.issued_at + MIN_REFRESH_FRACTION * max(token.lifetime, 0.0)
+    return earliest, max(earliest, serve_deadline(token, policy))
+
+
+def refresh_due(token: TokenSet, policy: RefreshPolicy, jitter_sample: float = 0.0) -> float:
+    """Wall time at which `token` should be refreshed, drawn inside the allowed window.
+
+    The nominal time is the earlier of `issued_at + at_fraction * lifetime` and
+    `expires_at - min_remaining`. The jitter spreads due times over `2 * jitter * lifetime`
+    around it; `jitter_sample` in [-1, 1] picks the place. Near an edge of the window
+    (`refresh_window`) the spread slides inside it instead of being clipped, so the jitter
+    never vanishes, whatever the lifetime.
     """
     lifetime = max(token.lifetime, 0.0)
-    due = min(
+    nominal = min(
         token.issued_at + policy.at_fraction * lifetime, token.expires_at - policy.min_remaining
     )
-    due += max(-1.0, min(1.0, jitter_sample)) * policy.jitter * lifetime
-    earliest = token.issued_at + MIN_REFRESH_FRACTION * lifetime
-    latest = serve_deadline(token, policy)
-    return max(earliest, min(due, latest))
+    earliest, latest = refresh_window(token, policy)
+    spread = min(2.0 * policy.jitter * lifetime, latest - earliest)
+    low = max(earliest, min(nominal - spread / 2.0, latest - spread))
+    return low + (max(-1.0, min(1.0, jitter_sample)) + 1.0) / 2.0 * spread
+
+
+def fleet_jitter_sample(token: TokenSet) -> float:
+    """A jitter sample in [-1, 1] that every replica derives alike from the token itself.
+
+    Replicas holding the same token agree on its due time, so the fleet refreshes at the pace of
+    one broker; different tokens (apps, generations) still land at different places.
+    """
+    return int(token.fingerprint, 16) / _FINGERPRINT_SPAN * 2.0 - 1.0
+
+
+def replica_stagger(lifetime: float, stagger_sample: float) -> float:
+    """Seconds this replica waits after the fleet's due time; `stagger_sample` in [0, 1]."""
+    limit = min(STAGGER_MAX, STAGGER_FRACTION * max(lifetime, 0.0))
+    return max(0.0, min(1.0, stagger_sample)) * limit
+
+
+def fleet_refresh_due(token: TokenSet, policy: RefreshPolicy, stagger_sample: float) -> float:
+    """When this replica refreshes `token`: the fleet's shared due time plus its own stagger.
+
+    With per-replica jitter the earliest of N replicas would set the pace, and the fleet would
+    refresh more often than one broker (the minimum of N draws sits near the window's lower
+    edge). Deriving the jitter from the token keeps one due time for the whole fleet.
+    """
+    due = refresh_due(token, policy, fleet_jitter_sample(token))
+    _, latest = refresh_window(token, policy)
+    return min(latest, due + replica_stagger(token.lifetime, stagger_sample))
 
 
 def backoff(attempt: int, jitter_sample: float = 1.0) -> float:

@@ -1,18 +1,16 @@
-"""One refresher per app: keeps a servable token in memory, refreshes on time, shares via the store.
+"""One refresher per app: keeps a servable token in memory, refreshes on time, serves callers.
 
-The refresher depends only on protocols (TokenSource, TokenStore, Clock); it never imports
-aiohttp or redis. Serving answers from memory; the store is for sharing and surviving restarts.
+The refresher schedules and serves; what may be done with the store and the token endpoint is
+the fleet protocol's (broker/fleet.py). It depends only on protocols (TokenSource, TokenStore,
+Clock) and never imports aiohttp or redis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import random
 from collections.abc import Callable
-from dataclasses import replace
-from typing import Literal
 
 from broker import policy
 from broker.clock import Clock
@@ -25,12 +23,25 @@ from broker.errors import (
     TokenUnavailable,
     TransientTokenError,
 )
+from broker.fleet import (
+    Adopted,
+    Blocked,
+    Busy,
+    Deferred,
+    Fetched,
+    FleetProtocol,
+    NoGrant,
+    Outcome,
+    OutcomeUnknown,
+    OverBudget,
+    Timing,
+)
 from broker.logs import SECRETS, audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, TokenSet
 from broker.oauth import TokenSource
 from broker.service import AppStatus
-from broker.store import TokenStore
+from broker.store import Notice, TokenStore
 
 log = get_logger(__name__)
 
@@ -41,12 +52,12 @@ FORCE_LIMIT = 10
 FORCE_WINDOW = 60.0
 # How long a caller without a servable token waits for a refresh in flight.
 CALLER_WAIT = 5.0
-# The loop re-reads the wall clock at least this often, so a clock step is noticed.
+# The loop wakes at least this often: it re-reads the wall clock and checks the store.
 MAX_SLEEP = 30.0
-# How often a replica that lost the lease race looks at the store for the winner's token.
-LEASE_POLL = 0.25
-
-LeaseResult = Literal["held", "busy", "alone", "adopted"]
+# Shortest wait before trying again after the lease was busy or lost.
+LEASE_RETRY = 0.25
+# How often a refresh blocked on the store is tried again (a reconnect also wakes it).
+BLOCKED_RETRY = 5.0
 
 
 class AppRefresher:
@@ -62,31 +73,52 @@ class AppRefresher:
         *,
         owner: str,
         rng: random.Random | None = None,
-        max_lease_ttl: float = 15.0,
+        timing: Timing | None = None,
     ) -> None:
         self.spec = spec
         self.source = source
-        self._store = store
         self._clock = clock
         self._metrics = metrics
-        self._owner = owner
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not crypto
-        self._max_lease_ttl = max_lease_ttl
+        self.fleet = FleetProtocol(
+            spec.name,
+            store,
+            clock,
+            owner=owner,
+            spends_refresh_tokens=spec.grant_type is GrantType.AUTHORIZATION_CODE,
+            current=lambda: self.token,
+            adopt=lambda token: self._adopt(token, source="store"),
+            reuse_grace=spec.refresh.reuse_grace,
+            timing=timing,
+            on_lease=lambda outcome: metrics.lease_total.labels(
+                app=spec.name, outcome=outcome
+            ).inc(),
+            budget_per_minute=spec.max_token_requests_per_minute,
+        )
         self.token: TokenSet | None = None
         self.state = AppState.REFRESHING
         self.last_refresh_at: float | None = None
         self.last_error: str | None = None
         self.failures = 0
-        self._needs_authorization = False
-        self._unsynced = False  # our token is newer than what the store has (store was down)
-        # Monotonic times: the loop's next attempt, and when the current token stops being
-        # valid as measured on this host's monotonic clock (a wall-clock step changes neither).
+        self._needs_authorization: str | None = None
+        self._blocked: str | None = None
+        self._unsynced = False  # our set may be newer than the store's: write it back
+        self._dirty = True  # the store may have changed: look before the next decision
+        self._last_sync = float("-inf")
+        # Monotonic times: the next attempt, and when the current token stops being valid as
+        # measured on this host's monotonic clock (a wall-clock step changes neither).
         self._next_attempt_at = 0.0
         self._mono_expiry = 0.0
+        self._stagger = 0.0
         self._in_backoff = False
+        self._permanent = False
+        self._stopping = False
+        self._announced_unknown: set[str] = set()
+        self._blocked_logged: str | None = None
+        self._over_budget = False
+        self._ignore_shared_failure = False
         self._inflight: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._store_changed = asyncio.Event()
         self._forced: collections.deque[float] = collections.deque()
         self._listeners: list[Callable[[TokenSet], None]] = []
         self._set_state(AppState.REFRESHING)
@@ -98,19 +130,34 @@ class AppRefresher:
         """The app's configured name."""
         return self.spec.name
 
+    @property
+    def grant_spends(self) -> bool:
+        """True for a grant whose refresh token is spent by a refresh."""
+        return self.spec.grant_type is GrantType.AUTHORIZATION_CODE
+
+    def remaining(self) -> float:
+        """Seconds the current token has left (the smaller of wall and monotonic reckonings)."""
+        token = self.token
+        if token is None:
+            return 0.0
+        return min(
+            token.expires_at - self._clock.time(), self._mono_expiry - self._clock.monotonic()
+        )
+
     def servable(self, min_ttl: float = 0.0) -> TokenSet | None:
         """The current token if it may be served with `min_ttl` seconds left, else None."""
         token = self.token
         if token is None:
             return None
-        # The wall clock may have been stepped since the token arrived; trust the smaller
-        # of the two remaining times.
-        remaining = min(
-            token.expires_at - self._clock.time(), self._mono_expiry - self._clock.monotonic()
-        )
-        if policy.is_servable(remaining, token.lifetime, self.spec.refresh, min_ttl):
+        if policy.is_servable(self.remaining(), token.lifetime, self.spec.refresh, min_ttl):
             return token
         return None
+
+    def _servable_left(self) -> float:
+        token = self.token
+        if token is None:
+            return 0.0
+        return self.remaining() - policy.safety_margin(self.spec.refresh, token.lifetime)
 
     async def get(self, min_ttl: float = 0.0) -> TokenSet:
         """A servable token, refreshing first when none is (and no backoff is running)."""
@@ -118,32 +165,38 @@ class AppRefresher:
         if token is not None:
             return token
         self._check_min_ttl(min_ttl)
-        if self._needs_authorization:
-            raise NeedsAuthorization(f"app {self.name} needs authorization")
-        if self._inflight is None and self._in_backoff:
+        self._raise_if_needs_authorization()
+        if self._inflight is None and (self._in_backoff or self._blocked or self._stopping):
             # During a backoff callers do not trigger extra requests (min_ttl included).
-            raise TokenUnavailable(f"no valid token for {self.name}", retry_after=self._retry_in())
+            raise TokenUnavailable(self._unavailable_message(), retry_after=self._retry_in())
+        if self._inflight is None and min_ttl > 0 and self.servable() is not None:
+            # Only min_ttl wants a new token: limited like a forced refresh, so a caller asking
+            # for a long-lived token in a loop cannot storm the token endpoint.
+            self._take_forced_slot(on_limit=TokenUnavailable)
         await self._wait_for_refresh()
         return self._servable_or_raise(min_ttl)
 
     async def force(self) -> TokenSet:
         """Refresh now for a caller whose upstream rejected the token (coalesced, rate-limited)."""
-        if self._needs_authorization:
-            raise NeedsAuthorization(f"app {self.name} needs authorization")
+        self._raise_if_needs_authorization()
         token = self.token
         now = self._clock.time()
         if token is not None and now - token.issued_at < FORCE_MIN_AGE and self.servable():
             return token
         if self._inflight is None:
-            mono = self._clock.monotonic()
-            while self._forced and mono - self._forced[0] >= FORCE_WINDOW:
-                self._forced.popleft()
-            if len(self._forced) >= FORCE_LIMIT:
-                retry = FORCE_WINDOW - (mono - self._forced[0])
-                raise RateLimited(f"too many forced refreshes of {self.name}", retry_after=retry)
-            self._forced.append(mono)
+            self._take_forced_slot(on_limit=RateLimited)
         await self._wait_for_refresh()
         return self._servable_or_raise(0.0)
+
+    def _take_forced_slot(self, *, on_limit: type[RateLimited] | type[TokenUnavailable]) -> None:
+        """Count a caller-triggered refresh; over FORCE_LIMIT per FORCE_WINDOW, refuse it."""
+        mono = self._clock.monotonic()
+        while self._forced and mono - self._forced[0] >= FORCE_WINDOW:
+            self._forced.popleft()
+        if len(self._forced) >= FORCE_LIMIT:
+            retry = FORCE_WINDOW - (mono - self._forced[0])
+            raise on_limit(f"too many caller-triggered refreshes of {self.name}", retry_after=retry)
+        self._forced.append(mono)
 
     def add_listener(self, callback: Callable[[TokenSet], None]) -> None:
         """Call `callback(token)` (synchronously, so it must be quick) after each token adopted."""
@@ -166,19 +219,35 @@ class AppRefresher:
                 f"min_ttl {min_ttl:.0f} exceeds the token lifetime of {token.lifetime:.0f} seconds"
             )
 
+    def _raise_if_needs_authorization(self) -> None:
+        if self._needs_authorization is not None:
+            raise NeedsAuthorization(
+                f"app {self.name} needs authorization: {self._needs_authorization}"
+            )
+        if self.fleet.outcome_unknown(self.token) and self.servable() is None:
+            raise NeedsAuthorization(
+                f"app {self.name} needs authorization: {self.last_error or 'grant outcome unknown'}"
+            )
+
     def _servable_or_raise(self, min_ttl: float) -> TokenSet:
         token = self.servable(min_ttl)
         if token is not None:
             return token
-        if self._needs_authorization:
-            raise NeedsAuthorization(f"app {self.name} needs authorization")
+        self._raise_if_needs_authorization()
         self._check_min_ttl(min_ttl)
-        raise TokenUnavailable(f"no valid token for {self.name}", retry_after=self._retry_in())
+        raise TokenUnavailable(self._unavailable_message(), retry_after=self._retry_in())
+
+    def _unavailable_message(self) -> str:
+        if self.last_error:
+            return f"no valid token for {self.name}: {self.last_error}"
+        return f"no valid token for {self.name}"
 
     def _retry_in(self) -> float:
         return max(1.0, self._next_attempt_at - self._clock.monotonic())
 
     async def _wait_for_refresh(self) -> None:
+        if self._stopping:
+            return
         task = self._start_refresh()
         timer = asyncio.ensure_future(self._clock.sleep(CALLER_WAIT))
         try:
@@ -190,46 +259,93 @@ class AppRefresher:
     # ---- the loop ------------------------------------------------------------------------
 
     async def run(self, *, fresh: bool = False) -> None:
-        """Warm start from the store (unless `fresh`), then refresh whenever due until cancelled.
+        """Warm start from the store, then refresh whenever due until stopped or cancelled.
 
         `fresh` is for an app whose credentials or scopes just changed: a stored token was got
-        with the old settings, so a new one is fetched at once (after any stored one is known,
-        so compare-and-set has the right version).
+        with the old settings, so a client-credentials app fetches a new one at once.
         """
-        await self._load_from_store()
-        if fresh and self.spec.grant_type is GrantType.CLIENT_CREDENTIALS:
+        if self._dirty:
+            await self._sync()
+        if fresh and not self.grant_spends:
             self._next_attempt_at = 0.0
-        if self.token is None and self.spec.grant_type is GrantType.AUTHORIZATION_CODE:
+        if self.token is None and self.grant_spends:
             self._enter_needs_authorization("no token set stored; run token-broker authorize")
-        try:
-            while True:
-                if self._store_changed.is_set():
-                    self._store_changed.clear()
-                    await self._load_from_store()
-                if self._unsynced:
-                    await self._sync_to_store()
-                delay = self._next_attempt_at - self._clock.monotonic()
-                if self._needs_authorization:
-                    await self._sleep_or_wake(MAX_SLEEP)
-                elif delay > 0:
-                    await self._sleep_or_wake(min(delay, MAX_SLEEP))
-                else:
-                    await asyncio.shield(self._start_refresh())
-        finally:
-            if self._inflight is not None:
-                self._inflight.cancel()
+        while not self._stopping:
+            if self._dirty or self._unsynced or self._sync_overdue():
+                await self._sync()
+            delay = self._next_attempt_at - self._clock.monotonic()
+            if self._needs_authorization is not None:
+                await self._sleep_or_wake(MAX_SLEEP)
+            elif delay > 0:
+                await self._sleep_or_wake(min(delay, MAX_SLEEP))
+            elif not self._stopping:
+                # Shielded: cancelling the loop must not cancel a spend in flight.
+                await asyncio.shield(self._start_refresh())
+
+    async def stop(self) -> None:
+        """Stop scheduling refreshes and let the one in flight finish and persist."""
+        self._stopping = True
+        self._wake.set()
+        inflight = self._inflight
+        if inflight is not None:
+            await asyncio.wait({inflight})
+
+    def prime(self, stored: TokenSet) -> None:
+        """Start from `stored`, read for many apps at once: the loop's first look is done."""
+        self.fleet.note_rank(stored.rank)
+        if self.token is None or stored.rank > self.token.rank:
+            self._adopt(stored, source="store")
+        self._dirty = False
+        self._last_sync = self._clock.monotonic()
 
     def notify_store_changed(self) -> None:
-        """Another replica (or `authorize`) wrote a token set: pick it up on the next turn."""
-        self._store_changed.set()
+        """The store may hold something new (a reconnect): look on the next turn."""
+        self._dirty = True
         self._wake.set()
 
+    def on_notice(self, notice: Notice) -> None:
+        """A change published by a replica: act only when it tells us something new."""
+        self.fleet.on_notice(notice)
+        token = self.token
+        if notice.kind == "token":
+            if token is None or notice.rank != token.rank:
+                self.notify_store_changed()
+        elif notice.kind == "spend" and token is not None and token.rank > notice.rank:
+            # Someone is about to spend an older set than ours: write ours back now.
+            self.notify_store_changed()
+
+    def credentials_changed(self) -> None:
+        """A secret or key file changed: a permanent failure may be fixed, so try again now.
+
+        This replica then also ignores the fleet's shared backoff once: the fix is new here.
+        """
+        if self._permanent or self.failures:
+            self._next_attempt_at = 0.0
+            self._in_backoff = False
+            self._ignore_shared_failure = True
+            self._wake.set()
+
     def wake(self) -> None:
-        """Re-evaluate now (e.g. the store came back and we have a token to write back)."""
+        """Re-evaluate now."""
         self._wake.set()
+
+    def _sync_overdue(self) -> bool:
+        return self._clock.monotonic() - self._last_sync >= MAX_SLEEP
+
+    async def _sync(self) -> None:
+        """Adopt what the store has that is newer; write ours back where the store is older."""
+        self._dirty = False
+        self._last_sync = self._clock.monotonic()
+        try:
+            await self.fleet.sync()
+        except StoreUnavailable:
+            return
+        self._unsynced = False
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         self._wake.clear()
+        if self._dirty or self._stopping:
+            return
         sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
         waker = asyncio.ensure_future(self._wake.wait())
         try:
@@ -254,207 +370,38 @@ class AppRefresher:
         """One refresh attempt; records the outcome and schedules the next attempt."""
         self._set_state(AppState.REFRESHING)
         started = self._clock.monotonic()
+        ignore_shared_failure, self._ignore_shared_failure = self._ignore_shared_failure, False
         try:
-            fetched = await self._refresh_or_adopt()
+            outcome = await self.fleet.refresh(
+                self._fetch,
+                is_due=self._is_due,
+                servable_left=self._servable_left(),
+                ignore_shared_failure=ignore_shared_failure,
+            )
         except TokenEndpointError as exc:
-            self._record_failure(exc, started)
+            await self._record_failure(exc, started)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not kill the loop: count it as transient
             log.exception("refresh.unexpected_error", app=self.name)
-            self._record_failure(TransientTokenError(f"unexpected {type(exc).__name__}"), started)
+            await self._record_failure(
+                TransientTokenError(f"unexpected {type(exc).__name__}"), started
+            )
         else:
-            if fetched:
-                self._record_success(started)
+            self._record_outcome(outcome, started)
         finally:
             self._set_state(self._steady_state())
 
-    async def _refresh_or_adopt(self) -> bool:
-        """Adopt a newer stored token, or take the lease, fetch, store. True when we fetched."""
-        if await self._adopt_fresher_from_store():
-            return False
-        lease = await self._acquire_lease()
-        if lease == "busy":
-            lease = await self._await_other_replica()
-            if lease == "adopted":
-                return False
-            if lease == "busy":
-                self._schedule_retry_soon()
-                return False
-        keeper = asyncio.create_task(self._keep_lease()) if lease == "held" else None
-        try:
-            if lease == "held" and await self._adopt_fresher_from_store():
-                # Double-checked: another replica stored a token between our look and our lease.
-                return False
-            token = await self._fetch()
-            await self._persist(token)
-        finally:
-            if keeper is not None:
-                keeper.cancel()
-            if lease == "held":
-                await self._release_lease()
-        return True
-
-    async def _keep_lease(self) -> None:
-        """Renew our lease while our request is in flight, so a slow (but live) holder keeps it.
-
-        Only a dead holder stops renewing: then its lease lapses and another replica takes over.
-        A refresh token must never be spent by two replicas, so a live holder is never overtaken.
-        """
-        while True:
-            ttl = self.lease_ttl()
-            await self._clock.sleep(ttl / 3)
-            try:
-                if not await self._store.renew_lease(self.name, self._owner, ttl):
-                    self._metrics.lease_total.labels(app=self.name, outcome="lost").inc()
-                    log.warning("lease.lost", app=self.name)
-                    return
-            except StoreUnavailable:
-                return
-
-    async def _fetch(self) -> TokenSet:
-        if self.spec.grant_type is GrantType.AUTHORIZATION_CODE:
-            current = self.token
-            if current is None or not current.refresh_token:
-                raise _NoGrant("no refresh token; run token-broker authorize")
-            try:
-                fresh = await self.source.fetch(refresh_token=current.refresh_token)
-            except PermanentTokenError as exc:
-                if exc.is_invalid_grant and await self._adopt_fresher_from_store(any_newer=True):
-                    # Another replica rotated the refresh token first: not a dead grant.
-                    raise _AdoptedInstead("adopted the token another replica stored") from exc
-                raise
-            if not fresh.refresh_token:
-                fresh = replace(fresh, refresh_token=current.refresh_token)
-            return fresh
+    async def _fetch(self, refresh_token: str | None) -> TokenSet:
+        if refresh_token is not None:
+            return await self.source.fetch(refresh_token=refresh_token)
         return await self.source.fetch()
 
-    async def _persist(self, token: TokenSet) -> None:
-        """Store `token` (compare-and-set) before serving it: a rotated refresh token survives."""
-        base = self.token.version if self.token is not None else 0
-        try:
-            stored = await self._save_cas(token, base)
-        except StoreUnavailable:
-            self._unsynced = True
-            self._adopt(token, source="refresh")
-            return
-        self._unsynced = False
-        self._adopt(stored, source="refresh")
+    def _is_due(self, token: TokenSet) -> bool:
+        stagger = self._stagger if self.token is token else self._rng.random()
+        return self._clock.time() >= policy.fleet_refresh_due(token, self.spec.refresh, stagger)
 
-    async def _save_cas(self, token: TokenSet, base: int) -> TokenSet:
-        """Save over version `base`; when someone wrote since, keep whichever token is newer."""
-        for _ in range(5):
-            version = await self._store.save(self.name, token, base)
-            if version is not None:
-                return replace(token, version=version)
-            current = await self._store.load(self.name)
-            if current is not None and current.expires_at >= token.expires_at:
-                return current
-            base = current.version if current is not None else 0
-        raise StoreUnavailable("compare-and-set kept conflicting")
-
-    def lease_ttl(self) -> float:
-        """How long our lease lasts: half the time our token stays servable, within [1 s, max].
-
-        A replica that dies holding the lease must leave the others time to take over before
-        the current token stops being served.
-        """
-        token = self.token
-        if token is None:
-            return min(self._max_lease_ttl, 5.0)
-        left = policy.serve_deadline(token, self.spec.refresh) - self._clock.time()
-        return max(1.0, min(self._max_lease_ttl, left / 2))
-
-    async def _acquire_lease(self) -> LeaseResult:
-        try:
-            held = await self._store.acquire_lease(self.name, self._owner, self.lease_ttl())
-        except StoreUnavailable:
-            return "alone"
-        self._metrics.lease_total.labels(
-            app=self.name, outcome="acquired" if held else "busy"
-        ).inc()
-        return "held" if held else "busy"
-
-    async def _release_lease(self) -> None:
-        with contextlib.suppress(StoreUnavailable):
-            await self._store.release_lease(self.name, self._owner)
-
-    async def _await_other_replica(self) -> LeaseResult:
-        """Another replica holds the lease: adopt its token, or take over when its lease lapses."""
-        deadline = self._clock.monotonic() + self._max_lease_ttl
-        while self._clock.monotonic() < deadline:
-            await self._clock.sleep(LEASE_POLL)
-            if await self._adopt_fresher_from_store():
-                return "adopted"
-            lease = await self._acquire_lease()
-            if lease != "busy":
-                if lease == "held":
-                    log.info("lease.taken_over", app=self.name)
-                return lease
-        return "busy"
-
-    async def _adopt_fresher_from_store(self, *, any_newer: bool = False) -> bool:
-        """Adopt the stored token if it is newer than ours and (unless `any_newer`) not yet due."""
-        try:
-            stored = await self._store.load(self.name)
-        except StoreUnavailable:
-            return False
-        if stored is None or not self._is_newer(stored):
-            return False
-        if not any_newer and self._clock.time() >= self._due(stored):
-            return False
-        self._adopt(stored, source="store")
-        return True
-
-    async def _load_from_store(self) -> None:
-        try:
-            stored = await self._store.load(self.name)
-        except StoreUnavailable:
-            return
-        if stored is not None and self._is_newer(stored):
-            self._adopt(stored, source="store")
-            self._set_state(self._steady_state())
-        elif stored is not None and self.token is not None and stored.version > self.token.version:
-            # Same or older token under a newer version (a write-back); track the version for CAS.
-            self.token = replace(self.token, version=stored.version)
-
-    async def _sync_to_store(self) -> None:
-        """Write our newest token back after a store outage, never over a newer one."""
-        token = self.token
-        if token is None:
-            return
-        try:
-            current = await self._store.load(self.name)
-            if current is not None and current.expires_at >= token.expires_at:
-                self._unsynced = False
-                if self._is_newer(current):
-                    self._adopt(current, source="store")
-                return
-            stored = await self._save_cas(token, current.version if current else 0)
-        except StoreUnavailable:
-            return
-        self._unsynced = False
-        if stored.access_token == token.access_token:
-            self.token = stored
-        elif self._is_newer(stored):
-            self._adopt(stored, source="store")
-        log.info("store.caught_up", app=self.name)
-
-    def _is_newer(self, candidate: TokenSet) -> bool:
-        current = self.token
-        if current is None:
-            # An expired access token still brings its refresh token (a restart after expiry).
-            return candidate.refresh_token is not None or candidate.expires_at > self._clock.time()
-        return candidate.expires_at > current.expires_at or (
-            candidate.expires_at == current.expires_at
-            and candidate.access_token != current.access_token
-            and candidate.issued_at > current.issued_at
-        )
-
-    def _due(self, token: TokenSet) -> float:
-        return policy.refresh_due(token, self.spec.refresh, self._rng.uniform(-1.0, 1.0))
-
-    def _adopt(self, token: TokenSet, *, source: str) -> None:
+    def _adopt(self, token: TokenSet, *, source: str, sent_mono: float | None = None) -> None:
         previous = self.token
         self.token = token
         SECRETS.add(token.access_token, token.refresh_token)
@@ -464,16 +411,29 @@ class AppRefresher:
                 SECRETS.discard([previous.refresh_token])
         wall, mono = self._clock.time(), self._clock.monotonic()
         self._mono_expiry = mono + (token.expires_at - wall)
-        self._next_attempt_at = mono + (self._due(token) - wall)
+        if sent_mono is not None:
+            # Our own request: its lifetime is also counted on our monotonic clock from sending.
+            self._mono_expiry = min(self._mono_expiry, sent_mono + token.lifetime)
+        # The due time is the fleet's (derived from the token); the stagger is this replica's.
+        self._stagger = self._rng.random()
+        due = policy.fleet_refresh_due(token, self.spec.refresh, self._stagger)
+        self._next_attempt_at = mono + (due - wall)
         self._in_backoff = False
+        self._permanent = False
+        self._blocked = None
+        self.fleet.forget_spent(token)
         self._metrics.token_expiry.labels(app=self.name).set(token.expires_at)
-        if self._needs_authorization and token.refresh_token:
-            self._needs_authorization = False
+        if token.refresh_token and (previous is None or token.rank > previous.rank):
+            self._needs_authorization = None
         if source == "store":
+            self.failures = 0
+            self.last_error = None
+            self._metrics.refresh_blocked.labels(app=self.name).set(0)
             log.info(
                 "token.loaded",
                 app=self.name,
                 token_fingerprint=token.fingerprint,
+                generation=token.generation,
                 expires_at=round(token.expires_at, 3),
             )
         for listener in self._listeners:
@@ -481,9 +441,91 @@ class AppRefresher:
 
     # ---- outcomes ------------------------------------------------------------------------
 
+    def _record_outcome(self, outcome: Outcome, started: float) -> None:
+        mono = self._clock.monotonic()
+        if isinstance(outcome, Fetched):
+            self._adopt(outcome.token, source="refresh", sent_mono=outcome.sent_mono)
+            self._unsynced = not outcome.persisted
+            self._record_success(started)
+        elif isinstance(outcome, Adopted):
+            pass  # adopted by the protocol already
+        elif isinstance(outcome, Busy):
+            # Another replica is refreshing: its notice wakes us; else try when its lease ends.
+            self._next_attempt_at = mono + max(LEASE_RETRY, outcome.wait)
+        elif isinstance(outcome, Deferred):
+            self._defer(outcome)
+        elif isinstance(outcome, OverBudget):
+            self._next_attempt_at = mono + max(LEASE_RETRY, outcome.retry_after)
+            self._in_backoff = True
+            self._metrics.budget_refusals.labels(app=self.name).inc()
+            if not self._over_budget:
+                self._over_budget = True
+                log.warning(
+                    "refresh.over_budget",
+                    app=self.name,
+                    limit_per_minute=self.spec.max_token_requests_per_minute,
+                    retry_in=round(outcome.retry_after, 3),
+                )
+        elif isinstance(outcome, Blocked):
+            self._blocked = outcome.reason
+            self.last_error = f"refresh blocked: {outcome.reason}"
+            self._next_attempt_at = mono + min(
+                BLOCKED_RETRY, max(LEASE_RETRY, self._servable_left())
+            )
+            self._metrics.refresh_blocked.labels(app=self.name).set(1)
+            if self._blocked_logged != outcome.reason:
+                log.warning("refresh.blocked", app=self.name, reason=outcome.reason)
+        else:
+            self._record_unknown(outcome, started)
+        if not isinstance(outcome, Blocked):
+            self._metrics.refresh_blocked.labels(app=self.name).set(0)
+        self._blocked_logged = outcome.reason if isinstance(outcome, Blocked) else None
+
+    def _defer(self, outcome: Deferred) -> None:
+        """Back off with the fleet: wait for the shared `not_before`, capped like Retry-After."""
+        now = self._clock.time()
+        wait = outcome.not_before - now
+        token = self.token
+        if token is not None and token.expires_at > now:
+            # Never wait so long that the current token falls inside the safety margin.
+            wait = min(wait, policy.serve_deadline(token, self.spec.refresh) - now)
+        self._next_attempt_at = self._clock.monotonic() + max(policy.MIN_RETRY, wait)
+        self._in_backoff = True
+        self._permanent = outcome.permanent
+        self.failures = max(self.failures, outcome.failures)
+        self.last_error = outcome.error
+
+    def _record_unknown(self, outcome: OutcomeUnknown, started: float) -> None:
+        """The grant is at risk: say so at once, keep serving, and keep watching the store."""
+        self.last_error = (
+            f"grant at risk: {outcome.reason}; if no replica stored a newer set, "
+            "run token-broker authorize"
+        )
+        if outcome.error is not None:
+            self.failures += 1
+            self._metrics.refresh_total.labels(app=self.name, outcome="transient_error").inc()
+            self._metrics.refresh_duration.labels(app=self.name).observe(
+                self._clock.monotonic() - started
+            )
+            self._metrics.refresh_failures_consecutive.labels(app=self.name).set(self.failures)
+        if outcome.refresh_fp not in self._announced_unknown:
+            self._announced_unknown.add(outcome.refresh_fp)
+            self._metrics.grant_outcome_unknown.labels(app=self.name).inc()
+            audit(
+                log,
+                "grant.outcome_unknown",
+                level="error",
+                app=self.name,
+                reason=outcome.reason,
+                grace=self.spec.refresh.reuse_grace,
+            )
+        # Nothing to request: look at the store again on the next turn.
+        self._next_attempt_at = self._clock.monotonic() + MAX_SLEEP
+
     def _record_success(self, started: float) -> None:
         token = self.token
-        assert token is not None  # _persist adopted it
+        assert token is not None  # just adopted
+        self._over_budget = False
         self.failures = 0
         self.last_error = None
         self.last_refresh_at = self._clock.time()
@@ -497,15 +539,21 @@ class AppRefresher:
             "token.refreshed",
             app=self.name,
             token_fingerprint=token.fingerprint,
+            generation=token.generation,
             expires_at=round(token.expires_at, 3),
             lifetime=round(token.lifetime, 3),
         )
 
-    def _record_failure(self, exc: TokenEndpointError, started: float) -> None:
-        if isinstance(exc, _AdoptedInstead):
-            return
-        permanent = isinstance(exc, PermanentTokenError | _NoGrant)
-        self.failures += 1
+    async def _record_failure(self, exc: TokenEndpointError, started: float) -> None:
+        permanent = isinstance(exc, PermanentTokenError | NoGrant)
+        if (
+            isinstance(exc, PermanentTokenError)
+            and exc.is_invalid_grant
+            and await self._newer_after_invalid_grant()
+        ):
+            return  # another replica rotated the refresh token first; its set is ours now
+        # Consecutive failures of the fleet: the shared record's count carries on here.
+        self.failures = max(self.failures, self.fleet.shared_failures) + 1
         self.last_error = _describe(exc)
         outcome = "permanent_error" if permanent else "transient_error"
         self._metrics.refresh_total.labels(app=self.name, outcome=outcome).inc()
@@ -526,8 +574,16 @@ class AppRefresher:
         )
         self._next_attempt_at = self._clock.monotonic() + delay
         self._in_backoff = True
-        if self.spec.grant_type is GrantType.AUTHORIZATION_CODE and (
-            isinstance(exc, _NoGrant)
+        self._permanent = permanent
+        if not isinstance(exc, NoGrant):
+            await self.fleet.share_failure(
+                failures=self.failures,
+                not_before=now + delay,
+                error=self.last_error,
+                permanent=permanent,
+            )
+        if self.grant_spends and (
+            isinstance(exc, NoGrant)
             or (isinstance(exc, PermanentTokenError) and exc.is_invalid_grant)
         ):
             self._enter_needs_authorization(self.last_error)
@@ -543,19 +599,29 @@ class AppRefresher:
             retry_in=round(delay, 3),
         )
 
-    def _schedule_retry_soon(self) -> None:
-        self._next_attempt_at = self._clock.monotonic() + LEASE_POLL
+    async def _newer_after_invalid_grant(self) -> bool:
+        """After invalid_grant, re-read the store: another replica may have rotated first."""
+        before = self.token.rank if self.token is not None else (0, 0)
+        try:
+            await self.fleet.sync()
+        except StoreUnavailable:
+            return False
+        return self.token is not None and self.token.rank > before
 
     def _enter_needs_authorization(self, reason: str | None) -> None:
-        if not self._needs_authorization:
-            self._needs_authorization = True
+        if self._needs_authorization is None:
+            self._needs_authorization = reason or "needs authorization"
             audit(log, "app.needs_authorization", level="error", app=self.name, reason=reason)
         self._set_state(AppState.NEEDS_AUTHORIZATION)
 
     def _steady_state(self) -> AppState:
-        if self._needs_authorization:
+        if self._needs_authorization is not None:
             return AppState.NEEDS_AUTHORIZATION
-        if self.failures:
+        if self.fleet.outcome_unknown(self.token):
+            if self.servable() is None:
+                return AppState.NEEDS_AUTHORIZATION
+            return AppState.FAILING
+        if self.failures or self._blocked:
             return AppState.FAILING
         return AppState.FRESH if self.token is not None else AppState.REFRESHING
 
@@ -565,15 +631,7 @@ class AppRefresher:
             self._metrics.set_app_state(self.name, state)
 
 
-class _NoGrant(TokenEndpointError):
-    """Internal: there is nothing to refresh with (authorization_code app without refresh token)."""
-
-
-class _AdoptedInstead(TokenEndpointError):
-    """Internal: invalid_grant because another replica rotated first; its token was adopted."""
-
-
 def _describe(exc: TokenEndpointError) -> str:
     """A short, secret-free description for `last_error` and logs."""
-    kind = "permanent" if isinstance(exc, PermanentTokenError | _NoGrant) else "transient"
+    kind = "permanent" if isinstance(exc, PermanentTokenError | NoGrant) else "transient"
     return f"{kind}: {SECRETS.scrub(str(exc))[:200]}"

@@ -94,8 +94,8 @@ class _Api:
         # Only the unix-socket API reads peer credentials; on TCP nothing is looked up.
         self._peers = PeerCredentials() if peer_identity else None
         self._issued: dict[str, tuple[TokenSet, set[str]]] = {}
-        # The serialized answer per app, reused while the token and its whole seconds left hold.
-        self._bodies: dict[str, tuple[TokenSet, int, bytes]] = {}
+        # The serialized answer per app, reused while the token and its whole seconds hold.
+        self._bodies: dict[str, tuple[TokenSet, int, int, bytes]] = {}
         self._denied = RateLimitedLog(DENIED_LOG_INTERVAL)
         self._counters: dict[tuple[str, str, str, str], Any] = {}
         self._timers: dict[str, Any] = {}
@@ -205,21 +205,25 @@ class _Api:
         if client not in entry[1]:
             entry[1].add(client)
             audit(log, "token.issued", app=app, client=client, token_fingerprint=token.fingerprint)
-        expires_in = max(0, int(token.expires_at - self.service.now()))
+        remaining = token.expires_at - self.service.now()
+        expires_in = max(0, int(remaining))
+        # The service keeps fleet time (the store's clock); a caller compares expires_at with
+        # its own clock, which is this pod's, so expires_at is given on the pod's clock.
+        expires_at = int(self.clock.time() + remaining)
         cached = self._bodies.get(app)
-        if cached is not None and cached[0] is token and cached[1] == expires_in:
-            body = cached[2]
+        if cached is not None and cached[0] is token and cached[1:3] == (expires_in, expires_at):
+            body = cached[3]
         else:
             body = json.dumps(
                 {
                     "access_token": token.access_token,
                     "token_type": token.token_type,
-                    "expires_at": int(token.expires_at),
+                    "expires_at": expires_at,
                     "expires_in": expires_in,
                     "scope": token.scope,
                 }
             ).encode()
-            self._bodies[app] = (token, expires_in, body)
+            self._bodies[app] = (token, expires_in, expires_at, body)
         return web.Response(body=body, headers=_TOKEN_HEADERS)
 
     async def _serve(
@@ -272,8 +276,8 @@ class _Api:
                 {
                     "name": status.name,
                     "state": status.state.value,
-                    "expires_at": _int_or_none(status.expires_at),
-                    "last_refresh_at": _int_or_none(status.last_refresh_at),
+                    "expires_at": _int_or_none(self._on_pod_clock(status.expires_at)),
+                    "last_refresh_at": _int_or_none(self._on_pod_clock(status.last_refresh_at)),
                     "last_error": status.last_error,
                 }
             )
@@ -285,6 +289,12 @@ class _Api:
         client = self._caller(request)
         app = self._app_for(request, client)
         return await self.proxy.forward(request, app)
+
+    def _on_pod_clock(self, fleet_time: float | None) -> float | None:
+        """A time of the service's (fleet) clock, on this pod's clock, as callers read times."""
+        if fleet_time is None:
+            return None
+        return fleet_time - (self.service.now() - self.clock.time())
 
     async def openapi(self, _: web.Request) -> web.Response:
         """GET /openapi.json (no auth)."""

@@ -122,9 +122,15 @@ class OAuthClient:
                     sent_at=sent_at,
                     default_lifetime=self.spec.refresh.default_lifetime,
                 )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except aiohttp.ClientConnectorError as exc:
+            # The connection was never made: the request certainly did not reach the server.
             self._metrics.token_endpoint_responses.labels(app=app, status="error").inc()
             raise TransientTokenError(f"token endpoint unreachable: {type(exc).__name__}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._metrics.token_endpoint_responses.labels(app=app, status="error").inc()
+            raise TransientTokenError(
+                f"token endpoint failed: {type(exc).__name__}", outcome_unknown=True
+            ) from None
 
     async def _read_bounded(self, response: aiohttp.ClientResponse) -> bytes:
         declared = response.content_length

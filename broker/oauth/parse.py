@@ -21,6 +21,7 @@ from broker.model import TokenSet
 # expires_in beyond ten years is not a lifetime, it is a bug on the other side.
 MAX_EXPIRES_IN = 10 * 365 * 86400.0
 _DESCRIPTION_LIMIT = 200
+_GATEWAY_STATUSES = frozenset({502, 504})
 
 
 def parse_token_response(
@@ -34,23 +35,33 @@ def parse_token_response(
     """The token set in a 2xx response; otherwise raise the classified error."""
     if not 200 <= status < 300:
         raise classify_error(status, headers, body, sent_at=sent_at)
+    # A 2xx that is not a token may still mean the server acted (rotated a refresh token).
     document = _json_object(body)
     if document is None:
-        raise TransientTokenError(f"http {status}: body is not a JSON object", status=status)
+        raise TransientTokenError(
+            f"http {status}: body is not a JSON object", status=status, outcome_unknown=True
+        )
     if document.get("error") is not None:
         error = _short(document.get("error"))
         raise TransientTokenError(
-            f"http {status} with an error field: {error}", status=status, error=error
+            f"http {status} with an error field: {error}",
+            status=status,
+            error=error,
+            outcome_unknown=True,
         )
     access_token = document.get("access_token")
     if not isinstance(access_token, str) or not access_token.strip():
-        raise TransientTokenError(f"http {status}: no access_token in the response", status=status)
+        raise TransientTokenError(
+            f"http {status}: no access_token in the response", status=status, outcome_unknown=True
+        )
     token_type = document.get("token_type")
     scope = document.get("scope")
     refresh_token = document.get("refresh_token")
     expires_at = _expiry(document.get("expires_in"), access_token, sent_at, default_lifetime)
     if expires_at <= sent_at:
-        raise TransientTokenError(f"http {status}: the token is already expired", status=status)
+        raise TransientTokenError(
+            f"http {status}: the token is already expired", status=status, outcome_unknown=True
+        )
     return TokenSet(
         access_token=access_token,
         token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
@@ -78,6 +89,8 @@ def classify_error(
             error=error,
             description=description,
             retry_after=retry_after,
+            # A gateway's 502/504: the server behind it may have acted before the reply was lost.
+            outcome_unknown=status in _GATEWAY_STATUSES,
         )
     return PermanentTokenError(
         f"http {status}{detail}", status=status, error=error, description=description

@@ -1,45 +1,219 @@
-"""The TokenStore protocol: where token sets are shared between replicas and kept across restarts."""
+"""The TokenStore protocol: where token sets are shared between replicas and kept across restarts.
+
+Besides one token set per app, the store keeps what the fleet protocol (broker/fleet.py) needs
+to spend a refresh token at most once: a lease with a fence number, and a spend record. The
+rules each operation follows are in docs/architecture.md; MemoryStore and RedisStore implement
+them identically, and tests/unit/test_store_contract.py holds both to them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import enum
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from broker.model import TokenSet
+from broker.model import FailureRecord, TokenSet
+
+# How long a failure record outlives its `not_before`: the next lease holder continues the count
+# of consecutive failures (and so the backoff) instead of starting over. A success clears it.
+FAILURE_RETENTION = 3600.0
+# The sliding window of the fleet-wide token request budget, in seconds.
+BUDGET_WINDOW = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The answer to a lease request: `fence` > 0 when it is ours, else how long it stays busy."""
+
+    fence: int
+    busy_for: float = 0.0
+
+    @property
+    def held(self) -> bool:
+        """True when the lease was granted."""
+        return self.fence > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """The answer to a commit: whether our set was stored, and the set's stored rank."""
+
+    stored: bool
+    version: int
+    rank: tuple[int, int]
+
+
+class SpendStart(enum.StrEnum):
+    """The answer to `begin_spend`."""
+
+    OK = "ok"  # recorded as announced: the holder marks it sent, then presents the token
+    RETRY = "retry"  # recorded as the one retry a grace window allows
+    LOST = "lost"  # the lease is not (or no longer) ours under this fence
+    STALE = "stale"  # the stored set is not the one we meant to spend
+    UNKNOWN = "unknown"  # another attempt spent this token and its outcome is unknown
+
+
+class SpendEnd(enum.StrEnum):
+    """How a spend ended without a new set to commit."""
+
+    ABORTED = "aborted"  # the server did not act on it (or it was never sent): not spent
+    UNKNOWN = "unknown"  # it may have been acted on: the outcome is unknown
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A change another replica (or `authorize`) made, as published to every replica.
+
+    `kind` is "token" (a set was committed), "spend" (a refresh token is about to be spent:
+    a replica that knows a newer set writes it back now), "sent" (it is being presented) or
+    "abort" (that spend ended without effect). `rank` is the committed set's, or for spends the
+    rank of the set whose refresh token is spent; `refresh_fp` names that refresh token.
+    """
+
+    app: str
+    kind: str
+    version: int = 0
+    rank: tuple[int, int] = (0, 0)
+    refresh_fp: str | None = None
+    owner: str | None = None
+
+    def encode(self) -> str:
+        """The notice as published on the channel."""
+        return json.dumps(
+            {
+                "app": self.app,
+                "kind": self.kind,
+                "version": self.version,
+                "lineage": self.rank[0],
+                "gen": self.rank[1],
+                "rfp": self.refresh_fp,
+                "owner": self.owner,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def decode(cls, data: str) -> Notice | None:
+        """A notice from the channel, or None for anything malformed."""
+        try:
+            raw = json.loads(data)
+            return cls(
+                app=str(raw["app"]),
+                kind=str(raw["kind"]),
+                version=int(raw.get("version") or 0),
+                rank=(int(raw.get("lineage") or 0), int(raw.get("gen") or 0)),
+                refresh_fp=raw.get("rfp") or None,
+                owner=raw.get("owner") or None,
+            )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
 
 
 class TokenStore(Protocol):
-    """Shared, versioned storage of one token set per app, plus a per-app refresh lease.
+    """Shared storage of one token set per app, with the lease and spend record per app.
 
     Every method may raise `StoreUnavailable`; callers keep serving from memory when it does.
     """
 
     async def load(self, app: str) -> TokenSet | None:
-        """The stored token set with its `version`, or None when there is none (or unreadable)."""
-        ...
+        """The stored set (with version, lineage, generation), or None when there is none.
 
-    async def save(self, app: str, token: TokenSet, expected_version: int) -> int | None:
-        """Compare-and-set: store `token` if the stored version is `expected_version`.
-
-        `expected_version` 0 means "nothing stored yet". Returns the new version, or None
-        when the store held another version (someone else wrote first).
+        Raises `UnreadableTokenSet` when a set is stored but cannot be decrypted here.
         """
         ...
 
-    async def acquire_lease(self, app: str, owner: str, ttl: float) -> bool:
-        """Take the app's refresh lease for `ttl` seconds; False when another owner holds it."""
+    async def load_many(self, apps: Sequence[str]) -> dict[str, TokenSet]:
+        """The readable stored sets of `apps`, in one round trip (a warm start of many apps).
+
+        Apps with nothing stored, or a set this replica cannot decrypt, are left out: their
+        refreshers look again with `load`.
+        """
         ...
 
-    async def renew_lease(self, app: str, owner: str, ttl: float) -> bool:
-        """Extend `owner`'s lease to `ttl` seconds from now; False if `owner` no longer holds it."""
+    async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:
+        """Store `token` if its rank is higher than the stored set's (or nothing is stored).
+
+        A set of the same rank and access token is already stored: answered as stored (a
+        repeat after a lost reply). A stored spend record for a lower rank is resolved by it.
+        """
         ...
 
-    async def release_lease(self, app: str, owner: str) -> None:
-        """Give the lease back, only if `owner` still holds it."""
+    async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
+        """Take the app's lease for `ttl` seconds, incrementing its fence; busy when held."""
         ...
 
-    def updates(self) -> AsyncIterator[str]:
-        """Names of apps whose stored token set changed (from any replica); runs until closed."""
+    async def release_lease(self, app: str, owner: str, fence: int) -> None:
+        """Give the lease back, only if `owner` still holds it under `fence`."""
+        ...
+
+    async def begin_spend(
+        self,
+        app: str,
+        *,
+        owner: str,
+        fence: int,
+        token: TokenSet,
+        retry_within: float = 0.0,
+        resolved_fence: int = 0,
+    ) -> SpendStart:
+        """Announce that `owner` will present `token`'s refresh token under `fence`.
+
+        Only while `owner` holds the lease under `fence` and the stored set is `token`'s rank.
+        A spend of the same refresh token by another fence that was marked sent (and not
+        resolved) answers UNKNOWN, or RETRY once if it was sent less than `retry_within`
+        seconds ago by the store's clock (a server's reuse grace window). An announced spend
+        that was never marked sent is replaced. `resolved_fence` names our own earlier spend
+        that we know ended without effect, whose record may be replaced.
+        """
+        ...
+
+    async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
+        """Mark our announced spend as sent, just before sending; False: do not send.
+
+        True only while `owner` still holds the lease under `fence` and the record is ours.
+        """
+        ...
+
+    async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
+        """Close our spend under `fence` without a commit: aborted (removed) or unknown (kept)."""
+        ...
+
+    def updates(self) -> AsyncIterator[Notice]:
+        """Changes from any replica as they happen; runs until closed."""
+        ...
+
+    # ---- one clock, one backoff and one budget for the fleet ------------------------------
+
+    async def server_time(self) -> float:
+        """The store server's wall time: the fleet's reference clock (broker/fleetclock.py)."""
+        ...
+
+    async def record_failure(
+        self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
+    ) -> None:
+        """Share a failed refresh: no replica attempts again before `not_before` (fleet time).
+
+        The record is kept until FAILURE_RETENTION after `not_before`, unless cleared first.
+        """
+        ...
+
+    async def load_failure(self, app: str) -> FailureRecord | None:
+        """The shared failure record, or None (none, expired, or unreadable)."""
+        ...
+
+    async def clear_failure(self, app: str) -> None:
+        """Forget the app's failure record (a refresh succeeded)."""
+        ...
+
+    async def take_budget(self, app: str, limit_per_minute: int, now: float) -> tuple[bool, float]:
+        """Count one token request against the app's fleet-wide budget: (allowed, retry_after).
+
+        At most `limit_per_minute` requests in the BUDGET_WINDOW seconds up to `now` (fleet
+        time). A refused request is not counted; `retry_after` is the seconds until the oldest
+        counted one leaves the window (0 when allowed).
+        """
         ...
 
     async def ping(self) -> None:

@@ -1,14 +1,50 @@
-"""The in-process store: the `memory://` store for one broker, and the fake for unit tests."""
+"""The in-process store: the `memory://` store for one broker, and the fake for tests.
+
+It follows the same rules as the Redis store's Lua scripts (see broker/store/__init__.py), so
+the simulation and the unit tests exercise the protocol the fleet really runs.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import replace
+import collections
+import copy
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
 
 from broker.clock import Clock
 from broker.errors import StoreUnavailable
-from broker.model import TokenSet
+from broker.model import FailureRecord, TokenSet
+from broker.store import (
+    BUDGET_WINDOW,
+    FAILURE_RETENTION,
+    Commit,
+    Lease,
+    Notice,
+    SpendEnd,
+    SpendStart,
+)
+
+
+@dataclass(slots=True)
+class _Spend:
+    fence: int
+    owner: str
+    refresh_fp: str
+    rank: tuple[int, int]
+    state: str = "announced"  # then "sent", then (no answer) "unknown"
+    retries: int = 0
+    sent_at: float = 0.0
+
+
+@dataclass(slots=True)
+class MemoryState:
+    """Everything the store holds: what a snapshot captures and a rollback restores."""
+
+    tokens: dict[str, TokenSet] = field(default_factory=dict)
+    leases: dict[str, tuple[str, int, float]] = field(default_factory=dict)
+    fences: dict[str, int] = field(default_factory=dict)
+    spends: dict[str, _Spend] = field(default_factory=dict)
 
 
 class MemoryStore:
@@ -16,74 +52,204 @@ class MemoryStore:
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
-        self._tokens: dict[str, TokenSet] = {}
-        self._leases: dict[str, tuple[str, float]] = {}
-        self._subscribers: set[asyncio.Queue[str | None]] = set()
+        self.state = MemoryState()
+        self._subscribers: set[asyncio.Queue[Notice | None]] = set()
+        self._failures: dict[str, FailureRecord] = {}
+        self._budgets: dict[str, collections.deque[float]] = {}
         self.fail = False
 
     def _check(self) -> None:
         if self.fail:
             raise StoreUnavailable("memory store: simulated outage")
 
+    def _publish(self, notice: Notice) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(notice)
+
+    # ---- snapshots, for tests that roll the store back or empty it ------------------------
+
+    def snapshot(self) -> MemoryState:
+        """A copy of everything stored."""
+        return copy.deepcopy(self.state)
+
+    def restore(self, state: MemoryState) -> None:
+        """Replace everything stored (a rollback to a snapshot, or an empty restart)."""
+        self.state = copy.deepcopy(state)
+
+    # ---- TokenStore ----------------------------------------------------------------------
+
     async def load(self, app: str) -> TokenSet | None:
         """The stored token set, or None."""
         self._check()
-        return self._tokens.get(app)
+        return self.state.tokens.get(app)
 
-    async def save(self, app: str, token: TokenSet, expected_version: int) -> int | None:
-        """Compare-and-set on the version; notifies subscribers on success."""
+    async def load_many(self, apps: Sequence[str]) -> dict[str, TokenSet]:
+        """The stored sets of `apps` that exist."""
         self._check()
-        current = self._tokens.get(app)
-        current_version = current.version if current is not None else 0
-        if current_version != expected_version:
-            return None
-        version = current_version + 1
-        self._tokens[app] = replace(token, version=version)
-        for queue in self._subscribers:
-            queue.put_nowait(app)
-        return version
+        return {app: self.state.tokens[app] for app in apps if app in self.state.tokens}
 
-    async def acquire_lease(self, app: str, owner: str, ttl: float) -> bool:
+    async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:
+        """Store `token` if it outranks the stored set; resolve older spend records."""
+        self._check()
+        current = self.state.tokens.get(app)
+        if current is not None:
+            if current.rank == token.rank and current.access_token == token.access_token:
+                return Commit(True, current.version, current.rank)
+            if current.rank >= token.rank:
+                return Commit(False, current.version, current.rank)
+        version = (current.version if current is not None else 0) + 1
+        self.state.tokens[app] = replace(token, version=version)
+        spend = self.state.spends.get(app)
+        if spend is not None and spend.rank < token.rank:
+            del self.state.spends[app]
+        self._publish(Notice(app, "token", version=version, rank=token.rank))
+        return Commit(True, version, token.rank)
+
+    async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
         """Take the lease unless another owner holds an unexpired one."""
         self._check()
         now = self._clock.monotonic()
-        holder = self._leases.get(app)
-        if holder is not None and holder[0] != owner and holder[1] > now:
+        holder = self.state.leases.get(app)
+        if holder is not None and holder[2] > now and holder[0] != owner:
+            return Lease(0, busy_for=holder[2] - now)
+        fence = self.state.fences.get(app, 0) + 1
+        self.state.fences[app] = fence
+        self.state.leases[app] = (owner, fence, now + ttl)
+        return Lease(fence)
+
+    def _holds(self, app: str, owner: str, fence: int) -> bool:
+        holder = self.state.leases.get(app)
+        return (
+            holder is not None
+            and holder[0] == owner
+            and holder[1] == fence
+            and holder[2] > self._clock.monotonic()
+        )
+
+    async def release_lease(self, app: str, owner: str, fence: int) -> None:
+        """Release the lease if `owner` holds it under `fence`."""
+        self._check()
+        if self._holds(app, owner, fence):
+            del self.state.leases[app]
+
+    async def begin_spend(
+        self,
+        app: str,
+        *,
+        owner: str,
+        fence: int,
+        token: TokenSet,
+        retry_within: float = 0.0,
+        resolved_fence: int = 0,
+    ) -> SpendStart:
+        """Announce the spend if the lease and the stored set allow it (see TokenStore)."""
+        self._check()
+        if not self._holds(app, owner, fence):
+            return SpendStart.LOST
+        current = self.state.tokens.get(app)
+        if current is None or current.rank != token.rank:
+            return SpendStart.STALE
+        refresh_fp = token.refresh_fingerprint or ""
+        spend = self.state.spends.get(app)
+        answer = SpendStart.OK
+        retries = 0
+        if (
+            spend is not None
+            and spend.refresh_fp == refresh_fp
+            and spend.fence != fence
+            and spend.state != "announced"
+            and not (spend.fence == resolved_fence and spend.owner == owner)
+        ):
+            age = self._clock.monotonic() - spend.sent_at
+            if spend.retries > 0 or age >= retry_within:
+                return SpendStart.UNKNOWN
+            answer, retries = SpendStart.RETRY, 1
+        self.state.spends[app] = _Spend(fence, owner, refresh_fp, token.rank, retries=retries)
+        self._publish(Notice(app, "spend", rank=token.rank, refresh_fp=refresh_fp, owner=owner))
+        return answer
+
+    async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
+        """Mark our announced spend sent, if the lease and the record are still ours."""
+        self._check()
+        spend = self.state.spends.get(app)
+        if not self._holds(app, owner, fence) or spend is None or spend.fence != fence:
             return False
-        self._leases[app] = (owner, now + ttl)
+        spend.state = "sent"
+        spend.sent_at = self._clock.monotonic()
+        self._publish(
+            Notice(app, "sent", rank=spend.rank, refresh_fp=spend.refresh_fp, owner=owner)
+        )
         return True
 
-    async def renew_lease(self, app: str, owner: str, ttl: float) -> bool:
-        """Extend the lease if `owner` still holds it."""
+    async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
+        """Remove (aborted) or mark (unknown) our spend record under `fence`."""
         self._check()
-        now = self._clock.monotonic()
-        holder = self._leases.get(app)
-        if holder is None or holder[0] != owner or holder[1] <= now:
-            return False
-        self._leases[app] = (owner, now + ttl)
-        return True
+        spend = self.state.spends.get(app)
+        if spend is None or spend.fence != fence:
+            return
+        if outcome is SpendEnd.ABORTED:
+            del self.state.spends[app]
+            self._publish(
+                Notice(
+                    app, "abort", rank=spend.rank, refresh_fp=spend.refresh_fp, owner=spend.owner
+                )
+            )
+        else:
+            spend.state = "unknown"
 
-    async def release_lease(self, app: str, owner: str) -> None:
-        """Release the lease if `owner` holds it."""
+    async def updates(self) -> AsyncIterator[Notice]:
+        """Notices of commits and spends, as they happen."""
         self._check()
-        holder = self._leases.get(app)
-        if holder is not None and holder[0] == owner:
-            del self._leases[app]
-
-    async def updates(self) -> AsyncIterator[str]:
-        """Apps whose token set was saved, as they are saved."""
-        self._check()
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        queue: asyncio.Queue[Notice | None] = asyncio.Queue()
         self._subscribers.add(queue)
         try:
             while True:
-                app = await queue.get()
-                if app is None:
+                notice = await queue.get()
+                if notice is None:
                     return
                 self._check()
-                yield app
+                yield notice
         finally:
             self._subscribers.discard(queue)
+
+    # ---- one clock, one backoff and one budget for the fleet ------------------------------
+
+    async def server_time(self) -> float:
+        """This process's clock: in memory, the local clock is the reference."""
+        self._check()
+        return self._clock.time()
+
+    async def record_failure(
+        self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
+    ) -> None:
+        """Keep the failure record (it lapses FAILURE_RETENTION after `not_before`)."""
+        self._check()
+        self._failures[app] = FailureRecord(failures, not_before, error, permanent)
+
+    async def load_failure(self, app: str) -> FailureRecord | None:
+        """The failure record, or None when there is none or it has lapsed."""
+        self._check()
+        record = self._failures.get(app)
+        if record is not None and self._clock.time() >= record.not_before + FAILURE_RETENTION:
+            del self._failures[app]
+            return None
+        return record
+
+    async def clear_failure(self, app: str) -> None:
+        """Forget the failure record."""
+        self._check()
+        self._failures.pop(app, None)
+
+    async def take_budget(self, app: str, limit_per_minute: int, now: float) -> tuple[bool, float]:
+        """A sliding window of request times per app."""
+        self._check()
+        window = self._budgets.setdefault(app, collections.deque())
+        while window and window[0] <= now - BUDGET_WINDOW:
+            window.popleft()
+        if len(window) < limit_per_minute:
+            window.append(now)
+            return True, 0.0
+        return False, window[0] + BUDGET_WINDOW - now
 
     async def ping(self) -> None:
         """Raise StoreUnavailable while failing."""

@@ -1,8 +1,16 @@
-"""The Redis store: encrypted, versioned token sets, a refresh lease per app, change notifications.
+"""The Redis store: encrypted token sets, the lease, fence and spend record per app, notices.
 
 Keys carry the app as a hash tag, so Redis Cluster keeps one app's keys on one slot:
-`{prefix}:{<app>}:token` (a hash: `version`, `blob`) and `{prefix}:{<app>}:lease`. Writes are
-compare-and-set in a Lua script that also publishes the app's name on `{prefix}:updates`.
+`{prefix}:{<app>}:token` (a hash: `version`, `lineage`, `gen`, `fp`, `blob`), `...:lease`
+(`<owner>|<fence>`, with a TTL), `...:fence` (a counter) and `...:spend` (a hash: `fence`,
+`owner`, `rfp`, `lineage`, `gen`, `state`, `retries`). Every write is one Lua script that also
+publishes a JSON notice on `{prefix}:updates`; the rules are those of broker/store/__init__.py.
+
+For the fleet: `{prefix}:{<app>}:failure` (the shared outcome of a failed refresh, encrypted,
+expiring on the server's clock) and `{prefix}:{<app>}:budget` (a sorted set of request times,
+the sliding window of the fleet-wide request budget). The fleet's clock is the server's `TIME`,
+read through a script routed by the key `{prefix}:{_clock}`, so on a Cluster every replica asks
+the same node (no app name starts with `_`).
 """
 
 from __future__ import annotations
@@ -10,41 +18,159 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import math
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from broker.clock import Clock
-from broker.errors import StoreUnavailable
+from broker.errors import StoreUnavailable, UnreadableTokenSet
 from broker.logs import get_logger
 from broker.metrics import Metrics
-from broker.model import TokenSet
+from broker.model import FailureRecord, TokenSet
+from broker.store import (
+    BUDGET_WINDOW,
+    FAILURE_RETENTION,
+    Commit,
+    Lease,
+    Notice,
+    SpendEnd,
+    SpendStart,
+)
 from broker.store.crypto import Keyring, UndecryptableToken
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
 
-# KEYS[1] token hash; ARGV: expected version, blob, channel, app
-_CAS = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-if current ~= tonumber(ARGV[1]) then return -1 end
-local version = current + 1
-redis.call('HSET', KEYS[1], 'version', version, 'blob', ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
-return version
+# Ranks compare as (lineage, generation).
+_RANK = """
+local function outranks(l1, g1, l2, g2)
+  return l1 > l2 or (l1 == l2 and g1 > g2)
+end
 """
-# KEYS[1] lease; ARGV[1] owner, ARGV[2] ttl in ms
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+# KEYS: token, spend. ARGV: lineage, gen, access fp, blob, fence, channel, app
+_COMMIT = (
+    _RANK
+    + """
+local cur = redis.call('HMGET', KEYS[1], 'version', 'lineage', 'gen', 'fp')
+local version = tonumber(cur[1] or '0')
+local nl, ng = tonumber(ARGV[1]), tonumber(ARGV[2])
+if cur[1] then
+  local cl, cg = tonumber(cur[2] or '0'), tonumber(cur[3] or '0')
+  if cl == nl and cg == ng and cur[4] == ARGV[3] then return {1, version, cl, cg} end
+  if not outranks(nl, ng, cl, cg) then return {0, version, cl, cg} end
+end
+version = version + 1
+redis.call('HSET', KEYS[1], 'version', version, 'lineage', nl, 'gen', ng, 'fp', ARGV[3],
+  'fence', ARGV[5], 'blob', ARGV[4])
+local sp = redis.call('HMGET', KEYS[2], 'lineage', 'gen')
+if sp[1] and outranks(nl, ng, tonumber(sp[1]), tonumber(sp[2])) then
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PUBLISH', ARGV[6], cjson.encode({app=ARGV[7], kind='token', version=version,
+  lineage=nl, gen=ng}))
+return {1, version, nl, ng}
 """
-# KEYS[1] lease; ARGV[1] owner
+)
+# KEYS: lease, fence counter. ARGV: owner, ttl ms
+_ACQUIRE = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. '|' then
+  return {0, redis.call('PTTL', KEYS[1])}
+end
+local fence = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence, 'PX', ARGV[2])
+return {fence, 0}
+"""
+# KEYS: lease. ARGV: owner|fence
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+# KEYS: lease, token, spend. ARGV: owner|fence, fence, owner, lineage, gen, rfp, retry_within ms,
+# resolved fence, channel, app
+_BEGIN_SPEND = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'lost' end
+local cur = redis.call('HMGET', KEYS[2], 'lineage', 'gen')
+if not cur[1] or tonumber(cur[1]) ~= tonumber(ARGV[4]) or tonumber(cur[2]) ~= tonumber(ARGV[5])
+then return 'stale' end
+local sp = redis.call('HMGET', KEYS[3], 'fence', 'owner', 'rfp', 'retries', 'state', 'sent_at')
+local answer, retries = 'ok', 0
+if sp[1] and sp[3] == ARGV[6] and sp[1] ~= ARGV[2] and sp[5] ~= 'announced'
+   and not (sp[1] == ARGV[8] and sp[2] == ARGV[3]) then
+  local t = redis.call('TIME')
+  local age = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(sp[6] or '0')
+  if tonumber(sp[4] or '0') > 0 or age >= tonumber(ARGV[7]) then return 'unknown' end
+  answer, retries = 'retry', 1
+end
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[3], 'fence', ARGV[2], 'owner', ARGV[3], 'rfp', ARGV[6],
+  'lineage', ARGV[4], 'gen', ARGV[5], 'state', 'announced', 'retries', retries)
+redis.call('PUBLISH', ARGV[9], cjson.encode({app=ARGV[10], kind='spend',
+  lineage=tonumber(ARGV[4]), gen=tonumber(ARGV[5]), rfp=ARGV[6], owner=ARGV[3]}))
+return answer
+"""
+# KEYS: lease, spend. ARGV: owner|fence, fence, channel, app
+_MARK_SENT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local sp = redis.call('HMGET', KEYS[2], 'fence', 'owner', 'rfp', 'lineage', 'gen')
+if sp[1] ~= ARGV[2] then return 0 end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[2], 'state', 'sent',
+  'sent_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
+  lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2]}))
+return 1
+"""
+# KEYS: spend. ARGV: fence, outcome, channel, app
+_END_SPEND = """
+local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen')
+if sp[1] ~= ARGV[1] then return 0 end
+if ARGV[2] == 'aborted' then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort',
+    lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2]}))
+else
+  redis.call('HSET', KEYS[1], 'state', 'unknown')
+end
+return 1
+"""
+
+# ---- the fleet's clock, backoff and budget ---------------------------------------------------
+# KEYS[1] routes the call (Cluster); the server's clock as {seconds, microseconds}
+_TIME = """
+local t = redis.call('TIME')
+return {t[1], t[2]}
+"""
+# KEYS[1] failure key; ARGV: blob, not_before in ms (fleet time = this server's clock),
+# retention in ms. The key lapses `retention` after not_before, measured on the server's clock.
+_RECORD_FAILURE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local wait = tonumber(ARGV[2]) - now
+if wait < 0 then wait = 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', math.floor(wait + tonumber(ARGV[3])))
+return 1
+"""
+# KEYS[1] budget sorted set; ARGV: now in ms, window in ms, limit, a unique member.
+# Returns {1, 0} when counted, {0, ms until the oldest counted request leaves the window}.
+_TAKE_BUDGET = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return {1, 0}
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local wait = tonumber(oldest[2]) + window - now
+if wait < 1 then wait = 1 end
+return {0, wait}
 """
 
 
@@ -67,9 +193,15 @@ class RedisStore:
         self._keyring = keyring
         self._metrics = metrics
         self._clock = clock
-        self._cas = client.register_script(_CAS)
+        self._commit = client.register_script(_COMMIT)
+        self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
-        self._renew = client.register_script(_RENEW)
+        self._begin_spend = client.register_script(_BEGIN_SPEND)
+        self._mark_sent = client.register_script(_MARK_SENT)
+        self._end_spend = client.register_script(_END_SPEND)
+        self._time = client.register_script(_TIME)
+        self._record_failure = client.register_script(_RECORD_FAILURE)
+        self._take_budget = client.register_script(_TAKE_BUDGET)
         self.channel = f"{key_prefix}:updates"
 
     def token_key(self, app: str) -> str:
@@ -79,6 +211,27 @@ class RedisStore:
     def lease_key(self, app: str) -> str:
         """The Redis key of an app's refresh lease."""
         return f"{self._prefix}:{{{app}}}:lease"
+
+    def fence_key(self, app: str) -> str:
+        """The Redis key of an app's fence counter."""
+        return f"{self._prefix}:{{{app}}}:fence"
+
+    def spend_key(self, app: str) -> str:
+        """The Redis key of an app's spend record."""
+        return f"{self._prefix}:{{{app}}}:spend"
+
+    def failure_key(self, app: str) -> str:
+        """The Redis key of an app's shared failure record."""
+        return f"{self._prefix}:{{{app}}}:failure"
+
+    def budget_key(self, app: str) -> str:
+        """The Redis key of an app's request budget window."""
+        return f"{self._prefix}:{{{app}}}:budget"
+
+    @property
+    def clock_key(self) -> str:
+        """The key that routes the fleet's clock reading (never written)."""
+        return f"{self._prefix}:{{_clock}}"
 
     def _aad(self, app: str) -> bytes:
         return f"{self._prefix}:{app}".encode()
@@ -104,12 +257,43 @@ class RedisStore:
         return result
 
     async def load(self, app: str) -> TokenSet | None:
-        """The stored token set, or None (nothing stored, or written under an unknown key)."""
+        """The stored token set, or None; UnreadableTokenSet when no configured key opens it."""
         fields = await self._call("load", lambda: self._client.hgetall(self.token_key(app)))
+        return self._decode(app, fields)
+
+    async def load_many(self, apps: Sequence[str]) -> dict[str, TokenSet]:
+        """HGETALL of every app in one pipeline (redis-py splits it per node on a Cluster)."""
+
+        async def fetch_all() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for app in apps:
+                pipe.hgetall(self.token_key(app))
+            return list(await pipe.execute())
+
+        replies = await self._call("load", fetch_all) if apps else []
+        found: dict[str, TokenSet] = {}
+        for app, fields in zip(apps, replies, strict=True):
+            try:
+                token = self._decode(app, fields)
+            except UnreadableTokenSet:
+                continue
+            if token is not None:
+                found[app] = token
+        return found
+
+    def _decode(self, app: str, fields: dict[bytes, bytes]) -> TokenSet | None:
+        """A token set from its hash, or None for an empty one; UnreadableTokenSet otherwise."""
         if not fields:
             return None
         try:
             version = int(fields[b"version"])
+            rank = (int(fields.get(b"lineage", 0)), int(fields.get(b"gen", 0)))
+        except (KeyError, ValueError):
+            log.warning("store.unreadable", app=app)
+            raise UnreadableTokenSet(
+                f"stored set of {app} is damaged", rank=(0, 0), version=0
+            ) from None
+        try:
             plain = self._keyring.decrypt(fields[b"blob"], self._aad(app))
             data = json.loads(plain)
             return TokenSet(
@@ -120,16 +304,22 @@ class RedisStore:
                 scope=data.get("scope"),
                 refresh_token=data.get("refresh_token"),
                 version=version,
+                lineage=int(data.get("lineage", rank[0])),
+                generation=int(data.get("generation", rank[1])),
             )
         except UndecryptableToken as exc:
             log.warning("store.undecryptable", app=app, reason=str(exc))
-            return None
+            raise UnreadableTokenSet(
+                f"stored set of {app} is unreadable here: {exc}", rank=rank, version=version
+            ) from None
         except (KeyError, ValueError, TypeError):
             log.warning("store.unreadable", app=app)
-            return None
+            raise UnreadableTokenSet(
+                f"stored set of {app} is damaged", rank=rank, version=version
+            ) from None
 
-    async def save(self, app: str, token: TokenSet, expected_version: int) -> int | None:
-        """Compare-and-set on the version, then publish the app's name."""
+    async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:
+        """Store `token` if it outranks the stored set (Lua), then publish a notice."""
         plain = json.dumps(
             {
                 "access_token": token.access_token,
@@ -138,40 +328,100 @@ class RedisStore:
                 "expires_at": token.expires_at,
                 "scope": token.scope,
                 "refresh_token": token.refresh_token,
+                "lineage": token.lineage,
+                "generation": token.generation,
             }
         ).encode()
         blob = self._keyring.encrypt(plain, self._aad(app))
         result = await self._call(
             "save",
-            lambda: self._cas(
-                keys=[self.token_key(app)], args=[expected_version, blob, self.channel, app]
+            lambda: self._commit(
+                keys=[self.token_key(app), self.spend_key(app)],
+                args=[
+                    token.lineage,
+                    token.generation,
+                    token.fingerprint,
+                    blob,
+                    fence,
+                    self.channel,
+                    app,
+                ],
             ),
         )
-        version = int(result)
-        return None if version < 0 else version
+        stored, version, lineage, generation = (int(x) for x in result)
+        return Commit(bool(stored), version, (lineage, generation))
 
-    async def acquire_lease(self, app: str, owner: str, ttl: float) -> bool:
-        """SET NX PX: the lease is ours for `ttl` seconds unless another owner holds it."""
+    async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
+        """Take the lease (and the next fence) unless another owner holds it."""
         ms = max(1, int(ttl * 1000))
+        fence, pttl = await self._call(
+            "lease",
+            lambda: self._acquire(
+                keys=[self.lease_key(app), self.fence_key(app)], args=[owner, ms]
+            ),
+        )
+        return Lease(int(fence), busy_for=max(0.0, int(pttl) / 1000))
+
+    async def release_lease(self, app: str, owner: str, fence: int) -> None:
+        """Delete the lease only if `owner` still holds it under `fence`."""
+        await self._call(
+            "lease", lambda: self._release(keys=[self.lease_key(app)], args=[f"{owner}|{fence}"])
+        )
+
+    async def begin_spend(
+        self,
+        app: str,
+        *,
+        owner: str,
+        fence: int,
+        token: TokenSet,
+        retry_within: float = 0.0,
+        resolved_fence: int = 0,
+    ) -> SpendStart:
+        """Announce the spend (Lua) if the lease and the stored set allow it."""
+        answer = await self._call(
+            "spend",
+            lambda: self._begin_spend(
+                keys=[self.lease_key(app), self.token_key(app), self.spend_key(app)],
+                args=[
+                    f"{owner}|{fence}",
+                    fence,
+                    owner,
+                    token.lineage,
+                    token.generation,
+                    token.refresh_fingerprint or "",
+                    int(retry_within * 1000),
+                    resolved_fence,
+                    self.channel,
+                    app,
+                ],
+            ),
+        )
+        text = answer.decode() if isinstance(answer, bytes) else str(answer)
+        return SpendStart(text)
+
+    async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
+        """Mark our announced spend sent (Lua), if the lease and the record are still ours."""
         result = await self._call(
-            "lease", lambda: self._client.set(self.lease_key(app), owner, nx=True, px=ms)
+            "spend",
+            lambda: self._mark_sent(
+                keys=[self.lease_key(app), self.spend_key(app)],
+                args=[f"{owner}|{fence}", fence, self.channel, app],
+            ),
         )
         return bool(result)
 
-    async def renew_lease(self, app: str, owner: str, ttl: float) -> bool:
-        """PEXPIRE the lease, only if `owner` still holds it."""
-        ms = max(1, int(ttl * 1000))
-        result = await self._call(
-            "lease", lambda: self._renew(keys=[self.lease_key(app)], args=[owner, ms])
+    async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
+        """Remove (aborted) or mark (unknown) our spend record."""
+        await self._call(
+            "spend",
+            lambda: self._end_spend(
+                keys=[self.spend_key(app)], args=[fence, outcome.value, self.channel, app]
+            ),
         )
-        return bool(result)
 
-    async def release_lease(self, app: str, owner: str) -> None:
-        """Delete the lease only if `owner` still holds it."""
-        await self._call("lease", lambda: self._release(keys=[self.lease_key(app)], args=[owner]))
-
-    async def updates(self) -> AsyncIterator[str]:
-        """App names published by any replica's save; raises StoreUnavailable on disconnect."""
+    async def updates(self) -> AsyncIterator[Notice]:
+        """Notices published by any replica's writes; raises StoreUnavailable on disconnect."""
         pubsub = self._pubsub_client.pubsub()
         try:
             await self._call("subscribe", lambda: pubsub.subscribe(self.channel))
@@ -183,10 +433,85 @@ class RedisStore:
                 if message is None or message.get("type") != "message":
                     continue
                 data = message.get("data")
-                yield data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+                text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+                notice = Notice.decode(text)
+                if notice is not None:
+                    yield notice
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
+
+    # ---- one clock, one backoff and one budget for the fleet ------------------------------
+
+    async def server_time(self) -> float:
+        """The server's `TIME`, in seconds."""
+        seconds, micros = await self._call(
+            "time", lambda: self._time(keys=[self.clock_key], args=[])
+        )
+        return int(seconds) + int(micros) / 1_000_000
+
+    async def record_failure(
+        self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
+    ) -> None:
+        """SET the encrypted record, lapsing FAILURE_RETENTION after `not_before`."""
+        if not math.isfinite(not_before):
+            raise ValueError("not_before must be a finite time")
+        plain = json.dumps(
+            {
+                "failures": failures,
+                "not_before": not_before,
+                "error": error,
+                "permanent": permanent,
+            }
+        ).encode()
+        blob = self._keyring.encrypt(plain, self._failure_aad(app))
+        args = [blob, int(not_before * 1000), int(FAILURE_RETENTION * 1000)]
+        await self._call(
+            "failure", lambda: self._record_failure(keys=[self.failure_key(app)], args=args)
+        )
+
+    async def load_failure(self, app: str) -> FailureRecord | None:
+        """The record, or None (none, lapsed, or written under an unknown key)."""
+        blob = await self._call("failure", lambda: self._client.get(self.failure_key(app)))
+        if blob is None:
+            return None
+        try:
+            data = json.loads(self._keyring.decrypt(blob, self._failure_aad(app)))
+            return FailureRecord(
+                failures=int(data["failures"]),
+                not_before=float(data["not_before"]),
+                error=str(data["error"]),
+                permanent=bool(data["permanent"]),
+            )
+        except UndecryptableToken as exc:
+            log.warning("store.undecryptable", app=app, record="failure", reason=str(exc))
+            return None
+        except (KeyError, ValueError, TypeError):
+            log.warning("store.unreadable", app=app, record="failure")
+            return None
+
+    async def clear_failure(self, app: str) -> None:
+        """DEL the record."""
+        await self._call("failure", lambda: self._client.delete(self.failure_key(app)))
+
+    async def take_budget(self, app: str, limit_per_minute: int, now: float) -> tuple[bool, float]:
+        """A sliding window in a sorted set of request times (milliseconds of fleet time)."""
+        if limit_per_minute < 1:
+            raise ValueError("limit_per_minute must be at least 1")
+        now_ms = int(now * 1000)
+        args = [
+            now_ms,
+            int(BUDGET_WINDOW * 1000),
+            limit_per_minute,
+            f"{now_ms}-{secrets.token_hex(6)}",
+        ]
+        allowed, wait_ms = await self._call(
+            "budget", lambda: self._take_budget(keys=[self.budget_key(app)], args=args)
+        )
+        return bool(int(allowed)), int(wait_ms) / 1000
+
+    def _failure_aad(self, app: str) -> bytes:
+        return f"{self._prefix}:{app}:failure".encode()
 
     async def ping(self) -> None:
         """PING, or StoreUnavailable."""

@@ -63,6 +63,34 @@ def render_chart(values: dict[str, Any] | None = None) -> dict[str, str]:
     return rendered
 
 
+def chart_docs(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The chart's rendered manifests (NOTES.txt left out)."""
+    rendered = render_chart(values)
+    return [d for name, text in rendered.items() if name.endswith(".yaml") for d in documents(text)]
+
+
+def drain_bound() -> float:
+    """The longest the broker's shutdown on SIGTERM takes (broker/app.py `shutdown`).
+
+    API requests and a refresh in flight drain side by side, then the loops stop, the metrics
+    listener closes (1 s) and the store and the HTTP session close.
+    """
+    from broker.app import CLOSE_TIMEOUT, REFRESH_DRAIN, SHUTDOWN_GRACE
+
+    return max(SHUTDOWN_GRACE, REFRESH_DRAIN) + CLOSE_TIMEOUT + 1.0 + 2 * CLOSE_TIMEOUT
+
+
+def redis_command(docs: list[dict[str, Any]]) -> str:
+    """The shell command of the Redis StatefulSet's container, checked to write to its PVC."""
+    redis = next(d for d in docs if d["kind"] == "StatefulSet")
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    claims = {c["metadata"]["name"] for c in redis["spec"]["volumeClaimTemplates"]}
+    data = next(m for m in container["volumeMounts"] if m["mountPath"] == "/data")
+    assert data["name"] in claims
+    assert "--dir /data" in container["command"][-1]
+    return str(container["command"][-1])
+
+
 def contract_metrics() -> set[str]:
     text = (ROOT / "docs" / "contract.md").read_text()
     return set(re.findall(r"\| `(token_broker_[a-z_]+)` \|", text))
@@ -146,6 +174,18 @@ class TestPlainManifests:
         configmap = next(d for d in docs if d["kind"] == "ConfigMap")
         pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
         check_socket_mode(pod, configmap["data"]["config.yaml"])
+
+    def test_termination_grace_covers_the_drain(self) -> None:
+        """terminationGracePeriodSeconds outlasts the broker's longest drain on SIGTERM."""
+        deployment = documents((BASE / "deployment.yaml").read_text())[0]
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= (
+            drain_bound()
+        )
+
+    def test_redis_keeps_an_fsynced_append_only_file(self) -> None:
+        """The bundled Redis writes an append-only file, fsynced every second, on its PVC."""
+        command = redis_command(documents((BASE / "redis.yaml").read_text()))
+        assert "--appendonly yes --appendfsync everysec" in command
 
     def test_prometheus_rule_equals_the_plain_rules_file(self) -> None:
         """The PrometheusRule carries exactly the groups of the plain rules file."""
@@ -265,9 +305,7 @@ class TestChart:
     def test_recommended_mode_is_the_socket_with_mapped_uids(self, values_file: str | None) -> None:
         """Default and example values: the socket in an emptyDir, the workload a mapped uid."""
         values = yaml.safe_load((CHART / values_file).read_text()) if values_file else None
-        docs = [
-            d for n, t in render_chart(values).items() if n.endswith(".yaml") for d in documents(t)
-        ]
+        docs = chart_docs(values)
         configmap = next(d for d in docs if d["kind"] == "ConfigMap")
         pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
         check_socket_mode(pod, configmap["data"]["config.yaml"])
@@ -296,6 +334,32 @@ class TestChart:
         values["config"]["apps"]["twilio"]["proxy"]["upstream"] = "https://api.twilio.com/v1"
         with pytest.raises(helm.HelmError):
             render_chart(values)
+
+    def test_termination_grace_covers_the_drain(self) -> None:
+        """The workload's grace period outlasts the drain; the schema refuses a shorter one."""
+        import helm_python as helm
+
+        docs = chart_docs()
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= (
+            drain_bound()
+        )
+        with pytest.raises(helm.HelmError):
+            render_chart({"workload": {"terminationGracePeriodSeconds": 10}})
+
+    @pytest.mark.parametrize("fsync", ["everysec", "always"])
+    def test_redis_keeps_an_fsynced_append_only_file(self, fsync: str) -> None:
+        """The chart's Redis writes an append-only file on its PVC, fsynced as the values say."""
+        values = None if fsync == "everysec" else {"redis": {"appendfsync": fsync}}
+        docs = chart_docs(values)
+        assert f"--appendonly yes --appendfsync {fsync}" in redis_command(docs)
+
+    def test_schema_refuses_an_appendfsync_that_loses_writes(self) -> None:
+        """appendfsync `no` (the kernel decides when to write) is refused."""
+        import helm_python as helm
+
+        with pytest.raises(helm.HelmError):
+            render_chart({"redis": {"appendfsync": "no"}})
 
     def test_chart_rules_copy_equals_the_plain_rules_file(self) -> None:
         """The chart's copy of the rules is the same file."""
@@ -346,7 +410,7 @@ class TestDashboard:
             for m in re.findall(r"token_broker_[a-z_]+", e)
         }
         known = contract_metrics()
-        assert len(known) == 17
+        assert len(known) == 22
         assert used <= known, used - known
         assert {
             "token_broker_token_expiry_timestamp_seconds",

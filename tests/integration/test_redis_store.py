@@ -14,9 +14,10 @@ import redis.asyncio as aioredis
 
 from broker.clock import SystemClock
 from broker.core import BrokerCore
-from broker.errors import StoreUnavailable
+from broker.errors import StoreUnavailable, UnreadableTokenSet
 from broker.metrics import Metrics
 from broker.model import StoreSpec, TokenSet
+from broker.store import Notice
 from broker.store.crypto import Keyring
 from broker.store.factory import open_store
 from broker.store.redis_store import RedisStore, redis_client
@@ -30,7 +31,14 @@ KEY_B = ("b", b"B" * 32)
 
 def token(n: int, refresh: str | None = None) -> TokenSet:
     return TokenSet(
-        f"access-token-{n:04d}-secret-value", "Bearer", 1000.0 + n, 4600.0 + n, "s", refresh
+        f"access-token-{n:04d}-secret-value",
+        "Bearer",
+        1000.0 + n,
+        4600.0 + n,
+        "s",
+        refresh,
+        lineage=1,
+        generation=n,
     )
 
 
@@ -53,39 +61,34 @@ async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
     await s.close()
 
 
-class TestCompareAndSet:
-    async def test_round_trip_with_versions(self, store: RedisStore) -> None:
-        """A saved token set loads back equal, with version 1, then 2."""
+class TestCommit:
+    async def test_round_trip_with_versions_and_rank(self, store: RedisStore) -> None:
+        """A committed set loads back equal, with its rank, at version 1, then 2."""
         assert await store.load("app1") is None
-        assert await store.save("app1", token(1, "refresh-1-secret"), 0) == 1
+        assert (await store.commit("app1", token(1, "refresh-1-secret"))).version == 1
         loaded = await store.load("app1")
         assert loaded is not None
-        assert (loaded.access_token, loaded.refresh_token, loaded.version) == (
+        assert (loaded.access_token, loaded.refresh_token, loaded.version, loaded.rank) == (
             token(1).access_token,
             "refresh-1-secret",
             1,
+            (1, 1),
         )
-        assert await store.save("app1", token(2), 1) == 2
-
-    async def test_a_stale_writer_loses(self, store: RedisStore) -> None:
-        """A write based on an old version is refused and changes nothing."""
-        await store.save("app1", token(1), 0)
-        await store.save("app1", token(2), 1)
-        assert await store.save("app1", token(3), 1) is None
-        loaded = await store.load("app1")
-        assert loaded is not None
-        assert loaded.access_token == token(2).access_token
+        assert (await store.commit("app1", token(2))).version == 2
 
     async def test_keys_carry_the_app_hash_tag(
         self, store: RedisStore, redis_server: RedisServer
     ) -> None:
         """An app's keys share the {app} hash tag, so Redis Cluster keeps them on one slot."""
-        await store.save("app1", token(1), 0)
-        await store.acquire_lease("app1", "me", 5)
+        await store.commit("app1", token(1, "refresh-1-secret"))
+        lease = await store.acquire_lease("app1", "me", 5)
+        await store.begin_spend(
+            "app1", owner="me", fence=lease.fence, token=token(1, "refresh-1-secret")
+        )
         raw = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
         keys = sorted(k.decode() if isinstance(k, bytes) else k for k in await raw.keys("*"))
         await raw.aclose()
-        assert keys == ["tb:{app1}:lease", "tb:{app1}:token"]
+        assert keys == ["tb:{app1}:fence", "tb:{app1}:lease", "tb:{app1}:spend", "tb:{app1}:token"]
 
 
 class TestEncryption:
@@ -93,7 +96,7 @@ class TestEncryption:
         self, store: RedisStore, redis_server: RedisServer
     ) -> None:
         """The access and refresh tokens are not in Redis in plain text (nor in base64)."""
-        await store.save("app1", token(1, "refresh-token-secret-value"), 0)
+        await store.commit("app1", token(1, "refresh-token-secret-value"))
         raw = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
         fields = await raw.hgetall("tb:{app1}:token")
         await raw.aclose()
@@ -105,7 +108,7 @@ class TestEncryption:
     async def test_rotated_key_reads_old_blobs(self, redis_server: RedisServer) -> None:
         """After adding a new key on top, blobs written under the old key still load."""
         old = make_store(redis_server, [KEY_A])
-        await old.save("app1", token(1), 0)
+        await old.commit("app1", token(1))
         new = make_store(redis_server, [KEY_B, KEY_A])
         loaded = await new.load("app1")
         assert loaded is not None
@@ -113,35 +116,24 @@ class TestEncryption:
         await old.close()
         await new.close()
 
-    async def test_unknown_key_loads_as_missing(self, redis_server: RedisServer) -> None:
-        """A blob under a key this replica does not have is treated as missing, not a crash."""
+    async def test_unknown_key_is_unreadable_not_missing(self, redis_server: RedisServer) -> None:
+        """A blob under a key this replica lacks raises UnreadableTokenSet with the stored rank."""
         writer = make_store(redis_server, [KEY_A])
-        await writer.save("app1", token(1), 0)
+        await writer.commit("app1", token(3))
         reader = make_store(redis_server, [KEY_B])
-        assert await reader.load("app1") is None
+        with pytest.raises(UnreadableTokenSet) as caught:
+            await reader.load("app1")
+        assert caught.value.rank == (1, 3)
         await writer.close()
         await reader.close()
 
 
 class TestLease:
-    async def test_only_one_owner_at_a_time(self, store: RedisStore) -> None:
-        """SET NX: a second owner is refused while the first holds the lease."""
-        assert await store.acquire_lease("app1", "a", 5)
-        assert not await store.acquire_lease("app1", "b", 5)
-
-    async def test_release_only_by_owner(self, store: RedisStore) -> None:
-        """Another owner cannot release the lease; the owner can."""
-        await store.acquire_lease("app1", "a", 5)
-        await store.release_lease("app1", "b")
-        assert not await store.acquire_lease("app1", "b", 5)
-        await store.release_lease("app1", "a")
-        assert await store.acquire_lease("app1", "b", 5)
-
     async def test_lease_expires(self, store: RedisStore) -> None:
-        """A lease whose owner died expires at its deadline."""
+        """A lease whose owner died expires at its deadline (Redis' own clock)."""
         await store.acquire_lease("app1", "a", 0.2)
         await asyncio.sleep(0.3)
-        assert await store.acquire_lease("app1", "b", 5)
+        assert (await store.acquire_lease("app1", "b", 5)).held
 
 
 class TestUpdates:
@@ -149,11 +141,17 @@ class TestUpdates:
         """A save on one store is announced to another store's updates() iterator."""
         writer = make_store(redis_server, [KEY_A])
         listener = make_store(redis_server, [KEY_A])
-        updates = cast(AsyncGenerator[str, None], listener.updates())
+        updates = cast(AsyncGenerator[Notice, None], listener.updates())
         first = asyncio.ensure_future(updates.__anext__())
         await asyncio.sleep(0.3)  # subscribed
-        await writer.save("app1", token(1), 0)
-        assert await asyncio.wait_for(first, 5) == "app1"
+        await writer.commit("app1", token(1))
+        notice = await asyncio.wait_for(first, 5)
+        assert (notice.app, notice.kind, notice.version, notice.rank) == (
+            "app1",
+            "token",
+            1,
+            (1, 1),
+        )
         await updates.aclose()
         await writer.close()
         await listener.close()
@@ -166,7 +164,7 @@ class TestOutage:
         """With Redis down, calls fail fast with StoreUnavailable and store_up is 0; then recover."""
         metrics = Metrics()
         store = make_store(redis_server, [KEY_A], metrics)
-        await store.save("app1", token(1), 0)
+        await store.commit("app1", token(1))
         redis_server.stop()
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -212,12 +210,7 @@ class TestAuthentication:
             try:
                 if works:
                     await store.ping()
-                    assert (
-                        await store.save(
-                            "app1", token(1), (await store.load("app1") or token(0)).version
-                        )
-                        is not None
-                    )
+                    assert (await store.commit("app1", token(5))).rank == (1, 5)
                 else:
                     with pytest.raises(StoreUnavailable):
                         await store.ping()

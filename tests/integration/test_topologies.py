@@ -46,6 +46,11 @@ class TestCluster:
             stats = await fleet.poll(oauth_server, 9)
         finally:
             fleet.stop()
+        # The fleet clock's TIME script is routed by a key, so it works on a Cluster too.
+        for replica in fleet.replicas:
+            events = [line["event"] for line in replica.process.log_lines()]
+            assert "clock.offset_measured" in events
+            assert "clock.offset_unmeasured" not in events
         assert stats.expired == 0
         assert stats.unavailable == 0
         assert stats.server_errors == 0

@@ -68,6 +68,11 @@ class FakeClock:
         self._wall += step
         await self.settle()
 
+    def tick(self, seconds: float) -> None:
+        """Move wall and monotonic time forward at once without waking sleepers (a slow call)."""
+        self._wall += seconds
+        self._mono += seconds
+
     def jump_wall(self, seconds: float) -> None:
         """Move only the wall clock (an NTP step); monotonic time is untouched."""
         self._wall += seconds

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import aiohttp
 
 from tests.support.broker_process import BrokerFiles, BrokerProcess
 from tests.support.oauth_server import OAuthTestServer
+from tests.support.redis_server import RedisServer
 
 
 @dataclass
@@ -45,7 +48,9 @@ class Fleet:
         store_url: str,
         size: int,
         app_overrides: Mapping[str, Any] | None = None,
+        envs: Sequence[Mapping[str, str] | None] = (),
     ) -> None:
+        """`envs[i]` is extra environment for replica i (e.g. a skewed clock)."""
         self.replicas: list[Replica] = []
         for i in range(size):
             files = BrokerFiles(
@@ -55,15 +60,18 @@ class Fleet:
                 app_overrides=app_overrides or {},
             )
             config = files.write()
-            self.replicas.append(Replica(files, BrokerProcess(config, root / f"replica-{i}.log")))
+            env = envs[i] if i < len(envs) else None
+            process = BrokerProcess(config, root / f"replica-{i}.log", env=env)
+            self.replicas.append(Replica(files, process))
 
-    async def start(self) -> None:
-        """Start every replica and wait until each is ready; on any failure, stop them all."""
+    async def start(self, timeout: float = 20.0) -> None:
+        """Start every replica and wait until each is ready (`timeout` for each); on any
+        failure, stop them all."""
         try:
             for replica in self.replicas:
                 replica.process.start()
             for replica in self.replicas:
-                await replica.process.wait_ready(replica.files.metrics)
+                await replica.process.wait_ready(replica.files.metrics, timeout)
         except BaseException:
             self.stop()
             raise
@@ -115,3 +123,106 @@ class Fleet:
                         stats.other.append(status)
                 await asyncio.sleep(interval)
         return stats
+
+
+async def metric_value(replica: Replica, name: str) -> float:
+    """The value of an unlabelled metric on a replica's /metrics."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{replica.files.metrics}/metrics") as response,
+    ):
+        text = await response.text()
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    if match is None:
+        raise AssertionError(f"{name} not in /metrics of {replica.files.directory.name}")
+    return float(match.group(1))
+
+
+def requests_since(oauth: OAuthTestServer, since: float) -> list[float]:
+    """Times (the server's clock) of the token requests received at or after `since`."""
+    return [r.at for r in oauth.requests if r.at >= since]
+
+
+def requests_per_lifetime(times: Sequence[float], lifetime: float) -> float:
+    """Steady-state token requests per lifetime: the intervals between requests over their span.
+
+    Unlike a count in a window, this does not depend on where the window's edges fall relative
+    to the refresh schedule (a count is off by one for about one run in six); an extra request
+    anywhere still shows, as a short interval.
+    """
+    if len(times) < 3:
+        raise AssertionError(f"too few token requests to measure a rate: {len(times)}")
+    ordered = sorted(times)
+    return (len(ordered) - 1) * lifetime / (ordered[-1] - ordered[0])
+
+
+@dataclass
+class FleetRun:
+    """A fleet with its own OAuth server and Redis, so its token requests are counted apart."""
+
+    name: str
+    oauth: OAuthTestServer
+    redis: RedisServer
+    fleet: Fleet
+
+    async def poll(self, seconds: float, interval: float = 0.1) -> FleetStats:
+        """Poll every live replica (see Fleet.poll)."""
+        return await self.fleet.poll(self.oauth, seconds, interval)
+
+
+@dataclass
+class RunSpec:
+    """What `side_by_side` starts: `size` replicas, optional per-replica environments."""
+
+    name: str
+    size: int
+    envs: Sequence[Mapping[str, str] | None] = ()
+
+
+@contextlib.asynccontextmanager
+async def side_by_side(
+    root: Path,
+    lifetime: float,
+    specs: Sequence[RunSpec],
+    app_overrides: Mapping[str, Any] | None = None,
+    ready_timeout: float = 60.0,
+) -> AsyncIterator[dict[str, FleetRun]]:
+    """Start several fleets at once (e.g. one broker and its N-replica fleet), each apart.
+
+    Run together, they see the same schedule and the same machine load, so their token requests
+    compare fairly. Every process and port is stopped on exit, whatever happens.
+    """
+    oauths: list[OAuthTestServer] = []
+    redises: list[RedisServer] = []
+    runs: dict[str, FleetRun] = {}
+    try:
+        for spec in specs:
+            oauth = OAuthTestServer(lifetime=lifetime)
+            oauths.append(oauth)
+            await oauth.start()
+            redis = RedisServer(directory=root / spec.name / "redis")
+            redises.append(redis)
+            redis.start()
+            fleet = Fleet(
+                root / spec.name,
+                oauth.token_url,
+                redis.url,
+                spec.size,
+                app_overrides=app_overrides,
+                envs=spec.envs,
+            )
+            runs[spec.name] = FleetRun(spec.name, oauth, redis, fleet)
+        for run in runs.values():
+            for replica in run.fleet.replicas:
+                replica.process.start()
+        for run in runs.values():
+            for replica in run.fleet.replicas:
+                await replica.process.wait_ready(replica.files.metrics, ready_timeout)
+        yield runs
+    finally:
+        for run in runs.values():
+            run.fleet.stop()
+        for oauth in oauths:
+            await oauth.stop()
+        for redis in redises:
+            redis.stop()

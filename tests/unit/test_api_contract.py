@@ -167,9 +167,12 @@ def requests_total_samples(metrics: Metrics) -> list[dict[str, str]]:
 class TestTokenOk:
     """GET /v1/token/{app} and POST /v1/token/{app}/refresh answering 200."""
 
-    async def test_body_and_headers(self, api: Client, service: FakeTokenService) -> None:
+    async def test_body_and_headers(
+        self, api: Client, service: FakeTokenService, clock: FakeClock
+    ) -> None:
         """200 with the contract's fields, Cache-Control: no-store, expires_in from now()."""
         service.clock = NOW + 1000.4
+        clock.jump_wall(1000.4)
         status, body, headers = await call(api, "/v1/token/twilio")
         assert status == 200
         assert body == {
@@ -183,13 +186,27 @@ class TestTokenOk:
         assert headers["Content-Type"].startswith("application/json")
 
     async def test_expires_in_follows_the_clock(
-        self, api: Client, service: FakeTokenService
+        self, api: Client, service: FakeTokenService, clock: FakeClock
     ) -> None:
         """The same token answered later shows fewer seconds left (no stale cached body)."""
         _, first, _ = await call(api, "/v1/token/twilio")
         service.clock += 100
+        clock.jump_wall(100)
         _, second, _ = await call(api, "/v1/token/twilio")
         assert (first["expires_in"], second["expires_in"]) == (3000, 2900)
+
+    async def test_expires_at_is_on_the_pods_clock(
+        self, api: Client, service: FakeTokenService, clock: FakeClock
+    ) -> None:
+        """With the fleet clock 40 s ahead of the pod's, expires_at - pod now == expires_in."""
+        service.clock = NOW + 40  # the store's clock; the pod's (the caller's) still says NOW
+        _, body, _ = await call(api, "/v1/token/twilio")
+        assert body["expires_in"] == 2960
+        assert body["expires_at"] - int(clock.time()) == body["expires_in"]
+        _, listed, _ = await call(api, "/v1/apps", headers=bearer(INLINE_KEY))
+        twilio = next(a for a in listed["apps"] if a["name"] == "twilio")
+        assert twilio["expires_at"] == int(NOW + 2960)
+        assert twilio["last_refresh_at"] == int(NOW - 640.5)
 
     async def test_expired_token_shows_zero(self, api: Client, service: FakeTokenService) -> None:
         """expires_in never goes negative."""

@@ -86,7 +86,8 @@ class TestLoadConfig:
         assert app.grant_type is GrantType.CLIENT_CREDENTIALS
         assert app.client_auth is ClientAuth.CLIENT_SECRET_POST
         assert (app.required, app.pkce, app.scopes) == (True, True, ())
-        assert app.refresh == RefreshPolicy(0.75, 300.0, 0.05, 30.0, 3600.0)
+        assert app.refresh == RefreshPolicy(0.75, 0.0, 0.05, 30.0, 3600.0)
+        assert app.max_token_requests_per_minute is None
         assert config.clients == {
             "billing": ClientSpec("billing", ("twilio",), key_files=(base / "billing.key",))
         }
@@ -121,6 +122,7 @@ class TestLoadConfig:
                         "jitter": 0.1,
                         "safety_margin": "1m",
                         "default_lifetime": "2h",
+                        "reuse_grace": "30s",
                     },
                 },
                 "local": {
@@ -143,10 +145,18 @@ class TestLoadConfig:
         assert twilio.client_auth is ClientAuth.CLIENT_SECRET_BASIC
         assert (twilio.required, twilio.scopes) == (False, ("read", "write"))
         assert twilio.extra_params == {"resource": "x", "flag": "true", "n": "3"}
-        assert twilio.refresh == RefreshPolicy(0.5, 600.0, 0.1, 60.0, 7200.0)
+        assert twilio.refresh == RefreshPolicy(0.5, 600.0, 0.1, 60.0, 7200.0, reuse_grace=30.0)
         assert config.apps["local"].token_url == "http://127.0.0.1:9000/token"
         assert config.clients["reports"].key_sha256 == ("ab" * 32,)
         assert config.clients["billing"].apps == ("twilio", "local")
+
+    def test_request_budget(self, config_dir: Path) -> None:
+        """max_token_requests_per_minute is read as a whole number and shown by summarize."""
+        document = minimal_document()
+        document["apps"]["twilio"]["max_token_requests_per_minute"] = 12
+        config = load_config(write_config(config_dir, document))
+        assert config.apps["twilio"].max_token_requests_per_minute == 12
+        assert "at most 12 token requests per minute (the whole fleet)" in summarize(config)
 
     def test_authorization_code_app(self, config_dir: Path) -> None:
         """An authorization_code app with authorize_url and redirect_uri is accepted."""
@@ -360,6 +370,24 @@ BROKEN = [
         "store.url",
         "memory:// cannot hold app twilio's token set",
         id="memory-store-for-authorization-code",
+    ),
+    pytest.param(
+        _set("apps.twilio.max_token_requests_per_minute", 0),
+        "apps.twilio.max_token_requests_per_minute",
+        "at least 1",
+        id="budget-zero",
+    ),
+    pytest.param(
+        _set("apps.twilio.max_token_requests_per_minute", 2.5),
+        "apps.twilio.max_token_requests_per_minute",
+        "must be a whole number, not float",
+        id="budget-fraction",
+    ),
+    pytest.param(
+        _set("apps.twilio.max_token_requests_per_minute", "10"),
+        "apps.twilio.max_token_requests_per_minute",
+        "must be a whole number, not a string",
+        id="budget-string",
     ),
 ]
 

@@ -76,7 +76,6 @@ def make(
             metrics,
             owner=owner,
             rng=random.Random(7),
-            max_lease_ttl=5,
         )
         if start:
             running.append(asyncio.create_task(refresher.run()))
@@ -112,7 +111,7 @@ class TestStartup:
         """A valid token in the store is served without calling the token endpoint."""
         now = fake_clock.time()
         stored = TokenSet("stored-access-token-000000000", "Bearer", now - 10, now + 50)
-        assert await store.save("app1", stored, 0) == 1
+        assert (await store.commit("app1", stored)).version == 1
         refresher = make(source)
         await fake_clock.settle()
         assert source.calls == []
@@ -336,9 +335,16 @@ async def seed_grant(store: MemoryStore, clock: FakeClock) -> None:
     """Store an authorized token set, as `token-broker authorize` would."""
     now = clock.time()
     seed = TokenSet(
-        "seed-access-000000000000", "Bearer", now, now + 60, None, "seed-refresh-0000000000"
+        "seed-access-000000000000",
+        "Bearer",
+        now,
+        now + 60,
+        None,
+        "seed-refresh-0000000000",
+        lineage=1,
+        generation=1,
     )
-    await store.save("app1", seed, 0)
+    await store.commit("app1", seed)
 
 
 class TestAuthorizationCode:

@@ -1,0 +1,583 @@
+"""The fleet protocol: how the replicas of a fleet share one app's token set through the store.
+
+Its promises (docs/architecture.md lists them as invariants, and tests/simulation checks them
+under faults):
+
+- A refresh token is presented only by the replica holding the app's lease, after recording
+  the spend in the store under its fence, and only while its lease outlasts the request. With
+  the store unreachable or its set unreadable, a refresh-token grant is not spent at all.
+- A spend whose outcome is unknown (the reply was lost after sending) is never repeated,
+  except once inside a server's declared reuse grace window.
+- "Newer" is the set's rank (lineage, generation), never its expiry; a replica only ever
+  presents the refresh token of the newest set it knows, and writes that set back when the
+  store holds an older one (an empty restart, a failover that lost writes, a restore).
+
+Client-credentials apps spend nothing: they use the lease to avoid duplicate requests, and
+refresh alone when the store is down. The module knows the TokenStore protocol, not redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from broker.clock import Clock
+from broker.errors import (
+    PermanentTokenError,
+    StoreUnavailable,
+    TokenEndpointError,
+    TransientTokenError,
+    UnreadableTokenSet,
+)
+from broker.logs import get_logger
+from broker.model import TokenSet
+from broker.store import Notice, SpendEnd, SpendStart, TokenStore
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The protocol's time budgets, in seconds."""
+
+    # Bounds of one token request; within them, half the time the current token stays servable.
+    min_attempt: float = 1.0
+    max_attempt: float = 10.0
+    # What a commit may take after the answer arrives.
+    persist: float = 1.0
+    # Lease time kept in hand beyond the request and the commit (round trips, clock rates).
+    margin: float = 0.5
+    # After recording a spend, how long replicas that know a newer set get to write it back.
+    objection: float = 0.5
+
+
+# ---- outcomes of one refresh attempt ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """The store had a newer set that is not yet due: adopted, nothing was requested."""
+
+    token: TokenSet
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """We got a new set. `persisted` False: it could not be stored yet (write it back later)."""
+
+    token: TokenSet
+    persisted: bool
+    sent_mono: float
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Another replica holds the lease (for up to `wait` seconds): wait for its notice."""
+
+    wait: float
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    """A refresh token may not be spent now (the store cannot confirm a lease): wait."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeUnknown:
+    """The refresh token was (or may have been) spent with no answer: it is not spent again.
+
+    `error` is set when this replica sent the request itself.
+    """
+
+    reason: str
+    refresh_fp: str
+    error: TransientTokenError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """Another replica's failed attempt says: nobody tries again before `not_before` (fleet time)."""
+
+    not_before: float
+    failures: int
+    error: str
+    permanent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OverBudget:
+    """The app's fleet-wide request budget is spent: try again in `retry_after` seconds."""
+
+    retry_after: float
+
+
+Outcome = Adopted | Fetched | Busy | Blocked | OutcomeUnknown | Deferred | OverBudget
+
+
+class NoGrant(TokenEndpointError):
+    """There is nothing to refresh with (an authorization-code app without a refresh token)."""
+
+
+Fetch = Callable[[str | None], Awaitable[TokenSet]]
+
+
+class FleetProtocol:
+    """One app's side of the fleet protocol, for one replica.
+
+    `current` reads the refresher's in-memory set; `adopt` hands it a newer set found in the
+    store. The refresher decides when to call `refresh()` and `sync()`; this class decides
+    what may be done with the store and the token endpoint.
+    """
+
+    def __init__(
+        self,
+        app: str,
+        store: TokenStore,
+        clock: Clock,
+        *,
+        owner: str,
+        spends_refresh_tokens: bool,
+        current: Callable[[], TokenSet | None],
+        adopt: Callable[[TokenSet], None],
+        reuse_grace: float = 0.0,
+        timing: Timing | None = None,
+        on_lease: Callable[[str], None] = lambda outcome: None,
+        budget_per_minute: int | None = None,
+    ) -> None:
+        self.app = app
+        self._store = store
+        self._clock = clock
+        self._owner = owner
+        self._spends = spends_refresh_tokens
+        self._current = current
+        self._adopt = adopt
+        self._grace = reuse_grace
+        self.timing = timing if timing is not None else Timing()
+        self._on_lease = on_lease  # "acquired", "busy", "lost": for the lease metric
+        self._budget = budget_per_minute
+        # Consecutive failures of the fleet, as the last shared failure record counted them.
+        self.shared_failures = 0
+        self._shared_failure_seen = False
+        # Refresh tokens another replica announced it is spending (fingerprint → monotonic
+        # time of the notice), until a newer set or an abort resolves them.
+        self._foreign_spends: dict[str, float] = {}
+        # Refresh tokens whose spend has an unknown outcome: never presented again.
+        self._unknown: set[str] = set()
+        self._retried: set[str] = set()
+        # Our own spend that ended without effect but whose record we could not clear.
+        self._aborted_fence = 0
+        # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
+        self._sent_at: dict[str, float] = {}
+        # The highest rank this replica knows exists, read or not: an older set is never spent.
+        self._seen_rank = (0, 0)
+
+    # ---- what other replicas tell us -------------------------------------------------------
+
+    def note_rank(self, rank: tuple[int, int]) -> None:
+        """A set of `rank` exists (we heard of it, or saw it without being able to read it)."""
+        self._seen_rank = max(self._seen_rank, rank)
+
+    def on_notice(self, notice: Notice) -> None:
+        """Track newer sets and the spends of other replicas (a store that forgets must not fool us)."""
+        if notice.kind == "token":
+            self.note_rank(notice.rank)
+        if notice.refresh_fp is None or notice.owner == self._owner:
+            return
+        if notice.kind == "sent":
+            self._foreign_spends.setdefault(notice.refresh_fp, self._clock.monotonic())
+        elif notice.kind == "abort":
+            self._foreign_spends.pop(notice.refresh_fp, None)
+
+    def forget_spent(self, token: TokenSet) -> None:
+        """A set of `token`'s rank or newer is ours now: older spends no longer matter."""
+        keep = token.refresh_fingerprint
+        self._foreign_spends = {k: v for k, v in self._foreign_spends.items() if k == keep}
+        self._unknown = {k for k in self._unknown if k == keep}
+        self._retried = {k for k in self._retried if k == keep}
+
+    def outcome_unknown(self, token: TokenSet | None) -> bool:
+        """True when `token`'s refresh token must not be presented: its last spend is unknown."""
+        return token is not None and token.refresh_fingerprint in self._unknown
+
+    # ---- budgets -----------------------------------------------------------------------------
+
+    def attempt_timeout(self, servable_left: float) -> float:
+        """How long one token request may take.
+
+        Spending a refresh token always gets the full budget: giving up on a request that was
+        sent loses its answer, and with it the grant. Otherwise half the servable time left,
+        within bounds.
+        """
+        t = self.timing
+        if servable_left <= 0 or self._spends:
+            return t.max_attempt
+        return max(t.min_attempt, min(t.max_attempt, servable_left / 2))
+
+    def lease_ttl(self, servable_left: float) -> float:
+        """A lease long enough for the objection window, one request, a commit and a margin."""
+        t = self.timing
+        objection = self.objection_window(servable_left) if self._spends else 0.0
+        return objection + self.attempt_timeout(servable_left) + t.persist + t.margin
+
+    # ---- keeping the store in step -----------------------------------------------------------
+
+    async def sync(self) -> bool:
+        """Adopt a newer stored set, or write ours back over an older one. True when in step.
+
+        Raises StoreUnavailable when the store cannot be read or written.
+        """
+        current = self._current()
+        try:
+            stored = await self._store.load(self.app)
+        except UnreadableTokenSet as exc:
+            self.note_rank(exc.rank)
+            if current is None or current.rank <= exc.rank:
+                return True  # the newer set is there, only not for us: nothing to repair
+            stored = None
+        if stored is not None and (current is None or stored.rank > current.rank):
+            self._adopt(stored)
+            return True
+        if current is None or (stored is not None and stored.rank == current.rank):
+            return True
+        commit = await self._store.commit(self.app, current)
+        self.note_rank(commit.rank)
+        if commit.stored:
+            log.info(
+                "store.written_back",
+                app=self.app,
+                generation=current.generation,
+                stored_generation=stored.generation if stored is not None else None,
+            )
+        return True
+
+    # ---- one refresh -------------------------------------------------------------------------
+
+    async def refresh(
+        self,
+        fetch: Fetch,
+        *,
+        is_due: Callable[[TokenSet], bool],
+        servable_left: float,
+        ignore_shared_failure: bool = False,
+    ) -> Outcome:
+        """One refresh attempt under the protocol's rules (see the module docstring).
+
+        Raises TokenEndpointError for a failed request whose outcome is known (the token, if
+        one was presented, was not spent), and NoGrant when there is no refresh token.
+        """
+        try:
+            adopted = await self._adopt_newer(is_due)
+        except StoreUnavailable as exc:
+            if self._spends:
+                return Blocked(f"store unavailable, not spending the refresh token: {exc}")
+            return await self._fetch_alone(fetch, servable_left)
+        if adopted is not None:
+            return Adopted(adopted)
+        if self._spends:
+            blocked = self._spend_blocked(self._current())
+            if blocked is not None:
+                return blocked
+        ttl = self.lease_ttl(servable_left)
+        started = self._clock.monotonic()
+        try:
+            lease = await self._store.acquire_lease(self.app, self._owner, ttl)
+        except StoreUnavailable as exc:
+            if self._spends:
+                return Blocked(f"store unavailable, not spending the refresh token: {exc}")
+            return await self._fetch_alone(fetch, servable_left)
+        if not lease.held:
+            self._on_lease("busy")
+            return Busy(lease.busy_for)
+        self._on_lease("acquired")
+        try:
+            return await self._under_lease(
+                fetch,
+                lease.fence,
+                started + ttl,
+                is_due=is_due,
+                servable_left=servable_left,
+                ignore_shared_failure=ignore_shared_failure,
+            )
+        finally:
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.release_lease(self.app, self._owner, lease.fence)
+
+    async def _adopt_newer(self, is_due: Callable[[TokenSet], bool]) -> TokenSet | None:
+        """Adopt a stored set that outranks ours; return it when it is not yet due."""
+        try:
+            stored = await self._store.load(self.app)
+        except UnreadableTokenSet as exc:
+            self.note_rank(exc.rank)
+            if self._spends:
+                raise
+            return None
+        current = self._current()
+        if stored is not None and (current is None or stored.rank > current.rank):
+            self._adopt(stored)
+            if not is_due(stored):
+                return stored
+        return None
+
+    async def _held_back(self, ignore_shared_failure: bool) -> Outcome | None:
+        """The fleet's shared backoff, then its request budget: may we send a request now?"""
+        record = await self._store.load_failure(self.app)
+        self._shared_failure_seen = record is not None
+        self.shared_failures = record.failures if record is not None else 0
+        now = self._clock.time()
+        if record is not None and record.not_before > now and not ignore_shared_failure:
+            return Deferred(record.not_before, record.failures, record.error, record.permanent)
+        if self._budget is not None:
+            allowed, retry_after = await self._store.take_budget(self.app, self._budget, now)
+            if not allowed:
+                return OverBudget(retry_after)
+        return None
+
+    async def share_failure(
+        self, *, failures: int, not_before: float, error: str, permanent: bool
+    ) -> None:
+        """Tell the fleet about our failed attempt, so every replica backs off with us."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._store.record_failure(
+                self.app, failures=failures, not_before=not_before, error=error, permanent=permanent
+            )
+
+    async def _clear_shared_failure(self) -> None:
+        if self._shared_failure_seen:
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.clear_failure(self.app)
+            self._shared_failure_seen = False
+            self.shared_failures = 0
+
+    def _spend_blocked(self, current: TokenSet | None) -> Outcome | None:
+        """Why the current refresh token may not be presented now, if it may not."""
+        if current is None or not current.refresh_token:
+            raise NoGrant("no refresh token; run token-broker authorize")
+        if current.rank < self._seen_rank:
+            return Blocked(
+                f"a newer token set (generation {self._seen_rank[1]}) exists that this replica "
+                "has not been able to read; not spending an older refresh token"
+            )
+        refresh_fp = current.refresh_fingerprint or ""
+        if refresh_fp in self._unknown and not self._may_retry(refresh_fp):
+            return OutcomeUnknown(
+                "the last spend of this refresh token has no known outcome", refresh_fp
+            )
+        return None
+
+    def _retry_window(self) -> float:
+        """How long after a spend one retry is still inside the server's grace window."""
+        return max(0.0, self._grace - self.timing.max_attempt - self.timing.margin)
+
+    def _may_retry(self, refresh_fp: str) -> bool:
+        """Inside a declared reuse grace window, one retry of an unknown spend is allowed.
+
+        The window is counted from when the spend was sent (our own) or announced to us
+        (another replica's), less the longest the retry itself may take.
+        """
+        if self._retry_window() <= 0 or refresh_fp in self._retried:
+            return False
+        sent = self._sent_at.get(refresh_fp, self._foreign_spends.get(refresh_fp))
+        if sent is None:
+            return True  # known only from the store's record, which carries its own time
+        return self._clock.monotonic() - sent < self._retry_window()
+
+    async def _under_lease(
+        self,
+        fetch: Fetch,
+        fence: int,
+        deadline: float,
+        *,
+        is_due: Callable[[TokenSet], bool],
+        servable_left: float,
+        ignore_shared_failure: bool,
+    ) -> Outcome:
+        """Holding the lease: re-read, repair, heed the fleet's backoff and budget, spend, commit."""
+        try:
+            adopted = await self._adopt_newer(is_due)
+            if adopted is not None:
+                return Adopted(adopted)
+            if self._spends:
+                await self.sync()  # the store must hold our set before we spend from it
+            held_back = await self._held_back(ignore_shared_failure)
+        except StoreUnavailable as exc:
+            if self._spends:
+                return Blocked(f"store unavailable, not spending the refresh token: {exc}")
+            return await self._fetch_alone(fetch, servable_left)
+        if held_back is not None:
+            return held_back
+        current = self._current()
+        if not self._spends:
+            return await self._fetch_and_commit(fetch, current, fence, deadline)
+        blocked = self._spend_blocked(current)
+        if blocked is not None:
+            return blocked
+        assert current is not None
+        return await self._spend(fetch, current, fence, deadline, servable_left)
+
+    def objection_window(self, servable_left: float) -> float:
+        """The objection window, shortened for a token with little servable time left.
+
+        With nothing servable there is no hurry, and the full window applies.
+        """
+        if servable_left <= 0:
+            return self.timing.objection
+        return min(self.timing.objection, servable_left / 4)
+
+    async def _spend(
+        self, fetch: Fetch, current: TokenSet, fence: int, deadline: float, servable_left: float
+    ) -> Outcome:
+        refresh_fp = current.refresh_fingerprint or ""
+        foreign = refresh_fp in self._foreign_spends
+        if foreign and not self._may_retry(refresh_fp):
+            # Another replica announced this spend and nothing resolved it: its outcome is
+            # unknown to us even if the store has forgotten the record.
+            self._unknown.add(refresh_fp)
+            return OutcomeUnknown(
+                "another replica spent this refresh token with no known outcome", refresh_fp
+            )
+        try:
+            start = await self._store.begin_spend(
+                self.app,
+                owner=self._owner,
+                fence=fence,
+                token=current,
+                retry_within=self._retry_window(),
+                resolved_fence=self._aborted_fence,
+            )
+        except StoreUnavailable as exc:
+            return Blocked(f"store unavailable, spend not recorded: {exc}")
+        if start is SpendStart.LOST:
+            self._on_lease("lost")
+            log.warning("lease.lost", app=self.app, fence=fence)
+            return Busy(0.0)
+        if start is SpendStart.STALE:
+            return Busy(0.0)
+        if start is SpendStart.UNKNOWN:
+            self._unknown.add(refresh_fp)
+            return OutcomeUnknown(
+                "the store records a spend of this refresh token with no known outcome", refresh_fp
+            )
+        self._aborted_fence = 0
+        if start is SpendStart.RETRY:
+            self._retried.add(refresh_fp)
+            log.warning("grant.retrying_in_grace_window", app=self.app)
+        # Objection window: a replica that knows a newer set writes it back now.
+        objection = self.objection_window(servable_left)
+        if objection > 0:
+            await self._clock.sleep(objection)
+            try:
+                stored = await self._store.load(self.app)
+            except StoreUnavailable as exc:
+                await self._end_spend(fence, SpendEnd.ABORTED)
+                return Blocked(f"store unavailable before sending, not spending: {exc}")
+            if stored is None or stored.rank != current.rank:
+                await self._end_spend(fence, SpendEnd.ABORTED)
+                if stored is not None and stored.rank > current.rank:
+                    self._adopt(stored)
+                return Busy(0.0)
+        timeout = deadline - self.timing.persist - self.timing.margin - self._clock.monotonic()
+        if timeout < self.timing.min_attempt:
+            await self._end_spend(fence, SpendEnd.ABORTED)
+            return Busy(0.0)
+        try:
+            # The fence is checked once more, atomically, right before the token leaves.
+            sent = await self._store.mark_sent(self.app, owner=self._owner, fence=fence)
+        except StoreUnavailable as exc:
+            await self._end_spend(fence, SpendEnd.ABORTED)
+            return Blocked(f"store unavailable before sending, not spending: {exc}")
+        if not sent:
+            self._on_lease("lost")
+            log.warning("lease.lost", app=self.app, fence=fence)
+            return Busy(0.0)
+        sent_mono = self._clock.monotonic()
+        try:
+            fresh = await self._fetch_within(fetch, current.refresh_token, timeout)
+        except TransientTokenError as exc:
+            if exc.outcome_unknown:
+                self._unknown.add(refresh_fp)
+                self._sent_at.setdefault(refresh_fp, sent_mono)
+                await self._end_spend(fence, SpendEnd.UNKNOWN)
+                return OutcomeUnknown(f"no answer to the refresh: {exc}", refresh_fp, exc)
+            await self._end_spend(fence, SpendEnd.ABORTED)
+            raise
+        except PermanentTokenError:
+            await self._end_spend(fence, SpendEnd.ABORTED)
+            raise
+        token = replace(
+            fresh,
+            lineage=current.lineage,
+            generation=current.generation + 1,
+            refresh_token=fresh.refresh_token or current.refresh_token,
+        )
+        return await self._commit(token, fence, sent_mono)
+
+    async def _fetch_and_commit(
+        self, fetch: Fetch, current: TokenSet | None, fence: int, deadline: float
+    ) -> Outcome:
+        timeout = max(
+            self.timing.min_attempt,
+            deadline - self.timing.persist - self.timing.margin - self._clock.monotonic(),
+        )
+        sent_mono = self._clock.monotonic()
+        fresh = await self._fetch_within(fetch, None, timeout)
+        return await self._commit(self._next_rank(fresh, current), fence, sent_mono)
+
+    async def _fetch_alone(self, fetch: Fetch, servable_left: float) -> Outcome:
+        """Client credentials with the store down: refresh without it, write back later."""
+        sent_mono = self._clock.monotonic()
+        fresh = await self._fetch_within(fetch, None, self.attempt_timeout(servable_left))
+        return Fetched(self._next_rank(fresh, self._current()), False, sent_mono)
+
+    @staticmethod
+    def _next_rank(fresh: TokenSet, current: TokenSet | None) -> TokenSet:
+        base = current.rank if current is not None else (0, 0)
+        return replace(fresh, lineage=base[0], generation=base[1] + 1)
+
+    async def _commit(self, token: TokenSet, fence: int, sent_mono: float) -> Outcome:
+        try:
+            commit = await self._store.commit(self.app, token, fence=fence)
+        except StoreUnavailable:
+            # Maybe applied, maybe not: keep it and write it back (a repeat is recognised).
+            return Fetched(token, False, sent_mono)
+        self.note_rank(commit.rank)
+        if commit.stored:
+            await self._clear_shared_failure()
+            return Fetched(replace(token, version=commit.version), True, sent_mono)
+        # A set of equal or higher rank is stored (a new authorization, or a client-credentials
+        # replica that refreshed alone): ours is valid but not the newest; take the stored one.
+        with contextlib.suppress(StoreUnavailable):
+            stored = await self._store.load(self.app)
+            if stored is not None and stored.rank >= token.rank:
+                self._adopt(stored)
+                return Adopted(stored)
+        return Fetched(token, False, sent_mono)
+
+    async def _end_spend(self, fence: int, outcome: SpendEnd) -> None:
+        try:
+            await self._store.end_spend(self.app, fence=fence, outcome=outcome)
+        except StoreUnavailable:
+            if outcome is SpendEnd.ABORTED:
+                self._aborted_fence = fence  # our next begin_spend may replace the record
+
+    async def _fetch_within(
+        self, fetch: Fetch, refresh_token: str | None, budget: float
+    ) -> TokenSet:
+        """`fetch`, bounded by `budget` seconds on the injected clock (no answer: outcome unknown)."""
+        request = asyncio.ensure_future(fetch(refresh_token))
+        timer = asyncio.ensure_future(self._clock.sleep(budget))
+        try:
+            await asyncio.wait({request, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not request.done():
+                request.cancel()
+                await asyncio.gather(request, return_exceptions=True)
+        if request.cancelled():
+            raise TransientTokenError(
+                f"no answer within {budget:.1f} s", outcome_unknown=refresh_token is not None
+            )
+        return request.result()

@@ -1,0 +1,221 @@
+"""The fleet's clock: time in the shared store's frame, as this replica measures it.
+
+A token's `expires_at` is written with one replica's clock and read with another's. With each
+pod's own wall clock, a pod whose clock is ahead sees every stored token as due and one that is
+behind serves expired tokens. So every replica keeps time in one frame, the store server's
+clock (Redis `TIME`): it measures its offset to it NTP-style (the server's time against the
+midpoint of the round trip), keeps the most precise sample of each round, smooths across rounds
+and holds back a sudden jump until the next round confirms it.
+
+The offset is anchored on the monotonic clock (store time minus local monotonic time), so a step
+of this host's wall clock does not move fleet time; until the first measurement, fleet time is
+the local wall clock. With the store down the last offset stays in use, and `offset_age()` says
+how old it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from broker.clock import Clock
+from broker.errors import StoreUnavailable
+from broker.logs import get_logger
+
+log = get_logger(__name__)
+
+# How often a settled offset is measured again.
+MEASURE_INTERVAL = 30.0
+# How soon to measure again while there is no offset yet or a jump waits for confirmation.
+RETRY_INTERVAL = 5.0
+# Round trips in one measurement; the shortest gives the most precise offset.
+SAMPLES_PER_ROUND = 4
+# A sample whose round trip is longer than this is too imprecise to use (its error is up to
+# half the round trip).
+MAX_ROUND_TRIP = 0.5
+# A change of the offset beyond this (plus the sample's own error) is a jump: a Redis failover
+# to a host with another clock, or a step of a clock. It is applied only when the next round
+# agrees; a lone outlier is dropped.
+STEP_TOLERANCE = 0.5
+# Weight of a new round in the smoothed offset.
+SMOOTHING = 0.3
+
+Outcome = Literal["first", "smoothed", "held", "stepped", "rejected", "unavailable"]
+
+
+class ServerClock(Protocol):
+    """What the fleet clock measures against: the TokenStore's `server_time`."""
+
+    async def server_time(self) -> float:
+        """The store server's wall time, in seconds since the epoch."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClockSample:
+    """One round trip: local monotonic time when sent and received, the server's time between."""
+
+    sent: float
+    server: float
+    received: float
+
+    @property
+    def round_trip(self) -> float:
+        """Seconds the round trip took."""
+        return self.received - self.sent
+
+    @property
+    def anchor(self) -> float:
+        """Server time minus local monotonic time, taking the server's reading at the midpoint."""
+        return self.server - (self.sent + self.received) / 2.0
+
+
+class OffsetEstimator:
+    """Turns rounds of samples into one smoothed anchor (server time minus local monotonic)."""
+
+    def __init__(
+        self,
+        *,
+        smoothing: float = SMOOTHING,
+        max_round_trip: float = MAX_ROUND_TRIP,
+        step_tolerance: float = STEP_TOLERANCE,
+    ) -> None:
+        self._smoothing = smoothing
+        self._max_round_trip = max_round_trip
+        self._step_tolerance = step_tolerance
+        self.anchor: float | None = None
+        self.round_trip: float | None = None
+        self._held: ClockSample | None = None
+
+    @property
+    def settled(self) -> bool:
+        """True when there is an anchor and no jump waits for confirmation."""
+        return self.anchor is not None and self._held is None
+
+    def add_round(self, samples: Sequence[ClockSample]) -> Outcome:
+        """Fold one round into the estimate; returns what was done with it."""
+        usable = [s for s in samples if 0.0 <= s.round_trip <= self._max_round_trip]
+        if not usable:
+            return "rejected"
+        best = min(usable, key=lambda s: s.round_trip)
+        if self.anchor is None:
+            self._set(best)
+            return "first"
+        tolerance = self._step_tolerance + best.round_trip / 2.0
+        if abs(best.anchor - self.anchor) <= tolerance:
+            self._held = None
+            self.anchor += self._smoothing * (best.anchor - self.anchor)
+            self.round_trip = best.round_trip
+            return "smoothed"
+        held, self._held = self._held, best
+        if held is not None and abs(best.anchor - held.anchor) <= tolerance:
+            self._set(best)
+            return "stepped"
+        return "held"
+
+    def _set(self, sample: ClockSample) -> None:
+        self.anchor = sample.anchor
+        self.round_trip = sample.round_trip
+        self._held = None
+
+
+class FleetClock:
+    """Implements Clock in the fleet's frame: `time()` is the store server's time.
+
+    `monotonic()` and `sleep()` are the base clock's. `local=True` is for a store that lives in
+    this process (memory://): the local clock is then the reference and nothing is measured.
+    """
+
+    def __init__(
+        self, base: Clock, *, local: bool = False, estimator: OffsetEstimator | None = None
+    ) -> None:
+        self._base = base
+        self.local = local
+        self._estimator = estimator if estimator is not None else OffsetEstimator()
+        self._started = base.monotonic()
+        self._measured_at: float | None = None
+
+    def time(self) -> float:
+        """Fleet time: local monotonic time plus the measured anchor (local wall time before)."""
+        anchor = self._estimator.anchor
+        if anchor is None or self.local:
+            return self._base.time()
+        return self._base.monotonic() + anchor
+
+    def monotonic(self) -> float:
+        """The base clock's monotonic time."""
+        return self._base.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep on the base clock."""
+        await self._base.sleep(seconds)
+
+    @property
+    def measured(self) -> bool:
+        """True once an offset has been measured (always for a local store)."""
+        return self.local or self._estimator.anchor is not None
+
+    def offset(self) -> float:
+        """Fleet time minus this host's wall time, in seconds (0 until measured)."""
+        return self.time() - self._base.time()
+
+    def offset_age(self) -> float:
+        """Seconds since the offset was last measured; since start while it never was."""
+        if self.local:
+            return 0.0
+        since = self._measured_at if self._measured_at is not None else self._started
+        return max(0.0, self._base.monotonic() - since)
+
+    async def measure(self, source: ServerClock, samples: int = SAMPLES_PER_ROUND) -> Outcome:
+        """One round of `samples` round trips to `source`; the estimate takes it or drops it."""
+        taken = []
+        try:
+            for _ in range(samples):
+                sent = self._base.monotonic()
+                server = await source.server_time()
+                taken.append(ClockSample(sent, server, self._base.monotonic()))
+        except StoreUnavailable:
+            return "unavailable"
+        outcome = self._estimator.add_round(taken)
+        if outcome in ("first", "smoothed", "stepped"):
+            self._measured_at = self._base.monotonic()
+        if outcome in ("first", "stepped"):
+            log.info(
+                "clock.offset_measured" if outcome == "first" else "clock.offset_stepped",
+                offset=round(self.offset(), 3),
+                round_trip=round(self._estimator.round_trip or 0.0, 4),
+            )
+        elif outcome == "held":
+            log.info("clock.offset_jump_held", offset=round(self.offset(), 3))
+        return outcome
+
+    async def measure_within(self, source: ServerClock, seconds: float) -> bool:
+        """Measure once, waiting at most `seconds` (injected clock); True when an offset is known."""
+        measuring = asyncio.ensure_future(self._measure_guarded(source))
+        timer = asyncio.ensure_future(self._base.sleep(seconds))
+        try:
+            await asyncio.wait({measuring, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not measuring.done():
+                measuring.cancel()
+            await asyncio.gather(measuring, return_exceptions=True)
+        return self.measured
+
+    async def run(self, source: ServerClock) -> None:
+        """Measure every MEASURE_INTERVAL (sooner while unsettled) until cancelled."""
+        if self.local:
+            return
+        while True:
+            await self._measure_guarded(source)
+            settled = self._estimator.settled
+            await self._base.sleep(MEASURE_INTERVAL if settled else RETRY_INTERVAL)
+
+    async def _measure_guarded(self, source: ServerClock) -> None:
+        # A bug in one round must not stop the clock from being measured again (nor startup).
+        try:
+            await self.measure(source)
+        except Exception:
+            log.exception("clock.measure_failed")

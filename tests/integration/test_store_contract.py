@@ -1,0 +1,264 @@
+"""The store rules the fleet protocol relies on, held against both stores: memory and real Redis.
+
+The simulation runs on MemoryStore; the fleet runs on RedisStore's Lua scripts. These tests keep
+the two saying the same thing for every operation of broker/store/__init__.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
+from typing import cast
+
+import pytest
+
+from broker.clock import SystemClock
+from broker.metrics import Metrics
+from broker.model import TokenSet
+from broker.store import Notice, SpendEnd, SpendStart, TokenStore
+from broker.store.crypto import Keyring
+from broker.store.memory import MemoryStore
+from broker.store.redis_store import RedisStore, redis_client
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+def token_set(generation: int, lineage: int = 1, refresh: str | None = None) -> TokenSet:
+    return TokenSet(
+        f"access-{lineage}-{generation}-secret-value",
+        "Bearer",
+        1000.0,
+        4600.0,
+        None,
+        refresh if refresh is not None else f"refresh-{lineage}-{generation}-secret",
+        lineage=lineage,
+        generation=generation,
+    )
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[TokenStore]:
+    if request.param == "memory":
+        yield MemoryStore(SystemClock())
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    redis_store = RedisStore(
+        redis_client(server.url),
+        key_prefix="tb",
+        keyring=Keyring([("k", b"K" * 32)]),
+        metrics=Metrics(),
+        clock=SystemClock(),
+    )
+    yield redis_store
+    await redis_store.close()
+
+
+class TestCommit:
+    async def test_a_higher_rank_wins_whatever_its_expiry(self, store: TokenStore) -> None:
+        """Rank, not expiry, decides: a newer generation replaces an older one, never the reverse."""
+        assert (await store.commit("app", token_set(2))).stored
+        older_but_longer = replace(token_set(1), expires_at=99_999.0)
+        refused = await store.commit("app", older_but_longer)
+        assert (refused.stored, refused.rank) == (False, (1, 2))
+        newer_but_shorter = replace(token_set(3), expires_at=2000.0)
+        assert (await store.commit("app", newer_but_shorter)).stored
+        loaded = await store.load("app")
+        assert loaded is not None and loaded.rank == (1, 3)
+
+    async def test_a_new_lineage_outranks_any_generation(self, store: TokenStore) -> None:
+        """A new authorization (higher lineage) replaces a set of any generation."""
+        await store.commit("app", token_set(50, lineage=1))
+        assert (await store.commit("app", token_set(1, lineage=2))).stored
+        assert not (await store.commit("app", token_set(51, lineage=1))).stored
+
+    async def test_a_repeated_commit_is_answered_as_stored(self, store: TokenStore) -> None:
+        """Committing the same set again (a reply was lost) succeeds without a new version."""
+        first = await store.commit("app", token_set(1))
+        again = await store.commit("app", token_set(1))
+        assert again.stored and again.version == first.version
+
+    async def test_the_same_rank_with_another_token_is_refused(self, store: TokenStore) -> None:
+        """Two sets of one rank: the first stored stays."""
+        await store.commit("app", token_set(1))
+        other = replace(token_set(1), access_token="another-access-token-value")
+        assert not (await store.commit("app", other)).stored
+
+
+class TestLoadMany:
+    async def test_loads_every_stored_app_at_once(self, store: TokenStore) -> None:
+        """One call returns the stored sets of the apps asked for, leaving out the others."""
+        await store.commit("a", token_set(1))
+        await store.commit("b", token_set(2))
+        found = await store.load_many(["a", "b", "c"])
+        assert {app: token.rank for app, token in found.items()} == {"a": (1, 1), "b": (1, 2)}
+        assert await store.load_many([]) == {}
+
+
+class TestLease:
+    async def test_one_holder_and_a_growing_fence(self, store: TokenStore) -> None:
+        """One owner at a time; each grant gets a larger fence; busy answers say for how long."""
+        first = await store.acquire_lease("app", "a", 5)
+        busy = await store.acquire_lease("app", "b", 5)
+        assert first.held and not busy.held and 0 < busy.busy_for <= 5
+        await store.release_lease("app", "b", first.fence)  # not b's: no effect
+        assert not (await store.acquire_lease("app", "b", 5)).held
+        await store.release_lease("app", "a", first.fence)
+        second = await store.acquire_lease("app", "b", 5)
+        assert second.held and second.fence > first.fence
+
+
+class TestSpend:
+    async def test_spending_needs_the_lease_and_the_stored_set(self, store: TokenStore) -> None:
+        """No lease (or a stale fence): lost. A set that is not the stored one: stale."""
+        await store.commit("app", token_set(1))
+        assert (
+            await store.begin_spend("app", owner="a", fence=1, token=token_set(1))
+            is SpendStart.LOST
+        )
+        lease = await store.acquire_lease("app", "a", 5)
+        assert (
+            await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(2))
+            is SpendStart.STALE
+        )
+        assert (
+            await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(1))
+            is SpendStart.OK
+        )
+
+    async def test_an_announced_spend_never_sent_is_replaced(self, store: TokenStore) -> None:
+        """A spend announced but never marked sent did not happen: the next holder may spend."""
+        await store.commit("app", token_set(1))
+        first = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=first.fence, token=token_set(1))
+        await store.release_lease("app", "a", first.fence)
+        second = await store.acquire_lease("app", "b", 5)
+        assert (
+            await store.begin_spend("app", owner="b", fence=second.fence, token=token_set(1))
+            is SpendStart.OK
+        )
+        assert not await store.mark_sent("app", owner="a", fence=first.fence)
+        assert await store.mark_sent("app", owner="b", fence=second.fence)
+
+    async def test_an_unresolved_spend_blocks_every_other_fence(self, store: TokenStore) -> None:
+        """A spend marked sent (or unknown) answers UNKNOWN to the next holder."""
+        await store.commit("app", token_set(1))
+        first = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=first.fence, token=token_set(1))
+        assert await store.mark_sent("app", owner="a", fence=first.fence)
+        await store.release_lease("app", "a", first.fence)
+        second = await store.acquire_lease("app", "b", 5)
+        assert (
+            await store.begin_spend("app", owner="b", fence=second.fence, token=token_set(1))
+            is SpendStart.UNKNOWN
+        )
+        await store.end_spend("app", fence=first.fence, outcome=SpendEnd.UNKNOWN)
+        assert (
+            await store.begin_spend("app", owner="b", fence=second.fence, token=token_set(1))
+            is SpendStart.UNKNOWN
+        )
+
+    async def test_a_grace_window_allows_exactly_one_retry(self, store: TokenStore) -> None:
+        """Inside retry_within of the send (store clock), one RETRY; never a second."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        retry = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert retry is SpendStart.RETRY
+        await store.mark_sent("app", owner="b", fence=b.fence)
+        await store.release_lease("app", "b", b.fence)
+        c = await store.acquire_lease("app", "c", 5)
+        again = await store.begin_spend(
+            "app", owner="c", fence=c.fence, token=token_set(1), retry_within=30
+        )
+        assert again is SpendStart.UNKNOWN
+
+    async def test_no_retry_once_the_grace_window_has_passed(self, store: TokenStore) -> None:
+        """A spend sent longer ago than retry_within answers UNKNOWN even with a window."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        await asyncio.sleep(0.3)
+        b = await store.acquire_lease("app", "b", 5)
+        late = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=0.2
+        )
+        assert late is SpendStart.UNKNOWN
+
+    async def test_an_aborted_spend_frees_the_token(self, store: TokenStore) -> None:
+        """A spend that ended without effect (aborted) does not block the next holder."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.end_spend("app", fence=a.fence, outcome=SpendEnd.ABORTED)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        assert (
+            await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
+            is SpendStart.OK
+        )
+
+    async def test_our_own_aborted_record_may_be_replaced(self, store: TokenStore) -> None:
+        """A holder that could not clear its aborted record names it, and may spend again."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        again = await store.acquire_lease("app", "a", 5)
+        answer = await store.begin_spend(
+            "app", owner="a", fence=again.fence, token=token_set(1), resolved_fence=a.fence
+        )
+        assert answer is SpendStart.OK
+
+    async def test_a_newer_commit_resolves_the_spend(self, store: TokenStore) -> None:
+        """Once the rotated set is committed, the old spend no longer blocks anything."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.commit("app", token_set(2), fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        assert (
+            await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(2))
+            is SpendStart.OK
+        )
+
+
+class TestNotices:
+    async def test_commits_spends_and_aborts_are_announced(self, store: TokenStore) -> None:
+        """Every replica hears of a commit (version, rank), of a spend, its send and its abort."""
+        updates = cast(AsyncGenerator[Notice, None], store.updates())
+        heard: list[Notice] = []
+
+        async def listen() -> None:
+            async for notice in updates:
+                heard.append(notice)
+                if len(heard) == 4:
+                    return
+
+        listener = asyncio.ensure_future(listen())
+        await asyncio.sleep(0.3)  # subscribed
+        await store.commit("app", token_set(1))
+        lease = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=lease.fence)
+        await store.end_spend("app", fence=lease.fence, outcome=SpendEnd.ABORTED)
+        await asyncio.wait_for(listener, 5)
+        await updates.aclose()
+        fp = token_set(1).refresh_fingerprint
+        assert [(n.kind, n.rank, n.refresh_fp, n.owner) for n in heard] == [
+            ("token", (1, 1), None, None),
+            ("spend", (1, 1), fp, "a"),
+            ("sent", (1, 1), fp, "a"),
+            ("abort", (1, 1), fp, "a"),
+        ]
+        assert heard[0].version == 1

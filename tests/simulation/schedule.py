@@ -1,0 +1,374 @@
+"""Seeded fault schedules for the simulated fleet, and the invariants checked after every step.
+
+`python -m tests.simulation.schedule SEED` replays one schedule and prints it with its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog.testing
+
+from broker.store.memory import MemoryState
+from tests.simulation.world import APP, World, WorldConfig
+
+FAULT_KINDS = (
+    "store_partition",
+    "store_outage",
+    "store_lossy",
+    "lease_lost",
+    "rollback",
+    "empty_restart",
+    "unknown_key",
+    "server_down",
+    "server_429",
+    "server_500",
+    "server_slow",
+    "server_lossy",
+    "crash",
+    "sigterm",
+)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault: what, to whom, from when, for how long (and a kind-specific parameter)."""
+
+    kind: str
+    start: float
+    duration: float
+    target: int
+    param: float
+
+    @property
+    def end(self) -> float:
+        """When the fault heals (a crashed replica restarts)."""
+        return self.start + self.duration
+
+    def __str__(self) -> str:
+        return (
+            f"{self.kind}(replica={self.target}, at={self.start:.1f}s, "
+            f"for={self.duration:.1f}s, param={self.param:.2f})"
+        )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything that will happen in one simulated run, derived from its seed."""
+
+    seed: int
+    config: WorldConfig
+    faults: tuple[Fault, ...]
+    duration: float
+
+    @property
+    def fault_free(self) -> bool:
+        """No faults at all (invariant 4 applies)."""
+        return not self.faults
+
+    @property
+    def healed_at(self) -> float:
+        """When the last fault healed."""
+        return max((f.end for f in self.faults), default=0.0)
+
+    def describe(self) -> str:
+        """A replayable description."""
+        c = self.config
+        lines = [
+            f"seed {self.seed}: {c.replicas} replicas, lifetime {c.lifetime:.0f}s, "
+            f"grace {c.grace:.0f}s, offsets {[round(o, 2) for o in c.offsets]}, "
+            f"duration {self.duration:.0f}s",
+            *(f"  {fault}" for fault in self.faults),
+            f"replay: python -m tests.simulation.schedule {self.seed}",
+        ]
+        return "\n".join(lines)
+
+
+def make_schedule(seed: int) -> Schedule:
+    """The schedule of `seed`: fleet shape, server kind, clock offsets and faults.
+
+    Half the schedules have wall clocks off by up to half a token lifetime (a broken NTP);
+    the rest by up to a second.
+    """
+    rng = random.Random(seed)
+    replicas = rng.randint(3, 8)
+    lifetime = rng.choice([60.0, 120.0, 300.0])
+    grace = rng.choice([0.0, 0.0, 0.0, 30.0])
+    max_offset = lifetime / 2 if rng.random() < 0.5 else 1.0
+    offsets = [rng.uniform(-max_offset, max_offset) for _ in range(replicas)]
+    faults: list[Fault] = []
+    if rng.random() >= 0.15:
+        for _ in range(rng.randint(1, 4)):
+            kind = rng.choice(FAULT_KINDS)
+            start = rng.uniform(0.5 * lifetime, 5 * lifetime)
+            duration = rng.uniform(0.05, 1.5) * lifetime
+            param = rng.random()
+            faults.append(Fault(kind, start, duration, rng.randrange(replicas), param))
+    faults.sort(key=lambda f: f.start)
+    config = WorldConfig(replicas=replicas, lifetime=lifetime, grace=grace, offsets=offsets)
+    healed = max((f.end for f in faults), default=0.0)
+    duration = max(8 * lifetime, healed + 3 * lifetime)
+    return Schedule(seed, config, tuple(faults), duration)
+
+
+@dataclass
+class Result:
+    """What happened in one run: violations of the invariants, and counts."""
+
+    schedule: Schedule
+    violations: list[str] = field(default_factory=list)
+    token_requests: int = 0
+    presentations: int = 0
+    outcome_unknown_announced: int = 0
+    outcome_unknown_logged: int = 0
+    grant_lost_after_lost_reply: bool = False
+    revoked: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """No invariant was violated."""
+        return not self.violations
+
+    def report(self) -> str:
+        """The schedule, the counts and every violation."""
+        lines = [
+            self.schedule.describe(),
+            f"token requests {self.token_requests}, outcome_unknown announced "
+            f"{self.outcome_unknown_announced}, grant lost after a lost reply "
+            f"{self.grant_lost_after_lost_reply}, revoked {self.revoked}",
+        ]
+        lines += [f"VIOLATION: {v}" for v in self.violations]
+        return "\n".join(lines)
+
+
+_BASELINES: dict[tuple[float, float], int] = {}
+
+
+def run(schedule: Schedule) -> Result:
+    """Run `schedule` in a fresh event loop; return what the invariants saw."""
+    if schedule.fault_free:
+        _baseline(schedule)
+    with structlog.testing.capture_logs() as logs:
+        result = asyncio.run(_run(schedule))
+    result.outcome_unknown_logged = sum(1 for e in logs if e["event"] == "grant.outcome_unknown")
+    if result.grant_lost_after_lost_reply and not result.outcome_unknown_logged:
+        result.violations.append("invariant 3: the lost grant was not announced in the logs")
+    if schedule.fault_free:
+        baseline = _BASELINES[(schedule.config.lifetime, schedule.duration)]
+        if result.token_requests > 1.1 * baseline:
+            result.violations.append(
+                f"invariant 4: {result.token_requests} token requests, one broker makes {baseline}"
+            )
+    return result
+
+
+async def _run(schedule: Schedule) -> Result:
+    rng = random.Random(schedule.seed * 7919 + 1)
+    world = World(schedule.config, rng)
+    result = Result(schedule)
+    await world.authorize()
+    for index in range(schedule.config.replicas):
+        world.start_replica(index)
+    events = _events(world, schedule)
+    lifetime = schedule.config.lifetime
+    tick = lifetime / 30
+    now = 0.0
+    serving_deadline = schedule.healed_at + 2 * lifetime
+    checked_recovery = False
+    while now < schedule.duration:
+        upcoming = events[0][0] if events else schedule.duration
+        step_to = min(now + tick, upcoming, schedule.duration)
+        await world.time.advance_to(step_to)
+        now = step_to
+        while events and events[0][0] <= now:
+            _, action = events.pop(0)
+            await action()
+            await world.time.settle()
+        _check_step(world, result)
+        if not checked_recovery and now >= serving_deadline:
+            checked_recovery = True
+            _check_recovery(world, result, "two lifetimes after the last fault healed")
+    _finish(world, result, schedule)
+    await world.shutdown()
+    return result
+
+
+Action = Callable[[], Awaitable[None]]
+
+
+def _events(world: World, schedule: Schedule) -> list[tuple[float, Action]]:
+    """The schedule's faults as timed actions on the world: each starts, and later heals."""
+    events: list[tuple[float, Action]] = []
+    snapshots: dict[int, MemoryState] = {}
+    for number, fault in enumerate(schedule.faults):
+
+        async def begin(fault: Fault = fault, number: int = number) -> None:
+            await _apply(world, fault, snapshots.get(number), healing=False)
+
+        async def heal(fault: Fault = fault) -> None:
+            await _apply(world, fault, None, healing=True)
+
+        async def snapshot(number: int = number) -> None:
+            snapshots[number] = world.store.snapshot()
+
+        if fault.kind == "rollback":
+            events.append((max(0.0, fault.start - fault.duration), snapshot))
+        events.append((fault.start, begin))
+        events.append((fault.end, heal))
+    events.sort(key=lambda event: event[0])
+    return events
+
+
+async def _apply(
+    world: World, fault: Fault, snapshot: MemoryState | None, *, healing: bool
+) -> None:
+    """Start (or heal) one fault."""
+    on = not healing
+    server = world.server
+    view = world.replicas[fault.target].view
+    match fault.kind:
+        case "store_partition":
+            view.faults.partitioned = on
+        case "store_outage":
+            world.set_store_outage(on)
+        case "store_lossy":
+            view.faults.lose_replies = (0.2 + 0.6 * fault.param) if on else 0.0
+        case "lease_lost":
+            if on:
+                world.store.state.leases.pop(APP, None)
+        case "rollback":
+            # A failover that lost writes, or a restore from a snapshot: connections drop.
+            if on and snapshot is not None:
+                world.store.restore(snapshot)
+                world.restarts[0] += 1
+        case "empty_restart":
+            if on:
+                world.store.restore(MemoryState())
+                world.restarts[0] += 1
+        case "unknown_key":
+            view.faults.unreadable_after = fault.start if on else None
+        case "server_down":
+            server.faults.down = on
+        case "server_429" | "server_500":
+            server.faults.status = (429 if fault.kind == "server_429" else 500) if on else None
+            server.faults.retry_after = 1 + fault.param * 30 if fault.kind == "server_429" else None
+        case "server_slow":
+            # Slow, but within the client's 10 s budget: the answer arrives.
+            server.faults.slow = (1 + fault.param * 7) if on else 0.0
+        case "server_lossy":
+            server.faults.lose_replies = (0.3 + 0.7 * fault.param) if on else 0.0
+        case "crash":
+            if on:
+                await world.crash(fault.target)
+            else:
+                world.start_replica(fault.target)
+        case "sigterm":
+            if on:
+                world.terminate(fault.target)
+            else:
+                world.start_replica(fault.target)
+
+
+def _check_step(world: World, result: Result) -> None:
+    """Invariants 1-3, after every step."""
+    now = world.time.now
+    for replica in world.replicas:
+        if not replica.alive:
+            continue
+        token = replica.refresher.servable()
+        if token is not None:
+            expiry = world.server.expiry.get(token.access_token)
+            if expiry is None or expiry <= now:
+                result.violations.append(
+                    f"invariant 2: {replica.name} serves a token expired at "
+                    f"{expiry} (now {now:.2f})"
+                )
+    seen: Counter[str] = Counter(p.refresh_token for p in world.server.presentations)
+    for presentation in world.server.presentations:
+        if seen[presentation.refresh_token] > 1 and presentation.outcome not in (
+            "rotated",
+            "grace",
+        ):
+            message = (
+                f"invariant 1: refresh token presented again by {presentation.replica} at "
+                f"{presentation.at:.2f} ({presentation.outcome})"
+            )
+            if message not in result.violations:
+                result.violations.append(message)
+    if world.server.revoked and not result.revoked:
+        result.revoked = True
+        result.violations.append(f"invariant 3: grant revoked at {world.server.revoked_at:.2f}")
+
+
+def _check_recovery(world: World, result: Result, when: str) -> None:
+    """Invariant 5: every replica serves again (unless the grant was lost as documented)."""
+    if _grant_lost(world):
+        return
+    for replica in world.replicas:
+        if replica.alive and replica.refresher.servable() is None:
+            result.violations.append(
+                f"invariant 5: {replica.name} does not serve {when} "
+                f"(state {replica.refresher.state}, last_error {replica.refresher.last_error})"
+            )
+
+
+def _grant_lost(world: World) -> bool:
+    """The server's valid refresh token is held by no replica and not stored."""
+    valid = world.server.valid_refresh
+    stored = world.store.state.tokens.get(APP)
+    holders = [
+        r for r in world.replicas if r.refresher.token and r.refresher.token.refresh_token == valid
+    ]
+    return (
+        not world.server.revoked
+        and not holders
+        and (stored is None or stored.refresh_token != valid)
+    )
+
+
+def _finish(world: World, result: Result, schedule: Schedule) -> None:
+    """Counts, the documented unavoidable case, and invariant 4."""
+    result.token_requests = world.server.requests
+    result.presentations = len(world.server.presentations)
+    result.outcome_unknown_announced = int(
+        sum(m.grant_outcome_unknown.labels(app=APP)._value.get() for m in world.metrics)
+    )
+    if _grant_lost(world):
+        lost_reply = any(
+            p.reply_lost and p.outcome == "rotated" for p in world.server.presentations
+        )
+        if lost_reply and result.outcome_unknown_announced > 0:
+            result.grant_lost_after_lost_reply = True
+        else:
+            result.violations.append(
+                "invariant 3: the grant was lost without a lost reply announced by "
+                "grant.outcome_unknown"
+            )
+    else:
+        _check_recovery(world, result, "at the end")
+
+
+def _baseline(schedule: Schedule) -> int:
+    """Token requests one broker makes over the same fault-free schedule."""
+    key = (schedule.config.lifetime, schedule.duration)
+    if key not in _BASELINES:
+        single = Schedule(
+            schedule.seed,
+            WorldConfig(replicas=1, lifetime=schedule.config.lifetime, grace=0.0, offsets=[0.0]),
+            (),
+            schedule.duration,
+        )
+        with structlog.testing.capture_logs():
+            _BASELINES[key] = asyncio.run(_run(single)).token_requests
+    return _BASELINES[key]
+
+
+if __name__ == "__main__":
+    outcome = run(make_schedule(int(sys.argv[1])))
+    print(outcome.report())
+    sys.exit(0 if outcome.ok else 1)

@@ -1,0 +1,641 @@
+"""A simulated world for the fleet protocol: one clock, one store, one authorization server.
+
+Everything runs in one asyncio loop on simulated time. Replicas are the real BrokerCore and
+AppRefresher (with the real fleet protocol) over per-replica views of one MemoryStore; the views
+and the token sources inject the faults a schedule asks for. Nothing sleeps in real time and
+nothing depends on the order of real I/O, so a seed replays exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+from broker.clock import Clock
+from broker.core import BrokerCore
+from broker.errors import (
+    PermanentTokenError,
+    StoreUnavailable,
+    TransientTokenError,
+    UnreadableTokenSet,
+)
+from broker.fleet import Timing
+from broker.fleetclock import FleetClock
+from broker.metrics import Metrics
+from broker.model import AppSpec, FailureRecord, GrantType, RefreshPolicy, TokenSet
+from broker.refresher import AppRefresher
+from broker.store import Commit, Lease, Notice, SpendEnd, SpendStart
+from broker.store.memory import MemoryStore
+
+APP = "scim"
+
+
+class SimTime:
+    """The one true clock of the world, and the scheduler of everything that sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait until the world's time has moved `seconds` on."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), next(self._seq), future))
+        await future
+
+    def next_deadline(self) -> float | None:
+        """The earliest pending wake-up."""
+        while self._sleepers and self._sleepers[0][2].done():
+            heapq.heappop(self._sleepers)
+        return self._sleepers[0][0] if self._sleepers else None
+
+    async def settle(self) -> None:
+        """Run every task that can run, until all wait on the clock (or on each other)."""
+        loop = asyncio.get_running_loop()
+        for _ in range(10_000):
+            await asyncio.sleep(0)
+            if not loop._ready:  # type: ignore[attr-defined]
+                return
+
+    async def advance_to(self, target: float) -> None:
+        """Move time to `target`, waking sleepers in deadline order and letting them run."""
+        await self.settle()
+        while True:
+            deadline = self.next_deadline()
+            if deadline is None or deadline > target:
+                break
+            _, _, future = heapq.heappop(self._sleepers)
+            self.now = max(self.now, deadline)
+            future.set_result(None)
+            await self.settle()
+        self.now = max(self.now, target)
+        await self.settle()
+
+
+class ReplicaClock:
+    """A replica's view of time: the true clock plus its own wall offset and monotonic base."""
+
+    def __init__(self, world: SimTime, wall_offset: float, mono_base: float) -> None:
+        self._world = world
+        self.wall_offset = wall_offset
+        self._mono_base = mono_base
+
+    def time(self) -> float:
+        """Wall time as this replica's (possibly wrong) clock reads it."""
+        return WALL_EPOCH + self._world.now + self.wall_offset
+
+    def monotonic(self) -> float:
+        """Monotonic time: true elapsed time from an arbitrary base."""
+        return self._mono_base + self._world.now
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep on the world's clock."""
+        await self._world.sleep(seconds)
+
+
+WALL_EPOCH = 1_800_000_000.0
+
+
+class StoreClock:
+    """The store's clock (lease expiry): true time."""
+
+    def __init__(self, world: SimTime) -> None:
+        self._world = world
+
+    def time(self) -> float:
+        """True wall time."""
+        return WALL_EPOCH + self._world.now
+
+    def monotonic(self) -> float:
+        """True elapsed time."""
+        return self._world.now
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep on the world's clock."""
+        await self._world.sleep(seconds)
+
+
+# ---- the authorization server ---------------------------------------------------------------
+
+
+@dataclass
+class Presentation:
+    """One refresh token presented to the server."""
+
+    refresh_token: str
+    at: float
+    replica: str
+    outcome: str  # rotated, grace, reuse, rejected, refused (429/500/down: not processed)
+    reply_lost: bool = False
+
+
+@dataclass
+class ServerFaults:
+    """What the server does wrong right now."""
+
+    down: bool = False
+    status: int | None = None  # 429 or 500: answered without acting
+    retry_after: float | None = None
+    slow: float = 0.0  # extra seconds before the server acts
+    lose_replies: float = 0.0  # probability the reply to a processed request is lost
+
+
+class SimAuthServer:
+    """Rotates the refresh token on every use, with RFC 9700 reuse detection.
+
+    `grace` > 0 accepts a spent refresh token again for that many seconds (Okta, Auth0).
+    """
+
+    def __init__(
+        self, world: SimTime, rng: random.Random, *, lifetime: float, grace: float
+    ) -> None:
+        self._world = world
+        self._rng = rng
+        self.lifetime = lifetime
+        self.grace = grace
+        self.faults = ServerFaults()
+        self._serial = itertools.count(1)
+        self.valid_refresh: str | None = None
+        self.spent: dict[str, float] = {}
+        self.revoked = False
+        self.revoked_at: float | None = None
+        self.expiry: dict[str, float] = {}  # access token → true expiry (world time)
+        self.presentations: list[Presentation] = []
+        self.requests = 0  # every request that reached the server and was acted on
+        self.cc_requests = 0
+
+    def authorize(self) -> TokenSet:
+        """The operator's one-time authorization: a fresh grant."""
+        self.revoked = False
+        self.valid_refresh = self._new_refresh()
+        access = self._new_access()
+        return TokenSet(
+            access,
+            "Bearer",
+            WALL_EPOCH + self._world.now,
+            WALL_EPOCH + self.expiry[access],
+            None,
+            self.valid_refresh,
+            lineage=1,
+            generation=1,
+        )
+
+    def _new_refresh(self) -> str:
+        return f"rt-{next(self._serial):05d}-{'r' * 16}"
+
+    def _new_access(self) -> str:
+        access = f"at-{next(self._serial):05d}-{'a' * 16}"
+        self.expiry[access] = self._world.now + self.lifetime
+        return access
+
+    def refresh(self, refresh_token: str, replica: str, sent_wall: float) -> TokenSet:
+        """Act on a refresh_token grant (raises PermanentTokenError for a dead grant)."""
+        self.requests += 1
+        record = Presentation(refresh_token, self._world.now, replica, "rotated")
+        self.presentations.append(record)
+        if self.revoked:
+            record.outcome = "rejected"
+            raise PermanentTokenError("invalid_grant", status=400, error="invalid_grant")
+        if refresh_token == self.valid_refresh:
+            self.spent[refresh_token] = self._world.now
+            self.valid_refresh = self._new_refresh()
+        elif refresh_token in self.spent:
+            if self.grace > 0 and self._world.now - self.spent[refresh_token] <= self.grace:
+                record.outcome = "grace"
+            else:
+                record.outcome = "reuse"
+                self.revoked = True
+                self.revoked_at = self._world.now
+                raise PermanentTokenError("invalid_grant", status=400, error="invalid_grant")
+        else:
+            record.outcome = "rejected"
+            raise PermanentTokenError("invalid_grant", status=400, error="invalid_grant")
+        access = self._new_access()
+        return TokenSet(
+            access,
+            "Bearer",
+            sent_wall,
+            sent_wall + self.lifetime,
+            None,
+            self.valid_refresh,
+        )
+
+
+class SimSource:
+    """One replica's token endpoint client: network latency, and the server's faults."""
+
+    def __init__(
+        self, world: SimTime, server: SimAuthServer, clock: Clock, rng: random.Random
+    ) -> None:
+        self._world = world
+        self._server = server
+        self._clock = clock
+        self._rng = rng
+        self.replica = ""
+        self.dead = False
+
+    async def fetch(self, refresh_token: str | None = None) -> TokenSet:
+        """Send the request; the server acts when it arrives; the reply may be lost."""
+        server = self._server
+        if self.dead:
+            raise TransientTokenError("simulated: the process is dead")
+        sent_wall = self._clock.time()
+        faults = server.faults
+        if faults.down:
+            await self._world.sleep(0.01)
+            raise TransientTokenError("token endpoint unreachable: connection refused")
+        await self._world.sleep(0.02 + self._rng.random() * 0.05 + faults.slow)
+        faults = server.faults
+        if faults.status is not None:
+            raise TransientTokenError(
+                f"http {faults.status}", status=faults.status, retry_after=faults.retry_after
+            )
+        lost = self._rng.random() < faults.lose_replies
+        record: Presentation | None = None
+        if refresh_token is None:
+            server.cc_requests += 1
+            token = TokenSet(server._new_access(), "Bearer", sent_wall, sent_wall + server.lifetime)
+        else:
+            try:
+                token = server.refresh(refresh_token, self.replica, sent_wall)
+            except PermanentTokenError:
+                await self._world.sleep(0.02)
+                raise
+            record = server.presentations[-1]
+            record.reply_lost = lost
+        try:
+            await self._world.sleep(0.02 + self._rng.random() * 0.05)
+        except asyncio.CancelledError:
+            # The caller gave up (or died) after the server acted: that reply is lost too.
+            if record is not None:
+                record.reply_lost = True
+            raise
+        if lost:
+            raise TransientTokenError("no answer: connection reset", outcome_unknown=True)
+        return token
+
+
+# ---- the store --------------------------------------------------------------------------------
+
+
+@dataclass
+class StoreFaults:
+    """What one replica's connection to the store does wrong right now."""
+
+    partitioned: bool = False
+    lose_replies: float = 0.0  # probability a write is applied but its answer is lost
+    unreadable_after: float | None = None  # sets written after this time are unreadable here
+
+
+class SimStoreView:
+    """One replica's connection to the shared MemoryStore, with that connection's faults."""
+
+    def __init__(
+        self,
+        world: SimTime,
+        shared: MemoryStore,
+        rng: random.Random,
+        written_at: dict[str, float],
+    ) -> None:
+        self._world = world
+        self._shared = shared
+        self._rng = rng
+        self.faults = StoreFaults()
+        self.outage = False  # the store itself is down (every view)
+        self.dead = False  # the replica was killed
+        self._written_at = written_at  # app → world time of the last stored commit (any view)
+        self.restarts = [0]  # shared: the store's restarts so far (each drops every connection)
+
+    def _reachable(self) -> None:
+        if self.faults.partitioned or self.outage or self.dead:
+            raise StoreUnavailable("simulated: store unreachable")
+
+    async def _hop(self) -> None:
+        self._reachable()
+        await self._world.sleep(0.001 + self._rng.random() * 0.004)
+        self._reachable()
+
+    def _maybe_lose(self) -> None:
+        if self._rng.random() < self.faults.lose_replies:
+            raise StoreUnavailable("simulated: timeout after the write was applied")
+
+    async def load(self, app: str) -> TokenSet | None:
+        """Load, failing as the faults say; a set written under a key we lack is unreadable."""
+        await self._hop()
+        token = await self._shared.load(app)
+        await self._hop()
+        after = self.faults.unreadable_after
+        if token is not None and after is not None and self._written_at.get(app, -1.0) >= after:
+            # Written by a replica that already encrypts under a key this one lacks.
+            raise UnreadableTokenSet(
+                "simulated: unknown key", rank=token.rank, version=token.version
+            )
+        return token
+
+    async def load_many(self, apps: Sequence[str]) -> dict[str, TokenSet]:
+        """Load several apps in one round trip."""
+        await self._hop()
+        found = await self._shared.load_many(apps)
+        await self._hop()
+        after = self.faults.unreadable_after
+        if after is None:
+            return found
+        return {a: t for a, t in found.items() if self._written_at.get(a, -1.0) < after}
+
+    async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:
+        """Commit, possibly losing the answer after applying it."""
+        await self._hop()
+        before = self._shared.state.tokens.get(app)
+        result = await self._shared.commit(app, token, fence=fence)
+        if self._shared.state.tokens.get(app) is not before:
+            self._written_at[app] = self._world.now
+        self._maybe_lose()
+        await self._hop()
+        return result
+
+    async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
+        """Acquire, possibly losing the answer after applying it."""
+        await self._hop()
+        result = await self._shared.acquire_lease(app, owner, ttl)
+        self._maybe_lose()
+        await self._hop()
+        return result
+
+    async def release_lease(self, app: str, owner: str, fence: int) -> None:
+        """Release."""
+        await self._hop()
+        await self._shared.release_lease(app, owner, fence)
+        self._maybe_lose()
+
+    async def begin_spend(
+        self,
+        app: str,
+        *,
+        owner: str,
+        fence: int,
+        token: TokenSet,
+        retry_within: float = 0.0,
+        resolved_fence: int = 0,
+    ) -> SpendStart:
+        """Announce a spend, possibly losing the answer after applying it."""
+        await self._hop()
+        result = await self._shared.begin_spend(
+            app,
+            owner=owner,
+            fence=fence,
+            token=token,
+            retry_within=retry_within,
+            resolved_fence=resolved_fence,
+        )
+        self._maybe_lose()
+        await self._hop()
+        return result
+
+    async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
+        """Mark a spend sent, possibly losing the answer after applying it."""
+        await self._hop()
+        result = await self._shared.mark_sent(app, owner=owner, fence=fence)
+        self._maybe_lose()
+        await self._hop()
+        return result
+
+    async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
+        """End a spend, possibly losing the answer after applying it."""
+        await self._hop()
+        await self._shared.end_spend(app, fence=fence, outcome=outcome)
+        self._maybe_lose()
+
+    async def updates(self) -> AsyncIterator[Notice]:
+        """Notices, until this connection breaks."""
+        self._reachable()
+        feed = cast(AsyncGenerator[Notice, None], self._shared.updates())
+        getter: asyncio.Future[Notice] | None = None
+        restarts = self.restarts[0]
+        try:
+            while True:
+                getter = asyncio.ensure_future(anext(feed))
+                while not getter.done():
+                    waiter = asyncio.ensure_future(self._world.sleep(1.0))
+                    await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    if self.faults.partitioned or self.outage or self.restarts[0] != restarts:
+                        raise StoreUnavailable("simulated: subscription dropped")
+                notice = getter.result()
+                await self._world.sleep(0.002)
+                if self.faults.partitioned or self.outage:
+                    raise StoreUnavailable("simulated: subscription dropped")
+                yield notice
+        finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
+                await asyncio.gather(getter, return_exceptions=True)
+            await feed.aclose()
+
+    async def server_time(self) -> float:
+        """The store's clock (true time), after a hop."""
+        await self._hop()
+        return await self._shared.server_time()
+
+    async def record_failure(
+        self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
+    ) -> None:
+        """Share a failure, possibly losing the answer after applying it."""
+        await self._hop()
+        await self._shared.record_failure(
+            app, failures=failures, not_before=not_before, error=error, permanent=permanent
+        )
+        self._maybe_lose()
+
+    async def load_failure(self, app: str) -> FailureRecord | None:
+        """The shared failure record."""
+        await self._hop()
+        return await self._shared.load_failure(app)
+
+    async def clear_failure(self, app: str) -> None:
+        """Forget the failure record."""
+        await self._hop()
+        await self._shared.clear_failure(app)
+        self._maybe_lose()
+
+    async def take_budget(self, app: str, limit_per_minute: int, now: float) -> tuple[bool, float]:
+        """Count a request against the fleet budget."""
+        await self._hop()
+        return await self._shared.take_budget(app, limit_per_minute, now)
+
+    async def ping(self) -> None:
+        """Answer unless unreachable."""
+        await self._hop()
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+
+# ---- replicas ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Replica:
+    """One broker process of the fleet."""
+
+    name: str
+    clock: ReplicaClock
+    view: SimStoreView
+    source: SimSource
+    core: BrokerCore
+    task: asyncio.Task[None]
+    alive: bool = True
+
+    @property
+    def refresher(self) -> AppRefresher:
+        """The app's refresher."""
+        return self.core.refreshers[APP]
+
+
+@dataclass
+class WorldConfig:
+    """The shape of one simulated world."""
+
+    replicas: int
+    lifetime: float
+    grace: float
+    offsets: list[float]
+    policy: RefreshPolicy = field(
+        default_factory=lambda: RefreshPolicy(
+            at_fraction=0.75, min_remaining=10.0, jitter=0.05, safety_margin=6.0
+        )
+    )
+
+
+TIMING = Timing(min_attempt=1.0, max_attempt=10.0, persist=1.0, margin=0.5, objection=0.5)
+
+
+class World:
+    """The store, the server and the replicas of one schedule."""
+
+    def __init__(self, config: WorldConfig, rng: random.Random) -> None:
+        self.config = config
+        self.rng = rng
+        self.time = SimTime()
+        self.store = MemoryStore(StoreClock(self.time))
+        self.written_at: dict[str, float] = {}
+        self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
+        self.server = SimAuthServer(self.time, rng, lifetime=config.lifetime, grace=config.grace)
+        self.replicas: list[Replica] = []
+        self.metrics: list[Metrics] = []  # every incarnation's, dead ones included
+        self.draining: list[asyncio.Future[None]] = []  # replicas shutting down after SIGTERM
+        self.store_outage = False
+        self._incarnations = itertools.count(1)
+        self.spec = AppSpec(
+            name=APP,
+            token_url="http://sim/token",
+            grant_type=GrantType.AUTHORIZATION_CODE,
+            refresh=RefreshPolicy(
+                at_fraction=config.policy.at_fraction,
+                min_remaining=config.policy.min_remaining,
+                jitter=config.policy.jitter,
+                safety_margin=config.policy.safety_margin,
+                reuse_grace=config.grace,
+            ),
+        )
+
+    async def authorize(self) -> None:
+        """The operator runs `token-broker authorize` once."""
+        await self.store.commit(APP, self.server.authorize())
+
+    def start_replica(self, index: int) -> Replica:
+        """Start (or restart) replica `index` with empty memory, as `token-broker serve` does.
+
+        Its wall clock is off by its offset; like the broker, it measures its offset to the
+        store's clock first (briefly) and keeps fleet time from then on.
+        """
+        offset = self.config.offsets[index]
+        host_clock = ReplicaClock(self.time, offset, mono_base=1000.0 * (index + 1))
+        clock = FleetClock(host_clock)
+        view = SimStoreView(
+            self.time, self.store, random.Random(self.rng.random()), self.written_at
+        )
+        view.restarts = self.restarts
+        view.outage = self.store_outage
+        source = SimSource(self.time, self.server, clock, random.Random(self.rng.random()))
+        name = f"r{index}.{next(self._incarnations)}"
+        source.replica = name
+        metrics = Metrics()
+        self.metrics.append(metrics)
+        core = BrokerCore({}, view, clock, metrics)
+        refresher = AppRefresher(
+            self.spec,
+            source,
+            view,
+            clock,
+            metrics,
+            owner=name,
+            rng=random.Random(self.rng.random()),
+            timing=TIMING,
+        )
+        core.add_app(refresher)
+
+        async def serve() -> None:
+            await clock.measure_within(view, 3.0)
+            measuring = asyncio.ensure_future(clock.run(view))
+            try:
+                await core.run()
+            finally:
+                measuring.cancel()
+
+        task = asyncio.ensure_future(serve())
+        replica = Replica(name, host_clock, view, source, core, task)
+        if index < len(self.replicas):
+            self.replicas[index] = replica
+        else:
+            self.replicas.append(replica)
+        return replica
+
+    async def crash(self, index: int) -> None:
+        """SIGKILL: everything the replica was doing stops where it is."""
+        replica = self.replicas[index]
+        replica.alive = False
+        # A dead process touches nothing again: its connections fail at once, without effect.
+        replica.view.dead = True
+        replica.source.dead = True
+        inflight = replica.refresher._inflight
+        for task in [replica.task] + ([inflight] if inflight is not None else []):
+            task.cancel()
+        await self.time.settle()
+
+    def terminate(self, index: int) -> None:
+        """SIGTERM: stop scheduling, let a spend in flight finish and persist, then exit.
+
+        The drain runs on simulated time beside everything else; the replica counts as gone
+        (it no longer serves) from the signal on.
+        """
+        replica = self.replicas[index]
+        replica.alive = False
+        replica.core.draining = True
+
+        async def drain_then_exit() -> None:
+            await replica.core.drain(15.0)
+            replica.task.cancel()
+            await asyncio.gather(replica.task, return_exceptions=True)
+
+        self.draining.append(asyncio.ensure_future(drain_then_exit()))
+
+    def set_store_outage(self, down: bool) -> None:
+        """The store is down for everyone (or back)."""
+        self.store_outage = down
+        for replica in self.replicas:
+            replica.view.outage = down
+
+    async def shutdown(self) -> None:
+        """Stop every replica (end of the schedule)."""
+        for index, replica in enumerate(self.replicas):
+            if replica.alive:
+                await self.crash(index)
+        for task in self.draining:
+            task.cancel()
+        await asyncio.gather(*self.draining, return_exceptions=True)

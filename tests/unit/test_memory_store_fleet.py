@@ -1,0 +1,112 @@
+"""MemoryStore's fleet primitives: the shared failure record and the request budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.errors import StoreUnavailable
+from broker.model import FailureRecord
+from broker.store import BUDGET_WINDOW, FAILURE_RETENTION
+from broker.store.memory import MemoryStore
+from tests.support.fake_clock import FakeClock
+
+
+@pytest.fixture
+def store(fake_clock: FakeClock) -> MemoryStore:
+    """An in-memory store on the fake clock."""
+    return MemoryStore(fake_clock)
+
+
+class TestFailureRecord:
+    async def test_round_trip(self, store: MemoryStore, fake_clock: FakeClock) -> None:
+        """A recorded failure loads back as written; other apps have none."""
+        not_before = fake_clock.time() + 8.0
+        await store.record_failure(
+            "app1", failures=3, not_before=not_before, error="transient: http 503", permanent=False
+        )
+        assert await store.load_failure("app1") == FailureRecord(
+            3, not_before, "transient: http 503", False
+        )
+        assert await store.load_failure("app2") is None
+
+    async def test_a_newer_record_replaces_the_older(
+        self, store: MemoryStore, fake_clock: FakeClock
+    ) -> None:
+        """The latest outcome wins."""
+        now = fake_clock.time()
+        await store.record_failure(
+            "app1", failures=1, not_before=now + 1, error="a", permanent=False
+        )
+        await store.record_failure(
+            "app1", failures=2, not_before=now + 300, error="b", permanent=True
+        )
+        assert await store.load_failure("app1") == FailureRecord(2, now + 300, "b", True)
+
+    async def test_clear(self, store: MemoryStore, fake_clock: FakeClock) -> None:
+        """After clear_failure (a success) there is no record; clearing none is fine."""
+        await store.record_failure(
+            "app1", failures=1, not_before=fake_clock.time(), error="e", permanent=False
+        )
+        await store.clear_failure("app1")
+        await store.clear_failure("app1")
+        assert await store.load_failure("app1") is None
+
+    async def test_lapses_after_the_retention(
+        self, store: MemoryStore, fake_clock: FakeClock
+    ) -> None:
+        """The record stays FAILURE_RETENTION past not_before (so the count goes on), then lapses."""
+        not_before = fake_clock.time() + 10.0
+        await store.record_failure(
+            "app1", failures=4, not_before=not_before, error="e", permanent=False
+        )
+        await fake_clock.advance(10.0 + FAILURE_RETENTION - 1.0)
+        assert await store.load_failure("app1") is not None
+        await fake_clock.advance(1.0)
+        assert await store.load_failure("app1") is None
+
+
+class TestBudget:
+    async def test_allows_the_limit_then_refuses(self, store: MemoryStore) -> None:
+        """`limit` requests in a minute pass; the next is refused until the oldest leaves."""
+        results = [await store.take_budget("app1", 3, 1000.0 + i) for i in range(3)]
+        assert results == [(True, 0.0)] * 3
+        allowed, retry_after = await store.take_budget("app1", 3, 1010.0)
+        assert not allowed
+        assert retry_after == pytest.approx(1000.0 + BUDGET_WINDOW - 1010.0)
+
+    async def test_the_window_slides(self, store: MemoryStore) -> None:
+        """A request is allowed again once the oldest counted one is a window old."""
+        for i in range(3):
+            await store.take_budget("app1", 3, 1000.0 + i)
+        assert (await store.take_budget("app1", 3, 1000.0 + BUDGET_WINDOW - 0.01))[0] is False
+        assert await store.take_budget("app1", 3, 1000.0 + BUDGET_WINDOW) == (True, 0.0)
+
+    async def test_refused_requests_are_not_counted(self, store: MemoryStore) -> None:
+        """Refusals do not push the window: after it slides, the full limit is there again."""
+        await store.take_budget("app1", 1, 1000.0)
+        for i in range(10):
+            assert (await store.take_budget("app1", 1, 1001.0 + i))[0] is False
+        assert (await store.take_budget("app1", 1, 1000.0 + BUDGET_WINDOW))[0] is True
+
+    async def test_apps_have_their_own_budget(self, store: MemoryStore) -> None:
+        """One app's spent budget does not refuse another's requests."""
+        await store.take_budget("app1", 1, 1000.0)
+        assert await store.take_budget("app2", 1, 1000.0) == (True, 0.0)
+
+
+class TestOutage:
+    async def test_every_primitive_raises_store_unavailable(
+        self, store: MemoryStore, fake_clock: FakeClock
+    ) -> None:
+        """With the store failing, each fleet primitive raises StoreUnavailable."""
+        store.fail = True
+        with pytest.raises(StoreUnavailable):
+            await store.server_time()
+        with pytest.raises(StoreUnavailable):
+            await store.record_failure("a", failures=1, not_before=0.0, error="e", permanent=False)
+        with pytest.raises(StoreUnavailable):
+            await store.load_failure("a")
+        with pytest.raises(StoreUnavailable):
+            await store.clear_failure("a")
+        with pytest.raises(StoreUnavailable):
+            await store.take_budget("a", 1, fake_clock.time())
