@@ -176,7 +176,9 @@ def body_size(url: str, key: str) -> int:
 
 def has_uvloop() -> bool:
     """True when uvloop can be imported by the servers' interpreter."""
-    probe = subprocess.run([sys.executable, "-c", "import uvloop"], capture_output=True, check=False)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import uvloop"], capture_output=True, check=False
+    )
     return probe.returncode == 0
 
 
@@ -242,7 +244,9 @@ def main() -> int:
                 size = body_size(url, CLIENT_KEY)
             for loop in loops:
                 proc, url = start_bare(size, loop)
-                servers.append(Server("bare" if loop == "asyncio" else "bare-uvloop", proc, url, None))
+                servers.append(
+                    Server("bare" if loop == "asyncio" else "bare-uvloop", proc, url, None)
+                )
             for server in servers:  # warm-up: connections, caches, the first token.issued line
                 run_wrk(server, args.connections, 1)
             rounds: dict[str, list[Round]] = {s.name: [] for s in servers}
@@ -272,9 +276,7 @@ def main() -> int:
     for name in rounds:
         row = report[name]
         assert isinstance(row, dict)
-        print(
-            f"{name:16} {row['cpu_us_per_request']:11.1f} {row['rps']:9d} {row['p99_ms']:8.3f}"
-        )
+        print(f"{name:16} {row['cpu_us_per_request']:11.1f} {row['rps']:9d} {row['p99_ms']:8.3f}")
     print("ratios within each round (median [min–max]); CPU below 1.0 = cheaper than bare")
     ratios = report["ratios"]
     assert isinstance(ratios, dict)

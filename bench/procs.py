@@ -65,7 +65,9 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def start_oauth_child(port: int, client_id: str, secret: str, lifetime: float) -> subprocess.Popen[bytes]:
+def start_oauth_child(
+    port: int, client_id: str, secret: str, lifetime: float
+) -> subprocess.Popen[bytes]:
     """The dev OAuth server in a child process (so its CPU is not the broker's), counting requests.
 
     `GET /count` on it answers the number of token requests served so far.

@@ -9,10 +9,9 @@ import os
 import secrets
 import sys
 import tempfile
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from broker import __version__
 from broker.config import load_config, summarize
@@ -22,6 +21,8 @@ from broker.logs import configure_logging, get_logger
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
+# TOKEN_BROKER_EVENT_LOOP: "auto" (uvloop when installed), "uvloop" or "asyncio".
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 log = get_logger("broker.cli")
 
@@ -101,6 +102,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when installed (the `fast` extra) unless TOKEN_BROKER_EVENT_LOOP says
+    otherwise; None for asyncio's default loop."""
+    choice = os.environ.get("TOKEN_BROKER_EVENT_LOOP", "auto").strip().lower() or "auto"
+    if choice not in EVENT_LOOPS:
+        raise ConfigError("TOKEN_BROKER_EVENT_LOOP", f"must be one of {', '.join(EVENT_LOOPS)}")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError(
+                "TOKEN_BROKER_EVENT_LOOP",
+                "uvloop is not installed (pip install 'token-broker[fast]')",
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run the coroutine `main()` makes to completion on the chosen loop (see `loop_factory`)."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main())
+
+
 def _require_config(args: argparse.Namespace) -> Path:
     if not args.config:
         raise ConfigError("--config", "no config file given (use --config or TOKEN_BROKER_CONFIG)")
@@ -121,7 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(path)
     configure_logging(json=True, level=args.log_level)
     try:
-        asyncio.run(serve(config, config_path=path))
+        run_loop(lambda: serve(config, config_path=path))
     except ConfigError:
         raise
     except BrokerError as exc:
@@ -139,7 +167,7 @@ def _dev(args: argparse.Namespace) -> int:
     configure_logging(json=False, level="INFO")
     with tempfile.TemporaryDirectory(prefix="token-broker-dev-") as workdir:
         try:
-            asyncio.run(run_dev(Path(workdir), port=args.port, lifetime=args.lifetime))
+            run_loop(lambda: run_dev(Path(workdir), port=args.port, lifetime=args.lifetime))
         except OSError as exc:
             print(f"token-broker dev: {exc}", file=sys.stderr)
             return EXIT_RUNTIME
@@ -173,6 +201,10 @@ def _authorize(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
+    # Imported here: urllib.request pulls in http.client, email and ssl, which `serve` never uses.
+    import urllib.error
+    import urllib.request
+
     key = os.environ.get("TOKEN_BROKER_KEY")
     if args.key_file:
         try:
