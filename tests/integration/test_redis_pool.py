@@ -51,15 +51,18 @@ async def named_connections(port: int) -> int:
 @contextlib.asynccontextmanager
 async def subscribed(store: RedisStore) -> AsyncIterator[None]:
     """The store's pub/sub feed running in the background, as the broker runs it."""
-    feed = store.updates()
-    task = asyncio.create_task(anext(feed))
+
+    async def follow() -> None:
+        async for _ in store.updates():
+            pass
+
+    task = asyncio.create_task(follow())
     await asyncio.sleep(0.2)  # subscribed: it holds its connection now
     try:
         yield
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await feed.aclose()
 
 
 async def load_everything(store: RedisStore) -> None:
