@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from broker.api import build_api_app, build_metrics_app
+from broker.api import build_api_server, build_metrics_app
 from broker.api.auth import ClientAuthenticator
 from broker.clock import Clock, SystemClock
 from broker.config import load_config
@@ -51,7 +51,7 @@ def split_host_port(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _site(runner: web.AppRunner, listen: str) -> web.BaseSite:
+def _site(runner: web.BaseRunner, listen: str) -> web.BaseSite:
     if listen.startswith("unix:"):
         path = listen.removeprefix("unix:")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ class Broker:
     clock: Clock
     owner: str
     credentials: dict[str, Credentials] = field(default_factory=dict)
-    api_runner: web.AppRunner | None = None
+    api_runner: web.ServerRunner | None = None
     metrics_runner: web.AppRunner | None = None
     api_addresses: list[str] = field(default_factory=list)
     metrics_addresses: list[str] = field(default_factory=list)
@@ -192,10 +192,8 @@ async def reload_config(broker: Broker, path: Path) -> bool:
 
 async def start_listeners(broker: Broker) -> None:
     """Bind the local API and the metrics listener."""
-    api = build_api_app(broker.core, broker.authenticator, broker.metrics, broker.clock)
-    broker.api_runner = web.AppRunner(
-        api, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
-    )
+    api = build_api_server(broker.core, broker.authenticator, broker.metrics, broker.clock)
+    broker.api_runner = web.ServerRunner(api, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
     await broker.api_runner.setup()
     api_site = _site(broker.api_runner, broker.config.server.listen)
     await api_site.start()
@@ -289,7 +287,7 @@ def _safe_store_name(url: str) -> str:
     return f"{scheme}://{host}" if host else f"{scheme}://"
 
 
-def _addresses(runner: web.AppRunner) -> list[str]:
+def _addresses(runner: web.BaseRunner) -> list[str]:
     """The bound addresses as `http://host:port` (or the unix socket path)."""
     found = []
     for address in runner.addresses:

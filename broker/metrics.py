@@ -1,11 +1,22 @@
-"""Every metric of the contract, registered on an injected CollectorRegistry."""
+"""Every metric of the contract, registered on an injected CollectorRegistry.
+
+Kept small per app, because a broker may serve a thousand apps and a scrape renders every series
+on the event loop's process: no `_created` series (nothing reads them), and one app-state series
+per app (its current state) rather than one per possible state, most of them always zero.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 from broker import __version__
 from broker.model import AppState
@@ -18,7 +29,11 @@ class Metrics:
     """The broker's metrics. Labels only ever carry configured names and fixed vocabularies."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # Process-wide in prometheus-client: a `_created` series per counter and histogram child
+        # would double the counters' series, and Prometheus does not need them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._app_states: dict[str, AppState] = {}
         r = self.registry
         self.refresh_total = Counter(
             "token_broker_refresh_total",
@@ -83,7 +98,7 @@ class Metrics:
         )
         self.app_state = Gauge(
             "token_broker_app_state",
-            "1 for the app's current state, else 0.",
+            "1, labelled with the app's current state (the only series of the app).",
             ["app", "state"],
             registry=r,
         )
@@ -102,17 +117,21 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
 
     def set_app_state(self, app: str, state: AppState) -> None:
-        """Set the app's state gauge: 1 for `state`, 0 for the others."""
-        for candidate in AppState:
-            self.app_state.labels(app=app, state=candidate.value).set(
-                1 if candidate is state else 0
-            )
+        """The app's state series: `state` at 1; the series of its previous state is removed."""
+        previous = self._app_states.get(app)
+        if previous is state:
+            return
+        if previous is not None:
+            _remove(self.app_state, app, previous.value)
+        self.app_state.labels(app=app, state=state.value).set(1)
+        self._app_states[app] = state
 
     def forget_apps(self, apps: Iterable[str]) -> None:
         """Drop the per-app series of removed apps."""
         for app in apps:
-            for state in AppState:
-                _remove(self.app_state, app, state.value)
+            previous = self._app_states.pop(app, None)
+            if previous is not None:
+                _remove(self.app_state, app, previous.value)
             _remove(self.token_expiry, app)
             _remove(self.refresh_failures_consecutive, app)
 

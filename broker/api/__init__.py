@@ -1,19 +1,27 @@
 """The local HTTP API (tokens for callers in the pod) and the metrics listener.
 
-Every route is wrapped by `_Api.endpoint`, which does the per-request work they share: the Host
-and Forwarded checks, JSON errors, and the request metrics. (A wrapper rather than an aiohttp
-middleware: middlewares cost a wrapper object per request on the hot path.) A catch-all route
-answers unknown paths and wrong methods in JSON. The serving path logs nothing per request.
+The API runs on aiohttp's low-level `web.Server` with its own small router (broker/api/routing.py):
+no `web.Application`, no middleware, no UrlDispatcher, so a token request costs less CPU than
+a bare aiohttp application's. `_Api.__call__` does the per-request work every route shares: the
+Host and Forwarded checks, JSON errors (404 and 405 included), and the request metrics. The
+serving path logs nothing per request.
+
+A new route is one `self.router.add(methods, template, endpoint)` line in `_Api.__init__`:
+`methods` is a list of methods or `"*"` for all of them, `template` a path such as
+`/v1/proxy/{app}/{path:.*}`, and `endpoint` an `async (request, params) -> response`. The
+template is the route's `route` metrics label.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.api.auth import ClientAuthenticator
 from broker.api.openapi import openapi_document
+from broker.api.routing import NoRoute, Router
 from broker.clock import Clock
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.logs import RateLimitedLog, audit, get_logger
@@ -39,15 +48,10 @@ _MIN_TTL = re.compile(r"^[0-9]{1,10}$")
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _TOKEN_HEADERS = {**_NO_STORE, "Content-Type": "application/json"}
 _JSON = "application/json"
-_KNOWN_PATHS = (
-    (re.compile(r"^/v1/token/[^/]+$"), "GET"),
-    (re.compile(r"^/v1/token/[^/]+/refresh$"), "POST"),
-    (re.compile(r"^/v1/apps$"), "GET"),
-    (re.compile(r"^/openapi\.json$"), "GET"),
-)
+# Request bodies the API accepts (none of its routes takes one beyond a few bytes).
+MAX_REQUEST_BODY = 4096
+ROUTE_OTHER = "other"
 DENIED_LOG_INTERVAL = 60.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Per-request labels for the metrics: a configured app and client name, or "".
 APP_LABEL = web.RequestKey("app_label", str)
@@ -113,52 +117,52 @@ class _Api:
         # The serialized answer per app, reused while the token and its whole seconds left hold.
         self._bodies: dict[str, tuple[TokenSet, int, bytes]] = {}
         self._denied = RateLimitedLog(DENIED_LOG_INTERVAL)
-        self._counters: dict[tuple[str, str, str, str], Any] = {}
+        # Label children bound once: `labels()` per request would cost more than the handler.
+        self._counters: dict[tuple[str, str, str, int], Any] = {}
         self._timers: dict[str, Any] = {}
+        self.router = Router()
+        self.router.add("GET", ROUTE_TOKEN, self.get_token)
+        self.router.add("POST", ROUTE_REFRESH, self.refresh)
+        self.router.add("GET", ROUTE_APPS, self.list_apps)
+        self.router.add("GET", ROUTE_OPENAPI, self.openapi)
 
     # ---- the shared per-request work ---------------------------------------------------
 
-    def endpoint(self, route: str, handler: Handler) -> Handler:
-        """Wrap `handler`: origin checks, JSON errors, metrics under the route template."""
-        timer = self.metrics.request_duration.labels(route)
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Answer one request: route, origin checks, JSON errors, metrics under the template."""
+        started = time.perf_counter()
+        request[APP_LABEL] = ""
+        request[CLIENT_LABEL] = ""
+        try:
+            route, endpoint, params = self.router.resolve(request.method, request.rel_url.path_safe)
+            label = route.template
+            missing: NoRoute | None = None
+        except NoRoute as exc:
+            label, missing = ROUTE_OTHER, exc
+        try:
+            _check_request(request, missing)
+            response = await endpoint(request, params)
+        except ApiError as exc:
+            response = error_response(exc)
+            if exc.status in (401, 403):
+                self._log_denied(request, exc.code)
+        except Exception:
+            log.exception("api.internal_error", route=label)
+            response = error_response(ApiError(500, "internal", "internal error"))
+        key = (label, request[APP_LABEL], request[CLIENT_LABEL], response.status)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.metrics.requests_total.labels(
+                label, key[1], key[2], str(key[3])
+            )
+        counter.inc()
+        timer = self._timers.get(label)
+        if timer is None:
+            timer = self._timers[label] = self.metrics.request_duration.labels(label)
+        timer.observe(time.perf_counter() - started)
+        return response
 
-        async def handle(request: web.Request) -> web.StreamResponse:
-            started = time.perf_counter()
-            request[APP_LABEL] = ""
-            request[CLIENT_LABEL] = ""
-            try:
-                _check_origin(request)
-                response = await handler(request)
-            except ApiError as exc:
-                response = error_response(exc)
-                if exc.status in (401, 403):
-                    self._log_denied(request, exc.code)
-            except Exception:
-                log.exception("api.internal_error", route=route)
-                response = error_response(ApiError(500, "internal", "internal error"))
-            key = (route, request[APP_LABEL], request[CLIENT_LABEL], str(response.status))
-            counter = self._counters.get(key)
-            if counter is None:
-                counter = self._counters[key] = self.metrics.requests_total.labels(*key)
-            counter.inc()
-            timer.observe(time.perf_counter() - started)
-            return response
-
-        return handle
-
-    async def fallback(self, request: web.Request) -> web.Response:
-        """Unknown paths (404) and known paths with the wrong method (405), in JSON."""
-        for pattern, allowed in _KNOWN_PATHS:
-            if pattern.match(request.path):
-                raise ApiError(
-                    405,
-                    "method_not_allowed",
-                    "method not allowed on this route",
-                    {"Allow": allowed},
-                )
-        raise ApiError(404, "not_found", "no such route")
-
-    def _log_denied(self, request: web.Request, reason: str) -> None:
+    def _log_denied(self, request: web.BaseRequest, reason: str) -> None:
         who = request[CLIENT_LABEL] or (request.remote or "unknown")
         if self._denied.allow((who, reason), self.clock.monotonic()):
             audit(
@@ -172,7 +176,7 @@ class _Api:
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _caller(self, request: web.Request) -> str:
+    def _caller(self, request: web.BaseRequest) -> str:
         client = self.auth.identify(request.headers.get("Authorization"))
         if client is None:
             raise ApiError(
@@ -184,8 +188,7 @@ class _Api:
         request[CLIENT_LABEL] = client
         return client
 
-    def _app_for(self, request: web.Request, client: str) -> str:
-        app = request.match_info["app"]
+    def _app_for(self, request: web.BaseRequest, client: str, app: str) -> str:
         if app not in self.service.app_names():
             raise ApiError(404, "unknown_app", "no such app is configured")
         request[APP_LABEL] = app
@@ -220,12 +223,13 @@ class _Api:
 
     async def _serve(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
+        app: str,
         fetch: Callable[[str], Awaitable[TokenSet]],
         min_ttl: float | None = None,
     ) -> web.Response:
         client = self._caller(request)
-        app = self._app_for(request, client)
+        app = self._app_for(request, client, app)
         if min_ttl is not None:
             # The hot path: a servable token in memory, answered without awaiting anything.
             cached = self.service.cached_token(app, min_ttl)
@@ -259,7 +263,7 @@ class _Api:
 
     # ---- handlers ----------------------------------------------------------------------
 
-    async def get_token(self, request: web.Request) -> web.Response:
+    async def get_token(self, request: web.BaseRequest, params: Mapping[str, str]) -> web.Response:
         """GET /v1/token/{app}[?min_ttl=N]."""
         min_ttl = 0.0
         if request.query_string:
@@ -270,15 +274,17 @@ class _Api:
             if raw is None or not _MIN_TTL.match(raw) or int(raw) > MAX_MIN_TTL:
                 raise ApiError(400, "bad_request", "min_ttl must be a whole number of seconds")
             min_ttl = float(raw)
-        return await self._serve(request, lambda app: self.service.get_token(app, min_ttl), min_ttl)
+        return await self._serve(
+            request, params["app"], lambda app: self.service.get_token(app, min_ttl), min_ttl
+        )
 
-    async def refresh(self, request: web.Request) -> web.Response:
+    async def refresh(self, request: web.BaseRequest, params: Mapping[str, str]) -> web.Response:
         """POST /v1/token/{app}/refresh."""
         if request.query:
             raise ApiError(400, "bad_request", "this route takes no query parameters")
-        return await self._serve(request, self.service.force_refresh)
+        return await self._serve(request, params["app"], self.service.force_refresh)
 
-    async def list_apps(self, request: web.Request) -> web.Response:
+    async def list_apps(self, request: web.BaseRequest, _: Mapping[str, str]) -> web.Response:
         """GET /v1/apps: the caller's apps and their state."""
         client = self._caller(request)
         apps = []
@@ -295,33 +301,69 @@ class _Api:
             )
         return web.json_response({"apps": apps}, headers=_NO_STORE)
 
-    async def openapi(self, _: web.Request) -> web.Response:
+    async def openapi(self, _: web.BaseRequest, __: Mapping[str, str]) -> web.Response:
         """GET /openapi.json (no auth)."""
         return web.json_response(openapi_document())
 
 
-def build_api_app(
+def build_api_handler(
     service: TokenService,
     authenticator: ClientAuthenticator,
     metrics: Metrics,
     clock: Clock,
-) -> web.Application:
-    """The local API application."""
-    api = _Api(service, authenticator, metrics, clock)
-    app = web.Application(client_max_size=4096)
-    app.router.add_get(ROUTE_TOKEN, api.endpoint(ROUTE_TOKEN, api.get_token), allow_head=False)
-    app.router.add_post(ROUTE_REFRESH, api.endpoint(ROUTE_REFRESH, api.refresh))
-    app.router.add_get(ROUTE_APPS, api.endpoint(ROUTE_APPS, api.list_apps), allow_head=False)
-    app.router.add_get(ROUTE_OPENAPI, api.endpoint(ROUTE_OPENAPI, api.openapi), allow_head=False)
-    app.router.add_route("*", "/{tail:.*}", api.endpoint("other", api.fallback))
-    return app
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The local API as a low-level aiohttp handler (serve it with `build_api_server`)."""
+    return _Api(service, authenticator, metrics, clock)
+
+
+def api_server_options() -> dict[str, Any]:
+    """`web.Server` keyword arguments of the API: small request bodies, no access log."""
+    return {"request_factory": _small_request, "access_log": None}
+
+
+def build_api_server(
+    service: TokenService,
+    authenticator: ClientAuthenticator,
+    metrics: Metrics,
+    clock: Clock,
+) -> web.Server:
+    """The local API's low-level server (call inside the running event loop)."""
+    return web.Server(
+        build_api_handler(service, authenticator, metrics, clock), **api_server_options()
+    )
+
+
+def _small_request(
+    message: Any,
+    payload: Any,
+    protocol: Any,
+    writer: Any,
+    task: asyncio.Task[None],
+) -> web.BaseRequest:
+    """A request whose body may not exceed MAX_REQUEST_BODY (413 beyond)."""
+    return web.BaseRequest(
+        message,
+        payload,
+        protocol,
+        writer,
+        task,
+        task.get_loop(),
+        client_max_size=MAX_REQUEST_BODY,
+    )
 
 
 def build_metrics_app(service: TokenService, metrics: Metrics) -> web.Application:
     """The metrics listener: /metrics, /healthz, /readyz."""
+    # One worker thread renders the exposition text: at a thousand apps that takes ~0.1 s of
+    # CPU, which on the event loop would hold back every token request meanwhile. prometheus-
+    # client copies each family's children under its lock, so the loop keeps incrementing
+    # and labelling while the thread renders; one thread also keeps parallel scrapes in line.
+    renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-render")
 
     async def metrics_handler(_: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(metrics.registry))
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(renderer, generate_latest, metrics.registry)
+        response = web.Response(body=body)
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         response.charset = "utf-8"
         return response
@@ -335,14 +377,31 @@ def build_metrics_app(service: TokenService, metrics: Metrics) -> web.Applicatio
             return web.json_response({"status": "not_ready", "apps": unready}, status=503)
         return web.json_response({"status": "ready"})
 
+    async def stop_renderer(_: web.Application) -> None:
+        renderer.shutdown(wait=False)
+
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.on_cleanup.append(stop_renderer)
     return app
 
 
-def _check_origin(request: web.Request) -> None:
+def _check_request(request: web.BaseRequest, missing: NoRoute | None) -> None:
+    """The origin checks, then 404 not_found or 405 method_not_allowed (with Allow) when the
+    request matched no route: a relayed request learns nothing about the routes."""
+    _check_origin(request)
+    if missing is None:
+        return
+    if missing.allow is None:
+        raise ApiError(404, "not_found", "no such route")
+    raise ApiError(
+        405, "method_not_allowed", "method not allowed on this route", {"Allow": missing.allow}
+    )
+
+
+def _check_origin(request: web.BaseRequest) -> None:
     """Refuse proxied requests (SSRF) and non-loopback Host headers (DNS rebinding)."""
     if "Forwarded" in request.headers or "X-Forwarded-For" in request.headers:
         raise ApiError(403, "bad_host", "requests relayed by a proxy are refused")

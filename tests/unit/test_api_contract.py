@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import RawTestServer, TestClient
 from prometheus_client import generate_latest
+from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
-from broker.api import build_api_app, build_metrics_app
+from broker.api import api_server_options, build_api_handler, build_metrics_app
 from broker.api.auth import ClientAuthenticator
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
@@ -27,8 +27,8 @@ INLINE_KEY = "inline-client-key-" + "i" * 32
 WRONG_KEY = "wrong-client-key-" + "w" * 32
 UNCONFIGURED_APP = "unconfigured-app-zq7"
 
-Client = TestClient[web.Request, web.Application]
-ClientFactory = Callable[[web.Application], Awaitable[Client]]
+Client = TestClient[Any, Any]
+ClientFactory = AiohttpClient
 
 
 def make_token(name: str, expires_at: float = NOW + 3000, scope: str | None = "read") -> TokenSet:
@@ -129,7 +129,10 @@ async def api(
     clock: FakeClock,
 ) -> Client:
     """A test server running the API app."""
-    return await aiohttp_client(build_api_app(service, authenticator, metrics, clock))
+    return await aiohttp_client(
+        RawTestServer(build_api_handler(service, authenticator, metrics, clock)),
+        server_kwargs=api_server_options(),
+    )
 
 
 @pytest.fixture
