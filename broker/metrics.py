@@ -7,8 +7,9 @@ per app (its current state) rather than one per possible state, most of them alw
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,11 +18,18 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from broker import __version__
 from broker.model import AppState
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# The `le` labels of the latency buckets, formatted as prometheus-client formats them.
+_LATENCY_LE = tuple(
+    floatToGoString(bound)  # type: ignore[no-untyped-call]
+    for bound in (*_LATENCY_BUCKETS, float("inf"))
+)
 _REFRESH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -66,19 +74,8 @@ class Metrics:
             ["app", "status"],
             registry=r,
         )
-        self.requests_total = Counter(
-            "token_broker_requests_total",
-            "Local API requests.",
-            ["route", "app", "client", "status"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "token_broker_request_duration_seconds",
-            "Local API request latency.",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.requests = RequestMetrics()
+        r.register(self.requests)
         self.store_up = Gauge(
             "token_broker_store_up",
             "1 when the shared store answers, else 0.",
@@ -139,3 +136,53 @@ class Metrics:
 def _remove(metric: Gauge, *labels: str) -> None:
     with contextlib.suppress(KeyError):
         metric.remove(*labels)
+
+
+class RequestMetrics:
+    """`token_broker_requests_total` and `token_broker_request_duration_seconds`, without locks.
+
+    Every API request is counted, and prometheus-client's children take a lock per increment
+    and per histogram observation (about 0.7 µs a request, a tenth of the whole handler). Here
+    a request costs two dict lookups and a few integer additions on the event loop's thread;
+    a scrape (in the render thread) copies the tables first, which CPython does atomically.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, str, int], int] = {}
+        # Per route: one count per bucket (non-cumulative, the last one +Inf), then the sum.
+        self._durations: dict[str, list[float]] = {}
+
+    def observe(self, route: str, app: str, client: str, status: int, seconds: float) -> None:
+        """Count one request, labelled with configured names only, and its duration."""
+        key = (route, app, client, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        slots = self._durations.get(route)
+        if slots is None:
+            slots = self._durations[route] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+        slots[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        slots[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        """The two families, as prometheus-client's Counter and Histogram would expose them."""
+        counts = dict(self._counts)
+        durations = {route: list(slots) for route, slots in dict(self._durations).items()}
+        requests = CounterMetricFamily(
+            "token_broker_requests",
+            "Local API requests.",
+            labels=["route", "app", "client", "status"],
+        )
+        for (route, app, client, status), count in sorted(counts.items()):
+            requests.add_metric([route, app, client, str(status)], count)
+        yield requests
+        duration = HistogramMetricFamily(
+            "token_broker_request_duration_seconds",
+            "Local API request latency.",
+            labels=["route"],
+        )
+        for route, slots in sorted(durations.items()):
+            cumulative, buckets = 0.0, []
+            for le, in_bucket in zip(_LATENCY_LE, slots[:-1], strict=True):
+                cumulative += in_bucket
+                buckets.append((le, cumulative))
+            duration.add_metric([route], buckets, sum_value=slots[-1])
+        yield duration

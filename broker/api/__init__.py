@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.api.auth import ClientAuthenticator
 from broker.api.openapi import openapi_document
-from broker.api.routing import NoRoute, Router
+from broker.api.routing import Endpoint, NoRoute, Router
 from broker.clock import Clock
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.logs import RateLimitedLog, audit, get_logger
@@ -50,6 +50,8 @@ _TOKEN_HEADERS = {**_NO_STORE, "Content-Type": "application/json"}
 _JSON = "application/json"
 # Request bodies the API accepts (none of its routes takes one beyond a few bytes).
 MAX_REQUEST_BODY = 4096
+# Request targets whose routing is remembered (then forgotten all at once).
+MAX_RESOLVED_TARGETS = 4096
 ROUTE_OTHER = "other"
 DENIED_LOG_INTERVAL = 60.0
 
@@ -99,6 +101,16 @@ def is_loopback_host(host_header: str | None) -> bool:
         return False
 
 
+# A routed request target: metrics label, endpoint, path parameters, or why nothing matched.
+_Resolved = tuple[str, Endpoint, Mapping[str, str], NoRoute | None]
+_NO_PARAMS: Mapping[str, str] = {}
+
+
+async def _unrouted(_: web.BaseRequest, __: Mapping[str, str]) -> web.StreamResponse:
+    """Never called: a request without a route is answered by _check_request's 404 or 405."""
+    raise AssertionError("unrouted request reached an endpoint")
+
+
 class _Api:
     """The handlers, with what they share: service, authenticator, metrics, clock."""
 
@@ -117,9 +129,9 @@ class _Api:
         # The serialized answer per app, reused while the token and its whole seconds left hold.
         self._bodies: dict[str, tuple[TokenSet, int, bytes]] = {}
         self._denied = RateLimitedLog(DENIED_LOG_INTERVAL)
-        # Label children bound once: `labels()` per request would cost more than the handler.
-        self._counters: dict[tuple[str, str, str, int], Any] = {}
-        self._timers: dict[str, Any] = {}
+        self._requests = metrics.requests
+        # (method, request target) → its route: the target's own string, as sent, is the key.
+        self._resolved: dict[tuple[str, str], _Resolved] = {}
         self.router = Router()
         self.router.add("GET", ROUTE_TOKEN, self.get_token)
         self.router.add("POST", ROUTE_REFRESH, self.refresh)
@@ -133,12 +145,10 @@ class _Api:
         started = time.perf_counter()
         request[APP_LABEL] = ""
         request[CLIENT_LABEL] = ""
-        try:
-            route, endpoint, params = self.router.resolve(request.method, request.rel_url.path_safe)
-            label = route.template
-            missing: NoRoute | None = None
-        except NoRoute as exc:
-            label, missing = ROUTE_OTHER, exc
+        resolved = self._resolved.get((request.method, request.raw_path))
+        if resolved is None:
+            resolved = self._resolve(request)
+        label, endpoint, params, missing = resolved
         try:
             _check_request(request, missing)
             response = await endpoint(request, params)
@@ -149,18 +159,26 @@ class _Api:
         except Exception:
             log.exception("api.internal_error", route=label)
             response = error_response(ApiError(500, "internal", "internal error"))
-        key = (label, request[APP_LABEL], request[CLIENT_LABEL], response.status)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = self.metrics.requests_total.labels(
-                label, key[1], key[2], str(key[3])
-            )
-        counter.inc()
-        timer = self._timers.get(label)
-        if timer is None:
-            timer = self._timers[label] = self.metrics.request_duration.labels(label)
-        timer.observe(time.perf_counter() - started)
+        self._requests.observe(
+            label,
+            request[APP_LABEL],
+            request[CLIENT_LABEL],
+            response.status,
+            time.perf_counter() - started,
+        )
         return response
+
+    def _resolve(self, request: web.BaseRequest) -> _Resolved:
+        """Route a request target, remembering the answer for the next identical target."""
+        try:
+            route, endpoint, params = self.router.resolve(request.method, request.rel_url.path_safe)
+            resolved: _Resolved = (route.template, endpoint, params, None)
+        except NoRoute as exc:
+            resolved = (ROUTE_OTHER, _unrouted, _NO_PARAMS, exc)
+        if len(self._resolved) >= MAX_RESOLVED_TARGETS:
+            self._resolved.clear()  # bounded: request targets are the caller's choice
+        self._resolved[(request.method, request.raw_path)] = resolved
+        return resolved
 
     def _log_denied(self, request: web.BaseRequest, reason: str) -> None:
         who = request[CLIENT_LABEL] or (request.remote or "unknown")
@@ -226,17 +244,15 @@ class _Api:
         request: web.BaseRequest,
         app: str,
         fetch: Callable[[str], Awaitable[TokenSet]],
-        min_ttl: float | None = None,
     ) -> web.Response:
         client = self._caller(request)
         app = self._app_for(request, client, app)
-        if min_ttl is not None:
-            # The hot path: a servable token in memory, answered without awaiting anything.
-            cached = self.service.cached_token(app, min_ttl)
-            if cached is not None:
-                return self._token_response(app, client, cached)
+        return self._token_response(app, client, await self._fetch(app, fetch))
+
+    async def _fetch(self, app: str, fetch: Callable[[str], Awaitable[TokenSet]]) -> TokenSet:
+        """`fetch(app)`, its errors mapped to the contract's answers."""
         try:
-            token = await fetch(app)
+            return await fetch(app)
         except NeedsAuthorization:
             raise ApiError(
                 409,
@@ -259,14 +275,13 @@ class _Api:
             ) from None
         except ValueError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
-        return self._token_response(app, client, token)
 
     # ---- handlers ----------------------------------------------------------------------
 
     async def get_token(self, request: web.BaseRequest, params: Mapping[str, str]) -> web.Response:
         """GET /v1/token/{app}[?min_ttl=N]."""
         min_ttl = 0.0
-        if request.query_string:
+        if "?" in request.raw_path and request.query_string:
             raw = request.query.get("min_ttl")
             unknown = set(request.query) - {"min_ttl"}
             if unknown:
@@ -274,9 +289,13 @@ class _Api:
             if raw is None or not _MIN_TTL.match(raw) or int(raw) > MAX_MIN_TTL:
                 raise ApiError(400, "bad_request", "min_ttl must be a whole number of seconds")
             min_ttl = float(raw)
-        return await self._serve(
-            request, params["app"], lambda app: self.service.get_token(app, min_ttl), min_ttl
-        )
+        client = self._caller(request)
+        app = self._app_for(request, client, params["app"])
+        # The hot path: a servable token in memory, answered without awaiting anything.
+        token = self.service.cached_token(app, min_ttl)
+        if token is None:
+            token = await self._fetch(app, lambda name: self.service.get_token(name, min_ttl))
+        return self._token_response(app, client, token)
 
     async def refresh(self, request: web.BaseRequest, params: Mapping[str, str]) -> web.Response:
         """POST /v1/token/{app}/refresh."""
