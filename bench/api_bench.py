@@ -169,8 +169,8 @@ def start_bare(size: int, loop: str) -> tuple[subprocess.Popen[bytes], str]:
 
 def body_size(url: str, key: str) -> int:
     """Length of the broker's token answer."""
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})  # noqa: S310
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return len(response.read())
 
 
@@ -277,14 +277,14 @@ def main() -> int:
         row = report[name]
         assert isinstance(row, dict)
         print(f"{name:16} {row['cpu_us_per_request']:11.1f} {row['rps']:9d} {row['p99_ms']:8.3f}")
-    print("ratios within each round (median [min–max]); CPU below 1.0 = cheaper than bare")
+    print("ratios within each round (median [min-max]); CPU below 1.0 = cheaper than bare")
     ratios = report["ratios"]
     assert isinstance(ratios, dict)
     for name, ratio in ratios.items():
         cpu, rps = ratio["cpu_per_request"], ratio["throughput"]
         print(
-            f"  {name:22} CPU/req {cpu['median']:.3f} [{cpu['min']:.3f}–{cpu['max']:.3f}]"
-            f"   throughput {rps['median']:.3f} [{rps['min']:.3f}–{rps['max']:.3f}]"
+            f"  {name:22} CPU/req {cpu['median']:.3f} [{cpu['min']:.3f}-{cpu['max']:.3f}]"
+            f"   throughput {rps['median']:.3f} [{rps['min']:.3f}-{rps['max']:.3f}]"
         )
     return 0
 

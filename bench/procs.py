@@ -41,7 +41,7 @@ def wait_ready(metrics_port: int, timeout: float = 60.0, poll: float = 0.005) ->
     url = f"http://127.0.0.1:{metrics_port}/readyz"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=1.0) as response:
                 if response.status == 200:
                     return time.monotonic()
         except OSError:
@@ -102,7 +102,7 @@ def start_oauth_child(
 
 def oauth_count(port: int) -> int:
     """Token requests the child OAuth server has served."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=5) as r:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=5) as r:
         return int(r.read())
 
 
