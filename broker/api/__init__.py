@@ -52,6 +52,9 @@ _JSON = "application/json"
 MAX_REQUEST_BODY = 4096
 # Request targets whose routing is remembered (then forgotten all at once).
 MAX_RESOLVED_TARGETS = 4096
+# (presented key, app) pairs whose authorization is remembered: only valid keys are, so the
+# table is as large as the config makes it; the bound is a second line of defence.
+MAX_GRANTS = 4096
 ROUTE_OTHER = "other"
 DENIED_LOG_INTERVAL = 60.0
 
@@ -130,6 +133,10 @@ class _Api:
         self._bodies: dict[str, tuple[TokenSet, int, bytes]] = {}
         self._denied = RateLimitedLog(DENIED_LOG_INTERVAL)
         self._requests = metrics.requests
+        # (Authorization header, app) → client, for callers already authenticated and allowed
+        # the app; emptied whenever the client keys or grants change (config reload, rotation).
+        self._grants: dict[tuple[str, str], str] = {}
+        self._grants_generation = authenticator.generation
         # (method, request target) → its route: the target's own string, as sent, is the key.
         self._resolved: dict[tuple[str, str], _Resolved] = {}
         self.router = Router()
@@ -206,6 +213,28 @@ class _Api:
         request[CLIENT_LABEL] = client
         return client
 
+    def _client_and_app(self, request: web.BaseRequest, app: str) -> tuple[str, str]:
+        """Authenticate the caller and check it may use `app` (401, 404, 403 otherwise).
+
+        A decision is remembered per presented key and app: a dict lookup on the header's
+        string (its hash is salted per process, so a wrong key's lookup times nothing of the
+        right one) instead of a SHA-256 and a comparison with every configured key.
+        """
+        authorization = request.headers.get("Authorization")
+        if self._grants_generation != self.auth.generation:
+            self._grants.clear()
+            self._grants_generation = self.auth.generation
+        client = self._grants.get((authorization, app)) if authorization else None
+        if client is not None and app in self.service.app_names():
+            request[CLIENT_LABEL] = client
+            request[APP_LABEL] = app
+            return client, app
+        client = self._caller(request)
+        app = self._app_for(request, client, app)
+        if authorization and len(self._grants) < MAX_GRANTS:
+            self._grants[(authorization, app)] = client
+        return client, app
+
     def _app_for(self, request: web.BaseRequest, client: str, app: str) -> str:
         if app not in self.service.app_names():
             raise ApiError(404, "unknown_app", "no such app is configured")
@@ -245,8 +274,7 @@ class _Api:
         app: str,
         fetch: Callable[[str], Awaitable[TokenSet]],
     ) -> web.Response:
-        client = self._caller(request)
-        app = self._app_for(request, client, app)
+        client, app = self._client_and_app(request, app)
         return self._token_response(app, client, await self._fetch(app, fetch))
 
     async def _fetch(self, app: str, fetch: Callable[[str], Awaitable[TokenSet]]) -> TokenSet:
@@ -289,8 +317,7 @@ class _Api:
             if raw is None or not _MIN_TTL.match(raw) or int(raw) > MAX_MIN_TTL:
                 raise ApiError(400, "bad_request", "min_ttl must be a whole number of seconds")
             min_ttl = float(raw)
-        client = self._caller(request)
-        app = self._app_for(request, client, params["app"])
+        client, app = self._client_and_app(request, params["app"])
         # The hot path: a servable token in memory, answered without awaiting anything.
         token = self.service.cached_token(app, min_ttl)
         if token is None:

@@ -566,3 +566,35 @@ class TestMetricsApp:
         response = await metrics_api.get("/readyz")
         assert response.status == 503
         assert await response.json() == {"status": "not_ready", "apps": ["stripe", "twilio"]}
+
+
+class TestRememberedGrants:
+    """Authorization decisions are remembered per key and app, and forgotten when they change."""
+
+    async def test_rotated_key_is_refused_at_once(
+        self, api: Client, authenticator: ClientAuthenticator, tmp_path: Path
+    ) -> None:
+        """A key just accepted is 401 as soon as its key file holds another key."""
+        assert (await call(api, "/v1/token/twilio"))[0] == 200
+        (tmp_path / "billing.key").write_text("n" * 48 + "\n")
+        assert authenticator.reload_changed() == ["billing"]
+        status, body, _ = await call(api, "/v1/token/twilio")
+        assert (status, body["error"]) == (401, "unauthorized")
+
+    async def test_withdrawn_app_is_refused_at_once(
+        self, api: Client, authenticator: ClientAuthenticator, tmp_path: Path
+    ) -> None:
+        """A client whose grant a reload withdrew gets 403 with the key that just worked."""
+        assert (await call(api, "/v1/token/twilio"))[0] == 200
+        authenticator.replace(
+            {"billing": ClientSpec("billing", ("stripe",), key_files=(tmp_path / "billing.key",))}
+        )
+        status, body, _ = await call(api, "/v1/token/twilio")
+        assert (status, body["error"]) == (403, "forbidden")
+
+    async def test_removed_app_is_404_at_once(self, api: Client, service: FakeTokenService) -> None:
+        """An app removed from the broker is 404 unknown_app for a caller it just served."""
+        assert (await call(api, "/v1/token/stripe", headers=bearer(INLINE_KEY)))[0] == 200
+        del service.tokens["stripe"]
+        status, body, _ = await call(api, "/v1/token/stripe", headers=bearer(INLINE_KEY))
+        assert (status, body["error"]) == (404, "unknown_app")
