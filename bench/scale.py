@@ -9,9 +9,10 @@ Per app count, one broker against a fresh Redis:
 - cold start (fetches every token), then a warm restart: time from process start to /readyz 200,
   and the token requests the warm restart made (0 when every token comes from Redis);
 - idle resident memory and idle CPU per minute, after the warm restart settled;
-- one /metrics scrape: its series and bytes, the broker's CPU for it, and the longest a token
-  request waited while scrapes ran (the event loop's stall; a probe asks for a token
-  back-to-back throughout), beside the longest wait with no scrape;
+- one /metrics scrape after the cold start, every app refreshed and served once: its series
+  and bytes, the broker's CPU for it, and the longest a token request waited while scrapes
+  ran (the event loop's stall; a probe asks for a token back-to-back throughout), beside the
+  longest wait with no scrape;
 - Redis connections the broker holds (CLIENT LIST, matched to the broker's own sockets).
 
 Per replica count, a fleet sharing one Redis, apps whose tokens live a few seconds: Redis
@@ -265,6 +266,18 @@ class Probe:
         return worst * 1000
 
 
+def ask_every_app(api: int, apps: int) -> None:
+    """One token request per app, so every app has its request series."""
+    connection = http.client.HTTPConnection("127.0.0.1", api, timeout=30)
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    try:
+        for i in range(apps):
+            connection.request("GET", f"/v1/token/app{i:04d}", headers=headers)
+            connection.getresponse().read()
+    finally:
+        connection.close()
+
+
 def scrape_once(port: int) -> bytes:
     """GET /metrics."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -336,6 +349,14 @@ def measure_apps(args: argparse.Namespace, root: Path, apps: int) -> AppsRow:
         log = root / "broker.log"
         cold = start_broker(args.python, config, api, metrics, log)
         wait_ready(metrics, timeout=300)
+        # Steady state for the scrape: every app refreshed once and served once.
+        ask_every_app(api, apps)
+        scrape = measure_scrapes(cold, "app0000", args.scrapes)
+        row.scrape_series = int(scrape["series"])
+        row.scrape_kib = scrape["kib"]
+        row.scrape_cpu_ms = scrape["cpu_ms"]
+        row.stall_ms = scrape["stall_ms"]
+        row.stall_without_scrape_ms = scrape["quiet_ms"]
         sigterm(cold)
         before = oauth_count(oauth_port)
         broker = start_broker(args.python, config, api, metrics, log)
@@ -349,12 +370,6 @@ def measure_apps(args: argparse.Namespace, root: Path, apps: int) -> AppsRow:
             (cpu_seconds(broker.process.pid) - idle_cpu) * 60 / args.idle_seconds
         )
         row.idle_rss_mib = rss_mib(broker.process.pid)
-        scrape = measure_scrapes(broker, "app0000", args.scrapes)
-        row.scrape_series = int(scrape["series"])
-        row.scrape_kib = scrape["kib"]
-        row.scrape_cpu_ms = scrape["cpu_ms"]
-        row.stall_ms = scrape["stall_ms"]
-        row.stall_without_scrape_ms = scrape["quiet_ms"]
         row.redis_connections = max(
             row.redis_connections, redis_connections_of(broker.process.pid, redis.port)
         )
