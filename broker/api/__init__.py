@@ -117,6 +117,18 @@ async def _unrouted(_: web.BaseRequest, __: Mapping[str, str]) -> web.StreamResp
     raise AssertionError("unrouted request reached an endpoint")
 
 
+class _Answer:
+    """An app's current token, the clients it went to, and its answer for one whole second."""
+
+    __slots__ = ("body", "expires_in", "issued_to", "token")
+
+    def __init__(self, token: TokenSet) -> None:
+        self.token = token
+        self.issued_to: set[str] = set()
+        self.expires_in: int | None = None
+        self.body = b""
+
+
 class _Api:
     """The handlers, with what they share: service, authenticator, metrics, clock."""
 
@@ -131,9 +143,9 @@ class _Api:
         self.auth = authenticator
         self.metrics = metrics
         self.clock = clock
-        self._issued: dict[str, tuple[TokenSet, set[str]]] = {}
-        # The serialized answer per app, reused while the token and its whole seconds left hold.
-        self._bodies: dict[str, tuple[TokenSet, int, bytes]] = {}
+        # Per app: its current token, the clients it was issued to (token.issued once each),
+        # and the serialized answer, reused while the token and its whole seconds left hold.
+        self._answers: dict[str, _Answer] = {}
         self._denied = RateLimitedLog(DENIED_LOG_INTERVAL)
         self._requests = metrics.requests
         # (Authorization header, app) → client, for callers already authenticated and allowed
@@ -153,8 +165,6 @@ class _Api:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         """Answer one request: route, origin checks, JSON errors, metrics under the template."""
         started = time.perf_counter()
-        request[APP_LABEL] = ""
-        request[CLIENT_LABEL] = ""
         resolved = self._resolved.get((request.method, request.raw_path))
         if resolved is None:
             resolved = self._resolve(request)
@@ -171,8 +181,8 @@ class _Api:
             response = error_response(ApiError(500, "internal", "internal error"))
         self._requests.observe(
             label,
-            request[APP_LABEL],
-            request[CLIENT_LABEL],
+            request.get(APP_LABEL, ""),
+            request.get(CLIENT_LABEL, ""),
             response.status,
             time.perf_counter() - started,
         )
@@ -191,15 +201,15 @@ class _Api:
         return resolved
 
     def _log_denied(self, request: web.BaseRequest, reason: str) -> None:
-        who = request[CLIENT_LABEL] or (request.remote or "unknown")
+        who = request.get(CLIENT_LABEL) or (request.remote or "unknown")
         if self._denied.allow((who, reason), self.clock.monotonic()):
             audit(
                 log,
                 "client.denied",
-                client=request[CLIENT_LABEL] or None,
+                client=request.get(CLIENT_LABEL) or None,
                 remote=request.remote,
                 reason=reason,
-                app=request[APP_LABEL] or None,
+                app=request.get(APP_LABEL) or None,
             )
 
     # ---- helpers -----------------------------------------------------------------------
@@ -247,29 +257,25 @@ class _Api:
         return app
 
     def _token_response(self, app: str, client: str, token: TokenSet) -> web.Response:
-        entry = self._issued.get(app)
-        if entry is None or entry[0] is not token:
-            entry = (token, set())
-            self._issued[app] = entry
-        if client not in entry[1]:
-            entry[1].add(client)
+        answer = self._answers.get(app)
+        if answer is None or answer.token is not token:
+            answer = self._answers[app] = _Answer(token)
+        if client not in answer.issued_to:
+            answer.issued_to.add(client)
             audit(log, "token.issued", app=app, client=client, token_fingerprint=token.fingerprint)
-        expires_in = max(0, int(token.expires_at - self.service.now()))
-        cached = self._bodies.get(app)
-        if cached is not None and cached[0] is token and cached[1] == expires_in:
-            body = cached[2]
-        else:
-            body = json.dumps(
+        expires_in = int(token.expires_at - self.service.now())
+        if expires_in != answer.expires_in:
+            answer.expires_in = expires_in
+            answer.body = json.dumps(
                 {
                     "access_token": token.access_token,
                     "token_type": token.token_type,
                     "expires_at": int(token.expires_at),
-                    "expires_in": expires_in,
+                    "expires_in": max(0, expires_in),
                     "scope": token.scope,
                 }
             ).encode()
-            self._bodies[app] = (token, expires_in, body)
-        return web.Response(body=body, headers=_TOKEN_HEADERS)
+        return web.Response(body=answer.body, headers=_TOKEN_HEADERS)
 
     async def _serve(
         self,
