@@ -1,7 +1,7 @@
 """Scale: one broker with 1 to 1000 apps, and fleets of 1 to 30 replicas on one Redis.
 
-Run: `python bench/scale.py` (about six minutes; `--apps 1 10 --replicas 1 10 --idle-seconds 10
---fleet-seconds 20` for a quick look). Real processes throughout: `redis-server` on loopback,
+Run: `python bench/scale.py` (five to eight minutes on a 2-core machine; `--apps 1 10 --replicas 1
+10 --idle-seconds 3 --fleet-seconds 16` for a quick look). Real processes throughout: `redis-server` on loopback,
 the dev OAuth server in a child process (it counts token requests), and `python -m broker
 serve` brokers (`--python` picks the interpreter, e.g. a runtime-only venv).
 
@@ -470,12 +470,12 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable, help="interpreter running brokers")
     parser.add_argument("--apps", type=int, nargs="*", default=[1, 10, 100, 1000])
     parser.add_argument("--replicas", type=int, nargs="*", default=[1, 10, 30])
-    parser.add_argument("--idle-seconds", type=float, default=20.0)
+    parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--settle-seconds", type=float, default=2.0)
     parser.add_argument("--scrapes", type=int, default=5)
     parser.add_argument("--fleet-apps", type=int, default=5)
     parser.add_argument("--fleet-lifetime", type=float, default=8.0, help="token lifetime, s")
-    parser.add_argument("--fleet-seconds", type=float, default=40.0)
+    parser.add_argument("--fleet-seconds", type=float, default=24.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 

@@ -107,14 +107,22 @@ def is_loopback_host(host_header: str | None) -> bool:
         return False
 
 
-# A routed request target: metrics label, endpoint, path parameters, or why nothing matched.
-_Resolved = tuple[str, Endpoint, Mapping[str, str], NoRoute | None]
+# A routed request target: metrics label, endpoint, path parameters.
+_Resolved = tuple[str, Endpoint, Mapping[str, str]]
 _NO_PARAMS: Mapping[str, str] = {}
 
 
-async def _unrouted(_: web.BaseRequest, __: Mapping[str, str]) -> web.StreamResponse:
-    """Never called: a request without a route is answered by _check_request's 404 or 405."""
-    raise AssertionError("unrouted request reached an endpoint")
+def _no_route(missing: NoRoute) -> Endpoint:
+    """The endpoint of a request no route matched: 404 not_found, or 405 with its Allow."""
+
+    async def answer(_: web.BaseRequest, __: Mapping[str, str]) -> web.StreamResponse:
+        if missing.allow is None:
+            raise ApiError(404, "not_found", "no such route")
+        raise ApiError(
+            405, "method_not_allowed", "method not allowed on this route", {"Allow": missing.allow}
+        )
+
+    return answer
 
 
 class _Answer:
@@ -168,9 +176,9 @@ class _Api:
         resolved = self._resolved.get((request.method, request.raw_path))
         if resolved is None:
             resolved = self._resolve(request)
-        label, endpoint, params, missing = resolved
+        label, endpoint, params = resolved
         try:
-            _check_request(request, missing)
+            _check_origin(request)  # first: a relayed request learns nothing, not even a 404
             response = await endpoint(request, params)
         except ApiError as exc:
             response = error_response(exc)
@@ -192,9 +200,9 @@ class _Api:
         """Route a request target, remembering the answer for the next identical target."""
         try:
             route, endpoint, params = self.router.resolve(request.method, request.rel_url.path_safe)
-            resolved: _Resolved = (route.template, endpoint, params, None)
+            resolved: _Resolved = (route.template, endpoint, params)
         except NoRoute as exc:
-            resolved = (ROUTE_OTHER, _unrouted, _NO_PARAMS, exc)
+            resolved = (ROUTE_OTHER, _no_route(exc), _NO_PARAMS)
         if len(self._resolved) >= MAX_RESOLVED_TARGETS:
             self._resolved.clear()  # bounded: request targets are the caller's choice
         self._resolved[(request.method, request.raw_path)] = resolved
@@ -456,19 +464,6 @@ def _render(metrics: Metrics) -> bytes:
         return generate_latest(metrics.registry)
     finally:
         sys.setswitchinterval(previous)
-
-
-def _check_request(request: web.BaseRequest, missing: NoRoute | None) -> None:
-    """The origin checks, then 404 not_found or 405 method_not_allowed (with Allow) when the
-    request matched no route: a relayed request learns nothing about the routes."""
-    _check_origin(request)
-    if missing is None:
-        return
-    if missing.allow is None:
-        raise ApiError(404, "not_found", "no such route")
-    raise ApiError(
-        405, "method_not_allowed", "method not allowed on this route", {"Allow": missing.allow}
-    )
 
 
 def _check_origin(request: web.BaseRequest) -> None:
