@@ -1,8 +1,19 @@
-"""Throughput and p99 of `GET /v1/token/{app}` against a bare aiohttp handler, plus idle memory.
+"""The hot path: CPU per request of `GET /v1/token/{app}` against a bare aiohttp app, same run.
 
-Run: `python bench/api_bench.py` (needs `wrk`, or `hey`, on PATH). Both servers run as single
-processes on this machine, loaded by the same tool with the same settings in the same run, so the
-ratio is what matters. Then a broker with 10 apps idles and its resident memory is read.
+Run: `python bench/api_bench.py [--rounds 5] [--seconds 5]` (needs `wrk` and `taskset`). The load
+generator is pinned to core 0 and every server to core 1, so the two never share a core. Servers:
+
+- `broker`: `token-broker serve` (memory://, one app, one client), on the default asyncio loop;
+- `broker-uvloop`: the same under uvloop (the `fast` extra), when uvloop is installed;
+- `bare`: an aiohttp `web.Application` whose one route returns a prebuilt body of the same size
+  and the same headers as the broker's answer;
+- `bare-uvloop`: the bare app under uvloop.
+
+Throughput on a shared machine swings from run to run, so the steady figure is each server's own
+CPU time per request (utime + stime from /proc/PID/stat over the requests wrk completed). Rounds
+alternate between the servers (`wrk -t1 -c20`, one after the other), and the ratios are taken
+within each round: `broker / bare` at or below 1.0 means the broker costs no more than the bare
+app.
 """
 
 from __future__ import annotations
@@ -12,271 +23,271 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.procs import (
+    REPO,
+    cpu_seconds,
+    free_port,
+    start_oauth_child,
+    stop,
+    wait_port,
+    wait_ready,
+)
+
+LOAD_CORE = "0"
+SERVER_CORE = "1"
+CLIENT_KEY = "bench-client-key-" + "k" * 32
 
 BARE_SERVER = textwrap.dedent(
     """
-    import json, sys, time
+    import sys
     from aiohttp import web
-    BODY = json.dumps({"access_token": "x" * 400, "token_type": "Bearer",
-                       "expires_at": int(time.time()) + 3600, "expires_in": 3600,
-                       "scope": "demo.read"})
+    size, port, loop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    if loop == "uvloop":
+        import uvloop
+        uvloop.install()
+    prefix, suffix = b'{"access_token": "', b'", "token_type": "Bearer"}'
+    BODY = prefix + b"x" * (size - len(prefix) - len(suffix)) + suffix
+    HEADERS = {"Cache-Control": "no-store", "Pragma": "no-cache",
+               "Content-Type": "application/json"}
     async def token(request):
-        return web.Response(text=BODY, content_type="application/json",
-                            headers={"Cache-Control": "no-store"})
+        return web.Response(body=BODY, headers=HEADERS)
     app = web.Application()
     app.router.add_get("/v1/token/{app}", token)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
     """
 )
 
 
 @dataclass
-class LoadResult:
-    """What one load run measured."""
+class Round:
+    """One wrk run against one server."""
 
+    requests: int
     rps: float
     p99_ms: float
+    cpu_us_per_request: float
 
 
-def free_port() -> int:
-    """A free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+@dataclass
+class Server:
+    """A server under test: its process and the URL wrk loads."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str
+    key: str | None
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    """Wait until something accepts connections on `port`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def _ms(value: str, unit: str) -> float:
-    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-    return float(value) * scale
-
-
-def run_wrk(url: str, key: str | None, connections: int, seconds: int) -> LoadResult:
-    """Load `url` with wrk; parse requests/s and the 99th percentile latency."""
-    argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url]
-    if key:
-        argv[1:1] = ["-H", f"Authorization: Bearer {key}"]
+def run_wrk(server: Server, connections: int, seconds: int) -> Round:
+    """Load `server` with a pinned `wrk -t1`; its CPU per completed request, rps and p99."""
+    argv = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
+    argv += ["--latency", server.url]
+    if server.key:
+        argv[5:5] = ["-H", f"Authorization: Bearer {server.key}"]
+    before = cpu_seconds(server.process.pid)
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    if "Non-2xx" in out:
-        raise RuntimeError(f"non-2xx answers during the load:\n{out}")
-    assert p99 is not None
-    return LoadResult(rps, _ms(p99.group(1), p99.group(2)))
-
-
-def run_hey(url: str, key: str | None, connections: int, seconds: int) -> LoadResult:
-    """Load `url` with hey; parse requests/s and the 99th percentile latency."""
-    argv = ["hey", "-z", f"{seconds}s", "-c", str(connections), url]
-    if key:
-        argv[1:1] = ["-H", f"Authorization: Bearer {key}"]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+in\s+([\d.]+)\s+secs", out)
-    assert p99 is not None
-    return LoadResult(rps, float(p99.group(1)) * 1000)
-
-
-def rss_mib(pid: int) -> float:
-    """Resident memory of `pid` in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def start_dev_broker(port: int, workdir: Path) -> tuple[subprocess.Popen[str], str]:
-    """`token-broker dev` on `port`, with hour-long tokens; returns it and its client key."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "dev", "--port", str(port), "--lifetime", "3600"],
-        stdout=subprocess.PIPE,
-        stderr=(workdir / "dev.log").open("w"),
-        text=True,
-        cwd=REPO,
+    used = cpu_seconds(server.process.pid) - before
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"{server.name}: errors during the load:\n{out}")
+    requests = int(_find(r"(\d+) requests in", out))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
+    assert p99 is not None, out
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    return Round(
+        requests=requests,
+        rps=float(_find(r"Requests/sec:\s+([\d.]+)", out)),
+        p99_ms=float(p99.group(1)) * scale,
+        cpu_us_per_request=used / requests * 1e6,
     )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        match = re.search(r"client key:\s+(\S+)", line)
-        if match:
-            wait_port(port)
-            return proc, match.group(1)
-    proc.kill()
-    raise RuntimeError("token-broker dev did not print a client key")
 
 
-def ten_app_config(workdir: Path, token_url: str, client_id: str, secret: str) -> Path:
-    """A serve config with 10 apps against the dev OAuth server and one client."""
-    (workdir / "secret").write_text(secret)
-    (workdir / "client.key").write_text("c" * 40)
-    apps = {
-        f"app{i}": {
-            "token_url": token_url,
-            "client_id": client_id,
-            "client_secret_file": "secret",
-            "scopes": [f"scope.{i}"],
-        }
-        for i in range(10)
-    }
+def _find(pattern: str, text: str) -> str:
+    match = re.search(pattern, text)
+    if match is None:
+        raise RuntimeError(f"no {pattern!r} in wrk's output:\n{text}")
+    return match.group(1)
+
+
+def pinned(argv: list[str]) -> list[str]:
+    """`argv` pinned to the server core."""
+    return ["taskset", "-c", SERVER_CORE, *argv]
+
+
+def start_broker(workdir: Path, oauth_port: int, loop: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`token-broker serve` with one app on memory://, pinned; returns it and its token URL."""
+    directory = workdir / f"broker-{loop}"
+    directory.mkdir()
+    (directory / "secret").write_text("bench-secret-0123456789abcdef")
+    (directory / "client.key").write_text(CLIENT_KEY)
+    api, metrics = free_port(), free_port()
     config = {
-        "server": {
-            "listen": f"127.0.0.1:{free_port()}",
-            "metrics_listen": f"127.0.0.1:{free_port()}",
-        },
+        "server": {"listen": f"127.0.0.1:{api}", "metrics_listen": f"127.0.0.1:{metrics}"},
         "store": {"url": "memory://"},
-        "apps": apps,
-        "clients": {"svc": {"key_file": "client.key", "apps": sorted(apps)}},
+        "apps": {
+            "demo": {
+                "token_url": f"http://127.0.0.1:{oauth_port}/token",
+                "client_id": "bench",
+                "client_secret_file": "secret",
+                "scopes": ["demo.read"],
+            }
+        },
+        "clients": {"svc": {"key_file": "client.key", "apps": ["demo"]}},
     }
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def idle_memory(workdir: Path, idle_seconds: float) -> float:
-    """Start the dev OAuth server (in a child) and a broker with 10 apps; RSS after idling."""
-    oauth_port = free_port()
-    oauth = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(
-                f"""
-                import asyncio
-                from broker.devserver import DevOAuthServer
-                async def main():
-                    s = DevOAuthServer(client_id="bench",
-                                       client_secret="bench-secret-0123456789abcdef",
-                                       lifetime=3600)
-                    await s.start(port={oauth_port})
-                    await asyncio.Event().wait()
-                asyncio.run(main())
-                """
-            ),
-        ],
-        cwd=REPO,
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKEN_BROKER_EVENT_LOOP": loop}
+    proc = subprocess.Popen(
+        pinned([sys.executable, "-m", "broker", "serve", "--config", "config.yaml"]),
+        cwd=directory,
+        env=env,
+        stdout=(directory / "broker.log").open("wb"),
+        stderr=subprocess.STDOUT,
     )
-    try:
-        wait_port(oauth_port)
-        config = ten_app_config(
-            workdir,
-            f"http://127.0.0.1:{oauth_port}/token",
-            "bench",
-            "bench-secret-0123456789abcdef",
-        )
-        metrics_port = yaml.safe_load(config.read_text())["server"]["metrics_listen"].split(":")[1]
-        broker = subprocess.Popen(
-            [sys.executable, "-m", "broker", "serve", "--config", str(config)],
-            stdout=(workdir / "serve.log").open("w"),
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-        try:
-            wait_port(int(metrics_port))
-            time.sleep(idle_seconds)
-            if broker.poll() is not None:
-                raise RuntimeError((workdir / "serve.log").read_text())
-            return rss_mib(broker.pid)
-        finally:
-            broker.send_signal(signal.SIGTERM)
-            broker.wait(timeout=20)
-    finally:
-        oauth.terminate()
-        oauth.wait(timeout=10)
+    wait_ready(metrics)
+    return proc, f"http://127.0.0.1:{api}/v1/token/demo"
+
+
+def start_bare(size: int, loop: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The bare aiohttp app answering `size` bytes, pinned; returns it and its URL."""
+    port = free_port()
+    proc = subprocess.Popen(pinned([sys.executable, "-c", BARE_SERVER, str(size), str(port), loop]))
+    wait_port(port)
+    return proc, f"http://127.0.0.1:{port}/v1/token/demo"
+
+
+def body_size(url: str, key: str) -> int:
+    """Length of the broker's token answer."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return len(response.read())
+
+
+def has_uvloop() -> bool:
+    """True when uvloop can be imported by the servers' interpreter."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import uvloop"], capture_output=True, check=False
+    )
+    return probe.returncode == 0
+
+
+def summarize(rounds: dict[str, list[Round]]) -> dict[str, object]:
+    """Medians per server, and the per-round ratios against the bare app."""
+    report: dict[str, object] = {}
+    for name, runs in rounds.items():
+        report[name] = {
+            "cpu_us_per_request": round(statistics.median(r.cpu_us_per_request for r in runs), 1),
+            "rps": round(statistics.median(r.rps for r in runs)),
+            "p99_ms": round(statistics.median(r.p99_ms for r in runs), 3),
+        }
+    bare = rounds["bare"]
+    ratios: dict[str, object] = {}
+    for name, runs in rounds.items():
+        if name == "bare":
+            continue
+        cpu = [r.cpu_us_per_request / b.cpu_us_per_request for r, b in zip(runs, bare, strict=True)]
+        rps = [r.rps / b.rps for r, b in zip(runs, bare, strict=True)]
+        ratios[f"{name}/bare"] = {
+            "cpu_per_request": _spread(cpu),
+            "throughput": _spread(rps),
+        }
+    report["ratios"] = ratios
+    return report
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
 
 
 def main() -> int:
-    """Run both loads and the memory check; print figures and ratios (and JSON with --json)."""
+    """Start every server, run the alternating rounds, print the table and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--idle-seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=5, help="length of one wrk run")
+    parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-
-    tool = "wrk" if shutil.which("wrk") else "hey" if shutil.which("hey") else None
-    if tool is None:
-        print("need wrk or hey on PATH (apt-get install wrk)", file=sys.stderr)
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"need {tool} on PATH", file=sys.stderr)
+            return 2
+    if (os.cpu_count() or 1) < 2:
+        print("need two cores: the load and the server are pinned apart", file=sys.stderr)
         return 2
-    load = run_wrk if tool == "wrk" else run_hey
 
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        bare_port = free_port()
-        bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port)])
-        try:
-            wait_port(bare_port)
-            load(f"http://127.0.0.1:{bare_port}/v1/token/demo", None, args.connections, 2)
-            baseline = load(
-                f"http://127.0.0.1:{bare_port}/v1/token/demo", None, args.connections, args.seconds
-            )
-        finally:
-            bare.terminate()
-            bare.wait(timeout=10)
+    loops = ["asyncio", "uvloop"] if has_uvloop() else ["asyncio"]
+    servers: list[Server] = []
+    oauth_port = free_port()
+    oauth = start_oauth_child(oauth_port, "bench", "bench-secret-0123456789abcdef", 3600)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            size = 0
+            for loop in loops:
+                proc, url = start_broker(Path(tmp), oauth_port, loop)
+                name = "broker" if loop == "asyncio" else "broker-uvloop"
+                servers.append(Server(name, proc, url, CLIENT_KEY))
+                size = body_size(url, CLIENT_KEY)
+            for loop in loops:
+                proc, url = start_bare(size, loop)
+                servers.append(
+                    Server("bare" if loop == "asyncio" else "bare-uvloop", proc, url, None)
+                )
+            for server in servers:  # warm-up: connections, caches, the first token.issued line
+                run_wrk(server, args.connections, 1)
+            rounds: dict[str, list[Round]] = {s.name: [] for s in servers}
+            for _ in range(args.rounds):
+                for server in servers:
+                    rounds[server.name].append(run_wrk(server, args.connections, args.seconds))
+    finally:
+        for server in servers:
+            stop(server.process)
+        stop(oauth)
 
-        port = free_port()
-        broker, key = start_dev_broker(port, workdir)
-        try:
-            url = f"http://127.0.0.1:{port}/v1/token/demo"
-            load(url, key, args.connections, 2)  # warm-up
-            measured = load(url, key, args.connections, args.seconds)
-        finally:
-            broker.send_signal(signal.SIGINT)
-            broker.wait(timeout=20)
-
-        memory = idle_memory(workdir, args.idle_seconds)
-
-    ratio = measured.rps / baseline.rps
-    report = {
-        "tool": tool,
-        "connections": args.connections,
+    report = summarize(rounds)
+    report["setup"] = {
+        "rounds": args.rounds,
         "seconds": args.seconds,
-        "bare_rps": round(baseline.rps, 1),
-        "bare_p99_ms": round(baseline.p99_ms, 3),
-        "broker_rps": round(measured.rps, 1),
-        "broker_p99_ms": round(measured.p99_ms, 3),
-        "throughput_ratio": round(ratio, 3),
-        "p99_ratio": round(measured.p99_ms / baseline.p99_ms, 3),
-        "idle_rss_mib_10_apps": round(memory, 1),
+        "connections": args.connections,
+        "body_bytes": size,
     }
     if args.json:
         print(json.dumps(report))
-    else:
-        print(f"load: {tool}, {args.connections} connections, {args.seconds} s each")
-        print(f"bare aiohttp handler: {baseline.rps:10.1f} req/s  p99 {baseline.p99_ms:.3f} ms")
-        print(f"token-broker:         {measured.rps:10.1f} req/s  p99 {measured.p99_ms:.3f} ms")
-        print(f"throughput ratio (broker / bare): {ratio:.3f}   (goal >= 0.7)")
-        print(f"p99 ratio (broker / bare):        {measured.p99_ms / baseline.p99_ms:.3f}")
-        print(f"broker p99: {measured.p99_ms:.3f} ms   (goal < 3 ms)")
-        print(f"idle resident memory, 10 apps: {memory:.1f} MiB   (goal < 60 MiB)")
+        return 0
+    print(
+        f"wrk -t1 -c{args.connections}, {args.seconds:g} s per run, {args.rounds} alternating "
+        f"rounds; load on core {LOAD_CORE}, servers on core {SERVER_CORE}; body {size} bytes"
+    )
+    print(f"{'server':16} {'CPU µs/req':>11} {'req/s':>9} {'p99 ms':>8}   (medians)")
+    for name in rounds:
+        row = report[name]
+        assert isinstance(row, dict)
+        print(f"{name:16} {row['cpu_us_per_request']:11.1f} {row['rps']:9d} {row['p99_ms']:8.3f}")
+    print("ratios within each round (median [min-max]); CPU below 1.0 = cheaper than bare")
+    ratios = report["ratios"]
+    assert isinstance(ratios, dict)
+    for name, ratio in ratios.items():
+        cpu, rps = ratio["cpu_per_request"], ratio["throughput"]
+        print(
+            f"  {name:22} CPU/req {cpu['median']:.3f} [{cpu['min']:.3f}-{cpu['max']:.3f}]"
+            f"   throughput {rps['median']:.3f} [{rps['min']:.3f}-{rps['max']:.3f}]"
+        )
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONPATH", str(REPO))
     sys.exit(main())

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from broker.api import build_api_app, build_metrics_app
+from broker.api import build_api_server, build_metrics_app
 from broker.api.auth import ClientAuthenticator
 from broker.api.proxy import Upstreams
 from broker.api.unix_socket import UnixListener, bind_unix_socket
@@ -63,7 +63,7 @@ def split_host_port(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _tcp_site(runner: web.AppRunner, listen: str) -> web.BaseSite:
+def _tcp_site(runner: web.BaseRunner, listen: str) -> web.BaseSite:
     host, port = split_host_port(listen)
     return web.TCPSite(runner, host, port)
 
@@ -89,7 +89,7 @@ class Broker:
     fleet_clock: FleetClock
     upstreams: Upstreams = field(default_factory=Upstreams)
     credentials: dict[str, Credentials] = field(default_factory=dict)
-    api_runner: web.AppRunner | None = None
+    api_runner: web.ServerRunner | None = None
     api_socket: UnixListener | None = None
     metrics_runner: web.AppRunner | None = None
     api_addresses: list[str] = field(default_factory=list)
@@ -242,7 +242,7 @@ async def start_listeners(broker: Broker) -> None:
     """Bind the local API (TCP, or a unix socket with peer identity) and the metrics listener;
     ListenError names the setting that failed."""
     server = broker.config.server
-    api = build_api_app(
+    api = build_api_server(
         broker.core,
         broker.authenticator,
         broker.metrics,
@@ -250,9 +250,7 @@ async def start_listeners(broker: Broker) -> None:
         broker.upstreams,
         peer_identity=server.unix_path is not None,
     )
-    broker.api_runner = web.AppRunner(
-        api, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
-    )
+    broker.api_runner = web.ServerRunner(api, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
     await broker.api_runner.setup()
     api_runner = broker.api_runner
 
@@ -391,7 +389,7 @@ def _safe_store_name(url: str) -> str:
     return f"{scheme}://{host}" if host else f"{scheme}://"
 
 
-def _addresses(runner: web.AppRunner) -> list[str]:
+def _addresses(runner: web.BaseRunner) -> list[str]:
     """The bound addresses as `http://host:port` (or the unix socket path)."""
     found = []
     for address in runner.addresses:

@@ -10,8 +10,9 @@ import os
 import sys
 import tempfile
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from broker import __version__
@@ -23,6 +24,8 @@ from broker.logs import configure_logging, get_logger
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
+# TOKEN_BROKER_EVENT_LOOP: "auto" (uvloop when installed), "uvloop" or "asyncio".
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
@@ -372,6 +375,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when installed (the `fast` extra) unless TOKEN_BROKER_EVENT_LOOP says
+    otherwise; None for asyncio's default loop."""
+    choice = os.environ.get("TOKEN_BROKER_EVENT_LOOP", "auto").strip().lower() or "auto"
+    if choice not in EVENT_LOOPS:
+        raise ConfigError("TOKEN_BROKER_EVENT_LOOP", f"must be one of {', '.join(EVENT_LOOPS)}")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError(
+                "TOKEN_BROKER_EVENT_LOOP",
+                "uvloop is not installed (pip install 'token-broker[fast]')",
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run the coroutine `main()` makes to completion on the chosen loop (see `loop_factory`)."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main())
+
+
 def _require_config(args: argparse.Namespace) -> Path:
     if not args.config:
         raise UsageError("no config file given: use --config FILE or set TOKEN_BROKER_CONFIG")
@@ -397,7 +427,7 @@ def _serve(args: argparse.Namespace) -> int:
     for warning in config_warnings(config):
         log.warning("config.warning", setting=warning.key, reason=warning.reason)
     try:
-        asyncio.run(serve(config, config_path=path))
+        run_loop(lambda: serve(config, config_path=path))
     except ConfigError:
         raise
     except ListenError as exc:
@@ -426,10 +456,10 @@ def _dev(args: argparse.Namespace) -> int:
         try:
             if args.oauth_only:
                 port = OAUTH_ONLY_PORT if args.oauth_port is None else args.oauth_port
-                asyncio.run(run_oauth_only(workdir, port=port, lifetime=args.lifetime))
+                run_loop(lambda: run_oauth_only(workdir, port=port, lifetime=args.lifetime))
             else:
-                asyncio.run(
-                    run_dev(
+                run_loop(
+                    lambda: run_dev(
                         workdir,
                         port=DEFAULT_DEV_PORT if args.port is None else args.port,
                         lifetime=args.lifetime,

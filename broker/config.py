@@ -23,8 +23,6 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from broker.errors import ConfigError
 from broker.model import (
@@ -40,7 +38,6 @@ from broker.model import (
     SinkSpec,
     StoreSpec,
 )
-from broker.store.crypto import Keyring
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MAX_SCOPES = 100
@@ -837,6 +834,10 @@ def _read_secret_file(path: Path, key: str) -> str:
 
 
 def _check_private_key(path: Path, key: str) -> None:
+    # Imported here: only private_key_jwt apps need cryptography's key loading.
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     _read_secret_file(path, key)
     try:
         private_key = load_pem_private_key(path.read_bytes(), password=None)
@@ -851,6 +852,9 @@ def _check_private_key(path: Path, key: str) -> None:
 
 def _check_encryption_key_file(path: Path, key: str) -> None:
     """The key file parses (sizes, ids); errors name the line, never the key material."""
+    # Imported here: a memory:// store has no key file and needs no AES.
+    from broker.store.crypto import Keyring
+
     _read_secret_file(path, key)
     Keyring.from_file(path)
 

@@ -27,37 +27,92 @@ _SECRET_KEYS = re.compile(
 )
 # Field names that look secret but carry only safe derivatives.
 _SAFE_KEYS = frozenset({"token_fingerprint", "key_id", "secret", "event"})
+# Fields of our own lines whose values the broker writes itself and never from a secret (names,
+# fingerprints, numbers, the event name): not scanned. Other libraries' records are scanned whole.
+_PLAIN_FIELDS = frozenset(
+    {"event", "level", "logger", "timestamp", "audit", "app", "client", "token_fingerprint"}
+)
 # A JWT anywhere in free text.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+# The characters of tokens and keys (base64, base64url, hex, JWTs): a secret appears in a line as
+# one whole run of them, whatever surrounds it (spaces, quotes, `=`, `&`, `:`, brackets, ...).
+_TOKEN_CHARS = "A-Za-z0-9._~+/-"
+_MIN_SECRET = 8
+# One pass over a text: every run of 8 or more token characters (the only places a secret can be).
+_WORD = re.compile(f"[{_TOKEN_CHARS}]{{{_MIN_SECRET},}}")
+_SPLIT = re.compile(f"[^{_TOKEN_CHARS}]+")
 
 
 class SecretRegistry:
-    """Exact secret values (client secrets, client keys, tokens) that must never be written."""
+    """Exact secret values (client secrets, client keys, tokens) that must never be written.
+
+    Scrubbing a text is one regex pass over its words plus a set lookup per word, so it costs
+    the same with ten secrets or ten thousand; adding or forgetting a secret changes the set in
+    place. A secret with other characters (a base64 secret's `=` padding, say) is split at them
+    and each piece of 8 or more characters is matched as a word; the rare secret that splits
+    into a shorter piece is matched as a substring instead, as all of them once were.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: frozenset[str] = frozenset()
+        self._secrets: set[str] = set()
+        # The words to replace, each with the number of registered secrets it comes from.
+        self._words: dict[str, int] = {}
+        self._substrings: set[str] = set()
 
     def add(self, *values: str | None) -> None:
         """Remember values to scrub; short values are ignored (they would mangle ordinary text)."""
-        fresh = {v for v in values if v and len(v) >= 8}
-        if fresh - self._values:
+        for value in values:
+            if not value or len(value) < _MIN_SECRET:
+                continue
             with self._lock:
-                self._values = self._values | fresh
+                if value in self._secrets or value in self._substrings:
+                    continue
+                pieces = _pieces(value)
+                if any(len(piece) < _MIN_SECRET for piece in pieces):
+                    self._substrings.add(value)
+                    continue
+                self._secrets.add(value)
+                for piece in pieces:
+                    self._words[piece] = self._words.get(piece, 0) + 1
 
     def discard(self, values: Iterable[str | None]) -> None:
         """Forget values that are no longer in use (a replaced token)."""
-        gone = {v for v in values if v}
-        if gone & self._values:
+        for value in values:
+            if not value:
+                continue
             with self._lock:
-                self._values = self._values - gone
+                self._substrings.discard(value)
+                if value not in self._secrets:
+                    continue
+                self._secrets.remove(value)
+                for piece in _pieces(value):
+                    left = self._words[piece] - 1
+                    if left:
+                        self._words[piece] = left
+                    else:
+                        del self._words[piece]
 
     def scrub(self, text: str) -> str:
         """`text` with every registered secret and every JWT replaced."""
-        for value in self._values:
+        text = _WORD.sub(self._replace_word, text)
+        for value in self._substrings:
             if value in text:
                 text = text.replace(value, REDACTED)
-        return _JWT.sub(REDACTED, text)
+        return text
+
+    def _replace_word(self, match: re.Match[str]) -> str:
+        word = match.group()
+        if word in self._words:
+            return REDACTED
+        if "eyJ" in word:
+            return _JWT.sub(REDACTED, word)
+        return word
+
+
+def _pieces(value: str) -> set[str]:
+    """The words a secret shows as in a text (itself, unless it holds delimiters)."""
+    return {piece for piece in _SPLIT.split(value) if piece}
 
 
 SECRETS = SecretRegistry()
@@ -65,7 +120,7 @@ SECRETS = SecretRegistry()
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
-        return SECRETS.scrub(value)
+        return SECRETS.scrub(value) if len(value) >= _MIN_SECRET else value
     if isinstance(value, dict):
         return {k: _redact_field(str(k), v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -73,15 +128,38 @@ def _redact_value(value: Any) -> Any:
     return value
 
 
+def _is_secret_key(key: str) -> bool:
+    secret = _SECRET_KEY_CACHE.get(key)
+    if secret is None:
+        secret = key not in _SAFE_KEYS and _SECRET_KEYS.search(key) is not None
+        if len(_SECRET_KEY_CACHE) < 4096:  # field names are code, but bound it all the same
+            _SECRET_KEY_CACHE[key] = secret
+    return secret
+
+
+_SECRET_KEY_CACHE: dict[str, bool] = {}
+
+
 def _redact_field(key: str, value: Any) -> Any:
-    if key not in _SAFE_KEYS and _SECRET_KEYS.search(key) and value not in (None, "", False):
+    if _is_secret_key(key) and value not in (None, "", False):
         return REDACTED
     return _redact_value(value)
 
 
 def redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Processor: mask secret-named fields and scrub secret values from every string."""
-    return {key: _redact_field(key, value) for key, value in event_dict.items()}
+    """Processor: mask secret-named fields and scrub secret values from every free-text string.
+
+    Our own lines skip the fields the broker fills with names and numbers; another library's
+    record (its `event` is the library's own message) is scanned whole.
+    """
+    ours = "_record" not in event_dict
+    for key, value in event_dict.items():
+        if ours and key in _PLAIN_FIELDS and not _is_secret_key(key):
+            continue
+        if isinstance(value, bool | int | float) or value is None:
+            continue
+        event_dict[key] = _redact_field(key, value)
+    return event_dict
 
 
 def _shared_processors() -> list[Processor]:
@@ -136,7 +214,8 @@ def configure_logging(
     shared = _shared_processors()
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redact, renderer],
+        # `redact` ran already, in `shared` (foreign_pre_chain for other libraries' records).
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = _FlushingHandler(out)
     handler.setFormatter(formatter)

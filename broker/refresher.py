@@ -504,9 +504,7 @@ class AppRefresher:
         if outcome.error is not None:
             self.failures += 1
             self._metrics.refresh_total.labels(app=self.name, outcome="transient_error").inc()
-            self._metrics.refresh_duration.labels(app=self.name).observe(
-                self._clock.monotonic() - started
-            )
+            self._metrics.refresh_duration.observe(self._clock.monotonic() - started)
             self._metrics.refresh_failures_consecutive.labels(app=self.name).set(self.failures)
         if outcome.refresh_fp not in self._announced_unknown:
             self._announced_unknown.add(outcome.refresh_fp)
@@ -530,9 +528,7 @@ class AppRefresher:
         self.last_error = None
         self.last_refresh_at = self._clock.time()
         self._metrics.refresh_total.labels(app=self.name, outcome="success").inc()
-        self._metrics.refresh_duration.labels(app=self.name).observe(
-            self._clock.monotonic() - started
-        )
+        self._metrics.refresh_duration.observe(self._clock.monotonic() - started)
         self._metrics.refresh_failures_consecutive.labels(app=self.name).set(0)
         audit(
             log,
@@ -557,9 +553,7 @@ class AppRefresher:
         self.last_error = _describe(exc)
         outcome = "permanent_error" if permanent else "transient_error"
         self._metrics.refresh_total.labels(app=self.name, outcome=outcome).inc()
-        self._metrics.refresh_duration.labels(app=self.name).observe(
-            self._clock.monotonic() - started
-        )
+        self._metrics.refresh_duration.observe(self._clock.monotonic() - started)
         self._metrics.refresh_failures_consecutive.labels(app=self.name).set(self.failures)
         retry_after = exc.retry_after if isinstance(exc, TransientTokenError) else None
         now = self._clock.time()

@@ -1,19 +1,29 @@
 """The local HTTP API (tokens for callers in the pod) and the metrics listener.
 
-Every route is wrapped by `_Api.endpoint`, which does the per-request work they share: the Host
-and Forwarded checks, JSON errors, and the request metrics. (A wrapper rather than an aiohttp
-middleware: middlewares cost a wrapper object per request on the hot path.) A catch-all route
-answers unknown paths and wrong methods in JSON. The serving path logs nothing per request.
+The API runs on aiohttp's low-level `web.Server` with its own small router (broker/api/routing.py):
+no `web.Application`, no middleware, no UrlDispatcher, so a token request costs less CPU than
+a bare aiohttp application's. `_Api.__call__` does the per-request work every route shares: the
+Host and Forwarded checks, JSON errors (404 and 405 included), and the request metrics. The
+serving path logs nothing per request. On the unix socket (`peer_identity`) a caller without a
+key is identified by the kernel's peer credentials; over TCP nothing is looked up.
+
+A new route is one `self.router.add(methods, template, endpoint)` line in `_Api.__init__`:
+`methods` is a list of methods or `"*"` for all of them, `template` a path such as
+`/v1/proxy/{app}/{path:.*}`, and `endpoint` an `async (request, params) -> response`. The
+template without its regexes (`/v1/proxy/{app}/{path}`) is the route's `route` metrics label.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import json
 import re
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +33,7 @@ from broker.api.auth import ClientAuthenticator, PeerCredentials
 from broker.api.errors import NO_STORE, ApiError, error_response, token_error
 from broker.api.openapi import openapi_document
 from broker.api.proxy import Proxy, Upstreams, check_method
+from broker.api.routing import Endpoint, NoRoute, Router
 from broker.clock import Clock
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.logs import RateLimitedLog, audit, get_logger
@@ -36,19 +47,21 @@ ROUTE_TOKEN = "/v1/token/{app}"
 ROUTE_REFRESH = "/v1/token/{app}/refresh"
 ROUTE_APPS = "/v1/apps"
 ROUTE_OPENAPI = "/openapi.json"
-ROUTE_PROXY = "/v1/proxy/{app}/{path}"
 MAX_MIN_TTL = 10**9
 _MIN_TTL = re.compile(r"^[0-9]{1,10}$")
 _TOKEN_HEADERS = {**NO_STORE, "Content-Type": "application/json"}
-_KNOWN_PATHS = (
-    (re.compile(r"^/v1/token/[^/]+$"), "GET"),
-    (re.compile(r"^/v1/token/[^/]+/refresh$"), "POST"),
-    (re.compile(r"^/v1/apps$"), "GET"),
-    (re.compile(r"^/openapi\.json$"), "GET"),
-)
+# Request bodies the API reads whole (none of its token routes takes one beyond a few bytes;
+# the proxy streams its bodies under its own limits, see broker/api/proxy.py).
+MAX_REQUEST_BODY = 4096
+# Request targets whose routing is remembered (then forgotten all at once).
+MAX_RESOLVED_TARGETS = 4096
+# (presented key, app) pairs whose authorization is remembered: only valid keys are, so the
+# table is as large as the config makes it; the bound is a second line of defence.
+MAX_GRANTS = 4096
+ROUTE_OTHER = "other"
+# The GIL switch interval while /metrics renders in its thread (the default is 5 ms).
+RENDER_SWITCH_INTERVAL = 0.0002
 DENIED_LOG_INTERVAL = 60.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Per-request labels for the metrics: a configured app and client name, or "".
 APP_LABEL = web.RequestKey("app_label", str)
@@ -73,6 +86,37 @@ def is_loopback_host(host_header: str | None) -> bool:
         return False
 
 
+# A routed request target: metrics label, endpoint, path parameters.
+_Resolved = tuple[str, Endpoint, Mapping[str, str]]
+_NO_PARAMS: Mapping[str, str] = {}
+
+
+def _no_route(missing: NoRoute) -> Endpoint:
+    """The endpoint of a request no route matched: 404 not_found, or 405 with its Allow."""
+
+    async def answer(_: web.BaseRequest, __: Mapping[str, str]) -> web.StreamResponse:
+        if missing.allow is None:
+            raise ApiError(404, "not_found", "no such route")
+        raise ApiError(
+            405, "method_not_allowed", "method not allowed on this route", {"Allow": missing.allow}
+        )
+
+    return answer
+
+
+class _Answer:
+    """An app's current token, the clients it went to, and its answer for one whole second."""
+
+    __slots__ = ("body", "expires", "issued_to", "token")
+
+    def __init__(self, token: TokenSet) -> None:
+        self.token = token
+        self.issued_to: set[str] = set()
+        # (expires_in, expires_at) of `body`: it is reused while both whole seconds hold.
+        self.expires: tuple[int, int] | None = None
+        self.body = b""
+
+
 class _Api:
     """The handlers, with what they share: service, authenticator, metrics, clock."""
 
@@ -93,59 +137,69 @@ class _Api:
         self.proxy = Proxy(service, upstreams, metrics)
         # Only the unix-socket API reads peer credentials; on TCP nothing is looked up.
         self._peers = PeerCredentials() if peer_identity else None
-        self._issued: dict[str, tuple[TokenSet, set[str]]] = {}
-        # The serialized answer per app, reused while the token and its whole seconds hold.
-        self._bodies: dict[str, tuple[TokenSet, int, int, bytes]] = {}
+        # Per app: its current token, the clients it was issued to (token.issued once each),
+        # and the serialized answer, reused while the token and its whole seconds left hold.
+        self._answers: dict[str, _Answer] = {}
         self._denied = RateLimitedLog(DENIED_LOG_INTERVAL)
-        self._counters: dict[tuple[str, str, str, str], Any] = {}
-        self._timers: dict[str, Any] = {}
+        self._requests = metrics.requests
+        # (Authorization header, app) → client, for callers already authenticated and allowed
+        # the app; emptied whenever the client keys or grants change (config reload, rotation).
+        self._grants: dict[tuple[str, str], str] = {}
+        self._grants_generation = authenticator.generation
+        # (method, request target) → its route: the target's own string, as sent, is the key.
+        self._resolved: dict[tuple[str, str], _Resolved] = {}
+        self.router = Router()
+        self.router.add("GET", ROUTE_TOKEN, self.get_token)
+        self.router.add("POST", ROUTE_REFRESH, self.refresh)
+        self.router.add("GET", ROUTE_APPS, self.list_apps)
+        self.router.add("GET", ROUTE_OPENAPI, self.openapi)
+        # [\s\S]: a decoded path may hold a newline (%0A); the proxy refuses it in JSON.
+        self.router.add("*", r"/v1/proxy/{app}/{path:[\s\S]*}", self.forward)
 
     # ---- the shared per-request work ---------------------------------------------------
 
-    def endpoint(self, route: str, handler: Handler) -> Handler:
-        """Wrap `handler`: origin checks, JSON errors, metrics under the route template."""
-        timer = self.metrics.request_duration.labels(route)
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Answer one request: route, origin checks, JSON errors, metrics under the template."""
+        started = time.perf_counter()
+        resolved = self._resolved.get((request.method, request.raw_path))
+        if resolved is None:
+            resolved = self._resolve(request)
+        label, endpoint, params = resolved
+        try:
+            _check_origin(request)  # first: a relayed request learns nothing, not even a 404
+            response = await endpoint(request, params)
+        except ApiError as exc:
+            response = error_response(exc)
+            if exc.status in (401, 403):
+                self._log_denied(request, exc.code)
+        except Exception:
+            log.exception("api.internal_error", route=label)
+            response = error_response(ApiError(500, "internal", "internal error"))
+        self._requests.observe(
+            label,
+            request.get(APP_LABEL, ""),
+            request.get(CLIENT_LABEL, ""),
+            response.status,
+            time.perf_counter() - started,
+        )
+        return response
 
-        async def handle(request: web.Request) -> web.StreamResponse:
-            started = time.perf_counter()
-            request[APP_LABEL] = ""
-            request[CLIENT_LABEL] = ""
-            try:
-                _check_origin(request)
-                response = await handler(request)
-            except ApiError as exc:
-                response = error_response(exc)
-                if exc.status in (401, 403):
-                    self._log_denied(request, exc.code)
-            except Exception:
-                log.exception("api.internal_error", route=route)
-                response = error_response(ApiError(500, "internal", "internal error"))
-            key = (route, request[APP_LABEL], request[CLIENT_LABEL], str(response.status))
-            counter = self._counters.get(key)
-            if counter is None:
-                counter = self._counters[key] = self.metrics.requests_total.labels(*key)
-            counter.inc()
-            timer.observe(time.perf_counter() - started)
-            return response
+    def _resolve(self, request: web.BaseRequest) -> _Resolved:
+        """Route a request target, remembering the answer for the next identical target."""
+        try:
+            route, endpoint, params = self.router.resolve(request.method, request.rel_url.path_safe)
+            resolved: _Resolved = (route.label, endpoint, params)
+        except NoRoute as exc:
+            resolved = (ROUTE_OTHER, _no_route(exc), _NO_PARAMS)
+        if len(self._resolved) >= MAX_RESOLVED_TARGETS:
+            self._resolved.clear()  # bounded: request targets are the caller's choice
+        self._resolved[(request.method, request.raw_path)] = resolved
+        return resolved
 
-        return handle
-
-    async def fallback(self, request: web.Request) -> web.Response:
-        """Unknown paths (404) and known paths with the wrong method (405), in JSON."""
-        for pattern, allowed in _KNOWN_PATHS:
-            if pattern.match(request.path):
-                raise ApiError(
-                    405,
-                    "method_not_allowed",
-                    "method not allowed on this route",
-                    {"Allow": allowed},
-                )
-        raise ApiError(404, "not_found", "no such route")
-
-    def _log_denied(self, request: web.Request, reason: str) -> None:
+    def _log_denied(self, request: web.BaseRequest, reason: str) -> None:
         peer = self._peers.of(request.transport) if self._peers is not None else None
         where = f"uid:{peer[0]}" if peer is not None else request.remote
-        who = request[CLIENT_LABEL] or (where or "unknown")
+        who = request.get(CLIENT_LABEL) or (where or "unknown")
         if self._denied.allow((who, reason), self.clock.monotonic()):
             # Typed as Any: audit's own keyword `level` must not look like it could come from here.
             peer_fields: dict[str, Any] = (
@@ -154,16 +208,16 @@ class _Api:
             audit(
                 log,
                 "client.denied",
-                client=request[CLIENT_LABEL] or None,
+                client=request.get(CLIENT_LABEL) or None,
                 remote=request.remote,
                 reason=reason,
-                app=request[APP_LABEL] or None,
+                app=request.get(APP_LABEL) or None,
                 **peer_fields,
             )
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _caller(self, request: web.Request) -> str:
+    def _caller(self, request: web.BaseRequest) -> str:
         authorization = request.headers.get("Authorization")
         client = self.auth.identify(authorization)
         if client is None:
@@ -182,8 +236,30 @@ class _Api:
         request[CLIENT_LABEL] = client
         return client
 
-    def _app_for(self, request: web.Request, client: str) -> str:
-        app = request.match_info["app"]
+    def _client_and_app(self, request: web.BaseRequest, app: str) -> tuple[str, str]:
+        """Authenticate the caller and check it may use `app` (401, 404, 403 otherwise).
+
+        A decision is remembered per presented key and app: a dict lookup on the header's
+        string (its hash is salted per process, so a wrong key's lookup times nothing of the
+        right one) instead of a SHA-256 and a comparison with every configured key. A caller
+        identified by its peer credentials presented no key, so nothing is remembered for it.
+        """
+        authorization = request.headers.get("Authorization")
+        if self._grants_generation != self.auth.generation:
+            self._grants.clear()
+            self._grants_generation = self.auth.generation
+        client = self._grants.get((authorization, app)) if authorization else None
+        if client is not None and app in self.service.app_names():
+            request[CLIENT_LABEL] = client
+            request[APP_LABEL] = app
+            return client, app
+        client = self._caller(request)
+        app = self._app_for(request, client, app)
+        if authorization and len(self._grants) < MAX_GRANTS:
+            self._grants[(authorization, app)] = client
+        return client, app
+
+    def _app_for(self, request: web.BaseRequest, client: str, app: str) -> str:
         if app not in self.service.app_names():
             usable = sorted(self.auth.apps_of(client) & set(self.service.app_names()))
             raise ApiError(
@@ -198,59 +274,51 @@ class _Api:
         return app
 
     def _token_response(self, app: str, client: str, token: TokenSet) -> web.Response:
-        entry = self._issued.get(app)
-        if entry is None or entry[0] is not token:
-            entry = (token, set())
-            self._issued[app] = entry
-        if client not in entry[1]:
-            entry[1].add(client)
+        answer = self._answers.get(app)
+        if answer is None or answer.token is not token:
+            answer = self._answers[app] = _Answer(token)
+        if client not in answer.issued_to:
+            answer.issued_to.add(client)
             audit(log, "token.issued", app=app, client=client, token_fingerprint=token.fingerprint)
         remaining = token.expires_at - self.service.now()
-        expires_in = max(0, int(remaining))
         # The service keeps fleet time (the store's clock); a caller compares expires_at with
         # its own clock, which is this pod's, so expires_at is given on the pod's clock.
-        expires_at = int(self.clock.time() + remaining)
-        cached = self._bodies.get(app)
-        if cached is not None and cached[0] is token and cached[1:3] == (expires_in, expires_at):
-            body = cached[3]
-        else:
-            body = json.dumps(
+        expires = (max(0, int(remaining)), int(self.clock.time() + remaining))
+        if expires != answer.expires:
+            answer.expires = expires
+            answer.body = json.dumps(
                 {
                     "access_token": token.access_token,
                     "token_type": token.token_type,
-                    "expires_at": expires_at,
-                    "expires_in": expires_in,
+                    "expires_at": expires[1],
+                    "expires_in": expires[0],
                     "scope": token.scope,
                 }
             ).encode()
-            self._bodies[app] = (token, expires_in, expires_at, body)
-        return web.Response(body=body, headers=_TOKEN_HEADERS)
+        return web.Response(body=answer.body, headers=_TOKEN_HEADERS)
 
     async def _serve(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
+        app: str,
         fetch: Callable[[str], Awaitable[TokenSet]],
-        min_ttl: float | None = None,
     ) -> web.Response:
-        client = self._caller(request)
-        app = self._app_for(request, client)
-        if min_ttl is not None:
-            # The hot path: a servable token in memory, answered without awaiting anything.
-            cached = self.service.cached_token(app, min_ttl)
-            if cached is not None:
-                return self._token_response(app, client, cached)
+        client, app = self._client_and_app(request, app)
+        return self._token_response(app, client, await self._fetch(app, fetch))
+
+    async def _fetch(self, app: str, fetch: Callable[[str], Awaitable[TokenSet]]) -> TokenSet:
+        """`fetch(app)`, its errors mapped to the contract's answers."""
         try:
-            token = await fetch(app)
+            return await fetch(app)
         except (NeedsAuthorization, RateLimited, TokenUnavailable, ValueError) as exc:
             raise token_error(exc, app, self.service.status(app).last_error) from None
-        return self._token_response(app, client, token)
 
     # ---- handlers ----------------------------------------------------------------------
 
-    async def get_token(self, request: web.Request) -> web.Response:
+    async def get_token(self, request: web.BaseRequest, params: Mapping[str, str]) -> web.Response:
         """GET /v1/token/{app}[?min_ttl=N]."""
         min_ttl = 0.0
-        if request.query_string:
+        if "?" in request.raw_path and request.query_string:
             raw = request.query.get("min_ttl")
             unknown = set(request.query) - {"min_ttl"}
             if unknown:
@@ -258,15 +326,20 @@ class _Api:
             if raw is None or not _MIN_TTL.match(raw) or int(raw) > MAX_MIN_TTL:
                 raise ApiError(400, "bad_request", "min_ttl must be a whole number of seconds")
             min_ttl = float(raw)
-        return await self._serve(request, lambda app: self.service.get_token(app, min_ttl), min_ttl)
+        client, app = self._client_and_app(request, params["app"])
+        # The hot path: a servable token in memory, answered without awaiting anything.
+        token = self.service.cached_token(app, min_ttl)
+        if token is None:
+            token = await self._fetch(app, lambda name: self.service.get_token(name, min_ttl))
+        return self._token_response(app, client, token)
 
-    async def refresh(self, request: web.Request) -> web.Response:
+    async def refresh(self, request: web.BaseRequest, params: Mapping[str, str]) -> web.Response:
         """POST /v1/token/{app}/refresh."""
         if request.query:
             raise ApiError(400, "bad_request", "this route takes no query parameters")
-        return await self._serve(request, self.service.force_refresh)
+        return await self._serve(request, params["app"], self.service.force_refresh)
 
-    async def list_apps(self, request: web.Request) -> web.Response:
+    async def list_apps(self, request: web.BaseRequest, _: Mapping[str, str]) -> web.Response:
         """GET /v1/apps: the caller's apps and their state."""
         client = self._caller(request)
         apps = []
@@ -283,11 +356,12 @@ class _Api:
             )
         return web.json_response({"apps": apps}, headers=NO_STORE)
 
-    async def forward(self, request: web.Request) -> web.StreamResponse:
+    async def forward(
+        self, request: web.BaseRequest, params: Mapping[str, str]
+    ) -> web.StreamResponse:
         """Any method on /v1/proxy/{app}/{path}: sent upstream with the app's token."""
         check_method(request.method)
-        client = self._caller(request)
-        app = self._app_for(request, client)
+        _, app = self._client_and_app(request, params["app"])
         return await self.proxy.forward(request, app)
 
     def _on_pod_clock(self, fleet_time: float | None) -> float | None:
@@ -296,12 +370,12 @@ class _Api:
             return None
         return fleet_time - (self.service.now() - self.clock.time())
 
-    async def openapi(self, _: web.Request) -> web.Response:
+    async def openapi(self, _: web.BaseRequest, __: Mapping[str, str]) -> web.Response:
         """GET /openapi.json (no auth)."""
         return web.json_response(openapi_document())
 
 
-def build_api_app(
+def build_api_handler(
     service: TokenService,
     authenticator: ClientAuthenticator,
     metrics: Metrics,
@@ -309,11 +383,11 @@ def build_api_app(
     upstreams: Upstreams | None = None,
     *,
     peer_identity: bool = False,
-) -> web.Application:
-    """The local API application. `upstreams` holds the proxies' pools (none: no proxy).
-    `peer_identity`: it serves a unix socket, where callers without a key are identified by
-    their uid and gid."""
-    api = _Api(
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The local API as a low-level aiohttp handler (serve it with `build_api_server`).
+    `upstreams` holds the proxies' pools (none: no proxy). `peer_identity`: it serves a unix
+    socket, where callers without a key are identified by their uid and gid."""
+    return _Api(
         service,
         authenticator,
         metrics,
@@ -321,23 +395,61 @@ def build_api_app(
         upstreams or Upstreams(),
         peer_identity=peer_identity,
     )
-    app = web.Application(client_max_size=4096)
-    app.router.add_get(ROUTE_TOKEN, api.endpoint(ROUTE_TOKEN, api.get_token), allow_head=False)
-    app.router.add_post(ROUTE_REFRESH, api.endpoint(ROUTE_REFRESH, api.refresh))
-    app.router.add_get(ROUTE_APPS, api.endpoint(ROUTE_APPS, api.list_apps), allow_head=False)
-    app.router.add_get(ROUTE_OPENAPI, api.endpoint(ROUTE_OPENAPI, api.openapi), allow_head=False)
-    # [\s\S]: a decoded path may hold a newline (%0A); the proxy refuses it in JSON.
-    proxy_route = r"/v1/proxy/{app}/{path:[\s\S]*}"
-    app.router.add_route("*", proxy_route, api.endpoint(ROUTE_PROXY, api.forward))
-    app.router.add_route("*", "/{tail:.*}", api.endpoint("other", api.fallback))
-    return app
+
+
+def api_server_options() -> dict[str, Any]:
+    """`web.Server` keyword arguments of the API: small request bodies, no access log."""
+    return {"request_factory": _small_request, "access_log": None}
+
+
+def build_api_server(
+    service: TokenService,
+    authenticator: ClientAuthenticator,
+    metrics: Metrics,
+    clock: Clock,
+    upstreams: Upstreams | None = None,
+    *,
+    peer_identity: bool = False,
+) -> web.Server:
+    """The local API's low-level server (call inside the running event loop); the arguments
+    are `build_api_handler`'s."""
+    handler = build_api_handler(
+        service, authenticator, metrics, clock, upstreams, peer_identity=peer_identity
+    )
+    return web.Server(handler, **api_server_options())
+
+
+def _small_request(
+    message: Any,
+    payload: Any,
+    protocol: Any,
+    writer: Any,
+    task: asyncio.Task[None],
+) -> web.BaseRequest:
+    """A request whose body may not exceed MAX_REQUEST_BODY (413 beyond)."""
+    return web.BaseRequest(
+        message,
+        payload,
+        protocol,
+        writer,
+        task,
+        task.get_loop(),
+        client_max_size=MAX_REQUEST_BODY,
+    )
 
 
 def build_metrics_app(service: TokenService, metrics: Metrics) -> web.Application:
     """The metrics listener: /metrics, /healthz, /readyz."""
+    # One worker thread renders the exposition text: at a thousand apps that takes ~0.1 s of
+    # CPU, which on the event loop would hold back every token request meanwhile. prometheus-
+    # client copies each family's children under its lock, so the loop keeps incrementing
+    # and labelling while the thread renders; one thread also keeps parallel scrapes in line.
+    renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-render")
 
     async def metrics_handler(_: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(metrics.registry))
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(renderer, _render, metrics)
+        response = web.Response(body=body)
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         response.charset = "utf-8"
         return response
@@ -351,14 +463,33 @@ def build_metrics_app(service: TokenService, metrics: Metrics) -> web.Applicatio
             return web.json_response({"status": "not_ready", "apps": unready}, status=503)
         return web.json_response({"status": "ready"})
 
+    async def stop_renderer(_: web.Application) -> None:
+        renderer.shutdown(wait=False)
+
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.on_cleanup.append(stop_renderer)
     return app
 
 
-def _check_origin(request: web.Request) -> None:
+def _render(metrics: Metrics) -> bytes:
+    """The exposition text, rendered while the event loop gets the GIL back often.
+
+    The render thread would otherwise hold the GIL for the interpreter's whole switch interval
+    (5 ms) each time, and a token request needs it a few times; while rendering, the loop's
+    thread waits at most RENDER_SWITCH_INTERVAL for it.
+    """
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(RENDER_SWITCH_INTERVAL)
+    try:
+        return generate_latest(metrics.registry)
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def _check_origin(request: web.BaseRequest) -> None:
     """Refuse proxied requests (SSRF) and non-loopback Host headers (DNS rebinding)."""
     if "Forwarded" in request.headers or "X-Forwarded-For" in request.headers:
         raise ApiError(403, "bad_host", "requests relayed by a proxy are refused")

@@ -79,6 +79,8 @@ class ClientAuthenticator:
         self._rebuild()
 
     def _rebuild(self) -> None:
+        # Counts every change of keys or grants, so a cache of decisions knows to start over.
+        self.generation = getattr(self, "generation", 0) + 1
         table: list[tuple[bytes, str]] = []
         for name in self._clients:
             table.extend((digest, name) for digest in self._inline[name])

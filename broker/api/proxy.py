@@ -275,7 +275,7 @@ class Proxy:
         self._counters: dict[tuple[str, str], Any] = {}
         self._timers: dict[str, Any] = {}
 
-    async def forward(self, request: web.Request, app: str) -> web.StreamResponse:
+    async def forward(self, request: web.BaseRequest, app: str) -> web.StreamResponse:
         """Answer `request` (already authenticated and allowed `app`) through the upstream."""
         upstream = self.upstreams.get(app)
         if upstream is None:
@@ -307,7 +307,7 @@ class Proxy:
         counter.inc()
 
     async def _forward(
-        self, request: web.Request, app: str, upstream: Upstream
+        self, request: web.BaseRequest, app: str, upstream: Upstream
     ) -> web.StreamResponse:
         spec = upstream.spec
         path, query = upstream_target(request.raw_path, app, spec.path_prefixes)
@@ -365,7 +365,7 @@ class Proxy:
         self,
         *,
         upstream: Upstream,
-        request: web.Request,
+        request: web.BaseRequest,
         url: URL,
         app: str,
         token: TokenSet,
@@ -398,7 +398,7 @@ class Proxy:
     async def _send(
         self,
         upstream: Upstream,
-        request: web.Request,
+        request: web.BaseRequest,
         url: URL,
         token: TokenSet,
         body: _Body,
@@ -423,7 +423,7 @@ class Proxy:
             raise ApiError(502, "upstream_error", "the upstream could not be reached") from None
 
 
-async def _read_body(request: web.Request, spec: ProxySpec) -> _Body:
+async def _read_body(request: web.BaseRequest, spec: ProxySpec) -> _Body:
     """Buffer a body up to `max_buffered_body` (replayable); stream a larger one."""
     if not request.body_exists:
         return _Body(None, None, replayable=True)
@@ -478,7 +478,7 @@ def _too_large(spec: ProxySpec) -> ApiError:
     )
 
 
-async def _relay(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _relay(request: web.BaseRequest, answer: aiohttp.ClientResponse) -> web.StreamResponse:
     """Stream the upstream's answer back with its status and headers."""
     response = web.StreamResponse(
         status=answer.status, reason=answer.reason, headers=response_headers(answer.headers)

@@ -8,9 +8,6 @@ from collections.abc import Mapping
 from urllib.parse import quote
 
 import aiohttp
-import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from broker.clock import Clock
 from broker.credentials import Credentials
@@ -175,6 +172,11 @@ class OAuthClient:
 
     def _assertion(self, client_id: str) -> str:
         """An RFC 7523 client assertion signed with the app's private key (RS256 or ES256)."""
+        # Imported here: only private_key_jwt apps need pyjwt and cryptography (about 9 MiB).
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
         pem = self.credentials.private_key()
         if pem is None:
             raise PermanentTokenError("private_key_jwt without a private key", error="config")

@@ -6,13 +6,13 @@ Twilio's 32xxxx codes, and any other 4xx.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
-
-import jwt
 
 from broker.errors import PermanentTokenError, TokenEndpointError, TransientTokenError
 from broker.logs import SECRETS
@@ -173,11 +173,35 @@ def _number(value: object) -> float | None:
 
 def jwt_exp(token: str) -> float | None:
     """The `exp` claim of a JWT access token (signature not checked: it is not ours), or None."""
-    if token.count(".") != 2:
-        return None
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
-    except jwt.PyJWTError:
+    claims = _unverified_claims(token)
+    if claims is None:
         return None
     exp = _number(claims.get("exp"))
     return exp if exp is not None and exp > 0 else None
+
+
+def _unverified_claims(token: str) -> dict[str, Any] | None:
+    """The payload of a compact JWS whose header and payload are JSON objects, else None.
+
+    Decoded by hand rather than with pyjwt: the broker only reads `exp` from a token it does not
+    verify, and importing pyjwt loads cryptography's OpenSSL bindings (about 9 MiB resident) in
+    every broker, whatever its apps use.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        header, payload = (json.loads(_b64url(part)) for part in parts[:2])
+        _b64url(parts[2])
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        return None
+    return payload
+
+
+def _b64url(segment: str) -> bytes:
+    """base64url without padding (RFC 7515 §2); raises ValueError on anything else."""
+    if not segment.isascii() or "=" in segment:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))

@@ -7,9 +7,7 @@ from broker.errors import ConfigError
 from broker.metrics import Metrics
 from broker.model import StoreSpec
 from broker.store import TokenStore
-from broker.store.crypto import Keyring
 from broker.store.memory import MemoryStore
-from broker.store.redis_store import RedisStore, redis_client
 
 
 def open_store(spec: StoreSpec, metrics: Metrics, clock: Clock) -> TokenStore:
@@ -17,6 +15,10 @@ def open_store(spec: StoreSpec, metrics: Metrics, clock: Clock) -> TokenStore:
     if spec.url.startswith("memory://"):
         metrics.store_up.set(1)
         return MemoryStore(clock)
+    # Imported here: redis-py and AES cost about 14 MiB that a memory:// broker never uses.
+    from broker.store.crypto import Keyring
+    from broker.store.redis_store import RedisStore, redis_client
+
     if spec.encryption_key_file is None:
         raise ConfigError("store.encryption_key_file", "required for a shared store")
     keyring = Keyring.from_file(spec.encryption_key_file)

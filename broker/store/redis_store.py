@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from broker.clock import Clock
@@ -41,6 +42,14 @@ from broker.store import (
     SpendStart,
 )
 from broker.store.crypto import Keyring, UndecryptableToken
+from broker.store.redis_pool import (
+    MAX_COMMAND_CONNECTIONS,
+    POOL_WAIT_TIMEOUT,
+    WaitingPool,
+    WaitingSentinelPool,
+    bounded_cluster,
+    default_client_name,
+)
 
 log = get_logger(__name__)
 
@@ -527,33 +536,50 @@ class RedisStore:
                 await client.aclose()
 
 
-def redis_client(url: str, *, socket_timeout: float = 1.0, password: str | None = None) -> Any:
-    """A redis-py asyncio client for redis://, rediss://, redis+sentinel:// or redis+cluster://."""
+def redis_client(
+    url: str,
+    *,
+    socket_timeout: float = 1.0,
+    password: str | None = None,
+    client_name: str | None = None,
+) -> Any:
+    """A redis-py asyncio client for redis://, rediss://, redis+sentinel:// or redis+cluster://.
+
+    However many apps the broker serves, it opens at most MAX_COMMAND_CONNECTIONS connections
+    for commands plus one for pub/sub (per node on a Cluster); a command that finds them all busy
+    waits for one (up to POOL_WAIT_TIMEOUT) instead of failing as if the store were down.
+    """
     scheme = url.partition("://")[0]
+    name = client_name if client_name is not None else default_client_name()
     common: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_timeout,
         "health_check_interval": 15,
+        "client_name": name,
     }
     if password is not None:
         common["password"] = password
     if scheme in ("redis", "rediss"):
-        return aioredis.Redis.from_url(url, **common, retry_on_timeout=False)
+        pool = WaitingPool.from_url(
+            url,
+            max_connections=MAX_COMMAND_CONNECTIONS + 1,  # + the pub/sub subscription
+            timeout=POOL_WAIT_TIMEOUT,
+            retry_on_timeout=False,
+            **common,
+        )
+        return aioredis.Redis.from_pool(pool)
     if scheme == "redis+cluster":
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
-
         parsed = _multi_host_url(url)
-        return RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in parsed.hosts],
+        return bounded_cluster(
+            parsed.hosts,
             username=parsed.username,
             password=password or parsed.password,
             ssl=parsed.tls,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
+            client_name=name,
         )
     if scheme == "redis+sentinel":
-        from redis.asyncio.sentinel import Sentinel
-
         parsed = _multi_host_url(url)
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             parsed.hosts,
@@ -566,7 +592,13 @@ def redis_client(url: str, *, socket_timeout: float = 1.0, password: str | None 
         )
         if not parsed.service:
             raise ValueError("redis+sentinel:// needs the master's service name as the path")
-        return sentinel.master_for(parsed.service)
+        return sentinel.master_for(
+            parsed.service,
+            connection_pool_class=WaitingSentinelPool,
+            max_connections=MAX_COMMAND_CONNECTIONS + 1,
+            timeout=POOL_WAIT_TIMEOUT,
+            client_name=name,
+        )
     raise ValueError(f"unsupported store scheme {scheme}")
 
 

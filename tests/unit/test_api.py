@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import RawTestServer, TestClient
 from prometheus_client import generate_latest
+from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
-from broker.api import build_api_app, build_metrics_app
+from broker.api import api_server_options, build_api_handler, build_metrics_app
 from broker.api.auth import ClientAuthenticator
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
@@ -25,7 +25,7 @@ KEY_A = "a" * 20 + "-client-key-of-service-a"
 KEY_B = "b" * 20 + "-client-key-of-service-b"
 NOW = 1_700_000_000.0
 
-ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
+ClientFactory = AiohttpClient
 
 
 class FakeService:
@@ -97,8 +97,11 @@ async def api(
     service: FakeService,
     authenticator: ClientAuthenticator,
     metrics: Metrics,
-) -> TestClient[web.Request, web.Application]:
-    return await aiohttp_client(build_api_app(service, authenticator, metrics, FakeClock()))
+) -> TestClient[Any, Any]:
+    return await aiohttp_client(
+        RawTestServer(build_api_handler(service, authenticator, metrics, FakeClock())),
+        server_kwargs=api_server_options(),
+    )
 
 
 def auth(key: str = KEY_A) -> dict[str, str]:
@@ -106,7 +109,7 @@ def auth(key: str = KEY_A) -> dict[str, str]:
 
 
 async def call(
-    api: TestClient[web.Request, web.Application],
+    api: TestClient[Any, Any],
     path: str,
     *,
     method: str = "GET",
@@ -117,9 +120,7 @@ async def call(
 
 
 class TestTokenRoute:
-    async def test_returns_the_token_with_no_store(
-        self, api: TestClient[web.Request, web.Application]
-    ) -> None:
+    async def test_returns_the_token_with_no_store(self, api: TestClient[Any, Any]) -> None:
         """200 with the contract's fields and Cache-Control: no-store."""
         status, body, headers = await call(api, "/v1/token/app1")
         assert status == 200
@@ -133,39 +134,29 @@ class TestTokenRoute:
         assert headers["Cache-Control"] == "no-store"
 
     @pytest.mark.parametrize("value", ["abc", "-1", "1.5", "", "99999999999"])
-    async def test_bad_min_ttl_is_400(
-        self, api: TestClient[web.Request, web.Application], value: str
-    ) -> None:
+    async def test_bad_min_ttl_is_400(self, api: TestClient[Any, Any], value: str) -> None:
         """min_ttl must be a whole, non-negative number of seconds."""
         status, body, _ = await call(api, f"/v1/token/app1?min_ttl={value}")
         assert (status, body["error"]) == (400, "bad_request")
 
-    async def test_min_ttl_above_lifetime_is_400(
-        self, api: TestClient[web.Request, web.Application]
-    ) -> None:
+    async def test_min_ttl_above_lifetime_is_400(self, api: TestClient[Any, Any]) -> None:
         """A min_ttl no token can satisfy is a caller error."""
         status, body, _ = await call(api, "/v1/token/app1?min_ttl=4000")
         assert (status, body["error"]) == (400, "bad_request")
 
-    async def test_missing_and_wrong_keys_are_401(
-        self, api: TestClient[web.Request, web.Application]
-    ) -> None:
+    async def test_missing_and_wrong_keys_are_401(self, api: TestClient[Any, Any]) -> None:
         """No key or a wrong key: 401 with WWW-Authenticate: Bearer."""
         for headers in ({}, auth("w" * 40), {"Authorization": "Basic abc"}):
             status, body, response_headers = await call(api, "/v1/token/app1", headers=headers)
             assert (status, body["error"]) == (401, "unauthorized")
             assert response_headers["WWW-Authenticate"].startswith("Bearer")
 
-    async def test_unknown_app_is_404_only_after_auth(
-        self, api: TestClient[web.Request, web.Application]
-    ) -> None:
+    async def test_unknown_app_is_404_only_after_auth(self, api: TestClient[Any, Any]) -> None:
         """An unknown app is 404 for a caller, 401 for a stranger (who learns nothing)."""
         assert (await call(api, "/v1/token/nope"))[0] == 404
         assert (await call(api, "/v1/token/nope", headers={}))[0] == 401
 
-    async def test_app_not_allowed_is_403(
-        self, api: TestClient[web.Request, web.Application]
-    ) -> None:
+    async def test_app_not_allowed_is_403(self, api: TestClient[Any, Any]) -> None:
         """svc-a may not use app2."""
         status, body, _ = await call(api, "/v1/token/app2")
         assert (status, body["error"]) == (403, "forbidden")
@@ -180,7 +171,7 @@ class TestTokenRoute:
     )
     async def test_service_errors_map_to_codes(
         self,
-        api: TestClient[web.Request, web.Application],
+        api: TestClient[Any, Any],
         service: FakeService,
         error: Exception,
         status: int,
@@ -195,16 +186,14 @@ class TestTokenRoute:
             assert headers["Retry-After"] == "8"
 
     async def test_rate_limited_refresh_is_429(
-        self, api: TestClient[web.Request, web.Application], service: FakeService
+        self, api: TestClient[Any, Any], service: FakeService
     ) -> None:
         """Too many forced refreshes: 429 rate_limited with Retry-After."""
         service.errors["app1"] = RateLimited("x", retry_after=30)
         status, body, headers = await call(api, "/v1/token/app1/refresh", method="POST")
         assert (status, body["error"], headers["Retry-After"]) == (429, "rate_limited", "30")
 
-    async def test_unknown_route_and_method_are_json(
-        self, api: TestClient[web.Request, web.Application]
-    ) -> None:
+    async def test_unknown_route_and_method_are_json(self, api: TestClient[Any, Any]) -> None:
         """404 and 405 answers are JSON errors too."""
         assert (await call(api, "/v2/nothing"))[:2] == (
             404,
@@ -218,7 +207,7 @@ class TestErrorMessages:
     """Error answers say what is wrong and what to do, naming the app and its last error."""
 
     async def test_unknown_app_names_it_and_lists_the_callers_apps(
-        self, api: TestClient[web.Request, web.Application]
+        self, api: TestClient[Any, Any]
     ) -> None:
         """404 unknown_app repeats the name asked for and lists the apps this client may use."""
         _, body, _ = await call(api, "/v1/token/twillio", headers=auth(KEY_B))
@@ -230,7 +219,7 @@ class TestErrorMessages:
         assert body["message"].endswith("this client may use: app1")
 
     async def test_unavailable_says_why_and_where_to_look(
-        self, api: TestClient[web.Request, web.Application], service: FakeService
+        self, api: TestClient[Any, Any], service: FakeService
     ) -> None:
         """503 names the app's last error, when to retry, GET /v1/apps and the log event."""
         service.errors["app1"] = TokenUnavailable("x", retry_after=4.5)
@@ -243,7 +232,7 @@ class TestErrorMessages:
         assert "token.refresh_failed" in message
 
     async def test_unavailable_before_any_failure_says_so(
-        self, api: TestClient[web.Request, web.Application], service: FakeService
+        self, api: TestClient[Any, Any], service: FakeService
     ) -> None:
         """A 503 while the first refresh is still running does not invent an error."""
         service.errors["app1"] = TokenUnavailable("x", retry_after=1)
@@ -251,7 +240,7 @@ class TestErrorMessages:
         assert "no refresh has failed yet" in body["message"]
 
     async def test_needs_authorization_says_why_and_what_to_run(
-        self, api: TestClient[web.Request, web.Application], service: FakeService
+        self, api: TestClient[Any, Any], service: FakeService
     ) -> None:
         """409 names the dead grant's error, the authorize command and the log event."""
         service.errors["app1"] = NeedsAuthorization("x")
@@ -264,18 +253,14 @@ class TestErrorMessages:
 
 
 class TestAppsRoute:
-    async def test_lists_only_the_callers_apps(
-        self, api: TestClient[web.Request, web.Application]
-    ) -> None:
+    async def test_lists_only_the_callers_apps(self, api: TestClient[Any, Any]) -> None:
         """svc-a sees app1 only; svc-b sees both."""
         _, body, _ = await call(api, "/v1/apps")
         assert [a["name"] for a in body["apps"]] == ["app1"]
         _, body, _ = await call(api, "/v1/apps", headers=auth(KEY_B))
         assert [a["name"] for a in body["apps"]] == ["app1", "app2"]
 
-    async def test_openapi_needs_no_key(
-        self, api: TestClient[web.Request, web.Application]
-    ) -> None:
+    async def test_openapi_needs_no_key(self, api: TestClient[Any, Any]) -> None:
         """The OpenAPI document is public and lists every route."""
         status, body, _ = await call(api, "/openapi.json", headers={})
         assert status == 200
@@ -289,9 +274,7 @@ class TestAppsRoute:
 
 
 class TestAuditAndMetrics:
-    async def test_token_issued_once_per_client_per_token(
-        self, api: TestClient[web.Request, web.Application]
-    ) -> None:
+    async def test_token_issued_once_per_client_per_token(self, api: TestClient[Any, Any]) -> None:
         """token.issued is written the first time a client gets a token, not per request."""
         with capture_logs() as logs:
             for _ in range(5):
@@ -301,9 +284,7 @@ class TestAuditAndMetrics:
         assert [(e["client"], e["audit"]) for e in issued] == [("svc-a", True), ("svc-b", True)]
         assert "token-one" not in repr(logs)
 
-    async def test_client_denied_is_rate_limited(
-        self, api: TestClient[web.Request, web.Application]
-    ) -> None:
+    async def test_client_denied_is_rate_limited(self, api: TestClient[Any, Any]) -> None:
         """Fifty wrong keys in a row: one client.denied line, without the key."""
         with capture_logs() as logs:
             for i in range(50):
@@ -313,7 +294,7 @@ class TestAuditAndMetrics:
         assert "wrong-" not in repr(logs)
 
     async def test_labels_carry_only_configured_names(
-        self, api: TestClient[web.Request, web.Application], metrics: Metrics
+        self, api: TestClient[Any, Any], metrics: Metrics
     ) -> None:
         """An unknown app from the URL and a wrong key never become label values."""
         await call(api, "/v1/token/evil-app-name")

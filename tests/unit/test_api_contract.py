@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import RawTestServer, TestClient
 from prometheus_client import generate_latest
+from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
-from broker.api import build_api_app, build_metrics_app
+from broker.api import api_server_options, build_api_handler, build_metrics_app
 from broker.api.auth import ClientAuthenticator
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
@@ -27,8 +27,8 @@ INLINE_KEY = "inline-client-key-" + "i" * 32
 WRONG_KEY = "wrong-client-key-" + "w" * 32
 UNCONFIGURED_APP = "unconfigured-app-zq7"
 
-Client = TestClient[web.Request, web.Application]
-ClientFactory = Callable[[web.Application], Awaitable[Client]]
+Client = TestClient[Any, Any]
+ClientFactory = AiohttpClient
 
 
 def make_token(name: str, expires_at: float = NOW + 3000, scope: str | None = "read") -> TokenSet:
@@ -129,7 +129,10 @@ async def api(
     clock: FakeClock,
 ) -> Client:
     """A test server running the API app."""
-    return await aiohttp_client(build_api_app(service, authenticator, metrics, clock))
+    return await aiohttp_client(
+        RawTestServer(build_api_handler(service, authenticator, metrics, clock)),
+        server_kwargs=api_server_options(),
+    )
 
 
 @pytest.fixture
@@ -581,3 +584,35 @@ class TestMetricsApp:
         response = await metrics_api.get("/readyz")
         assert response.status == 503
         assert await response.json() == {"status": "not_ready", "apps": ["stripe", "twilio"]}
+
+
+class TestRememberedGrants:
+    """Authorization decisions are remembered per key and app, and forgotten when they change."""
+
+    async def test_rotated_key_is_refused_at_once(
+        self, api: Client, authenticator: ClientAuthenticator, tmp_path: Path
+    ) -> None:
+        """A key just accepted is 401 as soon as its key file holds another key."""
+        assert (await call(api, "/v1/token/twilio"))[0] == 200
+        (tmp_path / "billing.key").write_text("n" * 48 + "\n")
+        assert authenticator.reload_changed() == ["billing"]
+        status, body, _ = await call(api, "/v1/token/twilio")
+        assert (status, body["error"]) == (401, "unauthorized")
+
+    async def test_withdrawn_app_is_refused_at_once(
+        self, api: Client, authenticator: ClientAuthenticator, tmp_path: Path
+    ) -> None:
+        """A client whose grant a reload withdrew gets 403 with the key that just worked."""
+        assert (await call(api, "/v1/token/twilio"))[0] == 200
+        authenticator.replace(
+            {"billing": ClientSpec("billing", ("stripe",), key_files=(tmp_path / "billing.key",))}
+        )
+        status, body, _ = await call(api, "/v1/token/twilio")
+        assert (status, body["error"]) == (403, "forbidden")
+
+    async def test_removed_app_is_404_at_once(self, api: Client, service: FakeTokenService) -> None:
+        """An app removed from the broker is 404 unknown_app for a caller it just served."""
+        assert (await call(api, "/v1/token/stripe", headers=bearer(INLINE_KEY)))[0] == 200
+        del service.tokens["stripe"]
+        status, body, _ = await call(api, "/v1/token/stripe", headers=bearer(INLINE_KEY))
+        assert (status, body["error"]) == (404, "unknown_app")

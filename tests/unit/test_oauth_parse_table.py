@@ -12,7 +12,7 @@ import pytest
 from broker.errors import PermanentTokenError, TransientTokenError
 from broker.logs import REDACTED, SECRETS
 from broker.model import TokenSet
-from broker.oauth.parse import MAX_EXPIRES_IN, parse_retry_after, parse_token_response
+from broker.oauth.parse import MAX_EXPIRES_IN, jwt_exp, parse_retry_after, parse_token_response
 
 SENT = 1_700_000_000.0
 DEFAULT_LIFETIME = 1800.0
@@ -291,3 +291,33 @@ class TestClassifyPermanent:
         with pytest.raises(PermanentTokenError) as caught:
             parse(400, body)
         assert caught.value.description == "x" * 200
+
+
+class TestJwtExp:
+    """jwt_exp reads `exp` from a compact JWS without verifying it, and refuses anything else."""
+
+    @pytest.mark.parametrize(
+        ("token", "expected"),
+        [
+            pytest.param(JWT_EXP_IN_600, SENT + 600, id="hs256-token"),
+            pytest.param(
+                jwt.encode({"exp": 1_900_000_000.5}, "k" * 64, algorithm="HS512"),
+                1_900_000_000.5,
+                id="fractional-exp",
+            ),
+            pytest.param(signed_jwt(), None, id="no-exp"),
+            pytest.param(JWT_BAD_EXP, None, id="non-numeric-exp"),
+            pytest.param(signed_jwt(exp=-1), None, id="negative-exp"),
+            pytest.param("opaque-token-value", None, id="not-a-jwt"),
+            pytest.param("a.b", None, id="two-segments"),
+            pytest.param("e30.e30.e30.e30", None, id="four-segments"),
+            pytest.param("e30.WzFd.", None, id="payload-not-an-object"),
+            pytest.param("WzFd.e30.", None, id="header-not-an-object"),
+            pytest.param("e30.!!!.", None, id="payload-not-base64url"),
+            pytest.param("e30.e30=.", None, id="padded-segment"),
+            pytest.param("e30.e30.x", None, id="signature-of-bad-length"),
+        ],
+    )
+    def test_values(self, token: str, expected: float | None) -> None:
+        """Each token gives its exp, or None when it is not a JWT with a positive numeric exp."""
+        assert jwt_exp(token) == expected

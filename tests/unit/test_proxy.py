@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from broker.api import build_api_app
+from broker.api import api_server_options, build_api_handler
 from broker.api.auth import ClientAuthenticator
 from broker.api.errors import ApiError
 from broker.api.proxy import Upstreams, request_headers, response_headers, upstream_target
@@ -32,7 +32,7 @@ NOW = 1_700_000_000.0
 TOKEN_A = TokenSet("access-a-" + "a" * 30, "Bearer", NOW - 100, NOW + 3500)
 TOKEN_B = TokenSet("access-b-" + "b" * 30, "Bearer", NOW, NOW + 3600)
 
-ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 # ---- pure parts --------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def metrics() -> Metrics:
     return Metrics()
 
 
-Make = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+Make = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 @pytest.fixture
@@ -250,11 +250,11 @@ async def make_api(
     )
     upstreams = Upstreams()
 
-    async def make(**proxy: Any) -> TestClient[web.Request, web.Application]:
+    async def make(**proxy: Any) -> TestClient[Any, Any]:
         spec = ProxySpec(upstream=f"http://127.0.0.1:{upstream_server[1].port}", **proxy)
         upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
-        app = build_api_app(service, authenticator, metrics, FakeClock(), upstreams)
-        return await aiohttp_client(app)
+        handler = build_api_handler(service, authenticator, metrics, FakeClock(), upstreams)
+        return await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
 
     yield make
     await upstreams.close(grace=0.0)
@@ -519,7 +519,26 @@ class TestFailClosedAndLimits:
         authenticator = ClientAuthenticator(
             {"svc": ClientSpec("svc", ("app1",), key_files=(tmp_path / "key",))}
         )
-        api = await aiohttp_client(build_api_app(service, authenticator, metrics, FakeClock()))
+        handler = build_api_handler(service, authenticator, metrics, FakeClock())
+        api = await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
         response = await api.get("/v1/proxy/app1/x", headers=AUTH)
         assert response.status == 404
         assert (await response.json())["error"] == "proxy_not_configured"
+
+
+class TestRequestMetrics:
+    async def test_a_proxied_request_is_counted_under_the_route_template(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer], metrics: Metrics
+    ) -> None:
+        """The route label is `/v1/proxy/{app}/{path}`, not the router's `{path:regex}`."""
+        upstream_server[0].accept_any = True
+        api = await make_api()
+        response = await api.delete("/v1/proxy/app1/x/y", headers=AUTH)
+        assert response.status == 200
+        labels = {
+            "route": "/v1/proxy/{app}/{path}",
+            "app": "app1",
+            "client": "svc",
+            "status": "200",
+        }
+        assert metrics.registry.get_sample_value("token_broker_requests_total", labels) == 1.0

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import RawTestServer, TestClient
 
-from broker.api import build_api_app
+from broker.api import api_server_options, build_api_handler, build_api_server
 from broker.api.auth import ClientAuthenticator, PeerCredentials
 from broker.api.unix_socket import bind_unix_socket
 from broker.errors import ConfigError, TokenUnavailable
@@ -156,10 +156,12 @@ class TestPeerIdentityNeverOnTcp:
     ) -> None:
         """Over TCP a caller without a key is 401 even when a client maps its uid."""
         auth = ClientAuthenticator({"me": ClientSpec("me", ("app1",), uids=(os.geteuid(),))})
-        app: web.Application = build_api_app(
+        handler = build_api_handler(
             FakeService(), auth, Metrics(), FakeClock(), peer_identity=peer_identity
         )
-        client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+        client: TestClient[Any, Any] = await aiohttp_client(
+            RawTestServer(handler), server_kwargs=api_server_options()
+        )
         response = await client.get("/v1/token/app1")
         assert response.status == 401
         assert (await response.json())["error"] == "unauthorized"
@@ -174,8 +176,8 @@ class TestErrorMessagesOnTheSocket:
         service.errors["app1"] = TokenUnavailable("x", retry_after=2)
         service.last_errors["app1"] = "transient: token endpoint answered 503"
         auth = ClientAuthenticator({"me": ClientSpec("me", ("app1",), uids=(os.geteuid(),))})
-        app = build_api_app(service, auth, Metrics(), FakeClock(), peer_identity=True)
-        runner = web.AppRunner(app)
+        api = build_api_server(service, auth, Metrics(), FakeClock(), peer_identity=True)
+        runner = web.ServerRunner(api)
         await runner.setup()
         listener = bind_unix_socket(server(sock_path, 0o600))
         try:

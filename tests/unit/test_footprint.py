@@ -1,0 +1,86 @@
+"""What a broker imports is what its config uses: memory:// and client secrets stay lean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.support.broker_process import REPO_ROOT
+
+# Heavy modules a broker loads only when its config needs them.
+HEAVY = ("redis", "jwt", "cryptography", "rich", "importlib.metadata")
+
+BUILD = """
+import asyncio, json, sys
+from broker.app import build_broker
+from broker.config import load_config
+
+async def main():
+    broker = await build_broker(load_config(sys.argv[1]))
+    await broker.session.close()
+
+asyncio.run(main())
+print(json.dumps([m for m in sys.argv[2:] if m in sys.modules]))
+"""
+
+
+def write_config(directory: Path, store_url: str) -> Path:
+    """A config with one client_secret_post app and one client on `store_url`."""
+    (directory / "secret").write_text("app-secret-0123456789abcdef\n")
+    (directory / "client.key").write_text("c" * 40 + "\n")
+    (directory / "store.key").write_text("k1 MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n")
+    store: dict[str, str] = {"url": store_url}
+    if not store_url.startswith("memory://"):
+        store["encryption_key_file"] = "store.key"
+    config = {
+        "server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
+        "store": store,
+        "apps": {
+            "app1": {
+                "token_url": "http://127.0.0.1:9/token",
+                "client_id": "id",
+                "client_secret_file": "secret",
+            }
+        },
+        "clients": {"svc": {"key_file": "client.key", "apps": ["app1"]}},
+    }
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def imported_heavy_modules(config: Path) -> list[str]:
+    """The HEAVY modules a fresh interpreter holds after building a broker from `config`."""
+    out = subprocess.run(
+        [sys.executable, "-c", BUILD, str(config), *HEAVY],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+    found: list[str] = json.loads(out.stdout)
+    return found
+
+
+class TestImports:
+    """Building a broker imports only what its store and apps need."""
+
+    def test_memory_store_imports_no_redis_jwt_cryptography_rich_or_metadata(
+        self, tmp_path: Path
+    ) -> None:
+        """A memory:// broker with a client_secret_post app imports none of the heavy modules."""
+        assert imported_heavy_modules(write_config(tmp_path, "memory://")) == []
+
+    def test_redis_store_imports_redis_and_cryptography(self, tmp_path: Path) -> None:
+        """A Redis store loads redis-py and AES (so the check above can see a heavy import).
+
+        (redis-py itself imports importlib.metadata, for its own version.)
+        """
+        found = imported_heavy_modules(write_config(tmp_path, "redis://127.0.0.1:9/0"))
+        assert {"redis", "cryptography"} <= set(found)
+        assert "jwt" not in found
