@@ -192,6 +192,23 @@ class FleetProtocol:
         elif notice.kind == "abort":
             self._foreign_spends.pop(notice.refresh_fp, None)
 
+    def must_veto(self, notice: Notice) -> bool:
+        """True when `notice` announces a spend of a refresh token whose earlier spend this
+        replica knows had no known outcome (the store must have forgotten it)."""
+        return (
+            notice.kind == "spend"
+            and notice.owner != self._owner
+            and notice.refresh_fp is not None
+            and (notice.refresh_fp in self._unknown or notice.refresh_fp in self._foreign_spends)
+        )
+
+    async def veto(self, notice: Notice) -> None:
+        """Stop another replica's spend of a refresh token we know was already sent."""
+        assert notice.refresh_fp is not None
+        with contextlib.suppress(StoreUnavailable):
+            if await self._store.veto_spend(self.app, refresh_fp=notice.refresh_fp):
+                log.warning("grant.spend_vetoed", app=self.app, spender=notice.owner)
+
     def forget_spent(self, token: TokenSet) -> None:
         """A set of `token`'s rank or newer is ours now: older spends no longer matter."""
         keep = token.refresh_fingerprint

@@ -121,6 +121,7 @@ class AppRefresher:
         self._wake = asyncio.Event()
         self._forced: collections.deque[float] = collections.deque()
         self._listeners: list[Callable[[TokenSet], None]] = []
+        self._vetoes: set[asyncio.Future[None]] = set()
         self._set_state(AppState.REFRESHING)
 
     # ---- serving -------------------------------------------------------------------------
@@ -305,6 +306,10 @@ class AppRefresher:
 
     def on_notice(self, notice: Notice) -> None:
         """A change published by a replica: act only when it tells us something new."""
+        if self.fleet.must_veto(notice):
+            task = asyncio.ensure_future(self.fleet.veto(notice))
+            self._vetoes.add(task)
+            task.add_done_callback(self._vetoes.discard)
         self.fleet.on_notice(notice)
         token = self.token
         if notice.kind == "token":
