@@ -452,8 +452,11 @@ class AppRefresher:
                 reason=outcome.reason,
                 grace=self.spec.refresh.reuse_grace,
             )
-        # Nothing to request: look at the store again on the next turn.
-        self._next_attempt_at = self._clock.monotonic() + MAX_SLEEP
+        # Nothing to request: look at the store again on the next turn, and no later than when
+        # the token stops being servable, so that the state turns to needs_authorization then.
+        servable_left = self._servable_left()
+        wait = min(MAX_SLEEP, max(LEASE_RETRY, servable_left)) if servable_left > 0 else MAX_SLEEP
+        self._next_attempt_at = self._clock.monotonic() + wait
 
     def _record_success(self, started: float) -> None:
         token = self.token

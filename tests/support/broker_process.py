@@ -130,6 +130,11 @@ class BrokerProcess:
         except AssertionError as exc:
             raise AssertionError(f"{exc}:\n{self.output()[-4000:]}") from None
 
+    @property
+    def pid(self) -> int:
+        """The process id (0 before the first start)."""
+        return self.process.pid if self.process is not None else 0
+
     def terminate(self, timeout: float = 20.0) -> int:
         """SIGTERM and wait; returns the exit code."""
         if self.process is None:

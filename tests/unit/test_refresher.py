@@ -394,6 +394,30 @@ class TestAuthorizationCode:
         assert refresher.state is AppState.NEEDS_AUTHORIZATION
         assert len(source.calls) == 1
 
+    async def test_a_lost_reply_turns_to_needs_authorization_when_the_token_runs_out(
+        self,
+        make: MakeRefresher,
+        store: MemoryStore,
+        fake_clock: FakeClock,
+    ) -> None:
+        """After an unknown outcome the valid token is served, then the state is needs_auth."""
+        source = FakeTokenSource(fake_clock, rotate=True)
+        await seed_grant(store, fake_clock)
+        source.failure = TransientTokenError("reset", outcome_unknown=True)
+        refresher = make(source, grant=GrantType.AUTHORIZATION_CODE)
+        while not source.calls:
+            await fake_clock.advance(1.0)
+        assert refresher.state is AppState.FAILING
+        await served_token(refresher, fake_clock)
+        # The seed runs out at 60 s, and is not served in its last 3 s (the safety margin).
+        while refresher.servable() is not None:
+            await fake_clock.advance(0.5)
+        await fake_clock.advance(0.5)
+        assert refresher.state is AppState.NEEDS_AUTHORIZATION
+        with pytest.raises(NeedsAuthorization):
+            await refresher.get()
+        assert len(source.calls) == 1
+
 
 @pytest.mark.faults
 class TestClockJumps:
