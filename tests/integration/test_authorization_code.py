@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,13 @@ from tests.support.authorization import (
     authorize_via_code,
     consent,
 )
-from tests.support.broker_process import REPO_ROOT, BrokerFiles, BrokerProcess, wait_until_ready
+from tests.support.broker_process import (
+    REPO_ROOT,
+    BrokerFiles,
+    BrokerProcess,
+    wait_until_ready,
+    wall_time,
+)
 from tests.support.fleet import Fleet, Poller
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.redis_server import RedisServer
@@ -329,11 +334,6 @@ class TestCrashAfterRotation:
         assert announced, "no replica announced grant.outcome_unknown"
         assert all(line["level"] == "error" for line in announced)
         # Announced while the access token was still valid, which was then served on.
-        first = min(_wall(line["timestamp"]) for line in announced)
+        first = min(wall_time(line) for line in announced)
         assert first > killed_at
         assert any(status == 200 for i in alive for status in stats.of(i, since=first))
-
-
-def _wall(timestamp: str) -> float:
-    """A log line's ISO timestamp as wall time."""
-    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,11 @@ class BrokerProcess:
                 except ValueError as exc:
                     raise AssertionError(f"non-JSON output line: {raw!r}") from exc
         return lines
+
+
+def wall_time(line: Mapping[str, Any]) -> float:
+    """The wall time of one of the broker's JSON log lines."""
+    return datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
 @contextlib.asynccontextmanager

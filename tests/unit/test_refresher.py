@@ -407,13 +407,13 @@ class TestAuthorizationCode:
         refresher = make(source, grant=GrantType.AUTHORIZATION_CODE)
         while not source.calls:
             await fake_clock.advance(1.0)
-        assert refresher.state is AppState.FAILING
+        assert refresher.status().state is AppState.FAILING
         await served_token(refresher, fake_clock)
         # The seed runs out at 60 s, and is not served in its last 3 s (the safety margin).
         while refresher.servable() is not None:
             await fake_clock.advance(0.5)
         await fake_clock.advance(0.5)
-        assert refresher.state is AppState.NEEDS_AUTHORIZATION
+        assert refresher.status().state is AppState.NEEDS_AUTHORIZATION
         with pytest.raises(NeedsAuthorization):
             await refresher.get()
         assert len(source.calls) == 1
