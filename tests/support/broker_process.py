@@ -136,14 +136,21 @@ class BrokerProcess:
         """The process id (0 before the first start)."""
         return self.process.pid if self.process is not None else 0
 
+    def signal(self, signum: int) -> None:
+        """Send `signum` if the process is running."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
     def terminate(self, timeout: float = 20.0) -> int:
         """SIGTERM and wait; returns the exit code."""
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        """Wait for the exit; returns the exit code (0 when never started)."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=timeout)
-        return code
+        return self.process.wait(timeout=timeout)
 
     def kill(self) -> None:
         """SIGKILL (a crash)."""

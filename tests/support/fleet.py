@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,9 +26,14 @@ class Replica:
     polled: bool = True
 
     async def restart(self) -> None:
-        """SIGTERM (a rolling deploy: waits for the exit), start again, wait until ready."""
+        """SIGTERM (a rolling deploy: waits for the exit), start again, wait until ready.
+
+        The wait runs in a thread: the test's OAuth server shares this event loop, and must
+        answer the refresh the replica finishes before it exits.
+        """
         self.polled = False
-        assert self.process.terminate() == 0, self.process.output()[-4000:]
+        code = await asyncio.to_thread(self.process.terminate)
+        assert code == 0, self.process.output()[-4000:]
         self.process.start()
         await self.process.wait_ready(self.files.metrics)
         self.polled = True
@@ -88,9 +95,19 @@ class Fleet:
             await replica.process.wait_ready(replica.files.metrics)
 
     def stop(self) -> None:
-        """SIGTERM every replica still running."""
+        """SIGTERM every replica still running, all at once, and wait for them."""
+        # One SIGTERM each: the broker stops handling signals once it drains.
+        for replica in self.alive():
+            replica.process.signal(signal.SIGTERM)
+        hung = []
         for replica in self.replicas:
-            replica.process.terminate()
+            try:
+                replica.process.wait()
+            except subprocess.TimeoutExpired:
+                replica.process.kill()
+                hung.append(replica.files.directory.name)
+        if hung:
+            raise AssertionError(f"killed after SIGTERM did not stop them: {hung}")
 
     def alive(self) -> list[Replica]:
         """Replicas whose process is running."""
