@@ -173,8 +173,10 @@ class TestPartition:
             await next_commit(client)  # cut right after a refresh, not in the middle of one
             generation = int(client.hget(TOKEN_KEY, "gen") or 0)
             cut_at = time.time()
-            proxy.blackhole()
-            await asyncio.sleep(LIFETIME * 1.6)
+            proxy.blackhole()  # first packets vanish (timeouts), then connections are refused
+            await asyncio.sleep(LIFETIME * 0.8)
+            proxy.refuse()
+            await asyncio.sleep(LIFETIME * 0.8)
             healed_at = time.time()
             proxy.heal()
             after_heal = await all_serving_again(poller, [0, 1, 2], healed_at)
@@ -190,6 +192,7 @@ class TestPartition:
         requests = check_grant_intact(oauth_server)
         assert stats.expired == 0, "an expired token was served"
         assert_no_409(stats)
+        assert proxy.connections_seen > 0, "the replica did not go through the proxy"
         assert blocked, "the partitioned replica did not report that refreshing is blocked"
         partitioned = stats.of(0, since=cut_at + LIFETIME)
         assert 503 in partitioned, "the partition did not take effect"
@@ -288,9 +291,11 @@ class TestSigtermDuringSlowRefresh:
         assert code == 0
         assert slow.at - 0.5 < signalled_at < slow.at + 2.0, "SIGTERM missed the slow refresh"
         assert refreshed and stopped and wall_time(refreshed[0]) <= wall_time(stopped[0])
-        assert stored is not None and stored.refresh_token == rotated
-        assert stored.generation == generation + 1
+        assert refreshed[0]["generation"] == generation + 1
+        assert stored is not None and stored.generation >= generation + 1
         later = [r.form["refresh_token"] for r in oauth_server.requests if r.at > slow.at]
+        # Only the holder ever had the rotated token: the next refresh (a survivor's, or the
+        # new process's) presenting it shows it was stored before the holder exited.
         assert later and later[0] == rotated, "the next refresh did not spend the rotated token"
         assert old not in later, "the spent refresh token was presented again"
         assert stats.expired == 0, "an expired token was served"
