@@ -47,15 +47,17 @@ class Figures:
     """What one test measured, printed with -s and kept for the notes."""
 
     refresh_requests: int
-    rejected: int
-    expired: int
+    stats: FleetStats
     recovery: float
 
     def show(self, name: str) -> None:
         recovery.record(f"rotation: {name}", self.recovery)
+        replicas = sorted({i for _, i, _ in self.stats.answers})
+        unavailable = [self.stats.of(i).count(503) for i in replicas]
         print(
-            f"\n{name}: refresh requests {self.refresh_requests}, rejected {self.rejected}, "
-            f"expired tokens served {self.expired}, serving again after {self.recovery:.2f} s"
+            f"\n{name}: refresh requests {self.refresh_requests}, rejected 0, "
+            f"expired tokens served {self.stats.expired}, answers {len(self.stats.answers)}, "
+            f"503s per replica {unavailable}, serving again after {self.recovery:.2f} s"
         )
 
 
@@ -199,7 +201,7 @@ class TestPartition:
         assert stored_generation >= generation + 3, "the connected replicas did not rotate"
         for index in (0, 1, 2):
             assert stats.of(index)[-1] == 200, f"replica {index} did not end serving"
-        Figures(requests, 0, stats.expired, after_heal).show("one replica partitioned")
+        Figures(requests, stats, after_heal).show("one replica partitioned")
 
 
 class TestEmptyRestart:
@@ -242,7 +244,7 @@ class TestEmptyRestart:
         assert oauth_server.count("refresh_token") > requests_at_heal, "refreshing did not resume"
         for index in (0, 1, 2):
             assert stats.of(index)[-1] == 200, f"replica {index} did not end serving"
-        Figures(requests, 0, stats.expired, after_heal).show("redis down, back empty")
+        Figures(requests, stats, after_heal).show("redis down, back empty")
 
 
 class TestSigtermDuringSlowRefresh:
@@ -302,7 +304,7 @@ class TestSigtermDuringSlowRefresh:
         assert_no_409(stats)
         for index in (0, 1, 2):
             assert stats.of(index)[-1] == 200, f"replica {index} did not end serving"
-        Figures(requests, 0, stats.expired, after_restart).show("sigterm during a slow refresh")
+        Figures(requests, stats, after_restart).show("sigterm during a slow refresh")
 
 
 def key_line(key_id: str, key: bytes) -> str:
@@ -401,4 +403,4 @@ class TestStoreKeyRoll:
         assert "refresh.blocked" in late_events
         assert "token.refreshed" not in late_events
         assert "app.needs_authorization" not in late_events
-        Figures(requests, 0, stats.expired, max(restarts)).show("store key rolled twice")
+        Figures(requests, stats, max(restarts)).show("store key rolled twice")
