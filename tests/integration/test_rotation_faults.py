@@ -38,8 +38,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 LIFETIME = 5.0
 TOKEN_KEY = "tb-test:{app1}:token"
 LEASE_KEY = "tb-test:{app1}:lease"
-# Generous bounds for a loaded 2-core machine; none of them is a timing assertion.
-READY_WITHIN = 15.0
+# How long every replica gets to serve again after a fault: generous for a loaded 2-core
+# machine (they take about a second); the measured time is reported, not asserted.
+SERVING_AGAIN_WITHIN = 15.0
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Figures:
     recovery: float
 
     def show(self, name: str) -> None:
+        """Record the recovery time for the run's summary and print the figures."""
         recovery.record(f"rotation: {name}", self.recovery)
         replicas = sorted({i for _, i, _ in self.stats.answers})
         unavailable = [self.stats.of(i).count(503) for i in replicas]
@@ -107,7 +109,7 @@ async def next_commit(client: redis.Redis, timeout: float = 15.0) -> int:
 
 
 async def all_serving_again(
-    poller: Poller, indexes: list[int], since: float, timeout: float = 15.0
+    poller: Poller, indexes: list[int], since: float, timeout: float = SERVING_AGAIN_WITHIN
 ) -> float:
     """Wait until every replica in `indexes` answered 200 after `since`; the longest wait."""
     deadline = time.monotonic() + timeout
@@ -160,9 +162,9 @@ class TestPartition:
         self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
     ) -> None:
         """One replica partitioned from Redis: it blocks, the others rotate, all serve after."""
+        fleet = await rotating_fleet(tmp_path, oauth_server, redis_server.url)
         proxy = TcpProxy(redis_server.port)
         await proxy.start()
-        fleet = await rotating_fleet(tmp_path, oauth_server, redis_server.url)
         cut = fleet.replicas[0]
         cut.files.store_url = proxy.url
         cut.process.config = cut.files.write()
@@ -189,8 +191,10 @@ class TestPartition:
         finally:
             await poller.stop()
             client.close()
-            await asyncio.to_thread(fleet.stop)
-            await proxy.stop()
+            try:
+                await asyncio.to_thread(fleet.stop)
+            finally:
+                await proxy.stop()
         requests = check_grant_intact(oauth_server)
         assert stats.expired == 0, "an expired token was served"
         assert_no_409(stats)
@@ -382,9 +386,11 @@ class TestStoreKeyRoll:
         finally:
             await poller.stop()
             client.close()
-            if late is not None:
-                await asyncio.to_thread(late.terminate)
-            await asyncio.to_thread(fleet.stop)
+            try:
+                await asyncio.to_thread(fleet.stop)
+            finally:
+                if late is not None:
+                    await asyncio.to_thread(late.terminate)
         requests = check_grant_intact(oauth_server)
         assert stats.expired == 0, "an expired token was served"
         assert_no_409(stats)

@@ -142,9 +142,13 @@ class BrokerProcess:
             self.process.send_signal(signum)
 
     def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
+        """SIGTERM and wait; returns the exit code. Still running after `timeout`: SIGKILL, raise."""
         self.signal(signal.SIGTERM)
-        return self.wait(timeout)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
 
     def wait(self, timeout: float = 20.0) -> int:
         """Wait for the exit; returns the exit code (0 when never started)."""

@@ -33,6 +33,7 @@ class _Link:
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
 
     def abort(self) -> None:
+        """Reset both sides and stop the pumps (but not the one calling)."""
         for writer in (self.client, self.server):
             if writer is not None:
                 writer.transport.abort()
