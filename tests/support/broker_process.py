@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -130,14 +131,30 @@ class BrokerProcess:
         except AssertionError as exc:
             raise AssertionError(f"{exc}:\n{self.output()[-4000:]}") from None
 
+    @property
+    def pid(self) -> int:
+        """The process id (0 before the first start)."""
+        return self.process.pid if self.process is not None else 0
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` if the process is running."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
     def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
+        """SIGTERM and wait; returns the exit code. Still running after `timeout`: SIGKILL, raise."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def wait(self, timeout: float = 20.0) -> int:
+        """Wait for the exit; returns the exit code (0 when never started)."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=timeout)
-        return code
+        return self.process.wait(timeout=timeout)
 
     def kill(self) -> None:
         """SIGKILL (a crash)."""
@@ -159,6 +176,11 @@ class BrokerProcess:
                 except ValueError as exc:
                     raise AssertionError(f"non-JSON output line: {raw!r}") from exc
         return lines
+
+
+def wall_time(line: Mapping[str, Any]) -> float:
+    """The wall time of one of the broker's JSON log lines."""
+    return datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
 @contextlib.asynccontextmanager
