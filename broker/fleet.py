@@ -81,9 +81,14 @@ class Busy:
 
 @dataclass(frozen=True, slots=True)
 class Blocked:
-    """A refresh token may not be spent now (the store cannot confirm a lease): wait."""
+    """A refresh token may not be spent now (the store cannot confirm a lease): wait.
+
+    `unreadable`: the store answered, but its set is under a key this replica lacks; only a
+    new set (whose notice wakes the refresher) or a restart with the key changes that.
+    """
 
     reason: str
+    unreadable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,14 @@ class OverBudget:
 
 
 Outcome = Adopted | Fetched | Busy | Blocked | OutcomeUnknown | Deferred | OverBudget
+
+
+def _blocked(exc: StoreUnavailable) -> Blocked:
+    """Why a refresh token is not spent when the store cannot be read or written."""
+    return Blocked(
+        f"store unavailable, not spending the refresh token: {exc}",
+        unreadable=isinstance(exc, UnreadableTokenSet),
+    )
 
 
 class NoGrant(TokenEndpointError):
@@ -192,6 +205,23 @@ class FleetProtocol:
         elif notice.kind == "abort":
             self._foreign_spends.pop(notice.refresh_fp, None)
 
+    def must_veto(self, notice: Notice) -> bool:
+        """True when `notice` announces a spend of a refresh token whose earlier spend this
+        replica knows had no known outcome (the store must have forgotten it)."""
+        return (
+            notice.kind == "spend"
+            and notice.owner != self._owner
+            and notice.refresh_fp is not None
+            and (notice.refresh_fp in self._unknown or notice.refresh_fp in self._foreign_spends)
+        )
+
+    async def veto(self, notice: Notice) -> None:
+        """Stop another replica's spend of a refresh token we know was already sent."""
+        assert notice.refresh_fp is not None
+        with contextlib.suppress(StoreUnavailable):
+            if await self._store.veto_spend(self.app, refresh_fp=notice.refresh_fp):
+                log.warning("grant.spend_vetoed", app=self.app, spender=notice.owner)
+
     def forget_spent(self, token: TokenSet) -> None:
         """A set of `token`'s rank or newer is ours now: older spends no longer matter."""
         keep = token.refresh_fingerprint
@@ -228,13 +258,17 @@ class FleetProtocol:
     async def sync(self) -> bool:
         """Adopt a newer stored set, or write ours back over an older one. True when in step.
 
-        Raises StoreUnavailable when the store cannot be read or written.
+        Raises StoreUnavailable when the store cannot be read or written, and also (as
+        UnreadableTokenSet) when a grant that spends refresh tokens has no set in memory and
+        the stored one is under a key this replica lacks.
         """
         current = self._current()
         try:
             stored = await self._store.load(self.app)
         except UnreadableTokenSet as exc:
             self.note_rank(exc.rank)
+            if current is None and self._spends:
+                raise  # unreadable is not missing: the app must not look unauthorized
             if current is None or current.rank <= exc.rank:
                 return True  # the newer set is there, only not for us: nothing to repair
             stored = None
@@ -273,7 +307,7 @@ class FleetProtocol:
             adopted = await self._adopt_newer(is_due)
         except StoreUnavailable as exc:
             if self._spends:
-                return Blocked(f"store unavailable, not spending the refresh token: {exc}")
+                return _blocked(exc)
             return await self._fetch_alone(fetch, servable_left)
         if adopted is not None:
             return Adopted(adopted)
@@ -405,7 +439,7 @@ class FleetProtocol:
             held_back = await self._held_back(ignore_shared_failure)
         except StoreUnavailable as exc:
             if self._spends:
-                return Blocked(f"store unavailable, not spending the refresh token: {exc}")
+                return _blocked(exc)
             return await self._fetch_alone(fetch, servable_left)
         if held_back is not None:
             return held_back

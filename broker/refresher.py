@@ -58,6 +58,10 @@ MAX_SLEEP = 30.0
 LEASE_RETRY = 0.25
 # How often a refresh blocked on the store is tried again (a reconnect also wakes it).
 BLOCKED_RETRY = 5.0
+# While another replica holds the lease (which covers a whole spend, about 12 s), the store is
+# looked at again at least this often: the holder's notice usually comes first, but a
+# subscription still reconnecting after an outage misses it.
+BUSY_POLL = 1.0
 
 
 class AppRefresher:
@@ -121,6 +125,7 @@ class AppRefresher:
         self._wake = asyncio.Event()
         self._forced: collections.deque[float] = collections.deque()
         self._listeners: list[Callable[[TokenSet], None]] = []
+        self._vetoes: set[asyncio.Future[None]] = set()
         self._set_state(AppState.REFRESHING)
 
     # ---- serving -------------------------------------------------------------------------
@@ -264,11 +269,12 @@ class AppRefresher:
         `fresh` is for an app whose credentials or scopes just changed: a stored token was got
         with the old settings, so a client-credentials app fetches a new one at once.
         """
-        if self._dirty:
-            await self._sync()
+        read = await self._sync() if self._dirty else True
         if fresh and not self.grant_spends:
             self._next_attempt_at = 0.0
-        if self.token is None and self.grant_spends:
+        if self.token is None and self.grant_spends and read:
+            # Only when the store says so: a store that is down, or a set under a key this
+            # replica lacks, blocks refreshing instead (503), and asks no one to authorize.
             self._enter_needs_authorization("no token set stored; run token-broker authorize")
         while not self._stopping:
             if self._dirty or self._unsynced or self._sync_overdue():
@@ -305,6 +311,10 @@ class AppRefresher:
 
     def on_notice(self, notice: Notice) -> None:
         """A change published by a replica: act only when it tells us something new."""
+        if self.fleet.must_veto(notice):
+            task = asyncio.ensure_future(self.fleet.veto(notice))
+            self._vetoes.add(task)
+            task.add_done_callback(self._vetoes.discard)
         self.fleet.on_notice(notice)
         token = self.token
         if notice.kind == "token":
@@ -332,15 +342,19 @@ class AppRefresher:
     def _sync_overdue(self) -> bool:
         return self._clock.monotonic() - self._last_sync >= MAX_SLEEP
 
-    async def _sync(self) -> None:
-        """Adopt what the store has that is newer; write ours back where the store is older."""
+    async def _sync(self) -> bool:
+        """Adopt what the store has that is newer; write ours back where the store is older.
+
+        False when the store could not be read (or its set not decrypted).
+        """
         self._dirty = False
         self._last_sync = self._clock.monotonic()
         try:
             await self.fleet.sync()
         except StoreUnavailable:
-            return
+            return False
         self._unsynced = False
+        return True
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         self._wake.clear()
@@ -450,8 +464,8 @@ class AppRefresher:
         elif isinstance(outcome, Adopted):
             pass  # adopted by the protocol already
         elif isinstance(outcome, Busy):
-            # Another replica is refreshing: its notice wakes us; else try when its lease ends.
-            self._next_attempt_at = mono + max(LEASE_RETRY, outcome.wait)
+            # Another replica is refreshing: its notice wakes us; else look again soon.
+            self._next_attempt_at = mono + max(LEASE_RETRY, min(outcome.wait, BUSY_POLL))
         elif isinstance(outcome, Deferred):
             self._defer(outcome)
         elif isinstance(outcome, OverBudget):
@@ -469,9 +483,12 @@ class AppRefresher:
         elif isinstance(outcome, Blocked):
             self._blocked = outcome.reason
             self.last_error = f"refresh blocked: {outcome.reason}"
-            self._next_attempt_at = mono + min(
-                BLOCKED_RETRY, max(LEASE_RETRY, self._servable_left())
-            )
+            # Soon once nothing is servable, to serve again as soon as the store is back; an
+            # unreadable set is not fixed by retrying (its replacement's notice wakes us).
+            retry = max(LEASE_RETRY, self._servable_left())
+            if outcome.unreadable:
+                retry = BLOCKED_RETRY
+            self._next_attempt_at = mono + min(BLOCKED_RETRY, retry)
             self._metrics.refresh_blocked.labels(app=self.name).set(1)
             if self._blocked_logged != outcome.reason:
                 log.warning("refresh.blocked", app=self.name, reason=outcome.reason)
@@ -517,8 +534,11 @@ class AppRefresher:
                 reason=outcome.reason,
                 grace=self.spec.refresh.reuse_grace,
             )
-        # Nothing to request: look at the store again on the next turn.
-        self._next_attempt_at = self._clock.monotonic() + MAX_SLEEP
+        # Nothing to request: look at the store again on the next turn, and no later than when
+        # the token stops being servable, so that the state turns to needs_authorization then.
+        servable_left = self._servable_left()
+        wait = min(MAX_SLEEP, max(LEASE_RETRY, servable_left)) if servable_left > 0 else MAX_SLEEP
+        self._next_attempt_at = self._clock.monotonic() + wait
 
     def _record_success(self, started: float) -> None:
         token = self.token

@@ -176,6 +176,15 @@ class TokenStore(Protocol):
         """
         ...
 
+    async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
+        """Mark an *announced* spend of `refresh_fp` as unknown, so it is never marked sent.
+
+        A replica that remembers an earlier spend of that refresh token with no known outcome
+        (the store forgot it: a rollback, an empty restart) stops a replica that does not.
+        True when an announced spend was vetoed.
+        """
+        ...
+
     async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
         """Close our spend under `fence` without a commit: aborted (removed) or unknown (kept)."""
         ...

@@ -181,6 +181,15 @@ class MemoryStore:
         )
         return True
 
+    async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
+        """Turn an announced spend of `refresh_fp` into an unknown one under no fence."""
+        self._check()
+        spend = self.state.spends.get(app)
+        if spend is None or spend.refresh_fp != refresh_fp or spend.state != "announced":
+            return False
+        spend.fence, spend.state, spend.retries = 0, "unknown", 1
+        return True
+
     async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
         """Remove (aborted) or mark (unknown) our spend record under `fence`."""
         self._check()

@@ -135,6 +135,13 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
   lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2]}))
 return 1
 """
+# KEYS: spend. ARGV: rfp
+_VETO_SPEND = """
+local sp = redis.call('HMGET', KEYS[1], 'rfp', 'state')
+if sp[1] ~= ARGV[1] or sp[2] ~= 'announced' then return 0 end
+redis.call('HSET', KEYS[1], 'fence', 0, 'state', 'unknown', 'retries', 1)
+return 1
+"""
 # KEYS: spend. ARGV: fence, outcome, channel, app
 _END_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen')
@@ -207,6 +214,7 @@ class RedisStore:
         self._release = client.register_script(_RELEASE)
         self._begin_spend = client.register_script(_BEGIN_SPEND)
         self._mark_sent = client.register_script(_MARK_SENT)
+        self._veto_spend = client.register_script(_VETO_SPEND)
         self._end_spend = client.register_script(_END_SPEND)
         self._time = client.register_script(_TIME)
         self._record_failure = client.register_script(_RECORD_FAILURE)
@@ -417,6 +425,14 @@ class RedisStore:
                 keys=[self.lease_key(app), self.spend_key(app)],
                 args=[f"{owner}|{fence}", fence, self.channel, app],
             ),
+        )
+        return bool(result)
+
+    async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
+        """Turn an announced spend of `refresh_fp` into an unknown one (Lua)."""
+        result = await self._call(
+            "spend",
+            lambda: self._veto_spend(keys=[self.spend_key(app)], args=[refresh_fp]),
         )
         return bool(result)
 

@@ -15,27 +15,25 @@ import aiohttp
 import pytest
 import redis
 
-from tests.support.broker_process import REPO_ROOT, BrokerFiles, BrokerProcess, wait_until_ready
-from tests.support.fleet import Fleet
+from tests.support.authorization import (
+    REDIRECT,
+    Onboarding,
+    ac_app,
+    authorize_via_code,
+    consent,
+)
+from tests.support.broker_process import (
+    REPO_ROOT,
+    BrokerFiles,
+    BrokerProcess,
+    wait_until_ready,
+    wall_time,
+)
+from tests.support.fleet import Fleet, Poller
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
-
-REDIRECT = "http://127.0.0.1:9/callback"
-
-
-def ac_app(oauth: OAuthTestServer, **refresh: Any) -> dict[str, Any]:
-    return {
-        "grant_type": "authorization_code",
-        "token_url": oauth.token_url,
-        "authorize_url": oauth.authorize_url,
-        "redirect_uri": REDIRECT,
-        "client_id": "test-client",
-        "client_secret_file": "client_secret",
-        "scopes": ["scim", "offline_access"],
-        "refresh": {"min_remaining": 1, "jitter": 0.05, "safety_margin": 1, **refresh},
-    }
 
 
 def files_for(
@@ -60,47 +58,6 @@ def run_authorize(config: Path, *args: str, stdin: str = "") -> subprocess.Compl
         timeout=60,
         check=False,
     )
-
-
-class Onboarding:
-    """Drives `token-broker authorize` interactively: read the URL, consent, paste the redirect."""
-
-    def __init__(self, config: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "broker", "authorize", "app1", "--config", str(config)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        )
-        self.printed: list[str] = []
-
-    def authorize_url(self) -> str:
-        """Read up to the paste prompt; return the printed authorize URL."""
-        assert self.process.stdout is not None
-        url = ""
-        while True:
-            line = self.process.stdout.readline()
-            assert line, "authorize exited before prompting"
-            self.printed.append(line)
-            if line.strip().startswith("http"):
-                url = line.strip()
-            if "paste the URL" in line:
-                return url
-
-    def paste(self, text: str) -> tuple[int, str, str]:
-        out, err = self.process.communicate(text + "\n", timeout=60)
-        return self.process.returncode, "".join(self.printed) + out, err
-
-
-async def consent(url: str) -> str:
-    """The login/consent step: the local server redirects with code and state."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url, allow_redirects=False) as response:
-            assert response.status == 302
-            return response.headers["Location"]
 
 
 async def get_token(files: BrokerFiles) -> tuple[int, dict[str, Any]]:
@@ -220,14 +177,6 @@ class TestAuthorizeCommand:
         assert "redirect_uri" in err
 
 
-async def authorize_via_code(config: Path, oauth_server: OAuthTestServer) -> None:
-    """Onboard app1 non-interactively (--code, PKCE off by passing the verifier)."""
-    onboarding = Onboarding(config)
-    redirected = await consent(onboarding.authorize_url())
-    code, out, err = await asyncio.to_thread(onboarding.paste, redirected)
-    assert code == 0, out + err
-
-
 class TestRotation:
     @pytest.mark.parametrize("refresh_jwt", [False, True], ids=["opaque", "jwt"])
     async def test_five_replicas_rotate_without_reuse(
@@ -247,10 +196,8 @@ class TestRotation:
             oauth_server.token_url,
             redis_server.url,
             5,
+            apps={"app1": ac_app(oauth_server)},
         )
-        for replica in fleet.replicas:
-            replica.files.apps = {"app1": ac_app(oauth_server)}
-            replica.process.config = replica.files.write()
         try:
             await fleet.start()
             stats = await fleet.poll(oauth_server, 24)
@@ -320,55 +267,97 @@ class TestRotation:
 
 
 class TestCrashAfterRotation:
-    async def test_lost_refresh_token_is_detected_and_needs_authorization(
+    async def test_a_spend_lost_with_its_holder_is_announced_never_repeated(
         self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
     ) -> None:
-        """The refresher dies after the server rotated but before storing: the grant is lost.
+        """The holder dies after the server rotated: the old token is not presented again.
 
-        What is lost: the rotated refresh token (it existed only in the dead process). What the
-        broker does: the survivors spend the stored (now old) token, the server answers
-        invalid_grant (and, with reuse detection, revokes the grant), they re-read the store,
-        find nothing newer, enter needs_authorization (409, /readyz names the app, the state
-        metric, an audit event) and stop calling the token endpoint.
+        What is lost: the rotated refresh token (it existed only in the dead process). Its spend
+        record in Redis is marked sent, so the replica that takes the lease over does not
+        present the old refresh token (a server with reuse detection would revoke the grant):
+        it announces `grant.outcome_unknown` (audit, error level, metric), keeps serving the
+        access token while it is valid, then answers 409 needs_authorization and stops calling
+        the token endpoint.
         """
-        oauth_server.lifetime = 4.0
-        seed = files_for(tmp_path / "seed", oauth_server, redis_server)
+        # A lifetime that outlasts the dead holder's lease (about 12 s) by a few seconds, so the
+        # takeover happens while the access token is still valid.
+        oauth_server.lifetime = 24.0
+        app = ac_app(oauth_server, at_fraction=0.25)
+        seed = BrokerFiles(
+            directory=tmp_path / "seed",
+            token_url=oauth_server.token_url,
+            store_url=redis_server.url,
+            apps={"app1": app},
+        )
         await authorize_via_code(seed.write(), oauth_server)
-        fleet = Fleet(tmp_path / "fleet", oauth_server.token_url, redis_server.url, 3)
-        for replica in fleet.replicas:
-            replica.files.apps = {"app1": ac_app(oauth_server)}
-            replica.process.config = replica.files.write()
+        fleet = Fleet(
+            tmp_path / "fleet", oauth_server.token_url, redis_server.url, 3, apps={"app1": app}
+        )
+        poller = Poller(fleet, oauth_server)
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
         try:
             await fleet.start()
-            oauth_server.post_delays = [30.0]  # rotate, then hang before answering
-            rotations = oauth_server.count("refresh_token")
-            deadline = time.monotonic() + 10
-            while oauth_server.count("refresh_token") == rotations and time.monotonic() < deadline:
+            poller.start()
+            oauth_server.post_delays = [10.0]  # rotate, then hang before answering
+            deadline = time.monotonic() + 20
+            while oauth_server.count("refresh_token") == 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
+            assert oauth_server.count("refresh_token") == 1, "no refresh was attempted"
+            spent = oauth_server.requests[-1].form["refresh_token"]
             owner = client.get("tb-test:{app1}:lease")
             assert owner is not None
             owner_text = owner.decode() if isinstance(owner, bytes) else str(owner)
-            os.kill(int(owner_text.rsplit("-", 2)[1]), signal.SIGKILL)
-            await asyncio.sleep(6)  # the survivors' turn, then the access token runs out
-            alive = fleet.alive()
-            statuses = [await get_token(r.files) for r in alive]
+            victim = int(owner_text.rsplit("-", 2)[1])
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.time()
+            spend_state = client.hget("tb-test:{app1}:spend", "state")
+            alive = [i for i, r in enumerate(fleet.replicas) if r.process.pid != victim]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                statuses = [await get_token(fleet.replicas[i].files) for i in alive]
+                if all(status == 409 for status, _ in statuses):
+                    break
+                await asyncio.sleep(0.2)
             calls_then = oauth_server.count()
-            await asyncio.sleep(3)
+            await asyncio.sleep(2)
             calls_later = oauth_server.count()
+            stats = await poller.stop()
+            readiness, metrics_texts = [], []
             async with aiohttp.ClientSession() as session:
-                async with session.get(f"{alive[0].files.metrics}/readyz") as response:
-                    ready = (response.status, await response.json())
-                async with session.get(f"{alive[0].files.metrics}/metrics") as response:
-                    metrics_text = await response.text()
-            logs = [line for r in alive for line in r.process.log_lines()]
+                for i in alive:
+                    metrics = fleet.replicas[i].files.metrics
+                    async with session.get(f"{metrics}/readyz") as response:
+                        readiness.append((response.status, await response.json()))
+                    async with session.get(f"{metrics}/metrics") as response:
+                        metrics_texts.append(await response.text())
+            logs = {i: fleet.replicas[i].process.log_lines() for i in alive}
         finally:
+            await poller.stop()
             client.close()
             fleet.stop()
+        assert spend_state == b"sent"
         assert all(s == 409 and b["error"] == "needs_authorization" for s, b in statuses)
-        assert ready == (503, {"status": "not_ready", "apps": ["app1"]})
-        assert 'token_broker_app_state{app="app1",state="needs_authorization"} 1.0' in metrics_text
+        presented = [r.form.get("refresh_token") for r in oauth_server.requests]
+        assert presented.count(spent) == 1, "the spent refresh token was presented again"
+        assert oauth_server.count("refresh_token") == 1
+        assert oauth_server.reuse_detected == 0
+        assert not any(g.revoked for g in oauth_server.grants.values())
+        assert stats.expired == 0
+        for ready, metrics_text in zip(readiness, metrics_texts, strict=True):
+            assert ready == (503, {"status": "not_ready", "apps": ["app1"]})
+            assert 'token_broker_grant_outcome_unknown_total{app="app1"} 1.0' in metrics_text
+            needs = 'token_broker_app_state{app="app1",state="needs_authorization"} 1.0'
+            assert needs in metrics_text
         assert calls_later == calls_then, "the broker kept calling the token endpoint"
-        assert any(
-            line["event"] == "app.needs_authorization" and line.get("audit") for line in logs
-        )
+        announced = [
+            line
+            for i in alive
+            for line in logs[i]
+            if line["event"] == "grant.outcome_unknown" and line.get("audit")
+        ]
+        assert announced, "no replica announced grant.outcome_unknown"
+        assert all(line["level"] == "error" for line in announced)
+        # Announced while the access token was still valid, which was then served on.
+        first = min(wall_time(line) for line in announced)
+        assert first > killed_at
+        assert any(status == 200 for i in alive for status in stats.of(i, since=first))

@@ -48,11 +48,6 @@ class TestFairWeather:
 
 
 class TestEndpointDown:
-    @pytest.mark.xfail(
-        strict=True,
-        reason="needs the shared backoff (issue 10/11 protocol work): on the issue-11 branch "
-        "every replica backs off on its own, 20 replicas made 85 requests where one made 8",
-    )
     async def test_twenty_replicas_back_off_as_one_broker(self, tmp_path: Path) -> None:
         """Endpoint down past the tokens' expiry, then back: 20 replicas <= 1.5x one broker."""
         # After 8 s down the next attempt is at most 8 + 16 s after the outage began (the

@@ -220,20 +220,23 @@ class TestFailures:
     async def test_slow_server_times_out_as_transient(
         self, spec: AppSpec, session: aiohttp.ClientSession, oauth_server: OAuthTestServer
     ) -> None:
-        """A server slower than the timeout is a transient error, counted with status 'error'."""
+        """A server slower than the timeout: transient, outcome unknown, counted as 'error'."""
         oauth_server.fail_next(status=200, body=b"{}", delay=2.0)
         metrics = Metrics()
-        with pytest.raises(TransientTokenError, match="unreachable"):
+        with pytest.raises(TransientTokenError, match="failed: TimeoutError") as caught:
             await client_for(spec, session, metrics, timeout=0.3).fetch()
+        # The request was sent: the server may have acted on it (and rotated a refresh token).
+        assert caught.value.outcome_unknown
         assert metrics.token_endpoint_responses.labels(app="app1", status="error")._value.get() == 1
 
     async def test_unreachable_server_is_transient(
         self, spec: AppSpec, session: aiohttp.ClientSession
     ) -> None:
-        """Connection refused is a transient error."""
+        """Connection refused is a transient error whose outcome is known: nothing was sent."""
         dead = replace(spec, token_url="http://127.0.0.1:9/token")
-        with pytest.raises(TransientTokenError):
+        with pytest.raises(TransientTokenError, match="unreachable") as caught:
             await client_for(dead, session).fetch()
+        assert not caught.value.outcome_unknown
 
     async def test_server_error_carries_retry_after(
         self, spec: AppSpec, session: aiohttp.ClientSession, oauth_server: OAuthTestServer

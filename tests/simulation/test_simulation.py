@@ -30,6 +30,12 @@ REGRESSION_SEEDS = {
     84: "crash inside the objection window (as 28)",
     93: "crash inside the objection window (as 28)",
     95: "crash inside the objection window (as 28)",
+    671: "a lost reply, then a store that forgot the spend record, then a restarted replica "
+    "spent the old token (replicas that remember now veto an announced spend)",
+    914: "a request in flight when the schedule ended was judged a lost grant (the check now "
+    "waits for answers in flight)",
+    3225: "as 671",
+    3888: "as 671",
 }
 
 

@@ -168,6 +168,7 @@ class SimAuthServer:
         self.expiry: dict[str, float] = {}  # access token → true expiry (world time)
         self.presentations: list[Presentation] = []
         self.requests = 0  # every request that reached the server and was acted on
+        self.in_flight_when_cancelled = 0  # refresh requests whose sender died before arrival
         self.cc_requests = 0
 
     def authorize(self) -> TokenSet:
@@ -250,7 +251,14 @@ class SimSource:
         if faults.down:
             await self._world.sleep(0.01)
             raise TransientTokenError("token endpoint unreachable: connection refused")
-        await self._world.sleep(0.02 + self._rng.random() * 0.05 + faults.slow)
+        try:
+            await self._world.sleep(0.02 + self._rng.random() * 0.05 + faults.slow)
+        except asyncio.CancelledError:
+            # The sender died (or gave up) with the request on the wire: nobody can know
+            # whether the server got it.
+            if refresh_token is not None:
+                server.in_flight_when_cancelled += 1
+            raise
         faults = server.faults
         if faults.status is not None:
             raise TransientTokenError(
@@ -403,6 +411,13 @@ class SimStoreView:
         result = await self._shared.mark_sent(app, owner=owner, fence=fence)
         self._maybe_lose()
         await self._hop()
+        return result
+
+    async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
+        """Veto an announced spend."""
+        await self._hop()
+        result = await self._shared.veto_spend(app, refresh_fp=refresh_fp)
+        self._maybe_lose()
         return result
 
     async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:

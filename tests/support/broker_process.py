@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,16 @@ class BrokerProcess:
         except AssertionError as exc:
             raise AssertionError(f"{exc}:\n{self.output()[-4000:]}") from None
 
+    @property
+    def pid(self) -> int:
+        """The process id (0 before the first start)."""
+        return self.process.pid if self.process is not None else 0
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` if the process is running."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
     def terminate(self, timeout: float = 20.0) -> int:
         """SIGTERM and wait; returns the exit code. One that does not stop in time is killed."""
         self.signal_stop()
@@ -165,6 +176,12 @@ class BrokerProcess:
                 f"the broker did not stop within {timeout}s of SIGTERM; killed it"
             ) from None
 
+    def wait(self, timeout: float = 20.0) -> int:
+        """Wait for the exit; returns the exit code (0 when never started)."""
+        if self.process is None:
+            return 0
+        return self.process.wait(timeout=timeout)
+
     def kill(self) -> None:
         """SIGKILL (a crash)."""
         if self.process is not None and self.process.poll() is None:
@@ -185,6 +202,11 @@ class BrokerProcess:
                 except ValueError as exc:
                     raise AssertionError(f"non-JSON output line: {raw!r}") from exc
         return lines
+
+
+def wall_time(line: Mapping[str, Any]) -> float:
+    """The wall time of one of the broker's JSON log lines."""
+    return datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
 @contextlib.asynccontextmanager

@@ -20,10 +20,24 @@ from tests.support.redis_server import RedisServer
 
 @dataclass
 class Replica:
-    """One broker process and its config directory."""
+    """One broker process and its config directory; `polled` False keeps pollers away."""
 
     files: BrokerFiles
     process: BrokerProcess
+    polled: bool = True
+
+    async def restart(self) -> None:
+        """SIGTERM (a rolling deploy: waits for the exit), start again, wait until ready.
+
+        The wait runs in a thread: the test's OAuth server shares this event loop, and must
+        answer the refresh the replica finishes before it exits.
+        """
+        self.polled = False
+        code = await asyncio.to_thread(self.process.terminate)
+        assert code == 0, self.process.output()[-4000:]
+        self.process.start()
+        await self.process.wait_ready(self.files.metrics)
+        self.polled = True
 
 
 @dataclass
@@ -36,6 +50,18 @@ class FleetStats:
     expired: int = 0
     other: list[int] = field(default_factory=list)
     tokens: set[str] = field(default_factory=set)
+    # Every answer: (wall time, replica index, HTTP status).
+    answers: list[tuple[float, int, int]] = field(default_factory=list)
+
+    def of(self, index: int, since: float = 0.0) -> list[int]:
+        """Statuses replica `index` answered from wall time `since` on."""
+        return [status for at, i, status in self.answers if i == index and at >= since]
+
+    def serving_again(self, index: int, since: float) -> float | None:
+        """Seconds from `since` until replica `index` answered 200 (None: it never did)."""
+        times = [at for at, i, status in self.answers if i == index and status == 200]
+        later = [at for at in times if at >= since]
+        return min(later) - since if later else None
 
 
 class Fleet:
@@ -49,6 +75,7 @@ class Fleet:
         size: int,
         app_overrides: Mapping[str, Any] | None = None,
         envs: Sequence[Mapping[str, str] | None] = (),
+        apps: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """`envs[i]` is extra environment for replica i (e.g. a skewed clock)."""
         self.replicas: list[Replica] = []
@@ -58,6 +85,7 @@ class Fleet:
                 token_url=token_url,
                 store_url=store_url,
                 app_overrides=app_overrides or {},
+                apps=apps or {},
             )
             config = files.write()
             env = envs[i] if i < len(envs) else None
@@ -97,11 +125,43 @@ class Fleet:
         self, oauth: OAuthTestServer, seconds: float, interval: float = 0.1
     ) -> FleetStats:
         """Ask every live replica for a token every `interval` for `seconds`; check each answer."""
-        stats = FleetStats()
-        deadline = time.monotonic() + seconds
+        poller = Poller(self, oauth, interval)
+        poller.start()
+        await asyncio.sleep(seconds)
+        return await poller.stop()
+
+
+class Poller:
+    """Asks every live, polled replica for a token every `interval` until stopped.
+
+    Each 200 is checked against the server's record of when that token expires.
+    """
+
+    def __init__(self, fleet: Fleet, oauth: OAuthTestServer, interval: float = 0.1) -> None:
+        self.fleet = fleet
+        self.oauth = oauth
+        self.interval = interval
+        self.stats = FleetStats()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start polling in the background."""
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> FleetStats:
+        """Stop polling; what was seen."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        return self.stats
+
+    async def _run(self) -> None:
+        stats = self.stats
         async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                for replica in self.alive():
+            while True:
+                for index, replica in enumerate(self.fleet.replicas):
+                    if not replica.polled or replica not in self.fleet.alive():
+                        continue
                     try:
                         async with session.get(
                             f"{replica.files.api}/v1/token/app1", headers=replica.files.auth
@@ -109,11 +169,12 @@ class Fleet:
                             body = await response.json()
                             status = response.status
                     except aiohttp.ClientError:
-                        continue  # a replica the test just killed
+                        continue  # a replica the test just stopped
+                    stats.answers.append((time.time(), index, status))
                     if status == 200:
                         stats.ok += 1
                         stats.tokens.add(body["access_token"])
-                        if oauth.expiry[body["access_token"]] <= time.time():
+                        if self.oauth.expiry[body["access_token"]] <= time.time():
                             stats.expired += 1
                     elif status == 503:
                         stats.unavailable += 1
@@ -121,8 +182,7 @@ class Fleet:
                         stats.server_errors += 1
                     else:
                         stats.other.append(status)
-                await asyncio.sleep(interval)
-        return stats
+                await asyncio.sleep(self.interval)
 
 
 async def metric_value(replica: Replica, name: str) -> float:

@@ -13,12 +13,20 @@ LIBFAKETIME_DIRS = (
 
 
 def libfaketime() -> Path:
-    """The libfaketime.so.1 of Debian's `faketime` package; fails loudly when it is missing."""
+    """libfaketime.so.1: Debian's `faketime` package, else the copy the `libfaketime` wheel ships
+    (a fresh machine without root); fails loudly when neither is there."""
     for directory in LIBFAKETIME_DIRS:
         candidate = directory / "libfaketime.so.1"
         if candidate.exists():
             return candidate
-    raise RuntimeError("libfaketime.so.1 not found: install Debian's `faketime` package")
+    import libfaketime as wheel  # type: ignore[import-untyped]
+
+    bundled = Path(wheel.__file__).parent / "vendor" / "libfaketime" / "src" / "libfaketime.so.1"
+    if bundled.exists():
+        return bundled
+    raise RuntimeError(
+        "libfaketime.so.1 not found: install Debian's `faketime` package or the test extra"
+    )
 
 
 def skewed_env(seconds: float) -> dict[str, str]:

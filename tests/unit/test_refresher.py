@@ -14,6 +14,7 @@ from broker.errors import (
     RateLimited,
     TokenUnavailable,
     TransientTokenError,
+    UnreadableTokenSet,
 )
 from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, RefreshPolicy, TokenSet
@@ -64,6 +65,7 @@ def make(
         owner: str = "replica-1",
         grant: GrantType = GrantType.CLIENT_CREDENTIALS,
         start: bool = True,
+        in_store: MemoryStore | None = None,
     ) -> AppRefresher:
         spec = AppSpec(
             name="app1", token_url="http://127.0.0.1/token", grant_type=grant, refresh=POLICY
@@ -71,7 +73,7 @@ def make(
         refresher = AppRefresher(
             spec,
             src,
-            store,
+            in_store if in_store is not None else store,
             fake_clock,
             metrics,
             owner=owner,
@@ -330,6 +332,41 @@ class TestStore:
         single = 11  # what one broker makes over the same time (see the cycle test)
         assert len(first.calls) + len(second.calls) <= single * 1.25
 
+    async def test_a_waiter_without_notices_adopts_the_holders_set_soon(
+        self, make: MakeRefresher, store: MemoryStore, fake_clock: FakeClock
+    ) -> None:
+        """A replica that finds the lease busy and hears no notice looks again within ~1 s."""
+        first = FakeTokenSource(fake_clock, rotate=True)
+        second = FakeTokenSource(fake_clock, rotate=True)
+        first.delay = second.delay = 3.0  # a slow server: the lease stays busy 3 s or more
+        await seed_grant(store, fake_clock)
+        # No core runs here, so no notice reaches either replica: only the store tells.
+        a = make(first, owner="a", grant=GrantType.AUTHORIZATION_CODE)
+        b = make(second, owner="b", grant=GrantType.AUTHORIZATION_CODE)
+        for _ in range(400):
+            stored = await store.load("app1")
+            if stored is not None and stored.generation > 1:
+                break
+            await fake_clock.advance(0.25)
+        await fake_clock.advance(1.25)
+        assert a.token is not None and b.token is not None
+        assert a.token.generation == b.token.generation == 2
+        assert len(first.calls) + len(second.calls) == 1
+
+
+class UnreadableStore(MemoryStore):
+    """A store whose set was written under a key this replica lacks, while `unreadable`."""
+
+    unreadable = True
+
+    async def load(self, app: str) -> TokenSet | None:
+        stored = await super().load(app)
+        if stored is not None and self.unreadable:
+            raise UnreadableTokenSet(
+                "written under unknown key id 'k2'", rank=stored.rank, version=stored.version
+            )
+        return stored
+
 
 async def seed_grant(store: MemoryStore, clock: FakeClock) -> None:
     """Store an authorized token set, as `token-broker authorize` would."""
@@ -392,6 +429,67 @@ class TestAuthorizationCode:
         for _ in range(600):
             await fake_clock.advance(1.0)
         assert refresher.state is AppState.NEEDS_AUTHORIZATION
+        assert len(source.calls) == 1
+
+    async def test_a_set_under_an_unknown_key_blocks_and_asks_no_one_to_authorize(
+        self, make: MakeRefresher, fake_clock: FakeClock
+    ) -> None:
+        """Started without the key of the stored set: no spend, 503 (not 409), serves once readable."""
+        source = FakeTokenSource(fake_clock, rotate=True)
+        unreadable = UnreadableStore(fake_clock)
+        await seed_grant(unreadable, fake_clock)
+        refresher = make(source, grant=GrantType.AUTHORIZATION_CODE, in_store=unreadable)
+        for _ in range(20):
+            await fake_clock.advance(1.0)
+        assert source.calls == []
+        assert refresher.status().state is AppState.FAILING
+        assert "refresh blocked" in (refresher.last_error or "")
+        with pytest.raises(TokenUnavailable):
+            await refresher.get()
+        unreadable.unreadable = False
+        await fake_clock.advance(6.0)
+        await served_token(refresher, fake_clock)
+        assert source.calls == []
+
+    async def test_started_while_the_store_is_down_it_blocks_then_serves(
+        self, make: MakeRefresher, store: MemoryStore, fake_clock: FakeClock
+    ) -> None:
+        """A store outage at start is not a missing grant: 503 until the stored set is read."""
+        source = FakeTokenSource(fake_clock, rotate=True)
+        await seed_grant(store, fake_clock)
+        store.fail = True
+        refresher = make(source, grant=GrantType.AUTHORIZATION_CODE)
+        await fake_clock.advance(1.0)
+        with pytest.raises(TokenUnavailable):
+            await refresher.get()
+        assert refresher.status().state is not AppState.NEEDS_AUTHORIZATION
+        store.fail = False
+        await fake_clock.advance(1.0)
+        await served_token(refresher, fake_clock)
+        assert source.calls == []
+
+    async def test_a_lost_reply_turns_to_needs_authorization_when_the_token_runs_out(
+        self,
+        make: MakeRefresher,
+        store: MemoryStore,
+        fake_clock: FakeClock,
+    ) -> None:
+        """After an unknown outcome the valid token is served, then the state is needs_auth."""
+        source = FakeTokenSource(fake_clock, rotate=True)
+        await seed_grant(store, fake_clock)
+        source.failure = TransientTokenError("reset", outcome_unknown=True)
+        refresher = make(source, grant=GrantType.AUTHORIZATION_CODE)
+        while not source.calls:
+            await fake_clock.advance(1.0)
+        assert refresher.status().state is AppState.FAILING
+        await served_token(refresher, fake_clock)
+        # The seed runs out at 60 s, and is not served in its last 3 s (the safety margin).
+        while refresher.servable() is not None:
+            await fake_clock.advance(0.5)
+        await fake_clock.advance(0.5)
+        assert refresher.status().state is AppState.NEEDS_AUTHORIZATION
+        with pytest.raises(NeedsAuthorization):
+            await refresher.get()
         assert len(source.calls) == 1
 
 
