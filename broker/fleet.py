@@ -51,6 +51,9 @@ class Timing:
     margin: float = 0.5
     # After recording a spend, how long replicas that know a newer set get to write it back.
     objection: float = 0.5
+    # The same with no servable token (a start, or the end of an outage): there is no hurry,
+    # and every replica must have re-subscribed (the store watcher retries within 5 s).
+    objection_idle: float = 6.0
 
 
 # ---- outcomes of one refresh attempt ------------------------------------------------------
@@ -455,10 +458,11 @@ class FleetProtocol:
     def objection_window(self, servable_left: float) -> float:
         """The objection window, shortened for a token with little servable time left.
 
-        With nothing servable there is no hurry, and the full window applies.
+        With nothing servable there is no hurry: the long window lets every replica that was
+        cut off with the spender re-subscribe and object.
         """
         if servable_left <= 0:
-            return self.timing.objection
+            return self.timing.objection_idle
         return min(self.timing.objection, servable_left / 4)
 
     async def _spend(

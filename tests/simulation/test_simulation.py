@@ -25,6 +25,9 @@ REGRESSION_SEEDS = {
     33: "same as 28",
     49: "SIGTERM drained on simulated time while the driver waited for it",
     57: "a lost reply on a grace server: the retry was allowed without checking the window",
+    65: "a replica restarted during an outage spent an old (rolled back) set the moment the "
+    "store returned, before the replicas holding the newer set had re-subscribed (with nothing "
+    "servable the objection window is now longer than the watcher's reconnect bound)",
     70: "a grace server's retry came after the window and revoked the grant (the store now "
     "times the window from the send, on its own clock)",
     84: "crash inside the objection window (as 28)",

@@ -527,7 +527,9 @@ class WorldConfig:
     )
 
 
-TIMING = Timing(min_attempt=1.0, max_attempt=10.0, persist=1.0, margin=0.5, objection=0.5)
+TIMING = Timing(
+    min_attempt=1.0, max_attempt=10.0, persist=1.0, margin=0.5, objection=0.5, objection_idle=6.0
+)
 
 
 class World:
