@@ -46,7 +46,7 @@ async def test_expired_access_token_with_refresh_token_is_refreshed(
     )
     task = asyncio.create_task(refresher.run())
     try:
-        await fake_clock.advance(2.0)  # the spend's objection window passes on the fake clock
+        await fake_clock.advance(10.0)  # the spend's objection window passes on the fake clock
         token = await refresher.get()
     finally:
         task.cancel()
