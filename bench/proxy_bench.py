@@ -19,18 +19,20 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import trustme
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.procs import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_KEY = "bench-client-key-" + "b" * 32
@@ -74,26 +76,6 @@ class LoadResult:
     rps: float
     p50_ms: float
     p99_ms: float
-
-
-def free_port() -> int:
-    """A free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    """Wait until something accepts connections on `port`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def _ms(value: str, unit: str) -> float:

@@ -374,12 +374,19 @@ async def serve(
         if core_task.done():
             core_task.result()  # surfaces the loop's crash as a runtime failure
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
+        # A repeated SIGTERM or SIGINT during the drain is ignored: its default action would
+        # kill the process while a refresh in flight may still carry a rotated refresh token.
+        loop.remove_signal_handler(signal.SIGHUP)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: None)
         watcher.cancel()
         clock_task.cancel()
         await asyncio.gather(watcher, clock_task, *reloads, return_exceptions=True)
-        await shutdown(broker, core_task, started=started)
+        try:
+            await shutdown(broker, core_task, started=started)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
 
 
 def _safe_store_name(url: str) -> str:

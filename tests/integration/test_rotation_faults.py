@@ -252,10 +252,16 @@ class TestEmptyRestart:
 
 
 class TestSigtermDuringSlowRefresh:
+    @pytest.mark.parametrize("signals", [1, 2], ids=["sigterm-once", "sigterm-twice"])
     async def test_the_holder_waits_for_the_answer_and_stores_it_before_exiting(
-        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+        self,
+        tmp_path: Path,
+        oauth_server: OAuthTestServer,
+        redis_server: RedisServer,
+        signals: int,
     ) -> None:
-        """SIGTERM while the server takes 2 s to answer: the rotated token is stored, then exit 0."""
+        """SIGTERM (once, or again during the drain) while the server takes 2 s to answer: the
+        rotated token is stored, then exit 0."""
         fleet = await rotating_fleet(tmp_path, oauth_server, redis_server.url)
         poller = Poller(fleet, oauth_server)
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
@@ -280,6 +286,9 @@ class TestSigtermDuringSlowRefresh:
             holder.polled = False
             signalled_at = time.time()
             holder.process.signal(signal.SIGTERM)
+            if signals == 2:
+                await asyncio.sleep(0.3)  # inside the drain: the answer is still 1.5 s away
+                holder.process.signal(signal.SIGTERM)
             code = await asyncio.to_thread(holder.process.wait)
             exited_at = time.time()
             stored = await stored_set(holder.files, redis_server.url)
