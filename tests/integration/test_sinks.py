@@ -256,7 +256,13 @@ class TestFileSettings:
                 app_overrides={"sinks": sinks},
             )
             await start_broker(files, running)
-            await wait_for((out / "header").exists, 10, "the files")
+            # The files exist (empty) from start-up; the token is written once it is fetched.
+            names = ("raw", "json", "header")
+            await wait_for(
+                lambda: all((out / n).exists() and (out / n).stat().st_size for n in names),
+                10,
+                "the token in every file",
+            )
             answer = await api_token(files)
             token = answer["access_token"]
 
