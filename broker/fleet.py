@@ -278,7 +278,10 @@ class FleetProtocol:
         if stored is not None and (current is None or stored.rank > current.rank):
             self._adopt(stored)
             return True
-        if current is None or (stored is not None and stored.rank == current.rank):
+        if current is None:
+            return True
+        if stored is not None and stored.rank == current.rank:
+            await self._veto_remembered(current)
             return True
         commit = await self._store.commit(self.app, current)
         self.note_rank(commit.rank)
@@ -289,7 +292,24 @@ class FleetProtocol:
                 generation=current.generation,
                 stored_generation=stored.generation if stored is not None else None,
             )
+            await self._veto_remembered(current)
         return True
+
+    async def _veto_remembered(self, current: TokenSet) -> None:
+        """Veto a spend of `current`'s refresh token that this replica knows was already sent.
+
+        The spend notice is missed while this replica is cut off from the store; a replica
+        that restarted meanwhile (and forgot) may be announcing the spend right now. The
+        objection window outlasts the reconnect, so the veto lands before the token leaves.
+        """
+        refresh_fp = current.refresh_fingerprint
+        remembered = refresh_fp in self._unknown or refresh_fp in self._foreign_spends
+        if (
+            refresh_fp is not None
+            and remembered
+            and await self._store.veto_spend(self.app, refresh_fp=refresh_fp)
+        ):
+            log.warning("grant.spend_vetoed", app=self.app, spender=None)
 
     # ---- one refresh -------------------------------------------------------------------------
 

@@ -39,6 +39,10 @@ REGRESSION_SEEDS = {
     "waits for answers in flight)",
     3225: "as 671",
     3888: "as 671",
+    4556: "a lost reply, an empty restart that forgot the spend record, an outage, and a "
+    "replica restarted during it announced a spend of the old token while the replicas that "
+    "remembered the lost reply were still re-subscribing, so they missed the notice (a replica "
+    "now vetoes an announced spend of a token it remembers as spent when it re-syncs)",
 }
 
 
