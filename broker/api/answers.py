@@ -37,7 +37,10 @@ _SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\n\r\n".encode()
 
 
 class PrebuiltResponse(web.StreamResponse):
-    """A 200 to a keep-alive HTTP/1.1 request, written as one prebuilt block of bytes."""
+    """A 200 to a keep-alive HTTP/1.1 request, written as one prebuilt block of bytes.
+
+    Its `headers` mapping stays empty: the headers are inside the block.
+    """
 
     def __init__(self, message: bytes) -> None:
         super().__init__()
