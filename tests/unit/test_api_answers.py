@@ -82,8 +82,16 @@ def service(fake_clock: FakeClock) -> CountingService:
 
 
 @pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
 async def api(
-    aiohttp_client: AiohttpClient, service: CountingService, fake_clock: FakeClock
+    aiohttp_client: AiohttpClient,
+    service: CountingService,
+    metrics: Metrics,
+    fake_clock: FakeClock,
 ) -> Client:
     authenticator = ClientAuthenticator(
         {
@@ -93,7 +101,7 @@ async def api(
             for name, key in (("alpha", KEY_A), ("beta", KEY_B))
         }
     )
-    handler = build_api_handler(service, authenticator, Metrics(), fake_clock)
+    handler = build_api_handler(service, authenticator, metrics, fake_clock)
     return await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
 
 
@@ -142,6 +150,16 @@ class TestReuse:
         service.token = token("two")
         _, body = await get(api)
         assert body["access_token"] == service.token.access_token
+
+    async def test_reused_answers_are_counted(
+        self, api: Client, service: CountingService, metrics: Metrics
+    ) -> None:
+        """Every request answered from a reused answer is in the request metrics."""
+        for _ in range(3):
+            await get(api)
+        assert service.full_checks == 1
+        labels = {"route": "/v1/token/{app}", "app": "app1", "client": "alpha", "status": "200"}
+        assert metrics.registry.get_sample_value("token_broker_requests_total", labels) == 3
 
     async def test_a_second_client_is_audited(self, api: Client) -> None:
         """A reused answer still logs token.issued once for each new client."""
