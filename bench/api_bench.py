@@ -206,6 +206,7 @@ def summarize(rounds: dict[str, list[Round]]) -> dict[str, object]:
         ratios[f"{name}/bare"] = {
             "cpu_per_request": _spread(cpu),
             "throughput": _spread(rps),
+            "cpu_per_round": [round(value, 3) for value in cpu],
         }
     report["ratios"] = ratios
     return report
@@ -300,6 +301,9 @@ def main() -> int:
         print(
             f"  {name:22} CPU/req {cpu['median']:.3f} [{cpu['min']:.3f}-{cpu['max']:.3f}]"
             f"   throughput {rps['median']:.3f} [{rps['min']:.3f}-{rps['max']:.3f}]"
+        )
+        print(
+            f"  {'':22} CPU/req per round: {' '.join(f'{v:.3f}' for v in ratio['cpu_per_round'])}"
         )
     return 0
 
