@@ -7,7 +7,9 @@ generator is pinned to core 0 and every server to core 1, so the two never share
 - `broker-uvloop`: the same under uvloop (the `fast` extra), when uvloop is installed;
 - `bare`: an aiohttp `web.Application` whose one route returns a prebuilt body of the same size
   and the same headers as the broker's answer;
-- `bare-uvloop`: the bare app under uvloop.
+- `bare-uvloop`: the bare app under uvloop;
+- `baseline` (with `--baseline DIR`): the broker of another source tree (a checkout of main,
+  say) on the asyncio loop, in the same rounds, for a before/after figure from one run.
 
 Throughput on a shared machine swings from run to run, so the steady figure is each server's own
 CPU time per request (utime + stime from /proc/PID/stat over the requests wrk completed). Rounds
@@ -126,9 +128,12 @@ def pinned(argv: list[str]) -> list[str]:
     return ["taskset", "-c", SERVER_CORE, *argv]
 
 
-def start_broker(workdir: Path, oauth_port: int, loop: str) -> tuple[subprocess.Popen[bytes], str]:
-    """`token-broker serve` with one app on memory://, pinned; returns it and its token URL."""
-    directory = workdir / f"broker-{loop}"
+def start_broker(
+    workdir: Path, oauth_port: int, loop: str, tree: Path = REPO, name: str = ""
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`token-broker serve` from source `tree` with one app on memory://, pinned; returns it
+    and its token URL."""
+    directory = workdir / (name or f"broker-{loop}")
     directory.mkdir()
     (directory / "secret").write_text("bench-secret-0123456789abcdef")
     (directory / "client.key").write_text(CLIENT_KEY)
@@ -147,7 +152,7 @@ def start_broker(workdir: Path, oauth_port: int, loop: str) -> tuple[subprocess.
         "clients": {"svc": {"key_file": "client.key", "apps": ["demo"]}},
     }
     (directory / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKEN_BROKER_EVENT_LOOP": loop}
+    env = {**os.environ, "PYTHONPATH": str(tree), "TOKEN_BROKER_EVENT_LOOP": loop}
     proc = subprocess.Popen(
         pinned([sys.executable, "-m", "broker", "serve", "--config", "config.yaml"]),
         cwd=directory,
@@ -201,6 +206,7 @@ def summarize(rounds: dict[str, list[Round]]) -> dict[str, object]:
         ratios[f"{name}/bare"] = {
             "cpu_per_request": _spread(cpu),
             "throughput": _spread(rps),
+            "cpu_per_round": [round(value, 3) for value in cpu],
         }
     report["ratios"] = ratios
     return report
@@ -221,6 +227,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5, help="length of one wrk run")
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another source tree (e.g. a checkout of main) whose broker runs in the same rounds",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -242,6 +253,11 @@ def main() -> int:
                 name = "broker" if loop == "asyncio" else "broker-uvloop"
                 servers.append(Server(name, proc, url, CLIENT_KEY))
                 size = body_size(url, CLIENT_KEY)
+            if args.baseline is not None:
+                proc, url = start_broker(
+                    Path(tmp), oauth_port, "asyncio", args.baseline.resolve(), "baseline"
+                )
+                servers.append(Server("baseline", proc, url, CLIENT_KEY))
             for loop in loops:
                 proc, url = start_bare(size, loop)
                 servers.append(
@@ -285,6 +301,9 @@ def main() -> int:
         print(
             f"  {name:22} CPU/req {cpu['median']:.3f} [{cpu['min']:.3f}-{cpu['max']:.3f}]"
             f"   throughput {rps['median']:.3f} [{rps['min']:.3f}-{rps['max']:.3f}]"
+        )
+        print(
+            f"  {'':22} CPU/req per round: {' '.join(f'{v:.3f}' for v in ratio['cpu_per_round'])}"
         )
     return 0
 

@@ -54,6 +54,14 @@ class BrokerCore:
         """The in-memory token of `app` if servable with `min_ttl` seconds left."""
         return self.refreshers[app].servable(min_ttl)
 
+    def current_token(self, app: str) -> TokenSet | None:
+        """The in-memory token of `app`, servable or not."""
+        return self.refreshers[app].token
+
+    def servable_until(self, app: str) -> float:
+        """The monotonic time after which the current token of `app` stops being servable."""
+        return self.refreshers[app].servable_until()
+
     async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
         """A servable token for `app` (from memory unless none is servable)."""
         return await self.refreshers[app].get(min_ttl)

@@ -158,6 +158,13 @@ class AppRefresher:
             return token
         return None
 
+    def servable_until(self) -> float:
+        """The monotonic time after which the current token stops being servable (`servable()`
+        turns None), as the clocks stand now; -inf without a token."""
+        if self.token is None:
+            return float("-inf")
+        return self._clock.monotonic() + self._servable_left()
+
     def _servable_left(self) -> float:
         token = self.token
         if token is None:

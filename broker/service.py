@@ -40,6 +40,15 @@ class TokenService(Protocol):
         """The in-memory token if it is servable with `min_ttl` seconds left, else None."""
         ...
 
+    def current_token(self, app: str) -> TokenSet | None:
+        """The token in memory, servable or not: whether an answer built from a token is current."""
+        ...
+
+    def servable_until(self, app: str) -> float:
+        """The monotonic time after which the current token stops being servable, as the clocks
+        stand now (-inf: no token)."""
+        ...
+
     async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
         """A token with more than the safety margin (and at least `min_ttl` seconds) left."""
         ...

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-import json
 import re
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from broker.api.answers import Answer
 from broker.api.auth import ClientAuthenticator, PeerCredentials
 from broker.api.errors import NO_STORE, ApiError, error_response, token_error
 from broker.api.openapi import openapi_document
@@ -49,7 +49,6 @@ ROUTE_APPS = "/v1/apps"
 ROUTE_OPENAPI = "/openapi.json"
 MAX_MIN_TTL = 10**9
 _MIN_TTL = re.compile(r"^[0-9]{1,10}$")
-_TOKEN_HEADERS = {**NO_STORE, "Content-Type": "application/json"}
 # Request bodies the API reads whole (none of its token routes takes one beyond a few bytes;
 # the proxy streams its bodies under its own limits, see broker/api/proxy.py).
 MAX_REQUEST_BODY = 4096
@@ -104,19 +103,6 @@ def _no_route(missing: NoRoute) -> Endpoint:
     return answer
 
 
-class _Answer:
-    """An app's current token, the clients it went to, and its answer for one whole second."""
-
-    __slots__ = ("body", "expires", "issued_to", "token")
-
-    def __init__(self, token: TokenSet) -> None:
-        self.token = token
-        self.issued_to: set[str] = set()
-        # (expires_in, expires_at) of `body`: it is reused while both whole seconds hold.
-        self.expires: tuple[int, int] | None = None
-        self.body = b""
-
-
 class _Api:
     """The handlers, with what they share: service, authenticator, metrics, clock."""
 
@@ -139,7 +125,7 @@ class _Api:
         self._peers = PeerCredentials() if peer_identity else None
         # Per app: its current token, the clients it was issued to (token.issued once each),
         # and the serialized answer, reused while the token and its whole seconds left hold.
-        self._answers: dict[str, _Answer] = {}
+        self._answers: dict[str, Answer] = {}
         self._denied = RateLimitedLog(DENIED_LOG_INTERVAL)
         self._requests = metrics.requests
         # (Authorization header, app) → client, for callers already authenticated and allowed
@@ -273,38 +259,37 @@ class _Api:
             raise ApiError(403, "forbidden", f"client {client} may not use app {app}")
         return app
 
-    def _token_response(self, app: str, client: str, token: TokenSet) -> web.Response:
+    def _token_response(
+        self, request: web.BaseRequest, app: str, client: str, token: TokenSet
+    ) -> web.StreamResponse:
         answer = self._answers.get(app)
         if answer is None or answer.token is not token:
-            answer = self._answers[app] = _Answer(token)
+            answer = self._answers[app] = Answer(token)
         if client not in answer.issued_to:
             answer.issued_to.add(client)
             audit(log, "token.issued", app=app, client=client, token_fingerprint=token.fingerprint)
         remaining = token.expires_at - self.service.now()
+        expires_in = max(0, int(remaining))
         # The service keeps fleet time (the store's clock); a caller compares expires_at with
         # its own clock, which is this pod's, so expires_at is given on the pod's clock.
-        expires = (max(0, int(remaining)), int(self.clock.time() + remaining))
-        if expires != answer.expires:
-            answer.expires = expires
-            answer.body = json.dumps(
-                {
-                    "access_token": token.access_token,
-                    "token_type": token.token_type,
-                    "expires_at": expires[1],
-                    "expires_in": expires[0],
-                    "scope": token.scope,
-                }
-            ).encode()
-        return web.Response(body=answer.body, headers=_TOKEN_HEADERS)
+        expires_at = int(self.clock.time() + remaining)
+        until = float("-inf")
+        if self.service.current_token(app) is token:
+            # Reused until it stops being servable or expires_in changes (expires_at moves
+            # with neither while the clocks run at one pace).
+            mono = self.clock.monotonic()
+            until = min(self.service.servable_until(app), mono + remaining - expires_in)
+        answer.update(expires_in, expires_at, until)
+        return answer.response(request)
 
     async def _serve(
         self,
         request: web.BaseRequest,
         app: str,
         fetch: Callable[[str], Awaitable[TokenSet]],
-    ) -> web.Response:
+    ) -> web.StreamResponse:
         client, app = self._client_and_app(request, app)
-        return self._token_response(app, client, await self._fetch(app, fetch))
+        return self._token_response(request, app, client, await self._fetch(app, fetch))
 
     async def _fetch(self, app: str, fetch: Callable[[str], Awaitable[TokenSet]]) -> TokenSet:
         """`fetch(app)`, its errors mapped to the contract's answers."""
@@ -315,7 +300,9 @@ class _Api:
 
     # ---- handlers ----------------------------------------------------------------------
 
-    async def get_token(self, request: web.BaseRequest, params: Mapping[str, str]) -> web.Response:
+    async def get_token(
+        self, request: web.BaseRequest, params: Mapping[str, str]
+    ) -> web.StreamResponse:
         """GET /v1/token/{app}[?min_ttl=N]."""
         min_ttl = 0.0
         if "?" in request.raw_path and request.query_string:
@@ -327,13 +314,24 @@ class _Api:
                 raise ApiError(400, "bad_request", "min_ttl must be a whole number of seconds")
             min_ttl = float(raw)
         client, app = self._client_and_app(request, params["app"])
-        # The hot path: a servable token in memory, answered without awaiting anything.
+        if not min_ttl:
+            # The hot path: this app's answer still holds (see broker/api/answers.py).
+            answer = self._answers.get(app)
+            if (
+                answer is not None
+                and self.clock.monotonic() < answer.until
+                and self.service.current_token(app) is answer.token
+                and client in answer.issued_to
+            ):
+                return answer.response(request)
         token = self.service.cached_token(app, min_ttl)
         if token is None:
             token = await self._fetch(app, lambda name: self.service.get_token(name, min_ttl))
-        return self._token_response(app, client, token)
+        return self._token_response(request, app, client, token)
 
-    async def refresh(self, request: web.BaseRequest, params: Mapping[str, str]) -> web.Response:
+    async def refresh(
+        self, request: web.BaseRequest, params: Mapping[str, str]
+    ) -> web.StreamResponse:
         """POST /v1/token/{app}/refresh."""
         if request.query:
             raise ApiError(400, "bad_request", "this route takes no query parameters")

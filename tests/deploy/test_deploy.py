@@ -115,6 +115,12 @@ class TestImage:
         assert 'CMD ["serve"' in text
         assert re.search(r"FROM python:\d+\.\d+\.\d+-slim", text)
 
+    def test_installs_the_fast_extra(self) -> None:
+        """The image's pip install takes the `fast` extra, so the broker serves under uvloop."""
+        text = (ROOT / "Dockerfile").read_text()
+        installs = re.findall(r"^RUN .*pip install .*$", text, flags=re.MULTILINE)
+        assert installs and all("'.[fast]'" in line for line in installs), installs
+
 
 class TestPlainManifests:
     def test_every_manifest_validates(self, tmp_path: Path) -> None:

@@ -49,6 +49,12 @@ class FakeService:
     def cached_token(self, app: str, min_ttl: float = 0.0) -> TokenSet | None:
         return None if app in self.errors or min_ttl else self.tokens[app]
 
+    def current_token(self, app: str) -> TokenSet | None:
+        return self.tokens[app]
+
+    def servable_until(self, app: str) -> float:
+        return float("-inf") if app in self.errors else float("inf")
+
     async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
         if app in self.errors:
             raise self.errors[app]

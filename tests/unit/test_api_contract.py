@@ -62,6 +62,14 @@ class FakeTokenService:
         """Never a hit: every request goes through get_token, so errors are observable."""
         return None
 
+    def current_token(self, app: str) -> TokenSet | None:
+        """None: no answer is ever reused, every request reaches get_token."""
+        return None
+
+    def servable_until(self, app: str) -> float:
+        """No deadline: answers are not reused (current_token is None)."""
+        return float("-inf")
+
     async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
         """The app's token, or its scripted error."""
         self.calls.append(("get", app, min_ttl))

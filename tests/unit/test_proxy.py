@@ -170,6 +170,12 @@ class FakeService:
     def cached_token(self, app: str, min_ttl: float = 0.0) -> TokenSet | None:
         return None if self.error else self.token
 
+    def current_token(self, app: str) -> TokenSet | None:
+        return self.token
+
+    def servable_until(self, app: str) -> float:
+        return float("-inf") if self.error else float("inf")
+
     async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
         if self.error is not None:
             raise self.error

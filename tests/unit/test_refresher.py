@@ -541,3 +541,32 @@ class TestBackoffIsRespected:
             with pytest.raises(TokenUnavailable):
                 await refresher.get(min_ttl=30)
         assert len(source.calls) == calls
+
+
+class TestServableUntil:
+    async def test_servable_until_is_when_servable_turns_none(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """servable_until() is the monotonic time at which servable() stops answering a token."""
+        refresher = make(source)
+        await fake_clock.settle()
+        source.failure = TransientTokenError("down", outcome_unknown=False)  # no new token
+        until = refresher.servable_until()
+        await fake_clock.advance(until - fake_clock.monotonic() - 0.01)
+        assert refresher.servable() is not None
+        await fake_clock.advance(0.02)
+        assert refresher.servable() is None
+
+    async def test_servable_until_follows_a_wall_clock_step(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """After the wall clock steps forward, the deadline is earlier by the step."""
+        refresher = make(source)
+        await fake_clock.settle()
+        before = refresher.servable_until()
+        fake_clock.jump_wall(10.0)
+        assert refresher.servable_until() == pytest.approx(before - 10.0)
+
+    def test_no_token_no_deadline(self, make: MakeRefresher, source: FakeTokenSource) -> None:
+        """Without a token the deadline is -inf."""
+        assert make(source, start=False).servable_until() == float("-inf")
