@@ -81,9 +81,7 @@ def imported_heavy_modules(config: Path) -> list[str]:
 class TestImports:
     """Building a broker imports only what its store and apps need."""
 
-    def test_memory_store_imports_none_of_the_heavy_modules(
-        self, tmp_path: Path
-    ) -> None:
+    def test_memory_store_imports_none_of_the_heavy_modules(self, tmp_path: Path) -> None:
         """A memory:// broker with a client_secret_post app imports none of HEAVY."""
         assert imported_heavy_modules(write_config(tmp_path, "memory://")) == []
 
