@@ -1,15 +1,19 @@
 """Every metric of the contract, registered on an injected CollectorRegistry.
 
-Kept small per app, because a broker may serve a thousand apps and a scrape renders every series
-on the event loop's process: no `_created` series (nothing reads them), and one app-state series
-per app (its current state) rather than one per possible state, most of them always zero.
+Kept small per app, because a broker may serve a thousand apps: no `_created` series (nothing
+reads them), and one app-state series per app (its current state) rather than one per possible
+state, most of them always zero. The families with a series per app in steady state are
+broker/exposition.py's, which keep each series' text and render only what changed, so a scrape
+at a thousand apps takes a few milliseconds and runs on the event loop (`Metrics.render`). The
+broker-wide families, and the per-app ones that get a series only on a rare event (budget
+refusals, unknown grant outcomes), stay prometheus-client's.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,21 +21,29 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
+    generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
+from prometheus_client.core import CounterMetricFamily, Metric
 
-from broker import __version__
+from broker import __version__, exposition
+from broker.exposition import format_value, label_text
 from broker.model import AppState
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _PROXY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# The `le` labels of the latency buckets, formatted as prometheus-client formats them.
-_LATENCY_LE = tuple(
-    floatToGoString(bound)  # type: ignore[no-untyped-call]
-    for bound in (*_LATENCY_BUCKETS, float("inf"))
-)
 _REFRESH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _OwnFamily(Protocol):
+    """A family that writes its own exposition text."""
+
+    def exposition(self) -> bytes:
+        """The family's text."""
+        ...
+
+
+_Own = TypeVar("_Own", bound=_OwnFamily)
+_Library = TypeVar("_Library", Counter, Gauge, Histogram)
 
 
 class Metrics:
@@ -43,134 +55,164 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry()
         self._app_states: dict[str, AppState] = {}
-        r = self.registry
-        self.refresh_total = Counter(
-            "token_broker_refresh_total",
-            "Token refreshes by outcome.",
-            ["app", "outcome"],
-            registry=r,
+        # The families Metrics.render writes itself, and prometheus-client's (rendered by it).
+        self._own: list[_OwnFamily] = []
+        self._library: list[Counter | Gauge | Histogram] = []
+        self.refresh_total = self._counter(
+            "token_broker_refresh_total", "Token refreshes by outcome.", ["app", "outcome"]
         )
         # One histogram for the broker: per app it was 12 of the 19 series an app cost a scrape.
-        self.refresh_duration = Histogram(
-            "token_broker_refresh_duration_seconds",
-            "Time spent getting a new token (all apps).",
-            buckets=_REFRESH_BUCKETS,
-            registry=r,
+        self.refresh_duration = self._add(
+            Histogram(
+                "token_broker_refresh_duration_seconds",
+                "Time spent getting a new token (all apps).",
+                buckets=_REFRESH_BUCKETS,
+                registry=self.registry,
+            )
         )
-        self.token_expiry = Gauge(
+        self.token_expiry = self._gauge(
             "token_broker_token_expiry_timestamp_seconds",
             "Unix time at which the app's current token expires.",
             ["app"],
-            registry=r,
         )
         self.refresh_failures_consecutive = NonZeroGauge(
-            Gauge(
+            self._gauge(
                 "token_broker_refresh_failures_consecutive",
                 "Refresh failures since the last success (no series while there are none).",
                 ["app"],
-                registry=r,
             )
         )
-        self.token_endpoint_responses = Counter(
+        self.token_endpoint_responses = self._counter(
             "token_broker_token_endpoint_responses_total",
             "Token endpoint responses by HTTP status (or 'error' when none came).",
             ["app", "status"],
-            registry=r,
         )
         self.requests = RequestMetrics()
-        r.register(self.requests)
-        self.store_up = Gauge(
-            "token_broker_store_up",
-            "1 when the shared store answers, else 0.",
-            registry=r,
+        self.registry.register(self.requests)
+        self._own.append(self.requests)
+        self.store_up = self._add(
+            Gauge(
+                "token_broker_store_up",
+                "1 when the shared store answers, else 0.",
+                registry=self.registry,
+            )
         )
-        self.store_errors = Counter(
-            "token_broker_store_errors_total",
-            "Failed store operations.",
-            ["operation"],
-            registry=r,
+        self.store_errors = self._add(
+            Counter(
+                "token_broker_store_errors_total",
+                "Failed store operations.",
+                ["operation"],
+                registry=self.registry,
+            )
         )
-        self.credential_reloads = Counter(
+        self.credential_reloads = self._counter(
             "token_broker_credential_reloads_total",
             "Credential file reloads and fallbacks by outcome.",
             ["app", "outcome"],
-            registry=r,
         )
-        self.app_state = Gauge(
+        self.app_state = self._gauge(
             "token_broker_app_state",
             "1, labelled with the app's current state (the only series of the app).",
             ["app", "state"],
-            registry=r,
         )
-        self.lease_total = Counter(
-            "token_broker_lease_total",
-            "Refresh lease attempts by outcome.",
-            ["app", "outcome"],
-            registry=r,
+        self.lease_total = self._counter(
+            "token_broker_lease_total", "Refresh lease attempts by outcome.", ["app", "outcome"]
         )
-        self.proxy_requests_total = Counter(
+        self.proxy_requests_total = self._counter(
             "token_broker_proxy_requests_total",
             "Requests through the injecting proxy by the status answered to the caller.",
             ["app", "status"],
-            registry=r,
         )
-        self.proxy_duration = Histogram(
-            "token_broker_proxy_duration_seconds",
-            "Time from a proxied request's arrival to the end of its answer.",
-            ["app"],
-            buckets=_PROXY_BUCKETS,
-            registry=r,
+        self.proxy_duration = self._own_family(
+            exposition.Histogram(
+                "token_broker_proxy_duration_seconds",
+                "Time from a proxied request's arrival to the end of its answer.",
+                ["app"],
+                buckets=_PROXY_BUCKETS,
+            )
         )
-        self.proxy_retries_total = Counter(
+        self.proxy_retries_total = self._counter(
             "token_broker_proxy_retries_total",
             "Upstream 401s: retried after a refresh (unauthorized) or passed back, and why.",
             ["app", "reason"],
-            registry=r,
         )
-        self.sink_writes = Counter(
+        self.sink_writes = self._counter(
             "token_broker_sink_writes_total",
             "Token file writes by outcome (written, truncated, error), one per file.",
             ["app", "outcome"],
-            registry=r,
         )
-        self.refresh_blocked = Gauge(
+        self.refresh_blocked = self._gauge(
             "token_broker_refresh_blocked",
             "1 while refreshing the app is blocked because the store cannot confirm a lease.",
             ["app"],
-            registry=r,
         )
-        self.budget_refusals = Counter(
-            "token_broker_refresh_budget_refusals_total",
-            "Refreshes held back by the app's fleet-wide max_token_requests_per_minute.",
-            ["app"],
-            registry=r,
+        # Per app, but a series only after a rare event: prometheus-client's are cheap enough.
+        self.budget_refusals = self._add(
+            Counter(
+                "token_broker_refresh_budget_refusals_total",
+                "Refreshes held back by the app's fleet-wide max_token_requests_per_minute.",
+                ["app"],
+                registry=self.registry,
+            )
         )
-        self.grant_outcome_unknown = Counter(
-            "token_broker_grant_outcome_unknown_total",
-            "Refresh-token spends whose outcome is unknown (the grant may be lost).",
-            ["app"],
-            registry=r,
+        self.grant_outcome_unknown = self._add(
+            Counter(
+                "token_broker_grant_outcome_unknown_total",
+                "Refresh-token spends whose outcome is unknown (the grant may be lost).",
+                ["app"],
+                registry=self.registry,
+            )
         )
-        self.build_info = Gauge(
-            "token_broker_build_info",
-            "Always 1; the version is in the label.",
-            ["version"],
-            registry=r,
+        self.build_info = self._add(
+            Gauge(
+                "token_broker_build_info",
+                "Always 1; the version is in the label.",
+                ["version"],
+                registry=self.registry,
+            )
         )
         self.build_info.labels(version=__version__).set(1)
 
         # ---- the fleet's clock (broker/fleetclock.py) ----------------------------------------
-        self.clock_offset = Gauge(
-            "token_broker_clock_offset_seconds",
-            "The shared store's clock minus this host's wall clock (0 for memory:// or before "
-            "the first measurement).",
-            registry=r,
+        self.clock_offset = self._add(
+            Gauge(
+                "token_broker_clock_offset_seconds",
+                "The shared store's clock minus this host's wall clock (0 for memory:// or "
+                "before the first measurement).",
+                registry=self.registry,
+            )
         )
-        self.clock_offset_age = Gauge(
-            "token_broker_clock_offset_age_seconds",
-            "Seconds since the clock offset was last measured (since start while it never was).",
-            registry=r,
+        self.clock_offset_age = self._add(
+            Gauge(
+                "token_broker_clock_offset_age_seconds",
+                "Seconds since the clock offset was last measured (since start while it never "
+                "was).",
+                registry=self.registry,
+            )
         )
+
+    def _add(self, metric: _Library) -> _Library:
+        """Remember a prometheus-client metric (already registered) for Metrics.render."""
+        self._library.append(metric)
+        return metric
+
+    def _own_family(self, family: _Own) -> _Own:
+        """Register one of our own families."""
+        self.registry.register(family)  # type: ignore[arg-type]
+        self._own.append(family)
+        return family
+
+    def _counter(self, name: str, documentation: str, labels: list[str]) -> exposition.Counter:
+        return self._own_family(exposition.Counter(name, documentation, labels))
+
+    def _gauge(self, name: str, documentation: str, labels: list[str]) -> exposition.Gauge:
+        return self._own_family(exposition.Gauge(name, documentation, labels))
+
+    def render(self) -> bytes:
+        """The exposition text of every family, for /metrics (run it on the event loop)."""
+        parts = [generate_latest(_Collectors(self._library))]
+        parts.extend(family.exposition() for family in self._own)
+        return b"".join(parts)
 
     def set_app_state(self, app: str, state: AppState) -> None:
         """The app's state series: `state` at 1; the series of its previous state is removed."""
@@ -179,7 +221,7 @@ class Metrics:
             return
         if previous is not None:
             _remove(self.app_state, app, previous.value)
-        self.app_state.labels(app=app, state=state.value).set(1)
+        self.app_state.labels(app, state.value).set(1)
         self._app_states[app] = state
 
     def track_clock(self, offset: Callable[[], float], age: Callable[[], float]) -> None:
@@ -198,6 +240,18 @@ class Metrics:
             _remove(self.refresh_blocked, app)
 
 
+class _Collectors:
+    """Several collectors seen as one, for prometheus-client's generate_latest."""
+
+    def __init__(self, collectors: list[Counter | Gauge | Histogram]) -> None:
+        self._collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        """Every collector's families, in order."""
+        for collector in self._collectors:
+            yield from collector.collect()
+
+
 class NonZeroGauge:
     """A labelled gauge whose series exists only while its value is not zero.
 
@@ -206,18 +260,18 @@ class NonZeroGauge:
     >= 3` alerts the same).
     """
 
-    def __init__(self, gauge: Gauge) -> None:
+    def __init__(self, gauge: exposition.Gauge) -> None:
         self._gauge = gauge
 
     def labels(self, **labels: str) -> _NonZeroChild:
         """The series for `labels` (created on its first non-zero value)."""
-        return _NonZeroChild(self._gauge, tuple(labels[name] for name in self._gauge._labelnames))
+        return _NonZeroChild(self._gauge, tuple(labels[name] for name in self._gauge.labelnames))
 
 
 class _NonZeroChild:
     """One series of a NonZeroGauge."""
 
-    def __init__(self, gauge: Gauge, values: tuple[str, ...]) -> None:
+    def __init__(self, gauge: exposition.Gauge, values: tuple[str, ...]) -> None:
         self._gauge = gauge
         self._values = values
 
@@ -229,7 +283,7 @@ class _NonZeroChild:
             _remove(self._gauge, *self._values)
 
 
-def _remove(metric: Gauge, *labels: str) -> None:
+def _remove(metric: exposition.Gauge, *labels: str) -> None:
     with contextlib.suppress(KeyError):
         metric.remove(*labels)
 
@@ -239,46 +293,63 @@ class RequestMetrics:
 
     Every API request is counted, and prometheus-client's children take a lock per increment
     and per histogram observation (about 0.7 µs a request, a tenth of the whole handler). Here
-    a request costs two dict lookups and a few integer additions on the event loop's thread;
-    a scrape (in the render thread) copies the tables first, which CPython does atomically.
+    a request costs two dict lookups and a few additions, all on the event loop's thread, which
+    also renders them; a series' line is formatted again only after its count changed.
     """
+
+    _COUNTER = "token_broker_requests"
+    _COUNTER_HELP = "Local API requests."
 
     def __init__(self) -> None:
         self._counts: dict[tuple[str, str, str, int], int] = {}
-        # Per route: one count per bucket (non-cumulative, the last one +Inf), then the sum.
-        self._durations: dict[str, list[float]] = {}
+        # Per counted series: its line prefix, then the count its cached line shows.
+        self._prefixes: dict[tuple[str, str, str, int], bytes] = {}
+        self._lines: dict[tuple[str, str, str, int], tuple[int, bytes]] = {}
+        self._header = (
+            f"# HELP {self._COUNTER}_total {self._COUNTER_HELP}\n"
+            f"# TYPE {self._COUNTER}_total counter\n"
+        ).encode()
+        self.duration = exposition.Histogram(
+            "token_broker_request_duration_seconds",
+            "Local API request latency.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+        )
+        self._routes: dict[str, exposition.HistogramSeries] = {}
 
     def observe(self, route: str, app: str, client: str, status: int, seconds: float) -> None:
         """Count one request, labelled with configured names only, and its duration."""
         key = (route, app, client, status)
         self._counts[key] = self._counts.get(key, 0) + 1
-        slots = self._durations.get(route)
-        if slots is None:
-            slots = self._durations[route] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
-        slots[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        slots[-1] += seconds
+        series = self._routes.get(route)
+        if series is None:
+            series = self._routes[route] = self.duration.labels(route)
+        series.observe(seconds)
+
+    def _line(self, key: tuple[str, str, str, int], count: int) -> bytes:
+        cached = self._lines.get(key)
+        if cached is not None and cached[0] == count:
+            return cached[1]
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            route, app, client, status = key
+            labels = [("route", route), ("app", app), ("client", client), ("status", str(status))]
+            prefix = self._prefixes[key] = f"{self._COUNTER}_total{label_text(labels)} ".encode()
+        line = prefix + format_value(count) + b"\n"
+        self._lines[key] = (count, line)
+        return line
+
+    def exposition(self) -> bytes:
+        """Both families' text."""
+        lines = [self._line(key, count) for key, count in self._counts.items()]
+        return self._header + b"".join(lines) + self.duration.exposition()
 
     def collect(self) -> Iterator[Metric]:
         """The two families, as prometheus-client's Counter and Histogram would expose them."""
-        counts = dict(self._counts)
-        durations = {route: list(slots) for route, slots in dict(self._durations).items()}
         requests = CounterMetricFamily(
-            "token_broker_requests",
-            "Local API requests.",
-            labels=["route", "app", "client", "status"],
+            self._COUNTER, self._COUNTER_HELP, labels=["route", "app", "client", "status"]
         )
-        for (route, app, client, status), count in sorted(counts.items()):
+        for (route, app, client, status), count in self._counts.items():
             requests.add_metric([route, app, client, str(status)], count)
         yield requests
-        duration = HistogramMetricFamily(
-            "token_broker_request_duration_seconds",
-            "Local API request latency.",
-            labels=["route"],
-        )
-        for route, slots in sorted(durations.items()):
-            cumulative, buckets = 0.0, []
-            for le, in_bucket in zip(_LATENCY_LE, slots[:-1], strict=True):
-                cumulative += in_bucket
-                buckets.append((le, cumulative))
-            duration.add_metric([route], buckets, sum_value=slots[-1])
-        yield duration
+        yield from self.duration.collect()

@@ -19,14 +19,12 @@ import asyncio
 import functools
 import ipaddress
 import re
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.api.answers import Answer
 from broker.api.auth import ClientAuthenticator, PeerCredentials
@@ -58,8 +56,6 @@ MAX_RESOLVED_TARGETS = 4096
 # table is as large as the config makes it; the bound is a second line of defence.
 MAX_GRANTS = 4096
 ROUTE_OTHER = "other"
-# The GIL switch interval while /metrics renders in its thread (the default is 5 ms).
-RENDER_SWITCH_INTERVAL = 0.0002
 DENIED_LOG_INTERVAL = 60.0
 
 # Per-request labels for the metrics: a configured app and client name, or "".
@@ -438,16 +434,11 @@ def _small_request(
 
 def build_metrics_app(service: TokenService, metrics: Metrics) -> web.Application:
     """The metrics listener: /metrics, /healthz, /readyz."""
-    # One worker thread renders the exposition text: at a thousand apps that takes ~0.1 s of
-    # CPU, which on the event loop would hold back every token request meanwhile. prometheus-
-    # client copies each family's children under its lock, so the loop keeps incrementing
-    # and labelling while the thread renders; one thread also keeps parallel scrapes in line.
-    renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-render")
 
+    # Rendered on the event loop: the per-app families keep their series' text (broker/
+    # exposition.py), so a scrape at a thousand apps costs a few milliseconds of the loop.
     async def metrics_handler(_: web.Request) -> web.Response:
-        loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(renderer, _render, metrics)
-        response = web.Response(body=body)
+        response = web.Response(body=metrics.render())
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         response.charset = "utf-8"
         return response
@@ -461,30 +452,11 @@ def build_metrics_app(service: TokenService, metrics: Metrics) -> web.Applicatio
             return web.json_response({"status": "not_ready", "apps": unready}, status=503)
         return web.json_response({"status": "ready"})
 
-    async def stop_renderer(_: web.Application) -> None:
-        renderer.shutdown(wait=False)
-
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.on_cleanup.append(stop_renderer)
     return app
-
-
-def _render(metrics: Metrics) -> bytes:
-    """The exposition text, rendered while the event loop gets the GIL back often.
-
-    The render thread would otherwise hold the GIL for the interpreter's whole switch interval
-    (5 ms) each time, and a token request needs it a few times; while rendering, the loop's
-    thread waits at most RENDER_SWITCH_INTERVAL for it.
-    """
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(RENDER_SWITCH_INTERVAL)
-    try:
-        return generate_latest(metrics.registry)
-    finally:
-        sys.setswitchinterval(previous)
 
 
 def _check_origin(request: web.BaseRequest) -> None:

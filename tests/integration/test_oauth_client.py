@@ -202,9 +202,7 @@ class TestFailures:
         assert any(
             e["event"] == "app.previous_secret_used" and e["secret"] == "previous" for e in logs
         )
-        value = metrics.credential_reloads.labels(
-            app="app1", outcome="previous_secret"
-        )._value.get()
+        value = metrics.credential_reloads.labels(app="app1", outcome="previous_secret").get()
         assert value == 1
         assert SECRET not in repr(logs)
         assert PREVIOUS not in repr(logs)
@@ -227,7 +225,7 @@ class TestFailures:
             await client_for(spec, session, metrics, timeout=0.3).fetch()
         # The request was sent: the server may have acted on it (and rotated a refresh token).
         assert caught.value.outcome_unknown
-        assert metrics.token_endpoint_responses.labels(app="app1", status="error")._value.get() == 1
+        assert metrics.token_endpoint_responses.labels(app="app1", status="error").get() == 1
 
     async def test_unreachable_server_is_transient(
         self, spec: AppSpec, session: aiohttp.ClientSession
@@ -338,7 +336,7 @@ class TestMalformedResponses:
             with pytest.raises(error):
                 await client.fetch()
         status = str(answer.status)
-        assert metrics.token_endpoint_responses.labels(app="app1", status=status)._value.get() == 1
+        assert metrics.token_endpoint_responses.labels(app="app1", status=status).get() == 1
 
     async def test_slow_drip_is_cut_off_by_the_timeout(
         self, spec: AppSpec, session: aiohttp.ClientSession, oauth_server: OAuthTestServer

@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker.errors import ConfigError
 from broker.store.crypto import KEY_FILE_KEY, Keyring, UndecryptableToken
@@ -83,6 +84,7 @@ class TestKeyring:
             pytest.param(b"\x01", id="one-byte"),
             pytest.param(b"\x02\x01a" + b"\x00" * 40, id="unknown-version"),
             pytest.param(b"\x01\x01a" + b"\x00" * 12, id="truncated"),
+            pytest.param(b"\x01\x01a" + b"\x00" * 27, id="shorter-than-a-tag"),
         ],
     )
     def test_malformed_blob(self, blob: bytes) -> None:
@@ -95,6 +97,22 @@ class TestKeyring:
         with pytest.raises(ConfigError) as caught:
             Keyring([])
         assert caught.value.key == KEY_FILE_KEY
+
+
+class TestBlobsOfEarlierReleases:
+    """Blobs are AES-256-GCM as cryptography's AESGCM wrote them before PyCryptodome did."""
+
+    def test_opens_a_blob_sealed_by_cryptography(self) -> None:
+        """A token set stored by an earlier release (cryptography's AESGCM) still decrypts."""
+        nonce = bytes(range(12))
+        sealed = AESGCM(KEY_A).encrypt(nonce, PLAINTEXT, AAD)
+        assert Keyring([("a", KEY_A)]).decrypt(b"\x01\x01a" + nonce + sealed, AAD) == PLAINTEXT
+
+    def test_cryptography_opens_our_blob(self) -> None:
+        """A blob written now opens with cryptography's AESGCM: a rollback reads it."""
+        blob = Keyring([("a", KEY_A)]).encrypt(PLAINTEXT, AAD)
+        nonce, sealed = blob[3:15], blob[15:]
+        assert AESGCM(KEY_A).decrypt(nonce, sealed, AAD) == PLAINTEXT
 
 
 class TestKeyringFromFile:

@@ -2,15 +2,61 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from broker import exposition as families
 from broker.metrics import Metrics
 from broker.model import AppState
 
 
 def exposition(metrics: Metrics) -> str:
-    """The text a scrape would get."""
-    return generate_latest(metrics.registry).decode()
+    """The text a scrape gets."""
+    return metrics.render().decode()
+
+
+def parsed(
+    text: str,
+) -> dict[str, tuple[str, str, list[tuple[str, tuple[tuple[str, str], ...], float]]]]:
+    """Each family of an exposition text: its type, help and sorted samples."""
+    return {
+        family.name: (
+            family.type,
+            family.documentation,
+            sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in family.samples),
+        )
+        for family in text_string_to_metric_families(text)
+    }
+
+
+def busy_metrics() -> Metrics:
+    """Metrics with a series in every family, some of them changed after a first render."""
+    metrics = Metrics()
+    for app in ("a", 'b\\q"uote'):
+        metrics.refresh_total.labels(app=app, outcome="success").inc()
+        metrics.token_expiry.labels(app=app).set(1_763_850_000.5)
+        metrics.refresh_failures_consecutive.labels(app=app).set(2)
+        metrics.token_endpoint_responses.labels(app=app, status="200").inc(3)
+        metrics.credential_reloads.labels(app=app, outcome="reloaded").inc()
+        metrics.set_app_state(app, AppState.FRESH)
+        metrics.lease_total.labels(app=app, outcome="acquired").inc()
+        metrics.proxy_requests_total.labels(app, "200").inc()
+        metrics.proxy_duration.labels(app).observe(0.02)
+        metrics.proxy_retries_total.labels(app, "unauthorized").inc()
+        metrics.sink_writes.labels(app=app, outcome="written").inc()
+        metrics.refresh_blocked.labels(app=app).set(0)
+        metrics.budget_refusals.labels(app=app).inc()
+        metrics.grant_outcome_unknown.labels(app=app).inc()
+        metrics.requests.observe("/v1/token/{app}", app, "svc", 200, 0.0004)
+    metrics.store_errors.labels(operation="load").inc()
+    metrics.refresh_duration.observe(0.3)
+    metrics.render()
+    metrics.token_expiry.labels(app="a").set(1_763_853_600.0)
+    metrics.proxy_duration.labels("a").observe(7.0)
+    metrics.requests.observe("/v1/token/{app}", "a", "svc", 200, 2.0)
+    metrics.set_app_state("a", AppState.REFRESHING)
+    return metrics
 
 
 def series(metrics: Metrics, name: str) -> list[str]:
@@ -103,3 +149,63 @@ class TestRequestMetrics:
         metrics.refresh_total.labels(app="a", outcome="success").inc()
         metrics.requests.observe("/v1/apps", "", "svc", 200, 0.001)
         assert "_created" not in exposition(metrics)
+
+
+class TestOwnExposition:
+    """Metrics.render writes the same families and samples prometheus-client would."""
+
+    def test_same_as_prometheus_client(self) -> None:
+        """Every family's type, help and samples equal generate_latest's, after changes too."""
+        metrics = busy_metrics()
+        ours = parsed(exposition(metrics))
+        theirs = parsed(generate_latest(metrics.registry).decode())
+        assert ours == theirs
+        assert len(ours) == 22
+
+    def test_sample_lines_are_written_as_prometheus_client_writes_them(self) -> None:
+        """Label order, escaping and value formatting match line for line."""
+        metrics = busy_metrics()
+        ours = sorted(line for line in exposition(metrics).splitlines() if line)
+        theirs = sorted(
+            line for line in generate_latest(metrics.registry).decode().splitlines() if line
+        )
+        assert ours == theirs
+
+    def test_a_changed_value_is_rendered_again(self) -> None:
+        """A series' cached line follows every change of its value."""
+        metrics = Metrics()
+        counter = metrics.refresh_total.labels(app="a", outcome="success")
+        for expected in ("1.0", "2.0", "3.0"):
+            counter.inc()
+            assert series(metrics, "token_broker_refresh_total") == [
+                f'token_broker_refresh_total{{app="a",outcome="success"}} {expected}'
+            ]
+
+    def test_requests_counter_follows_its_count(self) -> None:
+        """The request counter's cached line shows the newest count."""
+        metrics = Metrics()
+        for count in (1, 2):
+            metrics.requests.observe("/v1/apps", "", "svc", 200, 0.001)
+            assert series(metrics, "token_broker_requests_total") == [
+                'token_broker_requests_total{app="",client="svc",route="/v1/apps",status="200"} '
+                f"{count}.0"
+            ]
+
+
+class TestFamilies:
+    """The families of broker/exposition.py refuse what prometheus-client refuses."""
+
+    def test_wrong_label_names(self) -> None:
+        """Labels by a name the family does not have, or too few values, are a ValueError."""
+        counter = families.Counter("x_total", "X.", ["app"])
+        with pytest.raises(ValueError, match="app"):
+            counter.labels(application="a")
+        with pytest.raises(ValueError, match="app"):
+            counter.labels()
+
+    def test_counter_only_goes_up(self) -> None:
+        """A negative increment is a ValueError and changes nothing."""
+        series_ = families.Counter("x", "X.", ["app"]).labels("a")
+        with pytest.raises(ValueError, match="up"):
+            series_.inc(-1)
+        assert series_.get() == 0.0
