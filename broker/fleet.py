@@ -179,8 +179,9 @@ class FleetProtocol:
         self.shared_failures = 0
         self._shared_failure_seen = False
         # Refresh tokens another replica announced it is spending (fingerprint → monotonic
-        # time of the notice), until a newer set or an abort resolves them.
+        # time of the notice, and the spender), until a newer set or an abort resolves them.
         self._foreign_spends: dict[str, float] = {}
+        self._foreign_spenders: dict[str, str | None] = {}
         # Refresh tokens whose spend has an unknown outcome: never presented again.
         self._unknown: set[str] = set()
         self._retried: set[str] = set()
@@ -205,8 +206,15 @@ class FleetProtocol:
             return
         if notice.kind == "sent":
             self._foreign_spends.setdefault(notice.refresh_fp, self._clock.monotonic())
-        elif notice.kind == "abort":
+            self._foreign_spenders[notice.refresh_fp] = notice.owner
+        elif notice.kind == "abort" or (
+            notice.kind == "spend" and self._foreign_spenders.get(notice.refresh_fp) == notice.owner
+        ):
+            # Ended without effect; or its spender spends it again, which it does only when it
+            # knows its last spend ended without effect (a restart gets a new owner name): the
+            # abort notice was lost, e.g. its record was gone after a store rollback.
             self._foreign_spends.pop(notice.refresh_fp, None)
+            self._foreign_spenders.pop(notice.refresh_fp, None)
 
     def must_veto(self, notice: Notice) -> bool:
         """True when `notice` announces a spend of a refresh token whose earlier spend this
@@ -215,7 +223,13 @@ class FleetProtocol:
             notice.kind == "spend"
             and notice.owner != self._owner
             and notice.refresh_fp is not None
-            and (notice.refresh_fp in self._unknown or notice.refresh_fp in self._foreign_spends)
+            and (
+                notice.refresh_fp in self._unknown
+                or (
+                    notice.refresh_fp in self._foreign_spends
+                    and self._foreign_spenders.get(notice.refresh_fp) != notice.owner
+                )
+            )
         )
 
     async def veto(self, notice: Notice) -> None:
@@ -229,6 +243,7 @@ class FleetProtocol:
         """A set of `token`'s rank or newer is ours now: older spends no longer matter."""
         keep = token.refresh_fingerprint
         self._foreign_spends = {k: v for k, v in self._foreign_spends.items() if k == keep}
+        self._foreign_spenders = {k: v for k, v in self._foreign_spenders.items() if k == keep}
         self._unknown = {k for k in self._unknown if k == keep}
         self._retried = {k for k in self._retried if k == keep}
 
@@ -492,8 +507,9 @@ class FleetProtocol:
         foreign = refresh_fp in self._foreign_spends
         if foreign and not self._may_retry(refresh_fp):
             # Another replica announced this spend and nothing resolved it: its outcome is
-            # unknown to us even if the store has forgotten the record.
-            self._unknown.add(refresh_fp)
+            # unknown to us even if the store has forgotten the record. It stays the spender's
+            # to resolve (its abort, its next spend, or a newer set), so it is not added to
+            # our own unknown spends: those are never forgiven.
             return OutcomeUnknown(
                 "another replica spent this refresh token with no known outcome", refresh_fp
             )

@@ -181,7 +181,9 @@ class TokenStore(Protocol):
 
         A replica that remembers an earlier spend of that refresh token with no known outcome
         (the store forgot it: a rollback, an empty restart) stops a replica that does not.
-        True when an announced spend was vetoed.
+        Only while the spender holds the lease: a record whose lease lapsed cannot be marked
+        sent anyway, and may be a ghost that a rollback brought back, which the next holder
+        replaces (vetoed, it would block the token for good). True when a spend was vetoed.
         """
         ...
 

@@ -182,10 +182,13 @@ class MemoryStore:
         return True
 
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
-        """Turn an announced spend of `refresh_fp` into an unknown one under no fence."""
+        """Turn an announced spend of `refresh_fp` into an unknown one under no fence, while its
+        spender holds the lease (without it the spend can never be sent: left alone)."""
         self._check()
         spend = self.state.spends.get(app)
         if spend is None or spend.refresh_fp != refresh_fp or spend.state != "announced":
+            return False
+        if not self._holds(app, spend.owner, spend.fence):
             return False
         spend.fence, spend.state, spend.retries = 0, "unknown", 1
         return True

@@ -135,10 +135,11 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
   lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2]}))
 return 1
 """
-# KEYS: spend. ARGV: rfp
+# KEYS: spend, lease. ARGV: rfp
 _VETO_SPEND = """
-local sp = redis.call('HMGET', KEYS[1], 'rfp', 'state')
+local sp = redis.call('HMGET', KEYS[1], 'rfp', 'state', 'owner', 'fence')
 if sp[1] ~= ARGV[1] or sp[2] ~= 'announced' then return 0 end
+if redis.call('GET', KEYS[2]) ~= sp[3] .. '|' .. sp[4] then return 0 end
 redis.call('HSET', KEYS[1], 'fence', 0, 'state', 'unknown', 'retries', 1)
 return 1
 """
@@ -429,10 +430,13 @@ class RedisStore:
         return bool(result)
 
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
-        """Turn an announced spend of `refresh_fp` into an unknown one (Lua)."""
+        """Turn an announced spend of `refresh_fp` into an unknown one while its spender holds
+        the lease (Lua)."""
         result = await self._call(
             "spend",
-            lambda: self._veto_spend(keys=[self.spend_key(app)], args=[refresh_fp]),
+            lambda: self._veto_spend(
+                keys=[self.spend_key(app), self.lease_key(app)], args=[refresh_fp]
+            ),
         )
         return bool(result)
 

@@ -141,6 +141,40 @@ class TestSpend:
         assert not await store.mark_sent("app", owner="a", fence=first.fence)
         assert await store.mark_sent("app", owner="b", fence=second.fence)
 
+    async def test_a_veto_stops_an_announced_spend_while_its_lease_is_held(
+        self, store: TokenStore
+    ) -> None:
+        """A veto turns a live announced spend into an unknown one: it is never marked sent."""
+        await store.commit("app", token_set(1))
+        lease = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(1))
+        fp = token_set(1).refresh_fingerprint or ""
+        assert await store.veto_spend("app", refresh_fp=fp)
+        assert not await store.mark_sent("app", owner="a", fence=lease.fence)
+        await store.release_lease("app", "a", lease.fence)
+        other = await store.acquire_lease("app", "b", 5)
+        assert (
+            await store.begin_spend("app", owner="b", fence=other.fence, token=token_set(1))
+            is SpendStart.UNKNOWN
+        )
+
+    async def test_a_veto_leaves_an_announced_spend_without_its_lease(
+        self, store: TokenStore
+    ) -> None:
+        """An announced spend whose lease is gone (a rollback's ghost) is not vetoed: the next
+        holder replaces it as before."""
+        await store.commit("app", token_set(1))
+        lease = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(1))
+        await store.release_lease("app", "a", lease.fence)
+        fp = token_set(1).refresh_fingerprint or ""
+        assert not await store.veto_spend("app", refresh_fp=fp)
+        other = await store.acquire_lease("app", "b", 5)
+        assert (
+            await store.begin_spend("app", owner="b", fence=other.fence, token=token_set(1))
+            is SpendStart.OK
+        )
+
     async def test_an_unresolved_spend_blocks_every_other_fence(self, store: TokenStore) -> None:
         """A spend marked sent (or unknown) answers UNKNOWN to the next holder."""
         await store.commit("app", token_set(1))

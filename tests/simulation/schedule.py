@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import structlog.testing
 
 from broker.store.memory import MemoryState
-from tests.simulation.world import APP, World, WorldConfig
+from tests.simulation.world import APP, Replica, World, WorldConfig
 
 FAULT_KINDS = (
     "store_partition",
@@ -193,8 +193,12 @@ async def _run(schedule: Schedule) -> Result:
         if not checked_recovery and now >= serving_deadline:
             checked_recovery = True
             _check_recovery(world, result, "two lifetimes after the last fault healed")
-    # Let requests in flight at the end get their answers before judging the grant.
+    # Let requests in flight at the end get their answers before judging the grant, including
+    # one that started just before the judging time (its rotation is real, its reply is due).
     await world.time.advance_to(schedule.duration + 15.0)
+    settle_by = world.time.now + 60.0
+    while world.time.now < settle_by and any(_in_flight(r) for r in world.replicas):
+        await world.time.advance_to(world.time.now + 0.5)
     _finish(world, result, schedule)
     await world.shutdown()
     return result
@@ -270,10 +274,13 @@ async def _apply(
             else:
                 world.start_replica(fault.target)
         case "sigterm":
-            if on:
+            # Half of them land mid-spend: after the server rotated, before the reply arrives.
+            if on and fault.param >= 0.5:
+                world.terminate_mid_spend(fault.target)
+            elif on:
                 world.terminate(fault.target)
             else:
-                world.start_replica(fault.target)
+                world.restart_after_sigterm(fault.target)
 
 
 def _check_step(world: World, result: Result) -> None:
@@ -334,6 +341,12 @@ def _after_lost_reply(world: World) -> bool:
     return any(p.outcome == "reuse" and p.refresh_token in lost for p in world.server.presentations)
 
 
+def _in_flight(replica: Replica) -> bool:
+    """A live replica with a refresh under way."""
+    inflight = replica.refresher._inflight
+    return replica.alive and inflight is not None and not inflight.done()
+
+
 def _grant_lost(world: World) -> bool:
     """The server's valid refresh token is held by no replica and not stored."""
     valid = world.server.valid_refresh
@@ -355,6 +368,11 @@ def _finish(world: World, result: Result, schedule: Schedule) -> None:
     result.outcome_unknown_announced = int(
         sum(m.grant_outcome_unknown.labels(app=APP)._value.get() for m in world.metrics)
     )
+    if world.server.dropped_on_sigterm:
+        result.violations.append(
+            f"invariant 3: {world.server.dropped_on_sigterm} refresh request(s) abandoned while "
+            "draining for SIGTERM"
+        )
     if world.server.revoked and _after_lost_reply(world):
         result.grant_lost_after_lost_reply = True
         if result.outcome_unknown_announced == 0:

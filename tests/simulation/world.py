@@ -12,7 +12,7 @@ import asyncio
 import heapq
 import itertools
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -169,6 +169,9 @@ class SimAuthServer:
         self.presentations: list[Presentation] = []
         self.requests = 0  # every request that reached the server and was acted on
         self.in_flight_when_cancelled = 0  # refresh requests whose sender died before arrival
+        # Refresh requests a replica abandoned while draining for SIGTERM (never allowed: the
+        # drain waits for a spend in flight and persists its answer).
+        self.dropped_on_sigterm = 0
         self.cc_requests = 0
 
     def authorize(self) -> TokenSet:
@@ -240,6 +243,9 @@ class SimSource:
         self._rng = rng
         self.replica = ""
         self.dead = False
+        self.draining = False  # SIGTERM received: a request in flight must be seen through
+        # Called once when the server next acts on a refresh token of ours (SIGTERM mid-spend).
+        self.on_spend: Callable[[], None] | None = None
 
     async def fetch(self, refresh_token: str | None = None) -> TokenSet:
         """Send the request; the server acts when it arrives; the reply may be lost."""
@@ -258,6 +264,7 @@ class SimSource:
             # whether the server got it.
             if refresh_token is not None:
                 server.in_flight_when_cancelled += 1
+                server.dropped_on_sigterm += self.draining and not self.dead
             raise
         faults = server.faults
         if faults.status is not None:
@@ -277,12 +284,16 @@ class SimSource:
                 raise
             record = server.presentations[-1]
             record.reply_lost = lost
+            if self.on_spend is not None:
+                on_spend, self.on_spend = self.on_spend, None
+                on_spend()
         try:
             await self._world.sleep(0.02 + self._rng.random() * 0.05)
         except asyncio.CancelledError:
             # The caller gave up (or died) after the server acted: that reply is lost too.
             if record is not None:
                 record.reply_lost = True
+                server.dropped_on_sigterm += self.draining and not self.dead
             raise
         if lost:
             raise TransientTokenError("no answer: connection reset", outcome_unknown=True)
@@ -634,6 +645,7 @@ class World:
         replica = self.replicas[index]
         replica.alive = False
         replica.core.draining = True
+        replica.source.draining = True
 
         async def drain_then_exit() -> None:
             await replica.core.drain(15.0)
@@ -641,6 +653,17 @@ class World:
             await asyncio.gather(replica.task, return_exceptions=True)
 
         self.draining.append(asyncio.ensure_future(drain_then_exit()))
+
+    def terminate_mid_spend(self, index: int) -> None:
+        """SIGTERM the moment the server acts on this replica's next refresh token."""
+        self.replicas[index].source.on_spend = lambda: self.terminate(index)
+
+    def restart_after_sigterm(self, index: int) -> None:
+        """Start the replica again if its SIGTERM came; else the SIGTERM is called off."""
+        replica = self.replicas[index]
+        replica.source.on_spend = None
+        if not replica.alive:
+            self.start_replica(index)
 
     def set_store_outage(self, down: bool) -> None:
         """The store is down for everyone (or back)."""

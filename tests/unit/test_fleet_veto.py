@@ -1,10 +1,11 @@
-"""A replica that remembers a lost reply vetoes a spend it missed the notice of (seed 4556)."""
+"""Vetoes and foreign spends: what a replica remembers of other replicas' spends (seeds 4556,
+1630, 2331)."""
 
 from __future__ import annotations
 
-from broker.fleet import FleetProtocol
+from broker.fleet import FleetProtocol, OutcomeUnknown
 from broker.model import TokenSet
-from broker.store import SpendStart
+from broker.store import Notice, SpendStart
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
 
@@ -73,3 +74,42 @@ async def test_resync_leaves_a_spend_alone_when_nothing_is_remembered() -> None:
     assert await bystander.sync()
 
     assert await store.mark_sent(APP, owner="r1", fence=fence)
+
+
+def _notice(kind: str, owner: str, token: TokenSet) -> Notice:
+    return Notice(APP, kind, rank=token.rank, refresh_fp=token.refresh_fingerprint, owner=owner)
+
+
+async def test_a_spenders_next_spend_resolves_its_earlier_one() -> None:
+    """A replica that heard r1 send a token does not veto r1 spending it again (r1 knows its
+    last spend ended without effect; the abort notice was lost), but does veto anyone else."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    token = _grant(clock)
+    heard = _protocol(store, clock, "r0", token)
+    heard.on_notice(_notice("sent", "r1", token))
+
+    assert heard.must_veto(_notice("spend", "r2", token))
+    assert not heard.must_veto(_notice("spend", "r1", token))
+    heard.on_notice(_notice("spend", "r1", token))
+    assert not heard.must_veto(_notice("spend", "r2", token))
+
+
+async def test_another_replicas_spend_in_flight_does_not_mark_the_token_lost() -> None:
+    """Meeting another replica's unresolved spend answers outcome-unknown for now, and the
+    token is spendable again once that spend is aborted."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    token = _grant(clock)
+    await store.commit(APP, token)
+    waiting = _protocol(store, clock, "r0", token)
+    waiting.on_notice(_notice("sent", "r1", token))
+
+    async def fetch(refresh_token: str | None) -> TokenSet:
+        raise AssertionError("must not spend a token another replica is spending")
+
+    first = await waiting.refresh(fetch, is_due=lambda _: True, servable_left=0.0)
+    assert isinstance(first, OutcomeUnknown)
+    assert not waiting.outcome_unknown(token)
+    waiting.on_notice(_notice("abort", "r1", token))
+    assert waiting._spend_blocked(token) is None
