@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.support.authorization import ac_app, authorize_via_code
 from tests.support.broker_process import BrokerFiles, BrokerProcess
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.redis_server import RedisServer
@@ -246,11 +247,16 @@ async def side_by_side(
     specs: Sequence[RunSpec],
     app_overrides: Mapping[str, Any] | None = None,
     ready_timeout: float = 60.0,
+    rotating: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[dict[str, FleetRun]]:
     """Start several fleets at once (e.g. one broker and its N-replica fleet), each apart.
 
     Run together, they see the same schedule and the same machine load, so their token requests
     compare fairly. Every process and port is stopped on exit, whatever happens.
+
+    `rotating` (refresh-policy overrides) makes app1 an authorization-code grant whose refresh
+    token the OAuth server rotates on every use: each run's grant is onboarded with `token-broker
+    authorize` into its Redis, as an operator does, before its replicas start.
     """
     oauths: list[OAuthTestServer] = []
     redises: list[RedisServer] = []
@@ -263,6 +269,15 @@ async def side_by_side(
             redis = RedisServer(directory=root / spec.name / "redis")
             redises.append(redis)
             redis.start()
+            apps = {"app1": ac_app(oauth, **rotating)} if rotating is not None else None
+            if apps is not None:
+                seed = BrokerFiles(
+                    directory=root / spec.name / "seed",
+                    token_url=oauth.token_url,
+                    store_url=redis.url,
+                    apps=apps,
+                )
+                await authorize_via_code(seed.write(), oauth)
             fleet = Fleet(
                 root / spec.name,
                 oauth.token_url,
@@ -270,6 +285,7 @@ async def side_by_side(
                 spec.size,
                 app_overrides=app_overrides,
                 envs=spec.envs,
+                apps=apps,
             )
             runs[spec.name] = FleetRun(spec.name, oauth, redis, fleet)
         for run in runs.values():
