@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -13,6 +14,8 @@ from typing import Any
 
 import aiohttp
 
+from broker import policy
+from broker.model import RefreshPolicy, TokenSet
 from tests.support.authorization import ac_app, authorize_via_code
 from tests.support.broker_process import BrokerFiles, BrokerProcess
 from tests.support.oauth_server import OAuthTestServer
@@ -215,6 +218,42 @@ def requests_per_lifetime(times: Sequence[float], lifetime: float) -> float:
         raise AssertionError(f"too few token requests to measure a rate: {len(times)}")
     ordered = sorted(times)
     return (len(ordered) - 1) * lifetime / (ordered[-1] - ordered[0])
+
+
+def shared_jitter(access_token: str, lifetime: float, refresh: RefreshPolicy) -> float:
+    """Seconds by which the fleet's token-derived jitter moves this token's due time.
+
+    Every replica (and a lone broker) derives it alike from the token (policy.fleet_jitter_sample).
+    """
+    token = TokenSet(access_token, "Bearer", issued_at=0.0, expires_at=lifetime)
+    sample = policy.fleet_jitter_sample(token)
+    return policy.refresh_due(token, refresh, sample) - policy.refresh_due(token, refresh, 0.0)
+
+
+def paced_requests_per_lifetime(
+    oauth: OAuthTestServer, since: float, until: float, lifetime: float, refresh: RefreshPolicy
+) -> float:
+    """Steady-state token requests per lifetime between `since` and `until`, net of the shared
+    jitter (`until` excludes requests the teardown held up: stopping processes blocks the loop).
+
+    Each interval between two answered requests loses the offset the token-derived jitter gave
+    the token answered first. That offset is the same for one broker and a fleet, but it is
+    drawn anew for every token, so it is most of the run-to-run noise of a raw rate (about
+    1.5 % with 5 % jitter and 15 intervals); without it the rate is the policy's pace plus what
+    the protocol adds, and a replica refreshing before the shared due time shows in full.
+    """
+    answered = [r for r in oauth.requests if r.status == 200]
+    # The server answers one request at a time per grant: the k-th token answered the k-th 200.
+    assert len(answered) == len(oauth.issued_tokens), "a token request and its answer went apart"
+    pairs = list(zip(answered, oauth.issued_tokens, strict=True))
+    intervals = [
+        later.at - earlier.at - shared_jitter(token, lifetime, refresh)
+        for (earlier, token), (later, _) in itertools.pairwise(pairs)
+        if earlier.at >= since and later.at <= until
+    ]
+    if len(intervals) < 2:
+        raise AssertionError(f"too few token requests to measure a pace: {len(intervals)}")
+    return len(intervals) * lifetime / sum(intervals)
 
 
 @dataclass
