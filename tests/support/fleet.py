@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -13,6 +14,9 @@ from typing import Any
 
 import aiohttp
 
+from broker import policy
+from broker.model import RefreshPolicy, TokenSet
+from tests.support.authorization import ac_app, authorize_via_code
 from tests.support.broker_process import BrokerFiles, BrokerProcess
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.redis_server import RedisServer
@@ -216,6 +220,42 @@ def requests_per_lifetime(times: Sequence[float], lifetime: float) -> float:
     return (len(ordered) - 1) * lifetime / (ordered[-1] - ordered[0])
 
 
+def shared_jitter(access_token: str, lifetime: float, refresh: RefreshPolicy) -> float:
+    """Seconds by which the fleet's token-derived jitter moves this token's due time.
+
+    Every replica (and a lone broker) derives it alike from the token (policy.fleet_jitter_sample).
+    """
+    token = TokenSet(access_token, "Bearer", issued_at=0.0, expires_at=lifetime)
+    sample = policy.fleet_jitter_sample(token)
+    return policy.refresh_due(token, refresh, sample) - policy.refresh_due(token, refresh, 0.0)
+
+
+def paced_requests_per_lifetime(
+    oauth: OAuthTestServer, since: float, until: float, lifetime: float, refresh: RefreshPolicy
+) -> float:
+    """Steady-state token requests per lifetime between `since` and `until`, net of the shared
+    jitter (`until` excludes requests the teardown held up: stopping processes blocks the loop).
+
+    Each interval between two answered requests loses the offset the token-derived jitter gave
+    the token answered first. That offset is the same for one broker and a fleet, but it is
+    drawn anew for every token, so it is most of the run-to-run noise of a raw rate (about
+    1.5 % with 5 % jitter and 15 intervals); without it the rate is the policy's pace plus what
+    the protocol adds, and a replica refreshing before the shared due time shows in full.
+    """
+    answered = [r for r in oauth.requests if r.status == 200]
+    # The server answers one request at a time per grant: the k-th token answered the k-th 200.
+    assert len(answered) == len(oauth.issued_tokens), "a token request and its answer went apart"
+    pairs = list(zip(answered, oauth.issued_tokens, strict=True))
+    intervals = [
+        later.at - earlier.at - shared_jitter(token, lifetime, refresh)
+        for (earlier, token), (later, _) in itertools.pairwise(pairs)
+        if earlier.at >= since and later.at <= until
+    ]
+    if len(intervals) < 2:
+        raise AssertionError(f"too few token requests to measure a pace: {len(intervals)}")
+    return len(intervals) * lifetime / sum(intervals)
+
+
 @dataclass
 class FleetRun:
     """A fleet with its own OAuth server and Redis, so its token requests are counted apart."""
@@ -246,11 +286,16 @@ async def side_by_side(
     specs: Sequence[RunSpec],
     app_overrides: Mapping[str, Any] | None = None,
     ready_timeout: float = 60.0,
+    rotating: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[dict[str, FleetRun]]:
     """Start several fleets at once (e.g. one broker and its N-replica fleet), each apart.
 
     Run together, they see the same schedule and the same machine load, so their token requests
     compare fairly. Every process and port is stopped on exit, whatever happens.
+
+    `rotating` (refresh-policy overrides) makes app1 an authorization-code grant whose refresh
+    token the OAuth server rotates on every use: each run's grant is onboarded with `token-broker
+    authorize` into its Redis, as an operator does, before its replicas start.
     """
     oauths: list[OAuthTestServer] = []
     redises: list[RedisServer] = []
@@ -263,6 +308,15 @@ async def side_by_side(
             redis = RedisServer(directory=root / spec.name / "redis")
             redises.append(redis)
             redis.start()
+            apps = {"app1": ac_app(oauth, **rotating)} if rotating is not None else None
+            if apps is not None:
+                seed = BrokerFiles(
+                    directory=root / spec.name / "seed",
+                    token_url=oauth.token_url,
+                    store_url=redis.url,
+                    apps=apps,
+                )
+                await authorize_via_code(seed.write(), oauth)
             fleet = Fleet(
                 root / spec.name,
                 oauth.token_url,
@@ -270,6 +324,7 @@ async def side_by_side(
                 spec.size,
                 app_overrides=app_overrides,
                 envs=spec.envs,
+                apps=apps,
             )
             runs[spec.name] = FleetRun(spec.name, oauth, redis, fleet)
         for run in runs.values():
