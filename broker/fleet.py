@@ -184,6 +184,10 @@ class FleetProtocol:
         self._foreign_spenders: dict[str, str | None] = {}
         # Refresh tokens whose spend has an unknown outcome: never presented again.
         self._unknown: set[str] = set()
+        # Refresh tokens another replica sent whose spend we found unresolved when we held the
+        # lease (its spender died, or lost its lease): unknown like ours, but the spender's
+        # abort or its own next spend of the token still resolves them.
+        self._unknown_foreign: set[str] = set()
         self._retried: set[str] = set()
         # Our own spend that ended without effect but whose record we could not clear.
         self._aborted_fence = 0
@@ -215,6 +219,7 @@ class FleetProtocol:
             # abort notice was lost, e.g. its record was gone after a store rollback.
             self._foreign_spends.pop(notice.refresh_fp, None)
             self._foreign_spenders.pop(notice.refresh_fp, None)
+            self._unknown_foreign.discard(notice.refresh_fp)
 
     def must_veto(self, notice: Notice) -> bool:
         """True when `notice` announces a spend of a refresh token whose earlier spend this
@@ -245,11 +250,13 @@ class FleetProtocol:
         self._foreign_spends = {k: v for k, v in self._foreign_spends.items() if k == keep}
         self._foreign_spenders = {k: v for k, v in self._foreign_spenders.items() if k == keep}
         self._unknown = {k for k in self._unknown if k == keep}
+        self._unknown_foreign = {k for k in self._unknown_foreign if k == keep}
         self._retried = {k for k in self._retried if k == keep}
 
     def outcome_unknown(self, token: TokenSet | None) -> bool:
         """True when `token`'s refresh token must not be presented: its last spend is unknown."""
-        return token is not None and token.refresh_fingerprint in self._unknown
+        fp = token.refresh_fingerprint if token is not None else None
+        return fp is not None and (fp in self._unknown or fp in self._unknown_foreign)
 
     # ---- budgets -----------------------------------------------------------------------------
 
@@ -434,7 +441,8 @@ class FleetProtocol:
                 "has not been able to read; not spending an older refresh token"
             )
         refresh_fp = current.refresh_fingerprint or ""
-        if refresh_fp in self._unknown and not self._may_retry(refresh_fp):
+        unknown = refresh_fp in self._unknown or refresh_fp in self._unknown_foreign
+        if unknown and not self._may_retry(refresh_fp):
             return OutcomeUnknown(
                 "the last spend of this refresh token has no known outcome", refresh_fp
             )
@@ -510,6 +518,7 @@ class FleetProtocol:
             # unknown to us even if the store has forgotten the record. It stays the spender's
             # to resolve (its abort, its next spend, or a newer set), so it is not added to
             # our own unknown spends: those are never forgiven.
+            self._unknown_foreign.add(refresh_fp)
             return OutcomeUnknown(
                 "another replica spent this refresh token with no known outcome", refresh_fp
             )

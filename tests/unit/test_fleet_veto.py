@@ -95,9 +95,9 @@ async def test_a_spenders_next_spend_resolves_its_earlier_one() -> None:
     assert not heard.must_veto(_notice("spend", "r2", token))
 
 
-async def test_another_replicas_spend_in_flight_does_not_mark_the_token_lost() -> None:
-    """Meeting another replica's unresolved spend answers outcome-unknown for now, and the
-    token is spendable again once that spend is aborted."""
+async def test_another_replicas_unresolved_spend_is_forgiven_when_its_spender_resolves_it() -> None:
+    """Holding the lease over another replica's unresolved spend answers outcome-unknown (the
+    grant is at risk), and the token is spendable again once that spender's abort arrives."""
     clock = FakeClock()
     store = MemoryStore(clock)
     token = _grant(clock)
@@ -110,6 +110,8 @@ async def test_another_replicas_spend_in_flight_does_not_mark_the_token_lost() -
 
     first = await waiting.refresh(fetch, is_due=lambda _: True, servable_left=0.0)
     assert isinstance(first, OutcomeUnknown)
-    assert not waiting.outcome_unknown(token)
+    assert waiting.outcome_unknown(token)
+    assert isinstance(waiting._spend_blocked(token), OutcomeUnknown)
     waiting.on_notice(_notice("abort", "r1", token))
+    assert not waiting.outcome_unknown(token)
     assert waiting._spend_blocked(token) is None
