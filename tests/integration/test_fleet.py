@@ -1,4 +1,5 @@
-"""Many replicas, one Redis: one refresh per lifetime for the fleet, outages and dead lease holders."""
+"""Many replicas, one Redis: outages and dead lease holders (the fleet's pace against one broker
+is tests/integration/test_fleet_pace.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from tests.support.redis_server import RedisServer
 pytestmark = pytest.mark.integration
 
 LIFETIME = 3.0
-LIFETIMES = 8
 
 
 async def stored_token_expiry(files: BrokerFiles, redis_url: str) -> tuple[str, float] | None:
@@ -42,41 +42,6 @@ async def stored_token_expiry(files: BrokerFiles, redis_url: str) -> tuple[str, 
     return (token.access_token, token.expires_at) if token else None
 
 
-class TestOneRefreshPerLifetime:
-    async def test_five_replicas_make_no_more_requests_than_one_broker(
-        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
-    ) -> None:
-        """Over 8 lifetimes, 5 replicas ask the server at most 1.25x what one broker asks."""
-        oauth_server.lifetime = LIFETIME
-        seconds = LIFETIME * LIFETIMES
-
-        single = Fleet(tmp_path / "single", oauth_server.token_url, redis_server.url, 1)
-        try:
-            await single.start()
-            start = oauth_server.count()
-            single_stats = await single.poll(oauth_server, seconds)
-            single_requests = oauth_server.count() - start
-        finally:
-            single.stop()
-
-        fleet = Fleet(tmp_path / "fleet", oauth_server.token_url, redis_server.url, 5)
-        try:
-            await fleet.start()
-            start = oauth_server.count()
-            stats = await fleet.poll(oauth_server, seconds)
-            fleet_requests = oauth_server.count() - start
-        finally:
-            fleet.stop()
-        assert single_stats.expired == 0
-        assert stats.expired == 0, "a replica served an expired token"
-        assert stats.server_errors == 0
-        assert stats.unavailable == 0
-        assert single_requests >= LIFETIMES
-        assert fleet_requests <= 1.25 * single_requests, (fleet_requests, single_requests)
-        assert oauth_server.count() == oauth_server.successes()
-
-
-@pytest.mark.faults
 class TestRedisOutage:
     async def test_replicas_serve_through_an_outage_and_catch_the_store_up(
         self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
