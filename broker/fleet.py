@@ -178,10 +178,10 @@ class FleetProtocol:
         # Consecutive failures of the fleet, as the last shared failure record counted them.
         self.shared_failures = 0
         self._shared_failure_seen = False
-        # Refresh tokens another replica announced it is spending (fingerprint → monotonic
-        # time of the notice, and the spender), until a newer set or an abort resolves them.
-        self._foreign_spends: dict[str, float] = {}
-        self._foreign_spenders: dict[str, str | None] = {}
+        # Refresh tokens another replica sent: fingerprint → (monotonic time of the first
+        # `sent` notice, the spender; None once a second replica sent it too), until a newer
+        # set, an abort or the spender's own next spend resolves them.
+        self._foreign_spends: dict[str, tuple[float, str | None]] = {}
         # Refresh tokens whose spend has an unknown outcome: never presented again.
         self._unknown: set[str] = set()
         # Refresh tokens another replica sent whose spend we found unresolved when we held the
@@ -208,18 +208,24 @@ class FleetProtocol:
             self.note_rank(notice.rank)
         if notice.refresh_fp is None or notice.owner == self._owner:
             return
+        fp = notice.refresh_fp
         if notice.kind == "sent":
-            self._foreign_spends.setdefault(notice.refresh_fp, self._clock.monotonic())
-            self._foreign_spenders[notice.refresh_fp] = notice.owner
-        elif notice.kind == "abort" or (
-            notice.kind == "spend" and self._foreign_spenders.get(notice.refresh_fp) == notice.owner
-        ):
+            first = self._foreign_spends.get(fp)
+            if first is None:
+                self._foreign_spends[fp] = (self._clock.monotonic(), notice.owner)
+            elif first[1] != notice.owner:
+                self._foreign_spends[fp] = (first[0], None)  # no one spender can resolve it
+        elif notice.kind == "abort" or self._respends_own(notice):
             # Ended without effect; or its spender spends it again, which it does only when it
             # knows its last spend ended without effect (a restart gets a new owner name): the
             # abort notice was lost, e.g. its record was gone after a store rollback.
-            self._foreign_spends.pop(notice.refresh_fp, None)
-            self._foreign_spenders.pop(notice.refresh_fp, None)
-            self._unknown_foreign.discard(notice.refresh_fp)
+            self._foreign_spends.pop(fp, None)
+            self._unknown_foreign.discard(fp)
+
+    def _respends_own(self, notice: Notice) -> bool:
+        """`notice` announces a spend by the one replica that sent this token before."""
+        spend = self._foreign_spends.get(notice.refresh_fp or "")
+        return notice.kind == "spend" and spend is not None and spend[1] == notice.owner
 
     def must_veto(self, notice: Notice) -> bool:
         """True when `notice` announces a spend of a refresh token whose earlier spend this
@@ -230,10 +236,7 @@ class FleetProtocol:
             and notice.refresh_fp is not None
             and (
                 notice.refresh_fp in self._unknown
-                or (
-                    notice.refresh_fp in self._foreign_spends
-                    and self._foreign_spenders.get(notice.refresh_fp) != notice.owner
-                )
+                or (notice.refresh_fp in self._foreign_spends and not self._respends_own(notice))
             )
         )
 
@@ -248,7 +251,6 @@ class FleetProtocol:
         """A set of `token`'s rank or newer is ours now: older spends no longer matter."""
         keep = token.refresh_fingerprint
         self._foreign_spends = {k: v for k, v in self._foreign_spends.items() if k == keep}
-        self._foreign_spenders = {k: v for k, v in self._foreign_spenders.items() if k == keep}
         self._unknown = {k for k in self._unknown if k == keep}
         self._unknown_foreign = {k for k in self._unknown_foreign if k == keep}
         self._retried = {k for k in self._retried if k == keep}
@@ -460,7 +462,8 @@ class FleetProtocol:
         """
         if self._retry_window() <= 0 or refresh_fp in self._retried:
             return False
-        sent = self._sent_at.get(refresh_fp, self._foreign_spends.get(refresh_fp))
+        foreign = self._foreign_spends.get(refresh_fp)
+        sent = self._sent_at.get(refresh_fp, foreign[0] if foreign is not None else None)
         if sent is None:
             return True  # known only from the store's record, which carries its own time
         return self._clock.monotonic() - sent < self._retry_window()

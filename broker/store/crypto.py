@@ -16,23 +16,16 @@ import base64
 import binascii
 import hashlib
 import os
-import sys
 from pathlib import Path
 
+from broker import import_without
 from broker.errors import ConfigError
 
 # PyCryptodome reaches its C code through cffi wherever cffi is installed (cryptography installs
 # it), and then parses C declarations with pycparser at import: 2.6 MiB and ~20 ms, where
-# ctypes takes 1.3 MiB and ~5 ms. cffi is hidden while PyCryptodome picks its backend (as
-# broker/__init__.py hides rich from structlog); afterwards it imports normally for others.
-_HIDE_CFFI = "cffi" not in sys.modules
-if _HIDE_CFFI:
-    sys.modules["cffi"] = None  # type: ignore[assignment]
-try:
-    from Cryptodome.Cipher import AES
-finally:
-    if _HIDE_CFFI:
-        del sys.modules["cffi"]
+# ctypes takes 1.3 MiB and ~5 ms. cffi is hidden while PyCryptodome picks its backend.
+import_without("Cryptodome.Cipher.AES", hidden="cffi")
+from Cryptodome.Cipher import AES  # noqa: E402
 
 FORMAT_VERSION = 1
 NONCE_BYTES = 12

@@ -115,3 +115,17 @@ async def test_another_replicas_unresolved_spend_is_forgiven_when_its_spender_re
     waiting.on_notice(_notice("abort", "r1", token))
     assert not waiting.outcome_unknown(token)
     assert waiting._spend_blocked(token) is None
+
+
+async def test_a_token_sent_by_two_replicas_is_resolved_by_neither_ones_next_spend() -> None:
+    """Once two replicas sent the same token (a grace-window retry), neither one's next spend
+    proves the other's ended without effect: it is vetoed."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    token = _grant(clock)
+    heard = _protocol(store, clock, "r0", token)
+    heard.on_notice(_notice("sent", "r1", token))
+    heard.on_notice(_notice("sent", "r2", token))
+
+    assert heard.must_veto(_notice("spend", "r1", token))
+    assert heard.must_veto(_notice("spend", "r2", token))
