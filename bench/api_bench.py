@@ -34,11 +34,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.procs import (
+    DEMO_CLIENT_KEY,
+    DEMO_SECRET,
     REPO,
     cpu_seconds,
     free_port,
@@ -46,11 +46,12 @@ from bench.procs import (
     stop,
     wait_port,
     wait_ready,
+    write_demo_config,
 )
 
 LOAD_CORE = "0"
 SERVER_CORE = "1"
-CLIENT_KEY = "bench-client-key-" + "k" * 32
+CLIENT_KEY = DEMO_CLIENT_KEY
 
 BARE_SERVER = textwrap.dedent(
     """
@@ -135,23 +136,8 @@ def start_broker(
     and its token URL."""
     directory = workdir / (name or f"broker-{loop}")
     directory.mkdir()
-    (directory / "secret").write_text("bench-secret-0123456789abcdef")
-    (directory / "client.key").write_text(CLIENT_KEY)
     api, metrics = free_port(), free_port()
-    config = {
-        "server": {"listen": f"127.0.0.1:{api}", "metrics_listen": f"127.0.0.1:{metrics}"},
-        "store": {"url": "memory://"},
-        "apps": {
-            "demo": {
-                "token_url": f"http://127.0.0.1:{oauth_port}/token",
-                "client_id": "bench",
-                "client_secret_file": "secret",
-                "scopes": ["demo.read"],
-            }
-        },
-        "clients": {"svc": {"key_file": "client.key", "apps": ["demo"]}},
-    }
-    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    write_demo_config(directory, oauth_port, f"127.0.0.1:{api}", f"127.0.0.1:{metrics}")
     env = {**os.environ, "PYTHONPATH": str(tree), "TOKEN_BROKER_EVENT_LOOP": loop}
     proc = subprocess.Popen(
         pinned([sys.executable, "-m", "broker", "serve", "--config", "config.yaml"]),
@@ -244,7 +230,7 @@ def main() -> int:
     loops = ["asyncio", "uvloop"] if has_uvloop() else ["asyncio"]
     servers: list[Server] = []
     oauth_port = free_port()
-    oauth = start_oauth_child(oauth_port, "bench", "bench-secret-0123456789abcdef", 3600)
+    oauth = start_oauth_child(oauth_port, "bench", DEMO_SECRET, 3600)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             size = 0

@@ -25,18 +25,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.procs import free_port, start_oauth_child, stop
+from bench.procs import (
+    DEMO_CLIENT_KEY,
+    DEMO_SECRET,
+    free_port,
+    start_oauth_child,
+    stop,
+    write_demo_config,
+)
 from broker.api import build_api_server
 from broker.app import build_broker
 from broker.config import load_config
 
-CLIENT_KEY = "bench-client-key-" + "k" * 32
-SECRET = "bench-secret-0123456789abcdef"
+CLIENT_KEY = DEMO_CLIENT_KEY
 TOKEN_HEADERS = {
     "Cache-Control": "no-store",
     "Pragma": "no-cache",
@@ -121,23 +126,8 @@ async def bare_server(size: int) -> tuple[web.AppRunner, web.Server]:
 async def run(args: argparse.Namespace, oauth_port: int) -> int:
     """Build the broker from a memory:// config, then alternate the two servers."""
     directory = Path(tempfile.mkdtemp(prefix="api-inprocess-"))
-    (directory / "secret").write_text(SECRET)
-    (directory / "client.key").write_text(CLIENT_KEY)
-    config = {
-        "server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
-        "store": {"url": "memory://"},
-        "apps": {
-            "demo": {
-                "token_url": f"http://127.0.0.1:{oauth_port}/token",
-                "client_id": "bench",
-                "client_secret_file": "secret",
-                "scopes": ["demo.read"],
-            }
-        },
-        "clients": {"svc": {"key_file": "client.key", "apps": ["demo"]}},
-    }
-    (directory / "config.yaml").write_text(yaml.safe_dump(config))
-    broker = await build_broker(load_config(directory / "config.yaml"))
+    config = write_demo_config(directory, oauth_port, "127.0.0.1:0", "127.0.0.1:0")
+    broker = await build_broker(load_config(config))
     try:
         await broker.core.refreshers["demo"].get()
         server = build_api_server(
@@ -186,7 +176,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("TOKEN_BROKER_LOG_LEVEL", "WARNING")
     oauth_port = free_port()
-    oauth = start_oauth_child(oauth_port, "bench", SECRET, 3600)
+    oauth = start_oauth_child(oauth_port, "bench", DEMO_SECRET, 3600)
     try:
         return asyncio.run(run(args, oauth_port))
     finally:

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -116,3 +118,30 @@ def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=timeout)
+
+
+DEMO_CLIENT_KEY = "bench-client-key-" + "k" * 32
+DEMO_SECRET = "bench-secret-0123456789abcdef"  # client `bench`'s secret at the OAuth child
+
+
+def write_demo_config(directory: Path, oauth_port: int, listen: str, metrics_listen: str) -> Path:
+    """A broker directory with one client-credentials app `demo` on memory:// for client `svc`
+    (key DEMO_CLIENT_KEY); returns its config file."""
+    (directory / "secret").write_text(DEMO_SECRET)
+    (directory / "client.key").write_text(DEMO_CLIENT_KEY)
+    config = {
+        "server": {"listen": listen, "metrics_listen": metrics_listen},
+        "store": {"url": "memory://"},
+        "apps": {
+            "demo": {
+                "token_url": f"http://127.0.0.1:{oauth_port}/token",
+                "client_id": "bench",
+                "client_secret_file": "secret",
+                "scopes": ["demo.read"],
+            }
+        },
+        "clients": {"svc": {"key_file": "client.key", "apps": ["demo"]}},
+    }
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
