@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.fake_clock import FakeClock
 from tests.support.redis_server import RedisServer, chosen_redis_server
+from tests.support.redis_topologies import RedisCluster, RedisSentinel
 
 # leftovers: a test (or the session) that leaves a process or a listening port behind fails.
 pytest_plugins = [
@@ -34,6 +35,28 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A three-master Redis Cluster."""
+    c = RedisCluster(tmp_path / "cluster")
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Iterator[RedisSentinel]:
+    """A master watched by one Sentinel."""
+    s = RedisSentinel(tmp_path / "sentinel")
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -71,28 +70,6 @@ async def load_everything(store: RedisStore) -> None:
     results = await asyncio.gather(*(store.load(app) for app in APPS), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     assert errors == []
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
-    """A three-master Redis Cluster."""
-    c = RedisCluster(tmp_path / "cluster")
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-def sentinel(tmp_path: Path) -> Iterator[RedisSentinel]:
-    """A master watched by one Sentinel."""
-    s = RedisSentinel(tmp_path / "sentinel")
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 class TestStandalone:

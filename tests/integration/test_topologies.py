@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,26 +11,6 @@ from tests.support.oauth_server import OAuthTestServer
 from tests.support.redis_topologies import RedisCluster, RedisSentinel
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
-    c = RedisCluster(tmp_path / "cluster")
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-def sentinel(tmp_path: Path) -> Iterator[RedisSentinel]:
-    s = RedisSentinel(tmp_path / "sentinel")
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 class TestCluster:
