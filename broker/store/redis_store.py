@@ -601,7 +601,7 @@ def redis_client(
         )
     if scheme == "redis+sentinel":
         parsed = _multi_host_url(url)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(
             parsed.hosts,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
