@@ -1,7 +1,7 @@
 .PHONY: check test install
 
 install:
-	python -m pip install -e '.[dev]'
+	scripts/install dev
 
 check:
 	scripts/check

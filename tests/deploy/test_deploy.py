@@ -113,13 +113,56 @@ class TestImage:
         assert "USER 65532:65532" in text
         assert 'ENTRYPOINT ["token-broker"]' in text
         assert 'CMD ["serve"' in text
-        assert re.search(r"FROM python:\d+\.\d+\.\d+-slim", text)
 
-    def test_installs_the_fast_extra(self) -> None:
-        """The image's pip install takes the `fast` extra, so the broker serves under uvloop."""
+    def test_base_image_is_pinned_by_digest(self) -> None:
+        """Every stage starts from one base, an exact slim tag pinned by its sha256 digest."""
         text = (ROOT / "Dockerfile").read_text()
-        installs = re.findall(r"^RUN .*pip install .*$", text, flags=re.MULTILINE)
-        assert installs and all("'.[fast]'" in line for line in installs), installs
+        base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, flags=re.MULTILINE)
+        assert base, "the base image is one ARG every FROM uses"
+        assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+@sha256:[0-9a-f]{64}", base.group(1))
+        froms = re.findall(r"^FROM (\S+)", text, flags=re.MULTILINE)
+        assert froms and all(f == "${PYTHON_IMAGE}" for f in froms), froms
+
+    def test_installs_only_from_the_hashed_runtime_lock(self) -> None:
+        """Every pip install in the image reads a lock with --require-hashes (the runtime lock,
+        with uvloop, the `fast` extra), or installs the broker's own wheel without dependencies;
+        nothing is built from source or resolved on the day."""
+        text = (ROOT / "Dockerfile").read_text()
+        commands = re.findall(r"^RUN (.*?)(?<!\\)$", text, flags=re.MULTILINE | re.DOTALL)
+        installs = [
+            part.replace("\\\n", " ")
+            for command in commands
+            for part in command.split("&&")
+            if "pip" in part and " install " in part
+        ]
+        assert len(installs) == 3, installs
+        for install in installs:
+            assert "--no-deps" in install, install
+            if "-r requirements/" in install:
+                assert "--require-hashes" in install, install
+            else:
+                assert re.search(r"/wheels/token_broker-\*\.whl", install), install
+        assert any(
+            "-r requirements/runtime.txt" in i and "--only-binary :all:" in i for i in installs
+        )
+        assert any("-r requirements/build.txt" in i for i in installs)
+        assert "uvloop==" in (ROOT / "requirements" / "runtime.txt").read_text()
+        assert "'.[" not in text, "the image installs the lock, not the project's ranges"
+
+    def test_build_is_reproducible(self) -> None:
+        """SOURCE_DATE_EPOCH reaches the build, pip keeps no cache layer, and bytecode is
+        compiled with hash-based invalidation (no file times in the .pyc files)."""
+        text = (ROOT / "Dockerfile").read_text()
+        assert re.search(r"^ARG SOURCE_DATE_EPOCH", text, flags=re.MULTILINE)
+        assert "SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH}" in text
+        assert "PIP_NO_CACHE_DIR=1" in text
+        assert "--invalidation-mode unchecked-hash" in text
+        assert "apt-get" not in text
+
+    def test_the_locks_the_image_reads_are_in_the_build_context(self) -> None:
+        """.dockerignore keeps requirements/ in the build context."""
+        ignored = (ROOT / ".dockerignore").read_text().split()
+        assert not any(p.strip("/*") in {"requirements", "requirements/*.txt"} for p in ignored)
 
 
 class TestPlainManifests:
