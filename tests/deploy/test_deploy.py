@@ -63,6 +63,22 @@ def render_chart(values: dict[str, Any] | None = None) -> dict[str, str]:
     return rendered
 
 
+# The example workload is off by default and the Prometheus operator's resources render only
+# where their CRDs are known (never in an offline render) unless forced: the tests that check
+# the workload's pod or the PrometheusRule turn both on.
+WITH_EXAMPLE: dict[str, Any] = {
+    "workload": {"enabled": True},
+    "podMonitor": {"force": True},
+    "prometheusRule": {"force": True},
+}
+
+
+def with_example(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`values` with the example workload and the monitoring resources turned on."""
+    merged: dict[str, Any] = _merge(WITH_EXAMPLE, values or {})
+    return merged
+
+
 def chart_docs(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The chart's rendered manifests (NOTES.txt left out)."""
     rendered = render_chart(values)
@@ -339,7 +355,7 @@ class TestChart:
     def test_renders_and_validates(self, tmp_path: Path, values_file: str | None) -> None:
         """Default, example and TCP-mode values render to manifests that validate (strict)."""
         values = yaml.safe_load((CHART / values_file).read_text()) if values_file else None
-        rendered = render_chart(values)
+        rendered = render_chart(with_example(values))
         docs = [
             d for name, text in rendered.items() if name.endswith(".yaml") for d in documents(text)
         ]
@@ -354,7 +370,7 @@ class TestChart:
     def test_recommended_mode_is_the_socket_with_mapped_uids(self, values_file: str | None) -> None:
         """Default and example values: the socket in an emptyDir, the workload a mapped uid."""
         values = yaml.safe_load((CHART / values_file).read_text()) if values_file else None
-        docs = chart_docs(values)
+        docs = chart_docs(with_example(values))
         configmap = next(d for d in docs if d["kind"] == "ConfigMap")
         pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
         check_socket_mode(pod, configmap["data"]["config.yaml"])
@@ -388,7 +404,7 @@ class TestChart:
         """The workload's grace period outlasts the drain; the schema refuses a shorter one."""
         import helm_python as helm
 
-        docs = chart_docs()
+        docs = chart_docs(with_example())
         deployment = next(d for d in docs if d["kind"] == "Deployment")
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= (
             drain_bound()
@@ -413,6 +429,254 @@ class TestChart:
     def test_chart_rules_copy_equals_the_plain_rules_file(self) -> None:
         """The chart's copy of the rules is the same file."""
         assert (CHART / "files" / "token-broker-rules.yaml").read_text() == RULES.read_text()
+
+
+PARENT_DEPLOYMENT = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ .Release.Name }}-shop
+spec:
+  replicas: 1
+  selector:
+    matchLabels:
+      app.kubernetes.io/name: shop
+  template:
+    metadata:
+      labels:
+        app.kubernetes.io/name: shop
+        token-broker.io/sidecar: "true"
+    spec:
+      automountServiceAccountToken: false
+      securityContext:
+        {{- include "token-broker.podSecurityContext" (dict "chartValues" .Values.tokenBroker "context" $) | nindent 8 }}
+      initContainers:
+        {{- include "token-broker.sidecar" (dict "chartValues" .Values.tokenBroker "context" $) | nindent 8 }}
+      containers:
+        - name: shop
+          image: ghcr.io/example/shop:1.0.0
+          env:
+            - name: TOKEN_BROKER_URL
+              value: {{ .Values.tokenBroker.config.server.listen }}
+          securityContext:
+            runAsNonRoot: true
+            runAsUser: 10001
+            runAsGroup: 10001
+            readOnlyRootFilesystem: true
+            allowPrivilegeEscalation: false
+            capabilities:
+              drop: ["ALL"]
+            seccompProfile:
+              type: RuntimeDefault
+          volumeMounts:
+            {{- include "token-broker.callerMount" (dict "chartValues" .Values.tokenBroker "context" $) | nindent 12 }}
+      volumes:
+        {{- include "token-broker.volumes" (dict "chartValues" .Values.tokenBroker "context" $) | nindent 8 }}
+"""
+
+# The parent's values: what Helm passes to any dependency (global) and some of this chart's.
+PARENT_VALUES: dict[str, Any] = {
+    "global": {"imageRegistry": "registry.example.com", "storageClass": "fast"},
+    "tokenBroker": {"image": {"tag": "0.1.0-parent"}, "podMonitor": {"force": True}},
+}
+
+
+def parent_chart(root: Path, deployment: str | None = None) -> Path:
+    """A parent chart in `root` with this chart as its dependency `tokenBroker` (an alias) in
+    charts/, and, when given, a Deployment template of its own."""
+    parent = root / "shop"
+    (parent / "templates").mkdir(parents=True)
+    shutil.copytree(CHART, parent / "charts" / "token-broker")
+    chart = {
+        "apiVersion": "v2",
+        "name": "shop",
+        "version": "1.0.0",
+        "description": "A parent chart with token-broker as a dependency.",
+        "icon": "https://example.com/icon.png",
+        "dependencies": [
+            {
+                "name": "token-broker",
+                "version": "0.1.0",
+                "repository": "file://charts/token-broker",
+                "alias": "tokenBroker",
+            }
+        ],
+    }
+    (parent / "Chart.yaml").write_text(yaml.safe_dump(chart))
+    (parent / "values.yaml").write_text(yaml.safe_dump(PARENT_VALUES))
+    if deployment is not None:
+        (parent / "templates" / "deployment.yaml").write_text(deployment)
+    return parent
+
+
+def render_parent(parent: Path, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    import helm_python as helm
+
+    chart = helm.Chart.load(str(parent))
+    rendered: dict[str, str] = chart.render(values or {}, name="demo", namespace="shop")
+    return [d for name, text in rendered.items() if name.endswith(".yaml") for d in documents(text)]
+
+
+class TestChartAsDependency:
+    def test_renders_and_lints_as_a_dependency_with_global_values(self, tmp_path: Path) -> None:
+        """A parent chart passes `global` to this chart: its schema admits it, the parent
+        renders (and lints strict, subcharts included) to manifests that validate."""
+        import helm_python as helm
+
+        parent = parent_chart(tmp_path)
+        docs = render_parent(parent)
+        validate(docs, tmp_path)
+        names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        assert ("ConfigMap", "demo-token-broker-config") in names
+        assert ("PodMonitor", "demo-token-broker") in names
+        report = helm.lint(str(parent), strict=True, with_subcharts=True)
+        assert report["errors"] == []
+        assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+    def test_schema_admits_global_but_only_an_object(self) -> None:
+        """`global` is admitted at the top of the values (an object), nothing else new is."""
+        import helm_python as helm
+
+        render_chart({"global": {"imageRegistry": "registry.example.com"}})
+        with pytest.raises(helm.HelmError):
+            render_chart({"global": "registry.example.com"})
+
+    def test_a_parent_deployment_includes_the_sidecar(self, tmp_path: Path) -> None:
+        """The parent's own Deployment includes the helpers with the Bitnami idiom
+        (dict "chartValues" .Values.tokenBroker "context" $): it renders, validates, and its
+        sidecar, socket and volumes are this chart's (the parent's values say the image)."""
+        docs = render_parent(parent_chart(tmp_path, PARENT_DEPLOYMENT))
+        validate(docs, tmp_path)
+        deployment = next(d for d in docs if d["metadata"]["name"] == "demo-shop")
+        pod = deployment["spec"]["template"]["spec"]
+        check_pod(pod)
+        configmap = next(d for d in docs if d["metadata"]["name"] == "demo-token-broker-config")
+        check_socket_mode(pod, configmap["data"]["config.yaml"])
+        sidecar = next(c for c in pod["initContainers"] if c["name"] == "token-broker")
+        assert sidecar["image"] == "ghcr.io/example/token-broker:0.1.0-parent"
+        secrets = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+        assert set(pod_mounts(pod)) <= secrets
+        assert {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v} == {
+            "demo-token-broker-config"
+        }
+
+    def test_the_parent_context_is_refused_with_a_hint(self, tmp_path: Path) -> None:
+        """Passing the parent's own `.` fails with the idiom to use, not a nil pointer."""
+        import helm_python as helm
+
+        parent = parent_chart(
+            tmp_path,
+            PARENT_DEPLOYMENT.replace('(dict "chartValues" .Values.tokenBroker "context" $)', "."),
+        )
+        with pytest.raises(helm.HelmError, match="chartValues"):
+            render_parent(parent)
+
+
+class TestChartOptions:
+    def test_no_example_workload_by_default(self) -> None:
+        """The example workload is off by default; when on it is named <release>-<name>."""
+        assert not any(d["kind"] == "Deployment" for d in chart_docs())
+        docs = chart_docs({"workload": {"enabled": True}})
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        assert deployment["metadata"]["name"] == "demo-billing"
+
+    def test_monitoring_needs_its_crds_or_force(self, tmp_path: Path) -> None:
+        """PodMonitor and PrometheusRule render only when monitoring.coreos.com/v1 is known
+        (an offline render knows only built-in APIs) or when forced; enabled: false wins."""
+        kinds = {d["kind"] for d in chart_docs()}
+        assert not kinds & CRD_KINDS
+        forced = {"podMonitor": {"force": True}, "prometheusRule": {"force": True}}
+        assert {d["kind"] for d in chart_docs(forced)} >= CRD_KINDS
+        off = _merge(
+            forced, {"podMonitor": {"enabled": False}, "prometheusRule": {"enabled": False}}
+        )
+        assert not {d["kind"] for d in chart_docs(off)} & CRD_KINDS
+        template = (CHART / "templates" / "monitoring.yaml").read_text()
+        assert '.Capabilities.APIVersions.Has "monitoring.coreos.com/v1"' in template
+
+    @pytest.mark.parametrize(
+        "values",
+        [
+            {"podMonitor": {"intervall": "30s"}},
+            {"prometheusRule": {"label": {"release": "prometheus"}}},
+            {"workload": {"replica": 3}},
+            {"redis": {"storag": "1Gi"}},
+            {"networkPolicy": {"enable": True}},
+            {"secrets": {"storekey": "x"}},
+            {"resources": {"limit": {"memory": "1Gi"}}},
+        ],
+    )
+    def test_nested_objects_refuse_unknown_keys(self, values: dict[str, Any]) -> None:
+        """A misspelt key inside a values object fails lint (and rendering)."""
+        import helm_python as helm
+
+        report = helm.lint(str(CHART), values, strict=True)
+        assert report["errors"], report
+        with pytest.raises(helm.HelmError):
+            render_chart(values)
+
+    def test_network_policy_is_off_by_default_and_admits_the_workload_ports(
+        self, tmp_path: Path
+    ) -> None:
+        """The policy on the sidecar pods (which cuts off every port it does not admit) is off
+        by default; on, it admits Prometheus to 9411 and each rule of networkPolicy.ingress.
+        The Redis policy stays on by default."""
+        names = {d["metadata"]["name"] for d in chart_docs() if d["kind"] == "NetworkPolicy"}
+        assert names == {"demo-token-broker-redis"}
+        rule = {
+            "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "web"}}}],
+            "ports": [{"protocol": "TCP", "port": 8080}],
+        }
+        docs = chart_docs(with_example({"networkPolicy": {"enabled": True, "ingress": [rule]}}))
+        validate(docs, tmp_path)
+        policy = next(d for d in docs if d["metadata"]["name"] == "demo-token-broker-sidecar")
+        assert policy["spec"]["podSelector"]["matchLabels"] == {"token-broker.io/sidecar": "true"}
+        ingress = policy["spec"]["ingress"]
+        assert ingress[0]["ports"] == [{"protocol": "TCP", "port": 9411}]
+        assert ingress[1:] == [rule]
+        off = chart_docs({"redis": {"networkPolicy": {"enabled": False}}})
+        assert not any(d["kind"] == "NetworkPolicy" for d in off)
+
+    def test_pod_scheduling_and_pull_secret_values(self, tmp_path: Path) -> None:
+        """imagePullSecrets, tolerations and topologySpreadConstraints reach every pod the chart
+        renders; a spread constraint gets the pod's own labelSelector when it has none."""
+        toleration = {
+            "key": "dedicated",
+            "operator": "Equal",
+            "value": "shop",
+            "effect": "NoSchedule",
+        }
+        spread = {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "ScheduleAnyway",
+        }
+        values = with_example(
+            {
+                "imagePullSecrets": [{"name": "regcred"}],
+                "workload": {"tolerations": [toleration], "topologySpreadConstraints": [spread]},
+                "redis": {"tolerations": [toleration], "topologySpreadConstraints": [spread]},
+            }
+        )
+        docs = chart_docs(values)
+        validate(docs, tmp_path)
+        for kind in ("Deployment", "StatefulSet"):
+            workload = next(d for d in docs if d["kind"] == kind)
+            pod = workload["spec"]["template"]
+            assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+            assert pod["spec"]["tolerations"] == [toleration]
+            [constraint] = pod["spec"]["topologySpreadConstraints"]
+            assert constraint == {**spread, "labelSelector": constraint["labelSelector"]}
+            selector = constraint["labelSelector"]["matchLabels"]
+            assert selector.items() <= pod["metadata"]["labels"].items()
+            assert selector == workload["spec"]["selector"]["matchLabels"]
+        plain = chart_docs(with_example())
+        for d in plain:
+            if d["kind"] in ("Deployment", "StatefulSet"):
+                spec = d["spec"]["template"]["spec"]
+                assert not {"imagePullSecrets", "tolerations", "topologySpreadConstraints"} & set(
+                    spec
+                )
 
 
 class TestAlerts:
@@ -589,7 +853,7 @@ def chart_config(root: Path, values: dict[str, Any] | None = None) -> Path:
     """The chart's rendered config, with its Secrets' files written where the pod mounts them."""
     docs = [
         d
-        for name, text in render_chart(values).items()
+        for name, text in render_chart(with_example(values)).items()
         if name.endswith(".yaml")
         for d in documents(text)
     ]

@@ -1,6 +1,35 @@
+{{/*
+Every helper below that a Deployment includes takes one argument, either
+- the chart's own root context (`.`), as this chart's templates pass it, or
+- from a parent chart that has this chart as a dependency, the Bitnami common-chart idiom: the
+  subchart's values and the parent's root context,
+    (dict "chartValues" .Values.tokenBroker "context" $)
+  (`tokenBroker` is the dependency's alias; without an alias: (index .Values "token-broker")).
+A parent's own `.` carries the parent's values, not this chart's: passing it fails.
+"token-broker.call" turns either into a context with this chart's .Values and calls `tpl`.
+*/}}
+{{- define "token-broker.call" -}}
+{{- $ctx := .ctx -}}
+{{- if and (kindIs "map" $ctx) (hasKey $ctx "chartValues") -}}
+{{- if not (hasKey $ctx "context") -}}
+{{- fail "token-broker helpers: pass (dict \"chartValues\" .Values.tokenBroker \"context\" $)" -}}
+{{- end -}}
+{{- $ctx = dict "Values" $ctx.chartValues "Release" $ctx.context.Release "Chart" $ctx.context.Chart "Capabilities" $ctx.context.Capabilities "Template" $ctx.context.Template -}}
+{{- end -}}
+{{- if not (and (kindIs "map" $ctx.Values) (hasKey $ctx.Values "image") (hasKey $ctx.Values "config")) -}}
+{{- fail "token-broker helpers: these values are not token-broker's; from a parent chart pass (dict \"chartValues\" .Values.tokenBroker \"context\" $)" -}}
+{{- end -}}
+{{- include .tpl $ctx -}}
+{{- end -}}
+
 {{/* Names and labels. */}}
 {{- define "token-broker.fullname" -}}
 {{- printf "%s-token-broker" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The example workload's Deployment: <release>-<workload.name>. */}}
+{{- define "token-broker.workloadName" -}}
+{{- printf "%s-%s" .Release.Name .Values.workload.name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "token-broker.labels" -}}
@@ -44,6 +73,10 @@ true
 
 {{/* The broker config, with secret file paths filled in. */}}
 {{- define "token-broker.config" -}}
+{{- include "token-broker.call" (dict "tpl" "token-broker.config.body" "ctx" .) -}}
+{{- end -}}
+
+{{- define "token-broker.config.body" -}}
 {{- $server := .Values.config.server }}
 {{- if not (include "token-broker.socketMode" .) }}
 {{- /* The chart's socket defaults do not apply to a TCP listen address. */}}
@@ -87,6 +120,10 @@ The sidecar: include it under `initContainers:` of your own pod spec (a native s
 Kubernetes >= 1.29), and "token-broker.volumes" under `volumes:`.
 */}}
 {{- define "token-broker.sidecar" -}}
+{{- include "token-broker.call" (dict "tpl" "token-broker.sidecar.body" "ctx" .) -}}
+{{- end -}}
+
+{{- define "token-broker.sidecar.body" -}}
 - name: token-broker
   image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
   imagePullPolicy: {{ .Values.image.pullPolicy }}
@@ -156,12 +193,20 @@ reads token files) there; read-only still lets it connect. Run that container as
 (securityContext.runAsUser) and list the uid in its client's `uids`.
 */}}
 {{- define "token-broker.callerMount" -}}
+{{- include "token-broker.call" (dict "tpl" "token-broker.callerMount.body" "ctx" .) -}}
+{{- end -}}
+
+{{- define "token-broker.callerMount.body" -}}
 - name: token-broker-run
   mountPath: {{ include "token-broker.runDir" . }}
   readOnly: true
 {{- end -}}
 
 {{- define "token-broker.volumes" -}}
+{{- include "token-broker.call" (dict "tpl" "token-broker.volumes.body" "ctx" .) -}}
+{{- end -}}
+
+{{- define "token-broker.volumes.body" -}}
 {{- $full := include "token-broker.fullname" . -}}
 - name: token-broker-config
   configMap:
@@ -196,6 +241,10 @@ reads token files) there; read-only still lets it connect. Run that container as
 {{- end -}}
 
 {{- define "token-broker.podSecurityContext" -}}
+{{- include "token-broker.call" (dict "tpl" "token-broker.podSecurityContext.body" "ctx" .) -}}
+{{- end -}}
+
+{{- define "token-broker.podSecurityContext.body" -}}
 runAsNonRoot: true
 runAsUser: 65532
 runAsGroup: 65532
