@@ -10,6 +10,7 @@ import pytest
 
 from broker.model import RefreshPolicy
 from tests.support.authorization import ac_app
+from tests.support.broker_process import DEFAULT_REFRESH
 from tests.support.fleet import (
     FleetStats,
     RunSpec,
@@ -29,12 +30,14 @@ def served_no_expired(*stats: FleetStats) -> None:
         assert s.server_errors == 0
 
 
-def refreshes_between(oauth: OAuthTestServer, since: float, until: float) -> list[float]:
-    """Times of the refresh-token requests received from `since` to `until`."""
+def refreshes_between(
+    oauth: OAuthTestServer, since: float, until: float, grant_type: str | None = "refresh_token"
+) -> list[float]:
+    """Times of the token requests (of `grant_type`, or any) received from `since` to `until`."""
     return [
         r.at
         for r in oauth.requests
-        if since <= r.at <= until and r.form.get("grant_type") == "refresh_token"
+        if since <= r.at <= until and grant_type in (None, r.form.get("grant_type"))
     ]
 
 
@@ -51,22 +54,29 @@ def grant_intact(oauth: OAuthTestServer) -> None:
 class TestFairWeather:
     async def test_eight_replicas_refresh_at_one_brokers_pace(self, tmp_path: Path) -> None:
         """Over 10 lifetimes, 8 replicas make at most 1.05x the token requests of one broker."""
+        # Measured net of the token-derived jitter, as the rotating test below: a raw rate over
+        # about 12 intervals carries the jitter drawn for each token (5 % either way), and CI
+        # once saw one broker and the fleet make 13 requests each yet differ by 5.2 % in raw
+        # rate. An extra request, or a replica refreshing before the shared due time, still
+        # shows in full in the paced rate.
         lifetime, lifetimes = 6.0, 10
         specs = [RunSpec("single", 1), RunSpec("fleet", 8)]
         async with side_by_side(tmp_path, lifetime, specs) as runs:
             single, fleet = runs["single"], runs["fleet"]
+            # One lifetime to settle: every replica has its first token.
+            await asyncio.gather(single.poll(lifetime, 0.25), fleet.poll(lifetime, 0.25))
             since = time.time()
             stats = await asyncio.gather(
                 single.poll(lifetime * lifetimes, 0.25), fleet.poll(lifetime * lifetimes, 0.25)
             )
-            single_times = requests_since(single.oauth, since)
-            fleet_times = requests_since(fleet.oauth, since)
+            until = time.time()
         served_no_expired(*stats)
         assert stats[1].unavailable == 0
-        single_rate = requests_per_lifetime(single_times, lifetime)
-        fleet_rate = requests_per_lifetime(fleet_times, lifetime)
-        figures = (fleet_rate, single_rate, len(fleet_times), len(single_times))
-        assert fleet_rate <= 1.05 * single_rate, figures
+        refresh = RefreshPolicy(**DEFAULT_REFRESH)
+        single_rate = paced_requests_per_lifetime(single.oauth, since, until, lifetime, refresh)
+        fleet_rate = paced_requests_per_lifetime(fleet.oauth, since, until, lifetime, refresh)
+        counts = [len(refreshes_between(run.oauth, since, until, None)) for run in runs.values()]
+        assert fleet_rate <= 1.05 * single_rate, (fleet_rate, single_rate, counts)
 
     async def test_five_replicas_rotate_a_refresh_token_at_one_brokers_pace(
         self, tmp_path: Path

@@ -29,6 +29,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CLIENT_KEY = "k" * 20 + "client-key-for-tests-0123456789"
 
 
+# The refresh policy of the default app: 1 s margins suit the few-second lifetimes of these tests.
+DEFAULT_REFRESH: Mapping[str, float] = {
+    "at_fraction": 0.75,
+    "min_remaining": 1,
+    "jitter": 0.05,
+    "safety_margin": 1,
+}
+
+
 @dataclass
 class BrokerFiles:
     """A config directory for one broker: config.yaml, secrets, client key, store key."""
@@ -58,12 +67,7 @@ class BrokerFiles:
                 "token_url": self.token_url,
                 "client_id": self.client_id,
                 "client_secret_file": "client_secret",
-                "refresh": {
-                    "at_fraction": 0.75,
-                    "min_remaining": 1,
-                    "jitter": 0.05,
-                    "safety_margin": 1,
-                },
+                "refresh": dict(DEFAULT_REFRESH),
                 **self.app_overrides,
             }
         }
