@@ -239,7 +239,7 @@ class FleetProtocol:
                 self._foreign_spends[fp] = (self._clock.monotonic(), notice.owner)
             elif first[1] != notice.owner:
                 self._foreign_spends[fp] = (first[0], None)  # no one spender can resolve it
-        elif notice.kind == "abort" or self._respends_own(notice):
+        elif (notice.kind == "abort" and not notice.retry_aborted) or self._respends_own(notice):
             # Ended without effect; or its spender spends it again, which it does only when it
             # knows its last spend ended without effect (a restart gets a new owner name): the
             # abort notice was lost, e.g. its record was gone after a store rollback.
@@ -256,6 +256,7 @@ class FleetProtocol:
         replica knows had no known outcome (the store must have forgotten it)."""
         return (
             notice.kind == "spend"
+            and not notice.retry  # the one grace retry the store granted from its own record
             and notice.owner != self._owner
             and notice.refresh_fp is not None
             and (
@@ -498,8 +499,14 @@ class FleetProtocol:
         return None
 
     def _retry_window(self) -> float:
-        """How long after a spend one retry is still inside the server's grace window."""
-        return max(0.0, self._grace - self.timing.max_attempt - self.timing.margin)
+        """How long after a spend one retry is still inside the server's grace window: the
+        window net of the longest objection window, the request budget and the round trips."""
+        t = self.timing
+        return max(0.0, self._grace - t.objection_idle - t.max_attempt - t.margin)
+
+    def may_retry(self, refresh_fp: str) -> bool:
+        """True when one grace retry of this unknown spend may still be started now."""
+        return self._may_retry(refresh_fp)
 
     def _may_retry(self, refresh_fp: str) -> bool:
         """Inside a declared reuse grace window, one retry of an unknown spend is allowed.

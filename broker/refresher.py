@@ -567,8 +567,11 @@ class AppRefresher:
             )
         # Nothing to request: look at the store again on the next turn, and no later than when
         # the token stops being servable, so that the state turns to needs_authorization then.
+        # A grace retry that is still allowed is tried at once: the window is short (H2).
         servable_left = self._servable_left()
         wait = min(MAX_SLEEP, max(LEASE_RETRY, servable_left)) if servable_left > 0 else MAX_SLEEP
+        if self.fleet.may_retry(outcome.refresh_fp):
+            wait = LEASE_RETRY
         self._next_attempt_at = self._clock.monotonic() + wait
 
     def _record_reuse(self, outcome: ReuseDetected, started: float) -> None:

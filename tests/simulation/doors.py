@@ -102,7 +102,77 @@ def h1_slow_answer_past_the_budget() -> Schedule:
     )
 
 
+def h3_aborted_grace_retry() -> Schedule:
+    """H3: on a grace server (30 s), a reply is lost after the server rotated; the one grace
+    retry is refused with 429 (the server did not act), and the 429s last past the grace
+    window. Then the pod is replaced (the new one remembers nothing): the store's record is all
+    that stops it spending the token as new, outside the window. One replica, so that no
+    bystander's memory (or veto) stands in for the record."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.lose_replies = 1.0
+        await until(world, lambda: server.presentations)
+        server.faults.lose_replies = 0.0
+        server.faults.status, server.faults.retry_after = 429, 5.0
+        sends = len(server.sends)
+        await until(world, lambda: len(server.sends) > sends)  # the grace retry, refused
+        await world.time.sleep(40.0)
+        server.faults.status, server.faults.retry_after = None, None
+        for index in range(len(world.replicas)):
+            await world.crash(index)
+            world.start_replica(index)
+
+    config = WorldConfig(replicas=1, lifetime=60.0, grace=30.0, offsets=[0.0])
+    return Schedule(
+        seed=20_003,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="h3_aborted_grace_retry",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def _lost_reply_on_a_long_lifetime(replicas: int) -> Schedule:
+    """H2: on a grace server (30 s) with 300 s tokens, one reply is lost after the server
+    rotated. The one retry inside the window keeps the grant, if it is made at once and no
+    bystander vetoes it (the spender used to look again only 30 s later, past the window)."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.lose_replies = 1.0
+        await until(world, lambda: server.presentations)
+        server.faults.lose_replies = 0.0
+
+    config = WorldConfig(replicas=replicas, lifetime=300.0, grace=30.0, offsets=[0.0] * replicas)
+    return Schedule(
+        seed=20_004,
+        config=config,
+        faults=(),
+        duration=2400.0,
+        name=f"h2_grace_retry_on_a_long_lifetime_{replicas}",
+        script=script,
+        script_heals_by=300.0,
+        must_keep_grant=True,
+    )
+
+
+def h2_grace_retry_on_a_long_lifetime_3() -> Schedule:
+    """H2 with bystanders: they must not veto the retry the store granted."""
+    return _lost_reply_on_a_long_lifetime(3)
+
+
+def h2_grace_retry_on_a_long_lifetime_1() -> Schedule:
+    """H2 alone: the spender itself must retry at once."""
+    return _lost_reply_on_a_long_lifetime(1)
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
+    "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
+    "h2_grace_retry_on_a_long_lifetime_1": h2_grace_retry_on_a_long_lifetime_1,
+    "h3_aborted_grace_retry": h3_aborted_grace_retry,
     "c1_replaced_pod_empty_restart_3": c1_replaced_pod_empty_restart_3,
     "c1_replaced_pod_empty_restart_2": c1_replaced_pod_empty_restart_2,
     "h1_slow_answer_past_the_budget": h1_slow_answer_past_the_budget,

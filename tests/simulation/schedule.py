@@ -76,6 +76,8 @@ class Schedule:
     name: str = ""
     script: Script | None = None
     script_heals_by: float = 0.0
+    # The grant could have been kept (a grace retry was possible): no loss is excused.
+    must_keep_grant: bool = False
 
     @property
     def fault_free(self) -> bool:
@@ -218,7 +220,9 @@ async def _run(schedule: Schedule) -> Result:
         await world.time.advance_to(world.time.now + 0.5)
     _finish(world, result, schedule)
     if script is not None:
-        if script.done() and script.exception() is not None:
+        if not script.done():
+            result.violations.append("script: the awaited moment never came (the door stayed shut)")
+        elif script.exception() is not None:
             result.violations.append(f"script failed: {script.exception()!r}")
         script.cancel()
         await asyncio.gather(script, return_exceptions=True)
@@ -343,8 +347,10 @@ def _check_recovery(world: World, result: Result, when: str) -> None:
     A grant lost to a reply the client itself gave up on (a slow answer it cancelled) is not
     excused: a longer wait would have kept it.
     """
-    if (_grant_lost(world) and _truly_lost_reply(world)) or (
-        world.server.revoked and _after_lost_reply(world)
+    excusable = not result.schedule.must_keep_grant
+    if excusable and (
+        (_grant_lost(world) and _truly_lost_reply(world))
+        or (world.server.revoked and _after_lost_reply(world))
     ):
         return
     if world.server.in_flight_when_cancelled and _announced(world):
@@ -412,6 +418,10 @@ def _finish(world: World, result: Result, schedule: Schedule) -> None:
         result.violations.append(
             f"invariant 3: {world.server.dropped_on_sigterm} refresh request(s) abandoned while "
             "draining for SIGTERM"
+        )
+    if schedule.must_keep_grant and (world.server.revoked or _grant_lost(world)):
+        result.violations.append(
+            "invariant 5: the grant was lost although a grace retry could have kept it"
         )
     if world.server.revoked and _after_lost_reply(world):
         result.grant_lost_after_lost_reply = True

@@ -4,12 +4,14 @@ invariant, and each fix, put back, lets its schedule break one (so the schedule 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
 from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
-from broker.store import Notice
+from broker.store import Notice, SpendEnd
+from broker.store.memory import MemoryStore
 from tests.simulation.doors import DOORS
 from tests.simulation.schedule import run
 
@@ -77,4 +79,44 @@ class TestEachFixPutBackOpensItsDoor:
 
         mutate(FleetProtocol, "_fetch_within", cancel_at_budget)
         result = run(DOORS["h1_slow_answer_past_the_budget"]())
+        assert not result.ok
+
+    def test_h2_vetoing_the_granted_retry(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """H2: bystanders that veto the grace retry the store granted lose a grant the retry
+        would have kept."""
+        original = FleetProtocol.must_veto
+
+        def vetoes_retries(self: FleetProtocol, notice: Notice) -> bool:
+            return original(self, replace(notice, retry=False))
+
+        mutate(FleetProtocol, "must_veto", vetoes_retries)
+        result = run(DOORS["h2_grace_retry_on_a_long_lifetime_3"]())
+        assert not result.ok
+
+    def test_h2_retrying_only_at_the_next_look(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """H2: a spender that looks again only at its usual next turn (up to 30 s on a long
+        lifetime) is past the grace window."""
+        mutate(FleetProtocol, "may_retry", lambda self, refresh_fp: False)
+        result = run(DOORS["h2_grace_retry_on_a_long_lifetime_1"]())
+        assert not result.ok
+
+    def test_h3_an_aborted_retry_deleting_the_record(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """H3: an aborted grace retry that deletes the record of the unknown spend lets a later
+        spend present the token as new, outside the window."""
+        original = MemoryStore.end_spend
+
+        async def deletes(self: MemoryStore, app: str, *, fence: int, outcome: SpendEnd) -> None:
+            spend = self.state.spends.get(app)
+            if spend is not None and spend.fence == fence and outcome is SpendEnd.ABORTED:
+                spend.orig_sent_at = None
+            await original(self, app, fence=fence, outcome=outcome)
+
+        mutate(MemoryStore, "end_spend", deletes)
+        result = run(DOORS["h3_aborted_grace_retry"]())
         assert not result.ok
