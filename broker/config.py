@@ -361,6 +361,7 @@ def _refresh(data: object, key: str) -> RefreshPolicy:
             "safety_margin",
             "default_lifetime",
             "reuse_grace",
+            "read_timeout",
         },
     )
     d = RefreshPolicy()
@@ -385,6 +386,7 @@ def _refresh(data: object, key: str) -> RefreshPolicy:
         reuse_grace=parse_duration(
             m.get("reuse_grace", d.reuse_grace), f"{key}.reuse_grace", allow_zero=True
         ),
+        read_timeout=parse_duration(m.get("read_timeout", d.read_timeout), f"{key}.read_timeout"),
     )
 
 

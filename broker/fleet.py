@@ -54,6 +54,13 @@ class Timing:
     # The same with no servable token (a start, or the end of an outage): there is no hurry,
     # and every replica must have re-subscribed (the store watcher retries within 5 s).
     objection_idle: float = 6.0
+    # How long the answer to a sent refresh token is awaited (the app's refresh.read_timeout):
+    # a sent request is never cancelled sooner, whatever the lease (issue 20, H1).
+    read_timeout: float = 120.0
+    # After evidence that the store forgot (our write-back stored a set), every spend waits
+    # the long objection window for this long: replicas cut off by the same event (a restart,
+    # a failover) must be back to object, the spender of a token in flight among them (C1).
+    forgetful_for: float = 60.0
 
 
 # ---- outcomes of one refresh attempt ------------------------------------------------------
@@ -107,6 +114,16 @@ class OutcomeUnknown:
 
 
 @dataclass(frozen=True, slots=True)
+class ReuseDetected:
+    """The server answered `invalid_grant` to a refresh token this replica sent: proof that
+    the token was presented twice (the protocol let it through), so the grant is revoked or
+    about to be. Never swallowed by adopting another set: a person must authorize again."""
+
+    reason: str
+    refresh_fp: str
+
+
+@dataclass(frozen=True, slots=True)
 class Deferred:
     """Another replica's failed attempt says: nobody tries again before `not_before` (fleet time)."""
 
@@ -123,7 +140,9 @@ class OverBudget:
     retry_after: float
 
 
-Outcome = Adopted | Fetched | Busy | Blocked | OutcomeUnknown | Deferred | OverBudget
+Outcome = (
+    Adopted | Fetched | Busy | Blocked | OutcomeUnknown | ReuseDetected | Deferred | OverBudget
+)
 
 
 def _blocked(exc: StoreUnavailable) -> Blocked:
@@ -195,6 +214,11 @@ class FleetProtocol:
         self._sent_at: dict[str, float] = {}
         # The highest rank this replica knows exists, read or not: an older set is never spent.
         self._seen_rank = (0, 0)
+        # The refresh token this replica has on the wire (marked sent, no answer yet): it
+        # vetoes any other spend of it, whatever the store says (C1).
+        self.in_flight: str | None = None
+        # When this replica last saw evidence that the store forgot (monotonic).
+        self._forgot_at = float("-inf")
 
     # ---- what other replicas tell us -------------------------------------------------------
 
@@ -215,7 +239,7 @@ class FleetProtocol:
                 self._foreign_spends[fp] = (self._clock.monotonic(), notice.owner)
             elif first[1] != notice.owner:
                 self._foreign_spends[fp] = (first[0], None)  # no one spender can resolve it
-        elif notice.kind == "abort" or self._respends_own(notice):
+        elif (notice.kind == "abort" and not notice.retry_aborted) or self._respends_own(notice):
             # Ended without effect; or its spender spends it again, which it does only when it
             # knows its last spend ended without effect (a restart gets a new owner name): the
             # abort notice was lost, e.g. its record was gone after a store rollback.
@@ -232,10 +256,12 @@ class FleetProtocol:
         replica knows had no known outcome (the store must have forgotten it)."""
         return (
             notice.kind == "spend"
+            and not notice.retry  # the one grace retry the store granted from its own record
             and notice.owner != self._owner
             and notice.refresh_fp is not None
             and (
                 notice.refresh_fp in self._unknown
+                or notice.refresh_fp == self.in_flight
                 or (notice.refresh_fp in self._foreign_spends and not self._respends_own(notice))
             )
         )
@@ -246,6 +272,20 @@ class FleetProtocol:
         with contextlib.suppress(StoreUnavailable):
             if await self._store.veto_spend(self.app, refresh_fp=notice.refresh_fp):
                 log.warning("grant.spend_vetoed", app=self.app, spender=notice.owner)
+
+    async def veto_in_flight(self) -> None:
+        """After a reconnect: veto an announced spend of the token we have on the wire.
+
+        The spend notice may have gone out while our subscription was down (a store restart
+        drops every connection); the long objection window that follows evidence of a
+        forgetful store outlasts our reconnect.
+        """
+        refresh_fp = self.in_flight
+        if refresh_fp is None:
+            return
+        with contextlib.suppress(StoreUnavailable):
+            if await self._store.veto_spend(self.app, refresh_fp=refresh_fp):
+                log.warning("grant.spend_vetoed", app=self.app, spender=None, in_flight=True)
 
     def forget_spent(self, token: TokenSet) -> None:
         """A set of `token`'s rank or newer is ours now: older spends no longer matter."""
@@ -263,11 +303,12 @@ class FleetProtocol:
     # ---- budgets -----------------------------------------------------------------------------
 
     def attempt_timeout(self, servable_left: float) -> float:
-        """How long one token request may take.
+        """How long one token request may take, as the lease counts it.
 
-        Spending a refresh token always gets the full budget: giving up on a request that was
-        sent loses its answer, and with it the grant. Otherwise half the servable time left,
-        within bounds.
+        Spending a refresh token always gets the full budget in its lease, so that a usual
+        answer comes while the lease holds; a slower one is still awaited, to the read timeout
+        (a sent request is never cancelled: that would lose its answer, and with it the grant).
+        Otherwise half the servable time left, within bounds.
         """
         t = self.timing
         if servable_left <= 0 or self._spends:
@@ -310,6 +351,9 @@ class FleetProtocol:
         commit = await self._store.commit(self.app, current)
         self.note_rank(commit.rank)
         if commit.stored:
+            # The store held an older set or none: it forgot (an empty restart, a failover that
+            # lost writes, a restore). Spends wait the long objection window for a while.
+            self._forgot_at = self._clock.monotonic()
             log.info(
                 "store.written_back",
                 app=self.app,
@@ -327,7 +371,11 @@ class FleetProtocol:
         objection window outlasts the reconnect, so the veto lands before the token leaves.
         """
         refresh_fp = current.refresh_fingerprint
-        remembered = refresh_fp in self._unknown or refresh_fp in self._foreign_spends
+        remembered = (
+            refresh_fp in self._unknown
+            or refresh_fp in self._foreign_spends
+            or (refresh_fp is not None and refresh_fp == self.in_flight)
+        )
         if (
             refresh_fp is not None
             and remembered
@@ -451,8 +499,14 @@ class FleetProtocol:
         return None
 
     def _retry_window(self) -> float:
-        """How long after a spend one retry is still inside the server's grace window."""
-        return max(0.0, self._grace - self.timing.max_attempt - self.timing.margin)
+        """How long after a spend one retry is still inside the server's grace window: the
+        window net of the longest objection window, the request budget and the round trips."""
+        t = self.timing
+        return max(0.0, self._grace - t.objection_idle - t.max_attempt - t.margin)
+
+    def may_retry(self, refresh_fp: str) -> bool:
+        """True when one grace retry of this unknown spend may still be started now."""
+        return self._may_retry(refresh_fp)
 
     def _may_retry(self, refresh_fp: str) -> bool:
         """Inside a declared reuse grace window, one retry of an unknown spend is allowed.
@@ -505,11 +559,17 @@ class FleetProtocol:
         """The objection window, shortened for a token with little servable time left.
 
         With nothing servable there is no hurry: the long window lets every replica that was
-        cut off with the spender re-subscribe and object.
+        cut off with the spender re-subscribe and object. The long window is also used for a
+        while after evidence that the store forgot: the replicas that remember what it forgot
+        (a spend in flight above all) were cut off by the same event.
         """
-        if servable_left <= 0:
+        if servable_left <= 0 or self.store_forgot_recently():
             return self.timing.objection_idle
         return min(self.timing.objection, servable_left / 4)
+
+    def store_forgot_recently(self) -> bool:
+        """True within `forgetful_for` seconds of evidence that the store forgot something."""
+        return self._clock.monotonic() - self._forgot_at < self.timing.forgetful_for
 
     async def _spend(
         self, fetch: Fetch, current: TokenSet, fence: int, deadline: float, servable_left: float
@@ -525,6 +585,14 @@ class FleetProtocol:
             return OutcomeUnknown(
                 "another replica spent this refresh token with no known outcome", refresh_fp
             )
+        objection = self.objection_window(servable_left)
+        pre_send_left = (
+            deadline - self.timing.persist - self.timing.margin - self._clock.monotonic()
+        )
+        if pre_send_left - objection < self.timing.min_attempt:
+            # The window grew under this lease (our write-back just showed a forgetful store):
+            # take a new lease sized for it rather than announce a spend that cannot be sent.
+            return Busy(0.0)
         try:
             start = await self._store.begin_spend(
                 self.app,
@@ -552,7 +620,6 @@ class FleetProtocol:
             self._retried.add(refresh_fp)
             log.warning("grant.retrying_in_grace_window", app=self.app)
         # Objection window: a replica that knows a newer set writes it back now.
-        objection = self.objection_window(servable_left)
         if objection > 0:
             await self._clock.sleep(objection)
             try:
@@ -565,8 +632,8 @@ class FleetProtocol:
                 if stored is not None and stored.rank > current.rank:
                     self._adopt(stored)
                 return Busy(0.0)
-        timeout = deadline - self.timing.persist - self.timing.margin - self._clock.monotonic()
-        if timeout < self.timing.min_attempt:
+        lease_left = deadline - self.timing.persist - self.timing.margin - self._clock.monotonic()
+        if lease_left < self.timing.min_attempt:
             await self._end_spend(fence, SpendEnd.ABORTED)
             return Busy(0.0)
         try:
@@ -580,8 +647,12 @@ class FleetProtocol:
             log.warning("lease.lost", app=self.app, fence=fence)
             return Busy(0.0)
         sent_mono = self._clock.monotonic()
+        self.in_flight = refresh_fp
         try:
-            fresh = await self._fetch_within(fetch, current.refresh_token, timeout)
+            # Once sent, never cancelled before the read timeout, even past the lease: the
+            # server may act on it, and its answer is the only copy of the rotated token.
+            # The commit is rank-based, so it is valid whenever the answer comes.
+            fresh = await self._fetch_within(fetch, current.refresh_token, self.timing.read_timeout)
         except TransientTokenError as exc:
             if exc.outcome_unknown:
                 self._unknown.add(refresh_fp)
@@ -590,9 +661,20 @@ class FleetProtocol:
                 return OutcomeUnknown(f"no answer to the refresh: {exc}", refresh_fp, exc)
             await self._end_spend(fence, SpendEnd.ABORTED)
             raise
-        except PermanentTokenError:
+        except PermanentTokenError as exc:
+            if exc.is_invalid_grant:
+                # We sent it and the server says it is spent or dead: a double spend (C1).
+                self._unknown.add(refresh_fp)
+                await self._end_spend(fence, SpendEnd.UNKNOWN)
+                return ReuseDetected(
+                    "the server rejected a refresh token this replica sent (invalid_grant): "
+                    "it was presented twice, or the grant was revoked",
+                    refresh_fp,
+                )
             await self._end_spend(fence, SpendEnd.ABORTED)
             raise
+        finally:
+            self.in_flight = None
         token = replace(
             fresh,
             lineage=current.lineage,

@@ -119,6 +119,10 @@ class RefreshPolicy:
     # Seconds for which the server accepts a refresh token again after rotating it (Okta,
     # Auth0 have such a grace period); 0 for a strict server. Allows one careful retry.
     reuse_grace: float = 0.0
+    # How long the answer to a sent refresh-token request is awaited. Such a request is never
+    # cancelled sooner: the server may act on it, and its answer carries the only copy of the
+    # rotated token (issue 20, H1).
+    read_timeout: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)

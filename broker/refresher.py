@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from typing import Any
 
 from broker import policy
 from broker.clock import Clock
@@ -34,6 +36,7 @@ from broker.fleet import (
     Outcome,
     OutcomeUnknown,
     OverBudget,
+    ReuseDetected,
     Timing,
 )
 from broker.logs import SECRETS, audit, get_logger
@@ -93,7 +96,10 @@ class AppRefresher:
             current=lambda: self.token,
             adopt=lambda token: self._adopt(token, source="store"),
             reuse_grace=spec.refresh.reuse_grace,
-            timing=timing,
+            timing=replace(
+                timing if timing is not None else Timing(),
+                read_timeout=spec.refresh.read_timeout,
+            ),
             on_lease=lambda outcome: metrics.lease_total.labels(
                 app=spec.name, outcome=outcome
             ).inc(),
@@ -118,6 +124,9 @@ class AppRefresher:
         self._permanent = False
         self._stopping = False
         self._announced_unknown: set[str] = set()
+        # The lineage whose refresh token the server refused as reused: its sets are dead, and
+        # adopting one (the other presentation's commit) does not clear needs_authorization.
+        self._reused_lineage = 0
         self._blocked_logged: str | None = None
         self._over_budget = False
         self._ignore_shared_failure = False
@@ -312,16 +321,25 @@ class AppRefresher:
         self._last_sync = self._clock.monotonic()
 
     def notify_store_changed(self) -> None:
-        """The store may hold something new (a reconnect): look on the next turn."""
+        """The store may hold something new (a reconnect): look on the next turn.
+
+        With a refresh token of ours on the wire, also veto at once any spend of it that was
+        announced while we were away (the loop itself waits for the answer).
+        """
         self._dirty = True
         self._wake.set()
+        if self.fleet.in_flight is not None:
+            self._spawn_veto(self.fleet.veto_in_flight())
+
+    def _spawn_veto(self, veto: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(veto)
+        self._vetoes.add(task)
+        task.add_done_callback(self._vetoes.discard)
 
     def on_notice(self, notice: Notice) -> None:
         """A change published by a replica: act only when it tells us something new."""
         if self.fleet.must_veto(notice):
-            task = asyncio.ensure_future(self.fleet.veto(notice))
-            self._vetoes.add(task)
-            task.add_done_callback(self._vetoes.discard)
+            self._spawn_veto(self.fleet.veto(notice))
         self.fleet.on_notice(notice)
         token = self.token
         if notice.kind == "token":
@@ -444,7 +462,11 @@ class AppRefresher:
         self._blocked = None
         self.fleet.forget_spent(token)
         self._metrics.token_expiry.labels(app=self.name).set(token.expires_at)
-        if token.refresh_token and (previous is None or token.rank > previous.rank):
+        if (
+            token.refresh_token
+            and (previous is None or token.rank > previous.rank)
+            and token.lineage > self._reused_lineage
+        ):
             self._needs_authorization = None
         if source == "store":
             self.failures = 0
@@ -487,6 +509,8 @@ class AppRefresher:
                     limit_per_minute=self.spec.max_token_requests_per_minute,
                     retry_in=round(outcome.retry_after, 3),
                 )
+        elif isinstance(outcome, ReuseDetected):
+            self._record_reuse(outcome, started)
         elif isinstance(outcome, Blocked):
             self._blocked = outcome.reason
             self.last_error = f"refresh blocked: {outcome.reason}"
@@ -543,9 +567,31 @@ class AppRefresher:
             )
         # Nothing to request: look at the store again on the next turn, and no later than when
         # the token stops being servable, so that the state turns to needs_authorization then.
+        # A grace retry that is still allowed is tried at once: the window is short (H2).
         servable_left = self._servable_left()
         wait = min(MAX_SLEEP, max(LEASE_RETRY, servable_left)) if servable_left > 0 else MAX_SLEEP
+        if self.fleet.may_retry(outcome.refresh_fp):
+            wait = LEASE_RETRY
         self._next_attempt_at = self._clock.monotonic() + wait
+
+    def _record_reuse(self, outcome: ReuseDetected, started: float) -> None:
+        """Our own sent refresh token was refused as spent: the grant is lost; say so loudly.
+
+        Not swallowed by adopting a newer stored set: that set came from the other
+        presentation of the same token, and a reuse-detecting server revoked it with the grant.
+        """
+        self.failures += 1
+        self.last_error = f"permanent: {outcome.reason}"
+        self._metrics.refresh_total.labels(app=self.name, outcome="permanent_error").inc()
+        self._metrics.refresh_duration.observe(self._clock.monotonic() - started)
+        self._metrics.refresh_failures_consecutive.labels(app=self.name).set(self.failures)
+        audit(log, "grant.reuse_detected", level="error", app=self.name, reason=outcome.reason)
+        self._permanent = True
+        self._in_backoff = True
+        self._next_attempt_at = self._clock.monotonic() + MAX_SLEEP
+        if self.token is not None:
+            self._reused_lineage = max(self._reused_lineage, self.token.lineage)
+        self._enter_needs_authorization(self.last_error)
 
     def _record_success(self, started: float) -> None:
         token = self.token

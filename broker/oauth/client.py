@@ -21,6 +21,8 @@ log = get_logger(__name__)
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME = 60
+# Seconds the transport's own timeout of a refresh-token request trails `refresh.read_timeout`.
+REFRESH_BACKSTOP = 5.0
 
 
 class OAuthClient:
@@ -43,6 +45,12 @@ class OAuthClient:
         self._clock = clock
         self._metrics = metrics
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0))
+        # A sent refresh token is waited for to the app's read timeout. The fleet protocol's
+        # timer, on the injected clock, decides; this later one is only the transport's backstop.
+        self._refresh_timeout = aiohttp.ClientTimeout(
+            total=max(timeout, spec.refresh.read_timeout + REFRESH_BACKSTOP),
+            sock_connect=min(timeout, 5.0),
+        )
         self._max_body = max_body_bytes
         self.secret_in_use = "current"
 
@@ -105,7 +113,11 @@ class OAuthClient:
                 self.spec.token_url,
                 data=body,
                 headers=headers,
-                timeout=self._timeout,
+                timeout=(
+                    self._refresh_timeout
+                    if form.get("grant_type") == "refresh_token"
+                    else self._timeout
+                ),
                 allow_redirects=False,
             ) as response:
                 self._metrics.token_endpoint_responses.labels(

@@ -70,6 +70,8 @@ class Notice:
     a replica that knows a newer set writes it back now), "sent" (it is being presented) or
     "abort" (that spend ended without effect). `rank` is the committed set's, or for spends the
     rank of the set whose refresh token is spent; `refresh_fp` names that refresh token.
+    `retry` marks the spend of a grace retry the store granted (nobody vetoes it);
+    `retry_aborted` an abort of such a retry: the spend it retried is still unknown.
     """
 
     app: str
@@ -78,6 +80,8 @@ class Notice:
     rank: tuple[int, int] = (0, 0)
     refresh_fp: str | None = None
     owner: str | None = None
+    retry: bool = False
+    retry_aborted: bool = False
 
     def encode(self) -> str:
         """The notice as published on the channel."""
@@ -90,6 +94,8 @@ class Notice:
                 "gen": self.rank[1],
                 "rfp": self.refresh_fp,
                 "owner": self.owner,
+                "retry": int(self.retry),
+                "ra": int(self.retry_aborted),
             },
             separators=(",", ":"),
         )
@@ -106,6 +112,8 @@ class Notice:
                 rank=(int(raw.get("lineage") or 0), int(raw.get("gen") or 0)),
                 refresh_fp=raw.get("rfp") or None,
                 owner=raw.get("owner") or None,
+                retry=bool(raw.get("retry")),
+                retry_aborted=bool(raw.get("ra")),
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
@@ -165,7 +173,8 @@ class TokenStore(Protocol):
         resolved) answers UNKNOWN, or RETRY once if it was sent less than `retry_within`
         seconds ago by the store's clock (a server's reuse grace window). An announced spend
         that was never marked sent is replaced. `resolved_fence` names our own earlier spend
-        that we know ended without effect, whose record may be replaced.
+        that we know ended without effect, whose record may be replaced. A vetoed record, and
+        the record of a grace retry (in any state), answer UNKNOWN to every other fence.
         """
         ...
 
@@ -177,7 +186,9 @@ class TokenStore(Protocol):
         ...
 
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
-        """Mark an *announced* spend of `refresh_fp` as unknown, so it is never marked sent.
+        """Mark an *announced* spend of `refresh_fp` as vetoed, so it is never marked sent and
+        no later spend of that token by any fence is allowed (a state of its own: the vetoed
+        spender's next `begin_spend` does not take it for its own resolved record).
 
         A replica that remembers an earlier spend of that refresh token with no known outcome
         (the store forgot it: a rollback, an empty restart) stops a replica that does not.
@@ -188,7 +199,11 @@ class TokenStore(Protocol):
         ...
 
     async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
-        """Close our spend under `fence` without a commit: aborted (removed) or unknown (kept)."""
+        """Close our spend under `fence` without a commit: aborted (removed) or unknown (kept).
+
+        An aborted grace retry restores the record of the unknown spend it retried, with that
+        spend's `sent_at` and no retry left, and its abort notice says `retry_aborted`.
+        """
         ...
 
     def updates(self) -> AsyncIterator[Notice]:

@@ -32,9 +32,11 @@ class _Spend:
     owner: str
     refresh_fp: str
     rank: tuple[int, int]
-    state: str = "announced"  # then "sent", then (no answer) "unknown"
+    state: str = "announced"  # then "sent", then (no answer) "unknown"; or "vetoed"
     retries: int = 0
     sent_at: float = 0.0
+    # A grace retry's record: when the unknown spend it retries was sent (restored on abort).
+    orig_sent_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -153,19 +155,32 @@ class MemoryStore:
         spend = self.state.spends.get(app)
         answer = SpendStart.OK
         retries = 0
-        if (
-            spend is not None
-            and spend.refresh_fp == refresh_fp
-            and spend.fence != fence
-            and spend.state != "announced"
-            and not (spend.fence == resolved_fence and spend.owner == owner)
-        ):
-            age = self._clock.monotonic() - spend.sent_at
-            if spend.retries > 0 or age >= retry_within:
+        orig_sent_at: float | None = None
+        if spend is not None and spend.refresh_fp == refresh_fp and spend.fence != fence:
+            if spend.state == "vetoed" or spend.orig_sent_at is not None:
+                # Vetoed, or the one grace retry of an unknown spend is under way: whatever
+                # fence the caller names, the token stays blocked.
                 return SpendStart.UNKNOWN
-            answer, retries = SpendStart.RETRY, 1
-        self.state.spends[app] = _Spend(fence, owner, refresh_fp, token.rank, retries=retries)
-        self._publish(Notice(app, "spend", rank=token.rank, refresh_fp=refresh_fp, owner=owner))
+            if spend.state != "announced" and not (
+                spend.fence == resolved_fence and spend.owner == owner
+            ):
+                age = self._clock.monotonic() - spend.sent_at
+                if spend.retries > 0 or age >= retry_within:
+                    return SpendStart.UNKNOWN
+                answer, retries, orig_sent_at = SpendStart.RETRY, 1, spend.sent_at
+        self.state.spends[app] = _Spend(
+            fence, owner, refresh_fp, token.rank, retries=retries, orig_sent_at=orig_sent_at
+        )
+        self._publish(
+            Notice(
+                app,
+                "spend",
+                rank=token.rank,
+                refresh_fp=refresh_fp,
+                owner=owner,
+                retry=answer is SpendStart.RETRY,
+            )
+        )
         return answer
 
     async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
@@ -190,7 +205,9 @@ class MemoryStore:
             return False
         if not self._holds(app, spend.owner, spend.fence):
             return False
-        spend.fence, spend.state, spend.retries = 0, "unknown", 1
+        spend.fence, spend.state, spend.retries = 0, "vetoed", 1
+        if spend.orig_sent_at is not None:
+            spend.sent_at, spend.orig_sent_at = spend.orig_sent_at, None
         return True
 
     async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
@@ -200,10 +217,22 @@ class MemoryStore:
         if spend is None or spend.fence != fence:
             return
         if outcome is SpendEnd.ABORTED:
-            del self.state.spends[app]
+            retry_aborted = spend.orig_sent_at is not None
+            if retry_aborted:
+                # The retry had no effect, the spend it retried is still unknown: restore it.
+                assert spend.orig_sent_at is not None
+                spend.fence, spend.state, spend.retries = 0, "unknown", 1
+                spend.sent_at, spend.orig_sent_at = spend.orig_sent_at, None
+            else:
+                del self.state.spends[app]
             self._publish(
                 Notice(
-                    app, "abort", rank=spend.rank, refresh_fp=spend.refresh_fp, owner=spend.owner
+                    app,
+                    "abort",
+                    rank=spend.rank,
+                    refresh_fp=spend.refresh_fp,
+                    owner=spend.owner,
+                    retry_aborted=retry_aborted,
                 )
             )
         else:

@@ -107,20 +107,25 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'lost' end
 local cur = redis.call('HMGET', KEYS[2], 'lineage', 'gen')
 if not cur[1] or tonumber(cur[1]) ~= tonumber(ARGV[4]) or tonumber(cur[2]) ~= tonumber(ARGV[5])
 then return 'stale' end
-local sp = redis.call('HMGET', KEYS[3], 'fence', 'owner', 'rfp', 'retries', 'state', 'sent_at')
+local sp = redis.call('HMGET', KEYS[3], 'fence', 'owner', 'rfp', 'retries', 'state', 'sent_at',
+  'orig_sent_at')
 local answer, retries = 'ok', 0
-if sp[1] and sp[3] == ARGV[6] and sp[1] ~= ARGV[2] and sp[5] ~= 'announced'
-   and not (sp[1] == ARGV[8] and sp[2] == ARGV[3]) then
-  local t = redis.call('TIME')
-  local age = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(sp[6] or '0')
-  if tonumber(sp[4] or '0') > 0 or age >= tonumber(ARGV[7]) then return 'unknown' end
-  answer, retries = 'retry', 1
+if sp[1] and sp[3] == ARGV[6] and sp[1] ~= ARGV[2] then
+  if sp[5] == 'vetoed' or sp[7] then return 'unknown' end
+  if sp[5] ~= 'announced' and not (sp[1] == ARGV[8] and sp[2] == ARGV[3]) then
+    local t = redis.call('TIME')
+    local age = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(sp[6] or '0')
+    if tonumber(sp[4] or '0') > 0 or age >= tonumber(ARGV[7]) then return 'unknown' end
+    answer, retries = 'retry', 1
+  end
 end
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'fence', ARGV[2], 'owner', ARGV[3], 'rfp', ARGV[6],
   'lineage', ARGV[4], 'gen', ARGV[5], 'state', 'announced', 'retries', retries)
+if answer == 'retry' then redis.call('HSET', KEYS[3], 'orig_sent_at', sp[6] or '0') end
 redis.call('PUBLISH', ARGV[9], cjson.encode({app=ARGV[10], kind='spend',
-  lineage=tonumber(ARGV[4]), gen=tonumber(ARGV[5]), rfp=ARGV[6], owner=ARGV[3]}))
+  lineage=tonumber(ARGV[4]), gen=tonumber(ARGV[5]), rfp=ARGV[6], owner=ARGV[3],
+  retry=(answer == 'retry') and 1 or 0}))
 return answer
 """
 # KEYS: lease, spend. ARGV: owner|fence, fence, channel, app
@@ -137,20 +142,32 @@ return 1
 """
 # KEYS: spend, lease. ARGV: rfp
 _VETO_SPEND = """
-local sp = redis.call('HMGET', KEYS[1], 'rfp', 'state', 'owner', 'fence')
+local sp = redis.call('HMGET', KEYS[1], 'rfp', 'state', 'owner', 'fence', 'orig_sent_at')
 if sp[1] ~= ARGV[1] or sp[2] ~= 'announced' then return 0 end
 if redis.call('GET', KEYS[2]) ~= sp[3] .. '|' .. sp[4] then return 0 end
-redis.call('HSET', KEYS[1], 'fence', 0, 'state', 'unknown', 'retries', 1)
+redis.call('HSET', KEYS[1], 'fence', 0, 'state', 'vetoed', 'retries', 1)
+if sp[5] then
+  redis.call('HSET', KEYS[1], 'sent_at', sp[5])
+  redis.call('HDEL', KEYS[1], 'orig_sent_at')
+end
 return 1
 """
 # KEYS: spend. ARGV: fence, outcome, channel, app
 _END_SPEND = """
-local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen')
+local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen',
+  'orig_sent_at')
 if sp[1] ~= ARGV[1] then return 0 end
 if ARGV[2] == 'aborted' then
-  redis.call('DEL', KEYS[1])
+  if sp[6] then
+    -- an aborted grace retry: the spend it retried is still unknown, restore its record
+    redis.call('HSET', KEYS[1], 'fence', 0, 'state', 'unknown', 'retries', 1, 'sent_at', sp[6])
+    redis.call('HDEL', KEYS[1], 'orig_sent_at')
+  else
+    redis.call('DEL', KEYS[1])
+  end
   redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort',
-    lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2]}))
+    lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2],
+    ra=sp[6] and 1 or 0}))
 else
   redis.call('HSET', KEYS[1], 'state', 'unknown')
 end

@@ -240,6 +240,53 @@ class TestSpend:
             is SpendStart.OK
         )
 
+    async def test_a_veto_sticks_even_for_the_vetoed_spender(self, store: TokenStore) -> None:
+        """M1: a vetoed record is a state of its own. The vetoed spender's next begin_spend,
+        naming no resolved fence (0) or its own vetoed fence, answers UNKNOWN: it never mistakes
+        the vetoed record for one it resolved."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        assert await store.veto_spend("app", refresh_fp=token_set(1).refresh_fingerprint or "")
+        await store.release_lease("app", "a", a.fence)
+        again = await store.acquire_lease("app", "a", 5)
+        for resolved in (0, a.fence):
+            answer = await store.begin_spend(
+                "app", owner="a", fence=again.fence, token=token_set(1), resolved_fence=resolved
+            )
+            assert answer is SpendStart.UNKNOWN, resolved
+
+    async def test_an_aborted_grace_retry_restores_the_unknown_spend(
+        self, store: TokenStore
+    ) -> None:
+        """H3: the one grace retry aborts (429): the spend it retried is unknown again with its
+        first send time, so a later holder gets UNKNOWN, never OK, and never a second RETRY."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.end_spend("app", fence=a.fence, outcome=SpendEnd.UNKNOWN)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        retry = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert retry is SpendStart.RETRY
+        await store.mark_sent("app", owner="b", fence=b.fence)
+        await store.end_spend("app", fence=b.fence, outcome=SpendEnd.ABORTED)
+        await store.release_lease("app", "b", b.fence)
+        c = await store.acquire_lease("app", "c", 5)
+        for resolved in (0, b.fence):
+            answer = await store.begin_spend(
+                "app",
+                owner="c",
+                fence=c.fence,
+                token=token_set(1),
+                retry_within=30,
+                resolved_fence=resolved,
+            )
+            assert answer is SpendStart.UNKNOWN, resolved
+
     async def test_our_own_aborted_record_may_be_replaced(self, store: TokenStore) -> None:
         """A holder that could not clear its aborted record names it, and may spend again."""
         await store.commit("app", token_set(1))
@@ -296,3 +343,37 @@ class TestNotices:
             ("abort", (1, 1), fp, "a"),
         ]
         assert heard[0].version == 1
+        assert not any(n.retry or n.retry_aborted for n in heard)
+
+    async def test_a_grace_retry_and_its_abort_say_so(self, store: TokenStore) -> None:
+        """H2/H3: the spend of a granted grace retry is marked `retry` (bystanders do not veto
+        it); its abort is marked `retry_aborted` (the retried spend is still unknown)."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        updates = cast(AsyncGenerator[Notice, None], store.updates())
+        heard: list[Notice] = []
+
+        async def listen() -> None:
+            async for notice in updates:
+                if notice.kind in ("spend", "abort"):
+                    heard.append(notice)
+                if len(heard) == 2:
+                    return
+
+        listener = asyncio.ensure_future(listen())
+        await asyncio.sleep(0.3)  # subscribed
+        b = await store.acquire_lease("app", "b", 5)
+        retry = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert retry is SpendStart.RETRY
+        await store.end_spend("app", fence=b.fence, outcome=SpendEnd.ABORTED)
+        await asyncio.wait_for(listener, 5)
+        await updates.aclose()
+        assert [(n.kind, n.owner, n.retry, n.retry_aborted) for n in heard] == [
+            ("spend", "b", True, False),
+            ("abort", "b", False, True),
+        ]

@@ -57,34 +57,52 @@ class Fault:
         )
 
 
+Script = Callable[[World], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """Everything that will happen in one simulated run, derived from its seed."""
+    """Everything that will happen in one simulated run, derived from its seed.
+
+    A named regression schedule (tests/simulation/doors.py) adds a `script`: a coroutine that
+    runs beside the timed faults and injects its own at moments it waits for (a spend sent,
+    a replica restarted), healing them all by `script_heals_by`.
+    """
 
     seed: int
     config: WorldConfig
     faults: tuple[Fault, ...]
     duration: float
+    name: str = ""
+    script: Script | None = None
+    script_heals_by: float = 0.0
+    # The grant could have been kept (a grace retry was possible): no loss is excused.
+    must_keep_grant: bool = False
 
     @property
     def fault_free(self) -> bool:
         """No faults at all (invariant 4 applies)."""
-        return not self.faults
+        return not self.faults and self.script is None
 
     @property
     def healed_at(self) -> float:
         """When the last fault healed."""
-        return max((f.end for f in self.faults), default=0.0)
+        return max([f.end for f in self.faults] + [self.script_heals_by])
 
     def describe(self) -> str:
         """A replayable description."""
         c = self.config
         lines = [
+            *([f"schedule {self.name}"] if self.name else []),
             f"seed {self.seed}: {c.replicas} replicas, lifetime {c.lifetime:.0f}s, "
             f"grace {c.grace:.0f}s, offsets {[round(o, 2) for o in c.offsets]}, "
             f"duration {self.duration:.0f}s",
             *(f"  {fault}" for fault in self.faults),
-            f"replay: python -m tests.simulation.schedule {self.seed}",
+            (
+                f"replay: python -m tests.simulation.doors {self.name}"
+                if self.name
+                else f"replay: python -m tests.simulation.schedule {self.seed}"
+            ),
         ]
         return "\n".join(lines)
 
@@ -175,6 +193,7 @@ async def _run(schedule: Schedule) -> Result:
     for index in range(schedule.config.replicas):
         world.start_replica(index)
     events = _events(world, schedule)
+    script = asyncio.ensure_future(schedule.script(world)) if schedule.script else None
     lifetime = schedule.config.lifetime
     tick = lifetime / 30
     now = 0.0
@@ -200,6 +219,13 @@ async def _run(schedule: Schedule) -> Result:
     while world.time.now < settle_by and any(_in_flight(r) for r in world.replicas):
         await world.time.advance_to(world.time.now + 0.5)
     _finish(world, result, schedule)
+    if script is not None:
+        if not script.done():
+            result.violations.append("script: the awaited moment never came (the door stayed shut)")
+        elif script.exception() is not None:
+            result.violations.append(f"script failed: {script.exception()!r}")
+        script.cancel()
+        await asyncio.gather(script, return_exceptions=True)
     await world.shutdown()
     return result
 
@@ -316,8 +342,16 @@ def _check_step(world: World, result: Result) -> None:
 
 
 def _check_recovery(world: World, result: Result, when: str) -> None:
-    """Invariant 5: every replica serves again (unless the grant was lost as documented)."""
-    if _grant_lost(world) or (world.server.revoked and _after_lost_reply(world)):
+    """Invariant 5: every replica serves again (unless the grant was lost as documented).
+
+    A grant lost to a reply the client itself gave up on (a slow answer it cancelled) is not
+    excused: a longer wait would have kept it.
+    """
+    excusable = not result.schedule.must_keep_grant
+    if excusable and (
+        (_grant_lost(world) and _truly_lost_reply(world))
+        or (world.server.revoked and _after_lost_reply(world))
+    ):
         return
     if world.server.in_flight_when_cancelled and _announced(world):
         return  # a request on the wire when its sender died: announced, and a person's call
@@ -337,8 +371,20 @@ def _announced(world: World) -> bool:
 def _after_lost_reply(world: World) -> bool:
     """The documented unavoidable case: the token presented again had been spent by a request
     whose answer was lost (the server rotated; nobody could know the new token)."""
-    lost = {p.refresh_token for p in world.server.presentations if p.reply_lost}
+    lost = {
+        p.refresh_token
+        for p in world.server.presentations
+        if p.reply_lost and p.lost_by != "gave_up"
+    }
     return any(p.outcome == "reuse" and p.refresh_token in lost for p in world.server.presentations)
+
+
+def _truly_lost_reply(world: World) -> bool:
+    """A rotation whose reply was lost on the wire or with its killed sender (not given up)."""
+    return any(
+        p.reply_lost and p.lost_by != "gave_up" and p.outcome == "rotated"
+        for p in world.server.presentations
+    )
 
 
 def _in_flight(replica: Replica) -> bool:
@@ -373,6 +419,10 @@ def _finish(world: World, result: Result, schedule: Schedule) -> None:
             f"invariant 3: {world.server.dropped_on_sigterm} refresh request(s) abandoned while "
             "draining for SIGTERM"
         )
+    if schedule.must_keep_grant and (world.server.revoked or _grant_lost(world)):
+        result.violations.append(
+            "invariant 5: the grant was lost although a grace retry could have kept it"
+        )
     if world.server.revoked and _after_lost_reply(world):
         result.grant_lost_after_lost_reply = True
         if result.outcome_unknown_announced == 0:
@@ -380,10 +430,7 @@ def _finish(world: World, result: Result, schedule: Schedule) -> None:
                 "invariant 3: revoked after a lost reply that no grant.outcome_unknown announced"
             )
     elif _grant_lost(world):
-        lost_reply = any(
-            p.reply_lost and p.outcome == "rotated" for p in world.server.presentations
-        )
-        if lost_reply and result.outcome_unknown_announced > 0:
+        if _truly_lost_reply(world) and result.outcome_unknown_announced > 0:
             result.grant_lost_after_lost_reply = True
         else:
             result.violations.append(

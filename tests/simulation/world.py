@@ -9,6 +9,7 @@ nothing depends on the order of real I/O, so a seed replays exactly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import random
@@ -133,6 +134,10 @@ class Presentation:
     replica: str
     outcome: str  # rotated, grace, reuse, rejected, refused (429/500/down: not processed)
     reply_lost: bool = False
+    # Why the reply was lost: "wire" (the network lost it), "sender_died" (the process was
+    # killed with the request out) or "gave_up" (the client cancelled a request it had sent:
+    # avoidable, never excused by the invariants).
+    lost_by: str | None = None
 
 
 @dataclass
@@ -143,6 +148,7 @@ class ServerFaults:
     status: int | None = None  # 429 or 500: answered without acting
     retry_after: float | None = None
     slow: float = 0.0  # extra seconds before the server acts
+    stall_next: float = 0.0  # extra seconds before the server acts on the next refresh only
     lose_replies: float = 0.0  # probability the reply to a processed request is lost
 
 
@@ -173,6 +179,9 @@ class SimAuthServer:
         # drain waits for a spend in flight and persists its answer).
         self.dropped_on_sigterm = 0
         self.cc_requests = 0
+        self.late: set[asyncio.Future[None]] = set()  # cancelled requests still on their way
+        # Every refresh token sent: (world time, replica, refresh token), for scripted faults.
+        self.sends: list[tuple[float, str, str]] = []
 
     def authorize(self) -> TokenSet:
         """The operator's one-time authorization: a fresh grant."""
@@ -248,7 +257,12 @@ class SimSource:
         self.on_spend: Callable[[], None] | None = None
 
     async def fetch(self, refresh_token: str | None = None) -> TokenSet:
-        """Send the request; the server acts when it arrives; the reply may be lost."""
+        """Send the request; the server acts when it arrives; the reply may be lost.
+
+        A real server acts on a request that reached it whether or not its client still
+        waits: a request the client gives up on (cancels) is still acted on when it arrives,
+        and its reply is lost. Only a request whose sender died is treated as maybe-never-sent.
+        """
         server = self._server
         if self.dead:
             raise TransientTokenError("simulated: the process is dead")
@@ -257,13 +271,27 @@ class SimSource:
         if faults.down:
             await self._world.sleep(0.01)
             raise TransientTokenError("token endpoint unreachable: connection refused")
+        delay = 0.02 + self._rng.random() * 0.05 + faults.slow
+        if refresh_token is not None:
+            server.sends.append((self._world.now, self.replica, refresh_token))
+            delay += faults.stall_next
+            faults.stall_next = 0.0
+        arrives_at = self._world.now + delay
         try:
-            await self._world.sleep(0.02 + self._rng.random() * 0.05 + faults.slow)
+            await self._world.sleep(delay)
         except asyncio.CancelledError:
-            # The sender died (or gave up) with the request on the wire: nobody can know
-            # whether the server got it.
+            # The sender died (or gave up) with the request on the wire.
             if refresh_token is not None:
-                server.in_flight_when_cancelled += 1
+                if self.dead:
+                    # Nobody can know whether the server got it.
+                    server.in_flight_when_cancelled += 1
+                else:
+                    # The client gave up: the request still arrives and is acted on.
+                    late = asyncio.ensure_future(
+                        self._act_later(refresh_token, sent_wall, arrives_at)
+                    )
+                    server.late.add(late)
+                    late.add_done_callback(server.late.discard)
                 server.dropped_on_sigterm += self.draining and not self.dead
             raise
         faults = server.faults
@@ -283,7 +311,8 @@ class SimSource:
                 await self._world.sleep(0.02)
                 raise
             record = server.presentations[-1]
-            record.reply_lost = lost
+            if lost:
+                record.reply_lost, record.lost_by = True, "wire"
             if self.on_spend is not None:
                 on_spend, self.on_spend = self.on_spend, None
                 on_spend()
@@ -293,11 +322,22 @@ class SimSource:
             # The caller gave up (or died) after the server acted: that reply is lost too.
             if record is not None:
                 record.reply_lost = True
+                record.lost_by = "sender_died" if self.dead else "gave_up"
                 server.dropped_on_sigterm += self.draining and not self.dead
             raise
         if lost:
             raise TransientTokenError("no answer: connection reset", outcome_unknown=True)
         return token
+
+    async def _act_later(self, refresh_token: str, sent_wall: float, arrives_at: float) -> None:
+        """A cancelled request that is still on its way: the server acts on it on arrival."""
+        await self._world.sleep(arrives_at - self._world.now)
+        if self._server.faults.status is not None or self._server.faults.down:
+            return
+        with contextlib.suppress(PermanentTokenError):
+            self._server.refresh(refresh_token, self.replica, sent_wall)
+        record = self._server.presentations[-1]
+        record.reply_lost, record.lost_by = True, "gave_up"
 
 
 # ---- the store --------------------------------------------------------------------------------
@@ -454,7 +494,9 @@ class SimStoreView:
                         raise StoreUnavailable("simulated: subscription dropped")
                 notice = getter.result()
                 await self._world.sleep(0.002)
-                if self.faults.partitioned or self.outage:
+                # A restart drops every connection at once: nothing published after it reaches
+                # a subscription made before it.
+                if self.faults.partitioned or self.outage or self.restarts[0] != restarts:
                     raise StoreUnavailable("simulated: subscription dropped")
                 yield notice
         finally:

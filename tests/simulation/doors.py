@@ -1,0 +1,185 @@
+"""Named regression schedules: each door an adversarial review opened (issue 20), scripted.
+
+Random seeds rarely draw these sequences: each needs faults at moments inside one spend (the
+token on the wire, a replica replaced meanwhile). A door's script waits for those moments in
+the simulated world and injects its faults then; `run(DOORS[name]())` checks the same
+invariants as every seeded schedule. `python -m tests.simulation.doors NAME` replays one.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from broker.store.memory import MemoryState
+from tests.simulation.schedule import Schedule, run
+from tests.simulation.world import World, WorldConfig
+
+# How often a script looks at the world while it waits for a moment (simulated seconds).
+POLL = 0.01
+
+
+async def until(world: World, condition: Callable[[], object], limit: float = 600.0) -> None:
+    """Wait on the world's clock until `condition()` is true (at most `limit` seconds)."""
+    waited = 0.0
+    while not condition():
+        if waited >= limit:
+            raise TimeoutError(f"the awaited moment did not come within {limit:.0f} s")
+        await world.time.sleep(POLL)
+        waited += POLL
+
+
+def _index(world: World, name: str) -> int:
+    return next(i for i, r in enumerate(world.replicas) if r.name == name)
+
+
+def _replaced_pod_then_empty_store(replicas: int) -> Schedule:
+    """C1: while r0's refresh token is on the wire (a 9 s server, inside the budget), another
+    pod is replaced by one that never heard the `sent` notice, and Redis restarts empty; the
+    others take 3 s to reconnect. The new pod writes its set back and spends the same refresh
+    token unless someone objects in time."""
+
+    async def script(world: World) -> None:
+        world.server.faults.slow = 9.0
+        await until(world, lambda: world.server.sends)
+        spender = _index(world, world.server.sends[0][1])
+        replaced = (spender + 1) % replicas
+        await world.crash(replaced)
+        world.start_replica(replaced)
+        await until(world, lambda: world.replicas[replaced].refresher.token is not None)
+        others = [i for i in range(replicas) if i != replaced]
+        world.store.restore(MemoryState())
+        world.restarts[0] += 1
+        # Everyone else's reconnect after the restart takes a few seconds (backoff, DNS): more
+        # than the short objection window.
+        for index in others:
+            world.replicas[index].view.faults.partitioned = True
+        await world.time.sleep(3.0)
+        for index in others:
+            world.replicas[index].view.faults.partitioned = False
+        await world.time.sleep(27.0)
+        world.server.faults.slow = 0.0
+
+    config = WorldConfig(replicas=replicas, lifetime=60.0, grace=0.0, offsets=[0.0] * replicas)
+    return Schedule(
+        seed=20_001,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name=f"c1_replaced_pod_empty_restart_{replicas}",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def c1_replaced_pod_empty_restart_3() -> Schedule:
+    """C1 with a bystander that heard the `sent` notice but re-subscribes too late to object
+    within the short objection window."""
+    return _replaced_pod_then_empty_store(3)
+
+
+def c1_replaced_pod_empty_restart_2() -> Schedule:
+    """C1 with no bystander: only the spender itself knows its token is on the wire."""
+    return _replaced_pod_then_empty_store(2)
+
+
+def h1_slow_answer_past_the_budget() -> Schedule:
+    """H1: the server answers one refresh after 14 s (and acts on it), then is healthy: the
+    spender must wait for the answer rather than abandon an intact grant at its 10 s budget."""
+
+    async def script(world: World) -> None:
+        world.server.faults.stall_next = 14.0
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_002,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="h1_slow_answer_past_the_budget",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def h3_aborted_grace_retry() -> Schedule:
+    """H3: on a grace server (30 s), a reply is lost after the server rotated; the one grace
+    retry is refused with 429 (the server did not act), and the 429s last past the grace
+    window. Then the pod is replaced (the new one remembers nothing): the store's record is all
+    that stops it spending the token as new, outside the window. One replica, so that no
+    bystander's memory (or veto) stands in for the record."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.lose_replies = 1.0
+        await until(world, lambda: server.presentations)
+        server.faults.lose_replies = 0.0
+        server.faults.status, server.faults.retry_after = 429, 5.0
+        sends = len(server.sends)
+        await until(world, lambda: len(server.sends) > sends)  # the grace retry, refused
+        await world.time.sleep(40.0)
+        server.faults.status, server.faults.retry_after = None, None
+        for index in range(len(world.replicas)):
+            await world.crash(index)
+            world.start_replica(index)
+
+    config = WorldConfig(replicas=1, lifetime=60.0, grace=30.0, offsets=[0.0])
+    return Schedule(
+        seed=20_003,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="h3_aborted_grace_retry",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def _lost_reply_on_a_long_lifetime(replicas: int) -> Schedule:
+    """H2: on a grace server (30 s) with 300 s tokens, one reply is lost after the server
+    rotated. The one retry inside the window keeps the grant, if it is made at once and no
+    bystander vetoes it (the spender used to look again only 30 s later, past the window)."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.lose_replies = 1.0
+        await until(world, lambda: server.presentations)
+        server.faults.lose_replies = 0.0
+
+    config = WorldConfig(replicas=replicas, lifetime=300.0, grace=30.0, offsets=[0.0] * replicas)
+    return Schedule(
+        seed=20_004,
+        config=config,
+        faults=(),
+        duration=2400.0,
+        name=f"h2_grace_retry_on_a_long_lifetime_{replicas}",
+        script=script,
+        script_heals_by=300.0,
+        must_keep_grant=True,
+    )
+
+
+def h2_grace_retry_on_a_long_lifetime_3() -> Schedule:
+    """H2 with bystanders: they must not veto the retry the store granted."""
+    return _lost_reply_on_a_long_lifetime(3)
+
+
+def h2_grace_retry_on_a_long_lifetime_1() -> Schedule:
+    """H2 alone: the spender itself must retry at once."""
+    return _lost_reply_on_a_long_lifetime(1)
+
+
+DOORS: dict[str, Callable[[], Schedule]] = {
+    "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
+    "h2_grace_retry_on_a_long_lifetime_1": h2_grace_retry_on_a_long_lifetime_1,
+    "h3_aborted_grace_retry": h3_aborted_grace_retry,
+    "c1_replaced_pod_empty_restart_3": c1_replaced_pod_empty_restart_3,
+    "c1_replaced_pod_empty_restart_2": c1_replaced_pod_empty_restart_2,
+    "h1_slow_answer_past_the_budget": h1_slow_answer_past_the_budget,
+}
+
+
+if __name__ == "__main__":
+    outcome = run(DOORS[sys.argv[1]]())
+    print(outcome.report())
+    sys.exit(0 if outcome.ok else 1)

@@ -1,0 +1,122 @@
+"""Issue 20's doors as named regression schedules (tests/simulation/doors.py): each keeps every
+invariant, and each fix, put back, lets its schedule break one (so the schedule can fail)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from broker.fleet import Fetch, FleetProtocol
+from broker.model import TokenSet
+from broker.store import Notice, SpendEnd
+from broker.store.memory import MemoryStore
+from tests.simulation.doors import DOORS
+from tests.simulation.schedule import run
+
+
+@pytest.mark.parametrize("name", sorted(DOORS))
+def test_door_schedule_keeps_every_invariant(name: str) -> None:
+    """The door's scripted faults break no invariant."""
+    result = run(DOORS[name]())
+    assert result.ok, result.report()
+
+
+@pytest.fixture
+def mutate(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, str, object], None]:
+    """Replace an attribute for one test (monkeypatch undoes it)."""
+
+    def apply(target: object, name: str, value: object) -> None:
+        monkeypatch.setattr(target, name, value)
+
+    return apply
+
+
+class TestEachFixPutBackOpensItsDoor:
+    def test_c1_without_the_spenders_own_veto(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """C1: a spender that does not veto a spend of its token in flight lets a new pod spend
+        it again after an empty restart (no bystander remembers it)."""
+        original = FleetProtocol.must_veto
+
+        def forgets_in_flight(self: FleetProtocol, notice: Notice) -> bool:
+            in_flight, self.in_flight = self.in_flight, None
+            try:
+                return original(self, notice)
+            finally:
+                self.in_flight = in_flight
+
+        async def no_veto(self: FleetProtocol) -> None:
+            return None
+
+        mutate(FleetProtocol, "must_veto", forgets_in_flight)
+        mutate(FleetProtocol, "veto_in_flight", no_veto)
+        result = run(DOORS["c1_replaced_pod_empty_restart_2"]())
+        assert not result.ok
+
+    def test_c1_without_the_long_window_after_a_forgetful_store(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """C1: without the long objection window after a write-back, the replicas that
+        remember the spend in flight re-subscribe too late to object."""
+        mutate(FleetProtocol, "store_forgot_recently", lambda self: False)
+        result = run(DOORS["c1_replaced_pod_empty_restart_3"]())
+        assert not result.ok
+
+    def test_h1_cancelling_a_sent_request_at_the_budget(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """H1: a spender that cancels its sent request at the 10 s budget abandons an intact
+        grant when the server answers after 14 s."""
+        original = FleetProtocol._fetch_within
+
+        async def cancel_at_budget(
+            self: FleetProtocol, fetch: Fetch, refresh_token: str | None, budget: float
+        ) -> TokenSet:
+            return await original(self, fetch, refresh_token, min(budget, self.timing.max_attempt))
+
+        mutate(FleetProtocol, "_fetch_within", cancel_at_budget)
+        result = run(DOORS["h1_slow_answer_past_the_budget"]())
+        assert not result.ok
+
+    def test_h2_vetoing_the_granted_retry(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """H2: bystanders that veto the grace retry the store granted lose a grant the retry
+        would have kept."""
+        original = FleetProtocol.must_veto
+
+        def vetoes_retries(self: FleetProtocol, notice: Notice) -> bool:
+            return original(self, replace(notice, retry=False))
+
+        mutate(FleetProtocol, "must_veto", vetoes_retries)
+        result = run(DOORS["h2_grace_retry_on_a_long_lifetime_3"]())
+        assert not result.ok
+
+    def test_h2_retrying_only_at_the_next_look(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """H2: a spender that looks again only at its usual next turn (up to 30 s on a long
+        lifetime) is past the grace window."""
+        mutate(FleetProtocol, "may_retry", lambda self, refresh_fp: False)
+        result = run(DOORS["h2_grace_retry_on_a_long_lifetime_1"]())
+        assert not result.ok
+
+    def test_h3_an_aborted_retry_deleting_the_record(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """H3: an aborted grace retry that deletes the record of the unknown spend lets a later
+        spend present the token as new, outside the window."""
+        original = MemoryStore.end_spend
+
+        async def deletes(self: MemoryStore, app: str, *, fence: int, outcome: SpendEnd) -> None:
+            spend = self.state.spends.get(app)
+            if spend is not None and spend.fence == fence and outcome is SpendEnd.ABORTED:
+                spend.orig_sent_at = None
+            await original(self, app, fence=fence, outcome=outcome)
+
+        mutate(MemoryStore, "end_spend", deletes)
+        result = run(DOORS["h3_aborted_grace_retry"]())
+        assert not result.ok
