@@ -330,16 +330,18 @@ class FleetProtocol:
         UnreadableTokenSet) when a grant that spends refresh tokens has no set in memory and
         the stored one is under a key this replica lacks.
         """
-        current = self._current()
         try:
             stored = await self._store.load(self.app)
         except UnreadableTokenSet as exc:
             self.note_rank(exc.rank)
+            current = self._current()
             if current is None and self._spends:
                 raise  # unreadable is not missing: the app must not look unauthorized
             if current is None or current.rank <= exc.rank:
                 return True  # the newer set is there, only not for us: nothing to repair
             stored = None
+        # Read after the load: a notice may have brought a newer set meanwhile.
+        current = self._current()
         if stored is not None and (current is None or stored.rank > current.rank):
             self._adopt(stored)
             return True

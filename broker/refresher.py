@@ -343,7 +343,16 @@ class AppRefresher:
         self.fleet.on_notice(notice)
         token = self.token
         if notice.kind == "token":
-            if token is None or notice.rank != token.rank:
+            carried = notice.token
+            if (
+                carried is not None
+                and self._inflight is None
+                and (token is None or carried.rank > token.rank)
+            ):
+                # The notice carries the committed set: adopt it as a read would, without one.
+                # (With a refresh in flight the loop reads the store after it, as before.)
+                self._adopt(carried, source="store")
+            elif token is None or notice.rank != token.rank:
                 self.notify_store_changed()
         elif notice.kind == "spend" and token is not None and token.rank > notice.rank:
             # Someone is about to spend an older set than ours: write ours back now.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker.model import FailureRecord, TokenSet
@@ -72,6 +72,11 @@ class Notice:
     rank of the set whose refresh token is spent; `refresh_fp` names that refresh token.
     `retry` marks the spend of a grace retry the store granted (nobody vetoes it);
     `retry_aborted` an abort of such a retry: the spend it retried is still unknown.
+
+    A "token" notice carries the committed set itself, so a replica adopts it without reading
+    the store (one read per replica per refresh made a refresh cost O(replicas) commands):
+    `blob` is the encrypted set as published (base64, the same ciphertext as stored), `token`
+    the set the store opened from it (None when this replica cannot open it: it reads instead).
     """
 
     app: str
@@ -82,6 +87,8 @@ class Notice:
     owner: str | None = None
     retry: bool = False
     retry_aborted: bool = False
+    blob: str | None = field(default=None, repr=False, compare=False)
+    token: TokenSet | None = field(default=None, repr=False, compare=False)
 
     def encode(self) -> str:
         """The notice as published on the channel."""
@@ -96,6 +103,7 @@ class Notice:
                 "owner": self.owner,
                 "retry": int(self.retry),
                 "ra": int(self.retry_aborted),
+                **({"blob": self.blob} if self.blob is not None else {}),
             },
             separators=(",", ":"),
         )
@@ -114,6 +122,7 @@ class Notice:
                 owner=raw.get("owner") or None,
                 retry=bool(raw.get("retry")),
                 retry_aborted=bool(raw.get("ra")),
+                blob=raw["blob"] if isinstance(raw.get("blob"), str) else None,
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None

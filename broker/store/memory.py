@@ -104,7 +104,15 @@ class MemoryStore:
         spend = self.state.spends.get(app)
         if spend is not None and spend.rank < token.rank:
             del self.state.spends[app]
-        self._publish(Notice(app, "token", version=version, rank=token.rank))
+        self._publish(
+            Notice(
+                app,
+                "token",
+                version=version,
+                rank=token.rank,
+                token=self.state.tokens[app],
+            )
+        )
         return Commit(True, version, token.rank)
 
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:

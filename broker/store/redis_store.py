@@ -16,11 +16,14 @@ the same node (no app name starts with `_`).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -61,7 +64,8 @@ local function outranks(l1, g1, l2, g2)
   return l1 > l2 or (l1 == l2 and g1 > g2)
 end
 """
-# KEYS: token, spend. ARGV: lineage, gen, access fp, blob, fence, channel, app
+# KEYS: token, spend. ARGV: lineage, gen, access fp, blob, fence, channel, app, blob in base64
+# (the notice carries the set: replicas adopt it without reading)
 _COMMIT = (
     _RANK
     + """
@@ -81,7 +85,7 @@ if sp[1] and outranks(nl, ng, tonumber(sp[1]), tonumber(sp[2])) then
   redis.call('DEL', KEYS[2])
 end
 redis.call('PUBLISH', ARGV[6], cjson.encode({app=ARGV[7], kind='token', version=version,
-  lineage=nl, gen=ng}))
+  lineage=nl, gen=ng, blob=ARGV[8]}))
 return {1, version, nl, ng}
 """
 )
@@ -316,6 +320,21 @@ class RedisStore:
                 found[app] = token
         return found
 
+    def _open_set(self, app: str, blob: bytes, version: int, rank: tuple[int, int]) -> TokenSet:
+        """Decrypt and parse a stored set (UndecryptableToken, KeyError, ValueError, TypeError)."""
+        data = json.loads(self._keyring.decrypt(blob, self._aad(app)))
+        return TokenSet(
+            access_token=data["access_token"],
+            token_type=data["token_type"],
+            issued_at=float(data["issued_at"]),
+            expires_at=float(data["expires_at"]),
+            scope=data.get("scope"),
+            refresh_token=data.get("refresh_token"),
+            version=version,
+            lineage=int(data.get("lineage", rank[0])),
+            generation=int(data.get("generation", rank[1])),
+        )
+
     def _decode(self, app: str, fields: dict[bytes, bytes]) -> TokenSet | None:
         """A token set from its hash, or None for an empty one; UnreadableTokenSet otherwise."""
         if not fields:
@@ -329,19 +348,7 @@ class RedisStore:
                 f"stored set of {app} is damaged", rank=(0, 0), version=0
             ) from None
         try:
-            plain = self._keyring.decrypt(fields[b"blob"], self._aad(app))
-            data = json.loads(plain)
-            return TokenSet(
-                access_token=data["access_token"],
-                token_type=data["token_type"],
-                issued_at=float(data["issued_at"]),
-                expires_at=float(data["expires_at"]),
-                scope=data.get("scope"),
-                refresh_token=data.get("refresh_token"),
-                version=version,
-                lineage=int(data.get("lineage", rank[0])),
-                generation=int(data.get("generation", rank[1])),
-            )
+            return self._open_set(app, fields[b"blob"], version, rank)
         except UndecryptableToken as exc:
             log.warning("store.undecryptable", app=app, reason=str(exc))
             raise UnreadableTokenSet(
@@ -380,6 +387,7 @@ class RedisStore:
                     fence,
                     self.channel,
                     app,
+                    base64.b64encode(blob).decode(),
                 ],
             ),
         )
@@ -482,10 +490,28 @@ class RedisStore:
                 text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
                 notice = Notice.decode(text)
                 if notice is not None:
-                    yield notice
+                    yield self._open_notice(notice)
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
+
+    def _open_notice(self, notice: Notice) -> Notice:
+        """A "token" notice with the set it carries opened (`token`), when this replica can.
+
+        Quietly None otherwise (a key this replica lacks, a damaged blob, a rank that is not
+        the notice's): the replica then reads the store, which logs what it finds.
+        """
+        if notice.kind != "token" or notice.blob is None:
+            return notice
+        token: TokenSet | None
+        try:
+            blob = base64.b64decode(notice.blob, validate=True)
+            token = self._open_set(notice.app, blob, notice.version, notice.rank)
+        except (UndecryptableToken, KeyError, ValueError, TypeError, binascii.Error):
+            token = None
+        if token is not None and token.rank != notice.rank:
+            token = None
+        return replace(notice, blob=None, token=token)
 
     # ---- one clock, one backoff and one budget for the fleet ------------------------------
 

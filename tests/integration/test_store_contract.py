@@ -377,3 +377,50 @@ class TestNotices:
             ("spend", "b", True, False),
             ("abort", "b", False, True),
         ]
+
+
+    async def test_a_token_notice_carries_the_committed_set(self, store: TokenStore) -> None:
+        """A replica adopts a committed set from its notice, without reading the store."""
+        updates = cast(AsyncGenerator[Notice, None], store.updates())
+        listener = asyncio.ensure_future(anext(updates))
+        await asyncio.sleep(0.3)  # subscribed
+        await store.commit("app", token_set(3))
+        notice = await asyncio.wait_for(listener, 5)
+        await updates.aclose()
+        assert notice.kind == "token" and notice.rank == (1, 3)
+        assert notice.token is not None
+        assert notice.token.access_token == token_set(3).access_token
+        assert notice.token.refresh_token == token_set(3).refresh_token
+        assert notice.token.version == notice.version == 1
+        assert notice.blob is None  # opened, the ciphertext is not passed on
+
+
+class TestNoticeWithoutTheKey:
+    async def test_a_replica_lacking_the_key_gets_the_rank_only(
+        self, redis_server: RedisServer
+    ) -> None:
+        """A notice whose set this replica cannot open says only that a set exists (it reads,
+        and gets UnreadableTokenSet there, as before); its ciphertext is all Redis carried."""
+
+        def store_with(key: bytes) -> RedisStore:
+            return RedisStore(
+                redis_client(redis_server.url),
+                key_prefix="tb",
+                keyring=Keyring([(key.decode()[:1], key)]),
+                metrics=Metrics(),
+                clock=SystemClock(),
+            )
+
+        writer, reader = store_with(b"W" * 32), store_with(b"R" * 32)
+        try:
+            updates = cast(AsyncGenerator[Notice, None], reader.updates())
+            listener = asyncio.ensure_future(anext(updates))
+            await asyncio.sleep(0.3)
+            await writer.commit("app", token_set(2))
+            notice = await asyncio.wait_for(listener, 5)
+            await updates.aclose()
+            assert notice.kind == "token" and notice.rank == (1, 2)
+            assert notice.token is None
+        finally:
+            await writer.close()
+            await reader.close()

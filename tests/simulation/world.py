@@ -14,7 +14,7 @@ import heapq
 import itertools
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from broker.clock import Clock
@@ -498,6 +498,14 @@ class SimStoreView:
                 # a subscription made before it.
                 if self.faults.partitioned or self.outage or self.restarts[0] != restarts:
                     raise StoreUnavailable("simulated: subscription dropped")
+                after = self.faults.unreadable_after
+                if (
+                    notice.token is not None
+                    and after is not None
+                    and self._written_at.get(notice.app, -1.0) >= after
+                ):
+                    # The set it carries is under a key this replica lacks: it cannot open it.
+                    notice = replace(notice, token=None)
                 yield notice
         finally:
             if getter is not None and not getter.done():
