@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 from broker.clock import Clock
 from broker.errors import StoreUnavailable
@@ -108,7 +108,7 @@ class BrokerCore:
             task.cancel()
 
     async def _wait_on_clock(
-        self, tasks: list[asyncio.Future[None]], seconds: float
+        self, tasks: Sequence[asyncio.Future[None]], seconds: float
     ) -> set[asyncio.Future[None]]:
         """Wait for `tasks` at most `seconds` on the injected clock; return those not done."""
         every = asyncio.ensure_future(asyncio.wait(tasks))
