@@ -40,9 +40,9 @@ log = get_logger(__name__)
 
 # How long in-flight API requests get to finish on shutdown.
 SHUTDOWN_GRACE = 10.0
-# How long a refresh in flight gets to finish and persist on shutdown: one request (at most
-# 10 s), its commit and a margin (broker/fleet.py Timing). terminationGracePeriodSeconds fits it.
-REFRESH_DRAIN = 15.0
+# How long a refresh in flight gets to finish and persist on shutdown is the core's
+# `drain_bound()`: the lease plus the read timeout (137.5 s with the defaults), counted on the
+# injected clock (broker/refresher.py `drain_bound`). terminationGracePeriodSeconds fits it.
 # How long closing the store and HTTP connections may take on shutdown.
 CLOSE_TIMEOUT = 3.0
 # How often secret and client key files are checked for a change.
@@ -301,7 +301,7 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None], *, started: bo
         broker.api_socket.remove()  # no new callers; in-flight requests finish below
     # In-flight API requests and in-flight refreshes finish side by side; a refresh token that
     # was sent is answered and stored before the loops stop.
-    cleanups = [broker.core.drain(REFRESH_DRAIN)]
+    cleanups = [broker.core.drain()]
     if broker.api_runner is not None:
         cleanups.append(broker.api_runner.cleanup())
     await asyncio.gather(*cleanups)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 from broker.clock import Clock
 from broker.errors import StoreUnavailable
@@ -86,20 +85,40 @@ class BrokerCore:
 
     # ---- lifecycle -----------------------------------------------------------------------
 
-    async def drain(self, grace: float) -> None:
-        """Stop scheduling refreshes; let spends in flight finish and persist (up to `grace` s).
+    def drain_bound(self) -> float:
+        """The longest `drain()` waits: the longest of the apps' bounds (they drain side by side)."""
+        return max((r.drain_bound() for r in self.refreshers.values()), default=0.0)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop scheduling refreshes; let spends in flight finish and persist.
 
         A refresh token sent to the server must not be dropped by a rolling deploy: its answer
-        carries the rotated token, which is stored before the process exits.
+        carries the rotated token, which is stored before the process exits. One not yet sent
+        is not sent (its spend ends as aborted). The wait is bounded by `grace` seconds
+        (default `drain_bound()`: the lease plus the read timeout) on the injected clock.
         """
         stops = [asyncio.ensure_future(r.stop()) for r in self.refreshers.values()]
         if not stops:
             return
-        _, pending = await asyncio.wait(stops, timeout=grace)
+        bound = self.drain_bound() if grace is None else grace
+        pending = await self._wait_on_clock(stops, bound)
         if pending:
-            log.warning("broker.refresh_still_in_flight", apps=len(pending))
+            log.warning("broker.refresh_still_in_flight", apps=len(pending), waited=bound)
         for task in pending:
             task.cancel()
+
+    async def _wait_on_clock(
+        self, tasks: Sequence[asyncio.Future[None]], seconds: float
+    ) -> set[asyncio.Future[None]]:
+        """Wait for `tasks` at most `seconds` on the injected clock; return those not done."""
+        every = asyncio.ensure_future(asyncio.wait(tasks))
+        timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait({every, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            every.cancel()  # (leaves the tasks running)
+        return {task for task in tasks if not task.done()}
 
     async def run(self) -> None:
         """Run every refresher and the store watcher until cancelled."""
@@ -136,12 +155,15 @@ class BrokerCore:
         if self._running:
             self._start(refresher, fresh=fresh)
 
-    async def remove_app(self, name: str, *, grace: float = 15.0) -> None:
-        """Stop serving an app (config reload), after its refresh in flight, and drop its series."""
+    async def remove_app(self, name: str, *, grace: float | None = None) -> None:
+        """Stop serving an app (config reload), after its refresh in flight, and drop its series.
+
+        Waits as a drain does: at most `grace` s (default its `drain_bound()`), on the clock.
+        """
         refresher = self.refreshers.pop(name, None)
         if refresher is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(refresher.stop()), grace)
+            bound = refresher.drain_bound() if grace is None else grace
+            await self._wait_on_clock([asyncio.ensure_future(refresher.stop())], bound)
         task = self._tasks.pop(name, None)
         if task is not None:
             task.cancel()

@@ -219,6 +219,37 @@ class FleetProtocol:
         self.in_flight: str | None = None
         # When this replica last saw evidence that the store forgot (monotonic).
         self._forgot_at = float("-inf")
+        # Set on SIGTERM (or an app's removal): no refresh token is sent from then on (H5).
+        self._stopping = asyncio.Event()
+
+    # ---- stopping ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Send no refresh token from now on: a spend announced but not yet marked sent ends as
+        aborted (its objection window is cut short); one already sent is still awaited."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once `stop()` was called."""
+        return self._stopping.is_set()
+
+    async def _objection_wait(self, seconds: float) -> None:
+        """Sleep `seconds` on the clock, or until `stop()`."""
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            stopper.cancel()
+
+    async def _abort_for_stop(self, fence: int) -> Outcome:
+        """Stopping before sending: end the announced spend without effect (nobody waits on
+        it) and step aside; the caller releases the lease."""
+        await self._end_spend(fence, SpendEnd.ABORTED)
+        log.info("refresh.abandoned_for_shutdown", app=self.app, fence=fence)
+        return Busy(0.0)
 
     # ---- what other replicas tell us -------------------------------------------------------
 
@@ -587,6 +618,8 @@ class FleetProtocol:
             return OutcomeUnknown(
                 "another replica spent this refresh token with no known outcome", refresh_fp
             )
+        if self.stopping:
+            return Busy(0.0)  # stopping: announce nothing
         objection = self.objection_window(servable_left)
         pre_send_left = (
             deadline - self.timing.persist - self.timing.margin - self._clock.monotonic()
@@ -623,7 +656,9 @@ class FleetProtocol:
             log.warning("grant.retrying_in_grace_window", app=self.app)
         # Objection window: a replica that knows a newer set writes it back now.
         if objection > 0:
-            await self._clock.sleep(objection)
+            await self._objection_wait(objection)
+            if self.stopping:
+                return await self._abort_for_stop(fence)
             try:
                 stored = await self._store.load(self.app)
             except StoreUnavailable as exc:
@@ -638,6 +673,8 @@ class FleetProtocol:
         if lease_left < self.timing.min_attempt:
             await self._end_spend(fence, SpendEnd.ABORTED)
             return Busy(0.0)
+        if self.stopping:
+            return await self._abort_for_stop(fence)
         try:
             # The fence is checked once more, atomically, right before the token leaves.
             sent = await self._store.mark_sent(self.app, owner=self._owner, fence=fence)

@@ -67,6 +67,19 @@ BLOCKED_RETRY = 5.0
 BUSY_POLL = 1.0
 
 
+def drain_bound(timing: Timing, *, spends: bool) -> float:
+    """How long stopping waits at most for one app's refresh in flight: its longest lease
+    (the long objection window, one request, a commit and the margin), plus, for a grant that
+    spends refresh tokens, the read timeout to which a sent request is awaited past its lease.
+
+    With the defaults: 6 + 10 + 1 + 0.5 + 120 = 137.5 s. Stopping sends nothing new, so in
+    practice it is the read timeout of a request already sent, and its commit.
+    """
+    lease = (timing.objection_idle if spends else 0.0) + timing.max_attempt
+    lease += timing.persist + timing.margin
+    return lease + (timing.read_timeout if spends else 0.0)
+
+
 class AppRefresher:
     """Keeps one app's token fresh. `run()` is its loop; `get()` and `force()` serve callers."""
 
@@ -305,12 +318,22 @@ class AppRefresher:
                 await asyncio.shield(self._start_refresh())
 
     async def stop(self) -> None:
-        """Stop scheduling refreshes and let the one in flight finish and persist."""
+        """Stop scheduling refreshes and let the one in flight finish and persist.
+
+        A refresh token not yet marked sent is not sent any more: its announced spend ends as
+        aborted. One already sent is awaited to its answer (at most the read timeout) and the
+        answer committed (H5). `drain_bound()` is the longest this takes.
+        """
         self._stopping = True
+        self.fleet.stop()
         self._wake.set()
         inflight = self._inflight
         if inflight is not None:
             await asyncio.wait({inflight})
+
+    def drain_bound(self) -> float:
+        """The longest `stop()` may wait for the refresh in flight (see `drain_bound`)."""
+        return drain_bound(self.fleet.timing, spends=self.grant_spends)
 
     def prime(self, stored: TokenSet) -> None:
         """Start from `stored`, read for many apps at once: the loop's first look is done."""

@@ -88,12 +88,18 @@ def chart_docs(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
 def drain_bound() -> float:
     """The longest the broker's shutdown on SIGTERM takes (broker/app.py `shutdown`).
 
-    API requests and a refresh in flight drain side by side, then the loops stop, the metrics
+    API requests and a refresh in flight drain side by side (a sent refresh token is awaited to
+    the default read timeout, after the longest lease), then the loops stop, the metrics
     listener closes (1 s) and the store and the HTTP session close.
     """
-    from broker.app import CLOSE_TIMEOUT, REFRESH_DRAIN, SHUTDOWN_GRACE
+    from broker.app import CLOSE_TIMEOUT, SHUTDOWN_GRACE
+    from broker.fleet import Timing
+    from broker.model import RefreshPolicy
+    from broker.refresher import drain_bound as refresh_drain
 
-    return max(SHUTDOWN_GRACE, REFRESH_DRAIN) + CLOSE_TIMEOUT + 1.0 + 2 * CLOSE_TIMEOUT
+    timing = Timing(read_timeout=RefreshPolicy().read_timeout)
+    refresh = refresh_drain(timing, spends=True)
+    return max(SHUTDOWN_GRACE, refresh) + CLOSE_TIMEOUT + 1.0 + 2 * CLOSE_TIMEOUT
 
 
 def redis_command(docs: list[dict[str, Any]]) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from broker.store.memory import MemoryState
 from tests.simulation.schedule import Schedule, run
-from tests.simulation.world import World, WorldConfig
+from tests.simulation.world import APP, World, WorldConfig
 
 # How often a script looks at the world while it waits for a moment (simulated seconds).
 POLL = 0.01
@@ -169,7 +169,46 @@ def h2_grace_retry_on_a_long_lifetime_1() -> Schedule:
     return _lost_reply_on_a_long_lifetime(1)
 
 
+def h5_sigterm_mid_spend_after_an_outage() -> Schedule:
+    """H5: a store outage outlasts the servable time, so the first spend after it waits the
+    long objection window (6 s) before sending. SIGTERM reaches its spender inside that
+    window: it must abandon the spend unsent (not send a refresh token after SIGTERM). The
+    next spender is SIGTERMed the moment its refresh token is on the wire, and the server
+    answers after 20 s (past the old 15 s drain): its drain must wait for the answer and
+    store it. The drain's bound runs on the simulated clock, as the broker's does."""
+
+    async def script(world: World) -> None:
+        store = world.store.state
+        await world.time.sleep(30.0)
+        world.set_store_outage(True)
+        await world.time.sleep(40.0)  # the token stops being servable meanwhile
+        world.set_store_outage(False)
+        await until(world, lambda: APP in store.spends and store.spends[APP].state == "announced")
+        first = _index(world, store.spends[APP].owner)
+        world.terminate(first)
+        world.server.faults.stall_next = 20.0
+        sends = len(world.server.sends)
+        await until(world, lambda: len(world.server.sends) > sends)
+        second = _index(world, world.server.sends[-1][1])
+        world.terminate(second)
+        await world.time.sleep(60.0)
+        world.start_replica(first)
+        world.start_replica(second)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_005,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="h5_sigterm_mid_spend_after_an_outage",
+        script=script,
+        script_heals_by=240.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
+    "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
     "h2_grace_retry_on_a_long_lifetime_1": h2_grace_retry_on_a_long_lifetime_1,
     "h3_aborted_grace_retry": h3_aborted_grace_retry,

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from broker.core import BrokerCore
 from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
 from broker.store import Notice, SpendEnd
@@ -120,3 +121,19 @@ class TestEachFixPutBackOpensItsDoor:
         mutate(MemoryStore, "end_spend", deletes)
         result = run(DOORS["h3_aborted_grace_retry"]())
         assert not result.ok
+
+    def test_h5_sending_after_sigterm(self, mutate: Callable[[object, str, object], None]) -> None:
+        """H5: a spender that ignores SIGTERM before sending waits out its objection window and
+        sends a refresh token from a process that is shutting down."""
+        mutate(FleetProtocol, "stop", lambda self: None)
+        result = run(DOORS["h5_sigterm_mid_spend_after_an_outage"]())
+        assert not result.ok
+        assert any("marked sent after SIGTERM" in v for v in result.violations), result.report()
+
+    def test_h5_the_old_15_s_drain(self, mutate: Callable[[object, str, object], None]) -> None:
+        """H5: a drain bounded at 15 s (now on the injected clock, where the simulation sees it)
+        exits with a sent refresh token whose answer takes 20 s, and drops it."""
+        mutate(BrokerCore, "drain_bound", lambda self: 15.0)
+        result = run(DOORS["h5_sigterm_mid_spend_after_an_outage"]())
+        assert not result.ok
+        assert any("abandoned while draining" in v for v in result.violations), result.report()

@@ -178,6 +178,9 @@ class SimAuthServer:
         # Refresh requests a replica abandoned while draining for SIGTERM (never allowed: the
         # drain waits for a spend in flight and persists its answer).
         self.dropped_on_sigterm = 0
+        # Spends marked sent by a replica after its SIGTERM (never allowed: stopping sends
+        # nothing new, it only sees through a request already sent).
+        self.sent_after_sigterm = 0
         self.cc_requests = 0
         self.late: set[asyncio.Future[None]] = set()  # cancelled requests still on their way
         # Every refresh token sent: (world time, replica, refresh token), for scripted faults.
@@ -370,6 +373,8 @@ class SimStoreView:
         self.dead = False  # the replica was killed
         self._written_at = written_at  # app → world time of the last stored commit (any view)
         self.restarts = [0]  # shared: the store's restarts so far (each drops every connection)
+        self.draining = False  # SIGTERM received
+        self.server: SimAuthServer | None = None  # counts a spend marked sent while draining
 
     def _reachable(self) -> None:
         if self.faults.partitioned or self.outage or self.dead:
@@ -458,6 +463,8 @@ class SimStoreView:
 
     async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
         """Mark a spend sent, possibly losing the answer after applying it."""
+        if self.draining and not self.dead and self.server is not None:
+            self.server.sent_after_sigterm += 1
         await self._hop()
         result = await self._shared.mark_sent(app, owner=owner, fence=fence)
         self._maybe_lose()
@@ -639,6 +646,7 @@ class World:
             self.time, self.store, random.Random(self.rng.random()), self.written_at
         )
         view.restarts = self.restarts
+        view.server = self.server
         view.outage = self.store_outage
         source = SimSource(self.time, self.server, clock, random.Random(self.rng.random()))
         name = f"r{index}.{next(self._incarnations)}"
@@ -689,18 +697,25 @@ class World:
     def terminate(self, index: int) -> None:
         """SIGTERM: stop scheduling, let a spend in flight finish and persist, then exit.
 
-        The drain runs on simulated time beside everything else; the replica counts as gone
-        (it no longer serves) from the signal on.
+        The drain runs on simulated time beside everything else, bounded as the broker bounds
+        it (on the injected clock); the replica counts as gone (it no longer serves) from the
+        signal on. At the bound the process exits: whatever is still in flight is dropped.
         """
         replica = self.replicas[index]
         replica.alive = False
         replica.core.draining = True
         replica.source.draining = True
+        replica.view.draining = True
 
         async def drain_then_exit() -> None:
-            await replica.core.drain(15.0)
+            await replica.core.drain(None)
             replica.task.cancel()
-            await asyncio.gather(replica.task, return_exceptions=True)
+            inflight = replica.refresher._inflight
+            if inflight is not None:
+                inflight.cancel()  # the process is gone
+            await asyncio.gather(
+                replica.task, *([inflight] if inflight else []), return_exceptions=True
+            )
 
         self.draining.append(asyncio.ensure_future(drain_then_exit()))
 
