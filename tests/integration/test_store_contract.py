@@ -378,7 +378,6 @@ class TestNotices:
             ("abort", "b", False, True),
         ]
 
-
     async def test_a_token_notice_carries_the_committed_set(self, store: TokenStore) -> None:
         """A replica adopts a committed set from its notice, without reading the store."""
         updates = cast(AsyncGenerator[Notice, None], store.updates())
