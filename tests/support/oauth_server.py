@@ -85,7 +85,9 @@ class OAuthTestServer:
         self.twilio_errors = False  # answer errors in Twilio's shape
         self.script: list[Scripted] = []
         self.delays: list[float] = []  # delays before answering normally, one per request
-        self.post_delays: list[float] = []  # delays after issuing (rotation done), one per request
+        # Delays after issuing, one per request: the rotation is done on receipt, and stands
+        # even when the client gives up and disconnects during the delay.
+        self.post_delays: list[float] = []
         self.mode: Scripted | None = None  # answered to every request until cleared
         self.requests: list[RecordedRequest] = []
         self.grants: dict[str, Grant] = {}
@@ -100,6 +102,7 @@ class OAuthTestServer:
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         self._seen_jti: set[str] = set()
+        self._awaiting: list[tuple[str | None, asyncio.Future[RecordedRequest]]] = []
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -152,6 +155,13 @@ class OAuthTestServer:
         """Token requests answered 200."""
         return sum(1 for r in self.requests if r.status == 200)
 
+    def expect_request(self, grant_type: str | None = None) -> asyncio.Future[RecordedRequest]:
+        """A future set when the next token request (of `grant_type`, or any) is received,
+        before it is answered or delayed: a test acts at that moment instead of polling."""
+        future: asyncio.Future[RecordedRequest] = asyncio.get_running_loop().create_future()
+        self._awaiting.append((grant_type, future))
+        return future
+
     def fail_next(self, n: int = 1, **kwargs: Any) -> None:
         """Answer the next `n` requests with the given Scripted answer."""
         self.script.extend(Scripted(**kwargs) for _ in range(n))
@@ -199,6 +209,12 @@ class OAuthTestServer:
         form = {k: str(v) for k, v in (await request.post()).items()}
         record = RecordedRequest(form=form, headers=dict(request.headers), at=time.time())
         self.requests.append(record)
+        for entry in list(self._awaiting):
+            grant_type, future = entry
+            if grant_type is None or form.get("grant_type") == grant_type:
+                self._awaiting.remove(entry)
+                if not future.done():
+                    future.set_result(record)
         if self.delays:
             await asyncio.sleep(self.delays.pop(0))
         canned = self.script.pop(0) if self.script else self.mode
