@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 
@@ -72,7 +73,7 @@ class TestFairWeather:
             until = time.time()
         served_no_expired(*stats)
         assert stats[1].unavailable == 0
-        refresh = RefreshPolicy(**DEFAULT_REFRESH)
+        refresh = dataclasses.replace(RefreshPolicy(), **DEFAULT_REFRESH)
         single_rate = paced_requests_per_lifetime(single.oauth, since, until, lifetime, refresh)
         fleet_rate = paced_requests_per_lifetime(fleet.oauth, since, until, lifetime, refresh)
         counts = [len(refreshes_between(run.oauth, since, until, None)) for run in runs.values()]
