@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from broker.fleet import Fetch, FleetProtocol
+from broker.oauth import parse
 from broker.model import TokenSet
 from broker.store import Notice, SpendEnd
 from broker.store.memory import MemoryStore
@@ -120,3 +121,17 @@ class TestEachFixPutBackOpensItsDoor:
         mutate(MemoryStore, "end_spend", deletes)
         result = run(DOORS["h3_aborted_grace_retry"]())
         assert not result.ok
+
+    def test_m4_a_500_counted_as_the_server_did_not_act(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """M4: with the old classification (only a gateway's 502/504 may have acted), a 500
+        after a rotation is "aborted", and the spent refresh token is presented again."""
+        mutate(
+            parse,
+            "server_may_have_acted",
+            lambda status, headers, *, rotating: status in {502, 504},
+        )
+        result = run(DOORS["m4_500_after_rotating"]())
+        assert not result.ok
+        assert result.revoked
