@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from broker.fleet import Fetch, FleetProtocol
-from broker.oauth import parse
 from broker.model import TokenSet
+from broker.oauth import parse
 from broker.store import Notice, SpendEnd
 from broker.store.memory import MemoryStore
 from tests.simulation.doors import DOORS
