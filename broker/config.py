@@ -362,6 +362,7 @@ def _refresh(data: object, key: str) -> RefreshPolicy:
             "default_lifetime",
             "reuse_grace",
             "read_timeout",
+            "server_transactional",
         },
     )
     d = RefreshPolicy()
@@ -387,6 +388,9 @@ def _refresh(data: object, key: str) -> RefreshPolicy:
             m.get("reuse_grace", d.reuse_grace), f"{key}.reuse_grace", allow_zero=True
         ),
         read_timeout=parse_duration(m.get("read_timeout", d.read_timeout), f"{key}.read_timeout"),
+        server_transactional=_bool(
+            m.get("server_transactional", d.server_transactional), f"{key}.server_transactional"
+        ),
     )
 
 

@@ -123,6 +123,9 @@ class RefreshPolicy:
     # cancelled sooner: the server may act on it, and its answer carries the only copy of the
     # rotated token (issue 20, H1).
     read_timeout: float = 120.0
+    # The server's token endpoint is transactional: a 5xx answer means it did not rotate the
+    # refresh token. Off by default: a 500 may follow a rotation (issue 20, M4).
+    server_transactional: bool = False
 
 
 @dataclass(frozen=True, slots=True)

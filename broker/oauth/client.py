@@ -130,6 +130,10 @@ class OAuthClient:
                     payload,
                     sent_at=sent_at,
                     default_lifetime=self.spec.refresh.default_lifetime,
+                    rotating=(
+                        form.get("grant_type") == "refresh_token"
+                        and not self.spec.refresh.server_transactional
+                    ),
                 )
         except aiohttp.ClientConnectorError as exc:
             # The connection was never made: the request certainly did not reach the server.

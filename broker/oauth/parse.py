@@ -2,6 +2,10 @@
 
 Transient: 5xx, 429, and a 200 whose body is not a token. Permanent: RFC 6749 §5.2 errors,
 Twilio's 32xxxx codes, and any other 4xx.
+
+For a rotating grant (a refresh token sent to a server not declared transactional) a 5xx is
+an unknown outcome: a server that rotated and then failed while rendering answers 500 (issue
+20, M4). Only a 429, or a 503 with Retry-After, says the server did not act.
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ def parse_token_response(
     *,
     sent_at: float,
     default_lifetime: float,
+    rotating: bool = False,
 ) -> TokenSet:
-    """The token set in a 2xx response; otherwise raise the classified error."""
+    """The token set in a 2xx response; otherwise raise the classified error.
+
+    `rotating`: the request spent a refresh token at a server not declared transactional.
+    """
     if not 200 <= status < 300:
-        raise classify_error(status, headers, body, sent_at=sent_at)
+        raise classify_error(status, headers, body, sent_at=sent_at, rotating=rotating)
     # A 2xx that is not a token may still mean the server acted (rotated a refresh token).
     document = _json_object(body)
     if document is None:
@@ -73,9 +81,17 @@ def parse_token_response(
 
 
 def classify_error(
-    status: int, headers: Mapping[str, str], body: bytes, *, sent_at: float
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    sent_at: float,
+    rotating: bool = False,
 ) -> TokenEndpointError:
-    """The error for a non-2xx response (returned, not raised)."""
+    """The error for a non-2xx response (returned, not raised).
+
+    `rotating`: the request spent a refresh token at a server not declared transactional.
+    """
     retry_after = parse_retry_after(headers.get("Retry-After"), sent_at)
     document = _json_object(body)
     error, description = _error_fields(document)
@@ -89,12 +105,25 @@ def classify_error(
             error=error,
             description=description,
             retry_after=retry_after,
-            # A gateway's 502/504: the server behind it may have acted before the reply was lost.
-            outcome_unknown=status in _GATEWAY_STATUSES,
+            outcome_unknown=server_may_have_acted(status, headers, rotating=rotating),
         )
     return PermanentTokenError(
         f"http {status}{detail}", status=status, error=error, description=description
     )
+
+
+def server_may_have_acted(status: int, headers: Mapping[str, str], *, rotating: bool) -> bool:
+    """True when a 5xx/429 answer leaves open whether the server acted on the request.
+
+    A gateway's 502/504 always does: the server behind it may have acted before the reply was
+    lost. For a rotating grant every 5xx does (a server may rotate, then fail while rendering
+    the answer), except a 503 with Retry-After, which is a refusal to start. A 429 never does.
+    """
+    if status in _GATEWAY_STATUSES:
+        return True
+    if not rotating or status < 500:
+        return False
+    return not (status == 503 and headers.get("Retry-After") is not None)
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

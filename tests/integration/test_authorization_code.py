@@ -30,7 +30,7 @@ from tests.support.broker_process import (
     wall_time,
 )
 from tests.support.fleet import Fleet, Poller
-from tests.support.oauth_server import OAuthTestServer
+from tests.support.oauth_server import OAuthTestServer, Scripted
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -361,3 +361,63 @@ class TestCrashAfterRotation:
         first = min(wall_time(line) for line in announced)
         assert first > killed_at
         assert any(status == 200 for i in alive for status in stats.of(i, since=first))
+
+
+class TestServerErrorAfterRotating:
+    """Issue 20, M4: a 5xx to a refresh-token request may follow a rotation."""
+
+    async def test_a_500_after_rotating_is_unknown_and_never_respent(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """The server rotates, then answers 500: the broker audits grant.outcome_unknown and
+        never presents the spent refresh token again (reuse detection would revoke the grant)."""
+        oauth_server.lifetime = 3.0
+        files = files_for(tmp_path, oauth_server, redis_server)
+        config = files.write()
+        await authorize_via_code(config, oauth_server)
+        spent = next(iter(oauth_server.grants.values())).current_refresh
+        oauth_server.fail_after_rotating = [500]
+        broker = BrokerProcess(config, tmp_path / "broker.log")
+        broker.start()
+        try:
+            await broker.wait_ready(files.metrics)
+            await asyncio.sleep(8)  # the failed refresh, then past the token's expiry
+            status, body = await get_token(files)
+        finally:
+            broker.terminate()
+        presented = [r.form.get("refresh_token") for r in oauth_server.requests]
+        assert presented.count(spent) == 1, "the spent refresh token was presented again"
+        assert [r.status for r in oauth_server.requests if "refresh_token" in r.form] == [500]
+        assert oauth_server.reuse_detected == 0
+        assert (status, body["error"]) == (409, "needs_authorization")
+        announced = [
+            line
+            for line in broker.log_lines()
+            if line["event"] == "grant.outcome_unknown" and line.get("audit")
+        ]
+        assert announced, "grant.outcome_unknown was not audited"
+
+    async def test_a_transactional_server_s_500_is_retried(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, redis_server: RedisServer
+    ) -> None:
+        """With refresh.server_transactional, a 500 means the server did not act: the same
+        refresh token is sent again and the broker keeps serving."""
+        oauth_server.lifetime = 3.0
+        files = files_for(tmp_path, oauth_server, redis_server, server_transactional=True)
+        config = files.write()
+        await authorize_via_code(config, oauth_server)
+        first = next(iter(oauth_server.grants.values())).current_refresh
+        oauth_server.script = [Scripted(status=500)]
+        broker = BrokerProcess(config, tmp_path / "broker.log")
+        broker.start()
+        try:
+            await broker.wait_ready(files.metrics)
+            await asyncio.sleep(8)
+            status, _ = await get_token(files)
+        finally:
+            broker.terminate()
+        presented = [r.form.get("refresh_token") for r in oauth_server.requests]
+        assert presented.count(first) == 2
+        assert oauth_server.reuse_detected == 0
+        assert status == 200
+        assert not any(line["event"] == "grant.outcome_unknown" for line in broker.log_lines())

@@ -72,7 +72,12 @@ class TestFairWeather:
             until = time.time()
         served_no_expired(*stats)
         assert stats[1].unavailable == 0
-        refresh = RefreshPolicy(**DEFAULT_REFRESH)
+        refresh = RefreshPolicy(
+            at_fraction=DEFAULT_REFRESH["at_fraction"],
+            min_remaining=DEFAULT_REFRESH["min_remaining"],
+            jitter=DEFAULT_REFRESH["jitter"],
+            safety_margin=DEFAULT_REFRESH["safety_margin"],
+        )
         single_rate = paced_requests_per_lifetime(single.oauth, since, until, lifetime, refresh)
         fleet_rate = paced_requests_per_lifetime(fleet.oauth, since, until, lifetime, refresh)
         counts = [len(refreshes_between(run.oauth, since, until, None)) for run in runs.values()]

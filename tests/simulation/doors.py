@@ -207,6 +207,29 @@ def h5_sigterm_mid_spend_after_an_outage() -> Schedule:
     )
 
 
+def m4_500_after_rotating() -> Schedule:
+    """M4: the server rotates one refresh token, then fails while rendering and answers 500.
+    The old refresh token is spent: presenting it again revokes the grant, so the 500 must be
+    an unknown outcome, not "the server did not act"."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.error_after_acting = 500
+        await until(world, lambda: server.presentations)
+        server.faults.error_after_acting = None
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_005,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="m4_500_after_rotating",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -215,6 +238,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "c1_replaced_pod_empty_restart_3": c1_replaced_pod_empty_restart_3,
     "c1_replaced_pod_empty_restart_2": c1_replaced_pod_empty_restart_2,
     "h1_slow_answer_past_the_budget": h1_slow_answer_past_the_budget,
+    "m4_500_after_rotating": m4_500_after_rotating,
 }
 
 

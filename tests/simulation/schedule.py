@@ -28,6 +28,7 @@ FAULT_KINDS = (
     "server_down",
     "server_429",
     "server_500",
+    "server_500_after_acting",
     "server_slow",
     "server_lossy",
     "crash",
@@ -289,6 +290,8 @@ async def _apply(
         case "server_429" | "server_500":
             server.faults.status = (429 if fault.kind == "server_429" else 500) if on else None
             server.faults.retry_after = 1 + fault.param * 30 if fault.kind == "server_429" else None
+        case "server_500_after_acting":
+            server.faults.error_after_acting = 500 if on else None
         case "server_slow":
             # Slow, but within the client's 10 s budget: the answer arrives.
             server.faults.slow = (1 + fault.param * 7) if on else 0.0

@@ -11,6 +11,7 @@ import pytest
 from broker.core import BrokerCore
 from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
+from broker.oauth import parse
 from broker.store import Notice, SpendEnd
 from broker.store.memory import MemoryStore
 from tests.simulation.doors import DOORS
@@ -137,3 +138,17 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["h5_sigterm_mid_spend_after_an_outage"]())
         assert not result.ok
         assert any("abandoned while draining" in v for v in result.violations), result.report()
+
+    def test_m4_a_500_counted_as_the_server_did_not_act(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """M4: with the old classification (only a gateway's 502/504 may have acted), a 500
+        after a rotation is "aborted", and the spent refresh token is presented again."""
+        mutate(
+            parse,
+            "server_may_have_acted",
+            lambda status, headers, *, rotating: status in {502, 504},
+        )
+        result = run(DOORS["m4_500_after_rotating"]())
+        assert not result.ok
+        assert result.revoked

@@ -29,6 +29,7 @@ from broker.fleet import Timing
 from broker.fleetclock import FleetClock
 from broker.metrics import Metrics
 from broker.model import AppSpec, FailureRecord, GrantType, RefreshPolicy, TokenSet
+from broker.oauth.parse import classify_error
 from broker.refresher import AppRefresher
 from broker.store import Commit, Lease, Notice, SpendEnd, SpendStart
 from broker.store.memory import MemoryStore
@@ -150,6 +151,8 @@ class ServerFaults:
     slow: float = 0.0  # extra seconds before the server acts
     stall_next: float = 0.0  # extra seconds before the server acts on the next refresh only
     lose_replies: float = 0.0  # probability the reply to a processed request is lost
+    # The status a refresh is answered with after the server rotated (failed while rendering).
+    error_after_acting: int | None = None
 
 
 class SimAuthServer:
@@ -316,6 +319,12 @@ class SimSource:
             record = server.presentations[-1]
             if lost:
                 record.reply_lost, record.lost_by = True, "wire"
+            elif faults.error_after_acting is not None and record.outcome == "rotated":
+                # Rotated, then failed while rendering: the new token is in no answer.
+                status = faults.error_after_acting
+                record.reply_lost, record.lost_by = True, "server_error"
+                await self._world.sleep(0.02)
+                raise classify_error(status, {}, b"", sent_at=sent_wall, rotating=True)
             if self.on_spend is not None:
                 on_spend, self.on_spend = self.on_spend, None
                 on_spend()

@@ -89,6 +89,9 @@ class OAuthTestServer:
         # even when the client gives up and disconnects during the delay.
         self.post_delays: list[float] = []
         self.mode: Scripted | None = None  # answered to every request until cleared
+        # Statuses answered to the next refresh-token requests after rotating (the server acted,
+        # then failed while rendering its answer), one per request.
+        self.fail_after_rotating: list[int] = []
         self.requests: list[RecordedRequest] = []
         self.grants: dict[str, Grant] = {}
         self.reuse_detected = 0
@@ -238,6 +241,12 @@ class OAuthTestServer:
                 content_type=canned.content_type,
             )
         response = self._answer(request, form)
+        if (
+            self.fail_after_rotating
+            and form.get("grant_type") == "refresh_token"
+            and response.status == 200
+        ):
+            response = self._error(self.fail_after_rotating.pop(0), "server_error", 320001)
         record.status = response.status
         if self.post_delays:
             await asyncio.sleep(self.post_delays.pop(0))

@@ -57,6 +57,7 @@ class TestValidConfig:
         assert app.refresh.min_remaining == 120
         assert app.refresh.at_fraction == 0.75
         assert app.refresh.safety_margin == 30
+        assert app.refresh.server_transactional is False
         assert app.client_secret_file == tmp_path / "secret"
         assert config.store.key_prefix == "token-broker"
         assert config.clients["billing"].key_files == (tmp_path / "client.key",)
@@ -192,6 +193,12 @@ BROKEN: list[tuple[str, Mutation, str, str]] = [
         ),
         "apps.twilio.redirect_uri",
         "required",
+    ),
+    (
+        "server_transactional not a bool",
+        _set("apps.twilio.refresh.server_transactional", "yes"),
+        "apps.twilio.refresh.server_transactional",
+        "true or false",
     ),
     (
         "unknown grant",

@@ -123,6 +123,7 @@ class TestLoadConfig:
                         "safety_margin": "1m",
                         "default_lifetime": "2h",
                         "reuse_grace": "30s",
+                        "server_transactional": True,
                     },
                 },
                 "local": {
@@ -145,7 +146,9 @@ class TestLoadConfig:
         assert twilio.client_auth is ClientAuth.CLIENT_SECRET_BASIC
         assert (twilio.required, twilio.scopes) == (False, ("read", "write"))
         assert twilio.extra_params == {"resource": "x", "flag": "true", "n": "3"}
-        assert twilio.refresh == RefreshPolicy(0.5, 600.0, 0.1, 60.0, 7200.0, reuse_grace=30.0)
+        assert twilio.refresh == RefreshPolicy(
+            0.5, 600.0, 0.1, 60.0, 7200.0, reuse_grace=30.0, server_transactional=True
+        )
         assert config.apps["local"].token_url == "http://127.0.0.1:9000/token"
         assert config.clients["reports"].key_sha256 == ("ab" * 32,)
         assert config.clients["billing"].apps == ("twilio", "local")
