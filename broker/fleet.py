@@ -217,8 +217,11 @@ class FleetProtocol:
         # The refresh token this replica has on the wire (marked sent, no answer yet): it
         # vetoes any other spend of it, whatever the store says (C1).
         self.in_flight: str | None = None
-        # When this replica last saw evidence that the store forgot (monotonic).
+        # When this replica last saw evidence that the store forgot (monotonic), and the rank
+        # it then wrote back: only a refresh token of that rank or older can have been in
+        # flight when the store forgot; a newer one was issued after it.
         self._forgot_at = float("-inf")
+        self._forgot_rank = (0, 0)
         # Set on SIGTERM (or an app's removal): no refresh token is sent from then on (H5).
         self._stopping = asyncio.Event()
 
@@ -387,6 +390,7 @@ class FleetProtocol:
             # The store held an older set or none: it forgot (an empty restart, a failover that
             # lost writes, a restore). Spends wait the long objection window for a while.
             self._forgot_at = self._clock.monotonic()
+            self._forgot_rank = max(self._forgot_rank, current.rank)
             log.info(
                 "store.written_back",
                 app=self.app,
@@ -601,8 +605,18 @@ class FleetProtocol:
         return min(self.timing.objection, servable_left / 4)
 
     def store_forgot_recently(self) -> bool:
-        """True within `forgetful_for` seconds of evidence that the store forgot something."""
-        return self._clock.monotonic() - self._forgot_at < self.timing.forgetful_for
+        """True within `forgetful_for` seconds of evidence that the store forgot something,
+        while the refresh token to spend is one that may have been in flight then.
+
+        Once a newer set is held, the long window has done its work: that set's refresh token
+        was issued after the forgetting, so no replica cut off by it can have it on the wire.
+        Without this a fleet whose tokens live less than the long window would stop serving
+        for `forgetful_for` after a store restart (every spend waiting past the expiry).
+        """
+        if self._clock.monotonic() - self._forgot_at >= self.timing.forgetful_for:
+            return False
+        current = self._current()
+        return current is None or current.rank <= self._forgot_rank
 
     async def _spend(
         self, fetch: Fetch, current: TokenSet, fence: int, deadline: float, servable_left: float

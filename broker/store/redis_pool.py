@@ -88,6 +88,21 @@ class BoundedCluster(RedisCluster):
         self._slots = asyncio.Semaphore(max_in_flight)
         self._wait_timeout = wait_timeout
 
+    async def initialize(self, *args: Any, **kwargs: Any) -> BoundedCluster:
+        """RedisCluster.initialize, then close the seed nodes' idle connections.
+
+        redis-py asks a startup node for the topology through that node's own pool, which is
+        not the pool of the node it discovers at the same address; its connection would stay
+        open beside the per-node limit (one more connection per seed, for good).
+        """
+        await super().initialize(*args, **kwargs)
+        discovered = {id(node) for node in self.nodes_manager.nodes_cache.values()}
+        seeds = [
+            node for node in self.nodes_manager.startup_nodes.values() if id(node) not in discovered
+        ]
+        await asyncio.gather(*(_close_idle(node) for node in seeds), return_exceptions=True)
+        return self
+
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one of the in-flight slots (waiting up to `wait_timeout` for it)."""
@@ -118,6 +133,15 @@ class BoundedCluster(RedisCluster):
         if shard_hint:
             return super().pipeline(transaction, shard_hint)  # redis-py raises its own error
         return _BoundedPipeline(self, transaction)  # type: ignore[abstract]
+
+
+async def _close_idle(node: ClusterNode) -> None:
+    """Close `node`'s idle connections (all of them on a redis-py without that method)."""
+    close_free = getattr(node, "disconnect_free_connections", None)
+    if close_free is not None:
+        await close_free()
+    else:
+        await node.disconnect()
 
 
 class _BoundedPipeline(ClusterPipeline):

@@ -41,7 +41,7 @@ H1_LIFETIME = 6.0
 # C1: the spender's request is slow but inside the budget, and the token it spends is still
 # servable meanwhile (so the short objection window applies to a replica that forgot nothing).
 C1_SLOW_ANSWER = 6.0
-C1_LIFETIME = 12.0
+C1_LIFETIME = 20.0
 
 
 async def doors_fleet(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from broker.model import RefreshPolicy
 from broker.store.memory import MemoryState
 from tests.simulation.schedule import Schedule, run
 from tests.simulation.world import APP, World, WorldConfig
@@ -230,6 +231,44 @@ def m4_500_after_rotating() -> Schedule:
     )
 
 
+def empty_restart_on_short_tokens() -> Schedule:
+    """Redis restarts empty under a fleet of 8 s tokens, shorter than the long objection window
+    (6 s) plus a request: the first spend after the write-back waits that window, and once a
+    newer set exists later spends use the short one again. Every replica then serves without a
+    gap from two lifetimes after the restart. (Found by the real-process TestEmptyRestart on
+    5 s tokens: each spend for `forgetful_for` waited the long window, past the expiry.)"""
+    lifetime = 8.0
+    restart_at = 40.0
+
+    async def script(world: World) -> None:
+        await world.time.sleep(restart_at)
+        world.store.restore(MemoryState())
+        world.restarts[0] += 1
+        await world.time.sleep(2 * lifetime)
+        gaps: list[str] = []
+        for _ in range(int(4 * lifetime / 0.1)):
+            gaps += [
+                f"{r.name} at {world.time.now:.1f}"
+                for r in world.replicas
+                if r.alive and r.refresher.servable() is None
+            ]
+            await world.time.sleep(0.1)
+        if gaps:
+            raise AssertionError(f"no token served after the restart: {gaps[:5]} ({len(gaps)})")
+
+    policy = RefreshPolicy(at_fraction=0.5, min_remaining=1.0, jitter=0.05, safety_margin=0.8)
+    config = WorldConfig(replicas=3, lifetime=lifetime, grace=0.0, offsets=[0.0] * 3, policy=policy)
+    return Schedule(
+        seed=20_006,
+        config=config,
+        faults=(),
+        duration=restart_at + 8 * lifetime,
+        name="empty_restart_on_short_tokens",
+        script=script,
+        script_heals_by=restart_at + 1.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -239,6 +278,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "c1_replaced_pod_empty_restart_2": c1_replaced_pod_empty_restart_2,
     "h1_slow_answer_past_the_budget": h1_slow_answer_past_the_budget,
     "m4_500_after_rotating": m4_500_after_rotating,
+    "empty_restart_on_short_tokens": empty_restart_on_short_tokens,
 }
 
 

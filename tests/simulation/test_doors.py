@@ -152,3 +152,19 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["m4_500_after_rotating"]())
         assert not result.ok
         assert result.revoked
+
+    def test_the_long_window_for_every_spend_while_the_store_forgot_recently(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """After a write-back, a long objection window for every spend (not only for the set
+        written back) leaves a fleet of short tokens without one for most of a minute."""
+
+        def by_time_only(self: FleetProtocol) -> bool:
+            return self._clock.monotonic() - self._forgot_at < self.timing.forgetful_for
+
+        mutate(FleetProtocol, "store_forgot_recently", by_time_only)
+        result = run(DOORS["empty_restart_on_short_tokens"]())
+        assert not result.ok
+        assert any("no token served after the restart" in v for v in result.violations), (
+            result.report()
+        )

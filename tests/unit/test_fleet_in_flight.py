@@ -5,6 +5,7 @@ reuse detected (C1), and a sent request is awaited past its lease to the read ti
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from broker.errors import PermanentTokenError
 from broker.fleet import Fetched, FleetProtocol, ReuseDetected, Timing
@@ -121,6 +122,27 @@ async def test_a_write_back_makes_spends_wait_the_long_objection_window_for_a_wh
     assert protocol.lease_ttl(10.0) > protocol.timing.objection_idle + protocol.timing.max_attempt
     await clock.advance(61.0)
     assert protocol.objection_window(10.0) == protocol.timing.objection
+
+
+async def test_the_long_objection_window_ends_with_the_first_set_newer_than_the_write_back() -> (
+    None
+):
+    """Only the refresh token of the set written back (or an older one) can have been in flight
+    when the store forgot: once a newer set is held, spends use the short window again, so a
+    fleet of tokens shorter than the long window keeps serving after a store restart."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    holder = _Holder(_grant(clock))
+    protocol = _protocol(store, clock, "r1", holder, forgetful_for=60.0)
+    assert await protocol.sync()  # written back: the store forgot
+    assert protocol.objection_window(10.0) == protocol.timing.objection_idle
+
+    written_back = holder.token
+    assert written_back is not None
+    holder.token = replace(written_back, generation=written_back.generation + 1)
+    assert protocol.objection_window(10.0) == protocol.timing.objection
+    holder.token = written_back  # the same rank again (a replica that did not adopt yet)
+    assert protocol.objection_window(10.0) == protocol.timing.objection_idle
 
 
 async def test_invalid_grant_for_a_sent_token_is_reuse_detected() -> None:
