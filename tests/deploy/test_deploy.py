@@ -610,6 +610,8 @@ class TestChartOptions:
             {"networkPolicy": {"enable": True}},
             {"secrets": {"storekey": "x"}},
             {"resources": {"limit": {"memory": "1Gi"}}},
+            {"probes": {"startup": {"failureTreshold": 60}}},
+            {"workload": {"podDisruptionBudget": {"minAvailable": 1}}},
         ],
     )
     def test_nested_objects_refuse_unknown_keys(self, values: dict[str, Any]) -> None:
@@ -683,6 +685,110 @@ class TestChartOptions:
                 assert not {"imagePullSecrets", "tolerations", "topologySpreadConstraints"} & set(
                     spec
                 )
+
+
+# A typo in each object of the broker config the chart's schema closes (broker/schema.py,
+# embedded by scripts/chart-schema): the dotted place in values.yaml's config, then the typo.
+CONFIG_TYPOS = [
+    ("", "clientz"),
+    ("server", "listn"),
+    ("store", "keyprefix"),
+    ("apps.twilio", "refesh"),
+    ("apps.twilio.refresh", "jiter"),
+    ("apps.twilio.proxy", "upstreem"),
+    ("apps.twilio.sinks.0", "pth"),
+    ("clients.billing", "uid"),
+]
+
+
+class TestConfigSchemaInTheChart:
+    @pytest.mark.parametrize(("place", "typo"), CONFIG_TYPOS)
+    def test_a_typo_anywhere_in_config_fails_lint(self, place: str, typo: str) -> None:
+        """helm lint (and install) refuse an unknown key in any object of `config:`, before a
+        pod could crash on it."""
+        import helm_python as helm
+
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        config = values["config"]
+        config["apps"]["twilio"]["refresh"] = {"jitter": 0.1}
+        config["apps"]["twilio"]["sinks"] = [{"path": "/run/token-broker/twilio"}]
+        report = helm.lint(str(CHART), values, strict=True)
+        assert report["errors"] == [], report
+        node = config
+        for part in filter(None, place.split(".")):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[typo] = True
+        report = helm.lint(str(CHART), values, strict=True)
+        assert report["errors"], report
+        assert typo in json.dumps(report["errors"])
+        with pytest.raises(helm.HelmError, match=typo):
+            render_chart(values)
+
+    def test_the_typo_places_cover_every_closed_object(self) -> None:
+        """CONFIG_TYPOS has a place in every object of the config schema that is closed."""
+        from broker.schema import config_schema
+
+        def closed(schema: dict[str, Any], path: str) -> set[str]:
+            found = {path} if schema.get("additionalProperties") is False else set()
+            for name, child in schema.get("properties", {}).items():
+                found |= closed(child, f"{path}.{name}".lstrip("."))
+            if isinstance(schema.get("additionalProperties"), dict):
+                found |= closed(schema["additionalProperties"], f"{path}.*")
+            if isinstance(schema.get("items"), dict):
+                found |= closed(schema["items"], f"{path}.0")
+            return found
+
+        places = {
+            ".".join(
+                "*" if i == 1 and p in ("twilio", "billing") else p
+                for i, p in enumerate(place.split("."))
+            )
+            for place, _ in CONFIG_TYPOS
+        }
+        assert places == closed(config_schema(), "")
+
+    def test_a_bad_value_in_config_fails_lint(self) -> None:
+        """Types, enums and ranges of the broker's schema apply too, not only the keys."""
+        import helm_python as helm
+
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        values["config"]["apps"]["twilio"]["grant_type"] = "password"
+        report = helm.lint(str(CHART), values, strict=True)
+        assert report["errors"], report
+
+
+class TestProbesAndDisruptionBudget:
+    def test_startup_probe_waits_for_every_required_app_by_default(self) -> None:
+        """The sidecar's startup probe is /readyz, every second for up to 120 s (it gates the
+        main containers); readiness is /readyz too; both take the probes values."""
+        pod = next(d for d in chart_docs(with_example()) if d["kind"] == "Deployment")
+        sidecar = pod["spec"]["template"]["spec"]["initContainers"][0]
+        assert sidecar["startupProbe"] == {
+            "httpGet": {"path": "/readyz", "port": "metrics"},
+            "periodSeconds": 1,
+            "failureThreshold": 120,
+        }
+        assert sidecar["readinessProbe"] == {
+            "httpGet": {"path": "/readyz", "port": "metrics"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        }
+        docs = chart_docs(with_example({"probes": {"startup": {"failureThreshold": 600}}}))
+        pod = next(d for d in docs if d["kind"] == "Deployment")
+        probe = pod["spec"]["template"]["spec"]["initContainers"][0]["startupProbe"]
+        assert (probe["periodSeconds"], probe["failureThreshold"]) == (1, 600)
+
+    def test_the_example_workload_has_a_disruption_budget_option(self, tmp_path: Path) -> None:
+        """Off by default; on, a PodDisruptionBudget selecting exactly the workload's pods."""
+        assert not any(d["kind"] == "PodDisruptionBudget" for d in chart_docs(with_example()))
+        values = with_example({"workload": {"podDisruptionBudget": {"enabled": True}}})
+        docs = chart_docs(values)
+        validate(docs, tmp_path)
+        budget = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        assert budget["metadata"]["name"] == "demo-billing"
+        assert budget["spec"]["maxUnavailable"] == 1
+        assert budget["spec"]["selector"] == deployment["spec"]["selector"]
 
 
 class TestAlerts:
