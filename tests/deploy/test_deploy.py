@@ -5,6 +5,7 @@ Run with `python -m pytest -m deploy tests/deploy` (needs the `deploy` extra and
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -515,11 +516,13 @@ def parent_chart(root: Path, deployment: str | None = None) -> Path:
     return parent
 
 
-def render_parent(parent: Path, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def render_parent(
+    parent: Path, values: dict[str, Any] | None = None, *, release: str = "demo"
+) -> list[dict[str, Any]]:
     import helm_python as helm
 
     chart = helm.Chart.load(str(parent))
-    rendered: dict[str, str] = chart.render(values or {}, name="demo", namespace="shop")
+    rendered: dict[str, str] = chart.render(values or {}, name=release, namespace="shop")
     return [d for name, text in rendered.items() if name.endswith(".yaml") for d in documents(text)]
 
 
@@ -576,6 +579,82 @@ class TestChartAsDependency:
         )
         with pytest.raises(helm.HelmError, match="chartValues"):
             render_parent(parent)
+
+
+WORKED_EXAMPLE = ROOT / "examples" / "helm-parent"
+
+
+def worked_example(root: Path) -> Path:
+    """examples/helm-parent copied to `root`, with this chart in its charts/ (what `helm
+    dependency update` does)."""
+    parent = root / "shop"
+    shutil.copytree(WORKED_EXAMPLE, parent)
+    shutil.copytree(CHART, parent / "charts" / "token-broker")
+    return parent
+
+
+class TestWorkedExample:
+    """docs/deploy-kubernetes.md's worked example: examples/helm-parent, as a reader pastes it."""
+
+    def test_renders_lints_and_validates(self, tmp_path: Path) -> None:
+        """The parent chart renders to manifests that validate (strict) and lints clean; its
+        own Deployment carries the sidecar with both callers on the socket by uid."""
+        import helm_python as helm
+
+        parent = worked_example(tmp_path)
+        docs = render_parent(parent, release="shop")
+        validate(docs, tmp_path)
+        report = helm.lint(str(parent), strict=True, with_subcharts=True)
+        assert report["errors"] == [], report
+        assert [m for m in report["messages"] if m["severity"] >= 2] == []
+        kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        assert ("Deployment", "shop-shop") in kinds
+        assert ("PodDisruptionBudget", "shop-shop") in kinds
+        assert not any(d["kind"] == "Secret" for d in docs)  # secrets.create: false
+        pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        check_pod(pod)
+        configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+        check_socket_mode(pod, configmap["data"]["config.yaml"])
+        assert "--appendfsync always" in redis_command(docs)
+        config = yaml.safe_load(configmap["data"]["config.yaml"])
+        assert config["apps"]["twilio-scim"]["grant_type"] == "authorization_code"
+        assert config["store"]["url"] == "redis://shop-token-broker-redis:6379/0"
+
+    def test_its_broker_config_passes_check_config(self, tmp_path: Path) -> None:
+        """With the Secrets the docs say to create, the rendered config passes check-config."""
+        parent = worked_example(tmp_path)
+        secrets = {
+            "create": True,
+            "apps": {
+                "twilio": {"client_id": "AC123", "client_secret": "twilio-secret-value"},
+                "twilio-scim": {"client_id": "scim-id", "client_secret": "scim-secret-value"},
+            },
+            "storeKey": "k1 " + base64.b64encode(bytes(range(32))).decode(),
+            "redisPassword": "redis-password-value",
+        }
+        docs = render_parent(parent, {"tokenBroker": {"secrets": secrets}}, release="shop")
+        configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+        pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        config = materialize(
+            configmap["data"]["config.yaml"],
+            [d for d in docs if d["kind"] == "Secret"],
+            pod_mounts(pod),
+            tmp_path / "mounted",
+        )
+        out = check_config(config)
+        assert out.returncode == 0, out.stderr
+        assert "twilio-scim: authorization_code" in out.stdout
+
+    def test_a_typo_in_the_parents_broker_config_fails_lint(self, tmp_path: Path) -> None:
+        """The dependency's schema checks the parent's tokenBroker.config too."""
+        import helm_python as helm
+
+        parent = worked_example(tmp_path)
+        values = yaml.safe_load((parent / "values.yaml").read_text())
+        values["tokenBroker"]["config"]["apps"]["twilio-scim"]["refesh"] = {"jitter": 0.1}
+        report = helm.lint(str(parent), values, strict=True, with_subcharts=True)
+        assert report["errors"], report
+        assert "refesh" in json.dumps(report["errors"])
 
 
 class TestChartOptions:
