@@ -836,6 +836,23 @@ class TestConfigSchemaInTheChart:
         assert report["errors"], report
 
 
+class TestMemoryFigures:
+    def test_the_sizing_comments_and_the_docs_agree(self) -> None:
+        """values.yaml, the plain Deployment and docs/deploy-kubernetes.md quote the same idle
+        resident memory (bench/scale.py) for 10 apps on Redis and on memory://."""
+        pattern = re.compile(
+            r"(\d+) MiB\s+resident\s+with\s+10\s+apps\s+on\s+Redis,\s+idle\s+\((\d+)"
+        )
+        sources = [
+            CHART / "values.yaml",
+            BASE / "deployment.yaml",
+            ROOT / "docs" / "deploy-kubernetes.md",
+        ]
+        figures = {source.name: pattern.findall(source.read_text()) for source in sources}
+        assert all(len(found) == 1 for found in figures.values()), figures
+        assert len({found[0] for found in figures.values()}) == 1, figures
+
+
 class TestProbesAndDisruptionBudget:
     def test_startup_probe_waits_for_every_required_app_by_default(self) -> None:
         """The sidecar's startup probe is /readyz, every second for up to 120 s (it gates the
