@@ -111,8 +111,9 @@ def parse_config(data: object, *, base_dir: Path) -> Config:
     unsure = _only(root, "<config>", schema.ROOT, found)
     before = len(found)
     server = found.catch(lambda: _server(root.get("server") or {}, "server", found), ServerSpec())
-    # Checks that read server.listen are left out when it is wrong: they would only echo it.
-    server_known = len(found) == before
+    # Checks that read server.listen are left out when it is wrong (or the section's name is
+    # mistyped): they would only echo it.
+    server_known = len(found) == before and "server" not in unsure
     store = found.catch(
         lambda: _store(root.get("store") or {}, "store", base_dir, found), StoreSpec(url="")
     )
@@ -128,7 +129,7 @@ def parse_config(data: object, *, base_dir: Path) -> Config:
             if app is not None:
                 apps[name] = app
     _check_sink_paths(apps, server if server_known else ServerSpec(), found)
-    if store.url.startswith("memory://"):
+    if store.url.startswith("memory://") and "store" not in unsure:
         for name, app in apps.items():
             if app.grant_type is GrantType.AUTHORIZATION_CODE:
                 found.add(

@@ -160,6 +160,13 @@ class TestEveryMistakeAtOnce:
             "clients.billing.uids",
         ]
 
+    def test_a_mistyped_section_is_one_error(self, config_dir: Path) -> None:
+        """`sever:` is an unknown key; the socket-only and shared-store rules do not guess."""
+        document = full_document()
+        document["sever"] = document.pop("server")
+        document["stor"] = document.pop("store")
+        assert validator_keys(document, config_dir) == ["sever", "stor"]
+
     def test_check_config_prints_each_mistake_and_exits_2(self, config_dir: Path) -> None:
         """`check-config` on a file with three mistakes prints three lines and exits 2."""
         document = full_document()
