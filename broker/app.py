@@ -24,7 +24,7 @@ from broker.clock import Clock, SystemClock
 from broker.config import load_config
 from broker.core import BrokerCore
 from broker.credentials import Credentials
-from broker.errors import ConfigError, ListenError
+from broker.errors import ConfigError, ConfigErrors, ListenError
 from broker.fleetclock import FleetClock
 from broker.logs import audit, get_logger
 from broker.metrics import Metrics
@@ -194,7 +194,8 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         new = load_config(path)
         broker.authenticator.replace(new.clients)
     except ConfigError as exc:
-        log.error("config.reload_failed", setting=exc.key, reason=exc.reason)
+        for error in exc.errors if isinstance(exc, ConfigErrors) else (exc,):
+            log.error("config.reload_failed", setting=error.key, reason=error.reason)
         return False
     old = broker.config
     if new.server != old.server or new.store != old.store:

@@ -17,9 +17,10 @@ from urllib.parse import urlsplit
 
 from broker import __version__
 from broker.config import config_warnings, load_config, summarize
-from broker.errors import BrokerError, ConfigError, ListenError
+from broker.errors import BrokerError, ConfigError, ConfigErrors, ListenError
 from broker.local_client import BrokerAnswer, get_token, is_unix_url
 from broker.logs import configure_logging, get_logger
+from broker.schema import config_schema
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -82,7 +83,18 @@ examples:
   TOKEN_BROKER_CONFIG=config.yaml token-broker check-config
 
 Prints a summary without secrets and `warning:` lines for what works but should not ship
-(placeholder or guessable keys); exits 2 naming the offending key when the config is invalid.
+(placeholder or guessable keys); when the config is invalid, exits 2 with one line per
+mistake, each naming the offending key and why.
+"""
+
+SCHEMA_EPILOG = """\
+examples:
+  token-broker config-schema > token-broker.schema.json
+  # then, as the first line of config.yaml, for editors with the YAML language server:
+  # yaml-language-server: $schema=./token-broker.schema.json
+
+The JSON Schema (draft 7) of the config file: its keys, types and ranges. check-config checks
+the rest (several keys together, files, the host).
 """
 
 TOKEN_EPILOG = """\
@@ -249,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--code-verifier", metavar="VERIFIER", help="the PKCE verifier that goes with --code"
     )
 
+    _command(
+        sub,
+        "config-schema",
+        "print the config file's JSON Schema",
+        "Print the JSON Schema of the config file, for editors and the Helm chart.",
+        SCHEMA_EPILOG,
+    )
     _command(sub, "version", "print the version", "Print the version.", VERSION_EPILOG)
     return parser
 
@@ -352,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_OK
             case "check-config":
                 return _check_config(args)
+            case "config-schema":
+                print(json.dumps(config_schema(), indent=2))
+                return EXIT_OK
             case "serve":
                 return _serve(args)
             case "dev":
@@ -361,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "authorize":
                 return _authorize(args)
     except ConfigError as exc:
-        print(f"token-broker: configuration error: {exc}", file=sys.stderr)
+        for error in exc.errors if isinstance(exc, ConfigErrors) else (exc,):
+            print(f"token-broker: configuration error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except UsageError as exc:
         # Said the way argparse says its own errors: usage, then what is wrong.

@@ -1,7 +1,10 @@
-"""The YAML configuration: schema, validation with precise errors, and a secret-free summary.
+"""The YAML configuration: validation with precise errors, and a secret-free summary.
 
-Every mistake raises ConfigError naming the dotted key (`apps.twilio.refresh.jitter`) and why.
-Relative `*_file` paths resolve against the config file's directory.
+Every mistake is a ConfigError naming the dotted key (`apps.twilio.refresh.jitter`) and why;
+one pass finds them all, and a file with several raises ConfigErrors listing each. The keys
+each section allows, and their JSON Schema, are the tables in broker/schema.py; the rules here
+are what a schema cannot say (several keys together, files, the host). Relative `*_file` paths
+resolve against the config file's directory.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 
-from broker.errors import ConfigError
+from broker import schema
+from broker.errors import ConfigError, ConfigErrors
 from broker.model import (
     AppSpec,
     ClientAuth,
@@ -39,20 +44,48 @@ from broker.model import (
     StoreSpec,
 )
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-MAX_SCOPES = 100
+NAME = re.compile(schema.NAME_PATTERN)
+MAX_SCOPES = schema.MAX_SCOPES
 MIN_CLIENT_KEY = 32
 MIN_RSA_BITS = 2048
-STORE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
+STORE_SCHEMES = schema.STORE_SCHEMES
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _OCTAL_MODE = re.compile(r"^(?:0o?)?([0-7]{3})$")
-# Unix ids are 32-bit; 2**32 - 1 is (uid_t) -1, "no change", never a real id.
-MAX_UNIX_ID = 2**32 - 2
+MAX_UNIX_ID = schema.MAX_UNIX_ID
 # A token file may be read by group and others, but only the broker writes it.
 MAX_SINK_MODE = 0o644
 
 T = TypeVar("T")
+
+
+class _Mistakes:
+    """The mistakes found so far in one file: a bad key is recorded and the pass goes on."""
+
+    def __init__(self) -> None:
+        self.found: list[ConfigError] = []
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def add(self, key: str, reason: str) -> None:
+        """Record a mistake at `key`."""
+        self.found.append(ConfigError(key, reason))
+
+    def catch(self, parse: Callable[[], T], fallback: T) -> T:
+        """`parse()`, or `fallback` once the ConfigError it raised is recorded."""
+        try:
+            return parse()
+        except ConfigError as exc:
+            self.found.append(exc)
+            return fallback
+
+    def raise_found(self) -> None:
+        """Raise the one mistake found, or ConfigErrors naming each; nothing when none."""
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise ConfigErrors(self.found)
 
 
 def load_config(path: str | Path) -> Config:
@@ -72,54 +105,85 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(data: object, *, base_dir: Path) -> Config:
-    """Validate an already-parsed YAML document."""
+    """Validate an already-parsed YAML document; raises with every mistake it holds."""
     root = _mapping(data, "<config>")
-    _only(root, "<config>", {"server", "store", "apps", "clients"})
-    server = _server(root.get("server") or {}, "server")
-    store = _store(root.get("store") or {}, "store", base_dir)
-    apps_raw = _mapping(root.get("apps"), "apps") if "apps" in root else {}
-    if not apps_raw:
-        raise ConfigError("apps", "at least one app is required")
-    apps = {name: _app(name, body, f"apps.{name}", base_dir) for name, body in apps_raw.items()}
-    _check_sink_paths(apps, server)
-    if store.url.startswith("memory://"):
+    found = _Mistakes()
+    unsure = _only(root, "<config>", schema.ROOT, found)
+    before = len(found)
+    server = found.catch(lambda: _server(root.get("server") or {}, "server", found), ServerSpec())
+    # Checks that read server.listen are left out when it is wrong (or the section's name is
+    # mistyped): they would only echo it.
+    server_known = len(found) == before and "server" not in unsure
+    store = found.catch(
+        lambda: _store(root.get("store") or {}, "store", base_dir, found), StoreSpec(url="")
+    )
+    apps_raw = found.catch(lambda: _mapping(root.get("apps"), "apps"), None)
+    if apps_raw == {} and "apps" not in unsure:
+        found.add("apps", "at least one app is required")
+    apps_raw = apps_raw or {}
+    apps: dict[str, AppSpec] = {}
+    for name, body in apps_raw.items():
+        key = f"apps.{name}"
+        if found.catch(partial(_name, name, key), None) is not None:
+            app = found.catch(partial(_app, name, body, key, base_dir, found), None)
+            if app is not None:
+                apps[name] = app
+    _check_sink_paths(apps, server if server_known else ServerSpec(), found)
+    if store.url.startswith("memory://") and "store" not in unsure:
         for name, app in apps.items():
             if app.grant_type is GrantType.AUTHORIZATION_CODE:
-                raise ConfigError(
+                found.add(
                     "store.url",
                     f"memory:// cannot hold app {name}'s token set: `token-broker authorize` "
                     "writes it to the shared store the brokers read; use a redis:// store",
                 )
-    clients_raw = _mapping(root.get("clients") or {}, "clients")
-    clients = {
-        name: _client(name, body, f"clients.{name}", base_dir, apps)
-        for name, body in clients_raw.items()
-    }
-    _check_peer_identities(clients, server)
+    clients_raw: dict[str, Any] = found.catch(
+        lambda: _mapping(root.get("clients") or {}, "clients"), {}
+    )
+    clients: dict[str, ClientSpec] = {}
+    for name, body in clients_raw.items():
+        key = f"clients.{name}"
+        if found.catch(partial(_name, name, key), None) is not None:
+            client = found.catch(
+                partial(_client, name, body, key, base_dir, app_names=set(apps_raw), found=found),
+                None,
+            )
+            if client is not None:
+                clients[name] = client
+    _check_peer_identities(clients, server, found, server_known=server_known)
+    found.raise_found()
     return Config(server=server, store=store, apps=apps, clients=clients)
 
 
 # ---- sections --------------------------------------------------------------------------------
 
 
-def _server(data: object, key: str) -> ServerSpec:
+def _server(data: object, key: str, found: _Mistakes) -> ServerSpec:
     m = _mapping(data, key)
-    _only(m, key, {"listen", "metrics_listen", "allow_non_loopback", *_SOCKET_KEYS})
-    defaults = ServerSpec()
-    listen = _str(m.get("listen", defaults.listen), f"{key}.listen")
-    metrics_listen = _str(m.get("metrics_listen", defaults.metrics_listen), f"{key}.metrics_listen")
-    allow = _bool(m.get("allow_non_loopback", False), f"{key}.allow_non_loopback")
-    _listen_address(listen, f"{key}.listen", allow_unix=True)
-    _listen_address(metrics_listen, f"{key}.metrics_listen", allow_unix=False)
-    if not allow and not _is_loopback_listen(listen):
-        raise ConfigError(
+    unsure = _only(m, key, schema.SERVER, found)
+    d = ServerSpec()
+    listen = found.catch(
+        lambda: _listen(m.get("listen", d.listen), f"{key}.listen", allow_unix=True), None
+    )
+    if "listen" in unsure:
+        # Left out, and an unknown key looks like it: the rules that read it would only guess.
+        listen = None
+    metrics_listen = found.catch(
+        lambda: _listen(m.get("metrics_listen", d.metrics_listen), f"{key}.metrics_listen"),
+        d.metrics_listen,
+    )
+    allow = found.catch(
+        lambda: _bool(m.get("allow_non_loopback", False), f"{key}.allow_non_loopback"), True
+    )
+    if listen is not None and not allow and not _is_loopback_listen(listen):
+        found.add(
             f"{key}.listen",
             f"{listen} is not a loopback address; the API serves tokens and stays on localhost "
             "unless server.allow_non_loopback is true",
         )
-    socket_mode, socket_group = _socket_settings(m, key, listen)
+    socket_mode, socket_group = _socket_settings(m, key, listen, found)
     return ServerSpec(
-        listen=listen,
+        listen=d.listen if listen is None else listen,
         metrics_listen=metrics_listen,
         allow_non_loopback=allow,
         socket_mode=socket_mode,
@@ -130,199 +194,267 @@ def _server(data: object, key: str) -> ServerSpec:
 _SOCKET_KEYS = {"socket_mode", "socket_group"}
 
 
-def _socket_settings(m: Mapping[str, Any], key: str, listen: str) -> tuple[int, int | None]:
+def _socket_settings(
+    m: Mapping[str, Any], key: str, listen: str | None, found: _Mistakes
+) -> tuple[int, int | None]:
     """`server.socket_mode` and `server.socket_group`: who may connect to the API's unix socket."""
     given = sorted(_SOCKET_KEYS & set(m))
-    if given and not listen.startswith("unix:"):
-        raise ConfigError(f"{key}.{given[0]}", "applies only when server.listen is unix:/path")
-    mode = _octal_mode(m.get("socket_mode", "0660"), f"{key}.socket_mode")
-    if mode & 0o200 == 0:
-        # Connecting to a unix socket needs write permission on it.
-        raise ConfigError(f"{key}.socket_mode", "the owner needs write permission (e.g. 0660)")
+    if given and listen is not None and not listen.startswith("unix:"):
+        found.add(f"{key}.{given[0]}", "applies only when server.listen is unix:/path")
+    d = ServerSpec()
+    mode = found.catch(lambda: _socket_mode(m.get("socket_mode", "0660"), key), d.socket_mode)
     raw_group = m.get("socket_group")
-    group = None if raw_group is None else _group_id(raw_group, f"{key}.socket_group")
+    group = found.catch(
+        lambda: None if raw_group is None else _group_id(raw_group, f"{key}.socket_group"), None
+    )
     return mode, group
 
 
-def _store(data: object, key: str, base_dir: Path) -> StoreSpec:
+def _socket_mode(value: object, key: str) -> int:
+    mode = _octal_mode(value, f"{key}.socket_mode")
+    if mode & 0o200 == 0:
+        # Connecting to a unix socket needs write permission on it.
+        raise ConfigError(f"{key}.socket_mode", "the owner needs write permission (e.g. 0660)")
+    return mode
+
+
+def _store(data: object, key: str, base_dir: Path, found: _Mistakes) -> StoreSpec:
     m = _mapping(data, key)
-    _only(m, key, {"url", "key_prefix", "encryption_key_file", "password_file"})
-    url = _str(m.get("url", "memory://"), f"{key}.url")
-    scheme = url.partition("://")[0]
-    if "://" not in url or scheme not in STORE_SCHEMES:
-        raise ConfigError(f"{key}.url", f"scheme must be one of {', '.join(STORE_SCHEMES)}")
-    prefix = _str(m.get("key_prefix", "token-broker"), f"{key}.key_prefix")
-    if not prefix or any(c in prefix for c in "{} \t\n"):
-        raise ConfigError(f"{key}.key_prefix", "must be non-empty, without braces or spaces")
-    key_file = _optional_path(m.get("encryption_key_file"), f"{key}.encryption_key_file", base_dir)
-    if scheme != "memory":
-        if key_file is None:
-            raise ConfigError(
+    unsure = _only(m, key, schema.STORE, found)
+    # An empty URL stands for a wrong one: the checks that depend on the scheme are left out.
+    url = found.catch(lambda: _store_url(m.get("url", "memory://"), f"{key}.url"), "")
+    prefix = found.catch(lambda: _key_prefix(m.get("key_prefix", "token-broker"), key), "")
+    key_file = found.catch(
+        lambda: _optional_path(
+            m.get("encryption_key_file"), f"{key}.encryption_key_file", base_dir
+        ),
+        None,
+    )
+    if url and not url.startswith("memory://"):
+        if m.get("encryption_key_file") is None and "encryption_key_file" not in unsure:
+            found.add(
                 f"{key}.encryption_key_file",
                 "required for a shared store (tokens are encrypted at rest)",
             )
-        _check_encryption_key_file(key_file, f"{key}.encryption_key_file")
-    password_file = _optional_path(m.get("password_file"), f"{key}.password_file", base_dir)
+        elif key_file is not None:
+            found.catch(
+                lambda: _check_encryption_key_file(key_file, f"{key}.encryption_key_file"), None
+            )
+    password_file = found.catch(
+        lambda: _optional_path(m.get("password_file"), f"{key}.password_file", base_dir), None
+    )
     if password_file is not None:
-        _read_secret_file(password_file, f"{key}.password_file")
-    if urlsplit(url.replace("redis+", "redis-", 1)).password and not url.startswith("memory"):
-        raise ConfigError(
-            f"{key}.url", "holds a password: give it as store.password_file (secrets are files)"
-        )
+        found.catch(lambda: _read_secret_file(password_file, f"{key}.password_file"), "")
     return StoreSpec(
         url=url, key_prefix=prefix, encryption_key_file=key_file, password_file=password_file
     )
 
 
-_APP_KEYS = {
-    "grant_type",
-    "required",
-    "token_url",
-    "client_id",
-    "client_id_file",
-    "client_secret_file",
-    "client_secret_previous_file",
-    "client_auth",
-    "private_key_file",
-    "private_key_id",
-    "assertion_audience",
-    "scopes",
-    "audience",
-    "extra_params",
-    "refresh",
-    "authorize_url",
-    "redirect_uri",
-    "pkce",
-    "authorize_params",
-    "proxy",
-    "sinks",
-    "max_token_requests_per_minute",
-}
+def _store_url(value: object, key: str) -> str:
+    url = _str(value, key)
+    scheme = url.partition("://")[0]
+    if "://" not in url or scheme not in STORE_SCHEMES:
+        raise ConfigError(key, f"scheme must be one of {', '.join(STORE_SCHEMES)}")
+    if urlsplit(url.replace("redis+", "redis-", 1)).password and not url.startswith("memory"):
+        raise ConfigError(
+            key, "holds a password: give it as store.password_file (secrets are files)"
+        )
+    return url
 
 
-def _app(name: object, data: object, key: str, base_dir: Path) -> AppSpec:
-    name = _name(name, key)
+def _key_prefix(value: object, key: str) -> str:
+    prefix = _str(value, f"{key}.key_prefix")
+    if not prefix or any(c in prefix for c in "{} \t\n"):
+        raise ConfigError(f"{key}.key_prefix", "must be non-empty, without braces or spaces")
+    return prefix
+
+
+def _app(name: str, data: object, key: str, base_dir: Path, found: _Mistakes) -> AppSpec:
     m = _mapping(data, key)
-    _only(m, key, _APP_KEYS)
-    grant = _enum(m.get("grant_type", "client_credentials"), f"{key}.grant_type", GrantType)
-    auth = _enum(m.get("client_auth", "client_secret_post"), f"{key}.client_auth", ClientAuth)
-    if "token_url" not in m:
-        raise ConfigError(f"{key}.token_url", "required")
-    token_url = _url(m["token_url"], f"{key}.token_url")
-
-    client_id = m.get("client_id")
-    client_id_file = _optional_path(m.get("client_id_file"), f"{key}.client_id_file", base_dir)
-    if (client_id is None) == (client_id_file is None):
-        raise ConfigError(f"{key}.client_id", "give exactly one of client_id and client_id_file")
-    if client_id is not None:
-        client_id = _str(client_id, f"{key}.client_id")
-        if not client_id:
-            raise ConfigError(f"{key}.client_id", "must not be empty")
-    if client_id_file is not None:
-        _read_secret_file(client_id_file, f"{key}.client_id_file")
-
-    secret_file = _optional_path(m.get("client_secret_file"), f"{key}.client_secret_file", base_dir)
-    previous_file = _optional_path(
-        m.get("client_secret_previous_file"), f"{key}.client_secret_previous_file", base_dir
+    unsure = _only(m, key, schema.APP, found)
+    # A wrong (or maybe mistyped) grant_type or client_auth is None: the checks that depend on
+    # it are left out.
+    grant = (
+        None
+        if "grant_type" in unsure
+        else found.catch(
+            lambda: _enum(
+                m.get("grant_type", "client_credentials"), f"{key}.grant_type", GrantType
+            ),
+            None,
+        )
     )
-    key_file = _optional_path(m.get("private_key_file"), f"{key}.private_key_file", base_dir)
-    if auth is ClientAuth.PRIVATE_KEY_JWT:
-        if key_file is None:
-            raise ConfigError(f"{key}.private_key_file", "required for client_auth private_key_jwt")
-        _check_private_key(key_file, f"{key}.private_key_file")
+    auth = (
+        None
+        if "client_auth" in unsure
+        else found.catch(
+            lambda: _enum(
+                m.get("client_auth", "client_secret_post"), f"{key}.client_auth", ClientAuth
+            ),
+            None,
+        )
+    )
+    token_url = ""
+    if "token_url" not in m:
+        if "token_url" not in unsure:
+            found.add(f"{key}.token_url", "required")
     else:
-        if secret_file is None:
-            raise ConfigError(f"{key}.client_secret_file", f"required for client_auth {auth.value}")
-        _read_secret_file(secret_file, f"{key}.client_secret_file")
-        if previous_file is not None:
-            _read_secret_file(previous_file, f"{key}.client_secret_previous_file")
+        token_url = found.catch(lambda: _url(m["token_url"], f"{key}.token_url"), "")
 
-    scopes = _str_list(m.get("scopes", []), f"{key}.scopes")
-    if len(scopes) > MAX_SCOPES:
-        raise ConfigError(f"{key}.scopes", f"{len(scopes)} scopes; at most {MAX_SCOPES} allowed")
-    for i, scope in enumerate(scopes):
-        if not scope or any(c.isspace() for c in scope):
-            raise ConfigError(f"{key}.scopes[{i}]", "a scope is one non-empty word")
-    if len(set(scopes)) != len(scopes):
-        raise ConfigError(f"{key}.scopes", "lists a scope twice")
+    def path(field: str) -> Path | None:
+        return found.catch(lambda: _optional_path(m.get(field), f"{key}.{field}", base_dir), None)
 
-    authorize_url = m.get("authorize_url")
-    redirect_uri = m.get("redirect_uri")
-    if authorize_url is not None:
-        authorize_url = _url(authorize_url, f"{key}.authorize_url")
-    if redirect_uri is not None:
-        redirect_uri = _url(redirect_uri, f"{key}.redirect_uri", allow_http=True)
+    def read(file: Path | None, field: str) -> None:
+        if file is not None:
+            found.catch(lambda: _read_secret_file(file, f"{key}.{field}"), "")
+
+    client_id: str | None = None
+    client_id_file = path("client_id_file")
+    if not {"client_id", "client_id_file"} & unsure and (m.get("client_id") is None) == (
+        m.get("client_id_file") is None
+    ):
+        found.add(f"{key}.client_id", "give exactly one of client_id and client_id_file")
+    if m.get("client_id") is not None:
+        client_id = found.catch(lambda: _client_id(m["client_id"], f"{key}.client_id"), None)
+    read(client_id_file, "client_id_file")
+
+    secret_file = path("client_secret_file")
+    previous_file = path("client_secret_previous_file")
+    key_file = path("private_key_file")
+    if auth is ClientAuth.PRIVATE_KEY_JWT:
+        if m.get("private_key_file") is None and "private_key_file" not in unsure:
+            found.add(f"{key}.private_key_file", "required for client_auth private_key_jwt")
+        elif key_file is not None:
+            found.catch(lambda: _check_private_key(key_file, f"{key}.private_key_file"), None)
+    elif auth is not None:
+        if m.get("client_secret_file") is None and "client_secret_file" not in unsure:
+            found.add(f"{key}.client_secret_file", f"required for client_auth {auth.value}")
+        read(secret_file, "client_secret_file")
+        read(previous_file, "client_secret_previous_file")
+
+    authorize_url = redirect_uri = None
+    if m.get("authorize_url") is not None:
+        authorize_url = found.catch(lambda: _url(m["authorize_url"], f"{key}.authorize_url"), None)
+    if m.get("redirect_uri") is not None:
+        redirect_uri = found.catch(
+            lambda: _url(m["redirect_uri"], f"{key}.redirect_uri", allow_http=True), None
+        )
     if grant is GrantType.AUTHORIZATION_CODE:
-        if authorize_url is None:
-            raise ConfigError(f"{key}.authorize_url", "required for grant_type authorization_code")
-        if redirect_uri is None:
-            raise ConfigError(f"{key}.redirect_uri", "required for grant_type authorization_code")
+        for field in ("authorize_url", "redirect_uri"):
+            if m.get(field) is None and field not in unsure:
+                found.add(f"{key}.{field}", "required for grant_type authorization_code")
 
+    d = AppSpec(name=name, token_url="")
     return AppSpec(
         name=name,
         token_url=token_url,
-        grant_type=grant,
-        required=_bool(m.get("required", True), f"{key}.required"),
+        grant_type=grant or d.grant_type,
+        required=found.catch(lambda: _bool(m.get("required", True), f"{key}.required"), True),
         client_id=client_id,
         client_id_file=client_id_file,
         client_secret_file=secret_file,
         client_secret_previous_file=previous_file,
-        client_auth=auth,
+        client_auth=auth or d.client_auth,
         private_key_file=key_file,
-        private_key_id=_optional_str(m.get("private_key_id"), f"{key}.private_key_id"),
-        assertion_audience=_optional_str(m.get("assertion_audience"), f"{key}.assertion_audience"),
-        scopes=tuple(scopes),
-        audience=_optional_str(m.get("audience"), f"{key}.audience"),
-        extra_params=_params(m.get("extra_params"), f"{key}.extra_params"),
-        refresh=_refresh(m.get("refresh") or {}, f"{key}.refresh"),
+        private_key_id=found.catch(
+            lambda: _optional_str(m.get("private_key_id"), f"{key}.private_key_id"), None
+        ),
+        assertion_audience=found.catch(
+            lambda: _optional_str(m.get("assertion_audience"), f"{key}.assertion_audience"), None
+        ),
+        scopes=found.catch(lambda: _scopes(m.get("scopes", []), f"{key}.scopes"), ()),
+        audience=found.catch(lambda: _optional_str(m.get("audience"), f"{key}.audience"), None),
+        extra_params=found.catch(lambda: _params(m.get("extra_params"), f"{key}.extra_params"), {}),
+        refresh=found.catch(
+            lambda: _refresh(m.get("refresh") or {}, f"{key}.refresh", found), d.refresh
+        ),
         authorize_url=authorize_url,
         redirect_uri=redirect_uri,
-        pkce=_bool(m.get("pkce", True), f"{key}.pkce"),
-        authorize_params=_params(m.get("authorize_params"), f"{key}.authorize_params"),
-        proxy=_proxy(m["proxy"], f"{key}.proxy", base_dir) if "proxy" in m else None,
-        sinks=_sinks(m.get("sinks"), f"{key}.sinks"),
-        max_token_requests_per_minute=_request_budget(
-            m.get("max_token_requests_per_minute"), f"{key}.max_token_requests_per_minute"
+        pkce=found.catch(lambda: _bool(m.get("pkce", True), f"{key}.pkce"), True),
+        authorize_params=found.catch(
+            lambda: _params(m.get("authorize_params"), f"{key}.authorize_params"), {}
+        ),
+        proxy=found.catch(lambda: _proxy(m["proxy"], f"{key}.proxy", base_dir, found), None)
+        if "proxy" in m
+        else None,
+        sinks=found.catch(lambda: _sinks(m.get("sinks"), f"{key}.sinks", found), ()),
+        max_token_requests_per_minute=found.catch(
+            lambda: _request_budget(
+                m.get("max_token_requests_per_minute"), f"{key}.max_token_requests_per_minute"
+            ),
+            None,
         ),
     )
 
 
-def _sinks(data: object, key: str) -> tuple[SinkSpec, ...]:
+def _client_id(value: object, key: str) -> str:
+    client_id = _str(value, key)
+    if not client_id:
+        raise ConfigError(key, "must not be empty")
+    return client_id
+
+
+def _scopes(value: object, key: str) -> tuple[str, ...]:
+    scopes = _str_list(value, key)
+    if len(scopes) > MAX_SCOPES:
+        raise ConfigError(key, f"{len(scopes)} scopes; at most {MAX_SCOPES} allowed")
+    for i, scope in enumerate(scopes):
+        if not scope or any(c.isspace() for c in scope):
+            raise ConfigError(f"{key}[{i}]", "a scope is one non-empty word")
+    if len(set(scopes)) != len(scopes):
+        raise ConfigError(key, "lists a scope twice")
+    return tuple(scopes)
+
+
+def _sinks(data: object, key: str, found: _Mistakes) -> tuple[SinkSpec, ...]:
     """`apps.<name>.sinks`: files the app's token is written to."""
     if data is None:
         return ()
     if not isinstance(data, list):
         raise ConfigError(key, f"must be a list, not {_type(data)}")
-    return tuple(_sink(item, f"{key}[{i}]") for i, item in enumerate(data))
+    sinks = (
+        found.catch(partial(_sink, item, f"{key}[{i}]", found), None) for i, item in enumerate(data)
+    )
+    return tuple(sink for sink in sinks if sink is not None)
 
 
-def _sink(data: object, key: str) -> SinkSpec:
+def _sink(data: object, key: str, found: _Mistakes) -> SinkSpec | None:
     m = _mapping(data, key)
-    _only(m, key, {"path", "format", "mode", "owner", "group"})
+    unsure = _only(m, key, schema.SINK, found)
     if "path" not in m:
+        if "path" in unsure:
+            return None
         raise ConfigError(f"{key}.path", "required")
     text = _str(m["path"], f"{key}.path")
     path = Path(text)
     if not path.is_absolute() or text.endswith("/") or os.path.normpath(text) != text:
         raise ConfigError(f"{key}.path", f"{text!r} is not a normalized absolute file path")
-    mode = _octal_mode(m.get("mode", "0600"), f"{key}.mode")
-    if mode & ~MAX_SINK_MODE:
-        raise ConfigError(
-            f"{key}.mode",
-            f"{mode:04o} grants write or execute; a token file is at most 0644 (read for others)",
-        )
     owner = m.get("owner")
     group = m.get("group")
     return SinkSpec(
         path=path,
-        format=_enum(m.get("format", "raw"), f"{key}.format", SinkFormat),
-        mode=mode,
-        owner=None if owner is None else _user_id(owner, f"{key}.owner"),
-        group=None if group is None else _group_id(group, f"{key}.group"),
+        format=found.catch(
+            lambda: _enum(m.get("format", "raw"), f"{key}.format", SinkFormat), SinkFormat.RAW
+        ),
+        mode=found.catch(lambda: _sink_mode(m.get("mode", "0600"), f"{key}.mode"), 0o600),
+        owner=found.catch(lambda: None if owner is None else _user_id(owner, f"{key}.owner"), None),
+        group=found.catch(
+            lambda: None if group is None else _group_id(group, f"{key}.group"), None
+        ),
     )
 
 
-def _check_sink_paths(apps: Mapping[str, AppSpec], server: ServerSpec) -> None:
+def _sink_mode(value: object, key: str) -> int:
+    mode = _octal_mode(value, key)
+    if mode & ~MAX_SINK_MODE:
+        raise ConfigError(
+            key,
+            f"{mode:04o} grants write or execute; a token file is at most 0644 (read for others)",
+        )
+    return mode
+
+
+def _check_sink_paths(apps: Mapping[str, AppSpec], server: ServerSpec, found: _Mistakes) -> None:
     """Each token file belongs to one sink of one app, and is not the API's socket."""
     seen: dict[Path, str] = {}
     if server.unix_path is not None:
@@ -331,8 +463,9 @@ def _check_sink_paths(apps: Mapping[str, AppSpec], server: ServerSpec) -> None:
         for i, sink in enumerate(app.sinks):
             where = f"apps.{name}.sinks[{i}].path"
             if sink.path in seen:
-                raise ConfigError(where, f"{sink.path} is already used by {seen[sink.path]}")
-            seen[sink.path] = where
+                found.add(where, f"{sink.path} is already used by {seen[sink.path]}")
+            else:
+                seen[sink.path] = where
 
 
 # ---- the fleet-wide request budget -----------------------------------------------------------
@@ -349,95 +482,123 @@ def _request_budget(value: object, key: str) -> int | None:
     return value
 
 
-def _refresh(data: object, key: str) -> RefreshPolicy:
+def _refresh(data: object, key: str, found: _Mistakes) -> RefreshPolicy:
     m = _mapping(data, key)
-    _only(
-        m,
-        key,
-        {
-            "at_fraction",
-            "min_remaining",
-            "jitter",
-            "safety_margin",
-            "default_lifetime",
-            "reuse_grace",
-            "read_timeout",
-            "server_transactional",
-        },
-    )
+    _only(m, key, schema.REFRESH, found)
     d = RefreshPolicy()
-    at_fraction = _fraction(m.get("at_fraction", d.at_fraction), f"{key}.at_fraction")
-    if not 0 < at_fraction < 1:
-        raise ConfigError(f"{key}.at_fraction", "must be between 0 and 1 (exclusive)")
-    jitter = _fraction(m.get("jitter", d.jitter), f"{key}.jitter")
-    if not 0 <= jitter < 0.5:
-        raise ConfigError(f"{key}.jitter", "must be at least 0 and below 0.5")
+
+    def duration(field: str, *, allow_zero: bool = False) -> float:
+        default: float = getattr(d, field)
+        value = m.get(field, default)
+        return found.catch(
+            lambda: parse_duration(value, f"{key}.{field}", allow_zero=allow_zero), default
+        )
+
     return RefreshPolicy(
-        at_fraction=at_fraction,
-        min_remaining=parse_duration(
-            m.get("min_remaining", d.min_remaining), f"{key}.min_remaining", allow_zero=True
+        at_fraction=found.catch(
+            lambda: _at_fraction(m.get("at_fraction", d.at_fraction), f"{key}.at_fraction"),
+            d.at_fraction,
         ),
-        jitter=jitter,
-        safety_margin=parse_duration(
-            m.get("safety_margin", d.safety_margin), f"{key}.safety_margin", allow_zero=True
-        ),
-        default_lifetime=parse_duration(
-            m.get("default_lifetime", d.default_lifetime), f"{key}.default_lifetime"
-        ),
-        reuse_grace=parse_duration(
-            m.get("reuse_grace", d.reuse_grace), f"{key}.reuse_grace", allow_zero=True
-        ),
-        read_timeout=parse_duration(m.get("read_timeout", d.read_timeout), f"{key}.read_timeout"),
-        server_transactional=_bool(
-            m.get("server_transactional", d.server_transactional), f"{key}.server_transactional"
+        min_remaining=duration("min_remaining", allow_zero=True),
+        jitter=found.catch(lambda: _jitter(m.get("jitter", d.jitter), f"{key}.jitter"), d.jitter),
+        safety_margin=duration("safety_margin", allow_zero=True),
+        default_lifetime=duration("default_lifetime"),
+        reuse_grace=duration("reuse_grace", allow_zero=True),
+        read_timeout=duration("read_timeout"),
+        server_transactional=found.catch(
+            lambda: _bool(
+                m.get("server_transactional", d.server_transactional),
+                f"{key}.server_transactional",
+            ),
+            d.server_transactional,
         ),
     )
+
+
+def _at_fraction(value: object, key: str) -> float:
+    at_fraction = _fraction(value, key)
+    if not 0 < at_fraction < 1:
+        raise ConfigError(key, "must be between 0 and 1 (exclusive)")
+    return at_fraction
+
+
+def _jitter(value: object, key: str) -> float:
+    jitter = _fraction(value, key)
+    if not 0 <= jitter < 0.5:
+        raise ConfigError(key, "must be at least 0 and below 0.5")
+    return jitter
 
 
 def _client(
-    name: object, data: object, key: str, base_dir: Path, apps: Mapping[str, AppSpec]
+    name: str, data: object, key: str, base_dir: Path, *, app_names: set[str], found: _Mistakes
 ) -> ClientSpec:
-    name = _name(name, key)
     m = _mapping(data, key)
-    _only(m, key, {"key_file", "key_previous_file", "key_sha256", "apps", "uids", "gids"})
+    unsure = _only(m, key, schema.CLIENT, found)
+    before = len(found)
     key_files = []
     for field in ("key_file", "key_previous_file"):
-        path = _optional_path(m.get(field), f"{key}.{field}", base_dir)
+        path = found.catch(
+            partial(_client_key_file, m.get(field), f"{key}.{field}", base_dir), None
+        )
         if path is not None:
-            value = _read_secret_file(path, f"{key}.{field}")
-            if len(value) < MIN_CLIENT_KEY:
-                raise ConfigError(
-                    f"{key}.{field}", f"the key must be at least {MIN_CLIENT_KEY} characters"
-                )
             key_files.append(path)
-    raw_digests = m.get("key_sha256")
-    digests: list[str] = []
-    if raw_digests is not None:
-        values = [raw_digests] if isinstance(raw_digests, str) else raw_digests
-        for i, digest in enumerate(_str_list(values, f"{key}.key_sha256")):
-            if not _HEX64.match(digest):
-                raise ConfigError(f"{key}.key_sha256[{i}]", "must be 64 hex digits (a SHA-256)")
-            digests.append(digest.lower())
-    uids = _unix_ids(m.get("uids"), f"{key}.uids")
-    gids = _unix_ids(m.get("gids"), f"{key}.gids")
-    if not key_files and not digests and not uids and not gids:
-        raise ConfigError(key, "needs an identity: key_file, key_sha256, uids or gids")
-    if "key_previous_file" in m and "key_file" not in m:
-        raise ConfigError(f"{key}.key_previous_file", "goes with key_file")
-    allowed = _str_list(m.get("apps", []), f"{key}.apps")
-    if not allowed:
-        raise ConfigError(f"{key}.apps", "lists no app")
-    for i, app in enumerate(allowed):
-        if app not in apps:
-            raise ConfigError(f"{key}.apps[{i}]", f"unknown app {app!r}")
+    digests: tuple[str, ...] = found.catch(
+        lambda: _digests(m.get("key_sha256"), f"{key}.key_sha256"), ()
+    )
+    uids: tuple[int, ...] = found.catch(lambda: _unix_ids(m.get("uids"), f"{key}.uids"), ())
+    gids: tuple[int, ...] = found.catch(lambda: _unix_ids(m.get("gids"), f"{key}.gids"), ())
+    # A wrong identity key is reported as itself, not again as a missing identity.
+    identities = {"key_file", "key_sha256", "uids", "gids"}
+    if (
+        len(found) == before
+        and not identities & unsure
+        and not (key_files or digests or uids or gids)
+    ):
+        found.add(key, "needs an identity: key_file, key_sha256, uids or gids")
+    if "key_previous_file" in m and "key_file" not in m and "key_file" not in unsure:
+        found.add(f"{key}.key_previous_file", "goes with key_file")
+    allowed: tuple[str, ...] = (
+        ()
+        if "apps" in unsure and "apps" not in m
+        else found.catch(lambda: _client_apps(m.get("apps", []), f"{key}.apps", app_names), ())
+    )
     return ClientSpec(
         name=name,
-        apps=tuple(allowed),
+        apps=allowed,
         key_files=tuple(key_files),
-        key_sha256=tuple(digests),
+        key_sha256=digests,
         uids=uids,
         gids=gids,
     )
+
+
+def _client_key_file(value: object, key: str, base_dir: Path) -> Path | None:
+    path = _optional_path(value, key, base_dir)
+    if path is not None and len(_read_secret_file(path, key)) < MIN_CLIENT_KEY:
+        raise ConfigError(key, f"the key must be at least {MIN_CLIENT_KEY} characters")
+    return path
+
+
+def _digests(value: object, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    digests = []
+    for i, digest in enumerate(_str_list(values, key)):
+        if not _HEX64.match(digest):
+            raise ConfigError(f"{key}[{i}]", "must be 64 hex digits (a SHA-256)")
+        digests.append(digest.lower())
+    return tuple(digests)
+
+
+def _client_apps(value: object, key: str, app_names: set[str]) -> tuple[str, ...]:
+    allowed = _str_list(value, key)
+    if not allowed:
+        raise ConfigError(key, "lists no app")
+    for i, app in enumerate(allowed):
+        if app not in app_names:
+            raise ConfigError(f"{key}[{i}]", f"unknown app {app!r}")
+    return tuple(allowed)
 
 
 def _unix_ids(value: object, key: str) -> tuple[int, ...]:
@@ -456,100 +617,135 @@ def _unix_ids(value: object, key: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _check_peer_identities(clients: Mapping[str, ClientSpec], server: ServerSpec) -> None:
+def _check_peer_identities(
+    clients: Mapping[str, ClientSpec],
+    server: ServerSpec,
+    found: _Mistakes,
+    *,
+    server_known: bool,
+) -> None:
     """Peer identity needs the unix socket, and one uid (or gid) names one client."""
     for field in ("uids", "gids"):
         owner: dict[int, str] = {}
         for name, client in clients.items():
             ids: tuple[int, ...] = getattr(client, field)
-            if ids and server.unix_path is None:
-                raise ConfigError(
+            if ids and server_known and server.unix_path is None:
+                found.add(
                     f"clients.{name}.{field}",
                     "peer identity works only over a unix socket: set server.listen to "
                     "unix:/path (a TCP peer's address says nothing about who is calling)",
                 )
             for i, unix_id in enumerate(ids):
                 if unix_id in owner:
-                    raise ConfigError(
+                    found.add(
                         f"clients.{name}.{field}[{i}]",
                         f"{unix_id} already identifies client {owner[unix_id]}",
                     )
-                owner[unix_id] = name
+                else:
+                    owner[unix_id] = name
 
 
 # ---- apps.<name>.proxy -----------------------------------------------------------------------
 
-_PROXY_KEYS = {
-    "upstream",
-    "path_prefixes",
-    "connect_timeout",
-    "read_timeout",
-    "max_buffered_body",
-    "max_request_body",
-    "ca_file",
-    "retry_on_401",
-    "max_concurrent",
-}
 # Each request in flight may hold its buffered body in memory: bounded per request.
 MAX_BUFFERED_BODY = 16 * 1024 * 1024
-MAX_CONCURRENT = 10_000
+MAX_CONCURRENT = schema.MAX_CONCURRENT
 _SIZE = re.compile(r"^([0-9]+)\s*(B|KiB|MiB|GiB)?$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
 
 
-def _proxy(data: object, key: str, base_dir: Path) -> ProxySpec:
+def _proxy(data: object, key: str, base_dir: Path, found: _Mistakes) -> ProxySpec:
     """The injecting proxy of one app: a fixed upstream origin and its limits."""
     m = _mapping(data, key)
-    _only(m, key, _PROXY_KEYS)
-    if "upstream" not in m:
-        raise ConfigError(f"{key}.upstream", "required (the scheme and host of the real API)")
+    unsure = _only(m, key, schema.PROXY, found)
     d = ProxySpec(upstream="")
-    prefixes = _str_list(m.get("path_prefixes", list(d.path_prefixes)), f"{key}.path_prefixes")
+    upstream = ""
+    if "upstream" not in m:
+        if "upstream" not in unsure:
+            found.add(f"{key}.upstream", "required (the scheme and host of the real API)")
+    else:
+        upstream = found.catch(lambda: _upstream(m["upstream"], f"{key}.upstream"), "")
+    prefixes = found.catch(
+        lambda: _path_prefixes(m.get("path_prefixes", list(d.path_prefixes)), key),
+        d.path_prefixes,
+    )
+    max_request_body = found.catch(
+        lambda: _request_body(m.get("max_request_body", d.max_request_body), key), None
+    )
+    max_buffered_body = found.catch(
+        lambda: _buffered_body(m.get("max_buffered_body", d.max_buffered_body), key), None
+    )
+    if (
+        max_buffered_body is not None
+        and max_request_body is not None
+        and max_buffered_body > max_request_body
+    ):
+        found.add(f"{key}.max_buffered_body", "must not exceed max_request_body")
+    ca_file = found.catch(
+        lambda: _optional_path(m.get("ca_file"), f"{key}.ca_file", base_dir), None
+    )
+    if ca_file is not None:
+        found.catch(lambda: _check_ca_file(ca_file, f"{key}.ca_file"), None)
+    return ProxySpec(
+        upstream=upstream,
+        path_prefixes=prefixes,
+        connect_timeout=found.catch(
+            lambda: parse_duration(
+                m.get("connect_timeout", d.connect_timeout), f"{key}.connect_timeout"
+            ),
+            d.connect_timeout,
+        ),
+        read_timeout=found.catch(
+            lambda: parse_duration(m.get("read_timeout", d.read_timeout), f"{key}.read_timeout"),
+            d.read_timeout,
+        ),
+        max_buffered_body=d.max_buffered_body if max_buffered_body is None else max_buffered_body,
+        max_request_body=d.max_request_body if max_request_body is None else max_request_body,
+        ca_file=ca_file,
+        retry_on_401=found.catch(
+            lambda: _bool(m.get("retry_on_401", d.retry_on_401), f"{key}.retry_on_401"),
+            d.retry_on_401,
+        ),
+        max_concurrent=found.catch(
+            lambda: _max_concurrent(m.get("max_concurrent", d.max_concurrent), key),
+            d.max_concurrent,
+        ),
+    )
+
+
+def _path_prefixes(value: object, key: str) -> tuple[str, ...]:
+    prefixes = _str_list(value, f"{key}.path_prefixes")
     if not prefixes:
         raise ConfigError(f"{key}.path_prefixes", "lists no prefix (leave it out to allow all)")
-    max_request_body = _size(
-        m.get("max_request_body", d.max_request_body), f"{key}.max_request_body"
+    return tuple(
+        _path_prefix(prefix, f"{key}.path_prefixes[{i}]") for i, prefix in enumerate(prefixes)
     )
-    if max_request_body == 0:
+
+
+def _request_body(value: object, key: str) -> int:
+    size = _size(value, f"{key}.max_request_body")
+    if size == 0:
         raise ConfigError(f"{key}.max_request_body", "must be positive")
-    max_buffered_body = _size(
-        m.get("max_buffered_body", d.max_buffered_body), f"{key}.max_buffered_body"
-    )
-    if max_buffered_body > MAX_BUFFERED_BODY:
+    return size
+
+
+def _buffered_body(value: object, key: str) -> int:
+    size = _size(value, f"{key}.max_buffered_body")
+    if size > MAX_BUFFERED_BODY:
         raise ConfigError(
             f"{key}.max_buffered_body",
             "at most 16MiB (every request in flight may hold this much in memory)",
         )
-    if max_buffered_body > max_request_body:
-        raise ConfigError(f"{key}.max_buffered_body", "must not exceed max_request_body")
-    max_concurrent = m.get("max_concurrent", d.max_concurrent)
-    if (
-        isinstance(max_concurrent, bool)
-        or not isinstance(max_concurrent, int)
-        or not 1 <= max_concurrent <= MAX_CONCURRENT
-    ):
+    return size
+
+
+def _max_concurrent(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENT:
         raise ConfigError(
             f"{key}.max_concurrent", f"must be a whole number from 1 to {MAX_CONCURRENT}"
         )
-    ca_file = _optional_path(m.get("ca_file"), f"{key}.ca_file", base_dir)
-    if ca_file is not None:
-        _check_ca_file(ca_file, f"{key}.ca_file")
-    return ProxySpec(
-        upstream=_upstream(m["upstream"], f"{key}.upstream"),
-        path_prefixes=tuple(
-            _path_prefix(prefix, f"{key}.path_prefixes[{i}]") for i, prefix in enumerate(prefixes)
-        ),
-        connect_timeout=parse_duration(
-            m.get("connect_timeout", d.connect_timeout), f"{key}.connect_timeout"
-        ),
-        read_timeout=parse_duration(m.get("read_timeout", d.read_timeout), f"{key}.read_timeout"),
-        max_buffered_body=max_buffered_body,
-        max_request_body=max_request_body,
-        ca_file=ca_file,
-        retry_on_401=_bool(m.get("retry_on_401", d.retry_on_401), f"{key}.retry_on_401"),
-        max_concurrent=max_concurrent,
-    )
+    return value
 
 
 def _upstream(value: object, key: str) -> str:
@@ -656,15 +852,23 @@ def _mapping(value: object, key: str) -> dict[str, Any]:
     return value
 
 
-def _only(m: Mapping[str, Any], key: str, allowed: set[str]) -> None:
+def _only(m: Mapping[str, Any], key: str, allowed: Mapping[str, Any], found: _Mistakes) -> set[str]:
+    """Record each key of `m` that `allowed` (a table of broker/schema.py) does not hold.
+
+    Returns the allowed keys that `m` leaves out and a mistyped key may have meant (the
+    did-you-mean): a rule that needs one of them is not checked, since it would only guess.
+    """
+    unsure: set[str] = set()
     for k in m:
         if k not in allowed:
             close = difflib.get_close_matches(k, sorted(allowed), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(
+            unsure.update(c for c in close if c not in m)
+            found.add(
                 f"{key}.{k}" if key != "<config>" else k,
                 f"unknown key; {hint}(allowed: {', '.join(sorted(allowed))})",
             )
+    return unsure
 
 
 def _type(value: object) -> str:
@@ -790,6 +994,12 @@ def _is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _listen(value: object, key: str, *, allow_unix: bool = False) -> str:
+    text = _str(value, key)
+    _listen_address(text, key, allow_unix=allow_unix)
+    return text
 
 
 def _listen_address(value: str, key: str, *, allow_unix: bool) -> None:

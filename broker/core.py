@@ -83,6 +83,10 @@ class BrokerCore:
             if refresher.spec.required and refresher.servable() is None
         )
 
+    def app_ready(self, app: str) -> bool:
+        """`app` has a servable token and the broker is not draining."""
+        return not self.draining and self.refreshers[app].servable() is not None
+
     # ---- lifecycle -----------------------------------------------------------------------
 
     def drain_bound(self) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class BrokerError(Exception):
     """Base of every error token-broker raises on purpose."""
@@ -14,6 +16,17 @@ class ConfigError(BrokerError):
         super().__init__(f"{key}: {reason}")
         self.key = key
         self.reason = reason
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration mistakes, found in one pass. `key` and `reason` are the first's."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        super().__init__(errors[0].key, errors[0].reason)
+        self.errors = tuple(errors)
+
+    def __str__(self) -> str:
+        return f"{len(self.errors)} mistakes:\n" + "\n".join(f"  {e}" for e in self.errors)
 
 
 class TokenEndpointError(BrokerError):

@@ -64,3 +64,7 @@ class TokenService(Protocol):
     def unready_apps(self) -> list[str]:
         """Required apps without a servable token (empty: ready). Includes all while draining."""
         ...
+
+    def app_ready(self, app: str) -> bool:
+        """`app` has a servable token and the broker is not draining (required or not)."""
+        ...

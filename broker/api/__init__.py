@@ -433,7 +433,7 @@ def _small_request(
 
 
 def build_metrics_app(service: TokenService, metrics: Metrics) -> web.Application:
-    """The metrics listener: /metrics, /healthz, /readyz."""
+    """The metrics listener: /metrics, /healthz, /readyz, /readyz/{app}."""
 
     # Rendered on the event loop: the per-app families keep their series' text (broker/
     # exposition.py), so a scrape at a thousand apps costs a few milliseconds of the loop.
@@ -452,10 +452,22 @@ def build_metrics_app(service: TokenService, metrics: Metrics) -> web.Applicatio
             return web.json_response({"status": "not_ready", "apps": unready}, status=503)
         return web.json_response({"status": "ready"})
 
+    async def readyz_app(request: web.Request) -> web.Response:
+        # One app's readiness, required or not: for a probe or a check of a workload that
+        # needs only this app (the pod's /readyz waits for every required app).
+        name = request.match_info["app"]
+        if name not in service.app_names():
+            return web.json_response({"status": "unknown_app", "app": name[:64]}, status=404)
+        if service.app_ready(name):
+            return web.json_response({"status": "ready", "app": name})
+        state = service.status(name).state.value
+        return web.json_response({"status": "not_ready", "app": name, "state": state}, status=503)
+
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/readyz/{app}", readyz_app)
     return app
 
 

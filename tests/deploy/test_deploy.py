@@ -5,6 +5,7 @@ Run with `python -m pytest -m deploy tests/deploy` (needs the `deploy` extra and
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -515,11 +516,13 @@ def parent_chart(root: Path, deployment: str | None = None) -> Path:
     return parent
 
 
-def render_parent(parent: Path, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def render_parent(
+    parent: Path, values: dict[str, Any] | None = None, *, release: str = "demo"
+) -> list[dict[str, Any]]:
     import helm_python as helm
 
     chart = helm.Chart.load(str(parent))
-    rendered: dict[str, str] = chart.render(values or {}, name="demo", namespace="shop")
+    rendered: dict[str, str] = chart.render(values or {}, name=release, namespace="shop")
     return [d for name, text in rendered.items() if name.endswith(".yaml") for d in documents(text)]
 
 
@@ -578,6 +581,82 @@ class TestChartAsDependency:
             render_parent(parent)
 
 
+WORKED_EXAMPLE = ROOT / "examples" / "helm-parent"
+
+
+def worked_example(root: Path) -> Path:
+    """examples/helm-parent copied to `root`, with this chart in its charts/ (what `helm
+    dependency update` does)."""
+    parent = root / "shop"
+    shutil.copytree(WORKED_EXAMPLE, parent)
+    shutil.copytree(CHART, parent / "charts" / "token-broker")
+    return parent
+
+
+class TestWorkedExample:
+    """docs/deploy-kubernetes.md's worked example: examples/helm-parent, as a reader pastes it."""
+
+    def test_renders_lints_and_validates(self, tmp_path: Path) -> None:
+        """The parent chart renders to manifests that validate (strict) and lints clean; its
+        own Deployment carries the sidecar with both callers on the socket by uid."""
+        import helm_python as helm
+
+        parent = worked_example(tmp_path)
+        docs = render_parent(parent, release="shop")
+        validate(docs, tmp_path)
+        report = helm.lint(str(parent), strict=True, with_subcharts=True)
+        assert report["errors"] == [], report
+        assert [m for m in report["messages"] if m["severity"] >= 2] == []
+        kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        assert ("Deployment", "shop-shop") in kinds
+        assert ("PodDisruptionBudget", "shop-shop") in kinds
+        assert not any(d["kind"] == "Secret" for d in docs)  # secrets.create: false
+        pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        check_pod(pod)
+        configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+        check_socket_mode(pod, configmap["data"]["config.yaml"])
+        assert "--appendfsync always" in redis_command(docs)
+        config = yaml.safe_load(configmap["data"]["config.yaml"])
+        assert config["apps"]["twilio-scim"]["grant_type"] == "authorization_code"
+        assert config["store"]["url"] == "redis://shop-token-broker-redis:6379/0"
+
+    def test_its_broker_config_passes_check_config(self, tmp_path: Path) -> None:
+        """With the Secrets the docs say to create, the rendered config passes check-config."""
+        parent = worked_example(tmp_path)
+        secrets = {
+            "create": True,
+            "apps": {
+                "twilio": {"client_id": "AC123", "client_secret": "twilio-secret-value"},
+                "twilio-scim": {"client_id": "scim-id", "client_secret": "scim-secret-value"},
+            },
+            "storeKey": "k1 " + base64.b64encode(bytes(range(32))).decode(),
+            "redisPassword": "redis-password-value",
+        }
+        docs = render_parent(parent, {"tokenBroker": {"secrets": secrets}}, release="shop")
+        configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+        pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        config = materialize(
+            configmap["data"]["config.yaml"],
+            [d for d in docs if d["kind"] == "Secret"],
+            pod_mounts(pod),
+            tmp_path / "mounted",
+        )
+        out = check_config(config)
+        assert out.returncode == 0, out.stderr
+        assert "twilio-scim: authorization_code" in out.stdout
+
+    def test_a_typo_in_the_parents_broker_config_fails_lint(self, tmp_path: Path) -> None:
+        """The dependency's schema checks the parent's tokenBroker.config too."""
+        import helm_python as helm
+
+        parent = worked_example(tmp_path)
+        values = yaml.safe_load((parent / "values.yaml").read_text())
+        values["tokenBroker"]["config"]["apps"]["twilio-scim"]["refesh"] = {"jitter": 0.1}
+        report = helm.lint(str(parent), values, strict=True, with_subcharts=True)
+        assert report["errors"], report
+        assert "refesh" in json.dumps(report["errors"])
+
+
 class TestChartOptions:
     def test_no_example_workload_by_default(self) -> None:
         """The example workload is off by default; when on it is named <release>-<name>."""
@@ -610,6 +689,8 @@ class TestChartOptions:
             {"networkPolicy": {"enable": True}},
             {"secrets": {"storekey": "x"}},
             {"resources": {"limit": {"memory": "1Gi"}}},
+            {"probes": {"startup": {"failureTreshold": 60}}},
+            {"workload": {"podDisruptionBudget": {"minAvailable": 1}}},
         ],
     )
     def test_nested_objects_refuse_unknown_keys(self, values: dict[str, Any]) -> None:
@@ -683,6 +764,127 @@ class TestChartOptions:
                 assert not {"imagePullSecrets", "tolerations", "topologySpreadConstraints"} & set(
                     spec
                 )
+
+
+# A typo in each object of the broker config the chart's schema closes (broker/schema.py,
+# embedded by scripts/chart-schema): the dotted place in values.yaml's config, then the typo.
+CONFIG_TYPOS = [
+    ("", "clientz"),
+    ("server", "listn"),
+    ("store", "keyprefix"),
+    ("apps.twilio", "refesh"),
+    ("apps.twilio.refresh", "jiter"),
+    ("apps.twilio.proxy", "upstreem"),
+    ("apps.twilio.sinks.0", "pth"),
+    ("clients.billing", "uid"),
+]
+
+
+class TestConfigSchemaInTheChart:
+    @pytest.mark.parametrize(("place", "typo"), CONFIG_TYPOS)
+    def test_a_typo_anywhere_in_config_fails_lint(self, place: str, typo: str) -> None:
+        """helm lint (and install) refuse an unknown key in any object of `config:`, before a
+        pod could crash on it."""
+        import helm_python as helm
+
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        config = values["config"]
+        config["apps"]["twilio"]["refresh"] = {"jitter": 0.1}
+        config["apps"]["twilio"]["sinks"] = [{"path": "/run/token-broker/twilio"}]
+        report = helm.lint(str(CHART), values, strict=True)
+        assert report["errors"] == [], report
+        node = config
+        for part in filter(None, place.split(".")):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[typo] = True
+        report = helm.lint(str(CHART), values, strict=True)
+        assert report["errors"], report
+        assert typo in json.dumps(report["errors"])
+        with pytest.raises(helm.HelmError, match=typo):
+            render_chart(values)
+
+    def test_the_typo_places_cover_every_closed_object(self) -> None:
+        """CONFIG_TYPOS has a place in every object of the config schema that is closed."""
+        from broker.schema import config_schema
+
+        def closed(schema: dict[str, Any], path: str) -> set[str]:
+            found = {path} if schema.get("additionalProperties") is False else set()
+            for name, child in schema.get("properties", {}).items():
+                found |= closed(child, f"{path}.{name}".lstrip("."))
+            if isinstance(schema.get("additionalProperties"), dict):
+                found |= closed(schema["additionalProperties"], f"{path}.*")
+            if isinstance(schema.get("items"), dict):
+                found |= closed(schema["items"], f"{path}.0")
+            return found
+
+        places = {
+            ".".join(
+                "*" if i == 1 and p in ("twilio", "billing") else p
+                for i, p in enumerate(place.split("."))
+            )
+            for place, _ in CONFIG_TYPOS
+        }
+        assert places == closed(config_schema(), "")
+
+    def test_a_bad_value_in_config_fails_lint(self) -> None:
+        """Types, enums and ranges of the broker's schema apply too, not only the keys."""
+        import helm_python as helm
+
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        values["config"]["apps"]["twilio"]["grant_type"] = "password"
+        report = helm.lint(str(CHART), values, strict=True)
+        assert report["errors"], report
+
+
+class TestMemoryFigures:
+    def test_the_sizing_comments_and_the_docs_agree(self) -> None:
+        """values.yaml, the plain Deployment and docs/deploy-kubernetes.md quote the same idle
+        resident memory (bench/scale.py) for 10 apps on Redis and on memory://."""
+        pattern = re.compile(
+            r"(\d+) MiB\s+resident\s+with\s+10\s+apps\s+on\s+Redis,\s+idle\s+\((\d+)"
+        )
+        sources = [
+            CHART / "values.yaml",
+            BASE / "deployment.yaml",
+            ROOT / "docs" / "deploy-kubernetes.md",
+        ]
+        figures = {source.name: pattern.findall(source.read_text()) for source in sources}
+        assert all(len(found) == 1 for found in figures.values()), figures
+        assert len({found[0] for found in figures.values()}) == 1, figures
+
+
+class TestProbesAndDisruptionBudget:
+    def test_startup_probe_waits_for_every_required_app_by_default(self) -> None:
+        """The sidecar's startup probe is /readyz, every second for up to 120 s (it gates the
+        main containers); readiness is /readyz too; both take the probes values."""
+        pod = next(d for d in chart_docs(with_example()) if d["kind"] == "Deployment")
+        sidecar = pod["spec"]["template"]["spec"]["initContainers"][0]
+        assert sidecar["startupProbe"] == {
+            "httpGet": {"path": "/readyz", "port": "metrics"},
+            "periodSeconds": 1,
+            "failureThreshold": 120,
+        }
+        assert sidecar["readinessProbe"] == {
+            "httpGet": {"path": "/readyz", "port": "metrics"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        }
+        docs = chart_docs(with_example({"probes": {"startup": {"failureThreshold": 600}}}))
+        pod = next(d for d in docs if d["kind"] == "Deployment")
+        probe = pod["spec"]["template"]["spec"]["initContainers"][0]["startupProbe"]
+        assert (probe["periodSeconds"], probe["failureThreshold"]) == (1, 600)
+
+    def test_the_example_workload_has_a_disruption_budget_option(self, tmp_path: Path) -> None:
+        """Off by default; on, a PodDisruptionBudget selecting exactly the workload's pods."""
+        assert not any(d["kind"] == "PodDisruptionBudget" for d in chart_docs(with_example()))
+        values = with_example({"workload": {"podDisruptionBudget": {"enabled": True}}})
+        docs = chart_docs(values)
+        validate(docs, tmp_path)
+        budget = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        assert budget["metadata"]["name"] == "demo-billing"
+        assert budget["spec"]["maxUnavailable"] == 1
+        assert budget["spec"]["selector"] == deployment["spec"]["selector"]
 
 
 class TestAlerts:

@@ -87,6 +87,9 @@ class TestAuthorizeCommand:
                 async with session.get(f"{files.metrics}/readyz") as response:
                     assert response.status == 503
                     assert (await response.json())["apps"] == ["app1"]
+                async with session.get(f"{files.metrics}/readyz/app1") as response:
+                    assert response.status == 503
+                    assert (await response.json())["state"] == "needs_authorization"
 
             onboarding = Onboarding(config)
             url = onboarding.authorize_url()
@@ -99,6 +102,12 @@ class TestAuthorizeCommand:
             assert "five minutes" in out
 
             await wait_until_ready(files.metrics, timeout=5)  # no restart
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{files.metrics}/readyz/app1") as response:
+                    assert (response.status, await response.json()) == (
+                        200,
+                        {"status": "ready", "app": "app1"},
+                    )
             status, body = await get_token(files)
             assert status == 200
             form = oauth_server.requests[0].form

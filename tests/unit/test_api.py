@@ -73,6 +73,9 @@ class FakeService:
     def unready_apps(self) -> list[str]:
         return self.unready
 
+    def app_ready(self, app: str) -> bool:
+        return app not in self.unready
+
 
 @pytest.fixture
 def service() -> FakeService:

@@ -75,6 +75,9 @@ class CountingService:
     def unready_apps(self) -> list[str]:
         return []
 
+    def app_ready(self, app: str) -> bool:
+        return True
+
 
 @pytest.fixture
 def service(fake_clock: FakeClock) -> CountingService:

@@ -92,6 +92,10 @@ class FakeTokenService:
         """The scripted unready apps."""
         return self.unready
 
+    def app_ready(self, app: str) -> bool:
+        """Ready unless scripted unready."""
+        return app not in self.unready
+
 
 @pytest.fixture
 def service() -> FakeTokenService:
@@ -592,6 +596,28 @@ class TestMetricsApp:
         response = await metrics_api.get("/readyz")
         assert response.status == 503
         assert await response.json() == {"status": "not_ready", "apps": ["stripe", "twilio"]}
+
+    async def test_one_app_ready(self, metrics_api: Client, service: FakeTokenService) -> None:
+        """/readyz/{app} is 200 for an app with a servable token, whatever the others' state."""
+        service.unready = ["stripe"]
+        response = await metrics_api.get("/readyz/twilio")
+        assert (response.status, await response.json()) == (
+            200,
+            {"status": "ready", "app": "twilio"},
+        )
+
+    async def test_one_app_not_ready(self, metrics_api: Client, service: FakeTokenService) -> None:
+        """/readyz/{app} is 503 with the app's state when it has no servable token."""
+        service.unready = ["stripe"]
+        response = await metrics_api.get("/readyz/stripe")
+        assert response.status == 503
+        assert await response.json() == {"status": "not_ready", "app": "stripe", "state": "fresh"}
+
+    async def test_unknown_app_is_404(self, metrics_api: Client) -> None:
+        """/readyz/{app} for an app the config does not name is 404 unknown_app."""
+        response = await metrics_api.get("/readyz/nope")
+        assert response.status == 404
+        assert await response.json() == {"status": "unknown_app", "app": "nope"}
 
 
 class TestRememberedGrants:

@@ -205,7 +205,15 @@ class TestHelp:
     def test_every_command_has_a_description_and_examples(self) -> None:
         """Each subcommand's help has a description and an `example` section."""
         commands = self.subcommands()
-        assert set(commands) == {"serve", "dev", "check-config", "token", "authorize", "version"}
+        assert set(commands) == {
+            "serve",
+            "dev",
+            "check-config",
+            "config-schema",
+            "token",
+            "authorize",
+            "version",
+        }
         for name, parser in commands.items():
             assert parser.description, name
             assert parser.epilog is not None and "example" in parser.epilog, name

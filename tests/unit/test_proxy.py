@@ -194,6 +194,9 @@ class FakeService:
     def unready_apps(self) -> list[str]:
         return []
 
+    def app_ready(self, app: str) -> bool:
+        return True
+
 
 class Upstream:
     """A plain-HTTP upstream on loopback: accepts only TOKEN_B unless told to accept any."""

@@ -133,17 +133,17 @@ Kubernetes >= 1.29), and "token-broker.volumes" under `volumes:`.
     - name: metrics
       containerPort: 9411
       protocol: TCP
+  {{- /* Gates the main containers until every required app has its first token. */}}
   startupProbe:
     httpGet:
       path: /readyz
       port: metrics
-    periodSeconds: 1
-    failureThreshold: 120
+    {{- toYaml .Values.probes.startup | nindent 4 }}
   readinessProbe:
     httpGet:
       path: /readyz
       port: metrics
-    periodSeconds: 10
+    {{- toYaml .Values.probes.readiness | nindent 4 }}
   livenessProbe:
     httpGet:
       path: /healthz
