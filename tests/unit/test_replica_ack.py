@@ -157,9 +157,7 @@ class TestConfig:
             ("redis+cluster://10.0.0.1:7000,10.0.0.2:7000", True),
         ],
     )
-    def test_the_default_follows_the_scheme(
-        self, tmp_path: Path, url: str, expected: bool
-    ) -> None:
+    def test_the_default_follows_the_scheme(self, tmp_path: Path, url: str, expected: bool) -> None:
         """On by default where a failover replaces the primary by itself (Sentinel, Cluster),
         off for a single redis:// URL and memory://; the timeout defaults to 0.5 s."""
         store = load_config(_config(tmp_path, url)).store
