@@ -9,7 +9,7 @@ import pytest
 import structlog.testing
 import yaml
 
-from broker.config import load_config
+from broker.config import load_config, summarize
 from broker.errors import ConfigError, NotDurable
 from broker.fleet import Blocked, Fetched, FleetProtocol, Timing
 from broker.model import TokenSet
@@ -175,6 +175,13 @@ class TestConfig:
             )
         ).store
         assert (store.require_replica_ack, store.replica_ack_timeout) == (True, 0.25)
+
+    def test_check_config_says_so(self, tmp_path: Path) -> None:
+        """check-config's summary names the acknowledgement and its timeout when required."""
+        on = load_config(_config(tmp_path, "redis+cluster://10.0.0.1:7000"))
+        assert "a replica acknowledges each spend (WAIT, 0.5s)" in summarize(on)
+        off = load_config(_config(tmp_path, "redis://127.0.0.1:6379/0"))
+        assert "acknowledges" not in summarize(off)
 
     def test_sentinel_may_turn_it_off(self, tmp_path: Path) -> None:
         """An operator may accept the split-brain risk on Sentinel (documented)."""
