@@ -2,7 +2,9 @@
 
 Two broker processes share an authorization-code app on the rotating test server (reuse
 detection revokes the whole grant). b1 finds the primary through Sentinel; b0 talks to the
-primary M directly, as a client left on M's side of a partition does. The proxy then cuts M off
+primary M directly, as a client left on M's side of a partition does (in production, a broker
+whose Sentinel on that side, short of a quorum, still names M; b0's config sets
+`require_replica_ack` as the Sentinel URL's default would). The proxy then cuts M off
 from its replicas and the Sentinel: the Sentinel promotes a replica, b1 follows it, and b0 keeps
 writing to M, which nothing replicates any more. Both now hold the same set, each side a lease
 of its own and no record of the other side's spend.
