@@ -8,6 +8,7 @@ that owns the app's slot) and raises NotDurable when no replica acknowledged it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,13 @@ from broker.model import TokenSet
 from broker.store import SpendStart
 from broker.store.crypto import Keyring
 from broker.store.redis_store import RedisStore, redis_client
+from tests.integration.test_rotation_doors import audited, refresh_tokens_presented
+from tests.integration.test_rotation_faults import check_grant_intact
+from tests.integration.test_split_brain import set_store
+from tests.support.authorization import ac_app, authorize_via_code
+from tests.support.broker_process import BrokerFiles
+from tests.support.fleet import Fleet, Poller
+from tests.support.oauth_server import OAuthTestServer
 from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisCluster, RedisSentinel
 
@@ -212,3 +220,69 @@ class TestSentinel:
             assert await store.mark_sent("app", owner="a", fence=fence) is True
         finally:
             topology.stop()
+
+
+class TestBrokerWhileTheReplicaIsDown:
+    async def test_it_refuses_to_spend_then_resumes(
+        self,
+        tmp_path: Path,
+        oauth_server: OAuthTestServer,
+        redis_server: RedisServer,
+        replica_of: Callable[[RedisServer], RedisServer],
+    ) -> None:
+        """A real broker on a primary whose only replica is killed: its spends get no
+        acknowledgement and are never sent (spend.not_durable), it serves its token to the
+        margin and then answers 503; when the replica is back it refreshes and serves again.
+        No refresh token is presented twice and the grant lives."""
+        lifetime = 10.0
+        oauth_server.lifetime = lifetime
+        app = ac_app(oauth_server, at_fraction=0.4)
+        seed = BrokerFiles(
+            directory=tmp_path / "seed",
+            token_url=oauth_server.token_url,
+            store_url=redis_server.url,
+            apps={"app1": app},
+        )
+        await authorize_via_code(seed.write(), oauth_server)
+        replica = replica_of(redis_server)
+        fleet = Fleet(
+            tmp_path / "fleet", oauth_server.token_url, redis_server.url, 1, apps={"app1": app}
+        )
+        set_store(fleet.replicas[0].files, redis_server.url, require_replica_ack=True)
+        poller = Poller(fleet, oauth_server)
+        try:
+            await fleet.start()
+            poller.start()
+            deadline = time.monotonic() + 3 * lifetime
+            while not oauth_server.count("refresh_token"):
+                assert time.monotonic() < deadline, "no refresh before the replica went down"
+                await asyncio.sleep(0.05)
+            down_at = time.time()
+            refreshes_before = oauth_server.count("refresh_token")
+            await asyncio.to_thread(replica.stop)
+            deadline = time.monotonic() + 3 * lifetime
+            while 503 not in poller.stats.of(0, down_at):
+                assert time.monotonic() < deadline, "the broker never stopped serving"
+                await asyncio.sleep(0.1)
+            blocked_refreshes = oauth_server.count("refresh_token") - refreshes_before
+            back_at = time.time()
+            await asyncio.to_thread(replica.start)
+            await asyncio.to_thread(wait_for_replicas, redis_server.port, 1)
+            deadline = time.monotonic() + 3 * lifetime
+            while poller.stats.serving_again(0, time.time() - 0.5) is None or (
+                oauth_server.count("refresh_token") == refreshes_before
+            ):
+                assert time.monotonic() < deadline, "the broker did not resume"
+                await asyncio.sleep(0.1)
+            stats = await poller.stop()
+        finally:
+            await poller.stop()
+            await asyncio.to_thread(fleet.stop)
+        not_durable = audited(fleet, "spend.not_durable", down_at)
+        check_grant_intact(oauth_server)
+        presented = refresh_tokens_presented(oauth_server)
+        assert len(set(presented)) == len(presented)
+        assert blocked_refreshes == 0, "a refresh token was sent while no replica acknowledged"
+        assert not_durable, "no spend.not_durable while the replica was down"
+        assert stats.expired == 0, "an expired token was served"
+        assert stats.serving_again(0, back_at) is not None
