@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 import yaml
 
 from tests.integration.test_rotation_doors import audited, refresh_tokens_presented
-from tests.integration.test_rotation_faults import check_grant_intact
+from tests.integration.test_rotation_faults import TOKEN_KEY, check_grant_intact
 from tests.support.authorization import ac_app, authorize_via_code
 from tests.support.broker_process import BrokerFiles
 from tests.support.fleet import Fleet, FleetStats, Poller
@@ -89,10 +90,17 @@ async def run_split(
     try:
         await fleet.start()
         poller.start()
+        # Split between two spends: once the first refresh is committed on M (the next comes
+        # due 6 s later). A split during a spend would leave its `sent` record on both sides,
+        # and the other side rightly declines to spend that token.
         deadline = time.monotonic() + 3 * LIFETIME
-        while not oauth.count("refresh_token"):
-            assert time.monotonic() < deadline, "the fleet never refreshed before the split"
-            await asyncio.sleep(0.05)
+        primary = aioredis.Redis(host="127.0.0.1", port=topology.primary.port)
+        try:
+            while int(await primary.hget(TOKEN_KEY, "gen") or 0) < 2:
+                assert time.monotonic() < deadline, "the fleet never refreshed before the split"
+                await asyncio.sleep(0.05)
+        finally:
+            await primary.aclose()
         split_at = time.time()
         await topology.partition()
         await asyncio.sleep(split_at + SPLIT_FOR - time.time())
@@ -143,6 +151,9 @@ class TestSentinelSplitBrain:
         fleet = await split_brain_fleet(tmp_path, oauth_server, split_brain, require_ack=False)
         await run_split(fleet, oauth_server, split_brain)
         presented = refresh_tokens_presented(oauth_server)
-        assert len(set(presented)) < len(presented), "no refresh token was presented twice"
+        assert len(set(presented)) < len(presented), (
+            f"no refresh token was presented twice: {len(presented)} presented, refreshed by "
+            f"{[i for i, _ in audited(fleet, 'token.refreshed')]}"
+        )
         assert oauth_server.reuse_detected > 0
         assert any(g.revoked for g in oauth_server.grants.values()), "the grant survived"
