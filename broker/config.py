@@ -264,9 +264,7 @@ _FAILOVER_SCHEMES = ("redis+sentinel", "redis+cluster")
 MAX_REPLICA_ACK_TIMEOUT = 5.0
 
 
-def _replica_ack(
-    m: Mapping[str, Any], key: str, url: str, found: _Mistakes
-) -> tuple[bool, float]:
+def _replica_ack(m: Mapping[str, Any], key: str, url: str, found: _Mistakes) -> tuple[bool, float]:
     """`store.require_replica_ack` (default: on for Sentinel and Cluster) and its timeout.
 
     `url` is "" when it was wrong: the checks that depend on the scheme are left out.

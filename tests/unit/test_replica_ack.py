@@ -183,6 +183,15 @@ class TestConfig:
         off = load_config(_config(tmp_path, "redis://127.0.0.1:6379/0"))
         assert "acknowledges" not in summarize(off)
 
+    def test_a_wrong_url_is_the_one_mistake(self, tmp_path: Path) -> None:
+        """With a mistyped scheme the scheme-dependent checks are left out: the timeout is not
+        also reported as set without the acknowledgement."""
+        with pytest.raises(ConfigError) as caught:
+            load_config(
+                _config(tmp_path, "redis+sentinal://10.0.0.1:26379/m", replica_ack_timeout=1)
+            )
+        assert caught.value.key == "store.url"
+
     def test_sentinel_may_turn_it_off(self, tmp_path: Path) -> None:
         """An operator may accept the split-brain risk on Sentinel (documented)."""
         store = load_config(
