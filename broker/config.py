@@ -245,9 +245,61 @@ def _store(data: object, key: str, base_dir: Path, found: _Mistakes) -> StoreSpe
     )
     if password_file is not None:
         found.catch(lambda: _read_secret_file(password_file, f"{key}.password_file"), "")
+    require_ack, ack_timeout = _replica_ack(m, key, url, found)
     return StoreSpec(
-        url=url, key_prefix=prefix, encryption_key_file=key_file, password_file=password_file
+        url=url,
+        key_prefix=prefix,
+        encryption_key_file=key_file,
+        password_file=password_file,
+        require_replica_ack=require_ack,
+        replica_ack_timeout=ack_timeout,
     )
+
+
+# Schemes whose primary is replaced by a failover on its own: a `sent` record that no replica
+# holds may vanish, or stay behind on the old primary while the fleet writes to the new one.
+_FAILOVER_SCHEMES = ("redis+sentinel", "redis+cluster")
+# WAIT blocks the connection it runs on (the client's socket timeout is raised to outlast it),
+# and a spend waits that long before sending: a few seconds at most.
+MAX_REPLICA_ACK_TIMEOUT = 5.0
+
+
+def _replica_ack(m: Mapping[str, Any], key: str, url: str, found: _Mistakes) -> tuple[bool, float]:
+    """`store.require_replica_ack` (default: on for Sentinel and Cluster) and its timeout.
+
+    `url` is "" when it was wrong: the checks that depend on the scheme are left out.
+    """
+    scheme = url.partition("://")[0]
+    default = scheme in _FAILOVER_SCHEMES
+    before = len(found)
+    require = found.catch(
+        lambda: _bool(m.get("require_replica_ack", default), f"{key}.require_replica_ack"),
+        default,
+    )
+    require_known = bool(url) and len(found) == before
+    if require and scheme == "memory":
+        found.add(f"{key}.require_replica_ack", "a memory:// store has no replicas to acknowledge")
+    default_timeout = StoreSpec().replica_ack_timeout
+    timeout = found.catch(
+        lambda: _replica_ack_timeout(
+            m.get("replica_ack_timeout", default_timeout), f"{key}.replica_ack_timeout"
+        ),
+        default_timeout,
+    )
+    if "replica_ack_timeout" in m and require_known and not require:
+        found.add(
+            f"{key}.replica_ack_timeout", "applies only when store.require_replica_ack is true"
+        )
+    return require, timeout
+
+
+def _replica_ack_timeout(value: object, key: str) -> float:
+    timeout = parse_duration(value, key)
+    if timeout > MAX_REPLICA_ACK_TIMEOUT:
+        raise ConfigError(
+            key, f"at most {MAX_REPLICA_ACK_TIMEOUT:g}s (a spend waits this long before sending)"
+        )
+    return timeout
 
 
 def _store_url(value: object, key: str) -> str:
@@ -1190,7 +1242,12 @@ def summarize(config: Config) -> str:
         f"API:      {config.server.listen}" + _socket_summary(config.server),
         f"metrics:  {config.server.metrics_listen}",
         f"store:    {redact_url(config.store.url)} (key prefix {config.store.key_prefix!r}"
-        + (", encrypted)" if config.store.encryption_key_file else ", in memory)"),
+        + (", encrypted)" if config.store.encryption_key_file else ", in memory)")
+        + (
+            f", a replica acknowledges each spend (WAIT, {config.store.replica_ack_timeout:g}s)"
+            if config.store.require_replica_ack
+            else ""
+        ),
         f"apps ({len(config.apps)}):",
     ]
     for app in config.apps.values():

@@ -102,6 +102,15 @@ class UnreadableTokenSet(StoreUnavailable):
         self.version = version
 
 
+class NotDurable(StoreUnavailable):
+    """A write was applied on the store's primary, but no replica acknowledged it in time.
+
+    With `store.require_replica_ack`, a spend record that only the primary holds may vanish in a
+    failover (asynchronous replication), or live on a primary the rest of the fleet no longer
+    writes to (a split brain): its refresh token is not sent.
+    """
+
+
 class TokenUnavailable(BrokerError):
     """No token with enough time left can be served now."""
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 from broker.clock import Clock
 from broker.errors import (
+    NotDurable,
     PermanentTokenError,
     StoreUnavailable,
     TokenEndpointError,
@@ -692,6 +693,15 @@ class FleetProtocol:
         try:
             # The fence is checked once more, atomically, right before the token leaves.
             sent = await self._store.mark_sent(self.app, owner=self._owner, fence=fence)
+        except NotDurable as exc:
+            # Only this primary holds the `sent` record: a failover may lose it, or this may be
+            # the old primary of a split brain whose other side spends the same token (H4).
+            await self._end_spend(fence, SpendEnd.ABORTED)
+            log.warning("spend.not_durable", app=self.app, fence=fence, reason=str(exc))
+            return Blocked(
+                "no store replica acknowledged the spend record, not spending the refresh "
+                f"token (a failover could lose the record): {exc}"
+            )
         except StoreUnavailable as exc:
             await self._end_spend(fence, SpendEnd.ABORTED)
             return Blocked(f"store unavailable before sending, not spending: {exc}")

@@ -235,6 +235,11 @@ class StoreSpec:
     key_prefix: str = "token-broker"
     encryption_key_file: Path | None = None
     password_file: Path | None = None
+    # Send a refresh token only after a replica acknowledged its `sent` record (WAIT): on by
+    # default for Sentinel and Cluster URLs, where a failover or a split brain can lose it.
+    require_replica_ack: bool = False
+    # WAIT's own timeout, on the Redis server; the client's socket timeout is kept above it.
+    replica_ack_timeout: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)

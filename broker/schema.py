@@ -104,6 +104,14 @@ STORE: dict[str, Schema] = {
     },
     "encryption_key_file": _described(FILE, "the AES key file (required for a shared store)"),
     "password_file": _described(FILE, "the file holding the Redis password"),
+    "require_replica_ack": {
+        "type": "boolean",
+        "description": "send a refresh token only once a Redis replica acknowledged its spend "
+        "record (WAIT); default true for redis+sentinel:// and redis+cluster://",
+    },
+    "replica_ack_timeout": _described(
+        DURATION, "how long WAIT waits for the replica's acknowledgement (at most 5s)"
+    ),
 }
 
 REFRESH: dict[str, Schema] = {

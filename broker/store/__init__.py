@@ -191,6 +191,10 @@ class TokenStore(Protocol):
         """Mark our announced spend as sent, just before sending; False: do not send.
 
         True only while `owner` still holds the lease under `fence` and the record is ours.
+        A store that requires a replica's acknowledgement (`store.require_replica_ack`) raises
+        NotDurable when none came: the record is applied on the primary only, where a failover
+        may lose it or a split brain leave it behind, so the caller must not send (it ends the
+        spend as aborted).
         """
         ...
 

@@ -9,6 +9,9 @@ from broker.model import StoreSpec
 from broker.store import TokenStore
 from broker.store.memory import MemoryStore
 
+# How much longer than a WAIT for a replica the client's socket waits for WAIT's answer.
+REPLICA_ACK_SLACK = 0.5
+
 
 def open_store(spec: StoreSpec, metrics: Metrics, clock: Clock) -> TokenStore:
     """memory:// → MemoryStore; any Redis URL → RedisStore with the keyring from the key file."""
@@ -28,10 +31,18 @@ def open_store(spec: StoreSpec, metrics: Metrics, clock: Clock) -> TokenStore:
             password = spec.password_file.read_text().strip()
         except OSError as exc:
             raise ConfigError("store.password_file", f"cannot read: {exc.strerror}") from None
+    # A WAIT for a replica blocks its connection up to its timeout: the socket outlasts it.
+    socket_timeout = max(1.0, spec.replica_ack_timeout + REPLICA_ACK_SLACK)
     try:
-        client = redis_client(spec.url, password=password)
+        client = redis_client(spec.url, password=password, socket_timeout=socket_timeout)
     except ValueError as exc:
         raise ConfigError("store.url", str(exc)) from None
     return RedisStore(
-        client, key_prefix=spec.key_prefix, keyring=keyring, metrics=metrics, clock=clock
+        client,
+        key_prefix=spec.key_prefix,
+        keyring=keyring,
+        metrics=metrics,
+        clock=clock,
+        require_replica_ack=spec.require_replica_ack,
+        replica_ack_timeout=spec.replica_ack_timeout,
     )

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from broker.clock import Clock
-from broker.errors import StoreUnavailable
+from broker.errors import NotDurable, StoreUnavailable
 from broker.model import FailureRecord, TokenSet
 from broker.store import (
     BUDGET_WINDOW,
@@ -50,10 +50,18 @@ class MemoryState:
 
 
 class MemoryStore:
-    """Implements TokenStore in memory. Set `fail = True` to simulate an outage."""
+    """Implements TokenStore in memory. Set `fail = True` to simulate an outage.
 
-    def __init__(self, clock: Clock) -> None:
+    `require_replica_ack` models a Redis store that WAITs for a replica after `mark_sent`;
+    `replicas_acknowledge = False` then models a primary no replica acknowledges (its replicas
+    down or cut off, as on the old primary of a split brain): `mark_sent` applies the record and
+    raises NotDurable, as RedisStore does.
+    """
+
+    def __init__(self, clock: Clock, *, require_replica_ack: bool = False) -> None:
         self._clock = clock
+        self.require_replica_ack = require_replica_ack
+        self.replicas_acknowledge = True
         self.state = MemoryState()
         self._subscribers: set[asyncio.Queue[Notice | None]] = set()
         self._failures: dict[str, FailureRecord] = {}
@@ -202,7 +210,13 @@ class MemoryStore:
         self._publish(
             Notice(app, "sent", rank=spend.rank, refresh_fp=spend.refresh_fp, owner=owner)
         )
+        if self.require_replica_ack and not self._replica_acknowledged():
+            raise NotDurable("memory store: no replica acknowledged the spend record")
         return True
+
+    def _replica_acknowledged(self) -> bool:
+        """Whether a replica acknowledged the last write (WAIT 1 answered 1)."""
+        return self.replicas_acknowledge
 
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Turn an announced spend of `refresh_fp` into an unknown one under no fence, while its

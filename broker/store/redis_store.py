@@ -27,11 +27,12 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from broker.clock import Clock
-from broker.errors import StoreUnavailable, UnreadableTokenSet
+from broker.errors import NotDurable, StoreUnavailable, UnreadableTokenSet
 from broker.logs import get_logger
 from broker.metrics import Metrics
 from broker.model import FailureRecord, TokenSet
@@ -48,6 +49,7 @@ from broker.store.crypto import Keyring, UndecryptableToken
 from broker.store.redis_pool import (
     MAX_COMMAND_CONNECTIONS,
     POOL_WAIT_TIMEOUT,
+    BoundedCluster,
     WaitingPool,
     WaitingSentinelPool,
     bounded_cluster,
@@ -224,8 +226,12 @@ class RedisStore:
         metrics: Metrics,
         clock: Clock,
         pubsub_client: Any | None = None,
+        require_replica_ack: bool = False,
+        replica_ack_timeout: float = 0.5,
     ) -> None:
         self._client = client
+        self._require_ack = require_replica_ack
+        self._ack_timeout_ms = max(1, int(replica_ack_timeout * 1000))
         self._pubsub_client = pubsub_client if pubsub_client is not None else client
         self._prefix = key_prefix
         self._keyring = keyring
@@ -444,15 +450,63 @@ class RedisStore:
         return SpendStart(text)
 
     async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
-        """Mark our announced spend sent (Lua), if the lease and the record are still ours."""
-        result = await self._call(
-            "spend",
-            lambda: self._mark_sent(
-                keys=[self.lease_key(app), self.spend_key(app)],
-                args=[f"{owner}|{fence}", fence, self.channel, app],
-            ),
-        )
-        return bool(result)
+        """Mark our announced spend sent (Lua), if the lease and the record are still ours.
+
+        With `require_replica_ack`, WAIT for one replica after it, on the same connection;
+        NotDurable when none acknowledged within the timeout (the caller does not send).
+        """
+        keys = [self.lease_key(app), self.spend_key(app)]
+        args: list[Any] = [f"{owner}|{fence}", fence, self.channel, app]
+        if not self._require_ack:
+            result = await self._call("spend", lambda: self._mark_sent(keys=keys, args=args))
+            return bool(result)
+        marked, acks = await self._call("spend", lambda: self._script_then_wait(keys, args))
+        if not marked:
+            return False
+        if acks < 1:
+            raise NotDurable(
+                f"no replica acknowledged the spend record within {self._ack_timeout_ms} ms "
+                "(WAIT answered 0)"
+            )
+        return True
+
+    async def _script_then_wait(self, keys: list[str], args: list[Any]) -> tuple[int, int]:
+        """The mark_sent script, then `WAIT 1 <timeout>`, pipelined on one connection.
+
+        WAIT counts the replicas that acknowledged the writes of the connection it runs on, so
+        it must follow the write on that connection: a pipeline on the primary, or on a Cluster
+        the connection of the node that owns the app's slot (the cluster client would send a
+        keyless WAIT to every primary, each on a connection of its own). The script goes as
+        EVAL, not EVALSHA: a node that never loaded it needs no second round trip. The wait is
+        bounded by WAIT's timeout on the server and by the socket timeout on the client.
+        """
+        source = _MARK_SENT
+        if isinstance(self._client, RedisCluster):
+            cluster = self._client
+            await cluster.initialize()
+            node = cluster.get_node_from_key(keys[0])
+            if node is None:
+                raise RedisError(f"no cluster node serves the slot of {keys[0]}")
+            commands = [
+                PipelineCommand(0, "EVAL", source, len(keys), *keys, *args),
+                PipelineCommand(1, "WAIT", 1, self._ack_timeout_ms),
+            ]
+            slot = (
+                cluster.slot() if isinstance(cluster, BoundedCluster) else contextlib.nullcontext()
+            )
+            async with slot:
+                await node.execute_pipeline(commands)
+            results: list[Any] = []
+            for command in commands:
+                if isinstance(command.result, Exception):
+                    raise command.result
+                results.append(command.result)
+        else:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.execute_command("EVAL", source, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", 1, self._ack_timeout_ms)
+            results = list(await pipe.execute())
+        return int(results[0]), int(results[1])
 
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Turn an announced spend of `refresh_fp` into an unknown one while its spender holds

@@ -1051,6 +1051,20 @@ class TestExampleConfigPassesCheckConfig:
         assert "previous secret configured" in out.stdout
         assert previous not in out.stdout + out.stderr
 
+    def test_helm_chart_passes_the_replica_ack_settings(self, tmp_path: Path) -> None:
+        """config.store.require_replica_ack and replica_ack_timeout reach the broker's config
+        (and pass check-config); left out, the broker's default for the URL's scheme holds."""
+        assert (
+            "require_replica_ack" not in yaml.safe_load(chart_config(tmp_path).read_text())["store"]
+        )
+        values = {"config": {"store": {"require_replica_ack": True, "replica_ack_timeout": "1s"}}}
+        config = chart_config(tmp_path / "on", values)
+        store = yaml.safe_load(config.read_text())["store"]
+        assert (store["require_replica_ack"], store["replica_ack_timeout"]) == (True, "1s")
+        out = check_config(config)
+        assert out.returncode == 0, out.stderr
+        assert "a replica acknowledges each spend (WAIT, 1s)" in out.stdout
+
     def test_helm_chart_without_a_previous_secret_names_no_file(self, tmp_path: Path) -> None:
         """Without client_secret_previous the config names no previous-secret file."""
         app = yaml.safe_load(chart_config(tmp_path).read_text())["apps"]["twilio"]

@@ -269,6 +269,33 @@ def empty_restart_on_short_tokens() -> Schedule:
     )
 
 
+def h4_split_brain_both_sides_spend() -> Schedule:
+    """H4: a Sentinel failover leaves the old primary writable (asynchronous replication, a
+    partition): r0 keeps writing to it, cut off from its replicas, while r1 and r2 move to the
+    promoted replica. Both sides hold the same set, a lease of their own and no record of the
+    other's spend: when the token comes due both spend it. Its `sent` record on the old primary
+    is acknowledged by no replica, so r0 must not send; at the heal the old primary's writes are
+    lost and r0 adopts the set the other side refreshed."""
+
+    async def script(world: World) -> None:
+        await world.time.sleep(10.0)
+        world.split_brain([0])
+        # Past the refresh time (45 s) and to the token's expiry: both sides try to spend.
+        await world.time.sleep(80.0)
+        world.heal_split_brain()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_007,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="h4_split_brain_both_sides_spend",
+        script=script,
+        script_heals_by=90.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -279,6 +306,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "h1_slow_answer_past_the_budget": h1_slow_answer_past_the_budget,
     "m4_500_after_rotating": m4_500_after_rotating,
     "empty_restart_on_short_tokens": empty_restart_on_short_tokens,
+    "h4_split_brain_both_sides_spend": h4_split_brain_both_sides_spend,
 }
 
 

@@ -33,6 +33,8 @@ FAULT_KINDS = (
     "server_lossy",
     "crash",
     "sigterm",
+    "split_brain",
+    "replica_ack_lost",
 )
 
 
@@ -302,6 +304,20 @@ async def _apply(
                 await world.crash(fault.target)
             else:
                 world.start_replica(fault.target)
+        case "split_brain":
+            # The target (and up to half the fleet with it) keeps writing to the old primary,
+            # whose writes no replica acknowledges and the heal discards (issue 20, H4).
+            if on:
+                count = min(
+                    len(world.replicas) - 1, 1 + int(fault.param * (len(world.replicas) // 2))
+                )
+                indexes = [(fault.target + i) % len(world.replicas) for i in range(count)]
+                world.split_brain(indexes, cause=fault)
+            else:
+                world.heal_split_brain(cause=fault)
+        case "replica_ack_lost":
+            # The primary's replicas are down or cut off: no write is acknowledged.
+            world.store.replicas_acknowledge = not on
         case "sigterm":
             # Half of them land mid-spend: after the server rotated, before the reply arrives.
             if on and fault.param >= 0.5:

@@ -168,3 +168,13 @@ class TestEachFixPutBackOpensItsDoor:
         assert any("no token served after the restart" in v for v in result.violations), (
             result.report()
         )
+
+    def test_h4_sending_without_a_replicas_acknowledgement(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """H4: a store that ignores the missing acknowledgement (no WAIT) lets the old primary's
+        side of a split brain spend the token the other side spends too: revoked."""
+        mutate(MemoryStore, "_replica_acknowledged", lambda self: True)
+        result = run(DOORS["h4_split_brain_both_sides_spend"]())
+        assert not result.ok
+        assert result.revoked, result.report()

@@ -382,6 +382,7 @@ class SimStoreView:
         self.dead = False  # the replica was killed
         self._written_at = written_at  # app → world time of the last stored commit (any view)
         self.restarts = [0]  # shared: the store's restarts so far (each drops every connection)
+        self.moves = 0  # this connection moved to another primary (a failover, a split brain)
         self.draining = False  # SIGTERM received
         self.server: SimAuthServer | None = None  # counts a spend marked sent while draining
 
@@ -498,7 +499,7 @@ class SimStoreView:
         self._reachable()
         feed = cast(AsyncGenerator[Notice, None], self._shared.updates())
         getter: asyncio.Future[Notice] | None = None
-        restarts = self.restarts[0]
+        restarts, moves = self.restarts[0], self.moves
         try:
             while True:
                 getter = asyncio.ensure_future(anext(feed))
@@ -506,13 +507,13 @@ class SimStoreView:
                     waiter = asyncio.ensure_future(self._world.sleep(1.0))
                     await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
-                    if self.faults.partitioned or self.outage or self.restarts[0] != restarts:
+                    if self._dropped(restarts, moves):
                         raise StoreUnavailable("simulated: subscription dropped")
                 notice = getter.result()
                 await self._world.sleep(0.002)
                 # A restart drops every connection at once: nothing published after it reaches
                 # a subscription made before it.
-                if self.faults.partitioned or self.outage or self.restarts[0] != restarts:
+                if self._dropped(restarts, moves):
                     raise StoreUnavailable("simulated: subscription dropped")
                 after = self.faults.unreadable_after
                 if (
@@ -528,6 +529,20 @@ class SimStoreView:
                 getter.cancel()
                 await asyncio.gather(getter, return_exceptions=True)
             await feed.aclose()
+
+    def _dropped(self, restarts: int, moves: int) -> bool:
+        """A subscription made at (`restarts`, `moves`) is cut off now."""
+        return (
+            self.faults.partitioned
+            or self.outage
+            or self.restarts[0] != restarts
+            or self.moves != moves
+        )
+
+    def move_to(self, store: MemoryStore) -> None:
+        """Connect to another primary from now on; the subscription drops and reconnects."""
+        self._shared = store
+        self.moves += 1
 
     async def server_time(self) -> float:
         """The store's clock (true time), after a hop."""
@@ -616,7 +631,13 @@ class World:
         self.config = config
         self.rng = rng
         self.time = SimTime()
-        self.store = MemoryStore(StoreClock(self.time))
+        # The store models Redis with replicas (Sentinel): each `sent` record is acknowledged
+        # by a replica before its token is sent (store.require_replica_ack, issue 20, H4).
+        self.store = MemoryStore(StoreClock(self.time), require_replica_ack=True)
+        # During a split brain: the old primary some replicas still write to, and their views.
+        self.stale_primary: MemoryStore | None = None
+        self._split_views: list[SimStoreView] = []
+        self._split_cause: object = None
         self.written_at: dict[str, float] = {}
         self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
         self.server = SimAuthServer(self.time, rng, lifetime=config.lifetime, grace=config.grace)
@@ -738,6 +759,35 @@ class World:
         replica.source.on_spend = None
         if not replica.alive:
             self.start_replica(index)
+
+    def split_brain(self, indexes: Sequence[int], *, cause: object = None) -> None:
+        """A failover that leaves the old primary writable (asynchronous replication, a
+        partition): replicas `indexes` keep writing to the old primary, cut off from its own
+        replicas (so none acknowledges its writes); the rest move to the promoted replica,
+        which holds everything written so far (`self.store` from now on stands for it). Every
+        subscription drops, as connections do in a failover. One split at a time: another
+        while one lasts is ignored; `cause` names the split that `heal_split_brain` ends."""
+        if self.stale_primary is not None:
+            return
+        old = MemoryStore(StoreClock(self.time), require_replica_ack=self.store.require_replica_ack)
+        old.restore(self.store.snapshot())
+        old.replicas_acknowledge = False
+        self.stale_primary = old
+        self._split_cause = cause
+        self._split_views = [self.replicas[i].view for i in indexes]
+        for view in self._split_views:
+            view.move_to(old)
+        self.restarts[0] += 1
+
+    def heal_split_brain(self, cause: object = None) -> None:
+        """The old primary rejoins as a replica of the new one: what was written to it alone
+        is lost, and its clients reconnect to the new primary (only the split `cause` made)."""
+        if self.stale_primary is None or cause is not self._split_cause:
+            return
+        for view in self._split_views:
+            view.move_to(self.store)
+        self._split_views = []
+        self.stale_primary = None
 
     def set_store_outage(self, down: bool) -> None:
         """The store is down for everyone (or back)."""

@@ -89,6 +89,12 @@ store:
   key_prefix: {{ .Values.config.store.key_prefix }}
   encryption_key_file: /etc/token-broker/store/store.key
   password_file: /etc/token-broker/redis/password
+  {{- if hasKey .Values.config.store "require_replica_ack" }}
+  require_replica_ack: {{ .Values.config.store.require_replica_ack }}
+  {{- end }}
+  {{- if hasKey .Values.config.store "replica_ack_timeout" }}
+  replica_ack_timeout: {{ .Values.config.store.replica_ack_timeout | quote }}
+  {{- end }}
 apps:
 {{- range $name, $app := .Values.config.apps }}
   {{- $files := dict }}

@@ -1,0 +1,244 @@
+"""A spend record no replica acknowledged is not sent (issue 20, H4), and
+`store.require_replica_ack` defaults by the store URL's scheme."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import structlog.testing
+import yaml
+
+from broker.config import load_config, summarize
+from broker.errors import ConfigError, NotDurable
+from broker.fleet import Blocked, Fetched, FleetProtocol, Timing
+from broker.model import TokenSet
+from broker.store.memory import MemoryStore
+from tests.support.fake_clock import FakeClock
+
+APP = "scim"
+
+
+def _grant(clock: FakeClock) -> TokenSet:
+    now = clock.time()
+    return TokenSet(
+        access_token="at-ack-1",
+        token_type="Bearer",
+        issued_at=now - 100,
+        expires_at=now + 20,
+        refresh_token="rt-ack-1",
+        lineage=1,
+        generation=2,
+    )
+
+
+class _Holder:
+    def __init__(self, token: TokenSet) -> None:
+        self.token: TokenSet | None = token
+
+
+def _protocol(store: MemoryStore, clock: FakeClock, holder: _Holder) -> FleetProtocol:
+    def adopt(token: TokenSet) -> None:
+        holder.token = token
+
+    return FleetProtocol(
+        APP,
+        store,
+        clock,
+        owner="r0",
+        spends_refresh_tokens=True,
+        current=lambda: holder.token,
+        adopt=adopt,
+        timing=Timing(objection=0.0),
+    )
+
+
+class TestSpendWithoutAcknowledgement:
+    async def test_no_replica_acknowledged_the_record_nothing_is_sent(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """mark_sent raising NotDurable: the refresh token is never presented, the spend is
+        ended as aborted (the token stays spendable), the outcome is Blocked with the reason,
+        and `spend.not_durable` is logged."""
+        store = MemoryStore(fake_clock, require_replica_ack=True)
+        store.replicas_acknowledge = False
+        token = _grant(fake_clock)
+        await store.commit(APP, token)
+        protocol = _protocol(store, fake_clock, _Holder(token))
+        presented: list[str | None] = []
+
+        async def fetch(refresh_token: str | None) -> TokenSet:
+            presented.append(refresh_token)
+            raise AssertionError("a refresh token was sent without a replica's acknowledgement")
+
+        with structlog.testing.capture_logs() as logs:
+            outcome = await protocol.refresh(fetch, is_due=lambda _: True, servable_left=10.0)
+        assert presented == []
+        assert isinstance(outcome, Blocked)
+        assert "no store replica acknowledged the spend record" in outcome.reason
+        assert not outcome.unreadable
+        assert APP not in store.state.spends  # aborted: removed, the token is not unknown
+        assert not protocol.outcome_unknown(token)
+        assert [e["event"] for e in logs if e["event"] == "spend.not_durable"] == [
+            "spend.not_durable"
+        ]
+
+    async def test_once_a_replica_acknowledges_the_token_is_spent(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """The same replica spends the token normally once a replica acknowledges again."""
+        store = MemoryStore(fake_clock, require_replica_ack=True)
+        store.replicas_acknowledge = False
+        token = _grant(fake_clock)
+        await store.commit(APP, token)
+        holder = _Holder(token)
+        protocol = _protocol(store, fake_clock, holder)
+        presented: list[str | None] = []
+
+        async def fetch(refresh_token: str | None) -> TokenSet:
+            presented.append(refresh_token)
+            now = fake_clock.time()
+            return TokenSet("at-ack-2", "Bearer", now, now + 60, None, "rt-ack-2")
+
+        first = await protocol.refresh(fetch, is_due=lambda _: True, servable_left=10.0)
+        assert isinstance(first, Blocked)
+        store.replicas_acknowledge = True
+        second = await protocol.refresh(fetch, is_due=lambda _: True, servable_left=10.0)
+        assert isinstance(second, Fetched)
+        assert presented == ["rt-ack-1"]
+
+    async def test_the_memory_store_applies_the_record_then_raises(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """Like WAIT after the script, the record is written (on the primary) before the
+        missing acknowledgement is reported."""
+        store = MemoryStore(fake_clock, require_replica_ack=True)
+        store.replicas_acknowledge = False
+        token = _grant(fake_clock)
+        await store.commit(APP, token)
+        lease = await store.acquire_lease(APP, "r0", 10.0)
+        await store.begin_spend(APP, owner="r0", fence=lease.fence, token=token)
+        with pytest.raises(NotDurable):
+            await store.mark_sent(APP, owner="r0", fence=lease.fence)
+        assert store.state.spends[APP].state == "sent"
+
+
+def _config(tmp_path: Path, url: str, **store: object) -> Path:
+    (tmp_path / "secret").write_text("s3cr3t-value-long-enough\n")
+    (tmp_path / "client.key").write_text("k" * 40 + "\n")
+    (tmp_path / "store.key").write_text("k1 MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n")
+    section: dict[str, object] = {"url": url, **store}
+    if not url.startswith("memory://"):
+        section["encryption_key_file"] = "store.key"
+    document = {
+        "store": section,
+        "apps": {
+            "app": {
+                "token_url": "https://idp.example/token",
+                "client_id": "c",
+                "client_secret_file": "secret",
+            }
+        },
+        "clients": {"svc": {"key_file": "client.key", "apps": ["app"]}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+class TestConfig:
+    @pytest.mark.parametrize(
+        ("url", "expected"),
+        [
+            ("memory://", False),
+            ("redis://127.0.0.1:6379/0", False),
+            ("rediss://redis.internal:6380/0", False),
+            ("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster", True),
+            ("redis+cluster://10.0.0.1:7000,10.0.0.2:7000", True),
+        ],
+    )
+    def test_the_default_follows_the_scheme(self, tmp_path: Path, url: str, expected: bool) -> None:
+        """On by default where a failover replaces the primary by itself (Sentinel, Cluster),
+        off for a single redis:// URL and memory://; the timeout defaults to 0.5 s."""
+        store = load_config(_config(tmp_path, url)).store
+        assert store.require_replica_ack is expected
+        assert store.replica_ack_timeout == 0.5
+
+    def test_a_plain_redis_url_may_turn_it_on_with_a_timeout(self, tmp_path: Path) -> None:
+        """A redis:// primary with replicas of its own may require their acknowledgement."""
+        store = load_config(
+            _config(
+                tmp_path,
+                "redis://127.0.0.1:6379/0",
+                require_replica_ack=True,
+                replica_ack_timeout=0.25,
+            )
+        ).store
+        assert (store.require_replica_ack, store.replica_ack_timeout) == (True, 0.25)
+
+    def test_check_config_says_so(self, tmp_path: Path) -> None:
+        """check-config's summary names the acknowledgement and its timeout when required."""
+        on = load_config(_config(tmp_path, "redis+cluster://10.0.0.1:7000"))
+        assert "a replica acknowledges each spend (WAIT, 0.5s)" in summarize(on)
+        off = load_config(_config(tmp_path, "redis://127.0.0.1:6379/0"))
+        assert "acknowledges" not in summarize(off)
+
+    def test_a_wrong_url_is_the_one_mistake(self, tmp_path: Path) -> None:
+        """With a mistyped scheme the scheme-dependent checks are left out: the timeout is not
+        also reported as set without the acknowledgement."""
+        with pytest.raises(ConfigError) as caught:
+            load_config(
+                _config(tmp_path, "redis+sentinal://10.0.0.1:26379/m", replica_ack_timeout=1)
+            )
+        assert caught.value.key == "store.url"
+
+    def test_sentinel_may_turn_it_off(self, tmp_path: Path) -> None:
+        """An operator may accept the split-brain risk on Sentinel (documented)."""
+        store = load_config(
+            _config(tmp_path, "redis+sentinel://10.0.0.1:26379/m", require_replica_ack=False)
+        ).store
+        assert store.require_replica_ack is False
+
+    @pytest.mark.parametrize(
+        ("url", "settings", "key", "reason"),
+        [
+            (
+                "memory://",
+                {"require_replica_ack": True},
+                "store.require_replica_ack",
+                "no replicas",
+            ),
+            (
+                "redis://127.0.0.1:6379/0",
+                {"require_replica_ack": "yes"},
+                "store.require_replica_ack",
+                "true or false",
+            ),
+            (
+                "redis+cluster://10.0.0.1:7000",
+                {"replica_ack_timeout": "10s"},
+                "store.replica_ack_timeout",
+                "at most 5s",
+            ),
+            (
+                "redis+cluster://10.0.0.1:7000",
+                {"replica_ack_timeout": 0},
+                "store.replica_ack_timeout",
+                "positive",
+            ),
+            (
+                "redis://127.0.0.1:6379/0",
+                {"replica_ack_timeout": 1},
+                "store.replica_ack_timeout",
+                "only when store.require_replica_ack is true",
+            ),
+        ],
+    )
+    def test_invalid_settings_name_their_key(
+        self, tmp_path: Path, url: str, settings: dict[str, object], key: str, reason: str
+    ) -> None:
+        """Each invalid setting is a ConfigError naming the key and why."""
+        with pytest.raises(ConfigError) as caught:
+            load_config(_config(tmp_path, url, **settings))
+        assert caught.value.key == key
+        assert reason in caught.value.reason
