@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from broker.clock import Clock
 from broker.errors import StoreUnavailable
-from broker.model import FailureRecord, TokenSet
+from broker.model import PROTOCOL_VERSION, FailureRecord, TokenSet
 from broker.store import (
     BUDGET_WINDOW,
     FAILURE_RETENTION,
@@ -44,16 +44,23 @@ class MemoryState:
     """Everything the store holds: what a snapshot captures and a rollback restores."""
 
     tokens: dict[str, TokenSet] = field(default_factory=dict)
-    leases: dict[str, tuple[str, int, float]] = field(default_factory=dict)
+    # app → (owner, fence, expiry on the monotonic clock, the holder's protocol version)
+    leases: dict[str, tuple[str, int, float, int]] = field(default_factory=dict)
     fences: dict[str, int] = field(default_factory=dict)
     spends: dict[str, _Spend] = field(default_factory=dict)
 
 
 class MemoryStore:
-    """Implements TokenStore in memory. Set `fail = True` to simulate an outage."""
+    """Implements TokenStore in memory. Set `fail = True` to simulate an outage.
+
+    `protocol` is the fleet protocol version its writes carry (stored sets, leases, notices),
+    as the Redis store's scripts carry the version of the code that runs them; the simulation
+    sets it while a replica of another version writes.
+    """
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
+        self.protocol = PROTOCOL_VERSION
         self.state = MemoryState()
         self._subscribers: set[asyncio.Queue[Notice | None]] = set()
         self._failures: dict[str, FailureRecord] = {}
@@ -100,7 +107,7 @@ class MemoryStore:
             if current.rank >= token.rank:
                 return Commit(False, current.version, current.rank)
         version = (current.version if current is not None else 0) + 1
-        self.state.tokens[app] = replace(token, version=version)
+        self.state.tokens[app] = replace(token, version=version, protocol=self.protocol)
         spend = self.state.spends.get(app)
         if spend is not None and spend.rank < token.rank:
             del self.state.spends[app]
@@ -110,6 +117,7 @@ class MemoryStore:
                 "token",
                 version=version,
                 rank=token.rank,
+                protocol=self.protocol,
                 token=self.state.tokens[app],
             )
         )
@@ -121,10 +129,10 @@ class MemoryStore:
         now = self._clock.monotonic()
         holder = self.state.leases.get(app)
         if holder is not None and holder[2] > now and holder[0] != owner:
-            return Lease(0, busy_for=holder[2] - now)
+            return Lease(0, busy_for=holder[2] - now, protocol=holder[3])
         fence = self.state.fences.get(app, 0) + 1
         self.state.fences[app] = fence
-        self.state.leases[app] = (owner, fence, now + ttl)
+        self.state.leases[app] = (owner, fence, now + ttl, self.protocol)
         return Lease(fence)
 
     def _holds(self, app: str, owner: str, fence: int) -> bool:
@@ -187,6 +195,7 @@ class MemoryStore:
                 refresh_fp=refresh_fp,
                 owner=owner,
                 retry=answer is SpendStart.RETRY,
+                protocol=self.protocol,
             )
         )
         return answer
@@ -200,7 +209,14 @@ class MemoryStore:
         spend.state = "sent"
         spend.sent_at = self._clock.monotonic()
         self._publish(
-            Notice(app, "sent", rank=spend.rank, refresh_fp=spend.refresh_fp, owner=owner)
+            Notice(
+                app,
+                "sent",
+                rank=spend.rank,
+                refresh_fp=spend.refresh_fp,
+                owner=owner,
+                protocol=self.protocol,
+            )
         )
         return True
 
@@ -241,6 +257,7 @@ class MemoryStore:
                     refresh_fp=spend.refresh_fp,
                     owner=spend.owner,
                     retry_aborted=retry_aborted,
+                    protocol=self.protocol,
                 )
             )
         else:
