@@ -1,10 +1,13 @@
 """The Redis store: encrypted token sets, the lease, fence and spend record per app, notices.
 
-Keys carry the app as a hash tag, so Redis Cluster keeps one app's keys on one slot:
-`{prefix}:{<app>}:token` (a hash: `version`, `lineage`, `gen`, `fp`, `blob`), `...:lease`
-(`<owner>|<fence>`, with a TTL), `...:fence` (a counter) and `...:spend` (a hash: `fence`,
-`owner`, `rfp`, `lineage`, `gen`, `state`, `retries`). Every write is one Lua script that also
-publishes a JSON notice on `{prefix}:updates`; the rules are those of broker/store/__init__.py.
+Keys carry the app's store name (`<app>@<client binding>`, broker/store `bound_name`) as a hash
+tag, so Redis Cluster keeps one app's keys on one slot: `{prefix}:{<name>}:token` (a hash:
+`version`, `lineage`, `gen`, `fp`, `pv`, `blob`), `...:lease` (`<owner>|<fence>|<protocol
+version>`, with a TTL), `...:fence` (a counter) and `...:spend` (a hash: `fence`, `owner`,
+`rfp`, `lineage`, `gen`, `state`, `retries`). Every write is one Lua script that also publishes
+a JSON notice (with `pv`) on `{prefix}:updates`; the rules are those of broker/store/__init__.py.
+A set stored under the bare app name by a release before the binding moves to the first store
+name that reads it (`_MOVE_LEGACY`).
 
 For the fleet: `{prefix}:{<app>}:failure` (the shared outcome of a failed refresh, encrypted,
 expiring on the server's clock) and `{prefix}:{<app>}:budget` (a sorted set of request times,
