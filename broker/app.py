@@ -131,7 +131,11 @@ async def build_broker(
 
 
 def new_refresher(broker: Broker, spec: AppSpec) -> AppRefresher:
-    """An app's refresher, its credentials wired to the metrics and the audit trail."""
+    """An app's refresher, its credentials wired to the metrics and the audit trail.
+
+    Its client binding (issue 20, M6) takes the client id in use now: from client_id_file
+    when the app has one (read without the reload hooks, which count and announce changes).
+    """
     credentials = Credentials(
         spec,
         on_change=lambda app, which: _credential_changed(broker, app, which),
@@ -149,6 +153,7 @@ def new_refresher(broker: Broker, spec: AppSpec) -> AppRefresher:
         broker.metrics,
         owner=broker.owner,
         rng=random.Random(),  # noqa: S311 - jitter, not cryptography
+        client_id=Credentials(spec).client_id(),
     )
 
 
@@ -184,6 +189,20 @@ _IDENTITY_FIELDS = (
 )
 
 
+# The settings in an app's client binding (broker/store client_binding), by their config keys.
+_BINDING_FIELDS = ("token_url", "client_id", "grant_type", "scopes", "audience")
+
+
+def _binding_changes(before: AppSpec, after: AppSpec) -> str:
+    """Which binding settings differ between two versions of an app, as `a, b` ('' if none)."""
+    changed = [f for f in _BINDING_FIELDS if getattr(before, f) != getattr(after, f)]
+    if before.client_id_file != after.client_id_file and "client_id" not in changed:
+        changed.append("client_id_file")
+    if before.extra_params.get("resource") != after.extra_params.get("resource"):
+        changed.append("extra_params.resource")
+    return ", ".join(changed)
+
+
 async def reload_config(broker: Broker, path: Path) -> bool:
     """Apply a changed config file (SIGHUP): apps and clients added, changed or removed.
 
@@ -215,9 +234,16 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         fresh = before is not None and any(
             getattr(before, f) != getattr(spec, f) for f in _IDENTITY_FIELDS
         )
+        running = broker.core.refreshers.get(name)
         if before is not None:
             await broker.core.remove_app(name)
         refresher = new_refresher(broker, spec)
+        if before is not None and running is not None and running.binding != refresher.binding:
+            # A new binding is a new name in the store: the old set is not used, and an
+            # authorization-code app must be authorized again (its 409 names what changed).
+            # (A client id read from a file may change with the same settings.)
+            refresher.binding_changed = _binding_changes(before, spec) or "client_id_file contents"
+            log.warning("app.binding_changed", app=name, changed=refresher.binding_changed)
         broker.core.add_app(refresher, fresh=fresh)
         await broker.sinks.attach(refresher)
         audit(log, "app.updated" if before is not None else "app.added", app=name)

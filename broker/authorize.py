@@ -31,7 +31,7 @@ from broker.logs import audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, Config, GrantType, TokenSet
 from broker.oauth.client import OAuthClient
-from broker.store import TokenStore
+from broker.store import TokenStore, bound_name, client_binding
 from broker.store.factory import open_store
 
 log = get_logger(__name__)
@@ -161,8 +161,11 @@ async def exchange_and_store(
                 "the server returned no refresh token, so the broker could not renew the access "
                 "token; ask for offline access (e.g. the offline_access scope) and run again"
             )
-        token = replace(token, lineage=await new_lineage(store, spec.name, clock), generation=1)
-        commit = await store.commit(spec.name, token)
+        # Stored under the app's client binding, as the brokers with this config read it: a
+        # broker whose token URL, client id, grant, scopes or audience differ never uses it.
+        name = bound_name(spec.name, client_binding(spec, Credentials(spec).client_id()))
+        token = replace(token, lineage=await new_lineage(store, name, clock), generation=1)
+        commit = await store.commit(name, token)
         if not commit.stored:
             raise AuthorizationFailed("another writer changed the stored token set; run again")
     finally:

@@ -32,6 +32,9 @@ class BrokerCore:
         metrics: Metrics,
     ) -> None:
         self.refreshers: dict[str, AppRefresher] = dict(refreshers)
+        # Notices name the set they are about by its store name (app and client binding): a
+        # notice of another binding (another fleet, or the old config) reaches no refresher.
+        self._by_store_name = {r.store_name: r for r in self.refreshers.values()}
         self._store = store
         self._clock = clock
         self._metrics = metrics
@@ -142,11 +145,11 @@ class BrokerCore:
     async def _warm_start(self) -> None:
         """Load every app's stored set in one round trip, before the refreshers start."""
         try:
-            stored = await self._store.load_many(list(self.refreshers))
+            stored = await self._store.load_many(list(self._by_store_name))
         except StoreUnavailable:
             return  # each refresher tries on its own, and serves once the store answers
         for name, token in stored.items():
-            self.refreshers[name].prime(token)
+            self._by_store_name[name].prime(token)
 
     def _start(self, refresher: AppRefresher, *, fresh: bool = False) -> None:
         self._tasks[refresher.name] = asyncio.create_task(
@@ -155,7 +158,11 @@ class BrokerCore:
 
     def add_app(self, refresher: AppRefresher, *, fresh: bool = False) -> None:
         """Serve a new app (config reload). `fresh`: fetch at once instead of a warm start."""
+        previous = self.refreshers.get(refresher.name)
+        if previous is not None:
+            self._by_store_name.pop(previous.store_name, None)
         self.refreshers[refresher.name] = refresher
+        self._by_store_name[refresher.store_name] = refresher
         if self._running:
             self._start(refresher, fresh=fresh)
 
@@ -166,6 +173,7 @@ class BrokerCore:
         """
         refresher = self.refreshers.pop(name, None)
         if refresher is not None:
+            self._by_store_name.pop(refresher.store_name, None)
             bound = refresher.drain_bound() if grace is None else grace
             await self._wait_on_clock([asyncio.ensure_future(refresher.stop())], bound)
         task = self._tasks.pop(name, None)
@@ -189,7 +197,7 @@ class BrokerCore:
                     refresher.notify_store_changed()
                 delay = STORE_RETRY_MIN
                 async for notice in self._store.updates():
-                    refresher_for_app = self.refreshers.get(notice.app)
+                    refresher_for_app = self._by_store_name.get(notice.app)
                     if refresher_for_app is not None:
                         refresher_for_app.on_notice(notice)
                 await self._clock.sleep(STORE_RETRY_MIN)  # the feed ended: re-subscribe

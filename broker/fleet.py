@@ -33,7 +33,7 @@ from broker.errors import (
     UnreadableTokenSet,
 )
 from broker.logs import get_logger
-from broker.model import TokenSet
+from broker.model import PROTOCOL_VERSION, TokenSet
 from broker.store import Notice, SpendEnd, SpendStart, TokenStore
 
 log = get_logger(__name__)
@@ -62,6 +62,9 @@ class Timing:
     # the long objection window for this long: replicas cut off by the same event (a restart,
     # a failover) must be back to object, the spender of a token in flight among them (C1).
     forgetful_for: float = 60.0
+    # After the last sign of a replica of a newer protocol version (a notice, a lease), this
+    # replica spends nothing for this long: a rolling upgrade is under way (M5).
+    newer_protocol_for: float = 300.0
 
 
 # ---- outcomes of one refresh attempt ------------------------------------------------------
@@ -183,8 +186,16 @@ class FleetProtocol:
         timing: Timing | None = None,
         on_lease: Callable[[str], None] = lambda outcome: None,
         budget_per_minute: int | None = None,
+        store_name: str | None = None,
     ) -> None:
         self.app = app
+        # The name the store knows this app's set by: the app and its client binding (M6).
+        self.key = store_name if store_name is not None else app
+        # The fleet protocol version this replica speaks, and the newest other version it saw
+        # in the fleet, and when (monotonic): while a newer one is around it spends nothing.
+        self.protocol = PROTOCOL_VERSION
+        self._newer_protocol = 0
+        self._newer_protocol_at = float("-inf")
         self._store = store
         self._clock = clock
         self._owner = owner
@@ -261,8 +272,46 @@ class FleetProtocol:
         """A set of `rank` exists (we heard of it, or saw it without being able to read it)."""
         self._seen_rank = max(self._seen_rank, rank)
 
+    def note_protocol(self, version: int) -> None:
+        """A notice or lease of fleet protocol `version`: remember a newer one (M5).
+
+        Its rules are unknown here: while such a replica is in the fleet (a rolling upgrade),
+        this one spends nothing and leaves the refreshing to it.
+        """
+        if version <= self.protocol:
+            return
+        now = self._clock.monotonic()
+        if now - self._newer_protocol_at >= self.timing.newer_protocol_for:
+            log.warning(
+                "fleet.newer_protocol_seen",
+                app=self.app,
+                protocol=version,
+                ours=self.protocol,
+                spends=self._spends,
+            )
+        self._newer_protocol = max(self._newer_protocol, version)
+        self._newer_protocol_at = now
+
+    def _protocol_blocked(self, current: TokenSet | None) -> Blocked | None:
+        """Why this replica may not spend because of another protocol version, if so (M5)."""
+        if current is not None and current.protocol > self.protocol:
+            return Blocked(
+                f"the token set was stored by a replica of fleet protocol version "
+                f"{current.protocol}; this replica speaks version {self.protocol} and does not "
+                "spend it (a rolling upgrade: the newer replicas refresh)"
+            )
+        seen = self._clock.monotonic() - self._newer_protocol_at
+        if seen < self.timing.newer_protocol_for:
+            return Blocked(
+                f"a replica of fleet protocol version {self._newer_protocol} was in the fleet "
+                f"{seen:.0f} s ago; this replica speaks version {self.protocol} and spends "
+                "nothing while one is (a rolling upgrade: the newer replicas refresh)"
+            )
+        return None
+
     def on_notice(self, notice: Notice) -> None:
         """Track newer sets and the spends of other replicas (a store that forgets must not fool us)."""
+        self.note_protocol(notice.protocol)
         if notice.kind == "token":
             self.note_rank(notice.rank)
         if notice.refresh_fp is None or notice.owner == self._owner:
@@ -305,7 +354,7 @@ class FleetProtocol:
         """Stop another replica's spend of a refresh token we know was already sent."""
         assert notice.refresh_fp is not None
         with contextlib.suppress(StoreUnavailable):
-            if await self._store.veto_spend(self.app, refresh_fp=notice.refresh_fp):
+            if await self._store.veto_spend(self.key, refresh_fp=notice.refresh_fp):
                 log.warning("grant.spend_vetoed", app=self.app, spender=notice.owner)
 
     async def veto_in_flight(self) -> None:
@@ -319,7 +368,7 @@ class FleetProtocol:
         if refresh_fp is None:
             return
         with contextlib.suppress(StoreUnavailable):
-            if await self._store.veto_spend(self.app, refresh_fp=refresh_fp):
+            if await self._store.veto_spend(self.key, refresh_fp=refresh_fp):
                 log.warning("grant.spend_vetoed", app=self.app, spender=None, in_flight=True)
 
     def forget_spent(self, token: TokenSet) -> None:
@@ -366,7 +415,7 @@ class FleetProtocol:
         the stored one is under a key this replica lacks.
         """
         try:
-            stored = await self._store.load(self.app)
+            stored = await self._store.load(self.key)
         except UnreadableTokenSet as exc:
             self.note_rank(exc.rank)
             current = self._current()
@@ -385,7 +434,7 @@ class FleetProtocol:
         if stored is not None and stored.rank == current.rank:
             await self._veto_remembered(current)
             return True
-        commit = await self._store.commit(self.app, current)
+        commit = await self._store.commit(self.key, current)
         self.note_rank(commit.rank)
         if commit.stored:
             # The store held an older set or none: it forgot (an empty restart, a failover that
@@ -417,7 +466,7 @@ class FleetProtocol:
         if (
             refresh_fp is not None
             and remembered
-            and await self._store.veto_spend(self.app, refresh_fp=refresh_fp)
+            and await self._store.veto_spend(self.key, refresh_fp=refresh_fp)
         ):
             log.warning("grant.spend_vetoed", app=self.app, spender=None)
 
@@ -451,13 +500,14 @@ class FleetProtocol:
         ttl = self.lease_ttl(servable_left)
         started = self._clock.monotonic()
         try:
-            lease = await self._store.acquire_lease(self.app, self._owner, ttl)
+            lease = await self._store.acquire_lease(self.key, self._owner, ttl)
         except StoreUnavailable as exc:
             if self._spends:
                 return Blocked(f"store unavailable, not spending the refresh token: {exc}")
             return await self._fetch_alone(fetch, servable_left)
         if not lease.held:
             self._on_lease("busy")
+            self.note_protocol(lease.protocol)
             return Busy(lease.busy_for)
         self._on_lease("acquired")
         try:
@@ -471,12 +521,12 @@ class FleetProtocol:
             )
         finally:
             with contextlib.suppress(StoreUnavailable):
-                await self._store.release_lease(self.app, self._owner, lease.fence)
+                await self._store.release_lease(self.key, self._owner, lease.fence)
 
     async def _adopt_newer(self, is_due: Callable[[TokenSet], bool]) -> TokenSet | None:
         """Adopt a stored set that outranks ours; return it when it is not yet due."""
         try:
-            stored = await self._store.load(self.app)
+            stored = await self._store.load(self.key)
         except UnreadableTokenSet as exc:
             self.note_rank(exc.rank)
             if self._spends:
@@ -491,14 +541,14 @@ class FleetProtocol:
 
     async def _held_back(self, ignore_shared_failure: bool) -> Outcome | None:
         """The fleet's shared backoff, then its request budget: may we send a request now?"""
-        record = await self._store.load_failure(self.app)
+        record = await self._store.load_failure(self.key)
         self._shared_failure_seen = record is not None
         self.shared_failures = record.failures if record is not None else 0
         now = self._clock.time()
         if record is not None and record.not_before > now and not ignore_shared_failure:
             return Deferred(record.not_before, record.failures, record.error, record.permanent)
         if self._budget is not None:
-            allowed, retry_after = await self._store.take_budget(self.app, self._budget, now)
+            allowed, retry_after = await self._store.take_budget(self.key, self._budget, now)
             if not allowed:
                 return OverBudget(retry_after)
         return None
@@ -509,13 +559,13 @@ class FleetProtocol:
         """Tell the fleet about our failed attempt, so every replica backs off with us."""
         with contextlib.suppress(StoreUnavailable):
             await self._store.record_failure(
-                self.app, failures=failures, not_before=not_before, error=error, permanent=permanent
+                self.key, failures=failures, not_before=not_before, error=error, permanent=permanent
             )
 
     async def _clear_shared_failure(self) -> None:
         if self._shared_failure_seen:
             with contextlib.suppress(StoreUnavailable):
-                await self._store.clear_failure(self.app)
+                await self._store.clear_failure(self.key)
             self._shared_failure_seen = False
             self.shared_failures = 0
 
@@ -523,6 +573,9 @@ class FleetProtocol:
         """Why the current refresh token may not be presented now, if it may not."""
         if current is None or not current.refresh_token:
             raise NoGrant("no refresh token; run token-broker authorize")
+        protocol_blocked = self._protocol_blocked(current)
+        if protocol_blocked is not None:
+            return protocol_blocked
         if current.rank < self._seen_rank:
             return Blocked(
                 f"a newer token set (generation {self._seen_rank[1]}) exists that this replica "
@@ -645,7 +698,7 @@ class FleetProtocol:
             return Busy(0.0)
         try:
             start = await self._store.begin_spend(
-                self.app,
+                self.key,
                 owner=self._owner,
                 fence=fence,
                 token=current,
@@ -675,7 +728,7 @@ class FleetProtocol:
             if self.stopping:
                 return await self._abort_for_stop(fence)
             try:
-                stored = await self._store.load(self.app)
+                stored = await self._store.load(self.key)
             except StoreUnavailable as exc:
                 await self._end_spend(fence, SpendEnd.ABORTED)
                 return Blocked(f"store unavailable before sending, not spending: {exc}")
@@ -690,9 +743,14 @@ class FleetProtocol:
             return Busy(0.0)
         if self.stopping:
             return await self._abort_for_stop(fence)
+        protocol_blocked = self._protocol_blocked(current)
+        if protocol_blocked is not None:
+            # A replica of a newer version announced itself during the objection window.
+            await self._end_spend(fence, SpendEnd.ABORTED)
+            return protocol_blocked
         try:
             # The fence is checked once more, atomically, right before the token leaves.
-            sent = await self._store.mark_sent(self.app, owner=self._owner, fence=fence)
+            sent = await self._store.mark_sent(self.key, owner=self._owner, fence=fence)
         except NotDurable as exc:
             # Only this primary holds the `sent` record: a failover may lose it, or this may be
             # the old primary of a split brain whose other side spends the same token (H4).
@@ -770,7 +828,7 @@ class FleetProtocol:
 
     async def _commit(self, token: TokenSet, fence: int, sent_mono: float) -> Outcome:
         try:
-            commit = await self._store.commit(self.app, token, fence=fence)
+            commit = await self._store.commit(self.key, token, fence=fence)
         except StoreUnavailable:
             # Maybe applied, maybe not: keep it and write it back (a repeat is recognised).
             return Fetched(token, False, sent_mono)
@@ -781,7 +839,7 @@ class FleetProtocol:
         # A set of equal or higher rank is stored (a new authorization, or a client-credentials
         # replica that refreshed alone): ours is valid but not the newest; take the stored one.
         with contextlib.suppress(StoreUnavailable):
-            stored = await self._store.load(self.app)
+            stored = await self._store.load(self.key)
             if stored is not None and stored.rank >= token.rank:
                 self._adopt(stored)
                 return Adopted(stored)
@@ -789,7 +847,7 @@ class FleetProtocol:
 
     async def _end_spend(self, fence: int, outcome: SpendEnd) -> None:
         try:
-            await self._store.end_spend(self.app, fence=fence, outcome=outcome)
+            await self._store.end_spend(self.key, fence=fence, outcome=outcome)
         except StoreUnavailable:
             if outcome is SpendEnd.ABORTED:
                 self._aborted_fence = fence  # our next begin_spend may replace the record

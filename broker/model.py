@@ -8,6 +8,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The fleet protocol's version, written into every notice, lease and stored set (issue 20, M5).
+# A mark without a version (written by a release before this field existed) reads as 1: that
+# release speaks this protocol. A replica never spends a set written by a newer version, and
+# spends nothing while it sees a replica of a newer version in the fleet.
+PROTOCOL_VERSION = 1
+
 
 def fingerprint(secret: str) -> str:
     """A short, non-reversible fingerprint of a token or key, safe for logs."""
@@ -22,7 +28,8 @@ class TokenSet:
     `version` is the store's write counter for this set (0: never stored). `lineage` and
     `generation` say which set is newer: an authorization starts a lineage (a larger number
     than any before it) at generation 1, and every refresh adds one to the generation. They
-    are kept inside the encrypted blob and, as plain numbers, beside it.
+    are kept inside the encrypted blob and, as plain numbers, beside it. `protocol` is the
+    fleet protocol version of the replica that stored it (read from the store).
     """
 
     access_token: str = field(repr=False)
@@ -34,6 +41,8 @@ class TokenSet:
     version: int = 0
     lineage: int = 0
     generation: int = 0
+    # The fleet protocol version of the replica that stored this set (PROTOCOL_VERSION).
+    protocol: int = PROTOCOL_VERSION
 
     @property
     def lifetime(self) -> float:

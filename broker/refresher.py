@@ -44,7 +44,7 @@ from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, TokenSet
 from broker.oauth import TokenSource
 from broker.service import AppStatus
-from broker.store import Notice, TokenStore
+from broker.store import Notice, TokenStore, bound_name, client_binding
 
 log = get_logger(__name__)
 
@@ -94,8 +94,15 @@ class AppRefresher:
         owner: str,
         rng: random.Random | None = None,
         timing: Timing | None = None,
+        client_id: str | None = None,
     ) -> None:
         self.spec = spec
+        # The store knows the app's set by its name and client binding (issue 20, M6): a set
+        # of another client, server, grant or scopes is never adopted, blocked on or written
+        # over. `client_id` is the value in use (from client_id_file, when the app uses one).
+        self.binding = client_binding(spec, client_id if client_id is not None else spec.client_id)
+        # Set by a config reload that changed the binding: what changed, for the 409.
+        self.binding_changed: str | None = None
         self.source = source
         self._clock = clock
         self._metrics = metrics
@@ -117,6 +124,7 @@ class AppRefresher:
                 app=spec.name, outcome=outcome
             ).inc(),
             budget_per_minute=spec.max_token_requests_per_minute,
+            store_name=bound_name(spec.name, self.binding),
         )
         self.token: TokenSet | None = None
         self.state = AppState.REFRESHING
@@ -304,7 +312,7 @@ class AppRefresher:
         if self.token is None and self.grant_spends and read:
             # Only when the store says so: a store that is down, or a set under a key this
             # replica lacks, blocks refreshing instead (503), and asks no one to authorize.
-            self._enter_needs_authorization("no token set stored; run token-broker authorize")
+            self._enter_needs_authorization(self._no_stored_set())
         while not self._stopping:
             if self._dirty or self._unsynced or self._sync_overdue():
                 await self._sync()
@@ -316,6 +324,23 @@ class AppRefresher:
             elif not self._stopping:
                 # Shielded: cancelling the loop must not cancel a spend in flight.
                 await asyncio.shield(self._start_refresh())
+
+    def _no_stored_set(self) -> str:
+        """Why there is nothing to serve for an authorization-code app, and what to do."""
+        if self.binding_changed:
+            return (
+                f"the app's client binding changed ({self.binding_changed}); the stored token "
+                "set belongs to the old binding and is not used: run token-broker authorize"
+            )
+        return (
+            "no token set stored for this client binding (token URL, client id, grant, "
+            "scopes, audience); run token-broker authorize"
+        )
+
+    @property
+    def store_name(self) -> str:
+        """The name the store knows this app's set by (`app@binding`)."""
+        return self.fleet.key
 
     async def stop(self) -> None:
         """Stop scheduling refreshes and let the one in flight finish and persist.

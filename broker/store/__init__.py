@@ -9,12 +9,13 @@ them identically, and tests/unit/test_store_contract.py holds both to them.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from broker.model import FailureRecord, TokenSet
+from broker.model import PROTOCOL_VERSION, AppSpec, FailureRecord, TokenSet
 
 # How long a failure record outlives its `not_before`: the next lease holder continues the count
 # of consecutive failures (and so the backoff) instead of starting over. A success clears it.
@@ -23,12 +24,46 @@ FAILURE_RETENTION = 3600.0
 BUDGET_WINDOW = 60.0
 
 
+def client_binding(spec: AppSpec, client_id: str | None) -> str:
+    """A short hash of what an app's token sets belong to (issue 20, M6).
+
+    Token URL, client id, grant, scopes (as a set) and audience/resource: a set fetched under
+    one of them is no use under another (another client's, or another server's). The store
+    keeps each binding's set, lease and spend record under its own name (`bound_name`), and the
+    Redis store binds the encrypted set to that name, so two fleets sharing a store and a key
+    prefix never see each other's sets.
+    """
+    material = json.dumps(
+        [
+            spec.token_url,
+            client_id or "",
+            spec.grant_type.value,
+            sorted(set(spec.scopes)),
+            spec.audience or "",
+            spec.extra_params.get("resource", ""),
+        ],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def bound_name(app: str, binding: str) -> str:
+    """The name the store knows an app's set by: the app and its client binding.
+
+    App names are `[a-z0-9_-]`, so the `@` never occurs in one; a name without it is the
+    unbound name a release before the binding used (RedisStore moves such a set once).
+    """
+    return f"{app}@{binding}"
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """The answer to a lease request: `fence` > 0 when it is ours, else how long it stays busy."""
 
     fence: int
     busy_for: float = 0.0
+    # When busy: the protocol version of the replica holding it.
+    protocol: int = PROTOCOL_VERSION
 
     @property
     def held(self) -> bool:
@@ -72,6 +107,8 @@ class Notice:
     rank of the set whose refresh token is spent; `refresh_fp` names that refresh token.
     `retry` marks the spend of a grace retry the store granted (nobody vetoes it);
     `retry_aborted` an abort of such a retry: the spend it retried is still unknown.
+    `protocol` is the fleet protocol version of the replica that made the change (absent on
+    the wire: 1).
 
     A "token" notice carries the committed set itself, so a replica adopts it without reading
     the store (one read per replica per refresh made a refresh cost O(replicas) commands):
@@ -87,6 +124,7 @@ class Notice:
     owner: str | None = None
     retry: bool = False
     retry_aborted: bool = False
+    protocol: int = PROTOCOL_VERSION
     blob: str | None = field(default=None, repr=False, compare=False)
     token: TokenSet | None = field(default=None, repr=False, compare=False)
 
@@ -103,6 +141,7 @@ class Notice:
                 "owner": self.owner,
                 "retry": int(self.retry),
                 "ra": int(self.retry_aborted),
+                "pv": self.protocol,
                 **({"blob": self.blob} if self.blob is not None else {}),
             },
             separators=(",", ":"),
@@ -122,6 +161,7 @@ class Notice:
                 owner=raw.get("owner") or None,
                 retry=bool(raw.get("retry")),
                 retry_aborted=bool(raw.get("ra")),
+                protocol=int(raw.get("pv") or 1),
                 blob=raw["blob"] if isinstance(raw.get("blob"), str) else None,
             )
         except (ValueError, TypeError, KeyError, AttributeError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from broker.clock import Clock
 from broker.errors import NotDurable, StoreUnavailable
-from broker.model import FailureRecord, TokenSet
+from broker.model import PROTOCOL_VERSION, FailureRecord, TokenSet
 from broker.store import (
     BUDGET_WINDOW,
     FAILURE_RETENTION,
@@ -44,13 +44,18 @@ class MemoryState:
     """Everything the store holds: what a snapshot captures and a rollback restores."""
 
     tokens: dict[str, TokenSet] = field(default_factory=dict)
-    leases: dict[str, tuple[str, int, float]] = field(default_factory=dict)
+    # app → (owner, fence, expiry on the monotonic clock, the holder's protocol version)
+    leases: dict[str, tuple[str, int, float, int]] = field(default_factory=dict)
     fences: dict[str, int] = field(default_factory=dict)
     spends: dict[str, _Spend] = field(default_factory=dict)
 
 
 class MemoryStore:
     """Implements TokenStore in memory. Set `fail = True` to simulate an outage.
+
+    `protocol` is the fleet protocol version its writes carry (stored sets, leases, notices),
+    as the Redis store's scripts carry the version of the code that runs them; the simulation
+    sets it while a replica of another version writes.
 
     `require_replica_ack` models a Redis store that WAITs for a replica after `mark_sent`;
     `replicas_acknowledge = False` then models a primary no replica acknowledges (its replicas
@@ -62,6 +67,7 @@ class MemoryStore:
         self._clock = clock
         self.require_replica_ack = require_replica_ack
         self.replicas_acknowledge = True
+        self.protocol = PROTOCOL_VERSION
         self.state = MemoryState()
         self._subscribers: set[asyncio.Queue[Notice | None]] = set()
         self._failures: dict[str, FailureRecord] = {}
@@ -108,7 +114,7 @@ class MemoryStore:
             if current.rank >= token.rank:
                 return Commit(False, current.version, current.rank)
         version = (current.version if current is not None else 0) + 1
-        self.state.tokens[app] = replace(token, version=version)
+        self.state.tokens[app] = replace(token, version=version, protocol=self.protocol)
         spend = self.state.spends.get(app)
         if spend is not None and spend.rank < token.rank:
             del self.state.spends[app]
@@ -118,6 +124,7 @@ class MemoryStore:
                 "token",
                 version=version,
                 rank=token.rank,
+                protocol=self.protocol,
                 token=self.state.tokens[app],
             )
         )
@@ -129,10 +136,10 @@ class MemoryStore:
         now = self._clock.monotonic()
         holder = self.state.leases.get(app)
         if holder is not None and holder[2] > now and holder[0] != owner:
-            return Lease(0, busy_for=holder[2] - now)
+            return Lease(0, busy_for=holder[2] - now, protocol=holder[3])
         fence = self.state.fences.get(app, 0) + 1
         self.state.fences[app] = fence
-        self.state.leases[app] = (owner, fence, now + ttl)
+        self.state.leases[app] = (owner, fence, now + ttl, self.protocol)
         return Lease(fence)
 
     def _holds(self, app: str, owner: str, fence: int) -> bool:
@@ -195,6 +202,7 @@ class MemoryStore:
                 refresh_fp=refresh_fp,
                 owner=owner,
                 retry=answer is SpendStart.RETRY,
+                protocol=self.protocol,
             )
         )
         return answer
@@ -208,7 +216,14 @@ class MemoryStore:
         spend.state = "sent"
         spend.sent_at = self._clock.monotonic()
         self._publish(
-            Notice(app, "sent", rank=spend.rank, refresh_fp=spend.refresh_fp, owner=owner)
+            Notice(
+                app,
+                "sent",
+                rank=spend.rank,
+                refresh_fp=spend.refresh_fp,
+                owner=owner,
+                protocol=self.protocol,
+            )
         )
         if self.require_replica_ack and not self._replica_acknowledged():
             raise NotDurable("memory store: no replica acknowledged the spend record")
@@ -255,6 +270,7 @@ class MemoryStore:
                     refresh_fp=spend.refresh_fp,
                     owner=spend.owner,
                     retry_aborted=retry_aborted,
+                    protocol=self.protocol,
                 )
             )
         else:

@@ -1,10 +1,13 @@
 """The Redis store: encrypted token sets, the lease, fence and spend record per app, notices.
 
-Keys carry the app as a hash tag, so Redis Cluster keeps one app's keys on one slot:
-`{prefix}:{<app>}:token` (a hash: `version`, `lineage`, `gen`, `fp`, `blob`), `...:lease`
-(`<owner>|<fence>`, with a TTL), `...:fence` (a counter) and `...:spend` (a hash: `fence`,
-`owner`, `rfp`, `lineage`, `gen`, `state`, `retries`). Every write is one Lua script that also
-publishes a JSON notice on `{prefix}:updates`; the rules are those of broker/store/__init__.py.
+Keys carry the app's store name (`<app>@<client binding>`, broker/store `bound_name`) as a hash
+tag, so Redis Cluster keeps one app's keys on one slot: `{prefix}:{<name>}:token` (a hash:
+`version`, `lineage`, `gen`, `fp`, `pv`, `blob`), `...:lease` (`<owner>|<fence>|<protocol
+version>`, with a TTL), `...:fence` (a counter) and `...:spend` (a hash: `fence`, `owner`,
+`rfp`, `lineage`, `gen`, `state`, `retries`). Every write is one Lua script that also publishes
+a JSON notice (with `pv`) on `{prefix}:updates`; the rules are those of broker/store/__init__.py.
+A set stored under the bare app name by a release before the binding moves to the first store
+name that reads it (`_MOVE_LEGACY`).
 
 For the fleet: `{prefix}:{<app>}:failure` (the shared outcome of a failed refresh, encrypted,
 expiring on the server's clock) and `{prefix}:{<app>}:budget` (a sorted set of request times,
@@ -35,7 +38,7 @@ from broker.clock import Clock
 from broker.errors import NotDurable, StoreUnavailable, UnreadableTokenSet
 from broker.logs import get_logger
 from broker.metrics import Metrics
-from broker.model import FailureRecord, TokenSet
+from broker.model import PROTOCOL_VERSION, FailureRecord, TokenSet
 from broker.store import (
     BUDGET_WINDOW,
     FAILURE_RETENTION,
@@ -81,25 +84,27 @@ if cur[1] then
 end
 version = version + 1
 redis.call('HSET', KEYS[1], 'version', version, 'lineage', nl, 'gen', ng, 'fp', ARGV[3],
-  'fence', ARGV[5], 'blob', ARGV[4])
+  'fence', ARGV[5], 'blob', ARGV[4], 'pv', __PV__)
 local sp = redis.call('HMGET', KEYS[2], 'lineage', 'gen')
 if sp[1] and outranks(nl, ng, tonumber(sp[1]), tonumber(sp[2])) then
   redis.call('DEL', KEYS[2])
 end
 redis.call('PUBLISH', ARGV[6], cjson.encode({app=ARGV[7], kind='token', version=version,
-  lineage=nl, gen=ng, blob=ARGV[8]}))
+  lineage=nl, gen=ng, blob=ARGV[8], pv=__PV__}))
 return {1, version, nl, ng}
 """
 )
-# KEYS: lease, fence counter. ARGV: owner, ttl ms
+# KEYS: lease, fence counter. ARGV: owner, ttl ms. The value is `owner|fence|protocol`; a busy
+# answer carries the holder's protocol version (a value without one: 1).
 _ACQUIRE = """
 local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. '|' then
-  return {0, redis.call('PTTL', KEYS[1])}
+  local pv = string.match(held, '^[^|]*|[^|]*|(%d+)$')
+  return {0, redis.call('PTTL', KEYS[1]), tonumber(pv or '1')}
 end
 local fence = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence, 'PX', ARGV[2])
-return {fence, 0}
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence .. '|__PV__', 'PX', ARGV[2])
+return {fence, 0, __PV__}
 """
 # KEYS: lease. ARGV: owner|fence
 _RELEASE = """
@@ -131,7 +136,7 @@ redis.call('HSET', KEYS[3], 'fence', ARGV[2], 'owner', ARGV[3], 'rfp', ARGV[6],
 if answer == 'retry' then redis.call('HSET', KEYS[3], 'orig_sent_at', sp[6] or '0') end
 redis.call('PUBLISH', ARGV[9], cjson.encode({app=ARGV[10], kind='spend',
   lineage=tonumber(ARGV[4]), gen=tonumber(ARGV[5]), rfp=ARGV[6], owner=ARGV[3],
-  retry=(answer == 'retry') and 1 or 0}))
+  retry=(answer == 'retry') and 1 or 0, pv=__PV__}))
 return answer
 """
 # KEYS: lease, spend. ARGV: owner|fence, fence, channel, app
@@ -143,14 +148,14 @@ local t = redis.call('TIME')
 redis.call('HSET', KEYS[2], 'state', 'sent',
   'sent_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
-  lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2]}))
+  lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2], pv=__PV__}))
 return 1
 """
 # KEYS: spend, lease. ARGV: rfp
 _VETO_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'rfp', 'state', 'owner', 'fence', 'orig_sent_at')
 if sp[1] ~= ARGV[1] or sp[2] ~= 'announced' then return 0 end
-if redis.call('GET', KEYS[2]) ~= sp[3] .. '|' .. sp[4] then return 0 end
+if redis.call('GET', KEYS[2]) ~= sp[3] .. '|' .. sp[4] .. '|__PV__' then return 0 end
 redis.call('HSET', KEYS[1], 'fence', 0, 'state', 'vetoed', 'retries', 1)
 if sp[5] then
   redis.call('HSET', KEYS[1], 'sent_at', sp[5])
@@ -173,12 +178,45 @@ if ARGV[2] == 'aborted' then
   end
   redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort',
     lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2],
-    ra=sp[6] and 1 or 0}))
+    ra=sp[6] and 1 or 0, pv=__PV__}))
 else
   redis.call('HSET', KEYS[1], 'state', 'unknown')
 end
 return 1
 """
+# Moves the set a release before the client binding stored under the app's bare name to the
+# bound name, once (issue 20, M6). Only while no replica of that release holds the bare name's
+# lease or has a spend of it on the wire (the move would lose that spend's commit). The bare
+# name keeps a tombstone one generation up that no key opens (`moved`): the older release
+# reads it as a newer set it cannot read, and so never spends the moved refresh token again.
+# KEYS: bare token, bare lease, bare spend, bound token. ARGV: bare version as read, lineage,
+# gen, access fp, blob (bound AAD), channel, bound name, blob in base64
+_MOVE_LEGACY = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return 'exists' end
+local cur = redis.call('HMGET', KEYS[1], 'version', 'moved')
+if cur[1] ~= ARGV[1] or cur[2] then return 'changed' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'busy' end
+local state = redis.call('HGET', KEYS[3], 'state')
+if state and state ~= 'announced' then return 'busy' end
+redis.call('HSET', KEYS[4], 'version', 1, 'lineage', ARGV[2], 'gen', ARGV[3], 'fp', ARGV[4],
+  'fence', 0, 'blob', ARGV[5], 'pv', __PV__)
+redis.call('HSET', KEYS[1], 'version', tonumber(ARGV[1]) + 1, 'gen', tonumber(ARGV[3]) + 1,
+  'fp', '', 'blob', 'moved', 'moved', ARGV[7])
+redis.call('PUBLISH', ARGV[6], cjson.encode({app=ARGV[7], kind='token', version=1,
+  lineage=tonumber(ARGV[2]), gen=tonumber(ARGV[3]), blob=ARGV[8], pv=__PV__}))
+return 'moved'
+"""
+
+
+def _versioned(script: str) -> str:
+    """A script with this release's protocol version in what it writes and publishes."""
+    return script.replace("__PV__", str(PROTOCOL_VERSION))
+
+
+def _lease_value(owner: str, fence: int) -> str:
+    """The lease's value while `owner` holds it under `fence` (with our protocol version)."""
+    return f"{owner}|{fence}|{PROTOCOL_VERSION}"
+
 
 # ---- the fleet's clock, backoff and budget ---------------------------------------------------
 # KEYS[1] routes the call (Cluster); the server's clock as {seconds, microseconds}
@@ -237,16 +275,17 @@ class RedisStore:
         self._keyring = keyring
         self._metrics = metrics
         self._clock = clock
-        self._commit = client.register_script(_COMMIT)
-        self._acquire = client.register_script(_ACQUIRE)
+        self._commit = client.register_script(_versioned(_COMMIT))
+        self._acquire = client.register_script(_versioned(_ACQUIRE))
         self._release = client.register_script(_RELEASE)
-        self._begin_spend = client.register_script(_BEGIN_SPEND)
-        self._mark_sent = client.register_script(_MARK_SENT)
-        self._veto_spend = client.register_script(_VETO_SPEND)
-        self._end_spend = client.register_script(_END_SPEND)
+        self._begin_spend = client.register_script(_versioned(_BEGIN_SPEND))
+        self._mark_sent = client.register_script(_versioned(_MARK_SENT))
+        self._veto_spend = client.register_script(_versioned(_VETO_SPEND))
+        self._end_spend = client.register_script(_versioned(_END_SPEND))
         self._time = client.register_script(_TIME)
         self._record_failure = client.register_script(_RECORD_FAILURE)
         self._take_budget = client.register_script(_TAKE_BUDGET)
+        self._move_legacy = client.register_script(_versioned(_MOVE_LEGACY))
         self.channel = f"{key_prefix}:updates"
 
     def token_key(self, app: str) -> str:
@@ -302,9 +341,70 @@ class RedisStore:
         return result
 
     async def load(self, app: str) -> TokenSet | None:
-        """The stored token set, or None; UnreadableTokenSet when no configured key opens it."""
+        """The stored token set, or None; UnreadableTokenSet when no configured key opens it.
+
+        Nothing under a bound name (`app@binding`) but a set under the bare app name, stored
+        by a release before the client binding: that set is moved here (`_move_legacy_set`).
+        """
         fields = await self._call("load", lambda: self._client.hgetall(self.token_key(app)))
+        if not fields and "@" in app:
+            return await self._move_legacy_set(app)
         return self._decode(app, fields)
+
+    async def _move_legacy_set(self, app: str) -> TokenSet | None:
+        """Move the set stored under the bare app name to the bound name `app`, once.
+
+        A set under the bare name carries no binding: it is the app's set as the release before
+        the binding used it, and moving it is what lets an upgrade keep an authorization-code
+        grant. Raises UnreadableTokenSet (so the app waits, and asks no one to authorize) while
+        a replica of the older release holds the bare name's lease or has its spend on the
+        wire; the next look tries again.
+        """
+        bare = app.partition("@")[0]
+        fields = await self._call("load", lambda: self._client.hgetall(self.token_key(bare)))
+        if not fields or b"moved" in fields:
+            return None
+        try:
+            token = self._decode(bare, fields)
+        except UnreadableTokenSet:
+            return None  # not readable here, so not ours to move: the binding starts afresh
+        if token is None:
+            return None
+        blob = self._keyring.encrypt(_plaintext(token), self._aad(app))
+        answer = await self._call(
+            "save",
+            lambda: self._move_legacy(
+                keys=[
+                    self.token_key(bare),
+                    self.lease_key(bare),
+                    self.spend_key(bare),
+                    self.token_key(app),
+                ],
+                args=[
+                    fields[b"version"],
+                    token.lineage,
+                    token.generation,
+                    token.fingerprint,
+                    blob,
+                    self.channel,
+                    app,
+                    base64.b64encode(blob).decode(),
+                ],
+            ),
+        )
+        outcome = answer.decode() if isinstance(answer, bytes) else str(answer)
+        if outcome == "moved":
+            log.info("store.moved_unbound_set", app=bare, generation=token.generation)
+            return replace(token, version=1, protocol=PROTOCOL_VERSION)
+        if outcome == "exists":
+            fields = await self._call("load", lambda: self._client.hgetall(self.token_key(app)))
+            return self._decode(app, fields)
+        raise UnreadableTokenSet(
+            f"the set of {bare} stored by a release before the client binding is being spent "
+            "by a replica of that release; it moves to this binding once that spend ends",
+            rank=token.rank,
+            version=0,
+        )
 
     async def load_many(self, apps: Sequence[str]) -> dict[str, TokenSet]:
         """HGETALL of every app in one pipeline (redis-py splits it per node on a Cluster)."""
@@ -326,8 +426,14 @@ class RedisStore:
                 found[app] = token
         return found
 
-    def _open_set(self, app: str, blob: bytes, version: int, rank: tuple[int, int]) -> TokenSet:
-        """Decrypt and parse a stored set (UndecryptableToken, KeyError, ValueError, TypeError)."""
+    def _open_set(
+        self, app: str, blob: bytes, version: int, rank: tuple[int, int], protocol: int
+    ) -> TokenSet:
+        """Decrypt and parse a stored set (UndecryptableToken, KeyError, ValueError, TypeError).
+
+        The AAD is the prefix and the name the set is stored under, which for a bound name
+        includes the client binding: a set moved to another app or binding does not open.
+        """
         data = json.loads(self._keyring.decrypt(blob, self._aad(app)))
         return TokenSet(
             access_token=data["access_token"],
@@ -339,6 +445,7 @@ class RedisStore:
             version=version,
             lineage=int(data.get("lineage", rank[0])),
             generation=int(data.get("generation", rank[1])),
+            protocol=protocol,
         )
 
     def _decode(self, app: str, fields: dict[bytes, bytes]) -> TokenSet | None:
@@ -348,13 +455,15 @@ class RedisStore:
         try:
             version = int(fields[b"version"])
             rank = (int(fields.get(b"lineage", 0)), int(fields.get(b"gen", 0)))
+            # A hash without a protocol version was stored by a release that spoke version 1.
+            protocol = int(fields.get(b"pv", 1))
         except (KeyError, ValueError):
             log.warning("store.unreadable", app=app)
             raise UnreadableTokenSet(
                 f"stored set of {app} is damaged", rank=(0, 0), version=0
             ) from None
         try:
-            return self._open_set(app, fields[b"blob"], version, rank)
+            return self._open_set(app, fields[b"blob"], version, rank, protocol)
         except UndecryptableToken as exc:
             log.warning("store.undecryptable", app=app, reason=str(exc))
             raise UnreadableTokenSet(
@@ -368,19 +477,7 @@ class RedisStore:
 
     async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:
         """Store `token` if it outranks the stored set (Lua), then publish a notice."""
-        plain = json.dumps(
-            {
-                "access_token": token.access_token,
-                "token_type": token.token_type,
-                "issued_at": token.issued_at,
-                "expires_at": token.expires_at,
-                "scope": token.scope,
-                "refresh_token": token.refresh_token,
-                "lineage": token.lineage,
-                "generation": token.generation,
-            }
-        ).encode()
-        blob = self._keyring.encrypt(plain, self._aad(app))
+        blob = self._keyring.encrypt(_plaintext(token), self._aad(app))
         result = await self._call(
             "save",
             lambda: self._commit(
@@ -403,18 +500,19 @@ class RedisStore:
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
         """Take the lease (and the next fence) unless another owner holds it."""
         ms = max(1, int(ttl * 1000))
-        fence, pttl = await self._call(
+        fence, pttl, protocol = await self._call(
             "lease",
             lambda: self._acquire(
                 keys=[self.lease_key(app), self.fence_key(app)], args=[owner, ms]
             ),
         )
-        return Lease(int(fence), busy_for=max(0.0, int(pttl) / 1000))
+        return Lease(int(fence), busy_for=max(0.0, int(pttl) / 1000), protocol=int(protocol))
 
     async def release_lease(self, app: str, owner: str, fence: int) -> None:
         """Delete the lease only if `owner` still holds it under `fence`."""
         await self._call(
-            "lease", lambda: self._release(keys=[self.lease_key(app)], args=[f"{owner}|{fence}"])
+            "lease",
+            lambda: self._release(keys=[self.lease_key(app)], args=[_lease_value(owner, fence)]),
         )
 
     async def begin_spend(
@@ -433,7 +531,7 @@ class RedisStore:
             lambda: self._begin_spend(
                 keys=[self.lease_key(app), self.token_key(app), self.spend_key(app)],
                 args=[
-                    f"{owner}|{fence}",
+                    _lease_value(owner, fence),
                     fence,
                     owner,
                     token.lineage,
@@ -456,7 +554,7 @@ class RedisStore:
         NotDurable when none acknowledged within the timeout (the caller does not send).
         """
         keys = [self.lease_key(app), self.spend_key(app)]
-        args: list[Any] = [f"{owner}|{fence}", fence, self.channel, app]
+        args: list[Any] = [_lease_value(owner, fence), fence, self.channel, app]
         if not self._require_ack:
             result = await self._call("spend", lambda: self._mark_sent(keys=keys, args=args))
             return bool(result)
@@ -560,7 +658,7 @@ class RedisStore:
         token: TokenSet | None
         try:
             blob = base64.b64decode(notice.blob, validate=True)
-            token = self._open_set(notice.app, blob, notice.version, notice.rank)
+            token = self._open_set(notice.app, blob, notice.version, notice.rank, notice.protocol)
         except (UndecryptableToken, KeyError, ValueError, TypeError, binascii.Error):
             token = None
         if token is not None and token.rank != notice.rank:
@@ -651,6 +749,22 @@ class RedisStore:
         }.values():
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
+
+
+def _plaintext(token: TokenSet) -> bytes:
+    """What the encrypted blob of a stored set holds."""
+    return json.dumps(
+        {
+            "access_token": token.access_token,
+            "token_type": token.token_type,
+            "issued_at": token.issued_at,
+            "expires_at": token.expires_at,
+            "scope": token.scope,
+            "refresh_token": token.refresh_token,
+            "lineage": token.lineage,
+            "generation": token.generation,
+        }
+    ).encode()
 
 
 def redis_client(

@@ -32,6 +32,7 @@ from tests.support.broker_process import (
 from tests.support.fleet import Fleet, Poller
 from tests.support.oauth_server import OAuthTestServer, Scripted
 from tests.support.redis_server import RedisServer
+from tests.support.store_keys import bound_key
 
 pytestmark = pytest.mark.integration
 
@@ -169,7 +170,7 @@ class TestAuthorizeCommand:
         assert code == 1
         assert "no refresh token" in err
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
-        assert client.exists("tb-test:{app1}:token") == 0
+        assert client.keys("tb-test:{app1*}:token") == []
         client.close()
 
     async def test_wrong_redirect_uri_is_a_clear_error(
@@ -313,13 +314,13 @@ class TestCrashAfterRotation:
                 await asyncio.sleep(0.01)
             assert oauth_server.count("refresh_token") == 1, "no refresh was attempted"
             spent = oauth_server.requests[-1].form["refresh_token"]
-            owner = client.get("tb-test:{app1}:lease")
+            owner = client.get(bound_key(client, "lease"))
             assert owner is not None
             owner_text = owner.decode() if isinstance(owner, bytes) else str(owner)
             victim = int(owner_text.rsplit("-", 2)[1])
             os.kill(victim, signal.SIGKILL)
             killed_at = time.time()
-            spend_state = client.hget("tb-test:{app1}:spend", "state")
+            spend_state = client.hget(bound_key(client, "spend"), "state")
             alive = [i for i, r in enumerate(fleet.replicas) if r.process.pid != victim]
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:

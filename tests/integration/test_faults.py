@@ -19,6 +19,7 @@ from tests.support.oauth_server import OAuthTestServer
 from tests.support.recovery import record
 from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisSentinel
+from tests.support.store_keys import bound_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -156,7 +157,7 @@ class TestSentinelFailover:
             promoted = failover_s is not None
             await fleet.poll(oauth_server, 4)
             client = redis.Redis(host="127.0.0.1", port=sentinel.replica.port)
-            stored = client.hget("tb-test:{app1}:token", "version")
+            stored = client.hget(bound_key(client, "token"), "version")
             client.close()
         finally:
             fleet.stop()

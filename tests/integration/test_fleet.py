@@ -20,6 +20,7 @@ from tests.support.broker_process import BrokerFiles, wall_time
 from tests.support.fleet import Fleet, Poller
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.redis_server import RedisServer
+from tests.support.store_keys import bound_key, stored_name_at
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ async def stored_token_expiry(files: BrokerFiles, redis_url: str) -> tuple[str, 
         clock=SystemClock(),
     )
     try:
-        token = await store.load("app1")
+        token = await store.load(stored_name_at(redis_url))
     finally:
         await store.close()
     return (token.access_token, token.expires_at) if token else None
@@ -109,7 +110,7 @@ class TestLeaseHolderDies:
             owner = None
             deadline = time.monotonic() + 10
             while owner is None and time.monotonic() < deadline:
-                owner = client.get("tb-test:{app1}:lease")
+                owner = client.get(bound_key(client, "lease"))
                 await asyncio.sleep(0.02)
             assert owner is not None, "no replica took the lease"
             while oauth_server.count() == requests_before:  # its request is in flight

@@ -19,8 +19,6 @@ import pytest
 import redis
 
 from tests.integration.test_rotation_faults import (
-    LEASE_KEY,
-    TOKEN_KEY,
     Figures,
     all_serving_again,
     check_grant_intact,
@@ -31,6 +29,7 @@ from tests.support.broker_process import BrokerFiles, wall_time
 from tests.support.fleet import Fleet, FleetStats, Poller, Replica
 from tests.support.oauth_server import OAuthTestServer, RecordedRequest
 from tests.support.redis_server import RedisServer
+from tests.support.store_keys import bound_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -66,7 +65,10 @@ async def settled(client: redis.Redis, oauth: OAuthTestServer, timeout: float = 
     """Wait until the fleet stored a set it refreshed itself (every replica started on it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if oauth.count("refresh_token") and client.hget(TOKEN_KEY, "gen") is not None:
+        if (
+            oauth.count("refresh_token")
+            and client.hget(bound_key(client, "token"), "gen") is not None
+        ):
             return
         await asyncio.sleep(0.02)
     raise AssertionError("the fleet stored no refreshed set")
@@ -82,7 +84,7 @@ async def slow_refresh(oauth: OAuthTestServer, delay: float) -> RecordedRequest:
 
 def lease_holder(client: redis.Redis, fleet: Fleet) -> int:
     """The index of the replica holding app1's lease (its owner id carries the pid)."""
-    owner = client.get(LEASE_KEY)
+    owner = client.get(bound_key(client, "lease"))
     assert isinstance(owner, bytes), "no replica holds the lease"
     pid = int(owner.decode().rsplit("-", 2)[1])
     return next(i for i, r in enumerate(fleet.replicas) if r.process.pid == pid)

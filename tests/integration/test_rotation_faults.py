@@ -31,13 +31,12 @@ from tests.support.broker_process import BrokerFiles, BrokerProcess, wall_time
 from tests.support.fleet import Fleet, FleetStats, Poller, Replica
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.redis_server import RedisServer
+from tests.support.store_keys import bound_key, stored_name_at
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 LIFETIME = 5.0
-TOKEN_KEY = "tb-test:{app1}:token"
-LEASE_KEY = "tb-test:{app1}:lease"
 # How long every replica gets to serve again after a fault: generous for a loaded 2-core
 # machine (they take about a second); the measured time is reported, not asserted.
 SERVING_AGAIN_WITHIN = 15.0
@@ -98,10 +97,10 @@ def check_grant_intact(oauth: OAuthTestServer) -> int:
 
 async def next_commit(client: redis.Redis, timeout: float = 15.0) -> int:
     """Wait until a newer set is stored; its generation."""
-    before = client.hget(TOKEN_KEY, "gen")
+    before = client.hget(bound_key(client, "token"), "gen")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        now = client.hget(TOKEN_KEY, "gen")
+        now = client.hget(bound_key(client, "token"), "gen")
         if now is not None and now != before:
             return int(now)
         await asyncio.sleep(0.02)
@@ -131,7 +130,7 @@ async def stored_set(files: BrokerFiles, redis_url: str) -> TokenSet | None:
         clock=SystemClock(),
     )
     try:
-        return await store.load("app1")
+        return await store.load(stored_name_at(redis_url))
     finally:
         await store.close()
 
@@ -175,7 +174,7 @@ class TestPartition:
             poller.start()
             await asyncio.sleep(LIFETIME)
             await next_commit(client)  # cut right after a refresh, not in the middle of one
-            generation = int(client.hget(TOKEN_KEY, "gen") or 0)
+            generation = int(client.hget(bound_key(client, "token"), "gen") or 0)
             cut_at = time.time()
             proxy.blackhole()  # first packets vanish (timeouts), then connections are refused
             await asyncio.sleep(LIFETIME * 0.8)
@@ -186,7 +185,7 @@ class TestPartition:
             after_heal = await all_serving_again(poller, [0, 1, 2], healed_at)
             await asyncio.sleep(LIFETIME)
             stats = await poller.stop()
-            stored_generation = int(client.hget(TOKEN_KEY, "gen") or 0)
+            stored_generation = int(client.hget(bound_key(client, "token"), "gen") or 0)
             blocked = events(cut, "refresh.blocked", since=cut_at)
         finally:
             await poller.stop()
@@ -279,7 +278,7 @@ class TestSigtermDuringSlowRefresh:
             old = slow.form["refresh_token"]
             (grant,) = oauth_server.grants.values()
             rotated = grant.current_refresh  # the server rotated before its slow answer
-            owner = client.get(LEASE_KEY)
+            owner = client.get(bound_key(client, "lease"))
             assert isinstance(owner, bytes), "no replica holds the lease"
             pid = int(owner.decode().rsplit("-", 2)[1])
             holder = next(r for r in fleet.replicas if r.process.pid == pid)
@@ -327,7 +326,7 @@ def key_line(key_id: str, key: bytes) -> str:
 
 def blob_key_id(client: redis.Redis) -> str:
     """The id of the key the stored blob is encrypted under."""
-    blob = client.hget(TOKEN_KEY, "blob")
+    blob = client.hget(bound_key(client, "token"), "blob")
     assert isinstance(blob, bytes)
     return blob[2 : 2 + blob[1]].decode()
 

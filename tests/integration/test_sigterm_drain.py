@@ -14,7 +14,6 @@ import pytest
 import redis
 
 from tests.integration.test_rotation_faults import (
-    LEASE_KEY,
     LIFETIME,
     check_grant_intact,
     events,
@@ -23,10 +22,10 @@ from tests.integration.test_rotation_faults import (
 )
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.redis_server import RedisServer
+from tests.support.store_keys import bound_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-SPEND_KEY = "tb-test:{app1}:spend"
 # The server's answer to the refresh that SIGTERM lands on: past the old 15 s drain.
 SLOW_ANSWER = 17.0
 
@@ -95,15 +94,17 @@ class TestSigtermDrain:
             await asyncio.sleep(LIFETIME + 0.5)  # the stored access token has expired
             replica.process.start()
             await _until(
-                lambda: client.hget(SPEND_KEY, "state") == b"announced", 20.0, "an announced spend"
+                lambda: client.hget(bound_key(client, "spend"), "state") == b"announced",
+                20.0,
+                "an announced spend",
             )
             signalled = time.monotonic()
             replica.process.signal(signal.SIGTERM)
             code = await asyncio.to_thread(replica.process.wait, 20.0)
             stopped_in = time.monotonic() - signalled
             sent_before_restart = oauth_server.count("refresh_token")
-            spend_left = client.exists(SPEND_KEY)
-            lease_left = client.exists(LEASE_KEY)
+            spend_left = client.exists(bound_key(client, "spend"))
+            lease_left = client.exists(bound_key(client, "lease"))
             abandoned = events(replica, "refresh.abandoned_for_shutdown")
             replica.process.start()
             await _until(lambda: oauth_server.count("refresh_token") == 1, 20.0, "a refresh")

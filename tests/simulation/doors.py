@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from broker.model import RefreshPolicy
+from broker.model import PROTOCOL_VERSION, RefreshPolicy
 from broker.store.memory import MemoryState
 from tests.simulation.schedule import Schedule, run
-from tests.simulation.world import APP, World, WorldConfig
+from tests.simulation.world import World, WorldConfig
 
 # How often a script looks at the world while it waits for a moment (simulated seconds).
 POLL = 0.01
@@ -184,8 +184,9 @@ def h5_sigterm_mid_spend_after_an_outage() -> Schedule:
         world.set_store_outage(True)
         await world.time.sleep(40.0)  # the token stops being servable meanwhile
         world.set_store_outage(False)
-        await until(world, lambda: APP in store.spends and store.spends[APP].state == "announced")
-        first = _index(world, store.spends[APP].owner)
+        key = world.key
+        await until(world, lambda: key in store.spends and store.spends[key].state == "announced")
+        first = _index(world, store.spends[key].owner)
         world.terminate(first)
         world.server.faults.stall_next = 20.0
         sends = len(world.server.sends)
@@ -296,6 +297,83 @@ def h4_split_brain_both_sides_spend() -> Schedule:
     )
 
 
+def m5_rolling_deploy_of_a_newer_protocol() -> Schedule:
+    """M5: a rolling deploy brings in a replica of the next protocol version, whose rules this
+    version cannot know (here: it keeps its lease and spend record elsewhere). It and a replica
+    of this version start a refresh at the same moment: the older one must see the newer one's
+    notice and step aside, not spend the same refresh token under its own lease. Then the
+    rollout completes."""
+    newer = PROTOCOL_VERSION + 1
+
+    async def script(world: World) -> None:
+        tokens = world.store.state.tokens
+        key = world.key
+        await until(world, lambda: key in tokens and tokens[key].generation >= 2)
+        world.terminate(2)
+        world.start_replica(2, protocol=newer)
+        generation = tokens[key].generation
+        await until(world, lambda: tokens[key].generation > generation)
+        await world.time.sleep(5.0)
+        for index in (0, 2):  # both start a refresh now
+            refresher = world.replicas[index].refresher
+            refresher._next_attempt_at = 0.0
+            refresher.wake()
+        await world.time.sleep(60.0)
+        for index in (0, 1):  # the rollout goes on
+            world.terminate(index)
+            world.start_replica(index, protocol=newer)
+            await world.time.sleep(20.0)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_009,
+        config=config,
+        faults=(),
+        duration=600.0,
+        name="m5_rolling_deploy_of_a_newer_protocol",
+        script=script,
+        script_heals_by=240.0,
+    )
+
+
+def m6_second_fleet_with_another_client() -> Schedule:
+    """M6: a second fleet shares the store, the key prefix and the app's name, with another
+    client id (its own server, its grant authorized later: a higher lineage). Each fleet must
+    serve its own server's tokens and keep refreshing: never adopt, spend, block on or write
+    over the other's set."""
+
+    async def script(world: World) -> None:
+        await world.time.sleep(100.0)
+        await world.start_second_fleet(2, "another-client")
+        other = world.other_server
+        assert other is not None
+        for _ in range(400):
+            for replica in world.others:
+                token = replica.refresher.servable()
+                if token is not None and token.access_token not in other.expiry:
+                    raise AssertionError(
+                        f"{replica.name} of the second fleet serves a token its server never issued"
+                    )
+            refused = [p for p in other.presentations if p.outcome != "rotated"]
+            if refused:
+                raise AssertionError(f"the second fleet's server refused {refused[0]}")
+            await world.time.sleep(1.0)
+        stuck = [r.name for r in world.others if r.refresher.servable() is None]
+        if stuck or not other.presentations:
+            raise AssertionError(f"the second fleet does not refresh and serve: {stuck}")
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_008,
+        config=config,
+        faults=(),
+        duration=600.0,
+        name="m6_second_fleet_with_another_client",
+        script=script,
+        script_heals_by=100.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -307,6 +385,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "m4_500_after_rotating": m4_500_after_rotating,
     "empty_restart_on_short_tokens": empty_restart_on_short_tokens,
     "h4_split_brain_both_sides_spend": h4_split_brain_both_sides_spend,
+    "m5_rolling_deploy_of_a_newer_protocol": m5_rolling_deploy_of_a_newer_protocol,
+    "m6_second_fleet_with_another_client": m6_second_fleet_with_another_client,
 }
 
 

@@ -275,7 +275,7 @@ async def _apply(
             view.faults.lose_replies = (0.2 + 0.6 * fault.param) if on else 0.0
         case "lease_lost":
             if on:
-                world.store.state.leases.pop(APP, None)
+                world.store.state.leases.pop(world.key, None)
         case "rollback":
             # A failover that lost writes, or a restore from a snapshot: connections drop.
             if on and snapshot is not None:
@@ -415,7 +415,7 @@ def _in_flight(replica: Replica) -> bool:
 def _grant_lost(world: World) -> bool:
     """The server's valid refresh token is held by no replica and not stored."""
     valid = world.server.valid_refresh
-    stored = world.store.state.tokens.get(APP)
+    stored = world.store.state.tokens.get(world.key)
     holders = [
         r for r in world.replicas if r.refresher.token and r.refresher.token.refresh_token == valid
     ]

@@ -8,12 +8,14 @@ from dataclasses import replace
 
 import pytest
 
+from broker import refresher as refresher_module
 from broker.core import BrokerCore
 from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
 from broker.oauth import parse
 from broker.store import Notice, SpendEnd
 from broker.store.memory import MemoryStore
+from tests.simulation import world as world_module
 from tests.simulation.doors import DOORS
 from tests.simulation.schedule import run
 
@@ -178,3 +180,30 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["h4_split_brain_both_sides_spend"]())
         assert not result.ok
         assert result.revoked, result.report()
+
+    def test_m5_a_replica_blind_to_protocol_versions(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """M5: a replica that ignores the protocol version of notices, leases and stored sets
+        spends under its own lease while a replica of a newer version spends under its rules:
+        the same refresh token is presented twice."""
+        mutate(FleetProtocol, "_protocol_blocked", lambda self, current: None)
+        result = run(DOORS["m5_rolling_deploy_of_a_newer_protocol"]())
+        assert not result.ok
+        assert result.revoked, result.report()
+
+    def test_m6_a_set_not_bound_to_its_client(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """M6: with every client's set under the app's bare name, the fleet adopts the second
+        fleet's newer set (another client's tokens), presents its refresh token to the wrong
+        server, and both fleets end waiting for a person."""
+
+        def unbound(spec: object, client_id: object) -> str:
+            return "unbound"
+
+        mutate(refresher_module, "client_binding", unbound)
+        mutate(world_module, "client_binding", unbound)
+        result = run(DOORS["m6_second_fleet_with_another_client"]())
+        assert not result.ok
+        assert any("invariant 2" in v for v in result.violations), result.report()

@@ -28,10 +28,17 @@ from broker.errors import (
 from broker.fleet import Timing
 from broker.fleetclock import FleetClock
 from broker.metrics import Metrics
-from broker.model import AppSpec, FailureRecord, GrantType, RefreshPolicy, TokenSet
+from broker.model import (
+    PROTOCOL_VERSION,
+    AppSpec,
+    FailureRecord,
+    GrantType,
+    RefreshPolicy,
+    TokenSet,
+)
 from broker.oauth.parse import classify_error
 from broker.refresher import AppRefresher
-from broker.store import Commit, Lease, Notice, SpendEnd, SpendStart
+from broker.store import Commit, Lease, Notice, SpendEnd, SpendStart, bound_name, client_binding
 from broker.store.memory import MemoryStore
 
 APP = "scim"
@@ -385,6 +392,15 @@ class SimStoreView:
         self.moves = 0  # this connection moved to another primary (a failover, a split brain)
         self.draining = False  # SIGTERM received
         self.server: SimAuthServer | None = None  # counts a spend marked sent while draining
+        # The fleet protocol version of the replica's code: what its writes carry (M5).
+        self.protocol = PROTOCOL_VERSION
+        # A replica of another protocol version keeps its lease and spend record where its own
+        # rules say (here: apart from this version's), sharing only the token sets and notices.
+        self.spend_store: MemoryStore | None = None
+
+    @property
+    def _spends(self) -> MemoryStore:
+        return self.spend_store if self.spend_store is not None else self._shared
 
     def _reachable(self) -> None:
         if self.faults.partitioned or self.outage or self.dead:
@@ -426,7 +442,12 @@ class SimStoreView:
         """Commit, possibly losing the answer after applying it."""
         await self._hop()
         before = self._shared.state.tokens.get(app)
-        result = await self._shared.commit(app, token, fence=fence)
+        # The store stamps the writer's protocol version, as the Redis scripts of its code do.
+        self._shared.protocol = self.protocol
+        try:
+            result = await self._shared.commit(app, token, fence=fence)
+        finally:
+            self._shared.protocol = PROTOCOL_VERSION
         if self._shared.state.tokens.get(app) is not before:
             self._written_at[app] = self._world.now
         self._maybe_lose()
@@ -436,7 +457,7 @@ class SimStoreView:
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
         """Acquire, possibly losing the answer after applying it."""
         await self._hop()
-        result = await self._shared.acquire_lease(app, owner, ttl)
+        result = await self._spends.acquire_lease(app, owner, ttl)
         self._maybe_lose()
         await self._hop()
         return result
@@ -444,7 +465,7 @@ class SimStoreView:
     async def release_lease(self, app: str, owner: str, fence: int) -> None:
         """Release."""
         await self._hop()
-        await self._shared.release_lease(app, owner, fence)
+        await self._spends.release_lease(app, owner, fence)
         self._maybe_lose()
 
     async def begin_spend(
@@ -459,7 +480,7 @@ class SimStoreView:
     ) -> SpendStart:
         """Announce a spend, possibly losing the answer after applying it."""
         await self._hop()
-        result = await self._shared.begin_spend(
+        result = await self._spends.begin_spend(
             app,
             owner=owner,
             fence=fence,
@@ -476,7 +497,7 @@ class SimStoreView:
         if self.draining and not self.dead and self.server is not None:
             self.server.sent_after_sigterm += 1
         await self._hop()
-        result = await self._shared.mark_sent(app, owner=owner, fence=fence)
+        result = await self._spends.mark_sent(app, owner=owner, fence=fence)
         self._maybe_lose()
         await self._hop()
         return result
@@ -484,14 +505,14 @@ class SimStoreView:
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Veto an announced spend."""
         await self._hop()
-        result = await self._shared.veto_spend(app, refresh_fp=refresh_fp)
+        result = await self._spends.veto_spend(app, refresh_fp=refresh_fp)
         self._maybe_lose()
         return result
 
     async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
         """End a spend, possibly losing the answer after applying it."""
         await self._hop()
-        await self._shared.end_spend(app, fence=fence, outcome=outcome)
+        await self._spends.end_spend(app, fence=fence, outcome=outcome)
         self._maybe_lose()
 
     async def updates(self) -> AsyncIterator[Notice]:
@@ -646,6 +667,11 @@ class World:
         self.draining: list[asyncio.Future[None]] = []  # replicas shutting down after SIGTERM
         self.store_outage = False
         self._incarnations = itertools.count(1)
+        # A second fleet sharing the store under the same app name and key prefix, with
+        # another client (M6): its own server and replicas (`start_second_fleet`).
+        self.other_server: SimAuthServer | None = None
+        self.others: list[Replica] = []
+        self._newer_store: MemoryStore | None = None
         self.spec = AppSpec(
             name=APP,
             token_url="http://sim/token",
@@ -659,16 +685,63 @@ class World:
             ),
         )
 
+    @property
+    def key(self) -> str:
+        """The name the store knows the fleet's set by (the app and its client binding)."""
+        return self.key_of(self.spec)
+
+    @staticmethod
+    def key_of(spec: AppSpec) -> str:
+        """The store name of `spec`'s set, as its refreshers compute it."""
+        return bound_name(spec.name, client_binding(spec, spec.client_id))
+
     async def authorize(self) -> None:
         """The operator runs `token-broker authorize` once."""
-        await self.store.commit(APP, self.server.authorize())
+        await self.store.commit(self.key, self.server.authorize())
 
-    def start_replica(self, index: int) -> Replica:
+    def start_replica(self, index: int, *, protocol: int = PROTOCOL_VERSION) -> Replica:
         """Start (or restart) replica `index` with empty memory, as `token-broker serve` does.
 
         Its wall clock is off by its offset; like the broker, it measures its offset to the
-        store's clock first (briefly) and keeps fleet time from then on.
+        store's clock first (briefly) and keeps fleet time from then on. `protocol`: the fleet
+        protocol version of its code (a rolling deploy of a newer release, M5).
         """
+        replica = self._new_replica(index, self.spec, self.server, "r", protocol)
+        if index < len(self.replicas):
+            self.replicas[index] = replica
+        else:
+            self.replicas.append(replica)
+        return replica
+
+    async def start_second_fleet(self, replicas: int, client_id: str) -> None:
+        """Another fleet shares the store, the key prefix and the app's name, with another
+        client (and its own server, and grant authorized later: a higher lineage) (M6)."""
+        self.other_server = SimAuthServer(
+            self.time, self.rng, lifetime=self.config.lifetime, grace=self.config.grace
+        )
+        spec = replace(self.spec, client_id=client_id)
+        grant = replace(self.other_server.authorize(), lineage=2)
+        await self.store.commit(self.key_of(spec), grant)
+        for index in range(replicas):
+            self.others.append(self._new_replica(index, spec, self.other_server, "b", None))
+
+    def _newer_protocol_store(self) -> MemoryStore:
+        """Where replicas of a newer protocol version keep their leases and spend records: their
+        own place (the new rules this version cannot know), the same sets and notices."""
+        if self._newer_store is None:
+            self._newer_store = MemoryStore(StoreClock(self.time))
+            self._newer_store.state.tokens = self.store.state.tokens
+            self._newer_store._subscribers = self.store._subscribers
+        return self._newer_store
+
+    def _new_replica(
+        self,
+        index: int,
+        spec: AppSpec,
+        server: SimAuthServer,
+        prefix: str,
+        protocol: int | None,
+    ) -> Replica:
         offset = self.config.offsets[index]
         host_clock = ReplicaClock(self.time, offset, mono_base=1000.0 * (index + 1))
         clock = FleetClock(host_clock)
@@ -676,16 +749,20 @@ class World:
             self.time, self.store, random.Random(self.rng.random()), self.written_at
         )
         view.restarts = self.restarts
-        view.server = self.server
+        view.server = server
         view.outage = self.store_outage
-        source = SimSource(self.time, self.server, clock, random.Random(self.rng.random()))
-        name = f"r{index}.{next(self._incarnations)}"
+        if protocol is not None and protocol != PROTOCOL_VERSION:
+            view.protocol = protocol
+            view.spend_store = self._newer_protocol_store()
+            view.spend_store.protocol = protocol
+        source = SimSource(self.time, server, clock, random.Random(self.rng.random()))
+        name = f"{prefix}{index}.{next(self._incarnations)}"
         source.replica = name
         metrics = Metrics()
         self.metrics.append(metrics)
         core = BrokerCore({}, view, clock, metrics)
         refresher = AppRefresher(
-            self.spec,
+            spec,
             source,
             view,
             clock,
@@ -694,6 +771,8 @@ class World:
             rng=random.Random(self.rng.random()),
             timing=TIMING,
         )
+        if protocol is not None:
+            refresher.fleet.protocol = protocol
         core.add_app(refresher)
 
         async def serve() -> None:
@@ -705,12 +784,7 @@ class World:
                 measuring.cancel()
 
         task = asyncio.ensure_future(serve())
-        replica = Replica(name, host_clock, view, source, core, task)
-        if index < len(self.replicas):
-            self.replicas[index] = replica
-        else:
-            self.replicas.append(replica)
-        return replica
+        return Replica(name, host_clock, view, source, core, task)
 
     async def crash(self, index: int) -> None:
         """SIGKILL: everything the replica was doing stops where it is."""
@@ -800,6 +874,11 @@ class World:
         for index, replica in enumerate(self.replicas):
             if replica.alive:
                 await self.crash(index)
+        for replica in self.others:
+            replica.alive = False
+            replica.view.dead = replica.source.dead = True
+            replica.task.cancel()
+        await asyncio.gather(*(r.task for r in self.others), return_exceptions=True)
         for task in self.draining:
             task.cancel()
         await asyncio.gather(*self.draining, return_exceptions=True)

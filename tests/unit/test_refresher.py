@@ -19,6 +19,7 @@ from broker.errors import (
 from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, RefreshPolicy, TokenSet
 from broker.refresher import AppRefresher
+from broker.store import bound_name, client_binding
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
 from tests.support.fakes import FakeTokenSource
@@ -52,6 +53,19 @@ async def running() -> AsyncIterator[list[asyncio.Task[None]]]:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def app_spec(grant: GrantType = GrantType.CLIENT_CREDENTIALS) -> AppSpec:
+    """The app every refresher here serves."""
+    return AppSpec(
+        name="app1", token_url="http://127.0.0.1/token", grant_type=grant, refresh=POLICY
+    )
+
+
+def key(grant: GrantType = GrantType.CLIENT_CREDENTIALS) -> str:
+    """The name the store knows app1's set by: the app and its client binding."""
+    spec = app_spec(grant)
+    return bound_name(spec.name, client_binding(spec, spec.client_id))
+
+
 @pytest.fixture
 def make(
     fake_clock: FakeClock,
@@ -67,11 +81,8 @@ def make(
         start: bool = True,
         in_store: MemoryStore | None = None,
     ) -> AppRefresher:
-        spec = AppSpec(
-            name="app1", token_url="http://127.0.0.1/token", grant_type=grant, refresh=POLICY
-        )
         refresher = AppRefresher(
-            spec,
+            app_spec(grant),
             src,
             in_store if in_store is not None else store,
             fake_clock,
@@ -113,7 +124,7 @@ class TestStartup:
         """A valid token in the store is served without calling the token endpoint."""
         now = fake_clock.time()
         stored = TokenSet("stored-access-token-000000000", "Bearer", now - 10, now + 50)
-        assert (await store.commit("app1", stored)).version == 1
+        assert (await store.commit(key(), stored)).version == 1
         refresher = make(source)
         await fake_clock.settle()
         assert source.calls == []
@@ -288,7 +299,7 @@ class TestStore:
         """Every new token is written to the store (compare-and-set)."""
         refresher = make(source)
         await fake_clock.settle()
-        stored = await store.load("app1")
+        stored = await store.load(key())
         assert stored is not None and refresher.token is not None
         assert stored.access_token == refresher.token.access_token
         assert stored.version == refresher.token.version >= 1
@@ -311,7 +322,7 @@ class TestStore:
         store.fail = False
         refresher.wake()
         await fake_clock.advance(1.0)
-        stored = await store.load("app1")
+        stored = await store.load(key())
         assert stored is not None and refresher.token is not None
         assert stored.access_token == refresher.token.access_token
 
@@ -344,7 +355,7 @@ class TestStore:
         a = make(first, owner="a", grant=GrantType.AUTHORIZATION_CODE)
         b = make(second, owner="b", grant=GrantType.AUTHORIZATION_CODE)
         for _ in range(400):
-            stored = await store.load("app1")
+            stored = await store.load(key(GrantType.AUTHORIZATION_CODE))
             if stored is not None and stored.generation > 1:
                 break
             await fake_clock.advance(0.25)
@@ -381,7 +392,7 @@ async def seed_grant(store: MemoryStore, clock: FakeClock) -> None:
         lineage=1,
         generation=1,
     )
-    await store.commit("app1", seed)
+    await store.commit(key(GrantType.AUTHORIZATION_CODE), seed)
 
 
 class TestAuthorizationCode:
@@ -411,7 +422,7 @@ class TestAuthorizationCode:
             await fake_clock.advance(1.0)
         assert source.calls[0] == "seed-refresh-0000000000"
         assert len(set(source.calls)) == len(source.calls), "a refresh token was spent twice"
-        stored = await store.load("app1")
+        stored = await store.load(key(GrantType.AUTHORIZATION_CODE))
         assert stored is not None and refresher.token is not None
         assert stored.refresh_token == refresher.token.refresh_token
 

@@ -143,10 +143,11 @@ async def _core_with_a_sent_request(
 ) -> tuple[FakeClock, MemoryStore, BrokerCore, asyncio.Task[None]]:
     clock = FakeClock()
     store = MemoryStore(clock)
-    await store.commit(APP, _grant(clock, expires_in=5.0))  # due now
     source = FakeTokenSource(clock, rotate=True)
     source.delay = delay
-    core = BrokerCore({APP: _refresher(clock, store, source)}, store, clock, Metrics())
+    refresher = _refresher(clock, store, source)
+    await store.commit(refresher.store_name, _grant(clock, expires_in=5.0))  # due now
+    core = BrokerCore({APP: refresher}, store, clock, Metrics())
     task = asyncio.create_task(core.run())
     await _advance_until(clock, lambda: source.calls)
     return clock, store, core, task
@@ -162,7 +163,7 @@ async def test_the_drain_waits_on_the_injected_clock_for_the_answer() -> None:
         assert not drain.done()
         await clock.advance(2.0)
         assert drain.done()
-        stored = await store.load(APP)
+        stored = await store.load(core.refreshers[APP].store_name)
         assert stored is not None and stored.generation == 3
     finally:
         task.cancel()

@@ -31,7 +31,6 @@ async def test_expired_access_token_with_refresh_token_is_refreshed(
         lineage=1,
         generation=1,
     )
-    await store.commit("app1", expired)
     source = FakeTokenSource(fake_clock, rotate=True)
     spec = AppSpec(
         name="app1",
@@ -44,6 +43,7 @@ async def test_expired_access_token_with_refresh_token_is_refreshed(
     refresher = AppRefresher(
         spec, source, store, fake_clock, Metrics(), owner="r1", rng=random.Random(1)
     )
+    await store.commit(refresher.store_name, expired)
     task = asyncio.create_task(refresher.run())
     try:
         await fake_clock.advance(10.0)  # the spend's objection window passes on the fake clock
