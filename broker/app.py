@@ -149,6 +149,7 @@ def new_refresher(broker: Broker, spec: AppSpec) -> AppRefresher:
         broker.metrics,
         owner=broker.owner,
         rng=random.Random(),  # noqa: S311 - jitter, not cryptography
+        host_clock=broker.clock,
     )
 
 

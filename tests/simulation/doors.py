@@ -269,6 +269,38 @@ def empty_restart_on_short_tokens() -> Schedule:
     )
 
 
+def m3_store_clock_steps_back_under_a_restarted_pod() -> Schedule:
+    """M3: right after a refresh, the Redis host's clock steps back 40 s and a pod restarts:
+    it measures the stepped clock and reads the stored set, whose expiry was written in the
+    old frame, so by the fleet's clock alone the token lives 40 s longer than it does. The
+    server is down, so no newer set replaces it before it expires. The pod must stop serving
+    it by its own clock (which is right); the pod that kept running has its monotonic guard.
+    Then Redis's clock is put right and the server is back."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[APP].rank > (1, 1))
+        server.faults.down = True
+        world.store_clock.step = -40.0
+        await world.crash(1)
+        world.start_replica(1)
+        await world.time.sleep(90.0)  # past the true expiry of the last token
+        world.store_clock.step = 0.0
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_007,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="m3_store_clock_steps_back_under_a_restarted_pod",
+        script=script,
+        script_heals_by=180.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -279,6 +311,9 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "h1_slow_answer_past_the_budget": h1_slow_answer_past_the_budget,
     "m4_500_after_rotating": m4_500_after_rotating,
     "empty_restart_on_short_tokens": empty_restart_on_short_tokens,
+    "m3_store_clock_steps_back_under_a_restarted_pod": (
+        m3_store_clock_steps_back_under_a_restarted_pod
+    ),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,7 @@ from broker.core import BrokerCore
 from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
 from broker.oauth import parse
+from broker.refresher import AppRefresher
 from broker.store import Notice, SpendEnd
 from broker.store.memory import MemoryStore
 from tests.simulation.doors import DOORS
@@ -168,3 +170,18 @@ class TestEachFixPutBackOpensItsDoor:
         assert any("no token served after the restart" in v for v in result.violations), (
             result.report()
         )
+
+    def test_m3_serving_by_the_fleet_clock_alone(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """M3: a pod that serves by the fleet's clock alone (not also by its own) serves the set
+        it read after Redis's clock stepped back past the set's true expiry."""
+        original = AppRefresher.__init__
+
+        def fleet_clock_only(self: AppRefresher, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **{**kwargs, "host_clock": None})
+
+        mutate(AppRefresher, "__init__", fleet_clock_only)
+        result = run(DOORS["m3_store_clock_steps_back_under_a_restarted_pod"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()

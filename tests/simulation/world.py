@@ -105,14 +105,16 @@ WALL_EPOCH = 1_800_000_000.0
 
 
 class StoreClock:
-    """The store's clock (lease expiry): true time."""
+    """The store's clock: `TIME` is true time plus `step` (a step of the Redis host's clock,
+    back or forward, as NTP or an operator makes it); leases run on true elapsed time."""
 
     def __init__(self, world: SimTime) -> None:
         self._world = world
+        self.step = 0.0
 
     def time(self) -> float:
-        """True wall time."""
-        return WALL_EPOCH + self._world.now
+        """The store's wall time: true time, stepped by `step`."""
+        return WALL_EPOCH + self._world.now + self.step
 
     def monotonic(self) -> float:
         """True elapsed time."""
@@ -616,7 +618,8 @@ class World:
         self.config = config
         self.rng = rng
         self.time = SimTime()
-        self.store = MemoryStore(StoreClock(self.time))
+        self.store_clock = StoreClock(self.time)
+        self.store = MemoryStore(self.store_clock)
         self.written_at: dict[str, float] = {}
         self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
         self.server = SimAuthServer(self.time, rng, lifetime=config.lifetime, grace=config.grace)
@@ -672,6 +675,7 @@ class World:
             owner=name,
             rng=random.Random(self.rng.random()),
             timing=TIMING,
+            host_clock=host_clock,
         )
         core.add_app(refresher)
 
