@@ -115,7 +115,7 @@ async def build_broker(
     )
     # A store in this process's memory has no other clock to agree with.
     fleet_clock = FleetClock(clock, local=isinstance(store, MemoryStore))
-    metrics.track_clock(fleet_clock.offset, fleet_clock.offset_age)
+    metrics.track_clock(fleet_clock.offset, fleet_clock.offset_age, lambda: fleet_clock.measured)
     core = BrokerCore({}, store, fleet_clock, metrics)
     authenticator = ClientAuthenticator(config.clients)
     sinks = SinkSet(clock, metrics)

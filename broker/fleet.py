@@ -779,7 +779,7 @@ class FleetProtocol:
 
     async def _end_spend(self, fence: int, outcome: SpendEnd) -> None:
         try:
-            await self._store.end_spend(self.app, fence=fence, outcome=outcome)
+            await self._store.end_spend(self.app, owner=self._owner, fence=fence, outcome=outcome)
         except StoreUnavailable:
             if outcome is SpendEnd.ABORTED:
                 self._aborted_fence = fence  # our next begin_spend may replace the record

@@ -183,8 +183,7 @@ class AppRefresher:
             return 0.0
         mono = self._clock.monotonic()
         by_wall = token.expires_at - max(self._clock.time(), self._host.time())
-        if mono + by_wall < self._mono_expiry:
-            self._mono_expiry = mono + by_wall
+        self._mono_expiry = min(self._mono_expiry, mono + by_wall)
         return self._mono_expiry - mono
 
     def servable(self, min_ttl: float = 0.0) -> TokenSet | None:

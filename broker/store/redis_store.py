@@ -156,11 +156,11 @@ if sp[5] then
 end
 return 1
 """
-# KEYS: spend. ARGV: fence, outcome, channel, app
+# KEYS: spend. ARGV: fence, outcome, channel, app, owner (fences repeat after a rollback)
 _END_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen',
   'orig_sent_at')
-if sp[1] ~= ARGV[1] then return 0 end
+if sp[1] ~= ARGV[1] or sp[2] ~= ARGV[5] then return 0 end
 if ARGV[2] == 'aborted' then
   if sp[6] then
     -- an aborted grace retry: the spend it retried is still unknown, restore its record
@@ -465,12 +465,12 @@ class RedisStore:
         )
         return bool(result)
 
-    async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
+    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
         """Remove (aborted) or mark (unknown) our spend record."""
         await self._call(
             "spend",
             lambda: self._end_spend(
-                keys=[self.spend_key(app)], args=[fence, outcome.value, self.channel, app]
+                keys=[self.spend_key(app)], args=[fence, outcome.value, self.channel, app, owner]
             ),
         )
 

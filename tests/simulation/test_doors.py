@@ -115,11 +115,13 @@ class TestEachFixPutBackOpensItsDoor:
         spend present the token as new, outside the window."""
         original = MemoryStore.end_spend
 
-        async def deletes(self: MemoryStore, app: str, *, fence: int, outcome: SpendEnd) -> None:
+        async def deletes(
+            self: MemoryStore, app: str, *, owner: str, fence: int, outcome: SpendEnd
+        ) -> None:
             spend = self.state.spends.get(app)
             if spend is not None and spend.fence == fence and outcome is SpendEnd.ABORTED:
                 spend.orig_sent_at = None
-            await original(self, app, fence=fence, outcome=outcome)
+            await original(self, app, owner=owner, fence=fence, outcome=outcome)
 
         mutate(MemoryStore, "end_spend", deletes)
         result = run(DOORS["h3_aborted_grace_retry"]())

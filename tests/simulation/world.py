@@ -489,10 +489,10 @@ class SimStoreView:
         self._maybe_lose()
         return result
 
-    async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
+    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
         """End a spend, possibly losing the answer after applying it."""
         await self._hop()
-        await self._shared.end_spend(app, fence=fence, outcome=outcome)
+        await self._shared.end_spend(app, owner=owner, fence=fence, outcome=outcome)
         self._maybe_lose()
 
     async def updates(self) -> AsyncIterator[Notice]:
