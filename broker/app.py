@@ -239,6 +239,23 @@ async def start_fleet_clock(broker: Broker) -> asyncio.Task[None]:
     return asyncio.create_task(clock.run(broker.store), name="fleet-clock")
 
 
+async def check_store_settings(broker: Broker) -> None:
+    """Warn at start about store settings that break the fleet protocol's assumptions.
+
+    Only a Redis store has any (its `maxmemory-policy`); the check is looked up rather than
+    imported so that redis-py stays unimported for memory://.
+    """
+    check = getattr(broker.store, "check_eviction_policy", None)
+    if check is None:
+        return
+    try:
+        await asyncio.wait_for(check(), CLOCK_STARTUP_WAIT)
+    except TimeoutError:
+        log.info("store.eviction_policy_unchecked", reason="no answer in time")
+    except Exception:  # a check must not stop the broker from starting
+        log.exception("store.eviction_policy_unchecked")
+
+
 async def start_listeners(broker: Broker) -> None:
     """Bind the local API (TCP, or a unix socket with peer identity) and the metrics listener;
     ListenError names the setting that failed."""
@@ -353,6 +370,7 @@ async def serve(
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
     clock_task = await start_fleet_clock(broker)
+    await check_store_settings(broker)
     core_task = asyncio.create_task(broker.core.run(), name="broker-core")
     broker.sinks.start()
     watcher = asyncio.create_task(watch_files(broker), name="file-watcher")
