@@ -130,8 +130,11 @@ async def build_broker(
     return broker
 
 
-def new_refresher(broker: Broker, spec: AppSpec) -> AppRefresher:
-    """An app's refresher, its credentials wired to the metrics and the audit trail."""
+def new_refresher(broker: Broker, spec: AppSpec, *, owner: str | None = None) -> AppRefresher:
+    """An app's refresher, its credentials wired to the metrics and the audit trail.
+
+    `owner` is its lease owner name (default: the broker's).
+    """
     credentials = Credentials(
         spec,
         on_change=lambda app, which: _credential_changed(broker, app, which),
@@ -147,7 +150,7 @@ def new_refresher(broker: Broker, spec: AppSpec) -> AppRefresher:
         broker.store,
         broker.fleet_clock,
         broker.metrics,
-        owner=broker.owner,
+        owner=owner if owner is not None else broker.owner,
         rng=random.Random(),  # noqa: S311 - jitter, not cryptography
         host_clock=broker.clock,
     )
@@ -215,9 +218,18 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         fresh = before is not None and any(
             getattr(before, f) != getattr(spec, f) for f in _IDENTITY_FIELDS
         )
+        previous = broker.core.refreshers.get(name)
         if before is not None:
             await broker.core.remove_app(name)
-        refresher = new_refresher(broker, spec)
+        if previous is None:
+            refresher = new_refresher(broker, spec)
+        else:
+            # A new owner name for the app's new refresher: the old one may still see a sent
+            # request through (its drain bound ran out), and the store's records under the
+            # old name must not pass for the new refresher's own. What the old one knew of
+            # spends is carried over, so the reload forgets nothing (issue 20, Low).
+            refresher = new_refresher(broker, spec, owner=f"{broker.owner}-{secrets.token_hex(2)}")
+            refresher.carry_over(previous, same_grant=not fresh)
         broker.core.add_app(refresher, fresh=fresh)
         await broker.sinks.attach(refresher)
         audit(log, "app.updated" if before is not None else "app.added", app=name)

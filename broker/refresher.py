@@ -358,6 +358,14 @@ class AppRefresher:
         self._dirty = False
         self._last_sync = self._clock.monotonic()
 
+    def carry_over(self, previous: AppRefresher, *, same_grant: bool) -> None:
+        """After a config reload replaced `previous` (stopped): keep what it knew of spends
+        (see FleetProtocol.carry_over) and, for the same grant, that its lineage is dead."""
+        self.fleet.carry_over(previous.fleet, same_grant=same_grant)
+        self._announced_unknown |= previous._announced_unknown
+        if same_grant:
+            self._reused_lineage = max(self._reused_lineage, previous._reused_lineage)
+
     def notify_store_changed(self) -> None:
         """The store may hold something new (a reconnect): look on the next turn.
 

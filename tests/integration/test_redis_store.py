@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -238,7 +238,7 @@ class TestEvictionPolicy:
 
     async def run_check(
         self, tmp_path: Path, *args: str
-    ) -> tuple[str | None, list[dict[str, object]]]:
+    ) -> tuple[str | None, list[MutableMapping[str, Any]]]:
         server = RedisServer(directory=tmp_path / "redis", extra_args=args)
         server.start()
         store = make_store(server, [KEY_A])
