@@ -58,6 +58,9 @@ class CountingService:
     def current_token(self, app: str) -> TokenSet | None:
         return self.token
 
+    def remaining(self, app: str) -> float:
+        return self.token.expires_at - self.clock.time()
+
     def servable_until(self, app: str) -> float:
         return self.deadline
 
