@@ -115,7 +115,7 @@ async def build_broker(
     )
     # A store in this process's memory has no other clock to agree with.
     fleet_clock = FleetClock(clock, local=isinstance(store, MemoryStore))
-    metrics.track_clock(fleet_clock.offset, fleet_clock.offset_age)
+    metrics.track_clock(fleet_clock.offset, fleet_clock.offset_age, lambda: fleet_clock.measured)
     core = BrokerCore({}, store, fleet_clock, metrics)
     authenticator = ClientAuthenticator(config.clients)
     sinks = SinkSet(clock, metrics)
@@ -130,11 +130,12 @@ async def build_broker(
     return broker
 
 
-def new_refresher(broker: Broker, spec: AppSpec) -> AppRefresher:
+def new_refresher(broker: Broker, spec: AppSpec, *, owner: str | None = None) -> AppRefresher:
     """An app's refresher, its credentials wired to the metrics and the audit trail.
 
-    Its client binding (issue 20, M6) takes the client id in use now: from client_id_file
-    when the app has one (read without the reload hooks, which count and announce changes).
+    `owner` is its lease owner name (default: the broker's). Its client binding (issue 20, M6)
+    takes the client id in use now: from client_id_file when the app has one (read without the
+    reload hooks, which count and announce changes).
     """
     credentials = Credentials(
         spec,
@@ -151,9 +152,10 @@ def new_refresher(broker: Broker, spec: AppSpec) -> AppRefresher:
         broker.store,
         broker.fleet_clock,
         broker.metrics,
-        owner=broker.owner,
+        owner=owner if owner is not None else broker.owner,
         rng=random.Random(),  # noqa: S311 - jitter, not cryptography
         client_id=Credentials(spec).client_id(),
+        host_clock=broker.clock,
     )
 
 
@@ -234,16 +236,26 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         fresh = before is not None and any(
             getattr(before, f) != getattr(spec, f) for f in _IDENTITY_FIELDS
         )
-        running = broker.core.refreshers.get(name)
+        previous = broker.core.refreshers.get(name)
         if before is not None:
             await broker.core.remove_app(name)
-        refresher = new_refresher(broker, spec)
-        if before is not None and running is not None and running.binding != refresher.binding:
+        if previous is None:
+            refresher = new_refresher(broker, spec)
+        else:
+            # A new owner name for the app's new refresher: the old one may still see a sent
+            # request through (its drain bound ran out), and the store's records under the
+            # old name must not pass for the new refresher's own. What the old one knew of
+            # spends is carried over, so the reload forgets nothing (issue 20, Low).
+            refresher = new_refresher(broker, spec, owner=f"{broker.owner}-{secrets.token_hex(2)}")
+        rebound = previous is not None and previous.binding != refresher.binding
+        if before is not None and rebound:
             # A new binding is a new name in the store: the old set is not used, and an
             # authorization-code app must be authorized again (its 409 names what changed).
             # (A client id read from a file may change with the same settings.)
             refresher.binding_changed = _binding_changes(before, spec) or "client_id_file contents"
             log.warning("app.binding_changed", app=name, changed=refresher.binding_changed)
+        if previous is not None:
+            refresher.carry_over(previous, same_grant=not fresh and not rebound)
         broker.core.add_app(refresher, fresh=fresh)
         await broker.sinks.attach(refresher)
         audit(log, "app.updated" if before is not None else "app.added", app=name)
@@ -263,6 +275,23 @@ async def start_fleet_clock(broker: Broker) -> asyncio.Task[None]:
             reason="the store did not answer; the local clock is used until it does",
         )
     return asyncio.create_task(clock.run(broker.store), name="fleet-clock")
+
+
+async def check_store_settings(broker: Broker) -> None:
+    """Warn at start about store settings that break the fleet protocol's assumptions.
+
+    Only a Redis store has any (its `maxmemory-policy`); the check is looked up rather than
+    imported so that redis-py stays unimported for memory://.
+    """
+    check = getattr(broker.store, "check_eviction_policy", None)
+    if check is None:
+        return
+    try:
+        await asyncio.wait_for(check(), CLOCK_STARTUP_WAIT)
+    except TimeoutError:
+        log.info("store.eviction_policy_unchecked", reason="no answer in time")
+    except Exception:  # a check must not stop the broker from starting
+        log.exception("store.eviction_policy_unchecked")
 
 
 async def start_listeners(broker: Broker) -> None:
@@ -379,6 +408,7 @@ async def serve(
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
     clock_task = await start_fleet_clock(broker)
+    await check_store_settings(broker)
     core_task = asyncio.create_task(broker.core.run(), name="broker-core")
     broker.sinks.start()
     watcher = asyncio.create_task(watch_files(broker), name="file-watcher")

@@ -60,6 +60,10 @@ class BrokerCore:
         """The in-memory token of `app`, servable or not."""
         return self.refreshers[app].token
 
+    def remaining(self, app: str) -> float:
+        """Seconds the current token of `app` has left, by every clock."""
+        return self.refreshers[app].remaining()
+
     def servable_until(self, app: str) -> float:
         """The monotonic time after which the current token of `app` stops being servable."""
         return self.refreshers[app].servable_until()

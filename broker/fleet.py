@@ -371,6 +371,32 @@ class FleetProtocol:
             if await self._store.veto_spend(self.key, refresh_fp=refresh_fp):
                 log.warning("grant.spend_vetoed", app=self.app, spender=None, in_flight=True)
 
+    def carry_over(self, previous: FleetProtocol, *, same_grant: bool) -> None:
+        """Take over what this app's protocol before a config reload knew about spends.
+
+        The reload gives the new protocol another owner name (broker/app.py): the old object
+        may still be seeing a sent request through, and a store record under the old name
+        must not pass for this one's (`begin_spend` lets an owner replace a record it ended
+        itself). The memory is still true, so it is kept: spends with an unknown outcome are
+        never presented, other replicas' sent tokens are still vetoed, and a token the old
+        object still has on the wire is another owner's spend now. Ranks and the evidence of
+        a forgetful store are kept only for the same grant (`same_grant`: token URL, client,
+        grant and scopes unchanged).
+        """
+        self._unknown |= previous._unknown
+        self._unknown_foreign |= previous._unknown_foreign
+        self._retried |= previous._retried
+        for fp, sent in previous._sent_at.items():
+            self._sent_at.setdefault(fp, sent)
+        for fp, spend in previous._foreign_spends.items():
+            self._foreign_spends.setdefault(fp, spend)
+        if previous.in_flight is not None:
+            self._foreign_spends[previous.in_flight] = (self._clock.monotonic(), previous._owner)
+        if same_grant:
+            self.note_rank(previous._seen_rank)
+            if previous._forgot_at > self._forgot_at:
+                self._forgot_at, self._forgot_rank = previous._forgot_at, previous._forgot_rank
+
     def forget_spent(self, token: TokenSet) -> None:
         """A set of `token`'s rank or newer is ours now: older spends no longer matter."""
         keep = token.refresh_fingerprint
@@ -847,7 +873,7 @@ class FleetProtocol:
 
     async def _end_spend(self, fence: int, outcome: SpendEnd) -> None:
         try:
-            await self._store.end_spend(self.key, fence=fence, outcome=outcome)
+            await self._store.end_spend(self.key, owner=self._owner, fence=fence, outcome=outcome)
         except StoreUnavailable:
             if outcome is SpendEnd.ABORTED:
                 self._aborted_fence = fence  # our next begin_spend may replace the record

@@ -182,6 +182,14 @@ class Metrics:
                 registry=self.registry,
             )
         )
+        self.clock_offset_measured = self._add(
+            Gauge(
+                "token_broker_clock_offset_measured",
+                "1 once the offset to the shared store's clock has been measured (always for "
+                "memory://); 0 while this pod keeps time on its own clock alone.",
+                registry=self.registry,
+            )
+        )
         self.clock_offset_age = self._add(
             Gauge(
                 "token_broker_clock_offset_age_seconds",
@@ -224,10 +232,13 @@ class Metrics:
         self.app_state.labels(app, state.value).set(1)
         self._app_states[app] = state
 
-    def track_clock(self, offset: Callable[[], float], age: Callable[[], float]) -> None:
-        """Read the fleet clock's offset and its age at every scrape."""
+    def track_clock(
+        self, offset: Callable[[], float], age: Callable[[], float], measured: Callable[[], bool]
+    ) -> None:
+        """Read the fleet clock's offset, its age and whether it was measured at every scrape."""
         self.clock_offset.set_function(offset)
         self.clock_offset_age.set_function(age)
+        self.clock_offset_measured.set_function(lambda: 1.0 if measured() else 0.0)
 
     def forget_apps(self, apps: Iterable[str]) -> None:
         """Drop the per-app series of removed apps."""

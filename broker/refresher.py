@@ -95,6 +95,7 @@ class AppRefresher:
         rng: random.Random | None = None,
         timing: Timing | None = None,
         client_id: str | None = None,
+        host_clock: Clock | None = None,
     ) -> None:
         self.spec = spec
         # The store knows the app's set by its name and client binding (issue 20, M6): a set
@@ -105,6 +106,9 @@ class AppRefresher:
         self.binding_changed: str | None = None
         self.source = source
         self._clock = clock
+        # This pod's own clock, when `clock` keeps another frame (the fleet's, the store's
+        # clock): a token is served only while both say it may be (issue 20, M3).
+        self._host = host_clock if host_clock is not None else clock
         self._metrics = metrics
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not crypto
         self.fleet = FleetProtocol(
@@ -137,7 +141,8 @@ class AppRefresher:
         self._dirty = True  # the store may have changed: look before the next decision
         self._last_sync = float("-inf")
         # Monotonic times: the next attempt, and when the current token stops being valid as
-        # measured on this host's monotonic clock (a wall-clock step changes neither).
+        # measured on this host's monotonic clock (a wall-clock step changes neither; a step
+        # that shortens the token's life lowers the latter, see `remaining`).
         self._next_attempt_at = 0.0
         self._mono_expiry = 0.0
         self._stagger = 0.0
@@ -171,13 +176,23 @@ class AppRefresher:
         return self.spec.grant_type is GrantType.AUTHORIZATION_CODE
 
     def remaining(self) -> float:
-        """Seconds the current token has left (the smaller of wall and monotonic reckonings)."""
+        """Seconds the current token has left: the least of every reckoning (issue 20, M3).
+
+        The fleet's clock (the store's), this pod's own wall clock and the monotonic guard
+        counted from adoption must all agree: a step of the store's clock (a restarted pod
+        measuring a Redis whose clock went back) or of the pod's clock cannot make a token
+        live longer than the other clock says. A JWT's `exp` is already folded into
+        `expires_at` (the earlier of the two, broker/oauth/parse.py), so it is held against
+        both clocks too. Any reckoning that comes out shorter lowers the monotonic guard for
+        good: after a clock steps back, the token's serving deadline stays where it was.
+        """
         token = self.token
         if token is None:
             return 0.0
-        return min(
-            token.expires_at - self._clock.time(), self._mono_expiry - self._clock.monotonic()
-        )
+        mono = self._clock.monotonic()
+        by_wall = token.expires_at - max(self._clock.time(), self._host.time())
+        self._mono_expiry = min(self._mono_expiry, mono + by_wall)
+        return self._mono_expiry - mono
 
     def servable(self, min_ttl: float = 0.0) -> TokenSet | None:
         """The current token if it may be served with `min_ttl` seconds left, else None."""
@@ -368,6 +383,14 @@ class AppRefresher:
         self._dirty = False
         self._last_sync = self._clock.monotonic()
 
+    def carry_over(self, previous: AppRefresher, *, same_grant: bool) -> None:
+        """After a config reload replaced `previous` (stopped): keep what it knew of spends
+        (see FleetProtocol.carry_over) and, for the same grant, that its lineage is dead."""
+        self.fleet.carry_over(previous.fleet, same_grant=same_grant)
+        self._announced_unknown |= previous._announced_unknown
+        if same_grant:
+            self._reused_lineage = max(self._reused_lineage, previous._reused_lineage)
+
     def notify_store_changed(self) -> None:
         """The store may hold something new (a reconnect): look on the next turn.
 
@@ -506,7 +529,8 @@ class AppRefresher:
             if previous.refresh_token != token.refresh_token:
                 SECRETS.discard([previous.refresh_token])
         wall, mono = self._clock.time(), self._clock.monotonic()
-        self._mono_expiry = mono + (token.expires_at - wall)
+        # The later of the fleet's and this pod's clocks: the shorter life (M3).
+        self._mono_expiry = mono + (token.expires_at - max(wall, self._host.time()))
         if sent_mono is not None:
             # Our own request: its lifetime is also counted on our monotonic clock from sending.
             self._mono_expiry = min(self._mono_expiry, sent_mono + token.lifetime)

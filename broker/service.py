@@ -44,6 +44,11 @@ class TokenService(Protocol):
         """The token in memory, servable or not: whether an answer built from a token is current."""
         ...
 
+    def remaining(self, app: str) -> float:
+        """Seconds the current token has left by every clock (the fleet's, the pod's own, the
+        monotonic guard): the `expires_in` of an answer built from the current token."""
+        ...
+
     def servable_until(self, app: str) -> float:
         """The monotonic time after which the current token stops being servable, as the clocks
         stand now (-inf: no token)."""

@@ -52,6 +52,10 @@ class TokenHolder(Protocol):
         """The token the API would serve now, or None."""
         ...
 
+    def servable_until(self) -> float:
+        """The monotonic time after which the current token stops being servable."""
+        ...
+
     def add_listener(self, callback: Callable[[TokenSet], None]) -> None:
         """Have `callback` called after each token the refresher adopts."""
         ...
@@ -164,8 +168,9 @@ class SinkWriter:
                 self._failures += 1
                 wait = policy.backoff(self._failures)
             if token is not None:
-                # The moment the API stops serving this token, the files stop holding it.
-                wait = min(wait, policy.serve_deadline(token, self._policy) - self._clock.time())
+                # The moment the API stops serving this token, the files stop holding it: the
+                # refresher's deadline, by every clock (issue 20, M3), on the monotonic clock.
+                wait = min(wait, self._holder.servable_until() - self._clock.monotonic())
             await self._sleep_or_wake(max(0.0, wait))
 
     async def empty(self, keep: Collection[Path] = ()) -> None:

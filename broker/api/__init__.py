@@ -265,12 +265,17 @@ class _Api:
             answer.issued_to.add(client)
             audit(log, "token.issued", app=app, client=client, token_fingerprint=token.fingerprint)
         remaining = token.expires_at - self.service.now()
+        current = self.service.current_token(app) is token
+        if current:
+            # By every clock, not the fleet's alone (issue 20, M3): after Redis's clock stepped
+            # back, the fleet's says the token lives longer than it does.
+            remaining = min(remaining, self.service.remaining(app))
         expires_in = max(0, int(remaining))
         # The service keeps fleet time (the store's clock); a caller compares expires_at with
         # its own clock, which is this pod's, so expires_at is given on the pod's clock.
         expires_at = int(self.clock.time() + remaining)
         until = float("-inf")
-        if self.service.current_token(app) is token:
+        if current:
             # Reused until it stops being servable or expires_in changes (expires_at moves
             # with neither while the clocks run at one pace).
             mono = self.clock.monotonic()

@@ -251,8 +251,11 @@ class TokenStore(Protocol):
         """
         ...
 
-    async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
+    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
         """Close our spend under `fence` without a commit: aborted (removed) or unknown (kept).
+
+        Only a record `owner` made under `fence`: fence numbers repeat after a rollback (the
+        counter goes back with the snapshot), so another replica's spend may carry ours.
 
         An aborted grace retry restores the record of the unknown spend it retried, with that
         spend's `sent_at` and no retry left, and its abort notice says `retry_aborted`.

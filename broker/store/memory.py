@@ -247,11 +247,11 @@ class MemoryStore:
             spend.sent_at, spend.orig_sent_at = spend.orig_sent_at, None
         return True
 
-    async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
+    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
         """Remove (aborted) or mark (unknown) our spend record under `fence`."""
         self._check()
         spend = self.state.spends.get(app)
-        if spend is None or spend.fence != fence:
+        if spend is None or spend.fence != fence or spend.owner != owner:
             return
         if outcome is SpendEnd.ABORTED:
             retry_aborted = spend.orig_sent_at is not None

@@ -63,6 +63,9 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
+# The only maxmemory-policy under which Redis never drops the fleet's keys.
+NO_EVICTION = "noeviction"
+
 # Ranks compare as (lineage, generation).
 _RANK = """
 local function outranks(l1, g1, l2, g2)
@@ -163,11 +166,11 @@ if sp[5] then
 end
 return 1
 """
-# KEYS: spend. ARGV: fence, outcome, channel, app
+# KEYS: spend. ARGV: fence, outcome, channel, app, owner (fences repeat after a rollback)
 _END_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen',
   'orig_sent_at')
-if sp[1] ~= ARGV[1] then return 0 end
+if sp[1] ~= ARGV[1] or sp[2] ~= ARGV[5] then return 0 end
 if ARGV[2] == 'aborted' then
   if sp[6] then
     -- an aborted grace retry: the spend it retried is still unknown, restore its record
@@ -617,12 +620,12 @@ class RedisStore:
         )
         return bool(result)
 
-    async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
+    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
         """Remove (aborted) or mark (unknown) our spend record."""
         await self._call(
             "spend",
             lambda: self._end_spend(
-                keys=[self.spend_key(app)], args=[fence, outcome.value, self.channel, app]
+                keys=[self.spend_key(app)], args=[fence, outcome.value, self.channel, app, owner]
             ),
         )
 
@@ -737,6 +740,37 @@ class RedisStore:
     def _failure_aad(self, app: str) -> bytes:
         return f"{self._prefix}:{app}:failure".encode()
 
+    async def check_eviction_policy(self) -> str | None:
+        """Warn (`store.eviction_policy`) unless Redis says `maxmemory-policy noeviction`.
+
+        Any other policy lets Redis drop the fleet's keys under memory pressure: an evicted
+        spend record or lease lets a refresh token be presented twice, an evicted set is a store
+        that forgot (docs/operations.md). A Redis that refuses `CONFIG` (managed services
+        disable or rename it, an ACL may deny it) is logged as not checked. Returns the policy,
+        or None when it could not be read.
+        """
+        try:
+            answer = await self._client.config_get("maxmemory-policy")
+        except (RedisError, OSError) as exc:
+            log.info(
+                "store.eviction_policy_unchecked",
+                reason=f"{type(exc).__name__}: {str(exc).split(' : <', 1)[0][:200]}",
+                expected=NO_EVICTION,
+            )
+            return None
+        policy = _config_value(answer, "maxmemory-policy")
+        if policy is None:
+            log.info("store.eviction_policy_unchecked", reason="no answer", expected=NO_EVICTION)
+        elif policy != NO_EVICTION:
+            log.warning(
+                "store.eviction_policy",
+                policy=policy,
+                expected=NO_EVICTION,
+                reason="Redis may evict the fleet's keys under memory pressure (a spend record, "
+                "a lease, a token set); set maxmemory-policy noeviction",
+            )
+        return policy
+
     async def ping(self) -> None:
         """PING, or StoreUnavailable."""
         await self._call("ping", self._client.ping)
@@ -765,6 +799,17 @@ def _plaintext(token: TokenSet) -> bytes:
             "generation": token.generation,
         }
     ).encode()
+
+
+def _config_value(answer: object, name: str) -> str | None:
+    """One setting from a `CONFIG GET` answer (a mapping, keys and values as bytes or str)."""
+    if not isinstance(answer, dict):
+        return None
+    for key, value in answer.items():
+        text = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+        if text == name:
+            return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return None
 
 
 def redis_client(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
+import structlog.testing
 
 from broker.clock import SystemClock
 from broker.core import BrokerCore
@@ -230,3 +231,43 @@ class TestCancellation:
             done, _ = await asyncio.wait({task}, timeout=3)
             assert done, "the store watcher ignored its cancellation"
         await store.close()
+
+
+class TestEvictionPolicy:
+    """Low (issue 20): Redis may only keep the fleet's keys under `maxmemory-policy noeviction`."""
+
+    async def run_check(
+        self, tmp_path: Path, *args: str
+    ) -> tuple[str | None, list[MutableMapping[str, Any]]]:
+        server = RedisServer(directory=tmp_path / "redis", extra_args=args)
+        server.start()
+        store = make_store(server, [KEY_A])
+        try:
+            with structlog.testing.capture_logs() as logs:
+                policy = await store.check_eviction_policy()
+        finally:
+            await store.close()
+            server.stop()
+        return policy, [e for e in logs if str(e["event"]).startswith("store.eviction_policy")]
+
+    async def test_an_evicting_policy_is_warned_about(self, tmp_path: Path) -> None:
+        """With allkeys-lru, `store.eviction_policy` is logged at warning, naming both policies."""
+        policy, logs = await self.run_check(tmp_path, "--maxmemory-policy", "allkeys-lru")
+        assert policy == "allkeys-lru"
+        assert [(e["event"], e["log_level"], e["policy"], e["expected"]) for e in logs] == [
+            ("store.eviction_policy", "warning", "allkeys-lru", "noeviction")
+        ]
+
+    async def test_noeviction_says_nothing(self, tmp_path: Path) -> None:
+        """Under noeviction (Redis's default) nothing is logged."""
+        policy, logs = await self.run_check(tmp_path, "--maxmemory-policy", "noeviction")
+        assert (policy, logs) == ("noeviction", [])
+
+    async def test_a_disabled_config_command_is_logged_as_unchecked(self, tmp_path: Path) -> None:
+        """A Redis with CONFIG renamed away (as managed services do) cannot be checked: said
+        once at info level, and the broker carries on."""
+        policy, logs = await self.run_check(tmp_path, "--rename-command", "CONFIG", '""')
+        assert policy is None
+        assert [(e["event"], e["log_level"]) for e in logs] == [
+            ("store.eviction_policy_unchecked", "info")
+        ]

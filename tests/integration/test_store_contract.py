@@ -187,7 +187,7 @@ class TestSpend:
             await store.begin_spend("app", owner="b", fence=second.fence, token=token_set(1))
             is SpendStart.UNKNOWN
         )
-        await store.end_spend("app", fence=first.fence, outcome=SpendEnd.UNKNOWN)
+        await store.end_spend("app", owner="a", fence=first.fence, outcome=SpendEnd.UNKNOWN)
         assert (
             await store.begin_spend("app", owner="b", fence=second.fence, token=token_set(1))
             is SpendStart.UNKNOWN
@@ -227,12 +227,38 @@ class TestSpend:
         )
         assert late is SpendStart.UNKNOWN
 
+    async def test_a_repeated_fence_of_another_owner_does_not_end_its_spend(
+        self, store: TokenStore
+    ) -> None:
+        """Fences repeat after a rollback: a's late end_spend under the fence b now holds (the
+        counter went back) leaves b's record alone, and b's own ending still works."""
+        await store.commit("app", token_set(1))
+        b = await store.acquire_lease("app", "b", 5)
+        await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
+        assert await store.mark_sent("app", owner="b", fence=b.fence)
+        # a held this fence number before the store went back to a snapshot.
+        await store.end_spend("app", owner="a", fence=b.fence, outcome=SpendEnd.ABORTED)
+        await store.end_spend("app", owner="a", fence=b.fence, outcome=SpendEnd.UNKNOWN)
+        await store.release_lease("app", "b", b.fence)
+        c = await store.acquire_lease("app", "c", 5)
+        assert (
+            await store.begin_spend("app", owner="c", fence=c.fence, token=token_set(1))
+            is SpendStart.UNKNOWN
+        ), "b's spend was sent: its record must still block the token"
+        await store.release_lease("app", "c", c.fence)
+        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
+        d = await store.acquire_lease("app", "d", 5)
+        assert (
+            await store.begin_spend("app", owner="d", fence=d.fence, token=token_set(1))
+            is SpendStart.OK
+        )
+
     async def test_an_aborted_spend_frees_the_token(self, store: TokenStore) -> None:
         """A spend that ended without effect (aborted) does not block the next holder."""
         await store.commit("app", token_set(1))
         a = await store.acquire_lease("app", "a", 5)
         await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.end_spend("app", fence=a.fence, outcome=SpendEnd.ABORTED)
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
         await store.release_lease("app", "a", a.fence)
         b = await store.acquire_lease("app", "b", 5)
         assert (
@@ -265,7 +291,7 @@ class TestSpend:
         a = await store.acquire_lease("app", "a", 5)
         await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
         await store.mark_sent("app", owner="a", fence=a.fence)
-        await store.end_spend("app", fence=a.fence, outcome=SpendEnd.UNKNOWN)
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.UNKNOWN)
         await store.release_lease("app", "a", a.fence)
         b = await store.acquire_lease("app", "b", 5)
         retry = await store.begin_spend(
@@ -273,7 +299,7 @@ class TestSpend:
         )
         assert retry is SpendStart.RETRY
         await store.mark_sent("app", owner="b", fence=b.fence)
-        await store.end_spend("app", fence=b.fence, outcome=SpendEnd.ABORTED)
+        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
         await store.release_lease("app", "b", b.fence)
         c = await store.acquire_lease("app", "c", 5)
         for resolved in (0, b.fence):
@@ -332,7 +358,7 @@ class TestNotices:
         lease = await store.acquire_lease("app", "a", 5)
         await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(1))
         await store.mark_sent("app", owner="a", fence=lease.fence)
-        await store.end_spend("app", fence=lease.fence, outcome=SpendEnd.ABORTED)
+        await store.end_spend("app", owner="a", fence=lease.fence, outcome=SpendEnd.ABORTED)
         await asyncio.wait_for(listener, 5)
         await updates.aclose()
         fp = token_set(1).refresh_fingerprint
@@ -370,7 +396,7 @@ class TestNotices:
             "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
         )
         assert retry is SpendStart.RETRY
-        await store.end_spend("app", fence=b.fence, outcome=SpendEnd.ABORTED)
+        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
         await asyncio.wait_for(listener, 5)
         await updates.aclose()
         assert [(n.kind, n.owner, n.retry, n.retry_aborted) for n in heard] == [

@@ -374,6 +374,38 @@ def m6_second_fleet_with_another_client() -> Schedule:
     )
 
 
+def m3_store_clock_steps_back_under_a_restarted_pod() -> Schedule:
+    """M3: right after a refresh, the Redis host's clock steps back 40 s and a pod restarts:
+    it measures the stepped clock and reads the stored set, whose expiry was written in the
+    old frame, so by the fleet's clock alone the token lives 40 s longer than it does. The
+    server is down, so no newer set replaces it before it expires. The pod must stop serving
+    it by its own clock (which is right); the pod that kept running has its monotonic guard.
+    Then Redis's clock is put right and the server is back."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        server.faults.down = True
+        world.store_clock.step = -40.0
+        await world.crash(1)
+        world.start_replica(1)
+        await world.time.sleep(90.0)  # past the true expiry of the last token
+        world.store_clock.step = 0.0
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_010,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="m3_store_clock_steps_back_under_a_restarted_pod",
+        script=script,
+        script_heals_by=180.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -387,6 +419,9 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "h4_split_brain_both_sides_spend": h4_split_brain_both_sides_spend,
     "m5_rolling_deploy_of_a_newer_protocol": m5_rolling_deploy_of_a_newer_protocol,
     "m6_second_fleet_with_another_client": m6_second_fleet_with_another_client,
+    "m3_store_clock_steps_back_under_a_restarted_pod": (
+        m3_store_clock_steps_back_under_a_restarted_pod
+    ),
 }
 
 

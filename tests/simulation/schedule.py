@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import structlog.testing
 
+from broker import policy
 from broker.store.memory import MemoryState
 from tests.simulation.world import APP, Replica, World, WorldConfig
 
@@ -375,11 +376,35 @@ def _check_recovery(world: World, result: Result, when: str) -> None:
     if world.server.in_flight_when_cancelled and _announced(world):
         return  # a request on the wire when its sender died: announced, and a person's call
     for replica in world.replicas:
-        if replica.alive and replica.refresher.servable() is None:
+        if (
+            replica.alive
+            and replica.refresher.servable() is None
+            and not _only_its_clock_ahead_objects(world, replica)
+        ):
             result.violations.append(
                 f"invariant 5: {replica.name} does not serve {when} "
                 f"(state {replica.refresher.state}, last_error {replica.refresher.last_error})"
             )
+
+
+def _only_its_clock_ahead_objects(world: World, replica: Replica) -> bool:
+    """The replica holds the fleet's newest set, servable by the true clock, and does not serve
+    it only because its own wall clock, ahead of true time, says it is nearly expired.
+
+    A pod serves a token only while the fleet's clock and its own clock both allow it (issue
+    20, M3): a pod whose clock is ahead by more than the slack before the fleet's next refresh
+    stops serving each token that much earlier. Not a liveness failure of the protocol.
+    """
+    token = replica.refresher.token
+    stored = world.store.state.tokens.get(world.key)
+    if token is None or stored is None or stored.rank != token.rank:
+        return False
+    if replica.clock.wall_offset <= 0:
+        return False
+    margin = policy.safety_margin(world.spec.refresh, token.lifetime)
+    true_left = world.server.expiry.get(token.access_token, 0.0) - world.time.now
+    own_left = token.expires_at - replica.clock.time()
+    return true_left > margin >= own_left
 
 
 def _announced(world: World) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from broker.core import BrokerCore
 from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
 from broker.oauth import parse
+from broker.refresher import AppRefresher
 from broker.store import Notice, SpendEnd
 from broker.store.memory import MemoryStore
 from tests.simulation import world as world_module
@@ -115,11 +117,13 @@ class TestEachFixPutBackOpensItsDoor:
         spend present the token as new, outside the window."""
         original = MemoryStore.end_spend
 
-        async def deletes(self: MemoryStore, app: str, *, fence: int, outcome: SpendEnd) -> None:
+        async def deletes(
+            self: MemoryStore, app: str, *, owner: str, fence: int, outcome: SpendEnd
+        ) -> None:
             spend = self.state.spends.get(app)
             if spend is not None and spend.fence == fence and outcome is SpendEnd.ABORTED:
                 spend.orig_sent_at = None
-            await original(self, app, fence=fence, outcome=outcome)
+            await original(self, app, owner=owner, fence=fence, outcome=outcome)
 
         mutate(MemoryStore, "end_spend", deletes)
         result = run(DOORS["h3_aborted_grace_retry"]())
@@ -207,3 +211,18 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["m6_second_fleet_with_another_client"]())
         assert not result.ok
         assert any("invariant 2" in v for v in result.violations), result.report()
+
+    def test_m3_serving_by_the_fleet_clock_alone(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """M3: a pod that serves by the fleet's clock alone (not also by its own) serves the set
+        it read after Redis's clock stepped back past the set's true expiry."""
+        original = AppRefresher.__init__
+
+        def fleet_clock_only(self: AppRefresher, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **{**kwargs, "host_clock": None})
+
+        mutate(AppRefresher, "__init__", fleet_clock_only)
+        result = run(DOORS["m3_store_clock_steps_back_under_a_restarted_pod"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()

@@ -112,14 +112,16 @@ WALL_EPOCH = 1_800_000_000.0
 
 
 class StoreClock:
-    """The store's clock (lease expiry): true time."""
+    """The store's clock: `TIME` is true time plus `step` (a step of the Redis host's clock,
+    back or forward, as NTP or an operator makes it); leases run on true elapsed time."""
 
     def __init__(self, world: SimTime) -> None:
         self._world = world
+        self.step = 0.0
 
     def time(self) -> float:
-        """True wall time."""
-        return WALL_EPOCH + self._world.now
+        """The store's wall time: true time, stepped by `step`."""
+        return WALL_EPOCH + self._world.now + self.step
 
     def monotonic(self) -> float:
         """True elapsed time."""
@@ -509,10 +511,10 @@ class SimStoreView:
         self._maybe_lose()
         return result
 
-    async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
+    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
         """End a spend, possibly losing the answer after applying it."""
         await self._hop()
-        await self._spends.end_spend(app, fence=fence, outcome=outcome)
+        await self._spends.end_spend(app, owner=owner, fence=fence, outcome=outcome)
         self._maybe_lose()
 
     async def updates(self) -> AsyncIterator[Notice]:
@@ -654,7 +656,8 @@ class World:
         self.time = SimTime()
         # The store models Redis with replicas (Sentinel): each `sent` record is acknowledged
         # by a replica before its token is sent (store.require_replica_ack, issue 20, H4).
-        self.store = MemoryStore(StoreClock(self.time), require_replica_ack=True)
+        self.store_clock = StoreClock(self.time)
+        self.store = MemoryStore(self.store_clock, require_replica_ack=True)
         # During a split brain: the old primary some replicas still write to, and their views.
         self.stale_primary: MemoryStore | None = None
         self._split_views: list[SimStoreView] = []
@@ -770,6 +773,7 @@ class World:
             owner=name,
             rng=random.Random(self.rng.random()),
             timing=TIMING,
+            host_clock=host_clock,
         )
         if protocol is not None:
             refresher.fleet.protocol = protocol

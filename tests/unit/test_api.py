@@ -52,6 +52,9 @@ class FakeService:
     def current_token(self, app: str) -> TokenSet | None:
         return self.tokens[app]
 
+    def remaining(self, app: str) -> float:
+        return self.tokens[app].expires_at - NOW
+
     def servable_until(self, app: str) -> float:
         return float("-inf") if app in self.errors else float("inf")
 

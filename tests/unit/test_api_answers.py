@@ -44,6 +44,8 @@ class CountingService:
         self.token = token("one")
         self.deadline = float("inf")  # monotonic: the token is servable before it
         self.full_checks = 0
+        # Seconds another clock takes off the token's life (the pod's own, ahead of Redis's).
+        self.shortened_by = 0.0
 
     def app_names(self) -> Collection[str]:
         return ("app1",)
@@ -57,6 +59,9 @@ class CountingService:
 
     def current_token(self, app: str) -> TokenSet | None:
         return self.token
+
+    def remaining(self, app: str) -> float:
+        return self.token.expires_at - self.clock.time() - self.shortened_by
 
     def servable_until(self, app: str) -> float:
         return self.deadline
@@ -124,6 +129,17 @@ class TestReuse:
         assert first == second
         assert first[1]["expires_in"] == 3000
         assert service.full_checks == 1
+
+    async def test_expires_in_is_counted_by_every_clock(
+        self, api: Client, service: CountingService, fake_clock: FakeClock
+    ) -> None:
+        """When another clock than the fleet's says the token has less left (issue 20, M3),
+        expires_in (and expires_at with it) says the shorter."""
+        service.shortened_by = 40.0
+        status, body = await get(api)
+        assert status == 200
+        assert body["expires_in"] == 2960
+        assert body["expires_at"] == int(NOW + 3000.5 - 40.0)
 
     async def test_checked_in_full_when_the_second_changes(
         self, api: Client, service: CountingService, fake_clock: FakeClock

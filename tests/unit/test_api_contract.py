@@ -66,6 +66,10 @@ class FakeTokenService:
         """None: no answer is ever reused, every request reaches get_token."""
         return None
 
+    def remaining(self, app: str) -> float:
+        """The token's seconds left by the test-controlled wall time."""
+        return self.tokens[app].expires_at - self.clock
+
     def servable_until(self, app: str) -> float:
         """No deadline: answers are not reused (current_token is None)."""
         return float("-inf")

@@ -197,13 +197,24 @@ class TestClockMetrics:
         """token_broker_clock_offset_seconds and ..._age_seconds follow the fleet clock."""
         metrics = Metrics()
         clock = FleetClock(fake_clock)
-        metrics.track_clock(clock.offset, clock.offset_age)
+        metrics.track_clock(clock.offset, clock.offset_age, lambda: clock.measured)
         await clock.measure(FakeServer(fake_clock, -7.5))
         fake_clock.tick(42.0)
         registry = metrics.registry
         offset = registry.get_sample_value("token_broker_clock_offset_seconds")
         assert offset == pytest.approx(-7.5, abs=1e-6)
         assert registry.get_sample_value("token_broker_clock_offset_age_seconds") == 42.0
+
+    async def test_measured_is_0_until_the_first_measurement(self, fake_clock: FakeClock) -> None:
+        """token_broker_clock_offset_measured is 0 while the pod keeps time on its own clock
+        alone (the store never answered), 1 from the first measurement on."""
+        metrics = Metrics()
+        clock = FleetClock(fake_clock)
+        metrics.track_clock(clock.offset, clock.offset_age, lambda: clock.measured)
+        registry = metrics.registry
+        assert registry.get_sample_value("token_broker_clock_offset_measured") == 0.0
+        await clock.measure(FakeServer(fake_clock, 3.0))
+        assert registry.get_sample_value("token_broker_clock_offset_measured") == 1.0
 
 
 class BrokenServer:

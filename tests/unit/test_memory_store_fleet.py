@@ -1,12 +1,13 @@
-"""MemoryStore's fleet primitives: the shared failure record and the request budget."""
+"""MemoryStore's fleet primitives: the shared failure record, the request budget, and a spend
+record's ending after a rollback."""
 
 from __future__ import annotations
 
 import pytest
 
 from broker.errors import StoreUnavailable
-from broker.model import FailureRecord
-from broker.store import BUDGET_WINDOW, FAILURE_RETENTION
+from broker.model import FailureRecord, TokenSet
+from broker.store import BUDGET_WINDOW, FAILURE_RETENTION, SpendEnd, SpendStart
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
 
@@ -92,6 +93,35 @@ class TestBudget:
         """One app's spent budget does not refuse another's requests."""
         await store.take_budget("app1", 1, 1000.0)
         assert await store.take_budget("app2", 1, 1000.0) == (True, 0.0)
+
+
+class TestEndSpendAfterARollback:
+    async def test_a_repeated_fence_of_another_owner_does_not_end_a_spend(
+        self, store: MemoryStore
+    ) -> None:
+        """a spends under fence 1; the store rolls back to before it (the fence counter too);
+        b gets fence 1 again and sends. a's late end_spend(fence 1) must not end b's spend:
+        the token b sent stays blocked for everyone else."""
+        token = TokenSet("at", "Bearer", 0.0, 3600.0, None, "rt", lineage=1, generation=1)
+        await store.commit("app", token)
+        before = store.snapshot()
+        a = await store.acquire_lease("app", "a", 30.0)
+        assert await store.begin_spend("app", owner="a", fence=a.fence, token=token) is (
+            SpendStart.OK
+        )
+        store.restore(before)
+        b = await store.acquire_lease("app", "b", 30.0)
+        assert b.fence == a.fence  # the fence repeats
+        await store.begin_spend("app", owner="b", fence=b.fence, token=token)
+        assert await store.mark_sent("app", owner="b", fence=b.fence)
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        spend = store.state.spends["app"]
+        assert (spend.owner, spend.state) == ("b", "sent")
+        await store.release_lease("app", "b", b.fence)
+        c = await store.acquire_lease("app", "c", 30.0)
+        assert await store.begin_spend("app", owner="c", fence=c.fence, token=token) is (
+            SpendStart.UNKNOWN
+        )
 
 
 class TestOutage:

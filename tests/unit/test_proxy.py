@@ -173,6 +173,9 @@ class FakeService:
     def current_token(self, app: str) -> TokenSet | None:
         return self.token
 
+    def remaining(self, app: str) -> float:
+        return self.token.expires_at - NOW
+
     def servable_until(self, app: str) -> float:
         return float("-inf") if self.error else float("inf")
 

@@ -581,3 +581,119 @@ class TestServableUntil:
     def test_no_token_no_deadline(self, make: MakeRefresher, source: FakeTokenSource) -> None:
         """Without a token the deadline is -inf."""
         assert make(source, start=False).servable_until() == float("-inf")
+
+
+class ShiftedClock:
+    """The fleet's frame as a pod keeps it: `base` shifted by `offset` (what it measured of the
+    store's clock); `offset` changes when the store's clock steps or is measured again."""
+
+    def __init__(self, base: FakeClock, offset: float = 0.0) -> None:
+        self.base = base
+        self.offset = offset
+
+    def time(self) -> float:
+        """The base clock's wall time plus the offset."""
+        return self.base.time() + self.offset
+
+    def monotonic(self) -> float:
+        """The base clock's monotonic time."""
+        return self.base.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep on the base clock."""
+        await self.base.sleep(seconds)
+
+
+class TestEveryClockMustAgree:
+    """M3: a token is served only while the fleet's clock, the pod's own clock and the monotonic
+    guard all allow it. The fake clock is true time and the pod's own clock unless said."""
+
+    async def serving_until(
+        self, store: MemoryStore, metrics: Metrics, fleet: ShiftedClock, host: ShiftedClock
+    ) -> float:
+        """Start a refresher (no new token can be had) on a set stored at true time: the
+        seconds after which it stops serving it."""
+        clock = fleet.base
+        stored = TokenSet("at-stored", "Bearer", clock.time(), clock.time() + 60.0, None)
+        await store.commit(key(), stored)
+        source = FakeTokenSource(clock, lifetime=60.0)
+        source.failure = TransientTokenError("down", outcome_unknown=False)
+        spec = AppSpec(name="app1", token_url="http://127.0.0.1/token", refresh=POLICY)
+        refresher = AppRefresher(
+            spec, source, store, fleet, metrics, owner="r", rng=random.Random(7), host_clock=host
+        )
+        task = asyncio.create_task(refresher.run())
+        try:
+            started = clock.monotonic()
+            await clock.settle()
+            assert refresher.token is not None and refresher.token.access_token == "at-stored"
+            while refresher.servable() is not None:
+                await clock.advance(0.5)
+                if clock.monotonic() - started > 200:
+                    break
+            return clock.monotonic() - started
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def test_the_stores_clock_stepped_back_does_not_stretch_a_stored_token(
+        self, store: MemoryStore, metrics: Metrics, fake_clock: FakeClock
+    ) -> None:
+        """A pod that starts after Redis's clock stepped back 40 s reads a set written before
+        the step: by the fleet's clock alone it has 40 s more; its own clock ends it on time."""
+        fleet, host = ShiftedClock(fake_clock, -40.0), ShiftedClock(fake_clock)
+        served = await self.serving_until(store, metrics, fleet, host)
+        assert served == pytest.approx(60.0 - POLICY.safety_margin, abs=0.5)
+
+    async def test_the_pods_clock_behind_is_caught_by_the_fleets(
+        self, store: MemoryStore, metrics: Metrics, fake_clock: FakeClock
+    ) -> None:
+        """A pod whose own clock is 40 s behind stops on time by the fleet's clock."""
+        fleet, host = ShiftedClock(fake_clock), ShiftedClock(fake_clock, -40.0)
+        served = await self.serving_until(store, metrics, fleet, host)
+        assert served == pytest.approx(60.0 - POLICY.safety_margin, abs=0.5)
+
+    async def test_the_pods_clock_ahead_ends_serving_that_much_earlier(
+        self, store: MemoryStore, metrics: Metrics, fake_clock: FakeClock
+    ) -> None:
+        """The price of agreeing: a pod whose own clock is 20 s ahead serves 20 s less."""
+        fleet, host = ShiftedClock(fake_clock), ShiftedClock(fake_clock, 20.0)
+        served = await self.serving_until(store, metrics, fleet, host)
+        assert served == pytest.approx(60.0 - POLICY.safety_margin - 20.0, abs=0.5)
+
+    async def test_a_reckoning_seen_once_holds_after_the_clock_steps_back(
+        self, store: MemoryStore, metrics: Metrics, fake_clock: FakeClock
+    ) -> None:
+        """The pod's own clock is 40 s behind and it starts unmeasured (fleet time = its own):
+        the token looks 40 s longer. The first measurement puts the fleet's clock right; then
+        Redis's clock steps back 40 s. The deadline seen while the fleet's clock was right
+        holds: the monotonic guard is re-derived from every reckoning, and only ever lowered."""
+        fleet, host = ShiftedClock(fake_clock, -40.0), ShiftedClock(fake_clock, -40.0)
+        clock = fake_clock
+        stored = TokenSet("at-stored", "Bearer", clock.time(), clock.time() + 60.0, None)
+        await store.commit(key(), stored)
+        source = FakeTokenSource(clock, lifetime=60.0)
+        source.failure = TransientTokenError("down", outcome_unknown=False)
+        spec = AppSpec(name="app1", token_url="http://127.0.0.1/token", refresh=POLICY)
+        refresher = AppRefresher(
+            spec, source, store, fleet, metrics, owner="r", rng=random.Random(7), host_clock=host
+        )
+        task = asyncio.create_task(refresher.run())
+        try:
+            started = clock.monotonic()
+            await clock.settle()
+            assert refresher.remaining() == pytest.approx(100.0)
+            await clock.advance(10.0)
+            fleet.offset = 0.0  # measured: the fleet's clock is right
+            assert refresher.remaining() == pytest.approx(50.0)
+            await clock.advance(10.0)
+            fleet.offset = -40.0  # Redis's clock steps back
+            assert refresher.remaining() == pytest.approx(40.0)
+            while refresher.servable() is not None:
+                await clock.advance(0.5)
+            assert clock.monotonic() - started == pytest.approx(
+                60.0 - POLICY.safety_margin, abs=0.5
+            )
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

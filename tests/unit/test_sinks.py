@@ -47,6 +47,13 @@ class FakeHolder:
         remaining = token.expires_at - self._clock.time()
         return token if policy.is_servable(remaining, token.lifetime, self.spec.refresh) else None
 
+    def servable_until(self) -> float:
+        token = self.token
+        if token is None:
+            return float("-inf")
+        deadline = policy.serve_deadline(token, self.spec.refresh)
+        return self._clock.monotonic() + deadline - self._clock.time()
+
     def add_listener(self, callback: Callable[[TokenSet], None]) -> None:
         self._listeners.append(callback)
 
