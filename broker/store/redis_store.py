@@ -581,7 +581,7 @@ class RedisStore:
         EVAL, not EVALSHA: a node that never loaded it needs no second round trip. The wait is
         bounded by WAIT's timeout on the server and by the socket timeout on the client.
         """
-        source = _MARK_SENT
+        source = _versioned(_MARK_SENT)
         if isinstance(self._client, RedisCluster):
             cluster = self._client
             await cluster.initialize()

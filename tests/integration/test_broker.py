@@ -234,7 +234,7 @@ class TestSecretsNeverLeak:
         assert len(oauth_server.issued_tokens) >= 2
 
         dump = redis_dump(redis_server.port)
-        assert b"{app1}" in dump  # the hash tag
+        assert b"{app1@" in dump  # the hash tag: the app and its client binding
         output = broker.output()
         lines = broker.log_lines()  # every line is JSON: no bare tracebacks
         assert any(line.get("event") == "token.issued" for line in lines)
