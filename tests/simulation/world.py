@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import itertools
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+import selectors
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import Any, TypeVar, cast
 
 from broker.clock import Clock
 from broker.core import BrokerCore
@@ -32,51 +38,87 @@ from broker.model import AppSpec, FailureRecord, GrantType, RefreshPolicy, Token
 from broker.oauth.parse import classify_error
 from broker.refresher import AppRefresher
 from broker.store import Commit, Lease, Notice, SpendEnd, SpendStart
-from broker.store.memory import MemoryStore
+from broker.store.memory import MemoryState, MemoryStore
 
 APP = "scim"
+T = TypeVar("T")
+
+
+class _NoIO(selectors.SelectSelector):
+    """A selector for a loop with no real I/O: "waiting" moves the simulated clock instead.
+
+    It keeps the loop's self-pipe registered (as asyncio requires) but never polls it.
+    """
+
+    loop: SimLoop | None = None
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        """Nothing is ready: jump the clock to the next timer (the loop asked to wait that long)."""
+        assert self.loop is not None
+        if timeout is None:
+            raise RuntimeError("simulation deadlock: nothing runs and nothing waits on the clock")
+        self.loop.now += timeout
+        return []
+
+
+class SimLoop(asyncio.SelectorEventLoop):
+    """An event loop on simulated time: whenever nothing can run, time jumps to the next timer.
+
+    Every task runs until it waits; only then does the clock move, straight to the earliest
+    wake-up. So a run is a pure function of its seed, costs nothing while "waiting", and the
+    asyncio timers (`asyncio.sleep`) are the world's scheduler.
+    """
+
+    def __init__(self) -> None:
+        selector = _NoIO()
+        super().__init__(selector)
+        selector.loop = self
+        self.now = 0.0
+
+    def time(self) -> float:
+        """Simulated seconds since the world began."""
+        return self.now
+
+
+def run_simulated(main: Coroutine[object, object, T]) -> T:
+    """Run `main` to completion on a fresh SimLoop."""
+    with asyncio.Runner(loop_factory=SimLoop) as runner:
+        return runner.run(main)
 
 
 class SimTime:
-    """The one true clock of the world, and the scheduler of everything that sleeps on it."""
+    """The one true clock of the world: the running SimLoop's time, and sleeping on it."""
 
     def __init__(self) -> None:
-        self.now = 0.0
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
+        loop = asyncio.get_running_loop()
+        if not isinstance(loop, SimLoop):
+            raise RuntimeError("the simulated world runs on a SimLoop (run_simulated)")
+        self._loop = loop
+
+    @property
+    def now(self) -> float:
+        """Simulated seconds since the world began."""
+        return self._loop.now
 
     async def sleep(self, seconds: float) -> None:
         """Wait until the world's time has moved `seconds` on."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), next(self._seq), future))
-        await future
-
-    def next_deadline(self) -> float | None:
-        """The earliest pending wake-up."""
-        while self._sleepers and self._sleepers[0][2].done():
-            heapq.heappop(self._sleepers)
-        return self._sleepers[0][0] if self._sleepers else None
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+        else:
+            await asyncio.sleep(0)
 
     async def settle(self) -> None:
-        """Run every task that can run, until all wait on the clock (or on each other)."""
-        loop = asyncio.get_running_loop()
+        """Run every task that can run now, until all wait on the clock (or on each other)."""
+        loop = self._loop
         for _ in range(10_000):
             await asyncio.sleep(0)
             if not loop._ready:  # type: ignore[attr-defined]
                 return
 
     async def advance_to(self, target: float) -> None:
-        """Move time to `target`, waking sleepers in deadline order and letting them run."""
-        await self.settle()
-        while True:
-            deadline = self.next_deadline()
-            if deadline is None or deadline > target:
-                break
-            _, _, future = heapq.heappop(self._sleepers)
-            self.now = max(self.now, deadline)
-            future.set_result(None)
-            await self.settle()
-        self.now = max(self.now, target)
+        """Move time to `target`: everything due until then runs, in time order, and settles."""
+        if target > self._loop.now:
+            await asyncio.sleep(target - self._loop.now)
         await self.settle()
 
 
@@ -355,6 +397,27 @@ class SimSource:
 # ---- the store --------------------------------------------------------------------------------
 
 
+class ConnectionWatch:
+    """Wakes every subscription when something that may drop connections changed (a partition,
+    an outage, a store restart), so a subscription checks at once instead of polling."""
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future resolved at the next change."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        return future
+
+    def poke(self) -> None:
+        """Something changed: wake every waiting subscription."""
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+
 @dataclass
 class StoreFaults:
     """What one replica's connection to the store does wrong right now."""
@@ -362,6 +425,26 @@ class StoreFaults:
     partitioned: bool = False
     lose_replies: float = 0.0  # probability a write is applied but its answer is lost
     unreadable_after: float | None = None  # sets written after this time are unreadable here
+    watch: ConnectionWatch | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        watch = self.__dict__.get("watch")
+        if watch is not None and name == "partitioned":
+            watch.poke()
+
+
+class SimMemoryStore(MemoryStore):
+    """The shared MemoryStore; a restore (restart, rollback) wakes every subscription."""
+
+    def __init__(self, clock: Clock, watch: ConnectionWatch) -> None:
+        super().__init__(clock)
+        self.watch = watch
+
+    def restore(self, state: MemoryState) -> None:
+        """Replace everything stored; subscriptions check whether their connection dropped."""
+        super().restore(state)
+        self.watch.poke()
 
 
 class SimStoreView:
@@ -370,20 +453,31 @@ class SimStoreView:
     def __init__(
         self,
         world: SimTime,
-        shared: MemoryStore,
+        shared: SimMemoryStore,
         rng: random.Random,
         written_at: dict[str, float],
     ) -> None:
         self._world = world
         self._shared = shared
         self._rng = rng
-        self.faults = StoreFaults()
-        self.outage = False  # the store itself is down (every view)
+        self._watch = shared.watch
+        self.faults = StoreFaults(watch=shared.watch)
+        self._outage = False
         self.dead = False  # the replica was killed
         self._written_at = written_at  # app → world time of the last stored commit (any view)
         self.restarts = [0]  # shared: the store's restarts so far (each drops every connection)
         self.draining = False  # SIGTERM received
         self.server: SimAuthServer | None = None  # counts a spend marked sent while draining
+
+    @property
+    def outage(self) -> bool:
+        """The store itself is down (every view)."""
+        return self._outage
+
+    @outage.setter
+    def outage(self, down: bool) -> None:
+        self._outage = down
+        self._watch.poke()
 
     def _reachable(self) -> None:
         if self.faults.partitioned or self.outage or self.dead:
@@ -503,9 +597,9 @@ class SimStoreView:
             while True:
                 getter = asyncio.ensure_future(anext(feed))
                 while not getter.done():
-                    waiter = asyncio.ensure_future(self._world.sleep(1.0))
-                    await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
+                    # Woken by a notice, or by a change that may have dropped the connection.
+                    waiting: set[asyncio.Future[Any]] = {getter, self._watch.waiter()}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                     if self.faults.partitioned or self.outage or self.restarts[0] != restarts:
                         raise StoreUnavailable("simulated: subscription dropped")
                 notice = getter.result()
@@ -616,7 +710,7 @@ class World:
         self.config = config
         self.rng = rng
         self.time = SimTime()
-        self.store = MemoryStore(StoreClock(self.time))
+        self.store = SimMemoryStore(StoreClock(self.time), ConnectionWatch())
         self.written_at: dict[str, float] = {}
         self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
         self.server = SimAuthServer(self.time, rng, lifetime=config.lifetime, grace=config.grace)
