@@ -269,6 +269,37 @@ def empty_restart_on_short_tokens() -> Schedule:
     )
 
 
+def store_clock_step_back_after_a_send() -> Schedule:
+    """Found by the swarm (seed 44 of the first swarm run): a strict server rotates a refresh
+    token and answers 500 (the outcome is unknown), and Redis's clock steps back 30 s. The
+    store measured the spend's age on its own clock: negative, so "younger than the retry
+    window" even with no grace window at all, and it granted a "grace retry" of the spent
+    token to a replica whose config reload made it forget the spend."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.error_after_acting = 500
+        await until(world, lambda: server.presentations)
+        server.faults.error_after_acting = None
+        world.store_clock.step = -30.0
+        # A bystander reloads its config: it forgets the spend it heard of and asks the store.
+        spender = _index(world, server.presentations[0].replica)
+        await world.reload((spender + 1) % len(world.replicas))
+        await world.time.sleep(5.0)
+        world.store_clock.step = 0.0  # back before any pod re-measures its offset (M3)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_007,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="store_clock_step_back_after_a_send",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -279,6 +310,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "h1_slow_answer_past_the_budget": h1_slow_answer_past_the_budget,
     "m4_500_after_rotating": m4_500_after_rotating,
     "empty_restart_on_short_tokens": empty_restart_on_short_tokens,
+    "store_clock_step_back_after_a_send": store_clock_step_back_after_a_send,
 }
 
 

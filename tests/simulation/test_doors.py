@@ -12,7 +12,7 @@ from broker.core import BrokerCore
 from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
 from broker.oauth import parse
-from broker.store import Notice, SpendEnd
+from broker.store import Notice, SpendEnd, SpendStart
 from broker.store.memory import MemoryStore
 from tests.simulation.doors import DOORS
 from tests.simulation.schedule import run
@@ -168,3 +168,40 @@ class TestEachFixPutBackOpensItsDoor:
         assert any("no token served after the restart" in v for v in result.violations), (
             result.report()
         )
+
+    def test_a_clock_step_back_counted_as_inside_the_retry_window(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: with the old window check, a spend whose age on the store's clock is
+        negative (the clock stepped back) gets a grace retry, even from a strict server."""
+        original = MemoryStore.begin_spend
+
+        async def negative_age_inside(
+            self: MemoryStore,
+            app: str,
+            *,
+            owner: str,
+            fence: int,
+            token: TokenSet,
+            retry_within: float = 0.0,
+            resolved_fence: int = 0,
+        ) -> SpendStart:
+            spend = self.state.spends.get(app)
+            now = self._clock.monotonic()
+            if spend is not None and spend.state != "announced" and now < spend.sent_at:
+                # The old check: `age >= retry_within` is false for any negative age.
+                spend.sent_at, retry_within = now, max(retry_within, 1.0)
+            return await original(
+                self,
+                app,
+                owner=owner,
+                fence=fence,
+                token=token,
+                retry_within=retry_within,
+                resolved_fence=resolved_fence,
+            )
+
+        mutate(MemoryStore, "begin_spend", negative_age_inside)
+        result = run(DOORS["store_clock_step_back_after_a_send"]())
+        assert not result.ok
+        assert result.revoked

@@ -21,7 +21,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from broker.clock import Clock
 from broker.core import BrokerCore
@@ -125,10 +125,13 @@ class SimTime:
 class ReplicaClock:
     """A replica's view of time: the true clock plus its own wall offset and monotonic base."""
 
-    def __init__(self, world: SimTime, wall_offset: float, mono_base: float) -> None:
+    def __init__(
+        self, world: SimTime, wall_offset: float, mono_base: float, frozen: Frozen | None = None
+    ) -> None:
         self._world = world
         self.wall_offset = wall_offset
         self._mono_base = mono_base
+        self.frozen = frozen if frozen is not None else Frozen(world)
 
     def time(self) -> float:
         """Wall time as this replica's (possibly wrong) clock reads it."""
@@ -139,26 +142,32 @@ class ReplicaClock:
         return self._mono_base + self._world.now
 
     async def sleep(self, seconds: float) -> None:
-        """Sleep on the world's clock."""
+        """Sleep on the world's clock (and past it while the process is frozen)."""
         await self._world.sleep(seconds)
+        await self.frozen.thaw()
 
 
 WALL_EPOCH = 1_800_000_000.0
 
 
 class StoreClock:
-    """The store's clock (lease expiry): true time."""
+    """The store's clock (lease expiry, `TIME`): true time, plus any step it took.
+
+    Redis expires keys on its own wall clock, so a step moves lease deadlines and record ages
+    as well as `TIME`.
+    """
 
     def __init__(self, world: SimTime) -> None:
         self._world = world
+        self.step = 0.0
 
     def time(self) -> float:
-        """True wall time."""
-        return WALL_EPOCH + self._world.now
+        """The store host's wall time."""
+        return WALL_EPOCH + self._world.now + self.step
 
     def monotonic(self) -> float:
-        """True elapsed time."""
-        return self._world.now
+        """The store's elapsed time (it follows its wall clock)."""
+        return self._world.now + self.step
 
     async def sleep(self, seconds: float) -> None:
         """Sleep on the world's clock."""
@@ -230,6 +239,7 @@ class SimAuthServer:
         self.late: set[asyncio.Future[None]] = set()  # cancelled requests still on their way
         # Every refresh token sent: (world time, replica, refresh token), for scripted faults.
         self.sends: list[tuple[float, str, str]] = []
+        self.phases = SpendPhases()  # the moments inside spends, for aimed faults
 
     def authorize(self) -> TokenSet:
         """The operator's one-time authorization: a fresh grant."""
@@ -301,6 +311,7 @@ class SimSource:
         self.replica = ""
         self.dead = False
         self.draining = False  # SIGTERM received: a request in flight must be seen through
+        self.frozen = Frozen(world)  # the process is paused (shared with its clock and view)
         # Called once when the server next acts on a refresh token of ours (SIGTERM mid-spend).
         self.on_spend: Callable[[], None] | None = None
 
@@ -327,6 +338,7 @@ class SimSource:
         arrives_at = self._world.now + delay
         try:
             await self._world.sleep(delay)
+            await self.frozen.thaw()
         except asyncio.CancelledError:
             # The sender died (or gave up) with the request on the wire.
             if refresh_token is not None:
@@ -359,6 +371,8 @@ class SimSource:
                 await self._world.sleep(0.02)
                 raise
             record = server.presentations[-1]
+            if record.outcome == "rotated":
+                server.phases.reached("acted", self.replica)
             if lost:
                 record.reply_lost, record.lost_by = True, "wire"
             elif faults.error_after_acting is not None and record.outcome == "rotated":
@@ -372,6 +386,7 @@ class SimSource:
                 on_spend()
         try:
             await self._world.sleep(0.02 + self._rng.random() * 0.05)
+            await self.frozen.thaw()
         except asyncio.CancelledError:
             # The caller gave up (or died) after the server acted: that reply is lost too.
             if record is not None:
@@ -392,6 +407,80 @@ class SimSource:
             self._server.refresh(refresh_token, self.replica, sent_wall)
         record = self._server.presentations[-1]
         record.reply_lost, record.lost_by = True, "gave_up"
+
+
+# ---- issue 20: faults aimed inside spends, and the faults added with them --------------------
+
+
+class Frozen:
+    """Whether a process is paused (a GC pause, a stalled event loop, a stopped container).
+
+    A paused process runs nothing: each of its waits (clock, store, token endpoint) ends no
+    earlier than the pause, while the world's time, its leases included, runs on.
+    """
+
+    def __init__(self, world: SimTime) -> None:
+        self._world = world
+        self.until = 0.0
+
+    async def thaw(self) -> None:
+        """Return once the process runs again."""
+        while self._world.now < self.until:
+            await self._world.sleep(self.until - self._world.now)
+
+
+PHASES = ("announced", "sent", "acted")
+
+
+class SpendPhases:
+    """The moments inside a spend, as they happen: "announcing" (a replica is about to record
+    one), "announced" (recorded), "sent" (marked sent, the token leaves), "acted" (the server
+    rotated it; its answer is on the way to be committed). Aimed faults wait for them."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Callable[[str, str], None]] = []
+
+    def reached(self, phase: str, replica: str) -> None:
+        """`replica`'s spend reached `phase`."""
+        for listener in list(self.listeners):
+            listener(phase, replica)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# How long a client waits for a write's answer before it gives up (the store's socket timeout).
+LATE_WRITE_TIMEOUT = 1.0
+
+
+def _may_apply_late(
+    method: Callable[Concatenate[SimStoreView, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[SimStoreView, P], Coroutine[Any, Any, R]]:
+    """A write that, while the view's `late_writes` fault is on, may reach the store only after
+    its client timed out: the client sees a timeout, and the command applies later."""
+
+    async def write(view: SimStoreView, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        late = view.faults.late_writes
+        if not late or view.draining or view._rng.random() >= late:
+            return await method(view, *args, **kwargs)
+        await view._hop()
+        delay = LATE_WRITE_TIMEOUT * (1.0 + view._rng.random())
+        command = cast(
+            Callable[..., Coroutine[Any, Any, object]], getattr(view._shared, method.__name__)
+        )
+
+        async def apply_later() -> None:
+            await view._world.sleep(delay)
+            with contextlib.suppress(StoreUnavailable):
+                await command(*args, **kwargs)
+
+        task = asyncio.ensure_future(apply_later())
+        view._late.add(task)
+        task.add_done_callback(view._late.discard)
+        await view._world.sleep(LATE_WRITE_TIMEOUT)
+        raise StoreUnavailable("simulated: timed out (the command is applied later)")
+
+    return write
 
 
 # ---- the store --------------------------------------------------------------------------------
@@ -425,6 +514,9 @@ class StoreFaults:
     partitioned: bool = False
     lose_replies: float = 0.0  # probability a write is applied but its answer is lost
     unreadable_after: float | None = None  # sets written after this time are unreadable here
+    # Probability a write reaches the store only after its client timed out (and applies then).
+    late_writes: float = 0.0
+    slow_time: float = 0.0  # up to this many extra seconds each way for a `TIME` round trip
     watch: ConnectionWatch | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -468,6 +560,10 @@ class SimStoreView:
         self.restarts = [0]  # shared: the store's restarts so far (each drops every connection)
         self.draining = False  # SIGTERM received
         self.server: SimAuthServer | None = None  # counts a spend marked sent while draining
+        self.frozen = Frozen(world)  # the process is paused (shared with its clock and source)
+        self.name = ""  # the replica's (for the spend phases)
+        self.phases = SpendPhases()  # the world's (set when the replica starts)
+        self._late: set[asyncio.Future[None]] = set()  # writes still on their way
 
     @property
     def outage(self) -> bool:
@@ -486,6 +582,7 @@ class SimStoreView:
     async def _hop(self) -> None:
         self._reachable()
         await self._world.sleep(0.001 + self._rng.random() * 0.004)
+        await self.frozen.thaw()
         self._reachable()
 
     def _maybe_lose(self) -> None:
@@ -515,6 +612,7 @@ class SimStoreView:
             return found
         return {a: t for a, t in found.items() if self._written_at.get(a, -1.0) < after}
 
+    @_may_apply_late
     async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:
         """Commit, possibly losing the answer after applying it."""
         await self._hop()
@@ -526,6 +624,7 @@ class SimStoreView:
         await self._hop()
         return result
 
+    @_may_apply_late
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
         """Acquire, possibly losing the answer after applying it."""
         await self._hop()
@@ -534,12 +633,14 @@ class SimStoreView:
         await self._hop()
         return result
 
+    @_may_apply_late
     async def release_lease(self, app: str, owner: str, fence: int) -> None:
         """Release."""
         await self._hop()
         await self._shared.release_lease(app, owner, fence)
         self._maybe_lose()
 
+    @_may_apply_late
     async def begin_spend(
         self,
         app: str,
@@ -552,6 +653,7 @@ class SimStoreView:
     ) -> SpendStart:
         """Announce a spend, possibly losing the answer after applying it."""
         await self._hop()
+        self.phases.reached("announcing", self.name)
         result = await self._shared.begin_spend(
             app,
             owner=owner,
@@ -560,20 +662,26 @@ class SimStoreView:
             retry_within=retry_within,
             resolved_fence=resolved_fence,
         )
+        if result in (SpendStart.OK, SpendStart.RETRY):
+            self.phases.reached("announced", self.name)
         self._maybe_lose()
         await self._hop()
         return result
 
+    @_may_apply_late
     async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
         """Mark a spend sent, possibly losing the answer after applying it."""
         if self.draining and not self.dead and self.server is not None:
             self.server.sent_after_sigterm += 1
         await self._hop()
         result = await self._shared.mark_sent(app, owner=owner, fence=fence)
+        if result:
+            self.phases.reached("sent", self.name)
         self._maybe_lose()
         await self._hop()
         return result
 
+    @_may_apply_late
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Veto an announced spend."""
         await self._hop()
@@ -581,6 +689,7 @@ class SimStoreView:
         self._maybe_lose()
         return result
 
+    @_may_apply_late
     async def end_spend(self, app: str, *, fence: int, outcome: SpendEnd) -> None:
         """End a spend, possibly losing the answer after applying it."""
         await self._hop()
@@ -604,6 +713,7 @@ class SimStoreView:
                         raise StoreUnavailable("simulated: subscription dropped")
                 notice = getter.result()
                 await self._world.sleep(0.002)
+                await self.frozen.thaw()
                 # A restart drops every connection at once: nothing published after it reaches
                 # a subscription made before it.
                 if self.faults.partitioned or self.outage or self.restarts[0] != restarts:
@@ -624,9 +734,14 @@ class SimStoreView:
             await feed.aclose()
 
     async def server_time(self) -> float:
-        """The store's clock (true time), after a hop."""
+        """The store's clock, after a hop (each way slower while `TIME` round trips are slow)."""
         await self._hop()
-        return await self._shared.server_time()
+        if self.faults.slow_time:
+            await self._world.sleep(self._rng.random() * self.faults.slow_time)
+        now = await self._shared.server_time()
+        if self.faults.slow_time:
+            await self._world.sleep(self._rng.random() * self.faults.slow_time)
+        return now
 
     async def record_failure(
         self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
@@ -676,11 +791,16 @@ class Replica:
     core: BrokerCore
     task: asyncio.Task[None]
     alive: bool = True
+    retiring: AppRefresher | None = None  # the refresher a config reload is replacing
 
     @property
     def refresher(self) -> AppRefresher:
-        """The app's refresher."""
-        return self.core.refreshers[APP]
+        """The app's refresher (while a reload replaces it, the one being retired)."""
+        current = self.core.refreshers.get(APP)
+        if current is None:
+            assert self.retiring is not None
+            return self.retiring
+        return current
 
 
 @dataclass
@@ -710,7 +830,9 @@ class World:
         self.config = config
         self.rng = rng
         self.time = SimTime()
-        self.store = SimMemoryStore(StoreClock(self.time), ConnectionWatch())
+        self.store_clock = StoreClock(self.time)
+        self.store = SimMemoryStore(self.store_clock, ConnectionWatch())
+        self.offsets = list(config.offsets)  # grows as pods join
         self.written_at: dict[str, float] = {}
         self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
         self.server = SimAuthServer(self.time, rng, lifetime=config.lifetime, grace=config.grace)
@@ -742,32 +864,27 @@ class World:
         Its wall clock is off by its offset; like the broker, it measures its offset to the
         store's clock first (briefly) and keeps fleet time from then on.
         """
-        offset = self.config.offsets[index]
-        host_clock = ReplicaClock(self.time, offset, mono_base=1000.0 * (index + 1))
+        offset = self.offsets[index]
+        frozen = Frozen(self.time)
+        host_clock = ReplicaClock(self.time, offset, mono_base=1000.0 * (index + 1), frozen=frozen)
         clock = FleetClock(host_clock)
         view = SimStoreView(
             self.time, self.store, random.Random(self.rng.random()), self.written_at
         )
+        view.frozen = frozen
+        view.phases = self.server.phases
         view.restarts = self.restarts
         view.server = self.server
         view.outage = self.store_outage
         source = SimSource(self.time, self.server, clock, random.Random(self.rng.random()))
+        source.frozen = frozen
         name = f"r{index}.{next(self._incarnations)}"
         source.replica = name
+        view.name = name
         metrics = Metrics()
         self.metrics.append(metrics)
         core = BrokerCore({}, view, clock, metrics)
-        refresher = AppRefresher(
-            self.spec,
-            source,
-            view,
-            clock,
-            metrics,
-            owner=name,
-            rng=random.Random(self.rng.random()),
-            timing=TIMING,
-        )
-        core.add_app(refresher)
+        core.add_app(self._refresher(name, source, view, clock, metrics))
 
         async def serve() -> None:
             await clock.measure_within(view, 3.0)
@@ -792,6 +909,11 @@ class World:
         # A dead process touches nothing again: its connections fail at once, without effect.
         replica.view.dead = True
         replica.source.dead = True
+        spend = self.store.state.spends.get(APP)
+        if spend is not None and spend.owner == replica.name and spend.state == "sent":
+            # Killed after marking its spend sent, maybe before the request left: nobody can
+            # know whether the server got it (as for a request on the wire).
+            self.server.in_flight_when_cancelled += 1
         inflight = replica.refresher._inflight
         for task in [replica.task] + ([inflight] if inflight is not None else []):
             task.cancel()
@@ -847,3 +969,57 @@ class World:
         for task in self.draining:
             task.cancel()
         await asyncio.gather(*self.draining, return_exceptions=True)
+
+    # ---- issue 20: faults aimed inside spends, and the faults added with them ----------------
+
+    def pause(self, index: int, seconds: float) -> None:
+        """Freeze replica `index` for `seconds` (longer than its lease): it resumes unaware."""
+        replica = self.replicas[index]
+        replica.view.frozen.until = max(replica.view.frozen.until, self.time.now + seconds)
+
+    def add_replica(self, offset: float) -> Replica:
+        """A new pod joins the fleet (scale-up, or a rolling deploy's surge pod)."""
+        self.offsets.append(offset)
+        return self.start_replica(len(self.offsets) - 1)
+
+    def reload(self, index: int) -> asyncio.Future[None]:
+        """A config reload that changed the app: same process and owner name, but a new
+        refresher, which remembers no spend (the old one drains first, as the broker's does)."""
+        replica = self.replicas[index]
+        old = replica.refresher
+        clock = old._clock
+
+        async def reload() -> None:
+            replica.retiring = old
+            await replica.core.remove_app(APP)
+            if not replica.alive:
+                return
+            metrics = replica.core._metrics
+            refresher = self._refresher(replica.name, replica.source, replica.view, clock, metrics)
+            replica.core.add_app(refresher, fresh=True)
+            replica.retiring = None
+
+        task = asyncio.ensure_future(reload())
+        self.draining.append(task)
+        return task
+
+    def evict(self, rng: random.Random) -> None:
+        """The store evicts some of the app's keys (maxmemory with an evicting policy)."""
+        state = self.store.state
+        for keys in (state.tokens, state.leases, state.fences, state.spends):
+            if rng.random() < 0.5:
+                keys.pop(APP, None)
+
+    def _refresher(
+        self, name: str, source: SimSource, view: SimStoreView, clock: Clock, metrics: Metrics
+    ) -> AppRefresher:
+        return AppRefresher(
+            self.spec,
+            source,
+            view,
+            clock,
+            metrics,
+            owner=name,
+            rng=random.Random(self.rng.random()),
+            timing=TIMING,
+        )
