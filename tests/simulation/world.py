@@ -914,6 +914,7 @@ class World:
             # Killed after marking its spend sent, maybe before the request left: nobody can
             # know whether the server got it (as for a request on the wire).
             self.server.in_flight_when_cancelled += 1
+        self._only_copy_dies(replica)
         inflight = replica.refresher._inflight
         for task in [replica.task] + ([inflight] if inflight is not None else []):
             task.cancel()
@@ -934,6 +935,7 @@ class World:
 
         async def drain_then_exit() -> None:
             await replica.core.drain(None)
+            self._only_copy_dies(replica)
             replica.task.cancel()
             inflight = replica.refresher._inflight
             if inflight is not None:
@@ -1009,6 +1011,22 @@ class World:
         for keys in (state.tokens, state.leases, state.fences, state.spends):
             if rng.random() < 0.5:
                 keys.pop(APP, None)
+
+    def _only_copy_dies(self, replica: Replica) -> None:
+        """The process exits holding the only copy of the server's newest set (its answer came,
+        but the store could not take it): that answer is lost with its sender, as a reply lost
+        after the server acted is."""
+        held = replica.refresher.token
+        valid = self.server.valid_refresh
+        stored = self.store.state.tokens.get(APP)
+        if held is None or held.refresh_token != valid:
+            return
+        if stored is not None and stored.refresh_token == valid:
+            return
+        for record in reversed(self.server.presentations):
+            if record.outcome in ("rotated", "grace"):
+                record.reply_lost, record.lost_by = True, "sender_died"
+                return
 
     def _refresher(
         self, name: str, source: SimSource, view: SimStoreView, clock: Clock, metrics: Metrics
