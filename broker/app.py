@@ -214,9 +214,12 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         fresh = before is not None and any(
             getattr(before, f) != getattr(spec, f) for f in _IDENTITY_FIELDS
         )
+        replaced = broker.core.refreshers.get(name)
         if before is not None:
             await broker.core.remove_app(name)
         refresher = new_refresher(broker, spec)
+        if replaced is not None:
+            refresher.take_over(replaced)
         broker.core.add_app(refresher, fresh=fresh)
         await broker.sinks.attach(refresher)
         audit(log, "app.updated" if before is not None else "app.added", app=name)

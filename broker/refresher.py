@@ -383,6 +383,18 @@ class AppRefresher:
         self._dirty = False
         self._last_sync = self._clock.monotonic()
 
+    def take_over(self, retired: AppRefresher) -> None:
+        """Keep the set the refresher this one replaces held (a config reload): it may be the
+        only copy of a rotated set that the store could not take yet, so write it back.
+        (A client-credentials app spends nothing: a new token is as good.)"""
+        token = retired.token
+        if not self.grant_spends:
+            return
+        if token is not None and (self.token is None or token.rank > self.token.rank):
+            self.prime(token)
+            self._dirty = True
+            self._unsynced = True
+
     def notify_store_changed(self) -> None:
         """The store may hold something new (a reconnect): look on the next turn.
 

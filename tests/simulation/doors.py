@@ -300,6 +300,34 @@ def store_clock_step_back_after_a_send() -> Schedule:
     )
 
 
+def config_reload_while_the_answer_is_unstored() -> Schedule:
+    """Found by the swarm (seeds 119, 331, 948 of the first swarm run): the spender's store
+    link fails right after the server rotated, so the answer cannot be committed, and a config
+    reload replaces its refresher meanwhile. The new refresher started from the store's older,
+    spent set: the rotated set, held only by the retired refresher, was dropped."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        spender = _index(world, server.presentations[0].replica)
+        world.replicas[spender].view.faults.partitioned = True
+        await world.time.sleep(1.0)
+        await world.reload(spender)
+        await world.time.sleep(20.0)
+        world.replicas[spender].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_008,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="config_reload_while_the_answer_is_unstored",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -311,6 +339,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "m4_500_after_rotating": m4_500_after_rotating,
     "empty_restart_on_short_tokens": empty_restart_on_short_tokens,
     "store_clock_step_back_after_a_send": store_clock_step_back_after_a_send,
+    "config_reload_while_the_answer_is_unstored": config_reload_while_the_answer_is_unstored,
 }
 
 

@@ -12,6 +12,7 @@ from broker.core import BrokerCore
 from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
 from broker.oauth import parse
+from broker.refresher import AppRefresher
 from broker.store import Notice, SpendEnd, SpendStart
 from broker.store.memory import MemoryStore
 from tests.simulation.doors import DOORS
@@ -205,3 +206,12 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["store_clock_step_back_after_a_send"]())
         assert not result.ok
         assert result.revoked
+
+    def test_a_config_reload_that_drops_the_retired_refreshers_set(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a reload whose new refresher starts from the store alone drops the
+        rotated set the old one held but could not store: the fleet stops serving."""
+        mutate(AppRefresher, "take_over", lambda self, retired: None)
+        result = run(DOORS["config_reload_while_the_answer_is_unstored"]())
+        assert not result.ok

@@ -86,15 +86,10 @@ _CLOCK_STEP_M3 = (
     "issue 20 M3 (another branch): a pod measures its offset while Redis's clock is stepped "
     "back and serves a token past its true expiry"
 )
-_RELOAD_DROPS_ANSWER = (
-    "open: a config reload while the store is unreachable drops the rotated set the old "
-    "refresher could not store (the new refresher starts from the store's older set)"
-)
 OPEN_SEEDS: dict[int, str] = {
     **dict.fromkeys([2, 47, 68, 267, 301, 318, 436, 452, 547, 912], _SENT_NEVER_SENT),
     **dict.fromkeys([162, 194, 209, 760, 847, 916], _FORGOTTEN_WHILE_ALONE),
     **dict.fromkeys([344, 516, 702], _CLOCK_STEP_M3),
-    **dict.fromkeys([119, 331, 948], _RELOAD_DROPS_ANSWER),
 }
 
 _RESULTS: dict[int, Result] = {}

@@ -985,8 +985,9 @@ class World:
         return self.start_replica(len(self.offsets) - 1)
 
     def reload(self, index: int) -> asyncio.Future[None]:
-        """A config reload that changed the app: same process and owner name, but a new
-        refresher, which remembers no spend (the old one drains first, as the broker's does)."""
+        """A config reload that changed the app, as `broker.app.reload_config` does it: same
+        process and owner name, the old refresher drained, a new one that keeps its set but
+        remembers no spend."""
         replica = self.replicas[index]
         old = replica.refresher
         clock = old._clock
@@ -998,6 +999,7 @@ class World:
                 return
             metrics = replica.core._metrics
             refresher = self._refresher(replica.name, replica.source, replica.view, clock, metrics)
+            refresher.take_over(old)  # as broker.app.reload_config does
             replica.core.add_app(refresher, fresh=True)
             replica.retiring = None
 
