@@ -1,6 +1,7 @@
 """Seeded fault schedules for the simulated fleet, and the invariants checked after every step.
 
-`python -m tests.simulation.schedule SEED` replays one schedule and prints it with its result.
+`python -m tests.simulation.schedule SEED` replays one schedule and prints it with its result
+(`--legacy`: the first generator's schedule of SEED, as the regression seeds run).
 """
 
 from __future__ import annotations
@@ -751,6 +752,7 @@ def _baseline(schedule: Schedule) -> int:
 
 
 if __name__ == "__main__":
-    outcome = run(make_schedule(int(sys.argv[1])))
+    generate = legacy_schedule if "--legacy" in sys.argv[2:] else make_schedule
+    outcome = run(generate(int(sys.argv[1])))
     print(outcome.report())
     sys.exit(0 if outcome.ok else 1)
