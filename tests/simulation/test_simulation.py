@@ -87,6 +87,11 @@ _CLOCK_STEP_M3 = (
     "issue 20 M3 (another branch): a pod measures its offset while Redis's clock is stepped "
     "back and serves a token past its true expiry"
 )
+_EVICTION = (
+    "open, a misconfiguration: an evicting maxmemory-policy drops keys of a spend in flight "
+    "(its record, the lease or the fence counter); the fleet then waits for a person. The "
+    "broker needs `maxmemory-policy noeviction` (issue 20, Low)"
+)
 _NOT_ANALYSED = (
     "open, not analysed yet (found by the swarm run of issue 20; replay it to see the schedule)"
 )
@@ -97,7 +102,8 @@ OPEN_SEEDS: dict[int, str] = {
     ),
     **dict.fromkeys([162, 194, 209, 760, 847, 916, 1042], _FORGOTTEN_WHILE_ALONE),
     **dict.fromkeys([344, 516, 702], _CLOCK_STEP_M3),
-    **dict.fromkeys([1158, 1188, 1346, 1469], _NOT_ANALYSED),
+    **dict.fromkeys([1346], _EVICTION),
+    **dict.fromkeys([1188, 1469], _NOT_ANALYSED),
 }
 
 _RESULTS: dict[int, Result] = {}

@@ -1016,19 +1016,22 @@ class World:
 
     def _only_copy_dies(self, replica: Replica) -> None:
         """The process exits holding the only copy of the server's newest set (its answer came,
-        but the store could not take it): that answer is lost with its sender, as a reply lost
-        after the server acted is."""
-        held = replica.refresher.token
+        but the store has not taken it yet, nor any other replica): that answer is lost with
+        its sender, as a reply lost after the server acted is."""
         valid = self.server.valid_refresh
         stored = self.store.state.tokens.get(APP)
-        if held is None or held.refresh_token != valid:
-            return
         if stored is not None and stored.refresh_token == valid:
             return
-        for record in reversed(self.server.presentations):
-            if record.outcome in ("rotated", "grace"):
-                record.reply_lost, record.lost_by = True, "sender_died"
+        for other in self.replicas:
+            held = other.refresher.token
+            if other is not replica and other.alive and held and held.refresh_token == valid:
                 return
+        rotations = [p for p in self.server.presentations if p.outcome == "rotated"]
+        if not rotations or rotations[-1].reply_lost:
+            return  # no answer, or one already lost (a request given up on stays unexcused)
+        held = replica.refresher.token
+        if rotations[-1].replica == replica.name or (held and held.refresh_token == valid):
+            rotations[-1].reply_lost, rotations[-1].lost_by = True, "sender_died"
 
     def _refresher(
         self, name: str, source: SimSource, view: SimStoreView, clock: Clock, metrics: Metrics
