@@ -256,6 +256,10 @@ async def reload_config(broker: Broker, path: Path) -> bool:
             log.warning("app.binding_changed", app=name, changed=refresher.binding_changed)
         if previous is not None:
             refresher.carry_over(previous, same_grant=not fresh and not rebound)
+        if previous is not None and not rebound:
+            # Keep the set it held: it may be the only copy of a rotated set the store could
+            # not take yet (swarm-found: a reload while the answer was unstored).
+            refresher.take_over(previous)
         broker.core.add_app(refresher, fresh=fresh)
         await broker.sinks.attach(refresher)
         audit(log, "app.updated" if before is not None else "app.added", app=name)

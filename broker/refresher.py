@@ -57,6 +57,8 @@ FORCE_WINDOW = 60.0
 CALLER_WAIT = 5.0
 # The loop wakes at least this often: it re-reads the wall clock and checks the store.
 MAX_SLEEP = 30.0
+
+
 # Shortest wait before trying again after the lease was busy or lost.
 LEASE_RETRY = 0.25
 # How often a refresh blocked on the store is tried again (a reconnect also wakes it).
@@ -78,6 +80,44 @@ def drain_bound(timing: Timing, *, spends: bool) -> float:
     lease = (timing.objection_idle if spends else 0.0) + timing.max_attempt
     lease += timing.persist + timing.margin
     return lease + (timing.read_timeout if spends else 0.0)
+
+
+class _Wake:
+    """The loop's wake-up: `set()` ends the current sleep, or the next one at once.
+
+    One task per sleep (the clock's), cancelled by `set()`: an `asyncio.Event` waited on beside
+    the sleep cost a second task and an `asyncio.wait` on every turn of every loop.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._sleeper: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        """Wake the loop now (or make its next sleep return at once)."""
+        self._set = True
+        if self._sleeper is not None:
+            self._sleeper.cancel()
+
+    def clear(self) -> None:
+        """Forget an earlier wake-up."""
+        self._set = False
+
+    async def sleep(self, clock: Clock, seconds: float) -> None:
+        """Sleep `seconds` on `clock`, or until `set()`; cancelling the caller still cancels."""
+        if self._set:
+            return
+        sleeper = asyncio.ensure_future(clock.sleep(seconds))
+        self._sleeper = sleeper
+        try:
+            await sleeper
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the caller was cancelled, not woken
+        finally:
+            self._sleeper = None
+            sleeper.cancel()
 
 
 class AppRefresher:
@@ -157,7 +197,7 @@ class AppRefresher:
         self._over_budget = False
         self._ignore_shared_failure = False
         self._inflight: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._wake = _Wake()
         self._forced: collections.deque[float] = collections.deque()
         self._listeners: list[Callable[[TokenSet], None]] = []
         self._vetoes: set[asyncio.Future[None]] = set()
@@ -391,6 +431,18 @@ class AppRefresher:
         if same_grant:
             self._reused_lineage = max(self._reused_lineage, previous._reused_lineage)
 
+    def take_over(self, retired: AppRefresher) -> None:
+        """Keep the set the refresher this one replaces held (a config reload): it may be the
+        only copy of a rotated set that the store could not take yet, so write it back.
+        (A client-credentials app spends nothing: a new token is as good.)"""
+        token = retired.token
+        if not self.grant_spends:
+            return
+        if token is not None and (self.token is None or token.rank > self.token.rank):
+            self.prime(token)
+            self._dirty = True
+            self._unsynced = True
+
     def notify_store_changed(self) -> None:
         """The store may hold something new (a reconnect): look on the next turn.
 
@@ -465,13 +517,7 @@ class AppRefresher:
         self._wake.clear()
         if self._dirty or self._stopping:
             return
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+        await self._wake.sleep(self._clock, seconds)
 
     def _start_refresh(self) -> asyncio.Task[None]:
         if self._inflight is None:

@@ -188,7 +188,8 @@ class MemoryStore:
                 spend.fence == resolved_fence and spend.owner == owner
             ):
                 age = self._clock.monotonic() - spend.sent_at
-                if spend.retries > 0 or age >= retry_within:
+                # A negative age is a clock that stepped back: not inside any window.
+                if spend.retries > 0 or age < 0 or age >= retry_within:
                     return SpendStart.UNKNOWN
                 answer, retries, orig_sent_at = SpendStart.RETRY, 1, spend.sent_at
         self.state.spends[app] = _Spend(

@@ -129,7 +129,10 @@ if sp[1] and sp[3] == ARGV[6] and sp[1] ~= ARGV[2] then
   if sp[5] ~= 'announced' and not (sp[1] == ARGV[8] and sp[2] == ARGV[3]) then
     local t = redis.call('TIME')
     local age = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(sp[6] or '0')
-    if tonumber(sp[4] or '0') > 0 or age >= tonumber(ARGV[7]) then return 'unknown' end
+    -- A negative age is a clock that stepped back: not inside any window.
+    if tonumber(sp[4] or '0') > 0 or age < 0 or age >= tonumber(ARGV[7]) then
+      return 'unknown'
+    end
     answer, retries = 'retry', 1
   end
 end

@@ -253,6 +253,26 @@ class TestSpend:
             is SpendStart.OK
         )
 
+    async def test_no_retry_when_the_store_clock_stepped_back(self, store: TokenStore) -> None:
+        """A spend sent "in the future" of the store's clock (it stepped back since) is not
+        inside any grace window: UNKNOWN, even with no window at all (issue 20, swarm)."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        if isinstance(store, MemoryStore):
+            store.state.spends["app"].sent_at += 60.0
+        else:
+            redis_store = cast(RedisStore, store)
+            await redis_store._client.hincrby(redis_store.spend_key("app"), "sent_at", 60_000)
+        b = await store.acquire_lease("app", "b", 5)
+        for retry_within in (0.0, 30.0):
+            answer = await store.begin_spend(
+                "app", owner="b", fence=b.fence, token=token_set(1), retry_within=retry_within
+            )
+            assert answer is SpendStart.UNKNOWN
+
     async def test_an_aborted_spend_frees_the_token(self, store: TokenStore) -> None:
         """A spend that ended without effect (aborted) does not block the next holder."""
         await store.commit("app", token_set(1))

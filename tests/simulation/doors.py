@@ -406,6 +406,65 @@ def m3_store_clock_steps_back_under_a_restarted_pod() -> Schedule:
     )
 
 
+def store_clock_step_back_after_a_send() -> Schedule:
+    """Found by the swarm (seed 44 of the first swarm run): a strict server rotates a refresh
+    token and answers 500 (the outcome is unknown), and Redis's clock steps back 30 s. The
+    store measured the spend's age on its own clock: negative, so "younger than the retry
+    window" even with no grace window at all, and it granted a "grace retry" of the spent
+    token to a replica whose config reload made it forget the spend."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.error_after_acting = 500
+        await until(world, lambda: server.presentations)
+        server.faults.error_after_acting = None
+        world.store_clock.step = -30.0
+        # A bystander reloads its config: it forgets the spend it heard of and asks the store.
+        spender = _index(world, server.presentations[0].replica)
+        await world.reload((spender + 1) % len(world.replicas))
+        await world.time.sleep(5.0)
+        world.store_clock.step = 0.0  # back before any pod re-measures its offset (M3)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_011,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="store_clock_step_back_after_a_send",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def config_reload_while_the_answer_is_unstored() -> Schedule:
+    """Found by the swarm (seeds 119, 331, 948 of the first swarm run): the spender's store
+    link fails right after the server rotated, so the answer cannot be committed, and a config
+    reload replaces its refresher meanwhile. The new refresher started from the store's older,
+    spent set: the rotated set, held only by the retired refresher, was dropped."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        spender = _index(world, server.presentations[0].replica)
+        world.replicas[spender].view.faults.partitioned = True
+        await world.time.sleep(1.0)
+        await world.reload(spender)
+        await world.time.sleep(20.0)
+        world.replicas[spender].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_012,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="config_reload_while_the_answer_is_unstored",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -422,6 +481,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "m3_store_clock_steps_back_under_a_restarted_pod": (
         m3_store_clock_steps_back_under_a_restarted_pod
     ),
+    "store_clock_step_back_after_a_send": store_clock_step_back_after_a_send,
+    "config_reload_while_the_answer_is_unstored": config_reload_while_the_answer_is_unstored,
 }
 
 

@@ -15,7 +15,7 @@ from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
 from broker.oauth import parse
 from broker.refresher import AppRefresher
-from broker.store import Notice, SpendEnd
+from broker.store import Notice, SpendEnd, SpendStart
 from broker.store.memory import MemoryStore
 from tests.simulation import world as world_module
 from tests.simulation.doors import DOORS
@@ -226,3 +226,49 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["m3_store_clock_steps_back_under_a_restarted_pod"]())
         assert not result.ok
         assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_a_clock_step_back_counted_as_inside_the_retry_window(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: with the old window check, a spend whose age on the store's clock is
+        negative (the clock stepped back) gets a grace retry, even from a strict server."""
+        original = MemoryStore.begin_spend
+
+        async def negative_age_inside(
+            self: MemoryStore,
+            app: str,
+            *,
+            owner: str,
+            fence: int,
+            token: TokenSet,
+            retry_within: float = 0.0,
+            resolved_fence: int = 0,
+        ) -> SpendStart:
+            spend = self.state.spends.get(app)
+            now = self._clock.monotonic()
+            if spend is not None and spend.state != "announced" and now < spend.sent_at:
+                # The old check: `age >= retry_within` is false for any negative age.
+                spend.sent_at, retry_within = now, max(retry_within, 1.0)
+            return await original(
+                self,
+                app,
+                owner=owner,
+                fence=fence,
+                token=token,
+                retry_within=retry_within,
+                resolved_fence=resolved_fence,
+            )
+
+        mutate(MemoryStore, "begin_spend", negative_age_inside)
+        result = run(DOORS["store_clock_step_back_after_a_send"]())
+        assert not result.ok
+        assert result.revoked
+
+    def test_a_config_reload_that_drops_the_retired_refreshers_set(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a reload whose new refresher starts from the store alone drops the
+        rotated set the old one held but could not store: the fleet stops serving."""
+        mutate(AppRefresher, "take_over", lambda self, retired: None)
+        result = run(DOORS["config_reload_while_the_answer_is_unstored"]())
+        assert not result.ok

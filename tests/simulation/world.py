@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import itertools
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+import selectors
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from broker.clock import Clock
 from broker.core import BrokerCore
@@ -39,61 +45,100 @@ from broker.model import (
 from broker.oauth.parse import classify_error
 from broker.refresher import AppRefresher
 from broker.store import Commit, Lease, Notice, SpendEnd, SpendStart, bound_name, client_binding
-from broker.store.memory import MemoryStore
+from broker.store.memory import MemoryState, MemoryStore
 
 APP = "scim"
+T = TypeVar("T")
+
+
+class _NoIO(selectors.SelectSelector):
+    """A selector for a loop with no real I/O: "waiting" moves the simulated clock instead.
+
+    It keeps the loop's self-pipe registered (as asyncio requires) but never polls it.
+    """
+
+    loop: SimLoop | None = None
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        """Nothing is ready: jump the clock to the next timer (the loop asked to wait that long)."""
+        assert self.loop is not None
+        if timeout is None:
+            raise RuntimeError("simulation deadlock: nothing runs and nothing waits on the clock")
+        self.loop.now += timeout
+        return []
+
+
+class SimLoop(asyncio.SelectorEventLoop):
+    """An event loop on simulated time: whenever nothing can run, time jumps to the next timer.
+
+    Every task runs until it waits; only then does the clock move, straight to the earliest
+    wake-up. So a run is a pure function of its seed, costs nothing while "waiting", and the
+    asyncio timers (`asyncio.sleep`) are the world's scheduler.
+    """
+
+    def __init__(self) -> None:
+        selector = _NoIO()
+        super().__init__(selector)
+        selector.loop = self
+        self.now = 0.0
+
+    def time(self) -> float:
+        """Simulated seconds since the world began."""
+        return self.now
+
+
+def run_simulated(main: Coroutine[object, object, T]) -> T:
+    """Run `main` to completion on a fresh SimLoop."""
+    with asyncio.Runner(loop_factory=SimLoop) as runner:
+        return runner.run(main)
 
 
 class SimTime:
-    """The one true clock of the world, and the scheduler of everything that sleeps on it."""
+    """The one true clock of the world: the running SimLoop's time, and sleeping on it."""
 
     def __init__(self) -> None:
-        self.now = 0.0
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
+        loop = asyncio.get_running_loop()
+        if not isinstance(loop, SimLoop):
+            raise RuntimeError("the simulated world runs on a SimLoop (run_simulated)")
+        self._loop = loop
+
+    @property
+    def now(self) -> float:
+        """Simulated seconds since the world began."""
+        return self._loop.now
 
     async def sleep(self, seconds: float) -> None:
         """Wait until the world's time has moved `seconds` on."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), next(self._seq), future))
-        await future
-
-    def next_deadline(self) -> float | None:
-        """The earliest pending wake-up."""
-        while self._sleepers and self._sleepers[0][2].done():
-            heapq.heappop(self._sleepers)
-        return self._sleepers[0][0] if self._sleepers else None
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+        else:
+            await asyncio.sleep(0)
 
     async def settle(self) -> None:
-        """Run every task that can run, until all wait on the clock (or on each other)."""
-        loop = asyncio.get_running_loop()
+        """Run every task that can run now, until all wait on the clock (or on each other)."""
+        loop = self._loop
         for _ in range(10_000):
             await asyncio.sleep(0)
             if not loop._ready:  # type: ignore[attr-defined]
                 return
 
     async def advance_to(self, target: float) -> None:
-        """Move time to `target`, waking sleepers in deadline order and letting them run."""
-        await self.settle()
-        while True:
-            deadline = self.next_deadline()
-            if deadline is None or deadline > target:
-                break
-            _, _, future = heapq.heappop(self._sleepers)
-            self.now = max(self.now, deadline)
-            future.set_result(None)
-            await self.settle()
-        self.now = max(self.now, target)
+        """Move time to `target`: everything due until then runs, in time order, and settles."""
+        if target > self._loop.now:
+            await asyncio.sleep(target - self._loop.now)
         await self.settle()
 
 
 class ReplicaClock:
     """A replica's view of time: the true clock plus its own wall offset and monotonic base."""
 
-    def __init__(self, world: SimTime, wall_offset: float, mono_base: float) -> None:
+    def __init__(
+        self, world: SimTime, wall_offset: float, mono_base: float, frozen: Frozen | None = None
+    ) -> None:
         self._world = world
         self.wall_offset = wall_offset
         self._mono_base = mono_base
+        self.frozen = frozen if frozen is not None else Frozen(world)
 
     def time(self) -> float:
         """Wall time as this replica's (possibly wrong) clock reads it."""
@@ -104,28 +149,32 @@ class ReplicaClock:
         return self._mono_base + self._world.now
 
     async def sleep(self, seconds: float) -> None:
-        """Sleep on the world's clock."""
+        """Sleep on the world's clock (and past it while the process is frozen)."""
         await self._world.sleep(seconds)
+        await self.frozen.thaw()
 
 
 WALL_EPOCH = 1_800_000_000.0
 
 
 class StoreClock:
-    """The store's clock: `TIME` is true time plus `step` (a step of the Redis host's clock,
-    back or forward, as NTP or an operator makes it); leases run on true elapsed time."""
+    """The store's clock (lease expiry, `TIME`): true time, plus any step it took.
+
+    Redis expires keys on its own wall clock, so a step moves lease deadlines and record ages
+    as well as `TIME`.
+    """
 
     def __init__(self, world: SimTime) -> None:
         self._world = world
         self.step = 0.0
 
     def time(self) -> float:
-        """The store's wall time: true time, stepped by `step`."""
+        """The store host's wall time."""
         return WALL_EPOCH + self._world.now + self.step
 
     def monotonic(self) -> float:
-        """True elapsed time."""
-        return self._world.now
+        """The store's elapsed time (it follows its wall clock)."""
+        return self._world.now + self.step
 
     async def sleep(self, seconds: float) -> None:
         """Sleep on the world's clock."""
@@ -197,6 +246,7 @@ class SimAuthServer:
         self.late: set[asyncio.Future[None]] = set()  # cancelled requests still on their way
         # Every refresh token sent: (world time, replica, refresh token), for scripted faults.
         self.sends: list[tuple[float, str, str]] = []
+        self.phases = SpendPhases()  # the moments inside spends, for aimed faults
 
     def authorize(self) -> TokenSet:
         """The operator's one-time authorization: a fresh grant."""
@@ -268,6 +318,7 @@ class SimSource:
         self.replica = ""
         self.dead = False
         self.draining = False  # SIGTERM received: a request in flight must be seen through
+        self.frozen = Frozen(world)  # the process is paused (shared with its clock and view)
         # Called once when the server next acts on a refresh token of ours (SIGTERM mid-spend).
         self.on_spend: Callable[[], None] | None = None
 
@@ -294,6 +345,7 @@ class SimSource:
         arrives_at = self._world.now + delay
         try:
             await self._world.sleep(delay)
+            await self.frozen.thaw()
         except asyncio.CancelledError:
             # The sender died (or gave up) with the request on the wire.
             if refresh_token is not None:
@@ -326,6 +378,8 @@ class SimSource:
                 await self._world.sleep(0.02)
                 raise
             record = server.presentations[-1]
+            if record.outcome == "rotated":
+                server.phases.reached("acted", self.replica)
             if lost:
                 record.reply_lost, record.lost_by = True, "wire"
             elif faults.error_after_acting is not None and record.outcome == "rotated":
@@ -339,6 +393,7 @@ class SimSource:
                 on_spend()
         try:
             await self._world.sleep(0.02 + self._rng.random() * 0.05)
+            await self.frozen.thaw()
         except asyncio.CancelledError:
             # The caller gave up (or died) after the server acted: that reply is lost too.
             if record is not None:
@@ -361,7 +416,101 @@ class SimSource:
         record.reply_lost, record.lost_by = True, "gave_up"
 
 
+# ---- issue 20: faults aimed inside spends, and the faults added with them --------------------
+
+
+class Frozen:
+    """Whether a process is paused (a GC pause, a stalled event loop, a stopped container).
+
+    A paused process runs nothing: each of its waits (clock, store, token endpoint) ends no
+    earlier than the pause, while the world's time, its leases included, runs on.
+    """
+
+    def __init__(self, world: SimTime) -> None:
+        self._world = world
+        self.until = 0.0
+
+    async def thaw(self) -> None:
+        """Return once the process runs again."""
+        while self._world.now < self.until:
+            await self._world.sleep(self.until - self._world.now)
+
+
+PHASES = ("announced", "sent", "acted")
+
+
+class SpendPhases:
+    """The moments inside a spend, as they happen: "announcing" (a replica is about to record
+    one), "announced" (recorded), "sent" (marked sent, the token leaves), "acted" (the server
+    rotated it; its answer is on the way to be committed). Aimed faults wait for them."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Callable[[str, str], None]] = []
+
+    def reached(self, phase: str, replica: str) -> None:
+        """`replica`'s spend reached `phase`."""
+        for listener in list(self.listeners):
+            listener(phase, replica)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# How long a client waits for a write's answer before it gives up (the store's socket timeout).
+LATE_WRITE_TIMEOUT = 1.0
+
+
+def _may_apply_late(
+    method: Callable[Concatenate[SimStoreView, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[SimStoreView, P], Coroutine[Any, Any, R]]:
+    """A write that, while the view's `late_writes` fault is on, may reach the store only after
+    its client timed out: the client sees a timeout, and the command applies later."""
+
+    async def write(view: SimStoreView, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        late = view.faults.late_writes
+        if not late or view.draining or view._rng.random() >= late:
+            return await method(view, *args, **kwargs)
+        await view._hop()
+        delay = LATE_WRITE_TIMEOUT * (1.0 + view._rng.random())
+        target = view._shared if method.__name__ == "commit" else view._spends
+        command = cast(Callable[..., Coroutine[Any, Any, object]], getattr(target, method.__name__))
+
+        async def apply_later() -> None:
+            await view._world.sleep(delay)
+            with contextlib.suppress(StoreUnavailable):
+                await command(*args, **kwargs)
+
+        task = asyncio.ensure_future(apply_later())
+        view._late.add(task)
+        task.add_done_callback(view._late.discard)
+        await view._world.sleep(LATE_WRITE_TIMEOUT)
+        raise StoreUnavailable("simulated: timed out (the command is applied later)")
+
+    return write
+
+
 # ---- the store --------------------------------------------------------------------------------
+
+
+class ConnectionWatch:
+    """Wakes every subscription when something that may drop connections changed (a partition,
+    an outage, a store restart), so a subscription checks at once instead of polling."""
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future resolved at the next change."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        return future
+
+    def poke(self) -> None:
+        """Something changed: wake every waiting subscription."""
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
 
 
 @dataclass
@@ -371,6 +520,31 @@ class StoreFaults:
     partitioned: bool = False
     lose_replies: float = 0.0  # probability a write is applied but its answer is lost
     unreadable_after: float | None = None  # sets written after this time are unreadable here
+    # Probability a write reaches the store only after its client timed out (and applies then).
+    late_writes: float = 0.0
+    slow_time: float = 0.0  # up to this many extra seconds each way for a `TIME` round trip
+    watch: ConnectionWatch | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        watch = self.__dict__.get("watch")
+        if watch is not None and name == "partitioned":
+            watch.poke()
+
+
+class SimMemoryStore(MemoryStore):
+    """The shared MemoryStore; a restore (restart, rollback) wakes every subscription."""
+
+    def __init__(
+        self, clock: Clock, watch: ConnectionWatch, *, require_replica_ack: bool = False
+    ) -> None:
+        super().__init__(clock, require_replica_ack=require_replica_ack)
+        self.watch = watch
+
+    def restore(self, state: MemoryState) -> None:
+        """Replace everything stored; subscriptions check whether their connection dropped."""
+        super().restore(state)
+        self.watch.poke()
 
 
 class SimStoreView:
@@ -379,21 +553,26 @@ class SimStoreView:
     def __init__(
         self,
         world: SimTime,
-        shared: MemoryStore,
+        shared: SimMemoryStore,
         rng: random.Random,
         written_at: dict[str, float],
     ) -> None:
         self._world = world
         self._shared = shared
         self._rng = rng
-        self.faults = StoreFaults()
-        self.outage = False  # the store itself is down (every view)
+        self._watch = shared.watch
+        self.faults = StoreFaults(watch=shared.watch)
+        self._outage = False
         self.dead = False  # the replica was killed
         self._written_at = written_at  # app → world time of the last stored commit (any view)
         self.restarts = [0]  # shared: the store's restarts so far (each drops every connection)
-        self.moves = 0  # this connection moved to another primary (a failover, a split brain)
         self.draining = False  # SIGTERM received
         self.server: SimAuthServer | None = None  # counts a spend marked sent while draining
+        self.frozen = Frozen(world)  # the process is paused (shared with its clock and source)
+        self.name = ""  # the replica's (for the spend phases)
+        self.phases = SpendPhases()  # the world's (set when the replica starts)
+        self._late: set[asyncio.Future[None]] = set()  # writes still on their way
+        self.moves = 0  # this connection moved to another primary (a failover, a split brain)
         # The fleet protocol version of the replica's code: what its writes carry (M5).
         self.protocol = PROTOCOL_VERSION
         # A replica of another protocol version keeps its lease and spend record where its own
@@ -404,6 +583,16 @@ class SimStoreView:
     def _spends(self) -> MemoryStore:
         return self.spend_store if self.spend_store is not None else self._shared
 
+    @property
+    def outage(self) -> bool:
+        """The store itself is down (every view)."""
+        return self._outage
+
+    @outage.setter
+    def outage(self, down: bool) -> None:
+        self._outage = down
+        self._watch.poke()
+
     def _reachable(self) -> None:
         if self.faults.partitioned or self.outage or self.dead:
             raise StoreUnavailable("simulated: store unreachable")
@@ -411,6 +600,7 @@ class SimStoreView:
     async def _hop(self) -> None:
         self._reachable()
         await self._world.sleep(0.001 + self._rng.random() * 0.004)
+        await self.frozen.thaw()
         self._reachable()
 
     def _maybe_lose(self) -> None:
@@ -440,6 +630,7 @@ class SimStoreView:
             return found
         return {a: t for a, t in found.items() if self._written_at.get(a, -1.0) < after}
 
+    @_may_apply_late
     async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:
         """Commit, possibly losing the answer after applying it."""
         await self._hop()
@@ -456,6 +647,7 @@ class SimStoreView:
         await self._hop()
         return result
 
+    @_may_apply_late
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
         """Acquire, possibly losing the answer after applying it."""
         await self._hop()
@@ -464,12 +656,14 @@ class SimStoreView:
         await self._hop()
         return result
 
+    @_may_apply_late
     async def release_lease(self, app: str, owner: str, fence: int) -> None:
         """Release."""
         await self._hop()
         await self._spends.release_lease(app, owner, fence)
         self._maybe_lose()
 
+    @_may_apply_late
     async def begin_spend(
         self,
         app: str,
@@ -482,6 +676,7 @@ class SimStoreView:
     ) -> SpendStart:
         """Announce a spend, possibly losing the answer after applying it."""
         await self._hop()
+        self.phases.reached("announcing", self.name)
         result = await self._spends.begin_spend(
             app,
             owner=owner,
@@ -490,20 +685,26 @@ class SimStoreView:
             retry_within=retry_within,
             resolved_fence=resolved_fence,
         )
+        if result in (SpendStart.OK, SpendStart.RETRY):
+            self.phases.reached("announced", self.name)
         self._maybe_lose()
         await self._hop()
         return result
 
+    @_may_apply_late
     async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
         """Mark a spend sent, possibly losing the answer after applying it."""
         if self.draining and not self.dead and self.server is not None:
             self.server.sent_after_sigterm += 1
         await self._hop()
         result = await self._spends.mark_sent(app, owner=owner, fence=fence)
+        if result:
+            self.phases.reached("sent", self.name)
         self._maybe_lose()
         await self._hop()
         return result
 
+    @_may_apply_late
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Veto an announced spend."""
         await self._hop()
@@ -511,6 +712,7 @@ class SimStoreView:
         self._maybe_lose()
         return result
 
+    @_may_apply_late
     async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
         """End a spend, possibly losing the answer after applying it."""
         await self._hop()
@@ -527,13 +729,14 @@ class SimStoreView:
             while True:
                 getter = asyncio.ensure_future(anext(feed))
                 while not getter.done():
-                    waiter = asyncio.ensure_future(self._world.sleep(1.0))
-                    await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
+                    # Woken by a notice, or by a change that may have dropped the connection.
+                    waiting: set[asyncio.Future[Any]] = {getter, self._watch.waiter()}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                     if self._dropped(restarts, moves):
                         raise StoreUnavailable("simulated: subscription dropped")
                 notice = getter.result()
                 await self._world.sleep(0.002)
+                await self.frozen.thaw()
                 # A restart drops every connection at once: nothing published after it reaches
                 # a subscription made before it.
                 if self._dropped(restarts, moves):
@@ -562,15 +765,21 @@ class SimStoreView:
             or self.moves != moves
         )
 
-    def move_to(self, store: MemoryStore) -> None:
+    def move_to(self, store: SimMemoryStore) -> None:
         """Connect to another primary from now on; the subscription drops and reconnects."""
         self._shared = store
         self.moves += 1
+        self._watch.poke()
 
     async def server_time(self) -> float:
-        """The store's clock (true time), after a hop."""
+        """The store's clock, after a hop (each way slower while `TIME` round trips are slow)."""
         await self._hop()
-        return await self._shared.server_time()
+        if self.faults.slow_time:
+            await self._world.sleep(self._rng.random() * self.faults.slow_time)
+        now = await self._shared.server_time()
+        if self.faults.slow_time:
+            await self._world.sleep(self._rng.random() * self.faults.slow_time)
+        return now
 
     async def record_failure(
         self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
@@ -620,11 +829,16 @@ class Replica:
     core: BrokerCore
     task: asyncio.Task[None]
     alive: bool = True
+    retiring: AppRefresher | None = None  # the refresher a config reload is replacing
 
     @property
     def refresher(self) -> AppRefresher:
-        """The app's refresher."""
-        return self.core.refreshers[APP]
+        """The app's refresher (while a reload replaces it, the one being retired)."""
+        current = self.core.refreshers.get(APP)
+        if current is None:
+            assert self.retiring is not None
+            return self.retiring
+        return current
 
 
 @dataclass
@@ -654,14 +868,15 @@ class World:
         self.config = config
         self.rng = rng
         self.time = SimTime()
+        self.store_clock = StoreClock(self.time)
         # The store models Redis with replicas (Sentinel): each `sent` record is acknowledged
         # by a replica before its token is sent (store.require_replica_ack, issue 20, H4).
-        self.store_clock = StoreClock(self.time)
-        self.store = MemoryStore(self.store_clock, require_replica_ack=True)
+        self.store = SimMemoryStore(self.store_clock, ConnectionWatch(), require_replica_ack=True)
         # During a split brain: the old primary some replicas still write to, and their views.
-        self.stale_primary: MemoryStore | None = None
+        self.stale_primary: SimMemoryStore | None = None
         self._split_views: list[SimStoreView] = []
         self._split_cause: object = None
+        self.offsets = list(config.offsets)  # grows as pods join
         self.written_at: dict[str, float] = {}
         self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
         self.server = SimAuthServer(self.time, rng, lifetime=config.lifetime, grace=config.grace)
@@ -745,12 +960,15 @@ class World:
         prefix: str,
         protocol: int | None,
     ) -> Replica:
-        offset = self.config.offsets[index]
-        host_clock = ReplicaClock(self.time, offset, mono_base=1000.0 * (index + 1))
+        offset = self.offsets[index]
+        frozen = Frozen(self.time)
+        host_clock = ReplicaClock(self.time, offset, mono_base=1000.0 * (index + 1), frozen=frozen)
         clock = FleetClock(host_clock)
         view = SimStoreView(
             self.time, self.store, random.Random(self.rng.random()), self.written_at
         )
+        view.frozen = frozen
+        view.phases = server.phases
         view.restarts = self.restarts
         view.server = server
         view.outage = self.store_outage
@@ -759,25 +977,16 @@ class World:
             view.spend_store = self._newer_protocol_store()
             view.spend_store.protocol = protocol
         source = SimSource(self.time, server, clock, random.Random(self.rng.random()))
+        source.frozen = frozen
         name = f"{prefix}{index}.{next(self._incarnations)}"
         source.replica = name
+        view.name = name
         metrics = Metrics()
         self.metrics.append(metrics)
         core = BrokerCore({}, view, clock, metrics)
-        refresher = AppRefresher(
-            spec,
-            source,
-            view,
-            clock,
-            metrics,
-            owner=name,
-            rng=random.Random(self.rng.random()),
-            timing=TIMING,
-            host_clock=host_clock,
+        core.add_app(
+            self._refresher(name, source, view, clock, metrics, spec=spec, host_clock=host_clock)
         )
-        if protocol is not None:
-            refresher.fleet.protocol = protocol
-        core.add_app(refresher)
 
         async def serve() -> None:
             await clock.measure_within(view, 3.0)
@@ -797,6 +1006,12 @@ class World:
         # A dead process touches nothing again: its connections fail at once, without effect.
         replica.view.dead = True
         replica.source.dead = True
+        spend = self.store.state.spends.get(self.key)
+        if spend is not None and spend.owner == replica.name and spend.state == "sent":
+            # Killed after marking its spend sent, maybe before the request left: nobody can
+            # know whether the server got it (as for a request on the wire).
+            self.server.in_flight_when_cancelled += 1
+        self._only_copy_dies(replica)
         inflight = replica.refresher._inflight
         for task in [replica.task] + ([inflight] if inflight is not None else []):
             task.cancel()
@@ -817,6 +1032,7 @@ class World:
 
         async def drain_then_exit() -> None:
             await replica.core.drain(None)
+            self._only_copy_dies(replica)
             replica.task.cancel()
             inflight = replica.refresher._inflight
             if inflight is not None:
@@ -847,7 +1063,11 @@ class World:
         while one lasts is ignored; `cause` names the split that `heal_split_brain` ends."""
         if self.stale_primary is not None:
             return
-        old = MemoryStore(StoreClock(self.time), require_replica_ack=self.store.require_replica_ack)
+        old = SimMemoryStore(
+            StoreClock(self.time),
+            self.store.watch,
+            require_replica_ack=self.store.require_replica_ack,
+        )
         old.restore(self.store.snapshot())
         old.replicas_acknowledge = False
         self.stale_primary = old
@@ -856,6 +1076,7 @@ class World:
         for view in self._split_views:
             view.move_to(old)
         self.restarts[0] += 1
+        self.store.watch.poke()
 
     def heal_split_brain(self, cause: object = None) -> None:
         """The old primary rejoins as a replica of the new one: what was written to it alone
@@ -886,3 +1107,98 @@ class World:
         for task in self.draining:
             task.cancel()
         await asyncio.gather(*self.draining, return_exceptions=True)
+
+    # ---- issue 20: faults aimed inside spends, and the faults added with them ----------------
+
+    def pause(self, index: int, seconds: float) -> None:
+        """Freeze replica `index` for `seconds` (longer than its lease): it resumes unaware."""
+        replica = self.replicas[index]
+        replica.view.frozen.until = max(replica.view.frozen.until, self.time.now + seconds)
+
+    def add_replica(self, offset: float) -> Replica:
+        """A new pod joins the fleet (scale-up, or a rolling deploy's surge pod)."""
+        self.offsets.append(offset)
+        return self.start_replica(len(self.offsets) - 1)
+
+    def reload(self, index: int) -> asyncio.Future[None]:
+        """A config reload that changed the app, as `broker.app.reload_config` does it: same
+        process and owner name, the old refresher drained, a new one that keeps its set but
+        remembers no spend."""
+        replica = self.replicas[index]
+        old = replica.refresher
+        clock = old._clock
+
+        async def reload() -> None:
+            replica.retiring = old
+            await replica.core.remove_app(APP)
+            if not replica.alive:
+                return
+            metrics = replica.core._metrics
+            refresher = self._refresher(
+                replica.name,
+                replica.source,
+                replica.view,
+                clock,
+                metrics,
+                spec=old.spec,
+                host_clock=replica.clock,
+            )
+            refresher.take_over(old)  # as broker.app.reload_config does
+            replica.core.add_app(refresher, fresh=True)
+            replica.retiring = None
+
+        task = asyncio.ensure_future(reload())
+        self.draining.append(task)
+        return task
+
+    def evict(self, rng: random.Random) -> None:
+        """The store evicts some of the app's keys (maxmemory with an evicting policy)."""
+        state = self.store.state
+        for keys in (state.tokens, state.leases, state.fences, state.spends):
+            if rng.random() < 0.5:
+                keys.pop(self.key, None)
+
+    def _only_copy_dies(self, replica: Replica) -> None:
+        """The process exits holding the only copy of the server's newest set (its answer came,
+        but the store has not taken it yet, nor any other replica): that answer is lost with
+        its sender, as a reply lost after the server acted is."""
+        valid = self.server.valid_refresh
+        stored = self.store.state.tokens.get(self.key)
+        if stored is not None and stored.refresh_token == valid:
+            return
+        for other in self.replicas:
+            held = other.refresher.token
+            if other is not replica and other.alive and held and held.refresh_token == valid:
+                return
+        rotations = [p for p in self.server.presentations if p.outcome == "rotated"]
+        if not rotations or rotations[-1].reply_lost:
+            return  # no answer, or one already lost (a request given up on stays unexcused)
+        held = replica.refresher.token
+        if rotations[-1].replica == replica.name or (held and held.refresh_token == valid):
+            rotations[-1].reply_lost, rotations[-1].lost_by = True, "sender_died"
+
+    def _refresher(
+        self,
+        name: str,
+        source: SimSource,
+        view: SimStoreView,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        spec: AppSpec,
+        host_clock: ReplicaClock,
+    ) -> AppRefresher:
+        refresher = AppRefresher(
+            spec,
+            source,
+            view,
+            clock,
+            metrics,
+            owner=name,
+            rng=random.Random(self.rng.random()),
+            timing=TIMING,
+            host_clock=host_clock,
+        )
+        if view.protocol != PROTOCOL_VERSION:
+            refresher.fleet.protocol = view.protocol
+        return refresher
