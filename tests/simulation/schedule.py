@@ -36,6 +36,7 @@ FAULT_KINDS = (
     "sigterm",
     "split_brain",
     "replica_ack_lost",
+    "half_open",
 )
 
 
@@ -319,6 +320,11 @@ async def _apply(
         case "replica_ack_lost":
             # The primary's replicas are down or cut off: no write is acknowledged.
             world.store.replicas_acknowledge = not on
+        case "half_open":
+            # The replica's subscription goes half-open: silent, no error, for good (it heals
+            # only by the replica's own deadline and a new subscription).
+            if on:
+                view.faults.half_opened += 1
         case "sigterm":
             # Half of them land mid-spend: after the server rotated, before the reply arrives.
             if on and fault.param >= 0.5:

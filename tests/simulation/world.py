@@ -371,6 +371,10 @@ class StoreFaults:
     partitioned: bool = False
     lose_replies: float = 0.0  # probability a write is applied but its answer is lost
     unreadable_after: float | None = None  # sets written after this time are unreadable here
+    # How many times this replica's subscription went half-open (a NAT or proxy forgot it):
+    # a subscription made before the last time hears nothing more, and no error ever reaches
+    # it (not a partition, not a restart). Commands, and subscriptions made later, work.
+    half_opened: int = 0
 
 
 class SimStoreView:
@@ -523,6 +527,7 @@ class SimStoreView:
         feed = cast(AsyncGenerator[Notice, None], self._shared.updates())
         getter: asyncio.Future[Notice] | None = None
         restarts, moves = self.restarts[0], self.moves
+        half_opened = self.faults.half_opened
         try:
             while True:
                 getter = asyncio.ensure_future(anext(feed))
@@ -530,10 +535,16 @@ class SimStoreView:
                     waiter = asyncio.ensure_future(self._world.sleep(1.0))
                     await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
+                    if self.faults.half_opened != half_opened:
+                        break
                     if self._dropped(restarts, moves):
                         raise StoreUnavailable("simulated: subscription dropped")
-                notice = getter.result()
-                await self._world.sleep(0.002)
+                if self.faults.half_opened == half_opened:
+                    notice = getter.result()
+                    await self._world.sleep(0.002)
+                if self.faults.half_opened != half_opened:
+                    # Half-open: silence for good; only the subscriber's own deadline ends it.
+                    await asyncio.Future()
                 # A restart drops every connection at once: nothing published after it reaches
                 # a subscription made before it.
                 if self._dropped(restarts, moves):
@@ -566,6 +577,11 @@ class SimStoreView:
         """Connect to another primary from now on; the subscription drops and reconnects."""
         self._shared = store
         self.moves += 1
+
+    async def heartbeat(self) -> None:
+        """Publish a heartbeat notice."""
+        await self._hop()
+        await self._shared.heartbeat()
 
     async def server_time(self) -> float:
         """The store's clock (true time), after a hop."""
@@ -763,7 +779,8 @@ class World:
         source.replica = name
         metrics = Metrics()
         self.metrics.append(metrics)
-        core = BrokerCore({}, view, clock, metrics)
+        # (seeded by the name, not drawn from the world's generator: seeds replay as before)
+        core = BrokerCore({}, view, clock, metrics, rng=random.Random(name))
         refresher = AppRefresher(
             spec,
             source,
