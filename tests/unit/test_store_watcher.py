@@ -134,13 +134,15 @@ class TestHeartbeat:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def test_a_heartbeat_is_not_handed_to_any_refresher(self, clock: FakeClock) -> None:
+    async def test_a_heartbeat_is_not_handed_to_any_refresher(
+        self, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """A heartbeat notice names no app (""): the refresher is not told about it."""
         assert Notice(app="", kind=HEARTBEAT).app == ""
         store = HalfOpenStore(clock)
         core, task = await _fleet_of_one(clock, store, Metrics())
         heard: list[Notice] = []
-        core.refreshers[APP].on_notice = heard.append  # type: ignore[method-assign]
+        monkeypatch.setattr(core.refreshers[APP], "on_notice", heard.append)
         try:
             await clock.advance(10.0)
             assert store.heartbeats > 0
