@@ -76,7 +76,7 @@ async def subscribed(store: RedisStore) -> AsyncIterator[None]:
         await asyncio.gather(task, return_exceptions=True)
 
 
-def keepalive_of_connections_to(ports: set[int]) -> list[tuple[int, ...]]:
+def keepalive_of_connections_to(ports: set[int]) -> list[tuple[int, int, int, int, int]]:
     """(SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT) of each of this
     process's TCP sockets connected to one of `ports` (read from the sockets themselves)."""
     found = []

@@ -72,7 +72,6 @@ async def _fleet_of_one(
     clock: FakeClock, store: MemoryStore, metrics: Metrics
 ) -> tuple[BrokerCore, asyncio.Task[None]]:
     """A core with one app whose stored set lives an hour (no refresh is due in these tests)."""
-    await store.commit(APP, _set(clock, 1))
     spec = AppSpec(
         name=APP,
         token_url="http://127.0.0.1/token",
@@ -88,6 +87,7 @@ async def _fleet_of_one(
         owner="r0",
         rng=random.Random(7),
     )
+    await store.commit(refresher.store_name, _set(clock, 1))
     core = BrokerCore({APP: refresher}, store, clock, metrics, rng=random.Random(3))
     task = asyncio.create_task(core.run())
     await clock.advance(0.1)
@@ -203,7 +203,7 @@ class TestHalfOpenSubscription:
         try:
             store.half_open()
             await clock.advance(0.5)
-            await store.commit(APP, _set(clock, 2))
+            await store.commit(refresher.store_name, _set(clock, 2))
             await clock.advance(SILENCE_DEADLINE - 1.0)
             assert refresher.token is not None and refresher.token.generation == 1
             await clock.advance(STORE_RETRY_MIN + 1.0)
