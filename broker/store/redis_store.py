@@ -830,7 +830,8 @@ def redis_client(
 
     However many apps the broker serves, it opens at most MAX_COMMAND_CONNECTIONS connections
     for commands plus one for pub/sub (per node on a Cluster); a command that finds them all busy
-    waits for one (up to POOL_WAIT_TIMEOUT) instead of failing as if the store were down.
+    waits for one (up to POOL_WAIT_TIMEOUT) instead of failing as if the store were down. Every
+    connection, a Sentinel's included, has TCP keepalive (`keepalive_options`, redis_pool.py).
     """
     scheme = url.partition("://")[0]
     name = client_name if client_name is not None else default_client_name()
