@@ -430,7 +430,7 @@ def m2_half_open_spender() -> Schedule:
 
     config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
     return Schedule(
-        seed=20_011,
+        seed=20_013,
         config=config,
         faults=(),
         duration=480.0,
