@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import random
 from collections.abc import Collection, Mapping, Sequence
 
 from broker.clock import Clock
@@ -12,13 +15,25 @@ from broker.metrics import Metrics
 from broker.model import TokenSet
 from broker.refresher import AppRefresher
 from broker.service import AppStatus
-from broker.store import TokenStore
+from broker.store import HEARTBEAT, TokenStore
 
 log = get_logger(__name__)
 
 STORE_RETRY_MIN = 0.5
 # Short: a replica that reconnects late hears late of other replicas' spends and commits.
 STORE_RETRY_MAX = 5.0
+# A subscription can go half-open (a NAT, firewall or proxy forgot its connection): no error
+# ever comes, the notices just stop (issue 20, M2: 45 s of silence lost 9 notices on real
+# Redis). So the channel is never quiet for long: a replica that heard nothing for
+# HEARTBEAT_AFTER seconds (times 1 to 1.5, at random, so that one replica's heartbeat usually
+# answers for the whole fleet) publishes a heartbeat, and again every HEARTBEAT_AFTER seconds;
+# a subscription that heard nothing, not even those, for SILENCE_DEADLINE seconds is broken:
+# re-subscribe and re-read every app, as after an outage. The deadline plus the first
+# reconnect delay stays below the long objection window (6 s): a spender whose subscription
+# went deaf as its token left is back, and vetoes, before another replica's spend of that token
+# announced meanwhile can be sent.
+HEARTBEAT_AFTER = 2.0
+SILENCE_DEADLINE = 5.0
 
 
 class BrokerCore:
@@ -30,6 +45,8 @@ class BrokerCore:
         store: TokenStore,
         clock: Clock,
         metrics: Metrics,
+        *,
+        rng: random.Random | None = None,
     ) -> None:
         self.refreshers: dict[str, AppRefresher] = dict(refreshers)
         # Notices name the set they are about by its store name (app and client binding): a
@@ -38,6 +55,8 @@ class BrokerCore:
         self._store = store
         self._clock = clock
         self._metrics = metrics
+        self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not crypto
+        self._heard_at = 0.0  # monotonic time of the last notice (or heartbeat) heard
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running = False
         self.draining = False
@@ -187,10 +206,12 @@ class BrokerCore:
         self._metrics.forget_apps([name])
 
     async def _watch_store(self) -> None:
-        """Follow the store's change notifications; on reconnect, re-read every app."""
+        """Follow the store's notices; on reconnect, and after a silent subscription, re-read
+        every app (a notice may have gone out while this replica could not hear it)."""
         delay = STORE_RETRY_MIN
         was_down = False
         while True:
+            subscribed_at = math.inf
             try:
                 await self._store.ping()
                 self._metrics.store_up.set(1)
@@ -199,19 +220,92 @@ class BrokerCore:
                     was_down = False
                 for refresher in self.refreshers.values():
                     refresher.notify_store_changed()
-                delay = STORE_RETRY_MIN
-                async for notice in self._store.updates():
-                    refresher_for_app = self._by_store_name.get(notice.app)
-                    if refresher_for_app is not None:
-                        refresher_for_app.on_notice(notice)
-                await self._clock.sleep(STORE_RETRY_MIN)  # the feed ended: re-subscribe
+                subscribed_at = self._clock.monotonic()
+                silent_for = await self._follow_notices()
             except StoreUnavailable as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError from exc
+                if self._heard_at > subscribed_at:
+                    delay = STORE_RETRY_MIN  # the subscription worked: start the backoff over
                 self._metrics.store_up.set(0)
                 if not was_down:
                     log.warning("store.unavailable", error=str(exc), retry_in=delay)
                     was_down = True
                 await self._clock.sleep(delay)
                 delay = min(STORE_RETRY_MAX, delay * 2)
+                continue
+            if self._heard_at > subscribed_at:
+                delay = STORE_RETRY_MIN  # the subscription worked: start the backoff over
+            if silent_for is None:
+                await self._clock.sleep(STORE_RETRY_MIN)  # the feed ended: re-subscribe
+                continue
+            # Half-open: no error will ever come. Drop it, and re-sync as after an outage.
+            self._metrics.store_errors.labels(operation="subscribe").inc()
+            log.warning("store.subscription_stale", silent_for=round(silent_for, 1), retry_in=delay)
+            was_down = True
+            await self._clock.sleep(delay)
+            delay = min(STORE_RETRY_MAX, delay * 2)
+
+    async def _follow_notices(self) -> float | None:
+        """Hand every notice to its app's refresher while heartbeats keep the channel talking.
+
+        Returns None when the feed ends, or the seconds of silence once the subscription heard
+        nothing for SILENCE_DEADLINE (it is half-open); raises StoreUnavailable when it breaks.
+        """
+        self._heard_at = self._clock.monotonic()
+        reader = asyncio.ensure_future(self._read_notices())
+        guard = asyncio.ensure_future(self._keep_talking())
+        try:
+            await asyncio.wait({reader, guard}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader.cancel()
+            guard.cancel()
+            await asyncio.gather(reader, guard, return_exceptions=True)
+        if reader.done() and not reader.cancelled():
+            reader.result()  # StoreUnavailable, or the feed ended
+            return None
+        return guard.result()
+
+    async def _read_notices(self) -> None:
+        """Dispatch notices to their apps' refreshers, noting when anything was heard."""
+        async for notice in self._store.updates():
+            self._heard_at = self._clock.monotonic()
+            if notice.kind == HEARTBEAT:
+                continue
+            refresher = self._by_store_name.get(notice.app)
+            if refresher is not None:
+                refresher.on_notice(notice)
+
+    async def _keep_talking(self) -> float:
+        """Publish a heartbeat whenever the channel has been quiet for a while; return the
+        silence once it reaches SILENCE_DEADLINE."""
+        quiet_limit = HEARTBEAT_AFTER * (1 + 0.5 * self._rng.random())
+        beat: asyncio.Future[None] | None = None
+        try:
+            while True:
+                quiet = self._clock.monotonic() - self._heard_at
+                if quiet >= SILENCE_DEADLINE:
+                    return quiet
+                if quiet < quiet_limit:
+                    wait = quiet_limit - quiet
+                else:
+                    if beat is None or beat.done():
+                        # Apart from the deadline's count: a publish that waits for a
+                        # connection must not hold the deadline back.
+                        beat = asyncio.ensure_future(self._heartbeat())
+                        quiet_limit = HEARTBEAT_AFTER * (1 + 0.5 * self._rng.random())
+                    wait = min(HEARTBEAT_AFTER, SILENCE_DEADLINE - quiet)
+                # At least 10 ms: a remainder lost to rounding (1e-16 added to a monotonic
+                # time of 1000 s is no time at all) must not spin.
+                await self._clock.sleep(max(0.01, wait))
+        finally:
+            if beat is not None:
+                beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
+
+    async def _heartbeat(self) -> None:
+        """Publish one heartbeat. A failure is for the deadline to judge (a store that is down
+        breaks the subscription too)."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._store.heartbeat()

@@ -22,6 +22,8 @@ from broker.model import PROTOCOL_VERSION, AppSpec, FailureRecord, TokenSet
 FAILURE_RETENTION = 3600.0
 # The sliding window of the fleet-wide token request budget, in seconds.
 BUDGET_WINDOW = 60.0
+# The kind of a notice that says nothing but "the channel works" (see `TokenStore.heartbeat`).
+HEARTBEAT = "heartbeat"
 
 
 def client_binding(spec: AppSpec, client_id: str | None) -> str:
@@ -263,7 +265,16 @@ class TokenStore(Protocol):
         ...
 
     def updates(self) -> AsyncIterator[Notice]:
-        """Changes from any replica as they happen; runs until closed."""
+        """Changes from any replica as they happen, and heartbeats; runs until closed."""
+        ...
+
+    async def heartbeat(self) -> None:
+        """Publish a notice of kind HEARTBEAT (app "") to every subscriber, this one included.
+
+        A subscription can go half-open (a NAT or load balancer forgot its connection): no
+        error ever comes, the notices just stop. A replica that heard nothing for a while
+        publishes one, and treats its subscription as broken when not even that comes back.
+        """
         ...
 
     # ---- one clock, one backoff and one budget for the fleet ------------------------------

@@ -18,6 +18,7 @@ from broker.model import PROTOCOL_VERSION, FailureRecord, TokenSet
 from broker.store import (
     BUDGET_WINDOW,
     FAILURE_RETENTION,
+    HEARTBEAT,
     Commit,
     Lease,
     Notice,
@@ -291,6 +292,11 @@ class MemoryStore:
                 yield notice
         finally:
             self._subscribers.discard(queue)
+
+    async def heartbeat(self) -> None:
+        """Publish a heartbeat notice."""
+        self._check()
+        self._publish(Notice(app="", kind=HEARTBEAT))
 
     # ---- one clock, one backoff and one budget for the fleet ------------------------------
 

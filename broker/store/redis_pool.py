@@ -38,6 +38,30 @@ MAX_COMMAND_CONNECTIONS = 4
 # answering keeps a command waiting this long, since each command ahead of it then fails after
 # socket_timeout (1 s), four at a time.
 POOL_WAIT_TIMEOUT = 10.0
+# TCP keepalive on every Redis connection (commands, pub/sub, sentinels, cluster nodes): an idle
+# connection whose peer vanished (a host that died, a NAT or firewall that dropped the flow)
+# fails after KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES = 30 s instead of never. On
+# Linux TCP_USER_TIMEOUT bounds the same way a connection whose bytes are never acknowledged (a
+# PING written into a dead path would otherwise be retransmitted for about 15 minutes). Neither
+# sees a path where something still acknowledges and drops (a proxy that lost its upstream):
+# the notice channel's heartbeat (broker/core.py) covers the subscription there.
+KEEPALIVE_IDLE = 15
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_PROBES = 3
+USER_TIMEOUT_MS = (KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES) * 1000
+
+
+def keepalive_options() -> dict[int, int]:
+    """redis-py's `socket_keepalive_options`: the settings above that this platform has."""
+    wanted = [
+        # macOS names the idle time TCP_KEEPALIVE
+        (getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)),
+        getattr(socket, "TCP_KEEPINTVL", None),
+        getattr(socket, "TCP_KEEPCNT", None),
+        getattr(socket, "TCP_USER_TIMEOUT", None),
+    ]
+    values = [KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES, USER_TIMEOUT_MS]
+    return {option: value for option, value in zip(wanted, values, strict=True) if option}
 
 
 class PoolWaitTimeout(RedisConnectionError):

@@ -42,6 +42,7 @@ from broker.model import PROTOCOL_VERSION, FailureRecord, TokenSet
 from broker.store import (
     BUDGET_WINDOW,
     FAILURE_RETENTION,
+    HEARTBEAT,
     Commit,
     Lease,
     Notice,
@@ -57,6 +58,7 @@ from broker.store.redis_pool import (
     WaitingSentinelPool,
     bounded_cluster,
     default_client_name,
+    keepalive_options,
 )
 
 log = get_logger(__name__)
@@ -653,6 +655,11 @@ class RedisStore:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
 
+    async def heartbeat(self) -> None:
+        """PUBLISH a heartbeat notice on the channel (a Cluster carries it to every node)."""
+        payload = Notice(app="", kind=HEARTBEAT).encode()
+        await self._call("heartbeat", lambda: self._client.publish(self.channel, payload))
+
     def _open_notice(self, notice: Notice) -> Notice:
         """A "token" notice with the set it carries opened (`token`), when this replica can.
 
@@ -826,15 +833,21 @@ def redis_client(
 
     However many apps the broker serves, it opens at most MAX_COMMAND_CONNECTIONS connections
     for commands plus one for pub/sub (per node on a Cluster); a command that finds them all busy
-    waits for one (up to POOL_WAIT_TIMEOUT) instead of failing as if the store were down.
+    waits for one (up to POOL_WAIT_TIMEOUT) instead of failing as if the store were down. Every
+    connection, a Sentinel's included, has TCP keepalive (`keepalive_options`, redis_pool.py).
     """
     scheme = url.partition("://")[0]
     name = client_name if client_name is not None else default_client_name()
+    keepalive: dict[str, Any] = {
+        "socket_keepalive": True,
+        "socket_keepalive_options": keepalive_options(),
+    }
     common: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_timeout,
         "health_check_interval": 15,
         "client_name": name,
+        **keepalive,
     }
     if password is not None:
         common["password"] = password
@@ -857,6 +870,7 @@ def redis_client(
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             client_name=name,
+            **keepalive,
         )
     if scheme == "redis+sentinel":
         parsed = _multi_host_url(url)
@@ -868,6 +882,7 @@ def redis_client(
             password=password or parsed.password,
             ssl=parsed.tls,
             db=parsed.db,
+            **keepalive,  # the master's connections, and (socket_* options) the sentinels'
         )
         if not parsed.service:
             raise ValueError("redis+sentinel:// needs the master's service name as the path")

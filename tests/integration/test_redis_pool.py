@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +17,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from broker.clock import SystemClock
 from broker.metrics import Metrics
 from broker.store.crypto import Keyring
-from broker.store.redis_pool import MAX_COMMAND_CONNECTIONS, PoolWaitTimeout, WaitingPool
+from broker.store.redis_pool import (
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    KEEPALIVE_PROBES,
+    MAX_COMMAND_CONNECTIONS,
+    USER_TIMEOUT_MS,
+    PoolWaitTimeout,
+    WaitingPool,
+)
 from broker.store.redis_store import RedisStore, redis_client
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
@@ -63,6 +74,36 @@ async def subscribed(store: RedisStore) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def keepalive_of_connections_to(ports: set[int]) -> list[tuple[int, int, int, int, int]]:
+    """(SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT) of each of this
+    process's TCP sockets connected to one of `ports` (read from the sockets themselves)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue  # not a socket (or closed meanwhile)
+        with sock:
+            try:
+                if sock.type != socket.SOCK_STREAM or sock.getpeername()[1] not in ports:
+                    continue
+            except (OSError, IndexError, TypeError):
+                continue  # not connected, or not an inet socket
+            found.append(
+                (
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                )
+            )
+    return found
+
+
+KEEPALIVE = (1, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES, USER_TIMEOUT_MS)
 
 
 async def load_everything(store: RedisStore) -> None:
@@ -153,3 +194,48 @@ class TestCluster:
                 assert sum(per_node) >= 3  # every node was used (the apps span the slots)
         finally:
             await store.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads sockets via /proc")
+class TestKeepalive:
+    """Every connection to Redis, commands and the subscription alike, has TCP keepalive on
+    (a peer that vanished is found within about 30 s instead of never) and, on Linux,
+    TCP_USER_TIMEOUT (bytes never acknowledged fail the connection after as long)."""
+
+    async def test_standalone(self, redis_server: RedisServer) -> None:
+        """redis://: the command connections and the pub/sub connection."""
+        store = store_on(redis_server.url)
+        try:
+            async with subscribed(store):
+                await load_everything(store)
+                found = keepalive_of_connections_to({redis_server.port})
+        finally:
+            await store.close()
+        assert len(found) >= 2, found  # at least one command connection and the subscription
+        assert set(found) == {KEEPALIVE}
+
+    async def test_sentinel(self, sentinel: RedisSentinel) -> None:
+        """redis+sentinel://: the master's connections and the sentinels' own."""
+        store = store_on(sentinel.url)
+        try:
+            async with subscribed(store):
+                await load_everything(store)
+                to_master = keepalive_of_connections_to({sentinel.master.port})
+                to_sentinels = keepalive_of_connections_to({sentinel.sentinel_port})
+        finally:
+            await store.close()
+        assert len(to_master) >= 2, to_master
+        assert to_sentinels, "no connection to a sentinel was seen"
+        assert set(to_master) | set(to_sentinels) == {KEEPALIVE}
+
+    async def test_cluster(self, cluster: RedisCluster) -> None:
+        """redis+cluster://: every node's connections."""
+        store = store_on(cluster.url)
+        try:
+            async with subscribed(store):
+                await load_everything(store)
+                found = keepalive_of_connections_to({node.port for node in cluster.nodes})
+        finally:
+            await store.close()
+        assert len(found) >= len(cluster.nodes), found
+        assert set(found) == {KEEPALIVE}

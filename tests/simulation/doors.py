@@ -465,6 +465,40 @@ def config_reload_while_the_answer_is_unstored() -> Schedule:
     )
 
 
+def m2_half_open_spender() -> Schedule:
+    """M2: the spender's subscription goes half-open the moment its refresh token leaves (a 9 s
+    server): no error, no notice, and no store restart ever reaches it again. Then the other
+    pod is replaced and Redis restarts empty: the new pod writes its set back and announces a
+    spend of the same refresh token. Only the spender knows the token is on the wire; it must
+    notice the silence (its heartbeats do not come back), re-subscribe and veto within the
+    long objection window."""
+
+    async def script(world: World) -> None:
+        world.server.faults.slow = 9.0
+        await until(world, lambda: world.server.sends)
+        spender = _index(world, world.server.sends[0][1])
+        world.replicas[spender].view.faults.half_opened += 1
+        replaced = (spender + 1) % 2
+        await world.crash(replaced)
+        world.start_replica(replaced)
+        await until(world, lambda: world.replicas[replaced].refresher.token is not None)
+        world.store.restore(MemoryState())
+        world.restarts[0] += 1
+        await world.time.sleep(30.0)
+        world.server.faults.slow = 0.0
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_013,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="m2_half_open_spender",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -483,6 +517,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     ),
     "store_clock_step_back_after_a_send": store_clock_step_back_after_a_send,
     "config_reload_while_the_answer_is_unstored": config_reload_while_the_answer_is_unstored,
+    "m2_half_open_spender": m2_half_open_spender,
 }
 
 

@@ -55,6 +55,7 @@ ADDED_KINDS = (
     "config_reload",  # a replica reloads its config: same owner, no spend memory
     "split_brain",  # replicas left on an old primary that stays writable (H4)
     "replica_ack_lost",  # the primary's replicas acknowledge nothing (H4)
+    "half_open",  # a replica's subscription goes silent without an error (M2)
 )
 FAULT_KINDS = LEGACY_KINDS + ADDED_KINDS
 # Faults that happen at an instant: they are inside a spend if they happen during it.
@@ -572,6 +573,11 @@ async def _apply(
         case "replica_ack_lost":
             # The primary's replicas are down or cut off: no write is acknowledged.
             world.store.replicas_acknowledge = not on
+        case "half_open":
+            # The replica's subscription goes half-open: silent, no error, for good (it heals
+            # only by the replica's own deadline and a new subscription).
+            if on:
+                view.faults.half_opened += 1
         case "sigterm":
             # Half of them land mid-spend: after the server rotated, before the reply arrives.
             if on and fault.param >= 0.5:

@@ -3,6 +3,7 @@ invariant, and each fix, put back, lets its schedule break one (so the schedule 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -272,3 +273,19 @@ class TestEachFixPutBackOpensItsDoor:
         mutate(AppRefresher, "take_over", lambda self, retired: None)
         result = run(DOORS["config_reload_while_the_answer_is_unstored"]())
         assert not result.ok
+
+    def test_m2_without_the_heartbeat_deadline(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """M2: a watcher that never judges its subscription's silence (the old one: it waits
+        for an error that a half-open connection never gives) stays deaf, misses the new
+        pod's spend of the token on the wire and the store's restart, and never vetoes."""
+
+        async def never_stale(self: BrokerCore) -> float:
+            await asyncio.Future()  # no heartbeat, no deadline
+            return 0.0
+
+        mutate(BrokerCore, "_keep_talking", never_stale)
+        result = run(DOORS["m2_half_open_spender"]())
+        assert not result.ok
+        assert result.revoked, result.report()

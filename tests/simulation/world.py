@@ -523,12 +523,16 @@ class StoreFaults:
     # Probability a write reaches the store only after its client timed out (and applies then).
     late_writes: float = 0.0
     slow_time: float = 0.0  # up to this many extra seconds each way for a `TIME` round trip
+    # How many times this replica's subscription went half-open (a NAT or proxy forgot it):
+    # a subscription made before the last time hears nothing more, and no error ever reaches
+    # it (not a partition, not a restart). Commands, and subscriptions made later, work.
+    half_opened: int = 0
     watch: ConnectionWatch | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
         watch = self.__dict__.get("watch")
-        if watch is not None and name == "partitioned":
+        if watch is not None and name in ("partitioned", "half_opened"):
             watch.poke()
 
 
@@ -725,6 +729,7 @@ class SimStoreView:
         feed = cast(AsyncGenerator[Notice, None], self._shared.updates())
         getter: asyncio.Future[Notice] | None = None
         restarts, moves = self.restarts[0], self.moves
+        half_opened = self.faults.half_opened
         try:
             while True:
                 getter = asyncio.ensure_future(anext(feed))
@@ -732,11 +737,17 @@ class SimStoreView:
                     # Woken by a notice, or by a change that may have dropped the connection.
                     waiting: set[asyncio.Future[Any]] = {getter, self._watch.waiter()}
                     await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    if self.faults.half_opened != half_opened:
+                        break
                     if self._dropped(restarts, moves):
                         raise StoreUnavailable("simulated: subscription dropped")
-                notice = getter.result()
-                await self._world.sleep(0.002)
-                await self.frozen.thaw()
+                if self.faults.half_opened == half_opened:
+                    notice = getter.result()
+                    await self._world.sleep(0.002)
+                    await self.frozen.thaw()
+                if self.faults.half_opened != half_opened:
+                    # Half-open: silence for good; only the subscriber's own deadline ends it.
+                    await asyncio.Future()
                 # A restart drops every connection at once: nothing published after it reaches
                 # a subscription made before it.
                 if self._dropped(restarts, moves):
@@ -770,6 +781,11 @@ class SimStoreView:
         self._shared = store
         self.moves += 1
         self._watch.poke()
+
+    async def heartbeat(self) -> None:
+        """Publish a heartbeat notice."""
+        await self._hop()
+        await self._shared.heartbeat()
 
     async def server_time(self) -> float:
         """The store's clock, after a hop (each way slower while `TIME` round trips are slow)."""
@@ -983,7 +999,8 @@ class World:
         view.name = name
         metrics = Metrics()
         self.metrics.append(metrics)
-        core = BrokerCore({}, view, clock, metrics)
+        # (seeded by the name, not drawn from the world's generator: seeds replay as before)
+        core = BrokerCore({}, view, clock, metrics, rng=random.Random(name))
         core.add_app(
             self._refresher(name, source, view, clock, metrics, spec=spec, host_clock=host_clock)
         )

@@ -3,6 +3,10 @@
 Put between one broker and Redis, it makes a network partition of that broker alone:
 `blackhole()` lets connections open but carries no byte either way (the client times out, as
 behind a dropped route), `refuse()` resets every connection at once, `heal()` forwards again.
+`half_open()` silences only the connections open at that moment, for good and without a reset,
+while new ones forward: a NAT, firewall or load balancer that forgot its flows. A client learns
+of it only when it waits for an answer (a command times out), never while it only listens (a
+pub/sub subscription).
 A connection that lost bytes is never resumed (its stream is broken): `heal()` resets it, and
 the client reconnects, as after a real partition.
 """
@@ -75,6 +79,11 @@ class TcpProxy:
     def blackhole(self) -> None:
         """From now on, no byte gets through on any connection, old or new."""
         self.mode = Mode.BLACKHOLE
+        for link in self._links:
+            link.stalled = True
+
+    def half_open(self) -> None:
+        """From now on, no byte gets through on any connection open now; new ones forward."""
         for link in self._links:
             link.stalled = True
 
