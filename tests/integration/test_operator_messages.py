@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
-import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -201,7 +201,10 @@ def read_until(fd: int, marker: bytes, timeout: float) -> bytes:
     seen = b""
     deadline = time.monotonic() + timeout
     while marker not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
+        # poll/epoll, not select(): a long run may hold descriptors numbered above 1024.
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            ready = selector.select(0.2)
         if ready:
             try:
                 chunk = os.read(fd, 4096)
