@@ -26,6 +26,7 @@ from tests.support.broker_process import (
     REPO_ROOT,
     BrokerFiles,
     BrokerProcess,
+    wait_until_answering,
     wait_until_ready,
     wall_time,
 )
@@ -80,7 +81,7 @@ class TestAuthorizeCommand:
         broker = BrokerProcess(config, tmp_path / "broker.log")
         broker.start()
         try:
-            await asyncio.sleep(1.5)
+            await wait_until_answering(f"{files.metrics}/readyz/app1", timeout=30)
             status, body = await get_token(files)
             assert status == 409
             assert body["error"] == "needs_authorization"

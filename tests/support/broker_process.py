@@ -253,3 +253,20 @@ async def wait_until_ready(
                         return
             await asyncio.sleep(0.05)
     raise AssertionError(f"not ready within {timeout}s")
+
+
+async def wait_until_answering(url: str, timeout: float = 20.0) -> None:
+    """Poll `url` until the broker answers it at all (any status): its listener is up.
+
+    A test that must see the broker's first state (before any refresh) waits for this instead
+    of sleeping a fixed time, which a loaded machine outlasts.
+    """
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as response:
+                    await response.read()
+                    return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} did not answer within {timeout}s")

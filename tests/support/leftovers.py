@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import psutil
 import pytest
 
+from tests.support import ports
+
 # How long a leftover process gets to die after SIGKILL before it is reported as unkillable.
 REAP_TIMEOUT = 10.0
 
@@ -108,13 +110,25 @@ def check(before: Snapshot, what: str) -> None:
 def no_leftovers_at_session_end() -> Iterator[None]:
     """The run fails when anything outlives the session that started it."""
     before = snapshot()
+    reserved = ports.held()
     yield
-    check(before, "the test session")
+    try:
+        check(before, "the test session")
+    finally:
+        ports.release(ports.held() - reserved)
 
 
 @pytest.fixture(autouse=True)
 def no_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test fails at teardown when it leaves a process or a listening port behind."""
+    """A test fails at teardown when it leaves a process or a listening port behind.
+
+    The ports the test reserved are released afterwards (its processes are stopped or killed by
+    then), so their lock files do not pile up as open descriptors over a long run.
+    """
     before = snapshot()
+    reserved = ports.held()
     yield
-    check(before, request.node.nodeid)
+    try:
+        check(before, request.node.nodeid)
+    finally:
+        ports.release(ports.held() - reserved)

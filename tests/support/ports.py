@@ -6,7 +6,10 @@ test restarts on "its" port after an outage may find it taken, or find the other
 listening there and talk to it. So ports come from below the kernel's ephemeral range (which
 `bind(0)` and outgoing connections draw from), and each one is reserved with an exclusive `flock`
 on a file in a directory every run shares. The kernel drops the lock when this process exits,
-even on a crash, so a reservation never outlives its run.
+even on a crash, so a reservation never outlives its run. A test's reservations are released
+when the test ends (tests/support/leftovers.py, once its processes are known to be stopped), so
+a long run does not hold one open lock file per port it ever used: the second fresh-clone CI run
+passed 1,024 descriptors that way, and `select()` refused the next one.
 """
 
 from __future__ import annotations
@@ -28,6 +31,19 @@ MAX_CLUSTER_PORT = 55535
 SHARED_LOCK_DIR = Path(tempfile.gettempdir()) / "token-broker-test-ports"
 _held: dict[int, int] = {}  # port -> fd of its lock file, held until this process exits
 _rng = random.Random()
+
+
+def held() -> frozenset[int]:
+    """The ports this process holds a reservation for right now."""
+    return frozenset(_held)
+
+
+def release(ports: frozenset[int] | set[int]) -> None:
+    """Drop the reservations of `ports` (their servers are stopped): close their lock files."""
+    for port in ports:
+        fd = _held.pop(port, None)
+        if fd is not None:
+            os.close(fd)
 
 
 def port_range() -> tuple[int, int]:
