@@ -321,3 +321,64 @@ class TestConfigSchemaCommand:
         assert embedded["properties"]["apps"] == own["properties"]["apps"]
         assert embedded["properties"]["clients"] == own["properties"]["clients"]
         assert embedded["additionalProperties"] is False
+
+
+class TestOneSetOfAnnotations:
+    """The validator (cattrs) and the JSON Schema (msgspec) read the same dataclass fields."""
+
+    def test_every_key_of_the_file_has_a_rule_or_a_type_of_its_own(self) -> None:
+        """Each key is a rule (what cattrs calls, whose fragment the schema shows), a nested
+        section, or an enum: no key is structured by a bare `str` or `float` that would accept
+        what the schema refuses."""
+        import dataclasses
+        import enum
+        import typing
+
+        from broker.model import AppSpec, ProxySpec, RefreshPolicy, ServerSpec, SinkSpec, StoreSpec
+        from broker.schema import ClientEntry, file_keys, rule_of
+
+        for cls in (
+            ServerSpec,
+            StoreSpec,
+            AppSpec,
+            RefreshPolicy,
+            ProxySpec,
+            SinkSpec,
+            ClientEntry,
+        ):
+            for name, annotation in file_keys(cls).items():
+                if rule_of(annotation) is not None:
+                    continue
+                base = (
+                    typing.get_args(annotation)[0]
+                    if typing.get_origin(annotation) is typing.Annotated
+                    else annotation
+                )
+                candidates = [k for k in (base, *typing.get_args(base)) if isinstance(k, type)]
+                assert any(
+                    dataclasses.is_dataclass(k) or issubclass(k, enum.Enum) for k in candidates
+                ), f"{cls.__name__}.{name} has no rule"
+
+    def test_the_schema_has_exactly_the_keys_the_validator_takes(self) -> None:
+        """Each closed object of the schema lists the keys its dataclass takes from the file,
+        and the top level lists the sections the validator reads."""
+        from broker.model import AppSpec, ProxySpec, RefreshPolicy, ServerSpec, SinkSpec, StoreSpec
+        from broker.schema import ROOT_KEYS, ClientEntry, file_keys
+
+        own = config_schema()
+        apps = own["properties"]["apps"]["additionalProperties"]
+        places = {
+            ServerSpec: own["properties"]["server"],
+            StoreSpec: own["properties"]["store"],
+            AppSpec: apps,
+            RefreshPolicy: apps["properties"]["refresh"],
+            ProxySpec: apps["properties"]["proxy"],
+            SinkSpec: apps["properties"]["sinks"]["items"],
+            ClientEntry: own["properties"]["clients"]["additionalProperties"],
+        }
+        for cls, place in places.items():
+            assert set(place["properties"]) == set(file_keys(cls)), cls.__name__
+            assert place["additionalProperties"] is False
+        assert set(own["properties"]) == set(ROOT_KEYS)
+        assert apps["required"] == ["token_url"]
+        assert apps["properties"]["proxy"]["required"] == ["upstream"]
