@@ -58,7 +58,8 @@ class Invalid(ValueError):
         self.at = at
 
 
-@dataclass(frozen=True)
+# Compared and hashed by identity: cattrs hashes the annotations that carry rules.
+@dataclass(frozen=True, eq=False)
 class Rule:
     """What one key accepts: `parse` turns the file's value into the model's (or raises
     Invalid), `json` is its JSON Schema, `required` the reason given when a required key is
