@@ -268,10 +268,10 @@ def main() -> None:
     base_mib = next((r["base_mib"] for r in rows.values() if "base_mib" in r), None)
     print(f"(RSS after `import broker.app`, before each candidate: {base_mib:.1f} MiB)")
     preloaded = next((r["preloaded"] for r in rows.values() if "preloaded" in r), [])
-    if preloaded:
+    if isinstance(preloaded, list) and preloaded:
         # Then its row shows only the classes' cost: compare the broker itself across
         # branches for the library's (bench/scale.py's idle RSS, or the start time).
-        print(f"(already imported by broker.app: {', '.join(map(str, preloaded))})")
+        print(f"(already imported by broker.app: {', '.join(str(m) for m in preloaded)})")
     for name, row in rows.items():
         for error in row.get("errors", []) or []:  # type: ignore[attr-defined]
             print(f"  {name}: {error}")
