@@ -4,8 +4,9 @@ The schema is the annotated dataclasses of broker/model.py (and broker/schema.py
 cattrs structures a file into them, calling each key's rule. Every mistake is a ConfigError
 naming the dotted key (`apps.twilio.refresh.jitter`) and why; one pass finds them all, and a
 file with several raises ConfigErrors listing each. The validators here are what a key's own
-rule cannot say: several keys together, files, the host. A section's validators run when its
-own keys are valid (a wrong key is reported once, not again by each rule that reads it).
+rule cannot say: several keys together, files, the host. They run beside a section's wrong
+keys, on the keys that are right, and leave out each rule that reads a wrong key (it is
+reported once, not again by each rule that reads it).
 Relative `*_file` paths resolve against the config file's directory.
 """
 
@@ -275,26 +276,52 @@ def _section(cls: type[T], value: object, given: Mapping[str, object]) -> T:
             _cattrs_detailed_validation=True,
             **rules,  # type: ignore[arg-type]
         )
+    failed: set[str] = set()
+    spec: T | None = None
     try:
-        spec: T = _STRUCTURE[cls]({**{k: m[k] for k in m if k in keys}, **given}, cls)
+        spec = _STRUCTURE[cls]({**{k: m[k] for k in m if k in keys}, **given}, cls)
     except cattrs.ClassValidationError as group:
         for wrong in group.exceptions:
             field = next(n.name for n in wrong.__notes__ if isinstance(n, AttributeValidationNote))
+            failed.add(field)
             if isinstance(wrong, KeyError):
                 if field not in unsure:
                     rule = schema.rule_of(keys[field])
                     found.append((f".{field}", rule.required if rule else "required"))
             else:
                 found.extend((f".{field}{at}", reason) for at, reason in _reasons(wrong))
-        raise Mistakes(found) from None
-    if found:
-        raise Mistakes(found)
     validate = _VALIDATORS.get(cls)
     if validate is not None:
-        spec, broken = validate(spec, m)
-        if broken:
-            raise Mistakes(broken)
+        # The rules run even when some keys are wrong, on the keys that are right: each rule
+        # leaves out what reads a wrong (or maybe mistyped) key, which it would only echo.
+        partial = spec if spec is not None else _partial(cls, m, keys, failed, given)
+        spec, broken = validate(partial, m, failed | unsure)
+        found.extend(broken)
+    if found:
+        raise Mistakes(found)
+    assert spec is not None
     return spec
+
+
+def _partial(
+    cls: type[T], m: Mapping[str, Any], keys: Mapping[str, Any], failed: set[str], given: Any
+) -> T:
+    """`cls` from the keys of `m` that structured well; a wrong required key is None (the
+    validators leave out every rule that reads a wrong key)."""
+    values = dict(given)
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = field.name
+        if name in failed:
+            required = field.default is dataclasses.MISSING
+            if required and field.default_factory is dataclasses.MISSING:
+                values[name] = None
+        elif name in m and name in keys:
+            kind = keys[name]
+            rule = schema.rule_of(kind)
+            values[name] = (
+                _rule_hook(kind)(m[name], kind) if rule else _converter.structure(m[name], kind)
+            )
+    return cls(**values)
 
 
 def _reasons(exc: BaseException) -> Found:
@@ -332,7 +359,8 @@ def _unknown(m: Mapping[str, Any], allowed: Mapping[str, Any]) -> tuple[Found, s
 
 # ---- the rules across keys: each section's validator ---------------------------------------
 
-Validator = Callable[[Any, Mapping[str, Any]], tuple[Any, Found]]
+# (the section, its mapping, the keys that are wrong or maybe mistyped) -> (section, mistakes)
+Validator = Callable[[Any, Mapping[str, Any], set[str]], tuple[Any, Found]]
 _VALIDATORS: dict[type, Validator] = {}
 
 
@@ -355,10 +383,13 @@ def _checked(found: Found, at: str, check: Callable[[Path], object], path: Path 
 
 
 @_validator(ServerSpec)
-def _server(server: ServerSpec, m: Mapping[str, Any]) -> tuple[ServerSpec, Found]:
+def _server(server: ServerSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[ServerSpec, Found]:
     """Loopback unless allow_non_loopback; the socket settings only with a unix socket."""
     found: Found = []
-    if not server.allow_non_loopback and not _is_loopback_listen(server.listen):
+    if "listen" in bad:
+        return server, found
+    loopback = _is_loopback_listen(server.listen)
+    if "allow_non_loopback" not in bad and not server.allow_non_loopback and not loopback:
         found.append(
             (
                 ".listen",
@@ -373,10 +404,13 @@ def _server(server: ServerSpec, m: Mapping[str, Any]) -> tuple[ServerSpec, Found
 
 
 @_validator(StoreSpec)
-def _store(store: StoreSpec, m: Mapping[str, Any]) -> tuple[StoreSpec, Found]:
+def _store(store: StoreSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[StoreSpec, Found]:
     """A shared store needs its key file; the replica acknowledgement fits the scheme."""
     found: Found = []
-    if not store.url.startswith("memory://"):
+    _checked(found, ".password_file", _read_secret_file, store.password_file)
+    if "url" in bad:
+        return store, found
+    if not store.url.startswith("memory://") and "encryption_key_file" not in bad:
         if store.encryption_key_file is None:
             found.append(
                 (
@@ -386,10 +420,11 @@ def _store(store: StoreSpec, m: Mapping[str, Any]) -> tuple[StoreSpec, Found]:
             )
         else:
             _checked(found, ".encryption_key_file", _check_keyring, store.encryption_key_file)
-    _checked(found, ".password_file", _read_secret_file, store.password_file)
     scheme = store.url.partition("://")[0]
     if "require_replica_ack" not in m:
         store = dataclasses.replace(store, require_replica_ack=scheme in _FAILOVER_SCHEMES)
+    elif "require_replica_ack" in bad:
+        return store, found
     if store.require_replica_ack and scheme == "memory":
         found.append((".require_replica_ack", "a memory:// store has no replicas to acknowledge"))
     if "replica_ack_timeout" in m and not store.require_replica_ack:
@@ -400,54 +435,65 @@ def _store(store: StoreSpec, m: Mapping[str, Any]) -> tuple[StoreSpec, Found]:
 
 
 @_validator(AppSpec)
-def _app(app: AppSpec, m: Mapping[str, Any]) -> tuple[AppSpec, Found]:
+def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Found]:
     """One client id, the credentials the client_auth needs, the authorization_code URLs."""
     found: Found = []
 
     def read(field: str) -> None:
         _checked(found, f".{field}", _read_secret_file, getattr(app, field))
 
-    if (app.client_id is None) == (app.client_id_file is None):
+    def missing(field: str) -> bool:
+        return getattr(app, field) is None and field not in bad
+
+    if not {"client_id", "client_id_file"} & bad and (app.client_id is None) == (
+        app.client_id_file is None
+    ):
         found.append((".client_id", "give exactly one of client_id and client_id_file"))
     read("client_id_file")
-    if app.client_auth is ClientAuth.PRIVATE_KEY_JWT:
-        if app.private_key_file is None:
+    if "client_auth" in bad:
+        pass
+    elif app.client_auth is ClientAuth.PRIVATE_KEY_JWT:
+        if missing("private_key_file"):
             found.append((".private_key_file", "required for client_auth private_key_jwt"))
         else:
             _checked(found, ".private_key_file", _check_private_key, app.private_key_file)
     else:
-        if app.client_secret_file is None:
+        if missing("client_secret_file"):
             found.append(
                 (".client_secret_file", f"required for client_auth {app.client_auth.value}")
             )
         read("client_secret_file")
         read("client_secret_previous_file")
-    if app.grant_type is GrantType.AUTHORIZATION_CODE:
+    if "grant_type" not in bad and app.grant_type is GrantType.AUTHORIZATION_CODE:
         for field in ("authorize_url", "redirect_uri"):
-            if getattr(app, field) is None:
+            if missing(field):
                 found.append((f".{field}", "required for grant_type authorization_code"))
     return app, found
 
 
 @_validator(ProxySpec)
-def _proxy(proxy: ProxySpec, m: Mapping[str, Any]) -> tuple[ProxySpec, Found]:
+def _proxy(proxy: ProxySpec, m: Mapping[str, Any], bad: set[str]) -> tuple[ProxySpec, Found]:
     """A replayable body fits in a request; the CA file holds certificates."""
     found: Found = []
-    if proxy.max_buffered_body > proxy.max_request_body:
+    sizes_known = not {"max_buffered_body", "max_request_body"} & bad
+    if sizes_known and proxy.max_buffered_body > proxy.max_request_body:
         found.append((".max_buffered_body", "must not exceed max_request_body"))
     _checked(found, ".ca_file", _check_ca_file, proxy.ca_file)
     return proxy, found
 
 
 @_validator(ClientEntry)
-def _client(entry: ClientEntry, m: Mapping[str, Any]) -> tuple[ClientEntry, Found]:
+def _client(entry: ClientEntry, m: Mapping[str, Any], bad: set[str]) -> tuple[ClientEntry, Found]:
     """An identity (a key or peer ids); the key files hold keys long enough."""
     found: Found = []
     for field in ("key_file", "key_previous_file"):
         _checked(found, f".{field}", _check_client_key, getattr(entry, field))
-    if not found and not (entry.key_file or entry.key_sha256 or entry.uids or entry.gids):
+    # A wrong identity key is reported as itself, not again as a missing identity.
+    identities = {"key_file", "key_sha256", "uids", "gids"}
+    has_identity = entry.key_file or entry.key_sha256 or entry.uids or entry.gids
+    if not found and not identities & bad and not has_identity:
         found.append(("", "needs an identity: key_file, key_sha256, uids or gids"))
-    if entry.key_previous_file is not None and entry.key_file is None:
+    if entry.key_previous_file is not None and entry.key_file is None and "key_file" not in bad:
         found.append((".key_previous_file", "goes with key_file"))
     return entry, found
 

@@ -160,6 +160,28 @@ class TestEveryMistakeAtOnce:
             "clients.billing.uids",
         ]
 
+    def test_the_rules_of_a_section_run_beside_its_wrong_keys(self, config_dir: Path) -> None:
+        """A wrong key does not hide a rule about the section's other keys (cattrs fails the
+        whole section; the validator then runs on the keys that structured well)."""
+        document = mutated("apps.twilio.refresh.jitter", 0.7)
+        del document["apps"]["twilio"]["client_secret_file"]
+        document["apps"]["twilio"]["token_url"] = "ftp://oauth.twilio.com/token"
+        document["server"]["metrics_listen"] = "9411"
+        document["server"]["listen"] = "10.0.0.1:8411"
+        document["clients"]["cron"]["key_sha256"] = "abc"
+        document["clients"]["cron"]["key_previous_file"] = "client.key"
+        del document["clients"]["cron"]["key_file"]
+        assert validator_keys(document, config_dir) == [
+            "server.metrics_listen",
+            "server.listen",
+            "server.socket_group",
+            "apps.twilio.token_url",
+            "apps.twilio.refresh.jitter",
+            "apps.twilio.client_secret_file",
+            "clients.cron.key_sha256[0]",
+            "clients.cron.key_previous_file",
+        ]
+
     def test_a_mistyped_section_is_one_error(self, config_dir: Path) -> None:
         """`sever:` is an unknown key; the socket-only and shared-store rules do not guess."""
         document = full_document()
