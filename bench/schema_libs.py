@@ -1,6 +1,13 @@
 """What a schema library costs the broker: resident memory and time, all candidates in one run.
 
-Run: `python bench/schema_libs.py [--repeat 200]` (pydantic comes from the `bench` extra).
+Run: `python bench/schema_libs.py [--repeat 200]`. pydantic comes from the `bench` extra, from
+the lock like everything else:
+
+    .venv-tools/bin/uv export --frozen --format requirements-txt --no-emit-project --no-dev \
+        --extra bench -o /tmp/bench.txt
+    .venv/bin/python -m pip install --require-hashes --no-deps -r /tmp/bench.txt
+
+A candidate that is not installed is reported as not measured.
 Each row is a fresh interpreter that first does `import broker.app` (what `serve` loads
 anyway), then measures:
 
