@@ -216,6 +216,8 @@ def _group_id(value: object) -> int:
 
 def _unix_ids(value: object) -> tuple[int, ...]:
     """`clients.<name>.uids` / `.gids`: numeric ids, as the kernel reports a peer's."""
+    if value is None:
+        return ()
     if not isinstance(value, list) or not value:
         raise Invalid("must be a non-empty list of numeric ids")
     for i, item in enumerate(value):
@@ -311,6 +313,8 @@ def _scopes(value: object) -> tuple[str, ...]:
 
 
 def _params(value: object) -> dict[str, str]:
+    if value is None:
+        return {}  # `extra_params:` with nothing under it
     if not isinstance(value, dict):
         raise Invalid(f"must be a mapping, not {type_name(value)}")
     out = {}
@@ -436,6 +440,8 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 def _digests(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
     values = _str_list([value] if isinstance(value, str) else value)
     for i, digest in enumerate(values):
         if not _HEX64.match(digest):

@@ -182,6 +182,18 @@ class TestEveryMistakeAtOnce:
             "clients.cron.key_previous_file",
         ]
 
+    def test_an_empty_key_reads_as_left_out_where_it_did_before(self, config_dir: Path) -> None:
+        """`extra_params:`, `key_sha256:`, `uids:`, `sinks:` or `refresh:` with nothing under
+        them (YAML null) take their defaults; `scopes:` does not (a list is expected)."""
+        document = full_document()
+        twilio = document["apps"]["twilio"]
+        twilio.update(extra_params=None, authorize_params=None, sinks=None, refresh=None)
+        document["clients"]["cron"].update(key_sha256=None, uids=None, gids=None)
+        assert validator_keys(document, config_dir) == []
+        assert validator_keys(mutated("apps.twilio.scopes", None), config_dir) == [
+            "apps.twilio.scopes"
+        ]
+
     def test_a_mistyped_section_is_one_error(self, config_dir: Path) -> None:
         """`sever:` is an unknown key; the socket-only and shared-store rules do not guess."""
         document = full_document()
