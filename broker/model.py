@@ -1,12 +1,17 @@
-"""Value objects shared by every part: token sets, app and client specs, the parsed config."""
+"""Value objects shared by every part: token sets, app and client specs, the parsed config.
 
-from __future__ import annotations
+The config specs are also the config file's schema: each field's `Annotated` rule (from
+broker/schema.py) says what its key accepts; broker/config.py structures a file into them.
+"""
 
 import enum
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from broker import schema as S
 
 # The fleet protocol's version, written into every notice, lease and stored set (issue 20, M5).
 # A mark without a version (written by a release before this field existed) reads as 1: that
@@ -96,11 +101,17 @@ class SinkSpec:
     leaves the file owned by the broker's own uid and group.
     """
 
-    path: Path
-    format: SinkFormat = SinkFormat.RAW
-    mode: int = 0o600
-    owner: int | None = None
-    group: int | None = None
+    path: Annotated[Path, S.SINK_PATH.described("absolute path of the token file")]
+    format: Annotated[
+        SinkFormat, S.Doc("raw: the token; json: the API's answer; header: Authorization")
+    ] = SinkFormat.RAW
+    mode: Annotated[int, S.SINK_MODE.described('the token file\'s mode, at most "0644"')] = 0o600
+    owner: Annotated[
+        int | None, S.USER_ID.described("owner (uid or user name) of the token file")
+    ] = None
+    group: Annotated[
+        int | None, S.GROUP_ID.described("group (gid or group name) of the token file")
+    ] = None
 
 
 class AppState(enum.StrEnum):
@@ -120,21 +131,38 @@ class RefreshPolicy:
     `at_fraction` (5 minutes put every token up to 400 s on the quarter floor).
     """
 
-    at_fraction: float = 0.75
-    min_remaining: float = 0.0
-    jitter: float = 0.05
-    safety_margin: float = 30.0
-    default_lifetime: float = 3600.0
+    at_fraction: Annotated[
+        float, S.AT_FRACTION.described("refresh at this fraction of the token's lifetime")
+    ] = 0.75
+    min_remaining: Annotated[
+        float, S.DURATION_OR_ZERO.described("refresh at the latest this long before expiry")
+    ] = 0.0
+    jitter: Annotated[
+        float,
+        S.JITTER.described("random spread of the refresh time, a fraction of the lifetime"),
+    ] = 0.05
+    safety_margin: Annotated[
+        float, S.DURATION_OR_ZERO.described("a token is served only while more than this is left")
+    ] = 30.0
+    default_lifetime: Annotated[
+        float, S.DURATION.described("lifetime assumed when the answer has no expires_in")
+    ] = 3600.0
     # Seconds for which the server accepts a refresh token again after rotating it (Okta,
     # Auth0 have such a grace period); 0 for a strict server. Allows one careful retry.
-    reuse_grace: float = 0.0
+    reuse_grace: Annotated[
+        float, S.DURATION_OR_ZERO.described("the server accepts a rotated refresh token this long")
+    ] = 0.0
     # How long the answer to a sent refresh-token request is awaited. Such a request is never
     # cancelled sooner: the server may act on it, and its answer carries the only copy of the
     # rotated token (issue 20, H1).
-    read_timeout: float = 120.0
+    read_timeout: Annotated[
+        float, S.DURATION.described("how long the answer to a sent refresh is awaited")
+    ] = 120.0
     # The server's token endpoint is transactional: a 5xx answer means it did not rotate the
     # refresh token. Off by default: a 500 may follow a rotation (issue 20, M4).
-    server_transactional: bool = False
+    server_transactional: Annotated[
+        bool, S.BOOL.described("a 5xx from the token endpoint means it did not rotate")
+    ] = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,45 +172,75 @@ class ProxySpec:
     `upstream` is `scheme://host[:port]` only. Durations are seconds, sizes bytes.
     """
 
-    upstream: str
-    path_prefixes: tuple[str, ...] = ("/",)
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    max_buffered_body: int = 1024 * 1024
-    max_request_body: int = 64 * 1024 * 1024
-    ca_file: Path | None = None
-    retry_on_401: bool = True
-    max_concurrent: int = 64
+    upstream: Annotated[
+        str, S.UPSTREAM.described("scheme and host of the real API, like https://api.example.com")
+    ]
+    path_prefixes: Annotated[
+        tuple[str, ...], S.PATH_PREFIXES.described("paths the proxy forwards (default: all)")
+    ] = ("/",)
+    connect_timeout: Annotated[float, S.DURATION] = 5.0
+    read_timeout: Annotated[float, S.DURATION] = 30.0
+    max_buffered_body: Annotated[
+        int, S.BUFFERED_BODY.described("request bodies up to this size are replayable")
+    ] = 1024 * 1024
+    max_request_body: Annotated[int, S.REQUEST_BODY] = 64 * 1024 * 1024
+    ca_file: Annotated[
+        Path | None, S.FILE.described("PEM CA certificates that alone verify the upstream")
+    ] = None
+    retry_on_401: Annotated[bool, S.BOOL.described("retry once with a new token on 401")] = True
+    max_concurrent: Annotated[int, S.MAX_CONCURRENT_RULE] = 64
 
 
 @dataclass(frozen=True, slots=True)
 class AppSpec:
     """One OAuth app as configured."""
 
-    name: str
-    token_url: str
-    grant_type: GrantType = GrantType.CLIENT_CREDENTIALS
-    required: bool = True
-    client_id: str | None = None
-    client_id_file: Path | None = None
-    client_secret_file: Path | None = None
-    client_secret_previous_file: Path | None = None
-    client_auth: ClientAuth = ClientAuth.CLIENT_SECRET_POST
-    private_key_file: Path | None = None
-    private_key_id: str | None = None
-    assertion_audience: str | None = None
-    scopes: tuple[str, ...] = ()
-    audience: str | None = None
-    extra_params: Mapping[str, str] = field(default_factory=dict)
+    # The key of `apps:` that holds it, not a key of its own.
+    name: str = field(metadata={"from_file": False})
+    token_url: Annotated[str, S.URL.described("the token endpoint (https, or http on loopback)")]
+    grant_type: Annotated[GrantType, S.Doc("how the token is obtained")] = (
+        GrantType.CLIENT_CREDENTIALS
+    )
+    required: Annotated[bool, S.BOOL.described("false: this app does not hold /readyz back")] = True
+    client_id: Annotated[str | None, S.NON_EMPTY] = None
+    client_id_file: Annotated[Path | None, S.FILE] = None
+    client_secret_file: Annotated[Path | None, S.FILE] = None
+    client_secret_previous_file: Annotated[
+        Path | None, S.FILE.described("the secret before a rotation, tried second")
+    ] = None
+    client_auth: Annotated[
+        ClientAuth, S.Doc("how the client authenticates to the token endpoint")
+    ] = ClientAuth.CLIENT_SECRET_POST
+    private_key_file: Annotated[
+        Path | None, S.FILE.described("PEM RSA (2048 bits or more) or EC key")
+    ] = None
+    private_key_id: Annotated[str | None, S.STRING.described("the JWT's kid")] = None
+    assertion_audience: Annotated[str | None, S.STRING.described("the client assertion's aud")] = (
+        None
+    )
+    scopes: Annotated[tuple[str, ...], S.SCOPES] = ()
+    audience: Annotated[str | None, S.STRING] = None
+    extra_params: Annotated[
+        Mapping[str, str], S.PARAMS.described("more form fields of the token request")
+    ] = field(default_factory=dict)
     refresh: RefreshPolicy = field(default_factory=RefreshPolicy)
-    authorize_url: str | None = None
-    redirect_uri: str | None = None
-    pkce: bool = True
-    authorize_params: Mapping[str, str] = field(default_factory=dict)
-    proxy: ProxySpec | None = None
-    sinks: tuple[SinkSpec, ...] = ()
+    authorize_url: Annotated[
+        str | None, S.URL.described("the authorization endpoint (authorization_code)")
+    ] = None
+    redirect_uri: Annotated[
+        str | None, S.REDIRECT_URL.described("the registered redirect URI (authorization_code)")
+    ] = None
+    pkce: Annotated[bool, S.BOOL] = True
+    authorize_params: Annotated[
+        Mapping[str, str], S.PARAMS.described("more query parameters of the authorization URL")
+    ] = field(default_factory=dict)
+    proxy: Annotated[ProxySpec | None, S.Doc("the injecting proxy of this app")] = None
+    sinks: Annotated[tuple[SinkSpec, ...], S.Doc("files the app's token is written to")] = ()
     # The fleet-wide budget of token requests per minute for this app (None: no budget).
-    max_token_requests_per_minute: int | None = None
+    max_token_requests_per_minute: Annotated[
+        int | None,
+        S.REQUEST_BUDGET.described("the whole fleet's budget of token requests for this app"),
+    ] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,11 +282,21 @@ class ServerSpec:
     unix socket, when `listen` is `unix:/path`.
     """
 
-    listen: str = "127.0.0.1:8411"
-    metrics_listen: str = "0.0.0.0:9411"
-    allow_non_loopback: bool = False
-    socket_mode: int = 0o660
-    socket_group: int | None = None
+    listen: Annotated[
+        str, S.API_LISTEN.described("the API: host:port on loopback, or unix:/absolute/path")
+    ] = "127.0.0.1:8411"
+    metrics_listen: Annotated[
+        str, S.LISTEN.described("host:port of /metrics, /healthz, /readyz")
+    ] = "0.0.0.0:9411"
+    allow_non_loopback: Annotated[
+        bool, S.BOOL.described("let the API listen beyond loopback (it serves tokens)")
+    ] = False
+    socket_mode: Annotated[
+        int, S.SOCKET_MODE.described('mode of the API\'s unix socket, like "0660"')
+    ] = 0o660
+    socket_group: Annotated[
+        int | None, S.GROUP_ID.described("group (gid or name) of the API's unix socket")
+    ] = None
 
     @property
     def unix_path(self) -> str | None:
@@ -240,15 +308,34 @@ class ServerSpec:
 class StoreSpec:
     """Where tokens are shared and kept across restarts."""
 
-    url: str = "memory://"
-    key_prefix: str = "token-broker"
-    encryption_key_file: Path | None = None
-    password_file: Path | None = None
+    url: Annotated[
+        str, S.STORE_URL.described("memory:// (one process), or a redis:// URL without a password")
+    ] = "memory://"
+    key_prefix: Annotated[
+        str, S.KEY_PREFIX.described("prefix of every Redis key (no braces, no spaces)")
+    ] = "token-broker"
+    encryption_key_file: Annotated[
+        Path | None, S.FILE.described("the AES key file (required for a shared store)")
+    ] = None
+    password_file: Annotated[
+        Path | None, S.FILE.described("the file holding the Redis password")
+    ] = None
     # Send a refresh token only after a replica acknowledged its `sent` record (WAIT): on by
     # default for Sentinel and Cluster URLs, where a failover or a split brain can lose it.
-    require_replica_ack: bool = False
+    require_replica_ack: Annotated[
+        bool,
+        S.BOOL.described(
+            "send a refresh token only once a Redis replica acknowledged its spend record "
+            "(WAIT); default true for redis+sentinel:// and redis+cluster://"
+        ),
+    ] = False
     # WAIT's own timeout, on the Redis server; the client's socket timeout is kept above it.
-    replica_ack_timeout: float = 0.5
+    replica_ack_timeout: Annotated[
+        float,
+        S.REPLICA_ACK_TIMEOUT.described(
+            "how long WAIT waits for the replica's acknowledgement (at most 5s)"
+        ),
+    ] = 0.5
 
 
 @dataclass(frozen=True, slots=True)

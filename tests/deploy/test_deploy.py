@@ -86,6 +86,28 @@ def chart_docs(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     return [d for name, text in rendered.items() if name.endswith(".yaml") for d in documents(text)]
 
 
+def chart_docs_on_cluster(values: dict[str, Any], api_versions: list[str]) -> list[dict[str, Any]]:
+    """chart_docs() as `helm install` renders them on a cluster serving `api_versions` besides
+    the built-in ones (`.Capabilities.APIVersions`, like `helm template --api-versions`).
+
+    helm-python-sdk's Chart.render (0.2) does not take API versions, but its native
+    helm_render reads them from the same options object (`api_versions`, Helm's
+    chartutil.DefaultVersionSet plus these): the test calls it with Chart.render's own
+    arguments and that one option added.
+    """
+    import json
+
+    import helm_python as helm
+    from helm_python import _native
+
+    chart = helm.Chart.load(str(CHART))
+    options = {"name": "demo", "namespace": "shop", "api_versions": api_versions}
+    rendered: dict[str, str] = json.loads(
+        _native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(options))
+    )
+    return [d for name, text in rendered.items() if name.endswith(".yaml") for d in documents(text)]
+
+
 def drain_bound() -> float:
     """The longest the broker's shutdown on SIGTERM takes (broker/app.py `shutdown`).
 
@@ -678,6 +700,21 @@ class TestChartOptions:
         assert not {d["kind"] for d in chart_docs(off)} & CRD_KINDS
         template = (CHART / "templates" / "monitoring.yaml").read_text()
         assert '.Capabilities.APIVersions.Has "monitoring.coreos.com/v1"' in template
+
+    def test_monitoring_renders_where_the_cluster_knows_its_crds(self) -> None:
+        """With monitoring.coreos.com/v1 among the cluster's API versions (what helm install
+        reads from the API server), PodMonitor and PrometheusRule render without force, exactly
+        as a forced render gives them; enabled: false still wins, and another API is no match."""
+        known = ["monitoring.coreos.com/v1"]
+        kinds = {d["kind"] for d in chart_docs_on_cluster({}, known)}
+        assert kinds >= CRD_KINDS
+        forced = {"podMonitor": {"force": True}, "prometheusRule": {"force": True}}
+        present = [d for d in chart_docs_on_cluster({}, known) if d["kind"] in CRD_KINDS]
+        assert present == [d for d in chart_docs(forced) if d["kind"] in CRD_KINDS]
+        off = {"podMonitor": {"enabled": False}, "prometheusRule": {"enabled": False}}
+        assert not {d["kind"] for d in chart_docs_on_cluster(off, known)} & CRD_KINDS
+        other = chart_docs_on_cluster({}, ["monitoring.coreos.com/v1alpha1", "example.com/v1"])
+        assert not {d["kind"] for d in other} & CRD_KINDS
 
     @pytest.mark.parametrize(
         "values",

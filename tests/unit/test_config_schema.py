@@ -160,6 +160,40 @@ class TestEveryMistakeAtOnce:
             "clients.billing.uids",
         ]
 
+    def test_the_rules_of_a_section_run_beside_its_wrong_keys(self, config_dir: Path) -> None:
+        """A wrong key does not hide a rule about the section's other keys (cattrs fails the
+        whole section; the validator then runs on the keys that structured well)."""
+        document = mutated("apps.twilio.refresh.jitter", 0.7)
+        del document["apps"]["twilio"]["client_secret_file"]
+        document["apps"]["twilio"]["token_url"] = "ftp://oauth.twilio.com/token"
+        document["server"]["metrics_listen"] = "9411"
+        document["server"]["listen"] = "10.0.0.1:8411"
+        document["clients"]["cron"]["key_sha256"] = "abc"
+        document["clients"]["cron"]["key_previous_file"] = "client.key"
+        del document["clients"]["cron"]["key_file"]
+        assert validator_keys(document, config_dir) == [
+            "server.metrics_listen",
+            "server.listen",
+            "server.socket_group",
+            "apps.twilio.token_url",
+            "apps.twilio.refresh.jitter",
+            "apps.twilio.client_secret_file",
+            "clients.cron.key_sha256[0]",
+            "clients.cron.key_previous_file",
+        ]
+
+    def test_an_empty_key_reads_as_left_out_where_it_did_before(self, config_dir: Path) -> None:
+        """`extra_params:`, `key_sha256:`, `uids:`, `sinks:` or `refresh:` with nothing under
+        them (YAML null) take their defaults; `scopes:` does not (a list is expected)."""
+        document = full_document()
+        twilio = document["apps"]["twilio"]
+        twilio.update(extra_params=None, authorize_params=None, sinks=None, refresh=None)
+        document["clients"]["cron"].update(key_sha256=None, uids=None, gids=None)
+        assert validator_keys(document, config_dir) == []
+        assert validator_keys(mutated("apps.twilio.scopes", None), config_dir) == [
+            "apps.twilio.scopes"
+        ]
+
     def test_a_mistyped_section_is_one_error(self, config_dir: Path) -> None:
         """`sever:` is an unknown key; the socket-only and shared-store rules do not guess."""
         document = full_document()
@@ -321,3 +355,64 @@ class TestConfigSchemaCommand:
         assert embedded["properties"]["apps"] == own["properties"]["apps"]
         assert embedded["properties"]["clients"] == own["properties"]["clients"]
         assert embedded["additionalProperties"] is False
+
+
+class TestOneSetOfAnnotations:
+    """The validator (cattrs) and the JSON Schema (msgspec) read the same dataclass fields."""
+
+    def test_every_key_of_the_file_has_a_rule_or_a_type_of_its_own(self) -> None:
+        """Each key is a rule (what cattrs calls, whose fragment the schema shows), a nested
+        section, or an enum: no key is structured by a bare `str` or `float` that would accept
+        what the schema refuses."""
+        import dataclasses
+        import enum
+        import typing
+
+        from broker.model import AppSpec, ProxySpec, RefreshPolicy, ServerSpec, SinkSpec, StoreSpec
+        from broker.schema import ClientEntry, file_keys, rule_of
+
+        for cls in (
+            ServerSpec,
+            StoreSpec,
+            AppSpec,
+            RefreshPolicy,
+            ProxySpec,
+            SinkSpec,
+            ClientEntry,
+        ):
+            for name, annotation in file_keys(cls).items():
+                if rule_of(annotation) is not None:
+                    continue
+                base = (
+                    typing.get_args(annotation)[0]
+                    if typing.get_origin(annotation) is typing.Annotated
+                    else annotation
+                )
+                candidates = [k for k in (base, *typing.get_args(base)) if isinstance(k, type)]
+                assert any(
+                    dataclasses.is_dataclass(k) or issubclass(k, enum.Enum) for k in candidates
+                ), f"{cls.__name__}.{name} has no rule"
+
+    def test_the_schema_has_exactly_the_keys_the_validator_takes(self) -> None:
+        """Each closed object of the schema lists the keys its dataclass takes from the file,
+        and the top level lists the sections the validator reads."""
+        from broker.model import AppSpec, ProxySpec, RefreshPolicy, ServerSpec, SinkSpec, StoreSpec
+        from broker.schema import ROOT_KEYS, ClientEntry, file_keys
+
+        own = config_schema()
+        apps = own["properties"]["apps"]["additionalProperties"]
+        places = {
+            ServerSpec: own["properties"]["server"],
+            StoreSpec: own["properties"]["store"],
+            AppSpec: apps,
+            RefreshPolicy: apps["properties"]["refresh"],
+            ProxySpec: apps["properties"]["proxy"],
+            SinkSpec: apps["properties"]["sinks"]["items"],
+            ClientEntry: own["properties"]["clients"]["additionalProperties"],
+        }
+        for cls, place in places.items():
+            assert set(place["properties"]) == set(file_keys(cls)), cls.__name__
+            assert place["additionalProperties"] is False
+        assert set(own["properties"]) == set(ROOT_KEYS)
+        assert apps["required"] == ["token_url"]
+        assert apps["properties"]["proxy"]["required"] == ["upstream"]

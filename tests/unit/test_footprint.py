@@ -23,6 +23,8 @@ HEAVY = (
     "pycparser",
     "rich",
     "importlib.metadata",
+    # The config schema's JSON Schema generator: `config-schema` alone imports it.
+    "msgspec",
 )
 
 BUILD = """
