@@ -182,12 +182,16 @@ def _server(data: object, key: str, found: _Mistakes) -> ServerSpec:
             "unless server.allow_non_loopback is true",
         )
     socket_mode, socket_group = _socket_settings(m, key, listen, found)
+    status_endpoint = found.catch(
+        lambda: _bool(m.get("status_endpoint", False), f"{key}.status_endpoint"), False
+    )
     return ServerSpec(
         listen=d.listen if listen is None else listen,
         metrics_listen=metrics_listen,
         allow_non_loopback=allow,
         socket_mode=socket_mode,
         socket_group=socket_group,
+        status_endpoint=status_endpoint,
     )
 
 

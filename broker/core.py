@@ -113,6 +113,13 @@ class BrokerCore:
         """`app` has a servable token and the broker is not draining."""
         return not self.draining and self.refreshers[app].servable() is not None
 
+    def schedule(self) -> list[tuple[str, bool, float | None]]:
+        """Every app's readiness and next refresh time, for the metrics (`track_apps`)."""
+        return [
+            (name, self.app_ready(name), refresher.next_refresh_at())
+            for name, refresher in self.refreshers.items()
+        ]
+
     # ---- lifecycle -----------------------------------------------------------------------
 
     def drain_bound(self) -> float:

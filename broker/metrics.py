@@ -75,6 +75,21 @@ class Metrics:
             "Unix time at which the app's current token expires.",
             ["app"],
         )
+        # cert-manager's certificate_renewal_timestamp_seconds and certificate_ready_status,
+        # per app; both are read from the refreshers at each scrape (`track_apps`).
+        self.next_refresh = self._gauge(
+            "token_broker_next_refresh_timestamp_seconds",
+            "Unix time of this replica's next refresh attempt for the app (no series while "
+            "none is scheduled: the app waits for token-broker authorize).",
+            ["app"],
+        )
+        self.app_ready = self._gauge(
+            "token_broker_app_ready",
+            "1 while this replica has a servable token for the app (what /readyz/{app} "
+            "answers), else 0.",
+            ["app"],
+        )
+        self._app_schedule: Callable[[], Iterable[tuple[str, bool, float | None]]] | None = None
         self.refresh_failures_consecutive = NonZeroGauge(
             self._gauge(
                 "token_broker_refresh_failures_consecutive",
@@ -218,6 +233,7 @@ class Metrics:
 
     def render(self) -> bytes:
         """The exposition text of every family, for /metrics (run it on the event loop)."""
+        self._read_apps()
         parts = [generate_latest(_Collectors(self._library))]
         parts.extend(family.exposition() for family in self._own)
         return b"".join(parts)
@@ -240,6 +256,26 @@ class Metrics:
         self.clock_offset_age.set_function(age)
         self.clock_offset_measured.set_function(lambda: 1.0 if measured() else 0.0)
 
+    def track_apps(self, schedule: Callable[[], Iterable[tuple[str, bool, float | None]]]) -> None:
+        """Read `(app, ready, next refresh time or None)` of every app at every scrape.
+
+        Readiness changes with time alone (a token ages into its safety margin), so it is read
+        when asked, not set on events.
+        """
+        self._app_schedule = schedule
+
+    def _read_apps(self) -> None:
+        if self._app_schedule is None:
+            return
+        for app, ready, next_refresh in self._app_schedule():
+            self.app_ready.labels(app).set(1.0 if ready else 0.0)
+            if next_refresh is None:
+                _remove(self.next_refresh, app)
+            else:
+                # To the millisecond: the wall time is recomputed from the monotonic schedule
+                # at each scrape, and an unchanged series keeps its cached text.
+                self.next_refresh.labels(app).set(round(next_refresh, 3))
+
     def forget_apps(self, apps: Iterable[str]) -> None:
         """Drop the per-app series of removed apps."""
         for app in apps:
@@ -247,6 +283,8 @@ class Metrics:
             if previous is not None:
                 _remove(self.app_state, app, previous.value)
             _remove(self.token_expiry, app)
+            _remove(self.next_refresh, app)
+            _remove(self.app_ready, app)
             self.refresh_failures_consecutive.labels(app=app).set(0)
             _remove(self.refresh_blocked, app)
 

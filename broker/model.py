@@ -229,6 +229,8 @@ class ServerSpec:
     allow_non_loopback: bool = False
     socket_mode: int = 0o660
     socket_group: int | None = None
+    # GET /v1/status on the metrics listener (broker/status.py): off unless asked for.
+    status_endpoint: bool = False
 
     @property
     def unix_path(self) -> str | None:

@@ -309,6 +309,13 @@ class AppRefresher:
             last_error=self.last_error,
         )
 
+    def next_refresh_at(self) -> float | None:
+        """Wall time (the fleet's clock) of the next refresh attempt; None while none is
+        scheduled (the app waits for token-broker authorize, or the loop is stopping)."""
+        if self._needs_authorization is not None or self._stopping:
+            return None
+        return self._clock.time() + max(0.0, self._next_attempt_at - self._clock.monotonic())
+
     def _check_min_ttl(self, min_ttl: float) -> None:
         token = self.token
         if token is not None and min_ttl > token.lifetime:

@@ -86,6 +86,11 @@ SERVER: dict[str, Schema] = {
         "type": "boolean",
         "description": "let the API listen beyond loopback (it serves tokens)",
     },
+    "status_endpoint": {
+        "type": "boolean",
+        "description": "serve GET /v1/status (every app's store record, no secrets) on the "
+        "metrics listener; default false",
+    },
     "socket_mode": _described(OCTAL_MODE, 'mode of the API\'s unix socket, like "0660"'),
     "socket_group": _described(ID_OR_NAME, "group (gid or name) of the API's unix socket"),
 }
