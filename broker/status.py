@@ -29,12 +29,12 @@ STATUS_VERSION = 1
 # What the store says about an app, worst first (`store_state`).
 STORE_STATES = (
     "outcome_unknown",
-    "unreadable",
     "moved",
-    "no_token",
-    "expired",
+    "unreadable",
     "backoff",
     "refreshing",
+    "no_token",
+    "expired",
     "fresh",
 )
 
@@ -80,23 +80,24 @@ async def collect(
 
 
 def store_state(facts: StoredFacts) -> str:
-    """One word for what the store says about the app (see STORE_STATES)."""
+    """One word for what the store says about the app, the most urgent first (STORE_STATES)."""
     spend = facts.spend
+    token = facts.token
     if spend is not None and spend.state in ("unknown", "vetoed"):
         return "outcome_unknown"
-    token = facts.token
-    if token is None:
-        return "no_token"
-    if token.moved_to is not None:
+    if token is not None and token.moved_to is not None:
         return "moved"
-    if token.expires_at is None:
+    if token is not None and token.expires_at is None:
         return "unreadable"
-    if token.expires_at <= facts.now:
-        return "expired"
     if facts.failure is not None and facts.failure.not_before > facts.now:
         return "backoff"
     if facts.lease is not None or spend is not None:
         return "refreshing"
+    if token is None:
+        return "no_token"
+    assert token.expires_at is not None
+    if token.expires_at <= facts.now:
+        return "expired"
     return "fresh"
 
 
