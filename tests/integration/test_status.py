@@ -108,7 +108,7 @@ def secrets_of(oauth: OAuthTestServer, files: BrokerFiles, client: redis.Redis) 
         if client.type(key) == b"hash":
             for field in (b"fp", b"rfp"):
                 value = client.hget(key, field)
-                if value:
+                if isinstance(value, bytes) and value:
                     values.add(value.decode())
     return {v for v in values if v}
 
@@ -234,7 +234,7 @@ class TestStatusRows:
         admin = redis.Redis(port=redis_server.port)
         # Read commands, the connection's own (AUTH, CLIENT SETNAME, PING) and TIME: no write,
         # no script, no admin command. Anything else the status command sent would fail it.
-        admin.execute_command(
+        admin.execute_command(  # type: ignore[no-untyped-call]
             "ACL", "SETUSER", "reader", "on", ">reader-pw-0123456789", "~*", "resetchannels",
             "-@all", "+@read", "+@connection", "+time",
         )  # fmt: skip

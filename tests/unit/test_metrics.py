@@ -48,6 +48,8 @@ def busy_metrics() -> Metrics:
         metrics.refresh_blocked.labels(app=app).set(0)
         metrics.budget_refusals.labels(app=app).inc()
         metrics.grant_outcome_unknown.labels(app=app).inc()
+        metrics.next_refresh.labels(app).set(1_763_849_000.25)
+        metrics.app_ready.labels(app).set(1)
         metrics.requests.observe("/v1/token/{app}", app, "svc", 200, 0.0004)
     metrics.store_errors.labels(operation="load").inc()
     metrics.refresh_duration.observe(0.3)
@@ -90,6 +92,41 @@ class TestAppState:
         metrics.forget_apps(["a"])
         text = exposition(metrics)
         assert 'app="a"' not in text
+
+
+class TestSchedule:
+    """token_broker_next_refresh_timestamp_seconds and token_broker_app_ready, read at scrape."""
+
+    def test_read_from_the_apps_at_each_scrape(self) -> None:
+        """Each scrape asks the apps: ready 1 or 0, the next attempt to the millisecond, and
+        no next-refresh series for an app that has none scheduled."""
+        metrics = Metrics()
+        schedule = [("a", True, 1_763_849_000.12345), ("b", False, None)]
+        metrics.track_apps(lambda: schedule)
+        assert sorted(series(metrics, "token_broker_app_ready")) == [
+            'token_broker_app_ready{app="a"} 1.0',
+            'token_broker_app_ready{app="b"} 0.0',
+        ]
+        assert series(metrics, "token_broker_next_refresh_timestamp_seconds") == [
+            'token_broker_next_refresh_timestamp_seconds{app="a"} 1.763849000123e+09'
+        ]
+        schedule[:] = [("a", False, None), ("b", True, 1_763_849_100.0)]
+        assert sorted(series(metrics, "token_broker_app_ready")) == [
+            'token_broker_app_ready{app="a"} 0.0',
+            'token_broker_app_ready{app="b"} 1.0',
+        ]
+        assert series(metrics, "token_broker_next_refresh_timestamp_seconds") == [
+            'token_broker_next_refresh_timestamp_seconds{app="b"} 1.7638491e+09'
+        ]
+
+    def test_forgotten_app_has_neither(self) -> None:
+        """A removed app's ready and next-refresh series are gone."""
+        metrics = Metrics()
+        metrics.track_apps(lambda: [("a", True, 1.0)])
+        metrics.render()
+        metrics.track_apps(lambda: [])
+        metrics.forget_apps(["a"])
+        assert 'app="a"' not in exposition(metrics)
 
 
 class TestFailuresGauge:
@@ -160,7 +197,7 @@ class TestOwnExposition:
         ours = parsed(exposition(metrics))
         theirs = parsed(generate_latest(metrics.registry).decode())
         assert ours == theirs
-        assert len(ours) == 23
+        assert len(ours) == 25  # next_refresh_timestamp_seconds, app_ready (issue 24)
 
     def test_sample_lines_are_written_as_prometheus_client_writes_them(self) -> None:
         """Label order, escaping and value formatting match line for line."""
