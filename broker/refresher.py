@@ -184,6 +184,7 @@ class AppRefresher:
         # measured on this host's monotonic clock (a wall-clock step changes neither; a step
         # that shortens the token's life lowers the latter, see `remaining`).
         self._next_attempt_at = 0.0
+        self._attempt_started = 0.0  # the monotonic start of the attempt in flight
         self._mono_expiry = 0.0
         self._stagger = 0.0
         self._in_backoff = False
@@ -311,10 +312,17 @@ class AppRefresher:
 
     def next_refresh_at(self) -> float | None:
         """Wall time (the fleet's clock) of the next refresh attempt; None while none is
-        scheduled (the app waits for token-broker authorize, or the loop is stopping)."""
+        scheduled (the app waits for token-broker authorize, or the loop is stopping).
+
+        While an attempt is in flight, the time it started: an attempt that hangs shows as
+        an ever older time, which the alert on a stalled refresh looks for.
+        """
         if self._needs_authorization is not None or self._stopping:
             return None
-        return self._clock.time() + max(0.0, self._next_attempt_at - self._clock.monotonic())
+        mono = self._clock.monotonic()
+        if self._inflight is not None:
+            return self._clock.time() - (mono - self._attempt_started)
+        return self._clock.time() + max(0.0, self._next_attempt_at - mono)
 
     def _check_min_ttl(self, min_ttl: float) -> None:
         token = self.token
@@ -541,7 +549,7 @@ class AppRefresher:
     async def _refresh(self) -> None:
         """One refresh attempt; records the outcome and schedules the next attempt."""
         self._set_state(AppState.REFRESHING)
-        started = self._clock.monotonic()
+        started = self._attempt_started = self._clock.monotonic()
         ignore_shared_failure, self._ignore_shared_failure = self._ignore_shared_failure, False
         try:
             outcome = await self.fleet.refresh(

@@ -92,6 +92,18 @@ class TestNextRefreshAt:
             await fake_clock.advance(0.1)
         assert told <= fake_clock.time() <= told + 0.1 + 1e-6
 
+    async def test_an_attempt_in_flight_shows_when_it_started(
+        self, fake_clock: FakeClock, running: list[asyncio.Task[None]]
+    ) -> None:
+        """A hanging attempt is told as its start, growing older (what the stall alert sees)."""
+        source = FakeTokenSource(fake_clock, lifetime=60.0)
+        source.delay = 600.0
+        refresher = start(fake_clock, source, running)
+        await fake_clock.settle()
+        began = fake_clock.time()
+        await fake_clock.advance(120.0)
+        assert refresher.next_refresh_at() == pytest.approx(began)
+
     async def test_none_while_waiting_for_authorization(
         self, fake_clock: FakeClock, running: list[asyncio.Task[None]]
     ) -> None:
