@@ -148,6 +148,27 @@ CASES = [
         "err",
         "no app named 'nope' in the config (apps: twilio)",
     ),
+    (
+        "status-memory-store",
+        ["status", "--config", "{memory_ac}"],
+        2,
+        "err",
+        "store.url: status reads a shared store, and memory:// lives inside one broker process",
+    ),
+    (
+        "status-unknown-app",
+        ["status", "--config", "{config}", "--app", "nope"],
+        2,
+        "err",
+        "configuration error: --app: no app 'nope' in the config",
+    ),
+    (
+        "status-watch-too-fast",
+        ["status", "--config", "{config}", "--watch", "0.1"],
+        2,
+        "err",
+        "argument --watch: at least 0.5 seconds",
+    ),
 ]
 
 
@@ -212,6 +233,7 @@ class TestHelp:
             "config-schema",
             "token",
             "authorize",
+            "status",
             "version",
         }
         for name, parser in commands.items():
