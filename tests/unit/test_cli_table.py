@@ -149,13 +149,6 @@ CASES = [
         "no app named 'nope' in the config (apps: twilio)",
     ),
     (
-        "status-memory-store",
-        ["status", "--config", "{memory_ac}"],
-        2,
-        "err",
-        "store.url: status reads a shared store, and memory:// lives inside one broker process",
-    ),
-    (
         "status-unknown-app",
         ["status", "--config", "{config}", "--app", "nope"],
         2,
