@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -318,3 +319,33 @@ class TestStatusRows:
             admin.close()
             process.signal_stop()
             await asyncio.to_thread(process.wait_stopped, 60.0)
+
+
+class TestWatch:
+    def test_prints_again_until_interrupted(
+        self, tmp_path: Path, redis_server: RedisServer
+    ) -> None:
+        """`--watch 0.5` prints a fresh table again and again; Ctrl-C ends it with exit 0."""
+        config = BrokerFiles(tmp_path, "http://127.0.0.1:9/token", redis_server.url).write()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "broker", "status", "--config", str(config), "--watch", "0.5"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
+        try:
+            assert process.stdout is not None
+            headers = 0
+            deadline = time.monotonic() + WITHIN
+            while headers < 3:
+                line = process.stdout.readline()
+                assert line and time.monotonic() < deadline, "status --watch stopped printing"
+                headers += line.startswith("APP ")
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=WITHIN) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
