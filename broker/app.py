@@ -120,7 +120,7 @@ async def build_broker(
     fleet_clock = FleetClock(clock, local=isinstance(store, MemoryStore))
     metrics.track_clock(fleet_clock.offset, fleet_clock.offset_age, lambda: fleet_clock.measured)
     core = BrokerCore({}, store, fleet_clock, metrics)
-    metrics.track_apps(core.schedule)
+    metrics.track_readiness(core.readiness)
     authenticator = ClientAuthenticator(config.clients)
     sinks = SinkSet(clock, metrics)
     broker = Broker(

@@ -113,10 +113,11 @@ class BrokerCore:
         """`app` has a servable token and the broker is not draining."""
         return not self.draining and self.refreshers[app].servable() is not None
 
-    def schedule(self) -> list[tuple[str, bool, float | None]]:
-        """Every app's readiness and next refresh time, for the metrics (`track_apps`)."""
+    def readiness(self) -> list[tuple[str, bool]]:
+        """Every app and whether it is ready (`app_ready`), for the metrics (`track_readiness`)."""
+        draining = self.draining
         return [
-            (name, self.app_ready(name), refresher.next_refresh_at())
+            (name, not draining and refresher.servable() is not None)
             for name, refresher in self.refreshers.items()
         ]
 

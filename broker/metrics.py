@@ -76,7 +76,8 @@ class Metrics:
             ["app"],
         )
         # cert-manager's certificate_renewal_timestamp_seconds and certificate_ready_status,
-        # per app; both are read from the refreshers at each scrape (`track_apps`).
+        # per app: the refresher sets the first when it plans or starts an attempt; readiness
+        # changes with time alone (a token ages into its margin), so it is read at each scrape.
         self.next_refresh = self._gauge(
             "token_broker_next_refresh_timestamp_seconds",
             "Unix time of this replica's next refresh attempt for the app (no series while "
@@ -89,7 +90,8 @@ class Metrics:
             "answers), else 0.",
             ["app"],
         )
-        self._app_schedule: Callable[[], Iterable[tuple[str, bool, float | None]]] | None = None
+        self._readiness: Callable[[], Iterable[tuple[str, bool]]] | None = None
+        self._ready_series: dict[str, exposition.GaugeSeries] = {}
         self.refresh_failures_consecutive = NonZeroGauge(
             self._gauge(
                 "token_broker_refresh_failures_consecutive",
@@ -256,25 +258,27 @@ class Metrics:
         self.clock_offset_age.set_function(age)
         self.clock_offset_measured.set_function(lambda: 1.0 if measured() else 0.0)
 
-    def track_apps(self, schedule: Callable[[], Iterable[tuple[str, bool, float | None]]]) -> None:
-        """Read `(app, ready, next refresh time or None)` of every app at every scrape.
-
-        Readiness changes with time alone (a token ages into its safety margin), so it is read
-        when asked, not set on events.
-        """
-        self._app_schedule = schedule
+    def track_readiness(self, readiness: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        """Read `(app, ready)` of every app at every scrape (token_broker_app_ready)."""
+        self._readiness = readiness
 
     def _read_apps(self) -> None:
-        if self._app_schedule is None:
+        if self._readiness is None:
             return
-        for app, ready, next_refresh in self._app_schedule():
-            self.app_ready.labels(app).set(1.0 if ready else 0.0)
-            if next_refresh is None:
-                _remove(self.next_refresh, app)
-            else:
-                # To the millisecond: the wall time is recomputed from the monotonic schedule
-                # at each scrape, and an unchanged series keeps its cached text.
-                self.next_refresh.labels(app).set(round(next_refresh, 3))
+        series = self._ready_series
+        for app, ready in self._readiness():
+            gauge = series.get(app)
+            if gauge is None:
+                gauge = series[app] = self.app_ready.labels(app)
+            gauge.set(1.0 if ready else 0.0)
+
+    def set_next_refresh(self, app: str, at: float | None) -> None:
+        """The app's next refresh attempt (wall time), or no series while none is planned."""
+        if at is None:
+            _remove(self.next_refresh, app)
+        else:
+            # To the millisecond: the store's clocks resolve no finer.
+            self.next_refresh.labels(app).set(round(at, 3))
 
     def forget_apps(self, apps: Iterable[str]) -> None:
         """Drop the per-app series of removed apps."""
@@ -285,6 +289,7 @@ class Metrics:
             _remove(self.token_expiry, app)
             _remove(self.next_refresh, app)
             _remove(self.app_ready, app)
+            self._ready_series.pop(app, None)
             self.refresh_failures_consecutive.labels(app=app).set(0)
             _remove(self.refresh_blocked, app)
 

@@ -184,6 +184,7 @@ class AppRefresher:
         # measured on this host's monotonic clock (a wall-clock step changes neither; a step
         # that shortens the token's life lowers the latter, see `remaining`).
         self._next_attempt_at = 0.0
+        self._attempting = False
         self._attempt_started = 0.0  # the monotonic start of the attempt in flight
         self._mono_expiry = 0.0
         self._stagger = 0.0
@@ -320,7 +321,7 @@ class AppRefresher:
         if self._needs_authorization is not None or self._stopping:
             return None
         mono = self._clock.monotonic()
-        if self._inflight is not None:
+        if self._attempting:
             return self._clock.time() - (mono - self._attempt_started)
         return self._clock.time() + max(0.0, self._next_attempt_at - mono)
 
@@ -548,8 +549,9 @@ class AppRefresher:
 
     async def _refresh(self) -> None:
         """One refresh attempt; records the outcome and schedules the next attempt."""
-        self._set_state(AppState.REFRESHING)
         started = self._attempt_started = self._clock.monotonic()
+        self._attempting = True
+        self._set_state(AppState.REFRESHING)
         ignore_shared_failure, self._ignore_shared_failure = self._ignore_shared_failure, False
         try:
             outcome = await self.fleet.refresh(
@@ -570,6 +572,7 @@ class AppRefresher:
         else:
             self._record_outcome(outcome, started)
         finally:
+            self._attempting = False
             self._set_state(self._steady_state())
 
     async def _fetch(self, refresh_token: str | None) -> TokenSet:
@@ -621,6 +624,7 @@ class AppRefresher:
                 generation=token.generation,
                 expires_at=round(token.expires_at, 3),
             )
+        self._metrics.set_next_refresh(self.name, self.next_refresh_at())
         for listener in self._listeners:
             listener(token)
 
@@ -838,6 +842,8 @@ class AppRefresher:
         if state is not self.state or state is AppState.REFRESHING:
             self.state = state
             self._metrics.set_app_state(self.name, state)
+        # Every attempt starts and ends here: the schedule the metric shows follows it.
+        self._metrics.set_next_refresh(self.name, self.next_refresh_at())
 
 
 def _describe(exc: TokenEndpointError) -> str:

@@ -95,38 +95,47 @@ class TestAppState:
 
 
 class TestSchedule:
-    """token_broker_next_refresh_timestamp_seconds and token_broker_app_ready, read at scrape."""
+    """token_broker_next_refresh_timestamp_seconds (set by the refresher) and
+    token_broker_app_ready (read from the apps at each scrape)."""
 
-    def test_read_from_the_apps_at_each_scrape(self) -> None:
-        """Each scrape asks the apps: ready 1 or 0, the next attempt to the millisecond, and
-        no next-refresh series for an app that has none scheduled."""
+    def test_readiness_is_read_at_each_scrape(self) -> None:
+        """Each scrape asks the apps whether they are ready: 1 or 0, as they say now."""
         metrics = Metrics()
-        schedule = [("a", True, 1_763_849_000.12345), ("b", False, None)]
-        metrics.track_apps(lambda: schedule)
+        readiness = [("a", True), ("b", False)]
+        metrics.track_readiness(lambda: readiness)
         assert sorted(series(metrics, "token_broker_app_ready")) == [
             'token_broker_app_ready{app="a"} 1.0',
             'token_broker_app_ready{app="b"} 0.0',
         ]
-        assert series(metrics, "token_broker_next_refresh_timestamp_seconds") == [
-            'token_broker_next_refresh_timestamp_seconds{app="a"} 1.763849000123e+09'
-        ]
-        schedule[:] = [("a", False, None), ("b", True, 1_763_849_100.0)]
+        readiness[:] = [("a", False), ("b", True)]
         assert sorted(series(metrics, "token_broker_app_ready")) == [
             'token_broker_app_ready{app="a"} 0.0',
             'token_broker_app_ready{app="b"} 1.0',
         ]
+
+    def test_next_refresh_to_the_millisecond_and_none_removes_it(self) -> None:
+        """The next attempt's time is kept to the millisecond; None (nothing planned) is no
+        series."""
+        metrics = Metrics()
+        metrics.set_next_refresh("a", 1_763_849_000.12345)
         assert series(metrics, "token_broker_next_refresh_timestamp_seconds") == [
-            'token_broker_next_refresh_timestamp_seconds{app="b"} 1.7638491e+09'
+            'token_broker_next_refresh_timestamp_seconds{app="a"} 1.763849000123e+09'
         ]
+        metrics.set_next_refresh("a", None)
+        assert series(metrics, "token_broker_next_refresh_timestamp_seconds") == []
 
     def test_forgotten_app_has_neither(self) -> None:
-        """A removed app's ready and next-refresh series are gone."""
+        """A removed app's ready and next-refresh series are gone, and stay gone."""
         metrics = Metrics()
-        metrics.track_apps(lambda: [("a", True, 1.0)])
+        apps = [("a", True)]
+        metrics.track_readiness(lambda: apps)
+        metrics.set_next_refresh("a", 1.0)
         metrics.render()
-        metrics.track_apps(lambda: [])
+        apps.clear()
         metrics.forget_apps(["a"])
         assert 'app="a"' not in exposition(metrics)
+        apps.append(("a", False))  # added again: a new series, not the forgotten one
+        assert series(metrics, "token_broker_app_ready") == ['token_broker_app_ready{app="a"} 0.0']
 
 
 class TestFailuresGauge:

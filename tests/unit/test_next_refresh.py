@@ -64,13 +64,16 @@ class TestNextRefreshAt:
     async def test_is_when_the_next_refresh_happens(
         self, fake_clock: FakeClock, running: list[asyncio.Task[None]]
     ) -> None:
-        """After a token, the time told is inside the refresh window and the refresh comes then."""
+        """After a token, the time told (and exported) is inside the refresh window and the
+        refresh comes then."""
         source = FakeTokenSource(fake_clock, lifetime=60.0)
-        refresher = start(fake_clock, source, running)
+        metrics = Metrics()
+        refresher = start(fake_clock, source, running, metrics=metrics)
         await fake_clock.settle()
         told = refresher.next_refresh_at()
         assert told is not None
         assert fake_clock.time() + 45 - 3 <= told <= fake_clock.time() + 45 + 3 + 0.6
+        assert metrics.next_refresh.labels("app1").get() == pytest.approx(told, abs=0.001)
         happened = await until_calls(fake_clock, source, 2)
         assert told <= happened <= told + 0.1 + 1e-6
 
@@ -95,20 +98,25 @@ class TestNextRefreshAt:
     async def test_an_attempt_in_flight_shows_when_it_started(
         self, fake_clock: FakeClock, running: list[asyncio.Task[None]]
     ) -> None:
-        """A hanging attempt is told as its start, growing older (what the stall alert sees)."""
+        """An attempt still waiting for its answer is told as its start, growing older (what
+        the stall alert looks for), not as "now"."""
         source = FakeTokenSource(fake_clock, lifetime=60.0)
         source.delay = 600.0
-        refresher = start(fake_clock, source, running)
+        metrics = Metrics()
+        refresher = start(fake_clock, source, running, metrics=metrics)
         await fake_clock.settle()
         began = fake_clock.time()
-        await fake_clock.advance(120.0)
+        await fake_clock.advance(8.0)  # the request's 10 s timeout has not run out
         assert refresher.next_refresh_at() == pytest.approx(began)
+        assert metrics.next_refresh.labels("app1").get() == pytest.approx(began, abs=0.001)
 
     async def test_none_while_waiting_for_authorization(
         self, fake_clock: FakeClock, running: list[asyncio.Task[None]]
     ) -> None:
         """An authorization-code app with nothing stored schedules nothing: None."""
         source = FakeTokenSource(fake_clock, lifetime=60.0)
-        refresher = start(fake_clock, source, running, GrantType.AUTHORIZATION_CODE)
+        metrics = Metrics()
+        refresher = start(fake_clock, source, running, GrantType.AUTHORIZATION_CODE, metrics)
         await fake_clock.settle()
         assert refresher.next_refresh_at() is None
+        assert "token_broker_next_refresh_timestamp_seconds{" not in metrics.render().decode()
