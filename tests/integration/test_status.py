@@ -9,6 +9,7 @@ real processes; the test OAuth server runs in this event loop, so the command ru
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -25,7 +26,14 @@ import jsonschema_rs
 import pytest
 import redis
 
+from broker.clock import SystemClock
+from broker.config import load_config
+from broker.metrics import Metrics
+from broker.model import TokenSet
 from broker.status import STATUS_SCHEMA
+from broker.status_command import store_name
+from broker.store.crypto import Keyring
+from broker.store.redis_store import RedisStore, redis_client
 from tests.support.authorization import ac_app, authorize_via_code
 from tests.support.broker_process import REPO_ROOT, BrokerFiles, BrokerProcess
 from tests.support.oauth_server import OAuthTestServer, Scripted
@@ -349,3 +357,43 @@ class TestWatch:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+class TestWithoutTheKey:
+    async def test_a_set_no_key_opens_shows_its_rank_only(
+        self, tmp_path: Path, redis_server: RedisServer
+    ) -> None:
+        """Status with another store key: the set is `unreadable`, its rank (plain text in
+        Redis) shown, its expiry not; a failure record no key opens is said to exist."""
+        files = BrokerFiles(tmp_path, "http://127.0.0.1:9/token", redis_server.url)
+        config = files.write()
+        spec = load_config(config).apps["app1"]
+        store = RedisStore(
+            redis_client(redis_server.url),
+            key_prefix="tb-test",
+            keyring=Keyring.from_file(files.directory / "store.key"),
+            metrics=Metrics(),
+            clock=SystemClock(),
+        )
+        name = store_name(spec)
+        try:
+            now = await store.server_time()
+            token = TokenSet(
+                "access-" + "x" * 24, "Bearer", now, now + 600, None, None, lineage=9, generation=4
+            )
+            assert (await store.commit(name, token)).stored
+            await store.record_failure(
+                name, failures=1, not_before=now + 300, error="transient: e", permanent=False
+            )
+        finally:
+            await store.close()
+        other_key = base64.b64encode(b"O" * 32).decode()
+        (files.directory / "store.key").write_text(f"k2 {other_key}\n")
+        done = await asyncio.to_thread(run_status, config, "--json")
+        assert done.returncode == 0, done.stderr
+        (row,) = json.loads(done.stdout)["apps"]
+        assert row["state"] == "unreadable"
+        assert (row["token"]["lineage"], row["token"]["generation"]) == (9, 4)
+        assert row["token"]["expires_at"] is None and not row["token"]["readable"]
+        assert row["failure"] is None and row["failure_unreadable"]
+        assert token.access_token not in done.stdout + done.stderr
