@@ -80,8 +80,9 @@ class Metrics:
         # changes with time alone (a token ages into its margin), so it is read at each scrape.
         self.next_refresh = self._gauge(
             "token_broker_next_refresh_timestamp_seconds",
-            "Unix time of this replica's next refresh attempt for the app (no series while "
-            "none is scheduled: the app waits for token-broker authorize).",
+            "Unix time of this replica's next refresh attempt for the app (of the attempt in "
+            "flight: when it started; no series while none is planned: the app waits for "
+            "token-broker authorize).",
             ["app"],
         )
         self.app_ready = self._gauge(
