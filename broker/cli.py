@@ -48,6 +48,7 @@ start here:
   token-broker dev                                   a local demo, no Redis and no credentials
   token-broker check-config --config config.yaml     validate a config offline
   token-broker serve --config config.yaml            run the sidecar
+  token-broker status --config config.yaml           every app's record in the shared store
   token-broker COMMAND --help                        each command's options and examples
 
 `token-broker` alone prints this help and exits 0.
