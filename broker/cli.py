@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--store-url",
         metavar="URL",
-        help="read this Redis instead of store.url (a replica; the password is the config's)",
+        help="read this Redis instead of store.url, e.g. a replica (store.password_file "
+        "applies; without one, a user and password in the URL)",
     )
 
     _command(
