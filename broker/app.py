@@ -12,6 +12,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -24,7 +25,7 @@ from broker.clock import Clock, SystemClock
 from broker.config import load_config
 from broker.core import BrokerCore
 from broker.credentials import Credentials
-from broker.errors import ConfigError, ConfigErrors, ListenError
+from broker.errors import ConfigError, ConfigErrors, ListenError, StoreUnavailable
 from broker.fleetclock import FleetClock
 from broker.logs import audit, get_logger
 from broker.metrics import Metrics
@@ -32,8 +33,10 @@ from broker.model import AppSpec, Config
 from broker.oauth.client import OAuthClient
 from broker.refresher import AppRefresher
 from broker.sinks import SinkSet
+from broker.status import AppTarget, ReplicaView, collect
 from broker.store import TokenStore
 from broker.store.factory import open_store
+from broker.store.facts import StoreInspector
 from broker.store.memory import MemoryStore
 
 log = get_logger(__name__)
@@ -117,6 +120,7 @@ async def build_broker(
     fleet_clock = FleetClock(clock, local=isinstance(store, MemoryStore))
     metrics.track_clock(fleet_clock.offset, fleet_clock.offset_age, lambda: fleet_clock.measured)
     core = BrokerCore({}, store, fleet_clock, metrics)
+    metrics.track_readiness(core.readiness)
     authenticator = ClientAuthenticator(config.clients)
     sinks = SinkSet(clock, metrics)
     broker = Broker(
@@ -323,7 +327,8 @@ async def start_listeners(broker: Broker) -> None:
     await _bind("server.listen", server.listen, api_site)
     broker.api_addresses = _addresses(broker.api_runner)
 
-    metrics_app = build_metrics_app(broker.core, broker.metrics)
+    status = (lambda: fleet_status(broker)) if server.status_endpoint else None
+    metrics_app = build_metrics_app(broker.core, broker.metrics, status=status)
     broker.metrics_runner = web.AppRunner(
         metrics_app, access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
@@ -335,6 +340,26 @@ async def start_listeners(broker: Broker) -> None:
         lambda: _tcp_site(metrics_runner, server.metrics_listen),
     )
     broker.metrics_addresses = _addresses(broker.metrics_runner)
+
+
+async def fleet_status(broker: Broker) -> dict[str, Any]:
+    """`GET /v1/status`: the store's view of every app (read commands only) with this
+    replica's own (broker/status.py). Raises StoreUnavailable when the store cannot be read."""
+    store = broker.store
+    if not isinstance(store, StoreInspector):
+        raise StoreUnavailable("this store cannot describe its contents")
+    refreshers = broker.core.refreshers
+    targets = [AppTarget(r.spec, r.store_name) for r in refreshers.values()]
+    views = {
+        name: ReplicaView(
+            state=r.state.value,
+            ready=broker.core.app_ready(name),
+            next_refresh_at=r.next_refresh_at(),
+            last_error=r.last_error,
+        )
+        for name, r in refreshers.items()
+    }
+    return await collect(store, targets, views, source="replica")
 
 
 async def _bind(setting: str, listen: str, site: Callable[[], web.BaseSite]) -> None:

@@ -48,6 +48,7 @@ start here:
   token-broker dev                                   a local demo, no Redis and no credentials
   token-broker check-config --config config.yaml     validate a config offline
   token-broker serve --config config.yaml            run the sidecar
+  token-broker status --config config.yaml           every app's record in the shared store
   token-broker COMMAND --help                        each command's options and examples
 
 `token-broker` alone prints this help and exits 0.
@@ -117,6 +118,21 @@ examples:
 Prints the authorize URL, reads the redirected URL from stdin, checks its state, exchanges the
 code at once (it lives five minutes) and stores the token set in the shared store, where running
 brokers pick it up. Needs a Redis store: memory:// is refused before the URL is printed.
+"""
+
+STATUS_EPILOG = """\
+examples:
+  token-broker status --config /etc/token-broker/config.yaml
+  token-broker status --config config.yaml --app twilio-scim     one app in full
+  token-broker status --config config.yaml --json                the same for scripts
+  token-broker status --config config.yaml --watch               again every 2 s until Ctrl-C
+  token-broker status --config config.yaml --store-url redis://redis-replica:6379
+                                               read a replica of Redis instead of the primary
+
+Reads each app's set, lease, spend record, shared failure and budget from the store with read
+commands only (a read-only replica will do), using the config's encryption key for expiry and
+failures. Never prints a token, a secret or a token's fingerprint. With server.status_endpoint
+on, also shows this host's broker's own view. The JSON's schema is in docs/contract.md.
 """
 
 VERSION_EPILOG = """\
@@ -261,6 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--code-verifier", metavar="VERIFIER", help="the PKCE verifier that goes with --code"
     )
 
+    status = _command(
+        sub,
+        "status",
+        "every app's record in the shared store, at a glance",
+        "Show every app's state from the shared store: stored rank and expiry, next refresh, "
+        "lease holder and fence, spend record, shared backoff and budget left.",
+        STATUS_EPILOG,
+    )
+    _add_config(status)
+    status.add_argument("--app", metavar="NAME", help="show this app in full")
+    status.add_argument("--json", action="store_true", help="print JSON (schema: docs/contract.md)")
+    status.add_argument(
+        "--watch",
+        type=_watch_interval,
+        nargs="?",
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="print again every SECONDS (default 2) until interrupted",
+    )
+    status.add_argument(
+        "--store-url",
+        metavar="URL",
+        help="read this Redis instead of store.url, e.g. a replica (store.password_file "
+        "applies; without one, a user and password in the URL)",
+    )
+
     _command(
         sub,
         "config-schema",
@@ -332,6 +375,16 @@ def _lifetime(text: str) -> float:
     return seconds
 
 
+def _watch_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0.5:
+        raise argparse.ArgumentTypeError("at least 0.5 seconds")
+    return value
+
+
 def _seconds_count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds (0 or more)")
@@ -382,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _token(args)
             case "authorize":
                 return _authorize(args)
+            case "status":
+                return _status(args)
     except ConfigError as exc:
         for error in exc.errors if isinstance(exc, ConfigErrors) else (exc,):
             print(f"token-broker: configuration error: {error}", file=sys.stderr)
@@ -525,6 +580,36 @@ def _authorize(args: argparse.Namespace) -> int:
         )
     except AuthorizationFailed as exc:
         print(f"token-broker authorize: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from broker.clock import SystemClock
+    from broker.errors import StoreUnavailable
+    from broker.status_command import print_status, read_status
+
+    config = load_config(_require_config(args))
+    clock = SystemClock()
+    clear = args.watch is not None and not args.json and sys.stdout.isatty()
+
+    async def show() -> None:
+        while True:
+            document = await read_status(
+                config, store_url=args.store_url, app=args.app, clock=clock
+            )
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print_status(document, as_json=args.json, app=args.app)
+            sys.stdout.flush()
+            if args.watch is None:
+                return
+            await clock.sleep(args.watch)
+
+    try:
+        run_loop(show)
+    except StoreUnavailable as exc:
+        print(f"token-broker status: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     return EXIT_OK
 

@@ -113,6 +113,14 @@ class BrokerCore:
         """`app` has a servable token and the broker is not draining."""
         return not self.draining and self.refreshers[app].servable() is not None
 
+    def readiness(self) -> list[tuple[str, bool]]:
+        """Every app and whether it is ready (`app_ready`), for the metrics (`track_readiness`)."""
+        draining = self.draining
+        return [
+            (name, not draining and refresher.servable() is not None)
+            for name, refresher in self.refreshers.items()
+        ]
+
     # ---- lifecycle -----------------------------------------------------------------------
 
     def drain_bound(self) -> float:

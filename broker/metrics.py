@@ -75,6 +75,24 @@ class Metrics:
             "Unix time at which the app's current token expires.",
             ["app"],
         )
+        # cert-manager's certificate_renewal_timestamp_seconds and certificate_ready_status,
+        # per app: the refresher sets the first when it plans or starts an attempt; readiness
+        # changes with time alone (a token ages into its margin), so it is read at each scrape.
+        self.next_refresh = self._gauge(
+            "token_broker_next_refresh_timestamp_seconds",
+            "Unix time of this replica's next refresh attempt for the app (of the attempt in "
+            "flight: when it started; no series while none is planned: the app waits for "
+            "token-broker authorize).",
+            ["app"],
+        )
+        self.app_ready = self._gauge(
+            "token_broker_app_ready",
+            "1 while this replica has a servable token for the app (what /readyz/{app} "
+            "answers), else 0.",
+            ["app"],
+        )
+        self._readiness: Callable[[], Iterable[tuple[str, bool]]] | None = None
+        self._ready_series: dict[str, exposition.GaugeSeries] = {}
         self.refresh_failures_consecutive = NonZeroGauge(
             self._gauge(
                 "token_broker_refresh_failures_consecutive",
@@ -218,6 +236,7 @@ class Metrics:
 
     def render(self) -> bytes:
         """The exposition text of every family, for /metrics (run it on the event loop)."""
+        self._read_apps()
         parts = [generate_latest(_Collectors(self._library))]
         parts.extend(family.exposition() for family in self._own)
         return b"".join(parts)
@@ -240,6 +259,28 @@ class Metrics:
         self.clock_offset_age.set_function(age)
         self.clock_offset_measured.set_function(lambda: 1.0 if measured() else 0.0)
 
+    def track_readiness(self, readiness: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        """Read `(app, ready)` of every app at every scrape (token_broker_app_ready)."""
+        self._readiness = readiness
+
+    def _read_apps(self) -> None:
+        if self._readiness is None:
+            return
+        series = self._ready_series
+        for app, ready in self._readiness():
+            gauge = series.get(app)
+            if gauge is None:
+                gauge = series[app] = self.app_ready.labels(app)
+            gauge.set(1.0 if ready else 0.0)
+
+    def set_next_refresh(self, app: str, at: float | None) -> None:
+        """The app's next refresh attempt (wall time), or no series while none is planned."""
+        if at is None:
+            _remove(self.next_refresh, app)
+        else:
+            # To the millisecond: the store's clocks resolve no finer.
+            self.next_refresh.labels(app).set(round(at, 3))
+
     def forget_apps(self, apps: Iterable[str]) -> None:
         """Drop the per-app series of removed apps."""
         for app in apps:
@@ -247,6 +288,9 @@ class Metrics:
             if previous is not None:
                 _remove(self.app_state, app, previous.value)
             _remove(self.token_expiry, app)
+            _remove(self.next_refresh, app)
+            _remove(self.app_ready, app)
+            self._ready_series.pop(app, None)
             self.refresh_failures_consecutive.labels(app=app).set(0)
             _remove(self.refresh_blocked, app)
 

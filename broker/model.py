@@ -297,6 +297,14 @@ class ServerSpec:
     socket_group: Annotated[
         int | None, S.GROUP_ID.described("group (gid or name) of the API's unix socket")
     ] = None
+    # GET /v1/status on the metrics listener (broker/status.py): off unless asked for.
+    status_endpoint: Annotated[
+        bool,
+        S.BOOL.described(
+            "serve GET /v1/status (every app's store record, no secrets) on the metrics "
+            "listener; default false"
+        ),
+    ] = False
 
     @property
     def unix_path(self) -> str | None:

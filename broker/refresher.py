@@ -184,6 +184,8 @@ class AppRefresher:
         # measured on this host's monotonic clock (a wall-clock step changes neither; a step
         # that shortens the token's life lowers the latter, see `remaining`).
         self._next_attempt_at = 0.0
+        self._attempting = False
+        self._attempt_started = 0.0  # the monotonic start of the attempt in flight
         self._mono_expiry = 0.0
         self._stagger = 0.0
         self._in_backoff = False
@@ -308,6 +310,20 @@ class AppRefresher:
             last_refresh_at=self.last_refresh_at,
             last_error=self.last_error,
         )
+
+    def next_refresh_at(self) -> float | None:
+        """Wall time (the fleet's clock) of the next refresh attempt; None while none is
+        scheduled (the app waits for token-broker authorize, or the loop is stopping).
+
+        While an attempt is in flight, the time it started: an attempt that hangs shows as
+        an ever older time, which the alert on a stalled refresh looks for.
+        """
+        if self._needs_authorization is not None or self._stopping:
+            return None
+        mono = self._clock.monotonic()
+        if self._attempting:
+            return self._clock.time() - (mono - self._attempt_started)
+        return self._clock.time() + max(0.0, self._next_attempt_at - mono)
 
     def _check_min_ttl(self, min_ttl: float) -> None:
         token = self.token
@@ -533,8 +549,9 @@ class AppRefresher:
 
     async def _refresh(self) -> None:
         """One refresh attempt; records the outcome and schedules the next attempt."""
+        started = self._attempt_started = self._clock.monotonic()
+        self._attempting = True
         self._set_state(AppState.REFRESHING)
-        started = self._clock.monotonic()
         ignore_shared_failure, self._ignore_shared_failure = self._ignore_shared_failure, False
         try:
             outcome = await self.fleet.refresh(
@@ -555,6 +572,7 @@ class AppRefresher:
         else:
             self._record_outcome(outcome, started)
         finally:
+            self._attempting = False
             self._set_state(self._steady_state())
 
     async def _fetch(self, refresh_token: str | None) -> TokenSet:
@@ -606,6 +624,7 @@ class AppRefresher:
                 generation=token.generation,
                 expires_at=round(token.expires_at, 3),
             )
+        self._metrics.set_next_refresh(self.name, self.next_refresh_at())
         for listener in self._listeners:
             listener(token)
 
@@ -823,6 +842,8 @@ class AppRefresher:
         if state is not self.state or state is AppState.REFRESHING:
             self.state = state
             self._metrics.set_app_state(self.name, state)
+        # Every attempt starts and ends here: the schedule the metric shows follows it.
+        self._metrics.set_next_refresh(self.name, self.next_refresh_at())
 
 
 def _describe(exc: TokenEndpointError) -> str:

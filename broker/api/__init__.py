@@ -33,7 +33,7 @@ from broker.api.openapi import openapi_document
 from broker.api.proxy import Proxy, Upstreams, check_method
 from broker.api.routing import Endpoint, NoRoute, Router
 from broker.clock import Clock
-from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
+from broker.errors import NeedsAuthorization, RateLimited, StoreUnavailable, TokenUnavailable
 from broker.logs import RateLimitedLog, audit, get_logger
 from broker.metrics import Metrics
 from broker.model import TokenSet
@@ -437,8 +437,14 @@ def _small_request(
     )
 
 
-def build_metrics_app(service: TokenService, metrics: Metrics) -> web.Application:
-    """The metrics listener: /metrics, /healthz, /readyz, /readyz/{app}."""
+def build_metrics_app(
+    service: TokenService,
+    metrics: Metrics,
+    *,
+    status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+) -> web.Application:
+    """The metrics listener: /metrics, /healthz, /readyz, /readyz/{app}; and /v1/status when
+    `status` is given (`server.status_endpoint`)."""
 
     # Rendered on the event loop: the per-app families keep their series' text (broker/
     # exposition.py), so a scrape at a thousand apps costs a few milliseconds of the loop.
@@ -468,7 +474,19 @@ def build_metrics_app(service: TokenService, metrics: Metrics) -> web.Applicatio
         state = service.status(name).state.value
         return web.json_response({"status": "not_ready", "app": name, "state": state}, status=503)
 
+    async def status_handler(_: web.Request) -> web.Response:
+        assert status is not None
+        try:
+            document = await status()
+        except StoreUnavailable as exc:
+            return web.json_response(
+                {"error": "store_unavailable", "message": str(exc)}, status=503
+            )
+        return web.json_response(document)
+
     app = web.Application()
+    if status is not None:
+        app.router.add_get("/v1/status", status_handler)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from broker.clock import Clock
 from broker.errors import NotDurable, StoreUnavailable
 from broker.model import PROTOCOL_VERSION, FailureRecord, TokenSet
+from broker.policy import fleet_jitter_sample
 from broker.store import (
     BUDGET_WINDOW,
     FAILURE_RETENTION,
@@ -25,6 +26,7 @@ from broker.store import (
     SpendEnd,
     SpendStart,
 )
+from broker.store.facts import StoredFacts, StoredLease, StoredSet, StoredSpend
 
 
 @dataclass(slots=True)
@@ -336,6 +338,60 @@ class MemoryStore:
             window.append(now)
             return True, 0.0
         return False, window[0] + BUDGET_WINDOW - now
+
+    # ---- status ----------------------------------------------------------------------------
+
+    async def read_time(self) -> float:
+        """This process's clock, as `server_time`."""
+        return await self.server_time()
+
+    async def inspect(self, name: str, now: float) -> StoredFacts:
+        """What is held under `name`, as RedisStore.inspect describes it (nothing changes)."""
+        self._check()
+        token = self.state.tokens.get(name)
+        stored = None
+        if token is not None:
+            stored = StoredSet(
+                token.version,
+                token.rank,
+                token.protocol,
+                token.expires_at,
+                token.issued_at,
+                jitter=fleet_jitter_sample(token),
+            )
+        held = self.state.leases.get(name)
+        lease = None
+        if held is not None and held[2] > self._clock.monotonic():
+            owner, fence, until, protocol = held
+            lease = StoredLease(owner, fence, protocol, until - self._clock.monotonic())
+        spend = self.state.spends.get(name)
+        record = self._failures.get(name)
+        if record is not None and now >= record.not_before + FAILURE_RETENTION:
+            record = None
+        window = self._budgets.get(name, ())
+        return StoredFacts(
+            name=name,
+            now=now,
+            token=stored,
+            lease=lease,
+            fence=self.state.fences.get(name, 0),
+            spend=None
+            if spend is None
+            else StoredSpend(
+                spend.state,
+                spend.owner,
+                spend.fence,
+                spend.rank,
+                spend.retries,
+                # sent_at is monotonic here: told as the store's time of sending
+                now - (self._clock.monotonic() - spend.sent_at)
+                if spend.state != "announced"
+                else None,
+            ),
+            failure=record,
+            failure_unreadable=False,
+            budget_used=sum(1 for at in window if at > now - BUDGET_WINDOW),
+        )
 
     async def ping(self) -> None:
         """Raise StoreUnavailable while failing."""

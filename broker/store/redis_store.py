@@ -39,6 +39,7 @@ from broker.errors import NotDurable, StoreUnavailable, UnreadableTokenSet
 from broker.logs import get_logger
 from broker.metrics import Metrics
 from broker.model import PROTOCOL_VERSION, FailureRecord, TokenSet
+from broker.policy import fleet_jitter_sample
 from broker.store import (
     BUDGET_WINDOW,
     FAILURE_RETENTION,
@@ -50,6 +51,7 @@ from broker.store import (
     SpendStart,
 )
 from broker.store.crypto import Keyring, UndecryptableToken
+from broker.store.facts import StoredFacts, StoredLease, StoredSet, StoredSpend
 from broker.store.redis_pool import (
     MAX_COMMAND_CONNECTIONS,
     POOL_WAIT_TIMEOUT,
@@ -750,6 +752,85 @@ class RedisStore:
     def _failure_aad(self, app: str) -> bytes:
         return f"{self._prefix}:{app}:failure".encode()
 
+    # ---- status: read commands only (a read-only replica, an ACL user with +@read) ---------
+
+    async def read_time(self) -> float:
+        """The server's clock from `TIME` (a read command; `server_time` runs a script)."""
+        seconds, micros = await self._call("time", self._client.time)
+        return int(seconds) + int(micros) / 1_000_000
+
+    async def inspect(self, name: str, now: float) -> StoredFacts:
+        """Every key of the store name `name` in one pipeline of read commands.
+
+        HGETALL, GET, PTTL and ZCOUNT only: it runs against a replica. The set is decrypted
+        for its times alone, and the failure record for its fields; neither token leaves here.
+        """
+
+        async def read_all() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hgetall(self.token_key(name))
+            pipe.get(self.lease_key(name))
+            pipe.pttl(self.lease_key(name))
+            pipe.get(self.fence_key(name))
+            pipe.hgetall(self.spend_key(name))
+            pipe.get(self.failure_key(name))
+            window_start = int((now - BUDGET_WINDOW) * 1000)
+            pipe.zcount(self.budget_key(name), f"({window_start}", "+inf")
+            return list(await pipe.execute())
+
+        token, lease, pttl, fence, spend, failure, budget = await self._call("inspect", read_all)
+        record, failure_unreadable = self._inspect_failure(name, failure)
+        return StoredFacts(
+            name=name,
+            now=now,
+            token=self._inspect_set(name, token),
+            lease=_inspect_lease(lease, int(pttl)),
+            fence=_int(fence),
+            spend=_inspect_spend(spend),
+            failure=record,
+            failure_unreadable=failure_unreadable,
+            budget_used=int(budget),
+        )
+
+    def _inspect_set(self, name: str, fields: dict[bytes, bytes]) -> StoredSet | None:
+        """A stored set's rank and times (None for none); its tokens are dropped here."""
+        if not fields:
+            return None
+        version = _int(fields.get(b"version"))
+        rank = (_int(fields.get(b"lineage")), _int(fields.get(b"gen")))
+        protocol = _int(fields.get(b"pv"), 1)
+        moved = fields.get(b"moved")
+        if moved is not None:
+            return StoredSet(version, rank, protocol, None, None, moved_to=moved.decode())
+        try:
+            token = self._open_set(name, fields[b"blob"], version, rank, protocol)
+        except (UndecryptableToken, KeyError, ValueError, TypeError):
+            return StoredSet(version, rank, protocol, None, None)
+        return StoredSet(
+            version,
+            rank,
+            protocol,
+            token.expires_at,
+            token.issued_at,
+            jitter=fleet_jitter_sample(token),
+        )
+
+    def _inspect_failure(self, name: str, blob: bytes | None) -> tuple[FailureRecord | None, bool]:
+        """The shared failure record, and whether one is stored that no key here opens."""
+        if blob is None:
+            return None, False
+        try:
+            data = json.loads(self._keyring.decrypt(blob, self._failure_aad(name)))
+            record = FailureRecord(
+                failures=int(data["failures"]),
+                not_before=float(data["not_before"]),
+                error=str(data["error"]),
+                permanent=bool(data["permanent"]),
+            )
+        except (UndecryptableToken, KeyError, ValueError, TypeError):
+            return None, True
+        return record, False
+
     async def check_eviction_policy(self) -> str | None:
         """Warn (`store.eviction_policy`) unless Redis says `maxmemory-policy noeviction`.
 
@@ -809,6 +890,43 @@ def _plaintext(token: TokenSet) -> bytes:
             "generation": token.generation,
         }
     ).encode()
+
+
+def _int(value: bytes | str | None, default: int = 0) -> int:
+    """A stored integer field, `default` when absent or damaged (status shows what it can)."""
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _inspect_lease(value: bytes | None, pttl_ms: int) -> StoredLease | None:
+    """The lease's `owner|fence|protocol` value, with its time to live (None: no TTL)."""
+    if value is None:
+        return None
+    owner, _, rest = value.decode(errors="replace").partition("|")
+    fence, _, protocol = rest.partition("|")
+    return StoredLease(
+        owner=owner,
+        fence=_int(fence),
+        protocol=_int(protocol or None, 1),
+        expires_in=pttl_ms / 1000 if pttl_ms >= 0 else None,
+    )
+
+
+def _inspect_spend(fields: dict[bytes, bytes]) -> StoredSpend | None:
+    """The spend record without its refresh-token fingerprint (`rfp` is not read)."""
+    if not fields:
+        return None
+    sent_at = fields.get(b"sent_at")
+    return StoredSpend(
+        state=fields.get(b"state", b"").decode(errors="replace"),
+        owner=fields.get(b"owner", b"").decode(errors="replace"),
+        fence=_int(fields.get(b"fence")),
+        rank=(_int(fields.get(b"lineage")), _int(fields.get(b"gen"))),
+        retries=_int(fields.get(b"retries")),
+        sent_at=_int(sent_at) / 1000 if sent_at is not None else None,
+    )
 
 
 def _config_value(answer: object, name: str) -> str | None:

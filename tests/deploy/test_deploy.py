@@ -968,7 +968,8 @@ class TestDashboard:
             for m in re.findall(r"token_broker_[a-z_]+", e)
         }
         known = contract_metrics()
-        assert len(known) == 23  # token_broker_clock_offset_measured (issue 20, M3)
+        # token_broker_next_refresh_timestamp_seconds, token_broker_app_ready (issue 24)
+        assert len(known) == 25
         assert used <= known, used - known
         assert {
             "token_broker_token_expiry_timestamp_seconds",
@@ -977,6 +978,8 @@ class TestDashboard:
             "token_broker_request_duration_seconds",
             "token_broker_store_up",
             "token_broker_sink_writes_total",
+            "token_broker_next_refresh_timestamp_seconds",
+            "token_broker_app_ready",
         } <= used
 
 

@@ -18,6 +18,7 @@ from broker.metrics import Metrics
 from broker.model import TokenSet
 from broker.store import Notice, SpendEnd, SpendStart, TokenStore
 from broker.store.crypto import Keyring
+from broker.store.facts import StoreInspector
 from broker.store.memory import MemoryStore
 from broker.store.redis_store import RedisStore, redis_client
 from tests.support.redis_server import RedisServer
@@ -469,3 +470,51 @@ class TestNoticeWithoutTheKey:
         finally:
             await writer.close()
             await reader.close()
+
+
+class TestInspect:
+    async def test_both_stores_describe_an_app_alike(self, store: TokenStore) -> None:
+        """inspect (status) tells the same facts from both stores: rank, times, lease, spend
+        record, failure and budget; and no token (repr included)."""
+        inspector = cast(StoreInspector, store)
+        token = token_set(2)
+        await store.commit("app", token)
+        lease = await store.acquire_lease("app", "pod-a", 30.0)
+        assert await store.begin_spend("app", owner="pod-a", fence=lease.fence, token=token) == (
+            SpendStart.OK
+        )
+        await store.mark_sent("app", owner="pod-a", fence=lease.fence)
+        await store.end_spend("app", owner="pod-a", fence=lease.fence, outcome=SpendEnd.UNKNOWN)
+        now = await inspector.read_time()
+        await store.record_failure(
+            "app", failures=2, not_before=now + 60, error="transient: http 503", permanent=False
+        )
+        await store.take_budget("app", 5, now)
+        facts = await inspector.inspect("app", await inspector.read_time())
+        assert facts.token is not None
+        assert (facts.token.rank, facts.token.version) == ((1, 2), 1)
+        assert (facts.token.issued_at, facts.token.expires_at) == (1000.0, 4600.0)
+        assert facts.lease is not None and (facts.lease.owner, facts.lease.fence) == (
+            "pod-a",
+            lease.fence,
+        )
+        assert facts.lease.expires_in is not None and 25 < facts.lease.expires_in <= 30
+        assert facts.fence == lease.fence
+        assert facts.spend is not None
+        assert (facts.spend.state, facts.spend.owner, facts.spend.rank) == (
+            "unknown",
+            "pod-a",
+            (1, 2),
+        )
+        assert facts.spend.sent_at is not None and 0 <= facts.now - facts.spend.sent_at < 5
+        assert facts.failure is not None and facts.failure.failures == 2
+        assert facts.budget_used == 1
+        assert token.access_token not in repr(facts)
+        assert (token.refresh_fingerprint or "?") not in repr(facts)
+
+    async def test_nothing_stored(self, store: TokenStore) -> None:
+        """An app the store knows nothing of: every fact empty."""
+        inspector = cast(StoreInspector, store)
+        facts = await inspector.inspect("app", await inspector.read_time())
+        assert (facts.token, facts.lease, facts.spend, facts.failure) == (None, None, None, None)
+        assert (facts.fence, facts.budget_used, facts.failure_unreadable) == (0, 0, False)

@@ -52,6 +52,7 @@ class BrokerFiles:
     app_overrides: Mapping[str, Any] = field(default_factory=dict)
     api_port: int = 0
     metrics_port: int = 0
+    server_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def write(self) -> Path:
         """Write every file and return the config path."""
@@ -78,6 +79,7 @@ class BrokerFiles:
             "server": {
                 "listen": f"127.0.0.1:{self.api_port}",
                 "metrics_listen": f"127.0.0.1:{self.metrics_port}",
+                **self.server_overrides,
             },
             "store": store,
             "apps": apps,

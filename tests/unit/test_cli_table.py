@@ -148,6 +148,20 @@ CASES = [
         "err",
         "no app named 'nope' in the config (apps: twilio)",
     ),
+    (
+        "status-unknown-app",
+        ["status", "--config", "{config}", "--app", "nope"],
+        2,
+        "err",
+        "configuration error: --app: no app 'nope' in the config",
+    ),
+    (
+        "status-watch-too-fast",
+        ["status", "--config", "{config}", "--watch", "0.1"],
+        2,
+        "err",
+        "argument --watch: at least 0.5 seconds",
+    ),
 ]
 
 
@@ -212,6 +226,7 @@ class TestHelp:
             "config-schema",
             "token",
             "authorize",
+            "status",
             "version",
         }
         for name, parser in commands.items():

@@ -225,7 +225,7 @@ class TestEveryMistakeAtOnce:
             "not a string",
             "token-broker: configuration error: server.listn: unknown key; did you mean "
             "'listen'? (allowed: allow_non_loopback, listen, metrics_listen, socket_group, "
-            "socket_mode)",
+            "socket_mode, status_endpoint)",
         ]
 
 

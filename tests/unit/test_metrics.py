@@ -48,6 +48,8 @@ def busy_metrics() -> Metrics:
         metrics.refresh_blocked.labels(app=app).set(0)
         metrics.budget_refusals.labels(app=app).inc()
         metrics.grant_outcome_unknown.labels(app=app).inc()
+        metrics.next_refresh.labels(app).set(1_763_849_000.25)
+        metrics.app_ready.labels(app).set(1)
         metrics.requests.observe("/v1/token/{app}", app, "svc", 200, 0.0004)
     metrics.store_errors.labels(operation="load").inc()
     metrics.refresh_duration.observe(0.3)
@@ -90,6 +92,50 @@ class TestAppState:
         metrics.forget_apps(["a"])
         text = exposition(metrics)
         assert 'app="a"' not in text
+
+
+class TestSchedule:
+    """token_broker_next_refresh_timestamp_seconds (set by the refresher) and
+    token_broker_app_ready (read from the apps at each scrape)."""
+
+    def test_readiness_is_read_at_each_scrape(self) -> None:
+        """Each scrape asks the apps whether they are ready: 1 or 0, as they say now."""
+        metrics = Metrics()
+        readiness = [("a", True), ("b", False)]
+        metrics.track_readiness(lambda: readiness)
+        assert sorted(series(metrics, "token_broker_app_ready")) == [
+            'token_broker_app_ready{app="a"} 1.0',
+            'token_broker_app_ready{app="b"} 0.0',
+        ]
+        readiness[:] = [("a", False), ("b", True)]
+        assert sorted(series(metrics, "token_broker_app_ready")) == [
+            'token_broker_app_ready{app="a"} 0.0',
+            'token_broker_app_ready{app="b"} 1.0',
+        ]
+
+    def test_next_refresh_to_the_millisecond_and_none_removes_it(self) -> None:
+        """The next attempt's time is kept to the millisecond; None (nothing planned) is no
+        series."""
+        metrics = Metrics()
+        metrics.set_next_refresh("a", 1_763_849_000.12345)
+        assert series(metrics, "token_broker_next_refresh_timestamp_seconds") == [
+            'token_broker_next_refresh_timestamp_seconds{app="a"} 1.763849000123e+09'
+        ]
+        metrics.set_next_refresh("a", None)
+        assert series(metrics, "token_broker_next_refresh_timestamp_seconds") == []
+
+    def test_forgotten_app_has_neither(self) -> None:
+        """A removed app's ready and next-refresh series are gone, and stay gone."""
+        metrics = Metrics()
+        apps = [("a", True)]
+        metrics.track_readiness(lambda: apps)
+        metrics.set_next_refresh("a", 1.0)
+        metrics.render()
+        apps.clear()
+        metrics.forget_apps(["a"])
+        assert 'app="a"' not in exposition(metrics)
+        apps.append(("a", False))  # added again: a new series, not the forgotten one
+        assert series(metrics, "token_broker_app_ready") == ['token_broker_app_ready{app="a"} 0.0']
 
 
 class TestFailuresGauge:
@@ -160,7 +206,7 @@ class TestOwnExposition:
         ours = parsed(exposition(metrics))
         theirs = parsed(generate_latest(metrics.registry).decode())
         assert ours == theirs
-        assert len(ours) == 23
+        assert len(ours) == 25  # next_refresh_timestamp_seconds, app_ready (issue 24)
 
     def test_sample_lines_are_written_as_prometheus_client_writes_them(self) -> None:
         """Label order, escaping and value formatting match line for line."""
