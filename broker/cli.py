@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from broker import __version__
+from broker import __version__, tracing
 from broker.config import config_warnings, load_config, summarize
 from broker.errors import BrokerError, ConfigError, ConfigErrors, ListenError
 from broker.local_client import BrokerAnswer, get_token, is_unix_url
@@ -449,6 +449,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(json=json_logs, level=args.log_level)
     for warning in config_warnings(config):
         log.warning("config.warning", setting=warning.key, reason=warning.reason)
+    stop_traces = tracing.start_from_env(os.environ)
     try:
         run_loop(lambda: serve(config, config_path=path))
     except ConfigError:
@@ -462,6 +463,9 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("broker.failed", error=str(exc))
         return EXIT_RUNTIME
+    finally:
+        if stop_traces is not None:
+            stop_traces()  # exports the spans still buffered
     return EXIT_OK
 
 
