@@ -92,4 +92,10 @@ class TestImports:
         importlib.metadata, for its own version.)
         """
         found = imported_heavy_modules(write_config(tmp_path, "redis://127.0.0.1:9/0"))
-        assert sorted(found) == ["Cryptodome", "importlib.metadata", "redis"]
+        # redis-py 8 imports OpenTelemetry's API and SDK metrics itself (redis.observability)
+        # whenever they are installed, as the test extra installs them: not the broker's doing.
+        assert sorted(set(found) - {"opentelemetry"}) == [
+            "Cryptodome",
+            "importlib.metadata",
+            "redis",
+        ]
