@@ -70,11 +70,16 @@ examples:
   token-broker dev                      API on 127.0.0.1:8411, tokens living 60 s
   token-broker dev --port 0             any free port; the banner prints the bound address
   token-broker dev --lifetime 10        watch tokens refresh every few seconds
+  token-broker dev --redis redis://127.0.0.1:6379/0
+                                        tokens in Redis: `token-broker authorize demo-scim
+                                        --config DIR/dev.yaml` onboards the code-grant app
+  token-broker dev --socket /tmp/tb.sock
+                                        the API on a unix socket, your user needs no key
   token-broker dev --oauth-only --dir examples/local-secrets
                                         only the local OAuth server (on 127.0.0.1:8412), for
                                         `serve --config examples/local.yaml` against local Redis
 
-Dev mode keeps tokens in memory and is not for production.
+Dev mode keeps tokens in memory (or in Redis with --redis) and is not for production.
 """
 
 CHECK_EPILOG = """\
@@ -195,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PORT",
         help="the OAuth server's port (default: any free port; 8412 with --oauth-only)",
+    )
+    dev.add_argument(
+        "--redis",
+        metavar="URL",
+        help="keep tokens in this Redis (e.g. redis://127.0.0.1:6379/0, keys under "
+        "token-broker-dev:) instead of memory, so `token-broker authorize` can onboard the "
+        "authorization-code app demo-scim",
+    )
+    dev.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="serve the API on this unix socket instead of TCP, with the current user mapped "
+        "to the demo client (no key needed)",
     )
     dev.add_argument(
         "--dir",
@@ -477,6 +496,10 @@ def _dev(args: argparse.Namespace) -> int:
             "--port is the broker API's port, and --oauth-only runs no broker: "
             "give the OAuth server's port as --oauth-port"
         )
+    if args.oauth_only and (args.redis or args.socket):
+        raise UsageError("--redis and --socket are for the dev broker, which --oauth-only omits")
+    if args.socket is not None and args.port is not None:
+        raise UsageError("--socket replaces the API's TCP port: give one of --port and --socket")
     configure_logging(json=False, level="INFO")
     with tempfile.TemporaryDirectory(prefix="token-broker-dev-") as scratch:
         workdir = args.dir if args.dir is not None else Path(scratch)
@@ -491,6 +514,10 @@ def _dev(args: argparse.Namespace) -> int:
                         port=DEFAULT_DEV_PORT if args.port is None else args.port,
                         lifetime=args.lifetime,
                         oauth_port=args.oauth_port or 0,
+                        redis_url=args.redis,
+                        socket_path=(
+                            Path(os.path.abspath(args.socket)) if args.socket is not None else None
+                        ),
                     )
                 )
         except ListenError as exc:
