@@ -23,6 +23,8 @@ HEAVY = (
     "pycparser",
     "rich",
     "importlib.metadata",
+    # Traces are opt-in (OTEL_*): without them nothing of OpenTelemetry is loaded.
+    "opentelemetry",
 )
 
 BUILD = """
