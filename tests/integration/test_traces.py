@@ -173,7 +173,7 @@ class TestInMemory:
     ) -> None:
         """proxy -> token fetch (the first token was still on its way) and proxy -> upstream,
         in the caller's trace; the upstream's traceparent names the upstream span."""
-        oauth_server.delays = [1.5]  # the first token arrives after the request does
+        oauth_server.delays = [4.0]  # the first token arrives after the request does
         files = proxied_files(tmp_path, oauth_server, echo_upstream)
         async with running_broker(files.write()), aiohttp.ClientSession() as session:
             async with session.get(
