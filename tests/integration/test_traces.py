@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from broker import tracing
-from broker.logs import add_trace_ids
+from broker.logs import SECRETS, add_trace_ids
 from broker.model import fingerprint
 from broker.otel import tracer_with
 from tests.support.broker_process import BrokerFiles, BrokerProcess, running_broker
@@ -311,3 +311,24 @@ class TestOtlpExport:
             assert secret.encode() not in raw
         lines = broker.log_lines()
         assert any(line.get("event") == "traces.on" for line in lines)
+
+
+class TestScrubbing:
+    def test_a_registered_secret_or_a_jwt_never_reaches_an_exported_attribute(
+        self, exported: InMemorySpanExporter
+    ) -> None:
+        """Belt and braces: the adapter scrubs every string attribute, event and status, as the
+        log redaction does, even if a part of the broker put a secret in one."""
+        secret = "sEcReT-value-0123456789abcdef"
+        jwt_like = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+        SECRETS.add(secret)
+        try:
+            with tracing.span("leaky", note=f"key={secret}") as span:
+                span.set("token", jwt_like)
+                span.event("step", detail=secret)
+                span.fail(f"failed with {secret}")
+        finally:
+            SECRETS.discard([secret])
+        text = dump(tuple(exported.get_finished_spans()))
+        assert "leaky" in text and "[redacted]" in text
+        assert secret not in text and jwt_like not in text
