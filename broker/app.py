@@ -12,11 +12,12 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
 
+from broker import tracing
 from broker.api import build_api_server, build_metrics_app
 from broker.api.auth import ClientAuthenticator
 from broker.api.proxy import Upstreams
@@ -118,6 +119,11 @@ async def build_broker(
     )
     # A store in this process's memory has no other clock to agree with.
     fleet_clock = FleetClock(clock, local=isinstance(store, MemoryStore))
+    if tracing.enabled():
+        # Imported here: only a broker with traces on notes the protocol's steps as events.
+        from broker.store.traced import TracedStore
+
+        store = cast(TokenStore, TracedStore(store))
     metrics.track_clock(fleet_clock.offset, fleet_clock.offset_age, lambda: fleet_clock.measured)
     core = BrokerCore({}, store, fleet_clock, metrics)
     metrics.track_readiness(core.readiness)

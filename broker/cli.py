@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from broker import __version__
+from broker import __version__, tracing
 from broker.config import config_warnings, load_config, summarize
 from broker.errors import BrokerError, ConfigError, ConfigErrors, ListenError
 from broker.local_client import BrokerAnswer, get_token, is_unix_url
@@ -71,11 +71,16 @@ examples:
   token-broker dev                      API on 127.0.0.1:8411, tokens living 60 s
   token-broker dev --port 0             any free port; the banner prints the bound address
   token-broker dev --lifetime 10        watch tokens refresh every few seconds
+  token-broker dev --redis redis://127.0.0.1:6379/0
+                                        tokens in Redis: `token-broker authorize demo-scim
+                                        --config DIR/dev.yaml` onboards the code-grant app
+  token-broker dev --socket /tmp/tb.sock
+                                        the API on a unix socket, your user needs no key
   token-broker dev --oauth-only --dir examples/local-secrets
                                         only the local OAuth server (on 127.0.0.1:8412), for
                                         `serve --config examples/local.yaml` against local Redis
 
-Dev mode keeps tokens in memory and is not for production.
+Dev mode keeps tokens in memory (or in Redis with --redis) and is not for production.
 """
 
 CHECK_EPILOG = """\
@@ -211,6 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PORT",
         help="the OAuth server's port (default: any free port; 8412 with --oauth-only)",
+    )
+    dev.add_argument(
+        "--redis",
+        metavar="URL",
+        help="keep tokens in this Redis (e.g. redis://127.0.0.1:6379/0, keys under "
+        "token-broker-dev:) instead of memory, so `token-broker authorize` can onboard the "
+        "authorization-code app demo-scim",
+    )
+    dev.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="serve the API on this unix socket instead of TCP, with the current user mapped "
+        "to the demo client (no key needed)",
     )
     dev.add_argument(
         "--dir",
@@ -504,6 +523,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(json=json_logs, level=args.log_level)
     for warning in config_warnings(config):
         log.warning("config.warning", setting=warning.key, reason=warning.reason)
+    stop_traces = tracing.start_from_env(os.environ)
     try:
         run_loop(lambda: serve(config, config_path=path))
     except ConfigError:
@@ -517,6 +537,9 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("broker.failed", error=str(exc))
         return EXIT_RUNTIME
+    finally:
+        if stop_traces is not None:
+            stop_traces()  # exports the spans still buffered
     return EXIT_OK
 
 
@@ -528,6 +551,10 @@ def _dev(args: argparse.Namespace) -> int:
             "--port is the broker API's port, and --oauth-only runs no broker: "
             "give the OAuth server's port as --oauth-port"
         )
+    if args.oauth_only and (args.redis or args.socket):
+        raise UsageError("--redis and --socket are for the dev broker, which --oauth-only omits")
+    if args.socket is not None and args.port is not None:
+        raise UsageError("--socket replaces the API's TCP port: give one of --port and --socket")
     configure_logging(json=False, level="INFO")
     with tempfile.TemporaryDirectory(prefix="token-broker-dev-") as scratch:
         workdir = args.dir if args.dir is not None else Path(scratch)
@@ -542,6 +569,10 @@ def _dev(args: argparse.Namespace) -> int:
                         port=DEFAULT_DEV_PORT if args.port is None else args.port,
                         lifetime=args.lifetime,
                         oauth_port=args.oauth_port or 0,
+                        redis_url=args.redis,
+                        socket_path=(
+                            Path(os.path.abspath(args.socket)) if args.socket is not None else None
+                        ),
                     )
                 )
         except ListenError as exc:

@@ -17,6 +17,8 @@ from typing import Any, Literal, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from broker import tracing
+
 REDACTED = "[redacted]"
 
 # Field names whose values are secrets whatever they hold.
@@ -30,7 +32,18 @@ _SAFE_KEYS = frozenset({"token_fingerprint", "key_id", "secret", "event"})
 # Fields of our own lines whose values the broker writes itself and never from a secret (names,
 # fingerprints, numbers, the event name): not scanned. Other libraries' records are scanned whole.
 _PLAIN_FIELDS = frozenset(
-    {"event", "level", "logger", "timestamp", "audit", "app", "client", "token_fingerprint"}
+    {
+        "event",
+        "level",
+        "logger",
+        "timestamp",
+        "audit",
+        "app",
+        "client",
+        "token_fingerprint",
+        "trace_id",
+        "span_id",
+    }
 )
 # A JWT anywhere in free text.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
@@ -162,9 +175,19 @@ def redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
+def add_trace_ids(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Processor: `trace_id` and `span_id` of the current span, when traces are on and one is."""
+    ids = tracing.current_ids()
+    if ids is not None:
+        event_dict.setdefault("trace_id", ids[0])
+        event_dict.setdefault("span_id", ids[1])
+    return event_dict
+
+
 def _shared_processors() -> list[Processor]:
     return [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

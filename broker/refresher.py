@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
-from broker import policy
+from broker import policy, tracing
 from broker.clock import Clock
 from broker.errors import (
     NeedsAuthorization,
@@ -553,27 +553,36 @@ class AppRefresher:
         self._attempting = True
         self._set_state(AppState.REFRESHING)
         ignore_shared_failure, self._ignore_shared_failure = self._ignore_shared_failure, False
-        try:
-            outcome = await self.fleet.refresh(
-                self._fetch,
-                is_due=self._is_due,
-                servable_left=self._servable_left(),
-                ignore_shared_failure=ignore_shared_failure,
-            )
-        except TokenEndpointError as exc:
-            await self._record_failure(exc, started)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug must not kill the loop: count it as transient
-            log.exception("refresh.unexpected_error", app=self.name)
-            await self._record_failure(
-                TransientTokenError(f"unexpected {type(exc).__name__}"), started
-            )
-        else:
-            self._record_outcome(outcome, started)
-        finally:
-            self._attempting = False
-            self._set_state(self._steady_state())
+        with tracing.span(
+            "token_broker.refresh", app=self.name, grant_type=str(self.spec.grant_type)
+        ) as span:
+            try:
+                outcome = await self.fleet.refresh(
+                    self._fetch,
+                    is_due=self._is_due,
+                    servable_left=self._servable_left(),
+                    ignore_shared_failure=ignore_shared_failure,
+                )
+            except TokenEndpointError as exc:
+                permanent = isinstance(exc, PermanentTokenError | NoGrant)
+                span.set("outcome", "permanent_error" if permanent else "transient_error")
+                span.fail(type(exc).__name__)
+                await self._record_failure(exc, started)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not kill the loop: count it as transient
+                span.fail(type(exc).__name__)
+                log.exception("refresh.unexpected_error", app=self.name)
+                await self._record_failure(
+                    TransientTokenError(f"unexpected {type(exc).__name__}"), started
+                )
+            else:
+                span.set("outcome", type(outcome).__name__)
+                self._record_outcome(outcome, started)
+            finally:
+                self._attempting = False
+                self._set_state(self._steady_state())
+                span.set("state", str(self.state))
 
     async def _fetch(self, refresh_token: str | None) -> TokenSet:
         if refresh_token is not None:

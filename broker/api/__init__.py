@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from broker import tracing
 from broker.api.answers import Answer
 from broker.api.auth import ClientAuthenticator, PeerCredentials
 from broker.api.errors import NO_STORE, ApiError, error_response, token_error
@@ -131,8 +132,8 @@ class _Api:
         # (method, request target) → its route: the target's own string, as sent, is the key.
         self._resolved: dict[tuple[str, str], _Resolved] = {}
         self.router = Router()
-        self.router.add("GET", ROUTE_TOKEN, self.get_token)
-        self.router.add("POST", ROUTE_REFRESH, self.refresh)
+        self.router.add("GET", ROUTE_TOKEN, _traced(ROUTE_TOKEN, self.get_token))
+        self.router.add("POST", ROUTE_REFRESH, _traced(ROUTE_REFRESH, self.refresh))
         self.router.add("GET", ROUTE_APPS, self.list_apps)
         self.router.add("GET", ROUTE_OPENAPI, self.openapi)
         # [\s\S]: a decoded path may hold a newline (%0A); the proxy refuses it in JSON.
@@ -399,6 +400,35 @@ def build_api_handler(
 def api_server_options() -> dict[str, Any]:
     """`web.Server` keyword arguments of the API: small request bodies, no access log."""
     return {"request_factory": _small_request, "access_log": None}
+
+
+def _traced(route: str, endpoint: Endpoint) -> Endpoint:
+    """`endpoint` inside a `token_broker.token` span when traces are on (the caller's W3C
+    trace context is its parent); `endpoint` itself when they are off, so the hot path pays
+    nothing. Traces are set up before the API is built."""
+    if not tracing.enabled():
+        return endpoint
+
+    async def traced(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
+        with tracing.span(
+            "token_broker.token",
+            kind="server",
+            remote_parent=request.headers,
+            app=params.get("app", ""),
+            semantic={"http.route": route, "http.request.method": request.method},
+        ) as span:
+            try:
+                response = await endpoint(request, params)
+            except ApiError as exc:
+                span.set("http.response.status_code", exc.status)
+                span.fail(exc.code)
+                raise
+            span.set("http.response.status_code", response.status)
+            # The client's configured name (never its key) once it is authenticated.
+            span.set("client", request.get(CLIENT_LABEL, ""))
+            return response
+
+    return traced
 
 
 def build_api_server(

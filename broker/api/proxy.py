@@ -29,6 +29,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from broker import tracing
 from broker.api.errors import ApiError, token_error
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
@@ -36,6 +37,8 @@ from broker.model import AppSpec, ProxySpec, TokenSet
 from broker.service import TokenService
 
 PROXY_PREFIX = "/v1/proxy/"
+# The route as spans name it: never the caller's path, which may carry identifiers.
+PROXY_ROUTE = "/v1/proxy/{app}/{path}"
 # Bytes read from one side and written to the other at a time.
 CHUNK = 64 * 1024
 # Longest header line accepted from the upstream (aiohttp's default, also the API's own limit).
@@ -283,21 +286,32 @@ class Proxy:
         started = time.perf_counter()
         status = 500
         upstream.enter()
-        try:
-            response = await self._forward(request, app, upstream)
-        except ApiError as exc:
-            status = exc.status
-            raise
-        else:
-            status = response.status
-            return response
-        finally:
-            upstream.leave()
-            self._count(app, status)
-            timer = self._timers.get(app)
-            if timer is None:
-                timer = self._timers[app] = self.metrics.proxy_duration.labels(app)
-            timer.observe(time.perf_counter() - started)
+        # The caller's W3C trace context (if any) is the parent: the proxy's spans, and the
+        # `traceparent` the upstream receives, continue the caller's trace.
+        with tracing.span(
+            "token_broker.proxy",
+            kind="server",
+            remote_parent=request.headers,
+            app=app,
+            semantic={"http.request.method": request.method, "http.route": PROXY_ROUTE},
+        ) as span:
+            try:
+                response = await self._forward(request, app, upstream)
+            except ApiError as exc:
+                status = exc.status
+                span.fail(exc.code)
+                raise
+            else:
+                status = response.status
+                return response
+            finally:
+                span.set("http.response.status_code", status)
+                upstream.leave()
+                self._count(app, status)
+                timer = self._timers.get(app)
+                if timer is None:
+                    timer = self._timers[app] = self.metrics.proxy_duration.labels(app)
+                timer.observe(time.perf_counter() - started)
 
     def _count(self, app: str, status: int) -> None:
         key = (app, str(status))
@@ -356,10 +370,12 @@ class Proxy:
         token = self.service.cached_token(app)
         if token is not None:
             return token
-        try:
-            return await self.service.get_token(app)
-        except (NeedsAuthorization, TokenUnavailable) as exc:
-            raise token_error(exc, app, self.service.status(app).last_error) from None
+        with tracing.span("token_broker.token_fetch", app=app) as span:
+            try:
+                return await self.service.get_token(app)
+            except (NeedsAuthorization, TokenUnavailable) as exc:
+                span.fail(type(exc).__name__)
+                raise token_error(exc, app, self.service.status(app).last_error) from None
 
     async def _after_401(
         self,
@@ -378,7 +394,8 @@ class Proxy:
             retries.labels(app, "not_replayable").inc()
             return answer
         try:
-            fresh = await self.service.force_refresh(app)
+            with tracing.span("token_broker.token_fetch", app=app, forced=True):
+                fresh = await self.service.force_refresh(app)
         except RateLimited:
             # The refresh guard protects the authorization server; the caller sees the truth.
             retries.labels(app, "rate_limited").inc()
@@ -408,9 +425,22 @@ class Proxy:
         if body.length is not None:
             headers["Content-Length"] = str(body.length)
         try:
-            return await upstream.session.request(
-                request.method, url, headers=headers, data=body.data, allow_redirects=False
-            )
+            with tracing.span(
+                "token_broker.upstream",
+                kind="client",
+                semantic={
+                    "http.request.method": request.method,
+                    "server.address": upstream.origin.host or "",
+                },
+            ) as span:
+                # This span's context replaces the caller's `traceparent` (same trace, this
+                # hop as the parent); with traces off the caller's passes through unchanged.
+                tracing.inject(headers)
+                answer = await upstream.session.request(
+                    request.method, url, headers=headers, data=body.data, allow_redirects=False
+                )
+                span.set("http.response.status_code", answer.status)
+                return answer
         except TimeoutError:
             raise ApiError(504, "upstream_timeout", "the upstream did not answer in time") from None
         except (aiohttp.ClientSSLError, ssl.SSLError):

@@ -9,9 +9,10 @@ from urllib.parse import quote
 
 import aiohttp
 
+from broker import tracing
 from broker.clock import Clock
 from broker.credentials import Credentials
-from broker.errors import PermanentTokenError, TransientTokenError
+from broker.errors import PermanentTokenError, TokenEndpointError, TransientTokenError
 from broker.logs import get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, ClientAuth, TokenSet
@@ -106,6 +107,23 @@ class OAuthClient:
         body = dict(form)
         headers = {"Accept": "application/json"}
         self._authenticate(body, headers, previous=previous)
+        app = self.spec.name
+        grant_type = form.get("grant_type", "")
+        with tracing.span(
+            "token_broker.token_endpoint", kind="client", app=app, grant_type=grant_type
+        ) as span:
+            tracing.inject(headers)
+            try:
+                return await self._post(body, headers, grant_type, span)
+            except TokenEndpointError as exc:
+                span.set("outcome", type(exc).__name__)
+                span.fail(type(exc).__name__)
+                raise
+
+    async def _post(
+        self, body: dict[str, str], headers: dict[str, str], grant_type: str, span: tracing.Span
+    ) -> TokenSet:
+        """POST the form; the answer parsed (TokenEndpointError for a failure)."""
         sent_at = self._clock.time()
         app = self.spec.name
         try:
@@ -113,16 +131,13 @@ class OAuthClient:
                 self.spec.token_url,
                 data=body,
                 headers=headers,
-                timeout=(
-                    self._refresh_timeout
-                    if form.get("grant_type") == "refresh_token"
-                    else self._timeout
-                ),
+                timeout=(self._refresh_timeout if grant_type == "refresh_token" else self._timeout),
                 allow_redirects=False,
             ) as response:
                 self._metrics.token_endpoint_responses.labels(
                     app=app, status=str(response.status)
                 ).inc()
+                span.set("http.response.status_code", response.status)
                 payload = await self._read_bounded(response)
                 return parse_token_response(
                     response.status,
@@ -131,8 +146,7 @@ class OAuthClient:
                     sent_at=sent_at,
                     default_lifetime=self.spec.refresh.default_lifetime,
                     rotating=(
-                        form.get("grant_type") == "refresh_token"
-                        and not self.spec.refresh.server_transactional
+                        grant_type == "refresh_token" and not self.spec.refresh.server_transactional
                     ),
                 )
         except aiohttp.ClientConnectorError as exc:

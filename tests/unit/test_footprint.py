@@ -25,6 +25,8 @@ HEAVY = (
     "importlib.metadata",
     # The config schema's JSON Schema generator: `config-schema` alone imports it.
     "msgspec",
+    # Traces are opt-in (OTEL_*): without them nothing of OpenTelemetry is loaded.
+    "opentelemetry",
 )
 
 BUILD = """
@@ -94,4 +96,10 @@ class TestImports:
         importlib.metadata, for its own version.)
         """
         found = imported_heavy_modules(write_config(tmp_path, "redis://127.0.0.1:9/0"))
-        assert sorted(found) == ["Cryptodome", "importlib.metadata", "redis"]
+        # redis-py 8 imports OpenTelemetry's API and SDK metrics itself (redis.observability)
+        # whenever they are installed, as the test extra installs them: not the broker's doing.
+        assert sorted(set(found) - {"opentelemetry"}) == [
+            "Cryptodome",
+            "importlib.metadata",
+            "redis",
+        ]

@@ -25,6 +25,9 @@ EDGES = (
     "broker.api",
     "broker.store.redis_store",
     "broker.oauth.client",
+    # Traces reach the core only through broker.tracing's seam, never the SDK or its adapter.
+    "opentelemetry",
+    "broker.otel",
 )
 
 
