@@ -102,7 +102,10 @@ _STALE_SPEND_ACROSS_A_SPLIT = (
     "replica's spend, and the vetoed record then blocks every replica, the spender included), "
     "or the spender's abort, written to the old primary, is discarded at the heal while a "
     "bystander's grace retry on the new side aborted too and restored the record under fence 0 "
-    "(821): the fleet waits for a person though the token is still good"
+    "(821, 913): the fleet waits for a person though the token is still good. 913 passed "
+    "before the fix of seed 177 only through that bug: its retrier took the restored record "
+    "for its own and spent the token again, safe there by luck (no spend had acted), fatal in "
+    "177 (the first spend had)"
 )
 _EVICTION = (
     "open, a misconfiguration: an evicting maxmemory-policy drops keys of a spend in flight "
@@ -132,7 +135,7 @@ OPEN_SEEDS: dict[int, str] = {
     # 734: the promoted primary evicted the spend record and the lease right after the send.
     **dict.fromkeys([734, 1346], _EVICTION),
     **dict.fromkeys([416], _SPLIT_BRAIN_WITH_OTHERS),
-    **dict.fromkeys([391, 821, 1233], _STALE_SPEND_ACROSS_A_SPLIT),
+    **dict.fromkeys([391, 821, 913, 1233], _STALE_SPEND_ACROSS_A_SPLIT),
     **dict.fromkeys([26, 891, 1052, 1261], _HALF_OPEN_WITH_OTHERS),
     **dict.fromkeys([577, 717, 835, 1469], _NOT_ANALYSED),
 }
