@@ -224,7 +224,9 @@ class TokenStore(Protocol):
         resolved) answers UNKNOWN, or RETRY once if it was sent less than `retry_within`
         seconds ago by the store's clock (a server's reuse grace window). An announced spend
         that was never marked sent is replaced. `resolved_fence` names our own earlier spend
-        that we know ended without effect, whose record may be replaced. A vetoed record, and
+        that we know ended without effect, whose record may be replaced (0 names none: the
+        restored record of an aborted grace retry, under fence 0, is nobody's to replace, not
+        even its retrier's). A vetoed record, and
         the record of a grace retry (in any state), answer UNKNOWN to every other fence.
         """
         ...

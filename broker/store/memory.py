@@ -187,8 +187,10 @@ class MemoryStore:
                 # Vetoed, or the one grace retry of an unknown spend is under way: whatever
                 # fence the caller names, the token stays blocked.
                 return SpendStart.UNKNOWN
+            # Fence 0 names no spend (fences start at 1): a record under it (a restored grace
+            # retry) is nobody's to resolve, its retrier's included (seed 177).
             if spend.state != "announced" and not (
-                spend.fence == resolved_fence and spend.owner == owner
+                resolved_fence > 0 and spend.fence == resolved_fence and spend.owner == owner
             ):
                 age = self._clock.monotonic() - spend.sent_at
                 # A negative age is a clock that stepped back: not inside any window.

@@ -130,7 +130,9 @@ local sp = redis.call('HMGET', KEYS[3], 'fence', 'owner', 'rfp', 'retries', 'sta
 local answer, retries = 'ok', 0
 if sp[1] and sp[3] == ARGV[6] and sp[1] ~= ARGV[2] then
   if sp[5] == 'vetoed' or sp[7] then return 'unknown' end
-  if sp[5] ~= 'announced' and not (sp[1] == ARGV[8] and sp[2] == ARGV[3]) then
+  -- fence 0 names no spend: a restored grace retry is nobody's to resolve, its retrier's too
+  if sp[5] ~= 'announced' and not (ARGV[8] ~= '0' and sp[1] == ARGV[8] and sp[2] == ARGV[3])
+  then
     local t = redis.call('TIME')
     local age = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(sp[6] or '0')
     -- A negative age is a clock that stepped back: not inside any window.

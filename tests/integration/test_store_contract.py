@@ -334,6 +334,37 @@ class TestSpend:
             )
             assert answer is SpendStart.UNKNOWN, resolved
 
+    async def test_a_restored_grace_retry_is_not_its_retriers_to_replace(
+        self, store: TokenStore
+    ) -> None:
+        """The record an aborted grace retry restored (fence 0, the retrier's name) answers
+        UNKNOWN to the retrier too, whatever fence it names as resolved: fence 0 names no spend
+        (swarm seed 177: the retrier spent the token as new, past the window)."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        retry = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert retry is SpendStart.RETRY
+        await store.mark_sent("app", owner="b", fence=b.fence)
+        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
+        await store.release_lease("app", "b", b.fence)
+        again = await store.acquire_lease("app", "b", 5)
+        for resolved in (0, b.fence):
+            answer = await store.begin_spend(
+                "app",
+                owner="b",
+                fence=again.fence,
+                token=token_set(1),
+                retry_within=30,
+                resolved_fence=resolved,
+            )
+            assert answer is SpendStart.UNKNOWN, resolved
+
     async def test_our_own_aborted_record_may_be_replaced(self, store: TokenStore) -> None:
         """A holder that could not clear its aborted record names it, and may spend again."""
         await store.commit("app", token_set(1))

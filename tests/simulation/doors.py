@@ -499,6 +499,41 @@ def m2_half_open_spender() -> Schedule:
     )
 
 
+def aborted_grace_retry_respent_by_its_retrier() -> Schedule:
+    """Found by the swarm (seed 177, with a split brain): on a grace server (30 s) the spender's
+    store link fails right after the server rotated, so its answer cannot be stored and the
+    record stays `sent`. A new pod, which never heard the `sent` notice, takes the lease once
+    the spender's lapses and gets the one grace retry; the server refuses it with 429 and a
+    long Retry-After. The store restores the unknown spend under fence 0 and the retrier's
+    name, and the retrier's next `begin_spend`, naming no resolved fence (0), matched it as its
+    own resolved record: the token was spent as new, past the window."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        spender = _index(world, server.presentations[0].replica)
+        world.replicas[spender].view.faults.partitioned = True
+        server.faults.status, server.faults.retry_after = 429, 25.0
+        world.add_replica(offset=0.0)
+        sends = len(server.sends)
+        await until(world, lambda: len(server.sends) > sends)  # the grace retry, refused
+        await world.time.sleep(1.0)  # refused when it arrives
+        server.faults.status, server.faults.retry_after = None, None
+        await world.time.sleep(45.0)
+        world.replicas[spender].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=1, lifetime=60.0, grace=30.0, offsets=[0.0])
+    return Schedule(
+        seed=20_021,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="aborted_grace_retry_respent_by_its_retrier",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -518,6 +553,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "store_clock_step_back_after_a_send": store_clock_step_back_after_a_send,
     "config_reload_while_the_answer_is_unstored": config_reload_while_the_answer_is_unstored,
     "m2_half_open_spender": m2_half_open_spender,
+    "aborted_grace_retry_respent_by_its_retrier": aborted_grace_retry_respent_by_its_retrier,
 }
 
 

@@ -289,3 +289,48 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["m2_half_open_spender"]())
         assert not result.ok
         assert result.revoked, result.report()
+
+    def test_a_restored_grace_retry_taken_for_its_retriers_resolved_record(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 177): with the old match, the record an aborted grace retry
+        restored (fence 0, the retrier's name) passes for the retrier's own resolved record
+        when its next `begin_spend` names no resolved fence (0): it spends the token as new,
+        past the window, and the grant is revoked."""
+        original = MemoryStore.begin_spend
+
+        async def fence_0_matches(
+            self: MemoryStore,
+            app: str,
+            *,
+            owner: str,
+            fence: int,
+            token: TokenSet,
+            retry_within: float = 0.0,
+            resolved_fence: int = 0,
+        ) -> SpendStart:
+            spend = self.state.spends.get(app)
+            if (
+                spend is not None
+                and spend.state not in ("announced", "vetoed")
+                and spend.fence == resolved_fence == 0
+                and spend.owner == owner
+                and self._holds(app, owner, fence)
+            ):
+                # The old rule: `spend.fence == resolved_fence and spend.owner == owner`, so
+                # the record is replaced as our own (here: dropped, then announced anew).
+                del self.state.spends[app]
+            return await original(
+                self,
+                app,
+                owner=owner,
+                fence=fence,
+                token=token,
+                retry_within=retry_within,
+                resolved_fence=resolved_fence,
+            )
+
+        mutate(MemoryStore, "begin_spend", fence_0_matches)
+        result = run(DOORS["aborted_grace_retry_respent_by_its_retrier"]())
+        assert not result.ok
+        assert result.revoked, result.report()

@@ -94,10 +94,25 @@ _SPLIT_BRAIN_WITH_OTHERS = (
     "(lost or late store answers, eviction, a store that forgets, pauses); some of these "
     "present a refresh token twice"
 )
+_STALE_SPEND_ACROSS_A_SPLIT = (
+    "liveness, open (no token presented twice): a split brain leaves a copy of a `sent` spend "
+    "record on each side, and the spend's end (its spender's abort) reaches one side only. "
+    "Bystanders on the other side meet the stale copy and take the token as unknown for good "
+    "(1233: they veto the spender's own next spend after the heal; 391: they veto another "
+    "replica's spend, and the vetoed record then blocks every replica, the spender included), "
+    "or the spender's abort, written to the old primary, is discarded at the heal while a "
+    "bystander's grace retry on the new side aborted too and restored the record under fence 0 "
+    "(821, 913): the fleet waits for a person though the token is still good. 913 passed "
+    "before the fix of seed 177 only through that bug: its retrier took the restored record "
+    "for its own and spent the token again, safe there by luck (no spend had acted), fatal in "
+    "177 (the first spend had)"
+)
 _EVICTION = (
     "open, a misconfiguration: an evicting maxmemory-policy drops keys of a spend in flight "
-    "(its record, the lease or the fence counter); the fleet then waits for a person. The "
-    "broker needs `maxmemory-policy noeviction` (issue 20, Low)"
+    "(its record, the lease or the fence counter); the fleet then waits for a person, or (734: "
+    "the record and the lease evicted right after the send) another replica spends the token "
+    "again and the grant is revoked. The broker needs `maxmemory-policy noeviction` (issue "
+    "20, Low)"
 )
 _HALF_OPEN_WITH_OTHERS = (
     "open, not analysed yet: a half-open subscription (M2, drawn by the swarm only since both "
@@ -109,12 +124,18 @@ _NOT_ANALYSED = (
 )
 OPEN_SEEDS: dict[int, str] = {
     **dict.fromkeys([2, 47, 68, 267, 301, 436, 452, 1045, 1148, 1275, 1386], _SENT_NEVER_SENT),
+    # The split brain or the missing acknowledgement drawn with these never touched the spend
+    # that broke: the store became unreachable inside `mark_sent` (issue 20, seed analysis).
+    **dict.fromkeys([63, 538, 1235], _SENT_NEVER_SENT),
     **dict.fromkeys([162, 194, 209, 760, 847], _FORGOTTEN_WHILE_ALONE),
+    # The store forgot the acknowledged `sent` record right after it was written, its notice
+    # with it, while the spender was paused (379) or on the other side of a split (471).
+    **dict.fromkeys([379, 471], _FORGOTTEN_WHILE_ALONE),
     **dict.fromkeys([516], _CLOCK_STEP_M3),
-    **dict.fromkeys([1346], _EVICTION),
-    **dict.fromkeys(
-        [63, 177, 379, 391, 416, 471, 538, 734, 821, 1233, 1235], _SPLIT_BRAIN_WITH_OTHERS
-    ),
+    # 734: the promoted primary evicted the spend record and the lease right after the send.
+    **dict.fromkeys([734, 1346], _EVICTION),
+    **dict.fromkeys([416], _SPLIT_BRAIN_WITH_OTHERS),
+    **dict.fromkeys([391, 821, 913, 1233], _STALE_SPEND_ACROSS_A_SPLIT),
     **dict.fromkeys([26, 891, 1052, 1261], _HALF_OPEN_WITH_OTHERS),
     **dict.fromkeys([577, 717, 835, 1469], _NOT_ANALYSED),
 }
