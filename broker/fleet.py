@@ -440,6 +440,7 @@ class FleetProtocol:
         UnreadableTokenSet) when a grant that spends refresh tokens has no set in memory and
         the stored one is under a key this replica lacks.
         """
+        await self._resolve_aborted()
         try:
             stored = await self._store.load(self.key)
         except UnreadableTokenSet as exc:
@@ -476,6 +477,54 @@ class FleetProtocol:
             await self._veto_remembered(current)
         return True
 
+    async def _resolve_aborted(self) -> None:
+        """Clear the record of our own spend that ended without effect, now that the store
+        answers again (raises StoreUnavailable while it does not).
+
+        Its abort could not be written: typically `mark_sent` was applied but its answer lost
+        (an outage or partition starting inside that round trip), so the token was never
+        handed to the HTTP client, or the server answered that it did not act. Until the
+        record goes, every other replica that meets it takes the token as unknown and the
+        fleet waits for a person. `end_spend` removes it only under our owner name and that
+        fence (a compare-and-set), and publishes the abort that clears the others' memory of
+        it. A restarted process has a new owner name and remembers nothing to resolve.
+        """
+        fence = self._aborted_fence
+        if fence == 0:
+            return
+        await self._store.end_spend(self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED)
+        log.info("spend.abort_resolved", app=self.app, fence=fence)
+        if self._aborted_fence == fence:
+            self._aborted_fence = 0
+
+    async def _record_owner(self, refresh_fp: str) -> str | None:
+        """Who made the store's spend record of `refresh_fp` (None: unknown, or ourselves)."""
+        try:
+            record = await self._store.load_spend(self.key)
+        except StoreUnavailable:
+            return None
+        if record is None or record.refresh_fp != refresh_fp or record.owner == self._owner:
+            return None
+        return record.owner
+
+    async def _owner_respends(self, refresh_fp: str) -> bool:
+        """The announced spend of `refresh_fp` in the store is its earlier spender's own, the
+        one replica that knows whether its last spend had an effect: not to be vetoed."""
+        foreign = self._foreign_spends.get(refresh_fp)
+        if foreign is None or foreign[1] is None or refresh_fp in self._unknown:
+            return False
+        record = await self._store.load_spend(self.key)
+        if (
+            record is None
+            or record.refresh_fp != refresh_fp
+            or record.state != "announced"
+            or record.owner != foreign[1]
+        ):
+            return False
+        self._foreign_spends.pop(refresh_fp, None)
+        self._unknown_foreign.discard(refresh_fp)
+        return True
+
     async def _veto_remembered(self, current: TokenSet) -> None:
         """Veto a spend of `current`'s refresh token that this replica knows was already sent.
 
@@ -489,6 +538,13 @@ class FleetProtocol:
             or refresh_fp in self._foreign_spends
             or (refresh_fp is not None and refresh_fp == self.in_flight)
         )
+        if (
+            refresh_fp is not None
+            and remembered
+            and refresh_fp != self.in_flight
+            and await self._owner_respends(refresh_fp)
+        ):
+            return  # its spender spends it again: it knows its last spend had no effect
         if (
             refresh_fp is not None
             and remembered
@@ -740,7 +796,16 @@ class FleetProtocol:
         if start is SpendStart.STALE:
             return Busy(0.0)
         if start is SpendStart.UNKNOWN:
-            self._unknown.add(refresh_fp)
+            # Another attempt's record (we reach begin_spend only for a token we remember no
+            # unknown spend of): its spender may still resolve it, e.g. a spend whose
+            # `mark_sent` answer was lost and that it never sent (its abort comes when the
+            # store is back). Not our own unknown spend, which is never forgiven: remember it
+            # as its owner's, whose abort, own next spend or a newer set clears it; we veto
+            # any other replica's spend of it.
+            self._unknown_foreign.add(refresh_fp)
+            if refresh_fp not in self._foreign_spends:
+                owner = await self._record_owner(refresh_fp)
+                self._foreign_spends[refresh_fp] = (self._clock.monotonic(), owner)
             return OutcomeUnknown(
                 "the store records a spend of this refresh token with no known outcome", refresh_fp
             )

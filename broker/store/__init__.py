@@ -100,6 +100,16 @@ class SpendEnd(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class SpendRecord:
+    """The stored spend record, as `load_spend` reads it: whose, of which refresh token, and
+    its state (`announced`, `sent`, `unknown` or `vetoed`)."""
+
+    owner: str
+    refresh_fp: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """A change another replica (or `authorize`) made, as published to every replica.
 
@@ -237,6 +247,16 @@ class TokenStore(Protocol):
         NotDurable when none came: the record is applied on the primary only, where a failover
         may lose it or a split brain leave it behind, so the caller must not send (it ends the
         spend as aborted).
+        """
+        ...
+
+    async def load_spend(self, app: str) -> SpendRecord | None:
+        """The app's spend record, or None when there is none.
+
+        A replica that meets another's unresolved record (`begin_spend` answered UNKNOWN)
+        learns its owner here: that owner's abort, or its own next spend of the token, may
+        still resolve it (a spend whose `mark_sent` answer was lost and that was never sent),
+        and the replica must not veto that next spend.
         """
         ...
 

@@ -23,6 +23,7 @@ from broker.store import (
     Lease,
     Notice,
     SpendEnd,
+    SpendRecord,
     SpendStart,
 )
 
@@ -234,6 +235,12 @@ class MemoryStore:
     def _replica_acknowledged(self) -> bool:
         """Whether a replica acknowledged the last write (WAIT 1 answered 1)."""
         return self.replicas_acknowledge
+
+    async def load_spend(self, app: str) -> SpendRecord | None:
+        """The spend record, or None."""
+        self._check()
+        spend = self.state.spends.get(app)
+        return None if spend is None else SpendRecord(spend.owner, spend.refresh_fp, spend.state)
 
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Turn an announced spend of `refresh_fp` into an unknown one under no fence, while its

@@ -47,6 +47,7 @@ from broker.store import (
     Lease,
     Notice,
     SpendEnd,
+    SpendRecord,
     SpendStart,
 )
 from broker.store.crypto import Keyring, UndecryptableToken
@@ -614,6 +615,15 @@ class RedisStore:
             results = list(await pipe.execute())
         return int(results[0]), int(results[1])
 
+    async def load_spend(self, app: str) -> SpendRecord | None:
+        """The spend record (one HMGET), or None."""
+        owner, rfp, state = await self._call(
+            "spend", lambda: self._client.hmget(self.spend_key(app), "owner", "rfp", "state")
+        )
+        if owner is None or rfp is None or state is None:
+            return None
+        return SpendRecord(_text(owner), _text(rfp), _text(state))
+
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Turn an announced spend of `refresh_fp` into an unknown one while its spender holds
         the lease (Lua)."""
@@ -809,6 +819,11 @@ def _plaintext(token: TokenSet) -> bytes:
             "generation": token.generation,
         }
     ).encode()
+
+
+def _text(value: bytes | str) -> str:
+    """A reply field as text (the client may or may not decode replies)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _config_value(answer: object, name: str) -> str | None:
