@@ -492,7 +492,9 @@ class FleetProtocol:
         fence = self._aborted_fence
         if fence == 0:
             return
-        await self._store.end_spend(self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED)
+        await self._store.end_spend(
+            self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED
+        )
         log.info("spend.abort_resolved", app=self.app, fence=fence)
         if self._aborted_fence == fence:
             self._aborted_fence = 0

@@ -16,7 +16,7 @@ import pytest
 from broker.clock import SystemClock
 from broker.metrics import Metrics
 from broker.model import TokenSet
-from broker.store import Notice, SpendEnd, SpendStart, TokenStore
+from broker.store import Notice, SpendEnd, SpendRecord, SpendStart, TokenStore
 from broker.store.crypto import Keyring
 from broker.store.memory import MemoryStore
 from broker.store.redis_store import RedisStore, redis_client
@@ -332,6 +332,43 @@ class TestSpend:
                 resolved_fence=resolved,
             )
             assert answer is SpendStart.UNKNOWN, resolved
+
+    async def test_the_spend_record_names_its_owner_and_state(self, store: TokenStore) -> None:
+        """`load_spend` reads the record as it goes: announced, sent, vetoed; none at all
+        before a spend and after an abort."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        assert await store.load_spend("app") is None
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        assert await store.load_spend("app") == SpendRecord("a", fp, "announced")
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        assert await store.load_spend("app") == SpendRecord("a", fp, "sent")
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") is None
+        again = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=again.fence, token=token_set(1))
+        assert await store.veto_spend("app", refresh_fp=fp)
+        assert await store.load_spend("app") == SpendRecord("a", fp, "vetoed")
+
+    async def test_a_sent_record_whose_answer_was_lost_is_aborted_by_its_owner_alone(
+        self, store: TokenStore
+    ) -> None:
+        """The spender whose `mark_sent` answer was lost never sent: its abort under its own
+        owner name and fence removes the record (another owner's, with the same fence, does
+        not), and the next holder may spend the token."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        await store.end_spend("app", owner="b", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert (await store.load_spend("app") or SpendRecord("", "", "")).state == "sent"
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") is None
+        b = await store.acquire_lease("app", "b", 5)
+        answer = await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
+        assert answer is SpendStart.OK
 
     async def test_our_own_aborted_record_may_be_replaced(self, store: TokenStore) -> None:
         """A holder that could not clear its aborted record names it, and may spend again."""

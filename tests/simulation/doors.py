@@ -499,6 +499,42 @@ def m2_half_open_spender() -> Schedule:
     )
 
 
+def mark_sent_answer_lost_in_an_outage() -> Schedule:
+    """Found by the swarm (seeds 2, 68, 267, 301, 436, 452, 1148, 1275, 1386): the store goes
+    down right after it applied a spender's `mark_sent`, before the answer reached it. The
+    spender never sends the token and cannot record its abort. The spender stays cut off a
+    few seconds longer than the others, so a bystander meets the `sent` record first; then
+    the spender is back. Nothing was presented: the fleet must refresh again."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        await world.time.sleep(8.0)
+        world.replicas[spender].view.faults.partitioned = True
+        world.set_store_outage(False)
+        await world.time.sleep(5.0)
+        world.replicas[spender].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_014,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="mark_sent_answer_lost_in_an_outage",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -518,6 +554,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "store_clock_step_back_after_a_send": store_clock_step_back_after_a_send,
     "config_reload_while_the_answer_is_unstored": config_reload_while_the_answer_is_unstored,
     "m2_half_open_spender": m2_half_open_spender,
+    "mark_sent_answer_lost_in_an_outage": mark_sent_answer_lost_in_an_outage,
 }
 
 

@@ -289,3 +289,20 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["m2_half_open_spender"]())
         assert not result.ok
         assert result.revoked, result.report()
+
+    def test_a_bystander_that_takes_a_never_sent_spend_as_its_own_unknown(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a bystander that meets the `sent` record of a spend whose `mark_sent`
+        answer was lost (the old code: it adds the token to its own unknown spends, never
+        forgiven) vetoes the spender's next spend of it: the fleet waits for a person though
+        the token was never presented."""
+
+        async def own_unknown(self: FleetProtocol, refresh_fp: str) -> str | None:
+            self._unknown.add(refresh_fp)
+            return None
+
+        mutate(FleetProtocol, "_record_owner", own_unknown)
+        result = run(DOORS["mark_sent_answer_lost_in_an_outage"]())
+        assert not result.ok
+        assert not result.revoked, result.report()
