@@ -8,6 +8,7 @@ invariants as every seeded schedule. `python -m tests.simulation.doors NAME` rep
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Callable
 
@@ -535,6 +536,52 @@ def mark_sent_answer_lost_in_an_outage() -> Schedule:
     )
 
 
+def paused_bystander_keeps_its_buffered_notices() -> Schedule:
+    """Found by the swarm (seed 1261): a bystander is paused for 6.8 s (a GC pause, a stalled
+    loop) inside a spend's objection window. The server answers 429 without acting, the
+    spender aborts and is then cut off; the notices (`sent`, `abort`) wait unread in the paused
+    bystander's socket. When it resumes, its silence guard has overslept the 5 s deadline: the
+    old one dropped the subscription after reading `sent` and before `abort`, remembered the
+    token as sent for good, and vetoed the third replica's spend of it."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+        pauses: list[asyncio.Future[None]] = []
+
+        async def pause_bystander(spender: str) -> None:
+            await world.time.sleep(0.3)  # it heard the spend notice; `sent` comes while paused
+            world.pause((_index(world, spender) + 1) % 3, 6.8)
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "announced" and not hit:
+                hit.append(replica)
+                pauses.append(asyncio.ensure_future(pause_bystander(replica)))
+            elif phase == "sent" and len(hit) == 1:
+                hit.append(replica)
+                world.server.faults.status, world.server.faults.retry_after = 429, 10.0
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: len(hit) == 2)
+        spender = _index(world, hit[0])
+        await world.time.sleep(1.0)
+        world.replicas[spender].view.faults.partitioned = True
+        await world.time.sleep(8.0)
+        world.server.faults.status, world.server.faults.retry_after = None, None
+        await world.time.sleep(21.0)
+        world.replicas[spender].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_016,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="paused_bystander_keeps_its_buffered_notices",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -555,6 +602,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "config_reload_while_the_answer_is_unstored": config_reload_while_the_answer_is_unstored,
     "m2_half_open_spender": m2_half_open_spender,
     "mark_sent_answer_lost_in_an_outage": mark_sent_answer_lost_in_an_outage,
+    "paused_bystander_keeps_its_buffered_notices": paused_bystander_keeps_its_buffered_notices,
 }
 
 

@@ -4,12 +4,14 @@ invariant, and each fix, put back, lets its schedule break one (so the schedule 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from broker import core as core_module
 from broker import refresher as refresher_module
 from broker.core import BrokerCore
 from broker.fleet import Fetch, FleetProtocol
@@ -304,5 +306,17 @@ class TestEachFixPutBackOpensItsDoor:
 
         mutate(FleetProtocol, "_record_owner", own_unknown)
         result = run(DOORS["mark_sent_answer_lost_in_an_outage"]())
+        assert not result.ok
+        assert not result.revoked, result.report()
+
+    def test_a_silence_guard_that_counts_its_own_pause_as_silence(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a guard that takes the time its own process was paused for silence
+        (the old one) drops the subscription as the process resumes, with the spender's abort
+        still unread in its socket; the bystander remembers the token as sent and vetoes the
+        next replica's spend of it: the fleet waits for a person."""
+        mutate(core_module, "PAUSED_AFTER", math.inf)
+        result = run(DOORS["paused_bystander_keeps_its_buffered_notices"]())
         assert not result.ok
         assert not result.revoked, result.report()
