@@ -510,16 +510,19 @@ class FleetProtocol:
         return record.owner
 
     async def _owner_respends(self, refresh_fp: str) -> bool:
-        """The announced spend of `refresh_fp` in the store is its earlier spender's own, the
-        one replica that knows whether its last spend had an effect: not to be vetoed."""
+        """The announced spend of `refresh_fp` in the store is not to be vetoed: the one grace
+        retry the store granted from its own record (H2), or its earlier spender's own next
+        spend (the one replica that knows whether its last spend had an effect)."""
         foreign = self._foreign_spends.get(refresh_fp)
-        if foreign is None or foreign[1] is None or refresh_fp in self._unknown:
-            return False
         record = await self._store.load_spend(self.key)
+        if record is None or record.refresh_fp != refresh_fp or record.state != "announced":
+            return False
+        if record.retry:
+            return True  # the store checked the window itself; the spend notice says so too
         if (
-            record is None
-            or record.refresh_fp != refresh_fp
-            or record.state != "announced"
+            foreign is None
+            or foreign[1] is None
+            or refresh_fp in self._unknown
             or record.owner != foreign[1]
         ):
             return False

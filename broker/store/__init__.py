@@ -101,12 +101,14 @@ class SpendEnd(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class SpendRecord:
-    """The stored spend record, as `load_spend` reads it: whose, of which refresh token, and
-    its state (`announced`, `sent`, `unknown` or `vetoed`)."""
+    """The stored spend record, as `load_spend` reads it: whose, of which refresh token, its
+    state (`announced`, `sent`, `unknown` or `vetoed`), and whether it is the one grace retry
+    the store granted (nobody vetoes that)."""
 
     owner: str
     refresh_fp: str
     state: str
+    retry: bool = False
 
 
 @dataclass(frozen=True, slots=True)

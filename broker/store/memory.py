@@ -240,7 +240,10 @@ class MemoryStore:
         """The spend record, or None."""
         self._check()
         spend = self.state.spends.get(app)
-        return None if spend is None else SpendRecord(spend.owner, spend.refresh_fp, spend.state)
+        if spend is None:
+            return None
+        retry = spend.orig_sent_at is not None
+        return SpendRecord(spend.owner, spend.refresh_fp, spend.state, retry)
 
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Turn an announced spend of `refresh_fp` into an unknown one under no fence, while its

@@ -617,12 +617,15 @@ class RedisStore:
 
     async def load_spend(self, app: str) -> SpendRecord | None:
         """The spend record (one HMGET), or None."""
-        owner, rfp, state = await self._call(
-            "spend", lambda: self._client.hmget(self.spend_key(app), "owner", "rfp", "state")
+        owner, rfp, state, orig_sent_at = await self._call(
+            "spend",
+            lambda: self._client.hmget(
+                self.spend_key(app), "owner", "rfp", "state", "orig_sent_at"
+            ),
         )
         if owner is None or rfp is None or state is None:
             return None
-        return SpendRecord(_text(owner), _text(rfp), _text(state))
+        return SpendRecord(_text(owner), _text(rfp), _text(state), orig_sent_at is not None)
 
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Turn an announced spend of `refresh_fp` into an unknown one while its spender holds

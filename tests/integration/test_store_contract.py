@@ -351,6 +351,26 @@ class TestSpend:
         assert await store.veto_spend("app", refresh_fp=fp)
         assert await store.load_spend("app") == SpendRecord("a", fp, "vetoed")
 
+    async def test_the_spend_record_says_when_it_is_a_granted_retry(
+        self, store: TokenStore
+    ) -> None:
+        """`load_spend` marks the record of the one grace retry the store granted (a replica
+        that re-syncs must not veto it), and no other."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.UNKNOWN)
+        assert await store.load_spend("app") == SpendRecord("a", fp, "unknown", retry=False)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        retry = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert retry is SpendStart.RETRY
+        assert await store.load_spend("app") == SpendRecord("b", fp, "announced", retry=True)
+
     async def test_a_sent_record_whose_answer_was_lost_is_aborted_by_its_owner_alone(
         self, store: TokenStore
     ) -> None:

@@ -582,6 +582,43 @@ def paused_bystander_keeps_its_buffered_notices() -> Schedule:
     )
 
 
+def grace_retry_vetoed_on_a_resync() -> Schedule:
+    """Found by the swarm (seed 47): on a server with a 30 s reuse grace window, the
+    spender's store link fails right after its `mark_sent` was applied (the others heard
+    `sent`; it never sends). When its lease lapses, another replica is granted the one grace
+    retry. The third replica re-syncs (a reconnect) inside that retry's objection window: the
+    old re-sync vetoed any announced spend of a token it remembers as sent, the granted retry
+    too, and the vetoed record blocked the token for good."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.replicas[_index(world, replica)].view.faults.partitioned = True
+            elif phase == "announced" and len(hit) == 1 and replica != hit[0]:
+                hit.append(replica)
+                third = 3 - _index(world, hit[0]) - _index(world, replica)
+                world.replicas[third].refresher.notify_store_changed()
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(20.0)
+        world.replicas[_index(world, hit[0])].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_017,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="grace_retry_vetoed_on_a_resync",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -603,6 +640,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "m2_half_open_spender": m2_half_open_spender,
     "mark_sent_answer_lost_in_an_outage": mark_sent_answer_lost_in_an_outage,
     "paused_bystander_keeps_its_buffered_notices": paused_bystander_keeps_its_buffered_notices,
+    "grace_retry_vetoed_on_a_resync": grace_retry_vetoed_on_a_resync,
 }
 
 

@@ -18,7 +18,7 @@ from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
 from broker.oauth import parse
 from broker.refresher import AppRefresher
-from broker.store import Notice, SpendEnd, SpendStart
+from broker.store import Notice, SpendEnd, SpendRecord, SpendStart
 from broker.store.memory import MemoryStore
 from tests.simulation import world as world_module
 from tests.simulation.doors import DOORS
@@ -318,5 +318,22 @@ class TestEachFixPutBackOpensItsDoor:
         next replica's spend of it: the fleet waits for a person."""
         mutate(core_module, "PAUSED_AFTER", math.inf)
         result = run(DOORS["paused_bystander_keeps_its_buffered_notices"]())
+        assert not result.ok
+        assert not result.revoked, result.report()
+
+    def test_a_resync_that_vetoes_the_granted_retry(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a replica that re-syncs inside a granted grace retry's objection window
+        and vetoes it (the old re-sync vetoed any announced spend of a token it remembers as
+        sent) blocks the token for good, though the retry's spender was the first to send it."""
+        original = MemoryStore.load_spend
+
+        async def hides_the_retry(self: MemoryStore, app: str) -> SpendRecord | None:
+            record = await original(self, app)
+            return None if record is None else replace(record, retry=False)
+
+        mutate(MemoryStore, "load_spend", hides_the_retry)
+        result = run(DOORS["grace_retry_vetoed_on_a_resync"]())
         assert not result.ok
         assert not result.revoked, result.report()
