@@ -283,6 +283,11 @@ class TokenStore(Protocol):
 
         An aborted grace retry restores the record of the unknown spend it retried, with that
         spend's `sent_at` and no retry left, and its abort notice says `retry_aborted`.
+
+        An abort by the owner and fence of the spend a grace retry retried (its spender never
+        sent it: its `mark_sent` answer was lost) makes the retry an ordinary first spend
+        (announced: with an abort notice in that owner's name; already sent: silently), and
+        removes the record such a retry restored when it aborted (with an abort notice).
         """
         ...
 

@@ -390,6 +390,53 @@ class TestSpend:
         answer = await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
         assert answer is SpendStart.OK
 
+    async def test_a_grace_retry_of_a_spend_never_sent_becomes_a_first_spend(
+        self, store: TokenStore
+    ) -> None:
+        """A grace retry granted from a `sent` record whose spender never sent (its answer
+        lost): that spender's abort, under its own owner name and fence, makes the retry an
+        ordinary spend; under another owner name it changes nothing."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        retry = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert retry is SpendStart.RETRY
+        await store.end_spend("app", owner="c", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") == SpendRecord("b", fp, "announced", retry=True)
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") == SpendRecord("b", fp, "announced", retry=False)
+        assert await store.mark_sent("app", owner="b", fence=b.fence)
+
+    async def test_the_record_an_aborted_retry_restored_goes_with_its_spenders_abort(
+        self, store: TokenStore
+    ) -> None:
+        """The grace retry of a spend never sent aborts (its record of the unknown spend is
+        restored); then the first spender says it never sent: the record goes, and the next
+        holder spends the token."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
+        assert (await store.load_spend("app") or SpendRecord("", "", "")).state == "unknown"
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") is None
+        await store.release_lease("app", "b", b.fence)
+        c = await store.acquire_lease("app", "c", 5)
+        answer = await store.begin_spend("app", owner="c", fence=c.fence, token=token_set(1))
+        assert answer is SpendStart.OK
+
     async def test_our_own_aborted_record_may_be_replaced(self, store: TokenStore) -> None:
         """A holder that could not clear its aborted record names it, and may spend again."""
         await store.commit("app", token_set(1))

@@ -619,6 +619,45 @@ def grace_retry_vetoed_on_a_resync() -> Schedule:
     )
 
 
+def grace_retry_of_a_spend_never_sent() -> Schedule:
+    """Found by the swarm (seed 1045): on a server with a 30 s reuse grace window, the
+    spender's store link fails right after its `mark_sent` was applied (it never sends). When
+    its lease lapses another replica is granted the one grace retry, and is cut off in turn
+    before it sends. The old store kept the retry's record against every fence, and the
+    retry's abort restored the first spend's record as unknown, which its own spender could
+    no longer end (it is not under its fence): the token was blocked for good, though nobody
+    had presented it."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            first = phase == "sent" and not hit  # the spender: its answer is lost
+            retry = phase == "announced" and len(hit) == 1 and replica != hit[0]
+            if first or retry:
+                hit.append(replica)
+                world.replicas[_index(world, replica)].view.faults.partitioned = True
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(20.0)
+        world.replicas[_index(world, hit[0])].view.faults.partitioned = False
+        await world.time.sleep(15.0)
+        for name in hit[1:]:
+            world.replicas[_index(world, name)].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_018,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="grace_retry_of_a_spend_never_sent",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -641,6 +680,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "mark_sent_answer_lost_in_an_outage": mark_sent_answer_lost_in_an_outage,
     "paused_bystander_keeps_its_buffered_notices": paused_bystander_keeps_its_buffered_notices,
     "grace_retry_vetoed_on_a_resync": grace_retry_vetoed_on_a_resync,
+    "grace_retry_of_a_spend_never_sent": grace_retry_of_a_spend_never_sent,
 }
 
 

@@ -337,3 +337,14 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["grace_retry_vetoed_on_a_resync"]())
         assert not result.ok
         assert not result.revoked, result.report()
+
+    def test_a_store_that_ignores_the_abort_of_a_retried_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a store that ends a spend only under its own record's fence (the old
+        one) ignores the first spender's abort once a grace retry took the record over; the
+        retry's own abort then restores the record as unknown for good."""
+        mutate(MemoryStore, "_retried_spend_never_sent", lambda self, app, owner, fence: False)
+        result = run(DOORS["grace_retry_of_a_spend_never_sent"]())
+        assert not result.ok
+        assert not result.revoked, result.report()

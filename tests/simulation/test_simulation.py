@@ -70,15 +70,6 @@ REGRESSION_SEEDS = {
 
 # Swarm seeds (make_schedule) that still break an invariant, kept so they are replayed and
 # cannot silently pass: a fix turns the strict xfail into a failure that says to move them.
-_SENT_NEVER_SENT = (
-    "liveness, open: the store becomes unreachable for the spender right after `mark_sent` was "
-    "applied, so it never sends; on a grace server another replica is then granted a grace "
-    "retry of that never-sent spend (the store takes the `sent` record for an unknown one) "
-    "and is cut off before it sends; its abort restores the record of the spend it retried, "
-    "which answers unknown for good, and that spend's own spender can no longer end it (the "
-    "record is not under its fence): the fleet waits for a person (the other cases are fixed: "
-    "doors `mark_sent_answer_lost_in_an_outage`, `grace_retry_vetoed_on_a_resync`)"
-)
 _FORGOTTEN_WHILE_ALONE = (
     "safety, the documented limit: the store forgets a spend in flight (an empty restart or a "
     "restore at `sent`) while its spender is the only replica that knows and it is paused, "
@@ -107,7 +98,6 @@ _NOT_ANALYSED = (
     "open, not analysed yet (found by the swarm run of issue 20; replay it to see the schedule)"
 )
 OPEN_SEEDS: dict[int, str] = {
-    **dict.fromkeys([1045], _SENT_NEVER_SENT),
     **dict.fromkeys([162, 194, 209, 760, 847], _FORGOTTEN_WHILE_ALONE),
     **dict.fromkeys([516], _CLOCK_STEP_M3),
     **dict.fromkeys([1052, 1346], _EVICTION),
