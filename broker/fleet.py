@@ -222,6 +222,8 @@ class FleetProtocol:
         self._retried: set[str] = set()
         # Our own spend that ended without effect but whose record we could not clear.
         self._aborted_fence = 0
+        # The same, of the protocol this one replaced in a config reload: (owner, fence).
+        self._carried_aborts: list[tuple[str, int]] = []
         # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
         self._sent_at: dict[str, float] = {}
         # The highest rank this replica knows exists, read or not: an older set is never spent.
@@ -385,6 +387,9 @@ class FleetProtocol:
         """
         self._unknown |= previous._unknown
         self._unknown_foreign |= previous._unknown_foreign
+        self._carried_aborts += previous._carried_aborts
+        if previous._aborted_fence:
+            self._carried_aborts.append((previous._owner, previous._aborted_fence))
         self._retried |= previous._retried
         for fp, sent in previous._sent_at.items():
             self._sent_at.setdefault(fp, sent)
@@ -487,8 +492,17 @@ class FleetProtocol:
         record goes, every other replica that meets it takes the token as unknown and the
         fleet waits for a person. `end_spend` removes it only under our owner name and that
         fence (a compare-and-set), and publishes the abort that clears the others' memory of
-        it. A restarted process has a new owner name and remembers nothing to resolve.
+        it. A restarted process has a new owner name and remembers nothing to resolve; a
+        config reload hands the old refresher's unresolved abort to the new one (the same
+        process, which knows it never sent), under the old owner name.
         """
+        while self._carried_aborts:
+            owner, fence = self._carried_aborts[-1]
+            await self._store.end_spend(
+                self.key, owner=owner, fence=fence, outcome=SpendEnd.ABORTED
+            )
+            log.info("spend.abort_resolved", app=self.app, fence=fence, carried=True)
+            self._carried_aborts.pop()
         fence = self._aborted_fence
         if fence == 0:
             return
