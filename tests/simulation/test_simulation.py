@@ -101,8 +101,8 @@ OPEN_SEEDS: dict[int, str] = {
     **dict.fromkeys([162, 194, 209, 760, 847], _FORGOTTEN_WHILE_ALONE),
     **dict.fromkeys([516], _CLOCK_STEP_M3),
     **dict.fromkeys([1052, 1346], _EVICTION),
-    **dict.fromkeys([63, 177, 379, 391, 471, 538, 734, 821, 1233, 1235], _SPLIT_BRAIN_WITH_OTHERS),
-    **dict.fromkeys([577, 717, 835, 1469], _NOT_ANALYSED),
+    **dict.fromkeys([177, 379, 391, 471, 734], _SPLIT_BRAIN_WITH_OTHERS),
+    **dict.fromkeys([1469], _NOT_ANALYSED),
 }
 
 _RESULTS: dict[int, Result] = {}
