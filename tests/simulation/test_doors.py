@@ -348,3 +348,18 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["grace_retry_of_a_spend_never_sent"]())
         assert not result.ok
         assert not result.revoked, result.report()
+
+    def test_a_spender_that_waits_for_its_next_lease_to_end_a_never_sent_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a spender that ends its never-sent record only at its own next spend
+        (the old one: `resolved_fence`) never gets there once a grace retry took the record
+        over; only its abort when the store is back resolves it."""
+
+        async def waits(self: FleetProtocol) -> None:
+            return None
+
+        mutate(FleetProtocol, "_resolve_aborted", waits)
+        result = run(DOORS["grace_retry_of_a_spend_never_sent"]())
+        assert not result.ok
+        assert not result.revoked, result.report()
