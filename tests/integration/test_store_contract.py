@@ -413,6 +413,23 @@ class TestSpend:
         assert await store.load_spend("app") == SpendRecord("b", fp, "announced", retry=False)
         assert await store.mark_sent("app", owner="b", fence=b.fence)
 
+    async def test_a_sent_retry_of_a_spend_never_sent_stays_sent(self, store: TokenStore) -> None:
+        """The first spender says it never sent after the retry was sent: the retry's record
+        stays `sent` (its answer decides), as an ordinary spend's."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert await store.mark_sent("app", owner="b", fence=b.fence)
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") == SpendRecord("b", fp, "sent", retry=False)
+
     async def test_the_record_an_aborted_retry_restored_goes_with_its_spenders_abort(
         self, store: TokenStore
     ) -> None:
