@@ -34,6 +34,12 @@ STORE_RETRY_MAX = 5.0
 # announced meanwhile can be sent.
 HEARTBEAT_AFTER = 2.0
 SILENCE_DEADLINE = 5.0
+# A wait of the silence guard that ends this much later than asked: the process itself was
+# paused (a GC pause, a stalled event loop, a stopped container). What silence it saw was not
+# heard by a running process: the notices published meanwhile wait in its socket, unread, and
+# dropping the subscription now would throw them away (among them an abort that clears a
+# spend it remembers as sent: it would then veto the next spend of that token for good).
+PAUSED_AFTER = 1.0
 
 
 class BrokerCore:
@@ -290,9 +296,11 @@ class BrokerCore:
         silence once it reaches SILENCE_DEADLINE."""
         quiet_limit = HEARTBEAT_AFTER * (1 + 0.5 * self._rng.random())
         beat: asyncio.Future[None] | None = None
+        resumed_at = -math.inf  # when this process last woke from a pause
         try:
             while True:
-                quiet = self._clock.monotonic() - self._heard_at
+                now = self._clock.monotonic()
+                quiet = now - max(self._heard_at, resumed_at)
                 if quiet >= SILENCE_DEADLINE:
                     return quiet
                 if quiet < quiet_limit:
@@ -306,7 +314,12 @@ class BrokerCore:
                     wait = min(HEARTBEAT_AFTER, SILENCE_DEADLINE - quiet)
                 # At least 10 ms: a remainder lost to rounding (1e-16 added to a monotonic
                 # time of 1000 s is no time at all) must not spin.
-                await self._clock.sleep(max(0.01, wait))
+                asked = max(0.01, wait)
+                await self._clock.sleep(asked)
+                if self._clock.monotonic() - now - asked > PAUSED_AFTER:
+                    # We were paused: let the reader catch up on what is buffered, and count
+                    # the silence from now (a half-open subscription is found 5 s later).
+                    resumed_at = self._clock.monotonic()
         finally:
             if beat is not None:
                 beat.cancel()

@@ -222,6 +222,8 @@ class FleetProtocol:
         self._retried: set[str] = set()
         # Our own spend that ended without effect but whose record we could not clear.
         self._aborted_fence = 0
+        # The same, of the protocol this one replaced in a config reload: (owner, fence).
+        self._carried_aborts: list[tuple[str, int]] = []
         # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
         self._sent_at: dict[str, float] = {}
         # The highest rank this replica knows exists, read or not: an older set is never spent.
@@ -385,6 +387,9 @@ class FleetProtocol:
         """
         self._unknown |= previous._unknown
         self._unknown_foreign |= previous._unknown_foreign
+        self._carried_aborts += previous._carried_aborts
+        if previous._aborted_fence:
+            self._carried_aborts.append((previous._owner, previous._aborted_fence))
         self._retried |= previous._retried
         for fp, sent in previous._sent_at.items():
             self._sent_at.setdefault(fp, sent)
@@ -440,6 +445,7 @@ class FleetProtocol:
         UnreadableTokenSet) when a grant that spends refresh tokens has no set in memory and
         the stored one is under a key this replica lacks.
         """
+        await self._resolve_aborted()
         try:
             stored = await self._store.load(self.key)
         except UnreadableTokenSet as exc:
@@ -476,6 +482,68 @@ class FleetProtocol:
             await self._veto_remembered(current)
         return True
 
+    async def _resolve_aborted(self) -> None:
+        """Clear the record of our own spend that ended without effect, now that the store
+        answers again (raises StoreUnavailable while it does not).
+
+        Its abort could not be written: typically `mark_sent` was applied but its answer lost
+        (an outage or partition starting inside that round trip), so the token was never
+        handed to the HTTP client, or the server answered that it did not act. Until the
+        record goes, every other replica that meets it takes the token as unknown and the
+        fleet waits for a person. `end_spend` removes it only under our owner name and that
+        fence (a compare-and-set), and publishes the abort that clears the others' memory of
+        it. A restarted process has a new owner name and remembers nothing to resolve; a
+        config reload hands the old refresher's unresolved abort to the new one (the same
+        process, which knows it never sent), under the old owner name.
+        """
+        while self._carried_aborts:
+            owner, fence = self._carried_aborts[-1]
+            await self._store.end_spend(
+                self.key, owner=owner, fence=fence, outcome=SpendEnd.ABORTED
+            )
+            log.info("spend.abort_resolved", app=self.app, fence=fence, carried=True)
+            self._carried_aborts.pop()
+        fence = self._aborted_fence
+        if fence == 0:
+            return
+        await self._store.end_spend(
+            self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED
+        )
+        log.info("spend.abort_resolved", app=self.app, fence=fence)
+        if self._aborted_fence == fence:
+            self._aborted_fence = 0
+
+    async def _record_owner(self, refresh_fp: str) -> str | None:
+        """Who made the store's spend record of `refresh_fp` (None: unknown, or ourselves)."""
+        try:
+            record = await self._store.load_spend(self.key)
+        except StoreUnavailable:
+            return None
+        if record is None or record.refresh_fp != refresh_fp or record.owner == self._owner:
+            return None
+        return record.owner
+
+    async def _owner_respends(self, refresh_fp: str) -> bool:
+        """The announced spend of `refresh_fp` in the store is not to be vetoed: the one grace
+        retry the store granted from its own record (H2), or its earlier spender's own next
+        spend (the one replica that knows whether its last spend had an effect)."""
+        foreign = self._foreign_spends.get(refresh_fp)
+        record = await self._store.load_spend(self.key)
+        if record is None or record.refresh_fp != refresh_fp or record.state != "announced":
+            return False
+        if record.retry:
+            return True  # the store checked the window itself; the spend notice says so too
+        if (
+            foreign is None
+            or foreign[1] is None
+            or refresh_fp in self._unknown
+            or record.owner != foreign[1]
+        ):
+            return False
+        self._foreign_spends.pop(refresh_fp, None)
+        self._unknown_foreign.discard(refresh_fp)
+        return True
+
     async def _veto_remembered(self, current: TokenSet) -> None:
         """Veto a spend of `current`'s refresh token that this replica knows was already sent.
 
@@ -489,6 +557,13 @@ class FleetProtocol:
             or refresh_fp in self._foreign_spends
             or (refresh_fp is not None and refresh_fp == self.in_flight)
         )
+        if (
+            refresh_fp is not None
+            and remembered
+            and refresh_fp != self.in_flight
+            and await self._owner_respends(refresh_fp)
+        ):
+            return  # its spender spends it again: it knows its last spend had no effect
         if (
             refresh_fp is not None
             and remembered
@@ -740,7 +815,16 @@ class FleetProtocol:
         if start is SpendStart.STALE:
             return Busy(0.0)
         if start is SpendStart.UNKNOWN:
-            self._unknown.add(refresh_fp)
+            # Another attempt's record (we reach begin_spend only for a token we remember no
+            # unknown spend of): its spender may still resolve it, e.g. a spend whose
+            # `mark_sent` answer was lost and that it never sent (its abort comes when the
+            # store is back). Not our own unknown spend, which is never forgiven: remember it
+            # as its owner's, whose abort, own next spend or a newer set clears it; we veto
+            # any other replica's spend of it.
+            self._unknown_foreign.add(refresh_fp)
+            if refresh_fp not in self._foreign_spends:
+                owner = await self._record_owner(refresh_fp)
+                self._foreign_spends[refresh_fp] = (self._clock.monotonic(), owner)
             return OutcomeUnknown(
                 "the store records a spend of this refresh token with no known outcome", refresh_fp
             )

@@ -100,6 +100,18 @@ class SpendEnd(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class SpendRecord:
+    """The stored spend record, as `load_spend` reads it: whose, of which refresh token, its
+    state (`announced`, `sent`, `unknown` or `vetoed`), and whether it is the one grace retry
+    the store granted (nobody vetoes that)."""
+
+    owner: str
+    refresh_fp: str
+    state: str
+    retry: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """A change another replica (or `authorize`) made, as published to every replica.
 
@@ -242,6 +254,16 @@ class TokenStore(Protocol):
         """
         ...
 
+    async def load_spend(self, app: str) -> SpendRecord | None:
+        """The app's spend record, or None when there is none.
+
+        A replica that meets another's unresolved record (`begin_spend` answered UNKNOWN)
+        learns its owner here: that owner's abort, or its own next spend of the token, may
+        still resolve it (a spend whose `mark_sent` answer was lost and that was never sent),
+        and the replica must not veto that next spend.
+        """
+        ...
+
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Mark an *announced* spend of `refresh_fp` as vetoed, so it is never marked sent and
         no later spend of that token by any fence is allowed (a state of its own: the vetoed
@@ -263,6 +285,11 @@ class TokenStore(Protocol):
 
         An aborted grace retry restores the record of the unknown spend it retried, with that
         spend's `sent_at` and no retry left, and its abort notice says `retry_aborted`.
+
+        An abort by the owner and fence of the spend a grace retry retried (its spender never
+        sent it: its `mark_sent` answer was lost) makes the retry an ordinary first spend
+        (announced: with an abort notice in that owner's name; already sent: silently), and
+        removes the record such a retry restored when it aborted (with an abort notice).
         """
         ...
 

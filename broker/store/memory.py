@@ -24,6 +24,7 @@ from broker.store import (
     Lease,
     Notice,
     SpendEnd,
+    SpendRecord,
     SpendStart,
 )
 from broker.store.facts import StoredFacts, StoredLease, StoredSet, StoredSpend
@@ -40,6 +41,10 @@ class _Spend:
     sent_at: float = 0.0
     # A grace retry's record: when the unknown spend it retries was sent (restored on abort).
     orig_sent_at: float | None = None
+    # ...and whose spend, under which fence, it retries: that spender may still say it never
+    # sent it (its `mark_sent` answer was lost), which makes the retry a first spend.
+    orig_owner: str | None = None
+    orig_fence: int = 0
 
 
 @dataclass(slots=True)
@@ -182,6 +187,7 @@ class MemoryStore:
         answer = SpendStart.OK
         retries = 0
         orig_sent_at: float | None = None
+        orig: tuple[str | None, int] = (None, 0)
         if spend is not None and spend.refresh_fp == refresh_fp and spend.fence != fence:
             if spend.state == "vetoed" or spend.orig_sent_at is not None:
                 # Vetoed, or the one grace retry of an unknown spend is under way: whatever
@@ -197,8 +203,16 @@ class MemoryStore:
                 if spend.retries > 0 or age < 0 or age >= retry_within:
                     return SpendStart.UNKNOWN
                 answer, retries, orig_sent_at = SpendStart.RETRY, 1, spend.sent_at
+                orig = (spend.owner, spend.fence)
         self.state.spends[app] = _Spend(
-            fence, owner, refresh_fp, token.rank, retries=retries, orig_sent_at=orig_sent_at
+            fence,
+            owner,
+            refresh_fp,
+            token.rank,
+            retries=retries,
+            orig_sent_at=orig_sent_at,
+            orig_owner=orig[0],
+            orig_fence=orig[1],
         )
         self._publish(
             Notice(
@@ -239,6 +253,15 @@ class MemoryStore:
         """Whether a replica acknowledged the last write (WAIT 1 answered 1)."""
         return self.replicas_acknowledge
 
+    async def load_spend(self, app: str) -> SpendRecord | None:
+        """The spend record, or None."""
+        self._check()
+        spend = self.state.spends.get(app)
+        if spend is None:
+            return None
+        retry = spend.orig_sent_at is not None
+        return SpendRecord(spend.owner, spend.refresh_fp, spend.state, retry)
+
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Turn an announced spend of `refresh_fp` into an unknown one under no fence, while its
         spender holds the lease (without it the spend can never be sent: left alone)."""
@@ -257,7 +280,20 @@ class MemoryStore:
         """Remove (aborted) or mark (unknown) our spend record under `fence`."""
         self._check()
         spend = self.state.spends.get(app)
-        if spend is None or spend.fence != fence or spend.owner != owner:
+        if spend is None:
+            return
+        if spend.fence != fence or spend.owner != owner:
+            if outcome is SpendEnd.ABORTED and self._retried_spend_never_sent(app, owner, fence):
+                self._publish(
+                    Notice(
+                        app,
+                        "abort",
+                        rank=spend.rank,
+                        refresh_fp=spend.refresh_fp,
+                        owner=owner,
+                        protocol=self.protocol,
+                    )
+                )
             return
         if outcome is SpendEnd.ABORTED:
             retry_aborted = spend.orig_sent_at is not None
@@ -281,6 +317,24 @@ class MemoryStore:
             )
         else:
             spend.state = "unknown"
+
+    def _retried_spend_never_sent(self, app: str, owner: str, fence: int) -> bool:
+        """`owner`'s spend under `fence` ended without effect, and `spend` is the grace retry
+        of it (or the record such a retry restored when it aborted): the retry is a first
+        spend after all (announced: an ordinary spend now; restored: removed). True when the
+        record changed so that the others may forget `owner`'s spend (an abort notice); a
+        retry already sent stays as it is apart from that (the others keep it unknown)."""
+        spend = self.state.spends[app]
+        if fence == 0 or spend.orig_owner != owner or spend.orig_fence != fence:
+            return False
+        if spend.orig_sent_at is not None and spend.state in ("announced", "sent"):
+            spend.orig_sent_at, spend.orig_owner, spend.orig_fence = None, None, 0
+            spend.retries = 0
+            return spend.state == "announced"
+        if spend.orig_sent_at is None and spend.state == "unknown" and spend.fence == 0:
+            del self.state.spends[app]
+            return True
+        return False
 
     async def updates(self) -> AsyncIterator[Notice]:
         """Notices of commits and spends, as they happen."""

@@ -48,6 +48,7 @@ from broker.store import (
     Lease,
     Notice,
     SpendEnd,
+    SpendRecord,
     SpendStart,
 )
 from broker.store.crypto import Keyring, UndecryptableToken
@@ -145,7 +146,10 @@ end
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'fence', ARGV[2], 'owner', ARGV[3], 'rfp', ARGV[6],
   'lineage', ARGV[4], 'gen', ARGV[5], 'state', 'announced', 'retries', retries)
-if answer == 'retry' then redis.call('HSET', KEYS[3], 'orig_sent_at', sp[6] or '0') end
+if answer == 'retry' then
+  redis.call('HSET', KEYS[3], 'orig_sent_at', sp[6] or '0', 'orig_owner', sp[2],
+    'orig_fence', sp[1])
+end
 redis.call('PUBLISH', ARGV[9], cjson.encode({app=ARGV[10], kind='spend',
   lineage=tonumber(ARGV[4]), gen=tonumber(ARGV[5]), rfp=ARGV[6], owner=ARGV[3],
   retry=(answer == 'retry') and 1 or 0, pv=__PV__}))
@@ -178,8 +182,30 @@ return 1
 # KEYS: spend. ARGV: fence, outcome, channel, app, owner (fences repeat after a rollback)
 _END_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen',
-  'orig_sent_at')
-if sp[1] ~= ARGV[1] or sp[2] ~= ARGV[5] then return 0 end
+  'orig_sent_at', 'orig_owner', 'orig_fence', 'state')
+if not sp[1] then return 0 end
+if sp[1] ~= ARGV[1] or sp[2] ~= ARGV[5] then
+  -- The spend a grace retry retries (or the record that retry's abort restored) ended
+  -- without effect, says its own spender: the retry is a first spend after all.
+  if ARGV[2] ~= 'aborted' or ARGV[1] == '0' or sp[7] ~= ARGV[5] or sp[8] ~= ARGV[1] then
+    return 0
+  end
+  local notify = false
+  if sp[6] and (sp[9] == 'announced' or sp[9] == 'sent') then
+    redis.call('HDEL', KEYS[1], 'orig_sent_at', 'orig_owner', 'orig_fence')
+    redis.call('HSET', KEYS[1], 'retries', 0)
+    notify = sp[9] == 'announced'
+  elseif not sp[6] and sp[9] == 'unknown' and sp[1] == '0' then
+    redis.call('DEL', KEYS[1])
+    notify = true
+  end
+  if notify then
+    redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort',
+      lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=ARGV[5], ra=0,
+      pv=__PV__}))
+  end
+  return 0
+end
 if ARGV[2] == 'aborted' then
   if sp[6] then
     -- an aborted grace retry: the spend it retried is still unknown, restore its record
@@ -618,6 +644,18 @@ class RedisStore:
             results = list(await pipe.execute())
         return int(results[0]), int(results[1])
 
+    async def load_spend(self, app: str) -> SpendRecord | None:
+        """The spend record (one HMGET), or None."""
+        owner, rfp, state, orig_sent_at = await self._call(
+            "spend",
+            lambda: self._client.hmget(
+                self.spend_key(app), "owner", "rfp", "state", "orig_sent_at"
+            ),
+        )
+        if owner is None or rfp is None or state is None:
+            return None
+        return SpendRecord(_text(owner), _text(rfp), _text(state), orig_sent_at is not None)
+
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
         """Turn an announced spend of `refresh_fp` into an unknown one while its spender holds
         the lease (Lua)."""
@@ -929,6 +967,11 @@ def _inspect_spend(fields: dict[bytes, bytes]) -> StoredSpend | None:
         retries=_int(fields.get(b"retries")),
         sent_at=_int(sent_at) / 1000 if sent_at is not None else None,
     )
+
+
+def _text(value: bytes | str) -> str:
+    """A reply field as text (the client may or may not decode replies)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _config_value(answer: object, name: str) -> str | None:

@@ -16,9 +16,8 @@ import pytest
 from broker.clock import SystemClock
 from broker.metrics import Metrics
 from broker.model import TokenSet
-from broker.store import Notice, SpendEnd, SpendStart, TokenStore
+from broker.store import Notice, SpendEnd, SpendRecord, SpendStart, TokenStore
 from broker.store.crypto import Keyring
-from broker.store.facts import StoreInspector
 from broker.store.memory import MemoryStore
 from broker.store.redis_store import RedisStore, redis_client
 from tests.support.redis_server import RedisServer
@@ -334,6 +333,127 @@ class TestSpend:
             )
             assert answer is SpendStart.UNKNOWN, resolved
 
+    async def test_the_spend_record_names_its_owner_and_state(self, store: TokenStore) -> None:
+        """`load_spend` reads the record as it goes: announced, sent, vetoed; none at all
+        before a spend and after an abort."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        assert await store.load_spend("app") is None
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        assert await store.load_spend("app") == SpendRecord("a", fp, "announced")
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        assert await store.load_spend("app") == SpendRecord("a", fp, "sent")
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") is None
+        again = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=again.fence, token=token_set(1))
+        assert await store.veto_spend("app", refresh_fp=fp)
+        assert await store.load_spend("app") == SpendRecord("a", fp, "vetoed")
+
+    async def test_the_spend_record_says_when_it_is_a_granted_retry(
+        self, store: TokenStore
+    ) -> None:
+        """`load_spend` marks the record of the one grace retry the store granted (a replica
+        that re-syncs must not veto it), and no other."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.UNKNOWN)
+        assert await store.load_spend("app") == SpendRecord("a", fp, "unknown", retry=False)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        retry = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert retry is SpendStart.RETRY
+        assert await store.load_spend("app") == SpendRecord("b", fp, "announced", retry=True)
+
+    async def test_a_sent_record_whose_answer_was_lost_is_aborted_by_its_owner_alone(
+        self, store: TokenStore
+    ) -> None:
+        """The spender whose `mark_sent` answer was lost never sent: its abort under its own
+        owner name and fence removes the record (another owner's, with the same fence, does
+        not), and the next holder may spend the token."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        await store.end_spend("app", owner="b", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert (await store.load_spend("app") or SpendRecord("", "", "")).state == "sent"
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") is None
+        b = await store.acquire_lease("app", "b", 5)
+        answer = await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
+        assert answer is SpendStart.OK
+
+    async def test_a_grace_retry_of_a_spend_never_sent_becomes_a_first_spend(
+        self, store: TokenStore
+    ) -> None:
+        """A grace retry granted from a `sent` record whose spender never sent (its answer
+        lost): that spender's abort, under its own owner name and fence, makes the retry an
+        ordinary spend; under another owner name it changes nothing."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        retry = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert retry is SpendStart.RETRY
+        await store.end_spend("app", owner="c", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") == SpendRecord("b", fp, "announced", retry=True)
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") == SpendRecord("b", fp, "announced", retry=False)
+        assert await store.mark_sent("app", owner="b", fence=b.fence)
+
+    async def test_a_sent_retry_of_a_spend_never_sent_stays_sent(self, store: TokenStore) -> None:
+        """The first spender says it never sent after the retry was sent: the retry's record
+        stays `sent` (its answer decides), as an ordinary spend's."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert await store.mark_sent("app", owner="b", fence=b.fence)
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") == SpendRecord("b", fp, "sent", retry=False)
+
+    async def test_the_record_an_aborted_retry_restored_goes_with_its_spenders_abort(
+        self, store: TokenStore
+    ) -> None:
+        """The grace retry of a spend never sent aborts (its record of the unknown spend is
+        restored); then the first spender says it never sent: the record goes, and the next
+        holder spends the token."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.mark_sent("app", owner="a", fence=a.fence)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
+        assert (await store.load_spend("app") or SpendRecord("", "", "")).state == "unknown"
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") is None
+        await store.release_lease("app", "b", b.fence)
+        c = await store.acquire_lease("app", "c", 5)
+        answer = await store.begin_spend("app", owner="c", fence=c.fence, token=token_set(1))
+        assert answer is SpendStart.OK
+
     async def test_a_restored_grace_retry_is_not_its_retriers_to_replace(
         self, store: TokenStore
     ) -> None:
@@ -501,51 +621,3 @@ class TestNoticeWithoutTheKey:
         finally:
             await writer.close()
             await reader.close()
-
-
-class TestInspect:
-    async def test_both_stores_describe_an_app_alike(self, store: TokenStore) -> None:
-        """inspect (status) tells the same facts from both stores: rank, times, lease, spend
-        record, failure and budget; and no token (repr included)."""
-        inspector = cast(StoreInspector, store)
-        token = token_set(2)
-        await store.commit("app", token)
-        lease = await store.acquire_lease("app", "pod-a", 30.0)
-        assert await store.begin_spend("app", owner="pod-a", fence=lease.fence, token=token) == (
-            SpendStart.OK
-        )
-        await store.mark_sent("app", owner="pod-a", fence=lease.fence)
-        await store.end_spend("app", owner="pod-a", fence=lease.fence, outcome=SpendEnd.UNKNOWN)
-        now = await inspector.read_time()
-        await store.record_failure(
-            "app", failures=2, not_before=now + 60, error="transient: http 503", permanent=False
-        )
-        await store.take_budget("app", 5, now)
-        facts = await inspector.inspect("app", await inspector.read_time())
-        assert facts.token is not None
-        assert (facts.token.rank, facts.token.version) == ((1, 2), 1)
-        assert (facts.token.issued_at, facts.token.expires_at) == (1000.0, 4600.0)
-        assert facts.lease is not None and (facts.lease.owner, facts.lease.fence) == (
-            "pod-a",
-            lease.fence,
-        )
-        assert facts.lease.expires_in is not None and 25 < facts.lease.expires_in <= 30
-        assert facts.fence == lease.fence
-        assert facts.spend is not None
-        assert (facts.spend.state, facts.spend.owner, facts.spend.rank) == (
-            "unknown",
-            "pod-a",
-            (1, 2),
-        )
-        assert facts.spend.sent_at is not None and 0 <= facts.now - facts.spend.sent_at < 5
-        assert facts.failure is not None and facts.failure.failures == 2
-        assert facts.budget_used == 1
-        assert token.access_token not in repr(facts)
-        assert (token.refresh_fingerprint or "?") not in repr(facts)
-
-    async def test_nothing_stored(self, store: TokenStore) -> None:
-        """An app the store knows nothing of: every fact empty."""
-        inspector = cast(StoreInspector, store)
-        facts = await inspector.inspect("app", await inspector.read_time())
-        assert (facts.token, facts.lease, facts.spend, facts.failure) == (None, None, None, None)
-        assert (facts.fence, facts.budget_used, facts.failure_unreadable) == (0, 0, False)

@@ -8,6 +8,7 @@ invariants as every seeded schedule. `python -m tests.simulation.doors NAME` rep
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Callable
 
@@ -534,6 +535,164 @@ def aborted_grace_retry_respent_by_its_retrier() -> Schedule:
     )
 
 
+def mark_sent_answer_lost_in_an_outage() -> Schedule:
+    """Found by the swarm (seeds 2, 68, 267, 301, 436, 452, 1148, 1275, 1386): the store goes
+    down right after it applied a spender's `mark_sent`, before the answer reached it. The
+    spender never sends the token and cannot record its abort. The spender stays cut off a
+    few seconds longer than the others, so a bystander meets the `sent` record first; then
+    the spender is back. Nothing was presented: the fleet must refresh again."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        await world.time.sleep(8.0)
+        world.replicas[spender].view.faults.partitioned = True
+        world.set_store_outage(False)
+        await world.time.sleep(5.0)
+        world.replicas[spender].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_014,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="mark_sent_answer_lost_in_an_outage",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def paused_bystander_keeps_its_buffered_notices() -> Schedule:
+    """Found by the swarm (seed 1261): a bystander is paused for 6.8 s (a GC pause, a stalled
+    loop) inside a spend's objection window. The server answers 429 without acting, the
+    spender aborts and is then cut off; the notices (`sent`, `abort`) wait unread in the paused
+    bystander's socket. When it resumes, its silence guard has overslept the 5 s deadline: the
+    old one dropped the subscription after reading `sent` and before `abort`, remembered the
+    token as sent for good, and vetoed the third replica's spend of it."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+        pauses: list[asyncio.Future[None]] = []
+
+        async def pause_bystander(spender: str) -> None:
+            await world.time.sleep(0.3)  # it heard the spend notice; `sent` comes while paused
+            world.pause((_index(world, spender) + 1) % 3, 6.8)
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "announced" and not hit:
+                hit.append(replica)
+                pauses.append(asyncio.ensure_future(pause_bystander(replica)))
+            elif phase == "sent" and len(hit) == 1:
+                hit.append(replica)
+                world.server.faults.status, world.server.faults.retry_after = 429, 10.0
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: len(hit) == 2)
+        spender = _index(world, hit[0])
+        await world.time.sleep(1.0)
+        world.replicas[spender].view.faults.partitioned = True
+        await world.time.sleep(8.0)
+        world.server.faults.status, world.server.faults.retry_after = None, None
+        await world.time.sleep(21.0)
+        world.replicas[spender].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_016,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="paused_bystander_keeps_its_buffered_notices",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def grace_retry_vetoed_on_a_resync() -> Schedule:
+    """Found by the swarm (seed 47): on a server with a 30 s reuse grace window, the
+    spender's store link fails right after its `mark_sent` was applied (the others heard
+    `sent`; it never sends). When its lease lapses, another replica is granted the one grace
+    retry. The third replica re-syncs (a reconnect) inside that retry's objection window: the
+    old re-sync vetoed any announced spend of a token it remembers as sent, the granted retry
+    too, and the vetoed record blocked the token for good."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.replicas[_index(world, replica)].view.faults.partitioned = True
+            elif phase == "announced" and len(hit) == 1 and replica != hit[0]:
+                hit.append(replica)
+                third = 3 - _index(world, hit[0]) - _index(world, replica)
+                world.replicas[third].refresher.notify_store_changed()
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(20.0)
+        world.replicas[_index(world, hit[0])].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_017,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="grace_retry_vetoed_on_a_resync",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def grace_retry_of_a_spend_never_sent() -> Schedule:
+    """Found by the swarm (seed 1045): on a server with a 30 s reuse grace window, the
+    spender's store link fails right after its `mark_sent` was applied (it never sends). When
+    its lease lapses another replica is granted the one grace retry, and is cut off in turn
+    before it sends. The old store kept the retry's record against every fence, and the
+    retry's abort restored the first spend's record as unknown, which its own spender could
+    no longer end (it is not under its fence): the token was blocked for good, though nobody
+    had presented it."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            first = phase == "sent" and not hit  # the spender: its answer is lost
+            retry = phase == "announced" and len(hit) == 1 and replica != hit[0]
+            if first or retry:
+                hit.append(replica)
+                world.replicas[_index(world, replica)].view.faults.partitioned = True
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(20.0)
+        world.replicas[_index(world, hit[0])].view.faults.partitioned = False
+        await world.time.sleep(15.0)
+        for name in hit[1:]:
+            world.replicas[_index(world, name)].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_018,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="grace_retry_of_a_spend_never_sent",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -554,6 +713,10 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "config_reload_while_the_answer_is_unstored": config_reload_while_the_answer_is_unstored,
     "m2_half_open_spender": m2_half_open_spender,
     "aborted_grace_retry_respent_by_its_retrier": aborted_grace_retry_respent_by_its_retrier,
+    "mark_sent_answer_lost_in_an_outage": mark_sent_answer_lost_in_an_outage,
+    "paused_bystander_keeps_its_buffered_notices": paused_bystander_keeps_its_buffered_notices,
+    "grace_retry_vetoed_on_a_resync": grace_retry_vetoed_on_a_resync,
+    "grace_retry_of_a_spend_never_sent": grace_retry_of_a_spend_never_sent,
 }
 
 

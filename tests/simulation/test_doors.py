@@ -4,19 +4,21 @@ invariant, and each fix, put back, lets its schedule break one (so the schedule 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from broker import core as core_module
 from broker import refresher as refresher_module
 from broker.core import BrokerCore
 from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
 from broker.oauth import parse
 from broker.refresher import AppRefresher
-from broker.store import Notice, SpendEnd, SpendStart
+from broker.store import Notice, SpendEnd, SpendRecord, SpendStart
 from broker.store.memory import MemoryStore
 from tests.simulation import world as world_module
 from tests.simulation.doors import DOORS
@@ -334,3 +336,75 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["aborted_grace_retry_respent_by_its_retrier"]())
         assert not result.ok
         assert result.revoked, result.report()
+
+    def test_a_bystander_that_takes_a_never_sent_spend_as_its_own_unknown(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a bystander that meets the `sent` record of a spend whose `mark_sent`
+        answer was lost (the old code: it adds the token to its own unknown spends, never
+        forgiven) vetoes the spender's next spend of it: the fleet waits for a person though
+        the token was never presented."""
+
+        async def own_unknown(self: FleetProtocol, refresh_fp: str) -> str | None:
+            self._unknown.add(refresh_fp)
+            return None
+
+        mutate(FleetProtocol, "_record_owner", own_unknown)
+        result = run(DOORS["mark_sent_answer_lost_in_an_outage"]())
+        assert not result.ok
+        assert not result.revoked, result.report()
+
+    def test_a_silence_guard_that_counts_its_own_pause_as_silence(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a guard that takes the time its own process was paused for silence
+        (the old one) drops the subscription as the process resumes, with the spender's abort
+        still unread in its socket; the bystander remembers the token as sent and vetoes the
+        next replica's spend of it: the fleet waits for a person."""
+        mutate(core_module, "PAUSED_AFTER", math.inf)
+        result = run(DOORS["paused_bystander_keeps_its_buffered_notices"]())
+        assert not result.ok
+        assert not result.revoked, result.report()
+
+    def test_a_resync_that_vetoes_the_granted_retry(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a replica that re-syncs inside a granted grace retry's objection window
+        and vetoes it (the old re-sync vetoed any announced spend of a token it remembers as
+        sent) blocks the token for good, though the retry's spender was the first to send it."""
+        original = MemoryStore.load_spend
+
+        async def hides_the_retry(self: MemoryStore, app: str) -> SpendRecord | None:
+            record = await original(self, app)
+            return None if record is None else replace(record, retry=False)
+
+        mutate(MemoryStore, "load_spend", hides_the_retry)
+        result = run(DOORS["grace_retry_vetoed_on_a_resync"]())
+        assert not result.ok
+        assert not result.revoked, result.report()
+
+    def test_a_store_that_ignores_the_abort_of_a_retried_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a store that ends a spend only under its own record's fence (the old
+        one) ignores the first spender's abort once a grace retry took the record over; the
+        retry's own abort then restores the record as unknown for good."""
+        mutate(MemoryStore, "_retried_spend_never_sent", lambda self, app, owner, fence: False)
+        result = run(DOORS["grace_retry_of_a_spend_never_sent"]())
+        assert not result.ok
+        assert not result.revoked, result.report()
+
+    def test_a_spender_that_waits_for_its_next_lease_to_end_a_never_sent_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found: a spender that ends its never-sent record only at its own next spend
+        (the old one: `resolved_fence`) never gets there once a grace retry took the record
+        over; only its abort when the store is back resolves it."""
+
+        async def waits(self: FleetProtocol) -> None:
+            return None
+
+        mutate(FleetProtocol, "_resolve_aborted", waits)
+        result = run(DOORS["grace_retry_of_a_spend_never_sent"]())
+        assert not result.ok
+        assert not result.revoked, result.report()

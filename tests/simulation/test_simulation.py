@@ -70,13 +70,6 @@ REGRESSION_SEEDS = {
 
 # Swarm seeds (make_schedule) that still break an invariant, kept so they are replayed and
 # cannot silently pass: a fix turns the strict xfail into a failure that says to move them.
-_SENT_NEVER_SENT = (
-    "liveness, open: the store becomes unreachable for the spender right after `mark_sent` was "
-    "applied (an outage or partition starting inside that round trip), so the spender does not "
-    "send and cannot record its abort; replicas that meet the `sent` record take the token as "
-    "unknown for good (`_unknown`) and veto the spender's own next spend: the fleet waits for "
-    "a person though the token was never presented"
-)
 _FORGOTTEN_WHILE_ALONE = (
     "safety, the documented limit: the store forgets a spend in flight (an empty restart or a "
     "restore at `sent`) while its spender is the only replica that knows and it is paused, "
@@ -87,12 +80,6 @@ _CLOCK_STEP_M3 = (
     "open after M3: a pod measures its offset while Redis's clock is stepped back (and its "
     "`TIME` round trips are slow) and serves a token past its true expiry; M3's door (a pod "
     "restarted after the step) passes, this combination does not"
-)
-_SPLIT_BRAIN_WITH_OTHERS = (
-    "open, not analysed yet: a split brain or a primary whose replicas acknowledge nothing "
-    "(H4, drawn by the swarm only since both landed together) combined with other faults "
-    "(lost or late store answers, eviction, a store that forgets, pauses); some of these "
-    "present a refresh token twice"
 )
 _STALE_SPEND_ACROSS_A_SPLIT = (
     "liveness, open (no token presented twice): a split brain leaves a copy of a `sent` spend "
@@ -109,35 +96,25 @@ _STALE_SPEND_ACROSS_A_SPLIT = (
 )
 _EVICTION = (
     "open, a misconfiguration: an evicting maxmemory-policy drops keys of a spend in flight "
-    "(its record, the lease or the fence counter); the fleet then waits for a person, or (734: "
-    "the record and the lease evicted right after the send) another replica spends the token "
-    "again and the grant is revoked. The broker needs `maxmemory-policy noeviction` (issue "
-    "20, Low)"
-)
-_HALF_OPEN_WITH_OTHERS = (
-    "open, not analysed yet: a half-open subscription (M2, drawn by the swarm only since both "
-    "landed together) combined with an outage, a partition, a pause or a reload; the fleet "
-    "ends waiting for a person (liveness)"
+    "(its record, the lease or the fence counter); the fleet then waits for a person (1052: "
+    "the record evicted right after `mark_sent`, the spender's abort finds nothing to end "
+    "and publishes no abort notice, so the replicas that heard `sent` veto the next spender "
+    "for good), or (734: the record and the lease evicted right after the send) another "
+    "replica spends the token again and the grant is revoked. The broker needs "
+    "`maxmemory-policy noeviction` (issue 20, Low)"
 )
 _NOT_ANALYSED = (
     "open, not analysed yet (found by the swarm run of issue 20; replay it to see the schedule)"
 )
 OPEN_SEEDS: dict[int, str] = {
-    **dict.fromkeys([2, 47, 68, 267, 301, 436, 452, 1045, 1148, 1275, 1386], _SENT_NEVER_SENT),
-    # The split brain or the missing acknowledgement drawn with these never touched the spend
-    # that broke: the store became unreachable inside `mark_sent` (issue 20, seed analysis).
-    **dict.fromkeys([63, 538, 1235], _SENT_NEVER_SENT),
     **dict.fromkeys([162, 194, 209, 760, 847], _FORGOTTEN_WHILE_ALONE),
     # The store forgot the acknowledged `sent` record right after it was written, its notice
     # with it, while the spender was paused (379) or on the other side of a split (471).
     **dict.fromkeys([379, 471], _FORGOTTEN_WHILE_ALONE),
     **dict.fromkeys([516], _CLOCK_STEP_M3),
-    # 734: the promoted primary evicted the spend record and the lease right after the send.
-    **dict.fromkeys([734, 1346], _EVICTION),
-    **dict.fromkeys([416], _SPLIT_BRAIN_WITH_OTHERS),
-    **dict.fromkeys([391, 821, 913, 1233], _STALE_SPEND_ACROSS_A_SPLIT),
-    **dict.fromkeys([26, 891, 1052, 1261], _HALF_OPEN_WITH_OTHERS),
-    **dict.fromkeys([577, 717, 835, 1469], _NOT_ANALYSED),
+    **dict.fromkeys([734, 1052, 1346], _EVICTION),
+    **dict.fromkeys([391, 821, 913], _STALE_SPEND_ACROSS_A_SPLIT),
+    **dict.fromkeys([1469], _NOT_ANALYSED),
 }
 
 _RESULTS: dict[int, Result] = {}

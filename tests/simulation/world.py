@@ -44,7 +44,16 @@ from broker.model import (
 )
 from broker.oauth.parse import classify_error
 from broker.refresher import AppRefresher
-from broker.store import Commit, Lease, Notice, SpendEnd, SpendStart, bound_name, client_binding
+from broker.store import (
+    Commit,
+    Lease,
+    Notice,
+    SpendEnd,
+    SpendRecord,
+    SpendStart,
+    bound_name,
+    client_binding,
+)
 from broker.store.memory import MemoryState, MemoryStore
 
 APP = "scim"
@@ -707,6 +716,13 @@ class SimStoreView:
         self._maybe_lose()
         await self._hop()
         return result
+
+    async def load_spend(self, app: str) -> SpendRecord | None:
+        """The spend record."""
+        await self._hop()
+        record = await self._spends.load_spend(app)
+        await self._hop()
+        return record
 
     @_may_apply_late
     async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:

@@ -1,0 +1,130 @@
+"""A spend marked sent but never sent (issue 20, swarm seeds of `_SENT_NEVER_SENT`): the store
+applied `mark_sent` and its answer was lost, so the spender never calls its HTTP client and
+cannot write its abort. It resolves its own record when the store answers again (also after a
+config reload), and a bystander that met the record keeps it as the spender's."""
+
+from __future__ import annotations
+
+import asyncio
+
+from broker.errors import StoreUnavailable
+from broker.fleet import Blocked, FleetProtocol, OutcomeUnknown
+from broker.model import TokenSet
+from broker.store.memory import MemoryStore
+from tests.support.fake_clock import FakeClock
+
+APP = "scim"
+
+
+class _AnswerLost(MemoryStore):
+    """`mark_sent` is applied, then the store goes down before the answer comes back."""
+
+    async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
+        await super().mark_sent(app, owner=owner, fence=fence)
+        self.fail = True
+        raise StoreUnavailable("simulated: the answer was lost")
+
+
+def _grant(clock: FakeClock) -> TokenSet:
+    now = clock.time()
+    return TokenSet(
+        access_token="at-never-sent-1",
+        token_type="Bearer",
+        issued_at=now - 100,
+        expires_at=now + 20,
+        refresh_token="rt-never-sent",
+        lineage=1,
+        generation=2,
+    )
+
+
+class _Holder:
+    def __init__(self, token: TokenSet) -> None:
+        self.token: TokenSet | None = token
+
+    def adopt(self, token: TokenSet) -> None:
+        self.token = token
+
+
+def _protocol(store: MemoryStore, clock: FakeClock, owner: str, token: TokenSet) -> FleetProtocol:
+    holder = _Holder(token)
+    return FleetProtocol(
+        APP,
+        store,
+        clock,
+        owner=owner,
+        spends_refresh_tokens=True,
+        current=lambda: holder.token,
+        adopt=holder.adopt,
+    )
+
+
+async def _never_called(refresh_token: str | None) -> TokenSet:
+    raise AssertionError("the refresh token was handed to the HTTP client")
+
+
+async def _mark_sent_answer_lost(clock: FakeClock) -> tuple[_AnswerLost, TokenSet, FleetProtocol]:
+    store = _AnswerLost(clock)
+    token = _grant(clock)
+    await store.commit(APP, token)
+    spender = _protocol(store, clock, "r0", token)
+    refresh = asyncio.ensure_future(
+        spender.refresh(_never_called, is_due=lambda _: True, servable_left=10.0)
+    )
+    while not refresh.done():
+        await clock.advance(0.1)  # the objection window
+    assert isinstance(refresh.result(), Blocked)
+    assert store.state.spends[APP].state == "sent"
+    return store, token, spender
+
+
+async def test_the_spender_ends_its_never_sent_record_when_the_store_is_back() -> None:
+    """A bystander meets the `sent` record (unknown to it, but the spender's to resolve); the
+    spender's next sync ends the record as aborted, and the bystander's memory of it goes with
+    the abort notice: it may spend the token, and does not veto the spender's spend of it."""
+    clock = FakeClock()
+    store, token, spender = await _mark_sent_answer_lost(clock)
+    store.fail = False
+    notices = store.updates()
+    first = asyncio.ensure_future(anext(notices))
+    await asyncio.sleep(0)  # subscribed
+    await clock.advance(12.0)  # the spender's lease lapses
+    bystander = _protocol(store, clock, "r1", token)
+    outcome = await bystander.refresh(_never_called, is_due=lambda _: True, servable_left=8.0)
+    assert isinstance(outcome, OutcomeUnknown)
+    assert bystander.outcome_unknown(token)
+
+    assert await spender.sync()
+
+    assert APP not in store.state.spends
+    abort = await asyncio.wait_for(first, 1.0)
+    assert (abort.kind, abort.owner) == ("abort", "r0")
+    bystander.on_notice(abort)
+    assert not bystander.outcome_unknown(token)
+
+
+async def test_a_reload_hands_the_unresolved_abort_to_the_new_refresher() -> None:
+    """A config reload replaces the protocol (a new owner name) before the store is back: the
+    new one ends the old one's never-sent record under the old owner name."""
+    clock = FakeClock()
+    store, token, spender = await _mark_sent_answer_lost(clock)
+    reloaded = _protocol(store, clock, "r0-reloaded", token)
+    reloaded.carry_over(spender, same_grant=True)
+    store.fail = False
+
+    assert await reloaded.sync()
+
+    assert APP not in store.state.spends
+
+
+async def test_another_owner_cannot_end_the_record() -> None:
+    """Only the owner name that made the record ends it: a restarted process (a new name)
+    remembers nothing and leaves it alone."""
+    clock = FakeClock()
+    store, token, _ = await _mark_sent_answer_lost(clock)
+    store.fail = False
+    restarted = _protocol(store, clock, "r0-restarted", token)
+
+    assert await restarted.sync()
+
+    assert store.state.spends[APP].state == "sent"
