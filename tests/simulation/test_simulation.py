@@ -108,15 +108,19 @@ _NOT_ANALYSED = (
     "open, not analysed yet (found by the swarm run of issue 20; replay it to see the schedule)"
 )
 OPEN_SEEDS: dict[int, str] = {
-    **dict.fromkeys([2, 47, 68, 267, 301, 436, 452, 1045, 1148, 1275, 1386], _SENT_NEVER_SENT),
+    # The lease notices (issue 20, the fleet's cost) changed every seed's run (fewer lease
+    # requests and store round trips draw other random hops): 2, 177, 821, 835, 1052, 1261 and
+    # 1386 pass since, not analysed as fixed; 233, 1237 (split brain) and 1422 (eviction, with
+    # 500s and the server down) break an invariant since, in the open categories below.
+    **dict.fromkeys([47, 68, 267, 301, 436, 452, 1045, 1148, 1275], _SENT_NEVER_SENT),
     **dict.fromkeys([162, 194, 209, 760, 847], _FORGOTTEN_WHILE_ALONE),
     **dict.fromkeys([516], _CLOCK_STEP_M3),
-    **dict.fromkeys([1346], _EVICTION),
+    **dict.fromkeys([1346, 1422], _EVICTION),
     **dict.fromkeys(
-        [63, 177, 379, 391, 416, 471, 538, 734, 821, 1233, 1235], _SPLIT_BRAIN_WITH_OTHERS
+        [63, 233, 379, 391, 416, 471, 538, 734, 1233, 1235, 1237], _SPLIT_BRAIN_WITH_OTHERS
     ),
-    **dict.fromkeys([26, 891, 1052, 1261], _HALF_OPEN_WITH_OTHERS),
-    **dict.fromkeys([577, 717, 835, 1469], _NOT_ANALYSED),
+    **dict.fromkeys([26, 891], _HALF_OPEN_WITH_OTHERS),
+    **dict.fromkeys([577, 717, 1469], _NOT_ANALYSED),
 }
 
 _RESULTS: dict[int, Result] = {}
