@@ -101,6 +101,7 @@ class FleetRow:
     connected_clients: int = 0
     fleet_cpu_s_per_min: float = 0.0
     commands: dict[str, int] = field(default_factory=dict)
+    python: str = ""  # the interpreter the brokers ran on (with --compare, one of two)
 
 
 def write_config(
@@ -400,9 +401,12 @@ def measure_apps(args: argparse.Namespace, root: Path, apps: int) -> AppsRow:
     return row
 
 
-def measure_fleet(args: argparse.Namespace, root: Path, replicas: int) -> FleetRow:
+def measure_fleet(
+    args: argparse.Namespace, root: Path, replicas: int, python: str | None = None
+) -> FleetRow:
     """`replicas` brokers on one Redis, short-lived tokens: Redis work per token request."""
-    row = FleetRow(replicas)
+    python = python if python is not None else args.python
+    row = FleetRow(replicas, python=python)
     redis = RedisServer(directory=root / "redis")
     redis.start()
     oauth_port = free_port()
@@ -415,7 +419,7 @@ def measure_fleet(args: argparse.Namespace, root: Path, replicas: int) -> FleetR
             config, api, metrics = write_config(
                 root / f"replica-{i}", args.fleet_apps, token_url, redis.url, refresh
             )
-            brokers.append(start_broker(args.python, config, api, metrics, root / f"r{i}.log"))
+            brokers.append(start_broker(python, config, api, metrics, root / f"r{i}.log"))
         for broker in brokers:
             wait_ready(broker.metrics, timeout=300)
         time.sleep(args.fleet_lifetime)  # past the start-up: steady state from here
@@ -481,7 +485,26 @@ def print_tables(apps: list[AppsRow], fleet: list[FleetRow]) -> None:
         )
     for f in fleet:
         top = sorted(f.commands.items(), key=lambda kv: -kv[1])[:8]
-        print(f"  {f.replicas} replicas, commands: " + ", ".join(f"{k} {v}" for k, v in top))
+        label = f" ({f.python})" if len({r.python for r in fleet}) > 1 else ""
+        print(f"  {f.replicas} replicas{label}, commands: " + ", ".join(f"{k} {v}" for k, v in top))
+
+
+def print_comparison(fleet: list[FleetRow], before: str, after: str) -> None:
+    """Commands per token request of two interpreters, measured alternately in one run."""
+    print()
+    print(f"before: {before}")
+    print(f"after: {after}")
+    print(
+        "| replicas | commands per token request, before | after | token requests before / after |"
+    )
+    print("|---:|---:|---:|---:|")
+    for count in dict.fromkeys(f.replicas for f in fleet):
+        rows = {f.python: f for f in fleet if f.replicas == count}
+        b, a = rows[before], rows[after]
+        print(
+            f"| {count} | {b.commands_per_token_request:.1f} | {a.commands_per_token_request:.1f} "
+            f"| {b.token_requests} / {a.token_requests} |"
+        )
 
 
 def main() -> int:
@@ -497,6 +520,12 @@ def main() -> int:
     parser.add_argument("--fleet-lifetime", type=float, default=8.0, help="token lifetime, s")
     parser.add_argument("--fleet-seconds", type=float, default=24.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--compare",
+        metavar="PYTHON",
+        help="also run each fleet on this interpreter (e.g. a checkout of main), alternating "
+        "with --python under the same load, and print both (before: PYTHON, after: --python)",
+    )
     args = parser.parse_args()
 
     apps_rows: list[AppsRow] = []
@@ -507,8 +536,10 @@ def main() -> int:
             apps_rows.append(measure_apps(args, root / f"apps-{count}", count))
             print(f"# {count} apps done", file=sys.stderr, flush=True)
         for count in args.replicas:
-            fleet_rows.append(measure_fleet(args, root / f"fleet-{count}", count))
-            print(f"# {count} replicas done", file=sys.stderr, flush=True)
+            pythons = [args.compare, args.python] if args.compare else [args.python]
+            for n, python in enumerate(pythons):
+                fleet_rows.append(measure_fleet(args, root / f"fleet-{count}-{n}", count, python))
+                print(f"# {count} replicas done ({python})", file=sys.stderr, flush=True)
     if args.json:
         print(
             json.dumps(
@@ -518,6 +549,8 @@ def main() -> int:
     else:
         print(f"interpreter: {args.python}")
         print_tables(apps_rows, fleet_rows)
+        if args.compare:
+            print_comparison(fleet_rows, args.compare, args.python)
     return 0
 
 

@@ -239,6 +239,11 @@ class FleetProtocol:
         # Set on SIGTERM (or an app's removal): no refresh token is sent from then on (H5).
         self._stopping = asyncio.Event()
 
+    @property
+    def owner(self) -> str:
+        """The name this replica's leases, spends and notices carry."""
+        return self._owner
+
     # ---- stopping ------------------------------------------------------------------------------
 
     def stop(self) -> None:

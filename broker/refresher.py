@@ -44,7 +44,7 @@ from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, TokenSet
 from broker.oauth import TokenSource
 from broker.service import AppStatus
-from broker.store import Notice, TokenStore, bound_name, client_binding
+from broker.store import LEASE, RELEASE, Notice, TokenStore, bound_name, client_binding
 
 log = get_logger(__name__)
 
@@ -186,6 +186,10 @@ class AppRefresher:
         self._next_attempt_at = 0.0
         self._attempting = False
         self._attempt_started = 0.0  # the monotonic start of the attempt in flight
+        # Another replica was granted the lease (we heard its `lease` notice): no attempt of
+        # ours before this, unless its commit or its release is heard first. Without it every
+        # replica due at the fleet's due time asked for the lease, and lost it, one by one.
+        self._lease_wait_until = float("-inf")
         self._mono_expiry = 0.0
         self._stagger = 0.0
         self._in_backoff = False
@@ -387,7 +391,7 @@ class AppRefresher:
         while not self._stopping:
             if self._dirty or self._unsynced or self._sync_overdue():
                 await self._sync()
-            delay = self._next_attempt_at - self._clock.monotonic()
+            delay = max(self._next_attempt_at, self._lease_wait_until) - self._clock.monotonic()
             if self._needs_authorization is not None:
                 await self._sleep_or_wake(MAX_SLEEP)
             elif delay > 0:
@@ -480,6 +484,19 @@ class AppRefresher:
         if self.fleet.must_veto(notice):
             self._spawn_veto(self.fleet.veto(notice))
         self.fleet.on_notice(notice)
+        if notice.kind == LEASE and notice.owner != self.fleet.owner:
+            # Another replica refreshes now: wait for its notice (or its lease's end) rather
+            # than ask for the lease too, but not past what our own token can still serve (a
+            # lost notice then costs one look at the store, as a busy lease did).
+            wait = min(notice.ttl, max(BUSY_POLL, self._servable_left() / 2))
+            self._lease_wait_until = self._clock.monotonic() + wait
+            return
+        if notice.kind in (RELEASE, "token") and self._lease_wait_until > float("-inf"):
+            # The holder is done: whatever is due now is due.
+            self._lease_wait_until = float("-inf")
+            self._wake.set()
+        if notice.kind == RELEASE:
+            return
         token = self.token
         if notice.kind == "token":
             carried = notice.token
@@ -491,6 +508,10 @@ class AppRefresher:
                 # The notice carries the committed set: adopt it as a read would, without one.
                 # (With a refresh in flight the loop reads the store after it, as before.)
                 self._adopt(carried, source="store")
+                # It also says what the store held just now, as the periodic look would: that
+                # look is due MAX_SLEEP after it (one read per replica per 30 s was, on short
+                # tokens, most of what a refresh cost the fleet).
+                self._last_sync = self._clock.monotonic()
             elif token is None or notice.rank != token.rank:
                 self.notify_store_changed()
         elif notice.kind == "spend" and token is not None and token.rank > notice.rank:

@@ -24,6 +24,10 @@ FAILURE_RETENTION = 3600.0
 BUDGET_WINDOW = 60.0
 # The kind of a notice that says nothing but "the channel works" (see `TokenStore.heartbeat`).
 HEARTBEAT = "heartbeat"
+# The kinds of the notices of a lease granted (with its ttl) and released: a replica that hears
+# another's grant waits for that holder's notice instead of asking for the lease itself.
+LEASE = "lease"
+RELEASE = "release"
 
 
 def client_binding(spec: AppSpec, client_id: str | None) -> str:
@@ -122,7 +126,9 @@ class Notice:
     `retry` marks the spend of a grace retry the store granted (nobody vetoes it);
     `retry_aborted` an abort of such a retry: the spend it retried is still unknown.
     `protocol` is the fleet protocol version of the replica that made the change (absent on
-    the wire: 1).
+    the wire: 1). "lease" (LEASE) says `owner` was granted the lease for `ttl` seconds,
+    "release" (RELEASE) that it gave the lease back: advisory, for scheduling only (a release
+    before them ignores both kinds).
 
     A "token" notice carries the committed set itself, so a replica adopts it without reading
     the store (one read per replica per refresh made a refresh cost O(replicas) commands):
@@ -139,6 +145,7 @@ class Notice:
     retry: bool = False
     retry_aborted: bool = False
     protocol: int = PROTOCOL_VERSION
+    ttl: float = 0.0
     blob: str | None = field(default=None, repr=False, compare=False)
     token: TokenSet | None = field(default=None, repr=False, compare=False)
 
@@ -156,6 +163,7 @@ class Notice:
                 "retry": int(self.retry),
                 "ra": int(self.retry_aborted),
                 "pv": self.protocol,
+                **({"ttl": round(self.ttl * 1000)} if self.ttl else {}),
                 **({"blob": self.blob} if self.blob is not None else {}),
             },
             separators=(",", ":"),
@@ -176,6 +184,7 @@ class Notice:
                 retry=bool(raw.get("retry")),
                 retry_aborted=bool(raw.get("ra")),
                 protocol=int(raw.get("pv") or 1),
+                ttl=max(0.0, float(raw.get("ttl") or 0) / 1000),
                 blob=raw["blob"] if isinstance(raw.get("blob"), str) else None,
             )
         except (ValueError, TypeError, KeyError, AttributeError):

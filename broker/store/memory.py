@@ -20,6 +20,8 @@ from broker.store import (
     BUDGET_WINDOW,
     FAILURE_RETENTION,
     HEARTBEAT,
+    LEASE,
+    RELEASE,
     Commit,
     Lease,
     Notice,
@@ -139,7 +141,7 @@ class MemoryStore:
         return Commit(True, version, token.rank)
 
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
-        """Take the lease unless another owner holds an unexpired one."""
+        """Take the lease unless another owner holds an unexpired one; announce a grant."""
         self._check()
         now = self._clock.monotonic()
         holder = self.state.leases.get(app)
@@ -148,6 +150,7 @@ class MemoryStore:
         fence = self.state.fences.get(app, 0) + 1
         self.state.fences[app] = fence
         self.state.leases[app] = (owner, fence, now + ttl, self.protocol)
+        self._publish(Notice(app, LEASE, owner=owner, protocol=self.protocol, ttl=ttl))
         return Lease(fence)
 
     def _holds(self, app: str, owner: str, fence: int) -> bool:
@@ -160,10 +163,11 @@ class MemoryStore:
         )
 
     async def release_lease(self, app: str, owner: str, fence: int) -> None:
-        """Release the lease if `owner` holds it under `fence`."""
+        """Release the lease if `owner` holds it under `fence` (and announce that)."""
         self._check()
         if self._holds(app, owner, fence):
             del self.state.leases[app]
+            self._publish(Notice(app, RELEASE, owner=owner, protocol=self.protocol))
 
     async def begin_spend(
         self,

@@ -102,8 +102,10 @@ redis.call('PUBLISH', ARGV[6], cjson.encode({app=ARGV[7], kind='token', version=
 return {1, version, nl, ng}
 """
 )
-# KEYS: lease, fence counter. ARGV: owner, ttl ms. The value is `owner|fence|protocol`; a busy
-# answer carries the holder's protocol version (a value without one: 1).
+# KEYS: lease, fence counter. ARGV: owner, ttl ms, channel, app. The value is
+# `owner|fence|protocol`; a busy answer carries the holder's protocol version (a value without
+# one: 1). A grant is announced (a `lease` notice with its ttl): replicas that hear it wait for
+# the holder's notice instead of racing for the lease at the same due time.
 _ACQUIRE = """
 local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. '|' then
@@ -112,11 +114,19 @@ if held and string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. '|' then
 end
 local fence = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence .. '|__PV__', 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='lease', owner=ARGV[1],
+  ttl=tonumber(ARGV[2]), pv=__PV__}))
 return {fence, 0, __PV__}
 """
-# KEYS: lease. ARGV: owner|fence
+# KEYS: lease. ARGV: owner|fence, channel, app, owner. A release is announced (`release`):
+# replicas waiting on the lease look again now rather than at its end.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], cjson.encode({app=ARGV[3], kind='release', owner=ARGV[4],
+    pv=__PV__}))
+  return 1
+end
 return 0
 """
 # KEYS: lease, token, spend. ARGV: owner|fence, fence, owner, lineage, gen, rfp, retry_within ms,
@@ -315,7 +325,7 @@ class RedisStore:
         self._clock = clock
         self._commit = client.register_script(_versioned(_COMMIT))
         self._acquire = client.register_script(_versioned(_ACQUIRE))
-        self._release = client.register_script(_RELEASE)
+        self._release = client.register_script(_versioned(_RELEASE))
         self._begin_spend = client.register_script(_versioned(_BEGIN_SPEND))
         self._mark_sent = client.register_script(_versioned(_MARK_SENT))
         self._veto_spend = client.register_script(_versioned(_VETO_SPEND))
@@ -536,21 +546,25 @@ class RedisStore:
         return Commit(bool(stored), version, (lineage, generation))
 
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
-        """Take the lease (and the next fence) unless another owner holds it."""
+        """Take the lease (and the next fence) unless another owner holds it; announce a grant."""
         ms = max(1, int(ttl * 1000))
         fence, pttl, protocol = await self._call(
             "lease",
             lambda: self._acquire(
-                keys=[self.lease_key(app), self.fence_key(app)], args=[owner, ms]
+                keys=[self.lease_key(app), self.fence_key(app)],
+                args=[owner, ms, self.channel, app],
             ),
         )
         return Lease(int(fence), busy_for=max(0.0, int(pttl) / 1000), protocol=int(protocol))
 
     async def release_lease(self, app: str, owner: str, fence: int) -> None:
-        """Delete the lease only if `owner` still holds it under `fence`."""
+        """Delete the lease only if `owner` still holds it under `fence` (and announce that)."""
         await self._call(
             "lease",
-            lambda: self._release(keys=[self.lease_key(app)], args=[_lease_value(owner, fence)]),
+            lambda: self._release(
+                keys=[self.lease_key(app)],
+                args=[_lease_value(owner, fence), self.channel, app, owner],
+            ),
         )
 
     async def begin_spend(

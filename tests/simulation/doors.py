@@ -15,7 +15,7 @@ from collections.abc import Callable
 from broker.model import PROTOCOL_VERSION, RefreshPolicy
 from broker.store.memory import MemoryState
 from tests.simulation.schedule import Schedule, run
-from tests.simulation.world import World, WorldConfig
+from tests.simulation.world import Replica, World, WorldConfig
 
 # How often a script looks at the world while it waits for a moment (simulated seconds).
 POLL = 0.01
@@ -693,6 +693,81 @@ def grace_retry_of_a_spend_never_sent() -> Schedule:
     )
 
 
+# What one refresh may cost the fleet in lease requests, on average (the holder's, and a few
+# replicas due in the moment before its grant was heard), whatever the fleet's size.
+LEASE_REQUESTS_PER_REFRESH = 2.0
+# How long a replica that hears no commit may hold an older set than the store's: the lease it
+# waits on (at most its servable time), then one read.
+CONVERGE_WITHIN = 15.0
+
+
+def lost_notices_under_one_due_time() -> Schedule:
+    """Issue 20, the fleet's cost: 8 replicas share one due time, and the first to ask takes
+    the lease. The others used to ask too, and again every second while it was busy: a refresh
+    cost O(replicas) lease requests. Now they hear its `lease` notice and wait for its commit.
+
+    One replica never hears a commit or a release (pub/sub delivers at most once): it must
+    still converge by reading the store, within its wait on the lease (capped by its servable
+    time), not the 30 s look. Later it hears those commits, stale, all at once: a notice
+    carrying an older set than the one it holds is never adopted."""
+
+    async def script(world: World) -> None:
+        deaf = world.replicas[1]
+        await until(world, lambda: deaf.refresher.token is not None)
+        deaf.view.faults.lost_kinds = frozenset({"token", "release"})
+        start = world.time.now
+        leases = sum(r.view.lease_requests for r in world.replicas)
+        presented = len(world.server.presentations)
+        held = _rank(deaf)
+        behind_since: float | None = None
+        worst = 0.0
+        while world.time.now - start < 300.0:
+            await world.time.sleep(0.05)
+            rank = _rank(deaf)
+            if rank < held:
+                raise AssertionError(f"{deaf.name} went back from {held} to {rank}")
+            held = rank
+            stored = world.store.state.tokens.get(world.key)
+            if stored is not None and stored.rank > rank:
+                behind_since = world.time.now if behind_since is None else behind_since
+                worst = max(worst, world.time.now - behind_since)
+            else:
+                behind_since = None
+        refreshes = len(world.server.presentations) - presented
+        requests = sum(r.view.lease_requests for r in world.replicas) - leases
+        if refreshes < 5 or requests > LEASE_REQUESTS_PER_REFRESH * refreshes:
+            raise AssertionError(f"{requests} lease requests for {refreshes} refreshes")
+        if worst > CONVERGE_WITHIN:
+            raise AssertionError(
+                f"{deaf.name} held an older set than the store's for {worst:.1f} s"
+            )
+        # The lost commits arrive now, late and stale: each carries an older set.
+        deaf.view.faults.lost_kinds = frozenset()
+        late, deaf.view.lost = deaf.view.lost, []
+        assert any(n.kind == "token" and n.token is not None for n in late)
+        for notice in late:
+            deaf.refresher.on_notice(notice)
+            await world.time.sleep(0.05)
+            if _rank(deaf) < held:
+                raise AssertionError(f"{deaf.name} adopted a stale set from a late notice")
+
+    config = WorldConfig(replicas=8, lifetime=60.0, grace=0.0, offsets=[0.0] * 8)
+    return Schedule(
+        seed=20_022,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="lost_notices_under_one_due_time",
+        script=script,
+        script_heals_by=330.0,
+    )
+
+
+def _rank(replica: Replica) -> tuple[int, int]:
+    token = replica.refresher.token
+    return token.rank if token is not None else (0, 0)
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -717,6 +792,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "paused_bystander_keeps_its_buffered_notices": paused_bystander_keeps_its_buffered_notices,
     "grace_retry_vetoed_on_a_resync": grace_retry_vetoed_on_a_resync,
     "grace_retry_of_a_spend_never_sent": grace_retry_of_a_spend_never_sent,
+    "lost_notices_under_one_due_time": lost_notices_under_one_due_time,
 }
 
 

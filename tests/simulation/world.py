@@ -536,6 +536,10 @@ class StoreFaults:
     # a subscription made before the last time hears nothing more, and no error ever reaches
     # it (not a partition, not a restart). Commands, and subscriptions made later, work.
     half_opened: int = 0
+    # Notices of these kinds never reach this replica's subscription (pub/sub delivers at most
+    # once: a message is lost without an error); they are kept in the view's `lost` list, for
+    # a script to deliver late.
+    lost_kinds: frozenset[str] = frozenset()
     watch: ConnectionWatch | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -591,6 +595,8 @@ class SimStoreView:
         # A replica of another protocol version keeps its lease and spend record where its own
         # rules say (here: apart from this version's), sharing only the token sets and notices.
         self.spend_store: MemoryStore | None = None
+        self.lease_requests = 0  # acquire_lease calls made (the cost of a shared due time)
+        self.lost: list[Notice] = []  # notices `faults.lost_kinds` kept from the subscription
 
     @property
     def _spends(self) -> MemoryStore:
@@ -663,6 +669,7 @@ class SimStoreView:
     @_may_apply_late
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
         """Acquire, possibly losing the answer after applying it."""
+        self.lease_requests += 1
         await self._hop()
         result = await self._spends.acquire_lease(app, owner, ttl)
         self._maybe_lose()
@@ -776,6 +783,9 @@ class SimStoreView:
                 ):
                     # The set it carries is under a key this replica lacks: it cannot open it.
                     notice = replace(notice, token=None)
+                if notice.kind in self.faults.lost_kinds:
+                    self.lost.append(notice)
+                    continue
                 yield notice
         finally:
             if getter is not None and not getter.done():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import replace
+from typing import cast
 
 import pytest
 
@@ -19,7 +22,7 @@ from broker.errors import (
 from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, RefreshPolicy, TokenSet
 from broker.refresher import AppRefresher
-from broker.store import bound_name, client_binding
+from broker.store import Lease, Notice, bound_name, client_binding
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
 from tests.support.fakes import FakeTokenSource
@@ -363,6 +366,85 @@ class TestStore:
         assert a.token is not None and b.token is not None
         assert a.token.generation == b.token.generation == 2
         assert len(first.calls) + len(second.calls) == 1
+
+
+class TestLeaseNotices:
+    """Issue 20, the fleet's cost: a replica that hears another's lease granted waits for that
+    holder's notice instead of asking for the lease at the same due time (and every second)."""
+
+    async def _due_while_another_holds_the_lease(
+        self, make: MakeRefresher, store: CountingStore, fake_clock: FakeClock, deaf: bool
+    ) -> tuple[AppRefresher, FakeTokenSource, TokenSet, asyncio.Task[None]]:
+        source = FakeTokenSource(fake_clock)
+        b = make(source, owner="b", in_store=store)
+        await fake_clock.settle()
+        assert b.token is not None and len(source.calls) == 1
+        # b hears the channel (the core's watcher does this): with `deaf`, no token notice.
+        updates = cast(AsyncGenerator[Notice, None], store.updates())
+
+        async def hear() -> None:
+            async for notice in updates:
+                if not (deaf and notice.kind in ("token", "release")):
+                    b.on_notice(notice)
+
+        listener = asyncio.create_task(hear())
+        await fake_clock.advance(b._next_attempt_at - fake_clock.monotonic() - 1.0)
+        await store.acquire_lease(key(), "a", 12.0)  # a's grant is heard, 1 s before b is due
+        await fake_clock.advance(5.0)
+        now = fake_clock.time()
+        newer = replace(
+            b.token,
+            access_token="newer-access-token-0000",
+            generation=2,
+            issued_at=now,
+            expires_at=now + 60.0,
+        )
+        await store.commit(key(), newer)
+        return b, source, newer, listener
+
+    async def test_it_adopts_the_holders_commit_without_asking(
+        self, make: MakeRefresher, fake_clock: FakeClock
+    ) -> None:
+        """Due while another replica holds the lease: no lease request, no token request; the
+        set the holder's notice carries is adopted as it comes."""
+        store = CountingStore(fake_clock)
+        b, source, newer, listener = await self._due_while_another_holds_the_lease(
+            make, store, fake_clock, deaf=False
+        )
+        await fake_clock.advance(1.0)
+        listener.cancel()
+        assert b.token is not None and b.token.rank == newer.rank
+        assert store.lease_requests["b"] == 1  # its first token's only
+        assert len(source.calls) == 1
+
+    async def test_a_lost_commit_notice_is_read_by_the_leases_end(
+        self, make: MakeRefresher, fake_clock: FakeClock
+    ) -> None:
+        """The holder's commit and release notices lost (pub/sub is at most once): the replica
+        reads the store when the lease it waited on ends (sooner with little servable time),
+        not at its 30 s look; it still asks for no lease the store's newer set makes needless."""
+        store = CountingStore(fake_clock)
+        b, source, newer, listener = await self._due_while_another_holds_the_lease(
+            make, store, fake_clock, deaf=True
+        )
+        assert b.token is not None and b.token.rank < newer.rank
+        await fake_clock.advance(7.5)  # the lease, granted 5 s ago for 12 s, has ended
+        listener.cancel()
+        assert b.token is not None and b.token.rank == newer.rank
+        assert store.lease_requests["b"] == 1
+        assert len(source.calls) == 1
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts lease requests per owner."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.lease_requests: collections.Counter[str] = collections.Counter()
+
+    async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
+        self.lease_requests[owner] += 1
+        return await super().acquire_lease(app, owner, ttl)
 
 
 class UnreadableStore(MemoryStore):
