@@ -397,12 +397,15 @@ class AppRefresher:
         """The name the store knows this app's set by (`app@binding`)."""
         return self.fleet.key
 
-    async def stop(self) -> None:
+    async def stop(self, *, write_back: bool = False) -> None:
         """Stop scheduling refreshes and let the one in flight finish and persist.
 
         A refresh token not yet marked sent is not sent any more: its announced spend ends as
         aborted. One already sent is awaited to its answer (at most the read timeout) and the
-        answer committed (H5). `drain_bound()` is the longest this takes.
+        answer committed (H5). `write_back` (the process exits: SIGTERM): a set the store could
+        not take is written back, trying again until it is stored (a config reload needs no
+        wait: the new refresher takes the set over). The caller bounds the wait
+        (`drain_bound()`).
         """
         self._stopping = True
         self.fleet.stop()
@@ -410,6 +413,21 @@ class AppRefresher:
         inflight = self._inflight
         if inflight is not None:
             await asyncio.wait({inflight})
+        if write_back:
+            await self._write_back_before_exit()
+
+    async def _write_back_before_exit(self) -> None:
+        """Store the set this replica holds when the store may be older, retrying until it
+        is stored (the caller bounds the wait: the drain's bound).
+
+        The answer to our last refresh may be the only copy of a rotated set (its commit
+        failed: the store was unreachable). Exiting with it loses the grant, so a drain waits
+        to write it back as it waits for the answer itself.
+        """
+        while self.grant_spends and self._unsynced and self.token is not None:
+            if await self._sync():
+                return
+            await self._clock.sleep(BLOCKED_RETRY / 5)
 
     def drain_bound(self) -> float:
         """The longest `stop()` may wait for the refresh in flight (see `drain_bound`)."""

@@ -499,6 +499,43 @@ def m2_half_open_spender() -> Schedule:
     )
 
 
+def sigterm_with_the_answer_unstored() -> Schedule:
+    """Found by the swarm (seed 162): the spender's store link fails the moment the server
+    rotated its refresh token, so the answer cannot be committed, and SIGTERM comes right
+    after. Its drain waited only for the answer, not for the set to be stored: the process
+    exited holding the only copy of the rotated set, and the fleet was left with the spent
+    one. The drain must write the set back, again and again, until the store takes it."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        cut: list[int] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "acted" and not cut:
+                cut.append(_index(world, replica))
+                world.replicas[cut[0]].view.faults.partitioned = True
+
+        server.phases.listeners.append(on_phase)
+        await until(world, lambda: cut)
+        spender = cut[0]
+        world.terminate(spender)
+        await world.time.sleep(20.0)
+        world.replicas[spender].view.faults.partitioned = False
+        await world.time.sleep(160.0)
+        world.start_replica(spender)
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_014,
+        config=config,
+        faults=(),
+        duration=600.0,
+        name="sigterm_with_the_answer_unstored",
+        script=script,
+        script_heals_by=200.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -518,6 +555,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "store_clock_step_back_after_a_send": store_clock_step_back_after_a_send,
     "config_reload_while_the_answer_is_unstored": config_reload_while_the_answer_is_unstored,
     "m2_half_open_spender": m2_half_open_spender,
+    "sigterm_with_the_answer_unstored": sigterm_with_the_answer_unstored,
 }
 
 

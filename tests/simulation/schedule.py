@@ -761,6 +761,11 @@ def _finish(world: World, result: Result, schedule: Schedule) -> None:
             f"invariant 3: {world.server.sent_after_sigterm} refresh token(s) marked sent after "
             "SIGTERM (stopping sends nothing new)"
         )
+    if world.server.unstored_on_sigterm:
+        result.violations.append(
+            f"invariant 3: {world.server.unstored_on_sigterm} replica(s) exited after SIGTERM, "
+            "before the drain's bound, holding the only copy of the newest set"
+        )
     if schedule.must_keep_grant and (world.server.revoked or _grant_lost(world)):
         result.violations.append(
             "invariant 5: the grant was lost although a grace retry could have kept it"

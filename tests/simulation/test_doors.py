@@ -289,3 +289,17 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["m2_half_open_spender"]())
         assert not result.ok
         assert result.revoked, result.report()
+
+    def test_a_drain_that_exits_with_the_answer_unstored(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 162): a SIGTERM drain that waits only for the answer, not for the
+        store to take it, exits holding the only copy of the rotated set."""
+
+        async def no_write_back(self: AppRefresher) -> None:
+            return None
+
+        mutate(AppRefresher, "_write_back_before_exit", no_write_back)
+        result = run(DOORS["sigterm_with_the_answer_unstored"]())
+        assert not result.ok
+        assert any("only copy of the newest set" in v for v in result.violations), result.report()

@@ -242,6 +242,9 @@ class SimAuthServer:
         # Spends marked sent by a replica after its SIGTERM (never allowed: stopping sends
         # nothing new, it only sees through a request already sent).
         self.sent_after_sigterm = 0
+        # Replicas whose SIGTERM drain ended before its bound while they held the only copy of
+        # the newest set (never allowed: the drain stores it, waiting for the store to take it).
+        self.unstored_on_sigterm = 0
         self.cc_requests = 0
         self.late: set[asyncio.Future[None]] = set()  # cancelled requests still on their way
         # Every refresh token sent: (world time, replica, refresh token), for scripted faults.
@@ -1048,7 +1051,12 @@ class World:
         replica.view.draining = True
 
         async def drain_then_exit() -> None:
+            started, bound = self.time.now, replica.core.drain_bound()
             await replica.core.drain(None)
+            if self.time.now - started < bound and self._only_copy(replica) is not None:
+                # The drain ended on its own, holding the only copy of the newest set: it
+                # could have waited (to its bound) for the store to take it.
+                self.server.unstored_on_sigterm += 1
             self._only_copy_dies(replica)
             replica.task.cancel()
             inflight = replica.refresher._inflight
@@ -1179,20 +1187,28 @@ class World:
         """The process exits holding the only copy of the server's newest set (its answer came,
         but the store has not taken it yet, nor any other replica): that answer is lost with
         its sender, as a reply lost after the server acted is."""
+        rotation = self._only_copy(replica)
+        if rotation is not None:
+            rotation.reply_lost, rotation.lost_by = True, "sender_died"
+
+    def _only_copy(self, replica: Replica) -> Presentation | None:
+        """The rotation whose answer only `replica` holds (not stored, no other live replica
+        has it), if so."""
         valid = self.server.valid_refresh
         stored = self.store.state.tokens.get(self.key)
         if stored is not None and stored.refresh_token == valid:
-            return
+            return None
         for other in self.replicas:
             held = other.refresher.token
             if other is not replica and other.alive and held and held.refresh_token == valid:
-                return
+                return None
         rotations = [p for p in self.server.presentations if p.outcome == "rotated"]
         if not rotations or rotations[-1].reply_lost:
-            return  # no answer, or one already lost (a request given up on stays unexcused)
+            return None  # no answer, or one already lost (a request given up on stays unexcused)
         held = replica.refresher.token
         if rotations[-1].replica == replica.name or (held and held.refresh_token == valid):
-            rotations[-1].reply_lost, rotations[-1].lost_by = True, "sender_died"
+            return rotations[-1]
+        return None
 
     def _refresher(
         self,
