@@ -793,6 +793,14 @@ class FleetProtocol:
             self._on_lease("lost")
             log.warning("lease.lost", app=self.app, fence=fence)
             return Busy(0.0)
+        if self.lease_ran_out(deadline):
+            # The answer came after the lease's time before sending ran out (a GC pause, a
+            # stalled loop): the lease may be another's by now, and a store that forgot the
+            # record meanwhile lets it spend this token. Not sent: end it without effect.
+            await self._end_spend(fence, SpendEnd.ABORTED)
+            self._on_lease("lost")
+            log.warning("lease.lost", app=self.app, fence=fence, after="mark_sent")
+            return Busy(0.0)
         sent_mono = self._clock.monotonic()
         self.in_flight = refresh_fp
         try:
@@ -829,6 +837,11 @@ class FleetProtocol:
             refresh_token=fresh.refresh_token or current.refresh_token,
         )
         return await self._commit(token, fence, sent_mono)
+
+    def lease_ran_out(self, deadline: float) -> bool:
+        """True when the lease ending at `deadline` (monotonic) no longer covers a send: its
+        time before sending (all but the commit and the margin) is over."""
+        return deadline - self.timing.persist - self.timing.margin - self._clock.monotonic() < 0
 
     async def _fetch_and_commit(
         self, fetch: Fetch, current: TokenSet | None, fence: int, deadline: float

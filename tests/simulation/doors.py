@@ -536,6 +536,40 @@ def sigterm_with_the_answer_unstored() -> Schedule:
     )
 
 
+def spender_paused_between_mark_sent_and_sending() -> Schedule:
+    """Found by the swarm (seed 760): the store applies the spender's `mark_sent`, restarts
+    empty at once (the `sent` record and its notice are lost), and the spender's process
+    freezes (a GC pause, a stalled loop) for 25 s before it reads the answer. The other pod
+    writes its set back, waits the long objection window and spends the token (the store
+    knows of no spend). The spender then wakes with its `mark_sent` answered "yes" and, long
+    past its lease, sent the same refresh token: revoked. It must check its lease's time
+    before sending after `mark_sent`, not only before."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.pause(_index(world, replica), 25.0)
+                world.store.restore(MemoryState())
+                world.restarts[0] += 1
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_015,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="spender_paused_between_mark_sent_and_sending",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -556,6 +590,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "config_reload_while_the_answer_is_unstored": config_reload_while_the_answer_is_unstored,
     "m2_half_open_spender": m2_half_open_spender,
     "sigterm_with_the_answer_unstored": sigterm_with_the_answer_unstored,
+    "spender_paused_between_mark_sent_and_sending": spender_paused_between_mark_sent_and_sending,
 }
 
 

@@ -303,3 +303,14 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["sigterm_with_the_answer_unstored"]())
         assert not result.ok
         assert any("only copy of the newest set" in v for v in result.violations), result.report()
+
+    def test_sending_after_a_pause_past_the_lease(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 760): a spender that does not look at its lease's time after
+        `mark_sent` sends a refresh token 25 s late, after the store forgot the record and the
+        other pod spent the token: revoked."""
+        mutate(FleetProtocol, "lease_ran_out", lambda self, deadline: False)
+        result = run(DOORS["spender_paused_between_mark_sent_and_sending"]())
+        assert not result.ok
+        assert result.revoked, result.report()
