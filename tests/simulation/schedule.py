@@ -45,7 +45,7 @@ LEGACY_KINDS = (
 
 # Faults that real Redis, real servers and real fleets produce, added for issue 20.
 ADDED_KINDS = (
-    "store_forgets",  # a snapshot from just before the spend restored while it is sent
+    "store_forgets",  # a failover while a spend is sent: writes no replica acknowledged lost
     "eviction",  # the store evicts some of the app's keys
     "store_late_write",  # a write reaches the store after its client timed out
     "store_clock_step",  # Redis's clock steps (TIME, and the leases' TTLs with it)
@@ -588,9 +588,11 @@ async def _apply(
                 world.restart_after_sigterm(fault.target)
         # ---- issue 20: the faults added with swarm testing --------------------------------
         case "store_forgets":
-            # A failover or restore that lost exactly the spend record: connections drop.
+            # A failover to a replica that missed the writes since just before the spend:
+            # connections drop. A replica keeps what it acknowledged: the `sent` record, which
+            # the world's store waits for (WAIT, store.require_replica_ack), and all before it.
             if on and snapshot is not None:
-                world.store.restore(snapshot)
+                world.store.restore(world.store.failover_state(snapshot))
                 world.restarts[0] += 1
         case "eviction":
             if on:

@@ -547,11 +547,28 @@ class SimMemoryStore(MemoryStore):
     ) -> None:
         super().__init__(clock, require_replica_ack=require_replica_ack)
         self.watch = watch
+        # What a replica holds after the last write it acknowledged (`WAIT 1` after
+        # `mark_sent`): replication keeps order, so it has every write up to that one.
+        self.acknowledged: MemoryState | None = None
 
     def restore(self, state: MemoryState) -> None:
         """Replace everything stored; subscriptions check whether their connection dropped."""
         super().restore(state)
+        self.acknowledged = None
         self.watch.poke()
+
+    async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
+        """Mark sent; when a replica acknowledged it, remember what that replica holds."""
+        sent = await super().mark_sent(app, owner=owner, fence=fence)
+        if sent and self.require_replica_ack:
+            self.acknowledged = self.snapshot()
+        return sent
+
+    def failover_state(self, before: MemoryState) -> MemoryState:
+        """What a failover (or a restore) to `before` keeps: with `sent` records acknowledged
+        by a replica (store.require_replica_ack), every write up to the last acknowledged one
+        survives on the replica promoted (issue 20, H4); only later writes are lost."""
+        return self.acknowledged if self.acknowledged is not None else before
 
 
 class SimStoreView:
