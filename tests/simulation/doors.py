@@ -49,8 +49,7 @@ def _replaced_pod_then_empty_store(replicas: int) -> Schedule:
         world.start_replica(replaced)
         await until(world, lambda: world.replicas[replaced].refresher.token is not None)
         others = [i for i in range(replicas) if i != replaced]
-        world.store.restore(MemoryState())
-        world.restarts[0] += 1
+        world.empty_restart()
         # Everyone else's reconnect after the restart takes a few seconds (backoff, DNS): more
         # than the short objection window.
         for index in others:
@@ -570,6 +569,41 @@ def spender_paused_between_mark_sent_and_sending() -> Schedule:
     )
 
 
+def forgotten_while_the_spender_is_paused() -> Schedule:
+    """The documented limit (swarm seed 194), not a door: the spender's process freezes for
+    30 s the moment the server rotated its refresh token, and Redis restarts empty right when
+    the token was marked sent (a Redis without persistence; the restart drops the `sent`
+    notice too). The spender was the only replica that knew; the other pod writes its set
+    back, waits the long objection window and spends the same token: revoked, announced by
+    grant.reuse_detected. The checker excuses exactly this: an empty restart erased the
+    record, and its spender could not speak (dead or paused) from then until the new spend."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.empty_restart()
+            elif phase == "acted" and hit and replica == hit[0] and len(hit) == 1:
+                hit.append(replica)
+                world.pause(_index(world, replica), 30.0)
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: len(hit) == 2)
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_016,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="forgotten_while_the_spender_is_paused",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -591,6 +625,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "m2_half_open_spender": m2_half_open_spender,
     "sigterm_with_the_answer_unstored": sigterm_with_the_answer_unstored,
     "spender_paused_between_mark_sent_and_sending": spender_paused_between_mark_sent_and_sending,
+    "forgotten_while_the_spender_is_paused": forgotten_while_the_spender_is_paused,
 }
 
 

@@ -314,3 +314,26 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["spender_paused_between_mark_sent_and_sending"]())
         assert not result.ok
         assert result.revoked, result.report()
+
+
+class TestTheDocumentedLimitIsExcusedNarrowly:
+    def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:
+        """Seed 194's case, scripted: revoked, announced, and counted apart as the limit."""
+        result = run(DOORS["forgotten_while_the_spender_is_paused"]())
+        assert result.ok, result.report()
+        assert result.revoked and result.revoked_forgotten_while_alone, result.report()
+
+    def test_not_while_the_spender_could_object(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same empty restart (C1, world.empty_restart) with the spender alive and awake but
+        its veto removed: the second presentation is a protocol failure, not excused."""
+
+        async def no_veto(self: FleetProtocol) -> None:
+            return None
+
+        mutate(FleetProtocol, "must_veto", lambda self, notice: False)
+        mutate(FleetProtocol, "veto_in_flight", no_veto)
+        result = run(DOORS["c1_replaced_pod_empty_restart_2"]())
+        assert not result.ok
+        assert result.revoked and not result.revoked_forgotten_while_alone, result.report()

@@ -77,12 +77,6 @@ _SENT_NEVER_SENT = (
     "unknown for good (`_unknown`) and veto the spender's own next spend: the fleet waits for "
     "a person though the token was never presented"
 )
-_FORGOTTEN_WHILE_ALONE = (
-    "safety, the documented limit: the store forgets a spend in flight (an empty restart or a "
-    "restore at `sent`) while its spender is the only replica that knows and it is paused, "
-    "partitioned or killed; a replica then spends the token again and the grant is revoked "
-    "(the checker does not yet excuse this case)"
-)
 _CLOCK_STEP_M3 = (
     "open after M3: a pod measures its offset while Redis's clock is stepped back (and its "
     "`TIME` round trips are slow) and serves a token past its true expiry; M3's door (a pod "
@@ -109,7 +103,6 @@ _NOT_ANALYSED = (
 )
 OPEN_SEEDS: dict[int, str] = {
     **dict.fromkeys([2, 47, 68, 267, 301, 436, 452, 1045, 1148, 1275, 1386], _SENT_NEVER_SENT),
-    **dict.fromkeys([162, 194, 209, 760, 847], _FORGOTTEN_WHILE_ALONE),
     **dict.fromkeys([516], _CLOCK_STEP_M3),
     **dict.fromkeys([1346], _EVICTION),
     **dict.fromkeys(

@@ -432,6 +432,7 @@ class Frozen:
     def __init__(self, world: SimTime) -> None:
         self._world = world
         self.until = 0.0
+        self.since = 0.0  # when the current (or last) pause began
 
     async def thaw(self) -> None:
         """Return once the process runs again."""
@@ -458,6 +459,9 @@ class SpendPhases:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# The soonest a subscription dropped by a store restart is back (the watcher's first delay).
+RESUBSCRIBE_AFTER_RESTART = 0.5
 
 # How long a client waits for a write's answer before it gives up (the store's socket timeout).
 LATE_WRITE_TIMEOUT = 1.0
@@ -916,6 +920,12 @@ class World:
         self.written_at: dict[str, float] = {}
         self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
         self.server = SimAuthServer(self.time, rng, lifetime=config.lifetime, grace=config.grace)
+        # The documented limit (README, "What a crash can lose"): `sent` records an empty
+        # restart erased (refresh fingerprint → spender, when), and the refresh tokens then
+        # spent again while that spender, the only replica that knew, could not speak.
+        self._forgotten_sent: dict[str, tuple[str, float]] = {}
+        self.forgotten_while_alone: set[str] = set()
+        self.server.phases.listeners.append(self._on_sent)
         self.replicas: list[Replica] = []
         self.metrics: list[Metrics] = []  # every incarnation's, dead ones included
         self.draining: list[asyncio.Future[None]] = []  # replicas shutting down after SIGTERM
@@ -1154,8 +1164,59 @@ class World:
 
     def pause(self, index: int, seconds: float) -> None:
         """Freeze replica `index` for `seconds` (longer than its lease): it resumes unaware."""
-        replica = self.replicas[index]
-        replica.view.frozen.until = max(replica.view.frozen.until, self.time.now + seconds)
+        frozen = self.replicas[index].view.frozen
+        if frozen.until <= self.time.now:
+            frozen.since = self.time.now
+        frozen.until = max(frozen.until, self.time.now + seconds)
+
+    # ---- the documented limit: a store that forgot, and a witness that could not speak ----
+
+    def empty_restart(self) -> None:
+        """Redis restarts with nothing (no persistence, or every node lost power at once): every
+        key is gone, on every node, whatever a replica acknowledged. A `sent` record lost so
+        is remembered, with its spender, for `forgotten_while_alone`."""
+        spend = self.store.state.spends.get(self.key)
+        if spend is not None and spend.state == "sent":
+            self._forgotten_sent[spend.refresh_fp] = (spend.owner, self.time.now)
+        self.store.restore(MemoryState())
+        self.restarts[0] += 1
+
+    def _on_sent(self, phase: str, replica: str) -> None:
+        """A spend is marked sent: is it of a token whose `sent` record an empty restart erased
+        while its spender, the only one that knew, could not speak (dead or paused since)?"""
+        if phase != "sent":
+            return
+        spend = self.store.state.spends.get(self.key)
+        forgotten = self._forgotten_sent.get(spend.refresh_fp) if spend is not None else None
+        if spend is None or forgotten is None or spend.owner == forgotten[0]:
+            return
+        owner, at = forgotten
+        if self._mute_since(owner, at) and not self._others_know(spend.refresh_fp, owner, at):
+            sender = next((r for r in self.replicas if r.name == replica), None)
+            token = sender.refresher.token if sender is not None else None
+            if token and token.refresh_token and token.refresh_fingerprint == spend.refresh_fp:
+                self.forgotten_while_alone.add(token.refresh_token)
+
+    def _others_know(self, refresh_fp: str, owner: str, at: float) -> bool:
+        """Some replica other than the spender that could speak knows the token was sent (it
+        heard the notice): then a veto was due, and nothing is excused."""
+        for replica in self.replicas:
+            fleet = replica.refresher.fleet
+            if replica.name == owner or self._mute_since(replica.name, at):
+                continue
+            if refresh_fp in fleet._foreign_spends or refresh_fp in fleet._unknown:
+                return True
+        return False
+
+    def _mute_since(self, name: str, at: float) -> bool:
+        """Replica incarnation `name` could not object at any time since `at`: it is dead (a
+        restart is a new incarnation that remembers nothing), or paused since before its
+        subscription could have come back from the restart."""
+        replica = next((r for r in self.replicas if r.name == name), None)
+        if replica is None or not replica.alive:
+            return True
+        frozen = replica.view.frozen
+        return frozen.until > self.time.now and frozen.since <= at + RESUBSCRIBE_AFTER_RESTART
 
     def add_replica(self, offset: float) -> Replica:
         """A new pod joins the fleet (scale-up, or a rolling deploy's surge pod)."""
