@@ -604,6 +604,38 @@ def forgotten_while_the_spender_is_paused() -> Schedule:
     )
 
 
+def a_pod_started_in_an_outage_with_its_clock_behind() -> Schedule:
+    """Found by the swarm (seed 516): a pod whose clock is 25 s behind restarts while the store
+    is down, so it cannot measure its offset, and the server is down too. When the store is
+    back (after the last set's true expiry), the pod reads the set at once, on its own clock
+    alone: by that clock the set still lives 25 s, and it served it until its measuring round
+    came, up to 5 s later. It must measure before it reads a set from the store."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        server.faults.down = True
+        world.set_store_outage(True)
+        await world.crash(1)
+        world.start_replica(1)
+        await world.time.sleep(75.0)  # past the set's true expiry (a 60 s lifetime)
+        world.set_store_outage(False)
+        await world.time.sleep(30.0)
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0, -25.0])
+    return Schedule(
+        seed=20_017,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="a_pod_started_in_an_outage_with_its_clock_behind",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -626,6 +658,9 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "sigterm_with_the_answer_unstored": sigterm_with_the_answer_unstored,
     "spender_paused_between_mark_sent_and_sending": spender_paused_between_mark_sent_and_sending,
     "forgotten_while_the_spender_is_paused": forgotten_while_the_spender_is_paused,
+    "a_pod_started_in_an_outage_with_its_clock_behind": (
+        a_pod_started_in_an_outage_with_its_clock_behind
+    ),
 }
 
 

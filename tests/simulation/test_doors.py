@@ -315,6 +315,17 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert result.revoked, result.report()
 
+    def test_reading_the_store_before_measuring_the_clock(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 516): a pod that started in an outage reads the store the moment
+        it is back, before measuring its offset: with its clock 25 s behind it serves a set
+        past its true expiry until its next measuring round."""
+        mutate(AppRefresher, "_clock_unmeasured", lambda self: False)
+        result = run(DOORS["a_pod_started_in_an_outage_with_its_clock_behind"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:

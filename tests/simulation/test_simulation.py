@@ -77,11 +77,6 @@ _SENT_NEVER_SENT = (
     "unknown for good (`_unknown`) and veto the spender's own next spend: the fleet waits for "
     "a person though the token was never presented"
 )
-_CLOCK_STEP_M3 = (
-    "open after M3: a pod measures its offset while Redis's clock is stepped back (and its "
-    "`TIME` round trips are slow) and serves a token past its true expiry; M3's door (a pod "
-    "restarted after the step) passes, this combination does not"
-)
 _SPLIT_BRAIN_WITH_OTHERS = (
     "open, not analysed yet: a split brain or a primary whose replicas acknowledge nothing "
     "(H4, drawn by the swarm only since both landed together) combined with other faults "
@@ -103,7 +98,6 @@ _NOT_ANALYSED = (
 )
 OPEN_SEEDS: dict[int, str] = {
     **dict.fromkeys([2, 47, 68, 267, 301, 436, 452, 1045, 1148, 1275, 1386], _SENT_NEVER_SENT),
-    **dict.fromkeys([516], _CLOCK_STEP_M3),
     **dict.fromkeys([1346], _EVICTION),
     **dict.fromkeys(
         [63, 177, 379, 391, 416, 471, 538, 734, 821, 1233, 1235], _SPLIT_BRAIN_WITH_OTHERS
