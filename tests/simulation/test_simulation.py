@@ -83,11 +83,6 @@ _SPLIT_BRAIN_WITH_OTHERS = (
     "(lost or late store answers, eviction, a store that forgets, pauses); some of these "
     "present a refresh token twice"
 )
-_EVICTION = (
-    "open, a misconfiguration: an evicting maxmemory-policy drops keys of a spend in flight "
-    "(its record, the lease or the fence counter); the fleet then waits for a person. The "
-    "broker needs `maxmemory-policy noeviction` (issue 20, Low)"
-)
 _HALF_OPEN_WITH_OTHERS = (
     "open, not analysed yet: a half-open subscription (M2, drawn by the swarm only since both "
     "landed together) combined with an outage, a partition, a pause or a reload; the fleet "
@@ -98,7 +93,6 @@ _NOT_ANALYSED = (
 )
 OPEN_SEEDS: dict[int, str] = {
     **dict.fromkeys([2, 47, 68, 267, 301, 436, 452, 1045, 1148, 1275, 1386], _SENT_NEVER_SENT),
-    **dict.fromkeys([1346], _EVICTION),
     **dict.fromkeys(
         [63, 177, 379, 391, 416, 471, 538, 734, 821, 1233, 1235], _SPLIT_BRAIN_WITH_OTHERS
     ),

@@ -601,6 +601,7 @@ class SimStoreView:
         self.phases = SpendPhases()  # the world's (set when the replica starts)
         self._late: set[asyncio.Future[None]] = set()  # writes still on their way
         self.moves = 0  # this connection moved to another primary (a failover, a split brain)
+        self.marked_sent_at: float | None = None  # when this replica's last mark_sent applied
         # The fleet protocol version of the replica's code: what its writes carry (M5).
         self.protocol = PROTOCOL_VERSION
         # A replica of another protocol version keeps its lease and spend record where its own
@@ -727,6 +728,7 @@ class SimStoreView:
         await self._hop()
         result = await self._spends.mark_sent(app, owner=owner, fence=fence)
         if result:
+            self.marked_sent_at = self._world.now
             self.phases.reached("sent", self.name)
         self._maybe_lose()
         await self._hop()
@@ -745,6 +747,7 @@ class SimStoreView:
         """End a spend, possibly losing the answer after applying it."""
         await self._hop()
         await self._spends.end_spend(app, owner=owner, fence=fence, outcome=outcome)
+        self.marked_sent_at = None  # ended: no longer a spend marked sent and maybe unsent
         self._maybe_lose()
 
     async def updates(self) -> AsyncIterator[Notice]:
@@ -1054,9 +1057,14 @@ class World:
         replica.view.dead = True
         replica.source.dead = True
         spend = self.store.state.spends.get(self.key)
-        if spend is not None and spend.owner == replica.name and spend.state == "sent":
+        marked = replica.view.marked_sent_at
+        unsent = marked is not None and not any(
+            at >= marked and name == replica.name for at, name, _ in self.server.sends
+        )
+        if unsent or (spend is not None and spend.owner == replica.name and spend.state == "sent"):
             # Killed after marking its spend sent, maybe before the request left: nobody can
-            # know whether the server got it (as for a request on the wire).
+            # know whether the server got it (as for a request on the wire). Asked of the
+            # replica, not only of the store's record, which an eviction may have dropped.
             self.server.in_flight_when_cancelled += 1
         self._only_copy_dies(replica)
         inflight = replica.refresher._inflight
