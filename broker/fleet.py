@@ -220,7 +220,7 @@ class FleetProtocol:
         # abort or its own next spend of the token still resolves them.
         self._unknown_foreign: set[str] = set()
         self._retried: set[str] = set()
-        # Our own spend that ended without effect but whose record we could not clear.
+        # Our own last spend that ended without effect (its record may survive the abort).
         self._aborted_fence = 0
         # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
         self._sent_at: dict[str, float] = {}
@@ -885,11 +885,12 @@ class FleetProtocol:
         return Fetched(token, False, sent_mono)
 
     async def _end_spend(self, fence: int, outcome: SpendEnd) -> None:
-        try:
+        if outcome is SpendEnd.ABORTED:
+            # Our next begin_spend may replace the record: the abort may not be stored, or a
+            # failover may bring the record back (only `sent` is waited for, not the abort).
+            self._aborted_fence = fence
+        with contextlib.suppress(StoreUnavailable):
             await self._store.end_spend(self.key, owner=self._owner, fence=fence, outcome=outcome)
-        except StoreUnavailable:
-            if outcome is SpendEnd.ABORTED:
-                self._aborted_fence = fence  # our next begin_spend may replace the record
 
     async def _fetch_within(
         self, fetch: Fetch, refresh_token: str | None, budget: float

@@ -75,7 +75,10 @@ _SENT_NEVER_SENT = (
     "applied (an outage or partition starting inside that round trip), so the spender does not "
     "send and cannot record its abort; replicas that meet the `sent` record take the token as "
     "unknown for good (`_unknown`) and veto the spender's own next spend: the fleet waits for "
-    "a person though the token was never presented"
+    "a person though the token was never presented. The same follows when the spender itself "
+    "ends a spend it marked sent unsent because a pause outlasted its lease (seeds 17, 488, "
+    "1467: the abort that closed seed 760's double spend; bystanders that met the `sent` "
+    "record meanwhile keep vetoing)"
 )
 _SPLIT_BRAIN_WITH_OTHERS = (
     "open, not analysed yet: a split brain or a primary whose replicas acknowledge nothing "
@@ -99,11 +102,10 @@ _PAUSED_PAST_AN_ABORT = (
 )
 OPEN_SEEDS: dict[int, str] = {
     **dict.fromkeys(
-        [2, 47, 68, 267, 301, 436, 452, 577, 717, 1045, 1148, 1275, 1386], _SENT_NEVER_SENT
+        [2, 17, 47, 68, 267, 301, 436, 452, 488, 577, 717, 867, 1045, 1148, 1275, 1386, 1467],
+        _SENT_NEVER_SENT,
     ),
-    **dict.fromkeys(
-        [63, 177, 379, 391, 416, 471, 538, 734, 821, 1233, 1235], _SPLIT_BRAIN_WITH_OTHERS
-    ),
+    **dict.fromkeys([63, 177, 391, 416, 538, 734, 821, 965, 1233, 1235], _SPLIT_BRAIN_WITH_OTHERS),
     **dict.fromkeys([26, 891, 1052, 1261], _HALF_OPEN_WITH_OTHERS),
     **dict.fromkeys([835], _PAUSED_PAST_AN_ABORT),
 }

@@ -1088,9 +1088,10 @@ class World:
         async def drain_then_exit() -> None:
             started, bound = self.time.now, replica.core.drain_bound()
             await replica.core.drain(None)
-            if self.time.now - started < bound and self._only_copy(replica) is not None:
-                # The drain ended on its own, holding the only copy of the newest set: it
-                # could have waited (to its bound) for the store to take it.
+            unstored = replica.refresher._unsynced and self._only_copy(replica) is not None
+            if self.time.now - started < bound and unstored:
+                # The drain ended on its own, holding the only copy of the newest set, which
+                # it knew the store had not taken: it could have waited (to its bound).
                 self.server.unstored_on_sigterm += 1
             self._only_copy_dies(replica)
             replica.task.cancel()
