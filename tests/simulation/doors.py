@@ -636,6 +636,37 @@ def a_pod_started_in_an_outage_with_its_clock_behind() -> Schedule:
     )
 
 
+def failover_loses_the_abort() -> Schedule:
+    """Found by the swarm (seeds 82, 465, 1095, ...): the server refuses a refresh with 429
+    (it did not act) and the spender records the abort; then a failover promotes a replica
+    that has the acknowledged `sent` record (WAIT) but not the abort, which no one waits for.
+    The spender knows its spend ended without effect, but named that fence to the store only
+    when the abort could not be stored: its next spend met its own `sent` record as unknown,
+    and the fleet waited for a person."""
+
+    async def script(world: World) -> None:
+        server, key = world.server, world.key
+        server.faults.status, server.faults.retry_after = 429, 1.0
+        await until(world, lambda: server.sends)
+        await until(world, lambda: key not in world.store.state.spends)  # the abort is stored
+        acknowledged = world.store.acknowledged
+        assert acknowledged is not None
+        world.store.restore(acknowledged)  # the failover: the abort is lost
+        world.restarts[0] += 1
+        server.faults.status, server.faults.retry_after = None, None
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_018,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="failover_loses_the_abort",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -661,6 +692,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "a_pod_started_in_an_outage_with_its_clock_behind": (
         a_pod_started_in_an_outage_with_its_clock_behind
     ),
+    "failover_loses_the_abort": failover_loses_the_abort,
 }
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from broker import refresher as refresher_module
 from broker.core import BrokerCore
+from broker.errors import StoreUnavailable
 from broker.fleet import Fetch, FleetProtocol
 from broker.model import TokenSet
 from broker.oauth import parse
@@ -325,6 +326,27 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["a_pod_started_in_an_outage_with_its_clock_behind"]())
         assert not result.ok
         assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_naming_an_aborted_fence_only_when_the_abort_failed(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 82, 465, 1095): a spender that names its aborted spend to the
+        store only when the abort could not be stored meets that spend's `sent` record, which
+        a failover brought back without the abort, as unknown: the fleet waits for a person."""
+
+        async def old_end_spend(self: FleetProtocol, fence: int, outcome: SpendEnd) -> None:
+            try:
+                await self._store.end_spend(
+                    self.key, owner=self._owner, fence=fence, outcome=outcome
+                )
+            except StoreUnavailable:
+                if outcome is SpendEnd.ABORTED:
+                    self._aborted_fence = fence
+
+        mutate(FleetProtocol, "_end_spend", old_end_spend)
+        result = run(DOORS["failover_loses_the_abort"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
