@@ -105,7 +105,7 @@ OPEN_SEEDS: dict[int, str] = {
         [2, 17, 47, 68, 267, 301, 436, 452, 488, 577, 717, 867, 1045, 1148, 1275, 1386, 1467],
         _SENT_NEVER_SENT,
     ),
-    **dict.fromkeys([63, 177, 391, 416, 538, 734, 821, 965, 1233, 1235], _SPLIT_BRAIN_WITH_OTHERS),
+    **dict.fromkeys([63, 391, 416, 538, 734, 821, 913, 965, 1233, 1235], _SPLIT_BRAIN_WITH_OTHERS),
     **dict.fromkeys([26, 891, 1052, 1261], _HALF_OPEN_WITH_OTHERS),
     **dict.fromkeys([835], _PAUSED_PAST_AN_ABORT),
 }
