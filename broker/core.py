@@ -137,11 +137,12 @@ class BrokerCore:
         """Stop scheduling refreshes; let spends in flight finish and persist.
 
         A refresh token sent to the server must not be dropped by a rolling deploy: its answer
-        carries the rotated token, which is stored before the process exits. One not yet sent
+        carries the rotated token, which is stored before the process exits (written back,
+        again and again, while the store cannot take it). One not yet sent
         is not sent (its spend ends as aborted). The wait is bounded by `grace` seconds
         (default `drain_bound()`: the lease plus the read timeout) on the injected clock.
         """
-        stops = [asyncio.ensure_future(r.stop()) for r in self.refreshers.values()]
+        stops = [asyncio.ensure_future(r.stop(write_back=True)) for r in self.refreshers.values()]
         if not stops:
             return
         bound = self.drain_bound() if grace is None else grace

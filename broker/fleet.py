@@ -220,7 +220,7 @@ class FleetProtocol:
         # abort or its own next spend of the token still resolves them.
         self._unknown_foreign: set[str] = set()
         self._retried: set[str] = set()
-        # Our own spend that ended without effect but whose record we could not clear.
+        # Our own last spend that ended without effect (its record may survive the abort).
         self._aborted_fence = 0
         # The same, of the protocol this one replaced in a config reload: (owner, fence).
         self._carried_aborts: list[tuple[str, int]] = []
@@ -882,6 +882,14 @@ class FleetProtocol:
             self._on_lease("lost")
             log.warning("lease.lost", app=self.app, fence=fence)
             return Busy(0.0)
+        if self.lease_ran_out(deadline):
+            # The answer came after the lease's time before sending ran out (a GC pause, a
+            # stalled loop): the lease may be another's by now, and a store that forgot the
+            # record meanwhile lets it spend this token. Not sent: end it without effect.
+            await self._end_spend(fence, SpendEnd.ABORTED)
+            self._on_lease("lost")
+            log.warning("lease.lost", app=self.app, fence=fence, after="mark_sent")
+            return Busy(0.0)
         sent_mono = self._clock.monotonic()
         self.in_flight = refresh_fp
         try:
@@ -918,6 +926,11 @@ class FleetProtocol:
             refresh_token=fresh.refresh_token or current.refresh_token,
         )
         return await self._commit(token, fence, sent_mono)
+
+    def lease_ran_out(self, deadline: float) -> bool:
+        """True when the lease ending at `deadline` (monotonic) no longer covers a send: its
+        time before sending (all but the commit and the margin) is over."""
+        return deadline - self.timing.persist - self.timing.margin - self._clock.monotonic() < 0
 
     async def _fetch_and_commit(
         self, fetch: Fetch, current: TokenSet | None, fence: int, deadline: float
@@ -961,11 +974,12 @@ class FleetProtocol:
         return Fetched(token, False, sent_mono)
 
     async def _end_spend(self, fence: int, outcome: SpendEnd) -> None:
-        try:
+        if outcome is SpendEnd.ABORTED:
+            # Our next begin_spend may replace the record: the abort may not be stored, or a
+            # failover may bring the record back (only `sent` is waited for, not the abort).
+            self._aborted_fence = fence
+        with contextlib.suppress(StoreUnavailable):
             await self._store.end_spend(self.key, owner=self._owner, fence=fence, outcome=outcome)
-        except StoreUnavailable:
-            if outcome is SpendEnd.ABORTED:
-                self._aborted_fence = fence  # our next begin_spend may replace the record
 
     async def _fetch_within(
         self, fetch: Fetch, refresh_token: str | None, budget: float

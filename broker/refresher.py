@@ -39,6 +39,7 @@ from broker.fleet import (
     ReuseDetected,
     Timing,
 )
+from broker.fleetclock import FleetClock
 from broker.logs import SECRETS, audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, TokenSet
@@ -58,6 +59,10 @@ CALLER_WAIT = 5.0
 # The loop wakes at least this often: it re-reads the wall clock and checks the store.
 MAX_SLEEP = 30.0
 
+
+# How long a read of the store waits to measure the fleet clock first, while it never was (the
+# store did not answer at start): the store that answers the read answers `TIME` too.
+CLOCK_FIRST_WAIT = 3.0
 
 # Shortest wait before trying again after the lease was busy or lost.
 LEASE_RETRY = 0.25
@@ -145,6 +150,7 @@ class AppRefresher:
         # Set by a config reload that changed the binding: what changed, for the 409.
         self.binding_changed: str | None = None
         self.source = source
+        self._store = store
         self._clock = clock
         # This pod's own clock, when `clock` keeps another frame (the fleet's, the store's
         # clock): a token is served only while both say it may be (issue 20, M3).
@@ -417,12 +423,15 @@ class AppRefresher:
         """The name the store knows this app's set by (`app@binding`)."""
         return self.fleet.key
 
-    async def stop(self) -> None:
+    async def stop(self, *, write_back: bool = False) -> None:
         """Stop scheduling refreshes and let the one in flight finish and persist.
 
         A refresh token not yet marked sent is not sent any more: its announced spend ends as
         aborted. One already sent is awaited to its answer (at most the read timeout) and the
-        answer committed (H5). `drain_bound()` is the longest this takes.
+        answer committed (H5). `write_back` (the process exits: SIGTERM): a set the store could
+        not take is written back, trying again until it is stored (a config reload needs no
+        wait: the new refresher takes the set over). The caller bounds the wait
+        (`drain_bound()`).
         """
         self._stopping = True
         self.fleet.stop()
@@ -430,6 +439,21 @@ class AppRefresher:
         inflight = self._inflight
         if inflight is not None:
             await asyncio.wait({inflight})
+        if write_back:
+            await self._write_back_before_exit()
+
+    async def _write_back_before_exit(self) -> None:
+        """Store the set this replica holds when the store may be older, retrying until it
+        is stored (the caller bounds the wait: the drain's bound).
+
+        The answer to our last refresh may be the only copy of a rotated set (its commit
+        failed: the store was unreachable). Exiting with it loses the grant, so a drain waits
+        to write it back as it waits for the answer itself.
+        """
+        while self.grant_spends and self._unsynced and self.token is not None:
+            if await self._sync():
+                return
+            await self._clock.sleep(BLOCKED_RETRY / 5)
 
     def drain_bound(self) -> float:
         """The longest `stop()` may wait for the refresh in flight (see `drain_bound`)."""
@@ -504,6 +528,7 @@ class AppRefresher:
                 carried is not None
                 and self._inflight is None
                 and (token is None or carried.rank > token.rank)
+                and not self._clock_unmeasured()  # (else read it, measuring the clock first)
             ):
                 # The notice carries the committed set: adopt it as a read would, without one.
                 # (With a refresh in flight the loop reads the store after it, as before.)
@@ -543,12 +568,29 @@ class AppRefresher:
         """
         self._dirty = False
         self._last_sync = self._clock.monotonic()
+        await self._measure_clock_first()
         try:
             await self.fleet.sync()
         except StoreUnavailable:
             return False
         self._unsynced = False
         return True
+
+    def _clock_unmeasured(self) -> bool:
+        """True while the fleet clock never measured its offset to the store's."""
+        return isinstance(self._clock, FleetClock) and not self._clock.measured
+
+    async def _measure_clock_first(self) -> None:
+        """Measure the fleet clock before reading a set from the store, while it never was.
+
+        A pod that started while the store was down keeps time on its own clock, and an
+        expiry read from the store is in the store's frame: a pod whose clock is behind would
+        serve the set past its true expiry (swarm seed 516: 26 s behind, served 18 s late)
+        until its next measuring round, up to 5 s after the store came back.
+        """
+        if self._clock_unmeasured():
+            assert isinstance(self._clock, FleetClock)
+            await self._clock.measure_within(self._store, CLOCK_FIRST_WAIT)
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         self._wake.clear()
@@ -574,6 +616,7 @@ class AppRefresher:
         self._attempting = True
         self._set_state(AppState.REFRESHING)
         ignore_shared_failure, self._ignore_shared_failure = self._ignore_shared_failure, False
+        await self._measure_clock_first()
         with tracing.span(
             "token_broker.refresh", app=self.name, grant_type=str(self.spec.grant_type)
         ) as span:

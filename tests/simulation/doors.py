@@ -50,8 +50,7 @@ def _replaced_pod_then_empty_store(replicas: int) -> Schedule:
         world.start_replica(replaced)
         await until(world, lambda: world.replicas[replaced].refresher.token is not None)
         others = [i for i in range(replicas) if i != replaced]
-        world.store.restore(MemoryState())
-        world.restarts[0] += 1
+        world.empty_restart()
         # Everyone else's reconnect after the restart takes a few seconds (backoff, DNS): more
         # than the short objection window.
         for index in others:
@@ -768,6 +767,175 @@ def _rank(replica: Replica) -> tuple[int, int]:
     return token.rank if token is not None else (0, 0)
 
 
+def sigterm_with_the_answer_unstored() -> Schedule:
+    """Found by the swarm (seed 162): the spender's store link fails the moment the server
+    rotated its refresh token, so the answer cannot be committed, and SIGTERM comes right
+    after. Its drain waited only for the answer, not for the set to be stored: the process
+    exited holding the only copy of the rotated set, and the fleet was left with the spent
+    one. The drain must write the set back, again and again, until the store takes it."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        cut: list[int] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "acted" and not cut:
+                cut.append(_index(world, replica))
+                world.replicas[cut[0]].view.faults.partitioned = True
+
+        server.phases.listeners.append(on_phase)
+        await until(world, lambda: cut)
+        spender = cut[0]
+        world.terminate(spender)
+        await world.time.sleep(20.0)
+        world.replicas[spender].view.faults.partitioned = False
+        await world.time.sleep(160.0)
+        world.start_replica(spender)
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_023,
+        config=config,
+        faults=(),
+        duration=600.0,
+        name="sigterm_with_the_answer_unstored",
+        script=script,
+        script_heals_by=200.0,
+    )
+
+
+def spender_paused_between_mark_sent_and_sending() -> Schedule:
+    """Found by the swarm (seed 760): the store applies the spender's `mark_sent`, restarts
+    empty at once (the `sent` record and its notice are lost), and the spender's process
+    freezes (a GC pause, a stalled loop) for 25 s before it reads the answer. The other pod
+    writes its set back, waits the long objection window and spends the token (the store
+    knows of no spend). The spender then wakes with its `mark_sent` answered "yes" and, long
+    past its lease, sent the same refresh token: revoked. It must check its lease's time
+    before sending after `mark_sent`, not only before."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.pause(_index(world, replica), 25.0)
+                world.store.restore(MemoryState())
+                world.restarts[0] += 1
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_024,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="spender_paused_between_mark_sent_and_sending",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def forgotten_while_the_spender_is_paused() -> Schedule:
+    """The documented limit (swarm seed 194), not a door: the spender's process freezes for
+    30 s the moment the server rotated its refresh token, and Redis restarts empty right when
+    the token was marked sent (a Redis without persistence; the restart drops the `sent`
+    notice too). The spender was the only replica that knew; the other pod writes its set
+    back, waits the long objection window and spends the same token: revoked, announced by
+    grant.reuse_detected. The checker excuses exactly this: an empty restart erased the
+    record, and its spender could not speak (dead or paused) from then until the new spend."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.empty_restart()
+            elif phase == "acted" and hit and replica == hit[0] and len(hit) == 1:
+                hit.append(replica)
+                world.pause(_index(world, replica), 30.0)
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: len(hit) == 2)
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_025,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="forgotten_while_the_spender_is_paused",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def a_pod_started_in_an_outage_with_its_clock_behind() -> Schedule:
+    """Found by the swarm (seed 516): a pod whose clock is 25 s behind restarts while the store
+    is down, so it cannot measure its offset, and the server is down too. When the store is
+    back (after the last set's true expiry), the pod reads the set at once, on its own clock
+    alone: by that clock the set still lives 25 s, and it served it until its measuring round
+    came, up to 5 s later. It must measure before it reads a set from the store."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        server.faults.down = True
+        world.set_store_outage(True)
+        await world.crash(1)
+        world.start_replica(1)
+        await world.time.sleep(75.0)  # past the set's true expiry (a 60 s lifetime)
+        world.set_store_outage(False)
+        await world.time.sleep(30.0)
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0, -25.0])
+    return Schedule(
+        seed=20_026,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="a_pod_started_in_an_outage_with_its_clock_behind",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
+def failover_loses_the_abort() -> Schedule:
+    """Found by the swarm (seeds 82, 465, 1095, ...): the server refuses a refresh with 429
+    (it did not act) and the spender records the abort; then a failover promotes a replica
+    that has the acknowledged `sent` record (WAIT) but not the abort, which no one waits for.
+    The spender knows its spend ended without effect, but named that fence to the store only
+    when the abort could not be stored: its next spend met its own `sent` record as unknown,
+    and the fleet waited for a person."""
+
+    async def script(world: World) -> None:
+        server, key = world.server, world.key
+        server.faults.status, server.faults.retry_after = 429, 1.0
+        await until(world, lambda: server.sends)
+        await until(world, lambda: key not in world.store.state.spends)  # the abort is stored
+        acknowledged = world.store.acknowledged
+        assert acknowledged is not None
+        world.store.restore(acknowledged)  # the failover: the abort is lost
+        world.restarts[0] += 1
+        server.faults.status, server.faults.retry_after = None, None
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_027,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="failover_loses_the_abort",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -793,6 +961,13 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "grace_retry_vetoed_on_a_resync": grace_retry_vetoed_on_a_resync,
     "grace_retry_of_a_spend_never_sent": grace_retry_of_a_spend_never_sent,
     "lost_notices_under_one_due_time": lost_notices_under_one_due_time,
+    "sigterm_with_the_answer_unstored": sigterm_with_the_answer_unstored,
+    "spender_paused_between_mark_sent_and_sending": spender_paused_between_mark_sent_and_sending,
+    "forgotten_while_the_spender_is_paused": forgotten_while_the_spender_is_paused,
+    "a_pod_started_in_an_outage_with_its_clock_behind": (
+        a_pod_started_in_an_outage_with_its_clock_behind
+    ),
+    "failover_loses_the_abort": failover_loses_the_abort,
 }
 
 

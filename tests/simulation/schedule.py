@@ -45,7 +45,7 @@ LEGACY_KINDS = (
 
 # Faults that real Redis, real servers and real fleets produce, added for issue 20.
 ADDED_KINDS = (
-    "store_forgets",  # a snapshot from just before the spend restored while it is sent
+    "store_forgets",  # a failover while a spend is sent: writes no replica acknowledged lost
     "eviction",  # the store evicts some of the app's keys
     "store_late_write",  # a write reaches the store after its client timed out
     "store_clock_step",  # Redis's clock steps (TIME, and the leases' TTLs with it)
@@ -258,6 +258,9 @@ class Result:
     outcome_unknown_logged: int = 0
     grant_lost_after_lost_reply: bool = False
     revoked: bool = False
+    # Revoked by the documented limit: an empty restart erased a `sent` record while its
+    # spender, the only replica that knew, could not speak (dead or paused); counted apart.
+    revoked_forgotten_while_alone: bool = False
     # The step checks' memory: how often each refresh token was presented, and how many
     # presentations they have looked at.
     seen_tokens: Counter[str] = field(default_factory=Counter)
@@ -278,7 +281,8 @@ class Result:
             self.schedule.describe(),
             f"token requests {self.token_requests}, outcome_unknown announced "
             f"{self.outcome_unknown_announced}, grant lost after a lost reply "
-            f"{self.grant_lost_after_lost_reply}, revoked {self.revoked}",
+            f"{self.grant_lost_after_lost_reply}, revoked {self.revoked}"
+            + (" (the store forgot a spend alone)" if self.revoked_forgotten_while_alone else ""),
         ]
         lines += [f"VIOLATION: {v}" for v in self.violations]
         return "\n".join(lines)
@@ -294,6 +298,13 @@ def run(schedule: Schedule) -> Result:
     with structlog.testing.capture_logs() as logs:
         result = run_simulated(_run(schedule))
     result.outcome_unknown_logged = sum(1 for e in logs if e["event"] == "grant.outcome_unknown")
+    if result.revoked_forgotten_while_alone and not any(
+        e["event"] == "grant.reuse_detected" for e in logs
+    ):
+        result.violations.append(
+            "invariant 3: revoked after the store forgot a spend, and no grant.reuse_detected "
+            "announced it"
+        )
     if result.grant_lost_after_lost_reply and not result.outcome_unknown_logged:
         result.violations.append("invariant 3: the lost grant was not announced in the logs")
     if schedule.fault_free:
@@ -538,8 +549,7 @@ async def _apply(
                 world.restarts[0] += 1
         case "empty_restart":
             if on:
-                world.store.restore(MemoryState())
-                world.restarts[0] += 1
+                world.empty_restart()
         case "unknown_key":
             view.faults.unreadable_after = fault.start if on else None
         case "server_down":
@@ -588,9 +598,11 @@ async def _apply(
                 world.restart_after_sigterm(fault.target)
         # ---- issue 20: the faults added with swarm testing --------------------------------
         case "store_forgets":
-            # A failover or restore that lost exactly the spend record: connections drop.
+            # A failover to a replica that missed the writes since just before the spend:
+            # connections drop. A replica keeps what it acknowledged: the `sent` record, which
+            # the world's store waits for (WAIT, store.require_replica_ack), and all before it.
             if on and snapshot is not None:
-                world.store.restore(snapshot)
+                world.store.restore(world.store.failover_state(snapshot))
                 world.restarts[0] += 1
         case "eviction":
             if on:
@@ -638,9 +650,10 @@ def _check_step(world: World, result: Result) -> None:
     result.presentations_checked = len(presentations)
     # Only a token presented again can break invariant 1: look at all its presentations then.
     for presentation in presentations if repeated else ():
-        if presentation.refresh_token in repeated and presentation.outcome not in (
-            "rotated",
-            "grace",
+        if (
+            presentation.refresh_token in repeated
+            and presentation.outcome not in ("rotated", "grace")
+            and presentation.refresh_token not in world.forgotten_while_alone
         ):
             message = (
                 f"invariant 1: refresh token presented again by {presentation.replica} at "
@@ -650,7 +663,7 @@ def _check_step(world: World, result: Result) -> None:
                 result.violations.append(message)
     if world.server.revoked and not result.revoked:
         result.revoked = True
-        if not _after_lost_reply(world):
+        if not _after_lost_reply(world) and not _revoked_forgotten_while_alone(world):
             result.violations.append(f"invariant 3: grant revoked at {world.server.revoked_at:.2f}")
 
 
@@ -664,6 +677,7 @@ def _check_recovery(world: World, result: Result, when: str) -> None:
     if excusable and (
         (_grant_lost(world) and _truly_lost_reply(world))
         or (world.server.revoked and _after_lost_reply(world))
+        or _revoked_forgotten_while_alone(world)
     ):
         return
     if world.server.in_flight_when_cancelled and _announced(world):
@@ -716,6 +730,18 @@ def _after_lost_reply(world: World) -> bool:
     return any(p.outcome == "reuse" and p.refresh_token in lost for p in world.server.presentations)
 
 
+def _revoked_forgotten_while_alone(world: World) -> bool:
+    """The documented limit of a store without durable writes (README, "What a crash can
+    lose"): the grant was revoked by a refresh token presented again after an empty restart
+    erased its `sent` record while its spender, the only replica that knew, was dead or paused
+    (World.empty_restart). Not a failover: the world's store waits for a replica to hold each
+    `sent` record (WAIT), and a failover keeps it."""
+    forgotten = world.forgotten_while_alone
+    return world.server.revoked and any(
+        p.outcome == "reuse" and p.refresh_token in forgotten for p in world.server.presentations
+    )
+
+
 def _truly_lost_reply(world: World) -> bool:
     """A rotation whose reply was lost on the wire or with its killed sender (not given up)."""
     return any(
@@ -761,11 +787,18 @@ def _finish(world: World, result: Result, schedule: Schedule) -> None:
             f"invariant 3: {world.server.sent_after_sigterm} refresh token(s) marked sent after "
             "SIGTERM (stopping sends nothing new)"
         )
+    if world.server.unstored_on_sigterm:
+        result.violations.append(
+            f"invariant 3: {world.server.unstored_on_sigterm} replica(s) exited after SIGTERM, "
+            "before the drain's bound, holding the only copy of the newest set"
+        )
     if schedule.must_keep_grant and (world.server.revoked or _grant_lost(world)):
         result.violations.append(
             "invariant 5: the grant was lost although a grace retry could have kept it"
         )
-    if world.server.revoked and _after_lost_reply(world):
+    if _revoked_forgotten_while_alone(world):
+        result.revoked_forgotten_while_alone = True
+    elif world.server.revoked and _after_lost_reply(world):
         result.grant_lost_after_lost_reply = True
         if result.outcome_unknown_announced == 0:
             result.violations.append(

@@ -251,6 +251,9 @@ class SimAuthServer:
         # Spends marked sent by a replica after its SIGTERM (never allowed: stopping sends
         # nothing new, it only sees through a request already sent).
         self.sent_after_sigterm = 0
+        # Replicas whose SIGTERM drain ended before its bound while they held the only copy of
+        # the newest set (never allowed: the drain stores it, waiting for the store to take it).
+        self.unstored_on_sigterm = 0
         self.cc_requests = 0
         self.late: set[asyncio.Future[None]] = set()  # cancelled requests still on their way
         # Every refresh token sent: (world time, replica, refresh token), for scripted faults.
@@ -438,6 +441,7 @@ class Frozen:
     def __init__(self, world: SimTime) -> None:
         self._world = world
         self.until = 0.0
+        self.since = 0.0  # when the current (or last) pause began
 
     async def thaw(self) -> None:
         """Return once the process runs again."""
@@ -464,6 +468,9 @@ class SpendPhases:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# The soonest a subscription dropped by a store restart is back (the watcher's first delay).
+RESUBSCRIBE_AFTER_RESTART = 0.5
 
 # How long a client waits for a write's answer before it gives up (the store's socket timeout).
 LATE_WRITE_TIMEOUT = 1.0
@@ -557,11 +564,28 @@ class SimMemoryStore(MemoryStore):
     ) -> None:
         super().__init__(clock, require_replica_ack=require_replica_ack)
         self.watch = watch
+        # What a replica holds after the last write it acknowledged (`WAIT 1` after
+        # `mark_sent`): replication keeps order, so it has every write up to that one.
+        self.acknowledged: MemoryState | None = None
 
     def restore(self, state: MemoryState) -> None:
         """Replace everything stored; subscriptions check whether their connection dropped."""
         super().restore(state)
+        self.acknowledged = None
         self.watch.poke()
+
+    async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
+        """Mark sent; when a replica acknowledged it, remember what that replica holds."""
+        sent = await super().mark_sent(app, owner=owner, fence=fence)
+        if sent and self.require_replica_ack:
+            self.acknowledged = self.snapshot()
+        return sent
+
+    def failover_state(self, before: MemoryState) -> MemoryState:
+        """What a failover (or a restore) to `before` keeps: with `sent` records acknowledged
+        by a replica (store.require_replica_ack), every write up to the last acknowledged one
+        survives on the replica promoted (issue 20, H4); only later writes are lost."""
+        return self.acknowledged if self.acknowledged is not None else before
 
 
 class SimStoreView:
@@ -590,6 +614,7 @@ class SimStoreView:
         self.phases = SpendPhases()  # the world's (set when the replica starts)
         self._late: set[asyncio.Future[None]] = set()  # writes still on their way
         self.moves = 0  # this connection moved to another primary (a failover, a split brain)
+        self.marked_sent_at: float | None = None  # when this replica's last mark_sent applied
         # The fleet protocol version of the replica's code: what its writes carry (M5).
         self.protocol = PROTOCOL_VERSION
         # A replica of another protocol version keeps its lease and spend record where its own
@@ -719,6 +744,7 @@ class SimStoreView:
         await self._hop()
         result = await self._spends.mark_sent(app, owner=owner, fence=fence)
         if result:
+            self.marked_sent_at = self._world.now
             self.phases.reached("sent", self.name)
         self._maybe_lose()
         await self._hop()
@@ -744,6 +770,7 @@ class SimStoreView:
         """End a spend, possibly losing the answer after applying it."""
         await self._hop()
         await self._spends.end_spend(app, owner=owner, fence=fence, outcome=outcome)
+        self.marked_sent_at = None  # ended: no longer a spend marked sent and maybe unsent
         self._maybe_lose()
 
     async def updates(self) -> AsyncIterator[Notice]:
@@ -922,6 +949,12 @@ class World:
         self.written_at: dict[str, float] = {}
         self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
         self.server = SimAuthServer(self.time, rng, lifetime=config.lifetime, grace=config.grace)
+        # The documented limit (README, "What a crash can lose"): `sent` records an empty
+        # restart erased (refresh fingerprint → spender, when), and the refresh tokens then
+        # spent again while that spender, the only replica that knew, could not speak.
+        self._forgotten_sent: dict[str, tuple[str, float]] = {}
+        self.forgotten_while_alone: set[str] = set()
+        self.server.phases.listeners.append(self._on_sent)
         self.replicas: list[Replica] = []
         self.metrics: list[Metrics] = []  # every incarnation's, dead ones included
         self.draining: list[asyncio.Future[None]] = []  # replicas shutting down after SIGTERM
@@ -1050,9 +1083,14 @@ class World:
         replica.view.dead = True
         replica.source.dead = True
         spend = self.store.state.spends.get(self.key)
-        if spend is not None and spend.owner == replica.name and spend.state == "sent":
+        marked = replica.view.marked_sent_at
+        unsent = marked is not None and not any(
+            at >= marked and name == replica.name for at, name, _ in self.server.sends
+        )
+        if unsent or (spend is not None and spend.owner == replica.name and spend.state == "sent"):
             # Killed after marking its spend sent, maybe before the request left: nobody can
-            # know whether the server got it (as for a request on the wire).
+            # know whether the server got it (as for a request on the wire). Asked of the
+            # replica, not only of the store's record, which an eviction may have dropped.
             self.server.in_flight_when_cancelled += 1
         self._only_copy_dies(replica)
         inflight = replica.refresher._inflight
@@ -1074,7 +1112,13 @@ class World:
         replica.view.draining = True
 
         async def drain_then_exit() -> None:
+            started, bound = self.time.now, replica.core.drain_bound()
             await replica.core.drain(None)
+            unstored = replica.refresher._unsynced and self._only_copy(replica) is not None
+            if self.time.now - started < bound and unstored:
+                # The drain ended on its own, holding the only copy of the newest set, which
+                # it knew the store had not taken: it could have waited (to its bound).
+                self.server.unstored_on_sigterm += 1
             self._only_copy_dies(replica)
             replica.task.cancel()
             inflight = replica.refresher._inflight
@@ -1155,8 +1199,59 @@ class World:
 
     def pause(self, index: int, seconds: float) -> None:
         """Freeze replica `index` for `seconds` (longer than its lease): it resumes unaware."""
-        replica = self.replicas[index]
-        replica.view.frozen.until = max(replica.view.frozen.until, self.time.now + seconds)
+        frozen = self.replicas[index].view.frozen
+        if frozen.until <= self.time.now:
+            frozen.since = self.time.now
+        frozen.until = max(frozen.until, self.time.now + seconds)
+
+    # ---- the documented limit: a store that forgot, and a witness that could not speak ----
+
+    def empty_restart(self) -> None:
+        """Redis restarts with nothing (no persistence, or every node lost power at once): every
+        key is gone, on every node, whatever a replica acknowledged. A `sent` record lost so
+        is remembered, with its spender, for `forgotten_while_alone`."""
+        spend = self.store.state.spends.get(self.key)
+        if spend is not None and spend.state == "sent":
+            self._forgotten_sent[spend.refresh_fp] = (spend.owner, self.time.now)
+        self.store.restore(MemoryState())
+        self.restarts[0] += 1
+
+    def _on_sent(self, phase: str, replica: str) -> None:
+        """A spend is marked sent: is it of a token whose `sent` record an empty restart erased
+        while its spender, the only one that knew, could not speak (dead or paused since)?"""
+        if phase != "sent":
+            return
+        spend = self.store.state.spends.get(self.key)
+        forgotten = self._forgotten_sent.get(spend.refresh_fp) if spend is not None else None
+        if spend is None or forgotten is None or spend.owner == forgotten[0]:
+            return
+        owner, at = forgotten
+        if self._mute_since(owner, at) and not self._others_know(spend.refresh_fp, owner, at):
+            sender = next((r for r in self.replicas if r.name == replica), None)
+            token = sender.refresher.token if sender is not None else None
+            if token and token.refresh_token and token.refresh_fingerprint == spend.refresh_fp:
+                self.forgotten_while_alone.add(token.refresh_token)
+
+    def _others_know(self, refresh_fp: str, owner: str, at: float) -> bool:
+        """Some replica other than the spender that could speak knows the token was sent (it
+        heard the notice): then a veto was due, and nothing is excused."""
+        for replica in self.replicas:
+            fleet = replica.refresher.fleet
+            if replica.name == owner or self._mute_since(replica.name, at):
+                continue
+            if refresh_fp in fleet._foreign_spends or refresh_fp in fleet._unknown:
+                return True
+        return False
+
+    def _mute_since(self, name: str, at: float) -> bool:
+        """Replica incarnation `name` could not object at any time since `at`: it is dead (a
+        restart is a new incarnation that remembers nothing), or paused since before its
+        subscription could have come back from the restart."""
+        replica = next((r for r in self.replicas if r.name == name), None)
+        if replica is None or not replica.alive:
+            return True
+        frozen = replica.view.frozen
+        return frozen.until > self.time.now and frozen.since <= at + RESUBSCRIBE_AFTER_RESTART
 
     def add_replica(self, offset: float) -> Replica:
         """A new pod joins the fleet (scale-up, or a rolling deploy's surge pod)."""
@@ -1205,20 +1300,28 @@ class World:
         """The process exits holding the only copy of the server's newest set (its answer came,
         but the store has not taken it yet, nor any other replica): that answer is lost with
         its sender, as a reply lost after the server acted is."""
+        rotation = self._only_copy(replica)
+        if rotation is not None:
+            rotation.reply_lost, rotation.lost_by = True, "sender_died"
+
+    def _only_copy(self, replica: Replica) -> Presentation | None:
+        """The rotation whose answer only `replica` holds (not stored, no other live replica
+        has it), if so."""
         valid = self.server.valid_refresh
         stored = self.store.state.tokens.get(self.key)
         if stored is not None and stored.refresh_token == valid:
-            return
+            return None
         for other in self.replicas:
             held = other.refresher.token
             if other is not replica and other.alive and held and held.refresh_token == valid:
-                return
+                return None
         rotations = [p for p in self.server.presentations if p.outcome == "rotated"]
         if not rotations or rotations[-1].reply_lost:
-            return  # no answer, or one already lost (a request given up on stays unexcused)
+            return None  # no answer, or one already lost (a request given up on stays unexcused)
         held = replica.refresher.token
         if rotations[-1].replica == replica.name or (held and held.refresh_token == valid):
-            rotations[-1].reply_lost, rotations[-1].lost_by = True, "sender_died"
+            return rotations[-1]
+        return None
 
     def _refresher(
         self,
