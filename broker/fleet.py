@@ -38,6 +38,10 @@ from broker.store import Notice, SpendEnd, SpendStart, TokenStore
 
 log = get_logger(__name__)
 
+# How many of our aborted spends of one refresh token are remembered for re-sending after a
+# reconnect: each lease of a failing spend adds one.
+MAX_REMEMBERED_ABORTS = 16
+
 
 @dataclass(frozen=True, slots=True)
 class Timing:
@@ -222,6 +226,12 @@ class FleetProtocol:
         self._retried: set[str] = set()
         # Our own last spend that ended without effect (its record may survive the abort).
         self._aborted_fence = 0
+        # Every spend of ours that ended without effect, fence → refresh fingerprint, while
+        # its token is the newest we know: a split brain may keep its `sent` record on the
+        # side the abort never reached, and the heal may discard the side it did. Re-sent
+        # after each reconnect (`resend_aborts`); owner- and fence-matched, so always safe.
+        self._aborts: dict[int, str] = {}
+        self._resend = False
         # The same, of the protocol this one replaced in a config reload: (owner, fence).
         self._carried_aborts: list[tuple[str, int]] = []
         # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
@@ -414,6 +424,7 @@ class FleetProtocol:
         self._unknown = {k for k in self._unknown if k == keep}
         self._unknown_foreign = {k for k in self._unknown_foreign if k == keep}
         self._retried = {k for k in self._retried if k == keep}
+        self._aborts = {f: fp for f, fp in self._aborts.items() if fp == keep}
 
     def outcome_unknown(self, token: TokenSet | None) -> bool:
         """True when `token`'s refresh token must not be presented: its last spend is unknown."""
@@ -508,6 +519,15 @@ class FleetProtocol:
             )
             log.info("spend.abort_resolved", app=self.app, fence=fence, carried=True)
             self._carried_aborts.pop()
+        if self._resend:
+            # Reconnected: this may be another primary (a failover, a split brain's heal) that
+            # kept a record of a spend we aborted elsewhere, or restored one under a grace
+            # retry that names it. Say again that each ended without effect.
+            for fence in sorted(self._aborts):
+                await self._store.end_spend(
+                    self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED
+                )
+            self._resend = False
         fence = self._aborted_fence
         if fence == 0:
             return
@@ -517,6 +537,11 @@ class FleetProtocol:
         log.info("spend.abort_resolved", app=self.app, fence=fence)
         if self._aborted_fence == fence:
             self._aborted_fence = 0
+
+    def resend_aborts(self) -> None:
+        """The store connection was (re)made: on the next sync, end again every spend of ours
+        that ended without effect (`_aborts`), in case this primary kept its record."""
+        self._resend = bool(self._aborts)
 
     async def _record_owner(self, refresh_fp: str) -> str | None:
         """Who made the store's spend record of `refresh_fp` (None: unknown, or ourselves)."""
@@ -834,6 +859,7 @@ class FleetProtocol:
                 "the store records a spend of this refresh token with no known outcome", refresh_fp
             )
         self._aborted_fence = 0
+        self._aborts.pop(fence, None)  # a fence repeated after a store rollback: a new spend
         if start is SpendStart.RETRY:
             self._retried.add(refresh_fp)
             log.warning("grant.retrying_in_grace_window", app=self.app)
@@ -978,6 +1004,13 @@ class FleetProtocol:
             # Our next begin_spend may replace the record: the abort may not be stored, or a
             # failover may bring the record back (only `sent` is waited for, not the abort).
             self._aborted_fence = fence
+            current = self._current()
+            if current is not None and current.refresh_fingerprint is not None:
+                self._aborts[fence] = current.refresh_fingerprint
+                if len(self._aborts) > MAX_REMEMBERED_ABORTS:
+                    # Keep the oldest (the one spend whose record a split's other side copied
+                    # is the first of a run of aborts) and this newest one.
+                    del self._aborts[sorted(self._aborts)[-2]]
         with contextlib.suppress(StoreUnavailable):
             await self._store.end_spend(self.key, owner=self._owner, fence=fence, outcome=outcome)
 

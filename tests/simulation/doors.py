@@ -936,6 +936,40 @@ def failover_loses_the_abort() -> Schedule:
     )
 
 
+def split_brain_keeps_an_aborted_spend() -> Schedule:
+    """Found by the swarm (seeds 391, 821, 913, 965): the spender's request is refused with
+    429 (the server did not act) just as a split brain cuts it off with the old primary; the
+    promoted side keeps its `sent` record, the abort lands on the old primary only. A
+    bystander on the promoted side takes the one grace retry, refused too, which restores the
+    record as unknown (naming the spender's spend). On the old side the spender aborts more
+    spends (no replica acknowledges `sent`). At the heal the old primary's writes, the abort
+    among them, are lost: only the spender knows that its spend had no effect, and it named
+    to the store only its last aborted fence, once: the fleet waited for a person."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.status, server.faults.retry_after = 429, 1.0
+        await until(world, lambda: server.sends)
+        first = server.sends[0][1]
+        world.split_brain([_index(world, first)])  # `sent` on both sides, the abort on one
+        await until(world, lambda: any(name != first for _, name, _ in server.sends))
+        await world.time.sleep(5.0)  # the grace retry on the promoted side was refused
+        server.faults.status, server.faults.retry_after = None, None
+        await world.time.sleep(10.0)
+        world.heal_split_brain()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_040,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="split_brain_keeps_an_aborted_spend",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -968,6 +1002,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
         a_pod_started_in_an_outage_with_its_clock_behind
     ),
     "failover_loses_the_abort": failover_loses_the_abort,
+    "split_brain_keeps_an_aborted_spend": split_brain_keeps_an_aborted_spend,
 }
 
 

@@ -529,6 +529,18 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_a_spender_that_does_not_end_its_aborted_spends_again_after_a_reconnect(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 391, 821, 913, 965): a split brain keeps the `sent` record of a
+        spend whose abort reached the old primary only, and the heal discards that abort; a
+        spender that does not end its aborted spends again once reconnected leaves the record
+        (restored by a bystander's refused grace retry) unknown: the fleet waits for a person."""
+        mutate(FleetProtocol, "resend_aborts", lambda self: None)
+        result = run(DOORS["split_brain_keeps_an_aborted_spend"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:
