@@ -970,6 +970,45 @@ def split_brain_keeps_an_aborted_spend() -> Schedule:
     )
 
 
+def stale_copy_outlives_the_split() -> Schedule:
+    """Found by the swarm (seed 1233): the spender's request is refused with 429 just as a
+    split brain cuts a bystander off with the old primary, which keeps a copy of the `sent`
+    record; the spender's abort lands on the promoted side. The bystander meets the copy and
+    remembers the spend as its spender's, unresolved; at the heal the copy is gone but the
+    abort notice is long past. The spender is paused; the third replica, a pod replaced
+    meanwhile, spends the token next, and the bystander vetoes it: the vetoed record named no spend that anyone could
+    resolve, so it blocked every replica, the spender included, and the fleet waited for a
+    person."""
+
+    async def script(world: World) -> None:
+        server, key = world.server, world.key
+        server.faults.status, server.faults.retry_after = 429, 1.0
+        await until(world, lambda: server.sends)
+        spender = _index(world, server.sends[0][1])
+        bystander = (spender + 1) % 3
+        world.split_brain([bystander])  # the copy of the `sent` record on the old primary
+        await until(world, lambda: key not in world.store.state.spends)  # the abort, here
+        world.pause(spender, 60.0)
+        third = (spender + 2) % 3  # replaced: the new pod spends next, knowing nothing
+        await world.crash(third)
+        world.start_replica(third)
+        await world.time.sleep(15.0)
+        world.heal_split_brain()
+        await world.time.sleep(5.0)
+        server.faults.status, server.faults.retry_after = None, None
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_041,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="stale_copy_outlives_the_split",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -1003,6 +1042,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     ),
     "failover_loses_the_abort": failover_loses_the_abort,
     "split_brain_keeps_an_aborted_spend": split_brain_keeps_an_aborted_spend,
+    "stale_copy_outlives_the_split": stale_copy_outlives_the_split,
 }
 
 
