@@ -70,18 +70,6 @@ REGRESSION_SEEDS = {
 
 # Swarm seeds (make_schedule) that still break an invariant, kept so they are replayed and
 # cannot silently pass: a fix turns the strict xfail into a failure that says to move them.
-_STALE_SPEND_ACROSS_A_SPLIT = (
-    "liveness, open (no token presented twice): a split brain leaves a copy of a `sent` spend "
-    "record on each side, and its spender's abort reaches one side only. Bystanders on the "
-    "other side meet the stale copy and remember the token as that spender's unknown spend; "
-    "after the heal the record is gone (the abort was stored there) and the abort notice long "
-    "past, so they veto the next replica's spend of the token, and the vetoed record then "
-    "blocks every replica, the spender included. The spender re-sends its aborts only after "
-    "its own reconnect, which the heal does not cause on the side that stayed; the veto would "
-    "need to name whose spend it protects, for that spender to lift it (seeds 391, 821, 913 "
-    "and 965, where the abort itself was lost at the heal, are closed: door "
-    "split_brain_keeps_an_aborted_spend)"
-)
 _EVICTION = (
     "open, a misconfiguration: an evicting maxmemory-policy drops keys of a spend in flight "
     "(its record, the lease or the fence counter); the fleet then waits for a person (1052: "
@@ -96,8 +84,6 @@ _NOT_ANALYSED = (
     "20); replay it to see the schedule"
 )
 OPEN_SEEDS: dict[int, str] = {
-    # 1233: the bystanders' memory of a stale `sent` copy outlives the heal (issue 20).
-    1233: _STALE_SPEND_ACROSS_A_SPLIT,
     # 1237 and 734 present a refresh token twice: eviction with a split brain (and, in 1237, an
     # empty restart); 1422: eviction with 500s and the server down.
     **dict.fromkeys([734, 1237, 1422], _EVICTION),
