@@ -79,18 +79,12 @@ _EVICTION = (
     "replica spends the token again and the grant is revoked. The broker needs "
     "`maxmemory-policy noeviction` (issue 20, Low)"
 )
-_NOT_ANALYSED = (
-    "open, not analysed yet: broke an invariant once this session's fixes were merged (issue "
-    "20); replay it to see the schedule"
-)
 OPEN_SEEDS: dict[int, str] = {
     # 1237 and 734 present a refresh token twice: eviction with a split brain (and, in 1237, an
-    # empty restart); 1422: eviction with 500s and the server down.
-    **dict.fromkeys([734, 1237, 1422], _EVICTION),
-    # 167 (half-open, unacknowledged writes, a failover that forgets) and 717 (a pause, a
-    # clock step, an outage) passed on the branches that fixed their classes and fail on the
-    # merged code; 233 (split brain, lease lost, 500s) broke once the lease notices landed.
-    **dict.fromkeys([167, 233, 717], _NOT_ANALYSED),
+    # empty restart). 1422 (eviction, 500s, the server down), 167, 233 and 717 broke liveness
+    # only; a spender that ends its aborted spends again and a veto that names its spend
+    # closed them (issue 20).
+    **dict.fromkeys([734, 1237], _EVICTION),
 }
 
 _RESULTS: dict[int, Result] = {}
