@@ -885,7 +885,7 @@ def a_pod_started_in_an_outage_with_its_clock_behind() -> Schedule:
     is down, so it cannot measure its offset, and the server is down too. When the store is
     back (after the last set's true expiry), the pod reads the set at once, on its own clock
     alone: by that clock the set still lives 25 s, and it served it until its measuring round
-    came, up to 5 s later (here 2.5 s). It must measure before it reads a set from the store."""
+    came, up to 5 s later (here 3.5 s). It must measure before it reads a set from the store."""
 
     async def script(world: World) -> None:
         server = world.server
@@ -895,11 +895,13 @@ def a_pod_started_in_an_outage_with_its_clock_behind() -> Schedule:
         world.set_store_outage(True)
         await world.crash(1)
         world.start_replica(1)
-        # Past the set's true expiry (a 60 s lifetime), and half-way between two of the new
-        # pod's measuring rounds (every 5 s from its start while it never measured): back on a
-        # round (75 s), the store is measured the moment it is read, and the old code serves
-        # nothing late.
-        await world.time.sleep(77.5)
+        # Past the set's true expiry (a 60 s lifetime), and 1.5 s after one of the new pod's
+        # measuring rounds (every 5 s from its start while it never measured): the old code
+        # reads the set at once and serves it until the next round. Back on a round (75 s),
+        # the pod measured the moment it read, and the old code served nothing late (any
+        # outage of 75.5-77.5 s opens the door; from 78 s its own clock's margin ends the set
+        # before a step check sees it).
+        await world.time.sleep(76.5)
         world.set_store_outage(False)
         await world.time.sleep(30.0)
         server.faults.down = False
