@@ -581,8 +581,8 @@ def paused_bystander_keeps_its_buffered_notices() -> Schedule:
     Re-aimed after the lease notices changed every schedule's timing: which of the resuming
     reader and guard runs first is the event loop's choice (both wake at the pause's end), and
     with an answer at once the reader went first, so the old guard saw `sent` just read and
-    let the subscription be. With the 429 slow (0.75-2 s tried) the guard goes first, for any
-    pause 0.05-0.45 s into the window and 5.5-8 s long (tried), as it did in the swarm's seed."""
+    let the subscription be. With the 429 1-2 s slow the guard goes first (tried: pauses
+    0.05-0.45 s into the window, 5.5-8 s long), as it did in the swarm's seed."""
 
     async def script(world: World) -> None:
         hit: list[str] = []
