@@ -16,7 +16,7 @@ import heapq
 import itertools
 import random
 import selectors
-from asyncio import base_events
+from asyncio import base_events, format_helpers
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -193,10 +193,28 @@ class SimLoop(asyncio.SelectorEventLoop):
                 handle = ready.popleft()
                 if handle._cancelled:
                     continue
-                handle._run()
+                # handle._run(), inlined (its frame is a tenth of a schedule's cost).
+                try:
+                    handle._context.run(handle._callback, *handle._args)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self._callback_failed(handle, exc)
             handle = None
             if this._stopping:
                 return
+
+    def _callback_failed(self, handle: Any, exc: BaseException) -> None:
+        """What Handle._run does when its callback raises: report it to the loop's handler."""
+        source = format_helpers._format_callback_source(handle._callback, handle._args)
+        context: dict[str, Any] = {
+            "message": f"Exception in callback {source}",
+            "exception": exc,
+            "handle": handle,
+        }
+        if handle._source_traceback:
+            context["source_traceback"] = handle._source_traceback
+        self.call_exception_handler(context)
 
 
 def run_simulated(main: Coroutine[object, object, T]) -> T:
