@@ -1,19 +1,31 @@
 """Run many seeded fault schedules of the fleet simulation and print the counts.
 
     python bench/simulate.py --schedules 10000 [--start 0] [--workers 2]
+    python bench/simulate.py --schedules 1500 --baseline /path/to/other/checkout
+
 
 Prints how many schedules ran, with which faults, how many broke an invariant (with their
 seeds, to replay with `python -m tests.simulation.schedule SEED`), the documented
 unavoidable case (a grant lost after a lost reply, announced by grant.outcome_unknown), and
 the pair coverage: for every pair of fault kinds, in how many schedules both were active
 inside one spend (and the pairs that never were).
+
+With --baseline, runs the same seeds in this checkout and in another one at the same time (one
+worker each, so both see the same load) and prints the CPU per schedule of each (mean, p50,
+p99, and their ratio), and every seed whose verdict, or digest of what happened (the server's
+presentations with their times, the counts, the pairs), differs between them
+(bench/simulate_trace.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import multiprocessing
+import multiprocessing.pool
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,13 +75,95 @@ def _print_pairs(pairs: collections.Counter[tuple[str, str]]) -> None:
         print(f"  {pair[0]} + {pair[1]}")
 
 
+def _trace(root: Path, start: int, count: int, chunks: int) -> dict[int, dict[str, object]]:
+    """Run seeds start..start+count-1 of checkout `root` in `chunks` processes one after the
+    other (bench/simulate_trace.py); return each seed's line."""
+    script = Path(__file__).resolve().parent / "simulate_trace.py"
+    lines: dict[int, dict[str, object]] = {}
+    size = -(-count // chunks)
+    for first in range(start, start + count, size):
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(script),
+                str(root),
+                str(first),
+                str(min(size, start + count - first)),
+            ],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        for line in out.splitlines():
+            entry = json.loads(line)
+            lines[entry["seed"]] = entry
+    return lines
+
+
+def _costs(name: str, lines: dict[int, dict[str, object]]) -> list[float]:
+    cpu = sorted(float(entry["cpu"]) * 1000 for entry in lines.values())  # type: ignore[arg-type]
+    p99 = cpu[min(len(cpu) - 1, int(0.99 * len(cpu)))]
+    print(
+        f"{name:9} ms CPU per schedule: mean {statistics.fmean(cpu):6.1f}  "
+        f"p50 {statistics.median(cpu):6.1f}  p99 {p99:6.1f}  (sum {sum(cpu) / 1000:.0f} s)"
+    )
+    return [statistics.fmean(cpu), statistics.median(cpu), p99]
+
+
+def compare(baseline: Path, start: int, count: int) -> int:
+    """This checkout against `baseline` over the same seeds: cost, verdicts, digests."""
+    here = Path(__file__).resolve().parent.parent
+    started = time.monotonic()
+    with multiprocessing.pool.ThreadPool(2) as pool:
+        old, new = pool.starmap(
+            _trace, [(baseline.resolve(), start, count, 10), (here, start, count, 10)]
+        )
+    print(
+        f"seeds {start}..{start + count - 1}, both checkouts at once: "
+        f"{time.monotonic() - started:.0f} s"
+    )
+    before = _costs("baseline", old)
+    after = _costs("this", new)
+    print(
+        "ratio     baseline/this: "
+        + "  ".join(
+            f"{name} {b / a:.1f}x"
+            for name, b, a in zip(("mean", "p50", "p99"), before, after, strict=True)
+        )
+    )
+    verdicts = [s for s in old if old[s]["ok"] != new[s]["ok"]]
+    violations = [s for s in old if old[s]["violations"] != new[s]["violations"]]
+    digests = [s for s in old if old[s]["digest"] != new[s]["digest"]]
+    stories = [s for s in old if old[s].get("story") != new[s].get("story")]
+    events = [s for s in old if old[s]["events"] != new[s]["events"]]
+    for name, lines in (("baseline", old), ("this", new)):
+        failing = sorted(s for s in lines if not lines[s]["ok"])
+        print(f"failing seeds ({name}): {len(failing)}: {' '.join(map(str, failing))}")
+    print(f"seeds whose verdict differs: {len(verdicts)} {verdicts[:50]}")
+    print(f"seeds whose violations differ: {len(violations)} {violations[:50]}")
+    print(
+        f"seeds whose digest (presentations with their times, counts, pairs) differs: "
+        f"{len(digests)} {digests[:50]}"
+    )
+    print(
+        f"seeds whose presentations, counts or pairs differ (times aside): "
+        f"{len(stories)} {stories[:50]}"
+    )
+    print(f"seeds whose logged events differ: {len(events)} {events[:50]}")
+    return 1 if verdicts or violations else 0
+
+
 def main() -> int:
     """Run the schedules and print the counts; exit 1 when any invariant broke."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedules", type=int, default=10_000)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--baseline", type=Path, help="another checkout to compare with")
     args = parser.parse_args()
+    if args.baseline is not None:
+        return compare(args.baseline, args.start, args.schedules)
     started = time.monotonic()
     seeds = range(args.start, args.start + args.schedules)
     kinds: collections.Counter[str] = collections.Counter()

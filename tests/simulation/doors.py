@@ -572,11 +572,17 @@ def mark_sent_answer_lost_in_an_outage() -> Schedule:
 
 def paused_bystander_keeps_its_buffered_notices() -> Schedule:
     """Found by the swarm (seed 1261): a bystander is paused for 6.8 s (a GC pause, a stalled
-    loop) inside a spend's objection window. The server answers 429 without acting, the
-    spender aborts and is then cut off; the notices (`sent`, `abort`) wait unread in the paused
-    bystander's socket. When it resumes, its silence guard has overslept the 5 s deadline: the
-    old one dropped the subscription after reading `sent` and before `abort`, remembered the
-    token as sent for good, and vetoed the third replica's spend of it."""
+    loop) inside a spend's objection window. The server takes 1.5 s to answer 429 without
+    acting, the spender aborts and is then cut off; the notices (`sent`, `abort`) wait unread
+    in the paused bystander's socket. When it resumes, its silence guard has overslept the 5 s
+    deadline: the old one dropped the subscription after reading `sent` and before `abort`,
+    remembered the token as sent for good, and vetoed the third replica's spend of it.
+
+    Re-aimed after the lease notices changed every schedule's timing: which of the resuming
+    reader and guard runs first is the event loop's choice (both wake at the pause's end), and
+    with an answer at once the reader went first, so the old guard saw `sent` just read and
+    let the subscription be. With the 429 1-2 s slow the guard goes first (tried: pauses
+    0.05-0.45 s into the window, 5.5-8 s long), as it did in the swarm's seed."""
 
     async def script(world: World) -> None:
         hit: list[str] = []
@@ -593,11 +599,12 @@ def paused_bystander_keeps_its_buffered_notices() -> Schedule:
             elif phase == "sent" and len(hit) == 1:
                 hit.append(replica)
                 world.server.faults.status, world.server.faults.retry_after = 429, 10.0
+                world.server.faults.stall_next = 1.5
 
         world.server.phases.listeners.append(on_phase)
         await until(world, lambda: len(hit) == 2)
         spender = _index(world, hit[0])
-        await world.time.sleep(1.0)
+        await world.time.sleep(2.5)  # the 429 came, the abort is published: cut the spender off
         world.replicas[spender].view.faults.partitioned = True
         await world.time.sleep(8.0)
         world.server.faults.status, world.server.faults.retry_after = None, None
@@ -878,7 +885,7 @@ def a_pod_started_in_an_outage_with_its_clock_behind() -> Schedule:
     is down, so it cannot measure its offset, and the server is down too. When the store is
     back (after the last set's true expiry), the pod reads the set at once, on its own clock
     alone: by that clock the set still lives 25 s, and it served it until its measuring round
-    came, up to 5 s later. It must measure before it reads a set from the store."""
+    came, up to 5 s later (here 3.5 s). It must measure before it reads a set from the store."""
 
     async def script(world: World) -> None:
         server = world.server
@@ -888,7 +895,13 @@ def a_pod_started_in_an_outage_with_its_clock_behind() -> Schedule:
         world.set_store_outage(True)
         await world.crash(1)
         world.start_replica(1)
-        await world.time.sleep(75.0)  # past the set's true expiry (a 60 s lifetime)
+        # Past the set's true expiry (a 60 s lifetime), and 1.5 s after one of the new pod's
+        # measuring rounds (every 5 s from its start while it never measured): the old code
+        # reads the set at once and serves it until the next round. Back on a round (75 s),
+        # the pod measured the moment it read, and the old code served nothing late (any
+        # outage of 75.5-77.5 s opens the door; from 78 s its own clock's margin ends the set
+        # before a step check sees it).
+        await world.time.sleep(76.5)
         world.set_store_outage(False)
         await world.time.sleep(30.0)
         server.faults.down = False

@@ -355,11 +355,6 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert not result.revoked, result.report()
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the lease notices (merged after this door) changed its timing: the old guard no "
-        "longer opens it; the door is being re-aimed",
-    )
     def test_a_silence_guard_that_counts_its_own_pause_as_silence(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
@@ -508,11 +503,6 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert result.revoked, result.report()
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the lease notices (merged with this door) changed its timing: reading the store "
-        "first no longer opens it; the door is being re-aimed",
-    )
     def test_reading_the_store_before_measuring_the_clock(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:

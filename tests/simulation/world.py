@@ -9,12 +9,15 @@ nothing depends on the order of real I/O, so a seed replays exactly.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
+import heapq
 import itertools
 import random
 import selectors
+from asyncio import base_events, format_helpers
 from collections.abc import (
-    AsyncGenerator,
     AsyncIterator,
     Callable,
     Coroutine,
@@ -57,13 +60,20 @@ from broker.store import (
 from broker.store.memory import MemoryState, MemoryStore
 
 APP = "scim"
+# asyncio's own bounds (Python 3.11), for the lean copy of its loop iteration in SimLoop.
+_MIN_SCHEDULED_TIMER_HANDLES: int = base_events._MIN_SCHEDULED_TIMER_HANDLES  # type: ignore[attr-defined]
+_MIN_CANCELLED_TIMER_HANDLES_FRACTION: float = (
+    base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION  # type: ignore[attr-defined]
+)
+_MAXIMUM_SELECT_TIMEOUT: float = base_events.MAXIMUM_SELECT_TIMEOUT  # type: ignore[attr-defined]
 T = TypeVar("T")
 
 
 class _NoIO(selectors.SelectSelector):
     """A selector for a loop with no real I/O: "waiting" moves the simulated clock instead.
 
-    It keeps the loop's self-pipe registered (as asyncio requires) but never polls it.
+    It keeps the loop's self-pipe registered (as asyncio requires) but never polls it. (SimLoop's
+    own loop iteration moves the clock itself and never calls `select`.)
     """
 
     loop: SimLoop | None = None
@@ -83,6 +93,13 @@ class SimLoop(asyncio.SelectorEventLoop):
     Every task runs until it waits; only then does the clock move, straight to the earliest
     wake-up. So a run is a pure function of its seed, costs nothing while "waiting", and the
     asyncio timers (`asyncio.sleep`) are the world's scheduler.
+
+    The loop's own work is most of a schedule's cost (tens of thousands of wake-ups), so the
+    methods it runs for each are lean copies of asyncio's (Python 3.11) that keep its order
+    exactly: the same timer heap, compared by due time alone (as TimerHandle's `<` does, so
+    timers due at the same moment leave in the same order), the same clean-up of cancelled
+    timers, the same batches of ready callbacks. Only the I/O poll, which never finds anything
+    here, and the debug checks are left out.
     """
 
     def __init__(self) -> None:
@@ -90,16 +107,138 @@ class SimLoop(asyncio.SelectorEventLoop):
         super().__init__(selector)
         selector.loop = self
         self.now = 0.0
+        # Never in debug mode: futures and tasks ask this at every creation (in C), so answer
+        # with a C callable instead of a Python method.
+        self.get_debug = False.__bool__  # type: ignore[method-assign]
 
     def time(self) -> float:
         """Simulated seconds since the world began."""
         return self.now
+
+    def sleeper(self, seconds: float) -> tuple[asyncio.Future[None], asyncio.TimerHandle]:
+        """What asyncio.sleep(seconds) awaits: a future, resolved by a timer due then. (The
+        timer needs no context of its own: it only resolves the future.)"""
+        future = self.create_future()
+        timer = self.call_at(
+            self.now + seconds, _set_result_unless_cancelled, future, None, context=_TIMER_CONTEXT
+        )
+        return future, timer
+
+    # ---- the lean copies (see the class docstring) ----------------------------------------
+    # (They use BaseEventLoop's private fields, which typeshed does not declare: `this` is the
+    # loop, untyped.)
+
+    def call_soon(  # type: ignore[override]
+        self, callback: Callable[..., object], *args: Any, context: Any = None
+    ) -> asyncio.Handle:
+        """asyncio's call_soon, without the debug checks."""
+        this: Any = self
+        if this._debug or this._closed:
+            return super().call_soon(callback, *args, context=context)
+        handle = asyncio.Handle(callback, args, self, context)
+        this._ready.append(handle)
+        return handle
+
+    def call_later(  # type: ignore[override]
+        self, delay: float, callback: Callable[..., object], *args: Any, context: Any = None
+    ) -> asyncio.TimerHandle:
+        """asyncio's call_later (due at `now + delay`, as asyncio computes it)."""
+        return self.call_at(self.now + delay, callback, *args, context=context)
+
+    def call_at(  # type: ignore[override]
+        self, when: float, callback: Callable[..., object], *args: Any, context: Any = None
+    ) -> asyncio.TimerHandle:
+        """asyncio's call_at; the heap holds (due time, timer) pairs, compared in C."""
+        this: Any = self
+        if this._debug or this._closed or when is None:
+            raise RuntimeError("the simulated loop runs without debug, and only while open")
+        timer: Any = asyncio.TimerHandle(when, callback, args, self, context)
+        heapq.heappush(this._scheduled, (when, timer))
+        timer._scheduled = True
+        return cast(asyncio.TimerHandle, timer)
+
+    def _run_once(self) -> None:
+        """asyncio's loop iteration (BaseEventLoop._run_once), repeated until the loop stops
+        (what run_forever would do), with the poll replaced by the jump in simulated time."""
+        this: Any = self
+        ready: collections.deque[Any] = this._ready
+        resolution: float = this._clock_resolution
+        heappop = heapq.heappop
+        while True:
+            scheduled: list[tuple[float, Any]] = this._scheduled
+            count = len(scheduled)
+            if (
+                count > _MIN_SCHEDULED_TIMER_HANDLES
+                and this._timer_cancelled_count / count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+            ):
+                kept = []
+                for entry in scheduled:
+                    if entry[1]._cancelled:
+                        entry[1]._scheduled = False
+                    else:
+                        kept.append(entry)
+                heapq.heapify(kept)
+                this._scheduled = scheduled = kept
+                this._timer_cancelled_count = 0
+            else:
+                while scheduled and scheduled[0][1]._cancelled:
+                    this._timer_cancelled_count -= 1
+                    heappop(scheduled)[1]._scheduled = False
+            if not ready and not this._stopping:
+                if not scheduled:
+                    raise RuntimeError(
+                        "simulation deadlock: nothing runs and nothing waits on the clock"
+                    )
+                # What the poll would have waited: the clock moves by just that.
+                self.now += min(max(0, scheduled[0][0] - self.now), _MAXIMUM_SELECT_TIMEOUT)
+            end_time = self.now + resolution
+            while scheduled:
+                if scheduled[0][0] >= end_time:
+                    break
+                handle = heappop(scheduled)[1]
+                handle._scheduled = False
+                ready.append(handle)
+            for _ in range(len(ready)):
+                handle = ready.popleft()
+                if handle._cancelled:
+                    continue
+                # handle._run(), inlined (its frame is a tenth of a schedule's cost).
+                try:
+                    handle._context.run(handle._callback, *handle._args)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self._callback_failed(handle, exc)
+            handle = None
+            if this._stopping:
+                return
+
+    def _callback_failed(self, handle: Any, exc: BaseException) -> None:
+        """What Handle._run does when its callback raises: report it to the loop's handler."""
+        source = format_helpers._format_callback_source(handle._callback, handle._args)
+        context: dict[str, Any] = {
+            "message": f"Exception in callback {source}",
+            "exception": exc,
+            "handle": handle,
+        }
+        if handle._source_traceback:
+            context["source_traceback"] = handle._source_traceback
+        self.call_exception_handler(context)
 
 
 def run_simulated(main: Coroutine[object, object, T]) -> T:
     """Run `main` to completion on a fresh SimLoop."""
     with asyncio.Runner(loop_factory=SimLoop) as runner:
         return runner.run(main)
+
+
+_TIMER_CONTEXT = contextvars.Context()
+
+
+def _set_result_unless_cancelled(future: asyncio.Future[None], result: None) -> None:
+    """What asyncio.sleep's timer does (asyncio.futures._set_result_unless_cancelled)."""
+    if not future.cancelled():
+        future.set_result(result)
 
 
 class SimTime:
@@ -119,7 +258,13 @@ class SimTime:
     async def sleep(self, seconds: float) -> None:
         """Wait until the world's time has moved `seconds` on."""
         if seconds > 0:
-            await asyncio.sleep(seconds)
+            # asyncio.sleep(seconds), inlined: the world's most frequent wait.
+            future, timer = self._loop.sleeper(seconds)
+            try:
+                await future
+            except BaseException:
+                timer.cancel()  # (a timer that ran is no longer scheduled: nothing to cancel)
+                raise
         else:
             await asyncio.sleep(0)
 
@@ -145,22 +290,33 @@ class ReplicaClock:
         self, world: SimTime, wall_offset: float, mono_base: float, frozen: Frozen | None = None
     ) -> None:
         self._world = world
+        self._loop = world._loop
         self.wall_offset = wall_offset
         self._mono_base = mono_base
         self.frozen = frozen if frozen is not None else Frozen(world)
 
     def time(self) -> float:
         """Wall time as this replica's (possibly wrong) clock reads it."""
-        return WALL_EPOCH + self._world.now + self.wall_offset
+        return WALL_EPOCH + self._loop.now + self.wall_offset
 
     def monotonic(self) -> float:
         """Monotonic time: true elapsed time from an arbitrary base."""
-        return self._mono_base + self._world.now
+        return self._mono_base + self._loop.now
 
     async def sleep(self, seconds: float) -> None:
         """Sleep on the world's clock (and past it while the process is frozen)."""
-        await self._world.sleep(seconds)
-        await self.frozen.thaw()
+        if seconds > 0:
+            # SimTime.sleep, inlined: every replica's waits come here.
+            future, timer = self._loop.sleeper(seconds)
+            try:
+                await future
+            except BaseException:
+                timer.cancel()
+                raise
+        else:
+            await asyncio.sleep(0)
+        if self.frozen.until > self._loop.now:
+            await self.frozen.thaw()
 
 
 WALL_EPOCH = 1_800_000_000.0
@@ -357,7 +513,8 @@ class SimSource:
         arrives_at = self._world.now + delay
         try:
             await self._world.sleep(delay)
-            await self.frozen.thaw()
+            if self.frozen.until > self._world.now:
+                await self.frozen.thaw()
         except asyncio.CancelledError:
             # The sender died (or gave up) with the request on the wire.
             if refresh_token is not None:
@@ -405,7 +562,8 @@ class SimSource:
                 on_spend()
         try:
             await self._world.sleep(0.02 + self._rng.random() * 0.05)
-            await self.frozen.thaw()
+            if self.frozen.until > self._world.now:
+                await self.frozen.thaw()
         except asyncio.CancelledError:
             # The caller gave up (or died) after the server acted: that reply is lost too.
             if record is not None:
@@ -508,25 +666,61 @@ def _may_apply_late(
 # ---- the store --------------------------------------------------------------------------------
 
 
+class Inbox:
+    """One subscription's end of the store's notices: what MemoryStore.updates keeps in an
+    asyncio.Queue (the store puts each notice with `put_nowait`, None to end every
+    subscription), read without a task per notice; `wake` also ends its reader's wait when
+    something that may drop connections changed."""
+
+    def __init__(self) -> None:
+        self.notices: collections.deque[Notice | None] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, notice: Notice | None) -> None:
+        """The store published `notice` (None: the store closed)."""
+        self.notices.append(notice)
+        self.wake()
+
+    def wake(self) -> None:
+        """End the reader's wait (if it waits)."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 class ConnectionWatch:
     """Wakes every subscription when something that may drop connections changed (a partition,
     an outage, a store restart), so a subscription checks at once instead of polling."""
 
     def __init__(self) -> None:
-        self._waiters: list[asyncio.Future[None]] = []
+        self._inboxes: dict[Inbox, None] = {}  # (in the order they subscribed)
 
-    def waiter(self) -> asyncio.Future[None]:
-        """A future resolved at the next change."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        return future
+    def listen(self, inbox: Inbox) -> None:
+        """Wake `inbox` at every change, until `forget`."""
+        self._inboxes[inbox] = None
+
+    def forget(self, inbox: Inbox) -> None:
+        """Stop waking `inbox`."""
+        self._inboxes.pop(inbox, None)
 
     def poke(self) -> None:
         """Something changed: wake every waiting subscription."""
-        waiters, self._waiters = self._waiters, []
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)
+        for inbox in list(self._inboxes):
+            inbox.wake()
+
+
+class Subscribers(dict[Inbox, None]):
+    """The store's subscriptions, as the set MemoryStore keeps them in, but published to in the
+    order they subscribed (a set's order follows memory addresses, which any change to the
+    code may move: the world must not depend on them)."""
+
+    def add(self, inbox: Inbox) -> None:
+        """Subscribe `inbox`."""
+        self[inbox] = None
+
+    def discard(self, inbox: Inbox) -> None:
+        """Unsubscribe `inbox`."""
+        self.pop(inbox, None)
 
 
 @dataclass
@@ -567,6 +761,7 @@ class SimMemoryStore(MemoryStore):
         # What a replica holds after the last write it acknowledged (`WAIT 1` after
         # `mark_sent`): replication keeps order, so it has every write up to that one.
         self.acknowledged: MemoryState | None = None
+        self._subscribers = Subscribers()  # type: ignore[assignment]
 
     def restore(self, state: MemoryState) -> None:
         """Replace everything stored; subscriptions check whether their connection dropped."""
@@ -644,7 +839,8 @@ class SimStoreView:
     async def _hop(self) -> None:
         self._reachable()
         await self._world.sleep(0.001 + self._rng.random() * 0.004)
-        await self.frozen.thaw()
+        if self.frozen.until > self._world.now:
+            await self.frozen.thaw()
         self._reachable()
 
     def _maybe_lose(self) -> None:
@@ -776,27 +972,41 @@ class SimStoreView:
         self._maybe_lose()
 
     async def updates(self) -> AsyncIterator[Notice]:
-        """Notices, until this connection breaks."""
+        """Notices, until this connection breaks.
+
+        Subscribes as MemoryStore.updates does (its `_check` on subscribing and on each notice,
+        None ends it), into an Inbox that the watch also wakes: one wait per notice, no task.
+        """
         self._reachable()
-        feed = cast(AsyncGenerator[Notice, None], self._shared.updates())
-        getter: asyncio.Future[Notice] | None = None
+        store = self._shared
+        store._check()
+        inbox = Inbox()
+        store._subscribers.add(inbox)  # type: ignore[arg-type]
+        self._watch.listen(inbox)
+        loop = asyncio.get_running_loop()
         restarts, moves = self.restarts[0], self.moves
         half_opened = self.faults.half_opened
         try:
             while True:
-                getter = asyncio.ensure_future(anext(feed))
-                while not getter.done():
-                    # Woken by a notice, or by a change that may have dropped the connection.
-                    waiting: set[asyncio.Future[Any]] = {getter, self._watch.waiter()}
-                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                # Woken by a notice, or by a change that may have dropped the connection.
+                while True:
                     if self.faults.half_opened != half_opened:
                         break
                     if self._dropped(restarts, moves):
                         raise StoreUnavailable("simulated: subscription dropped")
+                    if inbox.notices:
+                        break
+                    inbox.waiter = loop.create_future()
+                    await inbox.waiter
                 if self.faults.half_opened == half_opened:
-                    notice = getter.result()
+                    taken = inbox.notices.popleft()
+                    if taken is None:
+                        return  # the store closed every subscription
+                    notice = taken
+                    store._check()
                     await self._world.sleep(0.002)
-                    await self.frozen.thaw()
+                    if self.frozen.until > self._world.now:
+                        await self.frozen.thaw()
                 if self.faults.half_opened != half_opened:
                     # Half-open: silence for good; only the subscriber's own deadline ends it.
                     await asyncio.Future()
@@ -817,10 +1027,8 @@ class SimStoreView:
                     continue
                 yield notice
         finally:
-            if getter is not None and not getter.done():
-                getter.cancel()
-                await asyncio.gather(getter, return_exceptions=True)
-            await feed.aclose()
+            store._subscribers.discard(inbox)
+            self._watch.forget(inbox)
 
     def _dropped(self, restarts: int, moves: int) -> bool:
         """A subscription made at (`restarts`, `moves`) is cut off now."""
