@@ -363,6 +363,8 @@ class TestEachFixPutBackOpensItsDoor:
         still unread in its socket; the bystander remembers the token as sent and vetoes the
         next replica's spend of it: the fleet waits for a person."""
         mutate(core_module, "PAUSED_AFTER", math.inf)
+        # The old veto named no spend either: the spender now lifts one that names it.
+        mutate(FleetProtocol, "_protects", lambda self, refresh_fp: None)
         result = run(DOORS["paused_bystander_keeps_its_buffered_notices"]())
         assert not result.ok
         assert not result.revoked, result.report()
