@@ -234,7 +234,7 @@ class BrokerCore:
                     log.info("store.reconnected")
                     was_down = False
                 for refresher in self.refreshers.values():
-                    refresher.notify_store_changed()
+                    refresher.notify_store_changed(reconnected=True)
                 subscribed_at = self._clock.monotonic()
                 silent_for = await self._follow_notices()
             except StoreUnavailable as exc:

@@ -38,6 +38,10 @@ from broker.store import Notice, SpendEnd, SpendStart, TokenStore
 
 log = get_logger(__name__)
 
+# How many of our aborted spends of one refresh token are remembered for re-sending after a
+# reconnect: each lease of a failing spend adds one.
+MAX_REMEMBERED_ABORTS = 16
+
 
 @dataclass(frozen=True, slots=True)
 class Timing:
@@ -213,6 +217,9 @@ class FleetProtocol:
         # `sent` notice, the spender; None once a second replica sent it too), until a newer
         # set, an abort or the spender's own next spend resolves them.
         self._foreign_spends: dict[str, tuple[float, str | None]] = {}
+        # ...and the fence of such a spend, where its store record told us: (owner, fence). A
+        # veto that stands for that spend alone names it, so its spender can lift it.
+        self._foreign_fences: dict[str, tuple[str, int]] = {}
         # Refresh tokens whose spend has an unknown outcome: never presented again.
         self._unknown: set[str] = set()
         # Refresh tokens another replica sent whose spend we found unresolved when we held the
@@ -222,6 +229,12 @@ class FleetProtocol:
         self._retried: set[str] = set()
         # Our own last spend that ended without effect (its record may survive the abort).
         self._aborted_fence = 0
+        # Every spend of ours that ended without effect, fence → refresh fingerprint, while
+        # its token is the newest we know: a split brain may keep its `sent` record on the
+        # side the abort never reached, and the heal may discard the side it did. Re-sent
+        # after each reconnect (`resend_aborts`); owner- and fence-matched, so always safe.
+        self._aborts: dict[int, str] = {}
+        self._resend = False
         # The same, of the protocol this one replaced in a config reload: (owner, fence).
         self._carried_aborts: list[tuple[str, int]] = []
         # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
@@ -360,9 +373,23 @@ class FleetProtocol:
     async def veto(self, notice: Notice) -> None:
         """Stop another replica's spend of a refresh token we know was already sent."""
         assert notice.refresh_fp is not None
+        fp = notice.refresh_fp
         with contextlib.suppress(StoreUnavailable):
-            if await self._store.veto_spend(self.key, refresh_fp=notice.refresh_fp):
+            if await self._store.veto_spend(self.key, refresh_fp=fp, protects=self._protects(fp)):
                 log.warning("grant.spend_vetoed", app=self.app, spender=notice.owner)
+
+    def _protects(self, refresh_fp: str) -> tuple[str, int] | None:
+        """The one spend (owner, fence) a veto of `refresh_fp` stands for, when that is all
+        this replica knows of it: its spender's abort of that fence may then lift the veto."""
+        if refresh_fp in self._unknown or refresh_fp == self.in_flight:
+            return None
+        foreign = self._foreign_spends.get(refresh_fp)
+        if foreign is None or foreign[1] is None:
+            return None
+        known = self._foreign_fences.get(refresh_fp)
+        if known is not None and known[0] == foreign[1]:
+            return known
+        return (foreign[1], 0)  # known from its `sent` notice, which names no fence
 
     async def veto_in_flight(self) -> None:
         """After a reconnect: veto an announced spend of the token we have on the wire.
@@ -414,6 +441,8 @@ class FleetProtocol:
         self._unknown = {k for k in self._unknown if k == keep}
         self._unknown_foreign = {k for k in self._unknown_foreign if k == keep}
         self._retried = {k for k in self._retried if k == keep}
+        self._aborts = {f: fp for f, fp in self._aborts.items() if fp == keep}
+        self._foreign_fences = {k: v for k, v in self._foreign_fences.items() if k == keep}
 
     def outcome_unknown(self, token: TokenSet | None) -> bool:
         """True when `token`'s refresh token must not be presented: its last spend is unknown."""
@@ -508,6 +537,17 @@ class FleetProtocol:
             )
             log.info("spend.abort_resolved", app=self.app, fence=fence, carried=True)
             self._carried_aborts.pop()
+        if self._resend:
+            # Reconnected: this may be another primary (a failover, a split brain's heal) that
+            # kept a record of a spend we aborted elsewhere, or restored one under a grace
+            # retry that names it. Say again that each ended without effect.
+            for fence in sorted(self._aborts):
+                if not self._settled(self._aborts[fence]):
+                    continue  # a later spend of that token is unknown: nothing to lift
+                await self._store.end_spend(
+                    self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED
+                )
+            self._resend = False
         fence = self._aborted_fence
         if fence == 0:
             return
@@ -518,15 +558,44 @@ class FleetProtocol:
         if self._aborted_fence == fence:
             self._aborted_fence = 0
 
+    def resend_aborts(self) -> None:
+        """The store connection was (re)made: on the next sync, end again every spend of ours
+        that ended without effect (`_aborts`), in case this primary kept its record."""
+        self._resend = bool(self._aborts)
+
     async def _record_owner(self, refresh_fp: str) -> str | None:
-        """Who made the store's spend record of `refresh_fp` (None: unknown, or ourselves)."""
+        """Who made the store's spend record of `refresh_fp` (None: unknown, or ourselves);
+        its fence too, when it is that owner's spend (not a veto's or a restored record)."""
         try:
             record = await self._store.load_spend(self.key)
         except StoreUnavailable:
             return None
         if record is None or record.refresh_fp != refresh_fp or record.owner == self._owner:
             return None
+        if record.fence > 0 and not record.retry:
+            self._foreign_fences[refresh_fp] = (record.owner, record.fence)
         return record.owner
+
+    def _settled(self, refresh_fp: str) -> bool:
+        """No spend of ours of `refresh_fp` has an unknown outcome or is on the wire."""
+        return refresh_fp not in self._unknown and refresh_fp != self.in_flight
+
+    async def _lift_vetoes_of_our_aborts(self, refresh_fp: str) -> bool:
+        """The store answered UNKNOWN for `refresh_fp`: its record may stand for a spend of
+        ours that ended without effect (a veto naming it, or a stale copy a split brain kept).
+        End each such spend again; True when the record is gone."""
+        fences = [f for f, fp in self._aborts.items() if fp == refresh_fp]
+        if not fences or not self._settled(refresh_fp):
+            return False
+        try:
+            for fence in sorted(fences):
+                await self._store.end_spend(
+                    self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED
+                )
+            record = await self._store.load_spend(self.key)
+        except StoreUnavailable:
+            return False
+        return record is None or record.refresh_fp != refresh_fp
 
     async def _owner_respends(self, refresh_fp: str) -> bool:
         """The announced spend of `refresh_fp` in the store is not to be vetoed: the one grace
@@ -572,7 +641,9 @@ class FleetProtocol:
         if (
             refresh_fp is not None
             and remembered
-            and await self._store.veto_spend(self.key, refresh_fp=refresh_fp)
+            and await self._store.veto_spend(
+                self.key, refresh_fp=refresh_fp, protects=self._protects(refresh_fp)
+            )
         ):
             log.warning("grant.spend_vetoed", app=self.app, spender=None)
 
@@ -819,6 +890,9 @@ class FleetProtocol:
             return Busy(0.0)
         if start is SpendStart.STALE:
             return Busy(0.0)
+        if start is SpendStart.UNKNOWN and await self._lift_vetoes_of_our_aborts(refresh_fp):
+            log.info("spend.abort_resolved", app=self.app, lifted=True)
+            return Busy(0.0)
         if start is SpendStart.UNKNOWN:
             # Another attempt's record (we reach begin_spend only for a token we remember no
             # unknown spend of): its spender may still resolve it, e.g. a spend whose
@@ -834,6 +908,7 @@ class FleetProtocol:
                 "the store records a spend of this refresh token with no known outcome", refresh_fp
             )
         self._aborted_fence = 0
+        self._aborts.pop(fence, None)  # a fence repeated after a store rollback: a new spend
         if start is SpendStart.RETRY:
             self._retried.add(refresh_fp)
             log.warning("grant.retrying_in_grace_window", app=self.app)
@@ -978,6 +1053,13 @@ class FleetProtocol:
             # Our next begin_spend may replace the record: the abort may not be stored, or a
             # failover may bring the record back (only `sent` is waited for, not the abort).
             self._aborted_fence = fence
+            current = self._current()
+            if current is not None and current.refresh_fingerprint is not None:
+                self._aborts[fence] = current.refresh_fingerprint
+                if len(self._aborts) > MAX_REMEMBERED_ABORTS:
+                    # Keep the oldest (the one spend whose record a split's other side copied
+                    # is the first of a run of aborts) and this newest one.
+                    del self._aborts[sorted(self._aborts)[-2]]
         with contextlib.suppress(StoreUnavailable):
             await self._store.end_spend(self.key, owner=self._owner, fence=fence, outcome=outcome)
 

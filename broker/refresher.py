@@ -487,12 +487,16 @@ class AppRefresher:
             self._dirty = True
             self._unsynced = True
 
-    def notify_store_changed(self) -> None:
+    def notify_store_changed(self, *, reconnected: bool = False) -> None:
         """The store may hold something new (a reconnect): look on the next turn.
 
         With a refresh token of ours on the wire, also veto at once any spend of it that was
-        announced while we were away (the loop itself waits for the answer).
+        announced while we were away (the loop itself waits for the answer). After a
+        reconnect (`reconnected`: maybe to another primary) the next look also ends again our
+        spends that ended without effect.
         """
+        if reconnected:
+            self.fleet.resend_aborts()
         self._dirty = True
         self._wake.set()
         if self.fleet.in_flight is not None:

@@ -107,12 +107,14 @@ class SpendEnd(enum.StrEnum):
 class SpendRecord:
     """The stored spend record, as `load_spend` reads it: whose, of which refresh token, its
     state (`announced`, `sent`, `unknown` or `vetoed`), and whether it is the one grace retry
-    the store granted (nobody vetoes that)."""
+    the store granted (nobody vetoes that). `fence` is the spend's (0 once vetoed or
+    restored); it is not compared: two reads of one spend are equal."""
 
     owner: str
     refresh_fp: str
     state: str
     retry: bool = False
+    fence: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,10 +275,20 @@ class TokenStore(Protocol):
         """
         ...
 
-    async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
+    async def veto_spend(
+        self, app: str, *, refresh_fp: str, protects: tuple[str, int] | None = None
+    ) -> bool:
         """Mark an *announced* spend of `refresh_fp` as vetoed, so it is never marked sent and
         no later spend of that token by any fence is allowed (a state of its own: the vetoed
         spender's next `begin_spend` does not take it for its own resolved record).
+
+        `protects` names the one earlier spend (owner, fence) the veto stands for, when the
+        vetoing replica knows of no other (fence 0: that owner's spends of the token, known
+        from a notice, which carries no fence): that spender's own `end_spend(aborted)` under
+        that fence (any, for 0) then removes the vetoed record. The spender sends it only while
+        no spend of its of that token is unknown or on the wire: it knows they had no effect
+        (a split brain may have kept a stale copy of a record where its abort never arrived).
+        A vetoed grace retry already names the spend it retried.
 
         A replica that remembers an earlier spend of that refresh token with no known outcome
         (the store forgot it: a rollback, an empty restart) stops a replica that does not.
@@ -298,7 +310,8 @@ class TokenStore(Protocol):
         An abort by the owner and fence of the spend a grace retry retried (its spender never
         sent it: its `mark_sent` answer was lost) makes the retry an ordinary first spend
         (announced: with an abort notice in that owner's name; already sent: silently), and
-        removes the record such a retry restored when it aborted (with an abort notice).
+        removes the record such a retry restored when it aborted (with an abort notice), and a
+        vetoed record that names that spend as the one it protects (with an abort notice).
         """
         ...
 

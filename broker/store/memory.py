@@ -264,11 +264,14 @@ class MemoryStore:
         if spend is None:
             return None
         retry = spend.orig_sent_at is not None
-        return SpendRecord(spend.owner, spend.refresh_fp, spend.state, retry)
+        return SpendRecord(spend.owner, spend.refresh_fp, spend.state, retry, spend.fence)
 
-    async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
+    async def veto_spend(
+        self, app: str, *, refresh_fp: str, protects: tuple[str, int] | None = None
+    ) -> bool:
         """Turn an announced spend of `refresh_fp` into an unknown one under no fence, while its
-        spender holds the lease (without it the spend can never be sent: left alone)."""
+        spender holds the lease (without it the spend can never be sent: left alone), naming
+        the spend it `protects` (a vetoed grace retry names the spend it retried)."""
         self._check()
         spend = self.state.spends.get(app)
         if spend is None or spend.refresh_fp != refresh_fp or spend.state != "announced":
@@ -278,6 +281,8 @@ class MemoryStore:
         spend.fence, spend.state, spend.retries = 0, "vetoed", 1
         if spend.orig_sent_at is not None:
             spend.sent_at, spend.orig_sent_at = spend.orig_sent_at, None
+        elif protects is not None:
+            spend.orig_owner, spend.orig_fence = protects
         return True
 
     async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
@@ -329,13 +334,18 @@ class MemoryStore:
         record changed so that the others may forget `owner`'s spend (an abort notice); a
         retry already sent stays as it is apart from that (the others keep it unknown)."""
         spend = self.state.spends[app]
-        if fence == 0 or spend.orig_owner != owner or spend.orig_fence != fence:
+        if fence == 0 or spend.orig_owner != owner:
+            return False
+        # A veto names fence 0 when its replica knew the spend from a notice (no fence): it
+        # stands for every spend of that owner's, whose every spend of the token is settled.
+        if spend.orig_fence != fence and not (spend.state == "vetoed" and spend.orig_fence == 0):
             return False
         if spend.orig_sent_at is not None and spend.state in ("announced", "sent"):
             spend.orig_sent_at, spend.orig_owner, spend.orig_fence = None, None, 0
             spend.retries = 0
             return spend.state == "announced"
-        if spend.orig_sent_at is None and spend.state == "unknown" and spend.fence == 0:
+        if spend.orig_sent_at is None and spend.state in ("unknown", "vetoed") and spend.fence == 0:
+            # Restored by the retry's abort, or a veto that stood for that spend alone.
             del self.state.spends[app]
             return True
         return False

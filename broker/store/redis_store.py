@@ -177,7 +177,7 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
   lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2], pv=__PV__}))
 return 1
 """
-# KEYS: spend, lease. ARGV: rfp
+# KEYS: spend, lease. ARGV: rfp, protected owner ('' for none), protected fence
 _VETO_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'rfp', 'state', 'owner', 'fence', 'orig_sent_at')
 if sp[1] ~= ARGV[1] or sp[2] ~= 'announced' then return 0 end
@@ -186,6 +186,8 @@ redis.call('HSET', KEYS[1], 'fence', 0, 'state', 'vetoed', 'retries', 1)
 if sp[5] then
   redis.call('HSET', KEYS[1], 'sent_at', sp[5])
   redis.call('HDEL', KEYS[1], 'orig_sent_at')
+elseif ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'orig_owner', ARGV[2], 'orig_fence', ARGV[3])
 end
 return 1
 """
@@ -197,15 +199,15 @@ if not sp[1] then return 0 end
 if sp[1] ~= ARGV[1] or sp[2] ~= ARGV[5] then
   -- The spend a grace retry retries (or the record that retry's abort restored) ended
   -- without effect, says its own spender: the retry is a first spend after all.
-  if ARGV[2] ~= 'aborted' or ARGV[1] == '0' or sp[7] ~= ARGV[5] or sp[8] ~= ARGV[1] then
-    return 0
-  end
+  if ARGV[2] ~= 'aborted' or ARGV[1] == '0' or sp[7] ~= ARGV[5] then return 0 end
+  -- a veto that names fence 0 stands for every spend of that owner's (known from a notice)
+  if sp[8] ~= ARGV[1] and not (sp[9] == 'vetoed' and sp[8] == '0') then return 0 end
   local notify = false
   if sp[6] and (sp[9] == 'announced' or sp[9] == 'sent') then
     redis.call('HDEL', KEYS[1], 'orig_sent_at', 'orig_owner', 'orig_fence')
     redis.call('HSET', KEYS[1], 'retries', 0)
     notify = sp[9] == 'announced'
-  elseif not sp[6] and sp[9] == 'unknown' and sp[1] == '0' then
+  elseif not sp[6] and (sp[9] == 'unknown' or sp[9] == 'vetoed') and sp[1] == '0' then
     redis.call('DEL', KEYS[1])
     notify = true
   end
@@ -660,23 +662,32 @@ class RedisStore:
 
     async def load_spend(self, app: str) -> SpendRecord | None:
         """The spend record (one HMGET), or None."""
-        owner, rfp, state, orig_sent_at = await self._call(
+        owner, rfp, state, orig_sent_at, fence = await self._call(
             "spend",
             lambda: self._client.hmget(
-                self.spend_key(app), "owner", "rfp", "state", "orig_sent_at"
+                self.spend_key(app), "owner", "rfp", "state", "orig_sent_at", "fence"
             ),
         )
         if owner is None or rfp is None or state is None:
             return None
-        return SpendRecord(_text(owner), _text(rfp), _text(state), orig_sent_at is not None)
+        return SpendRecord(
+            _text(owner),
+            _text(rfp),
+            _text(state),
+            orig_sent_at is not None,
+            int(fence) if fence is not None else 0,
+        )
 
-    async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
+    async def veto_spend(
+        self, app: str, *, refresh_fp: str, protects: tuple[str, int] | None = None
+    ) -> bool:
         """Turn an announced spend of `refresh_fp` into an unknown one while its spender holds
-        the lease (Lua)."""
+        the lease, naming the spend it `protects` (Lua)."""
+        owner, fence = protects if protects is not None else ("", 0)
         result = await self._call(
             "spend",
             lambda: self._veto_spend(
-                keys=[self.spend_key(app), self.lease_key(app)], args=[refresh_fp]
+                keys=[self.spend_key(app), self.lease_key(app)], args=[refresh_fp, owner, fence]
             ),
         )
         return bool(result)

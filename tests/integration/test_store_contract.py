@@ -390,6 +390,56 @@ class TestSpend:
         answer = await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
         assert answer is SpendStart.OK
 
+    async def test_the_spend_record_carries_its_fence(self, store: TokenStore) -> None:
+        """`load_spend` reads the spend's fence (0 once vetoed), for a veto to name it."""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        assert (await store.load_spend("app") or SpendRecord("", "", "")).fence == a.fence
+        assert await store.veto_spend("app", refresh_fp=token_set(1).refresh_fingerprint or "")
+        assert (await store.load_spend("app") or SpendRecord("", "", "", fence=-1)).fence == 0
+
+    async def test_a_veto_that_names_a_spend_is_lifted_by_that_spends_abort_alone(
+        self, store: TokenStore
+    ) -> None:
+        """A veto standing for one earlier spend (owner, fence): that owner's abort under
+        another fence, or another owner's under that fence, leaves it; that spend's own abort
+        removes the record and publishes an abort in that owner's name."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        b = await store.acquire_lease("app", "b", 5)
+        await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
+        assert await store.veto_spend("app", refresh_fp=fp, protects=("a", 7))
+        await store.end_spend("app", owner="a", fence=6, outcome=SpendEnd.ABORTED)
+        await store.end_spend("app", owner="c", fence=7, outcome=SpendEnd.ABORTED)
+        await store.end_spend("app", owner="a", fence=7, outcome=SpendEnd.UNKNOWN)
+        assert await store.load_spend("app") == SpendRecord("b", fp, "vetoed")
+        await store.end_spend("app", owner="a", fence=7, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") is None
+
+    async def test_a_veto_that_names_an_owner_alone_is_lifted_by_its_abort_of_any_fence(
+        self, store: TokenStore
+    ) -> None:
+        """A veto standing for an owner's spends known from a notice (fence 0): that owner's
+        abort under any fence lifts it (never fence 0, which names no spend); a veto that
+        names nothing is lifted by no abort."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        b = await store.acquire_lease("app", "b", 5)
+        await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
+        assert await store.veto_spend("app", refresh_fp=fp, protects=("a", 0))
+        await store.end_spend("app", owner="a", fence=0, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") == SpendRecord("b", fp, "vetoed")
+        await store.end_spend("app", owner="a", fence=3, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") is None
+        await store.release_lease("app", "b", b.fence)
+        c = await store.acquire_lease("app", "c", 5)
+        await store.begin_spend("app", owner="c", fence=c.fence, token=token_set(1))
+        assert await store.veto_spend("app", refresh_fp=fp)
+        for owner in ("a", "b", "c"):
+            await store.end_spend("app", owner=owner, fence=c.fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") == SpendRecord("c", fp, "vetoed")
+
     async def test_a_grace_retry_of_a_spend_never_sent_becomes_a_first_spend(
         self, store: TokenStore
     ) -> None:

@@ -949,6 +949,79 @@ def failover_loses_the_abort() -> Schedule:
     )
 
 
+def split_brain_keeps_an_aborted_spend() -> Schedule:
+    """Found by the swarm (seeds 391, 821, 913, 965): the spender's request is refused with
+    429 (the server did not act) just as a split brain cuts it off with the old primary; the
+    promoted side keeps its `sent` record, the abort lands on the old primary only. A
+    bystander on the promoted side takes the one grace retry, refused too, which restores the
+    record as unknown (naming the spender's spend). On the old side the spender aborts more
+    spends (no replica acknowledges `sent`). At the heal the old primary's writes, the abort
+    among them, are lost: only the spender knows that its spend had no effect, and it named
+    to the store only its last aborted fence, once: the fleet waited for a person."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.status, server.faults.retry_after = 429, 1.0
+        await until(world, lambda: server.sends)
+        first = server.sends[0][1]
+        world.split_brain([_index(world, first)])  # `sent` on both sides, the abort on one
+        await until(world, lambda: any(name != first for _, name, _ in server.sends))
+        await world.time.sleep(5.0)  # the grace retry on the promoted side was refused
+        server.faults.status, server.faults.retry_after = None, None
+        await world.time.sleep(10.0)
+        world.heal_split_brain()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_040,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="split_brain_keeps_an_aborted_spend",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
+def stale_copy_outlives_the_split() -> Schedule:
+    """Found by the swarm (seed 1233): the spender's request is refused with 429 just as a
+    split brain cuts a bystander off with the old primary, which keeps a copy of the `sent`
+    record; the spender's abort lands on the promoted side. The bystander meets the copy and
+    remembers the spend as its spender's, unresolved; at the heal the copy is gone but the
+    abort notice is long past. The spender is paused; the third replica, a pod replaced
+    meanwhile, spends the token next, and the bystander vetoes it: the vetoed record named no spend that anyone could
+    resolve, so it blocked every replica, the spender included, and the fleet waited for a
+    person."""
+
+    async def script(world: World) -> None:
+        server, key = world.server, world.key
+        server.faults.status, server.faults.retry_after = 429, 1.0
+        await until(world, lambda: server.sends)
+        spender = _index(world, server.sends[0][1])
+        bystander = (spender + 1) % 3
+        world.split_brain([bystander])  # the copy of the `sent` record on the old primary
+        await until(world, lambda: key not in world.store.state.spends)  # the abort, here
+        world.pause(spender, 60.0)
+        third = (spender + 2) % 3  # replaced: the new pod spends next, knowing nothing
+        await world.crash(third)
+        world.start_replica(third)
+        await world.time.sleep(15.0)
+        world.heal_split_brain()
+        await world.time.sleep(5.0)
+        server.faults.status, server.faults.retry_after = None, None
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_041,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="stale_copy_outlives_the_split",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -981,6 +1054,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
         a_pod_started_in_an_outage_with_its_clock_behind
     ),
     "failover_loses_the_abort": failover_loses_the_abort,
+    "split_brain_keeps_an_aborted_spend": split_brain_keeps_an_aborted_spend,
+    "stale_copy_outlives_the_split": stale_copy_outlives_the_split,
 }
 
 

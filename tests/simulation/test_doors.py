@@ -363,6 +363,8 @@ class TestEachFixPutBackOpensItsDoor:
         still unread in its socket; the bystander remembers the token as sent and vetoes the
         next replica's spend of it: the fleet waits for a person."""
         mutate(core_module, "PAUSED_AFTER", math.inf)
+        # The old veto named no spend either: the spender now lifts one that names it.
+        mutate(FleetProtocol, "_protects", lambda self, refresh_fp: None)
         result = run(DOORS["paused_bystander_keeps_its_buffered_notices"]())
         assert not result.ok
         assert not result.revoked, result.report()
@@ -380,6 +382,17 @@ class TestEachFixPutBackOpensItsDoor:
             return None if record is None else replace(record, retry=False)
 
         mutate(MemoryStore, "load_spend", hides_the_retry)
+        # The old veto named no spend either, and the old store ended no vetoed record for the
+        # spend it stood for (seed 1233): either now lets that spend's spender lift it.
+        mutate(FleetProtocol, "_protects", lambda self, refresh_fp: None)
+        never_sent = MemoryStore._retried_spend_never_sent
+
+        def ends_no_veto(self: MemoryStore, app: str, owner: str, fence: int) -> bool:
+            if self.state.spends[app].state == "vetoed":
+                return False
+            return never_sent(self, app, owner, fence)
+
+        mutate(MemoryStore, "_retried_spend_never_sent", ends_no_veto)
         result = run(DOORS["grace_retry_vetoed_on_a_resync"]())
         assert not result.ok
         assert not result.revoked, result.report()
@@ -405,7 +418,12 @@ class TestEachFixPutBackOpensItsDoor:
         async def waits(self: FleetProtocol) -> None:
             return None
 
+        async def lifts_nothing(self: FleetProtocol, refresh_fp: str) -> bool:
+            return False
+
         mutate(FleetProtocol, "_resolve_aborted", waits)
+        # Nor did the old spender end its aborted spends again when the store answered UNKNOWN.
+        mutate(FleetProtocol, "_lift_vetoes_of_our_aborts", lifts_nothing)
         result = run(DOORS["grace_retry_of_a_spend_never_sent"]())
         assert not result.ok
         assert not result.revoked, result.report()
@@ -516,6 +534,36 @@ class TestEachFixPutBackOpensItsDoor:
 
         mutate(FleetProtocol, "_end_spend", old_end_spend)
         result = run(DOORS["failover_loses_the_abort"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_spender_that_does_not_end_its_aborted_spends_again_after_a_reconnect(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 391, 821, 913, 965): a split brain keeps the `sent` record of a
+        spend whose abort reached the old primary only, and the heal discards that abort; a
+        spender that does not end its aborted spends again (once reconnected, or when the store
+        answers UNKNOWN) leaves the record (restored by a bystander's refused grace retry)
+        unknown: the fleet waits for a person."""
+
+        async def lifts_nothing(self: FleetProtocol, refresh_fp: str) -> bool:
+            return False
+
+        mutate(FleetProtocol, "resend_aborts", lambda self: None)
+        mutate(FleetProtocol, "_lift_vetoes_of_our_aborts", lifts_nothing)
+        result = run(DOORS["split_brain_keeps_an_aborted_spend"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_veto_that_names_no_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 1233): a bystander cut off with the old primary of a split meets
+        a stale copy of a spend record there and, after the heal, vetoes another replica's
+        spend of the token; a veto that does not name the spend it stands for can be lifted
+        by no one, its spender included: the fleet waits for a person."""
+        mutate(FleetProtocol, "_protects", lambda self, refresh_fp: None)
+        result = run(DOORS["stale_copy_outlives_the_split"]())
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 

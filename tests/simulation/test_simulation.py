@@ -70,19 +70,6 @@ REGRESSION_SEEDS = {
 
 # Swarm seeds (make_schedule) that still break an invariant, kept so they are replayed and
 # cannot silently pass: a fix turns the strict xfail into a failure that says to move them.
-_STALE_SPEND_ACROSS_A_SPLIT = (
-    "liveness, open (no token presented twice): a split brain leaves a copy of a `sent` spend "
-    "record on each side, and the spend's end (its spender's abort) reaches one side only. "
-    "Bystanders on the other side meet the stale copy and take the token as unknown for good "
-    "(1233: they veto the spender's own next spend after the heal; 391: they veto another "
-    "replica's spend, and the vetoed record then blocks every replica, the spender included), "
-    "or the spender's abort, written to the old primary, is discarded at the heal while a "
-    "bystander's grace retry on the new side aborted too and restored the record under fence 0 "
-    "(821, 913): the fleet waits for a person though the token is still good. 913 passed "
-    "before the fix of seed 177 only through that bug: its retrier took the restored record "
-    "for its own and spent the token again, safe there by luck (no spend had acted), fatal in "
-    "177 (the first spend had)"
-)
 _EVICTION = (
     "open, a misconfiguration: an evicting maxmemory-policy drops keys of a spend in flight "
     "(its record, the lease or the fence counter); the fleet then waits for a person (1052: "
@@ -92,20 +79,12 @@ _EVICTION = (
     "replica spends the token again and the grant is revoked. The broker needs "
     "`maxmemory-policy noeviction` (issue 20, Low)"
 )
-_NOT_ANALYSED = (
-    "open, not analysed yet: broke an invariant once this session's fixes were merged (issue "
-    "20); replay it to see the schedule"
-)
 OPEN_SEEDS: dict[int, str] = {
-    # 965: the spender's abort landed on the old primary of a split (issue 20, seed analysis).
-    **dict.fromkeys([391, 821, 913, 965, 1233], _STALE_SPEND_ACROSS_A_SPLIT),
     # 1237 and 734 present a refresh token twice: eviction with a split brain (and, in 1237, an
-    # empty restart); 1422: eviction with 500s and the server down.
-    **dict.fromkeys([734, 1237, 1422], _EVICTION),
-    # 167 (half-open, unacknowledged writes, a failover that forgets) and 717 (a pause, a
-    # clock step, an outage) passed on the branches that fixed their classes and fail on the
-    # merged code; 233 (split brain, lease lost, 500s) broke once the lease notices landed.
-    **dict.fromkeys([167, 233, 717], _NOT_ANALYSED),
+    # empty restart). 1422 (eviction, 500s, the server down), 167, 233 and 717 broke liveness
+    # only; a spender that ends its aborted spends again and a veto that names its spend
+    # closed them (issue 20).
+    **dict.fromkeys([734, 1237], _EVICTION),
 }
 
 _RESULTS: dict[int, Result] = {}

@@ -954,10 +954,12 @@ class SimStoreView:
         return record
 
     @_may_apply_late
-    async def veto_spend(self, app: str, *, refresh_fp: str) -> bool:
+    async def veto_spend(
+        self, app: str, *, refresh_fp: str, protects: tuple[str, int] | None = None
+    ) -> bool:
         """Veto an announced spend."""
         await self._hop()
-        result = await self._spends.veto_spend(app, refresh_fp=refresh_fp)
+        result = await self._spends.veto_spend(app, refresh_fp=refresh_fp, protects=protects)
         self._maybe_lose()
         return result
 

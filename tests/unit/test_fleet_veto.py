@@ -129,3 +129,63 @@ async def test_a_token_sent_by_two_replicas_is_resolved_by_neither_ones_next_spe
 
     assert heard.must_veto(_notice("spend", "r1", token))
     assert heard.must_veto(_notice("spend", "r2", token))
+
+
+async def test_a_veto_for_one_spenders_spend_names_it_and_its_abort_lifts_it() -> None:
+    """Seed 1233: a veto that stands only for another replica's `sent` spend names that
+    spender, and the spender, whose spends of the token all ended without effect, lifts it
+    when it meets the vetoed record: the fleet does not wait for a person."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    token = _grant(clock)
+    await store.commit(APP, token)
+    fp = token.refresh_fingerprint or ""
+    bystander = _protocol(store, clock, "r0", token)
+    bystander.on_notice(_notice("sent", "r2", token))  # r2's abort notice never reached r0
+    spender = _protocol(store, clock, "r2", token)
+    spender._aborts[4] = fp  # r2's spend under fence 4 was refused (429): no effect
+    fence = await _announce(store, "r1", token)
+    notice = _notice("spend", "r1", token)
+    assert bystander.must_veto(notice)
+
+    await bystander.veto(notice)
+
+    assert not await store.mark_sent(APP, owner="r1", fence=fence)
+    assert await spender._lift_vetoes_of_our_aborts(fp)
+    assert await store.load_spend(APP) is None
+
+
+async def test_a_veto_for_our_own_unknown_spend_names_no_one() -> None:
+    """A veto that stands for the vetoer's own unknown spend (or a token on its wire, or two
+    spenders' spends) names nobody: no abort can lift it."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    token = _grant(clock)
+    fp = token.refresh_fingerprint or ""
+    bystander = _protocol(store, clock, "r0", token)
+    bystander.on_notice(_notice("sent", "r2", token))
+    assert bystander._protects(fp) == ("r2", 0)
+    bystander._unknown.add(fp)
+    assert bystander._protects(fp) is None
+    bystander._unknown.discard(fp)
+    bystander.on_notice(_notice("sent", "r3", token))  # a second spender: no one alone
+    assert bystander._protects(fp) is None
+
+
+async def test_a_spender_with_an_unknown_spend_of_the_token_lifts_nothing() -> None:
+    """A spender ends its aborted spends again only while none of its spends of the token is
+    unknown: a veto may stand for that one."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    token = _grant(clock)
+    await store.commit(APP, token)
+    fp = token.refresh_fingerprint or ""
+    await _announce(store, "r1", token)
+    assert await store.veto_spend(APP, refresh_fp=fp, protects=("r2", 0))
+    spender = _protocol(store, clock, "r2", token)
+    spender._aborts[4] = fp
+    spender._unknown.add(fp)
+
+    assert not await spender._lift_vetoes_of_our_aborts(fp)
+
+    assert await store.load_spend(APP) is not None
