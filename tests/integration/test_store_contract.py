@@ -16,7 +16,7 @@ import pytest
 from broker.clock import SystemClock
 from broker.metrics import Metrics
 from broker.model import PROTOCOL_VERSION, TokenSet
-from broker.store import Notice, SpendEnd, SpendRecord, SpendStart, TokenStore
+from broker.store import Lease, Notice, SpendEnd, SpendRecord, SpendStart, TokenStore
 from broker.store.crypto import Keyring
 from broker.store.memory import MemoryStore
 from broker.store.redis_store import RedisStore, redis_client
@@ -53,6 +53,14 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[TokenStore]:
     )
     yield redis_store
     await redis_store.close()
+
+
+async def marked_sent(store: TokenStore, owner: str) -> Lease:
+    """`owner` holds the lease and has marked its spend of token_set(1) sent (the answer awaited)."""
+    lease = await store.acquire_lease("app", owner, 5)
+    await store.begin_spend("app", owner=owner, fence=lease.fence, token=token_set(1))
+    await store.mark_sent("app", owner=owner, fence=lease.fence)
+    return lease
 
 
 class TestCommit:
@@ -196,9 +204,7 @@ class TestSpend:
     async def test_a_grace_window_allows_exactly_one_retry(self, store: TokenStore) -> None:
         """Inside retry_within of the send (store clock), one RETRY; never a second."""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
         b = await store.acquire_lease("app", "b", 5)
         retry = await store.begin_spend(
@@ -216,9 +222,7 @@ class TestSpend:
     async def test_no_retry_once_the_grace_window_has_passed(self, store: TokenStore) -> None:
         """A spend sent longer ago than retry_within answers UNKNOWN even with a window."""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
         await asyncio.sleep(0.3)
         b = await store.acquire_lease("app", "b", 5)
@@ -257,9 +261,7 @@ class TestSpend:
         """A spend sent "in the future" of the store's clock (it stepped back since) is not
         inside any grace window: UNKNOWN, even with no window at all (issue 20, swarm)."""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
         if isinstance(store, MemoryStore):
             store.state.spends["app"].sent_at += 60.0
@@ -308,9 +310,7 @@ class TestSpend:
         """H3: the one grace retry aborts (429): the spend it retried is unknown again with its
         first send time, so a later holder gets UNKNOWN, never OK, and never a second RETRY."""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.UNKNOWN)
         await store.release_lease("app", "a", a.fence)
         b = await store.acquire_lease("app", "b", 5)
@@ -358,9 +358,7 @@ class TestSpend:
         that re-syncs must not veto it), and no other."""
         fp = token_set(1).refresh_fingerprint or ""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.UNKNOWN)
         assert await store.load_spend("app") == SpendRecord("a", fp, "unknown", retry=False)
         await store.release_lease("app", "a", a.fence)
@@ -378,9 +376,7 @@ class TestSpend:
         owner name and fence removes the record (another owner's, with the same fence, does
         not), and the next holder may spend the token."""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
         await store.end_spend("app", owner="b", fence=a.fence, outcome=SpendEnd.ABORTED)
         assert (await store.load_spend("app") or SpendRecord("", "", "")).state == "sent"
@@ -448,9 +444,7 @@ class TestSpend:
         ordinary spend; under another owner name it changes nothing."""
         fp = token_set(1).refresh_fingerprint or ""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
         b = await store.acquire_lease("app", "b", 5)
         retry = await store.begin_spend(
@@ -468,9 +462,7 @@ class TestSpend:
         stays `sent` (its answer decides), as an ordinary spend's."""
         fp = token_set(1).refresh_fingerprint or ""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
         b = await store.acquire_lease("app", "b", 5)
         await store.begin_spend(
@@ -487,9 +479,7 @@ class TestSpend:
         restored); then the first spender says it never sent: the record goes, and the next
         holder spends the token."""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
         b = await store.acquire_lease("app", "b", 5)
         await store.begin_spend(
@@ -511,9 +501,7 @@ class TestSpend:
         UNKNOWN to the retrier too, whatever fence it names as resolved: fence 0 names no spend
         (swarm seed 177: the retrier spent the token as new, past the window)."""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
         b = await store.acquire_lease("app", "b", 5)
         retry = await store.begin_spend(
@@ -538,9 +526,7 @@ class TestSpend:
     async def test_our_own_aborted_record_may_be_replaced(self, store: TokenStore) -> None:
         """A holder that could not clear its aborted record names it, and may spend again."""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
         again = await store.acquire_lease("app", "a", 5)
         answer = await store.begin_spend(
@@ -578,9 +564,7 @@ class TestNotices:
         listener = asyncio.ensure_future(listen())
         await asyncio.sleep(0.3)  # subscribed
         await store.commit("app", token_set(1))
-        lease = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=lease.fence)
+        lease = await marked_sent(store, "a")
         await store.end_spend("app", owner="a", fence=lease.fence, outcome=SpendEnd.ABORTED)
         await asyncio.wait_for(listener, 5)
         await updates.aclose()
@@ -598,9 +582,7 @@ class TestNotices:
         """H2/H3: the spend of a granted grace retry is marked `retry` (bystanders do not veto
         it); its abort is marked `retry_aborted` (the retried spend is still unknown)."""
         await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.mark_sent("app", owner="a", fence=a.fence)
+        a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
         updates = cast(AsyncGenerator[Notice, None], store.updates())
         heard: list[Notice] = []
