@@ -159,6 +159,7 @@ class FakeService:
         self.error: Exception | None = None
         self.force_result: TokenSet | Exception = TOKEN_B
         self.forced = 0
+        self.refused: list[TokenSet] = []
         self.last_error: str | None = None
 
     def app_names(self) -> Collection[str]:
@@ -190,6 +191,10 @@ class FakeService:
             raise self.force_result
         self.token = self.force_result
         return self.token
+
+    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
+        self.refused.append(token)
+        return await self.force_refresh(app)
 
     def status(self, app: str) -> AppStatus:
         return AppStatus(app, AppState.FRESH, self.token.expires_at, NOW, self.last_error)
