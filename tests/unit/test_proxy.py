@@ -212,6 +212,7 @@ class Upstream:
     def __init__(self) -> None:
         self.authorizations: list[str] = []
         self.accept_any = False
+        self.reject_status = 401
         self.release = asyncio.Event()
         self.release.set()
 
@@ -222,7 +223,7 @@ class Upstream:
         if not self.accept_any and request.headers.get("Authorization") != (
             f"Bearer {TOKEN_B.access_token}"
         ):
-            return web.json_response({"error": "invalid_token"}, status=401)
+            return web.json_response({"error": "invalid_token"}, status=self.reject_status)
         return web.json_response({"sha256": hashlib.sha256(body).hexdigest()})
 
 
@@ -303,7 +304,26 @@ class TestRetryDecisions:
             f"Bearer {TOKEN_B.access_token}",
         ]
         assert service.forced == 1
+        assert service.refused == [TOKEN_A]  # reported by the token that was refused
         assert retries(metrics, "unauthorized") == 1
+
+    async def test_the_statuses_that_purge_are_configurable(
+        self,
+        make_api: Make,
+        service: FakeService,
+        upstream_server: tuple[Upstream, TestServer],
+    ) -> None:
+        """With refresh_on_status [403], a 403 purges and retries; a 401 goes back as it is."""
+        upstream = upstream_server[0]
+        api = await make_api(refresh_on_status=(403,))
+        upstream.reject_status = 403
+        assert (await api.get("/v1/proxy/app1/x", headers=AUTH)).status == 200
+        assert service.refused == [TOKEN_A]
+        service.token = TOKEN_A
+        upstream.reject_status = 401
+        assert (await api.get("/v1/proxy/app1/x", headers=AUTH)).status == 401
+        assert service.refused == [TOKEN_A]
+        assert len(upstream.authorizations) == 3
 
     async def test_a_chunked_body_within_the_buffer_is_replayed(
         self,
