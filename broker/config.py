@@ -777,7 +777,11 @@ def _proxy_summary(proxy: ProxySpec) -> str:
         f"timeouts {proxy.connect_timeout:g}s connect / {proxy.read_timeout:g}s read, "
         f"bodies up to {proxy.max_request_body} bytes (replayable up to "
         f"{proxy.max_buffered_body}), at most {proxy.max_concurrent} at once"
-        + (", retry on 401" if proxy.retry_on_401 else ", no retry on 401")
+        + (
+            f", retry on {'/'.join(map(str, proxy.refresh_on_status))}"
+            if proxy.retry_on_401 and proxy.refresh_on_status
+            else ", no retry on 401"
+        )
         + (f", CA {proxy.ca_file}" if proxy.ca_file else "")
     )
 
