@@ -415,4 +415,7 @@ class TestOneSetOfAnnotations:
             assert place["additionalProperties"] is False
         assert set(own["properties"]) == set(ROOT_KEYS)
         assert apps["required"] == ["token_url"]
-        assert apps["properties"]["proxy"]["required"] == ["upstream"]
+        assert apps["properties"]["proxy"]["oneOf"] == [
+            {"required": ["upstream"]},
+            {"required": ["upstreams"]},
+        ]

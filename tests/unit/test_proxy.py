@@ -263,7 +263,10 @@ async def make_api(
     upstreams = Upstreams()
 
     async def make(**proxy: Any) -> TestClient[Any, Any]:
-        spec = ProxySpec(upstream=f"http://127.0.0.1:{upstream_server[1].port}", **proxy)
+        spec = ProxySpec(
+            upstream=f"http://127.0.0.1:{upstream_server[1].port}",
+            **{"allowed_networks": ("127.0.0.0/8",), **proxy},
+        )
         upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
         handler = build_api_handler(service, authenticator, metrics, FakeClock(), upstreams)
         return await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
