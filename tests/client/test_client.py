@@ -51,6 +51,8 @@ pytestmark = pytest.mark.integration
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 OTHER_KEY = "o" * 20 + "-a-client-that-may-use-app1-only"
+# The stand-ins listen on loopback, which the broker's egress guard refuses unless allowed.
+LOOPBACK = ["127.0.0.0/8"]
 
 
 @dataclass
@@ -76,12 +78,16 @@ StartBroker = Callable[..., Awaitable[RunningBroker]]
 
 @pytest.fixture
 async def start_broker(
-    tmp_path: Path, oauth_server: OAuthTestServer, twilio_api: TwilioStandIn
+    tmp_path: Path,
+    oauth_server: OAuthTestServer,
+    twilio_api: TwilioStandIn,
+    messaging_api: TwilioStandIn,
 ) -> AsyncIterator[StartBroker]:
     """Starts a broker (`unix=True`: its API on a unix socket, where this uid is also mapped to
-    the client `svc`). Apps: `app1` (tokens), `twilio` (proxy to the Twilio stand-in, one
-    upstream), `broken` (its token endpoint is a closed port: never a token). Clients: `svc`
-    (every app, by key) and `other` (app1 only)."""
+    the client `svc`). Apps: `app1` (tokens), `twilio` (proxy to the stand-ins for
+    api.twilio.com and messaging.twilio.com, upstreams `api` and `messaging`), `sms` (proxy to
+    the api stand-in alone, one `upstream`), `broken` (its token endpoint is a closed port:
+    never a token). Clients: `svc` (every app, by key) and `other` (app1 only)."""
     with ExitStack() as stack:
         started: list[BrokerProcess] = []
 
@@ -98,7 +104,10 @@ async def start_broker(
                 "refresh": dict(DEFAULT_REFRESH),
             }
             metrics_port = free_port()
-            svc: dict[str, Any] = {"key_file": "client.key", "apps": ["app1", "broken", "twilio"]}
+            svc: dict[str, Any] = {
+                "key_file": "client.key",
+                "apps": ["app1", "broken", "sms", "twilio"],
+            }
             if unix:
                 socket = stack.enter_context(shared_directory()) / "api.sock"
                 listen, url = f"unix:{socket}", f"unix:{socket}"
@@ -110,7 +119,17 @@ async def start_broker(
                 "server": {"listen": listen, "metrics_listen": f"127.0.0.1:{metrics_port}"},
                 "apps": {
                     "app1": app,
-                    "twilio": {**app, "proxy": {"upstream": twilio_api.url}},
+                    "twilio": {
+                        **app,
+                        "proxy": {
+                            "upstreams": {"api": twilio_api.url, "messaging": messaging_api.url},
+                            "allowed_networks": LOOPBACK,
+                        },
+                    },
+                    "sms": {
+                        **app,
+                        "proxy": {"upstream": twilio_api.url, "allowed_networks": LOOPBACK},
+                    },
                     "broken": {
                         **app,
                         "required": False,
@@ -423,7 +442,7 @@ class TestTwilio:
         monkeypatch.setenv("TWILIO_EDGE", "dublin")
         client = Client(
             account_sid=ACCOUNT_SID,
-            http_client=BrokerHttpClient("twilio", url=broker.url, upstream="api"),
+            http_client=BrokerHttpClient("sms", url=broker.url, upstream="api"),
         )
         assert (client.username, client.password) == (None, None)
         # The SDK does rewrite its hosts: BrokerHttpClient gets api.dublin.ie1.twilio.com.
@@ -445,9 +464,37 @@ class TestTwilio:
             ("From", "+15017122661"),
             ("To", "+15558675310"),
         ]
-        served = await in_thread(TokenSource("twilio", url=broker.url).get_token)
+        served = await in_thread(TokenSource("sms", url=broker.url).get_token)
         assert hit.headers["Authorization"] == f"Bearer {served}"
         assert hit.headers["User-Agent"].startswith("twilio-python/")
+
+    async def test_one_app_reaches_two_twilio_hosts_with_one_token(
+        self,
+        start_broker: StartBroker,
+        twilio_api: TwilioStandIn,
+        messaging_api: TwilioStandIn,
+        no_twilio_credentials: None,
+    ) -> None:
+        """With the app's `proxy.upstreams`, one SDK client reaches api.twilio.com and
+        messaging.twilio.com through the broker over the unix socket, the same token on both."""
+        broker = await start_broker(unix=True)
+        client = Client(account_sid=ACCOUNT_SID, http_client=BrokerHttpClient(url=broker.url))
+
+        def calls() -> list[Any]:
+            client.messages.create(to="+15558675310", from_="+15017122661", body="two hosts")
+            return list(client.messaging.v1.services.list(limit=5))
+
+        assert await in_thread(calls) == []
+        (api_hit,) = twilio_api.hits
+        (messaging_hit,) = messaging_api.hits
+        assert api_hit.raw_path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
+        assert ("Body", "two hosts") in api_hit.form
+        assert messaging_hit.method == "GET"
+        assert messaging_hit.raw_path.startswith("/v1/Services?")
+        assert "PageSize=5" in messaging_hit.raw_path
+        served = await in_thread(TokenSource("twilio", url=broker.url).get_token)
+        assert api_hit.headers["Authorization"] == f"Bearer {served}"
+        assert messaging_hit.headers["Authorization"] == f"Bearer {served}"
 
     async def test_basic_credentials_in_the_environment_are_never_sent(
         self,
@@ -461,11 +508,11 @@ class TestTwilio:
         monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
         monkeypatch.setenv("TWILIO_AUTH_TOKEN", "an-old-auth-token-0123456789")
         client = Client(
-            http_client=BrokerHttpClient("twilio", url=broker.url, key=CLIENT_KEY, upstream="api")
+            http_client=BrokerHttpClient("sms", url=broker.url, key=CLIENT_KEY, upstream="api")
         )
         await in_thread(client.messages.create, to="+15558675310", from_="+15017122661", body="x")
         (hit,) = twilio_api.hits
-        served = await in_thread(TokenSource("twilio", url=broker.url, key=CLIENT_KEY).get_token)
+        served = await in_thread(TokenSource("sms", url=broker.url, key=CLIENT_KEY).get_token)
         assert hit.headers["Authorization"] == f"Bearer {served}"
         basic = base64.b64encode(f"{ACCOUNT_SID}:an-old-auth-token-0123456789".encode()).decode()
         assert basic not in str(hit.headers)
@@ -488,22 +535,27 @@ class TestTwilio:
     async def test_the_upstreams_error_reaches_the_sdk_and_the_brokers_is_raised(
         self, start_broker: StartBroker, twilio_api: TwilioStandIn, no_twilio_credentials: None
     ) -> None:
-        """Twilio's own 404 is the SDK's TwilioRestException; the broker's refusal (a client
-        that may not use the app) is the library's Forbidden."""
+        """Twilio's own 404 is the SDK's TwilioRestException; the broker's refusals are the
+        library's exceptions: Forbidden (a client that may not use the app), NotFound (a host
+        whose upstream the app does not name: verify.twilio.com)."""
         broker = await start_broker(unix=True)
         client = Client(
             account_sid=ACCOUNT_SID,
-            http_client=BrokerHttpClient("twilio", url=broker.url, upstream="api"),
+            http_client=BrokerHttpClient("sms", url=broker.url, upstream="api"),
         )
         with pytest.raises(TwilioRestException) as upstream_error:
             await in_thread(client.messages("SM" + "1" * 32).fetch)
         assert upstream_error.value.code == 20404
         refused = Client(
             account_sid=ACCOUNT_SID,
-            http_client=BrokerHttpClient("twilio", url=broker.url, key=OTHER_KEY, upstream="api"),
+            http_client=BrokerHttpClient("sms", url=broker.url, key=OTHER_KEY, upstream="api"),
         )
         with pytest.raises(Forbidden):
             await in_thread(refused.messages.create, to="+1", from_="+2", body="x")
+        several = Client(account_sid=ACCOUNT_SID, http_client=BrokerHttpClient(url=broker.url))
+        with pytest.raises(NotFound) as unknown:
+            await in_thread(several.verify.v2.services.list)
+        assert unknown.value.code == "unknown_upstream"
         assert len(twilio_api.hits) == 1
 
     async def test_the_credential_provider_lets_the_sdk_call_twilio_with_the_brokers_token(

@@ -111,3 +111,14 @@ async def twilio_api() -> AsyncIterator[TwilioStandIn]:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def messaging_api() -> AsyncIterator[TwilioStandIn]:
+    """A running stand-in for messaging.twilio.com."""
+    server = TwilioStandIn("messaging")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -42,8 +42,9 @@ class BrokerUnreachable(BrokerError):
 
 
 class BadRequest(BrokerError):
-    """400 `bad_request` (e.g. `min_ttl` longer than the token's lifetime) or 413
-    `payload_too_large` (a proxied body over `max_request_body`)."""
+    """400 `bad_request` (e.g. `min_ttl` longer than the token's lifetime), 405
+    `method_not_allowed` (TRACE or CONNECT through the proxy) or 413 `payload_too_large` (a
+    proxied body over `max_request_body`)."""
 
 
 class Unauthorized(BrokerError):
@@ -51,12 +52,14 @@ class Unauthorized(BrokerError):
 
 
 class Forbidden(BrokerError):
-    """403 `forbidden` (this client may not use the app), `bad_host`, or `path_not_allowed`
-    (a proxied path outside the app's `path_prefixes`)."""
+    """403 `forbidden` (this client may not use the app), `bad_host`, `path_not_allowed` (a
+    proxied path outside the app's `path_prefixes`) or `egress_refused` (the upstream's address
+    is one the app does not allow)."""
 
 
 class NotFound(BrokerError):
-    """404 `unknown_app` (no such app is configured) or `proxy_not_configured`."""
+    """404 `unknown_app` (no such app is configured), `proxy_not_configured`, or
+    `unknown_upstream` (the app's `proxy.upstreams` has no such name)."""
 
 
 class NeedsAuthorization(BrokerError):
@@ -85,12 +88,15 @@ class UpstreamError(BrokerError):
 ERROR_CLASSES: Mapping[str, type[BrokerError]] = {
     "bad_request": BadRequest,
     "payload_too_large": BadRequest,
+    "method_not_allowed": BadRequest,
     "unauthorized": Unauthorized,
     "forbidden": Forbidden,
     "bad_host": Forbidden,
     "path_not_allowed": Forbidden,
+    "egress_refused": Forbidden,
     "unknown_app": NotFound,
     "proxy_not_configured": NotFound,
+    "unknown_upstream": NotFound,
     "needs_authorization": NeedsAuthorization,
     "rate_limited": RateLimited,
     "token_unavailable": TokenUnavailable,
@@ -105,6 +111,7 @@ _BY_STATUS: Mapping[int, type[BrokerError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
+    405: BadRequest,
     409: NeedsAuthorization,
     413: BadRequest,
     429: RateLimited,
