@@ -24,6 +24,7 @@ import httpx
 import pytest
 import requests
 import yaml
+from twilio.auth_strategy.token_auth_strategy import TokenAuthStrategy
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
@@ -45,7 +46,7 @@ from token_broker_client import (
 )
 from token_broker_client.httpx import BrokerAuth
 from token_broker_client.requests import BrokerRequestsAuth
-from token_broker_client.twilio import BrokerCredentials, BrokerHttpClient
+from token_broker_client.twilio import BrokerCredentials, BrokerHttpClient, BrokerTokenManager
 
 pytestmark = pytest.mark.integration
 
@@ -565,7 +566,8 @@ class TestTwilio:
         no_twilio_credentials: None,
     ) -> None:
         """Client(credential_provider=BrokerCredentials(...)): the SDK calls the API host itself
-        with the broker's token as bearer, asking the broker once for two calls."""
+        with the broker's token as bearer, asking the broker once for two calls; the SDK's own
+        TokenAuthStrategy takes BrokerTokenManager."""
         broker = await start_broker(unix=True)
         client = Client(
             account_sid=ACCOUNT_SID, credential_provider=BrokerCredentials("twilio", url=broker.url)
@@ -576,3 +578,6 @@ class TestTwilio:
         served = await in_thread(TokenSource("twilio", url=broker.url).get_token)
         assert [hit.headers["Authorization"] for hit in twilio_api.hits] == [f"Bearer {served}"] * 2
         assert await in_thread(broker.count, "/v1/token/{app}") == 2  # the provider's + ours
+        manager = BrokerTokenManager("twilio", url=broker.url)
+        strategy = TokenAuthStrategy(manager)
+        assert await in_thread(strategy.get_auth_string) == f"Bearer {served}"

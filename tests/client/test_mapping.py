@@ -4,6 +4,9 @@ form encoding, and the broker address from the environment. No broker needed."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,7 @@ from token_broker_client.errors import error_for
 from token_broker_client.twilio import BrokerHttpClient, _form
 
 SOCKET = "unix:/run/token-broker/api.sock"
+CLIENT_SRC = Path(__file__).resolve().parents[2] / "clients" / "python" / "src"
 
 
 class TestTwilioHosts:
@@ -179,3 +183,46 @@ class TestEndpoint:
         """A mistyped URL is a ValueError at construction, not a failure at the first request."""
         with pytest.raises(ValueError, match="unix"):
             BrokerEndpoint(url)
+
+
+class TestFootprint:
+    def test_the_core_imports_nothing_outside_the_standard_library(self) -> None:
+        """`import token_broker_client` (the token source, errors, transport) loads no third-party
+        package: not the broker's server stack, not the adapters' libraries."""
+        # -S: no site-packages at all, so only the standard library and the source tree exist.
+        probe = (
+            f"import sys; sys.path.insert(0, {str(CLIENT_SRC)!r})\n"
+            "import token_broker_client\n"
+            "known = set(sys.stdlib_module_names) | {'__main__', 'token_broker_client'}\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} - known))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-S", "-c", probe], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == "[]", out.stdout
+
+    def test_the_distribution_requires_nothing_but_its_extras(self, tmp_path: Path) -> None:
+        """The wheel's metadata lists httpx, requests and twilio only under their extras."""
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "-w",
+                str(tmp_path),
+                str(CLIENT_SRC.parent),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        (wheel,) = tmp_path.glob("token_broker_client-*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+            metadata = archive.read(name).decode()
+        requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+        assert requires, metadata
+        assert all("extra ==" in line for line in requires), requires
