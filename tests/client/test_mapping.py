@@ -3,11 +3,14 @@ form encoding, and the broker address from the environment. No broker needed."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from twilio.rest import Client
@@ -26,6 +29,7 @@ from token_broker_client import (
     UpstreamError,
 )
 from token_broker_client.errors import error_for
+from token_broker_client.transport import BrokerTransport
 from token_broker_client.twilio import BrokerHttpClient, _form
 
 SOCKET = "unix:/run/token-broker/api.sock"
@@ -226,3 +230,42 @@ class TestFootprint:
         requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
         assert requires, metadata
         assert all("extra ==" in line for line in requires), requires
+
+
+class _ClosingHandler(http.server.BaseHTTPRequestHandler):
+    """Answers like a keep-alive server, then closes the connection (an idle timeout)."""
+
+    protocol_version = "HTTP/1.1"
+    connections: ClassVar[list[int]] = []
+
+    def do_GET(self) -> None:
+        body = json.dumps({"path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.connections.append(self.client_address[1])
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet."""
+
+
+class TestTransport:
+    def test_a_kept_alive_connection_the_server_closed_is_replaced(self) -> None:
+        """The second request finds its kept-alive connection closed by the server: it is sent
+        once more on a new connection, and answered."""
+        server = http.server.HTTPServer(("127.0.0.1", 0), _ClosingHandler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            transport = BrokerTransport(BrokerEndpoint(f"http://127.0.0.1:{server.server_port}"))
+            assert json.loads(transport.request("GET", "/one").body) == {"path": "/one"}
+            assert json.loads(transport.request("GET", "/two").body) == {"path": "/two"}
+            assert len(set(_ClosingHandler.connections)) == 2
+            transport.close()
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join()
