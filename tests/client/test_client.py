@@ -46,7 +46,12 @@ from token_broker_client import (
 )
 from token_broker_client.httpx import BrokerAuth
 from token_broker_client.requests import BrokerRequestsAuth
-from token_broker_client.twilio import BrokerCredentials, BrokerHttpClient, BrokerTokenManager
+from token_broker_client.twilio import (
+    BrokerAsyncHttpClient,
+    BrokerCredentials,
+    BrokerHttpClient,
+    BrokerTokenManager,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -496,6 +501,24 @@ class TestTwilio:
         served = await in_thread(TokenSource("twilio", url=broker.url).get_token)
         assert api_hit.headers["Authorization"] == f"Bearer {served}"
         assert messaging_hit.headers["Authorization"] == f"Bearer {served}"
+
+    async def test_the_sdks_async_methods_go_through_the_broker_too(
+        self,
+        start_broker: StartBroker,
+        twilio_api: TwilioStandIn,
+        no_twilio_credentials: None,
+    ) -> None:
+        """BrokerAsyncHttpClient: `await client.messages.create_async(...)` reaches the stand-in
+        through the broker over the unix socket with the broker's token."""
+        broker = await start_broker(unix=True)
+        client = Client(account_sid=ACCOUNT_SID, http_client=BrokerAsyncHttpClient(url=broker.url))
+        message = await client.messages.create_async(to="+15558675310", from_="+1501", body="a")
+        assert message.sid == "SM" + "0" * 32
+        (hit,) = twilio_api.hits
+        assert hit.raw_path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
+        assert ("Body", "a") in hit.form
+        served = await in_thread(TokenSource("twilio", url=broker.url).get_token)
+        assert hit.headers["Authorization"] == f"Bearer {served}"
 
     async def test_basic_credentials_in_the_environment_are_never_sent(
         self,

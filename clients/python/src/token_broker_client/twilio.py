@@ -11,6 +11,8 @@ Two ways, one line each:
 
       Client(account_sid=SID, http_client=BrokerHttpClient("twilio", url="unix:/run/token-broker/api.sock"))
 
+  (BrokerAsyncHttpClient for the SDK's `*_async` methods.)
+
 `TWILIO_REGION` and `TWILIO_EDGE` (and `Client(region=..., edge=...)`) make the SDK rewrite
 every URL's host, `api.twilio.com` to `api.<edge>.<region>.twilio.com`, inside
 `Client.request`, before the HTTP client sees it. BrokerHttpClient undoes that: a host is
@@ -23,6 +25,7 @@ documents; the broker's token must then be valid in that region.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -35,7 +38,7 @@ from requests.structures import CaseInsensitiveDict
 from twilio.auth_strategy.auth_strategy import AuthStrategy
 from twilio.auth_strategy.auth_type import AuthType
 from twilio.credential.credential_provider import CredentialProvider
-from twilio.http import HttpClient
+from twilio.http import AsyncHttpClient, HttpClient
 from twilio.http.response import Response
 from twilio.http.token_manager import TokenManager
 
@@ -227,6 +230,34 @@ class BrokerHttpClient(HttpClient):
     def close(self) -> None:
         """Close this thread's connection to the broker."""
         self._transport.close()
+
+
+class BrokerAsyncHttpClient(AsyncHttpClient):
+    """BrokerHttpClient for the SDK's `*_async` methods (`Client(http_client=...)` then
+    `await client.messages.create_async(...)`): the same routes and rules, each request sent
+    from a worker thread so the event loop never waits on the socket. `options` are
+    BrokerHttpClient's."""
+
+    def __init__(self, app: str = "twilio", **options: Any) -> None:
+        self.sync = BrokerHttpClient(app, **options)
+        super().__init__(self.sync.logger, True, self.sync.timeout)
+
+    # The SDK's AsyncHttpClient itself overrides HttpClient.request with a coroutine.
+    async def request(  # type: ignore[override]  # noqa: PLR0917 (the SDK's signature)
+        self,
+        method: str,
+        uri: str,
+        params: dict[str, object] | None = None,
+        data: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (the SDK's signature: the socket timeout)
+        allow_redirects: bool = False,
+    ) -> Response:
+        """Send one SDK request through the broker, off the event loop."""
+        return await asyncio.to_thread(
+            self.sync.request, method, uri, params, data, headers, auth, timeout, allow_redirects
+        )
 
 
 def _form(values: Mapping[str, object] | None) -> str:
