@@ -19,9 +19,8 @@ from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.api import api_server_options, build_api_handler
-from broker.api.auth import ClientAuthenticator
+from broker.api.auth import ClientAuthenticator, unauthorized_message
 from broker.api.errors import ApiError
-from broker.api.auth import unauthorized_message
 from broker.api.proxy import Upstreams, request_headers, response_headers, upstream_target
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
