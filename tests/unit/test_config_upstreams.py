@@ -12,6 +12,7 @@ from broker.config import parse_config, summarize
 from broker.errors import ConfigError, ConfigErrors
 from broker.model import ProxySpec, UpstreamSpec
 from tests.unit.test_config_proxy import KEY, document, proxy_of
+from tests.unit.test_config_schema import schema_errors
 
 
 @pytest.fixture
@@ -218,3 +219,29 @@ def test_a_wrong_allow_list_is_reported_once(config_dir: Path) -> None:
         )
     assert not isinstance(caught.value, ConfigErrors)
     assert caught.value.key == "apps.twilio.proxy.allowed_networks[0]"
+
+
+SCHEMA_CASES: list[tuple[Any, bool]] = [
+    ({"upstreams": {"api": "https://a.example"}}, True),
+    ({"upstreams": {"api": {"origin": "https://a.example", "path_prefixes": ["/v1"]}}}, True),
+    ({"upstream": "https://a.example", "upstreams": {"api": "https://b.example"}}, False),
+    ({"path_prefixes": ["/"]}, False),
+    ({"upstreams": {"API": "https://a.example"}}, False),
+    ({"upstreams": {"api": "https://a.example/v1"}}, False),
+    ({"upstreams": {"api": {"origin": "https://a.example", "paths": ["/v1"]}}}, False),
+    ({"upstreams": {"api": {"path_prefixes": ["/v1"]}}}, False),
+]
+
+
+@pytest.mark.parametrize(("proxy", "valid"), SCHEMA_CASES)
+def test_the_json_schema_agrees_with_the_validator(
+    config_dir: Path, proxy: Any, valid: bool
+) -> None:
+    """The chart's and editors' schema accepts and refuses the same upstreams shapes."""
+    try:
+        parse_config(document(proxy), base_dir=config_dir)
+        accepted = True
+    except ConfigError:
+        accepted = False
+    assert accepted is valid
+    assert (schema_errors(document(proxy)) == []) is valid
