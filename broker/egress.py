@@ -111,7 +111,8 @@ def classify(address: IPAddress) -> str | None:
     for reason, networks in _CLASSES:
         if any(address in network for network in networks):
             return reason
-    return None if address.is_global else RESERVED
+    # Multicast is "global" to `ipaddress`, but no API lives at a group address.
+    return None if address.is_global and not address.is_multicast else RESERVED
 
 
 def refusal(address: IPAddress | str, allowed: Iterable[IPNetwork] = ()) -> str | None:
