@@ -38,7 +38,12 @@ def with_proxy(app: Mapping[str, Any], upstream: UpstreamServer, ca_file: Path) 
     """`app` proxied to the upstream under /v1/."""
     return {
         **app,
-        "proxy": {"upstream": upstream.url, "ca_file": str(ca_file), "path_prefixes": ["/v1/"]},
+        "proxy": {
+            "upstream": upstream.url,
+            "ca_file": str(ca_file),
+            "path_prefixes": ["/v1/"],
+            "allowed_networks": ["127.0.0.1/32"],  # the test upstream is on loopback
+        },
     }
 
 
