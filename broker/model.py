@@ -83,6 +83,22 @@ class ClientAuth(enum.StrEnum):
     CLIENT_SECRET_POST = "client_secret_post"
     CLIENT_SECRET_BASIC = "client_secret_basic"
     PRIVATE_KEY_JWT = "private_key_jwt"
+    # A JWT the platform keeps fresh (a projected service-account token, a JWT-SVID): issue 23.
+    CLIENT_ASSERTION = "client_assertion"
+    # RFC 8705: the client certificate of the TLS connection authenticates the client.
+    TLS_CLIENT_AUTH = "tls_client_auth"
+
+
+class AssertionType(enum.StrEnum):
+    """The `client_assertion_type` sent with a `client_assertion` app's JWT."""
+
+    JWT_BEARER = "jwt-bearer"  # RFC 7523
+    JWT_SPIFFE = "jwt-spiffe"  # draft-ietf-oauth-spiffe-client-auth, a JWT-SVID
+
+    @property
+    def urn(self) -> str:
+        """The form value: urn:ietf:params:oauth:client-assertion-type:<this>."""
+        return f"urn:ietf:params:oauth:client-assertion-type:{self.value}"
 
 
 class SinkFormat(enum.StrEnum):
@@ -240,6 +256,24 @@ class AppSpec:
     max_token_requests_per_minute: Annotated[
         int | None,
         S.REQUEST_BUDGET.described("the whole fleet's budget of token requests for this app"),
+    ] = None
+    # client_assertion (issue 23): the platform writes the JWT and rotates it; the broker reads.
+    assertion_file: Annotated[
+        Path | None,
+        S.FILE.described(
+            "a JWT the platform keeps fresh (projected service-account token, JWT-SVID), "
+            "for client_auth client_assertion"
+        ),
+    ] = None
+    assertion_type: Annotated[
+        AssertionType, S.Doc("the client_assertion_type: jwt-bearer (RFC 7523) or jwt-spiffe")
+    ] = AssertionType.JWT_BEARER
+    # tls_client_auth (RFC 8705): re-read on change, the TLS context rebuilt.
+    tls_client_cert_file: Annotated[
+        Path | None, S.FILE.described("PEM client certificate (chain), for tls_client_auth")
+    ] = None
+    tls_client_key_file: Annotated[
+        Path | None, S.FILE.described("PEM private key of the client certificate")
     ] = None
 
 

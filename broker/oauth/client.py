@@ -126,11 +126,14 @@ class OAuthClient:
         """POST the form; the answer parsed (TokenEndpointError for a failure)."""
         sent_at = self._clock.time()
         app = self.spec.name
+        # tls_client_auth: the client certificate's context (None: the session's default).
+        tls = self.credentials.tls_context()
         try:
             async with self._session.post(
                 self.spec.token_url,
                 data=body,
                 headers=headers,
+                ssl=tls if tls is not None else True,
                 timeout=(self._refresh_timeout if grant_type == "refresh_token" else self._timeout),
                 allow_redirects=False,
             ) as response:
@@ -187,6 +190,18 @@ class OAuthClient:
             form["client_id"] = client_id
             form["client_assertion_type"] = ASSERTION_TYPE
             form["client_assertion"] = self._assertion(client_id)
+            return
+        if method is ClientAuth.CLIENT_ASSERTION:
+            # The platform's JWT as it is (RFC 7523 §2.2); its client_id is optional, sent when
+            # configured (Entra and Okta want it beside the assertion).
+            if client_id:
+                form["client_id"] = client_id
+            form["client_assertion_type"] = self.spec.assertion_type.urn
+            form["client_assertion"] = self.credentials.client_assertion(self._clock.time())
+            return
+        if method is ClientAuth.TLS_CLIENT_AUTH:
+            # RFC 8705 §2: the certificate authenticates; the form names the client.
+            form["client_id"] = client_id
             return
         secret = (
             self.credentials.previous_secret() if previous else self.credentials.client_secret()
