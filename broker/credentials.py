@@ -198,9 +198,9 @@ class AssertionFile:
                 current.expires_at
             )
         else:
-            reason = f"the assertion in {self.path} expired at {_when(current.expires_at)}"
+            reason = f"{self.path} expired at {_when(current.expires_at)}"
         raise CredentialFileError(
-            f"{self.key}: {reason}; waiting for the file to change", error="client_assertion"
+            f"{self.key}: {reason}; waiting for it to change", error="client_assertion"
         )
 
     @property

@@ -98,7 +98,7 @@ class TestAssertionFile:
         assert "apps.a.assertion_file" in message
         assert str(path) in message
         assert "2027-01-15T08:00:00Z (exp 1800000000)" in message
-        assert "waiting for the file to change" in message
+        assert "waiting for it to change" in message
         assert token not in message
         assert caught.value.error == "client_assertion"
 
