@@ -1182,10 +1182,10 @@ class TestWorkloadIdentityChart:
         import helm_python as helm
 
         values = _merge(FEDERATED, {"serviceAccountToken": {"enabled": False}})
-        with pytest.raises(helm.HelmError, match="serviceAccountToken.enabled"):
+        with pytest.raises(helm.HelmError, match=r"serviceAccountToken\.enabled"):
             render_chart(values)
         values = _merge(FEDERATED, {"serviceAccountToken": {"audience": ""}})
-        with pytest.raises(helm.HelmError, match="serviceAccountToken.audience"):
+        with pytest.raises(helm.HelmError, match=r"serviceAccountToken\.audience"):
             render_chart(with_example(values))
 
     def test_the_schema_refuses_a_token_below_the_kubelets_floor(self) -> None:
