@@ -38,6 +38,7 @@ from broker.credentials import UnusableAssertion, assertion_expiry
 from broker.errors import ConfigError, ConfigErrors
 from broker.model import (
     AppSpec,
+    AssertionType,
     ClientAuth,
     ClientSpec,
     Config,
@@ -463,6 +464,17 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
             found.append((".assertion_file", "required for client_auth client_assertion"))
         else:
             _checked(found, ".assertion_file", _check_assertion_file, app.assertion_file)
+        exchange = app.assertion_type is AssertionType.TOKEN_EXCHANGE
+        if (
+            exchange
+            and app.grant_type is not GrantType.CLIENT_CREDENTIALS
+            and not bad
+            & {
+                "assertion_type",
+                "grant_type",
+            }
+        ):
+            found.append((".assertion_type", "token-exchange needs grant_type client_credentials"))
     elif app.client_auth is ClientAuth.TLS_CLIENT_AUTH:
         _check_tls_client(app, found, bad)
     else:

@@ -90,14 +90,17 @@ class ClientAuth(enum.StrEnum):
 
 
 class AssertionType(enum.StrEnum):
-    """The `client_assertion_type` sent with a `client_assertion` app's JWT."""
+    """How a `client_assertion` app presents the JWT from its assertion_file."""
 
-    JWT_BEARER = "jwt-bearer"  # RFC 7523
+    JWT_BEARER = "jwt-bearer"  # RFC 7523 client assertion
     JWT_SPIFFE = "jwt-spiffe"  # draft-ietf-oauth-spiffe-client-auth, a JWT-SVID
+    # RFC 8693: the JWT is the subject_token of a token-exchange grant, with no client
+    # authentication (Google STS takes a federated identity this way).
+    TOKEN_EXCHANGE = "token-exchange"
 
     @property
     def urn(self) -> str:
-        """The form value: urn:ietf:params:oauth:client-assertion-type:<this>."""
+        """The client_assertion_type: urn:ietf:params:oauth:client-assertion-type:<this>."""
         return f"urn:ietf:params:oauth:client-assertion-type:{self.value}"
 
 
@@ -266,7 +269,11 @@ class AppSpec:
         ),
     ] = None
     assertion_type: Annotated[
-        AssertionType, S.Doc("the client_assertion_type: jwt-bearer (RFC 7523) or jwt-spiffe")
+        AssertionType,
+        S.Doc(
+            "jwt-bearer (RFC 7523) or jwt-spiffe: the client_assertion_type; token-exchange: "
+            "the JWT is an RFC 8693 subject_token (Google STS)"
+        ),
     ] = AssertionType.JWT_BEARER
     # tls_client_auth (RFC 8705): re-read on change, the TLS context rebuilt.
     tls_client_cert_file: Annotated[

@@ -32,6 +32,7 @@ from tests.support.workload_identity import (
     JWT_BEARER,
     JWT_SPIFFE,
     SERVICE_ACCOUNT,
+    TOKEN_EXCHANGE,
     ClusterIssuer,
     FederationPolicy,
     TestCA,
@@ -155,6 +156,43 @@ class TestClientAssertion:
         assert policy.refusals == []
         assert [c["sub"] for c in policy.verified] == [subject]
         assert policy.verified[0]["iss"] == issuer.issuer
+        assert_no_leak(broker, token)
+
+    async def test_token_exchange_sends_the_token_as_the_subject(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, issuer: ClusterIssuer
+    ) -> None:
+        """assertion_type token-exchange: an RFC 8693 exchange with the projected token as
+        subject_token and no client authentication, as Google STS takes it."""
+        policy = trust(oauth_server, issuer, assertion_type=TOKEN_EXCHANGE)
+        token = issuer.mint(audience=AUDIENCE)
+        provider = (
+            "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k"
+        )
+        files, broker, _ = federated_broker(
+            tmp_path,
+            oauth_server,
+            token,
+            assertion_type="token-exchange",
+            audience=provider,
+            scopes=["https://www.googleapis.com/auth/cloud-platform"],
+        )
+        broker.start()
+        try:
+            await broker.wait_ready(files.metrics)
+            status, _ = await get_token(files)
+        finally:
+            broker.terminate()
+        assert status == 200
+        form = oauth_server.requests[-1].form
+        assert form["grant_type"] == TOKEN_EXCHANGE
+        assert form["subject_token"] == token
+        assert form["subject_token_type"] == "urn:ietf:params:oauth:token-type:jwt"
+        assert form["requested_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
+        assert form["audience"] == provider
+        assert form["scope"] == "https://www.googleapis.com/auth/cloud-platform"
+        assert not {"client_assertion", "client_assertion_type", "client_secret"} & set(form)
+        assert policy.refusals == []
+        assert len(policy.verified) == 1
         assert_no_leak(broker, token)
 
     async def test_a_rotated_assertion_is_picked_up_without_a_restart(

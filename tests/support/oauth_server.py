@@ -31,7 +31,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.ports import free_port
-from tests.support.workload_identity import FederationPolicy
+from tests.support.workload_identity import TOKEN_EXCHANGE, FederationPolicy
 
 
 @dataclass
@@ -268,6 +268,11 @@ class OAuthTestServer:
         return response
 
     def _answer(self, request: web.Request, form: dict[str, str]) -> web.Response:
+        if form.get("grant_type") == TOKEN_EXCHANGE and self.federation is not None:
+            # RFC 8693 as Google STS does it: the subject token is the only credential.
+            if self.federation.check(form) is not None:
+                return self._error(400, "invalid_grant", 322403)
+            return self._issue(form.get("scope", ""), refresh=None)
         client_error = self._authenticate(request, form)
         if client_error is not None:
             return client_error

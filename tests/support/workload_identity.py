@@ -21,6 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 SERVICE_ACCOUNT = "system:serviceaccount:payments:token-broker"
 
 
@@ -64,6 +66,9 @@ class ClusterIssuer:
 class FederationPolicy:
     """What the token endpoint trusts: the issuer's JWKS and the claims it must carry.
 
+    `assertion_type` is the client_assertion_type expected, or TOKEN_EXCHANGE: the JWT is then
+    the subject_token of an RFC 8693 exchange (Google STS).
+
     `verified` keeps the claims of every accepted assertion; `refusals` the reason of each one
     refused.
     """
@@ -84,9 +89,16 @@ class FederationPolicy:
         return reason
 
     def _reason(self, form: dict[str, str]) -> str | None:
-        if form.get("client_assertion_type") != self.assertion_type:
+        if self.assertion_type == TOKEN_EXCHANGE:  # RFC 8693, as Google STS takes it
+            if form.get("grant_type") != TOKEN_EXCHANGE:
+                return "not a token exchange"
+            if form.get("subject_token_type") != JWT_TOKEN_TYPE:
+                return "wrong subject_token_type"
+            assertion = form.get("subject_token", "")
+        elif form.get("client_assertion_type") != self.assertion_type:
             return "wrong client_assertion_type"
-        assertion = form.get("client_assertion", "")
+        else:
+            assertion = form.get("client_assertion", "")
         try:
             kid = jwt.get_unverified_header(assertion).get("kid")
             keys = {k.key_id: k for k in jwt.PyJWKSet.from_dict(self.jwks).keys}

@@ -260,6 +260,21 @@ class TestConfig:
             {"client_auth": "client_assertion", "assertion_file": "t", "assertion_type": "x"},
         )
         assert "apps.fed.assertion_type" in found
+        (tmp_path / "t").write_text(unsigned({"exp": NOW}))
+        found = self.errors(
+            tmp_path,
+            {
+                "client_auth": "client_assertion",
+                "assertion_file": "t",
+                "assertion_type": "token-exchange",
+                "grant_type": "authorization_code",
+                "authorize_url": "https://idp.test/authorize",
+                "redirect_uri": "http://127.0.0.1:8411/callback",
+            },
+        )
+        assert found == {
+            "apps.fed.assertion_type": "token-exchange needs grant_type client_credentials"
+        }
 
     def test_keys_of_another_method_are_mistakes(self, tmp_path: Path) -> None:
         """assertion_* and tls_client_* keys with a secret method would be ignored: refused."""
