@@ -447,9 +447,14 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
     def missing(field: str) -> bool:
         return getattr(app, field) is None and field not in bad
 
-    if not {"client_id", "client_id_file"} & bad and (app.client_id is None) == (
-        app.client_id_file is None
-    ):
+    # A token exchange (Google STS) authenticates no client: it may name none.
+    exchange = (
+        app.client_auth is ClientAuth.CLIENT_ASSERTION
+        and app.assertion_type is AssertionType.TOKEN_EXCHANGE
+    )
+    both = app.client_id is not None and app.client_id_file is not None
+    neither = app.client_id is None and app.client_id_file is None
+    if not {"client_id", "client_id_file"} & bad and (both or (neither and not exchange)):
         found.append((".client_id", "give exactly one of client_id and client_id_file"))
     read("client_id_file")
     if "client_auth" in bad:
@@ -464,16 +469,8 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
             found.append((".assertion_file", "required for client_auth client_assertion"))
         else:
             _checked(found, ".assertion_file", _check_assertion_file, app.assertion_file)
-        exchange = app.assertion_type is AssertionType.TOKEN_EXCHANGE
-        if (
-            exchange
-            and app.grant_type is not GrantType.CLIENT_CREDENTIALS
-            and not bad
-            & {
-                "assertion_type",
-                "grant_type",
-            }
-        ):
+        checkable = not {"assertion_type", "grant_type"} & bad
+        if exchange and checkable and app.grant_type is not GrantType.CLIENT_CREDENTIALS:
             found.append((".assertion_type", "token-exchange needs grant_type client_credentials"))
     elif app.client_auth is ClientAuth.TLS_CLIENT_AUTH:
         _check_tls_client(app, found, bad)

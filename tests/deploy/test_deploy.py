@@ -1177,6 +1177,28 @@ class TestWorkloadIdentityChart:
         assert out.returncode == 0, out.stderr
         assert "entra: client_credentials, client_assertion" in out.stdout
 
+    def test_a_token_exchange_app_needs_no_client_id_and_no_secret(self, tmp_path: Path) -> None:
+        """Google STS's form: no client_id, so no client_id_file and no app Secret."""
+        gcp = {
+            "token_url": "https://sts.googleapis.com/v1/token",
+            "client_auth": "client_assertion",
+            "assertion_type": "token-exchange",
+            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k8s",
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+        }
+        values = _merge(
+            FEDERATED,
+            {"config": {"apps": {"gcp": gcp}, "clients": {"billing": {"apps": ["twilio", "gcp"]}}}},
+        )
+        docs = chart_docs(with_example(values))
+        pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        assert "token-broker-app-gcp" not in {v["name"] for v in pod["volumes"]}
+        config = chart_config(tmp_path, values)
+        app = yaml.safe_load(config.read_text())["apps"]["gcp"]
+        assert not {"client_id", "client_id_file", "client_secret_file"} & set(app)
+        out = check_config(config)
+        assert out.returncode == 0, out.stderr
+
     def test_client_assertion_without_a_token_source_is_refused(self) -> None:
         """No assertion_file and no projected token: the render fails and says what to set."""
         import helm_python as helm

@@ -173,6 +173,7 @@ class TestClientAssertion:
             oauth_server,
             token,
             assertion_type="token-exchange",
+            client_id=None,
             audience=provider,
             scopes=["https://www.googleapis.com/auth/cloud-platform"],
         )
@@ -190,7 +191,8 @@ class TestClientAssertion:
         assert form["requested_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
         assert form["audience"] == provider
         assert form["scope"] == "https://www.googleapis.com/auth/cloud-platform"
-        assert not {"client_assertion", "client_assertion_type", "client_secret"} & set(form)
+        assert not {"client_assertion", "client_assertion_type", "client_id"} & set(form)
+        assert "client_secret" not in form
         assert policy.refusals == []
         assert len(policy.verified) == 1
         assert_no_leak(broker, token)

@@ -242,6 +242,19 @@ class TestConfig:
         )
         assert config.apps["fed"].assertion_type is AssertionType.JWT_SPIFFE
 
+    def test_a_token_exchange_needs_no_client_id(self, tmp_path: Path) -> None:
+        """token-exchange authenticates no client: no client_id is fine; other types need one."""
+        app = {"client_auth": "client_assertion", "assertion_file": "t"}
+        path = self.config(tmp_path, {**app, "assertion_type": "token-exchange"})
+        data = yaml.safe_load(path.read_text())
+        del data["apps"]["fed"]["client_id"]
+        path.write_text(yaml.safe_dump(data))
+        assert load_config(path).apps["fed"].client_id is None
+        data["apps"]["fed"]["assertion_type"] = "jwt-bearer"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError, match="give exactly one of client_id and client_id_file"):
+            load_config(path)
+
     def test_client_assertion_rules(self, tmp_path: Path) -> None:
         """No assertion_file, or one that is not a JWT, is named by its key."""
         assert self.errors(tmp_path, {"client_auth": "client_assertion"}) == {

@@ -98,7 +98,8 @@ store:
 apps:
 {{- range $name, $app := .Values.config.apps }}
   {{- $files := dict }}
-  {{- if not (hasKey $app "client_id") }}{{- $_ := set $files "client_id_file" (printf "/etc/token-broker/apps/%s/client_id" $name) }}{{- end }}
+  {{- $exchange := eq (default "" $app.assertion_type) "token-exchange" }}
+  {{- if not (or (hasKey $app "client_id") $exchange) }}{{- $_ := set $files "client_id_file" (printf "/etc/token-broker/apps/%s/client_id" $name) }}{{- end }}
   {{- $appSecret := index (default dict $.Values.secrets.apps) $name | default dict }}
   {{- $auth := default "client_secret_post" $app.client_auth }}
   {{- if eq $auth "private_key_jwt" }}{{- $_ := set $files "private_key_file" (printf "/etc/token-broker/apps/%s/private_key" $name) }}
@@ -284,10 +285,12 @@ reads token files) there; read-only still lets it connect. Run that container as
 
 {{/*
 "true" when an app reads files from its Secret: every app but a client_assertion one with an
-inline client_id (its credential is the projected token) and no secrets.apps entry.
+inline client_id, or a token exchange that needs none (its credential is the projected token),
+and no secrets.apps entry.
 */}}
 {{- define "token-broker.appSecret" -}}
-{{- $federated := and (eq (default "" .app.client_auth) "client_assertion") (hasKey .app "client_id") }}
+{{- $named := or (hasKey .app "client_id") (eq (default "" .app.assertion_type) "token-exchange") }}
+{{- $federated := and (eq (default "" .app.client_auth) "client_assertion") $named }}
 {{- if or (not $federated) (index (default dict .Values.secrets.apps) .name) }}true{{ end }}
 {{- end -}}
 
