@@ -1151,6 +1151,12 @@ class TestWorkloadIdentityChart:
     def test_the_projected_token_is_mounted_and_named_in_the_config(self, tmp_path: Path) -> None:
         """The projected volume has the audience and expiry; the sidecar mounts it; the
         federated app's assertion_file is its path, with no secret and no app Secret."""
+        import helm_python as helm
+
+        report = helm.lint(
+            str(CHART), _merge(yaml.safe_load((CHART / "values.yaml").read_text()), FEDERATED)
+        )
+        assert report["errors"] == [], report
         docs = chart_docs(with_example(FEDERATED))
         validate(docs, tmp_path)
         pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
