@@ -1154,7 +1154,9 @@ class TestWorkloadIdentityChart:
         import helm_python as helm
 
         report = helm.lint(
-            str(CHART), _merge(yaml.safe_load((CHART / "values.yaml").read_text()), FEDERATED)
+            str(CHART),
+            _merge(yaml.safe_load((CHART / "values.yaml").read_text()), FEDERATED),
+            strict=True,
         )
         assert report["errors"] == [], report
         docs = chart_docs(with_example(FEDERATED))
