@@ -264,6 +264,35 @@ class TestClientAssertion:
         assert len(failures) <= 3  # one attempt, not a retry loop
         assert_no_leak(broker, expired, fresh)
 
+    async def test_a_jwt_svid_written_after_the_start_is_picked_up(
+        self, tmp_path: Path, oauth_server: OAuthTestServer, issuer: ClusterIssuer
+    ) -> None:
+        """spiffe-helper writes the JWT-SVID after the broker starts: the broker starts, the
+        app fails naming the file, and the SVID is used as soon as it appears."""
+        trust(oauth_server, issuer, subject=SPIFFE_ID, assertion_type=JWT_SPIFFE)
+        svid = issuer.mint(audience=AUDIENCE, subject=SPIFFE_ID)
+        shared = tmp_path / "spiffe"
+        shared.mkdir()
+        files, broker, _ = federated_broker(
+            tmp_path,
+            oauth_server,
+            "unused",
+            assertion_type="jwt-spiffe",
+            assertion_file=str(shared / "svid.jwt"),
+        )
+        broker.start()
+        try:
+            status, body = await wait_for_failure(files, broker)
+            (shared / "svid.jwt").write_text(svid)
+            await broker.wait_ready(files.metrics, timeout=PICKUP)
+        finally:
+            broker.terminate()
+        assert status == 503
+        assert "svid.jwt cannot be read" in body["message"]
+        assert oauth_server.count() == 1
+        assert oauth_server.requests[0].form["client_assertion"] == svid
+        assert_no_leak(broker, svid)
+
     async def test_a_refused_assertion_is_not_hammered_and_a_fixed_file_recovers(
         self, tmp_path: Path, oauth_server: OAuthTestServer, issuer: ClusterIssuer
     ) -> None:
