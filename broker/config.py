@@ -35,9 +35,11 @@ from cattrs.errors import AttributeValidationNote, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, override
 
 from broker import egress, schema
+from broker.credentials import UnusableAssertion, assertion_expiry
 from broker.errors import ConfigError, ConfigErrors
 from broker.model import (
     AppSpec,
+    AssertionType,
     ClientAuth,
     ClientSpec,
     Config,
@@ -446,9 +448,14 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
     def missing(field: str) -> bool:
         return getattr(app, field) is None and field not in bad
 
-    if not {"client_id", "client_id_file"} & bad and (app.client_id is None) == (
-        app.client_id_file is None
-    ):
+    # A token exchange (Google STS) authenticates no client: it may name none.
+    exchange = (
+        app.client_auth is ClientAuth.CLIENT_ASSERTION
+        and app.assertion_type is AssertionType.TOKEN_EXCHANGE
+    )
+    both = app.client_id is not None and app.client_id_file is not None
+    neither = app.client_id is None and app.client_id_file is None
+    if not {"client_id", "client_id_file"} & bad and (both or (neither and not exchange)):
         found.append((".client_id", "give exactly one of client_id and client_id_file"))
     read("client_id_file")
     if "client_auth" in bad:
@@ -458,6 +465,16 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
             found.append((".private_key_file", "required for client_auth private_key_jwt"))
         else:
             _checked(found, ".private_key_file", _check_private_key, app.private_key_file)
+    elif app.client_auth is ClientAuth.CLIENT_ASSERTION:
+        if missing("assertion_file"):
+            found.append((".assertion_file", "required for client_auth client_assertion"))
+        else:
+            _checked(found, ".assertion_file", _check_assertion_file, app.assertion_file)
+        checkable = not {"assertion_type", "grant_type"} & bad
+        if exchange and checkable and app.grant_type is not GrantType.CLIENT_CREDENTIALS:
+            found.append((".assertion_type", "token-exchange needs grant_type client_credentials"))
+    elif app.client_auth is ClientAuth.TLS_CLIENT_AUTH:
+        _check_tls_client(app, found, bad)
     else:
         if missing("client_secret_file"):
             found.append(
@@ -465,11 +482,53 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
             )
         read("client_secret_file")
         read("client_secret_previous_file")
+    if "client_auth" not in bad:
+        _check_unused_credentials(app, m, found)
     if "grant_type" not in bad and app.grant_type is GrantType.AUTHORIZATION_CODE:
         for field in ("authorize_url", "redirect_uri"):
             if missing(field):
                 found.append((f".{field}", "required for grant_type authorization_code"))
     return app, found
+
+
+# The keys that belong to one client_auth method each: given with another, they would be ignored.
+_METHOD_KEYS: dict[str, ClientAuth] = {
+    "assertion_file": ClientAuth.CLIENT_ASSERTION,
+    "assertion_type": ClientAuth.CLIENT_ASSERTION,
+    "tls_client_cert_file": ClientAuth.TLS_CLIENT_AUTH,
+    "tls_client_key_file": ClientAuth.TLS_CLIENT_AUTH,
+}
+
+
+def _check_unused_credentials(app: AppSpec, m: Mapping[str, Any], found: Found) -> None:
+    """A key of one client_auth method given with another is a mistake, not a silent no-op."""
+    for key, method in _METHOD_KEYS.items():
+        if key in m and app.client_auth is not method:
+            found.append((f".{key}", f"applies only when client_auth is {method.value}"))
+
+
+def _check_tls_client(app: AppSpec, found: Found, bad: set[str]) -> None:
+    """Both files given, and together they load as a certificate and its key."""
+    fields = ("tls_client_cert_file", "tls_client_key_file")
+    for field in fields:
+        if getattr(app, field) is None and field not in bad:
+            found.append((f".{field}", "required for client_auth tls_client_auth"))
+    if app.tls_client_cert_file is None or app.tls_client_key_file is None:
+        return
+    cert, key = app.tls_client_cert_file, app.tls_client_key_file
+    before = len(found)
+    _checked(found, ".tls_client_cert_file", _read_secret_file, cert)
+    _checked(found, ".tls_client_key_file", _read_secret_file, key)
+    if len(found) == before:
+        try:
+            ssl.create_default_context().load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError):
+            found.append(
+                (
+                    ".tls_client_cert_file",
+                    f"{cert} and {key} do not load as a PEM certificate and its unencrypted key",
+                )
+            )
 
 
 @_validator(ProxySpec)
@@ -639,6 +698,21 @@ def _check_private_key(path: Path) -> None:
             raise Invalid(f"RSA key of {private_key.key_size} bits; at least 2048 needed")
     elif not isinstance(private_key, ec.EllipticCurvePrivateKey):
         raise Invalid("must be an RSA or EC private key")
+
+
+def _check_assertion_file(path: Path) -> None:
+    """A file that exists holds a JWT with an exp; a missing one is the platform's to write.
+
+    spiffe-helper writes its JWT-SVID after the pods start, so the broker starts without it:
+    the app fails, naming the file, until it appears. An expired one is a runtime matter too.
+    """
+    if not path.exists():
+        return
+    token = _read_secret_file(path)
+    try:
+        assertion_expiry(token)
+    except UnusableAssertion as exc:
+        raise Invalid(f"{path} {exc}") from None
 
 
 def _check_keyring(path: Path) -> None:

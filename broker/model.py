@@ -83,6 +83,25 @@ class ClientAuth(enum.StrEnum):
     CLIENT_SECRET_POST = "client_secret_post"
     CLIENT_SECRET_BASIC = "client_secret_basic"
     PRIVATE_KEY_JWT = "private_key_jwt"
+    # A JWT the platform keeps fresh (a projected service-account token, a JWT-SVID): issue 23.
+    CLIENT_ASSERTION = "client_assertion"
+    # RFC 8705: the client certificate of the TLS connection authenticates the client.
+    TLS_CLIENT_AUTH = "tls_client_auth"
+
+
+class AssertionType(enum.StrEnum):
+    """How a `client_assertion` app presents the JWT from its assertion_file."""
+
+    JWT_BEARER = "jwt-bearer"  # RFC 7523 client assertion
+    JWT_SPIFFE = "jwt-spiffe"  # draft-ietf-oauth-spiffe-client-auth, a JWT-SVID
+    # RFC 8693: the JWT is the subject_token of a token-exchange grant, with no client
+    # authentication (Google STS takes a federated identity this way).
+    TOKEN_EXCHANGE = "token-exchange"
+
+    @property
+    def urn(self) -> str:
+        """The client_assertion_type: urn:ietf:params:oauth:client-assertion-type:<this>."""
+        return f"urn:ietf:params:oauth:client-assertion-type:{self.value}"
 
 
 class SinkFormat(enum.StrEnum):
@@ -278,6 +297,28 @@ class AppSpec:
     max_token_requests_per_minute: Annotated[
         int | None,
         S.REQUEST_BUDGET.described("the whole fleet's budget of token requests for this app"),
+    ] = None
+    # client_assertion (issue 23): the platform writes the JWT and rotates it; the broker reads.
+    assertion_file: Annotated[
+        Path | None,
+        S.FILE.described(
+            "a JWT the platform keeps fresh (projected service-account token, JWT-SVID), "
+            "for client_auth client_assertion"
+        ),
+    ] = None
+    assertion_type: Annotated[
+        AssertionType,
+        S.Doc(
+            "jwt-bearer (RFC 7523) or jwt-spiffe: the client_assertion_type; token-exchange: "
+            "the JWT is an RFC 8693 subject_token (Google STS)"
+        ),
+    ] = AssertionType.JWT_BEARER
+    # tls_client_auth (RFC 8705): re-read on change, the TLS context rebuilt.
+    tls_client_cert_file: Annotated[
+        Path | None, S.FILE.described("PEM client certificate (chain), for tls_client_auth")
+    ] = None
+    tls_client_key_file: Annotated[
+        Path | None, S.FILE.described("PEM private key of the client certificate")
     ] = None
 
 
