@@ -968,8 +968,9 @@ class TestDashboard:
             for m in re.findall(r"token_broker_[a-z_]+", e)
         }
         known = contract_metrics()
-        # token_broker_next_refresh_timestamp_seconds, token_broker_app_ready (issue 24)
-        assert len(known) == 25
+        # token_broker_next_refresh_timestamp_seconds, token_broker_app_ready (issue 24),
+        # token_broker_token_refused_total, token_broker_proxy_egress_refused_total (issue 22)
+        assert len(known) == 27
         assert used <= known, used - known
         assert {
             "token_broker_token_expiry_timestamp_seconds",
