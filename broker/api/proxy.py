@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import ssl
 import time
@@ -44,6 +45,11 @@ CHUNK = 64 * 1024
 # Longest header line accepted from the upstream (aiohttp's default, also the API's own limit).
 MAX_HEADER_LINE = 8190
 MAX_HEADERS = 128
+# Request targets per upstream whose checked upstream URL is remembered (then forgotten all at
+# once): the check and the URL are a pure function of the target, and targets repeat.
+MAX_REMEMBERED_TARGETS = 4096
+# Header names whose forwarding decision is remembered (names are the caller's choice: bounded).
+MAX_REMEMBERED_NAMES = 1024
 # Methods never forwarded: TRACE would echo the injected token; CONNECT opens a tunnel.
 REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -129,12 +135,30 @@ def path_allowed(path: str, prefix: str) -> bool:
 # ---- headers ---------------------------------------------------------------------------------
 
 
-def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
+_NOTHING_LISTED: frozenset[str] = frozenset()
+
+
+def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str] | set[str]:
     """Headers the Connection header names: hop-by-hop too (RFC 9110 §7.6.1)."""
+    if "Connection" not in headers:
+        return _NOTHING_LISTED  # the common case, without a list or a set per request
     listed: set[str] = set()
-    for value in headers.getall("Connection", []):
+    for value in headers.getall("Connection"):
         listed.update(token.strip().lower() for token in value.split(","))
     return listed
+
+
+# Per header name (as sent, any case): never forwarded whatever its value? Callers send the
+# same few names on every request, so the lowercasing and the tests run once per name.
+@functools.lru_cache(maxsize=MAX_REMEMBERED_NAMES)
+def _dropped_request_header(name: str) -> bool:
+    lower = name.lower()
+    return lower in _DROP_REQUEST or lower.startswith(("x-forwarded-", "proxy-"))
+
+
+@functools.lru_cache(maxsize=MAX_REMEMBERED_NAMES)
+def _dropped_response_header(name: str) -> bool:
+    return name.lower() in _DROP_RESPONSE
 
 
 def request_headers(incoming: CIMultiDictProxy[str], token: TokenSet) -> CIMultiDict[str]:
@@ -142,12 +166,7 @@ def request_headers(incoming: CIMultiDictProxy[str], token: TokenSet) -> CIMulti
     listed = _connection_listed(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        lower = name.lower()
-        if (
-            lower in _DROP_REQUEST
-            or lower in listed
-            or lower.startswith(("x-forwarded-", "proxy-"))
-        ):
+        if _dropped_request_header(name) or (listed and name.lower() in listed):
             continue
         out.add(name, value)
     out["Authorization"] = f"Bearer {token.access_token}"
@@ -159,8 +178,7 @@ def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     listed = _connection_listed(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        lower = name.lower()
-        if lower not in _DROP_RESPONSE and lower not in listed:
+        if not _dropped_response_header(name) and not (listed and name.lower() in listed):
             out.add(name, value)
     return out
 
@@ -178,9 +196,31 @@ class Upstream:
     slots: asyncio.Semaphore
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # Raw request target → the checked upstream URL (see MAX_REMEMBERED_TARGETS).
+    _urls: dict[str, URL] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._idle.set()
+
+    def url_for(self, raw_path: str, app: str) -> URL:
+        """The upstream URL of a request target (`upstream_target`'s checks and errors)."""
+        url = self._urls.get(raw_path)
+        if url is not None:
+            return url
+        path, query = upstream_target(raw_path, app, self.spec.path_prefixes)
+        # The origin is the configured one; the caller's part is only the checked path.
+        url = URL.build(
+            scheme=self.origin.scheme,
+            host=self.origin.raw_host or "",
+            port=self.origin.explicit_port,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
+        if len(self._urls) >= MAX_REMEMBERED_TARGETS:
+            self._urls.clear()  # bounded: request targets are the caller's choice
+        self._urls[raw_path] = url
+        return url
 
     def enter(self) -> None:
         """A request starts using this upstream."""
@@ -275,7 +315,7 @@ class Proxy:
         self.service = service
         self.upstreams = upstreams
         self.metrics = metrics
-        self._counters: dict[tuple[str, str], Any] = {}
+        self._counters: dict[tuple[str, int], Any] = {}
         self._timers: dict[str, Any] = {}
 
     async def forward(self, request: web.BaseRequest, app: str) -> web.StreamResponse:
@@ -314,26 +354,18 @@ class Proxy:
                 timer.observe(time.perf_counter() - started)
 
     def _count(self, app: str, status: int) -> None:
-        key = (app, str(status))
-        counter = self._counters.get(key)
+        counter = self._counters.get((app, status))
         if counter is None:
-            counter = self._counters[key] = self.metrics.proxy_requests_total.labels(*key)
+            counter = self._counters[app, status] = self.metrics.proxy_requests_total.labels(
+                app, str(status)
+            )
         counter.inc()
 
     async def _forward(
         self, request: web.BaseRequest, app: str, upstream: Upstream
     ) -> web.StreamResponse:
         spec = upstream.spec
-        path, query = upstream_target(request.raw_path, app, spec.path_prefixes)
-        # The origin is the configured one; the caller's part is only the checked path.
-        url = URL.build(
-            scheme=upstream.origin.scheme,
-            host=upstream.origin.raw_host or "",
-            port=upstream.origin.explicit_port,
-            path=path,
-            query_string=query,
-            encoded=True,
-        )
+        url = upstream.url_for(request.raw_path, app)
         token = await self._token(app)
         body = await _read_body(request, spec)
         try:
@@ -515,9 +547,15 @@ async def _relay(request: web.BaseRequest, answer: aiohttp.ClientResponse) -> we
     )
     try:
         await response.prepare(request)
-        async for chunk in answer.content.iter_chunked(CHUNK):
-            await response.write(chunk)
-        await response.write_eof()
+        length = answer.content_length
+        if length is not None and length <= CHUNK:
+            # A small answer (the common one) is read whole and leaves in one write with the
+            # headers. A cut answer raises ClientPayloadError here, before anything was sent.
+            await response.write_eof(await answer.content.read())
+        else:
+            async for chunk in answer.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
     except (aiohttp.ClientError, OSError, TimeoutError):
         # The answer has begun: a cut connection is the only honest signal left (the caller
         # sees a short body), never a well-formed end of a truncated one.
