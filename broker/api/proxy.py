@@ -138,14 +138,20 @@ def path_allowed(path: str, prefix: str) -> bool:
 _NOTHING_LISTED: frozenset[str] = frozenset()
 
 
-def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str] | set[str]:
+def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Headers the Connection header names: hop-by-hop too (RFC 9110 §7.6.1)."""
-    if "Connection" not in headers:
-        return _NOTHING_LISTED  # the common case, without a list or a set per request
-    listed: set[str] = set()
-    for value in headers.getall("Connection"):
-        listed.update(token.strip().lower() for token in value.split(","))
-    return listed
+    values = headers.getall("Connection", ())
+    if not values:
+        return _NOTHING_LISTED
+    if len(values) == 1:
+        return _listed_in(values[0])
+    return frozenset().union(*(_listed_in(value) for value in values))
+
+
+# Upstreams send the same `Connection: keep-alive` on every answer: parsed once per value.
+@functools.lru_cache(maxsize=MAX_REMEMBERED_NAMES)
+def _listed_in(value: str) -> frozenset[str]:
+    return frozenset(token.strip().lower() for token in value.split(","))
 
 
 # Per header name (as sent, any case): never forwarded whatever its value? Callers send the
@@ -542,20 +548,29 @@ def _too_large(spec: ProxySpec) -> ApiError:
 
 async def _relay(request: web.BaseRequest, answer: aiohttp.ClientResponse) -> web.StreamResponse:
     """Stream the upstream's answer back with its status and headers."""
-    response = web.StreamResponse(
-        status=answer.status, reason=answer.reason, headers=response_headers(answer.headers)
-    )
+    headers = response_headers(answer.headers)
+    length = answer.content_length
+    cut = False
+    if length is not None and length <= CHUNK:
+        # A small answer (the common one) is read whole and goes back in one write, headers
+        # and body together (a streamed answer sends its headers on their own first).
+        try:
+            body = await answer.content.read()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            cut = True  # answered below as a streamed answer cut short would be
+        else:
+            answer.release()
+            return web.Response(
+                body=body, status=answer.status, reason=answer.reason, headers=headers
+            )
+    response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
     try:
         await response.prepare(request)
-        length = answer.content_length
-        if length is not None and length <= CHUNK:
-            # A small answer (the common one) is read whole and leaves in one write with the
-            # headers. A cut answer raises ClientPayloadError here, before anything was sent.
-            await response.write_eof(await answer.content.read())
-        else:
-            async for chunk in answer.content.iter_chunked(CHUNK):
-                await response.write(chunk)
-            await response.write_eof()
+        if cut:
+            raise aiohttp.ClientPayloadError("the upstream's answer ended early")
+        async for chunk in answer.content.iter_chunked(CHUNK):
+            await response.write(chunk)
+        await response.write_eof()
     except (aiohttp.ClientError, OSError, TimeoutError):
         # The answer has begun: a cut connection is the only honest signal left (the caller
         # sees a short body), never a well-formed end of a truncated one.
