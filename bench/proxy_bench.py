@@ -13,6 +13,10 @@ One run starts, as separate processes on this machine:
   for "a proxy that adds a header";
 - `broker`: `token-broker serve` of this tree, whose app `bench` proxies to the same upstream
   (`/v1/proxy/bench/...`), on uvloop (`--loop asyncio` for asyncio's loop);
+- `aiohttp`: the floor of the broker's own stack, a bare aiohttp `web.Server` whose one
+  handler sends the request upstream through one `ClientSession` (the same pool settings as
+  the broker's) with the static header and answers the body read whole: what the broker costs
+  beyond the HTTP server and client it is built on;
 - `baseline` (with `--baseline DIR`): the broker of another source tree (a checkout of main,
   say) on the same loop, in the same rounds, for a before/after figure from one command.
 
@@ -118,6 +122,45 @@ PROXY_SERVER = """\
             proxy_ssl_session_reuse on;
         }}
     }}
+"""
+
+BARE_PROXY = """\
+import ssl, sys
+import aiohttp
+from aiohttp import web
+port, upstream, ca_file, token, loop = sys.argv[1:6]
+if loop == "uvloop":
+    import uvloop
+    uvloop.install()
+DROP = {"host", "authorization", "connection", "content-length"}
+
+async def handle(request):
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in DROP}
+    headers["Authorization"] = "Bearer " + token
+    url = upstream + request.raw_path[len("/v1/proxy/bench"):]
+    data = await request.read() if request.body_exists else None
+    async with session.request(
+        request.method, url, headers=headers, data=data, allow_redirects=False
+    ) as answer:
+        body = await answer.read()
+        return web.Response(body=body, status=answer.status, headers={
+            "Content-Type": answer.headers.get("Content-Type", "application/octet-stream")})
+
+async def main():
+    global session
+    context = ssl.create_default_context(cafile=ca_file)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=64, ssl=context), auto_decompress=False,
+        timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=30),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar())
+    runner = web.ServerRunner(web.Server(handle, access_log=None))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", int(port)).start()
+    await asyncio.Event().wait()
+
+import asyncio
+asyncio.run(main())
 """
 
 POST_SCRIPT = """\
@@ -309,6 +352,24 @@ def measure(
             targets.append(
                 Target(name, f"{api}/v1/proxy/bench/v1/items/1", f"Bearer {CLIENT_KEY}", process)
             )
+        bare_port = free_port()
+        bare = subprocess.Popen(
+            [
+                *("taskset", "-c", PROXY_CORE, sys.executable, "-c", BARE_PROXY, str(bare_port)),
+                *(f"https://127.0.0.1:{upstream_port}", str(workdir / "ca.pem"), token, args.loop),
+            ]
+        )
+        processes.append(bare)
+        wait_port(bare_port)
+        targets.insert(
+            0,
+            Target(
+                "aiohttp",
+                f"http://127.0.0.1:{bare_port}/v1/proxy/bench/v1/items/1",
+                f"Bearer {CLIENT_KEY}",
+                bare,
+            ),
+        )
         proxy_server = PROXY_SERVER.format(
             port=nginx_port, upstream_port=upstream_port, dir=workdir, token=token
         )
