@@ -262,7 +262,7 @@ def start_nginx(workdir: Path, name: str, server: str, core: str) -> subprocess.
     return subprocess.Popen([*argv, "-e", str(directory / "error.log")])
 
 
-def write_broker_config(directory: Path, oauth_port: int, upstream_port: int) -> Path:
+def write_broker_config(directory: Path, oauth_port: int, upstream_port: int, tree: Path) -> Path:
     """A serve config: app `bench` against the OAuth child, proxied to the upstream."""
     (directory / "secret").write_text(SECRET)
     (directory / "client.key").write_text(CLIENT_KEY)
@@ -287,6 +287,11 @@ def write_broker_config(directory: Path, oauth_port: int, upstream_port: int) ->
         },
         "clients": {"svc": {"key_file": "client.key", "apps": ["bench"]}},
     }
+    if (tree / "broker" / "egress.py").exists():
+        # The bench API is on loopback, which the egress guard refuses unless the app allows
+        # it; a tree without the guard (an older baseline) would refuse the unknown key.
+        proxy = config["apps"]["bench"]["proxy"]  # type: ignore[index]
+        proxy["allowed_networks"] = ["127.0.0.0/8"]
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -298,7 +303,7 @@ def start_broker(
     """`token-broker serve` from source `tree`, pinned to the proxy core; returns it and its API."""
     directory = workdir / name
     directory.mkdir()
-    config = write_broker_config(directory, oauth_port, upstream_port)
+    config = write_broker_config(directory, oauth_port, upstream_port, tree)
     server = yaml.safe_load(config.read_text())["server"]
     env = {**os.environ, "PYTHONPATH": str(tree), "TOKEN_BROKER_EVENT_LOOP": loop}
     process = subprocess.Popen(
@@ -308,7 +313,12 @@ def start_broker(
         stdout=(directory / "serve.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
-    wait_ready(int(server["metrics_listen"].rsplit(":", 1)[1]))
+    try:
+        wait_ready(int(server["metrics_listen"].rsplit(":", 1)[1]))
+    except RuntimeError:
+        stop(process)
+        log = (directory / "serve.log").read_text()[-2000:]
+        raise RuntimeError(f"the {name} broker did not get ready; its log ends:\n{log}") from None
     return process, f"http://{server['listen']}"
 
 

@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import difflib
 import enum
+import ipaddress
 import math
 import os
 import re
@@ -33,7 +34,7 @@ import yaml
 from cattrs.errors import AttributeValidationNote, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, override
 
-from broker import schema
+from broker import egress, schema
 from broker.errors import ConfigError, ConfigErrors
 from broker.model import (
     AppSpec,
@@ -473,13 +474,55 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
 
 @_validator(ProxySpec)
 def _proxy(proxy: ProxySpec, m: Mapping[str, Any], bad: set[str]) -> tuple[ProxySpec, Found]:
-    """A replayable body fits in a request; the CA file holds certificates."""
+    """One of upstream and upstreams; no upstream at an address the egress guard refuses; a
+    replayable body fits in a request; the CA file holds certificates."""
     found: Found = []
+    if not {"upstream", "upstreams"} & bad:
+        if proxy.upstream is None and not proxy.upstreams:
+            found.append(
+                (".upstream", "required: give upstream (one origin) or upstreams (several by name)")
+            )
+        elif proxy.upstream is not None and proxy.upstreams:
+            found.append(
+                (
+                    ".upstreams",
+                    "give upstream or upstreams, not both (name the single origin inside "
+                    "upstreams; callers then reach /v1/proxy/<app>/<name>/<path>)",
+                )
+            )
+    if "allowed_networks" not in bad:
+        origins = [] if proxy.upstream is None else [(".upstream", proxy.upstream)]
+        origins += [(f".upstreams.{u.name}", u.origin) for u in proxy.upstreams]
+        found.extend(_refused_origins(origins, proxy.allowed_networks))
     sizes_known = not {"max_buffered_body", "max_request_body"} & bad
     if sizes_known and proxy.max_buffered_body > proxy.max_request_body:
         found.append((".max_buffered_body", "must not exceed max_request_body"))
     _checked(found, ".ca_file", _check_ca_file, proxy.ca_file)
     return proxy, found
+
+
+def _refused_origins(origins: list[tuple[str, str]], allowed_networks: tuple[str, ...]) -> Found:
+    """Upstreams given as an address that the egress guard would refuse at every request (a
+    name is checked when it is resolved, at each connection)."""
+    allowed = egress.parse_networks(allowed_networks)
+    found: Found = []
+    for at, origin in origins:
+        host = urlsplit(origin).hostname or ""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        reason = egress.refusal(address, allowed)
+        if reason is not None:
+            found.append(
+                (
+                    at,
+                    f"{host} is {egress.DESCRIBED[reason]}: the proxy refuses it unless "
+                    f"allowed_networks lists it (e.g. allowed_networks: [{address}/"
+                    f"{address.max_prefixlen}])",
+                )
+            )
+    return found
 
 
 @_validator(ClientEntry)
@@ -772,13 +815,22 @@ def summarize(config: Config) -> str:
 
 
 def _proxy_summary(proxy: ProxySpec) -> str:
+    if proxy.upstream is not None:
+        where = f"proxy to {proxy.upstream}, paths {', '.join(proxy.path_prefixes)}"
+    else:
+        where = "proxy to " + "; ".join(
+            f"{u.name} {u.origin} (paths {', '.join(u.path_prefixes or proxy.path_prefixes)})"
+            for u in proxy.upstreams
+        )
     return (
-        f"    proxy to {proxy.upstream}, paths {', '.join(proxy.path_prefixes)}, "
+        f"    {where}, "
         f"timeouts {proxy.connect_timeout:g}s connect / {proxy.read_timeout:g}s read, "
         f"bodies up to {proxy.max_request_body} bytes (replayable up to "
         f"{proxy.max_buffered_body}), at most {proxy.max_concurrent} at once"
+        + (" per upstream" if proxy.upstreams else "")
         + (", retry on 401" if proxy.retry_on_401 else ", no retry on 401")
         + (f", CA {proxy.ca_file}" if proxy.ca_file else "")
+        + (f", may reach {', '.join(proxy.allowed_networks)}" if proxy.allowed_networks else "")
     )
 
 

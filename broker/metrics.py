@@ -154,6 +154,12 @@ class Metrics:
             "Upstream 401s: retried after a refresh (unauthorized) or passed back, and why.",
             ["app", "reason"],
         )
+        self.proxy_egress_refused_total = self._counter(
+            "token_broker_proxy_egress_refused_total",
+            "Proxied requests refused because the upstream's address is loopback, link-local, "
+            "private or reserved and not in allowed_networks.",
+            ["app", "reason"],
+        )
         self.sink_writes = self._counter(
             "token_broker_sink_writes_total",
             "Token file writes by outcome (written, truncated, error), one per file.",

@@ -166,18 +166,50 @@ class RefreshPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class ProxySpec:
-    """An app's injecting proxy: the fixed upstream origin and the limits of forwarding.
+class UpstreamSpec:
+    """One of the named upstreams of an app's proxy (`proxy.upstreams.<name>`).
 
-    `upstream` is `scheme://host[:port]` only. Durations are seconds, sizes bytes.
+    `origin` is `scheme://host[:port]` only; `path_prefixes` None: the proxy's own.
+    """
+
+    name: str
+    origin: str
+    path_prefixes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySpec:
+    """An app's injecting proxy: the fixed upstream origin(s) and the limits of forwarding.
+
+    Exactly one of `upstream` (one origin, `scheme://host[:port]` only) and `upstreams` (several,
+    each under its name) is given. `allowed_networks` are CIDRs the upstreams may resolve into
+    although they are loopback, link-local or private (broker/egress.py). Durations are
+    seconds, sizes bytes.
     """
 
     upstream: Annotated[
-        str, S.UPSTREAM.described("scheme and host of the real API, like https://api.example.com")
-    ]
+        str | None,
+        S.UPSTREAM.described("scheme and host of the real API, like https://api.example.com"),
+    ] = None
+    upstreams: Annotated[
+        tuple[UpstreamSpec, ...],
+        S.UPSTREAMS.described(
+            "several upstreams by name, reached at /v1/proxy/<app>/<name>/<path> (instead of "
+            "upstream): an origin each, or {origin, path_prefixes}"
+        ),
+    ] = ()
     path_prefixes: Annotated[
-        tuple[str, ...], S.PATH_PREFIXES.described("paths the proxy forwards (default: all)")
+        tuple[str, ...],
+        S.PATH_PREFIXES.described(
+            "paths the proxy forwards (default: all); with upstreams, for each that names none"
+        ),
     ] = ("/",)
+    allowed_networks: Annotated[
+        tuple[str, ...],
+        S.NETWORKS.described(
+            "loopback, link-local or private networks (CIDR) the upstreams may be reached in"
+        ),
+    ] = ()
     connect_timeout: Annotated[float, S.DURATION] = 5.0
     read_timeout: Annotated[float, S.DURATION] = 30.0
     max_buffered_body: Annotated[

@@ -87,10 +87,11 @@ class TestProxyBlock:
 
     def test_ipv6_and_loopback_http_upstreams(self, config_dir: Path) -> None:
         """Plain http is accepted for a loopback upstream; IPv6 hosts keep their brackets."""
-        assert proxy_of({"upstream": "http://127.0.0.1:8080"}, config_dir) == ProxySpec(
-            upstream="http://127.0.0.1:8080"
+        loopback = {"allowed_networks": ["127.0.0.0/8", "::1"]}
+        assert proxy_of({"upstream": "http://127.0.0.1:8080", **loopback}, config_dir) == (
+            ProxySpec(upstream="http://127.0.0.1:8080", allowed_networks=("127.0.0.0/8", "::1/128"))
         )
-        spec = proxy_of({"upstream": "https://[::1]:9443"}, config_dir)
+        spec = proxy_of({"upstream": "https://[::1]:9443", **loopback}, config_dir)
         assert spec is not None
         assert spec.upstream == "https://[::1]:9443"
 
