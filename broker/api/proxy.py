@@ -17,6 +17,11 @@ leave the allowed prefixes. Every connection's address passes the egress guard
 (broker/egress.py) right before it is connected: no loopback, link-local or private address
 unless the app's `allowed_networks` holds it. Nothing is logged per request; the token is never
 logged.
+
+The per-request path remembers what repeats (docs/architecture.md, "What a proxied request
+costs"): each request target's checked upstream URL (per pool), the forwarding decision per
+header name, the parse of each `Connection` value; an answer of up to 64 KiB with a
+`Content-Length` is read whole and goes back in one write with its headers.
 """
 
 from __future__ import annotations
