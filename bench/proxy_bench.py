@@ -36,6 +36,7 @@ if each saturated its core.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -515,6 +516,9 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"need {tool} on PATH (apt-get install -y wrk nginx)", file=sys.stderr)
             return 2
+    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        print("need uvloop (the `fast` extra), or --loop asyncio", file=sys.stderr)
+        return 2
     if (os.cpu_count() or 1) < 2:
         print("need two cores: the load and the proxies are pinned apart", file=sys.stderr)
         return 2
