@@ -828,7 +828,11 @@ def _proxy_summary(proxy: ProxySpec) -> str:
         f"bodies up to {proxy.max_request_body} bytes (replayable up to "
         f"{proxy.max_buffered_body}), at most {proxy.max_concurrent} at once"
         + (" per upstream" if proxy.upstreams else "")
-        + (", retry on 401" if proxy.retry_on_401 else ", no retry on 401")
+        + (
+            f", retry on {'/'.join(map(str, proxy.refresh_on_status))}"
+            if proxy.retry_on_401 and proxy.refresh_on_status
+            else ", no retry on 401"
+        )
         + (f", CA {proxy.ca_file}" if proxy.ca_file else "")
         + (f", may reach {', '.join(proxy.allowed_networks)}" if proxy.allowed_networks else "")
     )

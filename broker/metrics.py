@@ -160,6 +160,12 @@ class Metrics:
             "private or reserved and not in allowed_networks.",
             ["app", "reason"],
         )
+        self.token_refused_total = self._counter(
+            "token_broker_token_refused_total",
+            "Access tokens an upstream refused (refresh_on_status), by the store's answer: "
+            "recorded (a fleet-wide purge), already, stale, limited; unrecorded: store down.",
+            ["app", "outcome"],
+        )
         self.sink_writes = self._counter(
             "token_broker_sink_writes_total",
             "Token file writes by outcome (written, truncated, error), one per file.",

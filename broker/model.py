@@ -220,6 +220,12 @@ class ProxySpec:
         Path | None, S.FILE.described("PEM CA certificates that alone verify the upstream")
     ] = None
     retry_on_401: Annotated[bool, S.BOOL.described("retry once with a new token on 401")] = True
+    # The upstream statuses that mean "this token is refused": a fleet-wide purge and one
+    # retry (issue 22). `retry_on_401: false` turns them all off.
+    refresh_on_status: Annotated[
+        tuple[int, ...],
+        S.REFRESH_STATUSES.described("upstream statuses that purge the token and retry once"),
+    ] = (401,)
     max_concurrent: Annotated[int, S.MAX_CONCURRENT_RULE] = 64
 
 

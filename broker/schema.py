@@ -228,6 +228,18 @@ def _unix_ids(value: object) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _refresh_statuses(value: object) -> tuple[int, ...]:
+    """`proxy.refresh_on_status`: 4xx statuses (a 5xx says nothing about the token); [] none."""
+    if not isinstance(value, list):
+        raise Invalid("must be a list of HTTP statuses (400 to 499), like [401]")
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or not 400 <= item <= 499:
+            raise Invalid(f"{item!r} is not an HTTP status from 400 to 499", f"[{i}]")
+    if len(set(value)) != len(value):
+        raise Invalid("lists a status twice")
+    return tuple(value)
+
+
 def is_loopback_host(host: str) -> bool:
     """localhost, or a loopback IP address."""
     if host == "localhost":
@@ -650,6 +662,14 @@ REQUEST_BODY = Rule(_request_body, _SIZE_JSON)
 BUFFERED_BODY = Rule(_buffered_body, _SIZE_JSON)
 MAX_CONCURRENT_RULE = Rule(
     _max_concurrent, {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENT}
+)
+REFRESH_STATUSES = Rule(
+    _refresh_statuses,
+    {
+        "type": "array",
+        "uniqueItems": True,
+        "items": {"type": "integer", "minimum": 400, "maximum": 499},
+    },
 )
 SINK_PATH = Rule(_sink_path, {"type": "string", "pattern": "^/"})
 SINK_MODE = Rule(_sink_mode, _OCTAL_JSON)

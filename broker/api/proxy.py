@@ -7,9 +7,10 @@ URL per host. All of an app's upstreams use its one token; each has its own conn
 The caller writes no token code. The broker checks the path against the app's allowed prefixes,
 takes a servable token (or fails closed: 503 / 409, nothing forwarded), removes the caller's
 credentials and hop-by-hop headers, adds `Authorization: Bearer <access token>` and streams the
-request and the answer. On an upstream 401 for a body it can replay it forces one refresh
-(coalesced and rate-limited by the token service) and retries once; any other answer, a second
-401 included, goes back unchanged. Redirects are passed back, never followed.
+request and the answer. On an upstream 401 (or another status of `refresh_on_status`) for a
+body it can replay it reports the token refused (a fleet-wide purge: recorded in the store, one
+refresh for the fleet, rate-limited per app) and retries once with its successor; any other
+answer, a second 401 included, goes back unchanged. Redirects are passed back, never followed.
 
 The upstream origin comes only from the config: the caller supplies a path, which is validated
 on its raw form, so no `..`, encoded slash, backslash, absolute URL or `@` can change the host or
@@ -457,7 +458,7 @@ class Proxy:
             ) from None
         try:
             answer = await self._send(upstream, request, url, token, body)
-            if answer.status == 401 and spec.retry_on_401:
+            if spec.retry_on_401 and answer.status in spec.refresh_on_status:
                 answer = await self._after_401(
                     upstream=upstream,
                     request=request,
@@ -494,14 +495,15 @@ class Proxy:
         body: _Body,
         answer: aiohttp.ClientResponse,
     ) -> aiohttp.ClientResponse:
-        """One forced refresh and one retry; otherwise the upstream's 401 goes back as it is."""
+        """The token reported refused (one purge for the fleet) and one retry with its
+        successor; otherwise the upstream's answer goes back as it is."""
         retries = self.metrics.proxy_retries_total
         if not body.replayable:
             retries.labels(app, "not_replayable").inc()
             return answer
         try:
             with tracing.span("token_broker.token_fetch", app=app, forced=True):
-                fresh = await self.service.force_refresh(app)
+                fresh = await self.service.token_refused(app, token)
         except RateLimited:
             # The refresh guard protects the authorization server; the caller sees the truth.
             retries.labels(app, "rate_limited").inc()
@@ -511,7 +513,8 @@ class Proxy:
             retries.labels(app, "refresh_failed").inc()
             raise token_error(exc, app, self.service.status(app).last_error) from None
         if fresh.access_token == token.access_token:
-            # A token younger than 5 s is not replaced (the refresh guard): retrying is futile.
+            # No successor came in time (or, the store down, a token younger than 5 s is not
+            # replaced): retrying is futile.
             retries.labels(app, "token_unchanged").inc()
             return answer
         answer.release()

@@ -51,6 +51,7 @@ from broker.store import (
     Commit,
     Lease,
     Notice,
+    Refusal,
     SpendEnd,
     SpendRecord,
     SpendStart,
@@ -817,6 +818,8 @@ class SimStoreView:
         self.spend_store: MemoryStore | None = None
         self.lease_requests = 0  # acquire_lease calls made (the cost of a shared due time)
         self.lost: list[Notice] = []  # notices `faults.lost_kinds` kept from the subscription
+        # Purges this connection recorded (world time, refused access fingerprint); shared.
+        self.refusals: list[tuple[float, str]] = []
 
     @property
     def _spends(self) -> MemoryStore:
@@ -970,6 +973,17 @@ class SimStoreView:
         await self._spends.end_spend(app, owner=owner, fence=fence, outcome=outcome)
         self.marked_sent_at = None  # ended: no longer a spend marked sent and maybe unsent
         self._maybe_lose()
+
+    @_may_apply_late
+    async def refuse_token(self, app: str, access_fp: str, *, interval: float) -> Refusal:
+        """Record a refused access token, possibly losing the answer after applying it."""
+        await self._hop()
+        result = await self._shared.refuse_token(app, access_fp, interval=interval)
+        if result is Refusal.RECORDED:
+            self.refusals.append((self._world.now, access_fp))
+        self._maybe_lose()
+        await self._hop()
+        return result
 
     async def updates(self) -> AsyncIterator[Notice]:
         """Notices, until this connection breaks.
@@ -1158,6 +1172,8 @@ class World:
         self.offsets = list(config.offsets)  # grows as pods join
         self.written_at: dict[str, float] = {}
         self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
+        # Fleet-wide purges the store recorded (world time, refused access fingerprint).
+        self.refusals: list[tuple[float, str]] = []
         self.server = SimAuthServer(self.time, rng, lifetime=config.lifetime, grace=config.grace)
         # The documented limit (README, "What a crash can lose"): `sent` records an empty
         # restart erased (refresh fingerprint → spender, when), and the refresh tokens then
@@ -1255,6 +1271,7 @@ class World:
         view.frozen = frozen
         view.phases = server.phases
         view.restarts = self.restarts
+        view.refusals = self.refusals
         view.server = server
         view.outage = self.store_outage
         if protocol is not None and protocol != PROTOCOL_VERSION:

@@ -279,6 +279,8 @@ SHAPE_MISTAKES = [
     ("apps.twilio.proxy.retry_on_401", "no"),
     ("apps.twilio.proxy.allowed_networks", "10.0.0.0/8"),
     ("apps.twilio.proxy.allowed_networks", ["intranet"]),
+    ("apps.twilio.proxy.refresh_on_status", [503]),
+    ("apps.twilio.proxy.refresh_on_status", [401, 401]),
     ("apps.twilio.sinks.0.path", "twilio.token"),
     ("apps.twilio.sinks.0.format", "yaml"),
     ("apps.twilio.sinks.0.mode", 600),

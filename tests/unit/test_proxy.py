@@ -174,6 +174,7 @@ class FakeService:
         self.error: Exception | None = None
         self.force_result: TokenSet | Exception = TOKEN_B
         self.forced = 0
+        self.refused: list[TokenSet] = []
         self.last_error: str | None = None
 
     def app_names(self) -> Collection[str]:
@@ -206,6 +207,10 @@ class FakeService:
         self.token = self.force_result
         return self.token
 
+    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
+        self.refused.append(token)
+        return await self.force_refresh(app)
+
     def status(self, app: str) -> AppStatus:
         return AppStatus(app, AppState.FRESH, self.token.expires_at, NOW, self.last_error)
 
@@ -222,6 +227,7 @@ class Upstream:
     def __init__(self) -> None:
         self.authorizations: list[str] = []
         self.accept_any = False
+        self.reject_status = 401
         self.release = asyncio.Event()
         self.release.set()
 
@@ -232,7 +238,7 @@ class Upstream:
         if not self.accept_any and request.headers.get("Authorization") != (
             f"Bearer {TOKEN_B.access_token}"
         ):
-            return web.json_response({"error": "invalid_token"}, status=401)
+            return web.json_response({"error": "invalid_token"}, status=self.reject_status)
         return web.json_response({"sha256": hashlib.sha256(body).hexdigest()})
 
 
@@ -319,7 +325,26 @@ class TestRetryDecisions:
             f"Bearer {TOKEN_B.access_token}",
         ]
         assert service.forced == 1
+        assert service.refused == [TOKEN_A]  # reported by the token that was refused
         assert retries(metrics, "unauthorized") == 1
+
+    async def test_the_statuses_that_purge_are_configurable(
+        self,
+        make_api: Make,
+        service: FakeService,
+        upstream_server: tuple[Upstream, TestServer],
+    ) -> None:
+        """With refresh_on_status [403], a 403 purges and retries; a 401 goes back as it is."""
+        upstream = upstream_server[0]
+        api = await make_api(refresh_on_status=(403,))
+        upstream.reject_status = 403
+        assert (await api.get("/v1/proxy/app1/x", headers=AUTH)).status == 200
+        assert service.refused == [TOKEN_A]
+        service.token = TOKEN_A
+        upstream.reject_status = 401
+        assert (await api.get("/v1/proxy/app1/x", headers=AUTH)).status == 401
+        assert service.refused == [TOKEN_A]
+        assert len(upstream.authorizations) == 3
 
     async def test_a_chunked_body_within_the_buffer_is_replayed(
         self,
