@@ -392,7 +392,7 @@ class Proxy:
         self.service = service
         self.upstreams = upstreams
         self.metrics = metrics
-        self._counters: dict[tuple[str, int], Any] = {}
+        self._counters: dict[tuple[str, str], Any] = {}
         self._timers: dict[str, Any] = {}
 
     async def forward(self, request: web.BaseRequest, app: str) -> web.StreamResponse:
@@ -429,11 +429,10 @@ class Proxy:
                 timer.observe(time.perf_counter() - started)
 
     def _count(self, app: str, status: int) -> None:
-        counter = self._counters.get((app, status))
+        key = (app, str(status))
+        counter = self._counters.get(key)
         if counter is None:
-            counter = self._counters[app, status] = self.metrics.proxy_requests_total.labels(
-                app, str(status)
-            )
+            counter = self._counters[key] = self.metrics.proxy_requests_total.labels(*key)
         counter.inc()
 
     async def _forward(
