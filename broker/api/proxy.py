@@ -18,12 +18,18 @@ leave the allowed prefixes. Every connection's address passes the egress guard
 (broker/egress.py) right before it is connected: no loopback, link-local or private address
 unless the app's `allowed_networks` holds it. Nothing is logged per request; the token is never
 logged.
+
+The per-request path remembers what repeats (docs/architecture.md, "What a proxied request
+costs"): each request target's checked upstream URL (per pool), the forwarding decision per
+header name, the parse of each `Connection` value; an answer of up to 64 KiB with a
+`Content-Length` is read whole and goes back in one write with its headers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import ssl
 import time
@@ -52,6 +58,11 @@ CHUNK = 64 * 1024
 # Longest header line accepted from the upstream (aiohttp's default, also the API's own limit).
 MAX_HEADER_LINE = 8190
 MAX_HEADERS = 128
+# Request targets per upstream whose checked upstream URL is remembered (then forgotten all at
+# once): the check and the URL are a pure function of the target, and targets repeat.
+MAX_REMEMBERED_TARGETS = 4096
+# Header names whose forwarding decision is remembered (names are the caller's choice: bounded).
+MAX_REMEMBERED_NAMES = 1024
 # Methods never forwarded: TRACE would echo the injected token; CONNECT opens a tunnel.
 REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -141,12 +152,36 @@ def path_allowed(path: str, prefix: str) -> bool:
 # ---- headers ---------------------------------------------------------------------------------
 
 
-def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
+_NOTHING_LISTED: frozenset[str] = frozenset()
+
+
+def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Headers the Connection header names: hop-by-hop too (RFC 9110 §7.6.1)."""
-    listed: set[str] = set()
-    for value in headers.getall("Connection", []):
-        listed.update(token.strip().lower() for token in value.split(","))
-    return listed
+    values = headers.getall("Connection", ())
+    if not values:
+        return _NOTHING_LISTED
+    if len(values) == 1:
+        return _listed_in(values[0])
+    return frozenset().union(*(_listed_in(value) for value in values))
+
+
+# Upstreams send the same `Connection: keep-alive` on every answer: parsed once per value.
+@functools.lru_cache(maxsize=MAX_REMEMBERED_NAMES)
+def _listed_in(value: str) -> frozenset[str]:
+    return frozenset(token.strip().lower() for token in value.split(","))
+
+
+# Per header name (as sent, any case): never forwarded whatever its value? Callers send the
+# same few names on every request, so the lowercasing and the tests run once per name.
+@functools.lru_cache(maxsize=MAX_REMEMBERED_NAMES)
+def _dropped_request_header(name: str) -> bool:
+    lower = name.lower()
+    return lower in _DROP_REQUEST or lower.startswith(("x-forwarded-", "proxy-"))
+
+
+@functools.lru_cache(maxsize=MAX_REMEMBERED_NAMES)
+def _dropped_response_header(name: str) -> bool:
+    return name.lower() in _DROP_RESPONSE
 
 
 def request_headers(incoming: CIMultiDictProxy[str], token: TokenSet) -> CIMultiDict[str]:
@@ -154,12 +189,7 @@ def request_headers(incoming: CIMultiDictProxy[str], token: TokenSet) -> CIMulti
     listed = _connection_listed(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        lower = name.lower()
-        if (
-            lower in _DROP_REQUEST
-            or lower in listed
-            or lower.startswith(("x-forwarded-", "proxy-"))
-        ):
+        if _dropped_request_header(name) or (listed and name.lower() in listed):
             continue
         out.add(name, value)
     out["Authorization"] = f"Bearer {token.access_token}"
@@ -171,8 +201,7 @@ def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     listed = _connection_listed(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        lower = name.lower()
-        if lower not in _DROP_RESPONSE and lower not in listed:
+        if not _dropped_response_header(name) and not (listed and name.lower() in listed):
             out.add(name, value)
     return out
 
@@ -196,9 +225,31 @@ class Upstream:
     path_prefixes: tuple[str, ...] = ("/",)
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # Raw request target → the checked upstream URL (see MAX_REMEMBERED_TARGETS).
+    _urls: dict[str, URL] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._idle.set()
+
+    def url_for(self, raw_path: str, app: str) -> URL:
+        """The upstream URL of a request target (`upstream_target`'s checks and errors)."""
+        url = self._urls.get(raw_path)
+        if url is not None:
+            return url
+        path, query = upstream_target(raw_path, app, self.path_prefixes, self.name)
+        # The origin is the configured one; the caller's part is only the checked path.
+        url = URL.build(
+            scheme=self.origin.scheme,
+            host=self.origin.raw_host or "",
+            port=self.origin.explicit_port,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
+        if len(self._urls) >= MAX_REMEMBERED_TARGETS:
+            self._urls.clear()  # bounded: request targets are the caller's choice
+        self._urls[raw_path] = url
+        return url
 
     def enter(self) -> None:
         """A request starts using this upstream."""
@@ -388,16 +439,7 @@ class Proxy:
         self, request: web.BaseRequest, app: str, upstream: Upstream
     ) -> web.StreamResponse:
         spec = upstream.spec
-        path, query = upstream_target(request.raw_path, app, upstream.path_prefixes, upstream.name)
-        # The origin is the configured one; the caller's part is only the checked path.
-        url = URL.build(
-            scheme=upstream.origin.scheme,
-            host=upstream.origin.raw_host or "",
-            port=upstream.origin.explicit_port,
-            path=path,
-            query_string=query,
-            encoded=True,
-        )
+        url = upstream.url_for(request.raw_path, app)
         token = await self._token(app)
         body = await _read_body(request, spec)
         try:
@@ -592,11 +634,26 @@ def _too_large(spec: ProxySpec) -> ApiError:
 
 async def _relay(request: web.BaseRequest, answer: aiohttp.ClientResponse) -> web.StreamResponse:
     """Stream the upstream's answer back with its status and headers."""
-    response = web.StreamResponse(
-        status=answer.status, reason=answer.reason, headers=response_headers(answer.headers)
-    )
+    headers = response_headers(answer.headers)
+    length = answer.content_length
+    cut = False
+    if length is not None and length <= CHUNK:
+        # A small answer (the common one) is read whole and goes back in one write, headers
+        # and body together (a streamed answer sends its headers on their own first).
+        try:
+            body = await answer.content.read()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            cut = True  # answered below as a streamed answer cut short would be
+        else:
+            answer.release()
+            return web.Response(
+                body=body, status=answer.status, reason=answer.reason, headers=headers
+            )
+    response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
     try:
         await response.prepare(request)
+        if cut:
+            raise aiohttp.ClientPayloadError("the upstream's answer ended early")
         async for chunk in answer.content.iter_chunked(CHUNK):
             await response.write(chunk)
         await response.write_eof()

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import RawTestServer, TestClient, TestServer
@@ -599,6 +600,60 @@ class TestRequestMetrics:
             "status": "200",
         }
         assert metrics.registry.get_sample_value("token_broker_requests_total", labels) == 1.0
+
+
+class TestRelay:
+    async def test_a_remembered_target_is_checked_again_when_the_prefixes_change(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
+    ) -> None:
+        """The checked URL of a target is remembered per upstream pool, so a new proxy block
+        (a new pool) checks the same target again under its own prefixes."""
+        upstream_server[0].accept_any = True
+        api = await make_api(path_prefixes=("/v1/",))
+        for _ in range(2):  # the second answer comes from the remembered target
+            assert (await api.get("/v1/proxy/app1/v1/x", headers=AUTH)).status == 200
+        api = await make_api(path_prefixes=("/v2/",))
+        response = await api.get("/v1/proxy/app1/v1/x", headers=AUTH)
+        assert response.status == 403
+        assert (await response.json())["error"] == "path_not_allowed"
+
+    @pytest.mark.parametrize("declared", [100, 200_000])
+    async def test_an_answer_cut_short_upstream_cuts_the_callers_connection(
+        self,
+        aiohttp_client: ClientFactory,
+        service: FakeService,
+        metrics: Metrics,
+        tmp_path: Path,
+        declared: int,
+    ) -> None:
+        """An upstream that closes before its Content-Length is reached (a small answer, read
+        whole, or a large one, streamed) never becomes a well-formed short body for the caller."""
+
+        async def cut(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n\r\n"
+            writer.write(head.encode() + b"x" * 10)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(cut, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        (tmp_path / "key").write_text(KEY)
+        authenticator = ClientAuthenticator(
+            {"svc": ClientSpec("svc", ("app1",), key_files=(tmp_path / "key",))}
+        )
+        upstreams = Upstreams()
+        spec = ProxySpec(upstream=f"http://127.0.0.1:{port}", allowed_networks=("127.0.0.0/8",))
+        upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
+        handler = build_api_handler(service, authenticator, metrics, FakeClock(), upstreams)
+        api = await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
+        try:
+            response = await api.get("/v1/proxy/app1/x", headers=AUTH)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        finally:
+            await upstreams.close(grace=0.0)
+            server.close()
+            await server.wait_closed()
 
 
 # ---- several upstreams per app, the egress guard -----------------------------------------------
