@@ -257,6 +257,13 @@ class TestConfig:
             parse_config(self.base(tmp_path, dpop_algorithm="ES384"), base_dir=tmp_path)
         assert caught.value.key == "apps.a.dpop_algorithm"
 
+    def test_no_token_files_for_a_dpop_app(self, tmp_path: Path) -> None:
+        """A sink would hand the bound token out alone: refused at the app's sinks."""
+        data = self.base(tmp_path, dpop=True, sinks=[{"path": str(tmp_path / "t")}])
+        with pytest.raises(ConfigError) as caught:
+            parse_config(data, base_dir=tmp_path)
+        assert caught.value.key == "apps.a.sinks"
+
     def test_the_key_file_must_fit_the_algorithm(self, tmp_path: Path) -> None:
         """An ES256 key file with dpop_algorithm ES384 is refused at dpop_key_file."""
         (tmp_path / "dpop.pem").write_bytes(pem())
