@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.support.authorization import ac_app, authorize_via_code
 from tests.support.broker_process import BrokerFiles, BrokerProcess
-from tests.support.fleet import Fleet
 from tests.support.dpop import DpopResourceServer, DpopVerifier, thumbprint
+from tests.support.fleet import Fleet
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.redis_server import RedisServer
 
