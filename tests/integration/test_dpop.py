@@ -19,12 +19,20 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from structlog.testing import capture_logs
 
+from broker.clock import SystemClock
+from broker.credentials import Credentials
+from broker.dpop import ProofKey, ProofKeys, app_dpop, generate_key
+from broker.errors import PermanentTokenError
+from broker.metrics import Metrics
+from broker.model import AppSpec, DpopAlgorithm
+from broker.oauth.client import OAuthClient
 from tests.support.authorization import ac_app, authorize_via_code
 from tests.support.broker_process import BrokerFiles, BrokerProcess
 from tests.support.dpop import DpopResourceServer, DpopVerifier, thumbprint
 from tests.support.fleet import Fleet
-from tests.support.oauth_server import OAuthTestServer
+from tests.support.oauth_server import Grant, OAuthTestServer
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -90,6 +98,107 @@ def metric(text: str, name: str, **labels: str) -> float:
         if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+class TestTokenClient:
+    """The token endpoint client of a DPoP app against the verifying OAuth test server."""
+
+    @pytest.fixture
+    async def client(
+        self, tmp_path: Path, oauth_server: OAuthTestServer
+    ) -> AsyncIterator[tuple[OAuthClient, Metrics]]:
+        (tmp_path / "secret").write_text(oauth_server.accepted_secrets.copy().pop())
+        spec = AppSpec(
+            name="app1",
+            token_url=oauth_server.token_url,
+            client_id="test-client",
+            client_secret_file=tmp_path / "secret",
+            dpop=True,
+        )
+        metrics = Metrics()
+        async with aiohttp.ClientSession() as session:
+            dpop = app_dpop(spec, metrics, time.time)
+            yield (
+                OAuthClient(spec, Credentials(spec), session, SystemClock(), metrics, dpop=dpop),
+                metrics,
+            )
+
+    async def test_a_nonce_challenge_is_answered_once_and_remembered(
+        self, client: tuple[OAuthClient, Metrics], oauth_server: OAuthTestServer
+    ) -> None:
+        """use_dpop_nonce: one retry with the nonce; the next request sends it at once."""
+        source, metrics = client
+        oauth_server.dpop = DpopVerifier(require_nonce=True)
+        token = await source.fetch()
+        assert token.token_type == "DPoP"
+        assert source.dpop is not None and token.dpop_jkt == source.dpop.keys.current.jkt
+        assert [r.status for r in oauth_server.requests] == [400, 200]
+        await source.fetch()
+        assert [r.status for r in oauth_server.requests] == [400, 200, 200]
+        retries = metrics.dpop_nonce_retries.labels(app="app1", server="authorization_server")
+        assert retries._value.get() == 1
+        # A new nonce: one more challenge, one more retry, never a loop.
+        oauth_server.dpop.rotate_nonce()
+        await source.fetch()
+        assert [r.status for r in oauth_server.requests][3:] == [400, 200]
+
+    async def test_a_second_challenge_is_not_retried(
+        self, client: tuple[OAuthClient, Metrics], oauth_server: OAuthTestServer
+    ) -> None:
+        """A server that refuses the nonce it gave is not asked a third time."""
+        source, _ = client
+        oauth_server.dpop = DpopVerifier(require_nonce=True)
+        oauth_server.fail_next(
+            2,
+            status=400,
+            body=b'{"error": "use_dpop_nonce"}',
+            headers={"DPoP-Nonce": "same"},
+        )
+        with pytest.raises(PermanentTokenError):
+            await source.fetch()
+        assert len(oauth_server.requests) == 2
+
+    async def test_a_refresh_is_proved_with_the_key_of_its_set(
+        self, client: tuple[OAuthClient, Metrics], oauth_server: OAuthTestServer
+    ) -> None:
+        """After the key file's first key changed, a set bound to the old key refreshes with it;
+        a set bound to a key that is gone is not sent at all."""
+        source, _ = client
+        oauth_server.dpop = DpopVerifier()
+        assert source.dpop is not None
+        old = source.dpop.keys.current
+        # A grant bound to `old`, as an authorization proved with it would make it.
+        grant = Grant("g", "test-client", "", "rt-1", jkt=old.jkt)
+        oauth_server.grants["g"] = grant
+        oauth_server._refresh_index["rt-1"] = "g"
+        new = ProofKey(generate_key(DpopAlgorithm.ES256), DpopAlgorithm.ES256)
+        source.dpop.keys = ProofKeys((new, old))
+        token = await source.fetch("rt-1", dpop_jkt=old.jkt)
+        assert token.dpop_jkt == old.jkt
+        assert oauth_server.wrong_key_refreshes == 0
+        sent = len(oauth_server.requests)
+        with pytest.raises(PermanentTokenError, match="no longer holds") as caught:
+            await source.fetch(grant.current_refresh, dpop_jkt="a-key-that-is-gone")
+        assert caught.value.error == "dpop_key_missing"
+        assert len(oauth_server.requests) == sent  # nothing was sent
+        # The control: proved with the new key, the bound refresh token is refused.
+        with pytest.raises(PermanentTokenError):
+            await source.fetch(grant.current_refresh, dpop_jkt=new.jkt)
+        assert oauth_server.wrong_key_refreshes == 1
+
+    async def test_a_bearer_answer_is_kept_unbound_and_said(
+        self, client: tuple[OAuthClient, Metrics], oauth_server: OAuthTestServer
+    ) -> None:
+        """A server that ignores DPoP answers Bearer: kept as a bearer set, logged, counted."""
+        source, metrics = client
+        oauth_server.dpop = None  # ignores the DPoP header
+        with capture_logs() as logs:
+            token = await source.fetch()
+        assert token.token_type == "Bearer" and token.dpop_jkt is None
+        assert [line["event"] for line in logs if line["log_level"] == "warning"] == [
+            "dpop.token_not_bound"
+        ]
+        assert metrics.dpop_unbound_tokens.labels(app="app1")._value.get() == 1
 
 
 class TestDpopEndToEnd:
