@@ -93,7 +93,7 @@ async def measure(requests: int, rounds: int, algorithm: DpopAlgorithm) -> dict[
             "token_url": oauth.token_url,
             "client_id": oauth.client_id,
             "client_secret_file": "client_secret",
-            "proxy": {"upstream": api},
+            "proxy": {"upstream": api, "allowed_networks": ["127.0.0.0/8"]},
         }
         files = BrokerFiles(
             directory=directory,

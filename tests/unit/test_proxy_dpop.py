@@ -103,7 +103,9 @@ async def api(
         {"svc": ClientSpec("svc", ("app1",), key_files=(tmp_path / "key",))}
     )
     upstreams = Upstreams()
-    spec = ProxySpec(upstream=upstream.base, max_buffered_body=16)
+    spec = ProxySpec(
+        upstream=upstream.base, max_buffered_body=16, allowed_networks=("127.0.0.0/8",)
+    )
     upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
     handler = build_api_handler(service, authenticator, metrics, FakeClock(), upstreams, dpop=dpop)
     yield await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
