@@ -43,6 +43,7 @@ from broker.model import (
     ClientAuth,
     ClientSpec,
     Config,
+    DpopAlgorithm,
     GrantType,
     ProxySpec,
     ServerSpec,
@@ -141,6 +142,16 @@ def _parse_config(data: object) -> Config:
             if app is not None:
                 apps[name] = app
     _check_sink_paths(apps, server if server_known and server else ServerSpec(), found)
+    if store is not None and not store.url.startswith("memory://") and "store" not in unsure:
+        found.extend(
+            ConfigError(
+                f"apps.{name}.dpop_key_file",
+                "required for dpop with a shared store: every replica proves with the key the "
+                "fleet's token set is bound to",
+            )
+            for name, app in apps.items()
+            if app.dpop and app.dpop_key_file is None
+        )
     if store is not None and store.url.startswith("memory://") and "store" not in unsure:
         for name, app in apps.items():
             if app.grant_type is GrantType.AUTHORIZATION_CODE:
@@ -488,7 +499,36 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
         for field in ("authorize_url", "redirect_uri"):
             if missing(field):
                 found.append((f".{field}", "required for grant_type authorization_code"))
+    _check_dpop(app, m, bad, found)
     return app, found
+
+
+def _check_dpop(app: AppSpec, m: Mapping[str, Any], bad: set[str], found: Found) -> None:
+    """The DPoP settings go with `dpop: true`; the key file holds keys of the algorithm."""
+    if "dpop" in bad:
+        return
+    if not app.dpop:
+        found.extend(
+            (f".{field}", "goes with dpop: true")
+            for field in ("dpop_algorithm", "dpop_key_file")
+            if field in m and field not in bad
+        )
+        return
+    if app.sinks and "sinks" not in bad:
+        found.append(
+            (
+                ".sinks",
+                "a DPoP-bound token is useless in a file without a proof: use the proxy or "
+                "POST /v1/token/{app}/proof",
+            )
+        )
+    if app.dpop_key_file is not None and "dpop_algorithm" not in bad:
+        _checked(
+            found,
+            ".dpop_key_file",
+            lambda path: _check_dpop_keys(path, app.dpop_algorithm),
+            app.dpop_key_file,
+        )
 
 
 # The keys that belong to one client_auth method each: given with another, they would be ignored.
@@ -700,6 +740,18 @@ def _check_private_key(path: Path) -> None:
         raise Invalid("must be an RSA or EC private key")
 
 
+def _check_dpop_keys(path: Path, algorithm: DpopAlgorithm) -> None:
+    """The DPoP key file parses and fits the algorithm; errors never show the key."""
+    # Imported here: only DPoP apps need pyjwt and cryptography.
+    from broker.dpop import read_key_file
+
+    _read_secret_file(path)
+    try:
+        read_key_file(path, algorithm, "")
+    except ConfigError as exc:
+        raise Invalid(exc.reason) from None
+
+
 def _check_assertion_file(path: Path) -> None:
     """A file that exists holds a JWT with an exp; a missing one is the platform's to write.
 
@@ -861,6 +913,7 @@ def summarize(config: Config) -> str:
             f"  {app.name}: {app.grant_type.value}, {app.client_auth.value}, "
             f"token_url {app.token_url}, {len(app.scopes)} scope(s)"
             + ("" if app.required else ", not required for readiness")
+            + (_dpop_summary(app) if app.dpop else "")
         )
         lines.append(
             f"    refresh at {r.at_fraction:g} of the lifetime or {r.min_remaining:g}s before "
@@ -886,6 +939,11 @@ def summarize(config: Config) -> str:
             + _peer_summary(client)
         )
     return "\n".join(lines)
+
+
+def _dpop_summary(app: AppSpec) -> str:
+    key = app.dpop_key_file if app.dpop_key_file else "a key made at start"
+    return f", DPoP {app.dpop_algorithm.value} ({key})"
 
 
 def _proxy_summary(proxy: ProxySpec) -> str:

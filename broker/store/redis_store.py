@@ -518,6 +518,7 @@ class RedisStore:
             lineage=int(data.get("lineage", rank[0])),
             generation=int(data.get("generation", rank[1])),
             protocol=protocol,
+            dpop_jkt=data.get("jkt"),
         )
 
     def _decode(self, app: str, fields: dict[bytes, bytes]) -> TokenSet | None:
@@ -986,6 +987,8 @@ def _plaintext(token: TokenSet) -> bytes:
             "refresh_token": token.refresh_token,
             "lineage": token.lineage,
             "generation": token.generation,
+            # A DPoP-bound set's key thumbprint; a release before DPoP ignores it.
+            **({"jkt": token.dpop_jkt} if token.dpop_jkt is not None else {}),
         }
     ).encode()
 

@@ -969,8 +969,10 @@ class TestDashboard:
         }
         known = contract_metrics()
         # token_broker_next_refresh_timestamp_seconds, token_broker_app_ready (issue 24),
-        # token_broker_token_refused_total, token_broker_proxy_egress_refused_total (issue 22)
-        assert len(known) == 27
+        # token_broker_token_refused_total, token_broker_proxy_egress_refused_total (issue 22),
+        # token_broker_dpop_proofs_total, _dpop_nonce_retries_total, _dpop_unbound_tokens_total
+        # (issue 23)
+        assert len(known) == 30
         assert used <= known, used - known
         assert {
             "token_broker_token_expiry_timestamp_seconds",
