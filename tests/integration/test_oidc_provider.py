@@ -1,0 +1,202 @@
+"""The broker against panva's oidc-provider: a certified authorization server, not our own.
+
+oidc-provider rotates the refresh token on every use and, when a spent one is presented again,
+revokes the whole grant (its own reuse detection, not a test double's). Its access tokens live a
+few seconds here, so a few lifetimes fit in a test. See tests/support/oidc_provider.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support.authorization import Onboarding
+from tests.support.broker_process import BrokerFiles, BrokerProcess
+from tests.support.fleet import Fleet
+from tests.support.oidc_provider import (
+    AC_CLIENT,
+    CC_CLIENT,
+    REDIRECT,
+    OIDCProvider,
+    ProviderStats,
+    obtain_code_redirect,
+    running_provider,
+    stats_json,
+)
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+# Seconds an access token lives at the provider: long enough for a refresh on a machine at load
+# 6 (the broker refreshes at 75 %, so about 3.7 s in), short enough for six lifetimes in 30 s.
+LIFETIME = 5
+# The broker's margins: oidc-provider's `exp` is whole seconds from the request's start, so the
+# broker's idea of the expiry can be a second late; 2 s of safety covers it.
+REFRESH = {"min_remaining": 1, "jitter": 0.05, "safety_margin": 2}
+
+
+def cc_app(provider: OIDCProvider) -> dict[str, Any]:
+    """A client_credentials app of oidc-provider's cc-client."""
+    return {
+        "token_url": provider.token_url,
+        "client_id": CC_CLIENT[0],
+        "client_secret_file": "client_secret",
+        "scopes": ["api"],
+        "refresh": dict(REFRESH),
+    }
+
+
+def ac_app(provider: OIDCProvider) -> dict[str, Any]:
+    """An authorization-code app of oidc-provider's ac-client, with refresh tokens."""
+    return {
+        "grant_type": "authorization_code",
+        "token_url": provider.token_url,
+        "authorize_url": provider.authorize_url,
+        "redirect_uri": REDIRECT,
+        "client_id": AC_CLIENT[0],
+        "client_secret_file": "client_secret",
+        "scopes": ["api", "offline_access"],
+        # OpenID Connect grants offline_access (a refresh token) only with prompt=consent.
+        "authorize_params": {"prompt": "consent"},
+        "refresh": dict(REFRESH),
+    }
+
+
+async def onboard(directory: Path, provider: OIDCProvider, redis: RedisServer) -> None:
+    """`token-broker authorize` against the provider: its login and consent, the code pasted."""
+    seed = BrokerFiles(
+        directory=directory,
+        token_url=provider.token_url,
+        store_url=redis.url,
+        client_secret=AC_CLIENT[1],
+        apps={"app1": ac_app(provider)},
+    )
+    onboarding = Onboarding(seed.write())
+    redirected = await obtain_code_redirect(onboarding.authorize_url())
+    code, out, err = await asyncio.to_thread(onboarding.paste, redirected)
+    assert code == 0, out + err
+
+
+@dataclass
+class Answers:
+    """What polling the fleet saw: every answer, and when each access token was first served."""
+
+    statuses: list[tuple[float, int, int]] = field(default_factory=list)  # (at, replica, status)
+    served: dict[str, float] = field(default_factory=dict)  # token -> last time it was served
+
+    def not_ok(self) -> list[tuple[float, int, int]]:
+        """Every answer other than 200."""
+        return [a for a in self.statuses if a[2] != 200]
+
+    def expired(self, stats: ProviderStats) -> list[str]:
+        """Tokens served at or after the expiry the provider gave them."""
+        return [
+            token for token, at in self.served.items() if at >= stats.access_tokens[token]["exp"]
+        ]
+
+
+async def poll(fleet: Fleet, seconds: float, interval: float = 0.2) -> Answers:
+    """Ask every replica for app1's token every `interval` for `seconds`."""
+    answers = Answers()
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            for index, replica in enumerate(fleet.replicas):
+                async with session.get(
+                    f"{replica.files.api}/v1/token/app1", headers=replica.files.auth
+                ) as response:
+                    body = await response.json()
+                    now = time.time()
+                    answers.statuses.append((now, index, response.status))
+                    if response.status == 200:
+                        answers.served[body["access_token"]] = now
+            await asyncio.sleep(interval)
+    return answers
+
+
+async def token_from(files: BrokerFiles) -> dict[str, Any]:
+    """app1's token from one broker's API (asserting a 200)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{files.api}/v1/token/app1", headers=files.auth) as response,
+    ):
+        body: dict[str, Any] = await response.json()
+        assert response.status == 200, body
+        return body
+
+
+class TestClientCredentials:
+    async def test_a_broker_serves_a_client_credentials_token(
+        self, tmp_path: Path, redis_server: RedisServer
+    ) -> None:
+        """The broker's client_credentials token is one oidc-provider issued and holds active."""
+        with running_provider(tmp_path / "op", access_token_ttl=60) as provider:
+            files = BrokerFiles(
+                directory=tmp_path / "broker",
+                token_url=provider.token_url,
+                store_url=redis_server.url,
+                client_secret=CC_CLIENT[1],
+                apps={"app1": cc_app(provider)},
+            )
+            broker = BrokerProcess(files.write(), tmp_path / "broker.log")
+            broker.start()
+            try:
+                await broker.wait_ready(files.metrics, timeout=60)
+                body = await token_from(files)
+                introspection = await provider.introspect(body["access_token"])
+            finally:
+                broker.terminate()
+            stats = await provider.stats()
+        assert body["token_type"] == "Bearer"
+        assert introspection["active"] is True
+        assert introspection["client_id"] == CC_CLIENT[0]
+        assert introspection["scope"] == "api"
+        assert stats.grants == {"client_credentials": 1}, stats_json(stats)
+
+
+class TestRotation:
+    async def test_three_replicas_rotate_without_reuse(
+        self, tmp_path: Path, redis_server: RedisServer
+    ) -> None:
+        """3 replicas, one Redis, six lifetimes: every refresh token is spent once, the grant
+        lives, no expired token is served."""
+        with running_provider(tmp_path / "op", access_token_ttl=LIFETIME) as provider:
+            await onboard(tmp_path / "seed", provider, redis_server)
+            fleet = Fleet(
+                tmp_path / "fleet",
+                provider.token_url,
+                redis_server.url,
+                3,
+                apps={"app1": ac_app(provider)},
+            )
+            for replica in fleet.replicas:
+                (replica.files.directory / "client_secret").write_text(AC_CLIENT[1] + "\n")
+            try:
+                await fleet.start(timeout=60)
+                answers = await poll(fleet, 6 * LIFETIME)
+                # The grant is alive at the end: a token served now is active at the provider.
+                last = await token_from(fleet.replicas[0].files)
+                introspection = await provider.introspect(last["access_token"])
+                refreshed_by = [
+                    sum(line["event"] == "token.refreshed" for line in r.process.log_lines())
+                    for r in fleet.replicas
+                ]
+            finally:
+                fleet.stop()
+            stats = await provider.stats()
+        assert stats.reuse_detected == 0, stats_json(stats)
+        assert stats.grants_revoked == [], stats_json(stats)
+        assert stats.errors == [], stats_json(stats)
+        assert introspection["active"] is True, introspection
+        assert stats.grants["authorization_code"] == 1
+        assert stats.grants["refresh_token"] >= 5, stats_json(stats)
+        assert sum(refreshed_by) == stats.grants["refresh_token"], refreshed_by
+        assert answers.not_ok() == []
+        assert answers.expired(stats) == []
+        print(f"refreshes {stats.grants['refresh_token']}, by replica {refreshed_by}")
