@@ -8,7 +8,11 @@ few seconds here, so a few lifetimes fit in a test. See tests/support/oidc_provi
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import secrets
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +133,70 @@ async def token_from(files: BrokerFiles) -> dict[str, Any]:
         body: dict[str, Any] = await response.json()
         assert response.status == 200, body
         return body
+
+
+async def refresh_at(provider: OIDCProvider, refresh_token: str) -> tuple[int, dict[str, Any]]:
+    """One refresh_token grant of ac-client, straight to the provider."""
+    form = {
+        "grant_type": "refresh_token",
+        "refresh_token": refresh_token,
+        "client_id": AC_CLIENT[0],
+        "client_secret": AC_CLIENT[1],
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(provider.token_url, data=form) as response,
+    ):
+        return response.status, await response.json()
+
+
+class TestHarness:
+    async def test_a_spent_refresh_token_presented_again_revokes_the_grant(
+        self, tmp_path: Path
+    ) -> None:
+        """The reuse detection the rotation tests count on is live: a second use of a spent
+        refresh token is refused, counted, and the grant (with its newest token) revoked."""
+        verifier = secrets.token_urlsafe(48)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+        with running_provider(tmp_path / "op") as provider:
+            query = urllib.parse.urlencode(
+                {
+                    "client_id": AC_CLIENT[0],
+                    "response_type": "code",
+                    "redirect_uri": REDIRECT,
+                    "scope": "api offline_access",
+                    "prompt": "consent",
+                    "code_challenge": challenge.rstrip(b"=").decode(),
+                    "code_challenge_method": "S256",
+                }
+            )
+            redirected = await obtain_code_redirect(f"{provider.authorize_url}?{query}")
+            code = urllib.parse.parse_qs(urllib.parse.urlsplit(redirected).query)["code"][0]
+            form = {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": REDIRECT,
+                "code_verifier": verifier,
+                "client_id": AC_CLIENT[0],
+                "client_secret": AC_CLIENT[1],
+            }
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(provider.token_url, data=form) as response,
+            ):
+                assert response.status == 200, await response.text()
+                first = (await response.json())["refresh_token"]
+            status, rotated = await refresh_at(provider, first)
+            assert status == 200, rotated
+            second = rotated["refresh_token"]
+            assert second != first
+            reused, refused = await refresh_at(provider, first)
+            after, revoked = await refresh_at(provider, second)
+            stats = await provider.stats()
+        assert (reused, refused["error"]) == (400, "invalid_grant")
+        assert stats.reuse_detected == 1
+        assert len(stats.grants_revoked) == 1
+        assert (after, revoked["error"]) == (400, "invalid_grant")
 
 
 class TestClientCredentials:

@@ -159,8 +159,10 @@ provider.on('grant.error', (ctx, error) => {
     grant_type: ctx.oidc.params?.grant_type,
     error: error.error,
     error_description: error.error_description,
+    // The reason oidc-provider keeps to itself (the response says only "grant request is invalid").
+    error_detail: error.error_detail,
   });
-  if (error.error_description === 'refresh token already used') stats.reuse_detected += 1;
+  if (error.error_detail === 'refresh token already used') stats.reuse_detected += 1;
   if (error.error === 'use_dpop_nonce') stats.dpop_nonce_challenges += 1;
 });
 provider.on('grant.revoked', (ctx, grantId) => {
