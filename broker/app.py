@@ -12,7 +12,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +39,9 @@ from broker.store import TokenStore
 from broker.store.factory import open_store
 from broker.store.facts import StoreInspector
 from broker.store.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from broker.dpop import AppDpop
 
 log = get_logger(__name__)
 
@@ -93,6 +96,8 @@ class Broker:
     fleet_clock: FleetClock
     upstreams: Upstreams = field(default_factory=Upstreams)
     credentials: dict[str, Credentials] = field(default_factory=dict)
+    # The DPoP of each app with `dpop: true` (read by the token client, the proxy and the API).
+    dpop: dict[str, AppDpop] = field(default_factory=dict)
     api_runner: web.ServerRunner | None = None
     api_socket: UnixListener | None = None
     metrics_runner: web.AppRunner | None = None
@@ -155,7 +160,14 @@ def new_refresher(broker: Broker, spec: AppSpec, *, owner: str | None = None) ->
         ).inc(),
     )
     broker.credentials[spec.name] = credentials
-    source = OAuthClient(spec, credentials, broker.session, broker.fleet_clock, broker.metrics)
+    source = OAuthClient(
+        spec,
+        credentials,
+        broker.session,
+        broker.fleet_clock,
+        broker.metrics,
+        dpop=_dpop_for(broker, spec),
+    )
     return AppRefresher(
         spec,
         source,
@@ -167,6 +179,32 @@ def new_refresher(broker: Broker, spec: AppSpec, *, owner: str | None = None) ->
         client_id=Credentials(spec).client_id(),
         host_clock=broker.clock,
     )
+
+
+def _dpop_for(broker: Broker, spec: AppSpec) -> AppDpop | None:
+    """The app's DPoP (kept in `broker.dpop`), or None without `dpop: true`.
+
+    A key made at start (memory://, no key file) is kept across a reload: the app's set stays
+    bound to it.
+    """
+    if not spec.dpop:
+        broker.dpop.pop(spec.name, None)
+        return None
+    # Imported here: only DPoP apps load pyjwt and cryptography (about 9 MiB).
+    from broker.dpop import AppDpop, app_dpop
+
+    before = broker.dpop.get(spec.name)
+    if (
+        before is not None
+        and before.keys.generated
+        and spec.dpop_key_file is None
+        and before.keys.current.algorithm is spec.dpop_algorithm
+    ):
+        dpop = AppDpop(spec.name, before.keys, broker.clock.time, before.counted)
+    else:
+        dpop = app_dpop(spec, broker.metrics, broker.clock.time)
+    broker.dpop[spec.name] = dpop
+    return dpop
 
 
 def _credential_changed(broker: Broker, app: str, which: str) -> None:
@@ -235,6 +273,7 @@ async def reload_config(broker: Broker, path: Path) -> bool:
         await broker.core.remove_app(name)
         await broker.sinks.detach(name)
         broker.credentials.pop(name, None)
+        broker.dpop.pop(name, None)
         audit(log, "app.removed", app=name)
     retired = broker.upstreams.update(new.apps)
     for name, spec in sorted(new.apps.items()):
@@ -327,6 +366,7 @@ async def start_listeners(broker: Broker) -> None:
         broker.clock,
         broker.upstreams,
         peer_identity=server.unix_path is not None,
+        dpop=broker.dpop,
     )
     broker.api_runner = web.ServerRunner(api, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
     await broker.api_runner.setup()

@@ -13,6 +13,7 @@ import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
@@ -33,6 +34,9 @@ from broker.model import AppSpec, Config, GrantType, TokenSet
 from broker.oauth.client import OAuthClient
 from broker.store import TokenStore, bound_name, client_binding
 from broker.store.factory import open_store
+
+if TYPE_CHECKING:
+    from broker.dpop import AppDpop
 
 log = get_logger(__name__)
 
@@ -125,6 +129,16 @@ async def new_lineage(store: TokenStore, app: str, clock: Clock) -> int:
     return max(before + 1, int(clock.time() * 1000))
 
 
+def _dpop(spec: AppSpec, metrics: Metrics, clock: SystemClock) -> AppDpop | None:
+    """The app's DPoP when it has `dpop: true`: the code is exchanged for a bound set."""
+    if not spec.dpop:
+        return None
+    # Imported here: only DPoP apps load pyjwt and cryptography.
+    from broker.dpop import app_dpop
+
+    return app_dpop(spec, metrics, clock.time)
+
+
 async def exchange_and_store(
     config: Config, spec: AppSpec, code: str, code_verifier: str | None
 ) -> TokenSet:
@@ -143,7 +157,9 @@ async def exchange_and_store(
                 "Redis is reachable"
             )
         async with aiohttp.ClientSession() as session:
-            client = OAuthClient(spec, Credentials(spec), session, clock, metrics)
+            client = OAuthClient(
+                spec, Credentials(spec), session, clock, metrics, dpop=_dpop(spec, metrics, base)
+            )
             try:
                 token = await client.exchange_code(code, spec.redirect_uri, code_verifier)
             except PermanentTokenError as exc:

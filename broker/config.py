@@ -40,6 +40,7 @@ from broker.model import (
     ClientAuth,
     ClientSpec,
     Config,
+    DpopAlgorithm,
     GrantType,
     ProxySpec,
     ServerSpec,
@@ -138,6 +139,16 @@ def _parse_config(data: object) -> Config:
             if app is not None:
                 apps[name] = app
     _check_sink_paths(apps, server if server_known and server else ServerSpec(), found)
+    if store is not None and not store.url.startswith("memory://") and "store" not in unsure:
+        found.extend(
+            ConfigError(
+                f"apps.{name}.dpop_key_file",
+                "required for dpop with a shared store: every replica proves with the key the "
+                "fleet's token set is bound to",
+            )
+            for name, app in apps.items()
+            if app.dpop and app.dpop_key_file is None
+        )
     if store is not None and store.url.startswith("memory://") and "store" not in unsure:
         for name, app in apps.items():
             if app.grant_type is GrantType.AUTHORIZATION_CODE:
@@ -468,7 +479,28 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
         for field in ("authorize_url", "redirect_uri"):
             if missing(field):
                 found.append((f".{field}", "required for grant_type authorization_code"))
+    _check_dpop(app, m, bad, found)
     return app, found
+
+
+def _check_dpop(app: AppSpec, m: Mapping[str, Any], bad: set[str], found: Found) -> None:
+    """The DPoP settings go with `dpop: true`; the key file holds keys of the algorithm."""
+    if "dpop" in bad:
+        return
+    if not app.dpop:
+        found.extend(
+            (f".{field}", "goes with dpop: true")
+            for field in ("dpop_algorithm", "dpop_key_file")
+            if field in m and field not in bad
+        )
+        return
+    if app.dpop_key_file is not None and "dpop_algorithm" not in bad:
+        _checked(
+            found,
+            ".dpop_key_file",
+            lambda path: _check_dpop_keys(path, app.dpop_algorithm),
+            app.dpop_key_file,
+        )
 
 
 @_validator(ProxySpec)
@@ -596,6 +628,18 @@ def _check_private_key(path: Path) -> None:
             raise Invalid(f"RSA key of {private_key.key_size} bits; at least 2048 needed")
     elif not isinstance(private_key, ec.EllipticCurvePrivateKey):
         raise Invalid("must be an RSA or EC private key")
+
+
+def _check_dpop_keys(path: Path, algorithm: DpopAlgorithm) -> None:
+    """The DPoP key file parses and fits the algorithm; errors never show the key."""
+    # Imported here: only DPoP apps need pyjwt and cryptography.
+    from broker.dpop import read_key_file
+
+    _read_secret_file(path)
+    try:
+        read_key_file(path, algorithm, "")
+    except ConfigError as exc:
+        raise Invalid(exc.reason) from None
 
 
 def _check_keyring(path: Path) -> None:
@@ -744,6 +788,7 @@ def summarize(config: Config) -> str:
             f"  {app.name}: {app.grant_type.value}, {app.client_auth.value}, "
             f"token_url {app.token_url}, {len(app.scopes)} scope(s)"
             + ("" if app.required else ", not required for readiness")
+            + (_dpop_summary(app) if app.dpop else "")
         )
         lines.append(
             f"    refresh at {r.at_fraction:g} of the lifetime or {r.min_remaining:g}s before "
@@ -769,6 +814,11 @@ def summarize(config: Config) -> str:
             + _peer_summary(client)
         )
     return "\n".join(lines)
+
+
+def _dpop_summary(app: AppSpec) -> str:
+    key = app.dpop_key_file if app.dpop_key_file else "a key made at start"
+    return f", DPoP {app.dpop_algorithm.value} ({key})"
 
 
 def _proxy_summary(proxy: ProxySpec) -> str:

@@ -154,6 +154,12 @@ class Metrics:
             "Upstream 401s: retried after a refresh (unauthorized) or passed back, and why.",
             ["app", "reason"],
         )
+        # DPoP (broker/dpop.py): a series per app and use once the app proves anything.
+        self.dpop_proofs = self._counter(
+            "token_broker_dpop_proofs_total",
+            "DPoP proofs signed, by use: token_request, proxy, proof_api.",
+            ["app", "use"],
+        )
         self.sink_writes = self._counter(
             "token_broker_sink_writes_total",
             "Token file writes by outcome (written, truncated, error), one per file.",
@@ -177,6 +183,23 @@ class Metrics:
             Counter(
                 "token_broker_grant_outcome_unknown_total",
                 "Refresh-token spends whose outcome is unknown (the grant may be lost).",
+                ["app"],
+                registry=self.registry,
+            )
+        )
+        self.dpop_nonce_retries = self._add(
+            Counter(
+                "token_broker_dpop_nonce_retries_total",
+                "Requests sent again with the nonce a server's use_dpop_nonce challenge gave, "
+                "by server: authorization_server, resource_server.",
+                ["app", "server"],
+                registry=self.registry,
+            )
+        )
+        self.dpop_unbound_tokens = self._add(
+            Counter(
+                "token_broker_dpop_unbound_tokens_total",
+                "Token answers of type Bearer to a DPoP request: the server did not bind them.",
                 ["app"],
                 registry=self.registry,
             )

@@ -48,6 +48,9 @@ class TokenSet:
     generation: int = 0
     # The fleet protocol version of the replica that stored this set (PROTOCOL_VERSION).
     protocol: int = PROTOCOL_VERSION
+    # The thumbprint (RFC 7638) of the DPoP key the server bound this set to; None: a bearer
+    # set. Every proof for it, the refresh's included, is signed with that key (broker/dpop.py).
+    dpop_jkt: str | None = None
 
     @property
     def lifetime(self) -> float:
@@ -83,6 +86,17 @@ class ClientAuth(enum.StrEnum):
     CLIENT_SECRET_POST = "client_secret_post"
     CLIENT_SECRET_BASIC = "client_secret_basic"
     PRIVATE_KEY_JWT = "private_key_jwt"
+
+
+class DpopAlgorithm(enum.StrEnum):
+    """The JWS algorithms a DPoP proof may be signed with (RFC 9449 §4.2)."""
+
+    ES256 = "ES256"
+    ES384 = "ES384"
+    ES512 = "ES512"
+    RS256 = "RS256"
+    PS256 = "PS256"
+    EDDSA = "EdDSA"
 
 
 class SinkFormat(enum.StrEnum):
@@ -236,6 +250,21 @@ class AppSpec:
     ] = field(default_factory=dict)
     proxy: Annotated[ProxySpec | None, S.Doc("the injecting proxy of this app")] = None
     sinks: Annotated[tuple[SinkSpec, ...], S.Doc("files the app's token is written to")] = ()
+    # DPoP (RFC 9449, broker/dpop.py): tokens bound to a key only the broker holds. The fleet
+    # shares the key file as it shares the store key; memory:// may leave it out (one process).
+    dpop: Annotated[
+        bool, S.BOOL.described("bind the app's tokens to a DPoP key (RFC 9449); default false")
+    ] = False
+    dpop_algorithm: Annotated[
+        DpopAlgorithm, S.Doc("the DPoP proofs' signature algorithm (default ES256)")
+    ] = DpopAlgorithm.ES256
+    dpop_key_file: Annotated[
+        Path | None,
+        S.FILE.described(
+            "PEM private key(s) of the DPoP proofs, the first binds new tokens (required for a "
+            "shared store)"
+        ),
+    ] = None
     # The fleet-wide budget of token requests per minute for this app (None: no budget).
     max_token_requests_per_minute: Annotated[
         int | None,

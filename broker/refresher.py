@@ -654,7 +654,10 @@ class AppRefresher:
 
     async def _fetch(self, refresh_token: str | None) -> TokenSet:
         if refresh_token is not None:
-            return await self.source.fetch(refresh_token=refresh_token)
+            # A DPoP-bound refresh token is proved with the key its set is bound to.
+            token = self.token
+            bound = token.dpop_jkt if token and token.refresh_token == refresh_token else None
+            return await self.source.fetch(refresh_token=refresh_token, dpop_jkt=bound)
         return await self.source.fetch()
 
     def _is_due(self, token: TokenSet) -> bool:

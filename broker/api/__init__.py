@@ -18,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from yarl import URL
 
 from broker import tracing
 from broker.api.answers import Answer
@@ -40,10 +42,14 @@ from broker.metrics import Metrics
 from broker.model import TokenSet
 from broker.service import TokenService
 
+if TYPE_CHECKING:
+    from broker.dpop import AppDpop
+
 log = get_logger(__name__)
 
 ROUTE_TOKEN = "/v1/token/{app}"
 ROUTE_REFRESH = "/v1/token/{app}/refresh"
+ROUTE_PROOF = "/v1/token/{app}/proof"
 ROUTE_APPS = "/v1/apps"
 ROUTE_OPENAPI = "/openapi.json"
 MAX_MIN_TTL = 10**9
@@ -57,6 +63,10 @@ MAX_RESOLVED_TARGETS = 4096
 # table is as large as the config makes it; the bound is a second line of defence.
 MAX_GRANTS = 4096
 ROUTE_OTHER = "other"
+# The proof route's request: an HTTP method token and an absolute http(s) URL, bounded.
+_METHOD = re.compile(r"^[A-Za-z]{1,16}$")
+MAX_PROOF_URL = 2048
+MAX_NONCE = 512
 DENIED_LOG_INTERVAL = 60.0
 
 # Per-request labels for the metrics: a configured app and client name, or "".
@@ -112,12 +122,18 @@ class _Api:
         upstreams: Upstreams,
         *,
         peer_identity: bool = False,
+        dpop: Mapping[str, AppDpop] | None = None,
     ) -> None:
         self.service = service
         self.auth = authenticator
         self.metrics = metrics
         self.clock = clock
-        self.proxy = Proxy(service, upstreams, metrics)
+        # The DPoP of each app with `dpop: true` (the composition root's live mapping): its
+        # token is never handed out alone, only with a proof (POST /v1/token/{app}/proof).
+        self._dpop: Mapping[str, AppDpop] = dpop if dpop is not None else {}
+        # Per app: the token whose proofs were issued, and the clients they were issued to.
+        self._proofs_issued: dict[str, tuple[TokenSet, set[str]]] = {}
+        self.proxy = Proxy(service, upstreams, metrics, self._dpop)
         # Only the unix-socket API reads peer credentials; on TCP nothing is looked up.
         self._peers = PeerCredentials() if peer_identity else None
         # Per app: its current token, the clients it was issued to (token.issued once each),
@@ -134,6 +150,7 @@ class _Api:
         self.router = Router()
         self.router.add("GET", ROUTE_TOKEN, _traced(ROUTE_TOKEN, self.get_token))
         self.router.add("POST", ROUTE_REFRESH, _traced(ROUTE_REFRESH, self.refresh))
+        self.router.add("POST", ROUTE_PROOF, _traced(ROUTE_PROOF, self.proof))
         self.router.add("GET", ROUTE_APPS, self.list_apps)
         self.router.add("GET", ROUTE_OPENAPI, self.openapi)
         # [\s\S]: a decoded path may hold a newline (%0A); the proxy refuses it in JSON.
@@ -291,7 +308,19 @@ class _Api:
         fetch: Callable[[str], Awaitable[TokenSet]],
     ) -> web.StreamResponse:
         client, app = self._client_and_app(request, app)
+        self._refuse_bound(app)
         return self._token_response(request, app, client, await self._fetch(app, fetch))
+
+    def _refuse_bound(self, app: str) -> None:
+        """A DPoP app's token is useless alone: 409 dpop_bound names the two ways that work."""
+        if app in self._dpop:
+            raise ApiError(
+                409,
+                "dpop_bound",
+                f"app {app}'s tokens are DPoP-bound (dpop: true) and useless without a proof: "
+                f"send requests through /v1/proxy/{app}/..., or POST /v1/token/{app}/proof "
+                '{"method": ..., "url": ...} for the token and a proof of one request',
+            )
 
     async def _fetch(self, app: str, fetch: Callable[[str], Awaitable[TokenSet]]) -> TokenSet:
         """`fetch(app)`, its errors mapped to the contract's answers."""
@@ -316,6 +345,7 @@ class _Api:
                 raise ApiError(400, "bad_request", "min_ttl must be a whole number of seconds")
             min_ttl = float(raw)
         client, app = self._client_and_app(request, params["app"])
+        self._refuse_bound(app)
         if not min_ttl:
             # The hot path: this app's answer still holds (see broker/api/answers.py).
             answer = self._answers.get(app)
@@ -338,6 +368,55 @@ class _Api:
         if request.query:
             raise ApiError(400, "bad_request", "this route takes no query parameters")
         return await self._serve(request, params["app"], self.service.force_refresh)
+
+    async def proof(self, request: web.BaseRequest, params: Mapping[str, str]) -> web.Response:
+        """POST /v1/token/{app}/proof: a DPoP app's token with a proof of one request."""
+        if request.query:
+            raise ApiError(400, "bad_request", "this route takes no query parameters")
+        client, app = self._client_and_app(request, params["app"])
+        dpop = self._dpop.get(app)
+        if dpop is None:
+            raise ApiError(
+                404,
+                "dpop_not_configured",
+                f"app {app} has no dpop: true; GET /v1/token/{app} gives its token",
+            )
+        method, url, nonce = await _proof_request(request)
+        token = self.service.cached_token(app)
+        if token is None:
+            token = await self._fetch(app, self.service.get_token)
+        # Imported here: only DPoP apps load broker.dpop.
+        from broker.dpop import DpopKeyMissing
+
+        try:
+            proof = dpop.proof(
+                "proof_api",
+                method,
+                url,
+                jkt=token.dpop_jkt,
+                access_token=token.access_token,
+                nonce=nonce,
+            )
+        except DpopKeyMissing as exc:
+            raise ApiError(503, "dpop_key_missing", str(exc), {"Retry-After": "5"}) from None
+        issued = self._proofs_issued.get(app)
+        if issued is None or issued[0] is not token:
+            issued = self._proofs_issued[app] = (token, set())
+        if client not in issued[1]:
+            issued[1].add(client)
+            audit(log, "token.issued", app=app, client=client, token_fingerprint=token.fingerprint)
+        remaining = token.expires_at - self.service.now()
+        if self.service.current_token(app) is token:
+            remaining = min(remaining, self.service.remaining(app))
+        return web.json_response(
+            {
+                "access_token": token.access_token,
+                "token_type": token.token_type,
+                "proof": proof,
+                "expires_in": max(0, int(remaining)),
+            },
+            headers=NO_STORE,
+        )
 
     async def list_apps(self, request: web.BaseRequest, _: Mapping[str, str]) -> web.Response:
         """GET /v1/apps: the caller's apps and their state."""
@@ -383,10 +462,12 @@ def build_api_handler(
     upstreams: Upstreams | None = None,
     *,
     peer_identity: bool = False,
+    dpop: Mapping[str, AppDpop] | None = None,
 ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
     """The local API as a low-level aiohttp handler (serve it with `build_api_server`).
     `upstreams` holds the proxies' pools (none: no proxy). `peer_identity`: it serves a unix
-    socket, where callers without a key are identified by their uid and gid."""
+    socket, where callers without a key are identified by their uid and gid. `dpop`: the
+    DPoP of each app with `dpop: true`."""
     return _Api(
         service,
         authenticator,
@@ -394,6 +475,7 @@ def build_api_handler(
         clock,
         upstreams or Upstreams(),
         peer_identity=peer_identity,
+        dpop=dpop,
     )
 
 
@@ -439,11 +521,12 @@ def build_api_server(
     upstreams: Upstreams | None = None,
     *,
     peer_identity: bool = False,
+    dpop: Mapping[str, AppDpop] | None = None,
 ) -> web.Server:
     """The local API's low-level server (call inside the running event loop); the arguments
     are `build_api_handler`'s."""
     handler = build_api_handler(
-        service, authenticator, metrics, clock, upstreams, peer_identity=peer_identity
+        service, authenticator, metrics, clock, upstreams, peer_identity=peer_identity, dpop=dpop
     )
     return web.Server(handler, **api_server_options())
 
@@ -530,6 +613,45 @@ def _check_origin(request: web.BaseRequest) -> None:
         raise ApiError(403, "bad_host", "requests relayed by a proxy are refused")
     if not is_loopback_host(request.headers.get("Host")):
         raise ApiError(403, "bad_host", "the Host header is not a loopback name")
+
+
+async def _proof_request(request: web.BaseRequest) -> tuple[str, URL, str | None]:
+    """The proof route's body: `{"method", "url"[, "nonce"]}` checked (400 otherwise)."""
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(
+            413, "payload_too_large", f"the body is limited to {MAX_REQUEST_BODY} bytes"
+        ) from None
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        document = None
+    if not isinstance(document, dict) or set(document) - {"method", "url", "nonce"}:
+        raise ApiError(
+            400, "bad_request", 'the body is a JSON object {"method", "url"} (and "nonce")'
+        )
+    method, raw_url, nonce = document.get("method"), document.get("url"), document.get("nonce")
+    if not isinstance(method, str) or not _METHOD.match(method):
+        raise ApiError(400, "bad_request", "method must be an HTTP method, like GET")
+    url: URL | None = None
+    if isinstance(raw_url, str) and len(raw_url) <= MAX_PROOF_URL:
+        try:
+            url = URL(raw_url)
+        except ValueError:
+            url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host or url.user:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"url must be an absolute http(s) URL of at most {MAX_PROOF_URL} "
+            "characters, without user information",
+        )
+    if nonce is not None and (
+        not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_NONCE or not nonce.isprintable()
+    ):
+        raise ApiError(400, "bad_request", f"nonce must be text of at most {MAX_NONCE} characters")
+    return method.upper(), url, nonce
 
 
 def _quoted(name: str) -> str:

@@ -26,6 +26,9 @@ _ERROR_CODES = [
     "proxy_busy",
     "upstream_error",
     "upstream_timeout",
+    "dpop_bound",
+    "dpop_not_configured",
+    "dpop_key_missing",
 ]
 
 
@@ -59,7 +62,11 @@ _COMMON = {
     "401": _error("Missing or wrong client key.", auth=True),
     "403": _error("Client not allowed this app (forbidden), or a non-loopback Host (bad_host)."),
     "404": _error("No such app (unknown_app)."),
-    "409": _error("The app needs an operator to run `token-broker authorize`."),
+    "409": _error(
+        "The app needs an operator to run `token-broker authorize` (needs_authorization), or "
+        "its tokens are DPoP-bound and never handed out alone (dpop_bound: use the proxy or "
+        "POST /v1/token/{app}/proof)."
+    ),
     "503": _error("No valid token right now (token_unavailable).", retry_after=True),
 }
 
@@ -91,8 +98,9 @@ _PROXY_RESPONSES = {
     "413": _error("The request body is over the app's max_request_body (payload_too_large)."),
     "502": _error("The upstream could not be reached, or its TLS failed (upstream_error)."),
     "503": _error(
-        "No valid token right now (token_unavailable: nothing was forwarded), or the app's "
-        "concurrency limit is reached (proxy_busy).",
+        "No valid token right now (token_unavailable: nothing was forwarded), the app's "
+        "concurrency limit is reached (proxy_busy), or the DPoP key its token is bound to is "
+        "no longer configured (dpop_key_missing).",
         retry_after=True,
     ),
     "504": _error("The upstream did not answer within read_timeout (upstream_timeout)."),
@@ -102,7 +110,10 @@ _PROXY_OPERATION_BASE = {
     "summary": "Forward to the app's upstream with its access token (no token code needed).",
     "description": (
         "The broker removes the caller's Authorization and hop-by-hop headers, sets Host to the "
-        "upstream, adds `Authorization: Bearer <access token>`, and streams both bodies. "
+        "upstream, adds `Authorization: Bearer <access token>` (for an app with `dpop: true`, "
+        "`Authorization: DPoP <access token>` and a `DPoP` proof of this request, made for it; "
+        "a resource server's use_dpop_nonce challenge is answered once with its nonce), and "
+        "streams both bodies. "
         "`path` is the upstream path; it must lie under the app's `path_prefixes`."
     ),
     "parameters": [
@@ -173,6 +184,51 @@ _DOCUMENT: dict[str, Any] = {
                 },
             }
         },
+        "/v1/token/{app}/proof": {
+            "post": {
+                "operationId": "tokenWithProof",
+                "summary": "A DPoP app's token with a fresh DPoP proof of one request.",
+                "description": (
+                    "For an app with `dpop: true`, whose token is useless alone: the token and "
+                    "a proof (RFC 9449) signed with the key only the broker holds, for the "
+                    "given method and URL (`htu` is the URL without query and fragment; `ath` "
+                    "binds the token). Send `Authorization: DPoP <access_token>` and "
+                    "`DPoP: <proof>` with that one request; a proof is good once (`jti`). "
+                    "`token_type` is `Bearer` only when the server did not bind the token."
+                ),
+                "parameters": [_APP_PARAM],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/ProofRequest"}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "The token and a proof of the request.",
+                        "headers": _TOKEN_OK["headers"],
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Proof"}}
+                        },
+                    },
+                    **_COMMON,
+                    "400": _error("The body is not {method, url[, nonce]} (bad_request)."),
+                    "404": _error(
+                        "No such app (unknown_app), or the app has no `dpop: true` "
+                        "(dpop_not_configured)."
+                    ),
+                    "409": _error("The app needs an operator to run `token-broker authorize`."),
+                    "413": _error("The body is over 4096 bytes (payload_too_large)."),
+                    "503": _error(
+                        "No valid token right now (token_unavailable), or the DPoP key its "
+                        "token is bound to is no longer configured (dpop_key_missing).",
+                        retry_after=True,
+                    ),
+                },
+            }
+        },
         "/v1/apps": {
             "get": {
                 "operationId": "listApps",
@@ -217,6 +273,35 @@ _DOCUMENT: dict[str, Any] = {
                     "expires_at": {"type": "integer", "description": "Unix seconds."},
                     "expires_in": {"type": "integer", "minimum": 0},
                     "scope": {"type": "string", "nullable": True},
+                },
+                "additionalProperties": False,
+            },
+            "ProofRequest": {
+                "type": "object",
+                "required": ["method", "url"],
+                "properties": {
+                    "method": {"type": "string", "pattern": "^[A-Za-z]{1,16}$"},
+                    "url": {
+                        "type": "string",
+                        "maxLength": 2048,
+                        "description": "The absolute http(s) URL the request goes to.",
+                    },
+                    "nonce": {
+                        "type": "string",
+                        "maxLength": 512,
+                        "description": "The resource server's DPoP-Nonce, when it asked for one.",
+                    },
+                },
+                "additionalProperties": False,
+            },
+            "Proof": {
+                "type": "object",
+                "required": ["access_token", "token_type", "proof", "expires_in"],
+                "properties": {
+                    "access_token": {"type": "string"},
+                    "token_type": {"type": "string", "enum": ["DPoP", "Bearer"]},
+                    "proof": {"type": "string", "description": "The DPoP header's value."},
+                    "expires_in": {"type": "integer", "minimum": 0},
                 },
                 "additionalProperties": False,
             },

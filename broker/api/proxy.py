@@ -2,10 +2,12 @@
 
 The caller writes no token code. The broker checks the path against the app's allowed prefixes,
 takes a servable token (or fails closed: 503 / 409, nothing forwarded), removes the caller's
-credentials and hop-by-hop headers, adds `Authorization: Bearer <access token>` and streams the
-request and the answer. On an upstream 401 for a body it can replay it forces one refresh
-(coalesced and rate-limited by the token service) and retries once; any other answer, a second
-401 included, goes back unchanged. Redirects are passed back, never followed.
+credentials and hop-by-hop headers, adds `Authorization: Bearer <access token>` (for a DPoP-bound
+token `Authorization: DPoP <access token>` and a fresh proof of this request, broker/dpop.py) and
+streams the request and the answer. A resource server's DPoP nonce challenge is answered once,
+with its nonce. On an upstream 401 for a body it can replay it forces one refresh (coalesced and
+rate-limited by the token service) and retries once; any other answer, a second 401 included,
+goes back unchanged. Redirects are passed back, never followed.
 
 The upstream origin comes only from the config: the caller supplies a path, which is validated
 on its raw form, so no `..`, encoded slash, backslash, absolute URL or `@` can change the host or
@@ -21,7 +23,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import aiohttp
@@ -35,6 +37,9 @@ from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
 from broker.model import AppSpec, ProxySpec, TokenSet
 from broker.service import TokenService
+
+if TYPE_CHECKING:
+    from broker.dpop import AppDpop
 
 PROXY_PREFIX = "/v1/proxy/"
 # The route as spans name it: never the caller's path, which may carry identifiers.
@@ -271,10 +276,18 @@ class _Body:
 class Proxy:
     """Forwards a caller's request to its app's upstream with the app's access token."""
 
-    def __init__(self, service: TokenService, upstreams: Upstreams, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        service: TokenService,
+        upstreams: Upstreams,
+        metrics: Metrics,
+        dpop: Mapping[str, AppDpop] | None = None,
+    ) -> None:
         self.service = service
         self.upstreams = upstreams
         self.metrics = metrics
+        # The DPoP of each app with `dpop: true` (the composition root's live mapping).
+        self.dpop: Mapping[str, AppDpop] = dpop if dpop is not None else {}
         self._counters: dict[tuple[str, str], Any] = {}
         self._timers: dict[str, Any] = {}
 
@@ -350,7 +363,12 @@ class Proxy:
                 {"Retry-After": "1"},
             ) from None
         try:
-            answer = await self._send(upstream, request, url, token, body)
+            answer = await self._send(upstream, request, url, token, body, app=app)
+            if self._dpop_challenge(app, url, answer) and body.replayable:
+                # A resource server's nonce challenge (RFC 9449 §9): once more, with its nonce.
+                self.metrics.dpop_nonce_retries.labels(app=app, server="resource_server").inc()
+                answer.release()
+                answer = await self._send(upstream, request, url, token, body, app=app)
             if answer.status == 401 and spec.retry_on_401:
                 answer = await self._after_401(
                     upstream=upstream,
@@ -410,7 +428,7 @@ class Proxy:
             return answer
         answer.release()
         retries.labels(app, "unauthorized").inc()
-        return await self._send(upstream, request, url, fresh, body)
+        return await self._send(upstream, request, url, fresh, body, app=app)
 
     async def _send(
         self,
@@ -419,9 +437,12 @@ class Proxy:
         url: URL,
         token: TokenSet,
         body: _Body,
+        *,
+        app: str,
     ) -> aiohttp.ClientResponse:
         """One request upstream; errors before an answer become 502 / 504 / 413 JSON errors."""
         headers = request_headers(request.headers, token)
+        headers.update(self._auth_headers(app, request.method, url, token))
         if body.length is not None:
             headers["Content-Length"] = str(body.length)
         try:
@@ -451,6 +472,37 @@ class Proxy:
             if body.too_large:
                 raise _too_large(upstream.spec) from None
             raise ApiError(502, "upstream_error", "the upstream could not be reached") from None
+
+    # ---- the DPoP hook (broker/dpop.py) ----------------------------------------------------
+
+    def _auth_headers(self, app: str, method: str, url: URL, token: TokenSet) -> dict[str, str]:
+        """For a DPoP-bound token, `Authorization: DPoP` and a fresh proof of this request."""
+        dpop = self.dpop.get(app)
+        if dpop is None or token.dpop_jkt is None:
+            return {}
+        # Imported here: only DPoP apps load broker.dpop.
+        from broker.dpop import DpopKeyMissing
+
+        try:
+            return dpop.token_headers(method, url, token)
+        except DpopKeyMissing as exc:
+            raise ApiError(503, "dpop_key_missing", str(exc), {"Retry-After": "5"}) from None
+
+    def _dpop_challenge(self, app: str, url: URL, answer: aiohttp.ClientResponse) -> bool:
+        """Remember the upstream's DPoP nonce; True when its answer asks for one (a retry)."""
+        dpop = self.dpop.get(app)
+        if dpop is None:
+            return False
+        # Imported here: only DPoP apps load broker.dpop.
+        from broker.dpop import is_resource_challenge
+
+        sent = dpop.nonces.get(url)
+        nonce = dpop.nonces.note(url, answer.headers)
+        return (
+            nonce is not None
+            and nonce != sent
+            and is_resource_challenge(answer.status, answer.headers)
+        )
 
 
 async def _read_body(request: web.BaseRequest, spec: ProxySpec) -> _Body:

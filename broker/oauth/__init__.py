@@ -13,6 +13,11 @@ class TokenSource(Protocol):
     Raises `TransientTokenError` or `PermanentTokenError` (from broker.errors) on failure.
     """
 
-    async def fetch(self, refresh_token: str | None = None) -> TokenSet:
-        """Ask the token endpoint: with `refresh_token`, the refresh_token grant; else the app's grant."""
+    async def fetch(
+        self, refresh_token: str | None = None, *, dpop_jkt: str | None = None
+    ) -> TokenSet:
+        """Ask the token endpoint: with `refresh_token`, the refresh_token grant; else the app's grant.
+
+        `dpop_jkt`: the DPoP key the refreshed set is bound to (None: a bearer set).
+        """
         ...

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import uuid
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import aiohttp
@@ -17,6 +19,9 @@ from broker.logs import get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, ClientAuth, TokenSet
 from broker.oauth.parse import parse_token_response
+
+if TYPE_CHECKING:
+    from broker.dpop import AppDpop
 
 log = get_logger(__name__)
 
@@ -39,8 +44,11 @@ class OAuthClient:
         *,
         timeout: float = 10.0,
         max_body_bytes: int = 1_048_576,
+        dpop: AppDpop | None = None,
     ) -> None:
         self.spec = spec
+        # The app's DPoP (broker/dpop.py) when it has `dpop: true`: every request carries a proof.
+        self.dpop = dpop
         self.credentials = credentials
         self._session = session
         self._clock = clock
@@ -55,8 +63,14 @@ class OAuthClient:
         self._max_body = max_body_bytes
         self.secret_in_use = "current"
 
-    async def fetch(self, refresh_token: str | None = None) -> TokenSet:
-        """A new token set: the refresh_token grant when given one, else client_credentials."""
+    async def fetch(
+        self, refresh_token: str | None = None, *, dpop_jkt: str | None = None
+    ) -> TokenSet:
+        """A new token set: the refresh_token grant when given one, else client_credentials.
+
+        `dpop_jkt` names the DPoP key the refreshed set is bound to: its refresh is proved with
+        that key (a server binds a public client's refresh token to it, RFC 9449 §5).
+        """
         if refresh_token is not None:
             form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         else:
@@ -67,7 +81,7 @@ class OAuthClient:
             form["scope"] = " ".join(self.spec.scopes)
         if refresh_token is None:
             form.update(self.spec.extra_params)
-        return await self._request_with_fallback(form)
+        return await self._request_with_fallback(form, dpop_jkt if refresh_token else None)
 
     async def exchange_code(
         self, code: str, redirect_uri: str, code_verifier: str | None = None
@@ -78,10 +92,12 @@ class OAuthClient:
             form["code_verifier"] = code_verifier
         return await self._request_with_fallback(form)
 
-    async def _request_with_fallback(self, form: Mapping[str, str]) -> TokenSet:
+    async def _request_with_fallback(
+        self, form: Mapping[str, str], dpop_jkt: str | None = None
+    ) -> TokenSet:
         """Try the current secret; on invalid_client, the previous one (a rotation's other half)."""
         try:
-            token = await self._request(form, previous=False)
+            token = await self._request(form, previous=False, dpop_jkt=dpop_jkt)
         except PermanentTokenError as exc:
             if not (
                 exc.is_invalid_client
@@ -89,7 +105,7 @@ class OAuthClient:
                 and self.credentials.previous_secret()
             ):
                 raise
-            token = await self._request(form, previous=True)
+            token = await self._request(form, previous=True, dpop_jkt=dpop_jkt)
             self._note_secret("previous")
             return token
         self._note_secret("current")
@@ -103,10 +119,32 @@ class OAuthClient:
             ).inc()
         self.secret_in_use = which
 
-    async def _request(self, form: Mapping[str, str], *, previous: bool) -> TokenSet:
+    async def _request(
+        self, form: Mapping[str, str], *, previous: bool, dpop_jkt: str | None = None
+    ) -> TokenSet:
+        if self.dpop is None:
+            return await self._request_once(form, previous=previous)
+        sent_nonce = self.dpop.nonces.get(self.spec.token_url)
+        try:
+            return await self._request_once(form, previous=previous, dpop_jkt=dpop_jkt)
+        except TokenEndpointError as exc:
+            # RFC 9449 §8: the server refused the request for want of its nonce (it acted on
+            # nothing, a refresh token included) and sent one: once more, with it.
+            nonce = self.dpop.nonces.get(self.spec.token_url)
+            if exc.error != "use_dpop_nonce" or nonce is None or nonce == sent_nonce:
+                raise
+            self._metrics.dpop_nonce_retries.labels(
+                app=self.spec.name, server="authorization_server"
+            ).inc()
+            return await self._request_once(form, previous=previous, dpop_jkt=dpop_jkt)
+
+    async def _request_once(
+        self, form: Mapping[str, str], *, previous: bool, dpop_jkt: str | None = None
+    ) -> TokenSet:
         body = dict(form)
         headers = {"Accept": "application/json"}
         self._authenticate(body, headers, previous=previous)
+        jkt = self._prove(headers, dpop_jkt)
         app = self.spec.name
         grant_type = form.get("grant_type", "")
         with tracing.span(
@@ -114,11 +152,44 @@ class OAuthClient:
         ) as span:
             tracing.inject(headers)
             try:
-                return await self._post(body, headers, grant_type, span)
+                token = await self._post(body, headers, grant_type, span)
             except TokenEndpointError as exc:
                 span.set("outcome", type(exc).__name__)
                 span.fail(type(exc).__name__)
                 raise
+        return token if jkt is None else self._bound(token, jkt)
+
+    def _prove(self, headers: dict[str, str], dpop_jkt: str | None) -> str | None:
+        """Add the DPoP proof of a token request (made now, at send time); its key's jkt."""
+        if self.dpop is None:
+            return None
+        # Imported here: only DPoP apps load broker.dpop (pyjwt, cryptography).
+        from broker.dpop import DpopKeyMissing
+
+        try:
+            key = self.dpop.keys.find(dpop_jkt)
+            headers["DPoP"] = self.dpop.proof(
+                "token_request", "POST", self.spec.token_url, jkt=key.jkt
+            )
+        except DpopKeyMissing as exc:
+            # Nothing was sent: a refresh proved with another key would be refused (or taken
+            # for a stolen token), so the set waits for its key to come back.
+            raise PermanentTokenError(str(exc), error="dpop_key_missing") from None
+        return key.jkt
+
+    def _bound(self, token: TokenSet, jkt: str) -> TokenSet:
+        """The set as bound to the key `jkt`; a Bearer answer to a DPoP request is kept unbound
+        (it still works, as a bearer token) and said loudly."""
+        if token.token_type.lower() == "dpop":
+            return dataclasses.replace(token, token_type="DPoP", dpop_jkt=jkt)
+        log.warning(
+            "dpop.token_not_bound",
+            app=self.spec.name,
+            token_type=token.token_type[:16],
+            reason="the server answered a DPoP request with a token it did not bind",
+        )
+        self._metrics.dpop_unbound_tokens.labels(app=self.spec.name).inc()
+        return token
 
     async def _post(
         self, body: dict[str, str], headers: dict[str, str], grant_type: str, span: tracing.Span
@@ -138,6 +209,9 @@ class OAuthClient:
                     app=app, status=str(response.status)
                 ).inc()
                 span.set("http.response.status_code", response.status)
+                if self.dpop is not None:
+                    # Any answer may carry the server's next nonce (RFC 9449 §8.2).
+                    self.dpop.nonces.note(self.spec.token_url, response.headers)
                 payload = await self._read_bounded(response)
                 return parse_token_response(
                     response.status,

@@ -496,6 +496,7 @@ class RedisStore:
             lineage=int(data.get("lineage", rank[0])),
             generation=int(data.get("generation", rank[1])),
             protocol=protocol,
+            dpop_jkt=data.get("jkt"),
         )
 
     def _decode(self, app: str, fields: dict[bytes, bytes]) -> TokenSet | None:
@@ -942,19 +943,21 @@ class RedisStore:
 
 
 def _plaintext(token: TokenSet) -> bytes:
-    """What the encrypted blob of a stored set holds."""
-    return json.dumps(
-        {
-            "access_token": token.access_token,
-            "token_type": token.token_type,
-            "issued_at": token.issued_at,
-            "expires_at": token.expires_at,
-            "scope": token.scope,
-            "refresh_token": token.refresh_token,
-            "lineage": token.lineage,
-            "generation": token.generation,
-        }
-    ).encode()
+    """What the encrypted blob of a stored set holds (`jkt`: only for a DPoP-bound set, which
+    a release before DPoP reads as a bearer set)."""
+    fields: dict[str, object] = {
+        "access_token": token.access_token,
+        "token_type": token.token_type,
+        "issued_at": token.issued_at,
+        "expires_at": token.expires_at,
+        "scope": token.scope,
+        "refresh_token": token.refresh_token,
+        "lineage": token.lineage,
+        "generation": token.generation,
+    }
+    if token.dpop_jkt is not None:
+        fields["jkt"] = token.dpop_jkt
+    return json.dumps(fields).encode()
 
 
 def _int(value: bytes | str | None, default: int = 0) -> int:

@@ -490,7 +490,9 @@ class SimSource:
         # Called once when the server next acts on a refresh token of ours (SIGTERM mid-spend).
         self.on_spend: Callable[[], None] | None = None
 
-    async def fetch(self, refresh_token: str | None = None) -> TokenSet:
+    async def fetch(
+        self, refresh_token: str | None = None, *, dpop_jkt: str | None = None
+    ) -> TokenSet:
         """Send the request; the server acts when it arrives; the reply may be lost.
 
         A real server acts on a request that reached it whether or not its client still

@@ -25,12 +25,17 @@ class FakeTokenSource:
         self.script: deque[TokenEndpointError | None] = deque()
         self.failure: TokenEndpointError | None = None
         self.calls: list[str | None] = []
+        # The DPoP key each call was asked to prove with (None: no key named).
+        self.dpop_jkts: list[str | None] = []
         self.delay = 0.0
         self._serial = itertools.count(1)
 
-    async def fetch(self, refresh_token: str | None = None) -> TokenSet:
+    async def fetch(
+        self, refresh_token: str | None = None, *, dpop_jkt: str | None = None
+    ) -> TokenSet:
         """Issue the next token (or raise the next scripted error)."""
         self.calls.append(refresh_token)
+        self.dpop_jkts.append(dpop_jkt)
         sent_at = self.clock.time()
         if self.delay:
             await self.clock.sleep(self.delay)

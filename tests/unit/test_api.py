@@ -279,6 +279,7 @@ class TestAppsRoute:
         assert set(body["paths"]) == {
             "/v1/token/{app}",
             "/v1/token/{app}/refresh",
+            "/v1/token/{app}/proof",
             "/v1/apps",
             "/v1/proxy/{app}/{path}",
             "/openapi.json",

@@ -467,12 +467,13 @@ class TestAppsAndOpenapi:
         assert headers["Cache-Control"] == "no-store"
 
     async def test_openapi_without_auth(self, api: Client) -> None:
-        """/openapi.json needs no key and lists the four paths."""
+        """/openapi.json needs no key and lists the six paths."""
         status, body, _ = await call(api, "/openapi.json", headers={})
         assert status == 200
         assert set(body["paths"]) == {
             "/v1/token/{app}",
             "/v1/token/{app}/refresh",
+            "/v1/token/{app}/proof",
             "/v1/apps",
             "/v1/proxy/{app}/{path}",
             "/openapi.json",
