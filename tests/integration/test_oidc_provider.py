@@ -13,15 +13,20 @@ import hashlib
 import secrets
 import time
 import urllib.parse
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
 
 from tests.support.authorization import Onboarding
 from tests.support.broker_process import BrokerFiles, BrokerProcess
+from tests.support.dpop_resource_server import DpopResourceServer, present, thumbprint
 from tests.support.fleet import Fleet
 from tests.support.oidc_provider import (
     AC_CLIENT,
@@ -72,14 +77,39 @@ def ac_app(provider: OIDCProvider) -> dict[str, Any]:
     }
 
 
-async def onboard(directory: Path, provider: OIDCProvider, redis: RedisServer) -> None:
+def dpop_key(path: Path) -> str:
+    """Write a new P-256 key as `dpop_key_file` holds it; returns its thumbprint (cnf.jkt)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return thumbprint(ECAlgorithm.to_jwk(key.public_key(), as_dict=True))
+
+
+def with_dpop(app: dict[str, Any], key_file: Path, rs: DpopResourceServer) -> dict[str, Any]:
+    """`app` with `dpop: true`, the fleet's key file, and a proxy to the resource server."""
+    return {
+        **app,
+        "dpop": True,
+        "dpop_key_file": str(key_file),
+        "proxy": {"upstream": rs.origin, "path_prefixes": ["/v1/"], "read_timeout": "10s"},
+    }
+
+
+async def onboard(
+    directory: Path, provider: OIDCProvider, redis: RedisServer, app: dict[str, Any]
+) -> None:
     """`token-broker authorize` against the provider: its login and consent, the code pasted."""
     seed = BrokerFiles(
         directory=directory,
         token_url=provider.token_url,
         store_url=redis.url,
         client_secret=AC_CLIENT[1],
-        apps={"app1": ac_app(provider)},
+        apps={"app1": app},
     )
     onboarding = Onboarding(seed.write())
     redirected = await obtain_code_redirect(onboarding.authorize_url())
@@ -235,7 +265,7 @@ class TestRotation:
         """3 replicas, one Redis, six lifetimes: every refresh token is spent once, the grant
         lives, no expired token is served."""
         with running_provider(tmp_path / "op", access_token_ttl=LIFETIME) as provider:
-            await onboard(tmp_path / "seed", provider, redis_server)
+            await onboard(tmp_path / "seed", provider, redis_server, ac_app(provider))
             fleet = Fleet(
                 tmp_path / "fleet",
                 provider.token_url,
@@ -268,3 +298,173 @@ class TestRotation:
         assert answers.not_ok() == []
         assert answers.expired(stats) == []
         print(f"refreshes {stats.grants['refresh_token']}, by replica {refreshed_by}")
+
+
+async def proxied_gets(fleet: Fleet, seconds: float, interval: float = 0.2) -> list[int]:
+    """GET through every replica's proxy every `interval` for `seconds`; the statuses."""
+    statuses = []
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            for index, replica in enumerate(fleet.replicas):
+                url = f"{replica.files.api}/v1/proxy/app1/v1/items/{index}"
+                async with session.get(url, headers=replica.files.auth) as response:
+                    await response.read()
+                    statuses.append(response.status)
+            await asyncio.sleep(interval)
+    return statuses
+
+
+async def token_and_proof(files: BrokerFiles, url: str) -> dict[str, Any]:
+    """POST /v1/token/app1/proof: the DPoP app's token with a proof of GET `url`."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{files.api}/v1/token/app1/proof",
+            json={"method": "GET", "url": url},
+            headers=files.auth,
+        ) as response,
+    ):
+        body: dict[str, Any] = await response.json()
+        assert response.status == 200, body
+        return body
+
+
+def only_nonce_challenges(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The provider's grant errors other than its nonce challenges (which the broker answers)."""
+    return [e for e in errors if e["error"] != "use_dpop_nonce"]
+
+
+class TestDpop:
+    async def test_a_bound_token_works_with_a_proof_and_a_copy_without_one_does_not(
+        self, tmp_path: Path, redis_server: RedisServer
+    ) -> None:
+        """The provider binds the token to the broker's key (cnf.jkt) after a nonce challenge;
+        the resource server accepts every proxied request and the proof API's proof, and
+        refuses the same token copied without a proof, as a bearer token, with a replayed
+        proof, or with a proof of another URL."""
+        jkt = dpop_key(tmp_path / "dpop.pem")
+        with running_provider(
+            tmp_path / "op", access_token_ttl=300, dpop_require_nonce=True
+        ) as provider:
+            rs = DpopResourceServer(provider, nonce_period=600)
+            await rs.start()
+            try:
+                files = BrokerFiles(
+                    directory=tmp_path / "broker",
+                    token_url=provider.token_url,
+                    store_url=redis_server.url,
+                    client_secret=CC_CLIENT[1],
+                    apps={"app1": with_dpop(cc_app(provider), tmp_path / "dpop.pem", rs)},
+                )
+                broker = BrokerProcess(files.write(), tmp_path / "broker.log")
+                broker.start()
+                try:
+                    await broker.wait_ready(files.metrics, timeout=60)
+                    async with (
+                        aiohttp.ClientSession() as session,
+                        session.get(f"{files.api}/v1/token/app1", headers=files.auth) as response,
+                    ):
+                        alone = response.status, (await response.json())["error"]
+                    proxied = []
+                    for i in range(5):
+                        async with (
+                            aiohttp.ClientSession() as session,
+                            session.get(
+                                f"{files.api}/v1/proxy/app1/v1/items/{i}", headers=files.auth
+                            ) as response,
+                        ):
+                            proxied.append(response.status)
+                    url = f"{rs.origin}/v1/items/7"
+                    issued = await token_and_proof(files, url)
+                finally:
+                    broker.terminate()
+                token, proof = issued["access_token"], issued["proof"]
+                with_proof = await present(url, token, proof)
+                without = await present(url, token, None)
+                as_bearer = await present(url, token, None, scheme="Bearer")
+                replayed = await present(url, token, proof)
+                elsewhere = await present(f"{rs.origin}/v1/admin", token, proof)
+                introspection = await provider.introspect(token)
+                stats = await provider.stats()
+            finally:
+                await rs.stop()
+        assert alone == (409, "dpop_bound")
+        assert proxied == [200] * 5
+        assert with_proof[0] == 200, with_proof
+        assert without == (401, {"error": "not exactly one proof"})
+        assert as_bearer == (401, {"error": "no DPoP token"})
+        assert replayed == (401, {"error": "jti replayed"})
+        assert elsewhere == (401, {"error": "htu"})
+        assert rs.accepted == 6
+        # The first proxied request met the resource server's nonce challenge and was retried.
+        assert dict(rs.refusals) == {
+            "nonce": 1,
+            "not exactly one proof": 1,
+            "no DPoP token": 1,
+            "jti replayed": 1,
+            "htu": 1,
+        }
+        assert introspection["active"] is True
+        assert introspection["token_type"] == "DPoP"
+        assert introspection["cnf"] == {"jkt": jkt}
+        assert stats.access_tokens[token]["jkt"] == jkt
+        assert stats.grants == {"client_credentials": 1}, stats_json(stats)
+        assert stats.dpop_nonce_challenges >= 1, stats_json(stats)
+        assert only_nonce_challenges(stats.errors) == [], stats_json(stats)
+
+    async def test_three_replicas_rotate_a_bound_grant_without_reuse(
+        self, tmp_path: Path, redis_server: RedisServer
+    ) -> None:
+        """3 replicas, one Redis, one DPoP key, six lifetimes: every access token is bound to
+        the key, every refresh token is spent once, the grant lives, and the resource server
+        accepts every request proxied meanwhile (nonce challenges answered on both sides)."""
+        key_file = tmp_path / "dpop.pem"
+        jkt = dpop_key(key_file)
+        with running_provider(
+            tmp_path / "op", access_token_ttl=LIFETIME, dpop_require_nonce=True
+        ) as provider:
+            # A new resource-server nonce every 7 s: the proxies meet challenges throughout.
+            rs = DpopResourceServer(provider, nonce_period=7)
+            await rs.start()
+            try:
+                app = with_dpop(ac_app(provider), key_file, rs)
+                await onboard(tmp_path / "seed", provider, redis_server, app)
+                fleet = Fleet(
+                    tmp_path / "fleet", provider.token_url, redis_server.url, 3, apps={"app1": app}
+                )
+                for replica in fleet.replicas:
+                    (replica.files.directory / "client_secret").write_text(AC_CLIENT[1] + "\n")
+                try:
+                    await fleet.start(timeout=60)
+                    statuses = await proxied_gets(fleet, 6 * LIFETIME)
+                    last = await token_and_proof(fleet.replicas[0].files, f"{rs.origin}/v1/x")
+                    introspection = await provider.introspect(last["access_token"])
+                    refreshed_by = [
+                        sum(line["event"] == "token.refreshed" for line in r.process.log_lines())
+                        for r in fleet.replicas
+                    ]
+                finally:
+                    fleet.stop()
+                stats = await provider.stats()
+            finally:
+                await rs.stop()
+        assert stats.reuse_detected == 0, stats_json(stats)
+        assert stats.grants_revoked == [], stats_json(stats)
+        assert only_nonce_challenges(stats.errors) == [], stats_json(stats)
+        assert stats.dpop_nonce_challenges >= 1, stats_json(stats)
+        assert stats.grants["authorization_code"] == 1
+        assert stats.grants["refresh_token"] >= 5, stats_json(stats)
+        assert sum(refreshed_by) == stats.grants["refresh_token"], refreshed_by
+        assert {t["jkt"] for t in stats.access_tokens.values()} == {jkt}
+        assert introspection["active"] is True, introspection
+        assert introspection["cnf"] == {"jkt": jkt}
+        assert statuses and set(statuses) == {200}, Counter(statuses)
+        assert rs.accepted == len(statuses)
+        assert set(rs.refusals) <= {"nonce"}, rs.refusals
+        assert rs.refusals["nonce"] >= 2
+        print(
+            f"refreshes {stats.grants['refresh_token']}, by replica {refreshed_by}; "
+            f"{len(statuses)} proxied requests accepted, {rs.refusals['nonce']} resource-server "
+            f"and {stats.dpop_nonce_challenges} token-endpoint nonce challenges answered"
+        )
