@@ -494,6 +494,14 @@ def _check_dpop(app: AppSpec, m: Mapping[str, Any], bad: set[str], found: Found)
             if field in m and field not in bad
         )
         return
+    if app.sinks and "sinks" not in bad:
+        found.append(
+            (
+                ".sinks",
+                "a DPoP-bound token is useless in a file without a proof: use the proxy or "
+                "POST /v1/token/{app}/proof",
+            )
+        )
     if app.dpop_key_file is not None and "dpop_algorithm" not in bad:
         _checked(
             found,

@@ -33,8 +33,11 @@ from jwt.algorithms import get_default_algorithms
 from yarl import URL
 
 from broker.errors import ConfigError
+from broker.logs import get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, DpopAlgorithm, TokenSet
+
+log = get_logger(__name__)
 
 PROOF_TYPE = "dpop+jwt"
 NONCE_HEADER = "DPoP-Nonce"
@@ -358,4 +361,15 @@ def app_dpop(spec: AppSpec, metrics: Metrics, now: Callable[[], float]) -> AppDp
             child = children[(app, use)] = metrics.dpop_proofs.labels(app, use)
         child.inc()
 
-    return AppDpop(spec.name, proof_keys(spec), now, counted)
+    keys = proof_keys(spec)
+    # The thumbprints are public (a server shows them in cnf.jkt); they name the keys for a
+    # rotation (docs/operations.md). The keys themselves are never logged.
+    log.info(
+        "dpop.keys",
+        app=spec.name,
+        algorithm=spec.dpop_algorithm.value,
+        binds=keys.current.jkt,
+        proves=[key.jkt for key in keys.keys],
+        generated=keys.generated,
+    )
+    return AppDpop(spec.name, keys, now, counted)

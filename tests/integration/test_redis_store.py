@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
 from pathlib import Path
@@ -76,6 +77,16 @@ class TestCommit:
             (1, 1),
         )
         assert (await store.commit("app1", token(2))).version == 2
+
+    async def test_a_dpop_bound_set_keeps_its_key_thumbprint(self, store: RedisStore) -> None:
+        """The jkt of a DPoP-bound set is in the blob and loads back; a bearer set has none."""
+        bound = dataclasses.replace(token(1, "refresh-1"), token_type="DPoP", dpop_jkt="jkt-1")
+        await store.commit("app1", bound)
+        loaded = await store.load("app1")
+        assert loaded is not None and (loaded.token_type, loaded.dpop_jkt) == ("DPoP", "jkt-1")
+        await store.commit("app1", token(2, "refresh-2"))
+        loaded = await store.load("app1")
+        assert loaded is not None and loaded.dpop_jkt is None
 
     async def test_keys_carry_the_app_hash_tag(
         self, store: RedisStore, redis_server: RedisServer

@@ -150,6 +150,7 @@ class Schedule:
             f"seed {self.seed}: {c.replicas} replicas, lifetime {c.lifetime:.0f}s, "
             f"grace {c.grace:.0f}s, offsets {[round(o, 2) for o in c.offsets]}, "
             f"duration {self.duration:.0f}s",
+            *(["DPoP: the grant is bound to the fleet's key"] if c.dpop else []),
             *([f"enabled kinds: {', '.join(self.enabled)}"] if self.enabled else []),
             *(f"  {fault}" for fault in self.faults),
             (
@@ -235,10 +236,19 @@ def make_schedule(seed: int) -> Schedule:
             for f in faults
         ]
     faults.sort(key=lambda f: f.start)
-    config = WorldConfig(replicas=replicas, lifetime=lifetime, grace=grace, offsets=offsets)
+    # DPoP apps (issue 23) in a quarter of the schedules, from a stream of their own drawn
+    # after the others: every field above is what it was before DPoP (sim-rng.md).
+    dpop = random.Random(f"{seed}:dpop").random() < DPOP_SHARE
+    config = WorldConfig(
+        replicas=replicas, lifetime=lifetime, grace=grace, offsets=offsets, dpop=dpop
+    )
     healed = max((f.end for f in faults), default=0.0)
     duration = max(8 * lifetime, healed + 3 * lifetime)
     return Schedule(seed, config, tuple(faults), duration, enabled=enabled)
+
+
+# The share of swarm schedules whose app is DPoP-bound.
+DPOP_SHARE = 0.25
 
 
 # A paused replica is frozen for 5 to 45 s: past its lease (about 12 s), often far past.
@@ -777,6 +787,11 @@ def _finish(world: World, result: Result, schedule: Schedule) -> None:
     result.outcome_unknown_announced = int(
         sum(m.grant_outcome_unknown.labels(app=APP)._value.get() for m in world.metrics)
     )
+    if world.server.wrong_key:
+        result.violations.append(
+            f"invariant 3: {world.server.wrong_key} refresh(es) proved with a DPoP key the "
+            "grant is not bound to (the fleet shares one key)"
+        )
     if world.server.dropped_on_sigterm:
         result.violations.append(
             f"invariant 3: {world.server.dropped_on_sigterm} refresh request(s) abandoned while "

@@ -9,11 +9,13 @@ nothing depends on the order of real I/O, so a seed replays exactly.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import contextvars
 import heapq
 import itertools
+import json
 import random
 import selectors
 from asyncio import base_events, format_helpers
@@ -28,6 +30,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from broker.clock import Clock
 from broker.core import BrokerCore
+from broker.dpop import DpopKeyMissing, ProofKey, ProofKeys, generate_key, jwk_thumbprint
 from broker.errors import (
     PermanentTokenError,
     StoreUnavailable,
@@ -40,6 +43,7 @@ from broker.metrics import Metrics
 from broker.model import (
     PROTOCOL_VERSION,
     AppSpec,
+    DpopAlgorithm,
     FailureRecord,
     GrantType,
     RefreshPolicy,
@@ -385,12 +389,23 @@ class SimAuthServer:
     """
 
     def __init__(
-        self, world: SimTime, rng: random.Random, *, lifetime: float, grace: float
+        self,
+        world: SimTime,
+        rng: random.Random,
+        *,
+        lifetime: float,
+        grace: float,
+        dpop_jkt: str | None = None,
     ) -> None:
         self._world = world
         self._rng = rng
         self.lifetime = lifetime
         self.grace = grace
+        # DPoP: the key the operator's authorization was proved with (None: bearer tokens),
+        # each refresh token's key, and the refreshes proved with another key (never allowed).
+        self.dpop_jkt = dpop_jkt
+        self.bound: dict[str, str] = {}
+        self.wrong_key = 0
         self.faults = ServerFaults()
         self._serial = itertools.count(1)
         self.valid_refresh: str | None = None
@@ -421,15 +436,18 @@ class SimAuthServer:
         self.revoked = False
         self.valid_refresh = self._new_refresh()
         access = self._new_access()
+        if self.dpop_jkt is not None:
+            self.bound[self.valid_refresh] = self.dpop_jkt
         return TokenSet(
             access,
-            "Bearer",
+            "Bearer" if self.dpop_jkt is None else "DPoP",
             WALL_EPOCH + self._world.now,
             WALL_EPOCH + self.expiry[access],
             None,
             self.valid_refresh,
             lineage=1,
             generation=1,
+            dpop_jkt=self.dpop_jkt,
         )
 
     def _new_refresh(self) -> str:
@@ -440,8 +458,18 @@ class SimAuthServer:
         self.expiry[access] = self._world.now + self.lifetime
         return access
 
-    def refresh(self, refresh_token: str, replica: str, sent_wall: float) -> TokenSet:
-        """Act on a refresh_token grant (raises PermanentTokenError for a dead grant)."""
+    def refresh(
+        self, refresh_token: str, replica: str, sent_wall: float, jkt: str | None = None
+    ) -> TokenSet:
+        """Act on a refresh_token grant (raises PermanentTokenError for a dead grant).
+
+        `jkt`: the key the request's DPoP proof was signed with; a refresh token bound to
+        another key is refused without being used (RFC 9449 §5).
+        """
+        bound = self.bound.get(refresh_token)
+        if bound is not None and jkt != bound:
+            self.wrong_key += 1
+            raise PermanentTokenError("invalid_dpop_proof", status=400, error="invalid_dpop_proof")
         self.requests += 1
         record = Presentation(refresh_token, self._world.now, replica, "rotated")
         self.presentations.append(record)
@@ -463,26 +491,44 @@ class SimAuthServer:
             record.outcome = "rejected"
             raise PermanentTokenError("invalid_grant", status=400, error="invalid_grant")
         access = self._new_access()
+        if jkt is not None and self.valid_refresh is not None:
+            self.bound[self.valid_refresh] = jkt
         return TokenSet(
             access,
-            "Bearer",
+            "Bearer" if jkt is None else "DPoP",
             sent_wall,
             sent_wall + self.lifetime,
             None,
             self.valid_refresh,
+            dpop_jkt=jkt,
         )
+
+    @staticmethod
+    def proof_key(proof: str | None) -> str | None:
+        """The thumbprint of the key a DPoP proof's header carries (None: no proof)."""
+        if proof is None:
+            return None
+        header = json.loads(base64.urlsafe_b64decode(proof.split(".")[0] + "=="))
+        return jwk_thumbprint(header["jwk"])
 
 
 class SimSource:
     """One replica's token endpoint client: network latency, and the server's faults."""
 
     def __init__(
-        self, world: SimTime, server: SimAuthServer, clock: Clock, rng: random.Random
+        self,
+        world: SimTime,
+        server: SimAuthServer,
+        clock: Clock,
+        rng: random.Random,
+        dpop: ProofKeys | None = None,
     ) -> None:
         self._world = world
         self._server = server
         self._clock = clock
         self._rng = rng
+        # The replica's DPoP keys (the fleet's key file): a proof is made at send time.
+        self.dpop = dpop
         self.replica = ""
         self.dead = False
         self.draining = False  # SIGTERM received: a request in flight must be seen through
@@ -503,6 +549,15 @@ class SimSource:
         if self.dead:
             raise TransientTokenError("simulated: the process is dead")
         sent_wall = self._clock.time()
+        proof = None
+        if self.dpop is not None:
+            # As OAuthClient: a set bound to a key this replica lacks is not sent at all.
+            try:
+                key = self.dpop.find(dpop_jkt if refresh_token is not None else None)
+            except DpopKeyMissing as exc:
+                raise PermanentTokenError(str(exc), error="dpop_key_missing") from None
+            proof = key.proof("POST", "http://sim/token", sent_wall)
+        jkt = server.proof_key(proof)
         faults = server.faults
         if faults.down:
             await self._world.sleep(0.01)
@@ -526,7 +581,7 @@ class SimSource:
                 else:
                     # The client gave up: the request still arrives and is acted on.
                     late = asyncio.ensure_future(
-                        self._act_later(refresh_token, sent_wall, arrives_at)
+                        self._act_later(refresh_token, sent_wall, arrives_at, jkt)
                     )
                     server.late.add(late)
                     late.add_done_callback(server.late.discard)
@@ -541,10 +596,16 @@ class SimSource:
         record: Presentation | None = None
         if refresh_token is None:
             server.cc_requests += 1
-            token = TokenSet(server._new_access(), "Bearer", sent_wall, sent_wall + server.lifetime)
+            token = TokenSet(
+                server._new_access(),
+                "Bearer" if jkt is None else "DPoP",
+                sent_wall,
+                sent_wall + server.lifetime,
+                dpop_jkt=jkt,
+            )
         else:
             try:
-                token = server.refresh(refresh_token, self.replica, sent_wall)
+                token = server.refresh(refresh_token, self.replica, sent_wall, jkt)
             except PermanentTokenError:
                 await self._world.sleep(0.02)
                 raise
@@ -577,13 +638,15 @@ class SimSource:
             raise TransientTokenError("no answer: connection reset", outcome_unknown=True)
         return token
 
-    async def _act_later(self, refresh_token: str, sent_wall: float, arrives_at: float) -> None:
+    async def _act_later(
+        self, refresh_token: str, sent_wall: float, arrives_at: float, jkt: str | None
+    ) -> None:
         """A cancelled request that is still on its way: the server acts on it on arrival."""
         await self._world.sleep(arrives_at - self._world.now)
         if self._server.faults.status is not None or self._server.faults.down:
             return
         with contextlib.suppress(PermanentTokenError):
-            self._server.refresh(refresh_token, self.replica, sent_wall)
+            self._server.refresh(refresh_token, self.replica, sent_wall, jkt)
         record = self._server.presentations[-1]
         record.reply_lost, record.lost_by = True, "gave_up"
 
@@ -1130,6 +1193,9 @@ class WorldConfig:
     lifetime: float
     grace: float
     offsets: list[float]
+    # DPoP (issue 23): the server binds each grant to the fleet's key (one key file, shared)
+    # and refuses a refresh proved with another key.
+    dpop: bool = False
     policy: RefreshPolicy = field(
         default_factory=lambda: RefreshPolicy(
             at_fraction=0.75, min_remaining=10.0, jitter=0.05, safety_margin=6.0
@@ -1160,7 +1226,19 @@ class World:
         self.offsets = list(config.offsets)  # grows as pods join
         self.written_at: dict[str, float] = {}
         self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
-        self.server = SimAuthServer(self.time, rng, lifetime=config.lifetime, grace=config.grace)
+        # DPoP: the fleet's one key (its key file), made outside the world's generator so that
+        # a seed's draws are the same with DPoP on or off.
+        self.dpop_keys: ProofKeys | None = None
+        if config.dpop:
+            key = ProofKey(generate_key(DpopAlgorithm.ES256), DpopAlgorithm.ES256)
+            self.dpop_keys = ProofKeys((key,))
+        self.server = SimAuthServer(
+            self.time,
+            rng,
+            lifetime=config.lifetime,
+            grace=config.grace,
+            dpop_jkt=self.dpop_keys.current.jkt if self.dpop_keys else None,
+        )
         # The documented limit (README, "What a crash can lose"): `sent` records an empty
         # restart erased (refresh fingerprint → spender, when), and the refresh tokens then
         # spent again while that spender, the only replica that knew, could not speak.
@@ -1263,7 +1341,13 @@ class World:
             view.protocol = protocol
             view.spend_store = self._newer_protocol_store()
             view.spend_store.protocol = protocol
-        source = SimSource(self.time, server, clock, random.Random(self.rng.random()))
+        source = SimSource(
+            self.time,
+            server,
+            clock,
+            random.Random(self.rng.random()),
+            self.replica_dpop_keys(name_index=index) if server is self.server else None,
+        )
         source.frozen = frozen
         name = f"{prefix}{index}.{next(self._incarnations)}"
         source.replica = name
@@ -1286,6 +1370,11 @@ class World:
 
         task = asyncio.ensure_future(serve())
         return Replica(name, host_clock, view, source, core, task)
+
+    def replica_dpop_keys(self, name_index: int) -> ProofKeys | None:
+        """The DPoP keys replica `name_index` proves with: the fleet's key file."""
+        del name_index  # every replica reads the same key file
+        return self.dpop_keys
 
     async def crash(self, index: int) -> None:
         """SIGKILL: everything the replica was doing stops where it is."""

@@ -7,6 +7,12 @@ grant, as RFC 9700 recommends). Client authentication: client_secret_post, clien
 Access tokens are RS256 JWTs whose keys are published at /jwks; a token can be revoked (as by an
 RFC 7009 revocation), so an API checking tokens sees it rejected before it expires. Failures: a
 queue of scripted responses, or a persistent mode.
+
+DPoP (RFC 9449) on demand (`dpop = DpopVerifier()`): a token request with a `DPoP` proof is
+verified (tests/support/dpop.py) and answered with a DPoP-bound token (`token_type: DPoP`,
+`cnf.jkt` in the access token); the grant is bound to the key, and a refresh proved with another
+key is refused (`invalid_dpop_proof`, counted). `dpop.require_nonce` makes it ask for nonces
+(400 `use_dpop_nonce` with a `DPoP-Nonce` header, which every answer then carries).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.support.dpop import DpopVerifier, InvalidProof
 from tests.support.ports import free_port
 
 
@@ -52,6 +59,7 @@ class Grant:
     current_refresh: str
     spent: set[str] = field(default_factory=set)
     revoked: bool = False
+    jkt: str | None = None  # the DPoP key the grant (its refresh tokens) is bound to
 
 
 @dataclass
@@ -105,6 +113,11 @@ class OAuthTestServer:
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         self._seen_jti: set[str] = set()
+        # DPoP: None ignores DPoP headers (bearer tokens, as before).
+        self.dpop: DpopVerifier | None = None
+        self.dpop_refused: list[str] = []  # why each DPoP token request was refused
+        self.wrong_key_refreshes = 0  # refreshes proved with a key the grant is not bound to
+        self._jkt: str | None = None  # the key of the request being answered
         self._awaiting: list[tuple[str | None, asyncio.Future[RecordedRequest]]] = []
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -256,6 +269,13 @@ class OAuthTestServer:
         client_error = self._authenticate(request, form)
         if client_error is not None:
             return client_error
+        self._jkt = None
+        if self.dpop is not None and "DPoP" in request.headers:
+            try:
+                self._jkt = self.dpop.verify(request.headers["DPoP"], "POST", self.token_url)
+            except InvalidProof as exc:
+                self.dpop_refused.append(str(exc))
+                return self._dpop_error(exc.error)
         grant_type = form.get("grant_type")
         if grant_type == "client_credentials":
             return self._issue(form.get("scope", ""), refresh=None)
@@ -315,7 +335,7 @@ class OAuthTestServer:
                 return self._error(400, "invalid_grant", 322403)
         if not self.issue_refresh_tokens:
             return self._issue(code["scope"], refresh=None)
-        grant = Grant(uuid.uuid4().hex, self.client_id, code["scope"], "")
+        grant = Grant(uuid.uuid4().hex, self.client_id, code["scope"], "", jkt=self._jkt)
         self.grants[grant.grant_id] = grant
         return self._issue(code["scope"], refresh=grant)
 
@@ -325,6 +345,10 @@ class OAuthTestServer:
         grant = self.grants.get(grant_id) if grant_id else None
         if grant is None or grant.revoked:
             return self._error(400, "invalid_grant", 322403)
+        if grant.jkt is not None and self._jkt != grant.jkt:
+            # RFC 9449 §5: a bound refresh token is proved with its key; not used up.
+            self.wrong_key_refreshes += 1
+            return self._dpop_error("invalid_dpop_proof")
         if presented != grant.current_refresh:
             # A spent refresh token came back: someone replayed it. Revoke the grant (RFC 9700).
             grant.revoked = True
@@ -346,6 +370,8 @@ class OAuthTestServer:
             "jti": uuid.uuid4().hex,
             "scope": scope,
         }
+        if self._jkt is not None:
+            claims["cnf"] = {"jkt": self._jkt}
         access = jwt.encode(
             claims, self._signing_key, algorithm="RS256", headers={"kid": self.key_id}
         )
@@ -353,7 +379,7 @@ class OAuthTestServer:
         self.expiry[access] = now + self.lifetime
         body: dict[str, Any] = {
             "access_token": access,
-            "token_type": "Bearer",
+            "token_type": "DPoP" if self._jkt is not None else "Bearer",
             "expires_in": self.lifetime,
             "scope": scope,
             "id_token": None,
@@ -364,7 +390,18 @@ class OAuthTestServer:
             refresh.current_refresh = new_refresh
             self._refresh_index[new_refresh] = refresh.grant_id
             body["refresh_token"] = new_refresh
-        return web.json_response(body, headers={"Cache-Control": "no-store"})
+        headers = {"Cache-Control": "no-store"}
+        if self.dpop is not None and self.dpop.require_nonce:
+            headers["DPoP-Nonce"] = self.dpop.nonce
+        return web.json_response(body, headers=headers)
+
+    def _dpop_error(self, error: str) -> web.Response:
+        """RFC 9449 §8: a refused proof is 400; a missing nonce names the one to use."""
+        headers = {}
+        if error == "use_dpop_nonce" and self.dpop is not None:
+            headers["DPoP-Nonce"] = self.dpop.nonce
+        body = {"error": error, "error_description": error.replace("_", " ")}
+        return web.json_response(body, status=400, headers=headers)
 
     def _new_refresh_token(self, grant: Grant) -> str:
         if self.refresh_jwt:

@@ -206,7 +206,8 @@ class TestOwnExposition:
         ours = parsed(exposition(metrics))
         theirs = parsed(generate_latest(metrics.registry).decode())
         assert ours == theirs
-        assert len(ours) == 25  # next_refresh_timestamp_seconds, app_ready (issue 24)
+        # next_refresh_timestamp_seconds, app_ready (issue 24); the three DPoP families (issue 23)
+        assert len(ours) == 28
 
     def test_sample_lines_are_written_as_prometheus_client_writes_them(self) -> None:
         """Label order, escaping and value formatting match line for line."""

@@ -508,6 +508,34 @@ class TestAuthorizationCode:
         assert stored is not None and refresher.token is not None
         assert stored.refresh_token == refresher.token.refresh_token
 
+    async def test_a_dpop_bound_refresh_is_proved_with_its_sets_key(
+        self,
+        make: MakeRefresher,
+        store: MemoryStore,
+        fake_clock: FakeClock,
+    ) -> None:
+        """The refresh of a DPoP-bound set names that set's key to the token source."""
+        source = FakeTokenSource(fake_clock, rotate=True)
+        now = fake_clock.time()
+        bound = TokenSet(
+            "seed-access-000000000000",
+            "DPoP",
+            now,
+            now + 60,
+            None,
+            "seed-refresh-0000000000",
+            lineage=1,
+            generation=1,
+            dpop_jkt="jkt-of-the-grant",
+        )
+        await store.commit(key(GrantType.AUTHORIZATION_CODE), bound)
+        make(source, grant=GrantType.AUTHORIZATION_CODE)
+        await fake_clock.settle()
+        for _ in range(60):
+            await fake_clock.advance(1.0)
+        assert source.calls[0] == "seed-refresh-0000000000"
+        assert source.dpop_jkts[0] == "jkt-of-the-grant"
+
     async def test_invalid_grant_enters_needs_authorization(
         self,
         make: MakeRefresher,
