@@ -120,6 +120,7 @@ def write_config(workdir: Path, oauth_port: int, upstream_port: int, ca_file: Pa
                     "ca_file": str(ca_file),
                     "path_prefixes": ["/v1/"],
                     "max_concurrent": 64,
+                    "allowed_networks": ["127.0.0.0/8"],  # the bench API is on loopback
                 },
             }
         },

@@ -208,7 +208,7 @@ def _dpop_for(broker: Broker, spec: AppSpec) -> AppDpop | None:
 
 
 def _credential_changed(broker: Broker, app: str, which: str) -> None:
-    if which in ("client_secret", "client_secret_previous", "private_key"):
+    if which in ("client_secret", "client_secret_previous", "private_key", "tls_client_cert"):
         audit(log, "app.secret_rotated", app=app, file=which)
     else:
         log.info("credentials.changed", app=app, file=which)

@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import difflib
 import enum
+import ipaddress
 import math
 import os
 import re
@@ -33,10 +34,12 @@ import yaml
 from cattrs.errors import AttributeValidationNote, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, override
 
-from broker import schema
+from broker import egress, schema
+from broker.credentials import UnusableAssertion, assertion_expiry
 from broker.errors import ConfigError, ConfigErrors
 from broker.model import (
     AppSpec,
+    AssertionType,
     ClientAuth,
     ClientSpec,
     Config,
@@ -456,9 +459,14 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
     def missing(field: str) -> bool:
         return getattr(app, field) is None and field not in bad
 
-    if not {"client_id", "client_id_file"} & bad and (app.client_id is None) == (
-        app.client_id_file is None
-    ):
+    # A token exchange (Google STS) authenticates no client: it may name none.
+    exchange = (
+        app.client_auth is ClientAuth.CLIENT_ASSERTION
+        and app.assertion_type is AssertionType.TOKEN_EXCHANGE
+    )
+    both = app.client_id is not None and app.client_id_file is not None
+    neither = app.client_id is None and app.client_id_file is None
+    if not {"client_id", "client_id_file"} & bad and (both or (neither and not exchange)):
         found.append((".client_id", "give exactly one of client_id and client_id_file"))
     read("client_id_file")
     if "client_auth" in bad:
@@ -468,6 +476,16 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
             found.append((".private_key_file", "required for client_auth private_key_jwt"))
         else:
             _checked(found, ".private_key_file", _check_private_key, app.private_key_file)
+    elif app.client_auth is ClientAuth.CLIENT_ASSERTION:
+        if missing("assertion_file"):
+            found.append((".assertion_file", "required for client_auth client_assertion"))
+        else:
+            _checked(found, ".assertion_file", _check_assertion_file, app.assertion_file)
+        checkable = not {"assertion_type", "grant_type"} & bad
+        if exchange and checkable and app.grant_type is not GrantType.CLIENT_CREDENTIALS:
+            found.append((".assertion_type", "token-exchange needs grant_type client_credentials"))
+    elif app.client_auth is ClientAuth.TLS_CLIENT_AUTH:
+        _check_tls_client(app, found, bad)
     else:
         if missing("client_secret_file"):
             found.append(
@@ -475,6 +493,8 @@ def _app(app: AppSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[AppSpec, Fo
             )
         read("client_secret_file")
         read("client_secret_previous_file")
+    if "client_auth" not in bad:
+        _check_unused_credentials(app, m, found)
     if "grant_type" not in bad and app.grant_type is GrantType.AUTHORIZATION_CODE:
         for field in ("authorize_url", "redirect_uri"):
             if missing(field):
@@ -511,15 +531,97 @@ def _check_dpop(app: AppSpec, m: Mapping[str, Any], bad: set[str], found: Found)
         )
 
 
+# The keys that belong to one client_auth method each: given with another, they would be ignored.
+_METHOD_KEYS: dict[str, ClientAuth] = {
+    "assertion_file": ClientAuth.CLIENT_ASSERTION,
+    "assertion_type": ClientAuth.CLIENT_ASSERTION,
+    "tls_client_cert_file": ClientAuth.TLS_CLIENT_AUTH,
+    "tls_client_key_file": ClientAuth.TLS_CLIENT_AUTH,
+}
+
+
+def _check_unused_credentials(app: AppSpec, m: Mapping[str, Any], found: Found) -> None:
+    """A key of one client_auth method given with another is a mistake, not a silent no-op."""
+    for key, method in _METHOD_KEYS.items():
+        if key in m and app.client_auth is not method:
+            found.append((f".{key}", f"applies only when client_auth is {method.value}"))
+
+
+def _check_tls_client(app: AppSpec, found: Found, bad: set[str]) -> None:
+    """Both files given, and together they load as a certificate and its key."""
+    fields = ("tls_client_cert_file", "tls_client_key_file")
+    for field in fields:
+        if getattr(app, field) is None and field not in bad:
+            found.append((f".{field}", "required for client_auth tls_client_auth"))
+    if app.tls_client_cert_file is None or app.tls_client_key_file is None:
+        return
+    cert, key = app.tls_client_cert_file, app.tls_client_key_file
+    before = len(found)
+    _checked(found, ".tls_client_cert_file", _read_secret_file, cert)
+    _checked(found, ".tls_client_key_file", _read_secret_file, key)
+    if len(found) == before:
+        try:
+            ssl.create_default_context().load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError):
+            found.append(
+                (
+                    ".tls_client_cert_file",
+                    f"{cert} and {key} do not load as a PEM certificate and its unencrypted key",
+                )
+            )
+
+
 @_validator(ProxySpec)
 def _proxy(proxy: ProxySpec, m: Mapping[str, Any], bad: set[str]) -> tuple[ProxySpec, Found]:
-    """A replayable body fits in a request; the CA file holds certificates."""
+    """One of upstream and upstreams; no upstream at an address the egress guard refuses; a
+    replayable body fits in a request; the CA file holds certificates."""
     found: Found = []
+    if not {"upstream", "upstreams"} & bad:
+        if proxy.upstream is None and not proxy.upstreams:
+            found.append(
+                (".upstream", "required: give upstream (one origin) or upstreams (several by name)")
+            )
+        elif proxy.upstream is not None and proxy.upstreams:
+            found.append(
+                (
+                    ".upstreams",
+                    "give upstream or upstreams, not both (name the single origin inside "
+                    "upstreams; callers then reach /v1/proxy/<app>/<name>/<path>)",
+                )
+            )
+    if "allowed_networks" not in bad:
+        origins = [] if proxy.upstream is None else [(".upstream", proxy.upstream)]
+        origins += [(f".upstreams.{u.name}", u.origin) for u in proxy.upstreams]
+        found.extend(_refused_origins(origins, proxy.allowed_networks))
     sizes_known = not {"max_buffered_body", "max_request_body"} & bad
     if sizes_known and proxy.max_buffered_body > proxy.max_request_body:
         found.append((".max_buffered_body", "must not exceed max_request_body"))
     _checked(found, ".ca_file", _check_ca_file, proxy.ca_file)
     return proxy, found
+
+
+def _refused_origins(origins: list[tuple[str, str]], allowed_networks: tuple[str, ...]) -> Found:
+    """Upstreams given as an address that the egress guard would refuse at every request (a
+    name is checked when it is resolved, at each connection)."""
+    allowed = egress.parse_networks(allowed_networks)
+    found: Found = []
+    for at, origin in origins:
+        host = urlsplit(origin).hostname or ""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        reason = egress.refusal(address, allowed)
+        if reason is not None:
+            found.append(
+                (
+                    at,
+                    f"{host} is {egress.DESCRIBED[reason]}: the proxy refuses it unless "
+                    f"allowed_networks lists it (e.g. allowed_networks: [{address}/"
+                    f"{address.max_prefixlen}])",
+                )
+            )
+    return found
 
 
 @_validator(ClientEntry)
@@ -648,6 +750,21 @@ def _check_dpop_keys(path: Path, algorithm: DpopAlgorithm) -> None:
         read_key_file(path, algorithm, "")
     except ConfigError as exc:
         raise Invalid(exc.reason) from None
+
+
+def _check_assertion_file(path: Path) -> None:
+    """A file that exists holds a JWT with an exp; a missing one is the platform's to write.
+
+    spiffe-helper writes its JWT-SVID after the pods start, so the broker starts without it:
+    the app fails, naming the file, until it appears. An expired one is a runtime matter too.
+    """
+    if not path.exists():
+        return
+    token = _read_secret_file(path)
+    try:
+        assertion_expiry(token)
+    except UnusableAssertion as exc:
+        raise Invalid(f"{path} {exc}") from None
 
 
 def _check_keyring(path: Path) -> None:
@@ -830,13 +947,26 @@ def _dpop_summary(app: AppSpec) -> str:
 
 
 def _proxy_summary(proxy: ProxySpec) -> str:
+    if proxy.upstream is not None:
+        where = f"proxy to {proxy.upstream}, paths {', '.join(proxy.path_prefixes)}"
+    else:
+        where = "proxy to " + "; ".join(
+            f"{u.name} {u.origin} (paths {', '.join(u.path_prefixes or proxy.path_prefixes)})"
+            for u in proxy.upstreams
+        )
     return (
-        f"    proxy to {proxy.upstream}, paths {', '.join(proxy.path_prefixes)}, "
+        f"    {where}, "
         f"timeouts {proxy.connect_timeout:g}s connect / {proxy.read_timeout:g}s read, "
         f"bodies up to {proxy.max_request_body} bytes (replayable up to "
         f"{proxy.max_buffered_body}), at most {proxy.max_concurrent} at once"
-        + (", retry on 401" if proxy.retry_on_401 else ", no retry on 401")
+        + (" per upstream" if proxy.upstreams else "")
+        + (
+            f", retry on {'/'.join(map(str, proxy.refresh_on_status))}"
+            if proxy.retry_on_401 and proxy.refresh_on_status
+            else ", no retry on 401"
+        )
         + (f", CA {proxy.ca_file}" if proxy.ca_file else "")
+        + (f", may reach {', '.join(proxy.allowed_networks)}" if proxy.allowed_networks else "")
     )
 
 

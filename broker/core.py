@@ -101,6 +101,10 @@ class BrokerCore:
         """A forced, coalesced, rate-limited refresh of `app`."""
         return await self.refreshers[app].force()
 
+    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
+        """The upstream refused `token` of `app`: a fleet-wide purge; the token to retry with."""
+        return await self.refreshers[app].refused(token)
+
     def status(self, app: str) -> AppStatus:
         """The state of `app` for the API."""
         return self.refreshers[app].status()

@@ -69,7 +69,12 @@ def dev_config(
     }
     store: dict[str, Any] = {"url": store_url}
     apps: dict[str, Any] = {
-        DEV_APP: {**common, "scopes": ["demo.read"], "proxy": {"upstream": echo_url}}
+        DEV_APP: {
+            **common,
+            "scopes": ["demo.read"],
+            # The echo API listens on loopback, which the egress guard refuses unless allowed.
+            "proxy": {"upstream": echo_url, "allowed_networks": ["127.0.0.0/8"]},
+        }
     }
     # An authorization-code app needs the shared store `authorize` writes to (memory:// is
     # refused for one): only with --redis.

@@ -139,3 +139,12 @@ class ListenError(BrokerError):
         self.setting = setting
         self.address = address
         self.reason = reason
+
+
+class CredentialFileError(PermanentTokenError):
+    """A credential file the platform keeps fresh is missing, unreadable or expired.
+
+    Nothing was sent: the message names the key, the file and (for an assertion) its `exp`,
+    never the file's content. Like any permanent error it waits long, and the file watcher
+    wakes the refresh as soon as the file changes.
+    """

@@ -154,6 +154,18 @@ class Metrics:
             "Upstream 401s: retried after a refresh (unauthorized) or passed back, and why.",
             ["app", "reason"],
         )
+        self.proxy_egress_refused_total = self._counter(
+            "token_broker_proxy_egress_refused_total",
+            "Proxied requests refused because the upstream's address is loopback, link-local, "
+            "private or reserved and not in allowed_networks.",
+            ["app", "reason"],
+        )
+        self.token_refused_total = self._counter(
+            "token_broker_token_refused_total",
+            "Access tokens an upstream refused (refresh_on_status), by the store's answer: "
+            "recorded (a fleet-wide purge), already, stale, limited; unrecorded: store down.",
+            ["app", "outcome"],
+        )
         # DPoP (broker/dpop.py): a series per app and use once the app proves anything.
         self.dpop_proofs = self._counter(
             "token_broker_dpop_proofs_total",

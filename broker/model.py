@@ -86,6 +86,25 @@ class ClientAuth(enum.StrEnum):
     CLIENT_SECRET_POST = "client_secret_post"
     CLIENT_SECRET_BASIC = "client_secret_basic"
     PRIVATE_KEY_JWT = "private_key_jwt"
+    # A JWT the platform keeps fresh (a projected service-account token, a JWT-SVID): issue 23.
+    CLIENT_ASSERTION = "client_assertion"
+    # RFC 8705: the client certificate of the TLS connection authenticates the client.
+    TLS_CLIENT_AUTH = "tls_client_auth"
+
+
+class AssertionType(enum.StrEnum):
+    """How a `client_assertion` app presents the JWT from its assertion_file."""
+
+    JWT_BEARER = "jwt-bearer"  # RFC 7523 client assertion
+    JWT_SPIFFE = "jwt-spiffe"  # draft-ietf-oauth-spiffe-client-auth, a JWT-SVID
+    # RFC 8693: the JWT is the subject_token of a token-exchange grant, with no client
+    # authentication (Google STS takes a federated identity this way).
+    TOKEN_EXCHANGE = "token-exchange"
+
+    @property
+    def urn(self) -> str:
+        """The client_assertion_type: urn:ietf:params:oauth:client-assertion-type:<this>."""
+        return f"urn:ietf:params:oauth:client-assertion-type:{self.value}"
 
 
 class DpopAlgorithm(enum.StrEnum):
@@ -180,18 +199,50 @@ class RefreshPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class ProxySpec:
-    """An app's injecting proxy: the fixed upstream origin and the limits of forwarding.
+class UpstreamSpec:
+    """One of the named upstreams of an app's proxy (`proxy.upstreams.<name>`).
 
-    `upstream` is `scheme://host[:port]` only. Durations are seconds, sizes bytes.
+    `origin` is `scheme://host[:port]` only; `path_prefixes` None: the proxy's own.
+    """
+
+    name: str
+    origin: str
+    path_prefixes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySpec:
+    """An app's injecting proxy: the fixed upstream origin(s) and the limits of forwarding.
+
+    Exactly one of `upstream` (one origin, `scheme://host[:port]` only) and `upstreams` (several,
+    each under its name) is given. `allowed_networks` are CIDRs the upstreams may resolve into
+    although they are loopback, link-local or private (broker/egress.py). Durations are
+    seconds, sizes bytes.
     """
 
     upstream: Annotated[
-        str, S.UPSTREAM.described("scheme and host of the real API, like https://api.example.com")
-    ]
+        str | None,
+        S.UPSTREAM.described("scheme and host of the real API, like https://api.example.com"),
+    ] = None
+    upstreams: Annotated[
+        tuple[UpstreamSpec, ...],
+        S.UPSTREAMS.described(
+            "several upstreams by name, reached at /v1/proxy/<app>/<name>/<path> (instead of "
+            "upstream): an origin each, or {origin, path_prefixes}"
+        ),
+    ] = ()
     path_prefixes: Annotated[
-        tuple[str, ...], S.PATH_PREFIXES.described("paths the proxy forwards (default: all)")
+        tuple[str, ...],
+        S.PATH_PREFIXES.described(
+            "paths the proxy forwards (default: all); with upstreams, for each that names none"
+        ),
     ] = ("/",)
+    allowed_networks: Annotated[
+        tuple[str, ...],
+        S.NETWORKS.described(
+            "loopback, link-local or private networks (CIDR) the upstreams may be reached in"
+        ),
+    ] = ()
     connect_timeout: Annotated[float, S.DURATION] = 5.0
     read_timeout: Annotated[float, S.DURATION] = 30.0
     max_buffered_body: Annotated[
@@ -202,6 +253,12 @@ class ProxySpec:
         Path | None, S.FILE.described("PEM CA certificates that alone verify the upstream")
     ] = None
     retry_on_401: Annotated[bool, S.BOOL.described("retry once with a new token on 401")] = True
+    # The upstream statuses that mean "this token is refused": a fleet-wide purge and one
+    # retry (issue 22). `retry_on_401: false` turns them all off.
+    refresh_on_status: Annotated[
+        tuple[int, ...],
+        S.REFRESH_STATUSES.described("upstream statuses that purge the token and retry once"),
+    ] = (401,)
     max_concurrent: Annotated[int, S.MAX_CONCURRENT_RULE] = 64
 
 
@@ -269,6 +326,28 @@ class AppSpec:
     max_token_requests_per_minute: Annotated[
         int | None,
         S.REQUEST_BUDGET.described("the whole fleet's budget of token requests for this app"),
+    ] = None
+    # client_assertion (issue 23): the platform writes the JWT and rotates it; the broker reads.
+    assertion_file: Annotated[
+        Path | None,
+        S.FILE.described(
+            "a JWT the platform keeps fresh (projected service-account token, JWT-SVID), "
+            "for client_auth client_assertion"
+        ),
+    ] = None
+    assertion_type: Annotated[
+        AssertionType,
+        S.Doc(
+            "jwt-bearer (RFC 7523) or jwt-spiffe: the client_assertion_type; token-exchange: "
+            "the JWT is an RFC 8693 subject_token (Google STS)"
+        ),
+    ] = AssertionType.JWT_BEARER
+    # tls_client_auth (RFC 8705): re-read on change, the TLS context rebuilt.
+    tls_client_cert_file: Annotated[
+        Path | None, S.FILE.described("PEM client certificate (chain), for tls_client_auth")
+    ] = None
+    tls_client_key_file: Annotated[
+        Path | None, S.FILE.described("PEM private key of the client certificate")
     ] = None
 
 

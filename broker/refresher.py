@@ -45,7 +45,16 @@ from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, TokenSet
 from broker.oauth import TokenSource
 from broker.service import AppStatus
-from broker.store import LEASE, RELEASE, Notice, TokenStore, bound_name, client_binding
+from broker.store import (
+    LEASE,
+    REFUSED,
+    RELEASE,
+    Notice,
+    Refusal,
+    TokenStore,
+    bound_name,
+    client_binding,
+)
 
 log = get_logger(__name__)
 
@@ -54,6 +63,9 @@ FORCE_MIN_AGE = 5.0
 # At most this many forced refreshes per app per FORCE_WINDOW seconds.
 FORCE_LIMIT = 10
 FORCE_WINDOW = 60.0
+# At most one fleet-wide purge of a refused access token per app in this many seconds (the
+# store's clock): an upstream that refuses every token costs the fleet one refresh per interval.
+PURGE_INTERVAL = 10.0
 # How long a caller without a servable token waits for a refresh in flight.
 CALLER_WAIT = 5.0
 # The loop wakes at least this often: it re-reads the wall clock and checks the store.
@@ -211,6 +223,9 @@ class AppRefresher:
         self._inflight: asyncio.Task[None] | None = None
         self._wake = _Wake()
         self._forced: collections.deque[float] = collections.deque()
+        # The access token an upstream refused (its fingerprint): due now while still held.
+        self._refused_fp: str | None = None
+        self._successor_waiters: set[asyncio.Future[None]] = set()
         self._listeners: list[Callable[[TokenSet], None]] = []
         self._vetoes: set[asyncio.Future[None]] = set()
         self._set_state(AppState.REFRESHING)
@@ -296,6 +311,93 @@ class AppRefresher:
             self._take_forced_slot(on_limit=RateLimited)
         await self._wait_for_refresh()
         return self._servable_or_raise(0.0)
+
+    async def refused(self, token: TokenSet) -> TokenSet:
+        """The upstream refused `token` (a proxied request answered a `refresh_on_status`
+        status): purge it fleet-wide and return the token to retry with.
+
+        The refusal is recorded in the store by fingerprint, a compare-and-set on the stored
+        set, so a refusal of a token already replaced purges nothing. The replicas still
+        holding it treat it as due now: one refreshes under the lease (a rotating grant spends
+        its refresh token by the fleet protocol, as always), the others adopt its set from the
+        notice. Waits up to CALLER_WAIT for the successor; the token returned is the refused
+        one when none came. Raises RateLimited when another token of the app was purged less
+        than PURGE_INTERVAL ago, and NeedsAuthorization / TokenUnavailable as `get` does.
+        """
+        self._raise_if_needs_authorization()
+        refused_fp = token.fingerprint
+        current = self.token
+        if current is not None and current.fingerprint != refused_fp:
+            return self._servable_or_raise(0.0)  # replaced here already: retry with ours
+        try:
+            answer = await self._store.refuse_token(
+                self.store_name, refused_fp, interval=PURGE_INTERVAL
+            )
+        except StoreUnavailable:
+            # No fleet to tell: refresh alone, as a store outage makes every refresh.
+            self._metrics.token_refused_total.labels(app=self.name, outcome="unrecorded").inc()
+            return await self.force()
+        self._metrics.token_refused_total.labels(app=self.name, outcome=answer.value).inc()
+        if answer is Refusal.LIMITED:
+            raise RateLimited(
+                f"an access token of {self.name} was purged less than "
+                f"{PURGE_INTERVAL:.0f} seconds ago",
+                retry_after=PURGE_INTERVAL,
+            )
+        if answer is Refusal.RECORDED:
+            audit(
+                log, "token.refused", level="warning", app=self.name, token_fingerprint=refused_fp
+            )
+        if answer is Refusal.STALE:
+            self.notify_store_changed()  # the store holds another set: adopt it
+        else:
+            self.purge(refused_fp)
+        await self._wait_for_successor(refused_fp)
+        return self._servable_or_raise(0.0)
+
+    def purge(self, refused_fp: str) -> None:
+        """The access token `refused_fp` was refused upstream: while it is ours, it is due now.
+
+        A refusal of another token (an older one: ours replaced it) changes nothing. During a
+        backoff the backoff stands: the purge asks for no request the fleet holds back.
+        """
+        token = self.token
+        if token is None or token.fingerprint != refused_fp:
+            return
+        self._refused_fp = refused_fp
+        if not self._in_backoff:
+            self._next_attempt_at = min(self._next_attempt_at, self._clock.monotonic())
+            self._wake.set()
+
+    async def _wait_for_successor(self, refused_fp: str) -> None:
+        """Wait (up to CALLER_WAIT, on the injected clock) until the token held is not the
+        refused one, or a refresh ended without one (a backoff, a block, authorization)."""
+        deadline = self._clock.monotonic() + CALLER_WAIT
+        loop = asyncio.get_running_loop()
+        while (
+            self.token is not None
+            and self.token.fingerprint == refused_fp
+            and not self._stopping
+            and self._needs_authorization is None
+            and not self._in_backoff
+        ):
+            left = deadline - self._clock.monotonic()
+            if left <= 0:
+                return
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._successor_waiters.add(waiter)
+            timer = asyncio.ensure_future(self._clock.sleep(left))
+            try:
+                await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                timer.cancel()
+                waiter.cancel()
+                self._successor_waiters.discard(waiter)
+
+    def _wake_successor_waiters(self) -> None:
+        for waiter in self._successor_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _take_forced_slot(self, *, on_limit: type[RateLimited] | type[TokenUnavailable]) -> None:
         """Count a caller-triggered refresh; over FORCE_LIMIT per FORCE_WINDOW, refuse it."""
@@ -512,6 +614,10 @@ class AppRefresher:
         if self.fleet.must_veto(notice):
             self._spawn_veto(self.fleet.veto(notice))
         self.fleet.on_notice(notice)
+        if notice.kind == REFUSED:
+            if notice.access_fp is not None:
+                self.purge(notice.access_fp)
+            return
         if notice.kind == LEASE and notice.owner != self.fleet.owner:
             # Another replica refreshes now: wait for its notice (or its lease's end) rather
             # than ask for the lease too, but not past what our own token can still serve (a
@@ -611,6 +717,7 @@ class AppRefresher:
     def _refresh_done(self, _: asyncio.Task[None]) -> None:
         self._inflight = None
         self._wake.set()
+        self._wake_successor_waiters()
 
     # ---- one refresh ---------------------------------------------------------------------
 
@@ -661,6 +768,8 @@ class AppRefresher:
         return await self.source.fetch()
 
     def _is_due(self, token: TokenSet) -> bool:
+        if token.fingerprint == self._refused_fp:
+            return True  # refused upstream: due now, whatever its expiry says
         stagger = self._stagger if self.token is token else self._rng.random()
         return self._clock.time() >= policy.fleet_refresh_due(token, self.spec.refresh, stagger)
 
@@ -682,6 +791,8 @@ class AppRefresher:
         self._stagger = self._rng.random()
         due = policy.fleet_refresh_due(token, self.spec.refresh, self._stagger)
         self._next_attempt_at = mono + (due - wall)
+        if token.fingerprint == self._refused_fp:
+            self._next_attempt_at = mono  # a refused token (read back from the store)
         self._in_backoff = False
         self._permanent = False
         self._blocked = None
@@ -707,6 +818,7 @@ class AppRefresher:
         self._metrics.set_next_refresh(self.name, self.next_refresh_at())
         for listener in self._listeners:
             listener(token)
+        self._wake_successor_waiters()
 
     # ---- outcomes ------------------------------------------------------------------------
 

@@ -228,6 +228,18 @@ def _unix_ids(value: object) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _refresh_statuses(value: object) -> tuple[int, ...]:
+    """`proxy.refresh_on_status`: 4xx statuses (a 5xx says nothing about the token); [] none."""
+    if not isinstance(value, list):
+        raise Invalid("must be a list of HTTP statuses (400 to 499), like [401]")
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or not 400 <= item <= 499:
+            raise Invalid(f"{item!r} is not an HTTP status from 400 to 499", f"[{i}]")
+    if len(set(value)) != len(value):
+        raise Invalid("lists a status twice")
+    return tuple(value)
+
+
 def is_loopback_host(host: str) -> bool:
     """localhost, or a loopback IP address."""
     if host == "localhost":
@@ -408,6 +420,76 @@ def _path_prefixes(value: object) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
+def _below(at: str, parse: Callable[[object], Any], value: object) -> Any:
+    """`parse(value)`, its mistake placed `at` below the key."""
+    try:
+        return parse(value)
+    except Invalid as exc:
+        raise Invalid(exc.reason, at + exc.at) from None
+
+
+_UPSTREAM_KEYS = ("origin", "path_prefixes")
+
+
+def _upstreams(value: object) -> tuple[Any, ...]:
+    """`proxy.upstreams`: name → origin, or name → {origin, path_prefixes}."""
+    from broker.model import UpstreamSpec  # model.py imports this module
+
+    if not isinstance(value, dict) or not value:
+        raise Invalid(
+            "must be a mapping of names to origins, like {api: https://api.example.com}"
+            + ("" if isinstance(value, dict) else f", not {type_name(value)}")
+        )
+    upstreams = []
+    for name, entry in value.items():
+        at = f".{name}"
+        if not isinstance(name, str) or not NAME.match(name):
+            raise Invalid("names match [a-z0-9][a-z0-9_-]{0,62} (they are a URL segment)", at)
+        prefixes = None
+        if isinstance(entry, dict):
+            for key in entry:
+                if key not in _UPSTREAM_KEYS:
+                    raise Invalid(
+                        f"unknown key (allowed: {', '.join(_UPSTREAM_KEYS)})", f"{at}.{key}"
+                    )
+            if "origin" not in entry:
+                raise Invalid("required (the scheme and host of this upstream)", f"{at}.origin")
+            origin = _below(f"{at}.origin", _upstream, entry["origin"])
+            if "path_prefixes" in entry:
+                prefixes = _below(f"{at}.path_prefixes", _path_prefixes, entry["path_prefixes"])
+        elif isinstance(entry, str):
+            origin = _below(at, _upstream, entry)
+        else:
+            raise Invalid(
+                f"an origin like https://api.example.com, or a mapping with origin and "
+                f"path_prefixes, not {type_name(entry)}",
+                at,
+            )
+        upstreams.append(UpstreamSpec(name, origin, prefixes))
+    return tuple(upstreams)
+
+
+def _networks(value: object) -> tuple[str, ...]:
+    """`proxy.allowed_networks`: addresses or CIDR networks, normalized."""
+    items = _str_list(value)
+    if not items:
+        raise Invalid("lists no network (leave it out to allow none)")
+    networks = []
+    for i, item in enumerate(items):
+        try:
+            network = ipaddress.ip_network(item.strip())
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise Invalid(
+                    f"{item!r} is not an address or a network like 10.0.0.0/8", f"[{i}]"
+                ) from None
+            raise Invalid(f"{item!r} has host bits set: did you mean {loose}?", f"[{i}]") from None
+        networks.append(str(network))
+    return tuple(networks)
+
+
 def _request_body(value: object) -> int:
     size = _size(value)
     if size == 0:
@@ -544,16 +626,50 @@ REQUEST_BUDGET = Rule(_request_budget, {"type": "integer", "minimum": 1})
 UPSTREAM = Rule(
     _upstream,
     {"type": "string", "pattern": "^https?://[^/?#@]+/?$"},
-    required="required (the scheme and host of the real API)",
 )
 PATH_PREFIXES = Rule(
     _path_prefixes,
     {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": "^/"}},
 )
+UPSTREAMS = Rule(
+    _upstreams,
+    {
+        "type": "object",
+        "minProperties": 1,
+        "propertyNames": {"pattern": NAME_PATTERN},
+        "additionalProperties": {
+            "oneOf": [
+                UPSTREAM.json,
+                {
+                    "type": "object",
+                    "required": ["origin"],
+                    "additionalProperties": False,
+                    "properties": {"origin": UPSTREAM.json, "path_prefixes": PATH_PREFIXES.json},
+                },
+            ]
+        },
+    },
+)
+NETWORKS = Rule(
+    _networks,
+    {
+        "type": "array",
+        "minItems": 1,
+        "items": {"type": "string", "pattern": r"^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$"},
+    },
+)
 REQUEST_BODY = Rule(_request_body, _SIZE_JSON)
 BUFFERED_BODY = Rule(_buffered_body, _SIZE_JSON)
 MAX_CONCURRENT_RULE = Rule(
     _max_concurrent, {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENT}
+)
+REFRESH_STATUSES = Rule(
+    _refresh_statuses,
+    {
+        "type": "array",
+        "uniqueItems": True,
+        "items": {"type": "integer", "minimum": 400, "maximum": 499},
+    },
 )
 SINK_PATH = Rule(_sink_path, {"type": "string", "pattern": "^/"})
 SINK_MODE = Rule(_sink_mode, _OCTAL_JSON)
@@ -679,6 +795,11 @@ def config_schema() -> Schema:
     body = inline(defs[root.__name__])
     apps = body["properties"]["apps"]
     apps.update(minProperties=1, propertyNames={"pattern": NAME_PATTERN})
+    # A proxy names its upstream once, or several by name: one of the two keys, never both.
+    apps["additionalProperties"]["properties"]["proxy"]["oneOf"] = [
+        {"required": ["upstream"]},
+        {"required": ["upstreams"]},
+    ]
     body["properties"]["clients"]["propertyNames"] = {"pattern": NAME_PATTERN}
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",

@@ -62,6 +62,13 @@ class TokenService(Protocol):
         """Refresh now (coalesced, rate-limited), then answer as get_token."""
         ...
 
+    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
+        """The upstream refused `token` (the proxy's `refresh_on_status`): purge it fleet-wide
+        (recorded in the store, refreshed once under the lease) and return the token to retry
+        with, the refused one when no successor came in time. Raises RateLimited when the app's
+        last purge is too recent."""
+        ...
+
     def status(self, app: str) -> AppStatus:
         """The app's state for `GET /v1/apps`."""
         ...

@@ -15,6 +15,7 @@ from tests.support.redis_topologies import RedisCluster, RedisSentinel
 pytest_plugins = [
     "tests.support.oauth_server",
     "tests.support.upstream",
+    "tests.support.twilio_api",
     "tests.support.leftovers",
     "pytester",
 ]

@@ -30,7 +30,7 @@ from yarl import URL
 
 from broker import tracing
 from broker.api.answers import Answer
-from broker.api.auth import ClientAuthenticator, PeerCredentials
+from broker.api.auth import ClientAuthenticator, PeerCredentials, unauthorized_message
 from broker.api.errors import NO_STORE, ApiError, error_response, token_error
 from broker.api.openapi import openapi_document
 from broker.api.proxy import Proxy, Upstreams, check_method
@@ -229,8 +229,7 @@ class _Api:
                 raise ApiError(
                     401,
                     "unauthorized",
-                    "a valid client key is required as 'Authorization: Bearer <key>'"
-                    + (" (or a uid or gid mapped to a client)" if self._peers is not None else ""),
+                    unauthorized_message(authorization, peer_identity=self._peers is not None),
                     {"WWW-Authenticate": 'Bearer realm="token-broker"'},
                 )
         request[CLIENT_LABEL] = client

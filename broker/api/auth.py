@@ -9,9 +9,12 @@ identified by its peer: a client listing the peer's uid, else one listing its gi
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
 import os
+import re
 import socket
 import struct
 import weakref
@@ -27,6 +30,62 @@ log = get_logger(__name__)
 
 # struct ucred: pid_t pid, uid_t uid, gid_t gid.
 _UCRED = struct.Struct("iII")
+
+
+# A Twilio Account SID (AC...) or API key SID (SK...): 34 characters.
+_TWILIO_SID = re.compile(r"^(AC|SK)[0-9a-fA-F]{32}$")
+# An auth-scheme as RFC 9110 writes it (a token), short enough to repeat in a message.
+_SCHEME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,20}$")
+_JWT = re.compile(r"^eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+
+
+def unauthorized_message(authorization: str | None, *, peer_identity: bool) -> str:
+    """The 401's message: what the request carried (never the secret) and what to send instead.
+
+    Old code often still sends the provider's own credentials (Twilio's SID and auth token as
+    HTTP Basic); the caller learns that the broker takes none and what it takes.
+    """
+    send = "send the client key as 'Authorization: Bearer <client key>'" + (
+        " (or no Authorization header at all, from a uid or gid mapped to a client)"
+        if peer_identity
+        else ""
+    )
+    if not authorization or not authorization.strip():
+        return f"a valid client key is required: {send}"
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() == "basic":
+        sid = _twilio_sid_kind(credentials.strip())
+        if sid is not None:
+            return (
+                f"this request carries Twilio credentials (HTTP Basic with {sid} as the user "
+                "name); the broker takes none and holds the app's OAuth credentials itself. "
+                f"Remove the Twilio credentials from the service and {send}"
+            )
+        return (
+            "this request carries HTTP Basic credentials ('Authorization: Basic ...'), which the "
+            f"broker does not take: {send}"
+        )
+    if scheme.lower() == "bearer":
+        if _JWT.match(credentials.strip()):
+            return (
+                "this request carries a JWT as its bearer key: an access token goes to the API, "
+                f"not to the broker (the broker adds the app's own); {send}"
+            )
+        return f"the bearer key is not a configured client key: {send}"
+    shown = f"the '{scheme}' scheme" if _SCHEME.match(scheme) else "a scheme it cannot read"
+    return f"this request carries an Authorization header of {shown}: {send}"
+
+
+def _twilio_sid_kind(credentials: str) -> str | None:
+    """ "an Account SID (AC...)" or "an API key SID (SK...)" when HTTP Basic credentials have
+    one as the user name, else None."""
+    try:
+        user = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")[0]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    if not _TWILIO_SID.match(user):
+        return None
+    return "an Account SID (AC...)" if user.startswith("AC") else "an API key SID (SK...)"
 
 
 def key_digest(key: str) -> bytes:

@@ -26,6 +26,8 @@ _ERROR_CODES = [
     "proxy_busy",
     "upstream_error",
     "upstream_timeout",
+    "unknown_upstream",
+    "egress_refused",
     "dpop_bound",
     "dpop_not_configured",
     "dpop_key_missing",
@@ -88,12 +90,21 @@ _PROXY_RESPONSES = {
         )
     },
     "400": _error("A path with dot segments, encoded slashes, backslashes or an absolute URL."),
-    "401": _error("Missing or wrong client key.", auth=True),
-    "403": _error(
-        "Client not allowed this app (forbidden), a path outside the app's prefixes "
-        "(path_not_allowed), or a non-loopback Host (bad_host)."
+    "401": _error(
+        "Missing or wrong client key; the message says what the request carried instead "
+        "(e.g. HTTP Basic or Twilio credentials, which the broker never takes).",
+        auth=True,
     ),
-    "404": _error("No such app (unknown_app), or the app has no proxy (proxy_not_configured)."),
+    "403": _error(
+        "Client not allowed this app (forbidden), a path outside the upstream's prefixes "
+        "(path_not_allowed), a non-loopback Host (bad_host), or an upstream whose address is "
+        "loopback, link-local, private or reserved and not in allowed_networks "
+        "(egress_refused: nothing was sent)."
+    ),
+    "404": _error(
+        "No such app (unknown_app), the app has no proxy (proxy_not_configured), or no "
+        "upstream of the name in the path's first segment (unknown_upstream)."
+    ),
     "409": _error("The app needs an operator to run `token-broker authorize`."),
     "413": _error("The request body is over the app's max_request_body (payload_too_large)."),
     "502": _error("The upstream could not be reached, or its TLS failed (upstream_error)."),
@@ -114,7 +125,9 @@ _PROXY_OPERATION_BASE = {
         "`Authorization: DPoP <access token>` and a `DPoP` proof of this request, made for it; "
         "a resource server's use_dpop_nonce challenge is answered once with its nonce), and "
         "streams both bodies. "
-        "`path` is the upstream path; it must lie under the app's `path_prefixes`."
+        "`path` is the upstream path; it must lie under the app's `path_prefixes`. For an app "
+        "with several upstreams (`proxy.upstreams`), the path's first segment names the "
+        "upstream: `/v1/proxy/{app}/{upstream}/{path}`, each with its own `path_prefixes`."
     ),
     "parameters": [
         _APP_PARAM,
@@ -122,7 +135,10 @@ _PROXY_OPERATION_BASE = {
             "name": "path",
             "in": "path",
             "required": True,
-            "description": "The upstream path (may contain slashes) and its query string.",
+            "description": (
+                "The upstream path (may contain slashes) and its query string; for an app with "
+                "several upstreams, preceded by the upstream's name."
+            ),
             "schema": {"type": "string"},
         },
     ],

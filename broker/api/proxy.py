@@ -1,17 +1,25 @@
 """The injecting proxy: `/v1/proxy/{app}/{path}` forwarded to the app's fixed upstream.
 
+An app with several upstreams (`proxy.upstreams`) names one in the path's first segment:
+`/v1/proxy/{app}/{upstream}/{path}`, so an SDK that talks to several hosts needs only one base
+URL per host. All of an app's upstreams use its one token; each has its own connection pool.
+
 The caller writes no token code. The broker checks the path against the app's allowed prefixes,
 takes a servable token (or fails closed: 503 / 409, nothing forwarded), removes the caller's
 credentials and hop-by-hop headers, adds `Authorization: Bearer <access token>` (for a DPoP-bound
 token `Authorization: DPoP <access token>` and a fresh proof of this request, broker/dpop.py) and
 streams the request and the answer. A resource server's DPoP nonce challenge is answered once,
-with its nonce. On an upstream 401 for a body it can replay it forces one refresh (coalesced and
-rate-limited by the token service) and retries once; any other answer, a second 401 included,
-goes back unchanged. Redirects are passed back, never followed.
+with its nonce. On an upstream 401 (or another status of `refresh_on_status`) for a body it can
+replay it reports the token refused (a fleet-wide purge: recorded in the store, one refresh for
+the fleet, rate-limited per app) and retries once with its successor; any other answer, a
+second 401 included, goes back unchanged. Redirects are passed back, never followed.
 
 The upstream origin comes only from the config: the caller supplies a path, which is validated
 on its raw form, so no `..`, encoded slash, backslash, absolute URL or `@` can change the host or
-leave the allowed prefixes. Nothing is logged per request; the token is never logged.
+leave the allowed prefixes. Every connection's address passes the egress guard
+(broker/egress.py) right before it is connected: no loopback, link-local or private address
+unless the app's `allowed_networks` holds it. Nothing is logged per request; the token is never
+logged.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from broker import tracing
+from broker import egress, tracing
 from broker.api.errors import ApiError, token_error
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
@@ -96,14 +104,17 @@ def check_method(method: str) -> None:
 # ---- the path a caller may reach -------------------------------------------------------------
 
 
-def upstream_target(raw_path: str, app: str, prefixes: tuple[str, ...]) -> tuple[str, str]:
+def upstream_target(
+    raw_path: str, app: str, prefixes: tuple[str, ...], upstream: str | None = None
+) -> tuple[str, str]:
     """The (still percent-encoded) path and query to request upstream, from the raw target.
 
     Raises ApiError 400 for a target that is not a plain origin-form path under
-    `/v1/proxy/{app}/`, and 403 `path_not_allowed` for a path outside `prefixes`.
+    `/v1/proxy/{app}/` (`/v1/proxy/{app}/{upstream}/` for a named upstream), and 403
+    `path_not_allowed` for a path outside `prefixes`.
     """
     path, _, query = raw_path.partition("?")
-    base = f"{PROXY_PREFIX}{app}/"
+    base = f"{PROXY_PREFIX}{app}/" if upstream is None else f"{PROXY_PREFIX}{app}/{upstream}/"
     if not path.startswith(base):
         raise ApiError(400, "bad_request", f"the request target must be {base}<path>")
     tail = "/" + path[len(base) :]
@@ -120,7 +131,8 @@ def upstream_target(raw_path: str, app: str, prefixes: tuple[str, ...]) -> tuple
     if any(ord(c) < 32 or ord(c) == 127 for c in decoded):
         raise ApiError(400, "bad_request", "control characters are refused in the path")
     if not any(path_allowed(decoded, prefix) for prefix in prefixes):
-        raise ApiError(403, "path_not_allowed", f"this path is not open through app {app}")
+        through = f"app {app}" if upstream is None else f"app {app}'s upstream {upstream}"
+        raise ApiError(403, "path_not_allowed", f"this path is not open through {through}")
     return tail, query
 
 
@@ -175,12 +187,18 @@ def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 @dataclass
 class Upstream:
-    """One app's upstream: its config, its own connection pool and its concurrency limit."""
+    """One upstream of an app: its config, its own connection pool and its concurrency limit.
+
+    `name` is its key under `proxy.upstreams` (None for the single `proxy.upstream`).
+    """
 
     spec: ProxySpec
     session: aiohttp.ClientSession
     origin: URL
     slots: asyncio.Semaphore
+    app: str = ""
+    name: str | None = None
+    path_prefixes: tuple[str, ...] = ("/",)
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -205,11 +223,32 @@ class Upstream:
         await self.session.close()
 
 
-def open_upstream(spec: ProxySpec) -> Upstream:
-    """A connection pool to `spec.upstream`: TLS verified (with `ca_file` if given)."""
+def open_upstreams(app: str, spec: ProxySpec) -> dict[str | None, Upstream]:
+    """The app's pools: one per upstream, by name (None: the single `upstream`)."""
+    if spec.upstream is not None:
+        return {None: open_upstream(app, spec, spec.upstream)}
+    return {
+        u.name: open_upstream(app, spec, u.origin, u.name, u.path_prefixes) for u in spec.upstreams
+    }
+
+
+def open_upstream(
+    app: str,
+    spec: ProxySpec,
+    origin: str,
+    name: str | None = None,
+    path_prefixes: tuple[str, ...] | None = None,
+) -> Upstream:
+    """A connection pool to `origin`: TLS verified (with `ca_file` if given), every address
+    it connects to checked by the egress guard."""
     context = ssl.create_default_context(cafile=str(spec.ca_file) if spec.ca_file else None)
+    connector = aiohttp.TCPConnector(
+        limit=spec.max_concurrent,
+        ssl=context,
+        socket_factory=egress.guarded_socket(egress.parse_networks(spec.allowed_networks)),
+    )
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=spec.max_concurrent, ssl=context),
+        connector=connector,
         timeout=aiohttp.ClientTimeout(
             total=None, connect=spec.connect_timeout, sock_read=spec.read_timeout
         ),
@@ -227,36 +266,63 @@ def open_upstream(spec: ProxySpec) -> Upstream:
     return Upstream(
         spec=spec,
         session=session,
-        origin=URL(spec.upstream),
+        origin=URL(origin),
         slots=asyncio.Semaphore(spec.max_concurrent),
+        app=app,
+        name=name,
+        path_prefixes=path_prefixes or spec.path_prefixes,
     )
 
 
 class Upstreams:
-    """Every app's upstream pool. The composition root owns it and closes it."""
+    """Every app's upstream pools. The composition root owns it and closes it."""
 
     def __init__(self) -> None:
-        self._by_app: dict[str, Upstream] = {}
+        self._by_app: dict[str, dict[str | None, Upstream]] = {}
 
-    def get(self, app: str) -> Upstream | None:
-        """The app's upstream, or None when the app has no proxy."""
-        return self._by_app.get(app)
+    def select(self, app: str, raw_path: str) -> Upstream:
+        """The upstream a request to `raw_path` goes to: the app's only one, or the one the
+        path's first segment names. Raises ApiError 404 when the app has no proxy, or no
+        upstream of that name."""
+        pools = self._by_app.get(app)
+        if pools is None:
+            raise ApiError(404, "proxy_not_configured", f"app {app} has no proxy configured")
+        single = pools.get(None)
+        if single is not None:
+            return single
+        base = f"{PROXY_PREFIX}{app}/"
+        if not raw_path.startswith(base):
+            raise ApiError(
+                400, "bad_request", f"the request target must be {base}<upstream>/<path>"
+            )
+        name = raw_path[len(base) :].partition("?")[0].partition("/")[0]
+        upstream = pools.get(name)
+        if upstream is None:
+            shown = repr(name[:64] + ("..." if len(name) > 64 else ""))
+            raise ApiError(
+                404,
+                "unknown_upstream",
+                f"app {app} has no upstream named {shown}; its upstreams are "
+                f"{', '.join(sorted(n for n in pools if n))}, reached at {base}<upstream>/<path>",
+            )
+        return upstream
 
     def update(self, apps: Mapping[str, AppSpec]) -> list[Upstream]:
         """Open pools for new or changed proxies; returns the retired ones (to close)."""
-        retired = []
-        for name, upstream in list(self._by_app.items()):
+        retired: list[Upstream] = []
+        for name, pools in list(self._by_app.items()):
             spec = apps[name].proxy if name in apps else None
-            if spec != upstream.spec:
-                retired.append(self._by_app.pop(name))
+            if any(spec != upstream.spec for upstream in pools.values()):
+                retired.extend(self._by_app.pop(name).values())
         for name, app in apps.items():
             if app.proxy is not None and name not in self._by_app:
-                self._by_app[name] = open_upstream(app.proxy)
+                self._by_app[name] = open_upstreams(name, app.proxy)
         return retired
 
     async def close(self, grace: float) -> None:
         """Close every pool (shutdown)."""
-        upstreams, self._by_app = list(self._by_app.values()), {}
+        upstreams = [u for pools in self._by_app.values() for u in pools.values()]
+        self._by_app = {}
         await asyncio.gather(*(u.close(grace) for u in upstreams))
 
 
@@ -293,9 +359,7 @@ class Proxy:
 
     async def forward(self, request: web.BaseRequest, app: str) -> web.StreamResponse:
         """Answer `request` (already authenticated and allowed `app`) through the upstream."""
-        upstream = self.upstreams.get(app)
-        if upstream is None:
-            raise ApiError(404, "proxy_not_configured", f"app {app} has no proxy configured")
+        upstream = self.upstreams.select(app, request.raw_path)
         started = time.perf_counter()
         status = 500
         upstream.enter()
@@ -337,7 +401,7 @@ class Proxy:
         self, request: web.BaseRequest, app: str, upstream: Upstream
     ) -> web.StreamResponse:
         spec = upstream.spec
-        path, query = upstream_target(request.raw_path, app, spec.path_prefixes)
+        path, query = upstream_target(request.raw_path, app, upstream.path_prefixes, upstream.name)
         # The origin is the configured one; the caller's part is only the checked path.
         url = URL.build(
             scheme=upstream.origin.scheme,
@@ -363,13 +427,13 @@ class Proxy:
                 {"Retry-After": "1"},
             ) from None
         try:
-            answer = await self._send(upstream, request, url, token, body, app=app)
+            answer = await self._send(upstream, request, url, token, body)
             if self._dpop_challenge(app, url, answer) and body.replayable:
                 # A resource server's nonce challenge (RFC 9449 §9): once more, with its nonce.
                 self.metrics.dpop_nonce_retries.labels(app=app, server="resource_server").inc()
                 answer.release()
-                answer = await self._send(upstream, request, url, token, body, app=app)
-            if answer.status == 401 and spec.retry_on_401:
+                answer = await self._send(upstream, request, url, token, body)
+            if spec.retry_on_401 and answer.status in spec.refresh_on_status:
                 answer = await self._after_401(
                     upstream=upstream,
                     request=request,
@@ -406,14 +470,15 @@ class Proxy:
         body: _Body,
         answer: aiohttp.ClientResponse,
     ) -> aiohttp.ClientResponse:
-        """One forced refresh and one retry; otherwise the upstream's 401 goes back as it is."""
+        """The token reported refused (one purge for the fleet) and one retry with its
+        successor; otherwise the upstream's answer goes back as it is."""
         retries = self.metrics.proxy_retries_total
         if not body.replayable:
             retries.labels(app, "not_replayable").inc()
             return answer
         try:
             with tracing.span("token_broker.token_fetch", app=app, forced=True):
-                fresh = await self.service.force_refresh(app)
+                fresh = await self.service.token_refused(app, token)
         except RateLimited:
             # The refresh guard protects the authorization server; the caller sees the truth.
             retries.labels(app, "rate_limited").inc()
@@ -423,12 +488,13 @@ class Proxy:
             retries.labels(app, "refresh_failed").inc()
             raise token_error(exc, app, self.service.status(app).last_error) from None
         if fresh.access_token == token.access_token:
-            # A token younger than 5 s is not replaced (the refresh guard): retrying is futile.
+            # No successor came in time (or, the store down, a token younger than 5 s is not
+            # replaced): retrying is futile.
             retries.labels(app, "token_unchanged").inc()
             return answer
         answer.release()
         retries.labels(app, "unauthorized").inc()
-        return await self._send(upstream, request, url, fresh, body, app=app)
+        return await self._send(upstream, request, url, fresh, body)
 
     async def _send(
         self,
@@ -437,12 +503,10 @@ class Proxy:
         url: URL,
         token: TokenSet,
         body: _Body,
-        *,
-        app: str,
     ) -> aiohttp.ClientResponse:
         """One request upstream; errors before an answer become 502 / 504 / 413 JSON errors."""
         headers = request_headers(request.headers, token)
-        headers.update(self._auth_headers(app, request.method, url, token))
+        headers.update(self._auth_headers(upstream.app, request.method, url, token))
         if body.length is not None:
             headers["Content-Length"] = str(body.length)
         try:
@@ -468,10 +532,26 @@ class Proxy:
             raise ApiError(
                 502, "upstream_error", "TLS with the upstream failed (is its certificate trusted?)"
             ) from None
-        except (aiohttp.ClientError, OSError, ValueError):
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             if body.too_large:
                 raise _too_large(upstream.spec) from None
+            refused = getattr(exc, "os_error", None)
+            if isinstance(refused, egress.EgressRefused):
+                raise self._egress_refused(upstream, refused) from None
             raise ApiError(502, "upstream_error", "the upstream could not be reached") from None
+
+    def _egress_refused(self, upstream: Upstream, refused: egress.EgressRefused) -> ApiError:
+        """The 403 for an upstream whose address the egress guard refused, counted."""
+        self.metrics.proxy_egress_refused_total.labels(upstream.app, refused.reason).inc()
+        host = upstream.origin.host or ""
+        return ApiError(
+            403,
+            "egress_refused",
+            f"the upstream {host} is at {refused.address}, "
+            f"{egress.DESCRIBED[refused.reason]}: nothing was sent. The proxy reaches loopback, "
+            f"link-local and private addresses only when apps.{upstream.app}.proxy."
+            "allowed_networks lists them",
+        )
 
     # ---- the DPoP hook (broker/dpop.py) ----------------------------------------------------
 

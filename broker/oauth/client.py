@@ -17,7 +17,7 @@ from broker.credentials import Credentials
 from broker.errors import PermanentTokenError, TokenEndpointError, TransientTokenError
 from broker.logs import get_logger
 from broker.metrics import Metrics
-from broker.model import AppSpec, ClientAuth, TokenSet
+from broker.model import AppSpec, AssertionType, ClientAuth, TokenSet
 from broker.oauth.parse import parse_token_response
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ log = get_logger(__name__)
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME = 60
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 # Seconds the transport's own timeout of a refresh-token request trails `refresh.read_timeout`.
 REFRESH_BACKSTOP = 5.0
 
@@ -197,11 +198,14 @@ class OAuthClient:
         """POST the form; the answer parsed (TokenEndpointError for a failure)."""
         sent_at = self._clock.time()
         app = self.spec.name
+        # tls_client_auth: the client certificate's context (None: the session's default).
+        tls = self.credentials.tls_context()
         try:
             async with self._session.post(
                 self.spec.token_url,
                 data=body,
                 headers=headers,
+                ssl=tls if tls is not None else True,
                 timeout=(self._refresh_timeout if grant_type == "refresh_token" else self._timeout),
                 allow_redirects=False,
             ) as response:
@@ -262,6 +266,22 @@ class OAuthClient:
             form["client_assertion_type"] = ASSERTION_TYPE
             form["client_assertion"] = self._assertion(client_id)
             return
+        if method is ClientAuth.CLIENT_ASSERTION:
+            assertion = self.credentials.client_assertion(self._clock.time())
+            if self.spec.assertion_type is AssertionType.TOKEN_EXCHANGE:
+                _exchange(form, assertion)
+                return
+            # The platform's JWT as it is (RFC 7523 §2.2); its client_id is optional, sent when
+            # configured (Entra and Okta want it beside the assertion).
+            if client_id:
+                form["client_id"] = client_id
+            form["client_assertion_type"] = self.spec.assertion_type.urn
+            form["client_assertion"] = assertion
+            return
+        if method is ClientAuth.TLS_CLIENT_AUTH:
+            # RFC 8705 §2: the certificate authenticates; the form names the client.
+            form["client_id"] = client_id
+            return
         secret = (
             self.credentials.previous_secret() if previous else self.credentials.client_secret()
         )
@@ -302,3 +322,19 @@ class OAuthClient:
         }
         headers = {"kid": self.spec.private_key_id} if self.spec.private_key_id else None
         return jwt.encode(claims, key, algorithm=algorithm, headers=headers)
+
+
+def _exchange(form: dict[str, str], subject_token: str) -> None:
+    """Turn a client-credentials request into an RFC 8693 exchange of the platform's JWT.
+
+    The JWT is the subject; the request carries no client authentication (Google STS).
+    """
+    if form.get("grant_type") != "client_credentials":
+        raise PermanentTokenError(
+            "assertion_type token-exchange works with grant_type client_credentials only",
+            error="config",
+        )
+    form["grant_type"] = TOKEN_EXCHANGE
+    form["subject_token"] = subject_token
+    form["subject_token_type"] = "urn:ietf:params:oauth:token-type:jwt"
+    form.setdefault("requested_token_type", "urn:ietf:params:oauth:token-type:access_token")

@@ -28,6 +28,18 @@ HEARTBEAT = "heartbeat"
 # another's grant waits for that holder's notice instead of asking for the lease itself.
 LEASE = "lease"
 RELEASE = "release"
+# The kind of the notice of an access token the upstream refused (`TokenStore.refuse_token`):
+# `access_fp` names it, and every replica still holding it treats it as due now (issue 22).
+REFUSED = "refused"
+
+
+class Refusal(enum.StrEnum):
+    """The answer to `refuse_token`."""
+
+    RECORDED = "recorded"  # the stored set is the refused one: recorded and announced
+    ALREADY = "already"  # another replica reported this token first: its purge is under way
+    STALE = "stale"  # the stored set is another (newer) one, or none: nothing to purge
+    LIMITED = "limited"  # another token of the app was purged less than `interval` ago
 
 
 def client_binding(spec: AppSpec, client_id: str | None) -> str:
@@ -130,7 +142,9 @@ class Notice:
     `protocol` is the fleet protocol version of the replica that made the change (absent on
     the wire: 1). "lease" (LEASE) says `owner` was granted the lease for `ttl` seconds,
     "release" (RELEASE) that it gave the lease back: advisory, for scheduling only (a release
-    before them ignores both kinds).
+    before them ignores both kinds). "refused" (REFUSED) says the upstream refused the access
+    token whose fingerprint is `access_fp`, the stored set's when it was recorded: a replica
+    that still holds it refreshes now (under the lease, as always).
 
     A "token" notice carries the committed set itself, so a replica adopts it without reading
     the store (one read per replica per refresh made a refresh cost O(replicas) commands):
@@ -148,6 +162,7 @@ class Notice:
     retry_aborted: bool = False
     protocol: int = PROTOCOL_VERSION
     ttl: float = 0.0
+    access_fp: str | None = None
     blob: str | None = field(default=None, repr=False, compare=False)
     token: TokenSet | None = field(default=None, repr=False, compare=False)
 
@@ -166,6 +181,7 @@ class Notice:
                 "ra": int(self.retry_aborted),
                 "pv": self.protocol,
                 **({"ttl": round(self.ttl * 1000)} if self.ttl else {}),
+                **({"afp": self.access_fp} if self.access_fp is not None else {}),
                 **({"blob": self.blob} if self.blob is not None else {}),
             },
             separators=(",", ":"),
@@ -187,6 +203,7 @@ class Notice:
                 retry_aborted=bool(raw.get("ra")),
                 protocol=int(raw.get("pv") or 1),
                 ttl=max(0.0, float(raw.get("ttl") or 0) / 1000),
+                access_fp=str(raw["afp"]) if raw.get("afp") else None,
                 blob=raw["blob"] if isinstance(raw.get("blob"), str) else None,
             )
         except (ValueError, TypeError, KeyError, AttributeError):
@@ -312,6 +329,18 @@ class TokenStore(Protocol):
         (announced: with an abort notice in that owner's name; already sent: silently), and
         removes the record such a retry restored when it aborted (with an abort notice), and a
         vetoed record that names that spend as the one it protects (with an abort notice).
+        """
+        ...
+
+    async def refuse_token(self, app: str, access_fp: str, *, interval: float) -> Refusal:
+        """Record that the upstream refused the access token whose fingerprint is `access_fp`.
+
+        A compare-and-set on the stored set: only while the stored set's access token is that
+        one (STALE otherwise, so a 401 for an old token never purges a newer one). At most one
+        refusal per app per `interval` seconds (the store's clock): the same token again is
+        ALREADY, another token LIMITED. A RECORDED refusal publishes a REFUSED notice naming
+        `access_fp`; the set itself stays stored (a rotating grant's refresh token is spent by
+        the fleet protocol, never dropped).
         """
         ...
 

@@ -21,10 +21,12 @@ from broker.store import (
     FAILURE_RETENTION,
     HEARTBEAT,
     LEASE,
+    REFUSED,
     RELEASE,
     Commit,
     Lease,
     Notice,
+    Refusal,
     SpendEnd,
     SpendRecord,
     SpendStart,
@@ -58,6 +60,8 @@ class MemoryState:
     leases: dict[str, tuple[str, int, float, int]] = field(default_factory=dict)
     fences: dict[str, int] = field(default_factory=dict)
     spends: dict[str, _Spend] = field(default_factory=dict)
+    # app → (the refused access token's fingerprint, until when on the monotonic clock)
+    refused: dict[str, tuple[str, float]] = field(default_factory=dict)
 
 
 class MemoryStore:
@@ -349,6 +353,20 @@ class MemoryStore:
             del self.state.spends[app]
             return True
         return False
+
+    async def refuse_token(self, app: str, access_fp: str, *, interval: float) -> Refusal:
+        """Record a refusal of the stored set's access token (see TokenStore.refuse_token)."""
+        self._check()
+        current = self.state.tokens.get(app)
+        if current is None or current.fingerprint != access_fp:
+            return Refusal.STALE
+        now = self._clock.monotonic()
+        held = self.state.refused.get(app)
+        if held is not None and held[1] > now:
+            return Refusal.ALREADY if held[0] == access_fp else Refusal.LIMITED
+        self.state.refused[app] = (access_fp, now + interval)
+        self._publish(Notice(app, REFUSED, access_fp=access_fp, protocol=self.protocol))
+        return Refusal.RECORDED
 
     async def updates(self) -> AsyncIterator[Notice]:
         """Notices of commits and spends, as they happen."""

@@ -47,6 +47,7 @@ from broker.store import (
     Commit,
     Lease,
     Notice,
+    Refusal,
     SpendEnd,
     SpendRecord,
     SpendStart,
@@ -257,6 +258,22 @@ redis.call('PUBLISH', ARGV[6], cjson.encode({app=ARGV[7], kind='token', version=
 return 'moved'
 """
 
+# KEYS: token, refused. ARGV: access fp, interval ms, channel, app. A compare-and-set on the
+# stored set's `fp`: a refusal of an access token that is no longer stored purges nothing. The
+# refused key (the fingerprint, lapsing after the interval) limits purges to one per interval.
+_REFUSE = """
+if redis.call('HGET', KEYS[1], 'fp') ~= ARGV[1] then return 'stale' end
+local held = redis.call('GET', KEYS[2])
+if held then
+  if held == ARGV[1] then return 'already' end
+  return 'limited'
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='refused', afp=ARGV[1],
+  pv=__PV__}))
+return 'recorded'
+"""
+
 
 def _versioned(script: str) -> str:
     """A script with this release's protocol version in what it writes and publishes."""
@@ -336,6 +353,7 @@ class RedisStore:
         self._record_failure = client.register_script(_RECORD_FAILURE)
         self._take_budget = client.register_script(_TAKE_BUDGET)
         self._move_legacy = client.register_script(_versioned(_MOVE_LEGACY))
+        self._refuse = client.register_script(_versioned(_REFUSE))
         self.channel = f"{key_prefix}:updates"
 
     def token_key(self, app: str) -> str:
@@ -353,6 +371,10 @@ class RedisStore:
     def spend_key(self, app: str) -> str:
         """The Redis key of an app's spend record."""
         return f"{self._prefix}:{{{app}}}:spend"
+
+    def refused_key(self, app: str) -> str:
+        """The Redis key of an app's last refused access token (lapsing after the interval)."""
+        return f"{self._prefix}:{{{app}}}:refused"
 
     def failure_key(self, app: str) -> str:
         """The Redis key of an app's shared failure record."""
@@ -701,6 +723,17 @@ class RedisStore:
                 keys=[self.spend_key(app)], args=[fence, outcome.value, self.channel, app, owner]
             ),
         )
+
+    async def refuse_token(self, app: str, access_fp: str, *, interval: float) -> Refusal:
+        """Record a refusal of the stored set's access token, in one script (the CAS)."""
+        answer = await self._call(
+            "refuse",
+            lambda: self._refuse(
+                keys=[self.token_key(app), self.refused_key(app)],
+                args=[access_fp, max(1, int(interval * 1000)), self.channel, app],
+            ),
+        )
+        return Refusal(_text(answer))
 
     async def updates(self) -> AsyncIterator[Notice]:
         """Notices published by any replica's writes; raises StoreUnavailable on disconnect."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from broker import tracing
 from broker.model import FailureRecord, TokenSet
-from broker.store import Commit, Lease, SpendEnd, SpendStart, TokenStore
+from broker.store import Commit, Lease, Refusal, SpendEnd, SpendStart, TokenStore
 
 
 class TracedStore:
@@ -33,6 +33,12 @@ class TracedStore:
         else:
             tracing.event("lease.busy", busy_for_s=round(lease.busy_for, 3))
         return lease
+
+    async def refuse_token(self, app: str, access_fp: str, *, interval: float) -> Refusal:
+        """The refusal of an access token, noted as `token.refused` with the store's answer."""
+        answer = await self.inner.refuse_token(app, access_fp, interval=interval)
+        tracing.event("token.refused", answer=answer.value)
+        return answer
 
     async def begin_spend(
         self,

@@ -968,8 +968,11 @@ class TestDashboard:
             for m in re.findall(r"token_broker_[a-z_]+", e)
         }
         known = contract_metrics()
-        # token_broker_next_refresh_timestamp_seconds, token_broker_app_ready (issue 24)
-        assert len(known) == 25
+        # token_broker_next_refresh_timestamp_seconds, token_broker_app_ready (issue 24),
+        # token_broker_token_refused_total, token_broker_proxy_egress_refused_total (issue 22),
+        # token_broker_dpop_proofs_total, _dpop_nonce_retries_total, _dpop_unbound_tokens_total
+        # (issue 23)
+        assert len(known) == 30
         assert used <= known, used - known
         assert {
             "token_broker_token_expiry_timestamp_seconds",
@@ -1123,3 +1126,136 @@ def chart_config(root: Path, values: dict[str, Any] | None = None) -> Path:
     secrets = [d for d in docs if d["kind"] == "Secret"]
     pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     return materialize(configmap["data"]["config.yaml"], secrets, pod_mounts(pod), root)
+
+
+# Workload identity (issue 23): an Entra-style federated app on the pod's projected token, and
+# an mTLS app whose certificate is the app Secret's tls.crt and tls.key.
+FEDERATED: dict[str, Any] = {
+    "serviceAccountToken": {
+        "enabled": True,
+        "audience": "api://AzureADTokenExchange",
+        "expirationSeconds": 3600,
+    },
+    "config": {
+        "apps": {
+            "entra": {
+                "token_url": "https://login.microsoftonline.com/tenant-id/oauth2/v2.0/token",
+                "client_id": "00000000-0000-0000-0000-000000000001",
+                "client_auth": "client_assertion",
+                "scopes": ["https://graph.microsoft.com/.default"],
+            }
+        },
+        "clients": {"billing": {"apps": ["twilio", "entra"]}},
+    },
+}
+
+
+class TestWorkloadIdentityChart:
+    def test_the_projected_token_is_mounted_and_named_in_the_config(self, tmp_path: Path) -> None:
+        """The projected volume has the audience and expiry; the sidecar mounts it; the
+        federated app's assertion_file is its path, with no secret and no app Secret."""
+        import helm_python as helm
+
+        report = helm.lint(
+            str(CHART),
+            _merge(yaml.safe_load((CHART / "values.yaml").read_text()), FEDERATED),
+            strict=True,
+        )
+        assert report["errors"] == [], report
+        docs = chart_docs(with_example(FEDERATED))
+        validate(docs, tmp_path)
+        pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        check_pod(pod)
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        source = volumes["token-broker-sa-token"]["projected"]["sources"][0]
+        assert source["serviceAccountToken"] == {
+            "audience": "api://AzureADTokenExchange",
+            "expirationSeconds": 3600,
+            "path": "token",
+        }
+        assert "token-broker-app-entra" not in volumes
+        sidecar = next(c for c in pod["initContainers"] if c["name"] == "token-broker")
+        mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
+        assert (
+            mounts["token-broker-sa-token"]["mountPath"] == "/var/run/secrets/token-broker/sa-token"
+        )
+        assert mounts["token-broker-sa-token"]["readOnly"] is True
+        configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+        app = yaml.safe_load(configmap["data"]["config.yaml"])["apps"]["entra"]
+        assert app["assertion_file"] == "/var/run/secrets/token-broker/sa-token/token"
+        assert "client_secret_file" not in app
+        out = check_config(chart_config(tmp_path / "mounted", FEDERATED))
+        assert out.returncode == 0, out.stderr
+        assert "entra: client_credentials, client_assertion" in out.stdout
+
+    def test_a_token_exchange_app_needs_no_client_id_and_no_secret(self, tmp_path: Path) -> None:
+        """Google STS's form: no client_id, so no client_id_file and no app Secret."""
+        gcp = {
+            "token_url": "https://sts.googleapis.com/v1/token",
+            "client_auth": "client_assertion",
+            "assertion_type": "token-exchange",
+            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k8s",
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+        }
+        values = _merge(
+            FEDERATED,
+            {"config": {"apps": {"gcp": gcp}, "clients": {"billing": {"apps": ["twilio", "gcp"]}}}},
+        )
+        docs = chart_docs(with_example(values))
+        pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        assert "token-broker-app-gcp" not in {v["name"] for v in pod["volumes"]}
+        config = chart_config(tmp_path, values)
+        app = yaml.safe_load(config.read_text())["apps"]["gcp"]
+        assert not {"client_id", "client_id_file", "client_secret_file"} & set(app)
+        out = check_config(config)
+        assert out.returncode == 0, out.stderr
+
+    def test_client_assertion_without_a_token_source_is_refused(self) -> None:
+        """No assertion_file and no projected token: the render fails and says what to set."""
+        import helm_python as helm
+
+        values = _merge(FEDERATED, {"serviceAccountToken": {"enabled": False}})
+        with pytest.raises(helm.HelmError, match=r"serviceAccountToken\.enabled"):
+            render_chart(values)
+        values = _merge(FEDERATED, {"serviceAccountToken": {"audience": ""}})
+        with pytest.raises(helm.HelmError, match=r"serviceAccountToken\.audience"):
+            render_chart(with_example(values))
+
+    def test_the_schema_refuses_a_token_below_the_kubelets_floor(self) -> None:
+        """expirationSeconds below 600 is refused by helm lint (the API server would be too)."""
+        import helm_python as helm
+
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        values["serviceAccountToken"] = {
+            **FEDERATED["serviceAccountToken"],
+            "expirationSeconds": 60,
+        }
+        report = helm.lint(str(CHART), values, strict=True)
+        assert "expirationSeconds" in json.dumps(report["errors"])
+
+    def test_tls_client_auth_reads_the_apps_tls_secret(self, tmp_path: Path) -> None:
+        """tls_client_auth takes tls.crt and tls.key from the app Secret; check-config loads them."""
+        from tests.support.workload_identity import TestCA
+
+        cert, key = TestCA().issue("broker")
+        values = {
+            "config": {
+                "apps": {
+                    "mtls": {
+                        "token_url": "https://idp.example.com/token",
+                        "client_id": "mtls-client",
+                        "client_auth": "tls_client_auth",
+                    }
+                },
+                "clients": {"billing": {"apps": ["twilio", "mtls"]}},
+            },
+            "secrets": {"apps": {"mtls": {"tls.crt": cert.decode(), "tls.key": key.decode()}}},
+        }
+        config = chart_config(tmp_path, values)
+        app = yaml.safe_load(config.read_text())["apps"]["mtls"]
+        assert app["tls_client_cert_file"].endswith("/etc/token-broker/apps/mtls/tls.crt")
+        assert app["tls_client_key_file"].endswith("/etc/token-broker/apps/mtls/tls.key")
+        assert "client_secret_file" not in app
+        out = check_config(config)
+        assert out.returncode == 0, out.stderr
+        assert key.decode().splitlines()[1] not in out.stdout + out.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from pathlib import Path
@@ -14,38 +13,13 @@ import pytest
 import yaml
 
 from tests.support.broker_process import CLIENT_KEY, BrokerFiles, BrokerProcess
+from tests.support.mounted_secret import MountedSecret
 from tests.support.oauth_server import OAuthTestServer
 
 pytestmark = pytest.mark.integration
 
 OLD = "old-secret-0123456789-abcdefghijkl"
 NEW = "new-secret-0123456789-mnopqrstuvwx"
-
-
-class MountedSecret:
-    """A directory laid out like a Kubernetes Secret volume: files are links through `..data`."""
-
-    def __init__(self, root: Path, files: dict[str, str]) -> None:
-        self.root = root
-        root.mkdir(parents=True)
-        self._generation = 0
-        self._write(files)
-        for name in files:
-            (root / name).symlink_to(f"..data/{name}")
-
-    def _write(self, files: dict[str, str]) -> None:
-        self._generation += 1
-        target = self.root / f"..2026_11_22_{self._generation:02d}"
-        target.mkdir()
-        for name, value in files.items():
-            (target / name).write_text(value)
-        tmp = self.root / "..data_tmp"
-        tmp.symlink_to(target.name)
-        os.replace(tmp, self.root / "..data")  # atomic, as the kubelet does
-
-    def swap(self, files: dict[str, str]) -> None:
-        """Publish a new version of the Secret."""
-        self._write(files)
 
 
 async def hammer(files: BrokerFiles, stop: asyncio.Event) -> list[int]:

@@ -77,7 +77,11 @@ def dpop_files(
         **ac_app(oauth, at_fraction=0.5),
         "dpop": True,
         "dpop_key_file": "dpop.pem",
-        "proxy": {"upstream": resource.base_url, "read_timeout": "5s"},
+        "proxy": {
+            "upstream": resource.base_url,
+            "read_timeout": "5s",
+            "allowed_networks": ["127.0.0.0/8"],
+        },
     }
     files = BrokerFiles(
         directory=root, token_url=oauth.token_url, store_url=redis_server.url, apps={"app1": app}
@@ -334,7 +338,11 @@ class TestDpopFleet:
             **ac_app(oauth_server, at_fraction=0.5),
             "dpop": True,
             "dpop_key_file": str(key_file),
-            "proxy": {"upstream": resource_server.base_url, "read_timeout": "5s"},
+            "proxy": {
+                "upstream": resource_server.base_url,
+                "read_timeout": "5s",
+                "allowed_networks": ["127.0.0.0/8"],
+            },
         }
         fleet = Fleet(tmp_path, oauth_server.token_url, redis_server.url, 3, apps={"app1": app})
         await authorize_via_code(fleet.replicas[0].files.directory / "config.yaml", oauth_server)

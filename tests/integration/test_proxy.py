@@ -35,6 +35,8 @@ pytestmark = pytest.mark.integration
 
 OTHER_KEY = "o" * 20 + "-key-of-a-client-without-app1"
 MIB = 1024 * 1024
+# The test upstreams listen on loopback, which the egress guard refuses unless allowed.
+LOOPBACK = ["127.0.0.0/8"]
 
 
 def proxy_config(
@@ -61,6 +63,7 @@ def proxy_config(
             "connect_timeout": "2s",
             "read_timeout": "1s",
             "max_buffered_body": "64KiB",
+            "allowed_networks": LOOPBACK,
             **proxy,
         },
     }
@@ -72,7 +75,7 @@ def proxy_config(
         "redirect_uri": "http://127.0.0.1/callback",
         "client_id": oauth.client_id,
         "client_secret_file": "client_secret",
-        "proxy": {"upstream": upstream.url, "ca_file": str(ca_file)},
+        "proxy": {"upstream": upstream.url, "ca_file": str(ca_file), "allowed_networks": LOOPBACK},
     }
     files = BrokerFiles(
         directory=tmp_path / "broker",

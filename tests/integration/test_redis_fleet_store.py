@@ -13,8 +13,8 @@ from broker.clock import SystemClock
 from broker.errors import StoreUnavailable
 from broker.fleetclock import FleetClock
 from broker.metrics import Metrics
-from broker.model import FailureRecord
-from broker.store import BUDGET_WINDOW, FAILURE_RETENTION
+from broker.model import FailureRecord, TokenSet
+from broker.store import BUDGET_WINDOW, FAILURE_RETENTION, Refusal
 from broker.store.crypto import Keyring
 from broker.store.redis_store import RedisStore, redis_client
 from tests.support.redis_server import RedisServer
@@ -180,6 +180,24 @@ class TestBudget:
         """A budget of 0 is a programming error, not a silent refusal of everything."""
         with pytest.raises(ValueError, match="at least 1"):
             await store.take_budget("app1", 0, 0.0)
+
+
+class TestRefusedToken:
+    async def test_the_refused_key_holds_a_fingerprint_and_lapses(
+        self, store: RedisStore, raw: aioredis.Redis
+    ) -> None:
+        """Issue 22: the refusal is kept as the access token's fingerprint (no token in Redis's
+        plaintext), lapsing after the interval on Redis's clock (no garbage left)."""
+        token = TokenSet("access-refused-secret-value", "Bearer", 1000.0, 4600.0, None, None, 1, 1)
+        await store.commit("app1", token)
+        assert (
+            await store.refuse_token("app1", token.fingerprint, interval=10.0) is Refusal.RECORDED
+        )
+        assert await raw.get("tb:{app1}:refused") == token.fingerprint.encode()
+        assert 0 < await raw.pttl("tb:{app1}:refused") / 1000 <= 10.0
+        for key in await raw.keys("tb:*"):
+            dumped = await raw.dump(key)
+            assert dumped is not None and b"access-refused-secret-value" not in dumped
 
 
 class TestOutage:

@@ -16,7 +16,16 @@ import pytest
 from broker.clock import SystemClock
 from broker.metrics import Metrics
 from broker.model import PROTOCOL_VERSION, TokenSet
-from broker.store import Lease, Notice, SpendEnd, SpendRecord, SpendStart, TokenStore
+from broker.store import (
+    REFUSED,
+    Lease,
+    Notice,
+    Refusal,
+    SpendEnd,
+    SpendRecord,
+    SpendStart,
+    TokenStore,
+)
 from broker.store.crypto import Keyring
 from broker.store.memory import MemoryStore
 from broker.store.redis_store import RedisStore, redis_client
@@ -653,6 +662,62 @@ class TestNotices:
             ("token", None, 0.0, PROTOCOL_VERSION),
         ]
         assert all(n.app == "app" and n.refresh_fp is None for n in heard)
+
+
+class TestRefusedToken:
+    """Issue 22: a token the upstream refused is recorded by a compare-and-set on the stored
+    set, at most once per app per interval, and announced by fingerprint."""
+
+    async def test_only_the_stored_sets_token_is_recorded(self, store: TokenStore) -> None:
+        """Nothing stored, or another set stored: STALE. The stored set's token: RECORDED,
+        then ALREADY for the same token; a newer set refused within the interval: LIMITED."""
+        old, new = token_set(1), token_set(2)
+        assert await store.refuse_token("app", old.fingerprint, interval=5) is Refusal.STALE
+        await store.commit("app", old)
+        await store.commit("app", new)
+        assert await store.refuse_token("app", old.fingerprint, interval=5) is Refusal.STALE
+        assert await store.refuse_token("app", new.fingerprint, interval=5) is Refusal.RECORDED
+        assert await store.refuse_token("app", new.fingerprint, interval=5) is Refusal.ALREADY
+        await store.commit("app", token_set(3))
+        newest = token_set(3).fingerprint
+        assert await store.refuse_token("app", newest, interval=5) is Refusal.LIMITED
+        assert await store.refuse_token("other", newest, interval=5) is Refusal.STALE
+        loaded = await store.load("app")
+        assert loaded is not None and loaded.rank == (1, 3)  # the set itself stays stored
+
+    async def test_the_interval_lapses(self, store: TokenStore) -> None:
+        """After the interval the stored set's token may be refused (and purged) again."""
+        await store.commit("app", token_set(1))
+        fp = token_set(1).fingerprint
+        assert await store.refuse_token("app", fp, interval=0.2) is Refusal.RECORDED
+        await asyncio.sleep(0.3)
+        assert await store.refuse_token("app", fp, interval=0.2) is Refusal.RECORDED
+
+    async def test_a_recorded_refusal_is_announced_by_fingerprint(self, store: TokenStore) -> None:
+        """One REFUSED notice per recorded refusal, naming the access token's fingerprint
+        (never the token); a stale or repeated refusal says nothing."""
+        await store.commit("app", token_set(2))
+        updates = cast(AsyncGenerator[Notice, None], store.updates())
+        heard: list[Notice] = []
+
+        async def listen() -> None:
+            async for notice in updates:
+                heard.append(notice)
+                if notice.kind == "token":
+                    return
+
+        listener = asyncio.ensure_future(listen())
+        await asyncio.sleep(0.3)  # subscribed
+        await store.refuse_token("app", token_set(1).fingerprint, interval=5)  # stale
+        await store.refuse_token("app", token_set(2).fingerprint, interval=5)
+        await store.refuse_token("app", token_set(2).fingerprint, interval=5)  # already
+        await store.commit("app", token_set(3))  # the end of what is heard
+        await asyncio.wait_for(listener, 5)
+        await updates.aclose()
+        assert [(n.kind, n.access_fp, n.protocol) for n in heard] == [
+            (REFUSED, token_set(2).fingerprint, PROTOCOL_VERSION),
+            ("token", None, PROTOCOL_VERSION),
+        ]
 
 
 class TestNoticeWithoutTheKey:

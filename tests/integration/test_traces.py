@@ -141,7 +141,7 @@ def proxied_files(tmp_path: Path, oauth: OAuthTestServer, upstream: EchoUpstream
     return BrokerFiles(
         tmp_path,
         oauth.token_url,
-        app_overrides={"proxy": {"upstream": upstream.url}},
+        app_overrides={"proxy": {"upstream": upstream.url, "allowed_networks": ["127.0.0.0/8"]}},
     )
 
 

@@ -1022,6 +1022,48 @@ def stale_copy_outlives_the_split() -> Schedule:
     )
 
 
+def purge_once_for_a_revoked_token() -> Schedule:
+    """Issue 22: the upstream revokes the fleet's token 40 s into its 120 s life. Every one of
+    the 4 replicas meets the 401 and reports it at once; 8 s later a slow request that carried
+    the old token meets its 401 too, on another replica. The fleet refreshes once (a rotating
+    grant, spent under the lease), every report is answered with the successor, and the late
+    report of the old token refreshes nothing. A replica that forced its own refresh (the old
+    proxy) answered its callers with the refused token while another held the lease, and
+    refreshed the successor again on the late report (older than 5 s by then)."""
+
+    async def script(world: World) -> None:
+        await world.time.sleep(40.0)
+        refused = world.replicas[0].refresher.token
+        assert refused is not None
+        assert all(r.refresher.token == refused for r in world.replicas), "not one shared set"
+        before = world.server.requests
+        reports = [asyncio.ensure_future(r.refresher.refused(refused)) for r in world.replicas]
+        await until(world, lambda: all(report.done() for report in reports), limit=30.0)
+        retried = [report.result() for report in reports]
+        assert all(t.access_token != refused.access_token for t in retried), (
+            "a replica retried with the refused token"
+        )
+        await world.time.sleep(8.0)
+        late = asyncio.ensure_future(world.replicas[1].refresher.refused(refused))
+        await until(world, late.done, limit=30.0)
+        assert late.result().access_token != refused.access_token
+        await world.time.sleep(15.0)
+        assert world.server.requests == before + 1, (
+            f"{world.server.requests - before} refreshes for one revoked token"
+        )
+
+    config = WorldConfig(replicas=4, lifetime=120.0, grace=0.0, offsets=[0.0] * 4)
+    return Schedule(
+        seed=22_001,
+        config=config,
+        faults=(),
+        duration=960.0,
+        name="purge_once_for_a_revoked_token",
+        script=script,
+        script_heals_by=70.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -1056,6 +1098,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "failover_loses_the_abort": failover_loses_the_abort,
     "split_brain_keeps_an_aborted_spend": split_brain_keeps_an_aborted_spend,
     "stale_copy_outlives_the_split": stale_copy_outlives_the_split,
+    "purge_once_for_a_revoked_token": purge_once_for_a_revoked_token,
 }
 
 

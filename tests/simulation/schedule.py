@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import itertools
+import math
 import random
 import sys
 from collections import Counter
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 import structlog.testing
 
 from broker import policy
+from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
+from broker.model import TokenSet
 from broker.store.memory import MemoryState
 from tests.simulation.world import APP, PHASES, Replica, World, WorldConfig, run_simulated
 
@@ -109,6 +113,55 @@ class Fault:
 AIM_PATIENCE = 120.0
 
 
+# ---- issue 22: an upstream that refuses the fleet's token ------------------------------------
+
+
+@dataclass(frozen=True)
+class Upstream401:
+    """An upstream answers 401 to the access token replica `replica` holds at `at`: that
+    replica reports it refused (the proxy's purge); with `everyone`, every live replica reports
+    the token it holds (the upstream revoked it for all); with `late_by` > 0 the next replica
+    reports that same token again `late_by` seconds later (a slow request that carried it).
+
+    Not a fault kind: drawn from a stream of its own (`draw_upstream_401s`), so every seed's
+    faults are drawn as before, and not counted in the pair coverage.
+    """
+
+    at: float
+    replica: int
+    everyone: bool
+    late_by: float
+
+    def __str__(self) -> str:
+        who = "every replica" if self.everyone else f"replica {self.replica}"
+        late = f", again {self.late_by:.1f}s later by the next" if self.late_by else ""
+        return f"upstream_401({who}, at={self.at:.1f}s{late})"
+
+
+# The share of swarm schedules with upstream 401s.
+UPSTREAM_401_SHARE = 0.25
+# A purge's refresh comes within this many seconds when nothing else goes wrong (the lease,
+# the objection window and one request): a second refresh meanwhile would be a second purge.
+PURGE_SETTLES_WITHIN = 15.0
+
+
+def draw_upstream_401s(seed: int, lifetime: float) -> tuple[Upstream401, ...]:
+    """The upstream 401s of swarm seed `seed`: in UPSTREAM_401_SHARE of the schedules, one to
+    three, at wall times. Drawn from a generator of their own (`"{seed}:upstream_401"`) after
+    the schedule's other draws, which therefore stay as they were."""
+    extra = random.Random(f"{seed}:upstream_401")
+    if extra.random() >= UPSTREAM_401_SHARE:
+        return ()
+    events = []
+    for _ in range(extra.randint(1, 3)):
+        at = extra.uniform(0.5 * lifetime, 5 * lifetime)
+        replica = extra.randrange(8)  # modulo the fleet's size when it happens
+        everyone = extra.random() < 0.5
+        late_by = extra.uniform(1.0, 30.0) if extra.random() < 0.5 else 0.0
+        events.append(Upstream401(at, replica, everyone, late_by))
+    return tuple(sorted(events, key=lambda event: event.at))
+
+
 Script = Callable[[World], Awaitable[None]]
 
 
@@ -131,6 +184,7 @@ class Schedule:
     # The grant could have been kept (a grace retry was possible): no loss is excused.
     must_keep_grant: bool = False
     enabled: tuple[str, ...] = ()  # the swarm's subset of FAULT_KINDS
+    upstream_401: tuple[Upstream401, ...] = ()  # issue 22: refusals the replicas report
 
     @property
     def fault_free(self) -> bool:
@@ -153,6 +207,7 @@ class Schedule:
             *(["DPoP: the grant is bound to the fleet's key"] if c.dpop else []),
             *([f"enabled kinds: {', '.join(self.enabled)}"] if self.enabled else []),
             *(f"  {fault}" for fault in self.faults),
+            *(f"  {event}" for event in self.upstream_401),
             (
                 f"replay: python -m tests.simulation.doors {self.name}"
                 if self.name
@@ -244,7 +299,14 @@ def make_schedule(seed: int) -> Schedule:
     )
     healed = max((f.end for f in faults), default=0.0)
     duration = max(8 * lifetime, healed + 3 * lifetime)
-    return Schedule(seed, config, tuple(faults), duration, enabled=enabled)
+    return Schedule(
+        seed,
+        config,
+        tuple(faults),
+        duration,
+        enabled=enabled,
+        upstream_401=draw_upstream_401s(seed, lifetime),
+    )
 
 
 # The share of swarm schedules whose app is DPoP-bound.
@@ -279,6 +341,7 @@ class Result:
     # of its attempt), and how many aimed faults found their spend.
     pairs: set[tuple[str, str]] = field(default_factory=set)
     aimed_fired: int = 0
+    purges: int = 0  # refusals the store recorded (issue 22)
 
     @property
     def ok(self) -> bool:
@@ -290,7 +353,7 @@ class Result:
         lines = [
             self.schedule.describe(),
             f"token requests {self.token_requests}, outcome_unknown announced "
-            f"{self.outcome_unknown_announced}, grant lost after a lost reply "
+            f"{self.outcome_unknown_announced}, purges {self.purges}, grant lost after a lost reply "
             f"{self.grant_lost_after_lost_reply}, revoked {self.revoked}"
             + (" (the store forgot a spend alone)" if self.revoked_forgotten_while_alone else ""),
         ]
@@ -319,9 +382,11 @@ def run(schedule: Schedule) -> Result:
         result.violations.append("invariant 3: the lost grant was not announced in the logs")
     if schedule.fault_free:
         baseline = _BASELINES[(schedule.config.lifetime, schedule.duration)]
-        if result.token_requests > 1.1 * baseline:
+        # A purge refreshes early: one request more for the fleet, never one per replica.
+        if result.token_requests > 1.1 * baseline + result.purges:
             result.violations.append(
-                f"invariant 4: {result.token_requests} token requests, one broker makes {baseline}"
+                f"invariant 4: {result.token_requests} token requests, one broker makes "
+                f"{baseline}, purges {result.purges}"
             )
     return result
 
@@ -334,7 +399,8 @@ async def _run(schedule: Schedule) -> Result:
     for index in range(schedule.config.replicas):
         world.start_replica(index)
     faults = FaultRun(world, schedule, result)
-    events = faults.timed_events()
+    refusals = Refusals(world, schedule)
+    events = sorted(faults.timed_events() + refusals.timed_events(), key=lambda event: event[0])
     script = asyncio.ensure_future(schedule.script(world)) if schedule.script else None
     lifetime = schedule.config.lifetime
     tick = lifetime / 30
@@ -361,6 +427,7 @@ async def _run(schedule: Schedule) -> Result:
         await world.time.advance_to(world.time.now + 0.5)
     _finish(world, result, schedule)
     faults.close()
+    refusals.close()
     if script is not None:
         if not script.done():
             result.violations.append("script: the awaited moment never came (the door stayed shut)")
@@ -373,6 +440,66 @@ async def _run(schedule: Schedule) -> Result:
 
 
 Action = Callable[[], Awaitable[None]]
+
+
+class Refusals:
+    """A schedule's upstream 401s: the replicas report refused tokens, as their proxies do."""
+
+    def __init__(self, world: World, schedule: Schedule) -> None:
+        self.world = world
+        self.schedule = schedule
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    def timed_events(self) -> list[tuple[float, Action]]:
+        """One event per upstream 401."""
+        events: list[tuple[float, Action]] = []
+        for event in self.schedule.upstream_401:
+
+            async def refuse(event: Upstream401 = event) -> None:
+                self._refuse(event)
+
+            events.append((event.at, refuse))
+        return events
+
+    def _refuse(self, event: Upstream401) -> None:
+        replicas = self.world.replicas
+        first = replicas[event.replica % len(replicas)]
+        refused = first.refresher.token
+        if refused is None:
+            return
+        for replica in replicas if event.everyone else [first]:
+            token = replica.refresher.token
+            if token is not None:
+                self._report(replica, token)
+        if event.late_by > 0:
+
+            async def late() -> None:
+                await self.world.time.sleep(event.late_by)
+                self._report(replicas[(event.replica + 1) % len(replicas)], refused)
+
+            self._spawn(late())
+
+    def _report(self, replica: Replica, token: TokenSet) -> None:
+        """`replica`'s proxy met a 401 for `token`: it reports it (a dead or paused process
+        reports nothing) and would retry with what it gets."""
+        if not replica.alive or replica.view.frozen.until > self.world.time.now:
+            return
+
+        async def report() -> None:
+            with contextlib.suppress(NeedsAuthorization, TokenUnavailable, RateLimited):
+                await replica.refresher.refused(token)
+
+        self._spawn(report())
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        """The run is over: stop the reports still waiting."""
+        for task in self._tasks:
+            task.cancel()
 
 
 def _pair(one: str, other: str) -> tuple[str, str]:
@@ -783,6 +910,9 @@ def _grant_lost(world: World) -> bool:
 def _finish(world: World, result: Result, schedule: Schedule) -> None:
     """Counts, the documented unavoidable case, and invariant 4."""
     result.token_requests = world.server.requests
+    result.purges = len(world.refusals)
+    if schedule.fault_free:
+        _check_one_refresh_per_purge(world, result)
     result.presentations = len(world.server.presentations)
     result.outcome_unknown_announced = int(
         sum(m.grant_outcome_unknown.labels(app=APP)._value.get() for m in world.metrics)
@@ -829,6 +959,26 @@ def _finish(world: World, result: Result, schedule: Schedule) -> None:
             )
     else:
         _check_recovery(world, result, "at the end")
+
+
+def _check_one_refresh_per_purge(world: World, result: Result) -> None:
+    """Issue 22: without faults, a purge costs the fleet one refresh, never one per replica
+    that reported the token, nor a second one for a late report of it: at most one refresh
+    token is presented (and acted on) within PURGE_SETTLES_WITHIN of each recorded purge, or
+    before the next one (the successor refused in turn, at least PURGE_INTERVAL later)."""
+    times = sorted(at for at, _ in world.refusals)
+    for index, at in enumerate(times):
+        end = min(at + PURGE_SETTLES_WITHIN, (times[index + 1 :] or [math.inf])[0])
+        spent = [
+            p
+            for p in world.server.presentations
+            if at <= p.at < end and p.outcome in ("rotated", "grace")
+        ]
+        if len(spent) > 1:
+            result.violations.append(
+                f"purge: {len(spent)} refreshes within {PURGE_SETTLES_WITHIN:.0f}s of the purge "
+                f"at {at:.2f} (by {', '.join(p.replica for p in spent)})"
+            )
 
 
 def _baseline(schedule: Schedule) -> int:

@@ -567,6 +567,21 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_each_replica_forcing_its_own_refresh_on_a_401(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Issue 22: a replica whose upstream refused its token forces a refresh of its own
+        (the proxy before the purge): the replicas that found the lease busy retry with the
+        refused token, and a late 401 for the old token refreshes the successor again."""
+
+        async def forces_its_own(self: AppRefresher, token: TokenSet) -> TokenSet:
+            return await self.force()
+
+        mutate(AppRefresher, "refused", forces_its_own)
+        result = run(DOORS["purge_once_for_a_revoked_token"]())
+        assert not result.ok
+        assert any(v.startswith("script failed") for v in result.violations), result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:

@@ -5,6 +5,8 @@ replay it; every seed that once failed stays in REGRESSION_SEEDS.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 
 import pytest
@@ -123,6 +125,25 @@ def test_schedules_cover_every_fault_kind() -> None:
     assert all(len(s.enabled) >= 2 for s in schedules if not s.fault_free)
     aimed = sum(f.phase is not None for s in schedules for f in s.faults)
     assert aimed >= sum(len(s.faults) for s in schedules) // 2
+
+
+# SHA-256 of the descriptions of swarm seeds 0..1499 as drawn before issue 22 (main at a430a90):
+# the upstream 401s come from a generator of their own, so every other draw stays as it was.
+SCHEDULES_BEFORE_UPSTREAM_401S = "bccea15486d1c79b723176165225b6b8d50e7d8aa01dd9af047b5e81d0cb5de4"
+
+
+def test_upstream_401s_leave_every_other_draw_as_it_was() -> None:
+    """Issue 22 added upstream 401s to a quarter of the schedules without redrawing any seed's
+    fleet, server, clocks or faults; some fault-free schedules have them (the one-refresh-per-
+    purge check applies there)."""
+    schedules = [make_schedule(seed) for seed in range(1500)]
+    digest = hashlib.sha256()
+    for schedule in schedules:
+        digest.update(dataclasses.replace(schedule, upstream_401=()).describe().encode())
+    assert digest.hexdigest() == SCHEDULES_BEFORE_UPSTREAM_401S
+    with_401s = [s for s in schedules if s.upstream_401]
+    assert 1500 // 5 <= len(with_401s) <= 1500 // 3
+    assert sum(s.fault_free for s in with_401s) >= 10
 
 
 def test_every_pair_of_fault_kinds_meets_inside_one_spend() -> None:

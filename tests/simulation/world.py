@@ -55,6 +55,7 @@ from broker.store import (
     Commit,
     Lease,
     Notice,
+    Refusal,
     SpendEnd,
     SpendRecord,
     SpendStart,
@@ -882,6 +883,8 @@ class SimStoreView:
         self.spend_store: MemoryStore | None = None
         self.lease_requests = 0  # acquire_lease calls made (the cost of a shared due time)
         self.lost: list[Notice] = []  # notices `faults.lost_kinds` kept from the subscription
+        # Purges this connection recorded (world time, refused access fingerprint); shared.
+        self.refusals: list[tuple[float, str]] = []
 
     @property
     def _spends(self) -> MemoryStore:
@@ -1035,6 +1038,17 @@ class SimStoreView:
         await self._spends.end_spend(app, owner=owner, fence=fence, outcome=outcome)
         self.marked_sent_at = None  # ended: no longer a spend marked sent and maybe unsent
         self._maybe_lose()
+
+    @_may_apply_late
+    async def refuse_token(self, app: str, access_fp: str, *, interval: float) -> Refusal:
+        """Record a refused access token, possibly losing the answer after applying it."""
+        await self._hop()
+        result = await self._shared.refuse_token(app, access_fp, interval=interval)
+        if result is Refusal.RECORDED:
+            self.refusals.append((self._world.now, access_fp))
+        self._maybe_lose()
+        await self._hop()
+        return result
 
     async def updates(self) -> AsyncIterator[Notice]:
         """Notices, until this connection breaks.
@@ -1226,6 +1240,8 @@ class World:
         self.offsets = list(config.offsets)  # grows as pods join
         self.written_at: dict[str, float] = {}
         self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
+        # Fleet-wide purges the store recorded (world time, refused access fingerprint).
+        self.refusals: list[tuple[float, str]] = []
         # DPoP: the fleet's one key (its key file), made outside the world's generator so that
         # a seed's draws are the same with DPoP on or off.
         self.dpop_keys: ProofKeys | None = None
@@ -1335,6 +1351,7 @@ class World:
         view.frozen = frozen
         view.phases = server.phases
         view.restarts = self.restarts
+        view.refusals = self.refusals
         view.server = server
         view.outage = self.store_outage
         if protocol is not None and protocol != PROTOCOL_VERSION:

@@ -3,7 +3,9 @@
 Grants: client_credentials, authorization_code (with an /authorize endpoint, PKCE S256, single-use
 codes) and refresh_token (rotated on every use; reusing a spent refresh token revokes the whole
 grant, as RFC 9700 recommends). Client authentication: client_secret_post, client_secret_basic
-(against a set of accepted secrets, for rotation tests) and private_key_jwt (verified with pyjwt).
+(against a set of accepted secrets, for rotation tests) and private_key_jwt (verified with pyjwt);
+a workload-identity client_assertion verified against a cluster issuer's JWKS (`federation`),
+and tls_client_auth (RFC 8705) over TLS with a required client certificate (`start(tls=...)`).
 Access tokens are RS256 JWTs whose keys are published at /jwks; a token can be revoked (as by an
 RFC 7009 revocation), so an API checking tokens sees it rejected before it expires. Failures: a
 queue of scripted responses, or a persistent mode.
@@ -21,6 +23,7 @@ import asyncio
 import base64
 import hashlib
 import secrets
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.dpop import DpopVerifier, InvalidProof
 from tests.support.ports import free_port
+from tests.support.workload_identity import TOKEN_EXCHANGE, FederationPolicy
 
 
 @dataclass
@@ -70,6 +74,7 @@ class RecordedRequest:
     headers: dict[str, str]
     at: float
     status: int = 0
+    client_cert: str | None = None  # the TLS client certificate's common name, if any
 
 
 class OAuthTestServer:
@@ -119,11 +124,15 @@ class OAuthTestServer:
         self.wrong_key_refreshes = 0  # refreshes proved with a key the grant is not bound to
         self._jkt: str | None = None  # the key of the request being answered
         self._awaiting: list[tuple[str | None, asyncio.Future[RecordedRequest]]] = []
+        # Workload identity: client assertions are checked against this trust (issue 23).
+        self.federation: FederationPolicy | None = None
+        # tls_client_auth: the client certificate common names accepted (None: not this method).
+        self.tls_client_names: set[str] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
-    async def start(self, port: int = 0) -> str:
-        """Listen on 127.0.0.1 (any free port by default); returns the base URL."""
+    async def start(self, port: int = 0, *, tls: ssl.SSLContext | None = None) -> str:
+        """Listen on 127.0.0.1 (any free port by default), over TLS with `tls`; the base URL."""
         app = web.Application()
         app.router.add_post("/token", self._token)
         app.router.add_get("/authorize", self._authorize)
@@ -131,11 +140,12 @@ class OAuthTestServer:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, "127.0.0.1", port).start()
+            await web.TCPSite(self._runner, "127.0.0.1", port, ssl_context=tls).start()
         except BaseException:
             await self.stop()
             raise
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        scheme = "https" if tls is not None else "http"
+        self.base_url = f"{scheme}://127.0.0.1:{self._runner.addresses[0][1]}"
         return self.base_url
 
     async def stop(self) -> None:
@@ -223,7 +233,12 @@ class OAuthTestServer:
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         form = {k: str(v) for k, v in (await request.post()).items()}
-        record = RecordedRequest(form=form, headers=dict(request.headers), at=time.time())
+        record = RecordedRequest(
+            form=form,
+            headers=dict(request.headers),
+            at=time.time(),
+            client_cert=_peer_common_name(request),
+        )
         self.requests.append(record)
         for entry in list(self._awaiting):
             grant_type, future = entry
@@ -266,6 +281,11 @@ class OAuthTestServer:
         return response
 
     def _answer(self, request: web.Request, form: dict[str, str]) -> web.Response:
+        if form.get("grant_type") == TOKEN_EXCHANGE and self.federation is not None:
+            # RFC 8693 as Google STS does it: the subject token is the only credential.
+            if self.federation.check(form) is not None:
+                return self._error(400, "invalid_grant", 322403)
+            return self._issue(form.get("scope", ""), refresh=None)
         client_error = self._authenticate(request, form)
         if client_error is not None:
             return client_error
@@ -286,6 +306,18 @@ class OAuthTestServer:
         return self._error(400, "unsupported_grant_type", 321403)
 
     def _authenticate(self, request: web.Request, form: dict[str, str]) -> web.Response | None:
+        if self.federation is not None and form.get("client_assertion_type"):
+            if form.get("client_id", self.client_id) != self.client_id:
+                return self._error(401, "invalid_client", 322402)
+            if self.federation.check(form) is not None:
+                return self._error(401, "invalid_client", 322402)
+            return None
+        if self.tls_client_names is not None:
+            if form.get("client_id") != self.client_id:
+                return self._error(400, "invalid_request", 321402)
+            if _peer_common_name(request) not in self.tls_client_names:
+                return self._error(401, "invalid_client", 322402)
+            return None
         if form.get("client_assertion_type"):
             return self._check_assertion(form.get("client_assertion", ""))
         header = request.headers.get("Authorization", "")
@@ -423,6 +455,18 @@ class OAuthTestServer:
         else:
             body = {"error": error, "error_description": error.replace("_", " ")}
         return web.json_response(body, status=status)
+
+
+def _peer_common_name(request: web.Request) -> str | None:
+    """The common name of the TLS client certificate (verified by the server's context)."""
+    peer = request.transport.get_extra_info("peercert") if request.transport else None
+    if not peer:
+        return None
+    for rdn in peer.get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return None
 
 
 @pytest.fixture

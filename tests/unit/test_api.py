@@ -68,6 +68,9 @@ class FakeService:
     async def force_refresh(self, app: str) -> TokenSet:
         return await self.get_token(app)
 
+    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
+        return await self.get_token(app)
+
     def status(self, app: str) -> AppStatus:
         return AppStatus(
             app, AppState.FRESH, self.tokens[app].expires_at, NOW - 100, self.last_errors.get(app)

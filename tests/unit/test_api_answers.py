@@ -74,6 +74,9 @@ class CountingService:
     async def force_refresh(self, app: str) -> TokenSet:
         return self.token
 
+    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
+        return self.token
+
     def status(self, app: str) -> AppStatus:
         return AppStatus(app, AppState.FRESH, self.token.expires_at, NOW, None)
 

@@ -88,6 +88,10 @@ class FakeTokenService:
             raise self.refresh_errors[app]
         return await self.get_token(app)
 
+    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
+        """As a forced refresh (the proxy reports a refused token)."""
+        return await self.force_refresh(app)
+
     def status(self, app: str) -> AppStatus:
         """A fresh app with the token's expiry."""
         return AppStatus(app, AppState.FRESH, self.tokens[app].expires_at, NOW - 600.5, None)

@@ -49,6 +49,7 @@ class TestProxyBlock:
         assert spec == ProxySpec(upstream="https://api.twilio.com")
         assert spec.path_prefixes == ("/",)
         assert spec.retry_on_401 is True
+        assert spec.refresh_on_status == (401,)
         assert spec.max_buffered_body == 1024 * 1024
 
     def test_every_key(self, config_dir: Path) -> None:
@@ -63,6 +64,7 @@ class TestProxyBlock:
                 "max_request_body": "1GiB",
                 "ca_file": "ca.pem",
                 "retry_on_401": False,
+                "refresh_on_status": [401, 403],
                 "max_concurrent": 8,
             },
             config_dir,
@@ -76,6 +78,7 @@ class TestProxyBlock:
             max_request_body=1024**3,
             ca_file=config_dir / "ca.pem",
             retry_on_401=False,
+            refresh_on_status=(401, 403),
             max_concurrent=8,
         )
 
@@ -87,10 +90,11 @@ class TestProxyBlock:
 
     def test_ipv6_and_loopback_http_upstreams(self, config_dir: Path) -> None:
         """Plain http is accepted for a loopback upstream; IPv6 hosts keep their brackets."""
-        assert proxy_of({"upstream": "http://127.0.0.1:8080"}, config_dir) == ProxySpec(
-            upstream="http://127.0.0.1:8080"
+        loopback = {"allowed_networks": ["127.0.0.0/8", "::1"]}
+        assert proxy_of({"upstream": "http://127.0.0.1:8080", **loopback}, config_dir) == (
+            ProxySpec(upstream="http://127.0.0.1:8080", allowed_networks=("127.0.0.0/8", "::1/128"))
         )
-        spec = proxy_of({"upstream": "https://[::1]:9443"}, config_dir)
+        spec = proxy_of({"upstream": "https://[::1]:9443", **loopback}, config_dir)
         assert spec is not None
         assert spec.upstream == "https://[::1]:9443"
 
@@ -193,6 +197,21 @@ MISTAKES = [
         {"upstream": "https://a.example", "retry_on_401": "yes"},
         "apps.twilio.proxy.retry_on_401",
         "true or false",
+    ),
+    (
+        {"upstream": "https://a.example", "refresh_on_status": 401},
+        "apps.twilio.proxy.refresh_on_status",
+        "must be a list",
+    ),
+    (
+        {"upstream": "https://a.example", "refresh_on_status": [401, 500]},
+        "apps.twilio.proxy.refresh_on_status[1]",
+        "from 400 to 499",
+    ),
+    (
+        {"upstream": "https://a.example", "refresh_on_status": [401, 401]},
+        "apps.twilio.proxy.refresh_on_status",
+        "twice",
     ),
     (
         {"upstream": "https://a.example", "ca_file": "missing.pem"},

@@ -277,6 +277,10 @@ SHAPE_MISTAKES = [
     ("apps.twilio.proxy.max_concurrent", 0),
     ("apps.twilio.proxy.max_request_body", "1TB"),
     ("apps.twilio.proxy.retry_on_401", "no"),
+    ("apps.twilio.proxy.allowed_networks", "10.0.0.0/8"),
+    ("apps.twilio.proxy.allowed_networks", ["intranet"]),
+    ("apps.twilio.proxy.refresh_on_status", [503]),
+    ("apps.twilio.proxy.refresh_on_status", [401, 401]),
     ("apps.twilio.sinks.0.path", "twilio.token"),
     ("apps.twilio.sinks.0.format", "yaml"),
     ("apps.twilio.sinks.0.mode", 600),
@@ -415,4 +419,7 @@ class TestOneSetOfAnnotations:
             assert place["additionalProperties"] is False
         assert set(own["properties"]) == set(ROOT_KEYS)
         assert apps["required"] == ["token_url"]
-        assert apps["properties"]["proxy"]["required"] == ["upstream"]
+        assert apps["properties"]["proxy"]["oneOf"] == [
+            {"required": ["upstream"]},
+            {"required": ["upstreams"]},
+        ]

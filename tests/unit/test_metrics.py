@@ -206,8 +206,8 @@ class TestOwnExposition:
         ours = parsed(exposition(metrics))
         theirs = parsed(generate_latest(metrics.registry).decode())
         assert ours == theirs
-        # next_refresh_timestamp_seconds, app_ready (issue 24); the three DPoP families (issue 23)
-        assert len(ours) == 28
+        # next_refresh, app_ready (24), token_refused, egress_refused (22), the three DPoP (23)
+        assert len(ours) == 30
 
     def test_sample_lines_are_written_as_prometheus_client_writes_them(self) -> None:
         """Label order, escaping and value formatting match line for line."""

@@ -7,6 +7,7 @@ token service at the TokenService seam and a small aiohttp upstream on loopback.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
@@ -18,12 +19,12 @@ from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.api import api_server_options, build_api_handler
-from broker.api.auth import ClientAuthenticator
+from broker.api.auth import ClientAuthenticator, unauthorized_message
 from broker.api.errors import ApiError
 from broker.api.proxy import Upstreams, request_headers, response_headers, upstream_target
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
-from broker.model import AppSpec, AppState, ClientSpec, ProxySpec, TokenSet
+from broker.model import AppSpec, AppState, ClientSpec, ProxySpec, TokenSet, UpstreamSpec
 from broker.service import AppStatus
 from tests.support.fake_clock import FakeClock
 
@@ -74,6 +75,19 @@ REFUSED = [
 
 
 class TestUpstreamTarget:
+    def test_a_named_upstream_is_the_first_segment(self) -> None:
+        """With an upstream name, the path after it is forwarded and checked."""
+        raw = "/v1/proxy/app1/messaging/v1/Services?x=1"
+        assert upstream_target(raw, "app1", ("/v1/",), "messaging") == ("/v1/Services", "x=1")
+        with pytest.raises(ApiError) as caught:
+            upstream_target("/v1/proxy/app1/messaging", "app1", ("/",), "messaging")
+        assert caught.value.status == 400
+        assert "/v1/proxy/app1/messaging/<path>" in caught.value.message
+        with pytest.raises(ApiError) as caught:
+            upstream_target("/v1/proxy/app1/messaging/v2/x", "app1", ("/v1/",), "messaging")
+        assert caught.value.code == "path_not_allowed"
+        assert "app app1's upstream messaging" in caught.value.message
+
     @pytest.mark.parametrize(("raw", "prefixes", "expected"), ACCEPTED)
     def test_accepted_paths_keep_their_encoding(
         self, raw: str, prefixes: tuple[str, ...], expected: tuple[str, str]
@@ -159,6 +173,7 @@ class FakeService:
         self.error: Exception | None = None
         self.force_result: TokenSet | Exception = TOKEN_B
         self.forced = 0
+        self.refused: list[TokenSet] = []
         self.last_error: str | None = None
 
     def app_names(self) -> Collection[str]:
@@ -191,6 +206,10 @@ class FakeService:
         self.token = self.force_result
         return self.token
 
+    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
+        self.refused.append(token)
+        return await self.force_refresh(app)
+
     def status(self, app: str) -> AppStatus:
         return AppStatus(app, AppState.FRESH, self.token.expires_at, NOW, self.last_error)
 
@@ -207,6 +226,7 @@ class Upstream:
     def __init__(self) -> None:
         self.authorizations: list[str] = []
         self.accept_any = False
+        self.reject_status = 401
         self.release = asyncio.Event()
         self.release.set()
 
@@ -217,7 +237,7 @@ class Upstream:
         if not self.accept_any and request.headers.get("Authorization") != (
             f"Bearer {TOKEN_B.access_token}"
         ):
-            return web.json_response({"error": "invalid_token"}, status=401)
+            return web.json_response({"error": "invalid_token"}, status=self.reject_status)
         return web.json_response({"sha256": hashlib.sha256(body).hexdigest()})
 
 
@@ -263,7 +283,13 @@ async def make_api(
     upstreams = Upstreams()
 
     async def make(**proxy: Any) -> TestClient[Any, Any]:
-        spec = ProxySpec(upstream=f"http://127.0.0.1:{upstream_server[1].port}", **proxy)
+        spec = ProxySpec(
+            **{
+                "upstream": f"http://127.0.0.1:{upstream_server[1].port}",
+                "allowed_networks": ("127.0.0.0/8",),
+                **proxy,
+            }
+        )
         upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
         handler = build_api_handler(service, authenticator, metrics, FakeClock(), upstreams)
         return await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
@@ -298,7 +324,26 @@ class TestRetryDecisions:
             f"Bearer {TOKEN_B.access_token}",
         ]
         assert service.forced == 1
+        assert service.refused == [TOKEN_A]  # reported by the token that was refused
         assert retries(metrics, "unauthorized") == 1
+
+    async def test_the_statuses_that_purge_are_configurable(
+        self,
+        make_api: Make,
+        service: FakeService,
+        upstream_server: tuple[Upstream, TestServer],
+    ) -> None:
+        """With refresh_on_status [403], a 403 purges and retries; a 401 goes back as it is."""
+        upstream = upstream_server[0]
+        api = await make_api(refresh_on_status=(403,))
+        upstream.reject_status = 403
+        assert (await api.get("/v1/proxy/app1/x", headers=AUTH)).status == 200
+        assert service.refused == [TOKEN_A]
+        service.token = TOKEN_A
+        upstream.reject_status = 401
+        assert (await api.get("/v1/proxy/app1/x", headers=AUTH)).status == 401
+        assert service.refused == [TOKEN_A]
+        assert len(upstream.authorizations) == 3
 
     async def test_a_chunked_body_within_the_buffer_is_replayed(
         self,
@@ -554,3 +599,145 @@ class TestRequestMetrics:
             "status": "200",
         }
         assert metrics.registry.get_sample_value("token_broker_requests_total", labels) == 1.0
+
+
+# ---- several upstreams per app, the egress guard -----------------------------------------------
+
+
+def refused(metrics: Metrics, reason: str) -> float:
+    labels = {"app": "app1", "reason": reason}
+    value = metrics.registry.get_sample_value("token_broker_proxy_egress_refused_total", labels)
+    return value or 0.0
+
+
+class TestNamedUpstreams:
+    async def test_each_name_reaches_its_pool_with_its_prefixes(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
+    ) -> None:
+        """`a` opens every path, `b` only /v1; both go out with the app's one token."""
+        upstream, server = upstream_server
+        upstream.accept_any = True
+        origin = f"http://127.0.0.1:{server.port}"
+        api = await make_api(
+            upstream=None,
+            upstreams=(UpstreamSpec("a", origin), UpstreamSpec("b", origin, ("/v1",))),
+            path_prefixes=("/",),
+        )
+        assert (await api.get("/v1/proxy/app1/a/admin", headers=AUTH)).status == 200
+        assert (await api.get("/v1/proxy/app1/b/v1/x", headers=AUTH)).status == 200
+        response = await api.get("/v1/proxy/app1/b/admin", headers=AUTH)
+        assert response.status == 403
+        assert (await response.json())["error"] == "path_not_allowed"
+        assert upstream.authorizations == [f"Bearer {TOKEN_A.access_token}"] * 2
+
+    @pytest.mark.parametrize(
+        "target", ["/v1/proxy/app1/c/x", "/v1/proxy/app1/x", "/v1/proxy/app1/"]
+    )
+    async def test_an_unknown_name_is_a_json_404_listing_the_names(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer], target: str
+    ) -> None:
+        """A name the app does not have (or none): 404 unknown_upstream, nothing sent."""
+        origin = f"http://127.0.0.1:{upstream_server[1].port}"
+        api = await make_api(
+            upstream=None, upstreams=(UpstreamSpec("a", origin), UpstreamSpec("b", origin))
+        )
+        response = await api.get(target, headers=AUTH)
+        assert response.status == 404
+        body = await response.json()
+        assert body["error"] == "unknown_upstream"
+        assert (
+            "its upstreams are a, b, reached at /v1/proxy/app1/<upstream>/<path>"
+            in (body["message"])
+        )
+        assert upstream_server[0].authorizations == []
+
+
+class TestEgressGuard:
+    async def test_loopback_without_allowed_networks_is_refused_and_counted(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer], metrics: Metrics
+    ) -> None:
+        """No allow-list: the loopback upstream gets no connection; 403 egress_refused."""
+        api = await make_api(allowed_networks=())
+        response = await api.get("/v1/proxy/app1/x", headers=AUTH)
+        assert response.status == 403
+        body = await response.json()
+        assert body["error"] == "egress_refused"
+        assert "is at 127.0.0.1, a loopback address: nothing was sent" in body["message"]
+        assert "apps.app1.proxy.allowed_networks" in body["message"]
+        assert upstream_server[0].authorizations == []
+        assert refused(metrics, "loopback") == 1
+
+    async def test_the_metadata_address_is_refused_without_a_connection(
+        self, make_api: Make, metrics: Metrics
+    ) -> None:
+        """An upstream at 169.254.169.254 (as a spec built without the config's check) is
+        refused at once, not after a connect timeout, even with loopback allowed."""
+        api = await make_api(upstream="https://169.254.169.254", connect_timeout=30.0)
+        started = asyncio.get_running_loop().time()
+        response = await api.get("/v1/proxy/app1/latest/meta-data/", headers=AUTH)
+        assert response.status == 403
+        assert (await response.json())["error"] == "egress_refused"
+        assert asyncio.get_running_loop().time() - started < 5
+        assert refused(metrics, "link_local") == 1
+
+
+# ---- errors that teach -----------------------------------------------------------------------
+
+SID = "AC" + "ab12" * 8
+SECRET = "twilio-auth-token-" + "z" * 14
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+TAUGHT = [
+    (None, "a valid client key is required"),
+    ("", "a valid client key is required"),
+    (basic(SID, SECRET), "Twilio credentials (HTTP Basic with an Account SID (AC...)"),
+    (basic("SK" + "0" * 32, SECRET), "Twilio credentials (HTTP Basic with an API key SID (SK...)"),
+    (basic("ac" + "ab12" * 8, SECRET), "HTTP Basic credentials ('Authorization: Basic ...')"),
+    (basic("someone", SECRET), "HTTP Basic credentials ('Authorization: Basic ...')"),
+    ("Basic not-base64!", "HTTP Basic credentials"),
+    ("basic " + basic(SID, SECRET).split()[1], "Twilio credentials"),
+    ("Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln", "a JWT as its bearer key"),
+    ("Bearer " + "n" * 40, "the bearer key is not a configured client key"),
+    ("Digest username=x", "an Authorization header of the 'Digest' scheme"),
+    ('"><script> x', "an Authorization header of a scheme it cannot read"),
+]
+
+
+class TestErrorsThatTeach:
+    @pytest.mark.parametrize(("authorization", "says"), TAUGHT)
+    def test_the_message_names_what_was_received(
+        self, authorization: str | None, says: str
+    ) -> None:
+        """What the header held (its kind, never its value) and what to send instead."""
+        message = unauthorized_message(authorization, peer_identity=False)
+        assert says in message
+        assert message.endswith("send the client key as 'Authorization: Bearer <client key>'")
+        assert SID not in message and SECRET not in message and "someone" not in message
+
+    def test_on_the_unix_socket_it_offers_peer_identity(self) -> None:
+        """With peer identity, sending no Authorization at all is the other way."""
+        message = unauthorized_message(basic(SID, SECRET), peer_identity=True)
+        assert message.endswith(
+            "(or no Authorization header at all, from a uid or gid mapped to a client)"
+        )
+
+    async def test_the_proxy_answers_twilio_credentials_with_the_lesson(
+        self, make_api: Make, upstream_server: tuple[Upstream, TestServer]
+    ) -> None:
+        """Through the API: 401 unauthorized with WWW-Authenticate, the lesson, nothing sent."""
+        api = await make_api()
+        response = await api.get(
+            "/v1/proxy/app1/2010-04-01/Accounts.json",
+            headers={"Authorization": basic(SID, SECRET)},
+        )
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="token-broker"'
+        body = await response.json()
+        assert body["error"] == "unauthorized"
+        assert "Twilio credentials" in body["message"]
+        assert SID not in await response.text()
+        assert upstream_server[0].authorizations == []

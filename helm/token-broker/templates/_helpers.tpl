@@ -98,9 +98,25 @@ store:
 apps:
 {{- range $name, $app := .Values.config.apps }}
   {{- $files := dict }}
-  {{- if not (hasKey $app "client_id") }}{{- $_ := set $files "client_id_file" (printf "/etc/token-broker/apps/%s/client_id" $name) }}{{- end }}
+  {{- $exchange := eq (default "" $app.assertion_type) "token-exchange" }}
+  {{- if not (or (hasKey $app "client_id") $exchange) }}{{- $_ := set $files "client_id_file" (printf "/etc/token-broker/apps/%s/client_id" $name) }}{{- end }}
   {{- $appSecret := index (default dict $.Values.secrets.apps) $name | default dict }}
-  {{- if ne (default "client_secret_post" $app.client_auth) "private_key_jwt" }}{{- $_ := set $files "client_secret_file" (printf "/etc/token-broker/apps/%s/client_secret" $name) }}{{- else }}{{- $_ := set $files "private_key_file" (printf "/etc/token-broker/apps/%s/private_key" $name) }}{{- end }}
+  {{- $auth := default "client_secret_post" $app.client_auth }}
+  {{- if eq $auth "private_key_jwt" }}{{- $_ := set $files "private_key_file" (printf "/etc/token-broker/apps/%s/private_key" $name) }}
+  {{- else if eq $auth "client_assertion" }}
+  {{- /* The pod's projected service-account token, unless the app names its own file. */}}
+  {{- if not (hasKey $app "assertion_file") }}
+  {{- if not $.Values.serviceAccountToken.enabled }}
+  {{- fail (printf "config.apps.%s: client_assertion needs assertion_file, or serviceAccountToken.enabled" $name) }}
+  {{- end }}
+  {{- $_ := set $files "assertion_file" $.Values.serviceAccountToken.path }}
+  {{- end }}
+  {{- else if eq $auth "tls_client_auth" }}
+  {{- /* tls.crt and tls.key: the keys of a kubernetes.io/tls Secret (cert-manager's). */}}
+  {{- $_ := set $files "tls_client_cert_file" (printf "/etc/token-broker/apps/%s/tls.crt" $name) }}
+  {{- $_ := set $files "tls_client_key_file" (printf "/etc/token-broker/apps/%s/tls.key" $name) }}
+  {{- else }}{{- $_ := set $files "client_secret_file" (printf "/etc/token-broker/apps/%s/client_secret" $name) }}
+  {{- end }}
   {{- /* The pre-rotation secret, tried after invalid_client, when the values give one. */}}
   {{- if $appSecret.client_secret_previous }}{{- $_ := set $files "client_secret_previous_file" (printf "/etc/token-broker/apps/%s/client_secret_previous" $name) }}{{- end }}
   {{- range $i, $sink := $app.sinks }}
@@ -171,9 +187,16 @@ Kubernetes >= 1.29), and "token-broker.volumes" under `volumes:`.
     - name: token-broker-config
       mountPath: /etc/token-broker/config
       readOnly: true
-    {{- range $name, $_ := .Values.config.apps }}
+    {{- range $name, $app := .Values.config.apps }}
+    {{- if include "token-broker.appSecret" (dict "name" $name "app" $app "Values" $.Values) }}
     - name: token-broker-app-{{ $name }}
       mountPath: /etc/token-broker/apps/{{ $name }}
+      readOnly: true
+    {{- end }}
+    {{- end }}
+    {{- if .Values.serviceAccountToken.enabled }}
+    - name: token-broker-sa-token
+      mountPath: {{ dir .Values.serviceAccountToken.path }}
       readOnly: true
     {{- end }}
     {{- if include "token-broker.usesKeys" . }}
@@ -217,11 +240,25 @@ reads token files) there; read-only still lets it connect. Run that container as
 - name: token-broker-config
   configMap:
     name: {{ $full }}-config
-{{- range $name, $_ := .Values.config.apps }}
+{{- range $name, $app := .Values.config.apps }}
+{{- if include "token-broker.appSecret" (dict "name" $name "app" $app "Values" $.Values) }}
 - name: token-broker-app-{{ $name }}
   secret:
     secretName: {{ $full }}-app-{{ $name }}
     defaultMode: 0440
+{{- end }}
+{{- end }}
+{{- if .Values.serviceAccountToken.enabled }}
+{{- /* The kubelet writes the token for this audience and rewrites it before it expires (at
+80% of expirationSeconds); the broker re-reads the file when it changes. */}}
+- name: token-broker-sa-token
+  projected:
+    defaultMode: 0440
+    sources:
+      - serviceAccountToken:
+          audience: {{ required "serviceAccountToken.audience: the audience your IdP's federation trusts" .Values.serviceAccountToken.audience | quote }}
+          expirationSeconds: {{ int .Values.serviceAccountToken.expirationSeconds }}
+          path: {{ base .Values.serviceAccountToken.path }}
 {{- end }}
 {{- if include "token-broker.usesKeys" . }}
 - name: token-broker-client-keys
@@ -244,6 +281,17 @@ reads token files) there; read-only still lets it connect. Run that container as
   emptyDir:
     medium: Memory
     sizeLimit: 1Mi
+{{- end -}}
+
+{{/*
+"true" when an app reads files from its Secret: every app but a client_assertion one with an
+inline client_id, or a token exchange that needs none (its credential is the projected token),
+and no secrets.apps entry.
+*/}}
+{{- define "token-broker.appSecret" -}}
+{{- $named := or (hasKey .app "client_id") (eq (default "" .app.assertion_type) "token-exchange") }}
+{{- $federated := and (eq (default "" .app.client_auth) "client_assertion") $named }}
+{{- if or (not $federated) (index (default dict .Values.secrets.apps) .name) }}true{{ end }}
 {{- end -}}
 
 {{- define "token-broker.podSecurityContext" -}}
