@@ -103,7 +103,13 @@ def with_dpop(
         **app,
         "dpop": True,
         "dpop_key_file": str(key_file),
-        "proxy": {"upstream": rs.origin, "path_prefixes": ["/v1/"], "read_timeout": "10s"},
+        "proxy": {
+            "upstream": rs.origin,
+            "path_prefixes": ["/v1/"],
+            "read_timeout": "10s",
+            # The resource server is on loopback, which the proxy refuses unless allowed.
+            "allowed_networks": ["127.0.0.0/8"],
+        },
     }
 
 
