@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from token_broker_client import (
     BrokerEndpoint,
     BrokerError,
     BrokerUnreachable,
+    DpopBound,
     Forbidden,
     NeedsAuthorization,
     NotFound,
@@ -28,7 +30,7 @@ from token_broker_client import (
     Unauthorized,
     UpstreamError,
 )
-from token_broker_client.errors import error_for
+from token_broker_client.errors import ERROR_CLASSES, error_for
 from token_broker_client.transport import BrokerTransport
 from token_broker_client.twilio import BrokerHttpClient, _form
 
@@ -126,6 +128,10 @@ class TestErrorMapping:
             (403, "egress_refused", Forbidden, False),
             (405, "method_not_allowed", BadRequest, False),
             (409, "needs_authorization", NeedsAuthorization, False),
+            (409, "dpop_bound", DpopBound, False),
+            (404, "dpop_not_configured", NotFound, False),
+            (503, "dpop_key_missing", TokenUnavailable, True),
+            (503, "store_unavailable", TokenUnavailable, True),
             (429, "rate_limited", RateLimited, True),
             (503, "token_unavailable", TokenUnavailable, True),
             (502, "upstream_error", UpstreamError, True),
@@ -150,6 +156,14 @@ class TestErrorMapping:
         )
         assert error.retryable is retryable
         assert str(error) == f"HTTP {status} {code}: why (retry after 7 s)"
+
+    def test_the_contract_names_no_code_without_its_class(self) -> None:
+        """Every `NNN `code`` the contract lists has its own entry in ERROR_CLASSES (a new
+        broker code must not fall back on a status family by accident)."""
+        contract = (Path(__file__).resolve().parents[2] / "docs" / "contract.md").read_text()
+        codes = set(re.findall(r"\b[45]\d\d `([a-z_]+)`", contract))
+        assert {"dpop_bound", "egress_refused", "unknown_upstream"} <= codes
+        assert codes - set(ERROR_CLASSES) == set()
 
     def test_an_answer_without_the_json_body_is_unreachable(self) -> None:
         """A 502 from something that is not the broker (HTML, Twilio's shape) is BrokerUnreachable."""

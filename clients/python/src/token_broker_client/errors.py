@@ -58,12 +58,18 @@ class Forbidden(BrokerError):
 
 
 class NotFound(BrokerError):
-    """404 `unknown_app` (no such app is configured), `proxy_not_configured`, or
-    `unknown_upstream` (the app's `proxy.upstreams` has no such name)."""
+    """404 `unknown_app` (no such app is configured), `proxy_not_configured`,
+    `unknown_upstream` (the app's `proxy.upstreams` has no such name) or `dpop_not_configured`
+    (a proof asked for an app without `dpop: true`)."""
 
 
 class NeedsAuthorization(BrokerError):
     """409 `needs_authorization`: an operator must run `token-broker authorize APP` first."""
+
+
+class DpopBound(BrokerError):
+    """409 `dpop_bound`: the app's tokens are DPoP-bound, useless without a proof. Use the
+    broker's proxy, or its proof route (`POST /v1/token/{app}/proof`), instead."""
 
 
 class RateLimited(BrokerError):
@@ -73,7 +79,8 @@ class RateLimited(BrokerError):
 
 
 class TokenUnavailable(BrokerError):
-    """503 `token_unavailable`: the broker holds no valid token right now."""
+    """503 `token_unavailable` (the broker holds no valid token right now), `store_unavailable`
+    or `dpop_key_missing` (the key the app's token set is bound to is gone from its key file)."""
 
     retryable = True
 
@@ -97,9 +104,13 @@ ERROR_CLASSES: Mapping[str, type[BrokerError]] = {
     "unknown_app": NotFound,
     "proxy_not_configured": NotFound,
     "unknown_upstream": NotFound,
+    "dpop_not_configured": NotFound,
+    "dpop_bound": DpopBound,
     "needs_authorization": NeedsAuthorization,
     "rate_limited": RateLimited,
     "token_unavailable": TokenUnavailable,
+    "store_unavailable": TokenUnavailable,
+    "dpop_key_missing": TokenUnavailable,
     "upstream_error": UpstreamError,
     "upstream_timeout": UpstreamError,
     "proxy_busy": UpstreamError,
