@@ -656,20 +656,25 @@ class FleetProtocol:
         is_due: Callable[[TokenSet], bool],
         servable_left: float,
         ignore_shared_failure: bool = False,
+        read_first: bool = True,
     ) -> Outcome:
         """One refresh attempt under the protocol's rules (see the module docstring).
 
         Raises TokenEndpointError for a failed request whose outcome is known (the token, if
         one was presented, was not spent), and NoGrant when there is no refresh token.
+        `read_first=False` skips the read before asking for the lease, for a caller that knows
+        what the store holds (it just read it, or adopted the set a `token` notice carried):
+        the holder reads again under the lease in any case, so it only saves a read.
         """
-        try:
-            adopted = await self._adopt_newer(is_due)
-        except StoreUnavailable as exc:
-            if self._spends:
-                return _blocked(exc)
-            return await self._fetch_alone(fetch, servable_left)
-        if adopted is not None:
-            return Adopted(adopted)
+        if read_first:
+            try:
+                adopted = await self._adopt_newer(is_due)
+            except StoreUnavailable as exc:
+                if self._spends:
+                    return _blocked(exc)
+                return await self._fetch_alone(fetch, servable_left)
+            if adopted is not None:
+                return Adopted(adopted)
         if self._spends:
             blocked = self._spend_blocked(self._current())
             if blocked is not None:

@@ -197,6 +197,11 @@ class AppRefresher:
         self._blocked: str | None = None
         self._unsynced = False  # our set may be newer than the store's: write it back
         self._dirty = True  # the store may have changed: look before the next decision
+        # The store held our set when we last read it, committed it, or heard a `token` notice
+        # carrying it, and no notice since says otherwise: the next attempt asks for the lease
+        # without reading first (the holder reads under the lease anyway). Every replica read
+        # before each attempt, most of them only to be told the lease was busy.
+        self._view_known = False
         self._last_sync = float("-inf")
         # Monotonic times: the next attempt, and when the current token stops being valid as
         # measured on this host's monotonic clock (a wall-clock step changes neither; a step
@@ -600,6 +605,7 @@ class AppRefresher:
         if reconnected:
             self.fleet.resend_aborts()
         self._dirty = True
+        self._view_known = False
         self._wake.set()
         if self.fleet.in_flight is not None:
             self._spawn_veto(self.fleet.veto_in_flight())
@@ -624,6 +630,7 @@ class AppRefresher:
             # lost notice then costs one look at the store, as a busy lease did).
             wait = min(notice.ttl, max(BUSY_POLL, self._servable_left() / 2))
             self._lease_wait_until = self._clock.monotonic() + wait
+            self._view_known = False  # its outcome may be missed: read before our attempt
             return
         if notice.kind in (RELEASE, "token") and self._lease_wait_until > float("-inf"):
             # The holder is done: whatever is due now is due.
@@ -643,6 +650,7 @@ class AppRefresher:
                 # The notice carries the committed set: adopt it as a read would, without one.
                 # (With a refresh in flight the loop reads the store after it, as before.)
                 self._adopt(carried, source="store")
+                self._view_known = True
                 # It also says what the store held just now, as the periodic look would: that
                 # look is due MAX_SLEEP after it (one read per replica per 30 s was, on short
                 # tokens, most of what a refresh cost the fleet).
@@ -679,9 +687,11 @@ class AppRefresher:
         self._dirty = False
         self._last_sync = self._clock.monotonic()
         await self._measure_clock_first()
+        self._view_known = True  # (before the read: a notice heard meanwhile may undo it)
         try:
             await self.fleet.sync()
         except StoreUnavailable:
+            self._view_known = False
             return False
         self._unsynced = False
         return True
@@ -732,11 +742,13 @@ class AppRefresher:
             "token_broker.refresh", app=self.name, grant_type=str(self.spec.grant_type)
         ) as span:
             try:
+                read_first, self._view_known = not self._view_known, False
                 outcome = await self.fleet.refresh(
                     self._fetch,
                     is_due=self._is_due,
                     servable_left=self._servable_left(),
                     ignore_shared_failure=ignore_shared_failure,
+                    read_first=read_first,
                 )
             except TokenEndpointError as exc:
                 permanent = isinstance(exc, PermanentTokenError | NoGrant)
@@ -827,6 +839,7 @@ class AppRefresher:
         if isinstance(outcome, Fetched):
             self._adopt(outcome.token, source="refresh", sent_mono=outcome.sent_mono)
             self._unsynced = not outcome.persisted
+            self._view_known = outcome.persisted
             self._record_success(started)
         elif isinstance(outcome, Adopted):
             pass  # adopted by the protocol already

@@ -12,8 +12,8 @@ name that reads it (`_MOVE_LEGACY`).
 For the fleet: `{prefix}:{<app>}:failure` (the shared outcome of a failed refresh, encrypted,
 expiring on the server's clock) and `{prefix}:{<app>}:budget` (a sorted set of request times,
 the sliding window of the fleet-wide request budget). The fleet's clock is the server's `TIME`,
-read through a script routed by the key `{prefix}:{_clock}`, so on a Cluster every replica asks
-the same node (no app name starts with `_`).
+read with a plain `TIME`; on a Cluster through a script routed by the key `{prefix}:{_clock}`, so
+every replica asks the same node (no app name starts with `_`).
 """
 
 from __future__ import annotations
@@ -783,6 +783,10 @@ class RedisStore:
 
     async def server_time(self) -> float:
         """The server's `TIME`, in seconds."""
+        if not isinstance(self._client, RedisCluster):
+            # One server answers every command: a plain TIME is one command, the script two
+            # (EVALSHA and its TIME), and the fleet clock sends 4 per replica every 30 s.
+            return await self.read_time()
         seconds, micros = await self._call(
             "time", lambda: self._time(keys=[self.clock_key], args=[])
         )
@@ -854,7 +858,7 @@ class RedisStore:
     # ---- status: read commands only (a read-only replica, an ACL user with +@read) ---------
 
     async def read_time(self) -> float:
-        """The server's clock from `TIME` (a read command; `server_time` runs a script)."""
+        """The server's clock from `TIME` (a read command; on a Cluster `server_time` runs a script)."""
         seconds, micros = await self._call("time", self._client.time)
         return int(seconds) + int(micros) / 1_000_000
 

@@ -882,6 +882,7 @@ class SimStoreView:
         # rules say (here: apart from this version's), sharing only the token sets and notices.
         self.spend_store: MemoryStore | None = None
         self.lease_requests = 0  # acquire_lease calls made (the cost of a shared due time)
+        self.loads = 0  # load calls made (the reads a refresh costs the fleet)
         self.lost: list[Notice] = []  # notices `faults.lost_kinds` kept from the subscription
         # Purges this connection recorded (world time, refused access fingerprint); shared.
         self.refusals: list[tuple[float, str]] = []
@@ -917,6 +918,7 @@ class SimStoreView:
 
     async def load(self, app: str) -> TokenSet | None:
         """Load, failing as the faults say; a set written under a key we lack is unreadable."""
+        self.loads += 1
         await self._hop()
         token = await self._shared.load(app)
         await self._hop()
