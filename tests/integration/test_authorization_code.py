@@ -391,8 +391,14 @@ class TestServerErrorAfterRotating:
         broker = BrokerProcess(config, tmp_path / "broker.log")
         broker.start()
         try:
-            await broker.wait_ready(files.metrics)
-            await asyncio.sleep(8)  # the failed refresh, then past the token's expiry
+            # Not wait_ready: on a loaded machine the 3 s token may be refreshed (and the 500
+            # make the grant unknown) before readiness is ever seen.
+            await wait_until_answering(f"{files.metrics}/readyz/app1", timeout=30)
+            deadline = time.monotonic() + 30
+            while not any("refresh_token" in r.form for r in oauth_server.requests):
+                assert time.monotonic() < deadline, "no refresh within 30 s"
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(5)  # past the 3 s token's expiry
             status, body = await get_token(files)
         finally:
             broker.terminate()
