@@ -119,10 +119,11 @@ class SimLoop(asyncio.SelectorEventLoop):
     def sleeper(self, seconds: float) -> tuple[asyncio.Future[None], asyncio.TimerHandle]:
         """What asyncio.sleep(seconds) awaits: a future, resolved by a timer due then. (The
         timer needs no context of its own: it only resolves the future.)"""
+        # (call_at, inlined: this is most of the timers.)
         future = self.create_future()
-        timer = self.call_at(
-            self.now + seconds, _set_result_unless_cancelled, future, None, context=_TIMER_CONTEXT
-        )
+        when = self.now + seconds
+        timer = _Timer(when, _set_result_unless_cancelled, (future, None), self, _TIMER_CONTEXT)
+        heapq.heappush(self._scheduled, (when, float("nan"), timer))  # type: ignore[attr-defined]
         return future, timer
 
     # ---- the lean copies (see the class docstring) ----------------------------------------
@@ -136,7 +137,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         this: Any = self
         if this._debug or this._closed:
             return super().call_soon(callback, *args, context=context)
-        handle = asyncio.Handle(callback, args, self, context)
+        handle = _Handle(callback, args, self, context)
         this._ready.append(handle)
         return handle
 
@@ -149,14 +150,15 @@ class SimLoop(asyncio.SelectorEventLoop):
     def call_at(  # type: ignore[override]
         self, when: float, callback: Callable[..., object], *args: Any, context: Any = None
     ) -> asyncio.TimerHandle:
-        """asyncio's call_at; the heap holds (due time, timer) pairs, compared in C."""
+        """asyncio's call_at; the heap holds (due time, NaN, timer) triples, compared in C: a
+        distinct NaN is neither equal to nor less than another, so timers due at the same
+        moment compare as TimerHandle's `<` compares them (not less), without a Python call."""
         this: Any = self
         if this._debug or this._closed or when is None:
             raise RuntimeError("the simulated loop runs without debug, and only while open")
-        timer: Any = asyncio.TimerHandle(when, callback, args, self, context)
-        heapq.heappush(this._scheduled, (when, timer))
-        timer._scheduled = True
-        return cast(asyncio.TimerHandle, timer)
+        timer = _Timer(when, callback, args, self, context)
+        heapq.heappush(this._scheduled, (when, float("nan"), timer))
+        return timer
 
     def _run_once(self) -> None:
         """asyncio's loop iteration (BaseEventLoop._run_once), repeated until the loop stops
@@ -166,7 +168,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         resolution: float = this._clock_resolution
         heappop = heapq.heappop
         while True:
-            scheduled: list[tuple[float, Any]] = this._scheduled
+            scheduled: list[tuple[float, float, Any]] = this._scheduled
             count = len(scheduled)
             if (
                 count > _MIN_SCHEDULED_TIMER_HANDLES
@@ -174,17 +176,17 @@ class SimLoop(asyncio.SelectorEventLoop):
             ):
                 kept = []
                 for entry in scheduled:
-                    if entry[1]._cancelled:
-                        entry[1]._scheduled = False
+                    if entry[2]._cancelled:
+                        entry[2]._scheduled = False
                     else:
                         kept.append(entry)
                 heapq.heapify(kept)
                 this._scheduled = scheduled = kept
                 this._timer_cancelled_count = 0
             else:
-                while scheduled and scheduled[0][1]._cancelled:
+                while scheduled and scheduled[0][2]._cancelled:
                     this._timer_cancelled_count -= 1
-                    heappop(scheduled)[1]._scheduled = False
+                    heappop(scheduled)[2]._scheduled = False
             if not ready and not this._stopping:
                 if not scheduled:
                     raise RuntimeError(
@@ -196,7 +198,7 @@ class SimLoop(asyncio.SelectorEventLoop):
             while scheduled:
                 if scheduled[0][0] >= end_time:
                     break
-                handle = heappop(scheduled)[1]
+                handle = heappop(scheduled)[2]
                 handle._scheduled = False
                 ready.append(handle)
             for _ in range(len(ready)):
@@ -225,6 +227,47 @@ class SimLoop(asyncio.SelectorEventLoop):
         if handle._source_traceback:
             context["source_traceback"] = handle._source_traceback
         self.call_exception_handler(context)
+
+
+class _Handle(asyncio.Handle):
+    """asyncio.Handle, made in one step (the loop is never in debug mode: no traceback)."""
+
+    __slots__ = ()
+
+    def __init__(
+        self, callback: Callable[..., object], args: Sequence[Any], loop: Any, context: Any
+    ) -> None:
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._loop = loop
+        self._context = context if context is not None else contextvars.copy_context()
+        self._repr = None
+        self._source_traceback = None
+
+
+class _Timer(asyncio.TimerHandle):
+    """asyncio.TimerHandle, made in one step and scheduled (SimLoop pushes it on its heap)."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        when: float,
+        callback: Callable[..., object],
+        args: Sequence[Any],
+        loop: Any,
+        context: Any,
+    ) -> None:
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._loop = loop
+        self._context = context if context is not None else contextvars.copy_context()
+        self._repr = None
+        self._source_traceback = None
+        self._when = when
+        self._scheduled = True
 
 
 def run_simulated(main: Coroutine[object, object, T]) -> T:
@@ -795,6 +838,7 @@ class SimStoreView:
         written_at: dict[str, float],
     ) -> None:
         self._world = world
+        self._loop = world._loop
         self._shared = shared
         self._rng = rng
         self._watch = shared.watch
@@ -841,7 +885,13 @@ class SimStoreView:
 
     async def _hop(self) -> None:
         self._reachable()
-        await self._world.sleep(0.001 + self._rng.random() * 0.004)
+        # (SimTime.sleep, inlined: every store command makes two hops.)
+        future, timer = self._loop.sleeper(0.001 + self._rng.random() * 0.004)
+        try:
+            await future
+        except BaseException:
+            timer.cancel()
+            raise
         if self.frozen.until > self._world.now:
             await self.frozen.thaw()
         self._reachable()
@@ -1018,7 +1068,13 @@ class SimStoreView:
                         return  # the store closed every subscription
                     notice = taken
                     store._check()
-                    await self._world.sleep(0.002)
+                    # (SimTime.sleep, inlined: every notice to every subscriber waits here.)
+                    future, timer = self._loop.sleeper(0.002)
+                    try:
+                        await future
+                    except BaseException:
+                        timer.cancel()
+                        raise
                     if self.frozen.until > self._world.now:
                         await self.frozen.thaw()
                 if self.faults.half_opened != half_opened:
