@@ -285,6 +285,10 @@ def _set_result_unless_cancelled(future: asyncio.Future[None], result: None) -> 
         future.set_result(result)
 
 
+# How long a notice takes from the store to a subscriber's reader.
+NOTICE_DELAY = 0.002
+
+
 class SimTime:
     """The one true clock of the world: the running SimLoop's time, and sleeping on it."""
 
@@ -716,14 +720,61 @@ class Inbox:
     subscription), read without a task per notice; `wake` also ends its reader's wait when
     something that may drop connections changed."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: SimLoop, look: Callable[[], bool]) -> None:
         self.notices: collections.deque[Notice | None] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
+        self._loop = loop
+        # A notice that found its reader waiting is not handed to it twice (woken to take it,
+        # then again after its delivery delay): `_arrive` looks, where a woken reader would
+        # have, whether it could take it (`look`: the subscription still hears); if so, the
+        # reader is woken once, after the delay (`due`), and takes it as if it had slept it.
+        self._look = look
+        self.pending = False  # a notice came to a waiting reader; `_arrive` has not looked yet
+        self.due: float | None = None  # the delivery delay of the notice the reader may take
+        self.delivered = False  # that delay is over (the timer due then ran)
+        # What the reader waits on when a poke woke it during that delay.
+        self.delivery: asyncio.Future[None] | None = None
 
     def put_nowait(self, notice: Notice | None) -> None:
         """The store published `notice` (None: the store closed)."""
         self.notices.append(notice)
-        self.wake()
+        waiter = self.waiter
+        if waiter is None or waiter.done() or self.pending or self.due is not None:
+            return  # the reader is busy, or already to be woken: it takes this one after
+        if notice is None:
+            waiter.set_result(None)  # the store closed: no delay
+            return
+        self.pending = True
+        # (loop.call_soon, inlined: where the woken reader's step would have been queued.)
+        loop: Any = self._loop
+        loop._ready.append(_Handle(self._arrive, (), loop, _TIMER_CONTEXT))
+
+    def _arrive(self) -> None:
+        """What the reader woken by a notice would have done first: look whether it hears,
+        then take the notice and wait its delivery delay (a timer at the same time pushed at
+        the same moment); else wake it now, to end as it would have."""
+        if not self.pending:
+            return
+        self.pending = False
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # woken meanwhile (a poke came first, or the store closed): it looks itself
+        if not self._look():
+            waiter.set_result(None)
+            return
+        loop: Any = self._loop
+        self.due = due = loop.now + NOTICE_DELAY
+        self.delivered = False
+        timer = _Timer(due, self._deliver, (), loop, _TIMER_CONTEXT)
+        heapq.heappush(loop._scheduled, (due, float("nan"), timer))
+
+    def _deliver(self) -> None:
+        """The delivery delay is over: wake the reader (wherever it waits for it)."""
+        self.delivered = True
+        for future in (self.waiter, self.delivery):
+            if future is not None and not future.done():
+                future.set_result(None)
+                return
 
     def wake(self) -> None:
         """End the reader's wait (if it waits)."""
@@ -1044,16 +1095,35 @@ class SimStoreView:
         self._reachable()
         store = self._shared
         store._check()
-        inbox = Inbox()
-        store._subscribers.add(inbox)  # type: ignore[arg-type]
-        self._watch.listen(inbox)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         restarts, moves = self.restarts[0], self.moves
         half_opened = self.faults.half_opened
+
+        def hears() -> bool:
+            """The subscription is neither half-open nor cut off."""
+            return self.faults.half_opened == half_opened and not self._dropped(restarts, moves)
+
+        inbox = Inbox(loop, hears)
+        store._subscribers.add(inbox)  # type: ignore[arg-type]
+        self._watch.listen(inbox)
         try:
             while True:
                 # Woken by a notice, or by a change that may have dropped the connection.
+                delayed = False  # the notice to take has had its delay (Inbox.due)
                 while True:
+                    if inbox.due is not None:
+                        # A notice taken (by Inbox._arrive) and delayed: woken at its due
+                        # time, or by a poke meanwhile, that a reader asleep in the delay
+                        # would not have seen: sleep on.
+                        inbox.due = None
+                        if not inbox.delivered:
+                            inbox.delivery = loop.create_future()
+                            try:
+                                await inbox.delivery
+                            finally:
+                                inbox.delivery = None
+                        delayed = True
+                        break
                     if self.faults.half_opened != half_opened:
                         break
                     if self._dropped(restarts, moves):
@@ -1062,19 +1132,20 @@ class SimStoreView:
                         break
                     inbox.waiter = loop.create_future()
                     await inbox.waiter
-                if self.faults.half_opened == half_opened:
+                if delayed or self.faults.half_opened == half_opened:
                     taken = inbox.notices.popleft()
                     if taken is None:
                         return  # the store closed every subscription
                     notice = taken
                     store._check()
-                    # (SimTime.sleep, inlined: every notice to every subscriber waits here.)
-                    future, timer = self._loop.sleeper(0.002)
-                    try:
-                        await future
-                    except BaseException:
-                        timer.cancel()
-                        raise
+                    if not delayed:
+                        # (SimTime.sleep, inlined: a notice waits here for its delivery.)
+                        future, timer = loop.sleeper(NOTICE_DELAY)
+                        try:
+                            await future
+                        except BaseException:
+                            timer.cancel()
+                            raise
                     if self.frozen.until > self._world.now:
                         await self.frozen.thaw()
                 if self.faults.half_opened != half_opened:
