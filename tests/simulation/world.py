@@ -931,7 +931,7 @@ class SimStoreView:
         self._watch.poke()
 
     def _reachable(self) -> None:
-        if self.faults.partitioned or self.outage or self.dead:
+        if self.faults.partitioned or self._outage or self.dead:
             raise StoreUnavailable("simulated: store unreachable")
 
     async def _hop(self) -> None:
@@ -1175,7 +1175,7 @@ class SimStoreView:
         """A subscription made at (`restarts`, `moves`) is cut off now."""
         return (
             self.faults.partitioned
-            or self.outage
+            or self._outage
             or self.restarts[0] != restarts
             or self.moves != moves
         )
