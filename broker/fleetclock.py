@@ -16,9 +16,9 @@ how old it is.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from broker.clock import Clock
 from broker.errors import StoreUnavailable
@@ -152,9 +152,10 @@ class FleetClock:
         """The base clock's monotonic time."""
         return self._base.monotonic()
 
-    async def sleep(self, seconds: float) -> None:
-        """Sleep on the base clock."""
-        await self._base.sleep(seconds)
+    def sleep(self, seconds: float) -> Coroutine[Any, Any, None]:
+        """Sleep on the base clock (its own coroutine, without a frame of ours around it: every
+        timer of the broker waits here)."""
+        return self._base.sleep(seconds)
 
     @property
     def measured(self) -> bool:

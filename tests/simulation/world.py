@@ -123,10 +123,11 @@ class SimLoop(asyncio.SelectorEventLoop):
     def sleeper(self, seconds: float) -> tuple[asyncio.Future[None], asyncio.TimerHandle]:
         """What asyncio.sleep(seconds) awaits: a future, resolved by a timer due then. (The
         timer needs no context of its own: it only resolves the future.)"""
+        # (call_at, inlined: this is most of the timers.)
         future = self.create_future()
-        timer = self.call_at(
-            self.now + seconds, _set_result_unless_cancelled, future, None, context=_TIMER_CONTEXT
-        )
+        when = self.now + seconds
+        timer = _Timer(when, _set_result_unless_cancelled, (future, None), self, _TIMER_CONTEXT)
+        heapq.heappush(self._scheduled, (when, float("nan"), timer))  # type: ignore[attr-defined]
         return future, timer
 
     # ---- the lean copies (see the class docstring) ----------------------------------------
@@ -140,7 +141,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         this: Any = self
         if this._debug or this._closed:
             return super().call_soon(callback, *args, context=context)
-        handle = asyncio.Handle(callback, args, self, context)
+        handle = _Handle(callback, args, self, context)
         this._ready.append(handle)
         return handle
 
@@ -153,14 +154,15 @@ class SimLoop(asyncio.SelectorEventLoop):
     def call_at(  # type: ignore[override]
         self, when: float, callback: Callable[..., object], *args: Any, context: Any = None
     ) -> asyncio.TimerHandle:
-        """asyncio's call_at; the heap holds (due time, timer) pairs, compared in C."""
+        """asyncio's call_at; the heap holds (due time, NaN, timer) triples, compared in C: a
+        distinct NaN is neither equal to nor less than another, so timers due at the same
+        moment compare as TimerHandle's `<` compares them (not less), without a Python call."""
         this: Any = self
         if this._debug or this._closed or when is None:
             raise RuntimeError("the simulated loop runs without debug, and only while open")
-        timer: Any = asyncio.TimerHandle(when, callback, args, self, context)
-        heapq.heappush(this._scheduled, (when, timer))
-        timer._scheduled = True
-        return cast(asyncio.TimerHandle, timer)
+        timer = _Timer(when, callback, args, self, context)
+        heapq.heappush(this._scheduled, (when, float("nan"), timer))
+        return timer
 
     def _run_once(self) -> None:
         """asyncio's loop iteration (BaseEventLoop._run_once), repeated until the loop stops
@@ -170,7 +172,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         resolution: float = this._clock_resolution
         heappop = heapq.heappop
         while True:
-            scheduled: list[tuple[float, Any]] = this._scheduled
+            scheduled: list[tuple[float, float, Any]] = this._scheduled
             count = len(scheduled)
             if (
                 count > _MIN_SCHEDULED_TIMER_HANDLES
@@ -178,17 +180,17 @@ class SimLoop(asyncio.SelectorEventLoop):
             ):
                 kept = []
                 for entry in scheduled:
-                    if entry[1]._cancelled:
-                        entry[1]._scheduled = False
+                    if entry[2]._cancelled:
+                        entry[2]._scheduled = False
                     else:
                         kept.append(entry)
                 heapq.heapify(kept)
                 this._scheduled = scheduled = kept
                 this._timer_cancelled_count = 0
             else:
-                while scheduled and scheduled[0][1]._cancelled:
+                while scheduled and scheduled[0][2]._cancelled:
                     this._timer_cancelled_count -= 1
-                    heappop(scheduled)[1]._scheduled = False
+                    heappop(scheduled)[2]._scheduled = False
             if not ready and not this._stopping:
                 if not scheduled:
                     raise RuntimeError(
@@ -200,7 +202,7 @@ class SimLoop(asyncio.SelectorEventLoop):
             while scheduled:
                 if scheduled[0][0] >= end_time:
                     break
-                handle = heappop(scheduled)[1]
+                handle = heappop(scheduled)[2]
                 handle._scheduled = False
                 ready.append(handle)
             for _ in range(len(ready)):
@@ -231,6 +233,47 @@ class SimLoop(asyncio.SelectorEventLoop):
         self.call_exception_handler(context)
 
 
+class _Handle(asyncio.Handle):
+    """asyncio.Handle, made in one step (the loop is never in debug mode: no traceback)."""
+
+    __slots__ = ()
+
+    def __init__(
+        self, callback: Callable[..., object], args: Sequence[Any], loop: Any, context: Any
+    ) -> None:
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._loop = loop
+        self._context = context if context is not None else contextvars.copy_context()
+        self._repr = None
+        self._source_traceback = None
+
+
+class _Timer(asyncio.TimerHandle):
+    """asyncio.TimerHandle, made in one step and scheduled (SimLoop pushes it on its heap)."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        when: float,
+        callback: Callable[..., object],
+        args: Sequence[Any],
+        loop: Any,
+        context: Any,
+    ) -> None:
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._loop = loop
+        self._context = context if context is not None else contextvars.copy_context()
+        self._repr = None
+        self._source_traceback = None
+        self._when = when
+        self._scheduled = True
+
+
 def run_simulated(main: Coroutine[object, object, T]) -> T:
     """Run `main` to completion on a fresh SimLoop."""
     with asyncio.Runner(loop_factory=SimLoop) as runner:
@@ -244,6 +287,10 @@ def _set_result_unless_cancelled(future: asyncio.Future[None], result: None) -> 
     """What asyncio.sleep's timer does (asyncio.futures._set_result_unless_cancelled)."""
     if not future.cancelled():
         future.set_result(result)
+
+
+# How long a notice takes from the store to a subscriber's reader.
+NOTICE_DELAY = 0.002
 
 
 class SimTime:
@@ -738,14 +785,61 @@ class Inbox:
     subscription), read without a task per notice; `wake` also ends its reader's wait when
     something that may drop connections changed."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: SimLoop, look: Callable[[], bool]) -> None:
         self.notices: collections.deque[Notice | None] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
+        self._loop = loop
+        # A notice that found its reader waiting is not handed to it twice (woken to take it,
+        # then again after its delivery delay): `_arrive` looks, where a woken reader would
+        # have, whether it could take it (`look`: the subscription still hears); if so, the
+        # reader is woken once, after the delay (`due`), and takes it as if it had slept it.
+        self._look = look
+        self.pending = False  # a notice came to a waiting reader; `_arrive` has not looked yet
+        self.due: float | None = None  # the delivery delay of the notice the reader may take
+        self.delivered = False  # that delay is over (the timer due then ran)
+        # What the reader waits on when a poke woke it during that delay.
+        self.delivery: asyncio.Future[None] | None = None
 
     def put_nowait(self, notice: Notice | None) -> None:
         """The store published `notice` (None: the store closed)."""
         self.notices.append(notice)
-        self.wake()
+        waiter = self.waiter
+        if waiter is None or waiter.done() or self.pending or self.due is not None:
+            return  # the reader is busy, or already to be woken: it takes this one after
+        if notice is None:
+            waiter.set_result(None)  # the store closed: no delay
+            return
+        self.pending = True
+        # (loop.call_soon, inlined: where the woken reader's step would have been queued.)
+        loop: Any = self._loop
+        loop._ready.append(_Handle(self._arrive, (), loop, _TIMER_CONTEXT))
+
+    def _arrive(self) -> None:
+        """What the reader woken by a notice would have done first: look whether it hears,
+        then take the notice and wait its delivery delay (a timer at the same time pushed at
+        the same moment); else wake it now, to end as it would have."""
+        if not self.pending:
+            return
+        self.pending = False
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # woken meanwhile (a poke came first, or the store closed): it looks itself
+        if not self._look():
+            waiter.set_result(None)
+            return
+        loop: Any = self._loop
+        self.due = due = loop.now + NOTICE_DELAY
+        self.delivered = False
+        timer = _Timer(due, self._deliver, (), loop, _TIMER_CONTEXT)
+        heapq.heappush(loop._scheduled, (due, float("nan"), timer))
+
+    def _deliver(self) -> None:
+        """The delivery delay is over: wake the reader (wherever it waits for it)."""
+        self.delivered = True
+        for future in (self.waiter, self.delivery):
+            if future is not None and not future.done():
+                future.set_result(None)
+                return
 
     def wake(self) -> None:
         """End the reader's wait (if it waits)."""
@@ -860,6 +954,7 @@ class SimStoreView:
         written_at: dict[str, float],
     ) -> None:
         self._world = world
+        self._loop = world._loop
         self._shared = shared
         self._rng = rng
         self._watch = shared.watch
@@ -902,12 +997,18 @@ class SimStoreView:
         self._watch.poke()
 
     def _reachable(self) -> None:
-        if self.faults.partitioned or self.outage or self.dead:
+        if self.faults.partitioned or self._outage or self.dead:
             raise StoreUnavailable("simulated: store unreachable")
 
     async def _hop(self) -> None:
         self._reachable()
-        await self._world.sleep(0.001 + self._rng.random() * 0.004)
+        # (SimTime.sleep, inlined: every store command makes two hops.)
+        future, timer = self._loop.sleeper(0.001 + self._rng.random() * 0.004)
+        try:
+            await future
+        except BaseException:
+            timer.cancel()
+            raise
         if self.frozen.until > self._world.now:
             await self.frozen.thaw()
         self._reachable()
@@ -1061,16 +1162,35 @@ class SimStoreView:
         self._reachable()
         store = self._shared
         store._check()
-        inbox = Inbox()
-        store._subscribers.add(inbox)  # type: ignore[arg-type]
-        self._watch.listen(inbox)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         restarts, moves = self.restarts[0], self.moves
         half_opened = self.faults.half_opened
+
+        def hears() -> bool:
+            """The subscription is neither half-open nor cut off."""
+            return self.faults.half_opened == half_opened and not self._dropped(restarts, moves)
+
+        inbox = Inbox(loop, hears)
+        store._subscribers.add(inbox)  # type: ignore[arg-type]
+        self._watch.listen(inbox)
         try:
             while True:
                 # Woken by a notice, or by a change that may have dropped the connection.
+                delayed = False  # the notice to take has had its delay (Inbox.due)
                 while True:
+                    if inbox.due is not None:
+                        # A notice taken (by Inbox._arrive) and delayed: woken at its due
+                        # time, or by a poke meanwhile, that a reader asleep in the delay
+                        # would not have seen: sleep on.
+                        inbox.due = None
+                        if not inbox.delivered:
+                            inbox.delivery = loop.create_future()
+                            try:
+                                await inbox.delivery
+                            finally:
+                                inbox.delivery = None
+                        delayed = True
+                        break
                     if self.faults.half_opened != half_opened:
                         break
                     if self._dropped(restarts, moves):
@@ -1079,13 +1199,20 @@ class SimStoreView:
                         break
                     inbox.waiter = loop.create_future()
                     await inbox.waiter
-                if self.faults.half_opened == half_opened:
+                if delayed or self.faults.half_opened == half_opened:
                     taken = inbox.notices.popleft()
                     if taken is None:
                         return  # the store closed every subscription
                     notice = taken
                     store._check()
-                    await self._world.sleep(0.002)
+                    if not delayed:
+                        # (SimTime.sleep, inlined: a notice waits here for its delivery.)
+                        future, timer = loop.sleeper(NOTICE_DELAY)
+                        try:
+                            await future
+                        except BaseException:
+                            timer.cancel()
+                            raise
                     if self.frozen.until > self._world.now:
                         await self.frozen.thaw()
                 if self.faults.half_opened != half_opened:
@@ -1115,7 +1242,7 @@ class SimStoreView:
         """A subscription made at (`restarts`, `moves`) is cut off now."""
         return (
             self.faults.partitioned
-            or self.outage
+            or self._outage
             or self.restarts[0] != restarts
             or self.moves != moves
         )
