@@ -37,7 +37,8 @@ from bench.procs import (
     stop,
     write_demo_config,
 )
-from broker.api import build_api_server
+from broker.api import ApiDependencies, build_api
+from broker.api.server import api_server_options
 from broker.app import build_broker
 from broker.config import load_config
 
@@ -130,8 +131,17 @@ async def run(args: argparse.Namespace, oauth_port: int) -> int:
     broker = await build_broker(load_config(config))
     try:
         await broker.core.refreshers["demo"].get()
-        server = build_api_server(
-            broker.core, broker.authenticator, broker.metrics, broker.clock, broker.upstreams
+        server = web.Server(
+            build_api(
+                ApiDependencies(
+                    broker.core,
+                    broker.authenticator,
+                    broker.metrics,
+                    broker.clock,
+                    broker.upstreams,
+                )
+            ),
+            **api_server_options(),
         )
         request = (
             b"GET /v1/token/demo HTTP/1.1\r\nHost: 127.0.0.1:8411\r\n"

@@ -18,9 +18,11 @@ import aiohttp
 from aiohttp import web
 
 from broker import tracing
-from broker.api import build_api_server, build_metrics_app
+from broker.api import ApiDependencies, build_api
 from broker.api.auth import ClientAuthenticator
+from broker.api.health import build_metrics_app
 from broker.api.proxy import Upstreams
+from broker.api.server import api_server_options
 from broker.api.unix_socket import UnixListener, bind_unix_socket
 from broker.clock import Clock, SystemClock
 from broker.config import load_config
@@ -359,14 +361,19 @@ async def start_listeners(broker: Broker) -> None:
     """Bind the local API (TCP, or a unix socket with peer identity) and the metrics listener;
     ListenError names the setting that failed."""
     server = broker.config.server
-    api = build_api_server(
-        broker.core,
-        broker.authenticator,
-        broker.metrics,
-        broker.clock,
-        broker.upstreams,
-        peer_identity=server.unix_path is not None,
-        dpop=broker.dpop,
+    api = web.Server(
+        build_api(
+            ApiDependencies(
+                service=broker.core,
+                authenticator=broker.authenticator,
+                metrics=broker.metrics,
+                clock=broker.clock,
+                upstreams=broker.upstreams,
+                peer_identity=server.unix_path is not None,
+                dpop=broker.dpop,
+            )
+        ),
+        **api_server_options(),
     )
     broker.api_runner = web.ServerRunner(api, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
     await broker.api_runner.setup()

@@ -23,7 +23,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from broker.clock import Clock
+from broker.clock import Clock, wait_within
 from broker.errors import (
     NotDurable,
     PermanentTokenError,
@@ -1073,14 +1073,7 @@ class FleetProtocol:
     ) -> TokenSet:
         """`fetch`, bounded by `budget` seconds on the injected clock (no answer: outcome unknown)."""
         request = asyncio.ensure_future(fetch(refresh_token))
-        timer = asyncio.ensure_future(self._clock.sleep(budget))
-        try:
-            await asyncio.wait({request, timer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            timer.cancel()
-            if not request.done():
-                request.cancel()
-                await asyncio.gather(request, return_exceptions=True)
+        await wait_within(self._clock, request, budget, cancel_late=True)
         if request.cancelled():
             raise TransientTokenError(
                 f"no answer within {budget:.1f} s", outcome_unknown=refresh_token is not None

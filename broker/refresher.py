@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from broker import policy, tracing
-from broker.clock import Clock
+from broker.clock import Clock, Wake, wait_within
 from broker.errors import (
     NeedsAuthorization,
     PermanentTokenError,
@@ -97,44 +97,6 @@ def drain_bound(timing: Timing, *, spends: bool) -> float:
     lease = (timing.objection_idle if spends else 0.0) + timing.max_attempt
     lease += timing.persist + timing.margin
     return lease + (timing.read_timeout if spends else 0.0)
-
-
-class _Wake:
-    """The loop's wake-up: `set()` ends the current sleep, or the next one at once.
-
-    One task per sleep (the clock's), cancelled by `set()`: an `asyncio.Event` waited on beside
-    the sleep cost a second task and an `asyncio.wait` on every turn of every loop.
-    """
-
-    def __init__(self) -> None:
-        self._set = False
-        self._sleeper: asyncio.Future[None] | None = None
-
-    def set(self) -> None:
-        """Wake the loop now (or make its next sleep return at once)."""
-        self._set = True
-        if self._sleeper is not None:
-            self._sleeper.cancel()
-
-    def clear(self) -> None:
-        """Forget an earlier wake-up."""
-        self._set = False
-
-    async def sleep(self, clock: Clock, seconds: float) -> None:
-        """Sleep `seconds` on `clock`, or until `set()`; cancelling the caller still cancels."""
-        if self._set:
-            return
-        sleeper = asyncio.ensure_future(clock.sleep(seconds))
-        self._sleeper = sleeper
-        try:
-            await sleeper
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the caller was cancelled, not woken
-        finally:
-            self._sleeper = None
-            sleeper.cancel()
 
 
 class AppRefresher:
@@ -226,7 +188,7 @@ class AppRefresher:
         self._over_budget = False
         self._ignore_shared_failure = False
         self._inflight: asyncio.Task[None] | None = None
-        self._wake = _Wake()
+        self._wake = Wake()
         self._forced: collections.deque[float] = collections.deque()
         # The access token an upstream refused (its fingerprint): due now while still held.
         self._refused_fp: str | None = None
@@ -478,13 +440,8 @@ class AppRefresher:
     async def _wait_for_refresh(self) -> None:
         if self._stopping:
             return
-        task = self._start_refresh()
-        timer = asyncio.ensure_future(self._clock.sleep(CALLER_WAIT))
-        try:
-            # Waits for the refresh (never cancels it) or the injected clock, whichever first.
-            await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            timer.cancel()
+        # Waits for the refresh (never cancels it: it is shared) or the clock, whichever first.
+        await wait_within(self._clock, self._start_refresh(), CALLER_WAIT)
 
     # ---- the loop ------------------------------------------------------------------------
 

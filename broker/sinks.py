@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from broker import policy
-from broker.clock import Clock
+from broker.clock import Clock, Wake
 from broker.logs import RateLimitedLog, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, SinkFormat, SinkSpec, TokenSet
@@ -147,7 +147,7 @@ class SinkWriter:
         self._shown: dict[Path, str | None] = {sink.path: None for sink in self.sinks}
         self._failures = 0
         self._failure_log = RateLimitedLog(FAILURE_LOG_INTERVAL)
-        self._wake = asyncio.Event()
+        self._wake = Wake()
         holder.add_listener(self.notify)
 
     def notify(self, _: TokenSet) -> None:
@@ -215,13 +215,7 @@ class SinkWriter:
         return True
 
     async def _sleep_or_wake(self, seconds: float) -> None:
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+        await self._wake.sleep(self._clock, seconds)
 
 
 class SinkSet:

@@ -13,8 +13,10 @@ from prometheus_client import generate_latest
 from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
-from broker.api import api_server_options, build_api_handler, build_metrics_app
+from broker.api import ApiDependencies, build_api
 from broker.api.auth import ClientAuthenticator
+from broker.api.health import build_metrics_app
+from broker.api.server import api_server_options
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
 from broker.model import AppState, ClientSpec, TokenSet
@@ -114,7 +116,7 @@ async def api(
     metrics: Metrics,
 ) -> TestClient[Any, Any]:
     return await aiohttp_client(
-        RawTestServer(build_api_handler(service, authenticator, metrics, FakeClock())),
+        RawTestServer(build_api(ApiDependencies(service, authenticator, metrics, FakeClock()))),
         server_kwargs=api_server_options(),
     )
 

@@ -14,9 +14,10 @@ from aiohttp.test_utils import RawTestServer, TestClient
 from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
-from broker.api import api_server_options, build_api_handler
+from broker.api import ApiDependencies, build_api
 from broker.api.answers import TOKEN_HEADERS, Answer, PrebuiltResponse
 from broker.api.auth import ClientAuthenticator
+from broker.api.server import api_server_options
 from broker.errors import TokenUnavailable
 from broker.metrics import Metrics
 from broker.model import AppState, ClientSpec, TokenSet
@@ -112,7 +113,7 @@ async def api(
             for name, key in (("alpha", KEY_A), ("beta", KEY_B))
         }
     )
-    handler = build_api_handler(service, authenticator, metrics, fake_clock)
+    handler = build_api(ApiDependencies(service, authenticator, metrics, fake_clock))
     return await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
 
 

@@ -10,8 +10,9 @@ import jwt
 import pytest
 from aiohttp.test_utils import RawTestServer, TestClient
 
-from broker.api import api_server_options, build_api_handler
+from broker.api import ApiDependencies, build_api
 from broker.api.auth import ClientAuthenticator
+from broker.api.server import api_server_options
 from broker.dpop import AppDpop, ProofKey, ProofKeys, generate_key
 from broker.metrics import Metrics
 from broker.model import ClientSpec, DpopAlgorithm, TokenSet
@@ -53,7 +54,7 @@ async def api(
     service.tokens["app1"] = TokenSet(
         "bound-token-" + "z" * 30, "DPoP", NOW - 100, NOW + 3500, None, dpop_jkt=JKT_KEY.jkt
     )
-    handler = build_api_handler(service, authenticator, Metrics(), FakeClock(), dpop=dpop)
+    handler = build_api(ApiDependencies(service, authenticator, Metrics(), FakeClock(), dpop=dpop))
     return await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
 
 

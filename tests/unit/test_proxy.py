@@ -19,10 +19,11 @@ from aiohttp import web
 from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from broker.api import api_server_options, build_api_handler
+from broker.api import ApiDependencies, build_api
 from broker.api.auth import ClientAuthenticator, unauthorized_message
 from broker.api.errors import ApiError
 from broker.api.proxy import Upstreams, request_headers, response_headers, upstream_target
+from broker.api.server import api_server_options
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, ClientSpec, ProxySpec, TokenSet, UpstreamSpec
@@ -292,7 +293,9 @@ async def make_api(
             }
         )
         upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
-        handler = build_api_handler(service, authenticator, metrics, FakeClock(), upstreams)
+        handler = build_api(
+            ApiDependencies(service, authenticator, metrics, FakeClock(), upstreams)
+        )
         return await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
 
     yield make
@@ -577,7 +580,7 @@ class TestFailClosedAndLimits:
         authenticator = ClientAuthenticator(
             {"svc": ClientSpec("svc", ("app1",), key_files=(tmp_path / "key",))}
         )
-        handler = build_api_handler(service, authenticator, metrics, FakeClock())
+        handler = build_api(ApiDependencies(service, authenticator, metrics, FakeClock()))
         api = await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
         response = await api.get("/v1/proxy/app1/x", headers=AUTH)
         assert response.status == 404
@@ -644,7 +647,9 @@ class TestRelay:
         upstreams = Upstreams()
         spec = ProxySpec(upstream=f"http://127.0.0.1:{port}", allowed_networks=("127.0.0.0/8",))
         upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
-        handler = build_api_handler(service, authenticator, metrics, FakeClock(), upstreams)
+        handler = build_api(
+            ApiDependencies(service, authenticator, metrics, FakeClock(), upstreams)
+        )
         api = await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
         try:
             response = await api.get("/v1/proxy/app1/x", headers=AUTH)

@@ -12,9 +12,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 
-from broker.api import api_server_options, build_api_handler
+from broker.api import ApiDependencies, build_api
 from broker.api.auth import ClientAuthenticator
 from broker.api.proxy import Upstreams
+from broker.api.server import api_server_options
 from broker.dpop import AppDpop, ProofKey, ProofKeys, generate_key
 from broker.metrics import Metrics
 from broker.model import AppSpec, ClientSpec, DpopAlgorithm, ProxySpec, TokenSet
@@ -107,7 +108,9 @@ async def api(
         upstream=upstream.base, max_buffered_body=16, allowed_networks=("127.0.0.0/8",)
     )
     upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
-    handler = build_api_handler(service, authenticator, metrics, FakeClock(), upstreams, dpop=dpop)
+    handler = build_api(
+        ApiDependencies(service, authenticator, metrics, FakeClock(), upstreams, dpop=dpop)
+    )
     yield await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
     await upstreams.close(grace=0.0)
 

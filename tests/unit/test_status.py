@@ -14,7 +14,7 @@ import jsonschema_rs
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from broker.api import build_metrics_app
+from broker.api.health import build_metrics_app
 from broker.app import Broker, build_broker, fleet_status
 from broker.cli import EXIT_USAGE, main
 from broker.config import load_config

@@ -15,8 +15,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import RawTestServer, TestClient
 
-from broker.api import api_server_options, build_api_handler, build_api_server
+from broker.api import ApiDependencies, build_api
 from broker.api.auth import ClientAuthenticator, PeerCredentials
+from broker.api.server import api_server_options
 from broker.api.unix_socket import bind_unix_socket
 from broker.errors import ConfigError, TokenUnavailable
 from broker.metrics import Metrics
@@ -156,8 +157,10 @@ class TestPeerIdentityNeverOnTcp:
     ) -> None:
         """Over TCP a caller without a key is 401 even when a client maps its uid."""
         auth = ClientAuthenticator({"me": ClientSpec("me", ("app1",), uids=(os.geteuid(),))})
-        handler = build_api_handler(
-            FakeService(), auth, Metrics(), FakeClock(), peer_identity=peer_identity
+        handler = build_api(
+            ApiDependencies(
+                FakeService(), auth, Metrics(), FakeClock(), peer_identity=peer_identity
+            )
         )
         client: TestClient[Any, Any] = await aiohttp_client(
             RawTestServer(handler), server_kwargs=api_server_options()
@@ -176,7 +179,10 @@ class TestErrorMessagesOnTheSocket:
         service.errors["app1"] = TokenUnavailable("x", retry_after=2)
         service.last_errors["app1"] = "transient: token endpoint answered 503"
         auth = ClientAuthenticator({"me": ClientSpec("me", ("app1",), uids=(os.geteuid(),))})
-        api = build_api_server(service, auth, Metrics(), FakeClock(), peer_identity=True)
+        api = web.Server(
+            build_api(ApiDependencies(service, auth, Metrics(), FakeClock(), peer_identity=True)),
+            **api_server_options(),
+        )
         runner = web.ServerRunner(api)
         await runner.setup()
         listener = bind_unix_socket(server(sock_path, 0o600))
