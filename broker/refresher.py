@@ -480,12 +480,24 @@ class AppRefresher:
         only copy of a rotated set that the store could not take yet, so write it back.
         (A client-credentials app spends nothing: a new token is as good.)"""
         token = retired.token
-        if not self.grant_spends:
-            return
-        if token is not None and (self.token is None or token.rank > self.token.rank):
+        if (
+            self.grant_spends
+            and token is not None
+            and (self.token is None or token.rank > self.token.rank)
+        ):
             self.prime(token)
             self._dirty = True
             self._unsynced = True
+        if (
+            token is not None
+            and self.token is not None
+            and self.token.access_token == token.access_token
+        ):
+            # The same token: keep the serving deadline the retired refresher counted on the
+            # monotonic clock. Re-derived from the wall clocks now, it would stretch by any
+            # step back of both since its adoption (M3; swarm seed 6678: a pod 93 s behind, a
+            # Redis stepped back, a reload, and a token served 20 s past its expiry).
+            self._mono_expiry = min(self._mono_expiry, retired._mono_expiry)
 
     def notify_store_changed(self, *, reconnected: bool = False) -> None:
         """The store may hold something new (a reconnect): look on the next turn.
