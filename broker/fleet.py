@@ -611,6 +611,14 @@ class FleetProtocol:
             self._foreign_fences[refresh_fp] = (record.owner, record.fence)
         return record.owner
 
+    async def _record_gone(self, refresh_fp: str) -> bool:
+        """The store holds no spend record of `refresh_fp` now (False when it cannot say)."""
+        try:
+            record = await self._store.load_spend(self.key)
+        except StoreUnavailable:
+            return False
+        return record is None or record.refresh_fp != refresh_fp
+
     def _settled(self, refresh_fp: str) -> bool:
         """No spend of ours of `refresh_fp` has an unknown outcome or is on the wire."""
         return refresh_fp not in self._unknown and refresh_fp != self.in_flight
@@ -936,6 +944,12 @@ class FleetProtocol:
             # store is back). Not our own unknown spend, which is never forgiven: remember it
             # as its owner's, whose abort, own next spend or a newer set clears it; we veto
             # any other replica's spend of it.
+            if refresh_fp not in self._foreign_spends and await self._record_gone(refresh_fp):
+                # Resolved since our begin_spend read it (its spender's abort, whose notice
+                # we may miss while our subscription is not back, or a newer set): nothing
+                # unknown stands, and remembered without an owner it would be vetoed for
+                # good by us (swarm seed 7116). Try again.
+                return Busy(0.0)
             self._unknown_foreign.add(refresh_fp)
             if refresh_fp not in self._foreign_spends:
                 owner = await self._record_owner(refresh_fp)

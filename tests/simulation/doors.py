@@ -12,8 +12,10 @@ import asyncio
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from broker.model import PROTOCOL_VERSION, RefreshPolicy
+from broker.store import SpendStart
 from broker.store.memory import MemoryState
 from tests.simulation.schedule import Schedule, run
 from tests.simulation.world import Replica, World, WorldConfig
@@ -1294,6 +1296,92 @@ def sigterm_during_a_reload_mid_spend() -> Schedule:
     )
 
 
+def config_reload_under_two_clocks_behind() -> Schedule:
+    """Found by the swarm (seed 6678): a pod whose own clock is 30 s behind, and right after a
+    refresh the Redis host's clock steps back 40 s; the server is down, so no newer set
+    replaces the token. The pod's monotonic guard, counted since it adopted the token, stops
+    it serving at the true expiry; a config reload then replaced its refresher, which
+    re-derived the deadline from the two wall clocks, both behind, and served the token past
+    its expiry. The new refresher keeps the old one's deadline for the same token."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        server.faults.down = True
+        world.store_clock.step = -40.0
+        await world.time.sleep(40.0)  # the pod's fleet clock has taken the step by now
+        await world.reload(0)
+        await world.time.sleep(50.0)  # past the true expiry of the last token
+        world.store_clock.step = 0.0
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[-30.0, 0.0])
+    return Schedule(
+        seed=20_057,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="config_reload_under_two_clocks_behind",
+        script=script,
+        script_heals_by=180.0,
+    )
+
+
+def spend_record_resolved_while_its_reader_looks() -> Schedule:
+    """Found by the swarm (seed 7116): the store goes down right after it applied the
+    spender's `mark_sent` (the answer lost: never sent). When it is back, a bystander's
+    `begin_spend` meets the `sent` record, and the answer is slow (5 s); meanwhile the spender
+    writes its abort, whose notice the bystander misses (its subscription is not back). The
+    bystander then read the record's owner, found no record, and kept the spend as nobody's:
+    it vetoed every later spend of the token with no one to lift it, and the fleet waited for
+    a person. A record gone by then was resolved: it tries again."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        bystander = world.replicas[(spender + 1) % len(world.replicas)]
+        view = bystander.view
+        original = view.begin_spend
+        slowed: list[bool] = []
+
+        async def slow_unknown(app: str, **kwargs: Any) -> SpendStart:
+            result = await original(app, **kwargs)
+            if result is SpendStart.UNKNOWN and not slowed:
+                slowed.append(True)
+                await world.time.sleep(5.0)  # the answer is slow; the abort lands meanwhile
+            return result
+
+        view.begin_spend = slow_unknown  # type: ignore[method-assign]
+        await world.time.sleep(8.0)
+        world.replicas[spender].view.faults.partitioned = True
+        view.faults.lost_kinds = frozenset({"abort"})
+        world.set_store_outage(False)
+        await until(world, lambda: slowed, limit=60.0)
+        world.replicas[spender].view.faults.partitioned = False
+        await world.time.sleep(30.0)
+        view.faults.lost_kinds = frozenset()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_058,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="spend_record_resolved_while_its_reader_looks",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -1335,6 +1423,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "two_failovers_at_one_moment": two_failovers_at_one_moment,
     "veto_naming_a_spend_a_reload_carried": veto_naming_a_spend_a_reload_carried,
     "sigterm_during_a_reload_mid_spend": sigterm_during_a_reload_mid_spend,
+    "config_reload_under_two_clocks_behind": config_reload_under_two_clocks_behind,
+    "spend_record_resolved_while_its_reader_looks": spend_record_resolved_while_its_reader_looks,
 }
 
 

@@ -667,6 +667,39 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_a_reload_that_re_derives_the_serving_deadline(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 6678): a new refresher that derives the token's deadline from the
+        two wall clocks again, both behind, serves it past its expiry."""
+
+        def keeps_the_set_only(self: AppRefresher, retired: AppRefresher) -> None:
+            token = retired.token
+            if token is not None and (self.token is None or token.rank > self.token.rank):
+                self.prime(token)
+                self._dirty = True
+                self._unsynced = True
+
+        mutate(AppRefresher, "take_over", keeps_the_set_only)
+        result = run(DOORS["config_reload_under_two_clocks_behind"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_a_resolved_record_kept_as_nobodys_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 7116): a replica whose `begin_spend` met a record that its spender
+        then resolved, and that missed the abort notice, keeps the spend as nobody's and
+        vetoes every later spend of the token: the fleet waits for a person."""
+
+        async def never_gone(self: FleetProtocol, refresh_fp: str) -> bool:
+            return False
+
+        mutate(FleetProtocol, "_record_gone", never_gone)
+        result = run(DOORS["spend_record_resolved_while_its_reader_looks"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
     def test_a_second_failover_that_loses_the_acknowledged_record(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
