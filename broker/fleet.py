@@ -593,6 +593,12 @@ class FleetProtocol:
         if self._aborted_fence == fence:
             self._aborted_fence = 0
 
+    @property
+    def abort_unwritten(self) -> bool:
+        """An abort of ours (or carried over in a reload) may not be in the store yet: the
+        next `sync` writes it."""
+        return self._aborted_fence != 0 or bool(self._carried_aborts)
+
     def resend_aborts(self) -> None:
         """The store connection was (re)made: on the next sync, end again every spend of ours
         that ended without effect (`_aborts`), in case this primary kept its record."""

@@ -448,9 +448,14 @@ class AppRefresher:
 
         The answer to our last refresh may be the only copy of a rotated set (its commit
         failed: the store was unreachable). Exiting with it loses the grant, so a drain waits
-        to write it back as it waits for the answer itself.
+        to write it back as it waits for the answer itself. So with an abort the store did not
+        take (a spend marked sent but never sent, its `mark_sent` answer lost): only this
+        process can end that record, and a restarted one has another owner name (swarm seed
+        3349: SIGTERM in an outage left the `sent` record for good).
         """
-        while self.grant_spends and self._unsynced and self.token is not None:
+        while self.grant_spends and (
+            (self._unsynced and self.token is not None) or self.fleet.abort_unwritten
+        ):
             if await self._sync():
                 return
             await self._clock.sleep(BLOCKED_RETRY / 5)

@@ -1382,6 +1382,44 @@ def spend_record_resolved_while_its_reader_looks() -> Schedule:
     )
 
 
+def sigterm_with_an_abort_unwritten() -> Schedule:
+    """Found by the swarm (seed 3349): the store goes down right after it applied the
+    spender's `mark_sent` (the answer lost: the token is never sent, the abort cannot be
+    written), and SIGTERM comes at that moment. The drain waited for nothing (no request on
+    the wire, no set unstored) and the process exited with the abort unwritten: the `sent`
+    record of a spend never sent stood for good, since only that process could end it, and
+    the fleet waited for a person. The drain now writes the abort once the store is back. The
+    new pod starts while the old one drains, as in a rolling deploy (seed 5510: the model
+    then ended the outage only for the new incarnation, and the drain never saw the store)."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+                world.terminate(_index(world, replica))
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(1.0)
+        world.start_replica(_index(world, hit[0]))  # the new pod, while the old one drains
+        await world.time.sleep(2.0)
+        world.set_store_outage(False)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_059,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="sigterm_with_an_abort_unwritten",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -1425,6 +1463,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "sigterm_during_a_reload_mid_spend": sigterm_during_a_reload_mid_spend,
     "config_reload_under_two_clocks_behind": config_reload_under_two_clocks_behind,
     "spend_record_resolved_while_its_reader_looks": spend_record_resolved_while_its_reader_looks,
+    "sigterm_with_an_abort_unwritten": sigterm_with_an_abort_unwritten,
 }
 
 

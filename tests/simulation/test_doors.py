@@ -700,6 +700,31 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_a_drain_that_exits_with_the_abort_unwritten(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 3349): a SIGTERM drain that does not wait to write the abort of
+        a spend marked sent but never sent leaves its `sent` record for good."""
+        mutate(FleetProtocol, "abort_unwritten", property(lambda self: False))
+        result = run(DOORS["sigterm_with_an_abort_unwritten"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_an_outage_that_never_ends_for_a_draining_process(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Seed 5510, a fix of the model: an outage that ends only for the replicas' current
+        incarnations leaves a draining process replaced meanwhile cut off for good."""
+
+        def current_only(self: world_module.World, down: bool) -> None:
+            self.store_outage = down
+            for replica in self.replicas:
+                replica.view.outage = down
+
+        mutate(world_module.World, "set_store_outage", current_only)
+        result = run(DOORS["sigterm_with_an_abort_unwritten"]())
+        assert not result.ok
+
     def test_a_second_failover_that_loses_the_acknowledged_record(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:

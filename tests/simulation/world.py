@@ -1191,6 +1191,7 @@ class World:
         self.store_outage = False
         self._incarnations = itertools.count(1)
         self._reloads = 0  # config reloads so far (each names its new refresher apart)
+        self._replaced_views: list[SimStoreView] = []  # of incarnations since replaced
         # A second fleet sharing the store under the same app name and key prefix, with
         # another client (M6): its own server and replicas (`start_second_fleet`).
         self.other_server: SimAuthServer | None = None
@@ -1232,6 +1233,9 @@ class World:
         """
         replica = self._new_replica(index, self.spec, self.server, "r", protocol)
         if index < len(self.replicas):
+            # The incarnation replaced may still be draining after a SIGTERM: it still talks
+            # to the store (and sees its outages end).
+            self._replaced_views.append(self.replicas[index].view)
             self.replicas[index] = replica
         else:
             self.replicas.append(replica)
@@ -1414,6 +1418,10 @@ class World:
         self.store_outage = down
         for replica in self.replicas:
             replica.view.outage = down
+        for view in self._replaced_views:
+            # A draining process replaced meanwhile: it used to stay in the outage for good,
+            # and could not write what its drain waits to store (swarm seed 5510).
+            view.outage = down
 
     async def shutdown(self) -> None:
         """Stop every replica (end of the schedule)."""
