@@ -153,6 +153,10 @@ Outcome = (
 )
 
 
+class _RecordGone(Exception):
+    """The spend record just read is gone: resolved meanwhile (`_record_owner`)."""
+
+
 def _by_fence(spend: tuple[str, int]) -> int:
     """The fence of an (owner, fence) pair: remembered aborts are kept in fence order."""
     return spend[1]
@@ -606,24 +610,19 @@ class FleetProtocol:
 
     async def _record_owner(self, refresh_fp: str) -> str | None:
         """Who made the store's spend record of `refresh_fp` (None: unknown, or ourselves);
-        its fence too, when it is that owner's spend (not a veto's or a restored record)."""
+        its fence too, when it is that owner's spend (not a veto's or a restored record).
+        Raises _RecordGone when the store holds no record of `refresh_fp` (any more)."""
         try:
             record = await self._store.load_spend(self.key)
         except StoreUnavailable:
             return None
-        if record is None or record.refresh_fp != refresh_fp or record.owner == self._owner:
+        if record is None or record.refresh_fp != refresh_fp:
+            raise _RecordGone
+        if record.owner == self._owner:
             return None
         if record.fence > 0 and not record.retry:
             self._foreign_fences[refresh_fp] = (record.owner, record.fence)
         return record.owner
-
-    async def _record_gone(self, refresh_fp: str) -> bool:
-        """The store holds no spend record of `refresh_fp` now (False when it cannot say)."""
-        try:
-            record = await self._store.load_spend(self.key)
-        except StoreUnavailable:
-            return False
-        return record is None or record.refresh_fp != refresh_fp
 
     def _settled(self, refresh_fp: str) -> bool:
         """No spend of ours of `refresh_fp` has an unknown outcome or is on the wire."""
@@ -950,16 +949,17 @@ class FleetProtocol:
             # store is back). Not our own unknown spend, which is never forgiven: remember it
             # as its owner's, whose abort, own next spend or a newer set clears it; we veto
             # any other replica's spend of it.
-            if refresh_fp not in self._foreign_spends and await self._record_gone(refresh_fp):
-                # Resolved since our begin_spend read it (its spender's abort, whose notice
-                # we may miss while our subscription is not back, or a newer set): nothing
-                # unknown stands, and remembered without an owner it would be vetoed for
-                # good by us (swarm seed 7116). Try again.
-                return Busy(0.0)
-            self._unknown_foreign.add(refresh_fp)
             if refresh_fp not in self._foreign_spends:
-                owner = await self._record_owner(refresh_fp)
+                try:
+                    owner = await self._record_owner(refresh_fp)
+                except _RecordGone:
+                    # Resolved since our begin_spend read it (its spender's abort, whose
+                    # notice we may miss while our subscription is not back, or a newer set):
+                    # nothing unknown stands, and remembered without an owner it would be
+                    # vetoed for good by us (swarm seeds 7116, 2038). Try again.
+                    return Busy(0.0)
                 self._foreign_spends[refresh_fp] = (self._clock.monotonic(), owner)
+            self._unknown_foreign.add(refresh_fp)
             return OutcomeUnknown(
                 "the store records a spend of this refresh token with no known outcome", refresh_fp
             )

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from broker import core as core_module
+from broker import fleet as fleet_module
 from broker import refresher as refresher_module
 from broker.core import BrokerCore
 from broker.errors import StoreUnavailable
@@ -692,10 +693,15 @@ class TestEachFixPutBackOpensItsDoor:
         then resolved, and that missed the abort notice, keeps the spend as nobody's and
         vetoes every later spend of the token: the fleet waits for a person."""
 
-        async def never_gone(self: FleetProtocol, refresh_fp: str) -> bool:
-            return False
+        original = FleetProtocol._record_owner
 
-        mutate(FleetProtocol, "_record_gone", never_gone)
+        async def gone_is_nobodys(self: FleetProtocol, refresh_fp: str) -> str | None:
+            try:
+                return await original(self, refresh_fp)
+            except fleet_module._RecordGone:
+                return None
+
+        mutate(FleetProtocol, "_record_owner", gone_is_nobodys)
         result = run(DOORS["spend_record_resolved_while_its_reader_looks"]())
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
