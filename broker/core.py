@@ -55,6 +55,9 @@ class BrokerCore:
         rng: random.Random | None = None,
     ) -> None:
         self.refreshers: dict[str, AppRefresher] = dict(refreshers)
+        # Refreshers a config reload is removing, while `remove_app` waits for them: a SIGTERM
+        # meanwhile drains them too (one may have a refresh token on the wire).
+        self._retiring: set[AppRefresher] = set()
         # Notices name the set they are about by its store name (app and client binding): a
         # notice of another binding (another fleet, or the old config) reaches no refresher.
         self._by_store_name = {r.store_name: r for r in self.refreshers.values()}
@@ -135,7 +138,8 @@ class BrokerCore:
 
     def drain_bound(self) -> float:
         """The longest `drain()` waits: the longest of the apps' bounds (they drain side by side)."""
-        return max((r.drain_bound() for r in self.refreshers.values()), default=0.0)
+        draining = [*self.refreshers.values(), *self._retiring]
+        return max((r.drain_bound() for r in draining), default=0.0)
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop scheduling refreshes; let spends in flight finish and persist.
@@ -146,7 +150,11 @@ class BrokerCore:
         is not sent (its spend ends as aborted). The wait is bounded by `grace` seconds
         (default `drain_bound()`: the lease plus the read timeout) on the injected clock.
         """
-        stops = [asyncio.ensure_future(r.stop(write_back=True)) for r in self.refreshers.values()]
+        # A refresher that a config reload is removing is drained too: its sent request's
+        # answer may be the only copy of the rotated set (swarm seed 8892: SIGTERM during a
+        # reload that was waiting for a spend in flight; the process exited without it).
+        draining = [*self.refreshers.values(), *self._retiring]
+        stops = [asyncio.ensure_future(r.stop(write_back=True)) for r in draining]
         if not stops:
             return
         bound = self.drain_bound() if grace is None else grace
@@ -217,7 +225,11 @@ class BrokerCore:
         if refresher is not None:
             self._by_store_name.pop(refresher.store_name, None)
             bound = refresher.drain_bound() if grace is None else grace
-            await self._wait_on_clock([asyncio.ensure_future(refresher.stop())], bound)
+            self._retiring.add(refresher)
+            try:
+                await self._wait_on_clock([asyncio.ensure_future(refresher.stop())], bound)
+            finally:
+                self._retiring.discard(refresher)
         task = self._tasks.pop(name, None)
         if task is not None:
             task.cancel()

@@ -153,6 +153,15 @@ Outcome = (
 )
 
 
+class _RecordGone(Exception):
+    """The spend record just read is gone: resolved meanwhile (`_record_owner`)."""
+
+
+def _by_fence(spend: tuple[str, int]) -> int:
+    """The fence of an (owner, fence) pair: remembered aborts are kept in fence order."""
+    return spend[1]
+
+
 def _blocked(exc: StoreUnavailable) -> Blocked:
     """Why a refresh token is not spent when the store cannot be read or written."""
     return Blocked(
@@ -227,13 +236,18 @@ class FleetProtocol:
         # abort or its own next spend of the token still resolves them.
         self._unknown_foreign: set[str] = set()
         self._retried: set[str] = set()
+        # Refresh tokens the server answered `invalid_grant` to when we sent them: dead, so a
+        # grace retry of their unknown record is vetoed (`_refuses_retry`).
+        self._rejected: set[str] = set()
         # Our own last spend that ended without effect (its record may survive the abort).
         self._aborted_fence = 0
-        # Every spend of ours that ended without effect, fence → refresh fingerprint, while
-        # its token is the newest we know: a split brain may keep its `sent` record on the
-        # side the abort never reached, and the heal may discard the side it did. Re-sent
-        # after each reconnect (`resend_aborts`); owner- and fence-matched, so always safe.
-        self._aborts: dict[int, str] = {}
+        # Every spend of ours that ended without effect, (owner, fence) → refresh fingerprint,
+        # while its token is the newest we know: a split brain may keep its `sent` record on
+        # the side the abort never reached, and the heal may discard the side it did. Re-sent
+        # after each reconnect (`resend_aborts`) and when a record of its token blocks us;
+        # owner- and fence-matched, so always safe. The owner is ours, or that of the
+        # protocol this one replaced in a config reload (`carry_over`): the same process.
+        self._aborts: dict[tuple[str, int], str] = {}
         self._resend = False
         # The same, of the protocol this one replaced in a config reload: (owner, fence).
         self._carried_aborts: list[tuple[str, int]] = []
@@ -358,17 +372,36 @@ class FleetProtocol:
     def must_veto(self, notice: Notice) -> bool:
         """True when `notice` announces a spend of a refresh token whose earlier spend this
         replica knows had no known outcome (the store must have forgotten it)."""
+        if notice.kind != "spend" or notice.owner == self._owner or notice.refresh_fp is None:
+            return False
+        if notice.retry:
+            # The one grace retry the store granted from its own record, timed by its own
+            # clock: vetoed only when this replica knows better (see `_refuses_retry`).
+            return self._refuses_retry(notice.refresh_fp)
         return (
-            notice.kind == "spend"
-            and not notice.retry  # the one grace retry the store granted from its own record
-            and notice.owner != self._owner
-            and notice.refresh_fp is not None
-            and (
-                notice.refresh_fp in self._unknown
-                or notice.refresh_fp == self.in_flight
-                or (notice.refresh_fp in self._foreign_spends and not self._respends_own(notice))
-            )
+            notice.refresh_fp in self._unknown
+            or notice.refresh_fp == self.in_flight
+            or (notice.refresh_fp in self._foreign_spends and not self._respends_own(notice))
         )
+
+    def _refuses_retry(self, refresh_fp: str) -> bool:
+        """This replica knows that a grace retry of `refresh_fp`, which the store granted from
+        its record, must not be made: the server answered our own spend of it `invalid_grant`
+        (the token is dead, a retry only presents it again: swarm seed 4379), or this replica
+        sent it, or heard its `sent` notice, longer ago than a retry may follow, on its own
+        monotonic clock, which no NTP step moves.
+
+        The store grants the retry by the age of its record on its own clock: stepped forward
+        while the spend was marked sent and back after, that clock makes an old spend look
+        young (swarm seed 4202: a retry 35 s after the send, past a 30 s window, revoked the
+        grant). A replica's first notice comes after the send, so its age never overstates
+        the spend's: it vetoes no retry that is inside the window.
+        """
+        if refresh_fp in self._rejected:
+            return True
+        foreign = self._foreign_spends.get(refresh_fp)
+        sent = self._sent_at.get(refresh_fp, foreign[0] if foreign is not None else None)
+        return sent is not None and self._clock.monotonic() - sent >= self._retry_window()
 
     async def veto(self, notice: Notice) -> None:
         """Stop another replica's spend of a refresh token we know was already sent."""
@@ -422,7 +455,12 @@ class FleetProtocol:
         self._carried_aborts += previous._carried_aborts
         if previous._aborted_fence:
             self._carried_aborts.append((previous._owner, previous._aborted_fence))
+        # Every spend the old one aborted, too: re-sent after a reconnect and when a record of
+        # its token blocks us, as our own are (a veto may name it: swarm seed 4149).
+        for aborted, refresh_fp in previous._aborts.items():
+            self._aborts.setdefault(aborted, refresh_fp)
         self._retried |= previous._retried
+        self._rejected |= previous._rejected
         for fp, sent in previous._sent_at.items():
             self._sent_at.setdefault(fp, sent)
         for fp, spend in previous._foreign_spends.items():
@@ -441,6 +479,7 @@ class FleetProtocol:
         self._unknown = {k for k in self._unknown if k == keep}
         self._unknown_foreign = {k for k in self._unknown_foreign if k == keep}
         self._retried = {k for k in self._retried if k == keep}
+        self._rejected = {k for k in self._rejected if k == keep}
         self._aborts = {f: fp for f, fp in self._aborts.items() if fp == keep}
         self._foreign_fences = {k: v for k, v in self._foreign_fences.items() if k == keep}
 
@@ -541,11 +580,11 @@ class FleetProtocol:
             # Reconnected: this may be another primary (a failover, a split brain's heal) that
             # kept a record of a spend we aborted elsewhere, or restored one under a grace
             # retry that names it. Say again that each ended without effect.
-            for fence in sorted(self._aborts):
-                if not self._settled(self._aborts[fence]):
+            for owner, fence in sorted(self._aborts, key=_by_fence):
+                if not self._settled(self._aborts[owner, fence]):
                     continue  # a later spend of that token is unknown: nothing to lift
                 await self._store.end_spend(
-                    self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED
+                    self.key, owner=owner, fence=fence, outcome=SpendEnd.ABORTED
                 )
             self._resend = False
         fence = self._aborted_fence
@@ -558,6 +597,12 @@ class FleetProtocol:
         if self._aborted_fence == fence:
             self._aborted_fence = 0
 
+    @property
+    def abort_unwritten(self) -> bool:
+        """An abort of ours (or carried over in a reload) may not be in the store yet: the
+        next `sync` writes it."""
+        return self._aborted_fence != 0 or bool(self._carried_aborts)
+
     def resend_aborts(self) -> None:
         """The store connection was (re)made: on the next sync, end again every spend of ours
         that ended without effect (`_aborts`), in case this primary kept its record."""
@@ -565,12 +610,15 @@ class FleetProtocol:
 
     async def _record_owner(self, refresh_fp: str) -> str | None:
         """Who made the store's spend record of `refresh_fp` (None: unknown, or ourselves);
-        its fence too, when it is that owner's spend (not a veto's or a restored record)."""
+        its fence too, when it is that owner's spend (not a veto's or a restored record).
+        Raises _RecordGone when the store holds no record of `refresh_fp` (any more)."""
         try:
             record = await self._store.load_spend(self.key)
         except StoreUnavailable:
             return None
-        if record is None or record.refresh_fp != refresh_fp or record.owner == self._owner:
+        if record is None or record.refresh_fp != refresh_fp:
+            raise _RecordGone
+        if record.owner == self._owner:
             return None
         if record.fence > 0 and not record.retry:
             self._foreign_fences[refresh_fp] = (record.owner, record.fence)
@@ -584,13 +632,13 @@ class FleetProtocol:
         """The store answered UNKNOWN for `refresh_fp`: its record may stand for a spend of
         ours that ended without effect (a veto naming it, or a stale copy a split brain kept).
         End each such spend again; True when the record is gone."""
-        fences = [f for f, fp in self._aborts.items() if fp == refresh_fp]
-        if not fences or not self._settled(refresh_fp):
+        spends = [k for k, fp in self._aborts.items() if fp == refresh_fp]
+        if not spends or not self._settled(refresh_fp):
             return False
         try:
-            for fence in sorted(fences):
+            for owner, fence in sorted(spends, key=_by_fence):
                 await self._store.end_spend(
-                    self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED
+                    self.key, owner=owner, fence=fence, outcome=SpendEnd.ABORTED
                 )
             record = await self._store.load_spend(self.key)
         except StoreUnavailable:
@@ -606,7 +654,8 @@ class FleetProtocol:
         if record is None or record.refresh_fp != refresh_fp or record.state != "announced":
             return False
         if record.retry:
-            return True  # the store checked the window itself; the spend notice says so too
+            # The store checked the window on its own clock; we may know better.
+            return not self._refuses_retry(refresh_fp)
         if (
             foreign is None
             or foreign[1] is None
@@ -905,15 +954,22 @@ class FleetProtocol:
             # store is back). Not our own unknown spend, which is never forgiven: remember it
             # as its owner's, whose abort, own next spend or a newer set clears it; we veto
             # any other replica's spend of it.
-            self._unknown_foreign.add(refresh_fp)
             if refresh_fp not in self._foreign_spends:
-                owner = await self._record_owner(refresh_fp)
+                try:
+                    owner = await self._record_owner(refresh_fp)
+                except _RecordGone:
+                    # Resolved since our begin_spend read it (its spender's abort, whose
+                    # notice we may miss while our subscription is not back, or a newer set):
+                    # nothing unknown stands, and remembered without an owner it would be
+                    # vetoed for good by us (swarm seeds 7116, 2038). Try again.
+                    return Busy(0.0)
                 self._foreign_spends[refresh_fp] = (self._clock.monotonic(), owner)
+            self._unknown_foreign.add(refresh_fp)
             return OutcomeUnknown(
                 "the store records a spend of this refresh token with no known outcome", refresh_fp
             )
         self._aborted_fence = 0
-        self._aborts.pop(fence, None)  # a fence repeated after a store rollback: a new spend
+        self._aborts.pop((self._owner, fence), None)  # a fence repeated after a rollback
         if start is SpendStart.RETRY:
             self._retried.add(refresh_fp)
             log.warning("grant.retrying_in_grace_window", app=self.app)
@@ -989,6 +1045,7 @@ class FleetProtocol:
             if exc.is_invalid_grant:
                 # We sent it and the server says it is spent or dead: a double spend (C1).
                 self._unknown.add(refresh_fp)
+                self._rejected.add(refresh_fp)
                 await self._end_spend(fence, SpendEnd.UNKNOWN)
                 return ReuseDetected(
                     "the server rejected a refresh token this replica sent (invalid_grant): "
@@ -1060,11 +1117,11 @@ class FleetProtocol:
             self._aborted_fence = fence
             current = self._current()
             if current is not None and current.refresh_fingerprint is not None:
-                self._aborts[fence] = current.refresh_fingerprint
+                self._aborts[self._owner, fence] = current.refresh_fingerprint
                 if len(self._aborts) > MAX_REMEMBERED_ABORTS:
                     # Keep the oldest (the one spend whose record a split's other side copied
                     # is the first of a run of aborts) and this newest one.
-                    del self._aborts[sorted(self._aborts)[-2]]
+                    del self._aborts[sorted(self._aborts, key=_by_fence)[-2]]
         with contextlib.suppress(StoreUnavailable):
             await self._store.end_spend(self.key, owner=self._owner, fence=fence, outcome=outcome)
 

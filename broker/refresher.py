@@ -512,9 +512,14 @@ class AppRefresher:
 
         The answer to our last refresh may be the only copy of a rotated set (its commit
         failed: the store was unreachable). Exiting with it loses the grant, so a drain waits
-        to write it back as it waits for the answer itself.
+        to write it back as it waits for the answer itself. So with an abort the store did not
+        take (a spend marked sent but never sent, its `mark_sent` answer lost): only this
+        process can end that record, and a restarted one has another owner name (swarm seed
+        3349: SIGTERM in an outage left the `sent` record for good).
         """
-        while self.grant_spends and self._unsynced and self.token is not None:
+        while self.grant_spends and (
+            (self._unsynced and self.token is not None) or self.fleet.abort_unwritten
+        ):
             if await self._sync():
                 return
             await self._clock.sleep(BLOCKED_RETRY / 5)
@@ -544,12 +549,24 @@ class AppRefresher:
         only copy of a rotated set that the store could not take yet, so write it back.
         (A client-credentials app spends nothing: a new token is as good.)"""
         token = retired.token
-        if not self.grant_spends:
-            return
-        if token is not None and (self.token is None or token.rank > self.token.rank):
+        if (
+            self.grant_spends
+            and token is not None
+            and (self.token is None or token.rank > self.token.rank)
+        ):
             self.prime(token)
             self._dirty = True
             self._unsynced = True
+        if (
+            token is not None
+            and self.token is not None
+            and self.token.access_token == token.access_token
+        ):
+            # The same token: keep the serving deadline the retired refresher counted on the
+            # monotonic clock. Re-derived from the wall clocks now, it would stretch by any
+            # step back of both since its adoption (M3; swarm seed 6678: a pod 93 s behind, a
+            # Redis stepped back, a reload, and a token served 20 s past its expiry).
+            self._mono_expiry = min(self._mono_expiry, retired._mono_expiry)
 
     def notify_store_changed(self, *, reconnected: bool = False) -> None:
         """The store may hold something new (a reconnect): look on the next turn.

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 from broker.model import PROTOCOL_VERSION, RefreshPolicy
+from broker.store import SpendStart
 from broker.store.memory import MemoryState
 from tests.simulation.schedule import Schedule, run
 from tests.simulation.world import Replica, World, WorldConfig
@@ -411,7 +414,8 @@ def store_clock_step_back_after_a_send() -> Schedule:
     token and answers 500 (the outcome is unknown), and Redis's clock steps back 30 s. The
     store measured the spend's age on its own clock: negative, so "younger than the retry
     window" even with no grace window at all, and it granted a "grace retry" of the spent
-    token to a replica whose config reload made it forget the spend."""
+    token to a replica that knew nothing of the spend. (It was a bystander's config reload,
+    which forgot the spend then; a reload carries its memory over now, so a replaced pod.)"""
 
     async def script(world: World) -> None:
         server = world.server
@@ -419,9 +423,15 @@ def store_clock_step_back_after_a_send() -> Schedule:
         await until(world, lambda: server.presentations)
         server.faults.error_after_acting = None
         world.store_clock.step = -30.0
-        # A bystander reloads its config: it forgets the spend it heard of and asks the store.
+        # A bystander's pod is replaced: the new one never heard of the spend, and a caller
+        # whose upstream rejected the token makes it refresh at once (it asks the store).
         spender = _index(world, server.presentations[0].replica)
-        await world.reload((spender + 1) % len(world.replicas))
+        bystander = (spender + 1) % len(world.replicas)
+        await world.crash(bystander)
+        replaced = world.start_replica(bystander)
+        await until(world, lambda: replaced.refresher.token is not None)
+        forced = asyncio.ensure_future(replaced.refresher.force())
+        forced.add_done_callback(lambda task: task.cancelled() or task.exception())
         await world.time.sleep(5.0)
         world.store_clock.step = 0.0  # back before any pod re-measures its offset (M3)
 
@@ -1100,6 +1110,394 @@ def purge_once_for_a_revoked_token() -> Schedule:
     )
 
 
+def grace_retry_timed_by_a_stepped_store_clock() -> Schedule:
+    """Found by the swarm (seed 4202): on a server with a 30 s reuse grace window, Redis's
+    clock is 25 s ahead (an NTP step) while a spend is marked sent, so its record's send time
+    is 25 s in the future; the spender is killed the moment the server rotated (the answer is
+    lost with it), and the clock is stepped back. The bystanders, who heard `sent`, are cut
+    off for 20 s; a pod that replaces the spender asks 37 s after the send, and the store,
+    timing the window on its own clock, finds the record 12 s old and grants the one grace
+    retry: past the server's window, the token is presented again and the grant revoked."""
+
+    async def script(world: World) -> None:
+        world.store_clock.step = 25.0
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "acted" and not hit:
+                hit.append(replica)
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        await world.crash(spender)
+        world.store_clock.step = 0.0
+        others = [i for i in range(len(world.replicas)) if i != spender]
+        for index in others:
+            world.replicas[index].view.faults.partitioned = True
+        await world.time.sleep(20.0)
+        for index in others:
+            world.replicas[index].view.faults.partitioned = False
+        await world.time.sleep(10.0)
+        world.start_replica(spender)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_050,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="grace_retry_timed_by_a_stepped_store_clock",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def grace_retry_of_a_rejected_token() -> Schedule:
+    """Found by the swarm (seed 4379, after a revocation): on a server with a 30 s reuse grace
+    window, the server answers `invalid_grant` to a refresh token (here: it expired there).
+    Its spender ends the spend as unknown (a double spend, or a dead grant: `ReuseDetected`);
+    to the store that is any unknown spend, and it grants the one grace retry to the next
+    holder, which presents the dead token again. A person then authorizes again."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)  # one ordinary refresh first
+        server.valid_refresh = "rt-expired-on-the-server"  # the stored token is dead there
+        presented = len(server.presentations)
+        await until(world, lambda: len(server.presentations) > presented)
+        await world.time.sleep(60.0)
+        await world.store.commit(world.key, replace(server.authorize(), lineage=2))
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_051,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="grace_retry_of_a_rejected_token",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
+def forgotten_while_the_spender_is_cut_off() -> Schedule:
+    """The documented limit again, with the spender cut off instead of paused (swarm seeds
+    7814, 8549 and eleven more: a partition, or the old primary of a split brain): Redis
+    restarts empty as the token is marked sent, and the spender cannot reach the store for
+    30 s, longer than the long objection window. The other pods write their set back and spend
+    the same token: revoked, announced by grant.reuse_detected, and excused as the limit."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.empty_restart()
+            elif phase == "acted" and hit and replica == hit[0] and len(hit) == 1:
+                hit.append(replica)
+                world.replicas[_index(world, replica)].view.faults.partitioned = True
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: len(hit) == 2)
+        await world.time.sleep(30.0)
+        world.replicas[_index(world, hit[0])].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_052,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="forgotten_while_the_spender_is_cut_off",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def config_reload_after_a_mark_sent_answer_lost() -> Schedule:
+    """Found by the swarm (seed 8339, and 7 more of seeds 3,500 to 9,999): the store goes down
+    right after it applied the spender's `mark_sent`, before the answer reached it (so the
+    token was never sent and the abort cannot be written), and a config reload replaces the
+    spender's refresher during the outage. Only the old refresher knew the record was never
+    sent; the simulation's reload used to carry nothing over (the broker's has carried it
+    since issue 20's Low item), so nobody ended the record and the fleet waited for a person.
+    The new refresher writes the abort under the old owner name when the store is back."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(1.0)
+        await world.reload(_index(world, hit[0]))
+        await world.time.sleep(8.0)
+        world.set_store_outage(False)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_053,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="config_reload_after_a_mark_sent_answer_lost",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def two_failovers_at_one_moment() -> Schedule:
+    """Found by the swarm (seed 5863): a strict server rotates a refresh token and answers 500
+    (the outcome is unknown), and two failovers happen at the moment the token is marked sent
+    (two faults drawn at one moment). A replica acknowledged the `sent` record, and the first
+    failover kept it; the model's second one went back to the store before the spend, as if
+    no replica had it: a bystander, whose subscription the failover dropped with the `sent`
+    notice, presented the token again. The promoted replica's own replicas resync from it, so
+    the second failover keeps the record too. The spender is cut off for 30 s after the
+    server acted, so that only the record stands in the way."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.error_after_acting = 500
+        before = world.store.snapshot()  # before any spend
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                for _ in range(2):
+                    world.store.fail_over(before)
+                    world.restarts[0] += 1
+            elif phase == "acted" and hit and replica == hit[0] and len(hit) == 1:
+                hit.append(replica)  # the spender is cut off: it cannot veto
+                world.replicas[_index(world, replica)].view.faults.partitioned = True
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: len(hit) == 2)
+        await world.time.sleep(1.0)
+        server.faults.error_after_acting = None
+        await world.time.sleep(29.0)
+        world.replicas[_index(world, hit[0])].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_054,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="two_failovers_at_one_moment",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def veto_naming_a_spend_a_reload_carried() -> Schedule:
+    """Found by the swarm (seed 4149): as `config_reload_after_a_mark_sent_answer_lost`, and
+    the spender stays cut off 5 s after the store is back, so a bystander meets the `sent`
+    record first and keeps it as the old owner's spend (its fence from the record); the
+    bystander then misses the abort notice (pub/sub delivers at most once), and vetoes the next
+    replica's spend of the token, naming the old owner's spend. Only that owner's abort lifts
+    the veto, and the new refresher had been handed the last abort alone, written once: the
+    fleet waited for a person. It now remembers every spend the old one aborted, as its own,
+    and ends them again when a record of their token blocks it."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        bystander = (spender + 1) % len(world.replicas)
+        await world.time.sleep(1.0)
+        await world.reload(spender)
+        await world.time.sleep(7.0)
+        world.replicas[spender].view.faults.partitioned = True
+        world.replicas[bystander].view.faults.lost_kinds = frozenset({"abort"})
+        world.set_store_outage(False)
+        await world.time.sleep(5.0)
+        world.replicas[spender].view.faults.partitioned = False
+        await world.time.sleep(30.0)
+        world.replicas[bystander].view.faults.lost_kinds = frozenset()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_055,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="veto_naming_a_spend_a_reload_carried",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
+def sigterm_during_a_reload_mid_spend() -> Schedule:
+    """Found by the swarm (seeds 8892, 3722, 4470, 9118): a config reload replaces the
+    spender's refresher while its refresh token is on the wire (a 6 s server), and SIGTERM
+    comes 1 s later. The reload waits for the old refresher's answer; the drain waited only
+    for the refreshers the core still served, none, and the process exited without the
+    answer, the only copy of the rotated set: the fleet waited for a person."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.slow = 6.0
+        await until(world, lambda: server.sends)
+        spender = _index(world, server.sends[0][1])
+        reloading = world.reload(spender)
+        await world.time.sleep(1.0)
+        world.terminate(spender)
+        await reloading
+        server.faults.slow = 0.0
+        await world.time.sleep(20.0)
+        world.start_replica(spender)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_056,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="sigterm_during_a_reload_mid_spend",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def config_reload_under_two_clocks_behind() -> Schedule:
+    """Found by the swarm (seed 6678): a pod whose own clock is 30 s behind, and right after a
+    refresh the Redis host's clock steps back 40 s; the server is down, so no newer set
+    replaces the token. The pod's monotonic guard, counted since it adopted the token, stops
+    it serving at the true expiry; a config reload then replaced its refresher, which
+    re-derived the deadline from the two wall clocks, both behind, and served the token past
+    its expiry. The new refresher keeps the old one's deadline for the same token."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        server.faults.down = True
+        world.store_clock.step = -40.0
+        await world.time.sleep(40.0)  # the pod's fleet clock has taken the step by now
+        await world.reload(0)
+        await world.time.sleep(50.0)  # past the true expiry of the last token
+        world.store_clock.step = 0.0
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[-30.0, 0.0])
+    return Schedule(
+        seed=20_057,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="config_reload_under_two_clocks_behind",
+        script=script,
+        script_heals_by=180.0,
+    )
+
+
+def spend_record_resolved_while_its_reader_looks() -> Schedule:
+    """Found by the swarm (seed 7116): the store goes down right after it applied the
+    spender's `mark_sent` (the answer lost: never sent). When it is back, a bystander's
+    `begin_spend` meets the `sent` record, and the answer is slow (5 s); meanwhile the spender
+    writes its abort, whose notice the bystander misses (its subscription is not back). The
+    bystander then read the record's owner, found no record, and kept the spend as nobody's:
+    it vetoed every later spend of the token with no one to lift it, and the fleet waited for
+    a person. A record gone by then was resolved: it tries again."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        bystander = world.replicas[(spender + 1) % len(world.replicas)]
+        view = bystander.view
+        original = view.begin_spend
+        slowed: list[bool] = []
+
+        async def slow_unknown(app: str, **kwargs: Any) -> SpendStart:
+            result = await original(app, **kwargs)
+            if result is SpendStart.UNKNOWN and not slowed:
+                slowed.append(True)
+                await world.time.sleep(5.0)  # the answer is slow; the abort lands meanwhile
+            return result
+
+        view.begin_spend = slow_unknown  # type: ignore[method-assign]
+        await world.time.sleep(8.0)
+        world.replicas[spender].view.faults.partitioned = True
+        view.faults.lost_kinds = frozenset({"abort"})
+        world.set_store_outage(False)
+        await until(world, lambda: slowed, limit=60.0)
+        world.replicas[spender].view.faults.partitioned = False
+        await world.time.sleep(30.0)
+        view.faults.lost_kinds = frozenset()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_058,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="spend_record_resolved_while_its_reader_looks",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
+def sigterm_with_an_abort_unwritten() -> Schedule:
+    """Found by the swarm (seed 3349): the store goes down right after it applied the
+    spender's `mark_sent` (the answer lost: the token is never sent, the abort cannot be
+    written), and SIGTERM comes at that moment. The drain waited for nothing (no request on
+    the wire, no set unstored) and the process exited with the abort unwritten: the `sent`
+    record of a spend never sent stood for good, since only that process could end it, and
+    the fleet waited for a person. The drain now writes the abort once the store is back. The
+    new pod starts while the old one drains, as in a rolling deploy (seed 5510: the model
+    then ended the outage only for the new incarnation, and the drain never saw the store)."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+                world.terminate(_index(world, replica))
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(1.0)
+        world.start_replica(_index(world, hit[0]))  # the new pod, while the old one drains
+        await world.time.sleep(2.0)
+        world.set_store_outage(False)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_059,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="sigterm_with_an_abort_unwritten",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -1136,6 +1534,16 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "split_brain_keeps_an_aborted_spend": split_brain_keeps_an_aborted_spend,
     "stale_copy_outlives_the_split": stale_copy_outlives_the_split,
     "purge_once_for_a_revoked_token": purge_once_for_a_revoked_token,
+    "grace_retry_timed_by_a_stepped_store_clock": grace_retry_timed_by_a_stepped_store_clock,
+    "grace_retry_of_a_rejected_token": grace_retry_of_a_rejected_token,
+    "forgotten_while_the_spender_is_cut_off": forgotten_while_the_spender_is_cut_off,
+    "config_reload_after_a_mark_sent_answer_lost": config_reload_after_a_mark_sent_answer_lost,
+    "two_failovers_at_one_moment": two_failovers_at_one_moment,
+    "veto_naming_a_spend_a_reload_carried": veto_naming_a_spend_a_reload_carried,
+    "sigterm_during_a_reload_mid_spend": sigterm_during_a_reload_mid_spend,
+    "config_reload_under_two_clocks_behind": config_reload_under_two_clocks_behind,
+    "spend_record_resolved_while_its_reader_looks": spend_record_resolved_while_its_reader_looks,
+    "sigterm_with_an_abort_unwritten": sigterm_with_an_abort_unwritten,
 }
 
 

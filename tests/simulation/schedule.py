@@ -682,8 +682,7 @@ async def _apply(
         case "rollback":
             # A failover that lost writes, or a restore from a snapshot: connections drop.
             if on and snapshot is not None:
-                world.store.restore(snapshot)
-                world.restarts[0] += 1
+                world.roll_back(snapshot)
         case "empty_restart":
             if on:
                 world.empty_restart()
@@ -739,7 +738,7 @@ async def _apply(
             # connections drop. A replica keeps what it acknowledged: the `sent` record, which
             # the world's store waits for (WAIT, store.require_replica_ack), and all before it.
             if on and snapshot is not None:
-                world.store.restore(world.store.failover_state(snapshot))
+                world.store.fail_over(snapshot)
                 world.restarts[0] += 1
         case "eviction":
             if on:

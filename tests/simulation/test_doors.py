@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from broker import core as core_module
+from broker import fleet as fleet_module
 from broker import refresher as refresher_module
 from broker.core import BrokerCore
 from broker.errors import StoreUnavailable
@@ -20,7 +21,7 @@ from broker.model import TokenSet
 from broker.oauth import parse
 from broker.refresher import AppRefresher
 from broker.store import LEASE, Notice, SpendEnd, SpendRecord, SpendStart
-from broker.store.memory import MemoryStore
+from broker.store.memory import MemoryState, MemoryStore
 from tests.simulation import world as world_module
 from tests.simulation.doors import DOORS
 from tests.simulation.schedule import run
@@ -235,8 +236,11 @@ class TestEachFixPutBackOpensItsDoor:
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
         """Swarm-found: with the old window check, a spend whose age on the store's clock is
-        negative (the clock stepped back) gets a grace retry, even from a strict server."""
+        negative (the clock stepped back) gets a grace retry, even from a strict server. (Its
+        spender now also vetoes a retry past the window by its own clock: put back the old
+        rule too, which never vetoed a retry the store granted.)"""
         original = MemoryStore.begin_spend
+        mutate(FleetProtocol, "_refuses_retry", lambda self, refresh_fp: False)
 
         async def negative_age_inside(
             self: MemoryStore,
@@ -598,6 +602,181 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("script failed") for v in result.violations), result.report()
 
+    def test_a_grace_retry_timed_by_the_stores_clock_alone(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 4202): bystanders that do not check a granted retry against
+        their own clock let a retry through that the store's stepped clock judged young:
+        presented past the server's window, the grant revoked."""
+        mutate(
+            FleetProtocol, "_refuses_retry", lambda self, refresh_fp: refresh_fp in self._rejected
+        )
+        result = run(DOORS["grace_retry_timed_by_a_stepped_store_clock"]())
+        assert not result.ok
+        assert result.revoked, result.report()
+
+    def test_a_grace_retry_of_a_token_the_server_rejected(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 4379): a spender that answered `invalid_grant` does not veto the
+        grace retry the store grants from its unknown record: the dead token is presented
+        again."""
+        original = FleetProtocol._refuses_retry
+
+        def forgets_rejected(self: FleetProtocol, refresh_fp: str) -> bool:
+            return refresh_fp not in self._rejected and original(self, refresh_fp)
+
+        mutate(FleetProtocol, "_refuses_retry", forgets_rejected)
+        result = run(DOORS["grace_retry_of_a_rejected_token"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 1") for v in result.violations), result.report()
+
+    def test_a_reload_that_does_not_carry_the_unwritten_abort(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 8339): a reload whose new refresher is not handed the abort the
+        old one could not write (a `mark_sent` answer lost) leaves the `sent` record of a
+        spend never sent: the fleet waits for a person. (The simulation's reload did not carry
+        anything over, so it could not see this.)"""
+        original = FleetProtocol.carry_over
+
+        def without_the_abort(
+            self: FleetProtocol, previous: FleetProtocol, *, same_grant: bool
+        ) -> None:
+            fence, previous._aborted_fence = previous._aborted_fence, 0
+            own = dict(self._aborts)
+            try:
+                original(self, previous, same_grant=same_grant)
+            finally:
+                previous._aborted_fence = fence
+                self._aborts = own
+
+        mutate(FleetProtocol, "carry_over", without_the_abort)
+        result = run(DOORS["config_reload_after_a_mark_sent_answer_lost"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_reload_that_carries_only_the_last_abort(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 4149): a new refresher that is handed only the old one's last
+        abort (written once) cannot lift a later veto that names that spend: the fleet waits
+        for a person."""
+        original = FleetProtocol.carry_over
+
+        def last_abort_only(
+            self: FleetProtocol, previous: FleetProtocol, *, same_grant: bool
+        ) -> None:
+            own = dict(self._aborts)
+            original(self, previous, same_grant=same_grant)
+            self._aborts = own
+
+        mutate(FleetProtocol, "carry_over", last_abort_only)
+        result = run(DOORS["veto_naming_a_spend_a_reload_carried"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_sigterm_drain_that_skips_a_refresher_a_reload_is_removing(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 8892): a drain that waits only for the refreshers the core still
+        serves exits while a reload waits for the old refresher's answer: lost with it."""
+
+        async def remove_unseen(self: BrokerCore, name: str, *, grace: float | None = None) -> None:
+            refresher = self.refreshers.pop(name, None)
+            if refresher is not None:
+                self._by_store_name.pop(refresher.store_name, None)
+                bound = refresher.drain_bound() if grace is None else grace
+                await self._wait_on_clock([asyncio.ensure_future(refresher.stop())], bound)
+            task = self._tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            self._metrics.forget_apps([name])
+
+        mutate(BrokerCore, "remove_app", remove_unseen)
+        result = run(DOORS["sigterm_during_a_reload_mid_spend"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_reload_that_re_derives_the_serving_deadline(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 6678): a new refresher that derives the token's deadline from the
+        two wall clocks again, both behind, serves it past its expiry."""
+
+        def keeps_the_set_only(self: AppRefresher, retired: AppRefresher) -> None:
+            token = retired.token
+            if token is not None and (self.token is None or token.rank > self.token.rank):
+                self.prime(token)
+                self._dirty = True
+                self._unsynced = True
+
+        mutate(AppRefresher, "take_over", keeps_the_set_only)
+        result = run(DOORS["config_reload_under_two_clocks_behind"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_a_resolved_record_kept_as_nobodys_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 7116): a replica whose `begin_spend` met a record that its spender
+        then resolved, and that missed the abort notice, keeps the spend as nobody's and
+        vetoes every later spend of the token: the fleet waits for a person."""
+
+        original = FleetProtocol._record_owner
+
+        async def gone_is_nobodys(self: FleetProtocol, refresh_fp: str) -> str | None:
+            try:
+                return await original(self, refresh_fp)
+            except fleet_module._RecordGone:
+                return None
+
+        mutate(FleetProtocol, "_record_owner", gone_is_nobodys)
+        result = run(DOORS["spend_record_resolved_while_its_reader_looks"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_drain_that_exits_with_the_abort_unwritten(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 3349): a SIGTERM drain that does not wait to write the abort of
+        a spend marked sent but never sent leaves its `sent` record for good."""
+        mutate(FleetProtocol, "abort_unwritten", property(lambda self: False))
+        result = run(DOORS["sigterm_with_an_abort_unwritten"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_an_outage_that_never_ends_for_a_draining_process(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Seed 5510, a fix of the model: an outage that ends only for the replicas' current
+        incarnations leaves a draining process replaced meanwhile cut off for good."""
+
+        def current_only(self: world_module.World, down: bool) -> None:
+            self.store_outage = down
+            for replica in self.replicas:
+                replica.view.outage = down
+
+        mutate(world_module.World, "set_store_outage", current_only)
+        result = run(DOORS["sigterm_with_an_abort_unwritten"]())
+        assert not result.ok
+
+    def test_a_second_failover_that_loses_the_acknowledged_record(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 5863), a fix of the model: a second failover at the same moment
+        that goes back to the store before the spend, as if no replica had acknowledged the
+        `sent` record, lets a bystander present the token again."""
+
+        def forgets(self: world_module.SimMemoryStore, before: MemoryState) -> None:
+            self.restore(self.failover_state(before))
+
+        mutate(world_module.SimMemoryStore, "fail_over", forgets)
+        result = run(DOORS["two_failovers_at_one_moment"]())
+        assert not result.ok
+        assert result.revoked, result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:
@@ -617,6 +796,24 @@ class TestTheDocumentedLimitIsExcusedNarrowly:
 
         mutate(FleetProtocol, "must_veto", lambda self, notice: False)
         mutate(FleetProtocol, "veto_in_flight", no_veto)
+        result = run(DOORS["c1_replaced_pod_empty_restart_2"]())
+        assert not result.ok
+        assert result.revoked and not result.revoked_forgotten_while_alone, result.report()
+
+    def test_an_empty_restart_while_the_only_witness_is_cut_off(self) -> None:
+        """Seeds 7814 and 8549's case, scripted: the spender cut off from the store (30 s,
+        past the long objection window) instead of paused: counted apart as the limit."""
+        result = run(DOORS["forgotten_while_the_spender_is_cut_off"]())
+        assert result.ok, result.report()
+        assert result.revoked and result.revoked_forgotten_while_alone, result.report()
+
+    def test_not_while_the_witness_is_back_within_the_long_window(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """A spender cut off only 3 s by the restart (C1's reconnect), with the long objection
+        window removed: spent again before it was back, which the long window prevents: a
+        protocol failure, not excused as the limit."""
+        mutate(FleetProtocol, "store_forgot_recently", lambda self: False)
         result = run(DOORS["c1_replaced_pod_empty_restart_2"]())
         assert not result.ok
         assert result.revoked and not result.revoked_forgotten_while_alone, result.report()

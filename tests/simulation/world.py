@@ -902,8 +902,16 @@ class StoreFaults:
     # a script to deliver late.
     lost_kinds: frozenset[str] = frozenset()
     watch: ConnectionWatch | None = field(default=None, repr=False, compare=False)
+    # When the partition began (world time), for the documented limit (World._mute_since).
+    partitioned_since: float | None = None
+    now: Callable[[], float] | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: object) -> None:
+        if name == "partitioned" and self.__dict__.get("now") is not None:
+            if value and not self.__dict__.get("partitioned"):
+                object.__setattr__(self, "partitioned_since", self.now())  # type: ignore[misc]
+            elif not value:
+                object.__setattr__(self, "partitioned_since", None)
         object.__setattr__(self, name, value)
         watch = self.__dict__.get("watch")
         if watch is not None and name in ("partitioned", "half_opened"):
@@ -942,6 +950,17 @@ class SimMemoryStore(MemoryStore):
         survives on the replica promoted (issue 20, H4); only later writes are lost."""
         return self.acknowledged if self.acknowledged is not None else before
 
+    def fail_over(self, before: MemoryState) -> None:
+        """A failover to a replica that missed the writes since `before`, or since the last
+        acknowledged one. The promoted replica's own replicas resync from it, so what it kept
+        stays acknowledged: a second failover right after (two faults at one moment) keeps it
+        too, where it used to go back to `before` and lose an acknowledged `sent` record (swarm
+        seed 5863)."""
+        kept = self.failover_state(before)
+        self.restore(kept)
+        if kept is not before:
+            self.acknowledged = self.snapshot()
+
 
 class SimStoreView:
     """One replica's connection to the shared MemoryStore, with that connection's faults."""
@@ -958,7 +977,7 @@ class SimStoreView:
         self._shared = shared
         self._rng = rng
         self._watch = shared.watch
-        self.faults = StoreFaults(watch=shared.watch)
+        self.faults = StoreFaults(watch=shared.watch, now=lambda: world.now)
         self._outage = False
         self.dead = False  # the replica was killed
         self._written_at = written_at  # app → world time of the last stored commit (any view)
@@ -1366,6 +1385,7 @@ class World:
         self.stale_primary: SimMemoryStore | None = None
         self._split_views: list[SimStoreView] = []
         self._split_cause: object = None
+        self._split_at = 0.0  # when the split began
         self.offsets = list(config.offsets)  # grows as pods join
         self.written_at: dict[str, float] = {}
         self.restarts = [0]  # a restart (empty, or from a snapshot) drops every subscription
@@ -1395,6 +1415,8 @@ class World:
         self.draining: list[asyncio.Future[None]] = []  # replicas shutting down after SIGTERM
         self.store_outage = False
         self._incarnations = itertools.count(1)
+        self._reloads = 0  # config reloads so far (each names its new refresher apart)
+        self._replaced_views: list[SimStoreView] = []  # of incarnations since replaced
         # A second fleet sharing the store under the same app name and key prefix, with
         # another client (M6): its own server and replicas (`start_second_fleet`).
         self.other_server: SimAuthServer | None = None
@@ -1436,6 +1458,9 @@ class World:
         """
         replica = self._new_replica(index, self.spec, self.server, "r", protocol)
         if index < len(self.replicas):
+            # The incarnation replaced may still be draining after a SIGTERM: it still talks
+            # to the store (and sees its outages end).
+            self._replaced_views.append(self.replicas[index].view)
             self.replicas[index] = replica
         else:
             self.replicas.append(replica)
@@ -1534,7 +1559,9 @@ class World:
         unsent = marked is not None and not any(
             at >= marked and name == replica.name for at, name, _ in self.server.sends
         )
-        if unsent or (spend is not None and spend.owner == replica.name and spend.state == "sent"):
+        if unsent or (
+            spend is not None and self.replica_of(spend.owner) is replica and spend.state == "sent"
+        ):
             # Killed after marking its spend sent, maybe before the request left: nobody can
             # know whether the server got it (as for a request on the wire). Asked of the
             # replica, not only of the store's record, which an eviction may have dropped.
@@ -1606,6 +1633,7 @@ class World:
         old.replicas_acknowledge = False
         self.stale_primary = old
         self._split_cause = cause
+        self._split_at = self.time.now
         self._split_views = [self.replicas[i].view for i in indexes]
         for view in self._split_views:
             view.move_to(old)
@@ -1627,6 +1655,10 @@ class World:
         self.store_outage = down
         for replica in self.replicas:
             replica.view.outage = down
+        for view in self._replaced_views:
+            # A draining process replaced meanwhile: it used to stay in the outage for good,
+            # and could not write what its drain waits to store (swarm seed 5510).
+            view.outage = down
 
     async def shutdown(self) -> None:
         """Stop every replica (end of the schedule)."""
@@ -1657,11 +1689,25 @@ class World:
         """Redis restarts with nothing (no persistence, or every node lost power at once): every
         key is gone, on every node, whatever a replica acknowledged. A `sent` record lost so
         is remembered, with its spender, for `forgotten_while_alone`."""
-        spend = self.store.state.spends.get(self.key)
-        if spend is not None and spend.state == "sent":
-            self._forgotten_sent[spend.refresh_fp] = (spend.owner, self.time.now)
+        self._note_forgotten(MemoryState())
         self.store.restore(MemoryState())
         self.restarts[0] += 1
+
+    def roll_back(self, snapshot: MemoryState) -> None:
+        """A restore of the store from `snapshot` (an operator's restore, a failover to a
+        node far behind): what was written since is gone, an acknowledged `sent` record too,
+        as in an empty restart."""
+        self._note_forgotten(snapshot)
+        self.store.restore(snapshot)
+        self.restarts[0] += 1
+
+    def _note_forgotten(self, after: MemoryState) -> None:
+        """The store is about to hold `after`: remember a `sent` record it loses so, with its
+        spender (the documented limit of a store without durable writes)."""
+        spend = self.store.state.spends.get(self.key)
+        kept = after.spends.get(self.key)
+        if spend is not None and spend.state == "sent" and kept != spend:
+            self._forgotten_sent[spend.refresh_fp] = (spend.owner, self.time.now)
 
     def _on_sent(self, phase: str, replica: str) -> None:
         """A spend is marked sent: is it of a token whose `sent` record an empty restart erased
@@ -1684,21 +1730,43 @@ class World:
         heard the notice): then a veto was due, and nothing is excused."""
         for replica in self.replicas:
             fleet = replica.refresher.fleet
-            if replica.name == owner or self._mute_since(replica.name, at):
+            if replica is self.replica_of(owner) or self._mute_since(replica.name, at):
                 continue
             if refresh_fp in fleet._foreign_spends or refresh_fp in fleet._unknown:
                 return True
         return False
 
+    def replica_of(self, owner: str) -> Replica | None:
+        """The replica incarnation whose refresher spends as `owner` (a config reload gives
+        its new refresher the replica's name with a suffix)."""
+        for replica in self.replicas:
+            if owner == replica.name or owner.startswith(replica.name + "-"):
+                return replica
+        return None
+
     def _mute_since(self, name: str, at: float) -> bool:
         """Replica incarnation `name` could not object at any time since `at`: it is dead (a
-        restart is a new incarnation that remembers nothing), or paused since before its
-        subscription could have come back from the restart."""
-        replica = next((r for r in self.replicas if r.name == name), None)
+        restart is a new incarnation that remembers nothing), or paused, or cut off from the
+        store the others use (partitioned from it, or left on the old primary of a split
+        brain) since before its subscription could have come back from the restart and for
+        longer than the long objection window."""
+        replica = self.replica_of(name)
         if replica is None or not replica.alive:
             return True
-        frozen = replica.view.frozen
-        return frozen.until > self.time.now and frozen.since <= at + RESUBSCRIBE_AFTER_RESTART
+        deadline = at + RESUBSCRIBE_AFTER_RESTART
+        view = replica.view
+        frozen = view.frozen
+        if frozen.until > self.time.now and frozen.since <= deadline:
+            return True
+        # Cut off: excused only past the long objection window, which the protocol waits
+        # after evidence of a forgetful store precisely so that a replica cut off by the same
+        # event (a reconnect after a restart) is back to object before the token leaves.
+        if self.time.now < at + TIMING.objection_idle:
+            return False
+        since = view.faults.partitioned_since
+        if view.faults.partitioned and since is not None and since <= deadline:
+            return True
+        return view in self._split_views and self._split_at <= deadline
 
     def add_replica(self, offset: float) -> Replica:
         """A new pod joins the fleet (scale-up, or a rolling deploy's surge pod)."""
@@ -1707,11 +1775,15 @@ class World:
 
     def reload(self, index: int) -> asyncio.Future[None]:
         """A config reload that changed the app, as `broker.app.reload_config` does it: same
-        process and owner name, the old refresher drained, a new one that keeps its set but
-        remembers no spend."""
+        process, the old refresher drained, a new one under a new owner name that keeps its
+        set and carries over what the old one knew of spends (`carry_over`). It used to keep
+        the owner name and carry nothing, which the broker stopped doing (issue 20, Low): an
+        abort the old refresher could not write was then never written (swarm seed 8339)."""
         replica = self.replicas[index]
         old = replica.refresher
         clock = old._clock
+        self._reloads += 1
+        owner = f"{replica.name}-{self._reloads}"
 
         async def reload() -> None:
             replica.retiring = old
@@ -1720,7 +1792,7 @@ class World:
                 return
             metrics = replica.core._metrics
             refresher = self._refresher(
-                replica.name,
+                owner,
                 replica.source,
                 replica.view,
                 clock,
@@ -1728,7 +1800,8 @@ class World:
                 spec=old.spec,
                 host_clock=replica.clock,
             )
-            refresher.take_over(old)  # as broker.app.reload_config does
+            refresher.carry_over(old, same_grant=True)  # as broker.app.reload_config does
+            refresher.take_over(old)
             replica.core.add_app(refresher, fresh=True)
             replica.retiring = None
 
@@ -1741,6 +1814,9 @@ class World:
         state = self.store.state
         for keys in (state.tokens, state.leases, state.fences, state.spends):
             if rng.random() < 0.5:
+                if keys is state.spends:
+                    # An evicted `sent` record is forgotten as in an empty restart.
+                    self._note_forgotten(MemoryState())
                 keys.pop(self.key, None)
 
     def _only_copy_dies(self, replica: Replica) -> None:

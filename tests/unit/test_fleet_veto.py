@@ -143,7 +143,7 @@ async def test_a_veto_for_one_spenders_spend_names_it_and_its_abort_lifts_it() -
     bystander = _protocol(store, clock, "r0", token)
     bystander.on_notice(_notice("sent", "r2", token))  # r2's abort notice never reached r0
     spender = _protocol(store, clock, "r2", token)
-    spender._aborts[4] = fp  # r2's spend under fence 4 was refused (429): no effect
+    spender._aborts[spender.owner, 4] = fp  # r2's spend under fence 4 was refused (429): no effect
     fence = await _announce(store, "r1", token)
     notice = _notice("spend", "r1", token)
     assert bystander.must_veto(notice)
@@ -183,7 +183,7 @@ async def test_a_spender_with_an_unknown_spend_of_the_token_lifts_nothing() -> N
     await _announce(store, "r1", token)
     assert await store.veto_spend(APP, refresh_fp=fp, protects=("r2", 0))
     spender = _protocol(store, clock, "r2", token)
-    spender._aborts[4] = fp
+    spender._aborts[spender.owner, 4] = fp
     spender._unknown.add(fp)
 
     assert not await spender._lift_vetoes_of_our_aborts(fp)
