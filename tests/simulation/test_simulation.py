@@ -128,7 +128,13 @@ def test_upstream_401s_leave_every_other_draw_as_it_was() -> None:
     schedules = [make_schedule(seed) for seed in range(1500)]
     digest = hashlib.sha256()
     for schedule in schedules:
-        digest.update(dataclasses.replace(schedule, upstream_401=()).describe().encode())
+        # DPoP apps (issue 23) come from a generator of their own too: left out as well.
+        before = dataclasses.replace(
+            schedule,
+            upstream_401=(),
+            config=dataclasses.replace(schedule.config, dpop=False),
+        )
+        digest.update(before.describe().encode())
     assert digest.hexdigest() == SCHEDULES_BEFORE_UPSTREAM_401S
     with_401s = [s for s in schedules if s.upstream_401]
     assert 1500 // 5 <= len(with_401s) <= 1500 // 3
