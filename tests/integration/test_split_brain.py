@@ -91,10 +91,13 @@ async def stored_generation(client: aioredis.Redis) -> int:
 
 
 async def run_split(
-    fleet: Fleet, oauth: OAuthTestServer, topology: SplitBrainSentinel
+    fleet: Fleet,
+    oauth: OAuthTestServer,
+    topology: SplitBrainSentinel,
+    split_for: float = SPLIT_FOR,
 ) -> tuple[FleetStats, float, int]:
-    """Start the fleet, let it refresh once, partition M for SPLIT_FOR; (stats, split time,
-    the generation M held at the split)."""
+    """Start the fleet, let it refresh once, partition M for `split_for` seconds; (stats, split
+    time, the generation M held at the split)."""
     poller = Poller(fleet, oauth)
     try:
         await fleet.start()
@@ -112,7 +115,7 @@ async def run_split(
             await primary.aclose()
         split_at = time.time()
         await topology.partition()
-        await asyncio.sleep(split_at + SPLIT_FOR - time.time())
+        await asyncio.sleep(split_at + split_for - time.time())
         return await poller.stop(), split_at, held
     finally:
         await poller.stop()
@@ -131,7 +134,12 @@ class TestSentinelSplitBrain:
         every refresh token is presented once, the grant is not revoked, no expired token is
         served (b0 serves its token to the margin, then 503)."""
         fleet = await split_brain_fleet(tmp_path, oauth_server, split_brain, require_ack=True)
-        stats, split_at, held = await run_split(fleet, oauth_server, split_brain)
+        # Three lifetimes: after the failover b1's first spend may wait for the promoted
+        # replica's own replica (refused, then served to the margin) and then for the long
+        # objection window (the store changed); two refreshes of its own must fit after that.
+        stats, split_at, held = await run_split(
+            fleet, oauth_server, split_brain, split_for=3 * LIFETIME
+        )
         not_durable = audited(fleet, "spend.not_durable", split_at)
         # Refreshes of the split's time: newer than the set M held then (the refresher logs the
         # commit M already held a moment after the poller saw it, so its line may carry a later
