@@ -32,6 +32,10 @@ MEASURE_INTERVAL = 30.0
 RETRY_INTERVAL = 5.0
 # Round trips in one measurement; the shortest gives the most precise offset.
 SAMPLES_PER_ROUND = 4
+# Once the offset is settled, a round ends at its first sample this precise (its error is at
+# most half of it): the other round trips could only refine the offset by milliseconds, and
+# every replica measures every 30 s, so they were most of what an idle fleet asked of Redis.
+PRECISE_ROUND_TRIP = 0.01
 # A sample whose round trip is longer than this is too imprecise to use (its error is up to
 # half the round trip).
 MAX_ROUND_TRIP = 0.5
@@ -170,13 +174,17 @@ class FleetClock:
         return max(0.0, self._base.monotonic() - since)
 
     async def measure(self, source: ServerClock, samples: int = SAMPLES_PER_ROUND) -> Outcome:
-        """One round of `samples` round trips to `source`; the estimate takes it or drops it."""
+        """One round of up to `samples` round trips to `source` (one precise one, once settled);
+        the estimate takes it or drops it."""
         taken = []
+        settled = self._estimator.settled
         try:
             for _ in range(samples):
                 sent = self._base.monotonic()
                 server = await source.server_time()
                 taken.append(ClockSample(sent, server, self._base.monotonic()))
+                if settled and 0.0 <= taken[-1].round_trip <= PRECISE_ROUND_TRIP:
+                    break
         except StoreUnavailable:
             return "unavailable"
         outcome = self._estimator.add_round(taken)

@@ -10,6 +10,7 @@ from broker.errors import StoreUnavailable
 from broker.fleetclock import (
     MEASURE_INTERVAL,
     RETRY_INTERVAL,
+    SAMPLES_PER_ROUND,
     ClockSample,
     FleetClock,
     OffsetEstimator,
@@ -117,6 +118,23 @@ class TestFleetClock:
         clock = FleetClock(fake_clock)
         await clock.measure(server)
         assert abs(clock.offset() - 5.0) <= 0.02 + 1e-6  # float resolution at 1.7e9 s
+
+    async def test_a_settled_offset_is_measured_with_one_precise_round_trip(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """The first round takes every sample; once settled, a round ends at its first precise
+        sample (2 ms), and takes them all while the round trips are imprecise (40 ms)."""
+        server = FakeServer(fake_clock, 5.0)
+        clock = FleetClock(fake_clock)
+        assert await clock.measure(server) == "first"
+        assert server.calls == SAMPLES_PER_ROUND
+        server.calls = 0
+        assert await clock.measure(server) == "smoothed"
+        assert server.calls == 1
+        server.calls = 0
+        server.delays = [(0.02, 0.02)] * SAMPLES_PER_ROUND
+        assert await clock.measure(server) == "smoothed"
+        assert server.calls == SAMPLES_PER_ROUND
 
     async def test_a_local_wall_step_does_not_move_fleet_time(self, fake_clock: FakeClock) -> None:
         """Fleet time runs on the monotonic clock: an NTP step of this host changes only offset()."""
