@@ -411,9 +411,28 @@ def _server(server: ServerSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[Se
                 "localhost unless server.allow_non_loopback is true",
             )
         )
+    proxy_listen = server.proxy_listen
+    if (
+        proxy_listen is not None
+        and "proxy_listen" not in bad
+        and "allow_non_loopback" not in bad
+        and not server.allow_non_loopback
+        and not _is_loopback_listen(proxy_listen)
+    ):
+        found.append(
+            (
+                ".proxy_listen",
+                f"{proxy_listen} is not a loopback address; the proxy sends requests with the "
+                "apps' tokens and stays on localhost unless server.allow_non_loopback is true",
+            )
+        )
+    if proxy_listen is not None and proxy_listen in (server.listen, server.metrics_listen):
+        found.append((".proxy_listen", f"{proxy_listen} is already used by another listener"))
     given = sorted({"socket_mode", "socket_group"} & set(m))
-    if given and server.unix_path is None:
-        found.append((f".{given[0]}", "applies only when server.listen is unix:/path"))
+    if given and server.unix_path is None and server.proxy_unix_path is None:
+        found.append(
+            (f".{given[0]}", "applies only when server.listen or server.proxy_listen is unix:/path")
+        )
     return server, found
 
 
