@@ -689,12 +689,14 @@ def _check_peer_identities(
         owner: dict[int, str] = {}
         for name, client in clients.items():
             ids: tuple[int, ...] = getattr(client, field)
-            if ids and server_known and server is not None and server.unix_path is None:
+            unix = server is not None and (server.unix_path or server.proxy_unix_path)
+            if ids and server_known and not unix:
                 found.append(
                     ConfigError(
                         f"clients.{name}.{field}",
-                        "peer identity works only over a unix socket: set server.listen to "
-                        "unix:/path (a TCP peer's address says nothing about who is calling)",
+                        "peer identity works only over a unix socket: set server.listen (or "
+                        "server.proxy_listen) to unix:/path (a TCP peer's address says nothing "
+                        "about who is calling)",
                     )
                 )
             for i, unix_id in enumerate(ids):

@@ -28,6 +28,7 @@ from broker.refresher import FORCE_MIN_AGE
 from tests.support.broker_process import BrokerFiles, BrokerProcess, running_broker
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.peers import shared_directory
+from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.upstream import UpstreamServer, pattern_digest
 
@@ -39,12 +40,17 @@ MIB = 1024 * 1024
 LOOPBACK = ["127.0.0.0/8"]
 
 
+# The proxy's two data paths: the API's route (aiohttp) and the proxy listener (lean).
+PATHS = ["api", "listener"]
+
+
 def proxy_config(
     tmp_path: Path,
     oauth: OAuthTestServer,
     upstream: UpstreamServer,
     ca_file: Path,
     redis: RedisServer,
+    data_path: str = "api",
     **proxy: Any,
 ) -> BrokerFiles:
     """A broker whose app1 proxies to the upstream (paths under /v1/), and whose app `scim`
@@ -82,6 +88,7 @@ def proxy_config(
         token_url=oauth.token_url,
         store_url=redis.url,
         apps={"app1": app1, "scim": scim},
+        proxy_port=free_port() if data_path == "listener" else 0,
     )
     path = files.write()
     config = yaml.safe_load(path.read_text())
@@ -91,6 +98,13 @@ def proxy_config(
     return files
 
 
+@pytest.fixture(params=PATHS)
+def data_path(request: pytest.FixtureRequest) -> str:
+    """Each proxy test runs against the API's proxy route and against the proxy listener."""
+    value: str = request.param
+    return value
+
+
 @pytest.fixture
 def files(
     tmp_path: Path,
@@ -98,8 +112,9 @@ def files(
     upstream: UpstreamServer,
     ca_file: Path,
     redis_server: RedisServer,
+    data_path: str,
 ) -> BrokerFiles:
-    return proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server)
+    return proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server, data_path)
 
 
 @pytest.fixture
@@ -110,7 +125,7 @@ async def broker(files: BrokerFiles) -> AsyncIterator[Broker]:
 
 
 def proxied(files: BrokerFiles, path: str) -> str:
-    return f"{files.api}/v1/proxy/app1{path}"
+    return f"{files.proxy}/v1/proxy/app1{path}"
 
 
 async def call(
@@ -313,7 +328,7 @@ class TestFailsClosed:
     ) -> None:
         """An app without a grant answers 409 needs_authorization and forwards nothing."""
         async with aiohttp.ClientSession() as session:
-            url = f"{files.api}/v1/proxy/scim/v1/items/1"
+            url = f"{files.proxy}/v1/proxy/scim/v1/items/1"
             async with session.get(url, headers=files.auth) as response:
                 assert response.status == 409
                 body = await response.json()
@@ -339,10 +354,11 @@ class TestUpstreamFailures:
         upstream: UpstreamServer,
         ca_file: Path,
         redis_server: RedisServer,
+        data_path: str,
     ) -> None:
         """Nothing listening upstream: 502 upstream_error in the contract's JSON."""
         await upstream.stop()
-        files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server)
+        files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server, data_path)
         async with running_broker(files.directory / "config.yaml"):
             status, _, body = await call(files, "GET", "/v1/items/1")
         assert status == 502
@@ -355,9 +371,10 @@ class TestUpstreamFailures:
         upstream: UpstreamServer,
         ca_file: Path,
         redis_server: RedisServer,
+        data_path: str,
     ) -> None:
         """TLS is verified by default: without the test CA the upstream is refused."""
-        files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server)
+        files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server, data_path)
         config = yaml.safe_load((files.directory / "config.yaml").read_text())
         del config["apps"]["app1"]["proxy"]["ca_file"]
         (files.directory / "config.yaml").write_text(yaml.safe_dump(config))
@@ -434,7 +451,7 @@ class TestCallersAndPaths:
     ) -> None:
         """Absolute URLs, dot segments, encoded separators and @ never leave the allowed paths."""
         status = await raw_request(
-            files.api_port, f"GET {target} HTTP/1.1", {"Host": "127.0.0.1", **files.auth}
+            files.proxy_port or files.api_port, f"GET {target} HTTP/1.1", {"Host": "127.0.0.1", **files.auth}
         )
         assert 400 <= status < 500
         assert upstream.hits == []
@@ -444,14 +461,14 @@ class TestCallersAndPaths:
     ) -> None:
         """A foreign Host is refused (bad_host); X-Forwarded-Host never reaches the upstream."""
         status = await raw_request(
-            files.api_port,
+            files.proxy_port or files.api_port,
             "GET /v1/proxy/app1/v1/items/1 HTTP/1.1",
             {"Host": "evil.example", **files.auth},
         )
         assert status == 403
         assert upstream.hits == []
         status = await raw_request(
-            files.api_port,
+            files.proxy_port or files.api_port,
             "GET /v1/proxy/app1/v1/items/1 HTTP/1.1",
             {"Host": "127.0.0.1", "X-Forwarded-Host": "evil.example", **files.auth},
         )
@@ -496,7 +513,7 @@ async def socket_broker(
     path = files.directory / "config.yaml"
     config = yaml.safe_load(path.read_text())
     socket = socket_directory / "api.sock"
-    config["server"]["listen"] = f"unix:{socket}"
+    config["server"]["proxy_listen" if files.proxy_port else "listen"] = f"unix:{socket}"
     config["clients"]["svc"] = {"uids": [os.geteuid()], "apps": ["app1", "scim"]}
     path.write_text(yaml.safe_dump(config))
     async with running_broker(path) as running:
@@ -595,7 +612,7 @@ class TestClientLibraries:
             use, httpx_service(upstream.url, token.access_token, str(ca_file))
         )
         via_broker = await asyncio.to_thread(
-            use, httpx_service(f"{files.api}/v1/proxy/app1", files.client_key, str(ca_file))
+            use, httpx_service(f"{files.proxy}/v1/proxy/app1", files.client_key, str(ca_file))
         )
         assert direct == via_broker == ({"id": "7", "query": ""}, {"created": {"a": 1}})
 
@@ -620,7 +637,7 @@ class TestClientLibraries:
             use, requests_service(upstream.url, token.access_token, str(ca_file))
         )
         via_broker = await asyncio.to_thread(
-            use, requests_service(f"{files.api}/v1/proxy/app1", files.client_key, str(ca_file))
+            use, requests_service(f"{files.proxy}/v1/proxy/app1", files.client_key, str(ca_file))
         )
         assert direct == via_broker == ({"id": "9", "query": "q=x+y"}, {"created": {"b": 2}})
 
@@ -644,6 +661,7 @@ class TestStreaming:
         upstream: UpstreamServer,
         ca_file: Path,
         redis_server: RedisServer,
+        data_path: str,
     ) -> None:
         """20 MiB each way arrive intact, and the broker's peak memory grows far less than that.
 
@@ -653,7 +671,7 @@ class TestStreaming:
         the noise, well below one buffered body.
         """
         files = proxy_config(
-            tmp_path, oauth_server, upstream, ca_file, redis_server, read_timeout="20s"
+            tmp_path, oauth_server, upstream, ca_file, redis_server, data_path, read_timeout="20s"
         )
         broker = BrokerProcess(files.directory / "config.yaml", tmp_path / "broker.log")
         broker.start()
