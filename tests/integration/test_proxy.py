@@ -451,7 +451,9 @@ class TestCallersAndPaths:
     ) -> None:
         """Absolute URLs, dot segments, encoded separators and @ never leave the allowed paths."""
         status = await raw_request(
-            files.proxy_port or files.api_port, f"GET {target} HTTP/1.1", {"Host": "127.0.0.1", **files.auth}
+            files.proxy_port or files.api_port,
+            f"GET {target} HTTP/1.1",
+            {"Host": "127.0.0.1", **files.auth},
         )
         assert 400 <= status < 500
         assert upstream.hits == []
