@@ -34,10 +34,12 @@ refusal and the metrics. What is this module's own is HTTP/1.1 itself:
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import unquote
@@ -53,6 +55,7 @@ from broker.api.proxy import (
     MAX_HEADERS,
     PROXY_PREFIX,
     PROXY_ROUTE,
+    REFUSED_METHODS,
     Proxy,
     Upstream,
     Upstreams,
@@ -63,7 +66,7 @@ from broker.api.proxy import (
     listed_in,
     too_large,
 )
-from broker.api.server import check_origin
+from broker.api.server import check_origin, is_loopback_host
 from broker.clock import Clock, wait_within
 from broker.logs import RateLimitedLog, audit, get_logger
 from broker.metrics import Metrics
@@ -86,6 +89,9 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # Idle connections kept per upstream (more are closed when they come back).
 MAX_IDLE = 64
 _NO_BODY_STATUS = frozenset({204, 304})
+# A request body of up to this many bytes (with a length) is read whole before the request is
+# answered, so that it may take the fast path; a larger one streams.
+FAST_BODY = 64 * 1024
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
@@ -112,12 +118,13 @@ class UpstreamBroken(Exception):
 class _Body:
     """A request body as it arrives from the caller, with flow control on the connection."""
 
-    __slots__ = ("chunks", "connection", "discard", "done", "length", "size", "waiter")
+    __slots__ = ("broken", "chunks", "connection", "discard", "done", "length", "size", "waiter")
 
     def __init__(self, connection: CallerConnection, length: int | None) -> None:
         self.chunks: deque[bytes] = deque()
         self.size = 0
         self.done = False
+        self.broken = False
         self.discard = False
         self.waiter: asyncio.Future[None] | None = None
         self.connection = connection
@@ -136,6 +143,11 @@ class _Body:
         self.done = True
         self._wake()
 
+    def fail(self) -> None:
+        """The body cannot be read to its end (the caller's stream broke): reading raises."""
+        self.broken = True
+        self.end()
+
     def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -144,10 +156,10 @@ class _Body:
     async def read(self) -> bytes:
         """The next chunk; b"" at the end. Raises ConnectionResetError if the caller left."""
         while not self.chunks:
+            if self.broken or (self.connection.lost and not self.done):
+                raise ConnectionResetError("the caller's body ended early")
             if self.done:
                 return b""
-            if self.connection.lost:
-                raise ConnectionResetError("the caller went away")
             self.waiter = asyncio.get_running_loop().create_future()
             await self.waiter
             self.waiter = None
@@ -156,6 +168,13 @@ class _Body:
         if self.size < LOW_WATER:
             self.connection.resume_reading()
         return chunk
+
+    def whole(self) -> bytes:
+        """What has arrived of the body, taken out (a done body: all of it)."""
+        data = b"".join(self.chunks) if len(self.chunks) != 1 else self.chunks[0]
+        self.chunks.clear()
+        self.size = 0
+        return data
 
     def skip(self) -> None:
         """Drop what is buffered and what is still to come (the handler did not read it)."""
@@ -193,6 +212,8 @@ class CallerConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[_Request | ApiError] = deque()
         self.task: asyncio.Task[None] | None = None
+        # A request is on the fast path (ProxyListener.try_fast): no task serves it.
+        self.busy = False
         self.lost = False
         self.closing = False  # no more requests are read (an error, an upgrade)
         self._paused = False
@@ -247,11 +268,12 @@ class CallerConnection(asyncio.Protocol):
                 self._refuse(ApiError(400, "bad_request", "the request could not be parsed"))
         except httptools.HttpParserError:
             self._refuse(ApiError(400, "bad_request", "the request is not valid HTTP/1.1"))
+        self.next()
 
     def eof_received(self) -> bool | None:
         # A caller that shut its side down has sent all its requests; answer them, then close.
         self.closing = True
-        return self.task is not None
+        return not (self.task is None and not self.busy and not self.queue)
 
     def pause_reading(self) -> None:
         if not self._paused and self.transport is not None and not self.lost:
@@ -323,8 +345,6 @@ class CallerConnection(asyncio.Protocol):
             request.body.done = True
         self._current = request
         self.queue.append(request)
-        if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._serve())
 
     def on_body(self, body: bytes) -> None:
         if self._current is not None:
@@ -342,30 +362,55 @@ class CallerConnection(asyncio.Protocol):
         self.closing = True
         current = self._current
         if current is not None and not current.body.done:
-            current.body.end()  # its handler must not wait for a body that never comes
+            current.body.fail()  # its handler must not forward a body cut short
+        self._current = None
         self.queue.append(error)
-        if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._serve())
+
+    def next(self) -> None:
+        """Start answering the next request, if none is being answered."""
+        if self.task is not None or self.busy or self.lost:
+            return
+        if not self.queue:
+            if self.closing:
+                self.close()
+            return
+        item = self.queue[0]
+        if isinstance(item, _Request):
+            body = item.body
+            if body.done:
+                if self.listener.try_fast(self, item):
+                    return
+            elif (
+                body.length is not None
+                and body.length <= FAST_BODY
+                and not self.closing
+                and not item.expect_continue  # it waits for our 100 Continue
+            ):
+                return  # a small body: wait for all of it (the fast path may take it)
+        self.task = asyncio.get_running_loop().create_task(self._serve())
 
     async def _serve(self) -> None:
+        """Answer the request at the head of the queue on the general (async) path."""
+        item = self.queue.popleft()
+        keep_alive = False
         try:
-            while self.queue and not self.lost:
-                item = self.queue.popleft()
-                if isinstance(item, ApiError):
-                    self.listener.observe(ROUTE_OTHER, {}, item.status, 0.0)
-                    self.write_error(item, keep_alive=False)
-                    break
+            if isinstance(item, ApiError):
+                self.listener.observe(ROUTE_OTHER, {}, item.status, 0.0)
+                self.write_error(item, keep_alive=False)
+            else:
                 keep_alive = await self.listener.handle(self, item)
                 if not item.body.done:
                     item.body.skip()
-                if not keep_alive:
-                    break
-            else:
-                if not self.closing and not self.lost:
-                    return  # idle, kept alive: the next request starts a new task
-            self.close()
         finally:
             self.task = None
+            self.answered(keep_alive)
+
+    def answered(self, keep_alive: bool) -> None:
+        """One request was answered: close, or go on with the next."""
+        if not keep_alive:
+            self.close()
+        else:
+            self.next()
 
     def close(self) -> None:
         """Close the caller's connection."""
@@ -446,6 +491,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # The fast path's request awaiting this answer (no task waits on the connection).
+        self.fast: _Fast | None = None
 
     def begin(self, head_request: bool) -> None:
         """Ready for the answer to a request about to be sent."""
@@ -476,6 +523,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = loop.call_later(left, self._check_idle)
             return
         self._fail(UpstreamBroken("read timeout", answered=True), timeout=True)
+        self._notify()
 
     # -- asyncio.Protocol
 
@@ -493,6 +541,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._wake()
         elif not self.complete:
             self._fail(UpstreamBroken("the upstream closed the connection", answered=self.answered))
+        self._notify()
         writable = self._writable
         if writable is not None and not writable.done():
             writable.set_result(None)
@@ -523,6 +572,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamBroken(message, answered=True))
         except httptools.HttpParserError:
             self._fail(UpstreamBroken("the upstream's answer is not HTTP/1.1", answered=True))
+        self._notify()
+
+    def _notify(self) -> None:
+        """Hand a fast-path request its answer (or failure) once it has come."""
+        fast = self.fast
+        if fast is not None and (self.headers_done or self.error is not None):
+            self.fast = None
+            fast.listener.fast_answered(fast, self)
 
     def eof_received(self) -> bool | None:
         return False
@@ -571,10 +628,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.reason = b""
             self.headers = []  # the end of an interim answer
             return
-        self.complete = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.complete = True  # the read timer sees it and lapses (no cancel per answer)
         self._wake()
 
     # -- the answer, for the handler
@@ -663,6 +717,33 @@ class LeanPool:
         self.idle: list[UpstreamConnection] = []
         # Request target → the line and Host header sent upstream (url_for's cache, encoded).
         self.heads: dict[tuple[str, str], str] = {}
+        # Requests in flight on this data path, at most `max_concurrent`, and those waiting.
+        self.active = 0
+        self.limit = upstream.spec.max_concurrent
+        self.waiting: deque[asyncio.Future[None]] = deque()
+
+    def try_acquire(self) -> bool:
+        """Take a slot for a request if one is free."""
+        if self.active < self.limit:
+            self.active += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Wait for a slot (cancel to give up)."""
+        while not self.try_acquire():
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiting.append(waiter)
+            await waiter
+
+    def release_slot(self) -> None:
+        """A request is done with its slot: the longest waiter may go."""
+        self.active -= 1
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
 
     def put(self, connection: UpstreamConnection) -> None:
         """An answered connection, ready for the next request."""
@@ -763,6 +844,9 @@ class ProxyListener:
         self._denied = RateLimitedLog(DENIED_LOG_INTERVAL)
         self.connections: set[CallerConnection] = set()
         self.server: asyncio.Server | None = None
+        # Traces are set up before the listener is built; with them on, every request takes
+        # the general path (its spans).
+        self._tracing = tracing.enabled()
 
     def protocol(self) -> CallerConnection:
         """A protocol for one accepted connection (`loop.create_server`'s factory)."""
@@ -889,11 +973,9 @@ class ProxyListener:
         token = await self.proxy.token(app)
         body = await self._read_body(connection, request, spec)
         try:
-            if upstream.slots.locked():  # only a full upstream pays for a timer
+            if not pool.try_acquire():  # only a full upstream pays for a timer
                 async with asyncio.timeout(spec.connect_timeout):
-                    await upstream.slots.acquire()
-            else:
-                await upstream.slots.acquire()
+                    await pool.acquire()
         except TimeoutError:
             raise ApiError(
                 503,
@@ -925,13 +1007,13 @@ class ProxyListener:
                     )
             return await self._relay(connection, request, answer, keep_alive)
         finally:
-            upstream.slots.release()
+            pool.release_slot()
 
     async def _read_body(self, connection: CallerConnection, request: _Request, spec: Any) -> _Sent:
         """Buffer a body up to `max_buffered_body` (replayable); stream a larger one."""
         body = request.body
-        if body.done and not body.chunks:
-            return _Sent(None, None, replayable=True)
+        if body.done and not body.broken:
+            return _whole_body(request)
         length = body.length
         if length is not None and length > spec.max_request_body:
             raise too_large(spec)
@@ -968,25 +1050,8 @@ class ProxyListener:
         app: str,
     ) -> UpstreamConnection:
         """One request upstream; errors before an answer become 502 / 504 / 413 / 403."""
-        lines = [head]
-        listed = request.listed
-        for name, value in request.headers:
-            if dropped_request_header(name) or (listed and name.lower() in listed):
-                continue
-            lines.append(f"{name}: {value}\r\n")
         extra = _extra_headers(self.proxy, pool, request, app, token)
-        if extra:
-            lines.extend(f"{name}: {value}\r\n" for name, value in extra)
-        else:
-            lines.append(f"Authorization: Bearer {token.access_token}\r\n")
-        if body.length is not None:
-            lines.append(f"Content-Length: {body.length}\r\n")
-        elif body.stream is not None:
-            lines.append("Transfer-Encoding: chunked\r\n")
-        lines.append("\r\n")
-        message = "".join(lines).encode("latin-1")
-        if body.data:
-            message += body.data
+        message = _request_message(head, request, token, body, extra)
         with tracing.span(
             "token_broker.upstream",
             kind="client",
@@ -1080,39 +1145,16 @@ class ProxyListener:
     ) -> tuple[int, bool]:
         """The upstream's answer back to the caller: (status, keep the connection alive)."""
         status = answer.status
-        listed: frozenset[str] = frozenset()
-        for name, value in answer.headers:
-            if name.lower() == b"connection":
-                listed = listed | listed_in(value.decode("latin-1"))
-        no_body = request.method == "HEAD" or status in _NO_BODY_STATUS
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, answer.reason)]
-        length_given = False
-        for name, value in answer.headers:
-            text = name.decode("latin-1")
-            if dropped_response_header(text) or (listed and text.lower() in listed):
-                continue
-            if len(name) == 14 and name.lower() == b"content-length":
-                if not no_body and answer.complete:
-                    continue  # set below from the body as read
-                length_given = True
-            lines.append(name + b": " + value + _CRLF)
+        if answer.complete or request.method == "HEAD" or status in _NO_BODY_STATUS:
+            return status, _relay_whole(caller, request, answer, keep_alive)
+        lines, length_given = _answer_head(request, answer)
         try:
-            if no_body:
-                return status, self._end_head(caller, lines, keep_alive, request, answer)
-            if answer.complete:  # the whole body came with the headers: one write
-                body = b"".join(answer.chunks)
-                answer.chunks.clear()
-                lines.append(b"Content-Length: %d\r\n" % len(body))
-                self._finish_head(lines, keep_alive, request)
-                caller.write(b"".join(lines) + body)
-                answer.release()
-                return status, keep_alive
             chunked = not length_given and request.http11
             if not length_given and not request.http11:
                 keep_alive = False  # close-delimited to an HTTP/1.0 caller
             if chunked:
                 lines.append(b"Transfer-Encoding: chunked\r\n")
-            self._finish_head(lines, keep_alive, request)
+            _finish_head(lines, keep_alive, request)
             caller.write(b"".join(lines))
             while True:
                 if caller.lost:
@@ -1136,26 +1178,249 @@ class ProxyListener:
         answer.release()
         return status, keep_alive
 
-    def _end_head(
-        self,
-        caller: CallerConnection,
-        lines: list[bytes],
-        keep_alive: bool,
-        request: _Request,
-        answer: UpstreamConnection,
-    ) -> bool:
-        self._finish_head(lines, keep_alive, request)
-        caller.write(b"".join(lines))
-        answer.release()
-        return keep_alive
+    # ---- the fast path: no task, no future, for the common request -------------------------
 
-    @staticmethod
-    def _finish_head(lines: list[bytes], keep_alive: bool, request: _Request) -> None:
-        if not keep_alive:
-            lines.append(b"Connection: close\r\n")
-        elif not request.http11:
-            lines.append(b"Connection: keep-alive\r\n")
-        lines.append(_CRLF)
+    def try_fast(self, caller: CallerConnection, request: _Request) -> bool:
+        """Send `request` upstream at once, from the protocol's callback, when nothing needs
+        waiting for: an authorized caller, a checked target seen before, a cached token, a
+        whole body, a free slot and an idle pooled connection. The answer is then relayed
+        from the upstream protocol's callback (`fast_answered`). False: the general path
+        answers it (and raises every error there)."""
+        if self._tracing or request.relayed or not is_loopback_host(request.host):
+            return False
+        target = request.target
+        try:
+            app = _app_of(target)
+            if request.method in REFUSED_METHODS:
+                return False
+            self.callers.authorize(request.authorization, caller.transport, app, request.labels)
+            upstream = self.upstreams.select(app, target)
+        except ApiError:
+            return False
+        pool = upstream.lean_pool
+        if pool is None or not pool.idle or app in self.proxy.dpop:
+            return False
+        head = pool.heads.get((request.method, target))
+        token = self.proxy.service.cached_token(app)
+        if head is None or token is None:
+            return False
+        body = request.body
+        if body.size > upstream.spec.max_buffered_body or body.broken:
+            return False
+        connection = pool.take()
+        if connection is None:
+            return False
+        if not pool.try_acquire():
+            pool.put(connection)
+            return False
+        caller.queue.popleft()
+        caller.busy = True
+        upstream.enter()
+        sent = _whole_body(request)
+        fast = _Fast(self, caller, request, app, upstream, pool, head, token, sent)
+        connection.fast = fast
+        connection.begin(request.method == "HEAD")
+        assert connection.transport is not None
+        connection.transport.write(_request_message(head, request, token, sent, ()))
+        return True
+
+    def fast_answered(self, fast: _Fast, answer: UpstreamConnection) -> None:
+        """The fast path's answer has begun (or failed): relay it, or hand over to a task."""
+        caller, request = fast.caller, fast.request
+        if answer.error is not None:
+            answer.close()
+            if answer.reused and not answer.answered and request.method in IDEMPOTENT:
+                # A pooled connection the upstream had closed: the general path starts over
+                # with another connection (the request never reached the upstream).
+                self._fast_done(fast, None)
+                if request.body.length is not None or request.chunked:
+                    request.body.chunks.append(fast.body.data or b"")
+                caller.queue.appendleft(request)
+                caller.busy = False
+                caller.task = asyncio.get_running_loop().create_task(caller._serve())
+                return
+            error = (
+                ApiError(504, "upstream_timeout", "the upstream did not answer in time")
+                if answer.timed_out
+                else ApiError(502, "upstream_error", "the upstream could not be reached")
+            )
+            caller.write_error(error, keep_alive=fast.keep_alive)
+            self._fast_done(fast, error.status)
+            caller.busy = False
+            caller.answered(fast.keep_alive)
+            return
+        spec = fast.upstream.spec
+        if not answer.complete or (spec.retry_on_401 and answer.status in spec.refresh_on_status):
+            caller.task = asyncio.get_running_loop().create_task(self._fast_continue(fast, answer))
+            return
+        keep_alive = _relay_whole(caller, request, answer, fast.keep_alive)
+        self._fast_done(fast, answer.status)
+        caller.busy = False
+        caller.answered(keep_alive)
+
+    async def _fast_continue(self, fast: _Fast, answer: UpstreamConnection) -> None:
+        """A fast-path request whose answer needs waiting for: a refused token's purge and
+        retry, or a body still to come."""
+        caller, request, app = fast.caller, fast.request, fast.app
+        spec = fast.upstream.spec
+        status, keep_alive = 500, False
+        try:
+            try:
+                if spec.retry_on_401 and answer.status in spec.refresh_on_status:
+                    try:
+                        fresh = await self.proxy.successor(app, fast.token, replayable=True)
+                    except ApiError:
+                        answer.close()
+                        raise
+                    if fresh is not None:
+                        answer.close()
+                        answer = await self._send(
+                            fast.pool, request, head=fast.head, token=fresh, body=fast.body, app=app
+                        )
+                status, keep_alive = await self._relay(caller, request, answer, fast.keep_alive)
+            except ApiError as exc:
+                status, keep_alive = exc.status, fast.keep_alive
+                caller.write_error(exc, keep_alive=keep_alive)
+        except Exception:
+            log.exception("api.internal_error", route=ROUTE_LABEL)
+            caller.write_error(ApiError(500, "internal", "internal error"), keep_alive=False)
+        finally:
+            self._fast_done(fast, status)
+            caller.task = None
+            caller.busy = False
+        caller.answered(keep_alive)
+
+    def _fast_done(self, fast: _Fast, status: int | None) -> None:
+        """A fast-path request's slot and counts (none when it goes to the general path)."""
+        fast.pool.release_slot()
+        fast.upstream.leave()
+        if status is not None:
+            seconds = time.perf_counter() - fast.started
+            self.proxy.count(fast.app, status, seconds)
+            self.observe(ROUTE_LABEL, fast.request.labels, status, seconds)
+
+
+@dataclass(slots=True)
+class _Fast:
+    """A request on the fast path, while its answer is awaited."""
+
+    listener: ProxyListener
+    caller: CallerConnection
+    request: _Request
+    app: str
+    upstream: Upstream
+    pool: LeanPool
+    head: str
+    token: TokenSet
+    body: _Sent
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def keep_alive(self) -> bool:
+        """The caller's connection may serve another request after this one."""
+        return self.request.keep_alive and not self.caller.closing
+
+
+def _whole_body(request: _Request) -> _Sent:
+    """A body that has come whole, as sent upstream (with its length: replayable)."""
+    body = request.body
+    if body.length is None and not request.chunked:
+        return _Sent(None, None, replayable=True)
+    data = body.whole()
+    return _Sent(data, len(data), replayable=True)
+
+
+def _request_message(
+    head: str, request: _Request, token: TokenSet, body: _Sent, extra: Iterable[tuple[str, str]]
+) -> bytes:
+    """The request head (and a whole body) as sent upstream: the caller's headers without
+    the dropped ones, the token (or `extra`'s Authorization), the body's framing."""
+    lines = [head]
+    listed = request.listed
+    for name, value in request.headers:
+        if dropped_request_header(name) or (listed and name.lower() in listed):
+            continue
+        lines.append(f"{name}: {value}\r\n")
+    authorized = False
+    for name, value in extra:
+        lines.append(f"{name}: {value}\r\n")
+        authorized = authorized or name.lower() == "authorization"
+    if not authorized:
+        lines.append(f"Authorization: Bearer {token.access_token}\r\n")
+    if body.length is not None:
+        lines.append(f"Content-Length: {body.length}\r\n")
+    elif body.stream is not None:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    lines.append("\r\n")
+    message = "".join(lines).encode("latin-1")
+    return message + body.data if body.data else message
+
+
+# What an answer header is to the relay (per name as sent, bytes).
+_FORWARD, _DROP, _CONNECTION, _LENGTH = 0, 1, 2, 3
+
+
+@functools.lru_cache(maxsize=1024)
+def _answer_header(name: bytes) -> int:
+    lower = name.lower()
+    if lower == b"connection":
+        return _CONNECTION
+    if dropped_response_header(name.decode("latin-1")):
+        return _DROP
+    return _LENGTH if lower == b"content-length" else _FORWARD
+
+
+def _answer_head(request: _Request, answer: UpstreamConnection) -> tuple[list[bytes], bool]:
+    """The status line and forwarded headers of an answer (without the final CRLF), and
+    whether they carry the upstream's Content-Length (kept for a streamed or bodiless one)."""
+    headers = answer.headers
+    listed: frozenset[str] = frozenset()
+    for name, value in headers:
+        if _answer_header(name) == _CONNECTION:
+            listed = listed | listed_in(value.decode("latin-1"))
+    keep_length = not answer.complete or request.method == "HEAD"
+    lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, answer.reason)]
+    length_given = False
+    for name, value in headers:
+        kind = _answer_header(name)
+        if kind in (_DROP, _CONNECTION):
+            continue
+        if listed and name.decode("latin-1").lower() in listed:
+            continue
+        if kind == _LENGTH:
+            if not keep_length:
+                continue  # set from the body as read
+            length_given = True
+        lines.append(name + b": " + value + _CRLF)
+    return lines, length_given
+
+
+def _relay_whole(
+    caller: CallerConnection, request: _Request, answer: UpstreamConnection, keep_alive: bool
+) -> bool:
+    """An answer that has come whole (or has no body) back in one write; the connection goes
+    back to the pool. Returns whether the caller's connection stays open."""
+    lines, _ = _answer_head(request, answer)
+    no_body = request.method == "HEAD" or answer.status in _NO_BODY_STATUS
+    body = (
+        b"" if no_body else answer.chunks[0] if len(answer.chunks) == 1 else b"".join(answer.chunks)
+    )
+    answer.chunks.clear()
+    if not no_body:
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    _finish_head(lines, keep_alive, request)
+    lines.append(body)
+    caller.write(b"".join(lines))
+    answer.release()
+    return keep_alive
+
+
+def _finish_head(lines: list[bytes], keep_alive: bool, request: _Request) -> None:
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    elif not request.http11:
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(_CRLF)
 
 
 class _TooLarge(Exception):
@@ -1185,8 +1450,6 @@ def _extra_headers(
         if context:
             extra = [(n, v) for n, v in extra if n.lower() != "traceparent"]
             extra.extend(context.items())
-    if extra and not any(name.lower() == "authorization" for name, _ in extra):
-        extra.append(("Authorization", f"Bearer {token.access_token}"))
     return extra
 
 
