@@ -871,7 +871,7 @@ class ProxyListener:
     async def handle(self, connection: CallerConnection, request: _Request) -> bool:
         """Answer one request; True when the connection may serve another."""
         started = time.perf_counter()
-        keep_alive = request.keep_alive and not connection.closing
+        keep_alive = request.keep_alive and not (connection.closing and not connection.queue)
         route = ROUTE_OTHER
         try:
             check_origin(relayed=request.relayed, host=request.host)
@@ -1318,7 +1318,8 @@ class _Fast:
     @property
     def keep_alive(self) -> bool:
         """The caller's connection may serve another request after this one."""
-        return self.request.keep_alive and not self.caller.closing
+        caller = self.caller
+        return self.request.keep_alive and not (caller.closing and not caller.queue)
 
 
 def _whole_body(request: _Request) -> _Sent:
