@@ -89,6 +89,19 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # Idle connections kept per upstream (more are closed when they come back).
 MAX_IDLE = 64
 _NO_BODY_STATUS = frozenset({204, 304})
+# The request headers the listener reads itself, by lowercased name.
+_AUTHORIZATION, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION_FIELD = range(5)
+_RELAYED, _EXPECT = 5, 6
+_REQUEST_FIELDS = {
+    "authorization": _AUTHORIZATION,
+    "host": _HOST,
+    "content-length": _CONTENT_LENGTH,
+    "transfer-encoding": _TRANSFER_ENCODING,
+    "connection": _CONNECTION_FIELD,
+    "forwarded": _RELAYED,
+    "x-forwarded-for": _RELAYED,
+    "expect": _EXPECT,
+}
 # A request body of up to this many bytes (with a length) is read whole before the request is
 # answered, so that it may take the fast path; a larger one streams.
 FAST_BODY = 64 * 1024
@@ -324,20 +337,22 @@ class CallerConnection(asyncio.Protocol):
         )
         listed: frozenset[str] = frozenset()
         for name, value in headers:
-            lower = name.lower()
-            if lower == "authorization":
+            known = _REQUEST_FIELDS.get(name.lower())
+            if known is None:
+                continue
+            if known == _AUTHORIZATION:
                 request.authorization = value
-            elif lower == "host":
+            elif known == _HOST:
                 request.host = value
-            elif lower == "content-length":
+            elif known == _CONTENT_LENGTH:
                 length = int(value)  # the parser has checked it is one number
-            elif lower == "transfer-encoding":
+            elif known == _TRANSFER_ENCODING:
                 request.chunked = True
-            elif lower == "connection":
+            elif known == _CONNECTION_FIELD:
                 listed = listed | listed_in(value)
-            elif lower in ("forwarded", "x-forwarded-for"):
+            elif known == _RELAYED:
                 request.relayed = True
-            elif lower == "expect":
+            else:
                 request.expect_continue = value.strip().lower() == "100-continue"
         request.listed = listed
         request.body.length = length
@@ -479,6 +494,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.until_close = False
         self.head_request = False
+        # Header names the answer's Connection lists beyond the hop-by-hop ones: not relayed.
+        self.listed: frozenset[str] = frozenset()
         self.answered = False
         self.headers_done = False
         self.complete = False
@@ -601,9 +618,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
         framed = False
-        for name, _ in self.headers:
-            if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+        listed: frozenset[str] = frozenset()
+        for name, value in self.headers:
+            size = len(name)
+            if size in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
                 framed = True
+            elif size == 10 and name.lower() == b"connection":
+                listed = listed | _listed_beyond_hop(value)
+        self.listed = listed
         no_body = self.head_request or status in _NO_BODY_STATUS
         self.until_close = not framed and not no_body
         self.headers_done = True
@@ -1357,41 +1379,43 @@ def _request_message(
     return message + body.data if body.data else message
 
 
-# What an answer header is to the relay (per name as sent, bytes).
-_FORWARD, _DROP, _CONNECTION, _LENGTH = 0, 1, 2, 3
+# What an answer header is to the relay (per name as sent, bytes): forwarded, dropped
+# (hop-by-hop, Connection included), or the Content-Length; with the name lowercased.
+_FORWARD, _DROP, _LENGTH = 0, 1, 2
 
 
 @functools.lru_cache(maxsize=1024)
-def _answer_header(name: bytes) -> int:
-    lower = name.lower()
-    if lower == b"connection":
-        return _CONNECTION
-    if dropped_response_header(name.decode("latin-1")):
-        return _DROP
-    return _LENGTH if lower == b"content-length" else _FORWARD
+def _answer_header(name: bytes) -> tuple[int, str]:
+    lower = name.decode("latin-1").lower()
+    if dropped_response_header(lower):
+        return _DROP, lower
+    return (_LENGTH if lower == "content-length" else _FORWARD), lower
+
+
+@functools.lru_cache(maxsize=256)
+def _listed_beyond_hop(value: bytes) -> frozenset[str]:
+    """The names a Connection value lists that are not hop-by-hop already (`keep-alive`,
+    `close` and the like are dropped whatever it lists)."""
+    return frozenset(
+        n for n in listed_in(value.decode("latin-1")) if not dropped_response_header(n)
+    )
 
 
 def _answer_head(request: _Request, answer: UpstreamConnection) -> tuple[list[bytes], bool]:
     """The status line and forwarded headers of an answer (without the final CRLF), and
     whether they carry the upstream's Content-Length (kept for a streamed or bodiless one)."""
-    headers = answer.headers
-    listed: frozenset[str] = frozenset()
-    for name, value in headers:
-        if _answer_header(name) == _CONNECTION:
-            listed = listed | listed_in(value.decode("latin-1"))
     keep_length = not answer.complete or request.method == "HEAD"
+    listed = answer.listed
     lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, answer.reason)]
     length_given = False
-    for name, value in headers:
-        kind = _answer_header(name)
-        if kind in (_DROP, _CONNECTION):
-            continue
-        if listed and name.decode("latin-1").lower() in listed:
-            continue
-        if kind == _LENGTH:
-            if not keep_length:
-                continue  # set from the body as read
+    for name, value in answer.headers:
+        kind, lower = _answer_header(name)
+        if kind:
+            if kind == _DROP or not keep_length:
+                continue  # a Content-Length not kept is set from the body as read
             length_given = True
+        if listed and lower in listed:
+            continue
         lines.append(name + b": " + value + _CRLF)
     return lines, length_given
 
