@@ -1034,7 +1034,7 @@ class ProxyListener:
     async def _read_body(self, connection: CallerConnection, request: _Request, spec: Any) -> _Sent:
         """Buffer a body up to `max_buffered_body` (replayable); stream a larger one."""
         body = request.body
-        if body.done and not body.broken:
+        if body.done and not body.broken and body.size <= spec.max_buffered_body:
             return _whole_body(request)
         length = body.length
         if length is not None and length > spec.max_request_body:
