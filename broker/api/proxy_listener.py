@@ -88,6 +88,11 @@ LOW_WATER = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # Idle connections kept per upstream (more are closed when they come back).
 MAX_IDLE = 64
+# A caller connection that sends nothing for more than KEEPALIVE_SWEEPS sweeps is closed.
+SWEEP_INTERVAL = 15.0
+KEEPALIVE_SWEEPS = 4
+# How often shutdown looks whether the answers in flight are done.
+DRAIN_POLL = 0.05
 _NO_BODY_STATUS = frozenset({204, 304})
 # The request headers the listener reads itself, by lowercased name.
 _AUTHORIZATION, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION_FIELD = range(5)
@@ -227,6 +232,8 @@ class CallerConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         # A request is on the fast path (ProxyListener.try_fast): no task serves it.
         self.busy = False
+        # Idle-connection sweeps since the caller last sent anything.
+        self.quiet = 0
         self.lost = False
         self.closing = False  # no more requests are read (an error, an upgrade)
         self._paused = False
@@ -265,6 +272,7 @@ class CallerConnection(asyncio.Protocol):
             writable.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        self.quiet = 0
         if self.closing:
             return
         try:
@@ -737,6 +745,7 @@ class LeanPool:
         host = f"[{origin.raw_host}]" if ":" in (origin.raw_host or "") else origin.raw_host
         self.host_header = f"Host: {host}{'' if explicit is None else f':{explicit}'}\r\n"
         self.idle: list[UpstreamConnection] = []
+        self.closed = False
         # Request target → the line and Host header sent upstream (url_for's cache, encoded).
         self.heads: dict[tuple[str, str], str] = {}
         # Requests in flight on this data path, at most `max_concurrent`, and those waiting.
@@ -769,7 +778,7 @@ class LeanPool:
 
     def put(self, connection: UpstreamConnection) -> None:
         """An answered connection, ready for the next request."""
-        if len(self.idle) >= MAX_IDLE:
+        if self.closed or len(self.idle) >= MAX_IDLE:
             connection.close()
         else:
             self.idle.append(connection)
@@ -827,7 +836,9 @@ class LeanPool:
         raise OSError(f"{self.host} has no address")
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection, and each one in use when it comes back (a reload
+        retired the pool, or the broker stops)."""
+        self.closed = True
         for connection in self.idle:
             connection.close()
         self.idle.clear()
@@ -866,6 +877,7 @@ class ProxyListener:
         self._denied = RateLimitedLog(DENIED_LOG_INTERVAL)
         self.connections: set[CallerConnection] = set()
         self.server: asyncio.Server | None = None
+        self.sweeper: asyncio.Task[None] | None = None
         # Traces are set up before the listener is built; with them on, every request takes
         # the general path (its spans).
         self._tracing = tracing.enabled()
@@ -875,14 +887,30 @@ class ProxyListener:
         return CallerConnection(self)
 
     async def close(self, grace: float) -> None:
-        """Stop accepting, let in-flight answers finish for up to `grace` s, then close."""
+        """Stop accepting, let in-flight answers finish for up to `grace` s (on the injected
+        clock), then close every connection."""
         if self.server is not None:
             self.server.close()
-        busy = [c.task for c in self.connections if c.task is not None]
-        if busy:
-            await asyncio.wait(busy, timeout=grace)
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        waited = 0.0
+        while waited < grace and any(c.task is not None or c.busy for c in self.connections):
+            await self.clock.sleep(DRAIN_POLL)
+            waited += DRAIN_POLL
         for connection in list(self.connections):
             connection.close()
+
+    async def sweep(self) -> None:
+        """Close the caller connections that sent nothing for KEEPALIVE_SWEEPS sweeps (60 to
+        75 s, as aiohttp's keep-alive timeout): a caller cannot hold connections forever."""
+        while True:
+            await self.clock.sleep(SWEEP_INTERVAL)
+            for connection in list(self.connections):
+                if connection.task is not None or connection.busy or connection.queue:
+                    continue
+                connection.quiet += 1
+                if connection.quiet > KEEPALIVE_SWEEPS:
+                    connection.close()
 
     def observe(self, route: str, labels: dict[Any, Any], status: int, seconds: float) -> None:
         """Count a request as the API counts its own."""
@@ -1498,4 +1526,5 @@ async def serve(
     else:
         server = await loop.create_server(listener.protocol, host, port)
     listener.server = server
+    listener.sweeper = loop.create_task(listener.sweep())
     return server

@@ -118,6 +118,7 @@ class Proxy:
     port: int
     service: FakeService
     metrics: Metrics
+    clock: FakeClock
 
 
 @pytest.fixture
@@ -136,12 +137,13 @@ async def proxy(upstream: ScriptedUpstream, tmp_path: Path) -> AsyncIterator[Pro
     upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
     service = FakeService()
     metrics = Metrics()
+    clock = FakeClock()
     listener = build_proxy_listener(
-        ApiDependencies(service, authenticator, metrics, FakeClock(), upstreams)
+        ApiDependencies(service, authenticator, metrics, clock, upstreams)
     )
     server = await serve_proxy(listener, host="127.0.0.1", port=0)
     try:
-        yield Proxy(listener, server.sockets[0].getsockname()[1], service, metrics)
+        yield Proxy(listener, server.sockets[0].getsockname()[1], service, metrics, clock)
     finally:
         await listener.close(0.0)
         await upstreams.close(grace=0.0)
@@ -434,3 +436,25 @@ class TestPool:
         head, body = answer.split(b"\r\n\r\n", 1)
         assert b"Content-Length: 100" in head
         assert body == b"only-part"
+
+
+class TestIdleCallers:
+    async def test_a_caller_connection_idle_for_75_s_is_closed(
+        self, proxy: Proxy, upstream: ScriptedUpstream
+    ) -> None:
+        """A kept-alive caller connection that sends nothing is closed after 60-75 s on the
+        injected clock; one that keeps sending stays open."""
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        for writer, reader in ((idle_writer, idle_reader), (busy_writer, busy_reader)):
+            writer.write(get())
+            assert statuses(await reader.readuntil(b"}")) == [200]
+        for _ in range(5):
+            busy_writer.write(get())
+            await busy_reader.readuntil(b"}")
+            await proxy.clock.advance(15)
+        assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+        busy_writer.write(get(close=True))
+        assert statuses(await asyncio.wait_for(busy_reader.read(), 5)) == [200]
+        idle_writer.close()
+        busy_writer.close()
