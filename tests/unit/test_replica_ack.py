@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import structlog.testing
-import yaml
 
 from broker.config import load_config, summarize
 from broker.errors import ConfigError, NotDurable
 from broker.fleet import Blocked, Fetched, FleetProtocol, Timing
 from broker.model import TokenSet
 from broker.store.memory import MemoryStore
+from tests.support.config import write_config
 from tests.support.fake_clock import FakeClock
 
 APP = "scim"
@@ -124,26 +124,10 @@ class TestSpendWithoutAcknowledgement:
 
 
 def _config(tmp_path: Path, url: str, **store: object) -> Path:
-    (tmp_path / "secret").write_text("s3cr3t-value-long-enough\n")
-    (tmp_path / "client.key").write_text("k" * 40 + "\n")
-    (tmp_path / "store.key").write_text("k1 MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n")
     section: dict[str, object] = {"url": url, **store}
     if not url.startswith("memory://"):
         section["encryption_key_file"] = "store.key"
-    document = {
-        "store": section,
-        "apps": {
-            "app": {
-                "token_url": "https://idp.example/token",
-                "client_id": "c",
-                "client_secret_file": "secret",
-            }
-        },
-        "clients": {"svc": {"key_file": "client.key", "apps": ["app"]}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
+    return write_config(tmp_path, store=section)
 
 
 class TestConfig:
