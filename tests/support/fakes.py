@@ -1,5 +1,5 @@
-"""Fakes at the core's seams: a scripted token source (the refresher's) and a token service
-(the API's)."""
+"""Fakes at the core's seams: a scripted token source (the refresher's), a token service (the
+API's), and the refresher's side of the fleet protocol."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from collections import deque
 from collections.abc import Collection, Mapping
 
 from broker.errors import TokenEndpointError, TokenUnavailable
+from broker.fleet import FleetProtocol, Timing
 from broker.model import AppState, TokenSet
 from broker.service import AppStatus
+from broker.store import TokenStore
 from tests.support.fake_clock import FakeClock
 
 
@@ -187,3 +189,68 @@ class FakeTokenService:
     def app_ready(self, app: str) -> bool:
         """Ready unless scripted unready."""
         return app not in self.unready
+
+
+# ---- the fleet protocol's seams (unit tests of broker/fleet.py) --------------------------------
+
+FLEET_APP = "scim"
+
+
+class CurrentSet:
+    """The refresher's side of the fleet protocol (`current=`, `adopt=`): the set it serves,
+    replaced by adoption unless `adopts` is False (a replica that never takes another's set)."""
+
+    def __init__(self, token: TokenSet | None, *, adopts: bool = True) -> None:
+        self.token = token
+        self.adopts = adopts
+
+    def current(self) -> TokenSet | None:
+        """The set served now."""
+        return self.token
+
+    def adopt(self, token: TokenSet) -> None:
+        """Take a newer set (ignored when `adopts` is False)."""
+        if self.adopts:
+            self.token = token
+
+
+def spendable_grant(
+    clock: FakeClock,
+    access: str,
+    refresh: str,
+    *,
+    issued_ago: float = 100.0,
+    expires_in: float = 20.0,
+) -> TokenSet:
+    """A stored set with a refresh token to spend: lineage 1, generation 2, by the clock's time."""
+    now = clock.time()
+    return TokenSet(
+        access_token=access,
+        token_type="Bearer",
+        issued_at=now - issued_ago,
+        expires_at=now + expires_in,
+        refresh_token=refresh,
+        lineage=1,
+        generation=2,
+    )
+
+
+def fleet_protocol(
+    store: TokenStore,
+    clock: FakeClock,
+    holder: CurrentSet,
+    *,
+    owner: str = "r0",
+    timing: Timing | None = None,
+) -> FleetProtocol:
+    """The fleet protocol of app FLEET_APP spending refresh tokens, for `holder`'s set."""
+    return FleetProtocol(
+        FLEET_APP,
+        store,
+        clock,
+        owner=owner,
+        spends_refresh_tokens=True,
+        current=holder.current,
+        adopt=holder.adopt,
+        timing=timing,
+    )
