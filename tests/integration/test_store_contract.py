@@ -7,7 +7,8 @@ the two saying the same thing for every operation of broker/store/__init__.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -657,26 +658,47 @@ class TestSpend:
             assert answer is SpendStart.UNKNOWN
 
 
+@asynccontextmanager
+async def hearing(
+    store: TokenStore,
+    *,
+    keep: Callable[[Notice], bool] = lambda notice: True,
+    until: Callable[[list[Notice]], bool],
+) -> AsyncIterator[list[Notice]]:
+    """The notices `store` publishes while the block runs (those `keep` selects), heard until
+    `until(heard)` holds: awaited, for up to 5 s, when the block ends."""
+    updates = cast(AsyncGenerator[Notice, None], store.updates())
+    heard: list[Notice] = []
+
+    async def listen() -> None:
+        async for notice in updates:
+            if keep(notice):
+                heard.append(notice)
+            if until(heard):
+                return
+
+    listener = asyncio.ensure_future(listen())
+    await asyncio.sleep(0.3)  # subscribed
+    try:
+        yield heard
+        await asyncio.wait_for(listener, 5)
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await updates.aclose()
+
+
 class TestNotices:
     async def test_commits_spends_and_aborts_are_announced(self, store: TokenStore) -> None:
         """Every replica hears of a commit (version, rank), of a spend, its send and its abort."""
-        updates = cast(AsyncGenerator[Notice, None], store.updates())
-        heard: list[Notice] = []
-
-        async def listen() -> None:
-            async for notice in updates:
-                if notice.kind not in ("lease", "release"):
-                    heard.append(notice)
-                if len(heard) == 4:
-                    return
-
-        listener = asyncio.ensure_future(listen())
-        await asyncio.sleep(0.3)  # subscribed
-        await store.commit("app", token_set(1))
-        lease = await marked_sent(store, "a")
-        await store.end_spend("app", owner="a", fence=lease.fence, outcome=SpendEnd.ABORTED)
-        await asyncio.wait_for(listener, 5)
-        await updates.aclose()
+        async with hearing(
+            store,
+            keep=lambda notice: notice.kind not in ("lease", "release"),
+            until=lambda heard: len(heard) == 4,
+        ) as heard:
+            await store.commit("app", token_set(1))
+            lease = await marked_sent(store, "a")
+            await store.end_spend("app", owner="a", fence=lease.fence, outcome=SpendEnd.ABORTED)
         fp = token_set(1).refresh_fingerprint
         assert [(n.kind, n.rank, n.refresh_fp, n.owner) for n in heard] == [
             ("token", (1, 1), None, None),
@@ -693,26 +715,17 @@ class TestNotices:
         await store.commit("app", token_set(1))
         a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
-        updates = cast(AsyncGenerator[Notice, None], store.updates())
-        heard: list[Notice] = []
-
-        async def listen() -> None:
-            async for notice in updates:
-                if notice.kind in ("spend", "abort"):
-                    heard.append(notice)
-                if len(heard) == 2:
-                    return
-
-        listener = asyncio.ensure_future(listen())
-        await asyncio.sleep(0.3)  # subscribed
-        b = await store.acquire_lease("app", "b", 5)
-        retry = await store.begin_spend(
-            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
-        )
-        assert retry is SpendStart.RETRY
-        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
-        await asyncio.wait_for(listener, 5)
-        await updates.aclose()
+        async with hearing(
+            store,
+            keep=lambda notice: notice.kind in ("spend", "abort"),
+            until=lambda heard: len(heard) == 2,
+        ) as heard:
+            b = await store.acquire_lease("app", "b", 5)
+            retry = await store.begin_spend(
+                "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+            )
+            assert retry is SpendStart.RETRY
+            await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
         assert [(n.kind, n.owner, n.retry, n.retry_aborted) for n in heard] == [
             ("spend", "b", True, False),
             ("abort", "b", False, True),
@@ -720,12 +733,9 @@ class TestNotices:
 
     async def test_a_token_notice_carries_the_committed_set(self, store: TokenStore) -> None:
         """A replica adopts a committed set from its notice, without reading the store."""
-        updates = cast(AsyncGenerator[Notice, None], store.updates())
-        listener = asyncio.ensure_future(anext(updates))
-        await asyncio.sleep(0.3)  # subscribed
-        await store.commit("app", token_set(3))
-        notice = await asyncio.wait_for(listener, 5)
-        await updates.aclose()
+        async with hearing(store, until=lambda heard: len(heard) == 1) as heard:
+            await store.commit("app", token_set(3))
+        [notice] = heard
         assert notice.kind == "token" and notice.rank == (1, 3)
         assert notice.token is not None
         assert notice.token.access_token == token_set(3).access_token
@@ -737,25 +747,13 @@ class TestNotices:
         """Issue 20, the fleet's cost: a grant says who holds the lease and for how long, and
         a release says it is free, so the other replicas wait for the holder's notice instead
         of asking for the lease. A busy answer and a release by another owner say nothing."""
-        updates = cast(AsyncGenerator[Notice, None], store.updates())
-        heard: list[Notice] = []
-
-        async def listen() -> None:
-            async for notice in updates:
-                heard.append(notice)
-                if notice.kind == "token":
-                    return
-
-        listener = asyncio.ensure_future(listen())
-        await asyncio.sleep(0.3)  # subscribed
-        lease = await store.acquire_lease("app", "a", 7.5)
-        assert not (await store.acquire_lease("app", "b", 5)).held
-        await store.release_lease("app", "b", lease.fence)  # not b's: nothing happens
-        await store.release_lease("app", "a", lease.fence)
-        await store.release_lease("app", "a", lease.fence)  # released already: nothing
-        await store.commit("app", token_set(1))  # the end of what is heard
-        await asyncio.wait_for(listener, 5)
-        await updates.aclose()
+        async with hearing(store, until=lambda heard: heard[-1].kind == "token") as heard:
+            lease = await store.acquire_lease("app", "a", 7.5)
+            assert not (await store.acquire_lease("app", "b", 5)).held
+            await store.release_lease("app", "b", lease.fence)  # not b's: nothing happens
+            await store.release_lease("app", "a", lease.fence)
+            await store.release_lease("app", "a", lease.fence)  # released already: nothing
+            await store.commit("app", token_set(1))  # the end of what is heard
         assert [(n.kind, n.owner, n.ttl, n.protocol) for n in heard] == [
             ("lease", "a", 7.5, PROTOCOL_VERSION),
             ("release", "a", 0.0, PROTOCOL_VERSION),
@@ -797,23 +795,11 @@ class TestRefusedToken:
         """One REFUSED notice per recorded refusal, naming the access token's fingerprint
         (never the token); a stale or repeated refusal says nothing."""
         await store.commit("app", token_set(2))
-        updates = cast(AsyncGenerator[Notice, None], store.updates())
-        heard: list[Notice] = []
-
-        async def listen() -> None:
-            async for notice in updates:
-                heard.append(notice)
-                if notice.kind == "token":
-                    return
-
-        listener = asyncio.ensure_future(listen())
-        await asyncio.sleep(0.3)  # subscribed
-        await store.refuse_token("app", token_set(1).fingerprint, interval=5)  # stale
-        await store.refuse_token("app", token_set(2).fingerprint, interval=5)
-        await store.refuse_token("app", token_set(2).fingerprint, interval=5)  # already
-        await store.commit("app", token_set(3))  # the end of what is heard
-        await asyncio.wait_for(listener, 5)
-        await updates.aclose()
+        async with hearing(store, until=lambda heard: heard[-1].kind == "token") as heard:
+            await store.refuse_token("app", token_set(1).fingerprint, interval=5)  # stale
+            await store.refuse_token("app", token_set(2).fingerprint, interval=5)
+            await store.refuse_token("app", token_set(2).fingerprint, interval=5)  # already
+            await store.commit("app", token_set(3))  # the end of what is heard
         assert [(n.kind, n.access_fp, n.protocol) for n in heard] == [
             (REFUSED, token_set(2).fingerprint, PROTOCOL_VERSION),
             ("token", None, PROTOCOL_VERSION),
@@ -838,12 +824,9 @@ class TestNoticeWithoutTheKey:
 
         writer, reader = store_with(b"W" * 32), store_with(b"R" * 32)
         try:
-            updates = cast(AsyncGenerator[Notice, None], reader.updates())
-            listener = asyncio.ensure_future(anext(updates))
-            await asyncio.sleep(0.3)
-            await writer.commit("app", token_set(2))
-            notice = await asyncio.wait_for(listener, 5)
-            await updates.aclose()
+            async with hearing(reader, until=lambda heard: len(heard) == 1) as heard:
+                await writer.commit("app", token_set(2))
+            [notice] = heard
             assert notice.kind == "token" and notice.rank == (1, 2)
             assert notice.token is None
         finally:
