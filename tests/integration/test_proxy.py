@@ -22,11 +22,11 @@ import aiohttp
 import httpx
 import pytest
 import requests
-import yaml
 
 from broker.app import Broker, reload_config
 from broker.refresher import FORCE_MIN_AGE
 from tests.support.broker_process import BrokerFiles, BrokerProcess, running_broker
+from tests.support.config import Document, edit_config
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.peers import shared_directory
 from tests.support.redis_server import RedisServer
@@ -85,10 +85,11 @@ def proxy_config(
         apps={"app1": app1, "scim": scim},
     )
     path = files.write()
-    config = yaml.safe_load(path.read_text())
     (files.directory / "other.key").write_text(OTHER_KEY)
-    config["clients"]["other"] = {"key_file": "other.key", "apps": ["scim"]}
-    path.write_text(yaml.safe_dump(config))
+    edit_config(
+        path,
+        lambda config: config["clients"].update(other={"key_file": "other.key", "apps": ["scim"]}),
+    )
     return files
 
 
@@ -415,9 +416,10 @@ class TestUpstreamFailures:
     ) -> None:
         """TLS is verified by default: without the test CA the upstream is refused."""
         files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server)
-        config = yaml.safe_load((files.directory / "config.yaml").read_text())
-        del config["apps"]["app1"]["proxy"]["ca_file"]
-        (files.directory / "config.yaml").write_text(yaml.safe_dump(config))
+        edit_config(
+            files.directory / "config.yaml",
+            lambda config: config["apps"]["app1"]["proxy"].pop("ca_file"),
+        )
         async with running_broker(files.directory / "config.yaml"):
             status, _, body = await call(files, "GET", "/v1/items/1")
         assert status == 502
@@ -519,9 +521,9 @@ class TestReload:
         """SIGHUP with new path prefixes: they apply at once, and the app keeps its token."""
         assert (await call(files, "GET", "/v1/items/1"))[0] == 200
         path = files.directory / "config.yaml"
-        config = yaml.safe_load(path.read_text())
-        config["apps"]["app1"]["proxy"]["path_prefixes"] = ["/v2/"]
-        path.write_text(yaml.safe_dump(config))
+        edit_config(
+            path, lambda config: config["apps"]["app1"]["proxy"].update(path_prefixes=["/v2/"])
+        )
         token = broker.core.cached_token("app1")
         requests_before = oauth_server.count()
         assert await reload_config(broker, path)
@@ -541,11 +543,13 @@ async def socket_broker(
 ) -> AsyncIterator[tuple[Broker, Path]]:
     """The proxy config served on a unix socket, this process's uid mapped to a client."""
     path = files.directory / "config.yaml"
-    config = yaml.safe_load(path.read_text())
     socket = socket_directory / "api.sock"
-    config["server"]["listen"] = f"unix:{socket}"
-    config["clients"]["svc"] = {"uids": [os.geteuid()], "apps": ["app1", "scim"]}
-    path.write_text(yaml.safe_dump(config))
+
+    def on_the_socket(config: Document) -> None:
+        config["server"]["listen"] = f"unix:{socket}"
+        config["clients"]["svc"] = {"uids": [os.geteuid()], "apps": ["app1", "scim"]}
+
+    edit_config(path, on_the_socket)
     async with running_broker(path) as running:
         await running.core.get_token("app1")
         yield running, socket

@@ -3,14 +3,15 @@
 `write_config(directory, app=..., store=..., files=...)` writes a config with one app
 (`twilio`, client_credentials), one client (`billing`, by key file) and a Redis store, and the
 secret files beside it (random values unless `files` names them); every part can be overridden.
-`config_document` gives the same document unwritten, for tests that mutate it.
+`config_document` gives the same document unwritten, for tests that mutate it; `edit_config`
+changes a written config (any config.yaml, a BrokerFiles one too) in place.
 """
 
 from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,11 @@ def write_config(
     """Write the secret files and the config (see `config_document`); return the config's path."""
     write_secrets(directory, files)
     return write_document(directory, config_document(app=app, store=store, **sections))
+
+
+def edit_config(path: Path, change: Callable[[Document], object]) -> Path:
+    """Load the config at `path`, let `change` edit the document in place, write it back."""
+    document = yaml.safe_load(path.read_text())
+    change(document)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
