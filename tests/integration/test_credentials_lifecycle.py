@@ -10,9 +10,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from tests.support.broker_process import CLIENT_KEY, BrokerFiles, BrokerProcess
+from tests.support.config import edit_config
 from tests.support.mounted_secret import MountedSecret
 from tests.support.oauth_server import OAuthTestServer
 
@@ -141,12 +141,6 @@ class TestPreviousSecret:
         )
 
 
-def rewrite_config(path: Path, change: Any) -> None:
-    data = yaml.safe_load(path.read_text())
-    change(data)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
 class TestSighup:
     async def test_adding_and_removing_an_app(
         self, tmp_path: Path, oauth_server: OAuthTestServer
@@ -167,7 +161,7 @@ class TestSighup:
                     data["apps"]["app2"] = dict(data["apps"]["app1"])
                     data["clients"]["svc"]["apps"] = ["app1", "app2"]
 
-                rewrite_config(config, add)
+                edit_config(config, add)
                 assert broker.process is not None
                 broker.process.send_signal(signal.SIGHUP)
                 await asyncio.sleep(1.5)
@@ -180,7 +174,7 @@ class TestSighup:
                     del data["apps"]["app1"]
                     data["clients"]["svc"]["apps"] = ["app2"]
 
-                rewrite_config(config, remove)
+                edit_config(config, remove)
                 broker.process.send_signal(signal.SIGHUP)
                 await asyncio.sleep(1.5)
                 async with session.get(f"{files.api}/v1/token/app1", headers=files.auth) as r:
@@ -203,7 +197,7 @@ class TestSighup:
         broker.start()
         try:
             await broker.wait_ready(files.metrics)
-            rewrite_config(config, lambda data: data["apps"]["app1"].update({"jitter_typo": 1}))
+            edit_config(config, lambda data: data["apps"]["app1"].update({"jitter_typo": 1}))
             assert broker.process is not None
             broker.process.send_signal(signal.SIGHUP)
             await asyncio.sleep(1.5)
@@ -228,7 +222,7 @@ class TestClientKeyRotation:
         new_key = "n" * 20 + "new-client-key-0123456789"
         (files.directory / "client.key").write_text(new_key)
         (files.directory / "client.key.previous").write_text(CLIENT_KEY)
-        rewrite_config(
+        edit_config(
             config,
             lambda data: data["clients"]["svc"].update(
                 {"key_previous_file": "client.key.previous"}

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.support.broker_process import REPO_ROOT, BrokerFiles, BrokerProcess
+from tests.support.config import edit_config
 from tests.support.oauth_server import OAuthTestServer, Scripted
 from tests.support.ports import free_port
 
@@ -92,9 +92,9 @@ class TestUnreachableRedis:
         files.store_url = f"redis://127.0.0.1:{port}/0"
         config = files.write()
         (files.directory / "redis.password").write_text(REDIS_PASSWORD + "\n")
-        document = yaml.safe_load(config.read_text())
-        document["store"]["password_file"] = "redis.password"
-        config.write_text(yaml.safe_dump(document))
+        edit_config(
+            config, lambda document: document["store"].update(password_file="redis.password")
+        )
         broker = BrokerProcess(config, tmp_path / "broker.log")
         broker.start()
         try:

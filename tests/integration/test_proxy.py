@@ -14,6 +14,7 @@ import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,11 @@ import aiohttp
 import httpx
 import pytest
 import requests
-import yaml
 
 from broker.app import Broker, reload_config
 from broker.refresher import FORCE_MIN_AGE
 from tests.support.broker_process import BrokerFiles, BrokerProcess, running_broker
+from tests.support.config import Document, edit_config
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.peers import shared_directory
 from tests.support.ports import free_port
@@ -91,10 +92,11 @@ def proxy_config(
         proxy_port=free_port() if data_path == "listener" else 0,
     )
     path = files.write()
-    config = yaml.safe_load(path.read_text())
     (files.directory / "other.key").write_text(OTHER_KEY)
-    config["clients"]["other"] = {"key_file": "other.key", "apps": ["scim"]}
-    path.write_text(yaml.safe_dump(config))
+    edit_config(
+        path,
+        lambda config: config["clients"].update(other={"key_file": "other.key", "apps": ["scim"]}),
+    )
     return files
 
 
@@ -124,8 +126,8 @@ async def broker(files: BrokerFiles) -> AsyncIterator[Broker]:
         yield running
 
 
-def proxied(files: BrokerFiles, path: str) -> str:
-    return f"{files.proxy}/v1/proxy/app1{path}"
+def proxied(files: BrokerFiles, path: str, app: str = "app1") -> str:
+    return f"{files.proxy}/v1/proxy/{app}{path}"
 
 
 async def call(
@@ -134,12 +136,13 @@ async def call(
     path: str,
     *,
     headers: dict[str, str] | None = None,
+    app: str = "app1",
     **kwargs: Any,
 ) -> tuple[int, dict[str, str], bytes]:
     async with aiohttp.ClientSession() as session:
         async with session.request(
             method,
-            proxied(files, path),
+            proxied(files, path, app),
             headers={**files.auth, **(headers or {})},
             allow_redirects=False,
             **kwargs,
@@ -157,6 +160,80 @@ async def wait_for_token_age(oauth: OAuthTestServer, age: float) -> None:
     await asyncio.sleep(max(0.0, issued + age - time.time()))
 
 
+# (method, path, request kwargs, status, JSON body (or the error code of the contract's JSON),
+# header prefixes, upstream statuses)
+PASSED_BACK = [
+    pytest.param(
+        "POST",
+        "/v1/items",
+        {"json": {"name": "widget", "n": 3}},
+        201,
+        {"created": {"name": "widget", "n": 3}},
+        {},
+        [201],
+        id="post-json-round-trips",
+    ),
+    pytest.param(
+        "GET",
+        "/v1/redirect",
+        {},
+        302,
+        None,
+        {"Location": "https://elsewhere.invalid/landing"},
+        [302],
+        id="redirect-passed-back-not-followed",
+    ),
+    pytest.param(
+        "GET", "/v1/error", {}, 500, {"upstream": "broken"}, {}, None, id="upstream-500-passed"
+    ),
+    pytest.param(
+        "GET",
+        "/v1/slow?seconds=3",
+        {},
+        504,
+        "upstream_timeout",
+        {"Content-Type": "application/json"},
+        None,
+        id="slow-upstream-504",
+    ),
+]
+
+# (app, path, headers, status, error code, a part of the message)
+REFUSED = [
+    pytest.param(
+        "app1",
+        "/v1/items/1",
+        {"Authorization": f"Bearer {OTHER_KEY}"},
+        403,
+        "forbidden",
+        "",
+        id="caller-not-allowed-the-app",
+    ),
+    pytest.param(
+        "app1",
+        "/v1/items/1",
+        {"Authorization": "Bearer " + "n" * 40},
+        401,
+        "unauthorized",
+        "",
+        id="wrong-key",
+    ),
+    *(
+        pytest.param("app1", path, {}, 403, "path_not_allowed", "", id=f"outside-prefixes-{path}")
+        for path in ["/admin/users", "/v1", "/v10/items", "/"]
+    ),
+    pytest.param(
+        "scim",
+        "/v1/items/1",
+        {},
+        409,
+        "needs_authorization",
+        "token-broker authorize scim --config FILE",
+        id="app-needs-authorization",
+    ),
+]
+
+
 class TestForwarding:
     async def test_get_json_reaches_the_upstream_with_a_valid_token(
         self, broker: Broker, files: BrokerFiles, upstream: UpstreamServer
@@ -172,24 +249,6 @@ class TestForwarding:
         assert token is not None
         assert hit.headers["Authorization"] == f"Bearer {token.access_token}"
         assert files.client_key not in json.dumps(hit.headers)
-
-    async def test_post_json_round_trips(
-        self, broker: Broker, files: BrokerFiles, upstream: UpstreamServer
-    ) -> None:
-        """A POST with a JSON body gets the upstream's 201 and body back."""
-        status, _, body = await call(files, "POST", "/v1/items", json={"name": "widget", "n": 3})
-        assert status == 201
-        assert json.loads(body) == {"created": {"name": "widget", "n": 3}}
-        assert upstream.statuses() == [201]
-
-    async def test_redirects_are_passed_back_not_followed(
-        self, broker: Broker, files: BrokerFiles, upstream: UpstreamServer
-    ) -> None:
-        """An upstream 302 reaches the caller with its Location; the broker goes nowhere else."""
-        status, headers, _ = await call(files, "GET", "/v1/redirect")
-        assert status == 302
-        assert headers["Location"] == "https://elsewhere.invalid/landing"
-        assert len(upstream.hits) == 1
 
     async def test_hop_by_hop_forwarding_and_credential_headers_are_dropped(
         self, broker: Broker, files: BrokerFiles, upstream: UpstreamServer
@@ -217,13 +276,34 @@ class TestForwarding:
         assert sent["x-request-id"] == "req-7"
         assert sent["host"] == f"127.0.0.1:{upstream.port}"
 
-    async def test_an_upstream_500_is_passed_through(
-        self, broker: Broker, files: BrokerFiles
+    @pytest.mark.parametrize(
+        ("method", "path", "kwargs", "status", "body", "headers", "statuses"), PASSED_BACK
+    )
+    async def test_the_upstreams_answer_comes_back(
+        self,
+        broker: Broker,
+        files: BrokerFiles,
+        upstream: UpstreamServer,
+        method: str,
+        path: str,
+        kwargs: dict[str, Any],
+        status: int,
+        body: Any,
+        headers: dict[str, str],
+        statuses: list[int] | None,
     ) -> None:
-        """The upstream's own error answer reaches the caller unchanged."""
-        status, _, body = await call(files, "GET", "/v1/error")
-        assert status == 500
-        assert json.loads(body) == {"upstream": "broken"}
+        """The upstream's answer (a created item, a redirect, its own error) or the contract's
+        JSON error for no answer in time reaches the caller; the broker goes nowhere else."""
+        got_status, got_headers, got_body = await call(files, method, path, **kwargs)
+        assert got_status == status
+        if isinstance(body, str):
+            assert json.loads(got_body)["error"] == body
+        elif body is not None:
+            assert json.loads(got_body) == body
+        for name, value in headers.items():
+            assert got_headers[name].split(";")[0] == value  # a media type's parameters aside
+        if statuses is not None:
+            assert upstream.statuses() == statuses
 
     async def test_metrics_count_proxied_requests(self, broker: Broker, files: BrokerFiles) -> None:
         """token_broker_proxy_requests_total counts by app and answered status."""
@@ -323,30 +403,8 @@ class TestFailsClosed:
             assert len(upstream.hits) == forwarded
             assert all(hit.status == 200 for hit in upstream.hits)  # never an expired token
 
-    async def test_an_app_that_needs_authorization_gives_409(
-        self, broker: Broker, files: BrokerFiles, upstream: UpstreamServer
-    ) -> None:
-        """An app without a grant answers 409 needs_authorization and forwards nothing."""
-        async with aiohttp.ClientSession() as session:
-            url = f"{files.proxy}/v1/proxy/scim/v1/items/1"
-            async with session.get(url, headers=files.auth) as response:
-                assert response.status == 409
-                body = await response.json()
-        assert body["error"] == "needs_authorization"
-        assert "token-broker authorize scim --config FILE" in body["message"]
-        assert upstream.hits == []
-
 
 class TestUpstreamFailures:
-    async def test_a_slow_upstream_gives_504(
-        self, broker: Broker, files: BrokerFiles, upstream: UpstreamServer
-    ) -> None:
-        """No answer within read_timeout: 504 upstream_timeout in the contract's JSON."""
-        status, headers, body = await call(files, "GET", "/v1/slow?seconds=3")
-        assert status == 504
-        assert headers["Content-Type"].startswith("application/json")
-        assert json.loads(body)["error"] == "upstream_timeout"
-
     async def test_an_upstream_that_is_down_gives_502(
         self,
         tmp_path: Path,
@@ -375,9 +433,10 @@ class TestUpstreamFailures:
     ) -> None:
         """TLS is verified by default: without the test CA the upstream is refused."""
         files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server, data_path)
-        config = yaml.safe_load((files.directory / "config.yaml").read_text())
-        del config["apps"]["app1"]["proxy"]["ca_file"]
-        (files.directory / "config.yaml").write_text(yaml.safe_dump(config))
+        edit_config(
+            files.directory / "config.yaml",
+            lambda config: config["apps"]["app1"]["proxy"].pop("ca_file"),
+        )
         async with running_broker(files.directory / "config.yaml"):
             status, _, body = await call(files, "GET", "/v1/items/1")
         assert status == 502
@@ -397,35 +456,25 @@ async def raw_request(port: int, request_line: str, headers: dict[str, str]) -> 
 
 
 class TestCallersAndPaths:
-    async def test_a_caller_not_allowed_the_app_gets_403(
-        self, broker: Broker, files: BrokerFiles, upstream: UpstreamServer
+    @pytest.mark.parametrize(("app", "path", "headers", "status", "error", "message"), REFUSED)
+    async def test_refused_requests_forward_nothing(
+        self,
+        broker: Broker,
+        files: BrokerFiles,
+        upstream: UpstreamServer,
+        app: str,
+        path: str,
+        headers: dict[str, str],
+        status: int,
+        error: str,
+        message: str,
     ) -> None:
-        """The allow-list of the token API applies: 403 forbidden, nothing forwarded."""
-        status, _, body = await call(
-            files, "GET", "/v1/items/1", headers={"Authorization": f"Bearer {OTHER_KEY}"}
-        )
-        assert status == 403
-        assert json.loads(body)["error"] == "forbidden"
-        assert upstream.hits == []
-
-    async def test_a_wrong_key_gets_401(
-        self, broker: Broker, files: BrokerFiles, upstream: UpstreamServer
-    ) -> None:
-        """Without a valid client key: 401 unauthorized, nothing forwarded."""
-        status, _, _ = await call(
-            files, "GET", "/v1/items/1", headers={"Authorization": "Bearer " + "n" * 40}
-        )
-        assert status == 401
-        assert upstream.hits == []
-
-    @pytest.mark.parametrize("path", ["/admin/users", "/v1", "/v10/items", "/"])
-    async def test_paths_outside_the_prefixes_get_403(
-        self, broker: Broker, files: BrokerFiles, upstream: UpstreamServer, path: str
-    ) -> None:
-        """Only paths under the configured prefixes are forwarded: 403 path_not_allowed."""
-        status, _, body = await call(files, "GET", path)
-        assert status == 403
-        assert json.loads(body)["error"] == "path_not_allowed"
+        """A caller not allowed the app, a wrong key, a path outside the prefixes, an app without
+        a grant: the contract's error, and nothing reaches the upstream."""
+        got_status, _, body = await call(files, "GET", path, headers=headers, app=app)
+        assert got_status == status
+        assert json.loads(body)["error"] == error
+        assert message in json.loads(body)["message"]
         assert upstream.hits == []
 
     @pytest.mark.parametrize(
@@ -491,9 +540,9 @@ class TestReload:
         """SIGHUP with new path prefixes: they apply at once, and the app keeps its token."""
         assert (await call(files, "GET", "/v1/items/1"))[0] == 200
         path = files.directory / "config.yaml"
-        config = yaml.safe_load(path.read_text())
-        config["apps"]["app1"]["proxy"]["path_prefixes"] = ["/v2/"]
-        path.write_text(yaml.safe_dump(config))
+        edit_config(
+            path, lambda config: config["apps"]["app1"]["proxy"].update(path_prefixes=["/v2/"])
+        )
         token = broker.core.cached_token("app1")
         requests_before = oauth_server.count()
         assert await reload_config(broker, path)
@@ -513,11 +562,13 @@ async def socket_broker(
 ) -> AsyncIterator[tuple[Broker, Path]]:
     """The proxy config served on a unix socket, this process's uid mapped to a client."""
     path = files.directory / "config.yaml"
-    config = yaml.safe_load(path.read_text())
     socket = socket_directory / "api.sock"
-    config["server"]["proxy_listen" if files.proxy_port else "listen"] = f"unix:{socket}"
-    config["clients"]["svc"] = {"uids": [os.geteuid()], "apps": ["app1", "scim"]}
-    path.write_text(yaml.safe_dump(config))
+
+    def on_the_socket(config: Document) -> None:
+        config["server"]["proxy_listen" if files.proxy_port else "listen"] = f"unix:{socket}"
+        config["clients"]["svc"] = {"uids": [os.geteuid()], "apps": ["app1", "scim"]}
+
+    edit_config(path, on_the_socket)
     async with running_broker(path) as running:
         await running.core.get_token("app1")
         yield running, socket
@@ -570,78 +621,80 @@ class TestOverTheUnixSocket:
 # ---- real client libraries, as a service would use them ---------------------------------------
 
 
-def httpx_service(base_url: str, key: str, verify: str) -> httpx.Client:
+Service = Callable[..., tuple[int, Any]]
+
+
+@contextmanager
+def httpx_service(base_url: str, key: str, verify: str) -> Iterator[Service]:
     """A service's httpx client: base URL and key from its settings, no token code."""
-    return httpx.Client(
+    with httpx.Client(
         base_url=base_url,
         headers={"Authorization": f"Bearer {key}"},
         verify=ssl.create_default_context(cafile=verify),
-    )
+    ) as client:
+
+        def call(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+            response = client.request(method, path, **kwargs)
+            return response.status_code, response.json()
+
+        yield call
 
 
-def requests_service(base_url: str, key: str, verify: str) -> Callable[..., requests.Response]:
+@contextmanager
+def requests_service(base_url: str, key: str, verify: str) -> Iterator[Service]:
     """A service's requests session: base URL and key from its settings, no token code."""
-    session = requests.Session()
-    session.headers["Authorization"] = f"Bearer {key}"
+    with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {key}"
 
-    def call(method: str, path: str, **kwargs: Any) -> requests.Response:
-        return session.request(method, base_url + path, timeout=10, verify=verify, **kwargs)
+        def call(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+            response = session.request(method, base_url + path, timeout=10, verify=verify, **kwargs)
+            return response.status_code, response.json()
 
-    return call
+        yield call
+
+
+# (a service's client, GET path, its query, POST body, the item the upstream answers)
+LIBRARIES = [
+    pytest.param(httpx_service, "/v1/items/7", {}, {"a": 1}, {"id": "7", "query": ""}, id="httpx"),
+    pytest.param(
+        requests_service,
+        "/v1/items/9",
+        {"q": "x y"},
+        {"b": 2},
+        {"id": "9", "query": "q=x+y"},
+        id="requests",
+    ),
+]
 
 
 class TestClientLibraries:
-    async def test_httpx_through_the_broker_needs_only_base_url_and_key(
-        self,
-        broker: Broker,
-        files: BrokerFiles,
-        upstream: UpstreamServer,
-        oauth_server: OAuthTestServer,
-        ca_file: Path,
-    ) -> None:
-        """The same httpx code works against the API directly and through the broker."""
-
-        def use(client: httpx.Client) -> tuple[Any, Any]:
-            with client:
-                item = client.get("/v1/items/7").json()
-                created = client.post("/v1/items", json={"a": 1})
-                assert created.status_code == 201
-                return item, created.json()
-
-        token = broker.core.cached_token("app1")
-        assert token is not None
-        direct = await asyncio.to_thread(
-            use, httpx_service(upstream.url, token.access_token, str(ca_file))
-        )
-        via_broker = await asyncio.to_thread(
-            use, httpx_service(f"{files.proxy}/v1/proxy/app1", files.client_key, str(ca_file))
-        )
-        assert direct == via_broker == ({"id": "7", "query": ""}, {"created": {"a": 1}})
-
-    async def test_requests_through_the_broker_needs_only_base_url_and_key(
+    @pytest.mark.parametrize(("service", "path", "params", "posted", "item"), LIBRARIES)
+    async def test_through_the_broker_a_library_needs_only_base_url_and_key(
         self,
         broker: Broker,
         files: BrokerFiles,
         upstream: UpstreamServer,
         ca_file: Path,
+        service: Callable[[str, str, str], AbstractContextManager[Service]],
+        path: str,
+        params: dict[str, str],
+        posted: dict[str, int],
+        item: dict[str, str],
     ) -> None:
-        """The same requests code works against the API directly and through the broker."""
+        """The same httpx or requests code works against the API directly and through the broker."""
 
-        def use(call: Callable[..., requests.Response]) -> tuple[Any, Any]:
-            item = call("GET", "/v1/items/9", params={"q": "x y"}).json()
-            created = call("POST", "/v1/items", json={"b": 2})
-            assert created.status_code == 201
-            return item, created.json()
+        def use(base_url: str, key: str) -> tuple[Any, Any]:
+            with service(base_url, key, str(ca_file)) as call:
+                _, got = call("GET", path, params=params)
+                status, created = call("POST", "/v1/items", json=posted)
+                assert status == 201
+                return got, created
 
         token = broker.core.cached_token("app1")
         assert token is not None
-        direct = await asyncio.to_thread(
-            use, requests_service(upstream.url, token.access_token, str(ca_file))
-        )
-        via_broker = await asyncio.to_thread(
-            use, requests_service(f"{files.proxy}/v1/proxy/app1", files.client_key, str(ca_file))
-        )
-        assert direct == via_broker == ({"id": "9", "query": "q=x+y"}, {"created": {"b": 2}})
+        direct = await asyncio.to_thread(use, upstream.url, token.access_token)
+        via_broker = await asyncio.to_thread(use, f"{files.proxy}/v1/proxy/app1", files.client_key)
+        assert direct == via_broker == (item, {"created": posted})
 
 
 # ---- streaming, in a broker process whose memory is read -------------------------------------

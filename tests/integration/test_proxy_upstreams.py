@@ -25,9 +25,9 @@ import httpx
 import pytest
 import requests
 import trustme
-import yaml
 
 from tests.support.broker_process import REPO_ROOT, BrokerFiles, BrokerProcess, running_broker
+from tests.support.config import edit_config
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.peers import shared_directory
 from tests.support.ports import free_port
@@ -68,9 +68,12 @@ def write_config(
     )
     path = files.write()
     if uid_client:
-        config = yaml.safe_load(path.read_text())
-        config["clients"]["uid"] = {"uids": [os.geteuid()], "apps": ["twilio"]}
-        path.write_text(yaml.safe_dump(config))
+        edit_config(
+            path,
+            lambda config: config["clients"].update(
+                uid={"uids": [os.geteuid()], "apps": ["twilio"]}
+            ),
+        )
     return files
 
 

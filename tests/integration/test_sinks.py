@@ -17,9 +17,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from tests.support.broker_process import BrokerFiles, BrokerProcess
+from tests.support.config import Document, edit_config
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.peers import IS_ROOT, SELF, Identity, read_file, shared_directory
 from tests.support.redis_server import RedisServer
@@ -351,11 +351,12 @@ class TestReload:
         await wait_for(lambda: other.exists() and other.read_bytes() != b"", 10, "app2's file")
         token = old.read_text()
 
-        data = yaml.safe_load(files.directory.joinpath("config.yaml").read_text())
-        data["apps"]["app1"]["sinks"] = [{"path": str(new)}]
-        del data["apps"]["app2"]
-        data["clients"]["svc"]["apps"] = ["app1"]
-        files.directory.joinpath("config.yaml").write_text(yaml.safe_dump(data))
+        def app1_alone(data: Document) -> None:
+            data["apps"]["app1"]["sinks"] = [{"path": str(new)}]
+            del data["apps"]["app2"]
+            data["clients"]["svc"]["apps"] = ["app1"]
+
+        edit_config(files.directory / "config.yaml", app1_alone)
         assert process.process is not None
         process.process.send_signal(signal.SIGHUP)
 

@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-import yaml
 
 from tests.integration.test_rotation_doors import audited, refresh_tokens_presented
 from tests.integration.test_rotation_faults import check_grant_intact
 from tests.support.authorization import ac_app, authorize_via_code
 from tests.support.broker_process import BrokerFiles, wall_time
+from tests.support.config import edit_config
 from tests.support.fleet import Fleet, FleetStats, Poller
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.split_brain import SplitBrainSentinel
@@ -57,10 +57,7 @@ async def split_brain(tmp_path: Path) -> AsyncIterator[SplitBrainSentinel]:
 def set_store(files: BrokerFiles, url: str, **settings: Any) -> None:
     """Rewrite one replica's config with another store URL and extra store settings."""
     files.store_url = url
-    path = files.write()
-    config = yaml.safe_load(path.read_text())
-    config["store"].update(settings)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    edit_config(files.write(), lambda config: config["store"].update(settings))
 
 
 async def split_brain_fleet(

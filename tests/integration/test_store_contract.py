@@ -7,9 +7,10 @@ the two saying the same thing for every operation of broker/store/__init__.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import replace
-from typing import cast
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 import pytest
 
@@ -126,145 +127,517 @@ class TestLease:
         assert second.held and second.fence > first.fence
 
 
-class TestSpend:
-    async def test_spending_needs_the_lease_and_the_stored_set(self, store: TokenStore) -> None:
-        """No lease (or a stale fence): lost. A set that is not the stored one: stale."""
-        await store.commit("app", token_set(1))
-        assert (
-            await store.begin_spend("app", owner="a", fence=1, token=token_set(1))
-            is SpendStart.LOST
+# ---- the spend ledger, as scenarios: each row a sequence of store calls and their answers ----
+
+Fence = str | int  # a lease's label (its fence), or a fence number
+FP = token_set(1).refresh_fingerprint or ""
+
+
+@dataclass
+class Run:
+    """A scenario's store and the leases it took, by label (label -> owner, lease)."""
+
+    store: TokenStore
+    leases: dict[str, tuple[str, Lease]] = field(default_factory=dict)
+
+    def owner(self, label: str) -> str:
+        """The owner of the lease `label`; a label with no lease names its owner."""
+        return self.leases[label][0] if label in self.leases else label
+
+    def fence(self, ref: Fence) -> int:
+        """The fence of the lease `ref`, or `ref` itself."""
+        return ref if isinstance(ref, int) else self.leases[ref][1].fence
+
+
+class Step:
+    """One store call of a scenario; an expectation of None is not checked."""
+
+    async def run(self, run: Run) -> None:
+        """Make the call and check its answer."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Commit(Step):
+    generation: int = 1
+    fence: Fence | None = None
+
+    async def run(self, run: Run) -> None:
+        fence = None if self.fence is None else run.fence(self.fence)
+        if fence is None:
+            await run.store.commit("app", token_set(self.generation))
+        else:
+            await run.store.commit("app", token_set(self.generation), fence=fence)
+
+
+@dataclass(frozen=True)
+class Acquire(Step):
+    label: str
+    owner: str | None = None
+
+    async def run(self, run: Run) -> None:
+        owner = self.owner or self.label
+        run.leases[self.label] = (owner, await run.store.acquire_lease("app", owner, 5))
+
+
+@dataclass(frozen=True)
+class Release(Step):
+    label: str
+
+    async def run(self, run: Run) -> None:
+        await run.store.release_lease("app", run.owner(self.label), run.fence(self.label))
+
+
+@dataclass(frozen=True)
+class Begin(Step):
+    label: str
+    expect: SpendStart | None = None
+    generation: int = 1
+    fence: int | None = None  # instead of the lease's
+    retry_within: float | None = None
+    resolved: Fence | None = None
+    why: str = ""
+
+    async def run(self, run: Run) -> None:
+        options: dict[str, Any] = {}
+        if self.retry_within is not None:
+            options["retry_within"] = self.retry_within
+        if self.resolved is not None:
+            options["resolved_fence"] = run.fence(self.resolved)
+        answer = await run.store.begin_spend(
+            "app",
+            owner=run.owner(self.label),
+            fence=self.fence if self.fence is not None else run.fence(self.label),
+            token=token_set(self.generation),
+            **options,
         )
-        lease = await store.acquire_lease("app", "a", 5)
-        assert (
-            await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(2))
-            is SpendStart.STALE
+        if self.expect is not None:
+            assert answer is self.expect, (self, self.why)
+
+
+@dataclass(frozen=True)
+class MarkSent(Step):
+    label: str
+    expect: bool | None = None
+
+    async def run(self, run: Run) -> None:
+        sent = await run.store.mark_sent(
+            "app", owner=run.owner(self.label), fence=run.fence(self.label)
         )
-        assert (
-            await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(1))
-            is SpendStart.OK
+        if self.expect is not None:
+            assert sent is self.expect, self
+
+
+@dataclass(frozen=True)
+class End(Step):
+    fence: Fence
+    outcome: SpendEnd = SpendEnd.ABORTED
+    owner: str | None = None  # another owner's end under this fence
+
+    async def run(self, run: Run) -> None:
+        owner = self.owner or run.owner(str(self.fence))
+        await run.store.end_spend(
+            "app", owner=owner, fence=run.fence(self.fence), outcome=self.outcome
         )
 
-    async def test_an_announced_spend_never_sent_is_replaced(self, store: TokenStore) -> None:
-        """A spend announced but never marked sent did not happen: the next holder may spend."""
-        await store.commit("app", token_set(1))
-        first = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=first.fence, token=token_set(1))
-        await store.release_lease("app", "a", first.fence)
-        second = await store.acquire_lease("app", "b", 5)
-        assert (
-            await store.begin_spend("app", owner="b", fence=second.fence, token=token_set(1))
-            is SpendStart.OK
-        )
-        assert not await store.mark_sent("app", owner="a", fence=first.fence)
-        assert await store.mark_sent("app", owner="b", fence=second.fence)
 
-    async def test_a_veto_stops_an_announced_spend_while_its_lease_is_held(
-        self, store: TokenStore
-    ) -> None:
-        """A veto turns a live announced spend into an unknown one: it is never marked sent."""
-        await store.commit("app", token_set(1))
-        lease = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(1))
-        fp = token_set(1).refresh_fingerprint or ""
-        assert await store.veto_spend("app", refresh_fp=fp)
-        assert not await store.mark_sent("app", owner="a", fence=lease.fence)
-        await store.release_lease("app", "a", lease.fence)
-        other = await store.acquire_lease("app", "b", 5)
-        assert (
-            await store.begin_spend("app", owner="b", fence=other.fence, token=token_set(1))
-            is SpendStart.UNKNOWN
-        )
+@dataclass(frozen=True)
+class Veto(Step):
+    expect: bool
+    protects: tuple[str, int] | None = None
 
-    async def test_a_veto_leaves_an_announced_spend_without_its_lease(
-        self, store: TokenStore
-    ) -> None:
-        """An announced spend whose lease is gone (a rollback's ghost) is not vetoed: the next
-        holder replaces it as before."""
-        await store.commit("app", token_set(1))
-        lease = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=lease.fence, token=token_set(1))
-        await store.release_lease("app", "a", lease.fence)
-        fp = token_set(1).refresh_fingerprint or ""
-        assert not await store.veto_spend("app", refresh_fp=fp)
-        other = await store.acquire_lease("app", "b", 5)
-        assert (
-            await store.begin_spend("app", owner="b", fence=other.fence, token=token_set(1))
-            is SpendStart.OK
-        )
+    async def run(self, run: Run) -> None:
+        if self.protects is None:
+            vetoed = await run.store.veto_spend("app", refresh_fp=FP)
+        else:
+            vetoed = await run.store.veto_spend("app", refresh_fp=FP, protects=self.protects)
+        assert vetoed is self.expect, self
 
-    async def test_an_unresolved_spend_blocks_every_other_fence(self, store: TokenStore) -> None:
-        """A spend marked sent (or unknown) answers UNKNOWN to the next holder."""
-        await store.commit("app", token_set(1))
-        first = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=first.fence, token=token_set(1))
-        assert await store.mark_sent("app", owner="a", fence=first.fence)
-        await store.release_lease("app", "a", first.fence)
-        second = await store.acquire_lease("app", "b", 5)
-        assert (
-            await store.begin_spend("app", owner="b", fence=second.fence, token=token_set(1))
-            is SpendStart.UNKNOWN
-        )
-        await store.end_spend("app", owner="a", fence=first.fence, outcome=SpendEnd.UNKNOWN)
-        assert (
-            await store.begin_spend("app", owner="b", fence=second.fence, token=token_set(1))
-            is SpendStart.UNKNOWN
-        )
 
-    async def test_a_grace_window_allows_exactly_one_retry(self, store: TokenStore) -> None:
-        """Inside retry_within of the send (store clock), one RETRY; never a second."""
-        await store.commit("app", token_set(1))
-        a = await marked_sent(store, "a")
-        await store.release_lease("app", "a", a.fence)
-        b = await store.acquire_lease("app", "b", 5)
-        retry = await store.begin_spend(
-            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
-        )
-        assert retry is SpendStart.RETRY
-        await store.mark_sent("app", owner="b", fence=b.fence)
-        await store.release_lease("app", "b", b.fence)
-        c = await store.acquire_lease("app", "c", 5)
-        again = await store.begin_spend(
-            "app", owner="c", fence=c.fence, token=token_set(1), retry_within=30
-        )
-        assert again is SpendStart.UNKNOWN
+@dataclass(frozen=True)
+class Record(Step):
+    expect: SpendRecord | None
 
-    async def test_no_retry_once_the_grace_window_has_passed(self, store: TokenStore) -> None:
-        """A spend sent longer ago than retry_within answers UNKNOWN even with a window."""
-        await store.commit("app", token_set(1))
-        a = await marked_sent(store, "a")
-        await store.release_lease("app", "a", a.fence)
-        await asyncio.sleep(0.3)
-        b = await store.acquire_lease("app", "b", 5)
-        late = await store.begin_spend(
-            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=0.2
-        )
-        assert late is SpendStart.UNKNOWN
+    async def run(self, run: Run) -> None:
+        assert await run.store.load_spend("app") == self.expect, self
 
-    async def test_a_repeated_fence_of_another_owner_does_not_end_its_spend(
-        self, store: TokenStore
-    ) -> None:
-        """Fences repeat after a rollback: a's late end_spend under the fence b now holds (the
-        counter went back) leaves b's record alone, and b's own ending still works."""
-        await store.commit("app", token_set(1))
-        b = await store.acquire_lease("app", "b", 5)
-        await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
-        assert await store.mark_sent("app", owner="b", fence=b.fence)
+
+@dataclass(frozen=True)
+class RecordState(Step):
+    state: str
+
+    async def run(self, run: Run) -> None:
+        assert (await run.store.load_spend("app") or SpendRecord("", "", "")).state == self.state
+
+
+@dataclass(frozen=True)
+class RecordFence(Step):
+    fence: Fence
+
+    async def run(self, run: Run) -> None:
+        record = await run.store.load_spend("app") or SpendRecord("", "", "", fence=-1)
+        assert record.fence == run.fence(self.fence), self
+
+
+@dataclass(frozen=True)
+class Wait(Step):
+    seconds: float
+
+    async def run(self, run: Run) -> None:
+        await asyncio.sleep(self.seconds)
+
+
+def sent_by(label: str) -> list[Step]:
+    """`label` takes the lease and marks its spend of token_set(1) sent (the answer awaited)."""
+    return [Acquire(label), Begin(label), MarkSent(label)]
+
+
+OK, STALE, LOST, RETRY, UNKNOWN = (
+    SpendStart.OK,
+    SpendStart.STALE,
+    SpendStart.LOST,
+    SpendStart.RETRY,
+    SpendStart.UNKNOWN,
+)
+ABORTED = SpendEnd.ABORTED
+
+
+def scenario(name: str, *steps: Step | list[Step]) -> Any:
+    """A row: its id and its steps (lists of steps are spliced in)."""
+    flat = [s for step in steps for s in (step if isinstance(step, list) else [step])]
+    return pytest.param(flat, id=name)
+
+
+SPEND_SCENARIOS = [
+    # No lease (or a stale fence): lost. A set that is not the stored one: stale.
+    scenario(
+        "spending_needs_the_lease_and_the_stored_set",
+        Commit(),
+        Begin("a", LOST, fence=1),
+        Acquire("a"),
+        Begin("a", STALE, generation=2),
+        Begin("a", OK),
+    ),
+    # A spend announced but never marked sent did not happen: the next holder may spend.
+    scenario(
+        "an_announced_spend_never_sent_is_replaced",
+        Commit(),
+        Acquire("a"),
+        Begin("a"),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", OK),
+        MarkSent("a", False),
+        MarkSent("b", True),
+    ),
+    # A veto turns a live announced spend into an unknown one: it is never marked sent.
+    scenario(
+        "a_veto_stops_an_announced_spend_while_its_lease_is_held",
+        Commit(),
+        Acquire("a"),
+        Begin("a"),
+        Veto(True),
+        MarkSent("a", False),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", UNKNOWN),
+    ),
+    # An announced spend whose lease is gone (a rollback's ghost) is not vetoed: the next
+    # holder replaces it as before.
+    scenario(
+        "a_veto_leaves_an_announced_spend_without_its_lease",
+        Commit(),
+        Acquire("a"),
+        Begin("a"),
+        Release("a"),
+        Veto(False),
+        Acquire("b"),
+        Begin("b", OK),
+    ),
+    # A spend marked sent (or unknown) answers UNKNOWN to the next holder.
+    scenario(
+        "an_unresolved_spend_blocks_every_other_fence",
+        Commit(),
+        Acquire("a"),
+        Begin("a"),
+        MarkSent("a", True),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", UNKNOWN),
+        End("a", SpendEnd.UNKNOWN),
+        Begin("b", UNKNOWN),
+    ),
+    # Inside retry_within of the send (store clock), one RETRY; never a second.
+    scenario(
+        "a_grace_window_allows_exactly_one_retry",
+        Commit(),
+        sent_by("a"),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", RETRY, retry_within=30),
+        MarkSent("b"),
+        Release("b"),
+        Acquire("c"),
+        Begin("c", UNKNOWN, retry_within=30),
+    ),
+    # A spend sent longer ago than retry_within answers UNKNOWN even with a window.
+    scenario(
+        "no_retry_once_the_grace_window_has_passed",
+        Commit(),
+        sent_by("a"),
+        Release("a"),
+        Wait(0.3),
+        Acquire("b"),
+        Begin("b", UNKNOWN, retry_within=0.2),
+    ),
+    # Fences repeat after a rollback: a's late end_spend under the fence b now holds (the
+    # counter went back) leaves b's record alone, and b's own ending still works.
+    scenario(
+        "a_repeated_fence_of_another_owner_does_not_end_its_spend",
+        Commit(),
+        Acquire("b"),
+        Begin("b"),
+        MarkSent("b", True),
         # a held this fence number before the store went back to a snapshot.
-        await store.end_spend("app", owner="a", fence=b.fence, outcome=SpendEnd.ABORTED)
-        await store.end_spend("app", owner="a", fence=b.fence, outcome=SpendEnd.UNKNOWN)
-        await store.release_lease("app", "b", b.fence)
-        c = await store.acquire_lease("app", "c", 5)
-        assert (
-            await store.begin_spend("app", owner="c", fence=c.fence, token=token_set(1))
-            is SpendStart.UNKNOWN
-        ), "b's spend was sent: its record must still block the token"
-        await store.release_lease("app", "c", c.fence)
-        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
-        d = await store.acquire_lease("app", "d", 5)
-        assert (
-            await store.begin_spend("app", owner="d", fence=d.fence, token=token_set(1))
-            is SpendStart.OK
-        )
+        End("b", ABORTED, owner="a"),
+        End("b", SpendEnd.UNKNOWN, owner="a"),
+        Release("b"),
+        Acquire("c"),
+        Begin("c", UNKNOWN, why="b's spend was sent: its record must still block the token"),
+        Release("c"),
+        End("b", ABORTED),
+        Acquire("d"),
+        Begin("d", OK),
+    ),
+    # A spend that ended without effect (aborted) does not block the next holder.
+    scenario(
+        "an_aborted_spend_frees_the_token",
+        Commit(),
+        Acquire("a"),
+        Begin("a"),
+        End("a", ABORTED),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", OK),
+    ),
+    # M1: a vetoed record is a state of its own. The vetoed spender's next begin_spend, naming
+    # no resolved fence (0) or its own vetoed fence, answers UNKNOWN: it never mistakes the
+    # vetoed record for one it resolved.
+    scenario(
+        "a_veto_sticks_even_for_the_vetoed_spender",
+        Commit(),
+        Acquire("a"),
+        Begin("a"),
+        Veto(True),
+        Release("a"),
+        Acquire("again", owner="a"),
+        Begin("again", UNKNOWN, resolved=0),
+        Begin("again", UNKNOWN, resolved="a"),
+    ),
+    # H3: the one grace retry aborts (429): the spend it retried is unknown again with its
+    # first send time, so a later holder gets UNKNOWN, never OK, and never a second RETRY.
+    scenario(
+        "an_aborted_grace_retry_restores_the_unknown_spend",
+        Commit(),
+        sent_by("a"),
+        End("a", SpendEnd.UNKNOWN),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", RETRY, retry_within=30),
+        MarkSent("b"),
+        End("b", ABORTED),
+        Release("b"),
+        Acquire("c"),
+        Begin("c", UNKNOWN, retry_within=30, resolved=0),
+        Begin("c", UNKNOWN, retry_within=30, resolved="b"),
+    ),
+    # `load_spend` reads the record as it goes: announced, sent, vetoed; none at all before a
+    # spend and after an abort.
+    scenario(
+        "the_spend_record_names_its_owner_and_state",
+        Commit(),
+        Record(None),
+        Acquire("a"),
+        Begin("a"),
+        Record(SpendRecord("a", FP, "announced")),
+        MarkSent("a"),
+        Record(SpendRecord("a", FP, "sent")),
+        End("a", ABORTED),
+        Record(None),
+        Acquire("again", owner="a"),
+        Begin("again"),
+        Veto(True),
+        Record(SpendRecord("a", FP, "vetoed")),
+    ),
+    # `load_spend` marks the record of the one grace retry the store granted (a replica that
+    # re-syncs must not veto it), and no other.
+    scenario(
+        "the_spend_record_says_when_it_is_a_granted_retry",
+        Commit(),
+        sent_by("a"),
+        End("a", SpendEnd.UNKNOWN),
+        Record(SpendRecord("a", FP, "unknown", retry=False)),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", RETRY, retry_within=30),
+        Record(SpendRecord("b", FP, "announced", retry=True)),
+    ),
+    # The spender whose `mark_sent` answer was lost never sent: its abort under its own owner
+    # name and fence removes the record (another owner's, with the same fence, does not), and
+    # the next holder may spend the token.
+    scenario(
+        "a_sent_record_whose_answer_was_lost_is_aborted_by_its_owner_alone",
+        Commit(),
+        sent_by("a"),
+        Release("a"),
+        End("a", ABORTED, owner="b"),
+        RecordState("sent"),
+        End("a", ABORTED),
+        Record(None),
+        Acquire("b"),
+        Begin("b", OK),
+    ),
+    # `load_spend` reads the spend's fence (0 once vetoed), for a veto to name it.
+    scenario(
+        "the_spend_record_carries_its_fence",
+        Commit(),
+        Acquire("a"),
+        Begin("a"),
+        RecordFence("a"),
+        Veto(True),
+        RecordFence(0),
+    ),
+    # A veto standing for one earlier spend (owner, fence): that owner's abort under another
+    # fence, or another owner's under that fence, leaves it; that spend's own abort removes the
+    # record and publishes an abort in that owner's name.
+    scenario(
+        "a_veto_that_names_a_spend_is_lifted_by_that_spends_abort_alone",
+        Commit(),
+        Acquire("b"),
+        Begin("b"),
+        Veto(True, protects=("a", 7)),
+        End(6, ABORTED, owner="a"),
+        End(7, ABORTED, owner="c"),
+        End(7, SpendEnd.UNKNOWN, owner="a"),
+        Record(SpendRecord("b", FP, "vetoed")),
+        End(7, ABORTED, owner="a"),
+        Record(None),
+    ),
+    # A veto standing for an owner's spends known from a notice (fence 0): that owner's abort
+    # under any fence lifts it (never fence 0, which names no spend); a veto that names nothing
+    # is lifted by no abort.
+    scenario(
+        "a_veto_that_names_an_owner_alone_is_lifted_by_its_abort_of_any_fence",
+        Commit(),
+        Acquire("b"),
+        Begin("b"),
+        Veto(True, protects=("a", 0)),
+        End(0, ABORTED, owner="a"),
+        Record(SpendRecord("b", FP, "vetoed")),
+        End(3, ABORTED, owner="a"),
+        Record(None),
+        Release("b"),
+        Acquire("c"),
+        Begin("c"),
+        Veto(True),
+        [End("c", ABORTED, owner=owner) for owner in ("a", "b", "c")],
+        Record(SpendRecord("c", FP, "vetoed")),
+    ),
+    # A grace retry granted from a `sent` record whose spender never sent (its answer lost):
+    # that spender's abort, under its own owner name and fence, makes the retry an ordinary
+    # spend; under another owner name it changes nothing.
+    scenario(
+        "a_grace_retry_of_a_spend_never_sent_becomes_a_first_spend",
+        Commit(),
+        sent_by("a"),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", RETRY, retry_within=30),
+        End("a", ABORTED, owner="c"),
+        Record(SpendRecord("b", FP, "announced", retry=True)),
+        End("a", ABORTED),
+        Record(SpendRecord("b", FP, "announced", retry=False)),
+        MarkSent("b", True),
+    ),
+    # The first spender says it never sent after the retry was sent: the retry's record stays
+    # `sent` (its answer decides), as an ordinary spend's.
+    scenario(
+        "a_sent_retry_of_a_spend_never_sent_stays_sent",
+        Commit(),
+        sent_by("a"),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", retry_within=30),
+        MarkSent("b", True),
+        End("a", ABORTED),
+        Record(SpendRecord("b", FP, "sent", retry=False)),
+    ),
+    # The grace retry of a spend never sent aborts (its record of the unknown spend is
+    # restored); then the first spender says it never sent: the record goes, and the next
+    # holder spends the token.
+    scenario(
+        "the_record_an_aborted_retry_restored_goes_with_its_spenders_abort",
+        Commit(),
+        sent_by("a"),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", retry_within=30),
+        End("b", ABORTED),
+        RecordState("unknown"),
+        End("a", ABORTED),
+        Record(None),
+        Release("b"),
+        Acquire("c"),
+        Begin("c", OK),
+    ),
+    # The record an aborted grace retry restored (fence 0, the retrier's name) answers UNKNOWN
+    # to the retrier too, whatever fence it names as resolved: fence 0 names no spend (swarm
+    # seed 177: the retrier spent the token as new, past the window).
+    scenario(
+        "a_restored_grace_retry_is_not_its_retriers_to_replace",
+        Commit(),
+        sent_by("a"),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", RETRY, retry_within=30),
+        MarkSent("b"),
+        End("b", ABORTED),
+        Release("b"),
+        Acquire("again", owner="b"),
+        Begin("again", UNKNOWN, retry_within=30, resolved=0),
+        Begin("again", UNKNOWN, retry_within=30, resolved="b"),
+    ),
+    # A holder that could not clear its aborted record names it, and may spend again.
+    scenario(
+        "our_own_aborted_record_may_be_replaced",
+        Commit(),
+        sent_by("a"),
+        Release("a"),
+        Acquire("again", owner="a"),
+        Begin("again", OK, resolved="a"),
+    ),
+    # Once the rotated set is committed, the old spend no longer blocks anything.
+    scenario(
+        "a_newer_commit_resolves_the_spend",
+        Commit(),
+        Acquire("a"),
+        Begin("a"),
+        Commit(2, fence="a"),
+        Release("a"),
+        Acquire("b"),
+        Begin("b", OK, generation=2),
+    ),
+]
+
+
+class TestSpend:
+    @pytest.mark.parametrize("steps", SPEND_SCENARIOS)
+    async def test_a_spend_scenario(self, store: TokenStore, steps: list[Step]) -> None:
+        """The row's store calls, in order, answer as its steps expect (the row's comment says
+        which rule of the spend ledger it holds the store to)."""
+        run = Run(store)
+        for step in steps:
+            await step.run(run)
 
     async def test_no_retry_when_the_store_clock_stepped_back(self, store: TokenStore) -> None:
         """A spend sent "in the future" of the store's clock (it stepped back since) is not
@@ -284,299 +657,48 @@ class TestSpend:
             )
             assert answer is SpendStart.UNKNOWN
 
-    async def test_an_aborted_spend_frees_the_token(self, store: TokenStore) -> None:
-        """A spend that ended without effect (aborted) does not block the next holder."""
-        await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
-        await store.release_lease("app", "a", a.fence)
-        b = await store.acquire_lease("app", "b", 5)
-        assert (
-            await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
-            is SpendStart.OK
-        )
 
-    async def test_a_veto_sticks_even_for_the_vetoed_spender(self, store: TokenStore) -> None:
-        """M1: a vetoed record is a state of its own. The vetoed spender's next begin_spend,
-        naming no resolved fence (0) or its own vetoed fence, answers UNKNOWN: it never mistakes
-        the vetoed record for one it resolved."""
-        await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        assert await store.veto_spend("app", refresh_fp=token_set(1).refresh_fingerprint or "")
-        await store.release_lease("app", "a", a.fence)
-        again = await store.acquire_lease("app", "a", 5)
-        for resolved in (0, a.fence):
-            answer = await store.begin_spend(
-                "app", owner="a", fence=again.fence, token=token_set(1), resolved_fence=resolved
-            )
-            assert answer is SpendStart.UNKNOWN, resolved
+@asynccontextmanager
+async def hearing(
+    store: TokenStore,
+    *,
+    keep: Callable[[Notice], bool] = lambda notice: True,
+    until: Callable[[list[Notice]], bool],
+) -> AsyncIterator[list[Notice]]:
+    """The notices `store` publishes while the block runs (those `keep` selects), heard until
+    `until(heard)` holds: awaited, for up to 5 s, when the block ends."""
+    updates = cast(AsyncGenerator[Notice, None], store.updates())
+    heard: list[Notice] = []
 
-    async def test_an_aborted_grace_retry_restores_the_unknown_spend(
-        self, store: TokenStore
-    ) -> None:
-        """H3: the one grace retry aborts (429): the spend it retried is unknown again with its
-        first send time, so a later holder gets UNKNOWN, never OK, and never a second RETRY."""
-        await store.commit("app", token_set(1))
-        a = await marked_sent(store, "a")
-        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.UNKNOWN)
-        await store.release_lease("app", "a", a.fence)
-        b = await store.acquire_lease("app", "b", 5)
-        retry = await store.begin_spend(
-            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
-        )
-        assert retry is SpendStart.RETRY
-        await store.mark_sent("app", owner="b", fence=b.fence)
-        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
-        await store.release_lease("app", "b", b.fence)
-        c = await store.acquire_lease("app", "c", 5)
-        for resolved in (0, b.fence):
-            answer = await store.begin_spend(
-                "app",
-                owner="c",
-                fence=c.fence,
-                token=token_set(1),
-                retry_within=30,
-                resolved_fence=resolved,
-            )
-            assert answer is SpendStart.UNKNOWN, resolved
+    async def listen() -> None:
+        async for notice in updates:
+            if keep(notice):
+                heard.append(notice)
+            if until(heard):
+                return
 
-    async def test_the_spend_record_names_its_owner_and_state(self, store: TokenStore) -> None:
-        """`load_spend` reads the record as it goes: announced, sent, vetoed; none at all
-        before a spend and after an abort."""
-        fp = token_set(1).refresh_fingerprint or ""
-        await store.commit("app", token_set(1))
-        assert await store.load_spend("app") is None
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        assert await store.load_spend("app") == SpendRecord("a", fp, "announced")
-        await store.mark_sent("app", owner="a", fence=a.fence)
-        assert await store.load_spend("app") == SpendRecord("a", fp, "sent")
-        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
-        assert await store.load_spend("app") is None
-        again = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=again.fence, token=token_set(1))
-        assert await store.veto_spend("app", refresh_fp=fp)
-        assert await store.load_spend("app") == SpendRecord("a", fp, "vetoed")
-
-    async def test_the_spend_record_says_when_it_is_a_granted_retry(
-        self, store: TokenStore
-    ) -> None:
-        """`load_spend` marks the record of the one grace retry the store granted (a replica
-        that re-syncs must not veto it), and no other."""
-        fp = token_set(1).refresh_fingerprint or ""
-        await store.commit("app", token_set(1))
-        a = await marked_sent(store, "a")
-        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.UNKNOWN)
-        assert await store.load_spend("app") == SpendRecord("a", fp, "unknown", retry=False)
-        await store.release_lease("app", "a", a.fence)
-        b = await store.acquire_lease("app", "b", 5)
-        retry = await store.begin_spend(
-            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
-        )
-        assert retry is SpendStart.RETRY
-        assert await store.load_spend("app") == SpendRecord("b", fp, "announced", retry=True)
-
-    async def test_a_sent_record_whose_answer_was_lost_is_aborted_by_its_owner_alone(
-        self, store: TokenStore
-    ) -> None:
-        """The spender whose `mark_sent` answer was lost never sent: its abort under its own
-        owner name and fence removes the record (another owner's, with the same fence, does
-        not), and the next holder may spend the token."""
-        await store.commit("app", token_set(1))
-        a = await marked_sent(store, "a")
-        await store.release_lease("app", "a", a.fence)
-        await store.end_spend("app", owner="b", fence=a.fence, outcome=SpendEnd.ABORTED)
-        assert (await store.load_spend("app") or SpendRecord("", "", "")).state == "sent"
-        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
-        assert await store.load_spend("app") is None
-        b = await store.acquire_lease("app", "b", 5)
-        answer = await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
-        assert answer is SpendStart.OK
-
-    async def test_the_spend_record_carries_its_fence(self, store: TokenStore) -> None:
-        """`load_spend` reads the spend's fence (0 once vetoed), for a veto to name it."""
-        await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        assert (await store.load_spend("app") or SpendRecord("", "", "")).fence == a.fence
-        assert await store.veto_spend("app", refresh_fp=token_set(1).refresh_fingerprint or "")
-        assert (await store.load_spend("app") or SpendRecord("", "", "", fence=-1)).fence == 0
-
-    async def test_a_veto_that_names_a_spend_is_lifted_by_that_spends_abort_alone(
-        self, store: TokenStore
-    ) -> None:
-        """A veto standing for one earlier spend (owner, fence): that owner's abort under
-        another fence, or another owner's under that fence, leaves it; that spend's own abort
-        removes the record and publishes an abort in that owner's name."""
-        fp = token_set(1).refresh_fingerprint or ""
-        await store.commit("app", token_set(1))
-        b = await store.acquire_lease("app", "b", 5)
-        await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
-        assert await store.veto_spend("app", refresh_fp=fp, protects=("a", 7))
-        await store.end_spend("app", owner="a", fence=6, outcome=SpendEnd.ABORTED)
-        await store.end_spend("app", owner="c", fence=7, outcome=SpendEnd.ABORTED)
-        await store.end_spend("app", owner="a", fence=7, outcome=SpendEnd.UNKNOWN)
-        assert await store.load_spend("app") == SpendRecord("b", fp, "vetoed")
-        await store.end_spend("app", owner="a", fence=7, outcome=SpendEnd.ABORTED)
-        assert await store.load_spend("app") is None
-
-    async def test_a_veto_that_names_an_owner_alone_is_lifted_by_its_abort_of_any_fence(
-        self, store: TokenStore
-    ) -> None:
-        """A veto standing for an owner's spends known from a notice (fence 0): that owner's
-        abort under any fence lifts it (never fence 0, which names no spend); a veto that
-        names nothing is lifted by no abort."""
-        fp = token_set(1).refresh_fingerprint or ""
-        await store.commit("app", token_set(1))
-        b = await store.acquire_lease("app", "b", 5)
-        await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
-        assert await store.veto_spend("app", refresh_fp=fp, protects=("a", 0))
-        await store.end_spend("app", owner="a", fence=0, outcome=SpendEnd.ABORTED)
-        assert await store.load_spend("app") == SpendRecord("b", fp, "vetoed")
-        await store.end_spend("app", owner="a", fence=3, outcome=SpendEnd.ABORTED)
-        assert await store.load_spend("app") is None
-        await store.release_lease("app", "b", b.fence)
-        c = await store.acquire_lease("app", "c", 5)
-        await store.begin_spend("app", owner="c", fence=c.fence, token=token_set(1))
-        assert await store.veto_spend("app", refresh_fp=fp)
-        for owner in ("a", "b", "c"):
-            await store.end_spend("app", owner=owner, fence=c.fence, outcome=SpendEnd.ABORTED)
-        assert await store.load_spend("app") == SpendRecord("c", fp, "vetoed")
-
-    async def test_a_grace_retry_of_a_spend_never_sent_becomes_a_first_spend(
-        self, store: TokenStore
-    ) -> None:
-        """A grace retry granted from a `sent` record whose spender never sent (its answer
-        lost): that spender's abort, under its own owner name and fence, makes the retry an
-        ordinary spend; under another owner name it changes nothing."""
-        fp = token_set(1).refresh_fingerprint or ""
-        await store.commit("app", token_set(1))
-        a = await marked_sent(store, "a")
-        await store.release_lease("app", "a", a.fence)
-        b = await store.acquire_lease("app", "b", 5)
-        retry = await store.begin_spend(
-            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
-        )
-        assert retry is SpendStart.RETRY
-        await store.end_spend("app", owner="c", fence=a.fence, outcome=SpendEnd.ABORTED)
-        assert await store.load_spend("app") == SpendRecord("b", fp, "announced", retry=True)
-        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
-        assert await store.load_spend("app") == SpendRecord("b", fp, "announced", retry=False)
-        assert await store.mark_sent("app", owner="b", fence=b.fence)
-
-    async def test_a_sent_retry_of_a_spend_never_sent_stays_sent(self, store: TokenStore) -> None:
-        """The first spender says it never sent after the retry was sent: the retry's record
-        stays `sent` (its answer decides), as an ordinary spend's."""
-        fp = token_set(1).refresh_fingerprint or ""
-        await store.commit("app", token_set(1))
-        a = await marked_sent(store, "a")
-        await store.release_lease("app", "a", a.fence)
-        b = await store.acquire_lease("app", "b", 5)
-        await store.begin_spend(
-            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
-        )
-        assert await store.mark_sent("app", owner="b", fence=b.fence)
-        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
-        assert await store.load_spend("app") == SpendRecord("b", fp, "sent", retry=False)
-
-    async def test_the_record_an_aborted_retry_restored_goes_with_its_spenders_abort(
-        self, store: TokenStore
-    ) -> None:
-        """The grace retry of a spend never sent aborts (its record of the unknown spend is
-        restored); then the first spender says it never sent: the record goes, and the next
-        holder spends the token."""
-        await store.commit("app", token_set(1))
-        a = await marked_sent(store, "a")
-        await store.release_lease("app", "a", a.fence)
-        b = await store.acquire_lease("app", "b", 5)
-        await store.begin_spend(
-            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
-        )
-        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
-        assert (await store.load_spend("app") or SpendRecord("", "", "")).state == "unknown"
-        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
-        assert await store.load_spend("app") is None
-        await store.release_lease("app", "b", b.fence)
-        c = await store.acquire_lease("app", "c", 5)
-        answer = await store.begin_spend("app", owner="c", fence=c.fence, token=token_set(1))
-        assert answer is SpendStart.OK
-
-    async def test_a_restored_grace_retry_is_not_its_retriers_to_replace(
-        self, store: TokenStore
-    ) -> None:
-        """The record an aborted grace retry restored (fence 0, the retrier's name) answers
-        UNKNOWN to the retrier too, whatever fence it names as resolved: fence 0 names no spend
-        (swarm seed 177: the retrier spent the token as new, past the window)."""
-        await store.commit("app", token_set(1))
-        a = await marked_sent(store, "a")
-        await store.release_lease("app", "a", a.fence)
-        b = await store.acquire_lease("app", "b", 5)
-        retry = await store.begin_spend(
-            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
-        )
-        assert retry is SpendStart.RETRY
-        await store.mark_sent("app", owner="b", fence=b.fence)
-        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
-        await store.release_lease("app", "b", b.fence)
-        again = await store.acquire_lease("app", "b", 5)
-        for resolved in (0, b.fence):
-            answer = await store.begin_spend(
-                "app",
-                owner="b",
-                fence=again.fence,
-                token=token_set(1),
-                retry_within=30,
-                resolved_fence=resolved,
-            )
-            assert answer is SpendStart.UNKNOWN, resolved
-
-    async def test_our_own_aborted_record_may_be_replaced(self, store: TokenStore) -> None:
-        """A holder that could not clear its aborted record names it, and may spend again."""
-        await store.commit("app", token_set(1))
-        a = await marked_sent(store, "a")
-        await store.release_lease("app", "a", a.fence)
-        again = await store.acquire_lease("app", "a", 5)
-        answer = await store.begin_spend(
-            "app", owner="a", fence=again.fence, token=token_set(1), resolved_fence=a.fence
-        )
-        assert answer is SpendStart.OK
-
-    async def test_a_newer_commit_resolves_the_spend(self, store: TokenStore) -> None:
-        """Once the rotated set is committed, the old spend no longer blocks anything."""
-        await store.commit("app", token_set(1))
-        a = await store.acquire_lease("app", "a", 5)
-        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
-        await store.commit("app", token_set(2), fence=a.fence)
-        await store.release_lease("app", "a", a.fence)
-        b = await store.acquire_lease("app", "b", 5)
-        assert (
-            await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(2))
-            is SpendStart.OK
-        )
+    listener = asyncio.ensure_future(listen())
+    await asyncio.sleep(0.3)  # subscribed
+    try:
+        yield heard
+        await asyncio.wait_for(listener, 5)
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await updates.aclose()
 
 
 class TestNotices:
     async def test_commits_spends_and_aborts_are_announced(self, store: TokenStore) -> None:
         """Every replica hears of a commit (version, rank), of a spend, its send and its abort."""
-        updates = cast(AsyncGenerator[Notice, None], store.updates())
-        heard: list[Notice] = []
-
-        async def listen() -> None:
-            async for notice in updates:
-                if notice.kind not in ("lease", "release"):
-                    heard.append(notice)
-                if len(heard) == 4:
-                    return
-
-        listener = asyncio.ensure_future(listen())
-        await asyncio.sleep(0.3)  # subscribed
-        await store.commit("app", token_set(1))
-        lease = await marked_sent(store, "a")
-        await store.end_spend("app", owner="a", fence=lease.fence, outcome=SpendEnd.ABORTED)
-        await asyncio.wait_for(listener, 5)
-        await updates.aclose()
+        async with hearing(
+            store,
+            keep=lambda notice: notice.kind not in ("lease", "release"),
+            until=lambda heard: len(heard) == 4,
+        ) as heard:
+            await store.commit("app", token_set(1))
+            lease = await marked_sent(store, "a")
+            await store.end_spend("app", owner="a", fence=lease.fence, outcome=SpendEnd.ABORTED)
         fp = token_set(1).refresh_fingerprint
         assert [(n.kind, n.rank, n.refresh_fp, n.owner) for n in heard] == [
             ("token", (1, 1), None, None),
@@ -593,26 +715,17 @@ class TestNotices:
         await store.commit("app", token_set(1))
         a = await marked_sent(store, "a")
         await store.release_lease("app", "a", a.fence)
-        updates = cast(AsyncGenerator[Notice, None], store.updates())
-        heard: list[Notice] = []
-
-        async def listen() -> None:
-            async for notice in updates:
-                if notice.kind in ("spend", "abort"):
-                    heard.append(notice)
-                if len(heard) == 2:
-                    return
-
-        listener = asyncio.ensure_future(listen())
-        await asyncio.sleep(0.3)  # subscribed
-        b = await store.acquire_lease("app", "b", 5)
-        retry = await store.begin_spend(
-            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
-        )
-        assert retry is SpendStart.RETRY
-        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
-        await asyncio.wait_for(listener, 5)
-        await updates.aclose()
+        async with hearing(
+            store,
+            keep=lambda notice: notice.kind in ("spend", "abort"),
+            until=lambda heard: len(heard) == 2,
+        ) as heard:
+            b = await store.acquire_lease("app", "b", 5)
+            retry = await store.begin_spend(
+                "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+            )
+            assert retry is SpendStart.RETRY
+            await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
         assert [(n.kind, n.owner, n.retry, n.retry_aborted) for n in heard] == [
             ("spend", "b", True, False),
             ("abort", "b", False, True),
@@ -620,12 +733,9 @@ class TestNotices:
 
     async def test_a_token_notice_carries_the_committed_set(self, store: TokenStore) -> None:
         """A replica adopts a committed set from its notice, without reading the store."""
-        updates = cast(AsyncGenerator[Notice, None], store.updates())
-        listener = asyncio.ensure_future(anext(updates))
-        await asyncio.sleep(0.3)  # subscribed
-        await store.commit("app", token_set(3))
-        notice = await asyncio.wait_for(listener, 5)
-        await updates.aclose()
+        async with hearing(store, until=lambda heard: len(heard) == 1) as heard:
+            await store.commit("app", token_set(3))
+        [notice] = heard
         assert notice.kind == "token" and notice.rank == (1, 3)
         assert notice.token is not None
         assert notice.token.access_token == token_set(3).access_token
@@ -637,25 +747,13 @@ class TestNotices:
         """Issue 20, the fleet's cost: a grant says who holds the lease and for how long, and
         a release says it is free, so the other replicas wait for the holder's notice instead
         of asking for the lease. A busy answer and a release by another owner say nothing."""
-        updates = cast(AsyncGenerator[Notice, None], store.updates())
-        heard: list[Notice] = []
-
-        async def listen() -> None:
-            async for notice in updates:
-                heard.append(notice)
-                if notice.kind == "token":
-                    return
-
-        listener = asyncio.ensure_future(listen())
-        await asyncio.sleep(0.3)  # subscribed
-        lease = await store.acquire_lease("app", "a", 7.5)
-        assert not (await store.acquire_lease("app", "b", 5)).held
-        await store.release_lease("app", "b", lease.fence)  # not b's: nothing happens
-        await store.release_lease("app", "a", lease.fence)
-        await store.release_lease("app", "a", lease.fence)  # released already: nothing
-        await store.commit("app", token_set(1))  # the end of what is heard
-        await asyncio.wait_for(listener, 5)
-        await updates.aclose()
+        async with hearing(store, until=lambda heard: heard[-1].kind == "token") as heard:
+            lease = await store.acquire_lease("app", "a", 7.5)
+            assert not (await store.acquire_lease("app", "b", 5)).held
+            await store.release_lease("app", "b", lease.fence)  # not b's: nothing happens
+            await store.release_lease("app", "a", lease.fence)
+            await store.release_lease("app", "a", lease.fence)  # released already: nothing
+            await store.commit("app", token_set(1))  # the end of what is heard
         assert [(n.kind, n.owner, n.ttl, n.protocol) for n in heard] == [
             ("lease", "a", 7.5, PROTOCOL_VERSION),
             ("release", "a", 0.0, PROTOCOL_VERSION),
@@ -697,23 +795,11 @@ class TestRefusedToken:
         """One REFUSED notice per recorded refusal, naming the access token's fingerprint
         (never the token); a stale or repeated refusal says nothing."""
         await store.commit("app", token_set(2))
-        updates = cast(AsyncGenerator[Notice, None], store.updates())
-        heard: list[Notice] = []
-
-        async def listen() -> None:
-            async for notice in updates:
-                heard.append(notice)
-                if notice.kind == "token":
-                    return
-
-        listener = asyncio.ensure_future(listen())
-        await asyncio.sleep(0.3)  # subscribed
-        await store.refuse_token("app", token_set(1).fingerprint, interval=5)  # stale
-        await store.refuse_token("app", token_set(2).fingerprint, interval=5)
-        await store.refuse_token("app", token_set(2).fingerprint, interval=5)  # already
-        await store.commit("app", token_set(3))  # the end of what is heard
-        await asyncio.wait_for(listener, 5)
-        await updates.aclose()
+        async with hearing(store, until=lambda heard: heard[-1].kind == "token") as heard:
+            await store.refuse_token("app", token_set(1).fingerprint, interval=5)  # stale
+            await store.refuse_token("app", token_set(2).fingerprint, interval=5)
+            await store.refuse_token("app", token_set(2).fingerprint, interval=5)  # already
+            await store.commit("app", token_set(3))  # the end of what is heard
         assert [(n.kind, n.access_fp, n.protocol) for n in heard] == [
             (REFUSED, token_set(2).fingerprint, PROTOCOL_VERSION),
             ("token", None, PROTOCOL_VERSION),
@@ -738,12 +824,9 @@ class TestNoticeWithoutTheKey:
 
         writer, reader = store_with(b"W" * 32), store_with(b"R" * 32)
         try:
-            updates = cast(AsyncGenerator[Notice, None], reader.updates())
-            listener = asyncio.ensure_future(anext(updates))
-            await asyncio.sleep(0.3)
-            await writer.commit("app", token_set(2))
-            notice = await asyncio.wait_for(listener, 5)
-            await updates.aclose()
+            async with hearing(reader, until=lambda heard: len(heard) == 1) as heard:
+                await writer.commit("app", token_set(2))
+            [notice] = heard
             assert notice.kind == "token" and notice.rank == (1, 2)
             assert notice.token is None
         finally:

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.support.broker_process import BrokerProcess
+from tests.support.config import edit_config, write_document
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.peers import (
     IS_ROOT,
@@ -99,9 +100,7 @@ def write_config(directory: Path, socket: Path, token_url: str, variant: str) ->
         "apps": {"app1": app, "app2": app},
         "clients": clients(variant),
     }
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_document(directory, config)
 
 
 def metrics_url(config: Path) -> str:
@@ -213,9 +212,8 @@ class TestPeerIdentity:
         """A uid added to a client by a config reload is that client from then on."""
         api = await start_api("unmapped")
         assert request_token(UNMAPPED, api.url, "app1")["status"] == 401
-        data = yaml.safe_load(api.config.read_text())
-        data["clients"]["newcomer"] = {"uids": [UNMAPPED.effective_uid], "apps": ["app1"]}
-        api.config.write_text(yaml.safe_dump(data))
+        newcomer = {"uids": [UNMAPPED.effective_uid], "apps": ["app1"]}
+        edit_config(api.config, lambda data: data["clients"].update(newcomer=newcomer))
         assert api.process.process is not None
         api.process.process.send_signal(signal.SIGHUP)
         for _ in range(100):

@@ -179,7 +179,8 @@ class UpstreamServer:
         return web.json_response({"upstream": "broken"}, status=500)
 
     async def _redirect(self, _: web.Request) -> web.Response:
-        raise web.HTTPFound("https://elsewhere.invalid/landing")
+        # Returned, not raised: a raised HTTPFound would pass the middleware unrecorded (status 0).
+        return web.Response(status=302, headers={"Location": "https://elsewhere.invalid/landing"})
 
     async def _echo(self, request: web.Request) -> web.Response:
         return web.json_response({"method": request.method, "raw_path": request.raw_path})

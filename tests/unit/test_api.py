@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -19,75 +18,30 @@ from broker.api.health import build_metrics_app
 from broker.api.server import api_server_options
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
-from broker.model import AppState, ClientSpec, TokenSet
-from broker.service import AppStatus
+from broker.model import ClientSpec, TokenSet
 from tests.support.fake_clock import FakeClock
+from tests.support.fakes import NOW, FakeTokenService
 
 KEY_A = "a" * 20 + "-client-key-of-service-a"
 KEY_B = "b" * 20 + "-client-key-of-service-b"
-NOW = 1_700_000_000.0
 
 ClientFactory = AiohttpClient
 
 
-class FakeService:
-    """Implements TokenService: canned tokens, canned errors."""
-
-    def __init__(self) -> None:
-        self.tokens = {
+def fake_service() -> FakeTokenService:
+    """app1 and app2 with an hour's tokens, refreshed 100 s ago."""
+    return FakeTokenService(
+        {
             "app1": TokenSet("token-one-" + "x" * 30, "Bearer", NOW - 100, NOW + 3500, "read"),
             "app2": TokenSet("token-two-" + "y" * 30, "Bearer", NOW - 100, NOW + 3500, None),
-        }
-        self.errors: dict[str, Exception] = {}
-        self.last_errors: dict[str, str] = {}
-        self.unready: list[str] = []
-
-    def app_names(self) -> Collection[str]:
-        return self.tokens.keys()
-
-    def now(self) -> float:
-        return NOW
-
-    def cached_token(self, app: str, min_ttl: float = 0.0) -> TokenSet | None:
-        return None if app in self.errors or min_ttl else self.tokens[app]
-
-    def current_token(self, app: str) -> TokenSet | None:
-        return self.tokens[app]
-
-    def remaining(self, app: str) -> float:
-        return self.tokens[app].expires_at - NOW
-
-    def servable_until(self, app: str) -> float:
-        return float("-inf") if app in self.errors else float("inf")
-
-    async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
-        if app in self.errors:
-            raise self.errors[app]
-        if min_ttl > 3600:
-            raise ValueError("min_ttl 4000 exceeds the token lifetime of 3600 seconds")
-        return self.tokens[app]
-
-    async def force_refresh(self, app: str) -> TokenSet:
-        return await self.get_token(app)
-
-    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
-        return await self.get_token(app)
-
-    def status(self, app: str) -> AppStatus:
-        return AppStatus(
-            app, AppState.FRESH, self.tokens[app].expires_at, NOW - 100, self.last_errors.get(app)
-        )
-
-    def unready_apps(self) -> list[str]:
-        return self.unready
-
-    def app_ready(self, app: str) -> bool:
-        return app not in self.unready
+        },
+        refreshed_at=NOW - 100,
+    )
 
 
 @pytest.fixture
-def service() -> FakeService:
-    return FakeService()
+def service() -> FakeTokenService:
+    return fake_service()
 
 
 @pytest.fixture
@@ -111,7 +65,7 @@ def authenticator(tmp_path: Path) -> ClientAuthenticator:
 @pytest.fixture
 async def api(
     aiohttp_client: ClientFactory,
-    service: FakeService,
+    service: FakeTokenService,
     authenticator: ClientAuthenticator,
     metrics: Metrics,
 ) -> TestClient[Any, Any]:
@@ -189,7 +143,7 @@ class TestTokenRoute:
     async def test_service_errors_map_to_codes(
         self,
         api: TestClient[Any, Any],
-        service: FakeService,
+        service: FakeTokenService,
         error: Exception,
         status: int,
         code: str,
@@ -203,7 +157,7 @@ class TestTokenRoute:
             assert headers["Retry-After"] == "8"
 
     async def test_rate_limited_refresh_is_429(
-        self, api: TestClient[Any, Any], service: FakeService
+        self, api: TestClient[Any, Any], service: FakeTokenService
     ) -> None:
         """Too many forced refreshes: 429 rate_limited with Retry-After."""
         service.errors["app1"] = RateLimited("x", retry_after=30)
@@ -236,7 +190,7 @@ class TestErrorMessages:
         assert body["message"].endswith("this client may use: app1")
 
     async def test_unavailable_says_why_and_where_to_look(
-        self, api: TestClient[Any, Any], service: FakeService
+        self, api: TestClient[Any, Any], service: FakeTokenService
     ) -> None:
         """503 names the app's last error, when to retry, GET /v1/apps and the log event."""
         service.errors["app1"] = TokenUnavailable("x", retry_after=4.5)
@@ -249,7 +203,7 @@ class TestErrorMessages:
         assert "token.refresh_failed" in message
 
     async def test_unavailable_before_any_failure_says_so(
-        self, api: TestClient[Any, Any], service: FakeService
+        self, api: TestClient[Any, Any], service: FakeTokenService
     ) -> None:
         """A 503 while the first refresh is still running does not invent an error."""
         service.errors["app1"] = TokenUnavailable("x", retry_after=1)
@@ -257,7 +211,7 @@ class TestErrorMessages:
         assert "no refresh has failed yet" in body["message"]
 
     async def test_needs_authorization_says_why_and_what_to_run(
-        self, api: TestClient[Any, Any], service: FakeService
+        self, api: TestClient[Any, Any], service: FakeTokenService
     ) -> None:
         """409 names the dead grant's error, the authorize command and the log event."""
         service.errors["app1"] = NeedsAuthorization("x")
@@ -327,7 +281,7 @@ class TestAuditAndMetrics:
 
 class TestMetricsListener:
     async def test_health_readiness_and_metrics(
-        self, aiohttp_client: ClientFactory, service: FakeService, metrics: Metrics
+        self, aiohttp_client: ClientFactory, service: FakeTokenService, metrics: Metrics
     ) -> None:
         """/healthz 200; /readyz 200, then 503 naming the unready app; /metrics is text."""
         client = await aiohttp_client(build_metrics_app(service, metrics))

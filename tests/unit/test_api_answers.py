@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Collection
 from typing import Any
 
 import pytest
@@ -18,13 +17,11 @@ from broker.api import ApiDependencies, build_api
 from broker.api.answers import TOKEN_HEADERS, Answer, PrebuiltResponse
 from broker.api.auth import ClientAuthenticator
 from broker.api.server import api_server_options
-from broker.errors import TokenUnavailable
 from broker.metrics import Metrics
-from broker.model import AppState, ClientSpec, TokenSet
-from broker.service import AppStatus
+from broker.model import ClientSpec, TokenSet
 from tests.support.fake_clock import FakeClock
+from tests.support.fakes import NOW, FakeTokenService
 
-NOW = 1_700_000_000.0
 KEY_A = "answers-client-key-a-" + "a" * 32
 KEY_B = "answers-client-key-b-" + "b" * 32
 
@@ -36,61 +33,10 @@ def token(name: str, expires_at: float = NOW + 3000.5) -> TokenSet:
     return TokenSet(f"access-{name}-" + "t" * 24, "Bearer", NOW - 600, expires_at, "read")
 
 
-class CountingService:
-    """Implements TokenService for app `app1`: a settable current token and serving deadline,
-    and a count of the full checks (`cached_token`) the API makes."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.token = token("one")
-        self.deadline = float("inf")  # monotonic: the token is servable before it
-        self.full_checks = 0
-        # Seconds another clock takes off the token's life (the pod's own, ahead of Redis's).
-        self.shortened_by = 0.0
-
-    def app_names(self) -> Collection[str]:
-        return ("app1",)
-
-    def now(self) -> float:
-        return self.clock.time()
-
-    def cached_token(self, app: str, min_ttl: float = 0.0) -> TokenSet | None:
-        self.full_checks += 1
-        return self.token if self.clock.monotonic() < self.deadline else None
-
-    def current_token(self, app: str) -> TokenSet | None:
-        return self.token
-
-    def remaining(self, app: str) -> float:
-        return self.token.expires_at - self.clock.time() - self.shortened_by
-
-    def servable_until(self, app: str) -> float:
-        return self.deadline
-
-    async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
-        if self.clock.monotonic() < self.deadline:
-            return self.token
-        raise TokenUnavailable("no valid token", retry_after=5.0)
-
-    async def force_refresh(self, app: str) -> TokenSet:
-        return self.token
-
-    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
-        return self.token
-
-    def status(self, app: str) -> AppStatus:
-        return AppStatus(app, AppState.FRESH, self.token.expires_at, NOW, None)
-
-    def unready_apps(self) -> list[str]:
-        return []
-
-    def app_ready(self, app: str) -> bool:
-        return True
-
-
 @pytest.fixture
-def service(fake_clock: FakeClock) -> CountingService:
-    return CountingService(fake_clock)
+def service(fake_clock: FakeClock) -> FakeTokenService:
+    """app1 on the fake clock: a settable token and serving deadline, its full checks counted."""
+    return FakeTokenService({"app1": token("one")}, clock=fake_clock)
 
 
 @pytest.fixture
@@ -101,7 +47,7 @@ def metrics() -> Metrics:
 @pytest.fixture
 async def api(
     aiohttp_client: AiohttpClient,
-    service: CountingService,
+    service: FakeTokenService,
     metrics: Metrics,
     fake_clock: FakeClock,
 ) -> Client:
@@ -124,7 +70,7 @@ async def get(api: Client, key: str = KEY_A) -> tuple[int, dict[str, Any]]:
 
 class TestReuse:
     async def test_reused_within_the_whole_second(
-        self, api: Client, service: CountingService, fake_clock: FakeClock
+        self, api: Client, service: FakeTokenService, fake_clock: FakeClock
     ) -> None:
         """Within one whole second of expires_in, the answer is reused without a full check."""
         first = await get(api)
@@ -135,7 +81,7 @@ class TestReuse:
         assert service.full_checks == 1
 
     async def test_expires_in_is_counted_by_every_clock(
-        self, api: Client, service: CountingService, fake_clock: FakeClock
+        self, api: Client, service: FakeTokenService, fake_clock: FakeClock
     ) -> None:
         """When another clock than the fleet's says the token has less left (issue 20, M3),
         expires_in (and expires_at with it) says the shorter."""
@@ -146,7 +92,7 @@ class TestReuse:
         assert body["expires_at"] == int(NOW + 3000.5 - 40.0)
 
     async def test_checked_in_full_when_the_second_changes(
-        self, api: Client, service: CountingService, fake_clock: FakeClock
+        self, api: Client, service: FakeTokenService, fake_clock: FakeClock
     ) -> None:
         """Past the whole second, the full check runs again and expires_in counts down."""
         await get(api)
@@ -156,7 +102,7 @@ class TestReuse:
         assert body["expires_in"] == 2999
 
     async def test_not_reused_past_the_serving_deadline(
-        self, api: Client, service: CountingService, fake_clock: FakeClock
+        self, api: Client, service: FakeTokenService, fake_clock: FakeClock
     ) -> None:
         """A token that stops being servable mid-second is refused from that moment: 503."""
         service.deadline = fake_clock.monotonic() + 0.2
@@ -166,16 +112,16 @@ class TestReuse:
         assert (status, body["error"]) == (503, "token_unavailable")
 
     async def test_a_new_token_is_served_at_once(
-        self, api: Client, service: CountingService
+        self, api: Client, service: FakeTokenService
     ) -> None:
         """When the service holds a new token, the next answer has it, with no time passing."""
         await get(api)
-        service.token = token("two")
+        service.tokens["app1"] = token("two")
         _, body = await get(api)
-        assert body["access_token"] == service.token.access_token
+        assert body["access_token"] == service.tokens["app1"].access_token
 
     async def test_reused_answers_are_counted(
-        self, api: Client, service: CountingService, metrics: Metrics
+        self, api: Client, service: FakeTokenService, metrics: Metrics
     ) -> None:
         """Every request answered from a reused answer is in the request metrics."""
         for _ in range(3):
@@ -194,7 +140,7 @@ class TestReuse:
         assert issued == ["alpha", "beta"]
 
     async def test_min_ttl_always_checks_in_full(
-        self, api: Client, service: CountingService
+        self, api: Client, service: FakeTokenService
     ) -> None:
         """A request with min_ttl is never answered from a reused answer."""
         await get(api)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,10 @@ from broker.api.health import build_metrics_app
 from broker.api.server import api_server_options
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
-from broker.model import AppState, ClientSpec, TokenSet
-from broker.service import AppStatus
+from broker.model import ClientSpec, TokenSet
 from tests.support.fake_clock import FakeClock
+from tests.support.fakes import NOW, FakeTokenService
 
-NOW = 1_700_000_000.0
 FILE_KEY = "file-client-key-" + "f" * 32
 INLINE_KEY = "inline-client-key-" + "i" * 32
 WRONG_KEY = "wrong-client-key-" + "w" * 32
@@ -38,79 +36,14 @@ def make_token(name: str, expires_at: float = NOW + 3000, scope: str | None = "r
     return TokenSet(f"access-{name}-" + "t" * 24, "Bearer", NOW - 600, expires_at, scope)
 
 
-class FakeTokenService:
-    """Implements broker.service.TokenService: tokens per app, scripted exceptions, a set clock."""
-
-    def __init__(self) -> None:
-        self.tokens: dict[str, TokenSet] = {
-            "twilio": make_token("twilio"),
-            "stripe": make_token("stripe", scope=None),
-        }
-        self.errors: dict[str, Exception] = {}
-        self.refresh_errors: dict[str, Exception] = {}
-        self.unready: list[str] = []
-        self.clock = NOW
-        self.calls: list[tuple[str, str, float]] = []
-
-    def app_names(self) -> Collection[str]:
-        """Every configured app."""
-        return self.tokens.keys()
-
-    def now(self) -> float:
-        """The test-controlled wall time."""
-        return self.clock
-
-    def cached_token(self, app: str, min_ttl: float = 0.0) -> TokenSet | None:
-        """Never a hit: every request goes through get_token, so errors are observable."""
-        return None
-
-    def current_token(self, app: str) -> TokenSet | None:
-        """None: no answer is ever reused, every request reaches get_token."""
-        return None
-
-    def remaining(self, app: str) -> float:
-        """The token's seconds left by the test-controlled wall time."""
-        return self.tokens[app].expires_at - self.clock
-
-    def servable_until(self, app: str) -> float:
-        """No deadline: answers are not reused (current_token is None)."""
-        return float("-inf")
-
-    async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
-        """The app's token, or its scripted error."""
-        self.calls.append(("get", app, min_ttl))
-        if app in self.errors:
-            raise self.errors[app]
-        return self.tokens[app]
-
-    async def force_refresh(self, app: str) -> TokenSet:
-        """The app's token, or its scripted refresh error."""
-        self.calls.append(("refresh", app, 0.0))
-        if app in self.refresh_errors:
-            raise self.refresh_errors[app]
-        return await self.get_token(app)
-
-    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
-        """As a forced refresh (the proxy reports a refused token)."""
-        return await self.force_refresh(app)
-
-    def status(self, app: str) -> AppStatus:
-        """A fresh app with the token's expiry."""
-        return AppStatus(app, AppState.FRESH, self.tokens[app].expires_at, NOW - 600.5, None)
-
-    def unready_apps(self) -> list[str]:
-        """The scripted unready apps."""
-        return self.unready
-
-    def app_ready(self, app: str) -> bool:
-        """Ready unless scripted unready."""
-        return app not in self.unready
-
-
 @pytest.fixture
 def service() -> FakeTokenService:
-    """The fake core."""
-    return FakeTokenService()
+    """The fake core: twilio and stripe, nothing answered from memory (every call recorded)."""
+    return FakeTokenService(
+        {"twilio": make_token("twilio"), "stripe": make_token("stripe", scope=None)},
+        refreshed_at=NOW - 600.5,
+        reuse=False,
+    )
 
 
 @pytest.fixture
@@ -196,7 +129,7 @@ class TestTokenOk:
         self, api: Client, service: FakeTokenService, clock: FakeClock
     ) -> None:
         """200 with the contract's fields, Cache-Control: no-store, expires_in from now()."""
-        service.clock = NOW + 1000.4
+        service.wall = NOW + 1000.4
         clock.jump_wall(1000.4)
         status, body, headers = await call(api, "/v1/token/twilio")
         assert status == 200
@@ -215,7 +148,7 @@ class TestTokenOk:
     ) -> None:
         """The same token answered later shows fewer seconds left (no stale cached body)."""
         _, first, _ = await call(api, "/v1/token/twilio")
-        service.clock += 100
+        service.wall += 100
         clock.jump_wall(100)
         _, second, _ = await call(api, "/v1/token/twilio")
         assert (first["expires_in"], second["expires_in"]) == (3000, 2900)
@@ -224,7 +157,7 @@ class TestTokenOk:
         self, api: Client, service: FakeTokenService, clock: FakeClock
     ) -> None:
         """With the fleet clock 40 s ahead of the pod's, expires_at - pod now == expires_in."""
-        service.clock = NOW + 40  # the store's clock; the pod's (the caller's) still says NOW
+        service.wall = NOW + 40  # the store's clock; the pod's (the caller's) still says NOW
         _, body, _ = await call(api, "/v1/token/twilio")
         assert body["expires_in"] == 2960
         assert body["expires_at"] - int(clock.time()) == body["expires_in"]
@@ -235,7 +168,7 @@ class TestTokenOk:
 
     async def test_expired_token_shows_zero(self, api: Client, service: FakeTokenService) -> None:
         """expires_in never goes negative."""
-        service.clock = NOW + 5000
+        service.wall = NOW + 5000
         _, body, _ = await call(api, "/v1/token/twilio")
         assert body["expires_in"] == 0
 

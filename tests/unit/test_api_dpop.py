@@ -18,7 +18,8 @@ from broker.metrics import Metrics
 from broker.model import ClientSpec, DpopAlgorithm, TokenSet
 from tests.support.dpop import DpopVerifier
 from tests.support.fake_clock import FakeClock
-from tests.unit.test_api import KEY_A, KEY_B, NOW, ClientFactory, FakeService, auth
+from tests.support.fakes import NOW
+from tests.unit.test_api import KEY_A, KEY_B, ClientFactory, auth, fake_service
 
 JKT_KEY = ProofKey(generate_key(DpopAlgorithm.ES256), DpopAlgorithm.ES256)
 
@@ -50,7 +51,7 @@ async def api(
     authenticator: ClientAuthenticator,
     dpop: dict[str, AppDpop],
 ) -> TestClient[Any, Any]:
-    service = FakeService()
+    service = fake_service()
     service.tokens["app1"] = TokenSet(
         "bound-token-" + "z" * 30, "DPoP", NOW - 100, NOW + 3500, None, dpop_jkt=JKT_KEY.jkt
     )

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from tests.support.config import write_config
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "cli-secret-0123456789-abcdefghijkl"
@@ -26,22 +26,12 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def config(tmp_path: Path, **app: object) -> Path:
-    (tmp_path / "secret").write_text(SECRET)
-    (tmp_path / "client.key").write_text("c" * 40)
-    data = {
-        "apps": {
-            "twilio": {
-                "token_url": "https://oauth.twilio.com/v2/token",
-                "client_id": "OQ1",
-                "client_secret_file": "secret",
-                **app,
-            }
-        },
-        "clients": {"billing": {"key_file": "client.key", "apps": ["twilio"]}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_config(
+        tmp_path,
+        app={"client_id": "OQ1", "client_secret_file": "secret", **app},
+        store=None,
+        files={"secret": SECRET, "client.key": "c" * 40},
+    )
 
 
 class TestCli:

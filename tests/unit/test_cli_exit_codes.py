@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from broker import __version__
+from tests.support import config
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_SECRET = "cli-client-secret-9f8e7d6c5b4a3210"
@@ -35,24 +35,15 @@ def run_broker(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 
 def write_config(directory: Path, **app_overrides: object) -> Path:
     """A config with a redis store, one app and one client; its secrets in files beside it."""
-    (directory / "app.secret").write_text(CLIENT_SECRET)
-    (directory / "client.key").write_text(CLIENT_KEY)
-    (directory / "store.key").write_text(f"k1 {STORE_KEY}\n")
-    document = {
-        "store": {"url": "redis://redis.internal:6379/0", "encryption_key_file": "store.key"},
-        "apps": {
-            "twilio": {
-                "token_url": "https://oauth.twilio.com/v2/token",
-                "client_id": "OQ123",
-                "client_secret_file": "app.secret",
-                **app_overrides,
-            }
+    return config.write_config(
+        directory,
+        app=app_overrides,
+        files={
+            "app.secret": CLIENT_SECRET,
+            "client.key": CLIENT_KEY,
+            "store.key": f"k1 {STORE_KEY}",
         },
-        "clients": {"billing": {"key_file": "client.key", "apps": ["twilio"]}},
-    }
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
+    )
 
 
 class TestCliExitCodes:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import secrets
 from pathlib import Path
 
 import pytest
-import yaml
 
 from broker import __version__
 from broker.cli import build_parser, main
+from tests.support import config
+from tests.support.config import AUTHORIZATION_CODE, MEMORY_STORE, REDIS_STORE
 
 CLIENT_SECRET = "table-client-secret-" + secrets.token_hex(8)
 
@@ -30,34 +30,15 @@ def write_config(
     directory: Path, *, store: str = "redis", client_key: str | None = None, grant: str = "cc"
 ) -> Path:
     """A config in `directory`: redis or memory store, a client_credentials or an auth-code app."""
-    (directory / "app.secret").write_text(CLIENT_SECRET)
-    (directory / "client.key").write_text(client_key or secrets.token_urlsafe(32))
-    (directory / "store.key").write_text(
-        f"k1 {base64.b64encode(secrets.token_bytes(32)).decode()}\n"
+    files = {"app.secret": CLIENT_SECRET}
+    if client_key is not None:
+        files["client.key"] = client_key
+    return config.write_config(
+        directory,
+        app=AUTHORIZATION_CODE if grant == "ac" else None,
+        store=REDIS_STORE if store == "redis" else MEMORY_STORE,
+        files=files,
     )
-    app: dict[str, object] = {
-        "token_url": "https://oauth.twilio.com/v2/token",
-        "client_id": "OQ123",
-        "client_secret_file": "app.secret",
-    }
-    if grant == "ac":
-        app.update(
-            grant_type="authorization_code",
-            authorize_url="https://oauth.twilio.com/v2/authorize",
-            redirect_uri="https://example.com/token",
-        )
-    document = {
-        "store": (
-            {"url": "redis://127.0.0.1:6379/0", "encryption_key_file": "store.key"}
-            if store == "redis"
-            else {"url": "memory://"}
-        ),
-        "apps": {"twilio": app},
-        "clients": {"billing": {"key_file": "client.key", "apps": ["twilio"]}},
-    }
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
 
 
 # (case id, argv with {config} / {memory_ac} / {placeholder} filled in, exit code, stream, text)

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from broker.config import load_config, parse_duration, redact_url, summarize
 from broker.errors import ConfigError
 from broker.model import ClientAuth, GrantType
+from tests.support.config import config_document, write_document, write_secrets
 
 SECRET = "s3cret-value-0123456789-abcdefghij"
 CLIENT_KEY = "client-key-0123456789-abcdefghijklmnop"
@@ -20,29 +20,20 @@ STORE_KEY = base64.b64encode(b"K" * 32).decode()
 
 
 def valid(tmp_path: Path) -> dict[str, Any]:
-    (tmp_path / "secret").write_text(SECRET + "\n")
-    (tmp_path / "client.key").write_text(CLIENT_KEY)
-    (tmp_path / "store.key").write_text(f"k1 {STORE_KEY}\n")
-    return {
-        "server": {"listen": "127.0.0.1:8411", "metrics_listen": "0.0.0.0:9411"},
-        "store": {"url": "redis://127.0.0.1:6379/0", "encryption_key_file": "store.key"},
-        "apps": {
-            "twilio": {
-                "token_url": "https://oauth.twilio.com/v2/token",
-                "client_id": "OQ123",
-                "client_secret_file": "secret",
-                "scopes": ["a", "b"],
-                "refresh": {"min_remaining": "2m", "jitter": 0.1},
-            }
+    write_secrets(
+        tmp_path, {"secret": SECRET, "client.key": CLIENT_KEY, "store.key": f"k1 {STORE_KEY}"}
+    )
+    return config_document(
+        app={
+            "client_secret_file": "secret",
+            "scopes": ["a", "b"],
+            "refresh": {"min_remaining": "2m", "jitter": 0.1},
         },
-        "clients": {"billing": {"key_file": "client.key", "apps": ["twilio"]}},
-    }
+        server={"listen": "127.0.0.1:8411", "metrics_listen": "0.0.0.0:9411"},
+    )
 
 
-def write(tmp_path: Path, data: object) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
-    return path
+write = write_document
 
 
 class TestValidConfig:

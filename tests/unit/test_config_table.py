@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from broker.config import load_config, parse_config, parse_duration, redact_url, summarize
 from broker.errors import ConfigError
@@ -22,6 +21,7 @@ from broker.model import (
     ServerSpec,
     StoreSpec,
 )
+from tests.support.config import write_document
 
 CLIENT_SECRET = "twilio-client-secret-0123456789abcdef"
 CLIENT_KEY = "billing-client-key-" + "k" * 30
@@ -58,11 +58,7 @@ def minimal_document() -> Document:
     }
 
 
-def write_config(directory: Path, document: object) -> Path:
-    """`document` as config.yaml in `directory`."""
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
+write_config = write_document
 
 
 class TestLoadConfig:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from broker.config import config_warnings, estimated_bits, load_config
+from tests.support.config import write_config
 
 # The values the Helm chart ships in values.yaml.
 CHART_CLIENT_KEY = "PLACEHOLDER-client-key-for-billing-make-it-random"
@@ -21,28 +21,7 @@ CHART_CLIENT_ID = "PLACEHOLDER-twilio-client-id"
 
 def write(directory: Path, files: dict[str, str], app: dict[str, Any] | None = None) -> Path:
     """A redis-store config reading `files` (name -> content) from `directory`."""
-    defaults = {
-        "app.secret": secrets.token_urlsafe(24),
-        "client.key": secrets.token_urlsafe(32),
-        "store.key": f"k1 {base64.b64encode(secrets.token_bytes(32)).decode()}",
-    }
-    for name, text in {**defaults, **files}.items():
-        (directory / name).write_text(text + "\n")
-    document = {
-        "store": {"url": "redis://r:6379/0", "encryption_key_file": "store.key"},
-        "apps": {
-            "twilio": {
-                "token_url": "https://oauth.twilio.com/v2/token",
-                "client_id": "OQ123",
-                "client_secret_file": "app.secret",
-                **(app or {}),
-            }
-        },
-        "clients": {"billing": {"key_file": "client.key", "apps": ["twilio"]}},
-    }
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
+    return write_config(directory, app=app, files=files)
 
 
 class TestConfigWarnings:

@@ -13,46 +13,19 @@ from broker.model import TokenSet
 from broker.store import Notice
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
+from tests.support.fakes import FLEET_APP, CurrentSet, fleet_protocol, spendable_grant
 
-APP = "scim"
+APP = FLEET_APP
 
 
 def _grant(clock: FakeClock) -> TokenSet:
-    now = clock.time()
-    return TokenSet(
-        access_token="at-in-flight-1",
-        token_type="Bearer",
-        issued_at=now - 100,
-        expires_at=now + 20,
-        refresh_token="rt-in-flight",
-        lineage=1,
-        generation=2,
-    )
-
-
-class _Holder:
-    """The refresher's side: the current set, replaced by adoption."""
-
-    def __init__(self, token: TokenSet) -> None:
-        self.token: TokenSet | None = token
+    return spendable_grant(clock, "at-in-flight-1", "rt-in-flight")
 
 
 def _protocol(
-    store: MemoryStore, clock: FakeClock, owner: str, holder: _Holder, **timing: float
+    store: MemoryStore, clock: FakeClock, owner: str, holder: CurrentSet, **timing: float
 ) -> FleetProtocol:
-    def adopt(token: TokenSet) -> None:
-        holder.token = token
-
-    return FleetProtocol(
-        APP,
-        store,
-        clock,
-        owner=owner,
-        spends_refresh_tokens=True,
-        current=lambda: holder.token,
-        adopt=adopt,
-        timing=Timing(**timing),
-    )
+    return fleet_protocol(store, clock, holder, owner=owner, timing=Timing(**timing))
 
 
 def _fresh(clock: FakeClock) -> TokenSet:
@@ -77,7 +50,7 @@ async def test_the_spender_vetoes_another_spend_of_its_token_in_flight() -> None
     store = MemoryStore(clock)
     token = _grant(clock)
     await store.commit(APP, token)
-    spender = _protocol(store, clock, "r0", _Holder(token))
+    spender = _protocol(store, clock, "r0", CurrentSet(token))
     answer: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
 
     async def slow_fetch(refresh_token: str | None) -> TokenSet:
@@ -113,7 +86,7 @@ async def test_a_write_back_makes_spends_wait_the_long_objection_window_for_a_wh
     clock = FakeClock()
     store = MemoryStore(clock)
     token = _grant(clock)
-    protocol = _protocol(store, clock, "r1", _Holder(token), forgetful_for=60.0)
+    protocol = _protocol(store, clock, "r1", CurrentSet(token), forgetful_for=60.0)
     assert protocol.objection_window(10.0) == protocol.timing.objection
 
     assert await protocol.sync()  # the store is empty: our set is written back
@@ -132,7 +105,7 @@ async def test_the_long_objection_window_ends_with_the_first_set_newer_than_the_
     fleet of tokens shorter than the long window keeps serving after a store restart."""
     clock = FakeClock()
     store = MemoryStore(clock)
-    holder = _Holder(_grant(clock))
+    holder = CurrentSet(_grant(clock))
     protocol = _protocol(store, clock, "r1", holder, forgetful_for=60.0)
     assert await protocol.sync()  # written back: the store forgot
     assert protocol.objection_window(10.0) == protocol.timing.objection_idle
@@ -152,7 +125,7 @@ async def test_invalid_grant_for_a_sent_token_is_reuse_detected() -> None:
     store = MemoryStore(clock)
     token = _grant(clock)
     await store.commit(APP, token)
-    protocol = _protocol(store, clock, "r0", _Holder(token))
+    protocol = _protocol(store, clock, "r0", CurrentSet(token))
 
     async def refused(refresh_token: str | None) -> TokenSet:
         raise PermanentTokenError("invalid_grant", status=400, error="invalid_grant")
@@ -175,7 +148,7 @@ async def test_a_sent_request_is_awaited_past_its_lease_and_committed() -> None:
     store = MemoryStore(clock)
     token = _grant(clock)
     await store.commit(APP, token)
-    protocol = _protocol(store, clock, "r0", _Holder(token))
+    protocol = _protocol(store, clock, "r0", CurrentSet(token))
     cancelled = False
 
     async def slow_fetch(refresh_token: str | None) -> TokenSet:
@@ -207,7 +180,7 @@ async def test_a_sent_request_is_given_up_only_at_the_read_timeout() -> None:
     store = MemoryStore(clock)
     token = _grant(clock)
     await store.commit(APP, token)
-    protocol = _protocol(store, clock, "r0", _Holder(token), read_timeout=30.0)
+    protocol = _protocol(store, clock, "r0", CurrentSet(token), read_timeout=30.0)
     never: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
 
     async def silent(refresh_token: str | None) -> TokenSet:

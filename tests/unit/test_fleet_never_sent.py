@@ -13,8 +13,9 @@ from broker.model import TokenSet
 from broker.store import Notice
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
+from tests.support.fakes import FLEET_APP, CurrentSet, fleet_protocol, spendable_grant
 
-APP = "scim"
+APP = FLEET_APP
 
 
 class _AnswerLost(MemoryStore):
@@ -27,37 +28,11 @@ class _AnswerLost(MemoryStore):
 
 
 def _grant(clock: FakeClock) -> TokenSet:
-    now = clock.time()
-    return TokenSet(
-        access_token="at-never-sent-1",
-        token_type="Bearer",
-        issued_at=now - 100,
-        expires_at=now + 20,
-        refresh_token="rt-never-sent",
-        lineage=1,
-        generation=2,
-    )
-
-
-class _Holder:
-    def __init__(self, token: TokenSet) -> None:
-        self.token: TokenSet | None = token
-
-    def adopt(self, token: TokenSet) -> None:
-        self.token = token
+    return spendable_grant(clock, "at-never-sent-1", "rt-never-sent")
 
 
 def _protocol(store: MemoryStore, clock: FakeClock, owner: str, token: TokenSet) -> FleetProtocol:
-    holder = _Holder(token)
-    return FleetProtocol(
-        APP,
-        store,
-        clock,
-        owner=owner,
-        spends_refresh_tokens=True,
-        current=lambda: holder.token,
-        adopt=holder.adopt,
-    )
+    return fleet_protocol(store, clock, CurrentSet(token), owner=owner)
 
 
 async def _never_called(refresh_token: str | None) -> TokenSet:

@@ -8,33 +8,17 @@ from broker.model import TokenSet
 from broker.store import Notice, SpendStart
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
+from tests.support.fakes import FLEET_APP, CurrentSet, fleet_protocol, spendable_grant
 
-APP = "scim"
+APP = FLEET_APP
 
 
 def _grant(clock: FakeClock) -> TokenSet:
-    now = clock.time()
-    return TokenSet(
-        access_token="at-vetoed-1",
-        token_type="Bearer",
-        issued_at=now - 100,
-        expires_at=now - 40,
-        refresh_token="rt-spent-once",
-        lineage=1,
-        generation=2,
-    )
+    return spendable_grant(clock, "at-vetoed-1", "rt-spent-once", expires_in=-40)
 
 
 def _protocol(store: MemoryStore, clock: FakeClock, owner: str, token: TokenSet) -> FleetProtocol:
-    return FleetProtocol(
-        APP,
-        store,
-        clock,
-        owner=owner,
-        spends_refresh_tokens=True,
-        current=lambda: token,
-        adopt=lambda _: None,
-    )
+    return fleet_protocol(store, clock, CurrentSet(token, adopts=False), owner=owner)
 
 
 async def _announce(store: MemoryStore, owner: str, token: TokenSet) -> int:

@@ -7,8 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
+from tests.support import config
 from tests.support.broker_process import REPO_ROOT
 
 # Heavy modules a broker loads only when its config needs them. (`cryptography` itself is a
@@ -45,27 +44,15 @@ print(json.dumps([m for m in sys.argv[2:] if m in sys.modules]))
 
 def write_config(directory: Path, store_url: str) -> Path:
     """A config with one client_secret_post app and one client on `store_url`."""
-    (directory / "secret").write_text("app-secret-0123456789abcdef\n")
-    (directory / "client.key").write_text("c" * 40 + "\n")
-    (directory / "store.key").write_text("k1 MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n")
     store: dict[str, str] = {"url": store_url}
     if not store_url.startswith("memory://"):
         store["encryption_key_file"] = "store.key"
-    config = {
-        "server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
-        "store": store,
-        "apps": {
-            "app1": {
-                "token_url": "http://127.0.0.1:9/token",
-                "client_id": "id",
-                "client_secret_file": "secret",
-            }
-        },
-        "clients": {"svc": {"key_file": "client.key", "apps": ["app1"]}},
-    }
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return config.write_config(
+        directory,
+        app={"token_url": "http://127.0.0.1:9/token", "client_id": "id"},
+        store=store,
+        server={"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
+    )
 
 
 def imported_heavy_modules(config: Path) -> list[str]:

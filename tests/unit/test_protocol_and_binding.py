@@ -17,51 +17,27 @@ from broker.model import PROTOCOL_VERSION, AppSpec, GrantType, TokenSet
 from broker.store import Notice, bound_name, client_binding
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
+from tests.support.fakes import (
+    FLEET_APP,
+    CurrentSet,
+    FakeTokenSource,
+    fleet_protocol,
+    spendable_grant,
+)
 
-APP = "scim"
+APP = FLEET_APP
 NEWER = PROTOCOL_VERSION + 1
 
 
 def _grant(clock: FakeClock) -> TokenSet:
-    now = clock.time()
-    return TokenSet(
-        "at-version-1", "Bearer", now - 10, now + 50, None, "rt-version-1", lineage=1, generation=2
-    )
+    return spendable_grant(clock, "at-version-1", "rt-version-1", issued_ago=10, expires_in=50)
 
 
-class _Holder:
-    def __init__(self, token: TokenSet) -> None:
-        self.token: TokenSet | None = token
+def _protocol(store: MemoryStore, clock: FakeClock, holder: CurrentSet) -> FleetProtocol:
+    return fleet_protocol(store, clock, holder, timing=Timing(newer_protocol_for=300.0))
 
 
-def _protocol(store: MemoryStore, clock: FakeClock, holder: _Holder) -> FleetProtocol:
-    def adopt(token: TokenSet) -> None:
-        holder.token = token
-
-    return FleetProtocol(
-        APP,
-        store,
-        clock,
-        owner="r0",
-        spends_refresh_tokens=True,
-        current=lambda: holder.token,
-        adopt=adopt,
-        timing=Timing(newer_protocol_for=300.0),
-    )
-
-
-class _Source:
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.calls: list[str | None] = []
-
-    async def fetch(self, refresh_token: str | None) -> TokenSet:
-        self.calls.append(refresh_token)
-        now = self.clock.time()
-        return TokenSet("at-new", "Bearer", now, now + 60, None, "rt-new")
-
-
-async def _refresh(fleet: FleetProtocol, clock: FakeClock, source: _Source) -> object:
+async def _refresh(fleet: FleetProtocol, clock: FakeClock, source: FakeTokenSource) -> object:
     task = asyncio.ensure_future(
         fleet.refresh(source.fetch, is_due=lambda token: True, servable_left=40.0)
     )
@@ -80,11 +56,11 @@ class TestNewerProtocol:
         store = MemoryStore(clock)
         token = _grant(clock)
         await store.commit(APP, token)
-        fleet = _protocol(store, clock, _Holder(token))
+        fleet = _protocol(store, clock, CurrentSet(token))
         fleet.on_notice(
             Notice(APP, "spend", rank=(1, 2), refresh_fp="x", owner="r9", protocol=NEWER)
         )
-        source = _Source(clock)
+        source = FakeTokenSource(clock, rotate=True)
         outcome = await _refresh(fleet, clock, source)
         assert isinstance(outcome, Blocked)
         assert f"protocol version {NEWER}" in outcome.reason
@@ -98,10 +74,10 @@ class TestNewerProtocol:
         store = MemoryStore(clock)
         token = _grant(clock)
         await store.commit(APP, token)
-        fleet = _protocol(store, clock, _Holder(token))
+        fleet = _protocol(store, clock, CurrentSet(token))
         fleet.on_notice(Notice(APP, "token", rank=(0, 1), protocol=NEWER))
         await clock.advance(301.0)
-        source = _Source(clock)
+        source = FakeTokenSource(clock, rotate=True)
         outcome = await _refresh(fleet, clock, source)
         assert isinstance(outcome, Fetched)
         assert source.calls == ["rt-version-1"]
@@ -113,12 +89,12 @@ class TestNewerProtocol:
         store.protocol = NEWER
         await store.commit(APP, _grant(clock))
         store.protocol = PROTOCOL_VERSION
-        holder = _Holder(replace(_grant(clock), generation=1))
+        holder = CurrentSet(replace(_grant(clock), generation=1))
         fleet = _protocol(store, clock, holder)
         await fleet.sync()  # adopts the newer set (to serve it)
         assert holder.token is not None and holder.token.protocol == NEWER
         await clock.advance(1000.0)
-        source = _Source(clock)
+        source = FakeTokenSource(clock, rotate=True)
         outcome = await _refresh(fleet, clock, source)
         assert isinstance(outcome, Blocked)
         assert "stored by a replica of fleet protocol version" in outcome.reason
@@ -133,8 +109,8 @@ class TestNewerProtocol:
         store.protocol = NEWER
         await store.acquire_lease(APP, "r9", 5.0)
         store.protocol = PROTOCOL_VERSION
-        fleet = _protocol(store, clock, _Holder(token))
-        source = _Source(clock)
+        fleet = _protocol(store, clock, CurrentSet(token))
+        source = FakeTokenSource(clock, rotate=True)
         await _refresh(fleet, clock, source)  # busy
         await clock.advance(6.0)  # the newer replica's lease lapsed
         outcome = await _refresh(fleet, clock, source)
@@ -148,8 +124,8 @@ class TestNewerProtocol:
         store = MemoryStore(clock)
         token = _grant(clock)
         await store.commit(APP, token)
-        fleet = _protocol(store, clock, _Holder(token))
-        source = _Source(clock)
+        fleet = _protocol(store, clock, CurrentSet(token))
+        source = FakeTokenSource(clock, rotate=True)
         task = asyncio.ensure_future(
             fleet.refresh(source.fetch, is_due=lambda t: True, servable_left=40.0)
         )
@@ -175,10 +151,10 @@ class TestNewerProtocol:
         store = MemoryStore(clock)
         token = _grant(clock)
         await store.commit(APP, token)
-        fleet = _protocol(store, clock, _Holder(token))
+        fleet = _protocol(store, clock, CurrentSet(token))
         fleet.on_notice(Notice(APP, "token", rank=(0, 1), protocol=PROTOCOL_VERSION))
         fleet.on_notice(Notice.decode('{"app": "scim", "kind": "token"}') or Notice(APP, "x"))
-        source = _Source(clock)
+        source = FakeTokenSource(clock, rotate=True)
         assert isinstance(await _refresh(fleet, clock, source), Fetched)
 
 

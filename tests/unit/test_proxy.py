@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,11 @@ from broker.api.proxy import Upstreams, request_headers, response_headers, upstr
 from broker.api.server import api_server_options
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.metrics import Metrics
-from broker.model import AppSpec, AppState, ClientSpec, ProxySpec, TokenSet, UpstreamSpec
-from broker.service import AppStatus
+from broker.model import AppSpec, ClientSpec, ProxySpec, TokenSet, UpstreamSpec
 from tests.support.fake_clock import FakeClock
+from tests.support.fakes import NOW, FakeTokenService
 
 KEY = "p" * 20 + "-client-key-of-the-proxy-test"
-NOW = 1_700_000_000.0
 TOKEN_A = TokenSet("access-a-" + "a" * 30, "Bearer", NOW - 100, NOW + 3500)
 TOKEN_B = TokenSet("access-b-" + "b" * 30, "Bearer", NOW, NOW + 3600)
 
@@ -167,61 +166,6 @@ class TestHeaders:
 # ---- decisions, through the API ----------------------------------------------------------------
 
 
-class FakeService:
-    """Implements TokenService for one app; `force_refresh` answers as scripted."""
-
-    def __init__(self) -> None:
-        self.token: TokenSet = TOKEN_A
-        self.error: Exception | None = None
-        self.force_result: TokenSet | Exception = TOKEN_B
-        self.forced = 0
-        self.refused: list[TokenSet] = []
-        self.last_error: str | None = None
-
-    def app_names(self) -> Collection[str]:
-        return ("app1",)
-
-    def now(self) -> float:
-        return NOW
-
-    def cached_token(self, app: str, min_ttl: float = 0.0) -> TokenSet | None:
-        return None if self.error else self.token
-
-    def current_token(self, app: str) -> TokenSet | None:
-        return self.token
-
-    def remaining(self, app: str) -> float:
-        return self.token.expires_at - NOW
-
-    def servable_until(self, app: str) -> float:
-        return float("-inf") if self.error else float("inf")
-
-    async def get_token(self, app: str, min_ttl: float = 0.0) -> TokenSet:
-        if self.error is not None:
-            raise self.error
-        return self.token
-
-    async def force_refresh(self, app: str) -> TokenSet:
-        self.forced += 1
-        if isinstance(self.force_result, Exception):
-            raise self.force_result
-        self.token = self.force_result
-        return self.token
-
-    async def token_refused(self, app: str, token: TokenSet) -> TokenSet:
-        self.refused.append(token)
-        return await self.force_refresh(app)
-
-    def status(self, app: str) -> AppStatus:
-        return AppStatus(app, AppState.FRESH, self.token.expires_at, NOW, self.last_error)
-
-    def unready_apps(self) -> list[str]:
-        return []
-
-    def app_ready(self, app: str) -> bool:
-        return True
-
-
 class Upstream:
     """A plain-HTTP upstream on loopback: accepts only TOKEN_B unless told to accept any."""
 
@@ -244,8 +188,11 @@ class Upstream:
 
 
 @pytest.fixture
-def service() -> FakeService:
-    return FakeService()
+def service() -> FakeTokenService:
+    """app1 with TOKEN_A; a forced refresh installs TOKEN_B."""
+    service = FakeTokenService({"app1": TOKEN_A})
+    service.script_refresh("app1", TOKEN_B)
+    return service
 
 
 @pytest.fixture
@@ -272,7 +219,7 @@ Make = Callable[..., Awaitable[TestClient[Any, Any]]]
 @pytest.fixture
 async def make_api(
     aiohttp_client: ClientFactory,
-    service: FakeService,
+    service: FakeTokenService,
     metrics: Metrics,
     upstream_server: tuple[Upstream, TestServer],
     tmp_path: Path,
@@ -314,7 +261,7 @@ class TestRetryDecisions:
     async def test_a_401_is_retried_once_with_the_refreshed_token(
         self,
         make_api: Make,
-        service: FakeService,
+        service: FakeTokenService,
         upstream_server: tuple[Upstream, TestServer],
         metrics: Metrics,
     ) -> None:
@@ -334,7 +281,7 @@ class TestRetryDecisions:
     async def test_the_statuses_that_purge_are_configurable(
         self,
         make_api: Make,
-        service: FakeService,
+        service: FakeTokenService,
         upstream_server: tuple[Upstream, TestServer],
     ) -> None:
         """With refresh_on_status [403], a 403 purges and retries; a 401 goes back as it is."""
@@ -343,7 +290,7 @@ class TestRetryDecisions:
         upstream.reject_status = 403
         assert (await api.get("/v1/proxy/app1/x", headers=AUTH)).status == 200
         assert service.refused == [TOKEN_A]
-        service.token = TOKEN_A
+        service.tokens["app1"] = TOKEN_A
         upstream.reject_status = 401
         assert (await api.get("/v1/proxy/app1/x", headers=AUTH)).status == 401
         assert service.refused == [TOKEN_A]
@@ -352,7 +299,7 @@ class TestRetryDecisions:
     async def test_a_chunked_body_within_the_buffer_is_replayed(
         self,
         make_api: Make,
-        service: FakeService,
+        service: FakeTokenService,
         upstream_server: tuple[Upstream, TestServer],
     ) -> None:
         """A body without Content-Length but under max_buffered_body can still be retried."""
@@ -378,14 +325,14 @@ class TestRetryDecisions:
     async def test_a_401_goes_back_when_no_new_token_can_be_had(
         self,
         make_api: Make,
-        service: FakeService,
+        service: FakeTokenService,
         upstream_server: tuple[Upstream, TestServer],
         metrics: Metrics,
         force_result: TokenSet | Exception,
         reason: str,
     ) -> None:
         """Rate-limited refresh or the same token back: the upstream's 401, not retried."""
-        service.force_result = force_result
+        service.script_refresh("app1", force_result)
         api = await make_api()
         response = await api.get("/v1/proxy/app1/x", headers=AUTH)
         assert response.status == 401
@@ -396,12 +343,12 @@ class TestRetryDecisions:
     async def test_a_failed_refresh_after_a_401_answers_503(
         self,
         make_api: Make,
-        service: FakeService,
+        service: FakeTokenService,
         upstream_server: tuple[Upstream, TestServer],
         metrics: Metrics,
     ) -> None:
         """The token was rejected and no new one exists: 503 token_unavailable, fail closed."""
-        service.force_result = TokenUnavailable("down", retry_after=7)
+        service.script_refresh("app1", TokenUnavailable("down", retry_after=7))
         api = await make_api()
         response = await api.get("/v1/proxy/app1/x", headers=AUTH)
         assert response.status == 503
@@ -412,7 +359,7 @@ class TestRetryDecisions:
     async def test_retry_on_401_false_passes_the_401_back(
         self,
         make_api: Make,
-        service: FakeService,
+        service: FakeTokenService,
         upstream_server: tuple[Upstream, TestServer],
     ) -> None:
         """With retry_on_401 off, no refresh is forced."""
@@ -433,14 +380,14 @@ class TestFailClosedAndLimits:
     async def test_no_servable_token_forwards_nothing(
         self,
         make_api: Make,
-        service: FakeService,
+        service: FakeTokenService,
         upstream_server: tuple[Upstream, TestServer],
         error: Exception,
         status: int,
         code: str,
     ) -> None:
         """Without a servable token the contract's error comes back and the upstream sees nothing."""
-        service.error = error
+        service.errors["app1"] = error
         api = await make_api()
         response = await api.get("/v1/proxy/app1/x", headers=AUTH)
         assert response.status == status
@@ -457,13 +404,13 @@ class TestFailClosedAndLimits:
     async def test_no_servable_token_says_why_as_the_token_route_does(
         self,
         make_api: Make,
-        service: FakeService,
+        service: FakeTokenService,
         error: Exception,
         expected: tuple[str, ...],
     ) -> None:
         """The proxy's 503/409 carries the app's last error, word for word the token route's."""
-        service.error = error
-        service.last_error = "transient: token endpoint answered 503"
+        service.errors["app1"] = error
+        service.last_errors["app1"] = "transient: token endpoint answered 503"
         api = await make_api()
         proxied = await (await api.get("/v1/proxy/app1/x", headers=AUTH)).json()
         direct = await (await api.get("/v1/token/app1", headers=AUTH)).json()
@@ -473,11 +420,11 @@ class TestFailClosedAndLimits:
             assert text in proxied["message"]
 
     async def test_a_failed_refresh_after_a_401_says_why(
-        self, make_api: Make, service: FakeService
+        self, make_api: Make, service: FakeTokenService
     ) -> None:
         """The 503 after a rejected token and a failed refresh names the app's last error."""
-        service.force_result = TokenUnavailable("down", retry_after=7)
-        service.last_error = "transient: connection refused"
+        service.script_refresh("app1", TokenUnavailable("down", retry_after=7))
+        service.last_errors["app1"] = "transient: connection refused"
         api = await make_api()
         body = await (await api.get("/v1/proxy/app1/x", headers=AUTH)).json()
         assert body["error"] == "token_unavailable"
@@ -571,7 +518,7 @@ class TestFailClosedAndLimits:
     async def test_an_app_without_a_proxy_answers_404(
         self,
         aiohttp_client: ClientFactory,
-        service: FakeService,
+        service: FakeTokenService,
         metrics: Metrics,
         tmp_path: Path,
     ) -> None:
@@ -624,7 +571,7 @@ class TestRelay:
     async def test_an_answer_cut_short_upstream_cuts_the_callers_connection(
         self,
         aiohttp_client: ClientFactory,
-        service: FakeService,
+        service: FakeTokenService,
         metrics: Metrics,
         tmp_path: Path,
         declared: int,

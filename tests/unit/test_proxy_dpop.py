@@ -22,7 +22,8 @@ from broker.metrics import Metrics
 from broker.model import AppSpec, ClientSpec, DpopAlgorithm, ProxySpec, TokenSet
 from tests.support.dpop import DpopVerifier, InvalidProof
 from tests.support.fake_clock import FakeClock
-from tests.unit.test_proxy import KEY, NOW, ClientFactory, FakeService
+from tests.support.fakes import NOW, FakeTokenService
+from tests.unit.test_proxy import KEY, ClientFactory
 
 KEY_ONE = ProofKey(generate_key(DpopAlgorithm.ES256), DpopAlgorithm.ES256)
 BOUND = TokenSet("bound-access-" + "d" * 30, "DPoP", NOW - 100, NOW + 3500, dpop_jkt=KEY_ONE.jkt)
@@ -79,10 +80,9 @@ def metrics() -> Metrics:
 
 
 @pytest.fixture
-def service() -> FakeService:
-    service = FakeService()
-    service.token = BOUND
-    service.force_result = BOUND
+def service() -> FakeTokenService:
+    service = FakeTokenService({"app1": BOUND})
+    service.script_refresh("app1", BOUND)
     return service
 
 
@@ -109,7 +109,7 @@ class ListenerClient:
 async def api(
     request: pytest.FixtureRequest,
     aiohttp_client: ClientFactory,
-    service: FakeService,
+    service: FakeTokenService,
     metrics: Metrics,
     upstream: VerifyingUpstream,
     dpop: dict[str, AppDpop],
@@ -158,14 +158,14 @@ class TestProofPerRequest:
         assert {auth for auth, _ in upstream.seen} == {f"DPoP {BOUND.access_token}"}
 
     async def test_a_bearer_set_goes_as_bearer(
-        self, api: TestClient[Any, Any], upstream: VerifyingUpstream, service: FakeService
+        self, api: TestClient[Any, Any], upstream: VerifyingUpstream, service: FakeTokenService
     ) -> None:
         """A token the server did not bind: Authorization: Bearer, no DPoP header."""
-        service.token = service.force_result = TokenSet(
-            "plain-" + "p" * 30, "Bearer", NOW, NOW + 60
-        )
+        plain = TokenSet("plain-" + "p" * 30, "Bearer", NOW, NOW + 60)
+        service.tokens["app1"] = plain
+        service.script_refresh("app1", plain)
         await api.get("/v1/proxy/app1/v1/items", headers=AUTH)
-        assert upstream.seen[0] == (f"Bearer {service.token.access_token}", None)
+        assert upstream.seen[0] == (f"Bearer {service.tokens['app1'].access_token}", None)
 
     async def test_a_missing_key_forwards_nothing(
         self, api: TestClient[Any, Any], upstream: VerifyingUpstream, dpop: dict[str, AppDpop]
@@ -203,7 +203,7 @@ class TestNonceChallenge:
         assert len(upstream.seen) == 1 and nonce_retries(metrics) == 0
 
     async def test_a_refused_nonce_is_not_retried_again(
-        self, api: TestClient[Any, Any], upstream: VerifyingUpstream, service: FakeService
+        self, api: TestClient[Any, Any], upstream: VerifyingUpstream, service: FakeTokenService
     ) -> None:
         """A server that challenges with the nonce just sent is not asked a third time; the
         401 rule then forces one refresh (the same token here: passed back)."""

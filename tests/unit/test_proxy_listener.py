@@ -4,7 +4,7 @@ The decisions it shares with the API's proxy route (auth, paths, retries, errors
 by tests/integration/test_proxy*.py on both data paths; here are the parts that are its own:
 framing in both directions, pipelining, the parser's limits, the pool's stale connections and
 a caller that goes away. The caller and the upstream are raw sockets on loopback, so every
-byte is the test's; the token service is tests/unit/test_proxy.py's fake.
+byte is the test's; the token service is tests/support/fakes.py's fake.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from broker.api.proxy_listener import ProxyListener
 from broker.metrics import Metrics
 from broker.model import AppSpec, ClientSpec, ProxySpec
 from tests.support.fake_clock import FakeClock
-from tests.unit.test_proxy import KEY, TOKEN_A, FakeService
+from tests.support.fakes import FakeTokenService
+from tests.unit.test_proxy import KEY, TOKEN_A
 
 AUTH = f"Authorization: Bearer {KEY}\r\n"
 Handler = Callable[["Exchange"], Awaitable[None]]
@@ -116,7 +117,7 @@ class Proxy:
 
     listener: ProxyListener
     port: int
-    service: FakeService
+    service: FakeTokenService
     metrics: Metrics
     clock: FakeClock
 
@@ -135,7 +136,7 @@ async def proxy(upstream: ScriptedUpstream, tmp_path: Path) -> AsyncIterator[Pro
         max_buffered_body=1024,
     )
     upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
-    service = FakeService()
+    service = FakeTokenService({"app1": TOKEN_A})
     metrics = Metrics()
     clock = FakeClock()
     listener = build_proxy_listener(

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from broker.app import Broker, build_broker, reload_config
 from broker.config import load_config
@@ -17,6 +16,7 @@ from broker.model import TokenSet
 from broker.store import SpendStart
 from broker.store.memory import MemoryStore, _Spend
 from tests.support.broker_process import BrokerFiles
+from tests.support.config import Document, edit_config
 
 STORED = TokenSet("at-1", "Bearer", 0.0, 3600.0, None, "rt-1", lineage=1, generation=4)
 
@@ -35,14 +35,15 @@ async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
 
 def edit(broker: Broker, path: Path, **app1: Any) -> Path:
     """Change app1's settings in the config file."""
-    config = yaml.safe_load(path.read_text())
-    for key, value in app1.items():
-        if key == "refresh":
-            config["apps"]["app1"]["refresh"].update(value)
-        else:
-            config["apps"]["app1"][key] = value
-    path.write_text(yaml.safe_dump(config))
-    return path
+
+    def change(config: Document) -> None:
+        for key, value in app1.items():
+            if key == "refresh":
+                config["apps"]["app1"]["refresh"].update(value)
+            else:
+                config["apps"]["app1"][key] = value
+
+    return edit_config(path, change)
 
 
 class TestReloadOfAChangedApp:

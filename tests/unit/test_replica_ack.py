@@ -7,50 +7,25 @@ from pathlib import Path
 
 import pytest
 import structlog.testing
-import yaml
 
 from broker.config import load_config, summarize
 from broker.errors import ConfigError, NotDurable
 from broker.fleet import Blocked, Fetched, FleetProtocol, Timing
 from broker.model import TokenSet
 from broker.store.memory import MemoryStore
+from tests.support.config import write_config
 from tests.support.fake_clock import FakeClock
+from tests.support.fakes import FLEET_APP, CurrentSet, fleet_protocol, spendable_grant
 
-APP = "scim"
+APP = FLEET_APP
 
 
 def _grant(clock: FakeClock) -> TokenSet:
-    now = clock.time()
-    return TokenSet(
-        access_token="at-ack-1",
-        token_type="Bearer",
-        issued_at=now - 100,
-        expires_at=now + 20,
-        refresh_token="rt-ack-1",
-        lineage=1,
-        generation=2,
-    )
+    return spendable_grant(clock, "at-ack-1", "rt-ack-1")
 
 
-class _Holder:
-    def __init__(self, token: TokenSet) -> None:
-        self.token: TokenSet | None = token
-
-
-def _protocol(store: MemoryStore, clock: FakeClock, holder: _Holder) -> FleetProtocol:
-    def adopt(token: TokenSet) -> None:
-        holder.token = token
-
-    return FleetProtocol(
-        APP,
-        store,
-        clock,
-        owner="r0",
-        spends_refresh_tokens=True,
-        current=lambda: holder.token,
-        adopt=adopt,
-        timing=Timing(objection=0.0),
-    )
+def _protocol(store: MemoryStore, clock: FakeClock, holder: CurrentSet) -> FleetProtocol:
+    return fleet_protocol(store, clock, holder, timing=Timing(objection=0.0))
 
 
 class TestSpendWithoutAcknowledgement:
@@ -64,7 +39,7 @@ class TestSpendWithoutAcknowledgement:
         store.replicas_acknowledge = False
         token = _grant(fake_clock)
         await store.commit(APP, token)
-        protocol = _protocol(store, fake_clock, _Holder(token))
+        protocol = _protocol(store, fake_clock, CurrentSet(token))
         presented: list[str | None] = []
 
         async def fetch(refresh_token: str | None) -> TokenSet:
@@ -91,7 +66,7 @@ class TestSpendWithoutAcknowledgement:
         store.replicas_acknowledge = False
         token = _grant(fake_clock)
         await store.commit(APP, token)
-        holder = _Holder(token)
+        holder = CurrentSet(token)
         protocol = _protocol(store, fake_clock, holder)
         presented: list[str | None] = []
 
@@ -124,26 +99,10 @@ class TestSpendWithoutAcknowledgement:
 
 
 def _config(tmp_path: Path, url: str, **store: object) -> Path:
-    (tmp_path / "secret").write_text("s3cr3t-value-long-enough\n")
-    (tmp_path / "client.key").write_text("k" * 40 + "\n")
-    (tmp_path / "store.key").write_text("k1 MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n")
     section: dict[str, object] = {"url": url, **store}
     if not url.startswith("memory://"):
         section["encryption_key_file"] = "store.key"
-    document = {
-        "store": section,
-        "apps": {
-            "app": {
-                "token_url": "https://idp.example/token",
-                "client_id": "c",
-                "client_secret_file": "secret",
-            }
-        },
-        "clients": {"svc": {"key_file": "client.key", "apps": ["app"]}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
+    return write_config(tmp_path, store=section)
 
 
 class TestConfig:

@@ -16,35 +16,23 @@ from broker.model import AppSpec, GrantType, RefreshPolicy, TokenSet
 from broker.refresher import AppRefresher, drain_bound
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
-from tests.support.fakes import FakeTokenSource
+from tests.support.fakes import (
+    FLEET_APP,
+    CurrentSet,
+    FakeTokenSource,
+    fleet_protocol,
+    spendable_grant,
+)
 
-APP = "scim"
+APP = FLEET_APP
 
 
 def _grant(clock: FakeClock, *, expires_in: float = 20.0) -> TokenSet:
-    now = clock.time()
-    return TokenSet(
-        access_token="at-stopping-1",
-        token_type="Bearer",
-        issued_at=now - 100,
-        expires_at=now + expires_in,
-        refresh_token="rt-stopping",
-        lineage=1,
-        generation=2,
-    )
+    return spendable_grant(clock, "at-stopping-1", "rt-stopping", expires_in=expires_in)
 
 
 def _protocol(store: MemoryStore, clock: FakeClock, token: TokenSet) -> FleetProtocol:
-    return FleetProtocol(
-        APP,
-        store,
-        clock,
-        owner="r0",
-        spends_refresh_tokens=True,
-        current=lambda: token,
-        adopt=lambda _: None,
-        timing=Timing(),
-    )
+    return fleet_protocol(store, clock, CurrentSet(token, adopts=False), timing=Timing())
 
 
 async def _advance_until(

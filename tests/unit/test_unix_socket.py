@@ -23,7 +23,7 @@ from broker.errors import ConfigError, TokenUnavailable
 from broker.metrics import Metrics
 from broker.model import ClientSpec, ServerSpec
 from tests.support.fake_clock import FakeClock
-from tests.unit.test_api import ClientFactory, FakeService
+from tests.unit.test_api import ClientFactory, fake_service
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ class TestPeerIdentityNeverOnTcp:
         auth = ClientAuthenticator({"me": ClientSpec("me", ("app1",), uids=(os.geteuid(),))})
         handler = build_api(
             ApiDependencies(
-                FakeService(), auth, Metrics(), FakeClock(), peer_identity=peer_identity
+                fake_service(), auth, Metrics(), FakeClock(), peer_identity=peer_identity
             )
         )
         client: TestClient[Any, Any] = await aiohttp_client(
@@ -175,7 +175,7 @@ class TestErrorMessagesOnTheSocket:
         self, sock_path: Path
     ) -> None:
         """Over the socket, unknown_app lists the uid's client's apps and 503 names the last error."""
-        service = FakeService()
+        service = fake_service()
         service.errors["app1"] = TokenUnavailable("x", retry_after=2)
         service.last_errors["app1"] = "transient: token endpoint answered 503"
         auth = ClientAuthenticator({"me": ClientSpec("me", ("app1",), uids=(os.geteuid(),))})
