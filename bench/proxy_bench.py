@@ -12,7 +12,11 @@ One run starts, as separate processes on this machine:
   kept-alive TLS pool with a static `Authorization: Bearer <the app's token>` header: the floor
   for "a proxy that adds a header";
 - `broker`: `token-broker serve` of this tree, whose app `bench` proxies to the same upstream
-  (`/v1/proxy/bench/...`), on uvloop (`--loop asyncio` for asyncio's loop);
+  (`/v1/proxy/bench/...`) on the API's proxy route (aiohttp's server and client), on uvloop
+  (`--loop asyncio` for asyncio's loop);
+- `listener`: the same broker process's proxy listener (`server.proxy_listen`, the lean data
+  path of broker/api/proxy_listener.py: asyncio protocols and httptools), same app, same pool
+  settings: the before (`broker`) and after (`listener`) of one process in one run;
 - `aiohttp`: the floor of the broker's own stack, a bare aiohttp `web.Server` whose one
   handler sends the request upstream through one `ClientSession` (the same pool settings as
   the broker's) with the static header and answers the body read whole: what the broker costs
@@ -264,14 +268,18 @@ def start_nginx(workdir: Path, name: str, server: str, core: str) -> subprocess.
 
 
 def write_broker_config(directory: Path, oauth_port: int, upstream_port: int, tree: Path) -> Path:
-    """A serve config: app `bench` against the OAuth child, proxied to the upstream."""
+    """A serve config: app `bench` against the OAuth child, proxied to the upstream (and a
+    proxy listener when the tree has one)."""
     (directory / "secret").write_text(SECRET)
     (directory / "client.key").write_text(CLIENT_KEY)
+    server = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "metrics_listen": f"127.0.0.1:{free_port()}",
+    }
+    if (tree / "broker" / "api" / "proxy_listener.py").exists():
+        server["proxy_listen"] = f"127.0.0.1:{free_port()}"
     config = {
-        "server": {
-            "listen": f"127.0.0.1:{free_port()}",
-            "metrics_listen": f"127.0.0.1:{free_port()}",
-        },
+        "server": server,
         "store": {"url": "memory://"},
         "apps": {
             "bench": {
@@ -300,8 +308,9 @@ def write_broker_config(directory: Path, oauth_port: int, upstream_port: int, tr
 
 def start_broker(
     workdir: Path, name: str, tree: Path, loop: str, oauth_port: int, upstream_port: int
-) -> tuple[subprocess.Popen[bytes], str]:
-    """`token-broker serve` from source `tree`, pinned to the proxy core; returns it and its API."""
+) -> tuple[subprocess.Popen[bytes], str, str | None]:
+    """`token-broker serve` from source `tree`, pinned to the proxy core; returns it, its API
+    and its proxy listener (None for a tree without one)."""
     directory = workdir / name
     directory.mkdir()
     config = write_broker_config(directory, oauth_port, upstream_port, tree)
@@ -320,7 +329,8 @@ def start_broker(
         stop(process)
         log = (directory / "serve.log").read_text()[-2000:]
         raise RuntimeError(f"the {name} broker did not get ready; its log ends:\n{log}") from None
-    return process, f"http://{server['listen']}"
+    listener = server.get("proxy_listen")
+    return process, f"http://{server['listen']}", f"http://{listener}" if listener else None
 
 
 def fetch_token(api: str) -> str:
@@ -357,12 +367,23 @@ def measure(
         targets: list[Target] = []
         token = ""
         for name, tree in brokers:
-            process, api = start_broker(workdir, name, tree, args.loop, oauth_port, upstream_port)
+            process, api, listener = start_broker(
+                workdir, name, tree, args.loop, oauth_port, upstream_port
+            )
             processes.append(process)
             token = fetch_token(api)
             targets.append(
                 Target(name, f"{api}/v1/proxy/bench/v1/items/1", f"Bearer {CLIENT_KEY}", process)
             )
+            if listener is not None:
+                targets.append(
+                    Target(
+                        "listener" if name == "broker" else f"{name}-listener",
+                        f"{listener}/v1/proxy/bench/v1/items/1",
+                        f"Bearer {CLIENT_KEY}",
+                        process,
+                    )
+                )
         bare_port = free_port()
         bare = subprocess.Popen(
             [

@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from broker import tracing
-from broker.api import ApiDependencies, build_api
+from broker.api import ApiDependencies, build_api, build_proxy_listener, serve_proxy
 from broker.api.auth import ClientAuthenticator
 from broker.api.health import build_metrics_app
 from broker.api.proxy import Upstreams
@@ -43,6 +43,7 @@ from broker.store.facts import StoreInspector
 from broker.store.memory import MemoryStore
 
 if TYPE_CHECKING:
+    from broker.api.proxy_listener import ProxyListener
     from broker.dpop import AppDpop
 
 log = get_logger(__name__)
@@ -102,6 +103,10 @@ class Broker:
     dpop: dict[str, AppDpop] = field(default_factory=dict)
     api_runner: web.ServerRunner | None = None
     api_socket: UnixListener | None = None
+    # The proxy listener (`server.proxy_listen`), its unix socket and addresses.
+    proxy_listener: ProxyListener | None = None
+    proxy_socket: UnixListener | None = None
+    proxy_addresses: list[str] = field(default_factory=list)
     metrics_runner: web.AppRunner | None = None
     api_addresses: list[str] = field(default_factory=list)
     metrics_addresses: list[str] = field(default_factory=list)
@@ -361,20 +366,16 @@ async def start_listeners(broker: Broker) -> None:
     """Bind the local API (TCP, or a unix socket with peer identity) and the metrics listener;
     ListenError names the setting that failed."""
     server = broker.config.server
-    api = web.Server(
-        build_api(
-            ApiDependencies(
-                service=broker.core,
-                authenticator=broker.authenticator,
-                metrics=broker.metrics,
-                clock=broker.clock,
-                upstreams=broker.upstreams,
-                peer_identity=server.unix_path is not None,
-                dpop=broker.dpop,
-            )
-        ),
-        **api_server_options(),
+    deps = ApiDependencies(
+        service=broker.core,
+        authenticator=broker.authenticator,
+        metrics=broker.metrics,
+        clock=broker.clock,
+        upstreams=broker.upstreams,
+        peer_identity=server.unix_path is not None,
+        dpop=broker.dpop,
     )
+    api = web.Server(build_api(deps), **api_server_options())
     broker.api_runner = web.ServerRunner(api, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
     await broker.api_runner.setup()
     api_runner = broker.api_runner
@@ -387,6 +388,8 @@ async def start_listeners(broker: Broker) -> None:
 
     await _bind("server.listen", server.listen, api_site)
     broker.api_addresses = _addresses(broker.api_runner)
+    if server.proxy_listen is not None:
+        await _start_proxy_listener(broker, deps)
 
     status = (lambda: fleet_status(broker)) if server.status_endpoint else None
     metrics_app = build_metrics_app(broker.core, broker.metrics, status=status)
@@ -401,6 +404,39 @@ async def start_listeners(broker: Broker) -> None:
         lambda: _tcp_site(metrics_runner, server.metrics_listen),
     )
     broker.metrics_addresses = _addresses(broker.metrics_runner)
+
+
+async def _start_proxy_listener(broker: Broker, deps: ApiDependencies) -> None:
+    """Bind `server.proxy_listen`: TCP, or a unix socket (with peer identity, the API's socket
+    mode and group)."""
+    server = broker.config.server
+    listen = server.proxy_listen
+    assert listen is not None
+    unix = server.proxy_unix_path is not None
+    listener = build_proxy_listener(replace(deps, peer_identity=unix))
+    broker.proxy_listener = listener
+    try:
+        if unix:
+            broker.proxy_socket = bind_unix_socket(replace(server, listen=listen))
+            await serve_proxy(listener, sock=broker.proxy_socket.sock)
+            broker.proxy_addresses = [listen]
+        else:
+            host, port = split_host_port(listen)
+            started = await serve_proxy(listener, host=host, port=port)
+            broker.proxy_addresses = _socket_addresses(started)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE and not unix:
+            reason += " (another process listens there; stop it or change the setting)"
+        raise ListenError("server.proxy_listen", listen, reason) from None
+
+
+def _socket_addresses(server: asyncio.Server) -> list[str]:
+    found = []
+    for sock in server.sockets:
+        host, port = sock.getsockname()[:2]
+        found.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
+    return found
 
 
 async def fleet_status(broker: Broker) -> dict[str, Any]:
@@ -445,11 +481,15 @@ async def shutdown(broker: Broker, core_task: asyncio.Task[None], *, started: bo
         log.info("broker.draining")
     if broker.api_socket is not None:
         broker.api_socket.remove()  # no new callers; in-flight requests finish below
+    if broker.proxy_socket is not None:
+        broker.proxy_socket.remove()
     # In-flight API requests and in-flight refreshes finish side by side; a refresh token that
     # was sent is answered and stored before the loops stop.
     cleanups = [broker.core.drain()]
     if broker.api_runner is not None:
         cleanups.append(broker.api_runner.cleanup())
+    if broker.proxy_listener is not None:
+        cleanups.append(broker.proxy_listener.close(SHUTDOWN_GRACE))
     await asyncio.gather(*cleanups)
     core_task.cancel()
     done, _ = await asyncio.wait({core_task}, timeout=CLOSE_TIMEOUT)
@@ -509,6 +549,7 @@ async def serve(
         log.info(
             "broker.started",
             api=broker.api_addresses,
+            **({"proxy": broker.proxy_addresses} if broker.proxy_addresses else {}),
             metrics=broker.metrics_addresses,
             apps=sorted(config.apps),
             store=_safe_store_name(config.store.url),

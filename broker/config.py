@@ -411,9 +411,28 @@ def _server(server: ServerSpec, m: Mapping[str, Any], bad: set[str]) -> tuple[Se
                 "localhost unless server.allow_non_loopback is true",
             )
         )
+    proxy_listen = server.proxy_listen
+    if (
+        proxy_listen is not None
+        and "proxy_listen" not in bad
+        and "allow_non_loopback" not in bad
+        and not server.allow_non_loopback
+        and not _is_loopback_listen(proxy_listen)
+    ):
+        found.append(
+            (
+                ".proxy_listen",
+                f"{proxy_listen} is not a loopback address; the proxy sends requests with the "
+                "apps' tokens and stays on localhost unless server.allow_non_loopback is true",
+            )
+        )
+    if proxy_listen is not None and proxy_listen in (server.listen, server.metrics_listen):
+        found.append((".proxy_listen", f"{proxy_listen} is already used by another listener"))
     given = sorted({"socket_mode", "socket_group"} & set(m))
-    if given and server.unix_path is None:
-        found.append((f".{given[0]}", "applies only when server.listen is unix:/path"))
+    if given and server.unix_path is None and server.proxy_unix_path is None:
+        found.append(
+            (f".{given[0]}", "applies only when server.listen or server.proxy_listen is unix:/path")
+        )
     return server, found
 
 
@@ -670,12 +689,14 @@ def _check_peer_identities(
         owner: dict[int, str] = {}
         for name, client in clients.items():
             ids: tuple[int, ...] = getattr(client, field)
-            if ids and server_known and server is not None and server.unix_path is None:
+            unix = server is not None and (server.unix_path or server.proxy_unix_path)
+            if ids and server_known and not unix:
                 found.append(
                     ConfigError(
                         f"clients.{name}.{field}",
-                        "peer identity works only over a unix socket: set server.listen to "
-                        "unix:/path (a TCP peer's address says nothing about who is calling)",
+                        "peer identity works only over a unix socket: set server.listen (or "
+                        "server.proxy_listen) to unix:/path (a TCP peer's address says nothing "
+                        "about who is calling)",
                     )
                 )
             for i, unix_id in enumerate(ids):

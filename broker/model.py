@@ -405,6 +405,14 @@ class ServerSpec:
     socket_group: Annotated[
         int | None, S.GROUP_ID.described("group (gid or name) of the API's unix socket")
     ] = None
+    # The proxy listener (broker/api/proxy_listener.py): the proxy's lean data path.
+    proxy_listen: Annotated[
+        str | None,
+        S.API_LISTEN.described(
+            "the proxy listener: host:port on loopback, or unix:/absolute/path; serves "
+            "/v1/proxy/... only, on a lean HTTP/1.1 path (default: none, the API serves the proxy)"
+        ),
+    ] = None
     # GET /v1/status on the metrics listener (broker/status.py): off unless asked for.
     status_endpoint: Annotated[
         bool,
@@ -418,6 +426,12 @@ class ServerSpec:
     def unix_path(self) -> str | None:
         """The API's unix socket path, or None when it listens on TCP."""
         return self.listen.removeprefix("unix:") if self.listen.startswith("unix:") else None
+
+    @property
+    def proxy_unix_path(self) -> str | None:
+        """The proxy listener's unix socket path, or None (TCP, or no proxy listener)."""
+        listen = self.proxy_listen
+        return listen.removeprefix("unix:") if listen and listen.startswith("unix:") else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,9 +21,10 @@ template without its regexes (`/v1/proxy/{app}/{path}`) is the route's `route` m
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.api.auth import ClientAuthenticator
 from broker.api.callers import Callers
@@ -35,6 +36,7 @@ from broker.metrics import Metrics
 from broker.service import TokenService
 
 if TYPE_CHECKING:
+    from broker.api.proxy_listener import ProxyListener
     from broker.dpop import AppDpop
 
 
@@ -62,3 +64,21 @@ def build_api(deps: ApiDependencies) -> ApiServer:
     proxy = Proxy(deps.service, deps.upstreams, deps.metrics, deps.dpop)
     routes = TokenRoutes(deps.service, callers, deps.clock, proxy, deps.dpop)
     return ApiServer(callers, routes, deps.metrics, deps.clock)
+
+
+def build_proxy_listener(deps: ApiDependencies) -> ProxyListener:
+    """The proxy listener (`server.proxy_listen`): the proxy route alone, on the lean data path
+    (broker/api/proxy_listener.py). Serve it with `proxy_listener.serve` inside the loop."""
+    # Imported here: httptools is loaded only by a broker with a proxy listener.
+    from broker.api.proxy_listener import ProxyListener
+
+    callers = Callers(deps.service, deps.authenticator, peer_identity=deps.peer_identity)
+    proxy = Proxy(deps.service, deps.upstreams, deps.metrics, deps.dpop)
+    return ProxyListener(proxy, deps.upstreams, callers, deps.metrics, deps.clock)
+
+
+async def serve_proxy(listener: ProxyListener, **where: Any) -> asyncio.Server:
+    """Start the proxy listener on `host`/`port` or a bound `sock`."""
+    from broker.api.proxy_listener import serve
+
+    return await serve(listener, **where)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
+from typing import Any
 
 from aiohttp import web
 
@@ -41,12 +43,19 @@ class Callers:
 
     def caller(self, request: web.BaseRequest) -> str:
         """The calling client's name (401 when the caller is no configured client)."""
-        authorization = request.headers.get("Authorization")
+        return self._caller(request.headers.get("Authorization"), request.transport, request)
+
+    def _caller(
+        self,
+        authorization: str | None,
+        transport: asyncio.BaseTransport | None,
+        labels: MutableMapping[Any, Any],
+    ) -> str:
         client = self.auth.identify(authorization)
         if client is None:
             if authorization is None and self._peers is not None:
                 # No key presented, on the unix socket: the kernel says who is calling.
-                peer = self._peers.of(request.transport)
+                peer = self._peers.of(transport)
                 client = None if peer is None else self.auth.identify_peer(*peer)
             if client is None:
                 raise ApiError(
@@ -55,7 +64,7 @@ class Callers:
                     unauthorized_message(authorization, peer_identity=self._peers is not None),
                     {"WWW-Authenticate": 'Bearer realm="token-broker"'},
                 )
-        request[CLIENT_LABEL] = client
+        labels[CLIENT_LABEL] = client
         return client
 
     def client_and_app(self, request: web.BaseRequest, app: str) -> tuple[str, str]:
@@ -66,22 +75,32 @@ class Callers:
         right one) instead of a SHA-256 and a comparison with every configured key. A caller
         identified by its peer credentials presented no key, so nothing is remembered for it.
         """
-        authorization = request.headers.get("Authorization")
+        return self.authorize(request.headers.get("Authorization"), request.transport, app, request)
+
+    def authorize(
+        self,
+        authorization: str | None,
+        transport: asyncio.BaseTransport | None,
+        app: str,
+        labels: MutableMapping[Any, Any],
+    ) -> tuple[str, str]:
+        """`client_and_app` for a request given by its parts (the proxy listener's): the
+        Authorization header, the connection, and where the metrics labels go."""
         if self._grants_generation != self.auth.generation:
             self._grants.clear()
             self._grants_generation = self.auth.generation
         client = self._grants.get((authorization, app)) if authorization else None
         if client is not None and app in self.service.app_names():
-            request[CLIENT_LABEL] = client
-            request[APP_LABEL] = app
+            labels[CLIENT_LABEL] = client
+            labels[APP_LABEL] = app
             return client, app
-        client = self.caller(request)
-        app = self._app_for(request, client, app)
+        client = self._caller(authorization, transport, labels)
+        app = self._app_for(labels, client, app)
         if authorization and len(self._grants) < MAX_GRANTS:
             self._grants[(authorization, app)] = client
         return client, app
 
-    def _app_for(self, request: web.BaseRequest, client: str, app: str) -> str:
+    def _app_for(self, labels: MutableMapping[Any, Any], client: str, app: str) -> str:
         if app not in self.service.app_names():
             usable = sorted(self.auth.apps_of(client) & set(self.service.app_names()))
             raise ApiError(
@@ -90,7 +109,7 @@ class Callers:
                 f"no app named {_quoted(app)} is configured; "
                 f"this client may use: {', '.join(usable) or 'no app'}",
             )
-        request[APP_LABEL] = app
+        labels[APP_LABEL] = app
         if not self.auth.allowed(client, app):
             raise ApiError(403, "forbidden", f"client {client} may not use app {app}")
         return app

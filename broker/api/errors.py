@@ -24,10 +24,15 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def error_body(exc: ApiError) -> bytes:
+    """The contract's JSON error body, encoded."""
+    return json.dumps({"error": exc.code, "message": exc.message}).encode()
+
+
 def error_response(exc: ApiError) -> web.Response:
-    """The contract's JSON error body."""
+    """The contract's JSON error answer."""
     return web.Response(
-        body=json.dumps({"error": exc.code, "message": exc.message}).encode(),
+        body=error_body(exc),
         status=exc.status,
         content_type="application/json",
         headers=exc.headers,

@@ -166,26 +166,29 @@ def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     if not values:
         return _NOTHING_LISTED
     if len(values) == 1:
-        return _listed_in(values[0])
-    return frozenset().union(*(_listed_in(value) for value in values))
+        return listed_in(values[0])
+    return frozenset().union(*(listed_in(value) for value in values))
 
 
 # Upstreams send the same `Connection: keep-alive` on every answer: parsed once per value.
 @functools.lru_cache(maxsize=MAX_REMEMBERED_NAMES)
-def _listed_in(value: str) -> frozenset[str]:
+def listed_in(value: str) -> frozenset[str]:
+    """The lowercased header names a `Connection` value lists."""
     return frozenset(token.strip().lower() for token in value.split(","))
 
 
 # Per header name (as sent, any case): never forwarded whatever its value? Callers send the
 # same few names on every request, so the lowercasing and the tests run once per name.
 @functools.lru_cache(maxsize=MAX_REMEMBERED_NAMES)
-def _dropped_request_header(name: str) -> bool:
+def dropped_request_header(name: str) -> bool:
+    """True for a request header never forwarded, whatever its value."""
     lower = name.lower()
     return lower in _DROP_REQUEST or lower.startswith(("x-forwarded-", "proxy-"))
 
 
 @functools.lru_cache(maxsize=MAX_REMEMBERED_NAMES)
-def _dropped_response_header(name: str) -> bool:
+def dropped_response_header(name: str) -> bool:
+    """True for an answer header never passed back (hop-by-hop)."""
     return name.lower() in _DROP_RESPONSE
 
 
@@ -194,7 +197,7 @@ def request_headers(incoming: CIMultiDictProxy[str], token: TokenSet) -> CIMulti
     listed = _connection_listed(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if _dropped_request_header(name) or (listed and name.lower() in listed):
+        if dropped_request_header(name) or (listed and name.lower() in listed):
             continue
         out.add(name, value)
     out["Authorization"] = f"Bearer {token.access_token}"
@@ -206,7 +209,7 @@ def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     listed = _connection_listed(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if not _dropped_response_header(name) and not (listed and name.lower() in listed):
+        if not dropped_response_header(name) and not (listed and name.lower() in listed):
             out.add(name, value)
     return out
 
@@ -229,6 +232,10 @@ class Upstream:
     name: str | None = None
     path_prefixes: tuple[str, ...] = ("/",)
     in_flight: int = 0
+    # The TLS context of its connections (both data paths).
+    ssl_context: ssl.SSLContext | None = None
+    # The proxy listener's own pool (broker/api/proxy_listener.py), made on its first use.
+    lean_pool: Any = None
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     # Raw request target → the checked upstream URL (see MAX_REMEMBERED_TARGETS).
     _urls: dict[str, URL] = field(default_factory=dict)
@@ -271,6 +278,8 @@ class Upstream:
         """Close the pool once no request uses it (or after `grace` seconds)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
+        if self.lean_pool is not None:
+            self.lean_pool.close()
         await self.session.close()
 
 
@@ -292,7 +301,7 @@ def open_upstream(
 ) -> Upstream:
     """A connection pool to `origin`: TLS verified (with `ca_file` if given), every address
     it connects to checked by the egress guard."""
-    context = ssl.create_default_context(cafile=str(spec.ca_file) if spec.ca_file else None)
+    context = upstream_ssl_context(spec)
     connector = aiohttp.TCPConnector(
         limit=spec.max_concurrent,
         ssl=context,
@@ -322,7 +331,13 @@ def open_upstream(
         app=app,
         name=name,
         path_prefixes=path_prefixes or spec.path_prefixes,
+        ssl_context=context,
     )
+
+
+def upstream_ssl_context(spec: ProxySpec) -> ssl.SSLContext:
+    """TLS to an upstream: certificates verified, against `ca_file` when given."""
+    return ssl.create_default_context(cafile=str(spec.ca_file) if spec.ca_file else None)
 
 
 class Upstreams:
@@ -435,13 +450,14 @@ class Proxy:
             finally:
                 span.set("http.response.status_code", status)
                 upstream.leave()
-                self._count(app, status)
-                timer = self._timers.get(app)
-                if timer is None:
-                    timer = self._timers[app] = self.metrics.proxy_duration.labels(app)
-                timer.observe(time.perf_counter() - started)
+                self.count(app, status, time.perf_counter() - started)
 
-    def _count(self, app: str, status: int) -> None:
+    def count(self, app: str, status: int, seconds: float) -> None:
+        """Count one proxied request and its duration (the label children are kept)."""
+        timer = self._timers.get(app)
+        if timer is None:
+            timer = self._timers[app] = self.metrics.proxy_duration.labels(app)
+        timer.observe(seconds)
         key = (app, str(status))
         counter = self._counters.get(key)
         if counter is None:
@@ -453,7 +469,7 @@ class Proxy:
     ) -> web.StreamResponse:
         spec = upstream.spec
         url = upstream.url_for(request.raw_path, app)
-        token = await self._token(app)
+        token = await self.token(app)
         body = await _read_body(request, spec)
         try:
             if upstream.slots.locked():  # only a full upstream pays for a timer
@@ -470,7 +486,7 @@ class Proxy:
             ) from None
         try:
             answer = await self._send(upstream, request, url, token, body)
-            if self._dpop_challenge(app, url, answer) and body.replayable:
+            if self.dpop_challenge(app, url, answer.status, answer.headers) and body.replayable:
                 # A resource server's nonce challenge (RFC 9449 §9): once more, with its nonce.
                 self.metrics.dpop_nonce_retries.labels(app=app, server="resource_server").inc()
                 answer.release()
@@ -489,7 +505,7 @@ class Proxy:
         finally:
             upstream.slots.release()
 
-    async def _token(self, app: str) -> TokenSet:
+    async def token(self, app: str) -> TokenSet:
         """A servable token, or the contract's 503 / 409: the proxy fails closed."""
         token = self.service.cached_token(app)
         if token is not None:
@@ -514,29 +530,42 @@ class Proxy:
     ) -> aiohttp.ClientResponse:
         """The token reported refused (one purge for the fleet) and one retry with its
         successor; otherwise the upstream's answer goes back as it is."""
-        retries = self.metrics.proxy_retries_total
-        if not body.replayable:
-            retries.labels(app, "not_replayable").inc()
+        try:
+            fresh = await self.successor(app, token, replayable=body.replayable)
+        except ApiError:
+            answer.release()
+            raise
+        if fresh is None:
             return answer
+        answer.release()
+        return await self._send(upstream, request, url, fresh, body)
+
+    async def successor(self, app: str, token: TokenSet, *, replayable: bool) -> TokenSet | None:
+        """After an upstream refused `token` (a status of `refresh_on_status`): report it
+        refused (one purge for the fleet) and return its successor to retry with, or None when
+        the upstream's answer goes back as it is (no replayable body, rate-limited, no new
+        token). Raises the contract's ApiError when no token can be had at all."""
+        retries = self.metrics.proxy_retries_total
+        if not replayable:
+            retries.labels(app, "not_replayable").inc()
+            return None
         try:
             with tracing.span("token_broker.token_fetch", app=app, forced=True):
                 fresh = await self.service.token_refused(app, token)
         except RateLimited:
             # The refresh guard protects the authorization server; the caller sees the truth.
             retries.labels(app, "rate_limited").inc()
-            return answer
+            return None
         except (NeedsAuthorization, TokenUnavailable) as exc:
-            answer.release()
             retries.labels(app, "refresh_failed").inc()
             raise token_error(exc, app, self.service.status(app).last_error) from None
         if fresh.access_token == token.access_token:
             # No successor came in time (or, the store down, a token younger than 5 s is not
             # replaced): retrying is futile.
             retries.labels(app, "token_unchanged").inc()
-            return answer
-        answer.release()
+            return None
         retries.labels(app, "unauthorized").inc()
-        return await self._send(upstream, request, url, fresh, body)
+        return fresh
 
     async def _send(
         self,
@@ -548,7 +577,7 @@ class Proxy:
     ) -> aiohttp.ClientResponse:
         """One request upstream; errors before an answer become 502 / 504 / 413 JSON errors."""
         headers = request_headers(request.headers, token)
-        headers.update(self._auth_headers(upstream.app, request.method, url, token))
+        headers.update(self.auth_headers(upstream.app, request.method, url, token))
         if body.length is not None:
             headers["Content-Length"] = str(body.length)
         try:
@@ -576,28 +605,15 @@ class Proxy:
             ) from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             if body.too_large:
-                raise _too_large(upstream.spec) from None
+                raise too_large(upstream.spec) from None
             refused = getattr(exc, "os_error", None)
             if isinstance(refused, egress.EgressRefused):
-                raise self._egress_refused(upstream, refused) from None
+                raise egress_refused(self.metrics, upstream, refused) from None
             raise ApiError(502, "upstream_error", "the upstream could not be reached") from None
-
-    def _egress_refused(self, upstream: Upstream, refused: egress.EgressRefused) -> ApiError:
-        """The 403 for an upstream whose address the egress guard refused, counted."""
-        self.metrics.proxy_egress_refused_total.labels(upstream.app, refused.reason).inc()
-        host = upstream.origin.host or ""
-        return ApiError(
-            403,
-            "egress_refused",
-            f"the upstream {host} is at {refused.address}, "
-            f"{egress.DESCRIBED[refused.reason]}: nothing was sent. The proxy reaches loopback, "
-            f"link-local and private addresses only when apps.{upstream.app}.proxy."
-            "allowed_networks lists them",
-        )
 
     # ---- the DPoP hook (broker/dpop.py) ----------------------------------------------------
 
-    def _auth_headers(self, app: str, method: str, url: URL, token: TokenSet) -> dict[str, str]:
+    def auth_headers(self, app: str, method: str, url: URL, token: TokenSet) -> dict[str, str]:
         """For a DPoP-bound token, `Authorization: DPoP` and a fresh proof of this request."""
         dpop = self.dpop.get(app)
         if dpop is None or token.dpop_jkt is None:
@@ -610,7 +626,9 @@ class Proxy:
         except DpopKeyMissing as exc:
             raise ApiError(503, "dpop_key_missing", str(exc), {"Retry-After": "5"}) from None
 
-    def _dpop_challenge(self, app: str, url: URL, answer: aiohttp.ClientResponse) -> bool:
+    def dpop_challenge(
+        self, app: str, url: URL, status: int, headers: CIMultiDictProxy[str]
+    ) -> bool:
         """Remember the upstream's DPoP nonce; True when its answer asks for one (a retry)."""
         dpop = self.dpop.get(app)
         if dpop is None:
@@ -619,12 +637,8 @@ class Proxy:
         from broker.dpop import is_resource_challenge
 
         sent = dpop.nonces.get(url)
-        nonce = dpop.nonces.note(url, answer.headers)
-        return (
-            nonce is not None
-            and nonce != sent
-            and is_resource_challenge(answer.status, answer.headers)
-        )
+        nonce = dpop.nonces.note(url, headers)
+        return nonce is not None and nonce != sent and is_resource_challenge(status, headers)
 
 
 async def _read_body(request: web.BaseRequest, spec: ProxySpec) -> _Body:
@@ -633,7 +647,7 @@ async def _read_body(request: web.BaseRequest, spec: ProxySpec) -> _Body:
         return _Body(None, None, replayable=True)
     length = request.content_length
     if length is not None and length > spec.max_request_body:
-        raise _too_large(spec)
+        raise too_large(spec)
     try:
         if length is not None and length <= spec.max_buffered_body:
             return _Body(await request.content.readexactly(length), length, replayable=True)
@@ -676,7 +690,22 @@ async def _stream(
         yield chunk
 
 
-def _too_large(spec: ProxySpec) -> ApiError:
+def egress_refused(metrics: Metrics, upstream: Upstream, refused: egress.EgressRefused) -> ApiError:
+    """The 403 for an upstream whose address the egress guard refused, counted."""
+    metrics.proxy_egress_refused_total.labels(upstream.app, refused.reason).inc()
+    host = upstream.origin.host or ""
+    return ApiError(
+        403,
+        "egress_refused",
+        f"the upstream {host} is at {refused.address}, "
+        f"{egress.DESCRIBED[refused.reason]}: nothing was sent. The proxy reaches loopback, "
+        f"link-local and private addresses only when apps.{upstream.app}.proxy."
+        "allowed_networks lists them",
+    )
+
+
+def too_large(spec: ProxySpec) -> ApiError:
+    """The 413 for a request body over `max_request_body`."""
     return ApiError(
         413, "payload_too_large", f"request bodies are limited to {spec.max_request_body} bytes"
     )

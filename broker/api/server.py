@@ -213,7 +213,16 @@ def _small_request(
 
 def _check_origin(request: web.BaseRequest) -> None:
     """Refuse proxied requests (SSRF) and non-loopback Host headers (DNS rebinding)."""
-    if "Forwarded" in request.headers or "X-Forwarded-For" in request.headers:
+    check_origin(
+        relayed="Forwarded" in request.headers or "X-Forwarded-For" in request.headers,
+        host=request.headers.get("Host"),
+    )
+
+
+def check_origin(*, relayed: bool, host: str | None) -> None:
+    """The origin checks on a request's parts: 403 `bad_host` for a request relayed by a proxy
+    (Forwarded, X-Forwarded-For) or a Host header that is not a loopback name."""
+    if relayed:
         raise ApiError(403, "bad_host", "requests relayed by a proxy are refused")
-    if not is_loopback_host(request.headers.get("Host")):
+    if not is_loopback_host(host):
         raise ApiError(403, "bad_host", "the Host header is not a loopback name")

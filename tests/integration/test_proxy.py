@@ -29,6 +29,7 @@ from tests.support.broker_process import BrokerFiles, BrokerProcess, running_bro
 from tests.support.config import Document, edit_config
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.peers import shared_directory
+from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.upstream import UpstreamServer, pattern_digest
 
@@ -40,12 +41,17 @@ MIB = 1024 * 1024
 LOOPBACK = ["127.0.0.0/8"]
 
 
+# The proxy's two data paths: the API's route (aiohttp) and the proxy listener (lean).
+PATHS = ["api", "listener"]
+
+
 def proxy_config(
     tmp_path: Path,
     oauth: OAuthTestServer,
     upstream: UpstreamServer,
     ca_file: Path,
     redis: RedisServer,
+    data_path: str = "api",
     **proxy: Any,
 ) -> BrokerFiles:
     """A broker whose app1 proxies to the upstream (paths under /v1/), and whose app `scim`
@@ -83,6 +89,7 @@ def proxy_config(
         token_url=oauth.token_url,
         store_url=redis.url,
         apps={"app1": app1, "scim": scim},
+        proxy_port=free_port() if data_path == "listener" else 0,
     )
     path = files.write()
     (files.directory / "other.key").write_text(OTHER_KEY)
@@ -93,6 +100,13 @@ def proxy_config(
     return files
 
 
+@pytest.fixture(params=PATHS)
+def data_path(request: pytest.FixtureRequest) -> str:
+    """Each proxy test runs against the API's proxy route and against the proxy listener."""
+    value: str = request.param
+    return value
+
+
 @pytest.fixture
 def files(
     tmp_path: Path,
@@ -100,8 +114,9 @@ def files(
     upstream: UpstreamServer,
     ca_file: Path,
     redis_server: RedisServer,
+    data_path: str,
 ) -> BrokerFiles:
-    return proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server)
+    return proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server, data_path)
 
 
 @pytest.fixture
@@ -112,7 +127,7 @@ async def broker(files: BrokerFiles) -> AsyncIterator[Broker]:
 
 
 def proxied(files: BrokerFiles, path: str, app: str = "app1") -> str:
-    return f"{files.api}/v1/proxy/{app}{path}"
+    return f"{files.proxy}/v1/proxy/{app}{path}"
 
 
 async def call(
@@ -397,10 +412,11 @@ class TestUpstreamFailures:
         upstream: UpstreamServer,
         ca_file: Path,
         redis_server: RedisServer,
+        data_path: str,
     ) -> None:
         """Nothing listening upstream: 502 upstream_error in the contract's JSON."""
         await upstream.stop()
-        files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server)
+        files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server, data_path)
         async with running_broker(files.directory / "config.yaml"):
             status, _, body = await call(files, "GET", "/v1/items/1")
         assert status == 502
@@ -413,9 +429,10 @@ class TestUpstreamFailures:
         upstream: UpstreamServer,
         ca_file: Path,
         redis_server: RedisServer,
+        data_path: str,
     ) -> None:
         """TLS is verified by default: without the test CA the upstream is refused."""
-        files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server)
+        files = proxy_config(tmp_path, oauth_server, upstream, ca_file, redis_server, data_path)
         edit_config(
             files.directory / "config.yaml",
             lambda config: config["apps"]["app1"]["proxy"].pop("ca_file"),
@@ -483,7 +500,9 @@ class TestCallersAndPaths:
     ) -> None:
         """Absolute URLs, dot segments, encoded separators and @ never leave the allowed paths."""
         status = await raw_request(
-            files.api_port, f"GET {target} HTTP/1.1", {"Host": "127.0.0.1", **files.auth}
+            files.proxy_port or files.api_port,
+            f"GET {target} HTTP/1.1",
+            {"Host": "127.0.0.1", **files.auth},
         )
         assert 400 <= status < 500
         assert upstream.hits == []
@@ -493,14 +512,14 @@ class TestCallersAndPaths:
     ) -> None:
         """A foreign Host is refused (bad_host); X-Forwarded-Host never reaches the upstream."""
         status = await raw_request(
-            files.api_port,
+            files.proxy_port or files.api_port,
             "GET /v1/proxy/app1/v1/items/1 HTTP/1.1",
             {"Host": "evil.example", **files.auth},
         )
         assert status == 403
         assert upstream.hits == []
         status = await raw_request(
-            files.api_port,
+            files.proxy_port or files.api_port,
             "GET /v1/proxy/app1/v1/items/1 HTTP/1.1",
             {"Host": "127.0.0.1", "X-Forwarded-Host": "evil.example", **files.auth},
         )
@@ -546,7 +565,7 @@ async def socket_broker(
     socket = socket_directory / "api.sock"
 
     def on_the_socket(config: Document) -> None:
-        config["server"]["listen"] = f"unix:{socket}"
+        config["server"]["proxy_listen" if files.proxy_port else "listen"] = f"unix:{socket}"
         config["clients"]["svc"] = {"uids": [os.geteuid()], "apps": ["app1", "scim"]}
 
     edit_config(path, on_the_socket)
@@ -674,7 +693,7 @@ class TestClientLibraries:
         token = broker.core.cached_token("app1")
         assert token is not None
         direct = await asyncio.to_thread(use, upstream.url, token.access_token)
-        via_broker = await asyncio.to_thread(use, f"{files.api}/v1/proxy/app1", files.client_key)
+        via_broker = await asyncio.to_thread(use, f"{files.proxy}/v1/proxy/app1", files.client_key)
         assert direct == via_broker == (item, {"created": posted})
 
 
@@ -697,6 +716,7 @@ class TestStreaming:
         upstream: UpstreamServer,
         ca_file: Path,
         redis_server: RedisServer,
+        data_path: str,
     ) -> None:
         """20 MiB each way arrive intact, and the broker's peak memory grows far less than that.
 
@@ -706,7 +726,7 @@ class TestStreaming:
         the noise, well below one buffered body.
         """
         files = proxy_config(
-            tmp_path, oauth_server, upstream, ca_file, redis_server, read_timeout="20s"
+            tmp_path, oauth_server, upstream, ca_file, redis_server, data_path, read_timeout="20s"
         )
         broker = BrokerProcess(files.directory / "config.yaml", tmp_path / "broker.log")
         broker.start()

@@ -30,6 +30,7 @@ from tests.support.broker_process import REPO_ROOT, BrokerFiles, BrokerProcess, 
 from tests.support.config import edit_config
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.peers import shared_directory
+from tests.support.ports import free_port
 from tests.support.upstream import UpstreamServer
 
 pytestmark = pytest.mark.integration
@@ -47,8 +48,10 @@ def write_config(
     *,
     server: dict[str, Any] | None = None,
     uid_client: bool = False,
+    data_path: str = "api",
 ) -> BrokerFiles:
-    """A broker whose app `twilio` has the given `proxy` block (memory store)."""
+    """A broker whose app `twilio` has the given `proxy` block (memory store), served on the
+    API's proxy route or (`data_path="listener"`) on the proxy listener."""
     files = BrokerFiles(
         directory=tmp_path / "broker",
         token_url=oauth.token_url,
@@ -61,6 +64,7 @@ def write_config(
             }
         },
         server_overrides=server or {},
+        proxy_port=free_port() if data_path == "listener" else 0,
     )
     path = files.write()
     if uid_client:
@@ -71,6 +75,13 @@ def write_config(
             ),
         )
     return files
+
+
+@pytest.fixture(params=["api", "listener"])
+def data_path(request: pytest.FixtureRequest) -> str:
+    """Each test runs against the API's proxy route and against the proxy listener."""
+    value: str = request.param
+    return value
 
 
 @pytest.fixture
@@ -136,6 +147,7 @@ def two_hosts(
     upstream: UpstreamServer,
     second_upstream: UpstreamServer,
     ca_file: Path,
+    data_path: str,
 ) -> BrokerFiles:
     """App `twilio` with two upstreams: `api` (every path, the string shorthand) and
     `messaging` (only /v1/items, the mapping form)."""
@@ -150,6 +162,7 @@ def two_hosts(
             "ca_file": str(ca_file),
             "allowed_networks": LOOPBACK,
         },
+        data_path=data_path,
     )
 
 
@@ -164,7 +177,7 @@ class TestSeveralUpstreams:
     ) -> None:
         """Both hosts get the same valid token, from one token request for the app."""
         await serve(two_hosts)
-        proxy = f"{two_hosts.api}/v1/proxy/twilio"
+        proxy = f"{two_hosts.proxy}/v1/proxy/twilio"
         status, _, body = await call(f"{proxy}/api/v1/items/1?x=1", headers=two_hosts.auth)
         assert status == 200, body
         assert json.loads(body) == {"id": "1", "query": "x=1"}
@@ -199,7 +212,7 @@ class TestSeveralUpstreams:
 
         def use() -> Any:
             with httpx.Client(
-                base_url=f"{two_hosts.api}/v1/proxy/twilio/messaging", headers=two_hosts.auth
+                base_url=f"{two_hosts.proxy}/v1/proxy/twilio/messaging", headers=two_hosts.auth
             ) as client:
                 return client.get("/v1/items/5").json()
 
@@ -216,7 +229,7 @@ class TestSeveralUpstreams:
         """`messaging` opens only its prefixes; an unknown or missing upstream name is a JSON
         404 that lists the names; a redirect on a named upstream is passed back."""
         await serve(two_hosts)
-        proxy = f"{two_hosts.api}/v1/proxy/twilio"
+        proxy = f"{two_hosts.proxy}/v1/proxy/twilio"
         status, _, body = await call(f"{proxy}/messaging/v1/upload", headers=two_hosts.auth)
         assert status == 403
         answer = json.loads(body)
@@ -248,6 +261,7 @@ class TestEgressGuard:
         oauth_server: OAuthTestServer,
         upstream: UpstreamServer,
         ca_file: Path,
+        data_path: str,
     ) -> None:
         """`localhost` resolves to loopback: 403 egress_refused, counted, nothing reaches the
         API listening there."""
@@ -255,10 +269,11 @@ class TestEgressGuard:
             tmp_path,
             oauth_server,
             {"upstream": f"https://localhost:{upstream.port}", "ca_file": str(ca_file)},
+            data_path=data_path,
         )
         await serve(files)
         status, headers, body = await call(
-            f"{files.api}/v1/proxy/twilio/v1/items/1", headers=files.auth
+            f"{files.proxy}/v1/proxy/twilio/v1/items/1", headers=files.auth
         )
         assert status == 403, body
         assert headers["Content-Type"].startswith("application/json")
@@ -278,6 +293,7 @@ class TestEgressGuard:
         oauth_server: OAuthTestServer,
         upstream: UpstreamServer,
         ca_file: Path,
+        data_path: str,
     ) -> None:
         """The same `localhost` upstream with 127.0.0.0/8 in allowed_networks is reached (the
         refusal above is the guard's, nothing else's). ::1 stays refused: the API listens on
@@ -290,9 +306,12 @@ class TestEgressGuard:
                 "ca_file": str(ca_file),
                 "allowed_networks": ["127.0.0.0/8"],
             },
+            data_path=data_path,
         )
         await serve(files)
-        status, _, body = await call(f"{files.api}/v1/proxy/twilio/v1/items/1", headers=files.auth)
+        status, _, body = await call(
+            f"{files.proxy}/v1/proxy/twilio/v1/items/1", headers=files.auth
+        )
         assert status == 200, body
         assert upstream.statuses() == [200]
 
@@ -301,6 +320,7 @@ class TestEgressGuard:
         tmp_path: Path,
         oauth_server: OAuthTestServer,
         monkeypatch: pytest.MonkeyPatch,
+        data_path: str,
     ) -> None:
         """A name whose DNS answer is 169.254.169.254 (the cloud metadata service) is refused
         before any connection, even with loopback allowed; the answer names the address."""
@@ -323,11 +343,12 @@ class TestEgressGuard:
                 "connect_timeout": "10s",
                 "allowed_networks": ["127.0.0.0/8"],
             },
+            data_path=data_path,
         )
         async with running_broker(files.directory / "config.yaml") as broker:
             started = asyncio.get_running_loop().time()
             status, _, body = await call(
-                f"{files.api}/v1/proxy/twilio/latest/meta-data/iam", headers=files.auth
+                f"{files.proxy}/v1/proxy/twilio/latest/meta-data/iam", headers=files.auth
             )
             elapsed = asyncio.get_running_loop().time() - started
             refused = broker.metrics.registry.get_sample_value(
@@ -391,7 +412,7 @@ class TestErrorsThatTeach:
 
         def old_code() -> requests.Response:
             return requests.get(
-                f"{two_hosts.api}/v1/proxy/twilio/api/2010-04-01/Accounts.json",
+                f"{two_hosts.proxy}/v1/proxy/twilio/api/2010-04-01/Accounts.json",
                 auth=(TWILIO_SID, TWILIO_AUTH_TOKEN),
                 timeout=10,
             )
@@ -413,7 +434,7 @@ class TestErrorsThatTeach:
         """Any HTTP Basic credentials: the 401 says Basic was received, and what to send."""
         await serve(two_hosts)
         status, _, body = await call(
-            f"{two_hosts.api}/v1/proxy/twilio/api/v1/items/1",
+            f"{two_hosts.proxy}/v1/proxy/twilio/api/v1/items/1",
             headers={"Authorization": basic("svc-user", "hunter2-password")},
         )
         assert status == 401
@@ -431,6 +452,7 @@ class TestErrorsThatTeach:
         upstream: UpstreamServer,
         ca_file: Path,
         socket_directory: Path,
+        data_path: str,
     ) -> None:
         """Over the socket, even from a mapped uid, Twilio credentials are refused with the
         same lesson, plus: send no Authorization at all; without them the uid is let through."""
@@ -439,8 +461,11 @@ class TestErrorsThatTeach:
             tmp_path,
             oauth_server,
             {"upstream": upstream.url, "ca_file": str(ca_file), "allowed_networks": LOOPBACK},
-            server={"listen": f"unix:{socket_path}"},
+            server={
+                ("proxy_listen" if data_path == "listener" else "listen"): f"unix:{socket_path}"
+            },
             uid_client=True,
+            data_path=data_path,
         )
         await serve(files)
         connector = aiohttp.UnixConnector(path=str(socket_path))

@@ -53,6 +53,8 @@ class BrokerFiles:
     api_port: int = 0
     metrics_port: int = 0
     server_overrides: Mapping[str, Any] = field(default_factory=dict)
+    # The proxy listener's port (`server.proxy_listen`); 0: none, the API serves the proxy.
+    proxy_port: int = 0
 
     def write(self) -> Path:
         """Write every file and return the config path."""
@@ -79,6 +81,7 @@ class BrokerFiles:
             "server": {
                 "listen": f"127.0.0.1:{self.api_port}",
                 "metrics_listen": f"127.0.0.1:{self.metrics_port}",
+                **({"proxy_listen": f"127.0.0.1:{self.proxy_port}"} if self.proxy_port else {}),
                 **self.server_overrides,
             },
             "store": store,
@@ -93,6 +96,11 @@ class BrokerFiles:
     def api(self) -> str:
         """Base URL of the local API."""
         return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def proxy(self) -> str:
+        """Base URL of the proxy: the proxy listener when there is one, else the API."""
+        return f"http://127.0.0.1:{self.proxy_port}" if self.proxy_port else self.api
 
     @property
     def metrics(self) -> str:

@@ -235,3 +235,46 @@ def test_mistakes_name_the_key_and_the_reason(
         parse_config(document(proxy), base_dir=config_dir)
     assert caught.value.key == key
     assert reason in caught.value.reason
+
+
+class TestProxyListen:
+    def server(self, config_dir: Path, **server: Any) -> Any:
+        config = {**document({"upstream": "https://api.twilio.com"}), "server": server}
+        return parse_config(config, base_dir=config_dir).server
+
+    def test_a_loopback_port_or_a_unix_socket(self, config_dir: Path) -> None:
+        """`proxy_listen` takes what `listen` takes; none by default."""
+        assert self.server(config_dir).proxy_listen is None
+        assert self.server(config_dir, proxy_listen="127.0.0.1:8412").proxy_listen == (
+            "127.0.0.1:8412"
+        )
+        server = self.server(config_dir, proxy_listen="unix:/run/broker/proxy.sock")
+        assert server.proxy_unix_path == "/run/broker/proxy.sock"
+        assert server.unix_path is None
+
+    @pytest.mark.parametrize(
+        ("server", "message"),
+        [
+            ({"proxy_listen": "0.0.0.0:8412"}, "is not a loopback address"),
+            ({"proxy_listen": "127.0.0.1:8411"}, "already used by another listener"),
+            ({"proxy_listen": "8412"}, "is not host:port"),
+        ],
+    )
+    def test_mistakes_name_the_key(
+        self, config_dir: Path, server: dict[str, Any], message: str
+    ) -> None:
+        """Beyond loopback (without allow_non_loopback), the API's own address, no port."""
+        with pytest.raises(ConfigError) as caught:
+            self.server(config_dir, listen="127.0.0.1:8411", **server)
+        assert "server.proxy_listen" in str(caught.value)
+        assert message in str(caught.value)
+
+    def test_peer_identity_may_use_the_proxy_socket(self, config_dir: Path) -> None:
+        """Clients by uid need a unix socket: the proxy listener's is one."""
+        config = document({"upstream": "https://api.twilio.com"})
+        config["clients"]["byuid"] = {"uids": [1000], "apps": ["twilio"]}
+        config["server"] = {"proxy_listen": "unix:/run/broker/proxy.sock"}
+        assert parse_config(config, base_dir=config_dir).clients["byuid"].uids == (1000,)
+        config["server"] = {"proxy_listen": "127.0.0.1:8412"}
+        with pytest.raises(ConfigError, match="peer identity works only over a unix socket"):
+            parse_config(config, base_dir=config_dir)

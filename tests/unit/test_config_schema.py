@@ -224,7 +224,7 @@ class TestEveryMistakeAtOnce:
             "token-broker: configuration error: apps.twilio.refresh.jitter: must be a number, "
             "not a string",
             "token-broker: configuration error: server.listn: unknown key; did you mean "
-            "'listen'? (allowed: allow_non_loopback, listen, metrics_listen, socket_group, "
+            "'listen'? (allowed: allow_non_loopback, listen, metrics_listen, proxy_listen, socket_group, "
             "socket_mode, status_endpoint)",
         ]
 

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 
-from broker.api import ApiDependencies, build_api
+from broker.api import ApiDependencies, build_api, build_proxy_listener, serve_proxy
 from broker.api.auth import ClientAuthenticator
 from broker.api.proxy import Upstreams
 from broker.api.server import api_server_options
@@ -90,15 +91,31 @@ def dpop() -> dict[str, AppDpop]:
     return {"app1": AppDpop("app1", ProofKeys((KEY_ONE,)), time.time)}
 
 
-@pytest.fixture
+class ListenerClient:
+    """The proxy listener behind TestClient's `get` and `post` (the tests' two calls)."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session = session
+        self.base = base
+
+    async def get(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        return await self.session.get(self.base + path, **kwargs)
+
+    async def post(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        return await self.session.post(self.base + path, **kwargs)
+
+
+@pytest.fixture(params=["api", "listener"])
 async def api(
+    request: pytest.FixtureRequest,
     aiohttp_client: ClientFactory,
     service: FakeTokenService,
     metrics: Metrics,
     upstream: VerifyingUpstream,
     dpop: dict[str, AppDpop],
     tmp_path: Path,
-) -> AsyncIterator[TestClient[Any, Any]]:
+) -> AsyncIterator[Any]:
+    """The API's proxy route, or the proxy listener, for app1 (DPoP) to the upstream."""
     (tmp_path / "key").write_text(KEY)
     authenticator = ClientAuthenticator(
         {"svc": ClientSpec("svc", ("app1",), key_files=(tmp_path / "key",))}
@@ -108,10 +125,18 @@ async def api(
         upstream=upstream.base, max_buffered_body=16, allowed_networks=("127.0.0.0/8",)
     )
     upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
-    handler = build_api(
-        ApiDependencies(service, authenticator, metrics, FakeClock(), upstreams, dpop=dpop)
-    )
-    yield await aiohttp_client(RawTestServer(handler), server_kwargs=api_server_options())
+    deps = ApiDependencies(service, authenticator, metrics, FakeClock(), upstreams, dpop=dpop)
+    if request.param == "api":
+        yield await aiohttp_client(
+            RawTestServer(build_api(deps)), server_kwargs=api_server_options()
+        )
+    else:
+        listener = build_proxy_listener(deps)
+        server = await serve_proxy(listener, host="127.0.0.1", port=0)
+        port = server.sockets[0].getsockname()[1]
+        async with aiohttp.ClientSession() as session:
+            yield ListenerClient(session, f"http://127.0.0.1:{port}")
+        await listener.close(0.0)
     await upstreams.close(grace=0.0)
 
 

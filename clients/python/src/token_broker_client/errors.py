@@ -43,8 +43,9 @@ class BrokerUnreachable(BrokerError):
 
 class BadRequest(BrokerError):
     """400 `bad_request` (e.g. `min_ttl` longer than the token's lifetime), 405
-    `method_not_allowed` (TRACE or CONNECT through the proxy) or 413 `payload_too_large` (a
-    proxied body over `max_request_body`)."""
+    `method_not_allowed` (TRACE or CONNECT through the proxy), 413 `payload_too_large` (a
+    proxied body over `max_request_body`), or from the proxy listener 414 `uri_too_long` and
+    431 `headers_too_large`."""
 
 
 class Unauthorized(BrokerError):
@@ -60,7 +61,8 @@ class Forbidden(BrokerError):
 class NotFound(BrokerError):
     """404 `unknown_app` (no such app is configured), `proxy_not_configured`,
     `unknown_upstream` (the app's `proxy.upstreams` has no such name) or `dpop_not_configured`
-    (a proof asked for an app without `dpop: true`)."""
+    (a proof asked for an app without `dpop: true`), or `not_found` (no such route, e.g. a
+    path other than /v1/proxy/... on the proxy listener)."""
 
 
 class NeedsAuthorization(BrokerError):
@@ -96,6 +98,8 @@ ERROR_CLASSES: Mapping[str, type[BrokerError]] = {
     "bad_request": BadRequest,
     "payload_too_large": BadRequest,
     "method_not_allowed": BadRequest,
+    "uri_too_long": BadRequest,
+    "headers_too_large": BadRequest,
     "unauthorized": Unauthorized,
     "forbidden": Forbidden,
     "bad_host": Forbidden,
@@ -105,6 +109,7 @@ ERROR_CLASSES: Mapping[str, type[BrokerError]] = {
     "proxy_not_configured": NotFound,
     "unknown_upstream": NotFound,
     "dpop_not_configured": NotFound,
+    "not_found": NotFound,
     "dpop_bound": DpopBound,
     "needs_authorization": NeedsAuthorization,
     "rate_limited": RateLimited,
@@ -125,6 +130,8 @@ _BY_STATUS: Mapping[int, type[BrokerError]] = {
     405: BadRequest,
     409: NeedsAuthorization,
     413: BadRequest,
+    414: BadRequest,
+    431: BadRequest,
     429: RateLimited,
     502: UpstreamError,
     503: TokenUnavailable,
