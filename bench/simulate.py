@@ -2,6 +2,7 @@
 
     python bench/simulate.py --schedules 10000 [--start 0] [--workers 2]
     python bench/simulate.py --schedules 1500 --baseline /path/to/other/checkout
+    python bench/simulate.py --schedules 3000 --digest FILE [--legacy] [--seeds 1,2,3]
 
 
 Prints how many schedules ran, with which faults, how many broke an invariant (with their
@@ -15,6 +16,12 @@ worker each, so both see the same load) and prints the CPU per schedule of each 
 p99, and their ratio), and every seed whose verdict, or digest of what happened (the server's
 presentations with their times, the counts, the pairs), differs between them
 (bench/simulate_trace.py).
+
+With --digest FILE, also writes one JSON line per seed (sorted by seed) to FILE: its verdict and
+a hash of everything the run recorded (the server's presentations with their times, the counts,
+the pairs, the violations, and every event logged with its fields, in order), so that a change
+meant to alter no behaviour is shown to by comparing two such files (`diff`). --legacy runs the
+first generator's schedules (the regression seeds), --seeds a list of seeds instead of a range.
 """
 
 from __future__ import annotations
@@ -28,19 +35,56 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.simulation.schedule import ALL_PAIRS, FAULT_KINDS, make_schedule, run
+from bench.simulate_trace import digest, recorder
+from tests.simulation import schedule as simulation
+from tests.simulation.schedule import (
+    ALL_PAIRS,
+    FAULT_KINDS,
+    Schedule,
+    legacy_schedule,
+    make_schedule,
+    run,
+)
 
-Outcome = tuple[int, list[str], list[str], int, bool, bool, set[tuple[str, str]], float]
+Outcome = tuple[
+    int, list[str], list[str], int, bool, bool, set[tuple[str, str]], float, dict[str, object]
+]
+
+# Set in each worker (`_setup`): how a seed becomes a schedule, and whether to digest its run.
+_generate: Callable[[int], Schedule] = make_schedule
+_record: Callable[[Schedule], dict[str, Any]] | None = None
+
+
+def _setup(legacy: bool, digests: bool) -> None:
+    global _generate, _record  # noqa: PLW0603 (a worker's settings, set once as it starts)
+    _generate = legacy_schedule if legacy else make_schedule
+    _record = recorder(simulation) if digests else None
 
 
 def _one(seed: int) -> Outcome:
     started = time.process_time()
-    schedule = make_schedule(seed)
-    result = run(schedule)
+    schedule = _generate(seed)
+    line: dict[str, object] = {}
+    if _record is None:
+        result = run(schedule)
+    else:
+        recorded = _record(schedule)
+        result = recorded["result"]
+        events = [dict(sorted(entry.items())) for entry in recorded["logs"]]
+        line = {
+            "seed": seed,
+            "ok": not result.violations,
+            "violations": result.violations,
+            "digest": digest({"facts": recorded["facts"], "events": events}),
+            "facts": digest(recorded["facts"]),
+            "events": digest(events),
+        }
     return (
         seed,
         result.violations,
@@ -50,6 +94,7 @@ def _one(seed: int) -> Outcome:
         schedule.fault_free,
         result.pairs,
         time.process_time() - started,
+        line,
     )
 
 
@@ -161,11 +206,18 @@ def main() -> int:
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--baseline", type=Path, help="another checkout to compare with")
+    parser.add_argument("--digest", type=Path, help="write each seed's digest to this file")
+    parser.add_argument("--legacy", action="store_true", help="the first generator's schedules")
+    parser.add_argument("--seeds", help="these seeds (comma-separated) instead of a range")
     args = parser.parse_args()
     if args.baseline is not None:
         return compare(args.baseline, args.start, args.schedules)
     started = time.monotonic()
-    seeds = range(args.start, args.start + args.schedules)
+    seeds: Sequence[int] = range(args.start, args.start + args.schedules)
+    if args.seeds:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        args.schedules = len(seeds)
+    lines: list[dict[str, object]] = []
     kinds: collections.Counter[str] = collections.Counter()
     invariants: collections.Counter[str] = collections.Counter()
     failing: list[int] = []
@@ -174,7 +226,9 @@ def main() -> int:
     fault_free = 0
     requests = 0
     cpu = 0.0
-    with multiprocessing.Pool(args.workers) as pool:
+    with multiprocessing.Pool(
+        args.workers, initializer=_setup, initargs=(args.legacy, args.digest is not None)
+    ) as pool:
         for (
             seed,
             violations,
@@ -184,7 +238,10 @@ def main() -> int:
             free,
             met,
             seconds,
+            line,
         ) in pool.imap_unordered(_one, seeds, chunksize=20):
+            if line:
+                lines.append(line)
             kinds.update(set(faults))
             pairs.update(met)
             cpu += seconds
@@ -195,7 +252,16 @@ def main() -> int:
                 failing.append(seed)
                 invariants.update({v.split(":")[0] for v in violations})
     elapsed = time.monotonic() - started
-    print(f"schedules: {args.schedules} (seeds {args.start}..{args.start + args.schedules - 1})")
+    if args.digest is not None:
+        with args.digest.open("w") as out:
+            for line in sorted(lines, key=lambda line: int(line["seed"])):  # type: ignore[call-overload]
+                out.write(json.dumps(line) + "\n")
+    if args.seeds:
+        print(f"schedules: {args.schedules} (seeds {args.seeds})")
+    else:
+        print(
+            f"schedules: {args.schedules} (seeds {args.start}..{args.start + args.schedules - 1})"
+        )
     print(
         f"time: {elapsed:.0f} s ({elapsed / args.schedules * 1000:.0f} ms per schedule with "
         f"{args.workers} workers; {cpu / args.schedules * 1000:.0f} ms of CPU per schedule)"

@@ -18,18 +18,16 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 
-def main() -> int:
-    """Run seeds START..START+COUNT-1 of the checkout at ROOT, one JSON line each."""
-    root, start, count = Path(sys.argv[1]).resolve(), int(sys.argv[2]), int(sys.argv[3])
-    sys.path.insert(0, str(root))
+def recorder(module: Any) -> Callable[[Any], dict[str, Any]]:
+    """A function that runs one schedule of the simulation `module` (tests.simulation.schedule
+    of some checkout) and returns what happened: the facts the digest is of (below), the
+    result, the CPU seconds, and every event logged, in order (with its fields)."""
     import structlog.testing
-
-    from tests.simulation import schedule as module
 
     worlds: list[Any] = []
     logs: list[list[Any]] = []
@@ -51,11 +49,12 @@ def main() -> int:
 
     module.__dict__["World"] = Recorded
     structlog.testing.capture_logs = recording  # type: ignore[assignment]
-    for seed in range(start, start + count):
+
+    def record(schedule: Any) -> dict[str, Any]:
         worlds.clear()
         logs.clear()
         started = time.process_time()
-        result = module.run(module.make_schedule(seed))
+        result = module.run(schedule)
         seconds = time.process_time() - started
         world = worlds[-1]  # the schedule's own (a fault-free one first runs its baseline)
         trace = [
@@ -73,20 +72,39 @@ def main() -> int:
             "aimed": result.aimed_fired,
             "end": round(world.time.now, 9),
         }
-        digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+        return {"facts": facts, "result": result, "cpu": seconds, "logs": logs[-1]}
+
+    return record
+
+
+def digest(value: object) -> str:
+    """A short hash of `value` as JSON (anything not JSON as its repr)."""
+    text = json.dumps(value, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def main() -> int:
+    """Run seeds START..START+COUNT-1 of the checkout at ROOT, one JSON line each."""
+    root, start, count = Path(sys.argv[1]).resolve(), int(sys.argv[2]), int(sys.argv[3])
+    sys.path.insert(0, str(root))
+
+    from tests.simulation import schedule as module
+
+    record = recorder(module)
+    for seed in range(start, start + count):
+        run = record(module.make_schedule(seed))
+        facts, result = run["facts"], run["result"]
         # The same without any time: which tokens, by whom, with what outcome, in what order.
-        story = {**facts, "trace": [(t[0], *t[2:]) for t in trace], "end": None}
-        plot = hashlib.sha256(json.dumps(story, sort_keys=True).encode()).hexdigest()[:16]
-        names = [entry["event"] for entry in logs[-1]]
-        events = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+        story = {**facts, "trace": [(t[0], *t[2:]) for t in facts["trace"]], "end": None}
+        names = [entry["event"] for entry in run["logs"]]
         line = {
             "seed": seed,
-            "cpu": seconds,
+            "cpu": run["cpu"],
             "ok": not result.violations,
             "violations": result.violations,
-            "digest": digest,
-            "story": plot,
-            "events": events,
+            "digest": digest(facts),
+            "story": digest(story),
+            "events": hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16],
             **({"facts": facts} if "--facts" in sys.argv else {}),
         }
         print(json.dumps(line), flush=True)

@@ -32,7 +32,7 @@ from broker.logs import audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, Config, GrantType, TokenSet
 from broker.oauth.client import OAuthClient
-from broker.store import TokenStore, bound_name, client_binding
+from broker.store import TokenSets, bound_name, client_binding
 from broker.store.factory import open_store
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def code_from_redirect(pasted: str, expected_state: str) -> str:
     return codes[0]
 
 
-async def new_lineage(store: TokenStore, app: str, clock: Clock) -> int:
+async def new_lineage(store: TokenSets, app: str, clock: Clock) -> int:
     """A lineage number above every earlier one: an authorization outranks any older set.
 
     The time in milliseconds, so even a store that forgot the old lineage (emptied) ranks the

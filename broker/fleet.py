@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from broker.clock import Clock, wait_within
 from broker.errors import (
@@ -34,9 +35,15 @@ from broker.errors import (
 )
 from broker.logs import get_logger
 from broker.model import PROTOCOL_VERSION, TokenSet
-from broker.store import Notice, SpendEnd, SpendStart, TokenStore
+from broker.store import FleetSignals, Notice, SpendEnd, SpendLedger, SpendStart, TokenSets
 
 log = get_logger(__name__)
+
+
+class FleetStore(TokenSets, SpendLedger, FleetSignals, Protocol):
+    """The store's roles the fleet protocol uses: the sets, the spend ledger (lease and spend
+    record) and the fleet's shared backoff and budget."""
+
 
 # How many of our aborted spends of one refresh token are remembered for re-sending after a
 # reconnect: each lease of a failing spend adds one.
@@ -188,7 +195,7 @@ class FleetProtocol:
     def __init__(
         self,
         app: str,
-        store: TokenStore,
+        store: FleetStore,
         clock: Clock,
         *,
         owner: str,

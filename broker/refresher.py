@@ -12,7 +12,7 @@ import collections
 import random
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from broker import policy, tracing
 from broker.clock import Clock, Wake, wait_within
@@ -32,6 +32,7 @@ from broker.fleet import (
     Deferred,
     Fetched,
     FleetProtocol,
+    FleetStore,
     NoGrant,
     Outcome,
     OutcomeUnknown,
@@ -39,7 +40,7 @@ from broker.fleet import (
     ReuseDetected,
     Timing,
 )
-from broker.fleetclock import FleetClock
+from broker.fleetclock import FleetClock, ServerClock
 from broker.logs import SECRETS, audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, TokenSet
@@ -51,12 +52,17 @@ from broker.store import (
     RELEASE,
     Notice,
     Refusal,
-    TokenStore,
     bound_name,
     client_binding,
 )
 
 log = get_logger(__name__)
+
+
+class RefresherStore(FleetStore, ServerClock, Protocol):
+    """The store's roles a refresher uses: the fleet protocol's, and the server clock it first
+    measures the fleet's time against."""
+
 
 # A forced refresh of a token younger than this is answered with the current token.
 FORCE_MIN_AGE = 5.0
@@ -106,7 +112,7 @@ class AppRefresher:
         self,
         spec: AppSpec,
         source: TokenSource,
-        store: TokenStore,
+        store: RefresherStore,
         clock: Clock,
         metrics: Metrics,
         *,

@@ -3,7 +3,13 @@
 Besides one token set per app, the store keeps what the fleet protocol (broker/fleet.py) needs
 to spend a refresh token at most once: a lease with a fence number, and a spend record. The
 rules each operation follows are in docs/architecture.md; MemoryStore and RedisStore implement
-them identically, and tests/unit/test_store_contract.py holds both to them.
+them identically, and tests/integration/test_store_contract.py holds both to them.
+
+The store plays six roles, each a protocol of its own (as `fleetclock.ServerClock` is):
+`TokenSets` (the stored sets), `SpendLedger` (the lease and the spend record), `Notices` (the
+channel of changes), `FleetSignals` (the shared backoff and budget), `ServerClock` (the
+fleet's reference time) and `Lifecycle`. A consumer asks only for the roles it uses;
+`TokenStore` is all six, what the two stores implement.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from broker.fleetclock import ServerClock
 from broker.model import PROTOCOL_VERSION, AppSpec, FailureRecord, TokenSet
 
 # How long a failure record outlives its `not_before`: the next lease holder continues the count
@@ -210,10 +217,11 @@ class Notice:
             return None
 
 
-class TokenStore(Protocol):
-    """Shared storage of one token set per app, with the lease and spend record per app.
+class TokenSets(Protocol):
+    """The store's role of keeping one token set per app (its rank decides which is kept).
 
-    Every method may raise `StoreUnavailable`; callers keep serving from memory when it does.
+    Every method of every role may raise `StoreUnavailable`; callers keep serving from memory
+    when it does.
     """
 
     async def load(self, app: str) -> TokenSet | None:
@@ -238,6 +246,23 @@ class TokenStore(Protocol):
         repeat after a lost reply). A stored spend record for a lower rank is resolved by it.
         """
         ...
+
+    async def refuse_token(self, app: str, access_fp: str, *, interval: float) -> Refusal:
+        """Record that the upstream refused the access token whose fingerprint is `access_fp`.
+
+        A compare-and-set on the stored set: only while the stored set's access token is that
+        one (STALE otherwise, so a 401 for an old token never purges a newer one). At most one
+        refusal per app per `interval` seconds (the store's clock): the same token again is
+        ALREADY, another token LIMITED. A RECORDED refusal publishes a REFUSED notice naming
+        `access_fp`; the set itself stays stored (a rotating grant's refresh token is spent by
+        the fleet protocol, never dropped).
+        """
+        ...
+
+
+class SpendLedger(Protocol):
+    """The store's role of spending a refresh token at most once: the lease with its fence, and
+    the spend record (broker/fleet.py; the rules are in docs/architecture.md)."""
 
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
         """Take the app's lease for `ttl` seconds, incrementing its fence; busy when held."""
@@ -332,17 +357,9 @@ class TokenStore(Protocol):
         """
         ...
 
-    async def refuse_token(self, app: str, access_fp: str, *, interval: float) -> Refusal:
-        """Record that the upstream refused the access token whose fingerprint is `access_fp`.
 
-        A compare-and-set on the stored set: only while the stored set's access token is that
-        one (STALE otherwise, so a 401 for an old token never purges a newer one). At most one
-        refusal per app per `interval` seconds (the store's clock): the same token again is
-        ALREADY, another token LIMITED. A RECORDED refusal publishes a REFUSED notice naming
-        `access_fp`; the set itself stays stored (a rotating grant's refresh token is spent by
-        the fleet protocol, never dropped).
-        """
-        ...
+class Notices(Protocol):
+    """The store's role of telling every replica what changed (the channel of `Notice`s)."""
 
     def updates(self) -> AsyncIterator[Notice]:
         """Changes from any replica as they happen, and heartbeats; runs until closed."""
@@ -357,11 +374,10 @@ class TokenStore(Protocol):
         """
         ...
 
-    # ---- one clock, one backoff and one budget for the fleet ------------------------------
 
-    async def server_time(self) -> float:
-        """The store server's wall time: the fleet's reference clock (broker/fleetclock.py)."""
-        ...
+class FleetSignals(Protocol):
+    """The store's role of one backoff and one budget for the fleet: a failed refresh shared
+    (no replica attempts before its `not_before`) and the fleet-wide token request budget."""
 
     async def record_failure(
         self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
@@ -389,6 +405,10 @@ class TokenStore(Protocol):
         """
         ...
 
+
+class Lifecycle(Protocol):
+    """The store's connection: whether it answers, and letting it go."""
+
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
         ...
@@ -396,3 +416,9 @@ class TokenStore(Protocol):
     async def close(self) -> None:
         """Release connections."""
         ...
+
+
+class TokenStore(TokenSets, SpendLedger, Notices, FleetSignals, ServerClock, Lifecycle, Protocol):
+    """Shared storage of one token set per app, with the lease and spend record per app: every
+    role at once (MemoryStore, RedisStore). `server_time` (ServerClock, broker/fleetclock.py) is
+    the store server's wall time: the fleet's reference clock."""

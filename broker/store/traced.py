@@ -40,25 +40,11 @@ class TracedStore:
         tracing.event("token.refused", answer=answer.value)
         return answer
 
-    async def begin_spend(
-        self,
-        app: str,
-        *,
-        owner: str,
-        fence: int,
-        token: TokenSet,
-        retry_within: float = 0.0,
-        resolved_fence: int = 0,
-    ) -> SpendStart:
-        """Announce a spend; noted as `spend.announced` with the store's answer."""
-        start = await self.inner.begin_spend(
-            app,
-            owner=owner,
-            fence=fence,
-            token=token,
-            retry_within=retry_within,
-            resolved_fence=resolved_fence,
-        )
+    async def begin_spend(self, app: str, **spend: Any) -> SpendStart:
+        """Announce a spend (TokenStore.begin_spend's arguments, passed on as they are); noted
+        as `spend.announced` with the store's answer."""
+        start = await self.inner.begin_spend(app, **spend)
+        token: TokenSet = spend["token"]
         tracing.event("spend.announced", answer=str(start), generation=token.generation)
         return start
 

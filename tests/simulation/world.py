@@ -44,7 +44,6 @@ from broker.model import (
     PROTOCOL_VERSION,
     AppSpec,
     DpopAlgorithm,
-    FailureRecord,
     GrantType,
     RefreshPolicy,
     TokenSet,
@@ -53,12 +52,13 @@ from broker.oauth.parse import classify_error
 from broker.refresher import AppRefresher
 from broker.store import (
     Commit,
-    Lease,
+    FleetSignals,
     Notice,
+    Notices,
     Refusal,
-    SpendEnd,
-    SpendRecord,
+    SpendLedger,
     SpendStart,
+    TokenSets,
     bound_name,
     client_binding,
 )
@@ -119,6 +119,13 @@ class SimLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         """Simulated seconds since the world began."""
         return self.now
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is ready to run now: only the clock can wake anything (the loop's own
+        knowledge, so that the world never reads asyncio's private fields)."""
+        ready: collections.deque[object] = self._ready  # type: ignore[attr-defined]
+        return not ready
 
     def sleeper(self, seconds: float) -> tuple[asyncio.Future[None], asyncio.TimerHandle]:
         """What asyncio.sleep(seconds) awaits: a future, resolved by a timer due then. (The
@@ -325,7 +332,7 @@ class SimTime:
         loop = self._loop
         for _ in range(10_000):
             await asyncio.sleep(0)
-            if not loop._ready:  # type: ignore[attr-defined]
+            if loop.idle:
                 return
 
     async def advance_to(self, target: float) -> None:
@@ -747,35 +754,6 @@ RESUBSCRIBE_AFTER_RESTART = 0.5
 LATE_WRITE_TIMEOUT = 1.0
 
 
-def _may_apply_late(
-    method: Callable[Concatenate[SimStoreView, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[SimStoreView, P], Coroutine[Any, Any, R]]:
-    """A write that, while the view's `late_writes` fault is on, may reach the store only after
-    its client timed out: the client sees a timeout, and the command applies later."""
-
-    async def write(view: SimStoreView, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        late = view.faults.late_writes
-        if not late or view.draining or view._rng.random() >= late:
-            return await method(view, *args, **kwargs)
-        await view._hop()
-        delay = LATE_WRITE_TIMEOUT * (1.0 + view._rng.random())
-        target = view._shared if method.__name__ == "commit" else view._spends
-        command = cast(Callable[..., Coroutine[Any, Any, object]], getattr(target, method.__name__))
-
-        async def apply_later() -> None:
-            await view._world.sleep(delay)
-            with contextlib.suppress(StoreUnavailable):
-                await command(*args, **kwargs)
-
-        task = asyncio.ensure_future(apply_later())
-        view._late.add(task)
-        task.add_done_callback(view._late.discard)
-        await view._world.sleep(LATE_WRITE_TIMEOUT)
-        raise StoreUnavailable("simulated: timed out (the command is applied later)")
-
-    return write
-
-
 # ---- the store --------------------------------------------------------------------------------
 
 
@@ -810,9 +788,8 @@ class Inbox:
             waiter.set_result(None)  # the store closed: no delay
             return
         self.pending = True
-        # (loop.call_soon, inlined: where the woken reader's step would have been queued.)
-        loop: Any = self._loop
-        loop._ready.append(_Handle(self._arrive, (), loop, _TIMER_CONTEXT))
+        # (Where the woken reader's step would have been queued.)
+        self._loop.call_soon(self._arrive, context=_TIMER_CONTEXT)
 
     def _arrive(self) -> None:
         """What the reader woken by a notice would have done first: look whether it hears,
@@ -827,11 +804,10 @@ class Inbox:
         if not self._look():
             waiter.set_result(None)
             return
-        loop: Any = self._loop
+        loop = self._loop
         self.due = due = loop.now + NOTICE_DELAY
         self.delivered = False
-        timer = _Timer(due, self._deliver, (), loop, _TIMER_CONTEXT)
-        heapq.heappush(loop._scheduled, (due, float("nan"), timer))
+        loop.call_at(due, self._deliver, context=_TIMER_CONTEXT)
 
     def _deliver(self) -> None:
         """The delivery delay is over: wake the reader (wherever it waits for it)."""
@@ -962,8 +938,10 @@ class SimMemoryStore(MemoryStore):
             self.acknowledged = self.snapshot()
 
 
-class SimStoreView:
-    """One replica's connection to the shared MemoryStore, with that connection's faults."""
+class StoreLink:
+    """One replica's connection to the shared MemoryStore: where its commands go, what they
+    cost (a hop each way), and what the connection does wrong right now (`faults`). The store's
+    roles (below) send every command through it; SimStoreView is all of them."""
 
     def __init__(
         self,
@@ -1036,141 +1014,230 @@ class SimStoreView:
         if self._rng.random() < self.faults.lose_replies:
             raise StoreUnavailable("simulated: timeout after the write was applied")
 
-    async def load(self, app: str) -> TokenSet | None:
-        """Load, failing as the faults say; a set written under a key we lack is unreadable."""
-        self.loads += 1
-        await self._hop()
-        token = await self._shared.load(app)
-        await self._hop()
-        after = self.faults.unreadable_after
-        if token is not None and after is not None and self._written_at.get(app, -1.0) >= after:
-            # Written by a replica that already encrypts under a key this one lacks.
-            raise UnreadableTokenSet(
-                "simulated: unknown key", rank=token.rank, version=token.version
-            )
-        return token
+    def _goes_late(self) -> bool:
+        """Whether a write goes late now (the `late_writes` fault; one draw when it is on)."""
+        late = self.faults.late_writes
+        return bool(late) and not self.draining and self._rng.random() < late
 
-    async def load_many(self, apps: Sequence[str]) -> dict[str, TokenSet]:
-        """Load several apps in one round trip."""
+    async def _apply_late(
+        self, target: Callable[[], object], name: str, args: Any, kwargs: Any
+    ) -> Any:
+        """A write that reaches the store only after its client timed out: the client sees a
+        timeout, and the command (`name` of the store `target` names once it left) applies
+        later."""
         await self._hop()
-        found = await self._shared.load_many(apps)
-        await self._hop()
-        after = self.faults.unreadable_after
-        if after is None:
-            return found
-        return {a: t for a, t in found.items() if self._written_at.get(a, -1.0) < after}
+        delay = LATE_WRITE_TIMEOUT * (1.0 + self._rng.random())
+        command = cast(Callable[..., Coroutine[Any, Any, object]], getattr(target(), name))
 
-    @_may_apply_late
-    async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:
-        """Commit, possibly losing the answer after applying it."""
-        await self._hop()
-        before = self._shared.state.tokens.get(app)
-        # The store stamps the writer's protocol version, as the Redis scripts of its code do.
-        self._shared.protocol = self.protocol
-        try:
-            result = await self._shared.commit(app, token, fence=fence)
-        finally:
-            self._shared.protocol = PROTOCOL_VERSION
-        if self._shared.state.tokens.get(app) is not before:
-            self._written_at[app] = self._world.now
-        self._maybe_lose()
-        await self._hop()
-        return result
+        async def apply_later() -> None:
+            await self._world.sleep(delay)
+            with contextlib.suppress(StoreUnavailable):
+                await command(*args, **kwargs)
 
-    @_may_apply_late
-    async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
-        """Acquire, possibly losing the answer after applying it."""
-        self.lease_requests += 1
-        await self._hop()
-        result = await self._spends.acquire_lease(app, owner, ttl)
-        self._maybe_lose()
-        await self._hop()
-        return result
+        task = asyncio.ensure_future(apply_later())
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+        await self._world.sleep(LATE_WRITE_TIMEOUT)
+        raise StoreUnavailable("simulated: timed out (the command is applied later)")
 
-    @_may_apply_late
-    async def release_lease(self, app: str, owner: str, fence: int) -> None:
-        """Release."""
-        await self._hop()
-        await self._spends.release_lease(app, owner, fence)
-        self._maybe_lose()
-
-    @_may_apply_late
-    async def begin_spend(
-        self,
-        app: str,
-        *,
-        owner: str,
-        fence: int,
-        token: TokenSet,
-        retry_within: float = 0.0,
-        resolved_fence: int = 0,
-    ) -> SpendStart:
-        """Announce a spend, possibly losing the answer after applying it."""
-        await self._hop()
-        self.phases.reached("announcing", self.name)
-        result = await self._spends.begin_spend(
-            app,
-            owner=owner,
-            fence=fence,
-            token=token,
-            retry_within=retry_within,
-            resolved_fence=resolved_fence,
+    def _dropped(self, restarts: int, moves: int) -> bool:
+        """A subscription made at (`restarts`, `moves`) is cut off now."""
+        return (
+            self.faults.partitioned
+            or self._outage
+            or self.restarts[0] != restarts
+            or self.moves != moves
         )
-        if result in (SpendStart.OK, SpendStart.RETRY):
-            self.phases.reached("announced", self.name)
-        self._maybe_lose()
-        await self._hop()
-        return result
 
-    @_may_apply_late
-    async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
-        """Mark a spend sent, possibly losing the answer after applying it."""
-        if self.draining and not self.dead and self.server is not None:
-            self.server.sent_after_sigterm += 1
-        await self._hop()
-        result = await self._spends.mark_sent(app, owner=owner, fence=fence)
-        if result:
-            self.marked_sent_at = self._world.now
-            self.phases.reached("sent", self.name)
-        self._maybe_lose()
-        await self._hop()
-        return result
+    def move_to(self, store: SimMemoryStore) -> None:
+        """Connect to another primary from now on; the subscription drops and reconnects."""
+        self._shared = store
+        self.moves += 1
+        self._watch.poke()
 
-    async def load_spend(self, app: str) -> SpendRecord | None:
-        """The spend record."""
-        await self._hop()
-        record = await self._spends.load_spend(app)
-        await self._hop()
-        return record
 
-    @_may_apply_late
-    async def veto_spend(
-        self, app: str, *, refresh_fp: str, protects: tuple[str, int] | None = None
-    ) -> bool:
-        """Veto an announced spend."""
-        await self._hop()
-        result = await self._spends.veto_spend(app, refresh_fp=refresh_fp, protects=protects)
-        self._maybe_lose()
-        return result
+# How one replica's connection wraps each role of the store: every command of a role goes the
+# one way `command` sends it (a hop there; the store; a reply that may be lost; a hop back).
+# A role's wrapper only says, per command, which store it goes to, whether it is a write, and
+# what the world notes about it (the phases of a spend, who wrote which set).
 
-    @_may_apply_late
-    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
-        """End a spend, possibly losing the answer after applying it."""
-        await self._hop()
-        await self._spends.end_spend(app, owner=owner, fence=fence, outcome=outcome)
-        self.marked_sent_at = None  # ended: no longer a spend marked sent and maybe unsent
-        self._maybe_lose()
 
-    @_may_apply_late
-    async def refuse_token(self, app: str, access_fp: str, *, interval: float) -> Refusal:
-        """Record a refused access token, possibly losing the answer after applying it."""
-        await self._hop()
-        result = await self._shared.refuse_token(app, access_fp, interval=interval)
-        if result is Refusal.RECORDED:
-            self.refusals.append((self._world.now, access_fp))
-        self._maybe_lose()
-        await self._hop()
-        return result
+def command(
+    method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]],
+    *,
+    to: Callable[[StoreLink], object] = lambda link: link._shared,
+    late: bool = False,
+    lose: bool = False,
+    back: bool = True,
+    start: Callable[[StoreLink], None] | None = None,
+    call: Callable[[StoreLink, Callable[[], Coroutine[Any, Any, R]], Any], Coroutine[Any, Any, R]]
+    | None = None,
+    finish: Callable[[StoreLink, R, Any], R] | None = None,
+) -> Callable[Concatenate[StoreLink, P], Coroutine[Any, Any, R]]:
+    """The role's `method` (its protocol's: the signature is the protocol's) over a connection:
+    sent to the store `to` names when it arrives, after a hop.
+
+    `late`: a write that may apply only after its client timed out (`late_writes`); `lose`: a
+    write whose answer may be lost after it applied (`lose_replies`); `back`: an answer comes
+    back (a second hop). The world's notes: `start` before it leaves, `call` around the store's
+    own call (given the call and the link's arguments), `finish` on the answer that came back.
+    """
+    name = method.__name__
+
+    async def send(link: StoreLink, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if late and link._goes_late():
+            return cast(R, await link._apply_late(lambda: to(link), name, args, kwargs))
+        if start is not None:
+            start(link)
+        await link._hop()
+        run = cast(Callable[P, Coroutine[Any, Any, R]], getattr(to(link), name))
+        if call is None:
+            result = await run(*args, **kwargs)
+        else:
+            result = await call(link, lambda: run(*args, **kwargs), (args, kwargs))
+        if lose:
+            link._maybe_lose()
+        if back:
+            await link._hop()
+        return result if finish is None else finish(link, result, (args, kwargs))
+
+    send.__name__ = send.__qualname__ = name
+    send.__doc__ = method.__doc__
+    return send
+
+
+def _spends(link: StoreLink) -> object:
+    return link._spends
+
+
+# ---- token sets
+
+
+def _count_load(link: StoreLink) -> None:
+    link.loads += 1
+
+
+def _unreadable(link: StoreLink, token: TokenSet | None, call: Any) -> TokenSet | None:
+    """A set written under a key this replica lacks (by one that already encrypts under it)."""
+    after = link.faults.unreadable_after
+    app = call[0][0]
+    if token is not None and after is not None and link._written_at.get(app, -1.0) >= after:
+        raise UnreadableTokenSet("simulated: unknown key", rank=token.rank, version=token.version)
+    return token
+
+
+def _readable(link: StoreLink, found: dict[str, TokenSet], call: Any) -> dict[str, TokenSet]:
+    """The sets this replica can open (see `_unreadable`)."""
+    after = link.faults.unreadable_after
+    if after is None:
+        return found
+    return {a: t for a, t in found.items() if link._written_at.get(a, -1.0) < after}
+
+
+async def _stamped(
+    link: StoreLink, run: Callable[[], Coroutine[Any, Any, Commit]], call: Any
+) -> Commit:
+    """A commit: the store stamps the writer's protocol version (as the Redis scripts of its
+    code do), and the world notes when the app's stored set last changed."""
+    app = call[0][0]
+    before = link._shared.state.tokens.get(app)
+    link._shared.protocol = link.protocol
+    try:
+        result = await run()
+    finally:
+        link._shared.protocol = PROTOCOL_VERSION
+    if link._shared.state.tokens.get(app) is not before:
+        link._written_at[app] = link._world.now
+    return result
+
+
+async def _noted_refusal(
+    link: StoreLink, run: Callable[[], Coroutine[Any, Any, Refusal]], call: Any
+) -> Refusal:
+    result = await run()
+    if result is Refusal.RECORDED:
+        link.refusals.append((link._world.now, call[0][1]))
+    return result
+
+
+class SetsFaults(StoreLink):
+    """The TokenSets role over the connection: a set written under a key this replica lacks
+    is unreadable here."""
+
+    load = command(TokenSets.load, start=_count_load, finish=_unreadable)
+    load_many = command(TokenSets.load_many, finish=_readable)
+    commit = command(TokenSets.commit, late=True, lose=True, call=_stamped)
+    refuse_token = command(TokenSets.refuse_token, late=True, lose=True, call=_noted_refusal)
+
+
+# ---- the spend ledger
+
+
+def _count_lease(link: StoreLink) -> None:
+    link.lease_requests += 1
+
+
+async def _announcing(
+    link: StoreLink, run: Callable[[], Coroutine[Any, Any, SpendStart]], call: Any
+) -> SpendStart:
+    link.phases.reached("announcing", link.name)
+    result = await run()
+    if result in (SpendStart.OK, SpendStart.RETRY):
+        link.phases.reached("announced", link.name)
+    return result
+
+
+def _sending_after_sigterm(link: StoreLink) -> None:
+    if link.draining and not link.dead and link.server is not None:
+        link.server.sent_after_sigterm += 1
+
+
+async def _marking(
+    link: StoreLink, run: Callable[[], Coroutine[Any, Any, bool]], call: Any
+) -> bool:
+    result = await run()
+    if result:
+        link.marked_sent_at = link._world.now
+        link.phases.reached("sent", link.name)
+    return result
+
+
+async def _ending(link: StoreLink, run: Callable[[], Coroutine[Any, Any, None]], call: Any) -> None:
+    await run()
+    link.marked_sent_at = None  # ended: no longer a spend marked sent and maybe unsent
+
+
+class LedgerFaults(StoreLink):
+    """The SpendLedger role over the connection (to the spend store of its protocol version)."""
+
+    acquire_lease = command(
+        SpendLedger.acquire_lease, to=_spends, late=True, lose=True, start=_count_lease
+    )
+    release_lease = command(SpendLedger.release_lease, to=_spends, late=True, lose=True, back=False)
+    begin_spend = command(
+        SpendLedger.begin_spend, to=_spends, late=True, lose=True, call=_announcing
+    )
+    mark_sent = command(
+        SpendLedger.mark_sent,
+        to=_spends,
+        late=True,
+        lose=True,
+        start=_sending_after_sigterm,
+        call=_marking,
+    )
+    load_spend = command(SpendLedger.load_spend, to=_spends)
+    veto_spend = command(SpendLedger.veto_spend, to=_spends, late=True, lose=True, back=False)
+    end_spend = command(
+        SpendLedger.end_spend, to=_spends, late=True, lose=True, back=False, call=_ending
+    )
+
+
+# ---- notices
+
+
+class NoticeFaults(StoreLink):
+    """The Notices role over the connection: a subscription that a partition, an outage, a
+    restart or a move cuts off, that may go half-open, and that may lose notices."""
 
     async def updates(self) -> AsyncIterator[Notice]:
         """Notices, until this connection breaks.
@@ -1257,25 +1324,23 @@ class SimStoreView:
             store._subscribers.discard(inbox)
             self._watch.forget(inbox)
 
-    def _dropped(self, restarts: int, moves: int) -> bool:
-        """A subscription made at (`restarts`, `moves`) is cut off now."""
-        return (
-            self.faults.partitioned
-            or self._outage
-            or self.restarts[0] != restarts
-            or self.moves != moves
-        )
+    heartbeat = command(Notices.heartbeat, back=False)
 
-    def move_to(self, store: SimMemoryStore) -> None:
-        """Connect to another primary from now on; the subscription drops and reconnects."""
-        self._shared = store
-        self.moves += 1
-        self._watch.poke()
 
-    async def heartbeat(self) -> None:
-        """Publish a heartbeat notice."""
-        await self._hop()
-        await self._shared.heartbeat()
+# ---- fleet signals, the server clock, the connection itself
+
+
+class SignalFaults(StoreLink):
+    """The FleetSignals role over the connection."""
+
+    record_failure = command(FleetSignals.record_failure, lose=True, back=False)
+    load_failure = command(FleetSignals.load_failure, back=False)
+    clear_failure = command(FleetSignals.clear_failure, lose=True, back=False)
+    take_budget = command(FleetSignals.take_budget, back=False)
+
+
+class ClockFaults(StoreLink):
+    """The ServerClock role over the connection: each way slower while `TIME` is slow."""
 
     async def server_time(self) -> float:
         """The store's clock, after a hop (each way slower while `TIME` round trips are slow)."""
@@ -1287,31 +1352,9 @@ class SimStoreView:
             await self._world.sleep(self._rng.random() * self.faults.slow_time)
         return now
 
-    async def record_failure(
-        self, app: str, *, failures: int, not_before: float, error: str, permanent: bool
-    ) -> None:
-        """Share a failure, possibly losing the answer after applying it."""
-        await self._hop()
-        await self._shared.record_failure(
-            app, failures=failures, not_before=not_before, error=error, permanent=permanent
-        )
-        self._maybe_lose()
 
-    async def load_failure(self, app: str) -> FailureRecord | None:
-        """The shared failure record."""
-        await self._hop()
-        return await self._shared.load_failure(app)
-
-    async def clear_failure(self, app: str) -> None:
-        """Forget the failure record."""
-        await self._hop()
-        await self._shared.clear_failure(app)
-        self._maybe_lose()
-
-    async def take_budget(self, app: str, limit_per_minute: int, now: float) -> tuple[bool, float]:
-        """Count a request against the fleet budget."""
-        await self._hop()
-        return await self._shared.take_budget(app, limit_per_minute, now)
+class LifecycleFaults(StoreLink):
+    """The Lifecycle role over the connection."""
 
     async def ping(self) -> None:
         """Answer unless unreachable."""
@@ -1319,6 +1362,13 @@ class SimStoreView:
 
     async def close(self) -> None:
         """Nothing to close."""
+
+
+class SimStoreView(
+    SetsFaults, LedgerFaults, NoticeFaults, SignalFaults, ClockFaults, LifecycleFaults
+):
+    """One replica's connection to the shared MemoryStore, with that connection's faults: every
+    role of the store (a TokenStore)."""
 
 
 # ---- replicas ---------------------------------------------------------------------------------
