@@ -353,11 +353,9 @@ class AppRefresher:
                 return
             waiter: asyncio.Future[None] = loop.create_future()
             self._successor_waiters.add(waiter)
-            timer = asyncio.ensure_future(self._clock.sleep(left))
             try:
-                await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
+                await wait_within(self._clock, waiter, left)
             finally:
-                timer.cancel()
                 waiter.cancel()
                 self._successor_waiters.discard(waiter)
 
