@@ -12,9 +12,9 @@ import collections
 import random
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, assert_never
 
-from broker import policy, tracing
+from broker import events, policy, tracing
 from broker.clock import Clock, Wake, wait_within
 from broker.errors import (
     NeedsAuthorization,
@@ -25,6 +25,7 @@ from broker.errors import (
     TokenUnavailable,
     TransientTokenError,
 )
+from broker.events import EventHook
 from broker.fleet import (
     Adopted,
     Blocked,
@@ -40,10 +41,24 @@ from broker.fleet import (
     Timing,
 )
 from broker.fleetclock import FleetClock
-from broker.logs import SECRETS, audit, get_logger
-from broker.metrics import Metrics
+from broker.logs import SECRETS, get_logger
 from broker.model import AppSpec, AppState, GrantType, TokenSet
 from broker.oauth import TokenSource
+from broker.schedule import (
+    BLOCKED_RETRY,
+    BUSY_POLL,
+    MAX_SLEEP,
+    Failed,
+    Now,
+    Schedule,
+    Why,
+    adopted,
+    app_state,
+    credentials_changed,
+    needing_authorization,
+    next_schedule,
+    purged,
+)
 from broker.service import AppStatus
 from broker.store import (
     LEASE,
@@ -68,22 +83,11 @@ FORCE_WINDOW = 60.0
 PURGE_INTERVAL = 10.0
 # How long a caller without a servable token waits for a refresh in flight.
 CALLER_WAIT = 5.0
-# The loop wakes at least this often: it re-reads the wall clock and checks the store.
-MAX_SLEEP = 30.0
 
 
 # How long a read of the store waits to measure the fleet clock first, while it never was (the
 # store did not answer at start): the store that answers the read answers `TIME` too.
 CLOCK_FIRST_WAIT = 3.0
-
-# Shortest wait before trying again after the lease was busy or lost.
-LEASE_RETRY = 0.25
-# How often a refresh blocked on the store is tried again (a reconnect also wakes it).
-BLOCKED_RETRY = 5.0
-# While another replica holds the lease (which covers a whole spend, about 12 s), the store is
-# looked at again at least this often: the holder's notice usually comes first, but a
-# subscription still reconnecting after an outage misses it.
-BUSY_POLL = 1.0
 
 
 def drain_bound(timing: Timing, *, spends: bool) -> float:
@@ -108,7 +112,7 @@ class AppRefresher:
         source: TokenSource,
         store: TokenStore,
         clock: Clock,
-        metrics: Metrics,
+        on_event: EventHook,
         *,
         owner: str,
         rng: random.Random | None = None,
@@ -129,7 +133,8 @@ class AppRefresher:
         # This pod's own clock, when `clock` keeps another frame (the fleet's, the store's
         # clock): a token is served only while both say it may be (issue 20, M3).
         self._host = host_clock if host_clock is not None else clock
-        self._metrics = metrics
+        # Every metric and audit line goes out as an event (broker/observe.py counts them).
+        self._emit = on_event
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not crypto
         self.fleet = FleetProtocol(
             spec.name,
@@ -144,9 +149,7 @@ class AppRefresher:
                 timing if timing is not None else Timing(),
                 read_timeout=spec.refresh.read_timeout,
             ),
-            on_lease=lambda outcome: metrics.lease_total.labels(
-                app=spec.name, outcome=outcome
-            ).inc(),
+            on_lease=lambda outcome: self._emit(events.LeaseAsked(spec.name, outcome)),
             budget_per_minute=spec.max_token_requests_per_minute,
             store_name=bound_name(spec.name, self.binding),
         )
@@ -155,8 +158,8 @@ class AppRefresher:
         self.last_refresh_at: float | None = None
         self.last_error: str | None = None
         self.failures = 0
-        self._needs_authorization: str | None = None
-        self._blocked: str | None = None
+        # When the next attempt is and why, with what holds until a new set (broker/schedule).
+        self.schedule = Schedule()
         self._unsynced = False  # our set may be newer than the store's: write it back
         self._dirty = True  # the store may have changed: look before the next decision
         # The store held our set when we last read it, committed it, or heard a `token` notice
@@ -165,28 +168,23 @@ class AppRefresher:
         # before each attempt, most of them only to be told the lease was busy.
         self._view_known = False
         self._last_sync = float("-inf")
-        # Monotonic times: the next attempt, and when the current token stops being valid as
-        # measured on this host's monotonic clock (a wall-clock step changes neither; a step
-        # that shortens the token's life lowers the latter, see `remaining`).
-        self._next_attempt_at = 0.0
         self._attempting = False
         self._attempt_started = 0.0  # the monotonic start of the attempt in flight
         # Another replica was granted the lease (we heard its `lease` notice): no attempt of
         # ours before this, unless its commit or its release is heard first. Without it every
         # replica due at the fleet's due time asked for the lease, and lost it, one by one.
         self._lease_wait_until = float("-inf")
+        # When the current token stops being valid as measured on this host's monotonic
+        # clock (a wall-clock step does not change it; a step that shortens the token's life
+        # lowers it, see `remaining`).
         self._mono_expiry = 0.0
         self._stagger = 0.0
-        self._in_backoff = False
-        self._permanent = False
         self._stopping = False
         self._announced_unknown: set[str] = set()
         # The lineage whose refresh token the server refused as reused: its sets are dead, and
         # adopting one (the other presentation's commit) does not clear needs_authorization.
         self._reused_lineage = 0
         self._blocked_logged: str | None = None
-        self._over_budget = False
-        self._ignore_shared_failure = False
         self._inflight: asyncio.Task[None] | None = None
         self._wake = Wake()
         self._forced: collections.deque[float] = collections.deque()
@@ -257,7 +255,8 @@ class AppRefresher:
             return token
         self._check_min_ttl(min_ttl)
         self._raise_if_needs_authorization()
-        if self._inflight is None and (self._in_backoff or self._blocked or self._stopping):
+        schedule = self.schedule
+        if self._inflight is None and (schedule.backoff or schedule.blocked or self._stopping):
             # During a backoff callers do not trigger extra requests (min_ttl included).
             raise TokenUnavailable(self._unavailable_message(), retry_after=self._retry_in())
         if self._inflight is None and min_ttl > 0 and self.servable() is not None:
@@ -302,18 +301,15 @@ class AppRefresher:
             )
         except StoreUnavailable:
             # No fleet to tell: refresh alone, as a store outage makes every refresh.
-            self._metrics.token_refused_total.labels(app=self.name, outcome="unrecorded").inc()
+            self._emit(events.TokenRefused(self.name, "unrecorded", refused_fp))
             return await self.force()
-        self._metrics.token_refused_total.labels(app=self.name, outcome=answer.value).inc()
+        # (A recorded refusal is also an audit line: token.refused.)
+        self._emit(events.TokenRefused(self.name, answer.value, refused_fp))
         if answer is Refusal.LIMITED:
             raise RateLimited(
                 f"an access token of {self.name} was purged less than "
                 f"{PURGE_INTERVAL:.0f} seconds ago",
                 retry_after=PURGE_INTERVAL,
-            )
-        if answer is Refusal.RECORDED:
-            audit(
-                log, "token.refused", level="warning", app=self.name, token_fingerprint=refused_fp
             )
         if answer is Refusal.STALE:
             self.notify_store_changed()  # the store holds another set: adopt it
@@ -332,8 +328,8 @@ class AppRefresher:
         if token is None or token.fingerprint != refused_fp:
             return
         self._refused_fp = refused_fp
-        if not self._in_backoff:
-            self._next_attempt_at = min(self._next_attempt_at, self._clock.monotonic())
+        if not self.schedule.backoff:
+            self.schedule = purged(self.schedule, self._clock.monotonic())
             self._wake.set()
 
     async def _wait_for_successor(self, refused_fp: str) -> None:
@@ -345,8 +341,8 @@ class AppRefresher:
             self.token is not None
             and self.token.fingerprint == refused_fp
             and not self._stopping
-            and self._needs_authorization is None
-            and not self._in_backoff
+            and self.schedule.needs_authorization is None
+            and not self.schedule.backoff
         ):
             left = deadline - self._clock.monotonic()
             if left <= 0:
@@ -395,12 +391,12 @@ class AppRefresher:
         While an attempt is in flight, the time it started: an attempt that hangs shows as
         an ever older time, which the alert on a stalled refresh looks for.
         """
-        if self._needs_authorization is not None or self._stopping:
+        if self.schedule.needs_authorization is not None or self._stopping:
             return None
         mono = self._clock.monotonic()
         if self._attempting:
             return self._clock.time() - (mono - self._attempt_started)
-        return self._clock.time() + max(0.0, self._next_attempt_at - mono)
+        return self._clock.time() + max(0.0, self.schedule.at - mono)
 
     def _check_min_ttl(self, min_ttl: float) -> None:
         token = self.token
@@ -410,10 +406,9 @@ class AppRefresher:
             )
 
     def _raise_if_needs_authorization(self) -> None:
-        if self._needs_authorization is not None:
-            raise NeedsAuthorization(
-                f"app {self.name} needs authorization: {self._needs_authorization}"
-            )
+        reason = self.schedule.needs_authorization
+        if reason is not None:
+            raise NeedsAuthorization(f"app {self.name} needs authorization: {reason}")
         if self.fleet.outcome_unknown(self.token) and self.servable() is None:
             raise NeedsAuthorization(
                 f"app {self.name} needs authorization: {self.last_error or 'grant outcome unknown'}"
@@ -433,7 +428,7 @@ class AppRefresher:
         return f"no valid token for {self.name}"
 
     def _retry_in(self) -> float:
-        return max(1.0, self._next_attempt_at - self._clock.monotonic())
+        return max(1.0, self.schedule.at - self._clock.monotonic())
 
     async def _wait_for_refresh(self) -> None:
         if self._stopping:
@@ -451,7 +446,7 @@ class AppRefresher:
         """
         read = await self._sync() if self._dirty else True
         if fresh and not self.grant_spends:
-            self._next_attempt_at = 0.0
+            self.schedule = replace(self.schedule, at=0.0, why=Why.DUE)
         if self.token is None and self.grant_spends and read:
             # Only when the store says so: a store that is down, or a set under a key this
             # replica lacks, blocks refreshing instead (503), and asks no one to authorize.
@@ -459,8 +454,8 @@ class AppRefresher:
         while not self._stopping:
             if self._dirty or self._unsynced or self._sync_overdue():
                 await self._sync()
-            delay = max(self._next_attempt_at, self._lease_wait_until) - self._clock.monotonic()
-            if self._needs_authorization is not None:
+            delay = max(self.schedule.at, self._lease_wait_until) - self._clock.monotonic()
+            if self.schedule.needs_authorization is not None:
                 await self._sleep_or_wake(MAX_SLEEP)
             elif delay > 0:
                 await self._sleep_or_wake(min(delay, MAX_SLEEP))
@@ -638,10 +633,8 @@ class AppRefresher:
 
         This replica then also ignores the fleet's shared backoff once: the fix is new here.
         """
-        if self._permanent or self.failures:
-            self._next_attempt_at = 0.0
-            self._in_backoff = False
-            self._ignore_shared_failure = True
+        if self.schedule.permanent or self.failures:
+            self.schedule = credentials_changed(self.schedule)
             self._wake.set()
 
     def wake(self) -> None:
@@ -708,7 +701,8 @@ class AppRefresher:
         started = self._attempt_started = self._clock.monotonic()
         self._attempting = True
         self._set_state(AppState.REFRESHING)
-        ignore_shared_failure, self._ignore_shared_failure = self._ignore_shared_failure, False
+        ignore_shared_failure = self.schedule.fresh_credentials
+        self.schedule = replace(self.schedule, fresh_credentials=False)
         await self._measure_clock_first()
         with tracing.span(
             "token_broker.refresh", app=self.name, grant_type=str(self.spec.grant_type)
@@ -740,7 +734,7 @@ class AppRefresher:
                 self._record_outcome(outcome, started)
             finally:
                 self._attempting = False
-                self._set_state(self._steady_state())
+                self._settle()
                 span.set("state", str(self.state))
 
     async def _fetch(self, refresh_token: str | None) -> TokenSet:
@@ -774,24 +768,20 @@ class AppRefresher:
         # The due time is the fleet's (derived from the token); the stagger is this replica's.
         self._stagger = self._rng.random()
         due = policy.fleet_refresh_due(token, self.spec.refresh, self._stagger)
-        self._next_attempt_at = mono + (due - wall)
-        if token.fingerprint == self._refused_fp:
-            self._next_attempt_at = mono  # a refused token (read back from the store)
-        self._in_backoff = False
-        self._permanent = False
-        self._blocked = None
-        self.fleet.forget_spent(token)
-        self._metrics.token_expiry.labels(app=self.name).set(token.expires_at)
-        if (
+        # A refused token (read back from the store) is due now.
+        at = mono if token.fingerprint == self._refused_fp else mono + (due - wall)
+        new_grant = bool(
             token.refresh_token
             and (previous is None or token.rank > previous.rank)
             and token.lineage > self._reused_lineage
-        ):
-            self._needs_authorization = None
+        )
+        self.schedule = adopted(self.schedule, at, new_grant=new_grant)
+        self.fleet.forget_spent(token)
+        self._emit(events.TokenAdopted(self.name, token.expires_at))
         if source == "store":
             self.failures = 0
             self.last_error = None
-            self._metrics.refresh_blocked.labels(app=self.name).set(0)
+            self._emit(events.Unblocked(self.name))
             log.info(
                 "token.loaded",
                 app=self.name,
@@ -799,7 +789,7 @@ class AppRefresher:
                 generation=token.generation,
                 expires_at=round(token.expires_at, 3),
             )
-        self._metrics.set_next_refresh(self.name, self.next_refresh_at())
+        self._emit(events.ScheduleChanged(self.name, self.next_refresh_at()))
         for listener in self._listeners:
             listener(token)
         self._wake_successor_waiters()
@@ -807,66 +797,71 @@ class AppRefresher:
     # ---- outcomes ------------------------------------------------------------------------
 
     def _record_outcome(self, outcome: Outcome, started: float) -> None:
-        mono = self._clock.monotonic()
-        if isinstance(outcome, Fetched):
-            self._adopt(outcome.token, source="refresh", sent_mono=outcome.sent_mono)
-            self._unsynced = not outcome.persisted
-            self._view_known = outcome.persisted
-            self._record_success(started)
-        elif isinstance(outcome, Adopted):
-            pass  # adopted by the protocol already
-        elif isinstance(outcome, Busy):
-            # Another replica is refreshing: its notice wakes us; else look again soon.
-            self._next_attempt_at = mono + max(LEASE_RETRY, min(outcome.wait, BUSY_POLL))
-        elif isinstance(outcome, Deferred):
-            self._defer(outcome)
-        elif isinstance(outcome, OverBudget):
-            self._next_attempt_at = mono + max(LEASE_RETRY, outcome.retry_after)
-            self._in_backoff = True
-            self._metrics.budget_refusals.labels(app=self.name).inc()
-            if not self._over_budget:
-                self._over_budget = True
-                log.warning(
-                    "refresh.over_budget",
-                    app=self.name,
-                    limit_per_minute=self.spec.max_token_requests_per_minute,
-                    retry_in=round(outcome.retry_after, 3),
-                )
-        elif isinstance(outcome, ReuseDetected):
-            self._record_reuse(outcome, started)
-        elif isinstance(outcome, Blocked):
-            self._blocked = outcome.reason
-            self.last_error = f"refresh blocked: {outcome.reason}"
-            # Soon once nothing is servable, to serve again as soon as the store is back; an
-            # unreadable set is not fixed by retrying (its replacement's notice wakes us).
-            retry = max(LEASE_RETRY, self._servable_left())
-            if outcome.unreadable:
-                retry = BLOCKED_RETRY
-            self._next_attempt_at = mono + min(BLOCKED_RETRY, retry)
-            self._metrics.refresh_blocked.labels(app=self.name).set(1)
-            if self._blocked_logged != outcome.reason:
-                log.warning("refresh.blocked", app=self.name, reason=outcome.reason)
-        else:
-            self._record_unknown(outcome, started)
+        """Account for what the attempt did, then schedule the next one (broker/schedule)."""
+        duration = self._clock.monotonic() - started
+        match outcome:
+            case Fetched():
+                self._adopt(outcome.token, source="refresh", sent_mono=outcome.sent_mono)
+                self._unsynced = not outcome.persisted
+                self._view_known = outcome.persisted
+                self.failures = 0
+                self.last_error = None
+                self.last_refresh_at = self._clock.time()
+                self._emit(events.Refreshed(self.name, outcome.token, duration))
+            case Deferred():
+                self.failures = max(self.failures, outcome.failures)
+                self.last_error = outcome.error
+            case OverBudget():
+                self._emit(events.OverBudget(self.name))
+                if not self.schedule.over_budget:
+                    log.warning(
+                        "refresh.over_budget",
+                        app=self.name,
+                        limit_per_minute=self.spec.max_token_requests_per_minute,
+                        retry_in=round(outcome.retry_after, 3),
+                    )
+            case ReuseDetected():
+                # Our own sent refresh token was refused as spent: the grant is lost. Not
+                # swallowed by adopting a newer stored set: that set came from the other
+                # presentation of the same token, revoked with the grant.
+                self.failures += 1
+                self.last_error = f"permanent: {outcome.reason}"
+                self._emit(events.GrantReused(self.name, outcome.reason, self.failures, duration))
+                if self.token is not None:
+                    self._reused_lineage = max(self._reused_lineage, self.token.lineage)
+            case Blocked():
+                self.last_error = f"refresh blocked: {outcome.reason}"
+                self._emit(events.Blocked(self.name, outcome.reason))
+                if self._blocked_logged != outcome.reason:
+                    log.warning("refresh.blocked", app=self.name, reason=outcome.reason)
+            case OutcomeUnknown():
+                self._record_unknown(outcome, duration)
+            case Adopted() | Busy():
+                pass  # adopted by the protocol already; or another replica is refreshing
+            case _:
+                assert_never(outcome)
         if not isinstance(outcome, Blocked):
-            self._metrics.refresh_blocked.labels(app=self.name).set(0)
+            self._emit(events.Unblocked(self.name))
         self._blocked_logged = outcome.reason if isinstance(outcome, Blocked) else None
+        self._reschedule(next_schedule(self.schedule, outcome, self._now(outcome)))
 
-    def _defer(self, outcome: Deferred) -> None:
-        """Back off with the fleet: wait for the shared `not_before`, capped like Retry-After."""
-        now = self._clock.time()
-        wait = outcome.not_before - now
+    def _now(self, outcome: Outcome | None = None) -> Now:
+        """The moment as `next_schedule` reads it."""
+        wall = self._clock.time()
         token = self.token
-        if token is not None and token.expires_at > now:
-            # Never wait so long that the current token falls inside the safety margin.
-            wait = min(wait, policy.serve_deadline(token, self.spec.refresh) - now)
-        self._next_attempt_at = self._clock.monotonic() + max(policy.MIN_RETRY, wait)
-        self._in_backoff = True
-        self._permanent = outcome.permanent
-        self.failures = max(self.failures, outcome.failures)
-        self.last_error = outcome.error
+        deadline = None
+        if token is not None and token.expires_at > wall:
+            deadline = policy.serve_deadline(token, self.spec.refresh)
+        return Now(
+            mono=self._clock.monotonic(),
+            wall=wall,
+            servable_left=self._servable_left(),
+            serve_deadline=deadline,
+            may_retry=isinstance(outcome, OutcomeUnknown)
+            and self.fleet.may_retry(outcome.refresh_fp),
+        )
 
-    def _record_unknown(self, outcome: OutcomeUnknown, started: float) -> None:
+    def _record_unknown(self, outcome: OutcomeUnknown, duration: float) -> None:
         """The grant is at risk: say so at once, keep serving, and keep watching the store."""
         self.last_error = (
             f"grant at risk: {outcome.reason}; if no replica stored a newer set, "
@@ -874,67 +869,11 @@ class AppRefresher:
         )
         if outcome.error is not None:
             self.failures += 1
-            self._metrics.refresh_total.labels(app=self.name, outcome="transient_error").inc()
-            self._metrics.refresh_duration.observe(self._clock.monotonic() - started)
-            self._metrics.refresh_failures_consecutive.labels(app=self.name).set(self.failures)
+            self._emit(events.AnswerLost(self.name, self.failures, duration))
         if outcome.refresh_fp not in self._announced_unknown:
             self._announced_unknown.add(outcome.refresh_fp)
-            self._metrics.grant_outcome_unknown.labels(app=self.name).inc()
-            audit(
-                log,
-                "grant.outcome_unknown",
-                level="error",
-                app=self.name,
-                reason=outcome.reason,
-                grace=self.spec.refresh.reuse_grace,
-            )
-        # Nothing to request: look at the store again on the next turn, and no later than when
-        # the token stops being servable, so that the state turns to needs_authorization then.
-        # A grace retry that is still allowed is tried at once: the window is short (H2).
-        servable_left = self._servable_left()
-        wait = min(MAX_SLEEP, max(LEASE_RETRY, servable_left)) if servable_left > 0 else MAX_SLEEP
-        if self.fleet.may_retry(outcome.refresh_fp):
-            wait = LEASE_RETRY
-        self._next_attempt_at = self._clock.monotonic() + wait
-
-    def _record_reuse(self, outcome: ReuseDetected, started: float) -> None:
-        """Our own sent refresh token was refused as spent: the grant is lost; say so loudly.
-
-        Not swallowed by adopting a newer stored set: that set came from the other
-        presentation of the same token, and a reuse-detecting server revoked it with the grant.
-        """
-        self.failures += 1
-        self.last_error = f"permanent: {outcome.reason}"
-        self._metrics.refresh_total.labels(app=self.name, outcome="permanent_error").inc()
-        self._metrics.refresh_duration.observe(self._clock.monotonic() - started)
-        self._metrics.refresh_failures_consecutive.labels(app=self.name).set(self.failures)
-        audit(log, "grant.reuse_detected", level="error", app=self.name, reason=outcome.reason)
-        self._permanent = True
-        self._in_backoff = True
-        self._next_attempt_at = self._clock.monotonic() + MAX_SLEEP
-        if self.token is not None:
-            self._reused_lineage = max(self._reused_lineage, self.token.lineage)
-        self._enter_needs_authorization(self.last_error)
-
-    def _record_success(self, started: float) -> None:
-        token = self.token
-        assert token is not None  # just adopted
-        self._over_budget = False
-        self.failures = 0
-        self.last_error = None
-        self.last_refresh_at = self._clock.time()
-        self._metrics.refresh_total.labels(app=self.name, outcome="success").inc()
-        self._metrics.refresh_duration.observe(self._clock.monotonic() - started)
-        self._metrics.refresh_failures_consecutive.labels(app=self.name).set(0)
-        audit(
-            log,
-            "token.refreshed",
-            app=self.name,
-            token_fingerprint=token.fingerprint,
-            generation=token.generation,
-            expires_at=round(token.expires_at, 3),
-            lifetime=round(token.lifetime, 3),
-        )
+            grace = self.spec.refresh.reuse_grace
+            self._emit(events.GrantAtRisk(self.name, outcome.reason, grace))
 
     async def _record_failure(self, exc: TokenEndpointError, started: float) -> None:
         permanent = isinstance(exc, PermanentTokenError | NoGrant)
@@ -947,10 +886,7 @@ class AppRefresher:
         # Consecutive failures of the fleet: the shared record's count carries on here.
         self.failures = max(self.failures, self.fleet.shared_failures) + 1
         self.last_error = _describe(exc)
-        outcome = "permanent_error" if permanent else "transient_error"
-        self._metrics.refresh_total.labels(app=self.name, outcome=outcome).inc()
-        self._metrics.refresh_duration.observe(self._clock.monotonic() - started)
-        self._metrics.refresh_failures_consecutive.labels(app=self.name).set(self.failures)
+        duration = self._clock.monotonic() - started
         retry_after = exc.retry_after if isinstance(exc, TransientTokenError) else None
         now = self._clock.time()
         delay = policy.retry_delay(
@@ -962,9 +898,7 @@ class AppRefresher:
             policy=self.spec.refresh,
             jitter_sample=self._rng.random(),
         )
-        self._next_attempt_at = self._clock.monotonic() + delay
-        self._in_backoff = True
-        self._permanent = permanent
+        self._reschedule(next_schedule(self.schedule, Failed(delay, permanent), self._now()))
         if not isinstance(exc, NoGrant):
             await self.fleet.share_failure(
                 failures=self.failures,
@@ -977,16 +911,10 @@ class AppRefresher:
             or (isinstance(exc, PermanentTokenError) and exc.is_invalid_grant)
         ):
             self._enter_needs_authorization(self.last_error)
-        audit(
-            log,
-            "token.refresh_failed",
-            level="error" if permanent else "warning",
-            app=self.name,
-            error=self.last_error,
-            permanent=permanent,
-            status=exc.status,
-            consecutive_failures=self.failures,
-            retry_in=round(delay, 3),
+        self._emit(
+            events.RefreshFailed(
+                self.name, self.last_error, permanent, exc.status, self.failures, delay, duration
+            )
         )
 
     async def _newer_after_invalid_grant(self) -> bool:
@@ -999,28 +927,35 @@ class AppRefresher:
         return self.token is not None and self.token.rank > before
 
     def _enter_needs_authorization(self, reason: str | None) -> None:
-        if self._needs_authorization is None:
-            self._needs_authorization = reason or "needs authorization"
-            audit(log, "app.needs_authorization", level="error", app=self.name, reason=reason)
+        self._reschedule(needing_authorization(self.schedule, reason))
         self._set_state(AppState.NEEDS_AUTHORIZATION)
 
-    def _steady_state(self) -> AppState:
-        if self._needs_authorization is not None:
-            return AppState.NEEDS_AUTHORIZATION
-        if self.fleet.outcome_unknown(self.token):
-            if self.servable() is None:
-                return AppState.NEEDS_AUTHORIZATION
-            return AppState.FAILING
-        if self.failures or self._blocked:
-            return AppState.FAILING
-        return AppState.FRESH if self.token is not None else AppState.REFRESHING
+    def _reschedule(self, schedule: Schedule) -> None:
+        """Take `schedule`; a first call for authorization is announced and shown at once."""
+        asked = self.schedule.needs_authorization is None
+        self.schedule = schedule
+        if asked and schedule.needs_authorization is not None:
+            self._emit(events.AuthorizationNeeded(self.name, schedule.needs_authorization))
+            self._set_state(AppState.NEEDS_AUTHORIZATION)
+
+    def _settle(self) -> None:
+        """Between attempts, the state follows from the schedule (schedule.app_state)."""
+        at_risk = self.fleet.outcome_unknown(self.token)
+        state = app_state(
+            self.schedule,
+            failures=self.failures,
+            has_token=self.token is not None,
+            at_risk=at_risk,
+            servable=at_risk and self.servable() is not None,
+        )
+        self._set_state(state)
 
     def _set_state(self, state: AppState) -> None:
         if state is not self.state or state is AppState.REFRESHING:
             self.state = state
-            self._metrics.set_app_state(self.name, state)
+            self._emit(events.StateChanged(self.name, state))
         # Every attempt starts and ends here: the schedule the metric shows follows it.
-        self._metrics.set_next_refresh(self.name, self.next_refresh_at())
+        self._emit(events.ScheduleChanged(self.name, self.next_refresh_at()))
 
 
 def _describe(exc: TokenEndpointError) -> str:

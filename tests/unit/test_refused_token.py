@@ -18,6 +18,7 @@ import pytest
 from broker.errors import RateLimited
 from broker.metrics import Metrics
 from broker.model import AppSpec, GrantType, RefreshPolicy, TokenSet
+from broker.observe import Observer
 from broker.refresher import PURGE_INTERVAL, AppRefresher
 from broker.store import REFUSED, Notice, Refusal, bound_name, client_binding
 from broker.store.memory import MemoryStore
@@ -132,7 +133,7 @@ class Fleet:
                 source,
                 self.store,
                 self.clock,
-                self.metrics,
+                Observer(self.metrics),
                 owner=f"r{index}",
                 rng=random.Random(index),
             )
