@@ -24,7 +24,7 @@ import requests
 import yaml
 
 from broker.app import Broker, reload_config
-from broker.refresher import FORCE_MIN_AGE
+from broker.serving import FORCE_MIN_AGE
 from tests.support.broker_process import BrokerFiles, BrokerProcess, running_broker
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.peers import shared_directory

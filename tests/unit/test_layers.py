@@ -11,6 +11,11 @@ BROKER = Path(__file__).resolve().parents[2] / "broker"
 CORE = [
     "policy.py",
     "refresher.py",
+    "serving.py",
+    "adoption.py",
+    "outcomes.py",
+    "schedule.py",
+    "events.py",
     "core.py",
     "model.py",
     "service.py",
@@ -32,7 +37,15 @@ EDGES = (
 
 
 # The decisions emit events (broker/events.py); only broker/observe.py counts and audits them.
-OBSERVED = ["refresher.py", "fleet.py", "core.py", "schedule.py"]
+OBSERVED = [
+    "refresher.py",
+    "serving.py",
+    "adoption.py",
+    "outcomes.py",
+    "schedule.py",
+    "fleet.py",
+    "core.py",
+]
 OBSERVERS = ("broker.metrics", "broker.observe", "prometheus_client")
 
 

@@ -19,7 +19,8 @@ from broker.errors import RateLimited
 from broker.metrics import Metrics
 from broker.model import AppSpec, GrantType, RefreshPolicy, TokenSet
 from broker.observe import Observer
-from broker.refresher import PURGE_INTERVAL, AppRefresher
+from broker.refresher import AppRefresher
+from broker.serving import PURGE_INTERVAL
 from broker.store import REFUSED, Notice, Refusal, bound_name, client_binding
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
