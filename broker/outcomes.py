@@ -124,16 +124,22 @@ class Outcomes:
         self._reschedule(next_schedule(self.schedule, outcome, self._now(outcome)))
 
     def _now(self, outcome: Outcome | None = None) -> Now:
-        """The moment as `next_schedule` reads it."""
+        """The moment as `next_schedule` reads it.
+
+        The servable time left is measured only for the outcomes that read it (a block, an
+        unknown outcome): each measurement may lower the token's deadline for good
+        (`remaining`), so it is taken where it always was, and nowhere else.
+        """
         wall = self._clock.time()
         token = self.token
         deadline = None
         if token is not None and token.expires_at > wall:
             deadline = policy.serve_deadline(token, self.spec.refresh)
+        measure = isinstance(outcome, Blocked | OutcomeUnknown)
         return Now(
             mono=self._clock.monotonic(),
             wall=wall,
-            servable_left=self._servable_left(),
+            servable_left=self._servable_left() if measure else 0.0,
             serve_deadline=deadline,
             may_retry=isinstance(outcome, OutcomeUnknown)
             and self.fleet.may_retry(outcome.refresh_fp),
@@ -209,7 +215,9 @@ class Outcomes:
 
     def _settle(self) -> None:
         """Between attempts, the state follows from the schedule (schedule.app_state)."""
-        at_risk = self.fleet.outcome_unknown(self.token)
+        asked = self.schedule.needs_authorization is not None
+        at_risk = not asked and self.fleet.outcome_unknown(self.token)
+        # (servable() only where app_state reads it: it may lower the token's deadline.)
         state = app_state(
             self.schedule,
             failures=self.failures,

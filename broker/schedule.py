@@ -82,6 +82,8 @@ class Now:
 
     mono: float
     wall: float
+    # Seconds the current token may still be served: read only after a block or an unknown
+    # outcome (the refresher measures it only for those).
     servable_left: float
     # The wall time the current token stops being served; None without a live token.
     serve_deadline: float | None = None
