@@ -2,7 +2,13 @@
 
 The refresher schedules and serves; what may be done with the store and the token endpoint is
 the fleet protocol's (broker/fleet.py). It depends only on protocols (TokenSource, TokenStore,
-Clock) and never imports aiohttp or redis.
+Clock) and never imports aiohttp or redis. It keeps the token, the schedule (the pure
+broker/schedule.py decides it), the failure count and the last error; what happens goes to its
+event hook (broker/events.py), never to the metrics or the audit log directly.
+
+Its parts, each a mixin of `AppRefresher`: serving callers (broker/serving.py), adopting sets
+from the store and its notices (broker/adoption.py), and accounting for each attempt's outcome
+(broker/outcomes.py). This module is the loop: when to attempt, one attempt, and stopping.
 """
 
 from __future__ import annotations
