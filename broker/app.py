@@ -34,6 +34,7 @@ from broker.logs import audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, Config
 from broker.oauth.client import OAuthClient
+from broker.observe import Observer
 from broker.refresher import AppRefresher
 from broker.sinks import SinkSet
 from broker.status import AppTarget, ReplicaView, collect
@@ -137,7 +138,7 @@ async def build_broker(
 
         store = cast(TokenStore, TracedStore(store))
     metrics.track_clock(fleet_clock.offset, fleet_clock.offset_age, lambda: fleet_clock.measured)
-    core = BrokerCore({}, store, fleet_clock, metrics)
+    core = BrokerCore({}, store, fleet_clock, Observer(metrics))
     metrics.track_readiness(core.readiness)
     authenticator = ClientAuthenticator(config.clients)
     sinks = SinkSet(clock, metrics)
@@ -180,7 +181,7 @@ def new_refresher(broker: Broker, spec: AppSpec, *, owner: str | None = None) ->
         source,
         broker.store,
         broker.fleet_clock,
-        broker.metrics,
+        Observer(broker.metrics),
         owner=owner if owner is not None else broker.owner,
         rng=random.Random(),  # noqa: S311 - jitter, not cryptography
         client_id=Credentials(spec).client_id(),

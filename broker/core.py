@@ -8,10 +8,11 @@ import math
 import random
 from collections.abc import Collection, Mapping, Sequence
 
+from broker import events
 from broker.clock import Clock
 from broker.errors import StoreUnavailable
+from broker.events import EventHook
 from broker.logs import get_logger
-from broker.metrics import Metrics
 from broker.model import TokenSet
 from broker.refresher import AppRefresher
 from broker.service import AppStatus
@@ -50,7 +51,7 @@ class BrokerCore:
         refreshers: Mapping[str, AppRefresher],
         store: TokenStore,
         clock: Clock,
-        metrics: Metrics,
+        on_event: EventHook,
         *,
         rng: random.Random | None = None,
     ) -> None:
@@ -63,7 +64,7 @@ class BrokerCore:
         self._by_store_name = {r.store_name: r for r in self.refreshers.values()}
         self._store = store
         self._clock = clock
-        self._metrics = metrics
+        self._emit = on_event  # (metrics: broker/observe.py)
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not crypto
         self._heard_at = 0.0  # monotonic time of the last notice (or heartbeat) heard
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -234,7 +235,7 @@ class BrokerCore:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        self._metrics.forget_apps([name])
+        self._emit(events.AppRemoved(name))
 
     async def _watch_store(self) -> None:
         """Follow the store's notices; on reconnect, and after a silent subscription, re-read
@@ -245,7 +246,7 @@ class BrokerCore:
             subscribed_at = math.inf
             try:
                 await self._store.ping()
-                self._metrics.store_up.set(1)
+                self._emit(events.StoreReachable(up=True))
                 if was_down:
                     log.info("store.reconnected")
                     was_down = False
@@ -259,7 +260,7 @@ class BrokerCore:
                     raise asyncio.CancelledError from exc
                 if self._heard_at > subscribed_at:
                     delay = STORE_RETRY_MIN  # the subscription worked: start the backoff over
-                self._metrics.store_up.set(0)
+                self._emit(events.StoreReachable(up=False))
                 if not was_down:
                     log.warning("store.unavailable", error=str(exc), retry_in=delay)
                     was_down = True
@@ -272,7 +273,7 @@ class BrokerCore:
                 await self._clock.sleep(STORE_RETRY_MIN)  # the feed ended: re-subscribe
                 continue
             # Half-open: no error will ever come. Drop it, and re-sync as after an outage.
-            self._metrics.store_errors.labels(operation="subscribe").inc()
+            self._emit(events.SubscriptionStale())
             log.warning("store.subscription_stale", silent_for=round(silent_for, 1), retry_in=delay)
             was_down = True
             await self._clock.sleep(delay)

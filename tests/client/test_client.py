@@ -28,7 +28,7 @@ from twilio.auth_strategy.token_auth_strategy import TokenAuthStrategy
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
-from broker.refresher import FORCE_MIN_AGE
+from broker.serving import FORCE_MIN_AGE
 from tests.support.broker_process import CLIENT_KEY, DEFAULT_REFRESH, BrokerProcess
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.peers import shared_directory

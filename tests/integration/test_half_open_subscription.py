@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from broker.core import SILENCE_DEADLINE
-from broker.refresher import FORCE_MIN_AGE
+from broker.serving import FORCE_MIN_AGE
 from tests.support import recovery
 from tests.support.authorization import ac_app, authorize_via_code
 from tests.support.broker_process import BrokerFiles, wall_time

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from broker.app import Broker, reload_config
-from broker.refresher import FORCE_MIN_AGE
+from broker.serving import FORCE_MIN_AGE
 from tests.support.broker_process import BrokerFiles, BrokerProcess, running_broker
 from tests.support.config import Document, edit_config
 from tests.support.oauth_server import OAuthTestServer

@@ -19,6 +19,7 @@ from broker.core import BrokerCore
 from broker.errors import StoreUnavailable, UnreadableTokenSet
 from broker.metrics import Metrics
 from broker.model import StoreSpec, TokenSet
+from broker.observe import Observer
 from broker.store import Notice
 from broker.store.crypto import Keyring
 from broker.store.factory import open_store
@@ -234,7 +235,7 @@ class TestCancellation:
     async def test_a_cancelled_watcher_stops(self, redis_server: RedisServer) -> None:
         """Cancelling the core while it waits for pub/sub stops it (redis-py must not swallow it)."""
         store = make_store(redis_server, [KEY_A])
-        core = BrokerCore({}, store, SystemClock(), Metrics())
+        core = BrokerCore({}, store, SystemClock(), Observer(Metrics()))
         for _ in range(20):
             task = asyncio.ensure_future(core.run())
             await asyncio.sleep(0.05 + random.random() * 0.3)

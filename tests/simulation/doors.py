@@ -319,7 +319,7 @@ def m5_rolling_deploy_of_a_newer_protocol() -> Schedule:
         await world.time.sleep(5.0)
         for index in (0, 2):  # both start a refresh now
             refresher = world.replicas[index].refresher
-            refresher._next_attempt_at = 0.0
+            refresher.schedule = replace(refresher.schedule, at=0.0)
             refresher.wake()
         await world.time.sleep(60.0)
         for index in (0, 1):  # the rollout goes on

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from broker import core as core_module
+from broker import events
 from broker import fleet as fleet_module
 from broker import refresher as refresher_module
 from broker.core import BrokerCore
@@ -692,7 +693,7 @@ class TestEachFixPutBackOpensItsDoor:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            self._metrics.forget_apps([name])
+            self._emit(events.AppRemoved(name))
 
         mutate(BrokerCore, "remove_app", remove_unseen)
         result = run(DOORS["sigterm_during_a_reload_mid_spend"]())

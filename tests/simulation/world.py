@@ -37,6 +37,7 @@ from broker.errors import (
     TransientTokenError,
     UnreadableTokenSet,
 )
+from broker.events import EventHook
 from broker.fleet import Timing
 from broker.fleetclock import FleetClock
 from broker.metrics import Metrics
@@ -49,6 +50,7 @@ from broker.model import (
     TokenSet,
 )
 from broker.oauth.parse import classify_error
+from broker.observe import Observer
 from broker.refresher import AppRefresher
 from broker.store import (
     Commit,
@@ -1576,9 +1578,10 @@ class World:
         metrics = Metrics()
         self.metrics.append(metrics)
         # (seeded by the name, not drawn from the world's generator: seeds replay as before)
-        core = BrokerCore({}, view, clock, metrics, rng=random.Random(name))
+        observer = Observer(metrics)
+        core = BrokerCore({}, view, clock, observer, rng=random.Random(name))
         core.add_app(
-            self._refresher(name, source, view, clock, metrics, spec=spec, host_clock=host_clock)
+            self._refresher(name, source, view, clock, observer, spec=spec, host_clock=host_clock)
         )
 
         async def serve() -> None:
@@ -1840,13 +1843,13 @@ class World:
             await replica.core.remove_app(APP)
             if not replica.alive:
                 return
-            metrics = replica.core._metrics
+            on_event = replica.core._emit
             refresher = self._refresher(
                 owner,
                 replica.source,
                 replica.view,
                 clock,
-                metrics,
+                on_event,
                 spec=old.spec,
                 host_clock=replica.clock,
             )
@@ -1902,7 +1905,7 @@ class World:
         source: SimSource,
         view: SimStoreView,
         clock: Clock,
-        metrics: Metrics,
+        on_event: EventHook,
         *,
         spec: AppSpec,
         host_clock: ReplicaClock,
@@ -1912,7 +1915,7 @@ class World:
             source,
             view,
             clock,
-            metrics,
+            on_event,
             owner=name,
             rng=random.Random(self.rng.random()),
             timing=TIMING,

@@ -14,6 +14,7 @@ from broker.errors import PermanentTokenError, TokenUnavailable, TransientTokenE
 from broker.logs import audit, get_logger
 from broker.metrics import Metrics
 from broker.model import AppSpec, GrantType, RefreshPolicy
+from broker.observe import Observer
 from broker.refresher import AppRefresher
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
@@ -28,7 +29,13 @@ def refresher(clock: FakeClock, source: FakeTokenSource, grant: GrantType) -> Ap
         refresh=RefreshPolicy(min_remaining=5, safety_margin=3),
     )
     return AppRefresher(
-        spec, source, MemoryStore(clock), clock, Metrics(), owner="r1", rng=random.Random(1)
+        spec,
+        source,
+        MemoryStore(clock),
+        clock,
+        Observer(Metrics()),
+        owner="r1",
+        rng=random.Random(1),
     )
 
 

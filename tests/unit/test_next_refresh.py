@@ -13,6 +13,7 @@ import pytest
 from broker.errors import TransientTokenError
 from broker.metrics import Metrics
 from broker.model import AppSpec, GrantType, RefreshPolicy
+from broker.observe import Observer
 from broker.refresher import AppRefresher
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
@@ -45,7 +46,7 @@ def start(
         source,
         MemoryStore(clock),
         clock,
-        metrics if metrics is not None else Metrics(),
+        Observer(metrics if metrics is not None else Metrics()),
         owner="r1",
         rng=random.Random(3),
     )

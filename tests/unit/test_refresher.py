@@ -21,6 +21,7 @@ from broker.errors import (
 )
 from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, RefreshPolicy, TokenSet
+from broker.observe import Observer
 from broker.refresher import AppRefresher
 from broker.store import Lease, Notice, bound_name, client_binding
 from broker.store.memory import MemoryStore
@@ -89,7 +90,7 @@ def make(
             src,
             in_store if in_store is not None else store,
             fake_clock,
-            metrics,
+            Observer(metrics),
             owner=owner,
             rng=random.Random(7),
         )
@@ -388,7 +389,7 @@ class TestLeaseNotices:
                     b.on_notice(notice)
 
         listener = asyncio.create_task(hear())
-        await fake_clock.advance(b._next_attempt_at - fake_clock.monotonic() - 1.0)
+        await fake_clock.advance(b.schedule.at - fake_clock.monotonic() - 1.0)
         await store.acquire_lease(key(), "a", 12.0)  # a's grant is heard, 1 s before b is due
         await fake_clock.advance(5.0)
         now = fake_clock.time()
@@ -730,7 +731,14 @@ class TestEveryClockMustAgree:
         source.failure = TransientTokenError("down", outcome_unknown=False)
         spec = AppSpec(name="app1", token_url="http://127.0.0.1/token", refresh=POLICY)
         refresher = AppRefresher(
-            spec, source, store, fleet, metrics, owner="r", rng=random.Random(7), host_clock=host
+            spec,
+            source,
+            store,
+            fleet,
+            Observer(metrics),
+            owner="r",
+            rng=random.Random(7),
+            host_clock=host,
         )
         task = asyncio.create_task(refresher.run())
         try:
@@ -786,7 +794,14 @@ class TestEveryClockMustAgree:
         source.failure = TransientTokenError("down", outcome_unknown=False)
         spec = AppSpec(name="app1", token_url="http://127.0.0.1/token", refresh=POLICY)
         refresher = AppRefresher(
-            spec, source, store, fleet, metrics, owner="r", rng=random.Random(7), host_clock=host
+            spec,
+            source,
+            store,
+            fleet,
+            Observer(metrics),
+            owner="r",
+            rng=random.Random(7),
+            host_clock=host,
         )
         task = asyncio.create_task(refresher.run())
         try:

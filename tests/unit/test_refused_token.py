@@ -18,7 +18,9 @@ import pytest
 from broker.errors import RateLimited
 from broker.metrics import Metrics
 from broker.model import AppSpec, GrantType, RefreshPolicy, TokenSet
-from broker.refresher import PURGE_INTERVAL, AppRefresher
+from broker.observe import Observer
+from broker.refresher import AppRefresher
+from broker.serving import PURGE_INTERVAL
 from broker.store import REFUSED, Notice, Refusal, bound_name, client_binding
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
@@ -132,7 +134,7 @@ class Fleet:
                 source,
                 self.store,
                 self.clock,
-                self.metrics,
+                Observer(self.metrics),
                 owner=f"r{index}",
                 rng=random.Random(index),
             )

@@ -13,6 +13,7 @@ from broker.core import BrokerCore
 from broker.fleet import Busy, Fetched, FleetProtocol, Timing
 from broker.metrics import Metrics
 from broker.model import AppSpec, GrantType, RefreshPolicy, TokenSet
+from broker.observe import Observer
 from broker.refresher import AppRefresher, drain_bound
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
@@ -123,7 +124,9 @@ def _refresher(clock: FakeClock, store: MemoryStore, source: FakeTokenSource) ->
         grant_type=GrantType.AUTHORIZATION_CODE,
         refresh=RefreshPolicy(at_fraction=0.75, min_remaining=5, jitter=0.05, safety_margin=3),
     )
-    return AppRefresher(spec, source, store, clock, Metrics(), owner="r0", rng=random.Random(7))
+    return AppRefresher(
+        spec, source, store, clock, Observer(Metrics()), owner="r0", rng=random.Random(7)
+    )
 
 
 async def _core_with_a_sent_request(
@@ -135,7 +138,7 @@ async def _core_with_a_sent_request(
     source.delay = delay
     refresher = _refresher(clock, store, source)
     await store.commit(refresher.store_name, _grant(clock, expires_in=5.0))  # due now
-    core = BrokerCore({APP: refresher}, store, clock, Metrics())
+    core = BrokerCore({APP: refresher}, store, clock, Observer(Metrics()))
     task = asyncio.create_task(core.run())
     await _advance_until(clock, lambda: source.calls)
     return clock, store, core, task

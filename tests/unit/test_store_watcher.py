@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 from broker.core import HEARTBEAT_AFTER, SILENCE_DEADLINE, STORE_RETRY_MIN, BrokerCore
 from broker.metrics import Metrics
 from broker.model import AppSpec, GrantType, RefreshPolicy, TokenSet
+from broker.observe import Observer
 from broker.refresher import AppRefresher
 from broker.store import HEARTBEAT, Notice
 from broker.store.memory import MemoryStore
@@ -83,12 +84,12 @@ async def _fleet_of_one(
         FakeTokenSource(clock, rotate=True),
         store,
         clock,
-        metrics,
+        Observer(metrics),
         owner="r0",
         rng=random.Random(7),
     )
     await store.commit(refresher.store_name, _set(clock, 1))
-    core = BrokerCore({APP: refresher}, store, clock, metrics, rng=random.Random(3))
+    core = BrokerCore({APP: refresher}, store, clock, Observer(metrics), rng=random.Random(3))
     task = asyncio.create_task(core.run())
     await clock.advance(0.1)
     assert refresher.token is not None and refresher.token.generation == 1

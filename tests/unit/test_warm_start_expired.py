@@ -7,6 +7,7 @@ import random
 
 from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, RefreshPolicy, TokenSet
+from broker.observe import Observer
 from broker.refresher import AppRefresher
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
@@ -41,7 +42,7 @@ async def test_expired_access_token_with_refresh_token_is_refreshed(
         refresh=RefreshPolicy(min_remaining=5, safety_margin=3),
     )
     refresher = AppRefresher(
-        spec, source, store, fake_clock, Metrics(), owner="r1", rng=random.Random(1)
+        spec, source, store, fake_clock, Observer(Metrics()), owner="r1", rng=random.Random(1)
     )
     await store.commit(refresher.store_name, expired)
     task = asyncio.create_task(refresher.run())

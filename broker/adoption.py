@@ -1,0 +1,267 @@
+"""How an app's refresher takes a set: from a read of the store, a notice, or a reload.
+
+A part of `AppRefresher` (broker/refresher.py). The `TYPE_CHECKING` block names what it uses
+of the rest of the refresher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from broker import events, policy
+from broker.clock import Clock, Wake
+from broker.errors import StoreUnavailable
+from broker.events import EventHook
+from broker.fleet import FleetProtocol
+from broker.fleetclock import FleetClock
+from broker.logs import SECRETS, get_logger
+from broker.model import AppSpec, TokenSet
+from broker.schedule import BUSY_POLL, MAX_SLEEP, Schedule, adopted
+from broker.store import LEASE, REFUSED, RELEASE, Notice
+
+if TYPE_CHECKING:
+    from broker.refresher import AppRefresher, RefresherStore
+
+log = get_logger("broker.refresher")
+
+# How long a read of the store waits to measure the fleet clock first, while it never was (the
+# store did not answer at start): the store that answers the read answers `TIME` too.
+CLOCK_FIRST_WAIT = 3.0
+
+
+class Adoption:
+    """Adopting sets and following the fleet's notices (a part of AppRefresher)."""
+
+    if TYPE_CHECKING:
+        spec: AppSpec
+        token: TokenSet | None
+        failures: int
+        last_error: str | None
+        schedule: Schedule
+        fleet: FleetProtocol
+        _store: RefresherStore
+        _clock: Clock
+        _host: Clock
+        _rng: random.Random
+        _emit: EventHook
+        _mono_expiry: float
+        _stagger: float
+        _refused_fp: str | None
+        _reused_lineage: int
+        _announced_unknown: set[str]
+        _dirty: bool
+        _unsynced: bool
+        _view_known: bool
+        _last_sync: float
+        _lease_wait_until: float
+        _inflight: asyncio.Task[None] | None
+        _wake: Wake
+        _listeners: list[Callable[[TokenSet], None]]
+        _vetoes: set[asyncio.Future[None]]
+
+        @property
+        def name(self) -> str: ...
+        @property
+        def grant_spends(self) -> bool: ...
+        def next_refresh_at(self) -> float | None: ...
+        def purge(self, refused_fp: str) -> None: ...
+        def _servable_left(self) -> float: ...
+        def _wake_successor_waiters(self) -> None: ...
+
+    def _adopt(self, token: TokenSet, *, source: str, sent_mono: float | None = None) -> None:
+        previous = self.token
+        self.token = token
+        SECRETS.add(token.access_token, token.refresh_token)
+        if previous is not None and previous.access_token != token.access_token:
+            SECRETS.discard([previous.access_token])
+            if previous.refresh_token != token.refresh_token:
+                SECRETS.discard([previous.refresh_token])
+        wall, mono = self._clock.time(), self._clock.monotonic()
+        # The later of the fleet's and this pod's clocks: the shorter life (M3).
+        self._mono_expiry = mono + (token.expires_at - max(wall, self._host.time()))
+        if sent_mono is not None:
+            # Our own request: its lifetime is also counted on our monotonic clock from sending.
+            self._mono_expiry = min(self._mono_expiry, sent_mono + token.lifetime)
+        # The due time is the fleet's (derived from the token); the stagger is this replica's.
+        self._stagger = self._rng.random()
+        due = policy.fleet_refresh_due(token, self.spec.refresh, self._stagger)
+        # A refused token (read back from the store) is due now.
+        at = mono if token.fingerprint == self._refused_fp else mono + (due - wall)
+        new_grant = bool(
+            token.refresh_token
+            and (previous is None or token.rank > previous.rank)
+            and token.lineage > self._reused_lineage
+        )
+        self.schedule = adopted(self.schedule, at, new_grant=new_grant)
+        self.fleet.forget_spent(token)
+        self._emit(events.TokenAdopted(self.name, token.expires_at))
+        if source == "store":
+            self.failures = 0
+            self.last_error = None
+            self._emit(events.Unblocked(self.name))
+            log.info(
+                "token.loaded",
+                app=self.name,
+                token_fingerprint=token.fingerprint,
+                generation=token.generation,
+                expires_at=round(token.expires_at, 3),
+            )
+        self._emit(events.ScheduleChanged(self.name, self.next_refresh_at()))
+        for listener in self._listeners:
+            listener(token)
+        self._wake_successor_waiters()
+
+    def prime(self, stored: TokenSet) -> None:
+        """Start from `stored`, read for many apps at once: the loop's first look is done."""
+        self.fleet.note_rank(stored.rank)
+        if self.token is None or stored.rank > self.token.rank:
+            self._adopt(stored, source="store")
+        self._dirty = False
+        self._last_sync = self._clock.monotonic()
+
+    def carry_over(self, previous: AppRefresher, *, same_grant: bool) -> None:
+        """After a config reload replaced `previous` (stopped): keep what it knew of spends
+        (see FleetProtocol.carry_over) and, for the same grant, that its lineage is dead."""
+        self.fleet.carry_over(previous.fleet, same_grant=same_grant)
+        self._announced_unknown |= previous._announced_unknown
+        if same_grant:
+            self._reused_lineage = max(self._reused_lineage, previous._reused_lineage)
+
+    def take_over(self, retired: AppRefresher) -> None:
+        """Keep the set the refresher this one replaces held (a config reload): it may be the
+        only copy of a rotated set that the store could not take yet, so write it back.
+        (A client-credentials app spends nothing: a new token is as good.)"""
+        token = retired.token
+        if (
+            self.grant_spends
+            and token is not None
+            and (self.token is None or token.rank > self.token.rank)
+        ):
+            self.prime(token)
+            self._dirty = True
+            self._unsynced = True
+        if (
+            token is not None
+            and self.token is not None
+            and self.token.access_token == token.access_token
+        ):
+            # The same token: keep the serving deadline the retired refresher counted on the
+            # monotonic clock. Re-derived from the wall clocks now, it would stretch by any
+            # step back of both since its adoption (M3; swarm seed 6678: a pod 93 s behind, a
+            # Redis stepped back, a reload, and a token served 20 s past its expiry).
+            self._mono_expiry = min(self._mono_expiry, retired._mono_expiry)
+
+    def notify_store_changed(self, *, reconnected: bool = False) -> None:
+        """The store may hold something new (a reconnect): look on the next turn.
+
+        With a refresh token of ours on the wire, also veto at once any spend of it that was
+        announced while we were away (the loop itself waits for the answer). After a
+        reconnect (`reconnected`: maybe to another primary) the next look also ends again our
+        spends that ended without effect.
+        """
+        if reconnected:
+            self.fleet.resend_aborts()
+        self._dirty = True
+        self._view_known = False
+        self._wake.set()
+        if self.fleet.in_flight is not None:
+            self._spawn_veto(self.fleet.veto_in_flight())
+
+    def _spawn_veto(self, veto: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(veto)
+        self._vetoes.add(task)
+        task.add_done_callback(self._vetoes.discard)
+
+    def on_notice(self, notice: Notice) -> None:
+        """A change published by a replica: act only when it tells us something new."""
+        if self.fleet.must_veto(notice):
+            self._spawn_veto(self.fleet.veto(notice))
+        self.fleet.on_notice(notice)
+        if notice.kind == REFUSED:
+            if notice.access_fp is not None:
+                self.purge(notice.access_fp)
+            return
+        if notice.kind == LEASE and notice.owner != self.fleet.owner:
+            # Another replica refreshes now: wait for its notice (or its lease's end) rather
+            # than ask for the lease too, but not past what our own token can still serve (a
+            # lost notice then costs one look at the store, as a busy lease did).
+            wait = min(notice.ttl, max(BUSY_POLL, self._servable_left() / 2))
+            self._lease_wait_until = self._clock.monotonic() + wait
+            self._view_known = False  # its outcome may be missed: read before our attempt
+            return
+        if notice.kind in (RELEASE, "token") and self._lease_wait_until > float("-inf"):
+            # The holder is done: whatever is due now is due.
+            self._lease_wait_until = float("-inf")
+            self._wake.set()
+        if notice.kind == RELEASE:
+            return
+        token = self.token
+        if notice.kind == "token":
+            carried = notice.token
+            if (
+                carried is not None
+                and self._inflight is None
+                and (token is None or carried.rank > token.rank)
+                and not self._clock_unmeasured()  # (else read it, measuring the clock first)
+            ):
+                # The notice carries the committed set: adopt it as a read would, without one.
+                # (With a refresh in flight the loop reads the store after it, as before.)
+                self._adopt(carried, source="store")
+                self._view_known = True
+                # It also says what the store held just now, as the periodic look would: that
+                # look is due MAX_SLEEP after it (one read per replica per 30 s was, on short
+                # tokens, most of what a refresh cost the fleet).
+                self._last_sync = self._clock.monotonic()
+            elif token is None or notice.rank != token.rank:
+                self.notify_store_changed()
+        elif notice.kind == "spend" and token is not None and token.rank > notice.rank:
+            # Someone is about to spend an older set than ours: write ours back now.
+            self.notify_store_changed()
+
+    def _sync_overdue(self) -> bool:
+        return self._clock.monotonic() - self._last_sync >= MAX_SLEEP
+
+    async def _sync(self) -> bool:
+        """Adopt what the store has that is newer; write ours back where the store is older.
+
+        False when the store could not be read (or its set not decrypted).
+        """
+        self._dirty = False
+        self._last_sync = self._clock.monotonic()
+        await self._measure_clock_first()
+        self._view_known = True  # (before the read: a notice heard meanwhile may undo it)
+        try:
+            await self.fleet.sync()
+        except StoreUnavailable:
+            self._view_known = False
+            return False
+        self._unsynced = False
+        return True
+
+    def _clock_unmeasured(self) -> bool:
+        """True while the fleet clock never measured its offset to the store's."""
+        return isinstance(self._clock, FleetClock) and not self._clock.measured
+
+    async def _measure_clock_first(self) -> None:
+        """Measure the fleet clock before reading a set from the store, while it never was.
+
+        A pod that started while the store was down keeps time on its own clock, and an
+        expiry read from the store is in the store's frame: a pod whose clock is behind would
+        serve the set past its true expiry (swarm seed 516: 26 s behind, served 18 s late)
+        until its next measuring round, up to 5 s after the store came back.
+        """
+        if self._clock_unmeasured():
+            assert isinstance(self._clock, FleetClock)
+            await self._clock.measure_within(self._store, CLOCK_FIRST_WAIT)
+
+    async def _newer_after_invalid_grant(self) -> bool:
+        """After invalid_grant, re-read the store: another replica may have rotated first."""
+        before = self.token.rank if self.token is not None else (0, 0)
+        try:
+            await self.fleet.sync()
+        except StoreUnavailable:
+            return False
+        return self.token is not None and self.token.rank > before
