@@ -129,7 +129,7 @@ BROKEN = [
     (
         lambda d: d["server"].update(listen="127.0.0.1:8411", socket_mode="0600"),
         "server.socket_mode",
-        "only when server.listen is unix",
+        "only when server.listen or server.proxy_listen is unix",
     ),
     (
         lambda d: d["server"].update(listen="127.0.0.1:8411"),
