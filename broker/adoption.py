@@ -82,6 +82,10 @@ class Adoption:
         wall, mono = self._clock.time(), self._clock.monotonic()
         # The later of the fleet's and this pod's clocks: the shorter life (M3).
         self._mono_expiry = mono + (token.expires_at - max(wall, self._host.time()))
+        # Nor longer than its lifetime from now, on no clock: it was issued before we read it.
+        # (A set stamped by a replica whose fleet clock ran ahead of Redis's looks issued in
+        # the future to a replica whose clock is right: swarm seeds 2668, 8952.)
+        self._mono_expiry = min(self._mono_expiry, mono + token.lifetime)
         if sent_mono is not None:
             # Our own request: its lifetime is also counted on our monotonic clock from sending.
             self._mono_expiry = min(self._mono_expiry, sent_mono + token.lifetime)

@@ -33,6 +33,7 @@ from broker.errors import (
     TransientTokenError,
     UnreadableTokenSet,
 )
+from broker.fleetclock import stamped
 from broker.logs import get_logger
 from broker.model import PROTOCOL_VERSION, TokenSet
 from broker.store import FleetSignals, Notice, SpendEnd, SpendLedger, SpendStart, TokenSets
@@ -1099,6 +1100,7 @@ class FleetProtocol:
         return replace(fresh, lineage=base[0], generation=base[1] + 1)
 
     async def _commit(self, token: TokenSet, fence: int, sent_mono: float) -> Outcome:
+        token = stamped(token, self._clock)  # in the earliest frame the fleet clock allows (M3)
         try:
             commit = await self._store.commit(self.key, token, fence=fence)
         except StoreUnavailable:

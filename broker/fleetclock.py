@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 from broker.clock import Clock
 from broker.errors import StoreUnavailable
 from broker.logs import get_logger
+from broker.model import TokenSet
 
 log = get_logger(__name__)
 
@@ -98,6 +99,11 @@ class OffsetEstimator:
         """True when there is an anchor and no jump waits for confirmation."""
         return self.anchor is not None and self._held is None
 
+    @property
+    def held_anchor(self) -> float | None:
+        """The anchor of a jump that waits for confirmation (None: none waits)."""
+        return self._held.anchor if self._held is not None else None
+
     def add_round(self, samples: Sequence[ClockSample]) -> Outcome:
         """Fold one round into the estimate; returns what was done with it."""
         usable = [s for s in samples if 0.0 <= s.round_trip <= self._max_round_trip]
@@ -147,6 +153,22 @@ class FleetClock:
         if anchor is None or self.local:
             return self._base.time()
         return self._base.monotonic() + anchor
+
+    def earliest_time(self) -> float:
+        """The earliest that fleet time may be: `time()`, or the time of a jump back that waits
+        for confirmation, whichever is earlier. A set is stamped with it (`stamped`).
+
+        A jump waits for the next round (RETRY_INTERVAL) before fleet time follows it. When
+        Redis's clock went back meanwhile (a step undone, a failover), `time()` is still the
+        old, later frame, and a set stamped with it expires that much later for every replica
+        that reads it with a clock put right, a pod started later among them (swarm seed
+        5083: 15 s past the true expiry).
+        """
+        now = self.time()
+        held = self._estimator.held_anchor
+        if held is None or self.local or self._estimator.anchor is None:
+            return now
+        return min(now, self._base.monotonic() + held)
 
     def monotonic(self) -> float:
         """The base clock's monotonic time."""
@@ -228,3 +250,18 @@ class FleetClock:
             await self.measure(source)
         except Exception:
             log.exception("clock.measure_failed")
+
+
+def stamped(token: TokenSet, clock: Clock) -> TokenSet:
+    """`token` with its issue and expiry in the earliest frame `clock` may be in (see
+    `FleetClock.earliest_time`): what a replica writes to the store for the fleet to read.
+
+    Moved earlier only, never later: a set that looks shorter is refreshed a little early, one
+    that looks longer is served expired.
+    """
+    if not isinstance(clock, FleetClock):
+        return token
+    ahead = clock.time() - clock.earliest_time()
+    if ahead <= 0.0:
+        return token
+    return replace(token, issued_at=token.issued_at - ahead, expires_at=token.expires_at - ahead)

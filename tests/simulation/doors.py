@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from broker.fleetclock import FleetClock
 from broker.model import PROTOCOL_VERSION, RefreshPolicy
 from broker.store import SpendStart
 from broker.store.memory import MemoryState
@@ -378,7 +379,7 @@ def m6_second_fleet_with_another_client() -> Schedule:
 
 
 def m3_store_clock_steps_back_under_a_restarted_pod() -> Schedule:
-    """M3: right after a refresh, the Redis host's clock steps back 40 s and a pod restarts:
+    """M3: 20 s after a refresh, the Redis host's clock steps back 40 s and a pod restarts:
     it measures the stepped clock and reads the stored set, whose expiry was written in the
     old frame, so by the fleet's clock alone the token lives 40 s longer than it does. The
     server is down, so no newer set replaces it before it expires. The pod must stop serving
@@ -390,6 +391,9 @@ def m3_store_clock_steps_back_under_a_restarted_pod() -> Schedule:
         await until(world, lambda: server.presentations)
         await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
         server.faults.down = True
+        # 20 s on: a set read at once is served no longer than its lifetime from the read,
+        # whatever the clocks say (set_stamped_ahead_read_at_once); this door is the later read.
+        await world.time.sleep(20.0)
         world.store_clock.step = -40.0
         await world.crash(1)
         world.start_replica(1)
@@ -1498,6 +1502,99 @@ def sigterm_with_an_abort_unwritten() -> Schedule:
     )
 
 
+def _fleet_clocks_right(world: World) -> bool:
+    """Every live replica's fleet clock reads the store's clock (within a second)."""
+    store_now = world.store_clock.time()
+    return all(abs(r.refresher._clock.time() - store_now) < 1.0 for r in world.replicas if r.alive)
+
+
+async def _refresh_now(world: World, replica: Replica) -> None:
+    """A caller of `replica` forces a refresh (its upstream refused the token); wait until the
+    store holds the new set."""
+    rank = world.store.state.tokens[world.key].rank
+    forced = asyncio.ensure_future(replica.refresher.force())
+    await until(world, lambda: world.store.state.tokens[world.key].rank > rank)
+    await asyncio.gather(forced, return_exceptions=True)
+
+
+def set_stamped_while_a_jump_back_waits() -> Schedule:
+    """Found by the swarm (seeds 5083; 2668 and 8952 were the next door): Redis's clock steps
+    20 s ahead and every fleet clock takes the step; Redis's clock is put right, and each
+    replica's next round sees the jump back and holds it for a round (5 s). A refresh inside
+    those 5 s stamped the new set with the old, later frame: 20 s too late. The server is then
+    down, so no newer set replaces it; a pod that starts once the fleet clocks are right again
+    reads the set and, by both its clocks (right), served it 20 s past its true expiry (less
+    what its lifetime from the read already cut off). A set is stamped in the earliest frame the fleet clock allows while a jump back waits."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        world.store_clock.step = 20.0
+        await until(world, lambda: _fleet_clocks_right(world))
+        world.store_clock.step = 0.0
+        spender = world.replicas[0]
+        clock = spender.refresher._clock
+        assert isinstance(clock, FleetClock)
+        await until(world, lambda: clock._estimator.held_anchor is not None)
+        await _refresh_now(world, spender)
+        server.faults.down = True
+        await until(world, lambda: _fleet_clocks_right(world))
+        # Later than the safety margin after the refresh: read at once, the set's lifetime
+        # from the read (the other door's bound) ends it inside the margin.
+        await world.time.sleep(20.0)
+        await world.crash(1)
+        world.start_replica(1)
+        await world.time.sleep(90.0)  # past the true expiry of the last set
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_060,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="set_stamped_while_a_jump_back_waits",
+        script=script,
+        script_heals_by=240.0,
+    )
+
+
+def set_stamped_ahead_read_at_once() -> Schedule:
+    """Found by the swarm (seeds 8952, 2668): a pod restarts while Redis's clock is 20 s ahead
+    for a moment, and its first measuring round takes that frame (a first round is taken as
+    it is); Redis's clock is right again a moment later, and the pod's next round is 30 s
+    away. It refreshes now and stamps the set 20 s late; the bystander, whose clocks are
+    right, reads it at once and served it 20 s past its true expiry (the server is down, so no
+    newer set replaces it). A set read from the store lives at most its lifetime from then:
+    it was issued before it was read, whatever the clock that stamped it said."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        world.store_clock.step = 20.0
+        await world.crash(0)
+        writer = world.start_replica(0)
+        await until(world, lambda: writer.refresher.token is not None)
+        world.store_clock.step = 0.0
+        await _refresh_now(world, writer)
+        server.faults.down = True
+        await world.time.sleep(90.0)  # past the true expiry of the last set
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_061,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="set_stamped_ahead_read_at_once",
+        script=script,
+        script_heals_by=180.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -1544,6 +1641,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "config_reload_under_two_clocks_behind": config_reload_under_two_clocks_behind,
     "spend_record_resolved_while_its_reader_looks": spend_record_resolved_while_its_reader_looks,
     "sigterm_with_an_abort_unwritten": sigterm_with_an_abort_unwritten,
+    "set_stamped_while_a_jump_back_waits": set_stamped_while_a_jump_back_waits,
+    "set_stamped_ahead_read_at_once": set_stamped_ahead_read_at_once,
 }
 
 

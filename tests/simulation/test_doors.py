@@ -778,6 +778,40 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert result.revoked, result.report()
 
+    def test_a_set_stamped_in_the_later_frame_while_a_jump_back_waits(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 5083): a set stamped with the fleet clock's old, later frame while
+        its jump back waits for confirmation expires that much later for a pod that reads it
+        with its clocks right: served past its true expiry."""
+        mutate(fleet_module, "stamped", lambda token, clock: token)
+        result = run(DOORS["set_stamped_while_a_jump_back_waits"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_a_set_read_from_the_store_trusted_past_its_lifetime(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 8952, 2668): a replica that counts a set's deadline only from its
+        stamp, which a replica whose fleet clock ran ahead wrote, serves it past its expiry."""
+        original = AppRefresher._adopt
+
+        def stamp_only(
+            self: AppRefresher, token: TokenSet, *, source: str, sent_mono: float | None = None
+        ) -> None:
+            original(self, token, source=source, sent_mono=sent_mono)
+            mono = self._clock.monotonic()
+            self._mono_expiry = mono + (
+                token.expires_at - max(self._clock.time(), self._host.time())
+            )
+            if sent_mono is not None:
+                self._mono_expiry = min(self._mono_expiry, sent_mono + token.lifetime)
+
+        mutate(AppRefresher, "_adopt", stamp_only)
+        result = run(DOORS["set_stamped_ahead_read_at_once"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:

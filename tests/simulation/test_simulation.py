@@ -70,6 +70,20 @@ REGRESSION_SEEDS = {
 }
 
 
+# Swarm seeds (make_schedule) past the CI sample that once broke an invariant, replayed as they
+# run now (`python -m tests.simulation.schedule SEED`), with what they found.
+SWARM_REGRESSION_SEEDS = {
+    2668: "a set stamped by a fleet clock still ahead after Redis's clock went back, read at "
+    "once by a replica whose clocks were right, served past its expiry (a set read from the "
+    "store now lives at most its lifetime from the read)",
+    5083: "a set stamped while the fleet clock held a jump back of Redis's clock, read 45 s "
+    "later by a new pod, served past its expiry (a set is stamped in the earliest frame the "
+    "fleet clock allows)",
+    8952: "a pod whose first round took a brief step of Redis's clock stamped a set 11 s late, "
+    "read at once by a bystander (as 2668)",
+}
+
+
 # Swarm seeds (make_schedule) that still break an invariant, kept so they are replayed and
 # cannot silently pass: a fix turns the strict xfail into a failure that says to move them.
 # None of 0..1499 today: 734 and 1237 (eviction with a split brain, the record evicted right
@@ -101,6 +115,13 @@ def test_regression_seed(seed: int) -> None:
     """A seed that once broke an invariant keeps every invariant."""
     result = run(legacy_schedule(seed))
     assert result.ok, f"{REGRESSION_SEEDS[seed]}\n{result.report()}"
+
+
+@pytest.mark.parametrize("seed", sorted(SWARM_REGRESSION_SEEDS))
+def test_swarm_regression_seed(seed: int) -> None:
+    """A swarm seed past the CI sample that once broke an invariant keeps every invariant."""
+    result = outcome(seed)
+    assert result.ok, f"{SWARM_REGRESSION_SEEDS[seed]}\n{result.report()}"
 
 
 def test_schedules_cover_every_fault_kind() -> None:

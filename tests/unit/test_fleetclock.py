@@ -14,8 +14,10 @@ from broker.fleetclock import (
     ClockSample,
     FleetClock,
     OffsetEstimator,
+    stamped,
 )
 from broker.metrics import Metrics
+from broker.model import TokenSet
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
 
@@ -144,6 +146,42 @@ class TestFleetClock:
         fake_clock.jump_wall(-30.0)
         assert clock.time() == pytest.approx(before)
         assert clock.offset() == pytest.approx(35.0)
+
+    async def test_a_jump_back_that_waits_stamps_with_the_earlier_frame(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """While a jump back waits for its confirming round, fleet time keeps the later frame
+        and the earliest time is the jump's; a set is stamped in it (moved earlier only)."""
+        server = FakeServer(fake_clock, 20.0)
+        clock = FleetClock(fake_clock)
+        await clock.measure(server)
+        token = TokenSet("at", "Bearer", clock.time(), clock.time() + 60.0)
+        assert clock.earliest_time() == pytest.approx(clock.time())
+        assert stamped(token, clock) == token
+        server.offset = 0.0  # Redis's clock put right
+        assert await clock.measure(server) == "held"
+        assert clock.offset() == pytest.approx(20.0, abs=0.01)
+        assert clock.time() - clock.earliest_time() == pytest.approx(20.0, abs=0.01)
+        moved = stamped(token, clock)
+        assert moved.issued_at == pytest.approx(token.issued_at - 20.0, abs=0.01)
+        assert moved.expires_at == pytest.approx(token.expires_at - 20.0, abs=0.01)
+        assert moved.lifetime == pytest.approx(60.0)
+        assert await clock.measure(server) == "stepped"
+        assert clock.earliest_time() == pytest.approx(clock.time())
+
+    async def test_a_jump_ahead_that_waits_stamps_nothing_later(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """A jump forward that waits leaves the stamp alone: a set is never moved later."""
+        server = FakeServer(fake_clock, 0.0)
+        clock = FleetClock(fake_clock)
+        await clock.measure(server)
+        server.offset = 20.0
+        assert await clock.measure(server) == "held"
+        assert clock.earliest_time() == pytest.approx(clock.time())
+        token = TokenSet("at", "Bearer", clock.time(), clock.time() + 60.0)
+        assert stamped(token, clock) == token
+        assert stamped(token, fake_clock) == token  # no fleet clock: as it is
 
     async def test_store_down_keeps_the_last_offset(self, fake_clock: FakeClock) -> None:
         """With the store down the last offset stays in use, and its age grows."""

@@ -779,11 +779,37 @@ class TestEveryClockMustAgree:
         served = await self.serving_until(store, metrics, fleet, host)
         assert served == pytest.approx(60.0 - POLICY.safety_margin - 20.0, abs=0.5)
 
+    async def test_a_set_stamped_ahead_lives_at_most_its_lifetime_from_adoption(
+        self, store: MemoryStore, metrics: Metrics, fake_clock: FakeClock
+    ) -> None:
+        """A set stamped by a replica whose fleet clock ran 20 s ahead of Redis's (it looks
+        issued 20 s in the future), read at once by a pod whose clocks are right: it was
+        issued before it was read, so it is served its lifetime from then, not 20 s more."""
+        clock = fake_clock
+        ahead = TokenSet("at-ahead", "Bearer", clock.time() + 20.0, clock.time() + 80.0, None)
+        await store.commit(key(), ahead)
+        source = FakeTokenSource(clock, lifetime=60.0)
+        source.failure = TransientTokenError("down", outcome_unknown=False)
+        spec = AppSpec(name="app1", token_url="http://127.0.0.1/token", refresh=POLICY)
+        fleet, host = ShiftedClock(fake_clock), ShiftedClock(fake_clock)
+        refresher = AppRefresher(
+            spec, source, store, fleet, metrics, owner="r", rng=random.Random(7), host_clock=host
+        )
+        task = asyncio.create_task(refresher.run())
+        try:
+            await clock.settle()
+            assert refresher.token is not None and refresher.token.access_token == "at-ahead"
+            assert refresher.remaining() == pytest.approx(60.0)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def test_a_reckoning_seen_once_holds_after_the_clock_steps_back(
         self, store: MemoryStore, metrics: Metrics, fake_clock: FakeClock
     ) -> None:
         """The pod's own clock is 40 s behind and it starts unmeasured (fleet time = its own):
-        the token looks 40 s longer. The first measurement puts the fleet's clock right; then
+        the token looks 40 s longer (here its lifetime from adoption caps that: it was just
+        issued). The first measurement puts the fleet's clock right; then
         Redis's clock steps back 40 s. The deadline seen while the fleet's clock was right
         holds: the monotonic guard is re-derived from every reckoning, and only ever lowered."""
         fleet, host = ShiftedClock(fake_clock, -40.0), ShiftedClock(fake_clock, -40.0)
@@ -807,7 +833,8 @@ class TestEveryClockMustAgree:
         try:
             started = clock.monotonic()
             await clock.settle()
-            assert refresher.remaining() == pytest.approx(100.0)
+            # 100 s by both clocks, but never more than its lifetime from adoption.
+            assert refresher.remaining() == pytest.approx(60.0)
             await clock.advance(10.0)
             fleet.offset = 0.0  # measured: the fleet's clock is right
             assert refresher.remaining() == pytest.approx(50.0)
