@@ -793,7 +793,14 @@ class TestEveryClockMustAgree:
         spec = AppSpec(name="app1", token_url="http://127.0.0.1/token", refresh=POLICY)
         fleet, host = ShiftedClock(fake_clock), ShiftedClock(fake_clock)
         refresher = AppRefresher(
-            spec, source, store, fleet, metrics, owner="r", rng=random.Random(7), host_clock=host
+            spec,
+            source,
+            store,
+            fleet,
+            Observer(metrics),
+            owner="r",
+            rng=random.Random(7),
+            host_clock=host,
         )
         task = asyncio.create_task(refresher.run())
         try:
