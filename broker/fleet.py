@@ -603,6 +603,23 @@ class FleetProtocol:
         next `sync` writes it."""
         return self._aborted_fence != 0 or bool(self._carried_aborts)
 
+    def note_connection_lost(self) -> None:
+        """The store connection (the subscription) dropped: evidence that the store may have
+        forgotten, as a write-back that stored something is.
+
+        A restart, a failover or a restore drops every connection, and may lose a `sent`
+        record while the set it was spent from survives (nothing to write back, nothing to
+        show it). The spender of that token, cut off by the same drop, re-subscribes within
+        the watcher's backoff: until then nobody can veto a second spend of it, so for a while
+        every spend waits the long objection window (swarm seed 5310: a rollback erased the
+        record of a token sent 5 ms before, and another replica, whose command connection
+        worked while its subscription was down, spent it again after a 40 ms window).
+        """
+        self._forgot_at = self._clock.monotonic()
+        current = self._current()
+        if current is not None:
+            self._forgot_rank = max(self._forgot_rank, current.rank)
+
     def resend_aborts(self) -> None:
         """The store connection was (re)made: on the next sync, end again every spend of ours
         that ended without effect (`_aborts`), in case this primary kept its record."""

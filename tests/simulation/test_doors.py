@@ -777,6 +777,34 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert result.revoked, result.report()
 
+    def test_a_dropped_subscription_that_is_no_evidence(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 5310): a rollback that erases a `sent` record but not the set
+        leaves nothing to write back; without the dropped subscription as evidence that the
+        store forgot, a bystander spends the token after a short window, before the spender
+        is back to veto, and the grant is revoked."""
+        mutate(FleetProtocol, "note_connection_lost", lambda self: None)
+        result = run(DOORS["rollback_erases_a_sent_record_with_its_spender_awake"]())
+        assert not result.ok
+        assert result.revoked and not result.revoked_forgotten_while_alone, result.report()
+
+    def test_a_veto_for_a_spend_already_aborted(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 5510): a store that keeps no mark of the last aborted spend lets
+        a bystander that missed the abort notice veto for it, for good (its spender exited)."""
+        veto = MemoryStore.veto_spend
+
+        async def forgetting(self: MemoryStore, app: str, **kwargs: Any) -> bool:
+            self.state.aborted.pop(app, None)
+            return await veto(self, app, **kwargs)
+
+        mutate(MemoryStore, "veto_spend", forgetting)
+        result = run(DOORS["veto_for_a_spend_its_drained_spender_aborted"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:
