@@ -309,7 +309,11 @@ class TokenStore(Protocol):
         a fence is refused when that very spend was the last one its spender ended as aborted
         here: the vetoing replica missed the abort notice (its subscription was down), and a
         veto standing for a resolved spend would stand for good (swarm seed 5510). A store
-        that forgot the abort forgot it with the record, and vetoes.
+        that forgot the abort forgot it with the record, and vetoes. A veto whose `protects`
+        names the owner of the announced spend is refused too: that spender spends the token
+        again, which it does only knowing its earlier spend had no effect (the rule a replica
+        applies to the notice), and a veto applied late (a write that timed out and landed
+        after that new spend began) would stand for good (swarm seed 6573).
 
         A replica that remembers an earlier spend of that refresh token with no known outcome
         (the store forgot it: a rollback, an empty restart) stops a replica that does not.

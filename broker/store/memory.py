@@ -291,6 +291,8 @@ class MemoryStore:
             and self.state.aborted.get(app) == (*protects, refresh_fp)
         ):
             return False  # the one spend it stands for ended without effect, says the store
+        if protects is not None and spend.owner == protects[0]:
+            return False  # that spend's own spender spends again: it knows it had no effect
         spend.fence, spend.state, spend.retries = 0, "vetoed", 1
         if spend.orig_sent_at is not None:
             spend.sent_at, spend.orig_sent_at = spend.orig_sent_at, None

@@ -186,6 +186,8 @@ if redis.call('GET', KEYS[2]) ~= sp[3] .. '|' .. sp[4] .. '|__PV__' then return 
 -- the one spend the veto stands for ended without effect (its abort notice was missed)
 if ARGV[2] ~= '' and ARGV[3] ~= '0'
   and redis.call('GET', KEYS[3]) == ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[1] then return 0 end
+-- the spender of the spend it stands for spends again: it knows that spend had no effect
+if ARGV[2] ~= '' and sp[3] == ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'fence', 0, 'state', 'vetoed', 'retries', 1)
 if sp[5] then
   redis.call('HSET', KEYS[1], 'sent_at', sp[5])

@@ -442,6 +442,21 @@ class TestSpend:
         assert await store.veto_spend("app", refresh_fp=fp, protects=("a", a.fence - 1))
         assert await store.load_spend("app") == SpendRecord("b", fp, "vetoed")
 
+    async def test_a_veto_for_a_spend_of_the_announced_spends_own_owner_is_refused(
+        self, store: TokenStore
+    ) -> None:
+        """The spender of the spend a veto stands for spends the token again: it knows that
+        spend had no effect, so a veto naming it (a late write: swarm seed 6573) is refused;
+        one naming another owner still vetoes."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        assert not await store.veto_spend("app", refresh_fp=fp, protects=("a", 0))
+        assert not await store.veto_spend("app", refresh_fp=fp, protects=("a", a.fence + 7))
+        assert await store.veto_spend("app", refresh_fp=fp, protects=("b", 0))
+        assert await store.load_spend("app") == SpendRecord("a", fp, "vetoed")
+
     async def test_a_veto_that_names_an_owner_alone_is_lifted_by_its_abort_of_any_fence(
         self, store: TokenStore
     ) -> None:

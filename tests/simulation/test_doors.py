@@ -24,7 +24,7 @@ from broker.store import LEASE, Notice, SpendEnd, SpendRecord, SpendStart
 from broker.store.memory import MemoryState, MemoryStore
 from tests.simulation import world as world_module
 from tests.simulation.doors import DOORS
-from tests.simulation.schedule import run
+from tests.simulation.schedule import make_schedule, run
 
 
 @pytest.mark.parametrize("name", sorted(DOORS))
@@ -802,6 +802,45 @@ class TestEachFixPutBackOpensItsDoor:
 
         mutate(MemoryStore, "veto_spend", forgetting)
         result = run(DOORS["veto_for_a_spend_its_drained_spender_aborted"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_late_veto_of_a_spenders_own_next_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 6573; a swarm seed, not a scripted door): a 500 ends a spend
+        without effect, Redis restarts empty at that moment, and a bystander that missed the
+        abort notice vetoes on reconnect; its write times out and lands late, on the
+        spender's own next spend of the token (which the long objection window after the
+        restart leaves announced for 6 s). A store that applies a veto standing for the
+        announced spend's own owner leaves it for good: the fleet waits for a person."""
+        veto = MemoryStore.veto_spend
+
+        async def vetoes_its_own_owner(
+            self: MemoryStore,
+            app: str,
+            *,
+            refresh_fp: str,
+            protects: tuple[str, int] | None = None,
+        ) -> bool:
+            spend = self.state.spends.get(app)
+            if (
+                protects is None
+                or spend is None
+                or spend.owner != protects[0]
+                or spend.refresh_fp != refresh_fp
+                or spend.state != "announced"
+                or spend.orig_sent_at is not None
+                or not self._holds(app, spend.owner, spend.fence)
+            ):
+                return await veto(self, app, refresh_fp=refresh_fp, protects=protects)
+            spend.fence, spend.state, spend.retries = 0, "vetoed", 1  # the old code
+            spend.orig_owner, spend.orig_fence = protects
+            return True
+
+        assert run(make_schedule(6573)).ok
+        mutate(MemoryStore, "veto_spend", vetoes_its_own_owner)
+        result = run(make_schedule(6573))
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
