@@ -170,6 +170,157 @@ def _blocked(exc: StoreUnavailable) -> Blocked:
     )
 
 
+class SpendMemory:
+    """What one replica remembers of the spends of one app's refresh tokens.
+
+    Kept apart from the store on purpose: a store that forgets (a restart, a rollback, a
+    failover) must not make the replica forget too. Each collection is keyed by a refresh
+    token's fingerprint (the aborts by the spend, owner and fence) and is cleared only by
+    `keep_only` once a newer set is held: older spends no longer matter then. The protocol
+    (FleetProtocol) decides what each fact means; this class only keeps them consistent.
+    """
+
+    def __init__(self) -> None:
+        # Refresh tokens another replica sent: fingerprint → (monotonic time of the first
+        # `sent` notice, the spender; None once a second replica sent it too), until a newer
+        # set, an abort or the spender's own next spend resolves them.
+        self.foreign: dict[str, tuple[float, str | None]] = {}
+        # ...and the fence of such a spend, where its store record told us: (owner, fence). A
+        # veto that stands for that spend alone names it, so its spender can lift it.
+        self.foreign_fences: dict[str, tuple[str, int]] = {}
+        # Refresh tokens whose spend has an unknown outcome: never presented again.
+        self.unknown: set[str] = set()
+        # Refresh tokens another replica sent whose spend we found unresolved when we held the
+        # lease (its spender died, or lost its lease): unknown like ours, but the spender's
+        # abort or its own next spend of the token still resolves them.
+        self.unknown_foreign: set[str] = set()
+        # Refresh tokens whose one grace retry was granted to us.
+        self.retried: set[str] = set()
+        # Refresh tokens the server answered `invalid_grant` to when we sent them: dead, so a
+        # grace retry of their unknown record is vetoed (`_refuses_retry`).
+        self.rejected: set[str] = set()
+        # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
+        self.sent_at: dict[str, float] = {}
+        # Our own last spend that ended without effect (its record may survive the abort).
+        self.aborted_fence = 0
+        # Every spend of ours that ended without effect, (owner, fence) → refresh fingerprint,
+        # while its token is the newest we know: a split brain may keep its `sent` record on
+        # the side the abort never reached, and the heal may discard the side it did. Re-sent
+        # after each reconnect (`resend`) and when a record of its token blocks us; owner- and
+        # fence-matched, so always safe. The owner is ours, or that of the protocol this one
+        # replaced in a config reload (`take_over`): the same process.
+        self.aborts: dict[tuple[str, int], str] = {}
+        self.resend = False
+        # The last aborted spend of the protocol this one replaced in a config reload, whose
+        # abort may be unwritten: (owner, fence).
+        self.carried_aborts: list[tuple[str, int]] = []
+
+    # ---- what is known ---------------------------------------------------------------------
+
+    def is_unknown(self, refresh_fp: str) -> bool:
+        """A spend of `refresh_fp`, ours or another replica's, has no known outcome."""
+        return refresh_fp in self.unknown or refresh_fp in self.unknown_foreign
+
+    def sent_time(self, refresh_fp: str) -> float | None:
+        """When `refresh_fp` was sent as far as we know (monotonic): by us, or when another
+        replica's `sent` notice first reached us; None when neither."""
+        foreign = self.foreign.get(refresh_fp)
+        return self.sent_at.get(refresh_fp, foreign[0] if foreign is not None else None)
+
+    def aborts_in_fence_order(self) -> list[tuple[str, int]]:
+        """Every remembered aborted spend (owner, fence), in fence order."""
+        return sorted(self.aborts, key=_by_fence)
+
+    def aborts_of(self, refresh_fp: str) -> list[tuple[str, int]]:
+        """The remembered aborted spends of `refresh_fp`, in fence order."""
+        return sorted([k for k, fp in self.aborts.items() if fp == refresh_fp], key=_by_fence)
+
+    @property
+    def abort_unwritten(self) -> bool:
+        """An abort of ours (or carried over in a reload) may not be in the store yet."""
+        return self.aborted_fence != 0 or bool(self.carried_aborts)
+
+    # ---- what happened ---------------------------------------------------------------------
+
+    def heard_sent(self, refresh_fp: str, owner: str | None, now: float) -> None:
+        """Another replica's `sent` notice for `refresh_fp` (the first one is timed)."""
+        first = self.foreign.get(refresh_fp)
+        if first is None:
+            self.foreign[refresh_fp] = (now, owner)
+        elif first[1] != owner:
+            self.foreign[refresh_fp] = (first[0], None)  # no one spender can resolve it
+
+    def resolved_foreign(self, refresh_fp: str) -> None:
+        """Another replica's spend of `refresh_fp` ended without effect (or it spends again)."""
+        self.foreign.pop(refresh_fp, None)
+        self.unknown_foreign.discard(refresh_fp)
+
+    def began(self, owner: str, fence: int, refresh_fp: str, *, retry: bool) -> None:
+        """Our spend of `refresh_fp` under `fence` is announced (`retry`: the grace retry)."""
+        self.aborted_fence = 0
+        self.aborts.pop((owner, fence), None)  # a fence repeated after a rollback
+        if retry:
+            self.retried.add(refresh_fp)
+
+    def our_unknown(self, refresh_fp: str, sent_mono: float) -> None:
+        """Our spend of `refresh_fp`, sent at `sent_mono`, got no answer."""
+        self.unknown.add(refresh_fp)
+        self.sent_at.setdefault(refresh_fp, sent_mono)
+
+    def our_rejected(self, refresh_fp: str) -> None:
+        """The server answered `invalid_grant` to our spend of `refresh_fp`."""
+        self.unknown.add(refresh_fp)
+        self.rejected.add(refresh_fp)
+
+    def aborted(self, owner: str, fence: int, refresh_fp: str | None) -> None:
+        """Our spend under `fence` ended without effect; `refresh_fp`: the token it was of."""
+        self.aborted_fence = fence
+        if refresh_fp is not None:
+            self.aborts[owner, fence] = refresh_fp
+            if len(self.aborts) > MAX_REMEMBERED_ABORTS:
+                # Keep the oldest (the one spend whose record a split's other side copied is
+                # the first of a run of aborts) and this newest one.
+                del self.aborts[sorted(self.aborts, key=_by_fence)[-2]]
+
+    def abort_written(self, fence: int) -> None:
+        """Our abort of `fence` is in the store (unless a later one came meanwhile)."""
+        if self.aborted_fence == fence:
+            self.aborted_fence = 0
+
+    def keep_only(self, keep: str | None) -> None:
+        """A set whose refresh token is `keep` is ours now: forget every older spend."""
+        self.foreign = {k: v for k, v in self.foreign.items() if k == keep}
+        self.unknown = {k for k in self.unknown if k == keep}
+        self.unknown_foreign = {k for k in self.unknown_foreign if k == keep}
+        self.retried = {k for k in self.retried if k == keep}
+        self.rejected = {k for k in self.rejected if k == keep}
+        self.aborts = {f: fp for f, fp in self.aborts.items() if fp == keep}
+        self.foreign_fences = {k: v for k, v in self.foreign_fences.items() if k == keep}
+
+    def take_over(
+        self, previous: SpendMemory, *, owner: str, in_flight: str | None, now: float
+    ) -> None:
+        """Add what `previous` (of the protocol, owner `owner`, that a config reload replaced)
+        remembered; `in_flight`: the token it still has on the wire, another owner's now."""
+        self.unknown |= previous.unknown
+        self.unknown_foreign |= previous.unknown_foreign
+        self.carried_aborts += previous.carried_aborts
+        if previous.aborted_fence:
+            self.carried_aborts.append((owner, previous.aborted_fence))
+        # Every spend the old one aborted, too: re-sent after a reconnect and when a record of
+        # its token blocks us, as our own are (a veto may name it: swarm seed 4149).
+        for aborted, refresh_fp in previous.aborts.items():
+            self.aborts.setdefault(aborted, refresh_fp)
+        self.retried |= previous.retried
+        self.rejected |= previous.rejected
+        for fp, sent in previous.sent_at.items():
+            self.sent_at.setdefault(fp, sent)
+        for fp, spend in previous.foreign.items():
+            self.foreign.setdefault(fp, spend)
+        if in_flight is not None:
+            self.foreign[in_flight] = (now, owner)
+
+
 class NoGrant(TokenEndpointError):
     """There is nothing to refresh with (an authorization-code app without a refresh token)."""
 
@@ -222,37 +373,8 @@ class FleetProtocol:
         # Consecutive failures of the fleet, as the last shared failure record counted them.
         self.shared_failures = 0
         self._shared_failure_seen = False
-        # Refresh tokens another replica sent: fingerprint → (monotonic time of the first
-        # `sent` notice, the spender; None once a second replica sent it too), until a newer
-        # set, an abort or the spender's own next spend resolves them.
-        self._foreign_spends: dict[str, tuple[float, str | None]] = {}
-        # ...and the fence of such a spend, where its store record told us: (owner, fence). A
-        # veto that stands for that spend alone names it, so its spender can lift it.
-        self._foreign_fences: dict[str, tuple[str, int]] = {}
-        # Refresh tokens whose spend has an unknown outcome: never presented again.
-        self._unknown: set[str] = set()
-        # Refresh tokens another replica sent whose spend we found unresolved when we held the
-        # lease (its spender died, or lost its lease): unknown like ours, but the spender's
-        # abort or its own next spend of the token still resolves them.
-        self._unknown_foreign: set[str] = set()
-        self._retried: set[str] = set()
-        # Refresh tokens the server answered `invalid_grant` to when we sent them: dead, so a
-        # grace retry of their unknown record is vetoed (`_refuses_retry`).
-        self._rejected: set[str] = set()
-        # Our own last spend that ended without effect (its record may survive the abort).
-        self._aborted_fence = 0
-        # Every spend of ours that ended without effect, (owner, fence) → refresh fingerprint,
-        # while its token is the newest we know: a split brain may keep its `sent` record on
-        # the side the abort never reached, and the heal may discard the side it did. Re-sent
-        # after each reconnect (`resend_aborts`) and when a record of its token blocks us;
-        # owner- and fence-matched, so always safe. The owner is ours, or that of the
-        # protocol this one replaced in a config reload (`carry_over`): the same process.
-        self._aborts: dict[tuple[str, int], str] = {}
-        self._resend = False
-        # The same, of the protocol this one replaced in a config reload: (owner, fence).
-        self._carried_aborts: list[tuple[str, int]] = []
-        # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
-        self._sent_at: dict[str, float] = {}
+        # What this replica knows of spends, its own and the others' (SpendMemory).
+        self.memory = SpendMemory()
         # The highest rank this replica knows exists, read or not: an older set is never spent.
         self._seen_rank = (0, 0)
         # The refresh token this replica has on the wire (marked sent, no answer yet): it
@@ -352,21 +474,16 @@ class FleetProtocol:
             return
         fp = notice.refresh_fp
         if notice.kind == "sent":
-            first = self._foreign_spends.get(fp)
-            if first is None:
-                self._foreign_spends[fp] = (self._clock.monotonic(), notice.owner)
-            elif first[1] != notice.owner:
-                self._foreign_spends[fp] = (first[0], None)  # no one spender can resolve it
+            self.memory.heard_sent(fp, notice.owner, self._clock.monotonic())
         elif (notice.kind == "abort" and not notice.retry_aborted) or self._respends_own(notice):
             # Ended without effect; or its spender spends it again, which it does only when it
             # knows its last spend ended without effect (a restart gets a new owner name): the
             # abort notice was lost, e.g. its record was gone after a store rollback.
-            self._foreign_spends.pop(fp, None)
-            self._unknown_foreign.discard(fp)
+            self.memory.resolved_foreign(fp)
 
     def _respends_own(self, notice: Notice) -> bool:
         """`notice` announces a spend by the one replica that sent this token before."""
-        spend = self._foreign_spends.get(notice.refresh_fp or "")
+        spend = self.memory.foreign.get(notice.refresh_fp or "")
         return notice.kind == "spend" and spend is not None and spend[1] == notice.owner
 
     def must_veto(self, notice: Notice) -> bool:
@@ -379,9 +496,9 @@ class FleetProtocol:
             # clock: vetoed only when this replica knows better (see `_refuses_retry`).
             return self._refuses_retry(notice.refresh_fp)
         return (
-            notice.refresh_fp in self._unknown
+            notice.refresh_fp in self.memory.unknown
             or notice.refresh_fp == self.in_flight
-            or (notice.refresh_fp in self._foreign_spends and not self._respends_own(notice))
+            or (notice.refresh_fp in self.memory.foreign and not self._respends_own(notice))
         )
 
     def _refuses_retry(self, refresh_fp: str) -> bool:
@@ -397,10 +514,9 @@ class FleetProtocol:
         grant). A replica's first notice comes after the send, so its age never overstates
         the spend's: it vetoes no retry that is inside the window.
         """
-        if refresh_fp in self._rejected:
+        if refresh_fp in self.memory.rejected:
             return True
-        foreign = self._foreign_spends.get(refresh_fp)
-        sent = self._sent_at.get(refresh_fp, foreign[0] if foreign is not None else None)
+        sent = self.memory.sent_time(refresh_fp)
         return sent is not None and self._clock.monotonic() - sent >= self._retry_window()
 
     async def veto(self, notice: Notice) -> None:
@@ -414,12 +530,12 @@ class FleetProtocol:
     def _protects(self, refresh_fp: str) -> tuple[str, int] | None:
         """The one spend (owner, fence) a veto of `refresh_fp` stands for, when that is all
         this replica knows of it: its spender's abort of that fence may then lift the veto."""
-        if refresh_fp in self._unknown or refresh_fp == self.in_flight:
+        if refresh_fp in self.memory.unknown or refresh_fp == self.in_flight:
             return None
-        foreign = self._foreign_spends.get(refresh_fp)
+        foreign = self.memory.foreign.get(refresh_fp)
         if foreign is None or foreign[1] is None:
             return None
-        known = self._foreign_fences.get(refresh_fp)
+        known = self.memory.foreign_fences.get(refresh_fp)
         if known is not None and known[0] == foreign[1]:
             return known
         return (foreign[1], 0)  # known from its `sent` notice, which names no fence
@@ -450,23 +566,12 @@ class FleetProtocol:
         a forgetful store are kept only for the same grant (`same_grant`: token URL, client,
         grant and scopes unchanged).
         """
-        self._unknown |= previous._unknown
-        self._unknown_foreign |= previous._unknown_foreign
-        self._carried_aborts += previous._carried_aborts
-        if previous._aborted_fence:
-            self._carried_aborts.append((previous._owner, previous._aborted_fence))
-        # Every spend the old one aborted, too: re-sent after a reconnect and when a record of
-        # its token blocks us, as our own are (a veto may name it: swarm seed 4149).
-        for aborted, refresh_fp in previous._aborts.items():
-            self._aborts.setdefault(aborted, refresh_fp)
-        self._retried |= previous._retried
-        self._rejected |= previous._rejected
-        for fp, sent in previous._sent_at.items():
-            self._sent_at.setdefault(fp, sent)
-        for fp, spend in previous._foreign_spends.items():
-            self._foreign_spends.setdefault(fp, spend)
-        if previous.in_flight is not None:
-            self._foreign_spends[previous.in_flight] = (self._clock.monotonic(), previous._owner)
+        self.memory.take_over(
+            previous.memory,
+            owner=previous._owner,
+            in_flight=previous.in_flight,
+            now=self._clock.monotonic(),
+        )
         if same_grant:
             self.note_rank(previous._seen_rank)
             if previous._forgot_at > self._forgot_at:
@@ -474,19 +579,12 @@ class FleetProtocol:
 
     def forget_spent(self, token: TokenSet) -> None:
         """A set of `token`'s rank or newer is ours now: older spends no longer matter."""
-        keep = token.refresh_fingerprint
-        self._foreign_spends = {k: v for k, v in self._foreign_spends.items() if k == keep}
-        self._unknown = {k for k in self._unknown if k == keep}
-        self._unknown_foreign = {k for k in self._unknown_foreign if k == keep}
-        self._retried = {k for k in self._retried if k == keep}
-        self._rejected = {k for k in self._rejected if k == keep}
-        self._aborts = {f: fp for f, fp in self._aborts.items() if fp == keep}
-        self._foreign_fences = {k: v for k, v in self._foreign_fences.items() if k == keep}
+        self.memory.keep_only(token.refresh_fingerprint)
 
     def outcome_unknown(self, token: TokenSet | None) -> bool:
         """True when `token`'s refresh token must not be presented: its last spend is unknown."""
         fp = token.refresh_fingerprint if token is not None else None
-        return fp is not None and (fp in self._unknown or fp in self._unknown_foreign)
+        return fp is not None and self.memory.is_unknown(fp)
 
     # ---- budgets -----------------------------------------------------------------------------
 
@@ -569,39 +667,39 @@ class FleetProtocol:
         config reload hands the old refresher's unresolved abort to the new one (the same
         process, which knows it never sent), under the old owner name.
         """
-        while self._carried_aborts:
-            owner, fence = self._carried_aborts[-1]
+        memory = self.memory
+        while memory.carried_aborts:
+            owner, fence = memory.carried_aborts[-1]
             await self._store.end_spend(
                 self.key, owner=owner, fence=fence, outcome=SpendEnd.ABORTED
             )
             log.info("spend.abort_resolved", app=self.app, fence=fence, carried=True)
-            self._carried_aborts.pop()
-        if self._resend:
+            memory.carried_aborts.pop()
+        if memory.resend:
             # Reconnected: this may be another primary (a failover, a split brain's heal) that
             # kept a record of a spend we aborted elsewhere, or restored one under a grace
             # retry that names it. Say again that each ended without effect.
-            for owner, fence in sorted(self._aborts, key=_by_fence):
-                if not self._settled(self._aborts[owner, fence]):
+            for owner, fence in memory.aborts_in_fence_order():
+                if not self._settled(self.memory.aborts[owner, fence]):
                     continue  # a later spend of that token is unknown: nothing to lift
                 await self._store.end_spend(
                     self.key, owner=owner, fence=fence, outcome=SpendEnd.ABORTED
                 )
-            self._resend = False
-        fence = self._aborted_fence
+            memory.resend = False
+        fence = memory.aborted_fence
         if fence == 0:
             return
         await self._store.end_spend(
             self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED
         )
         log.info("spend.abort_resolved", app=self.app, fence=fence)
-        if self._aborted_fence == fence:
-            self._aborted_fence = 0
+        self.memory.abort_written(fence)
 
     @property
     def abort_unwritten(self) -> bool:
         """An abort of ours (or carried over in a reload) may not be in the store yet: the
         next `sync` writes it."""
-        return self._aborted_fence != 0 or bool(self._carried_aborts)
+        return self.memory.abort_unwritten
 
     def note_connection_lost(self) -> None:
         """The store connection (the subscription) dropped: evidence that the store may have
@@ -622,8 +720,8 @@ class FleetProtocol:
 
     def resend_aborts(self) -> None:
         """The store connection was (re)made: on the next sync, end again every spend of ours
-        that ended without effect (`_aborts`), in case this primary kept its record."""
-        self._resend = bool(self._aborts)
+        that ended without effect (`memory.aborts`), in case this primary kept its record."""
+        self.memory.resend = bool(self.memory.aborts)
 
     async def _record_owner(self, refresh_fp: str) -> str | None:
         """Who made the store's spend record of `refresh_fp` (None: unknown, or ourselves);
@@ -638,22 +736,22 @@ class FleetProtocol:
         if record.owner == self._owner:
             return None
         if record.fence > 0 and not record.retry:
-            self._foreign_fences[refresh_fp] = (record.owner, record.fence)
+            self.memory.foreign_fences[refresh_fp] = (record.owner, record.fence)
         return record.owner
 
     def _settled(self, refresh_fp: str) -> bool:
         """No spend of ours of `refresh_fp` has an unknown outcome or is on the wire."""
-        return refresh_fp not in self._unknown and refresh_fp != self.in_flight
+        return refresh_fp not in self.memory.unknown and refresh_fp != self.in_flight
 
     async def _lift_vetoes_of_our_aborts(self, refresh_fp: str) -> bool:
         """The store answered UNKNOWN for `refresh_fp`: its record may stand for a spend of
         ours that ended without effect (a veto naming it, or a stale copy a split brain kept).
         End each such spend again; True when the record is gone."""
-        spends = [k for k, fp in self._aborts.items() if fp == refresh_fp]
+        spends = self.memory.aborts_of(refresh_fp)
         if not spends or not self._settled(refresh_fp):
             return False
         try:
-            for owner, fence in sorted(spends, key=_by_fence):
+            for owner, fence in spends:
                 await self._store.end_spend(
                     self.key, owner=owner, fence=fence, outcome=SpendEnd.ABORTED
                 )
@@ -666,7 +764,7 @@ class FleetProtocol:
         """The announced spend of `refresh_fp` in the store is not to be vetoed: the one grace
         retry the store granted from its own record (H2), or its earlier spender's own next
         spend (the one replica that knows whether its last spend had an effect)."""
-        foreign = self._foreign_spends.get(refresh_fp)
+        foreign = self.memory.foreign.get(refresh_fp)
         record = await self._store.load_spend(self.key)
         if record is None or record.refresh_fp != refresh_fp or record.state != "announced":
             return False
@@ -676,12 +774,11 @@ class FleetProtocol:
         if (
             foreign is None
             or foreign[1] is None
-            or refresh_fp in self._unknown
+            or refresh_fp in self.memory.unknown
             or record.owner != foreign[1]
         ):
             return False
-        self._foreign_spends.pop(refresh_fp, None)
-        self._unknown_foreign.discard(refresh_fp)
+        self.memory.resolved_foreign(refresh_fp)
         return True
 
     async def _veto_remembered(self, current: TokenSet) -> None:
@@ -693,8 +790,8 @@ class FleetProtocol:
         """
         refresh_fp = current.refresh_fingerprint
         remembered = (
-            refresh_fp in self._unknown
-            or refresh_fp in self._foreign_spends
+            refresh_fp in self.memory.unknown
+            or refresh_fp in self.memory.foreign
             or (refresh_fp is not None and refresh_fp == self.in_flight)
         )
         if (
@@ -830,8 +927,7 @@ class FleetProtocol:
                 "has not been able to read; not spending an older refresh token"
             )
         refresh_fp = current.refresh_fingerprint or ""
-        unknown = refresh_fp in self._unknown or refresh_fp in self._unknown_foreign
-        if unknown and not self._may_retry(refresh_fp):
+        if self.memory.is_unknown(refresh_fp) and not self._may_retry(refresh_fp):
             return OutcomeUnknown(
                 "the last spend of this refresh token has no known outcome", refresh_fp
             )
@@ -853,10 +949,9 @@ class FleetProtocol:
         The window is counted from when the spend was sent (our own) or announced to us
         (another replica's), less the longest the retry itself may take.
         """
-        if self._retry_window() <= 0 or refresh_fp in self._retried:
+        if self._retry_window() <= 0 or refresh_fp in self.memory.retried:
             return False
-        foreign = self._foreign_spends.get(refresh_fp)
-        sent = self._sent_at.get(refresh_fp, foreign[0] if foreign is not None else None)
+        sent = self.memory.sent_time(refresh_fp)
         if sent is None:
             return True  # known only from the store's record, which carries its own time
         return self._clock.monotonic() - sent < self._retry_window()
@@ -924,13 +1019,13 @@ class FleetProtocol:
         self, fetch: Fetch, current: TokenSet, fence: int, deadline: float, servable_left: float
     ) -> Outcome:
         refresh_fp = current.refresh_fingerprint or ""
-        foreign = refresh_fp in self._foreign_spends
+        foreign = refresh_fp in self.memory.foreign
         if foreign and not self._may_retry(refresh_fp):
             # Another replica announced this spend and nothing resolved it: its outcome is
             # unknown to us even if the store has forgotten the record. It stays the spender's
             # to resolve (its abort, its next spend, or a newer set), so it is not added to
             # our own unknown spends: those are never forgiven.
-            self._unknown_foreign.add(refresh_fp)
+            self.memory.unknown_foreign.add(refresh_fp)
             return OutcomeUnknown(
                 "another replica spent this refresh token with no known outcome", refresh_fp
             )
@@ -951,7 +1046,7 @@ class FleetProtocol:
                 fence=fence,
                 token=current,
                 retry_within=self._retry_window(),
-                resolved_fence=self._aborted_fence,
+                resolved_fence=self.memory.aborted_fence,
             )
         except StoreUnavailable as exc:
             return Blocked(f"store unavailable, spend not recorded: {exc}")
@@ -971,7 +1066,7 @@ class FleetProtocol:
             # store is back). Not our own unknown spend, which is never forgiven: remember it
             # as its owner's, whose abort, own next spend or a newer set clears it; we veto
             # any other replica's spend of it.
-            if refresh_fp not in self._foreign_spends:
+            if refresh_fp not in self.memory.foreign:
                 try:
                     owner = await self._record_owner(refresh_fp)
                 except _RecordGone:
@@ -980,15 +1075,13 @@ class FleetProtocol:
                     # nothing unknown stands, and remembered without an owner it would be
                     # vetoed for good by us (swarm seeds 7116, 2038). Try again.
                     return Busy(0.0)
-                self._foreign_spends[refresh_fp] = (self._clock.monotonic(), owner)
-            self._unknown_foreign.add(refresh_fp)
+                self.memory.foreign[refresh_fp] = (self._clock.monotonic(), owner)
+            self.memory.unknown_foreign.add(refresh_fp)
             return OutcomeUnknown(
                 "the store records a spend of this refresh token with no known outcome", refresh_fp
             )
-        self._aborted_fence = 0
-        self._aborts.pop((self._owner, fence), None)  # a fence repeated after a rollback
+        self.memory.began(self._owner, fence, refresh_fp, retry=start is SpendStart.RETRY)
         if start is SpendStart.RETRY:
-            self._retried.add(refresh_fp)
             log.warning("grant.retrying_in_grace_window", app=self.app)
         # Objection window: a replica that knows a newer set writes it back now.
         if objection > 0:
@@ -1052,8 +1145,7 @@ class FleetProtocol:
             fresh = await self._fetch_within(fetch, current.refresh_token, self.timing.read_timeout)
         except TransientTokenError as exc:
             if exc.outcome_unknown:
-                self._unknown.add(refresh_fp)
-                self._sent_at.setdefault(refresh_fp, sent_mono)
+                self.memory.our_unknown(refresh_fp, sent_mono)
                 await self._end_spend(fence, SpendEnd.UNKNOWN)
                 return OutcomeUnknown(f"no answer to the refresh: {exc}", refresh_fp, exc)
             await self._end_spend(fence, SpendEnd.ABORTED)
@@ -1061,8 +1153,7 @@ class FleetProtocol:
         except PermanentTokenError as exc:
             if exc.is_invalid_grant:
                 # We sent it and the server says it is spent or dead: a double spend (C1).
-                self._unknown.add(refresh_fp)
-                self._rejected.add(refresh_fp)
+                self.memory.our_rejected(refresh_fp)
                 await self._end_spend(fence, SpendEnd.UNKNOWN)
                 return ReuseDetected(
                     "the server rejected a refresh token this replica sent (invalid_grant): "
@@ -1131,14 +1222,10 @@ class FleetProtocol:
         if outcome is SpendEnd.ABORTED:
             # Our next begin_spend may replace the record: the abort may not be stored, or a
             # failover may bring the record back (only `sent` is waited for, not the abort).
-            self._aborted_fence = fence
             current = self._current()
-            if current is not None and current.refresh_fingerprint is not None:
-                self._aborts[self._owner, fence] = current.refresh_fingerprint
-                if len(self._aborts) > MAX_REMEMBERED_ABORTS:
-                    # Keep the oldest (the one spend whose record a split's other side copied
-                    # is the first of a run of aborts) and this newest one.
-                    del self._aborts[sorted(self._aborts, key=_by_fence)[-2]]
+            self.memory.aborted(
+                self._owner, fence, current.refresh_fingerprint if current is not None else None
+            )
         with contextlib.suppress(StoreUnavailable):
             await self._store.end_spend(self.key, owner=self._owner, fence=fence, outcome=outcome)
 

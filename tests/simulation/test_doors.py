@@ -351,7 +351,7 @@ class TestEachFixPutBackOpensItsDoor:
         the token was never presented."""
 
         async def own_unknown(self: FleetProtocol, refresh_fp: str) -> str | None:
-            self._unknown.add(refresh_fp)
+            self.memory.unknown.add(refresh_fp)
             return None
 
         mutate(FleetProtocol, "_record_owner", own_unknown)
@@ -550,7 +550,7 @@ class TestEachFixPutBackOpensItsDoor:
                 )
             except StoreUnavailable:
                 if outcome is SpendEnd.ABORTED:
-                    self._aborted_fence = fence
+                    self.memory.aborted_fence = fence
 
         mutate(FleetProtocol, "_end_spend", old_end_spend)
         result = run(DOORS["failover_loses_the_abort"]())
@@ -609,7 +609,9 @@ class TestEachFixPutBackOpensItsDoor:
         their own clock let a retry through that the store's stepped clock judged young:
         presented past the server's window, the grant revoked."""
         mutate(
-            FleetProtocol, "_refuses_retry", lambda self, refresh_fp: refresh_fp in self._rejected
+            FleetProtocol,
+            "_refuses_retry",
+            lambda self, refresh_fp: refresh_fp in self.memory.rejected,
         )
         result = run(DOORS["grace_retry_timed_by_a_stepped_store_clock"]())
         assert not result.ok
@@ -624,7 +626,7 @@ class TestEachFixPutBackOpensItsDoor:
         original = FleetProtocol._refuses_retry
 
         def forgets_rejected(self: FleetProtocol, refresh_fp: str) -> bool:
-            return refresh_fp not in self._rejected and original(self, refresh_fp)
+            return refresh_fp not in self.memory.rejected and original(self, refresh_fp)
 
         mutate(FleetProtocol, "_refuses_retry", forgets_rejected)
         result = run(DOORS["grace_retry_of_a_rejected_token"]())
@@ -643,13 +645,13 @@ class TestEachFixPutBackOpensItsDoor:
         def without_the_abort(
             self: FleetProtocol, previous: FleetProtocol, *, same_grant: bool
         ) -> None:
-            fence, previous._aborted_fence = previous._aborted_fence, 0
-            own = dict(self._aborts)
+            fence, previous.memory.aborted_fence = previous.memory.aborted_fence, 0
+            own = dict(self.memory.aborts)
             try:
                 original(self, previous, same_grant=same_grant)
             finally:
-                previous._aborted_fence = fence
-                self._aborts = own
+                previous.memory.aborted_fence = fence
+                self.memory.aborts = own
 
         mutate(FleetProtocol, "carry_over", without_the_abort)
         result = run(DOORS["config_reload_after_a_mark_sent_answer_lost"]())
@@ -667,9 +669,9 @@ class TestEachFixPutBackOpensItsDoor:
         def last_abort_only(
             self: FleetProtocol, previous: FleetProtocol, *, same_grant: bool
         ) -> None:
-            own = dict(self._aborts)
+            own = dict(self.memory.aborts)
             original(self, previous, same_grant=same_grant)
-            self._aborts = own
+            self.memory.aborts = own
 
         mutate(FleetProtocol, "carry_over", last_abort_only)
         result = run(DOORS["veto_naming_a_spend_a_reload_carried"]())

@@ -1735,7 +1735,7 @@ class World:
             fleet = replica.refresher.fleet
             if replica is self.replica_of(owner) or self._mute_since(replica.name, at):
                 continue
-            if refresh_fp in fleet._foreign_spends or refresh_fp in fleet._unknown:
+            if refresh_fp in fleet.memory.foreign or refresh_fp in fleet.memory.unknown:
                 return True
             held = replica.refresher.token
             if held is not None and held.rank > rank:
