@@ -663,7 +663,8 @@ class TestEachFixPutBackOpensItsDoor:
     ) -> None:
         """Swarm-found (seed 4149): a new refresher that is handed only the old one's last
         abort (written once) cannot lift a later veto that names that spend: the fleet waits
-        for a person."""
+        for a person. Since seed 5510's fix the store also refuses a veto for the spend its
+        spender last aborted, which covers this door too: the mutant removes both."""
         original = FleetProtocol.carry_over
 
         def last_abort_only(
@@ -673,6 +674,13 @@ class TestEachFixPutBackOpensItsDoor:
             original(self, previous, same_grant=same_grant)
             self.memory.aborts = own
 
+        veto = MemoryStore.veto_spend
+
+        async def forgetting(self: MemoryStore, app: str, **kwargs: Any) -> bool:
+            self.state.aborted.pop(app, None)
+            return await veto(self, app, **kwargs)
+
+        mutate(MemoryStore, "veto_spend", forgetting)
         mutate(FleetProtocol, "carry_over", last_abort_only)
         result = run(DOORS["veto_naming_a_spend_a_reload_carried"]())
         assert not result.ok
