@@ -1,20 +1,5 @@
-"""The fleet protocol: how the replicas of a fleet share one app's token set through the store.
-
-Its promises (docs/architecture.md lists them as invariants, and tests/simulation checks them
-under faults):
-
-- A refresh token is presented only by the replica holding the app's lease, after recording
-  the spend in the store under its fence, and only while its lease outlasts the request. With
-  the store unreachable or its set unreadable, a refresh-token grant is not spent at all.
-- A spend whose outcome is unknown (the reply was lost after sending) is never repeated,
-  except once inside a server's declared reuse grace window.
-- "Newer" is the set's rank (lineage, generation), never its expiry; a replica only ever
-  presents the refresh token of the newest set it knows, and writes that set back when the
-  store holds an older one (an empty restart, a failover that lost writes, a restore).
-
-Client-credentials apps spend nothing: they use the lease to avoid duplicate requests, and
-refresh alone when the store is down. The module knows the TokenStore protocol, not redis-py.
-"""
+"""The fleet protocol's sequence for one app on one replica: lease, objection window, mark sent,
+fetch, commit (the promises are in broker/fleet/__init__.py)."""
 
 from __future__ import annotations
 
@@ -28,19 +13,28 @@ from broker.errors import (
     NotDurable,
     PermanentTokenError,
     StoreUnavailable,
-    TokenEndpointError,
     TransientTokenError,
     UnreadableTokenSet,
+)
+from broker.fleet.memory import SpendMemory
+from broker.fleet.outcomes import (
+    Adopted,
+    Blocked,
+    Busy,
+    Deferred,
+    Fetched,
+    NoGrant,
+    Outcome,
+    OutcomeUnknown,
+    OverBudget,
+    ReuseDetected,
 )
 from broker.logs import get_logger
 from broker.model import PROTOCOL_VERSION, TokenSet
 from broker.store import Notice, SpendEnd, SpendStart, TokenStore
 
-log = get_logger(__name__)
-
-# How many of our aborted spends of one refresh token are remembered for re-sending after a
-# reconnect: each lease of a failing spend adds one.
-MAX_REMEMBERED_ABORTS = 16
+# The name the module had before it became a package: log lines keep their logger.
+log = get_logger("broker.fleet")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,95 +65,8 @@ class Timing:
     newer_protocol_for: float = 300.0
 
 
-# ---- outcomes of one refresh attempt ------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Adopted:
-    """The store had a newer set that is not yet due: adopted, nothing was requested."""
-
-    token: TokenSet
-
-
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    """We got a new set. `persisted` False: it could not be stored yet (write it back later)."""
-
-    token: TokenSet
-    persisted: bool
-    sent_mono: float
-
-
-@dataclass(frozen=True, slots=True)
-class Busy:
-    """Another replica holds the lease (for up to `wait` seconds): wait for its notice."""
-
-    wait: float
-
-
-@dataclass(frozen=True, slots=True)
-class Blocked:
-    """A refresh token may not be spent now (the store cannot confirm a lease): wait.
-
-    `unreadable`: the store answered, but its set is under a key this replica lacks; only a
-    new set (whose notice wakes the refresher) or a restart with the key changes that.
-    """
-
-    reason: str
-    unreadable: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class OutcomeUnknown:
-    """The refresh token was (or may have been) spent with no answer: it is not spent again.
-
-    `error` is set when this replica sent the request itself.
-    """
-
-    reason: str
-    refresh_fp: str
-    error: TransientTokenError | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ReuseDetected:
-    """The server answered `invalid_grant` to a refresh token this replica sent: proof that
-    the token was presented twice (the protocol let it through), so the grant is revoked or
-    about to be. Never swallowed by adopting another set: a person must authorize again."""
-
-    reason: str
-    refresh_fp: str
-
-
-@dataclass(frozen=True, slots=True)
-class Deferred:
-    """Another replica's failed attempt says: nobody tries again before `not_before` (fleet time)."""
-
-    not_before: float
-    failures: int
-    error: str
-    permanent: bool
-
-
-@dataclass(frozen=True, slots=True)
-class OverBudget:
-    """The app's fleet-wide request budget is spent: try again in `retry_after` seconds."""
-
-    retry_after: float
-
-
-Outcome = (
-    Adopted | Fetched | Busy | Blocked | OutcomeUnknown | ReuseDetected | Deferred | OverBudget
-)
-
-
 class _RecordGone(Exception):
     """The spend record just read is gone: resolved meanwhile (`_record_owner`)."""
-
-
-def _by_fence(spend: tuple[str, int]) -> int:
-    """The fence of an (owner, fence) pair: remembered aborts are kept in fence order."""
-    return spend[1]
 
 
 def _blocked(exc: StoreUnavailable) -> Blocked:
@@ -168,161 +75,6 @@ def _blocked(exc: StoreUnavailable) -> Blocked:
         f"store unavailable, not spending the refresh token: {exc}",
         unreadable=isinstance(exc, UnreadableTokenSet),
     )
-
-
-class SpendMemory:
-    """What one replica remembers of the spends of one app's refresh tokens.
-
-    Kept apart from the store on purpose: a store that forgets (a restart, a rollback, a
-    failover) must not make the replica forget too. Each collection is keyed by a refresh
-    token's fingerprint (the aborts by the spend, owner and fence) and is cleared only by
-    `keep_only` once a newer set is held: older spends no longer matter then. The protocol
-    (FleetProtocol) decides what each fact means; this class only keeps them consistent.
-    """
-
-    def __init__(self) -> None:
-        # Refresh tokens another replica sent: fingerprint → (monotonic time of the first
-        # `sent` notice, the spender; None once a second replica sent it too), until a newer
-        # set, an abort or the spender's own next spend resolves them.
-        self.foreign: dict[str, tuple[float, str | None]] = {}
-        # ...and the fence of such a spend, where its store record told us: (owner, fence). A
-        # veto that stands for that spend alone names it, so its spender can lift it.
-        self.foreign_fences: dict[str, tuple[str, int]] = {}
-        # Refresh tokens whose spend has an unknown outcome: never presented again.
-        self.unknown: set[str] = set()
-        # Refresh tokens another replica sent whose spend we found unresolved when we held the
-        # lease (its spender died, or lost its lease): unknown like ours, but the spender's
-        # abort or its own next spend of the token still resolves them.
-        self.unknown_foreign: set[str] = set()
-        # Refresh tokens whose one grace retry was granted to us.
-        self.retried: set[str] = set()
-        # Refresh tokens the server answered `invalid_grant` to when we sent them: dead, so a
-        # grace retry of their unknown record is vetoed (`_refuses_retry`).
-        self.rejected: set[str] = set()
-        # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
-        self.sent_at: dict[str, float] = {}
-        # Our own last spend that ended without effect (its record may survive the abort).
-        self.aborted_fence = 0
-        # Every spend of ours that ended without effect, (owner, fence) → refresh fingerprint,
-        # while its token is the newest we know: a split brain may keep its `sent` record on
-        # the side the abort never reached, and the heal may discard the side it did. Re-sent
-        # after each reconnect (`resend`) and when a record of its token blocks us; owner- and
-        # fence-matched, so always safe. The owner is ours, or that of the protocol this one
-        # replaced in a config reload (`take_over`): the same process.
-        self.aborts: dict[tuple[str, int], str] = {}
-        self.resend = False
-        # The last aborted spend of the protocol this one replaced in a config reload, whose
-        # abort may be unwritten: (owner, fence).
-        self.carried_aborts: list[tuple[str, int]] = []
-
-    # ---- what is known ---------------------------------------------------------------------
-
-    def is_unknown(self, refresh_fp: str) -> bool:
-        """A spend of `refresh_fp`, ours or another replica's, has no known outcome."""
-        return refresh_fp in self.unknown or refresh_fp in self.unknown_foreign
-
-    def sent_time(self, refresh_fp: str) -> float | None:
-        """When `refresh_fp` was sent as far as we know (monotonic): by us, or when another
-        replica's `sent` notice first reached us; None when neither."""
-        foreign = self.foreign.get(refresh_fp)
-        return self.sent_at.get(refresh_fp, foreign[0] if foreign is not None else None)
-
-    def aborts_in_fence_order(self) -> list[tuple[str, int]]:
-        """Every remembered aborted spend (owner, fence), in fence order."""
-        return sorted(self.aborts, key=_by_fence)
-
-    def aborts_of(self, refresh_fp: str) -> list[tuple[str, int]]:
-        """The remembered aborted spends of `refresh_fp`, in fence order."""
-        return sorted([k for k, fp in self.aborts.items() if fp == refresh_fp], key=_by_fence)
-
-    @property
-    def abort_unwritten(self) -> bool:
-        """An abort of ours (or carried over in a reload) may not be in the store yet."""
-        return self.aborted_fence != 0 or bool(self.carried_aborts)
-
-    # ---- what happened ---------------------------------------------------------------------
-
-    def heard_sent(self, refresh_fp: str, owner: str | None, now: float) -> None:
-        """Another replica's `sent` notice for `refresh_fp` (the first one is timed)."""
-        first = self.foreign.get(refresh_fp)
-        if first is None:
-            self.foreign[refresh_fp] = (now, owner)
-        elif first[1] != owner:
-            self.foreign[refresh_fp] = (first[0], None)  # no one spender can resolve it
-
-    def resolved_foreign(self, refresh_fp: str) -> None:
-        """Another replica's spend of `refresh_fp` ended without effect (or it spends again)."""
-        self.foreign.pop(refresh_fp, None)
-        self.unknown_foreign.discard(refresh_fp)
-
-    def began(self, owner: str, fence: int, refresh_fp: str, *, retry: bool) -> None:
-        """Our spend of `refresh_fp` under `fence` is announced (`retry`: the grace retry)."""
-        self.aborted_fence = 0
-        self.aborts.pop((owner, fence), None)  # a fence repeated after a rollback
-        if retry:
-            self.retried.add(refresh_fp)
-
-    def our_unknown(self, refresh_fp: str, sent_mono: float) -> None:
-        """Our spend of `refresh_fp`, sent at `sent_mono`, got no answer."""
-        self.unknown.add(refresh_fp)
-        self.sent_at.setdefault(refresh_fp, sent_mono)
-
-    def our_rejected(self, refresh_fp: str) -> None:
-        """The server answered `invalid_grant` to our spend of `refresh_fp`."""
-        self.unknown.add(refresh_fp)
-        self.rejected.add(refresh_fp)
-
-    def aborted(self, owner: str, fence: int, refresh_fp: str | None) -> None:
-        """Our spend under `fence` ended without effect; `refresh_fp`: the token it was of."""
-        self.aborted_fence = fence
-        if refresh_fp is not None:
-            self.aborts[owner, fence] = refresh_fp
-            if len(self.aborts) > MAX_REMEMBERED_ABORTS:
-                # Keep the oldest (the one spend whose record a split's other side copied is
-                # the first of a run of aborts) and this newest one.
-                del self.aborts[sorted(self.aborts, key=_by_fence)[-2]]
-
-    def abort_written(self, fence: int) -> None:
-        """Our abort of `fence` is in the store (unless a later one came meanwhile)."""
-        if self.aborted_fence == fence:
-            self.aborted_fence = 0
-
-    def keep_only(self, keep: str | None) -> None:
-        """A set whose refresh token is `keep` is ours now: forget every older spend."""
-        self.foreign = {k: v for k, v in self.foreign.items() if k == keep}
-        self.unknown = {k for k in self.unknown if k == keep}
-        self.unknown_foreign = {k for k in self.unknown_foreign if k == keep}
-        self.retried = {k for k in self.retried if k == keep}
-        self.rejected = {k for k in self.rejected if k == keep}
-        self.aborts = {f: fp for f, fp in self.aborts.items() if fp == keep}
-        self.foreign_fences = {k: v for k, v in self.foreign_fences.items() if k == keep}
-
-    def take_over(
-        self, previous: SpendMemory, *, owner: str, in_flight: str | None, now: float
-    ) -> None:
-        """Add what `previous` (of the protocol, owner `owner`, that a config reload replaced)
-        remembered; `in_flight`: the token it still has on the wire, another owner's now."""
-        self.unknown |= previous.unknown
-        self.unknown_foreign |= previous.unknown_foreign
-        self.carried_aborts += previous.carried_aborts
-        if previous.aborted_fence:
-            self.carried_aborts.append((owner, previous.aborted_fence))
-        # Every spend the old one aborted, too: re-sent after a reconnect and when a record of
-        # its token blocks us, as our own are (a veto may name it: swarm seed 4149).
-        for aborted, refresh_fp in previous.aborts.items():
-            self.aborts.setdefault(aborted, refresh_fp)
-        self.retried |= previous.retried
-        self.rejected |= previous.rejected
-        for fp, sent in previous.sent_at.items():
-            self.sent_at.setdefault(fp, sent)
-        for fp, spend in previous.foreign.items():
-            self.foreign.setdefault(fp, spend)
-        if in_flight is not None:
-            self.foreign[in_flight] = (now, owner)
-
-
-class NoGrant(TokenEndpointError):
-    """There is nothing to refresh with (an authorization-code app without a refresh token)."""
 
 
 Fetch = Callable[[str | None], Awaitable[TokenSet]]
