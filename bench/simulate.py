@@ -53,7 +53,7 @@ from tests.simulation.schedule import (
 )
 
 Outcome = tuple[
-    int, list[str], list[str], int, bool, bool, set[tuple[str, str]], float, dict[str, object]
+    int, list[str], list[str], int, bool, bool, set[tuple[str, str]], float, dict[str, object], bool
 ]
 
 # Set in each worker (`_setup`): how a seed becomes a schedule, and whether to digest its run.
@@ -95,6 +95,7 @@ def _one(seed: int) -> Outcome:
         result.pairs,
         time.process_time() - started,
         line,
+        result.revoked_forgotten_while_alone,
     )
 
 
@@ -221,6 +222,7 @@ def main() -> int:
     kinds: collections.Counter[str] = collections.Counter()
     invariants: collections.Counter[str] = collections.Counter()
     failing: list[int] = []
+    excused: list[int] = []
     pairs: collections.Counter[tuple[str, str]] = collections.Counter()
     lost = 0
     fault_free = 0
@@ -239,6 +241,7 @@ def main() -> int:
             met,
             seconds,
             line,
+            forgotten_alone,
         ) in pool.imap_unordered(_one, seeds, chunksize=20):
             if line:
                 lines.append(line)
@@ -248,6 +251,8 @@ def main() -> int:
             requests += token_requests
             fault_free += free
             lost += grant_lost
+            if forgotten_alone:
+                excused.append(seed)
             if violations:
                 failing.append(seed)
                 invariants.update({v.split(":")[0] for v in violations})
@@ -272,6 +277,12 @@ def main() -> int:
         print(f"  {kind:24} {count}")
     print(f"token requests in all: {requests}")
     print(f"grant lost after a lost reply (documented, announced): {lost}")
+    # The documented limit (README, "What a crash can lose"): revoked after the store forgot
+    # a `sent` record while every replica that knew could not speak; announced, not failing.
+    print(
+        f"revoked by the documented limit (excused): {len(excused)}"
+        + (": " + " ".join(str(s) for s in sorted(excused)) if excused else "")
+    )
     print(f"schedules that broke an invariant: {len(failing)}")
     for name, count in sorted(invariants.items()):
         print(f"  {name}: {count}")

@@ -158,6 +158,11 @@ class Adoption:
             # Redis stepped back, a reload, and a token served 20 s past its expiry).
             self._mono_expiry = min(self._mono_expiry, retired._mono_expiry)
 
+    def notify_store_lost(self) -> None:
+        """The store connection dropped: the store may have forgotten (see the fleet's
+        `note_connection_lost`)."""
+        self.fleet.note_connection_lost()
+
     def notify_store_changed(self, *, reconnected: bool = False) -> None:
         """The store may hold something new (a reconnect): look on the next turn.
 

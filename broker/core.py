@@ -261,6 +261,7 @@ class BrokerCore:
                 if self._heard_at > subscribed_at:
                     delay = STORE_RETRY_MIN  # the subscription worked: start the backoff over
                 self._emit(events.StoreReachable(up=False))
+                self._store_lost()
                 if not was_down:
                     log.warning("store.unavailable", error=str(exc), retry_in=delay)
                     was_down = True
@@ -275,9 +276,16 @@ class BrokerCore:
             # Half-open: no error will ever come. Drop it, and re-sync as after an outage.
             self._emit(events.SubscriptionStale())
             log.warning("store.subscription_stale", silent_for=round(silent_for, 1), retry_in=delay)
+            self._store_lost()
             was_down = True
             await self._clock.sleep(delay)
             delay = min(STORE_RETRY_MAX, delay * 2)
+
+    def _store_lost(self) -> None:
+        """The subscription broke (or went silent): tell every refresher, whose next spends
+        wait for the replicas cut off with this one (a store restart drops every connection)."""
+        for refresher in self.refreshers.values():
+            refresher.notify_store_lost()
 
     async def _follow_notices(self) -> float | None:
         """Hand every notice to its app's refresher while heartbeats keep the channel talking.

@@ -330,7 +330,15 @@ class SpendLedger(Protocol):
         that fence (any, for 0) then removes the vetoed record. The spender sends it only while
         no spend of its of that token is unknown or on the wire: it knows they had no effect
         (a split brain may have kept a stale copy of a record where its abort never arrived).
-        A vetoed grace retry already names the spend it retried.
+        A vetoed grace retry already names the spend it retried. A veto whose `protects` names
+        a fence is refused when that very spend was the last one its spender ended as aborted
+        here: the vetoing replica missed the abort notice (its subscription was down), and a
+        veto standing for a resolved spend would stand for good (swarm seed 5510). A store
+        that forgot the abort forgot it with the record, and vetoes. A veto whose `protects`
+        names the owner of the announced spend is refused too: that spender spends the token
+        again, which it does only knowing its earlier spend had no effect (the rule a replica
+        applies to the notice), and a veto applied late (a write that timed out and landed
+        after that new spend began) would stand for good (swarm seed 6573).
 
         A replica that remembers an earlier spend of that refresh token with no known outcome
         (the store forgot it: a rollback, an empty restart) stops a replica that does not.

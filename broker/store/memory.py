@@ -62,6 +62,9 @@ class MemoryState:
     spends: dict[str, _Spend] = field(default_factory=dict)
     # app → (the refused access token's fingerprint, until when on the monotonic clock)
     refused: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # app → (owner, fence, refresh fingerprint) of the last spend its spender ended as aborted
+    # (its record removed): a veto that stands for that spend alone is refused (`veto_spend`).
+    aborted: dict[str, tuple[str, int, str]] = field(default_factory=dict)
 
 
 class MemoryStore:
@@ -282,6 +285,14 @@ class MemoryStore:
             return False
         if not self._holds(app, spend.owner, spend.fence):
             return False
+        if (
+            protects is not None
+            and protects[1] != 0
+            and self.state.aborted.get(app) == (*protects, refresh_fp)
+        ):
+            return False  # the one spend it stands for ended without effect, says the store
+        if protects is not None and spend.owner == protects[0]:
+            return False  # that spend's own spender spends again: it knows it had no effect
         spend.fence, spend.state, spend.retries = 0, "vetoed", 1
         if spend.orig_sent_at is not None:
             spend.sent_at, spend.orig_sent_at = spend.orig_sent_at, None
@@ -317,6 +328,7 @@ class MemoryStore:
                 spend.sent_at, spend.orig_sent_at = spend.orig_sent_at, None
             else:
                 del self.state.spends[app]
+                self.state.aborted[app] = (spend.owner, spend.fence, spend.refresh_fp)
             self._publish(
                 Notice(
                     app,

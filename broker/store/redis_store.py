@@ -178,11 +178,16 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
   lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2], pv=__PV__}))
 return 1
 """
-# KEYS: spend, lease. ARGV: rfp, protected owner ('' for none), protected fence
+# KEYS: spend, lease, aborted. ARGV: rfp, protected owner ('' for none), protected fence
 _VETO_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'rfp', 'state', 'owner', 'fence', 'orig_sent_at')
 if sp[1] ~= ARGV[1] or sp[2] ~= 'announced' then return 0 end
 if redis.call('GET', KEYS[2]) ~= sp[3] .. '|' .. sp[4] .. '|__PV__' then return 0 end
+-- the one spend the veto stands for ended without effect (its abort notice was missed)
+if ARGV[2] ~= '' and ARGV[3] ~= '0'
+  and redis.call('GET', KEYS[3]) == ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[1] then return 0 end
+-- the spender of the spend it stands for spends again: it knows that spend had no effect
+if ARGV[2] ~= '' and sp[3] == ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'fence', 0, 'state', 'vetoed', 'retries', 1)
 if sp[5] then
   redis.call('HSET', KEYS[1], 'sent_at', sp[5])
@@ -192,7 +197,8 @@ elseif ARGV[2] ~= '' then
 end
 return 1
 """
-# KEYS: spend. ARGV: fence, outcome, channel, app, owner (fences repeat after a rollback)
+# KEYS: spend, aborted. ARGV: fence, outcome, channel, app, owner (fences repeat after a
+# rollback)
 _END_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen',
   'orig_sent_at', 'orig_owner', 'orig_fence', 'state')
@@ -226,6 +232,7 @@ if ARGV[2] == 'aborted' then
     redis.call('HDEL', KEYS[1], 'orig_sent_at')
   else
     redis.call('DEL', KEYS[1])
+    redis.call('SET', KEYS[2], sp[2] .. '|' .. sp[1] .. '|' .. sp[3], 'EX', 86400)
   end
   redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort',
     lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2],
@@ -371,6 +378,11 @@ class RedisStore:
     def spend_key(self, app: str) -> str:
         """The Redis key of an app's spend record."""
         return f"{self._prefix}:{{{app}}}:spend"
+
+    def aborted_key(self, app: str) -> str:
+        """The Redis key of an app's last spend its spender ended as aborted ("owner|fence|rfp",
+        a day): a veto standing for that spend alone is refused (its abort notice was missed)."""
+        return f"{self._prefix}:{{{app}}}:aborted"
 
     def refused_key(self, app: str) -> str:
         """The Redis key of an app's last refused access token (lapsing after the interval)."""
@@ -710,7 +722,8 @@ class RedisStore:
         result = await self._call(
             "spend",
             lambda: self._veto_spend(
-                keys=[self.spend_key(app), self.lease_key(app)], args=[refresh_fp, owner, fence]
+                keys=[self.spend_key(app), self.lease_key(app), self.aborted_key(app)],
+                args=[refresh_fp, owner, fence],
             ),
         )
         return bool(result)
@@ -720,7 +733,8 @@ class RedisStore:
         await self._call(
             "spend",
             lambda: self._end_spend(
-                keys=[self.spend_key(app)], args=[fence, outcome.value, self.channel, app, owner]
+                keys=[self.spend_key(app), self.aborted_key(app)],
+                args=[fence, outcome.value, self.channel, app, owner],
             ),
         )
 

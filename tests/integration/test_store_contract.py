@@ -657,6 +657,41 @@ class TestSpend:
             )
             assert answer is SpendStart.UNKNOWN
 
+    async def test_a_veto_for_the_spend_its_spender_last_aborted_is_refused(
+        self, store: TokenStore
+    ) -> None:
+        """A veto naming (owner, fence) of the spend that owner last ended as aborted here is
+        refused (the vetoing replica missed the abort notice: swarm seed 5510); one naming an
+        earlier spend of that owner's, or the owner alone (fence 0), still vetoes."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        await store.end_spend("app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
+        assert not await store.veto_spend("app", refresh_fp=fp, protects=("a", a.fence))
+        assert not await store.veto_spend("app", refresh_fp=fp, protects=("a", a.fence))
+        assert (await store.load_spend("app") or SpendRecord("", "", "")).state == "announced"
+        assert await store.veto_spend("app", refresh_fp=fp, protects=("a", a.fence - 1))
+        assert await store.load_spend("app") == SpendRecord("b", fp, "vetoed")
+
+    async def test_a_veto_for_a_spend_of_the_announced_spends_own_owner_is_refused(
+        self, store: TokenStore
+    ) -> None:
+        """The spender of the spend a veto stands for spends the token again: it knows that
+        spend had no effect, so a veto naming it (a late write: swarm seed 6573) is refused;
+        one naming another owner still vetoes."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await store.acquire_lease("app", "a", 5)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token_set(1))
+        assert not await store.veto_spend("app", refresh_fp=fp, protects=("a", 0))
+        assert not await store.veto_spend("app", refresh_fp=fp, protects=("a", a.fence + 7))
+        assert await store.veto_spend("app", refresh_fp=fp, protects=("b", 0))
+        assert await store.load_spend("app") == SpendRecord("a", fp, "vetoed")
+
 
 @asynccontextmanager
 async def hearing(

@@ -1595,6 +1595,104 @@ def set_stamped_ahead_read_at_once() -> Schedule:
     )
 
 
+def rollback_erases_a_sent_record_with_its_spender_awake() -> Schedule:
+    """Found by the swarm (seed 5310): a strict server rotates a refresh token and answers 500
+    (the outcome is unknown), and the store is rolled back, at the moment the token is marked
+    sent, to before the spend: the `sent` record and the lease are gone, the set is as it
+    was (nothing to write back, nothing to show that the store forgot), and every
+    subscription drops. The spender, awake and alive, re-subscribes after its backoff; a
+    bystander whose command connection works takes the lease at once and spends the token
+    after a short objection window, before the spender is back to veto (here 3 s): the grant
+    is revoked. A dropped subscription is now evidence that the store may have forgotten:
+    spends wait the long objection window, and the spender vetoes."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        # The server is down until 10 s before the token expires: every replica is due and
+        # tries the lease, and the objection window is short (the token is nearly spent).
+        server.faults.down = True
+        await world.time.sleep(50.0)
+        server.faults.down = False
+        server.faults.error_after_acting = 500
+        before: list[MemoryState] = []
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "announcing" and not before:
+                before.append(world.store.snapshot())  # the lease held, no spend record yet
+            elif phase == "sent" and before and not hit:
+                hit.append(replica)
+                world.roll_back(before[0])
+
+        server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        # Once the spender has ended its spend (unknown) and released the lease, its
+        # reconnect takes 3 s (its backoff, a slow network), the others' 0.5 s.
+        await until(world, lambda: world.key not in world.store.state.leases, limit=20.0)
+        spender = world.replicas[_index(world, hit[0])]
+        spender.view.faults.partitioned = True
+        await world.time.sleep(3.0)
+        spender.view.faults.partitioned = False
+        server.faults.error_after_acting = None
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_062,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="rollback_erases_a_sent_record_with_its_spender_awake",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def veto_for_a_spend_its_drained_spender_aborted() -> Schedule:
+    """Found by the swarm (seed 5510): the store goes down right after it applied the
+    spender's `mark_sent` (the answer lost: the token is never sent), and SIGTERM comes at that
+    moment; the new pod starts while the old one drains. When the store is back, a bystander
+    meets the `sent` record and learns its spender and fence; the drain then writes the abort,
+    whose notice the bystander misses (its subscription is not back yet), and exits. The new
+    pod spends the token, and the bystander vetoes that spend for the aborted one: a veto
+    only that spend's spender could lift, and it is gone, so the fleet waited for a person.
+    The store now refuses a veto that stands for the very spend its spender last aborted."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+                world.terminate(_index(world, replica))
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        bystanders = [r for i, r in enumerate(world.replicas) if i != spender]
+        for bystander in bystanders:
+            bystander.view.faults.lost_kinds = frozenset({"abort"})
+        await world.time.sleep(1.0)
+        world.start_replica(spender)  # the new pod, while the old one drains
+        # Back past the token's expiry: every replica is due and meets the record at once.
+        await world.time.sleep(30.0)
+        world.set_store_outage(False)
+        await world.time.sleep(30.0)
+        for bystander in bystanders:
+            bystander.view.faults.lost_kinds = frozenset()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_063,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="veto_for_a_spend_its_drained_spender_aborted",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -1643,6 +1741,10 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "sigterm_with_an_abort_unwritten": sigterm_with_an_abort_unwritten,
     "set_stamped_while_a_jump_back_waits": set_stamped_while_a_jump_back_waits,
     "set_stamped_ahead_read_at_once": set_stamped_ahead_read_at_once,
+    "rollback_erases_a_sent_record_with_its_spender_awake": (
+        rollback_erases_a_sent_record_with_its_spender_awake
+    ),
+    "veto_for_a_spend_its_drained_spender_aborted": veto_for_a_spend_its_drained_spender_aborted,
 }
 
 

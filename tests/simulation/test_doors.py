@@ -18,6 +18,7 @@ from broker import refresher as refresher_module
 from broker.core import BrokerCore
 from broker.errors import StoreUnavailable
 from broker.fleet import Fetch, FleetProtocol
+from broker.fleet import protocol as fleet_protocol_module
 from broker.model import TokenSet
 from broker.oauth import parse
 from broker.refresher import AppRefresher
@@ -25,7 +26,7 @@ from broker.store import LEASE, Notice, SpendEnd, SpendRecord, SpendStart
 from broker.store.memory import MemoryState, MemoryStore
 from tests.simulation import world as world_module
 from tests.simulation.doors import DOORS
-from tests.simulation.schedule import run
+from tests.simulation.schedule import make_schedule, run
 
 
 @pytest.mark.parametrize("name", sorted(DOORS))
@@ -352,7 +353,7 @@ class TestEachFixPutBackOpensItsDoor:
         the token was never presented."""
 
         async def own_unknown(self: FleetProtocol, refresh_fp: str) -> str | None:
-            self._unknown.add(refresh_fp)
+            self.memory.unknown.add(refresh_fp)
             return None
 
         mutate(FleetProtocol, "_record_owner", own_unknown)
@@ -551,7 +552,7 @@ class TestEachFixPutBackOpensItsDoor:
                 )
             except StoreUnavailable:
                 if outcome is SpendEnd.ABORTED:
-                    self._aborted_fence = fence
+                    self.memory.aborted_fence = fence
 
         mutate(FleetProtocol, "_end_spend", old_end_spend)
         result = run(DOORS["failover_loses_the_abort"]())
@@ -610,7 +611,9 @@ class TestEachFixPutBackOpensItsDoor:
         their own clock let a retry through that the store's stepped clock judged young:
         presented past the server's window, the grant revoked."""
         mutate(
-            FleetProtocol, "_refuses_retry", lambda self, refresh_fp: refresh_fp in self._rejected
+            FleetProtocol,
+            "_refuses_retry",
+            lambda self, refresh_fp: refresh_fp in self.memory.rejected,
         )
         result = run(DOORS["grace_retry_timed_by_a_stepped_store_clock"]())
         assert not result.ok
@@ -625,7 +628,7 @@ class TestEachFixPutBackOpensItsDoor:
         original = FleetProtocol._refuses_retry
 
         def forgets_rejected(self: FleetProtocol, refresh_fp: str) -> bool:
-            return refresh_fp not in self._rejected and original(self, refresh_fp)
+            return refresh_fp not in self.memory.rejected and original(self, refresh_fp)
 
         mutate(FleetProtocol, "_refuses_retry", forgets_rejected)
         result = run(DOORS["grace_retry_of_a_rejected_token"]())
@@ -644,13 +647,13 @@ class TestEachFixPutBackOpensItsDoor:
         def without_the_abort(
             self: FleetProtocol, previous: FleetProtocol, *, same_grant: bool
         ) -> None:
-            fence, previous._aborted_fence = previous._aborted_fence, 0
-            own = dict(self._aborts)
+            fence, previous.memory.aborted_fence = previous.memory.aborted_fence, 0
+            own = dict(self.memory.aborts)
             try:
                 original(self, previous, same_grant=same_grant)
             finally:
-                previous._aborted_fence = fence
-                self._aborts = own
+                previous.memory.aborted_fence = fence
+                self.memory.aborts = own
 
         mutate(FleetProtocol, "carry_over", without_the_abort)
         result = run(DOORS["config_reload_after_a_mark_sent_answer_lost"]())
@@ -662,16 +665,24 @@ class TestEachFixPutBackOpensItsDoor:
     ) -> None:
         """Swarm-found (seed 4149): a new refresher that is handed only the old one's last
         abort (written once) cannot lift a later veto that names that spend: the fleet waits
-        for a person."""
+        for a person. Since seed 5510's fix the store also refuses a veto for the spend its
+        spender last aborted, which covers this door too: the mutant removes both."""
         original = FleetProtocol.carry_over
 
         def last_abort_only(
             self: FleetProtocol, previous: FleetProtocol, *, same_grant: bool
         ) -> None:
-            own = dict(self._aborts)
+            own = dict(self.memory.aborts)
             original(self, previous, same_grant=same_grant)
-            self._aborts = own
+            self.memory.aborts = own
 
+        veto = MemoryStore.veto_spend
+
+        async def forgetting(self: MemoryStore, app: str, **kwargs: Any) -> bool:
+            self.state.aborted.pop(app, None)
+            return await veto(self, app, **kwargs)
+
+        mutate(MemoryStore, "veto_spend", forgetting)
         mutate(FleetProtocol, "carry_over", last_abort_only)
         result = run(DOORS["veto_naming_a_spend_a_reload_carried"]())
         assert not result.ok
@@ -784,7 +795,7 @@ class TestEachFixPutBackOpensItsDoor:
         """Swarm-found (seed 5083): a set stamped with the fleet clock's old, later frame while
         its jump back waits for confirmation expires that much later for a pod that reads it
         with its clocks right: served past its true expiry."""
-        mutate(fleet_module, "stamped", lambda token, clock: token)
+        mutate(fleet_protocol_module, "stamped", lambda token, clock: token)
         result = run(DOORS["set_stamped_while_a_jump_back_waits"]())
         assert not result.ok
         assert any(v.startswith("invariant 2") for v in result.violations), result.report()
@@ -811,6 +822,73 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["set_stamped_ahead_read_at_once"]())
         assert not result.ok
         assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_a_dropped_subscription_that_is_no_evidence(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 5310): a rollback that erases a `sent` record but not the set
+        leaves nothing to write back; without the dropped subscription as evidence that the
+        store forgot, a bystander spends the token after a short window, before the spender
+        is back to veto, and the grant is revoked."""
+        mutate(FleetProtocol, "note_connection_lost", lambda self: None)
+        result = run(DOORS["rollback_erases_a_sent_record_with_its_spender_awake"]())
+        assert not result.ok
+        assert result.revoked and not result.revoked_forgotten_while_alone, result.report()
+
+    def test_a_veto_for_a_spend_already_aborted(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 5510): a store that keeps no mark of the last aborted spend lets
+        a bystander that missed the abort notice veto for it, for good (its spender exited)."""
+        veto = MemoryStore.veto_spend
+
+        async def forgetting(self: MemoryStore, app: str, **kwargs: Any) -> bool:
+            self.state.aborted.pop(app, None)
+            return await veto(self, app, **kwargs)
+
+        mutate(MemoryStore, "veto_spend", forgetting)
+        result = run(DOORS["veto_for_a_spend_its_drained_spender_aborted"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_late_veto_of_a_spenders_own_next_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 6573; a swarm seed, not a scripted door): a 500 ends a spend
+        without effect, Redis restarts empty at that moment, and a bystander that missed the
+        abort notice vetoes on reconnect; its write times out and lands late, on the
+        spender's own next spend of the token (which the long objection window after the
+        restart leaves announced for 6 s). A store that applies a veto standing for the
+        announced spend's own owner leaves it for good: the fleet waits for a person."""
+        veto = MemoryStore.veto_spend
+
+        async def vetoes_its_own_owner(
+            self: MemoryStore,
+            app: str,
+            *,
+            refresh_fp: str,
+            protects: tuple[str, int] | None = None,
+        ) -> bool:
+            spend = self.state.spends.get(app)
+            if (
+                protects is None
+                or spend is None
+                or spend.owner != protects[0]
+                or spend.refresh_fp != refresh_fp
+                or spend.state != "announced"
+                or spend.orig_sent_at is not None
+                or not self._holds(app, spend.owner, spend.fence)
+            ):
+                return await veto(self, app, refresh_fp=refresh_fp, protects=protects)
+            spend.fence, spend.state, spend.retries = 0, "vetoed", 1  # the old code
+            spend.orig_owner, spend.orig_fence = protects
+            return True
+
+        assert run(make_schedule(6573)).ok
+        mutate(MemoryStore, "veto_spend", vetoes_its_own_owner)
+        result = run(make_schedule(6573))
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
 
 class TestTheDocumentedLimitIsExcusedNarrowly:

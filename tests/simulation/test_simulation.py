@@ -92,6 +92,18 @@ SWARM_REGRESSION_SEEDS = {
 # objection window as mute (issue 20; the broker needs `maxmemory-policy noeviction`).
 OPEN_SEEDS: dict[int, str] = {}
 
+# Swarm seeds of the sample whose grant is revoked by the documented limit (README, "What a
+# crash can lose"): the store forgot an acknowledged `sent` record while every replica that
+# knew (the spender, a replica that heard its notice or holds the newer set) could not speak.
+# Counted apart, not failing; any other seed so excused fails, so the excuse cannot widen
+# unseen (and a seed listed here that stops being excused says to take it out).
+DOCUMENTED_LIMIT_SEEDS: dict[int, str] = {
+    194: "an empty restart as the token is marked sent, the spender frozen past the window",
+    734: "an eviction right after the send, the spender and the replicas that adopted its set "
+    "on the old primary of a split brain for 18 s",
+    1237: "an empty restart and an eviction, the spender on the old primary of a split brain",
+}
+
 _RESULTS: dict[int, Result] = {}
 
 
@@ -108,6 +120,7 @@ def test_schedule_keeps_every_invariant(seed: int) -> None:
     revoked grant, fair-weather requests within 1.1x one broker, and service again after heal."""
     result = outcome(seed)
     assert result.ok, result.report()
+    assert result.revoked_forgotten_while_alone == (seed in DOCUMENTED_LIMIT_SEEDS), result.report()
 
 
 @pytest.mark.parametrize("seed", sorted(REGRESSION_SEEDS))

@@ -1772,20 +1772,26 @@ class World:
         if spend is None or forgotten is None or spend.owner == forgotten[0]:
             return
         owner, at = forgotten
-        if self._mute_since(owner, at) and not self._others_know(spend.refresh_fp, owner, at):
+        if self._mute_since(owner, at) and not self._others_know(
+            spend.refresh_fp, spend.rank, owner, at
+        ):
             sender = next((r for r in self.replicas if r.name == replica), None)
             token = sender.refresher.token if sender is not None else None
             if token and token.refresh_token and token.refresh_fingerprint == spend.refresh_fp:
                 self.forgotten_while_alone.add(token.refresh_token)
 
-    def _others_know(self, refresh_fp: str, owner: str, at: float) -> bool:
+    def _others_know(self, refresh_fp: str, rank: tuple[int, int], owner: str, at: float) -> bool:
         """Some replica other than the spender that could speak knows the token was sent (it
-        heard the notice): then a veto was due, and nothing is excused."""
+        heard the notice: then a veto was due), or holds a set newer than the one it was spent
+        from (then a write-back was due, which makes the spend stale): nothing is excused."""
         for replica in self.replicas:
             fleet = replica.refresher.fleet
             if replica is self.replica_of(owner) or self._mute_since(replica.name, at):
                 continue
-            if refresh_fp in fleet._foreign_spends or refresh_fp in fleet._unknown:
+            if refresh_fp in fleet.memory.foreign or refresh_fp in fleet.memory.unknown:
+                return True
+            held = replica.refresher.token
+            if held is not None and held.rank > rank:
                 return True
         return False
 

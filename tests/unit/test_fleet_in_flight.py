@@ -97,6 +97,28 @@ async def test_a_write_back_makes_spends_wait_the_long_objection_window_for_a_wh
     assert protocol.objection_window(10.0) == protocol.timing.objection
 
 
+async def test_a_dropped_store_connection_makes_spends_wait_the_long_objection_window() -> None:
+    """A dropped subscription is evidence that the store may have forgotten (a restart or a
+    rollback drops every connection, and may erase a `sent` record while the set survives):
+    for `forgetful_for` seconds the set held then waits the long window (swarm seed 5310)."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    holder = CurrentSet(_grant(clock))
+    protocol = _protocol(store, clock, "r1", holder, forgetful_for=60.0)
+    assert protocol.objection_window(10.0) == protocol.timing.objection
+
+    protocol.note_connection_lost()
+
+    assert protocol.objection_window(10.0) == protocol.timing.objection_idle
+    held = holder.token
+    assert held is not None
+    holder.token = replace(held, generation=held.generation + 1)  # issued after the drop
+    assert protocol.objection_window(10.0) == protocol.timing.objection
+    holder.token = held
+    await clock.advance(61.0)
+    assert protocol.objection_window(10.0) == protocol.timing.objection
+
+
 async def test_the_long_objection_window_ends_with_the_first_set_newer_than_the_write_back() -> (
     None
 ):

@@ -38,7 +38,7 @@ async def test_resync_vetoes_an_announced_spend_of_a_token_remembered_as_spent()
     token = _grant(clock)
     await store.commit(APP, token)
     remembers = _protocol(store, clock, "r0", token)
-    remembers._unknown.add(token.refresh_fingerprint or "")
+    remembers.memory.unknown.add(token.refresh_fingerprint or "")
     fence = await _announce(store, "r1", token)  # r1 restarted and forgot; r0 missed the notice
 
     assert await remembers.sync()
@@ -127,7 +127,9 @@ async def test_a_veto_for_one_spenders_spend_names_it_and_its_abort_lifts_it() -
     bystander = _protocol(store, clock, "r0", token)
     bystander.on_notice(_notice("sent", "r2", token))  # r2's abort notice never reached r0
     spender = _protocol(store, clock, "r2", token)
-    spender._aborts[spender.owner, 4] = fp  # r2's spend under fence 4 was refused (429): no effect
+    spender.memory.aborts[spender.owner, 4] = (
+        fp  # r2's spend under fence 4 was refused (429): no effect
+    )
     fence = await _announce(store, "r1", token)
     notice = _notice("spend", "r1", token)
     assert bystander.must_veto(notice)
@@ -149,9 +151,9 @@ async def test_a_veto_for_our_own_unknown_spend_names_no_one() -> None:
     bystander = _protocol(store, clock, "r0", token)
     bystander.on_notice(_notice("sent", "r2", token))
     assert bystander._protects(fp) == ("r2", 0)
-    bystander._unknown.add(fp)
+    bystander.memory.unknown.add(fp)
     assert bystander._protects(fp) is None
-    bystander._unknown.discard(fp)
+    bystander.memory.unknown.discard(fp)
     bystander.on_notice(_notice("sent", "r3", token))  # a second spender: no one alone
     assert bystander._protects(fp) is None
 
@@ -167,8 +169,8 @@ async def test_a_spender_with_an_unknown_spend_of_the_token_lifts_nothing() -> N
     await _announce(store, "r1", token)
     assert await store.veto_spend(APP, refresh_fp=fp, protects=("r2", 0))
     spender = _protocol(store, clock, "r2", token)
-    spender._aborts[spender.owner, 4] = fp
-    spender._unknown.add(fp)
+    spender.memory.aborts[spender.owner, 4] = fp
+    spender.memory.unknown.add(fp)
 
     assert not await spender._lift_vetoes_of_our_aborts(fp)
 

@@ -83,17 +83,17 @@ class TestReloadOfAChangedApp:
         """Unknown spends, other replicas' sent tokens, a token still on the wire, the highest
         rank seen: all known to the new refresher after a reload of the same grant."""
         old = broker.core.refreshers["app1"].fleet
-        old._unknown.add("fp-unknown")
-        old._foreign_spends["fp-foreign"] = (1.0, "other-replica")
+        old.memory.unknown.add("fp-unknown")
+        old.memory.foreign["fp-foreign"] = (1.0, "other-replica")
         old.in_flight = "fp-on-the-wire"
         old.note_rank((1, 9))
         assert await reload_config(
             broker, edit(broker, tmp_path / "config.yaml", refresh={"safety_margin": 7})
         )
         new = broker.core.refreshers["app1"].fleet
-        assert "fp-unknown" in new._unknown
-        assert new._foreign_spends["fp-foreign"] == (1.0, "other-replica")
-        assert new._foreign_spends["fp-on-the-wire"][1] == old._owner
+        assert "fp-unknown" in new.memory.unknown
+        assert new.memory.foreign["fp-foreign"] == (1.0, "other-replica")
+        assert new.memory.foreign["fp-on-the-wire"][1] == old._owner
         assert new._seen_rank == (1, 9)
 
     async def test_another_grant_keeps_the_spends_but_not_the_ranks(
@@ -102,11 +102,11 @@ class TestReloadOfAChangedApp:
         """A changed client id is another grant: the ranks of the old one say nothing about
         it, so only the spend memory (keyed by refresh-token fingerprint) is kept."""
         old = broker.core.refreshers["app1"].fleet
-        old._unknown.add("fp-unknown")
+        old.memory.unknown.add("fp-unknown")
         old.note_rank((1, 9))
         assert await reload_config(
             broker, edit(broker, tmp_path / "config.yaml", client_id="another-client")
         )
         new = broker.core.refreshers["app1"].fleet
-        assert "fp-unknown" in new._unknown
+        assert "fp-unknown" in new.memory.unknown
         assert new._seen_rank == (0, 0)

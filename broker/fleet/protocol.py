@@ -1,20 +1,5 @@
-"""The fleet protocol: how the replicas of a fleet share one app's token set through the store.
-
-Its promises (docs/architecture.md lists them as invariants, and tests/simulation checks them
-under faults):
-
-- A refresh token is presented only by the replica holding the app's lease, after recording
-  the spend in the store under its fence, and only while its lease outlasts the request. With
-  the store unreachable or its set unreadable, a refresh-token grant is not spent at all.
-- A spend whose outcome is unknown (the reply was lost after sending) is never repeated,
-  except once inside a server's declared reuse grace window.
-- "Newer" is the set's rank (lineage, generation), never its expiry; a replica only ever
-  presents the refresh token of the newest set it knows, and writes that set back when the
-  store holds an older one (an empty restart, a failover that lost writes, a restore).
-
-Client-credentials apps spend nothing: they use the lease to avoid duplicate requests, and
-refresh alone when the store is down. The module knows the TokenStore protocol, not redis-py.
-"""
+"""The fleet protocol's sequence for one app on one replica: lease, objection window, mark sent,
+fetch, commit (the promises are in broker/fleet/__init__.py)."""
 
 from __future__ import annotations
 
@@ -29,26 +14,34 @@ from broker.errors import (
     NotDurable,
     PermanentTokenError,
     StoreUnavailable,
-    TokenEndpointError,
     TransientTokenError,
     UnreadableTokenSet,
+)
+from broker.fleet.memory import SpendMemory
+from broker.fleet.outcomes import (
+    Adopted,
+    Blocked,
+    Busy,
+    Deferred,
+    Fetched,
+    NoGrant,
+    Outcome,
+    OutcomeUnknown,
+    OverBudget,
+    ReuseDetected,
 )
 from broker.fleetclock import stamped
 from broker.logs import get_logger
 from broker.model import PROTOCOL_VERSION, TokenSet
 from broker.store import FleetSignals, Notice, SpendEnd, SpendLedger, SpendStart, TokenSets
 
-log = get_logger(__name__)
+# The name the module had before it became a package: log lines keep their logger.
+log = get_logger("broker.fleet")
 
 
 class FleetStore(TokenSets, SpendLedger, FleetSignals, Protocol):
     """The store's roles the fleet protocol uses: the sets, the spend ledger (lease and spend
     record) and the fleet's shared backoff and budget."""
-
-
-# How many of our aborted spends of one refresh token are remembered for re-sending after a
-# reconnect: each lease of a failing spend adds one.
-MAX_REMEMBERED_ABORTS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,95 +72,8 @@ class Timing:
     newer_protocol_for: float = 300.0
 
 
-# ---- outcomes of one refresh attempt ------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Adopted:
-    """The store had a newer set that is not yet due: adopted, nothing was requested."""
-
-    token: TokenSet
-
-
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    """We got a new set. `persisted` False: it could not be stored yet (write it back later)."""
-
-    token: TokenSet
-    persisted: bool
-    sent_mono: float
-
-
-@dataclass(frozen=True, slots=True)
-class Busy:
-    """Another replica holds the lease (for up to `wait` seconds): wait for its notice."""
-
-    wait: float
-
-
-@dataclass(frozen=True, slots=True)
-class Blocked:
-    """A refresh token may not be spent now (the store cannot confirm a lease): wait.
-
-    `unreadable`: the store answered, but its set is under a key this replica lacks; only a
-    new set (whose notice wakes the refresher) or a restart with the key changes that.
-    """
-
-    reason: str
-    unreadable: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class OutcomeUnknown:
-    """The refresh token was (or may have been) spent with no answer: it is not spent again.
-
-    `error` is set when this replica sent the request itself.
-    """
-
-    reason: str
-    refresh_fp: str
-    error: TransientTokenError | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ReuseDetected:
-    """The server answered `invalid_grant` to a refresh token this replica sent: proof that
-    the token was presented twice (the protocol let it through), so the grant is revoked or
-    about to be. Never swallowed by adopting another set: a person must authorize again."""
-
-    reason: str
-    refresh_fp: str
-
-
-@dataclass(frozen=True, slots=True)
-class Deferred:
-    """Another replica's failed attempt says: nobody tries again before `not_before` (fleet time)."""
-
-    not_before: float
-    failures: int
-    error: str
-    permanent: bool
-
-
-@dataclass(frozen=True, slots=True)
-class OverBudget:
-    """The app's fleet-wide request budget is spent: try again in `retry_after` seconds."""
-
-    retry_after: float
-
-
-Outcome = (
-    Adopted | Fetched | Busy | Blocked | OutcomeUnknown | ReuseDetected | Deferred | OverBudget
-)
-
-
 class _RecordGone(Exception):
     """The spend record just read is gone: resolved meanwhile (`_record_owner`)."""
-
-
-def _by_fence(spend: tuple[str, int]) -> int:
-    """The fence of an (owner, fence) pair: remembered aborts are kept in fence order."""
-    return spend[1]
 
 
 def _blocked(exc: StoreUnavailable) -> Blocked:
@@ -176,10 +82,6 @@ def _blocked(exc: StoreUnavailable) -> Blocked:
         f"store unavailable, not spending the refresh token: {exc}",
         unreadable=isinstance(exc, UnreadableTokenSet),
     )
-
-
-class NoGrant(TokenEndpointError):
-    """There is nothing to refresh with (an authorization-code app without a refresh token)."""
 
 
 Fetch = Callable[[str | None], Awaitable[TokenSet]]
@@ -230,37 +132,8 @@ class FleetProtocol:
         # Consecutive failures of the fleet, as the last shared failure record counted them.
         self.shared_failures = 0
         self._shared_failure_seen = False
-        # Refresh tokens another replica sent: fingerprint → (monotonic time of the first
-        # `sent` notice, the spender; None once a second replica sent it too), until a newer
-        # set, an abort or the spender's own next spend resolves them.
-        self._foreign_spends: dict[str, tuple[float, str | None]] = {}
-        # ...and the fence of such a spend, where its store record told us: (owner, fence). A
-        # veto that stands for that spend alone names it, so its spender can lift it.
-        self._foreign_fences: dict[str, tuple[str, int]] = {}
-        # Refresh tokens whose spend has an unknown outcome: never presented again.
-        self._unknown: set[str] = set()
-        # Refresh tokens another replica sent whose spend we found unresolved when we held the
-        # lease (its spender died, or lost its lease): unknown like ours, but the spender's
-        # abort or its own next spend of the token still resolves them.
-        self._unknown_foreign: set[str] = set()
-        self._retried: set[str] = set()
-        # Refresh tokens the server answered `invalid_grant` to when we sent them: dead, so a
-        # grace retry of their unknown record is vetoed (`_refuses_retry`).
-        self._rejected: set[str] = set()
-        # Our own last spend that ended without effect (its record may survive the abort).
-        self._aborted_fence = 0
-        # Every spend of ours that ended without effect, (owner, fence) → refresh fingerprint,
-        # while its token is the newest we know: a split brain may keep its `sent` record on
-        # the side the abort never reached, and the heal may discard the side it did. Re-sent
-        # after each reconnect (`resend_aborts`) and when a record of its token blocks us;
-        # owner- and fence-matched, so always safe. The owner is ours, or that of the
-        # protocol this one replaced in a config reload (`carry_over`): the same process.
-        self._aborts: dict[tuple[str, int], str] = {}
-        self._resend = False
-        # The same, of the protocol this one replaced in a config reload: (owner, fence).
-        self._carried_aborts: list[tuple[str, int]] = []
-        # When we sent refresh tokens whose answer never came (monotonic), for the grace rule.
-        self._sent_at: dict[str, float] = {}
+        # What this replica knows of spends, its own and the others' (SpendMemory).
+        self.memory = SpendMemory()
         # The highest rank this replica knows exists, read or not: an older set is never spent.
         self._seen_rank = (0, 0)
         # The refresh token this replica has on the wire (marked sent, no answer yet): it
@@ -360,21 +233,16 @@ class FleetProtocol:
             return
         fp = notice.refresh_fp
         if notice.kind == "sent":
-            first = self._foreign_spends.get(fp)
-            if first is None:
-                self._foreign_spends[fp] = (self._clock.monotonic(), notice.owner)
-            elif first[1] != notice.owner:
-                self._foreign_spends[fp] = (first[0], None)  # no one spender can resolve it
+            self.memory.heard_sent(fp, notice.owner, self._clock.monotonic())
         elif (notice.kind == "abort" and not notice.retry_aborted) or self._respends_own(notice):
             # Ended without effect; or its spender spends it again, which it does only when it
             # knows its last spend ended without effect (a restart gets a new owner name): the
             # abort notice was lost, e.g. its record was gone after a store rollback.
-            self._foreign_spends.pop(fp, None)
-            self._unknown_foreign.discard(fp)
+            self.memory.resolved_foreign(fp)
 
     def _respends_own(self, notice: Notice) -> bool:
         """`notice` announces a spend by the one replica that sent this token before."""
-        spend = self._foreign_spends.get(notice.refresh_fp or "")
+        spend = self.memory.foreign.get(notice.refresh_fp or "")
         return notice.kind == "spend" and spend is not None and spend[1] == notice.owner
 
     def must_veto(self, notice: Notice) -> bool:
@@ -387,9 +255,9 @@ class FleetProtocol:
             # clock: vetoed only when this replica knows better (see `_refuses_retry`).
             return self._refuses_retry(notice.refresh_fp)
         return (
-            notice.refresh_fp in self._unknown
+            notice.refresh_fp in self.memory.unknown
             or notice.refresh_fp == self.in_flight
-            or (notice.refresh_fp in self._foreign_spends and not self._respends_own(notice))
+            or (notice.refresh_fp in self.memory.foreign and not self._respends_own(notice))
         )
 
     def _refuses_retry(self, refresh_fp: str) -> bool:
@@ -405,10 +273,9 @@ class FleetProtocol:
         grant). A replica's first notice comes after the send, so its age never overstates
         the spend's: it vetoes no retry that is inside the window.
         """
-        if refresh_fp in self._rejected:
+        if refresh_fp in self.memory.rejected:
             return True
-        foreign = self._foreign_spends.get(refresh_fp)
-        sent = self._sent_at.get(refresh_fp, foreign[0] if foreign is not None else None)
+        sent = self.memory.sent_time(refresh_fp)
         return sent is not None and self._clock.monotonic() - sent >= self._retry_window()
 
     async def veto(self, notice: Notice) -> None:
@@ -422,12 +289,12 @@ class FleetProtocol:
     def _protects(self, refresh_fp: str) -> tuple[str, int] | None:
         """The one spend (owner, fence) a veto of `refresh_fp` stands for, when that is all
         this replica knows of it: its spender's abort of that fence may then lift the veto."""
-        if refresh_fp in self._unknown or refresh_fp == self.in_flight:
+        if refresh_fp in self.memory.unknown or refresh_fp == self.in_flight:
             return None
-        foreign = self._foreign_spends.get(refresh_fp)
+        foreign = self.memory.foreign.get(refresh_fp)
         if foreign is None or foreign[1] is None:
             return None
-        known = self._foreign_fences.get(refresh_fp)
+        known = self.memory.foreign_fences.get(refresh_fp)
         if known is not None and known[0] == foreign[1]:
             return known
         return (foreign[1], 0)  # known from its `sent` notice, which names no fence
@@ -458,23 +325,12 @@ class FleetProtocol:
         a forgetful store are kept only for the same grant (`same_grant`: token URL, client,
         grant and scopes unchanged).
         """
-        self._unknown |= previous._unknown
-        self._unknown_foreign |= previous._unknown_foreign
-        self._carried_aborts += previous._carried_aborts
-        if previous._aborted_fence:
-            self._carried_aborts.append((previous._owner, previous._aborted_fence))
-        # Every spend the old one aborted, too: re-sent after a reconnect and when a record of
-        # its token blocks us, as our own are (a veto may name it: swarm seed 4149).
-        for aborted, refresh_fp in previous._aborts.items():
-            self._aborts.setdefault(aborted, refresh_fp)
-        self._retried |= previous._retried
-        self._rejected |= previous._rejected
-        for fp, sent in previous._sent_at.items():
-            self._sent_at.setdefault(fp, sent)
-        for fp, spend in previous._foreign_spends.items():
-            self._foreign_spends.setdefault(fp, spend)
-        if previous.in_flight is not None:
-            self._foreign_spends[previous.in_flight] = (self._clock.monotonic(), previous._owner)
+        self.memory.take_over(
+            previous.memory,
+            owner=previous._owner,
+            in_flight=previous.in_flight,
+            now=self._clock.monotonic(),
+        )
         if same_grant:
             self.note_rank(previous._seen_rank)
             if previous._forgot_at > self._forgot_at:
@@ -482,19 +338,12 @@ class FleetProtocol:
 
     def forget_spent(self, token: TokenSet) -> None:
         """A set of `token`'s rank or newer is ours now: older spends no longer matter."""
-        keep = token.refresh_fingerprint
-        self._foreign_spends = {k: v for k, v in self._foreign_spends.items() if k == keep}
-        self._unknown = {k for k in self._unknown if k == keep}
-        self._unknown_foreign = {k for k in self._unknown_foreign if k == keep}
-        self._retried = {k for k in self._retried if k == keep}
-        self._rejected = {k for k in self._rejected if k == keep}
-        self._aborts = {f: fp for f, fp in self._aborts.items() if fp == keep}
-        self._foreign_fences = {k: v for k, v in self._foreign_fences.items() if k == keep}
+        self.memory.keep_only(token.refresh_fingerprint)
 
     def outcome_unknown(self, token: TokenSet | None) -> bool:
         """True when `token`'s refresh token must not be presented: its last spend is unknown."""
         fp = token.refresh_fingerprint if token is not None else None
-        return fp is not None and (fp in self._unknown or fp in self._unknown_foreign)
+        return fp is not None and self.memory.is_unknown(fp)
 
     # ---- budgets -----------------------------------------------------------------------------
 
@@ -577,44 +426,61 @@ class FleetProtocol:
         config reload hands the old refresher's unresolved abort to the new one (the same
         process, which knows it never sent), under the old owner name.
         """
-        while self._carried_aborts:
-            owner, fence = self._carried_aborts[-1]
+        memory = self.memory
+        while memory.carried_aborts:
+            owner, fence = memory.carried_aborts[-1]
             await self._store.end_spend(
                 self.key, owner=owner, fence=fence, outcome=SpendEnd.ABORTED
             )
             log.info("spend.abort_resolved", app=self.app, fence=fence, carried=True)
-            self._carried_aborts.pop()
-        if self._resend:
+            memory.carried_aborts.pop()
+        if memory.resend:
             # Reconnected: this may be another primary (a failover, a split brain's heal) that
             # kept a record of a spend we aborted elsewhere, or restored one under a grace
             # retry that names it. Say again that each ended without effect.
-            for owner, fence in sorted(self._aborts, key=_by_fence):
-                if not self._settled(self._aborts[owner, fence]):
+            for owner, fence in memory.aborts_in_fence_order():
+                if not self._settled(self.memory.aborts[owner, fence]):
                     continue  # a later spend of that token is unknown: nothing to lift
                 await self._store.end_spend(
                     self.key, owner=owner, fence=fence, outcome=SpendEnd.ABORTED
                 )
-            self._resend = False
-        fence = self._aborted_fence
+            memory.resend = False
+        fence = memory.aborted_fence
         if fence == 0:
             return
         await self._store.end_spend(
             self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED
         )
         log.info("spend.abort_resolved", app=self.app, fence=fence)
-        if self._aborted_fence == fence:
-            self._aborted_fence = 0
+        self.memory.abort_written(fence)
 
     @property
     def abort_unwritten(self) -> bool:
         """An abort of ours (or carried over in a reload) may not be in the store yet: the
         next `sync` writes it."""
-        return self._aborted_fence != 0 or bool(self._carried_aborts)
+        return self.memory.abort_unwritten
+
+    def note_connection_lost(self) -> None:
+        """The store connection (the subscription) dropped: evidence that the store may have
+        forgotten, as a write-back that stored something is.
+
+        A restart, a failover or a restore drops every connection, and may lose a `sent`
+        record while the set it was spent from survives (nothing to write back, nothing to
+        show it). The spender of that token, cut off by the same drop, re-subscribes within
+        the watcher's backoff: until then nobody can veto a second spend of it, so for a while
+        every spend waits the long objection window (swarm seed 5310: a rollback erased the
+        record of a token sent 5 ms before, and another replica, whose command connection
+        worked while its subscription was down, spent it again after a 40 ms window).
+        """
+        self._forgot_at = self._clock.monotonic()
+        current = self._current()
+        if current is not None:
+            self._forgot_rank = max(self._forgot_rank, current.rank)
 
     def resend_aborts(self) -> None:
         """The store connection was (re)made: on the next sync, end again every spend of ours
-        that ended without effect (`_aborts`), in case this primary kept its record."""
-        self._resend = bool(self._aborts)
+        that ended without effect (`memory.aborts`), in case this primary kept its record."""
+        self.memory.resend = bool(self.memory.aborts)
 
     async def _record_owner(self, refresh_fp: str) -> str | None:
         """Who made the store's spend record of `refresh_fp` (None: unknown, or ourselves);
@@ -629,22 +495,22 @@ class FleetProtocol:
         if record.owner == self._owner:
             return None
         if record.fence > 0 and not record.retry:
-            self._foreign_fences[refresh_fp] = (record.owner, record.fence)
+            self.memory.foreign_fences[refresh_fp] = (record.owner, record.fence)
         return record.owner
 
     def _settled(self, refresh_fp: str) -> bool:
         """No spend of ours of `refresh_fp` has an unknown outcome or is on the wire."""
-        return refresh_fp not in self._unknown and refresh_fp != self.in_flight
+        return refresh_fp not in self.memory.unknown and refresh_fp != self.in_flight
 
     async def _lift_vetoes_of_our_aborts(self, refresh_fp: str) -> bool:
         """The store answered UNKNOWN for `refresh_fp`: its record may stand for a spend of
         ours that ended without effect (a veto naming it, or a stale copy a split brain kept).
         End each such spend again; True when the record is gone."""
-        spends = [k for k, fp in self._aborts.items() if fp == refresh_fp]
+        spends = self.memory.aborts_of(refresh_fp)
         if not spends or not self._settled(refresh_fp):
             return False
         try:
-            for owner, fence in sorted(spends, key=_by_fence):
+            for owner, fence in spends:
                 await self._store.end_spend(
                     self.key, owner=owner, fence=fence, outcome=SpendEnd.ABORTED
                 )
@@ -657,7 +523,7 @@ class FleetProtocol:
         """The announced spend of `refresh_fp` in the store is not to be vetoed: the one grace
         retry the store granted from its own record (H2), or its earlier spender's own next
         spend (the one replica that knows whether its last spend had an effect)."""
-        foreign = self._foreign_spends.get(refresh_fp)
+        foreign = self.memory.foreign.get(refresh_fp)
         record = await self._store.load_spend(self.key)
         if record is None or record.refresh_fp != refresh_fp or record.state != "announced":
             return False
@@ -667,12 +533,11 @@ class FleetProtocol:
         if (
             foreign is None
             or foreign[1] is None
-            or refresh_fp in self._unknown
+            or refresh_fp in self.memory.unknown
             or record.owner != foreign[1]
         ):
             return False
-        self._foreign_spends.pop(refresh_fp, None)
-        self._unknown_foreign.discard(refresh_fp)
+        self.memory.resolved_foreign(refresh_fp)
         return True
 
     async def _veto_remembered(self, current: TokenSet) -> None:
@@ -684,8 +549,8 @@ class FleetProtocol:
         """
         refresh_fp = current.refresh_fingerprint
         remembered = (
-            refresh_fp in self._unknown
-            or refresh_fp in self._foreign_spends
+            refresh_fp in self.memory.unknown
+            or refresh_fp in self.memory.foreign
             or (refresh_fp is not None and refresh_fp == self.in_flight)
         )
         if (
@@ -821,8 +686,7 @@ class FleetProtocol:
                 "has not been able to read; not spending an older refresh token"
             )
         refresh_fp = current.refresh_fingerprint or ""
-        unknown = refresh_fp in self._unknown or refresh_fp in self._unknown_foreign
-        if unknown and not self._may_retry(refresh_fp):
+        if self.memory.is_unknown(refresh_fp) and not self._may_retry(refresh_fp):
             return OutcomeUnknown(
                 "the last spend of this refresh token has no known outcome", refresh_fp
             )
@@ -844,10 +708,9 @@ class FleetProtocol:
         The window is counted from when the spend was sent (our own) or announced to us
         (another replica's), less the longest the retry itself may take.
         """
-        if self._retry_window() <= 0 or refresh_fp in self._retried:
+        if self._retry_window() <= 0 or refresh_fp in self.memory.retried:
             return False
-        foreign = self._foreign_spends.get(refresh_fp)
-        sent = self._sent_at.get(refresh_fp, foreign[0] if foreign is not None else None)
+        sent = self.memory.sent_time(refresh_fp)
         if sent is None:
             return True  # known only from the store's record, which carries its own time
         return self._clock.monotonic() - sent < self._retry_window()
@@ -915,13 +778,13 @@ class FleetProtocol:
         self, fetch: Fetch, current: TokenSet, fence: int, deadline: float, servable_left: float
     ) -> Outcome:
         refresh_fp = current.refresh_fingerprint or ""
-        foreign = refresh_fp in self._foreign_spends
+        foreign = refresh_fp in self.memory.foreign
         if foreign and not self._may_retry(refresh_fp):
             # Another replica announced this spend and nothing resolved it: its outcome is
             # unknown to us even if the store has forgotten the record. It stays the spender's
             # to resolve (its abort, its next spend, or a newer set), so it is not added to
             # our own unknown spends: those are never forgiven.
-            self._unknown_foreign.add(refresh_fp)
+            self.memory.unknown_foreign.add(refresh_fp)
             return OutcomeUnknown(
                 "another replica spent this refresh token with no known outcome", refresh_fp
             )
@@ -942,7 +805,7 @@ class FleetProtocol:
                 fence=fence,
                 token=current,
                 retry_within=self._retry_window(),
-                resolved_fence=self._aborted_fence,
+                resolved_fence=self.memory.aborted_fence,
             )
         except StoreUnavailable as exc:
             return Blocked(f"store unavailable, spend not recorded: {exc}")
@@ -962,7 +825,7 @@ class FleetProtocol:
             # store is back). Not our own unknown spend, which is never forgiven: remember it
             # as its owner's, whose abort, own next spend or a newer set clears it; we veto
             # any other replica's spend of it.
-            if refresh_fp not in self._foreign_spends:
+            if refresh_fp not in self.memory.foreign:
                 try:
                     owner = await self._record_owner(refresh_fp)
                 except _RecordGone:
@@ -971,15 +834,13 @@ class FleetProtocol:
                     # nothing unknown stands, and remembered without an owner it would be
                     # vetoed for good by us (swarm seeds 7116, 2038). Try again.
                     return Busy(0.0)
-                self._foreign_spends[refresh_fp] = (self._clock.monotonic(), owner)
-            self._unknown_foreign.add(refresh_fp)
+                self.memory.foreign[refresh_fp] = (self._clock.monotonic(), owner)
+            self.memory.unknown_foreign.add(refresh_fp)
             return OutcomeUnknown(
                 "the store records a spend of this refresh token with no known outcome", refresh_fp
             )
-        self._aborted_fence = 0
-        self._aborts.pop((self._owner, fence), None)  # a fence repeated after a rollback
+        self.memory.began(self._owner, fence, refresh_fp, retry=start is SpendStart.RETRY)
         if start is SpendStart.RETRY:
-            self._retried.add(refresh_fp)
             log.warning("grant.retrying_in_grace_window", app=self.app)
         # Objection window: a replica that knows a newer set writes it back now.
         if objection > 0:
@@ -1043,8 +904,7 @@ class FleetProtocol:
             fresh = await self._fetch_within(fetch, current.refresh_token, self.timing.read_timeout)
         except TransientTokenError as exc:
             if exc.outcome_unknown:
-                self._unknown.add(refresh_fp)
-                self._sent_at.setdefault(refresh_fp, sent_mono)
+                self.memory.our_unknown(refresh_fp, sent_mono)
                 await self._end_spend(fence, SpendEnd.UNKNOWN)
                 return OutcomeUnknown(f"no answer to the refresh: {exc}", refresh_fp, exc)
             await self._end_spend(fence, SpendEnd.ABORTED)
@@ -1052,8 +912,7 @@ class FleetProtocol:
         except PermanentTokenError as exc:
             if exc.is_invalid_grant:
                 # We sent it and the server says it is spent or dead: a double spend (C1).
-                self._unknown.add(refresh_fp)
-                self._rejected.add(refresh_fp)
+                self.memory.our_rejected(refresh_fp)
                 await self._end_spend(fence, SpendEnd.UNKNOWN)
                 return ReuseDetected(
                     "the server rejected a refresh token this replica sent (invalid_grant): "
@@ -1123,14 +982,10 @@ class FleetProtocol:
         if outcome is SpendEnd.ABORTED:
             # Our next begin_spend may replace the record: the abort may not be stored, or a
             # failover may bring the record back (only `sent` is waited for, not the abort).
-            self._aborted_fence = fence
             current = self._current()
-            if current is not None and current.refresh_fingerprint is not None:
-                self._aborts[self._owner, fence] = current.refresh_fingerprint
-                if len(self._aborts) > MAX_REMEMBERED_ABORTS:
-                    # Keep the oldest (the one spend whose record a split's other side copied
-                    # is the first of a run of aborts) and this newest one.
-                    del self._aborts[sorted(self._aborts, key=_by_fence)[-2]]
+            self.memory.aborted(
+                self._owner, fence, current.refresh_fingerprint if current is not None else None
+            )
         with contextlib.suppress(StoreUnavailable):
             await self._store.end_spend(self.key, owner=self._owner, fence=fence, outcome=outcome)
 
