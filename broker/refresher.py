@@ -1,7 +1,7 @@
 """One refresher per app: keeps a servable token in memory, refreshes on time, serves callers.
 
 The refresher schedules and serves; what may be done with the store and the token endpoint is
-the fleet protocol's (broker/fleet.py). It depends only on protocols (TokenSource, the store's roles,
+the fleet protocol's (broker/fleet/). It depends only on protocols (TokenSource, the store's roles,
 Clock) and never imports aiohttp or redis. It keeps the token, the schedule (the pure
 broker/schedule.py decides it), the failure count and the last error; what happens goes to its
 event hook (broker/events.py), never to the metrics or the audit log directly.

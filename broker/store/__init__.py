@@ -1,6 +1,6 @@
 """The TokenStore protocol: where token sets are shared between replicas and kept across restarts.
 
-Besides one token set per app, the store keeps what the fleet protocol (broker/fleet.py) needs
+Besides one token set per app, the store keeps what the fleet protocol (broker/fleet/) needs
 to spend a refresh token at most once: a lease with a fence number, and a spend record. The
 rules each operation follows are in docs/architecture.md; MemoryStore and RedisStore implement
 them identically, and tests/integration/test_store_contract.py holds both to them.
@@ -262,7 +262,7 @@ class TokenSets(Protocol):
 
 class SpendLedger(Protocol):
     """The store's role of spending a refresh token at most once: the lease with its fence, and
-    the spend record (broker/fleet.py; the rules are in docs/architecture.md)."""
+    the spend record (broker/fleet/; the rules are in docs/architecture.md)."""
 
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
         """Take the app's lease for `ttl` seconds, incrementing its fence; busy when held."""

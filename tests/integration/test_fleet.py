@@ -83,7 +83,7 @@ class TestLeaseHolderDies:
     ) -> None:
         """SIGKILL the replica holding the lease mid-refresh: another takes over in time."""
         # The lease covers one request (half the servable time left), its commit and a margin
-        # (broker/fleet.py Timing): with 10 s tokens refreshed 3 s in, a takeover after the
+        # (broker/fleet/ Timing): with 10 s tokens refreshed 3 s in, a takeover after the
         # lease runs out still has about 1.5 s before the token stops being served.
         oauth_server.lifetime = 10.0
         fleet = Fleet(

@@ -191,7 +191,7 @@ class FakeTokenService:
         return app not in self.unready
 
 
-# ---- the fleet protocol's seams (unit tests of broker/fleet.py) --------------------------------
+# ---- the fleet protocol's seams (unit tests of broker/fleet/) --------------------------------
 
 FLEET_APP = "scim"
 
