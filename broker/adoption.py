@@ -158,6 +158,14 @@ class Adoption:
             # Redis stepped back, a reload, and a token served 20 s past its expiry).
             self._mono_expiry = min(self._mono_expiry, retired._mono_expiry)
 
+    def newest_known(self) -> TokenSet | None:
+        """The set served now: what the fleet protocol reads (broker.fleet.KnownSet)."""
+        return self.token
+
+    def adopt_from_store(self, token: TokenSet) -> None:
+        """A newer set the fleet protocol found in the store (broker.fleet.KnownSet)."""
+        self._adopt(token, source="store")
+
     def notify_store_lost(self) -> None:
         """The store connection dropped: the store may have forgotten (see the fleet's
         `note_connection_lost`)."""

@@ -96,8 +96,7 @@ class AppRefresher(Serving, Adoption, Outcomes):
             clock,
             owner=owner,
             spends_refresh_tokens=spec.grant_type is GrantType.AUTHORIZATION_CODE,
-            current=lambda: self.token,
-            adopt=lambda token: self._adopt(token, source="store"),
+            known=self,
             reuse_grace=spec.refresh.reuse_grace,
             timing=replace(
                 timing if timing is not None else Timing(),

@@ -33,7 +33,7 @@ from broker.fleet.outcomes import (
     OverBudget,
     ReuseDetected,
 )
-from broker.fleet.protocol import Fetch, FleetProtocol, FleetStore, Timing, _RecordGone
+from broker.fleet.protocol import Fetch, FleetProtocol, FleetStore, KnownSet, Timing, _RecordGone
 
 __all__ = [
     "MAX_REMEMBERED_ABORTS",
@@ -45,6 +45,7 @@ __all__ = [
     "Fetched",
     "FleetProtocol",
     "FleetStore",
+    "KnownSet",
     "NoGrant",
     "Outcome",
     "OutcomeUnknown",

@@ -87,11 +87,24 @@ def _blocked(exc: StoreUnavailable) -> Blocked:
 Fetch = Callable[[str | None], Awaitable[TokenSet]]
 
 
+class KnownSet(Protocol):
+    """The newest set this replica knows, the one its refresher serves from memory: the fleet
+    protocol reads it before each step and hands it any newer set it finds in the store."""
+
+    def newest_known(self) -> TokenSet | None:
+        """The set served now (None before the first)."""
+        ...
+
+    def adopt_from_store(self, token: TokenSet) -> None:
+        """Take `token`, newer than `newest_known()`, found in the store."""
+        ...
+
+
 class FleetProtocol:
     """One app's side of the fleet protocol, for one replica.
 
-    `current` reads the refresher's in-memory set; `adopt` hands it a newer set found in the
-    store. The refresher decides when to call `refresh()` and `sync()`; this class decides
+    `known` is the refresher's in-memory set (KnownSet): read before each step, and handed any
+    newer set found in the store. The refresher decides when to call `refresh()` and `sync()`; this class decides
     what may be done with the store and the token endpoint.
     """
 
@@ -103,8 +116,7 @@ class FleetProtocol:
         *,
         owner: str,
         spends_refresh_tokens: bool,
-        current: Callable[[], TokenSet | None],
-        adopt: Callable[[TokenSet], None],
+        known: KnownSet,
         reuse_grace: float = 0.0,
         timing: Timing | None = None,
         on_lease: Callable[[str], None] = lambda outcome: None,
@@ -123,8 +135,8 @@ class FleetProtocol:
         self._clock = clock
         self._owner = owner
         self._spends = spends_refresh_tokens
-        self._current = current
-        self._adopt = adopt
+        self._current = known.newest_known
+        self._adopt = known.adopt_from_store
         self._grace = reuse_grace
         self.timing = timing if timing is not None else Timing()
         self._on_lease = on_lease  # "acquired", "busy", "lost": for the lease metric

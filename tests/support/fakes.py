@@ -197,18 +197,18 @@ FLEET_APP = "scim"
 
 
 class CurrentSet:
-    """The refresher's side of the fleet protocol (`current=`, `adopt=`): the set it serves,
+    """The refresher's side of the fleet protocol (broker.fleet.KnownSet): the set it serves,
     replaced by adoption unless `adopts` is False (a replica that never takes another's set)."""
 
     def __init__(self, token: TokenSet | None, *, adopts: bool = True) -> None:
         self.token = token
         self.adopts = adopts
 
-    def current(self) -> TokenSet | None:
+    def newest_known(self) -> TokenSet | None:
         """The set served now."""
         return self.token
 
-    def adopt(self, token: TokenSet) -> None:
+    def adopt_from_store(self, token: TokenSet) -> None:
         """Take a newer set (ignored when `adopts` is False)."""
         if self.adopts:
             self.token = token
@@ -250,7 +250,6 @@ def fleet_protocol(
         clock,
         owner=owner,
         spends_refresh_tokens=True,
-        current=holder.current,
-        adopt=holder.adopt,
+        known=holder,
         timing=timing,
     )

@@ -22,6 +22,10 @@ CORE = [
     "clock.py",
     "errors.py",
     "sinks.py",
+    "fleet/__init__.py",
+    "fleet/protocol.py",
+    "fleet/memory.py",
+    "fleet/outcomes.py",
 ]
 EDGES = (
     "aiohttp",
@@ -43,7 +47,10 @@ OBSERVED = [
     "adoption.py",
     "outcomes.py",
     "schedule.py",
-    "fleet.py",
+    "fleet/__init__.py",
+    "fleet/protocol.py",
+    "fleet/memory.py",
+    "fleet/outcomes.py",
     "core.py",
 ]
 OBSERVERS = ("broker.metrics", "broker.observe", "prometheus_client")
