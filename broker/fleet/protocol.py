@@ -282,9 +282,22 @@ class FleetProtocol:
         """Stop another replica's spend of a refresh token we know was already sent."""
         assert notice.refresh_fp is not None
         fp = notice.refresh_fp
+        if not self._remembers(fp):
+            # Resolved since the notice was judged (its spender's abort notice came in
+            # between): a veto now would stand for nothing that any abort could lift.
+            return
         with contextlib.suppress(StoreUnavailable):
             if await self._store.veto_spend(self.key, refresh_fp=fp, protects=self._protects(fp)):
                 log.warning("grant.spend_vetoed", app=self.app, spender=notice.owner)
+
+    def _remembers(self, refresh_fp: str) -> bool:
+        """This replica knows a spend of `refresh_fp` with no known outcome, or has it on the
+        wire."""
+        return (
+            refresh_fp in self.memory.unknown
+            or refresh_fp in self.memory.foreign
+            or refresh_fp == self.in_flight
+        )
 
     def _protects(self, refresh_fp: str) -> tuple[str, int] | None:
         """The one spend (owner, fence) a veto of `refresh_fp` stands for, when that is all
@@ -548,11 +561,7 @@ class FleetProtocol:
         objection window outlasts the reconnect, so the veto lands before the token leaves.
         """
         refresh_fp = current.refresh_fingerprint
-        remembered = (
-            refresh_fp in self.memory.unknown
-            or refresh_fp in self.memory.foreign
-            or (refresh_fp is not None and refresh_fp == self.in_flight)
-        )
+        remembered = refresh_fp is not None and self._remembers(refresh_fp)
         if (
             refresh_fp is not None
             and remembered
@@ -562,7 +571,10 @@ class FleetProtocol:
             return  # its spender spends it again: it knows its last spend had no effect
         if (
             refresh_fp is not None
-            and remembered
+            # Judged again after the read above: an abort notice that came meanwhile resolved
+            # the spend, and a veto would then stand for nothing, never to be lifted (swarm
+            # seed 11103: a fresh spend announced right after the abort was vetoed for good).
+            and self._remembers(refresh_fp)
             and await self._store.veto_spend(
                 self.key, refresh_fp=refresh_fp, protects=self._protects(refresh_fp)
             )
