@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -1733,7 +1733,10 @@ def veto_judged_before_the_spenders_abort() -> Schedule:
             original = view.load_spend
 
             async def slow_read(
-                app: str, *, _name: str = bystander.name, _original: Any = original
+                app: str,
+                *,
+                _name: str = bystander.name,
+                _original: Callable[[str], Awaitable[SpendRecord | None]] = original,
             ) -> SpendRecord | None:
                 record = await _original(app)
                 if record is None or record.owner != owner or record.state != "sent" or held:
