@@ -1769,6 +1769,43 @@ def veto_judged_before_the_spenders_abort() -> Schedule:
     )
 
 
+def spenders_veto_lifted_by_its_abort() -> Schedule:
+    """Found by the swarm (seeds 19564, 23720, 25049): C1's case (a slow server, a replaced
+    pod, Redis restarting empty with the token on the wire), but the slow answer is a 429:
+    the server did not act. The spender rightly vetoed the new pod's spend of its token on
+    the wire; its veto named no spend, so its abort of the spend (not acted on) could not
+    lift it, and the fleet waited for a person with the grant intact. The veto names the
+    spend on the wire: the spender's abort lifts it, and the fleet refreshes again."""
+
+    async def script(world: World) -> None:
+        world.server.faults.slow = 9.0
+        await until(world, lambda: world.server.sends)
+        world.server.faults.status, world.server.faults.retry_after = 429, 1.0
+        spender = _index(world, world.server.sends[0][1])
+        replaced = (spender + 1) % 2
+        await world.crash(replaced)
+        world.start_replica(replaced)
+        await until(world, lambda: world.replicas[replaced].refresher.token is not None)
+        world.empty_restart()
+        world.replicas[spender].view.faults.partitioned = True
+        await world.time.sleep(3.0)
+        world.replicas[spender].view.faults.partitioned = False
+        await world.time.sleep(10.0)  # past the 429, answered ~9 s after the send
+        world.server.faults.status, world.server.faults.retry_after = None, None
+        world.server.faults.slow = 0.0
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_065,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="spenders_veto_lifted_by_its_abort",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -1822,6 +1859,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     ),
     "veto_for_a_spend_its_drained_spender_aborted": veto_for_a_spend_its_drained_spender_aborted,
     "veto_judged_before_the_spenders_abort": veto_judged_before_the_spenders_abort,
+    "spenders_veto_lifted_by_its_abort": spenders_veto_lifted_by_its_abort,
 }
 
 

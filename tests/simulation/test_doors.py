@@ -930,6 +930,22 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_a_spenders_veto_that_names_no_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 19564, 23720, 25049): the spender's veto of a spend of its token
+        on the wire, naming no spend (the old code), outlives the spender's abort of that
+        spend (a 429: the server did not act), and the fleet waits for a person."""
+        original = FleetProtocol._protects
+
+        def names_nothing_on_the_wire(self: FleetProtocol, refresh_fp: str) -> Any:
+            return None if refresh_fp == self.in_flight else original(self, refresh_fp)
+
+        mutate(FleetProtocol, "_protects", names_nothing_on_the_wire)
+        result = run(DOORS["spenders_veto_lifted_by_its_abort"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:
