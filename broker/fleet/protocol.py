@@ -151,6 +151,7 @@ class FleetProtocol:
         # The refresh token this replica has on the wire (marked sent, no answer yet): it
         # vetoes any other spend of it, whatever the store says (C1).
         self.in_flight: str | None = None
+        self._in_flight_fence = 0  # the fence of that spend
         # When this replica last saw evidence that the store forgot (monotonic), and the rank
         # it then wrote back: only a refresh token of that rank or older can have been in
         # flight when the store forgot; a newer one was issued after it.
@@ -294,15 +295,35 @@ class FleetProtocol:
         """Stop another replica's spend of a refresh token we know was already sent."""
         assert notice.refresh_fp is not None
         fp = notice.refresh_fp
+        if not self._remembers(fp):
+            # Resolved since the notice was judged (its spender's abort notice came in
+            # between): a veto now would stand for nothing that any abort could lift.
+            return
         with contextlib.suppress(StoreUnavailable):
             if await self._store.veto_spend(self.key, refresh_fp=fp, protects=self._protects(fp)):
                 log.warning("grant.spend_vetoed", app=self.app, spender=notice.owner)
 
+    def _remembers(self, refresh_fp: str) -> bool:
+        """This replica knows a spend of `refresh_fp` with no known outcome, or has it on the
+        wire."""
+        return (
+            refresh_fp in self.memory.unknown
+            or refresh_fp in self.memory.foreign
+            or refresh_fp == self.in_flight
+        )
+
     def _protects(self, refresh_fp: str) -> tuple[str, int] | None:
         """The one spend (owner, fence) a veto of `refresh_fp` stands for, when that is all
         this replica knows of it: its spender's abort of that fence may then lift the veto."""
-        if refresh_fp in self.memory.unknown or refresh_fp == self.in_flight:
+        if refresh_fp in self.memory.unknown:
             return None
+        if refresh_fp == self.in_flight:
+            # Our own spend on the wire: if it ends without effect (a 429, a refused
+            # connection), our abort of it lifts the veto, which stood for nothing else
+            # (swarm seed 19564: an empty restart erased the record of a spend on the wire;
+            # the spender vetoed a new pod's spend of it, then got 429, and the veto, naming no
+            # spend, kept the fleet waiting for a person).
+            return (self._owner, self._in_flight_fence)
         foreign = self.memory.foreign.get(refresh_fp)
         if foreign is None or foreign[1] is None:
             return None
@@ -322,7 +343,9 @@ class FleetProtocol:
         if refresh_fp is None:
             return
         with contextlib.suppress(StoreUnavailable):
-            if await self._store.veto_spend(self.key, refresh_fp=refresh_fp):
+            if await self._store.veto_spend(
+                self.key, refresh_fp=refresh_fp, protects=self._protects(refresh_fp)
+            ):
                 log.warning("grant.spend_vetoed", app=self.app, spender=None, in_flight=True)
 
     def carry_over(self, previous: FleetProtocol, *, same_grant: bool) -> None:
@@ -560,11 +583,7 @@ class FleetProtocol:
         objection window outlasts the reconnect, so the veto lands before the token leaves.
         """
         refresh_fp = current.refresh_fingerprint
-        remembered = (
-            refresh_fp in self.memory.unknown
-            or refresh_fp in self.memory.foreign
-            or (refresh_fp is not None and refresh_fp == self.in_flight)
-        )
+        remembered = refresh_fp is not None and self._remembers(refresh_fp)
         if (
             refresh_fp is not None
             and remembered
@@ -574,7 +593,10 @@ class FleetProtocol:
             return  # its spender spends it again: it knows its last spend had no effect
         if (
             refresh_fp is not None
-            and remembered
+            # Judged again after the read above: an abort notice that came meanwhile resolved
+            # the spend, and a veto would then stand for nothing, never to be lifted (swarm
+            # seed 11103: a fresh spend announced right after the abort was vetoed for good).
+            and self._remembers(refresh_fp)
             and await self._store.veto_spend(
                 self.key, refresh_fp=refresh_fp, protects=self._protects(refresh_fp)
             )
@@ -908,7 +930,7 @@ class FleetProtocol:
             log.warning("lease.lost", app=self.app, fence=fence, after="mark_sent")
             return Busy(0.0)
         sent_mono = self._clock.monotonic()
-        self.in_flight = refresh_fp
+        self.in_flight, self._in_flight_fence = refresh_fp, fence
         try:
             # Once sent, never cancelled before the read timeout, even past the lease: the
             # server may act on it, and its answer is the only copy of the rotated token.

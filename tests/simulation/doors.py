@@ -9,14 +9,15 @@ invariants as every seeded schedule. `python -m tests.simulation.doors NAME` rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 from broker.fleetclock import FleetClock
 from broker.model import PROTOCOL_VERSION, RefreshPolicy
-from broker.store import SpendStart
+from broker.store import SpendRecord, SpendStart
 from broker.store.memory import MemoryState
 from tests.simulation.schedule import Schedule, run
 from tests.simulation.world import Replica, World, WorldConfig
@@ -1693,6 +1694,118 @@ def veto_for_a_spend_its_drained_spender_aborted() -> Schedule:
     )
 
 
+def veto_judged_before_the_spenders_abort() -> Schedule:
+    """Found by the swarm (seeds 11103, 11700, 13712, 16670, 16908): the store goes down right
+    after it applied the spender's `mark_sent` (the answer lost: never sent); the spender is
+    back a little later than the others. A bystander meets the `sent` record, and while it
+    reads the record again (is this its spender's own next spend?) the spender writes its
+    abort and the third replica announces a spend of the token. The bystander had judged
+    "remembered" before that read, and its memory was cleared by the abort notice during it:
+    the veto went out naming no spend (`protects` None), which no abort can lift, and every
+    replica waited for a person. Here the new spend is the spender's own (in the seeds it was
+    the third replica's): the bystander forgave it on its notice, during the read, and vetoed
+    it after. A veto is judged again right before it is sent."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        owner = world.replicas[spender].name
+        held: list[str] = []
+        reads: dict[str, int] = {}
+
+        def respent() -> bool:
+            """The spender's abort is written and a spend of the token is announced anew."""
+            record = world.store.state.spends.get(world.key)
+            return record is not None and record.state == "announced"
+
+        for bystander in world.replicas:
+            if bystander is world.replicas[spender]:
+                continue
+            view = bystander.view
+            original = view.load_spend
+
+            async def slow_read(
+                app: str,
+                *,
+                _name: str = bystander.name,
+                _original: Callable[[str], Awaitable[SpendRecord | None]] = original,
+            ) -> SpendRecord | None:
+                record = await _original(app)
+                if record is None or record.owner != owner or record.state != "sent" or held:
+                    return record
+                reads[_name] = reads.get(_name, 0) + 1
+                if reads[_name] < 2:
+                    return record  # its first read learns the owner; the second one is held
+                held.append(_name)
+                # The read answers after the spender's abort and the next spend: a slow hop.
+                with contextlib.suppress(TimeoutError):
+                    await until(world, respent, limit=20.0)
+                return record
+
+            view.load_spend = slow_read  # type: ignore[method-assign]
+        await world.time.sleep(8.0)
+        world.replicas[spender].view.faults.partitioned = True
+        world.set_store_outage(False)
+        await until(world, lambda: held, limit=60.0)
+        world.replicas[spender].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_064,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="veto_judged_before_the_spenders_abort",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def spenders_veto_lifted_by_its_abort() -> Schedule:
+    """Found by the swarm (seeds 19564, 23720, 25049): C1's case (a slow server, a replaced
+    pod, Redis restarting empty with the token on the wire), but the slow answer is a 429:
+    the server did not act. The spender rightly vetoed the new pod's spend of its token on
+    the wire; its veto named no spend, so its abort of the spend (not acted on) could not
+    lift it, and the fleet waited for a person with the grant intact. The veto names the
+    spend on the wire: the spender's abort lifts it, and the fleet refreshes again."""
+
+    async def script(world: World) -> None:
+        world.server.faults.slow = 9.0
+        await until(world, lambda: world.server.sends)
+        world.server.faults.status, world.server.faults.retry_after = 429, 1.0
+        spender = _index(world, world.server.sends[0][1])
+        replaced = (spender + 1) % 2
+        await world.crash(replaced)
+        world.start_replica(replaced)
+        await until(world, lambda: world.replicas[replaced].refresher.token is not None)
+        world.empty_restart()
+        world.replicas[spender].view.faults.partitioned = True
+        await world.time.sleep(3.0)
+        world.replicas[spender].view.faults.partitioned = False
+        await world.time.sleep(10.0)  # past the 429, answered ~9 s after the send
+        world.server.faults.status, world.server.faults.retry_after = None, None
+        world.server.faults.slow = 0.0
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_065,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="spenders_veto_lifted_by_its_abort",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -1745,6 +1858,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
         rollback_erases_a_sent_record_with_its_spender_awake
     ),
     "veto_for_a_spend_its_drained_spender_aborted": veto_for_a_spend_its_drained_spender_aborted,
+    "veto_judged_before_the_spenders_abort": veto_judged_before_the_spenders_abort,
+    "spenders_veto_lifted_by_its_abort": spenders_veto_lifted_by_its_abort,
 }
 
 

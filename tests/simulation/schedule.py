@@ -24,7 +24,15 @@ from broker import policy
 from broker.errors import NeedsAuthorization, RateLimited, TokenUnavailable
 from broker.model import TokenSet
 from broker.store.memory import MemoryState
-from tests.simulation.world import APP, PHASES, Replica, World, WorldConfig, run_simulated
+from tests.simulation.world import (
+    APP,
+    PHASES,
+    Replica,
+    SimStoreView,
+    World,
+    WorldConfig,
+    run_simulated,
+)
 
 # The kinds the first generator drew from (legacy_schedule replays its seeds exactly).
 LEGACY_KINDS = (
@@ -543,6 +551,10 @@ class FaultRun:
         for fault in aimed:
             self.clusters.setdefault(fault.cluster, _Cluster([])).members.append(fault)
         self._tasks: set[asyncio.Future[None]] = set()
+        # The connection each fault began on: its heal is for that process, not for the pod
+        # that replaced it meanwhile (swarm seed 12086: a partition healed on the new pod left
+        # the draining old one cut off past its drain's bound, its abort never written).
+        self._views: dict[int, list[SimStoreView]] = {}
         world.server.phases.listeners.append(self._on_phase)
 
     # ---- wall-time faults ---------------------------------------------------------------------
@@ -589,12 +601,16 @@ class FaultRun:
             self.active[kind] += 1
         for window in self.windows.values():
             window.add(kind)
-        await _apply(self.world, fault, snapshot, healing=False)
+        view = self.world.replicas[fault.target].view
+        self._views.setdefault(id(fault), []).append(view)
+        await _apply(self.world, fault, snapshot, healing=False, view=view)
 
     async def _heal(self, fault: Fault) -> None:
         if fault.kind not in MOMENTARY:
             self.active[fault.kind] -= 1
-        await _apply(self.world, fault, None, healing=True)
+        views = self._views.get(id(fault))
+        view = views.pop(0) if views else None
+        await _apply(self.world, fault, None, healing=True, view=view)
 
     # ---- spends: their windows, and the faults aimed at them ----------------------------------
 
@@ -663,12 +679,17 @@ class FaultRun:
 
 
 async def _apply(
-    world: World, fault: Fault, snapshot: MemoryState | None, *, healing: bool
+    world: World,
+    fault: Fault,
+    snapshot: MemoryState | None,
+    *,
+    healing: bool,
+    view: SimStoreView | None = None,
 ) -> None:
-    """Start (or heal) one fault."""
+    """Start (or heal) one fault (on `view`, the target's connection when it began)."""
     on = not healing
     server = world.server
-    view = world.replicas[fault.target].view
+    view = view if view is not None else world.replicas[fault.target].view
     match fault.kind:
         case "store_partition":
             view.faults.partitioned = on

@@ -4,6 +4,7 @@ invariant, and each fix, put back, lets its schedule break one (so the schedule 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -887,6 +888,61 @@ class TestEachFixPutBackOpensItsDoor:
         assert run(make_schedule(6573)).ok
         mutate(MemoryStore, "veto_spend", vetoes_its_own_owner)
         result = run(make_schedule(6573))
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_veto_judged_before_the_spenders_abort(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 11103, 11700, 13712, 16670, 16908): a veto judged before a read of
+        the spend record, and sent after it, goes out although the spender's abort notice
+        came meanwhile: it names no spend, no abort lifts it, and the fleet waits for a
+        person. The old code, which judged "remembered" once, before the read:"""
+
+        async def veto_remembered_judged_once(self: FleetProtocol, current: TokenSet) -> None:
+            refresh_fp = current.refresh_fingerprint
+            remembered = refresh_fp is not None and self._remembers(refresh_fp)
+            if (
+                refresh_fp is not None
+                and remembered
+                and refresh_fp != self.in_flight
+                and await self._owner_respends(refresh_fp)
+            ):
+                return
+            if (
+                refresh_fp is not None
+                and remembered
+                and await self._store.veto_spend(
+                    self.key, refresh_fp=refresh_fp, protects=self._protects(refresh_fp)
+                )
+            ):
+                fleet_protocol_module.log.warning("grant.spend_vetoed", app=self.app, spender=None)
+
+        async def veto_judged_at_the_notice(self: FleetProtocol, notice: Notice) -> None:
+            assert notice.refresh_fp is not None
+            fp = notice.refresh_fp
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.veto_spend(self.key, refresh_fp=fp, protects=self._protects(fp))
+
+        mutate(FleetProtocol, "_veto_remembered", veto_remembered_judged_once)
+        mutate(FleetProtocol, "veto", veto_judged_at_the_notice)
+        result = run(DOORS["veto_judged_before_the_spenders_abort"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_spenders_veto_that_names_no_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 19564, 23720, 25049): the spender's veto of a spend of its token
+        on the wire, naming no spend (the old code), outlives the spender's abort of that
+        spend (a 429: the server did not act), and the fleet waits for a person."""
+        original = FleetProtocol._protects
+
+        def names_nothing_on_the_wire(self: FleetProtocol, refresh_fp: str) -> Any:
+            return None if refresh_fp == self.in_flight else original(self, refresh_fp)
+
+        mutate(FleetProtocol, "_protects", names_nothing_on_the_wire)
+        result = run(DOORS["spenders_veto_lifted_by_its_abort"]())
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 

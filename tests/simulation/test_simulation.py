@@ -81,6 +81,14 @@ SWARM_REGRESSION_SEEDS = {
     "fleet clock allows)",
     8952: "a pod whose first round took a brief step of Redis's clock stamped a set 11 s late, "
     "read at once by a bystander (as 2668)",
+    11103: "a bystander judged a veto before reading the spend record, and sent it after the "
+    "spender's abort came: the veto named no spend and blocked the fleet for good (a veto is "
+    "judged again right before it is sent)",
+    19564: "the spender vetoed a new pod's spend of its token on the wire after an empty "
+    "restart, then got 429: the veto named no spend, and its abort could not lift it (the veto "
+    "now names the spend on the wire)",
+    12086: "a partition's heal went to the pod that replaced the partitioned one, which drained "
+    "cut off past its bound with its abort unwritten (a model bug: a fault heals where it began)",
 }
 
 
