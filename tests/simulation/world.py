@@ -922,6 +922,14 @@ class SimMemoryStore(MemoryStore):
             self.acknowledged = self.snapshot()
         return sent
 
+    def _wait_for_replica(self) -> bool:
+        """After a commit or an abort (WAIT, issue 20): when a replica acknowledged it,
+        remember what that replica holds, as after `mark_sent` (swarm seeds 21255, 23291)."""
+        acknowledged = super()._wait_for_replica()
+        if acknowledged and self.require_replica_ack:
+            self.acknowledged = self.snapshot()
+        return acknowledged
+
     def failover_state(self, before: MemoryState) -> MemoryState:
         """What a failover (or a restore) to `before` keeps: with `sent` records acknowledged
         by a replica (store.require_replica_ack), every write up to the last acknowledged one
