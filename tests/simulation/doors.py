@@ -1940,6 +1940,65 @@ def sigterm_drain_waits_for_a_replica_to_hold_the_commit() -> Schedule:
     )
 
 
+def _set_evicted(*, writer_exits: bool) -> Schedule:
+    """Swarm seed 24380, scripted: Redis restarts empty as the server rotates (the `sent`
+    record is gone, every subscription drops: the bystanders, which heard the `sent` notice,
+    miss the commit's), the spender commits the answer into the empty store, and the store
+    then evicts the set (a maxmemory policy other than `noeviction`). `writer_exits`: SIGTERM
+    came as the server acted, and the drain has ended (the set was stored) when the eviction
+    comes; otherwise the spender runs on and writes its set back at its next look."""
+
+    async def script(world: World) -> None:
+        key = world.key
+        rank = world.store.state.tokens[key].rank
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "acted" and not hit:
+                hit.append(replica)
+                world.empty_restart()
+                if writer_exits:
+                    world.terminate(_index(world, replica))
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        stored = world.store.state.tokens
+        await until(world, lambda: key in stored and stored[key].rank > rank, limit=5.0)
+        await until(world, lambda: all(task.done() for task in world.draining), limit=5.0)
+        world.evict_set()  # before the bystanders are back (0.5 s): nobody else has it
+        if writer_exits:
+            await world.time.sleep(30.0)
+            world.start_replica(_index(world, hit[0]))
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    name = "set_evicted_after_its_writer_exited" if writer_exits else "set_evicted_under_its_writer"
+    return Schedule(
+        seed=20_083 if writer_exits else 20_084,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name=name,
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def set_evicted_after_its_writer_exited() -> Schedule:
+    """The documented limit, not a door (swarm seed 24380): the store evicts the newest set
+    after its writer's drain stored it and the process exited, while the bystanders were
+    re-subscribing after an empty restart. Nobody holds the server's newest refresh token: the
+    grant is lost, announced (`grant.outcome_unknown`), and counted apart; no WAIT keeps a key
+    that an eviction removes from the primary and its replicas alike, and
+    `maxmemory-policy noeviction` (docs/operations.md) rules it out."""
+    return _set_evicted(writer_exits=True)
+
+
+def set_evicted_under_its_writer() -> Schedule:
+    """The same eviction while the writer runs on: it writes its set back at its next look,
+    so nothing is lost and nothing is excused."""
+    return _set_evicted(writer_exits=False)
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -2003,6 +2062,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "sigterm_drain_waits_for_a_replica_to_hold_the_commit": (
         sigterm_drain_waits_for_a_replica_to_hold_the_commit
     ),
+    "set_evicted_after_its_writer_exited": set_evicted_after_its_writer_exited,
+    "set_evicted_under_its_writer": set_evicted_under_its_writer,
 }
 
 

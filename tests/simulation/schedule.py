@@ -341,6 +341,9 @@ class Result:
     # Revoked by the documented limit: an empty restart erased a `sent` record while its
     # spender, the only replica that knew, could not speak (dead or paused); counted apart.
     revoked_forgotten_while_alone: bool = False
+    # Lost by the same limit: the store evicted the server's newest set while no running
+    # process held it (World.evict; `maxmemory-policy noeviction` rules it out); counted apart.
+    lost_evicted_while_alone: bool = False
     # The step checks' memory: how often each refresh token was presented, and how many
     # presentations they have looked at.
     seen_tokens: Counter[str] = field(default_factory=Counter)
@@ -363,7 +366,10 @@ class Result:
             f"token requests {self.token_requests}, outcome_unknown announced "
             f"{self.outcome_unknown_announced}, purges {self.purges}, grant lost after a lost reply "
             f"{self.grant_lost_after_lost_reply}, revoked {self.revoked}"
-            + (" (the store forgot a spend alone)" if self.revoked_forgotten_while_alone else ""),
+            + (" (the store forgot a spend alone)" if self.revoked_forgotten_while_alone else "")
+            + (
+                " (the store evicted the newest set alone)" if self.lost_evicted_while_alone else ""
+            ),
         ]
         lines += [f"VIOLATION: {v}" for v in self.violations]
         return "\n".join(lines)
@@ -385,6 +391,11 @@ def run(schedule: Schedule) -> Result:
         result.violations.append(
             "invariant 3: revoked after the store forgot a spend, and no grant.reuse_detected "
             "announced it"
+        )
+    if result.lost_evicted_while_alone and not result.outcome_unknown_logged:
+        result.violations.append(
+            "invariant 3: lost after the store evicted the newest set, and no "
+            "grant.outcome_unknown announced it"
         )
     if result.grant_lost_after_lost_reply and not result.outcome_unknown_logged:
         result.violations.append("invariant 3: the lost grant was not announced in the logs")
@@ -835,6 +846,7 @@ def _check_recovery(world: World, result: Result, when: str) -> None:
         (_grant_lost(world) and _truly_lost_reply(world))
         or (world.server.revoked and _after_lost_reply(world))
         or _revoked_forgotten_while_alone(world)
+        or _lost_evicted_while_alone(world)
     ):
         return
     if world.server.in_flight_when_cancelled and _announced(world):
@@ -897,6 +909,14 @@ def _revoked_forgotten_while_alone(world: World) -> bool:
     return world.server.revoked and any(
         p.outcome == "reuse" and p.refresh_token in forgotten for p in world.server.presentations
     )
+
+
+def _lost_evicted_while_alone(world: World) -> bool:
+    """The same documented limit for a token set: the server's newest refresh token is held by
+    no replica and not stored because the store evicted the set holding it while no running
+    process held it (World.evict). Not a failover or a restart: only an eviction, which the
+    documented `maxmemory-policy noeviction` rules out."""
+    return _grant_lost(world) and world.server.valid_refresh in world.evicted_while_alone
 
 
 def _truly_lost_reply(world: World) -> bool:
@@ -972,6 +992,8 @@ def _finish(world: World, result: Result, schedule: Schedule) -> None:
     elif _grant_lost(world):
         if _truly_lost_reply(world) and result.outcome_unknown_announced > 0:
             result.grant_lost_after_lost_reply = True
+        elif _lost_evicted_while_alone(world):
+            result.lost_evicted_while_alone = True
         else:
             result.violations.append(
                 "invariant 3: the grant was lost without a lost reply announced by "

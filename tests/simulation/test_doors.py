@@ -1000,6 +1000,32 @@ class TestEachFixPutBackOpensItsDoor:
 
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
+    def test_a_set_evicted_after_its_writer_exited(self) -> None:
+        """Seed 24380's case, scripted: the grant is lost (nobody holds the server's newest
+        refresh token), announced, and counted apart as the limit (an eviction)."""
+        result = run(DOORS["set_evicted_after_its_writer_exited"]())
+        assert result.ok, result.report()
+        assert result.lost_evicted_while_alone and not result.revoked, result.report()
+        assert result.outcome_unknown_announced > 0, result.report()
+
+    def test_not_while_its_writer_runs(self, mutate: Callable[[object, str, object], None]) -> None:
+        """The same eviction with the writer running: unmutated it writes its set back and
+        nothing is lost; without the write-back the fleet stops serving, a failure that is
+        not excused (the writer held the set when it was evicted)."""
+        result = run(DOORS["set_evicted_under_its_writer"]())
+        assert result.ok and not result.lost_evicted_while_alone, result.report()
+        original = FleetProtocol.sync
+
+        async def no_write_back_over_nothing(self: FleetProtocol) -> bool:
+            if await self._store.load(self.key) is None:
+                return True
+            return await original(self)
+
+        mutate(FleetProtocol, "sync", no_write_back_over_nothing)
+        result = run(DOORS["set_evicted_under_its_writer"]())
+        assert not result.ok
+        assert not result.lost_evicted_while_alone, result.report()
+
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:
         """Seed 194's case, scripted: revoked, announced, and counted apart as the limit."""
         result = run(DOORS["forgotten_while_the_spender_is_paused"]())
