@@ -422,13 +422,11 @@ class FleetProtocol:
         UnreadableTokenSet) when a grant that spends refresh tokens has no set in memory and
         the stored one is under a key this replica lacks.
         """
-        try:
+        # An abort applied on the primary that no replica acknowledged yet (NotDurable) stays
+        # unwritten and is written again at the next sync (the drain waits for it); the store
+        # answers, so read it on.
+        with contextlib.suppress(NotDurable):
             await self._resolve_aborted()
-        except NotDurable:
-            # Applied on the primary, no replica acknowledged it yet: it stays unwritten and is
-            # written again at the next sync (the drain waits for it); the store answers, so
-            # read it on.
-            pass
         try:
             stored = await self._store.load(self.key)
         except UnreadableTokenSet as exc:
