@@ -251,7 +251,8 @@ class TestCommitsAndAbortsAreWaitedFor:
         client = redis.Redis(host="127.0.0.1", port=replica.port)
         try:
             assert client.exists(store.spend_key("app")) == 0
-            assert client.get(store.aborted_key("app")).startswith(f"a|{fence}|".encode())
+            mark = client.get(store.aborted_key("app"))
+            assert isinstance(mark, bytes) and mark.startswith(f"a|{fence}|".encode())
         finally:
             client.close()
         fence = await spend_announced(store)

@@ -1905,7 +1905,7 @@ class World:
         24380: the writer's drain had ended, its commit stored and acknowledged)."""
         stored = self.store.state.tokens.get(self.key)
         valid = self.server.valid_refresh
-        if stored is None or stored.refresh_token != valid:
+        if stored is None or valid is None or stored.refresh_token != valid:
             return
         if any(not task.done() for task in self.draining):
             return
