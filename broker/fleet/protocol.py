@@ -485,11 +485,13 @@ class FleetProtocol:
         unacknowledged risks it: a failover then loses the only copy (swarm seeds 21255,
         27519), so the drain asks again until a replica holds it or the bound runs out.
         """
+        if not self._spends:
+            return  # a client-credentials set lost costs one request, never a grant
         if commit.stored and not commit.durable:
             if self._unacknowledged != token.rank:
                 log.warning("commit.not_durable", app=self.app, generation=token.generation)
             self._unacknowledged = token.rank
-        elif self._unacknowledged is not None and (not commit.stored or commit.durable):
+        else:
             self._unacknowledged = None
 
     async def _confirm_commit(self, current: TokenSet) -> None:
