@@ -1816,6 +1816,59 @@ def spenders_veto_lifted_by_its_abort() -> Schedule:
     )
 
 
+def _sigterm_at_mark_sent_in_an_outage(seed: int, name: str, outage: float) -> Schedule:
+    """Swarm seed 27342's case, scripted: the store goes down for `outage` seconds right
+    after it applied the spender's `mark_sent` (the answer lost: the token is never sent),
+    and SIGTERM comes at that moment; the new pod starts while the old one drains, as in a
+    rolling deploy. The drain retries the abort until its bound, 137.5 s (the lease plus the
+    read timeout): an outage that ends inside it costs nothing (20_059's fix), one that
+    outlasts it leaves the `sent` record for a spend nobody can end."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+                world.terminate(_index(world, replica))
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(1.0)
+        world.start_replica(_index(world, hit[0]))  # the new pod, while the old one drains
+        await world.time.sleep(outage - 1.0)
+        world.set_store_outage(False)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=seed,
+        config=config,
+        faults=(),
+        duration=720.0,
+        name=name,
+        script=script,
+        script_heals_by=240.0,
+    )
+
+
+def sigterm_in_an_outage_past_the_drain() -> Schedule:
+    """The documented limit of a drain (swarm seed 27342): the outage lasts 140 s, past the
+    drain's 137.5 s bound. The process must exit with its abort unwritten; the store, back
+    2.5 s later, holds a `sent` record that no replica can tell from a request on the wire.
+    The fleet announces `grant.outcome_unknown` and waits for a person, the grant intact;
+    the checker counts this apart (`_stranded_by_drain`)."""
+    return _sigterm_at_mark_sent_in_an_outage(20_100, "sigterm_in_an_outage_past_the_drain", 140.0)
+
+
+def sigterm_in_an_outage_inside_the_drain() -> Schedule:
+    """Its neighbour: the same outage, 130 s, inside the drain's bound. The drain writes the
+    abort once the store is back, and the fleet serves again; nothing is excused."""
+    return _sigterm_at_mark_sent_in_an_outage(
+        20_101, "sigterm_in_an_outage_inside_the_drain", 130.0
+    )
+
+
 def _failover(world: World, before: MemoryState) -> None:
     """A failover to a replica that missed every write since `before`, or since the last one
     a replica acknowledged (`WAIT`): connections drop."""
@@ -2063,6 +2116,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "veto_for_a_spend_its_drained_spender_aborted": veto_for_a_spend_its_drained_spender_aborted,
     "veto_judged_before_the_spenders_abort": veto_judged_before_the_spenders_abort,
     "spenders_veto_lifted_by_its_abort": spenders_veto_lifted_by_its_abort,
+    "sigterm_in_an_outage_past_the_drain": sigterm_in_an_outage_past_the_drain,
+    "sigterm_in_an_outage_inside_the_drain": sigterm_in_an_outage_inside_the_drain,
     "failover_loses_a_commit_after_its_writer_exited": (
         failover_loses_a_commit_after_its_writer_exited
     ),

@@ -1026,6 +1026,34 @@ class TestTheDocumentedLimitIsExcusedNarrowly:
         assert not result.ok
         assert not result.lost_evicted_while_alone, result.report()
 
+    def test_a_drain_cut_off_from_the_store_past_its_bound(self) -> None:
+        """Seed 27342's case, scripted: the `sent` record of a spend never sent outlives its
+        spender's drain (the store down 140 s, the bound 137.5 s): the fleet announces
+        `grant.outcome_unknown` and waits for a person, the grant intact, counted apart."""
+        result = run(DOORS["sigterm_in_an_outage_past_the_drain"]())
+        assert result.ok, result.report()
+        assert result.stranded_by_drain and not result.revoked, result.report()
+        assert result.outcome_unknown_announced > 0, result.report()
+
+    def test_not_when_the_store_is_back_inside_the_drain(self) -> None:
+        """The same with the store back after 130 s: the drain writes the abort, the fleet
+        serves again, and nothing is excused."""
+        result = run(DOORS["sigterm_in_an_outage_inside_the_drain"]())
+        assert result.ok, result.report()
+        assert not result.stranded_by_drain, result.report()
+
+    def test_not_when_the_drain_could_have_written_its_abort(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The store back inside the drain, with a drain that does not wait to write its abort
+        (20_059's door put back): the fleet waits for a person behind the same record, but
+        its spender could reach the store before it exited: a failure, not the limit."""
+        mutate(FleetProtocol, "abort_unwritten", property(lambda self: False))
+        result = run(DOORS["sigterm_in_an_outage_inside_the_drain"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+        assert not result.stranded_by_drain, result.report()
+
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:
         """Seed 194's case, scripted: revoked, announced, and counted apart as the limit."""
         result = run(DOORS["forgotten_while_the_spender_is_paused"]())

@@ -99,6 +99,10 @@ SWARM_REGRESSION_SEEDS = {
     "commit stored after it, the writer's drain ended, then the set evicted (maxmemory-policy "
     "noeviction rules it out) before any other replica had read it",
     27519: "as 21255, with two failovers and a lost lease",
+    26046: "the recovery check fell 1 ms after a commit, before its notice reached the "
+    "replicas, whose clocks (17 to 54 s ahead) had stopped them serving the set before it; "
+    "they served the new set 1 ms later (a checker bug: the clock-ahead excuse now includes "
+    "the set a commit replaced within a notice's delivery and a read, ADOPTION_LAG)",
 }
 
 
@@ -124,6 +128,14 @@ DOCUMENTED_LIMIT_SEEDS: dict[int, str] = {
     24380: "the newest set evicted after its writer's drain ended, nobody else had read it",
 }
 
+# Swarm seeds of the sample stopped by the documented limit of a drain (README, "What a crash
+# can lose"): the fleet waits for a person, the grant intact, behind the `sent` record of a
+# spend never sent, whose spender got SIGTERM as the store became unreachable for it and
+# exited at its drain's bound before it could reach the store again. Counted apart, not
+# failing; none in the sample (swarm seed 27342 is one, below), and any seed so excused
+# without being listed fails.
+DRAIN_LIMIT_SEEDS: dict[int, str] = {}
+
 _RESULTS: dict[int, Result] = {}
 
 
@@ -141,6 +153,7 @@ def test_schedule_keeps_every_invariant(seed: int) -> None:
     result = outcome(seed)
     assert result.ok, result.report()
     assert excused(result) == (seed in DOCUMENTED_LIMIT_SEEDS), result.report()
+    assert result.stranded_by_drain == (seed in DRAIN_LIMIT_SEEDS), result.report()
 
 
 def excused(result: Result) -> bool:
@@ -162,6 +175,25 @@ def test_swarm_regression_seed(seed: int) -> None:
     result = outcome(seed)
     assert result.ok, f"{SWARM_REGRESSION_SEEDS[seed]}\n{result.report()}"
     assert excused(result) == (seed in DOCUMENTED_LIMIT_SEEDS), result.report()
+
+
+def test_the_drains_limit_excuses_seed_27342_and_not_a_shorter_outage() -> None:
+    """Seed 27342: the store down 139.8 s from the moment it applied the spender's `mark_sent`
+    (the answer lost: never sent), SIGTERM at that moment; the drain's bound is 137.5 s. The
+    fleet waits for a person behind the record, the grant intact: excused as the drain's
+    limit. The same schedule with the outage 130 s long, inside the bound: the drain writes
+    the abort, the fleet serves again, and nothing is excused."""
+    result = outcome(27342)
+    assert result.ok and result.stranded_by_drain, result.report()
+    assert result.outcome_unknown_announced > 0 and not result.revoked, result.report()
+    schedule = make_schedule(27342)
+    outage = schedule.faults[0]
+    assert outage.kind == "store_outage" and outage.phase == "sent", schedule.describe()
+    shorter = dataclasses.replace(
+        schedule, faults=(dataclasses.replace(outage, duration=130.0), *schedule.faults[1:])
+    )
+    neighbour = run(shorter)
+    assert neighbour.ok and not neighbour.stranded_by_drain, neighbour.report()
 
 
 def test_schedules_cover_every_fault_kind() -> None:

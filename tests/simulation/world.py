@@ -300,6 +300,8 @@ def _set_result_unless_cancelled(future: asyncio.Future[None], result: None) -> 
 
 # How long a notice takes from the store to a subscriber's reader.
 NOTICE_DELAY = 0.002
+# The longest hop of a store command, each way (StoreLink._hop: 1 to 5 ms).
+REPLY_HOP = 0.005
 
 
 class SimTime:
@@ -1477,6 +1479,11 @@ class World:
         self.metrics: list[Metrics] = []  # every incarnation's, dead ones included
         self.draining: list[asyncio.Future[None]] = []  # replicas shutting down after SIGTERM
         self.store_outage = False
+        self.store_outage_since: float | None = None  # when the store went down, while it is
+        # The documented limit of a drain (README, "What a crash can lose"): spends (owner,
+        # fence, refresh fingerprint) marked sent, never sent, whose spender exited at its
+        # drain's bound without reaching the store once since the mark (`_note_stranded`).
+        self.stranded_by_drain: set[tuple[str, int, str]] = set()
         self._incarnations = itertools.count(1)
         self._reloads = 0  # config reloads so far (each names its new refresher apart)
         self._replaced_views: list[SimStoreView] = []  # of incarnations since replaced
@@ -1652,6 +1659,8 @@ class World:
         async def drain_then_exit() -> None:
             started, bound = self.time.now, replica.core.drain_bound()
             await replica.core.drain(None)
+            if self.time.now - started >= bound:
+                self._note_stranded(replica)
             unstored = replica.refresher._unsynced and self._only_copy(replica) is not None
             if self.time.now - started < bound and unstored:
                 # The drain ended on its own, holding the only copy of the newest set, which
@@ -1667,6 +1676,36 @@ class World:
             )
 
         self.draining.append(asyncio.ensure_future(drain_then_exit()))
+
+    def _note_stranded(self, replica: Replica) -> None:
+        """The drain of `replica` ran to its bound: note the documented limit of a drain if
+        its spend is `sent` in the store but was never sent (its `mark_sent` applied, the
+        answer lost), and the process could not reach the store at any moment since: cut off
+        (the store down, or this process partitioned from it) from before that answer could
+        come back until now. Only that process knew the token never left, and it must exit;
+        the record names a spend nobody can end (no other replica can tell it from a request
+        on the wire). A split brain is not this: its old primary takes the abort."""
+        view = replica.view
+        marked = view.marked_sent_at
+        if marked is None or not replica.refresher.fleet.abort_unwritten:
+            return
+        if any(at >= marked and name == replica.name for at, name, _ in self.server.sends):
+            return  # sent after all
+        if view.outage and self.store_outage_since is not None:
+            cut_since: float | None = self.store_outage_since
+        elif view.faults.partitioned:
+            cut_since = view.faults.partitioned_since
+        else:
+            return
+        if cut_since is None or cut_since > marked + REPLY_HOP:
+            return  # the store answered the mark, or something after it
+        spend = self.store.state.spends.get(self.key)
+        if (
+            spend is not None
+            and spend.state == "sent"
+            and spend.owner == replica.refresher.fleet.owner
+        ):
+            self.stranded_by_drain.add((spend.owner, spend.fence, spend.refresh_fp))
 
     def terminate_mid_spend(self, index: int) -> None:
         """SIGTERM the moment the server acts on this replica's next refresh token."""
@@ -1716,6 +1755,10 @@ class World:
 
     def set_store_outage(self, down: bool) -> None:
         """The store is down for everyone (or back)."""
+        if down and not self.store_outage:
+            self.store_outage_since = self.time.now
+        elif not down:
+            self.store_outage_since = None
         self.store_outage = down
         for replica in self.replicas:
             replica.view.outage = down
