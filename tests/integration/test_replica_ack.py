@@ -280,6 +280,24 @@ class TestCluster:
         finally:
             client.close()
 
+    async def test_commits_and_aborts_wait_on_the_node_of_the_apps_slot(
+        self, cluster: RedisCluster, open_store: StoreFactory
+    ) -> None:
+        """On the same Cluster (no replicas), a commit is stored and answered not durable,
+        and an abort is applied and raises NotDurable, for apps on different nodes."""
+        store = open_store(cluster.url)
+        for app in ("app", "other-app", "third"):
+            commit = await store.commit(app, token_set(2))
+            assert commit.stored and not commit.durable
+            lease = await store.acquire_lease(app, "a", 10)
+            start = await store.begin_spend(app, owner="a", fence=lease.fence, token=token_set(2))
+            assert start is SpendStart.OK
+            with pytest.raises(NotDurable):
+                await store.mark_sent(app, owner="a", fence=lease.fence)
+            with pytest.raises(NotDurable, match="abort"):
+                await store.end_spend(app, owner="a", fence=lease.fence, outcome=SpendEnd.ABORTED)
+            assert await store.load_spend(app) is None
+
 
 class TestSentinel:
     async def test_through_sentinel_the_replica_acknowledges(
