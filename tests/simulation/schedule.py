@@ -343,6 +343,9 @@ class Result:
     # Revoked by the documented limit: an empty restart erased a `sent` record while its
     # spender, the only replica that knew, could not speak (dead or paused); counted apart.
     revoked_forgotten_while_alone: bool = False
+    # Lost by the same limit: the store evicted the server's newest set while no running
+    # process held it (World.evict; `maxmemory-policy noeviction` rules it out); counted apart.
+    lost_evicted_while_alone: bool = False
     # Stopped by the documented limit of a drain: the fleet waits for a person, the grant
     # intact, behind a `sent` record of a spend never sent whose spender exited at its drain's
     # bound, cut off from the store since the mark (`_stranded_by_drain`); counted apart.
@@ -370,6 +373,7 @@ class Result:
             f"{self.outcome_unknown_announced}, purges {self.purges}, grant lost after a lost reply "
             f"{self.grant_lost_after_lost_reply}, revoked {self.revoked}"
             + (" (the store forgot a spend alone)" if self.revoked_forgotten_while_alone else "")
+            + (" (the store evicted the newest set alone)" if self.lost_evicted_while_alone else "")
             + (", stopped by the drain's limit" if self.stranded_by_drain else ""),
         ]
         lines += [f"VIOLATION: {v}" for v in self.violations]
@@ -392,6 +396,11 @@ def run(schedule: Schedule) -> Result:
         result.violations.append(
             "invariant 3: revoked after the store forgot a spend, and no grant.reuse_detected "
             "announced it"
+        )
+    if result.lost_evicted_while_alone and not result.outcome_unknown_logged:
+        result.violations.append(
+            "invariant 3: lost after the store evicted the newest set, and no "
+            "grant.outcome_unknown announced it"
         )
     if result.grant_lost_after_lost_reply and not result.outcome_unknown_logged:
         result.violations.append("invariant 3: the lost grant was not announced in the logs")
@@ -842,6 +851,7 @@ def _check_recovery(world: World, result: Result, when: str) -> None:
         (_grant_lost(world) and _truly_lost_reply(world))
         or (world.server.revoked and _after_lost_reply(world))
         or _revoked_forgotten_while_alone(world)
+        or _lost_evicted_while_alone(world)
     ):
         return
     if world.server.in_flight_when_cancelled and _announced(world):
@@ -953,6 +963,14 @@ def _revoked_forgotten_while_alone(world: World) -> bool:
     )
 
 
+def _lost_evicted_while_alone(world: World) -> bool:
+    """The same documented limit for a token set: the server's newest refresh token is held by
+    no replica and not stored because the store evicted the set holding it while no running
+    process held it (World.evict). Not a failover or a restart: only an eviction, which the
+    documented `maxmemory-policy noeviction` rules out."""
+    return _grant_lost(world) and world.server.valid_refresh in world.evicted_while_alone
+
+
 def _truly_lost_reply(world: World) -> bool:
     """A rotation whose reply was lost on the wire or with its killed sender (not given up)."""
     return any(
@@ -1026,6 +1044,8 @@ def _finish(world: World, result: Result, schedule: Schedule) -> None:
     elif _grant_lost(world):
         if _truly_lost_reply(world) and result.outcome_unknown_announced > 0:
             result.grant_lost_after_lost_reply = True
+        elif _lost_evicted_while_alone(world):
+            result.lost_evicted_while_alone = True
         else:
             result.violations.append(
                 "invariant 3: the grant was lost without a lost reply announced by "

@@ -924,6 +924,14 @@ class SimMemoryStore(MemoryStore):
             self.acknowledged = self.snapshot()
         return sent
 
+    def _wait_for_replica(self) -> bool:
+        """After a commit or an abort (WAIT, issue 20): when a replica acknowledged it,
+        remember what that replica holds, as after `mark_sent` (swarm seeds 21255, 23291)."""
+        acknowledged = super()._wait_for_replica()
+        if acknowledged and self.require_replica_ack:
+            self.acknowledged = self.snapshot()
+        return acknowledged
+
     def failover_state(self, before: MemoryState) -> MemoryState:
         """What a failover (or a restore) to `before` keeps: with `sent` records acknowledged
         by a replica (store.require_replica_ack), every write up to the last acknowledged one
@@ -1463,6 +1471,9 @@ class World:
         # spent again while that spender, the only replica that knew, could not speak.
         self._forgotten_sent: dict[str, tuple[str, float]] = {}
         self.forgotten_while_alone: set[str] = set()
+        # The same limit for a token set: refresh tokens of the server's newest set, evicted
+        # from the store while no running process held it (its writer had exited).
+        self.evicted_while_alone: set[str] = set()
         self.server.phases.listeners.append(self._on_sent)
         self.replicas: list[Replica] = []
         self.metrics: list[Metrics] = []  # every incarnation's, dead ones included
@@ -1919,7 +1930,33 @@ class World:
                 if keys is state.spends:
                     # An evicted `sent` record is forgotten as in an empty restart.
                     self._note_forgotten(MemoryState())
+                if keys is state.tokens:
+                    self.evict_set()
                 keys.pop(self.key, None)
+
+    def evict_set(self) -> None:
+        """The store evicts the app's token set (a door's eviction of that key alone)."""
+        self._note_set_evicted()
+        self.store.state.tokens.pop(self.key, None)
+
+    def _note_set_evicted(self) -> None:
+        """The stored set is about to be evicted: remember its refresh token when it is the
+        server's newest and no process that could write it back holds it (no replica's
+        process running with it, no drain under way). An eviction is applied on the primary
+        and its replicas alike, so no WAIT keeps it: `maxmemory-policy noeviction` rules it
+        out (docs/operations.md), and the simulation counts a grant lost so apart (swarm seed
+        24380: the writer's drain had ended, its commit stored and acknowledged)."""
+        stored = self.store.state.tokens.get(self.key)
+        valid = self.server.valid_refresh
+        if stored is None or valid is None or stored.refresh_token != valid:
+            return
+        if any(not task.done() for task in self.draining):
+            return
+        for replica in self.replicas:
+            held = replica.refresher.token
+            if not replica.task.done() and held is not None and held.refresh_token == valid:
+                return
+        self.evicted_while_alone.add(valid)
 
     def _only_copy_dies(self, replica: Replica) -> None:
         """The process exits holding the only copy of the server's newest set (its answer came,
