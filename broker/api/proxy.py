@@ -266,7 +266,8 @@ class Upstream:
     def enter(self) -> None:
         """A request starts using this upstream."""
         self.in_flight += 1
-        self._idle.clear()
+        if self.in_flight == 1:
+            self._idle.clear()
 
     def leave(self) -> None:
         """A request is done with this upstream."""

@@ -39,7 +39,8 @@ import socket
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -53,6 +54,7 @@ from broker.api.proxy import (
     MAX_HEADER_LINE,
     MAX_HEADERS,
     MAX_REMEMBERED_NAMES,
+    MAX_REMEMBERED_TARGETS,
     PROXY_PREFIX,
     PROXY_ROUTE,
     REFUSED_METHODS,
@@ -590,11 +592,13 @@ class UpstreamConnection(asyncio.Protocol):
         # those passed back, and its Content-Length lines (kept for a streamed or HEAD answer).
         self.forward: list[bytes] = []
         self.lengths: list[bytes] = []
+        # It has a Content-Length or a Transfer-Encoding (otherwise it ends with the connection).
+        self.framed = False
+        # Header names its Connection header lists beyond the hop-by-hop ones: not relayed.
+        self.listed: frozenset[bytes] = _NOTHING_LISTED
         self.keep_alive = False
         self.until_close = False
         self.head_request = False
-        # Header names the answer's Connection lists beyond the hop-by-hop ones: not relayed.
-        self.listed: frozenset[str] = frozenset()
         self.answered = False
         self.headers_done = False
         self.complete = False
@@ -615,8 +619,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.reused:
             self.parser = httptools.HttpResponseParser(self) if self.head_request else self.parser
         self.status = 0
-        self.reason = b""
-        self.headers = []
+        self._fresh_head()
         self.until_close = False
         self.head_request = head_request
         self.answered = False
@@ -706,9 +709,22 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) + 2 > MAX_HEADER_LINE or len(self.headers) >= MAX_HEADERS:
+        headers = self.headers
+        if len(name) + len(value) > _MAX_FIELD or len(headers) >= MAX_HEADERS:
             raise UpstreamBroken("the upstream's headers are over the limits", answered=True)
-        self.headers.append((name, value))
+        headers.append((name, value))
+        kind = _answer_kinds.get(name)
+        if kind is None:
+            kind = _answer_kind(name)
+        if kind == _FORWARD:
+            self.forward += (name, b": ", value, _CRLF)
+        elif kind == _LENGTH:
+            self.framed = True
+            self.lengths += (name, b": ", value, _CRLF)
+        elif kind == _FRAMING:
+            self.framed = True
+        elif kind == _CONNECTION_LIST:
+            self.listed = self.listed | _listed_beyond_hop(value)
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -717,46 +733,28 @@ class UpstreamConnection(asyncio.Protocol):
             return  # an interim answer (100 Continue, 103): the final one follows
         self.status = status
         self.keep_alive = parser.should_keep_alive()
-        framed = False
-        listed = _NOTHING_LISTED
-        forward: list[bytes] = []
-        lengths: list[bytes] = []
-        kinds = _answer_kinds
-        for name, value in self.headers:
-            kind = kinds.get(name)
-            if kind is None:
-                kind = _answer_kind(name)
-            if kind == _FORWARD:
-                forward += (name, b": ", value, _CRLF)
-            elif kind == _LENGTH:
-                framed = True
-                lengths += (name, b": ", value, _CRLF)
-            elif kind == _FRAMING:
-                framed = True
-            elif kind == _CONNECTION_LIST:
-                listed = listed | _listed_beyond_hop(value)
+        listed = self.listed
         if listed:
             # Names the Connection header lists are hop-by-hop too (rare: a second pass).
             kept = [(n, v) for n, v in self.headers if n.lower() not in listed]
-            forward = [
+            self.forward = [
                 part
                 for n, v in kept
                 if _answer_kind(n) == _FORWARD
                 for part in (n, b": ", v, _CRLF)
             ]
-            lengths = [
+            self.lengths = [
                 part for n, v in kept if _answer_kind(n) == _LENGTH for part in (n, b": ", v, _CRLF)
             ]
-        self.forward = forward
-        self.lengths = lengths
         no_body = self.head_request or status in _NO_BODY_STATUS
-        self.until_close = not framed and not no_body
+        self.until_close = not self.framed and not no_body
         self.headers_done = True
         if no_body:
             # llhttp would read a HEAD answer's Content-Length bytes as its body: the answer
             # ends here, and the next one gets a new parser (see `begin`).
             self.complete = True
-        self._wake()
+        if self.waiter is not None:
+            self._wake()
 
     def on_body(self, body: bytes) -> None:
         if self.complete:
@@ -766,15 +764,24 @@ class UpstreamConnection(asyncio.Protocol):
         if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self.waiter is not None:
+            self._wake()
 
     def on_message_complete(self) -> None:
         if not self.headers_done:
-            self.reason = b""
-            self.headers = []  # the end of an interim answer
+            self._fresh_head()  # the end of an interim answer
             return
         self.complete = True  # the read timer sees it and lapses (no cancel per answer)
-        self._wake()
+        if self.waiter is not None:
+            self._wake()
+
+    def _fresh_head(self) -> None:
+        self.reason = b""
+        self.headers = []
+        self.forward = []
+        self.lengths = []
+        self.framed = False
+        self.listed = _NOTHING_LISTED
 
     # -- the answer, for the handler
 
@@ -996,6 +1003,8 @@ class ProxyListener:
         # Traces are set up before the listener is built; with them on, every request takes
         # the general path (its spans).
         self._tracing = tracing.enabled()
+        # Per request target: the app it names (`_app_of`; bounded, forgotten all at once).
+        self._apps: dict[str, str] = {}
         # Per app: its token as the fast path sends it (see `_held_token`).
         self._held: dict[str, tuple[TokenSet, bytes, float]] = {}
         # Per (app, client, status): the fast path's metrics (apps and clients are configured
@@ -1363,8 +1372,10 @@ class ProxyListener:
         if self._tracing or request.relayed or not is_loopback_host(request.host):
             return False
         target = request.target
+        app = self._apps.get(target)
         try:
-            app = _app_of(target)
+            if app is None:
+                app = self._app_of(target)
             if request.method in REFUSED_METHODS:
                 return False
             self.callers.authorize(request.authorization, caller.transport, app, request.labels)
@@ -1372,49 +1383,59 @@ class ProxyListener:
         except ApiError:
             return False
         pool = upstream.lean_pool
-        if pool is None or not pool.idle or app in self.proxy.dpop:
+        if pool is None or not pool.idle or pool.active >= pool.limit or app in self.proxy.dpop:
             return False
         head = pool.heads.get((request.method, target))
         if head is None:
             return False
-        held = self._held_token(app)
-        if held is None:
-            return False
+        held = self._held.get(app)
+        if (
+            held is None
+            or self.clock.monotonic() >= held[2]
+            or self.proxy.service.current_token(app) is not held[0]
+        ):
+            held = self._held_token(app)
+            if held is None:
+                return False
         body = request.body
         if body.size > upstream.spec.max_buffered_body or body.broken:
             return False
         connection = pool.take()
         if connection is None:
             return False
-        if not pool.try_acquire():
-            pool.put(connection)
-            return False
+        pool.active += 1  # the slot checked free above
         caller.queue.popleft()
         caller.busy = True
-        upstream.enter()
-        sent = _whole_body(request)
+        sent = _NO_BODY if body.length is None and not request.chunked else _whole_body(request)
         token, authorization, _ = held
-        fast = _Fast(self, caller, request, app, upstream, pool, head, token, sent)
-        connection.fast = fast
-        connection.begin(request.method == "HEAD")
+        started = time.perf_counter()
         assert connection.transport is not None
-        connection.transport.write(_request_message(head, request, authorization, sent, []))
+        connection.transport.write(_request_message(head, request, authorization, sent, ()))
+        # The rest waits for no answer: done after the write, off the caller's latency (the
+        # answer is read on a later turn of the loop).
+        upstream.enter()
+        connection.begin(request.method == "HEAD")
+        connection.fast = _Fast(
+            self, caller, request, app, upstream, pool, head, token, sent, started
+        )
         return True
 
+    def _app_of(self, target: str) -> str:
+        """`_app_of(target)`, remembered per target (bounded: forgotten all at once)."""
+        app = _app_of(target)
+        if len(self._apps) >= MAX_REMEMBERED_TARGETS:
+            self._apps.clear()
+        self._apps[target] = app
+        return app
+
     def _held_token(self, app: str) -> tuple[TokenSet, bytes, float] | None:
-        """The app's servable token, its Authorization line, and the monotonic time until
-        which both hold without the full check (`cached_token`): the token route's rule
-        (broker/api/answers.py). The core must still hold that very token (a refused one is
-        replaced at once), and the full check runs again at the token's serving deadline, and
-        at least once a second (a step of a wall clock is seen there, within the second)."""
+        """The app's servable token (`cached_token`, the full check), its Authorization line,
+        and the monotonic time until which the fast path uses both without the full check
+        (see `try_fast`): the token route's rule (broker/api/answers.py). The core must still
+        hold that very token (a refused one is replaced at once), and the full check runs
+        again at the token's serving deadline, and at least once a second (a step of a wall
+        clock is seen there, within the second)."""
         service = self.proxy.service
-        held = self._held.get(app)
-        if (
-            held is not None
-            and self.clock.monotonic() < held[2]
-            and service.current_token(app) is held[0]
-        ):
-            return held
         token = service.cached_token(app)
         if token is None:
             return None
@@ -1427,6 +1448,15 @@ class ProxyListener:
     def fast_answered(self, fast: _Fast, answer: UpstreamConnection) -> None:
         """The fast path's answer has begun (or failed): relay it, or hand over to a task."""
         caller, request = fast.caller, fast.request
+        if answer.complete and answer.error is None:
+            spec = fast.upstream.spec
+            if not (spec.retry_on_401 and answer.status in spec.refresh_on_status):
+                keep_alive = request.keep_alive and not (caller.closing and not caller.queue)
+                keep_alive = _relay_whole(caller, request, answer, keep_alive)
+                self._fast_done(fast, answer.status)
+                caller.busy = False
+                caller.answered(keep_alive)
+                return
         if answer.error is not None:
             answer.close()
             if answer.reused and not answer.answered and request.method in IDEMPOTENT:
@@ -1449,14 +1479,8 @@ class ProxyListener:
             caller.busy = False
             caller.answered(fast.keep_alive)
             return
-        spec = fast.upstream.spec
-        if not answer.complete or (spec.retry_on_401 and answer.status in spec.refresh_on_status):
-            caller.task = asyncio.get_running_loop().create_task(self._fast_continue(fast, answer))
-            return
-        keep_alive = _relay_whole(caller, request, answer, fast.keep_alive)
-        self._fast_done(fast, answer.status)
-        caller.busy = False
-        caller.answered(keep_alive)
+        # An answer still to come whole, or a refused token's purge and retry.
+        caller.task = asyncio.get_running_loop().create_task(self._fast_continue(fast, answer))
 
     async def _fast_continue(self, fast: _Fast, answer: UpstreamConnection) -> None:
         """A fast-path request whose answer needs waiting for: a refused token's purge and
@@ -1518,7 +1542,7 @@ class _Fast:
     head: bytes
     token: TokenSet
     body: _Sent
-    started: float = field(default_factory=time.perf_counter)
+    started: float
 
     @property
     def keep_alive(self) -> bool:
@@ -1527,11 +1551,15 @@ class _Fast:
         return self.request.keep_alive and not (caller.closing and not caller.queue)
 
 
+# A request without a body (neither a length nor chunks), as sent upstream (never changed).
+_NO_BODY = _Sent(None, None, replayable=True)
+
+
 def _whole_body(request: _Request) -> _Sent:
     """A body that has come whole, as sent upstream (with its length: replayable)."""
     body = request.body
     if body.length is None and not request.chunked:
-        return _Sent(None, None, replayable=True)
+        return _NO_BODY
     data = body.whole()
     return _Sent(data, len(data), replayable=True)
 
@@ -1541,7 +1569,7 @@ def _request_message(
     request: _Request,
     authorization: bytes,
     body: _Sent,
-    extra: list[tuple[str, str]],
+    extra: Iterable[tuple[str, str]],
 ) -> bytes:
     """The request head (and a whole body) as sent upstream: the caller's headers without
     the dropped ones, the token's `authorization` line (or `extra`'s Authorization), the
