@@ -67,6 +67,7 @@ from broker.api.proxy import (
     egress_refused,
     listed_in,
     too_large,
+    wait_for_slot,
 )
 from broker.api.server import check_origin, is_loopback_host
 from broker.clock import Clock, wait_within
@@ -461,8 +462,12 @@ class CallerConnection(asyncio.Protocol):
             self._current.body.feed(body)
 
     def on_message_complete(self) -> None:
-        if self._current is not None:
-            self._current.body.end()
+        current = self._current
+        if current is not None:
+            body = current.body
+            body.done = True  # `body.end()`, inline: once per request
+            if body.waiter is not None:
+                body._wake()
             self._current = None
 
     # -- answering
@@ -1155,17 +1160,8 @@ class ProxyListener:
             ).encode("latin-1")
         token = await self.proxy.token(app)
         body = await self._read_body(connection, request, spec)
-        try:
-            if not pool.try_acquire():  # only a full upstream pays for a timer
-                async with asyncio.timeout(spec.connect_timeout):
-                    await pool.acquire()
-        except TimeoutError:
-            raise ApiError(
-                503,
-                "proxy_busy",
-                f"{spec.max_concurrent} requests to this app's upstream are in flight",
-                {"Retry-After": "1"},
-            ) from None
+        if not pool.try_acquire():  # only a full upstream pays for a timer
+            await wait_for_slot(spec, pool.acquire)
         try:
             answer = await self._send(pool, request, head=head, token=token, body=body, app=app)
             dpop = self.proxy.dpop
