@@ -11,8 +11,9 @@ and awaited until its answer is written: `data_received` on both sides, the pars
 fast path, the metrics, one loop turn for the upstream's answer. What is left out is the
 kernel, TLS and uvloop's socket work, the same for any version of the listener, so this
 isolates what the listener's own Python costs, steadier than `bench/proxy_bench.py` on a
-shared machine, which remains the measurement that counts. `--baseline DIR` runs the same in a
-child process on another source tree (e.g. a checkout of main), alternating rounds.
+shared machine, which remains the measurement that counts. Each round runs in a child process
+of its own; `--baseline DIR` adds another source tree (e.g. a checkout of main), in alternating
+rounds.
 `--profile` prints cProfile's top functions by own time.
 """
 
