@@ -175,7 +175,8 @@ local t = redis.call('TIME')
 redis.call('HSET', KEYS[2], 'state', 'sent',
   'sent_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
-  lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2], pv=__PV__}))
+  lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2],
+  fence=tonumber(ARGV[2]), pv=__PV__}))
 return 1
 """
 # KEYS: spend, lease, aborted. ARGV: rfp, protected owner ('' for none), protected fence
@@ -198,11 +199,19 @@ end
 return 1
 """
 # KEYS: spend, aborted. ARGV: fence, outcome, channel, app, owner (fences repeat after a
-# rollback)
+# rollback), rfp of an ordinary spend ('' for none)
 _END_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen',
   'orig_sent_at', 'orig_owner', 'orig_fence', 'state')
-if not sp[1] then return 0 end
+if not sp[1] then
+  -- the store forgot the record: keep the abort anyway, and announce it
+  if ARGV[2] == 'aborted' and ARGV[6] ~= '' and ARGV[1] ~= '0' then
+    redis.call('SET', KEYS[2], ARGV[5] .. '|' .. ARGV[1] .. '|' .. ARGV[6], 'EX', 86400)
+    redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort', lineage=0, gen=0,
+      rfp=ARGV[6], owner=ARGV[5], ra=0, pv=__PV__}))
+  end
+  return 0
+end
 if sp[1] ~= ARGV[1] or sp[2] ~= ARGV[5] then
   -- The spend a grace retry retries (or the record that retry's abort restored) ended
   -- without effect, says its own spender: the retry is a first spend after all.
@@ -697,10 +706,17 @@ class RedisStore:
 
     async def load_spend(self, app: str) -> SpendRecord | None:
         """The spend record (one HMGET), or None."""
-        owner, rfp, state, orig_sent_at, fence = await self._call(
+        owner, rfp, state, orig_sent_at, fence, orig_owner, orig_fence = await self._call(
             "spend",
             lambda: self._client.hmget(
-                self.spend_key(app), "owner", "rfp", "state", "orig_sent_at", "fence"
+                self.spend_key(app),
+                "owner",
+                "rfp",
+                "state",
+                "orig_sent_at",
+                "fence",
+                "orig_owner",
+                "orig_fence",
             ),
         )
         if owner is None or rfp is None or state is None:
@@ -711,6 +727,8 @@ class RedisStore:
             _text(state),
             orig_sent_at is not None,
             int(fence) if fence is not None else 0,
+            orig_owner=_text(orig_owner) if orig_owner is not None else None,
+            orig_fence=int(orig_fence) if orig_fence is not None else 0,
         )
 
     async def veto_spend(
@@ -728,13 +746,21 @@ class RedisStore:
         )
         return bool(result)
 
-    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
-        """Remove (aborted) or mark (unknown) our spend record."""
+    async def end_spend(
+        self,
+        app: str,
+        *,
+        owner: str,
+        fence: int,
+        outcome: SpendEnd,
+        refresh_fp: str | None = None,
+    ) -> None:
+        """Remove (aborted) or mark (unknown) our spend record (Lua; see SpendLedger)."""
         await self._call(
             "spend",
             lambda: self._end_spend(
                 keys=[self.spend_key(app), self.aborted_key(app)],
-                args=[fence, outcome.value, self.channel, app, owner],
+                args=[fence, outcome.value, self.channel, app, owner, refresh_fp or ""],
             ),
         )
 

@@ -946,6 +946,58 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_an_abort_that_finds_no_record_keeps_nothing(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 12554, 27015, 28726): an abort that finds no record (the store
+        restarted empty as the token was marked sent) keeps no mark of the aborted spend, so
+        the bystanders' veto of the new pod's spend for it stands, and only its spender,
+        which exited after SIGTERM, could lift it: the fleet waits for a person."""
+        end = MemoryStore.end_spend
+
+        async def keeps_nothing(self: MemoryStore, app: str, **kwargs: Any) -> None:
+            kwargs.pop("refresh_fp", None)
+            await end(self, app, **kwargs)
+
+        mutate(MemoryStore, "end_spend", keeps_nothing)
+        result = run(DOORS["abort_after_the_store_forgot_the_record"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_sent_notice_that_names_no_fence(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same door with `sent` notices that name no fence (the old notice): the
+        bystanders' veto names the spender only (fence 0), which the store's mark of the
+        aborted spend does not match, and the veto stands for good."""
+        on_notice = FleetProtocol.on_notice
+
+        def without_fence(self: FleetProtocol, notice: Notice) -> None:
+            on_notice(self, replace(notice, fence=0))
+
+        mutate(FleetProtocol, "on_notice", without_fence)
+        result = run(DOORS["abort_after_the_store_forgot_the_record"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_restored_record_read_as_its_retriers(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 10135): a record that an aborted grace retry restored, read
+        without the spend it stands for (the old SpendRecord), is the retrier's: the retrier
+        remembers it as nobody's spend and, having missed the first spender's abort notice,
+        vetoes that spender's next spend of the token naming no spend, for good."""
+        load = MemoryStore.load_spend
+
+        async def without_the_first_spender(self: MemoryStore, app: str) -> SpendRecord | None:
+            record = await load(self, app)
+            return None if record is None else replace(record, orig_owner=None, orig_fence=0)
+
+        mutate(MemoryStore, "load_spend", without_the_first_spender)
+        result = run(DOORS["restored_record_named_for_its_first_spender"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:

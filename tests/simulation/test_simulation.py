@@ -89,6 +89,14 @@ SWARM_REGRESSION_SEEDS = {
     "now names the spend on the wire)",
     12086: "a partition's heal went to the pod that replaced the partitioned one, which drained "
     "cut off past its bound with its abort unwritten (a model bug: a fault heals where it began)",
+    12554: "Redis restarted empty as the token was marked sent, and the drained spender's abort "
+    "found no record: the bystanders' veto of a new pod's spend named a spender that had exited "
+    "(the abort is kept and announced anyway, and the `sent` notice names the fence)",
+    27015: "the same, an empty restart and SIGTERM as the spender's token went out (as 12554)",
+    28726: "the same with an eviction of the spend record and a crashed spender (as 12554)",
+    10135: "the record an aborted grace retry restored was read as the retrier's: it remembered "
+    "the spend as nobody's and vetoed the first spender's next spend for good (the record names "
+    "the spend it stands for)",
 }
 
 
