@@ -252,11 +252,25 @@ class FleetProtocol:
                 # spend its spender ended as aborted (even after it forgot the record; swarm
                 # seeds 12554, 27015, 28726: the spender had exited, nobody could lift it).
                 self.memory.foreign_fences[fp] = (notice.owner, notice.fence)
-        elif (notice.kind == "abort" and not notice.retry_aborted) or self._respends_own(notice):
+        elif (
+            notice.kind == "abort" and not notice.retry_aborted and not self._stale_abort(notice)
+        ) or self._respends_own(notice):
             # Ended without effect; or its spender spends it again, which it does only when it
             # knows its last spend ended without effect (a restart gets a new owner name): the
             # abort notice was lost, e.g. its record was gone after a store rollback.
             self.memory.resolved_foreign(fp)
+
+    def _stale_abort(self, notice: Notice) -> bool:
+        """`notice` ends a spend (it names the fence: its record was gone) of a spender whose
+        later spend of the token we know: an abort that landed late, after the store forgot
+        that later spend's record, says nothing about it."""
+        known = self.memory.foreign_fences.get(notice.refresh_fp or "")
+        return (
+            notice.fence > 0
+            and known is not None
+            and known[0] == notice.owner
+            and known[1] > notice.fence
+        )
 
     def _respends_own(self, notice: Notice) -> bool:
         """`notice` announces a spend by the one replica that sent this token before."""

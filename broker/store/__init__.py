@@ -159,7 +159,9 @@ class Notice:
     `retry_aborted` an abort of such a retry: the spend it retried is still unknown.
     `fence` is the spend's fence on a "sent" notice (0 elsewhere, and from a release before
     it): a replica that vetoes a later spend of that token for it names that spend exactly,
-    so the store can tell when its spender ended it as aborted (`veto_spend`).
+    so the store can tell when its spender ended it as aborted (`veto_spend`). An "abort"
+    notice of a spend whose record the store no longer held names it too: a replica that
+    knows a later spend of that spender's (another fence) ignores it.
     `protocol` is the fleet protocol version of the replica that made the change (absent on
     the wire: 1). "lease" (LEASE) says `owner` was granted the lease for `ttl` seconds,
     "release" (RELEASE) that it gave the lease back: advisory, for scheduling only (a release

@@ -323,10 +323,18 @@ class MemoryStore:
         spend = self.state.spends.get(app)
         if spend is None:
             if outcome is SpendEnd.ABORTED and refresh_fp and fence > 0:
-                # The store forgot the record: keep the abort anyway, and announce it.
+                # The store forgot the record: keep the abort anyway, and announce it (naming
+                # the fence: an abort that lands late must not pass for a later spend's).
                 self.state.aborted[app] = (owner, fence, refresh_fp)
                 self._publish(
-                    Notice(app, "abort", refresh_fp=refresh_fp, owner=owner, protocol=self.protocol)
+                    Notice(
+                        app,
+                        "abort",
+                        refresh_fp=refresh_fp,
+                        owner=owner,
+                        protocol=self.protocol,
+                        fence=fence,
+                    )
                 )
             return
         if spend.fence != fence or spend.owner != owner:

@@ -208,7 +208,7 @@ if not sp[1] then
   if ARGV[2] == 'aborted' and ARGV[6] ~= '' and ARGV[1] ~= '0' then
     redis.call('SET', KEYS[2], ARGV[5] .. '|' .. ARGV[1] .. '|' .. ARGV[6], 'EX', 86400)
     redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort', lineage=0, gen=0,
-      rfp=ARGV[6], owner=ARGV[5], ra=0, pv=__PV__}))
+      rfp=ARGV[6], owner=ARGV[5], fence=tonumber(ARGV[1]), ra=0, pv=__PV__}))
   end
   return 0
 end

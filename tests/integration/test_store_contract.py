@@ -714,8 +714,8 @@ class TestSpend:
             await store.end_spend(
                 "app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED, refresh_fp=fp
             )
-        assert [(n.kind, n.refresh_fp, n.owner, n.retry_aborted) for n in heard] == [
-            ("abort", fp, "a", False)
+        assert [(n.kind, n.refresh_fp, n.owner, n.fence, n.retry_aborted) for n in heard] == [
+            ("abort", fp, "a", a.fence, False)
         ]
         assert await store.load_spend("app") is None
         await store.release_lease("app", "a", a.fence)

@@ -233,3 +233,19 @@ async def test_a_restored_record_is_remembered_as_its_first_spenders_spend() -> 
         assert await replica._record_owner(fp) == "r2"
         assert replica.memory.foreign_fences[fp] == ("r2", first)
     assert await _protocol(store, clock, "r2", token)._record_owner(fp) is None  # its own
+
+
+def test_an_abort_of_an_earlier_spend_leaves_a_later_one_remembered() -> None:
+    """An abort notice that names an earlier fence of the spender than the `sent` notice we
+    heard (an abort written late, after the store forgot the later spend's record) does not
+    clear our memory of the later spend; one naming that spend does."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    token = _grant(clock)
+    fp = token.refresh_fingerprint or ""
+    bystander = _protocol(store, clock, "r0", token)
+    bystander.on_notice(Notice(APP, "sent", rank=token.rank, refresh_fp=fp, owner="r2", fence=4))
+    bystander.on_notice(Notice(APP, "abort", refresh_fp=fp, owner="r2", fence=1))
+    assert fp in bystander.memory.foreign
+    bystander.on_notice(Notice(APP, "abort", refresh_fp=fp, owner="r2", fence=4))
+    assert fp not in bystander.memory.foreign
