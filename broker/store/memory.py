@@ -254,6 +254,7 @@ class MemoryStore:
                 refresh_fp=spend.refresh_fp,
                 owner=owner,
                 protocol=self.protocol,
+                fence=fence,
             )
         )
         if self.require_replica_ack and not self._replica_acknowledged():
@@ -277,7 +278,15 @@ class MemoryStore:
         if spend is None:
             return None
         retry = spend.orig_sent_at is not None
-        return SpendRecord(spend.owner, spend.refresh_fp, spend.state, retry, spend.fence)
+        return SpendRecord(
+            spend.owner,
+            spend.refresh_fp,
+            spend.state,
+            retry,
+            spend.fence,
+            orig_owner=spend.orig_owner,
+            orig_fence=spend.orig_fence,
+        )
 
     async def veto_spend(
         self, app: str, *, refresh_fp: str, protects: tuple[str, int] | None = None
@@ -306,18 +315,39 @@ class MemoryStore:
             spend.orig_owner, spend.orig_fence = protects
         return True
 
-    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
+    async def end_spend(
+        self,
+        app: str,
+        *,
+        owner: str,
+        fence: int,
+        outcome: SpendEnd,
+        refresh_fp: str | None = None,
+    ) -> None:
         """Remove (aborted) or mark (unknown) our spend record under `fence`."""
         self._check()
         spend = self.state.spends.get(app)
         if spend is None:
             aborted = self.state.aborted.get(app)
-            if (
-                outcome is SpendEnd.ABORTED
-                and aborted is not None
-                and aborted[:2] == (owner, fence)
-            ):
+            if outcome is not SpendEnd.ABORTED:
+                return
+            if aborted is not None and aborted[:2] == (owner, fence):
                 self._abort_acknowledged()  # applied already: asked again (the drain's retry)
+            elif refresh_fp and fence > 0:
+                # The store forgot the record: keep the abort anyway, and announce it (naming
+                # the fence: an abort that lands late must not pass for a later spend's).
+                self.state.aborted[app] = (owner, fence, refresh_fp)
+                self._publish(
+                    Notice(
+                        app,
+                        "abort",
+                        refresh_fp=refresh_fp,
+                        owner=owner,
+                        protocol=self.protocol,
+                        fence=fence,
+                    )
+                )
+                self._abort_acknowledged()
             return
         if spend.fence != fence or spend.owner != owner:
             if outcome is SpendEnd.ABORTED and self._retried_spend_never_sent(app, owner, fence):

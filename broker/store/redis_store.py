@@ -179,7 +179,8 @@ local t = redis.call('TIME')
 redis.call('HSET', KEYS[2], 'state', 'sent',
   'sent_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
-  lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2], pv=__PV__}))
+  lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2],
+  fence=tonumber(ARGV[2]), pv=__PV__}))
 return 1
 """
 # KEYS: spend, lease, aborted. ARGV: rfp, protected owner ('' for none), protected fence
@@ -202,7 +203,7 @@ end
 return 1
 """
 # KEYS: spend, aborted. ARGV: fence, outcome, channel, app, owner (fences repeat after a
-# rollback)
+# rollback), rfp of an ordinary spend ('' for none)
 _END_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen',
   'orig_sent_at', 'orig_owner', 'orig_fence', 'state')
@@ -214,6 +215,13 @@ if not sp[1] then
   if ARGV[2] == 'aborted' and held and string.sub(held, 1, string.len(mark)) == mark then
     redis.call('PEXPIRE', KEYS[2], 86400000)
     return 2
+  end
+  -- the store forgot the record: keep the abort anyway, and announce it
+  if ARGV[2] == 'aborted' and ARGV[6] ~= '' and ARGV[1] ~= '0' then
+    redis.call('SET', KEYS[2], ARGV[5] .. '|' .. ARGV[1] .. '|' .. ARGV[6], 'EX', 86400)
+    redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort', lineage=0, gen=0,
+      rfp=ARGV[6], owner=ARGV[5], fence=tonumber(ARGV[1]), ra=0, pv=__PV__}))
+    return 1
   end
   return 0
 end
@@ -719,10 +727,17 @@ class RedisStore:
 
     async def load_spend(self, app: str) -> SpendRecord | None:
         """The spend record (one HMGET), or None."""
-        owner, rfp, state, orig_sent_at, fence = await self._call(
+        owner, rfp, state, orig_sent_at, fence, orig_owner, orig_fence = await self._call(
             "spend",
             lambda: self._client.hmget(
-                self.spend_key(app), "owner", "rfp", "state", "orig_sent_at", "fence"
+                self.spend_key(app),
+                "owner",
+                "rfp",
+                "state",
+                "orig_sent_at",
+                "fence",
+                "orig_owner",
+                "orig_fence",
             ),
         )
         if owner is None or rfp is None or state is None:
@@ -733,6 +748,8 @@ class RedisStore:
             _text(state),
             orig_sent_at is not None,
             int(fence) if fence is not None else 0,
+            orig_owner=_text(orig_owner) if orig_owner is not None else None,
+            orig_fence=int(orig_fence) if orig_fence is not None else 0,
         )
 
     async def veto_spend(
@@ -750,16 +767,26 @@ class RedisStore:
         )
         return bool(result)
 
-    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
-        """Remove (aborted) or mark (unknown) our spend record.
+    async def end_spend(
+        self,
+        app: str,
+        *,
+        owner: str,
+        fence: int,
+        outcome: SpendEnd,
+        refresh_fp: str | None = None,
+    ) -> None:
+        """Remove (aborted) or mark (unknown) our spend record (Lua; see SpendLedger).
 
+        An abort that finds no record (the store forgot it) is still kept in `:aborted` and
+        announced when `refresh_fp` names the token (issue 20, swarm seeds 12554, 27015).
         With `require_replica_ack`, an abort is followed by WAIT, as `mark_sent` is: an abort
         only the primary holds is lost by a failover, which brings the `sent` record back for
         good once its spender exited (issue 20, swarm seed 23291). NotDurable when no replica
         acknowledged an abort the script applied (1) or found applied by this spend (2).
         """
         keys = [self.spend_key(app), self.aborted_key(app)]
-        args: list[Any] = [fence, outcome.value, self.channel, app, owner]
+        args: list[Any] = [fence, outcome.value, self.channel, app, owner, refresh_fp or ""]
         if not self._require_ack or outcome is not SpendEnd.ABORTED:
             await self._call("spend", lambda: self._end_spend(keys=keys, args=args))
             return

@@ -692,6 +692,67 @@ class TestSpend:
         assert await store.veto_spend("app", refresh_fp=fp, protects=("b", 0))
         assert await store.load_spend("app") == SpendRecord("a", fp, "vetoed")
 
+    async def test_an_abort_that_finds_no_record_is_kept_and_announced(
+        self, store: TokenStore
+    ) -> None:
+        """The store forgot the record (an empty restart, an eviction) before its spender ended
+        it as aborted: the abort of an ordinary spend (`refresh_fp` given) is still kept as the
+        last aborted spend and announced, so a veto for exactly that spend is refused (swarm
+        seeds 12554, 27015, 28726); one without `refresh_fp` (a grace retry's) keeps nothing."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await marked_sent(store, "a")
+        if isinstance(store, MemoryStore):
+            del store.state.spends["app"]
+        else:
+            redis_store = cast(RedisStore, store)
+            await redis_store._client.delete(redis_store.spend_key("app"))
+        async with hearing(
+            store, keep=lambda n: n.kind == "abort", until=lambda heard: len(heard) == 1
+        ) as heard:
+            await store.end_spend("app", owner="x", fence=9, outcome=SpendEnd.ABORTED)
+            await store.end_spend(
+                "app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED, refresh_fp=fp
+            )
+        assert [(n.kind, n.refresh_fp, n.owner, n.fence, n.retry_aborted) for n in heard] == [
+            ("abort", fp, "a", a.fence, False)
+        ]
+        assert await store.load_spend("app") is None
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        assert await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1)) is (
+            SpendStart.OK
+        )
+        assert not await store.veto_spend("app", refresh_fp=fp, protects=("a", a.fence))
+        assert (await store.load_spend("app") or SpendRecord("", "", "")).state == "announced"
+        # The abort without a fingerprint kept nothing: a veto for that spend stands.
+        assert await store.veto_spend("app", refresh_fp=fp, protects=("x", 9))
+        assert await store.load_spend("app") == SpendRecord("b", fp, "vetoed")
+
+    async def test_a_restored_record_names_the_spend_it_stands_for(self, store: TokenStore) -> None:
+        """The record an aborted grace retry restored is under the retrier's name and fence 0,
+        and names the spend it stands for: the first spender and its fence (swarm seed 10135:
+        read as the retrier's, it was remembered as nobody's spend)."""
+        await store.commit("app", token_set(1))
+        a = await marked_sent(store, "a")
+        record = await store.load_spend("app")
+        assert record is not None and not record.restored
+        assert (record.orig_owner, record.orig_fence) == (None, 0)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        retry = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert retry is SpendStart.RETRY
+        record = await store.load_spend("app")
+        assert record is not None and record.retry and not record.restored
+        assert (record.orig_owner, record.orig_fence) == ("a", a.fence)
+        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
+        record = await store.load_spend("app")
+        assert record is not None and record.restored
+        assert (record.owner, record.fence, record.state) == ("b", 0, "unknown")
+        assert (record.orig_owner, record.orig_fence) == ("a", a.fence)
+
 
 @asynccontextmanager
 async def hearing(
@@ -743,6 +804,8 @@ class TestNotices:
         ]
         assert heard[0].version == 1
         assert not any(n.retry or n.retry_aborted for n in heard)
+        # The `sent` notice names the spend's fence (a veto for it names that spend exactly).
+        assert [n.fence for n in heard] == [0, 0, lease.fence, 0]
 
     async def test_a_grace_retry_and_its_abort_say_so(self, store: TokenStore) -> None:
         """H2/H3: the spend of a granted grace retry is marked `retry` (bystanders do not veto

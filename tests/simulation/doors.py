@@ -2062,6 +2062,110 @@ def set_evicted_under_its_writer() -> Schedule:
     return _set_evicted(writer_exits=False)
 
 
+def abort_after_the_store_forgot_the_record() -> Schedule:
+    """Found by the swarm (seeds 12554, 27015, 28726): Redis restarts empty (or evicts the
+    record) the moment the spender marks its token sent, and SIGTERM comes then too; the server
+    answers 429 (it did not act), so the drain ends the spend as aborted and exits. The store
+    holds no record any more: the abort changed nothing and announced nothing. The bystanders
+    heard the `sent` notice, so when a new pod spends the token, they veto that spend for the
+    aborted one, naming its spender but no fence (a notice named none): a veto only that
+    spender could lift, and it has exited, so the fleet waited for a person. The `sent` notice
+    now names the fence, and an abort that finds no record is still kept (and announced): the
+    store refuses a veto that stands for exactly that aborted spend."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.server.faults.slow = 2.0
+                world.server.faults.status, world.server.faults.retry_after = 429, 1.0
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        await world.time.sleep(0.1)  # the bystanders heard the `sent` notice
+        bystanders = [r for i, r in enumerate(world.replicas) if i != spender]
+        for bystander in bystanders:
+            # Not subscribed again yet when the abort comes (in the seeds it came 67 ms after
+            # the restart).
+            bystander.view.faults.lost_kinds = frozenset({"abort"})
+        world.empty_restart()
+        world.terminate(spender)
+        await world.time.sleep(3.0)  # the 429 came, the drain ended the spend and exited
+        world.server.faults.status, world.server.faults.retry_after = None, None
+        world.server.faults.slow = 0.0
+        for bystander in bystanders:
+            bystander.view.faults.lost_kinds = frozenset()
+        world.start_replica(spender)  # the new pod: it never heard the `sent` notice
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_070,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="abort_after_the_store_forgot_the_record",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def restored_record_named_for_its_first_spender() -> Schedule:
+    """Found by the swarm (seed 10135, with a split brain): on a grace server (30 s) the store
+    goes down right after it applied the spender's `mark_sent` (the answer lost: the token is
+    never sent), and the spender stays cut off a while. A bystander takes the lease once the
+    store is back and gets the one grace retry of that `sent` record; the server refuses it
+    (429), and the store restores the record of the unknown spend, under fence 0 and the
+    retrier's name. Meeting it, the retrier took it for its own record and remembered the
+    spend as nobody's, the other bystander as the retrier's: when the spender came back and
+    ended its spend (the record went), both missed the abort notice and vetoed the spender's
+    next spend of the token, a veto nobody could lift. The record names the spend it stands
+    for (`SpendRecord.orig_owner`, `orig_fence`), and a replica remembers it as that spend."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase != "sent":
+                return
+            hit.append(replica)
+            if len(hit) == 1:
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+                world.replicas[_index(world, replica)].view.faults.partitioned = True
+            elif len(hit) == 2:
+                world.server.faults.status, world.server.faults.retry_after = 429, 1.0
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        await world.time.sleep(2.0)
+        world.set_store_outage(False)
+        await until(world, lambda: len(hit) > 1, limit=60.0)  # the grace retry
+        await world.time.sleep(1.0)
+        world.server.faults.status, world.server.faults.retry_after = None, None
+        await world.time.sleep(20.0)  # both bystanders meet the restored record
+        bystanders = [r for i, r in enumerate(world.replicas) if i != spender]
+        for bystander in bystanders:
+            bystander.view.faults.lost_kinds = frozenset({"abort"})
+        world.replicas[spender].view.faults.partitioned = False
+        await world.time.sleep(10.0)
+        for bystander in bystanders:
+            bystander.view.faults.lost_kinds = frozenset()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_071,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="restored_record_named_for_its_first_spender",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -2129,6 +2233,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     ),
     "set_evicted_after_its_writer_exited": set_evicted_after_its_writer_exited,
     "set_evicted_under_its_writer": set_evicted_under_its_writer,
+    "abort_after_the_store_forgot_the_record": abort_after_the_store_forgot_the_record,
+    "restored_record_named_for_its_first_spender": restored_record_named_for_its_first_spender,
 }
 
 

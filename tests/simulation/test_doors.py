@@ -47,6 +47,20 @@ def mutate(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, str, object], N
     return apply
 
 
+def _abort_of_a_forgotten_record_keeps_nothing(
+    mutate: Callable[[object, str, object], None],
+) -> None:
+    """Put back the old `end_spend`: an abort that finds no record keeps and announces nothing
+    (swarm seeds 12554, 27015, 28726). Some older doors are closed by that too now."""
+    end = MemoryStore.end_spend
+
+    async def keeps_nothing(self: MemoryStore, app: str, **kwargs: Any) -> None:
+        kwargs.pop("refresh_fp", None)
+        await end(self, app, **kwargs)
+
+    mutate(MemoryStore, "end_spend", keeps_nothing)
+
+
 class TestEachFixPutBackOpensItsDoor:
     def test_c1_without_the_spenders_own_veto(
         self, mutate: Callable[[object, str, object], None]
@@ -126,12 +140,12 @@ class TestEachFixPutBackOpensItsDoor:
         original = MemoryStore.end_spend
 
         async def deletes(
-            self: MemoryStore, app: str, *, owner: str, fence: int, outcome: SpendEnd
+            self: MemoryStore, app: str, *, owner: str, fence: int, outcome: SpendEnd, **kw: Any
         ) -> None:
             spend = self.state.spends.get(app)
             if spend is not None and spend.fence == fence and outcome is SpendEnd.ABORTED:
                 spend.orig_sent_at = None
-            await original(self, app, owner=owner, fence=fence, outcome=outcome)
+            await original(self, app, owner=owner, fence=fence, outcome=outcome, **kw)
 
         mutate(MemoryStore, "end_spend", deletes)
         result = run(DOORS["h3_aborted_grace_retry"]())
@@ -584,8 +598,11 @@ class TestEachFixPutBackOpensItsDoor:
         """Swarm-found (seed 1233): a bystander cut off with the old primary of a split meets
         a stale copy of a spend record there and, after the heal, vetoes another replica's
         spend of the token; a veto that does not name the spend it stands for can be lifted
-        by no one, its spender included: the fleet waits for a person."""
+        by no one, its spender included: the fleet waits for a person. (An abort that finds
+        no record, kept and announced since seeds 12554, 27015 and 28726, now closes this door
+        too: it is put back as well.)"""
         mutate(FleetProtocol, "_protects", lambda self, refresh_fp: None)
+        _abort_of_a_forgotten_record_keeps_nothing(mutate)
         result = run(DOORS["stale_copy_outlives_the_split"]())
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
@@ -887,6 +904,9 @@ class TestEachFixPutBackOpensItsDoor:
 
         assert run(make_schedule(6573)).ok
         mutate(MemoryStore, "veto_spend", vetoes_its_own_owner)
+        # The spender's abort found no record (the restart): kept and announced since seeds
+        # 12554, 27015 and 28726, it closes this seed too, so it is put back as well.
+        _abort_of_a_forgotten_record_keeps_nothing(mutate)
         result = run(make_schedule(6573))
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
@@ -977,10 +997,13 @@ class TestEachFixPutBackOpensItsDoor:
             owner: str,
             fence: int,
             outcome: SpendEnd,
+            refresh_fp: str | None = None,
         ) -> None:
             acknowledged = self.acknowledged
             with contextlib.suppress(NotDurable):
-                await original(self, app, owner=owner, fence=fence, outcome=outcome)
+                await original(
+                    self, app, owner=owner, fence=fence, outcome=outcome, refresh_fp=refresh_fp
+                )
             self.acknowledged = acknowledged
 
         mutate(world_module.SimMemoryStore, "end_spend", end_spend_not_waited)
@@ -997,6 +1020,52 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["sigterm_drain_waits_for_a_replica_to_hold_the_commit"]())
         assert not result.ok
         assert any(v.startswith("invariant 3") for v in result.violations), result.report()
+
+    def test_an_abort_that_finds_no_record_keeps_nothing(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 12554, 27015, 28726): an abort that finds no record (the store
+        restarted empty as the token was marked sent) keeps no mark of the aborted spend, so
+        the bystanders' veto of the new pod's spend for it stands, and only its spender,
+        which exited after SIGTERM, could lift it: the fleet waits for a person."""
+        _abort_of_a_forgotten_record_keeps_nothing(mutate)
+        result = run(DOORS["abort_after_the_store_forgot_the_record"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_sent_notice_that_names_no_fence(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same door with `sent` notices that name no fence (the old notice): the
+        bystanders' veto names the spender only (fence 0), which the store's mark of the
+        aborted spend does not match, and the veto stands for good."""
+        on_notice = FleetProtocol.on_notice
+
+        def without_fence(self: FleetProtocol, notice: Notice) -> None:
+            on_notice(self, replace(notice, fence=0))
+
+        mutate(FleetProtocol, "on_notice", without_fence)
+        result = run(DOORS["abort_after_the_store_forgot_the_record"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_restored_record_read_as_its_retriers(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 10135): a record that an aborted grace retry restored, read
+        without the spend it stands for (the old SpendRecord), is the retrier's: the retrier
+        remembers it as nobody's spend and, having missed the first spender's abort notice,
+        vetoes that spender's next spend of the token naming no spend, for good."""
+        load = MemoryStore.load_spend
+
+        async def without_the_first_spender(self: MemoryStore, app: str) -> SpendRecord | None:
+            record = await load(self, app)
+            return None if record is None else replace(record, orig_owner=None, orig_fence=0)
+
+        mutate(MemoryStore, "load_spend", without_the_first_spender)
+        result = run(DOORS["restored_record_named_for_its_first_spender"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
 
 class TestTheDocumentedLimitIsExcusedNarrowly:

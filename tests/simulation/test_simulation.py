@@ -103,6 +103,14 @@ SWARM_REGRESSION_SEEDS = {
     "replicas, whose clocks (17 to 54 s ahead) had stopped them serving the set before it; "
     "they served the new set 1 ms later (a checker bug: the clock-ahead excuse now includes "
     "the set a commit replaced within a notice's delivery and a read, ADOPTION_LAG)",
+    12554: "Redis restarted empty as the token was marked sent, and the drained spender's abort "
+    "found no record: the bystanders' veto of a new pod's spend named a spender that had exited "
+    "(the abort is kept and announced anyway, and the `sent` notice names the fence)",
+    27015: "the same, an empty restart and SIGTERM as the spender's token went out (as 12554)",
+    28726: "the same with an eviction of the spend record and a crashed spender (as 12554)",
+    10135: "the record an aborted grace retry restored was read as the retrier's: it remembered "
+    "the spend as nobody's and vetoed the first spender's next spend for good (the record names "
+    "the spend it stands for)",
 }
 
 
