@@ -245,6 +245,50 @@ class TestFailures:
             await refresher.get()
 
 
+class TestShownState:
+    """The state the API shows is settled when an attempt starts and ends (and when a person
+    is asked to authorize), not recomputed at every look: these pin those moments."""
+
+    async def test_a_warm_started_app_shows_refreshing_until_its_first_attempt(
+        self,
+        make: MakeRefresher,
+        source: FakeTokenSource,
+        store: MemoryStore,
+        fake_clock: FakeClock,
+    ) -> None:
+        """A stored set adopted at start is served, but the state says refreshing until the
+        first attempt ends (a state computed at each look would say fresh at once)."""
+        now = fake_clock.time()
+        stored = TokenSet("stored-access-token-000000000", "Bearer", now - 10, now + 50)
+        await store.commit(key(), stored)
+        refresher = make(source)
+        await fake_clock.settle()
+        assert refresher.servable() is not None and source.calls == []
+        assert refresher.status().state is AppState.REFRESHING
+        await fake_clock.advance(refresher.schedule.at - fake_clock.monotonic())
+        assert len(source.calls) == 1
+        assert refresher.status().state is AppState.FRESH
+
+    async def test_a_set_adopted_between_attempts_leaves_the_state_until_the_next(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """A failing app that adopts another replica's set from its notice still shows
+        failing, with no error and no failure counted, until its next attempt ends."""
+        source.failure = TransientTokenError("503", status=503)
+        refresher = make(source)
+        await fake_clock.settle()
+        assert refresher.status().state is AppState.FAILING
+        now = fake_clock.time()
+        newer = TokenSet("notice-access-token-00000000", "Bearer", now, now + 60, generation=2)
+        refresher.on_notice(Notice(key(), "token", 1, newer.rank, token=newer))
+        assert refresher.token is newer
+        assert refresher.failures == 0 and refresher.last_error is None
+        assert refresher.status().state is AppState.FAILING
+        source.failure = None
+        await fake_clock.advance(refresher.schedule.at - fake_clock.monotonic())
+        assert refresher.status().state is AppState.FRESH
+
+
 class TestCallerRequests:
     async def test_min_ttl_longer_than_lifetime_is_rejected(
         self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
