@@ -9,7 +9,7 @@ import random
 from collections.abc import Collection, Mapping, Sequence
 
 from broker import events
-from broker.clock import Clock
+from broker.clock import Clock, wait_within
 from broker.errors import StoreUnavailable
 from broker.events import EventHook
 from broker.logs import get_logger
@@ -170,11 +170,9 @@ class BrokerCore:
     ) -> set[asyncio.Future[None]]:
         """Wait for `tasks` at most `seconds` on the injected clock; return those not done."""
         every = asyncio.ensure_future(asyncio.wait(tasks))
-        timer = asyncio.ensure_future(self._clock.sleep(seconds))
         try:
-            await asyncio.wait({every, timer}, return_when=asyncio.FIRST_COMPLETED)
+            await wait_within(self._clock, every, seconds)
         finally:
-            timer.cancel()
             every.cancel()  # (leaves the tasks running)
         return {task for task in tasks if not task.done()}
 
