@@ -1770,7 +1770,7 @@ class World:
             await replica.core.remove_app(APP)
             if not replica.alive:
                 return
-            on_event = replica.core._emit
+            on_event = replica.core.on_event
             refresher = self._refresher(
                 owner,
                 replica.source,
