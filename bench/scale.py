@@ -512,38 +512,32 @@ def print_tables(apps: list[AppsRow], fleet: list[FleetRow]) -> None:
 def print_comparison(
     apps: list[AppsRow], fleet: list[FleetRow], before: Build, after: Build
 ) -> None:
-    """The main figures of two builds, measured alternately in one run."""
+    """The main figures of two builds, measured alternately in one run: `before / after`."""
     print()
     print(f"before: {before.label}")
     print(f"after: {after.label}")
-    print(
-        "| apps | idle RSS MiB redis://, before / after | ready s (warm) | idle CPU s/min "
-        "| scrape CPU ms |"
-    )
-    print("|---:|---:|---:|---:|---:|")
-    for count in dict.fromkeys(r.apps for r in apps):
-        by = {r.build: r for r in apps if r.apps == count}
-        b, a = by[before.label], by[after.label]
-        print(
-            f"| {count} | {b.idle_rss_mib:.1f} / {a.idle_rss_mib:.1f} "
-            f"| {b.ready_s:.2f} / {a.ready_s:.2f} "
-            f"| {b.idle_cpu_s_per_min:.2f} / {a.idle_cpu_s_per_min:.2f} "
-            f"| {b.scrape_cpu_ms:.1f} / {a.scrape_cpu_ms:.1f} |"
-        )
-    print()
-    print(
-        "| replicas | commands per token request, before / after | token requests "
-        "| fleet CPU s/min |"
-    )
-    print("|---:|---:|---:|---:|")
-    for count in dict.fromkeys(f.replicas for f in fleet):
-        rows = {f.build: f for f in fleet if f.replicas == count}
-        fb, fa = rows[before.label], rows[after.label]
-        print(
-            f"| {count} | {fb.commands_per_token_request:.1f} / {fa.commands_per_token_request:.1f} "
-            f"| {fb.token_requests} / {fa.token_requests} "
-            f"| {fb.fleet_cpu_s_per_min:.2f} / {fa.fleet_cpu_s_per_min:.2f} |"
-        )
+    apps_figures = {
+        "idle RSS MiB redis://": "idle_rss_mib",
+        "ready s (warm)": "ready_s",
+        "idle CPU s/min": "idle_cpu_s_per_min",
+        "scrape CPU ms": "scrape_cpu_ms",
+    }
+    fleet_figures = {
+        "commands per token request": "commands_per_token_request",
+        "token requests": "token_requests",
+        "fleet CPU s/min": "fleet_cpu_s_per_min",
+    }
+    for rows, count, figures in ((apps, "apps", apps_figures), (fleet, "replicas", fleet_figures)):
+        print()
+        print(f"| {count} | " + " | ".join(f"{name}, before / after" for name in figures) + " |")
+        print("|---:" * (len(figures) + 1) + "|")
+        for n in dict.fromkeys(getattr(r, count) for r in rows):
+            by = {r.build: r for r in rows if getattr(r, count) == n}
+            cells = [
+                f"{getattr(by[before.label], f):.2f} / {getattr(by[after.label], f):.2f}"
+                for f in figures.values()
+            ]
+            print(f"| {n} | " + " | ".join(cells) + " |")
 
 
 def main() -> int:

@@ -102,6 +102,14 @@ def make(
     return _make
 
 
+async def store_a_valid_set(store: MemoryStore, clock: FakeClock) -> TokenSet:
+    """A set with 50 s left, stored as app1's (its first version)."""
+    now = clock.time()
+    stored = TokenSet("stored-access-token-000000000", "Bearer", now - 10, now + 50)
+    assert (await store.commit(key(), stored)).version == 1
+    return stored
+
+
 async def served_token(refresher: AppRefresher, clock: FakeClock) -> TokenSet:
     token = await refresher.get()
     assert token.expires_at - clock.time() > 0, "served an expired token"
@@ -127,9 +135,7 @@ class TestStartup:
         fake_clock: FakeClock,
     ) -> None:
         """A valid token in the store is served without calling the token endpoint."""
-        now = fake_clock.time()
-        stored = TokenSet("stored-access-token-000000000", "Bearer", now - 10, now + 50)
-        assert (await store.commit(key(), stored)).version == 1
+        stored = await store_a_valid_set(store, fake_clock)
         refresher = make(source)
         await fake_clock.settle()
         assert source.calls == []
@@ -259,9 +265,7 @@ class TestShownState:
     ) -> None:
         """A stored set adopted at start is served, but the state says refreshing until the
         first attempt ends (a state computed at each look would say fresh at once)."""
-        now = fake_clock.time()
-        stored = TokenSet("stored-access-token-000000000", "Bearer", now - 10, now + 50)
-        await store.commit(key(), stored)
+        await store_a_valid_set(store, fake_clock)
         refresher = make(source)
         await fake_clock.settle()
         assert refresher.servable() is not None and source.calls == []
