@@ -25,7 +25,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field, replace
-from heapq import heappush
+from heapq import heapify, heappop, heappush
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from broker.clock import Clock
@@ -68,6 +68,12 @@ from broker.store.memory import MemoryState, MemoryStore
 from tests.support.virtual_time import Handle, Timer, VirtualTimers
 
 APP = "scim"
+# asyncio's own bounds (Python 3.11, asyncio.base_events), for SimLoop's copy of its loop
+# iteration: the timer heap is rebuilt without its cancelled timers once it holds more than
+# this many and more than this fraction is cancelled; a loop never waits longer than a day.
+_MIN_SCHEDULED_TIMER_HANDLES = 100
+_MIN_CANCELLED_TIMER_HANDLES_FRACTION = 0.5
+_MAXIMUM_SELECT_TIMEOUT = 24 * 3600
 T = TypeVar("T")
 
 
@@ -160,7 +166,10 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
         """asyncio's call_at, on this loop's VirtualTimers."""
         if not self._open or when is None:
             raise RuntimeError("the simulated loop runs only while open, at a given time")
-        return self.schedule(when, callback, args, context)
+        # (schedule, inlined: asyncio.sleep and the inboxes' deliveries come here.)
+        timer = Timer(self, when, callback, args, context)
+        heappush(self.heap, (when, float("nan"), timer))
+        return timer
 
     def stop(self) -> None:
         """asyncio's stop: the loop ends after the callbacks ready now."""
@@ -174,12 +183,44 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
 
     def _run_once(self) -> None:
         """asyncio's loop iteration (BaseEventLoop._run_once), repeated until the loop stops
-        (what run_forever would do), with the poll replaced by the jump in simulated time."""
+        (what run_forever would do), with the poll replaced by the jump in simulated time.
+        (Inlined whole: the loop's own turns are a large part of a schedule's cost.)"""
         ready = self.ready
         resolution = self._resolution
-        due_now = self.due_now
         while True:
-            due_now(ready, resolution, jump=not ready and not self._halting)
+            heap = self.heap
+            count = len(heap)
+            if (
+                count > _MIN_SCHEDULED_TIMER_HANDLES
+                and self.cancelled_count / count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+            ):
+                kept = []
+                for entry in heap:
+                    if entry[2].is_cancelled:
+                        entry[2].scheduled = False
+                    else:
+                        kept.append(entry)
+                heapify(kept)
+                self.heap = heap = kept
+                self.cancelled_count = 0
+            else:
+                while heap and heap[0][2].is_cancelled:
+                    self.cancelled_count -= 1
+                    heappop(heap)[2].scheduled = False
+            if not ready and not self._halting:
+                if not heap:
+                    raise RuntimeError(
+                        "simulation deadlock: nothing runs and nothing waits on the clock"
+                    )
+                # What the poll would have waited: the clock moves by just that.
+                self.now += min(max(0, heap[0][0] - self.now), _MAXIMUM_SELECT_TIMEOUT)
+            end_time = self.now + resolution
+            while heap:
+                if heap[0][0] >= end_time:
+                    break
+                timer = heappop(heap)[2]
+                timer.scheduled = False
+                ready.append(timer)
             handle: Handle | None
             for _ in range(len(ready)):
                 handle = ready.popleft()

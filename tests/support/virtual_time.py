@@ -14,18 +14,10 @@ they answer what asyncio's callers ask of a handle: `cancel()`, `cancelled()`, `
 
 from __future__ import annotations
 
-import collections
 import contextvars
 import heapq
 from collections.abc import Callable, Sequence
 from typing import Any
-
-# asyncio's own bounds (Python 3.11, asyncio.base_events): the heap is rebuilt without its
-# cancelled timers once it holds more than this many and more than this fraction is cancelled;
-# a loop never waits longer than MAXIMUM_SELECT_TIMEOUT at once.
-MIN_SCHEDULED_TIMER_HANDLES = 100
-MIN_CANCELLED_TIMER_HANDLES_FRACTION = 0.5
-MAXIMUM_SELECT_TIMEOUT = 24 * 3600
 
 
 class Handle:
@@ -98,7 +90,11 @@ class Timer(Handle):
 
 
 class VirtualTimers:
-    """Virtual time (`now`) and a heap of the timers due on it."""
+    """Virtual time (`now`) and a heap of the timers due on it.
+
+    FakeClock takes the timers one at a time (`pop_due`) as a test advances it; SimLoop, a
+    subclass, runs them in asyncio's loop iteration (tests/simulation/world.py).
+    """
 
     def __init__(self, now: float = 0.0) -> None:
         self.now = now
@@ -133,45 +129,3 @@ class VirtualTimers:
                 continue
             return timer
         return None
-
-    def due_now(self, ready: collections.deque[Any], resolution: float, *, jump: bool) -> None:
-        """asyncio's step of its loop iteration (BaseEventLoop._run_once, Python 3.11): drop
-        cancelled timers, then append to `ready` every timer due within `resolution` of now.
-
-        With `jump` (nothing is ready to run), time first moves to the earliest timer, by what
-        the loop's poll would have waited: a loop on virtual time never waits.
-        """
-        heap = self.heap
-        count = len(heap)
-        if (
-            count > MIN_SCHEDULED_TIMER_HANDLES
-            and self.cancelled_count / count > MIN_CANCELLED_TIMER_HANDLES_FRACTION
-        ):
-            kept = []
-            for entry in heap:
-                if entry[2].is_cancelled:
-                    entry[2].scheduled = False
-                else:
-                    kept.append(entry)
-            heapq.heapify(kept)
-            self.heap = heap = kept
-            self.cancelled_count = 0
-        else:
-            heappop = heapq.heappop
-            while heap and heap[0][2].is_cancelled:
-                self.cancelled_count -= 1
-                heappop(heap)[2].scheduled = False
-        if jump:
-            if not heap:
-                raise RuntimeError(
-                    "simulation deadlock: nothing runs and nothing waits on the clock"
-                )
-            self.now += min(max(0, heap[0][0] - self.now), MAXIMUM_SELECT_TIMEOUT)
-        end_time = self.now + resolution
-        heappop = heapq.heappop
-        while heap:
-            if heap[0][0] >= end_time:
-                break
-            timer = heappop(heap)[2]
-            timer.scheduled = False
-            ready.append(timer)
