@@ -104,7 +104,9 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
 
     Its time and timers are a VirtualTimers (tests/support/virtual_time.py, the unit tests'
     FakeClock's too), its ready callbacks a deque of its own: it reads no private field of
-    asyncio's. Its loop iteration is asyncio's (Python 3.11) in the same order: the same timer
+    asyncio's (it overrides one private method, `_run_once`, the iteration that asyncio's
+    run_forever calls; writing run_forever instead would take asyncio's private async
+    generator hooks and thread id). Its loop iteration is asyncio's (Python 3.11) in the same order: the same timer
     heap, the same clean-up of cancelled timers, the same batches of ready callbacks; only the
     I/O poll, which never finds anything here, and the debug checks are left out. (The loop's
     own work is most of a schedule's cost: tens of thousands of wake-ups.)
@@ -178,8 +180,8 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
 
     def close(self) -> None:
         """asyncio's close: nothing may be scheduled after it."""
-        self._open = False
         super().close()
+        self._open = False
 
     def _run_once(self) -> None:
         """asyncio's loop iteration (BaseEventLoop._run_once), repeated until the loop stops
