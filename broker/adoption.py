@@ -19,7 +19,7 @@ from broker.fleet import FleetProtocol
 from broker.fleetclock import FleetClock
 from broker.logs import SECRETS, get_logger
 from broker.model import AppSpec, TokenSet
-from broker.schedule import BUSY_POLL, MAX_SLEEP, Schedule, adopted
+from broker.schedule import BLOCKED_RETRY, BUSY_POLL, MAX_SLEEP, Schedule, adopted
 from broker.store import LEASE, REFUSED, RELEASE, Notice
 
 if TYPE_CHECKING:
@@ -257,6 +257,29 @@ class Adoption:
             return False
         self._unsynced = False
         return True
+
+    async def _write_back_before_exit(self) -> None:
+        """Store the set this replica holds when the store may be older, retrying until it
+        is stored (the caller bounds the wait: the drain's bound).
+
+        The answer to our last refresh may be the only copy of a rotated set (its commit
+        failed: the store was unreachable). Exiting with it loses the grant, so a drain waits
+        to write it back as it waits for the answer itself. So with an abort the store did not
+        take (a spend marked sent but never sent, its `mark_sent` answer lost): only this
+        process can end that record, and a restarted one has another owner name (swarm seed
+        3349: SIGTERM in an outage left the `sent` record for good). So, with
+        `store.require_replica_ack`, with a commit or an abort no store replica acknowledged:
+        only the primary holds it, and a failover after this process exits would lose it
+        (swarm seeds 21255, 23291); each sync asks again (`WAIT`) until one does.
+        """
+        while self.grant_spends and (
+            (self._unsynced and self.token is not None)
+            or self.fleet.abort_unwritten
+            or self.fleet.commit_unacknowledged
+        ):
+            if await self._sync() and not self.fleet.commit_unacknowledged:
+                return
+            await self._clock.sleep(BLOCKED_RETRY / 5)
 
     def _clock_unmeasured(self) -> bool:
         """True while the fleet clock never measured its offset to the store's."""

@@ -722,7 +722,7 @@ class TestEachFixPutBackOpensItsDoor:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            self._emit(events.AppRemoved(name))
+            self.on_event(events.AppRemoved(name))
 
         mutate(BrokerCore, "remove_app", remove_unseen)
         result = run(DOORS["sigterm_during_a_reload_mid_spend"]())
