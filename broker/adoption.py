@@ -277,7 +277,15 @@ class Adoption:
             or self.fleet.abort_unwritten
             or self.fleet.commit_unacknowledged
         ):
-            if await self._sync() and not self.fleet.commit_unacknowledged:
+            # `sync` answers True with an abort that no replica acknowledged (NotDurable: it
+            # writes it again next time), so ask for both flags, not only the commit's (swarm
+            # seed 25279: a split brain's old primary took the abort, the drain ended at once,
+            # and the heal discarded it).
+            if (
+                await self._sync()
+                and not self.fleet.commit_unacknowledged
+                and not self.fleet.abort_unwritten
+            ):
                 return
             await self._clock.sleep(BLOCKED_RETRY / 5)
 

@@ -324,7 +324,11 @@ class MemoryStore:
         outcome: SpendEnd,
         refresh_fp: str | None = None,
     ) -> None:
-        """Remove (aborted) or mark (unknown) our spend record under `fence`."""
+        """Remove (aborted) or mark (unknown) our spend record under `fence`.
+
+        With `require_replica_ack` every abort waits for a replica, whatever it found (as
+        RedisStore's WAIT after the script): NotDurable when none acknowledged.
+        """
         self._check()
         spend = self.state.spends.get(app)
         if spend is None:
@@ -347,10 +351,14 @@ class MemoryStore:
                         fence=fence,
                     )
                 )
+            else:
+                # Nothing of ours here: an answer a replica must hold too (below).
                 self._abort_acknowledged()
             return
         if spend.fence != fence or spend.owner != owner:
-            if outcome is SpendEnd.ABORTED and self._retried_spend_never_sent(app, owner, fence):
+            if outcome is not SpendEnd.ABORTED:
+                return
+            if self._retried_spend_never_sent(app, owner, fence):
                 self._publish(
                     Notice(
                         app,
@@ -361,6 +369,10 @@ class MemoryStore:
                         protocol=self.protocol,
                     )
                 )
+            # Another spend's record: ours is settled only if a replica holds what this
+            # primary says. A split brain's old primary, where a later spend began after our
+            # abort, answers so too, and its heal discards both (swarm seed 25279).
+            self._abort_acknowledged()
             return
         if outcome is SpendEnd.ABORTED:
             retry_aborted = spend.orig_sent_at is not None

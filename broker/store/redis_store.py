@@ -783,17 +783,20 @@ class RedisStore:
         With `require_replica_ack`, an abort is followed by WAIT, as `mark_sent` is: an abort
         only the primary holds is lost by a failover, which brings the `sent` record back for
         good once its spender exited (issue 20, swarm seed 23291). NotDurable when no replica
-        acknowledged an abort the script applied (1) or found applied by this spend (2).
+        acknowledged, whatever the script found: an abort it applied (1), found applied by
+        this spend (2), or nothing of this spend's (0: another spend's record). That answer is
+        only as good as the node giving it: a split brain's old primary, where another spend
+        began after our abort, says so too, and its heal discards both (swarm seed 25279).
         """
         keys = [self.spend_key(app), self.aborted_key(app)]
         args: list[Any] = [fence, outcome.value, self.channel, app, owner, refresh_fp or ""]
         if not self._require_ack or outcome is not SpendEnd.ABORTED:
             await self._call("spend", lambda: self._end_spend(keys=keys, args=args))
             return
-        ended, acks = await self._call(
+        _, acks = await self._call(
             "spend", lambda: self._script_then_wait(_versioned(_END_SPEND), keys, args)
         )
-        if int(ended) and acks < 1:
+        if acks < 1:
             raise NotDurable(
                 f"no replica acknowledged the abort within {self._ack_timeout_ms} ms "
                 "(WAIT answered 0)"

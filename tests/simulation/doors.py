@@ -2166,6 +2166,53 @@ def restored_record_named_for_its_first_spender() -> Schedule:
     )
 
 
+def split_brain_answers_a_drained_abort_with_another_spend() -> Schedule:
+    """Found by the swarm (seed 25279): the server refuses a refresh without acting (429) as a
+    split brain leaves the spender and a bystander on the old primary, which no replica
+    acknowledges; SIGTERM comes at once. The spender's abort is applied there and is not
+    acknowledged (NotDurable), so its drain asks again; meanwhile the bystander finds no
+    record on the old primary and begins a spend of its own (its `sent` is not acknowledged
+    either: it never sends). Asked again, the old primary answered "that record is another
+    spend's" without WAIT, and the drain took it as settled and exited. On the promoted side
+    the third replica's grace retry, refused too, restored the spender's record as unknown;
+    the heal discarded the abort and the fleet waited for a person with the grant intact
+    (invariant 5). Now every abort's answer waits for a replica, and the drain waits for the
+    abort as for a commit: after the heal it lifts the restored record."""
+
+    async def script(world: World) -> None:
+        server, key = world.server, world.key
+        server.faults.status, server.faults.retry_after = 429, 1.0
+        await until(world, lambda: server.sends)
+        spender = _index(world, server.sends[0][1])
+        owner = world.replicas[spender].refresher.fleet.owner
+        bystander = next(i for i in range(len(world.replicas)) if i != spender)
+        world.split_brain([spender, bystander])
+        old = world.stale_primary
+        assert old is not None
+        await world.time.sleep(0.2)
+        world.terminate(spender)
+
+        def other_spend_on_the_old_side() -> bool:
+            spend = old.state.spends.get(key)
+            return spend is not None and spend.owner != owner
+
+        await until(world, other_spend_on_the_old_side, limit=60.0)
+        await world.time.sleep(10.0)  # the promoted side's grace retry was refused as well
+        server.faults.status, server.faults.retry_after = None, None
+        world.heal_split_brain()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_110,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="split_brain_answers_a_drained_abort_with_another_spend",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -2235,6 +2282,9 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "set_evicted_under_its_writer": set_evicted_under_its_writer,
     "abort_after_the_store_forgot_the_record": abort_after_the_store_forgot_the_record,
     "restored_record_named_for_its_first_spender": restored_record_named_for_its_first_spender,
+    "split_brain_answers_a_drained_abort_with_another_spend": (
+        split_brain_answers_a_drained_abort_with_another_spend
+    ),
 }
 
 

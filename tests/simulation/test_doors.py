@@ -1067,6 +1067,61 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_an_abort_answered_with_another_spend_not_waited_for(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 25279): an abort that meets another spend's record is taken as
+        settled without a replica holding that answer (the old store): on a split brain's old
+        primary the drained spender exits, the heal discards its abort, and the record a
+        grace retry restored on the promoted side stands for good."""
+        original = MemoryStore.end_spend
+
+        async def another_spend_not_waited(
+            self: MemoryStore,
+            app: str,
+            *,
+            owner: str,
+            fence: int,
+            outcome: SpendEnd,
+            refresh_fp: str | None = None,
+        ) -> None:
+            spend = self.state.spends.get(app)
+            another = spend is not None and (spend.owner, spend.fence) != (owner, fence)
+            try:
+                await original(
+                    self, app, owner=owner, fence=fence, outcome=outcome, refresh_fp=refresh_fp
+                )
+            except NotDurable:
+                if not another:
+                    raise
+
+        mutate(MemoryStore, "end_spend", another_spend_not_waited)
+        result = run(DOORS["split_brain_answers_a_drained_abort_with_another_spend"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_drain_that_exits_with_the_abort_unacknowledged(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same door with the drain of the old code: it ends at the first sync that
+        answers, though the abort in it was not acknowledged (NotDurable is kept for the next
+        sync), so the spender exits with its abort on the old primary only."""
+
+        async def old_drain(self: AppRefresher) -> None:
+            while self.grant_spends and (
+                (self._unsynced and self.token is not None)
+                or self.fleet.abort_unwritten
+                or self.fleet.commit_unacknowledged
+            ):
+                if await self._sync() and not self.fleet.commit_unacknowledged:
+                    return
+                await self._clock.sleep(refresher_module.BLOCKED_RETRY / 5)
+
+        mutate(AppRefresher, "_write_back_before_exit", old_drain)
+        result = run(DOORS["split_brain_answers_a_drained_abort_with_another_spend"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
     def test_a_set_evicted_after_its_writer_exited(self) -> None:

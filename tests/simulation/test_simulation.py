@@ -111,6 +111,10 @@ SWARM_REGRESSION_SEEDS = {
     10135: "the record an aborted grace retry restored was read as the retrier's: it remembered "
     "the spend as nobody's and vetoed the first spender's next spend for good (the record names "
     "the spend it stands for)",
+    25279: "a split brain left the drained spender on the old primary, where another spend "
+    "began after its unacknowledged abort; asked again, the old primary answered 'another "
+    "spend's record' without WAIT and the drain exited; the heal discarded the abort (every "
+    "abort's answer is now waited for, and the drain waits for the abort as for a commit)",
 }
 
 
