@@ -207,7 +207,12 @@ class FleetClock:
         set it holds to its own deadline in the new frame (`AppRefresher.lower_stored_expiry`).
         """
         self._round_listeners.append(callback)
-        return lambda: self._round_listeners.remove(callback)
+
+        def remove() -> None:
+            if callback in self._round_listeners:  # (a second stop removes nothing)
+                self._round_listeners.remove(callback)
+
+        return remove
 
     async def measure(self, source: ServerClock, samples: int = SAMPLES_PER_ROUND) -> Outcome:
         """One round of up to `samples` round trips to `source` (one precise one, once settled);

@@ -2,7 +2,8 @@
 
 Keys carry the app's store name (`<app>@<client binding>`, broker/store `bound_name`) as a hash
 tag, so Redis Cluster keeps one app's keys on one slot: `{prefix}:{<name>}:token` (a hash:
-`version`, `lineage`, `gen`, `fp`, `pv`, `blob`), `...:lease` (`<owner>|<fence>|<protocol
+`version`, `lineage`, `gen`, `fp`, `pv`, `blob`; `expires_by` and `expires_by_version` once a
+replica lowered its expiry, `_LOWER_EXPIRY`), `...:lease` (`<owner>|<fence>|<protocol
 version>`, with a TTL), `...:fence` (a counter) and `...:spend` (a hash: `fence`, `owner`,
 `rfp`, `lineage`, `gen`, `state`, `retries`). Every write is one Lua script that also publishes
 a JSON notice (with `pv`) on `{prefix}:updates`; the rules are those of broker/store/__init__.py.

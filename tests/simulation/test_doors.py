@@ -946,6 +946,28 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    @pytest.mark.parametrize(
+        "door",
+        [
+            "pod_restarted_while_the_store_clock_is_back",
+            "set_stamped_while_the_store_clock_was_ahead",
+        ],
+    )
+    def test_a_stored_expiry_left_in_the_frame_before_a_step_back(
+        self, mutate: Callable[[object, str, object], None], door: str
+    ) -> None:
+        """Swarm-found (seeds 4575, 8286, 13488, 16961, 19018, 24067, 27232): without the
+        rewrite of the stored expiry after the store's clock steps back (the old code), a pod
+        that reads the set in the new frame serves it past its true expiry."""
+
+        async def keeps_the_stamp(self: AppRefresher) -> None:
+            return None
+
+        mutate(AppRefresher, "lower_stored_expiry", keeps_the_stamp)
+        result = run(DOORS[door]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:

@@ -89,6 +89,19 @@ SWARM_REGRESSION_SEEDS = {
     "now names the spend on the wire)",
     12086: "a partition's heal went to the pod that replaced the partitioned one, which drained "
     "cut off past its bound with its abort unwritten (a model bug: a fault heals where it began)",
+    4575: "a pod restarted while Redis's clock was stepped back, its own clock behind: every "
+    "clock it had was behind and the set was stamped right, so it served the set past its "
+    "expiry (a replica whose round holds or takes a jump back lowers the stored expiry to its "
+    "own deadline in the new frame, `lower_expiry`)",
+    8286: "as 4575",
+    27232: "as 4575",
+    16961: "a set stamped by a fleet clock ahead of Redis's with no jump held yet, read by a pod "
+    "that scaled up long after (the replicas that held the jump back lowered the stored expiry, "
+    "as 4575)",
+    24067: "as 16961",
+    13488: "a set stamped right while Redis's clock was ahead, read by a pod that joined after "
+    "Redis went back (as 4575)",
+    19018: "as 13488",
 }
 
 
