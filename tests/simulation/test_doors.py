@@ -796,8 +796,17 @@ class TestEachFixPutBackOpensItsDoor:
     ) -> None:
         """Swarm-found (seed 5083): a set stamped with the fleet clock's old, later frame while
         its jump back waits for confirmation expires that much later for a pod that reads it
-        with its clocks right: served past its true expiry."""
+        with its clocks right: served past its true expiry. (The round that confirms the jump
+        now also lowers the stored expiry, `lower_stored_expiry`, which closes this door a
+        second way, 5 s later: both are put back. The script times the refresh for a fleet
+        that measures in lockstep, as it did when the door was found: MEASURE_SPREAD 0.)"""
+
+        async def keeps_the_stamp(self: AppRefresher) -> None:
+            return None
+
+        mutate(fleetclock_module, "MEASURE_SPREAD", 0.0)
         mutate(fleet_protocol_module, "stamped", lambda token, clock: token)
+        mutate(AppRefresher, "lower_stored_expiry", keeps_the_stamp)
         result = run(DOORS["set_stamped_while_a_jump_back_waits"]())
         assert not result.ok
         assert any(v.startswith("invariant 2") for v in result.violations), result.report()
@@ -887,6 +896,9 @@ class TestEachFixPutBackOpensItsDoor:
             return True
 
         assert run(make_schedule(6573)).ok
+        # The seed as it ran when it was found: the fleet clocks measuring in lockstep (their
+        # rounds, spread now, make other store round trips and so other timings).
+        mutate(fleetclock_module, "MEASURE_SPREAD", 0.0)
         mutate(MemoryStore, "veto_spend", vetoes_its_own_owner)
         result = run(make_schedule(6573))
         assert not result.ok
