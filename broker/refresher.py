@@ -27,7 +27,7 @@ from broker.clock import Clock, Wake
 from broker.errors import PermanentTokenError, TokenEndpointError, TransientTokenError
 from broker.events import EventHook
 from broker.fleet import FleetProtocol, FleetStore, NoGrant, Timing
-from broker.fleetclock import ServerClock
+from broker.fleetclock import FleetClock, ServerClock
 from broker.logs import get_logger
 from broker.model import AppSpec, AppState, GrantType, TokenSet
 from broker.oauth import TokenSource
@@ -130,6 +130,12 @@ class AppRefresher(Serving, Adoption, Outcomes):
         # clock (a wall-clock step does not change it; a step that shortens the token's life
         # lowers it, see `remaining`).
         self._mono_expiry = 0.0
+        # The same deadline on the fleet's clock alone (no pod's own wall clock): what this
+        # replica writes back as the stored set's expiry after the store's clock stepped back
+        # (`lower_stored_expiry`), so one pod's skew never shortens the fleet's token.
+        self._fleet_expiry = 0.0
+        self._lower_pending = False
+        self._lowering: asyncio.Task[None] | None = None
         self._stagger = 0.0
         self._stopping = False
         self._announced_unknown: set[str] = set()
@@ -145,6 +151,11 @@ class AppRefresher(Serving, Adoption, Outcomes):
         self._successor_waiters: set[asyncio.Future[None]] = set()
         self._listeners: list[Callable[[TokenSet], None]] = []
         self._vetoes: set[asyncio.Future[None]] = set()
+        self._unlisten_clock = (
+            clock.add_round_listener(self._on_clock_round)
+            if isinstance(clock, FleetClock)
+            else lambda: None
+        )
         self._set_state(AppState.REFRESHING)
 
     # ---- what it is ----------------------------------------------------------------------
@@ -207,6 +218,7 @@ class AppRefresher(Serving, Adoption, Outcomes):
         (`drain_bound()`).
         """
         self._stopping = True
+        self._unlisten_clock()
         self.fleet.stop()
         self._wake.set()
         inflight = self._inflight

@@ -287,6 +287,19 @@ class TokenSets(Protocol):
         """
         ...
 
+    async def lower_expiry(self, app: str, token: TokenSet, expires_at: float) -> bool:
+        """Lower the stored expiry of `token`'s set to `expires_at` (fleet time): never raise it.
+
+        A conditional rewrite (issue 20, M3): only while the stored set is `token`'s (its rank
+        and access token) and `expires_at` is earlier than the stored expiry; a later commit
+        stores its own expiry. A replica whose fleet clock saw the store's clock step back
+        re-expresses its serving deadline in the new frame with it, so a pod that reads the set
+        later does not serve it by the old frame's stamp. The encrypted set is not rewritten:
+        the store keeps the lower bound beside it, and every read returns the earlier of the
+        two. True when the stored expiry was lowered.
+        """
+        ...
+
 
 class SpendLedger(Protocol):
     """The store's role of spending a refresh token at most once: the lease with its fence, and

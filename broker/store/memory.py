@@ -441,6 +441,21 @@ class MemoryStore:
         self._publish(Notice(app, REFUSED, access_fp=access_fp, protocol=self.protocol))
         return Refusal.RECORDED
 
+    async def lower_expiry(self, app: str, token: TokenSet, expires_at: float) -> bool:
+        """Lower the stored set's expiry if it is `token`'s (see TokenStore.lower_expiry)."""
+        self._check()
+        current = self.state.tokens.get(app)
+        if (
+            current is None
+            or current.rank != token.rank
+            or current.fingerprint != token.fingerprint
+            or expires_at >= current.expires_at
+        ):
+            return False
+        # (The Redis store keeps the bound beside the encrypted set; a read answers the same.)
+        self.state.tokens[app] = replace(current, expires_at=expires_at)
+        return True
+
     async def updates(self) -> AsyncIterator[Notice]:
         """Notices of commits and spends, as they happen."""
         self._check()

@@ -2,7 +2,8 @@
 
 Keys carry the app's store name (`<app>@<client binding>`, broker/store `bound_name`) as a hash
 tag, so Redis Cluster keeps one app's keys on one slot: `{prefix}:{<name>}:token` (a hash:
-`version`, `lineage`, `gen`, `fp`, `pv`, `blob`), `...:lease` (`<owner>|<fence>|<protocol
+`version`, `lineage`, `gen`, `fp`, `pv`, `blob`; `expires_by` and `expires_by_version` once a
+replica lowered its expiry, `_LOWER_EXPIRY`), `...:lease` (`<owner>|<fence>|<protocol
 version>`, with a TTL), `...:fence` (a counter) and `...:spend` (a hash: `fence`, `owner`,
 `rfp`, `lineage`, `gen`, `state`, `retries`). Every write is one Lua script that also publishes
 a JSON notice (with `pv`) on `{prefix}:updates`; the rules are those of broker/store/__init__.py.
@@ -98,6 +99,7 @@ end
 version = version + 1
 redis.call('HSET', KEYS[1], 'version', version, 'lineage', nl, 'gen', ng, 'fp', ARGV[3],
   'fence', ARGV[5], 'blob', ARGV[4], 'pv', __PV__)
+redis.call('HDEL', KEYS[1], 'expires_by', 'expires_by_version')
 local sp = redis.call('HMGET', KEYS[2], 'lineage', 'gen')
 if sp[1] and outranks(nl, ng, tonumber(sp[1]), tonumber(sp[2])) then
   redis.call('DEL', KEYS[2])
@@ -287,6 +289,24 @@ redis.call('PUBLISH', ARGV[6], cjson.encode({app=ARGV[7], kind='token', version=
 return 'moved'
 """
 
+# KEYS: token. ARGV: lineage, gen, access fp, expiry in ms (fleet time = this server's clock).
+# Lowers the stored set's expiry without touching its blob (`lower_expiry`): only while the
+# stored set is that rank and access token, and only below a bound already kept. The bound
+# names the version it was written for: a commit by a release before the field leaves it in
+# the hash, where it must not cut the life of the newer set (a read applies it only to that
+# version).
+_LOWER_EXPIRY = """
+local cur = redis.call('HMGET', KEYS[1], 'version', 'lineage', 'gen', 'fp', 'expires_by',
+  'expires_by_version')
+if not cur[1] or tonumber(cur[2] or '0') ~= tonumber(ARGV[1])
+  or tonumber(cur[3] or '0') ~= tonumber(ARGV[2]) or cur[4] ~= ARGV[3] then
+  return 0
+end
+if cur[5] and cur[6] == cur[1] and tonumber(cur[5]) <= tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[1], 'expires_by', ARGV[4], 'expires_by_version', cur[1])
+return 1
+"""
+
 # KEYS: token, refused. ARGV: access fp, interval ms, channel, app. A compare-and-set on the
 # stored set's `fp`: a refusal of an access token that is no longer stored purges nothing. The
 # refused key (the fingerprint, lapsing after the interval) limits purges to one per interval.
@@ -302,6 +322,22 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='refused', afp=AR
   pv=__PV__}))
 return 'recorded'
 """
+
+
+def _bounded(token: TokenSet, fields: dict[bytes, bytes]) -> TokenSet:
+    """`token` with the bound a replica kept beside it (`lower_expiry`) applied: the earlier
+    expiry wins. A bound written for another version of the hash (left by a commit of a
+    release before the field) is not this set's and is ignored."""
+    bound = fields.get(b"expires_by")
+    if bound is None or fields.get(b"expires_by_version") != fields.get(b"version"):
+        return token
+    try:
+        expires_at = int(bound) / 1000
+    except ValueError:
+        return token  # (damaged: the set's own expiry, as before the bound existed)
+    if expires_at >= token.expires_at:
+        return token
+    return replace(token, expires_at=expires_at)
 
 
 def _versioned(script: str) -> str:
@@ -383,6 +419,7 @@ class RedisStore:
         self._take_budget = client.register_script(_TAKE_BUDGET)
         self._move_legacy = client.register_script(_versioned(_MOVE_LEGACY))
         self._refuse = client.register_script(_versioned(_REFUSE))
+        self._lower_expiry = client.register_script(_LOWER_EXPIRY)
         self.channel = f"{key_prefix}:updates"
 
     def token_key(self, app: str) -> str:
@@ -570,7 +607,7 @@ class RedisStore:
                 f"stored set of {app} is damaged", rank=(0, 0), version=0
             ) from None
         try:
-            return self._open_set(app, fields[b"blob"], version, rank, protocol)
+            return _bounded(self._open_set(app, fields[b"blob"], version, rank, protocol), fields)
         except UndecryptableToken as exc:
             log.warning("store.undecryptable", app=app, reason=str(exc))
             raise UnreadableTokenSet(
@@ -813,6 +850,25 @@ class RedisStore:
         )
         return Refusal(_text(answer))
 
+    async def lower_expiry(self, app: str, token: TokenSet, expires_at: float) -> bool:
+        """Keep `expires_at` beside the stored set as the bound of its expiry, in one script
+        (conditional on its rank and access token; never above a bound already kept)."""
+        if expires_at >= token.expires_at:
+            return False  # (the stored set is `token`'s or the script changes nothing)
+        answer = await self._call(
+            "save",
+            lambda: self._lower_expiry(
+                keys=[self.token_key(app)],
+                args=[
+                    token.lineage,
+                    token.generation,
+                    token.fingerprint,
+                    math.floor(expires_at * 1000),
+                ],
+            ),
+        )
+        return bool(int(answer))
+
     async def updates(self) -> AsyncIterator[Notice]:
         """Notices published by any replica's writes; raises StoreUnavailable on disconnect."""
         pubsub = self._pubsub_client.pubsub()
@@ -984,7 +1040,7 @@ class RedisStore:
         if moved is not None:
             return StoredSet(version, rank, protocol, None, None, moved_to=moved.decode())
         try:
-            token = self._open_set(name, fields[b"blob"], version, rank, protocol)
+            token = _bounded(self._open_set(name, fields[b"blob"], version, rank, protocol), fields)
         except (UndecryptableToken, KeyError, ValueError, TypeError):
             return StoredSet(version, rank, protocol, None, None)
         return StoredSet(

@@ -1606,6 +1606,90 @@ def set_stamped_ahead_read_at_once() -> Schedule:
     )
 
 
+def _held_a_jump_back(replica: Replica) -> bool:
+    """`replica`'s fleet clock holds a jump back of the store's clock (or took one)."""
+    clock = replica.refresher._clock
+    assert isinstance(clock, FleetClock)
+    held, anchor = clock._estimator.held_anchor, clock._estimator.anchor
+    return held is not None and anchor is not None and held < anchor
+
+
+def pod_restarted_while_the_store_clock_is_back() -> Schedule:
+    """Found by the swarm (seeds 4575, 8286, 27232): 20 s after a refresh Redis's clock steps
+    back 20 s, and a pod restarts once a replica's round has seen the step; its own clock is
+    25 s behind. Every clock it can read is behind, and the set it reads was stamped right (in
+    the frame before the step): by all of them the token lives 20 s longer than it does. The
+    server is down, so no newer set replaces it; the pod served it 20 s past its true expiry.
+    The replica that lived through the step holds the right deadline on its monotonic clock:
+    the round that holds the jump back lowers the stored expiry to it, in the new frame
+    (`lower_expiry`), and the restarted pod reads that."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        server.faults.down = True
+        await world.time.sleep(20.0)  # (later than a read that the lifetime bound would cut)
+        world.store_clock.step = -20.0
+        await until(world, lambda: _held_a_jump_back(world.replicas[0]))
+        await world.time.sleep(1.0)
+        await world.crash(1)
+        world.start_replica(1)
+        await world.time.sleep(90.0)  # past the true expiry of the last token
+        world.store_clock.step = 0.0
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0, -25.0])
+    return Schedule(
+        seed=20_090,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="pod_restarted_while_the_store_clock_is_back",
+        script=script,
+        script_heals_by=180.0,
+    )
+
+
+def set_stamped_while_the_store_clock_was_ahead() -> Schedule:
+    """Found by the swarm (seeds 13488, 19018; 16961 and 24067 are the same read of a set
+    stamped by a fleet clock that had not followed Redis back yet): Redis's clock steps 20 s
+    ahead and every fleet clock follows it; a refresh then stamps its set right, in that frame.
+    Redis's clock is put right, the fleet clocks follow it back, and a pod restarts later: its
+    clocks are right, and the set's stamp is 20 s late in the frame it reads it in. The
+    server is down, so no newer set replaces it; the pod served it 20 s past its true expiry.
+    Every replica that lived through the step back lowers the stored expiry to its own
+    deadline in the new frame when its round holds the jump back (`lower_expiry`)."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        world.store_clock.step = 20.0
+        await until(world, lambda: _fleet_clocks_right(world))
+        await _refresh_now(world, world.replicas[0])
+        server.faults.down = True
+        await world.time.sleep(5.0)
+        world.store_clock.step = 0.0
+        await until(world, lambda: _fleet_clocks_right(world))
+        await world.time.sleep(10.0)  # (later than a read that the lifetime bound would cut)
+        await world.crash(1)
+        world.start_replica(1)
+        await world.time.sleep(90.0)  # past the true expiry of the last token
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_091,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="set_stamped_while_the_store_clock_was_ahead",
+        script=script,
+        script_heals_by=240.0,
+    )
+
+
 def rollback_erases_a_sent_record_with_its_spender_awake() -> Schedule:
     """Found by the swarm (seed 5310): a strict server rotates a refresh token and answers 500
     (the outcome is unknown), and the store is rolled back, at the moment the token is marked
@@ -2285,6 +2369,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "split_brain_answers_a_drained_abort_with_another_spend": (
         split_brain_answers_a_drained_abort_with_another_spend
     ),
+    "pod_restarted_while_the_store_clock_is_back": pod_restarted_while_the_store_clock_is_back,
+    "set_stamped_while_the_store_clock_was_ahead": set_stamped_while_the_store_clock_was_ahead,
 }
 
 

@@ -23,6 +23,7 @@ from broker.fleet import protocol as fleet_protocol_module
 from broker.model import TokenSet
 from broker.oauth import parse
 from broker.refresher import AppRefresher
+from broker.schedule import BLOCKED_RETRY
 from broker.store import LEASE, Notice, SpendEnd, SpendRecord, SpendStart
 from broker.store.memory import MemoryState, MemoryStore
 from tests.simulation import world as world_module
@@ -812,8 +813,15 @@ class TestEachFixPutBackOpensItsDoor:
     ) -> None:
         """Swarm-found (seed 5083): a set stamped with the fleet clock's old, later frame while
         its jump back waits for confirmation expires that much later for a pod that reads it
-        with its clocks right: served past its true expiry."""
+        with its clocks right: served past its true expiry. (The round that confirms the jump
+        now also lowers the stored expiry, `lower_stored_expiry`, which closes this door a
+        second way, 5 s later: both are put back.)"""
+
+        async def keeps_the_stamp(self: AppRefresher) -> None:
+            return None
+
         mutate(fleet_protocol_module, "stamped", lambda token, clock: token)
+        mutate(AppRefresher, "lower_stored_expiry", keeps_the_stamp)
         result = run(DOORS["set_stamped_while_a_jump_back_waits"]())
         assert not result.ok
         assert any(v.startswith("invariant 2") for v in result.violations), result.report()
@@ -1115,12 +1123,34 @@ class TestEachFixPutBackOpensItsDoor:
             ):
                 if await self._sync() and not self.fleet.commit_unacknowledged:
                     return
-                await self._clock.sleep(refresher_module.BLOCKED_RETRY / 5)
+                await self._clock.sleep(BLOCKED_RETRY / 5)
 
         mutate(AppRefresher, "_write_back_before_exit", old_drain)
         result = run(DOORS["split_brain_answers_a_drained_abort_with_another_spend"]())
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    @pytest.mark.parametrize(
+        "door",
+        [
+            "pod_restarted_while_the_store_clock_is_back",
+            "set_stamped_while_the_store_clock_was_ahead",
+        ],
+    )
+    def test_a_stored_expiry_left_in_the_frame_before_a_step_back(
+        self, mutate: Callable[[object, str, object], None], door: str
+    ) -> None:
+        """Swarm-found (seeds 4575, 8286, 13488, 16961, 19018, 24067, 27232): without the
+        rewrite of the stored expiry after the store's clock steps back (the old code), a pod
+        that reads the set in the new frame serves it past its true expiry."""
+
+        async def keeps_the_stamp(self: AppRefresher) -> None:
+            return None
+
+        mutate(AppRefresher, "lower_stored_expiry", keeps_the_stamp)
+        result = run(DOORS[door]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
 
 
 class TestTheDocumentedLimitIsExcusedNarrowly:

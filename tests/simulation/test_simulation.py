@@ -115,6 +115,19 @@ SWARM_REGRESSION_SEEDS = {
     "began after its unacknowledged abort; asked again, the old primary answered 'another "
     "spend's record' without WAIT and the drain exited; the heal discarded the abort (every "
     "abort's answer is now waited for, and the drain waits for the abort as for a commit)",
+    4575: "a pod restarted while Redis's clock was stepped back, its own clock behind: every "
+    "clock it had was behind and the set was stamped right, so it served the set past its "
+    "expiry (a replica whose round holds or takes a jump back lowers the stored expiry to its "
+    "own deadline in the new frame, `lower_expiry`)",
+    8286: "as 4575",
+    27232: "as 4575",
+    16961: "a set stamped by a fleet clock ahead of Redis's with no jump held yet, read by a pod "
+    "that scaled up long after (the replicas that held the jump back lowered the stored expiry, "
+    "as 4575)",
+    24067: "as 16961",
+    13488: "a set stamped right while Redis's clock was ahead, read by a pod that joined after "
+    "Redis went back (as 4575)",
+    19018: "as 13488",
 }
 
 

@@ -1144,6 +1144,7 @@ class SetsFaults(StoreLink):
     load_many = command(TokenSets.load_many, finish=_readable)
     commit = command(TokenSets.commit, late=True, lose=True, call=_stamped)
     refuse_token = command(TokenSets.refuse_token, late=True, lose=True, call=_noted_refusal)
+    lower_expiry = command(TokenSets.lower_expiry, late=True, lose=True)
 
 
 # ---- the spend ledger

@@ -12,6 +12,7 @@ from typing import cast
 
 import pytest
 
+from broker import events
 from broker.errors import (
     NeedsAuthorization,
     PermanentTokenError,
@@ -20,6 +21,7 @@ from broker.errors import (
     TransientTokenError,
     UnreadableTokenSet,
 )
+from broker.fleetclock import FleetClock
 from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, RefreshPolicy, TokenSet
 from broker.observe import Observer
@@ -874,3 +876,74 @@ class TestEveryClockMustAgree:
             assert clock.monotonic() - started == pytest.approx(
                 60.0 - POLICY.safety_margin, abs=0.5
             )
+
+
+class SteppingServer:
+    """Implements ServerClock: the true (fake) clock, plus any step the store's clock took."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.step = 0.0
+
+    async def server_time(self) -> float:
+        """The store's wall time."""
+        return self.clock.time() + self.step
+
+
+class TestLowerStoredExpiry:
+    """M3: a replica whose fleet clock sees the store's clock step back lowers the stored set's
+    expiry to its own deadline in the new frame (the fleet clock's, not the pod's own)."""
+
+    async def test_a_jump_back_lowers_the_stored_expiry_retried_after_an_outage(
+        self, store: MemoryStore, fake_clock: FakeClock
+    ) -> None:
+        """The store's clock steps back 20 s: the round that holds the jump finds the store
+        down (nothing lowered, nothing lost); the next round, which takes the jump, lowers the
+        stored expiry by the 20 s and no more, though the pod's own clock is 15 s ahead."""
+        clock = fake_clock
+        stored = TokenSet("at-stored", "Bearer", clock.time(), clock.time() + 60.0, None)
+        await store.commit(key(), stored)
+        server = SteppingServer(clock)
+        fleet = FleetClock(clock)
+        await fleet.measure(server)
+        source = FakeTokenSource(clock, lifetime=60.0)
+        source.failure = TransientTokenError("down", outcome_unknown=False)
+        heard: list[events.Event] = []
+        refresher = AppRefresher(
+            app_spec(),
+            source,
+            store,
+            fleet,
+            heard.append,
+            owner="r",
+            rng=random.Random(7),
+            host_clock=ShiftedClock(clock, 15.0),
+        )
+        task = asyncio.create_task(refresher.run())
+        try:
+            await clock.settle()
+            assert refresher.token is not None and refresher.token.access_token == "at-stored"
+            await clock.advance(10.0)
+            server.step = -20.0
+            store.fail = True
+            assert await fleet.measure(server) == "held"
+            await clock.settle()
+            store.fail = False
+            assert (await store.load(key())).expires_at == stored.expires_at  # type: ignore[union-attr]
+            assert await fleet.measure(server) == "stepped"
+            await clock.settle()
+            lowered = await store.load(key())
+            assert lowered is not None and lowered.rank == stored.rank
+            assert lowered.expires_at == pytest.approx(stored.expires_at - 20.0, abs=0.01)
+            assert [e.by for e in heard if isinstance(e, events.ExpiryLowered)] == [
+                pytest.approx(20.0, abs=0.01)
+            ]
+            # Its own serving deadline did not move (its own clock is 15 s ahead: 35 s left).
+            assert refresher.remaining() == pytest.approx(35.0, abs=0.01)
+            assert await fleet.measure(server) == "smoothed"  # (nothing more to lower)
+            await clock.settle()
+            assert len([e for e in heard if isinstance(e, events.ExpiryLowered)]) == 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await refresher.stop()
