@@ -183,8 +183,10 @@ class TestStatusRows:
         replica: RedisServer,
     ) -> None:
         """While the refresh is on the wire, the row says refreshing: the broker holds the
-        lease, its spend is `sent`, the stored rank is the one being spent."""
-        oauth_server.lifetime = 8.0
+        lease, its spend is `sent`, the stored rank is the one being spent. (20 s tokens,
+        refreshed at 6 s: the authorize command, the broker's start and the status command are
+        three Python processes, which took more than 8 s together on a loaded machine.)"""
+        oauth_server.lifetime = 20.0
         files = await onboarded(
             tmp_path, oauth_server, redis_server.url, at_fraction=0.3, read_timeout=60
         )
