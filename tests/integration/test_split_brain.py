@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from broker.fleet import Timing
+from broker.refresher import drain_bound
 from tests.integration.test_rotation_doors import audited, refresh_tokens_presented
 from tests.integration.test_rotation_faults import check_grant_intact
 from tests.support.authorization import ac_app, authorize_via_code
@@ -41,6 +43,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 # soon after the failover (about 2 s), and the split lasts two lifetimes.
 LIFETIME = 15.0
 SPLIT_FOR = 2 * LIFETIME
+# The token endpoint answers at once here; a short read timeout keeps the drain's bound short
+# (the long objection window, one attempt, a commit and the margin, plus this).
+READ_TIMEOUT = 4.0
+DRAIN_BOUND = drain_bound(Timing(read_timeout=READ_TIMEOUT), spends=True)
 
 
 @pytest.fixture
@@ -65,7 +71,7 @@ async def split_brain_fleet(
 ) -> Fleet:
     """b0 on M directly, b1 through Sentinel; both require a replica's ack, or neither."""
     oauth.lifetime = LIFETIME
-    app = ac_app(oauth, at_fraction=0.4)
+    app = ac_app(oauth, at_fraction=0.4, read_timeout=READ_TIMEOUT)
     seed = BrokerFiles(
         directory=root / "seed",
         token_url=oauth.token_url,
@@ -116,7 +122,9 @@ async def run_split(
         return await poller.stop(), split_at, held
     finally:
         await poller.stop()
-        await asyncio.to_thread(fleet.stop)
+        # b0, cut off on the old primary, drains to its bound: no replica acknowledges the
+        # abort of the spend SIGTERM abandoned, and it waits for one (swarm seed 25279).
+        await asyncio.to_thread(fleet.stop, DRAIN_BOUND + 10.0)
 
 
 class TestSentinelSplitBrain:
@@ -162,6 +170,8 @@ class TestSentinelSplitBrain:
         assert stats.expired == 0, "an expired token was served"
         assert 503 in stats.of(0, split_at + LIFETIME), "b0 served past its token's margin"
         assert stats.of(1)[-1] == 200, "b1 did not end serving"
+        # b0's drain waited its bound for a replica to acknowledge its abort, then said so.
+        assert 0 in {i for i, _ in audited(fleet, "spend.abort_unwritten", split_at)}
         print(
             f"\nH4 split brain: b0 not durable x{len(not_durable)}, b1 refreshed "
             f"x{len(refreshed)}, {len(presented)} refresh tokens presented once each"

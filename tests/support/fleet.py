@@ -108,14 +108,15 @@ class Fleet:
             self.stop()
             raise
 
-    def stop(self) -> None:
-        """SIGTERM every replica still running, then wait for all (killing any that hang)."""
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM every replica still running, then wait for all, `timeout` seconds each
+        (killing any that hang)."""
         for replica in self.replicas:
             replica.process.signal_stop()
         failures = []
         for replica in self.replicas:
             try:
-                replica.process.wait_stopped()
+                replica.process.wait_stopped(timeout)
             except AssertionError as exc:
                 failures.append(str(exc))
         if failures:
