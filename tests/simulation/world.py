@@ -13,6 +13,7 @@ import base64
 import collections
 import contextlib
 import contextvars
+import functools
 import heapq
 import itertools
 import json
@@ -53,6 +54,7 @@ from broker.oauth.parse import classify_error
 from broker.observe import Observer
 from broker.refresher import AppRefresher
 from broker.store import (
+    HEARTBEAT,
     Commit,
     FleetSignals,
     Notice,
@@ -117,6 +119,10 @@ class SimLoop(asyncio.SelectorEventLoop):
         # Never in debug mode: futures and tasks ask this at every creation (in C), so answer
         # with a C callable instead of a Python method.
         self.get_debug = False.__bool__  # type: ignore[method-assign]
+        # The next call_soon runs its callback at once (`_wake_sleeper`).
+        self._step_now = False
+        # BaseEventLoop.create_future without its Python frame (every wait makes a future).
+        self.create_future = functools.partial(asyncio.Future, loop=self)  # type: ignore[method-assign]
 
     def time(self) -> float:
         """Simulated seconds since the world began."""
@@ -129,13 +135,28 @@ class SimLoop(asyncio.SelectorEventLoop):
         ready: collections.deque[object] = self._ready  # type: ignore[attr-defined]
         return not ready
 
+    def only_wakes_ready(self) -> bool:
+        """Every callback waiting to run now only wakes something (resolves a sleep's future,
+        or moves a notice along: `Inbox._arrive`, `Inbox._deliver`), and no task step is among
+        them: what any of them does commutes with a reader's own note of a heartbeat (its
+        subscription's state, its core's `_heard_at`), which may then be made at once instead
+        of in the reader's step behind them (`Inbox._deliver`)."""
+        ready: collections.deque[Any] = self._ready  # type: ignore[attr-defined]
+        for handle in ready:
+            callback = handle._callback
+            if callback is not _wake_sleeper and (
+                getattr(callback, "__func__", None) not in _NOTICE_STEPS
+            ):
+                return False
+        return True
+
     def sleeper(self, seconds: float) -> tuple[asyncio.Future[None], asyncio.TimerHandle]:
         """What asyncio.sleep(seconds) awaits: a future, resolved by a timer due then. (The
         timer needs no context of its own: it only resolves the future.)"""
         # (call_at, inlined: this is most of the timers.)
         future = self.create_future()
         when = self.now + seconds
-        timer = _Timer(when, _set_result_unless_cancelled, (future, None), self, _TIMER_CONTEXT)
+        timer = _Timer(when, _wake_sleeper, (future, self), self, _TIMER_CONTEXT)
         heapq.heappush(self._scheduled, (when, float("nan"), timer))  # type: ignore[attr-defined]
         return future, timer
 
@@ -148,6 +169,10 @@ class SimLoop(asyncio.SelectorEventLoop):
     ) -> asyncio.Handle:
         """asyncio's call_soon, without the debug checks."""
         this: Any = self
+        if self._step_now:
+            self._step_now = False
+            self._run_now(callback, args, context)
+            return None  # type: ignore[return-value]  # (a future's callbacks ignore it)
         if this._debug or this._closed:
             return super().call_soon(callback, *args, context=context)
         handle = _Handle(callback, args, self, context)
@@ -229,6 +254,36 @@ class SimLoop(asyncio.SelectorEventLoop):
             if this._stopping:
                 return
 
+    def may_step_now(self) -> bool:
+        """A callback queued now may run at once, inside the one running (the last of its
+        batch): nothing else would run before it, nor would the loop's turn in between move the
+        clock, pop a timer (none is due now, the earliest is not cancelled) or rebuild its heap.
+        Then it runs with the same loop state, in the same order, as in the next turn."""
+        this: Any = self
+        if this._ready or this._stopping:
+            return False
+        scheduled: list[tuple[float, float, Any]] = this._scheduled
+        if not scheduled:
+            return True
+        count = len(scheduled)
+        return (
+            scheduled[0][0] >= self.now + this._clock_resolution
+            and not scheduled[0][2]._cancelled
+            and (
+                count <= _MIN_SCHEDULED_TIMER_HANDLES
+                or this._timer_cancelled_count / count <= _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+            )
+        )
+
+    def _run_now(self, callback: Callable[..., object], args: Any, context: Any) -> None:
+        """Run `callback` as `_run_once` runs a handle."""
+        try:
+            (context if context is not None else contextvars.copy_context()).run(callback, *args)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._callback_failed(_Handle(callback, args, self, context), exc)
+
     def _callback_failed(self, handle: Any, exc: BaseException) -> None:
         """What Handle._run does when its callback raises: report it to the loop's handler."""
         source = format_helpers._format_callback_source(handle._callback, handle._args)
@@ -291,11 +346,34 @@ def run_simulated(main: Coroutine[object, object, T]) -> T:
 
 _TIMER_CONTEXT = contextvars.Context()
 
+# Readers of notices may take heartbeats without being woken (Inbox.heartbeat); False: every
+# reader is woken for every notice (test_simulation checks both give the same runs).
+FAST_HEARTBEATS = True
+# A sleep's timer may run its task's step at once (_wake_sleeper); False: in the next turn.
+STEP_SLEEPERS_NOW = True
+
 
 def _set_result_unless_cancelled(future: asyncio.Future[None], result: None) -> None:
     """What asyncio.sleep's timer does (asyncio.futures._set_result_unless_cancelled)."""
     if not future.cancelled():
         future.set_result(result)
+
+
+def _wake_sleeper(future: asyncio.Future[None], loop: SimLoop) -> None:
+    """A sleep's timer (SimLoop.sleeper): resolve its future, and when the loop allows it
+    (`may_step_now`, most timers) run the step of the one task that awaits it at once, where
+    the loop's next turn would have run it alone: a sleep costs no handle nor turn of its own.
+    (Only sleepers: each has exactly that one callback, so nothing else is queued by it.)"""
+    if future.cancelled():
+        return
+    if STEP_SLEEPERS_NOW and loop.may_step_now():
+        loop._step_now = True
+        try:
+            future.set_result(None)
+        finally:
+            loop._step_now = False
+    else:
+        future.set_result(None)
 
 
 # How long a notice takes from the store to a subscriber's reader.
@@ -340,7 +418,7 @@ class SimTime:
     async def advance_to(self, target: float) -> None:
         """Move time to `target`: everything due until then runs, in time order, and settles."""
         if target > self._loop.now:
-            await asyncio.sleep(target - self._loop.now)
+            await self.sleep(target - self._loop.now)  # (asyncio.sleep's timer, its due time)
         await self.settle()
 
 
@@ -779,6 +857,10 @@ class Inbox:
         self.delivered = False  # that delay is over (the timer due then ran)
         # What the reader waits on when a poke woke it during that delay.
         self.delivery: asyncio.Future[None] | None = None
+        # Takes a heartbeat, the only notice in the inbox, as the reader woken for it would,
+        # when that is all the reader would do before waiting again (see
+        # NoticeFaults.updates); False: the reader must be woken.
+        self.heartbeat: Callable[[], bool] | None = None
 
     def put_nowait(self, notice: Notice | None) -> None:
         """The store published `notice` (None: the store closed)."""
@@ -812,18 +894,32 @@ class Inbox:
         loop.call_at(due, self._deliver, context=_TIMER_CONTEXT)
 
     def _deliver(self) -> None:
-        """The delivery delay is over: wake the reader (wherever it waits for it)."""
+        """The delivery delay is over: wake the reader (wherever it waits for it), unless it
+        would only take a heartbeat and wait again (`heartbeat`: then that is done here)."""
         self.delivered = True
-        for future in (self.waiter, self.delivery):
-            if future is not None and not future.done():
-                future.set_result(None)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if self.heartbeat is not None and FAST_HEARTBEATS and self.heartbeat():
                 return
+            waiter.set_result(None)
+            return
+        delivery = self.delivery
+        if delivery is not None and not delivery.done():
+            delivery.set_result(None)
 
     def wake(self) -> None:
         """End the reader's wait (if it waits)."""
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+_NOTICE_STEPS = frozenset({Inbox._arrive, Inbox._deliver})
+
+
+def _note_heard(core: BrokerCore) -> None:
+    """What BrokerCore._read_notices does with a heartbeat: note that the channel talks."""
+    core._heard_at = core._clock.monotonic()
 
 
 class ConnectionWatch:
@@ -980,6 +1076,9 @@ class StoreLink:
         self.lost: list[Notice] = []  # notices `faults.lost_kinds` kept from the subscription
         # Purges this connection recorded (world time, refused access fingerprint); shared.
         self.refusals: list[tuple[float, str]] = []
+        # What the subscription's one consumer, BrokerCore._read_notices, does with a heartbeat
+        # (note when the channel was last heard); set by the world (`Inbox.heartbeat`).
+        self.heard: Callable[[], None] | None = None
 
     @property
     def _spends(self) -> MemoryStore:
@@ -1092,7 +1191,8 @@ def command(
         if start is not None:
             start(link)
         await link._hop()
-        run = cast(Callable[P, Coroutine[Any, Any, R]], getattr(to(link), name))
+        # (A string: the subscripted type, built at each call, was a thirtieth of its cost.)
+        run = cast("Callable[P, Coroutine[Any, Any, R]]", getattr(to(link), name))
         if call is None:
             result = await run(*args, **kwargs)
         else:
@@ -1259,6 +1359,35 @@ class NoticeFaults(StoreLink):
             return self.faults.half_opened == half_opened and not self._dropped(restarts, moves)
 
         inbox = Inbox(loop, hears)
+        heard = self.heard
+        if heard is not None:
+
+            def heartbeat() -> bool:
+                """A heartbeat's whole effect on the reader, without waking it (a sixth of a
+                schedule's loop callbacks are readers woken for heartbeats): when it is the
+                only notice, the reader would take it (the store up, the process not frozen,
+                the subscription hearing, heartbeats not lost), its consumer would note it
+                (`heard`: BrokerCore's `_heard_at`) and it would wait again, all in a step
+                queued behind the callbacks ready now. When none of those is a task step
+                (`only_wakes_ready`), nothing can change in between: do it now."""
+                notices = inbox.notices
+                if (
+                    len(notices) != 1
+                    or notices[0] is None
+                    or notices[0].kind != HEARTBEAT
+                    or store.fail
+                    or self.frozen.until > self._world.now
+                    or not hears()
+                    or HEARTBEAT in self.faults.lost_kinds
+                    or not loop.only_wakes_ready()
+                ):
+                    return False
+                notices.popleft()
+                inbox.due = None
+                heard()
+                return True
+
+            inbox.heartbeat = heartbeat
         store._subscribers.add(inbox)  # type: ignore[arg-type]
         self._watch.listen(inbox)
         try:
@@ -1580,6 +1709,7 @@ class World:
         # (seeded by the name, not drawn from the world's generator: seeds replay as before)
         observer = Observer(metrics)
         core = BrokerCore({}, view, clock, observer, rng=random.Random(name))
+        view.heard = functools.partial(_note_heard, core)
         core.add_app(
             self._refresher(name, source, view, clock, observer, spec=spec, host_clock=host_clock)
         )
