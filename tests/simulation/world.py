@@ -121,6 +121,10 @@ class SimLoop(asyncio.SelectorEventLoop):
         self.get_debug = False.__bool__  # type: ignore[method-assign]
         # The next call_soon runs its callback at once (`_wake_sleeper`).
         self._step_now = False
+        # The loop's turns so far, and the handle that runs the last arrivals of notices queued
+        # in a turn with the turn (`arrive_soon`).
+        self._turn = 0
+        self._arrivals: tuple[int, asyncio.Handle, list[Inbox]] | None = None
         # BaseEventLoop.create_future without its Python frame (every wait makes a future).
         self.create_future = functools.partial(asyncio.Future, loop=self)  # type: ignore[method-assign]
 
@@ -144,9 +148,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         ready: collections.deque[Any] = self._ready  # type: ignore[attr-defined]
         for handle in ready:
             callback = handle._callback
-            if callback is not _wake_sleeper and (
-                getattr(callback, "__func__", None) not in _NOTICE_STEPS
-            ):
+            if getattr(callback, "__func__", None) is not _DELIVER and callback not in _WAKES:
                 return False
         return True
 
@@ -171,8 +173,15 @@ class SimLoop(asyncio.SelectorEventLoop):
         this: Any = self
         if self._step_now:
             self._step_now = False
-            self._run_now(callback, args, context)
-            return None  # type: ignore[return-value]  # (a future's callbacks ignore it)
+            if context is not None:  # (a future's callbacks always have theirs)
+                # A task's step, run at once for its sleep's timer (as _run_once runs it).
+                try:
+                    context.run(callback, *args)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self._callback_failed(_Handle(callback, args, self, context), exc)
+                return None  # type: ignore[return-value]  # (a future's callbacks ignore it)
         if this._debug or this._closed:
             return super().call_soon(callback, *args, context=context)
         handle = _Handle(callback, args, self, context)
@@ -206,6 +215,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         resolution: float = this._clock_resolution
         heappop = heapq.heappop
         while True:
+            self._turn += 1
             scheduled: list[tuple[float, float, Any]] = this._scheduled
             count = len(scheduled)
             if (
@@ -254,6 +264,26 @@ class SimLoop(asyncio.SelectorEventLoop):
             if this._stopping:
                 return
 
+    def arrive_soon(self, inbox: Inbox) -> None:
+        """call_soon(inbox._arrive), where a notice published to every subscriber queues one
+        handle for all of them: arrivals queued one right after another in the same turn run
+        one right after another in the next, with nothing between them, so one handle runs
+        them all in that order (a heartbeat cost one handle per replica)."""
+        ready: collections.deque[Any] = self._ready  # type: ignore[attr-defined]
+        arrivals = self._arrivals
+        if (
+            SHORTCUTS
+            and arrivals is not None
+            and arrivals[0] == self._turn
+            and ready
+            and ready[-1] is arrivals[1]
+        ):
+            arrivals[2].append(inbox)
+            return
+        inboxes = [inbox]
+        handle = self.call_soon(_arrive_all, inboxes, context=_TIMER_CONTEXT)
+        self._arrivals = (self._turn, handle, inboxes)
+
     def may_step_now(self) -> bool:
         """A callback queued now may run at once, inside the one running (the last of its
         batch): nothing else would run before it, nor would the loop's turn in between move the
@@ -274,15 +304,6 @@ class SimLoop(asyncio.SelectorEventLoop):
                 or this._timer_cancelled_count / count <= _MIN_CANCELLED_TIMER_HANDLES_FRACTION
             )
         )
-
-    def _run_now(self, callback: Callable[..., object], args: Any, context: Any) -> None:
-        """Run `callback` as `_run_once` runs a handle."""
-        try:
-            (context if context is not None else contextvars.copy_context()).run(callback, *args)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._callback_failed(_Handle(callback, args, self, context), exc)
 
     def _callback_failed(self, handle: Any, exc: BaseException) -> None:
         """What Handle._run does when its callback raises: report it to the loop's handler."""
@@ -346,17 +367,23 @@ def run_simulated(main: Coroutine[object, object, T]) -> T:
 
 _TIMER_CONTEXT = contextvars.Context()
 
-# Readers of notices may take heartbeats without being woken (Inbox.heartbeat); False: every
-# reader is woken for every notice (test_simulation checks both give the same runs).
-FAST_HEARTBEATS = True
-# A sleep's timer may run its task's step at once (_wake_sleeper); False: in the next turn.
-STEP_SLEEPERS_NOW = True
+# The loop's shortcuts, each of which leaves every run as it was (test_loop.py compares runs
+# with and without them): readers take heartbeats without being woken (Inbox.heartbeat), a
+# sleep's timer runs its task's step at once (_wake_sleeper), and the arrivals of one notice
+# run in one handle (SimLoop.arrive_soon). False: asyncio's way, a handle for every step.
+SHORTCUTS = True
 
 
 def _set_result_unless_cancelled(future: asyncio.Future[None], result: None) -> None:
     """What asyncio.sleep's timer does (asyncio.futures._set_result_unless_cancelled)."""
     if not future.cancelled():
         future.set_result(result)
+
+
+def _arrive_all(inboxes: list[Inbox]) -> None:
+    """Inbox._arrive of each, in the order they were queued (SimLoop.arrive_soon)."""
+    for inbox in inboxes:
+        inbox._arrive()
 
 
 def _wake_sleeper(future: asyncio.Future[None], loop: SimLoop) -> None:
@@ -366,7 +393,7 @@ def _wake_sleeper(future: asyncio.Future[None], loop: SimLoop) -> None:
     (Only sleepers: each has exactly that one callback, so nothing else is queued by it.)"""
     if future.cancelled():
         return
-    if STEP_SLEEPERS_NOW and loop.may_step_now():
+    if SHORTCUTS and loop.may_step_now():
         loop._step_now = True
         try:
             future.set_result(None)
@@ -873,7 +900,7 @@ class Inbox:
             return
         self.pending = True
         # (Where the woken reader's step would have been queued.)
-        self._loop.call_soon(self._arrive, context=_TIMER_CONTEXT)
+        self._loop.arrive_soon(self)
 
     def _arrive(self) -> None:
         """What the reader woken by a notice would have done first: look whether it hears,
@@ -899,7 +926,7 @@ class Inbox:
         self.delivered = True
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            if self.heartbeat is not None and FAST_HEARTBEATS and self.heartbeat():
+            if self.heartbeat is not None and SHORTCUTS and self.heartbeat():
                 return
             waiter.set_result(None)
             return
@@ -914,7 +941,8 @@ class Inbox:
             waiter.set_result(None)
 
 
-_NOTICE_STEPS = frozenset({Inbox._arrive, Inbox._deliver})
+_DELIVER = Inbox._deliver
+_WAKES = frozenset({_wake_sleeper, _arrive_all})
 
 
 def _note_heard(core: BrokerCore) -> None:
