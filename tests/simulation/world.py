@@ -119,7 +119,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         # Never in debug mode: futures and tasks ask this at every creation (in C), so answer
         # with a C callable instead of a Python method.
         self.get_debug = False.__bool__  # type: ignore[method-assign]
-        # The next call_soon runs its callback at once (`_wake_sleeper`).
+        # The next call_soon runs its callback at once (a sleep's timer, in `_run_once`).
         self._step_now = False
         # The loop's turns so far, and the handle that runs the last arrivals of notices queued
         # in a turn with the turn (`arrive_soon`).
@@ -147,8 +147,8 @@ class SimLoop(asyncio.SelectorEventLoop):
         of in the reader's step behind them (`Inbox._deliver`)."""
         ready: collections.deque[Any] = self._ready  # type: ignore[attr-defined]
         for handle in ready:
-            callback = handle._callback
-            if getattr(callback, "__func__", None) is not _DELIVER and callback not in _WAKES:
+            kind = handle.__class__
+            if kind is not _WakeTimer and kind is not _WakeHandle:
                 return False
         return True
 
@@ -158,7 +158,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         # (call_at, inlined: this is most of the timers.)
         future = self.create_future()
         when = self.now + seconds
-        timer = _Timer(when, _wake_sleeper, (future, self), self, _TIMER_CONTEXT)
+        timer = _WakeTimer(when, _wake_sleeper, (future,), self, _TIMER_CONTEXT)
         heapq.heappush(self._scheduled, (when, float("nan"), timer))  # type: ignore[attr-defined]
         return future, timer
 
@@ -253,6 +253,40 @@ class SimLoop(asyncio.SelectorEventLoop):
                 handle = ready.popleft()
                 if handle._cancelled:
                     continue
+                if handle._callback is _wake_sleeper and not ready and SHORTCUTS:
+                    # _wake_sleeper, inlined for a sleep's timer that is the last callback of
+                    # its turn (most timers), and the step of the one task that awaits its
+                    # future run at once, inside it (`_step_now`: see call_soon), when that
+                    # changes nothing: nothing else would run before that step, nor would the
+                    # loop's turn in between move the clock, pop a timer (none is due now, the
+                    # earliest is not cancelled) or rebuild its heap. The step then runs with
+                    # the same loop state, in the same order, as in the next turn, and a sleep
+                    # costs no handle nor turn of its own. (A sleep's future has exactly that
+                    # one callback, so nothing else is queued by resolving it.)
+                    future = handle._args[0]
+                    if future.cancelled():
+                        continue
+                    self._step_now = not this._stopping and (
+                        not scheduled
+                        or (
+                            scheduled[0][0] >= end_time
+                            and not scheduled[0][2]._cancelled
+                            and (
+                                len(scheduled) <= _MIN_SCHEDULED_TIMER_HANDLES
+                                or this._timer_cancelled_count / len(scheduled)
+                                <= _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+                            )
+                        )
+                    )
+                    try:
+                        future.set_result(None)
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:
+                        self._callback_failed(handle, exc)
+                    finally:
+                        self._step_now = False
+                    continue
                 # handle._run(), inlined (its frame is a tenth of a schedule's cost).
                 try:
                     handle._context.run(handle._callback, *handle._args)
@@ -281,29 +315,9 @@ class SimLoop(asyncio.SelectorEventLoop):
             arrivals[2].append(inbox)
             return
         inboxes = [inbox]
-        handle = self.call_soon(_arrive_all, inboxes, context=_TIMER_CONTEXT)
+        handle = _WakeHandle(_arrive_all, (inboxes,), self, _TIMER_CONTEXT)
+        ready.append(handle)
         self._arrivals = (self._turn, handle, inboxes)
-
-    def may_step_now(self) -> bool:
-        """A callback queued now may run at once, inside the one running (the last of its
-        batch): nothing else would run before it, nor would the loop's turn in between move the
-        clock, pop a timer (none is due now, the earliest is not cancelled) or rebuild its heap.
-        Then it runs with the same loop state, in the same order, as in the next turn."""
-        this: Any = self
-        if this._ready or this._stopping:
-            return False
-        scheduled: list[tuple[float, float, Any]] = this._scheduled
-        if not scheduled:
-            return True
-        count = len(scheduled)
-        return (
-            scheduled[0][0] >= self.now + this._clock_resolution
-            and not scheduled[0][2]._cancelled
-            and (
-                count <= _MIN_SCHEDULED_TIMER_HANDLES
-                or this._timer_cancelled_count / count <= _MIN_CANCELLED_TIMER_HANDLES_FRACTION
-            )
-        )
 
     def _callback_failed(self, handle: Any, exc: BaseException) -> None:
         """What Handle._run does when its callback raises: report it to the loop's handler."""
@@ -359,6 +373,19 @@ class _Timer(asyncio.TimerHandle):
         self._scheduled = True
 
 
+class _WakeTimer(_Timer):
+    """A timer that only wakes something: a sleep's (`_wake_sleeper`) or a notice's delivery
+    (`Inbox._deliver`); see SimLoop.only_wakes_ready."""
+
+    __slots__ = ()
+
+
+class _WakeHandle(_Handle):
+    """A handle that only moves notices along (`_arrive_all`); see SimLoop.only_wakes_ready."""
+
+    __slots__ = ()
+
+
 def run_simulated(main: Coroutine[object, object, T]) -> T:
     """Run `main` to completion on a fresh SimLoop."""
     with asyncio.Runner(loop_factory=SimLoop) as runner:
@@ -369,7 +396,7 @@ _TIMER_CONTEXT = contextvars.Context()
 
 # The loop's shortcuts, each of which leaves every run as it was (test_loop.py compares runs
 # with and without them): readers take heartbeats without being woken (Inbox.heartbeat), a
-# sleep's timer runs its task's step at once (_wake_sleeper), and the arrivals of one notice
+# sleep's timer runs its task's step at once (SimLoop._run_once), and the arrivals of one notice
 # run in one handle (SimLoop.arrive_soon). False: asyncio's way, a handle for every step.
 SHORTCUTS = True
 
@@ -386,20 +413,11 @@ def _arrive_all(inboxes: list[Inbox]) -> None:
         inbox._arrive()
 
 
-def _wake_sleeper(future: asyncio.Future[None], loop: SimLoop) -> None:
-    """A sleep's timer (SimLoop.sleeper): resolve its future, and when the loop allows it
-    (`may_step_now`, most timers) run the step of the one task that awaits it at once, where
-    the loop's next turn would have run it alone: a sleep costs no handle nor turn of its own.
-    (Only sleepers: each has exactly that one callback, so nothing else is queued by it.)"""
-    if future.cancelled():
-        return
-    if SHORTCUTS and loop.may_step_now():
-        loop._step_now = True
-        try:
-            future.set_result(None)
-        finally:
-            loop._step_now = False
-    else:
+def _wake_sleeper(future: asyncio.Future[None]) -> None:
+    """A sleep's timer (SimLoop.sleeper): resolve its future. (As the last callback of a turn
+    it is run by SimLoop._run_once itself, which may run the step of the one task that awaits
+    the future at once.)"""
+    if not future.cancelled():
         future.set_result(None)
 
 
@@ -918,7 +936,9 @@ class Inbox:
         loop = self._loop
         self.due = due = loop.now + NOTICE_DELAY
         self.delivered = False
-        loop.call_at(due, self._deliver, context=_TIMER_CONTEXT)
+        # (call_at, inlined.)
+        timer = _WakeTimer(due, self._deliver, (), loop, _TIMER_CONTEXT)
+        heapq.heappush(loop._scheduled, (due, float("nan"), timer))  # type: ignore[attr-defined]
 
     def _deliver(self) -> None:
         """The delivery delay is over: wake the reader (wherever it waits for it), unless it
@@ -939,10 +959,6 @@ class Inbox:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-
-_DELIVER = Inbox._deliver
-_WAKES = frozenset({_wake_sleeper, _arrive_all})
 
 
 def _note_heard(core: BrokerCore) -> None:
