@@ -1143,17 +1143,20 @@ class StoreLink:
             raise StoreUnavailable("simulated: store unreachable")
 
     async def _hop(self) -> None:
-        self._reachable()
-        # (SimTime.sleep, inlined: every store command makes two hops.)
-        future, timer = self._loop.sleeper(0.001 + self._rng.random() * 0.004)
+        # (_reachable and SimTime.sleep, inlined: every store command makes two hops.)
+        if self.faults.partitioned or self._outage or self.dead:
+            raise StoreUnavailable("simulated: store unreachable")
+        loop = self._loop
+        future, timer = loop.sleeper(0.001 + self._rng.random() * 0.004)
         try:
             await future
         except BaseException:
             timer.cancel()
             raise
-        if self.frozen.until > self._world.now:
+        if self.frozen.until > loop.now:
             await self.frozen.thaw()
-        self._reachable()
+        if self.faults.partitioned or self._outage or self.dead:
+            raise StoreUnavailable("simulated: store unreachable")
 
     def _maybe_lose(self) -> None:
         if self._rng.random() < self.faults.lose_replies:
