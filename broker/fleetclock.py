@@ -142,9 +142,10 @@ class FleetClock:
         self, base: Clock, *, local: bool = False, estimator: OffsetEstimator | None = None
     ) -> None:
         self._base = base
-        # The base clock's own method (see `monotonic`), bound once: the broker's most frequent
-        # call then costs no frame of ours.
+        # The base clock's own methods (see `monotonic` and `sleep`), bound once: the broker's
+        # most frequent calls then cost no frame of ours.
         self.monotonic = base.monotonic  # type: ignore[method-assign]
+        self.sleep = base.sleep  # type: ignore[method-assign]
         self.local = local
         self._estimator = estimator if estimator is not None else OffsetEstimator()
         self._started = base.monotonic()

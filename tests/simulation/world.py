@@ -1213,7 +1213,7 @@ class StoreLink:
 def command(
     method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]],
     *,
-    to: Callable[[StoreLink], object] = lambda link: link._shared,
+    to: Callable[[StoreLink], object] | None = None,
     late: bool = False,
     lose: bool = False,
     back: bool = True,
@@ -1223,7 +1223,7 @@ def command(
     finish: Callable[[StoreLink, R, Any], R] | None = None,
 ) -> Callable[Concatenate[StoreLink, P], Coroutine[Any, Any, R]]:
     """The role's `method` (its protocol's: the signature is the protocol's) over a connection:
-    sent to the store `to` names when it arrives, after a hop.
+    sent to the store `to` names when it arrives (None: the connection's primary), after a hop.
 
     `late`: a write that may apply only after its client timed out (`late_writes`); `lose`: a
     write whose answer may be lost after it applied (`lose_replies`); `back`: an answer comes
@@ -1234,12 +1234,14 @@ def command(
 
     async def send(link: StoreLink, /, *args: P.args, **kwargs: P.kwargs) -> R:
         if late and link._goes_late():
-            return cast(R, await link._apply_late(lambda: to(link), name, args, kwargs))
+            target = (lambda: link._shared) if to is None else (lambda: to(link))
+            return cast(R, await link._apply_late(target, name, args, kwargs))
         if start is not None:
             start(link)
         await link._hop()
         # (A string: the subscripted type, built at each call, was a thirtieth of its cost.)
-        run = cast("Callable[P, Coroutine[Any, Any, R]]", getattr(to(link), name))
+        store = link._shared if to is None else to(link)
+        run = cast("Callable[P, Coroutine[Any, Any, R]]", getattr(store, name))
         if call is None:
             result = await run(*args, **kwargs)
         else:
