@@ -162,6 +162,19 @@ class BrokerCore:
         pending = await self._wait_on_clock(stops, bound)
         if pending:
             log.warning("broker.refresh_still_in_flight", apps=len(pending), waited=bound)
+        for refresher, stop in zip(draining, stops, strict=True):
+            if stop in pending and refresher.fleet.abort_unwritten:
+                # The store stayed unreachable for the whole drain: a spend this process
+                # marked sent but never sent may keep its `sent` record, which no other
+                # replica can tell from a request on the wire (they report the outcome
+                # unknown). Only this process knows the token never left; say so before exiting.
+                log.error(
+                    "spend.abort_unwritten",
+                    app=refresher.name,
+                    owner=refresher.fleet.owner,
+                    fence=refresher.fleet.memory.aborted_fence,
+                    waited=bound,
+                )
         for task in pending:
             task.cancel()
 

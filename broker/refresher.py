@@ -260,12 +260,17 @@ class AppRefresher(Serving, Adoption, Outcomes):
         to write it back as it waits for the answer itself. So with an abort the store did not
         take (a spend marked sent but never sent, its `mark_sent` answer lost): only this
         process can end that record, and a restarted one has another owner name (swarm seed
-        3349: SIGTERM in an outage left the `sent` record for good).
+        3349: SIGTERM in an outage left the `sent` record for good). So, with
+        `store.require_replica_ack`, with a commit or an abort no store replica acknowledged:
+        only the primary holds it, and a failover after this process exits would lose it
+        (swarm seeds 21255, 23291); each sync asks again (`WAIT`) until one does.
         """
         while self.grant_spends and (
-            (self._unsynced and self.token is not None) or self.fleet.abort_unwritten
+            (self._unsynced and self.token is not None)
+            or self.fleet.abort_unwritten
+            or self.fleet.commit_unacknowledged
         ):
-            if await self._sync():
+            if await self._sync() and not self.fleet.commit_unacknowledged:
                 return
             await self._clock.sleep(BLOCKED_RETRY / 5)
 

@@ -35,7 +35,7 @@ import functools
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -266,7 +266,8 @@ class Upstream:
     def enter(self) -> None:
         """A request starts using this upstream."""
         self.in_flight += 1
-        self._idle.clear()
+        if self.in_flight == 1:
+            self._idle.clear()
 
     def leave(self) -> None:
         """A request is done with this upstream."""
@@ -471,19 +472,10 @@ class Proxy:
         url = upstream.url_for(request.raw_path, app)
         token = await self.token(app)
         body = await _read_body(request, spec)
-        try:
-            if upstream.slots.locked():  # only a full upstream pays for a timer
-                async with asyncio.timeout(spec.connect_timeout):
-                    await upstream.slots.acquire()
-            else:
-                await upstream.slots.acquire()
-        except TimeoutError:
-            raise ApiError(
-                503,
-                "proxy_busy",
-                f"{spec.max_concurrent} requests to this app's upstream are in flight",
-                {"Retry-After": "1"},
-            ) from None
+        if upstream.slots.locked():  # only a full upstream pays for a timer
+            await wait_for_slot(spec, upstream.slots.acquire)
+        else:
+            await upstream.slots.acquire()
         try:
             answer = await self._send(upstream, request, url, token, body)
             if self.dpop_challenge(app, url, answer.status, answer.headers) and body.replayable:
@@ -688,6 +680,21 @@ async def _stream(
             body.too_large = True
             raise ValueError("request body over the limit")
         yield chunk
+
+
+async def wait_for_slot(spec: ProxySpec, acquire: Callable[[], Awaitable[object]]) -> None:
+    """Wait for one of the upstream's `max_concurrent` slots when none is free (both data
+    paths): `acquire` takes one; 503 `proxy_busy` when none frees within `connect_timeout`."""
+    try:
+        async with asyncio.timeout(spec.connect_timeout):
+            await acquire()
+    except TimeoutError:
+        raise ApiError(
+            503,
+            "proxy_busy",
+            f"{spec.max_concurrent} requests to this app's upstream are in flight",
+            {"Retry-After": "1"},
+        ) from None
 
 
 def egress_refused(metrics: Metrics, upstream: Upstream, refused: egress.EgressRefused) -> ApiError:

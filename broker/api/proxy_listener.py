@@ -40,7 +40,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -53,6 +53,8 @@ from broker.api.errors import ApiError, error_body
 from broker.api.proxy import (
     MAX_HEADER_LINE,
     MAX_HEADERS,
+    MAX_REMEMBERED_NAMES,
+    MAX_REMEMBERED_TARGETS,
     PROXY_PREFIX,
     PROXY_ROUTE,
     REFUSED_METHODS,
@@ -65,11 +67,12 @@ from broker.api.proxy import (
     egress_refused,
     listed_in,
     too_large,
+    wait_for_slot,
 )
 from broker.api.server import check_origin, is_loopback_host
 from broker.clock import Clock, wait_within
 from broker.logs import RateLimitedLog, audit, get_logger
-from broker.metrics import Metrics
+from broker.metrics import Metrics, ProxyTally
 from broker.model import TokenSet
 
 log = get_logger(__name__)
@@ -91,12 +94,15 @@ MAX_IDLE = 64
 # A caller connection that sends nothing for more than KEEPALIVE_SWEEPS sweeps is closed.
 SWEEP_INTERVAL = 15.0
 KEEPALIVE_SWEEPS = 4
+# The fast path checks an app's token in full at least this often (seconds, monotonic).
+TOKEN_RECHECK = 1.0
 # How often shutdown looks whether the answers in flight are done.
 DRAIN_POLL = 0.05
 _NO_BODY_STATUS = frozenset({204, 304})
-# The request headers the listener reads itself, by lowercased name.
-_AUTHORIZATION, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION_FIELD = range(5)
-_RELAYED, _EXPECT = 5, 6
+# What a request header is to the listener: forwarded, dropped, or dropped and read (by
+# lowercased name; every name read is one `dropped_request_header` drops).
+_FORWARD, _DROPPED, _AUTHORIZATION, _HOST, _CONTENT_LENGTH = range(5)
+_TRANSFER_ENCODING, _CONNECTION_FIELD, _RELAYED, _EXPECT, _KEEP_ALIVE_FIELD = range(5, 10)
 _REQUEST_FIELDS = {
     "authorization": _AUTHORIZATION,
     "host": _HOST,
@@ -106,10 +112,14 @@ _REQUEST_FIELDS = {
     "forwarded": _RELAYED,
     "x-forwarded-for": _RELAYED,
     "expect": _EXPECT,
+    "proxy-connection": _KEEP_ALIVE_FIELD,
 }
 # A request body of up to this many bytes (with a length) is read whole before the request is
 # answered, so that it may take the fast path; a larger one streams.
 FAST_BODY = 64 * 1024
+# A header's name and value together (its line less ": ").
+_MAX_FIELD = MAX_HEADER_LINE - 2
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
@@ -202,23 +212,80 @@ class _Body:
         self.connection.resume_reading()
 
 
-@dataclass(slots=True)
 class _Request:
-    """One parsed request head and its body."""
+    """One parsed request head and its body.
 
-    method: str
-    target: str
-    headers: list[tuple[str, str]]
-    keep_alive: bool
-    http11: bool
-    body: _Body
-    expect_continue: bool = False
-    authorization: str | None = None
-    host: str | None = None
-    relayed: bool = False
-    listed: frozenset[str] = frozenset()
-    chunked: bool = False
-    labels: dict[Any, Any] = field(default_factory=dict)
+    `headers` are as received (bytes); `forward` is what goes upstream of them, each forwarded
+    header as its four parts (name, ": ", value, CRLF), ready to join.
+    """
+
+    __slots__ = (
+        "authorization",
+        "body",
+        "chunked",
+        "expect_continue",
+        "forward",
+        "headers",
+        "host",
+        "http11",
+        "keep_alive",
+        "labels",
+        "listed",
+        "method",
+        "relayed",
+        "target",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        body: _Body,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.http11 = True
+        self.body = body
+        self.expect_continue = False
+        self.authorization: str | None = None
+        self.host: str | None = None
+        self.relayed = False
+        # The lowercased names the Connection header lists (not forwarded either).
+        self.listed: frozenset[bytes] = _NOTHING_LISTED
+        self.chunked = False
+        self.labels: dict[Any, Any] = {}
+        self.forward: list[bytes] = []
+
+
+_NOTHING_LISTED: frozenset[bytes] = frozenset()
+# Per header name as sent (bytes): its kind (_FORWARD, _DROPPED, _AUTHORIZATION...). Callers
+# send the same few names on every request; the names are their choice, so the table is
+# bounded (emptied when full).
+_request_kinds: dict[bytes, int] = {}
+
+
+def _request_kind(name: bytes) -> int:
+    kind = _request_kinds.get(name)
+    if kind is not None:
+        return kind
+    lower = name.decode("latin-1").lower()
+    kind = _REQUEST_FIELDS.get(lower)
+    if kind is None:
+        kind = _DROPPED if dropped_request_header(lower) else _FORWARD
+    if len(_request_kinds) >= MAX_REMEMBERED_NAMES:
+        _request_kinds.clear()
+    _request_kinds[name] = kind
+    return kind
+
+
+@functools.lru_cache(maxsize=256)
+def _listed_names(value: bytes) -> frozenset[bytes]:
+    """The lowercased header names a request's Connection value lists (`listed_in`'s)."""
+    return frozenset(name.encode("latin-1") for name in listed_in(value.decode("latin-1")))
 
 
 class CallerConnection(asyncio.Protocol):
@@ -238,8 +305,8 @@ class CallerConnection(asyncio.Protocol):
         self.closing = False  # no more requests are read (an error, an upgrade)
         self._paused = False
         self._writable: asyncio.Future[None] | None = None
-        self._url: list[bytes] = []
-        self._headers: list[tuple[str, str]] = []
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
         self._current: _Request | None = None
 
     # -- asyncio.Protocol
@@ -306,21 +373,18 @@ class CallerConnection(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
-    # -- httptools callbacks
-
-    def on_message_begin(self) -> None:
-        self._url = []
-        self._headers = []
+    # -- httptools callbacks (no on_message_begin: on_headers_complete resets for the next)
 
     def on_url(self, url: bytes) -> None:
-        self._url.append(url)
-        if sum(map(len, self._url)) > MAX_TARGET:
+        url = self._url = self._url + url  # one piece, usually: b"" + url is url
+        if len(url) > MAX_TARGET:
             raise _Refused(
                 ApiError(414, "uri_too_long", f"request targets are limited to {MAX_TARGET} bytes")
             )
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) + 2 > MAX_HEADER_LINE or len(self._headers) >= MAX_HEADERS:
+        headers = self._headers
+        if len(name) + len(value) > _MAX_FIELD or len(headers) >= MAX_HEADERS:
             raise _Refused(
                 ApiError(
                     431,
@@ -329,40 +393,64 @@ class CallerConnection(asyncio.Protocol):
                     f"{MAX_HEADER_LINE} bytes each",
                 )
             )
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         headers = self._headers
-        length: int | None = None
+        method = parser.get_method()
         request = _Request(
-            method=parser.get_method().decode("ascii"),
-            target=b"".join(self._url).decode("latin-1"),
-            headers=headers,
-            keep_alive=parser.should_keep_alive(),
-            http11=parser.get_http_version() == "1.1",
-            body=_Body(self, None),
+            _METHODS.get(method) or method.decode("ascii"),
+            self._url.decode("latin-1"),
+            headers,
+            parser.should_keep_alive(),
+            _Body(self, None),
         )
-        listed: frozenset[str] = frozenset()
+        self._url = b""
+        self._headers = []
+        length: int | None = None
+        listed = _NOTHING_LISTED
+        forward = request.forward
+        kinds = _request_kinds
+        connection_field = False
         for name, value in headers:
-            known = _REQUEST_FIELDS.get(name.lower())
-            if known is None:
+            kind = kinds.get(name)
+            if kind is None:
+                kind = _request_kind(name)
+            if kind == _FORWARD:
+                forward += (name, b": ", value, _CRLF)
+            elif kind == _DROPPED:
                 continue
-            if known == _AUTHORIZATION:
-                request.authorization = value
-            elif known == _HOST:
-                request.host = value
-            elif known == _CONTENT_LENGTH:
+            elif kind == _KEEP_ALIVE_FIELD:
+                connection_field = True
+            elif kind == _AUTHORIZATION:
+                request.authorization = value.decode("latin-1")
+            elif kind == _HOST:
+                request.host = value.decode("latin-1")
+            elif kind == _CONTENT_LENGTH:
                 length = int(value)  # the parser has checked it is one number
-            elif known == _TRANSFER_ENCODING:
+            elif kind == _TRANSFER_ENCODING:
                 request.chunked = True
-            elif known == _CONNECTION_FIELD:
-                listed = listed | listed_in(value)
-            elif known == _RELAYED:
+            elif kind == _CONNECTION_FIELD:
+                connection_field = True
+                listed = listed | _listed_names(value)
+            elif kind == _RELAYED:
                 request.relayed = True
             else:
-                request.expect_continue = value.strip().lower() == "100-continue"
-        request.listed = listed
+                request.expect_continue = value.decode("latin-1").strip().lower() == "100-continue"
+        if listed:
+            request.listed = listed
+            request.forward = [
+                part
+                for name, value in headers
+                if _request_kind(name) == _FORWARD and name.lower() not in listed
+                for part in (name, b": ", value, _CRLF)
+            ]
+        if connection_field or not request.keep_alive:
+            # Kept alive without a Connection (or Proxy-Connection, which llhttp reads alike)
+            # header, a request is HTTP/1.1: 1.0 is kept alive only by `keep-alive` there. The
+            # version string is built only otherwise.
+            request.http11 = parser.get_http_version() == "1.1"
         request.body.length = length
         if length == 0 or (length is None and not request.chunked):
             request.body.done = True
@@ -374,8 +462,12 @@ class CallerConnection(asyncio.Protocol):
             self._current.body.feed(body)
 
     def on_message_complete(self) -> None:
-        if self._current is not None:
-            self._current.body.end()
+        current = self._current
+        if current is not None:
+            body = current.body
+            body.done = True  # `body.end()`, inline: once per request
+            if body.waiter is not None:
+                body._wake()
             self._current = None
 
     # -- answering
@@ -492,6 +584,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: LeanPool) -> None:
         self.pool = pool
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -499,11 +593,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        # The answer's headers as relayed, each as its four parts (name, ": ", value, CRLF):
+        # those passed back, and its Content-Length lines (kept for a streamed or HEAD answer).
+        self.forward: list[bytes] = []
+        self.lengths: list[bytes] = []
+        # It has a Content-Length or a Transfer-Encoding (otherwise it ends with the connection).
+        self.framed = False
+        # Header names its Connection header lists beyond the hop-by-hop ones: not relayed.
+        self.listed: frozenset[bytes] = _NOTHING_LISTED
         self.keep_alive = False
         self.until_close = False
         self.head_request = False
-        # Header names the answer's Connection lists beyond the hop-by-hop ones: not relayed.
-        self.listed: frozenset[str] = frozenset()
         self.answered = False
         self.headers_done = False
         self.complete = False
@@ -524,8 +624,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.reused:
             self.parser = httptools.HttpResponseParser(self) if self.head_request else self.parser
         self.status = 0
-        self.reason = b""
-        self.headers = []
+        self._fresh_head()
         self.until_close = False
         self.head_request = head_request
         self.answered = False
@@ -533,7 +632,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.chunks.clear()
         self.buffered = 0
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._last_data = loop.time()
         if self._timer is None:
             self._timer = loop.call_later(self.pool.read_timeout, self._check_idle)
@@ -542,7 +641,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         if self.complete or self.closed:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         left = self._last_data + self.pool.read_timeout - loop.time()
         if left > 0:
             self._timer = loop.call_later(left, self._check_idle)
@@ -588,7 +687,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.answered = True
-        self._last_data = asyncio.get_running_loop().time()
+        self._last_data = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -615,33 +714,52 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) + 2 > MAX_HEADER_LINE or len(self.headers) >= MAX_HEADERS:
+        headers = self.headers
+        if len(name) + len(value) > _MAX_FIELD or len(headers) >= MAX_HEADERS:
             raise UpstreamBroken("the upstream's headers are over the limits", answered=True)
-        self.headers.append((name, value))
+        headers.append((name, value))
+        kind = _answer_kinds.get(name)
+        if kind is None:
+            kind = _answer_kind(name)
+        if kind == _FORWARD:
+            self.forward += (name, b": ", value, _CRLF)
+        elif kind == _LENGTH:
+            self.framed = True
+            self.lengths += (name, b": ", value, _CRLF)
+        elif kind == _FRAMING:
+            self.framed = True
+        elif kind == _CONNECTION_LIST:
+            self.listed = self.listed | _listed_beyond_hop(value)
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        parser = self.parser
+        status = parser.get_status_code()
         if 100 <= status < 200:
             return  # an interim answer (100 Continue, 103): the final one follows
         self.status = status
-        self.keep_alive = self.parser.should_keep_alive()
-        framed = False
-        listed: frozenset[str] = frozenset()
-        for name, value in self.headers:
-            size = len(name)
-            if size in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
-                framed = True
-            elif size == 10 and name.lower() == b"connection":
-                listed = listed | _listed_beyond_hop(value)
-        self.listed = listed
+        self.keep_alive = parser.should_keep_alive()
+        listed = self.listed
+        if listed:
+            # Names the Connection header lists are hop-by-hop too (rare: a second pass).
+            kept = [(n, v) for n, v in self.headers if n.lower() not in listed]
+            self.forward = [
+                part
+                for n, v in kept
+                if _answer_kind(n) == _FORWARD
+                for part in (n, b": ", v, _CRLF)
+            ]
+            self.lengths = [
+                part for n, v in kept if _answer_kind(n) == _LENGTH for part in (n, b": ", v, _CRLF)
+            ]
         no_body = self.head_request or status in _NO_BODY_STATUS
-        self.until_close = not framed and not no_body
+        self.until_close = not self.framed and not no_body
         self.headers_done = True
         if no_body:
             # llhttp would read a HEAD answer's Content-Length bytes as its body: the answer
             # ends here, and the next one gets a new parser (see `begin`).
             self.complete = True
-        self._wake()
+        if self.waiter is not None:
+            self._wake()
 
     def on_body(self, body: bytes) -> None:
         if self.complete:
@@ -651,15 +769,24 @@ class UpstreamConnection(asyncio.Protocol):
         if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self.waiter is not None:
+            self._wake()
 
     def on_message_complete(self) -> None:
         if not self.headers_done:
-            self.reason = b""
-            self.headers = []  # the end of an interim answer
+            self._fresh_head()  # the end of an interim answer
             return
         self.complete = True  # the read timer sees it and lapses (no cancel per answer)
-        self._wake()
+        if self.waiter is not None:
+            self._wake()
+
+    def _fresh_head(self) -> None:
+        self.reason = b""
+        self.headers = []
+        self.forward = []
+        self.lengths = []
+        self.framed = False
+        self.listed = _NOTHING_LISTED
 
     # -- the answer, for the handler
 
@@ -747,7 +874,7 @@ class LeanPool:
         self.idle: list[UpstreamConnection] = []
         self.closed = False
         # Request target → the line and Host header sent upstream (url_for's cache, encoded).
-        self.heads: dict[tuple[str, str], str] = {}
+        self.heads: dict[tuple[str, str], bytes] = {}
         # Requests in flight on this data path, at most `max_concurrent`, and those waiting.
         self.active = 0
         self.limit = upstream.spec.max_concurrent
@@ -881,6 +1008,13 @@ class ProxyListener:
         # Traces are set up before the listener is built; with them on, every request takes
         # the general path (its spans).
         self._tracing = tracing.enabled()
+        # Per request target: the app it names (`_app_of`; bounded, forgotten all at once).
+        self._apps: dict[str, str] = {}
+        # Per app: its token as the fast path sends it (see `_held_token`).
+        self._held: dict[str, tuple[TokenSet, bytes, float]] = {}
+        # Per (app, client, status): the fast path's metrics (apps and clients are configured
+        # names, statuses three digits: bounded).
+        self._tallies: dict[tuple[str, str, int], ProxyTally] = {}
 
     def protocol(self) -> CallerConnection:
         """A protocol for one accepted connection (`loop.create_server`'s factory)."""
@@ -978,7 +1112,11 @@ class ProxyListener:
         started = time.perf_counter()
         status = 500
         upstream.enter()
-        remote_parent = CIMultiDict(request.headers) if tracing.enabled() else None
+        remote_parent = (
+            CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers)
+            if tracing.enabled()
+            else None
+        )
         with tracing.span(
             "token_broker.proxy",
             kind="server",
@@ -1019,20 +1157,11 @@ class ProxyListener:
                 pool.heads.clear()
             head = pool.heads[(request.method, request.target)] = (
                 f"{request.method} {url.raw_path_qs} HTTP/1.1\r\n{pool.host_header}"
-            )
+            ).encode("latin-1")
         token = await self.proxy.token(app)
         body = await self._read_body(connection, request, spec)
-        try:
-            if not pool.try_acquire():  # only a full upstream pays for a timer
-                async with asyncio.timeout(spec.connect_timeout):
-                    await pool.acquire()
-        except TimeoutError:
-            raise ApiError(
-                503,
-                "proxy_busy",
-                f"{spec.max_concurrent} requests to this app's upstream are in flight",
-                {"Retry-After": "1"},
-            ) from None
+        if not pool.try_acquire():  # only a full upstream pays for a timer
+            await wait_for_slot(spec, pool.acquire)
         try:
             answer = await self._send(pool, request, head=head, token=token, body=body, app=app)
             dpop = self.proxy.dpop
@@ -1094,14 +1223,14 @@ class ProxyListener:
         pool: LeanPool,
         request: _Request,
         *,
-        head: str,
+        head: bytes,
         token: TokenSet,
         body: _Sent,
         app: str,
     ) -> UpstreamConnection:
         """One request upstream; errors before an answer become 502 / 504 / 413 / 403."""
         extra = _extra_headers(self.proxy, pool, request, app, token)
-        message = _request_message(head, request, token, body, extra)
+        message = _request_message(head, request, _bearer(token), body, extra)
         with tracing.span(
             "token_broker.upstream",
             kind="client",
@@ -1197,7 +1326,7 @@ class ProxyListener:
         status = answer.status
         if answer.complete or request.method == "HEAD" or status in _NO_BODY_STATUS:
             return status, _relay_whole(caller, request, answer, keep_alive)
-        lines, length_given = _answer_head(request, answer)
+        lines, length_given = _answer_head(answer)
         try:
             chunked = not length_given and request.http11
             if not length_given and not request.http11:
@@ -1239,8 +1368,10 @@ class ProxyListener:
         if self._tracing or request.relayed or not is_loopback_host(request.host):
             return False
         target = request.target
+        app = self._apps.get(target)
         try:
-            app = _app_of(target)
+            if app is None:
+                app = self._app_of(target)
             if request.method in REFUSED_METHODS:
                 return False
             self.callers.authorize(request.authorization, caller.transport, app, request.labels)
@@ -1248,35 +1379,80 @@ class ProxyListener:
         except ApiError:
             return False
         pool = upstream.lean_pool
-        if pool is None or not pool.idle or app in self.proxy.dpop:
+        if pool is None or not pool.idle or pool.active >= pool.limit or app in self.proxy.dpop:
             return False
         head = pool.heads.get((request.method, target))
-        token = self.proxy.service.cached_token(app)
-        if head is None or token is None:
+        if head is None:
             return False
+        held = self._held.get(app)
+        if (
+            held is None
+            or self.clock.monotonic() >= held[2]
+            or self.proxy.service.current_token(app) is not held[0]
+        ):
+            held = self._held_token(app)
+            if held is None:
+                return False
         body = request.body
         if body.size > upstream.spec.max_buffered_body or body.broken:
             return False
         connection = pool.take()
         if connection is None:
             return False
-        if not pool.try_acquire():
-            pool.put(connection)
-            return False
+        pool.active += 1  # the slot checked free above
         caller.queue.popleft()
         caller.busy = True
-        upstream.enter()
-        sent = _whole_body(request)
-        fast = _Fast(self, caller, request, app, upstream, pool, head, token, sent)
-        connection.fast = fast
-        connection.begin(request.method == "HEAD")
+        sent = _NO_BODY if body.length is None and not request.chunked else _whole_body(request)
+        token, authorization, _ = held
+        started = time.perf_counter()
         assert connection.transport is not None
-        connection.transport.write(_request_message(head, request, token, sent, ()))
+        connection.transport.write(_request_message(head, request, authorization, sent, ()))
+        # The rest waits for no answer: done after the write, off the caller's latency (the
+        # answer is read on a later turn of the loop).
+        upstream.enter()
+        connection.begin(request.method == "HEAD")
+        connection.fast = _Fast(
+            self, caller, request, app, upstream, pool, head, token, sent, started
+        )
         return True
+
+    def _app_of(self, target: str) -> str:
+        """`_app_of(target)`, remembered per target (bounded: forgotten all at once)."""
+        app = _app_of(target)
+        if len(self._apps) >= MAX_REMEMBERED_TARGETS:
+            self._apps.clear()
+        self._apps[target] = app
+        return app
+
+    def _held_token(self, app: str) -> tuple[TokenSet, bytes, float] | None:
+        """The app's servable token (`cached_token`, the full check), its Authorization line,
+        and the monotonic time until which the fast path uses both without the full check
+        (see `try_fast`): the token route's rule (broker/api/answers.py). The core must still
+        hold that very token (a refused one is replaced at once), and the full check runs
+        again at the token's serving deadline, and at least once a second (a step of a wall
+        clock is seen there, within the second)."""
+        service = self.proxy.service
+        token = service.cached_token(app)
+        if token is None:
+            return None
+        until = float("-inf")
+        if service.current_token(app) is token:
+            until = min(service.servable_until(app), self.clock.monotonic() + TOKEN_RECHECK)
+        held = self._held[app] = (token, _bearer(token), until)
+        return held
 
     def fast_answered(self, fast: _Fast, answer: UpstreamConnection) -> None:
         """The fast path's answer has begun (or failed): relay it, or hand over to a task."""
         caller, request = fast.caller, fast.request
+        if answer.complete and answer.error is None:
+            spec = fast.upstream.spec
+            if not (spec.retry_on_401 and answer.status in spec.refresh_on_status):
+                keep_alive = request.keep_alive and not (caller.closing and not caller.queue)
+                keep_alive = _relay_whole(caller, request, answer, keep_alive)
+                self._fast_done(fast, answer.status)
+                caller.busy = False
+                caller.answered(keep_alive)
+                return
         if answer.error is not None:
             answer.close()
             if answer.reused and not answer.answered and request.method in IDEMPOTENT:
@@ -1299,14 +1475,8 @@ class ProxyListener:
             caller.busy = False
             caller.answered(fast.keep_alive)
             return
-        spec = fast.upstream.spec
-        if not answer.complete or (spec.retry_on_401 and answer.status in spec.refresh_on_status):
-            caller.task = asyncio.get_running_loop().create_task(self._fast_continue(fast, answer))
-            return
-        keep_alive = _relay_whole(caller, request, answer, fast.keep_alive)
-        self._fast_done(fast, answer.status)
-        caller.busy = False
-        caller.answered(keep_alive)
+        # An answer still to come whole, or a refused token's purge and retry.
+        caller.task = asyncio.get_running_loop().create_task(self._fast_continue(fast, answer))
 
     async def _fast_continue(self, fast: _Fast, answer: UpstreamConnection) -> None:
         """A fast-path request whose answer needs waiting for: a refused token's purge and
@@ -1346,8 +1516,13 @@ class ProxyListener:
         fast.upstream.leave()
         if status is not None:
             seconds = time.perf_counter() - fast.started
-            self.proxy.count(fast.app, status, seconds)
-            self.observe(ROUTE_LABEL, fast.request.labels, status, seconds)
+            app, client = fast.app, fast.request.labels.get(CLIENT_LABEL, "")
+            tally = self._tallies.get((app, client, status))
+            if tally is None:
+                tally = self._tallies[(app, client, status)] = ProxyTally(
+                    self._metrics, ROUTE_LABEL, app, client, status
+                )
+            tally.add(seconds)  # what Proxy.count and `observe` count, in one call
 
 
 @dataclass(slots=True)
@@ -1360,10 +1535,10 @@ class _Fast:
     app: str
     upstream: Upstream
     pool: LeanPool
-    head: str
+    head: bytes
     token: TokenSet
     body: _Sent
-    started: float = field(default_factory=time.perf_counter)
+    started: float
 
     @property
     def keep_alive(self) -> bool:
@@ -1372,80 +1547,119 @@ class _Fast:
         return self.request.keep_alive and not (caller.closing and not caller.queue)
 
 
+# A request without a body (neither a length nor chunks), as sent upstream (never changed).
+_NO_BODY = _Sent(None, None, replayable=True)
+
+
 def _whole_body(request: _Request) -> _Sent:
     """A body that has come whole, as sent upstream (with its length: replayable)."""
     body = request.body
     if body.length is None and not request.chunked:
-        return _Sent(None, None, replayable=True)
+        return _NO_BODY
     data = body.whole()
     return _Sent(data, len(data), replayable=True)
 
 
 def _request_message(
-    head: str, request: _Request, token: TokenSet, body: _Sent, extra: Iterable[tuple[str, str]]
+    head: bytes,
+    request: _Request,
+    authorization: bytes,
+    body: _Sent,
+    extra: Iterable[tuple[str, str]],
 ) -> bytes:
     """The request head (and a whole body) as sent upstream: the caller's headers without
-    the dropped ones, the token (or `extra`'s Authorization), the body's framing."""
+    the dropped ones, the token's `authorization` line (or `extra`'s Authorization), the
+    body's framing."""
     lines = [head]
-    listed = request.listed
-    for name, value in request.headers:
-        if dropped_request_header(name) or (listed and name.lower() in listed):
-            continue
-        lines.append(f"{name}: {value}\r\n")
+    lines += request.forward
     authorized = False
     for name, value in extra:
-        lines.append(f"{name}: {value}\r\n")
+        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
         authorized = authorized or name.lower() == "authorization"
     if not authorized:
-        lines.append(f"Authorization: Bearer {token.access_token}\r\n")
+        lines.append(authorization)
     if body.length is not None:
-        lines.append(f"Content-Length: {body.length}\r\n")
+        lines.append(_length_line(body.length))
     elif body.stream is not None:
-        lines.append("Transfer-Encoding: chunked\r\n")
-    lines.append("\r\n")
-    message = "".join(lines).encode("latin-1")
-    return message + body.data if body.data else message
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    lines.append(_CRLF)
+    if body.data:
+        lines.append(body.data)
+    return b"".join(lines)
 
 
-# What an answer header is to the relay (per name as sent, bytes): forwarded, dropped
-# (hop-by-hop, Connection included), or the Content-Length; with the name lowercased.
-_FORWARD, _DROP, _LENGTH = 0, 1, 2
+def _bearer(token: TokenSet) -> bytes:
+    """The Authorization line carrying `token`."""
+    return b"Authorization: Bearer " + token.access_token.encode("latin-1") + _CRLF
 
 
-@functools.lru_cache(maxsize=1024)
-def _answer_header(name: bytes) -> tuple[int, str]:
+# What an answer header is to the relay (per name as sent, bytes): passed back, dropped
+# (hop-by-hop), its Content-Length, its Transfer-Encoding (dropped), its Connection (dropped,
+# and what it lists is dropped too). Upstreams send the same few names: remembered, bounded.
+_LENGTH, _FRAMING, _CONNECTION_LIST = 2, 3, 4
+_answer_kinds: dict[bytes, int] = {}
+
+
+def _answer_kind(name: bytes) -> int:
+    kind = _answer_kinds.get(name)
+    if kind is not None:
+        return kind
     lower = name.decode("latin-1").lower()
-    if dropped_response_header(lower):
-        return _DROP, lower
-    return (_LENGTH if lower == "content-length" else _FORWARD), lower
+    if lower == "content-length":
+        kind = _LENGTH
+    elif lower == "transfer-encoding":
+        kind = _FRAMING
+    elif lower == "connection":
+        kind = _CONNECTION_LIST
+    else:
+        kind = _DROPPED if dropped_response_header(lower) else _FORWARD
+    if len(_answer_kinds) >= MAX_REMEMBERED_NAMES:
+        _answer_kinds.clear()
+    _answer_kinds[name] = kind
+    return kind
 
 
 @functools.lru_cache(maxsize=256)
-def _listed_beyond_hop(value: bytes) -> frozenset[str]:
-    """The names a Connection value lists that are not hop-by-hop already (`keep-alive`,
-    `close` and the like are dropped whatever it lists)."""
+def _listed_beyond_hop(value: bytes) -> frozenset[bytes]:
+    """The lowercased names a Connection value lists that are not hop-by-hop already
+    (`keep-alive`, `close` and the like are dropped whatever it lists)."""
     return frozenset(
-        n for n in listed_in(value.decode("latin-1")) if not dropped_response_header(n)
+        n.encode("latin-1")
+        for n in listed_in(value.decode("latin-1"))
+        if not dropped_response_header(n)
     )
 
 
-def _answer_head(request: _Request, answer: UpstreamConnection) -> tuple[list[bytes], bool]:
-    """The status line and forwarded headers of an answer (without the final CRLF), and
-    whether they carry the upstream's Content-Length (kept for a streamed or bodiless one)."""
-    keep_length = not answer.complete or request.method == "HEAD"
-    listed = answer.listed
-    lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, answer.reason)]
-    length_given = False
-    for name, value in answer.headers:
-        kind, lower = _answer_header(name)
-        if kind:
-            if kind == _DROP or not keep_length:
-                continue  # a Content-Length not kept is set from the body as read
-            length_given = True
-        if listed and lower in listed:
-            continue
-        lines.append(name + b": " + value + _CRLF)
-    return lines, length_given
+# Status lines and Content-Length lines as sent back, remembered (bounded: emptied when full).
+_status_lines: dict[tuple[int, bytes], bytes] = {}
+_length_lines: dict[int, bytes] = {}
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    line = _status_lines.get((status, reason))
+    if line is None:
+        if len(_status_lines) >= MAX_REMEMBERED_NAMES:
+            _status_lines.clear()
+        line = _status_lines[(status, reason)] = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    return line
+
+
+def _length_line(length: int) -> bytes:
+    line = _length_lines.get(length)
+    if line is None:
+        if len(_length_lines) >= MAX_REMEMBERED_NAMES:
+            _length_lines.clear()
+        line = _length_lines[length] = b"Content-Length: %d\r\n" % length
+    return line
+
+
+def _answer_head(answer: UpstreamConnection) -> tuple[list[bytes], bool]:
+    """The status line and passed-back headers of an answer being streamed (without the final
+    CRLF), and whether they carry the upstream's Content-Length."""
+    lines = [_status_line(answer.status, answer.reason)]
+    lines += answer.forward
+    lines += answer.lengths
+    return lines, bool(answer.lengths)
 
 
 def _relay_whole(
@@ -1453,15 +1667,23 @@ def _relay_whole(
 ) -> bool:
     """An answer that has come whole (or has no body) back in one write; the connection goes
     back to the pool. Returns whether the caller's connection stays open."""
-    lines, _ = _answer_head(request, answer)
-    no_body = request.method == "HEAD" or answer.status in _NO_BODY_STATUS
-    body = (
-        b"" if no_body else answer.chunks[0] if len(answer.chunks) == 1 else b"".join(answer.chunks)
-    )
+    lines = [_status_line(answer.status, answer.reason)]
+    lines += answer.forward
+    if request.method == "HEAD":
+        lines += answer.lengths  # the length the body would have
+        body = b""
+    elif answer.status in _NO_BODY_STATUS:
+        body = b""
+    else:
+        chunks = answer.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        lines.append(_length_line(len(body)))
     answer.chunks.clear()
-    if not no_body:
-        lines.append(b"Content-Length: %d\r\n" % len(body))
-    _finish_head(lines, keep_alive, request)
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    elif not request.http11:
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(_CRLF)
     lines.append(body)
     caller.write(b"".join(lines))
     answer.release()

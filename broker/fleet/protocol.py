@@ -33,7 +33,15 @@ from broker.fleet.outcomes import (
 from broker.fleetclock import stamped
 from broker.logs import get_logger
 from broker.model import PROTOCOL_VERSION, TokenSet
-from broker.store import FleetSignals, Notice, SpendEnd, SpendLedger, SpendStart, TokenSets
+from broker.store import (
+    Commit,
+    FleetSignals,
+    Notice,
+    SpendEnd,
+    SpendLedger,
+    SpendStart,
+    TokenSets,
+)
 
 # The name the module had before it became a package: log lines keep their logger.
 log = get_logger("broker.fleet")
@@ -159,6 +167,10 @@ class FleetProtocol:
         self._forgot_rank = (0, 0)
         # Set on SIGTERM (or an app's removal): no refresh token is sent from then on (H5).
         self._stopping = asyncio.Event()
+        # The rank of a set this replica stored that no store replica acknowledged (WAIT
+        # answered 0): only the primary holds it, a failover may lose it, and if this process
+        # exits it may be the fleet's only copy. The SIGTERM drain asks again (issue 20).
+        self._unacknowledged: tuple[int, int] | None = None
 
     @property
     def owner(self) -> str:
@@ -410,7 +422,11 @@ class FleetProtocol:
         UnreadableTokenSet) when a grant that spends refresh tokens has no set in memory and
         the stored one is under a key this replica lacks.
         """
-        await self._resolve_aborted()
+        # An abort applied on the primary that no replica acknowledged yet (NotDurable) stays
+        # unwritten and is written again at the next sync (the drain waits for it); the store
+        # answers, so read it on.
+        with contextlib.suppress(NotDurable):
+            await self._resolve_aborted()
         try:
             stored = await self._store.load(self.key)
         except UnreadableTokenSet as exc:
@@ -429,10 +445,12 @@ class FleetProtocol:
         if current is None:
             return True
         if stored is not None and stored.rank == current.rank:
+            await self._confirm_commit(current)
             await self._veto_remembered(current)
             return True
         commit = await self._store.commit(self.key, current)
         self.note_rank(commit.rank)
+        self._note_durable(current, commit)
         if commit.stored:
             # The store held an older set or none: it forgot (an empty restart, a failover that
             # lost writes, a restore). Spends wait the long objection window for a while.
@@ -446,6 +464,45 @@ class FleetProtocol:
             )
             await self._veto_remembered(current)
         return True
+
+    @property
+    def commit_unacknowledged(self) -> bool:
+        """A set this replica stored, still the newest it holds, has no replica's
+        acknowledgement yet (`store.require_replica_ack`): the next `sync` asks again."""
+        current = self._current()
+        return (
+            self._unacknowledged is not None
+            and current is not None
+            and (current.rank == self._unacknowledged)
+        )
+
+    def _note_durable(self, token: TokenSet, commit: Commit) -> None:
+        """Remember whether a replica acknowledged the commit of `token` (issue 20).
+
+        Without an acknowledgement the set is kept and served as usual: it is stored, on the
+        primary, and a spend of its refresh token waits for an acknowledgement of its own
+        (`mark_sent`), so in doubt the fleet waits rather than spends. Only exiting with it
+        unacknowledged risks it: a failover then loses the only copy (swarm seeds 21255,
+        27519), so the drain asks again until a replica holds it or the bound runs out.
+        """
+        if not self._spends:
+            return  # a client-credentials set lost costs one request, never a grant
+        if commit.stored and not commit.durable:
+            if self._unacknowledged != token.rank:
+                log.warning("commit.not_durable", app=self.app, generation=token.generation)
+            self._unacknowledged = token.rank
+        else:
+            self._unacknowledged = None
+
+    async def _confirm_commit(self, current: TokenSet) -> None:
+        """Ask again for a replica's acknowledgement of our unacknowledged set, now stored
+        with the same rank: a repeat of the commit, answered as stored, waits again."""
+        if not self.commit_unacknowledged:
+            self._unacknowledged = None
+            return
+        commit = await self._store.commit(self.key, current)
+        self.note_rank(commit.rank)
+        self._note_durable(current, commit)
 
     async def _resolve_aborted(self) -> None:
         """Clear the record of our own spend that ended without effect, now that the store
@@ -1000,6 +1057,7 @@ class FleetProtocol:
             # Maybe applied, maybe not: keep it and write it back (a repeat is recognised).
             return Fetched(token, False, sent_mono)
         self.note_rank(commit.rank)
+        self._note_durable(token, commit)
         if commit.stored:
             await self._clear_shared_failure()
             return Fetched(replace(token, version=commit.version), True, sent_mono)

@@ -98,11 +98,17 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """The answer to a commit: whether our set was stored, and the set's stored rank."""
+    """The answer to a commit: whether our set was stored, and the set's stored rank.
+
+    `durable` is False when the store requires a replica's acknowledgement
+    (`store.require_replica_ack`) and none came: the set is on the primary only, where a
+    failover may lose it (issue 20, swarm seeds 21255, 21685, 27519).
+    """
 
     stored: bool
     version: int
     rank: tuple[int, int]
+    durable: bool = True
 
 
 class SpendStart(enum.StrEnum):
@@ -244,6 +250,9 @@ class TokenSets(Protocol):
 
         A set of the same rank and access token is already stored: answered as stored (a
         repeat after a lost reply). A stored spend record for a lower rank is resolved by it.
+        A store that requires a replica's acknowledgement waits for one after a set answered
+        as stored (the repeat included, so repeating a commit asks again) and says in
+        `durable` whether it came.
         """
         ...
 
@@ -362,6 +371,11 @@ class SpendLedger(Protocol):
         (announced: with an abort notice in that owner's name; already sent: silently), and
         removes the record such a retry restored when it aborted (with an abort notice), and a
         vetoed record that names that spend as the one it protects (with an abort notice).
+
+        A store that requires a replica's acknowledgement waits for one after an abort (the
+        abort applied, or found applied already) and raises NotDurable when none came: the
+        abort is on the primary only, and a failover may bring the `sent` record back (swarm
+        seed 23291); the caller writes it again.
         """
         ...
 

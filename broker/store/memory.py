@@ -127,7 +127,7 @@ class MemoryStore:
         current = self.state.tokens.get(app)
         if current is not None:
             if current.rank == token.rank and current.access_token == token.access_token:
-                return Commit(True, current.version, current.rank)
+                return Commit(True, current.version, current.rank, self._wait_for_replica())
             if current.rank >= token.rank:
                 return Commit(False, current.version, current.rank)
         version = (current.version if current is not None else 0) + 1
@@ -145,7 +145,7 @@ class MemoryStore:
                 token=self.state.tokens[app],
             )
         )
-        return Commit(True, version, token.rank)
+        return Commit(True, version, token.rank, self._wait_for_replica())
 
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
         """Take the lease unless another owner holds an unexpired one; announce a grant."""
@@ -264,6 +264,12 @@ class MemoryStore:
         """Whether a replica acknowledged the last write (WAIT 1 answered 1)."""
         return self.replicas_acknowledge
 
+    def _wait_for_replica(self) -> bool:
+        """After a commit or an abort: True when no acknowledgement is required or a replica
+        acknowledged the write (WAIT 1, as RedisStore does after those with
+        `require_replica_ack`)."""
+        return not self.require_replica_ack or self._replica_acknowledged()
+
     async def load_spend(self, app: str) -> SpendRecord | None:
         """The spend record, or None."""
         self._check()
@@ -305,6 +311,13 @@ class MemoryStore:
         self._check()
         spend = self.state.spends.get(app)
         if spend is None:
+            aborted = self.state.aborted.get(app)
+            if (
+                outcome is SpendEnd.ABORTED
+                and aborted is not None
+                and aborted[:2] == (owner, fence)
+            ):
+                self._abort_acknowledged()  # applied already: asked again (the drain's retry)
             return
         if spend.fence != fence or spend.owner != owner:
             if outcome is SpendEnd.ABORTED and self._retried_spend_never_sent(app, owner, fence):
@@ -340,8 +353,14 @@ class MemoryStore:
                     protocol=self.protocol,
                 )
             )
+            self._abort_acknowledged()
         else:
             spend.state = "unknown"
+
+    def _abort_acknowledged(self) -> None:
+        """NotDurable when an abort must be acknowledged by a replica and none did."""
+        if not self._wait_for_replica():
+            raise NotDurable("memory store: no replica acknowledged the abort")
 
     def _retried_spend_never_sent(self, app: str, owner: str, fence: int) -> bool:
         """`owner`'s spend under `fence` ended without effect, and `spend` is the grace retry

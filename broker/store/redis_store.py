@@ -88,7 +88,11 @@ local version = tonumber(cur[1] or '0')
 local nl, ng = tonumber(ARGV[1]), tonumber(ARGV[2])
 if cur[1] then
   local cl, cg = tonumber(cur[2] or '0'), tonumber(cur[3] or '0')
-  if cl == nl and cg == ng and cur[4] == ARGV[3] then return {1, version, cl, cg} end
+  if cl == nl and cg == ng and cur[4] == ARGV[3] then
+    -- a repeat: write the version again, so that a WAIT after it counts the replicas holding it
+    redis.call('HSET', KEYS[1], 'version', version)
+    return {1, version, cl, cg}
+  end
   if not outranks(nl, ng, cl, cg) then return {0, version, cl, cg} end
 end
 version = version + 1
@@ -202,7 +206,17 @@ return 1
 _END_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen',
   'orig_sent_at', 'orig_owner', 'orig_fence', 'state')
-if not sp[1] then return 0 end
+if not sp[1] then
+  -- our abort applied already (its mark names this spend): touch the mark, so that a WAIT
+  -- after this call counts the replicas that hold the abort
+  local mark = ARGV[5] .. '|' .. ARGV[1] .. '|'
+  local held = redis.call('GET', KEYS[2])
+  if ARGV[2] == 'aborted' and held and string.sub(held, 1, string.len(mark)) == mark then
+    redis.call('PEXPIRE', KEYS[2], 86400000)
+    return 2
+  end
+  return 0
+end
 if sp[1] ~= ARGV[1] or sp[2] ~= ARGV[5] then
   -- The spend a grace retry retries (or the record that retry's abort restored) ended
   -- without effect, says its own spender: the retry is a first spend after all.
@@ -563,24 +577,28 @@ class RedisStore:
     async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:
         """Store `token` if it outranks the stored set (Lua), then publish a notice."""
         blob = self._keyring.encrypt(_plaintext(token), self._aad(app))
-        result = await self._call(
-            "save",
-            lambda: self._commit(
-                keys=[self.token_key(app), self.spend_key(app)],
-                args=[
-                    token.lineage,
-                    token.generation,
-                    token.fingerprint,
-                    blob,
-                    fence,
-                    self.channel,
-                    app,
-                    base64.b64encode(blob).decode(),
-                ],
-            ),
+        keys = [self.token_key(app), self.spend_key(app)]
+        args: list[Any] = [
+            token.lineage,
+            token.generation,
+            token.fingerprint,
+            blob,
+            fence,
+            self.channel,
+            app,
+            base64.b64encode(blob).decode(),
+        ]
+        if not self._require_ack:
+            result = await self._call("save", lambda: self._commit(keys=keys, args=args))
+            stored, version, lineage, generation = (int(x) for x in result)
+            return Commit(bool(stored), version, (lineage, generation))
+        # With require_replica_ack, WAIT after it as after mark_sent: a commit only the primary
+        # holds is lost by a failover, and its writer may have exited (issue 20, seed 21255).
+        result, acks = await self._call(
+            "save", lambda: self._script_then_wait(_versioned(_COMMIT), keys, args)
         )
         stored, version, lineage, generation = (int(x) for x in result)
-        return Commit(bool(stored), version, (lineage, generation))
+        return Commit(bool(stored), version, (lineage, generation), durable=acks >= 1)
 
     async def acquire_lease(self, app: str, owner: str, ttl: float) -> Lease:
         """Take the lease (and the next fence) unless another owner holds it; announce a grant."""
@@ -647,7 +665,9 @@ class RedisStore:
         if not self._require_ack:
             result = await self._call("spend", lambda: self._mark_sent(keys=keys, args=args))
             return bool(result)
-        marked, acks = await self._call("spend", lambda: self._script_then_wait(keys, args))
+        marked, acks = await self._call(
+            "spend", lambda: self._script_then_wait(_versioned(_MARK_SENT), keys, args)
+        )
         if not marked:
             return False
         if acks < 1:
@@ -657,8 +677,11 @@ class RedisStore:
             )
         return True
 
-    async def _script_then_wait(self, keys: list[str], args: list[Any]) -> tuple[int, int]:
-        """The mark_sent script, then `WAIT 1 <timeout>`, pipelined on one connection.
+    async def _script_then_wait(
+        self, source: str, keys: list[str], args: list[Any]
+    ) -> tuple[Any, int]:
+        """A script (mark_sent, commit, end_spend), then `WAIT 1 <timeout>`, pipelined on one
+        connection: the script's answer and the number of replicas that acknowledged.
 
         WAIT counts the replicas that acknowledged the writes of the connection it runs on, so
         it must follow the write on that connection: a pipeline on the primary, or on a Cluster
@@ -667,7 +690,6 @@ class RedisStore:
         EVAL, not EVALSHA: a node that never loaded it needs no second round trip. The wait is
         bounded by WAIT's timeout on the server and by the socket timeout on the client.
         """
-        source = _versioned(_MARK_SENT)
         if isinstance(self._client, RedisCluster):
             cluster = self._client
             await cluster.initialize()
@@ -693,7 +715,7 @@ class RedisStore:
             pipe.execute_command("EVAL", source, len(keys), *keys, *args)
             pipe.execute_command("WAIT", 1, self._ack_timeout_ms)
             results = list(await pipe.execute())
-        return int(results[0]), int(results[1])
+        return results[0], int(results[1])
 
     async def load_spend(self, app: str) -> SpendRecord | None:
         """The spend record (one HMGET), or None."""
@@ -729,14 +751,26 @@ class RedisStore:
         return bool(result)
 
     async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
-        """Remove (aborted) or mark (unknown) our spend record."""
-        await self._call(
-            "spend",
-            lambda: self._end_spend(
-                keys=[self.spend_key(app), self.aborted_key(app)],
-                args=[fence, outcome.value, self.channel, app, owner],
-            ),
+        """Remove (aborted) or mark (unknown) our spend record.
+
+        With `require_replica_ack`, an abort is followed by WAIT, as `mark_sent` is: an abort
+        only the primary holds is lost by a failover, which brings the `sent` record back for
+        good once its spender exited (issue 20, swarm seed 23291). NotDurable when no replica
+        acknowledged an abort the script applied (1) or found applied by this spend (2).
+        """
+        keys = [self.spend_key(app), self.aborted_key(app)]
+        args: list[Any] = [fence, outcome.value, self.channel, app, owner]
+        if not self._require_ack or outcome is not SpendEnd.ABORTED:
+            await self._call("spend", lambda: self._end_spend(keys=keys, args=args))
+            return
+        ended, acks = await self._call(
+            "spend", lambda: self._script_then_wait(_versioned(_END_SPEND), keys, args)
         )
+        if int(ended) and acks < 1:
+            raise NotDurable(
+                f"no replica acknowledged the abort within {self._ack_timeout_ms} ms "
+                "(WAIT answered 0)"
+            )
 
     async def refuse_token(self, app: str, access_fp: str, *, interval: float) -> Refusal:
         """Record a refusal of the stored set's access token, in one script (the CAS)."""

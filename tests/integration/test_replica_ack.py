@@ -21,7 +21,7 @@ from broker.clock import SystemClock
 from broker.errors import NotDurable
 from broker.metrics import Metrics
 from broker.model import TokenSet
-from broker.store import SpendStart
+from broker.store import SpendEnd, SpendStart
 from broker.store.crypto import Keyring
 from broker.store.redis_store import RedisStore, redis_client
 from tests.integration.test_rotation_doors import audited, refresh_tokens_presented
@@ -187,6 +187,81 @@ class TestStandalone:
         assert store._metrics.store_up._value.get() == 1
 
 
+class TestCommitsAndAbortsAreWaitedFor:
+    """Issue 20 (swarm seeds 21255, 23291): a commit and an abort are WAITed for as the `sent`
+    record is; a failover after their writer exited loses what only the primary held."""
+
+    async def test_a_commit_without_a_replica_is_stored_but_not_durable(
+        self, redis_server: RedisServer, open_store: StoreFactory
+    ) -> None:
+        """No replica: the set is stored on the primary (served as usual), WAIT answers 0
+        after its timeout, and the commit says so (`durable` False, not an error)."""
+        store = open_store(redis_server.url)
+        started = time.monotonic()
+        commit = await store.commit("app", token_set(2))
+        waited = time.monotonic() - started
+        assert commit.stored and not commit.durable
+        assert ACK_TIMEOUT * 0.9 <= waited < ACK_TIMEOUT + 1.0, waited
+        loaded = await store.load("app")
+        assert loaded is not None and loaded.rank == (1, 2)
+
+    async def test_a_repeated_commit_asks_again_once_a_replica_is_back(
+        self,
+        redis_server: RedisServer,
+        open_store: StoreFactory,
+        replica_of: Callable[[RedisServer], RedisServer],
+    ) -> None:
+        """The drain's retry: the same set committed again after a replica came is answered
+        as stored and durable, and the replica holds it (the repeat writes, so its WAIT
+        counts the replica; without a write WAIT would answer for older writes)."""
+        store = open_store(redis_server.url)
+        assert not (await store.commit("app", token_set(2))).durable
+        replica = replica_of(redis_server)
+        commit = await store.commit("app", token_set(2))
+        assert commit.stored and commit.durable and commit.rank == (1, 2)
+        client = redis.Redis(host="127.0.0.1", port=replica.port)
+        try:
+            assert client.hget(store.token_key("app"), "gen") == b"2"
+        finally:
+            client.close()
+
+    async def test_an_abort_without_a_replica_raises_not_durable_until_one_holds_it(
+        self,
+        redis_server: RedisServer,
+        open_store: StoreFactory,
+        replica_of: Callable[[RedisServer], RedisServer],
+    ) -> None:
+        """No replica: the abort is applied on the primary (the record is gone) and raises
+        NotDurable; asked again (the record is gone, its mark names this spend) it raises
+        again; once a replica is online the same call succeeds and the replica holds the
+        abort. An unknown outcome is not waited for (losing it leaves `sent`: unknown too)."""
+        store = open_store(redis_server.url)
+        fence = await spend_announced(store)
+        with pytest.raises(NotDurable):
+            await store.mark_sent("app", owner="a", fence=fence)
+        with pytest.raises(NotDurable, match="abort"):
+            await store.end_spend("app", owner="a", fence=fence, outcome=SpendEnd.ABORTED)
+        assert await store.load_spend("app") is None
+        with pytest.raises(NotDurable, match="abort"):
+            await store.end_spend("app", owner="a", fence=fence, outcome=SpendEnd.ABORTED)
+        # Another spend's abort (not this owner and fence) has nothing of ours to wait for.
+        await store.end_spend("app", owner="b", fence=fence, outcome=SpendEnd.ABORTED)
+        replica = replica_of(redis_server)
+        await store.end_spend("app", owner="a", fence=fence, outcome=SpendEnd.ABORTED)
+        client = redis.Redis(host="127.0.0.1", port=replica.port)
+        try:
+            assert client.exists(store.spend_key("app")) == 0
+            mark = client.get(store.aborted_key("app"))
+            assert isinstance(mark, bytes) and mark.startswith(f"a|{fence}|".encode())
+        finally:
+            client.close()
+        fence = await spend_announced(store)
+        assert await store.mark_sent("app", owner="a", fence=fence) is True
+        started = time.monotonic()
+        await store.end_spend("app", owner="a", fence=fence, outcome=SpendEnd.UNKNOWN)
+        assert time.monotonic() - started < ACK_TIMEOUT
+
+
 class TestCluster:
     async def test_wait_runs_on_the_node_of_the_apps_slot(
         self, cluster: RedisCluster, open_store: StoreFactory
@@ -204,6 +279,24 @@ class TestCluster:
                 assert client.hget(store.spend_key(app), "state") == b"sent"
         finally:
             client.close()
+
+    async def test_commits_and_aborts_wait_on_the_node_of_the_apps_slot(
+        self, cluster: RedisCluster, open_store: StoreFactory
+    ) -> None:
+        """On the same Cluster (no replicas), a commit is stored and answered not durable,
+        and an abort is applied and raises NotDurable, for apps on different nodes."""
+        store = open_store(cluster.url)
+        for app in ("app", "other-app", "third"):
+            commit = await store.commit(app, token_set(2))
+            assert commit.stored and not commit.durable
+            lease = await store.acquire_lease(app, "a", 10)
+            start = await store.begin_spend(app, owner="a", fence=lease.fence, token=token_set(2))
+            assert start is SpendStart.OK
+            with pytest.raises(NotDurable):
+                await store.mark_sent(app, owner="a", fence=lease.fence)
+            with pytest.raises(NotDurable, match="abort"):
+                await store.end_spend(app, owner="a", fence=lease.fence, outcome=SpendEnd.ABORTED)
+            assert await store.load_spend(app) is None
 
 
 class TestSentinel:

@@ -980,11 +980,21 @@ def failover_loses_the_abort() -> Schedule:
     async def script(world: World) -> None:
         server, key = world.server, world.key
         server.faults.status, server.faults.retry_after = 429, 1.0
+        marked: list[MemoryState] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not marked:
+                acknowledged = world.store.acknowledged
+                assert acknowledged is not None
+                marked.append(acknowledged)
+
+        server.phases.listeners.append(on_phase)
         await until(world, lambda: server.sends)
         await until(world, lambda: key not in world.store.state.spends)  # the abort is stored
-        acknowledged = world.store.acknowledged
-        assert acknowledged is not None
-        world.store.restore(acknowledged)  # the failover: the abort is lost
+        # The failover promotes a replica that acknowledged the `sent` record but not the
+        # abort (the abort is WAITed for too since seed 23291, but Sentinel may promote
+        # another replica than the one that acknowledged): the abort is lost.
+        world.store.restore(marked[0])
         world.restarts[0] += 1
         server.faults.status, server.faults.retry_after = None, None
 
@@ -1806,6 +1816,252 @@ def spenders_veto_lifted_by_its_abort() -> Schedule:
     )
 
 
+def _sigterm_at_mark_sent_in_an_outage(seed: int, name: str, outage: float) -> Schedule:
+    """Swarm seed 27342's case, scripted: the store goes down for `outage` seconds right
+    after it applied the spender's `mark_sent` (the answer lost: the token is never sent),
+    and SIGTERM comes at that moment; the new pod starts while the old one drains, as in a
+    rolling deploy. The drain retries the abort until its bound, 137.5 s (the lease plus the
+    read timeout): an outage that ends inside it costs nothing (20_059's fix), one that
+    outlasts it leaves the `sent` record for a spend nobody can end."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+                world.terminate(_index(world, replica))
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(1.0)
+        world.start_replica(_index(world, hit[0]))  # the new pod, while the old one drains
+        await world.time.sleep(outage - 1.0)
+        world.set_store_outage(False)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=seed,
+        config=config,
+        faults=(),
+        duration=720.0,
+        name=name,
+        script=script,
+        script_heals_by=240.0,
+    )
+
+
+def sigterm_in_an_outage_past_the_drain() -> Schedule:
+    """The documented limit of a drain (swarm seed 27342): the outage lasts 140 s, past the
+    drain's 137.5 s bound. The process must exit with its abort unwritten; the store, back
+    2.5 s later, holds a `sent` record that no replica can tell from a request on the wire.
+    The fleet announces `grant.outcome_unknown` and waits for a person, the grant intact;
+    the checker counts this apart (`_stranded_by_drain`)."""
+    return _sigterm_at_mark_sent_in_an_outage(20_100, "sigterm_in_an_outage_past_the_drain", 140.0)
+
+
+def sigterm_in_an_outage_inside_the_drain() -> Schedule:
+    """Its neighbour: the same outage, 130 s, inside the drain's bound. The drain writes the
+    abort once the store is back, and the fleet serves again; nothing is excused."""
+    return _sigterm_at_mark_sent_in_an_outage(
+        20_101, "sigterm_in_an_outage_inside_the_drain", 130.0
+    )
+
+
+def _failover(world: World, before: MemoryState) -> None:
+    """A failover to a replica that missed every write since `before`, or since the last one
+    a replica acknowledged (`WAIT`): connections drop."""
+    world.store.fail_over(before)
+    world.restarts[0] += 1
+
+
+def failover_loses_a_commit_after_its_writer_exited() -> Schedule:
+    """Found by the swarm (seeds 21255, 21685, 27519): the spender's `sent` record is
+    acknowledged (WAIT), a failover comes as the server rotates (it keeps the record, and drops
+    every subscription), and SIGTERM comes as the server acts. The answer is committed on the
+    promoted primary while the bystanders re-subscribe (they miss its notice), the drain sees
+    it stored and the process exits; a second failover then loses the commit, which no replica
+    had acknowledged. The fleet held only the `sent` record, which nobody could resolve: the
+    grant was lost with the grant intact on the server (invariants 3 and 5). A commit is now
+    WAITed for as `mark_sent` is, and a failover keeps it."""
+
+    async def script(world: World) -> None:
+        before = world.store.snapshot()  # before any spend
+        key = world.key
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "acted" and not hit:
+                hit.append(replica)
+                _failover(world, before)  # keeps the acknowledged `sent` record
+                world.terminate(_index(world, replica))
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        rank = before.tokens[key].rank
+        await until(world, lambda: key in world.store.state.tokens, limit=5.0)
+        await until(world, lambda: world.store.state.tokens[key].rank > rank, limit=5.0)
+        await until(world, lambda: all(task.done() for task in world.draining), limit=5.0)
+        _failover(world, before)  # before the bystanders are back (0.5 s): nobody heard it
+        await world.time.sleep(30.0)
+        world.start_replica(_index(world, hit[0]))
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_080,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="failover_loses_a_commit_after_its_writer_exited",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def failover_loses_an_abort_after_its_spender_exited() -> Schedule:
+    """Found by the swarm (seed 23291): the server refuses a refresh without acting (429), the
+    spender ends the spend as aborted and gets SIGTERM; its drain writes the abort again and
+    the process exits. A failover then promotes a replica that holds the acknowledged `sent`
+    record but not the abort, which no one waited for: only the exited spender could end that
+    record, and every replica, the restarted pod too, met the token as unknown and waited for
+    a person with the grant intact (invariant 5). An abort is now WAITed for, and a failover
+    keeps it."""
+
+    async def script(world: World) -> None:
+        server, key = world.server, world.key
+        before = world.store.snapshot()
+        server.faults.status, server.faults.retry_after = 429, 1.0
+        await until(world, lambda: server.sends)
+        spender = _index(world, server.sends[0][1])
+        await until(world, lambda: key not in world.store.state.spends, limit=5.0)
+        server.faults.status, server.faults.retry_after = None, None
+        world.terminate(spender)
+        await until(world, lambda: all(task.done() for task in world.draining), limit=5.0)
+        _failover(world, before)
+        await world.time.sleep(20.0)
+        world.start_replica(spender)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_081,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="failover_loses_an_abort_after_its_spender_exited",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def sigterm_drain_waits_for_a_replica_to_hold_the_commit() -> Schedule:
+    """The drain's part of the fix of seeds 21255, 21685, 27519: the primary's replicas
+    acknowledge nothing from the moment the server acts (they are down) until 3 s later, and
+    SIGTERM comes as the server acts. The `sent` record was acknowledged, the commit is not;
+    the bystanders are cut off from the store from the send until after a failover 4 s after
+    the answer (a partition: they never hear the commit's notice). The drain now asks again (a
+    repeated commit, `WAIT`) until a replica holds the set, then exits, and the failover keeps
+    it. A drain that exits once the commit is stored on the primary leaves the only copy
+    there, and the failover loses it (invariants 3 and 5)."""
+
+    async def script(world: World) -> None:
+        before = world.store.snapshot()
+        store = world.store
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                for other in world.replicas:
+                    if other.name != replica:
+                        other.view.faults.partitioned = True
+            elif phase == "acted" and len(hit) == 1 and replica == hit[0]:
+                hit.append(replica)
+                store.replicas_acknowledge = False
+                world.terminate(_index(world, replica))
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: len(hit) == 2)
+        await world.time.sleep(3.0)
+        store.replicas_acknowledge = True
+        await world.time.sleep(1.0)
+        _failover(world, before)
+        for other in world.replicas:
+            other.view.faults.partitioned = False
+        await world.time.sleep(30.0)
+        world.start_replica(_index(world, hit[0]))
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_082,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="sigterm_drain_waits_for_a_replica_to_hold_the_commit",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def _set_evicted(*, writer_exits: bool) -> Schedule:
+    """Swarm seed 24380, scripted: Redis restarts empty as the server rotates (the `sent`
+    record is gone, every subscription drops: the bystanders, which heard the `sent` notice,
+    miss the commit's), the spender commits the answer into the empty store, and the store
+    then evicts the set (a maxmemory policy other than `noeviction`). `writer_exits`: SIGTERM
+    came as the server acted, and the drain has ended (the set was stored) when the eviction
+    comes; otherwise the spender runs on and writes its set back at its next look."""
+
+    async def script(world: World) -> None:
+        key = world.key
+        rank = world.store.state.tokens[key].rank
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "acted" and not hit:
+                hit.append(replica)
+                world.empty_restart()
+                if writer_exits:
+                    world.terminate(_index(world, replica))
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        stored = world.store.state.tokens
+        await until(world, lambda: key in stored and stored[key].rank > rank, limit=5.0)
+        await until(world, lambda: all(task.done() for task in world.draining), limit=5.0)
+        world.evict_set()  # before the bystanders are back (0.5 s): nobody else has it
+        if writer_exits:
+            await world.time.sleep(30.0)
+            world.start_replica(_index(world, hit[0]))
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    name = "set_evicted_after_its_writer_exited" if writer_exits else "set_evicted_under_its_writer"
+    return Schedule(
+        seed=20_083 if writer_exits else 20_084,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name=name,
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def set_evicted_after_its_writer_exited() -> Schedule:
+    """The documented limit, not a door (swarm seed 24380): the store evicts the newest set
+    after its writer's drain stored it and the process exited, while the bystanders were
+    re-subscribing after an empty restart. Nobody holds the server's newest refresh token: the
+    grant is lost, announced (`grant.outcome_unknown`), and counted apart; no WAIT keeps a key
+    that an eviction removes from the primary and its replicas alike, and
+    `maxmemory-policy noeviction` (docs/operations.md) rules it out."""
+    return _set_evicted(writer_exits=True)
+
+
+def set_evicted_under_its_writer() -> Schedule:
+    """The same eviction while the writer runs on: it writes its set back at its next look,
+    so nothing is lost and nothing is excused."""
+    return _set_evicted(writer_exits=False)
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -1860,6 +2116,19 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "veto_for_a_spend_its_drained_spender_aborted": veto_for_a_spend_its_drained_spender_aborted,
     "veto_judged_before_the_spenders_abort": veto_judged_before_the_spenders_abort,
     "spenders_veto_lifted_by_its_abort": spenders_veto_lifted_by_its_abort,
+    "sigterm_in_an_outage_past_the_drain": sigterm_in_an_outage_past_the_drain,
+    "sigterm_in_an_outage_inside_the_drain": sigterm_in_an_outage_inside_the_drain,
+    "failover_loses_a_commit_after_its_writer_exited": (
+        failover_loses_a_commit_after_its_writer_exited
+    ),
+    "failover_loses_an_abort_after_its_spender_exited": (
+        failover_loses_an_abort_after_its_spender_exited
+    ),
+    "sigterm_drain_waits_for_a_replica_to_hold_the_commit": (
+        sigterm_drain_waits_for_a_replica_to_hold_the_commit
+    ),
+    "set_evicted_after_its_writer_exited": set_evicted_after_its_writer_exited,
+    "set_evicted_under_its_writer": set_evicted_under_its_writer,
 }
 
 

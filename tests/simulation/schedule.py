@@ -26,7 +26,9 @@ from broker.model import TokenSet
 from broker.store.memory import MemoryState
 from tests.simulation.world import (
     APP,
+    NOTICE_DELAY,
     PHASES,
+    REPLY_HOP,
     Replica,
     SimStoreView,
     World,
@@ -341,6 +343,13 @@ class Result:
     # Revoked by the documented limit: an empty restart erased a `sent` record while its
     # spender, the only replica that knew, could not speak (dead or paused); counted apart.
     revoked_forgotten_while_alone: bool = False
+    # Lost by the same limit: the store evicted the server's newest set while no running
+    # process held it (World.evict; `maxmemory-policy noeviction` rules it out); counted apart.
+    lost_evicted_while_alone: bool = False
+    # Stopped by the documented limit of a drain: the fleet waits for a person, the grant
+    # intact, behind a `sent` record of a spend never sent whose spender exited at its drain's
+    # bound, cut off from the store since the mark (`_stranded_by_drain`); counted apart.
+    stranded_by_drain: bool = False
     # The step checks' memory: how often each refresh token was presented, and how many
     # presentations they have looked at.
     seen_tokens: Counter[str] = field(default_factory=Counter)
@@ -363,7 +372,9 @@ class Result:
             f"token requests {self.token_requests}, outcome_unknown announced "
             f"{self.outcome_unknown_announced}, purges {self.purges}, grant lost after a lost reply "
             f"{self.grant_lost_after_lost_reply}, revoked {self.revoked}"
-            + (" (the store forgot a spend alone)" if self.revoked_forgotten_while_alone else ""),
+            + (" (the store forgot a spend alone)" if self.revoked_forgotten_while_alone else "")
+            + (" (the store evicted the newest set alone)" if self.lost_evicted_while_alone else "")
+            + (", stopped by the drain's limit" if self.stranded_by_drain else ""),
         ]
         lines += [f"VIOLATION: {v}" for v in self.violations]
         return "\n".join(lines)
@@ -385,6 +396,11 @@ def run(schedule: Schedule) -> Result:
         result.violations.append(
             "invariant 3: revoked after the store forgot a spend, and no grant.reuse_detected "
             "announced it"
+        )
+    if result.lost_evicted_while_alone and not result.outcome_unknown_logged:
+        result.violations.append(
+            "invariant 3: lost after the store evicted the newest set, and no "
+            "grant.outcome_unknown announced it"
         )
     if result.grant_lost_after_lost_reply and not result.outcome_unknown_logged:
         result.violations.append("invariant 3: the lost grant was not announced in the logs")
@@ -835,20 +851,58 @@ def _check_recovery(world: World, result: Result, when: str) -> None:
         (_grant_lost(world) and _truly_lost_reply(world))
         or (world.server.revoked and _after_lost_reply(world))
         or _revoked_forgotten_while_alone(world)
+        or _lost_evicted_while_alone(world)
     ):
         return
     if world.server.in_flight_when_cancelled and _announced(world):
         return  # a request on the wire when its sender died: announced, and a person's call
+    stranded = _stranded_by_drain(world)
     for replica in world.replicas:
-        if (
-            replica.alive
-            and replica.refresher.servable() is None
-            and not _only_its_clock_ahead_objects(world, replica)
-        ):
+        if not replica.alive or replica.refresher.servable() is not None:
+            continue
+        if _only_its_clock_ahead_objects(world, replica):
+            continue
+        token = replica.refresher.token
+        if token is not None and token.refresh_fingerprint == stranded:
+            result.stranded_by_drain = True
+        else:
             result.violations.append(
                 f"invariant 5: {replica.name} does not serve {when} "
                 f"(state {replica.refresher.state}, last_error {replica.refresher.last_error})"
             )
+
+
+def _stranded_by_drain(world: World) -> str | None:
+    """The documented limit of a drain (README, "What a crash can lose"), or None: the
+    fingerprint of the refresh token the fleet cannot spend because the store's record of its
+    spend is `sent` while it was never sent. Its spender marked it sent, lost the answer as the
+    store became unreachable for it, got SIGTERM, and exited at its drain's bound (the lease
+    plus the read timeout) without reaching the store once since the mark
+    (World._note_stranded): only it knew, and nobody else can tell the record from a request
+    on the wire. Only while the grant is intact (the server never saw the token, it is the
+    stored set's and the one the server holds valid) and the fleet said so
+    (`grant.outcome_unknown`): the record stops the fleet, it cost nothing else."""
+    spend = world.store.state.spends.get(world.key)
+    stored = world.store.state.tokens.get(world.key)
+    if (
+        spend is None
+        or spend.state != "sent"
+        or (spend.owner, spend.fence, spend.refresh_fp) not in world.stranded_by_drain
+        or stored is None
+        or stored.refresh_fingerprint != spend.refresh_fp
+        or world.server.revoked
+        or stored.refresh_token != world.server.valid_refresh
+        or any(p.refresh_token == stored.refresh_token for p in world.server.presentations)
+        or not _announced(world)
+    ):
+        return None
+    return spend.refresh_fp
+
+
+# How long after a commit a replica may still hold the set it replaced: the commit's notice
+# on its way (NOTICE_DELAY), then, for a replica that must read the set, a round trip (two
+# hops); the spender's own commit answer takes one hop.
+ADOPTION_LAG = NOTICE_DELAY + 2 * REPLY_HOP
 
 
 def _only_its_clock_ahead_objects(world: World, replica: Replica) -> bool:
@@ -858,10 +912,20 @@ def _only_its_clock_ahead_objects(world: World, replica: Replica) -> bool:
     A pod serves a token only while the fleet's clock and its own clock both allow it (issue
     20, M3): a pod whose clock is ahead by more than the slack before the fleet's next refresh
     stops serving each token that much earlier. Not a liveness failure of the protocol.
+
+    "Newest" includes the set a commit replaced less than ADOPTION_LAG ago: the commit's notice
+    is still on its way to the replica (swarm seed 26046: the check fell 1 ms after the commit,
+    while every replica, its clock ahead, still held the set before it, and served the new one
+    1 ms later).
     """
     token = replica.refresher.token
     stored = world.store.state.tokens.get(world.key)
-    if token is None or stored is None or stored.rank != token.rank:
+    if token is None or stored is None:
+        return False
+    if stored.rank != token.rank and not (
+        token.rank < stored.rank
+        and world.time.now - world.written_at.get(world.key, -math.inf) <= ADOPTION_LAG
+    ):
         return False
     if replica.clock.wall_offset <= 0:
         return False
@@ -897,6 +961,14 @@ def _revoked_forgotten_while_alone(world: World) -> bool:
     return world.server.revoked and any(
         p.outcome == "reuse" and p.refresh_token in forgotten for p in world.server.presentations
     )
+
+
+def _lost_evicted_while_alone(world: World) -> bool:
+    """The same documented limit for a token set: the server's newest refresh token is held by
+    no replica and not stored because the store evicted the set holding it while no running
+    process held it (World.evict). Not a failover or a restart: only an eviction, which the
+    documented `maxmemory-policy noeviction` rules out."""
+    return _grant_lost(world) and world.server.valid_refresh in world.evicted_while_alone
 
 
 def _truly_lost_reply(world: World) -> bool:
@@ -972,6 +1044,8 @@ def _finish(world: World, result: Result, schedule: Schedule) -> None:
     elif _grant_lost(world):
         if _truly_lost_reply(world) and result.outcome_unknown_announced > 0:
             result.grant_lost_after_lost_reply = True
+        elif _lost_evicted_while_alone(world):
+            result.lost_evicted_while_alone = True
         else:
             result.violations.append(
                 "invariant 3: the grant was lost without a lost reply announced by "

@@ -17,7 +17,7 @@ from broker import events
 from broker import fleet as fleet_module
 from broker import refresher as refresher_module
 from broker.core import BrokerCore
-from broker.errors import StoreUnavailable
+from broker.errors import NotDurable, StoreUnavailable
 from broker.fleet import Fetch, FleetProtocol
 from broker.fleet import protocol as fleet_protocol_module
 from broker.model import TokenSet
@@ -946,8 +946,114 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_a_commit_not_waited_for(self, mutate: Callable[[object, str, object], None]) -> None:
+        """Swarm-found (seeds 21255, 21685, 27519): a commit no replica was asked to hold (the
+        old code: WAIT only after `mark_sent`) is lost by a failover after its writer exited,
+        and the fleet is left with a `sent` record nobody can resolve."""
+        original = world_module.SimMemoryStore.commit
+
+        async def commit_not_waited(
+            self: world_module.SimMemoryStore, app: str, token: TokenSet, *, fence: int = 0
+        ) -> Any:
+            acknowledged = self.acknowledged
+            commit = await original(self, app, token, fence=fence)
+            self.acknowledged = acknowledged  # no WAIT: no replica is known to hold it
+            return replace(commit, durable=True)
+
+        mutate(world_module.SimMemoryStore, "commit", commit_not_waited)
+        result = run(DOORS["failover_loses_a_commit_after_its_writer_exited"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_an_abort_not_waited_for(self, mutate: Callable[[object, str, object], None]) -> None:
+        """Swarm-found (seed 23291): an abort no replica was asked to hold (the old code) is
+        lost by a failover after its spender exited; the `sent` record stands for good."""
+        original = world_module.SimMemoryStore.end_spend
+
+        async def end_spend_not_waited(
+            self: world_module.SimMemoryStore,
+            app: str,
+            *,
+            owner: str,
+            fence: int,
+            outcome: SpendEnd,
+        ) -> None:
+            acknowledged = self.acknowledged
+            with contextlib.suppress(NotDurable):
+                await original(self, app, owner=owner, fence=fence, outcome=outcome)
+            self.acknowledged = acknowledged
+
+        mutate(world_module.SimMemoryStore, "end_spend", end_spend_not_waited)
+        result = run(DOORS["failover_loses_an_abort_after_its_spender_exited"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_drain_that_exits_with_the_commit_unacknowledged(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The drain exits as soon as the commit is stored on the primary, unacknowledged (the
+        old code): a failover after it loses the only copy of the rotated set."""
+        mutate(FleetProtocol, "commit_unacknowledged", property(lambda self: False))
+        result = run(DOORS["sigterm_drain_waits_for_a_replica_to_hold_the_commit"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 3") for v in result.violations), result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
+    def test_a_set_evicted_after_its_writer_exited(self) -> None:
+        """Seed 24380's case, scripted: the grant is lost (nobody holds the server's newest
+        refresh token), announced, and counted apart as the limit (an eviction)."""
+        result = run(DOORS["set_evicted_after_its_writer_exited"]())
+        assert result.ok, result.report()
+        assert result.lost_evicted_while_alone and not result.revoked, result.report()
+        assert result.outcome_unknown_announced > 0, result.report()
+
+    def test_not_while_its_writer_runs(self, mutate: Callable[[object, str, object], None]) -> None:
+        """The same eviction with the writer running: unmutated it writes its set back and
+        nothing is lost; without the write-back the fleet stops serving, a failure that is
+        not excused (the writer held the set when it was evicted)."""
+        result = run(DOORS["set_evicted_under_its_writer"]())
+        assert result.ok and not result.lost_evicted_while_alone, result.report()
+        original = FleetProtocol.sync
+
+        async def no_write_back_over_nothing(self: FleetProtocol) -> bool:
+            if await self._store.load(self.key) is None:
+                return True
+            return await original(self)
+
+        mutate(FleetProtocol, "sync", no_write_back_over_nothing)
+        result = run(DOORS["set_evicted_under_its_writer"]())
+        assert not result.ok
+        assert not result.lost_evicted_while_alone, result.report()
+
+    def test_a_drain_cut_off_from_the_store_past_its_bound(self) -> None:
+        """Seed 27342's case, scripted: the `sent` record of a spend never sent outlives its
+        spender's drain (the store down 140 s, the bound 137.5 s): the fleet announces
+        `grant.outcome_unknown` and waits for a person, the grant intact, counted apart."""
+        result = run(DOORS["sigterm_in_an_outage_past_the_drain"]())
+        assert result.ok, result.report()
+        assert result.stranded_by_drain and not result.revoked, result.report()
+        assert result.outcome_unknown_announced > 0, result.report()
+
+    def test_not_when_the_store_is_back_inside_the_drain(self) -> None:
+        """The same with the store back after 130 s: the drain writes the abort, the fleet
+        serves again, and nothing is excused."""
+        result = run(DOORS["sigterm_in_an_outage_inside_the_drain"]())
+        assert result.ok, result.report()
+        assert not result.stranded_by_drain, result.report()
+
+    def test_not_when_the_drain_could_have_written_its_abort(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The store back inside the drain, with a drain that does not wait to write its abort
+        (20_059's door put back): the fleet waits for a person behind the same record, but
+        its spender could reach the store before it exited: a failure, not the limit."""
+        mutate(FleetProtocol, "abort_unwritten", property(lambda self: False))
+        result = run(DOORS["sigterm_in_an_outage_inside_the_drain"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+        assert not result.stranded_by_drain, result.report()
+
     def test_an_empty_restart_while_the_only_witness_is_paused(self) -> None:
         """Seed 194's case, scripted: revoked, announced, and counted apart as the limit."""
         result = run(DOORS["forgotten_while_the_spender_is_paused"]())

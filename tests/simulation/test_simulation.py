@@ -89,6 +89,20 @@ SWARM_REGRESSION_SEEDS = {
     "now names the spend on the wire)",
     12086: "a partition's heal went to the pod that replaced the partitioned one, which drained "
     "cut off past its bound with its abort unwritten (a model bug: a fault heals where it began)",
+    21255: "a commit written after the last WAIT (the `sent` record's), its writer drained and "
+    "exited, then a failover lost it: only the `sent` record was left, nobody could resolve it "
+    "(a commit is now WAITed for with store.require_replica_ack, and the drain asks again)",
+    21685: "as 21255, the writer killed just after its commit",
+    23291: "as 21255 for an abort: the spender's abort (the server did not act) lost by a "
+    "failover after its drain exited, the `sent` record stood for good (an abort is WAITed for)",
+    24380: "the documented limit, counted apart: an empty restart as the server rotated, the "
+    "commit stored after it, the writer's drain ended, then the set evicted (maxmemory-policy "
+    "noeviction rules it out) before any other replica had read it",
+    27519: "as 21255, with two failovers and a lost lease",
+    26046: "the recovery check fell 1 ms after a commit, before its notice reached the "
+    "replicas, whose clocks (17 to 54 s ahead) had stopped them serving the set before it; "
+    "they served the new set 1 ms later (a checker bug: the clock-ahead excuse now includes "
+    "the set a commit replaced within a notice's delivery and a read, ADOPTION_LAG)",
 }
 
 
@@ -100,9 +114,10 @@ SWARM_REGRESSION_SEEDS = {
 # objection window as mute (issue 20; the broker needs `maxmemory-policy noeviction`).
 OPEN_SEEDS: dict[int, str] = {}
 
-# Swarm seeds of the sample whose grant is revoked by the documented limit (README, "What a
-# crash can lose"): the store forgot an acknowledged `sent` record while every replica that
-# knew (the spender, a replica that heard its notice or holds the newer set) could not speak.
+# Swarm seeds of the sample (and SWARM_REGRESSION_SEEDS) whose grant is revoked or lost by the
+# documented limit (README, "What a crash can lose"): the store forgot an acknowledged `sent`
+# record while every replica that knew (the spender, a replica that heard its notice or holds
+# the newer set) could not speak, or evicted the newest set while no running process held it.
 # Counted apart, not failing; any other seed so excused fails, so the excuse cannot widen
 # unseen (and a seed listed here that stops being excused says to take it out).
 DOCUMENTED_LIMIT_SEEDS: dict[int, str] = {
@@ -110,7 +125,16 @@ DOCUMENTED_LIMIT_SEEDS: dict[int, str] = {
     734: "an eviction right after the send, the spender and the replicas that adopted its set "
     "on the old primary of a split brain for 18 s",
     1237: "an empty restart and an eviction, the spender on the old primary of a split brain",
+    24380: "the newest set evicted after its writer's drain ended, nobody else had read it",
 }
+
+# Swarm seeds of the sample stopped by the documented limit of a drain (README, "What a crash
+# can lose"): the fleet waits for a person, the grant intact, behind the `sent` record of a
+# spend never sent, whose spender got SIGTERM as the store became unreachable for it and
+# exited at its drain's bound before it could reach the store again. Counted apart, not
+# failing; none in the sample (swarm seed 27342 is one, below), and any seed so excused
+# without being listed fails.
+DRAIN_LIMIT_SEEDS: dict[int, str] = {}
 
 _RESULTS: dict[int, Result] = {}
 
@@ -128,7 +152,14 @@ def test_schedule_keeps_every_invariant(seed: int) -> None:
     revoked grant, fair-weather requests within 1.1x one broker, and service again after heal."""
     result = outcome(seed)
     assert result.ok, result.report()
-    assert result.revoked_forgotten_while_alone == (seed in DOCUMENTED_LIMIT_SEEDS), result.report()
+    assert excused(result) == (seed in DOCUMENTED_LIMIT_SEEDS), result.report()
+    assert result.stranded_by_drain == (seed in DRAIN_LIMIT_SEEDS), result.report()
+
+
+def excused(result: Result) -> bool:
+    """The run was counted apart as the documented limit (a forgotten `sent` record or an
+    evicted set)."""
+    return result.revoked_forgotten_while_alone or result.lost_evicted_while_alone
 
 
 @pytest.mark.parametrize("seed", sorted(REGRESSION_SEEDS))
@@ -143,6 +174,26 @@ def test_swarm_regression_seed(seed: int) -> None:
     """A swarm seed past the CI sample that once broke an invariant keeps every invariant."""
     result = outcome(seed)
     assert result.ok, f"{SWARM_REGRESSION_SEEDS[seed]}\n{result.report()}"
+    assert excused(result) == (seed in DOCUMENTED_LIMIT_SEEDS), result.report()
+
+
+def test_the_drains_limit_excuses_seed_27342_and_not_a_shorter_outage() -> None:
+    """Seed 27342: the store down 139.8 s from the moment it applied the spender's `mark_sent`
+    (the answer lost: never sent), SIGTERM at that moment; the drain's bound is 137.5 s. The
+    fleet waits for a person behind the record, the grant intact: excused as the drain's
+    limit. The same schedule with the outage 130 s long, inside the bound: the drain writes
+    the abort, the fleet serves again, and nothing is excused."""
+    result = outcome(27342)
+    assert result.ok and result.stranded_by_drain, result.report()
+    assert result.outcome_unknown_announced > 0 and not result.revoked, result.report()
+    schedule = make_schedule(27342)
+    outage = schedule.faults[0]
+    assert outage.kind == "store_outage" and outage.phase == "sent", schedule.describe()
+    shorter = dataclasses.replace(
+        schedule, faults=(dataclasses.replace(outage, duration=130.0), *schedule.faults[1:])
+    )
+    neighbour = run(shorter)
+    assert neighbour.ok and not neighbour.stranded_by_drain, neighbour.report()
 
 
 def test_schedules_cover_every_fault_kind() -> None:

@@ -423,6 +423,8 @@ def _wake_sleeper(future: asyncio.Future[None]) -> None:
 
 # How long a notice takes from the store to a subscriber's reader.
 NOTICE_DELAY = 0.002
+# The longest hop of a store command, each way (StoreLink._hop: 1 to 5 ms).
+REPLY_HOP = 0.005
 
 
 class SimTime:
@@ -1062,6 +1064,14 @@ class SimMemoryStore(MemoryStore):
             self.acknowledged = self.snapshot()
         return sent
 
+    def _wait_for_replica(self) -> bool:
+        """After a commit or an abort (WAIT, issue 20): when a replica acknowledged it,
+        remember what that replica holds, as after `mark_sent` (swarm seeds 21255, 23291)."""
+        acknowledged = super()._wait_for_replica()
+        if acknowledged and self.require_replica_ack:
+            self.acknowledged = self.snapshot()
+        return acknowledged
+
     def failover_state(self, before: MemoryState) -> MemoryState:
         """What a failover (or a restore) to `before` keeps: with `sent` records acknowledged
         by a replica (store.require_replica_ack), every write up to the last acknowledged one
@@ -1639,11 +1649,19 @@ class World:
         # spent again while that spender, the only replica that knew, could not speak.
         self._forgotten_sent: dict[str, tuple[str, float]] = {}
         self.forgotten_while_alone: set[str] = set()
+        # The same limit for a token set: refresh tokens of the server's newest set, evicted
+        # from the store while no running process held it (its writer had exited).
+        self.evicted_while_alone: set[str] = set()
         self.server.phases.listeners.append(self._on_sent)
         self.replicas: list[Replica] = []
         self.metrics: list[Metrics] = []  # every incarnation's, dead ones included
         self.draining: list[asyncio.Future[None]] = []  # replicas shutting down after SIGTERM
         self.store_outage = False
+        self.store_outage_since: float | None = None  # when the store went down, while it is
+        # The documented limit of a drain (README, "What a crash can lose"): spends (owner,
+        # fence, refresh fingerprint) marked sent, never sent, whose spender exited at its
+        # drain's bound without reaching the store once since the mark (`_note_stranded`).
+        self.stranded_by_drain: set[tuple[str, int, str]] = set()
         self._incarnations = itertools.count(1)
         self._reloads = 0  # config reloads so far (each names its new refresher apart)
         self._replaced_views: list[SimStoreView] = []  # of incarnations since replaced
@@ -1820,6 +1838,8 @@ class World:
         async def drain_then_exit() -> None:
             started, bound = self.time.now, replica.core.drain_bound()
             await replica.core.drain(None)
+            if self.time.now - started >= bound:
+                self._note_stranded(replica)
             unstored = replica.refresher._unsynced and self._only_copy(replica) is not None
             if self.time.now - started < bound and unstored:
                 # The drain ended on its own, holding the only copy of the newest set, which
@@ -1835,6 +1855,36 @@ class World:
             )
 
         self.draining.append(asyncio.ensure_future(drain_then_exit()))
+
+    def _note_stranded(self, replica: Replica) -> None:
+        """The drain of `replica` ran to its bound: note the documented limit of a drain if
+        its spend is `sent` in the store but was never sent (its `mark_sent` applied, the
+        answer lost), and the process could not reach the store at any moment since: cut off
+        (the store down, or this process partitioned from it) from before that answer could
+        come back until now. Only that process knew the token never left, and it must exit;
+        the record names a spend nobody can end (no other replica can tell it from a request
+        on the wire). A split brain is not this: its old primary takes the abort."""
+        view = replica.view
+        marked = view.marked_sent_at
+        if marked is None or not replica.refresher.fleet.abort_unwritten:
+            return
+        if any(at >= marked and name == replica.name for at, name, _ in self.server.sends):
+            return  # sent after all
+        if view.outage and self.store_outage_since is not None:
+            cut_since: float | None = self.store_outage_since
+        elif view.faults.partitioned:
+            cut_since = view.faults.partitioned_since
+        else:
+            return
+        if cut_since is None or cut_since > marked + REPLY_HOP:
+            return  # the store answered the mark, or something after it
+        spend = self.store.state.spends.get(self.key)
+        if (
+            spend is not None
+            and spend.state == "sent"
+            and spend.owner == replica.refresher.fleet.owner
+        ):
+            self.stranded_by_drain.add((spend.owner, spend.fence, spend.refresh_fp))
 
     def terminate_mid_spend(self, index: int) -> None:
         """SIGTERM the moment the server acts on this replica's next refresh token."""
@@ -1884,6 +1934,10 @@ class World:
 
     def set_store_outage(self, down: bool) -> None:
         """The store is down for everyone (or back)."""
+        if down and not self.store_outage:
+            self.store_outage_since = self.time.now
+        elif not down:
+            self.store_outage_since = None
         self.store_outage = down
         for replica in self.replicas:
             replica.view.outage = down
@@ -2055,7 +2109,33 @@ class World:
                 if keys is state.spends:
                     # An evicted `sent` record is forgotten as in an empty restart.
                     self._note_forgotten(MemoryState())
+                if keys is state.tokens:
+                    self.evict_set()
                 keys.pop(self.key, None)
+
+    def evict_set(self) -> None:
+        """The store evicts the app's token set (a door's eviction of that key alone)."""
+        self._note_set_evicted()
+        self.store.state.tokens.pop(self.key, None)
+
+    def _note_set_evicted(self) -> None:
+        """The stored set is about to be evicted: remember its refresh token when it is the
+        server's newest and no process that could write it back holds it (no replica's
+        process running with it, no drain under way). An eviction is applied on the primary
+        and its replicas alike, so no WAIT keeps it: `maxmemory-policy noeviction` rules it
+        out (docs/operations.md), and the simulation counts a grant lost so apart (swarm seed
+        24380: the writer's drain had ended, its commit stored and acknowledged)."""
+        stored = self.store.state.tokens.get(self.key)
+        valid = self.server.valid_refresh
+        if stored is None or valid is None or stored.refresh_token != valid:
+            return
+        if any(not task.done() for task in self.draining):
+            return
+        for replica in self.replicas:
+            held = replica.refresher.token
+            if not replica.task.done() and held is not None and held.refresh_token == valid:
+                return
+        self.evicted_while_alone.add(valid)
 
     def _only_copy_dies(self, replica: Replica) -> None:
         """The process exits holding the only copy of the server's newest set (its answer came,

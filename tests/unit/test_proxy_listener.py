@@ -26,7 +26,7 @@ from broker.metrics import Metrics
 from broker.model import AppSpec, ClientSpec, ProxySpec
 from tests.support.fake_clock import FakeClock
 from tests.support.fakes import FakeTokenService
-from tests.unit.test_proxy import KEY, TOKEN_A
+from tests.unit.test_proxy import KEY, TOKEN_A, TOKEN_B
 
 AUTH = f"Authorization: Bearer {KEY}\r\n"
 Handler = Callable[["Exchange"], Awaitable[None]]
@@ -123,7 +123,10 @@ class Proxy:
 
 
 @pytest.fixture
-async def proxy(upstream: ScriptedUpstream, tmp_path: Path) -> AsyncIterator[Proxy]:
+async def proxy(
+    upstream: ScriptedUpstream, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Proxy]:
+    """The listener for app1 (ProxySpec fields overridden by an indirect parameter)."""
     (tmp_path / "key").write_text(KEY)
     authenticator = ClientAuthenticator(
         {"svc": ClientSpec("svc", ("app1",), key_files=(tmp_path / "key",))}
@@ -134,6 +137,7 @@ async def proxy(upstream: ScriptedUpstream, tmp_path: Path) -> AsyncIterator[Pro
         allowed_networks=("127.0.0.0/8",),
         read_timeout=5.0,
         max_buffered_body=1024,
+        **getattr(request, "param", {}),
     )
     upstreams.update({"app1": AppSpec("app1", "https://auth.example/token", proxy=spec)})
     service = FakeTokenService({"app1": TOKEN_A})
@@ -338,6 +342,93 @@ class TestPipeliningAndLimits:
         assert b"WWW-Authenticate: Bearer" in answer
         assert "client key" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["message"]
         assert upstream.requests() == []
+
+    @pytest.mark.parametrize("keep_alive", ["Connection", "Proxy-Connection"])
+    async def test_an_http10_caller_kept_alive_is_told_so(
+        self, proxy: Proxy, upstream: ScriptedUpstream, keep_alive: str
+    ) -> None:
+        """HTTP/1.0 is kept alive by `keep-alive` in Connection or in Proxy-Connection (as
+        llhttp reads them): the answer says `Connection: keep-alive`, and the connection serves
+        the next request; an HTTP/1.1 answer carries no Connection header."""
+        first = (
+            get()
+            .replace(b"HTTP/1.1", b"HTTP/1.0")
+            .replace(b"\r\n\r\n", f"\r\n{keep_alive}: keep-alive\r\n\r\n".encode())
+        )
+        second = get().replace(b"HTTP/1.1", b"HTTP/1.0")
+        answer = await exchange(proxy.port, first + second)
+        assert statuses(answer) == [200, 200]
+        one, two = answer.split(b"HTTP/1.1 ")[1:]
+        assert b"\r\nConnection: keep-alive\r\n" in one
+        assert b"\r\nConnection: close\r\n" in two
+        answer = await exchange(proxy.port, get() + get(close=True))
+        one, two = answer.split(b"HTTP/1.1 ")[1:]
+        assert b"connection:" not in one.lower()
+        assert b"\r\nConnection: close\r\n" in two
+
+
+class TestFastPath:
+    async def test_a_new_token_is_sent_at_once_and_a_held_one_checked_every_second(
+        self, proxy: Proxy, upstream: ScriptedUpstream
+    ) -> None:
+        """The fast path sends the token it holds without the service's full check, until
+        the core holds another token (sent from the next request on), or a second has passed
+        on the injected clock (checked in full again)."""
+        for _ in range(2):  # the target's first request goes the general path
+            assert statuses(await exchange(proxy.port, get(close=True))) == [200]
+        checks = proxy.service.full_checks
+        for _ in range(3):
+            assert statuses(await exchange(proxy.port, get(close=True))) == [200]
+        assert proxy.service.full_checks == checks
+        proxy.service.tokens["app1"] = TOKEN_B
+        assert statuses(await exchange(proxy.port, get(close=True))) == [200]
+        assert proxy.service.full_checks == checks + 1
+        await proxy.clock.advance(1.1)
+        for _ in range(2):
+            assert statuses(await exchange(proxy.port, get(close=True))) == [200]
+        assert proxy.service.full_checks == checks + 2
+        sent = [r.split(b"Authorization: ")[1].split(b"\r\n")[0] for r in upstream.requests()]
+        assert sent[:5] == [f"Bearer {TOKEN_A.access_token}".encode()] * 5
+        assert sent[5:] == [f"Bearer {TOKEN_B.access_token}".encode()] * 3
+
+    async def test_a_held_token_is_not_sent_past_its_serving_deadline(
+        self, proxy: Proxy, upstream: ScriptedUpstream
+    ) -> None:
+        """A token stops being sent at its serving deadline, held or not: fail closed."""
+        proxy.service.clock = proxy.clock
+        proxy.service.deadline = proxy.clock.monotonic() + 0.5
+        for _ in range(3):
+            assert statuses(await exchange(proxy.port, get(close=True))) == [200]
+        await proxy.clock.advance(0.6)
+        answer = await exchange(proxy.port, get(close=True))
+        assert statuses(answer) == [503]
+        assert len(upstream.requests()) == 3
+
+    @pytest.mark.parametrize(
+        "proxy", [{"max_concurrent": 1, "connect_timeout": 0.2}], indirect=True
+    )
+    async def test_a_full_upstream_answers_503_proxy_busy(
+        self, proxy: Proxy, upstream: ScriptedUpstream
+    ) -> None:
+        """Past max_concurrent requests in flight, a caller waits connect_timeout, then 503
+        (the API route's answer, proven in tests/unit/test_proxy.py)."""
+        release = asyncio.Event()
+
+        async def handler(exchange: Exchange) -> None:
+            while await exchange.request() is not None:
+                await release.wait()
+                await exchange.answer(ok())
+
+        upstream.handler = handler
+        first = asyncio.ensure_future(exchange(proxy.port, get(close=True)))
+        while not upstream.requests():
+            await asyncio.sleep(0.01)
+        answer = await exchange(proxy.port, get(close=True))
+        assert statuses(answer) == [503]
+        assert error_of(answer) == "proxy_busy"
+        assert b"\r\nRetry-After: 1\r\n" in answer
+        release.set()
+        assert statuses(await first) == [200]
 
 
 class TestPool:

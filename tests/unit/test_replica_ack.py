@@ -9,7 +9,7 @@ import pytest
 import structlog.testing
 
 from broker.config import load_config, summarize
-from broker.errors import ConfigError, NotDurable
+from broker.errors import ConfigError, NotDurable, TransientTokenError
 from broker.fleet import Blocked, Fetched, FleetProtocol, Timing
 from broker.model import TokenSet
 from broker.store.memory import MemoryStore
@@ -96,6 +96,66 @@ class TestSpendWithoutAcknowledgement:
         with pytest.raises(NotDurable):
             await store.mark_sent(APP, owner="r0", fence=lease.fence)
         assert store.state.spends[APP].state == "sent"
+
+
+class TestCommitAndAbortWithoutAcknowledgement:
+    """Issue 20 (swarm seeds 21255, 23291): a commit and an abort are waited for too. Without
+    an acknowledgement the set is kept and served, and the abort is written again."""
+
+    async def test_an_unacknowledged_commit_is_served_and_asked_again(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """The rotated set is committed on the primary and served (Fetched, stored);
+        `commit.not_durable` is logged once; every sync repeats the commit until a replica
+        acknowledges it, which ends `commit_unacknowledged` (the drain waits on it)."""
+        store = MemoryStore(fake_clock, require_replica_ack=True)
+        token = _grant(fake_clock)
+        await store.commit(APP, token)
+        holder = CurrentSet(token)
+        protocol = _protocol(store, fake_clock, holder)
+
+        async def fetch(refresh_token: str | None) -> TokenSet:
+            store.replicas_acknowledge = False  # the replica goes away while on the wire
+            now = fake_clock.time()
+            return TokenSet("at-ack-2", "Bearer", now, now + 60, None, "rt-ack-2")
+
+        with structlog.testing.capture_logs() as logs:
+            outcome = await protocol.refresh(fetch, is_due=lambda _: True, servable_left=10.0)
+            assert isinstance(outcome, Fetched) and outcome.persisted
+            holder.token = outcome.token
+            assert protocol.commit_unacknowledged
+            assert await protocol.sync()
+            assert protocol.commit_unacknowledged
+        assert [e["event"] for e in logs].count("commit.not_durable") == 1
+        assert store.state.tokens[APP].rank == outcome.token.rank  # on the primary
+        store.replicas_acknowledge = True
+        assert await protocol.sync()
+        assert not protocol.commit_unacknowledged
+
+    async def test_an_unacknowledged_abort_stays_unwritten_until_one_holds_it(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """A spend the server refused without acting (429) is aborted; no replica
+        acknowledges the abort: it stays unwritten (`abort_unwritten`, which the drain waits
+        on) and each sync writes it again until one does."""
+        store = MemoryStore(fake_clock, require_replica_ack=True)
+        token = _grant(fake_clock)
+        await store.commit(APP, token)
+        protocol = _protocol(store, fake_clock, CurrentSet(token))
+
+        async def fetch(refresh_token: str | None) -> TokenSet:
+            store.replicas_acknowledge = False
+            raise TransientTokenError("http 429", status=429)
+
+        with pytest.raises(TransientTokenError):
+            await protocol.refresh(fetch, is_due=lambda _: True, servable_left=10.0)
+        assert APP not in store.state.spends  # applied on the primary
+        assert protocol.abort_unwritten
+        assert await protocol.sync()  # the store answers: the sync reads on
+        assert protocol.abort_unwritten
+        store.replicas_acknowledge = True
+        assert await protocol.sync()
+        assert not protocol.abort_unwritten
 
 
 def _config(tmp_path: Path, url: str, **store: object) -> Path:

@@ -9,7 +9,11 @@ import random
 import time
 from collections.abc import Callable
 
+import pytest
+from structlog.testing import capture_logs
+
 from broker.core import BrokerCore
+from broker.errors import StoreUnavailable
 from broker.fleet import Busy, Fetched, FleetProtocol, Timing
 from broker.metrics import Metrics
 from broker.model import AppSpec, GrantType, RefreshPolicy, TokenSet
@@ -179,3 +183,45 @@ async def test_the_drains_bound_runs_on_the_injected_clock() -> None:
         if inflight is not None:
             inflight.cancel()
         await asyncio.gather(task, *([inflight] if inflight else []), return_exceptions=True)
+
+
+async def test_a_drain_that_never_reaches_the_store_names_its_unwritten_abort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM as the store goes down right after applying `mark_sent` (the answer lost: the
+    token is never sent), down for the whole drain: the drain tries to write the abort to its
+    bound, then logs `spend.abort_unwritten` with the spend's owner and fence (the record the
+    store keeps, `sent`, which no other replica can tell from a request on the wire)."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    source = FakeTokenSource(clock, rotate=True)
+    refresher = _refresher(clock, store, source)
+    await store.commit(refresher.store_name, _grant(clock, expires_in=5.0))  # due now
+    mark_sent = store.mark_sent
+
+    async def mark_then_go_down(app: str, *, owner: str, fence: int) -> bool:
+        await mark_sent(app, owner=owner, fence=fence)
+        store.fail = True
+        raise StoreUnavailable("simulated: the answer to mark_sent lost")
+
+    monkeypatch.setattr(store, "mark_sent", mark_then_go_down)
+    core = BrokerCore({APP: refresher}, store, clock, Observer(Metrics()))
+    task = asyncio.create_task(core.run())
+    try:
+        await _advance_until(clock, lambda: store.fail)
+        record = store.state.spends[refresher.store_name]
+        with capture_logs() as logs:
+            drain = asyncio.ensure_future(core.drain())
+            await clock.advance(core.drain_bound() - 1.0)
+            assert not drain.done()  # still trying to write the abort
+            await clock.advance(2.0)
+            assert drain.done()
+        assert source.calls == []
+        assert store.state.spends[refresher.store_name].state == "sent"
+        unwritten = [e for e in logs if e["event"] == "spend.abort_unwritten"]
+        assert len(unwritten) == 1, logs
+        assert unwritten[0]["owner"] == "r0" and unwritten[0]["fence"] == record.fence
+        assert unwritten[0]["log_level"] == "error"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
