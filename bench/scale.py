@@ -3,7 +3,9 @@
 Run: `python bench/scale.py` (five to eight minutes on a 2-core machine; `--apps 1 10 --replicas 1
 10 --idle-seconds 3 --fleet-seconds 16` for a quick look). Real processes throughout: `redis-server` on loopback,
 the dev OAuth server in a child process (it counts token requests), and `python -m broker
-serve` brokers (`--python` picks the interpreter, e.g. a runtime-only venv).
+serve` brokers (`--python` picks the interpreter, e.g. a runtime-only venv). `--baseline DIR` also
+runs the broker of another source tree (a checkout of main, say) in the same run, alternating
+with this one, and prints both (`--compare PYTHON` does so with another interpreter's install).
 
 Per app count, one broker against a fresh Redis:
 - cold start (fetches every token), then a warm restart: time from process start to /readyz 200,
@@ -88,6 +90,7 @@ class AppsRow:
     stall_ms: float = 0.0
     stall_without_scrape_ms: float = 0.0
     redis_connections: int = 0
+    build: str = ""  # whose broker ran (with --baseline or --compare, one of two)
 
 
 @dataclass
@@ -101,7 +104,21 @@ class FleetRow:
     connected_clients: int = 0
     fleet_cpu_s_per_min: float = 0.0
     commands: dict[str, int] = field(default_factory=dict)
-    python: str = ""  # the interpreter the brokers ran on (with --compare, one of two)
+    build: str = ""  # whose broker ran (with --baseline or --compare, one of two)
+
+
+@dataclass(frozen=True)
+class Build:
+    """Whose broker a run starts: an interpreter, with its own install of the broker or, with
+    `tree`, that source tree's."""
+
+    python: str
+    tree: Path | None = None
+
+    @property
+    def label(self) -> str:
+        """How the tables name it."""
+        return str(self.tree) if self.tree is not None else self.python
 
 
 def write_config(
@@ -135,13 +152,15 @@ def write_config(
     return path, api, metrics
 
 
-def start_broker(python: str, config: Path, api: int, metrics: int, log: Path) -> Broker:
+def start_broker(build: Build, config: Path, api: int, metrics: int, log: Path) -> Broker:
     """`python -m broker serve` on `config` (asyncio's loop, so runs compare like for like)."""
     env = {**os.environ, "TOKEN_BROKER_EVENT_LOOP": "asyncio"}
-    env.pop("PYTHONPATH", None)  # the interpreter's own install of the broker
+    env.pop("PYTHONPATH", None)  # the interpreter's own install of the broker...
+    if build.tree is not None:
+        env["PYTHONPATH"] = str(build.tree)  # ...or that tree's
     started = time.monotonic()
     proc = subprocess.Popen(
-        [python, "-m", "broker", "serve", "--config", str(config)],
+        [build.python, "-m", "broker", "serve", "--config", str(config)],
         cwd=config.parent,
         env=env,
         stdout=log.open("ab"),
@@ -335,7 +354,7 @@ def measure_scrapes(broker: Broker, first_app: str, scrapes: int) -> dict[str, f
     }
 
 
-def measure_memory_store(args: argparse.Namespace, root: Path, row: AppsRow) -> None:
+def measure_memory_store(args: argparse.Namespace, root: Path, row: AppsRow, build: Build) -> None:
     """A memory:// broker with the same apps: idle resident memory and time to ready."""
     oauth_port = free_port()
     oauth = start_oauth_child(oauth_port, CLIENT_ID, SECRET, 3600)
@@ -343,7 +362,7 @@ def measure_memory_store(args: argparse.Namespace, root: Path, row: AppsRow) -> 
     try:
         token_url = f"http://127.0.0.1:{oauth_port}/token"
         config, api, metrics = write_config(root / "memory", row.apps, token_url, "memory://", {})
-        broker = start_broker(args.python, config, api, metrics, root / "memory.log")
+        broker = start_broker(build, config, api, metrics, root / "memory.log")
         row.memory_ready_s = wait_ready(metrics, timeout=300) - broker.started_at
         time.sleep(args.settle_seconds)
         row.memory_rss_mib = rss_mib(broker.process.pid)
@@ -353,10 +372,10 @@ def measure_memory_store(args: argparse.Namespace, root: Path, row: AppsRow) -> 
         stop(oauth)
 
 
-def measure_apps(args: argparse.Namespace, root: Path, apps: int) -> AppsRow:
+def measure_apps(args: argparse.Namespace, root: Path, apps: int, build: Build) -> AppsRow:
     """Cold start, warm restart, idle, scrapes and connections for `apps` apps."""
-    row = AppsRow(apps)
-    measure_memory_store(args, root, row)
+    row = AppsRow(apps, build=build.label)
+    measure_memory_store(args, root, row, build)
     redis = RedisServer(directory=root / "redis")
     redis.start()
     oauth_port = free_port()
@@ -366,7 +385,7 @@ def measure_apps(args: argparse.Namespace, root: Path, apps: int) -> AppsRow:
         token_url = f"http://127.0.0.1:{oauth_port}/token"
         config, api, metrics = write_config(root / "broker", apps, token_url, redis.url, {})
         log = root / "broker.log"
-        cold = start_broker(args.python, config, api, metrics, log)
+        cold = start_broker(build, config, api, metrics, log)
         wait_ready(metrics, timeout=300)
         # Steady state for the scrape: every app refreshed once and served once.
         ask_every_app(api, apps)
@@ -379,7 +398,7 @@ def measure_apps(args: argparse.Namespace, root: Path, apps: int) -> AppsRow:
         row.stall_without_scrape_ms = scrape["quiet_ms"]
         sigterm(cold)
         before = oauth_count(oauth_port)
-        broker = start_broker(args.python, config, api, metrics, log)
+        broker = start_broker(build, config, api, metrics, log)
         row.ready_s = wait_ready(metrics, timeout=300) - broker.started_at
         time.sleep(args.settle_seconds)
         row.warm_token_requests = oauth_count(oauth_port) - before
@@ -401,12 +420,9 @@ def measure_apps(args: argparse.Namespace, root: Path, apps: int) -> AppsRow:
     return row
 
 
-def measure_fleet(
-    args: argparse.Namespace, root: Path, replicas: int, python: str | None = None
-) -> FleetRow:
+def measure_fleet(args: argparse.Namespace, root: Path, replicas: int, build: Build) -> FleetRow:
     """`replicas` brokers on one Redis, short-lived tokens: Redis work per token request."""
-    python = python if python is not None else args.python
-    row = FleetRow(replicas, python=python)
+    row = FleetRow(replicas, build=build.label)
     redis = RedisServer(directory=root / "redis")
     redis.start()
     oauth_port = free_port()
@@ -419,7 +435,7 @@ def measure_fleet(
             config, api, metrics = write_config(
                 root / f"replica-{i}", args.fleet_apps, token_url, redis.url, refresh
             )
-            brokers.append(start_broker(python, config, api, metrics, root / f"r{i}.log"))
+            brokers.append(start_broker(build, config, api, metrics, root / f"r{i}.log"))
         for broker in brokers:
             wait_ready(broker.metrics, timeout=300)
         time.sleep(args.fleet_lifetime)  # past the start-up: steady state from here
@@ -460,9 +476,11 @@ def print_tables(apps: list[AppsRow], fleet: list[FleetRow]) -> None:
         "| longest token wait during scrapes ms | (without scrapes) | Redis connections |"
     )
     print("|---:" * 14 + "|")
+    two = len({r.build for r in apps}) > 1
     for r in apps:
+        label = f" ({r.build})" if two else ""
         print(
-            f"| {r.apps} | {r.memory_rss_mib:.1f} | {r.memory_ready_s:.2f} "
+            f"| {r.apps}{label} | {r.memory_rss_mib:.1f} | {r.memory_ready_s:.2f} "
             f"| {r.idle_rss_mib:.1f} | {r.ready_s:.2f} | {r.warm_token_requests} "
             f"| {r.idle_cpu_s_per_min:.2f} | {r.scrape_series} | {r.scrape_kib:.0f} "
             f"| {r.scrape_cpu_ms:.1f} | {r.scrape_loop_ms:.2f} | {r.stall_ms:.1f} "
@@ -477,34 +495,49 @@ def print_tables(apps: list[AppsRow], fleet: list[FleetRow]) -> None:
         "| connected clients | fleet CPU s/min |"
     )
     print("|---:" * 6 + "|")
+    two = len({r.build for r in fleet}) > 1
     for f in fleet:
+        label = f" ({f.build})" if two else ""
         print(
-            f"| {f.replicas} | {f.token_requests} | {f.redis_commands} "
+            f"| {f.replicas}{label} | {f.token_requests} | {f.redis_commands} "
             f"| {f.commands_per_token_request:.1f} | {f.connected_clients} "
             f"| {f.fleet_cpu_s_per_min:.2f} |"
         )
     for f in fleet:
         top = sorted(f.commands.items(), key=lambda kv: -kv[1])[:8]
-        label = f" ({f.python})" if len({r.python for r in fleet}) > 1 else ""
+        label = f" ({f.build})" if two else ""
         print(f"  {f.replicas} replicas{label}, commands: " + ", ".join(f"{k} {v}" for k, v in top))
 
 
-def print_comparison(fleet: list[FleetRow], before: str, after: str) -> None:
-    """Commands per token request of two interpreters, measured alternately in one run."""
+def print_comparison(
+    apps: list[AppsRow], fleet: list[FleetRow], before: Build, after: Build
+) -> None:
+    """The main figures of two builds, measured alternately in one run: `before / after`."""
     print()
-    print(f"before: {before}")
-    print(f"after: {after}")
-    print(
-        "| replicas | commands per token request, before | after | token requests before / after |"
-    )
-    print("|---:|---:|---:|---:|")
-    for count in dict.fromkeys(f.replicas for f in fleet):
-        rows = {f.python: f for f in fleet if f.replicas == count}
-        b, a = rows[before], rows[after]
-        print(
-            f"| {count} | {b.commands_per_token_request:.1f} | {a.commands_per_token_request:.1f} "
-            f"| {b.token_requests} / {a.token_requests} |"
-        )
+    print(f"before: {before.label}")
+    print(f"after: {after.label}")
+    apps_figures = {
+        "idle RSS MiB redis://": "idle_rss_mib",
+        "ready s (warm)": "ready_s",
+        "idle CPU s/min": "idle_cpu_s_per_min",
+        "scrape CPU ms": "scrape_cpu_ms",
+    }
+    fleet_figures = {
+        "commands per token request": "commands_per_token_request",
+        "token requests": "token_requests",
+        "fleet CPU s/min": "fleet_cpu_s_per_min",
+    }
+    for rows, count, figures in ((apps, "apps", apps_figures), (fleet, "replicas", fleet_figures)):
+        print()
+        print(f"| {count} | " + " | ".join(f"{name}, before / after" for name in figures) + " |")
+        print("|---:" * (len(figures) + 1) + "|")
+        for n in dict.fromkeys(getattr(r, count) for r in rows):
+            by = {r.build: r for r in rows if getattr(r, count) == n}
+            cells = [
+                f"{getattr(by[before.label], f):.2f} / {getattr(by[after.label], f):.2f}"
+                for f in figures.values()
+            ]
+            print(f"| {n} | " + " | ".join(cells) + " |")
 
 
 def main() -> int:
@@ -520,26 +553,43 @@ def main() -> int:
     parser.add_argument("--fleet-lifetime", type=float, default=8.0, help="token lifetime, s")
     parser.add_argument("--fleet-seconds", type=float, default=24.0)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument(
+    before = parser.add_mutually_exclusive_group()
+    before.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run the broker of this source tree (e.g. a checkout of main) on --python, "
+        "alternating with this one under the same load, and print both (before: DIR)",
+    )
+    before.add_argument(
         "--compare",
         metavar="PYTHON",
-        help="also run each fleet on this interpreter (e.g. a checkout of main), alternating "
-        "with --python under the same load, and print both (before: PYTHON, after: --python)",
+        help="also run on this interpreter's install of the broker, alternating with --python "
+        "under the same load, and print both (before: PYTHON, after: --python)",
     )
     args = parser.parse_args()
+    after = Build(args.python)
+    baseline = (
+        Build(args.python, args.baseline.resolve())
+        if args.baseline is not None
+        else Build(args.compare)
+        if args.compare
+        else None
+    )
+    builds = [baseline, after] if baseline is not None else [after]
 
     apps_rows: list[AppsRow] = []
     fleet_rows: list[FleetRow] = []
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         root = Path(tmp)
         for count in args.apps:
-            apps_rows.append(measure_apps(args, root / f"apps-{count}", count))
-            print(f"# {count} apps done", file=sys.stderr, flush=True)
+            for n, build in enumerate(builds):
+                apps_rows.append(measure_apps(args, root / f"apps-{count}-{n}", count, build))
+                print(f"# {count} apps done ({build.label})", file=sys.stderr, flush=True)
         for count in args.replicas:
-            pythons = [args.compare, args.python] if args.compare else [args.python]
-            for n, python in enumerate(pythons):
-                fleet_rows.append(measure_fleet(args, root / f"fleet-{count}-{n}", count, python))
-                print(f"# {count} replicas done ({python})", file=sys.stderr, flush=True)
+            for n, build in enumerate(builds):
+                fleet_rows.append(measure_fleet(args, root / f"fleet-{count}-{n}", count, build))
+                print(f"# {count} replicas done ({build.label})", file=sys.stderr, flush=True)
     if args.json:
         print(
             json.dumps(
@@ -549,8 +599,8 @@ def main() -> int:
     else:
         print(f"interpreter: {args.python}")
         print_tables(apps_rows, fleet_rows)
-        if args.compare:
-            print_comparison(fleet_rows, args.compare, args.python)
+        if baseline is not None:
+            print_comparison(apps_rows, fleet_rows, baseline, after)
     return 0
 
 

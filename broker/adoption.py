@@ -19,7 +19,7 @@ from broker.fleet import FleetProtocol
 from broker.fleetclock import FleetClock
 from broker.logs import SECRETS, get_logger
 from broker.model import AppSpec, TokenSet
-from broker.schedule import BUSY_POLL, MAX_SLEEP, Schedule, adopted
+from broker.schedule import BLOCKED_RETRY, BUSY_POLL, MAX_SLEEP, Schedule, adopted
 from broker.store import LEASE, REFUSED, RELEASE, Notice
 
 if TYPE_CHECKING:
@@ -48,6 +48,10 @@ class Adoption:
         _rng: random.Random
         _emit: EventHook
         _mono_expiry: float
+        _fleet_expiry: float
+        _lower_pending: bool
+        _lowering: asyncio.Task[None] | None
+        _stopping: bool
         _stagger: float
         _refused_fp: str | None
         _reused_lineage: int
@@ -66,6 +70,8 @@ class Adoption:
         def name(self) -> str: ...
         @property
         def grant_spends(self) -> bool: ...
+        @property
+        def store_name(self) -> str: ...
         def next_refresh_at(self) -> float | None: ...
         def purge(self, refused_fp: str) -> None: ...
         def _servable_left(self) -> float: ...
@@ -86,9 +92,12 @@ class Adoption:
         # (A set stamped by a replica whose fleet clock ran ahead of Redis's looks issued in
         # the future to a replica whose clock is right: swarm seeds 2668, 8952.)
         self._mono_expiry = min(self._mono_expiry, mono + token.lifetime)
+        # The same bounds on the fleet's clock alone (`lower_stored_expiry`).
+        self._fleet_expiry = mono + min(token.expires_at - wall, token.lifetime)
         if sent_mono is not None:
             # Our own request: its lifetime is also counted on our monotonic clock from sending.
             self._mono_expiry = min(self._mono_expiry, sent_mono + token.lifetime)
+            self._fleet_expiry = min(self._fleet_expiry, sent_mono + token.lifetime)
         # The due time is the fleet's (derived from the token); the stagger is this replica's.
         self._stagger = self._rng.random()
         due = policy.fleet_refresh_due(token, self.spec.refresh, self._stagger)
@@ -157,6 +166,50 @@ class Adoption:
             # step back of both since its adoption (M3; swarm seed 6678: a pod 93 s behind, a
             # Redis stepped back, a reload, and a token served 20 s past its expiry).
             self._mono_expiry = min(self._mono_expiry, retired._mono_expiry)
+            self._fleet_expiry = min(self._fleet_expiry, retired._fleet_expiry)
+
+    def _on_clock_round(self, back: bool) -> None:
+        """A round of the fleet clock came back (FleetClock.add_round_listener): after a jump
+        back, lower the stored expiry (again at each later round while the store was down)."""
+        self._lower_pending = self._lower_pending or back
+        if self._lower_pending and self._lowering is None and not self._stopping:
+            self._lowering = asyncio.ensure_future(self.lower_stored_expiry())
+            self._lowering.add_done_callback(self._lowered)
+
+    def _lowered(self, _: asyncio.Task[None]) -> None:
+        self._lowering = None
+
+    async def lower_stored_expiry(self) -> None:
+        """Lower the stored expiry of the set this replica holds to its own deadline in the
+        store's frame as it is now (or will be: a jump back that waits for confirmation), never
+        raising it (issue 20, M3).
+
+        A stored `expires_at` is in the frame of the clock that stamped it. When the store's
+        clock steps back, a pod that reads the set later (one restarted, or scaled up) takes
+        the stamp at face value in the new frame and serves the token that much past its true
+        expiry; every clock it can read agrees with the new frame (swarm seeds 4575, 8286,
+        13488, 16961, 19018, 24067, 27232). This replica counts the set's deadline on its
+        monotonic clock from its adoption, in the frame of then, and re-expresses it in the
+        earliest frame its fleet clock allows. The fleet clock's deadline only, never the pod's
+        own wall clock (one pod's skew would shorten the fleet's token). Best-effort: a store
+        that does not answer is asked again after the next round of the fleet clock.
+        """
+        token, clock = self.token, self._clock
+        if token is None or not isinstance(clock, FleetClock):
+            self._lower_pending = False
+            return
+        expires_at = self._fleet_expiry + (clock.earliest_time() - clock.monotonic())
+        if expires_at >= token.expires_at:
+            # Adopted in the new frame already (or nothing moved): nothing to lower.
+            self._lower_pending = False
+            return
+        try:
+            lowered = await self._store.lower_expiry(self.store_name, token, expires_at)
+        except StoreUnavailable:
+            return  # (still pending: the next round tries again)
+        self._lower_pending = False
+        if lowered:
+            self._emit(events.ExpiryLowered(self.name, token.expires_at - expires_at))
 
     def newest_known(self) -> TokenSet | None:
         """The set served now: what the fleet protocol reads (broker.fleet.KnownSet)."""
@@ -257,6 +310,37 @@ class Adoption:
             return False
         self._unsynced = False
         return True
+
+    async def _write_back_before_exit(self) -> None:
+        """Store the set this replica holds when the store may be older, retrying until it
+        is stored (the caller bounds the wait: the drain's bound).
+
+        The answer to our last refresh may be the only copy of a rotated set (its commit
+        failed: the store was unreachable). Exiting with it loses the grant, so a drain waits
+        to write it back as it waits for the answer itself. So with an abort the store did not
+        take (a spend marked sent but never sent, its `mark_sent` answer lost): only this
+        process can end that record, and a restarted one has another owner name (swarm seed
+        3349: SIGTERM in an outage left the `sent` record for good). So, with
+        `store.require_replica_ack`, with a commit or an abort no store replica acknowledged:
+        only the primary holds it, and a failover after this process exits would lose it
+        (swarm seeds 21255, 23291); each sync asks again (`WAIT`) until one does.
+        """
+        while self.grant_spends and (
+            (self._unsynced and self.token is not None)
+            or self.fleet.abort_unwritten
+            or self.fleet.commit_unacknowledged
+        ):
+            # `sync` answers True with an abort that no replica acknowledged (NotDurable: it
+            # writes it again next time), so ask for both flags, not only the commit's (swarm
+            # seed 25279: a split brain's old primary took the abort, the drain ended at once,
+            # and the heal discarded it).
+            if (
+                await self._sync()
+                and not self.fleet.commit_unacknowledged
+                and not self.fleet.abort_unwritten
+            ):
+                return
+            await self._clock.sleep(BLOCKED_RETRY / 5)
 
     def _clock_unmeasured(self) -> bool:
         """True while the fleet clock never measured its offset to the store's."""

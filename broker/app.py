@@ -181,7 +181,7 @@ def new_refresher(broker: Broker, spec: AppSpec, *, owner: str | None = None) ->
         source,
         broker.store,
         broker.fleet_clock,
-        Observer(broker.metrics),
+        broker.core.on_event,  # one Observer for the broker: every event names its app
         owner=owner if owner is not None else broker.owner,
         rng=random.Random(),  # noqa: S311 - jitter, not cryptography
         client_id=Credentials(spec).client_id(),

@@ -9,7 +9,7 @@ import random
 from collections.abc import Collection, Mapping, Sequence
 
 from broker import events
-from broker.clock import Clock
+from broker.clock import Clock, wait_within
 from broker.errors import StoreUnavailable
 from broker.events import EventHook
 from broker.logs import get_logger
@@ -64,7 +64,8 @@ class BrokerCore:
         self._by_store_name = {r.store_name: r for r in self.refreshers.values()}
         self._store = store
         self._clock = clock
-        self._emit = on_event  # (metrics: broker/observe.py)
+        # The events of the core and of its apps' refreshers (metrics: broker/observe.py).
+        self.on_event = on_event
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not crypto
         self._heard_at = 0.0  # monotonic time of the last notice (or heartbeat) heard
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -183,11 +184,9 @@ class BrokerCore:
     ) -> set[asyncio.Future[None]]:
         """Wait for `tasks` at most `seconds` on the injected clock; return those not done."""
         every = asyncio.ensure_future(asyncio.wait(tasks))
-        timer = asyncio.ensure_future(self._clock.sleep(seconds))
         try:
-            await asyncio.wait({every, timer}, return_when=asyncio.FIRST_COMPLETED)
+            await wait_within(self._clock, every, seconds)
         finally:
-            timer.cancel()
             every.cancel()  # (leaves the tasks running)
         return {task for task in tasks if not task.done()}
 
@@ -248,7 +247,7 @@ class BrokerCore:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        self._emit(events.AppRemoved(name))
+        self.on_event(events.AppRemoved(name))
 
     async def _watch_store(self) -> None:
         """Follow the store's notices; on reconnect, and after a silent subscription, re-read
@@ -259,7 +258,7 @@ class BrokerCore:
             subscribed_at = math.inf
             try:
                 await self._store.ping()
-                self._emit(events.StoreReachable(up=True))
+                self.on_event(events.StoreReachable(up=True))
                 if was_down:
                     log.info("store.reconnected")
                     was_down = False
@@ -273,7 +272,7 @@ class BrokerCore:
                     raise asyncio.CancelledError from exc
                 if self._heard_at > subscribed_at:
                     delay = STORE_RETRY_MIN  # the subscription worked: start the backoff over
-                self._emit(events.StoreReachable(up=False))
+                self.on_event(events.StoreReachable(up=False))
                 self._store_lost()
                 if not was_down:
                     log.warning("store.unavailable", error=str(exc), retry_in=delay)
@@ -287,7 +286,7 @@ class BrokerCore:
                 await self._clock.sleep(STORE_RETRY_MIN)  # the feed ended: re-subscribe
                 continue
             # Half-open: no error will ever come. Drop it, and re-sync as after an outage.
-            self._emit(events.SubscriptionStale())
+            self.on_event(events.SubscriptionStale())
             log.warning("store.subscription_stale", silent_for=round(silent_for, 1), retry_in=delay)
             self._store_lost()
             was_down = True

@@ -113,6 +113,15 @@ class TokenRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpiryLowered:
+    """After the store's clock stepped back, the stored set's expiry was lowered `by` seconds
+    to this replica's deadline in the new frame (`AppRefresher.lower_stored_expiry`)."""
+
+    app: str
+    by: float
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseAsked:
     """The app's lease was asked for: `outcome` is the answer."""
 
@@ -167,6 +176,7 @@ Event = (
     | OverBudget
     | TokenAdopted
     | TokenRefused
+    | ExpiryLowered
     | LeaseAsked
     | StateChanged
     | ScheduleChanged

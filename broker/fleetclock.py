@@ -16,7 +16,7 @@ how old it is.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
@@ -150,6 +150,7 @@ class FleetClock:
         self._estimator = estimator if estimator is not None else OffsetEstimator()
         self._started = base.monotonic()
         self._measured_at: float | None = None
+        self._round_listeners: list[Callable[[bool], None]] = []
 
     def time(self) -> float:
         """Fleet time: local monotonic time plus the measured anchor (local wall time before)."""
@@ -199,6 +200,24 @@ class FleetClock:
         since = self._measured_at if self._measured_at is not None else self._started
         return max(0.0, self._base.monotonic() - since)
 
+    def add_round_listener(self, callback: Callable[[bool], None]) -> Callable[[], None]:
+        """Call `callback(back)` (synchronously, so it must be quick) after each round the
+        store answered; `back` when the round held or took a jump back of the store's clock.
+        Returns the function that removes it.
+
+        A set stamped in the frame before the jump expires that much later, for every pod that
+        reads it in the new frame, than for the replicas that adopted it before (they count its
+        deadline on the monotonic clock): each refresher then lowers the stored expiry of the
+        set it holds to its own deadline in the new frame (`AppRefresher.lower_stored_expiry`).
+        """
+        self._round_listeners.append(callback)
+
+        def remove() -> None:
+            if callback in self._round_listeners:  # (a second stop removes nothing)
+                self._round_listeners.remove(callback)
+
+        return remove
+
     async def measure(self, source: ServerClock, samples: int = SAMPLES_PER_ROUND) -> Outcome:
         """One round of up to `samples` round trips to `source` (one precise one, once settled);
         the estimate takes it or drops it."""
@@ -213,7 +232,9 @@ class FleetClock:
                     break
         except StoreUnavailable:
             return "unavailable"
+        before = self._estimator.anchor
         outcome = self._estimator.add_round(taken)
+        self._tell_listeners(outcome, before)
         if outcome in ("first", "smoothed", "stepped"):
             self._measured_at = self._base.monotonic()
         if outcome in ("first", "stepped"):
@@ -225,6 +246,19 @@ class FleetClock:
         elif outcome == "held":
             log.info("clock.offset_jump_held", offset=round(self.offset(), 3))
         return outcome
+
+    def _tell_listeners(self, outcome: Outcome, before: float | None) -> None:
+        """Tell the round listeners that a round came back, and whether the store's clock went
+        back: a jump back now held (the earliest frame moved back) or taken."""
+        held, after = self._estimator.held_anchor, self._estimator.anchor
+        if after is None:
+            back = False
+        elif outcome == "held":
+            back = held is not None and held < after
+        else:
+            back = outcome == "stepped" and before is not None and after < before
+        for listener in list(self._round_listeners):
+            listener(back)
 
     async def measure_within(self, source: ServerClock, seconds: float) -> bool:
         """Measure once, waiting at most `seconds` (injected clock); True when an offset is known."""

@@ -77,6 +77,8 @@ class Observer:
                         app=app,
                         token_fingerprint=fingerprint,
                     )
+            case events.ExpiryLowered(app=app, by=by):
+                log.info("token.expiry_lowered", app=app, by=round(by, 3))
             case events.LeaseAsked(app=app, outcome=outcome):
                 m.lease_total.labels(app=app, outcome=outcome).inc()
             case events.StateChanged(app=app, state=state):

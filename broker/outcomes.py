@@ -8,6 +8,7 @@ it uses of the rest of the refresher.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import TYPE_CHECKING, assert_never
 
 from broker import events, policy
@@ -47,7 +48,7 @@ class Outcomes:
     if TYPE_CHECKING:
         spec: AppSpec
         token: TokenSet | None
-        state: AppState
+        binding_changed: str | None
         failures: int
         last_error: str | None
         last_refresh_at: float | None
@@ -201,6 +202,18 @@ class Outcomes:
             )
         )
 
+    def _no_stored_set(self) -> str:
+        """Why there is nothing to serve for an authorization-code app, and what to do."""
+        if self.binding_changed:
+            return (
+                f"the app's client binding changed ({self.binding_changed}); the stored token "
+                "set belongs to the old binding and is not used: run token-broker authorize"
+            )
+        return (
+            "no token set stored for this client binding (token URL, client id, grant, "
+            "scopes, audience); run token-broker authorize"
+        )
+
     def _enter_needs_authorization(self, reason: str | None) -> None:
         self._reschedule(needing_authorization(self.schedule, reason))
         self._set_state(AppState.NEEDS_AUTHORIZATION)
@@ -214,7 +227,7 @@ class Outcomes:
             self._set_state(AppState.NEEDS_AUTHORIZATION)
 
     def _settle(self) -> None:
-        """Between attempts, the state follows from the schedule (schedule.app_state)."""
+        """At an attempt's end, the state shown follows from the schedule (app_state)."""
         asked = self.schedule.needs_authorization is not None
         at_risk = not asked and self.fleet.outcome_unknown(self.token)
         # (servable() only where app_state reads it: it may lower the token's deadline.)
@@ -228,8 +241,8 @@ class Outcomes:
         self._set_state(state)
 
     def _set_state(self, state: AppState) -> None:
-        if state is not self.state or state is AppState.REFRESHING:
-            self.state = state
+        if state is not self.schedule.shown or state is AppState.REFRESHING:
+            self.schedule = replace(self.schedule, shown=state)
             self._emit(events.StateChanged(self.name, state))
         # Every attempt starts and ends here: the schedule the metric shows follows it.
         self._emit(events.ScheduleChanged(self.name, self.next_refresh_at()))

@@ -3,12 +3,13 @@
 The refresher schedules and serves; what may be done with the store and the token endpoint is
 the fleet protocol's (broker/fleet/). It depends only on protocols (TokenSource, the store's roles,
 Clock) and never imports aiohttp or redis. It keeps the token, the schedule (the pure
-broker/schedule.py decides it), the failure count and the last error; what happens goes to its
-event hook (broker/events.py), never to the metrics or the audit log directly.
+broker/schedule.py decides it, and its state is the schedule's), the failure count and the last
+error; what happens goes to its event hook (broker/events.py), never to the metrics or the audit
+log directly.
 
-Its parts, each a mixin of `AppRefresher`: serving callers (broker/serving.py), adopting sets
-from the store and its notices (broker/adoption.py), and accounting for each attempt's outcome
-(broker/outcomes.py). This module is the loop: when to attempt, one attempt, and stopping.
+Its parts, each a mixin of `AppRefresher`: serving callers and the status (broker/serving.py),
+adopting sets from the store and its notices (broker/adoption.py), and accounting for each
+attempt's outcome (broker/outcomes.py). This module is the loop: when to attempt, one attempt, and stopping.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from broker.clock import Clock, Wake
 from broker.errors import PermanentTokenError, TokenEndpointError, TransientTokenError
 from broker.events import EventHook
 from broker.fleet import FleetProtocol, FleetStore, NoGrant, Timing
-from broker.fleetclock import ServerClock
+from broker.fleetclock import FleetClock, ServerClock
 from broker.logs import get_logger
 from broker.model import AppSpec, AppState, GrantType, TokenSet
 from broker.oauth import TokenSource
 from broker.outcomes import Outcomes
-from broker.schedule import BLOCKED_RETRY, MAX_SLEEP, Schedule, Why, credentials_changed
-from broker.service import AppStatus
+from broker.schedule import MAX_SLEEP, Schedule, Why, credentials_changed
 from broker.serving import Serving
 from broker.store import bound_name, client_binding
 
@@ -107,7 +107,6 @@ class AppRefresher(Serving, Adoption, Outcomes):
             store_name=bound_name(spec.name, self.binding),
         )
         self.token: TokenSet | None = None
-        self.state = AppState.REFRESHING
         self.last_refresh_at: float | None = None
         self.last_error: str | None = None
         self.failures = 0
@@ -131,6 +130,12 @@ class AppRefresher(Serving, Adoption, Outcomes):
         # clock (a wall-clock step does not change it; a step that shortens the token's life
         # lowers it, see `remaining`).
         self._mono_expiry = 0.0
+        # The same deadline on the fleet's clock alone (no pod's own wall clock): what this
+        # replica writes back as the stored set's expiry after the store's clock stepped back
+        # (`lower_stored_expiry`), so one pod's skew never shortens the fleet's token.
+        self._fleet_expiry = 0.0
+        self._lower_pending = False
+        self._lowering: asyncio.Task[None] | None = None
         self._stagger = 0.0
         self._stopping = False
         self._announced_unknown: set[str] = set()
@@ -146,9 +151,14 @@ class AppRefresher(Serving, Adoption, Outcomes):
         self._successor_waiters: set[asyncio.Future[None]] = set()
         self._listeners: list[Callable[[TokenSet], None]] = []
         self._vetoes: set[asyncio.Future[None]] = set()
+        self._unlisten_clock = (
+            clock.add_round_listener(self._on_clock_round)
+            if isinstance(clock, FleetClock)
+            else lambda: None
+        )
         self._set_state(AppState.REFRESHING)
 
-    # ---- serving -------------------------------------------------------------------------
+    # ---- what it is ----------------------------------------------------------------------
 
     @property
     def name(self) -> str:
@@ -160,33 +170,10 @@ class AppRefresher(Serving, Adoption, Outcomes):
         """True for a grant whose refresh token is spent by a refresh."""
         return self.spec.grant_type is GrantType.AUTHORIZATION_CODE
 
-    def add_listener(self, callback: Callable[[TokenSet], None]) -> None:
-        """Call `callback(token)` (synchronously, so it must be quick) after each token adopted."""
-        self._listeners.append(callback)
-
-    def status(self) -> AppStatus:
-        """The app's state as the API shows it."""
-        return AppStatus(
-            name=self.name,
-            state=self.state,
-            expires_at=self.token.expires_at if self.token else None,
-            last_refresh_at=self.last_refresh_at,
-            last_error=self.last_error,
-        )
-
-    def next_refresh_at(self) -> float | None:
-        """Wall time (the fleet's clock) of the next refresh attempt; None while none is
-        scheduled (the app waits for token-broker authorize, or the loop is stopping).
-
-        While an attempt is in flight, the time it started: an attempt that hangs shows as
-        an ever older time, which the alert on a stalled refresh looks for.
-        """
-        if self.schedule.needs_authorization is not None or self._stopping:
-            return None
-        mono = self._clock.monotonic()
-        if self._attempting:
-            return self._clock.time() - (mono - self._attempt_started)
-        return self._clock.time() + max(0.0, self.schedule.at - mono)
+    @property
+    def state(self) -> AppState:
+        """The app's state as the API shows it: the schedule's (`Schedule.shown`)."""
+        return self.schedule.shown
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -215,18 +202,6 @@ class AppRefresher(Serving, Adoption, Outcomes):
                 # Shielded: cancelling the loop must not cancel a spend in flight.
                 await asyncio.shield(self._start_refresh())
 
-    def _no_stored_set(self) -> str:
-        """Why there is nothing to serve for an authorization-code app, and what to do."""
-        if self.binding_changed:
-            return (
-                f"the app's client binding changed ({self.binding_changed}); the stored token "
-                "set belongs to the old binding and is not used: run token-broker authorize"
-            )
-        return (
-            "no token set stored for this client binding (token URL, client id, grant, "
-            "scopes, audience); run token-broker authorize"
-        )
-
     @property
     def store_name(self) -> str:
         """The name the store knows this app's set by (`app@binding`)."""
@@ -243,6 +218,7 @@ class AppRefresher(Serving, Adoption, Outcomes):
         (`drain_bound()`).
         """
         self._stopping = True
+        self._unlisten_clock()
         self.fleet.stop()
         self._wake.set()
         inflight = self._inflight
@@ -250,29 +226,6 @@ class AppRefresher(Serving, Adoption, Outcomes):
             await asyncio.wait({inflight})
         if write_back:
             await self._write_back_before_exit()
-
-    async def _write_back_before_exit(self) -> None:
-        """Store the set this replica holds when the store may be older, retrying until it
-        is stored (the caller bounds the wait: the drain's bound).
-
-        The answer to our last refresh may be the only copy of a rotated set (its commit
-        failed: the store was unreachable). Exiting with it loses the grant, so a drain waits
-        to write it back as it waits for the answer itself. So with an abort the store did not
-        take (a spend marked sent but never sent, its `mark_sent` answer lost): only this
-        process can end that record, and a restarted one has another owner name (swarm seed
-        3349: SIGTERM in an outage left the `sent` record for good). So, with
-        `store.require_replica_ack`, with a commit or an abort no store replica acknowledged:
-        only the primary holds it, and a failover after this process exits would lose it
-        (swarm seeds 21255, 23291); each sync asks again (`WAIT`) until one does.
-        """
-        while self.grant_spends and (
-            (self._unsynced and self.token is not None)
-            or self.fleet.abort_unwritten
-            or self.fleet.commit_unacknowledged
-        ):
-            if await self._sync() and not self.fleet.commit_unacknowledged:
-                return
-            await self._clock.sleep(BLOCKED_RETRY / 5)
 
     def drain_bound(self) -> float:
         """The longest `stop()` may wait for the refresh in flight (see `drain_bound`)."""

@@ -55,7 +55,9 @@ class Schedule:
 
     `backoff`, `permanent` and `blocked` last until a set is adopted; `over_budget` until a
     refresh of ours succeeds; `needs_authorization` (the reason) until a new grant is adopted.
-    `fresh_credentials`: the next attempt ignores the fleet's shared backoff once.
+    `fresh_credentials`: the next attempt ignores the fleet's shared backoff once. `shown`:
+    the app's state as the API shows it, settled when an attempt starts and ends (`app_state`)
+    and when a person is asked to authorize; a set adopted between attempts leaves it as is.
     """
 
     at: float = 0.0
@@ -66,6 +68,7 @@ class Schedule:
     over_budget: bool = False
     needs_authorization: str | None = None
     fresh_credentials: bool = False
+    shown: AppState = AppState.REFRESHING
 
 
 @dataclass(frozen=True, slots=True)

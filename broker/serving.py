@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from broker import events, policy
@@ -16,8 +17,9 @@ from broker.clock import Clock, Wake, wait_within
 from broker.errors import NeedsAuthorization, RateLimited, StoreUnavailable, TokenUnavailable
 from broker.events import EventHook
 from broker.fleet import FleetProtocol
-from broker.model import AppSpec, TokenSet
+from broker.model import AppSpec, AppState, TokenSet
 from broker.schedule import Schedule, purged
+from broker.service import AppStatus
 from broker.store import Refusal
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ class Serving:
         spec: AppSpec
         token: TokenSet | None
         last_error: str | None
+        last_refresh_at: float | None
         schedule: Schedule
         fleet: FleetProtocol
         _store: RefresherStore
@@ -50,6 +53,9 @@ class Serving:
         _emit: EventHook
         _mono_expiry: float
         _stopping: bool
+        _attempting: bool
+        _attempt_started: float
+        _listeners: list[Callable[[TokenSet], None]]
         _inflight: asyncio.Task[None] | None
         _wake: Wake
         _forced: collections.deque[float]
@@ -59,9 +65,39 @@ class Serving:
         @property
         def name(self) -> str: ...
         @property
+        def state(self) -> AppState: ...
+        @property
         def store_name(self) -> str: ...
         def notify_store_changed(self, *, reconnected: bool = False) -> None: ...
         def _start_refresh(self) -> asyncio.Task[None]: ...
+
+    def add_listener(self, callback: Callable[[TokenSet], None]) -> None:
+        """Call `callback(token)` (synchronously, so it must be quick) after each token adopted."""
+        self._listeners.append(callback)
+
+    def status(self) -> AppStatus:
+        """The app's state as the API shows it."""
+        return AppStatus(
+            name=self.name,
+            state=self.state,
+            expires_at=self.token.expires_at if self.token else None,
+            last_refresh_at=self.last_refresh_at,
+            last_error=self.last_error,
+        )
+
+    def next_refresh_at(self) -> float | None:
+        """Wall time (the fleet's clock) of the next refresh attempt; None while none is
+        scheduled (the app waits for token-broker authorize, or the loop is stopping).
+
+        While an attempt is in flight, the time it started: an attempt that hangs shows as
+        an ever older time, which the alert on a stalled refresh looks for.
+        """
+        if self.schedule.needs_authorization is not None or self._stopping:
+            return None
+        mono = self._clock.monotonic()
+        if self._attempting:
+            return self._clock.time() - (mono - self._attempt_started)
+        return self._clock.time() + max(0.0, self.schedule.at - mono)
 
     def remaining(self) -> float:
         """Seconds the current token has left: the least of every reckoning (issue 20, M3).

@@ -171,7 +171,7 @@ class SinkWriter:
                 # The moment the API stops serving this token, the files stop holding it: the
                 # refresher's deadline, by every clock (issue 20, M3), on the monotonic clock.
                 wait = min(wait, self._holder.servable_until() - self._clock.monotonic())
-            await self._sleep_or_wake(max(0.0, wait))
+            await self._wake.sleep(self._clock, max(0.0, wait))
 
     async def empty(self, keep: Collection[Path] = ()) -> None:
         """Empty every file (except those in `keep`): the app is removed or the broker stops."""
@@ -213,9 +213,6 @@ class SinkWriter:
                 token_fingerprint=token.fingerprint,
             )
         return True
-
-    async def _sleep_or_wake(self, seconds: float) -> None:
-        await self._wake.sleep(self._clock, seconds)
 
 
 class SinkSet:

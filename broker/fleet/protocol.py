@@ -259,11 +259,30 @@ class FleetProtocol:
         fp = notice.refresh_fp
         if notice.kind == "sent":
             self.memory.heard_sent(fp, notice.owner, self._clock.monotonic())
-        elif (notice.kind == "abort" and not notice.retry_aborted) or self._respends_own(notice):
+            if notice.owner is not None and notice.fence > 0:
+                # A veto for this spend names it exactly, and the store refuses one for a
+                # spend its spender ended as aborted (even after it forgot the record; swarm
+                # seeds 12554, 27015, 28726: the spender had exited, nobody could lift it).
+                self.memory.foreign_fences[fp] = (notice.owner, notice.fence)
+        elif (
+            notice.kind == "abort" and not notice.retry_aborted and not self._stale_abort(notice)
+        ) or self._respends_own(notice):
             # Ended without effect; or its spender spends it again, which it does only when it
             # knows its last spend ended without effect (a restart gets a new owner name): the
             # abort notice was lost, e.g. its record was gone after a store rollback.
             self.memory.resolved_foreign(fp)
+
+    def _stale_abort(self, notice: Notice) -> bool:
+        """`notice` ends a spend (it names the fence: its record was gone) of a spender whose
+        later spend of the token we know: an abort that landed late, after the store forgot
+        that later spend's record, says nothing about it."""
+        known = self.memory.foreign_fences.get(notice.refresh_fp or "")
+        return (
+            notice.fence > 0
+            and known is not None
+            and known[0] == notice.owner
+            and known[1] > notice.fence
+        )
 
     def _respends_own(self, notice: Notice) -> bool:
         """`notice` announces a spend by the one replica that sent this token before."""
@@ -541,7 +560,11 @@ class FleetProtocol:
         if fence == 0:
             return
         await self._store.end_spend(
-            self.key, owner=self._owner, fence=fence, outcome=SpendEnd.ABORTED
+            self.key,
+            owner=self._owner,
+            fence=fence,
+            outcome=SpendEnd.ABORTED,
+            refresh_fp=self._ordinary(memory.aborts.get((self._owner, fence))),
         )
         log.info("spend.abort_resolved", app=self.app, fence=fence)
         self.memory.abort_written(fence)
@@ -584,6 +607,16 @@ class FleetProtocol:
             return None
         if record is None or record.refresh_fp != refresh_fp:
             raise _RecordGone
+        if record.restored:
+            # An aborted grace retry restored it: it stands for the first spender's spend,
+            # whose abort may still remove it, not for the retrier's (swarm seed 10135: the
+            # retrier remembered it as nobody's spend and vetoed the next spend for good).
+            assert record.orig_owner is not None
+            if record.orig_owner == self._owner:
+                return None
+            if record.orig_fence > 0:
+                self.memory.foreign_fences[refresh_fp] = (record.orig_owner, record.orig_fence)
+            return record.orig_owner
         if record.owner == self._owner:
             return None
         if record.fence > 0 and not record.retry:
@@ -1071,15 +1104,29 @@ class FleetProtocol:
         return Fetched(token, False, sent_mono)
 
     async def _end_spend(self, fence: int, outcome: SpendEnd) -> None:
+        refresh_fp = None
         if outcome is SpendEnd.ABORTED:
             # Our next begin_spend may replace the record: the abort may not be stored, or a
             # failover may bring the record back (only `sent` is waited for, not the abort).
             current = self._current()
-            self.memory.aborted(
-                self._owner, fence, current.refresh_fingerprint if current is not None else None
-            )
+            refresh_fp = current.refresh_fingerprint if current is not None else None
+            self.memory.aborted(self._owner, fence, refresh_fp)
         with contextlib.suppress(StoreUnavailable):
-            await self._store.end_spend(self.key, owner=self._owner, fence=fence, outcome=outcome)
+            await self._store.end_spend(
+                self.key,
+                owner=self._owner,
+                fence=fence,
+                outcome=outcome,
+                refresh_fp=self._ordinary(refresh_fp),
+            )
+
+    def _ordinary(self, refresh_fp: str | None) -> str | None:
+        """`refresh_fp`, when our aborted spend of it was an ordinary one (not a grace retry
+        of an unknown spend): the store keeps and announces such an abort even when it forgot
+        the record. The abort of a retry says nothing of the spend it retried."""
+        if refresh_fp is None or refresh_fp in self.memory.retried:
+            return None
+        return None if self.memory.is_unknown(refresh_fp) else refresh_fp
 
     async def _fetch_within(
         self, fetch: Fetch, refresh_token: str | None, budget: float

@@ -133,13 +133,24 @@ class SpendRecord:
     """The stored spend record, as `load_spend` reads it: whose, of which refresh token, its
     state (`announced`, `sent`, `unknown` or `vetoed`), and whether it is the one grace retry
     the store granted (nobody vetoes that). `fence` is the spend's (0 once vetoed or
-    restored); it is not compared: two reads of one spend are equal."""
+    restored); it is not compared: two reads of one spend are equal. `orig_owner` and
+    `orig_fence` name the spend a grace retry retries, or the one its abort restored the
+    record of (state `unknown`, fence 0: its owner is the retrier, the spend is the first
+    spender's), or the one a veto stands for; None and 0 when none (not compared either)."""
 
     owner: str
     refresh_fp: str
     state: str
     retry: bool = False
     fence: int = field(default=0, compare=False)
+    orig_owner: str | None = field(default=None, compare=False)
+    orig_fence: int = field(default=0, compare=False)
+
+    @property
+    def restored(self) -> bool:
+        """The record an aborted grace retry restored: it stands for the first spender's
+        spend (`orig_owner`, `orig_fence`), not its owner's, the retrier."""
+        return self.state == "unknown" and self.fence == 0 and self.orig_owner is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +163,11 @@ class Notice:
     rank of the set whose refresh token is spent; `refresh_fp` names that refresh token.
     `retry` marks the spend of a grace retry the store granted (nobody vetoes it);
     `retry_aborted` an abort of such a retry: the spend it retried is still unknown.
+    `fence` is the spend's fence on a "sent" notice (0 elsewhere, and from a release before
+    it): a replica that vetoes a later spend of that token for it names that spend exactly,
+    so the store can tell when its spender ended it as aborted (`veto_spend`). An "abort"
+    notice of a spend whose record the store no longer held names it too: a replica that
+    knows a later spend of that spender's (another fence) ignores it.
     `protocol` is the fleet protocol version of the replica that made the change (absent on
     the wire: 1). "lease" (LEASE) says `owner` was granted the lease for `ttl` seconds,
     "release" (RELEASE) that it gave the lease back: advisory, for scheduling only (a release
@@ -176,6 +192,7 @@ class Notice:
     protocol: int = PROTOCOL_VERSION
     ttl: float = 0.0
     access_fp: str | None = None
+    fence: int = 0
     blob: str | None = field(default=None, repr=False, compare=False)
     token: TokenSet | None = field(default=None, repr=False, compare=False)
 
@@ -195,6 +212,7 @@ class Notice:
                 "pv": self.protocol,
                 **({"ttl": round(self.ttl * 1000)} if self.ttl else {}),
                 **({"afp": self.access_fp} if self.access_fp is not None else {}),
+                **({"fence": self.fence} if self.fence else {}),
                 **({"blob": self.blob} if self.blob is not None else {}),
             },
             separators=(",", ":"),
@@ -217,6 +235,7 @@ class Notice:
                 protocol=int(raw.get("pv") or 1),
                 ttl=max(0.0, float(raw.get("ttl") or 0) / 1000),
                 access_fp=str(raw["afp"]) if raw.get("afp") else None,
+                fence=max(0, int(raw.get("fence") or 0)),
                 blob=raw["blob"] if isinstance(raw.get("blob"), str) else None,
             )
         except (ValueError, TypeError, KeyError, AttributeError):
@@ -265,6 +284,19 @@ class TokenSets(Protocol):
         ALREADY, another token LIMITED. A RECORDED refusal publishes a REFUSED notice naming
         `access_fp`; the set itself stays stored (a rotating grant's refresh token is spent by
         the fleet protocol, never dropped).
+        """
+        ...
+
+    async def lower_expiry(self, app: str, token: TokenSet, expires_at: float) -> bool:
+        """Lower the stored expiry of `token`'s set to `expires_at` (fleet time): never raise it.
+
+        A conditional rewrite (issue 20, M3): only while the stored set is `token`'s (its rank
+        and access token) and `expires_at` is earlier than the stored expiry; a later commit
+        stores its own expiry. A replica whose fleet clock saw the store's clock step back
+        re-expresses its serving deadline in the new frame with it, so a pod that reads the set
+        later does not serve it by the old frame's stamp. The encrypted set is not rewritten:
+        the store keeps the lower bound beside it, and every read returns the earlier of the
+        two. True when the stored expiry was lowered.
         """
         ...
 
@@ -357,11 +389,27 @@ class SpendLedger(Protocol):
         """
         ...
 
-    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
+    async def end_spend(
+        self,
+        app: str,
+        *,
+        owner: str,
+        fence: int,
+        outcome: SpendEnd,
+        refresh_fp: str | None = None,
+    ) -> None:
         """Close our spend under `fence` without a commit: aborted (removed) or unknown (kept).
 
         Only a record `owner` made under `fence`: fence numbers repeat after a rollback (the
         counter goes back with the snapshot), so another replica's spend may carry ours.
+
+        `refresh_fp` names the token of an ordinary spend (not a grace retry) the caller ended
+        as aborted. When the store holds no record at all (it forgot it: an empty restart, an
+        eviction), the abort is still kept as the last aborted spend (`owner`, `fence`,
+        `refresh_fp`: a veto that stands for exactly that spend is refused) and announced with
+        an abort notice: replicas that heard its `sent` notice would otherwise veto the next
+        spend of the token for it, and only its spender, which may have exited, could lift
+        that veto (swarm seeds 12554, 27015, 28726).
 
         An aborted grace retry restores the record of the unknown spend it retried, with that
         spend's `sent_at` and no retry left, and its abort notice says `retry_aborted`.

@@ -254,6 +254,7 @@ class MemoryStore:
                 refresh_fp=spend.refresh_fp,
                 owner=owner,
                 protocol=self.protocol,
+                fence=fence,
             )
         )
         if self.require_replica_ack and not self._replica_acknowledged():
@@ -277,7 +278,15 @@ class MemoryStore:
         if spend is None:
             return None
         retry = spend.orig_sent_at is not None
-        return SpendRecord(spend.owner, spend.refresh_fp, spend.state, retry, spend.fence)
+        return SpendRecord(
+            spend.owner,
+            spend.refresh_fp,
+            spend.state,
+            retry,
+            spend.fence,
+            orig_owner=spend.orig_owner,
+            orig_fence=spend.orig_fence,
+        )
 
     async def veto_spend(
         self, app: str, *, refresh_fp: str, protects: tuple[str, int] | None = None
@@ -306,21 +315,50 @@ class MemoryStore:
             spend.orig_owner, spend.orig_fence = protects
         return True
 
-    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
-        """Remove (aborted) or mark (unknown) our spend record under `fence`."""
+    async def end_spend(
+        self,
+        app: str,
+        *,
+        owner: str,
+        fence: int,
+        outcome: SpendEnd,
+        refresh_fp: str | None = None,
+    ) -> None:
+        """Remove (aborted) or mark (unknown) our spend record under `fence`.
+
+        With `require_replica_ack` every abort waits for a replica, whatever it found (as
+        RedisStore's WAIT after the script): NotDurable when none acknowledged.
+        """
         self._check()
         spend = self.state.spends.get(app)
         if spend is None:
             aborted = self.state.aborted.get(app)
-            if (
-                outcome is SpendEnd.ABORTED
-                and aborted is not None
-                and aborted[:2] == (owner, fence)
-            ):
+            if outcome is not SpendEnd.ABORTED:
+                return
+            if aborted is not None and aborted[:2] == (owner, fence):
                 self._abort_acknowledged()  # applied already: asked again (the drain's retry)
+            elif refresh_fp and fence > 0:
+                # The store forgot the record: keep the abort anyway, and announce it (naming
+                # the fence: an abort that lands late must not pass for a later spend's).
+                self.state.aborted[app] = (owner, fence, refresh_fp)
+                self._publish(
+                    Notice(
+                        app,
+                        "abort",
+                        refresh_fp=refresh_fp,
+                        owner=owner,
+                        protocol=self.protocol,
+                        fence=fence,
+                    )
+                )
+            else:
+                # Nothing of ours here: an answer a replica must hold too (below).
+                self._abort_acknowledged()
             return
         if spend.fence != fence or spend.owner != owner:
-            if outcome is SpendEnd.ABORTED and self._retried_spend_never_sent(app, owner, fence):
+            if outcome is not SpendEnd.ABORTED:
+                return
+            if self._retried_spend_never_sent(app, owner, fence):
                 self._publish(
                     Notice(
                         app,
@@ -331,6 +369,10 @@ class MemoryStore:
                         protocol=self.protocol,
                     )
                 )
+            # Another spend's record: ours is settled only if a replica holds what this
+            # primary says. A split brain's old primary, where a later spend began after our
+            # abort, answers so too, and its heal discards both (swarm seed 25279).
+            self._abort_acknowledged()
             return
         if outcome is SpendEnd.ABORTED:
             retry_aborted = spend.orig_sent_at is not None
@@ -398,6 +440,21 @@ class MemoryStore:
         self.state.refused[app] = (access_fp, now + interval)
         self._publish(Notice(app, REFUSED, access_fp=access_fp, protocol=self.protocol))
         return Refusal.RECORDED
+
+    async def lower_expiry(self, app: str, token: TokenSet, expires_at: float) -> bool:
+        """Lower the stored set's expiry if it is `token`'s (see TokenStore.lower_expiry)."""
+        self._check()
+        current = self.state.tokens.get(app)
+        if (
+            current is None
+            or current.rank != token.rank
+            or current.fingerprint != token.fingerprint
+            or expires_at >= current.expires_at
+        ):
+            return False
+        # (The Redis store keeps the bound beside the encrypted set; a read answers the same.)
+        self.state.tokens[app] = replace(current, expires_at=expires_at)
+        return True
 
     async def updates(self) -> AsyncIterator[Notice]:
         """Notices of commits and spends, as they happen."""

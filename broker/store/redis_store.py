@@ -2,7 +2,8 @@
 
 Keys carry the app's store name (`<app>@<client binding>`, broker/store `bound_name`) as a hash
 tag, so Redis Cluster keeps one app's keys on one slot: `{prefix}:{<name>}:token` (a hash:
-`version`, `lineage`, `gen`, `fp`, `pv`, `blob`), `...:lease` (`<owner>|<fence>|<protocol
+`version`, `lineage`, `gen`, `fp`, `pv`, `blob`; `expires_by` and `expires_by_version` once a
+replica lowered its expiry, `_LOWER_EXPIRY`), `...:lease` (`<owner>|<fence>|<protocol
 version>`, with a TTL), `...:fence` (a counter) and `...:spend` (a hash: `fence`, `owner`,
 `rfp`, `lineage`, `gen`, `state`, `retries`). Every write is one Lua script that also publishes
 a JSON notice (with `pv`) on `{prefix}:updates`; the rules are those of broker/store/__init__.py.
@@ -98,6 +99,7 @@ end
 version = version + 1
 redis.call('HSET', KEYS[1], 'version', version, 'lineage', nl, 'gen', ng, 'fp', ARGV[3],
   'fence', ARGV[5], 'blob', ARGV[4], 'pv', __PV__)
+redis.call('HDEL', KEYS[1], 'expires_by', 'expires_by_version')
 local sp = redis.call('HMGET', KEYS[2], 'lineage', 'gen')
 if sp[1] and outranks(nl, ng, tonumber(sp[1]), tonumber(sp[2])) then
   redis.call('DEL', KEYS[2])
@@ -179,7 +181,8 @@ local t = redis.call('TIME')
 redis.call('HSET', KEYS[2], 'state', 'sent',
   'sent_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
-  lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2], pv=__PV__}))
+  lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2],
+  fence=tonumber(ARGV[2]), pv=__PV__}))
 return 1
 """
 # KEYS: spend, lease, aborted. ARGV: rfp, protected owner ('' for none), protected fence
@@ -202,7 +205,7 @@ end
 return 1
 """
 # KEYS: spend, aborted. ARGV: fence, outcome, channel, app, owner (fences repeat after a
-# rollback)
+# rollback), rfp of an ordinary spend ('' for none)
 _END_SPEND = """
 local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen',
   'orig_sent_at', 'orig_owner', 'orig_fence', 'state')
@@ -214,6 +217,13 @@ if not sp[1] then
   if ARGV[2] == 'aborted' and held and string.sub(held, 1, string.len(mark)) == mark then
     redis.call('PEXPIRE', KEYS[2], 86400000)
     return 2
+  end
+  -- the store forgot the record: keep the abort anyway, and announce it
+  if ARGV[2] == 'aborted' and ARGV[6] ~= '' and ARGV[1] ~= '0' then
+    redis.call('SET', KEYS[2], ARGV[5] .. '|' .. ARGV[1] .. '|' .. ARGV[6], 'EX', 86400)
+    redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort', lineage=0, gen=0,
+      rfp=ARGV[6], owner=ARGV[5], fence=tonumber(ARGV[1]), ra=0, pv=__PV__}))
+    return 1
   end
   return 0
 end
@@ -279,6 +289,24 @@ redis.call('PUBLISH', ARGV[6], cjson.encode({app=ARGV[7], kind='token', version=
 return 'moved'
 """
 
+# KEYS: token. ARGV: lineage, gen, access fp, expiry in ms (fleet time = this server's clock).
+# Lowers the stored set's expiry without touching its blob (`lower_expiry`): only while the
+# stored set is that rank and access token, and only below a bound already kept. The bound
+# names the version it was written for: a commit by a release before the field leaves it in
+# the hash, where it must not cut the life of the newer set (a read applies it only to that
+# version).
+_LOWER_EXPIRY = """
+local cur = redis.call('HMGET', KEYS[1], 'version', 'lineage', 'gen', 'fp', 'expires_by',
+  'expires_by_version')
+if not cur[1] or tonumber(cur[2] or '0') ~= tonumber(ARGV[1])
+  or tonumber(cur[3] or '0') ~= tonumber(ARGV[2]) or cur[4] ~= ARGV[3] then
+  return 0
+end
+if cur[5] and cur[6] == cur[1] and tonumber(cur[5]) <= tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[1], 'expires_by', ARGV[4], 'expires_by_version', cur[1])
+return 1
+"""
+
 # KEYS: token, refused. ARGV: access fp, interval ms, channel, app. A compare-and-set on the
 # stored set's `fp`: a refusal of an access token that is no longer stored purges nothing. The
 # refused key (the fingerprint, lapsing after the interval) limits purges to one per interval.
@@ -294,6 +322,22 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='refused', afp=AR
   pv=__PV__}))
 return 'recorded'
 """
+
+
+def _bounded(token: TokenSet, fields: dict[bytes, bytes]) -> TokenSet:
+    """`token` with the bound a replica kept beside it (`lower_expiry`) applied: the earlier
+    expiry wins. A bound written for another version of the hash (left by a commit of a
+    release before the field) is not this set's and is ignored."""
+    bound = fields.get(b"expires_by")
+    if bound is None or fields.get(b"expires_by_version") != fields.get(b"version"):
+        return token
+    try:
+        expires_at = int(bound) / 1000
+    except ValueError:
+        return token  # (damaged: the set's own expiry, as before the bound existed)
+    if expires_at >= token.expires_at:
+        return token
+    return replace(token, expires_at=expires_at)
 
 
 def _versioned(script: str) -> str:
@@ -375,6 +419,7 @@ class RedisStore:
         self._take_budget = client.register_script(_TAKE_BUDGET)
         self._move_legacy = client.register_script(_versioned(_MOVE_LEGACY))
         self._refuse = client.register_script(_versioned(_REFUSE))
+        self._lower_expiry = client.register_script(_LOWER_EXPIRY)
         self.channel = f"{key_prefix}:updates"
 
     def token_key(self, app: str) -> str:
@@ -562,7 +607,7 @@ class RedisStore:
                 f"stored set of {app} is damaged", rank=(0, 0), version=0
             ) from None
         try:
-            return self._open_set(app, fields[b"blob"], version, rank, protocol)
+            return _bounded(self._open_set(app, fields[b"blob"], version, rank, protocol), fields)
         except UndecryptableToken as exc:
             log.warning("store.undecryptable", app=app, reason=str(exc))
             raise UnreadableTokenSet(
@@ -719,10 +764,17 @@ class RedisStore:
 
     async def load_spend(self, app: str) -> SpendRecord | None:
         """The spend record (one HMGET), or None."""
-        owner, rfp, state, orig_sent_at, fence = await self._call(
+        owner, rfp, state, orig_sent_at, fence, orig_owner, orig_fence = await self._call(
             "spend",
             lambda: self._client.hmget(
-                self.spend_key(app), "owner", "rfp", "state", "orig_sent_at", "fence"
+                self.spend_key(app),
+                "owner",
+                "rfp",
+                "state",
+                "orig_sent_at",
+                "fence",
+                "orig_owner",
+                "orig_fence",
             ),
         )
         if owner is None or rfp is None or state is None:
@@ -733,6 +785,8 @@ class RedisStore:
             _text(state),
             orig_sent_at is not None,
             int(fence) if fence is not None else 0,
+            orig_owner=_text(orig_owner) if orig_owner is not None else None,
+            orig_fence=int(orig_fence) if orig_fence is not None else 0,
         )
 
     async def veto_spend(
@@ -750,23 +804,36 @@ class RedisStore:
         )
         return bool(result)
 
-    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
-        """Remove (aborted) or mark (unknown) our spend record.
+    async def end_spend(
+        self,
+        app: str,
+        *,
+        owner: str,
+        fence: int,
+        outcome: SpendEnd,
+        refresh_fp: str | None = None,
+    ) -> None:
+        """Remove (aborted) or mark (unknown) our spend record (Lua; see SpendLedger).
 
+        An abort that finds no record (the store forgot it) is still kept in `:aborted` and
+        announced when `refresh_fp` names the token (issue 20, swarm seeds 12554, 27015).
         With `require_replica_ack`, an abort is followed by WAIT, as `mark_sent` is: an abort
         only the primary holds is lost by a failover, which brings the `sent` record back for
         good once its spender exited (issue 20, swarm seed 23291). NotDurable when no replica
-        acknowledged an abort the script applied (1) or found applied by this spend (2).
+        acknowledged, whatever the script found: an abort it applied (1), found applied by
+        this spend (2), or nothing of this spend's (0: another spend's record). That answer is
+        only as good as the node giving it: a split brain's old primary, where another spend
+        began after our abort, says so too, and its heal discards both (swarm seed 25279).
         """
         keys = [self.spend_key(app), self.aborted_key(app)]
-        args: list[Any] = [fence, outcome.value, self.channel, app, owner]
+        args: list[Any] = [fence, outcome.value, self.channel, app, owner, refresh_fp or ""]
         if not self._require_ack or outcome is not SpendEnd.ABORTED:
             await self._call("spend", lambda: self._end_spend(keys=keys, args=args))
             return
-        ended, acks = await self._call(
+        _, acks = await self._call(
             "spend", lambda: self._script_then_wait(_versioned(_END_SPEND), keys, args)
         )
-        if int(ended) and acks < 1:
+        if acks < 1:
             raise NotDurable(
                 f"no replica acknowledged the abort within {self._ack_timeout_ms} ms "
                 "(WAIT answered 0)"
@@ -782,6 +849,25 @@ class RedisStore:
             ),
         )
         return Refusal(_text(answer))
+
+    async def lower_expiry(self, app: str, token: TokenSet, expires_at: float) -> bool:
+        """Keep `expires_at` beside the stored set as the bound of its expiry, in one script
+        (conditional on its rank and access token; never above a bound already kept)."""
+        if expires_at >= token.expires_at:
+            return False  # (the stored set is `token`'s or the script changes nothing)
+        answer = await self._call(
+            "save",
+            lambda: self._lower_expiry(
+                keys=[self.token_key(app)],
+                args=[
+                    token.lineage,
+                    token.generation,
+                    token.fingerprint,
+                    math.floor(expires_at * 1000),
+                ],
+            ),
+        )
+        return bool(int(answer))
 
     async def updates(self) -> AsyncIterator[Notice]:
         """Notices published by any replica's writes; raises StoreUnavailable on disconnect."""
@@ -954,7 +1040,7 @@ class RedisStore:
         if moved is not None:
             return StoredSet(version, rank, protocol, None, None, moved_to=moved.decode())
         try:
-            token = self._open_set(name, fields[b"blob"], version, rank, protocol)
+            token = _bounded(self._open_set(name, fields[b"blob"], version, rank, protocol), fields)
         except (UndecryptableToken, KeyError, ValueError, TypeError):
             return StoredSet(version, rank, protocol, None, None)
         return StoredSet(

@@ -54,9 +54,19 @@ class TracedStore:
         tracing.event("spend.sent" if sent else "spend.lost_lease", fence=fence)
         return sent
 
-    async def end_spend(self, app: str, *, owner: str, fence: int, outcome: SpendEnd) -> None:
+    async def end_spend(
+        self,
+        app: str,
+        *,
+        owner: str,
+        fence: int,
+        outcome: SpendEnd,
+        refresh_fp: str | None = None,
+    ) -> None:
         """End a spend; noted as `spend.aborted` or `spend.unknown`."""
-        await self.inner.end_spend(app, owner=owner, fence=fence, outcome=outcome)
+        await self.inner.end_spend(
+            app, owner=owner, fence=fence, outcome=outcome, refresh_fp=refresh_fp
+        )
         tracing.event(f"spend.{outcome}", fence=fence)
 
     async def commit(self, app: str, token: TokenSet, *, fence: int = 0) -> Commit:

@@ -15,6 +15,7 @@ from typing import Any, cast
 import pytest
 
 from broker.clock import SystemClock
+from broker.errors import UnreadableTokenSet
 from broker.metrics import Metrics
 from broker.model import PROTOCOL_VERSION, TokenSet
 from broker.store import (
@@ -29,7 +30,7 @@ from broker.store import (
 )
 from broker.store.crypto import Keyring
 from broker.store.memory import MemoryStore
-from broker.store.redis_store import RedisStore, redis_client
+from broker.store.redis_store import RedisStore, _plaintext, redis_client
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -692,6 +693,67 @@ class TestSpend:
         assert await store.veto_spend("app", refresh_fp=fp, protects=("b", 0))
         assert await store.load_spend("app") == SpendRecord("a", fp, "vetoed")
 
+    async def test_an_abort_that_finds_no_record_is_kept_and_announced(
+        self, store: TokenStore
+    ) -> None:
+        """The store forgot the record (an empty restart, an eviction) before its spender ended
+        it as aborted: the abort of an ordinary spend (`refresh_fp` given) is still kept as the
+        last aborted spend and announced, so a veto for exactly that spend is refused (swarm
+        seeds 12554, 27015, 28726); one without `refresh_fp` (a grace retry's) keeps nothing."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await marked_sent(store, "a")
+        if isinstance(store, MemoryStore):
+            del store.state.spends["app"]
+        else:
+            redis_store = cast(RedisStore, store)
+            await redis_store._client.delete(redis_store.spend_key("app"))
+        async with hearing(
+            store, keep=lambda n: n.kind == "abort", until=lambda heard: len(heard) == 1
+        ) as heard:
+            await store.end_spend("app", owner="x", fence=9, outcome=SpendEnd.ABORTED)
+            await store.end_spend(
+                "app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED, refresh_fp=fp
+            )
+        assert [(n.kind, n.refresh_fp, n.owner, n.fence, n.retry_aborted) for n in heard] == [
+            ("abort", fp, "a", a.fence, False)
+        ]
+        assert await store.load_spend("app") is None
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        assert await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1)) is (
+            SpendStart.OK
+        )
+        assert not await store.veto_spend("app", refresh_fp=fp, protects=("a", a.fence))
+        assert (await store.load_spend("app") or SpendRecord("", "", "")).state == "announced"
+        # The abort without a fingerprint kept nothing: a veto for that spend stands.
+        assert await store.veto_spend("app", refresh_fp=fp, protects=("x", 9))
+        assert await store.load_spend("app") == SpendRecord("b", fp, "vetoed")
+
+    async def test_a_restored_record_names_the_spend_it_stands_for(self, store: TokenStore) -> None:
+        """The record an aborted grace retry restored is under the retrier's name and fence 0,
+        and names the spend it stands for: the first spender and its fence (swarm seed 10135:
+        read as the retrier's, it was remembered as nobody's spend)."""
+        await store.commit("app", token_set(1))
+        a = await marked_sent(store, "a")
+        record = await store.load_spend("app")
+        assert record is not None and not record.restored
+        assert (record.orig_owner, record.orig_fence) == (None, 0)
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        retry = await store.begin_spend(
+            "app", owner="b", fence=b.fence, token=token_set(1), retry_within=30
+        )
+        assert retry is SpendStart.RETRY
+        record = await store.load_spend("app")
+        assert record is not None and record.retry and not record.restored
+        assert (record.orig_owner, record.orig_fence) == ("a", a.fence)
+        await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
+        record = await store.load_spend("app")
+        assert record is not None and record.restored
+        assert (record.owner, record.fence, record.state) == ("b", 0, "unknown")
+        assert (record.orig_owner, record.orig_fence) == ("a", a.fence)
+
 
 @asynccontextmanager
 async def hearing(
@@ -743,6 +805,8 @@ class TestNotices:
         ]
         assert heard[0].version == 1
         assert not any(n.retry or n.retry_aborted for n in heard)
+        # The `sent` notice names the spend's fence (a veto for it names that spend exactly).
+        assert [n.fence for n in heard] == [0, 0, lease.fence, 0]
 
     async def test_a_grace_retry_and_its_abort_say_so(self, store: TokenStore) -> None:
         """H2/H3: the spend of a granted grace retry is marked `retry` (bystanders do not veto
@@ -867,3 +931,99 @@ class TestNoticeWithoutTheKey:
         finally:
             await writer.close()
             await reader.close()
+
+
+class TestLowerExpiry:
+    """Issue 20, M3: after the store's clock stepped back, a replica lowers the stored set's
+    expiry to its own deadline in the new frame, conditionally, never raising it."""
+
+    async def test_lowers_the_stored_expiry_and_never_raises_it(self, store: TokenStore) -> None:
+        """Every read then answers the lower expiry (load and load_many); a later or equal
+        one changes nothing; a lower one again lowers it."""
+        held = token_set(2)
+        await store.commit("app", held)
+        assert await store.lower_expiry("app", held, 4000.0)
+        assert (await store.load("app")).expires_at == 4000.0  # type: ignore[union-attr]
+        assert (await store.load_many(["app"]))["app"].expires_at == 4000.0
+        assert not await store.lower_expiry("app", held, 4000.0)
+        assert not await store.lower_expiry("app", held, 4300.0)
+        assert not await store.lower_expiry("app", held, 4600.0)
+        assert (await store.load("app")).expires_at == 4000.0  # type: ignore[union-attr]
+        assert await store.lower_expiry("app", held, 3900.5)
+        stored = await store.load("app")
+        assert stored is not None
+        assert (stored.expires_at, stored.rank, stored.access_token) == (
+            3900.5,
+            (1, 2),
+            held.access_token,
+        )
+
+    async def test_only_the_set_it_names(self, store: TokenStore) -> None:
+        """Another rank, the same rank with another access token, or nothing stored: no
+        rewrite (a replica holding an older set must not cut a newer set's life)."""
+        assert not await store.lower_expiry("app", token_set(2), 4000.0)
+        await store.commit("app", token_set(2))
+        assert not await store.lower_expiry("app", token_set(1), 4000.0)
+        assert not await store.lower_expiry("app", token_set(3), 4000.0)
+        other = replace(token_set(2), access_token="another-access-token-secret")
+        assert not await store.lower_expiry("app", other, 4000.0)
+        assert not await store.lower_expiry("other", token_set(2), 4000.0)
+        assert (await store.load("app")).expires_at == 4600.0  # type: ignore[union-attr]
+
+    async def test_a_newer_commit_keeps_its_own_expiry(self, store: TokenStore) -> None:
+        """The bound belongs to the set it was written for: a repeated commit of that set (a
+        write-back) keeps it, a newer set's commit stores its own expiry."""
+        await store.commit("app", token_set(2))
+        assert await store.lower_expiry("app", token_set(2), 4000.0)
+        assert (await store.commit("app", token_set(2))).stored
+        assert (await store.load("app")).expires_at == 4000.0  # type: ignore[union-attr]
+        assert (await store.commit("app", token_set(3))).stored
+        assert (await store.load("app")).expires_at == 4600.0  # type: ignore[union-attr]
+
+
+class TestLowerExpiryOnRedis:
+    async def test_the_bound_is_beside_the_encrypted_set(self, redis_server: RedisServer) -> None:
+        """The rewrite leaves the ciphertext (its AAD binds it to the app and client binding,
+        M6) as it was: the bound is a field of its own, which a read applies as a minimum, and
+        which names the version it was written for. A commit by a release before the field
+        (which does not remove it) leaves a bound of another version: ignored."""
+        store = RedisStore(
+            redis_client(redis_server.url),
+            key_prefix="tb",
+            keyring=Keyring([("k", b"K" * 32)]),
+            metrics=Metrics(),
+            clock=SystemClock(),
+        )
+        client = redis_client(redis_server.url)
+        key = store.token_key("app@0123456789abcdef")
+        try:
+            await store.commit("app@0123456789abcdef", token_set(2))
+            blob = await client.hget(key, "blob")
+            assert await store.lower_expiry("app@0123456789abcdef", token_set(2), 4000.25)
+            fields = await client.hgetall(key)
+            assert fields[b"blob"] == blob
+            assert (fields[b"expires_by"], fields[b"expires_by_version"]) == (b"4000250", b"1")
+            stored = await store.load("app@0123456789abcdef")
+            assert stored is not None and stored.expires_at == 4000.25
+            # A blob copied under another name does not open there, bound or not (its AAD).
+            await client.hset(store.token_key("app@fedcba9876543210"), mapping=fields)
+            with pytest.raises(UnreadableTokenSet):
+                await store.load("app@fedcba9876543210")
+            # An older release's commit: HSET of the newer set's fields, the bound left behind.
+            newer = token_set(3)
+            await client.hset(
+                key,
+                mapping={
+                    "version": 2,
+                    "gen": 3,
+                    "fp": newer.fingerprint,
+                    "blob": store._keyring.encrypt(
+                        _plaintext(newer), store._aad("app@0123456789abcdef")
+                    ),
+                },
+            )
+            stored = await store.load("app@0123456789abcdef")
+            assert stored is not None and (stored.rank, stored.expires_at) == ((1, 3), 4600.0)
+        finally:
+            await client.aclose()
+            await store.close()

@@ -1606,6 +1606,90 @@ def set_stamped_ahead_read_at_once() -> Schedule:
     )
 
 
+def _held_a_jump_back(replica: Replica) -> bool:
+    """`replica`'s fleet clock holds a jump back of the store's clock (or took one)."""
+    clock = replica.refresher._clock
+    assert isinstance(clock, FleetClock)
+    held, anchor = clock._estimator.held_anchor, clock._estimator.anchor
+    return held is not None and anchor is not None and held < anchor
+
+
+def pod_restarted_while_the_store_clock_is_back() -> Schedule:
+    """Found by the swarm (seeds 4575, 8286, 27232): 20 s after a refresh Redis's clock steps
+    back 20 s, and a pod restarts once a replica's round has seen the step; its own clock is
+    25 s behind. Every clock it can read is behind, and the set it reads was stamped right (in
+    the frame before the step): by all of them the token lives 20 s longer than it does. The
+    server is down, so no newer set replaces it; the pod served it 20 s past its true expiry.
+    The replica that lived through the step holds the right deadline on its monotonic clock:
+    the round that holds the jump back lowers the stored expiry to it, in the new frame
+    (`lower_expiry`), and the restarted pod reads that."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        server.faults.down = True
+        await world.time.sleep(20.0)  # (later than a read that the lifetime bound would cut)
+        world.store_clock.step = -20.0
+        await until(world, lambda: _held_a_jump_back(world.replicas[0]))
+        await world.time.sleep(1.0)
+        await world.crash(1)
+        world.start_replica(1)
+        await world.time.sleep(90.0)  # past the true expiry of the last token
+        world.store_clock.step = 0.0
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0, -25.0])
+    return Schedule(
+        seed=20_090,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="pod_restarted_while_the_store_clock_is_back",
+        script=script,
+        script_heals_by=180.0,
+    )
+
+
+def set_stamped_while_the_store_clock_was_ahead() -> Schedule:
+    """Found by the swarm (seeds 13488, 19018; 16961 and 24067 are the same read of a set
+    stamped by a fleet clock that had not followed Redis back yet): Redis's clock steps 20 s
+    ahead and every fleet clock follows it; a refresh then stamps its set right, in that frame.
+    Redis's clock is put right, the fleet clocks follow it back, and a pod restarts later: its
+    clocks are right, and the set's stamp is 20 s late in the frame it reads it in. The
+    server is down, so no newer set replaces it; the pod served it 20 s past its true expiry.
+    Every replica that lived through the step back lowers the stored expiry to its own
+    deadline in the new frame when its round holds the jump back (`lower_expiry`)."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        world.store_clock.step = 20.0
+        await until(world, lambda: _fleet_clocks_right(world))
+        await _refresh_now(world, world.replicas[0])
+        server.faults.down = True
+        await world.time.sleep(5.0)
+        world.store_clock.step = 0.0
+        await until(world, lambda: _fleet_clocks_right(world))
+        await world.time.sleep(10.0)  # (later than a read that the lifetime bound would cut)
+        await world.crash(1)
+        world.start_replica(1)
+        await world.time.sleep(90.0)  # past the true expiry of the last token
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_091,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="set_stamped_while_the_store_clock_was_ahead",
+        script=script,
+        script_heals_by=240.0,
+    )
+
+
 def rollback_erases_a_sent_record_with_its_spender_awake() -> Schedule:
     """Found by the swarm (seed 5310): a strict server rotates a refresh token and answers 500
     (the outcome is unknown), and the store is rolled back, at the moment the token is marked
@@ -2062,6 +2146,157 @@ def set_evicted_under_its_writer() -> Schedule:
     return _set_evicted(writer_exits=False)
 
 
+def abort_after_the_store_forgot_the_record() -> Schedule:
+    """Found by the swarm (seeds 12554, 27015, 28726): Redis restarts empty (or evicts the
+    record) the moment the spender marks its token sent, and SIGTERM comes then too; the server
+    answers 429 (it did not act), so the drain ends the spend as aborted and exits. The store
+    holds no record any more: the abort changed nothing and announced nothing. The bystanders
+    heard the `sent` notice, so when a new pod spends the token, they veto that spend for the
+    aborted one, naming its spender but no fence (a notice named none): a veto only that
+    spender could lift, and it has exited, so the fleet waited for a person. The `sent` notice
+    now names the fence, and an abort that finds no record is still kept (and announced): the
+    store refuses a veto that stands for exactly that aborted spend."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.server.faults.slow = 2.0
+                world.server.faults.status, world.server.faults.retry_after = 429, 1.0
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        await world.time.sleep(0.1)  # the bystanders heard the `sent` notice
+        bystanders = [r for i, r in enumerate(world.replicas) if i != spender]
+        for bystander in bystanders:
+            # Not subscribed again yet when the abort comes (in the seeds it came 67 ms after
+            # the restart).
+            bystander.view.faults.lost_kinds = frozenset({"abort"})
+        world.empty_restart()
+        world.terminate(spender)
+        await world.time.sleep(3.0)  # the 429 came, the drain ended the spend and exited
+        world.server.faults.status, world.server.faults.retry_after = None, None
+        world.server.faults.slow = 0.0
+        for bystander in bystanders:
+            bystander.view.faults.lost_kinds = frozenset()
+        world.start_replica(spender)  # the new pod: it never heard the `sent` notice
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_070,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="abort_after_the_store_forgot_the_record",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def restored_record_named_for_its_first_spender() -> Schedule:
+    """Found by the swarm (seed 10135, with a split brain): on a grace server (30 s) the store
+    goes down right after it applied the spender's `mark_sent` (the answer lost: the token is
+    never sent), and the spender stays cut off a while. A bystander takes the lease once the
+    store is back and gets the one grace retry of that `sent` record; the server refuses it
+    (429), and the store restores the record of the unknown spend, under fence 0 and the
+    retrier's name. Meeting it, the retrier took it for its own record and remembered the
+    spend as nobody's, the other bystander as the retrier's: when the spender came back and
+    ended its spend (the record went), both missed the abort notice and vetoed the spender's
+    next spend of the token, a veto nobody could lift. The record names the spend it stands
+    for (`SpendRecord.orig_owner`, `orig_fence`), and a replica remembers it as that spend."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase != "sent":
+                return
+            hit.append(replica)
+            if len(hit) == 1:
+                world.set_store_outage(True)  # inside the round trip: the answer is lost
+                world.replicas[_index(world, replica)].view.faults.partitioned = True
+            elif len(hit) == 2:
+                world.server.faults.status, world.server.faults.retry_after = 429, 1.0
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        await world.time.sleep(2.0)
+        world.set_store_outage(False)
+        await until(world, lambda: len(hit) > 1, limit=60.0)  # the grace retry
+        await world.time.sleep(1.0)
+        world.server.faults.status, world.server.faults.retry_after = None, None
+        await world.time.sleep(20.0)  # both bystanders meet the restored record
+        bystanders = [r for i, r in enumerate(world.replicas) if i != spender]
+        for bystander in bystanders:
+            bystander.view.faults.lost_kinds = frozenset({"abort"})
+        world.replicas[spender].view.faults.partitioned = False
+        await world.time.sleep(10.0)
+        for bystander in bystanders:
+            bystander.view.faults.lost_kinds = frozenset()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_071,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="restored_record_named_for_its_first_spender",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def split_brain_answers_a_drained_abort_with_another_spend() -> Schedule:
+    """Found by the swarm (seed 25279): the server refuses a refresh without acting (429) as a
+    split brain leaves the spender and a bystander on the old primary, which no replica
+    acknowledges; SIGTERM comes at once. The spender's abort is applied there and is not
+    acknowledged (NotDurable), so its drain asks again; meanwhile the bystander finds no
+    record on the old primary and begins a spend of its own (its `sent` is not acknowledged
+    either: it never sends). Asked again, the old primary answered "that record is another
+    spend's" without WAIT, and the drain took it as settled and exited. On the promoted side
+    the third replica's grace retry, refused too, restored the spender's record as unknown;
+    the heal discarded the abort and the fleet waited for a person with the grant intact
+    (invariant 5). Now every abort's answer waits for a replica, and the drain waits for the
+    abort as for a commit: after the heal it lifts the restored record."""
+
+    async def script(world: World) -> None:
+        server, key = world.server, world.key
+        server.faults.status, server.faults.retry_after = 429, 1.0
+        await until(world, lambda: server.sends)
+        spender = _index(world, server.sends[0][1])
+        owner = world.replicas[spender].refresher.fleet.owner
+        bystander = next(i for i in range(len(world.replicas)) if i != spender)
+        world.split_brain([spender, bystander])
+        old = world.stale_primary
+        assert old is not None
+        await world.time.sleep(0.2)
+        world.terminate(spender)
+
+        def other_spend_on_the_old_side() -> bool:
+            spend = old.state.spends.get(key)
+            return spend is not None and spend.owner != owner
+
+        await until(world, other_spend_on_the_old_side, limit=60.0)
+        await world.time.sleep(10.0)  # the promoted side's grace retry was refused as well
+        server.faults.status, server.faults.retry_after = None, None
+        world.heal_split_brain()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_110,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="split_brain_answers_a_drained_abort_with_another_spend",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -2129,6 +2364,13 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     ),
     "set_evicted_after_its_writer_exited": set_evicted_after_its_writer_exited,
     "set_evicted_under_its_writer": set_evicted_under_its_writer,
+    "abort_after_the_store_forgot_the_record": abort_after_the_store_forgot_the_record,
+    "restored_record_named_for_its_first_spender": restored_record_named_for_its_first_spender,
+    "split_brain_answers_a_drained_abort_with_another_spend": (
+        split_brain_answers_a_drained_abort_with_another_spend
+    ),
+    "pod_restarted_while_the_store_clock_is_back": pod_restarted_while_the_store_clock_is_back,
+    "set_stamped_while_the_store_clock_was_ahead": set_stamped_while_the_store_clock_was_ahead,
 }
 
 

@@ -23,6 +23,7 @@ from broker.fleet import protocol as fleet_protocol_module
 from broker.model import TokenSet
 from broker.oauth import parse
 from broker.refresher import AppRefresher
+from broker.schedule import BLOCKED_RETRY
 from broker.store import LEASE, Notice, SpendEnd, SpendRecord, SpendStart
 from broker.store.memory import MemoryState, MemoryStore
 from tests.simulation import world as world_module
@@ -45,6 +46,20 @@ def mutate(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, str, object], N
         monkeypatch.setattr(target, name, value)
 
     return apply
+
+
+def _abort_of_a_forgotten_record_keeps_nothing(
+    mutate: Callable[[object, str, object], None],
+) -> None:
+    """Put back the old `end_spend`: an abort that finds no record keeps and announces nothing
+    (swarm seeds 12554, 27015, 28726). Some older doors are closed by that too now."""
+    end = MemoryStore.end_spend
+
+    async def keeps_nothing(self: MemoryStore, app: str, **kwargs: Any) -> None:
+        kwargs.pop("refresh_fp", None)
+        await end(self, app, **kwargs)
+
+    mutate(MemoryStore, "end_spend", keeps_nothing)
 
 
 class TestEachFixPutBackOpensItsDoor:
@@ -126,12 +141,12 @@ class TestEachFixPutBackOpensItsDoor:
         original = MemoryStore.end_spend
 
         async def deletes(
-            self: MemoryStore, app: str, *, owner: str, fence: int, outcome: SpendEnd
+            self: MemoryStore, app: str, *, owner: str, fence: int, outcome: SpendEnd, **kw: Any
         ) -> None:
             spend = self.state.spends.get(app)
             if spend is not None and spend.fence == fence and outcome is SpendEnd.ABORTED:
                 spend.orig_sent_at = None
-            await original(self, app, owner=owner, fence=fence, outcome=outcome)
+            await original(self, app, owner=owner, fence=fence, outcome=outcome, **kw)
 
         mutate(MemoryStore, "end_spend", deletes)
         result = run(DOORS["h3_aborted_grace_retry"]())
@@ -584,8 +599,11 @@ class TestEachFixPutBackOpensItsDoor:
         """Swarm-found (seed 1233): a bystander cut off with the old primary of a split meets
         a stale copy of a spend record there and, after the heal, vetoes another replica's
         spend of the token; a veto that does not name the spend it stands for can be lifted
-        by no one, its spender included: the fleet waits for a person."""
+        by no one, its spender included: the fleet waits for a person. (An abort that finds
+        no record, kept and announced since seeds 12554, 27015 and 28726, now closes this door
+        too: it is put back as well.)"""
         mutate(FleetProtocol, "_protects", lambda self, refresh_fp: None)
+        _abort_of_a_forgotten_record_keeps_nothing(mutate)
         result = run(DOORS["stale_copy_outlives_the_split"]())
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
@@ -705,7 +723,7 @@ class TestEachFixPutBackOpensItsDoor:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            self._emit(events.AppRemoved(name))
+            self.on_event(events.AppRemoved(name))
 
         mutate(BrokerCore, "remove_app", remove_unseen)
         result = run(DOORS["sigterm_during_a_reload_mid_spend"]())
@@ -795,8 +813,15 @@ class TestEachFixPutBackOpensItsDoor:
     ) -> None:
         """Swarm-found (seed 5083): a set stamped with the fleet clock's old, later frame while
         its jump back waits for confirmation expires that much later for a pod that reads it
-        with its clocks right: served past its true expiry."""
+        with its clocks right: served past its true expiry. (The round that confirms the jump
+        now also lowers the stored expiry, `lower_stored_expiry`, which closes this door a
+        second way, 5 s later: both are put back.)"""
+
+        async def keeps_the_stamp(self: AppRefresher) -> None:
+            return None
+
         mutate(fleet_protocol_module, "stamped", lambda token, clock: token)
+        mutate(AppRefresher, "lower_stored_expiry", keeps_the_stamp)
         result = run(DOORS["set_stamped_while_a_jump_back_waits"]())
         assert not result.ok
         assert any(v.startswith("invariant 2") for v in result.violations), result.report()
@@ -887,6 +912,9 @@ class TestEachFixPutBackOpensItsDoor:
 
         assert run(make_schedule(6573)).ok
         mutate(MemoryStore, "veto_spend", vetoes_its_own_owner)
+        # The spender's abort found no record (the restart): kept and announced since seeds
+        # 12554, 27015 and 28726, it closes this seed too, so it is put back as well.
+        _abort_of_a_forgotten_record_keeps_nothing(mutate)
         result = run(make_schedule(6573))
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
@@ -977,10 +1005,13 @@ class TestEachFixPutBackOpensItsDoor:
             owner: str,
             fence: int,
             outcome: SpendEnd,
+            refresh_fp: str | None = None,
         ) -> None:
             acknowledged = self.acknowledged
             with contextlib.suppress(NotDurable):
-                await original(self, app, owner=owner, fence=fence, outcome=outcome)
+                await original(
+                    self, app, owner=owner, fence=fence, outcome=outcome, refresh_fp=refresh_fp
+                )
             self.acknowledged = acknowledged
 
         mutate(world_module.SimMemoryStore, "end_spend", end_spend_not_waited)
@@ -997,6 +1028,129 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["sigterm_drain_waits_for_a_replica_to_hold_the_commit"]())
         assert not result.ok
         assert any(v.startswith("invariant 3") for v in result.violations), result.report()
+
+    def test_an_abort_that_finds_no_record_keeps_nothing(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 12554, 27015, 28726): an abort that finds no record (the store
+        restarted empty as the token was marked sent) keeps no mark of the aborted spend, so
+        the bystanders' veto of the new pod's spend for it stands, and only its spender,
+        which exited after SIGTERM, could lift it: the fleet waits for a person."""
+        _abort_of_a_forgotten_record_keeps_nothing(mutate)
+        result = run(DOORS["abort_after_the_store_forgot_the_record"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_sent_notice_that_names_no_fence(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same door with `sent` notices that name no fence (the old notice): the
+        bystanders' veto names the spender only (fence 0), which the store's mark of the
+        aborted spend does not match, and the veto stands for good."""
+        on_notice = FleetProtocol.on_notice
+
+        def without_fence(self: FleetProtocol, notice: Notice) -> None:
+            on_notice(self, replace(notice, fence=0))
+
+        mutate(FleetProtocol, "on_notice", without_fence)
+        result = run(DOORS["abort_after_the_store_forgot_the_record"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_restored_record_read_as_its_retriers(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 10135): a record that an aborted grace retry restored, read
+        without the spend it stands for (the old SpendRecord), is the retrier's: the retrier
+        remembers it as nobody's spend and, having missed the first spender's abort notice,
+        vetoes that spender's next spend of the token naming no spend, for good."""
+        load = MemoryStore.load_spend
+
+        async def without_the_first_spender(self: MemoryStore, app: str) -> SpendRecord | None:
+            record = await load(self, app)
+            return None if record is None else replace(record, orig_owner=None, orig_fence=0)
+
+        mutate(MemoryStore, "load_spend", without_the_first_spender)
+        result = run(DOORS["restored_record_named_for_its_first_spender"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_an_abort_answered_with_another_spend_not_waited_for(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 25279): an abort that meets another spend's record is taken as
+        settled without a replica holding that answer (the old store): on a split brain's old
+        primary the drained spender exits, the heal discards its abort, and the record a
+        grace retry restored on the promoted side stands for good."""
+        original = MemoryStore.end_spend
+
+        async def another_spend_not_waited(
+            self: MemoryStore,
+            app: str,
+            *,
+            owner: str,
+            fence: int,
+            outcome: SpendEnd,
+            refresh_fp: str | None = None,
+        ) -> None:
+            spend = self.state.spends.get(app)
+            another = spend is not None and (spend.owner, spend.fence) != (owner, fence)
+            try:
+                await original(
+                    self, app, owner=owner, fence=fence, outcome=outcome, refresh_fp=refresh_fp
+                )
+            except NotDurable:
+                if not another:
+                    raise
+
+        mutate(MemoryStore, "end_spend", another_spend_not_waited)
+        result = run(DOORS["split_brain_answers_a_drained_abort_with_another_spend"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    def test_a_drain_that_exits_with_the_abort_unacknowledged(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same door with the drain of the old code: it ends at the first sync that
+        answers, though the abort in it was not acknowledged (NotDurable is kept for the next
+        sync), so the spender exits with its abort on the old primary only."""
+
+        async def old_drain(self: AppRefresher) -> None:
+            while self.grant_spends and (
+                (self._unsynced and self.token is not None)
+                or self.fleet.abort_unwritten
+                or self.fleet.commit_unacknowledged
+            ):
+                if await self._sync() and not self.fleet.commit_unacknowledged:
+                    return
+                await self._clock.sleep(BLOCKED_RETRY / 5)
+
+        mutate(AppRefresher, "_write_back_before_exit", old_drain)
+        result = run(DOORS["split_brain_answers_a_drained_abort_with_another_spend"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
+    @pytest.mark.parametrize(
+        "door",
+        [
+            "pod_restarted_while_the_store_clock_is_back",
+            "set_stamped_while_the_store_clock_was_ahead",
+        ],
+    )
+    def test_a_stored_expiry_left_in_the_frame_before_a_step_back(
+        self, mutate: Callable[[object, str, object], None], door: str
+    ) -> None:
+        """Swarm-found (seeds 4575, 8286, 13488, 16961, 19018, 24067, 27232): without the
+        rewrite of the stored expiry after the store's clock steps back (the old code), a pod
+        that reads the set in the new frame serves it past its true expiry."""
+
+        async def keeps_the_stamp(self: AppRefresher) -> None:
+            return None
+
+        mutate(AppRefresher, "lower_stored_expiry", keeps_the_stamp)
+        result = run(DOORS[door]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
 
 
 class TestTheDocumentedLimitIsExcusedNarrowly:

@@ -103,6 +103,31 @@ SWARM_REGRESSION_SEEDS = {
     "replicas, whose clocks (17 to 54 s ahead) had stopped them serving the set before it; "
     "they served the new set 1 ms later (a checker bug: the clock-ahead excuse now includes "
     "the set a commit replaced within a notice's delivery and a read, ADOPTION_LAG)",
+    12554: "Redis restarted empty as the token was marked sent, and the drained spender's abort "
+    "found no record: the bystanders' veto of a new pod's spend named a spender that had exited "
+    "(the abort is kept and announced anyway, and the `sent` notice names the fence)",
+    27015: "the same, an empty restart and SIGTERM as the spender's token went out (as 12554)",
+    28726: "the same with an eviction of the spend record and a crashed spender (as 12554)",
+    10135: "the record an aborted grace retry restored was read as the retrier's: it remembered "
+    "the spend as nobody's and vetoed the first spender's next spend for good (the record names "
+    "the spend it stands for)",
+    25279: "a split brain left the drained spender on the old primary, where another spend "
+    "began after its unacknowledged abort; asked again, the old primary answered 'another "
+    "spend's record' without WAIT and the drain exited; the heal discarded the abort (every "
+    "abort's answer is now waited for, and the drain waits for the abort as for a commit)",
+    4575: "a pod restarted while Redis's clock was stepped back, its own clock behind: every "
+    "clock it had was behind and the set was stamped right, so it served the set past its "
+    "expiry (a replica whose round holds or takes a jump back lowers the stored expiry to its "
+    "own deadline in the new frame, `lower_expiry`)",
+    8286: "as 4575",
+    27232: "as 4575",
+    16961: "a set stamped by a fleet clock ahead of Redis's with no jump held yet, read by a pod "
+    "that scaled up long after (the replicas that held the jump back lowered the stored expiry, "
+    "as 4575)",
+    24067: "as 16961",
+    13488: "a set stamped right while Redis's clock was ahead, read by a pod that joined after "
+    "Redis went back (as 4575)",
+    19018: "as 13488",
 }
 
 

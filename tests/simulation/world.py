@@ -14,12 +14,11 @@ import collections
 import contextlib
 import contextvars
 import functools
-import heapq
 import itertools
 import json
 import random
 import selectors
-from asyncio import base_events, format_helpers
+import time
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -27,6 +26,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field, replace
+from heapq import heapify, heappop, heappush
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from broker.clock import Clock
@@ -67,14 +67,15 @@ from broker.store import (
     client_binding,
 )
 from broker.store.memory import MemoryState, MemoryStore
+from tests.support.virtual_time import Handle, Timer, VirtualTimers
 
 APP = "scim"
-# asyncio's own bounds (Python 3.11), for the lean copy of its loop iteration in SimLoop.
-_MIN_SCHEDULED_TIMER_HANDLES: int = base_events._MIN_SCHEDULED_TIMER_HANDLES  # type: ignore[attr-defined]
-_MIN_CANCELLED_TIMER_HANDLES_FRACTION: float = (
-    base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION  # type: ignore[attr-defined]
-)
-_MAXIMUM_SELECT_TIMEOUT: float = base_events.MAXIMUM_SELECT_TIMEOUT  # type: ignore[attr-defined]
+# asyncio's own bounds (Python 3.11, asyncio.base_events), for SimLoop's copy of its loop
+# iteration: the timer heap is rebuilt without its cancelled timers once it holds more than
+# this many and more than this fraction is cancelled; a loop never waits longer than a day.
+_MIN_SCHEDULED_TIMER_HANDLES = 100
+_MIN_CANCELLED_TIMER_HANDLES_FRACTION = 0.5
+_MAXIMUM_SELECT_TIMEOUT = 24 * 3600
 T = TypeVar("T")
 
 
@@ -96,26 +97,32 @@ class _NoIO(selectors.SelectSelector):
         return []
 
 
-class SimLoop(asyncio.SelectorEventLoop):
+class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
     """An event loop on simulated time: whenever nothing can run, time jumps to the next timer.
 
     Every task runs until it waits; only then does the clock move, straight to the earliest
     wake-up. So a run is a pure function of its seed, costs nothing while "waiting", and the
     asyncio timers (`asyncio.sleep`) are the world's scheduler.
 
-    The loop's own work is most of a schedule's cost (tens of thousands of wake-ups), so the
-    methods it runs for each are lean copies of asyncio's (Python 3.11) that keep its order
-    exactly: the same timer heap, compared by due time alone (as TimerHandle's `<` does, so
-    timers due at the same moment leave in the same order), the same clean-up of cancelled
-    timers, the same batches of ready callbacks. Only the I/O poll, which never finds anything
-    here, and the debug checks are left out.
+    Its time and timers are a VirtualTimers (tests/support/virtual_time.py, the unit tests'
+    FakeClock's too), its ready callbacks a deque of its own: it reads no private field of
+    asyncio's (it overrides one private method, `_run_once`, the iteration that asyncio's
+    run_forever calls; writing run_forever instead would take asyncio's private async
+    generator hooks and thread id). Its loop iteration is asyncio's (Python 3.11) in the same order: the same timer
+    heap, the same clean-up of cancelled timers, the same batches of ready callbacks; only the
+    I/O poll, which never finds anything here, and the debug checks are left out. (The loop's
+    own work is most of a schedule's cost: tens of thousands of wake-ups.)
     """
 
     def __init__(self) -> None:
+        VirtualTimers.__init__(self, 0.0)
+        self.ready: collections.deque[Handle] = collections.deque()
+        self._halting = False  # stop() was called: end the iteration after this batch
+        self._open = True
+        self._resolution = time.get_clock_info("monotonic").resolution
         selector = _NoIO()
-        super().__init__(selector)
+        asyncio.SelectorEventLoop.__init__(self, selector)
         selector.loop = self
-        self.now = 0.0
         # Never in debug mode: futures and tasks ask this at every creation (in C), so answer
         # with a C callable instead of a Python method.
         self.get_debug = False.__bool__  # type: ignore[method-assign]
@@ -124,7 +131,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         # The loop's turns so far, and the handle that runs the last arrivals of notices queued
         # in a turn with the turn (`arrive_soon`).
         self._turn = 0
-        self._arrivals: tuple[int, asyncio.Handle, list[Inbox]] | None = None
+        self._arrivals: tuple[int, Handle, list[Inbox]] | None = None
         # BaseEventLoop.create_future without its Python frame (every wait makes a future).
         self.create_future = functools.partial(asyncio.Future, loop=self)  # type: ignore[method-assign]
 
@@ -134,10 +141,8 @@ class SimLoop(asyncio.SelectorEventLoop):
 
     @property
     def idle(self) -> bool:
-        """Nothing is ready to run now: only the clock can wake anything (the loop's own
-        knowledge, so that the world never reads asyncio's private fields)."""
-        ready: collections.deque[object] = self._ready  # type: ignore[attr-defined]
-        return not ready
+        """Nothing is ready to run now: only the clock can wake anything."""
+        return not self.ready
 
     def only_wakes_ready(self) -> bool:
         """Every callback waiting to run now only wakes something (resolves a sleep's future,
@@ -145,32 +150,26 @@ class SimLoop(asyncio.SelectorEventLoop):
         them: what any of them does commutes with a reader's own note of a heartbeat (its
         subscription's state, its core's `_heard_at`), which may then be made at once instead
         of in the reader's step behind them (`Inbox._deliver`)."""
-        ready: collections.deque[Any] = self._ready  # type: ignore[attr-defined]
-        for handle in ready:
+        for handle in self.ready:
             kind = handle.__class__
             if kind is not _WakeTimer and kind is not _WakeHandle:
                 return False
         return True
 
-    def sleeper(self, seconds: float) -> tuple[asyncio.Future[None], asyncio.TimerHandle]:
+    def sleeper(self, seconds: float) -> tuple[asyncio.Future[None], Timer]:
         """What asyncio.sleep(seconds) awaits: a future, resolved by a timer due then. (The
         timer needs no context of its own: it only resolves the future.)"""
-        # (call_at, inlined: this is most of the timers.)
+        # (schedule, inlined: this is most of the timers.)
         future = self.create_future()
         when = self.now + seconds
-        timer = _WakeTimer(when, _wake_sleeper, (future,), self, _TIMER_CONTEXT)
-        heapq.heappush(self._scheduled, (when, float("nan"), timer))  # type: ignore[attr-defined]
+        timer = _WakeTimer(self, when, _wake_sleeper, (future,), _TIMER_CONTEXT)
+        heappush(self.heap, (when, float("nan"), timer))
         return future, timer
-
-    # ---- the lean copies (see the class docstring) ----------------------------------------
-    # (They use BaseEventLoop's private fields, which typeshed does not declare: `this` is the
-    # loop, untyped.)
 
     def call_soon(  # type: ignore[override]
         self, callback: Callable[..., object], *args: Any, context: Any = None
-    ) -> asyncio.Handle:
-        """asyncio's call_soon, without the debug checks."""
-        this: Any = self
+    ) -> Handle:
+        """asyncio's call_soon, on this loop's own ready queue."""
         if self._step_now:
             self._step_now = False
             if context is not None:  # (a future's callbacks always have theirs)
@@ -180,80 +179,90 @@ class SimLoop(asyncio.SelectorEventLoop):
                 except (SystemExit, KeyboardInterrupt):
                     raise
                 except BaseException as exc:
-                    self._callback_failed(_Handle(callback, args, self, context), exc)
+                    self._callback_failed(Handle(callback, args, context), exc)
                 return None  # type: ignore[return-value]  # (a future's callbacks ignore it)
-        if this._debug or this._closed:
-            return super().call_soon(callback, *args, context=context)
-        handle = _Handle(callback, args, self, context)
-        this._ready.append(handle)
+        if not self._open:
+            raise RuntimeError("Event loop is closed")
+        handle = Handle(callback, args, context)
+        self.ready.append(handle)
         return handle
+
+    call_soon_threadsafe = call_soon  # type: ignore[assignment]  # (one thread: no wake-up)
 
     def call_later(  # type: ignore[override]
         self, delay: float, callback: Callable[..., object], *args: Any, context: Any = None
-    ) -> asyncio.TimerHandle:
+    ) -> Timer:
         """asyncio's call_later (due at `now + delay`, as asyncio computes it)."""
         return self.call_at(self.now + delay, callback, *args, context=context)
 
     def call_at(  # type: ignore[override]
         self, when: float, callback: Callable[..., object], *args: Any, context: Any = None
-    ) -> asyncio.TimerHandle:
-        """asyncio's call_at; the heap holds (due time, NaN, timer) triples, compared in C: a
-        distinct NaN is neither equal to nor less than another, so timers due at the same
-        moment compare as TimerHandle's `<` compares them (not less), without a Python call."""
-        this: Any = self
-        if this._debug or this._closed or when is None:
-            raise RuntimeError("the simulated loop runs without debug, and only while open")
-        timer = _Timer(when, callback, args, self, context)
-        heapq.heappush(this._scheduled, (when, float("nan"), timer))
+    ) -> Timer:
+        """asyncio's call_at, on this loop's VirtualTimers."""
+        if not self._open or when is None:
+            raise RuntimeError("the simulated loop runs only while open, at a given time")
+        # (schedule, inlined. The world's sleeps and the inboxes' deliveries make their own.)
+        timer = Timer(self, when, callback, args, context)
+        heappush(self.heap, (when, float("nan"), timer))
         return timer
+
+    def stop(self) -> None:
+        """asyncio's stop: the loop ends after the callbacks ready now."""
+        self._halting = True
+        super().stop()
+
+    def close(self) -> None:
+        """asyncio's close: nothing may be scheduled after it."""
+        super().close()
+        self._open = False
 
     def _run_once(self) -> None:
         """asyncio's loop iteration (BaseEventLoop._run_once), repeated until the loop stops
-        (what run_forever would do), with the poll replaced by the jump in simulated time."""
-        this: Any = self
-        ready: collections.deque[Any] = this._ready
-        resolution: float = this._clock_resolution
-        heappop = heapq.heappop
+        (what run_forever would do), with the poll replaced by the jump in simulated time.
+        (Inlined whole: the loop's own turns are a large part of a schedule's cost.)"""
+        ready = self.ready
+        resolution = self._resolution
         while True:
             self._turn += 1
-            scheduled: list[tuple[float, float, Any]] = this._scheduled
-            count = len(scheduled)
+            heap = self.heap
+            count = len(heap)
             if (
                 count > _MIN_SCHEDULED_TIMER_HANDLES
-                and this._timer_cancelled_count / count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+                and self.cancelled_count / count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
             ):
                 kept = []
-                for entry in scheduled:
-                    if entry[2]._cancelled:
-                        entry[2]._scheduled = False
+                for entry in heap:
+                    if entry[2].is_cancelled:
+                        entry[2].scheduled = False
                     else:
                         kept.append(entry)
-                heapq.heapify(kept)
-                this._scheduled = scheduled = kept
-                this._timer_cancelled_count = 0
+                heapify(kept)
+                self.heap = heap = kept
+                self.cancelled_count = 0
             else:
-                while scheduled and scheduled[0][2]._cancelled:
-                    this._timer_cancelled_count -= 1
-                    heappop(scheduled)[2]._scheduled = False
-            if not ready and not this._stopping:
-                if not scheduled:
+                while heap and heap[0][2].is_cancelled:
+                    self.cancelled_count -= 1
+                    heappop(heap)[2].scheduled = False
+            if not ready and not self._halting:
+                if not heap:
                     raise RuntimeError(
                         "simulation deadlock: nothing runs and nothing waits on the clock"
                     )
                 # What the poll would have waited: the clock moves by just that.
-                self.now += min(max(0, scheduled[0][0] - self.now), _MAXIMUM_SELECT_TIMEOUT)
+                self.now += min(max(0, heap[0][0] - self.now), _MAXIMUM_SELECT_TIMEOUT)
             end_time = self.now + resolution
-            while scheduled:
-                if scheduled[0][0] >= end_time:
+            while heap:
+                if heap[0][0] >= end_time:
                     break
-                handle = heappop(scheduled)[2]
-                handle._scheduled = False
-                ready.append(handle)
+                timer = heappop(heap)[2]
+                timer.scheduled = False
+                ready.append(timer)
+            handle: Handle | None
             for _ in range(len(ready)):
                 handle = ready.popleft()
-                if handle._cancelled:
+                if handle.is_cancelled:
                     continue
-                if handle._callback is _wake_sleeper and not ready and SHORTCUTS:
+                if handle.callback is _wake_sleeper and not ready and SHORTCUTS:
                     # _wake_sleeper, inlined for a sleep's timer that is the last callback of
                     # its turn (most timers), and the step of the one task that awaits its
                     # future run at once, inside it (`_step_now`: see call_soon), when that
@@ -263,17 +272,17 @@ class SimLoop(asyncio.SelectorEventLoop):
                     # the same loop state, in the same order, as in the next turn, and a sleep
                     # costs no handle nor turn of its own. (A sleep's future has exactly that
                     # one callback, so nothing else is queued by resolving it.)
-                    future = handle._args[0]
+                    future: asyncio.Future[None] = handle.args[0]  # type: ignore[index]
                     if future.cancelled():
                         continue
-                    self._step_now = not this._stopping and (
-                        not scheduled
+                    self._step_now = not self._halting and (
+                        not heap
                         or (
-                            scheduled[0][0] >= end_time
-                            and not scheduled[0][2]._cancelled
+                            heap[0][0] >= end_time
+                            and not heap[0][2].is_cancelled
                             and (
-                                len(scheduled) <= _MIN_SCHEDULED_TIMER_HANDLES
-                                or this._timer_cancelled_count / len(scheduled)
+                                len(heap) <= _MIN_SCHEDULED_TIMER_HANDLES
+                                or self.cancelled_count / len(heap)
                                 <= _MIN_CANCELLED_TIMER_HANDLES_FRACTION
                             )
                         )
@@ -287,15 +296,16 @@ class SimLoop(asyncio.SelectorEventLoop):
                     finally:
                         self._step_now = False
                     continue
-                # handle._run(), inlined (its frame is a tenth of a schedule's cost).
+                # handle.run(), inlined (its frame is a tenth of a schedule's cost).
                 try:
-                    handle._context.run(handle._callback, *handle._args)
+                    handle.context.run(handle.callback, *handle.args)  # type: ignore[arg-type,misc]
                 except (SystemExit, KeyboardInterrupt):
                     raise
                 except BaseException as exc:
                     self._callback_failed(handle, exc)
-            handle = None
-            if this._stopping:
+            handle = None  # (no cycle through a callback's exception)
+            if self._halting:
+                self._halting = False
                 return
 
     def arrive_soon(self, inbox: Inbox) -> None:
@@ -303,7 +313,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         handle for all of them: arrivals queued one right after another in the same turn run
         one right after another in the next, with nothing between them, so one handle runs
         them all in that order (a heartbeat cost one handle per replica)."""
-        ready: collections.deque[Any] = self._ready  # type: ignore[attr-defined]
+        ready = self.ready
         arrivals = self._arrivals
         if (
             SHORTCUTS
@@ -315,72 +325,25 @@ class SimLoop(asyncio.SelectorEventLoop):
             arrivals[2].append(inbox)
             return
         inboxes = [inbox]
-        handle = _WakeHandle(_arrive_all, (inboxes,), self, _TIMER_CONTEXT)
+        handle = _WakeHandle(_arrive_all, (inboxes,), _TIMER_CONTEXT)
         ready.append(handle)
         self._arrivals = (self._turn, handle, inboxes)
 
-    def _callback_failed(self, handle: Any, exc: BaseException) -> None:
-        """What Handle._run does when its callback raises: report it to the loop's handler."""
-        source = format_helpers._format_callback_source(handle._callback, handle._args)
-        context: dict[str, Any] = {
-            "message": f"Exception in callback {source}",
-            "exception": exc,
-            "handle": handle,
-        }
-        if handle._source_traceback:
-            context["source_traceback"] = handle._source_traceback
-        self.call_exception_handler(context)
+    def _callback_failed(self, handle: Handle, exc: BaseException) -> None:
+        """What asyncio does when a callback raises: report it to the loop's handler."""
+        self.call_exception_handler(
+            {"message": f"Exception in callback {handle.callback!r}", "exception": exc}
+        )
 
 
-class _Handle(asyncio.Handle):
-    """asyncio.Handle, made in one step (the loop is never in debug mode: no traceback)."""
-
-    __slots__ = ()
-
-    def __init__(
-        self, callback: Callable[..., object], args: Sequence[Any], loop: Any, context: Any
-    ) -> None:
-        self._callback = callback
-        self._args = args
-        self._cancelled = False
-        self._loop = loop
-        self._context = context if context is not None else contextvars.copy_context()
-        self._repr = None
-        self._source_traceback = None
-
-
-class _Timer(asyncio.TimerHandle):
-    """asyncio.TimerHandle, made in one step and scheduled (SimLoop pushes it on its heap)."""
-
-    __slots__ = ()
-
-    def __init__(
-        self,
-        when: float,
-        callback: Callable[..., object],
-        args: Sequence[Any],
-        loop: Any,
-        context: Any,
-    ) -> None:
-        self._callback = callback
-        self._args = args
-        self._cancelled = False
-        self._loop = loop
-        self._context = context if context is not None else contextvars.copy_context()
-        self._repr = None
-        self._source_traceback = None
-        self._when = when
-        self._scheduled = True
-
-
-class _WakeTimer(_Timer):
+class _WakeTimer(Timer):
     """A timer that only wakes something: a sleep's (`_wake_sleeper`) or a notice's delivery
     (`Inbox._deliver`); see SimLoop.only_wakes_ready."""
 
     __slots__ = ()
 
 
-class _WakeHandle(_Handle):
+class _WakeHandle(Handle):
     """A handle that only moves notices along (`_arrive_all`); see SimLoop.only_wakes_ready."""
 
     __slots__ = ()
@@ -399,12 +362,6 @@ _TIMER_CONTEXT = contextvars.Context()
 # sleep's timer runs its task's step at once (SimLoop._run_once), and the arrivals of one notice
 # run in one handle (SimLoop.arrive_soon). False: asyncio's way, a handle for every step.
 SHORTCUTS = True
-
-
-def _set_result_unless_cancelled(future: asyncio.Future[None], result: None) -> None:
-    """What asyncio.sleep's timer does (asyncio.futures._set_result_unless_cancelled)."""
-    if not future.cancelled():
-        future.set_result(result)
 
 
 def _arrive_all(inboxes: list[Inbox]) -> None:
@@ -939,8 +896,8 @@ class Inbox:
         self.due = due = loop.now + NOTICE_DELAY
         self.delivered = False
         # (call_at, inlined.)
-        timer = _WakeTimer(due, self._deliver, (), loop, _TIMER_CONTEXT)
-        heapq.heappush(loop._scheduled, (due, float("nan"), timer))  # type: ignore[attr-defined]
+        timer = _WakeTimer(loop, due, self._deliver, (), _TIMER_CONTEXT)
+        heappush(loop.heap, (due, float("nan"), timer))
 
     def _deliver(self) -> None:
         """The delivery delay is over: wake the reader (wherever it waits for it), unless it
@@ -1329,6 +1286,7 @@ class SetsFaults(StoreLink):
     load_many = command(TokenSets.load_many, finish=_readable)
     commit = command(TokenSets.commit, late=True, lose=True, call=_stamped)
     refuse_token = command(TokenSets.refuse_token, late=True, lose=True, call=_noted_refusal)
+    lower_expiry = command(TokenSets.lower_expiry, late=True, lose=True)
 
 
 # ---- the spend ledger
@@ -2082,7 +2040,7 @@ class World:
             await replica.core.remove_app(APP)
             if not replica.alive:
                 return
-            on_event = replica.core._emit
+            on_event = replica.core.on_event
             refresher = self._refresher(
                 owner,
                 replica.source,

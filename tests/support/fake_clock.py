@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+
+from tests.support.virtual_time import VirtualTimers
 
 
 class FakeClock:
-    """Implements broker.clock.Clock. `advance()` wakes sleepers whose deadline has passed."""
+    """Implements broker.clock.Clock. `advance()` wakes sleepers whose deadline has passed.
+
+    Its monotonic time and its sleepers are a VirtualTimers (tests/support/virtual_time.py),
+    the simulation's loop's own timer queue.
+    """
 
     def __init__(self, start: float = 1_700_000_000.0) -> None:
         self._wall = start
-        self._mono = 1000.0
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
-        self._sleeper_added = asyncio.Event()
+        self._timers = VirtualTimers(1000.0)
 
     def time(self) -> float:
         """Fake wall time."""
@@ -23,7 +24,7 @@ class FakeClock:
 
     def monotonic(self) -> float:
         """Fake monotonic time."""
-        return self._mono
+        return self._timers.now
 
     async def sleep(self, seconds: float) -> None:
         """Wait until the fake clock is advanced past now + seconds."""
@@ -31,19 +32,22 @@ class FakeClock:
             await asyncio.sleep(0)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self._mono + seconds, next(self._seq), future))
-        self._sleeper_added.set()
-        await future
+        timer = self._timers.schedule(self._timers.now + seconds, _wake, (future,))
+        try:
+            await future
+        except BaseException:
+            timer.cancel()
+            raise
 
     @property
     def sleepers(self) -> int:
         """How many sleeps are pending (cancelled ones excluded)."""
-        return sum(1 for _, _, f in self._sleepers if not f.done())
+        return len(self._timers.live())
 
     def next_deadline(self) -> float | None:
         """Seconds until the earliest pending sleep ends, or None."""
-        pending = [d for d, _, f in self._sleepers if not f.done()]
-        return min(pending) - self._mono if pending else None
+        pending = [timer.when() for timer in self._timers.live()]
+        return min(pending) - self._timers.now if pending else None
 
     async def settle(self) -> None:
         """Let every runnable task run until all are blocked again."""
@@ -52,27 +56,32 @@ class FakeClock:
 
     async def advance(self, seconds: float) -> None:
         """Move time forward, waking sleepers in deadline order and letting them run."""
-        target = self._mono + seconds
+        timers = self._timers
+        target = timers.now + seconds
         await self.settle()
-        while self._sleepers and self._sleepers[0][0] <= target:
-            deadline, _, future = heapq.heappop(self._sleepers)
-            if future.done():
-                continue
-            step = deadline - self._mono
-            self._mono = deadline
-            self._wall += step
-            future.set_result(None)
+        while (timer := timers.pop_due(target)) is not None:
+            self._move_to(timer.when())
+            timer.run()
             await self.settle()
-        step = target - self._mono
-        self._mono = target
-        self._wall += step
+        self._move_to(target)
         await self.settle()
+
+    def _move_to(self, mono: float) -> None:
+        """Set monotonic time to `mono`; the wall clock moves by as much."""
+        self._wall += mono - self._timers.now
+        self._timers.now = mono
 
     def tick(self, seconds: float) -> None:
         """Move wall and monotonic time forward at once without waking sleepers (a slow call)."""
         self._wall += seconds
-        self._mono += seconds
+        self._timers.now += seconds
 
     def jump_wall(self, seconds: float) -> None:
         """Move only the wall clock (an NTP step); monotonic time is untouched."""
         self._wall += seconds
+
+
+def _wake(sleeper: asyncio.Future[None]) -> None:
+    """End a sleep (one already cancelled stays so)."""
+    if not sleeper.done():
+        sleeper.set_result(None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from broker.fleet import FleetProtocol, OutcomeUnknown
 from broker.model import TokenSet
-from broker.store import Notice, SpendStart
+from broker.store import Notice, SpendEnd, SpendStart
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
 from tests.support.fakes import FLEET_APP, CurrentSet, fleet_protocol, spendable_grant
@@ -175,3 +175,77 @@ async def test_a_spender_with_an_unknown_spend_of_the_token_lifts_nothing() -> N
     assert not await spender._lift_vetoes_of_our_aborts(fp)
 
     assert await store.load_spend(APP) is not None
+
+
+async def test_a_veto_for_a_spend_heard_with_its_fence_names_it_exactly() -> None:
+    """Seeds 12554, 27015, 28726: the `sent` notice names the spend's fence, so a bystander's
+    veto stands for exactly that spend, and the store refuses it once that spend's spender
+    ended it as aborted, even after the store forgot the record (the abort kept anyway)."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    token = _grant(clock)
+    await store.commit(APP, token)
+    fp = token.refresh_fingerprint or ""
+    bystander = _protocol(store, clock, "r0", token)
+    bystander.on_notice(Notice(APP, "sent", rank=token.rank, refresh_fp=fp, owner="r2", fence=4))
+    assert bystander._protects(fp) == ("r2", 4)
+    # r2's spend under fence 4 ended without effect after the store forgot its record; r0
+    # missed the abort notice.
+    await store.end_spend(APP, owner="r2", fence=4, outcome=SpendEnd.ABORTED, refresh_fp=fp)
+    fence = await _announce(store, "r1", token)
+    notice = _notice("spend", "r1", token)
+    assert bystander.must_veto(notice)
+
+    await bystander.veto(notice)
+
+    assert await store.mark_sent(APP, owner="r1", fence=fence)
+
+
+def test_a_sent_notice_keeps_its_fence_on_the_wire() -> None:
+    """The fence of a `sent` notice round-trips; other notices carry none."""
+    notice = Notice(APP, "sent", rank=(1, 2), refresh_fp="abc", owner="r1", fence=7)
+    assert Notice.decode(notice.encode()) == notice
+    assert '"fence"' not in Notice(APP, "abort", refresh_fp="abc", owner="r1").encode()
+
+
+async def test_a_restored_record_is_remembered_as_its_first_spenders_spend() -> None:
+    """Seed 10135: the record an aborted grace retry restored (the retrier's name, fence 0)
+    stands for the first spender's spend: the retrier and the others remember it as that
+    spend (not as nobody's, not as the retrier's), so that spender's next spend of the token,
+    which it makes only knowing its own spend had no effect, is not vetoed."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    token = _grant(clock)
+    await store.commit(APP, token)
+    fp = token.refresh_fingerprint or ""
+    first = await _announce(store, "r2", token)
+    assert await store.mark_sent(APP, owner="r2", fence=first)
+    await store.release_lease(APP, "r2", first)
+    lease = await store.acquire_lease(APP, "r1", 30.0)
+    assert (
+        await store.begin_spend(APP, owner="r1", fence=lease.fence, token=token, retry_within=30)
+        is SpendStart.RETRY
+    )
+    await store.end_spend(APP, owner="r1", fence=lease.fence, outcome=SpendEnd.ABORTED)
+    await store.release_lease(APP, "r1", lease.fence)
+    for owner in ("r1", "r0"):  # the retrier, and another bystander
+        replica = _protocol(store, clock, owner, token)
+        assert await replica._record_owner(fp) == "r2"
+        assert replica.memory.foreign_fences[fp] == ("r2", first)
+    assert await _protocol(store, clock, "r2", token)._record_owner(fp) is None  # its own
+
+
+def test_an_abort_of_an_earlier_spend_leaves_a_later_one_remembered() -> None:
+    """An abort notice that names an earlier fence of the spender than the `sent` notice we
+    heard (an abort written late, after the store forgot the later spend's record) does not
+    clear our memory of the later spend; one naming that spend does."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    token = _grant(clock)
+    fp = token.refresh_fingerprint or ""
+    bystander = _protocol(store, clock, "r0", token)
+    bystander.on_notice(Notice(APP, "sent", rank=token.rank, refresh_fp=fp, owner="r2", fence=4))
+    bystander.on_notice(Notice(APP, "abort", refresh_fp=fp, owner="r2", fence=1))
+    assert fp in bystander.memory.foreign
+    bystander.on_notice(Notice(APP, "abort", refresh_fp=fp, owner="r2", fence=4))
+    assert fp not in bystander.memory.foreign

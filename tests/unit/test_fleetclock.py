@@ -183,6 +183,33 @@ class TestFleetClock:
         assert stamped(token, clock) == token
         assert stamped(token, fake_clock) == token  # no fleet clock: as it is
 
+    async def test_round_listeners_hear_a_jump_back_held_and_taken(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """Each round the store answered is told to the listeners, `back` when it held or took
+        a jump back of the store's clock (never for a jump ahead, a first round, or a round
+        the store did not answer); a listener removed (twice: harmless) hears nothing."""
+        server = FakeServer(fake_clock, 20.0)
+        clock = FleetClock(fake_clock)
+        heard: list[bool] = []
+        remove = clock.add_round_listener(heard.append)
+        assert await clock.measure(server) == "first"
+        assert await clock.measure(server) == "smoothed"
+        server.offset = 0.0
+        assert await clock.measure(server) == "held"
+        assert await clock.measure(server) == "stepped"
+        server.offset = 20.0
+        assert await clock.measure(server) == "held"
+        assert await clock.measure(server) == "stepped"
+        server.down = True
+        assert await clock.measure(server) == "unavailable"
+        assert heard == [False, False, True, True, False, False]
+        remove()
+        remove()
+        server.down = False
+        await clock.measure(server)
+        assert len(heard) == 6
+
     async def test_store_down_keeps_the_last_offset(self, fake_clock: FakeClock) -> None:
         """With the store down the last offset stays in use, and its age grows."""
         server = FakeServer(fake_clock, 5.0)

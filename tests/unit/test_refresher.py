@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
@@ -11,6 +12,7 @@ from typing import cast
 
 import pytest
 
+from broker import events
 from broker.errors import (
     NeedsAuthorization,
     PermanentTokenError,
@@ -19,6 +21,7 @@ from broker.errors import (
     TransientTokenError,
     UnreadableTokenSet,
 )
+from broker.fleetclock import FleetClock
 from broker.metrics import Metrics
 from broker.model import AppSpec, AppState, GrantType, RefreshPolicy, TokenSet
 from broker.observe import Observer
@@ -101,6 +104,14 @@ def make(
     return _make
 
 
+async def store_a_valid_set(store: MemoryStore, clock: FakeClock) -> TokenSet:
+    """A set with 50 s left, stored as app1's (its first version)."""
+    now = clock.time()
+    stored = TokenSet("stored-access-token-000000000", "Bearer", now - 10, now + 50)
+    assert (await store.commit(key(), stored)).version == 1
+    return stored
+
+
 async def served_token(refresher: AppRefresher, clock: FakeClock) -> TokenSet:
     token = await refresher.get()
     assert token.expires_at - clock.time() > 0, "served an expired token"
@@ -126,9 +137,7 @@ class TestStartup:
         fake_clock: FakeClock,
     ) -> None:
         """A valid token in the store is served without calling the token endpoint."""
-        now = fake_clock.time()
-        stored = TokenSet("stored-access-token-000000000", "Bearer", now - 10, now + 50)
-        assert (await store.commit(key(), stored)).version == 1
+        stored = await store_a_valid_set(store, fake_clock)
         refresher = make(source)
         await fake_clock.settle()
         assert source.calls == []
@@ -243,6 +252,48 @@ class TestFailures:
         assert refresher.last_error is not None and "invalid_client" in refresher.last_error
         with pytest.raises(TokenUnavailable):
             await refresher.get()
+
+
+class TestShownState:
+    """The state the API shows is settled when an attempt starts and ends (and when a person
+    is asked to authorize), not recomputed at every look: these pin those moments."""
+
+    async def test_a_warm_started_app_shows_refreshing_until_its_first_attempt(
+        self,
+        make: MakeRefresher,
+        source: FakeTokenSource,
+        store: MemoryStore,
+        fake_clock: FakeClock,
+    ) -> None:
+        """A stored set adopted at start is served, but the state says refreshing until the
+        first attempt ends (a state computed at each look would say fresh at once)."""
+        await store_a_valid_set(store, fake_clock)
+        refresher = make(source)
+        await fake_clock.settle()
+        assert refresher.servable() is not None and source.calls == []
+        assert refresher.status().state is AppState.REFRESHING
+        await fake_clock.advance(refresher.schedule.at - fake_clock.monotonic())
+        assert len(source.calls) == 1
+        assert refresher.status().state is AppState.FRESH
+
+    async def test_a_set_adopted_between_attempts_leaves_the_state_until_the_next(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """A failing app that adopts another replica's set from its notice still shows
+        failing, with no error and no failure counted, until its next attempt ends."""
+        source.failure = TransientTokenError("503", status=503)
+        refresher = make(source)
+        await fake_clock.settle()
+        assert refresher.status().state is AppState.FAILING
+        now = fake_clock.time()
+        newer = TokenSet("notice-access-token-00000000", "Bearer", now, now + 60, generation=2)
+        refresher.on_notice(Notice(key(), "token", 1, newer.rank, token=newer))
+        assert refresher.token is newer
+        assert refresher.failures == 0 and refresher.last_error is None
+        assert refresher.status().state is AppState.FAILING
+        source.failure = None
+        await fake_clock.advance(refresher.schedule.at - fake_clock.monotonic())
+        assert refresher.status().state is AppState.FRESH
 
 
 class TestCallerRequests:
@@ -719,19 +770,23 @@ class TestEveryClockMustAgree:
     """M3: a token is served only while the fleet's clock, the pod's own clock and the monotonic
     guard all allow it. The fake clock is true time and the pod's own clock unless said."""
 
-    async def serving_until(
-        self, store: MemoryStore, metrics: Metrics, fleet: ShiftedClock, host: ShiftedClock
-    ) -> float:
-        """Start a refresher (no new token can be had) on a set stored at true time: the
-        seconds after which it stops serving it."""
+    @contextlib.asynccontextmanager
+    async def serving(
+        self,
+        store: MemoryStore,
+        metrics: Metrics,
+        stored: TokenSet,
+        fleet: ShiftedClock,
+        host: ShiftedClock,
+    ) -> AsyncIterator[AppRefresher]:
+        """A refresher on `fleet` and `host` clocks, started on `stored` (no new token can be
+        had), once it has adopted it."""
         clock = fleet.base
-        stored = TokenSet("at-stored", "Bearer", clock.time(), clock.time() + 60.0, None)
         await store.commit(key(), stored)
         source = FakeTokenSource(clock, lifetime=60.0)
         source.failure = TransientTokenError("down", outcome_unknown=False)
-        spec = AppSpec(name="app1", token_url="http://127.0.0.1/token", refresh=POLICY)
         refresher = AppRefresher(
-            spec,
+            app_spec(),
             source,
             store,
             fleet,
@@ -742,42 +797,46 @@ class TestEveryClockMustAgree:
         )
         task = asyncio.create_task(refresher.run())
         try:
-            started = clock.monotonic()
             await clock.settle()
-            assert refresher.token is not None and refresher.token.access_token == "at-stored"
-            while refresher.servable() is not None:
-                await clock.advance(0.5)
-                if clock.monotonic() - started > 200:
-                    break
-            return clock.monotonic() - started
+            assert refresher.token is not None
+            assert refresher.token.access_token == stored.access_token
+            yield refresher
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def test_the_stores_clock_stepped_back_does_not_stretch_a_stored_token(
-        self, store: MemoryStore, metrics: Metrics, fake_clock: FakeClock
+    @pytest.mark.parametrize(
+        ("fleet_offset", "host_offset", "served"),
+        [
+            # A pod that starts after Redis's clock stepped back 40 s reads a set written
+            # before the step: by the fleet's clock alone it has 40 s more; its own clock ends
+            # it on time.
+            pytest.param(-40.0, 0.0, 60.0 - POLICY.safety_margin, id="store-stepped-back"),
+            # A pod whose own clock is 40 s behind stops on time by the fleet's clock.
+            pytest.param(0.0, -40.0, 60.0 - POLICY.safety_margin, id="pod-behind"),
+            # The price of agreeing: a pod whose own clock is 20 s ahead serves 20 s less.
+            pytest.param(0.0, 20.0, 60.0 - POLICY.safety_margin - 20.0, id="pod-ahead"),
+        ],
+    )
+    async def test_a_stored_token_is_served_until_the_earliest_clock_says_stop(
+        self,
+        store: MemoryStore,
+        metrics: Metrics,
+        fake_clock: FakeClock,
+        fleet_offset: float,
+        host_offset: float,
+        served: float,
     ) -> None:
-        """A pod that starts after Redis's clock stepped back 40 s reads a set written before
-        the step: by the fleet's clock alone it has 40 s more; its own clock ends it on time."""
-        fleet, host = ShiftedClock(fake_clock, -40.0), ShiftedClock(fake_clock)
-        served = await self.serving_until(store, metrics, fleet, host)
-        assert served == pytest.approx(60.0 - POLICY.safety_margin, abs=0.5)
-
-    async def test_the_pods_clock_behind_is_caught_by_the_fleets(
-        self, store: MemoryStore, metrics: Metrics, fake_clock: FakeClock
-    ) -> None:
-        """A pod whose own clock is 40 s behind stops on time by the fleet's clock."""
-        fleet, host = ShiftedClock(fake_clock), ShiftedClock(fake_clock, -40.0)
-        served = await self.serving_until(store, metrics, fleet, host)
-        assert served == pytest.approx(60.0 - POLICY.safety_margin, abs=0.5)
-
-    async def test_the_pods_clock_ahead_ends_serving_that_much_earlier(
-        self, store: MemoryStore, metrics: Metrics, fake_clock: FakeClock
-    ) -> None:
-        """The price of agreeing: a pod whose own clock is 20 s ahead serves 20 s less."""
-        fleet, host = ShiftedClock(fake_clock), ShiftedClock(fake_clock, 20.0)
-        served = await self.serving_until(store, metrics, fleet, host)
-        assert served == pytest.approx(60.0 - POLICY.safety_margin - 20.0, abs=0.5)
+        """A set stored at true time: no clock behind stretches it, a pod's clock ahead
+        shortens it by as much."""
+        clock = fake_clock
+        fleet, host = ShiftedClock(clock, fleet_offset), ShiftedClock(clock, host_offset)
+        stored = TokenSet("at-stored", "Bearer", clock.time(), clock.time() + 60.0, None)
+        async with self.serving(store, metrics, stored, fleet, host) as refresher:
+            started = clock.monotonic()
+            while refresher.servable() is not None and clock.monotonic() - started <= 200:
+                await clock.advance(0.5)
+            assert clock.monotonic() - started == pytest.approx(served, abs=0.5)
 
     async def test_a_set_stamped_ahead_lives_at_most_its_lifetime_from_adoption(
         self, store: MemoryStore, metrics: Metrics, fake_clock: FakeClock
@@ -787,29 +846,9 @@ class TestEveryClockMustAgree:
         issued before it was read, so it is served its lifetime from then, not 20 s more."""
         clock = fake_clock
         ahead = TokenSet("at-ahead", "Bearer", clock.time() + 20.0, clock.time() + 80.0, None)
-        await store.commit(key(), ahead)
-        source = FakeTokenSource(clock, lifetime=60.0)
-        source.failure = TransientTokenError("down", outcome_unknown=False)
-        spec = AppSpec(name="app1", token_url="http://127.0.0.1/token", refresh=POLICY)
-        fleet, host = ShiftedClock(fake_clock), ShiftedClock(fake_clock)
-        refresher = AppRefresher(
-            spec,
-            source,
-            store,
-            fleet,
-            Observer(metrics),
-            owner="r",
-            rng=random.Random(7),
-            host_clock=host,
-        )
-        task = asyncio.create_task(refresher.run())
-        try:
-            await clock.settle()
-            assert refresher.token is not None and refresher.token.access_token == "at-ahead"
+        fleet, host = ShiftedClock(clock), ShiftedClock(clock)
+        async with self.serving(store, metrics, ahead, fleet, host) as refresher:
             assert refresher.remaining() == pytest.approx(60.0)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     async def test_a_reckoning_seen_once_holds_after_the_clock_steps_back(
         self, store: MemoryStore, metrics: Metrics, fake_clock: FakeClock
@@ -822,24 +861,8 @@ class TestEveryClockMustAgree:
         fleet, host = ShiftedClock(fake_clock, -40.0), ShiftedClock(fake_clock, -40.0)
         clock = fake_clock
         stored = TokenSet("at-stored", "Bearer", clock.time(), clock.time() + 60.0, None)
-        await store.commit(key(), stored)
-        source = FakeTokenSource(clock, lifetime=60.0)
-        source.failure = TransientTokenError("down", outcome_unknown=False)
-        spec = AppSpec(name="app1", token_url="http://127.0.0.1/token", refresh=POLICY)
-        refresher = AppRefresher(
-            spec,
-            source,
-            store,
-            fleet,
-            Observer(metrics),
-            owner="r",
-            rng=random.Random(7),
-            host_clock=host,
-        )
-        task = asyncio.create_task(refresher.run())
-        try:
+        async with self.serving(store, metrics, stored, fleet, host) as refresher:
             started = clock.monotonic()
-            await clock.settle()
             # 100 s by both clocks, but never more than its lifetime from adoption.
             assert refresher.remaining() == pytest.approx(60.0)
             await clock.advance(10.0)
@@ -853,6 +876,74 @@ class TestEveryClockMustAgree:
             assert clock.monotonic() - started == pytest.approx(
                 60.0 - POLICY.safety_margin, abs=0.5
             )
+
+
+class SteppingServer:
+    """Implements ServerClock: the true (fake) clock, plus any step the store's clock took."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.step = 0.0
+
+    async def server_time(self) -> float:
+        """The store's wall time."""
+        return self.clock.time() + self.step
+
+
+class TestLowerStoredExpiry:
+    """M3: a replica whose fleet clock sees the store's clock step back lowers the stored set's
+    expiry to its own deadline in the new frame (the fleet clock's, not the pod's own)."""
+
+    async def test_a_jump_back_lowers_the_stored_expiry_retried_after_an_outage(
+        self, store: MemoryStore, fake_clock: FakeClock
+    ) -> None:
+        """The store's clock steps back 20 s: the round that holds the jump finds the store
+        down (nothing lowered, nothing lost); the next round, which takes the jump, lowers the
+        stored expiry by the 20 s and no more, though the pod's own clock is 15 s ahead."""
+        clock = fake_clock
+        stored = TokenSet("at-stored", "Bearer", clock.time(), clock.time() + 60.0, None)
+        await store.commit(key(), stored)
+        server = SteppingServer(clock)
+        fleet = FleetClock(clock)
+        await fleet.measure(server)
+        source = FakeTokenSource(clock, lifetime=60.0)
+        source.failure = TransientTokenError("down", outcome_unknown=False)
+        heard: list[events.Event] = []
+        refresher = AppRefresher(
+            app_spec(),
+            source,
+            store,
+            fleet,
+            heard.append,
+            owner="r",
+            rng=random.Random(7),
+            host_clock=ShiftedClock(clock, 15.0),
+        )
+        task = asyncio.create_task(refresher.run())
+        try:
+            await clock.settle()
+            assert refresher.token is not None and refresher.token.access_token == "at-stored"
+            await clock.advance(10.0)
+            server.step = -20.0
+            store.fail = True
+            assert await fleet.measure(server) == "held"
+            await clock.settle()
+            store.fail = False
+            assert (await store.load(key())).expires_at == stored.expires_at  # type: ignore[union-attr]
+            assert await fleet.measure(server) == "stepped"
+            await clock.settle()
+            lowered = await store.load(key())
+            assert lowered is not None and lowered.rank == stored.rank
+            assert lowered.expires_at == pytest.approx(stored.expires_at - 20.0, abs=0.01)
+            assert [e.by for e in heard if isinstance(e, events.ExpiryLowered)] == [
+                pytest.approx(20.0, abs=0.01)
+            ]
+            # Its own serving deadline did not move (its own clock is 15 s ahead: 35 s left).
+            assert refresher.remaining() == pytest.approx(35.0, abs=0.01)
+            assert await fleet.measure(server) == "smoothed"  # (nothing more to lower)
+            await clock.settle()
+            assert len([e for e in heard if isinstance(e, events.ExpiryLowered)]) == 1
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            await refresher.stop()

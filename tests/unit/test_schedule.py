@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -43,6 +44,7 @@ NOW = Now(mono=100.0, wall=1000.0, servable_left=20.0, serve_deadline=1030.0)
 IDLE = Schedule(at=150.0)
 BACKING_OFF = Schedule(at=130.0, why=Why.BACKOFF, backoff=True, permanent=True)
 ASKED = Schedule(at=130.0, why=Why.NEEDS_AUTHORIZATION, needs_authorization="revoked")
+Transition = Callable[[Schedule], Schedule]
 
 
 class TestNextSchedule:
@@ -269,3 +271,19 @@ class TestAppState:
             schedule, failures=failures, has_token=has_token, at_risk=at_risk, servable=servable
         )
         assert state is expected
+
+    @pytest.mark.parametrize(
+        "transition",
+        [
+            lambda s: next_schedule(s, Busy(wait=1.0), NOW),
+            lambda s: next_schedule(s, Failed(4.0, permanent=False), NOW),
+            lambda s: adopted(s, 150.0, new_grant=True),
+            lambda s: purged(s, 100.0),
+            credentials_changed,
+        ],
+    )
+    def test_the_shown_state_waits_for_the_next_settling(self, transition: Transition) -> None:
+        """Scheduling keeps the state shown: it changes only when the refresher settles it
+        (an attempt's start or end, a call for authorization)."""
+        failing = replace(IDLE, shown=AppState.FAILING)
+        assert transition(failing).shown is AppState.FAILING
