@@ -13,6 +13,7 @@ import base64
 import collections
 import contextlib
 import contextvars
+import functools
 import itertools
 import json
 import random
@@ -53,6 +54,7 @@ from broker.oauth.parse import classify_error
 from broker.observe import Observer
 from broker.refresher import AppRefresher
 from broker.store import (
+    HEARTBEAT,
     Commit,
     FleetSignals,
     Notice,
@@ -124,6 +126,14 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
         # Never in debug mode: futures and tasks ask this at every creation (in C), so answer
         # with a C callable instead of a Python method.
         self.get_debug = False.__bool__  # type: ignore[method-assign]
+        # The next call_soon runs its callback at once (a sleep's timer, in `_run_once`).
+        self._step_now = False
+        # The loop's turns so far, and the handle that runs the last arrivals of notices queued
+        # in a turn with the turn (`arrive_soon`).
+        self._turn = 0
+        self._arrivals: tuple[int, Handle, list[Inbox]] | None = None
+        # BaseEventLoop.create_future without its Python frame (every wait makes a future).
+        self.create_future = functools.partial(asyncio.Future, loop=self)  # type: ignore[method-assign]
 
     def time(self) -> float:
         """Simulated seconds since the world began."""
@@ -134,13 +144,25 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
         """Nothing is ready to run now: only the clock can wake anything."""
         return not self.ready
 
+    def only_wakes_ready(self) -> bool:
+        """Every callback waiting to run now only wakes something (resolves a sleep's future,
+        or moves a notice along: `Inbox._arrive`, `Inbox._deliver`), and no task step is among
+        them: what any of them does commutes with a reader's own note of a heartbeat (its
+        subscription's state, its core's `_heard_at`), which may then be made at once instead
+        of in the reader's step behind them (`Inbox._deliver`)."""
+        for handle in self.ready:
+            kind = handle.__class__
+            if kind is not _WakeTimer and kind is not _WakeHandle:
+                return False
+        return True
+
     def sleeper(self, seconds: float) -> tuple[asyncio.Future[None], Timer]:
         """What asyncio.sleep(seconds) awaits: a future, resolved by a timer due then. (The
         timer needs no context of its own: it only resolves the future.)"""
         # (schedule, inlined: this is most of the timers.)
         future = self.create_future()
         when = self.now + seconds
-        timer = Timer(self, when, _set_result_unless_cancelled, (future, None), _TIMER_CONTEXT)
+        timer = _WakeTimer(self, when, _wake_sleeper, (future,), _TIMER_CONTEXT)
         heappush(self.heap, (when, float("nan"), timer))
         return future, timer
 
@@ -148,6 +170,17 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
         self, callback: Callable[..., object], *args: Any, context: Any = None
     ) -> Handle:
         """asyncio's call_soon, on this loop's own ready queue."""
+        if self._step_now:
+            self._step_now = False
+            if context is not None:  # (a future's callbacks always have theirs)
+                # A task's step, run at once for its sleep's timer (as _run_once runs it).
+                try:
+                    context.run(callback, *args)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self._callback_failed(Handle(callback, args, context), exc)
+                return None  # type: ignore[return-value]  # (a future's callbacks ignore it)
         if not self._open:
             raise RuntimeError("Event loop is closed")
         handle = Handle(callback, args, context)
@@ -168,7 +201,7 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
         """asyncio's call_at, on this loop's VirtualTimers."""
         if not self._open or when is None:
             raise RuntimeError("the simulated loop runs only while open, at a given time")
-        # (schedule, inlined: asyncio.sleep and the inboxes' deliveries come here.)
+        # (schedule, inlined. The world's sleeps and the inboxes' deliveries make their own.)
         timer = Timer(self, when, callback, args, context)
         heappush(self.heap, (when, float("nan"), timer))
         return timer
@@ -190,6 +223,7 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
         ready = self.ready
         resolution = self._resolution
         while True:
+            self._turn += 1
             heap = self.heap
             count = len(heap)
             if (
@@ -228,6 +262,40 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
                 handle = ready.popleft()
                 if handle.is_cancelled:
                     continue
+                if handle.callback is _wake_sleeper and not ready and SHORTCUTS:
+                    # _wake_sleeper, inlined for a sleep's timer that is the last callback of
+                    # its turn (most timers), and the step of the one task that awaits its
+                    # future run at once, inside it (`_step_now`: see call_soon), when that
+                    # changes nothing: nothing else would run before that step, nor would the
+                    # loop's turn in between move the clock, pop a timer (none is due now, the
+                    # earliest is not cancelled) or rebuild its heap. The step then runs with
+                    # the same loop state, in the same order, as in the next turn, and a sleep
+                    # costs no handle nor turn of its own. (A sleep's future has exactly that
+                    # one callback, so nothing else is queued by resolving it.)
+                    future: asyncio.Future[None] = handle.args[0]  # type: ignore[index]
+                    if future.cancelled():
+                        continue
+                    self._step_now = not self._halting and (
+                        not heap
+                        or (
+                            heap[0][0] >= end_time
+                            and not heap[0][2].is_cancelled
+                            and (
+                                len(heap) <= _MIN_SCHEDULED_TIMER_HANDLES
+                                or self.cancelled_count / len(heap)
+                                <= _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+                            )
+                        )
+                    )
+                    try:
+                        future.set_result(None)
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:
+                        self._callback_failed(handle, exc)
+                    finally:
+                        self._step_now = False
+                    continue
                 # handle.run(), inlined (its frame is a tenth of a schedule's cost).
                 try:
                     handle.context.run(handle.callback, *handle.args)  # type: ignore[arg-type,misc]
@@ -240,11 +308,45 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
                 self._halting = False
                 return
 
+    def arrive_soon(self, inbox: Inbox) -> None:
+        """call_soon(inbox._arrive), where a notice published to every subscriber queues one
+        handle for all of them: arrivals queued one right after another in the same turn run
+        one right after another in the next, with nothing between them, so one handle runs
+        them all in that order (a heartbeat cost one handle per replica)."""
+        ready = self.ready
+        arrivals = self._arrivals
+        if (
+            SHORTCUTS
+            and arrivals is not None
+            and arrivals[0] == self._turn
+            and ready
+            and ready[-1] is arrivals[1]
+        ):
+            arrivals[2].append(inbox)
+            return
+        inboxes = [inbox]
+        handle = _WakeHandle(_arrive_all, (inboxes,), _TIMER_CONTEXT)
+        ready.append(handle)
+        self._arrivals = (self._turn, handle, inboxes)
+
     def _callback_failed(self, handle: Handle, exc: BaseException) -> None:
         """What asyncio does when a callback raises: report it to the loop's handler."""
         self.call_exception_handler(
             {"message": f"Exception in callback {handle.callback!r}", "exception": exc}
         )
+
+
+class _WakeTimer(Timer):
+    """A timer that only wakes something: a sleep's (`_wake_sleeper`) or a notice's delivery
+    (`Inbox._deliver`); see SimLoop.only_wakes_ready."""
+
+    __slots__ = ()
+
+
+class _WakeHandle(Handle):
+    """A handle that only moves notices along (`_arrive_all`); see SimLoop.only_wakes_ready."""
+
+    __slots__ = ()
 
 
 def run_simulated(main: Coroutine[object, object, T]) -> T:
@@ -255,11 +357,25 @@ def run_simulated(main: Coroutine[object, object, T]) -> T:
 
 _TIMER_CONTEXT = contextvars.Context()
 
+# The loop's shortcuts, each of which leaves every run as it was (test_loop.py compares runs
+# with and without them): readers take heartbeats without being woken (Inbox.heartbeat), a
+# sleep's timer runs its task's step at once (SimLoop._run_once), and the arrivals of one notice
+# run in one handle (SimLoop.arrive_soon). False: asyncio's way, a handle for every step.
+SHORTCUTS = True
 
-def _set_result_unless_cancelled(future: asyncio.Future[None], result: None) -> None:
-    """What asyncio.sleep's timer does (asyncio.futures._set_result_unless_cancelled)."""
+
+def _arrive_all(inboxes: list[Inbox]) -> None:
+    """Inbox._arrive of each, in the order they were queued (SimLoop.arrive_soon)."""
+    for inbox in inboxes:
+        inbox._arrive()
+
+
+def _wake_sleeper(future: asyncio.Future[None]) -> None:
+    """A sleep's timer (SimLoop.sleeper): resolve its future. (As the last callback of a turn
+    it is run by SimLoop._run_once itself, which may run the step of the one task that awaits
+    the future at once.)"""
     if not future.cancelled():
-        future.set_result(result)
+        future.set_result(None)
 
 
 # How long a notice takes from the store to a subscriber's reader.
@@ -306,7 +422,7 @@ class SimTime:
     async def advance_to(self, target: float) -> None:
         """Move time to `target`: everything due until then runs, in time order, and settles."""
         if target > self._loop.now:
-            await asyncio.sleep(target - self._loop.now)
+            await self.sleep(target - self._loop.now)  # (asyncio.sleep's timer, its due time)
         await self.settle()
 
 
@@ -745,6 +861,10 @@ class Inbox:
         self.delivered = False  # that delay is over (the timer due then ran)
         # What the reader waits on when a poke woke it during that delay.
         self.delivery: asyncio.Future[None] | None = None
+        # Takes a heartbeat, the only notice in the inbox, as the reader woken for it would,
+        # when that is all the reader would do before waiting again (see
+        # NoticeFaults.updates); False: the reader must be woken.
+        self.heartbeat: Callable[[], bool] | None = None
 
     def put_nowait(self, notice: Notice | None) -> None:
         """The store published `notice` (None: the store closed)."""
@@ -757,7 +877,7 @@ class Inbox:
             return
         self.pending = True
         # (Where the woken reader's step would have been queued.)
-        self._loop.call_soon(self._arrive, context=_TIMER_CONTEXT)
+        self._loop.arrive_soon(self)
 
     def _arrive(self) -> None:
         """What the reader woken by a notice would have done first: look whether it hears,
@@ -775,21 +895,34 @@ class Inbox:
         loop = self._loop
         self.due = due = loop.now + NOTICE_DELAY
         self.delivered = False
-        loop.call_at(due, self._deliver, context=_TIMER_CONTEXT)
+        # (call_at, inlined.)
+        timer = _WakeTimer(loop, due, self._deliver, (), _TIMER_CONTEXT)
+        heappush(loop.heap, (due, float("nan"), timer))
 
     def _deliver(self) -> None:
-        """The delivery delay is over: wake the reader (wherever it waits for it)."""
+        """The delivery delay is over: wake the reader (wherever it waits for it), unless it
+        would only take a heartbeat and wait again (`heartbeat`: then that is done here)."""
         self.delivered = True
-        for future in (self.waiter, self.delivery):
-            if future is not None and not future.done():
-                future.set_result(None)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if self.heartbeat is not None and SHORTCUTS and self.heartbeat():
                 return
+            waiter.set_result(None)
+            return
+        delivery = self.delivery
+        if delivery is not None and not delivery.done():
+            delivery.set_result(None)
 
     def wake(self) -> None:
         """End the reader's wait (if it waits)."""
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _note_heard(core: BrokerCore) -> None:
+    """What BrokerCore._read_notices does with a heartbeat: note that the channel talks."""
+    core._heard_at = core._clock.monotonic()
 
 
 class ConnectionWatch:
@@ -954,6 +1087,9 @@ class StoreLink:
         self.lost: list[Notice] = []  # notices `faults.lost_kinds` kept from the subscription
         # Purges this connection recorded (world time, refused access fingerprint); shared.
         self.refusals: list[tuple[float, str]] = []
+        # What the subscription's one consumer, BrokerCore._read_notices, does with a heartbeat
+        # (note when the channel was last heard); set by the world (`Inbox.heartbeat`).
+        self.heard: Callable[[], None] | None = None
 
     @property
     def _spends(self) -> MemoryStore:
@@ -974,17 +1110,20 @@ class StoreLink:
             raise StoreUnavailable("simulated: store unreachable")
 
     async def _hop(self) -> None:
-        self._reachable()
-        # (SimTime.sleep, inlined: every store command makes two hops.)
-        future, timer = self._loop.sleeper(0.001 + self._rng.random() * 0.004)
+        # (_reachable and SimTime.sleep, inlined: every store command makes two hops.)
+        if self.faults.partitioned or self._outage or self.dead:
+            raise StoreUnavailable("simulated: store unreachable")
+        loop = self._loop
+        future, timer = loop.sleeper(0.001 + self._rng.random() * 0.004)
         try:
             await future
         except BaseException:
             timer.cancel()
             raise
-        if self.frozen.until > self._world.now:
+        if self.frozen.until > loop.now:
             await self.frozen.thaw()
-        self._reachable()
+        if self.faults.partitioned or self._outage or self.dead:
+            raise StoreUnavailable("simulated: store unreachable")
 
     def _maybe_lose(self) -> None:
         if self._rng.random() < self.faults.lose_replies:
@@ -1041,7 +1180,7 @@ class StoreLink:
 def command(
     method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]],
     *,
-    to: Callable[[StoreLink], object] = lambda link: link._shared,
+    to: Callable[[StoreLink], object] | None = None,
     late: bool = False,
     lose: bool = False,
     back: bool = True,
@@ -1051,7 +1190,7 @@ def command(
     finish: Callable[[StoreLink, R, Any], R] | None = None,
 ) -> Callable[Concatenate[StoreLink, P], Coroutine[Any, Any, R]]:
     """The role's `method` (its protocol's: the signature is the protocol's) over a connection:
-    sent to the store `to` names when it arrives, after a hop.
+    sent to the store `to` names when it arrives (None: the connection's primary), after a hop.
 
     `late`: a write that may apply only after its client timed out (`late_writes`); `lose`: a
     write whose answer may be lost after it applied (`lose_replies`); `back`: an answer comes
@@ -1062,11 +1201,14 @@ def command(
 
     async def send(link: StoreLink, /, *args: P.args, **kwargs: P.kwargs) -> R:
         if late and link._goes_late():
-            return cast(R, await link._apply_late(lambda: to(link), name, args, kwargs))
+            target = (lambda: link._shared) if to is None else (lambda: to(link))
+            return cast(R, await link._apply_late(target, name, args, kwargs))
         if start is not None:
             start(link)
         await link._hop()
-        run = cast(Callable[P, Coroutine[Any, Any, R]], getattr(to(link), name))
+        # (A string: the subscripted type, built at each call, was a thirtieth of its cost.)
+        store = link._shared if to is None else to(link)
+        run = cast("Callable[P, Coroutine[Any, Any, R]]", getattr(store, name))
         if call is None:
             result = await run(*args, **kwargs)
         else:
@@ -1234,6 +1376,35 @@ class NoticeFaults(StoreLink):
             return self.faults.half_opened == half_opened and not self._dropped(restarts, moves)
 
         inbox = Inbox(loop, hears)
+        heard = self.heard
+        if heard is not None:
+
+            def heartbeat() -> bool:
+                """A heartbeat's whole effect on the reader, without waking it (a sixth of a
+                schedule's loop callbacks are readers woken for heartbeats): when it is the
+                only notice, the reader would take it (the store up, the process not frozen,
+                the subscription hearing, heartbeats not lost), its consumer would note it
+                (`heard`: BrokerCore's `_heard_at`) and it would wait again, all in a step
+                queued behind the callbacks ready now. When none of those is a task step
+                (`only_wakes_ready`), nothing can change in between: do it now."""
+                notices = inbox.notices
+                if (
+                    len(notices) != 1
+                    or notices[0] is None
+                    or notices[0].kind != HEARTBEAT
+                    or store.fail
+                    or self.frozen.until > self._world.now
+                    or not hears()
+                    or HEARTBEAT in self.faults.lost_kinds
+                    or not loop.only_wakes_ready()
+                ):
+                    return False
+                notices.popleft()
+                inbox.due = None
+                heard()
+                return True
+
+            inbox.heartbeat = heartbeat
         store._subscribers.add(inbox)  # type: ignore[arg-type]
         self._watch.listen(inbox)
         try:
@@ -1563,6 +1734,7 @@ class World:
         # (seeded by the name, not drawn from the world's generator: seeds replay as before)
         observer = Observer(metrics)
         core = BrokerCore({}, view, clock, observer, rng=random.Random(name))
+        view.heard = functools.partial(_note_heard, core)
         core.add_app(
             self._refresher(name, source, view, clock, observer, spec=spec, host_clock=host_clock)
         )
