@@ -52,6 +52,7 @@ class Adoption:
         _lower_pending: bool
         _lowering: asyncio.Task[None] | None
         _stopping: bool
+        _attempting: bool
         _stagger: float
         _refused_fp: str | None
         _reused_lineage: int
@@ -76,6 +77,7 @@ class Adoption:
         def purge(self, refused_fp: str) -> None: ...
         def _servable_left(self) -> float: ...
         def _wake_successor_waiters(self) -> None: ...
+        def _settle(self) -> None: ...
 
     def _adopt(self, token: TokenSet, *, source: str, sent_mono: float | None = None) -> None:
         previous = self.token
@@ -115,6 +117,11 @@ class Adoption:
             self.failures = 0
             self.last_error = None
             self._emit(events.Unblocked(self.name))
+            if not self._attempting:
+                # Between attempts, a set from the store (a warm start, another replica's
+                # refresh) settles the state shown: `fresh`, not the `refreshing` or `failing`
+                # of before it, for the whole wait until this replica's next attempt.
+                self._settle()
             log.info(
                 "token.loaded",
                 app=self.name,

@@ -56,8 +56,9 @@ class Schedule:
     `backoff`, `permanent` and `blocked` last until a set is adopted; `over_budget` until a
     refresh of ours succeeds; `needs_authorization` (the reason) until a new grant is adopted.
     `fresh_credentials`: the next attempt ignores the fleet's shared backoff once. `shown`:
-    the app's state as the API shows it, settled when an attempt starts and ends (`app_state`)
-    and when a person is asked to authorize; a set adopted between attempts leaves it as is.
+    the app's state as the API shows it, settled when an attempt starts and ends (`app_state`),
+    when a person is asked to authorize, and when a set from the store is adopted between
+    attempts (a warm start, another replica's refresh: `fresh`).
     """
 
     at: float = 0.0

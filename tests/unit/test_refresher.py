@@ -255,32 +255,33 @@ class TestFailures:
 
 
 class TestShownState:
-    """The state the API shows is settled when an attempt starts and ends (and when a person
-    is asked to authorize), not recomputed at every look: these pin those moments."""
+    """The state the API shows is settled when an attempt starts and ends, when a person is
+    asked to authorize, and when a set from the store is adopted between attempts (a warm
+    start, another replica's refresh): not recomputed at every look."""
 
-    async def test_a_warm_started_app_shows_refreshing_until_its_first_attempt(
+    async def test_a_warm_started_app_shows_fresh_before_its_first_attempt(
         self,
         make: MakeRefresher,
         source: FakeTokenSource,
         store: MemoryStore,
         fake_clock: FakeClock,
     ) -> None:
-        """A stored set adopted at start is served, but the state says refreshing until the
-        first attempt ends (a state computed at each look would say fresh at once)."""
+        """A stored set adopted at start is served and shown fresh at once, not refreshing
+        until the first attempt (a wait of most of a lifetime)."""
         await store_a_valid_set(store, fake_clock)
         refresher = make(source)
         await fake_clock.settle()
         assert refresher.servable() is not None and source.calls == []
-        assert refresher.status().state is AppState.REFRESHING
+        assert refresher.status().state is AppState.FRESH
         await fake_clock.advance(refresher.schedule.at - fake_clock.monotonic())
         assert len(source.calls) == 1
         assert refresher.status().state is AppState.FRESH
 
-    async def test_a_set_adopted_between_attempts_leaves_the_state_until_the_next(
+    async def test_a_set_adopted_between_attempts_shows_fresh(
         self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
     ) -> None:
-        """A failing app that adopts another replica's set from its notice still shows
-        failing, with no error and no failure counted, until its next attempt ends."""
+        """A failing app that adopts another replica's set from its notice shows fresh at
+        once, with no error and no failure counted; its own next failure shows failing."""
         source.failure = TransientTokenError("503", status=503)
         refresher = make(source)
         await fake_clock.settle()
@@ -290,9 +291,29 @@ class TestShownState:
         refresher.on_notice(Notice(key(), "token", 1, newer.rank, token=newer))
         assert refresher.token is newer
         assert refresher.failures == 0 and refresher.last_error is None
+        assert refresher.status().state is AppState.FRESH
+        await fake_clock.advance(refresher.schedule.at - fake_clock.monotonic())
         assert refresher.status().state is AppState.FAILING
         source.failure = None
         await fake_clock.advance(refresher.schedule.at - fake_clock.monotonic())
+        assert refresher.status().state is AppState.FRESH
+
+    async def test_a_set_adopted_during_an_attempt_waits_for_its_end(
+        self, make: MakeRefresher, source: FakeTokenSource, fake_clock: FakeClock
+    ) -> None:
+        """While this replica's own attempt is in flight the state stays refreshing, though
+        another replica's set comes in: the attempt's end settles it."""
+        source.delay = 2.0
+        refresher = make(source, start=False)
+        attempt = asyncio.create_task(refresher.get())
+        await fake_clock.advance(0.5)
+        assert refresher.status().state is AppState.REFRESHING
+        now = fake_clock.time()
+        newer = TokenSet("notice-access-token-00000000", "Bearer", now, now + 60, generation=2)
+        refresher.on_notice(Notice(key(), "token", 1, newer.rank, token=newer))
+        assert refresher.status().state is AppState.REFRESHING
+        await fake_clock.advance(2.0)
+        await attempt
         assert refresher.status().state is AppState.FRESH
 
 
