@@ -1690,6 +1690,44 @@ def set_stamped_while_the_store_clock_was_ahead() -> Schedule:
     )
 
 
+def step_between_two_rounds_under_a_restarted_pod() -> Schedule:
+    """Found by the swarm (seeds 20791, 28259): Redis's clock steps back 15 s for 14 s, 6 s
+    after a round of the fleet clocks, and a pod whose own clock is 25 s behind restarts 7 s
+    into the step (the server is down, so no newer set replaces the stored one). A fleet that
+    measures in lockstep (every replica started at 0, then every 30 s) has no round inside the
+    step: nobody lowers the stored expiry, and the restarted pod, every clock of which is
+    behind, served the set 15 s past its true expiry. Spread rounds (MEASURE_SPREAD) put some
+    replica's round inside it, and that replica lowers the stored expiry (`lower_expiry`)."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        server.faults.down = True
+        await world.time.sleep(20.0)  # (later than a read that the lifetime bound would cut)
+        # 6 s after a multiple of 30 s: a lockstep fleet's rounds are at 0.0x, 30.0x, 60.0x ...
+        await world.time.sleep(30.0 - world.time.now % 30.0 + 6.0)
+        world.store_clock.step = -15.0
+        await world.time.sleep(7.0)
+        await world.crash(5)
+        world.start_replica(5)
+        await world.time.sleep(7.0)
+        world.store_clock.step = 0.0
+        await world.time.sleep(90.0)  # past the true expiry of the last token
+        server.faults.down = False
+
+    config = WorldConfig(replicas=6, lifetime=60.0, grace=0.0, offsets=[0.0] * 5 + [-25.0])
+    return Schedule(
+        seed=20_092,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="step_between_two_rounds_under_a_restarted_pod",
+        script=script,
+        script_heals_by=240.0,
+    )
+
+
 def rollback_erases_a_sent_record_with_its_spender_awake() -> Schedule:
     """Found by the swarm (seed 5310): a strict server rotates a refresh token and answers 500
     (the outcome is unknown), and the store is rolled back, at the moment the token is marked
@@ -2371,6 +2409,9 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     ),
     "pod_restarted_while_the_store_clock_is_back": pod_restarted_while_the_store_clock_is_back,
     "set_stamped_while_the_store_clock_was_ahead": set_stamped_while_the_store_clock_was_ahead,
+    "step_between_two_rounds_under_a_restarted_pod": (
+        step_between_two_rounds_under_a_restarted_pod
+    ),
 }
 
 

@@ -15,6 +15,7 @@ import pytest
 from broker import core as core_module
 from broker import events
 from broker import fleet as fleet_module
+from broker import fleetclock as fleetclock_module
 from broker import refresher as refresher_module
 from broker.core import BrokerCore
 from broker.errors import NotDurable, StoreUnavailable
@@ -1149,6 +1150,18 @@ class TestEachFixPutBackOpensItsDoor:
 
         mutate(AppRefresher, "lower_stored_expiry", keeps_the_stamp)
         result = run(DOORS[door]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_a_fleet_that_measures_in_lockstep(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 20791, 28259): a fleet whose rounds fall together (the old code:
+        every 30 s, from one start) has no round inside a step of Redis's clock that comes and
+        goes between two of them: nobody lowers the stored expiry, and a pod restarted inside
+        the step, its own clock behind, serves the set past its true expiry."""
+        mutate(fleetclock_module, "MEASURE_SPREAD", 0.0)
+        result = run(DOORS["step_between_two_rounds_under_a_restarted_pod"]())
         assert not result.ok
         assert any(v.startswith("invariant 2") for v in result.violations), result.report()
 

@@ -1533,7 +1533,9 @@ class World:
         offset = self.offsets[index]
         frozen = Frozen(self.time)
         host_clock = ReplicaClock(self.time, offset, mono_base=1000.0 * (index + 1), frozen=frozen)
-        clock = FleetClock(host_clock)
+        name = f"{prefix}{index}.{next(self._incarnations)}"
+        # (seeded by the name, as the core's generator: the world's draws stay as they were)
+        clock = FleetClock(host_clock, rng=random.Random(f"{name}:clock"))
         view = SimStoreView(
             self.time, self.store, random.Random(self.rng.random()), self.written_at
         )
@@ -1555,7 +1557,6 @@ class World:
             self.replica_dpop_keys(name_index=index) if server is self.server else None,
         )
         source.frozen = frozen
-        name = f"{prefix}{index}.{next(self._incarnations)}"
         source.replica = name
         view.name = name
         metrics = Metrics()
