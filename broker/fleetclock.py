@@ -200,6 +200,12 @@ class FleetClock:
         """True once an offset has been measured (always for a local store)."""
         return self.local or self._estimator.anchor is not None
 
+    @property
+    def settled(self) -> bool:
+        """True when an offset is measured and no jump waits for confirmation (always for a
+        local store)."""
+        return self.local or self._estimator.settled
+
     def offset(self) -> float:
         """Fleet time minus this host's wall time, in seconds (0 until measured)."""
         return self.time() - self._base.time()

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from broker import adoption as adoption_module
 from broker import core as core_module
 from broker import events
 from broker import fleet as fleet_module
@@ -61,6 +62,12 @@ def _abort_of_a_forgotten_record_keeps_nothing(
         await end(self, app, **kwargs)
 
     mutate(MemoryStore, "end_spend", keeps_nothing)
+
+
+def _holder_keeps_its_deadline(mutate: Callable[[object, str, object], None]) -> None:
+    """The old code: a look at the store that finds the set served now with an earlier expiry
+    (another replica lowered it) leaves this replica's deadline as it was."""
+    mutate(adoption_module.Adoption, "take_lowered_expiry", lambda self, stored: None)
 
 
 class TestEachFixPutBackOpensItsDoor:
@@ -240,7 +247,9 @@ class TestEachFixPutBackOpensItsDoor:
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
         """M3: a pod that serves by the fleet's clock alone (not also by its own) serves the set
-        it read after Redis's clock stepped back past the set's true expiry."""
+        it read after Redis's clock stepped back past the set's true expiry. (A holder's look
+        that takes the lowered stored expiry closes this door a second way: put back too.)"""
+        _holder_keeps_its_deadline(mutate)
         original = AppRefresher.__init__
 
         def fleet_clock_only(self: AppRefresher, *args: Any, **kwargs: Any) -> None:
@@ -735,7 +744,9 @@ class TestEachFixPutBackOpensItsDoor:
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
         """Swarm-found (seed 6678): a new refresher that derives the token's deadline from the
-        two wall clocks again, both behind, serves it past its expiry."""
+        two wall clocks again, both behind, serves it past its expiry. (A holder's look that
+        takes the lowered stored expiry closes this door a second way: put back too.)"""
+        _holder_keeps_its_deadline(mutate)
 
         def keeps_the_set_only(self: AppRefresher, retired: AppRefresher) -> None:
             token = retired.token
@@ -831,7 +842,10 @@ class TestEachFixPutBackOpensItsDoor:
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
         """Swarm-found (seeds 8952, 2668): a replica that counts a set's deadline only from its
-        stamp, which a replica whose fleet clock ran ahead wrote, serves it past its expiry."""
+        stamp, which a replica whose fleet clock ran ahead wrote, serves it past its expiry.
+        (A holder's look that takes the lowered stored expiry closes this door a second way:
+        put back too.)"""
+        _holder_keeps_its_deadline(mutate)
         original = AppRefresher._adopt
 
         def stamp_only(
@@ -1162,6 +1176,30 @@ class TestEachFixPutBackOpensItsDoor:
         the step, its own clock behind, serves the set past its true expiry."""
         mutate(fleetclock_module, "MEASURE_SPREAD", 0.0)
         result = run(DOORS["step_between_two_rounds_under_a_restarted_pod"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_a_reader_leaves_a_set_stamped_ahead_as_it_is(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 2691, 5792): a replica that reads a set issued in the future (its
+        writer's fleet clock was ahead of Redis's) serves it by its lifetime from the read but
+        leaves the stored expiry as stamped (the old code); with the writer gone before its
+        next round, a pod that reads the set later serves it past its true expiry."""
+        mutate(adoption_module.Adoption, "_issued_ahead", lambda self, token, now: False)
+        result = run(DOORS["set_stamped_ahead_its_writer_gone"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_a_holder_keeps_its_deadline_past_a_lowered_expiry(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 4340): a replica that took a step back of Redis's clock, then
+        adopted a set stamped in the frame before it, keeps its own deadline when its look at
+        the store finds the expiry lowered (the old code): it serves the set past its true
+        expiry."""
+        _holder_keeps_its_deadline(mutate)
+        result = run(DOORS["set_stamped_by_a_frozen_spender_read_after_the_step"]())
         assert not result.ok
         assert any(v.startswith("invariant 2") for v in result.violations), result.report()
 
