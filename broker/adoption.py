@@ -16,7 +16,7 @@ from broker.clock import Clock, Wake
 from broker.errors import StoreUnavailable
 from broker.events import EventHook
 from broker.fleet import FleetProtocol
-from broker.fleetclock import FleetClock
+from broker.fleetclock import STEP_TOLERANCE, FleetClock
 from broker.logs import SECRETS, get_logger
 from broker.model import AppSpec, TokenSet
 from broker.schedule import BLOCKED_RETRY, BUSY_POLL, MAX_SLEEP, Schedule, adopted
@@ -100,6 +100,14 @@ class Adoption:
             # Our own request: its lifetime is also counted on our monotonic clock from sending.
             self._mono_expiry = min(self._mono_expiry, sent_mono + token.lifetime)
             self._fleet_expiry = min(self._fleet_expiry, sent_mono + token.lifetime)
+        elif source == "store" and self._issued_ahead(token, wall):
+            # Its writer's fleet clock was ahead of Redis's (Redis went back before the
+            # writer's next round), so the stamp is late; the bound above covers us, not a pod
+            # that reads the set once it no longer looks issued in the future, and the writer
+            # may exit before its round sees the step (swarm seeds 2691, 5792). Lower the
+            # stored expiry to our bound now, as a replica whose round sees a jump back does.
+            self._lower_pending = True
+            self._lower_if_pending()
         # The due time is the fleet's (derived from the token); the stagger is this replica's.
         self._stagger = self._rng.random()
         due = policy.fleet_refresh_due(token, self.spec.refresh, self._stagger)
@@ -179,12 +187,25 @@ class Adoption:
         """A round of the fleet clock came back (FleetClock.add_round_listener): after a jump
         back, lower the stored expiry (again at each later round while the store was down)."""
         self._lower_pending = self._lower_pending or back
+        self._lower_if_pending()
+
+    def _lower_if_pending(self) -> None:
         if self._lower_pending and self._lowering is None and not self._stopping:
             self._lowering = asyncio.ensure_future(self.lower_stored_expiry())
             self._lowering.add_done_callback(self._lowered)
 
     def _lowered(self, _: asyncio.Task[None]) -> None:
         self._lowering = None
+
+    def _issued_ahead(self, token: TokenSet, now: float) -> bool:
+        """`token` looks issued in the future by more than a jump of the fleet clock, read on a
+        settled fleet clock (a clock that still holds a jump forward would blame the stamp)."""
+        clock = self._clock
+        return (
+            isinstance(clock, FleetClock)
+            and clock.settled
+            and token.issued_at - now > STEP_TOLERANCE
+        )
 
     async def lower_stored_expiry(self) -> None:
         """Lower the stored expiry of the set this replica holds to its own deadline in the
@@ -225,6 +246,27 @@ class Adoption:
     def adopt_from_store(self, token: TokenSet) -> None:
         """A newer set the fleet protocol found in the store (broker.fleet.KnownSet)."""
         self._adopt(token, source="store")
+
+    def take_lowered_expiry(self, stored: TokenSet) -> None:
+        """The store holds our set with an earlier expiry (broker.fleet.KnownSet): a replica
+        that saw Redis's clock step back, or read the set issued in the future, lowered it
+        (`lower_stored_expiry`). Serve it no longer than that: a replica that had taken the
+        step before it adopted the set, stamped in the frame before it, could not tell (swarm
+        seed 4340: a spender frozen 33 s while Redis's clock went back 37 s)."""
+        token = self.token
+        if (
+            token is None
+            or token.rank != stored.rank
+            or token.fingerprint != stored.fingerprint
+            or stored.expires_at >= token.expires_at
+        ):
+            return
+        wall, mono = self._clock.time(), self._clock.monotonic()
+        self._mono_expiry = min(
+            self._mono_expiry, mono + (stored.expires_at - max(wall, self._host.time()))
+        )
+        self._fleet_expiry = min(self._fleet_expiry, mono + (stored.expires_at - wall))
+        self.token = token.expiring_at(stored.expires_at)
 
     def notify_store_lost(self) -> None:
         """The store connection dropped: the store may have forgotten (see the fleet's

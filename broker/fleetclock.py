@@ -16,6 +16,7 @@ how old it is.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
@@ -29,6 +30,13 @@ log = get_logger(__name__)
 
 # How often a settled offset is measured again.
 MEASURE_INTERVAL = 30.0
+# A settled clock waits MEASURE_INTERVAL times a factor drawn from 1 +- MEASURE_SPREAD / 2 (30 s
+# on average, as before). A fleet started together (in the simulation: every replica at 0)
+# measured in lockstep, every 30 s at the same moments, so a step of the store's clock that
+# came and went between two rounds was seen by no replica; a pod started inside it read a set
+# whose expiry nobody had lowered (swarm seeds 20791, 28259). Spread, the fleet's rounds cover
+# the interval, and some replica's round falls inside a step of a few seconds.
+MEASURE_SPREAD = 1.0
 # How soon to measure again while there is no offset yet or a jump waits for confirmation.
 RETRY_INTERVAL = 5.0
 # Round trips in one measurement; the shortest gives the most precise offset.
@@ -139,13 +147,20 @@ class FleetClock:
     """
 
     def __init__(
-        self, base: Clock, *, local: bool = False, estimator: OffsetEstimator | None = None
+        self,
+        base: Clock,
+        *,
+        local: bool = False,
+        estimator: OffsetEstimator | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._base = base
         # The base clock's own methods (see `monotonic` and `sleep`), bound once: the broker's
         # most frequent calls then cost no frame of ours.
         self.monotonic = base.monotonic  # type: ignore[method-assign]
         self.sleep = base.sleep  # type: ignore[method-assign]
+        # Draws the spread of the measuring interval (MEASURE_SPREAD); seeded in tests.
+        self._rng = rng if rng is not None else random.Random()  # noqa: S311 - not crypto
         self.local = local
         self._estimator = estimator if estimator is not None else OffsetEstimator()
         self._started = base.monotonic()
@@ -188,6 +203,12 @@ class FleetClock:
     def measured(self) -> bool:
         """True once an offset has been measured (always for a local store)."""
         return self.local or self._estimator.anchor is not None
+
+    @property
+    def settled(self) -> bool:
+        """True when an offset is measured and no jump waits for confirmation (always for a
+        local store)."""
+        return self.local or self._estimator.settled
 
     def offset(self) -> float:
         """Fleet time minus this host's wall time, in seconds (0 until measured)."""
@@ -274,13 +295,17 @@ class FleetClock:
         return self.measured
 
     async def run(self, source: ServerClock) -> None:
-        """Measure every MEASURE_INTERVAL (sooner while unsettled) until cancelled."""
+        """Measure every MEASURE_INTERVAL on average, spread (MEASURE_SPREAD), and every
+        RETRY_INTERVAL while unsettled, until cancelled."""
         if self.local:
             return
         while True:
             await self._measure_guarded(source)
-            settled = self._estimator.settled
-            await self._base.sleep(MEASURE_INTERVAL if settled else RETRY_INTERVAL)
+            if self._estimator.settled:
+                spread = 1.0 + MEASURE_SPREAD * (self._rng.random() - 0.5)
+                await self._base.sleep(MEASURE_INTERVAL * spread)
+            else:
+                await self._base.sleep(RETRY_INTERVAL)
 
     async def _measure_guarded(self, source: ServerClock) -> None:
         # A bug in one round must not stop the clock from being measured again (nor startup).

@@ -7,9 +7,9 @@ broker/schema.py) says what its key accepts; broker/config.py structures a file 
 import enum
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
 from broker import schema as S
 
@@ -56,6 +56,15 @@ class TokenSet:
     def lifetime(self) -> float:
         """Seconds between issue and expiry."""
         return self.expires_at - self.issued_at
+
+    def expiring_at(self, expires_at: float) -> Self:
+        """This set moved earlier to expire at `expires_at`, its lifetime kept: a stored expiry
+        lowered (`TokenStore.lower_expiry`) re-expresses a stamp made in another frame of
+        Redis's clock, so the issue moves with it. (Kept in place, a reader would take the set
+        for issued in the future and lower it again: swarm seed 5792.)"""
+        return replace(
+            self, issued_at=self.issued_at - (self.expires_at - expires_at), expires_at=expires_at
+        )
 
     @property
     def fingerprint(self) -> str:

@@ -107,6 +107,10 @@ class KnownSet(Protocol):
         """Take `token`, newer than `newest_known()`, found in the store."""
         ...
 
+    def take_lowered_expiry(self, stored: TokenSet) -> None:
+        """The store holds the set served now with an earlier expiry (`lower_expiry`)."""
+        ...
+
 
 class FleetProtocol:
     """One app's side of the fleet protocol, for one replica.
@@ -145,6 +149,7 @@ class FleetProtocol:
         self._spends = spends_refresh_tokens
         self._current = known.newest_known
         self._adopt = known.adopt_from_store
+        self._take_lowered = known.take_lowered_expiry
         self._grace = reuse_grace
         self.timing = timing if timing is not None else Timing()
         self._on_lease = on_lease  # "acquired", "busy", "lost": for the lease metric
@@ -464,6 +469,8 @@ class FleetProtocol:
         if current is None:
             return True
         if stored is not None and stored.rank == current.rank:
+            if stored.expires_at < current.expires_at:
+                self._take_lowered(stored)
             await self._confirm_commit(current)
             await self._veto_remembered(current)
             return True

@@ -453,7 +453,7 @@ class MemoryStore:
         ):
             return False
         # (The Redis store keeps the bound beside the encrypted set; a read answers the same.)
-        self.state.tokens[app] = replace(current, expires_at=expires_at)
+        self.state.tokens[app] = current.expiring_at(expires_at)
         return True
 
     async def updates(self) -> AsyncIterator[Notice]:

@@ -337,7 +337,7 @@ def _bounded(token: TokenSet, fields: dict[bytes, bytes]) -> TokenSet:
         return token  # (damaged: the set's own expiry, as before the bound existed)
     if expires_at >= token.expires_at:
         return token
-    return replace(token, expires_at=expires_at)
+    return token.expiring_at(expires_at)
 
 
 def _versioned(script: str) -> str:

@@ -958,6 +958,17 @@ class TestLowerExpiry:
             held.access_token,
         )
 
+    async def test_a_lowered_set_keeps_its_lifetime(self, store: TokenStore) -> None:
+        """The issue moves with the expiry: a stamp re-expressed in another frame of Redis's
+        clock, not a shorter token (kept in place, a reader would take the set for issued in
+        the future and lower it again: swarm seed 5792)."""
+        held = token_set(2)
+        await store.commit("app", held)
+        assert await store.lower_expiry("app", held, held.expires_at - 20.0)
+        stored = await store.load("app")
+        assert stored is not None
+        assert (stored.issued_at, stored.lifetime) == (held.issued_at - 20.0, held.lifetime)
+
     async def test_only_the_set_it_names(self, store: TokenStore) -> None:
         """Another rank, the same rank with another access token, or nothing stored: no
         rewrite (a replica holding an older set must not cut a newer set's life)."""

@@ -1690,6 +1690,132 @@ def set_stamped_while_the_store_clock_was_ahead() -> Schedule:
     )
 
 
+def set_stamped_ahead_its_writer_gone() -> Schedule:
+    """Found by the swarm (seeds 2691, 5792, with the spread rounds): a pod restarts while
+    Redis's clock is 20 s ahead for a moment, its first round takes that frame, and it
+    refreshes once Redis's clock is right again, stamping the set 20 s late; it is killed
+    before its next round could see the jump back. The bystander, whose clocks are right,
+    reads the set at once and serves it by its lifetime from the read, but nobody lowers the
+    stored expiry: a pod started 25 s later, when the set no longer looks issued in the
+    future, served it 20 s past its true expiry (the server is down, so no newer set replaces
+    it). A replica that reads a set issued in the future lowers the stored expiry to its own
+    bound."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        world.store_clock.step = 20.0
+        await world.crash(0)
+        writer = world.start_replica(0)
+        await until(world, lambda: writer.refresher.token is not None)
+        world.store_clock.step = 0.0
+        await _refresh_now(world, writer)
+        server.faults.down = True
+        await world.crash(0)  # (its next round is 15 s away at the soonest)
+        await world.time.sleep(25.0)
+        world.start_replica(0)
+        await world.time.sleep(90.0)  # past the true expiry of the last set
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=60.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_120,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="set_stamped_ahead_its_writer_gone",
+        script=script,
+        script_heals_by=180.0,
+    )
+
+
+def set_stamped_by_a_frozen_spender_read_after_the_step() -> Schedule:
+    """Found by the swarm (seed 4340, with the spread rounds): Redis's clock is 20 s ahead and
+    both fleet clocks took the step; the spender sends its refresh token and is frozen 60 s as
+    the server acts, and Redis's clock goes back. The bystander takes the step back meanwhile;
+    the spender resumes and stores the new set stamped in the frame of its send, 20 s late,
+    which the bystander reads at once: issued 40 s ago by its clock, nothing says it is late.
+    The spender's round then sees the jump back and lowers the stored expiry, but the
+    bystander kept its own deadline and served the set 20 s past its true expiry (the server is
+    down, so no newer set replaces it). A replica whose look at the store finds the set it
+    serves with an earlier expiry takes that expiry."""
+
+    def took_the_step(replica: Replica, step: float) -> bool:
+        clock = replica.refresher._clock
+        assert isinstance(clock, FleetClock)
+        return clock.settled and abs(clock.offset() - step) < 1.0
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        world.store_clock.step = 20.0
+        await until(world, lambda: all(took_the_step(r, 20.0) for r in world.replicas))
+        spender, bystander = world.replicas
+        presented = len(server.presentations)
+        forced = asyncio.ensure_future(spender.refresher.force())
+        await until(world, lambda: len(server.presentations) > presented, limit=30.0)
+        world.pause(0, 60.0)
+        world.store_clock.step = 0.0
+        await until(world, lambda: took_the_step(bystander, 0.0))
+        rank = world.store.state.tokens[world.key].rank
+        await until(world, lambda: world.store.state.tokens[world.key].rank > rank)
+        server.faults.down = True
+        await asyncio.gather(forced, return_exceptions=True)
+        await world.time.sleep(360.0)  # past the true expiry of the last set
+        server.faults.down = False
+
+    config = WorldConfig(replicas=2, lifetime=300.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_121,
+        config=config,
+        faults=(),
+        duration=1200.0,
+        name="set_stamped_by_a_frozen_spender_read_after_the_step",
+        script=script,
+        script_heals_by=900.0,
+    )
+
+
+def step_between_two_rounds_under_a_restarted_pod() -> Schedule:
+    """Found by the swarm (seeds 20791, 28259): Redis's clock steps back 15 s for 14 s, 6 s
+    after a round of the fleet clocks, and a pod whose own clock is 25 s behind restarts 7 s
+    into the step (the server is down, so no newer set replaces the stored one). A fleet that
+    measures in lockstep (every replica started at 0, then every 30 s) has no round inside the
+    step: nobody lowers the stored expiry, and the restarted pod, every clock of which is
+    behind, served the set 15 s past its true expiry. Spread rounds (MEASURE_SPREAD) put some
+    replica's round inside it, and that replica lowers the stored expiry (`lower_expiry`)."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        server.faults.down = True
+        await world.time.sleep(20.0)  # (later than a read that the lifetime bound would cut)
+        # 6 s after a multiple of 30 s: a lockstep fleet's rounds are at 0.0x, 30.0x, 60.0x ...
+        await world.time.sleep(30.0 - world.time.now % 30.0 + 6.0)
+        world.store_clock.step = -15.0
+        await world.time.sleep(7.0)
+        await world.crash(5)
+        world.start_replica(5)
+        await world.time.sleep(7.0)
+        world.store_clock.step = 0.0
+        await world.time.sleep(90.0)  # past the true expiry of the last token
+        server.faults.down = False
+
+    config = WorldConfig(replicas=6, lifetime=60.0, grace=0.0, offsets=[0.0] * 5 + [-25.0])
+    return Schedule(
+        seed=20_092,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="step_between_two_rounds_under_a_restarted_pod",
+        script=script,
+        script_heals_by=240.0,
+    )
+
+
 def rollback_erases_a_sent_record_with_its_spender_awake() -> Schedule:
     """Found by the swarm (seed 5310): a strict server rotates a refresh token and answers 500
     (the outcome is unknown), and the store is rolled back, at the moment the token is marked
@@ -2371,6 +2497,13 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     ),
     "pod_restarted_while_the_store_clock_is_back": pod_restarted_while_the_store_clock_is_back,
     "set_stamped_while_the_store_clock_was_ahead": set_stamped_while_the_store_clock_was_ahead,
+    "step_between_two_rounds_under_a_restarted_pod": (
+        step_between_two_rounds_under_a_restarted_pod
+    ),
+    "set_stamped_ahead_its_writer_gone": set_stamped_ahead_its_writer_gone,
+    "set_stamped_by_a_frozen_spender_read_after_the_step": (
+        set_stamped_by_a_frozen_spender_read_after_the_step
+    ),
 }
 
 

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from broker import adoption as adoption_module
 from broker import core as core_module
 from broker import events
 from broker import fleet as fleet_module
+from broker import fleetclock as fleetclock_module
 from broker import refresher as refresher_module
 from broker.core import BrokerCore
 from broker.errors import NotDurable, StoreUnavailable
@@ -60,6 +62,12 @@ def _abort_of_a_forgotten_record_keeps_nothing(
         await end(self, app, **kwargs)
 
     mutate(MemoryStore, "end_spend", keeps_nothing)
+
+
+def _holder_keeps_its_deadline(mutate: Callable[[object, str, object], None]) -> None:
+    """The old code: a look at the store that finds the set served now with an earlier expiry
+    (another replica lowered it) leaves this replica's deadline as it was."""
+    mutate(adoption_module.Adoption, "take_lowered_expiry", lambda self, stored: None)
 
 
 class TestEachFixPutBackOpensItsDoor:
@@ -239,7 +247,9 @@ class TestEachFixPutBackOpensItsDoor:
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
         """M3: a pod that serves by the fleet's clock alone (not also by its own) serves the set
-        it read after Redis's clock stepped back past the set's true expiry."""
+        it read after Redis's clock stepped back past the set's true expiry. (A holder's look
+        that takes the lowered stored expiry closes this door a second way: put back too.)"""
+        _holder_keeps_its_deadline(mutate)
         original = AppRefresher.__init__
 
         def fleet_clock_only(self: AppRefresher, *args: Any, **kwargs: Any) -> None:
@@ -734,7 +744,9 @@ class TestEachFixPutBackOpensItsDoor:
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
         """Swarm-found (seed 6678): a new refresher that derives the token's deadline from the
-        two wall clocks again, both behind, serves it past its expiry."""
+        two wall clocks again, both behind, serves it past its expiry. (A holder's look that
+        takes the lowered stored expiry closes this door a second way: put back too.)"""
+        _holder_keeps_its_deadline(mutate)
 
         def keeps_the_set_only(self: AppRefresher, retired: AppRefresher) -> None:
             token = retired.token
@@ -815,11 +827,13 @@ class TestEachFixPutBackOpensItsDoor:
         its jump back waits for confirmation expires that much later for a pod that reads it
         with its clocks right: served past its true expiry. (The round that confirms the jump
         now also lowers the stored expiry, `lower_stored_expiry`, which closes this door a
-        second way, 5 s later: both are put back.)"""
+        second way, 5 s later: both are put back. The script times the refresh for a fleet
+        that measures in lockstep, as it did when the door was found: MEASURE_SPREAD 0.)"""
 
         async def keeps_the_stamp(self: AppRefresher) -> None:
             return None
 
+        mutate(fleetclock_module, "MEASURE_SPREAD", 0.0)
         mutate(fleet_protocol_module, "stamped", lambda token, clock: token)
         mutate(AppRefresher, "lower_stored_expiry", keeps_the_stamp)
         result = run(DOORS["set_stamped_while_a_jump_back_waits"]())
@@ -830,7 +844,10 @@ class TestEachFixPutBackOpensItsDoor:
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
         """Swarm-found (seeds 8952, 2668): a replica that counts a set's deadline only from its
-        stamp, which a replica whose fleet clock ran ahead wrote, serves it past its expiry."""
+        stamp, which a replica whose fleet clock ran ahead wrote, serves it past its expiry.
+        (A holder's look that takes the lowered stored expiry closes this door a second way:
+        put back too.)"""
+        _holder_keeps_its_deadline(mutate)
         original = AppRefresher._adopt
 
         def stamp_only(
@@ -911,6 +928,9 @@ class TestEachFixPutBackOpensItsDoor:
             return True
 
         assert run(make_schedule(6573)).ok
+        # The seed as it ran when it was found: the fleet clocks measuring in lockstep (their
+        # rounds, spread now, make other store round trips and so other timings).
+        mutate(fleetclock_module, "MEASURE_SPREAD", 0.0)
         mutate(MemoryStore, "veto_spend", vetoes_its_own_owner)
         # The spender's abort found no record (the restart): kept and announced since seeds
         # 12554, 27015 and 28726, it closes this seed too, so it is put back as well.
@@ -1149,6 +1169,42 @@ class TestEachFixPutBackOpensItsDoor:
 
         mutate(AppRefresher, "lower_stored_expiry", keeps_the_stamp)
         result = run(DOORS[door]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_a_fleet_that_measures_in_lockstep(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 20791, 28259): a fleet whose rounds fall together (the old code:
+        every 30 s, from one start) has no round inside a step of Redis's clock that comes and
+        goes between two of them: nobody lowers the stored expiry, and a pod restarted inside
+        the step, its own clock behind, serves the set past its true expiry."""
+        mutate(fleetclock_module, "MEASURE_SPREAD", 0.0)
+        result = run(DOORS["step_between_two_rounds_under_a_restarted_pod"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_a_reader_leaves_a_set_stamped_ahead_as_it_is(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seeds 2691, 5792): a replica that reads a set issued in the future (its
+        writer's fleet clock was ahead of Redis's) serves it by its lifetime from the read but
+        leaves the stored expiry as stamped (the old code); with the writer gone before its
+        next round, a pod that reads the set later serves it past its true expiry."""
+        mutate(adoption_module.Adoption, "_issued_ahead", lambda self, token, now: False)
+        result = run(DOORS["set_stamped_ahead_its_writer_gone"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
+
+    def test_a_holder_keeps_its_deadline_past_a_lowered_expiry(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 4340): a replica that took a step back of Redis's clock, then
+        adopted a set stamped in the frame before it, keeps its own deadline when its look at
+        the store finds the expiry lowered (the old code): it serves the set past its true
+        expiry."""
+        _holder_keeps_its_deadline(mutate)
+        result = run(DOORS["set_stamped_by_a_frozen_spender_read_after_the_step"]())
         assert not result.ok
         assert any(v.startswith("invariant 2") for v in result.violations), result.report()
 

@@ -128,6 +128,23 @@ SWARM_REGRESSION_SEEDS = {
     13488: "a set stamped right while Redis's clock was ahead, read by a pod that joined after "
     "Redis went back (as 4575)",
     19018: "as 13488",
+    20791: "a pod restarted inside a 15 s step back of Redis's clock that fell between two "
+    "rounds of a fleet measuring in lockstep: nobody lowered the stored expiry (the fleet "
+    "clock's waits are spread now, MEASURE_SPREAD, so some replica's round falls inside)",
+    28259: "as 20791",
+    2691: "a set stamped 22 s late by a replica whose fleet clock still had Redis's step "
+    "ahead, the writer stopped (SIGTERM) before its next round; its replacement read it 52 s "
+    "later and served it past its expiry (a replica that reads a set issued in the future "
+    "lowers the stored expiry to its own bound)",
+    5792: "as 2691, read by a replica that had been cut off from the store during the whole "
+    "step (a lowered set keeps its lifetime, so a reader does not lower it again)",
+    4340: "a spender frozen 33 s as Redis's clock went back 37 s stored its set stamped in the "
+    "old frame; the replicas that had taken the step read it, and the stored expiry lowered "
+    "after it by the others did not reach them (a look that finds the set served with an "
+    "earlier expiry takes it)",
+    6938: "a drain ran to its bound on the replica's clock and ended 1e-13 s short of it in "
+    "world time: counted as a drain that exited early holding the only copy of the newest set "
+    "(a checker bug: the drain's elapsed time is compared within TIMER_ROUNDING)",
 }
 
 

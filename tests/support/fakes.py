@@ -213,6 +213,11 @@ class CurrentSet:
         if self.adopts:
             self.token = token
 
+    def take_lowered_expiry(self, stored: TokenSet) -> None:
+        """The store lowered the expiry of the set served now: take it (as `adopts` says)."""
+        if self.adopts and self.token is not None:
+            self.token = self.token.expiring_at(stored.expires_at)
+
 
 def spendable_grant(
     clock: FakeClock,

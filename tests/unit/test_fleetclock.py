@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 
 import pytest
 
@@ -254,10 +256,11 @@ class TestFleetClock:
         assert clock.offset() == 0.0
 
     async def test_run_measures_on_schedule(self, fake_clock: FakeClock) -> None:
-        """Every RETRY_INTERVAL while unmeasured, then every MEASURE_INTERVAL once settled."""
+        """Every RETRY_INTERVAL while unmeasured, then every MEASURE_INTERVAL once settled
+        (its spread drawn at the middle here)."""
         server = FakeServer(fake_clock, 5.0)
         server.down = True
-        clock = FleetClock(fake_clock)
+        clock = FleetClock(fake_clock, rng=Midpoint())
         run = asyncio.ensure_future(clock.run(server))
         try:
             await fake_clock.advance(RETRY_INTERVAL * 2 + 0.5)
@@ -273,6 +276,36 @@ class TestFleetClock:
         finally:
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
+
+    async def test_a_fleet_started_together_spreads_its_rounds(self, fake_clock: FakeClock) -> None:
+        """Settled clocks wait MEASURE_INTERVAL +- half of it (MEASURE_SPREAD), drawn each
+        round: ten replicas started at one moment soon measure at ten moments, and some round
+        falls inside any 10 s of the interval (a step of the store's clock that came and went
+        between two lockstep rounds was seen by no replica: swarm seeds 20791, 28259)."""
+        server = FakeServer(fake_clock, 5.0)
+        clocks = [FleetClock(fake_clock, rng=random.Random(i)) for i in range(10)]
+        rounds: list[float] = []
+        start = fake_clock.monotonic()
+        for clock in clocks:
+            clock.add_round_listener(lambda back: rounds.append(fake_clock.monotonic() - start))
+        runs = [asyncio.ensure_future(clock.run(server)) for clock in clocks]
+        try:
+            await fake_clock.advance(120.0)
+            gaps = [b - a for a, b in itertools.pairwise(sorted(rounds)) if b > 60.0]
+            assert max(gaps) < 10.0
+            assert len(rounds) < 10 * (2 + 120.0 / (MEASURE_INTERVAL * 0.5))
+        finally:
+            for run in runs:
+                run.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+
+
+class Midpoint(random.Random):
+    """Draws the middle of every range."""
+
+    def random(self) -> float:
+        """Always 0.5."""
+        return 0.5
 
 
 class TestClockMetrics:
