@@ -227,7 +227,8 @@ class Outcomes:
             self._set_state(AppState.NEEDS_AUTHORIZATION)
 
     def _settle(self) -> None:
-        """At an attempt's end, the state shown follows from the schedule (app_state)."""
+        """At an attempt's end, and when a set from the store is adopted between attempts,
+        the state shown follows from the schedule (app_state)."""
         asked = self.schedule.needs_authorization is not None
         at_risk = not asked and self.fleet.outcome_unknown(self.token)
         # (servable() only where app_state reads it: it may lower the token's deadline.)
