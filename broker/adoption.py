@@ -65,7 +65,7 @@ class Adoption:
         _inflight: asyncio.Task[None] | None
         _wake: Wake
         _listeners: list[Callable[[TokenSet], None]]
-        _vetoes: set[asyncio.Future[None]]
+        _vetoes: dict[asyncio.Future[None], None]
 
         @property
         def name(self) -> str: ...
@@ -88,14 +88,7 @@ class Adoption:
             if previous.refresh_token != token.refresh_token:
                 SECRETS.discard([previous.refresh_token])
         wall, mono = self._clock.time(), self._clock.monotonic()
-        # The later of the fleet's and this pod's clocks: the shorter life (M3).
-        self._mono_expiry = mono + (token.expires_at - max(wall, self._host.time()))
-        # Nor longer than its lifetime from now, on no clock: it was issued before we read it.
-        # (A set stamped by a replica whose fleet clock ran ahead of Redis's looks issued in
-        # the future to a replica whose clock is right: swarm seeds 2668, 8952.)
-        self._mono_expiry = min(self._mono_expiry, mono + token.lifetime)
-        # The same bounds on the fleet's clock alone (`lower_stored_expiry`).
-        self._fleet_expiry = mono + min(token.expires_at - wall, token.lifetime)
+        self._mono_expiry, self._fleet_expiry = self._deadlines(token, token.expires_at, wall, mono)
         if sent_mono is not None:
             # Our own request: its lifetime is also counted on our monotonic clock from sending.
             self._mono_expiry = min(self._mono_expiry, sent_mono + token.lifetime)
@@ -121,6 +114,7 @@ class Adoption:
         self.schedule = adopted(self.schedule, at, new_grant=new_grant)
         self.fleet.forget_spent(token)
         self._emit(events.TokenAdopted(self.name, token.expires_at))
+        settled = False
         if source == "store":
             self.failures = 0
             self.last_error = None
@@ -129,7 +123,8 @@ class Adoption:
                 # Between attempts, a set from the store (a warm start, another replica's
                 # refresh) settles the state shown: `fresh`, not the `refreshing` or `failing`
                 # of before it, for the whole wait until this replica's next attempt.
-                self._settle()
+                self._settle()  # (which also says that the schedule changed)
+                settled = True
             log.info(
                 "token.loaded",
                 app=self.name,
@@ -137,7 +132,8 @@ class Adoption:
                 generation=token.generation,
                 expires_at=round(token.expires_at, 3),
             )
-        self._emit(events.ScheduleChanged(self.name, self.next_refresh_at()))
+        if not settled:
+            self._emit(events.ScheduleChanged(self.name, self.next_refresh_at()))
         for listener in self._listeners:
             listener(token)
         self._wake_successor_waiters()
@@ -262,11 +258,24 @@ class Adoption:
         ):
             return
         wall, mono = self._clock.time(), self._clock.monotonic()
-        self._mono_expiry = min(
-            self._mono_expiry, mono + (stored.expires_at - max(wall, self._host.time()))
-        )
-        self._fleet_expiry = min(self._fleet_expiry, mono + (stored.expires_at - wall))
+        mono_expiry, fleet_expiry = self._deadlines(token, stored.expires_at, wall, mono)
+        self._mono_expiry = min(self._mono_expiry, mono_expiry)
+        self._fleet_expiry = min(self._fleet_expiry, fleet_expiry)
         self.token = token.expiring_at(stored.expires_at)
+
+    def _deadlines(
+        self, token: TokenSet, expires_at: float, wall: float, mono: float
+    ) -> tuple[float, float]:
+        """The monotonic deadlines of `token` stamped to expire at `expires_at`, read at `wall`
+        (the fleet clock) and `mono`: the serving deadline, on the later of the fleet's and
+        this pod's clocks (the shorter life, M3), and the same on the fleet's clock alone
+        (`lower_stored_expiry`). Neither is longer than its lifetime from now, on no clock: it
+        was issued before we read it (a set stamped by a replica whose fleet clock ran ahead of
+        Redis's looks issued in the future to a replica whose clock is right: swarm seeds
+        2668, 8952)."""
+        lifetime = token.lifetime
+        serving = mono + min(expires_at - max(wall, self._host.time()), lifetime)
+        return serving, mono + min(expires_at - wall, lifetime)
 
     def notify_store_lost(self) -> None:
         """The store connection dropped: the store may have forgotten (see the fleet's
@@ -291,8 +300,8 @@ class Adoption:
 
     def _spawn_veto(self, veto: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(veto)
-        self._vetoes.add(task)
-        task.add_done_callback(self._vetoes.discard)
+        self._vetoes[task] = None
+        task.add_done_callback(lambda done: self._vetoes.pop(done, None))
 
     def on_notice(self, notice: Notice) -> None:
         """A change published by a replica: act only when it tells us something new."""

@@ -58,7 +58,9 @@ class BrokerCore:
         self.refreshers: dict[str, AppRefresher] = dict(refreshers)
         # Refreshers a config reload is removing, while `remove_app` waits for them: a SIGTERM
         # meanwhile drains them too (one may have a refresh token on the wire).
-        self._retiring: set[AppRefresher] = set()
+        # Refreshers a reload is removing, in the order it began (a dict: a set's order follows
+        # memory addresses, and a simulated drain must replay alike).
+        self._retiring: dict[AppRefresher, None] = {}
         # Notices name the set they are about by its store name (app and client binding): a
         # notice of another binding (another fleet, or the old config) reaches no refresher.
         self._by_store_name = {r.store_name: r for r in self.refreshers.values()}
@@ -238,11 +240,11 @@ class BrokerCore:
         if refresher is not None:
             self._by_store_name.pop(refresher.store_name, None)
             bound = refresher.drain_bound() if grace is None else grace
-            self._retiring.add(refresher)
+            self._retiring[refresher] = None
             try:
                 await self._wait_on_clock([asyncio.ensure_future(refresher.stop())], bound)
             finally:
-                self._retiring.discard(refresher)
+                self._retiring.pop(refresher, None)
         task = self._tasks.pop(name, None)
         if task is not None:
             task.cancel()

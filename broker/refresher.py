@@ -148,9 +148,9 @@ class AppRefresher(Serving, Adoption, Outcomes):
         self._forced: collections.deque[float] = collections.deque()
         # The access token an upstream refused (its fingerprint): due now while still held.
         self._refused_fp: str | None = None
-        self._successor_waiters: set[asyncio.Future[None]] = set()
+        self._successor_waiters: dict[asyncio.Future[None], None] = {}
         self._listeners: list[Callable[[TokenSet], None]] = []
-        self._vetoes: set[asyncio.Future[None]] = set()
+        self._vetoes: dict[asyncio.Future[None], None] = {}
         self._unlisten_clock = (
             clock.add_round_listener(self._on_clock_round)
             if isinstance(clock, FleetClock)
@@ -212,7 +212,8 @@ class AppRefresher(Serving, Adoption, Outcomes):
 
         A refresh token not yet marked sent is not sent any more: its announced spend ends as
         aborted. One already sent is awaited to its answer (at most the read timeout) and the
-        answer committed (H5). `write_back` (the process exits: SIGTERM): a set the store could
+        answer committed (H5), and so is a lowering of the stored expiry (`lower_stored_expiry`)
+        under way. `write_back` (the process exits: SIGTERM): a set the store could
         not take is written back, trying again until it is stored (a config reload needs no
         wait: the new refresher takes the set over). The caller bounds the wait
         (`drain_bound()`).
@@ -224,6 +225,11 @@ class AppRefresher(Serving, Adoption, Outcomes):
         inflight = self._inflight
         if inflight is not None:
             await asyncio.wait({inflight})
+        lowering = self._lowering  # (none starts once stopping)
+        if lowering is not None:
+            # Lowering the stored expiry keeps other pods from serving our set past its true
+            # expiry; it is one store command, and the caller's bound covers it.
+            await asyncio.wait({lowering})
         if write_back:
             await self._write_back_before_exit()
 

@@ -60,7 +60,7 @@ class Serving:
         _wake: Wake
         _forced: collections.deque[float]
         _refused_fp: str | None
-        _successor_waiters: set[asyncio.Future[None]]
+        _successor_waiters: dict[asyncio.Future[None], None]
 
         @property
         def name(self) -> str: ...
@@ -240,15 +240,17 @@ class Serving:
             if left <= 0:
                 return
             waiter: asyncio.Future[None] = loop.create_future()
-            self._successor_waiters.add(waiter)
+            self._successor_waiters[waiter] = None
             try:
                 await wait_within(self._clock, waiter, left)
             finally:
                 waiter.cancel()
-                self._successor_waiters.discard(waiter)
+                self._successor_waiters.pop(waiter, None)
 
     def _wake_successor_waiters(self) -> None:
-        for waiter in self._successor_waiters:
+        # In the order they began to wait (a dict): a set's order follows memory addresses,
+        # which differ from run to run, and a simulation's seed must replay alike.
+        for waiter in list(self._successor_waiters):
             if not waiter.done():
                 waiter.set_result(None)
 

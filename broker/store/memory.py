@@ -86,7 +86,9 @@ class MemoryStore:
         self.replicas_acknowledge = True
         self.protocol = PROTOCOL_VERSION
         self.state = MemoryState()
-        self._subscribers: set[asyncio.Queue[Notice | None]] = set()
+        # Published to in the order they subscribed (a set's order follows memory addresses,
+        # which differ from run to run: a simulated seed must replay alike).
+        self._subscribers: dict[asyncio.Queue[Notice | None], None] = {}
         self._failures: dict[str, FailureRecord] = {}
         self._budgets: dict[str, collections.deque[float]] = {}
         self.fail = False
@@ -460,7 +462,7 @@ class MemoryStore:
         """Notices of commits and spends, as they happen."""
         self._check()
         queue: asyncio.Queue[Notice | None] = asyncio.Queue()
-        self._subscribers.add(queue)
+        self._subscribers[queue] = None
         try:
             while True:
                 notice = await queue.get()
@@ -469,7 +471,7 @@ class MemoryStore:
                 self._check()
                 yield notice
         finally:
-            self._subscribers.discard(queue)
+            self._subscribers.pop(queue, None)
 
     async def heartbeat(self) -> None:
         """Publish a heartbeat notice."""

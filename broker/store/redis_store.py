@@ -84,7 +84,7 @@ end
 _COMMIT = (
     _RANK
     + """
-local cur = redis.call('HMGET', KEYS[1], 'version', 'lineage', 'gen', 'fp')
+local cur = redis.call('HMGET', KEYS[1], 'version', 'lineage', 'gen', 'fp', 'expires_by')
 local version = tonumber(cur[1] or '0')
 local nl, ng = tonumber(ARGV[1]), tonumber(ARGV[2])
 if cur[1] then
@@ -99,7 +99,10 @@ end
 version = version + 1
 redis.call('HSET', KEYS[1], 'version', version, 'lineage', nl, 'gen', ng, 'fp', ARGV[3],
   'fence', ARGV[5], 'blob', ARGV[4], 'pv', __PV__)
-redis.call('HDEL', KEYS[1], 'expires_by', 'expires_by_version')
+if cur[5] then
+  -- a lowered expiry belongs to the set it lowered (written together with its version)
+  redis.call('HDEL', KEYS[1], 'expires_by', 'expires_by_version')
+end
 local sp = redis.call('HMGET', KEYS[2], 'lineage', 'gen')
 if sp[1] and outranks(nl, ng, tonumber(sp[1]), tonumber(sp[2])) then
   redis.call('DEL', KEYS[2])

@@ -258,8 +258,10 @@ class _ClosingHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        # Counted before the answer leaves: the client may send its next request, and the test
+        # read the list, before this thread runs again.
         self.connections.append(self.client_address[1])
+        self.wfile.write(body)
         self.close_connection = True
 
     def log_message(self, format: str, *args: object) -> None:

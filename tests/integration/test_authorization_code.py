@@ -116,7 +116,7 @@ class TestAuthorizeCommand:
             assert form["grant_type"] == "authorization_code"
             assert form["code_verifier"]
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         refresh_tokens = [g.current_refresh for g in oauth_server.grants.values()]
         assert refresh_tokens
         assert all(rt not in body.values() for rt in refresh_tokens)
@@ -214,7 +214,7 @@ class TestRotation:
             stats = await fleet.poll(oauth_server, 24)
             logs = [line for r in fleet.replicas for line in r.process.log_lines()]
         finally:
-            fleet.stop()
+            await fleet.stop_async()
         assert oauth_server.reuse_detected == 0, "a refresh token was spent twice"
         assert not any(g.revoked for g in oauth_server.grants.values())
         assert stats.expired == 0
@@ -246,7 +246,7 @@ class TestRotation:
             await broker.wait_ready(files.metrics, timeout=60)
             status, _ = await get_token(files)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert status == 200
         presented = [r.form.get("refresh_token") for r in oauth_server.requests[1:]]
         assert presented[0] == stored_refresh
@@ -268,7 +268,7 @@ class TestRotation:
             await asyncio.sleep(7)
             status, _ = await get_token(files)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert status == 200
         presented = {
             r.form["refresh_token"] for r in oauth_server.requests if "refresh_token" in r.form
@@ -345,7 +345,7 @@ class TestCrashAfterRotation:
         finally:
             await poller.stop()
             client.close()
-            fleet.stop()
+            await fleet.stop_async()
         assert spend_state == b"sent"
         assert all(s == 409 and b["error"] == "needs_authorization" for s, b in statuses)
         presented = [r.form.get("refresh_token") for r in oauth_server.requests]
@@ -401,7 +401,7 @@ class TestServerErrorAfterRotating:
             await asyncio.sleep(5)  # past the 3 s token's expiry
             status, body = await get_token(files)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         presented = [r.form.get("refresh_token") for r in oauth_server.requests]
         assert presented.count(spent) == 1, "the spent refresh token was presented again"
         assert [r.status for r in oauth_server.requests if "refresh_token" in r.form] == [500]
@@ -432,7 +432,7 @@ class TestServerErrorAfterRotating:
             await asyncio.sleep(8)
             status, _ = await get_token(files)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         presented = [r.form.get("refresh_token") for r in oauth_server.requests]
         assert presented.count(first) == 2
         assert oauth_server.reuse_detected == 0

@@ -188,7 +188,7 @@ class TestWarmStart:
                 async with session.get(f"{files.api}/v1/token/app1", headers=files.auth) as r:
                     token = (await r.json())["access_token"]
         finally:
-            assert first.terminate() == 0
+            assert await first.terminate_async() == 0
         requests_before = oauth_server.count()
         second = BrokerProcess(config, tmp_path / "second.log")
         second.start()
@@ -198,7 +198,7 @@ class TestWarmStart:
                 async with session.get(f"{files.api}/v1/token/app1", headers=files.auth) as r:
                     assert (await r.json())["access_token"] == token
         finally:
-            assert second.terminate() == 0
+            assert await second.terminate_async() == 0
         assert oauth_server.count() == requests_before
         assert any(line["event"] == "token.loaded" for line in second.log_lines())
 
@@ -229,7 +229,7 @@ class TestSecretsNeverLeak:
                 await session.get(f"{files.api}/v1/token/nope", headers=files.auth)
                 await session.post(f"{files.api}/v1/token/app1/refresh", headers=files.auth)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         secrets = [files.client_secret, files.client_key, *oauth_server.issued_tokens]
         assert len(oauth_server.issued_tokens) >= 2
 

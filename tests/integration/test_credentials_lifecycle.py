@@ -62,7 +62,7 @@ class TestSymlinkSwap:
             stop.set()
             statuses = await load
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert statuses
         assert set(statuses) == {200}, "a request failed during the rotation"
         after = [r for r in oauth_server.requests if r.at > swapped_at]
@@ -93,7 +93,7 @@ class TestSymlinkSwap:
                 async with session.get(f"{files.metrics}/metrics") as r:
                     metrics = await r.text()
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert status == 200
         assert 'token_broker_credential_reloads_total{app="app1",outcome="error"}' in metrics
         assert all(r.status == 200 for r in oauth_server.requests)
@@ -127,7 +127,7 @@ class TestPreviousSecret:
                 async with session.get(f"{files.metrics}/metrics") as r:
                     metrics = await r.text()
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         before = [r for r in oauth_server.requests if r.at < switched_at]
         after = [r for r in oauth_server.requests if r.at > switched_at]
         assert any(r.form["client_secret"] == OLD and r.status == 200 for r in before)
@@ -182,7 +182,7 @@ class TestSighup:
                 async with session.get(f"{files.metrics}/readyz") as r:
                     assert r.status == 200
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         events = [(e["event"], e.get("app")) for e in broker.log_lines() if e.get("audit")]
         assert ("app.added", "app2") in events
         assert ("app.removed", "app1") in events
@@ -206,7 +206,7 @@ class TestSighup:
                 async with session.get(f"{files.api}/v1/token/app1", headers=files.auth) as r:
                     assert r.status == 200
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         failed = [e for e in broker.log_lines() if e["event"] == "config.reload_failed"]
         assert failed
         assert failed[0]["setting"] == "apps.app1.jitter_typo"
@@ -239,6 +239,6 @@ class TestClientKeyRotation:
                     ) as r:
                         assert r.status == (401 if key.startswith("w") else 200)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert new_key not in broker.output()
         assert CLIENT_KEY not in broker.output()

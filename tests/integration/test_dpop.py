@@ -294,7 +294,7 @@ class TestDpopEndToEnd:
                 async with session.get(f"{files.metrics}/metrics") as response:
                     text = await response.text()
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert oauth_server.reuse_detected == 0
         assert oauth_server.wrong_key_refreshes == 0
         assert not oauth_server.dpop_refused or set(oauth_server.dpop_refused) == {

@@ -53,7 +53,7 @@ class TestTokenEndpointFaults:
             await oauth_server.start(port=port)
             recovery = await until_served(fleet.replicas[0].files, oauth_server, 35)
         finally:
-            fleet.stop()
+            await fleet.stop_async()
         record("token endpoint down 6 s", recovery)
         assert down.expired == 0
         assert down.server_errors == 0
@@ -72,7 +72,7 @@ class TestTokenEndpointFaults:
                 oauth_server.delays.append(0.0)
             stats = await fleet.poll(oauth_server, 12)
         finally:
-            fleet.stop()
+            await fleet.stop_async()
         assert stats.expired == 0
         assert stats.server_errors == 0
         assert stats.ok > 0
@@ -92,7 +92,7 @@ class TestRedisFaults:
             stats = await fleet.poll(oauth_server, 8)
         finally:
             client.close()
-            fleet.stop()
+            await fleet.stop_async()
         assert stats.expired == 0
         assert stats.server_errors == 0
         assert stats.unavailable == 0
@@ -122,7 +122,7 @@ class TestCrash:
             await second.wait_ready(files.metrics)
             ready = time.monotonic() - started
         finally:
-            second.terminate()
+            await second.terminate_async()
         record("SIGKILL, restart to ready (warm Redis)", ready)
         assert oauth_server.count() == requests
 
@@ -160,7 +160,7 @@ class TestSentinelFailover:
             stored = client.hget(bound_key(client, "token"), "version")
             client.close()
         finally:
-            fleet.stop()
+            await fleet.stop_async()
             sentinel.stop()
         assert promoted, "sentinel did not promote the replica"
         assert failover_s is not None

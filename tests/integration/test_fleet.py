@@ -61,7 +61,7 @@ class TestRedisOutage:
             newest = max(oauth_server.expiry[t] for t in after.tokens)
             logs = [line for r in fleet.replicas for line in r.process.log_lines()]
         finally:
-            fleet.stop()
+            await fleet.stop_async()
         for stats in (before, during, after):
             assert stats.expired == 0
             assert stats.server_errors == 0
@@ -136,7 +136,7 @@ class TestLeaseHolderDies:
         finally:
             await poller.stop()
             client.close()
-            fleet.stop()
+            await fleet.stop_async()
         assert stats.expired == 0
         assert stats.unavailable == 0, "the fleet went without a valid token"
         assert stats.server_errors == 0

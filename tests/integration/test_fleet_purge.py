@@ -151,7 +151,7 @@ class TestFleetPurge:
         try:
             await one_purge_for_the_fleet(fleet, oauth_server, upstream, "client_credentials")
         finally:
-            fleet.stop()
+            await fleet.stop_async()
 
     async def test_a_rotating_grant_is_spent_once(
         self,
@@ -182,7 +182,7 @@ class TestFleetPurge:
         try:
             await one_purge_for_the_fleet(fleet, oauth_server, upstream, "refresh_token")
         finally:
-            fleet.stop()
+            await fleet.stop_async()
         refreshes = [
             r for r in oauth_server.requests if r.form.get("grant_type") == "refresh_token"
         ]

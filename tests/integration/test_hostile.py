@@ -212,7 +212,7 @@ class TestHostileCallers:
 
                 statuses = await asyncio.gather(*(attempt(i) for i in range(2000)))
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert set(statuses) == {401}
         denied = [e for e in broker.log_lines() if e["event"] == "client.denied"]
         assert len(denied) == 1

@@ -262,7 +262,7 @@ class TestClientCredentials:
                 body = await token_from(files)
                 introspection = await provider.introspect(body["access_token"])
             finally:
-                broker.terminate()
+                await broker.terminate_async()
             stats = await provider.stats()
         assert body["token_type"] == "Bearer"
         assert introspection["active"] is True
@@ -299,7 +299,7 @@ class TestRotation:
                     for r in fleet.replicas
                 ]
             finally:
-                fleet.stop()
+                await fleet.stop_async()
             stats = await provider.stats()
         assert stats.reuse_detected == 0, stats_json(stats)
         assert stats.grants_revoked == [], stats_json(stats)
@@ -391,7 +391,7 @@ class TestDpop:
                     url = f"{rs.origin}/v1/items/7"
                     issued = await token_and_proof(files, url)
                 finally:
-                    broker.terminate()
+                    await broker.terminate_async()
                 token, proof = issued["access_token"], issued["proof"]
                 with_proof = await present(url, token, proof)
                 without = await present(url, token, None)
@@ -454,7 +454,7 @@ class TestDpop:
                         for r in fleet.replicas
                     ]
                 finally:
-                    fleet.stop()
+                    await fleet.stop_async()
                 stats = await provider.stats()
             finally:
                 await rs.stop()

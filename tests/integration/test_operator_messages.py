@@ -100,7 +100,7 @@ class TestUnreachableRedis:
         try:
             line = await until_logged(broker, "store.unavailable")
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert line["level"] == "warning"
         assert f"127.0.0.1:{port}" in line["error"]
         assert "ConnectionError" in line["error"]
@@ -154,7 +154,7 @@ class TestFailingTokenEndpoint:
                 check=False,
             )
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert failed["level"] == level
         assert failed["audit"] is True
         assert result.returncode == 1
@@ -186,7 +186,7 @@ class TestMalformedRequests:
                 await writer.wait_closed()
             await until_logged(broker, "http.malformed_request")
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         lines = broker.log_lines()  # fails on any non-JSON line, e.g. a bare traceback
         malformed = [line for line in lines if line["event"] == "http.malformed_request"]
         assert len(malformed) == 1

@@ -772,4 +772,4 @@ class TestStreaming:
             for token in oauth_server.issued_tokens:
                 assert token not in broker.output()
         finally:
-            broker.terminate()
+            await broker.terminate_async()

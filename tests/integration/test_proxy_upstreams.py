@@ -115,7 +115,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[Any]:
         yield start
     finally:
         for broker in started:
-            broker.terminate()
+            await broker.terminate_async()
 
 
 async def call(

@@ -63,7 +63,7 @@ class TestWarmRestartAtScale:
         try:
             await cold.wait_ready(files.metrics, timeout=READY_TIMEOUT)
         finally:
-            assert cold.terminate() == 0
+            assert await cold.terminate_async() == 0
         assert oauth_server.count() == APPS
 
         warm = BrokerProcess(config, tmp_path / "warm.log")
@@ -75,7 +75,7 @@ class TestWarmRestartAtScale:
             name = f"token-broker:{socket.gethostname()}:{warm.process.pid}"
             connections = await connections_named(redis_server.port, name)
         finally:
-            assert warm.terminate() == 0
+            assert await warm.terminate_async() == 0
         events = [line["event"] for line in warm.log_lines()]
         assert oauth_server.count() == APPS, "the warm restart asked for tokens"
         assert 1 <= connections <= MAX_CONNECTIONS

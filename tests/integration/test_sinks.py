@@ -183,7 +183,7 @@ class TestFollowsTheToken:
             await wait_for(lambda: oauth_server.successes() >= 51, 120, "50 refreshes")
         finally:
             reader.stop()
-        process.terminate()
+        await process.terminate_async()
 
         refreshed = [e["token_fingerprint"] for e in events(process, "token.refreshed")]
         assert len(refreshed) >= 51

@@ -1035,6 +1035,13 @@ class TestLowerExpiryOnRedis:
             )
             stored = await store.load("app@0123456789abcdef")
             assert stored is not None and (stored.rank, stored.expires_at) == ((1, 3), 4600.0)
+            # This release's commit of a newer set removes the bound it finds (only then).
+            assert (await store.commit("app@0123456789abcdef", token_set(4))).stored
+            fields = await client.hgetall(key)
+            assert b"expires_by" not in fields and b"expires_by_version" not in fields
+            assert (await store.commit("app@0123456789abcdef", token_set(5))).stored
+            stored = await store.load("app@0123456789abcdef")
+            assert stored is not None and stored.rank == (1, 5)
         finally:
             await client.aclose()
             await store.close()

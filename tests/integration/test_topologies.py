@@ -24,7 +24,7 @@ class TestCluster:
             await fleet.start()
             stats = await fleet.poll(oauth_server, 9)
         finally:
-            fleet.stop()
+            await fleet.stop_async()
         # The fleet clock's TIME script is routed by a key, so it works on a Cluster too.
         for replica in fleet.replicas:
             events = [line["event"] for line in replica.process.log_lines()]
@@ -54,9 +54,9 @@ class TestSentinel:
                 await second.start()
                 warm = await second.poll(oauth_server, 1)
             finally:
-                second.stop()
+                await second.stop_async()
         finally:
-            first.stop()
+            await first.stop_async()
         assert stats.ok > 0
         assert warm.ok > 0
         assert warm.tokens == stats.tokens  # the stored token, not a new one

@@ -291,7 +291,7 @@ class TestOtlpExport:
                 if {"token_broker.proxy", "token_broker.upstream"} <= names:
                     break
                 await asyncio.sleep(0.2)
-            assert broker.terminate() == 0
+            assert await broker.terminate_async() == 0
         finally:
             if broker.process is not None and broker.process.poll() is None:
                 broker.kill()

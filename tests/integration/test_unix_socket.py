@@ -133,7 +133,7 @@ async def start_api(tmp_path: Path, oauth_server: OAuthTestServer) -> AsyncItera
         finally:
             for api in started.values():
                 try:
-                    api.process.terminate()
+                    await api.process.terminate_async()
                 finally:
                     api.process.kill()
 

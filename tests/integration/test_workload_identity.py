@@ -145,7 +145,7 @@ class TestClientAssertion:
             await broker.wait_ready(files.metrics)
             status, body = await get_token(files)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert status == 200
         assert body["access_token"] in oauth_server.issued_tokens
         form = oauth_server.requests[-1].form
@@ -182,7 +182,7 @@ class TestClientAssertion:
             await broker.wait_ready(files.metrics)
             status, _ = await get_token(files)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert status == 200
         form = oauth_server.requests[-1].form
         assert form["grant_type"] == TOKEN_EXCHANGE
@@ -217,7 +217,7 @@ class TestClientAssertion:
             status, _ = await get_token(files)
             assert broker.process is not None and broker.process.poll() is None
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert status == 200
         assert broker.pid == pid
         sent = [r.form["client_assertion"] for r in oauth_server.requests]
@@ -245,7 +245,7 @@ class TestClientAssertion:
             await broker.wait_ready(files.metrics, timeout=PICKUP)
             ok, _ = await get_token(files)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert status == 503
         assert "apps.app1.assertion_file" in body["message"]
         assert "expired at" in body["message"]
@@ -286,7 +286,7 @@ class TestClientAssertion:
             (shared / "svid.jwt").write_text(svid)
             await broker.wait_ready(files.metrics, timeout=PICKUP)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert status == 503
         assert "svid.jwt cannot be read" in body["message"]
         assert oauth_server.count() == 1
@@ -310,7 +310,7 @@ class TestClientAssertion:
             volume.swap({"token": right})
             await broker.wait_ready(files.metrics, timeout=PICKUP)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert status == 503
         assert refused_requests == 1
         assert policy.refusals == ["InvalidAudienceError"]
@@ -419,7 +419,7 @@ class TestTlsClientAuth:
             )
             status, _ = await get_token(files)
         finally:
-            broker.terminate()
+            await broker.terminate_async()
         assert status == 200
         assert broker.pid == pid
         names = [r.client_cert for r in mtls_server.requests]

@@ -949,20 +949,6 @@ class ConnectionWatch:
             inbox.wake()
 
 
-class Subscribers(dict[Inbox, None]):
-    """The store's subscriptions, as the set MemoryStore keeps them in, but published to in the
-    order they subscribed (a set's order follows memory addresses, which any change to the
-    code may move: the world must not depend on them)."""
-
-    def add(self, inbox: Inbox) -> None:
-        """Subscribe `inbox`."""
-        self[inbox] = None
-
-    def discard(self, inbox: Inbox) -> None:
-        """Unsubscribe `inbox`."""
-        self.pop(inbox, None)
-
-
 @dataclass
 class StoreFaults:
     """What one replica's connection to the store does wrong right now."""
@@ -1009,7 +995,6 @@ class SimMemoryStore(MemoryStore):
         # What a replica holds after the last write it acknowledged (`WAIT 1` after
         # `mark_sent`): replication keeps order, so it has every write up to that one.
         self.acknowledged: MemoryState | None = None
-        self._subscribers = Subscribers()  # type: ignore[assignment]
 
     def restore(self, state: MemoryState) -> None:
         """Replace everything stored; subscriptions check whether their connection dropped."""
@@ -1408,7 +1393,8 @@ class NoticeFaults(StoreLink):
                 return True
 
             inbox.heartbeat = heartbeat
-        store._subscribers.add(inbox)  # type: ignore[arg-type]
+        # (An inbox stands in for MemoryStore's queue; published to in the order subscribed.)
+        store._subscribers[inbox] = None  # type: ignore[index]
         self._watch.listen(inbox)
         try:
             while True:
@@ -1472,7 +1458,7 @@ class NoticeFaults(StoreLink):
                     continue
                 yield notice
         finally:
-            store._subscribers.discard(inbox)
+            store._subscribers.pop(inbox, None)  # type: ignore[call-overload]
             self._watch.forget(inbox)
 
     heartbeat = command(Notices.heartbeat, back=False)

@@ -173,6 +173,12 @@ class BrokerProcess:
         self.signal_stop()
         return self.wait_stopped(timeout)
 
+    async def terminate_async(self, timeout: float = 20.0) -> int:
+        """`terminate()` from a test's event loop, without blocking it: a draining broker may
+        wait for the answer to a request it sent to an OAuth server running on that loop (a
+        blocked loop answers nothing, and the broker waits past `timeout`)."""
+        return await asyncio.to_thread(self.terminate, timeout)
+
     def signal_stop(self) -> None:
         """Send SIGTERM (a graceful stop) if the broker is running."""
         if self.process is not None and self.process.poll() is None:
@@ -187,8 +193,13 @@ class BrokerProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(
-                f"the broker did not stop within {timeout}s of SIGTERM; killed it"
+                f"the broker did not stop within {timeout}s of SIGTERM; killed it. "
+                f"Its last log lines ({self.log_path}):\n{self._tail(12)}"
             ) from None
+
+    def _tail(self, lines: int) -> str:
+        """The last `lines` lines the broker wrote, for a failure's message."""
+        return "\n".join(self.output().splitlines()[-lines:])
 
     def wait(self, timeout: float = 20.0) -> int:
         """Wait for the exit; returns the exit code (0 when never started)."""

@@ -105,7 +105,7 @@ class Fleet:
             for replica in self.replicas:
                 await replica.process.wait_ready(replica.files.metrics, timeout)
         except BaseException:
-            self.stop()
+            await self.stop_async()
             raise
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -121,6 +121,12 @@ class Fleet:
                 failures.append(str(exc))
         if failures:
             raise AssertionError("; ".join(failures))
+
+    async def stop_async(self, timeout: float = 20.0) -> None:
+        """`stop()` from a test's event loop, without blocking it: a draining replica may wait
+        for the answer to a refresh token it sent to an OAuth server on that loop (a blocked
+        loop answers nothing; the CI run of 2026-12-07 killed one after 20 s)."""
+        await asyncio.to_thread(self.stop, timeout)
 
     def alive(self) -> list[Replica]:
         """Replicas whose process is running."""
@@ -336,9 +342,16 @@ async def side_by_side(
                 await replica.process.wait_ready(replica.files.metrics, ready_timeout)
         yield runs
     finally:
+        # Every part is stopped even when one fails to stop; the first failure is raised after.
+        failures: list[AssertionError] = []
         for run in runs.values():
-            run.fleet.stop()
+            try:
+                await run.fleet.stop_async()
+            except AssertionError as exc:
+                failures.append(exc)
         for oauth in oauths:
             await oauth.stop()
         for redis in redises:
             redis.stop()
+        if failures:
+            raise failures[0]
