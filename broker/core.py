@@ -57,9 +57,9 @@ class BrokerCore:
     ) -> None:
         self.refreshers: dict[str, AppRefresher] = dict(refreshers)
         # Refreshers a config reload is removing, while `remove_app` waits for them: a SIGTERM
-        # meanwhile drains them too (one may have a refresh token on the wire).
-        # Refreshers a reload is removing, in the order it began (a dict: a set's order follows
-        # memory addresses, and a simulated drain must replay alike).
+        # meanwhile drains them too (one may have a refresh token on the wire). A dict, in the
+        # order the removals began: a set's order follows memory addresses, and a simulated
+        # drain must replay alike.
         self._retiring: dict[AppRefresher, None] = {}
         # Notices name the set they are about by its store name (app and client binding): a
         # notice of another binding (another fleet, or the old config) reaches no refresher.

@@ -250,7 +250,7 @@ class Serving:
     def _wake_successor_waiters(self) -> None:
         # In the order they began to wait (a dict): a set's order follows memory addresses,
         # which differ from run to run, and a simulation's seed must replay alike.
-        for waiter in list(self._successor_waiters):
+        for waiter in self._successor_waiters:
             if not waiter.done():
                 waiter.set_result(None)
 

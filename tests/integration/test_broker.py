@@ -266,7 +266,7 @@ class TestShutdown:
                     for _ in range(50)
                 ]
                 await asyncio.sleep(0)
-                code = await asyncio.to_thread(broker.terminate)
+                code = await broker.terminate_async()
                 responses = await asyncio.gather(*requests, return_exceptions=True)
         finally:
             broker.kill()  # only if the test failed before its SIGTERM ended the broker

@@ -366,7 +366,7 @@ class TestDpopFleet:
                         statuses.append(status)
                     await asyncio.sleep(0.1)
         finally:
-            await asyncio.to_thread(fleet.stop)
+            await fleet.stop_async()
         assert set(statuses) == {200}, resource_server.refused
         refreshed = [
             r.form["refresh_token"]

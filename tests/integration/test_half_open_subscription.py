@@ -114,7 +114,7 @@ class TestHalfOpenSubscription:
                 adopted_at = await serving(session, deaf, rotated, within=ADOPTED_WITHIN)
         finally:
             try:
-                await asyncio.to_thread(fleet.stop)
+                await fleet.stop_async()
             finally:
                 await proxy.stop()
         stale = events(deaf, "store.subscription_stale", half_open_at)

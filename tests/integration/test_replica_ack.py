@@ -379,7 +379,7 @@ class TestBrokerWhileTheReplicaIsDown:
             stats = await poller.stop()
         finally:
             await poller.stop()
-            await asyncio.to_thread(fleet.stop)
+            await fleet.stop_async()
         not_durable = audited(fleet, "spend.not_durable", down_at)
         check_grant_intact(oauth_server)
         presented = refresh_tokens_presented(oauth_server)

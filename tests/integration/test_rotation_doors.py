@@ -148,7 +148,7 @@ class TestH1SlowAnswerPastTheBudget:
         finally:
             await poller.stop()
             client.close()
-            await asyncio.to_thread(fleet.stop)
+            await fleet.stop_async()
         requests = check_grant_intact(oauth_server)
         assert stats.expired == 0, "an expired token was served"
         assert refreshed, "the spender did not commit the slow answer"
@@ -194,7 +194,7 @@ class TestH1SlowAnswerPastTheBudget:
         finally:
             await poller.stop()
             client.close()
-            await asyncio.to_thread(fleet.stop)
+            await fleet.stop_async()
         check_grant_intact(oauth_server)
         assert stats.expired == 0, "an expired token was served"
         presented = refresh_tokens_presented(oauth_server)
@@ -256,7 +256,7 @@ class TestC1ReplacedPodAfterAnEmptyRestart:
         finally:
             await poller.stop()
             client.close()
-            await asyncio.to_thread(fleet.stop)
+            await fleet.stop_async()
         presented = refresh_tokens_presented(oauth_server)
         print(
             f"\nC1 ({size} replicas): replaced at +{replaced_at - slow.at:.2f} s, "

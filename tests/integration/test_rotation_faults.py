@@ -191,7 +191,7 @@ class TestPartition:
             await poller.stop()
             client.close()
             try:
-                await asyncio.to_thread(fleet.stop)
+                await fleet.stop_async()
             finally:
                 await proxy.stop()
         requests = check_grant_intact(oauth_server)
@@ -237,7 +237,7 @@ class TestEmptyRestart:
         finally:
             await poller.stop()
             client.close()
-            await asyncio.to_thread(fleet.stop)
+            await fleet.stop_async()
         requests = check_grant_intact(oauth_server)
         assert stats.expired == 0, "an expired token was served"
         assert_no_409(stats)
@@ -300,7 +300,7 @@ class TestSigtermDuringSlowRefresh:
         finally:
             await poller.stop()
             client.close()
-            await asyncio.to_thread(fleet.stop)
+            await fleet.stop_async()
         requests = check_grant_intact(oauth_server)
         assert code == 0
         assert slow.at - 0.5 < signalled_at < slow.at + 2.0, "SIGTERM missed the slow refresh"
@@ -395,10 +395,10 @@ class TestStoreKeyRoll:
             await poller.stop()
             client.close()
             try:
-                await asyncio.to_thread(fleet.stop)
+                await fleet.stop_async()
             finally:
                 if late is not None:
-                    await asyncio.to_thread(late.terminate)
+                    await late.terminate_async()
         requests = check_grant_intact(oauth_server)
         assert stats.expired == 0, "an expired token was served"
         assert_no_409(stats)

@@ -66,7 +66,7 @@ class TestSigtermDrain:
             replica.process.start()  # the rolling deploy's new pod
             await _until(lambda: oauth_server.count("refresh_token") == 2, 20.0, "a new refresh")
         finally:
-            await asyncio.to_thread(fleet.stop)
+            await fleet.stop_async()
         assert code == 0, replica.process.output()[-4000:]
         assert drained > 15.0, f"exited {drained:.1f} s after SIGTERM, before the answer"
         assert refreshed and stopped, "the answer was not stored before the exit"
@@ -111,7 +111,7 @@ class TestSigtermDrain:
             await replica.process.wait_ready(replica.files.metrics)
         finally:
             client.close()
-            await asyncio.to_thread(fleet.stop)
+            await fleet.stop_async()
         assert code == 0, replica.process.output()[-4000:]
         assert sent_before_restart == 0, "a refresh token was sent after SIGTERM"
         assert stopped_in < 4.0, f"stopping took {stopped_in:.1f} s: the window was waited out"

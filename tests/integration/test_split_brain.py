@@ -124,7 +124,7 @@ async def run_split(
         await poller.stop()
         # b0, cut off on the old primary, drains to its bound: no replica acknowledges the
         # abort of the spend SIGTERM abandoned, and it waits for one (swarm seed 25279).
-        await asyncio.to_thread(fleet.stop, DRAIN_BOUND + 10.0)
+        await fleet.stop_async(DRAIN_BOUND + 10.0)
 
 
 class TestSentinelSplitBrain:

@@ -37,7 +37,7 @@ class Replica:
         answer the refresh the replica finishes before it exits.
         """
         self.polled = False
-        code = await asyncio.to_thread(self.process.terminate)
+        code = await self.process.terminate_async()
         assert code == 0, self.process.output()[-4000:]
         self.process.start()
         await self.process.wait_ready(self.files.metrics)
