@@ -79,6 +79,37 @@ class Adoption:
         def _wake_successor_waiters(self) -> None: ...
         def _settle(self) -> None: ...
 
+    def _init_adoption(self, clock: Clock) -> None:
+        """The adoption part's state (called once by AppRefresher.__init__)."""
+        self._unsynced = False  # our set may be newer than the store's: write it back
+        self._dirty = True  # the store may have changed: look before the next decision
+        # The store held our set when we last read it, committed it, or heard a `token` notice
+        # carrying it, and no notice since says otherwise: the next attempt asks for the lease
+        # without reading first (the holder reads under the lease anyway). Every replica read
+        # before each attempt, most of them only to be told the lease was busy.
+        self._view_known = False
+        self._last_sync = float("-inf")
+        # Another replica was granted the lease (we heard its `lease` notice): no attempt of
+        # ours before this, unless its commit or its release is heard first. Without it every
+        # replica due at the fleet's due time asked for the lease, and lost it, one by one.
+        self._lease_wait_until = float("-inf")
+        # When the current token stops being valid as measured on this host's monotonic
+        # clock (a wall-clock step does not change it; a step that shortens the token's life
+        # lowers it, see `remaining`).
+        self._mono_expiry = 0.0
+        # The same deadline on the fleet's clock alone (no pod's own wall clock): what this
+        # replica writes back as the stored set's expiry after the store's clock stepped back
+        # (`lower_stored_expiry`), so one pod's skew never shortens the fleet's token.
+        self._fleet_expiry = 0.0
+        self._lower_pending = False
+        self._lowering = None
+        self._vetoes = {}
+        self._unlisten_clock: Callable[[], None] = (
+            clock.add_round_listener(self._on_clock_round)
+            if isinstance(clock, FleetClock)
+            else lambda: None
+        )
+
     def _adopt(self, token: TokenSet, *, source: str, sent_mono: float | None = None) -> None:
         previous = self.token
         self.token = token

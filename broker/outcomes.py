@@ -75,6 +75,14 @@ class Outcomes:
         ) -> None: ...
         async def _newer_after_invalid_grant(self) -> bool: ...
 
+    def _init_outcomes(self) -> None:
+        """The outcome part's state (called once by AppRefresher.__init__)."""
+        self._announced_unknown = set()
+        # The lineage whose refresh token the server refused as reused: its sets are dead, and
+        # adopting one (the other presentation's commit) does not clear needs_authorization.
+        self._reused_lineage = 0
+        self._blocked_logged = None
+
     def _record_outcome(self, outcome: Outcome, started: float) -> None:
         """Account for what the attempt did, then schedule the next one (broker/schedule)."""
         duration = self._clock.monotonic() - started

@@ -15,9 +15,7 @@ attempt's outcome (broker/outcomes.py). This module is the loop: when to attempt
 from __future__ import annotations
 
 import asyncio
-import collections
 import random
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
@@ -27,7 +25,7 @@ from broker.clock import Clock, Wake
 from broker.errors import PermanentTokenError, TokenEndpointError, TransientTokenError
 from broker.events import EventHook
 from broker.fleet import FleetProtocol, FleetStore, NoGrant, Timing
-from broker.fleetclock import FleetClock, ServerClock
+from broker.fleetclock import ServerClock
 from broker.logs import get_logger
 from broker.model import AppSpec, AppState, GrantType, TokenSet
 from broker.oauth import TokenSource
@@ -112,50 +110,16 @@ class AppRefresher(Serving, Adoption, Outcomes):
         self.failures = 0
         # When the next attempt is and why, with what holds until a new set (broker/schedule).
         self.schedule = Schedule()
-        self._unsynced = False  # our set may be newer than the store's: write it back
-        self._dirty = True  # the store may have changed: look before the next decision
-        # The store held our set when we last read it, committed it, or heard a `token` notice
-        # carrying it, and no notice since says otherwise: the next attempt asks for the lease
-        # without reading first (the holder reads under the lease anyway). Every replica read
-        # before each attempt, most of them only to be told the lease was busy.
-        self._view_known = False
-        self._last_sync = float("-inf")
         self._attempting = False
         self._attempt_started = 0.0  # the monotonic start of the attempt in flight
-        # Another replica was granted the lease (we heard its `lease` notice): no attempt of
-        # ours before this, unless its commit or its release is heard first. Without it every
-        # replica due at the fleet's due time asked for the lease, and lost it, one by one.
-        self._lease_wait_until = float("-inf")
-        # When the current token stops being valid as measured on this host's monotonic
-        # clock (a wall-clock step does not change it; a step that shortens the token's life
-        # lowers it, see `remaining`).
-        self._mono_expiry = 0.0
-        # The same deadline on the fleet's clock alone (no pod's own wall clock): what this
-        # replica writes back as the stored set's expiry after the store's clock stepped back
-        # (`lower_stored_expiry`), so one pod's skew never shortens the fleet's token.
-        self._fleet_expiry = 0.0
-        self._lower_pending = False
-        self._lowering: asyncio.Task[None] | None = None
         self._stagger = 0.0
         self._stopping = False
-        self._announced_unknown: set[str] = set()
-        # The lineage whose refresh token the server refused as reused: its sets are dead, and
-        # adopting one (the other presentation's commit) does not clear needs_authorization.
-        self._reused_lineage = 0
-        self._blocked_logged: str | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._wake = Wake()
-        self._forced: collections.deque[float] = collections.deque()
-        # The access token an upstream refused (its fingerprint): due now while still held.
-        self._refused_fp: str | None = None
-        self._successor_waiters: dict[asyncio.Future[None], None] = {}
-        self._listeners: list[Callable[[TokenSet], None]] = []
-        self._vetoes: dict[asyncio.Future[None], None] = {}
-        self._unlisten_clock = (
-            clock.add_round_listener(self._on_clock_round)
-            if isinstance(clock, FleetClock)
-            else lambda: None
-        )
+        # Each part's own state, documented where it is used.
+        self._init_serving()
+        self._init_adoption(clock)
+        self._init_outcomes()
         self._set_state(AppState.REFRESHING)
 
     # ---- what it is ----------------------------------------------------------------------

@@ -71,6 +71,14 @@ class Serving:
         def notify_store_changed(self, *, reconnected: bool = False) -> None: ...
         def _start_refresh(self) -> asyncio.Task[None]: ...
 
+    def _init_serving(self) -> None:
+        """The serving part's state (called once by AppRefresher.__init__)."""
+        self._forced = collections.deque()  # the times of forced refreshes (rate limit)
+        # The access token an upstream refused (its fingerprint): due now while still held.
+        self._refused_fp = None
+        self._successor_waiters = {}
+        self._listeners = []
+
     def add_listener(self, callback: Callable[[TokenSet], None]) -> None:
         """Call `callback(token)` (synchronously, so it must be quick) after each token adopted."""
         self._listeners.append(callback)
