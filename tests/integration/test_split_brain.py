@@ -18,6 +18,7 @@ the rig makes a real split brain.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -93,6 +94,26 @@ async def stored_generation(client: aioredis.Redis) -> int:
     return int(await client.hget(keys[0], "gen") or 0)
 
 
+async def between_spends(client: aioredis.Redis) -> int:
+    """The stored generation while no spend is under way on `client`'s Redis (no lease held,
+    no spend announced or sent); 0 while one is, or nothing is stored yet."""
+    if await client.keys("tb-test:{app1@*}:lease"):
+        return 0
+    for key in await client.keys("tb-test:{app1@*}:spend"):
+        if await client.hget(key, "state") in {b"announced", b"sent"}:
+            return 0
+    return await stored_generation(client)
+
+
+def log_after(fleet: Fleet, index: int, since: float) -> str:
+    """Replica `index`'s log lines from `since` on, but the tokens it served: for a failure."""
+    return "\n".join(
+        json.dumps(line)
+        for line in fleet.replicas[index].process.log_lines()
+        if wall_time(line) >= since and line["event"] not in {"token.issued", "token.served"}
+    )
+
+
 async def run_split(
     fleet: Fleet,
     oauth: OAuthTestServer,
@@ -105,13 +126,15 @@ async def run_split(
     try:
         await fleet.start()
         poller.start()
-        # Split between two spends: once the first refresh is committed on M (the next comes
-        # due 6 s later). A split during a spend would leave its `sent` record on both sides,
-        # and the other side rightly declines to spend that token.
+        # Split between two spends: once the first refresh is committed on M and its lease
+        # released (the next comes due 6 s later). A split during a spend would leave its
+        # `sent` record on both sides, and the other side rightly declines to spend that
+        # token; a split before the release leaves the spender's lease on M, and b0 waits out
+        # its ttl before it may spend.
         deadline = time.monotonic() + 3 * LIFETIME
         primary = aioredis.Redis(host="127.0.0.1", port=topology.primary.port)
         try:
-            while (held := await stored_generation(primary)) < 2:
+            while (held := await between_spends(primary)) < 2:
                 assert time.monotonic() < deadline, "the fleet never refreshed before the split"
                 await asyncio.sleep(0.05)
         finally:
@@ -157,7 +180,10 @@ class TestSentinelSplitBrain:
         presented = refresh_tokens_presented(oauth_server)
         check_grant_intact(oauth_server)
         assert len(set(presented)) == len(presented), "a refresh token was presented twice"
-        assert 0 in {i for i, _ in not_durable}, "b0's spends on the old primary were not refused"
+        assert 0 in {i for i, _ in not_durable}, (
+            f"b0's spends on the old primary were not refused; b0 after the split:\n"
+            f"{log_after(fleet, 0, split_at)}"
+        )
         assert {i for i, _ in refreshed} == {1}, "only the promoted side refreshes"
         assert len(refreshed) >= 2, "b1 did not keep refreshing on the promoted replica"
         # b1 too is refused while the promoted replica has no replica of its own yet (the other
