@@ -275,7 +275,7 @@ class Adoption:
         self._adopt(token, source="store")
 
     def take_lowered_expiry(self, stored: TokenSet) -> None:
-        """The store holds our set with an earlier expiry (broker.fleet.KnownSet): a replica
+        """The store holds our set (broker.fleet.KnownSet); with an earlier expiry, a replica
         that saw Redis's clock step back, or read the set issued in the future, lowered it
         (`lower_stored_expiry`). Serve it no longer than that: a replica that had taken the
         step before it adopted the set, stamped in the frame before it, could not tell (swarm

@@ -108,7 +108,8 @@ class KnownSet(Protocol):
         ...
 
     def take_lowered_expiry(self, stored: TokenSet) -> None:
-        """The store holds the set served now with an earlier expiry (`lower_expiry`)."""
+        """The store holds the set served now: take its expiry when it is earlier (a replica
+        lowered it, `lower_expiry`); a later one changes nothing."""
         ...
 
 
@@ -469,8 +470,7 @@ class FleetProtocol:
         if current is None:
             return True
         if stored is not None and stored.rank == current.rank:
-            if stored.expires_at < current.expires_at:
-                self._take_lowered(stored)
+            self._take_lowered(stored)
             await self._confirm_commit(current)
             await self._veto_remembered(current)
             return True

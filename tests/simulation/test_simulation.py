@@ -21,7 +21,7 @@ from tests.simulation.schedule import (
 )
 
 # How many seeded schedules the default test command runs (SIM_SCHEDULES overrides).
-SCHEDULES = int(os.environ.get("SIM_SCHEDULES", "1500"))
+SCHEDULES = int(os.environ.get("SIM_SCHEDULES", "2000"))
 
 # Seeds that failed while the protocol was built, with what they found (docs/architecture.md).
 # They are seeds of the first generator (legacy_schedule), replayed as they ran then
@@ -150,7 +150,7 @@ SWARM_REGRESSION_SEEDS = {
 
 # Swarm seeds (make_schedule) that still break an invariant, kept so they are replayed and
 # cannot silently pass: a fix turns the strict xfail into a failure that says to move them.
-# None of 0..1499 today: 734 and 1237 (eviction with a split brain, the record evicted right
+# None of 0..1999 today: 734 and 1237 (eviction with a split brain, the record evicted right
 # after the send while its spender was cut off on the old primary) are the documented limit of
 # a store that forgets, counted apart since the checker counts a spender cut off past the long
 # objection window as mute (issue 20; the broker needs `maxmemory-policy noeviction`).

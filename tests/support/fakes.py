@@ -214,9 +214,10 @@ class CurrentSet:
             self.token = token
 
     def take_lowered_expiry(self, stored: TokenSet) -> None:
-        """The store lowered the expiry of the set served now: take it (as `adopts` says)."""
-        if self.adopts and self.token is not None:
-            self.token = self.token.expiring_at(stored.expires_at)
+        """The store holds the set served now: take an earlier expiry (as `adopts` says)."""
+        token = self.token
+        if self.adopts and token is not None and stored.expires_at < token.expires_at:
+            self.token = token.expiring_at(stored.expires_at)
 
 
 def spendable_grant(
