@@ -277,6 +277,25 @@ class FleetProtocol:
             # knows its last spend ended without effect (a restart gets a new owner name): the
             # abort notice was lost, e.g. its record was gone after a store rollback.
             self.memory.resolved_foreign(fp)
+        elif notice.kind == "abort" and notice.retried is not None:
+            self._retry_ended(fp, notice.owner, notice.retried)
+
+    def _retry_ended(self, refresh_fp: str, retrier: str | None, retried: tuple[str, int]) -> None:
+        """A grace retry of `refresh_fp` ended without effect, and the spend it retried is
+        unknown again (its record restored). Remembered as the retrier's spend (from its `sent`
+        notice), it is that spend's now: a veto for it names that spend, whose spender's abort
+        lifts it (swarm seed 30624: a bystander on a split brain's old primary heard only the
+        retry's notices, and after the heal its veto named the retry, whose abort said nothing
+        of the spend retried, and the fleet waited for a person)."""
+        remembered = self.memory.foreign.get(refresh_fp)
+        if remembered is None or remembered[1] is None or remembered[1] != retrier:
+            return
+        owner, fence = retried
+        self.memory.foreign[refresh_fp] = (remembered[0], owner)
+        if fence > 0:
+            self.memory.foreign_fences[refresh_fp] = (owner, fence)
+        else:
+            self.memory.foreign_fences.pop(refresh_fp, None)
 
     def _stale_abort(self, notice: Notice) -> bool:
         """`notice` ends a spend (it names the fence: its record was gone) of a spender whose

@@ -29,6 +29,11 @@ from broker.model import PROTOCOL_VERSION, AppSpec, FailureRecord, TokenSet
 FAILURE_RETENTION = 3600.0
 # The sliding window of the fleet-wide token request budget, in seconds.
 BUDGET_WINDOW = 60.0
+# How many recent aborted spends a store keeps per app (the newest first, for a day): a veto
+# that stands for one of them alone is refused, as its abort notice was missed (issue 20, swarm
+# seed 30624: a bystander on a split brain's old primary missed an abort that three later
+# aborts had pushed out of a memory of one).
+ABORTS_KEPT = 32
 # The kind of a notice that says nothing but "the channel works" (see `TokenStore.heartbeat`).
 HEARTBEAT = "heartbeat"
 # The kinds of the notices of a lease granted (with its ttl) and released: a replica that hears
@@ -162,7 +167,9 @@ class Notice:
     "abort" (that spend ended without effect). `rank` is the committed set's, or for spends the
     rank of the set whose refresh token is spent; `refresh_fp` names that refresh token.
     `retry` marks the spend of a grace retry the store granted (nobody vetoes it);
-    `retry_aborted` an abort of such a retry: the spend it retried is still unknown.
+    `retry_aborted` an abort of such a retry: the spend it retried is still unknown, and
+    `retried` names that spend (owner, fence; absent from a release before it): a replica that
+    remembered the spend as the retrier's remembers it as that one's (swarm seed 30624).
     `fence` is the spend's fence on a "sent" notice (0 elsewhere, and from a release before
     it): a replica that vetoes a later spend of that token for it names that spend exactly,
     so the store can tell when its spender ended it as aborted (`veto_spend`). An "abort"
@@ -193,6 +200,7 @@ class Notice:
     ttl: float = 0.0
     access_fp: str | None = None
     fence: int = 0
+    retried: tuple[str, int] | None = None
     blob: str | None = field(default=None, repr=False, compare=False)
     token: TokenSet | None = field(default=None, repr=False, compare=False)
 
@@ -213,6 +221,7 @@ class Notice:
                 **({"ttl": round(self.ttl * 1000)} if self.ttl else {}),
                 **({"afp": self.access_fp} if self.access_fp is not None else {}),
                 **({"fence": self.fence} if self.fence else {}),
+                **({"ro": self.retried[0], "rf": self.retried[1]} if self.retried else {}),
                 **({"blob": self.blob} if self.blob is not None else {}),
             },
             separators=(",", ":"),
@@ -236,6 +245,9 @@ class Notice:
                 ttl=max(0.0, float(raw.get("ttl") or 0) / 1000),
                 access_fp=str(raw["afp"]) if raw.get("afp") else None,
                 fence=max(0, int(raw.get("fence") or 0)),
+                retried=(
+                    (str(raw["ro"]), max(0, int(raw.get("rf") or 0))) if raw.get("ro") else None
+                ),
                 blob=raw["blob"] if isinstance(raw.get("blob"), str) else None,
             )
         except (ValueError, TypeError, KeyError, AttributeError):

@@ -17,6 +17,7 @@ from broker.errors import NotDurable, StoreUnavailable
 from broker.model import PROTOCOL_VERSION, FailureRecord, TokenSet
 from broker.policy import fleet_jitter_sample
 from broker.store import (
+    ABORTS_KEPT,
     BUDGET_WINDOW,
     FAILURE_RETENTION,
     HEARTBEAT,
@@ -62,9 +63,10 @@ class MemoryState:
     spends: dict[str, _Spend] = field(default_factory=dict)
     # app → (the refused access token's fingerprint, until when on the monotonic clock)
     refused: dict[str, tuple[str, float]] = field(default_factory=dict)
-    # app → (owner, fence, refresh fingerprint) of the last spend its spender ended as aborted
-    # (its record removed): a veto that stands for that spend alone is refused (`veto_spend`).
-    aborted: dict[str, tuple[str, int, str]] = field(default_factory=dict)
+    # app → (owner, fence, refresh fingerprint) of the recent spends their spenders ended as
+    # aborted (their records removed), the newest first, at most ABORTS_KEPT: a veto that
+    # stands for one of them alone is refused (`veto_spend`), as RedisStore's `:aborts`.
+    aborted: dict[str, list[tuple[str, int, str]]] = field(default_factory=dict)
 
 
 class MemoryStore:
@@ -305,7 +307,7 @@ class MemoryStore:
         if (
             protects is not None
             and protects[1] != 0
-            and self.state.aborted.get(app) == (*protects, refresh_fp)
+            and (*protects, refresh_fp) in self.state.aborted.get(app, ())
         ):
             return False  # the one spend it stands for ended without effect, says the store
         if protects is not None and spend.owner == protects[0]:
@@ -334,15 +336,14 @@ class MemoryStore:
         self._check()
         spend = self.state.spends.get(app)
         if spend is None:
-            aborted = self.state.aborted.get(app)
             if outcome is not SpendEnd.ABORTED:
                 return
-            if aborted is not None and aborted[:2] == (owner, fence):
+            if any(kept[:2] == (owner, fence) for kept in self.state.aborted.get(app, ())):
                 self._abort_acknowledged()  # applied already: asked again (the drain's retry)
             elif refresh_fp and fence > 0:
                 # The store forgot the record: keep the abort anyway, and announce it (naming
                 # the fence: an abort that lands late must not pass for a later spend's).
-                self.state.aborted[app] = (owner, fence, refresh_fp)
+                self._remember_abort(app, owner, fence, refresh_fp)
                 self._publish(
                     Notice(
                         app,
@@ -378,14 +379,17 @@ class MemoryStore:
             return
         if outcome is SpendEnd.ABORTED:
             retry_aborted = spend.orig_sent_at is not None
+            retried = None
             if retry_aborted:
                 # The retry had no effect, the spend it retried is still unknown: restore it.
                 assert spend.orig_sent_at is not None
                 spend.fence, spend.state, spend.retries = 0, "unknown", 1
                 spend.sent_at, spend.orig_sent_at = spend.orig_sent_at, None
+                if spend.orig_owner is not None:
+                    retried = (spend.orig_owner, spend.orig_fence)
             else:
                 del self.state.spends[app]
-                self.state.aborted[app] = (spend.owner, spend.fence, spend.refresh_fp)
+                self._remember_abort(app, spend.owner, spend.fence, spend.refresh_fp)
             self._publish(
                 Notice(
                     app,
@@ -395,11 +399,18 @@ class MemoryStore:
                     owner=spend.owner,
                     retry_aborted=retry_aborted,
                     protocol=self.protocol,
+                    retried=retried,
                 )
             )
             self._abort_acknowledged()
         else:
             spend.state = "unknown"
+
+    def _remember_abort(self, app: str, owner: str, fence: int, refresh_fp: str) -> None:
+        """Keep an aborted spend among the app's recent ones (the newest first)."""
+        kept = self.state.aborted.setdefault(app, [])
+        kept.insert(0, (owner, fence, refresh_fp))
+        del kept[ABORTS_KEPT:]
 
     def _abort_acknowledged(self) -> None:
         """NotDurable when an abort must be acknowledged by a replica and none did."""

@@ -42,6 +42,7 @@ from broker.metrics import Metrics
 from broker.model import PROTOCOL_VERSION, FailureRecord, TokenSet
 from broker.policy import fleet_jitter_sample
 from broker.store import (
+    ABORTS_KEPT,
     BUDGET_WINDOW,
     FAILURE_RETENTION,
     HEARTBEAT,
@@ -188,14 +189,36 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
   fence=tonumber(ARGV[2]), pv=__PV__}))
 return 1
 """
-# KEYS: spend, lease, aborted. ARGV: rfp, protected owner ('' for none), protected fence
-_VETO_SPEND = """
+# The recent aborts (`aborts_key`): the newest first, at most ABORTS_KEPT, for a day.
+_REMEMBER_ABORT = """
+local function remember_abort(key, mark)
+  redis.call('LPUSH', key, mark)
+  redis.call('LTRIM', key, 0, __ABORTS_KEPT__ - 1)
+  redis.call('PEXPIRE', key, 86400000)
+end
+local function aborted_recently(last_key, key, mark, prefix)
+  local last = redis.call('GET', last_key)
+  if last and (last == mark or (prefix and string.sub(last, 1, string.len(mark)) == mark)) then
+    return true
+  end
+  for _, held in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    if held == mark or (prefix and string.sub(held, 1, string.len(mark)) == mark) then
+      return true
+    end
+  end
+  return false
+end
+"""
+# KEYS: spend, lease, aborted, aborts. ARGV: rfp, protected owner ('' for none), protected fence
+_VETO_SPEND = (
+    _REMEMBER_ABORT
+    + """
 local sp = redis.call('HMGET', KEYS[1], 'rfp', 'state', 'owner', 'fence', 'orig_sent_at')
 if sp[1] ~= ARGV[1] or sp[2] ~= 'announced' then return 0 end
 if redis.call('GET', KEYS[2]) ~= sp[3] .. '|' .. sp[4] .. '|__PV__' then return 0 end
 -- the one spend the veto stands for ended without effect (its abort notice was missed)
-if ARGV[2] ~= '' and ARGV[3] ~= '0'
-  and redis.call('GET', KEYS[3]) == ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[1] then return 0 end
+if ARGV[2] ~= '' and ARGV[3] ~= '0' and aborted_recently(KEYS[3], KEYS[4],
+  ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[1], false) then return 0 end
 -- the spender of the spend it stands for spends again: it knows that spend had no effect
 if ARGV[2] ~= '' and sp[3] == ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'fence', 0, 'state', 'vetoed', 'retries', 1)
@@ -207,23 +230,27 @@ elseif ARGV[2] ~= '' then
 end
 return 1
 """
-# KEYS: spend, aborted. ARGV: fence, outcome, channel, app, owner (fences repeat after a
-# rollback), rfp of an ordinary spend ('' for none)
-_END_SPEND = """
+)
+# KEYS: spend, aborted, aborts. ARGV: fence, outcome, channel, app, owner (fences repeat after
+# a rollback), rfp of an ordinary spend ('' for none)
+_END_SPEND = (
+    _REMEMBER_ABORT
+    + """
 local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen',
   'orig_sent_at', 'orig_owner', 'orig_fence', 'state')
 if not sp[1] then
-  -- our abort applied already (its mark names this spend): touch the mark, so that a WAIT
+  -- our abort applied already (a mark names this spend): touch the marks, so that a WAIT
   -- after this call counts the replicas that hold the abort
   local mark = ARGV[5] .. '|' .. ARGV[1] .. '|'
-  local held = redis.call('GET', KEYS[2])
-  if ARGV[2] == 'aborted' and held and string.sub(held, 1, string.len(mark)) == mark then
+  if ARGV[2] == 'aborted' and aborted_recently(KEYS[2], KEYS[3], mark, true) then
     redis.call('PEXPIRE', KEYS[2], 86400000)
+    redis.call('PEXPIRE', KEYS[3], 86400000)
     return 2
   end
   -- the store forgot the record: keep the abort anyway, and announce it
   if ARGV[2] == 'aborted' and ARGV[6] ~= '' and ARGV[1] ~= '0' then
     redis.call('SET', KEYS[2], ARGV[5] .. '|' .. ARGV[1] .. '|' .. ARGV[6], 'EX', 86400)
+    remember_abort(KEYS[3], ARGV[5] .. '|' .. ARGV[1] .. '|' .. ARGV[6])
     redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort', lineage=0, gen=0,
       rfp=ARGV[6], owner=ARGV[5], fence=tonumber(ARGV[1]), ra=0, pv=__PV__}))
     return 1
@@ -260,15 +287,19 @@ if ARGV[2] == 'aborted' then
   else
     redis.call('DEL', KEYS[1])
     redis.call('SET', KEYS[2], sp[2] .. '|' .. sp[1] .. '|' .. sp[3], 'EX', 86400)
+    remember_abort(KEYS[3], sp[2] .. '|' .. sp[1] .. '|' .. sp[3])
   end
+  -- an aborted retry names the spend it retried (its record restored): `ro`, `rf`
   redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort',
     lineage=tonumber(sp[4]), gen=tonumber(sp[5]), rfp=sp[3], owner=sp[2],
-    ra=sp[6] and 1 or 0, pv=__PV__}))
+    ra=sp[6] and 1 or 0, ro=sp[6] and sp[7] or nil,
+    rf=sp[6] and tonumber(sp[8] or '0') or nil, pv=__PV__}))
 else
   redis.call('HSET', KEYS[1], 'state', 'unknown')
 end
 return 1
 """
+)
 # Moves the set a release before the client binding stored under the app's bare name to the
 # bound name, once (issue 20, M6). Only while no replica of that release holds the bare name's
 # lease or has a spend of it on the wire (the move would lose that spend's commit). The bare
@@ -345,7 +376,9 @@ def _bounded(token: TokenSet, fields: dict[bytes, bytes]) -> TokenSet:
 
 def _versioned(script: str) -> str:
     """A script with this release's protocol version in what it writes and publishes."""
-    return script.replace("__PV__", str(PROTOCOL_VERSION))
+    return script.replace("__PV__", str(PROTOCOL_VERSION)).replace(
+        "__ABORTS_KEPT__", str(ABORTS_KEPT)
+    )
 
 
 def _lease_value(owner: str, fence: int) -> str:
@@ -445,6 +478,14 @@ class RedisStore:
         """The Redis key of an app's last spend its spender ended as aborted ("owner|fence|rfp",
         a day): a veto standing for that spend alone is refused (its abort notice was missed)."""
         return f"{self._prefix}:{{{app}}}:aborted"
+
+    def aborts_key(self, app: str) -> str:
+        """The Redis key of an app's recent aborted spends (a list of "owner|fence|rfp", the
+        newest first, at most ABORTS_KEPT, for a day). `aborted_key` holds the last one only,
+        which later aborts overwrite: a replica cut off when an earlier one was announced
+        (the old primary of a split brain) vetoed for it after the heal, for good (issue 20,
+        swarm seed 30624). Both are written: a replica of the release before reads the last."""
+        return f"{self._prefix}:{{{app}}}:aborts"
 
     def refused_key(self, app: str) -> str:
         """The Redis key of an app's last refused access token (lapsing after the interval)."""
@@ -801,7 +842,12 @@ class RedisStore:
         result = await self._call(
             "spend",
             lambda: self._veto_spend(
-                keys=[self.spend_key(app), self.lease_key(app), self.aborted_key(app)],
+                keys=[
+                    self.spend_key(app),
+                    self.lease_key(app),
+                    self.aborted_key(app),
+                    self.aborts_key(app),
+                ],
                 args=[refresh_fp, owner, fence],
             ),
         )
@@ -828,7 +874,7 @@ class RedisStore:
         only as good as the node giving it: a split brain's old primary, where another spend
         began after our abort, says so too, and its heal discards both (swarm seed 25279).
         """
-        keys = [self.spend_key(app), self.aborted_key(app)]
+        keys = [self.spend_key(app), self.aborted_key(app), self.aborts_key(app)]
         args: list[Any] = [fence, outcome.value, self.channel, app, owner, refresh_fp or ""]
         if not self._require_ack or outcome is not SpendEnd.ABORTED:
             await self._call("spend", lambda: self._end_spend(keys=keys, args=args))

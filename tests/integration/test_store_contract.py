@@ -19,6 +19,7 @@ from broker.errors import UnreadableTokenSet
 from broker.metrics import Metrics
 from broker.model import PROTOCOL_VERSION, TokenSet
 from broker.store import (
+    ABORTS_KEPT,
     REFUSED,
     Lease,
     Notice,
@@ -829,6 +830,50 @@ class TestNotices:
             ("spend", "b", True, False),
             ("abort", "b", False, True),
         ]
+        # The retry's abort names the spend it retried, whose record it restored (swarm seed
+        # 30624): a bystander that knew the spend as the retrier's now knows it as a's.
+        assert [n.retried for n in heard] == [None, ("a", a.fence)]
+
+    async def test_a_veto_for_any_of_the_recent_aborted_spends_is_refused(
+        self, store: TokenStore
+    ) -> None:
+        """A veto naming a spend its spender aborted is refused although later spends of the
+        token were aborted since (swarm seed 30624: three later aborts had replaced the one
+        kept mark, and a bystander that missed the first abort vetoed for it, for good); the
+        store keeps ABORTS_KEPT of them, the newest."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        fences = []
+        for owner in ("a", "b", "c"):
+            lease = await store.acquire_lease("app", owner, 5)
+            await store.begin_spend("app", owner=owner, fence=lease.fence, token=token_set(1))
+            await store.end_spend("app", owner=owner, fence=lease.fence, outcome=SpendEnd.ABORTED)
+            await store.release_lease("app", owner, lease.fence)
+            fences.append(lease.fence)
+        d = await store.acquire_lease("app", "d", 5)
+        await store.begin_spend("app", owner="d", fence=d.fence, token=token_set(1))
+        for owner, fence in zip(("a", "b", "c"), fences, strict=True):
+            assert not await store.veto_spend("app", refresh_fp=fp, protects=(owner, fence))
+        assert (await store.load_spend("app") or SpendRecord("", "", "")).state == "announced"
+        assert await store.veto_spend("app", refresh_fp=fp, protects=("a", fences[0] + 100))
+
+    async def test_only_the_newest_aborts_are_kept(self, store: TokenStore) -> None:
+        """The memory of aborted spends is bounded: past ABORTS_KEPT later aborts, a veto for
+        the first one is no longer refused."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        fences = []
+        for index in range(ABORTS_KEPT + 1):
+            owner = f"r{index}"
+            lease = await store.acquire_lease("app", owner, 5)
+            await store.begin_spend("app", owner=owner, fence=lease.fence, token=token_set(1))
+            await store.end_spend("app", owner=owner, fence=lease.fence, outcome=SpendEnd.ABORTED)
+            await store.release_lease("app", owner, lease.fence)
+            fences.append(lease.fence)
+        z = await store.acquire_lease("app", "z", 5)
+        await store.begin_spend("app", owner="z", fence=z.fence, token=token_set(1))
+        assert not await store.veto_spend("app", refresh_fp=fp, protects=("r1", fences[1]))
+        assert await store.veto_spend("app", refresh_fp=fp, protects=("r0", fences[0]))
 
     async def test_a_token_notice_carries_the_committed_set(self, store: TokenStore) -> None:
         """A replica adopts a committed set from its notice, without reading the store."""

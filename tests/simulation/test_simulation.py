@@ -142,6 +142,13 @@ SWARM_REGRESSION_SEEDS = {
     "old frame; the replicas that had taken the step read it, and the stored expiry lowered "
     "after it by the others did not reach them (a look that finds the set served with an "
     "earlier expiry takes it)",
+    30624: "a split brain's old primary held a spend whose abort went to the new one; a "
+    "grace retry there was not durable and its abort restored the record; a bystander with it "
+    "had heard only the retry's notices, and after the heal it vetoed the next spend for the "
+    "retry, whose abort says nothing of the spend retried; and the store kept only the last "
+    "abort, three later ones after the first: the fleet waited for a person, the grant intact "
+    "(a retry's abort names the spend retried, the bystander's memory follows it, and the "
+    "store refuses a veto for any of its ABORTS_KEPT latest aborts)",
     6938: "a drain ran to its bound on the replica's clock and ended 1e-13 s short of it in "
     "world time: counted as a drain that exited early holding the only copy of the newest set "
     "(a checker bug: the drain's elapsed time is compared within TIMER_ROUNDING)",
