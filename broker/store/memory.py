@@ -354,6 +354,9 @@ class MemoryStore:
                         fence=fence,
                     )
                 )
+                # As RedisStore's WAIT after the script, whatever it found: an abort kept
+                # only on this primary is lost by a failover (it said it was acknowledged).
+                self._abort_acknowledged()
             else:
                 # Nothing of ours here: an answer a replica must hold too (below).
                 self._abort_acknowledged()
