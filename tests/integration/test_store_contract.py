@@ -75,6 +75,19 @@ async def marked_sent(store: TokenStore, owner: str) -> Lease:
     return lease
 
 
+async def aborted_spends(store: TokenStore, owners: list[str]) -> list[int]:
+    """Each of `owners` in turn announces a spend of token_set(1) and ends it as aborted; the
+    fences of those spends, in order."""
+    fences = []
+    for owner in owners:
+        lease = await store.acquire_lease("app", owner, 5)
+        await store.begin_spend("app", owner=owner, fence=lease.fence, token=token_set(1))
+        await store.end_spend("app", owner=owner, fence=lease.fence, outcome=SpendEnd.ABORTED)
+        await store.release_lease("app", owner, lease.fence)
+        fences.append(lease.fence)
+    return fences
+
+
 class TestCommit:
     async def test_a_higher_rank_wins_whatever_its_expiry(self, store: TokenStore) -> None:
         """Rank, not expiry, decides: a newer generation replaces an older one, never the reverse."""
@@ -843,13 +856,7 @@ class TestNotices:
         store keeps ABORTS_KEPT of them, the newest."""
         fp = token_set(1).refresh_fingerprint or ""
         await store.commit("app", token_set(1))
-        fences = []
-        for owner in ("a", "b", "c"):
-            lease = await store.acquire_lease("app", owner, 5)
-            await store.begin_spend("app", owner=owner, fence=lease.fence, token=token_set(1))
-            await store.end_spend("app", owner=owner, fence=lease.fence, outcome=SpendEnd.ABORTED)
-            await store.release_lease("app", owner, lease.fence)
-            fences.append(lease.fence)
+        fences = await aborted_spends(store, ["a", "b", "c"])
         d = await store.acquire_lease("app", "d", 5)
         await store.begin_spend("app", owner="d", fence=d.fence, token=token_set(1))
         for owner, fence in zip(("a", "b", "c"), fences, strict=True):
@@ -862,14 +869,7 @@ class TestNotices:
         the first one is no longer refused."""
         fp = token_set(1).refresh_fingerprint or ""
         await store.commit("app", token_set(1))
-        fences = []
-        for index in range(ABORTS_KEPT + 1):
-            owner = f"r{index}"
-            lease = await store.acquire_lease("app", owner, 5)
-            await store.begin_spend("app", owner=owner, fence=lease.fence, token=token_set(1))
-            await store.end_spend("app", owner=owner, fence=lease.fence, outcome=SpendEnd.ABORTED)
-            await store.release_lease("app", owner, lease.fence)
-            fences.append(lease.fence)
+        fences = await aborted_spends(store, [f"r{index}" for index in range(ABORTS_KEPT + 1)])
         z = await store.acquire_lease("app", "z", 5)
         await store.begin_spend("app", owner="z", fence=z.fence, token=token_set(1))
         assert not await store.veto_spend("app", refresh_fp=fp, protects=("r1", fences[1]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,27 +10,17 @@ import pytest
 from broker.store import Notice
 
 
+def retry_abort(retried: tuple[str, int]) -> Notice:
+    """The abort notice of r4's grace retry of `retried`'s spend."""
+    abort = Notice("app", "abort", rank=(1, 5), refresh_fp="fp", owner="r4", retry_aborted=True)
+    return dataclasses.replace(abort, retried=retried)
+
+
 @pytest.mark.parametrize(
     "notice",
     [
-        Notice(
-            "app",
-            "abort",
-            rank=(1, 5),
-            refresh_fp="fp",
-            owner="r4",
-            retry_aborted=True,
-            retried=("r7", 5),
-        ),
-        Notice(
-            "app",
-            "abort",
-            rank=(1, 5),
-            refresh_fp="fp",
-            owner="r4",
-            retry_aborted=True,
-            retried=("r7", 0),
-        ),
+        retry_abort(("r7", 5)),
+        retry_abort(("r7", 0)),
         Notice("app", "sent", rank=(1, 5), refresh_fp="fp", owner="r7", fence=5),
         Notice("app", "lease", owner="r1", ttl=17.5),
     ],
