@@ -214,6 +214,19 @@ class FleetProtocol:
 
     # ---- what other replicas tell us -------------------------------------------------------
 
+    def _note_written_back(self, rank: tuple[int, int], version: int) -> None:
+        """A set of a generation past the first is its key's first write (`version` 1): it
+        was written back into a store that had lost it (an empty restart, a failover, an
+        eviction) or moved from a release before the binding. Evidence that the store forgot,
+        as our own write-back that stored something is: a pod that started after the loss saw
+        neither the drop nor the write-back, and spent the set's refresh token within the short
+        objection window (swarm seed 46315: a pod restarted inside an empty restart adopted the
+        set a replica without the newest one wrote back, and spent it 1.3 s before the replica
+        holding the newest set wrote that back; the grant was revoked)."""
+        if version == 1 and rank[1] > 1:
+            self._forgot_at = self._clock.monotonic()
+            self._forgot_rank = max(self._forgot_rank, rank)
+
     def note_rank(self, rank: tuple[int, int]) -> None:
         """A set of `rank` exists (we heard of it, or saw it without being able to read it)."""
         self._seen_rank = max(self._seen_rank, rank)
@@ -260,6 +273,7 @@ class FleetProtocol:
         self.note_protocol(notice.protocol)
         if notice.kind == "token":
             self.note_rank(notice.rank)
+            self._note_written_back(notice.rank, notice.version)
         if notice.refresh_fp is None or notice.owner == self._owner:
             return
         fp = notice.refresh_fp
@@ -484,6 +498,7 @@ class FleetProtocol:
         # Read after the load: a notice may have brought a newer set meanwhile.
         current = self._current()
         if stored is not None and (current is None or stored.rank > current.rank):
+            self._note_written_back(stored.rank, stored.version)
             self._adopt(stored)
             return True
         if current is None:
@@ -788,6 +803,7 @@ class FleetProtocol:
             return None
         current = self._current()
         if stored is not None and (current is None or stored.rank > current.rank):
+            self._note_written_back(stored.rank, stored.version)
             self._adopt(stored)
             if not is_due(stored):
                 return stored

@@ -149,6 +149,11 @@ SWARM_REGRESSION_SEEDS = {
     "abort, three later ones after the first: the fleet waited for a person, the grant intact "
     "(a retry's abort names the spend retried, the bystander's memory follows it, and the "
     "store refuses a veto for any of its ABORTS_KEPT latest aborts)",
+    46315: "a pod restarted inside an empty restart found no set, then adopted the one a "
+    "replica without the newest set wrote back, and spent it within the short objection window "
+    "1.3 s before the replica holding the newest set wrote that back: the grant was revoked (a "
+    "set of a later generation that is its key's first write is evidence the store forgot: "
+    "the long objection window)",
     6938: "a drain ran to its bound on the replica's clock and ended 1e-13 s short of it in "
     "world time: counted as a drain that exited early holding the only copy of the newest set "
     "(a checker bug: the drain's elapsed time is compared within TIMER_ROUNDING)",
