@@ -189,20 +189,20 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='sent',
   fence=tonumber(ARGV[2]), pv=__PV__}))
 return 1
 """
-# The recent aborts (`aborts_key`): the newest first, at most ABORTS_KEPT, for a day.
-_REMEMBER_ABORT = """
-local function remember_abort(key, mark)
+# The marks of aborted spends, each "owner|fence|rfp" for a day: the last one (`aborted_key`,
+# which a release before reads too) and the latest ABORTS_KEPT, the newest first (`aborts_key`).
+_ABORT_MARKS = """
+local function remember_abort(last_key, key, mark)
+  redis.call('SET', last_key, mark, 'EX', 86400)
   redis.call('LPUSH', key, mark)
   redis.call('LTRIM', key, 0, __ABORTS_KEPT__ - 1)
   redis.call('PEXPIRE', key, 86400000)
 end
 local function aborted_recently(last_key, key, mark, prefix)
-  local last = redis.call('GET', last_key)
-  if last and (last == mark or (prefix and string.sub(last, 1, string.len(mark)) == mark)) then
-    return true
-  end
-  for _, held in ipairs(redis.call('LRANGE', key, 0, -1)) do
-    if held == mark or (prefix and string.sub(held, 1, string.len(mark)) == mark) then
+  local held = redis.call('LRANGE', key, 0, -1)
+  table.insert(held, redis.call('GET', last_key) or '')
+  for _, kept in ipairs(held) do
+    if kept == mark or (prefix and string.sub(kept, 1, string.len(mark)) == mark) then
       return true
     end
   end
@@ -211,7 +211,7 @@ end
 """
 # KEYS: spend, lease, aborted, aborts. ARGV: rfp, protected owner ('' for none), protected fence
 _VETO_SPEND = (
-    _REMEMBER_ABORT
+    _ABORT_MARKS
     + """
 local sp = redis.call('HMGET', KEYS[1], 'rfp', 'state', 'owner', 'fence', 'orig_sent_at')
 if sp[1] ~= ARGV[1] or sp[2] ~= 'announced' then return 0 end
@@ -234,7 +234,7 @@ return 1
 # KEYS: spend, aborted, aborts. ARGV: fence, outcome, channel, app, owner (fences repeat after
 # a rollback), rfp of an ordinary spend ('' for none)
 _END_SPEND = (
-    _REMEMBER_ABORT
+    _ABORT_MARKS
     + """
 local sp = redis.call('HMGET', KEYS[1], 'fence', 'owner', 'rfp', 'lineage', 'gen',
   'orig_sent_at', 'orig_owner', 'orig_fence', 'state')
@@ -249,8 +249,7 @@ if not sp[1] then
   end
   -- the store forgot the record: keep the abort anyway, and announce it
   if ARGV[2] == 'aborted' and ARGV[6] ~= '' and ARGV[1] ~= '0' then
-    redis.call('SET', KEYS[2], ARGV[5] .. '|' .. ARGV[1] .. '|' .. ARGV[6], 'EX', 86400)
-    remember_abort(KEYS[3], ARGV[5] .. '|' .. ARGV[1] .. '|' .. ARGV[6])
+    remember_abort(KEYS[2], KEYS[3], ARGV[5] .. '|' .. ARGV[1] .. '|' .. ARGV[6])
     redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort', lineage=0, gen=0,
       rfp=ARGV[6], owner=ARGV[5], fence=tonumber(ARGV[1]), ra=0, pv=__PV__}))
     return 1
@@ -286,8 +285,7 @@ if ARGV[2] == 'aborted' then
     redis.call('HDEL', KEYS[1], 'orig_sent_at')
   else
     redis.call('DEL', KEYS[1])
-    redis.call('SET', KEYS[2], sp[2] .. '|' .. sp[1] .. '|' .. sp[3], 'EX', 86400)
-    remember_abort(KEYS[3], sp[2] .. '|' .. sp[1] .. '|' .. sp[3])
+    remember_abort(KEYS[2], KEYS[3], sp[2] .. '|' .. sp[1] .. '|' .. sp[3])
   end
   -- an aborted retry names the spend it retried (its record restored): `ro`, `rf`
   redis.call('PUBLISH', ARGV[3], cjson.encode({app=ARGV[4], kind='abort',
