@@ -27,6 +27,8 @@ class SpendMemory:
         # `sent` notice, the spender; None once a second replica sent it too), until a newer
         # set, an abort or the spender's own next spend resolves them.
         self.foreign: dict[str, tuple[float, str | None]] = {}
+        # ...and every replica heard sending each of them (`None` above hides which).
+        self.senders: dict[str, set[str]] = {}
         # ...and the fence of such a spend, where its store record told us: (owner, fence). A
         # veto that stands for that spend alone names it, so its spender can lift it.
         self.foreign_fences: dict[str, tuple[str, int]] = {}
@@ -91,10 +93,22 @@ class SpendMemory:
             self.foreign[refresh_fp] = (now, owner)
         elif first[1] != owner:
             self.foreign[refresh_fp] = (first[0], None)  # no one spender can resolve it
+        if owner is not None:
+            self.senders.setdefault(refresh_fp, set()).add(owner)
+
+    def found_foreign(self, refresh_fp: str, owner: str | None, now: float) -> None:
+        """Another replica's spend of `refresh_fp` (of `owner`, when known) is the one to
+        remember: found in the store, or the one a grace retry's abort left unknown."""
+        self.foreign[refresh_fp] = (self.foreign.get(refresh_fp, (now, None))[0], owner)
+        if owner is None:
+            self.senders.pop(refresh_fp, None)
+        else:
+            self.senders[refresh_fp] = {owner}
 
     def resolved_foreign(self, refresh_fp: str) -> None:
         """Another replica's spend of `refresh_fp` ended without effect (or it spends again)."""
         self.foreign.pop(refresh_fp, None)
+        self.senders.pop(refresh_fp, None)
         self.unknown_foreign.discard(refresh_fp)
 
     def began(self, owner: str, fence: int, refresh_fp: str, *, retry: bool) -> None:
@@ -132,6 +146,7 @@ class SpendMemory:
     def keep_only(self, keep: str | None) -> None:
         """A set whose refresh token is `keep` is ours now: forget every older spend."""
         self.foreign = {k: v for k, v in self.foreign.items() if k == keep}
+        self.senders = {k: v for k, v in self.senders.items() if k == keep}
         self.unknown = {k for k in self.unknown if k == keep}
         self.unknown_foreign = {k for k in self.unknown_foreign if k == keep}
         self.retried = {k for k in self.retried if k == keep}
@@ -158,6 +173,9 @@ class SpendMemory:
         for fp, sent in previous.sent_at.items():
             self.sent_at.setdefault(fp, sent)
         for fp, spend in previous.foreign.items():
-            self.foreign.setdefault(fp, spend)
+            if fp not in self.foreign:
+                self.foreign[fp] = spend
+                self.senders[fp] = set(previous.senders.get(fp, ()))
         if in_flight is not None:
             self.foreign[in_flight] = (now, owner)
+            self.senders[in_flight] = {owner}

@@ -300,12 +300,20 @@ class FleetProtocol:
         notice), it is that spend's now: a veto for it names that spend, whose spender's abort
         lifts it (swarm seed 30624: a bystander on a split brain's old primary heard only the
         retry's notices, and after the heal its veto named the retry, whose abort said nothing
-        of the spend retried, and the fleet waited for a person)."""
+        of the spend retried, and the fleet waited for a person). So it is when this replica
+        heard both `sent` notices, the spend's and the retry's, and no other (door
+        `retry_aborted_after_both_sends_heard`: it remembered the spend as nobody's, and its
+        veto named none)."""
         remembered = self.memory.foreign.get(refresh_fp)
-        if remembered is None or remembered[1] is None or remembered[1] != retrier:
+        if remembered is None or retrier is None:
             return
         owner, fence = retried
-        self.memory.foreign[refresh_fp] = (remembered[0], owner)
+        if remembered[1] is None:
+            if self.memory.senders.get(refresh_fp) != {retrier, owner}:
+                return
+        elif remembered[1] != retrier:
+            return
+        self.memory.found_foreign(refresh_fp, owner, remembered[0])
         if fence > 0:
             self.memory.foreign_fences[refresh_fp] = (owner, fence)
         else:
@@ -1000,7 +1008,7 @@ class FleetProtocol:
                     # nothing unknown stands, and remembered without an owner it would be
                     # vetoed for good by us (swarm seeds 7116, 2038). Try again.
                     return Busy(0.0)
-                self.memory.foreign[refresh_fp] = (self._clock.monotonic(), owner)
+                self.memory.found_foreign(refresh_fp, owner, self._clock.monotonic())
             self.memory.unknown_foreign.add(refresh_fp)
             return OutcomeUnknown(
                 "the store records a spend of this refresh token with no known outcome", refresh_fp

@@ -2423,6 +2423,46 @@ def split_brain_answers_a_drained_abort_with_another_spend() -> Schedule:
     )
 
 
+def retry_aborted_after_both_sends_heard() -> Schedule:
+    """Found by hand after swarm seed 30624 (which it generalises): the server refuses
+    refreshes with 429 and answers the first one 0.5 s late. A split brain 10 ms after it is
+    sent leaves both bystanders on the old primary, having heard its `sent` notice; the
+    spender's abort lands on the promoted side only. On the old side a bystander takes the
+    one grace retry, whose `sent` is not acknowledged (no replica there), so it aborts and
+    restores the unknown record. The other bystander heard two replicas send the token and
+    remembered it as nobody's spend: the retry's abort did not re-point it (only a memory of
+    the retrier's spend was), so after the heal it vetoed every spend, naming none, and the
+    fleet waited for a person with the grant intact (invariant 5). It now keeps every
+    sender it heard, and when the others were just the retrier and the spender retried, the
+    retry's abort leaves it that spender's spend, which its abort lifts. (Which bystander
+    retries, and when, follows the seed: of seeds 20120..20131, 20120 and 20124 open the door
+    on the old code.)"""
+
+    async def script(world: World) -> None:
+        server = world.server
+        server.faults.status, server.faults.retry_after = 429, 1.0
+        server.faults.stall_next = 0.5
+        await until(world, lambda: server.sends)
+        spender = _index(world, server.sends[0][1])
+        await world.time.sleep(0.01)  # both bystanders heard the `sent` notice
+        world.split_brain([i for i in range(len(world.replicas)) if i != spender])
+        await world.time.sleep(25.0)  # the grace retry on the old side, never sent
+        server.faults.status, server.faults.retry_after = None, None
+        await world.time.sleep(10.0)
+        world.heal_split_brain()
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_124,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="retry_aborted_after_both_sends_heard",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -2495,6 +2535,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "split_brain_answers_a_drained_abort_with_another_spend": (
         split_brain_answers_a_drained_abort_with_another_spend
     ),
+    "retry_aborted_after_both_sends_heard": retry_aborted_after_both_sends_heard,
     "pod_restarted_while_the_store_clock_is_back": pod_restarted_while_the_store_clock_is_back,
     "set_stamped_while_the_store_clock_was_ahead": set_stamped_while_the_store_clock_was_ahead,
     "step_between_two_rounds_under_a_restarted_pod": (

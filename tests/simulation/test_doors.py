@@ -1095,6 +1095,27 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_a_retry_abort_leaving_a_token_sent_by_two_nobodys(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Found by hand after swarm seed 30624: a bystander that heard both the spender's and
+        the grace retrier's `sent` notices keeps the token as nobody's spend when the retry
+        aborts (the old `_retry_ended`, which re-pointed only a memory of the retrier's
+        spend); after the split brain heals its veto names no spend, for good."""
+        original = FleetProtocol._retry_ended
+
+        def only_the_retriers(
+            self: FleetProtocol, refresh_fp: str, retrier: str | None, retried: tuple[str, int]
+        ) -> None:
+            remembered = self.memory.foreign.get(refresh_fp)
+            if remembered is not None and remembered[1] == retrier:
+                original(self, refresh_fp, retrier, retried)
+
+        mutate(FleetProtocol, "_retry_ended", only_the_retriers)
+        result = run(DOORS["retry_aborted_after_both_sends_heard"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
     def test_an_abort_answered_with_another_spend_not_waited_for(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:

@@ -249,3 +249,61 @@ def test_an_abort_of_an_earlier_spend_leaves_a_later_one_remembered() -> None:
     assert fp in bystander.memory.foreign
     bystander.on_notice(Notice(APP, "abort", refresh_fp=fp, owner="r2", fence=4))
     assert fp not in bystander.memory.foreign
+
+
+def _retry_abort(token: TokenSet, retrier: str, retried: tuple[str, int]) -> Notice:
+    """The abort notice of `retrier`'s grace retry of the spend `retried` (owner, fence)."""
+    fp = token.refresh_fingerprint or ""
+    return Notice(APP, "abort", refresh_fp=fp, owner=retrier, retry_aborted=True, retried=retried)
+
+
+def _sent(token: TokenSet, owner: str, fence: int, *, retry: bool = False) -> Notice:
+    fp = token.refresh_fingerprint or ""
+    return Notice(
+        APP, "sent", rank=token.rank, refresh_fp=fp, owner=owner, fence=fence, retry=retry
+    )
+
+
+def _bystander(owner: str) -> tuple[FleetProtocol, TokenSet, str]:
+    """A replica `owner` that holds the grant, and the grant and its refresh fingerprint."""
+    clock = FakeClock()
+    token = _grant(clock)
+    return (
+        _protocol(MemoryStore(clock), clock, owner, token),
+        token,
+        token.refresh_fingerprint or "",
+    )
+
+
+class TestAnAbortedGraceRetry:
+    """A grace retry that ended without effect leaves the spend it retried unknown: a
+    bystander remembers that spend, so that a veto names it and its spender's abort lifts it
+    (swarm seed 30624; door retry_aborted_after_both_sends_heard)."""
+
+    def test_heard_only_the_retry_the_spend_retried_is_remembered(self) -> None:
+        bystander, token, fp = _bystander("r5")
+        bystander.on_notice(_sent(token, "r4", 6, retry=True))
+        bystander.on_notice(_retry_abort(token, "r4", ("r7", 5)))
+        assert bystander.memory.foreign[fp][1] == "r7"
+        assert bystander.memory.foreign_fences[fp] == ("r7", 5)
+
+    def test_heard_both_sends_the_spend_retried_is_remembered(self) -> None:
+        bystander, token, fp = _bystander("r0")
+        bystander.on_notice(_sent(token, "r2", 1))
+        first_heard = bystander.memory.foreign[fp][0]
+        bystander.on_notice(_sent(token, "r1", 2, retry=True))
+        assert bystander.memory.foreign[fp] == (first_heard, None)  # two spenders: no one alone
+        bystander.on_notice(_retry_abort(token, "r1", ("r2", 1)))
+        assert bystander.memory.foreign[fp] == (first_heard, "r2")
+        assert bystander.memory.foreign_fences[fp] == ("r2", 1)
+        assert not bystander.must_veto(_notice("spend", "r2", token))  # its own next spend
+        assert bystander.must_veto(_notice("spend", "r3", token))
+
+    def test_a_third_sender_keeps_it_nobodys(self) -> None:
+        bystander, token, fp = _bystander("r0")
+        bystander.on_notice(_sent(token, "r2", 1))
+        bystander.on_notice(_sent(token, "r3", 3))
+        bystander.on_notice(_sent(token, "r1", 4, retry=True))
+        bystander.on_notice(_retry_abort(token, "r1", ("r2", 1)))
+        assert bystander.memory.foreign[fp][1] is None  # r3's spend is as unknown as before
+        assert bystander.must_veto(_notice("spend", "r2", token))

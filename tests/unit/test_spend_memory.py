@@ -142,3 +142,40 @@ class TestTakeOver:
         third.take_over(second, owner="two", in_flight=None, now=0.0)
         assert third.carried_aborts == [("one", 3), ("two", 4)]
         assert third.aborts_of("a") == [("one", 3), ("two", 4)]
+
+
+class TestSenders:
+    def test_every_sender_is_kept_while_the_token_is_nobodys(self) -> None:
+        memory = SpendMemory()
+        memory.heard_sent("fp", "r1", 10.0)
+        memory.heard_sent("fp", "r2", 12.0)
+        assert memory.senders["fp"] == {"r1", "r2"}
+
+    def test_a_spend_found_names_its_one_sender_and_keeps_the_first_time(self) -> None:
+        memory = SpendMemory()
+        memory.heard_sent("fp", "r1", 10.0)
+        memory.heard_sent("fp", "r2", 12.0)
+        memory.found_foreign("fp", "r1", 15.0)
+        assert memory.foreign["fp"] == (10.0, "r1")
+        assert memory.senders["fp"] == {"r1"}
+        memory.found_foreign("other", None, 16.0)
+        assert memory.foreign["other"] == (16.0, None)
+        assert "other" not in memory.senders
+
+    def test_resolving_or_a_newer_set_forgets_the_senders(self) -> None:
+        memory = SpendMemory()
+        memory.heard_sent("fp", "r1", 10.0)
+        memory.heard_sent("kept", "r2", 11.0)
+        memory.resolved_foreign("fp")
+        assert "fp" not in memory.senders
+        memory.heard_sent("fp", "r1", 12.0)
+        memory.keep_only("kept")
+        assert memory.senders == {"kept": {"r2"}}
+
+    def test_a_reload_carries_the_senders_of_what_it_carries(self) -> None:
+        previous = SpendMemory()
+        previous.heard_sent("fp", "r1", 10.0)
+        previous.heard_sent("fp", "r2", 11.0)
+        memory = SpendMemory()
+        memory.take_over(previous, owner="old", in_flight="wire", now=20.0)
+        assert memory.senders == {"fp": {"r1", "r2"}, "wire": {"old"}}
