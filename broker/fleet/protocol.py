@@ -649,11 +649,9 @@ class FleetProtocol:
     async def _record_owner(self, refresh_fp: str) -> str | None:
         """Who made the store's spend record of `refresh_fp` (None: unknown, or ourselves);
         its fence too, when it is that owner's spend (not a veto's or a restored record).
-        Raises _RecordGone when the store holds no record of `refresh_fp` (any more)."""
-        try:
-            record = await self._store.load_spend(self.key)
-        except StoreUnavailable:
-            return None
+        Raises _RecordGone when the store holds no record of `refresh_fp` (any more), and
+        StoreUnavailable when it cannot be read."""
+        record = await self._store.load_spend(self.key)
         if record is None or record.refresh_fp != refresh_fp:
             raise _RecordGone
         if record.restored:
@@ -1008,6 +1006,11 @@ class FleetProtocol:
                     # nothing unknown stands, and remembered without an owner it would be
                     # vetoed for good by us (swarm seeds 7116, 2038). Try again.
                     return Busy(0.0)
+                except StoreUnavailable as exc:
+                    # Whose it is is unknown, and remembered as nobody's it would be vetoed
+                    # for good by us once its spender resolved it while we were cut off
+                    # (door `record_owner_unread_in_a_flapping_store`). Look again later.
+                    return Blocked(f"store unavailable, spend record not read: {exc}")
                 self.memory.found_foreign(refresh_fp, owner, self._clock.monotonic())
             self.memory.unknown_foreign.add(refresh_fp)
             return OutcomeUnknown(

@@ -36,6 +36,21 @@ async def until(world: World, condition: Callable[[], object], limit: float = 60
         waited += POLL
 
 
+async def _store_down_at_the_first_send(world: World) -> str:
+    """Take the store down as it applies the first `mark_sent` (inside the round trip: the
+    answer is lost, and the token is never sent); return that spender's name."""
+    hit: list[str] = []
+
+    def on_phase(phase: str, replica: str) -> None:
+        if phase == "sent" and not hit:
+            hit.append(replica)
+            world.set_store_outage(True)
+
+    world.server.phases.listeners.append(on_phase)
+    await until(world, lambda: hit)
+    return hit[0]
+
+
 def _index(world: World, name: str) -> int:
     return next(i for i, r in enumerate(world.replicas) if r.name == name)
 
@@ -557,16 +572,8 @@ def mark_sent_answer_lost_in_an_outage() -> Schedule:
     the spender is back. Nothing was presented: the fleet must refresh again."""
 
     async def script(world: World) -> None:
-        hit: list[str] = []
-
-        def on_phase(phase: str, replica: str) -> None:
-            if phase == "sent" and not hit:
-                hit.append(replica)
-                world.set_store_outage(True)  # inside the round trip: the answer is lost
-
-        world.server.phases.listeners.append(on_phase)
-        await until(world, lambda: hit)
-        spender = _index(world, hit[0])
+        spender_name = await _store_down_at_the_first_send(world)
+        spender = _index(world, spender_name)
         await world.time.sleep(8.0)
         world.replicas[spender].view.faults.partitioned = True
         world.set_store_outage(False)
@@ -1241,17 +1248,9 @@ def config_reload_after_a_mark_sent_answer_lost() -> Schedule:
     The new refresher writes the abort under the old owner name when the store is back."""
 
     async def script(world: World) -> None:
-        hit: list[str] = []
-
-        def on_phase(phase: str, replica: str) -> None:
-            if phase == "sent" and not hit:
-                hit.append(replica)
-                world.set_store_outage(True)  # inside the round trip: the answer is lost
-
-        world.server.phases.listeners.append(on_phase)
-        await until(world, lambda: hit)
+        spender_name = await _store_down_at_the_first_send(world)
         await world.time.sleep(1.0)
-        await world.reload(_index(world, hit[0]))
+        await world.reload(_index(world, spender_name))
         await world.time.sleep(8.0)
         world.set_store_outage(False)
 
@@ -1323,16 +1322,8 @@ def veto_naming_a_spend_a_reload_carried() -> Schedule:
     and ends them again when a record of their token blocks it."""
 
     async def script(world: World) -> None:
-        hit: list[str] = []
-
-        def on_phase(phase: str, replica: str) -> None:
-            if phase == "sent" and not hit:
-                hit.append(replica)
-                world.set_store_outage(True)  # inside the round trip: the answer is lost
-
-        world.server.phases.listeners.append(on_phase)
-        await until(world, lambda: hit)
-        spender = _index(world, hit[0])
+        spender_name = await _store_down_at_the_first_send(world)
+        spender = _index(world, spender_name)
         bystander = (spender + 1) % len(world.replicas)
         await world.time.sleep(1.0)
         await world.reload(spender)
@@ -1431,16 +1422,8 @@ def spend_record_resolved_while_its_reader_looks() -> Schedule:
     a person. A record gone by then was resolved: it tries again."""
 
     async def script(world: World) -> None:
-        hit: list[str] = []
-
-        def on_phase(phase: str, replica: str) -> None:
-            if phase == "sent" and not hit:
-                hit.append(replica)
-                world.set_store_outage(True)  # inside the round trip: the answer is lost
-
-        world.server.phases.listeners.append(on_phase)
-        await until(world, lambda: hit)
-        spender = _index(world, hit[0])
+        spender_name = await _store_down_at_the_first_send(world)
+        spender = _index(world, spender_name)
         bystander = world.replicas[(spender + 1) % len(world.replicas)]
         view = bystander.view
         original = view.begin_spend
@@ -1473,6 +1456,63 @@ def spend_record_resolved_while_its_reader_looks() -> Schedule:
         script=script,
         script_heals_by=150.0,
     )
+
+
+def record_owner_unread_in_a_flapping_store() -> Schedule:
+    """Found by hand, beside swarm seed 7116 (`spend_record_resolved_while_its_reader_looks`):
+    the store goes down right after it applied the spender's `mark_sent` (the answer lost:
+    never sent). When it is back, a bystander's `begin_spend` meets the `sent` record, and
+    the bystander is cut off from the store at once, before it reads whose record it is. The
+    spender, back meanwhile, writes its abort, whose notice the cut-off bystander misses. The
+    bystander kept the spend as nobody's (the read of its owner failed) and, back, vetoed
+    every later spend of the token naming no spend: the fleet waited for a person with the
+    grant intact (invariant 5). A record whose owner cannot be read is not remembered now:
+    the bystander looks again once the store answers."""
+
+    async def script(world: World) -> None:
+        cut: list[int] = []
+        spender = _index(world, await _store_down_at_the_first_send(world))
+        for index, replica in enumerate(world.replicas):
+            if index != spender:
+                _cut_off_at_an_unknown_record(world, index, replica, cut)
+        await world.time.sleep(8.0)
+        world.replicas[spender].view.faults.partitioned = True
+        world.set_store_outage(False)
+        await until(world, lambda: cut, limit=60.0)
+        await world.time.sleep(2.0)
+        world.replicas[spender].view.faults.partitioned = False  # it writes its abort
+        await world.time.sleep(4.0)
+        world.replicas[cut[0]].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_125,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="record_owner_unread_in_a_flapping_store",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
+def _cut_off_at_an_unknown_record(
+    world: World, index: int, replica: Replica, cut: list[int]
+) -> None:
+    """Cut replica `index` off from the store as soon as its `begin_spend` answers UNKNOWN
+    (the first replica's only: `cut` records it)."""
+    view = replica.view
+    original = view.begin_spend
+
+    async def cut_off(app: str, **kwargs: Any) -> SpendStart:
+        result = await original(app, **kwargs)
+        if result is SpendStart.UNKNOWN and not cut:
+            cut.append(index)
+            view.faults.partitioned = True
+            world.store.watch.poke()  # its subscription drops too
+        return result
+
+    view.begin_spend = cut_off  # type: ignore[method-assign]
 
 
 def sigterm_with_an_abort_unwritten() -> Schedule:
@@ -1927,16 +1967,8 @@ def veto_judged_before_the_spenders_abort() -> Schedule:
     it after. A veto is judged again right before it is sent."""
 
     async def script(world: World) -> None:
-        hit: list[str] = []
-
-        def on_phase(phase: str, replica: str) -> None:
-            if phase == "sent" and not hit:
-                hit.append(replica)
-                world.set_store_outage(True)  # inside the round trip: the answer is lost
-
-        world.server.phases.listeners.append(on_phase)
-        await until(world, lambda: hit)
-        spender = _index(world, hit[0])
+        spender_name = await _store_down_at_the_first_send(world)
+        spender = _index(world, spender_name)
         owner = world.replicas[spender].name
         held: list[str] = []
         reads: dict[str, int] = {}
@@ -2508,6 +2540,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "sigterm_during_a_reload_mid_spend": sigterm_during_a_reload_mid_spend,
     "config_reload_under_two_clocks_behind": config_reload_under_two_clocks_behind,
     "spend_record_resolved_while_its_reader_looks": spend_record_resolved_while_its_reader_looks,
+    "record_owner_unread_in_a_flapping_store": record_owner_unread_in_a_flapping_store,
     "sigterm_with_an_abort_unwritten": sigterm_with_an_abort_unwritten,
     "set_stamped_while_a_jump_back_waits": set_stamped_while_a_jump_back_waits,
     "set_stamped_ahead_read_at_once": set_stamped_ahead_read_at_once,

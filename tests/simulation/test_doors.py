@@ -1116,6 +1116,25 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_a_record_whose_owner_could_not_be_read_kept_as_nobodys(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Found by hand beside swarm seed 7116: a bystander cut off between meeting an
+        unknown record and reading its owner keeps the spend as nobody's (the old
+        `_record_owner`), misses its spender's abort, and vetoes every later spend for good."""
+        original = FleetProtocol._record_owner
+
+        async def nobodys_when_unreadable(self: FleetProtocol, refresh_fp: str) -> str | None:
+            try:
+                return await original(self, refresh_fp)
+            except StoreUnavailable:
+                return None
+
+        mutate(FleetProtocol, "_record_owner", nobodys_when_unreadable)
+        result = run(DOORS["record_owner_unread_in_a_flapping_store"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
     def test_an_abort_answered_with_another_spend_not_waited_for(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:

@@ -87,6 +87,37 @@ async def test_the_spender_ends_its_never_sent_record_when_the_store_is_back() -
     assert not bystander.outcome_unknown(token)
 
 
+async def test_a_bystander_cut_off_before_it_reads_the_records_owner_remembers_nothing() -> None:
+    """A bystander meets the `sent` record, then the store goes down before it reads whose
+    record it is (door record_owner_unread_in_a_flapping_store): it is blocked, and keeps no
+    spend of nobody's that it would veto for good; once the store answers it reads the owner
+    and keeps the spend as the spender's."""
+    clock = FakeClock()
+    store, token, _ = await _mark_sent_answer_lost(clock)
+    store.fail = False
+    await clock.advance(12.0)  # the spender's lease lapses
+    fp = token.refresh_fingerprint or ""
+    bystander = _protocol(store, clock, "r1", token)
+    load_spend = store.load_spend
+
+    async def cut_off(app: str) -> object:
+        store.fail = True  # the store goes down after begin_spend answered
+        return await load_spend(app)
+
+    store.load_spend = cut_off  # type: ignore[method-assign,assignment]
+    outcome = await bystander.refresh(_never_called, is_due=lambda _: True, servable_left=8.0)
+    assert isinstance(outcome, Blocked)
+    assert fp not in bystander.memory.foreign
+    assert not bystander.outcome_unknown(token)
+
+    store.load_spend = load_spend  # type: ignore[method-assign]
+    store.fail = False
+    await clock.advance(12.0)  # the bystander's own lease lapses
+    outcome = await bystander.refresh(_never_called, is_due=lambda _: True, servable_left=8.0)
+    assert isinstance(outcome, OutcomeUnknown)
+    assert bystander.memory.foreign[fp][1] == "r0"
+
+
 async def test_a_reload_hands_the_unresolved_abort_to_the_new_refresher() -> None:
     """A config reload replaces the protocol (a new owner name) before the store is back: the
     new one ends the old one's never-sent record under the old owner name."""
