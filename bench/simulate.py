@@ -9,7 +9,8 @@ Prints how many schedules ran, with which faults, how many broke an invariant (w
 seeds, to replay with `python -m tests.simulation.schedule SEED`), the documented
 unavoidable case (a grant lost after a lost reply, announced by grant.outcome_unknown), and
 the pair coverage: for every pair of fault kinds, in how many schedules both were active
-inside one spend (and the pairs that never were).
+inside one spend (and the pairs that never were). On stderr, a long run names each failing seed
+as soon as it is found, and its progress every 5,000 schedules.
 
 With --baseline, runs the same seeds in this checkout and in another one at the same time (one
 worker each, so both see the same load) and prints the CPU per schedule of each (mean, p50,
@@ -65,6 +66,9 @@ Outcome = tuple[
     bool,
     bool,
 ]
+
+# How often a run reports its progress on stderr (failing seeds are reported as they come).
+PROGRESS_EVERY = 5_000
 
 # Set in each worker (`_setup`): how a seed becomes a schedule, and whether to digest its run.
 _generate: Callable[[int], Schedule] = make_schedule
@@ -239,6 +243,7 @@ def main() -> int:
     lost = 0
     fault_free = 0
     requests = 0
+    done = 0
     cpu = 0.0
     with multiprocessing.Pool(
         args.workers, initializer=_setup, initargs=(args.legacy, args.digest is not None)
@@ -271,6 +276,16 @@ def main() -> int:
             if violations:
                 failing.append(seed)
                 invariants.update({v.split(":")[0] for v in violations})
+                # As soon as found: a long run's failing seeds can be replayed before it ends.
+                print(f"failing seed {seed}: {violations[0][:160]}", file=sys.stderr, flush=True)
+            done += 1
+            if done % PROGRESS_EVERY == 0:
+                print(
+                    f"{done} of {args.schedules} schedules, {time.monotonic() - started:.0f} s, "
+                    f"{len(failing)} failing, {len(excused)} excused",
+                    file=sys.stderr,
+                    flush=True,
+                )
     elapsed = time.monotonic() - started
     if args.digest is not None:
         with args.digest.open("w") as out:
