@@ -166,7 +166,34 @@ SWARM_REGRESSION_SEEDS = {
 # after the send while its spender was cut off on the old primary) are the documented limit of
 # a store that forgets, counted apart since the checker counts a spender cut off past the long
 # objection window as mute (issue 20; the broker needs `maxmemory-policy noeviction`).
-OPEN_SEEDS: dict[int, str] = {}
+# Seeds 50,000..99,999 (`bench/simulate.py --start 50000 --schedules 50000`, on c43b632 of
+# 2026-12-07) broke an invariant in these 15, each on 8158e3c too (before that day's two
+# fixes): open doors, not yet analysed. Seed 93084 failed in that run and passes alone (on
+# both): not kept here, where a strict xfail would pass.
+OPEN_SEEDS: dict[int, str] = {
+    52433: "crash, rollback, server_slow, store_forgets: invariants 3 and 5",
+    53285: "eviction, half_open, pause, replica_ack_lost, store_late_write: a second "
+    "presentation (invariant 1)",
+    55914: "rollback, server_500, split_brain: invariant 5",
+    56916: "eviction, server_slow, sigterm, store_outage: invariant 5",
+    62442: "replica_ack_lost, store_late_write, unknown_key: invariant 5",
+    68595: "crash, server_down, store_clock_step: an expired token served (invariant 2)",
+    72057: "eviction, pause, sigterm, store_forgets, unknown_key: a second presentation "
+    "(invariant 1)",
+    72135: "config_reload, pause, server_down, store_lossy, unknown_key: invariant 5",
+    75139: "eviction, half_open, split_brain: a second presentation (invariant 1)",
+    80253: "crash, store_clock_step, store_forgets, store_lossy: an expired token served "
+    "(invariant 2)",
+    81490: "empty_restart, split_brain, store_forgets, store_partition: a second presentation "
+    "(invariant 1)",
+    83136: "config_reload, crash, server_slow, store_clock_step: an expired token served "
+    "(invariant 2)",
+    88902: "empty_restart, server_500_after_acting, store_clock_step, unknown_key: a second "
+    "presentation (invariant 1)",
+    94531: "empty_restart, server_500, split_brain, store_clock_step, store_outage: a second "
+    "presentation (invariant 1)",
+    99854: "rollback, sigterm, store_forgets, store_slow_time: invariants 3 and 5",
+}
 
 # Swarm seeds of the sample (and SWARM_REGRESSION_SEEDS) whose grant is revoked or lost by the
 # documented limit (README, "What a crash can lose"): the store forgot an acknowledged `sent`
