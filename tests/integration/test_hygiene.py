@@ -40,7 +40,13 @@ def test_clean():
 
 
 def test_leaves_a_process():
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)  # test-leak"])
+    # Until it has run (printed): before its exec, the child's command line is pytest's, and
+    # the leftover check, which names it by that line, missed "test-leak" under load.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print(1, flush=True); time.sleep(120)  # test-leak"],
+        stdout=subprocess.PIPE,
+    )
+    child.stdout.readline()
 
 
 def test_leaves_a_listening_port():
