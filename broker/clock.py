@@ -51,7 +51,7 @@ async def wait_within(
     caller shares, such as a single-flight refresh). Cancelling the caller propagates.
     Timeouts run on the injected clock, not the loop's, so the simulation sees them.
     """
-    timer = asyncio.ensure_future(clock.sleep(seconds))
+    timer = asyncio.create_task(clock.sleep(seconds))
     try:
         await asyncio.wait({work, timer}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -86,7 +86,7 @@ class Wake:
         """Sleep `seconds` on `clock`, or until `set()`; cancelling the caller still cancels."""
         if self._set:
             return
-        sleeper = asyncio.ensure_future(clock.sleep(seconds))
+        sleeper = asyncio.create_task(clock.sleep(seconds))
         self._sleeper = sleeper
         try:
             await sleeper

@@ -308,8 +308,8 @@ class BrokerCore:
         nothing for SILENCE_DEADLINE (it is half-open); raises StoreUnavailable when it breaks.
         """
         self._heard_at = self._clock.monotonic()
-        reader = asyncio.ensure_future(self._read_notices())
-        guard = asyncio.ensure_future(self._keep_talking())
+        reader = asyncio.create_task(self._read_notices())
+        guard = asyncio.create_task(self._keep_talking())
         try:
             await asyncio.wait({reader, guard}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -349,7 +349,7 @@ class BrokerCore:
                     if beat is None or beat.done():
                         # Apart from the deadline's count: a publish that waits for a
                         # connection must not hold the deadline back.
-                        beat = asyncio.ensure_future(self._heartbeat())
+                        beat = asyncio.create_task(self._heartbeat())
                         quiet_limit = HEARTBEAT_AFTER * (1 + 0.5 * self._rng.random())
                     wait = min(HEARTBEAT_AFTER, SILENCE_DEADLINE - quiet)
                 # At least 10 ms: a remainder lost to rounding (1e-16 added to a monotonic

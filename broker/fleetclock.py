@@ -283,8 +283,8 @@ class FleetClock:
 
     async def measure_within(self, source: ServerClock, seconds: float) -> bool:
         """Measure once, waiting at most `seconds` (injected clock); True when an offset is known."""
-        measuring = asyncio.ensure_future(self._measure_guarded(source))
-        timer = asyncio.ensure_future(self._base.sleep(seconds))
+        measuring = asyncio.create_task(self._measure_guarded(source))
+        timer = asyncio.create_task(self._base.sleep(seconds))
         try:
             await asyncio.wait({measuring, timer}, return_when=asyncio.FIRST_COMPLETED)
         finally:

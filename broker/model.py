@@ -52,6 +52,11 @@ class TokenSet:
     # set. Every proof for it, the refresh's included, is signed with that key (broker/dpop.py).
     dpop_jkt: str | None = None
 
+    def __deepcopy__(self, memo: dict[int, object]) -> Self:
+        """Itself: an immutable value (a store's snapshot shares its sets, as it shares their
+        strings)."""
+        return self
+
     @property
     def lifetime(self) -> float:
         """Seconds between issue and expiry."""

@@ -197,8 +197,8 @@ class FleetProtocol:
 
     async def _objection_wait(self, seconds: float) -> None:
         """Sleep `seconds` on the clock, or until `stop()`."""
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        stopper = asyncio.ensure_future(self._stopping.wait())
+        sleeper = asyncio.create_task(self._clock.sleep(seconds))
+        stopper = asyncio.create_task(self._stopping.wait())
         try:
             await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -34,6 +34,9 @@ from broker.store import (
 )
 from broker.store.facts import StoredFacts, StoredLease, StoredSet, StoredSpend
 
+# Every heartbeat is the same notice (immutable): made once.
+_HEARTBEAT_NOTICE = Notice(app="", kind=HEARTBEAT)
+
 
 @dataclass(slots=True)
 class _Spend:
@@ -490,7 +493,7 @@ class MemoryStore:
     async def heartbeat(self) -> None:
         """Publish a heartbeat notice."""
         self._check()
-        self._publish(Notice(app="", kind=HEARTBEAT))
+        self._publish(_HEARTBEAT_NOTICE)
 
     # ---- one clock, one backoff and one budget for the fleet ------------------------------
 
