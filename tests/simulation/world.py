@@ -67,7 +67,7 @@ from broker.store import (
     client_binding,
 )
 from broker.store.memory import MemoryState, MemoryStore
-from tests.support.virtual_time import Handle, Timer, VirtualTimers
+from tests.support.virtual_time import NAN, Handle, Timer, VirtualTimers
 
 APP = "scim"
 # asyncio's own bounds (Python 3.11, asyncio.base_events), for SimLoop's copy of its loop
@@ -163,7 +163,7 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
         future = self.create_future()
         when = self.now + seconds
         timer = _WakeTimer(self, when, _wake_sleeper, (future,), _TIMER_CONTEXT)
-        heappush(self.heap, (when, float("nan"), timer))
+        heappush(self.heap, (when, NAN + 0.0, timer))
         return future, timer
 
     def call_soon(  # type: ignore[override]
@@ -203,7 +203,7 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
             raise RuntimeError("the simulated loop runs only while open, at a given time")
         # (schedule, inlined. The world's sleeps and the inboxes' deliveries make their own.)
         timer = Timer(self, when, callback, args, context)
-        heappush(self.heap, (when, float("nan"), timer))
+        heappush(self.heap, (when, NAN + 0.0, timer))
         return timer
 
     def stop(self) -> None:
@@ -248,8 +248,11 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
                     raise RuntimeError(
                         "simulation deadlock: nothing runs and nothing waits on the clock"
                     )
-                # What the poll would have waited: the clock moves by just that.
-                self.now += min(max(0, heap[0][0] - self.now), _MAXIMUM_SELECT_TIMEOUT)
+                # What the poll would have waited: the clock moves by just that (asyncio's
+                # min(max(0, wait), _MAXIMUM_SELECT_TIMEOUT), without the two calls).
+                wait = heap[0][0] - self.now
+                if wait > 0:
+                    self.now += wait if wait < _MAXIMUM_SELECT_TIMEOUT else _MAXIMUM_SELECT_TIMEOUT
             end_time = self.now + resolution
             while heap:
                 if heap[0][0] >= end_time:
@@ -900,7 +903,7 @@ class Inbox:
         self.delivered = False
         # (call_at, inlined.)
         timer = _WakeTimer(loop, due, self._deliver, (), _TIMER_CONTEXT)
-        heappush(loop.heap, (due, float("nan"), timer))
+        heappush(loop.heap, (due, NAN + 0.0, timer))
 
     def _deliver(self) -> None:
         """The delivery delay is over: wake the reader (wherever it waits for it), unless it

@@ -19,6 +19,10 @@ import heapq
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# Each heap entry's NaN must be a float object of its own (`NAN + 0.0` makes one: arithmetic
+# always returns a new float; `float("nan")` does too, but parses a string, ten times slower).
+NAN = float("nan")
+
 
 class Handle:
     """A callback to run once, with its arguments and its context (asyncio.Handle's role)."""
@@ -110,7 +114,7 @@ class VirtualTimers:
     ) -> Timer:
         """Run `callback(*args)` in `context` once time reaches `when`."""
         timer = Timer(self, when, callback, args, context)
-        heapq.heappush(self.heap, (when, float("nan"), timer))
+        heapq.heappush(self.heap, (when, NAN + 0.0, timer))
         return timer
 
     def live(self) -> list[Timer]:
