@@ -283,9 +283,9 @@ class Adoption:
         token = self.token
         if (
             token is None
+            or stored.expires_at >= token.expires_at  # (first: the fingerprints hash twice)
             or token.rank != stored.rank
             or token.fingerprint != stored.fingerprint
-            or stored.expires_at >= token.expires_at
         ):
             return
         wall, mono = self._clock.time(), self._clock.monotonic()
