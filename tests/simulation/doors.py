@@ -1238,6 +1238,42 @@ def forgotten_while_the_spender_is_cut_off() -> Schedule:
     )
 
 
+def fence_counter_evicted_after_a_send() -> Schedule:
+    """Found by the swarm (seeds 75139, 56916): as the token is marked sent, a split brain
+    leaves its spender alone on the old primary (every subscription drops: no bystander hears
+    `sent`), and the promoted primary evicts the lease and the fence counter, not the `sent`
+    record. The next holder is granted fence 1 again, the spender's fence. A store that took
+    the record under that fence for the caller's own replaced it, and the token was presented
+    a second time; a spend is its owner and fence together, so the record answers UNKNOWN and
+    the fleet waits until the heal brings the spender's set back."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.split_brain([_index(world, replica)], cause=script)
+                world.store.state.leases.pop(world.key, None)
+                world.store.state.fences.pop(world.key, None)
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(20.0)
+        world.heal_split_brain(cause=script)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_132,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="fence_counter_evicted_after_a_send",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 def commit_forgotten_while_its_spender_is_cut_off(cut_off: float = 30.0) -> Schedule:
     """The documented limit with the answer committed (swarm seed 81490, scripted): every
     subscription drops as the token is marked sent (a failover that keeps everything), so no
@@ -2660,6 +2696,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "set_stamped_by_a_frozen_spender_read_after_the_step": (
         set_stamped_by_a_frozen_spender_read_after_the_step
     ),
+    "fence_counter_evicted_after_a_send": fence_counter_evicted_after_a_send,
     "commit_forgotten_while_its_spender_is_cut_off": commit_forgotten_while_its_spender_is_cut_off,
     "forgotten_then_down_then_its_spender_cut_off": forgotten_then_down_then_its_spender_cut_off,
 }

@@ -1135,6 +1135,30 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_a_repeated_fence_taken_for_the_callers_own_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm seeds 75139 and 56916: the old `begin_spend` compared only the fence, so the
+        holder granted a repeated fence (the counter evicted) replaced another owner's `sent`
+        record and presented the token again."""
+        original = MemoryStore.begin_spend
+
+        async def fence_only(self: MemoryStore, app: str, **kwargs: Any) -> SpendStart:
+            spend = self.state.spends.get(app)
+            if spend is None or spend.fence != kwargs["fence"]:
+                return await original(self, app, **kwargs)
+            # What comparing the fence alone amounted to: the record passes for the caller's.
+            owner, spend.owner = spend.owner, kwargs["owner"]
+            try:
+                return await original(self, app, **kwargs)
+            finally:
+                spend.owner = owner  # the record itself, if it was not replaced
+
+        mutate(MemoryStore, "begin_spend", fence_only)
+        result = run(DOORS["fence_counter_evicted_after_a_send"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 1") for v in result.violations), result.report()
+
     def test_an_abort_answered_with_another_spend_not_waited_for(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
