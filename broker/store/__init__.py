@@ -338,21 +338,24 @@ class SpendLedger(Protocol):
         """Announce that `owner` will present `token`'s refresh token under `fence`.
 
         Only while `owner` holds the lease under `fence` and the stored set is `token`'s rank.
-        A spend of the same refresh token by another fence that was marked sent (and not
-        resolved) answers UNKNOWN, or RETRY once if it was sent less than `retry_within`
+        A spend is named by its owner and fence together: fence numbers repeat when the store
+        loses its fence counter (an eviction, a rollback), so a record under `fence` made by
+        another owner is another spend. A spend of the same refresh token by another spend
+        that was marked sent (and not resolved) answers UNKNOWN, or RETRY once if it was sent less than `retry_within`
         seconds ago by the store's clock (a server's reuse grace window). An announced spend
         that was never marked sent is replaced. `resolved_fence` names our own earlier spend
         that we know ended without effect, whose record may be replaced (0 names none: the
         restored record of an aborted grace retry, under fence 0, is nobody's to replace, not
         even its retrier's). A vetoed record, and
-        the record of a grace retry (in any state), answer UNKNOWN to every other fence.
+        the record of a grace retry (in any state), answer UNKNOWN to every other spend.
         """
         ...
 
     async def mark_sent(self, app: str, *, owner: str, fence: int) -> bool:
         """Mark our announced spend as sent, just before sending; False: do not send.
 
-        True only while `owner` still holds the lease under `fence` and the record is ours.
+        True only while `owner` still holds the lease under `fence` and the record is ours
+        (its owner and fence both: fences repeat when the store loses its counter).
         A store that requires a replica's acknowledgement (`store.require_replica_ack`) raises
         NotDurable when none came: the record is applied on the primary only, where a failover
         may lose it or a split brain leave it behind, so the caller must not send (it ends the

@@ -206,7 +206,12 @@ class MemoryStore:
         retries = 0
         orig_sent_at: float | None = None
         orig: tuple[str | None, int] = (None, 0)
-        if spend is not None and spend.refresh_fp == refresh_fp and spend.fence != fence:
+        # A spend is its owner and fence: fences repeat once the store loses its counter (an
+        # eviction of it and the lease, a rollback), and another owner's record under our fence
+        # is another spend (swarm seed 75139: an eviction took the counter and the lease right
+        # after a send; the next holder got fence 1 again and replaced the `sent` record).
+        ours = (spend.fence, spend.owner) == (fence, owner) if spend is not None else False
+        if spend is not None and spend.refresh_fp == refresh_fp and not ours:
             if spend.state == "vetoed" or spend.orig_sent_at is not None:
                 # Vetoed, or the one grace retry of an unknown spend is under way: whatever
                 # fence the caller names, the token stays blocked.
@@ -249,7 +254,11 @@ class MemoryStore:
         """Mark our announced spend sent, if the lease and the record are still ours."""
         self._check()
         spend = self.state.spends.get(app)
-        if not self._holds(app, owner, fence) or spend is None or spend.fence != fence:
+        if (
+            not self._holds(app, owner, fence)
+            or spend is None
+            or (spend.fence, spend.owner) != (fence, owner)
+        ):
             return False
         spend.state = "sent"
         spend.sent_at = self._clock.monotonic()

@@ -150,7 +150,8 @@ then return 'stale' end
 local sp = redis.call('HMGET', KEYS[3], 'fence', 'owner', 'rfp', 'retries', 'state', 'sent_at',
   'orig_sent_at')
 local answer, retries = 'ok', 0
-if sp[1] and sp[3] == ARGV[6] and sp[1] ~= ARGV[2] then
+-- a spend is its owner and fence: fences repeat once the counter is lost (an eviction)
+if sp[1] and sp[3] == ARGV[6] and (sp[1] ~= ARGV[2] or sp[2] ~= ARGV[3]) then
   if sp[5] == 'vetoed' or sp[7] then return 'unknown' end
   -- fence 0 names no spend: a restored grace retry is nobody's to resolve, its retrier's too
   if sp[5] ~= 'announced' and not (ARGV[8] ~= '0' and sp[1] == ARGV[8] and sp[2] == ARGV[3])
@@ -176,11 +177,11 @@ redis.call('PUBLISH', ARGV[9], cjson.encode({app=ARGV[10], kind='spend',
   retry=(answer == 'retry') and 1 or 0, pv=__PV__}))
 return answer
 """
-# KEYS: lease, spend. ARGV: owner|fence, fence, channel, app
+# KEYS: lease, spend. ARGV: owner|fence, fence, channel, app, owner
 _MARK_SENT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local sp = redis.call('HMGET', KEYS[2], 'fence', 'owner', 'rfp', 'lineage', 'gen')
-if sp[1] ~= ARGV[2] then return 0 end
+if sp[1] ~= ARGV[2] or sp[2] ~= ARGV[5] then return 0 end
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[2], 'state', 'sent',
   'sent_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
@@ -748,7 +749,7 @@ class RedisStore:
         NotDurable when none acknowledged within the timeout (the caller does not send).
         """
         keys = [self.lease_key(app), self.spend_key(app)]
-        args: list[Any] = [_lease_value(owner, fence), fence, self.channel, app]
+        args: list[Any] = [_lease_value(owner, fence), fence, self.channel, app, owner]
         if not self._require_ack:
             result = await self._call("spend", lambda: self._mark_sent(keys=keys, args=args))
             return bool(result)

@@ -672,6 +672,29 @@ class TestSpend:
             )
             assert answer is SpendStart.UNKNOWN
 
+    async def test_a_repeated_fence_of_another_owner_is_another_spend(
+        self, store: TokenStore
+    ) -> None:
+        """The store evicts the lease and the fence counter after a's spend was marked sent;
+        b is granted the same fence again. b's spend of that token is another spend: UNKNOWN,
+        and b cannot mark a's record sent (swarm seed 75139)."""
+        await store.commit("app", token_set(1))
+        a = await marked_sent(store, "a")
+        if isinstance(store, MemoryStore):
+            del store.state.leases["app"], store.state.fences["app"]
+        else:
+            redis_store = cast(RedisStore, store)
+            await redis_store._client.delete(
+                redis_store.lease_key("app"), redis_store.fence_key("app")
+            )
+        b = await store.acquire_lease("app", "b", 5)
+        assert b.fence == a.fence
+        answer = await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1))
+        assert answer is SpendStart.UNKNOWN
+        assert not await store.mark_sent("app", owner="b", fence=b.fence)
+        record = await store.load_spend("app")
+        assert record is not None and (record.owner, record.state) == ("a", "sent")
+
     async def test_a_veto_for_the_spend_its_spender_last_aborted_is_refused(
         self, store: TokenStore
     ) -> None:

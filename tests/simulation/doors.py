@@ -1238,6 +1238,124 @@ def forgotten_while_the_spender_is_cut_off() -> Schedule:
     )
 
 
+def fence_counter_evicted_after_a_send() -> Schedule:
+    """Found by the swarm (seeds 75139, 56916): as the token is marked sent, a split brain
+    leaves its spender alone on the old primary (every subscription drops: no bystander hears
+    `sent`), and the promoted primary evicts the lease and the fence counter, not the `sent`
+    record. The next holder is granted fence 1 again, the spender's fence. A store that took
+    the record under that fence for the caller's own replaced it, and the token was presented
+    a second time; a spend is its owner and fence together, so the record answers UNKNOWN and
+    the fleet waits until the heal brings the spender's set back."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.split_brain([_index(world, replica)], cause=script)
+                world.store.state.leases.pop(world.key, None)
+                world.store.state.fences.pop(world.key, None)
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(20.0)
+        world.heal_split_brain(cause=script)
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_132,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="fence_counter_evicted_after_a_send",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def commit_forgotten_while_its_spender_is_cut_off(cut_off: float = 30.0) -> Schedule:
+    """The documented limit with the answer committed (swarm seed 81490, scripted): every
+    subscription drops as the token is marked sent (a failover that keeps everything), so no
+    bystander hears the `sent` or `token` notice; the spender commits the rotated set (a
+    replica acknowledges it), is cut off from the store, and Redis restarts empty. The set
+    was the store's one trace of the spend. The bystanders write their older set back and
+    spend its token after the long objection window: revoked, announced, and excused as the
+    limit while the spender stays cut off past that window (`cut_off` seconds)."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.restarts[0] += 1  # every subscription drops
+                world.store.watch.poke()
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spent = world.store.state.tokens[world.key].rank
+        await until(world, lambda: world.store.state.tokens[world.key].rank > spent)
+        spender = world.replicas[_index(world, hit[0])]
+        spender.view.faults.partitioned = True
+        world.empty_restart()
+        await world.time.sleep(cut_off)
+        spender.view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_130,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="commit_forgotten_while_its_spender_is_cut_off",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def forgotten_then_down_then_its_spender_cut_off(cut_off: float = 30.0) -> Schedule:
+    """The documented limit across an outage (swarm seed 94531, scripted): Redis restarts
+    empty as the token is marked sent and stays down 20 s (its downtime, which the world draws
+    as an outage); 60 ms after it is back, before any subscription could come back, the
+    spender, which holds the rotated set, is cut off from it for 30 s (`cut_off`). The bystanders write
+    their older set back and spend its token after the long objection window: revoked,
+    announced, and excused as the limit (the time to come back and object is counted from the
+    store's return)."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.empty_restart()
+            elif phase == "acted" and hit and replica == hit[0] and len(hit) == 1:
+                hit.append(replica)
+                world.set_store_outage(True)
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: len(hit) == 2)
+        await world.time.sleep(20.0)
+        world.set_store_outage(False)
+        await world.time.sleep(0.06)
+        spender = world.replicas[_index(world, hit[0])]
+        spender.view.faults.partitioned = True
+        await world.time.sleep(cut_off)
+        spender.view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_131,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="forgotten_then_down_then_its_spender_cut_off",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 def config_reload_after_a_mark_sent_answer_lost() -> Schedule:
     """Found by the swarm (seed 8339, and 7 more of seeds 3,500 to 9,999): the store goes down
     right after it applied the spender's `mark_sent`, before the answer reached it (so the
@@ -2578,6 +2696,9 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "set_stamped_by_a_frozen_spender_read_after_the_step": (
         set_stamped_by_a_frozen_spender_read_after_the_step
     ),
+    "fence_counter_evicted_after_a_send": fence_counter_evicted_after_a_send,
+    "commit_forgotten_while_its_spender_is_cut_off": commit_forgotten_while_its_spender_is_cut_off,
+    "forgotten_then_down_then_its_spender_cut_off": forgotten_then_down_then_its_spender_cut_off,
 }
 
 

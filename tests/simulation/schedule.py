@@ -953,10 +953,11 @@ def _after_lost_reply(world: World) -> bool:
 
 def _revoked_forgotten_while_alone(world: World) -> bool:
     """The documented limit of a store without durable writes (README, "What a crash can
-    lose"): the grant was revoked by a refresh token presented again after an empty restart
-    erased its `sent` record while its spender, the only replica that knew, was dead or paused
-    (World.empty_restart). Not a failover: the world's store waits for a replica to hold each
-    `sent` record (WAIT), and a failover keeps it."""
+    lose"): the grant was revoked by a refresh token presented again after the store forgot
+    its spend (an empty restart, a rollback or an eviction took its `sent` record, or the
+    committed set that resolved it) while every replica that knew could not speak
+    (World._on_sent). Not a failover: the world's store waits for a replica to hold each
+    `sent` record and commit (WAIT), and a failover keeps them."""
     forgotten = world.forgotten_while_alone
     return world.server.revoked and any(
         p.outcome == "reuse" and p.refresh_token in forgotten for p in world.server.presentations

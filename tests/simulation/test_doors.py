@@ -29,7 +29,7 @@ from broker.schedule import BLOCKED_RETRY
 from broker.store import LEASE, Notice, SpendEnd, SpendRecord, SpendStart
 from broker.store.memory import MemoryState, MemoryStore
 from tests.simulation import world as world_module
-from tests.simulation.doors import DOORS
+from tests.simulation.doors import DOORS, commit_forgotten_while_its_spender_is_cut_off
 from tests.simulation.schedule import make_schedule, run
 
 
@@ -1135,6 +1135,30 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_a_repeated_fence_taken_for_the_callers_own_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm seeds 75139 and 56916: the old `begin_spend` compared only the fence, so the
+        holder granted a repeated fence (the counter evicted) replaced another owner's `sent`
+        record and presented the token again."""
+        original = MemoryStore.begin_spend
+
+        async def fence_only(self: MemoryStore, app: str, **kwargs: Any) -> SpendStart:
+            spend = self.state.spends.get(app)
+            if spend is None or spend.fence != kwargs["fence"]:
+                return await original(self, app, **kwargs)
+            # What comparing the fence alone amounted to: the record passes for the caller's.
+            owner, spend.owner = spend.owner, kwargs["owner"]
+            try:
+                return await original(self, app, **kwargs)
+            finally:
+                spend.owner = owner  # the record itself, if it was not replaced
+
+        mutate(MemoryStore, "begin_spend", fence_only)
+        result = run(DOORS["fence_counter_evicted_after_a_send"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 1") for v in result.violations), result.report()
+
     def test_an_abort_answered_with_another_spend_not_waited_for(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
@@ -1329,6 +1353,33 @@ class TestTheDocumentedLimitIsExcusedNarrowly:
         """Seeds 7814 and 8549's case, scripted: the spender cut off from the store (30 s,
         past the long objection window) instead of paused: counted apart as the limit."""
         result = run(DOORS["forgotten_while_the_spender_is_cut_off"]())
+        assert result.ok, result.report()
+        assert result.revoked and result.revoked_forgotten_while_alone, result.report()
+
+    def test_a_commit_forgotten_while_its_spender_is_cut_off(self) -> None:
+        """Seed 81490's case, scripted: the store's one trace of the spend was the committed
+        set, and an empty restart lost it while its spender was cut off past the long
+        objection window: counted apart as the limit, as a lost `sent` record is."""
+        result = run(DOORS["commit_forgotten_while_its_spender_is_cut_off"]())
+        assert result.ok, result.report()
+        assert result.revoked and result.revoked_forgotten_while_alone, result.report()
+
+    def test_not_a_forgotten_commit_spent_within_the_long_window(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same lost commit with the spender cut off 3 s and the long objection window
+        removed: spent again before the window that lets the spender object had passed: a
+        protocol failure, not excused as the limit (with the window, nothing is spent twice)."""
+        mutate(FleetProtocol, "store_forgot_recently", lambda self: False)
+        result = run(commit_forgotten_while_its_spender_is_cut_off(cut_off=3.0))
+        assert not result.ok
+        assert result.revoked and not result.revoked_forgotten_while_alone, result.report()
+
+    def test_an_empty_restart_then_an_outage_then_the_witness_cut_off(self) -> None:
+        """Seed 94531's case, scripted: the store down 20 s after the restart, and the spender
+        cut off 60 ms after it came back, past the long objection window: counted apart as
+        the limit (the time to come back and object counts from the store's return)."""
+        result = run(DOORS["forgotten_then_down_then_its_spender_cut_off"]())
         assert result.ok, result.report()
         assert result.revoked and result.revoked_forgotten_while_alone, result.report()
 

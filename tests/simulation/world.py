@@ -49,6 +49,7 @@ from broker.model import (
     GrantType,
     RefreshPolicy,
     TokenSet,
+    fingerprint,
 )
 from broker.oauth.parse import classify_error
 from broker.observe import Observer
@@ -511,6 +512,7 @@ class Presentation:
     # killed with the request out) or "gave_up" (the client cancelled a request it had sent:
     # avoidable, never excused by the invariants).
     lost_by: str | None = None
+    issued: str | None = None  # the refresh token a rotation issued in its place
 
 
 @dataclass
@@ -623,7 +625,7 @@ class SimAuthServer:
             raise PermanentTokenError("invalid_grant", status=400, error="invalid_grant")
         if refresh_token == self.valid_refresh:
             self.spent[refresh_token] = self._world.now
-            self.valid_refresh = self._new_refresh()
+            self.valid_refresh = record.issued = self._new_refresh()
         elif refresh_token in self.spent:
             if self.grace > 0 and self._world.now - self.spent[refresh_token] <= self.grace:
                 record.outcome = "grace"
@@ -1560,6 +1562,11 @@ TIMING = Timing(
 )
 
 
+def _keys_by_kind(state: MemoryState) -> tuple[dict[str, Any], ...]:
+    """The keys an eviction may take, in the order `World.evict` draws them."""
+    return (state.tokens, state.leases, state.fences, state.spends)
+
+
 class World:
     """The store, the server and the replicas of one schedule."""
 
@@ -1595,8 +1602,9 @@ class World:
             dpop_jkt=self.dpop_keys.current.jkt if self.dpop_keys else None,
         )
         # The documented limit (README, "What a crash can lose"): `sent` records an empty
-        # restart erased (refresh fingerprint → spender, when), and the refresh tokens then
-        # spent again while that spender, the only replica that knew, could not speak.
+        # restart, a rollback or an eviction erased, or the committed sets that had resolved
+        # them (refresh fingerprint → spender, when), and the refresh tokens then spent again
+        # while that spender and every other replica that knew could not speak.
         self._forgotten_sent: dict[str, tuple[str, float]] = {}
         self.forgotten_while_alone: set[str] = set()
         # The same limit for a token set: refresh tokens of the server's newest set, evicted
@@ -1608,6 +1616,8 @@ class World:
         self.draining: list[asyncio.Future[None]] = []  # replicas shutting down after SIGTERM
         self.store_outage = False
         self.store_outage_since: float | None = None  # when the store went down, while it is
+        # Every outage of the store for everyone: [went down, came back (None: still down)].
+        self.store_outages: list[tuple[float, float | None]] = []
         # The documented limit of a drain (README, "What a crash can lose"): spends (owner,
         # fence, refresh fingerprint) marked sent, never sent, whose spender exited at its
         # drain's bound without reaching the store once since the mark (`_note_stranded`).
@@ -1890,8 +1900,11 @@ class World:
         """The store is down for everyone (or back)."""
         if down and not self.store_outage:
             self.store_outage_since = self.time.now
+            self.store_outages.append((self.time.now, None))
         elif not down:
             self.store_outage_since = None
+            if self.store_outage:
+                self.store_outages[-1] = (self.store_outages[-1][0], self.time.now)
         self.store_outage = down
         for replica in self.replicas:
             replica.view.outage = down
@@ -1948,6 +1961,36 @@ class World:
         kept = after.spends.get(self.key)
         if spend is not None and spend.state == "sent" and kept != spend:
             self._forgotten_sent[spend.refresh_fp] = (spend.owner, self.time.now)
+        self._note_rotations_forgotten(after)
+
+    def _note_rotations_forgotten(self, after: MemoryState) -> None:
+        """The store is about to hold `after`: remember each spend whose rotation it forgets
+        with the set the answer made, with the spender that got the answer (swarm seed 81490).
+
+        A commit resolves its spend: the set it stores, not the `sent` record, is then the
+        store's one trace that its parent's refresh token was spent. A store that loses that
+        set and keeps its parent (or nothing) forgot the spend as surely as one that loses the
+        `sent` record before the commit: the same documented limit, and the same witnesses
+        (the spender and the holders of the newer set) must be unable to speak. A spend whose
+        record `after` still holds is not forgotten."""
+        lost = self.store.state.tokens.get(self.key)
+        kept = after.tokens.get(self.key)
+        if lost is None or lost.refresh_token is None or (kept and kept.rank >= lost.rank):
+            return
+        issued_by = {p.issued: p for p in self.server.presentations if p.issued is not None}
+        record = after.spends.get(self.key)
+        token, rank = lost.refresh_token, lost.rank
+        while token in issued_by:
+            # The presentation that issued `token` spent the refresh token of the set one
+            # generation below: forgotten if the store keeps no set at or above that one.
+            rank = (rank[0], rank[1] - 1)
+            if kept is not None and kept.rank > rank:
+                return
+            rotation = issued_by[token]
+            spent = fingerprint(rotation.refresh_token)
+            if record is None or record.refresh_fp != spent:
+                self._forgotten_sent[spent] = (rotation.replica, self.time.now)
+            token = rotation.refresh_token
 
     def _on_sent(self, phase: str, replica: str) -> None:
         """A spend is marked sent: is it of a token whose `sent` record an empty restart erased
@@ -1999,6 +2042,7 @@ class World:
         replica = self.replica_of(name)
         if replica is None or not replica.alive:
             return True
+        at = self._store_back(at)
         deadline = at + RESUBSCRIBE_AFTER_RESTART
         view = replica.view
         frozen = view.frozen
@@ -2013,6 +2057,24 @@ class World:
         if view.faults.partitioned and since is not None and since <= deadline:
             return True
         return view in self._split_views and self._split_at <= deadline
+
+    def _store_back(self, at: float) -> float:
+        """When the store that forgot at `at` was reachable again: `at`, unless it went down
+        for everyone before any subscription could have come back (a restart's downtime, which
+        the world draws as an outage of its own), and then the end of that outage.
+
+        Nobody speaks to a store that is down, the replica that knew included, and nobody
+        spends: the time to come back and object is counted from its return (swarm seed
+        94531: an empty restart as the token was marked sent, the store down for 22.6 s from
+        59 ms later, and the spender and the replica that adopted its set cut off on the old
+        primary of a split brain 63 ms after the store came back, for 50 s)."""
+        for start, end in self.store_outages:
+            if start > at + RESUBSCRIBE_AFTER_RESTART:
+                continue
+            if end is None:
+                return float("inf")
+            at = max(at, end)
+        return at
 
     def add_replica(self, offset: float) -> Replica:
         """A new pod joins the fleet (scale-up, or a rolling deploy's surge pod)."""
@@ -2057,14 +2119,20 @@ class World:
 
     def evict(self, rng: random.Random) -> None:
         """The store evicts some of the app's keys (maxmemory with an evicting policy)."""
-        state = self.store.state
-        for keys in (state.tokens, state.leases, state.fences, state.spends):
-            if rng.random() < 0.5:
-                if keys is state.spends:
-                    # An evicted `sent` record is forgotten as in an empty restart.
-                    self._note_forgotten(MemoryState())
-                if keys is state.tokens:
-                    self.evict_set()
+        # One draw per kind of key, in this order: tokens, leases, fences, spend records.
+        evicted = [rng.random() < 0.5 for _ in range(4)]
+        if evicted[0] or evicted[3]:
+            # An evicted `sent` record, or an evicted set that was the store's trace of its
+            # parent's spend, is forgotten as in an empty restart.
+            after = self.store.snapshot()
+            for chosen, keys in zip(evicted, _keys_by_kind(after), strict=True):
+                if chosen:
+                    keys.pop(self.key, None)
+            self._note_forgotten(after)
+        if evicted[0]:
+            self.evict_set()
+        for chosen, keys in zip(evicted, _keys_by_kind(self.store.state), strict=True):
+            if chosen:
                 keys.pop(self.key, None)
 
     def evict_set(self) -> None:

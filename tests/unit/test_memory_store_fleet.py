@@ -124,6 +124,30 @@ class TestEndSpendAfterARollback:
         )
 
 
+class TestRepeatedFenceAfterAnEviction:
+    async def test_another_owners_sent_record_under_the_same_fence_blocks_the_token(
+        self, store: MemoryStore
+    ) -> None:
+        """a marks its spend sent under fence 1; the store evicts the lease and the fence
+        counter (not the record); b is granted fence 1 again. b's spend of the same token must
+        meet a's record as another spend's, sent: UNKNOWN, the record left as it was (swarm
+        seed 75139: b replaced it, sent the token again, and the grant was revoked)."""
+        token = TokenSet("at", "Bearer", 0.0, 3600.0, None, "rt", lineage=1, generation=1)
+        await store.commit("app", token)
+        a = await store.acquire_lease("app", "a", 30.0)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token)
+        assert await store.mark_sent("app", owner="a", fence=a.fence)
+        del store.state.leases["app"], store.state.fences["app"]  # evicted
+        b = await store.acquire_lease("app", "b", 30.0)
+        assert b.fence == a.fence  # the fence repeats
+        assert await store.begin_spend("app", owner="b", fence=b.fence, token=token) is (
+            SpendStart.UNKNOWN
+        )
+        assert not await store.mark_sent("app", owner="b", fence=b.fence)
+        spend = store.state.spends["app"]
+        assert (spend.owner, spend.state) == ("a", "sent")
+
+
 class TestOutage:
     async def test_every_primitive_raises_store_unavailable(
         self, store: MemoryStore, fake_clock: FakeClock
