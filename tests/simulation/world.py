@@ -686,7 +686,13 @@ class SimSource:
         A real server acts on a request that reached it whether or not its client still
         waits: a request the client gives up on (cancels) is still acted on when it arrives,
         and its reply is lost. Only a request whose sender died is treated as maybe-never-sent.
+
+        A paused process sends nothing: a request leaves once its process runs (a pause that
+        began before it left holds it back). Once it left, the pause holds back only the
+        reading of the reply: the request reaches the server and is acted on as it arrives.
         """
+        if self.frozen.until > self._world.now:
+            await self.frozen.thaw()
         server = self._server
         if self.dead:
             raise TransientTokenError("simulated: the process is dead")
@@ -711,9 +717,10 @@ class SimSource:
             faults.stall_next = 0.0
         arrives_at = self._world.now + delay
         try:
+            # On the wire: the sender's pause does not hold it back (swarm seed 53285: a
+            # request sent 19 ms before a 44 s pause reached the server only after the pause,
+            # after another replica's grace retry, and past the grace window).
             await self._world.sleep(delay)
-            if self.frozen.until > self._world.now:
-                await self.frozen.thaw()
         except asyncio.CancelledError:
             # The sender died (or gave up) with the request on the wire.
             if refresh_token is not None:
