@@ -49,6 +49,7 @@ from broker.model import (
     GrantType,
     RefreshPolicy,
     TokenSet,
+    fingerprint,
 )
 from broker.oauth.parse import classify_error
 from broker.observe import Observer
@@ -2094,6 +2095,18 @@ class World:
             if not replica.task.done() and held is not None and held.refresh_token == valid:
                 return
         self.evicted_while_alone.add(valid)
+        # The set was the answer to the spend of the refresh token before it, and its commit
+        # resolved (deleted) that spend's `sent` record: evicting it forgets that spend as
+        # evicting the record would (swarm seed 72057). A later spend of that token is then
+        # judged as one of a forgotten `sent` record (`_on_sent`): excused only while its
+        # spender and every replica that heard of the spend or holds the newer set could not
+        # speak.
+        rotations = (p for p in reversed(self.server.presentations) if p.outcome == "rotated")
+        rotation = next(rotations, None)  # None: the set is the authorization's own
+        if rotation is not None:
+            self._forgotten_sent.setdefault(
+                fingerprint(rotation.refresh_token), (rotation.replica, self.time.now)
+            )
 
     def _only_copy_dies(self, replica: Replica) -> None:
         """The process exits holding the only copy of the server's newest set (its answer came,
