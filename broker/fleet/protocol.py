@@ -500,7 +500,14 @@ class FleetProtocol:
             current = self._current()
             if current is None and self._spends:
                 raise  # unreadable is not missing: the app must not look unauthorized
-            if current is None or current.rank <= exc.rank:
+            if current is not None and current.rank == exc.rank:
+                # Our set, stored under a key we lack (another replica wrote it back): a spend
+                # of its refresh token may be announced while we were away, and what we know
+                # of that token is no less true for the blob we cannot open (swarm seed 88902:
+                # the spender, whose spend was unknown, returned here without its veto).
+                await self._veto_remembered(current)
+                return True
+            if current is None or current.rank < exc.rank:
                 return True  # the newer set is there, only not for us: nothing to repair
             stored = None
         # Read after the load: a notice may have brought a newer set meanwhile.

@@ -2422,6 +2422,73 @@ def set_evicted_under_its_writer() -> Schedule:
     return _set_evicted(writer_exits=False)
 
 
+def _set_evicted_unheard(*, one_heard: bool) -> Schedule:
+    """Swarm seed 72057, scripted: the bystanders miss the `sent` and `token` notices of a
+    spend (in the seed a failover at that moment had every subscription re-subscribing),
+    SIGTERM comes as the server acts, the drain commits the answer and exits, and the store
+    then evicts the set. The commit resolved the `sent` record: the store holds nothing that
+    says the token was spent, and nobody that can speak knows. A bystander writes its set,
+    the one before, back (the long objection window follows) and spends its refresh token
+    again. `one_heard`: one bystander heard the `sent` notice (it vetoes that spend)."""
+
+    async def script(world: World) -> None:
+        key = world.key
+        rank = world.store.state.tokens[key].rank
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "announced" and not hit:
+                hit.append(replica)
+                spender = _index(world, replica)
+                world.terminate_mid_spend(spender)
+                for index, bystander in enumerate(world.replicas):
+                    heard = one_heard and index == (spender + 1) % len(world.replicas)
+                    if index != spender:
+                        lost = {"token", "release", "lease"} | (set() if heard else {"sent"})
+                        bystander.view.faults.lost_kinds = frozenset(lost)
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        stored = world.store.state.tokens
+        await until(world, lambda: key in stored and stored[key].rank > rank, limit=30.0)
+        await until(world, lambda: all(task.done() for task in world.draining), limit=5.0)
+        world.evict_set()  # nobody else read it
+        for replica in world.replicas:
+            replica.view.faults.lost_kinds = frozenset()
+        await world.time.sleep(30.0)
+        world.start_replica(_index(world, hit[0]))
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    name = (
+        "set_evicted_one_heard_of_its_spend" if one_heard else "set_evicted_none_heard_of_its_spend"
+    )
+    return Schedule(
+        seed=20_141 if one_heard else 20_140,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name=name,
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def set_evicted_none_heard_of_its_spend() -> Schedule:
+    """The documented limit, not a door (swarm seed 72057): the store evicts the newest set
+    after its writer's drain stored it and exited, and no bystander heard of the spend that
+    made it (its commit resolved the `sent` record). A bystander spends the refresh token
+    before it again: revoked, announced (`grant.reuse_detected`), counted apart as a
+    forgotten `sent` record is; `maxmemory-policy noeviction` rules it out."""
+    return _set_evicted_unheard(one_heard=False)
+
+
+def set_evicted_one_heard_of_its_spend() -> Schedule:
+    """The same with one bystander that heard the `sent` notice: it vetoes the second spend,
+    and the grant is lost, not revoked (as in seed 24380); without its veto the revocation is
+    a failure, not excused."""
+    return _set_evicted_unheard(one_heard=True)
+
+
 def abort_after_the_store_forgot_the_record() -> Schedule:
     """Found by the swarm (seeds 12554, 27015, 28726): Redis restarts empty (or evicts the
     record) the moment the spender marks its token sent, and SIGTERM comes then too; the server
@@ -2681,6 +2748,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     ),
     "set_evicted_after_its_writer_exited": set_evicted_after_its_writer_exited,
     "set_evicted_under_its_writer": set_evicted_under_its_writer,
+    "set_evicted_none_heard_of_its_spend": set_evicted_none_heard_of_its_spend,
+    "set_evicted_one_heard_of_its_spend": set_evicted_one_heard_of_its_spend,
     "abort_after_the_store_forgot_the_record": abort_after_the_store_forgot_the_record,
     "restored_record_named_for_its_first_spender": restored_record_named_for_its_first_spender,
     "split_brain_answers_a_drained_abort_with_another_spend": (

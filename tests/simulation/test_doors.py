@@ -1300,6 +1300,36 @@ class TestTheDocumentedLimitIsExcusedNarrowly:
         assert not result.ok
         assert not result.lost_evicted_while_alone, result.report()
 
+    def test_a_set_evicted_after_its_writer_exited_before_anyone_heard_of_its_spend(
+        self,
+    ) -> None:
+        """Seed 72057's case, scripted: the commit resolved the `sent` record, the eviction
+        took the set, and no bystander heard of the spend: one spends the token before it
+        again. Revoked, announced, and counted apart as a forgotten `sent` record."""
+        result = run(DOORS["set_evicted_none_heard_of_its_spend"]())
+        assert result.ok, result.report()
+        assert result.revoked and result.revoked_forgotten_while_alone, result.report()
+
+    def test_not_when_a_bystander_heard_of_the_spend(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same with one bystander that heard the `sent` notice: it vetoes, the grant is
+        lost, not revoked (seed 24380's limit). Without its vetoes the token is presented
+        again, and the revocation is a failure: that bystander could speak."""
+        result = run(DOORS["set_evicted_one_heard_of_its_spend"]())
+        assert result.ok and not result.revoked, result.report()
+        assert result.lost_evicted_while_alone, result.report()
+
+        async def no_veto(self: FleetProtocol, *args: object) -> None:
+            return None
+
+        mutate(FleetProtocol, "must_veto", lambda self, notice: False)
+        mutate(FleetProtocol, "_veto_remembered", no_veto)
+        mutate(FleetProtocol, "veto_in_flight", no_veto)
+        result = run(DOORS["set_evicted_one_heard_of_its_spend"]())
+        assert not result.ok
+        assert result.revoked and not result.revoked_forgotten_while_alone, result.report()
+
     def test_a_drain_cut_off_from_the_store_past_its_bound(self) -> None:
         """Seed 27342's case, scripted: the `sent` record of a spend never sent outlives its
         spender's drain (the store down 140 s, the bound 137.5 s): the fleet announces

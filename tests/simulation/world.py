@@ -691,7 +691,13 @@ class SimSource:
         A real server acts on a request that reached it whether or not its client still
         waits: a request the client gives up on (cancels) is still acted on when it arrives,
         and its reply is lost. Only a request whose sender died is treated as maybe-never-sent.
+
+        A paused process sends nothing: a request leaves once its process runs (a pause that
+        began before it left holds it back). Once it left, the pause holds back only the
+        reading of the reply: the request reaches the server and is acted on as it arrives.
         """
+        if self.frozen.until > self._world.now:
+            await self.frozen.thaw()
         server = self._server
         if self.dead:
             raise TransientTokenError("simulated: the process is dead")
@@ -716,9 +722,10 @@ class SimSource:
             faults.stall_next = 0.0
         arrives_at = self._world.now + delay
         try:
+            # On the wire: the sender's pause does not hold it back (swarm seed 53285: a
+            # request sent 19 ms before a 44 s pause reached the server only after the pause,
+            # after another replica's grace retry, and past the grace window).
             await self._world.sleep(delay)
-            if self.frozen.until > self._world.now:
-                await self.frozen.thaw()
         except asyncio.CancelledError:
             # The sender died (or gave up) with the request on the wire.
             if refresh_token is not None:
@@ -2158,6 +2165,18 @@ class World:
             if not replica.task.done() and held is not None and held.refresh_token == valid:
                 return
         self.evicted_while_alone.add(valid)
+        # The set was the answer to the spend of the refresh token before it, and its commit
+        # resolved (deleted) that spend's `sent` record: evicting it forgets that spend as
+        # evicting the record would (swarm seed 72057). A later spend of that token is then
+        # judged as one of a forgotten `sent` record (`_on_sent`): excused only while its
+        # spender and every replica that heard of the spend or holds the newer set could not
+        # speak.
+        rotations = (p for p in reversed(self.server.presentations) if p.outcome == "rotated")
+        rotation = next(rotations, None)  # None: the set is the authorization's own
+        if rotation is not None:
+            self._forgotten_sent.setdefault(
+                fingerprint(rotation.refresh_token), (rotation.replica, self.time.now)
+            )
 
     def _only_copy_dies(self, replica: Replica) -> None:
         """The process exits holding the only copy of the server's newest set (its answer came,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from broker.errors import UnreadableTokenSet
 from broker.fleet import FleetProtocol, OutcomeUnknown
 from broker.model import TokenSet
 from broker.store import Notice, SpendEnd, SpendStart
@@ -44,6 +45,36 @@ async def test_resync_vetoes_an_announced_spend_of_a_token_remembered_as_spent()
     assert await remembers.sync()
 
     assert not await store.mark_sent(APP, owner="r1", fence=fence)
+
+
+class _KeyLacked(MemoryStore):
+    """A store whose set was written back under a key this replica lacks."""
+
+    async def load(self, app: str) -> TokenSet | None:
+        stored = await super().load(app)
+        if stored is not None:
+            raise UnreadableTokenSet(
+                "written under unknown key id 'k2'", rank=stored.rank, version=stored.version
+            )
+        return stored
+
+
+async def test_resync_vetoes_a_spend_of_a_token_remembered_as_spent_under_a_key_it_lacks() -> None:
+    """Swarm seed 88902: the store forgot the spender's `sent` record (an empty restart), a
+    replica wrote the same set back under a key the spender lacks, and announced a spend of it
+    while the spender, whose spend ended unknown, was re-subscribing. The spender's re-sync
+    cannot open the stored set, yet it is the set it holds: it vetoes, as with a readable one."""
+    clock = FakeClock()
+    store = _KeyLacked(clock)
+    token = _grant(clock)
+    await store.commit(APP, token)
+    remembers = _protocol(store, clock, "r0", token)
+    remembers.memory.unknown.add(token.refresh_fingerprint or "")
+    fence = await _announce(store, "r2", token)
+
+    assert await remembers.sync()
+
+    assert not await store.mark_sent(APP, owner="r2", fence=fence)
 
 
 async def test_resync_leaves_a_spend_alone_when_nothing_is_remembered() -> None:
