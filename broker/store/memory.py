@@ -203,7 +203,14 @@ class MemoryStore:
         retries = 0
         orig_sent_at: float | None = None
         orig: tuple[str | None, int] = (None, 0)
-        if spend is not None and spend.refresh_fp == refresh_fp and spend.fence != fence:
+        # Another spend's record, whatever its fence: fences repeat when the store loses its
+        # counter (an evicted fence key, swarm seed 56916), and a record under our fence that
+        # another owner made is not ours to replace.
+        if (
+            spend is not None
+            and spend.refresh_fp == refresh_fp
+            and (spend.fence != fence or spend.owner != owner)
+        ):
             if spend.state == "vetoed" or spend.orig_sent_at is not None:
                 # Vetoed, or the one grace retry of an unknown spend is under way: whatever
                 # fence the caller names, the token stays blocked.

@@ -150,7 +150,8 @@ then return 'stale' end
 local sp = redis.call('HMGET', KEYS[3], 'fence', 'owner', 'rfp', 'retries', 'state', 'sent_at',
   'orig_sent_at')
 local answer, retries = 'ok', 0
-if sp[1] and sp[3] == ARGV[6] and sp[1] ~= ARGV[2] then
+-- another spend's record, whatever its fence: fences repeat when the fence key is lost
+if sp[1] and sp[3] == ARGV[6] and (sp[1] ~= ARGV[2] or sp[2] ~= ARGV[3]) then
   if sp[5] == 'vetoed' or sp[7] then return 'unknown' end
   -- fence 0 names no spend: a restored grace retry is nobody's to resolve, its retrier's too
   if sp[5] ~= 'announced' and not (ARGV[8] ~= '0' and sp[1] == ARGV[8] and sp[2] == ARGV[3])

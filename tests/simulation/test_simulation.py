@@ -157,6 +157,11 @@ SWARM_REGRESSION_SEEDS = {
     6938: "a drain ran to its bound on the replica's clock and ended 1e-13 s short of it in "
     "world time: counted as a drain that exited early holding the only copy of the newest set "
     "(a checker bug: the drain's elapsed time is compared within TIMER_ROUNDING)",
+    56916: "an eviction took the fence counter as a spend was marked sent (its answer lost in "
+    "an outage: never sent), and SIGTERM came; the next lease repeated the fence, and its "
+    "holder's begin_spend replaced the `sent` record as its own; the drained spender's abort "
+    "then found another spend's record, and a bystander that had read the first record vetoed "
+    "the new spend in the exited spender's name (begin_spend compares the owner too)",
 }
 
 
@@ -175,7 +180,6 @@ OPEN_SEEDS: dict[int, str] = {
     53285: "eviction, half_open, pause, replica_ack_lost, store_late_write: a second "
     "presentation (invariant 1)",
     55914: "rollback, server_500, split_brain: invariant 5",
-    56916: "eviction, server_slow, sigterm, store_outage: invariant 5",
     62442: "replica_ack_lost, store_late_write, unknown_key: invariant 5",
     68595: "crash, server_down, store_clock_step: an expired token served (invariant 2)",
     72057: "eviction, pause, sigterm, store_forgets, unknown_key: a second presentation "
