@@ -2495,6 +2495,51 @@ def retry_aborted_after_both_sends_heard() -> Schedule:
     )
 
 
+def fence_repeated_after_its_counter_was_evicted() -> Schedule:
+    """Found in swarm seed 56916 (an eviction, an outage and SIGTERM at one send): the store
+    evicts the app's fence counter while the first spend (fence 1) is on the wire to a slow
+    server, and the spender is cut off from the store meanwhile, so it cannot veto. The other
+    replica missed the `sent` notice; once the spender's lease lapses it gets fence 1 again,
+    and its `begin_spend`, which compared only the fence, took the spender's `sent` record for
+    its own and replaced it: it spent the token a second time and the grant was revoked
+    (invariants 1 and 3; in the seed a bystander's veto stopped the second spend, and then
+    nobody could lift that veto). A record under the caller's fence that another owner made
+    is another spend's now: the second replica meets it as unknown and waits for the
+    spender's answer, written back once the spender is back."""
+
+    async def script(world: World) -> None:
+        for replica in world.replicas:
+            replica.view.faults.lost_kinds = frozenset({"sent"})
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.server.faults.slow = 30.0  # past the lease: a slow answer, not lost
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = world.replicas[_index(world, hit[0])]
+        spender.view.faults.partitioned = True
+        world.store.state.fences.pop(world.key, None)  # evicted: the next grant is fence 1
+        await world.time.sleep(45.0)
+        world.server.faults.slow = 0.0
+        spender.view.faults.partitioned = False
+        for replica in world.replicas:
+            replica.view.faults.lost_kinds = frozenset()
+
+    config = WorldConfig(replicas=2, lifetime=120.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_131,
+        config=config,
+        faults=(),
+        duration=600.0,
+        name="fence_repeated_after_its_counter_was_evicted",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -2578,6 +2623,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "set_stamped_by_a_frozen_spender_read_after_the_step": (
         set_stamped_by_a_frozen_spender_read_after_the_step
     ),
+    "fence_repeated_after_its_counter_was_evicted": fence_repeated_after_its_counter_was_evicted,
 }
 
 

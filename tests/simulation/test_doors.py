@@ -1135,6 +1135,42 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_a_repeated_fence_of_another_owner_taken_for_the_callers_own(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Found in swarm seed 56916: the store lost its fence counter while a spend was on the
+        wire; the next lease repeated the fence, and `begin_spend`, comparing the fence alone
+        (the old store), replaced the `sent` record with the new holder's spend, which sent
+        the token a second time."""
+        original = MemoryStore.begin_spend
+
+        async def fence_alone(
+            self: MemoryStore,
+            app: str,
+            *,
+            owner: str,
+            fence: int,
+            token: TokenSet,
+            retry_within: float = 0.0,
+            resolved_fence: int = 0,
+        ) -> SpendStart:
+            spend = self.state.spends.get(app)
+            if spend is not None and spend.fence == fence and spend.owner != owner:
+                del self.state.spends[app]  # taken for the caller's own record, replaced
+            return await original(
+                self,
+                app,
+                owner=owner,
+                fence=fence,
+                token=token,
+                retry_within=retry_within,
+                resolved_fence=resolved_fence,
+            )
+
+        mutate(MemoryStore, "begin_spend", fence_alone)
+        result = run(DOORS["fence_repeated_after_its_counter_was_evicted"]())
+        assert any(v.startswith("invariant 1") for v in result.violations), result.report()
+
     def test_an_abort_answered_with_another_spend_not_waited_for(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
