@@ -2540,6 +2540,57 @@ def fence_repeated_after_its_counter_was_evicted() -> Schedule:
     )
 
 
+def abort_after_another_spend_replaced_the_forgotten_record() -> Schedule:
+    """Found by reading, beside swarm seed 56916: the store goes down as it applies the
+    spender's `mark_sent` (the answer lost: never sent) and SIGTERM comes. When the store is
+    back a bystander meets the `sent` record and reads whose it is; the store then evicts the
+    record, and a replica that knew nothing (cut off meanwhile) begins a spend of the token.
+    The drained spender's abort finds that spend's record: it kept nothing. The bystander,
+    cut off when that spend was announced, vetoes it on its re-sync in the spender's name,
+    and the store takes the veto; only the spender could lift it, and it has exited: the
+    fleet waited for a person, the grant intact. An abort that finds another spend's record
+    is kept now (unannounced), and the store refuses that veto."""
+
+    async def script(world: World) -> None:
+        spender = _index(world, await _store_down_at_the_first_send(world))
+        others = [i for i in range(len(world.replicas)) if i != spender]
+        knows, fresh = others
+        fp = world.store.state.spends[world.key].refresh_fp
+        world.replicas[spender].view.faults.partitioned = True
+        world.replicas[fresh].view.faults.partitioned = True
+        world.terminate(spender)
+        await world.time.sleep(8.0)
+        world.set_store_outage(False)
+        await until(
+            world, lambda: fp in world.replicas[knows].refresher.fleet.memory.foreign, limit=60.0
+        )
+        world.replicas[knows].view.faults.partitioned = True
+        world.store.state.spends.pop(world.key, None)  # evicted
+        world.replicas[fresh].view.faults.partitioned = False
+        await until(
+            world,
+            lambda: (
+                world.store.state.spends.get(world.key) is not None
+                and world.store.state.spends[world.key].owner == world.replicas[fresh].name
+            ),
+            limit=60.0,
+        )
+        world.replicas[spender].view.faults.partitioned = False  # its drain writes the abort
+        await world.time.sleep(1.0)
+        world.replicas[knows].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=120.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_132,
+        config=config,
+        faults=(),
+        duration=600.0,
+        name="abort_after_another_spend_replaced_the_forgotten_record",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -2624,6 +2675,9 @@ DOORS: dict[str, Callable[[], Schedule]] = {
         set_stamped_by_a_frozen_spender_read_after_the_step
     ),
     "fence_repeated_after_its_counter_was_evicted": fence_repeated_after_its_counter_was_evicted,
+    "abort_after_another_spend_replaced_the_forgotten_record": (
+        abort_after_another_spend_replaced_the_forgotten_record
+    ),
 }
 
 

@@ -1171,6 +1171,43 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["fence_repeated_after_its_counter_was_evicted"]())
         assert any(v.startswith("invariant 1") for v in result.violations), result.report()
 
+    def test_an_abort_that_finds_another_spends_record_keeps_nothing(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Beside swarm seed 56916: an abort that finds another spend's record (the old store)
+        keeps no mark, so the store takes a bystander's veto in the name of that aborted
+        spend, which only its exited spender could lift."""
+        original = MemoryStore.end_spend
+
+        async def keeps_nothing(
+            self: MemoryStore,
+            app: str,
+            *,
+            owner: str,
+            fence: int,
+            outcome: SpendEnd,
+            refresh_fp: str | None = None,
+        ) -> None:
+            spend = self.state.spends.get(app)
+            another = (
+                spend is not None
+                and (spend.owner, spend.fence) != (owner, fence)
+                and spend.orig_owner != owner
+            )
+            kept = list(self.state.aborted.get(app, ()))
+            try:
+                await original(
+                    self, app, owner=owner, fence=fence, outcome=outcome, refresh_fp=refresh_fp
+                )
+            finally:
+                if another:
+                    self.state.aborted[app] = kept
+
+        mutate(MemoryStore, "end_spend", keeps_nothing)
+        result = run(DOORS["abort_after_another_spend_replaced_the_forgotten_record"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
     def test_an_abort_answered_with_another_spend_not_waited_for(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
