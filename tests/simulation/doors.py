@@ -2245,21 +2245,26 @@ def sigterm_drain_waits_for_a_replica_to_hold_the_commit() -> Schedule:
     )
 
 
-def _set_evicted(*, writer_exits: bool) -> Schedule:
+def _set_evicted(*, writer_exits: bool, restore: bool = False) -> Schedule:
     """Swarm seed 24380, scripted: Redis restarts empty as the server rotates (the `sent`
     record is gone, every subscription drops: the bystanders, which heard the `sent` notice,
     miss the commit's), the spender commits the answer into the empty store, and the store
     then evicts the set (a maxmemory policy other than `noeviction`). `writer_exits`: SIGTERM
     came as the server acted, and the drain has ended (the set was stored) when the eviction
-    comes; otherwise the spender runs on and writes its set back at its next look."""
+    comes; otherwise the spender runs on and writes its set back at its next look. `restore`:
+    a restore of the store from a snapshot taken as the spend was announced erases the set,
+    instead of an eviction (swarm seed 52433)."""
 
     async def script(world: World) -> None:
         key = world.key
         rank = world.store.state.tokens[key].rank
         hit: list[str] = []
+        before: list[MemoryState] = []
 
         def on_phase(phase: str, replica: str) -> None:
-            if phase == "acted" and not hit:
+            if phase == "announcing" and not before:
+                before.append(world.store.snapshot())
+            elif phase == "acted" and not hit:
                 hit.append(replica)
                 world.empty_restart()
                 if writer_exits:
@@ -2270,15 +2275,25 @@ def _set_evicted(*, writer_exits: bool) -> Schedule:
         stored = world.store.state.tokens
         await until(world, lambda: key in stored and stored[key].rank > rank, limit=5.0)
         await until(world, lambda: all(task.done() for task in world.draining), limit=5.0)
-        world.evict_set()  # before the bystanders are back (0.5 s): nobody else has it
+        # Before the bystanders are back (0.5 s): nobody else has it.
+        if restore:
+            world.roll_back(before[0])
+        else:
+            world.evict_set()
         if writer_exits:
             await world.time.sleep(30.0)
             world.start_replica(_index(world, hit[0]))
 
     config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
-    name = "set_evicted_after_its_writer_exited" if writer_exits else "set_evicted_under_its_writer"
+    erased = "rolled_back" if restore else "evicted"
+    name = (
+        f"set_{erased}_after_its_writer_exited"
+        if writer_exits
+        else f"set_{erased}_under_its_writer"
+    )
+    seeds = {(False, True): 20_083, (False, False): 20_084, (True, True): 20_133}
     return Schedule(
-        seed=20_083 if writer_exits else 20_084,
+        seed=seeds.get((restore, writer_exits), 20_134),
         config=config,
         faults=(),
         duration=480.0,
@@ -2302,6 +2317,20 @@ def set_evicted_under_its_writer() -> Schedule:
     """The same eviction while the writer runs on: it writes its set back at its next look,
     so nothing is lost and nothing is excused."""
     return _set_evicted(writer_exits=False)
+
+
+def set_rolled_back_after_its_writer_exited() -> Schedule:
+    """The same documented limit through a restore (swarm seed 52433, where the writer had
+    crashed 32 ms before): a restore from a snapshot taken as the spend was announced erases
+    the newest set after its writer's drain stored it and exited. Counted apart as the
+    eviction is: a restore loses acknowledged writes on every node."""
+    return _set_evicted(writer_exits=True, restore=True)
+
+
+def set_rolled_back_under_its_writer() -> Schedule:
+    """The same restore while the writer runs on: it writes its set back, nothing is lost
+    and nothing is excused."""
+    return _set_evicted(writer_exits=False, restore=True)
 
 
 def abort_after_the_store_forgot_the_record() -> Schedule:
@@ -2659,6 +2688,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     ),
     "set_evicted_after_its_writer_exited": set_evicted_after_its_writer_exited,
     "set_evicted_under_its_writer": set_evicted_under_its_writer,
+    "set_rolled_back_after_its_writer_exited": set_rolled_back_after_its_writer_exited,
+    "set_rolled_back_under_its_writer": set_rolled_back_under_its_writer,
     "abort_after_the_store_forgot_the_record": abort_after_the_store_forgot_the_record,
     "restored_record_named_for_its_first_spender": restored_record_named_for_its_first_spender,
     "split_brain_answers_a_drained_abort_with_another_spend": (

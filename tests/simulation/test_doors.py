@@ -1349,6 +1349,36 @@ class TestTheDocumentedLimitIsExcusedNarrowly:
         assert not result.ok
         assert not result.lost_evicted_while_alone, result.report()
 
+    def test_a_set_rolled_back_after_its_writer_exited(self) -> None:
+        """Seed 52433's case, scripted: a restore erases the newest set after its writer's
+        drain ended; the grant is lost, announced, and counted apart as the eviction is."""
+        result = run(DOORS["set_rolled_back_after_its_writer_exited"]())
+        assert result.ok, result.report()
+        assert result.lost_evicted_while_alone and not result.revoked, result.report()
+        assert result.outcome_unknown_announced > 0, result.report()
+
+    def test_not_a_restore_under_its_running_writer(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same restore with the writer running: it writes its set back and nothing is
+        lost; without the write-back over the older set the fleet stops serving, a failure
+        that is not excused (the writer held the set when the restore erased it)."""
+        result = run(DOORS["set_rolled_back_under_its_writer"]())
+        assert result.ok and not result.lost_evicted_while_alone, result.report()
+        original = FleetProtocol.sync
+
+        async def no_write_back_over_an_older_set(self: FleetProtocol) -> bool:
+            stored = await self._store.load(self.key)
+            current = self._current()
+            if stored is not None and current is not None and stored.rank < current.rank:
+                return True
+            return await original(self)
+
+        mutate(FleetProtocol, "sync", no_write_back_over_an_older_set)
+        result = run(DOORS["set_rolled_back_under_its_writer"]())
+        assert not result.ok
+        assert not result.lost_evicted_while_alone, result.report()
+
     def test_a_drain_cut_off_from_the_store_past_its_bound(self) -> None:
         """Seed 27342's case, scripted: the `sent` record of a spend never sent outlives its
         spender's drain (the store down 140 s, the bound 137.5 s): the fleet announces
