@@ -162,6 +162,10 @@ SWARM_REGRESSION_SEEDS = {
     "restore 32 ms later erased that set: nobody held the server's newest refresh token (the "
     "documented limit, not a door; the checker counted only an eviction so, and now counts a "
     "restore too, as it does for a `sent` record)",
+    75139: "an eviction took the fence counter 0.4 s after a spend (fence 1) was marked sent; "
+    "the next lease got fence 1 again, and its holder's begin_spend replaced the `sent` record "
+    "as its own and sent the token a second time: the grant was revoked (begin_spend compares "
+    "the owner too; the door of 56916)",
     55914: "a split brain as a spend was sent; the server answered 500, the spender's abort "
     "went to the old primary and a grace retry on the new one got 500 too (its abort restored "
     "the record); the spender had heard the retry's notices and remembered its own aborted "
@@ -194,7 +198,6 @@ OPEN_SEEDS: dict[int, str] = {
     72057: "eviction, pause, sigterm, store_forgets, unknown_key: a second presentation "
     "(invariant 1)",
     72135: "config_reload, pause, server_down, store_lossy, unknown_key: invariant 5",
-    75139: "eviction, half_open, split_brain: a second presentation (invariant 1)",
     80253: "crash, store_clock_step, store_forgets, store_lossy: an expired token served "
     "(invariant 2)",
     81490: "empty_restart, split_brain, store_forgets, store_partition: a second presentation "
