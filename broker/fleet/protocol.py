@@ -313,6 +313,15 @@ class FleetProtocol:
                 return
         elif remembered[1] != retrier:
             return
+        if owner == self._owner or (owner, fence) in self.memory.aborts:
+            # The spend retried is ours (or one the refresher a config reload replaced
+            # aborted): we know what became of it (unknown: `memory.unknown`; on the wire:
+            # `in_flight`; aborted: nothing), and the retry had no effect. Kept as another
+            # replica's spend under our own name, we vetoed the next spend of the token in our
+            # own name, and our own OutcomeUnknown stopped us before the `begin_spend` that
+            # would have lifted that veto (swarm seed 55914, after a split brain).
+            self.memory.resolved_foreign(refresh_fp)
+            return
         self.memory.found_foreign(refresh_fp, owner, remembered[0])
         if fence > 0:
             self.memory.foreign_fences[refresh_fp] = (owner, fence)

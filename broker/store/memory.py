@@ -376,6 +376,7 @@ class MemoryStore:
         if spend.fence != fence or spend.owner != owner:
             if outcome is not SpendEnd.ABORTED:
                 return
+            stands_for_ours = spend.orig_owner == owner
             if self._retried_spend_never_sent(app, owner, fence):
                 self._publish(
                     Notice(
@@ -387,6 +388,20 @@ class MemoryStore:
                         protocol=self.protocol,
                     )
                 )
+            elif (
+                not stands_for_ours
+                and refresh_fp
+                and fence > 0
+                and (owner, fence, refresh_fp) not in self.state.aborted.get(app, ())
+            ):
+                # The store forgot our record (an eviction, a restart) and another spend of
+                # the token began before our abort: keep the abort as when no record is left,
+                # so that a veto standing for our spend alone is refused. A bystander that had
+                # read our record vetoed the new spend in our name after our abort, and only
+                # we, exited since, could have lifted it (beside swarm seed 56916). No notice:
+                # the record is another spend's, which a replica that heard its `sent` notice
+                # must not forget.
+                self._remember_abort(app, owner, fence, refresh_fp)
             # Another spend's record: ours is settled only if a replica holds what this
             # primary says. A split brain's old primary, where a later spend began after our
             # abort, answers so too, and its heal discards both (swarm seed 25279).

@@ -260,7 +260,17 @@ end
 if sp[1] ~= ARGV[1] or sp[2] ~= ARGV[5] then
   -- The spend a grace retry retries (or the record that retry's abort restored) ended
   -- without effect, says its own spender: the retry is a first spend after all.
-  if ARGV[2] ~= 'aborted' or ARGV[1] == '0' or sp[7] ~= ARGV[5] then return 0 end
+  if ARGV[2] ~= 'aborted' or ARGV[1] == '0' then return 0 end
+  if sp[7] ~= ARGV[5] then
+    -- Not a record standing for ours: the store forgot ours (an eviction, a restart) and
+    -- another spend began since. Keep the abort as when no record is left, so that a veto
+    -- standing for our spend alone is refused; no notice, the record is another spend's.
+    local mark = ARGV[5] .. '|' .. ARGV[1] .. '|' .. ARGV[6]
+    if ARGV[6] ~= '' and not aborted_recently(KEYS[2], KEYS[3], mark, false) then
+      remember_abort(KEYS[2], KEYS[3], mark)
+    end
+    return 0
+  end
   -- a veto that names fence 0 stands for every spend of that owner's (known from a notice)
   if sp[8] ~= ARGV[1] and not (sp[9] == 'vetoed' and sp[8] == '0') then return 0 end
   local notify = false

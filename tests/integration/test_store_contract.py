@@ -767,6 +767,68 @@ class TestSpend:
         assert await store.veto_spend("app", refresh_fp=fp, protects=("x", 9))
         assert await store.load_spend("app") == SpendRecord("b", fp, "vetoed")
 
+    async def test_a_record_under_the_callers_fence_made_by_another_owner_is_not_its_own(
+        self, store: TokenStore
+    ) -> None:
+        """The store lost its fence counter (an eviction) while a spend was marked sent: the
+        next lease repeats that fence, and its holder's begin_spend meets the record as another
+        spend's (unknown) instead of replacing it (swarm seed 56916: it replaced a `sent`
+        record, and only a bystander's veto kept the token from leaving a second time)."""
+        await store.commit("app", token_set(1))
+        a = await marked_sent(store, "a")
+        if isinstance(store, MemoryStore):
+            del store.state.fences["app"]
+        else:
+            redis_store = cast(RedisStore, store)
+            await redis_store._client.delete(redis_store.fence_key("app"))
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        assert b.fence == a.fence
+        assert await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1)) is (
+            SpendStart.UNKNOWN
+        )
+        record = await store.load_spend("app")
+        assert record is not None and (record.owner, record.fence, record.state) == (
+            "a",
+            a.fence,
+            "sent",
+        )
+
+    async def test_an_abort_that_finds_another_spends_record_is_kept_unannounced(
+        self, store: TokenStore
+    ) -> None:
+        """The store forgot the record (an eviction) and another spend of the token began
+        before its spender ended it as aborted: the abort of an ordinary spend is still kept, so
+        a veto for exactly that spend is refused (a bystander that read the record before it
+        went would veto the new spend in the name of a spender that may have exited: beside
+        swarm seed 56916), and it is not announced (the record is another spend's, which a
+        replica that heard its notices must not forget)."""
+        fp = token_set(1).refresh_fingerprint or ""
+        await store.commit("app", token_set(1))
+        a = await marked_sent(store, "a")
+        if isinstance(store, MemoryStore):
+            del store.state.spends["app"]
+        else:
+            redis_store = cast(RedisStore, store)
+            await redis_store._client.delete(redis_store.spend_key("app"))
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 5)
+        assert await store.begin_spend("app", owner="b", fence=b.fence, token=token_set(1)) is (
+            SpendStart.OK
+        )
+        async with hearing(
+            store, keep=lambda n: n.kind == "abort", until=lambda heard: len(heard) == 1
+        ) as heard:
+            for _ in range(2):  # asked again (a drain's retry): kept once
+                await store.end_spend(
+                    "app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED, refresh_fp=fp
+                )
+            assert not await store.veto_spend("app", refresh_fp=fp, protects=("a", a.fence))
+            record = await store.load_spend("app")
+            assert record is not None and (record.owner, record.state) == ("b", "announced")
+            await store.end_spend("app", owner="b", fence=b.fence, outcome=SpendEnd.ABORTED)
+        assert [(n.owner, n.fence) for n in heard] == [("b", 0)]
+
     async def test_a_restored_record_names_the_spend_it_stands_for(self, store: TokenStore) -> None:
         """The record an aborted grace retry restored is under the retrier's name and fence 0,
         and names the spend it stands for: the first spender and its fence (swarm seed 10135:

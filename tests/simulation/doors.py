@@ -2363,21 +2363,26 @@ def sigterm_drain_waits_for_a_replica_to_hold_the_commit() -> Schedule:
     )
 
 
-def _set_evicted(*, writer_exits: bool) -> Schedule:
+def _set_evicted(*, writer_exits: bool, restore: bool = False) -> Schedule:
     """Swarm seed 24380, scripted: Redis restarts empty as the server rotates (the `sent`
     record is gone, every subscription drops: the bystanders, which heard the `sent` notice,
     miss the commit's), the spender commits the answer into the empty store, and the store
     then evicts the set (a maxmemory policy other than `noeviction`). `writer_exits`: SIGTERM
     came as the server acted, and the drain has ended (the set was stored) when the eviction
-    comes; otherwise the spender runs on and writes its set back at its next look."""
+    comes; otherwise the spender runs on and writes its set back at its next look. `restore`:
+    a restore of the store from a snapshot taken as the spend was announced erases the set,
+    instead of an eviction (swarm seed 52433)."""
 
     async def script(world: World) -> None:
         key = world.key
         rank = world.store.state.tokens[key].rank
         hit: list[str] = []
+        before: list[MemoryState] = []
 
         def on_phase(phase: str, replica: str) -> None:
-            if phase == "acted" and not hit:
+            if phase == "announcing" and not before:
+                before.append(world.store.snapshot())
+            elif phase == "acted" and not hit:
                 hit.append(replica)
                 world.empty_restart()
                 if writer_exits:
@@ -2388,15 +2393,25 @@ def _set_evicted(*, writer_exits: bool) -> Schedule:
         stored = world.store.state.tokens
         await until(world, lambda: key in stored and stored[key].rank > rank, limit=5.0)
         await until(world, lambda: all(task.done() for task in world.draining), limit=5.0)
-        world.evict_set()  # before the bystanders are back (0.5 s): nobody else has it
+        # Before the bystanders are back (0.5 s): nobody else has it.
+        if restore:
+            world.roll_back(before[0])
+        else:
+            world.evict_set()
         if writer_exits:
             await world.time.sleep(30.0)
             world.start_replica(_index(world, hit[0]))
 
     config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
-    name = "set_evicted_after_its_writer_exited" if writer_exits else "set_evicted_under_its_writer"
+    erased = "rolled_back" if restore else "evicted"
+    name = (
+        f"set_{erased}_after_its_writer_exited"
+        if writer_exits
+        else f"set_{erased}_under_its_writer"
+    )
+    seeds = {(False, True): 20_083, (False, False): 20_084, (True, True): 20_133}
     return Schedule(
-        seed=20_083 if writer_exits else 20_084,
+        seed=seeds.get((restore, writer_exits), 20_134),
         config=config,
         faults=(),
         duration=480.0,
@@ -2487,6 +2502,20 @@ def set_evicted_one_heard_of_its_spend() -> Schedule:
     and the grant is lost, not revoked (as in seed 24380); without its veto the revocation is
     a failure, not excused."""
     return _set_evicted_unheard(one_heard=True)
+
+
+def set_rolled_back_after_its_writer_exited() -> Schedule:
+    """The same documented limit through a restore (swarm seed 52433, where the writer had
+    crashed 32 ms before): a restore from a snapshot taken as the spend was announced erases
+    the newest set after its writer's drain stored it and exited. Counted apart as the
+    eviction is: a restore loses acknowledged writes on every node."""
+    return _set_evicted(writer_exits=True, restore=True)
+
+
+def set_rolled_back_under_its_writer() -> Schedule:
+    """The same restore while the writer runs on: it writes its set back, nothing is lost
+    and nothing is excused."""
+    return _set_evicted(writer_exits=False, restore=True)
 
 
 def abort_after_the_store_forgot_the_record() -> Schedule:
@@ -2680,6 +2709,102 @@ def retry_aborted_after_both_sends_heard() -> Schedule:
     )
 
 
+def fence_repeated_after_its_counter_was_evicted() -> Schedule:
+    """Found in swarm seed 56916 (an eviction, an outage and SIGTERM at one send): the store
+    evicts the app's fence counter while the first spend (fence 1) is on the wire to a slow
+    server, and the spender is cut off from the store meanwhile, so it cannot veto. The other
+    replica missed the `sent` notice; once the spender's lease lapses it gets fence 1 again,
+    and its `begin_spend`, which compared only the fence, took the spender's `sent` record for
+    its own and replaced it: it spent the token a second time and the grant was revoked
+    (invariants 1 and 3; in the seed a bystander's veto stopped the second spend, and then
+    nobody could lift that veto). A record under the caller's fence that another owner made
+    is another spend's now: the second replica meets it as unknown and waits for the
+    spender's answer, written back once the spender is back."""
+
+    async def script(world: World) -> None:
+        for replica in world.replicas:
+            replica.view.faults.lost_kinds = frozenset({"sent"})
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.server.faults.slow = 30.0  # past the lease: a slow answer, not lost
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = world.replicas[_index(world, hit[0])]
+        spender.view.faults.partitioned = True
+        world.store.state.fences.pop(world.key, None)  # evicted: the next grant is fence 1
+        await world.time.sleep(45.0)
+        world.server.faults.slow = 0.0
+        spender.view.faults.partitioned = False
+        for replica in world.replicas:
+            replica.view.faults.lost_kinds = frozenset()
+
+    config = WorldConfig(replicas=2, lifetime=120.0, grace=0.0, offsets=[0.0] * 2)
+    return Schedule(
+        seed=20_135,
+        config=config,
+        faults=(),
+        duration=600.0,
+        name="fence_repeated_after_its_counter_was_evicted",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
+def abort_after_another_spend_replaced_the_forgotten_record() -> Schedule:
+    """Found by reading, beside swarm seed 56916: the store goes down as it applies the
+    spender's `mark_sent` (the answer lost: never sent) and SIGTERM comes. When the store is
+    back a bystander meets the `sent` record and reads whose it is; the store then evicts the
+    record, and a replica that knew nothing (cut off meanwhile) begins a spend of the token.
+    The drained spender's abort finds that spend's record: it kept nothing. The bystander,
+    cut off when that spend was announced, vetoes it on its re-sync in the spender's name,
+    and the store takes the veto; only the spender could lift it, and it has exited: the
+    fleet waited for a person, the grant intact. An abort that finds another spend's record
+    is kept now (unannounced), and the store refuses that veto."""
+
+    async def script(world: World) -> None:
+        spender = _index(world, await _store_down_at_the_first_send(world))
+        others = [i for i in range(len(world.replicas)) if i != spender]
+        knows, fresh = others
+        fp = world.store.state.spends[world.key].refresh_fp
+        world.replicas[spender].view.faults.partitioned = True
+        world.replicas[fresh].view.faults.partitioned = True
+        world.terminate(spender)
+        await world.time.sleep(8.0)
+        world.set_store_outage(False)
+        await until(
+            world, lambda: fp in world.replicas[knows].refresher.fleet.memory.foreign, limit=60.0
+        )
+        world.replicas[knows].view.faults.partitioned = True
+        world.store.state.spends.pop(world.key, None)  # evicted
+        world.replicas[fresh].view.faults.partitioned = False
+        await until(
+            world,
+            lambda: (
+                world.store.state.spends.get(world.key) is not None
+                and world.store.state.spends[world.key].owner == world.replicas[fresh].name
+            ),
+            limit=60.0,
+        )
+        world.replicas[spender].view.faults.partitioned = False  # its drain writes the abort
+        await world.time.sleep(1.0)
+        world.replicas[knows].view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=120.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_136,
+        config=config,
+        faults=(),
+        duration=600.0,
+        name="abort_after_another_spend_replaced_the_forgotten_record",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -2750,6 +2875,8 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "set_evicted_under_its_writer": set_evicted_under_its_writer,
     "set_evicted_none_heard_of_its_spend": set_evicted_none_heard_of_its_spend,
     "set_evicted_one_heard_of_its_spend": set_evicted_one_heard_of_its_spend,
+    "set_rolled_back_after_its_writer_exited": set_rolled_back_after_its_writer_exited,
+    "set_rolled_back_under_its_writer": set_rolled_back_under_its_writer,
     "abort_after_the_store_forgot_the_record": abort_after_the_store_forgot_the_record,
     "restored_record_named_for_its_first_spender": restored_record_named_for_its_first_spender,
     "split_brain_answers_a_drained_abort_with_another_spend": (
@@ -2768,6 +2895,10 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "fence_counter_evicted_after_a_send": fence_counter_evicted_after_a_send,
     "commit_forgotten_while_its_spender_is_cut_off": commit_forgotten_while_its_spender_is_cut_off,
     "forgotten_then_down_then_its_spender_cut_off": forgotten_then_down_then_its_spender_cut_off,
+    "fence_repeated_after_its_counter_was_evicted": fence_repeated_after_its_counter_was_evicted,
+    "abort_after_another_spend_replaced_the_forgotten_record": (
+        abort_after_another_spend_replaced_the_forgotten_record
+    ),
 }
 
 

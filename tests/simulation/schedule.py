@@ -343,8 +343,9 @@ class Result:
     # Revoked by the documented limit: an empty restart erased a `sent` record while its
     # spender, the only replica that knew, could not speak (dead or paused); counted apart.
     revoked_forgotten_while_alone: bool = False
-    # Lost by the same limit: the store evicted the server's newest set while no running
-    # process held it (World.evict; `maxmemory-policy noeviction` rules it out); counted apart.
+    # Lost by the same limit: the store evicted the server's newest set, or a restore erased
+    # it, while no running process held it (World.evict, World.roll_back; `maxmemory-policy
+    # noeviction` and durable writes rule them out); counted apart.
     lost_evicted_while_alone: bool = False
     # Stopped by the documented limit of a drain: the fleet waits for a person, the grant
     # intact, behind a `sent` record of a spend never sent whose spender exited at its drain's
@@ -373,7 +374,7 @@ class Result:
             f"{self.outcome_unknown_announced}, purges {self.purges}, grant lost after a lost reply "
             f"{self.grant_lost_after_lost_reply}, revoked {self.revoked}"
             + (" (the store forgot a spend alone)" if self.revoked_forgotten_while_alone else "")
-            + (" (the store evicted the newest set alone)" if self.lost_evicted_while_alone else "")
+            + (" (the store lost the newest set alone)" if self.lost_evicted_while_alone else "")
             + (", stopped by the drain's limit" if self.stranded_by_drain else ""),
         ]
         lines += [f"VIOLATION: {v}" for v in self.violations]
@@ -966,9 +967,12 @@ def _revoked_forgotten_while_alone(world: World) -> bool:
 
 def _lost_evicted_while_alone(world: World) -> bool:
     """The same documented limit for a token set: the server's newest refresh token is held by
-    no replica and not stored because the store evicted the set holding it while no running
-    process held it (World.evict). Not a failover or a restart: only an eviction, which the
-    documented `maxmemory-policy noeviction` rules out."""
+    no replica and not stored because the store evicted the set holding it, or a restore from
+    a snapshot erased it, while no running process held it (World.evict, World.roll_back). Not
+    a failover (it keeps what a replica acknowledged, a commit included) or an empty restart:
+    only an eviction, which the documented `maxmemory-policy noeviction` rules out, and a
+    restore, which loses acknowledged writes on every node as it does a `sent` record
+    (`_revoked_forgotten_while_alone` counts both)."""
     return _grant_lost(world) and world.server.valid_refresh in world.evicted_while_alone
 
 

@@ -1159,6 +1159,79 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 1") for v in result.violations), result.report()
 
+    def test_a_repeated_fence_of_another_owner_taken_for_the_callers_own(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Found in swarm seed 56916: the store lost its fence counter while a spend was on the
+        wire; the next lease repeated the fence, and `begin_spend`, comparing the fence alone
+        (the old store), replaced the `sent` record with the new holder's spend, which sent
+        the token a second time."""
+        original = MemoryStore.begin_spend
+
+        async def fence_alone(
+            self: MemoryStore,
+            app: str,
+            *,
+            owner: str,
+            fence: int,
+            token: TokenSet,
+            retry_within: float = 0.0,
+            resolved_fence: int = 0,
+        ) -> SpendStart:
+            spend = self.state.spends.get(app)
+            if spend is not None and spend.fence == fence and spend.owner != owner:
+                del self.state.spends[app]  # taken for the caller's own record, replaced
+            return await original(
+                self,
+                app,
+                owner=owner,
+                fence=fence,
+                token=token,
+                retry_within=retry_within,
+                resolved_fence=resolved_fence,
+            )
+
+        mutate(MemoryStore, "begin_spend", fence_alone)
+        result = run(DOORS["fence_repeated_after_its_counter_was_evicted"]())
+        assert any(v.startswith("invariant 1") for v in result.violations), result.report()
+
+    def test_an_abort_that_finds_another_spends_record_keeps_nothing(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Beside swarm seed 56916: an abort that finds another spend's record (the old store)
+        keeps no mark, so the store takes a bystander's veto in the name of that aborted
+        spend, which only its exited spender could lift."""
+        original = MemoryStore.end_spend
+
+        async def keeps_nothing(
+            self: MemoryStore,
+            app: str,
+            *,
+            owner: str,
+            fence: int,
+            outcome: SpendEnd,
+            refresh_fp: str | None = None,
+        ) -> None:
+            spend = self.state.spends.get(app)
+            another = (
+                spend is not None
+                and (spend.owner, spend.fence) != (owner, fence)
+                and spend.orig_owner != owner
+            )
+            kept = list(self.state.aborted.get(app, ()))
+            try:
+                await original(
+                    self, app, owner=owner, fence=fence, outcome=outcome, refresh_fp=refresh_fp
+                )
+            finally:
+                if another:
+                    self.state.aborted[app] = kept
+
+        mutate(MemoryStore, "end_spend", keeps_nothing)
+        result = run(DOORS["abort_after_another_spend_replaced_the_forgotten_record"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
     def test_an_abort_answered_with_another_spend_not_waited_for(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
@@ -1329,6 +1402,36 @@ class TestTheDocumentedLimitIsExcusedNarrowly:
         result = run(DOORS["set_evicted_one_heard_of_its_spend"]())
         assert not result.ok
         assert result.revoked and not result.revoked_forgotten_while_alone, result.report()
+
+    def test_a_set_rolled_back_after_its_writer_exited(self) -> None:
+        """Seed 52433's case, scripted: a restore erases the newest set after its writer's
+        drain ended; the grant is lost, announced, and counted apart as the eviction is."""
+        result = run(DOORS["set_rolled_back_after_its_writer_exited"]())
+        assert result.ok, result.report()
+        assert result.lost_evicted_while_alone and not result.revoked, result.report()
+        assert result.outcome_unknown_announced > 0, result.report()
+
+    def test_not_a_restore_under_its_running_writer(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same restore with the writer running: it writes its set back and nothing is
+        lost; without the write-back over the older set the fleet stops serving, a failure
+        that is not excused (the writer held the set when the restore erased it)."""
+        result = run(DOORS["set_rolled_back_under_its_writer"]())
+        assert result.ok and not result.lost_evicted_while_alone, result.report()
+        original = FleetProtocol.sync
+
+        async def no_write_back_over_an_older_set(self: FleetProtocol) -> bool:
+            stored = await self._store.load(self.key)
+            current = self._current()
+            if stored is not None and current is not None and stored.rank < current.rank:
+                return True
+            return await original(self)
+
+        mutate(FleetProtocol, "sync", no_write_back_over_an_older_set)
+        result = run(DOORS["set_rolled_back_under_its_writer"]())
+        assert not result.ok
+        assert not result.lost_evicted_while_alone, result.report()
 
     def test_a_drain_cut_off_from_the_store_past_its_bound(self) -> None:
         """Seed 27342's case, scripted: the `sent` record of a spend never sent outlives its

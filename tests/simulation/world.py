@@ -1615,7 +1615,8 @@ class World:
         self._forgotten_sent: dict[str, tuple[str, float]] = {}
         self.forgotten_while_alone: set[str] = set()
         # The same limit for a token set: refresh tokens of the server's newest set, evicted
-        # from the store while no running process held it (its writer had exited).
+        # from the store (or erased by a restore) while no running process held it (its
+        # writer had exited).
         self.evicted_while_alone: set[str] = set()
         self.server.phases.listeners.append(self._on_sent)
         self.replicas: list[Replica] = []
@@ -1956,8 +1957,14 @@ class World:
     def roll_back(self, snapshot: MemoryState) -> None:
         """A restore of the store from `snapshot` (an operator's restore, a failover to a
         node far behind): what was written since is gone, an acknowledged `sent` record too,
-        as in an empty restart."""
+        as in an empty restart, and the newest set with it: counted as an evicted one when no
+        running process holds it (swarm seed 52433: its writer had crashed 32 ms before, the
+        others had missed its notice while re-subscribing after a failover)."""
         self._note_forgotten(snapshot)
+        stored = self.store.state.tokens.get(self.key)
+        kept = snapshot.tokens.get(self.key)
+        if stored is not None and (kept is None or kept.refresh_token != stored.refresh_token):
+            self._note_set_evicted()
         self.store.restore(snapshot)
         self.restarts[0] += 1
 
@@ -2148,12 +2155,14 @@ class World:
         self.store.state.tokens.pop(self.key, None)
 
     def _note_set_evicted(self) -> None:
-        """The stored set is about to be evicted: remember its refresh token when it is the
-        server's newest and no process that could write it back holds it (no replica's
-        process running with it, no drain under way). An eviction is applied on the primary
-        and its replicas alike, so no WAIT keeps it: `maxmemory-policy noeviction` rules it
-        out (docs/operations.md), and the simulation counts a grant lost so apart (swarm seed
-        24380: the writer's drain had ended, its commit stored and acknowledged)."""
+        """The stored set is about to be evicted (or erased by a restore, `roll_back`):
+        remember its refresh token when it is the server's newest and no process that could
+        write it back holds it (no replica's process running with it, no drain under way). An
+        eviction is applied on the primary and its replicas alike, and a restore replaces
+        them all, so no WAIT keeps it: `maxmemory-policy noeviction` rules the one out and
+        durable writes the other (docs/operations.md), and the simulation counts a grant lost
+        so apart (swarm seed 24380: the writer's drain had ended, its commit stored and
+        acknowledged; 52433: a restore 32 ms after the writer crashed)."""
         stored = self.store.state.tokens.get(self.key)
         valid = self.server.valid_refresh
         if stored is None or valid is None or stored.refresh_token != valid:

@@ -330,6 +330,30 @@ class TestAnAbortedGraceRetry:
         assert not bystander.must_veto(_notice("spend", "r2", token))  # its own next spend
         assert bystander.must_veto(_notice("spend", "r3", token))
 
+    def test_the_spend_retried_was_ours_and_aborted_nothing_is_remembered(self) -> None:
+        """The retried spend is this replica's own, which it ended as aborted (its abort went to
+        a split brain's old primary): nothing of the token is unknown, and it vetoes no spend
+        in its own name (swarm seed 55914: it did, and its own OutcomeUnknown then kept it from
+        the begin_spend that would have lifted the veto)."""
+        spender, token, fp = _bystander("r3")
+        spender.memory.aborted("r3", 4, fp)
+        spender.on_notice(_sent(token, "r1", 5, retry=True))
+        spender.on_notice(_retry_abort(token, "r1", ("r3", 4)))
+        assert fp not in spender.memory.foreign
+        assert not spender.memory.is_unknown(fp)
+        assert not spender.must_veto(_notice("spend", "r2", token))
+
+    def test_the_spend_retried_was_ours_and_unknown_it_stays_unknown(self) -> None:
+        """The retried spend is this replica's own, sent with no answer: still never spent
+        again, and vetoed, as its own unknown spend (never forgiven), not as another's."""
+        spender, token, fp = _bystander("r3")
+        spender.memory.our_unknown(fp, 0.0)
+        spender.on_notice(_sent(token, "r1", 5, retry=True))
+        spender.on_notice(_retry_abort(token, "r1", ("r3", 4)))
+        assert fp not in spender.memory.foreign
+        assert spender.memory.is_unknown(fp)
+        assert spender.must_veto(_notice("spend", "r2", token))
+
     def test_a_third_sender_keeps_it_nobodys(self) -> None:
         bystander, token, fp = _bystander("r0")
         bystander.on_notice(_sent(token, "r2", 1))

@@ -148,6 +148,37 @@ class TestRepeatedFenceAfterAnEviction:
         assert (spend.owner, spend.state) == ("a", "sent")
 
 
+class TestBeginSpendAfterTheFenceCounterIsLost:
+    async def test_a_repeated_fence_of_another_owner_is_another_spends_record(
+        self, store: MemoryStore
+    ) -> None:
+        """a marks its spend sent under fence 1 (its answer lost: never sent, or on the wire);
+        the store evicts its fence counter; b gets fence 1 again. b's begin_spend must meet
+        a's record as another spend's (unknown), not replace it as its own: a's abort still
+        ends it, and a token a did send is never presented by b (swarm seed 56916)."""
+        token = TokenSet("at", "Bearer", 0.0, 3600.0, None, "rt", lineage=1, generation=1)
+        await store.commit("app", token)
+        a = await store.acquire_lease("app", "a", 30.0)
+        await store.begin_spend("app", owner="a", fence=a.fence, token=token)
+        assert await store.mark_sent("app", owner="a", fence=a.fence)
+        del store.state.fences["app"]  # evicted
+        await store.release_lease("app", "a", a.fence)
+        b = await store.acquire_lease("app", "b", 30.0)
+        assert b.fence == a.fence  # the fence repeats
+        assert await store.begin_spend("app", owner="b", fence=b.fence, token=token) is (
+            SpendStart.UNKNOWN
+        )
+        spend = store.state.spends["app"]
+        assert (spend.owner, spend.fence, spend.state) == ("a", a.fence, "sent")
+        await store.end_spend(
+            "app", owner="a", fence=a.fence, outcome=SpendEnd.ABORTED, refresh_fp="rt-fp"
+        )
+        assert "app" not in store.state.spends
+        assert await store.begin_spend("app", owner="b", fence=b.fence, token=token) is (
+            SpendStart.OK
+        )
+
+
 class TestOutage:
     async def test_every_primitive_raises_store_unavailable(
         self, store: MemoryStore, fake_clock: FakeClock
