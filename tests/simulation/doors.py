@@ -1346,7 +1346,7 @@ def forgotten_then_down_then_its_spender_cut_off(cut_off: float = 30.0) -> Sched
 
     config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
     return Schedule(
-        seed=20_131,
+        seed=20_137,
         config=config,
         faults=(),
         duration=480.0,
@@ -2744,7 +2744,7 @@ def fence_repeated_after_its_counter_was_evicted() -> Schedule:
 
     config = WorldConfig(replicas=2, lifetime=120.0, grace=0.0, offsets=[0.0] * 2)
     return Schedule(
-        seed=20_135,
+        seed=20_131,
         config=config,
         faults=(),
         duration=600.0,
