@@ -20,7 +20,7 @@ from broker.fleetclock import STEP_TOLERANCE, FleetClock
 from broker.logs import SECRETS, get_logger
 from broker.model import AppSpec, TokenSet
 from broker.schedule import BLOCKED_RETRY, BUSY_POLL, MAX_SLEEP, Schedule, adopted
-from broker.store import LEASE, REFUSED, RELEASE, Notice
+from broker.store import LEASE, LOWERED, REFUSED, RELEASE, Notice
 
 if TYPE_CHECKING:
     from broker.refresher import AppRefresher, RefresherStore
@@ -51,6 +51,7 @@ class Adoption:
         _fleet_expiry: float
         _lower_pending: bool
         _lowering: asyncio.Task[None] | None
+        _taking_lowered: asyncio.Task[None] | None
         _stopping: bool
         _attempting: bool
         _stagger: float
@@ -103,6 +104,7 @@ class Adoption:
         self._fleet_expiry = 0.0
         self._lower_pending = False
         self._lowering = None
+        self._taking_lowered = None
         self._vetoes = {}
         self._unlisten_clock: Callable[[], None] = (
             clock.add_round_listener(self._on_clock_round)
@@ -259,7 +261,9 @@ class Adoption:
             self._lower_pending = False
             return
         try:
-            lowered = await self._store.lower_expiry(self.store_name, token, expires_at)
+            lowered = await self._store.lower_expiry(
+                self.store_name, token, expires_at, owner=self.fleet.owner
+            )
         except StoreUnavailable:
             return  # (still pending: the next round tries again)
         self._lower_pending = False
@@ -343,6 +347,9 @@ class Adoption:
             if notice.access_fp is not None:
                 self.purge(notice.access_fp)
             return
+        if notice.kind == LOWERED:
+            self._on_lowered(notice)
+            return
         if notice.kind == LEASE and notice.owner != self.fleet.owner:
             # Another replica refreshes now: wait for its notice (or its lease's end) rather
             # than ask for the lease too, but not past what our own token can still serve (a
@@ -379,6 +386,69 @@ class Adoption:
         elif notice.kind == "spend" and token is not None and token.rank > notice.rank:
             # Someone is about to spend an older set than ours: write ours back now.
             self.notify_store_changed()
+
+    def _on_lowered(self, notice: Notice) -> None:
+        """Another replica lowered the stored expiry of a set (`lower_stored_expiry`): when it
+        is the set we hold, take the lower expiry now (`_take_announced_lowering`).
+
+        The periodic look took it within MAX_SLEEP (30 s), too late for a pod that adopted the
+        set at face value just before: one started while Redis's clock was stepped back, before
+        any replica's round saw the step, with its own clock behind too. It served the set
+        until its look came, past the true expiry (swarm seeds 68595: 44 s back, a pod 49 s
+        behind, 9 s past; 80253: 11 s back, a pod 8 s behind, 2 s past), while the lowering
+        came 14 s and 1.5 s before that expiry.
+        """
+        token = self.token
+        if (
+            token is not None
+            and notice.owner != self.fleet.owner  # (our own: we hold that deadline already)
+            and notice.rank == token.rank
+            and notice.access_fp == token.fingerprint
+            and self._taking_lowered is None
+            and not self._stopping
+        ):
+            self._taking_lowered = asyncio.ensure_future(self._take_announced_lowering())
+            self._taking_lowered.add_done_callback(self._took_lowered)
+
+    def _took_lowered(self, _: asyncio.Task[None]) -> None:
+        self._taking_lowered = None
+
+    async def _take_announced_lowering(self) -> None:
+        """Serve the set we hold no longer than the lowered expiry the store keeps, counted on
+        the store's own clock (`TIME`), not on our fleet clock.
+
+        The bound is in the frame of Redis's clock as the lowering replica measured it, after
+        a step back. A replica whose round has not seen that step yet keeps time in the frame
+        before it: read on its fleet clock (as the periodic look does, `take_lowered_expiry`),
+        the bound looked that much earlier, and its own lowering at its next round wrote that
+        back, the step once more below: each replica that heard of the lowering before its
+        round saw the step cut the fleet's token by the step again. Counted against `TIME`,
+        the bound gives the same deadline to every replica, whatever the frame of its clock:
+        one that holds the right deadline (it adopted the set before the step) changes
+        nothing. The deadline is counted from before `TIME` was asked (never later).
+        Best-effort: a store that does not answer leaves it to the periodic look.
+        """
+        token = self.token
+        if token is None:
+            return
+        try:
+            stored = await self._store.load(self.store_name)
+            asked = self._clock.monotonic()
+            server_now = await self._store.server_time()
+        except StoreUnavailable:  # (UnreadableTokenSet too)
+            return
+        if (
+            stored is None
+            or self.token is not token
+            or stored.rank != token.rank
+            or stored.fingerprint != token.fingerprint
+            or stored.expires_at >= token.expires_at
+        ):
+            return
+        deadline = asked + min(stored.expires_at - server_now, token.lifetime)
+        self._mono_expiry = min(self._mono_expiry, deadline)
+        self._fleet_expiry = min(self._fleet_expiry, deadline)
+        self._wake.set()
 
     def _sync_overdue(self) -> bool:
         return self._clock.monotonic() - self._last_sync >= MAX_SLEEP
