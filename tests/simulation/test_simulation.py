@@ -193,7 +193,10 @@ OPEN_SEEDS: dict[int, str] = {
     81490: "empty_restart, split_brain, store_forgets, store_partition: a second presentation "
     "(invariant 1)",
     83136: "config_reload, crash, server_slow, store_clock_step: an expired token served "
-    "(invariant 2)",
+    "(invariant 2). Analysed: a step no replica's round falls inside (docs, Time): Redis 8.27 s "
+    "back from 197.23 to 212.99 s, the fleet's rounds at 197.09 (r5) and 214.93 s (r2); r1 "
+    "restarted inside it (its clock 28 s behind) measured the stepped clock first and served "
+    "the set, stamped right, to 211.4 s (true expiry 209.19 s); nobody could lower it",
     88902: "empty_restart, server_500_after_acting, store_clock_step, unknown_key: a second "
     "presentation (invariant 1)",
     94531: "empty_restart, server_500, split_brain, store_clock_step, store_outage: a second "
