@@ -1058,3 +1058,32 @@ class TestLoweredExpiryAnnounced:
             listener.cancel()
             await asyncio.gather(task, listener, return_exceptions=True)
             await refresher.stop()
+
+    async def test_the_periodic_look_counts_the_bound_on_the_store_clock_too(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """The same holder finds the lowered expiry at its periodic look (no notice heard): it
+        keeps its deadline too. Counted on its fleet clock, still in the frame before the
+        step, it lost the step (and wrote that back at its next round: the fleet's token cut
+        by the step once more for each such replica)."""
+        clock = fake_clock
+        redis = ShiftedClock(clock, 0.0)
+        stored = TokenSet("at-stored", "Bearer", clock.time() - 40.0, clock.time() + 80.0, None)
+        store = MemoryStore(redis)
+        await store.commit(key(), stored)
+        refresher, listener, task = await self.started(store, clock, 0.0)
+        listener.cancel()  # (deaf: only its look at the store tells it)
+        try:
+            await clock.settle()
+            await clock.advance(5.0)
+            redis.offset = -20.0
+            assert await store.lower_expiry(key(), stored, stored.expires_at - 20.0, owner="a")
+            lowered = await store.load(key())
+            assert lowered is not None
+            refresher.take_lowered_expiry(lowered)
+            await clock.settle()
+            assert refresher.remaining() == pytest.approx(75.0, abs=0.01)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, listener, return_exceptions=True)
+            await refresher.stop()
