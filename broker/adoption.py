@@ -20,7 +20,7 @@ from broker.fleetclock import STEP_TOLERANCE, FleetClock
 from broker.logs import SECRETS, get_logger
 from broker.model import AppSpec, TokenSet
 from broker.schedule import BLOCKED_RETRY, BUSY_POLL, MAX_SLEEP, Schedule, adopted
-from broker.store import LEASE, REFUSED, RELEASE, Notice
+from broker.store import LEASE, LOWERED, REFUSED, RELEASE, Notice
 
 if TYPE_CHECKING:
     from broker.refresher import AppRefresher, RefresherStore
@@ -51,6 +51,8 @@ class Adoption:
         _fleet_expiry: float
         _lower_pending: bool
         _lowering: asyncio.Task[None] | None
+        _taking_lowered: asyncio.Task[None] | None
+        _bound_taken: float
         _stopping: bool
         _attempting: bool
         _stagger: float
@@ -103,6 +105,10 @@ class Adoption:
         self._fleet_expiry = 0.0
         self._lower_pending = False
         self._lowering = None
+        self._taking_lowered = None
+        # The lowest stored expiry of the set served now that was counted (on the store's
+        # clock): a look that finds it again asks nothing more.
+        self._bound_taken = float("inf")
         self._vetoes = {}
         self._unlisten_clock: Callable[[], None] = (
             clock.add_round_listener(self._on_clock_round)
@@ -120,6 +126,7 @@ class Adoption:
                 SECRETS.discard([previous.refresh_token])
         wall, mono = self._clock.time(), self._clock.monotonic()
         self._mono_expiry, self._fleet_expiry = self._deadlines(token, token.expires_at, wall, mono)
+        self._bound_taken = float("inf")
         if sent_mono is not None:
             # Our own request: its lifetime is also counted on our monotonic clock from sending.
             self._mono_expiry = min(self._mono_expiry, sent_mono + token.lifetime)
@@ -259,7 +266,9 @@ class Adoption:
             self._lower_pending = False
             return
         try:
-            lowered = await self._store.lower_expiry(self.store_name, token, expires_at)
+            lowered = await self._store.lower_expiry(
+                self.store_name, token, expires_at, owner=self.fleet.owner
+            )
         except StoreUnavailable:
             return  # (still pending: the next round tries again)
         self._lower_pending = False
@@ -279,20 +288,18 @@ class Adoption:
         that saw Redis's clock step back, or read the set issued in the future, lowered it
         (`lower_stored_expiry`). Serve it no longer than that: a replica that had taken the
         step before it adopted the set, stamped in the frame before it, could not tell (swarm
-        seed 4340: a spender frozen 33 s while Redis's clock went back 37 s)."""
+        seed 4340: a spender frozen 33 s while Redis's clock went back 37 s). Counted on the
+        store's clock (`_take_lowered_on_store_clock`), as a LOWERED notice is."""
         token = self.token
         if (
             token is None
-            or stored.expires_at >= token.expires_at  # (first: the fingerprints hash twice)
+            # (first: the fingerprints hash twice)
+            or stored.expires_at >= min(token.expires_at, self._bound_taken)
             or token.rank != stored.rank
             or token.fingerprint != stored.fingerprint
         ):
             return
-        wall, mono = self._clock.time(), self._clock.monotonic()
-        mono_expiry, fleet_expiry = self._deadlines(token, stored.expires_at, wall, mono)
-        self._mono_expiry = min(self._mono_expiry, mono_expiry)
-        self._fleet_expiry = min(self._fleet_expiry, fleet_expiry)
-        self.token = token.expiring_at(stored.expires_at)
+        self._take_lowered_soon()
 
     def _deadlines(
         self, token: TokenSet, expires_at: float, wall: float, mono: float
@@ -343,6 +350,9 @@ class Adoption:
             if notice.access_fp is not None:
                 self.purge(notice.access_fp)
             return
+        if notice.kind == LOWERED:
+            self._on_lowered(notice)
+            return
         if notice.kind == LEASE and notice.owner != self.fleet.owner:
             # Another replica refreshes now: wait for its notice (or its lease's end) rather
             # than ask for the lease too, but not past what our own token can still serve (a
@@ -379,6 +389,73 @@ class Adoption:
         elif notice.kind == "spend" and token is not None and token.rank > notice.rank:
             # Someone is about to spend an older set than ours: write ours back now.
             self.notify_store_changed()
+
+    def _on_lowered(self, notice: Notice) -> None:
+        """Another replica lowered the stored expiry of a set (`lower_stored_expiry`): when it
+        is the set we hold, take the lower expiry now (`_take_lowered_on_store_clock`).
+
+        The periodic look took it within MAX_SLEEP (30 s), too late for a pod that adopted the
+        set at face value just before: one started while Redis's clock was stepped back, before
+        any replica's round saw the step, with its own clock behind too. It served the set
+        until its look came, past the true expiry (swarm seeds 68595: 44 s back, a pod 49 s
+        behind, 9 s past; 80253: 11 s back, a pod 8 s behind, 2 s past), while the lowering
+        came 14 s and 1.5 s before that expiry.
+        """
+        token = self.token
+        if (
+            token is not None
+            and notice.owner != self.fleet.owner  # (our own: we hold that deadline already)
+            and notice.rank == token.rank
+            and notice.access_fp == token.fingerprint
+        ):
+            self._take_lowered_soon()
+
+    def _take_lowered_soon(self) -> None:
+        if self._taking_lowered is None and not self._stopping:
+            self._taking_lowered = asyncio.ensure_future(self._take_lowered_on_store_clock())
+            self._taking_lowered.add_done_callback(self._took_lowered)
+
+    def _took_lowered(self, _: asyncio.Task[None]) -> None:
+        self._taking_lowered = None
+
+    async def _take_lowered_on_store_clock(self) -> None:
+        """Serve the set we hold no longer than the lowered expiry the store keeps, counted on
+        the store's own clock (`TIME`), not on our fleet clock.
+
+        The bound is in the frame of Redis's clock as the lowering replica measured it, after
+        a step back. A replica whose round has not seen that step yet keeps time in the frame
+        before it: read on its fleet clock, the bound looked that much earlier, and its own
+        lowering at its next round wrote that back, the step once more below; each replica
+        that looked at the store before its round saw the step cut the fleet's token by the
+        step again (door step_seen_after_a_restarted_pod_read_the_stamp: 60 s before its true
+        expiry, after a step of 30 s). Counted against `TIME`, the bound gives the same
+        deadline to every replica, whatever the frame of its clock: one that holds the right
+        deadline (it adopted the set before the step) changes nothing. The deadline is
+        counted from before `TIME` was asked (never later). Best-effort: a store that does not
+        answer leaves it to the next look.
+        """
+        token = self.token
+        if token is None:
+            return
+        try:
+            stored = await self._store.load(self.store_name)
+            asked = self._clock.monotonic()
+            server_now = await self._store.server_time()
+        except StoreUnavailable:  # (UnreadableTokenSet too)
+            return
+        if (
+            stored is None
+            or self.token is not token
+            or stored.rank != token.rank
+            or stored.fingerprint != token.fingerprint
+            or stored.expires_at >= min(token.expires_at, self._bound_taken)
+        ):
+            return
+        deadline = asked + min(stored.expires_at - server_now, token.lifetime)
+        self._mono_expiry = min(self._mono_expiry, deadline)
+        self._fleet_expiry = min(self._fleet_expiry, deadline)
+        self._bound_taken = stored.expires_at
+        self._wake.set()
 
     def _sync_overdue(self) -> bool:
         return self._clock.monotonic() - self._last_sync >= MAX_SLEEP

@@ -43,6 +43,10 @@ RELEASE = "release"
 # The kind of the notice of an access token the upstream refused (`TokenStore.refuse_token`):
 # `access_fp` names it, and every replica still holding it treats it as due now (issue 22).
 REFUSED = "refused"
+# The kind of the notice of a stored expiry lowered (`TokenStore.lower_expiry`): `rank` and
+# `access_fp` name the set, and every replica that holds it reads the store to take the lower
+# expiry at once, not at its next periodic look (swarm seeds 68595, 80253).
+LOWERED = "lowered"
 
 
 class Refusal(enum.StrEnum):
@@ -180,7 +184,10 @@ class Notice:
     "release" (RELEASE) that it gave the lease back: advisory, for scheduling only (a release
     before them ignores both kinds). "refused" (REFUSED) says the upstream refused the access
     token whose fingerprint is `access_fp`, the stored set's when it was recorded: a replica
-    that still holds it refreshes now (under the lease, as always).
+    that still holds it refreshes now (under the lease, as always). "lowered" (LOWERED) says
+    the stored expiry of the set of `rank` and access token `access_fp` was lowered
+    (`lower_expiry`): a replica that holds that set reads the store to take it (a release
+    before it ignores the kind).
 
     A "token" notice carries the committed set itself, so a replica adopts it without reading
     the store (one read per replica per refresh made a refresh cost O(replicas) commands):
@@ -299,7 +306,9 @@ class TokenSets(Protocol):
         """
         ...
 
-    async def lower_expiry(self, app: str, token: TokenSet, expires_at: float) -> bool:
+    async def lower_expiry(
+        self, app: str, token: TokenSet, expires_at: float, *, owner: str | None = None
+    ) -> bool:
         """Lower the stored expiry of `token`'s set to `expires_at` (fleet time): never raise it.
 
         A conditional rewrite (issue 20, M3): only while the stored set is `token`'s (its rank
@@ -308,7 +317,9 @@ class TokenSets(Protocol):
         re-expresses its serving deadline in the new frame with it, so a pod that reads the set
         later does not serve it by the old frame's stamp. The encrypted set is not rewritten:
         the store keeps the lower bound beside it, and every read returns the earlier of the
-        two. True when the stored expiry was lowered.
+        two. True when the stored expiry was lowered; the store then publishes a LOWERED notice
+        naming the set and `owner` (the replica that lowered it), so every other replica that
+        holds it takes the lower expiry at once.
         """
         ...
 

@@ -22,6 +22,7 @@ from broker.store import (
     FAILURE_RETENTION,
     HEARTBEAT,
     LEASE,
+    LOWERED,
     REFUSED,
     RELEASE,
     Commit,
@@ -484,7 +485,9 @@ class MemoryStore:
         self._publish(Notice(app, REFUSED, access_fp=access_fp, protocol=self.protocol))
         return Refusal.RECORDED
 
-    async def lower_expiry(self, app: str, token: TokenSet, expires_at: float) -> bool:
+    async def lower_expiry(
+        self, app: str, token: TokenSet, expires_at: float, *, owner: str | None = None
+    ) -> bool:
         """Lower the stored set's expiry if it is `token`'s (see TokenStore.lower_expiry)."""
         self._check()
         current = self.state.tokens.get(app)
@@ -497,6 +500,16 @@ class MemoryStore:
             return False
         # (The Redis store keeps the bound beside the encrypted set; a read answers the same.)
         self.state.tokens[app] = current.expiring_at(expires_at)
+        self._publish(
+            Notice(
+                app,
+                LOWERED,
+                rank=current.rank,
+                owner=owner,
+                access_fp=current.fingerprint,
+                protocol=self.protocol,
+            )
+        )
         return True
 
     async def updates(self) -> AsyncIterator[Notice]:

@@ -332,12 +332,13 @@ redis.call('PUBLISH', ARGV[6], cjson.encode({app=ARGV[7], kind='token', version=
 return 'moved'
 """
 
-# KEYS: token. ARGV: lineage, gen, access fp, expiry in ms (fleet time = this server's clock).
-# Lowers the stored set's expiry without touching its blob (`lower_expiry`): only while the
-# stored set is that rank and access token, and only below a bound already kept. The bound
-# names the version it was written for: a commit by a release before the field leaves it in
-# the hash, where it must not cut the life of the newer set (a read applies it only to that
-# version).
+# KEYS: token. ARGV: lineage, gen, access fp, expiry in ms (fleet time = this server's clock),
+# channel, app, owner. Lowers the stored set's expiry without touching its blob
+# (`lower_expiry`): only while the stored set is that rank and access token, and only below a
+# bound already kept; a bound kept is published (a LOWERED notice naming the set and its
+# owner), so the set's holders take it at once. The bound names the version it was written
+# for: a commit by a release before the field leaves it in the hash, where it must not cut the
+# life of the newer set (a read applies it only to that version).
 _LOWER_EXPIRY = """
 local cur = redis.call('HMGET', KEYS[1], 'version', 'lineage', 'gen', 'fp', 'expires_by',
   'expires_by_version')
@@ -347,6 +348,8 @@ if not cur[1] or tonumber(cur[2] or '0') ~= tonumber(ARGV[1])
 end
 if cur[5] and cur[6] == cur[1] and tonumber(cur[5]) <= tonumber(ARGV[4]) then return 0 end
 redis.call('HSET', KEYS[1], 'expires_by', ARGV[4], 'expires_by_version', cur[1])
+redis.call('PUBLISH', ARGV[5], cjson.encode({app=ARGV[6], kind='lowered',
+  lineage=tonumber(ARGV[1]), gen=tonumber(ARGV[2]), afp=ARGV[3], owner=ARGV[7], pv=__PV__}))
 return 1
 """
 
@@ -464,7 +467,7 @@ class RedisStore:
         self._take_budget = client.register_script(_TAKE_BUDGET)
         self._move_legacy = client.register_script(_versioned(_MOVE_LEGACY))
         self._refuse = client.register_script(_versioned(_REFUSE))
-        self._lower_expiry = client.register_script(_LOWER_EXPIRY)
+        self._lower_expiry = client.register_script(_versioned(_LOWER_EXPIRY))
         self.channel = f"{key_prefix}:updates"
 
     def token_key(self, app: str) -> str:
@@ -908,7 +911,9 @@ class RedisStore:
         )
         return Refusal(_text(answer))
 
-    async def lower_expiry(self, app: str, token: TokenSet, expires_at: float) -> bool:
+    async def lower_expiry(
+        self, app: str, token: TokenSet, expires_at: float, *, owner: str | None = None
+    ) -> bool:
         """Keep `expires_at` beside the stored set as the bound of its expiry, in one script
         (conditional on its rank and access token; never above a bound already kept)."""
         if expires_at >= token.expires_at:
@@ -922,6 +927,9 @@ class RedisStore:
                     token.generation,
                     token.fingerprint,
                     math.floor(expires_at * 1000),
+                    self.channel,
+                    app,
+                    owner or "",
                 ],
             ),
         )

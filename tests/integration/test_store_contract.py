@@ -20,6 +20,7 @@ from broker.metrics import Metrics
 from broker.model import PROTOCOL_VERSION, TokenSet
 from broker.store import (
     ABORTS_KEPT,
+    LOWERED,
     REFUSED,
     Lease,
     Notice,
@@ -1087,6 +1088,23 @@ class TestLowerExpiry:
             (1, 2),
             held.access_token,
         )
+
+    async def test_a_lowering_is_announced(self, store: TokenStore) -> None:
+        """One LOWERED notice per bound kept, naming the set (rank, access token fingerprint)
+        and the replica that lowered it; a lowering that changes nothing says nothing. Its
+        holders read the store at once (swarm seeds 68595, 80253: a pod that read the set at
+        face value served it until its periodic look, past its true expiry)."""
+        held = token_set(2)
+        await store.commit("app", held)
+        async with hearing(store, until=lambda heard: heard[-1].kind == "token") as heard:
+            assert await store.lower_expiry("app", held, 4000.0, owner="r1")
+            assert not await store.lower_expiry("app", held, 4100.0, owner="r2")
+            assert not await store.lower_expiry("app", token_set(1), 3000.0, owner="r2")
+            await store.commit("app", token_set(3))  # the end of what is heard
+        assert [(n.kind, n.rank, n.access_fp, n.owner, n.protocol) for n in heard] == [
+            (LOWERED, held.rank, held.fingerprint, "r1", PROTOCOL_VERSION),
+            ("token", token_set(3).rank, None, None, PROTOCOL_VERSION),
+        ]
 
     async def test_a_lowered_set_keeps_its_lifetime(self, store: TokenStore) -> None:
         """The issue moves with the expiry: a stamp re-expressed in another frame of Redis's

@@ -1974,6 +1974,45 @@ def step_between_two_rounds_under_a_restarted_pod() -> Schedule:
     )
 
 
+def step_seen_after_a_restarted_pod_read_the_stamp() -> Schedule:
+    """Found by the swarm (seeds 68595, 80253): Redis's clock steps back 30 s, and a pod whose
+    own clock is 35 s behind restarts at once, 12 s before the stored set's true expiry and
+    before any replica's round saw the step: it measures the stepped clock and reads the set,
+    stamped right, at face value (every clock it has says the set lives 30 s longer). The
+    server is down, so no newer set replaces it. Another replica's round then sees the step
+    and lowers the stored expiry (`lower_expiry`) before the true expiry, but the pod took the
+    lower expiry only at its periodic look (MAX_SLEEP after its read), and served the set past
+    its true expiry until then. A lowering is now announced (LOWERED), and the pod takes it
+    at once."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        server.faults.down = True
+        stored = world.store.state.tokens[world.key]
+        # 12 s before the set's true expiry (the store's clock is right until now).
+        await world.time.sleep(stored.expires_at - 12.0 - world.store_clock.time())
+        world.store_clock.step = -30.0
+        await world.crash(5)
+        world.start_replica(5)
+        await world.time.sleep(60.0)
+        world.store_clock.step = 0.0
+        await world.time.sleep(60.0)
+        server.faults.down = False
+
+    config = WorldConfig(replicas=6, lifetime=60.0, grace=0.0, offsets=[0.0] * 5 + [-35.0])
+    return Schedule(
+        seed=20_138,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="step_seen_after_a_restarted_pod_read_the_stamp",
+        script=script,
+        script_heals_by=240.0,
+    )
+
+
 def rollback_erases_a_sent_record_with_its_spender_awake() -> Schedule:
     """Found by the swarm (seed 5310): a strict server rotates a refresh token and answers 500
     (the outcome is unknown), and the store is rolled back, at the moment the token is marked
@@ -2898,6 +2937,9 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "fence_repeated_after_its_counter_was_evicted": fence_repeated_after_its_counter_was_evicted,
     "abort_after_another_spend_replaced_the_forgotten_record": (
         abort_after_another_spend_replaced_the_forgotten_record
+    ),
+    "step_seen_after_a_restarted_pod_read_the_stamp": (
+        step_seen_after_a_restarted_pod_read_the_stamp
     ),
 }
 

@@ -968,3 +968,122 @@ class TestLowerStoredExpiry:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await refresher.stop()
+
+
+class TestLoweredExpiryAnnounced:
+    """A replica that lowered the stored expiry announces it (LOWERED): a replica that holds the
+    set takes it at once, counted on the store's own clock (`TIME`)."""
+
+    async def started(
+        self, store: MemoryStore, clock: FakeClock, host_offset: float
+    ) -> tuple[AppRefresher, asyncio.Task[None], asyncio.Task[None]]:
+        """A refresher on `store` (its token source down, its fleet clock measured against the
+        store's), fed the store's notices."""
+        fleet = FleetClock(clock)
+        assert await fleet.measure(store) == "first"
+        source = FakeTokenSource(clock, lifetime=120.0)
+        source.failure = TransientTokenError("down", outcome_unknown=False)
+        refresher = AppRefresher(
+            app_spec(),
+            source,
+            store,
+            fleet,
+            lambda event: None,
+            owner="r",
+            rng=random.Random(7),
+            host_clock=ShiftedClock(clock, host_offset),
+        )
+        updates = cast(AsyncGenerator[Notice, None], store.updates())
+
+        async def dispatch() -> None:
+            try:
+                async for notice in updates:
+                    refresher.on_notice(notice)
+            finally:
+                await updates.aclose()
+
+        return refresher, asyncio.create_task(dispatch()), asyncio.create_task(refresher.run())
+
+    async def test_a_holder_that_read_the_stamp_at_face_value_takes_it_at_once(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """Swarm seeds 68595 and 80253: a pod starts while Redis's clock is 20 s back, before
+        any replica's round saw the step, its own clock 25 s behind: every clock it has says
+        the set, stamped right, lives 20 s longer than it does. Another replica's round then
+        sees the step and lowers the stored expiry; the pod takes it from the notice, not at
+        its periodic look (30 s later, past the true expiry)."""
+        clock = fake_clock
+        stored = TokenSet("at-stored", "Bearer", clock.time() - 40.0, clock.time() + 80.0, None)
+        store = MemoryStore(ShiftedClock(clock, -20.0))  # (Redis's clock: 20 s back)
+        await store.commit(key(), stored)
+        refresher, listener, task = await self.started(store, clock, -25.0)
+        try:
+            await clock.settle()
+            assert refresher.token is not None and refresher.token.access_token == "at-stored"
+            assert refresher.remaining() == pytest.approx(100.0, abs=0.01)  # (true: 80 s)
+            await clock.advance(5.0)
+            assert await store.lower_expiry(key(), stored, stored.expires_at - 20.0, owner="a")
+            await clock.settle()
+            assert refresher.remaining() == pytest.approx(75.0, abs=0.01)
+        finally:
+            task.cancel()
+            listener.cancel()
+            await asyncio.gather(task, listener, return_exceptions=True)
+            await refresher.stop()
+
+    async def test_a_holder_whose_round_has_not_seen_the_step_keeps_its_deadline(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """A replica that adopted the set before Redis's clock stepped back 20 s holds the
+        right deadline; its round has not seen the step yet. The lowering (20 s, in the new
+        frame) counted on its fleet clock, still in the old frame, would look 20 s earlier
+        than it is, and its own lowering at its next round would write that back: counted on
+        the store's clock it changes nothing."""
+        clock = fake_clock
+        redis = ShiftedClock(clock, 0.0)
+        stored = TokenSet("at-stored", "Bearer", clock.time() - 40.0, clock.time() + 80.0, None)
+        store = MemoryStore(redis)
+        await store.commit(key(), stored)
+        refresher, listener, task = await self.started(store, clock, 0.0)
+        try:
+            await clock.settle()
+            assert refresher.remaining() == pytest.approx(80.0, abs=0.01)
+            await clock.advance(5.0)
+            redis.offset = -20.0  # Redis's clock steps back; another replica's round sees it
+            assert await store.lower_expiry(key(), stored, stored.expires_at - 20.0, owner="a")
+            await clock.settle()
+            assert refresher.remaining() == pytest.approx(75.0, abs=0.01)
+        finally:
+            task.cancel()
+            listener.cancel()
+            await asyncio.gather(task, listener, return_exceptions=True)
+            await refresher.stop()
+
+    async def test_the_periodic_look_counts_the_bound_on_the_store_clock_too(
+        self, fake_clock: FakeClock
+    ) -> None:
+        """The same holder finds the lowered expiry at its periodic look (no notice heard): it
+        keeps its deadline too. Counted on its fleet clock, still in the frame before the
+        step, it lost the step (and wrote that back at its next round: the fleet's token cut
+        by the step once more for each such replica)."""
+        clock = fake_clock
+        redis = ShiftedClock(clock, 0.0)
+        stored = TokenSet("at-stored", "Bearer", clock.time() - 40.0, clock.time() + 80.0, None)
+        store = MemoryStore(redis)
+        await store.commit(key(), stored)
+        refresher, listener, task = await self.started(store, clock, 0.0)
+        listener.cancel()  # (deaf: only its look at the store tells it)
+        try:
+            await clock.settle()
+            await clock.advance(5.0)
+            redis.offset = -20.0
+            assert await store.lower_expiry(key(), stored, stored.expires_at - 20.0, owner="a")
+            lowered = await store.load(key())
+            assert lowered is not None
+            refresher.take_lowered_expiry(lowered)
+            await clock.settle()
+            assert refresher.remaining() == pytest.approx(75.0, abs=0.01)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, listener, return_exceptions=True)
+            await refresher.stop()
