@@ -319,7 +319,11 @@ class FleetProtocol:
             # `in_flight`; aborted: nothing), and the retry had no effect. Kept as another
             # replica's spend under our own name, we vetoed the next spend of the token in our
             # own name, and our own OutcomeUnknown stopped us before the `begin_spend` that
-            # would have lifted that veto (swarm seed 55914, after a split brain).
+            # would have lifted that veto (swarm seed 55914, after a split brain). A spender
+            # that reads the retry's notices only after it aborted its own spend (it was frozen
+            # as the token was marked sent) did the same, and after a config reload its new
+            # refresher vetoed naming that name alone, for good (swarm seeds 62442, 72135; door
+            # `own_spend_retried_then_aborted`).
             self.memory.resolved_foreign(refresh_fp)
             return
         self.memory.found_foreign(refresh_fp, owner, remembered[0])

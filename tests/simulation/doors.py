@@ -2844,6 +2844,52 @@ def abort_after_another_spend_replaced_the_forgotten_record() -> Schedule:
     )
 
 
+def own_spend_retried_then_aborted() -> Schedule:
+    """Swarm seeds 72135 and 62442, made small: on a 30 s grace server the spender freezes
+    the moment its token is marked sent (a GC pause, before the request leaves) and the
+    server goes down. Past the spender's lease a bystander takes the one grace retry, which
+    the down server refuses, so it aborts and restores the unknown record, naming the
+    spender's spend. The spender wakes, ends its spend as aborted (its lease ran out: never
+    sent), and only then reads the retry's `sent` and abort notices. It remembered its own
+    spend as another replica's, under its own name: no abort notice of its own reaches it, so
+    it vetoed every other replica's spend of the token. A config reload then carried that
+    memory to a refresher of another owner name, which no longer counts that name's spends
+    as its own, and the fleet waited for a person with the grant intact (invariant 5). The
+    spend retried is the spender's own now: what became of it is in its own memory."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                server.faults.down = True
+                world.pause(_index(world, replica), 20.0)
+
+        server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        spender = _index(world, hit[0])
+        await world.time.sleep(21.0)  # it woke, aborted, and read the retry's notices
+        state = world.store.state
+        # Between two of its spends (each ends without effect: the server is down).
+        await until(world, lambda: world.key not in state.spends and world.key not in state.leases)
+        world.reload(spender)
+        await world.time.sleep(10.0)
+        server.faults.down = False
+
+    config = WorldConfig(replicas=3, lifetime=120.0, grace=30.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_126,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="own_spend_retried_then_aborted",
+        script=script,
+        script_heals_by=150.0,
+    )
+
+
 DOORS: dict[str, Callable[[], Schedule]] = {
     "h5_sigterm_mid_spend_after_an_outage": h5_sigterm_mid_spend_after_an_outage,
     "h2_grace_retry_on_a_long_lifetime_3": h2_grace_retry_on_a_long_lifetime_3,
@@ -2922,6 +2968,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
         split_brain_answers_a_drained_abort_with_another_spend
     ),
     "retry_aborted_after_both_sends_heard": retry_aborted_after_both_sends_heard,
+    "own_spend_retried_then_aborted": own_spend_retried_then_aborted,
     "pod_restarted_while_the_store_clock_is_back": pod_restarted_while_the_store_clock_is_back,
     "set_stamped_while_the_store_clock_was_ahead": set_stamped_while_the_store_clock_was_ahead,
     "step_between_two_rounds_under_a_restarted_pod": (

@@ -1234,6 +1234,30 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 5") for v in result.violations), result.report()
 
+    def test_own_spend_retried_kept_as_another_replicas(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm seeds 62442, 72135: a spender that reads the abort notice of a grace retry of
+        its own spend remembers that spend as another replica's under its own name (the old
+        `_retry_ended`); after a config reload its new refresher vetoes every later spend of
+        the token naming that name alone, and the fleet waits for a person."""
+        original = FleetProtocol._retry_ended
+
+        def as_anothers(
+            self: FleetProtocol, refresh_fp: str, retrier: str | None, retried: tuple[str, int]
+        ) -> None:
+            owner, aborts = self._owner, self.memory.aborts
+            self._owner, self.memory.aborts = "", {}
+            try:
+                original(self, refresh_fp, retrier, retried)
+            finally:
+                self._owner, self.memory.aborts = owner, aborts
+
+        mutate(FleetProtocol, "_retry_ended", as_anothers)
+        result = run(DOORS["own_spend_retried_then_aborted"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 5") for v in result.violations), result.report()
+
     def test_an_abort_answered_with_another_spend_not_waited_for(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:

@@ -354,6 +354,50 @@ class TestAnAbortedGraceRetry:
         assert spender.memory.is_unknown(fp)
         assert spender.must_veto(_notice("spend", "r2", token))
 
+    def test_the_spender_keeps_no_spend_of_its_own_as_anothers(self) -> None:
+        """Swarm seeds 62442, 72135: the spender reads the retry's notices after it aborted
+        its own spend (it was frozen, or its abort was slow). The spend retried is its own:
+        remembered as another replica's under its own name, it vetoed every other spend of
+        the token, and no abort notice of its own ever cleared that."""
+        spender, token, fp = _bystander("r1")
+        spender.memory.aborted("r1", 15, fp)
+        spender.on_notice(_sent(token, "r4", 16, retry=True))
+        spender.on_notice(_retry_abort(token, "r4", ("r1", 15)))
+        assert fp not in spender.memory.foreign
+        assert not spender.must_veto(_notice("spend", "r0", token))
+        assert not spender.outcome_unknown(token)
+
+    def test_the_spenders_own_unknown_spend_stays_unknown(self) -> None:
+        """What it knows of its own spend stands: sent with no answer, it is never presented
+        again, and every other replica's spend of it is vetoed."""
+        spender, token, fp = _bystander("r1")
+        spender.memory.our_unknown(fp, 0.0)
+        spender.on_notice(_sent(token, "r4", 16, retry=True))
+        spender.on_notice(_retry_abort(token, "r4", ("r1", 15)))
+        assert spender.outcome_unknown(token)
+        assert spender.must_veto(_notice("spend", "r0", token))
+
+    def test_the_spend_of_the_refresher_a_reload_replaced(self) -> None:
+        """After a config reload, an aborted spend of the old owner name handed over
+        (`carry_over`) is ours too; a spend of that name we hold no abort of (its request may
+        still be on the wire) is remembered as that name's, as before."""
+        clock = FakeClock()
+        store = MemoryStore(clock)
+        token = _grant(clock)
+        fp = token.refresh_fingerprint or ""
+        old = _protocol(store, clock, "r1", token)
+        old.memory.aborted("r1", 15, fp)
+        new = _protocol(store, clock, "r1-1", token)
+        new.carry_over(old, same_grant=True)
+        new.on_notice(_sent(token, "r4", 16, retry=True))
+        new.on_notice(_retry_abort(token, "r4", ("r1", 15)))
+        assert fp not in new.memory.foreign
+        assert not new.must_veto(_notice("spend", "r0", token))
+        new.on_notice(_sent(token, "r4", 18, retry=True))
+        new.on_notice(_retry_abort(token, "r4", ("r1", 17)))
+        assert new.memory.foreign[fp][1] == "r1"
+        assert new.memory.foreign_fences[fp] == ("r1", 17)
+
     def test_a_third_sender_keeps_it_nobodys(self) -> None:
         bystander, token, fp = _bystander("r0")
         bystander.on_notice(_sent(token, "r2", 1))
