@@ -206,6 +206,18 @@ SWARM_REGRESSION_SEEDS = {
     "behind) read the set at face value; r2's round lowered the stored expiry at 244.3 s, 1.5 s "
     "before the true expiry, and r5 served past it until its periodic look (a lowering is "
     "announced: LOWERED)",
+    62442: "a spender's mark_sent and a bystander's grace retry both not durable; the retry's "
+    "abort restored the record naming the spender's spend, and the spender, reading it, "
+    "remembered its own spend as another replica's under its own name: it vetoed every other "
+    "spend of the token for good (a retry's abort naming our own spend leaves nothing foreign)",
+    72135: "as 62442: the spender, frozen as its token was marked sent, woke past a bystander's "
+    "refused grace retry, aborted its own spend and then read the retry's notices; kept as "
+    "another's under its own name, and after a config reload its new refresher vetoed naming "
+    "that name alone, which no abort lifts (door own_spend_retried_then_aborted)",
+    99854: "the documented limit, counted apart: a failover as the token was marked sent "
+    "dropped every subscription, the spender committed, its SIGTERM drain exited, and a "
+    "rollback 12 ms later brought back the set before it: nobody held the server's newest "
+    "refresh token (the checker counted only an eviction so; a restore is counted too)",
 }
 
 
@@ -216,18 +228,16 @@ SWARM_REGRESSION_SEEDS = {
 # a store that forgets, counted apart since the checker counts a spender cut off past the long
 # objection window as mute (issue 20; the broker needs `maxmemory-policy noeviction`).
 # Seeds 50,000..99,999 (`bench/simulate.py --start 50000 --schedules 50000`, on c43b632 of
-# 2026-12-07) broke an invariant in these 15 (68595 and 80253 since fixed), each on 8158e3c too (before that day's two
-# fixes): open doors, not yet analysed. Seed 93084 failed in that run and passes alone (on
-# both): not kept here, where a strict xfail would pass.
+# 2026-12-07) broke an invariant in 15, each on 8158e3c too (before that day's two fixes).
+# Analysed on 2026-12-07/08: 14 are fixed or shown to be the documented limit (now in
+# SWARM_REGRESSION_SEEDS, and DOCUMENTED_LIMIT_SEEDS where so). One stays open. Seed 93084
+# failed in that run and passes alone (on both): not kept here, where a strict xfail would pass.
 OPEN_SEEDS: dict[int, str] = {
-    62442: "replica_ack_lost, store_late_write, unknown_key: invariant 5",
-    72135: "config_reload, pause, server_down, store_lossy, unknown_key: invariant 5",
     83136: "config_reload, crash, server_slow, store_clock_step: an expired token served "
     "(invariant 2). Analysed: a step no replica's round falls inside (docs, Time): Redis 8.27 s "
     "back from 197.23 to 212.99 s, the fleet's rounds at 197.09 (r5) and 214.93 s (r2); r1 "
     "restarted inside it (its clock 28 s behind) measured the stepped clock first and served "
     "the set, stamped right, to 211.4 s (true expiry 209.19 s); nobody could lower it",
-    99854: "rollback, sigterm, store_forgets, store_slow_time: invariants 3 and 5",
 }
 
 # Swarm seeds of the sample (and SWARM_REGRESSION_SEEDS) whose grant is revoked or lost by the
@@ -252,6 +262,8 @@ DOCUMENTED_LIMIT_SEEDS: dict[int, str] = {
     "from 63 ms after the store came back",
     52433: "the newest set erased by a restore 32 ms after its writer crashed, the others "
     "re-subscribing after a failover had missed its notice",
+    99854: "the newest set erased by a rollback 12 ms after its writer's drain ended, the "
+    "others re-subscribing after a failover had missed its notice",
 }
 
 # Swarm seeds of the sample stopped by the documented limit of a drain (README, "What a crash
