@@ -232,7 +232,8 @@ SWARM_REGRESSION_SEEDS = {
 # Analysed on 2026-12-07/08: 14 are fixed or shown to be the documented limit (now in
 # SWARM_REGRESSION_SEEDS, and DOCUMENTED_LIMIT_SEEDS where so). One stays open, 83136. Seeds
 # 100,000..124,999 on 2d8cc01 broke an invariant in 3 more, each on 8bac933 too. Seed 93084
-# failed in that run and passes alone (on both): not kept here, where a strict xfail would pass.
+# failed in the run of 50,000..99,999 and passes alone (on both): not kept here, where a
+# strict xfail would pass.
 OPEN_SEEDS: dict[int, str] = {
     83136: "config_reload, crash, server_slow, store_clock_step: an expired token served "
     "(invariant 2). Analysed: a step no replica's round falls inside (docs, Time): Redis 8.27 s "
