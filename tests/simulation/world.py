@@ -2144,13 +2144,18 @@ class World:
                     keys.pop(self.key, None)
             self._note_forgotten(after)
         if evicted[0]:
-            self.evict_set()
+            self._note_set_evicted()
         for chosen, keys in zip(evicted, _keys_by_kind(self.store.state), strict=True):
             if chosen:
                 keys.pop(self.key, None)
 
     def evict_set(self) -> None:
-        """The store evicts the app's token set (a door's eviction of that key alone)."""
+        """The store evicts the app's token set (a door's eviction of that key alone): the set,
+        and the spends whose rotations it was the store's one trace of, are forgotten as in
+        `evict` (swarm seed 72057)."""
+        after = self.store.snapshot()
+        after.tokens.pop(self.key, None)
+        self._note_forgotten(after)
         self._note_set_evicted()
         self.store.state.tokens.pop(self.key, None)
 
@@ -2174,18 +2179,6 @@ class World:
             if not replica.task.done() and held is not None and held.refresh_token == valid:
                 return
         self.evicted_while_alone.add(valid)
-        # The set was the answer to the spend of the refresh token before it, and its commit
-        # resolved (deleted) that spend's `sent` record: evicting it forgets that spend as
-        # evicting the record would (swarm seed 72057). A later spend of that token is then
-        # judged as one of a forgotten `sent` record (`_on_sent`): excused only while its
-        # spender and every replica that heard of the spend or holds the newer set could not
-        # speak.
-        rotations = (p for p in reversed(self.server.presentations) if p.outcome == "rotated")
-        rotation = next(rotations, None)  # None: the set is the authorization's own
-        if rotation is not None:
-            self._forgotten_sent.setdefault(
-                fingerprint(rotation.refresh_token), (rotation.replica, self.time.now)
-            )
 
     def _only_copy_dies(self, replica: Replica) -> None:
         """The process exits holding the only copy of the server's newest set (its answer came,
