@@ -13,7 +13,7 @@ import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from broker.fleetclock import FleetClock
 from broker.model import PROTOCOL_VERSION, RefreshPolicy
@@ -2402,15 +2402,18 @@ def sigterm_drain_waits_for_a_replica_to_hold_the_commit() -> Schedule:
     )
 
 
-def _set_evicted(*, writer_exits: bool, restore: bool = False) -> Schedule:
+def _set_evicted(
+    *, writer_exits: bool, erase: Literal["evict", "restore", "restart"] = "evict"
+) -> Schedule:
     """Swarm seed 24380, scripted: Redis restarts empty as the server rotates (the `sent`
     record is gone, every subscription drops: the bystanders, which heard the `sent` notice,
     miss the commit's), the spender commits the answer into the empty store, and the store
     then evicts the set (a maxmemory policy other than `noeviction`). `writer_exits`: SIGTERM
     came as the server acted, and the drain has ended (the set was stored) when the eviction
-    comes; otherwise the spender runs on and writes its set back at its next look. `restore`:
-    a restore of the store from a snapshot taken as the spend was announced erases the set,
-    instead of an eviction (swarm seed 52433)."""
+    comes; otherwise the spender runs on and writes its set back at its next look. `erase`:
+    how the store loses the set: an eviction; a restore of the store from a snapshot taken
+    as the spend was announced (swarm seed 52433); or a second empty restart (swarm seed
+    118156, where it came 44 ms after the drain ended)."""
 
     async def script(world: World) -> None:
         key = world.key
@@ -2433,8 +2436,10 @@ def _set_evicted(*, writer_exits: bool, restore: bool = False) -> Schedule:
         await until(world, lambda: key in stored and stored[key].rank > rank, limit=5.0)
         await until(world, lambda: all(task.done() for task in world.draining), limit=5.0)
         # Before the bystanders are back (0.5 s): nobody else has it.
-        if restore:
+        if erase == "restore":
             world.roll_back(before[0])
+        elif erase == "restart":
+            world.empty_restart()
         else:
             world.evict_set()
         if writer_exits:
@@ -2442,15 +2447,22 @@ def _set_evicted(*, writer_exits: bool, restore: bool = False) -> Schedule:
             world.start_replica(_index(world, hit[0]))
 
     config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
-    erased = "rolled_back" if restore else "evicted"
+    erased = {"evict": "evicted", "restore": "rolled_back", "restart": "lost_in_an_empty_restart"}
     name = (
-        f"set_{erased}_after_its_writer_exited"
+        f"set_{erased[erase]}_after_its_writer_exited"
         if writer_exits
-        else f"set_{erased}_under_its_writer"
+        else f"set_{erased[erase]}_under_its_writer"
     )
-    seeds = {(False, True): 20_083, (False, False): 20_084, (True, True): 20_133}
+    seeds = {
+        ("evict", True): 20_083,
+        ("evict", False): 20_084,
+        ("restore", True): 20_133,
+        ("restore", False): 20_134,
+        ("restart", True): 20_142,
+        ("restart", False): 20_143,
+    }
     return Schedule(
-        seed=seeds.get((restore, writer_exits), 20_134),
+        seed=seeds[(erase, writer_exits)],
         config=config,
         faults=(),
         duration=480.0,
@@ -2548,13 +2560,27 @@ def set_rolled_back_after_its_writer_exited() -> Schedule:
     crashed 32 ms before): a restore from a snapshot taken as the spend was announced erases
     the newest set after its writer's drain stored it and exited. Counted apart as the
     eviction is: a restore loses acknowledged writes on every node."""
-    return _set_evicted(writer_exits=True, restore=True)
+    return _set_evicted(writer_exits=True, erase="restore")
 
 
 def set_rolled_back_under_its_writer() -> Schedule:
     """The same restore while the writer runs on: it writes its set back, nothing is lost
     and nothing is excused."""
-    return _set_evicted(writer_exits=False, restore=True)
+    return _set_evicted(writer_exits=False, erase="restore")
+
+
+def set_lost_in_an_empty_restart_after_its_writer_exited() -> Schedule:
+    """The same documented limit through a second empty restart (swarm seed 118156, 44 ms
+    after the writer's drain ended): it erases the newest set after its writer's drain
+    stored it and exited, while the bystanders were re-subscribing after the first. Counted
+    apart as the eviction is: an empty restart loses acknowledged writes on every node."""
+    return _set_evicted(writer_exits=True, erase="restart")
+
+
+def set_lost_in_an_empty_restart_under_its_writer() -> Schedule:
+    """The same second empty restart while the writer runs on: it writes its set back when
+    its subscription is back, nothing is lost and nothing is excused."""
+    return _set_evicted(writer_exits=False, erase="restart")
 
 
 def abort_after_the_store_forgot_the_record() -> Schedule:
@@ -2962,6 +2988,10 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "set_evicted_one_heard_of_its_spend": set_evicted_one_heard_of_its_spend,
     "set_rolled_back_after_its_writer_exited": set_rolled_back_after_its_writer_exited,
     "set_rolled_back_under_its_writer": set_rolled_back_under_its_writer,
+    "set_lost_in_an_empty_restart_after_its_writer_exited": (
+        set_lost_in_an_empty_restart_after_its_writer_exited
+    ),
+    "set_lost_in_an_empty_restart_under_its_writer": set_lost_in_an_empty_restart_under_its_writer,
     "abort_after_the_store_forgot_the_record": abort_after_the_store_forgot_the_record,
     "restored_record_named_for_its_first_spender": restored_record_named_for_its_first_spender,
     "split_brain_answers_a_drained_abort_with_another_spend": (

@@ -343,9 +343,10 @@ class Result:
     # Revoked by the documented limit: an empty restart erased a `sent` record while its
     # spender, the only replica that knew, could not speak (dead or paused); counted apart.
     revoked_forgotten_while_alone: bool = False
-    # Lost by the same limit: the store evicted the server's newest set, or a restore erased
-    # it, while no running process held it (World.evict, World.roll_back; `maxmemory-policy
-    # noeviction` and durable writes rule them out); counted apart.
+    # Lost by the same limit: the store evicted the server's newest set, or a restore or an
+    # empty restart erased it, while no running process held it (World.evict, World.roll_back,
+    # World.empty_restart; `maxmemory-policy noeviction` and durable writes rule them out);
+    # counted apart.
     lost_evicted_while_alone: bool = False
     # Stopped by the documented limit of a drain: the fleet waits for a person, the grant
     # intact, behind a `sent` record of a spend never sent whose spender exited at its drain's
@@ -968,11 +969,12 @@ def _revoked_forgotten_while_alone(world: World) -> bool:
 def _lost_evicted_while_alone(world: World) -> bool:
     """The same documented limit for a token set: the server's newest refresh token is held by
     no replica and not stored because the store evicted the set holding it, or a restore from
-    a snapshot erased it, while no running process held it (World.evict, World.roll_back). Not
-    a failover (it keeps what a replica acknowledged, a commit included) or an empty restart:
-    only an eviction, which the documented `maxmemory-policy noeviction` rules out, and a
-    restore, which loses acknowledged writes on every node as it does a `sent` record
-    (`_revoked_forgotten_while_alone` counts both)."""
+    a snapshot or an empty restart erased it, while no running process held it (World.evict,
+    World.roll_back, World.empty_restart). Not a failover (it keeps what a replica
+    acknowledged, a commit included): only an eviction, which the documented
+    `maxmemory-policy noeviction` rules out, and a restore or an empty restart, which lose
+    acknowledged writes on every node as they do a `sent` record
+    (`_revoked_forgotten_while_alone` counts all three; swarm seed 118156)."""
     return _grant_lost(world) and world.server.valid_refresh in world.evicted_while_alone
 
 

@@ -1476,6 +1476,48 @@ class TestTheDocumentedLimitIsExcusedNarrowly:
         assert not result.ok
         assert not result.lost_evicted_while_alone, result.report()
 
+    def test_a_set_lost_in_an_empty_restart_after_its_writer_exited(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Seed 118156's case, scripted: a second empty restart erases the newest set after
+        its writer's drain ended; the grant is lost, announced, and counted apart as the
+        eviction is. The checker before counted a set only when an eviction or a restore
+        erased it, and failed the run (invariant 3)."""
+        result = run(DOORS["set_lost_in_an_empty_restart_after_its_writer_exited"]())
+        assert result.ok, result.report()
+        assert result.lost_evicted_while_alone and not result.revoked, result.report()
+        assert result.outcome_unknown_announced > 0, result.report()
+
+        def empty_restart_noting_records_only(self: world_module.World) -> None:
+            self._note_forgotten(MemoryState())
+            self.store.restore(MemoryState())
+            self.restarts[0] += 1
+
+        mutate(world_module.World, "empty_restart", empty_restart_noting_records_only)
+        result = run(DOORS["set_lost_in_an_empty_restart_after_its_writer_exited"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 3") for v in result.violations), result.report()
+
+    def test_not_an_empty_restart_under_its_running_writer(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same second empty restart with the writer running: it writes its set back and
+        nothing is lost; without the write-back into the empty store the fleet stops serving,
+        a failure that is not excused (the writer held the set when the restart erased it)."""
+        result = run(DOORS["set_lost_in_an_empty_restart_under_its_writer"]())
+        assert result.ok and not result.lost_evicted_while_alone, result.report()
+        original = FleetProtocol.sync
+
+        async def no_write_back_over_nothing(self: FleetProtocol) -> bool:
+            if await self._store.load(self.key) is None:
+                return True
+            return await original(self)
+
+        mutate(FleetProtocol, "sync", no_write_back_over_nothing)
+        result = run(DOORS["set_lost_in_an_empty_restart_under_its_writer"]())
+        assert not result.ok
+        assert not result.lost_evicted_while_alone, result.report()
+
     def test_a_drain_cut_off_from_the_store_past_its_bound(self) -> None:
         """Seed 27342's case, scripted: the `sent` record of a spend never sent outlives its
         spender's drain (the store down 140 s, the bound 137.5 s): the fleet announces

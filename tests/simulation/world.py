@@ -1949,8 +1949,13 @@ class World:
     def empty_restart(self) -> None:
         """Redis restarts with nothing (no persistence, or every node lost power at once): every
         key is gone, on every node, whatever a replica acknowledged. A `sent` record lost so
-        is remembered, with its spender, for `forgotten_while_alone`."""
+        is remembered, with its spender, for `forgotten_while_alone`, and the newest set lost
+        so is counted as an evicted one when no running process holds it, as a restore's is
+        (swarm seed 118156: a first empty restart as the server rotated dropped every
+        subscription, the spender's drain committed the answer, unheard, and exited, and a
+        second one 44 ms later erased that set)."""
         self._note_forgotten(MemoryState())
+        self._note_set_evicted()
         self.store.restore(MemoryState())
         self.restarts[0] += 1
 
@@ -2160,14 +2165,16 @@ class World:
         self.store.state.tokens.pop(self.key, None)
 
     def _note_set_evicted(self) -> None:
-        """The stored set is about to be evicted (or erased by a restore, `roll_back`):
-        remember its refresh token when it is the server's newest and no process that could
-        write it back holds it (no replica's process running with it, no drain under way). An
-        eviction is applied on the primary and its replicas alike, and a restore replaces
-        them all, so no WAIT keeps it: `maxmemory-policy noeviction` rules the one out and
-        durable writes the other (docs/operations.md), and the simulation counts a grant lost
-        so apart (swarm seed 24380: the writer's drain had ended, its commit stored and
-        acknowledged; 52433: a restore 32 ms after the writer crashed)."""
+        """The stored set is about to be evicted (or erased by a restore, `roll_back`, or an
+        empty restart, `empty_restart`): remember its refresh token when it is the server's
+        newest and no process that could write it back holds it (no replica's process running
+        with it, no drain under way). An eviction is applied on the primary and its replicas
+        alike, and a restore or an empty restart replaces them all, so no WAIT keeps it:
+        `maxmemory-policy noeviction` rules the one out and durable writes the others
+        (docs/operations.md), and the simulation counts a grant lost so apart (swarm seed
+        24380: the writer's drain had ended, its commit stored and acknowledged; 52433: a
+        restore 32 ms after the writer crashed; 118156: an empty restart 44 ms after the
+        writer's drain ended)."""
         stored = self.store.state.tokens.get(self.key)
         valid = self.server.valid_refresh
         if stored is None or valid is None or stored.refresh_token != valid:
