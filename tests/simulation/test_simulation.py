@@ -223,6 +223,11 @@ SWARM_REGRESSION_SEEDS = {
     "and exited, and a second empty restart 44 ms later erased that set: nobody held the "
     "server's newest refresh token (the checker counted an eviction or a restore so; an empty "
     "restart is counted too; door set_lost_in_an_empty_restart_after_its_writer_exited)",
+    123915: "the documented limit, counted apart, as 118156 on a 30 s grace server: an empty "
+    "restart as the server rotated dropped every subscription, the spender committed (its "
+    "notice unheard), its SIGTERM drain exited, and a second empty restart 119 ms later erased "
+    "that set; the bystanders had heard another replica granted the one grace retry, and "
+    "vetoed every later spend (a third presentation could revoke the grant)",
 }
 
 
@@ -236,10 +241,10 @@ SWARM_REGRESSION_SEEDS = {
 # 2026-12-07) broke an invariant in 15, each on 8158e3c too (before that day's two fixes).
 # Analysed on 2026-12-07/08: 14 are fixed or shown to be the documented limit (now in
 # SWARM_REGRESSION_SEEDS, and DOCUMENTED_LIMIT_SEEDS where so). One stays open, 83136. Seeds
-# 100,000..124,999 on 2d8cc01 broke an invariant in 3 more, each on 8bac933 too (118156 is
-# the documented limit: an empty restart erased the newest set after its writer exited). Seed 93084
-# failed in the run of 50,000..99,999 and passes alone (on both): not kept here, where a
-# strict xfail would pass.
+# 100,000..124,999 on 2d8cc01 broke an invariant in 3 more, each on 8bac933 too (118156 and
+# 123915 are the documented limit: an empty restart erased the newest set after its writer
+# exited). Seed 93084 failed in the run of 50,000..99,999 and passes alone (on both): not kept
+# here, where a strict xfail would pass.
 OPEN_SEEDS: dict[int, str] = {
     83136: "config_reload, crash, server_slow, store_clock_step: an expired token served "
     "(invariant 2). Analysed: a step no replica's round falls inside (docs, Time): Redis 8.27 s "
@@ -248,8 +253,6 @@ OPEN_SEEDS: dict[int, str] = {
     "the set, stamped right, to 211.4 s (true expiry 209.19 s); nobody could lower it",
     120513: "crash, eviction, store_clock_step: an expired token served (invariant 2; seeds "
     "100,000..124,999 on 2d8cc01; fails on 8bac933 too; not analysed)",
-    123915: "empty_restart, lease_lost, sigterm, store_clock_step, store_slow_time: invariants "
-    "3 and 5 (seeds 100,000..124,999 on 2d8cc01; fails on 8bac933 too; not analysed)",
 }
 
 # Swarm seeds of the sample (and SWARM_REGRESSION_SEEDS) whose grant is revoked or lost by the
@@ -278,6 +281,9 @@ DOCUMENTED_LIMIT_SEEDS: dict[int, str] = {
     "others re-subscribing after a failover had missed its notice",
     118156: "the newest set erased by an empty restart 44 ms after its writer's drain ended, "
     "the others re-subscribing after an earlier empty restart had missed its notice",
+    123915: "the newest set erased by an empty restart 119 ms after its writer's drain ended, "
+    "the others re-subscribing after an earlier empty restart had missed its notice (a 30 s "
+    "grace server, its one retry granted to a bystander that never sent it)",
 }
 
 # Swarm seeds of the sample stopped by the documented limit of a drain (README, "What a crash
