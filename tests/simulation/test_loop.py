@@ -3,10 +3,11 @@ runs the same with them as without them (asyncio's way, a handle for every step)
 simulated nanosecond and the last logged field.
 
 The shortcuts: a reader of notices takes a heartbeat without being woken (`Inbox.heartbeat`),
-a sleep's timer runs its task's step at once (`SimLoop._run_once`), and the arrivals of one
-notice at every subscriber run in one handle (`SimLoop.arrive_soon`). Each is taken only where
-nothing could tell, and keeps every push and pop of the timer heap in the same order (timers
-due at the same moment leave it in an order its shape decides).
+a sleep's timer runs its task's step at once (`SimLoop._run_once`), a core's silence guard
+whose wait ends only in another wait waits again without its task (`_guard_waits_again`), and
+the arrivals of one notice at every subscriber run in one handle (`SimLoop.arrive_soon`). Each
+is taken only where nothing could tell, and keeps every push and pop of the timer heap in the
+same order (timers due at the same moment leave it in an order its shape decides).
 """
 
 from __future__ import annotations

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field, replace
 from heapq import heapify, heappop, heappush
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
+from prometheus_client.registry import Collector, CollectorRegistry
+
 from broker.clock import Clock
-from broker.core import BrokerCore
+from broker.core import PAUSED_AFTER, SILENCE_DEADLINE, BrokerCore
 from broker.dpop import DpopKeyMissing, ProofKey, ProofKeys, generate_key, jwk_thumbprint
 from broker.errors import (
     PermanentTokenError,
@@ -153,17 +155,25 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
         of in the reader's step behind them (`Inbox._deliver`)."""
         for handle in self.ready:
             kind = handle.__class__
-            if kind is not _WakeTimer and kind is not _WakeHandle:
+            if kind is not _WakeTimer and kind is not _WakeHandle and kind is not _GuardTimer:
                 return False
         return True
 
-    def sleeper(self, seconds: float) -> tuple[asyncio.Future[None], Timer]:
+    def sleeper(
+        self, seconds: float, guard: ReplicaClock | None = None
+    ) -> tuple[asyncio.Future[None], Timer]:
         """What asyncio.sleep(seconds) awaits: a future, resolved by a timer due then. (The
-        timer needs no context of its own: it only resolves the future.)"""
+        timer needs no context of its own: it only resolves the future.) `guard`: the clock
+        of a core whose silence guard waits (a _GuardTimer)."""
         # (schedule, inlined: this is most of the timers.)
         future = self.create_future()
         when = self.now + seconds
-        timer = _WakeTimer(self, when, _wake_sleeper, (future,), _TIMER_CONTEXT)
+        if guard is None:
+            timer = _WakeTimer(self, when, _wake_sleeper, (future,), _TIMER_CONTEXT)
+        else:
+            timer = _GuardTimer(self, when, _wake_sleeper, (future,), _TIMER_CONTEXT)
+            timer.core = guard.core  # type: ignore[assignment]
+            timer.host = guard
         heappush(self.heap, (when, NAN + 0.0, timer))
         return future, timer
 
@@ -291,6 +301,13 @@ class SimLoop(VirtualTimers, asyncio.SelectorEventLoop):
                             )
                         )
                     )
+                    if (
+                        self._step_now
+                        and handle.__class__ is _GuardTimer
+                        and _guard_waits_again(handle)
+                    ):
+                        self._step_now = False  # (the guard's step, taken: see _GuardTimer)
+                        continue
                     try:
                         future.set_result(None)
                     except (SystemExit, KeyboardInterrupt):
@@ -353,6 +370,56 @@ class _WakeHandle(Handle):
     __slots__ = ()
 
 
+class _GuardTimer(_WakeTimer):
+    """The timer of a wait of a core's silence guard (BrokerCore._keep_talking, which waits on
+    its replica's clock `host`): a sleep's timer, which SimLoop._run_once may take as the
+    guard's step itself (`_guard_waits_again`)."""
+
+    __slots__ = ("core", "host")
+
+    core: BrokerCore
+    host: ReplicaClock
+
+
+# The silence guard's code: a wait of a task running it gets a _GuardTimer (ReplicaClock.sleep).
+# (A test that replaces the guard replaces its code: its waits are plain sleeps.)
+_GUARD_CODE = BrokerCore._keep_talking.__code__
+
+
+def _guard_waits_again(timer: _GuardTimer) -> bool:
+    """The guard's step at the end of its wait, taken here without waking its task, when all
+    that step would do is wait again (a notice or a heartbeat was heard meanwhile: about one
+    guard step per replica for every heartbeat of the fleet): then note the new wait on the
+    core as the guard does, and push the same timer again, due when the guard's new sleep's
+    timer would be. Its task still awaits the same future, behind the same timer (a cancel
+    still finds it), and reads its wait from the core when it next wakes.
+
+    Only when the step would run at once, inside this turn (SimLoop._run_once, `_step_now`),
+    so that the push is where the step's own push would be; and only when the step would do
+    exactly that: the process not frozen (ReplicaClock.sleep would thaw first), not paused
+    (the guard would note it), the silence below both the guard's limit (it would publish a
+    heartbeat) and the deadline (it would return). The arithmetic is the guard's own, in its
+    order, on the same clock readings: the run is the same to the last bit."""
+    core = timer.core
+    loop = timer.queue
+    if timer.host.frozen.until > loop.now:
+        return False
+    mono = core._clock.monotonic()  # (the guard reads it twice; it is the same both times)
+    now, asked = core._quiet_wait
+    if mono - now - asked > PAUSED_AFTER:
+        return False
+    now = mono
+    quiet = now - max(core._heard_at, core._resumed_at)
+    if quiet >= SILENCE_DEADLINE or quiet >= core._quiet_limit:
+        return False
+    core._quiet_wait = (now, max(0.01, core._quiet_limit - quiet))
+    when = loop.now + core._quiet_wait[1]  # (ReplicaClock.sleep's sleeper)
+    timer.due = when
+    timer.scheduled = True
+    heappush(loop.heap, (when, NAN + 0.0, timer))
+    return True
+
+
 def run_simulated(main: Coroutine[object, object, T]) -> T:
     """Run `main` to completion on a fresh SimLoop."""
     with asyncio.Runner(loop_factory=SimLoop) as runner:
@@ -363,8 +430,9 @@ _TIMER_CONTEXT = contextvars.Context()
 
 # The loop's shortcuts, each of which leaves every run as it was (test_loop.py compares runs
 # with and without them): readers take heartbeats without being woken (Inbox.heartbeat), a
-# sleep's timer runs its task's step at once (SimLoop._run_once), and the arrivals of one notice
-# run in one handle (SimLoop.arrive_soon). False: asyncio's way, a handle for every step.
+# sleep's timer runs its task's step at once (SimLoop._run_once), a silence guard's wait that
+# ends in another wait is taken without its task (_guard_waits_again), and the arrivals of one
+# notice run in one handle (SimLoop.arrive_soon). False: asyncio's way, a handle for every step.
 SHORTCUTS = True
 
 
@@ -444,6 +512,7 @@ class ReplicaClock:
         self.wall_offset = wall_offset
         self._mono_base = mono_base
         self.frozen = frozen if frozen is not None else Frozen(world)
+        self.core: BrokerCore | None = None  # the core of the replica whose clock this is
 
     def time(self) -> float:
         """Wall time as this replica's (possibly wrong) clock reads it."""
@@ -457,7 +526,12 @@ class ReplicaClock:
         """Sleep on the world's clock (and past it while the process is frozen)."""
         if seconds > 0:
             # SimTime.sleep, inlined: every replica's waits come here.
-            future, timer = self._loop.sleeper(seconds)
+            task = asyncio.current_task(self._loop) if self.core is not None else None
+            if task is not None and task.get_coro().cr_code is _GUARD_CODE:  # type: ignore[union-attr]
+                # The core's silence guard waits: its timer may take its step (_GuardTimer).
+                future, timer = self._loop.sleeper(seconds, self)
+            else:
+                future, timer = self._loop.sleeper(seconds)
             try:
                 await future
             except BaseException:
@@ -1569,6 +1643,15 @@ TIMING = Timing(
 )
 
 
+class _Unscraped(CollectorRegistry):
+    """A replica's metrics registry, which nothing scrapes: it takes every metric without
+    prometheus-client's check of its names against the others' (a tenth of the cost of
+    starting a replica; the metrics themselves count as ever)."""
+
+    def register(self, collector: Collector) -> None:
+        """Take `collector` unchecked."""
+
+
 def _keys_by_kind(state: MemoryState) -> tuple[dict[str, Any], ...]:
     """The keys an eviction may take, in the order `World.evict` draws them."""
     return (state.tokens, state.leases, state.fences, state.spends)
@@ -1651,9 +1734,10 @@ class World:
             ),
         )
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """The name the store knows the fleet's set by (the app and its client binding)."""
+        """The name the store knows the fleet's set by (the app and its client binding; the
+        world's spec never changes)."""
         return self.key_of(self.spec)
 
     @staticmethod
@@ -1740,11 +1824,12 @@ class World:
         source.frozen = frozen
         source.replica = name
         view.name = name
-        metrics = Metrics()
+        metrics = Metrics(_Unscraped())
         self.metrics.append(metrics)
         # (seeded by the name, not drawn from the world's generator: seeds replay as before)
         observer = Observer(metrics)
         core = BrokerCore({}, view, clock, observer, rng=random.Random(name))
+        host_clock.core = core
         view.heard = functools.partial(_note_heard, core)
         core.add_app(
             self._refresher(name, source, view, clock, observer, spec=spec, host_clock=host_clock)
