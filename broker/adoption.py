@@ -315,6 +315,14 @@ class Adoption:
         serving = mono + min(expires_at - max(wall, self._host.time()), lifetime)
         return serving, mono + min(expires_at - wall, lifetime)
 
+    @property
+    def must_reach_store(self) -> bool:
+        """True while this app holds what a store that forgot may lack and no other replica
+        may know: a refresh token on the wire (its veto of another spend of it) or a set its
+        write-back could not store (the answer to our refresh, whose commit failed). The store
+        watcher then retries its reconnect at its shortest delay (broker/core.py)."""
+        return self.fleet.in_flight is not None or (self._unsynced and self.token is not None)
+
     def notify_store_lost(self) -> None:
         """The store connection dropped: the store may have forgotten (see the fleet's
         `note_connection_lost`)."""

@@ -21,6 +21,13 @@ log = get_logger(__name__)
 
 STORE_RETRY_MIN = 0.5
 # Short: a replica that reconnects late hears late of other replicas' spends and commits.
+# Not for a replica that holds what a store that forgot may lack (`AppRefresher.must_reach_store`:
+# a refresh token on the wire, a set the store did not take): it retries every STORE_RETRY_MIN.
+# After a store that forgot comes back, another replica writes its older set back and spends
+# it after the long objection window (6 s); only this replica's reconnect (its write-back, its
+# veto) stops that. With the backoff grown to 5 s in the outage, a holder cut off from the store
+# for 2.5 to 6 s after its return came back after the spend (door
+# `forgotten_then_down_then_its_spender_cut_off` with `cut_off=3.0`).
 STORE_RETRY_MAX = 5.0
 # A subscription can go half-open (a NAT, firewall or proxy forgot its connection): no error
 # ever comes, the notices just stop (issue 20, M2: 45 s of silence lost 9 notices on real
@@ -284,7 +291,7 @@ class BrokerCore:
                     log.warning("store.unavailable", error=str(exc), retry_in=delay)
                     was_down = True
                 await self._clock.sleep(delay)
-                delay = min(STORE_RETRY_MAX, delay * 2)
+                delay = self._next_retry(delay)
                 continue
             if self._heard_at > subscribed_at:
                 delay = STORE_RETRY_MIN  # the subscription worked: start the backoff over
@@ -297,7 +304,14 @@ class BrokerCore:
             self._store_lost()
             was_down = True
             await self._clock.sleep(delay)
-            delay = min(STORE_RETRY_MAX, delay * 2)
+            delay = self._next_retry(delay)
+
+    def _next_retry(self, delay: float) -> float:
+        """The watcher's next reconnect delay after `delay`: doubled up to STORE_RETRY_MAX,
+        unless an app holds what the store may lack (`must_reach_store`): then the shortest."""
+        if any(refresher.must_reach_store for refresher in self.refreshers.values()):
+            return STORE_RETRY_MIN
+        return min(STORE_RETRY_MAX, delay * 2)
 
     def _store_lost(self) -> None:
         """The subscription broke (or went silent): tell every refresher, whose next spends

@@ -1356,6 +1356,64 @@ def forgotten_then_down_then_its_spender_cut_off(cut_off: float = 30.0) -> Sched
     )
 
 
+def holder_back_soon_after_a_forgetful_outage() -> Schedule:
+    """Found by hand beside swarm seed 94531 (2026-12-07): as
+    `forgotten_then_down_then_its_spender_cut_off`, but the spender, which holds the rotated
+    set (its commit failed: the store was down), is cut off for 3 s only, shorter than the long
+    objection window (6 s). A bystander writes its older set back and spends it after that
+    window. The spender was reachable again 3 s before that send, but its watcher's reconnect
+    delay, grown to 5 s (`STORE_RETRY_MAX`) in the outage, brought it back 1.3 s after it: the
+    token was presented twice. A watcher whose replica holds a set the store did not take
+    retries every 0.5 s (`must_reach_store`): the spender writes its set back within the
+    window, and the bystander's spend ends as stale."""
+    schedule = forgotten_then_down_then_its_spender_cut_off(cut_off=3.0)
+    return replace(schedule, seed=20_142, name="holder_back_soon_after_a_forgetful_outage")
+
+
+def spender_in_flight_back_soon_after_a_forgetful_outage() -> Schedule:
+    """The same with the spender's refresh token still on the wire (the server acts on it 40 s
+    late): Redis restarts empty as the token is marked sent, goes down 60 ms later for 20 s,
+    and 60 ms after it is back the spender is cut off for 3 s. A bystander writes the set back
+    and announces a spend of the same token; only the spender's veto, sent once its
+    subscription is back, stops it. With the watcher's delay grown to 5 s, the spender came
+    back after the bystander's send (at 72.1 s), and the server, acting on the spender's
+    request at 85.9 s, saw the token presented twice and revoked the grant. Its watcher
+    retries every 0.5 s while a token of its is on the wire (`must_reach_store`), and vetoes
+    the spend within the long objection window."""
+
+    async def script(world: World) -> None:
+        hit: list[str] = []
+
+        def on_phase(phase: str, replica: str) -> None:
+            if phase == "sent" and not hit:
+                hit.append(replica)
+                world.empty_restart()
+                world.server.faults.stall_next = 40.0
+
+        world.server.phases.listeners.append(on_phase)
+        await until(world, lambda: hit)
+        await world.time.sleep(0.06)
+        world.set_store_outage(True)
+        await world.time.sleep(20.0)
+        world.set_store_outage(False)
+        await world.time.sleep(0.06)
+        spender = world.replicas[_index(world, hit[0])]
+        spender.view.faults.partitioned = True
+        await world.time.sleep(3.0)
+        spender.view.faults.partitioned = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
+    return Schedule(
+        seed=20_143,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="spender_in_flight_back_soon_after_a_forgetful_outage",
+        script=script,
+        script_heals_by=120.0,
+    )
+
+
 def config_reload_after_a_mark_sent_answer_lost() -> Schedule:
     """Found by the swarm (seed 8339, and 7 more of seeds 3,500 to 9,999): the store goes down
     right after it applied the spender's `mark_sent`, before the answer reached it (so the
@@ -3012,6 +3070,10 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "commit_forgotten_while_its_spender_is_cut_off": commit_forgotten_while_its_spender_is_cut_off,
     "forgotten_then_down_then_its_spender_cut_off": forgotten_then_down_then_its_spender_cut_off,
     "fence_repeated_after_its_counter_was_evicted": fence_repeated_after_its_counter_was_evicted,
+    "holder_back_soon_after_a_forgetful_outage": holder_back_soon_after_a_forgetful_outage,
+    "spender_in_flight_back_soon_after_a_forgetful_outage": (
+        spender_in_flight_back_soon_after_a_forgetful_outage
+    ),
     "abort_after_another_spend_replaced_the_forgotten_record": (
         abort_after_another_spend_replaced_the_forgotten_record
     ),

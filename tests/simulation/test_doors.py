@@ -29,11 +29,7 @@ from broker.schedule import BLOCKED_RETRY
 from broker.store import LEASE, Notice, SpendEnd, SpendRecord, SpendStart
 from broker.store.memory import MemoryState, MemoryStore
 from tests.simulation import world as world_module
-from tests.simulation.doors import (
-    DOORS,
-    commit_forgotten_while_its_spender_is_cut_off,
-    forgotten_then_down_then_its_spender_cut_off,
-)
+from tests.simulation.doors import DOORS, commit_forgotten_while_its_spender_is_cut_off
 from tests.simulation.schedule import make_schedule, run
 
 
@@ -74,6 +70,12 @@ def _holder_keeps_its_deadline(mutate: Callable[[object, str, object], None]) ->
     LOWERED notice of that lowering (which also closes these doors, at once)."""
     mutate(adoption_module.Adoption, "take_lowered_expiry", lambda self, stored: None)
     mutate(adoption_module.Adoption, "_on_lowered", lambda self, notice: None)
+
+
+def _old_next_retry(self: BrokerCore, delay: float) -> float:
+    """The watcher's old reconnect delay: doubled up to STORE_RETRY_MAX, whatever the replica
+    holds."""
+    return min(core_module.STORE_RETRY_MAX, delay * 2)
 
 
 class TestEachFixPutBackOpensItsDoor:
@@ -1388,6 +1390,29 @@ class TestEachFixPutBackOpensItsDoor:
         assert not result.ok
         assert any(v.startswith("invariant 2") for v in result.violations), result.report()
 
+    def test_a_holder_back_after_a_short_cut_off_waits_the_grown_backoff(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Found by hand beside swarm seed 94531: the spender holding the rotated set (its
+        commit failed in the outage) is cut off 3 s after a forgetful store came back. Its
+        watcher waits its grown 5 s delay (the old code: every watcher backs off alike) and
+        writes the set back after a bystander spent its older one: presented twice, not
+        excused as the limit."""
+        mutate(core_module.BrokerCore, "_next_retry", _old_next_retry)
+        result = run(DOORS["holder_back_soon_after_a_forgetful_outage"]())
+        assert not result.ok
+        assert result.revoked and not result.revoked_forgotten_while_alone, result.report()
+
+    def test_a_spender_in_flight_back_after_a_short_cut_off_waits_the_grown_backoff(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same with the spender's token still on the wire: its watcher, at its grown 5 s
+        delay (the old code), vetoes too late, after the bystander sent the token."""
+        mutate(core_module.BrokerCore, "_next_retry", _old_next_retry)
+        result = run(DOORS["spender_in_flight_back_soon_after_a_forgetful_outage"]())
+        assert not result.ok
+        assert result.revoked and not result.revoked_forgotten_while_alone, result.report()
+
 
 class TestTheDocumentedLimitIsExcusedNarrowly:
     def test_a_set_evicted_after_its_writer_exited(self) -> None:
@@ -1611,24 +1636,3 @@ class TestTheDocumentedLimitIsExcusedNarrowly:
         result = run(DOORS["c1_replaced_pod_empty_restart_2"]())
         assert not result.ok
         assert result.revoked and not result.revoked_forgotten_while_alone, result.report()
-
-
-class TestOpenDoors:
-    """Doors found and not yet closed, replayed so that they cannot pass unnoticed: a fix turns
-    the strict xfail into a failure that says to move the schedule among the doors."""
-
-    @pytest.mark.xfail(strict=True, reason="open: a reconnect backoff outlasts the long window")
-    def test_a_spender_back_after_a_short_cut_off_objects_in_time(self) -> None:
-        """Found by hand beside swarm seed 94531 (2026-12-07): the store restarts empty as the
-        token is marked sent and stays down 20 s; 60 ms after it is back, the spender, which
-        holds the rotated set, is cut off for 3 s only, shorter than the long objection window
-        (6 s). A bystander writes its older set back and waits that window; the spender is
-        reachable again 3 s before the bystander sends, but its watcher's reconnect backoff
-        (grown to 5 s, `STORE_RETRY_MAX`, during the outage) brings it back 1.3 s after the
-        send: the token is presented twice, and the checker rightly does not excuse it. Cut-offs
-        of 3 to 6 s open it; with the backoff capped at 1 s, 5.5 to 6 s still do (the spender
-        needs its reconnect and a re-read after the cut-off). Not closed: a shorter backoff moves
-        every outage's timings, and with it the mutant of door
-        `veto_for_a_spend_its_drained_spender_aborted` no longer opens its door)."""
-        result = run(forgotten_then_down_then_its_spender_cut_off(cut_off=3.0))
-        assert result.ok, result.report()

@@ -16,6 +16,7 @@ from broker.metrics import Metrics
 from broker.model import AppSpec, GrantType, RefreshPolicy, TokenSet
 from broker.observe import Observer
 from broker.refresher import AppRefresher
+from broker.serving import FORCE_MIN_AGE
 from broker.store import HEARTBEAT, Notice
 from broker.store.memory import MemoryStore
 from tests.support.fake_clock import FakeClock
@@ -228,3 +229,75 @@ class TestHalfOpenSubscription:
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+class CountingStore(HalfOpenStore):
+    """A HalfOpenStore that counts the watcher's pings (one per reconnect attempt)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.pings = 0
+
+    async def ping(self) -> None:
+        """Count, then answer (or fail while `fail`)."""
+        self.pings += 1
+        await super().ping()
+
+
+class TestReconnectDelay:
+    async def test_a_store_down_for_everyone_backs_off(self, clock: FakeClock) -> None:
+        """Nothing of this replica's is at stake: while the store is down the reconnect delay
+        doubles up to STORE_RETRY_MAX (0.5, 1, 2, 4, 5, 5 s: 6 attempts in 17.5 s)."""
+        store = CountingStore(clock)
+        _, task = await _fleet_of_one(clock, store, Metrics())
+        try:
+            store.fail = True
+            await store.close()  # the restart drops the subscription
+            pings = store.pings
+            await clock.advance(0.5 + 1 + 2 + 4 + 5 + 5 + 0.1)
+            assert store.pings - pings == 6
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def test_a_holder_of_a_token_in_flight_or_an_unstored_set_retries_soon(
+        self, clock: FakeClock
+    ) -> None:
+        """The store goes down while this replica's refresh token is on the wire, and the
+        answer cannot be committed: this replica holds what a store that forgot may lack (its
+        veto, then the rotated set), and a replica that spends the old set after the long
+        objection window must hear of it first. The watcher retries every STORE_RETRY_MIN,
+        not at a delay grown to 5 s, and the set is written back at once when the store is
+        back; then the backoff doubles again."""
+        store = CountingStore(clock)
+        core, task = await _fleet_of_one(clock, store, Metrics())
+        refresher = core.refreshers[APP]
+        source = refresher.source
+        assert isinstance(source, FakeTokenSource)
+        source.delay = 4.0
+        await clock.advance(FORCE_MIN_AGE)  # (a younger token is served, not refreshed)
+        try:
+            forced = asyncio.ensure_future(core.force_refresh(APP))
+            await clock.advance(1.0)
+            assert refresher.fleet.in_flight is not None and refresher.must_reach_store
+            store.fail = True
+            await store.close()
+            pings = store.pings
+            await clock.advance(10.0)  # the answer came at 4.5 s; its commit failed
+            assert refresher.fleet.in_flight is None and refresher.must_reach_store
+            assert refresher.token is not None and refresher.token.generation == 2
+            assert store.pings - pings >= 10 / STORE_RETRY_MIN - 1
+            store.fail = False
+            await clock.advance(STORE_RETRY_MIN + 0.1)
+            stored = await store.load(refresher.store_name)
+            assert stored is not None and stored.generation == 2
+            assert not refresher.must_reach_store
+            store.fail = True
+            await store.close()
+            pings = store.pings
+            await clock.advance(0.5 + 1 + 2 + 4 + 0.1)
+            assert store.pings - pings == 4
+        finally:
+            forced.cancel()
+            task.cancel()
+            await asyncio.gather(forced, task, return_exceptions=True)
