@@ -1367,7 +1367,7 @@ def holder_back_soon_after_a_forgetful_outage() -> Schedule:
     retries every 0.5 s (`must_reach_store`): the spender writes its set back within the
     window, and the bystander's spend ends as stale."""
     schedule = forgotten_then_down_then_its_spender_cut_off(cut_off=3.0)
-    return replace(schedule, seed=20_142, name="holder_back_soon_after_a_forgetful_outage")
+    return replace(schedule, seed=20_144, name="holder_back_soon_after_a_forgetful_outage")
 
 
 def spender_in_flight_back_soon_after_a_forgetful_outage() -> Schedule:
@@ -1404,7 +1404,7 @@ def spender_in_flight_back_soon_after_a_forgetful_outage() -> Schedule:
 
     config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0] * 3)
     return Schedule(
-        seed=20_143,
+        seed=20_145,
         config=config,
         faults=(),
         duration=480.0,
