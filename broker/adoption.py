@@ -106,6 +106,11 @@ class Adoption:
         self._lower_pending = False
         self._lowering = None
         self._taking_lowered = None
+        # The lowest expiry this replica asked the store to keep for the set it holds
+        # (`lower_stored_expiry`), kept whether or not the store held the set then: a set that
+        # comes back above it (written back after an eviction lost it with the bound) is
+        # lowered again (`_lower_again_if_above`).
+        self._bound_asked = float("inf")
         # The lowest stored expiry of the set served now that was counted (on the store's
         # clock): a look that finds it again asks nothing more.
         self._bound_taken = float("inf")
@@ -127,6 +132,7 @@ class Adoption:
         wall, mono = self._clock.time(), self._clock.monotonic()
         self._mono_expiry, self._fleet_expiry = self._deadlines(token, token.expires_at, wall, mono)
         self._bound_taken = float("inf")
+        self._bound_asked = float("inf")
         if sent_mono is not None:
             # Our own request: its lifetime is also counted on our monotonic clock from sending.
             self._mono_expiry = min(self._mono_expiry, sent_mono + token.lifetime)
@@ -216,6 +222,7 @@ class Adoption:
             # Redis stepped back, a reload, and a token served 20 s past its expiry).
             self._mono_expiry = min(self._mono_expiry, retired._mono_expiry)
             self._fleet_expiry = min(self._fleet_expiry, retired._fleet_expiry)
+            self._bound_asked = min(self._bound_asked, retired._bound_asked)
 
     def _on_clock_round(self, back: bool) -> None:
         """A round of the fleet clock came back (FleetClock.add_round_listener): after a jump
@@ -255,16 +262,23 @@ class Adoption:
         earliest frame its fleet clock allows. The fleet clock's deadline only, never the pod's
         own wall clock (one pod's skew would shorten the fleet's token). Best-effort: a store
         that does not answer is asked again after the next round of the fleet clock.
+
+        Never above a bound asked before for the same set (`_bound_asked`), even when the jump
+        that made it was not confirmed, or the store did not hold the set then: the bound
+        stands for every pod that measured Redis's clock while it was back.
         """
         token, clock = self.token, self._clock
         if token is None or not isinstance(clock, FleetClock):
             self._lower_pending = False
             return
-        expires_at = self._fleet_expiry + (clock.earliest_time() - clock.monotonic())
+        expires_at = min(
+            self._fleet_expiry + (clock.earliest_time() - clock.monotonic()), self._bound_asked
+        )
         if expires_at >= token.expires_at:
             # Adopted in the new frame already (or nothing moved): nothing to lower.
             self._lower_pending = False
             return
+        self._bound_asked = expires_at
         try:
             lowered = await self._store.lower_expiry(
                 self.store_name, token, expires_at, owner=self.fleet.owner
@@ -274,6 +288,25 @@ class Adoption:
         self._lower_pending = False
         if lowered:
             self._emit(events.ExpiryLowered(self.name, token.expires_at - expires_at))
+
+    def _lower_again_if_above(self, stored: TokenSet) -> None:
+        """The store holds our set (`stored`, as a look or a `token` notice shows it) with an
+        expiry above the bound we asked it to keep: an eviction (or a failover) lost the bound
+        with the set, and a replica that never saw the step wrote the set back, its stamp in
+        the frame before the step. Ask for the bound again (swarm seed 120513: Redis's clock
+        went back 13.5 s for 4 s and the set was evicted; a pod restarted inside the step, its
+        own clock 25.6 s behind, measured the stepped clock; the one round that saw the step
+        found no set to lower, and the set written back 8 s later was served by that pod past
+        its true expiry)."""
+        token = self.token
+        if (
+            token is not None
+            and stored.expires_at > self._bound_asked
+            and stored.rank == token.rank
+            and stored.fingerprint == token.fingerprint
+        ):
+            self._lower_pending = True
+            self._lower_if_pending()
 
     def newest_known(self) -> TokenSet | None:
         """The set served now: what the fleet protocol reads (broker.fleet.KnownSet)."""
@@ -290,6 +323,7 @@ class Adoption:
         step before it adopted the set, stamped in the frame before it, could not tell (swarm
         seed 4340: a spender frozen 33 s while Redis's clock went back 37 s). Counted on the
         store's clock (`_take_lowered_on_store_clock`), as a LOWERED notice is."""
+        self._lower_again_if_above(stored)
         token = self.token
         if (
             token is None
@@ -394,6 +428,8 @@ class Adoption:
                 self._last_sync = self._clock.monotonic()
             elif token is None or notice.rank != token.rank:
                 self.notify_store_changed()
+            elif carried is not None:
+                self._lower_again_if_above(carried)
         elif notice.kind == "spend" and token is not None and token.rank > notice.rank:
             # Someone is about to spend an older set than ours: write ours back now.
             self.notify_store_changed()

@@ -2071,6 +2071,56 @@ def step_seen_after_a_restarted_pod_read_the_stamp() -> Schedule:
     )
 
 
+def bound_evicted_with_the_set_written_back() -> Schedule:
+    """Found by the swarm (seed 120513): Redis's clock steps back 20 s and the stored set is
+    evicted at once. A pod whose own clock is 35 s behind restarts inside the step: it
+    measures the stepped clock and finds no set. One replica's round sees the jump back and
+    asks to lower the stored expiry, but the store holds no set; Redis's clock is put right,
+    and that replica's next round drops the jump. Another replica, whose clock never left
+    Redis's, writes the set back with its stamp in the frame before the step; the restarted
+    pod reads it 20 s too long by every clock it has, and the server is down. A replica that
+    asked for a bound now asks again when the store holds the set above it."""
+
+    async def script(world: World) -> None:
+        server = world.server
+        await until(world, lambda: server.presentations)
+        await until(world, lambda: world.store.state.tokens[world.key].rank > (1, 1))
+        server.faults.down = True
+        # Old enough that the restarted pod does not find it issued in the future (it would
+        # serve it its lifetime from the read, and lower it: set_stamped_ahead_its_writer_gone),
+        # and late enough that its next rounds (15 to 45 s, then 5 s to confirm) come after the
+        # set's true expiry.
+        await world.time.sleep(50.0)
+        world.store_clock.step = -20.0
+        world.evict_set()
+        seer = world.replicas[0]
+        clock = seer.refresher._clock
+        assert isinstance(clock, FleetClock)
+        # (a round of its own that falls inside the step: the swarm's rounds are spread)
+        assert await clock.measure(seer.view) == "held"
+        await world.time.sleep(1.0)
+        await world.crash(2)
+        world.start_replica(2)
+        # Another replica's look finds no set and writes it back; the new pod reads it.
+        world.replicas[1].refresher.notify_store_changed()
+        await world.time.sleep(1.0)
+        world.store_clock.step = 0.0
+        assert await clock.measure(seer.view) == "smoothed"  # (the jump is dropped)
+        await world.time.sleep(120.0)  # past the true expiry of the set
+        server.faults.down = False
+
+    config = WorldConfig(replicas=3, lifetime=60.0, grace=0.0, offsets=[0.0, 0.0, -35.0])
+    return Schedule(
+        seed=20_146,
+        config=config,
+        faults=(),
+        duration=480.0,
+        name="bound_evicted_with_the_set_written_back",
+        script=script,
+        script_heals_by=240.0,
+    )
+
+
 def rollback_erases_a_sent_record_with_its_spender_awake() -> Schedule:
     """Found by the swarm (seed 5310): a strict server rotates a refresh token and answers 500
     (the outcome is unknown), and the store is rolled back, at the moment the token is marked
@@ -3080,6 +3130,7 @@ DOORS: dict[str, Callable[[], Schedule]] = {
     "step_seen_after_a_restarted_pod_read_the_stamp": (
         step_seen_after_a_restarted_pod_read_the_stamp
     ),
+    "bound_evicted_with_the_set_written_back": bound_evicted_with_the_set_written_back,
 }
 
 

@@ -1412,6 +1412,17 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["spender_in_flight_back_soon_after_a_forgetful_outage"]())
         assert not result.ok
         assert result.revoked and not result.revoked_forgotten_while_alone, result.report()
+    def test_a_bound_lost_with_an_evicted_set_is_not_asked_again(
+        self, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """Swarm-found (seed 120513): the one round that saw Redis's clock step back found the
+        set evicted; another replica wrote it back with its stamp from before the step, and
+        nobody asked for the bound again (the old code): a pod restarted inside the step, its
+        own clock behind, serves the set past its true expiry."""
+        mutate(adoption_module.Adoption, "_lower_again_if_above", lambda self, stored: None)
+        result = run(DOORS["bound_evicted_with_the_set_written_back"]())
+        assert not result.ok
+        assert any(v.startswith("invariant 2") for v in result.violations), result.report()
 
 
 class TestTheDocumentedLimitIsExcusedNarrowly:

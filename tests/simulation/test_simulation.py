@@ -228,6 +228,11 @@ SWARM_REGRESSION_SEEDS = {
     "notice unheard), its SIGTERM drain exited, and a second empty restart 119 ms later erased "
     "that set; the bystanders had heard another replica granted the one grace retry, and "
     "vetoed every later spend (a third presentation could revoke the grant)",
+    120513: "Redis's clock 13.5 s back from 137.5 to 141.5 s, the set evicted at 137.7 s; r2 "
+    "restarted at 140.4 s (its clock 25.6 s behind) measured the stepped clock; r1's round at "
+    "141.2 s found no set to lower, and r4 wrote it back at 149.4 s stamped before the step: "
+    "r2 served it past its true expiry (152.7 s) (the bound asked is asked again when the store "
+    "holds the set above it; door bound_evicted_with_the_set_written_back)",
 }
 
 
@@ -243,16 +248,14 @@ SWARM_REGRESSION_SEEDS = {
 # SWARM_REGRESSION_SEEDS, and DOCUMENTED_LIMIT_SEEDS where so). One stays open, 83136. Seeds
 # 100,000..124,999 on 2d8cc01 broke an invariant in 3 more, each on 8bac933 too (118156 and
 # 123915 are the documented limit: an empty restart erased the newest set after its writer
-# exited). Seed 93084 failed in the run of 50,000..99,999 and passes alone (on both): not kept
-# here, where a strict xfail would pass.
+# exited; 120513 is fixed: a bound asked again). Seed 93084 failed in the run of
+# 50,000..99,999 and passes alone (on both): not kept here, where a strict xfail would pass.
 OPEN_SEEDS: dict[int, str] = {
     83136: "config_reload, crash, server_slow, store_clock_step: an expired token served "
     "(invariant 2). Analysed: a step no replica's round falls inside (docs, Time): Redis 8.27 s "
     "back from 197.23 to 212.99 s, the fleet's rounds at 197.09 (r5) and 214.93 s (r2); r1 "
     "restarted inside it (its clock 28 s behind) measured the stepped clock first and served "
     "the set, stamped right, to 211.4 s (true expiry 209.19 s); nobody could lower it",
-    120513: "crash, eviction, store_clock_step: an expired token served (invariant 2; seeds "
-    "100,000..124,999 on 2d8cc01; fails on 8bac933 too; not analysed)",
 }
 
 # Swarm seeds of the sample (and SWARM_REGRESSION_SEEDS) whose grant is revoked or lost by the

@@ -969,6 +969,75 @@ class TestLowerStoredExpiry:
             await asyncio.gather(task, return_exceptions=True)
             await refresher.stop()
 
+    @pytest.mark.parametrize("heard", [True, False], ids=["notice", "look"])
+    async def test_a_bound_the_store_lost_is_asked_again_when_the_set_is_written_back(
+        self, store: MemoryStore, fake_clock: FakeClock, heard: bool
+    ) -> None:
+        """Swarm seed 120513: the store's clock steps back 20 s while the set is evicted. The
+        round that holds the jump finds no set to lower; the store's clock is put right and
+        the next round drops the jump. A replica that never saw the step writes the set back,
+        stamped in the frame before the step: a pod that measured the stepped clock reads it
+        20 s too long. The replica that saw the step asks again for the bound it asked
+        before, on the write-back's notice or at its next look at the store."""
+        clock = fake_clock
+        stored = TokenSet("at-stored", "Bearer", clock.time(), clock.time() + 60.0, None)
+        await store.commit(key(), stored)
+        server = SteppingServer(clock)
+        fleet = FleetClock(clock)
+        await fleet.measure(server)
+        source = FakeTokenSource(clock, lifetime=60.0)
+        source.failure = TransientTokenError("down", outcome_unknown=False)
+        refresher = AppRefresher(
+            app_spec(),
+            source,
+            store,
+            fleet,
+            lambda event: None,
+            owner="r",
+            rng=random.Random(7),
+        )
+        updates = cast(AsyncGenerator[Notice, None], store.updates())
+
+        async def dispatch() -> None:
+            try:
+                async for notice in updates:
+                    if heard:
+                        refresher.on_notice(notice)
+            finally:
+                await updates.aclose()
+
+        listener = asyncio.create_task(dispatch())
+        task = asyncio.create_task(refresher.run())
+        try:
+            await clock.settle()
+            assert refresher.token is not None and refresher.token.access_token == "at-stored"
+            await clock.advance(10.0)
+            del store.state.tokens[key()]  # (evicted)
+            server.step = -20.0
+            assert await fleet.measure(server) == "held"
+            await clock.settle()
+            server.step = 0.0
+            assert await fleet.measure(server) == "smoothed"  # (the jump is dropped)
+            await clock.settle()
+            assert await store.load(key()) is None
+            await store.commit(key(), stored)  # (another replica writes it back)
+            await clock.settle()
+            if not heard:
+                back = await store.load(key())
+                assert back is not None and back.expires_at == stored.expires_at
+                refresher.take_lowered_expiry(back)  # (its look at the store)
+                await clock.settle()
+            lowered = await store.load(key())
+            assert lowered is not None and lowered.rank == stored.rank
+            assert lowered.expires_at == pytest.approx(stored.expires_at - 20.0, abs=0.01)
+            # Its own deadline did not move: the jump back was not confirmed.
+            assert refresher.remaining() == pytest.approx(50.0, abs=0.01)
+        finally:
+            task.cancel()
+            listener.cancel()
+            await asyncio.gather(task, listener, return_exceptions=True)
+            await refresher.stop()
+
 
 class TestLoweredExpiryAnnounced:
     """A replica that lowered the stored expiry announces it (LOWERED): a replica that holds the
