@@ -1412,6 +1412,7 @@ class TestEachFixPutBackOpensItsDoor:
         result = run(DOORS["spender_in_flight_back_soon_after_a_forgetful_outage"]())
         assert not result.ok
         assert result.revoked and not result.revoked_forgotten_while_alone, result.report()
+
     def test_a_bound_lost_with_an_evicted_set_is_not_asked_again(
         self, mutate: Callable[[object, str, object], None]
     ) -> None:
