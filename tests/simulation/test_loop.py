@@ -83,3 +83,31 @@ def test_the_loops_shortcuts_leave_every_run_as_it_was(
     with_them = _recorded(schedule, monkeypatch)
     assert without["presentations"], "the run refreshed nothing: it shows nothing"
     assert with_them == without
+
+
+# Swarm seeds whose spender-aimed faults include a momentary one (scale_up) before a partition
+# aimed at a later spender: they failed only after other seeds had run in the same process.
+ID_SEEDS = [93084, 127482]
+
+
+@pytest.mark.parametrize("seed", ID_SEEDS)
+def test_a_run_does_not_depend_on_the_ids_of_its_faults(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault heals the connection it began on whatever id() its object has. A fault aimed at
+    the spender is a copy that dies with its task, and CPython may give a later copy the same
+    id: the harness once kept each fault's connection in a table keyed by id(fault), and a
+    partition's heal then took a momentary fault's connection (never healed) instead of its
+    own, so these seeds failed only after other seeds had run in the same process. Here every
+    fault has the same id(), as such a reuse would give it; the run must be the same."""
+    schedule = make_schedule(seed)
+    alone = _recorded(schedule, monkeypatch)
+    monkeypatch.setattr(
+        simulation,
+        "id",
+        lambda value: 0 if isinstance(value, simulation.Fault) else id(value),
+        raising=False,
+    )
+    reused = _recorded(schedule, monkeypatch)
+    assert alone["presentations"], "the run refreshed nothing: it shows nothing"
+    assert reused == alone
