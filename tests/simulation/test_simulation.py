@@ -248,8 +248,8 @@ SWARM_REGRESSION_SEEDS = {
 # SWARM_REGRESSION_SEEDS, and DOCUMENTED_LIMIT_SEEDS where so). One stays open, 83136. Seeds
 # 100,000..124,999 on 2d8cc01 broke an invariant in 3 more, each on 8bac933 too (118156 and
 # 123915 are the documented limit: an empty restart erased the newest set after its writer
-# exited; 120513 is fixed: a bound asked again). Seed 93084 failed in the run of
-# 50,000..99,999 and passes alone (on both): not kept here, where a strict xfail would pass.
+# exited; 120513 is fixed: a bound asked again). Seeds 93084 and 127482 failed
+# inside long runs and pass alone: the harness healed by id(fault) (fixed; test_loop.py).
 OPEN_SEEDS: dict[int, str] = {
     83136: "config_reload, crash, server_slow, store_clock_step: an expired token served "
     "(invariant 2). Analysed: a step no replica's round falls inside (docs, Time): Redis 8.27 s "
