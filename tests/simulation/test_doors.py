@@ -1439,11 +1439,17 @@ class TestTheDocumentedLimitIsExcusedNarrowly:
         assert result.lost_evicted_while_alone and not result.revoked, result.report()
         assert result.outcome_unknown_announced > 0, result.report()
 
-    def test_not_while_its_writer_runs(self, mutate: Callable[[object, str, object], None]) -> None:
-        """The same eviction with the writer running: unmutated it writes its set back and
-        nothing is lost; without the write-back the fleet stops serving, a failure that is
-        not excused (the writer held the set when it was evicted)."""
-        result = run(DOORS["set_evicted_under_its_writer"]())
+    @pytest.mark.parametrize(
+        "door", ["set_evicted_under_its_writer", "set_lost_in_an_empty_restart_under_its_writer"]
+    )
+    def test_not_while_its_writer_runs(
+        self, door: str, mutate: Callable[[object, str, object], None]
+    ) -> None:
+        """The same eviction (or second empty restart) with the writer running: unmutated it
+        writes its set back and nothing is lost; without the write-back into the store that
+        lost the set the fleet stops serving, a failure that is not excused (the writer held
+        the set when it was erased)."""
+        result = run(DOORS[door]())
         assert result.ok and not result.lost_evicted_while_alone, result.report()
         original = FleetProtocol.sync
 
@@ -1453,7 +1459,7 @@ class TestTheDocumentedLimitIsExcusedNarrowly:
             return await original(self)
 
         mutate(FleetProtocol, "sync", no_write_back_over_nothing)
-        result = run(DOORS["set_evicted_under_its_writer"]())
+        result = run(DOORS[door]())
         assert not result.ok
         assert not result.lost_evicted_while_alone, result.report()
 
@@ -1538,26 +1544,6 @@ class TestTheDocumentedLimitIsExcusedNarrowly:
         result = run(DOORS["set_lost_in_an_empty_restart_after_its_writer_exited"]())
         assert not result.ok
         assert any(v.startswith("invariant 3") for v in result.violations), result.report()
-
-    def test_not_an_empty_restart_under_its_running_writer(
-        self, mutate: Callable[[object, str, object], None]
-    ) -> None:
-        """The same second empty restart with the writer running: it writes its set back and
-        nothing is lost; without the write-back into the empty store the fleet stops serving,
-        a failure that is not excused (the writer held the set when the restart erased it)."""
-        result = run(DOORS["set_lost_in_an_empty_restart_under_its_writer"]())
-        assert result.ok and not result.lost_evicted_while_alone, result.report()
-        original = FleetProtocol.sync
-
-        async def no_write_back_over_nothing(self: FleetProtocol) -> bool:
-            if await self._store.load(self.key) is None:
-                return True
-            return await original(self)
-
-        mutate(FleetProtocol, "sync", no_write_back_over_nothing)
-        result = run(DOORS["set_lost_in_an_empty_restart_under_its_writer"]())
-        assert not result.ok
-        assert not result.lost_evicted_while_alone, result.report()
 
     def test_a_drain_cut_off_from_the_store_past_its_bound(self) -> None:
         """Seed 27342's case, scripted: the `sent` record of a spend never sent outlives its
